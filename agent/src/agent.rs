@@ -1,0 +1,133 @@
+//! The node agent's loop in file mode: read the YAML, build the model, diff it against
+//! the pinned maps and apply the difference; again whenever the file changes, and
+//! periodically (which also picks up new pod interfaces and repairs drift).
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{self, Datapath},
+    maps::NodeMaps,
+    model, plan, source,
+};
+
+pub struct AgentOptions {
+    pub node: String,
+    pub config: PathBuf,
+    pub object: PathBuf,
+    /// How often the file is checked for changes.
+    pub poll: Duration,
+    /// How often a full resync runs even if nothing changed.
+    pub resync: Duration,
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    pub purged_flows: usize,
+    pub skipped: Vec<model::Skipped>,
+    /// Pods whose interface is not there yet: worth retrying soon.
+    pub waiting_for_interfaces: bool,
+}
+
+pub fn run(options: &AgentOptions) -> Result<()> {
+    let pin_dir = datapath::pin_dir(&options.node);
+    let mut datapath = Datapath::load(&options.object, &pin_dir)?;
+    let mut maps = NodeMaps::open(&pin_dir)?;
+    info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
+    let mut last_content: Option<String> = None;
+    let mut last_sync: Option<Instant> = None;
+    let mut retry_soon = false;
+    loop {
+        match fs::read_to_string(&options.config) {
+            Ok(content) => {
+                let changed = last_content.as_ref() != Some(&content);
+                let due = last_sync.is_none_or(|t| t.elapsed() >= options.resync);
+                if changed || due || retry_soon {
+                    match reconcile(&content, &options.node, &mut datapath, &mut maps) {
+                        Ok(report) => {
+                            log_report(&report, changed);
+                            retry_soon = report.waiting_for_interfaces;
+                        }
+                        // Maps keep their last good state; the next tick tries again.
+                        Err(e) => error!("sync failed: {e:#}"),
+                    }
+                    last_content = Some(content);
+                    last_sync = Some(Instant::now());
+                }
+            }
+            Err(e) => warn!(config = %options.config.display(), "cannot read config: {e}"),
+        }
+        std::thread::sleep(options.poll);
+    }
+}
+
+fn log_report(report: &SyncReport, config_changed: bool) {
+    if config_changed || report.writes > 0 {
+        for skipped in &report.skipped {
+            warn!("skipped {skipped}");
+        }
+        info!(
+            services = report.services,
+            endpoints = report.endpoints,
+            writes = report.writes,
+            purged_flows = report.purged_flows,
+            "synced"
+        );
+    }
+}
+
+pub fn reconcile(
+    content: &str,
+    node: &str,
+    datapath: &mut Datapath,
+    maps: &mut NodeMaps,
+) -> Result<SyncReport> {
+    let (objects, mut skipped) = source::parse_objects(content);
+    let (state, more) = model::build(&objects, node);
+    skipped.extend(more);
+
+    let interfaces = datapath::interfaces()?;
+    let wanted: BTreeSet<&str> = state.pods.values().map(|p| p.interface.as_str()).collect();
+    for interface in &wanted {
+        if interfaces.contains_key(*interface) && datapath.ensure_attached(interface)? {
+            info!(interface, "attached from-pod program");
+        }
+    }
+
+    let current = maps.contents()?;
+    let (desired, more) = plan::desired_contents(&state, &interfaces, &current);
+    let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
+    skipped.extend(more);
+    let ops = plan::diff(&current, &desired);
+    maps.apply(&ops).context("applying map changes")?;
+    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
+
+    for interface in datapath.attached()? {
+        if !wanted.contains(interface.as_str()) {
+            datapath::detach(datapath_pin_dir(node).as_path(), &interface)?;
+            info!(interface, "detached (pod gone)");
+        }
+    }
+    Ok(SyncReport {
+        writes: ops.len(),
+        services: state.services.len(),
+        endpoints: desired.endpoints.len(),
+        purged_flows,
+        skipped,
+        waiting_for_interfaces,
+    })
+}
+
+fn datapath_pin_dir(node: &str) -> PathBuf {
+    datapath::pin_dir(node)
+}

@@ -1,0 +1,245 @@
+//! Loading the eBPF object and attaching it so it outlives the agent: maps, the
+//! program and every tcx link are pinned under /sys/fs/bpf/ferrite/<node>/. A restart
+//! reuses the pinned maps (their entries are untouched) and keeps pinned links.
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use ferrite_common::{map_names, program_names};
+use tracing::{info, warn};
+
+use crate::plan::Interface;
+
+pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub const OBJECT_FILE_NAME: &str = "ferrite-datapath.bpf.o";
+
+/// Where a node's maps, program and links are pinned.
+pub fn pin_dir(node: &str) -> PathBuf {
+    Path::new(BPF_FS_ROOT).join("ferrite").join(node)
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// The eBPF object: `--bpf-object`, else $FERRITE_BPF_OBJECT, else next to the
+/// executable, else `target/bpf/` (where `cargo xtask build-ebpf` puts it).
+pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("FERRITE_BPF_OBJECT") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    let candidates = [
+        dir.join(OBJECT_FILE_NAME),
+        dir.join("../bpf").join(OBJECT_FILE_NAME),
+        dir.join("../../bpf").join(OBJECT_FILE_NAME),
+        PathBuf::from("/usr/lib/ferrite").join(OBJECT_FILE_NAME),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "{OBJECT_FILE_NAME} not found (run `cargo xtask build-ebpf` or pass --bpf-object)"
+            )
+        })
+}
+
+/// Make sure a BPF filesystem is mounted at /sys/fs/bpf (pins live there).
+pub fn ensure_bpffs() -> Result<()> {
+    let root = Path::new(BPF_FS_ROOT);
+    if let Ok(stat) = nix::sys::statfs::statfs(root) {
+        if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+            return Ok(());
+        }
+    }
+    fs::create_dir_all(root)?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting the BPF filesystem at /sys/fs/bpf")?;
+    info!("mounted bpffs at {BPF_FS_ROOT}");
+    Ok(())
+}
+
+fn create_private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Load the object with its maps pinned in `pin_dir` (reused when already there)
+    /// and pin the from-pod program so the CNI plugin can attach it too.
+    pub fn load(object: &Path, pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs()?;
+        create_private_dir(pin_dir)?;
+        create_private_dir(&links_dir(pin_dir))?;
+        let map_paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load_file(object)
+            .with_context(|| format!("loading {}", object.display()))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(program_names::FROM_POD)
+            .context("program missing from the object")?
+            .try_into()?;
+        program
+            .load()
+            .context("verifier rejected ferrite_from_pod")?;
+        let program_pin = pin_dir.join(program_names::FROM_POD);
+        // Existing links keep the program they run; new attachments use this one.
+        let _ = fs::remove_file(&program_pin);
+        program.pin(&program_pin)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Interfaces that have a pinned link (the datapath is attached to them).
+    pub fn attached(&self) -> Result<Vec<String>> {
+        attached_interfaces(&self.pin_dir)
+    }
+
+    /// Attach to `interface`'s tcx ingress and pin the link, unless already pinned.
+    /// Returns whether a new attachment was made.
+    pub fn ensure_attached(&mut self, interface: &str) -> Result<bool> {
+        let link_pin = links_dir(&self.pin_dir).join(interface);
+        if link_pin.exists() {
+            if PinnedLink::from_pin(&link_pin).is_ok() {
+                return Ok(false);
+            }
+            let _ = fs::remove_file(&link_pin);
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_names::FROM_POD)
+            .context("program missing")?
+            .try_into()?;
+        let link_id = program
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching to {interface} (tcx ingress)"))?;
+        let link = program.take_link(link_id)?;
+        let fd_link: FdLink = link.try_into().context("tcx link is not an fd link")?;
+        fd_link
+            .pin(&link_pin)
+            .with_context(|| format!("pinning {}", link_pin.display()))?;
+        Ok(true)
+    }
+}
+
+pub fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+    let dir = links_dir(pin_dir);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Unpin (and so detach) the link of `interface`.
+pub fn detach(pin_dir: &Path, interface: &str) -> Result<()> {
+    let path = links_dir(pin_dir).join(interface);
+    match PinnedLink::from_pin(&path) {
+        // Dropping the unpinned fd link detaches it.
+        Ok(link) => drop(link.unpin()?),
+        Err(_) => fs::remove_file(&path)?,
+    }
+    Ok(())
+}
+
+/// Remove everything Ferrite pinned for a node: links (detaching them), the program
+/// and the maps. The node is back to plain Linux networking afterwards.
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    for interface in attached_interfaces(pin_dir)? {
+        detach(pin_dir, &interface)?;
+    }
+    let _ = fs::remove_dir(links_dir(pin_dir));
+    for entry in fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            bail!(
+                "unexpected directory {} in the pin directory",
+                path.display()
+            );
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    fs::remove_dir(pin_dir)?;
+    if let Some(parent) = pin_dir.parent() {
+        // The shared ferrite/ directory goes when its last node is gone.
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// The network interfaces of the current network namespace, by name.
+pub fn interfaces() -> Result<BTreeMap<String, Interface>> {
+    let mut out = BTreeMap::new();
+    for ifaddr in nix::ifaddrs::getifaddrs()? {
+        let Some(link) = ifaddr.address.as_ref().and_then(|a| a.as_link_addr()) else {
+            continue;
+        };
+        let Some(mac) = link.addr() else { continue };
+        out.insert(
+            ifaddr.interface_name.clone(),
+            Interface {
+                ifindex: link.ifindex() as u32,
+                mac,
+            },
+        );
+    }
+    if out.is_empty() {
+        warn!("no network interfaces with a link-layer address found");
+    }
+    Ok(out)
+}

@@ -1,0 +1,9 @@
+//! Ferrite's node agent: Kubernetes objects -> one desired-state model -> ordered
+//! writes to the pinned BPF maps of the datapath.
+pub mod agent;
+pub mod datapath;
+pub mod inspect;
+pub mod maps;
+pub mod model;
+pub mod plan;
+pub mod source;

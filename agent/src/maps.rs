@@ -1,0 +1,155 @@
+//! The pinned maps of one node, opened from /sys/fs/bpf/ferrite/<node>/: read back
+//! into [`MapContents`], written with ordered [`Op`]s.
+use std::{collections::BTreeSet, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use ferrite_common::{
+    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, RevNatValue,
+    ServiceKey, ServiceValue,
+};
+
+use crate::plan::{describe_service_key, MapContents, Op};
+
+pub struct NodeMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub rev_nat: HashMap<MapData, u16, RevNatValue>,
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub stats: PerCpuArray<MapData, Counter>,
+}
+
+fn open(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<std::collections::BTreeMap<K, V>> {
+    map.iter()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {name}"))
+}
+
+impl NodeMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: open(pin_dir, map_names::SERVICES)?.try_into()?,
+            backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
+            rev_nat: open(pin_dir, map_names::REV_NAT)?.try_into()?,
+            endpoints: open(pin_dir, map_names::ENDPOINTS)?.try_into()?,
+            conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
+            stats: open(pin_dir, map_names::STATS)?.try_into()?,
+        })
+    }
+
+    pub fn contents(&self) -> Result<MapContents> {
+        Ok(MapContents {
+            services: entries(&self.services, map_names::SERVICES)?,
+            backends: entries(&self.backends, map_names::BACKENDS)?,
+            rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
+            endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
+        })
+    }
+
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        // LRU entries can vanish while we iterate: skip those instead of failing.
+        Ok(self.conntrack.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Sum of the per-CPU counters, in `stat` index order.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        (0..stat::COUNT)
+            .map(|index| {
+                let per_cpu = self.stats.get(&index, 0)?;
+                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    /// Apply `ops` in order. Stops at the first failure, naming the map and entry; the
+    /// order of `ops` guarantees that what was written before is consistent.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            let result = match op {
+                Op::PutBackend(id, value) => self.backends.insert(id, value, 0),
+                Op::PutRevNat(index, value) => self.rev_nat.insert(index, value, 0),
+                Op::PutService(key, value) => self.services.insert(key, value, 0),
+                Op::PutEndpoint(key, value) => self.endpoints.insert(key, value, 0),
+                Op::DeleteService(key) => self.services.remove(key),
+                Op::DeleteRevNat(index) => self.rev_nat.remove(index),
+                Op::DeleteBackend(id) => self.backends.remove(id),
+                Op::DeleteEndpoint(key) => self.endpoints.remove(key),
+            };
+            result.with_context(|| describe_op(op))?;
+        }
+        Ok(())
+    }
+
+    /// Remove the conntrack entries of flows pinned to removed backends, so they pick
+    /// a live backend on their next packet (UDP clients are not stuck on a dead one)
+    /// and a later backend reusing the id never inherits them. Returns how many.
+    pub fn purge_conntrack(&mut self, removed_backends: &BTreeSet<u32>) -> Result<usize> {
+        if removed_backends.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<CtKey> = self
+            .conntrack_entries()?
+            .into_iter()
+            .filter(|(key, value)| {
+                key.direction == ferrite_common::CT_DIR_FORWARD
+                    && removed_backends.contains(&value.backend_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in &stale {
+            // Already evicted by the LRU is as good as removed.
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(stale.len())
+    }
+}
+
+pub fn describe_op(op: &Op) -> String {
+    match op {
+        Op::PutBackend(id, b) => format!(
+            "writing backend {id} ({}:{}) to {}",
+            std::net::Ipv4Addr::from(b.address),
+            b.port,
+            map_names::BACKENDS
+        ),
+        Op::PutRevNat(index, _) => format!("writing rev-NAT {index} to {}", map_names::REV_NAT),
+        Op::PutService(key, _) => format!(
+            "writing service {} slot {} to {}",
+            describe_service_key(key),
+            key.backend_slot,
+            map_names::SERVICES
+        ),
+        Op::PutEndpoint(key, _) => format!(
+            "writing endpoint {} to {}",
+            std::net::Ipv4Addr::from(key.address),
+            map_names::ENDPOINTS
+        ),
+        Op::DeleteService(key) => format!(
+            "removing service {} slot {} from {}",
+            describe_service_key(key),
+            key.backend_slot,
+            map_names::SERVICES
+        ),
+        Op::DeleteRevNat(index) => format!("removing rev-NAT {index} from {}", map_names::REV_NAT),
+        Op::DeleteBackend(id) => format!("removing backend {id} from {}", map_names::BACKENDS),
+        Op::DeleteEndpoint(key) => format!(
+            "removing endpoint {} from {}",
+            std::net::Ipv4Addr::from(key.address),
+            map_names::ENDPOINTS
+        ),
+    }
+}

@@ -1,0 +1,729 @@
+//! One pure desired-state model, built from Kubernetes objects whatever their source
+//! (a YAML file now, API watches later). No BPF, no I/O: unit-tested on its own.
+//!
+//! Semantics follow kube-proxy:
+//! - a Service port's backends come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name`, matching the slice port by name and protocol (the
+//!   EndpointSlice controller has already resolved named targetPorts to numbers);
+//! - only endpoints whose `conditions.ready` is true or unset are used;
+//! - headless and ExternalName Services have no frontend and are skipped;
+//! - an invalid object is skipped with a reason; everything else still applies.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use sha2::{Digest, Sha256};
+
+pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Kubernetes' protocol field: unset means TCP. `Err` carries the unsupported name.
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            other => Err(other.to_string()),
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            PROTO_TCP => Some(Self::Tcp),
+            PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// An address:port/protocol: a Service frontend or a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct L4Addr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// One Service port as the datapath sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFrontend {
+    /// `namespace/name:port-name` for logs and inspect.
+    pub name: String,
+    /// Ready backends, sorted and deduplicated (so the model is deterministic).
+    pub backends: Vec<L4Addr>,
+}
+
+/// A pod on this node: where its traffic enters the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Host-side veth name, derived from the pod's identity (see [`pod_interface_name`]).
+    pub interface: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<L4Addr, ServiceFrontend>,
+    pub pods: BTreeMap<Ipv4Addr, LocalPod>,
+}
+
+/// An object (or part of one) left out of the model, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub object: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// The Kubernetes objects the model is built from.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+}
+
+/// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),
+/// 15 characters (IFNAMSIZ - 1), stable across restarts. The CNI plugin and the agent
+/// both derive it, as Calico does with its `cali…` names.
+pub fn pod_interface_name(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("fer{hex}")
+}
+
+fn object_name(kind: &str, namespace: Option<&str>, name: Option<&str>) -> String {
+    format!(
+        "{kind} {}/{}",
+        namespace.unwrap_or("default"),
+        name.unwrap_or("<unnamed>")
+    )
+}
+
+/// Build the desired state for `node`. Never fails: what cannot be used is returned
+/// in the skipped list with a reason.
+pub fn build(objects: &ClusterObjects, node: &str) -> (DesiredState, Vec<Skipped>) {
+    let mut skipped = Vec::new();
+    let mut state = DesiredState::default();
+
+    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &objects.endpoint_slices {
+        let meta = &slice.metadata;
+        let what = object_name(
+            "EndpointSlice",
+            meta.namespace.as_deref(),
+            meta.name.as_deref(),
+        );
+        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            skipped.push(Skipped {
+                object: what,
+                reason: format!("no {SERVICE_NAME_LABEL} label"),
+            });
+            continue;
+        };
+        if slice.address_type != "IPv4" {
+            skipped.push(Skipped {
+                object: what,
+                reason: format!(
+                    "addressType {} is not supported (IPv4 only)",
+                    slice.address_type
+                ),
+            });
+            continue;
+        }
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        slices_by_service
+            .entry((namespace, service.clone()))
+            .or_default()
+            .push(slice);
+    }
+
+    for service in &objects.services {
+        match service_frontends(service, &slices_by_service, &mut skipped) {
+            Ok(frontends) => {
+                for (frontend, entry) in frontends {
+                    if let Some(existing) = state.services.get(&frontend) {
+                        skipped.push(Skipped {
+                            object: entry.name.clone(),
+                            reason: format!(
+                                "frontend {frontend} already used by {}",
+                                existing.name
+                            ),
+                        });
+                        continue;
+                    }
+                    state.services.insert(frontend, entry);
+                }
+            }
+            Err(reason) => skipped.push(Skipped {
+                object: object_name(
+                    "Service",
+                    service.metadata.namespace.as_deref(),
+                    service.metadata.name.as_deref(),
+                ),
+                reason,
+            }),
+        }
+    }
+
+    for pod in &objects.pods {
+        match local_pod(pod, node) {
+            Ok(Some(local)) => {
+                if let Some(existing) = state.pods.get(&local.ip) {
+                    skipped.push(Skipped {
+                        object: object_name("Pod", Some(&local.namespace), Some(&local.name)),
+                        reason: format!(
+                            "pod IP {} already used by {}/{}",
+                            local.ip, existing.namespace, existing.name
+                        ),
+                    });
+                    continue;
+                }
+                state.pods.insert(local.ip, local);
+            }
+            Ok(None) => {}
+            Err(reason) => skipped.push(Skipped {
+                object: object_name(
+                    "Pod",
+                    pod.metadata.namespace.as_deref(),
+                    pod.metadata.name.as_deref(),
+                ),
+                reason,
+            }),
+        }
+    }
+    (state, skipped)
+}
+
+fn parse_ipv4(value: &str, field: &str) -> Result<Ipv4Addr, String> {
+    value
+        .parse::<Ipv4Addr>()
+        .map_err(|_| format!("{field} {value:?} is not an IPv4 address"))
+}
+
+fn valid_port(port: i32, field: &str) -> Result<u16, String> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{field} {port} is out of range 1-65535")),
+    }
+}
+
+type SlicesByService<'a> = BTreeMap<(String, String), Vec<&'a EndpointSlice>>;
+
+fn service_frontends(
+    service: &Service,
+    slices_by_service: &SlicesByService,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<(L4Addr, ServiceFrontend)>, String> {
+    let name = service
+        .metadata
+        .name
+        .as_deref()
+        .ok_or("metadata.name is missing")?;
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    let spec = service.spec.as_ref().ok_or("spec is missing")?;
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return Err("ExternalName Services are resolved by DNS, not load-balanced".into());
+    }
+    if !matches!(service_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        return Err(format!("unknown Service type {service_type:?}"));
+    }
+    let cluster_ip = spec
+        .cluster_ip
+        .as_deref()
+        .ok_or("spec.clusterIP is missing")?;
+    if cluster_ip == "None" {
+        return Err("headless Service (clusterIP None): DNS returns pod IPs directly".into());
+    }
+    let vip = parse_ipv4(cluster_ip, "spec.clusterIP")?;
+    if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
+        return Err(format!("spec.clusterIP {vip} cannot be a Service address"));
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return Err("spec.ports is empty".into());
+    }
+    // Validate every port first so a bad Service is skipped whole, never half-applied.
+    let mut parsed = Vec::with_capacity(ports.len());
+    for port in ports {
+        let number = valid_port(port.port, "port")?;
+        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(other) if other == "SCTP" => {
+                skipped.push(Skipped {
+                    object: format!("Service {namespace}/{name} port {number}/SCTP"),
+                    reason: "SCTP is not supported; the other ports still apply".into(),
+                });
+                continue;
+            }
+            Err(other) => return Err(format!("unknown protocol {other:?} on port {number}")),
+        };
+        if let Some(IntOrString::Int(target)) = &port.target_port {
+            valid_port(*target, "targetPort")?;
+        }
+        parsed.push((port, number, protocol));
+    }
+    let slices = slices_by_service
+        .get(&(namespace.to_string(), name.to_string()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut frontends = Vec::new();
+    for (port, number, protocol) in parsed {
+        let frontend = L4Addr {
+            ip: vip,
+            port: number,
+            protocol,
+        };
+        let port_name = port.name.as_deref().unwrap_or("");
+        let display = if port_name.is_empty() {
+            format!("{namespace}/{name}:{number}")
+        } else {
+            format!("{namespace}/{name}:{port_name}")
+        };
+        let backends = port_backends(port, protocol, slices, &display, skipped);
+        frontends.push((
+            frontend,
+            ServiceFrontend {
+                name: display,
+                backends,
+            },
+        ));
+    }
+    Ok(frontends)
+}
+
+fn port_backends(
+    port: &ServicePort,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    display: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<L4Addr> {
+    let port_name = port.name.as_deref().unwrap_or("");
+    let mut backends = BTreeSet::new();
+    for slice in slices {
+        let slice_name = object_name(
+            "EndpointSlice",
+            slice.metadata.namespace.as_deref(),
+            slice.metadata.name.as_deref(),
+        );
+        let slice_port = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && Protocol::parse(p.protocol.as_deref()) == Ok(protocol)
+        });
+        let target = match (slice_port.and_then(|p| p.port), &port.target_port) {
+            (Some(n), _) => valid_port(n, "port"),
+            // No slice port: a numeric (or absent) targetPort still says where to go.
+            (None, Some(IntOrString::Int(n))) => valid_port(*n, "targetPort"),
+            (None, None) => Ok(port.port as u16),
+            (None, Some(IntOrString::String(named))) => Err(format!(
+                "named targetPort {named:?} has no matching port {port_name:?} in the slice"
+            )),
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(reason) => {
+                skipped.push(Skipped {
+                    object: format!("{slice_name} for {display}"),
+                    reason,
+                });
+                continue;
+            }
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            // All addresses of an endpoint are fungible; kube-proxy uses the first.
+            let Some(address) = endpoint.addresses.first() else {
+                skipped.push(Skipped {
+                    object: slice_name.clone(),
+                    reason: "endpoint without addresses".into(),
+                });
+                continue;
+            };
+            match parse_ipv4(address, "endpoint address") {
+                Ok(ip) => {
+                    backends.insert(L4Addr {
+                        ip,
+                        port: target,
+                        protocol,
+                    });
+                }
+                Err(reason) => skipped.push(Skipped {
+                    object: slice_name.clone(),
+                    reason,
+                }),
+            }
+        }
+    }
+    backends.into_iter().collect()
+}
+
+fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, String> {
+    let spec = pod.spec.as_ref().ok_or("spec is missing")?;
+    if spec.node_name.as_deref() != Some(node) {
+        return Ok(None);
+    }
+    if spec.host_network == Some(true) {
+        return Ok(None); // uses the node's network: nothing to wire
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return Ok(None);
+    }
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or("metadata.name is missing")?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) else {
+        return Ok(None); // not wired yet
+    };
+    let ip = parse_ipv4(ip, "status.podIP")?;
+    Ok(Some(LocalPod {
+        interface: pod_interface_name(&namespace, &name),
+        namespace,
+        name,
+        ip,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::parse_objects;
+
+    const NODE: &str = "node-a";
+
+    fn build_yaml(yaml: &str) -> (DesiredState, Vec<Skipped>) {
+        let (objects, mut skipped) = parse_objects(yaml);
+        let (state, more) = build(&objects, NODE);
+        skipped.extend(more);
+        (state, skipped)
+    }
+
+    fn addr(s: &str, port: u16, protocol: Protocol) -> L4Addr {
+        L4Addr {
+            ip: s.parse().unwrap(),
+            port,
+            protocol,
+        }
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.0.11]
+  conditions: {ready: true}
+- addresses: [10.244.0.12]
+- addresses: [10.244.0.13]
+  conditions: {ready: false}
+"#;
+
+    #[test]
+    fn named_target_port_resolves_through_the_slice_and_not_ready_is_left_out() {
+        let (state, skipped) = build_yaml(WEB);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let http = &state.services[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(http.name, "shop/web:http");
+        assert_eq!(
+            http.backends,
+            vec![
+                addr("10.244.0.11", 8080, Protocol::Tcp),
+                addr("10.244.0.12", 8080, Protocol::Tcp)
+            ]
+        );
+        let dns = &state.services[&addr("10.96.0.10", 53, Protocol::Udp)];
+        assert_eq!(dns.backends.len(), 2);
+        assert!(dns.backends.iter().all(|b| b.port == 5353));
+    }
+
+    #[test]
+    fn numeric_target_port_applies_without_slice_ports() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 443, targetPort: 8443}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.5]}]
+"#,
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(
+            state.services[&addr("10.96.0.20", 443, Protocol::Tcp)].backends,
+            vec![addr("10.244.0.5", 8443, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_are_skipped_with_reasons() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+"#,
+        );
+        assert!(state.services.is_empty());
+        assert_eq!(skipped.len(), 2);
+        assert!(skipped[0].reason.contains("headless"), "{}", skipped[0]);
+        assert!(skipped[1].reason.contains("ExternalName"), "{}", skipped[1]);
+    }
+
+    #[test]
+    fn invalid_objects_are_skipped_and_the_rest_applies() {
+        let yaml = format!(
+            r#"{WEB}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bad-ip}}
+spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: port-zero}}
+spec: {{clusterIP: 10.96.0.31, ports: [{{port: 0}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: weird-proto}}
+spec: {{clusterIP: 10.96.0.32, ports: [{{port: 80, protocol: QUIC}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: no-spec}}
+---
+apiVersion: v1
+kind: Service
+spec: {{clusterIP: 10.96.0.33, ports: [{{port: 80}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: v6}}
+spec: {{clusterIP: "fd00::10", ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: v6-slice, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+endpoints: [{{addresses: ["fd00::1"]}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: orphan}}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: v1
+kind: Service
+metadata: [this is not a mapping]
+---
+kind: Gizmo
+apiVersion: example.com/v1
+metadata: {{name: g}}
+---
+: : not yaml
+"#
+        );
+        let (state, skipped) = build_yaml(&yaml);
+        // web still applies in full.
+        assert_eq!(state.services.len(), 2);
+        let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        let expect = [
+            "not an IPv4 address",
+            "out of range",
+            "unknown protocol \"QUIC\"",
+            "spec is missing",
+            "metadata.name is missing",
+            "fd00::10",
+            "IPv6 is not supported",
+            "no kubernetes.io/service-name label",
+            "Gizmo",
+        ];
+        for needle in expect {
+            assert!(
+                reasons.iter().any(|r| r.contains(needle)),
+                "no reason mentions {needle:?}: {reasons:#?}"
+            );
+        }
+        // The malformed metadata and the broken YAML document are reported too.
+        assert!(reasons.len() >= expect.len() + 2, "{reasons:#?}");
+    }
+
+    #[test]
+    fn sctp_port_is_skipped_but_other_ports_apply() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec: {clusterIP: 10.96.0.40, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP}]}
+"#,
+        );
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].reason.contains("SCTP"));
+    }
+
+    #[test]
+    fn duplicate_frontend_keeps_the_first_service() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: one}
+spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two}
+spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}
+"#,
+        );
+        assert_eq!(
+            state.services[&addr("10.96.0.50", 80, Protocol::Tcp)].name,
+            "default/one:80"
+        );
+        assert!(skipped[0].reason.contains("already used by default/one:80"));
+    }
+
+    #[test]
+    fn only_this_nodes_running_pods_with_an_ip_are_local() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop}
+spec: {nodeName: node-a, containers: []}
+status: {podIP: 10.244.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere}
+spec: {nodeName: node-b, containers: []}
+status: {podIP: 10.244.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending}
+spec: {nodeName: node-a, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done}
+spec: {nodeName: node-a, containers: []}
+status: {podIP: 10.244.0.12, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad}
+spec: {nodeName: node-a, containers: []}
+status: {podIP: 10.244.0.999}
+"#,
+        );
+        assert_eq!(state.pods.len(), 1);
+        let pod = &state.pods[&"10.244.0.11".parse().unwrap()];
+        assert_eq!(pod.interface, pod_interface_name("shop", "a"));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+    }
+
+    #[test]
+    fn interface_names_are_stable_and_fit_ifnamsiz() {
+        let name = pod_interface_name("shop", "web-0");
+        assert_eq!(name.len(), 15);
+        assert!(name.starts_with("fer"));
+        assert_eq!(name, pod_interface_name("shop", "web-0"));
+        assert_ne!(name, pod_interface_name("shop", "web-1"));
+    }
+}

@@ -1,0 +1,519 @@
+//! From the desired state to map writes, without touching BPF: compute what the maps
+//! should hold (reusing the ids already in them, so a restart changes nothing that is
+//! still right), diff that against what they hold, and order the writes so the
+//! datapath never sees a half-written Service:
+//! 1. backends and rev-NAT entries, 2. backend slots, 3. Service master entries
+//!    (count last, so every slot it covers exists), 4. endpoints;
+//! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrite_common::{
+    pod_mac_for, Backend, EndpointInfo, EndpointKey, RevNatValue, ServiceKey, ServiceValue,
+};
+
+use crate::model::{DesiredState, L4Addr, Protocol, Skipped};
+
+/// What the maps hold (read back from the kernel) or should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u16, RevNatValue>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+}
+
+/// A host-side interface as the node's network namespace reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    PutRevNat(u16, RevNatValue),
+    PutService(ServiceKey, ServiceValue),
+    PutEndpoint(EndpointKey, EndpointInfo),
+    DeleteService(ServiceKey),
+    DeleteRevNat(u16),
+    DeleteBackend(u32),
+    DeleteEndpoint(EndpointKey),
+}
+
+fn backend_value(addr: &L4Addr) -> Backend {
+    Backend {
+        address: addr.ip.octets(),
+        port: addr.port,
+        proto: addr.protocol.number(),
+        flags: 0,
+    }
+}
+
+fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
+    RevNatValue {
+        address: frontend.ip.octets(),
+        port: frontend.port,
+        _pad: 0,
+    }
+}
+
+/// Hands out ids that are neither in use now nor still present in the maps (an id
+/// being deleted must not be rewritten to mean something else in the same pass).
+struct IdAllocator<T> {
+    taken: BTreeSet<T>,
+    next: T,
+    max: T,
+}
+
+impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> IdAllocator<T> {
+    fn new(taken: impl IntoIterator<Item = T>, max: T) -> Self {
+        Self {
+            taken: taken.into_iter().collect(),
+            next: T::from(1),
+            max,
+        }
+    }
+
+    fn allocate(&mut self) -> Option<T> {
+        while self.taken.contains(&self.next) {
+            if self.next >= self.max {
+                return None;
+            }
+            self.next = self.next + T::from(1);
+        }
+        let id = self.next;
+        self.taken.insert(id);
+        Some(id)
+    }
+}
+
+/// The map contents that realise `state`. Pods whose interface does not exist (yet)
+/// and frontends for which no id is left are reported in the skipped list.
+pub fn desired_contents(
+    state: &DesiredState,
+    interfaces: &BTreeMap<String, Interface>,
+    current: &MapContents,
+) -> (MapContents, Vec<Skipped>) {
+    let mut skipped = Vec::new();
+    let mut out = MapContents::default();
+
+    // Ids already in the maps are kept for the same value.
+    let mut existing_backend_ids: BTreeMap<Backend, u32> = BTreeMap::new();
+    for (id, backend) in &current.backends {
+        existing_backend_ids.entry(*backend).or_insert(*id);
+    }
+    let mut existing_rev_nat: BTreeMap<([u8; 4], u16), u16> = BTreeMap::new();
+    for (index, value) in &current.rev_nat {
+        existing_rev_nat
+            .entry((value.address, value.port))
+            .or_insert(*index);
+    }
+    let mut backend_ids = IdAllocator::new(current.backends.keys().copied(), u32::MAX);
+    let mut rev_nat_ids = IdAllocator::new(current.rev_nat.keys().copied(), u16::MAX);
+
+    let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
+    let mut rev_nat_of: BTreeMap<([u8; 4], u16), u16> = BTreeMap::new();
+    for (frontend, service) in &state.services {
+        let rev = rev_nat_value(frontend);
+        let rev_key = (rev.address, rev.port);
+        let rev_nat_index = match rev_nat_of.get(&rev_key) {
+            Some(index) => *index,
+            None => match existing_rev_nat
+                .get(&rev_key)
+                .copied()
+                .or_else(|| rev_nat_ids.allocate())
+            {
+                Some(index) => {
+                    rev_nat_of.insert(rev_key, index);
+                    out.rev_nat.insert(index, rev);
+                    index
+                }
+                None => {
+                    skipped.push(Skipped {
+                        object: service.name.clone(),
+                        reason: "no rev-NAT index left".into(),
+                    });
+                    continue;
+                }
+            },
+        };
+        let mut slots = Vec::with_capacity(service.backends.len());
+        for addr in &service.backends {
+            let value = backend_value(addr);
+            let id = match backend_id_of.get(&value) {
+                Some(id) => Some(*id),
+                None => existing_backend_ids
+                    .get(&value)
+                    .copied()
+                    .or_else(|| backend_ids.allocate()),
+            };
+            let Some(id) = id else {
+                skipped.push(Skipped {
+                    object: service.name.clone(),
+                    reason: format!("no backend id left for {addr}"),
+                });
+                break;
+            };
+            backend_id_of.insert(value, id);
+            slots.push(id);
+        }
+        if slots.len() != service.backends.len() {
+            continue;
+        }
+        let key = |slot: u16| {
+            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+        };
+        for (slot, id) in slots.iter().enumerate() {
+            out.services.insert(
+                key(slot as u16 + 1),
+                ServiceValue {
+                    backend_id: *id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
+        out.services.insert(
+            key(0),
+            ServiceValue {
+                backend_id: 0,
+                count: slots.len() as u16,
+                rev_nat_index,
+                flags: 0,
+            },
+        );
+    }
+    for (value, id) in backend_id_of {
+        out.backends.insert(id, value);
+    }
+
+    for pod in state.pods.values() {
+        let Some(interface) = interfaces.get(&pod.interface) else {
+            skipped.push(Skipped {
+                object: format!("Pod {}/{}", pod.namespace, pod.name),
+                reason: format!("host interface {} does not exist (yet)", pod.interface),
+            });
+            continue;
+        };
+        out.endpoints.insert(
+            EndpointKey {
+                address: pod.ip.octets(),
+            },
+            EndpointInfo {
+                ifindex: interface.ifindex,
+                pod_mac: pod_mac_for(pod.ip),
+                host_mac: interface.mac,
+                flags: 0,
+            },
+        );
+    }
+    (out, skipped)
+}
+
+fn puts<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> impl Iterator<Item = (K, V)> {
+    desired
+        .iter()
+        .filter(|(k, v)| keep(k) && current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn deletes<K: Ord + Copy, V>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> impl Iterator<Item = K> {
+    current
+        .keys()
+        .filter(|k| keep(k) && !desired.contains_key(k))
+        .copied()
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// The writes that turn `current` into `desired`, in a safe order (see module docs).
+/// Entries already right are not written: a restart that finds the maps in order
+/// writes nothing and never disturbs a live flow.
+fn all<K>(_: &K) -> bool {
+    true
+}
+
+pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
+    let is_master = |k: &ServiceKey| k.backend_slot == 0;
+    let is_slot = |k: &ServiceKey| k.backend_slot != 0;
+    let mut ops = Vec::new();
+    ops.extend(puts(&current.backends, &desired.backends, all).map(|(k, v)| Op::PutBackend(k, v)));
+    ops.extend(puts(&current.rev_nat, &desired.rev_nat, all).map(|(k, v)| Op::PutRevNat(k, v)));
+    ops.extend(
+        puts(&current.services, &desired.services, is_slot).map(|(k, v)| Op::PutService(k, v)),
+    );
+    ops.extend(
+        puts(&current.services, &desired.services, is_master).map(|(k, v)| Op::PutService(k, v)),
+    );
+    ops.extend(
+        puts(&current.endpoints, &desired.endpoints, all).map(|(k, v)| Op::PutEndpoint(k, v)),
+    );
+    ops.extend(deletes(&current.services, &desired.services, is_master).map(Op::DeleteService));
+    ops.extend(deletes(&current.services, &desired.services, is_slot).map(Op::DeleteService));
+    ops.extend(deletes(&current.rev_nat, &desired.rev_nat, all).map(Op::DeleteRevNat));
+    ops.extend(deletes(&current.backends, &desired.backends, all).map(Op::DeleteBackend));
+    ops.extend(deletes(&current.endpoints, &desired.endpoints, all).map(Op::DeleteEndpoint));
+    ops
+}
+
+/// Backend ids a diff removes: conntrack entries naming them must go too, before the
+/// id can ever be handed out again.
+pub fn removed_backends(ops: &[Op]) -> BTreeSet<u32> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::DeleteBackend(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Human-readable frontend of a service key (for logs and inspect).
+pub fn describe_service_key(key: &ServiceKey) -> String {
+    let protocol = Protocol::from_number(key.proto)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("proto{}", key.proto));
+    format!(
+        "{}:{}/{}",
+        std::net::Ipv4Addr::from(key.address),
+        key.port,
+        protocol
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LocalPod, ServiceFrontend};
+    use std::net::Ipv4Addr;
+
+    fn tcp(ip: &str, port: u16) -> L4Addr {
+        L4Addr {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn state(services: &[(L4Addr, &[L4Addr])]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (frontend, backends) in services {
+            state.services.insert(
+                *frontend,
+                ServiceFrontend {
+                    name: frontend.to_string(),
+                    backends: backends.to_vec(),
+                },
+            );
+        }
+        state
+    }
+
+    fn plan(state: &DesiredState, current: &MapContents) -> (MapContents, Vec<Op>) {
+        let (desired, skipped) = desired_contents(state, &BTreeMap::new(), current);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let ops = diff(current, &desired);
+        (desired, ops)
+    }
+
+    fn apply(current: &mut MapContents, ops: &[Op]) {
+        for op in ops {
+            match *op {
+                Op::PutBackend(k, v) => _ = current.backends.insert(k, v),
+                Op::PutRevNat(k, v) => _ = current.rev_nat.insert(k, v),
+                Op::PutService(k, v) => _ = current.services.insert(k, v),
+                Op::PutEndpoint(k, v) => _ = current.endpoints.insert(k, v),
+                Op::DeleteService(k) => _ = current.services.remove(&k),
+                Op::DeleteRevNat(k) => _ = current.rev_nat.remove(&k),
+                Op::DeleteBackend(k) => _ = current.backends.remove(&k),
+                Op::DeleteEndpoint(k) => _ = current.endpoints.remove(&k),
+            }
+        }
+    }
+
+    /// What the datapath relies on after every single write: each master entry's slots
+    /// exist and point at existing backends, and its rev-NAT entry exists.
+    fn assert_consistent(maps: &MapContents) {
+        for (key, value) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            assert!(maps.rev_nat.contains_key(&value.rev_nat_index), "{key:?}");
+            for slot in 1..=value.count {
+                let slot_key = ServiceKey {
+                    backend_slot: slot,
+                    ..*key
+                };
+                let slot_value = maps.services.get(&slot_key).expect("slot missing");
+                assert!(maps.backends.contains_key(&slot_value.backend_id));
+            }
+        }
+    }
+
+    fn apply_checking_each_step(current: &mut MapContents, ops: &[Op]) {
+        for op in ops {
+            apply(current, std::slice::from_ref(op));
+            assert_consistent(current);
+        }
+    }
+
+    #[test]
+    fn first_sync_writes_backends_then_slots_then_master() {
+        let vip = tcp("10.96.0.10", 80);
+        let s = state(&[(vip, &[tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080)])]);
+        let (desired, ops) = plan(&s, &MapContents::default());
+        assert_eq!(desired.backends.len(), 2);
+        assert_eq!(desired.services.len(), 3);
+        let position = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).unwrap();
+        let master = position(&|op| matches!(op, Op::PutService(k, _) if k.backend_slot == 0));
+        let last_slot = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutService(k, _) if k.backend_slot != 0))
+            .unwrap();
+        let last_backend = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutBackend(..)))
+            .unwrap();
+        assert!(last_backend < last_slot && last_slot < master);
+        let mut maps = MapContents::default();
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps, desired);
+    }
+
+    #[test]
+    fn resync_of_unchanged_state_writes_nothing() {
+        let s = state(&[(tcp("10.96.0.10", 80), &[tcp("10.244.0.2", 8080)])]);
+        let (desired, _) = plan(&s, &MapContents::default());
+        let (again, ops) = plan(&s, &desired);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(again, desired);
+    }
+
+    #[test]
+    fn shrinking_and_growing_services_stay_consistent_at_every_step() {
+        let vip = tcp("10.96.0.10", 80);
+        let b = |n: u8| tcp(&format!("10.244.0.{n}"), 8080);
+        let mut maps = MapContents::default();
+        for backends in [
+            vec![b(1), b(2), b(3)],
+            vec![b(1), b(3)],
+            vec![b(1), b(3), b(4), b(5)],
+            vec![],
+            vec![b(2)],
+        ] {
+            let s = state(&[(vip, &backends)]);
+            let (desired, ops) = plan(&s, &maps);
+            apply_checking_each_step(&mut maps, &ops);
+            assert_eq!(maps, desired);
+        }
+    }
+
+    #[test]
+    fn ids_are_kept_for_unchanged_backends_and_not_reused_within_a_pass() {
+        let vip = tcp("10.96.0.10", 80);
+        let (first, ops) = plan(
+            &state(&[(vip, &[tcp("10.244.0.1", 80), tcp("10.244.0.2", 80)])]),
+            &MapContents::default(),
+        );
+        let mut maps = MapContents::default();
+        apply(&mut maps, &ops);
+        let id_of = |maps: &MapContents, ip: &str| {
+            let octets = ip.parse::<Ipv4Addr>().unwrap().octets();
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.address == octets)
+                .map(|(id, _)| *id)
+        };
+        let kept = id_of(&first, "10.244.0.2").unwrap();
+        let removed = id_of(&first, "10.244.0.1").unwrap();
+        // Replace .1 by .3: .2 keeps its id, .3 must not take .1's id while .1 is
+        // still in the maps.
+        let (second, ops) = plan(
+            &state(&[(vip, &[tcp("10.244.0.2", 80), tcp("10.244.0.3", 80)])]),
+            &maps,
+        );
+        assert_eq!(id_of(&second, "10.244.0.2"), Some(kept));
+        assert_ne!(id_of(&second, "10.244.0.3"), Some(removed));
+        assert_eq!(removed_backends(&ops), BTreeSet::from([removed]));
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_is_written_once() {
+        let shared = tcp("10.244.0.9", 80);
+        let (desired, _) = plan(
+            &state(&[
+                (tcp("10.96.0.1", 80), &[shared]),
+                (tcp("10.96.0.2", 80), &[shared]),
+            ]),
+            &MapContents::default(),
+        );
+        assert_eq!(desired.backends.len(), 1);
+        assert_eq!(desired.rev_nat.len(), 2);
+    }
+
+    #[test]
+    fn pods_without_an_interface_wait_and_the_rest_are_written() {
+        let mut s = DesiredState::default();
+        for (n, interface) in [(2u8, "ferA"), (3, "ferB")] {
+            let ip = Ipv4Addr::new(10, 244, 0, n);
+            s.pods.insert(
+                ip,
+                LocalPod {
+                    namespace: "default".into(),
+                    name: format!("pod{n}"),
+                    ip,
+                    interface: interface.into(),
+                },
+            );
+        }
+        let interfaces = BTreeMap::from([(
+            "ferA".to_string(),
+            Interface {
+                ifindex: 7,
+                mac: [2, 0, 0, 0, 0, 7],
+            },
+        )]);
+        let (desired, skipped) = desired_contents(&s, &interfaces, &MapContents::default());
+        assert_eq!(desired.endpoints.len(), 1);
+        let info = desired.endpoints.values().next().unwrap();
+        assert_eq!(
+            (info.ifindex, info.pod_mac),
+            (7, pod_mac_for(Ipv4Addr::new(10, 244, 0, 2)))
+        );
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].reason.contains("ferB"));
+    }
+
+    #[test]
+    fn removals_come_after_every_write_and_masters_go_first() {
+        let vip = tcp("10.96.0.10", 80);
+        let mut maps = MapContents::default();
+        let (_, ops) = plan(&state(&[(vip, &[tcp("10.244.0.1", 80)])]), &maps);
+        apply(&mut maps, &ops);
+        let (_, ops) = plan(
+            &state(&[(tcp("10.96.0.11", 80), &[tcp("10.244.0.2", 80)])]),
+            &maps,
+        );
+        let first_delete = ops
+            .iter()
+            .position(|op| {
+                matches!(
+                    op,
+                    Op::DeleteService(_) | Op::DeleteBackend(_) | Op::DeleteRevNat(_)
+                )
+            })
+            .unwrap();
+        assert!(ops[..first_delete].iter().all(|op| matches!(
+            op,
+            Op::PutBackend(..) | Op::PutRevNat(..) | Op::PutService(..) | Op::PutEndpoint(..)
+        )));
+        assert!(matches!(ops[first_delete], Op::DeleteService(k) if k.backend_slot == 0));
+        apply_checking_each_step(&mut maps, &ops);
+    }
+}

@@ -1,0 +1,277 @@
+//! The one contract between Ferrite's eBPF datapath and its userspace agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so the kernel,
+//! the agent and `bpftool map dump` (through BTF) all agree on the layout.
+//! Conventions, chosen so `bpftool` output stays readable:
+//! - IPv4 addresses are `[u8; 4]` in network order (bpftool prints `[10,96,0,10]`);
+//! - ports are `u16` in **host** order (bpftool prints `80`); the datapath converts.
+#![no_std]
+
+use core::net::Ipv4Addr;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names. Kernel object names are limited to 15 characters, so these are
+/// exactly what `bpftool map list` shows; they are also the pin file names.
+pub mod map_names {
+    pub const SERVICES: &str = "ferrite_service";
+    pub const BACKENDS: &str = "ferrite_backend";
+    pub const REV_NAT: &str = "ferrite_rev_nat";
+    pub const ENDPOINTS: &str = "ferrite_endpnt";
+    pub const CONNTRACK: &str = "ferrite_ct";
+    pub const STATS: &str = "ferrite_stats";
+    pub const CONFIG: &str = "ferrite_config";
+    pub const ALL: [&str; 7] = [
+        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG,
+    ];
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    /// tcx ingress of every pod's host-side veth: sees what the pod sends.
+    pub const FROM_POD: &str = "ferrite_from_pod";
+    /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.
+    pub const NOOP: &str = "ferrite_noop";
+}
+
+/// Default map capacities (sized for 10k Services x 10 endpoints).
+pub mod capacity {
+    /// One master entry plus one slot per backend for every Service port.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    pub const REV_NAT: u32 = 65_535;
+    pub const ENDPOINTS: u32 = 4_096;
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Key of `ferrite_service`, Cilium's lb4 layout: slot 0 is the Service's master
+/// entry (backend count, rev-NAT id, flags); slots 1..=count each name one backend.
+/// Picking a backend is then two O(1) lookups whatever the number of Services.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub address: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub backend_slot: u16,
+    pub _pad2: u16,
+}
+
+impl ServiceKey {
+    pub const fn new(address: Ipv4Addr, port: u16, proto: u8, backend_slot: u16) -> Self {
+        Self {
+            address: address.octets(),
+            port,
+            proto,
+            _pad: 0,
+            backend_slot,
+            _pad2: 0,
+        }
+    }
+}
+
+/// Value of `ferrite_service`. For slot 0: `count` and `rev_nat_index` are set and
+/// `backend_id` is 0. For slot N: `backend_id` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_index: u16,
+    pub flags: u32,
+}
+
+/// Value of `ferrite_backend` (key: backend id, `u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub address: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Value of `ferrite_rev_nat` (key: rev-NAT index, `u16`, never 0): the frontend
+/// a reply's source is rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub address: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `ferrite_endpnt`: a pod IP on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub address: [u8; 4],
+}
+
+/// Value of `ferrite_endpnt`: how to deliver to a local pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// ifindex of the host-side veth (in the node's network namespace).
+    pub ifindex: u32,
+    /// MAC of the pod's eth0 (destination MAC of frames delivered to it).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth (the pod's gateway; source MAC of delivered frames).
+    pub host_mac: [u8; 6],
+    pub flags: u32,
+}
+
+/// The pod's MAC is derived from its IP, `0a:58:<ip>` (OVN-Kubernetes' scheme), so
+/// the agent and the CNI plugin both know it without entering the pod's netns.
+pub const fn pod_mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `ferrite_ct` (LRU hash). A Service flow owns two entries: the forward
+/// tuple (client -> VIP, `CT_DIR_FORWARD`) remembering the chosen backend, and the
+/// reply tuple (backend -> client, `CT_DIR_REPLY`) remembering what to reverse-NAT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: u16,
+}
+
+/// `CtValue::flags`: a TCP FIN or RST was seen (the flow is closing).
+pub const CT_FLAG_CLOSING: u16 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub rev_nat_index: u16,
+    pub flags: u16,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Value of the per-CPU `ferrite_stats` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indexes of `ferrite_stats`: what happened to each packet the datapath saw.
+/// The datapath's documented verdict rules, one counter each.
+pub mod stat {
+    /// Delivered to a pod on this node (by pod IP or after Service DNAT).
+    pub const DELIVERED_LOCAL: u32 = 0;
+    /// Passed to the host stack (non-local, non-Service destination).
+    pub const PASSED_TO_STACK: u32 = 1;
+    /// New Service flow: a backend was chosen and the packet DNATed.
+    pub const SERVICE_NEW_FLOW: u32 = 2;
+    /// Packet of an existing Service flow DNATed through conntrack.
+    pub const SERVICE_ESTABLISHED: u32 = 3;
+    /// Reply from a backend reverse-NATed to the Service address.
+    pub const REVERSE_NAT: u32 = 4;
+    /// Non-IPv4, non-ARP frame (IPv6, ...): dropped, pods are IPv4-only.
+    pub const DROP_UNSUPPORTED_L3: u32 = 5;
+    /// Frame too short for its headers, IHL < 5, or total length beyond the frame.
+    pub const DROP_MALFORMED: u32 = 6;
+    /// Source IP is not the IP of the pod behind this veth.
+    pub const DROP_SPOOFED: u32 = 7;
+    /// Service exists but has no ready backend.
+    pub const DROP_NO_BACKEND: u32 = 8;
+    /// A map or packet-rewrite helper failed.
+    pub const DROP_INTERNAL: u32 = 9;
+    /// ARP from a pod: passed to the stack (pods use a static gateway neighbour).
+    pub const PASSED_ARP: u32 = 10;
+    /// IPv4 fragment: routed by destination IP only, never Service-translated.
+    pub const FRAGMENT_ROUTED: u32 = 11;
+    pub const COUNT: u32 = 12;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "delivered_local",
+        "passed_to_stack",
+        "service_new_flow",
+        "service_established",
+        "reverse_nat",
+        "drop_unsupported_l3",
+        "drop_malformed",
+        "drop_spoofed",
+        "drop_no_backend",
+        "drop_internal",
+        "passed_arp",
+        "fragment_routed",
+    ];
+}
+
+/// Value of `ferrite_config` (an array of one entry) - node-wide settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's IP on the node network (used by the overlay; 0 until known).
+    pub node_ip: [u8; 4],
+    pub flags: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with
+    // every padding byte an explicit field.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for NodeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<RevNatValue>(), 8);
+        assert_eq!(size_of::<EndpointKey>(), 4);
+        assert_eq!(size_of::<EndpointInfo>(), 20);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 40);
+        assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<NodeConfig>(), 8);
+    }
+
+    #[test]
+    fn map_names_fit_kernel_object_names() {
+        for name in map_names::ALL {
+            assert!(name.len() <= 15 && name.starts_with("ferrite_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn pod_mac_is_locally_administered_and_unicast() {
+        let mac = pod_mac_for(Ipv4Addr::new(10, 244, 0, 7));
+        assert_eq!(mac, [0x0a, 0x58, 10, 244, 0, 7]);
+        assert_eq!(mac[0] & 0b11, 0b10);
+    }
+}

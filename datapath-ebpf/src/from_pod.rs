@@ -1,0 +1,60 @@
+//! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
+//! reverse NAT of a backend's reply, then local delivery or the host stack.
+use ferrite_common::stat;
+
+use crate::{
+    conntrack,
+    headers::{is_fragment_routed, parse, Parsed},
+    lb,
+    maps::REV_NAT,
+    nat,
+    packet::{Packet, Verdict},
+    routing,
+    stats::count,
+};
+
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    let h = match parse(pkt) {
+        Parsed::Ipv4(h) => h,
+        Parsed::Pass(reason) => {
+            count(reason, pkt.len());
+            return Ok(Verdict::Pass);
+        }
+        Parsed::Drop(reason) => {
+            count(reason, pkt.len());
+            return Ok(Verdict::Drop);
+        }
+    };
+    // A pod may only send from its own IP, and only through its own veth.
+    match routing::local_endpoint(h.saddr) {
+        Some(ep) if ep.ifindex == pkt.ingress_ifindex() => {}
+        _ => {
+            count(stat::DROP_SPOOFED, pkt.len());
+            return Ok(Verdict::Drop);
+        }
+    }
+    let mut daddr = h.daddr;
+    if h.has_ports {
+        // A packet to a Service frontend is never a reply, so the reply lookup is only
+        // paid by non-Service traffic.
+        if let Some(svc) = lb::lookup_service(&h) {
+            match lb::translate(pkt, &h, &svc)? {
+                Some(backend_addr) => daddr = backend_addr,
+                None => return Ok(Verdict::Drop),
+            }
+        } else if let Some(ct) =
+            conntrack::lookup_and_touch(&conntrack::reply_key(&h), &h, pkt.len())
+        {
+            // No rev-NAT entry: the Service is gone, the reply passes untranslated.
+            if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
+                let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
+                nat::snat(pkt, &h, addr, port)?;
+                count(stat::REVERSE_NAT, pkt.len());
+            }
+        }
+    } else if is_fragment_routed(&h) {
+        count(stat::FRAGMENT_ROUTED, pkt.len());
+    }
+    routing::route(pkt, daddr)
+}

@@ -1,0 +1,145 @@
+//! Parse Ethernet/IPv4/TCP/UDP once, bounds-checked, into plain values. Verdict rules
+//! for bad input (each counted in `ferrite_stats`):
+//! - shorter than an Ethernet header: drop (`drop_malformed`);
+//! - ARP: pass to the stack (`passed_arp`); other non-IPv4: drop (`drop_unsupported_l3`);
+//! - IPv4 with version != 4, IHL < 5, total length < IHL or beyond the packet: drop
+//!   (`drop_malformed`);
+//! - fragments (MF set or offset != 0) carry no trustworthy ports: routed by
+//!   destination IP only, never Service-translated (`fragment_routed`);
+//! - TCP/UDP header cut short in a non-fragment: drop (`drop_malformed`);
+//! - other IP protocols (ICMP, ...): routed by destination IP, no Service lookup.
+use ferrite_common::{stat, PROTO_TCP, PROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::packet::Packet;
+
+pub const ETH_HLEN: usize = 14;
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SADDR_OFF: usize = IP_OFF + 12;
+pub const IP_DADDR_OFF: usize = IP_OFF + 16;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+/// Ethernet + the longest IPv4 header + a TCP header: what must be directly readable.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
+
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_RST: u8 = 0x04;
+
+/// The parsed packet. Addresses are raw network-order words (as the packet and the
+/// checksum helpers want them); ports are host order (as the maps store them).
+#[derive(Clone, Copy)]
+pub struct Headers {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    /// Offset of the L4 header; `has_ports` says whether ports below are valid.
+    pub l4_offset: usize,
+    pub has_ports: bool,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+}
+
+impl Headers {
+    /// Offset of the L4 checksum (only meaningful when `has_ports`).
+    #[inline(always)]
+    pub fn l4_csum_offset(&self) -> usize {
+        if self.proto == PROTO_TCP {
+            self.l4_offset + 16
+        } else {
+            self.l4_offset + 6
+        }
+    }
+}
+
+/// What parsing found: headers to act on, or a counted early verdict.
+pub enum Parsed {
+    Ipv4(Headers),
+    /// Not for the IPv4 logic: pass to the stack with this counter.
+    Pass(u32),
+    /// Drop with this counter.
+    Drop(u32),
+}
+
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Parsed {
+    let avail = (pkt.data_end() - pkt.data()) as u32;
+    let total = pkt.len();
+    if avail < MAX_HEADERS && total > avail {
+        let want = if total < MAX_HEADERS {
+            total
+        } else {
+            MAX_HEADERS
+        };
+        if pkt.pull(want).is_err() {
+            return Parsed::Drop(stat::DROP_INTERNAL);
+        }
+    }
+    let Ok(eth) = pkt.ptr_at::<EthHdr>(0) else {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    };
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => {}
+        ETH_P_ARP => return Parsed::Pass(stat::PASSED_ARP),
+        _ => return Parsed::Drop(stat::DROP_UNSUPPORTED_L3),
+    }
+    let Ok(ip) = pkt.ptr_at::<Ipv4Hdr>(IP_OFF) else {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    };
+    let ip = unsafe { *ip };
+    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as u32;
+    if ip.vihl >> 4 != 4
+        || header_len < Ipv4Hdr::LEN
+        || tot_len < header_len as u32
+        || ETH_HLEN as u32 + tot_len > total
+    {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let is_fragment = frags & 0x3fff != 0; // MF flag or a non-zero offset
+    let mut headers = Headers {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        proto: ip.proto,
+        l4_offset: ETH_HLEN + header_len,
+        has_ports: false,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    if is_fragment || (headers.proto != PROTO_TCP && headers.proto != PROTO_UDP) {
+        return Parsed::Ipv4(headers);
+    }
+    let l4_len = if headers.proto == PROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
+    if (header_len + l4_len) as u32 > tot_len {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    }
+    // Ports (first 4 bytes) and, for TCP, the flags byte at offset 13.
+    let Ok(ports) = pkt.ptr_at::<[u8; 4]>(headers.l4_offset) else {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    };
+    let ports = unsafe { *ports };
+    headers.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    headers.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    if headers.proto == PROTO_TCP {
+        let Ok(flags) = pkt.ptr_at::<u8>(headers.l4_offset + 13) else {
+            return Parsed::Drop(stat::DROP_MALFORMED);
+        };
+        headers.tcp_flags = unsafe { *flags };
+    }
+    headers.has_ports = true;
+    Parsed::Ipv4(headers)
+}
+
+#[inline(always)]
+pub fn is_fragment_routed(h: &Headers) -> bool {
+    !h.has_ports && (h.proto == PROTO_TCP || h.proto == PROTO_UDP)
+}

@@ -1,0 +1,61 @@
+//! Address/port rewrites with incremental checksum fixes (IP header + TCP/UDP,
+//! including the pseudo-header for address changes).
+use ferrite_common::PROTO_UDP;
+
+use crate::{
+    headers::{Headers, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    packet::Packet,
+};
+
+/// Rewrite destination to `addr:port` (address raw network order, port host order).
+#[inline(always)]
+pub fn dnat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(), ()> {
+    rewrite_addr(pkt, h, IP_DADDR_OFF, h.daddr, addr)?;
+    rewrite_port(pkt, h, h.l4_offset + 2, h.dport, port)
+}
+
+/// Rewrite source to `addr:port` (address raw network order, port host order).
+#[inline(always)]
+pub fn snat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(), ()> {
+    rewrite_addr(pkt, h, IP_SADDR_OFF, h.saddr, addr)?;
+    rewrite_port(pkt, h, h.l4_offset, h.sport, port)
+}
+
+#[inline(always)]
+fn rewrite_addr<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    offset: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    pkt.replace_l4_csum(h.l4_csum_offset(), old, new, 4, true, h.proto == PROTO_UDP)?;
+    pkt.replace_ip_csum(IP_CSUM_OFF, old, new)?;
+    pkt.store(offset, &new)
+}
+
+#[inline(always)]
+fn rewrite_port<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    offset: usize,
+    old: u16,
+    new: u16,
+) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    let (old, new) = (old.to_be(), new.to_be());
+    pkt.replace_l4_csum(
+        h.l4_csum_offset(),
+        old as u32,
+        new as u32,
+        2,
+        false,
+        h.proto == PROTO_UDP,
+    )?;
+    pkt.store(offset, &new)
+}
