@@ -1,1 +1,5 @@
-
+//! Shared by Ferrite's end-to-end tests, demo and benchmark.
+pub mod cluster;
+pub mod frames;
+pub mod lab;
+pub mod testbed;

@@ -1,1 +1,302 @@
-fn main() {}
+//! `cargo xtask …`: bootstrap a fresh machine, build the eBPF object and the agent,
+//! run the demo, the tests and the benchmark. Every command bootstraps what it needs.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, tests and demo use.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libclang-22-dev",
+    "clang-22",
+    "bpftool",
+    "iproute2",
+    "iperf3",
+    "iptables",
+    "nftables",
+    "tcpdump",
+    "util-linux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const OBJECT_NAME: &str = "ferrite-datapath.bpf.o";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites (apt packages, rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Build the eBPF object into target/bpf/ferrite-datapath.bpf.o.
+    BuildEbpf,
+    /// Build the eBPF object and the userspace binaries (release).
+    Build,
+    /// Run the one-node demo: 5 pods, a ClusterIP Service over 3 backends.
+    Demo,
+    /// Run the whole test suite (unit, BPF_PROG_TEST_RUN, netns end-to-end).
+    Test {
+        /// Extra arguments for the test runner (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Measure the datapath with BPF_PROG_TEST_RUN next to a no-op program.
+    Bench,
+    /// rustfmt check and clippy -D warnings on every crate.
+    Lint,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(command: &mut Command) -> bool {
+    command
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn stdout_of(command: &mut Command) -> String {
+    command
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    stdout_of(Command::new("id").arg("-u")).trim() == "0"
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                != "install ok installed"
+        })
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing apt packages: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let components = stdout_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker = stdout_of(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        println!("setup: installing bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)");
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path))?;
+    }
+    if is_root() {
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+        if !mounted {
+            println!("setup: mounting bpffs at /sys/fs/bpf");
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+    }
+    Ok(())
+}
+
+/// Environment the outer cargo sets that must not leak into the nightly eBPF build.
+const CARGO_ENV: &[&str] = &[
+    "RUSTUP_TOOLCHAIN",
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+];
+
+fn object_path() -> PathBuf {
+    root().join("target/bpf").join(OBJECT_NAME)
+}
+
+fn build_ebpf() -> Result<()> {
+    let crate_dir = root().join("datapath-ebpf");
+    let mut cargo = Command::new("rustup");
+    // Target, build-std, linker and `-C debuginfo=2 -C link-arg=--btf` (BTF is what
+    // makes bpftool print named fields) come from datapath-ebpf/.cargo/config.toml.
+    cargo
+        .args(["run", "nightly", "cargo", "build", "--release", "--locked"])
+        .current_dir(&crate_dir);
+    for var in CARGO_ENV {
+        cargo.env_remove(var);
+    }
+    run(&mut cargo)?;
+    let built = crate_dir.join("target/bpfel-unknown-none/release/ferrite-datapath");
+    let out = object_path();
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    std::fs::copy(&built, &out).with_context(|| format!("copying {}", built.display()))?;
+    println!("build-ebpf: {}", out.display());
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+/// Environment telling tests, demo and bench where the binaries are.
+fn with_artifacts<'a>(command: &'a mut Command, profile: &str) -> &'a mut Command {
+    command.env("FERRITE_BPF_OBJECT", object_path()).env(
+        "FERRITE_BIN",
+        root().join("target").join(profile).join("ferrite"),
+    )
+}
+
+fn build_release() -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["build", "--release", "--locked", "--bins"]))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (BPF, network namespaces): run it as root");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            build_ebpf()
+        }
+        Cmd::Build => {
+            setup()?;
+            build_release()
+        }
+        Cmd::Demo => {
+            require_root("the demo")?;
+            setup()?;
+            build_release()?;
+            run(with_artifacts(
+                &mut Command::new(root().join("target/release/ferrite-demo")),
+                "release",
+            ))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            build_ebpf()?;
+            run(cargo().args(["build", "--locked", "-p", "ferrite-agent"]))?;
+            if !is_root() {
+                println!("test: not root: BPF and netns tests will fail; run as root");
+            }
+            let nextest = succeeds(cargo().args(["nextest", "--version"]));
+            let mut command = cargo();
+            if nextest {
+                command.args([
+                    "nextest",
+                    "run",
+                    "--workspace",
+                    "--locked",
+                    "--no-fail-fast",
+                ]);
+            } else {
+                command.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
+            }
+            run(with_artifacts(command.args(&args), "debug"))
+        }
+        Cmd::Bench => {
+            require_root("the benchmark")?;
+            setup()?;
+            build_release()?;
+            run(with_artifacts(
+                &mut Command::new(root().join("target/release/ferrite-bench")),
+                "release",
+            ))
+        }
+        Cmd::Lint => {
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            let mut ebpf = Command::new("rustup");
+            ebpf.args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--release",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(root().join("datapath-ebpf"));
+            for var in CARGO_ENV {
+                ebpf.env_remove(var);
+            }
+            run(&mut ebpf)?;
+            run(Command::new("rustup")
+                .args(["run", "nightly", "cargo", "fmt", "--", "--check"])
+                .current_dir(root().join("datapath-ebpf")))
+        }
+    }
+}

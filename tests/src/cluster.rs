@@ -1,0 +1,49 @@
+//! The example cluster (examples/one-node.yaml) and variations of it for tests.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// The example file the demo runs on; its node is called `ferrite-demo`.
+pub const EXAMPLE: &str = include_str!("../../examples/one-node.yaml");
+pub const EXAMPLE_NODE: &str = "ferrite-demo";
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const TCP_FRONTEND: SocketAddrV4 = SocketAddrV4::new(VIP, 80);
+pub const UDP_FRONTEND: SocketAddrV4 = SocketAddrV4::new(VIP, 53);
+/// Backends listen here (the Service's targetPorts).
+pub const TCP_TARGET: u16 = 8080;
+pub const UDP_TARGET: u16 = 5353;
+
+/// Pods of the example: (name, IP).
+pub const CLIENTS: [(&str, Ipv4Addr); 2] = [
+    ("client-a", Ipv4Addr::new(10, 244, 0, 2)),
+    ("client-b", Ipv4Addr::new(10, 244, 0, 3)),
+];
+pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("web-1", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-2", Ipv4Addr::new(10, 244, 0, 12)),
+    ("web-3", Ipv4Addr::new(10, 244, 0, 13)),
+];
+
+/// The example with its node renamed (tests use unique node names).
+pub fn example_for(node: &str) -> String {
+    EXAMPLE.replace(
+        &format!("nodeName: {EXAMPLE_NODE}"),
+        &format!("nodeName: {node}"),
+    )
+}
+
+/// The example's Service with only `ready` backends in its EndpointSlice, plus the
+/// example's pods on `node`.
+pub fn example_with_backends(node: &str, ready: &[Ipv4Addr]) -> String {
+    let example = example_for(node);
+    let (head, _) = example
+        .split_once("\nendpoints:")
+        .expect("example has an endpoints list");
+    let (_, pods) = example
+        .split_once("# Pods")
+        .expect("example has a pods section");
+    let endpoints: String = ready
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!("{head}\nendpoints:\n{endpoints}---\n# Pods{pods}")
+}

@@ -1,0 +1,118 @@
+//! Crafting Ethernet/IPv4/TCP/UDP frames and checking what the datapath made of them,
+//! with checksums recomputed independently (etherparse).
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{bail, ensure, Context, Result};
+use etherparse::{
+    EtherType, Ethernet2Header, Ipv4Header, PacketBuilder, SlicedPacket, TcpHeader, TransportSlice,
+    UdpHeader,
+};
+
+pub const CLIENT_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 0, 2];
+pub const GATEWAY_MAC: [u8; 6] = [0xee; 6];
+
+pub fn tcp_syn(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 1000, 64240)
+        .syn();
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write frame");
+    frame
+}
+
+pub fn tcp_ack(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 2000, 64240)
+        .ack(1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write frame");
+    frame
+}
+
+pub fn udp(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .udp(from.port(), to.port());
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write frame");
+    frame
+}
+
+/// The same UDP datagram with checksum 0 ("no checksum", legal over IPv4).
+pub fn udp_without_checksum(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut frame = udp(from, to, payload);
+    frame[14 + 20 + 6] = 0;
+    frame[14 + 20 + 7] = 0;
+    frame
+}
+
+/// What a frame says, after checking that every checksum in it is valid.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+    pub protocol: u8,
+    pub payload: Vec<u8>,
+    /// For UDP: the checksum field (0 = none).
+    pub udp_checksum: Option<u16>,
+}
+
+pub fn decode_checked(frame: &[u8]) -> Result<Decoded> {
+    let (eth, rest) = Ethernet2Header::from_slice(frame).context("ethernet")?;
+    ensure!(eth.ether_type == EtherType::IPV4, "not IPv4");
+    let (ip, _) = Ipv4Header::from_slice(rest).context("ipv4")?;
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "bad IPv4 header checksum"
+    );
+    let sliced = SlicedPacket::from_ethernet(frame).context("slicing")?;
+    let (src, dst) = (Ipv4Addr::from(ip.source), Ipv4Addr::from(ip.destination));
+    let decoded = match sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let header: TcpHeader = tcp.to_header();
+            let payload = tcp.payload();
+            let expected = header.calc_checksum_ipv4(&ip, payload)?;
+            ensure!(
+                header.checksum == expected,
+                "bad TCP checksum {:#06x}, expected {expected:#06x}",
+                header.checksum
+            );
+            Decoded {
+                eth_src: eth.source,
+                eth_dst: eth.destination,
+                source: SocketAddrV4::new(src, header.source_port),
+                destination: SocketAddrV4::new(dst, header.destination_port),
+                protocol: 6,
+                payload: payload.to_vec(),
+                udp_checksum: None,
+            }
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let header: UdpHeader = udp.to_header();
+            let payload = udp.payload();
+            if header.checksum != 0 {
+                let expected = header.calc_checksum_ipv4(&ip, payload)?;
+                ensure!(
+                    header.checksum == expected,
+                    "bad UDP checksum {:#06x}, expected {expected:#06x}",
+                    header.checksum
+                );
+            }
+            Decoded {
+                eth_src: eth.source,
+                eth_dst: eth.destination,
+                source: SocketAddrV4::new(src, header.source_port),
+                destination: SocketAddrV4::new(dst, header.destination_port),
+                protocol: 17,
+                payload: payload.to_vec(),
+                udp_checksum: Some(header.checksum),
+            }
+        }
+        _ => bail!("no TCP/UDP header"),
+    };
+    Ok(decoded)
+}

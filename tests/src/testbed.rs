@@ -1,0 +1,173 @@
+//! The datapath object loaded without pinning, for BPF_PROG_TEST_RUN: fill its maps,
+//! feed it frames, read back the frame and the verdict.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use ferrite_common::{
+    map_names, pod_mac_for, program_names, stat, Backend, Counter, EndpointInfo, EndpointKey,
+    RevNatValue, ServiceKey, ServiceValue,
+};
+
+use crate::lab::{bpf_object, require_root};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+/// BPF_PROG_TEST_RUN runs skb programs as if the packet came in on loopback.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
+pub struct Testbed {
+    pub ebpf: Ebpf,
+}
+
+pub struct RunResult {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+}
+
+impl Testbed {
+    pub fn load() -> Result<Self> {
+        require_root()?;
+        let mut ebpf = Ebpf::load_file(bpf_object()).context("loading the eBPF object")?;
+        for name in [program_names::FROM_POD, program_names::NOOP] {
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(name).context("program")?.try_into()?;
+            program.load()?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        Ok(HashMap::try_from(self.ebpf.map_mut(name).context("map")?)?)
+    }
+
+    /// A pod on this "node": `ifindex` is where its traffic must come from.
+    pub fn add_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
+        self.hash_map::<EndpointKey, EndpointInfo>(map_names::ENDPOINTS)?
+            .insert(
+                EndpointKey {
+                    address: ip.octets(),
+                },
+                EndpointInfo {
+                    ifindex,
+                    pod_mac: pod_mac_for(ip),
+                    host_mac: [0xee; 6],
+                    flags: 0,
+                },
+                0,
+            )?;
+        Ok(())
+    }
+
+    /// A Service frontend with its backends, written in the agent's order.
+    pub fn add_service(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        rev_nat_index: u16,
+        first_backend_id: u32,
+        backends: &[SocketAddrV4],
+    ) -> Result<()> {
+        let mut backend_map = self.hash_map::<u32, Backend>(map_names::BACKENDS)?;
+        for (i, b) in backends.iter().enumerate() {
+            backend_map.insert(
+                first_backend_id + i as u32,
+                Backend {
+                    address: b.ip().octets(),
+                    port: b.port(),
+                    proto: protocol,
+                    flags: 0,
+                },
+                0,
+            )?;
+        }
+        self.hash_map::<u16, RevNatValue>(map_names::REV_NAT)?
+            .insert(
+                rev_nat_index,
+                RevNatValue {
+                    address: frontend.ip().octets(),
+                    port: frontend.port(),
+                    _pad: 0,
+                },
+                0,
+            )?;
+        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
+        let key = |slot| ServiceKey::new(*frontend.ip(), frontend.port(), protocol, slot);
+        for i in 0..backends.len() {
+            services.insert(
+                key(i as u16 + 1),
+                ServiceValue {
+                    backend_id: first_backend_id + i as u32,
+                    ..Default::default()
+                },
+                0,
+            )?;
+        }
+        services.insert(
+            key(0),
+            ServiceValue {
+                backend_id: 0,
+                count: backends.len() as u16,
+                rev_nat_index,
+                flags: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    pub fn run_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(RunResult, std::time::Duration)> {
+        let program: &SchedClassifier = self.ebpf.program(name).context("program")?.try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((
+            RunResult {
+                verdict: result.return_value,
+                frame: out,
+            },
+            result.duration,
+        ))
+    }
+
+    /// Run the from-pod program once on `frame`.
+    pub fn from_pod(&self, frame: &[u8]) -> Result<RunResult> {
+        Ok(self.run_program(program_names::FROM_POD, frame, 1)?.0)
+    }
+
+    /// Packets counted under `index` (summed over CPUs).
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).context("stats")?)?;
+        Ok(stats.get(&index, 0)?.iter().map(|c| c.packets).sum())
+    }
+
+    pub fn drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for index in 0..stat::COUNT {
+            let n = self.counter(index)?;
+            if n > 0 && stat::NAMES[index as usize].starts_with("drop") {
+                out.push((stat::NAMES[index as usize], n));
+            }
+        }
+        Ok(out)
+    }
+}
