@@ -1,0 +1,231 @@
+//! User stories for one node: pods in network namespaces, the agent on the example
+//! YAML, real TCP and UDP through a ClusterIP. Needs root; each test builds its own
+//! uniquely named node and removes it (netns, veths, pins) on every path.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, SocketAddrV4},
+};
+
+use anyhow::{ensure, Result};
+use ferrite_common::{EndpointKey, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP};
+use ferrite_tests::{
+    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
+    lab::{exchange, sh, Node, Server},
+};
+
+/// The example cluster running: 2 clients, 3 backends serving TCP and UDP, the agent
+/// synced. Servers are dropped before the node.
+struct ExampleCluster {
+    _servers: Vec<Server>,
+    node: Node,
+}
+
+fn example_cluster() -> Result<ExampleCluster> {
+    let mut node = Node::new("clip")?;
+    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
+        node.add_pod(name, *ip)?;
+    }
+    let mut servers = Vec::new();
+    for (name, _) in BACKENDS {
+        servers.push(node.pod(name).serve(TCP_TARGET)?);
+        servers.push(node.pod(name).serve(UDP_TARGET)?);
+    }
+    node.write_config(&cluster::example_for(&node.name))?;
+    node.start_agent()?;
+    node.wait_for_sync(2, 5)?;
+    Ok(ExampleCluster {
+        _servers: servers,
+        node,
+    })
+}
+
+/// Which backend answered, checking the payload came back intact.
+fn answered_by(reply: &str, request: &str) -> Result<String> {
+    let (backend, echoed) = reply.split_once('|').unwrap_or(("", ""));
+    ensure!(
+        echoed == request,
+        "payload changed: sent {request:?}, got {reply:?}"
+    );
+    Ok(backend.to_string())
+}
+
+fn tcp_master_count(maps: &ferrite_agent::plan::MapContents) -> Option<u16> {
+    let key = ServiceKey::new(*TCP_FRONTEND.ip(), TCP_FRONTEND.port(), PROTO_TCP, 0);
+    maps.services.get(&key).map(|v: &ServiceValue| v.count)
+}
+
+#[test]
+fn a_cluster_ip_spreads_tcp_and_udp_over_every_backend_and_answers_from_the_vip() -> Result<()> {
+    let cluster = example_cluster()?;
+    let mut tcp_backends = BTreeSet::new();
+    let mut udp_backends = BTreeSet::new();
+    for (client, _) in CLIENTS {
+        let pod = cluster.node.pod(client);
+        for i in 0..30 {
+            let request = format!("{client} tcp {i}");
+            // TCP only accepts answers from the address it connected to: the VIP.
+            let reply = pod.tcp_request(TCP_FRONTEND, &request)?;
+            tcp_backends.insert(answered_by(&reply, &request)?);
+
+            let request = format!("{client} udp {i}");
+            let (reply, from) = pod.udp_request(UDP_FRONTEND, &request)?;
+            assert_eq!(
+                from,
+                SocketAddr::V4(UDP_FRONTEND),
+                "UDP answer not from the VIP"
+            );
+            udp_backends.insert(answered_by(&reply, &request)?);
+        }
+    }
+    let all: BTreeSet<String> = BACKENDS.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(tcp_backends, all, "TCP backends used");
+    assert_eq!(udp_backends, all, "UDP backends used");
+    Ok(())
+}
+
+#[test]
+fn removing_a_backend_from_the_yaml_stops_new_connections_to_it() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let remaining = [BACKENDS[0].1, BACKENDS[1].1];
+    node.write_config(&cluster::example_with_backends(&node.name, &remaining))?;
+    node.wait_for_maps("the TCP Service down to 2 backends", |m| {
+        tcp_master_count(m) == Some(2)
+    })?;
+    let client = node.pod(CLIENTS[0].0);
+    for i in 0..40 {
+        let request = format!("after removal {i}");
+        let backend = answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
+        assert_ne!(
+            backend, BACKENDS[2].0,
+            "connection {i} went to the removed backend"
+        );
+        let (reply, _) = client.udp_request(UDP_FRONTEND, &request)?;
+        assert_ne!(answered_by(&reply, &request)?, BACKENDS[2].0);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_leaves_live_connections_working_and_a_restart_resyncs_without_breaking_them(
+) -> Result<()> {
+    let mut cluster = example_cluster()?;
+    // Long-lived connections through the VIP, 3 per client.
+    let mut connections = Vec::new();
+    for (client, _) in CLIENTS {
+        for i in 0..3 {
+            let mut stream = cluster.node.pod(client).tcp_connect(TCP_FRONTEND)?;
+            let request = format!("{client} conn {i} hello");
+            let backend = answered_by(&exchange(&mut stream, &request)?, &request)?;
+            connections.push((stream, backend));
+        }
+    }
+    let synced = cluster.node.maps()?.contents()?;
+
+    cluster.node.kill_agent()?;
+    for (i, (stream, backend)) in connections.iter_mut().enumerate() {
+        let request = format!("conn {i} while the agent is dead");
+        assert_eq!(
+            &answered_by(&exchange(stream, &request)?, &request)?,
+            backend
+        );
+    }
+    // New connections too: the pinned datapath works on its own.
+    let client = cluster.node.pod(CLIENTS[1].0);
+    for i in 0..10 {
+        let request = format!("new {i} while the agent is dead");
+        answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
+    }
+
+    // Damage the maps behind the agent's back: a stale Service and a missing one.
+    let mut maps = cluster.node.maps()?;
+    let stale = ServiceKey::new("10.96.9.9".parse()?, 9, PROTO_TCP, 0);
+    maps.services.insert(stale, ServiceValue::default(), 0)?;
+    let udp_master = ServiceKey::new(*UDP_FRONTEND.ip(), UDP_FRONTEND.port(), PROTO_UDP, 0);
+    maps.services.remove(&udp_master)?;
+
+    cluster.node.start_agent()?;
+    cluster
+        .node
+        .wait_for_maps("the restarted agent to repair the maps", |m| {
+            !m.services.contains_key(&stale) && m.services.contains_key(&udp_master)
+        })?;
+    assert_eq!(
+        cluster.node.maps()?.contents()?,
+        synced,
+        "after resync the maps hold exactly what the first agent wrote (same ids, no flush)"
+    );
+    for (i, (stream, backend)) in connections.iter_mut().enumerate() {
+        let request = format!("conn {i} after restart");
+        assert_eq!(
+            &answered_by(&exchange(stream, &request)?, &request)?,
+            backend
+        );
+    }
+    let client = cluster.node.pod(CLIENTS[1].0);
+    let (reply, from) = client.udp_request(UDP_FRONTEND, "udp after restart")?;
+    assert_eq!(from, SocketAddr::V4(UDP_FRONTEND));
+    answered_by(&reply, "udp after restart")?;
+    Ok(())
+}
+
+#[test]
+fn pods_reach_each_other_by_pod_ip_on_the_same_node() -> Result<()> {
+    let cluster = example_cluster()?;
+    let client = cluster.node.pod(CLIENTS[0].0);
+    for (name, ip) in BACKENDS {
+        let reply = client.tcp_request(SocketAddrV4::new(ip, TCP_TARGET), "direct")?;
+        assert_eq!(answered_by(&reply, "direct")?, name);
+        let target = SocketAddrV4::new(ip, UDP_TARGET);
+        let (reply, from) = client.udp_request(target, "direct udp")?;
+        assert_eq!(
+            (answered_by(&reply, "direct udp")?, from),
+            (name.to_string(), SocketAddr::V4(target))
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn operators_see_services_in_inspect_and_named_fields_in_bpftool() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let services = node.inspect("services")?;
+    let line = services
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80/TCP"))
+        .unwrap_or_else(|| panic!("no TCP frontend in:\n{services}"));
+    for (_, ip) in BACKENDS {
+        assert!(line.contains(&format!("{ip}:{TCP_TARGET}")), "{line}");
+    }
+    let endpoints = node.inspect("endpoints")?;
+    assert_eq!(endpoints.lines().count(), 1 + 5, "{endpoints}");
+
+    let pinned = node.pin_dir().join(ferrite_common::map_names::SERVICES);
+    let dump = sh(
+        "bpftool",
+        &["map", "dump", "pinned", pinned.to_str().unwrap()],
+    )?;
+    for field in [
+        "address",
+        "port",
+        "proto",
+        "backend_slot",
+        "backend_id",
+        "count",
+        "rev_nat_index",
+    ] {
+        assert!(
+            dump.contains(&format!("\"{field}\"")),
+            "bpftool shows no {field}:\n{dump}"
+        );
+    }
+    // Endpoint entries name the host veth each pod sits behind.
+    let contents = node.maps()?.contents()?;
+    let by_ip: BTreeMap<_, _> = contents.endpoints.iter().collect();
+    let key = EndpointKey {
+        address: CLIENTS[0].1.octets(),
+    };
+    assert!(by_ip.contains_key(&key));
+    Ok(())
+}
