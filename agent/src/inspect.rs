@@ -34,7 +34,7 @@ pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
             writeln!(
                 out,
                 "{:<24} {:>7} {:>8}  BACKENDS",
-                "FRONTEND", "REV-NAT", "BACKENDS"
+                "FRONTEND", "REV-NAT", "COUNT"
             )?;
             for (key, value) in contents
                 .services

@@ -319,9 +319,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node with a unique name (tests run side by side).
     pub fn new(label: &str) -> Result<Self> {
+        Self::named(&unique(label))
+    }
+
+    /// A node called `name`; the caller makes sure no other node has that name.
+    pub fn named(name: &str) -> Result<Self> {
         require_root()?;
-        let name = unique(label);
+        let name = name.to_string();
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir)?;
         let netns = Netns::new(&name)?;
@@ -426,8 +432,13 @@ impl Node {
         Ok(())
     }
 
-    /// Start `ferrite agent` inside this node's netns.
+    /// Start `ferrite agent` inside this node's netns on [`Node::config_path`].
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_with(&self.config_path())
+    }
+
+    /// Start `ferrite agent` inside this node's netns on `config`.
+    pub fn start_agent_with(&mut self, config: &Path) -> Result<()> {
         let log = self
             .dir
             .join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
@@ -437,7 +448,7 @@ impl Node {
             .arg(ferrite_bin())
             .args(["agent", "--node", &self.name, "--resync-seconds", "2"])
             .arg("--config")
-            .arg(self.config_path())
+            .arg(config)
             .arg("--bpf-object")
             .arg(bpf_object())
             .stdin(Stdio::null())

@@ -40,7 +40,11 @@ enum Cmd {
     /// Build the eBPF object and the userspace binaries (release).
     Build,
     /// Run the one-node demo: 5 pods, a ClusterIP Service over 3 backends.
-    Demo,
+    Demo {
+        /// Keep the node up after the traffic (for bpftool/inspect) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run the whole test suite (unit, BPF_PROG_TEST_RUN, netns end-to-end).
     Test {
         /// Extra arguments for the test runner (e.g. a test name filter).
@@ -226,14 +230,15 @@ fn main() -> Result<()> {
             setup()?;
             build_release()
         }
-        Cmd::Demo => {
+        Cmd::Demo { keep } => {
             require_root("the demo")?;
             setup()?;
             build_release()?;
-            run(with_artifacts(
-                &mut Command::new(root().join("target/release/ferrite-demo")),
-                "release",
-            ))
+            let mut demo = Command::new(root().join("target/release/ferrite-demo"));
+            if keep {
+                demo.arg("--keep");
+            }
+            run(with_artifacts(&mut demo, "release"))
         }
         Cmd::Test { args } => {
             setup()?;
