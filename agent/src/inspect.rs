@@ -3,7 +3,7 @@
 use std::{fmt::Write, net::Ipv4Addr};
 
 use anyhow::Result;
-use ferrite_common::{stat, CT_DIR_FORWARD, CT_FLAG_CLOSING};
+use ferrite_common::{stat, CT_FLAG_CLOSING, CT_FLAG_REPLY};
 
 use crate::{maps::NodeMaps, model::Protocol, plan::describe_service_key};
 
@@ -103,7 +103,7 @@ pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
                 writeln!(
                     out,
                     "{:<7} {:<5} {:<22} {:<22} {:>7} {:>7} {:>9}  {}",
-                    if k.direction == CT_DIR_FORWARD {
+                    if v.flags & CT_FLAG_REPLY == 0 {
                         "forward"
                     } else {
                         "reply"

@@ -94,9 +94,10 @@ impl NodeMaps {
         Ok(())
     }
 
-    /// Remove the conntrack entries of flows pinned to removed backends, so they pick
-    /// a live backend on their next packet (UDP clients are not stuck on a dead one)
-    /// and a later backend reusing the id never inherits them. Returns how many.
+    /// Remove the conntrack entries (both directions) of flows pinned to removed
+    /// backends: forward entries cache their backend, so this is what moves such a
+    /// flow to a live backend on its next packet (UDP clients are not stuck on a dead
+    /// one), and a later backend reusing the id never inherits them. Returns how many.
     pub fn purge_conntrack(&mut self, removed_backends: &BTreeSet<u32>) -> Result<usize> {
         if removed_backends.is_empty() {
             return Ok(0);
@@ -104,10 +105,7 @@ impl NodeMaps {
         let stale: Vec<CtKey> = self
             .conntrack_entries()?
             .into_iter()
-            .filter(|(key, value)| {
-                key.direction == ferrite_common::CT_DIR_FORWARD
-                    && removed_backends.contains(&value.backend_id)
-            })
+            .filter(|(_, value)| removed_backends.contains(&value.backend_id))
             .map(|(key, _)| key)
             .collect();
         for key in &stale {

@@ -130,12 +130,11 @@ pub const fn pod_mac_for(ip: Ipv4Addr) -> [u8; 6] {
     [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
-pub const CT_DIR_FORWARD: u8 = 0;
-pub const CT_DIR_REPLY: u8 = 1;
-
-/// Key of `ferrite_ct` (LRU hash). A Service flow owns two entries: the forward
-/// tuple (client -> VIP, `CT_DIR_FORWARD`) remembering the chosen backend, and the
-/// reply tuple (backend -> client, `CT_DIR_REPLY`) remembering what to reverse-NAT.
+/// Key of `ferrite_ct` (LRU hash): a packet's tuple as it leaves the pod. A Service
+/// flow owns two entries: the forward tuple (client -> VIP) caching the chosen
+/// backend, and the reply tuple (backend -> client, `CT_FLAG_REPLY`) naming the
+/// rev-NAT entry to translate with. They cannot collide (a forward tuple's
+/// destination is a VIP, a reply's is a pod), so one lookup serves both directions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
@@ -144,12 +143,13 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub direction: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 
 /// `CtValue::flags`: a TCP FIN or RST was seen (the flow is closing).
 pub const CT_FLAG_CLOSING: u16 = 1;
+/// `CtValue::flags`: this is the reply entry of a Service flow.
+pub const CT_FLAG_REPLY: u16 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,6 +157,13 @@ pub struct CtValue {
     pub backend_id: u32,
     pub rev_nat_index: u16,
     pub flags: u16,
+    /// Forward entries: the backend the flow is pinned to (the agent removes the
+    /// entries of a removed backend, so established packets need no backend lookup).
+    pub backend_address: [u8; 4],
+    pub backend_port: u16,
+    pub _pad: u16,
+    /// Coarse monotonic clock (bpf_ktime_get_coarse_ns): tick resolution is enough
+    /// for flow ages and costs a fraction of a precise read.
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub packets: u64,
@@ -256,7 +263,7 @@ mod tests {
         assert_eq!(size_of::<EndpointKey>(), 4);
         assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 40);
+        assert_eq!(size_of::<CtValue>(), 48);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<NodeConfig>(), 8);
     }

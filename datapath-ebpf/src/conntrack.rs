@@ -1,7 +1,8 @@
 //! Service-flow conntrack in the LRU map `ferrite_ct`: the forward entry pins a flow
-//! to its backend, the reply entry says how to reverse-NAT the backend's answers.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use ferrite_common::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, PROTO_TCP};
+//! to its backend (and caches it), the reply entry says how to reverse-NAT the
+//! backend's answers. One lookup per packet finds either.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use ferrite_common::{CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, PROTO_TCP};
 
 use crate::{
     headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
@@ -9,35 +10,25 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, direction: u8) -> CtKey {
+fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
     CtKey {
         saddr: saddr.to_ne_bytes(),
         daddr: daddr.to_ne_bytes(),
         sport,
         dport,
         proto,
-        direction,
-        _pad: 0,
+        _pad: [0; 3],
     }
 }
 
+/// The entry of the flow `h` belongs to (either direction), with this packet
+/// accounted to it.
 #[inline(always)]
-pub fn forward_key(h: &Headers) -> CtKey {
-    key(h.saddr, h.daddr, h.sport, h.dport, h.proto, CT_DIR_FORWARD)
-}
-
-#[inline(always)]
-pub fn reply_key(h: &Headers) -> CtKey {
-    key(h.saddr, h.daddr, h.sport, h.dport, h.proto, CT_DIR_REPLY)
-}
-
-/// Look an entry up and account this packet to it.
-#[inline(always)]
-pub fn lookup_and_touch(key: &CtKey, h: &Headers, bytes: u32) -> Option<CtValue> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<CtValue> {
+    let entry = CONNTRACK.get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))?;
     // Racy adds from several CPUs may lose a count; these are statistics only.
     unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
         if h.proto == PROTO_TCP && h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
@@ -58,35 +49,29 @@ pub fn create(
     rev_nat_index: u16,
     bytes: u32,
 ) -> Result<(), ()> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let value = CtValue {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let forward = CtValue {
         backend_id,
         rev_nat_index,
         flags: 0,
+        backend_address: backend_addr.to_ne_bytes(),
+        backend_port,
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
         bytes: bytes as u64,
     };
-    let reply = key(
-        backend_addr,
-        h.saddr,
-        backend_port,
-        h.sport,
-        h.proto,
-        CT_DIR_REPLY,
-    );
+    let reply = CtValue {
+        flags: CT_FLAG_REPLY,
+        packets: 0,
+        bytes: 0,
+        ..forward
+    };
+    let reply_key = key(backend_addr, h.saddr, backend_port, h.sport, h.proto);
     // Reply entry first: a forward entry must never exist without its reverse path.
+    CONNTRACK.insert(reply_key, reply, 0).map_err(|_| ())?;
     CONNTRACK
-        .insert(
-            reply,
-            CtValue {
-                packets: 0,
-                bytes: 0,
-                ..value
-            },
-            0,
-        )
-        .map_err(|_| ())?;
-    CONNTRACK.insert(forward_key(h), value, 0).map_err(|_| ())
+        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
+        .map_err(|_| ())
 }

@@ -1,6 +1,6 @@
 //! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
 //! reverse NAT of a backend's reply, then local delivery or the host stack.
-use ferrite_common::stat;
+use ferrite_common::{stat, CT_FLAG_REPLY};
 
 use crate::{
     conntrack,
@@ -36,21 +36,24 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     let mut daddr = h.daddr;
     if h.has_ports {
-        // A packet to a Service frontend is never a reply, so the reply lookup is only
-        // paid by non-Service traffic.
-        if let Some(svc) = lb::lookup_service(&h) {
-            match lb::translate(pkt, &h, &svc)? {
+        // Established flows first: one lookup, and the forward entry caches the backend.
+        if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
+            if ct.flags & CT_FLAG_REPLY != 0 {
+                // No rev-NAT entry: the Service is gone, the reply passes untranslated.
+                if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
+                    let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
+                    nat::snat(pkt, &h, addr, port)?;
+                    count(stat::REVERSE_NAT, pkt.len());
+                }
+            } else {
+                daddr = u32::from_ne_bytes(ct.backend_address);
+                nat::dnat(pkt, &h, daddr, ct.backend_port)?;
+                count(stat::SERVICE_ESTABLISHED, pkt.len());
+            }
+        } else if let Some(svc) = lb::lookup_service(&h) {
+            match lb::translate_new_flow(pkt, &h, &svc)? {
                 Some(backend_addr) => daddr = backend_addr,
                 None => return Ok(Verdict::Drop),
-            }
-        } else if let Some(ct) =
-            conntrack::lookup_and_touch(&conntrack::reply_key(&h), &h, pkt.len())
-        {
-            // No rev-NAT entry: the Service is gone, the reply passes untranslated.
-            if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
-                let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
-                nat::snat(pkt, &h, addr, port)?;
-                count(stat::REVERSE_NAT, pkt.len());
             }
         }
     } else if is_fragment_routed(&h) {

@@ -43,24 +43,18 @@ fn flow_hash(h: &Headers) -> u32 {
     x ^ (x >> 16)
 }
 
-/// DNAT a packet addressed to a Service. Returns the new destination address, or
-/// `None` when the Service has no ready backend (the caller drops).
+/// DNAT the first packet of a new flow to a Service: pick a backend, record the
+/// flow. Returns the new destination address, or `None` when the Service has no
+/// ready backend (the caller drops).
 #[inline(always)]
-pub fn translate<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Option<u32>, ()> {
+pub fn translate_new_flow<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    svc: &ServiceValue,
+) -> Result<Option<u32>, ()> {
     if svc.count == 0 {
         count(stat::DROP_NO_BACKEND, pkt.len());
         return Ok(None);
-    }
-    let fwd = conntrack::forward_key(h);
-    if let Some(ct) = conntrack::lookup_and_touch(&fwd, h, pkt.len()) {
-        // An established flow keeps its backend while that backend exists.
-        if let Some(backend) = unsafe { BACKENDS.get(ct.backend_id) } {
-            let backend: Backend = *backend;
-            let addr = u32::from_ne_bytes(backend.address);
-            nat::dnat(pkt, h, addr, backend.port)?;
-            count(stat::SERVICE_ESTABLISHED, pkt.len());
-            return Ok(Some(addr));
-        }
     }
     let slot = (flow_hash(h) % svc.count as u32) as u16 + 1;
     let Some(slot_value) = (unsafe { SERVICES.get(service_key(h, slot)) }) else {

@@ -21,6 +21,19 @@ pub fn snat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(),
     rewrite_port(pkt, h, h.l4_offset, h.sport, port)
 }
 
+/// RFC 1624 incremental update of a ones'-complement checksum for a 32-bit field
+/// change. Byte order does not matter as long as checksum and values share it (here:
+/// network-order bytes read natively).
+#[inline(always)]
+pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let not_from = !from;
+    let mut sum =
+        (!check) as u32 + (not_from & 0xffff) + (not_from >> 16) + (to & 0xffff) + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 #[inline(always)]
 fn rewrite_addr<P: Packet>(
     pkt: &P,
@@ -33,7 +46,9 @@ fn rewrite_addr<P: Packet>(
         return Ok(());
     }
     pkt.replace_l4_csum(h.l4_csum_offset(), old, new, 4, true, h.proto == PROTO_UDP)?;
-    pkt.replace_ip_csum(IP_CSUM_OFF, old, new)?;
+    // The IP header checksum is always complete: fixed here without a helper call.
+    let check = unsafe { *pkt.ptr_at::<u16>(IP_CSUM_OFF)? };
+    pkt.store(IP_CSUM_OFF, &csum_replace4(check, old, new))?;
     pkt.store(offset, &new)
 }
 

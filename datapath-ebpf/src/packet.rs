@@ -28,9 +28,6 @@ pub trait Packet {
     /// Make the first `len` bytes directly readable (skbs may carry headers outside
     /// the linear area). Pointers obtained before this call are invalid after it.
     fn pull(&self, len: u32) -> Result<(), ()>;
-    fn store<T>(&self, offset: usize, value: &T) -> Result<(), ()>;
-    /// Fix the IPv4 header checksum at `csum_offset` for a 4-byte field change.
-    fn replace_ip_csum(&self, csum_offset: usize, from: u32, to: u32) -> Result<(), ()>;
     /// Fix an L4 checksum for a change of `size` (2 or 4) bytes; `pseudo` when the
     /// field is part of the pseudo-header (addresses); `udp` keeps checksum 0 = "none".
     fn replace_l4_csum(
@@ -45,12 +42,21 @@ pub trait Packet {
 
     /// A bounds-checked pointer to a `T` at `offset`, or `Err` if the packet is shorter.
     #[inline(always)]
-    fn ptr_at<T>(&self, offset: usize) -> Result<*const T, ()> {
+    fn ptr_at<T>(&self, offset: usize) -> Result<*mut T, ()> {
         let start = self.data();
         if start + offset + size_of::<T>() > self.data_end() {
             return Err(());
         }
-        Ok((start + offset) as *const T)
+        Ok((start + offset) as *mut T)
+    }
+
+    /// Write `value` at `offset` with direct packet access (no helper call). Re-derives
+    /// the pointer, so it stays valid after helpers that invalidate packet pointers.
+    #[inline(always)]
+    fn store<T: Copy>(&self, offset: usize, value: &T) -> Result<(), ()> {
+        let ptr = self.ptr_at::<T>(offset)?;
+        unsafe { core::ptr::write_unaligned(ptr, *value) };
+        Ok(())
     }
 }
 
@@ -78,17 +84,6 @@ impl Packet for TcContext {
     #[inline(always)]
     fn pull(&self, len: u32) -> Result<(), ()> {
         self.pull_data(len).map_err(|_| ())
-    }
-
-    #[inline(always)]
-    fn store<T>(&self, offset: usize, value: &T) -> Result<(), ()> {
-        TcContext::store(self, offset, value, 0).map_err(|_| ())
-    }
-
-    #[inline(always)]
-    fn replace_ip_csum(&self, csum_offset: usize, from: u32, to: u32) -> Result<(), ()> {
-        self.l3_csum_replace(csum_offset, from as u64, to as u64, 4)
-            .map_err(|_| ())
     }
 
     #[inline(always)]
