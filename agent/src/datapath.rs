@@ -67,7 +67,7 @@ pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
 pub fn ensure_bpffs() -> Result<()> {
     let root = Path::new(BPF_FS_ROOT);
     if let Ok(stat) = nix::sys::statfs::statfs(root) {
-        if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        if stat.filesystem_type().0 == BPF_FS_MAGIC {
             return Ok(());
         }
     }

@@ -4,6 +4,7 @@
 //! datapath never sees a half-written Service:
 //! 1. backends and rev-NAT entries, 2. backend slots, 3. Service master entries
 //!    (count last, so every slot it covers exists), 4. endpoints;
+//!
 //! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints.
 use std::collections::{BTreeMap, BTreeSet};
 

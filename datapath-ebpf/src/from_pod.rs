@@ -28,7 +28,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     };
     // A pod may only send from its own IP, and only through its own veth.
     match routing::local_endpoint(h.saddr) {
-        Some(ep) if ep.ifindex == pkt.ingress_ifindex() => {}
+        Some(ep) if ep.ifindex == pkt.ifindex() => {}
         _ => {
             count(stat::DROP_SPOOFED, pkt.len());
             return Ok(Verdict::Drop);

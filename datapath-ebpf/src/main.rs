@@ -24,8 +24,8 @@ use packet::Verdict;
 #[inline(always)]
 fn tc_action(verdict: Verdict) -> i32 {
     match verdict {
-        Verdict::Pass => TC_ACT_OK as i32,
-        Verdict::Drop => TC_ACT_SHOT as i32,
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
         Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
     }
 }
@@ -37,7 +37,7 @@ pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
         Ok(verdict) => tc_action(verdict),
         Err(()) => {
             stats::count(stat::DROP_INTERNAL, ctx.len());
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -45,7 +45,7 @@ pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
 /// The bench baseline: the cost of running any TC program at all.
 #[classifier]
 pub fn ferrite_noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -23,8 +23,9 @@ pub trait Packet {
     fn data_end(&self) -> usize;
     /// Whole packet length, including any non-linear part.
     fn len(&self) -> u32;
-    /// ifindex of the device the packet arrived on.
-    fn ingress_ifindex(&self) -> u32;
+    /// ifindex of the device the program runs on (at an ingress hook: the device the
+    /// packet arrived on).
+    fn ifindex(&self) -> u32;
     /// Make the first `len` bytes directly readable (skbs may carry headers outside
     /// the linear area). Pointers obtained before this call are invalid after it.
     fn pull(&self, len: u32) -> Result<(), ()>;
@@ -77,7 +78,7 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn ingress_ifindex(&self) -> u32 {
+    fn ifindex(&self) -> u32 {
         unsafe { (*self.skb.skb).ifindex }
     }
 

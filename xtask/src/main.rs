@@ -105,7 +105,7 @@ fn setup() -> Result<()> {
         println!("setup: installing apt packages: {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
