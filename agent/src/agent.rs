@@ -25,6 +25,7 @@ pub struct AgentOptions {
     pub poll: Duration,
     /// How often a full resync runs even if nothing changed.
     pub resync: Duration,
+    pub datapath_log: datapath::DatapathLog,
 }
 
 /// What one reconciliation did.
@@ -41,7 +42,7 @@ pub struct SyncReport {
 
 pub fn run(options: &AgentOptions) -> Result<()> {
     let pin_dir = datapath::pin_dir(&options.node);
-    let mut datapath = Datapath::load(&options.object, &pin_dir)?;
+    let mut datapath = Datapath::load(&options.object, &pin_dir, options.datapath_log)?;
     let mut maps = NodeMaps::open(&pin_dir)?;
     info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
     let mut last_content: Option<String> = None;
@@ -67,6 +68,7 @@ pub fn run(options: &AgentOptions) -> Result<()> {
             }
             Err(e) => warn!(config = %options.config.display(), "cannot read config: {e}"),
         }
+        datapath.flush_logs();
         std::thread::sleep(options.poll);
     }
 }

@@ -17,6 +17,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 use ferrite_common::{map_names, program_names};
 use tracing::{info, warn};
 
@@ -94,15 +95,35 @@ fn create_private_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How much the datapath logs through aya-log (its `AYA_LOG_LEVEL`, set at load).
+/// Drops are logged at `debug`, so the default `off` keeps logging off the data path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl DatapathLog {
+    /// aya-log-common's level numbering (Error = 1 ... Debug = 4).
+    fn level(self) -> u8 {
+        self as u8
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Datapath {
     /// Load the object with its maps pinned in `pin_dir` (reused when already there)
     /// and pin the from-pod program so the CNI plugin can attach it too.
-    pub fn load(object: &Path, pin_dir: &Path) -> Result<Self> {
+    pub fn load(object: &Path, pin_dir: &Path, log: DatapathLog) -> Result<Self> {
         ensure_bpffs()?;
         create_private_dir(pin_dir)?;
         create_private_dir(&links_dir(pin_dir))?;
@@ -114,6 +135,8 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let level = log.level();
+        loader.override_global("AYA_LOG_LEVEL", &level, true);
         let mut ebpf = loader
             .load_file(object)
             .with_context(|| format!("loading {}", object.display()))?;
@@ -128,10 +151,24 @@ impl Datapath {
         // Existing links keep the program they run; new attachments use this one.
         let _ = fs::remove_file(&program_pin);
         program.pin(&program_pin)?;
+        let logger = match log {
+            DatapathLog::Off => None,
+            _ => EbpfLogger::init(&mut ebpf)
+                .map_err(|e| warn!("datapath logs unavailable: {e}"))
+                .ok(),
+        };
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            logger,
         })
+    }
+
+    /// Forward what the datapath logged since the last call to the agent's log.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// Interfaces that have a pinned link (the datapath is attached to them).

@@ -28,6 +28,9 @@ enum Command {
         /// Full resync period in seconds (also repairs drift).
         #[arg(long, default_value_t = 10)]
         resync_seconds: u64,
+        /// Datapath log level (aya-log); `debug` logs every drop with its reason.
+        #[arg(long, value_enum, default_value_t)]
+        datapath_log: datapath::DatapathLog,
     },
     /// Show a node's datapath state from its pinned maps.
     Inspect {
@@ -47,7 +50,10 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // Datapath records are already filtered in the kernel by --datapath-log.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,ferrite_datapath=trace")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -57,7 +63,9 @@ fn main() -> Result<()> {
             config,
             bpf_object,
             resync_seconds,
+            datapath_log,
         } => agent::run(&agent::AgentOptions {
+            datapath_log,
             object: datapath::find_object(bpf_object.as_deref())?,
             node,
             config,

@@ -21,18 +21,12 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             count(reason, pkt.len());
             return Ok(Verdict::Pass);
         }
-        Parsed::Drop(reason) => {
-            count(reason, pkt.len());
-            return Ok(Verdict::Drop);
-        }
+        Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
     };
     // A pod may only send from its own IP, and only through its own veth.
     match routing::local_endpoint(h.saddr) {
         Some(ep) if ep.ifindex == pkt.ifindex() => {}
-        _ => {
-            count(stat::DROP_SPOOFED, pkt.len());
-            return Ok(Verdict::Drop);
-        }
+        _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
     }
     let mut daddr = h.daddr;
     if h.has_ports {
@@ -53,7 +47,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         } else if let Some(svc) = lb::lookup_service(&h) {
             match lb::translate_new_flow(pkt, &h, &svc)? {
                 Some(backend_addr) => daddr = backend_addr,
-                None => return Ok(Verdict::Drop),
+                None => return Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
             }
         }
     } else if is_fragment_routed(&h) {

@@ -45,7 +45,7 @@ fn flow_hash(h: &Headers) -> u32 {
 
 /// DNAT the first packet of a new flow to a Service: pick a backend, record the
 /// flow. Returns the new destination address, or `None` when the Service has no
-/// ready backend (the caller drops).
+/// ready backend (the caller drops it as `drop_no_backend`).
 #[inline(always)]
 pub fn translate_new_flow<P: Packet>(
     pkt: &P,
@@ -53,18 +53,15 @@ pub fn translate_new_flow<P: Packet>(
     svc: &ServiceValue,
 ) -> Result<Option<u32>, ()> {
     if svc.count == 0 {
-        count(stat::DROP_NO_BACKEND, pkt.len());
         return Ok(None);
     }
     let slot = (flow_hash(h) % svc.count as u32) as u16 + 1;
     let Some(slot_value) = (unsafe { SERVICES.get(service_key(h, slot)) }) else {
         // The agent writes slots before the master entry; a miss is a torn update.
-        count(stat::DROP_NO_BACKEND, pkt.len());
         return Ok(None);
     };
     let backend_id = slot_value.backend_id;
     let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
-        count(stat::DROP_NO_BACKEND, pkt.len());
         return Ok(None);
     };
     let backend: Backend = *backend;

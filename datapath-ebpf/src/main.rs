@@ -17,28 +17,36 @@ use aya_ebpf::{
     helpers::bpf_redirect_peer,
     macros::classifier,
     programs::TcContext,
+    EbpfContext,
 };
+use aya_log_ebpf::debug;
 use ferrite_common::stat;
 use packet::Verdict;
 
+/// Count a drop and, at debug level only (the agent's `--datapath-log`), log it:
+/// drops are the one datapath event worth a log line, and they are off the hot path.
 #[inline(always)]
-fn tc_action(verdict: Verdict) -> i32 {
-    match verdict {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
-    }
+fn drop_packet<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) -> i32 {
+    stats::count(reason, len);
+    debug!(
+        ctx,
+        "drop: reason {} ({} bytes) on ifindex {}",
+        stats::drop_name(reason),
+        len,
+        ifindex
+    );
+    TC_ACT_SHOT
 }
 
 /// tcx ingress of each pod's host-side veth.
 #[classifier]
 pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
-    match from_pod::process(&ctx) {
-        Ok(verdict) => tc_action(verdict),
-        Err(()) => {
-            stats::count(stat::DROP_INTERNAL, ctx.len());
-            TC_ACT_SHOT
-        }
+    use packet::Packet;
+    let verdict = from_pod::process(&ctx).unwrap_or(Verdict::Drop(stat::DROP_INTERNAL));
+    match verdict {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop(reason) => drop_packet(&ctx, reason, ctx.len(), ctx.ifindex()),
+        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
     }
 }
 

@@ -13,7 +13,8 @@ use aya_ebpf::{
 pub enum Verdict {
     /// Continue into the host network stack.
     Pass,
-    Drop,
+    /// Drop, counted (and logged at debug level) under this `stat` index.
+    Drop(u32),
     /// Deliver into the pod behind this host-side veth (ifindex).
     RedirectPeer(u32),
 }

@@ -1,7 +1,26 @@
 //! Per-CPU event counters (`ferrite_stats`); indexes and names in `ferrite_common::stat`.
 //! Counters are events, not exclusive verdicts: a DNATed packet delivered to a local
 //! pod bumps both `service_*` and `delivered_local`.
+use ferrite_common::stat;
+
 use crate::maps::STATS;
+
+/// A drop reason's name, for log lines (the names `ferrite inspect stats` shows).
+/// Constant indexes into the `const` table fold into string literals; a variable
+/// index would load a pointer the verifier cannot follow.
+#[inline(always)]
+pub fn drop_name(reason: u32) -> &'static str {
+    const fn name(index: u32) -> &'static str {
+        stat::NAMES[index as usize]
+    }
+    match reason {
+        stat::DROP_UNSUPPORTED_L3 => name(stat::DROP_UNSUPPORTED_L3),
+        stat::DROP_MALFORMED => name(stat::DROP_MALFORMED),
+        stat::DROP_SPOOFED => name(stat::DROP_SPOOFED),
+        stat::DROP_NO_BACKEND => name(stat::DROP_NO_BACKEND),
+        _ => name(stat::DROP_INTERNAL),
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32, bytes: u32) {

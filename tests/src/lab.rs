@@ -312,6 +312,8 @@ pub fn bpf_object() -> PathBuf {
 /// agent, and the pin directory /sys/fs/bpf/ferrite/<name>/.
 pub struct Node {
     pub name: String,
+    /// Extra arguments for `ferrite agent` (e.g. `--datapath-log debug`).
+    pub agent_args: Vec<String>,
     pub pods: Vec<Pod>,
     pub agent: Option<Agent>,
     pub netns: Netns,
@@ -333,6 +335,7 @@ impl Node {
         let netns = Netns::new(&name)?;
         Ok(Self {
             name,
+            agent_args: Vec::new(),
             pods: Vec::new(),
             agent: None,
             netns,
@@ -451,6 +454,7 @@ impl Node {
             .arg(config)
             .arg("--bpf-object")
             .arg(bpf_object())
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

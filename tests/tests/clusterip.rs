@@ -21,7 +21,12 @@ struct ExampleCluster {
 }
 
 fn example_cluster() -> Result<ExampleCluster> {
+    example_cluster_with(&[])
+}
+
+fn example_cluster_with(agent_args: &[&str]) -> Result<ExampleCluster> {
     let mut node = Node::new("clip")?;
+    node.agent_args = agent_args.iter().map(ToString::to_string).collect();
     for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
         node.add_pod(name, *ip)?;
     }
@@ -227,5 +232,54 @@ fn operators_see_services_in_inspect_and_named_fields_in_bpftool() -> Result<()>
         address: CLIENTS[0].1.octets(),
     };
     assert!(by_ip.contains_key(&key));
+    Ok(())
+}
+
+#[test]
+fn a_pod_sending_from_an_ip_that_is_not_its_own_is_dropped_counted_and_logged() -> Result<()> {
+    let cluster = example_cluster_with(&["--datapath-log", "debug"])?;
+    let node = &cluster.node;
+    let attacker = node.pod(CLIENTS[0].0);
+    // Claim another pod's address on the attacker's eth0 and send from it.
+    let victim_ip = CLIENTS[1].1;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &attacker.netns.name,
+            "addr",
+            "add",
+            &format!("{victim_ip}/32"),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    let socket = attacker
+        .netns
+        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))??;
+    for _ in 0..3 {
+        socket.send_to(b"spoofed", UDP_FRONTEND)?;
+    }
+    let spoofed = || -> Result<u64> {
+        let counters = node.maps()?.counters()?;
+        Ok(counters[ferrite_common::stat::DROP_SPOOFED as usize].packets)
+    };
+    ferrite_tests::lab::wait_until(
+        "3 spoofed packets counted",
+        ferrite_tests::lab::SETTLE,
+        || spoofed().map(|n| n >= 3).unwrap_or(false),
+    )?;
+    let agent = node.agent.as_ref().expect("agent runs");
+    ferrite_tests::lab::wait_until(
+        "the drop in the agent log",
+        ferrite_tests::lab::SETTLE,
+        || agent.log_text().contains("drop: reason drop_spoofed"),
+    )
+    .inspect_err(|_| eprintln!("agent log:\n{}", agent.log_text()))?;
+    // The victim's own traffic is unaffected.
+    let (reply, _) = node
+        .pod(CLIENTS[1].0)
+        .udp_request(UDP_FRONTEND, "genuine")?;
+    answered_by(&reply, "genuine")?;
     Ok(())
 }
