@@ -116,7 +116,7 @@ pub fn reconcile(
 
     for interface in datapath.attached()? {
         if !wanted.contains(interface.as_str()) {
-            datapath::detach(datapath_pin_dir(node).as_path(), &interface)?;
+            datapath.detach(&interface)?;
             info!(interface, "detached (pod gone)");
         }
     }
@@ -128,8 +128,4 @@ pub fn reconcile(
         skipped,
         waiting_for_interfaces,
     })
-}
-
-fn datapath_pin_dir(node: &str) -> PathBuf {
-    datapath::pin_dir(node)
 }

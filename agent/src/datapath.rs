@@ -176,6 +176,11 @@ impl Datapath {
         attached_interfaces(&self.pin_dir)
     }
 
+    /// Unpin (and so detach) the link of `interface`.
+    pub fn detach(&self, interface: &str) -> Result<()> {
+        detach(&self.pin_dir, interface)
+    }
+
     /// Attach to `interface`'s tcx ingress and pin the link, unless already pinned.
     /// Returns whether a new attachment was made.
     pub fn ensure_attached(&mut self, interface: &str) -> Result<bool> {

@@ -211,30 +211,28 @@ pub fn desired_contents(
     (out, skipped)
 }
 
-fn puts<K: Ord + Copy, V: PartialEq + Copy>(
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-    keep: impl Fn(&K) -> bool,
-) -> impl Iterator<Item = (K, V)> {
+/// Entries of `desired` (selected by `keep`) that `current` lacks or holds differently.
+fn puts<'a, K: Ord + Copy, V: PartialEq + Copy>(
+    current: &'a BTreeMap<K, V>,
+    desired: &'a BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool + 'a,
+) -> impl Iterator<Item = (K, V)> + 'a {
     desired
         .iter()
-        .filter(|(k, v)| keep(k) && current.get(k) != Some(v))
+        .filter(move |(k, v)| keep(k) && current.get(k) != Some(v))
         .map(|(k, v)| (*k, *v))
-        .collect::<Vec<_>>()
-        .into_iter()
 }
 
-fn deletes<K: Ord + Copy, V>(
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-    keep: impl Fn(&K) -> bool,
-) -> impl Iterator<Item = K> {
+/// Keys of `current` (selected by `keep`) that `desired` no longer has.
+fn deletes<'a, K: Ord + Copy, V>(
+    current: &'a BTreeMap<K, V>,
+    desired: &'a BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool + 'a,
+) -> impl Iterator<Item = K> + 'a {
     current
         .keys()
-        .filter(|k| keep(k) && !desired.contains_key(k))
+        .filter(move |k| keep(k) && !desired.contains_key(k))
         .copied()
-        .collect::<Vec<_>>()
-        .into_iter()
 }
 
 /// The writes that turn `current` into `desired`, in a safe order (see module docs).

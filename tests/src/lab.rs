@@ -442,9 +442,9 @@ impl Node {
 
     /// Start `ferrite agent` inside this node's netns on `config`.
     pub fn start_agent_with(&mut self, config: &Path) -> Result<()> {
-        let log = self
-            .dir
-            .join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
+        // One log per start, so a restarted agent does not truncate its predecessor's.
+        let starts = fs::read_dir(&self.dir)?.filter_map(Result::ok).count();
+        let log = self.dir.join(format!("agent-{starts}.log"));
         let log_file = fs::File::create(&log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.path().display()))
