@@ -4,15 +4,19 @@
 use std::{
     collections::BTreeSet,
     fs,
+    net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
+use ferrite_common::{program_names, VXLAN_DEVICE};
+use ipnet::Ipv4Net;
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::{self, Datapath},
+    hostnet,
     maps::NodeMaps,
     model, plan, source,
 };
@@ -26,6 +30,10 @@ pub struct AgentOptions {
     /// How often a full resync runs even if nothing changed.
     pub resync: Duration,
     pub datapath_log: datapath::DatapathLog,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    /// Pod traffic leaving this CIDR is masqueraded to the node's address.
+    pub cluster_cidr: Option<Ipv4Net>,
 }
 
 /// What one reconciliation did.
@@ -44,6 +52,16 @@ pub fn run(options: &AgentOptions) -> Result<()> {
     let pin_dir = datapath::pin_dir(&options.node);
     let mut datapath = Datapath::load(&options.object, &pin_dir, options.datapath_log)?;
     let mut maps = NodeMaps::open(&pin_dir)?;
+    hostnet::enable_forwarding()?;
+    let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
+    hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
+    if let Some(cidr) = options.cluster_cidr {
+        hostnet::install_masquerade(cidr)?;
+    }
+    let settings = plan::NodeSettings {
+        node: options.node.clone(),
+        vni: options.vni,
+    };
     info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
     let mut last_content: Option<String> = None;
     let mut last_sync: Option<Instant> = None;
@@ -54,7 +72,7 @@ pub fn run(options: &AgentOptions) -> Result<()> {
                 let changed = last_content.as_ref() != Some(&content);
                 let due = last_sync.is_none_or(|t| t.elapsed() >= options.resync);
                 if changed || due || retry_soon {
-                    match reconcile(&content, &options.node, &mut datapath, &mut maps) {
+                    match reconcile(&content, &settings, &mut datapath, &mut maps) {
                         Ok(report) => {
                             log_report(&report, changed);
                             retry_soon = report.waiting_for_interfaces;
@@ -90,29 +108,45 @@ fn log_report(report: &SyncReport, config_changed: bool) {
 
 pub fn reconcile(
     content: &str,
-    node: &str,
+    settings: &plan::NodeSettings,
     datapath: &mut Datapath,
     maps: &mut NodeMaps,
 ) -> Result<SyncReport> {
     let (objects, mut skipped) = source::parse_objects(content);
-    let (state, more) = model::build(&objects, node);
+    let (state, more) = model::build(&objects, &settings.node);
     skipped.extend(more);
 
     let interfaces = datapath::interfaces()?;
-    let wanted: BTreeSet<&str> = state.pods.values().map(|p| p.interface.as_str()).collect();
+    let mut wanted: BTreeSet<&str> = state.pods.values().map(|p| p.interface.as_str()).collect();
     for interface in &wanted {
-        if interfaces.contains_key(*interface) && datapath.ensure_attached(interface)? {
+        if interfaces.contains_key(*interface)
+            && datapath.ensure_attached(interface, program_names::FROM_POD)?
+        {
             info!(interface, "attached from-pod program");
         }
     }
+    if interfaces.contains_key(VXLAN_DEVICE)
+        && datapath.ensure_attached(VXLAN_DEVICE, program_names::FROM_OVERLAY)?
+    {
+        info!(interface = VXLAN_DEVICE, "attached from-overlay program");
+    }
+    wanted.insert(VXLAN_DEVICE);
 
     let current = maps.contents()?;
-    let (desired, more) = plan::desired_contents(&state, &interfaces, &current);
+    let (desired, more) = plan::desired_contents(&state, &interfaces, &current, settings);
     let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);
     maps.apply(&ops).context("applying map changes")?;
     let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
+    for op in &ops {
+        if let plan::Op::PutEndpoint(key, _) = op {
+            let ip = Ipv4Addr::from(key.address);
+            if let Some(pod) = state.pods.get(&ip) {
+                hostnet::add_pod_route(ip, &pod.interface)?;
+            }
+        }
+    }
 
     for interface in datapath.attached()? {
         if !wanted.contains(interface.as_str()) {

@@ -140,17 +140,19 @@ impl Datapath {
         let mut ebpf = loader
             .load_file(object)
             .with_context(|| format!("loading {}", object.display()))?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(program_names::FROM_POD)
-            .context("program missing from the object")?
-            .try_into()?;
-        program
-            .load()
-            .context("verifier rejected ferrite_from_pod")?;
-        let program_pin = pin_dir.join(program_names::FROM_POD);
-        // Existing links keep the program they run; new attachments use this one.
-        let _ = fs::remove_file(&program_pin);
-        program.pin(&program_pin)?;
+        for name in [program_names::FROM_POD, program_names::FROM_OVERLAY] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+            let program_pin = pin_dir.join(name);
+            // Existing links keep the program they run; new attachments use this one.
+            let _ = fs::remove_file(&program_pin);
+            program.pin(&program_pin)?;
+        }
         let logger = match log {
             DatapathLog::Off => None,
             _ => EbpfLogger::init(&mut ebpf)
@@ -181,9 +183,9 @@ impl Datapath {
         detach(&self.pin_dir, interface)
     }
 
-    /// Attach to `interface`'s tcx ingress and pin the link, unless already pinned.
-    /// Returns whether a new attachment was made.
-    pub fn ensure_attached(&mut self, interface: &str) -> Result<bool> {
+    /// Attach `program` to `interface`'s tcx ingress and pin the link, unless already
+    /// pinned. Returns whether a new attachment was made.
+    pub fn ensure_attached(&mut self, interface: &str, program: &str) -> Result<bool> {
         let link_pin = links_dir(&self.pin_dir).join(interface);
         if link_pin.exists() {
             if PinnedLink::from_pin(&link_pin).is_ok() {
@@ -193,7 +195,7 @@ impl Datapath {
         }
         let program: &mut SchedClassifier = self
             .ebpf
-            .program_mut(program_names::FROM_POD)
+            .program_mut(program)
             .context("program missing")?
             .try_into()?;
         let link_id = program

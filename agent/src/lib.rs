@@ -2,6 +2,7 @@
 //! writes to the pinned BPF maps of the datapath.
 pub mod agent;
 pub mod datapath;
+pub mod hostnet;
 pub mod inspect;
 pub mod maps;
 pub mod model;

@@ -2,7 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferrite_agent::{agent, datapath, inspect, maps::NodeMaps};
+use ferrite_agent::{agent, datapath, hostnet, inspect, maps::NodeMaps};
 
 /// Ferrite: Kubernetes pod networking and Service load balancing in eBPF.
 #[derive(Parser)]
@@ -31,6 +31,15 @@ enum Command {
         /// Datapath log level (aya-log); `debug` logs every drop with its reason.
         #[arg(long, value_enum, default_value_t)]
         datapath_log: datapath::DatapathLog,
+        /// VXLAN network identifier of the cluster overlay.
+        #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
+        vni: u32,
+        /// UDP port of the overlay (IANA 4789; Linux's and flannel's default is 8472).
+        #[arg(long, default_value_t = ferrite_common::DEFAULT_VXLAN_PORT)]
+        vxlan_port: u16,
+        /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
+        #[arg(long)]
+        cluster_cidr: Option<ipnet::Ipv4Net>,
     },
     /// Show a node's datapath state from its pinned maps.
     Inspect {
@@ -64,8 +73,14 @@ fn main() -> Result<()> {
             bpf_object,
             resync_seconds,
             datapath_log,
+            vni,
+            vxlan_port,
+            cluster_cidr,
         } => agent::run(&agent::AgentOptions {
             datapath_log,
+            vni,
+            vxlan_port,
+            cluster_cidr,
             object: datapath::find_object(bpf_object.as_deref())?,
             node,
             config,
@@ -77,6 +92,10 @@ fn main() -> Result<()> {
             print!("{}", inspect::render(&maps, table)?);
             Ok(())
         }
-        Command::Uninstall { node } => datapath::uninstall(&datapath::pin_dir(&node)),
+        Command::Uninstall { node } => {
+            // Run in the node's network namespace: the device and rules are there.
+            hostnet::remove_all();
+            datapath::uninstall(&datapath::pin_dir(&node))
+        }
     }
 }

@@ -3,13 +3,13 @@
 use std::{collections::BTreeSet, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ferrite_common::{
-    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, RevNatValue,
-    ServiceKey, ServiceValue,
+    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, NodeConfig,
+    RevNatValue, RouteInfo, ServiceKey, ServiceValue,
 };
 
-use crate::plan::{describe_service_key, MapContents, Op};
+use crate::plan::{describe_service_key, MapContents, Op, RouteKey};
 
 pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -18,6 +18,12 @@ pub struct NodeMaps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, Counter>,
+    pub routes: LpmTrie<MapData, [u8; 4], RouteInfo>,
+    pub config: Array<MapData, NodeConfig>,
+}
+
+fn lpm_key(key: &RouteKey) -> Key<[u8; 4]> {
+    Key::new(key.prefix_len, key.network)
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -45,6 +51,8 @@ impl NodeMaps {
             endpoints: open(pin_dir, map_names::ENDPOINTS)?.try_into()?,
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
+            routes: open(pin_dir, map_names::ROUTES)?.try_into()?,
+            config: open(pin_dir, map_names::CONFIG)?.try_into()?,
         })
     }
 
@@ -54,6 +62,21 @@ impl NodeMaps {
             backends: entries(&self.backends, map_names::BACKENDS)?,
             rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
+            routes: self
+                .routes
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, value)| {
+                        let route = RouteKey {
+                            prefix_len: key.prefix_len(),
+                            network: key.data(),
+                        };
+                        (route, value)
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", map_names::ROUTES))?,
+            config: self.config.get(&0, 0)?,
         })
     }
 
@@ -88,6 +111,9 @@ impl NodeMaps {
                 Op::DeleteRevNat(index) => self.rev_nat.remove(index),
                 Op::DeleteBackend(id) => self.backends.remove(id),
                 Op::DeleteEndpoint(key) => self.endpoints.remove(key),
+                Op::PutConfig(config) => self.config.set(0, config, 0),
+                Op::PutRoute(key, value) => self.routes.insert(&lpm_key(key), value, 0),
+                Op::DeleteRoute(key) => self.routes.remove(&lpm_key(key)),
             };
             result.with_context(|| describe_op(op))?;
         }
@@ -148,6 +174,20 @@ pub fn describe_op(op: &Op) -> String {
             "removing endpoint {} from {}",
             std::net::Ipv4Addr::from(key.address),
             map_names::ENDPOINTS
+        ),
+        Op::PutConfig(_) => format!("writing the node config to {}", map_names::CONFIG),
+        Op::PutRoute(key, route) => format!(
+            "writing route {}/{} via {} to {}",
+            std::net::Ipv4Addr::from(key.network),
+            key.prefix_len,
+            std::net::Ipv4Addr::from(route.node_ip),
+            map_names::ROUTES
+        ),
+        Op::DeleteRoute(key) => format!(
+            "removing route {}/{} from {}",
+            std::net::Ipv4Addr::from(key.network),
+            key.prefix_len,
+            map_names::ROUTES
         ),
     }
 }

@@ -14,9 +14,10 @@ use std::{
     net::Ipv4Addr,
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, Service, ServicePort},
+        core::v1::{Node, Pod, Service, ServicePort},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -26,6 +27,8 @@ use sha2::{Digest, Sha256};
 pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Node annotation a VTEP of another implementation uses to announce its MAC.
+pub const VTEP_MAC_ANNOTATION: &str = "ferrite.dev/vtep-mac";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -101,10 +104,22 @@ pub struct LocalPod {
     pub interface: String,
 }
 
+/// A node of the cluster as the overlay needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    /// InternalIP: where its VXLAN endpoint listens.
+    pub ip: Ipv4Addr,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub vtep_mac: [u8; 6],
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<L4Addr, ServiceFrontend>,
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
+    /// Every node with an InternalIP, this one included, by name.
+    pub nodes: BTreeMap<String, ClusterNode>,
 }
 
 /// An object (or part of one) left out of the model, and why.
@@ -126,6 +141,7 @@ pub struct ClusterObjects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
 }
 
 /// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),
@@ -237,7 +253,96 @@ pub fn build(objects: &ClusterObjects, node: &str) -> (DesiredState, Vec<Skipped
             }),
         }
     }
+    let mut cidr_owner: BTreeMap<Ipv4Net, String> = BTreeMap::new();
+    for node in &objects.nodes {
+        match cluster_node(node) {
+            Ok(mut parsed) => {
+                parsed.pod_cidrs.retain(|cidr| match cidr_owner.get(cidr) {
+                    Some(owner) => {
+                        skipped.push(Skipped {
+                            object: format!("Node {} podCIDR {cidr}", parsed.name),
+                            reason: format!("already the podCIDR of node {owner}"),
+                        });
+                        false
+                    }
+                    None => {
+                        cidr_owner.insert(*cidr, parsed.name.clone());
+                        true
+                    }
+                });
+                state.nodes.insert(parsed.name.clone(), parsed);
+            }
+            Err(reason) => skipped.push(Skipped {
+                object: format!(
+                    "Node {}",
+                    node.metadata.name.as_deref().unwrap_or("<unnamed>")
+                ),
+                reason,
+            }),
+        }
+    }
     (state, skipped)
+}
+
+fn parse_mac(value: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = value.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .ok_or("metadata.name is missing")?;
+    let ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .ok_or("no IPv4 InternalIP in status.addresses")?;
+    let spec = node.spec.as_ref();
+    let mut cidrs: Vec<&String> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .map(|c| c.iter().collect())
+        .unwrap_or_default();
+    if cidrs.is_empty() {
+        cidrs.extend(spec.and_then(|s| s.pod_cidr.as_ref()));
+    }
+    let mut pod_cidrs = Vec::new();
+    for cidr in cidrs {
+        // Dual-stack nodes list an IPv6 CIDR too: Ferrite routes the IPv4 one.
+        if cidr.contains(':') {
+            continue;
+        }
+        let net: Ipv4Net = cidr
+            .parse()
+            .map_err(|_| format!("podCIDR {cidr:?} is not an IPv4 CIDR"))?;
+        pod_cidrs.push(net.trunc());
+    }
+    let vtep_mac = match node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(VTEP_MAC_ANNOTATION))
+    {
+        Some(value) => parse_mac(value)
+            .ok_or_else(|| format!("annotation {VTEP_MAC_ANNOTATION} {value:?} is not a MAC"))?,
+        None => ferrite_common::vtep_mac_for(ip),
+    };
+    Ok(ClusterNode {
+        name,
+        ip,
+        pod_cidrs,
+        vtep_mac,
+    })
 }
 
 fn parse_ipv4(value: &str, field: &str) -> Result<Ipv4Addr, String> {
@@ -725,5 +830,59 @@ status: {podIP: 10.244.0.999}
         assert!(name.starts_with("fer"));
         assert_eq!(name, pod_interface_name("shop", "web-0"));
         assert_ne!(name, pod_interface_name("shop", "web-1"));
+    }
+
+    const NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.0.0/24, podCIDRs: [10.244.0.0/24, "fd00:10:244::/64"]}
+status: {addresses: [{type: Hostname, address: node-a}, {type: InternalIP, address: 198.51.100.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, annotations: {ferrite.dev/vtep-mac: "02:00:00:00:00:0b"}}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 198.51.100.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: no-ip}
+spec: {podCIDR: 10.244.2.0/24}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: thief}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 198.51.100.9}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: bad-cidr}
+spec: {podCIDR: 10.244.300.0/24}
+status: {addresses: [{type: InternalIP, address: 198.51.100.8}]}
+"#;
+
+    #[test]
+    fn nodes_give_their_ipv4_pod_cidrs_ip_and_vtep_mac() {
+        let (state, skipped) = build_yaml(NODES);
+        let a = &state.nodes["node-a"];
+        assert_eq!(a.ip, "198.51.100.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.pod_cidrs, vec!["10.244.0.0/24".parse().unwrap()]);
+        assert_eq!(a.vtep_mac, ferrite_common::vtep_mac_for(a.ip));
+        assert_eq!(state.nodes["node-b"].vtep_mac, [2, 0, 0, 0, 0, 0x0b]);
+        // A CIDR claimed twice stays with its first owner.
+        assert!(state.nodes["thief"].pod_cidrs.is_empty());
+        let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        for needle in [
+            "no IPv4 InternalIP",
+            "already the podCIDR of node node-b",
+            "not an IPv4 CIDR",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.contains(needle)),
+                "{needle}: {reasons:#?}"
+            );
+        }
     }
 }

@@ -2,17 +2,27 @@
 //! should hold (reusing the ids already in them, so a restart changes nothing that is
 //! still right), diff that against what they hold, and order the writes so the
 //! datapath never sees a half-written Service:
-//! 1. backends and rev-NAT entries, 2. backend slots, 3. Service master entries
-//!    (count last, so every slot it covers exists), 4. endpoints;
+//! 0. node config and routes, 1. backends and rev-NAT entries, 2. backend slots,
+//! 3. Service master entries (count last, so every slot it covers exists),
+//! 4. endpoints;
 //!
-//! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints.
+//! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints,
+//! routes. A route change touches only its own entry: flows to other nodes go on.
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
-    pod_mac_for, Backend, EndpointInfo, EndpointKey, RevNatValue, ServiceKey, ServiceValue,
+    pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
+    ServiceKey, ServiceValue, DEFAULT_VNI, ROUTE_LOCAL, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 use crate::model::{DesiredState, L4Addr, Protocol, Skipped};
+
+/// Key of `ferrite_routes` (an LPM trie key, made orderable for the diff).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub prefix_len: u32,
+    pub network: [u8; 4],
+}
 
 /// What the maps hold (read back from the kernel) or should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,6 +31,25 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u16, RevNatValue>,
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    pub routes: BTreeMap<RouteKey, RouteInfo>,
+    pub config: NodeConfig,
+}
+
+/// Node-wide settings that come from the agent's flags, not from objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// This node's name (its Node object gives its IP and pod CIDR).
+    pub node: String,
+    pub vni: u32,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            vni: DEFAULT_VNI,
+        }
+    }
 }
 
 /// A host-side interface as the node's network namespace reports it.
@@ -36,6 +65,9 @@ pub enum Op {
     PutRevNat(u16, RevNatValue),
     PutService(ServiceKey, ServiceValue),
     PutEndpoint(EndpointKey, EndpointInfo),
+    PutConfig(NodeConfig),
+    PutRoute(RouteKey, RouteInfo),
+    DeleteRoute(RouteKey),
     DeleteService(ServiceKey),
     DeleteRevNat(u16),
     DeleteBackend(u32),
@@ -95,9 +127,40 @@ pub fn desired_contents(
     state: &DesiredState,
     interfaces: &BTreeMap<String, Interface>,
     current: &MapContents,
+    settings: &NodeSettings,
 ) -> (MapContents, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut out = MapContents::default();
+
+    let this_node = state.nodes.get(&settings.node);
+    out.config = NodeConfig {
+        node_ip: this_node.map(|n| n.ip.octets()).unwrap_or_default(),
+        flags: 0,
+        vxlan_ifindex: interfaces.get(VXLAN_DEVICE).map(|i| i.ifindex).unwrap_or(0),
+        vni: settings.vni,
+        vtep_mac: this_node.map(|n| n.vtep_mac).unwrap_or_default(),
+        _pad: 0,
+    };
+    for node in state.nodes.values() {
+        let flags = if node.name == settings.node {
+            ROUTE_LOCAL
+        } else {
+            ROUTE_REMOTE
+        };
+        for cidr in &node.pod_cidrs {
+            out.routes.insert(
+                RouteKey {
+                    prefix_len: cidr.prefix_len() as u32,
+                    network: cidr.network().octets(),
+                },
+                RouteInfo {
+                    node_ip: node.ip.octets(),
+                    vtep_mac: node.vtep_mac,
+                    flags,
+                },
+            );
+        }
+    }
 
     // Ids already in the maps are kept for the same value.
     let mut existing_backend_ids: BTreeMap<Backend, u32> = BTreeMap::new();
@@ -246,6 +309,10 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let is_master = |k: &ServiceKey| k.backend_slot == 0;
     let is_slot = |k: &ServiceKey| k.backend_slot != 0;
     let mut ops = Vec::new();
+    if current.config != desired.config {
+        ops.push(Op::PutConfig(desired.config));
+    }
+    ops.extend(puts(&current.routes, &desired.routes, all).map(|(k, v)| Op::PutRoute(k, v)));
     ops.extend(puts(&current.backends, &desired.backends, all).map(|(k, v)| Op::PutBackend(k, v)));
     ops.extend(puts(&current.rev_nat, &desired.rev_nat, all).map(|(k, v)| Op::PutRevNat(k, v)));
     ops.extend(
@@ -262,6 +329,7 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(deletes(&current.rev_nat, &desired.rev_nat, all).map(Op::DeleteRevNat));
     ops.extend(deletes(&current.backends, &desired.backends, all).map(Op::DeleteBackend));
     ops.extend(deletes(&current.endpoints, &desired.endpoints, all).map(Op::DeleteEndpoint));
+    ops.extend(deletes(&current.routes, &desired.routes, all).map(Op::DeleteRoute));
     ops
 }
 
@@ -318,7 +386,8 @@ mod tests {
     }
 
     fn plan(state: &DesiredState, current: &MapContents) -> (MapContents, Vec<Op>) {
-        let (desired, skipped) = desired_contents(state, &BTreeMap::new(), current);
+        let (desired, skipped) =
+            desired_contents(state, &BTreeMap::new(), current, &NodeSettings::default());
         assert!(skipped.is_empty(), "{skipped:?}");
         let ops = diff(current, &desired);
         (desired, ops)
@@ -335,6 +404,9 @@ mod tests {
                 Op::DeleteRevNat(k) => _ = current.rev_nat.remove(&k),
                 Op::DeleteBackend(k) => _ = current.backends.remove(&k),
                 Op::DeleteEndpoint(k) => _ = current.endpoints.remove(&k),
+                Op::PutConfig(c) => current.config = c,
+                Op::PutRoute(k, v) => _ = current.routes.insert(k, v),
+                Op::DeleteRoute(k) => _ = current.routes.remove(&k),
             }
         }
     }
@@ -478,7 +550,12 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 7],
             },
         )]);
-        let (desired, skipped) = desired_contents(&s, &interfaces, &MapContents::default());
+        let (desired, skipped) = desired_contents(
+            &s,
+            &interfaces,
+            &MapContents::default(),
+            &NodeSettings::default(),
+        );
         assert_eq!(desired.endpoints.len(), 1);
         let info = desired.endpoints.values().next().unwrap();
         assert_eq!(
@@ -514,5 +591,56 @@ mod tests {
         )));
         assert!(matches!(ops[first_delete], Op::DeleteService(k) if k.backend_slot == 0));
         apply_checking_each_step(&mut maps, &ops);
+    }
+
+    fn node(name: &str, ip: [u8; 4], cidr: &str) -> crate::model::ClusterNode {
+        crate::model::ClusterNode {
+            name: name.into(),
+            ip: Ipv4Addr::from(ip),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            vtep_mac: ferrite_common::vtep_mac_for(Ipv4Addr::from(ip)),
+        }
+    }
+
+    #[test]
+    fn nodes_become_routes_and_removing_one_touches_only_its_route() {
+        let settings = NodeSettings {
+            node: "a".into(),
+            vni: 7,
+        };
+        let mut s = DesiredState::default();
+        for n in [
+            node("a", [198, 51, 100, 1], "10.244.0.0/24"),
+            node("b", [198, 51, 100, 2], "10.244.1.0/24"),
+            node("c", [198, 51, 100, 3], "10.244.2.0/24"),
+        ] {
+            s.nodes.insert(n.name.clone(), n);
+        }
+        let interfaces = BTreeMap::from([(
+            VXLAN_DEVICE.to_string(),
+            Interface {
+                ifindex: 9,
+                mac: [0; 6],
+            },
+        )]);
+        let (desired, _) = desired_contents(&s, &interfaces, &MapContents::default(), &settings);
+        assert_eq!(desired.config.vni, 7);
+        assert_eq!(desired.config.vxlan_ifindex, 9);
+        assert_eq!(desired.config.node_ip, [198, 51, 100, 1]);
+        let route = |n: [u8; 4]| RouteKey {
+            prefix_len: 24,
+            network: n,
+        };
+        assert_eq!(desired.routes[&route([10, 244, 0, 0])].flags, ROUTE_LOCAL);
+        assert_eq!(desired.routes[&route([10, 244, 1, 0])].flags, ROUTE_REMOTE);
+        let ops = diff(&MapContents::default(), &desired);
+        assert!(matches!(ops[0], Op::PutConfig(_)), "config first: {ops:?}");
+
+        s.nodes.remove("c");
+        let (smaller, _) = desired_contents(&s, &interfaces, &desired, &settings);
+        assert_eq!(
+            diff(&desired, &smaller),
+            vec![Op::DeleteRoute(route([10, 244, 2, 0]))]
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The file source: a multi-document YAML of real Kubernetes objects (v1 Service,
-//! discovery.k8s.io/v1 EndpointSlice, v1 Pod; `kind: List` is unwrapped). Each document
+//! discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind: List` is unwrapped). Each document
 //! is parsed on its own with k8s-openapi types, so one bad document is skipped with
 //! a reason and the others still apply.
 use serde::Deserialize;
@@ -60,6 +60,7 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
             serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(s))
         }
         ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(p)),
+        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(n)),
         _ => {
             skipped.push(Skipped {
                 object: what,

@@ -22,8 +22,9 @@ pub mod map_names {
     pub const CONNTRACK: &str = "ferrite_ct";
     pub const STATS: &str = "ferrite_stats";
     pub const CONFIG: &str = "ferrite_config";
-    pub const ALL: [&str; 7] = [
-        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG,
+    pub const ROUTES: &str = "ferrite_routes";
+    pub const ALL: [&str; 8] = [
+        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG, ROUTES,
     ];
 }
 
@@ -31,6 +32,8 @@ pub mod map_names {
 pub mod program_names {
     /// tcx ingress of every pod's host-side veth: sees what the pod sends.
     pub const FROM_POD: &str = "ferrite_from_pod";
+    /// tcx ingress of the node's VXLAN device: what other nodes send to this node's pods.
+    pub const FROM_OVERLAY: &str = "ferrite_from_overlay";
     /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.
     pub const NOOP: &str = "ferrite_noop";
 }
@@ -43,6 +46,39 @@ pub mod capacity {
     pub const REV_NAT: u32 = 65_535;
     pub const ENDPOINTS: u32 = 4_096;
     pub const CONNTRACK: u32 = 262_144;
+    pub const ROUTES: u32 = 16_384;
+}
+
+/// The node's VXLAN device (kernel vxlan in external/collect_md mode).
+pub const VXLAN_DEVICE: &str = "ferrite_vxlan";
+/// IANA's VXLAN port (Linux's own default is 8472, flannel's too): configurable.
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+pub const DEFAULT_VNI: u32 = 1;
+/// VXLAN adds 50 bytes (outer Ethernet 14, IPv4 20, UDP 8, VXLAN 8): pod MTU = uplink - 50.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Value of the LPM trie `ferrite_routes` (key: prefix length + IPv4 network, network
+/// order): which node owns a pod CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The owning node's underlay IP (network order); this node's own for `ROUTE_LOCAL`.
+    pub node_ip: [u8; 4],
+    /// Inner destination MAC for frames to that node's VTEP.
+    pub vtep_mac: [u8; 6],
+    pub flags: u16,
+}
+
+/// `RouteInfo::flags`: this node's own pod CIDR (a miss in the endpoints map is a drop).
+pub const ROUTE_LOCAL: u16 = 1;
+/// `RouteInfo::flags`: another node's pod CIDR, reached through the overlay.
+pub const ROUTE_REMOTE: u16 = 2;
+
+/// A node's VTEP MAC, derived from its underlay IP like pod MACs (`0a:58:<ip>`), so
+/// every node knows every other's without an annotation. Linux VTEPs of other tools
+/// can announce theirs with the `ferrite.dev/vtep-mac` Node annotation.
+pub const fn vtep_mac_for(node_ip: Ipv4Addr) -> [u8; 6] {
+    pod_mac_for(node_ip)
 }
 
 /// Key of `ferrite_service`, Cilium's lb4 layout: slot 0 is the Service's master
@@ -205,7 +241,17 @@ pub mod stat {
     pub const PASSED_ARP: u32 = 10;
     /// IPv4 fragment: routed by destination IP only, never Service-translated.
     pub const FRAGMENT_ROUTED: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Encapsulated towards the node owning the destination pod CIDR.
+    pub const SENT_TO_NODE: u32 = 12;
+    /// Arrived over the overlay and delivered to a pod on this node.
+    pub const RECEIVED_FROM_NODE: u32 = 13;
+    /// Arrived over the overlay with a VNI that is not the cluster's.
+    pub const DROP_WRONG_VNI: u32 = 14;
+    /// Addressed to this node's pod CIDR (or arrived over the overlay) but no such pod.
+    pub const DROP_UNKNOWN_POD: u32 = 15;
+    /// A remote route exists but the overlay is not configured yet.
+    pub const DROP_NO_OVERLAY: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -220,6 +266,11 @@ pub mod stat {
         "drop_internal",
         "passed_arp",
         "fragment_routed",
+        "sent_to_node",
+        "received_from_node",
+        "drop_wrong_vni",
+        "drop_unknown_pod",
+        "drop_no_overlay",
     ];
 }
 
@@ -227,9 +278,16 @@ pub mod stat {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// This node's IP on the node network (used by the overlay; 0 until known).
+    /// This node's IP on the node network (0 until its Node object is known).
     pub node_ip: [u8; 4],
     pub flags: u32,
+    /// ifindex of `ferrite_vxlan` in the node's netns (0: no overlay yet).
+    pub vxlan_ifindex: u32,
+    /// VXLAN network identifier of the cluster.
+    pub vni: u32,
+    /// This node's VTEP MAC: inner source MAC of encapsulated frames.
+    pub vtep_mac: [u8; 6],
+    pub _pad: u16,
 }
 
 #[cfg(feature = "user")]
@@ -247,6 +305,7 @@ mod pod_impls {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for RouteInfo {}
 }
 
 #[cfg(test)]
@@ -265,7 +324,8 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 48);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<NodeConfig>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 24);
+        assert_eq!(size_of::<RouteInfo>(), 12);
     }
 
     #[test]

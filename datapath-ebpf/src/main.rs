@@ -3,6 +3,7 @@
 #![no_main]
 
 mod conntrack;
+mod from_overlay;
 mod from_pod;
 mod headers;
 mod lb;
@@ -14,7 +15,7 @@ mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect_peer,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
     EbpfContext,
@@ -38,16 +39,27 @@ fn drop_packet<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) -> 
     TC_ACT_SHOT
 }
 
+#[inline(always)]
+fn tc_action(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
+    use packet::Packet;
+    match verdict.unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop(reason) => drop_packet(ctx, reason, ctx.len(), ctx.ifindex()),
+        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+    }
+}
+
 /// tcx ingress of each pod's host-side veth.
 #[classifier]
 pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
-    use packet::Packet;
-    let verdict = from_pod::process(&ctx).unwrap_or(Verdict::Drop(stat::DROP_INTERNAL));
-    match verdict {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop(reason) => drop_packet(&ctx, reason, ctx.len(), ctx.ifindex()),
-        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
-    }
+    tc_action(&ctx, from_pod::process(&ctx))
+}
+
+/// tcx ingress of the node's VXLAN device.
+#[classifier]
+pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
+    tc_action(&ctx, from_overlay::process(&ctx))
 }
 
 /// The bench baseline: the cost of running any TC program at all.

@@ -1,12 +1,12 @@
 //! Every map the datapath uses. Names and layouts come from `ferrite_common`; the
 //! agent pins them under /sys/fs/bpf/ferrite/<node>/ and sizes them at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use ferrite_common::{
     capacity, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, ServiceKey, ServiceValue,
+    RevNatValue, RouteInfo, ServiceKey, ServiceValue,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -32,3 +32,12 @@ pub static STATS: PerCpuArray<Counter, { stat::COUNT as usize }> = PerCpuArray::
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Pod CIDR -> owning node. Key data: the IPv4 network in network order.
+#[btf_map(name = "ferrite_routes")]
+pub static ROUTES: LpmTrie<[u8; 4], RouteInfo, { capacity::ROUTES as usize }> = LpmTrie::new();
+
+#[inline(always)]
+pub fn route_key(addr: u32) -> Key<[u8; 4]> {
+    Key::new(32, addr.to_ne_bytes())
+}

@@ -4,7 +4,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 
@@ -17,6 +18,8 @@ pub enum Verdict {
     Drop(u32),
     /// Deliver into the pod behind this host-side veth (ifindex).
     RedirectPeer(u32),
+    /// Send out of this device (ifindex), e.g. the VXLAN device after set_tunnel.
+    Redirect(u32),
 }
 
 pub trait Packet {
@@ -41,6 +44,12 @@ pub trait Packet {
         pseudo: bool,
         udp: bool,
     ) -> Result<(), ()>;
+
+    /// Attach tunnel metadata (remote underlay IP in host order, VNI) for a collect_md
+    /// tunnel device. `Err` where the context cannot carry it.
+    fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
+    /// The VNI the packet arrived with on a collect_md tunnel device.
+    fn tunnel_vni(&self) -> Result<u32, ()>;
 
     /// A bounds-checked pointer to a `T` at `offset`, or `Err` if the packet is shorter.
     #[inline(always)]
@@ -86,6 +95,45 @@ impl Packet for TcContext {
     #[inline(always)]
     fn pull(&self, len: u32) -> Result<(), ()> {
         self.pull_data(len).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()> {
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        key.tunnel_id = vni;
+        key.__bindgen_anon_1.remote_ipv4 = remote_ipv4;
+        key.tunnel_ttl = 64;
+        let ret = unsafe {
+            bpf_skb_set_tunnel_key(
+                self.skb.skb,
+                &mut key,
+                size_of::<bpf_tunnel_key>() as u32,
+                0,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    #[inline(always)]
+    fn tunnel_vni(&self) -> Result<u32, ()> {
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        let ret = unsafe {
+            bpf_skb_get_tunnel_key(
+                self.skb.skb,
+                &mut key,
+                size_of::<bpf_tunnel_key>() as u32,
+                0,
+            )
+        };
+        if ret == 0 {
+            Ok(key.tunnel_id)
+        } else {
+            Err(())
+        }
     }
 
     #[inline(always)]

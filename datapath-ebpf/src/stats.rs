@@ -18,6 +18,9 @@ pub fn drop_name(reason: u32) -> &'static str {
         stat::DROP_MALFORMED => name(stat::DROP_MALFORMED),
         stat::DROP_SPOOFED => name(stat::DROP_SPOOFED),
         stat::DROP_NO_BACKEND => name(stat::DROP_NO_BACKEND),
+        stat::DROP_WRONG_VNI => name(stat::DROP_WRONG_VNI),
+        stat::DROP_UNKNOWN_POD => name(stat::DROP_UNKNOWN_POD),
+        stat::DROP_NO_OVERLAY => name(stat::DROP_NO_OVERLAY),
         _ => name(stat::DROP_INTERNAL),
     }
 }

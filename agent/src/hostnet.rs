@@ -1,0 +1,150 @@
+//! The node's own networking around the datapath, done with iproute2 and nftables:
+//! the VXLAN device, host routes to local pods (so the stack can return replies to
+//! masqueraded egress traffic), IPv4 forwarding, and the masquerade rule.
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use ferrite_common::{pod_mac_for, VXLAN_DEVICE};
+use ipnet::Ipv4Net;
+
+/// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).
+pub const NFT_TABLE: &str = "ferrite";
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Create the VXLAN device in external (collect_md) mode if it is missing: the
+/// datapath sets the remote node per packet, the kernel builds outer headers.
+pub fn ensure_vxlan_device(port: u16, exists: bool) -> Result<()> {
+    if !exists {
+        let port = port.to_string();
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                VXLAN_DEVICE,
+                "type",
+                "vxlan",
+                "external",
+                "dstport",
+                &port,
+            ],
+        )?;
+    }
+    run("ip", &["link", "set", VXLAN_DEVICE, "up"])
+}
+
+/// Pods are routed, not bridged: packets the host stack sends to a pod (replies to
+/// its masqueraded egress traffic) need a /32 route and, as the pod MAC is known, a
+/// permanent neighbour entry instead of ARP.
+pub fn add_pod_route(ip: Ipv4Addr, interface: &str) -> Result<()> {
+    let address = format!("{ip}/32");
+    let mac = pod_mac_for(ip).map(|b| format!("{b:02x}")).join(":");
+    let ip = ip.to_string();
+    run(
+        "ip",
+        &[
+            "route", "replace", &address, "dev", interface, "scope", "link",
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &mac,
+            "dev",
+            interface,
+            "nud",
+            "permanent",
+        ],
+    )
+}
+
+pub fn enable_forwarding() -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")
+}
+
+fn nft(script: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The masquerade rule: pod traffic leaving the cluster CIDR (not through the
+/// overlay) gets the node's address; cluster-internal traffic is never NATed.
+pub fn masquerade_ruleset(cluster_cidr: Ipv4Net) -> String {
+    format!(
+        "table ip {NFT_TABLE} {{}}\n\
+         delete table ip {NFT_TABLE}\n\
+         table ip {NFT_TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {cluster_cidr} ip daddr != {cluster_cidr} oifname != \"{VXLAN_DEVICE}\" masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Install (atomically replace) the masquerade rule.
+pub fn install_masquerade(cluster_cidr: Ipv4Net) -> Result<()> {
+    nft(&masquerade_ruleset(cluster_cidr))
+}
+
+/// Remove Ferrite's nftables table and VXLAN device (uninstall).
+pub fn remove_all() {
+    let _ = nft(&format!(
+        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
+    ));
+    let _ = run("ip", &["link", "del", VXLAN_DEVICE]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_spares_cluster_traffic_and_the_overlay() {
+        let rules = masquerade_ruleset("10.244.0.0/16".parse().unwrap());
+        assert!(rules.contains(
+            "ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 oifname != \"ferrite_vxlan\" masquerade"
+        ));
+        // Replaces the table atomically, whether or not it existed.
+        assert!(rules.starts_with("table ip ferrite {}\ndelete table ip ferrite\n"));
+    }
+}
