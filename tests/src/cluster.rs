@@ -47,3 +47,35 @@ pub fn example_with_backends(node: &str, ready: &[Ipv4Addr]) -> String {
         .collect();
     format!("{head}\nendpoints:\n{endpoints}---\n# Pods{pods}")
 }
+
+/// A ClusterIP Service like the example's (TCP 80 -> named port http 8080, UDP 53 ->
+/// 5353) and its EndpointSlice with `backends` ready.
+pub fn service_yaml(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {vip}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: http}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, port: {TCP_TARGET}, protocol: TCP}}
+- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}
+endpoints:
+{endpoints}"
+    )
+}

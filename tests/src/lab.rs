@@ -146,9 +146,13 @@ impl Pod {
         )
     }
 
-    /// Start TCP and UDP servers on `port` that answer `<pod name>|<request>`.
+    /// Start TCP and UDP servers on `port` that answer `<pod name>|<client IP>|<request>`.
     pub fn serve(&self, port: u16) -> Result<Server> {
-        Server::start(self, port)
+        Server::start(
+            &self.netns,
+            &self.name,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+        )
     }
 
     /// One TCP request: connect, send a line, read the answer line.
@@ -181,6 +185,27 @@ impl Pod {
     }
 }
 
+/// Which server answered a request (the `<name>` of `<name>|<client IP>|<request>`),
+/// checking the payload came back intact.
+pub fn answered_by(reply: &str, request: &str) -> Result<String> {
+    Ok(parse_answer(reply, request)?.0)
+}
+
+/// `(server name, client IP as the server saw it)` of an answer to `request`.
+pub fn parse_answer(reply: &str, request: &str) -> Result<(String, String)> {
+    let mut parts = reply.splitn(3, '|');
+    let (name, peer, echoed) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    anyhow::ensure!(
+        echoed == request,
+        "payload changed: sent {request:?}, got {reply:?}"
+    );
+    Ok((name.to_string(), peer.to_string()))
+}
+
 /// Send a line on an open connection and read the answer line.
 pub fn exchange(stream: &mut TcpStream, message: &str) -> Result<String> {
     stream.write_all(format!("{message}\n").as_bytes())?;
@@ -200,36 +225,36 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(pod: &Pod, port: u16) -> Result<Self> {
+    /// Servers in `netns` on `address` (TCP and UDP) answering each request line with
+    /// `<name>|<client IP as seen>|<request>`. A host with several addresses must bind
+    /// the one clients use: an unbound UDP socket answers from the route's source.
+    pub fn start(netns: &Netns, name: &str, address: SocketAddrV4) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let listener = pod
-            .netns
-            .run(move || TcpListener::bind(("0.0.0.0", port)))??;
+        let listener = netns.run(move || TcpListener::bind(address))??;
         listener.set_nonblocking(true)?;
-        let udp = pod
-            .netns
-            .run(move || UdpSocket::bind(("0.0.0.0", port)))??;
+        let udp = netns.run(move || UdpSocket::bind(address))??;
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut threads = Vec::new();
-        let (name, flag) = (pod.name.clone(), stop.clone());
+        let (tcp_name, flag) = (name.to_string(), stop.clone());
         threads.push(std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let name = name.clone();
+                        let name = tcp_name.clone();
                         std::thread::spawn(move || serve_connection(stream, &name));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         }));
-        let (name, flag) = (pod.name.clone(), stop.clone());
+        let (name, flag) = (name.to_string(), stop.clone());
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = udp.recv_from(&mut buf) {
                     let request = String::from_utf8_lossy(&buf[..n]);
-                    let _ = udp.send_to(format!("{name}|{request}").as_bytes(), from);
+                    let reply = format!("{name}|{}|{request}", from.ip());
+                    let _ = udp.send_to(reply.as_bytes(), from);
                 }
             }
         }));
@@ -239,13 +264,17 @@ impl Server {
 
 fn serve_connection(stream: TcpStream, name: &str) {
     let _ = stream.set_nonblocking(false);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         if writer
-            .write_all(format!("{name}|{line}\n").as_bytes())
+            .write_all(format!("{name}|{peer}|{line}\n").as_bytes())
             .is_err()
         {
             return;
@@ -312,6 +341,10 @@ pub fn bpf_object() -> PathBuf {
 /// agent, and the pin directory /sys/fs/bpf/ferrite/<name>/.
 pub struct Node {
     pub name: String,
+    /// MTU of pod interfaces (uplink MTU - 50 with the overlay).
+    pub pod_mtu: u32,
+    /// Address on the underlay, once plugged in.
+    pub ip: Option<Ipv4Addr>,
     /// Extra arguments for `ferrite agent` (e.g. `--datapath-log debug`).
     pub agent_args: Vec<String>,
     pub pods: Vec<Pod>,
@@ -335,6 +368,8 @@ impl Node {
         let netns = Netns::new(&name)?;
         Ok(Self {
             name,
+            pod_mtu: 1500,
+            ip: None,
             agent_args: Vec::new(),
             pods: Vec::new(),
             agent: None,
@@ -395,6 +430,9 @@ impl Node {
             "nud",
             "permanent",
         ])?;
+        let mtu = self.pod_mtu.to_string();
+        run_ip(&["-n", pod, "link", "set", "eth0", "mtu", &mtu])?;
+        run_ip(&["-n", node, "link", "set", &host_interface, "mtu", &mtu])?;
         run_ip(&["-n", node, "link", "set", &host_interface, "up"])?;
         // Pods are IPv4-only: no IPv6 router solicitations into the datapath.
         netns.run(|| {
@@ -521,5 +559,158 @@ impl Drop for Node {
         self.pods.clear();
         let _ = datapath::uninstall(&self.pin_dir());
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The node network: a bridge in a namespace of its own; nodes, the world and
+/// non-Ferrite hosts plug into it with a veth called `ul0`.
+pub struct Underlay {
+    pub netns: Netns,
+    ports: AtomicUsize,
+}
+
+pub const UNDERLAY_PREFIX: &str = "198.51.100";
+/// A host "outside the cluster", reached through the node's default route.
+pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+impl Underlay {
+    pub fn new() -> Result<Self> {
+        require_root()?;
+        let netns = Netns::new(&unique("ul"))?;
+        run_ip(&["-n", &netns.name, "link", "add", "br0", "type", "bridge"])?;
+        run_ip(&["-n", &netns.name, "link", "set", "br0", "up"])?;
+        Ok(Self {
+            netns,
+            ports: AtomicUsize::new(0),
+        })
+    }
+
+    /// Plug `netns` in as `ul0` with `address`/24.
+    pub fn plug(&self, netns: &Netns, address: Ipv4Addr) -> Result<()> {
+        let port = format!("p{}", self.ports.fetch_add(1, Ordering::Relaxed));
+        let ul = self.netns.name.as_str();
+        run_ip(&[
+            "-n",
+            ul,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &netns.name,
+        ])?;
+        run_ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+        run_ip(&[
+            "-n",
+            &netns.name,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        run_ip(&["-n", &netns.name, "link", "set", "ul0", "up"])
+    }
+}
+
+/// Node `index`'s underlay address and pod CIDR (10.244.<index>.0/24).
+pub fn node_ip(index: usize) -> Ipv4Addr {
+    format!("{UNDERLAY_PREFIX}.{}", index + 1).parse().unwrap()
+}
+
+pub fn pod_ip(node: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node as u8, pod as u8 + 2)
+}
+
+/// The v1 Node object of a node.
+pub fn node_yaml(name: &str, ip: Ipv4Addr, pod_cidr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {pod_cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+    )
+}
+
+/// Several Ferrite nodes on one underlay, with a world behind their default route.
+/// Fields drop in order: nodes (agents, pods), world, underlay.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub world: Netns,
+    pub underlay: Underlay,
+}
+
+impl Cluster {
+    /// `count` nodes with overlay MTUs; agents not started yet.
+    pub fn new(count: usize) -> Result<Self> {
+        let underlay = Underlay::new()?;
+        let world = Netns::new(&unique("world"))?;
+        underlay.plug(&world, WORLD_GATEWAY)?;
+        run_ip(&[
+            "-n",
+            &world.name,
+            "addr",
+            "add",
+            &format!("{WORLD_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
+        let mut nodes = Vec::new();
+        for index in 0..count {
+            let mut node = Node::new(&format!("n{index}"))?;
+            let ip = node_ip(index);
+            underlay.plug(&node.netns, ip)?;
+            let gateway = WORLD_GATEWAY.to_string();
+            run_ip(&[
+                "-n",
+                &node.netns.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway,
+            ])?;
+            node.ip = Some(ip);
+            node.pod_mtu = 1500 - ferrite_common::VXLAN_OVERHEAD;
+            node.agent_args = vec!["--cluster-cidr".into(), CLUSTER_CIDR.into()];
+            nodes.push(node);
+        }
+        Ok(Self {
+            nodes,
+            world,
+            underlay,
+        })
+    }
+
+    /// Node objects of every node, and the Pod objects of every pod.
+    pub fn nodes_and_pods_yaml(&self) -> String {
+        let mut docs = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            let cidr = format!("10.244.{index}.0/24");
+            docs.push(node_yaml(&node.name, node.ip.expect("plugged"), &cidr));
+            docs.extend(node.pods.iter().map(|p| p.yaml(&node.name)));
+        }
+        docs.join("---\n")
+    }
+
+    /// The same cluster-wide file for every node's agent.
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        self.nodes.iter().try_for_each(|n| n.write_config(yaml))
+    }
+
+    pub fn start_agents(&mut self) -> Result<()> {
+        self.nodes.iter_mut().try_for_each(Node::start_agent)
+    }
+
+    /// Find a pod by name on any node.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter())
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 }

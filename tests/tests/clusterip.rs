@@ -6,11 +6,11 @@ use std::{
     net::{SocketAddr, SocketAddrV4},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use ferrite_common::{EndpointKey, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{exchange, sh, Node, Server},
+    lab::{answered_by, exchange, sh, Node, Server},
 };
 
 /// The example cluster running: 2 clients, 3 backends serving TCP and UDP, the agent
@@ -42,16 +42,6 @@ fn example_cluster_with(agent_args: &[&str]) -> Result<ExampleCluster> {
         _servers: servers,
         node,
     })
-}
-
-/// Which backend answered, checking the payload came back intact.
-fn answered_by(reply: &str, request: &str) -> Result<String> {
-    let (backend, echoed) = reply.split_once('|').unwrap_or(("", ""));
-    ensure!(
-        echoed == request,
-        "payload changed: sent {request:?}, got {reply:?}"
-    );
-    Ok(backend.to_string())
 }
 
 fn tcp_master_count(maps: &ferrite_agent::plan::MapContents) -> Option<u16> {
