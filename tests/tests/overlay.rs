@@ -200,3 +200,270 @@ fn removing_a_node_removes_its_route_and_leaves_the_others() -> Result<()> {
     );
     Ok(())
 }
+
+/// A host that is not Ferrite: a plain Linux vxlan device (VNI 1, port 4789) with
+/// static FDB/neighbour entries, announced to Ferrite as a Node with a pod CIDR.
+struct LinuxVtep {
+    netns: ferrite_tests::lab::Netns,
+    ip: std::net::Ipv4Addr,
+    inside: std::net::Ipv4Addr,
+}
+
+const LINUX_VTEP_MAC: &str = "02:00:5e:00:00:09";
+
+fn linux_vtep(cluster: &Cluster, ferrite_pods: &[std::net::Ipv4Addr]) -> Result<LinuxVtep> {
+    use ferrite_tests::lab::{sh, unique, Netns};
+    let netns = Netns::new(&unique("linux"))?;
+    let ip: std::net::Ipv4Addr = "198.51.100.50".parse()?;
+    cluster.underlay.plug(&netns, ip)?;
+    let ns = netns.name.as_str();
+    let ferrite_node = cluster.nodes[0].ip.context("node ip")?.to_string();
+    let ferrite_vtep = ferrite_common::vtep_mac_for(cluster.nodes[0].ip.unwrap())
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    let ip_cmd = |args: &str| -> Result<()> {
+        let mut full = vec!["-n", ns];
+        full.extend(args.split_whitespace());
+        sh("ip", &full).map(drop)
+    };
+    ip_cmd(&format!(
+        "link add vxlan1 type vxlan id 1 dstport 4789 local {ip} dev ul0"
+    ))?;
+    ip_cmd(&format!("link set vxlan1 address {LINUX_VTEP_MAC} up"))?;
+    ip_cmd("addr add 10.244.9.1/24 dev vxlan1")?;
+    ip_cmd("route add 10.244.0.0/24 dev vxlan1")?;
+    for pod in ferrite_pods {
+        ip_cmd(&format!(
+            "neigh add {pod} lladdr {ferrite_vtep} dev vxlan1 nud permanent"
+        ))?;
+    }
+    sh(
+        "bridge",
+        &[
+            "-n",
+            ns,
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vxlan1",
+            "dst",
+            &ferrite_node,
+        ],
+    )?;
+    Ok(LinuxVtep {
+        netns,
+        ip,
+        inside: "10.244.9.1".parse()?,
+    })
+}
+
+fn linux_node_yaml(vtep: &LinuxVtep) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: linux-host, annotations: {{ferrite.dev/vtep-mac: \"{LINUX_VTEP_MAC}\"}}}}\nspec: {{podCIDR: 10.244.9.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
+        vtep.ip
+    )
+}
+
+#[test]
+fn pods_and_a_host_behind_a_plain_linux_vxlan_device_talk_both_ways() -> Result<()> {
+    let mut cluster = Cluster::new(1)?;
+    cluster.nodes[0].add_pod("a0", pod_ip(0, 0))?;
+    let pod_ip0 = cluster.pod("a0").ip;
+    let vtep = linux_vtep(&cluster, &[pod_ip0, pod_ip(0, 97), pod_ip(0, 98)])?;
+    let _pod_server = cluster.pod("a0").serve(TCP_TARGET)?;
+    let _pod_udp = cluster.pod("a0").serve(UDP_TARGET)?;
+    let _linux_tcp = Server::start(
+        &vtep.netns,
+        "linux",
+        SocketAddrV4::new(vtep.inside, TCP_TARGET),
+    )?;
+    let _linux_udp = Server::start(
+        &vtep.netns,
+        "linux",
+        SocketAddrV4::new(vtep.inside, UDP_TARGET),
+    )?;
+    cluster.write_config(&format!(
+        "{}---\n{}",
+        cluster.nodes_and_pods_yaml(),
+        linux_node_yaml(&vtep)
+    ))?;
+    cluster.start_agents()?;
+    cluster.nodes[0].wait_for_maps("a route to the Linux host", |m| m.routes.len() == 2)?;
+
+    let pod = cluster.pod("a0");
+    // Ferrite pod -> host behind the Linux VTEP.
+    let reply = pod.tcp_request(SocketAddrV4::new(vtep.inside, TCP_TARGET), "to linux")?;
+    assert_eq!(
+        parse_answer(&reply, "to linux")?,
+        ("linux".into(), pod_ip0.to_string())
+    );
+    let (reply, _) = pod.udp_request(SocketAddrV4::new(vtep.inside, UDP_TARGET), "udp to linux")?;
+    assert_eq!(parse_answer(&reply, "udp to linux")?.1, pod_ip0.to_string());
+
+    // Host behind the Linux VTEP -> Ferrite pod.
+    let stream_target = SocketAddrV4::new(pod_ip0, TCP_TARGET);
+    let mut stream = vtep.netns.run(move || {
+        std::net::TcpStream::connect_timeout(&stream_target.into(), Duration::from_secs(5))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let reply = ferrite_tests::lab::exchange(&mut stream, "from linux")?;
+    assert_eq!(
+        parse_answer(&reply, "from linux")?,
+        ("a0".into(), vtep.inside.to_string())
+    );
+    let socket = vtep
+        .netns
+        .run(|| std::net::UdpSocket::bind("10.244.9.1:0"))??;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"udp from linux", SocketAddrV4::new(pod_ip0, UDP_TARGET))?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(pod_ip0, UDP_TARGET)));
+    assert_eq!(
+        parse_answer(std::str::from_utf8(&buf[..n])?, "udp from linux")?.0,
+        "a0"
+    );
+
+    // An inner packet for a pod that is not on the node is dropped and counted.
+    let unknown = SocketAddrV4::new(pod_ip(0, 97), UDP_TARGET);
+    socket.send_to(b"nobody", unknown)?;
+    let counter = |index: u32| -> Result<u64> {
+        Ok(cluster.nodes[0].maps()?.counters()?[index as usize].packets)
+    };
+    ferrite_tests::lab::wait_until("drop_unknown_pod", ferrite_tests::lab::SETTLE, || {
+        counter(ferrite_common::stat::DROP_UNKNOWN_POD).unwrap_or(0) >= 1
+    })?;
+
+    // A frame with another VNI is dropped and counted.
+    let ns = vtep.netns.name.as_str();
+    let run = |args: &str| -> Result<()> {
+        let mut full = vec!["-n", ns];
+        full.extend(args.split_whitespace());
+        ferrite_tests::lab::sh("ip", &full).map(drop)
+    };
+    run(&format!(
+        "link add vxlan2 type vxlan id 2 dstport 4789 local {} dev ul0",
+        vtep.ip
+    ))?;
+    run("link set vxlan2 up")?;
+    run("addr add 10.244.8.1/24 dev vxlan2")?;
+    run(&format!("route add {}/32 dev vxlan2", pod_ip(0, 98)))?;
+    run(&format!(
+        "neigh add {} lladdr 02:00:00:00:00:01 dev vxlan2 nud permanent",
+        pod_ip(0, 98)
+    ))?;
+    let node = cluster.nodes[0].ip.unwrap().to_string();
+    ferrite_tests::lab::sh(
+        "bridge",
+        &[
+            "-n",
+            ns,
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vxlan2",
+            "dst",
+            &node,
+        ],
+    )?;
+    let wrong = vtep
+        .netns
+        .run(|| std::net::UdpSocket::bind("10.244.8.1:0"))??;
+    wrong.send_to(b"wrong vni", SocketAddrV4::new(pod_ip(0, 98), UDP_TARGET))?;
+    ferrite_tests::lab::wait_until("drop_wrong_vni", ferrite_tests::lab::SETTLE, || {
+        counter(ferrite_common::stat::DROP_WRONG_VNI).unwrap_or(0) >= 1
+    })?;
+    Ok(())
+}
+
+#[test]
+fn on_the_wire_the_overlay_is_rfc7348_vxlan_with_the_inner_frame_untouched() -> Result<()> {
+    use nix::sys::{
+        socket::{
+            recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
+            SockType,
+        },
+        time::TimeVal,
+    };
+    use std::os::fd::AsRawFd;
+    let env = two_nodes()?;
+    let c = &env.cluster;
+    let (client, server) = (c.pod("a0"), c.pod("b0"));
+    let (node0, node1) = (c.nodes[0].ip.unwrap(), c.nodes[1].ip.unwrap());
+    // Capture everything node 0 sends (AF_PACKET sees frames as they leave).
+    let capture = c.nodes[0].netns.run(|| {
+        socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::EthAll,
+        )
+    })??;
+    setsockopt(&capture, sockopt::ReceiveTimeout, &TimeVal::new(0, 200_000))?;
+    let marker = b"ferrite-wire-check";
+    let target = SocketAddrV4::new(server.ip, UDP_TARGET);
+    let sender = client
+        .netns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    let mut frame = None;
+    'outer: for _ in 0..20 {
+        sender.send_to(marker, target)?;
+        let mut buf = vec![0u8; 2048];
+        while let Ok(n) = recv(capture.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            let data = &buf[..n];
+            if data.windows(marker.len()).any(|w| w == marker) && n > 50 + 42 {
+                frame = Some(data.to_vec());
+                break 'outer;
+            }
+        }
+    }
+    let frame = frame.context("no encapsulated frame captured on node 0's uplink")?;
+    let outer = etherparse::SlicedPacket::from_ethernet(&frame)?;
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &outer.net else {
+        anyhow::bail!("outer not IPv4")
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (node0, node1)
+    );
+    let Some(etherparse::TransportSlice::Udp(udp)) = &outer.transport else {
+        anyhow::bail!("outer not UDP")
+    };
+    assert_eq!(udp.destination_port(), 4789);
+    assert_eq!(udp.length() as usize, 8 + 8 + (frame.len() - 14 - 20 - 16));
+    let vxlan = udp.payload();
+    assert_eq!(vxlan[0], 0x08, "VXLAN flags: the I bit only");
+    assert_eq!(
+        u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]),
+        1,
+        "VNI"
+    );
+    assert_eq!(vxlan[7], 0);
+    // The inner frame: the pod's UDP datagram as sent, between the two VTEPs' MACs.
+    let inner = etherparse::SlicedPacket::from_ethernet(&vxlan[8..])?;
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &inner.link else {
+        anyhow::bail!("inner not Ethernet")
+    };
+    assert_eq!(eth.destination(), ferrite_common::vtep_mac_for(node1));
+    assert_eq!(eth.source(), ferrite_common::vtep_mac_for(node0));
+    let Some(etherparse::NetSlice::Ipv4(inner_ip)) = &inner.net else {
+        anyhow::bail!("inner not IPv4")
+    };
+    assert_eq!(
+        (
+            inner_ip.header().source_addr(),
+            inner_ip.header().destination_addr()
+        ),
+        (client.ip, server.ip)
+    );
+    let Some(etherparse::TransportSlice::Udp(inner_udp)) = &inner.transport else {
+        anyhow::bail!("inner not UDP")
+    };
+    assert_eq!(
+        (inner_udp.destination_port(), inner_udp.payload()),
+        (UDP_TARGET, &marker[..])
+    );
+    Ok(())
+}
