@@ -56,7 +56,7 @@ pub fn run(options: &AgentOptions) -> Result<()> {
     let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
     hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
     if let Some(cidr) = options.cluster_cidr {
-        hostnet::install_masquerade(cidr)?;
+        hostnet::install_rules(cidr, options.vxlan_port)?;
     }
     let settings = plan::NodeSettings {
         node: options.node.clone(),

@@ -4,7 +4,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_ZERO_CSUM_TX},
     helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
@@ -103,12 +103,14 @@ impl Packet for TcContext {
         key.tunnel_id = vni;
         key.__bindgen_anon_1.remote_ipv4 = remote_ipv4;
         key.tunnel_ttl = 64;
+        // Outer UDP checksum 0, as Linux vxlan (and flannel) send over IPv4 by default:
+        // RFC 7348 allows it and the inner packet keeps its own checksums.
         let ret = unsafe {
             bpf_skb_set_tunnel_key(
                 self.skb.skb,
                 &mut key,
                 size_of::<bpf_tunnel_key>() as u32,
-                0,
+                BPF_F_ZERO_CSUM_TX as u64,
             )
         };
         if ret == 0 {

@@ -231,7 +231,13 @@ impl Server {
     pub fn start(netns: &Netns, name: &str, address: SocketAddrV4) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let listener = netns.run(move || TcpListener::bind(address))??;
-        listener.set_nonblocking(true)?;
+        // Block in accept (no polling delay per connection), waking up now and then
+        // to see the stop flag: Linux applies SO_RCVTIMEO to accept.
+        nix::sys::socket::setsockopt(
+            &listener,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 100_000),
+        )?;
         let udp = netns.run(move || UdpSocket::bind(address))??;
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut threads = Vec::new();
@@ -243,7 +249,7 @@ impl Server {
                         let name = tcp_name.clone();
                         std::thread::spawn(move || serve_connection(stream, &name));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) => {} // timed out: check the stop flag
                 }
             }
         }));
@@ -713,4 +719,66 @@ impl Cluster {
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
+}
+
+/// Send `bytes` over one TCP connection from `client` to a sink in `server` on `port`.
+/// Returns what the sink counted (it also answers the count to the client, which is
+/// checked) and how long the transfer took.
+pub fn bulk_transfer(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    bytes: usize,
+) -> Result<(usize, Duration)> {
+    let listener = server
+        .netns
+        .run(move || TcpListener::bind(("0.0.0.0", port)))??;
+    let sink = std::thread::spawn(move || -> Result<usize> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buf)? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        stream.write_all(total.to_string().as_bytes())?;
+        Ok(total)
+    });
+    let start = Instant::now();
+    let mut stream = client.tcp_connect(SocketAddrV4::new(server.ip, port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let chunk = vec![0x5au8; 1 << 16];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        stream.write_all(&chunk[..n])?;
+        sent += n;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let elapsed = start.elapsed();
+    let received = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+    if reply != received.to_string() {
+        bail!("sink counted {received} bytes but answered {reply:?}");
+    }
+    Ok((received, elapsed))
+}
+
+/// `count` sequential TCP connections from `client` to `to`, each one request line
+/// and its answer; returns the elapsed time. Runs on one thread inside the pod.
+pub fn connection_loop(client: &Pod, to: SocketAddrV4, count: usize) -> Result<Duration> {
+    client.netns.run(move || -> Result<Duration> {
+        let start = Instant::now();
+        for i in 0..count {
+            let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            exchange(&mut stream, &format!("c{i}"))?;
+        }
+        Ok(start.elapsed())
+    })?
 }
