@@ -244,12 +244,10 @@ impl Server {
         let (tcp_name, flag) = (name.to_string(), stop.clone());
         threads.push(std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let name = tcp_name.clone();
-                        std::thread::spawn(move || serve_connection(stream, &name));
-                    }
-                    Err(_) => {} // timed out: check the stop flag
+                // An error is the accept timeout: loop to check the stop flag.
+                if let Ok((stream, _)) = listener.accept() {
+                    let name = tcp_name.clone();
+                    std::thread::spawn(move || serve_connection(stream, &name));
                 }
             }
         }));
