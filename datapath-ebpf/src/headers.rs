@@ -22,8 +22,6 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-/// Ethernet + the longest IPv4 header + a TCP header: what must be directly readable.
-const MAX_HEADERS: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
 
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -66,17 +64,9 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
-    let avail = (pkt.data_end() - pkt.data()) as u32;
-    let total = pkt.len();
-    if avail < MAX_HEADERS && total > avail {
-        let want = if total < MAX_HEADERS {
-            total
-        } else {
-            MAX_HEADERS
-        };
-        if pkt.pull(want).is_err() {
-            return Parsed::Drop(stat::DROP_INTERNAL);
-        }
+    // Pointers are taken only after each pull (a pull invalidates them).
+    if pkt.ensure_linear((ETH_HLEN + Ipv4Hdr::LEN) as u32).is_err() {
+        return Parsed::Drop(stat::DROP_INTERNAL);
     }
     let Ok(eth) = pkt.ptr_at::<EthHdr>(0) else {
         return Parsed::Drop(stat::DROP_MALFORMED);
@@ -95,7 +85,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     if ip.vihl >> 4 != 4
         || header_len < Ipv4Hdr::LEN
         || tot_len < header_len as u32
-        || ETH_HLEN as u32 + tot_len > total
+        || ETH_HLEN as u32 + tot_len > pkt.len()
     {
         return Parsed::Drop(stat::DROP_MALFORMED);
     }
@@ -121,6 +111,12 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     };
     if (header_len + l4_len) as u32 > tot_len {
         return Parsed::Drop(stat::DROP_MALFORMED);
+    }
+    if pkt
+        .ensure_linear((headers.l4_offset + l4_len) as u32)
+        .is_err()
+    {
+        return Parsed::Drop(stat::DROP_INTERNAL);
     }
     // Ports (first 4 bytes) and, for TCP, the flags byte at offset 13.
     let Ok(ports) = pkt.ptr_at::<[u8; 4]>(headers.l4_offset) else {

@@ -51,6 +51,18 @@ pub trait Packet {
     /// The VNI the packet arrived with on a collect_md tunnel device.
     fn tunnel_vni(&self) -> Result<u32, ()>;
 
+    /// Make the first `len` bytes directly readable, pulling only when they are not
+    /// already (a pull can copy and reallocate: never pay it for headers that are
+    /// there). A packet shorter than `len` is left alone: the bounds checks catch it.
+    #[inline(always)]
+    fn ensure_linear(&self, len: u32) -> Result<(), ()> {
+        let linear = (self.data_end() - self.data()) as u32;
+        if linear >= len || self.len() <= linear {
+            return Ok(());
+        }
+        self.pull(if self.len() < len { self.len() } else { len })
+    }
+
     /// A bounds-checked pointer to a `T` at `offset`, or `Err` if the packet is shorter.
     #[inline(always)]
     fn ptr_at<T>(&self, offset: usize) -> Result<*mut T, ()> {

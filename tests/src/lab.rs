@@ -267,7 +267,8 @@ impl Server {
 }
 
 fn serve_connection(stream: TcpStream, name: &str) {
-    let _ = stream.set_nonblocking(false);
+    // Accepted sockets inherit the listener's accept timeout: connections may idle.
+    let _ = stream.set_read_timeout(None);
     let peer = stream
         .peer_addr()
         .map(|a| a.ip().to_string())
