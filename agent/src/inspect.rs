@@ -14,6 +14,7 @@ pub enum Table {
     Endpoints,
     Conntrack,
     Stats,
+    Routes,
 }
 
 fn protocol_name(number: u8) -> String {
@@ -119,6 +120,27 @@ pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
                     } else {
                         "open"
                     }
+                )?;
+            }
+        }
+        Table::Routes => {
+            writeln!(
+                out,
+                "{:<20} {:<16} {:<18} KIND",
+                "POD CIDR", "NODE IP", "VTEP MAC"
+            )?;
+            for (key, route) in &contents.routes {
+                let kind = if route.flags & ferrite_common::ROUTE_LOCAL != 0 {
+                    "local"
+                } else {
+                    "overlay"
+                };
+                writeln!(
+                    out,
+                    "{:<20} {:<16} {:<18} {kind}",
+                    format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len),
+                    Ipv4Addr::from(route.node_ip).to_string(),
+                    mac(route.vtep_mac)
                 )?;
             }
         }

@@ -582,8 +582,12 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 impl Underlay {
     pub fn new() -> Result<Self> {
+        Self::named(&unique("ul"))
+    }
+
+    pub fn named(name: &str) -> Result<Self> {
         require_root()?;
-        let netns = Netns::new(&unique("ul"))?;
+        let netns = Netns::new(name)?;
         run_ip(&["-n", &netns.name, "link", "add", "br0", "type", "bridge"])?;
         run_ip(&["-n", &netns.name, "link", "set", "br0", "up"])?;
         Ok(Self {
@@ -649,10 +653,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `count` nodes with overlay MTUs; agents not started yet.
+    /// `count` uniquely named nodes with overlay MTUs; agents not started yet.
     pub fn new(count: usize) -> Result<Self> {
-        let underlay = Underlay::new()?;
-        let world = Netns::new(&unique("world"))?;
+        let names: Vec<String> = (0..count).map(|i| unique(&format!("n{i}"))).collect();
+        Self::named(&unique("ul"), &unique("world"), &names)
+    }
+
+    /// Nodes called `names` (node `i` gets underlay address .i+1 and pod CIDR
+    /// 10.244.i.0/24), with the underlay and world namespaces named as given.
+    pub fn named(underlay: &str, world: &str, names: &[String]) -> Result<Self> {
+        let underlay = Underlay::named(underlay)?;
+        let world = Netns::new(world)?;
         underlay.plug(&world, WORLD_GATEWAY)?;
         run_ip(&[
             "-n",
@@ -664,8 +675,8 @@ impl Cluster {
             "lo",
         ])?;
         let mut nodes = Vec::new();
-        for index in 0..count {
-            let mut node = Node::new(&format!("n{index}"))?;
+        for (index, name) in names.iter().enumerate() {
+            let mut node = Node::named(name)?;
             let ip = node_ip(index);
             underlay.plug(&node.netns, ip)?;
             let gateway = WORLD_GATEWAY.to_string();

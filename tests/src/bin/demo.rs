@@ -1,9 +1,12 @@
-//! `cargo xtask demo`: one node (a network namespace), five pods, the agent on
-//! examples/one-node.yaml, and real TCP and UDP traffic through a ClusterIP. Everything
-//! it creates is removed at the end, on failure and on Ctrl-C.
+//! `cargo xtask demo`: two nodes (network namespaces on a shared node network, each
+//! with its own agent and pins), five pods, the agents on examples/two-nodes.yaml,
+//! and real traffic: pod to pod across nodes, a ClusterIP Service whose backends are
+//! spread over both nodes (TCP and UDP), and a pod reaching a host outside the
+//! cluster with its source masqueraded. Everything it creates is removed at the end,
+//! on failure and on Ctrl-C.
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -14,11 +17,24 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferrite_agent::datapath;
 use ferrite_tests::{
-    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{sh, Node},
+    cluster::{TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
+    lab::{parse_answer, sh, Cluster, Server, WORLD_IP},
 };
 
 const REQUESTS_PER_CLIENT: usize = 30;
+const NODES: [&str; 2] = ["ferrite-demo-1", "ferrite-demo-2"];
+const UNDERLAY: &str = "ferrite-demo-underlay";
+const WORLD: &str = "ferrite-demo-world";
+/// (pod, node index, IP) as in examples/two-nodes.yaml.
+const PODS: [(&str, usize, [u8; 4]); 5] = [
+    ("client-a", 0, [10, 244, 0, 2]),
+    ("web-1", 0, [10, 244, 0, 11]),
+    ("client-b", 1, [10, 244, 1, 2]),
+    ("web-2", 1, [10, 244, 1, 11]),
+    ("web-3", 1, [10, 244, 1, 12]),
+];
+const BACKENDS: [&str; 3] = ["web-1", "web-2", "web-3"];
+const CLIENTS: [&str; 2] = ["client-a", "client-b"];
 
 fn main() -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -29,7 +45,7 @@ fn main() -> Result<()> {
     })?;
     let keep = std::env::args().any(|a| a == "--keep");
     let result = run(&interrupted, keep);
-    println!("teardown: agent stopped; pods, node and pins removed");
+    println!("teardown: agents stopped; pods, nodes, node network and pins removed");
     result
 }
 
@@ -41,67 +57,97 @@ fn check(interrupted: &AtomicBool) -> Result<()> {
 }
 
 /// A demo killed hard (SIGKILL) cannot clean up: remove what it left first.
-fn remove_leftovers(node: &str) {
+fn remove_leftovers() {
     if let Ok(list) = sh("ip", &["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            if name == node || name.starts_with(&format!("{node}-")) {
+            if name.starts_with("ferrite-demo") {
                 let _ = sh("ip", &["netns", "del", name]);
             }
         }
     }
-    let _ = datapath::uninstall(&datapath::pin_dir(node));
+    for node in NODES {
+        let _ = datapath::uninstall(&datapath::pin_dir(node));
+    }
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("      {line}");
+    }
 }
 
 fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
-    let node_name = cluster::EXAMPLE_NODE;
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/one-node.yaml");
-    let config = config.canonicalize().context("examples/one-node.yaml")?;
-    remove_leftovers(node_name);
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-nodes.yaml");
+    let config = config.canonicalize().context("examples/two-nodes.yaml")?;
+    remove_leftovers();
 
-    println!("Ferrite demo: one node, five pods, a ClusterIP Service over three backends\n");
-    let mut node = Node::named(node_name)?;
-    println!(
-        "[1/5] node {node_name:?}: network namespace; datapath pinned at {}",
-        node.pin_dir().display()
-    );
-    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
-        node.add_pod(name, *ip)?;
+    println!("Ferrite demo: two nodes, five pods, a ClusterIP Service spread over both nodes\n");
+    let names: Vec<String> = NODES.iter().map(ToString::to_string).collect();
+    let mut cluster = Cluster::named(UNDERLAY, WORLD, &names)?;
+    for node in &cluster.nodes {
+        println!(
+            "[1/6] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
+            node.name,
+            node.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            node.pin_dir().display()
+        );
     }
-    let pods: Vec<String> = node
-        .pods
-        .iter()
-        .map(|p| format!("{} {}", p.name, p.ip))
-        .collect();
+    for (name, node, ip) in PODS {
+        cluster.nodes[node].add_pod(name, Ipv4Addr::from(ip))?;
+    }
     println!(
-        "[2/5] pods (veth, /32, gateway 169.254.1.1): {}",
-        pods.join(", ")
+        "[2/6] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
+        PODS.map(|(n, node, ip)| format!("{n} {} on {}", Ipv4Addr::from(ip), NODES[node]))
+            .join(", ")
     );
     let mut servers = Vec::new();
-    for (name, _) in BACKENDS {
-        servers.push(node.pod(name).serve(TCP_TARGET)?);
-        servers.push(node.pod(name).serve(UDP_TARGET)?);
+    for name in BACKENDS {
+        servers.push(cluster.pod(name).serve(TCP_TARGET)?);
+        servers.push(cluster.pod(name).serve(UDP_TARGET)?);
     }
+    servers.push(Server::start(
+        &cluster.world,
+        "world",
+        SocketAddrV4::new(WORLD_IP, 7000),
+    )?);
     check(interrupted)?;
 
-    node.start_agent_with(&config)?;
-    node.wait_for_sync(2, 5)?;
-    println!("[3/5] agent running on {}: synced", config.display());
+    for node in &mut cluster.nodes {
+        node.start_agent_with(&config)?;
+    }
+    for node in &cluster.nodes {
+        node.wait_for_maps("the agent's first sync", |m| {
+            m.routes.len() == 2 && !m.services.is_empty()
+        })?;
+    }
+    println!(
+        "[3/6] agents running on {}: synced (routes to both nodes)\n",
+        config.display()
+    );
     check(interrupted)?;
+
+    let (client_a, web_2) = (cluster.pod("client-a"), cluster.pod("web-2"));
+    let request = "hello across nodes";
+    let reply = client_a.tcp_request(SocketAddrV4::new(web_2.ip, TCP_TARGET), request)?;
+    let (server, seen) = parse_answer(&reply, request)?;
+    println!(
+        "[4/6] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
+        client_a.ip, web_2.ip
+    );
 
     println!(
-        "[4/5] traffic: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
+        "[5/6] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
         CLIENTS.len()
     );
-    let mut seen: BTreeMap<&str, (usize, usize)> =
-        BACKENDS.iter().map(|(n, _)| (*n, (0, 0))).collect();
+    let mut seen: BTreeMap<&str, (usize, usize)> = BACKENDS.iter().map(|n| (*n, (0, 0))).collect();
     let mut udp_from_vip = 0;
-    for (client, _) in CLIENTS {
-        let pod = node.pod(client);
+    for client in CLIENTS {
+        let pod = cluster.pod(client);
         for i in 0..REQUESTS_PER_CLIENT {
             check(interrupted)?;
             let request = format!("{client} #{i}");
             let reply = pod.tcp_request(TCP_FRONTEND, &request)?;
-            let backend = reply.split('|').next().unwrap_or_default().to_string();
+            let (backend, _) = parse_answer(&reply, &request)?;
             if let Some(entry) = seen.get_mut(backend.as_str()) {
                 entry.0 += 1;
             }
@@ -109,48 +155,67 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
             if from == SocketAddr::V4(UDP_FRONTEND) {
                 udp_from_vip += 1;
             }
-            let backend = reply.split('|').next().unwrap_or_default().to_string();
+            let (backend, _) = parse_answer(&reply, &request)?;
             if let Some(entry) = seen.get_mut(backend.as_str()) {
                 entry.1 += 1;
             }
         }
     }
     println!(
-        "\n      {:<8} {:<13} {:>16} {:>13}",
-        "BACKEND", "POD IP", "TCP CONNECTIONS", "UDP REQUESTS"
+        "\n      {:<8} {:<13} {:<16} {:>16} {:>13}",
+        "BACKEND", "POD IP", "NODE", "TCP CONNECTIONS", "UDP REQUESTS"
     );
-    for (name, ip) in BACKENDS {
+    for (name, node, ip) in PODS.iter().filter(|(n, _, _)| BACKENDS.contains(n)) {
         let (tcp, udp) = seen[name];
-        println!("      {name:<8} {:<13} {tcp:>16} {udp:>13}", ip.to_string());
+        println!(
+            "      {name:<8} {:<13} {:<16} {tcp:>16} {udp:>13}",
+            Ipv4Addr::from(*ip).to_string(),
+            NODES[*node]
+        );
     }
     let total = CLIENTS.len() * REQUESTS_PER_CLIENT;
     println!(
-        "      every TCP connection was to {} (TCP accepts replies only from there); {udp_from_vip}/{total} UDP replies came from {UDP_FRONTEND}\n",
-        TCP_FRONTEND
+        "      every TCP connection was to {TCP_FRONTEND} (TCP accepts replies only from there); {udp_from_vip}/{total} UDP replies came from {UDP_FRONTEND}\n"
     );
     if seen.values().any(|(tcp, udp)| *tcp == 0 || *udp == 0) || udp_from_vip != total {
         bail!("traffic was not spread over every backend or replies did not come from the VIP");
     }
 
-    println!("[5/5] ferrite inspect services (read from the pinned maps):\n");
-    for line in node.inspect("services")?.lines() {
-        println!("      {line}");
-    }
-    println!();
-    for line in node.inspect("stats")?.lines() {
-        println!("      {line}");
+    let request = "hello world";
+    let reply = client_a.tcp_request(SocketAddrV4::new(WORLD_IP, 7000), request)?;
+    let (_, seen_as) = parse_answer(&reply, request)?;
+    println!(
+        "[6/6] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
+        NODES[0]
+    );
+
+    let node = &cluster.nodes[0];
+    println!("      ferrite inspect --node {} services:", node.name);
+    indent(&node.inspect("services")?);
+    println!("\n      ferrite inspect --node {} routes:", node.name);
+    indent(&node.inspect("routes")?);
+    println!(
+        "\n      ferrite inspect --node {} stats (non-zero):",
+        node.name
+    );
+    let stats = node.inspect("stats")?;
+    for (i, line) in stats.lines().enumerate() {
+        let zero = line.split_whitespace().nth(1) == Some("0");
+        if i == 0 || !zero {
+            println!("      {line}");
+        }
     }
     println!(
         "\n      try: bpftool map dump pinned {}/ferrite_service",
         node.pin_dir().display()
     );
     if keep {
-        println!("\n--keep: the node stays up; press Ctrl-C to tear down");
+        println!("\n--keep: the nodes stay up; press Ctrl-C to tear down");
         while !interrupted.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
     drop(servers);
-    drop(node);
+    drop(cluster);
     Ok(())
 }
