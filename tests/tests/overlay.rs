@@ -311,6 +311,27 @@ fn pods_and_a_host_behind_a_plain_linux_vxlan_device_talk_both_ways() -> Result<
         counter(ferrite_common::stat::DROP_UNKNOWN_POD).unwrap_or(0) >= 1
     })?;
 
+    // Truncated VXLAN: a short header, and a valid header with half an Ethernet
+    // frame. The kernel's vxlan receive path drops both before the datapath; nothing
+    // reaches a pod and the node keeps working.
+    let delivered_before = counter(ferrite_common::stat::RECEIVED_FROM_NODE)?;
+    let raw = vtep
+        .netns
+        .run(|| std::net::UdpSocket::bind("198.51.100.50:0"))??;
+    let node_port = SocketAddrV4::new(cluster.nodes[0].ip.unwrap(), 4789);
+    raw.send_to(&[0x08, 0, 0, 0], node_port)?;
+    raw.send_to(
+        &[0x08, 0, 0, 0, 0, 0, 1, 0, 0x0a, 0x58, 10, 244, 0, 2],
+        node_port,
+    )?;
+    let (reply, _) = pod.udp_request(SocketAddrV4::new(vtep.inside, UDP_TARGET), "still fine")?;
+    assert_eq!(parse_answer(&reply, "still fine")?.1, pod_ip0.to_string());
+    // Only the answer to "still fine" came in over the overlay.
+    assert_eq!(
+        counter(ferrite_common::stat::RECEIVED_FROM_NODE)?,
+        delivered_before + 1
+    );
+
     // A frame with another VNI is dropped and counted.
     let ns = vtep.netns.name.as_str();
     let run = |args: &str| -> Result<()> {
