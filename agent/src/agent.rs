@@ -148,11 +148,20 @@ pub fn reconcile(
         }
     }
 
+    // Links of interfaces that still exist may belong to pods the CNI plugin just
+    // wired: only pins of vanished interfaces are removed.
     for interface in datapath.attached()? {
-        if !wanted.contains(interface.as_str()) {
+        if !wanted.contains(interface.as_str()) && !interfaces.contains_key(&interface) {
             datapath.detach(&interface)?;
-            info!(interface, "detached (pod gone)");
+            info!(interface, "link pin removed (interface gone)");
         }
+    }
+    if let Some(cidr) = state
+        .nodes
+        .get(&settings.node)
+        .and_then(|n| n.pod_cidrs.first())
+    {
+        hostnet::publish_pod_cidr(&settings.node, *cidr)?;
     }
     Ok(SyncReport {
         writes: ops.len(),

@@ -11,6 +11,29 @@ use anyhow::{bail, Context, Result};
 use ferrite_common::{pod_mac_for, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 
+/// Runtime files shared with the CNI plugin: /run/ferrite/<node>/.
+pub const RUN_DIR: &str = "/run/ferrite";
+
+/// Where the agent publishes this node's pod CIDR (from its Node object) for the CNI
+/// plugin's IPAM when the network config does not set one.
+pub fn pod_cidr_file(node: &str) -> std::path::PathBuf {
+    std::path::Path::new(RUN_DIR).join(node).join("pod-cidr")
+}
+
+/// Write the pod CIDR file if it changed (atomically: write then rename).
+pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
+    let path = pod_cidr_file(node);
+    let content = format!("{cidr}\n");
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
+        return Ok(());
+    }
+    let dir = path.parent().context("pod-cidr path")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("pod-cidr.tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, &path).context("publishing the pod CIDR")
+}
+
 /// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).
 pub const NFT_TABLE: &str = "ferrite";
 

@@ -1,6 +1,7 @@
 //! Ferrite's node agent: Kubernetes objects -> one desired-state model -> ordered
 //! writes to the pinned BPF maps of the datapath.
 pub mod agent;
+pub mod cni;
 pub mod datapath;
 pub mod hostnet;
 pub mod inspect;

@@ -271,6 +271,15 @@ pub fn desired_contents(
             },
         );
     }
+    // The CNI plugin writes the endpoint of a pod it wires before the agent hears of
+    // the pod: an endpoint whose interface still exists is kept, only those of
+    // vanished interfaces go.
+    let live: BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
+    for (key, info) in &current.endpoints {
+        if !out.endpoints.contains_key(key) && live.contains(&info.ifindex) {
+            out.endpoints.insert(*key, *info);
+        }
+    }
     (out, skipped)
 }
 
@@ -564,6 +573,47 @@ mod tests {
         );
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].reason.contains("ferB"));
+    }
+
+    #[test]
+    fn endpoints_written_by_the_cni_stay_while_their_interface_exists() {
+        let cni_written = |ifindex| {
+            (
+                EndpointKey {
+                    address: [10, 244, 0, ifindex as u8],
+                },
+                EndpointInfo {
+                    ifindex,
+                    ..EndpointInfo::default()
+                },
+            )
+        };
+        let current = MapContents {
+            endpoints: [cni_written(7), cni_written(8)].into(),
+            ..MapContents::default()
+        };
+        let interfaces = BTreeMap::from([(
+            "ferlive".to_string(),
+            Interface {
+                ifindex: 7,
+                mac: [0; 6],
+            },
+        )]);
+        let (desired, _) = desired_contents(
+            &DesiredState::default(),
+            &interfaces,
+            &current,
+            &NodeSettings::default(),
+        );
+        let endpoint_ops: Vec<Op> = diff(&current, &desired)
+            .into_iter()
+            .filter(|op| matches!(op, Op::PutEndpoint(..) | Op::DeleteEndpoint(_)))
+            .collect();
+        assert_eq!(
+            endpoint_ops,
+            vec![Op::DeleteEndpoint(cni_written(8).0)],
+            "only the endpoint of the vanished interface goes"
+        );
     }
 
     #[test]

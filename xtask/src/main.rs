@@ -21,7 +21,11 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "tcpdump",
     "util-linux",
+    // portmap/bandwidth/tuning: the CNI chaining tests.
+    "containernetworking-plugins",
 ];
+/// PyPI packages the tests use: the manifest schema validator.
+const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const OBJECT_NAME: &str = "ferrite-datapath.bpf.o";
 
@@ -108,6 +112,19 @@ fn setup() -> Result<()> {
             .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    for (package, version) in PIP_PACKAGES {
+        let installed = stdout_of(Command::new("python3").args(["-m", "pip", "show", package]));
+        if !installed.contains(&format!("Version: {version}")) {
+            println!("setup: installing {package}=={version} from PyPI");
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                &format!("{package}=={version}"),
+            ]))?;
+        }
     }
     let components = stdout_of(Command::new("rustup").args([
         "component",
