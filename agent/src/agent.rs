@@ -1,11 +1,13 @@
-//! The node agent's loop in file mode: read the YAML, build the model, diff it against
-//! the pinned maps and apply the difference; again whenever the file changes, and
-//! periodically (which also picks up new pod interfaces and repairs drift).
+//! The node agent: load and attach the datapath, then keep its maps in sync with the
+//! cluster, from one of two sources feeding the same model - a YAML file (re-read when
+//! it changes) or the Kubernetes API (watches; see `kube_source`) - and periodically,
+//! which also picks up new pod interfaces and repairs drift.
 use std::{
     collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,14 +18,17 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{self, Datapath},
-    hostnet,
+    hostnet, kube_source,
     maps::NodeMaps,
-    model, plan, source,
+    model::{self, ClusterObjects},
+    plan, source,
+    telemetry::{self, Telemetry},
 };
 
 pub struct AgentOptions {
     pub node: String,
-    pub config: PathBuf,
+    /// The YAML file source; `None`: watch the Kubernetes API.
+    pub config: Option<PathBuf>,
     pub object: PathBuf,
     /// How often the file is checked for changes.
     pub poll: Duration,
@@ -34,6 +39,8 @@ pub struct AgentOptions {
     pub vxlan_port: u16,
     /// Pod traffic leaving this CIDR is masqueraded to the node's address.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    pub http_addr: Option<SocketAddr>,
 }
 
 /// What one reconciliation did.
@@ -48,72 +55,140 @@ pub struct SyncReport {
     pub waiting_for_interfaces: bool,
 }
 
-pub fn run(options: &AgentOptions) -> Result<()> {
-    let pin_dir = datapath::pin_dir(&options.node);
-    let mut datapath = Datapath::load(&options.object, &pin_dir, options.datapath_log)?;
-    let mut maps = NodeMaps::open(&pin_dir)?;
-    hostnet::enable_forwarding()?;
-    let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
-    hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
-    if let Some(cidr) = options.cluster_cidr {
-        hostnet::install_rules(cidr, options.vxlan_port)?;
+/// The loaded datapath of this node and everything a sync needs.
+pub struct NodeAgent {
+    pub settings: plan::NodeSettings,
+    pub telemetry: Arc<Telemetry>,
+    datapath: Datapath,
+    maps: NodeMaps,
+}
+
+impl NodeAgent {
+    /// Load/attach the datapath (reusing what is pinned) and prepare the node.
+    pub fn start(options: &AgentOptions) -> Result<Self> {
+        let pin_dir = datapath::pin_dir(&options.node);
+        let datapath = Datapath::load(&options.object, &pin_dir, options.datapath_log)?;
+        let maps = NodeMaps::open(&pin_dir)?;
+        hostnet::enable_forwarding()?;
+        let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
+        hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
+        if let Some(cidr) = options.cluster_cidr {
+            hostnet::install_rules(cidr, options.vxlan_port)?;
+        }
+        let telemetry = Telemetry::new(pin_dir.clone());
+        if let Some(addr) = options.http_addr {
+            telemetry::serve(addr, telemetry.clone())?;
+        }
+        info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
+        Ok(Self {
+            settings: plan::NodeSettings {
+                node: options.node.clone(),
+                vni: options.vni,
+            },
+            telemetry,
+            datapath,
+            maps,
+        })
     }
-    let settings = plan::NodeSettings {
-        node: options.node.clone(),
-        vni: options.vni,
-    };
-    info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
+
+    /// Reconcile, record metrics and log; the first success makes the agent ready.
+    /// Errors are logged: the maps keep their last good state and the next sync retries.
+    pub fn sync(
+        &mut self,
+        objects: &ClusterObjects,
+        skipped: Vec<model::Skipped>,
+        verbose: bool,
+    ) -> Option<SyncReport> {
+        let start = Instant::now();
+        let result = reconcile(
+            objects,
+            skipped,
+            &self.settings,
+            &mut self.datapath,
+            &mut self.maps,
+        );
+        self.telemetry
+            .sync_duration
+            .observe(start.elapsed().as_secs_f64());
+        self.telemetry.syncs.inc();
+        match result {
+            Ok(report) => {
+                self.telemetry.map_writes.inc_by(report.writes as u64);
+                self.telemetry
+                    .skipped_objects
+                    .set(report.skipped.len() as i64);
+                if verbose || report.writes > 0 {
+                    for skipped in &report.skipped {
+                        warn!("skipped {skipped}");
+                    }
+                    info!(
+                        services = report.services,
+                        endpoints = report.endpoints,
+                        writes = report.writes,
+                        purged_flows = report.purged_flows,
+                        "synced"
+                    );
+                }
+                self.telemetry.set_ready();
+                Some(report)
+            }
+            Err(e) => {
+                self.telemetry.sync_errors.inc();
+                error!("sync failed: {e:#}");
+                None
+            }
+        }
+    }
+
+    pub fn flush_logs(&mut self) {
+        self.datapath.flush_logs();
+    }
+}
+
+pub fn run(options: &AgentOptions) -> Result<()> {
+    let mut agent = NodeAgent::start(options)?;
+    match &options.config {
+        Some(config) => run_file(&mut agent, config, options),
+        None => kube_source::run(agent, options.resync),
+    }
+}
+
+fn run_file(agent: &mut NodeAgent, config: &PathBuf, options: &AgentOptions) -> Result<()> {
     let mut last_content: Option<String> = None;
     let mut last_sync: Option<Instant> = None;
     let mut retry_soon = false;
     loop {
-        match fs::read_to_string(&options.config) {
+        match fs::read_to_string(config) {
             Ok(content) => {
                 let changed = last_content.as_ref() != Some(&content);
                 let due = last_sync.is_none_or(|t| t.elapsed() >= options.resync);
                 if changed || due || retry_soon {
-                    match reconcile(&content, &settings, &mut datapath, &mut maps) {
-                        Ok(report) => {
-                            log_report(&report, changed);
-                            retry_soon = report.waiting_for_interfaces;
-                        }
-                        // Maps keep their last good state; the next tick tries again.
-                        Err(e) => error!("sync failed: {e:#}"),
-                    }
+                    let (objects, skipped) = source::parse_objects(&content);
+                    retry_soon = agent
+                        .sync(&objects, skipped, changed)
+                        .is_some_and(|r| r.waiting_for_interfaces);
                     last_content = Some(content);
                     last_sync = Some(Instant::now());
                 }
             }
-            Err(e) => warn!(config = %options.config.display(), "cannot read config: {e}"),
+            Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),
         }
-        datapath.flush_logs();
+        agent.flush_logs();
         std::thread::sleep(options.poll);
     }
 }
 
-fn log_report(report: &SyncReport, config_changed: bool) {
-    if config_changed || report.writes > 0 {
-        for skipped in &report.skipped {
-            warn!("skipped {skipped}");
-        }
-        info!(
-            services = report.services,
-            endpoints = report.endpoints,
-            writes = report.writes,
-            purged_flows = report.purged_flows,
-            "synced"
-        );
-    }
-}
-
+/// One reconciliation: objects -> model -> plan -> ordered map writes, plus the
+/// attachments, host routes and files around them. `skipped` carries what the source
+/// already had to leave out.
 pub fn reconcile(
-    content: &str,
+    objects: &ClusterObjects,
+    mut skipped: Vec<model::Skipped>,
     settings: &plan::NodeSettings,
     datapath: &mut Datapath,
     maps: &mut NodeMaps,
 ) -> Result<SyncReport> {
-    let (objects, mut skipped) = source::parse_objects(content);
-    let (state, more) = model::build(&objects, &settings.node);
+    let (state, more) = model::build(objects, &settings.node);
     skipped.extend(more);
 
     let interfaces = datapath::interfaces()?;

@@ -19,9 +19,11 @@ enum Command {
         /// This node's name (spec.nodeName of its pods).
         #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Multi-document YAML of Kubernetes objects (Service, EndpointSlice, Pod).
+        /// Multi-document YAML of Kubernetes objects (Service, EndpointSlice, Pod,
+        /// Node). Without it the agent watches the Kubernetes API (in-cluster config
+        /// or $KUBECONFIG).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// The eBPF object (default: next to this binary or target/bpf/).
         #[arg(long)]
         bpf_object: Option<PathBuf>,
@@ -40,6 +42,9 @@ enum Command {
         /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
         #[arg(long)]
         cluster_cidr: Option<ipnet::Ipv4Net>,
+        /// Where to serve /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:9965")]
+        http_addr: std::net::SocketAddr,
     },
     /// Show a node's datapath state from its pinned maps.
     Inspect {
@@ -76,7 +81,9 @@ fn main() -> Result<()> {
             vni,
             vxlan_port,
             cluster_cidr,
+            http_addr,
         } => agent::run(&agent::AgentOptions {
+            http_addr: Some(http_addr),
             datapath_log,
             vni,
             vxlan_port,

@@ -342,6 +342,12 @@ pub fn bpf_object() -> PathBuf {
         })
 }
 
+/// Where an agent reads the cluster from.
+enum AgentSource<'a> {
+    File(&'a Path),
+    Kubernetes { kubeconfig: &'a Path },
+}
+
 /// A node: a netns holding the host ends of its pods' veths, a config file, an
 /// agent, and the pin directory /sys/fs/bpf/ferrite/<name>/.
 pub struct Node {
@@ -485,16 +491,29 @@ impl Node {
 
     /// Start `ferrite agent` inside this node's netns on `config`.
     pub fn start_agent_with(&mut self, config: &Path) -> Result<()> {
+        self.spawn_agent(AgentSource::File(config))
+    }
+
+    /// Start `ferrite agent` in Kubernetes mode (no `--config`), on `kubeconfig`.
+    pub fn start_agent_kube(&mut self, kubeconfig: &Path) -> Result<()> {
+        self.spawn_agent(AgentSource::Kubernetes { kubeconfig })
+    }
+
+    fn spawn_agent(&mut self, source: AgentSource) -> Result<()> {
         // One log per start, so a restarted agent does not truncate its predecessor's.
         let starts = fs::read_dir(&self.dir)?.filter_map(Result::ok).count();
         let log = self.dir.join(format!("agent-{starts}.log"));
         let log_file = fs::File::create(&log)?;
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net={}", self.netns.path().display()))
             .arg(ferrite_bin())
-            .args(["agent", "--node", &self.name, "--resync-seconds", "2"])
-            .arg("--config")
-            .arg(config)
+            .args(["agent", "--node", &self.name, "--resync-seconds", "2"]);
+        match source {
+            AgentSource::File(config) => command.arg("--config").arg(config),
+            AgentSource::Kubernetes { kubeconfig } => command.env("KUBECONFIG", kubeconfig),
+        };
+        let child = command
             .arg("--bpf-object")
             .arg(bpf_object())
             .args(&self.agent_args)

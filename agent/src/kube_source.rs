@@ -1,0 +1,150 @@
+//! The Kubernetes source: kube-rs watchers with reflectors for Services,
+//! EndpointSlices, Nodes and this node's Pods feed the same model as the file source.
+//! The watcher does the API semantics (initial list, resourceVersion, bookmarks,
+//! reconnect with backoff, 410 Gone -> relist); a reflector store swaps in a relisted
+//! set atomically at `InitDone`, so an object deleted while the watch was down simply
+//! is not in the next model, and the diff removes exactly that - the maps are never
+//! flushed. A burst of events becomes one sync (debounce).
+use std::{fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    runtime::{
+        reflector::{self, Store},
+        watcher::{self, Event},
+        WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::{
+    agent::NodeAgent,
+    model::ClusterObjects,
+    telemetry::{ResourceLabel, Telemetry},
+};
+
+/// Wait this long after an event for more before syncing.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+pub fn run(agent: NodeAgent, resync: Duration) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run_async(agent, resync))
+}
+
+async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let changed = Arc::new(Notify::new());
+    let telemetry = agent.telemetry.clone();
+    let all = watcher::Config::default();
+    let this_node =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", agent.settings.node));
+    let services = watch::<Service>(
+        Api::all(client.clone()),
+        all.clone(),
+        "services",
+        &changed,
+        &telemetry,
+    );
+    let slices = watch::<EndpointSlice>(
+        Api::all(client.clone()),
+        all.clone(),
+        "endpointslices",
+        &changed,
+        &telemetry,
+    );
+    let nodes = watch::<Node>(Api::all(client.clone()), all, "nodes", &changed, &telemetry);
+    let pods = watch::<Pod>(Api::all(client), this_node, "pods", &changed, &telemetry);
+    for (store_ready, resource) in [
+        (services.wait_until_ready().await, "services"),
+        (slices.wait_until_ready().await, "endpointslices"),
+        (nodes.wait_until_ready().await, "nodes"),
+        (pods.wait_until_ready().await, "pods"),
+    ] {
+        store_ready.with_context(|| format!("the {resource} watch ended"))?;
+    }
+    info!("initial lists complete");
+    let mut triggered_by_event = true;
+    loop {
+        let objects = ClusterObjects {
+            services: snapshot(&services),
+            endpoint_slices: snapshot(&slices),
+            pods: snapshot(&pods),
+            nodes: snapshot(&nodes),
+        };
+        agent.sync(&objects, Vec::new(), triggered_by_event);
+        agent.flush_logs();
+        tokio::select! {
+            _ = changed.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                triggered_by_event = true;
+            }
+            _ = tokio::time::sleep(resync) => triggered_by_event = false,
+        }
+    }
+}
+
+fn snapshot<K: Clone + Resource>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store
+        .state()
+        .iter()
+        .map(|object| (**object).clone())
+        .collect()
+}
+
+/// Start a watcher + reflector for `K`; every settled change pokes `changed`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    resource: &'static str,
+    changed: &Arc<Notify>,
+    telemetry: &Arc<Telemetry>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
+    let (changed, telemetry) = (changed.clone(), telemetry.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut lists = 0u64;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => {
+                    lists += 1;
+                    if lists > 1 {
+                        telemetry
+                            .watch_restarts
+                            .get_or_create(&ResourceLabel {
+                                resource: resource.into(),
+                            })
+                            .inc();
+                        info!(resource, "relisting");
+                    }
+                }
+                // A relist is applied as a whole at InitDone.
+                Ok(Event::InitApply(_)) => {}
+                Ok(_) => changed.notify_one(),
+                Err(e) => warn!(resource, "watch error (retrying with backoff): {e}"),
+            }
+        }
+    });
+    reader
+}

@@ -1,0 +1,210 @@
+//! User stories for the agent in Kubernetes mode: the real kube-rs client and
+//! watchers against a fake API server (list/watch JSON, resourceVersion, bookmarks,
+//! 410 Gone) running on 127.0.0.1 inside the node's network namespace. Needs root.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use ferrite_agent::plan::MapContents;
+use ferrite_common::{ServiceKey, PROTO_TCP};
+use ferrite_tests::{
+    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET},
+    fake_apiserver::FakeApiServer,
+    lab::{answered_by, node_yaml, Netns, Node, Server},
+};
+
+struct KubeCluster {
+    _servers: Vec<Server>,
+    api: FakeApiServer,
+    node: Node,
+}
+
+fn master_count(maps: &MapContents, vip: Ipv4Addr, port: u16) -> Option<u16> {
+    maps.services
+        .get(&ServiceKey::new(vip, port, PROTO_TCP, 0))
+        .map(|v| v.count)
+}
+
+/// The example cluster served by the fake API server, plus this node's Node object;
+/// the agent started on a kubeconfig and synced.
+fn kube_cluster() -> Result<KubeCluster> {
+    let mut node = Node::new("kube")?;
+    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
+        node.add_pod(name, *ip)?;
+    }
+    let mut servers = Vec::new();
+    for (name, _) in BACKENDS {
+        servers.push(node.pod(name).serve(TCP_TARGET)?);
+        servers.push(node.pod(name).serve(UDP_TARGET)?);
+    }
+    let api = FakeApiServer::start(&node.netns)?;
+    api.apply_yaml(&cluster::example_for(&node.name))?;
+    api.apply_yaml(&node_yaml(
+        &node.name,
+        "198.51.100.1".parse()?,
+        "10.244.0.0/24",
+    ))?;
+    let kubeconfig = node.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    node.start_agent_kube(&kubeconfig)?;
+    node.wait_for_sync(2, 5)?;
+    Ok(KubeCluster {
+        _servers: servers,
+        api,
+        node,
+    })
+}
+
+/// GET `path` from the agent's HTTP endpoint (inside the node's netns).
+fn http_get(netns: &Netns, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    netns.run(move || -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(
+            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9965).into(),
+            Duration::from_secs(5),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("HTTP status")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or("");
+        Ok((status, body.to_string()))
+    })?
+}
+
+#[test]
+fn the_agent_syncs_from_the_api_server_serves_traffic_and_reports_ready_and_metrics() -> Result<()>
+{
+    let c = kube_cluster()?;
+    let client = c.node.pod(CLIENTS[0].0);
+    for i in 0..10 {
+        let request = format!("via the API {i}");
+        answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
+    }
+    assert_eq!(http_get(&c.node.netns, "/healthz")?.0, 200);
+    assert_eq!(http_get(&c.node.netns, "/readyz")?.0, 200);
+    let (status, metrics) = http_get(&c.node.netns, "/metrics")?;
+    assert_eq!(status, 200);
+    for needle in [
+        "ferrite_syncs_total",
+        "ferrite_sync_duration_seconds_bucket",
+        "ferrite_datapath_packets{reason=\"service_new_flow\"} 10",
+        "ferrite_map_entries{map=\"ferrite_endpnt\"} 5",
+        "ferrite_map_capacity{map=\"ferrite_ct\"}",
+    ] {
+        assert!(metrics.contains(needle), "no {needle:?} in:\n{metrics}");
+    }
+    Ok(())
+}
+
+#[test]
+fn services_endpointslices_and_nodes_follow_adds_updates_and_deletes() -> Result<()> {
+    let c = kube_cluster()?;
+    let (api, node) = (&c.api, &c.node);
+    let api_vip: Ipv4Addr = "10.96.0.20".parse()?;
+    // Add a Service with its EndpointSlice.
+    api.apply_yaml(&cluster::service_yaml("api", api_vip, &[BACKENDS[0].1]))?;
+    node.wait_for_maps("the new Service", |m| {
+        master_count(m, api_vip, 80) == Some(1)
+    })?;
+    // Update an EndpointSlice: web loses its third backend.
+    let two = [BACKENDS[0].1, BACKENDS[1].1];
+    api.apply_yaml(&cluster::example_with_backends(&node.name, &two))?;
+    node.wait_for_maps("web down to 2 backends", |m| {
+        master_count(m, *TCP_FRONTEND.ip(), 80) == Some(2)
+    })?;
+    // Delete the added Service.
+    api.delete("Service", "default", "api");
+    node.wait_for_maps("the deleted Service gone", |m| {
+        master_count(m, api_vip, 80).is_none()
+    })?;
+    // A Node joins and leaves: its route follows.
+    api.apply_yaml(&node_yaml(
+        "other",
+        "198.51.100.7".parse()?,
+        "10.244.7.0/24",
+    ))?;
+    node.wait_for_maps("the new node's route", |m| m.routes.len() == 2)?;
+    api.delete("Node", "", "other");
+    node.wait_for_maps("the departed node's route gone", |m| m.routes.len() == 1)?;
+    // Traffic still flows through what remains.
+    let request = "after the changes";
+    let backend = answered_by(
+        &node.pod(CLIENTS[0].0).tcp_request(TCP_FRONTEND, request)?,
+        request,
+    )?;
+    assert_ne!(backend, BACKENDS[2].0);
+    Ok(())
+}
+
+#[test]
+fn a_watch_cut_mid_stream_reconnects_and_misses_nothing() -> Result<()> {
+    let c = kube_cluster()?;
+    c.api.disconnect_watches();
+    // Changed while the watches reconnect: replayed from their resourceVersion.
+    let two = [BACKENDS[0].1, BACKENDS[1].1];
+    c.api
+        .apply_yaml(&cluster::example_with_backends(&c.node.name, &two))?;
+    c.node
+        .wait_for_maps("the change made during the reconnect", |m| {
+            master_count(m, *TCP_FRONTEND.ip(), 80) == Some(2)
+        })?;
+    Ok(())
+}
+
+#[test]
+fn after_410_gone_the_agent_relists_and_removes_what_was_deleted_in_the_gap() -> Result<()> {
+    let c = kube_cluster()?;
+    let extra: Ipv4Addr = "10.96.0.30".parse()?;
+    c.api
+        .apply_yaml(&cluster::service_yaml("extra", extra, &[BACKENDS[1].1]))?;
+    c.node.wait_for_maps("the extra Service", |m| {
+        master_count(m, extra, 80) == Some(1)
+    })?;
+    let before = c.node.maps()?.contents()?;
+
+    // The watches are down while the Service is deleted; by the time they come back
+    // the history is compacted, so they get 410 Gone and must relist.
+    c.api.begin_gap();
+    c.api.delete("Service", "default", "extra");
+    c.api.delete("EndpointSlice", "default", "extra-1");
+    std::thread::sleep(Duration::from_millis(300));
+    c.api.end_gap();
+    c.node
+        .wait_for_maps("the Service deleted during the gap to go", |m| {
+            master_count(m, extra, 80).is_none()
+        })?;
+    // Nothing else was flushed or rewritten: web keeps its entries and ids.
+    let after = c.node.maps()?.contents()?;
+    let web = |m: &MapContents| {
+        m.services
+            .iter()
+            .filter(|(k, _)| k.address == TCP_FRONTEND.ip().octets())
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(web(&after), web(&before));
+    assert_eq!(after.endpoints, before.endpoints);
+    let (_, metrics) = http_get(&c.node.netns, "/metrics")?;
+    let restarts: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrite_watch_restarts_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum();
+    assert!(restarts >= 1, "no watch restart counted:\n{metrics}");
+    Ok(())
+}
