@@ -96,7 +96,10 @@ fn the_agent_syncs_from_the_api_server_serves_traffic_and_reports_ready_and_metr
         answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
     }
     assert_eq!(http_get(&c.node.netns, "/healthz")?.0, 200);
-    assert_eq!(http_get(&c.node.netns, "/readyz")?.0, 200);
+    // Ready once the first sync has returned (its map writes land just before).
+    ferrite_tests::lab::wait_until("/readyz to answer 200", ferrite_tests::lab::SETTLE, || {
+        http_get(&c.node.netns, "/readyz").is_ok_and(|(status, _)| status == 200)
+    })?;
     let (status, metrics) = http_get(&c.node.netns, "/metrics")?;
     assert_eq!(status, 200);
     for needle in [
