@@ -4,7 +4,8 @@
 //! reconnect with backoff, 410 Gone -> relist); a reflector store swaps in a relisted
 //! set atomically at `InitDone`, so an object deleted while the watch was down simply
 //! is not in the next model, and the diff removes exactly that - the maps are never
-//! flushed. A burst of events becomes one sync (debounce).
+//! flushed. A burst of events becomes one sync: a sync starts at once, and whatever
+//! arrives while it runs is batched into the next one (no fixed delay).
 use std::{fmt::Debug, hash::Hash, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
@@ -30,9 +31,6 @@ use crate::{
     model::ClusterObjects,
     telemetry::{ResourceLabel, Telemetry},
 };
-
-/// Wait this long after an event for more before syncing.
-const DEBOUNCE: Duration = Duration::from_millis(100);
 
 pub fn run(agent: NodeAgent, resync: Duration) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
@@ -76,7 +74,8 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
         store_ready.with_context(|| format!("the {resource} watch ended"))?;
     }
     info!("initial lists complete");
-    let mut triggered_by_event = true;
+    // The first sync reads the maps (restart: reuse what is pinned, repair drift).
+    let mut triggered_by_event = false;
     loop {
         let objects = ClusterObjects {
             services: snapshot(&services),
@@ -87,10 +86,7 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
         agent.sync(&objects, Vec::new(), triggered_by_event);
         agent.flush_logs();
         tokio::select! {
-            _ = changed.notified() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                triggered_by_event = true;
-            }
+            _ = changed.notified() => triggered_by_event = true,
             _ = tokio::time::sleep(resync) => triggered_by_event = false,
         }
     }
