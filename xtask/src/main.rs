@@ -55,8 +55,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Measure the datapath with BPF_PROG_TEST_RUN next to a no-op program.
-    Bench,
+    /// Benchmarks, each side by side with its baseline: datapath (BPF_PROG_TEST_RUN vs
+    /// a no-op program), overlay (vs flannel-style), control-plane (vs iptables-restore).
+    Bench {
+        /// Sections to run (datapath, overlay, control-plane); all by default.
+        sections: Vec<String>,
+    },
     /// rustfmt check and clippy -D warnings on every crate.
     Lint,
 }
@@ -279,12 +283,12 @@ fn main() -> Result<()> {
             }
             run(with_artifacts(command.args(&args), "debug"))
         }
-        Cmd::Bench => {
+        Cmd::Bench { sections } => {
             require_root("the benchmark")?;
             setup()?;
             build_release()?;
             run(with_artifacts(
-                &mut Command::new(root().join("target/release/ferrite-bench")),
+                Command::new(root().join("target/release/ferrite-bench")).args(&sections),
                 "release",
             ))
         }
