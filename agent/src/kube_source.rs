@@ -92,15 +92,12 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     }
 }
 
-fn snapshot<K: Clone + Resource>(store: &Store<K>) -> Vec<K>
+/// The store's objects, shared: no deep copy per sync.
+fn snapshot<K: Clone + Resource>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
-    store
-        .state()
-        .iter()
-        .map(|object| (**object).clone())
-        .collect()
+    store.state()
 }
 
 /// Start a watcher + reflector for `K`; every settled change pokes `changed`.

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -135,13 +136,14 @@ impl fmt::Display for Skipped {
     }
 }
 
-/// The Kubernetes objects the model is built from.
+/// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of
+/// the watch caches costs no deep copy.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub pods: Vec<Pod>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),

@@ -283,28 +283,50 @@ pub fn desired_contents(
     (out, skipped)
 }
 
-/// Entries of `desired` (selected by `keep`) that `current` lacks or holds differently.
-fn puts<'a, K: Ord + Copy, V: PartialEq + Copy>(
-    current: &'a BTreeMap<K, V>,
-    desired: &'a BTreeMap<K, V>,
-    keep: impl Fn(&K) -> bool + 'a,
-) -> impl Iterator<Item = (K, V)> + 'a {
-    desired
-        .iter()
-        .filter(move |(k, v)| keep(k) && current.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-}
-
-/// Keys of `current` (selected by `keep`) that `desired` no longer has.
-fn deletes<'a, K: Ord + Copy, V>(
-    current: &'a BTreeMap<K, V>,
-    desired: &'a BTreeMap<K, V>,
-    keep: impl Fn(&K) -> bool + 'a,
-) -> impl Iterator<Item = K> + 'a {
-    current
-        .keys()
-        .filter(move |k| keep(k) && !desired.contains_key(k))
-        .copied()
+/// One ordered pass over both maps (they are sorted): the entries of `desired`
+/// (selected by `keep`) that `current` lacks or holds differently, and the keys of
+/// `current` that `desired` no longer has.
+#[allow(clippy::type_complexity)]
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> (Vec<(K, V)>, Vec<K>) {
+    use std::cmp::Ordering;
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    let mut cur = current.iter().filter(|(k, _)| keep(k)).peekable();
+    let mut des = desired.iter().filter(|(k, _)| keep(k)).peekable();
+    loop {
+        match (cur.peek(), des.peek()) {
+            (None, None) => break,
+            (Some((ck, _)), None) => {
+                deletes.push(**ck);
+                cur.next();
+            }
+            (None, Some((dk, dv))) => {
+                puts.push((**dk, **dv));
+                des.next();
+            }
+            (Some((ck, cv)), Some((dk, dv))) => match ck.cmp(dk) {
+                Ordering::Less => {
+                    deletes.push(**ck);
+                    cur.next();
+                }
+                Ordering::Greater => {
+                    puts.push((**dk, **dv));
+                    des.next();
+                }
+                Ordering::Equal => {
+                    if cv != dv {
+                        puts.push((**dk, **dv));
+                    }
+                    cur.next();
+                    des.next();
+                }
+            },
+        }
+    }
+    (puts, deletes)
 }
 
 /// The writes that turn `current` into `desired`, in a safe order (see module docs).
@@ -317,28 +339,32 @@ fn all<K>(_: &K) -> bool {
 pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let is_master = |k: &ServiceKey| k.backend_slot == 0;
     let is_slot = |k: &ServiceKey| k.backend_slot != 0;
+    let (route_puts, route_deletes) = changes(&current.routes, &desired.routes, all);
+    let (backend_puts, backend_deletes) = changes(&current.backends, &desired.backends, all);
+    let (rev_puts, rev_deletes) = changes(&current.rev_nat, &desired.rev_nat, all);
+    let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
+    let (master_puts, master_deletes) = changes(&current.services, &desired.services, is_master);
+    let (endpoint_puts, endpoint_deletes) = changes(&current.endpoints, &desired.endpoints, all);
     let mut ops = Vec::new();
     if current.config != desired.config {
         ops.push(Op::PutConfig(desired.config));
     }
-    ops.extend(puts(&current.routes, &desired.routes, all).map(|(k, v)| Op::PutRoute(k, v)));
-    ops.extend(puts(&current.backends, &desired.backends, all).map(|(k, v)| Op::PutBackend(k, v)));
-    ops.extend(puts(&current.rev_nat, &desired.rev_nat, all).map(|(k, v)| Op::PutRevNat(k, v)));
+    ops.extend(route_puts.into_iter().map(|(k, v)| Op::PutRoute(k, v)));
+    ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
+    ops.extend(rev_puts.into_iter().map(|(k, v)| Op::PutRevNat(k, v)));
+    ops.extend(slot_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
     ops.extend(
-        puts(&current.services, &desired.services, is_slot).map(|(k, v)| Op::PutService(k, v)),
+        endpoint_puts
+            .into_iter()
+            .map(|(k, v)| Op::PutEndpoint(k, v)),
     );
-    ops.extend(
-        puts(&current.services, &desired.services, is_master).map(|(k, v)| Op::PutService(k, v)),
-    );
-    ops.extend(
-        puts(&current.endpoints, &desired.endpoints, all).map(|(k, v)| Op::PutEndpoint(k, v)),
-    );
-    ops.extend(deletes(&current.services, &desired.services, is_master).map(Op::DeleteService));
-    ops.extend(deletes(&current.services, &desired.services, is_slot).map(Op::DeleteService));
-    ops.extend(deletes(&current.rev_nat, &desired.rev_nat, all).map(Op::DeleteRevNat));
-    ops.extend(deletes(&current.backends, &desired.backends, all).map(Op::DeleteBackend));
-    ops.extend(deletes(&current.endpoints, &desired.endpoints, all).map(Op::DeleteEndpoint));
-    ops.extend(deletes(&current.routes, &desired.routes, all).map(Op::DeleteRoute));
+    ops.extend(master_deletes.into_iter().map(Op::DeleteService));
+    ops.extend(slot_deletes.into_iter().map(Op::DeleteService));
+    ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
+    ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
+    ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
     ops
 }
 

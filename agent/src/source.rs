@@ -2,6 +2,8 @@
 //! discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind: List` is unwrapped). Each document
 //! is parsed on its own with k8s-openapi types, so one bad document is skipped with
 //! a reason and the others still apply.
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -55,12 +57,14 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
             }
             Ok(())
         }
-        ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(s)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(s))
+        ("v1", "Service") => {
+            serde_yaml::from_value(value).map(|s| objects.services.push(Arc::new(s)))
         }
-        ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(p)),
-        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(n)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(Arc::new(s)))
+        }
+        ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
+        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
         _ => {
             skipped.push(Skipped {
                 object: what,
