@@ -112,7 +112,10 @@ impl NodeAgent {
             None
         };
         let current = match cached {
-            Some(contents) => Ok(contents),
+            Some(mut contents) => self.maps.endpoint_entries().map(|endpoints| {
+                contents.endpoints = endpoints;
+                contents
+            }),
             None => self.maps.contents(),
         };
         let result = current.and_then(|current| {

@@ -198,20 +198,53 @@ impl Datapath {
             .program_mut(program)
             .context("program missing")?
             .try_into()?;
-        let link_id = program
-            .attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .with_context(|| format!("attaching to {interface} (tcx ingress)"))?;
-        let link = program.take_link(link_id)?;
-        let fd_link: FdLink = link.try_into().context("tcx link is not an fd link")?;
-        fd_link
-            .pin(&link_pin)
-            .with_context(|| format!("pinning {}", link_pin.display()))?;
-        Ok(true)
+        attach_and_pin(program, interface, &self.pin_dir)
     }
+}
+
+/// Attach `program` to `interface`'s tcx ingress and pin the link in `pin_dir`.
+/// The agent and the CNI plugin may race to attach to a new pod's veth: the pin
+/// decides. The loser's link is dropped (detached) and it returns `false`; while
+/// both are attached only the first runs to a verdict, so no packet is seen twice.
+pub fn attach_and_pin(
+    program: &mut SchedClassifier,
+    interface: &str,
+    pin_dir: &Path,
+) -> Result<bool> {
+    let link_pin = links_dir(pin_dir).join(interface);
+    let link_id = program
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching to {interface} (tcx ingress)"))?;
+    let link = program.take_link(link_id)?;
+    let fd_link: FdLink = link.try_into().context("tcx link is not an fd link")?;
+    match fd_link.pin(&link_pin) {
+        Ok(_) => Ok(true),
+        Err(aya::pin::PinError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(nix::libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("pinning {}", link_pin.display())),
+    }
+}
+
+/// Attach the pinned from-pod program of the node whose pins are in `pin_dir` to a
+/// pod's host veth (what the CNI plugin does, with or without a running agent).
+/// A pin left by an earlier interface of the same name is replaced.
+pub fn attach_pinned_from_pod(pin_dir: &Path, interface: &str) -> Result<()> {
+    let program_pin = pin_dir.join(program_names::FROM_POD);
+    let mut program = SchedClassifier::from_pin(&program_pin)
+        .with_context(|| format!("opening {}", program_pin.display()))?;
+    let link_pin = links_dir(pin_dir).join(interface);
+    if link_pin.exists() {
+        detach(pin_dir, interface)?;
+    }
+    attach_and_pin(&mut program, interface, pin_dir)?;
+    Ok(())
 }
 
 pub fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {

@@ -14,10 +14,15 @@ use ipnet::Ipv4Net;
 /// Runtime files shared with the CNI plugin: /run/ferrite/<node>/.
 pub const RUN_DIR: &str = "/run/ferrite";
 
+/// A node's runtime files (removed by `ferrite uninstall`).
+pub fn run_dir(node: &str) -> std::path::PathBuf {
+    std::path::Path::new(RUN_DIR).join(node)
+}
+
 /// Where the agent publishes this node's pod CIDR (from its Node object) for the CNI
 /// plugin's IPAM when the network config does not set one.
 pub fn pod_cidr_file(node: &str) -> std::path::PathBuf {
-    std::path::Path::new(RUN_DIR).join(node).join("pod-cidr")
+    run_dir(node).join("pod-cidr")
 }
 
 /// Write the pod CIDR file if it changed (atomically: write then rename).
@@ -37,7 +42,7 @@ pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
 /// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).
 pub const NFT_TABLE: &str = "ferrite";
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -107,26 +112,33 @@ pub fn enable_forwarding() -> Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")
 }
 
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+/// Run `program args` with `input` on its stdin (nft -f -, ip -batch -).
+pub(crate) fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running nft")?;
+        .with_context(|| format!("running {program}"))?;
     child
         .stdin
         .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())?;
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "nft failed: {}",
+            "{program} {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+fn nft(script: &str) -> Result<()> {
+    run_with_input("nft", &["-f", "-"], script)
 }
 
 /// Ferrite's nftables rules, replacing the table atomically:

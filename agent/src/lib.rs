@@ -9,5 +9,6 @@ pub mod kube_source;
 pub mod maps;
 pub mod model;
 pub mod plan;
+pub mod podnet;
 pub mod source;
 pub mod telemetry;

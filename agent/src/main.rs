@@ -102,6 +102,7 @@ fn main() -> Result<()> {
         Command::Uninstall { node } => {
             // Run in the node's network namespace: the device and rules are there.
             hostnet::remove_all();
+            let _ = std::fs::remove_dir_all(hostnet::run_dir(&node));
             datapath::uninstall(&datapath::pin_dir(&node))
         }
     }

@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use ferrite_common::{
     map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, NodeConfig,
     RevNatValue, RouteInfo, ServiceKey, ServiceValue,
@@ -80,6 +80,23 @@ impl NodeMaps {
         })
     }
 
+    /// The endpoint entry of one pod address, if any.
+    pub fn endpoint(&self, key: &EndpointKey) -> Result<Option<EndpointInfo>> {
+        match self.endpoints.get(key, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading ferrite_endpnt"),
+        }
+    }
+
+    /// Only the endpoints (a few hundred at most): the CNI plugin writes them between
+    /// syncs, so even event-driven syncs read them fresh.
+    pub fn endpoint_entries(
+        &self,
+    ) -> Result<std::collections::BTreeMap<EndpointKey, EndpointInfo>> {
+        entries(&self.endpoints, map_names::ENDPOINTS)
+    }
+
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
         // LRU entries can vanish while we iterate: skip those instead of failing.
         Ok(self.conntrack.iter().filter_map(Result::ok).collect())
@@ -115,7 +132,12 @@ impl NodeMaps {
                 Op::PutRoute(key, value) => self.routes.insert(&lpm_key(key), value, 0),
                 Op::DeleteRoute(key) => self.routes.remove(&lpm_key(key)),
             };
-            result.with_context(|| describe_op(op))?;
+            match result {
+                // A delete of what is already gone (the CNI plugin removed it) is done.
+                Err(MapError::SyscallError(e))
+                    if is_delete(op) && e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                other => other.with_context(|| describe_op(op))?,
+            }
         }
         Ok(())
     }
@@ -140,6 +162,17 @@ impl NodeMaps {
         }
         Ok(stale.len())
     }
+}
+
+fn is_delete(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::DeleteRoute(_)
+            | Op::DeleteService(_)
+            | Op::DeleteRevNat(_)
+            | Op::DeleteBackend(_)
+            | Op::DeleteEndpoint(_)
+    )
 }
 
 pub fn describe_op(op: &Op) -> String {

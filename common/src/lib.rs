@@ -159,6 +159,12 @@ pub struct EndpointInfo {
     pub flags: u32,
 }
 
+/// Every pod's default gateway: a link-local address answered by a permanent
+/// neighbour entry in the pod (no ARP), the same on every node (Calico's scheme).
+pub const POD_GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// MAC of every host-side pod veth, so the pod's gateway entry never changes.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+
 /// The pod's MAC is derived from its IP, `0a:58:<ip>` (OVN-Kubernetes' scheme), so
 /// the agent and the CNI plugin both know it without entering the pod's netns.
 pub const fn pod_mac_for(ip: Ipv4Addr) -> [u8; 6] {

@@ -9,7 +9,7 @@ use etherparse::{
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 0, 2];
-pub const GATEWAY_MAC: [u8; 6] = [0xee; 6];
+pub use ferrite_common::HOST_VETH_MAC as GATEWAY_MAC;
 
 pub fn tcp_syn(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)

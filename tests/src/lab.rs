@@ -20,12 +20,15 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use ferrite_agent::{datapath, maps::NodeMaps, model::pod_interface_name, plan::MapContents};
-use ferrite_common::pod_mac_for;
+use ferrite_agent::{
+    datapath, hostnet,
+    maps::NodeMaps,
+    model::pod_interface_name,
+    plan::MapContents,
+    podnet::{self, PodInterface},
+};
 
 /// MAC of every host-side veth (Calico's choice): pods need one static neighbour entry.
-pub const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
-pub const GATEWAY_IP: &str = "169.254.1.1";
 /// Long enough for any step to settle on a loaded 2-core machine; only a bound on
 /// waiting, never a performance assertion.
 pub const SETTLE: Duration = Duration::from_secs(30);
@@ -111,6 +114,19 @@ impl Netns {
         })
     }
 
+    /// One TCP request from this namespace: connect, send a line, read the answer.
+    pub fn tcp_request(&self, to: SocketAddrV4, message: &str) -> Result<String> {
+        let mut stream = self.tcp_connect(to)?;
+        exchange(&mut stream, message)
+    }
+
+    pub fn tcp_connect(&self, to: SocketAddrV4) -> Result<TcpStream> {
+        let stream =
+            self.run(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    }
+
     /// Like [`Netns::run`] but on a detached thread (for servers).
     pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
         let file = fs::File::open(self.path())?;
@@ -157,16 +173,11 @@ impl Pod {
 
     /// One TCP request: connect, send a line, read the answer line.
     pub fn tcp_request(&self, to: SocketAddrV4, message: &str) -> Result<String> {
-        let mut stream = self.tcp_connect(to)?;
-        exchange(&mut stream, message)
+        self.netns.tcp_request(to, message)
     }
 
     pub fn tcp_connect(&self, to: SocketAddrV4) -> Result<TcpStream> {
-        let stream = self
-            .netns
-            .run(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)))??;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(stream)
+        self.netns.tcp_connect(to)
     }
 
     /// One UDP request; returns the answer and the address it came from.
@@ -406,54 +417,14 @@ impl Node {
         let namespace = "default".to_string();
         let host_interface = pod_interface_name(&namespace, name);
         let netns = Netns::new(&format!("{}-{name}", self.name))?;
-        let (node, pod) = (self.name.as_str(), netns.name.as_str());
-        let mac = pod_mac_for(ip).map(|b| format!("{b:02x}")).join(":");
-        let address = format!("{ip}/32");
-        run_ip(&[
-            "-n",
-            node,
-            "link",
-            "add",
-            &host_interface,
-            "address",
-            GATEWAY_MAC,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "address",
-            &mac,
-            "netns",
-            pod,
-        ])?;
-        run_ip(&["-n", pod, "addr", "add", &address, "dev", "eth0"])?;
-        run_ip(&["-n", pod, "link", "set", "eth0", "up"])?;
-        run_ip(&[
-            "-n", pod, "route", "add", "default", "via", GATEWAY_IP, "dev", "eth0", "onlink",
-        ])?;
-        run_ip(&[
-            "-n",
-            pod,
-            "neigh",
-            "add",
-            GATEWAY_IP,
-            "lladdr",
-            GATEWAY_MAC,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        let mtu = self.pod_mtu.to_string();
-        run_ip(&["-n", pod, "link", "set", "eth0", "mtu", &mtu])?;
-        run_ip(&["-n", node, "link", "set", &host_interface, "mtu", &mtu])?;
-        run_ip(&["-n", node, "link", "set", &host_interface, "up"])?;
-        // Pods are IPv4-only: no IPv6 router solicitations into the datapath.
-        netns.run(|| {
-            fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1")
-                .and_then(|_| fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1"))
-        })??;
+        let interface = PodInterface {
+            netns: netns.path(),
+            name: "eth0".into(),
+            host_name: host_interface.clone(),
+            ip,
+            mtu: self.pod_mtu,
+        };
+        self.netns.run(|| podnet::create(&interface))??;
         self.pods.push(Pod {
             name: name.into(),
             namespace,
@@ -586,6 +557,7 @@ impl Drop for Node {
         self.agent = None; // kill first: it must not re-create pins
         self.pods.clear();
         let _ = datapath::uninstall(&self.pin_dir());
+        let _ = fs::remove_dir_all(hostnet::run_dir(&self.name));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

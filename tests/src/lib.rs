@@ -1,5 +1,6 @@
 //! Shared by Ferrite's end-to-end tests, demo and benchmark.
 pub mod cluster;
+pub mod cni;
 pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;

@@ -1,0 +1,474 @@
+//! The CNI protocol (spec 1.1.0): environment, network configuration, result and
+//! error objects, versions. Nothing here touches the system.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub const SPEC_VERSION: &str = "1.1.0";
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// Error codes: 1-99 are the spec's, 100+ Ferrite's own.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENVIRONMENT: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    /// Wiring the pod (veth, addresses, datapath attachment, maps) failed.
+    pub const WIRING_FAILED: u32 = 100;
+    /// The node's pod CIDR has no free address.
+    pub const NO_FREE_ADDRESS: u32 = 101;
+    /// CHECK found the pod's networking different from what ADD set up.
+    pub const CHECK_FAILED: u32 = 102;
+    /// ADD for an attachment that already has an address (DEL it first).
+    pub const ALREADY_ATTACHED: u32 = 103;
+}
+
+/// The spec's error object; printed on stdout with exit status 1.
+#[derive(Debug, Serialize)]
+pub struct CniError {
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    pub code: u32,
+    pub msg: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>) -> Self {
+        Self {
+            cni_version: SPEC_VERSION.into(),
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    pub fn details(mut self, details: impl Into<String>) -> Self {
+        self.details = details.into();
+        self
+    }
+}
+
+/// Turn internal errors into a CNI error with a code and a message; the cause chain
+/// goes into `details`.
+pub trait OrCode<T> {
+    fn or_code(self, code: u32, msg: &str) -> Result<T, CniError>;
+}
+
+impl<T> OrCode<T> for anyhow::Result<T> {
+    fn or_code(self, code: u32, msg: &str) -> Result<T, CniError> {
+        self.map_err(|e| CniError::new(code, msg).details(format!("{e:#}")))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Gc,
+    Status,
+    Version,
+}
+
+/// What the runtime passes in the environment.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    pub command: Command,
+    pub container_id: String,
+    /// Empty when not given (allowed for DEL).
+    pub netns: String,
+    pub ifname: String,
+    /// CNI_ARGS as key/value pairs (K8S_POD_NAMESPACE, K8S_POD_NAME, ...).
+    pub args: BTreeMap<String, String>,
+}
+
+/// Container ids: alphanumerics plus `_ . -`, starting with an alphanumeric (spec).
+fn valid_container_id(id: &str) -> bool {
+    id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// Linux interface names: 1-15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+impl Environment {
+    /// Read and check the variables `CNI_COMMAND` needs (error code 4 otherwise).
+    pub fn parse(var: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
+        let invalid = |msg: String| CniError::new(code::INVALID_ENVIRONMENT, msg);
+        let command = match var("CNI_COMMAND").as_deref() {
+            Some("ADD") => Command::Add,
+            Some("DEL") => Command::Del,
+            Some("CHECK") => Command::Check,
+            Some("GC") => Command::Gc,
+            Some("STATUS") => Command::Status,
+            Some("VERSION") => Command::Version,
+            Some(other) => return Err(invalid(format!("unknown CNI_COMMAND {other:?}"))),
+            None => return Err(invalid("CNI_COMMAND is not set".into())),
+        };
+        let per_attachment = matches!(command, Command::Add | Command::Del | Command::Check);
+        let needs_netns = matches!(command, Command::Add | Command::Check);
+        let get = |name: &str, required: bool| -> Result<String, CniError> {
+            match var(name).filter(|v| !v.is_empty()) {
+                Some(value) => Ok(value),
+                None if required => Err(invalid(format!("{name} is not set"))),
+                None => Ok(String::new()),
+            }
+        };
+        let container_id = get("CNI_CONTAINERID", per_attachment)?;
+        let netns = get("CNI_NETNS", needs_netns)?;
+        let ifname = get("CNI_IFNAME", per_attachment)?;
+        if per_attachment && !valid_container_id(&container_id) {
+            return Err(invalid(format!("invalid CNI_CONTAINERID {container_id:?}")));
+        }
+        if per_attachment && !valid_ifname(&ifname) {
+            return Err(invalid(format!("invalid CNI_IFNAME {ifname:?}")));
+        }
+        let args = var("CNI_ARGS")
+            .unwrap_or_default()
+            .split(';')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(Self {
+            command,
+            container_id,
+            netns,
+            ifname,
+            args,
+        })
+    }
+
+    /// The Kubernetes pod (namespace, name) from CNI_ARGS, when the runtime is a kubelet.
+    pub fn pod(&self) -> Option<(&str, &str)> {
+        Some((
+            self.args.get("K8S_POD_NAMESPACE")?.as_str(),
+            self.args.get("K8S_POD_NAME")?.as_str(),
+        ))
+    }
+}
+
+/// An attachment named in `cni.dev/valid-attachments` (GC).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+pub const DEFAULT_MTU: u32 = 1450;
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/ferrite";
+
+fn default_mtu() -> u32 {
+    DEFAULT_MTU
+}
+
+/// Ferrite's network configuration (one plugin entry of a conflist, as the runtime
+/// passes it). Unknown fields (runtimeConfig, args, other plugins' keys) are ignored.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    /// This node's name: selects the pinned datapath (/sys/fs/bpf/ferrite/<node>/).
+    pub node: String,
+    /// Pod addresses come from here; default: the CIDR the agent published from the
+    /// node's Node object (/run/ferrite/<node>/pod-cidr).
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// IPAM state; default /var/lib/cni/ferrite (one directory per node inside).
+    pub data_dir: Option<PathBuf>,
+    pub prev_result: Option<serde_json::Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// Node names end up in paths: allow DNS subdomain characters only.
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+}
+
+impl NetConf {
+    /// Parse stdin: undecodable JSON is code 6, a wrong or missing field code 7, an
+    /// unsupported cniVersion code 1.
+    pub fn parse(input: &[u8]) -> Result<Self, CniError> {
+        let conf: NetConf = serde_json::from_slice(input).map_err(|e| {
+            let code = if e.is_data() {
+                code::INVALID_CONFIG
+            } else {
+                code::DECODE_FAILURE
+            };
+            CniError::new(code, "invalid network configuration").details(e.to_string())
+        })?;
+        let invalid = |msg: String| {
+            let mut error = CniError::new(code::INVALID_CONFIG, msg);
+            error.cni_version = conf.cni_version.clone();
+            error
+        };
+        if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("cniVersion {} is not supported", conf.cni_version),
+            )
+            .details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))));
+        }
+        if !valid_node_name(&conf.node) {
+            return Err(invalid(format!("invalid node name {:?}", conf.node)));
+        }
+        if !(68..=65535).contains(&conf.mtu) {
+            return Err(invalid(format!("mtu {} out of range 68-65535", conf.mtu)));
+        }
+        if conf.name.is_empty() {
+            return Err(invalid("the network name is empty".into()));
+        }
+        Ok(conf)
+    }
+
+    /// The IPAM directory of this node.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+            .join(&self.node)
+    }
+
+    /// Results before 1.0.0 carry `version` in each IP; 1.1.0 adds interface MTUs.
+    fn result_version(&self) -> (bool, bool) {
+        let pre_1_0 = self.cni_version.starts_with("0.");
+        (pre_1_0, self.cni_version == "1.1.0")
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub mac: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IpConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+    pub address: String,
+    pub gateway: String,
+    pub interface: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Route {
+    pub dst: String,
+    pub gw: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Dns {}
+
+/// The ADD result.
+#[derive(Debug, Serialize)]
+pub struct CniResult {
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpConfig>,
+    pub routes: Vec<Route>,
+    pub dns: Dns,
+}
+
+/// What ADD set up, for the result.
+pub struct Wired {
+    pub host_interface: String,
+    pub host_mac: String,
+    pub pod_interface: String,
+    pub pod_mac: String,
+    pub sandbox: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+}
+
+impl CniResult {
+    pub fn new(conf: &NetConf, wired: &Wired) -> Self {
+        let (pre_1_0, with_mtu) = conf.result_version();
+        let mtu = with_mtu.then_some(conf.mtu);
+        Self {
+            cni_version: conf.cni_version.clone(),
+            interfaces: vec![
+                Interface {
+                    name: wired.host_interface.clone(),
+                    mac: wired.host_mac.clone(),
+                    mtu,
+                    sandbox: None,
+                },
+                Interface {
+                    name: wired.pod_interface.clone(),
+                    mac: wired.pod_mac.clone(),
+                    mtu,
+                    sandbox: Some(wired.sandbox.clone()),
+                },
+            ],
+            ips: vec![IpConfig {
+                version: pre_1_0.then_some("4"),
+                address: format!("{}/32", wired.ip),
+                gateway: wired.gateway.to_string(),
+                interface: 1,
+            }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: wired.gateway.to_string(),
+            }],
+            dns: Dns::default(),
+        }
+    }
+}
+
+/// The VERSION command's answer.
+pub fn version_info() -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": SPEC_VERSION,
+        "supportedVersions": SUPPORTED_VERSIONS,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Environment, CniError> {
+        Environment::parse(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn environment_requires_what_each_command_needs() {
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc123"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=api-0",
+            ),
+        ];
+        let parsed = env(&add).unwrap();
+        assert_eq!(parsed.pod(), Some(("web", "api-0")));
+        assert_eq!(env(&add[..3]).unwrap_err().code, code::INVALID_ENVIRONMENT);
+        assert_eq!(
+            env(&[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "abc"),
+                ("CNI_IFNAME", "eth0")
+            ])
+            .unwrap()
+            .netns,
+            ""
+        );
+        assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+        assert!(env(&[("CNI_COMMAND", "GC")]).is_ok());
+        for bad in [
+            [("CNI_COMMAND", "FROB"), ("", "")],
+            [("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "-x")],
+        ] {
+            assert_eq!(env(&bad).unwrap_err().code, code::INVALID_ENVIRONMENT);
+        }
+        let mut bad_ifname = add;
+        bad_ifname[3] = ("CNI_IFNAME", "eth0/../x");
+        assert_eq!(
+            env(&bad_ifname).unwrap_err().code,
+            code::INVALID_ENVIRONMENT
+        );
+        assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENVIRONMENT);
+    }
+
+    #[test]
+    fn configuration_errors_have_the_spec_codes() {
+        let ok = br#"{"cniVersion":"1.0.0","name":"ferrite","type":"ferrite-cni","node":"n1",
+            "runtimeConfig":{"portMappings":[]},"prevResult":{"ips":[]}}"#;
+        let conf = NetConf::parse(ok).unwrap();
+        assert_eq!(conf.mtu, DEFAULT_MTU);
+        assert_eq!(conf.ipam_dir(), PathBuf::from("/var/lib/cni/ferrite/n1"));
+        let cases: [(&[u8], u32); 6] = [
+            (b"{not json", code::DECODE_FAILURE),
+            (b"", code::DECODE_FAILURE),
+            (
+                br#"{"cniVersion":"1.0.0","name":"f"}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                br#"{"cniVersion":"9.9.9","name":"f","node":"n1"}"#,
+                code::INCOMPATIBLE_VERSION,
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"f","node":"../etc"}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"f","node":"n1","podCIDR":"nope"}"#,
+                code::INVALID_CONFIG,
+            ),
+        ];
+        for (input, expected) in cases {
+            let error = NetConf::parse(input).unwrap_err();
+            assert_eq!(error.code, expected, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn results_follow_the_requested_version() {
+        let wired = Wired {
+            host_interface: "fer0123456789ab".into(),
+            host_mac: "ee:ee:ee:ee:ee:ee".into(),
+            pod_interface: "eth0".into(),
+            pod_mac: "0a:58:0a:f4:01:02".into(),
+            sandbox: "/var/run/netns/p".into(),
+            ip: Ipv4Addr::new(10, 244, 1, 2),
+            gateway: Ipv4Addr::new(169, 254, 1, 1),
+        };
+        let conf = |version: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"{version}","name":"f","node":"n1"}}"#).as_bytes(),
+            )
+            .unwrap()
+        };
+        let old = serde_json::to_value(CniResult::new(&conf("0.3.1"), &wired)).unwrap();
+        assert_eq!(old["ips"][0]["version"], "4");
+        assert!(old["interfaces"][1].get("mtu").is_none());
+        let new = serde_json::to_value(CniResult::new(&conf("1.1.0"), &wired)).unwrap();
+        assert!(new["ips"][0].get("version").is_none());
+        assert_eq!(new["ips"][0]["address"], "10.244.1.2/32");
+        assert_eq!(new["ips"][0]["interface"], 1);
+        assert_eq!(new["interfaces"][1]["sandbox"], "/var/run/netns/p");
+        assert_eq!(new["interfaces"][1]["mtu"], 1450);
+        assert_eq!(new["routes"][0]["gw"], "169.254.1.1");
+    }
+}

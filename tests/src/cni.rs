@@ -1,0 +1,275 @@
+//! A small container runtime for the CNI tests: it runs plugins the way containerd
+//! does through libcni (CNI_* environment, the network configuration on stdin, in the
+//! node's network namespace) and executes a conflist in order with `prevResult`
+//! (DEL in reverse), injecting `runtimeConfig` for declared capabilities.
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use ferrite_agent::model::pod_interface_name;
+use serde_json::{json, Value};
+
+use crate::lab::{ferrite_bin, unique, Netns, Node, Pod};
+
+/// Where Debian's containernetworking-plugins are.
+pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/cni";
+
+/// What a plugin run returned: its exit status and parsed stdout (Null when empty).
+#[derive(Debug)]
+pub struct Outcome {
+    pub success: bool,
+    pub output: Value,
+}
+
+impl Outcome {
+    /// The error code of a failed run.
+    pub fn code(&self) -> Option<u64> {
+        (!self.success)
+            .then(|| self.output["code"].as_u64())
+            .flatten()
+    }
+}
+
+/// A pod sandbox as the runtime sees it: container id, netns, interface name, and
+/// the pod (its address is known after ADD).
+pub struct Sandbox {
+    pub container_id: String,
+    pub ifname: String,
+    pub pod: Pod,
+    /// The last ADD result (the runtime caches it for CHECK and DEL).
+    pub result: Option<Value>,
+}
+
+impl Sandbox {
+    /// A new sandbox (and netns) for pod `default/<name>`.
+    pub fn new(name: &str) -> Result<Self> {
+        let netns = Netns::new(&unique(&format!("sb-{name}")))?;
+        Ok(Self {
+            container_id: unique(&format!("ctr-{name}")),
+            ifname: "eth0".into(),
+            pod: Pod {
+                name: name.into(),
+                namespace: "default".into(),
+                ip: Ipv4Addr::UNSPECIFIED,
+                host_interface: pod_interface_name("default", name),
+                netns,
+            },
+            result: None,
+        })
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        self.pod.netns.path()
+    }
+}
+
+pub struct Runtime {
+    node_netns: PathBuf,
+    pub conflist: Value,
+}
+
+/// The conflist of a node: Ferrite alone, IPAM state in the node's test directory.
+pub fn ferrite_conflist(node: &Node) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "ferrite",
+        "plugins": [{
+            "type": "ferrite-cni",
+            "node": node.name,
+            "mtu": node.pod_mtu,
+            "dataDir": node.dir.join("ipam"),
+        }],
+    })
+}
+
+fn plugin_binary(plugin_type: &str) -> PathBuf {
+    match plugin_type {
+        "ferrite-cni" => ferrite_bin().with_file_name("ferrite-cni"),
+        other => PathBuf::from(SYSTEM_PLUGIN_DIR).join(other),
+    }
+}
+
+impl Runtime {
+    pub fn new(node: &Node, conflist: Value) -> Self {
+        Self {
+            node_netns: node.netns.path(),
+            conflist,
+        }
+    }
+
+    /// Run one plugin binary with `env` (CNI_COMMAND etc.) and `stdin`.
+    pub fn exec(&self, plugin_type: &str, env: &[(&str, String)], stdin: &[u8]) -> Result<Outcome> {
+        let binary = plugin_binary(plugin_type);
+        let cni_path = format!(
+            "{}:{SYSTEM_PLUGIN_DIR}",
+            ferrite_bin().parent().context("bin dir")?.display()
+        );
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.node_netns.display()))
+            .arg(&binary)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_PATH", cni_path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", binary.display()))?;
+        child.stdin.take().context("stdin")?.write_all(stdin)?;
+        let out = child.wait_with_output()?;
+        let output = if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "{plugin_type} printed no JSON: {} / {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?
+        };
+        Ok(Outcome {
+            success: out.status.success(),
+            output,
+        })
+    }
+
+    fn env(command: &str, sandbox: &Sandbox) -> Vec<(&'static str, String)> {
+        vec![
+            ("CNI_COMMAND", command.to_string()),
+            ("CNI_CONTAINERID", sandbox.container_id.clone()),
+            ("CNI_NETNS", sandbox.netns_path().display().to_string()),
+            ("CNI_IFNAME", sandbox.ifname.clone()),
+            (
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                    sandbox.pod.namespace, sandbox.pod.name, sandbox.container_id
+                ),
+            ),
+        ]
+    }
+
+    /// The configuration plugin `index` of the conflist receives (libcni's rules).
+    pub fn plugin_config(&self, index: usize, prev: Option<&Value>, runtime: &Value) -> Value {
+        let mut config = self.conflist["plugins"][index].clone();
+        config["name"] = self.conflist["name"].clone();
+        config["cniVersion"] = self.conflist["cniVersion"].clone();
+        if let Some(prev) = prev {
+            config["prevResult"] = prev.clone();
+        }
+        if let Some(capabilities) = config["capabilities"].as_object().cloned() {
+            let mut injected = serde_json::Map::new();
+            for (name, enabled) in capabilities {
+                if enabled == true && !runtime[&name].is_null() {
+                    injected.insert(name.clone(), runtime[&name].clone());
+                }
+            }
+            if !injected.is_empty() {
+                config["runtimeConfig"] = Value::Object(injected);
+            }
+        }
+        config
+    }
+
+    fn plugins(&self) -> Vec<String> {
+        self.conflist["plugins"]
+            .as_array()
+            .map(|plugins| {
+                plugins
+                    .iter()
+                    .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Run ADD through the chain; the pod gets the address of the final result.
+    pub fn add_with(&self, sandbox: &mut Sandbox, runtime: &Value) -> Result<Value> {
+        let mut prev: Option<Value> = None;
+        for (index, plugin) in self.plugins().iter().enumerate() {
+            let config = self.plugin_config(index, prev.as_ref(), runtime);
+            let outcome = self.exec(
+                plugin,
+                &Self::env("ADD", sandbox),
+                config.to_string().as_bytes(),
+            )?;
+            if !outcome.success {
+                bail!("{plugin} ADD failed: {}", outcome.output);
+            }
+            prev = Some(outcome.output);
+        }
+        let result = prev.context("empty conflist")?;
+        let address = result["ips"][0]["address"].as_str().context("no address")?;
+        sandbox.pod.ip = address.split('/').next().unwrap_or_default().parse()?;
+        sandbox.result = Some(result.clone());
+        Ok(result)
+    }
+
+    pub fn add(&self, sandbox: &mut Sandbox) -> Result<Value> {
+        self.add_with(sandbox, &Value::Null)
+    }
+
+    /// CHECK through the chain with the cached result.
+    pub fn check_with(&self, sandbox: &Sandbox, runtime: &Value) -> Result<Outcome> {
+        for (index, plugin) in self.plugins().iter().enumerate() {
+            let config = self.plugin_config(index, sandbox.result.as_ref(), runtime);
+            let outcome = self.exec(
+                plugin,
+                &Self::env("CHECK", sandbox),
+                config.to_string().as_bytes(),
+            )?;
+            if !outcome.success {
+                return Ok(outcome);
+            }
+        }
+        Ok(Outcome {
+            success: true,
+            output: Value::Null,
+        })
+    }
+
+    pub fn check(&self, sandbox: &Sandbox) -> Result<Outcome> {
+        self.check_with(sandbox, &Value::Null)
+    }
+
+    /// DEL through the chain in reverse; fails if any plugin fails.
+    pub fn del_with(&self, sandbox: &Sandbox, runtime: &Value) -> Result<()> {
+        for (index, plugin) in self.plugins().iter().enumerate().rev() {
+            let config = self.plugin_config(index, sandbox.result.as_ref(), runtime);
+            let outcome = self.exec(
+                plugin,
+                &Self::env("DEL", sandbox),
+                config.to_string().as_bytes(),
+            )?;
+            if !outcome.success {
+                bail!("{plugin} DEL failed: {}", outcome.output);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn del(&self, sandbox: &Sandbox) -> Result<()> {
+        self.del_with(sandbox, &Value::Null)
+    }
+
+    /// GC (spec 1.1.0) of Ferrite with the attachments the runtime still knows.
+    pub fn gc(&self, valid: &[&Sandbox]) -> Result<Outcome> {
+        let mut config = self.plugin_config(0, None, &Value::Null);
+        config["cniVersion"] = json!("1.1.0");
+        config["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|s| json!({"containerID": s.container_id, "ifname": s.ifname}))
+            .collect();
+        self.exec(
+            "ferrite-cni",
+            &[("CNI_COMMAND", "GC".into())],
+            config.to_string().as_bytes(),
+        )
+    }
+}
