@@ -22,7 +22,7 @@ use crate::{
     maps::NodeMaps,
     model::{self, ClusterObjects},
     plan, source,
-    telemetry::{self, Telemetry},
+    telemetry::{self, ServiceNames, Telemetry},
 };
 
 pub struct AgentOptions {
@@ -53,6 +53,8 @@ pub struct SyncReport {
     pub skipped: Vec<model::Skipped>,
     /// Pods whose interface is not there yet: worth retrying soon.
     pub waiting_for_interfaces: bool,
+    /// Service port names by frontend (ip, port), for the per-backend metrics.
+    pub service_names: Arc<ServiceNames>,
 }
 
 /// The loaded datapath of this node and everything a sync needs.
@@ -153,6 +155,8 @@ impl NodeAgent {
                         "synced"
                     );
                 }
+                self.telemetry
+                    .set_service_names(report.service_names.clone());
                 self.telemetry.set_ready();
                 Some(report)
             }
@@ -239,6 +243,7 @@ pub fn reconcile(
     let ops = plan::diff(&current, &desired);
     maps.apply(&ops).context("applying map changes")?;
     let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
+    maps.purge_lb_counters(&ops)?;
     for op in &ops {
         if let plan::Op::PutEndpoint(key, _) = op {
             let ip = Ipv4Addr::from(key.address);
@@ -270,6 +275,15 @@ pub fn reconcile(
         purged_flows,
         skipped,
         waiting_for_interfaces,
+        service_names: Arc::new(
+            state
+                .services
+                .iter()
+                .map(|(frontend, service)| {
+                    ((frontend.ip.octets(), frontend.port), service.name.clone())
+                })
+                .collect(),
+        ),
     };
     Ok((report, desired))
 }

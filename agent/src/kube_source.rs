@@ -6,7 +6,12 @@
 //! is not in the next model, and the diff removes exactly that - the maps are never
 //! flushed. A burst of events becomes one sync: a sync starts at once, and whatever
 //! arrives while it runs is batched into the next one (no fixed delay).
-use std::{fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+use std::{
+    fmt::Debug,
+    hash::Hash,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -44,7 +49,7 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     let client = Client::try_default()
         .await
         .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(Changed::default());
     let telemetry = agent.telemetry.clone();
     let all = watcher::Config::default();
     let this_node =
@@ -77,18 +82,51 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     // The first sync reads the maps (restart: reuse what is pinned, repair drift).
     let mut triggered_by_event = false;
     loop {
+        // Events that arrive from here on are picked up by the next sync.
+        let oldest_event = changed.take_oldest();
         let objects = ClusterObjects {
             services: snapshot(&services),
             endpoint_slices: snapshot(&slices),
             pods: snapshot(&pods),
             nodes: snapshot(&nodes),
         };
-        agent.sync(&objects, Vec::new(), triggered_by_event);
+        if agent
+            .sync(&objects, Vec::new(), triggered_by_event)
+            .is_some()
+        {
+            if let Some(received) = oldest_event {
+                telemetry
+                    .event_lag
+                    .observe(received.elapsed().as_secs_f64());
+            }
+        }
         agent.flush_logs();
         tokio::select! {
-            _ = changed.notified() => triggered_by_event = true,
+            _ = changed.notify.notified() => triggered_by_event = true,
             _ = tokio::time::sleep(resync) => triggered_by_event = false,
         }
+    }
+}
+
+/// Pokes the sync loop, remembering when the oldest unsynced event arrived (for the
+/// event-to-map lag metric).
+#[derive(Default)]
+struct Changed {
+    notify: Notify,
+    oldest: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Changed {
+    fn event(&self) {
+        self.oldest
+            .lock()
+            .expect("lock")
+            .get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+
+    fn take_oldest(&self) -> Option<Instant> {
+        self.oldest.lock().expect("lock").take()
     }
 }
 
@@ -105,7 +143,7 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     resource: &'static str,
-    changed: &Arc<Notify>,
+    changed: &Arc<Changed>,
     telemetry: &Arc<Telemetry>,
 ) -> Store<K>
 where
@@ -134,7 +172,7 @@ where
                 }
                 // A relist is applied as a whole at InitDone.
                 Ok(Event::InitApply(_)) => {}
-                Ok(_) => changed.notify_one(),
+                Ok(_) => changed.event(),
                 Err(e) => warn!(resource, "watch error (retrying with backoff): {e}"),
             }
         }

@@ -3,10 +3,12 @@
 use std::{collections::BTreeSet, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+};
 use ferrite_common::{
-    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, LbStatKey,
+    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
 };
 
 use crate::plan::{describe_service_key, MapContents, Op, RouteKey};
@@ -20,6 +22,7 @@ pub struct NodeMaps {
     pub stats: PerCpuArray<MapData, Counter>,
     pub routes: LpmTrie<MapData, [u8; 4], RouteInfo>,
     pub config: Array<MapData, NodeConfig>,
+    pub lb_stats: PerCpuHashMap<MapData, LbStatKey, Counter>,
 }
 
 fn lpm_key(key: &RouteKey) -> Key<[u8; 4]> {
@@ -53,6 +56,7 @@ impl NodeMaps {
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
             routes: open(pin_dir, map_names::ROUTES)?.try_into()?,
             config: open(pin_dir, map_names::CONFIG)?.try_into()?,
+            lb_stats: open(pin_dir, map_names::LB_STATS)?.try_into()?,
         })
     }
 
@@ -102,16 +106,50 @@ impl NodeMaps {
         Ok(self.conntrack.iter().filter_map(Result::ok).collect())
     }
 
+    /// Per Service frontend and backend, summed over CPUs.
+    pub fn lb_counters(&self) -> Result<Vec<(LbStatKey, Counter)>> {
+        // LRU entries can vanish while we iterate: skip those.
+        Ok(self
+            .lb_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum(per_cpu.iter())))
+            .collect())
+    }
+
+    /// Drop the counters of removed backends and Service ports, so an id reused
+    /// later starts from zero.
+    pub fn purge_lb_counters(&mut self, ops: &[Op]) -> Result<usize> {
+        let removed_backends = crate::plan::removed_backends(ops);
+        let removed_frontends: BTreeSet<u16> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::DeleteRevNat(index) => Some(*index),
+                _ => None,
+            })
+            .collect();
+        if removed_backends.is_empty() && removed_frontends.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<LbStatKey> = self
+            .lb_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                removed_backends.contains(&k.backend_id)
+                    || removed_frontends.contains(&k.rev_nat_index)
+            })
+            .collect();
+        for key in &stale {
+            let _ = self.lb_stats.remove(key);
+        }
+        Ok(stale.len())
+    }
+
     /// Sum of the per-CPU counters, in `stat` index order.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         (0..stat::COUNT)
-            .map(|index| {
-                let per_cpu = self.stats.get(&index, 0)?;
-                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                }))
-            })
+            .map(|index| Ok(sum(self.stats.get(&index, 0)?.iter())))
             .collect()
     }
 
@@ -162,6 +200,13 @@ impl NodeMaps {
         }
         Ok(stale.len())
     }
+}
+
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
+    per_cpu.fold(Counter::default(), |sum, c| Counter {
+        packets: sum.packets + c.packets,
+        bytes: sum.bytes + c.bytes,
+    })
 }
 
 fn is_delete(op: &Op) -> bool {

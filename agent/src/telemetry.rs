@@ -3,7 +3,8 @@
 //! counters by reason and map fill levels read from the pinned maps at scrape time,
 //! sync durations, skipped objects and watch restarts from the agent.
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -25,7 +26,7 @@ use prometheus_client::{
 };
 use tracing::warn;
 
-use crate::maps::NodeMaps;
+use crate::{maps::NodeMaps, plan::MapContents};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -35,6 +36,20 @@ pub struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
+}
+
+/// Service port names (`namespace/name:port`) by frontend (address, port).
+pub type ServiceNames = BTreeMap<([u8; 4], u16), String>;
+
+/// One Service frontend and one of its backends.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `namespace/name:port-name` (empty if the agent has not synced it yet).
+    pub service: String,
+    /// `ip:port` of the Service port.
+    pub frontend: String,
+    /// `ip:port` of the backend.
+    pub backend: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +63,12 @@ pub struct Telemetry {
     pin_dir: PathBuf,
     registry: Mutex<Registry>,
     pub sync_duration: Histogram,
+    /// From the oldest Kubernetes event of a batch arriving to its sync being written.
+    pub event_lag: Histogram,
+    /// Service names by frontend (ip, port), set by the agent after each sync.
+    service_names: Mutex<Arc<ServiceNames>>,
+    backend_packets: Family<BackendLabels, Gauge>,
+    backend_bytes: Family<BackendLabels, Gauge>,
     pub syncs: Counter,
     pub sync_errors: Counter,
     pub map_writes: Counter,
@@ -66,6 +87,10 @@ impl Telemetry {
             pin_dir,
             registry: Mutex::new(Registry::with_prefix("ferrite")),
             sync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            event_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            service_names: Mutex::default(),
+            backend_packets: Family::default(),
+            backend_bytes: Family::default(),
             syncs: Counter::default(),
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
@@ -82,6 +107,21 @@ impl Telemetry {
                 "sync_duration_seconds",
                 "Time to diff and apply one sync",
                 telemetry.sync_duration.clone(),
+            );
+            r.register(
+                "event_to_map_seconds",
+                "Lag from a Kubernetes event arriving to the maps reflecting it",
+                telemetry.event_lag.clone(),
+            );
+            r.register(
+                "service_backend_packets",
+                "Packets clients sent to a Service port that went to a backend (ferrite_lbstats)",
+                telemetry.backend_packets.clone(),
+            );
+            r.register(
+                "service_backend_bytes",
+                "Bytes clients sent to a Service port that went to a backend",
+                telemetry.backend_bytes.clone(),
             );
             r.register("syncs", "Reconciliations run", telemetry.syncs.clone());
             r.register(
@@ -128,6 +168,10 @@ impl Telemetry {
         Arc::new(telemetry)
     }
 
+    pub fn set_service_names(&self, names: Arc<ServiceNames>) {
+        *self.service_names.lock().expect("names") = names;
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
@@ -153,6 +197,7 @@ impl Telemetry {
                 }
             }
             if let Ok(contents) = maps.contents() {
+                self.render_backend_counters(&maps, &contents);
                 let ct = maps.conntrack_entries().map(|e| e.len()).unwrap_or(0);
                 for (map, entries, cap) in [
                     (
@@ -189,6 +234,39 @@ impl Telemetry {
         let mut out = String::new();
         encode(&mut out, &self.registry.lock().expect("registry"))?;
         Ok(out)
+    }
+
+    /// Per Service port and backend, from `ferrite_lbstats`; pairs whose frontend or
+    /// backend is no longer in the maps are left out (their series disappear).
+    fn render_backend_counters(&self, maps: &NodeMaps, contents: &MapContents) {
+        let names = self.service_names.lock().expect("names").clone();
+        self.backend_packets.clear();
+        self.backend_bytes.clear();
+        let Ok(counters) = maps.lb_counters() else {
+            return;
+        };
+        for (key, counter) in counters {
+            let (Some(frontend), Some(backend)) = (
+                contents.rev_nat.get(&key.rev_nat_index),
+                contents.backends.get(&key.backend_id),
+            ) else {
+                continue;
+            };
+            let labels = BackendLabels {
+                service: names
+                    .get(&(frontend.address, frontend.port))
+                    .cloned()
+                    .unwrap_or_default(),
+                frontend: format!("{}:{}", Ipv4Addr::from(frontend.address), frontend.port),
+                backend: format!("{}:{}", Ipv4Addr::from(backend.address), backend.port),
+            };
+            self.backend_packets
+                .get_or_create(&labels)
+                .set(counter.packets as i64);
+            self.backend_bytes
+                .get_or_create(&labels)
+                .set(counter.bytes as i64);
+        }
     }
 }
 

@@ -23,8 +23,9 @@ pub mod map_names {
     pub const STATS: &str = "ferrite_stats";
     pub const CONFIG: &str = "ferrite_config";
     pub const ROUTES: &str = "ferrite_routes";
-    pub const ALL: [&str; 8] = [
-        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG, ROUTES,
+    pub const LB_STATS: &str = "ferrite_lbstats";
+    pub const ALL: [&str; 9] = [
+        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG, ROUTES, LB_STATS,
     ];
 }
 
@@ -47,6 +48,10 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4_096;
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
+    /// Service/backend pairs with traffic counters (LRU, per CPU: 16 bytes per CPU
+    /// each, so this stays well below the backends map): the most recently active
+    /// pairs are counted; an evicted pair starts again from zero (a counter reset).
+    pub const LB_STATS: u32 = 32_768;
 }
 
 /// The node's VXLAN device (kernel vxlan in external/collect_md mode).
@@ -220,6 +225,16 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Key of `ferrite_lbstats` (LRU per-CPU hash, value [`Counter`]): packets and bytes
+/// clients sent to one Service frontend (by rev-NAT index) that went to one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbStatKey {
+    pub rev_nat_index: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+}
+
 /// Indexes of `ferrite_stats`: what happened to each packet the datapath saw.
 /// The datapath's documented verdict rules, one counter each.
 pub mod stat {
@@ -312,6 +327,7 @@ mod pod_impls {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for RouteInfo {}
+    unsafe impl aya::Pod for LbStatKey {}
 }
 
 #[cfg(test)]
@@ -332,6 +348,7 @@ mod tests {
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<NodeConfig>(), 24);
         assert_eq!(size_of::<RouteInfo>(), 12);
+        assert_eq!(size_of::<LbStatKey>(), 8);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::{
     nat,
     packet::{Packet, Verdict},
     routing,
-    stats::count,
+    stats::{count, count_lb},
 };
 
 #[inline(always)]
@@ -43,6 +43,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 daddr = u32::from_ne_bytes(ct.backend_address);
                 nat::dnat(pkt, &h, daddr, ct.backend_port)?;
                 count(stat::SERVICE_ESTABLISHED, pkt.len());
+                count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
             }
         } else if let Some(svc) = lb::lookup_service(&h) {
             match lb::translate_new_flow(pkt, &h, &svc)? {

@@ -8,7 +8,7 @@ use crate::{
     maps::{BACKENDS, SERVICES},
     nat,
     packet::Packet,
-    stats::count,
+    stats::{count, count_lb},
 };
 
 #[inline(always)]
@@ -76,5 +76,6 @@ pub fn translate_new_flow<P: Packet>(
     )?;
     nat::dnat(pkt, h, addr, backend.port)?;
     count(stat::SERVICE_NEW_FLOW, pkt.len());
+    count_lb(svc.rev_nat_index, backend_id, pkt.len());
     Ok(Some(addr))
 }

@@ -1,12 +1,12 @@
 //! Every map the datapath uses. Names and layouts come from `ferrite_common`; the
 //! agent pins them under /sys/fs/bpf/ferrite/<node>/ and sizes them at load time.
 use aya_ebpf::{
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use ferrite_common::{
-    capacity, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    capacity, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, LbStatKey,
+    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -29,6 +29,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize 
 
 #[btf_map(name = "ferrite_stats")]
 pub static STATS: PerCpuArray<Counter, { stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "ferrite_lbstats")]
+pub static LB_STATS: LruPerCpuHashMap<LbStatKey, Counter, { capacity::LB_STATS as usize }> =
+    LruPerCpuHashMap::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -1,9 +1,9 @@
 //! Per-CPU event counters (`ferrite_stats`); indexes and names in `ferrite_common::stat`.
 //! Counters are events, not exclusive verdicts: a DNATed packet delivered to a local
 //! pod bumps both `service_*` and `delivered_local`.
-use ferrite_common::stat;
+use ferrite_common::{stat, Counter, LbStatKey};
 
-use crate::maps::STATS;
+use crate::maps::{LB_STATS, STATS};
 
 /// A drop reason's name, for log lines (the names `ferrite inspect stats` shows).
 /// Constant indexes into the `const` table fold into string literals; a variable
@@ -33,5 +33,30 @@ pub fn count(index: u32, bytes: u32) {
             (*counter).packets += 1;
             (*counter).bytes += bytes as u64;
         }
+    }
+}
+
+/// Count a packet a client sent to a Service frontend (`rev_nat_index`) that went to
+/// `backend_id` (new and established flows; replies are not counted here).
+#[inline(always)]
+pub fn count_lb(rev_nat_index: u16, backend_id: u32, bytes: u32) {
+    let key = LbStatKey {
+        rev_nat_index,
+        _pad: 0,
+        backend_id,
+    };
+    if let Some(counter) = LB_STATS.get_ptr_mut(key) {
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        }
+    } else {
+        let first = Counter {
+            packets: 1,
+            bytes: bytes as u64,
+        };
+        // Another CPU may insert the same pair first: this packet is then not counted
+        // (the entry is per CPU, but creation is shared); BPF_NOEXIST keeps theirs.
+        let _ = LB_STATS.insert(key, first, aya_ebpf::bindings::BPF_NOEXIST as u64);
     }
 }

@@ -108,9 +108,39 @@ fn the_agent_syncs_from_the_api_server_serves_traffic_and_reports_ready_and_metr
         "ferrite_datapath_packets{reason=\"service_new_flow\"} 10",
         "ferrite_map_entries{map=\"ferrite_endpnt\"} 5",
         "ferrite_map_capacity{map=\"ferrite_ct\"}",
+        "ferrite_event_to_map_seconds_count",
     ] {
         assert!(metrics.contains(needle), "no {needle:?} in:\n{metrics}");
     }
+    // Per Service port and backend: every packet a client sent to the VIP, counted
+    // once, on the backend it went to.
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
+    let sum_of = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(value)
+            .sum()
+    };
+    let frontend = format!("frontend=\"{TCP_FRONTEND}\"");
+    let per_backend: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrite_service_backend_packets{") && l.contains(&frontend))
+        .collect();
+    assert!(
+        per_backend.len() >= 2
+            && per_backend
+                .iter()
+                .all(|l| l.contains("service=\"default/web:http\"")),
+        "per-backend series:\n{metrics}"
+    );
+    let to_services = sum_of("ferrite_datapath_packets{reason=\"service_new_flow\"}")
+        + sum_of("ferrite_datapath_packets{reason=\"service_established\"}");
+    assert_eq!(
+        per_backend.iter().filter_map(|l| value(l)).sum::<u64>(),
+        to_services,
+        "{metrics}"
+    );
     Ok(())
 }
 
