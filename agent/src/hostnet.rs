@@ -108,8 +108,14 @@ pub fn add_pod_route(ip: Ipv4Addr, interface: &str) -> Result<()> {
     )
 }
 
+/// Make sure IPv4 forwarding is on. Already on (kubeadm's preflight requires it) needs
+/// no write, so a container with a read-only /proc/sys works.
 pub fn enable_forwarding() -> Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1").context("enabling IPv4 forwarding (net.ipv4.ip_forward)")
 }
 
 /// Run `program args` with `input` on its stdin (nft -f -, ip -batch -).
