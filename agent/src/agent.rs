@@ -3,7 +3,7 @@
 //! it changes) or the Kubernetes API (watches; see `kube_source`) - and periodically,
 //! which also picks up new pod interfaces and repairs drift.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -20,7 +20,7 @@ use crate::{
     datapath::{self, Datapath},
     hostnet, kube_source,
     maps::NodeMaps,
-    model::{self, ClusterObjects},
+    model::{self, ClusterObjects, L4Addr, ServiceRef},
     plan, source,
     telemetry::{self, ServiceNames, Telemetry},
 };
@@ -55,6 +55,8 @@ pub struct SyncReport {
     pub waiting_for_interfaces: bool,
     /// Service port names by frontend (ip, port), for the per-backend metrics.
     pub service_names: Arc<ServiceNames>,
+    /// Which Service owns each frontend (for incremental updates).
+    pub owners: BTreeMap<L4Addr, ServiceRef>,
 }
 
 /// The loaded datapath of this node and everything a sync needs.
@@ -65,7 +67,10 @@ pub struct NodeAgent {
     maps: NodeMaps,
     /// What the last successful sync left in the maps: event-driven syncs diff
     /// against it instead of re-reading every map (110k entries at 10k Services).
-    written: Option<plan::MapContents>,
+    written: Option<plan::Written>,
+    /// Frontends of each Service and the owner of each frontend, as last written.
+    frontends_of: BTreeMap<ServiceRef, BTreeSet<L4Addr>>,
+    owner_of: BTreeMap<L4Addr, ServiceRef>,
 }
 
 impl NodeAgent {
@@ -94,6 +99,8 @@ impl NodeAgent {
             datapath,
             maps,
             written: None,
+            frontends_of: BTreeMap::new(),
+            owner_of: BTreeMap::new(),
         })
     }
 
@@ -109,7 +116,7 @@ impl NodeAgent {
     ) -> Option<SyncReport> {
         let start = Instant::now();
         let cached = if event_driven {
-            self.written.take()
+            self.written.take().map(|written| written.contents)
         } else {
             None
         };
@@ -138,7 +145,7 @@ impl NodeAgent {
         self.telemetry.syncs.inc();
         match result {
             Ok((report, written)) => {
-                self.written = Some(written);
+                self.written = Some(plan::Written::new(written));
                 self.telemetry.map_writes.inc_by(report.writes as u64);
                 self.telemetry
                     .skipped_objects
@@ -157,7 +164,19 @@ impl NodeAgent {
                 }
                 self.telemetry
                     .set_service_names(report.service_names.clone());
+                self.owner_of = report.owners.clone();
+                self.frontends_of.clear();
+                for (frontend, owner) in &self.owner_of {
+                    self.frontends_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(*frontend);
+                }
                 self.telemetry.set_ready();
+                // A full sync allocates and frees the whole desired state: hand the
+                // freed pages back instead of keeping the peak as resident memory.
+                // SAFETY: malloc_trim only releases free heap memory.
+                unsafe { nix::libc::malloc_trim(0) };
                 Some(report)
             }
             Err(e) => {
@@ -170,6 +189,88 @@ impl NodeAgent {
 
     pub fn flush_logs(&mut self) {
         self.datapath.flush_logs();
+    }
+
+    /// Update only the Services `changed` (present in `objects` with their
+    /// EndpointSlices, or gone): O(their entries), not O(all Services). Needs a
+    /// previous full sync; returns `false` when a full sync must be done instead.
+    pub fn sync_services(
+        &mut self,
+        changed: &BTreeSet<ServiceRef>,
+        objects: &ClusterObjects,
+    ) -> bool {
+        let Some(mut written) = self.written.take() else {
+            return false;
+        };
+        let start = Instant::now();
+        let (state, mut skipped) = model::build(objects, &self.settings.node);
+        let mut frontends: BTreeSet<L4Addr> = changed
+            .iter()
+            .filter_map(|service| self.frontends_of.get(service))
+            .flatten()
+            .copied()
+            .collect();
+        let mut now = BTreeMap::new();
+        for (frontend, service) in state.services {
+            match self.owner_of.get(&frontend) {
+                Some(owner) if !changed.contains(owner) => skipped.push(model::Skipped {
+                    object: service.name.clone(),
+                    reason: format!(
+                        "frontend {frontend} already used by {}/{}",
+                        owner.0, owner.1
+                    ),
+                }),
+                _ => {
+                    frontends.insert(frontend);
+                    now.insert(frontend, service);
+                }
+            }
+        }
+        let (ops, more) = plan::service_update(&written, &frontends, &now);
+        skipped.extend(more);
+        let applied = self.maps.apply(&ops).and_then(|_| {
+            self.maps
+                .purge_conntrack(&plan::removed_backends(&ops))
+                .and_then(|_| self.maps.purge_lb_counters(&ops))
+        });
+        if let Err(e) = applied {
+            // The maps may hold part of `ops`: the next (full) sync re-reads them.
+            self.telemetry.sync_errors.inc();
+            error!("incremental sync failed: {e:#}");
+            return false;
+        }
+        written.apply(&ops);
+        self.written = Some(written);
+        for service in changed {
+            for frontend in self.frontends_of.remove(service).unwrap_or_default() {
+                if self.owner_of.get(&frontend) == Some(service) {
+                    self.owner_of.remove(&frontend);
+                }
+            }
+        }
+        for (frontend, service) in &now {
+            self.owner_of.insert(*frontend, service.service.clone());
+            self.frontends_of
+                .entry(service.service.clone())
+                .or_default()
+                .insert(*frontend);
+        }
+        self.telemetry
+            .sync_duration
+            .observe(start.elapsed().as_secs_f64());
+        self.telemetry.syncs.inc();
+        self.telemetry.map_writes.inc_by(ops.len() as u64);
+        for skipped in &skipped {
+            warn!("skipped {skipped}");
+        }
+        if !ops.is_empty() {
+            info!(
+                services = changed.len(),
+                writes = ops.len(),
+                "synced changed services"
+            );
+        }
+        true
     }
 }
 
@@ -284,6 +385,11 @@ pub fn reconcile(
                 })
                 .collect(),
         ),
+        owners: state
+            .services
+            .iter()
+            .map(|(frontend, service)| (*frontend, service.service.clone()))
+            .collect(),
     };
     Ok((report, desired))
 }

@@ -6,7 +6,12 @@
 //! is not in the next model, and the diff removes exactly that - the maps are never
 //! flushed. A burst of events becomes one sync: a sync starts at once, and whatever
 //! arrives while it runs is batched into the next one (no fixed delay).
+//!
+//! Events about Services and EndpointSlices only update the Services they name
+//! (`NodeAgent::sync_services`, O(those Services)); Node and Pod events, relists and
+//! the periodic resync run the full model and diff.
 use std::{
+    collections::BTreeSet,
     fmt::Debug,
     hash::Hash,
     sync::Arc,
@@ -21,7 +26,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     runtime::{
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, Event},
         WatchStreamExt,
     },
@@ -33,7 +38,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::NodeAgent,
-    model::ClusterObjects,
+    model::{self, ClusterObjects, ServiceRef},
     telemetry::{ResourceLabel, Telemetry},
 };
 
@@ -57,19 +62,29 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     let services = watch::<Service>(
         Api::all(client.clone()),
         all.clone(),
-        "services",
-        &changed,
-        &telemetry,
+        Watched::new("services", &changed, &telemetry, |service: &Service| {
+            let meta = &service.metadata;
+            Some((
+                meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                meta.name.clone()?,
+            ))
+        }),
     );
     let slices = watch::<EndpointSlice>(
         Api::all(client.clone()),
         all.clone(),
-        "endpointslices",
-        &changed,
-        &telemetry,
+        Watched::new("endpointslices", &changed, &telemetry, model::slice_service),
     );
-    let nodes = watch::<Node>(Api::all(client.clone()), all, "nodes", &changed, &telemetry);
-    let pods = watch::<Pod>(Api::all(client), this_node, "pods", &changed, &telemetry);
+    let nodes = watch::<Node>(
+        Api::all(client.clone()),
+        all,
+        Watched::new("nodes", &changed, &telemetry, |_| None),
+    );
+    let pods = watch::<Pod>(
+        Api::all(client),
+        this_node,
+        Watched::new("pods", &changed, &telemetry, |_| None),
+    );
     for (store_ready, resource) in [
         (services.wait_until_ready().await, "services"),
         (slices.wait_until_ready().await, "endpointslices"),
@@ -83,18 +98,57 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     let mut triggered_by_event = false;
     loop {
         // Events that arrive from here on are picked up by the next sync.
-        let oldest_event = changed.take_oldest();
-        let objects = ClusterObjects {
-            services: snapshot(&services),
-            endpoint_slices: snapshot(&slices),
-            pods: snapshot(&pods),
-            nodes: snapshot(&nodes),
+        let pending = changed.take();
+        let synced = if triggered_by_event && !pending.full {
+            // Only Services changed: update just those.
+            pending.services.is_empty() || {
+                let objects = ClusterObjects {
+                    services: pending
+                        .services
+                        .iter()
+                        .filter_map(|(namespace, name)| {
+                            services.get(&ObjectRef::new(name).within(namespace))
+                        })
+                        .collect(),
+                    endpoint_slices: slices
+                        .state()
+                        .into_iter()
+                        .filter(|slice| {
+                            let meta = &slice.metadata;
+                            let label = meta
+                                .labels
+                                .as_ref()
+                                .and_then(|l| l.get(model::SERVICE_NAME_LABEL));
+                            let namespace = meta.namespace.as_deref().unwrap_or("default");
+                            // Compared in place: no allocation per slice of the cluster.
+                            label.is_some_and(|service| {
+                                pending
+                                    .services
+                                    .iter()
+                                    .any(|(ns, name)| ns == namespace && name == service)
+                            })
+                        })
+                        .collect(),
+                    ..ClusterObjects::default()
+                };
+                agent.sync_services(&pending.services, &objects)
+            }
+        } else {
+            false
         };
-        if agent
-            .sync(&objects, Vec::new(), triggered_by_event)
-            .is_some()
-        {
-            if let Some(received) = oldest_event {
+        let synced = synced || {
+            let objects = ClusterObjects {
+                services: snapshot(&services),
+                endpoint_slices: snapshot(&slices),
+                pods: snapshot(&pods),
+                nodes: snapshot(&nodes),
+            };
+            agent
+                .sync(&objects, Vec::new(), triggered_by_event)
+                .is_some()
+        };
+        if synced {
+            if let Some(received) = pending.oldest {
                 telemetry
                     .event_lag
                     .observe(received.elapsed().as_secs_f64());
@@ -108,25 +162,63 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     }
 }
 
-/// Pokes the sync loop, remembering when the oldest unsynced event arrived (for the
-/// event-to-map lag metric).
+/// What changed since the last sync: the Services named by events, or anything
+/// else (`full`), and when the oldest of these events arrived (for the lag metric).
+#[derive(Default)]
+struct Pending {
+    full: bool,
+    services: BTreeSet<ServiceRef>,
+    oldest: Option<Instant>,
+}
+
+/// Pokes the sync loop and collects what changed.
 #[derive(Default)]
 struct Changed {
     notify: Notify,
-    oldest: std::sync::Mutex<Option<Instant>>,
+    pending: std::sync::Mutex<Pending>,
 }
 
 impl Changed {
-    fn event(&self) {
-        self.oldest
-            .lock()
-            .expect("lock")
-            .get_or_insert_with(Instant::now);
+    /// An event about `service`, or (None) about something only a full sync handles.
+    fn event(&self, service: Option<ServiceRef>) {
+        {
+            let mut pending = self.pending.lock().expect("lock");
+            pending.oldest.get_or_insert_with(Instant::now);
+            match service {
+                Some(service) => drop(pending.services.insert(service)),
+                None => pending.full = true,
+            }
+        }
         self.notify.notify_one();
     }
 
-    fn take_oldest(&self) -> Option<Instant> {
-        self.oldest.lock().expect("lock").take()
+    fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().expect("lock"))
+    }
+}
+
+/// A watched resource: its name (for metrics and logs), which Service an object's
+/// change concerns (None: needs a full sync), and where to report changes.
+struct Watched<K> {
+    resource: &'static str,
+    scope: fn(&K) -> Option<ServiceRef>,
+    changed: Arc<Changed>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl<K> Watched<K> {
+    fn new(
+        resource: &'static str,
+        changed: &Arc<Changed>,
+        telemetry: &Arc<Telemetry>,
+        scope: fn(&K) -> Option<ServiceRef>,
+    ) -> Self {
+        Self {
+            resource,
+            scope,
+            changed: changed.clone(),
+            telemetry: telemetry.clone(),
+        }
     }
 }
 
@@ -138,21 +230,20 @@ where
     store.state()
 }
 
-/// Start a watcher + reflector for `K`; every settled change pokes `changed`.
-fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    resource: &'static str,
-    changed: &Arc<Changed>,
-    telemetry: &Arc<Telemetry>,
-) -> Store<K>
+/// Start a watcher + reflector for `K`; every settled change is reported.
+fn watch<K>(api: Api<K>, config: watcher::Config, watched: Watched<K>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
-    let (changed, telemetry) = (changed.clone(), telemetry.clone());
+    let Watched {
+        resource,
+        scope,
+        changed,
+        telemetry,
+    } = watched;
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut lists = 0u64;
@@ -172,7 +263,9 @@ where
                 }
                 // A relist is applied as a whole at InitDone.
                 Ok(Event::InitApply(_)) => {}
-                Ok(_) => changed.event(),
+                Ok(Event::Apply(object) | Event::Delete(object)) => changed.event(scope(&object)),
+                // A relist: anything may have changed.
+                Ok(Event::InitDone) => changed.event(None),
                 Err(e) => warn!(resource, "watch error (retrying with backoff): {e}"),
             }
         }

@@ -86,9 +86,24 @@ impl fmt::Display for L4Addr {
     }
 }
 
+/// A Service by (namespace, name).
+pub type ServiceRef = (String, String);
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let meta = &slice.metadata;
+    let service = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        service.clone(),
+    ))
+}
+
 /// One Service port as the datapath sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceFrontend {
+    /// The Service this port belongs to.
+    pub service: ServiceRef,
     /// `namespace/name:port-name` for logs and inspect.
     pub name: String,
     /// Ready backends, sorted and deduplicated (so the model is deterministic).
@@ -437,6 +452,7 @@ fn service_frontends(
         frontends.push((
             frontend,
             ServiceFrontend {
+                service: (namespace.to_string(), name.to_string()),
                 name: display,
                 backends,
             },

@@ -8,14 +8,14 @@
 //!
 //! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints,
 //! routes. A route change touches only its own entry: flows to other nodes go on.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferrite_common::{
     pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
     ServiceKey, ServiceValue, DEFAULT_VNI, ROUTE_LOCAL, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
-use crate::model::{DesiredState, L4Addr, Protocol, Skipped};
+use crate::model::{DesiredState, L4Addr, Protocol, ServiceFrontend, Skipped};
 
 /// Key of `ferrite_routes` (an LPM trie key, made orderable for the diff).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -93,31 +93,158 @@ fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
 
 /// Hands out ids that are neither in use now nor still present in the maps (an id
 /// being deleted must not be rewritten to mean something else in the same pass).
-struct IdAllocator<T> {
-    taken: BTreeSet<T>,
+/// `in_maps` is every id the maps hold, by reference: no copy of 100k keys.
+struct IdAllocator<'a, T, V> {
+    in_maps: &'a BTreeMap<T, V>,
+    handed_out: BTreeSet<T>,
     next: T,
     max: T,
+    wrapped: bool,
 }
 
-impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> IdAllocator<T> {
-    fn new(taken: impl IntoIterator<Item = T>, max: T) -> Self {
+impl<'a, T: Copy + Ord + From<u8> + std::ops::Add<Output = T>, V> IdAllocator<'a, T, V> {
+    /// Starts above the highest id in use (O(1) per id while ids last), and wraps to
+    /// the gaps from 1 once `max` is reached.
+    fn new(in_maps: &'a BTreeMap<T, V>, max: T) -> Self {
+        let next = match in_maps.keys().next_back() {
+            Some(highest) if *highest < max => *highest + T::from(1),
+            _ => T::from(1),
+        };
         Self {
-            taken: taken.into_iter().collect(),
-            next: T::from(1),
+            in_maps,
+            handed_out: BTreeSet::new(),
+            next,
             max,
+            wrapped: false,
         }
     }
 
     fn allocate(&mut self) -> Option<T> {
-        while self.taken.contains(&self.next) {
-            if self.next >= self.max {
-                return None;
+        loop {
+            let id = self.next;
+            let free = !self.in_maps.contains_key(&id) && !self.handed_out.contains(&id);
+            if id >= self.max {
+                if self.wrapped {
+                    return free.then(|| self.take(id));
+                }
+                self.wrapped = true;
+                self.next = T::from(1);
+                if free {
+                    return Some(self.take(id));
+                }
+                continue;
             }
-            self.next = self.next + T::from(1);
+            self.next = id + T::from(1);
+            if free {
+                return Some(self.take(id));
+            }
         }
-        let id = self.next;
-        self.taken.insert(id);
-        Some(id)
+    }
+
+    fn take(&mut self, id: T) -> T {
+        self.handed_out.insert(id);
+        id
+    }
+}
+
+/// The key of the first entry holding each of `wanted`'s values, in one pass.
+fn keys_of<K: Copy, V: Ord + Copy>(map: &BTreeMap<K, V>, wanted: &BTreeSet<V>) -> BTreeMap<V, K> {
+    let mut found = BTreeMap::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    for (key, value) in map {
+        if wanted.contains(value) {
+            found.entry(*value).or_insert(*key);
+        }
+    }
+    found
+}
+
+/// How to find the id the maps already use for a value.
+struct ExistingIds<'a> {
+    backend: &'a dyn Fn(&Backend) -> Option<u32>,
+    rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u16>,
+}
+
+/// Write the Service entries (backends, rev-NAT, slots, masters) of `services` into
+/// `out`. Ids already in `written` (all the maps hold) are kept for the same value;
+/// new ones are neither in `written` nor handed out in this pass.
+fn service_contents<'s>(
+    services: impl Iterator<Item = (&'s L4Addr, &'s ServiceFrontend)>,
+    written: &MapContents,
+    existing: &ExistingIds,
+    out: &mut MapContents,
+    skipped: &mut Vec<Skipped>,
+) {
+    let mut backend_ids = IdAllocator::new(&written.backends, u32::MAX);
+    let mut rev_nat_ids = IdAllocator::new(&written.rev_nat, u16::MAX);
+
+    let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
+    let mut rev_nat_of: BTreeMap<RevNatValue, u16> = BTreeMap::new();
+    for (frontend, service) in services {
+        let rev = rev_nat_value(frontend);
+        let rev_nat_index = match rev_nat_of.get(&rev) {
+            Some(index) => *index,
+            None => match (existing.rev_nat)(&rev).or_else(|| rev_nat_ids.allocate()) {
+                Some(index) => {
+                    rev_nat_of.insert(rev, index);
+                    out.rev_nat.insert(index, rev);
+                    index
+                }
+                None => {
+                    skipped.push(Skipped {
+                        object: service.name.clone(),
+                        reason: "no rev-NAT index left".into(),
+                    });
+                    continue;
+                }
+            },
+        };
+        let mut slots = Vec::with_capacity(service.backends.len());
+        for addr in &service.backends {
+            let value = backend_value(addr);
+            let id = match backend_id_of.get(&value) {
+                Some(id) => Some(*id),
+                None => (existing.backend)(&value).or_else(|| backend_ids.allocate()),
+            };
+            let Some(id) = id else {
+                skipped.push(Skipped {
+                    object: service.name.clone(),
+                    reason: format!("no backend id left for {addr}"),
+                });
+                break;
+            };
+            backend_id_of.insert(value, id);
+            slots.push(id);
+        }
+        if slots.len() != service.backends.len() {
+            continue;
+        }
+        let key = |slot: u16| {
+            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+        };
+        for (slot, id) in slots.iter().enumerate() {
+            out.services.insert(
+                key(slot as u16 + 1),
+                ServiceValue {
+                    backend_id: *id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
+        out.services.insert(
+            key(0),
+            ServiceValue {
+                backend_id: 0,
+                count: slots.len() as u16,
+                rev_nat_index,
+                flags: 0,
+            },
+        );
+    }
+    for (value, id) in backend_id_of {
+        out.backends.insert(id, value);
     }
 }
 
@@ -161,95 +288,25 @@ pub fn desired_contents(
             );
         }
     }
-
-    // Ids already in the maps are kept for the same value.
-    let mut existing_backend_ids: BTreeMap<Backend, u32> = BTreeMap::new();
-    for (id, backend) in &current.backends {
-        existing_backend_ids.entry(*backend).or_insert(*id);
-    }
-    let mut existing_rev_nat: BTreeMap<([u8; 4], u16), u16> = BTreeMap::new();
-    for (index, value) in &current.rev_nat {
-        existing_rev_nat
-            .entry((value.address, value.port))
-            .or_insert(*index);
-    }
-    let mut backend_ids = IdAllocator::new(current.backends.keys().copied(), u32::MAX);
-    let mut rev_nat_ids = IdAllocator::new(current.rev_nat.keys().copied(), u16::MAX);
-
-    let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
-    let mut rev_nat_of: BTreeMap<([u8; 4], u16), u16> = BTreeMap::new();
-    for (frontend, service) in &state.services {
-        let rev = rev_nat_value(frontend);
-        let rev_key = (rev.address, rev.port);
-        let rev_nat_index = match rev_nat_of.get(&rev_key) {
-            Some(index) => *index,
-            None => match existing_rev_nat
-                .get(&rev_key)
-                .copied()
-                .or_else(|| rev_nat_ids.allocate())
-            {
-                Some(index) => {
-                    rev_nat_of.insert(rev_key, index);
-                    out.rev_nat.insert(index, rev);
-                    index
-                }
-                None => {
-                    skipped.push(Skipped {
-                        object: service.name.clone(),
-                        reason: "no rev-NAT index left".into(),
-                    });
-                    continue;
-                }
-            },
-        };
-        let mut slots = Vec::with_capacity(service.backends.len());
-        for addr in &service.backends {
-            let value = backend_value(addr);
-            let id = match backend_id_of.get(&value) {
-                Some(id) => Some(*id),
-                None => existing_backend_ids
-                    .get(&value)
-                    .copied()
-                    .or_else(|| backend_ids.allocate()),
-            };
-            let Some(id) = id else {
-                skipped.push(Skipped {
-                    object: service.name.clone(),
-                    reason: format!("no backend id left for {addr}"),
-                });
-                break;
-            };
-            backend_id_of.insert(value, id);
-            slots.push(id);
-        }
-        if slots.len() != service.backends.len() {
-            continue;
-        }
-        let key = |slot: u16| {
-            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
-        };
-        for (slot, id) in slots.iter().enumerate() {
-            out.services.insert(
-                key(slot as u16 + 1),
-                ServiceValue {
-                    backend_id: *id,
-                    ..ServiceValue::default()
-                },
-            );
-        }
-        out.services.insert(
-            key(0),
-            ServiceValue {
-                backend_id: 0,
-                count: slots.len() as u16,
-                rev_nat_index,
-                flags: 0,
-            },
-        );
-    }
-    for (value, id) in backend_id_of {
-        out.backends.insert(id, value);
-    }
+    let wanted_backends: BTreeSet<Backend> = state
+        .services
+        .values()
+        .flat_map(|service| service.backends.iter().map(backend_value))
+        .collect();
+    let wanted_rev_nat: BTreeSet<RevNatValue> = state.services.keys().map(rev_nat_value).collect();
+    let backend_ids = keys_of(&current.backends, &wanted_backends);
+    let rev_nat_ids = keys_of(&current.rev_nat, &wanted_rev_nat);
+    let existing = ExistingIds {
+        backend: &|value| backend_ids.get(value).copied(),
+        rev_nat: &|value| rev_nat_ids.get(value).copied(),
+    };
+    service_contents(
+        state.services.iter(),
+        current,
+        &existing,
+        &mut out,
+        &mut skipped,
+    );
 
     for pod in state.pods.values() {
         let Some(interface) = interfaces.get(&pod.interface) else {
@@ -368,6 +425,200 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops
 }
 
+/// The maps as last written, with the reverse indexes an incremental update needs to
+/// stay O(changed): the id of each value, and how many entries use each id.
+#[derive(Clone, Debug, Default)]
+pub struct Written {
+    pub contents: MapContents,
+    backend_id_of: HashMap<Backend, u32>,
+    rev_nat_of: HashMap<RevNatValue, u16>,
+    /// Backend id -> slots naming it; rev-NAT index -> masters naming it.
+    backend_users: HashMap<u32, u32>,
+    rev_nat_users: HashMap<u16, u32>,
+}
+
+fn add_user<K: Eq + std::hash::Hash>(users: &mut HashMap<K, u32>, key: K) {
+    *users.entry(key).or_default() += 1;
+}
+
+fn remove_user<K: Eq + std::hash::Hash>(users: &mut HashMap<K, u32>, key: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut entry) = users.entry(key) {
+        *entry.get_mut() -= 1;
+        if *entry.get() == 0 {
+            entry.remove();
+        }
+    }
+}
+
+impl Written {
+    pub fn new(contents: MapContents) -> Self {
+        let mut written = Self::default();
+        let ops: Vec<Op> = contents
+            .backends
+            .iter()
+            .map(|(k, v)| Op::PutBackend(*k, *v))
+            .chain(contents.rev_nat.iter().map(|(k, v)| Op::PutRevNat(*k, *v)))
+            .chain(
+                contents
+                    .services
+                    .iter()
+                    .map(|(k, v)| Op::PutService(*k, *v)),
+            )
+            .collect();
+        written.apply(&ops);
+        written.contents = contents;
+        written
+    }
+
+    /// Record `ops` as written, keeping the indexes in step.
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            match *op {
+                Op::PutBackend(id, value) => {
+                    if let Some(old) = self.contents.backends.insert(id, value) {
+                        self.forget_backend(id, old);
+                    }
+                    self.backend_id_of.entry(value).or_insert(id);
+                }
+                Op::DeleteBackend(id) => {
+                    if let Some(old) = self.contents.backends.remove(&id) {
+                        self.forget_backend(id, old);
+                    }
+                }
+                Op::PutRevNat(index, value) => {
+                    if let Some(old) = self.contents.rev_nat.insert(index, value) {
+                        self.forget_rev_nat(index, old);
+                    }
+                    self.rev_nat_of.entry(value).or_insert(index);
+                }
+                Op::DeleteRevNat(index) => {
+                    if let Some(old) = self.contents.rev_nat.remove(&index) {
+                        self.forget_rev_nat(index, old);
+                    }
+                }
+                Op::PutService(key, value) => {
+                    if let Some(old) = self.contents.services.insert(key, value) {
+                        self.forget_service(&key, &old);
+                    }
+                    if key.backend_slot == 0 {
+                        add_user(&mut self.rev_nat_users, value.rev_nat_index);
+                    } else {
+                        add_user(&mut self.backend_users, value.backend_id);
+                    }
+                }
+                Op::DeleteService(key) => {
+                    if let Some(old) = self.contents.services.remove(&key) {
+                        self.forget_service(&key, &old);
+                    }
+                }
+                other => self.contents.apply(&[other]),
+            }
+        }
+    }
+
+    fn forget_backend(&mut self, id: u32, value: Backend) {
+        if self.backend_id_of.get(&value) == Some(&id) {
+            self.backend_id_of.remove(&value);
+        }
+    }
+
+    fn forget_rev_nat(&mut self, index: u16, value: RevNatValue) {
+        if self.rev_nat_of.get(&value) == Some(&index) {
+            self.rev_nat_of.remove(&value);
+        }
+    }
+
+    fn forget_service(&mut self, key: &ServiceKey, old: &ServiceValue) {
+        if key.backend_slot == 0 {
+            remove_user(&mut self.rev_nat_users, old.rev_nat_index);
+        } else {
+            remove_user(&mut self.backend_users, old.backend_id);
+        }
+    }
+}
+
+/// The writes for an incremental update of some Services, in time proportional to
+/// their entries: `frontends` are all the frontends those Services had (in
+/// `written`) or have now, `now` the ones they have now with their backends. The
+/// same ordered diff as a full sync, over just these entries; a backend or rev-NAT
+/// entry that another Service still uses is never removed.
+pub fn service_update(
+    written: &Written,
+    frontends: &BTreeSet<L4Addr>,
+    now: &BTreeMap<L4Addr, ServiceFrontend>,
+) -> (Vec<Op>, Vec<Skipped>) {
+    let maps = &written.contents;
+    let mut current = MapContents {
+        config: maps.config,
+        ..MapContents::default()
+    };
+    for frontend in frontends {
+        let first = ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0);
+        let last = ServiceKey {
+            backend_slot: u16::MAX,
+            ..first
+        };
+        for (key, value) in maps.services.range(first..=last) {
+            current.services.insert(*key, *value);
+            if key.backend_slot == 0 {
+                if let Some(rev) = maps.rev_nat.get(&value.rev_nat_index) {
+                    current.rev_nat.insert(value.rev_nat_index, *rev);
+                }
+            } else if let Some(backend) = maps.backends.get(&value.backend_id) {
+                current.backends.insert(value.backend_id, *backend);
+            }
+        }
+    }
+    let mut desired = MapContents {
+        config: maps.config,
+        ..MapContents::default()
+    };
+    let mut skipped = Vec::new();
+    let existing = ExistingIds {
+        backend: &|value| written.backend_id_of.get(value).copied(),
+        rev_nat: &|value| written.rev_nat_of.get(value).copied(),
+    };
+    service_contents(now.iter(), maps, &existing, &mut desired, &mut skipped);
+    let mut ops = diff(&current, &desired);
+    // Users outside these frontends keep a backend or rev-NAT entry alive.
+    let ours = |pick: &dyn Fn(&ServiceKey, &ServiceValue) -> bool| {
+        current.services.iter().filter(|(k, v)| pick(k, v)).count() as u32
+    };
+    ops.retain(|op| match op {
+        Op::DeleteBackend(id) => {
+            let all = written.backend_users.get(id).copied().unwrap_or(0);
+            all <= ours(&|k, v| k.backend_slot != 0 && v.backend_id == *id)
+        }
+        Op::DeleteRevNat(index) => {
+            let all = written.rev_nat_users.get(index).copied().unwrap_or(0);
+            all <= ours(&|k, v| k.backend_slot == 0 && v.rev_nat_index == *index)
+        }
+        _ => true,
+    });
+    (ops, skipped)
+}
+
+impl MapContents {
+    /// Record `ops` as written (keeps the agent's copy of the maps in step).
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            match *op {
+                Op::PutBackend(id, value) => drop(self.backends.insert(id, value)),
+                Op::PutRevNat(index, value) => drop(self.rev_nat.insert(index, value)),
+                Op::PutService(key, value) => drop(self.services.insert(key, value)),
+                Op::PutEndpoint(key, value) => drop(self.endpoints.insert(key, value)),
+                Op::PutConfig(config) => self.config = config,
+                Op::PutRoute(key, value) => drop(self.routes.insert(key, value)),
+                Op::DeleteRoute(key) => drop(self.routes.remove(&key)),
+                Op::DeleteService(key) => drop(self.services.remove(&key)),
+                Op::DeleteRevNat(index) => drop(self.rev_nat.remove(&index)),
+                Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
+                Op::DeleteEndpoint(key) => drop(self.endpoints.remove(&key)),
+            }
+        }
+    }
+}
+
 /// Backend ids a diff removes: conntrack entries naming them must go too, before the
 /// id can ever be handed out again.
 pub fn removed_backends(ops: &[Op]) -> BTreeSet<u32> {
@@ -395,7 +646,7 @@ pub fn describe_service_key(key: &ServiceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LocalPod, ServiceFrontend};
+    use crate::model::LocalPod;
     use std::net::Ipv4Addr;
 
     fn tcp(ip: &str, port: u16) -> L4Addr {
@@ -412,6 +663,7 @@ mod tests {
             state.services.insert(
                 *frontend,
                 ServiceFrontend {
+                    service: ("default".into(), frontend.to_string()),
                     name: frontend.to_string(),
                     backends: backends.to_vec(),
                 },
@@ -429,21 +681,7 @@ mod tests {
     }
 
     fn apply(current: &mut MapContents, ops: &[Op]) {
-        for op in ops {
-            match *op {
-                Op::PutBackend(k, v) => _ = current.backends.insert(k, v),
-                Op::PutRevNat(k, v) => _ = current.rev_nat.insert(k, v),
-                Op::PutService(k, v) => _ = current.services.insert(k, v),
-                Op::PutEndpoint(k, v) => _ = current.endpoints.insert(k, v),
-                Op::DeleteService(k) => _ = current.services.remove(&k),
-                Op::DeleteRevNat(k) => _ = current.rev_nat.remove(&k),
-                Op::DeleteBackend(k) => _ = current.backends.remove(&k),
-                Op::DeleteEndpoint(k) => _ = current.endpoints.remove(&k),
-                Op::PutConfig(c) => current.config = c,
-                Op::PutRoute(k, v) => _ = current.routes.insert(k, v),
-                Op::DeleteRoute(k) => _ = current.routes.remove(&k),
-            }
-        }
+        current.apply(ops);
     }
 
     /// What the datapath relies on after every single write: each master entry's slots
@@ -490,6 +728,77 @@ mod tests {
         let mut maps = MapContents::default();
         apply_checking_each_step(&mut maps, &ops);
         assert_eq!(maps, desired);
+    }
+
+    /// Frontend -> backend addresses and rev-NAT target: what the maps mean,
+    /// whatever ids they use.
+    fn meaning(maps: &MapContents) -> BTreeMap<ServiceKey, (Vec<Backend>, RevNatValue)> {
+        maps.services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .map(|(key, master)| {
+                let backends = (1..=master.count)
+                    .map(|slot| {
+                        let slot = maps.services[&ServiceKey {
+                            backend_slot: slot,
+                            ..*key
+                        }];
+                        maps.backends[&slot.backend_id]
+                    })
+                    .collect();
+                (*key, (backends, maps.rev_nat[&master.rev_nat_index]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_incremental_service_update_means_what_a_full_sync_means_and_leaves_no_garbage() {
+        let b = |n: u8| tcp(&format!("10.244.0.{n}"), 8080);
+        let vip = |n: u8| tcp(&format!("10.96.0.{n}"), 80);
+        let before = state(&[
+            (vip(1), &[b(1), b(2)]),
+            (vip(2), &[b(2), b(3)]), // b(2) is shared with vip(1)
+            (vip(3), &[b(4)]),
+        ]);
+        let (mut maps, _) = plan(&before, &MapContents::default());
+        // vip(1) drops the shared b(2) and gains b(5); vip(3) goes; vip(4) arrives.
+        let after = state(&[
+            (vip(1), &[b(1), b(5)]),
+            (vip(2), &[b(2), b(3)]),
+            (vip(4), &[b(4), b(6)]),
+        ]);
+        let frontends: BTreeSet<L4Addr> = [vip(1), vip(3), vip(4)].into();
+        let now: BTreeMap<L4Addr, ServiceFrontend> = after
+            .services
+            .iter()
+            .filter(|(f, _)| frontends.contains(f))
+            .map(|(f, s)| (*f, s.clone()))
+            .collect();
+        let (ops, skipped) = service_update(&Written::new(maps.clone()), &frontends, &now);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        apply_checking_each_step(&mut maps, &ops);
+        let (full, _) = plan(&after, &MapContents::default());
+        assert_eq!(meaning(&maps), meaning(&full));
+        // b(2) stays (vip(2) uses it), nothing unreferenced is left behind.
+        let referenced: BTreeSet<u32> = maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        assert_eq!(
+            maps.backends.keys().copied().collect::<BTreeSet<_>>(),
+            referenced
+        );
+        assert_eq!(maps.rev_nat.len(), 3);
+        // Nothing of vip(2) was touched.
+        assert!(ops.iter().all(|op| match op {
+            Op::PutService(k, _) | Op::DeleteService(k) => k.address != vip(2).ip.octets(),
+            _ => true,
+        }));
+        // A full resync afterwards finds nothing to change.
+        let (_, resync) = plan(&after, &maps);
+        assert!(resync.is_empty(), "{resync:?}");
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub struct Backend {
 /// Value of `ferrite_rev_nat` (key: rev-NAT index, `u16`, never 0): the frontend
 /// a reply's source is rewritten back to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RevNatValue {
     pub address: [u8; 4],
     pub port: u16,
