@@ -237,7 +237,18 @@ where
     K::DynamicType: Eq + Hash + Clone + Default,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
+    let events = watcher::watcher(api, config)
+        .default_backoff()
+        // Cached objects keep only what a model could read: managedFields and the
+        // last-applied copy are often most of an object's size.
+        .modify(|object: &mut K| {
+            let meta = object.meta_mut();
+            meta.managed_fields = None;
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        });
+    let stream = reflector::reflector(writer, events);
     let Watched {
         resource,
         scope,
