@@ -73,7 +73,8 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     let slices = watch::<EndpointSlice>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("endpointslices", &changed, &telemetry, model::slice_service),
+        Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
+            .shrinking(model::compact_slice),
     );
     let nodes = watch::<Node>(
         Api::all(client.clone()),
@@ -202,6 +203,8 @@ impl Changed {
 struct Watched<K> {
     resource: &'static str,
     scope: fn(&K) -> Option<ServiceRef>,
+    /// Shrinks an object for the cache (the model must read it the same).
+    shrink: fn(&mut K),
     changed: Arc<Changed>,
     telemetry: Arc<Telemetry>,
 }
@@ -216,9 +219,14 @@ impl<K> Watched<K> {
         Self {
             resource,
             scope,
+            shrink: |_| {},
             changed: changed.clone(),
             telemetry: telemetry.clone(),
         }
+    }
+
+    fn shrinking(self, shrink: fn(&mut K)) -> Self {
+        Self { shrink, ..self }
     }
 }
 
@@ -236,25 +244,27 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
+    let Watched {
+        resource,
+        scope,
+        shrink,
+        changed,
+        telemetry,
+    } = watched;
     let (reader, writer) = reflector::store();
     let events = watcher::watcher(api, config)
         .default_backoff()
         // Cached objects keep only what a model could read: managedFields and the
         // last-applied copy are often most of an object's size.
-        .modify(|object: &mut K| {
+        .modify(move |object: &mut K| {
             let meta = object.meta_mut();
             meta.managed_fields = None;
             if let Some(annotations) = meta.annotations.as_mut() {
                 annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
+            shrink(object);
         });
     let stream = reflector::reflector(writer, events);
-    let Watched {
-        resource,
-        scope,
-        changed,
-        telemetry,
-    } = watched;
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut lists = 0u64;

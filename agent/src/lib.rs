@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod hostnet;
 pub mod inspect;
 pub mod kube_source;
+pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod plan;

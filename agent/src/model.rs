@@ -499,6 +499,7 @@ fn port_backends(
                 continue;
             }
         };
+        let compacted = is_compacted(slice);
         for endpoint in slice.endpoints.iter().flatten() {
             let ready = endpoint
                 .conditions
@@ -509,29 +510,96 @@ fn port_backends(
                 continue;
             }
             // All addresses of an endpoint are fungible; kube-proxy uses the first.
-            let Some(address) = endpoint.addresses.first() else {
+            // A compacted slice lists one ready endpoint per address.
+            let addresses = if compacted {
+                &endpoint.addresses[..]
+            } else {
+                &endpoint.addresses[..endpoint.addresses.len().min(1)]
+            };
+            if addresses.is_empty() {
                 skipped.push(Skipped {
                     object: slice_name.clone(),
                     reason: "endpoint without addresses".into(),
                 });
                 continue;
-            };
-            match parse_ipv4(address, "endpoint address") {
-                Ok(ip) => {
-                    backends.insert(L4Addr {
-                        ip,
-                        port: target,
-                        protocol,
-                    });
-                }
-                Err(reason) => skipped.push(Skipped {
-                    object: slice_name.clone(),
-                    reason,
-                }),
+            }
+            for address in addresses {
+                add_backend(
+                    address,
+                    target,
+                    protocol,
+                    &slice_name,
+                    &mut backends,
+                    skipped,
+                );
             }
         }
     }
     backends.into_iter().collect()
+}
+
+fn add_backend(
+    address: &str,
+    port: u16,
+    protocol: Protocol,
+    slice_name: &str,
+    backends: &mut BTreeSet<L4Addr>,
+    skipped: &mut Vec<Skipped>,
+) {
+    match parse_ipv4(address, "endpoint address") {
+        Ok(ip) => {
+            backends.insert(L4Addr { ip, port, protocol });
+        }
+        Err(reason) => skipped.push(Skipped {
+            object: slice_name.to_string(),
+            reason,
+        }),
+    }
+}
+
+/// Label marking an EndpointSlice compacted by [`compact_slice`].
+pub const COMPACTED_LABEL: &str = "ferrite.dev/compacted";
+
+fn is_compacted(slice: &EndpointSlice) -> bool {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.get(COMPACTED_LABEL).is_some_and(|v| v == "true"))
+}
+
+/// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
+/// address of every ready endpoint becomes an address of one ready endpoint (one
+/// 352-byte `Endpoint` instead of one per pod), other endpoint fields and
+/// managed metadata go. The model reads the result exactly as the original.
+pub fn compact_slice(slice: &mut EndpointSlice) {
+    if is_compacted(slice) {
+        return;
+    }
+    let addresses: Vec<String> = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.addresses.first().cloned())
+        .collect();
+    let empty_endpoints = slice.endpoints.iter().flatten().any(|e| {
+        e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) && e.addresses.is_empty()
+    });
+    if empty_endpoints {
+        return; // keep it as is: the model reports those endpoints
+    }
+    slice.endpoints = (!addresses.is_empty()).then(|| {
+        vec![k8s_openapi::api::discovery::v1::Endpoint {
+            addresses,
+            ..Default::default()
+        }]
+    });
+    slice
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(COMPACTED_LABEL.into(), "true".into());
 }
 
 fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, String> {
@@ -583,6 +651,42 @@ mod tests {
         let (state, more) = build(&objects, NODE);
         skipped.extend(more);
         (state, skipped)
+    }
+
+    #[test]
+    fn compacted_slices_mean_exactly_what_the_originals_mean() {
+        let yaml = format!(
+            "{WEB}---\n{}",
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-def
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.1, 10.244.9.9]
+  conditions: {ready: true}
+- addresses: [not-an-ip]
+- addresses: [10.244.1.2]
+  conditions: {ready: false}
+"#
+        );
+        let (objects, _) = parse_objects(&yaml);
+        let original = build(&objects, NODE);
+        let mut compacted = objects.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+            assert!(slice.endpoints.iter().flatten().count() <= 1);
+        }
+        assert_eq!(build(&compacted, NODE), original);
+        // Compacting twice changes nothing.
+        let again = compacted.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+        }
+        assert_eq!(build(&again, NODE), build(&compacted, NODE));
     }
 
     fn addr(s: &str, port: u16, protocol: Protocol) -> L4Addr {

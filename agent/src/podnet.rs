@@ -122,20 +122,22 @@ fn configure_pod_side(pod: &PodInterface) -> Result<()> {
 /// Delete the pod end of a pair (and so the pair) from inside the pod's namespace.
 /// Returns whether it existed.
 pub fn delete_pod_end(netns: &Path, name: &str) -> Result<bool> {
-    in_netns(netns, || {
-        if !link_exists(name) {
-            return Ok(false);
-        }
-        run("ip", &["link", "del", name])?;
-        Ok(true)
-    })
+    in_netns(netns, || delete_link(name))
 }
 
 /// Delete a host end (and so the pair) in the current namespace, if it exists.
 pub fn delete_host_end(host_name: &str) -> Result<bool> {
-    if !link_exists(host_name) {
+    delete_link(host_name)
+}
+
+/// Delete a link of the calling thread's namespace; one that vanishes meanwhile
+/// (the kernel destroys the pairs of a deleted netns asynchronously) is gone: fine.
+fn delete_link(name: &str) -> Result<bool> {
+    if !link_exists(name) {
         return Ok(false);
     }
-    run("ip", &["link", "del", host_name])?;
-    Ok(true)
+    match run("ip", &["link", "del", name]) {
+        Err(_) if !link_exists(name) => Ok(false),
+        other => other.map(|_| true),
+    }
 }

@@ -120,7 +120,12 @@ impl Runtime {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {}", binary.display()))?;
-        child.stdin.take().context("stdin")?.write_all(stdin)?;
+        // A plugin may fail before reading its input: like Go's exec (libcni), the
+        // runtime does not count the closed pipe as an error of its own.
+        match child.stdin.take().context("stdin")?.write_all(stdin) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other?,
+        }
         let out = child.wait_with_output()?;
         let output = if out.stdout.iter().all(u8::is_ascii_whitespace) {
             Value::Null
