@@ -276,9 +276,10 @@ impl NodeAgent {
 
 pub fn run(options: &AgentOptions) -> Result<()> {
     // glibc gives each thread that allocates an arena of its own; with the watch
-    // threads that fragments tens of MB of object caches. Two arenas suffice here.
+    // threads that fragments tens of MB of object caches: one arena (measured: 89-98
+    // MB at 10k Services, against 102-106 MB with two and 110-128 MB unlimited).
     // SAFETY: mallopt only tunes the allocator; called before other threads start.
-    unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2) };
+    unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1) };
     let mut agent = NodeAgent::start(options)?;
     match &options.config {
         Some(config) => run_file(&mut agent, config, options),

@@ -254,11 +254,12 @@ where
     let (reader, writer) = reflector::store();
     let events = watcher::watcher(api, config)
         .default_backoff()
-        // Cached objects keep only what a model could read: managedFields and the
-        // last-applied copy are often most of an object's size.
+        // Cached objects keep only what a model could read: managedFields, owner
+        // references and the last-applied copy are often most of an object's size.
         .modify(move |object: &mut K| {
             let meta = object.meta_mut();
             meta.managed_fields = None;
+            meta.owner_references = None;
             if let Some(annotations) = meta.annotations.as_mut() {
                 annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
             }

@@ -30,7 +30,10 @@ impl std::fmt::Display for TableError {
 }
 
 pub fn is_prime(n: usize) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// (offset, skip) of a backend: two independent hashes of its key (the two halves of

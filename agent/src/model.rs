@@ -510,11 +510,11 @@ fn port_backends(
                 continue;
             }
             // All addresses of an endpoint are fungible; kube-proxy uses the first.
-            // A compacted slice lists one ready endpoint per address.
-            let addresses = if compacted {
-                &endpoint.addresses[..]
-            } else {
-                &endpoint.addresses[..endpoint.addresses.len().min(1)]
+            // A compacted slice holds the ready endpoints' addresses comma-separated.
+            let addresses: Vec<&str> = match endpoint.addresses.first() {
+                Some(first) if compacted => first.split(',').collect(),
+                Some(first) => vec![first.as_str()],
+                None => Vec::new(),
             };
             if addresses.is_empty() {
                 skipped.push(Skipped {
@@ -569,9 +569,9 @@ fn is_compacted(slice: &EndpointSlice) -> bool {
 }
 
 /// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
-/// address of every ready endpoint becomes an address of one ready endpoint (one
-/// 352-byte `Endpoint` instead of one per pod), other endpoint fields and
-/// managed metadata go. The model reads the result exactly as the original.
+/// addresses of the ready endpoints, comma-separated, become the one address of one
+/// ready endpoint (one 352-byte `Endpoint` and one string instead of one of each per
+/// pod); other endpoint fields go. The model reads the result exactly as the original.
 pub fn compact_slice(slice: &mut EndpointSlice) {
     if is_compacted(slice) {
         return;
@@ -586,12 +586,12 @@ pub fn compact_slice(slice: &mut EndpointSlice) {
     let empty_endpoints = slice.endpoints.iter().flatten().any(|e| {
         e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) && e.addresses.is_empty()
     });
-    if empty_endpoints {
+    if empty_endpoints || addresses.iter().any(|a| a.contains(',')) {
         return; // keep it as is: the model reports those endpoints
     }
     slice.endpoints = (!addresses.is_empty()).then(|| {
         vec![k8s_openapi::api::discovery::v1::Endpoint {
-            addresses,
+            addresses: vec![addresses.join(",")],
             ..Default::default()
         }]
     });
