@@ -362,10 +362,32 @@ fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
     })
 }
 
+/// Ports one Service may have (Kubernetes sets no limit; a hostile Service with
+/// thousands would take map space from every other one).
+pub const MAX_SERVICE_PORTS: usize = 1024;
+
+/// RFC 1035 label, as Kubernetes requires of Service names.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A hostile value, shortened for a log line.
+fn truncated(value: &str) -> String {
+    match value.char_indices().nth(40) {
+        Some((end, _)) => format!("{}...", &value[..end]),
+        None => value.to_string(),
+    }
+}
+
 fn parse_ipv4(value: &str, field: &str) -> Result<Ipv4Addr, String> {
     value
         .parse::<Ipv4Addr>()
-        .map_err(|_| format!("{field} {value:?} is not an IPv4 address"))
+        .map_err(|_| format!("{field} {:?} is not an IPv4 address", truncated(value)))
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, String> {
@@ -387,6 +409,12 @@ fn service_frontends(
         .name
         .as_deref()
         .ok_or("metadata.name is missing")?;
+    if !is_dns_label(name) {
+        return Err(format!(
+            "metadata.name {:?} is not a DNS label (1-63 lowercase letters, digits, '-')",
+            truncated(name)
+        ));
+    }
     let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
     let spec = service.spec.as_ref().ok_or("spec is missing")?;
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -410,6 +438,13 @@ fn service_frontends(
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         return Err("spec.ports is empty".into());
+    }
+    if ports.len() > MAX_SERVICE_PORTS {
+        // One Service must not fill the maps every other Service shares.
+        return Err(format!(
+            "{} ports (more than {MAX_SERVICE_PORTS})",
+            ports.len()
+        ));
     }
     // Validate every port first so a bad Service is skipped whole, never half-applied.
     let mut parsed = Vec::with_capacity(ports.len());
@@ -547,6 +582,20 @@ fn add_backend(
     skipped: &mut Vec<Skipped>,
 ) {
     match parse_ipv4(address, "endpoint address") {
+        // What the API server itself refuses as an endpoint (and a hostile object
+        // could point a Service at): loopback, link-local (cloud metadata), multicast.
+        Ok(ip)
+            if ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_multicast()
+                || ip.is_unspecified()
+                || ip.is_broadcast() =>
+        {
+            skipped.push(Skipped {
+                object: slice_name.to_string(),
+                reason: format!("endpoint address {ip} is loopback, link-local or multicast"),
+            });
+        }
         Ok(ip) => {
             backends.insert(L4Addr { ip, port, protocol });
         }
@@ -724,6 +773,95 @@ endpoints:
 - addresses: [10.244.0.13]
   conditions: {ready: false}
 "#;
+
+    fn svc(name: &str, spec: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
+    }
+
+    fn slice(name: &str, body: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: bad}}}}\n{body}\n"
+        )
+    }
+
+    const GOOD_PORT: &str = "{clusterIP: 10.96.7.7, ports: [{port: 80}]}";
+
+    /// Issue #7, item 8: every hostile object is skipped with a reason naming it, and
+    /// the example Service keeps working; nothing panics.
+    #[test]
+    fn thirty_hostile_objects_are_each_skipped_with_a_reason_and_the_rest_applies() {
+        let long = "a".repeat(253);
+        let many_ports: String = (1..=10_000)
+            .map(|p| format!("{{name: p{p}, port: {p}}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("no name", "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {clusterIP: 10.96.7.1, ports: [{port: 80}]}\n".into(), "<unnamed>"),
+            ("no spec", "apiVersion: v1\nkind: Service\nmetadata: {name: nospec}\n".into(), "nospec"),
+            ("no clusterIP", svc("noip", "{ports: [{port: 80}]}"), "noip"),
+            ("IPv6 clusterIP", svc("v6", "{clusterIP: 'fd00::1', ports: [{port: 80}]}"), "v6"),
+            ("bad clusterIP", svc("badip", "{clusterIP: 999.1.1.1, ports: [{port: 80}]}"), "badip"),
+            ("0.0.0.0 clusterIP", svc("zero", "{clusterIP: 0.0.0.0, ports: [{port: 80}]}"), "zero"),
+            ("port 0", svc("port0", "{clusterIP: 10.96.7.2, ports: [{port: 0}]}"), "port0"),
+            ("port 70000", svc("bigport", "{clusterIP: 10.96.7.3, ports: [{port: 70000}]}"), "bigport"),
+            ("unknown protocol", svc("quic", "{clusterIP: 10.96.7.4, ports: [{port: 80, protocol: QUIC}]}"), "quic"),
+            ("SCTP port", svc("sctp", "{clusterIP: 10.96.7.5, ports: [{port: 80, protocol: SCTP}, {name: b, port: 81}]}"), "SCTP"),
+            ("negative targetPort", svc("negtarget", "{clusterIP: 10.96.7.6, ports: [{port: 80, targetPort: -1}]}"), "negtarget"),
+            ("ExternalName", svc("extname", "{type: ExternalName, externalName: example.com}"), "extname"),
+            ("unknown type", svc("weird", "{type: Weird, clusterIP: 10.96.7.8, ports: [{port: 80}]}"), "weird"),
+            ("no ports", svc("noports", "{clusterIP: 10.96.7.9, ports: []}"), "noports"),
+            ("10,000 ports", svc("manyports", &format!("{{clusterIP: 10.96.7.10, ports: [{many_ports}]}}")), "manyports"),
+            ("253-char name", svc(&long, GOOD_PORT), "aaaaaaaaaa"),
+            ("uppercase name", svc("Upper", GOOD_PORT), "Upper"),
+            ("duplicate clusterIP:port", svc("copycat", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}"), "already used"),
+            ("headless", svc("headless", "{clusterIP: None, ports: [{port: 80}]}"), "headless"),
+            ("slice without label", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: shop}\naddressType: IPv4\n".into(), "orphan"),
+            ("IPv6 slice", slice("six", "addressType: IPv6\nendpoints: [{addresses: ['fd00::2']}]"), "six"),
+            ("FQDN slice", slice("fqdn", "addressType: FQDN\nendpoints: [{addresses: [example.com]}]"), "fqdn"),
+            ("IPv6 address in IPv4 slice", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("mixed", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00::3']}]")), "mixed"),
+            ("garbage address", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("garbage", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [not-an-address]}]")), "garbage"),
+            ("endpoint without addresses", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("empty", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: []}]")), "empty"),
+            ("loopback endpoint", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("loop", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [127.0.0.1]}]")), "loop"),
+            ("cloud metadata endpoint", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("metadata", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [169.254.169.254]}]")), "metadata"),
+            ("slice port 0", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("sport", "addressType: IPv4\nports: [{port: 0}]\nendpoints: [{addresses: [10.244.3.3]}]")), "sport"),
+            ("pod with garbage IP", "apiVersion: v1\nkind: Pod\nmetadata: {name: badpod, namespace: shop}\nspec: {nodeName: node-a, containers: []}\nstatus: {podIP: 10.244.0.300}\n".into(), "badpod"),
+            ("pod with IPv6 IP", "apiVersion: v1\nkind: Pod\nmetadata: {name: v6pod, namespace: shop}\nspec: {nodeName: node-a, containers: []}\nstatus: {podIP: 'fd00::5'}\n".into(), "v6pod"),
+            ("node without InternalIP", "apiVersion: v1\nkind: Node\nmetadata: {name: noaddr}\nspec: {podCIDR: 10.244.9.0/24}\n".into(), "noaddr"),
+            ("node with garbage podCIDR", "apiVersion: v1\nkind: Node\nmetadata: {name: badcidr}\nspec: {podCIDR: 10.244.9.0/99}\nstatus: {addresses: [{type: InternalIP, address: 198.51.100.9}]}\n".into(), "badcidr"),
+            ("node with a bad VTEP MAC", "apiVersion: v1\nkind: Node\nmetadata: {name: badmac, annotations: {ferrite.dev/vtep-mac: zz}}\nspec: {podCIDR: 10.244.8.0/24}\nstatus: {addresses: [{type: InternalIP, address: 198.51.100.8}]}\n".into(), "badmac"),
+            ("unknown kind", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: deploy}\n".into(), "deploy"),
+            ("not a mapping", "just a string\n".into(), ""),
+            ("wrong field type", "apiVersion: v1\nkind: Service\nmetadata: {name: typed, namespace: shop}\nspec: {ports: 80}\n".into(), "typed"),
+        ];
+        assert!(cases.len() >= 30);
+        for (what, yaml, marker) in &cases {
+            let (state, skipped) = build_yaml(&format!("{WEB}---\n{yaml}"));
+            assert!(
+                skipped
+                    .iter()
+                    .any(|s| s.object.contains(marker) || s.reason.contains(marker)),
+                "{what}: no reason naming {marker:?} in {skipped:?}"
+            );
+            let http = &state.services[&addr("10.96.0.10", 80, Protocol::Tcp)];
+            assert_eq!(http.name, "shop/web:http", "{what}");
+            assert_eq!(http.backends.len(), 2, "{what}");
+        }
+        // Legitimate if unusual: a 253-character Pod name and an endpoint outside
+        // the cluster (a Service without selector pointing elsewhere) both apply.
+        let (state, _) = build_yaml(&format!(
+            "{}---\n{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {long}, namespace: shop}}\nspec: {{nodeName: node-a, containers: []}}\nstatus: {{podIP: 10.244.0.77}}\n",
+            svc("bad", GOOD_PORT),
+            slice("outside", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [203.0.113.5]}]")
+        ));
+        assert_eq!(
+            state.pods[&"10.244.0.77".parse().unwrap()].interface.len(),
+            15
+        );
+        assert_eq!(
+            state.services[&addr("10.96.7.7", 80, Protocol::Tcp)].backends,
+            vec![addr("203.0.113.5", 8080, Protocol::Tcp)]
+        );
+    }
 
     #[test]
     fn named_target_port_resolves_through_the_slice_and_not_ready_is_left_out() {
