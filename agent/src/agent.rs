@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::{
     datapath::{self, Datapath},
     hostnet, kube_source,
-    maps::NodeMaps,
+    maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
     plan, source,
     telemetry::{self, ServiceNames, Telemetry},
@@ -127,11 +127,16 @@ impl NodeAgent {
             }),
             None => self.maps.contents(),
         };
+        if let (Ok(actual), Some(expected)) = (&current, &self.written) {
+            self.report_drift(&expected.contents, actual);
+        }
+        let ids_from = self.written.as_ref().map(|w| &w.contents);
         let result = current.and_then(|current| {
             reconcile(
                 objects,
                 skipped,
                 current,
+                ids_from,
                 &self.settings,
                 &mut self.datapath,
                 &mut self.maps,
@@ -189,6 +194,30 @@ impl NodeAgent {
 
     pub fn flush_logs(&mut self) {
         self.datapath.flush_logs();
+    }
+
+    /// Entries the maps hold differently from what this agent wrote (bpftool, another
+    /// process, a bug): logged and counted; the sync that follows repairs them.
+    /// Endpoints are left out: the CNI plugin writes those between syncs.
+    fn report_drift(&self, expected: &plan::MapContents, actual: &plan::MapContents) {
+        let drift = plan::drift(expected, actual);
+        if drift.is_empty() {
+            return;
+        }
+        for op in &drift {
+            self.telemetry.count_drift(plan::op_map(op));
+        }
+        let shown: Vec<String> = drift.iter().take(5).map(maps::describe_op).collect();
+        warn!(
+            entries = drift.len(),
+            "maps drifted from what the agent wrote; repairing: {}{}",
+            shown.join("; "),
+            if drift.len() > shown.len() {
+                "; ..."
+            } else {
+                ""
+            }
+        );
     }
 
     /// Update only the Services `changed` (present in `objects` with their
@@ -312,14 +341,32 @@ fn run_file(agent: &mut NodeAgent, config: &PathBuf, options: &AgentOptions) -> 
     }
 }
 
+/// The map writes a sync would make now (for `ferrite inspect diff`): the model of
+/// `objects` against what the maps hold, without writing anything. Run in the
+/// node's network namespace (pod interfaces decide which endpoints stay).
+pub fn pending_writes(
+    objects: &ClusterObjects,
+    settings: &plan::NodeSettings,
+    maps: &NodeMaps,
+) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
+    let (state, mut skipped) = model::build(objects, &settings.node);
+    let current = maps.contents()?;
+    let (desired, more) =
+        plan::desired_contents(&state, &datapath::interfaces()?, &current, settings);
+    skipped.extend(more);
+    Ok((plan::diff(&current, &desired), skipped))
+}
+
 /// One reconciliation: objects -> model -> plan -> ordered map writes, plus the
 /// attachments, host routes and files around them. `skipped` carries what the source
-/// already had to leave out.
+/// already had to leave out; ids are kept as `ids_from` (the last write) has them,
+/// else as the maps have them.
 /// Returns the report and the map contents now written.
 pub fn reconcile(
     objects: &ClusterObjects,
     mut skipped: Vec<model::Skipped>,
     current: plan::MapContents,
+    ids_from: Option<&plan::MapContents>,
     settings: &plan::NodeSettings,
     datapath: &mut Datapath,
     maps: &mut NodeMaps,
@@ -343,7 +390,13 @@ pub fn reconcile(
     }
     wanted.insert(VXLAN_DEVICE);
 
-    let (desired, more) = plan::desired_contents(&state, &interfaces, &current, settings);
+    let (desired, more) = plan::desired_contents_keeping_ids(
+        &state,
+        &interfaces,
+        &current,
+        ids_from.unwrap_or(&current),
+        settings,
+    );
     let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);

@@ -15,6 +15,20 @@ pub enum Table {
     Conntrack,
     Stats,
     Routes,
+    /// Writes a sync would make now (needs the objects: --config or the API).
+    Diff,
+}
+
+/// `inspect diff`: one line per entry that differs from the desired state.
+pub fn render_diff(writes: &[crate::plan::Op]) -> String {
+    if writes.is_empty() {
+        return "no drift: the maps hold exactly the desired state\n".into();
+    }
+    let mut out = format!("{} entries differ from the desired state:\n", writes.len());
+    for op in writes {
+        let _ = writeln!(out, "  {}", crate::maps::describe_op(op));
+    }
+    out
 }
 
 fn protocol_name(number: u8) -> String {
@@ -123,6 +137,7 @@ pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
                 )?;
             }
         }
+        Table::Diff => anyhow::bail!("`diff` needs the objects: see `ferrite inspect --help`"),
         Table::Routes => {
             writeln!(
                 out,

@@ -163,6 +163,36 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     }
 }
 
+/// The objects the agent of `node` would see, listed once (for `ferrite inspect diff`).
+pub fn list_once(node: &str) -> Result<ClusterObjects> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let client = Client::try_default()
+                .await
+                .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
+            let all = kube::api::ListParams::default();
+            let this_node =
+                kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+            Ok(ClusterObjects {
+                services: arcs_of(Api::<Service>::all(client.clone()).list(&all).await?.items),
+                endpoint_slices: arcs_of(
+                    Api::<EndpointSlice>::all(client.clone())
+                        .list(&all)
+                        .await?
+                        .items,
+                ),
+                nodes: arcs_of(Api::<Node>::all(client.clone()).list(&all).await?.items),
+                pods: arcs_of(Api::<Pod>::all(client).list(&this_node).await?.items),
+            })
+        })
+}
+
+fn arcs_of<K>(items: Vec<K>) -> Vec<Arc<K>> {
+    items.into_iter().map(Arc::new).collect()
+}
+
 /// What changed since the last sync: the Services named by events, or anything
 /// else (`full`), and when the oldest of these events arrived (for the lag metric).
 #[derive(Default)]

@@ -2,7 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferrite_agent::{agent, datapath, hostnet, inspect, maps::NodeMaps};
+use ferrite_agent::{agent, datapath, hostnet, inspect, kube_source, maps::NodeMaps, plan, source};
 
 /// Ferrite: Kubernetes pod networking and Service load balancing in eBPF.
 #[derive(Parser)]
@@ -46,12 +46,19 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9965")]
         http_addr: std::net::SocketAddr,
     },
-    /// Show a node's datapath state from its pinned maps.
+    /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
+    /// sync would make now (drift between the objects and the maps).
     Inspect {
         #[arg(long, env = "NODE_NAME")]
         node: String,
         #[arg(value_enum)]
         table: inspect::Table,
+        /// For `diff`: the objects from this YAML file instead of the Kubernetes API.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// For `diff`: the cluster's VXLAN network identifier.
+        #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
+        vni: u32,
     },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
@@ -94,7 +101,23 @@ fn main() -> Result<()> {
             poll: Duration::from_millis(200),
             resync: Duration::from_secs(resync_seconds),
         }),
-        Command::Inspect { node, table } => {
+        Command::Inspect {
+            node,
+            table: inspect::Table::Diff,
+            config,
+            vni,
+        } => {
+            let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
+            let objects = match config {
+                Some(path) => source::parse_objects(&std::fs::read_to_string(path)?).0,
+                None => kube_source::list_once(&node)?,
+            };
+            let settings = plan::NodeSettings { node, vni };
+            let (writes, _) = agent::pending_writes(&objects, &settings, &maps)?;
+            print!("{}", inspect::render_diff(&writes));
+            Ok(())
+        }
+        Command::Inspect { node, table, .. } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
             print!("{}", inspect::render(&maps, table)?);
             Ok(())

@@ -256,6 +256,19 @@ pub fn desired_contents(
     current: &MapContents,
     settings: &NodeSettings,
 ) -> (MapContents, Vec<Skipped>) {
+    desired_contents_keeping_ids(state, interfaces, current, current, settings)
+}
+
+/// Like [`desired_contents`], reusing the ids `ids_from` gives each value (the
+/// agent's own last write): an entry altered behind the agent's back is then
+/// rewritten in place, and flows pinned to its id keep going.
+pub fn desired_contents_keeping_ids(
+    state: &DesiredState,
+    interfaces: &BTreeMap<String, Interface>,
+    current: &MapContents,
+    ids_from: &MapContents,
+    settings: &NodeSettings,
+) -> (MapContents, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut out = MapContents::default();
 
@@ -294,8 +307,8 @@ pub fn desired_contents(
         .flat_map(|service| service.backends.iter().map(backend_value))
         .collect();
     let wanted_rev_nat: BTreeSet<RevNatValue> = state.services.keys().map(rev_nat_value).collect();
-    let backend_ids = keys_of(&current.backends, &wanted_backends);
-    let rev_nat_ids = keys_of(&current.rev_nat, &wanted_rev_nat);
+    let backend_ids = keys_of(&ids_from.backends, &wanted_backends);
+    let rev_nat_ids = keys_of(&ids_from.rev_nat, &wanted_rev_nat);
     let existing = ExistingIds {
         backend: &|value| backend_ids.get(value).copied(),
         rev_nat: &|value| rev_nat_ids.get(value).copied(),
@@ -616,6 +629,29 @@ impl MapContents {
                 Op::DeleteEndpoint(key) => drop(self.endpoints.remove(&key)),
             }
         }
+    }
+}
+
+/// What `actual` holds differently from `expected`, as the writes that would put it
+/// back (endpoints aside: the CNI plugin writes them between syncs).
+pub fn drift(expected: &MapContents, actual: &MapContents) -> Vec<Op> {
+    let without_endpoints = |maps: &MapContents| MapContents {
+        endpoints: BTreeMap::new(),
+        ..maps.clone()
+    };
+    diff(&without_endpoints(actual), &without_endpoints(expected))
+}
+
+/// The map an op writes.
+pub fn op_map(op: &Op) -> &'static str {
+    use ferrite_common::map_names;
+    match op {
+        Op::PutBackend(..) | Op::DeleteBackend(_) => map_names::BACKENDS,
+        Op::PutRevNat(..) | Op::DeleteRevNat(_) => map_names::REV_NAT,
+        Op::PutService(..) | Op::DeleteService(_) => map_names::SERVICES,
+        Op::PutEndpoint(..) | Op::DeleteEndpoint(_) => map_names::ENDPOINTS,
+        Op::PutConfig(_) => map_names::CONFIG,
+        Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
     }
 }
 

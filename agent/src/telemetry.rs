@@ -74,6 +74,7 @@ pub struct Telemetry {
     pub map_writes: Counter,
     pub skipped_objects: Gauge,
     pub watch_restarts: Family<ResourceLabel, Counter>,
+    drift_repairs: Family<MapLabel, Counter>,
     datapath_packets: Family<ReasonLabel, Gauge>,
     datapath_bytes: Family<ReasonLabel, Gauge>,
     map_entries: Family<MapLabel, Gauge>,
@@ -96,6 +97,7 @@ impl Telemetry {
             map_writes: Counter::default(),
             skipped_objects: Gauge::default(),
             watch_restarts: Family::default(),
+            drift_repairs: Family::default(),
             datapath_packets: Family::default(),
             datapath_bytes: Family::default(),
             map_entries: Family::default(),
@@ -140,6 +142,11 @@ impl Telemetry {
                 telemetry.skipped_objects.clone(),
             );
             r.register(
+                "drift_repairs",
+                "Map entries found different from what the agent wrote, and repaired",
+                telemetry.drift_repairs.clone(),
+            );
+            r.register(
                 "watch_restarts",
                 "Kubernetes watches restarted (relists, e.g. after 410 Gone)",
                 telemetry.watch_restarts.clone(),
@@ -170,6 +177,12 @@ impl Telemetry {
 
     pub fn set_service_names(&self, names: Arc<ServiceNames>) {
         *self.service_names.lock().expect("names") = names;
+    }
+
+    pub fn count_drift(&self, map: &str) {
+        self.drift_repairs
+            .get_or_create(&MapLabel { map: map.into() })
+            .inc();
     }
 
     pub fn set_ready(&self) {

@@ -273,3 +273,61 @@ fn a_pod_sending_from_an_ip_that_is_not_its_own_is_dropped_counted_and_logged() 
     answered_by(&reply, "genuine")?;
     Ok(())
 }
+
+/// Issue #7, item 5 (cilium#7930: maps kept a deleted backend): an entry altered
+/// behind the agent's back shows in `ferrite inspect diff`, and the agent's periodic
+/// check logs it and puts it back.
+#[test]
+fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let netns = format!("--net={}", node.netns.path().display());
+    let config = node.config_path();
+    let ferrite = ferrite_tests::lab::ferrite_bin();
+    let diff = || {
+        sh(
+            "nsenter",
+            &[
+                &netns,
+                ferrite.to_str().unwrap(),
+                "inspect",
+                "--node",
+                &node.name,
+                "diff",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        )
+    };
+    assert!(diff()?.starts_with("no drift"), "{}", diff()?);
+
+    // Someone points a backend at another port with bpftool-like access.
+    let mut maps = node.maps()?;
+    let (id, backend) = maps
+        .contents()?
+        .backends
+        .into_iter()
+        .find(|(_, b)| b.port == TCP_TARGET)
+        .expect("a TCP backend");
+    maps.backends.insert(
+        id,
+        ferrite_common::Backend {
+            port: 9999,
+            ..backend
+        },
+        0,
+    )?;
+    let shown = diff()?;
+    assert!(
+        shown.contains("entries differ") && shown.contains(&format!("backend {id}")),
+        "{shown}"
+    );
+    // The agent knows which id it wrote: it repairs the entry in place.
+    node.wait_for_maps("the agent to repair the backend", |c| {
+        c.backends.get(&id) == Some(&backend)
+    })?;
+    let log = node.agent.as_ref().expect("agent").log_text();
+    assert!(log.contains("maps drifted"), "{log}");
+    assert!(diff()?.starts_with("no drift"));
+    Ok(())
+}
