@@ -331,3 +331,78 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
     assert!(diff()?.starts_with("no drift"));
     Ok(())
 }
+
+/// Issue #7, item 1 (kubernetes#48370: a Service scaled to zero and back blackholed
+/// UDP for hours): one UDP client socket (one 5-tuple) keeps sending to the ClusterIP
+/// while its backend is replaced, the Service drops to no endpoints, and comes back.
+/// It gets answers from whatever backend is current after each change, and no
+/// conntrack entry ever names a backend that is gone.
+#[test]
+fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let client = node.pod(CLIENTS[0].0);
+    let socket = client
+        .netns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    let mut sequence = 0;
+    let mut ask = |sequence: &mut u32| -> Option<String> {
+        *sequence += 1;
+        let request = format!("udp churn {sequence}");
+        socket.send_to(request.as_bytes(), UDP_FRONTEND).ok()?;
+        let mut buf = [0u8; 512];
+        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        answered_by(&String::from_utf8_lossy(&buf[..n]), &request).ok()
+    };
+    let no_stale_conntrack = || -> Result<()> {
+        let maps = node.maps()?;
+        let backends = maps.contents()?.backends;
+        for (key, value) in maps.conntrack_entries()? {
+            let service_flow = value.backend_id != 0;
+            anyhow::ensure!(
+                !service_flow || backends.contains_key(&value.backend_id),
+                "conntrack entry {key:?} names backend {} which is gone",
+                value.backend_id
+            );
+        }
+        Ok(())
+    };
+    // Every step: only this backend (or none) is ready; the same socket keeps asking.
+    for (step, ready) in [
+        Some(BACKENDS[0]),
+        Some(BACKENDS[1]),
+        None,
+        Some(BACKENDS[2]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ips: Vec<_> = ready.iter().map(|(_, ip)| *ip).collect();
+        node.write_config(&cluster::example_with_backends(&node.name, &ips))?;
+        node.wait_for_maps("the UDP Service to have the step's backend", |m| {
+            let key =
+                |slot| ServiceKey::new(*UDP_FRONTEND.ip(), UDP_FRONTEND.port(), PROTO_UDP, slot);
+            let count = m.services.get(&key(0)).map(|v| v.count as usize);
+            let first = m
+                .services
+                .get(&key(1))
+                .and_then(|slot| m.backends.get(&slot.backend_id))
+                .map(|b| std::net::Ipv4Addr::from(b.address));
+            count == Some(ips.len()) && (ips.is_empty() || first == Some(ips[0]))
+        })?;
+        match ready {
+            Some((name, _)) => {
+                let answered = (0..50).find_map(|_| ask(&mut sequence));
+                assert_eq!(answered.as_deref(), Some(name), "step {step}");
+                // Once moved, it stays on the current backend.
+                for _ in 0..5 {
+                    assert_eq!(ask(&mut sequence).as_deref(), Some(name), "step {step}");
+                }
+            }
+            None => assert_eq!(ask(&mut sequence), None, "no endpoints, no answer"),
+        }
+        no_stale_conntrack()?;
+    }
+    Ok(())
+}
