@@ -347,7 +347,7 @@ fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() ->
         .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
     socket.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
     let mut sequence = 0;
-    let mut ask = |sequence: &mut u32| -> Option<String> {
+    let ask = |sequence: &mut u32| -> Option<String> {
         *sequence += 1;
         let request = format!("udp churn {sequence}");
         socket.send_to(request.as_bytes(), UDP_FRONTEND).ok()?;
