@@ -1,5 +1,6 @@
 //! What other nodes send, seen at tcx ingress of this node's VXLAN device after the
-//! kernel decapsulated it: check the VNI, reverse-NAT replies of Service flows whose
+//! kernel decapsulated it: check the VNI and that the inner source belongs to the
+//! sending node's pod CIDR, reverse-NAT replies of Service flows whose
 //! client is here (the DNAT happened on this node), deliver to the pod. Inner packets
 //! for pods that are not on this node are dropped and counted.
 use ferrite_common::{stat, CT_FLAG_REPLY};
@@ -7,7 +8,7 @@ use ferrite_common::{stat, CT_FLAG_REPLY};
 use crate::{
     conntrack,
     headers::{parse, Parsed},
-    maps::{CONFIG, REV_NAT},
+    maps::{route_key, CONFIG, REV_NAT, ROUTES},
     nat,
     packet::{Packet, Verdict},
     routing,
@@ -17,7 +18,8 @@ use crate::{
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
-    if pkt.tunnel_vni()? != vni {
+    let tunnel = pkt.tunnel_key()?;
+    if tunnel.vni != vni {
         return Ok(Verdict::Drop(stat::DROP_WRONG_VNI));
     }
     let h = match parse(pkt) {
@@ -28,6 +30,12 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
     };
+    // A node may only send from its own pod CIDR: the inner source must route back
+    // to the node the outer header came from (cross-node anti-spoofing).
+    match ROUTES.get(&route_key(h.saddr)) {
+        Some(route) if u32::from_be_bytes(route.node_ip) == tunnel.remote_ipv4 => {}
+        _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
+    }
     if h.has_ports {
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
             if ct.flags & CT_FLAG_REPLY != 0 {

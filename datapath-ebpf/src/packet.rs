@@ -22,6 +22,13 @@ pub enum Verdict {
     Redirect(u32),
 }
 
+/// The tunnel metadata of a received packet.
+pub struct TunnelKey {
+    pub vni: u32,
+    /// The sending node's address, host byte order (as `set_tunnel` takes it).
+    pub remote_ipv4: u32,
+}
+
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -48,8 +55,8 @@ pub trait Packet {
     /// Attach tunnel metadata (remote underlay IP in host order, VNI) for a collect_md
     /// tunnel device. `Err` where the context cannot carry it.
     fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
-    /// The VNI the packet arrived with on a collect_md tunnel device.
-    fn tunnel_vni(&self) -> Result<u32, ()>;
+    /// What a packet that arrived on a collect_md tunnel device came with.
+    fn tunnel_key(&self) -> Result<TunnelKey, ()>;
 
     /// Make the first `len` bytes directly readable, pulling only when they are not
     /// already (a pull can copy and reallocate: never pay it for headers that are
@@ -133,7 +140,7 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn tunnel_vni(&self) -> Result<u32, ()> {
+    fn tunnel_key(&self) -> Result<TunnelKey, ()> {
         let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
         let ret = unsafe {
             bpf_skb_get_tunnel_key(
@@ -144,7 +151,10 @@ impl Packet for TcContext {
             )
         };
         if ret == 0 {
-            Ok(key.tunnel_id)
+            Ok(TunnelKey {
+                vni: key.tunnel_id,
+                remote_ipv4: unsafe { key.__bindgen_anon_1.remote_ipv4 },
+            })
         } else {
             Err(())
         }

@@ -469,3 +469,71 @@ fn on_the_wire_the_overlay_is_rfc7348_vxlan_with_the_inner_frame_untouched() -> 
     );
     Ok(())
 }
+
+/// Issue #7, item 9 (anti-spoofing across nodes): what arrives over the overlay must
+/// come from the sending node's own pod CIDR. A host on the overlay that sends from
+/// another node's pod address, or from no node's, is dropped and counted; its own
+/// addresses still work.
+#[test]
+fn a_node_cannot_send_over_the_overlay_from_pod_addresses_that_are_not_its_own() -> Result<()> {
+    use ferrite_tests::lab::sh;
+    let mut cluster = Cluster::new(1)?;
+    cluster.nodes[0].add_pod("a0", pod_ip(0, 0))?;
+    let pod_ip0 = cluster.pod("a0").ip;
+    let vtep = linux_vtep(&cluster, &[pod_ip0])?;
+    let _pod_udp = cluster.pod("a0").serve(UDP_TARGET)?;
+    cluster.write_config(&format!(
+        "{}---\n{}",
+        cluster.nodes_and_pods_yaml(),
+        linux_node_yaml(&vtep)
+    ))?;
+    cluster.start_agents()?;
+    let node = &cluster.nodes[0];
+    node.wait_for_maps("a route to the Linux host", |m| m.routes.len() == 2)?;
+
+    let target = SocketAddrV4::new(pod_ip0, UDP_TARGET);
+    let ask_from = |source: std::net::Ipv4Addr| -> Result<Option<String>> {
+        vtep.netns.run(move || -> Result<Option<String>> {
+            let socket = std::net::UdpSocket::bind((source, 0))?;
+            socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let mut buf = [0u8; 512];
+            for _ in 0..3 {
+                socket.send_to(b"who am i", target)?;
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    return Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+            Ok(None)
+        })?
+    };
+    let spoofed_drops = || -> Result<u64> {
+        Ok(node.maps()?.counters()?[ferrite_common::stat::DROP_SPOOFED as usize].packets)
+    };
+    let genuine = ask_from(vtep.inside)?.context("no answer to the host's own address")?;
+    assert_eq!(
+        parse_answer(&genuine, "who am i")?.1,
+        vtep.inside.to_string()
+    );
+    let before = spoofed_drops()?;
+    // A pod address of the Ferrite node itself, and one of no node at all.
+    for spoofed in ["10.244.0.99", "10.244.77.7"] {
+        sh(
+            "ip",
+            &[
+                "-n",
+                &vtep.netns.name,
+                "addr",
+                "add",
+                &format!("{spoofed}/32"),
+                "dev",
+                "vxlan1",
+            ],
+        )?;
+        assert_eq!(ask_from(spoofed.parse()?)?, None, "{spoofed} got through");
+    }
+    assert!(
+        spoofed_drops()? >= before + 6,
+        "spoofed packets not counted"
+    );
+    Ok(())
+}
