@@ -41,6 +41,29 @@ pub struct AgentOptions {
     pub cluster_cidr: Option<Ipv4Net>,
     /// `/healthz`, `/readyz` and `/metrics`.
     pub http_addr: Option<SocketAddr>,
+    /// `max_entries` of maps whose default does not suit (by map name); applies when
+    /// the maps are created (first start, or after `ferrite uninstall`).
+    pub map_capacities: BTreeMap<String, u32>,
+}
+
+impl AgentOptions {
+    /// The capacity of map `name`: the configured one, else the default.
+    pub fn capacity(&self, name: &str) -> u32 {
+        use ferrite_common::{capacity, map_names};
+        if let Some(configured) = self.map_capacities.get(name) {
+            return *configured;
+        }
+        match name {
+            map_names::SERVICES => capacity::SERVICES,
+            map_names::BACKENDS => capacity::BACKENDS,
+            map_names::REV_NAT => capacity::REV_NAT,
+            map_names::ENDPOINTS => capacity::ENDPOINTS,
+            map_names::CONNTRACK => capacity::CONNTRACK,
+            map_names::ROUTES => capacity::ROUTES,
+            map_names::LB_STATS => capacity::LB_STATS,
+            _ => 0,
+        }
+    }
 }
 
 /// What one reconciliation did.
@@ -77,7 +100,12 @@ impl NodeAgent {
     /// Load/attach the datapath (reusing what is pinned) and prepare the node.
     pub fn start(options: &AgentOptions) -> Result<Self> {
         let pin_dir = datapath::pin_dir(&options.node);
-        let datapath = Datapath::load(&options.object, &pin_dir, options.datapath_log)?;
+        let datapath = Datapath::load(
+            &options.object,
+            &pin_dir,
+            options.datapath_log,
+            &options.map_capacities,
+        )?;
         let maps = NodeMaps::open(&pin_dir)?;
         hostnet::enable_forwarding()?;
         let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
@@ -85,7 +113,11 @@ impl NodeAgent {
         if let Some(cidr) = options.cluster_cidr {
             hostnet::install_rules(cidr, options.vxlan_port)?;
         }
-        let telemetry = Telemetry::new(pin_dir.clone());
+        let capacities = ferrite_common::map_names::ALL
+            .iter()
+            .map(|name| (name.to_string(), options.capacity(name)))
+            .collect();
+        let telemetry = Telemetry::new(pin_dir.clone(), capacities);
         if let Some(addr) = options.http_addr {
             telemetry::serve(addr, telemetry.clone())?;
         }
@@ -94,6 +126,11 @@ impl NodeAgent {
             settings: plan::NodeSettings {
                 node: options.node.clone(),
                 vni: options.vni,
+                capacities: plan::Capacities {
+                    services: options.capacity(ferrite_common::map_names::SERVICES) as usize,
+                    backends: options.capacity(ferrite_common::map_names::BACKENDS) as usize,
+                    rev_nat: options.capacity(ferrite_common::map_names::REV_NAT) as usize,
+                },
             },
             telemetry,
             datapath,
@@ -255,7 +292,8 @@ impl NodeAgent {
                 }
             }
         }
-        let (ops, more) = plan::service_update(&written, &frontends, &now);
+        let (ops, more) =
+            plan::service_update(&written, &frontends, &now, &self.settings.capacities);
         skipped.extend(more);
         let applied = self.maps.apply(&ops).and_then(|_| {
             self.maps

@@ -123,7 +123,12 @@ pub struct Datapath {
 impl Datapath {
     /// Load the object with its maps pinned in `pin_dir` (reused when already there)
     /// and pin the from-pod program so the CNI plugin can attach it too.
-    pub fn load(object: &Path, pin_dir: &Path, log: DatapathLog) -> Result<Self> {
+    pub fn load(
+        object: &Path,
+        pin_dir: &Path,
+        log: DatapathLog,
+        capacities: &BTreeMap<String, u32>,
+    ) -> Result<Self> {
         ensure_bpffs()?;
         create_private_dir(pin_dir)?;
         create_private_dir(&links_dir(pin_dir))?;
@@ -134,6 +139,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        for (name, entries) in capacities {
+            loader.map_max_entries(name, *entries);
         }
         let level = log.level();
         loader.override_global("AYA_LOG_LEVEL", &level, true);

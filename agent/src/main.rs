@@ -45,6 +45,10 @@ enum Command {
         /// Where to serve /healthz, /readyz and /metrics.
         #[arg(long, default_value = "0.0.0.0:9965")]
         http_addr: std::net::SocketAddr,
+        /// `MAP=ENTRIES`, e.g. `ferrite_service=524288` (repeatable): capacity of a
+        /// map when it is created. Defaults fit 10k Services x 10 endpoints.
+        #[arg(long = "map-capacity", value_parser = parse_map_capacity)]
+        map_capacities: Vec<(String, u32)>,
     },
     /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
     /// sync would make now (drift between the objects and the maps).
@@ -65,6 +69,26 @@ enum Command {
         #[arg(long, env = "NODE_NAME")]
         node: String,
     },
+}
+
+fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
+    let (name, entries) = value
+        .split_once('=')
+        .ok_or("expected MAP=ENTRIES, e.g. ferrite_service=524288")?;
+    use ferrite_common::map_names;
+    if !map_names::ALL.contains(&name) || [map_names::STATS, map_names::CONFIG].contains(&name) {
+        return Err(format!(
+            "{name:?} is not a sized map (maps: {})",
+            map_names::ALL.join(", ")
+        ));
+    }
+    let entries: u32 = entries
+        .parse()
+        .map_err(|_| format!("{entries:?} is not a number of entries"))?;
+    if entries == 0 {
+        return Err("a map needs at least one entry".into());
+    }
+    Ok((name.to_string(), entries))
 }
 
 fn main() -> Result<()> {
@@ -89,7 +113,9 @@ fn main() -> Result<()> {
             vxlan_port,
             cluster_cidr,
             http_addr,
+            map_capacities,
         } => agent::run(&agent::AgentOptions {
+            map_capacities: map_capacities.into_iter().collect(),
             http_addr: Some(http_addr),
             datapath_log,
             vni,
@@ -112,7 +138,11 @@ fn main() -> Result<()> {
                 Some(path) => source::parse_objects(&std::fs::read_to_string(path)?).0,
                 None => kube_source::list_once(&node)?,
             };
-            let settings = plan::NodeSettings { node, vni };
+            let settings = plan::NodeSettings {
+                node,
+                vni,
+                ..plan::NodeSettings::default()
+            };
             let (writes, _) = agent::pending_writes(&objects, &settings, &maps)?;
             print!("{}", inspect::render_diff(&writes));
             Ok(())

@@ -41,6 +41,7 @@ pub struct NodeSettings {
     /// This node's name (its Node object gives its IP and pod CIDR).
     pub node: String,
     pub vni: u32,
+    pub capacities: Capacities,
 }
 
 impl Default for NodeSettings {
@@ -48,7 +49,72 @@ impl Default for NodeSettings {
         Self {
             node: String::new(),
             vni: DEFAULT_VNI,
+            capacities: Capacities::default(),
         }
+    }
+}
+
+/// Entries the Service maps hold (their `max_entries`): a Service that does not fit
+/// is left out whole, with a reason naming the map, instead of failing the sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: usize,
+    pub backends: usize,
+    pub rev_nat: usize,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        use ferrite_common::capacity;
+        Self {
+            services: capacity::SERVICES as usize,
+            backends: capacity::BACKENDS as usize,
+            rev_nat: capacity::REV_NAT as usize,
+        }
+    }
+}
+
+/// What is left of each capacity while a plan is made.
+struct Budget {
+    left: Capacities,
+    total: Capacities,
+}
+
+impl Budget {
+    /// Room left in maps holding `maps`.
+    fn after(capacities: &Capacities, maps: &MapContents) -> Self {
+        Self {
+            left: Capacities {
+                services: capacities.services.saturating_sub(maps.services.len()),
+                backends: capacities.backends.saturating_sub(maps.backends.len()),
+                rev_nat: capacities.rev_nat.saturating_sub(maps.rev_nat.len()),
+            },
+            total: *capacities,
+        }
+    }
+
+    /// Why a frontend needing these new entries does not fit, if it does not.
+    fn refuse(&self, services: usize, backends: usize, rev_nat: usize) -> Option<String> {
+        use ferrite_common::map_names;
+        let full = |map: &str, total: usize| {
+            format!("{map} is full ({total} entries): the Service port is not written")
+        };
+        if services > self.left.services {
+            return Some(full(map_names::SERVICES, self.total.services));
+        }
+        if backends > self.left.backends {
+            return Some(full(map_names::BACKENDS, self.total.backends));
+        }
+        if rev_nat > self.left.rev_nat {
+            return Some(full(map_names::REV_NAT, self.total.rev_nat));
+        }
+        None
+    }
+
+    fn take(&mut self, services: usize, backends: usize, rev_nat: usize) {
+        self.left.services -= services;
+        self.left.backends -= backends;
+        self.left.rev_nat -= rev_nat;
     }
 }
 
@@ -161,6 +227,28 @@ fn keys_of<K: Copy, V: Ord + Copy>(map: &BTreeMap<K, V>, wanted: &BTreeSet<V>) -
     found
 }
 
+/// Copy a frontend's entries (master, slots, their backends and rev-NAT entry) from
+/// `written` into `out` unchanged. Returns whether it had any.
+fn keep_as_written(master: ServiceKey, written: &MapContents, out: &mut MapContents) -> bool {
+    let last = ServiceKey {
+        backend_slot: u16::MAX,
+        ..master
+    };
+    let mut any = false;
+    for (key, value) in written.services.range(master..=last) {
+        any = true;
+        out.services.insert(*key, *value);
+        if key.backend_slot == 0 {
+            if let Some(rev) = written.rev_nat.get(&value.rev_nat_index) {
+                out.rev_nat.insert(value.rev_nat_index, *rev);
+            }
+        } else if let Some(backend) = written.backends.get(&value.backend_id) {
+            out.backends.insert(value.backend_id, *backend);
+        }
+    }
+    any
+}
+
 /// How to find the id the maps already use for a value.
 struct ExistingIds<'a> {
     backend: &'a dyn Fn(&Backend) -> Option<u32>,
@@ -174,6 +262,7 @@ fn service_contents<'s>(
     services: impl Iterator<Item = (&'s L4Addr, &'s ServiceFrontend)>,
     written: &MapContents,
     existing: &ExistingIds,
+    budget: &mut Budget,
     out: &mut MapContents,
     skipped: &mut Vec<Skipped>,
 ) {
@@ -184,6 +273,38 @@ fn service_contents<'s>(
     let mut rev_nat_of: BTreeMap<RevNatValue, u16> = BTreeMap::new();
     for (frontend, service) in services {
         let rev = rev_nat_value(frontend);
+        let key = |slot: u16| {
+            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+        };
+        // Only entries the maps do not hold yet need room: writes come before
+        // removals, so what this plan removes frees its room for the next one.
+        let new_entries = (0..=service.backends.len() as u16)
+            .filter(|slot| !written.services.contains_key(&key(*slot)))
+            .count();
+        let new_rev_nat =
+            usize::from(!rev_nat_of.contains_key(&rev) && (existing.rev_nat)(&rev).is_none());
+        let new_backends = service
+            .backends
+            .iter()
+            .map(backend_value)
+            .collect::<BTreeSet<_>>()
+            .iter()
+            .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
+            .count();
+        if let Some(reason) = budget.refuse(new_entries, new_backends, new_rev_nat) {
+            // A port already in the maps keeps what it has: it goes on working.
+            let kept = keep_as_written(key(0), written, out);
+            skipped.push(Skipped {
+                object: service.name.clone(),
+                reason: if kept {
+                    format!("{reason}; its backends stay as they were")
+                } else {
+                    reason
+                },
+            });
+            continue;
+        }
+        budget.take(new_entries, new_backends, new_rev_nat);
         let rev_nat_index = match rev_nat_of.get(&rev) {
             Some(index) => *index,
             None => match (existing.rev_nat)(&rev).or_else(|| rev_nat_ids.allocate()) {
@@ -221,9 +342,6 @@ fn service_contents<'s>(
         if slots.len() != service.backends.len() {
             continue;
         }
-        let key = |slot: u16| {
-            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
-        };
         for (slot, id) in slots.iter().enumerate() {
             out.services.insert(
                 key(slot as u16 + 1),
@@ -313,10 +431,12 @@ pub fn desired_contents_keeping_ids(
         backend: &|value| backend_ids.get(value).copied(),
         rev_nat: &|value| rev_nat_ids.get(value).copied(),
     };
+    let mut budget = Budget::after(&settings.capacities, current);
     service_contents(
         state.services.iter(),
         current,
         &existing,
+        &mut budget,
         &mut out,
         &mut skipped,
     );
@@ -559,6 +679,7 @@ pub fn service_update(
     written: &Written,
     frontends: &BTreeSet<L4Addr>,
     now: &BTreeMap<L4Addr, ServiceFrontend>,
+    capacities: &Capacities,
 ) -> (Vec<Op>, Vec<Skipped>) {
     let maps = &written.contents;
     let mut current = MapContents {
@@ -566,21 +687,8 @@ pub fn service_update(
         ..MapContents::default()
     };
     for frontend in frontends {
-        let first = ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0);
-        let last = ServiceKey {
-            backend_slot: u16::MAX,
-            ..first
-        };
-        for (key, value) in maps.services.range(first..=last) {
-            current.services.insert(*key, *value);
-            if key.backend_slot == 0 {
-                if let Some(rev) = maps.rev_nat.get(&value.rev_nat_index) {
-                    current.rev_nat.insert(value.rev_nat_index, *rev);
-                }
-            } else if let Some(backend) = maps.backends.get(&value.backend_id) {
-                current.backends.insert(value.backend_id, *backend);
-            }
-        }
+        let master = ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0);
+        keep_as_written(master, maps, &mut current);
     }
     let mut desired = MapContents {
         config: maps.config,
@@ -591,7 +699,15 @@ pub fn service_update(
         backend: &|value| written.backend_id_of.get(value).copied(),
         rev_nat: &|value| written.rev_nat_of.get(value).copied(),
     };
-    service_contents(now.iter(), maps, &existing, &mut desired, &mut skipped);
+    let mut budget = Budget::after(capacities, maps);
+    service_contents(
+        now.iter(),
+        maps,
+        &existing,
+        &mut budget,
+        &mut desired,
+        &mut skipped,
+    );
     let mut ops = diff(&current, &desired);
     // Users outside these frontends keep a backend or rev-NAT entry alive.
     let ours = |pick: &dyn Fn(&ServiceKey, &ServiceValue) -> bool| {
@@ -810,7 +926,12 @@ mod tests {
             .filter(|(f, _)| frontends.contains(f))
             .map(|(f, s)| (*f, s.clone()))
             .collect();
-        let (ops, skipped) = service_update(&Written::new(maps.clone()), &frontends, &now);
+        let (ops, skipped) = service_update(
+            &Written::new(maps.clone()),
+            &frontends,
+            &now,
+            &Capacities::default(),
+        );
         assert!(skipped.is_empty(), "{skipped:?}");
         apply_checking_each_step(&mut maps, &ops);
         let (full, _) = plan(&after, &MapContents::default());
@@ -835,6 +956,82 @@ mod tests {
         // A full resync afterwards finds nothing to change.
         let (_, resync) = plan(&after, &maps);
         assert!(resync.is_empty(), "{resync:?}");
+    }
+
+    /// Issue #7, item 4 (cilium#12815): a full map fails one Service port loudly and
+    /// the others keep working; nothing is half-written, and the sync goes on.
+    #[test]
+    fn services_that_do_not_fit_are_skipped_whole_naming_the_map() {
+        let b = |n: u8| tcp(&format!("10.244.0.{n}"), 8080);
+        let vip = |n: u8| tcp(&format!("10.96.0.{n}"), 80);
+        let settings = NodeSettings {
+            capacities: Capacities {
+                services: 8,
+                ..Capacities::default()
+            },
+            ..NodeSettings::default()
+        };
+        let s = state(&[
+            (vip(1), &[b(1), b(2), b(3)]),
+            (vip(2), &[b(4), b(5), b(6)]),
+            (vip(3), &[b(7), b(8), b(9)]),
+        ]);
+        let (desired, skipped) =
+            desired_contents(&s, &BTreeMap::new(), &MapContents::default(), &settings);
+        assert_eq!(desired.services.len(), 8);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].object, vip(3).to_string());
+        assert!(skipped[0]
+            .reason
+            .contains("ferrite_service is full (8 entries)"));
+        let mut maps = MapContents::default();
+        apply_checking_each_step(&mut maps, &diff(&MapContents::default(), &desired));
+        // Incrementally too: a new port does not fit until another one leaves.
+        let written = Written::new(maps.clone());
+        let only = |f: L4Addr| -> BTreeMap<L4Addr, ServiceFrontend> {
+            [(f, s.services[&f].clone())].into()
+        };
+        let (ops, skipped) = service_update(
+            &written,
+            &[vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert!(ops.is_empty() && skipped.len() == 1, "{ops:?} {skipped:?}");
+        // vip(1) goes: its room is free once its removal is written, so vip(3) fits
+        // on the next update (writes come before removals within one).
+        let (ops, skipped) = service_update(
+            &written,
+            &[vip(1), vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps.services.len(), 4);
+        let (ops, skipped) = service_update(
+            &Written::new(maps.clone()),
+            &[vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps.services.len(), 8);
+        // A working port that would grow past the capacity keeps its old backends.
+        let grown = state(&[
+            (vip(2), &[b(4), b(5), b(6), b(10)]),
+            (vip(3), &[b(7), b(8), b(9)]),
+        ]);
+        let (desired, skipped) = desired_contents(&grown, &BTreeMap::new(), &maps, &settings);
+        assert!(
+            skipped[0].reason.contains("its backends stay"),
+            "{skipped:?}"
+        );
+        let before = meaning(&maps);
+        let ops = diff(&maps, &desired);
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(meaning(&maps), before);
     }
 
     #[test]
@@ -1028,6 +1225,7 @@ mod tests {
         let settings = NodeSettings {
             node: "a".into(),
             vni: 7,
+            ..NodeSettings::default()
         };
         let mut s = DesiredState::default();
         for n in [

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ferrite_common::{capacity, map_names, stat};
+use ferrite_common::{map_names, stat};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -79,10 +79,13 @@ pub struct Telemetry {
     datapath_bytes: Family<ReasonLabel, Gauge>,
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
+    map_pressure: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    capacities: BTreeMap<String, u32>,
 }
 
 impl Telemetry {
-    pub fn new(pin_dir: PathBuf) -> Arc<Self> {
+    /// `capacities`: `max_entries` of each map, by name.
+    pub fn new(pin_dir: PathBuf, capacities: BTreeMap<String, u32>) -> Arc<Self> {
         let telemetry = Self {
             ready: AtomicBool::new(false),
             pin_dir,
@@ -102,6 +105,8 @@ impl Telemetry {
             datapath_bytes: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            map_pressure: Family::default(),
+            capacities,
         };
         {
             let mut r = telemetry.registry.lock().expect("registry");
@@ -171,6 +176,11 @@ impl Telemetry {
                 "Capacity of each pinned map",
                 telemetry.map_capacity.clone(),
             );
+            r.register(
+                "map_pressure",
+                "Fill level of each pinned map, 0 to 1 (Services that do not fit are skipped)",
+                telemetry.map_pressure.clone(),
+            );
         }
         Arc::new(telemetry)
     }
@@ -212,35 +222,25 @@ impl Telemetry {
             if let Ok(contents) = maps.contents() {
                 self.render_backend_counters(&maps, &contents);
                 let ct = maps.conntrack_entries().map(|e| e.len()).unwrap_or(0);
-                for (map, entries, cap) in [
-                    (
-                        map_names::SERVICES,
-                        contents.services.len(),
-                        capacity::SERVICES,
-                    ),
-                    (
-                        map_names::BACKENDS,
-                        contents.backends.len(),
-                        capacity::BACKENDS,
-                    ),
-                    (
-                        map_names::REV_NAT,
-                        contents.rev_nat.len(),
-                        capacity::REV_NAT,
-                    ),
-                    (
-                        map_names::ENDPOINTS,
-                        contents.endpoints.len(),
-                        capacity::ENDPOINTS,
-                    ),
-                    (map_names::ROUTES, contents.routes.len(), capacity::ROUTES),
-                    (map_names::CONNTRACK, ct, capacity::CONNTRACK),
+                for (map, entries) in [
+                    (map_names::SERVICES, contents.services.len()),
+                    (map_names::BACKENDS, contents.backends.len()),
+                    (map_names::REV_NAT, contents.rev_nat.len()),
+                    (map_names::ENDPOINTS, contents.endpoints.len()),
+                    (map_names::ROUTES, contents.routes.len()),
+                    (map_names::CONNTRACK, ct),
                 ] {
+                    let cap = self.capacities.get(map).copied().unwrap_or(0);
                     let label = MapLabel {
                         map: map.to_string(),
                     };
                     self.map_entries.get_or_create(&label).set(entries as i64);
                     self.map_capacity.get_or_create(&label).set(cap as i64);
+                    if cap > 0 {
+                        self.map_pressure
+                            .get_or_create(&label)
+                            .set(entries as f64 / cap as f64);
+                    }
                 }
             }
         }

@@ -406,3 +406,56 @@ fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() ->
     }
     Ok(())
 }
+
+/// Issue #7, item 4 (cilium#12815: a full services map silently broke Services): with
+/// `ferrite_service` sized for exactly the example, a new Service is refused whole
+/// with a log line naming the map and the Service, the example keeps working, and
+/// later changes still apply.
+#[test]
+fn a_full_services_map_refuses_the_new_service_loudly_and_keeps_the_others() -> Result<()> {
+    let cluster = example_cluster_with(&["--map-capacity", "ferrite_service=8"])?;
+    let node = &cluster.node;
+    let extra = std::net::Ipv4Addr::new(10, 96, 0, 20);
+    let with_extra = |backends: &[std::net::Ipv4Addr]| {
+        format!(
+            "{}---\n{}",
+            cluster::example_with_backends(&node.name, backends),
+            cluster::service_yaml("extra", extra, &[BACKENDS[0].1])
+        )
+    };
+    let all: Vec<_> = BACKENDS.iter().map(|(_, ip)| *ip).collect();
+    node.write_config(&with_extra(&all))?;
+    let agent = node.agent.as_ref().expect("agent");
+    ferrite_tests::lab::wait_until(
+        "the agent to refuse the extra Service",
+        ferrite_tests::lab::SETTLE,
+        || {
+            agent
+                .log_text()
+                .contains("ferrite_service is full (8 entries)")
+        },
+    )?;
+    let log = agent.log_text();
+    assert!(log.contains("default/extra:http"), "{log}");
+    let pinned = node.pin_dir().join(ferrite_common::map_names::SERVICES);
+    let shown = sh(
+        "bpftool",
+        &["map", "show", "pinned", pinned.to_str().unwrap()],
+    )?;
+    assert!(shown.contains("max_entries 8"), "{shown}");
+    let maps = node.maps()?.contents()?;
+    assert_eq!(maps.services.len(), 8);
+    assert!(!maps.services.keys().any(|k| k.address == extra.octets()));
+    // The example still answers, and still follows changes.
+    let client = node.pod(CLIENTS[0].0);
+    answered_by(
+        &client.tcp_request(TCP_FRONTEND, "still here")?,
+        "still here",
+    )?;
+    node.write_config(&with_extra(&all[..2]))?;
+    node.wait_for_maps("the example down to 2 backends", |m| {
+        tcp_master_count(m) == Some(2)
+    })?;
+    answered_by(&client.tcp_request(TCP_FRONTEND, "after")?, "after")?;
+    Ok(())
+}
