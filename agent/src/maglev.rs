@@ -45,8 +45,10 @@ fn permutation(key: &[u8], size: u64) -> (u64, u64) {
 }
 
 /// The lookup table: entry `i` holds the index (into `backends`) of the backend that
-/// owns it. Backends are identified by a stable key (e.g. address and port); the
-/// table does not depend on their order. No backends: an empty table.
+/// owns it. Backends are identified by a stable key (e.g. address and port) and
+/// filled in key order, so the table does not depend on the order the API listed
+/// them in. Unweighted: shares differ by at most one entry. No backends: an empty
+/// table. Errors if `size` is not prime or is smaller than the number of backends.
 pub fn table<K: AsRef<[u8]>>(backends: &[K], size: usize) -> Result<Vec<u32>, TableError> {
     if !is_prime(size) {
         return Err(TableError::NotPrime(size));
@@ -133,18 +135,18 @@ mod tests {
 
     #[test]
     fn removing_or_adding_one_backend_moves_about_one_nth_of_the_entries() {
-        for n in [10, 100] {
+        // The removed backend's own 1/n must move. Maglev moves some entries of
+        // surviving backends too (the paper's section 5.3), more as M/n shrinks:
+        // measured 0.1077 = 1.08/n at n=10 (126 of 1764 moved entries were a
+        // survivor's) and 0.0235 = 2.35/n at n=100 (221 of 385) with M=16381
+        // (0.0156 with M=65537), so 1.5/n holds only for the smaller n.
+        for (n, bound) in [(10, 1.5), (100, 2.5)] {
             let all = backends(n);
             let mut fewer = all.clone();
             fewer.remove(n / 2);
-            let removed = moved(&all, &fewer);
-            let added = moved(&fewer, &all);
-            // The removed backend's own 1/n must move. Maglev moves some entries of
-            // surviving backends too (the paper's section 5.3): measured 0.1077 at
-            // n=10 and 0.0235 at n=100 with M=16381 (0.0156 with M=65537).
-            for fraction in [removed, added] {
+            for fraction in [moved(&all, &fewer), moved(&fewer, &all)] {
                 assert!(fraction >= 0.99 / n as f64, "n={n}: {fraction}");
-                assert!(fraction <= 2.5 / n as f64, "n={n}: {fraction}");
+                assert!(fraction <= bound / n as f64, "n={n}: {fraction}");
             }
         }
     }
@@ -162,6 +164,16 @@ mod tests {
             t.iter().map(|i| keys[*i as usize].clone()).collect()
         };
         assert_eq!(owners(&a, &forward), owners(&b, &reversed));
+    }
+
+    /// Every node, and every agent version in a rolling upgrade, must build the same
+    /// table: pin the start of one so a change of hash or fill order shows here.
+    #[test]
+    fn the_table_is_the_same_on_every_run_and_node() {
+        let keys = backends(100);
+        let first = table(&keys, DEFAULT_TABLE_SIZE).unwrap();
+        assert_eq!(first[..8], [30, 78, 90, 23, 59, 69, 57, 31]);
+        assert_eq!(first, table(&keys, DEFAULT_TABLE_SIZE).unwrap());
     }
 
     #[test]
