@@ -334,6 +334,7 @@ impl NodeAgent {
             info!(
                 services = changed.len(),
                 writes = ops.len(),
+                micros = start.elapsed().as_micros() as u64,
                 "synced changed services"
             );
         }

@@ -11,7 +11,7 @@
 //! (`NodeAgent::sync_services`, O(those Services)); Node and Pod events, relists and
 //! the periodic resync run the full model and diff.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     fmt::Debug,
     hash::Hash,
     sync::Arc,
@@ -74,7 +74,8 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
         Api::all(client.clone()),
         all.clone(),
         Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
-            .shrinking(model::compact_slice),
+            .shrinking(model::compact_slice)
+            .tracking(Changed::track_slice),
     );
     let nodes = watch::<Node>(
         Api::all(client.clone()),
@@ -111,23 +112,15 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
                             services.get(&ObjectRef::new(name).within(namespace))
                         })
                         .collect(),
-                    endpoint_slices: slices
-                        .state()
-                        .into_iter()
-                        .filter(|slice| {
-                            let meta = &slice.metadata;
-                            let label = meta
-                                .labels
-                                .as_ref()
-                                .and_then(|l| l.get(model::SERVICE_NAME_LABEL));
-                            let namespace = meta.namespace.as_deref().unwrap_or("default");
-                            // Compared in place: no allocation per slice of the cluster.
-                            label.is_some_and(|service| {
-                                pending
-                                    .services
-                                    .iter()
-                                    .any(|(ns, name)| ns == namespace && name == service)
-                            })
+                    endpoint_slices: pending
+                        .services
+                        .iter()
+                        .flat_map(|service| changed.slices_of(service))
+                        .filter_map(|(service, slice)| {
+                            let slice = slices.get(&ObjectRef::new(&slice).within(&service.0))?;
+                            // Its label may have moved to another Service since.
+                            (model::slice_service(&slice).as_ref() == Some(&service))
+                                .then_some(slice)
                         })
                         .collect(),
                     ..ClusterObjects::default()
@@ -207,6 +200,12 @@ struct Pending {
 struct Changed {
     notify: Notify,
     pending: std::sync::Mutex<Pending>,
+    /// EndpointSlice names by the Service they were labelled for when seen, so an
+    /// update finds a Service's slices without scanning all of them. May hold names
+    /// of slices since deleted or relabelled: lookups check the store.
+    /// (A Vec: most Services have one slice, and a one-entry BTreeSet costs a whole
+    /// B-tree node.)
+    slices: std::sync::Mutex<HashMap<ServiceRef, Vec<String>>>,
 }
 
 impl Changed {
@@ -223,6 +222,37 @@ impl Changed {
         self.notify.notify_one();
     }
 
+    fn track_slice(&self, slice: &EndpointSlice, deleted: bool) {
+        let (Some(service), Some(name)) = (model::slice_service(slice), &slice.metadata.name)
+        else {
+            return;
+        };
+        let mut index = self.slices.lock().expect("lock");
+        if deleted {
+            if let Some(names) = index.get_mut(&service) {
+                names.retain(|n| n != name);
+                if names.is_empty() {
+                    index.remove(&service);
+                }
+            }
+        } else {
+            let names = index.entry(service).or_default();
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+
+    fn slices_of(&self, service: &ServiceRef) -> Vec<(ServiceRef, String)> {
+        let index = self.slices.lock().expect("lock");
+        index
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|name| (service.clone(), name.clone()))
+            .collect()
+    }
+
     fn take(&self) -> Pending {
         std::mem::take(&mut *self.pending.lock().expect("lock"))
     }
@@ -235,6 +265,8 @@ struct Watched<K> {
     scope: fn(&K) -> Option<ServiceRef>,
     /// Shrinks an object for the cache (the model must read it the same).
     shrink: fn(&mut K),
+    /// Sees every object applied (false) or deleted (true), for indexes.
+    track: fn(&Changed, &K, bool),
     changed: Arc<Changed>,
     telemetry: Arc<Telemetry>,
 }
@@ -250,6 +282,7 @@ impl<K> Watched<K> {
             resource,
             scope,
             shrink: |_| {},
+            track: |_, _, _| {},
             changed: changed.clone(),
             telemetry: telemetry.clone(),
         }
@@ -257,6 +290,10 @@ impl<K> Watched<K> {
 
     fn shrinking(self, shrink: fn(&mut K)) -> Self {
         Self { shrink, ..self }
+    }
+
+    fn tracking(self, track: fn(&Changed, &K, bool)) -> Self {
+        Self { track, ..self }
     }
 }
 
@@ -278,6 +315,7 @@ where
         resource,
         scope,
         shrink,
+        track,
         changed,
         telemetry,
     } = watched;
@@ -314,8 +352,15 @@ where
                     }
                 }
                 // A relist is applied as a whole at InitDone.
-                Ok(Event::InitApply(_)) => {}
-                Ok(Event::Apply(object) | Event::Delete(object)) => changed.event(scope(&object)),
+                Ok(Event::InitApply(object)) => track(&changed, &object, false),
+                Ok(Event::Apply(object)) => {
+                    track(&changed, &object, false);
+                    changed.event(scope(&object));
+                }
+                Ok(Event::Delete(object)) => {
+                    track(&changed, &object, true);
+                    changed.event(scope(&object));
+                }
                 // A relist: anything may have changed.
                 Ok(Event::InitDone) => changed.event(None),
                 Err(e) => warn!(resource, "watch error (retrying with backoff): {e}"),
