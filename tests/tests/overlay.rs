@@ -537,3 +537,58 @@ fn a_node_cannot_send_over_the_overlay_from_pod_addresses_that_are_not_its_own()
     );
     Ok(())
 }
+
+/// Issue #7, item 3 (cilium#30609): `ferrite uninstall` removes every program, pin,
+/// rule and device Ferrite installed, and the node is back to plain Linux networking:
+/// its pods still reach each other through ordinary routing.
+#[test]
+fn uninstall_removes_everything_and_leaves_plain_linux_networking() -> Result<()> {
+    use ferrite_tests::lab::{ferrite_bin, sh, wait_until, SETTLE};
+    let mut cluster = Cluster::new(1)?;
+    cluster.nodes[0].add_pod("u0", pod_ip(0, 0))?;
+    cluster.nodes[0].add_pod("u1", pod_ip(0, 1))?;
+    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
+    cluster.start_agents()?;
+    let node = &mut cluster.nodes[0];
+    node.wait_for_sync(0, 2)?;
+    node.kill_agent()?;
+    let in_node = |program: &str, args: &[&str]| -> Result<String> {
+        let netns = format!("--net={}", node.netns.path().display());
+        let mut full = vec![netns.as_str(), program];
+        full.extend(args);
+        sh("nsenter", &full)
+    };
+    let ferrite = ferrite_bin();
+    in_node(
+        ferrite.to_str().unwrap(),
+        &["uninstall", "--node", &node.name],
+    )?;
+
+    assert!(
+        !node.pin_dir().exists(),
+        "pins left in {}",
+        node.pin_dir().display()
+    );
+    assert!(!ferrite_agent::hostnet::run_dir(&node.name).exists());
+    let attached = in_node("bpftool", &["net", "show"])?;
+    assert!(
+        !attached.contains("ferrite"),
+        "programs still attached:\n{attached}"
+    );
+    let tables = in_node("nft", &["list", "tables"])?;
+    assert!(!tables.contains("ferrite"), "{tables}");
+    let links = in_node("ip", &["-o", "link"])?;
+    assert!(!links.contains(ferrite_common::VXLAN_DEVICE), "{links}");
+
+    let (u0, u1) = (cluster.pod("u0"), cluster.pod("u1"));
+    let _server = u1.serve(TCP_TARGET)?;
+    let to_u1 = SocketAddrV4::new(u1.ip, TCP_TARGET);
+    wait_until("plain routing between the pods", SETTLE, || {
+        u0.tcp_request(to_u1, "plain").is_ok()
+    })?;
+    assert_eq!(
+        answered_by(&u0.tcp_request(to_u1, "plain")?, "plain")?,
+        "u1"
+    );
+    Ok(())
+}
