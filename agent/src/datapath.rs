@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -21,7 +20,7 @@ use aya_log::EbpfLogger;
 use ferrite_common::{map_names, program_names};
 use tracing::{info, warn};
 
-use crate::plan::Interface;
+use crate::{files::create_private_dir, plan::Interface};
 
 pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -82,16 +81,6 @@ pub fn ensure_bpffs() -> Result<()> {
     )
     .context("mounting the BPF filesystem at /sys/fs/bpf")?;
     info!("mounted bpffs at {BPF_FS_ROOT}");
-    Ok(())
-}
-
-fn create_private_dir(path: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
     Ok(())
 }
 

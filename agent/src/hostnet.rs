@@ -25,18 +25,15 @@ pub fn pod_cidr_file(node: &str) -> std::path::PathBuf {
     run_dir(node).join("pod-cidr")
 }
 
-/// Write the pod CIDR file if it changed (atomically: write then rename).
+/// Write the pod CIDR file if it changed (atomically, mode 0600).
 pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
     let path = pod_cidr_file(node);
     let content = format!("{cidr}\n");
     if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
         return Ok(());
     }
-    let dir = path.parent().context("pod-cidr path")?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("pod-cidr.tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, &path).context("publishing the pod CIDR")
+    crate::files::create_private_dir(path.parent().context("pod-cidr path")?)?;
+    crate::files::write_private(&path, content.as_bytes()).context("publishing the pod CIDR")
 }
 
 /// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).

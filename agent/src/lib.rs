@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cni;
 pub mod datapath;
+pub mod files;
 pub mod hostnet;
 pub mod inspect;
 pub mod kube_source;

@@ -455,3 +455,44 @@ fn chained_portmap_and_tuning_accept_ferrites_result() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue #7, item 9: pins and state files are root's alone (0600 files in 0700
+/// directories): they name pods and addresses, and a pin grants map access.
+#[test]
+fn pins_and_state_files_are_private_to_root() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("private")?;
+    runtime.add(&mut pod)?;
+    fn check(path: &std::path::Path, found: &mut usize) -> Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        let expected = if meta.is_dir() { 0o700 } else { 0o600 };
+        ensure!(
+            meta.mode() & 0o777 == expected && meta.uid() == 0,
+            "{} is {:o} owned by {}",
+            path.display(),
+            meta.mode() & 0o777,
+            meta.uid()
+        );
+        *found += 1;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                check(&entry?.path(), found)?;
+            }
+        }
+        Ok(())
+    }
+    let mut found = 0;
+    for dir in [
+        node.pin_dir(),
+        hostnet::run_dir(&node.name),
+        node.dir.join("ipam").join(&node.name),
+    ] {
+        check(&dir, &mut found)?;
+    }
+    // Maps, programs, links, the pod CIDR, the address file, the lock...
+    assert!(found > 15, "only {found} files checked");
+    runtime.del(&pod)?;
+    Ok(())
+}

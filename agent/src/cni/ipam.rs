@@ -5,9 +5,8 @@
 //! reference host-local plugin's layout and behaviour).
 use std::{
     fs::{self, File, OpenOptions},
-    io::Write,
     net::Ipv4Addr,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -15,6 +14,8 @@ use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+
+use crate::files::{create_private_dir, write_private};
 
 /// Who holds an address: the attachment (container id + interface) and the host
 /// veth it was wired with.
@@ -40,11 +41,7 @@ impl Store {
     /// Open (creating it, mode 0700) and lock the store in `dir`; blocks while
     /// another plugin run holds it.
     pub fn lock(dir: &Path) -> Result<Self> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        create_private_dir(dir)?;
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -121,20 +118,6 @@ impl Store {
             _ => Ok(()),
         }
     }
-}
-
-/// Write a file atomically (temporary file, then rename) with mode 0600.
-fn write_private(path: &Path, content: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
