@@ -118,6 +118,8 @@ impl NodeAgent {
             .map(|name| (name.to_string(), options.capacity(name)))
             .collect();
         let telemetry = Telemetry::new(pin_dir.clone(), capacities);
+        // Before any other thread exists: capabilities are per thread.
+        drop_capabilities()?;
         if let Some(addr) = options.http_addr {
             telemetry::serve(addr, telemetry.clone())?;
         }
@@ -340,6 +342,35 @@ impl NodeAgent {
         }
         true
     }
+}
+
+/// Capabilities the agent keeps once the datapath is loaded and the node prepared:
+/// BPF (map and link syscalls, with unprivileged BPF disabled) and NET_ADMIN (tcx
+/// attachments, `ip`, `nft`). Loading programs (PERFMON) and mounting bpffs
+/// (SYS_ADMIN) happen before.
+pub const RUNTIME_CAPABILITIES: [caps::Capability; 2] =
+    [caps::Capability::CAP_BPF, caps::Capability::CAP_NET_ADMIN];
+
+/// Drop every other capability, from the bounding set too, so neither the agent nor
+/// the tools it runs can do more. Applies to the calling thread and the threads it
+/// starts afterwards.
+fn drop_capabilities() -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
+    for capability in caps::all() {
+        // A capability this kernel does not know is not held either.
+        let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
+        if !keep.contains(&capability) && held {
+            caps::drop(None, CapSet::Bounding, capability)
+                .with_context(|| format!("dropping {capability} from the bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::set(None, CapSet::Effective, &keep)?;
+    caps::set(None, CapSet::Permitted, &keep).context("dropping capabilities")?;
+    info!(kept = ?RUNTIME_CAPABILITIES, "dropped all other capabilities");
+    Ok(())
 }
 
 pub fn run(options: &AgentOptions) -> Result<()> {

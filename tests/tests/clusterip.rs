@@ -459,3 +459,37 @@ fn a_full_services_map_refuses_the_new_service_loudly_and_keeps_the_others() -> 
     answered_by(&client.tcp_request(TCP_FRONTEND, "after")?, "after")?;
     Ok(())
 }
+
+/// Issue #7, item 9: once the datapath is loaded the agent keeps only CAP_BPF and
+/// CAP_NET_ADMIN, in every thread and in the bounding set (so the `ip` and `nft` it
+/// runs get no more), and it goes on syncing.
+#[test]
+fn the_running_agent_holds_only_bpf_and_net_admin() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let pid = node.agent.as_ref().expect("agent").pid();
+    // `nsenter` execs the agent: its pid is the agent's.
+    const BPF_AND_NET_ADMIN: &str = "0000008000001000";
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{set}:")))
+                .map(str::trim);
+            assert_eq!(value, Some(BPF_AND_NET_ADMIN), "{set} of a thread of {pid}");
+        }
+        threads += 1;
+    }
+    assert!(threads >= 2, "the HTTP thread too ({threads} threads)");
+    // Still syncing with what it kept.
+    node.write_config(&cluster::example_with_backends(
+        &node.name,
+        &[BACKENDS[0].1],
+    ))?;
+    node.wait_for_maps("the TCP Service down to 1 backend", |m| {
+        tcp_master_count(m) == Some(1)
+    })?;
+    Ok(())
+}
