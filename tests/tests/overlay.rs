@@ -592,3 +592,68 @@ fn uninstall_removes_everything_and_leaves_plain_linux_networking() -> Result<()
     );
     Ok(())
 }
+
+/// Issue #7, item 6 (calico#3145's 63-second delays, flannel's ethtool workarounds):
+/// cross-node TCP (a bulk transfer too), UDP and a ClusterIP work with tx/rx checksum
+/// offload off on every device involved, and again with it back on.
+#[test]
+fn cross_node_traffic_works_with_checksum_offload_off_and_on_everywhere() -> Result<()> {
+    use ferrite_tests::lab::sh;
+    let env = two_nodes()?;
+    let c = &env.cluster;
+    // (netns, device): pod eth0s, host veths, the VXLAN devices, the node uplinks,
+    // and the underlay's ports.
+    let mut devices: Vec<(String, String)> = Vec::new();
+    for node in &c.nodes {
+        for pod in &node.pods {
+            devices.push((pod.netns.name.clone(), "eth0".into()));
+            devices.push((node.netns.name.clone(), pod.host_interface.clone()));
+        }
+        devices.push((node.netns.name.clone(), ferrite_common::VXLAN_DEVICE.into()));
+        devices.push((node.netns.name.clone(), "ul0".into()));
+    }
+    let ports = sh(
+        "ip",
+        &[
+            "-n",
+            &c.underlay.netns.name,
+            "-o",
+            "link",
+            "show",
+            "master",
+            "br0",
+        ],
+    )?;
+    for line in ports.lines() {
+        if let Some(name) = line.split(": ").nth(1) {
+            let name = name.split('@').next().unwrap_or(name);
+            devices.push((c.underlay.netns.name.clone(), name.to_string()));
+        }
+    }
+    for setting in ["off", "on"] {
+        for (netns, device) in &devices {
+            sh(
+                "ip",
+                &[
+                    "netns", "exec", netns, "ethtool", "-K", device, "tx", setting, "rx", setting,
+                ],
+            )
+            .with_context(|| format!("ethtool on {device} in {netns}"))?;
+        }
+        for (client, server) in [("a0", "b0"), ("b1", "a1")] {
+            let (client_pod, server_pod) = (c.pod(client), c.pod(server));
+            let request = format!("{client} to {server}, offload {setting}");
+            let reply =
+                client_pod.tcp_request(SocketAddrV4::new(server_pod.ip, TCP_TARGET), &request)?;
+            assert_eq!(answered_by(&reply, &request)?, server);
+            let target = SocketAddrV4::new(server_pod.ip, UDP_TARGET);
+            let (reply, _) = client_pod.udp_request(target, &request)?;
+            assert_eq!(answered_by(&reply, &request)?, server);
+            let reply = client_pod.tcp_request(TCP_FRONTEND, &request)?;
+            assert!(BACKENDS.contains(&answered_by(&reply, &request)?.as_str()));
+        }
+        let (received, _) = bulk_transfer(c.pod("a0"), c.pod("b1"), 7100, 8 << 20)?;
+        assert_eq!(received, 8 << 20, "offload {setting}");
+    }
+    Ok(())
+}

@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "tcpdump",
     "util-linux",
+    // checksum offload on/off in the overlay reliability test.
+    "ethtool",
     // portmap/bandwidth/tuning: the CNI chaining tests.
     "containernetworking-plugins",
 ];
