@@ -80,6 +80,8 @@ pub struct SyncReport {
     pub service_names: Arc<ServiceNames>,
     /// Which Service owns each frontend (for incremental updates).
     pub owners: BTreeMap<L4Addr, ServiceRef>,
+    /// Health-check ports to serve.
+    pub health_checks: BTreeMap<u16, model::HealthCheck>,
 }
 
 /// The loaded datapath of this node and everything a sync needs.
@@ -94,6 +96,7 @@ pub struct NodeAgent {
     /// Frontends of each Service and the owner of each frontend, as last written.
     frontends_of: BTreeMap<ServiceRef, BTreeSet<L4Addr>>,
     owner_of: BTreeMap<L4Addr, ServiceRef>,
+    health_checks: crate::healthcheck::HealthChecks,
 }
 
 impl NodeAgent {
@@ -140,6 +143,7 @@ impl NodeAgent {
             written: None,
             frontends_of: BTreeMap::new(),
             owner_of: BTreeMap::new(),
+            health_checks: Default::default(),
         })
     }
 
@@ -209,6 +213,7 @@ impl NodeAgent {
                 self.telemetry
                     .set_service_names(report.service_names.clone());
                 self.owner_of = report.owners.clone();
+                self.health_checks.set(&report.health_checks);
                 self.frontends_of.clear();
                 for (frontend, owner) in &self.owner_of {
                     self.frontends_of
@@ -272,6 +277,8 @@ impl NodeAgent {
         };
         let start = Instant::now();
         let (state, mut skipped) = model::build(objects, &self.settings.node);
+        self.health_checks
+            .update_services(changed, &state.health_checks);
         let mut frontends: BTreeSet<L4Addr> = changed
             .iter()
             .filter_map(|service| self.frontends_of.get(service))
@@ -459,6 +466,26 @@ pub fn reconcile(
         info!(interface = VXLAN_DEVICE, "attached from-overlay program");
     }
     wanted.insert(VXLAN_DEVICE);
+    // The uplink (the interface holding this node's IP): XDP for external traffic,
+    // tcx to forward what it translated.
+    let node_ip = state.nodes.get(&settings.node).map(|n| n.ip);
+    let uplink = node_ip.and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
+    let uplink_xdp = uplink.as_deref().map(datapath::xdp_link_name);
+    if let Some(uplink) = uplink.as_deref() {
+        if datapath.ensure_attached(uplink, program_names::FROM_UPLINK)? {
+            info!(interface = uplink, "attached from-uplink program");
+        }
+        if datapath.ensure_xdp_attached(uplink)? {
+            info!(
+                interface = uplink,
+                "attached XDP program for external traffic"
+            );
+        }
+        wanted.insert(uplink);
+    }
+    if let Some(name) = uplink_xdp.as_deref() {
+        wanted.insert(name);
+    }
 
     let (desired, more) = plan::desired_contents_keeping_ids(
         &state,
@@ -485,7 +512,10 @@ pub fn reconcile(
     // Links of interfaces that still exist may belong to pods the CNI plugin just
     // wired: only pins of vanished interfaces are removed.
     for interface in datapath.attached()? {
-        if !wanted.contains(interface.as_str()) && !interfaces.contains_key(&interface) {
+        let device = interface
+            .strip_prefix(datapath::XDP_LINK_PREFIX)
+            .unwrap_or(&interface);
+        if !wanted.contains(interface.as_str()) && !interfaces.contains_key(device) {
             datapath.detach(&interface)?;
             info!(interface, "link pin removed (interface gone)");
         }
@@ -518,6 +548,7 @@ pub fn reconcile(
             .iter()
             .map(|(frontend, service)| (*frontend, service.service.clone()))
             .collect(),
+        health_checks: state.health_checks.clone(),
     };
     Ok((report, desired))
 }

@@ -12,7 +12,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -137,7 +137,11 @@ impl Datapath {
         let mut ebpf = loader
             .load_file(object)
             .with_context(|| format!("loading {}", object.display()))?;
-        for name in [program_names::FROM_POD, program_names::FROM_OVERLAY] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::FROM_OVERLAY,
+            program_names::FROM_UPLINK,
+        ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("{name} missing from the object"))?
@@ -150,6 +154,12 @@ impl Datapath {
             let _ = fs::remove_file(&program_pin);
             program.pin(&program_pin)?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::FROM_WORLD)
+            .context("ferrite_from_world missing from the object")?
+            .try_into()?;
+        xdp.load()
+            .with_context(|| format!("verifier rejected {}", program_names::FROM_WORLD))?;
         let logger = match log {
             DatapathLog::Off => None,
             _ => EbpfLogger::init(&mut ebpf)
@@ -198,6 +208,44 @@ impl Datapath {
         attach_and_pin(program, interface, &self.pin_dir)
     }
 }
+
+impl Datapath {
+    /// Attach the XDP program to `interface` (the uplink) and pin the link as
+    /// `xdp:<interface>`, unless already pinned. Returns whether it attached now.
+    pub fn ensure_xdp_attached(&mut self, interface: &str) -> Result<bool> {
+        let link_pin = links_dir(&self.pin_dir).join(xdp_link_name(interface));
+        if link_pin.exists() {
+            if PinnedLink::from_pin(&link_pin).is_ok() {
+                return Ok(false);
+            }
+            let _ = fs::remove_file(&link_pin);
+        }
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(program_names::FROM_WORLD)
+            .context("program missing")?
+            .try_into()?;
+        let link_id = program
+            .attach(interface, XdpMode::default())
+            .with_context(|| format!("attaching XDP to {interface}"))?;
+        let fd_link: FdLink = program
+            .take_link(link_id)?
+            .try_into()
+            .context("XDP link is not a bpf_link (kernel < 5.9?)")?;
+        fd_link
+            .pin(&link_pin)
+            .with_context(|| format!("pinning {}", link_pin.display()))?;
+        Ok(true)
+    }
+}
+
+/// Pin name of the XDP link of `interface` (its tcx link is pinned as `interface`).
+/// bpffs refuses dots in names; interface names cannot contain ':'.
+pub fn xdp_link_name(interface: &str) -> String {
+    format!("{XDP_LINK_PREFIX}{interface}")
+}
+
+pub const XDP_LINK_PREFIX: &str = "xdp:";
 
 /// Attach `program` to `interface`'s tcx ingress and pin the link in `pin_dir`.
 /// The agent and the CNI plugin may race to attach to a new pod's veth: the pin
@@ -316,4 +364,19 @@ pub fn interfaces() -> Result<BTreeMap<String, Interface>> {
         warn!("no network interfaces with a link-layer address found");
     }
     Ok(out)
+}
+
+/// The interface of the current network namespace that has `address`, if any.
+pub fn interface_with_address(address: std::net::Ipv4Addr) -> Result<Option<String>> {
+    for ifaddr in nix::ifaddrs::getifaddrs()? {
+        let found = ifaddr
+            .address
+            .as_ref()
+            .and_then(|a| a.as_sockaddr_in())
+            .is_some_and(|a| a.ip() == address);
+        if found {
+            return Ok(Some(ifaddr.interface_name));
+        }
+    }
+    Ok(None)
 }

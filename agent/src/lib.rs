@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cni;
 pub mod datapath;
 pub mod files;
+pub mod healthcheck;
 pub mod hostnet;
 pub mod inspect;
 pub mod kube_source;

@@ -7,11 +7,14 @@ use aya::maps::{
     lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use ferrite_common::{
-    map_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, LbStatKey,
-    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    map_names, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
+    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
+    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
-use crate::plan::{describe_service_key, MapContents, Op, RouteKey};
+use crate::plan::{
+    describe_service_key, maglev_digest, maglev_key, MapContents, Op, RouteKey, SourceRange,
+};
 
 pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -23,6 +26,19 @@ pub struct NodeMaps {
     pub routes: LpmTrie<MapData, [u8; 4], RouteInfo>,
     pub config: Array<MapData, NodeConfig>,
     pub lb_stats: PerCpuHashMap<MapData, LbStatKey, Counter>,
+    pub maglev: HashMap<MapData, ServiceKey, MaglevTable>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+}
+
+fn source_range_key(range: &SourceRange) -> Key<SourceRangeKey> {
+    Key::new(
+        SOURCE_RANGE_FRONTEND_BITS + range.prefix_len,
+        SourceRangeKey {
+            frontend: range.frontend,
+            network: range.network,
+        },
+    )
 }
 
 fn lpm_key(key: &RouteKey) -> Key<[u8; 4]> {
@@ -57,6 +73,9 @@ impl NodeMaps {
             routes: open(pin_dir, map_names::ROUTES)?.try_into()?,
             config: open(pin_dir, map_names::CONFIG)?.try_into()?,
             lb_stats: open(pin_dir, map_names::LB_STATS)?.try_into()?,
+            maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
+            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
+            source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 
@@ -81,7 +100,60 @@ impl NodeMaps {
                 .collect::<Result<_, _>>()
                 .with_context(|| format!("reading {}", map_names::ROUTES))?,
             config: self.config.get(&0, 0)?,
+            maglev: self
+                .maglev
+                .iter()
+                .map(|entry| entry.map(|(key, table)| (key, table.digest)))
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", map_names::MAGLEV))?,
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, _)| SourceRange {
+                        frontend: key.data().frontend,
+                        network: key.data().network,
+                        prefix_len: key.prefix_len().saturating_sub(SOURCE_RANGE_FRONTEND_BITS),
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", map_names::SOURCE_RANGES))?,
         })
+    }
+
+    /// The Maglev table of `master` built from its first `count` slots as the maps
+    /// hold them now (written just before), checked against the planned `digest`.
+    fn maglev_table(
+        &self,
+        master: &ServiceKey,
+        count: u16,
+        digest: u64,
+    ) -> Result<Box<MaglevTable>> {
+        let mut backends = Vec::with_capacity(count as usize);
+        for slot in 1..=count {
+            let key = ServiceKey {
+                backend_slot: slot,
+                ..*master
+            };
+            let id = self.services.get(&key, 0)?.backend_id;
+            backends.push(self.backends.get(&id, 0)?);
+        }
+        anyhow::ensure!(
+            maglev_digest(backends.iter()) == digest,
+            "the slots of {} changed while its Maglev table was built",
+            describe_service_key(master)
+        );
+        let keys: Vec<[u8; 6]> = backends.iter().map(maglev_key).collect();
+        let owners = crate::maglev::table(&keys, MAGLEV_TABLE_SIZE).map_err(anyhow::Error::msg)?;
+        let mut table = Box::new(MaglevTable {
+            digest,
+            backend_slots: [0; MAGLEV_TABLE_SIZE],
+            _pad: [0; 3],
+        });
+        for (entry, owner) in table.backend_slots.iter_mut().zip(owners) {
+            *entry = owner as u16 + 1; // slots count from 1
+        }
+        Ok(table)
     }
 
     /// The endpoint entry of one pod address, if any.
@@ -169,6 +241,17 @@ impl NodeMaps {
                 Op::PutConfig(config) => self.config.set(0, config, 0),
                 Op::PutRoute(key, value) => self.routes.insert(&lpm_key(key), value, 0),
                 Op::DeleteRoute(key) => self.routes.remove(&lpm_key(key)),
+                Op::PutMaglev(key, count, digest) => {
+                    let table = self
+                        .maglev_table(key, *count, *digest)
+                        .with_context(|| describe_op(op))?;
+                    self.maglev.insert(key, table.as_ref(), 0)
+                }
+                Op::DeleteMaglev(key) => self.maglev.remove(key),
+                Op::PutSourceRange(range) => {
+                    self.source_ranges.insert(&source_range_key(range), 1, 0)
+                }
+                Op::DeleteSourceRange(range) => self.source_ranges.remove(&source_range_key(range)),
             };
             match result {
                 // A delete of what is already gone (the CNI plugin removed it) is done.
@@ -198,6 +281,18 @@ impl NodeMaps {
             // Already evicted by the LRU is as good as removed.
             let _ = self.conntrack.remove(key);
         }
+        // Session-affinity pins to removed backends go too: the next flow of such a
+        // client is balanced afresh instead of finding a reused id.
+        let pins: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, pin)| removed_backends.contains(&pin.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &pins {
+            let _ = self.affinity.remove(key);
+        }
         Ok(stale.len())
     }
 }
@@ -217,6 +312,8 @@ fn is_delete(op: &Op) -> bool {
             | Op::DeleteRevNat(_)
             | Op::DeleteBackend(_)
             | Op::DeleteEndpoint(_)
+            | Op::DeleteMaglev(_)
+            | Op::DeleteSourceRange(_)
     )
 }
 
@@ -266,6 +363,30 @@ pub fn describe_op(op: &Op) -> String {
             std::net::Ipv4Addr::from(key.network),
             key.prefix_len,
             map_names::ROUTES
+        ),
+        Op::PutMaglev(key, count, _) => format!(
+            "writing the Maglev table of {} ({count} backends) to {}",
+            describe_service_key(key),
+            map_names::MAGLEV
+        ),
+        Op::DeleteMaglev(key) => format!(
+            "removing the Maglev table of {} from {}",
+            describe_service_key(key),
+            map_names::MAGLEV
+        ),
+        Op::PutSourceRange(range) => format!(
+            "allowing {}/{} to reach {} in {}",
+            std::net::Ipv4Addr::from(range.network),
+            range.prefix_len,
+            describe_service_key(&range.frontend),
+            map_names::SOURCE_RANGES
+        ),
+        Op::DeleteSourceRange(range) => format!(
+            "removing {}/{} of {} from {}",
+            std::net::Ipv4Addr::from(range.network),
+            range.prefix_len,
+            describe_service_key(&range.frontend),
+            map_names::SOURCE_RANGES
         ),
     }
 }

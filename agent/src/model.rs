@@ -5,7 +5,14 @@
 //! - a Service port's backends come from the EndpointSlices labelled
 //!   `kubernetes.io/service-name`, matching the slice port by name and protocol (the
 //!   EndpointSlice controller has already resolved named targetPorts to numbers);
-//! - only endpoints whose `conditions.ready` is true or unset are used;
+//! - only endpoints whose `conditions.ready` is true or unset are used; when none is,
+//!   serving terminating ones are (kube-proxy's ProxyTerminatingEndpoints); serving
+//!   terminating endpoints otherwise take no new flows but keep their established ones;
+//! - a Service has a frontend per port on its ClusterIP, each externalIP, and for
+//!   NodePort/LoadBalancer types this node's IP at the nodePort and each
+//!   `status.loadBalancer.ingress` IP; `externalTrafficPolicy: Local` (external
+//!   frontends) and `internalTrafficPolicy: Local` (the ClusterIP) keep only this
+//!   node's endpoints (by `nodeName`, else by this node's pod CIDR);
 //! - headless and ExternalName Services have no frontend and are skipped;
 //! - an invalid object is skipped with a reason; everything else still applies.
 use std::{
@@ -99,15 +106,53 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
     ))
 }
 
-/// One Service port as the datapath sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How a frontend is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIp,
+    /// This node's IP at the Service port's nodePort.
+    NodePort,
+    /// A `status.loadBalancer.ingress` IP.
+    LoadBalancer,
+    /// A `spec.externalIPs` address.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: the XDP program and Maglev handle it.
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
+/// One Service port on one address, as the datapath sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceFrontend {
     /// The Service this port belongs to.
     pub service: ServiceRef,
     /// `namespace/name:port-name` for logs and inspect.
     pub name: String,
-    /// Ready backends, sorted and deduplicated (so the model is deterministic).
+    /// Backends for new flows, sorted and deduplicated (so the model is deterministic).
     pub backends: Vec<L4Addr>,
+    /// Serving but terminating backends that take no new flows: kept in the maps so
+    /// their established flows finish.
+    pub terminating: Vec<L4Addr>,
+    pub kind: FrontendKind,
+    /// Traffic policy `Local`: `backends` are this node's only.
+    pub local_only: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty = everyone.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer:
+/// answered 200 when this node has a local endpoint, 503 when not (kube-proxy's way).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceRef,
+    pub local_endpoints: usize,
 }
 
 /// A pod on this node: where its traffic enters the datapath.
@@ -133,6 +178,8 @@ pub struct ClusterNode {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<L4Addr, ServiceFrontend>,
+    /// Health-check ports this node serves, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
@@ -216,9 +263,31 @@ pub fn build(objects: &ClusterObjects, node: &str) -> (DesiredState, Vec<Skipped
             .push(slice);
     }
 
+    let this_node = objects
+        .nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(node))
+        .find_map(|n| cluster_node(n).ok());
+    let here = ThisNode {
+        name: node,
+        node: this_node.as_ref(),
+    };
     for service in &objects.services {
-        match service_frontends(service, &slices_by_service, &mut skipped) {
-            Ok(frontends) => {
+        match service_frontends(service, &slices_by_service, &here, &mut skipped) {
+            Ok((frontends, health_check)) => {
+                if let Some((port, check)) = health_check {
+                    if let Some(existing) = state.health_checks.get(&port) {
+                        skipped.push(Skipped {
+                            object: format!("Service {}/{}", check.service.0, check.service.1),
+                            reason: format!(
+                                "healthCheckNodePort {port} already used by {}/{}",
+                                existing.service.0, existing.service.1
+                            ),
+                        });
+                    } else {
+                        state.health_checks.insert(port, check);
+                    }
+                }
                 for (frontend, entry) in frontends {
                     if let Some(existing) = state.services.get(&frontend) {
                         skipped.push(Skipped {
@@ -399,11 +468,89 @@ fn valid_port(port: i32, field: &str) -> Result<u16, String> {
 
 type SlicesByService<'a> = BTreeMap<(String, String), Vec<&'a EndpointSlice>>;
 
+/// The node the model is built for.
+pub struct ThisNode<'a> {
+    name: &'a str,
+    /// Its Node object, once known (IP for NodePorts, pod CIDRs for locality).
+    node: Option<&'a ClusterNode>,
+}
+
+impl ThisNode<'_> {
+    /// Whether an endpoint runs here: its `nodeName`, else its address in this
+    /// node's pod CIDR (endpoints written by hand often lack `nodeName`).
+    fn owns(&self, node_name: Option<&str>, ip: Ipv4Addr) -> bool {
+        match node_name {
+            Some(name) => name == self.name,
+            None => self
+                .node
+                .is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip))),
+        }
+    }
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), and the most
+/// Kubernetes accepts (1 day).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
+
+/// What a Service's spec says about every one of its frontends.
+struct Policies {
+    external_local: bool,
+    internal_local: bool,
+    affinity_timeout_s: u32,
+    source_ranges: Vec<Ipv4Net>,
+}
+
+fn policies(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Policies, String> {
+    let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => 0,
+        "ClientIP" => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S as i32);
+            if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&timeout) {
+                return Err(format!(
+                    "sessionAffinityConfig timeoutSeconds {timeout} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"
+                ));
+            }
+            timeout as u32
+        }
+        other => return Err(format!("unknown sessionAffinity {:?}", truncated(other))),
+    };
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        if range.contains(':') {
+            continue; // IPv6 ranges: Ferrite's frontends are IPv4
+        }
+        let net: Ipv4Net = range.trim().parse().map_err(|_| {
+            format!(
+                "loadBalancerSourceRanges {:?} is not an IPv4 CIDR",
+                truncated(range)
+            )
+        })?;
+        source_ranges.push(net.trunc());
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
+    Ok(Policies {
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout_s,
+        source_ranges,
+    })
+}
+
+type Frontends = Vec<(L4Addr, ServiceFrontend)>;
+
 fn service_frontends(
     service: &Service,
     slices_by_service: &SlicesByService,
+    here: &ThisNode,
     skipped: &mut Vec<Skipped>,
-) -> Result<Vec<(L4Addr, ServiceFrontend)>, String> {
+) -> Result<(Frontends, Option<(u16, HealthCheck)>), String> {
     let name = service
         .metadata
         .name
@@ -446,6 +593,8 @@ fn service_frontends(
             ports.len()
         ));
     }
+    let policy = policies(spec)?;
+    let with_node_ports = service_type != "ClusterIP";
     // Validate every port first so a bad Service is skipped whole, never half-applied.
     let mut parsed = Vec::with_capacity(ports.len());
     for port in ports {
@@ -464,47 +613,157 @@ fn service_frontends(
         if let Some(IntOrString::Int(target)) = &port.target_port {
             valid_port(*target, "targetPort")?;
         }
-        parsed.push((port, number, protocol));
+        let node_port = match (with_node_ports, port.node_port) {
+            (true, Some(n)) => Some(valid_port(n, "nodePort")?),
+            (true, None) => {
+                // The API server allocates one; without it only the other frontends apply.
+                skipped.push(Skipped {
+                    object: format!("Service {namespace}/{name} port {number}"),
+                    reason: "no nodePort allocated".into(),
+                });
+                None
+            }
+            (false, _) => None,
+        };
+        parsed.push((port, number, protocol, node_port));
     }
+    let mut external_ips = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        if ip.contains(':') {
+            continue; // IPv6
+        }
+        external_ips.push(parse_ipv4(ip, "spec.externalIPs")?);
+    }
+    let mut ingress_ips = Vec::new();
+    if service_type == "LoadBalancer" {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            match entry.ip.as_deref() {
+                Some(ip) if !ip.contains(':') => {
+                    ingress_ips.push(parse_ipv4(ip, "status.loadBalancer.ingress ip")?)
+                }
+                _ => {} // hostname-only or IPv6 ingress: nothing to serve here
+            }
+        }
+    }
+    let node_ip = here.node.map(|n| n.ip);
     let slices = slices_by_service
         .get(&(namespace.to_string(), name.to_string()))
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let service_ref = (namespace.to_string(), name.to_string());
     let mut frontends = Vec::new();
-    for (port, number, protocol) in parsed {
-        let frontend = L4Addr {
-            ip: vip,
-            port: number,
-            protocol,
-        };
+    let mut local_endpoints = 0;
+    for (port, number, protocol, node_port) in parsed {
         let port_name = port.name.as_deref().unwrap_or("");
         let display = if port_name.is_empty() {
             format!("{namespace}/{name}:{number}")
         } else {
             format!("{namespace}/{name}:{port_name}")
         };
-        let backends = port_backends(port, protocol, slices, &display, skipped);
-        frontends.push((
-            frontend,
-            ServiceFrontend {
-                service: (namespace.to_string(), name.to_string()),
-                name: display,
-                backends,
-            },
-        ));
+        let endpoints = port_backends(port, protocol, slices, here, &display, skipped);
+        local_endpoints = local_endpoints.max(endpoints.local_ready);
+        let mut add = |ip: Ipv4Addr, port: u16, kind: FrontendKind| {
+            let local_only = if kind.is_external() {
+                policy.external_local
+            } else {
+                policy.internal_local
+            };
+            let (backends, terminating) = endpoints.for_policy(local_only);
+            let source_ranges = if kind == FrontendKind::LoadBalancer {
+                policy.source_ranges.clone()
+            } else {
+                Vec::new()
+            };
+            let suffix = match kind {
+                FrontendKind::ClusterIp => "",
+                FrontendKind::NodePort => " (NodePort)",
+                FrontendKind::LoadBalancer => " (LoadBalancer)",
+                FrontendKind::ExternalIp => " (externalIP)",
+            };
+            frontends.push((
+                L4Addr { ip, port, protocol },
+                ServiceFrontend {
+                    service: service_ref.clone(),
+                    name: format!("{display}{suffix}"),
+                    backends,
+                    terminating,
+                    kind,
+                    local_only,
+                    affinity_timeout_s: policy.affinity_timeout_s,
+                    source_ranges,
+                },
+            ));
+        };
+        add(vip, number, FrontendKind::ClusterIp);
+        if let (Some(node_port), Some(node_ip)) = (node_port, node_ip) {
+            add(node_ip, node_port, FrontendKind::NodePort);
+        }
+        for ip in &ingress_ips {
+            add(*ip, number, FrontendKind::LoadBalancer);
+        }
+        for ip in &external_ips {
+            add(*ip, number, FrontendKind::ExternalIp);
+        }
     }
-    Ok(frontends)
+    let health_check = match spec.health_check_node_port {
+        Some(port) if service_type == "LoadBalancer" && policy.external_local => Some((
+            valid_port(port, "healthCheckNodePort")?,
+            HealthCheck {
+                service: service_ref.clone(),
+                local_endpoints,
+            },
+        )),
+        _ => None,
+    };
+    Ok((frontends, health_check))
+}
+
+/// The endpoints of one Service port, sorted into what each policy uses.
+#[derive(Default)]
+struct PortEndpoints {
+    ready: BTreeSet<L4Addr>,
+    local_ready: usize,
+    /// Serving and terminating: (address, on this node).
+    terminating: BTreeSet<(L4Addr, bool)>,
+    local: BTreeSet<L4Addr>,
+}
+
+impl PortEndpoints {
+    /// (backends for new flows, terminating ones kept for established flows).
+    fn for_policy(&self, local_only: bool) -> (Vec<L4Addr>, Vec<L4Addr>) {
+        let eligible = |a: &L4Addr| !local_only || self.local.contains(a);
+        let ready: Vec<L4Addr> = self.ready.iter().copied().filter(eligible).collect();
+        let terminating: Vec<L4Addr> = self
+            .terminating
+            .iter()
+            .filter(|(a, local)| !local_only || *local || self.local.contains(a))
+            .map(|(a, _)| *a)
+            .collect();
+        if ready.is_empty() {
+            // Nothing ready: serving terminating endpoints take new flows rather than
+            // none (kube-proxy does the same since Kubernetes 1.26).
+            (terminating, Vec::new())
+        } else {
+            (ready, terminating)
+        }
+    }
 }
 
 fn port_backends(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    here: &ThisNode,
     display: &str,
     skipped: &mut Vec<Skipped>,
-) -> Vec<L4Addr> {
+) -> PortEndpoints {
     let port_name = port.name.as_deref().unwrap_or("");
-    let mut backends = BTreeSet::new();
+    let mut out = PortEndpoints::default();
     for slice in slices {
         let slice_name = object_name(
             "EndpointSlice",
@@ -536,16 +795,12 @@ fn port_backends(
         };
         let compacted = is_compacted(slice);
         for endpoint in slice.endpoints.iter().flatten() {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !ready {
+            let state = endpoint_state(endpoint);
+            if state == EndpointState::Unused {
                 continue;
             }
             // All addresses of an endpoint are fungible; kube-proxy uses the first.
-            // A compacted slice holds the ready endpoints' addresses comma-separated.
+            // A compacted slice holds the addresses of alike endpoints comma-separated.
             let addresses: Vec<&str> = match endpoint.addresses.first() {
                 Some(first) if compacted => first.split(',').collect(),
                 Some(first) => vec![first.as_str()],
@@ -559,28 +814,61 @@ fn port_backends(
                 continue;
             }
             for address in addresses {
-                add_backend(
-                    address,
-                    target,
-                    protocol,
-                    &slice_name,
-                    &mut backends,
-                    skipped,
-                );
+                let Some(backend) = backend(address, target, protocol, &slice_name, skipped) else {
+                    continue;
+                };
+                let local = here.owns(endpoint.node_name.as_deref(), backend.ip);
+                if local {
+                    out.local.insert(backend);
+                }
+                match state {
+                    EndpointState::Ready => {
+                        if out.ready.insert(backend) && local {
+                            out.local_ready += 1;
+                        }
+                    }
+                    _ => {
+                        out.terminating.insert((backend, local));
+                    }
+                }
             }
         }
     }
-    backends.into_iter().collect()
+    // An address both ready (in one slice) and terminating (in another) is ready.
+    let ready = out.ready.clone();
+    out.terminating.retain(|(a, _)| !ready.contains(a));
+    out
 }
 
-fn add_backend(
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndpointState {
+    Ready,
+    /// Not ready, but serving and terminating: finishes its flows.
+    Terminating,
+    Unused,
+}
+
+fn endpoint_state(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> EndpointState {
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if ready {
+        EndpointState::Ready
+    } else if serving && terminating {
+        EndpointState::Terminating
+    } else {
+        EndpointState::Unused
+    }
+}
+
+fn backend(
     address: &str,
     port: u16,
     protocol: Protocol,
     slice_name: &str,
-    backends: &mut BTreeSet<L4Addr>,
     skipped: &mut Vec<Skipped>,
-) {
+) -> Option<L4Addr> {
     match parse_ipv4(address, "endpoint address") {
         // What the API server itself refuses as an endpoint (and a hostile object
         // could point a Service at): loopback, link-local (cloud metadata), multicast.
@@ -595,14 +883,16 @@ fn add_backend(
                 object: slice_name.to_string(),
                 reason: format!("endpoint address {ip} is loopback, link-local or multicast"),
             });
+            None
         }
-        Ok(ip) => {
-            backends.insert(L4Addr { ip, port, protocol });
+        Ok(ip) => Some(L4Addr { ip, port, protocol }),
+        Err(reason) => {
+            skipped.push(Skipped {
+                object: slice_name.to_string(),
+                reason,
+            });
+            None
         }
-        Err(reason) => skipped.push(Skipped {
-            object: slice_name.to_string(),
-            reason,
-        }),
     }
 }
 
@@ -618,32 +908,46 @@ fn is_compacted(slice: &EndpointSlice) -> bool {
 }
 
 /// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
-/// addresses of the ready endpoints, comma-separated, become the one address of one
-/// ready endpoint (one 352-byte `Endpoint` and one string instead of one of each per
-/// pod); other endpoint fields go. The model reads the result exactly as the original.
+/// addresses of the endpoints alike for the model (same state, same node),
+/// comma-separated, become the one address of one endpoint per such group (one
+/// 352-byte `Endpoint` and one string instead of one of each per pod); other
+/// endpoint fields go. The model reads the result exactly as the original.
 pub fn compact_slice(slice: &mut EndpointSlice) {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
     if is_compacted(slice) {
         return;
     }
-    let addresses: Vec<String> = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.addresses.first().cloned())
-        .collect();
-    let empty_endpoints = slice.endpoints.iter().flatten().any(|e| {
-        e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) && e.addresses.is_empty()
-    });
-    if empty_endpoints || addresses.iter().any(|a| a.contains(',')) {
-        return; // keep it as is: the model reports those endpoints
+    let mut groups: BTreeMap<(bool, Option<String>), Vec<String>> = BTreeMap::new();
+    for endpoint in slice.endpoints.iter().flatten() {
+        let state = endpoint_state(endpoint);
+        if state == EndpointState::Unused {
+            continue;
+        }
+        let Some(first) = endpoint.addresses.first() else {
+            return; // keep it as is: the model reports such endpoints
+        };
+        if first.contains(',') {
+            return;
+        }
+        groups
+            .entry((state == EndpointState::Ready, endpoint.node_name.clone()))
+            .or_default()
+            .push(first.clone());
     }
-    slice.endpoints = (!addresses.is_empty()).then(|| {
-        vec![k8s_openapi::api::discovery::v1::Endpoint {
+    let endpoints: Vec<Endpoint> = groups
+        .into_iter()
+        .map(|((ready, node_name), addresses)| Endpoint {
             addresses: vec![addresses.join(",")],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(true),
+                terminating: Some(!ready),
+            }),
+            node_name,
             ..Default::default()
-        }]
-    });
+        })
+        .collect();
+    slice.endpoints = (!endpoints.is_empty()).then_some(endpoints);
     slice
         .metadata
         .labels

@@ -3,19 +3,49 @@
 //! still right), diff that against what they hold, and order the writes so the
 //! datapath never sees a half-written Service:
 //! 0. node config and routes, 1. backends and rev-NAT entries, 2. backend slots,
-//! 3. Service master entries (count last, so every slot it covers exists),
-//! 4. endpoints;
+//! 3. Maglev tables and source ranges, 4. Service master entries (count last, so
+//! every slot it covers exists), 5. endpoints;
 //!
-//! then removals in reverse: master entries, slots, rev-NAT, backends, endpoints,
-//! routes. A route change touches only its own entry: flows to other nodes go on.
+//! then removals in reverse: master entries, Maglev tables and source ranges, slots,
+//! rev-NAT, backends, endpoints, routes. A route change touches only its own entry: flows to other nodes go on.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferrite_common::{
-    pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
-    ServiceKey, ServiceValue, DEFAULT_VNI, ROUTE_LOCAL, ROUTE_REMOTE, VXLAN_DEVICE,
+    pod_mac_for, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
+    ServiceKey, ServiceValue, DEFAULT_VNI, MAGLEV_TABLE_SIZE, ROUTE_LOCAL, ROUTE_NODE,
+    ROUTE_REMOTE, VXLAN_DEVICE,
 };
+use sha2::{Digest, Sha256};
 
-use crate::model::{DesiredState, L4Addr, Protocol, ServiceFrontend, Skipped};
+use crate::model::{DesiredState, FrontendKind, L4Addr, Protocol, ServiceFrontend, Skipped};
+
+/// An entry of `ferrite_srcrng`: a client network allowed to reach a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub frontend: ServiceKey,
+    pub network: [u8; 4],
+    /// Bits of `network` (the LPM key's prefix adds the frontend's 96).
+    pub prefix_len: u32,
+}
+
+/// What a Maglev table is built from, as its hash: the backends in slot order and
+/// the table size. The agent compares it (stored with the table) to see whether a
+/// table must be rebuilt.
+pub fn maglev_digest<'a>(backends: impl Iterator<Item = &'a Backend>) -> u64 {
+    let mut hasher = Sha256::new();
+    hasher.update((MAGLEV_TABLE_SIZE as u32).to_be_bytes());
+    for backend in backends {
+        hasher.update(maglev_key(backend));
+    }
+    u64::from_be_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+/// A backend's name in Maglev hashing: address and port, the same on every node.
+pub fn maglev_key(backend: &Backend) -> [u8; 6] {
+    let p = backend.port.to_be_bytes();
+    let a = backend.address;
+    [a[0], a[1], a[2], a[3], p[0], p[1]]
+}
 
 /// Key of `ferrite_routes` (an LPM trie key, made orderable for the diff).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,6 +63,9 @@ pub struct MapContents {
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
     pub routes: BTreeMap<RouteKey, RouteInfo>,
     pub config: NodeConfig,
+    /// Maglev table of each external frontend, by the digest it was built from.
+    pub maglev: BTreeMap<ServiceKey, u64>,
+    pub source_ranges: BTreeSet<SourceRange>,
 }
 
 /// Node-wide settings that come from the agent's flags, not from objects.
@@ -138,6 +171,12 @@ pub enum Op {
     DeleteRevNat(u16),
     DeleteBackend(u32),
     DeleteEndpoint(EndpointKey),
+    /// Build and write the Maglev table of a frontend from its `count` slots (already
+    /// written) - `digest` says what it is built from.
+    PutMaglev(ServiceKey, u16, u64),
+    DeleteMaglev(ServiceKey),
+    PutSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
 }
 
 fn backend_value(addr: &L4Addr) -> Backend {
@@ -246,6 +285,16 @@ fn keep_as_written(master: ServiceKey, written: &MapContents, out: &mut MapConte
             out.backends.insert(value.backend_id, *backend);
         }
     }
+    if let Some(digest) = written.maglev.get(&master) {
+        out.maglev.insert(master, *digest);
+    }
+    out.source_ranges.extend(
+        written
+            .source_ranges
+            .iter()
+            .filter(|r| r.frontend == master)
+            .copied(),
+    );
     any
 }
 
@@ -286,6 +335,7 @@ fn service_contents<'s>(
         let new_backends = service
             .backends
             .iter()
+            .chain(&service.terminating)
             .map(backend_value)
             .collect::<BTreeSet<_>>()
             .iter()
@@ -323,7 +373,15 @@ fn service_contents<'s>(
             },
         };
         let mut slots = Vec::with_capacity(service.backends.len());
-        for addr in &service.backends {
+        // Terminating backends get an id (their flows' conntrack entries name it)
+        // but no slot: no new flow picks them.
+        let mut terminating_ids = 0;
+        for (index, addr) in service
+            .backends
+            .iter()
+            .chain(&service.terminating)
+            .enumerate()
+        {
             let value = backend_value(addr);
             let id = match backend_id_of.get(&value) {
                 Some(id) => Some(*id),
@@ -337,10 +395,34 @@ fn service_contents<'s>(
                 break;
             };
             backend_id_of.insert(value, id);
-            slots.push(id);
+            if index < service.backends.len() {
+                slots.push(id);
+            } else {
+                terminating_ids += 1;
+            }
         }
-        if slots.len() != service.backends.len() {
+        if slots.len() + terminating_ids != service.backends.len() + service.terminating.len() {
             continue;
+        }
+        let master = key(0);
+        let external = service.kind.is_external();
+        if external && !slots.is_empty() {
+            let digest = maglev_digest(
+                service
+                    .backends
+                    .iter()
+                    .map(backend_value)
+                    .collect::<Vec<_>>()
+                    .iter(),
+            );
+            out.maglev.insert(master, digest);
+        }
+        for range in &service.source_ranges {
+            out.source_ranges.insert(SourceRange {
+                frontend: master,
+                network: range.network().octets(),
+                prefix_len: range.prefix_len() as u32,
+            });
         }
         for (slot, id) in slots.iter().enumerate() {
             out.services.insert(
@@ -352,18 +434,36 @@ fn service_contents<'s>(
             );
         }
         out.services.insert(
-            key(0),
+            master,
             ServiceValue {
                 backend_id: 0,
                 count: slots.len() as u16,
                 rev_nat_index,
-                flags: 0,
+                flags: service_flags(service),
+                affinity_timeout_s: service.affinity_timeout_s,
             },
         );
     }
     for (value, id) in backend_id_of {
         out.backends.insert(id, value);
     }
+}
+
+fn service_flags(service: &ServiceFrontend) -> u32 {
+    let mut flags = 0;
+    if service.kind.is_external() {
+        flags |= svc_flag::EXTERNAL;
+    }
+    if service.local_only {
+        flags |= svc_flag::LOCAL_ONLY;
+    }
+    if service.kind == FrontendKind::NodePort {
+        flags |= svc_flag::NODE_PORT;
+    }
+    if !service.source_ranges.is_empty() {
+        flags |= svc_flag::SOURCE_RANGES;
+    }
+    flags
 }
 
 /// The map contents that realise `state`. Pods whose interface does not exist (yet)
@@ -419,10 +519,33 @@ pub fn desired_contents_keeping_ids(
             );
         }
     }
+    // Other nodes' own addresses: replies to the NodePort flows they SNAT come back
+    // to them through the overlay (see `ROUTE_NODE`).
+    for node in state.nodes.values() {
+        if node.name != settings.node {
+            out.routes.insert(
+                RouteKey {
+                    prefix_len: 32,
+                    network: node.ip.octets(),
+                },
+                RouteInfo {
+                    node_ip: node.ip.octets(),
+                    vtep_mac: node.vtep_mac,
+                    flags: ROUTE_NODE,
+                },
+            );
+        }
+    }
     let wanted_backends: BTreeSet<Backend> = state
         .services
         .values()
-        .flat_map(|service| service.backends.iter().map(backend_value))
+        .flat_map(|service| {
+            service
+                .backends
+                .iter()
+                .chain(&service.terminating)
+                .map(backend_value)
+        })
         .collect();
     let wanted_rev_nat: BTreeSet<RevNatValue> = state.services.keys().map(rev_nat_value).collect();
     let backend_ids = keys_of(&ids_from.backends, &wanted_backends);
@@ -535,6 +658,9 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
     let (master_puts, master_deletes) = changes(&current.services, &desired.services, is_master);
     let (endpoint_puts, endpoint_deletes) = changes(&current.endpoints, &desired.endpoints, all);
+    let (maglev_puts, maglev_deletes) = changes(&current.maglev, &desired.maglev, all);
+    let range_puts = desired.source_ranges.difference(&current.source_ranges);
+    let range_deletes = current.source_ranges.difference(&desired.source_ranges);
     let mut ops = Vec::new();
     if current.config != desired.config {
         ops.push(Op::PutConfig(desired.config));
@@ -543,6 +669,11 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
     ops.extend(rev_puts.into_iter().map(|(k, v)| Op::PutRevNat(k, v)));
     ops.extend(slot_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    ops.extend(maglev_puts.into_iter().map(|(k, digest)| {
+        let count = desired.services.get(&k).map(|m| m.count).unwrap_or(0);
+        Op::PutMaglev(k, count, digest)
+    }));
+    ops.extend(range_puts.map(|r| Op::PutSourceRange(*r)));
     ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
     ops.extend(
         endpoint_puts
@@ -550,6 +681,8 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
             .map(|(k, v)| Op::PutEndpoint(k, v)),
     );
     ops.extend(master_deletes.into_iter().map(Op::DeleteService));
+    ops.extend(maglev_deletes.into_iter().map(Op::DeleteMaglev));
+    ops.extend(range_deletes.map(|r| Op::DeleteSourceRange(*r)));
     ops.extend(slot_deletes.into_iter().map(Op::DeleteService));
     ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
     ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
@@ -728,6 +861,14 @@ pub fn service_update(
 }
 
 impl MapContents {
+    /// Routes to pod CIDRs (this node's and others'), without other nodes' own /32s.
+    pub fn pod_routes(&self) -> usize {
+        self.routes
+            .values()
+            .filter(|r| r.flags & ROUTE_NODE == 0)
+            .count()
+    }
+
     /// Record `ops` as written (keeps the agent's copy of the maps in step).
     pub fn apply(&mut self, ops: &[Op]) {
         for op in ops {
@@ -743,6 +884,10 @@ impl MapContents {
                 Op::DeleteRevNat(index) => drop(self.rev_nat.remove(&index)),
                 Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
                 Op::DeleteEndpoint(key) => drop(self.endpoints.remove(&key)),
+                Op::PutMaglev(key, _, digest) => drop(self.maglev.insert(key, digest)),
+                Op::DeleteMaglev(key) => drop(self.maglev.remove(&key)),
+                Op::PutSourceRange(range) => drop(self.source_ranges.insert(range)),
+                Op::DeleteSourceRange(range) => drop(self.source_ranges.remove(&range)),
             }
         }
     }
@@ -768,6 +913,8 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutEndpoint(..) | Op::DeleteEndpoint(_) => map_names::ENDPOINTS,
         Op::PutConfig(_) => map_names::CONFIG,
         Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
+        Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,
+        Op::PutSourceRange(_) | Op::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
     }
 }
 
@@ -818,6 +965,7 @@ mod tests {
                     service: ("default".into(), frontend.to_string()),
                     name: frontend.to_string(),
                     backends: backends.to_vec(),
+                    ..ServiceFrontend::default()
                 },
             );
         }
@@ -1252,14 +1400,30 @@ mod tests {
         };
         assert_eq!(desired.routes[&route([10, 244, 0, 0])].flags, ROUTE_LOCAL);
         assert_eq!(desired.routes[&route([10, 244, 1, 0])].flags, ROUTE_REMOTE);
+        let node_b = RouteKey {
+            prefix_len: 32,
+            network: [198, 51, 100, 2],
+        };
+        assert_eq!(desired.routes[&node_b].flags, ROUTE_NODE);
+        assert!(!desired
+            .routes
+            .keys()
+            .any(|k| k.network == [198, 51, 100, 1]));
         let ops = diff(&MapContents::default(), &desired);
         assert!(matches!(ops[0], Op::PutConfig(_)), "config first: {ops:?}");
 
         s.nodes.remove("c");
         let (smaller, _) = desired_contents(&s, &interfaces, &desired, &settings);
+        // Its pod CIDR and its own address (for NodePort replies) go, nothing else.
         assert_eq!(
             diff(&desired, &smaller),
-            vec![Op::DeleteRoute(route([10, 244, 2, 0]))]
+            vec![
+                Op::DeleteRoute(route([10, 244, 2, 0])),
+                Op::DeleteRoute(RouteKey {
+                    prefix_len: 32,
+                    network: [198, 51, 100, 3],
+                })
+            ]
         );
     }
 }

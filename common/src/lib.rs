@@ -24,8 +24,22 @@ pub mod map_names {
     pub const CONFIG: &str = "ferrite_config";
     pub const ROUTES: &str = "ferrite_routes";
     pub const LB_STATS: &str = "ferrite_lbstats";
-    pub const ALL: [&str; 9] = [
-        SERVICES, BACKENDS, REV_NAT, ENDPOINTS, CONNTRACK, STATS, CONFIG, ROUTES, LB_STATS,
+    pub const MAGLEV: &str = "ferrite_maglev";
+    pub const AFFINITY: &str = "ferrite_affin";
+    pub const SOURCE_RANGES: &str = "ferrite_srcrng";
+    pub const ALL: [&str; 12] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        ENDPOINTS,
+        CONNTRACK,
+        STATS,
+        CONFIG,
+        ROUTES,
+        LB_STATS,
+        MAGLEV,
+        AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 
@@ -37,6 +51,12 @@ pub mod program_names {
     pub const FROM_OVERLAY: &str = "ferrite_from_overlay";
     /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.
     pub const NOOP: &str = "ferrite_noop";
+    /// XDP on the node's uplink: NodePort, LoadBalancer and externalIP traffic from
+    /// outside the cluster, balanced (Maglev) and NATed before the stack sees it.
+    pub const FROM_WORLD: &str = "ferrite_from_world";
+    /// tcx ingress of the node's uplink, after the XDP program: forwards what it
+    /// translated to a local pod or through the overlay.
+    pub const FROM_UPLINK: &str = "ferrite_from_uplink";
 }
 
 /// Default map capacities (sized for 10k Services x 10 endpoints).
@@ -52,7 +72,22 @@ pub mod capacity {
     /// each, so this stays well below the backends map): the most recently active
     /// pairs are counted; an evicted pair starts again from zero (a counter reset).
     pub const LB_STATS: u32 = 32_768;
+    /// Maglev tables, one per NodePort/LoadBalancer/externalIP frontend (32 KiB each,
+    /// allocated as used: the map is not preallocated).
+    pub const MAGLEV: u32 = 16_384;
+    /// Client -> backend pins of `sessionAffinity: ClientIP` Services (LRU).
+    pub const AFFINITY: u32 = 65_536;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
+
+/// Entries of a Maglev table (prime; Cilium's default). Fixed at build time: it is
+/// the size of a `ferrite_maglev` value.
+pub const MAGLEV_TABLE_SIZE: usize = 16381;
+
+/// Source ports this node SNATs forwarded NodePort flows to: above Linux's default
+/// ephemeral range (32768-60999), so they never clash with the node's own sockets.
+pub const SNAT_PORT_MIN: u16 = 61000;
+pub const SNAT_PORT_MAX: u16 = 65535;
 
 /// The node's VXLAN device (kernel vxlan in external/collect_md mode).
 pub const VXLAN_DEVICE: &str = "ferrite_vxlan";
@@ -78,6 +113,10 @@ pub struct RouteInfo {
 pub const ROUTE_LOCAL: u16 = 1;
 /// `RouteInfo::flags`: another node's pod CIDR, reached through the overlay.
 pub const ROUTE_REMOTE: u16 = 2;
+/// `RouteInfo::flags`: another node's own IP (/32). Only replies to NodePort flows
+/// that node forwarded here (destination port in its SNAT range) take the overlay;
+/// other pod traffic to it goes through the stack as before.
+pub const ROUTE_NODE: u16 = 4;
 
 /// A node's VTEP MAC, derived from its underlay IP like pod MACs (`0a:58:<ip>`), so
 /// every node knows every other's without an annotation. Linux VTEPs of other tools
@@ -113,8 +152,8 @@ impl ServiceKey {
     }
 }
 
-/// Value of `ferrite_service`. For slot 0: `count` and `rev_nat_index` are set and
-/// `backend_id` is 0. For slot N: `backend_id` is set.
+/// Value of `ferrite_service`. For slot 0: `count`, `rev_nat_index`, `flags` and
+/// `affinity_timeout_s` are set and `backend_id` is 0. For slot N: `backend_id` is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
@@ -122,7 +161,73 @@ pub struct ServiceValue {
     pub count: u16,
     pub rev_nat_index: u16,
     pub flags: u32,
+    /// `sessionAffinity: ClientIP` timeout (seconds); 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
+
+/// `ServiceValue::flags` of a master entry.
+pub mod svc_flag {
+    /// A NodePort, LoadBalancer or externalIP frontend: reached from outside the
+    /// cluster through the XDP program, balanced with its Maglev table.
+    pub const EXTERNAL: u32 = 1;
+    /// `externalTrafficPolicy: Local` (external) or `internalTrafficPolicy: Local`
+    /// (ClusterIP): every backend is on this node, no SNAT, the client IP is kept.
+    pub const LOCAL_ONLY: u32 = 2;
+    /// A NodePort on this node's IP: without backends it goes to the stack, which
+    /// refuses it (TCP RST, ICMP port unreachable) as kube-proxy's REJECT does.
+    pub const NODE_PORT: u32 = 4;
+    /// `loadBalancerSourceRanges` apply: clients outside `ferrite_srcrng` are dropped.
+    pub const SOURCE_RANGES: u32 = 8;
+}
+
+/// Value of `ferrite_maglev` (key: the frontend's master [`ServiceKey`]): entry i is
+/// the backend slot (1..=count) owning it. Built by the agent over the frontend's
+/// backends in slot order, so every node builds the same table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Hash of the backends the table was built from (the agent's change detection).
+    pub digest: u64,
+    pub backend_slots: [u16; MAGLEV_TABLE_SIZE],
+    pub _pad: [u16; 3],
+}
+
+/// Key of the LRU `ferrite_affinity`: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub rev_nat_index: u16,
+    pub _pad: u16,
+    pub client: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Coarse monotonic clock of the last new flow that used it.
+    pub last_used_ns: u64,
+}
+
+/// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns`.
+#[inline(always)]
+pub const fn affinity_holds(last_used_ns: u64, now_ns: u64, timeout_s: u32) -> bool {
+    now_ns.saturating_sub(last_used_ns) < timeout_s as u64 * 1_000_000_000
+}
+
+/// Key data of the LPM trie `ferrite_srcrng`: a frontend (its master key) and an
+/// allowed client network. The prefix length covers all of `frontend` (96 bits)
+/// plus the network's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub frontend: ServiceKey,
+    pub network: [u8; 4],
+}
+
+/// Bits of [`SourceRangeKey::frontend`] in an LPM prefix length.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 96;
 
 /// Value of `ferrite_backend` (key: backend id, `u32`, never 0).
 #[repr(C)]
@@ -197,6 +302,12 @@ pub struct CtKey {
 pub const CT_FLAG_CLOSING: u16 = 1;
 /// `CtValue::flags`: this is the reply entry of a Service flow.
 pub const CT_FLAG_REPLY: u16 = 2;
+/// `CtValue::flags`: a flow from outside the cluster to an external frontend; its
+/// replies leave through the uplink (FIB lookup), not the stack.
+pub const CT_FLAG_EXTERNAL: u16 = 4;
+/// `CtValue::flags`: the flow is SNATed to `nat_address:nat_port` (forward entry) /
+/// its replies go back to the client at `nat_address:nat_port` (reply entry).
+pub const CT_FLAG_SNAT: u16 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,7 +319,11 @@ pub struct CtValue {
     /// entries of a removed backend, so established packets need no backend lookup).
     pub backend_address: [u8; 4],
     pub backend_port: u16,
-    pub _pad: u16,
+    /// With `CT_FLAG_SNAT`: forward entries, the source the flow is SNATed to (this
+    /// node's IP and a port of its SNAT range); reply entries, the client to restore.
+    pub nat_port: u16,
+    pub nat_address: [u8; 4],
+    pub _pad: u32,
     /// Coarse monotonic clock (bpf_ktime_get_coarse_ns): tick resolution is enough
     /// for flow ages and costs a fraction of a precise read.
     pub created_ns: u64,
@@ -272,7 +387,21 @@ pub mod stat {
     pub const DROP_UNKNOWN_POD: u32 = 15;
     /// A remote route exists but the overlay is not configured yet.
     pub const DROP_NO_OVERLAY: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// External traffic (NodePort/LoadBalancer/externalIP) balanced by the XDP program.
+    pub const EXTERNAL_NEW_FLOW: u32 = 17;
+    /// External flow forwarded to a backend on another node, SNATed to this node.
+    pub const EXTERNAL_SNAT: u32 = 18;
+    /// Reply of an external flow sent back out of the uplink.
+    pub const EXTERNAL_REPLY: u32 = 19;
+    /// `externalTrafficPolicy: Local` frontend on a node without a ready local backend.
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 20;
+    /// Client outside a LoadBalancer's `loadBalancerSourceRanges`.
+    pub const DROP_SOURCE_RANGE: u32 = 21;
+    /// NodePort without backends: left to the stack, which refuses it (RST/ICMP).
+    pub const NODEPORT_REJECTED: u32 = 22;
+    /// No free port in the SNAT range for a forwarded external flow.
+    pub const DROP_NO_SNAT_PORT: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -292,6 +421,13 @@ pub mod stat {
         "drop_wrong_vni",
         "drop_unknown_pod",
         "drop_no_overlay",
+        "external_new_flow",
+        "external_snat",
+        "external_reply",
+        "drop_no_local_backend",
+        "drop_source_range",
+        "nodeport_rejected",
+        "drop_no_snat_port",
     ];
 }
 
@@ -328,6 +464,10 @@ mod pod_impls {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for RouteInfo {}
     unsafe impl aya::Pod for LbStatKey {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -338,17 +478,33 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 12);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<RevNatValue>(), 8);
         assert_eq!(size_of::<EndpointKey>(), 4);
         assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 48);
+        assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<NodeConfig>(), 24);
         assert_eq!(size_of::<RouteInfo>(), 12);
         assert_eq!(size_of::<LbStatKey>(), 8);
+        assert_eq!(size_of::<MaglevTable>(), 8 + 2 * MAGLEV_TABLE_SIZE + 6);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SourceRangeKey>(), 16);
+    }
+
+    #[test]
+    fn affinity_holds_until_the_timeout_and_not_at_it() {
+        let second = 1_000_000_000;
+        assert!(affinity_holds(5 * second, 5 * second, 10));
+        assert!(affinity_holds(5 * second, 15 * second - 1, 10));
+        assert!(!affinity_holds(5 * second, 15 * second, 10));
+        // A clock read on another CPU may be a tick behind: still fresh.
+        assert!(affinity_holds(5 * second, 4 * second, 10));
+        // The default 10800 s does not overflow.
+        assert!(affinity_holds(0, 10_799 * second, 10_800));
     }
 
     #[test]

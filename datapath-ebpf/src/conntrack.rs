@@ -1,8 +1,11 @@
 //! Service-flow conntrack in the LRU map `ferrite_ct`: the forward entry pins a flow
 //! to its backend (and caches it), the reply entry says how to reverse-NAT the
 //! backend's answers. One lookup per packet finds either.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use ferrite_common::{CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, PROTO_TCP};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+use ferrite_common::{
+    CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
+};
 
 use crate::{
     headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
@@ -38,40 +41,89 @@ pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<CtValue> {
     }
 }
 
-/// Record a new Service flow: `h` is the client's packet before DNAT, the backend is
-/// `backend_addr:backend_port`.
+/// How a new Service flow is translated.
+pub struct NewFlow {
+    pub backend_id: u32,
+    /// Backend address (raw network order) and port (host order).
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub rev_nat_index: u16,
+    /// `CT_FLAG_EXTERNAL` for flows from outside the cluster.
+    pub flags: u16,
+}
+
 #[inline(always)]
-pub fn create(
-    h: &Headers,
-    backend_id: u32,
-    backend_addr: u32,
-    backend_port: u16,
-    rev_nat_index: u16,
-    bytes: u32,
-) -> Result<(), ()> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let forward = CtValue {
-        backend_id,
-        rev_nat_index,
-        flags: 0,
-        backend_address: backend_addr.to_ne_bytes(),
-        backend_port,
+fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> CtValue {
+    CtValue {
+        backend_id: flow.backend_id,
+        rev_nat_index: flow.rev_nat_index,
+        flags,
+        backend_address: flow.backend_addr.to_ne_bytes(),
+        backend_port: flow.backend_port,
+        nat_port,
+        nat_address: nat_addr.to_ne_bytes(),
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
-        packets: 1,
-        bytes: bytes as u64,
-    };
-    let reply = CtValue {
-        flags: CT_FLAG_REPLY,
         packets: 0,
         bytes: 0,
-        ..forward
-    };
-    let reply_key = key(backend_addr, h.saddr, backend_port, h.sport, h.proto);
+    }
+}
+
+/// Record a new Service flow without SNAT: `h` is the client's packet before DNAT.
+#[inline(always)]
+pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<(), ()> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let reply = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
+    let reply_key = key(flow.backend_addr, h.saddr, flow.backend_port, h.sport, h.proto);
     // Reply entry first: a forward entry must never exist without its reverse path.
     CONNTRACK.insert(reply_key, reply, 0).map_err(|_| ())?;
+    let forward = CtValue {
+        packets: 1,
+        bytes: bytes as u64,
+        ..value(flow, flow.flags, 0, 0, now)
+    };
     CONNTRACK
         .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
         .map_err(|_| ())
+}
+
+/// Tries at finding a free SNAT port before giving up (bounded for the verifier).
+const SNAT_TRIES: u32 = 16;
+
+/// Record a new external flow SNATed to `node_addr` (raw network order) and a free
+/// port of the SNAT range, claimed by inserting its reply entry with BPF_NOEXIST (a
+/// taken port is a reply tuple that already exists). Returns the port.
+#[inline(always)]
+pub fn create_snat(h: &Headers, flow: &NewFlow, node_addr: u32, hash: u32, bytes: u32) -> Option<u16> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let flags = flow.flags | CT_FLAG_SNAT;
+    let reply = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
+    let mut port = 0u16;
+    for attempt in 0..SNAT_TRIES {
+        // An odd stride (the range is even-sized) visits different ports each try.
+        let candidate =
+            SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16;
+        let reply_key = key(flow.backend_addr, node_addr, flow.backend_port, candidate, h.proto);
+        if CONNTRACK
+            .insert(reply_key, reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            port = candidate;
+            break;
+        }
+    }
+    if port == 0 {
+        return None;
+    }
+    let forward = CtValue {
+        packets: 1,
+        bytes: bytes as u64,
+        ..value(flow, flags, node_addr, port, now)
+    };
+    CONNTRACK
+        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
+        .ok()?;
+    Some(port)
 }

@@ -3,10 +3,10 @@
 //! sending node's pod CIDR, reverse-NAT replies of Service flows whose
 //! client is here (the DNAT happened on this node), deliver to the pod. Inner packets
 //! for pods that are not on this node are dropped and counted.
-use ferrite_common::{stat, CT_FLAG_REPLY};
+use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 
 use crate::{
-    conntrack,
+    conntrack, external,
     headers::{parse, Parsed},
     maps::{route_key, CONFIG, REV_NAT, ROUTES},
     nat,
@@ -38,6 +38,10 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     if h.has_ports {
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
+            if ct.flags & (CT_FLAG_REPLY | CT_FLAG_EXTERNAL) == CT_FLAG_REPLY | CT_FLAG_EXTERNAL {
+                // A backend on that node answering a NodePort flow this node SNATed.
+                return external::reply_to_world(pkt, &h, &ct);
+            }
             if ct.flags & CT_FLAG_REPLY != 0 {
                 if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
                     let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);

@@ -1,9 +1,9 @@
 //! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
 //! reverse NAT of a backend's reply, then local delivery or the host stack.
-use ferrite_common::{stat, CT_FLAG_REPLY};
+use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 
 use crate::{
-    conntrack,
+    conntrack, external,
     headers::{is_fragment_routed, parse, Parsed},
     lb,
     maps::REV_NAT,
@@ -32,6 +32,9 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     if h.has_ports {
         // Established flows first: one lookup, and the forward entry caches the backend.
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
+            if ct.flags & (CT_FLAG_REPLY | CT_FLAG_EXTERNAL) == CT_FLAG_REPLY | CT_FLAG_EXTERNAL {
+                return external::reply_to_world(pkt, &h, &ct);
+            }
             if ct.flags & CT_FLAG_REPLY != 0 {
                 // No rev-NAT entry: the Service is gone, the reply passes untranslated.
                 if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
@@ -54,5 +57,5 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     } else if is_fragment_routed(&h) {
         count(stat::FRAGMENT_ROUTED, pkt.len());
     }
-    routing::route(pkt, daddr)
+    routing::route(pkt, daddr, h.dport)
 }

@@ -1,18 +1,23 @@
-//! Service load balancing: frontend lookup, backend choice (conntrack first, then a
-//! hash of the 5-tuple so a flow always lands on the same backend), DNAT.
-use ferrite_common::{stat, Backend, ServiceKey, ServiceValue};
+//! Service load balancing: frontend lookup, backend choice (session affinity, then
+//! Maglev for external frontends or a hash slot for ClusterIPs; established flows
+//! never get here, conntrack keeps them on their backend), DNAT.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use ferrite_common::{
+    affinity_holds, stat, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue,
+    MAGLEV_TABLE_SIZE,
+};
 
 use crate::{
-    conntrack,
+    conntrack::{self, NewFlow},
     headers::Headers,
-    maps::{BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES},
     nat,
     packet::Packet,
     stats::{count, count_lb},
 };
 
 #[inline(always)]
-fn service_key(h: &Headers, backend_slot: u16) -> ServiceKey {
+pub fn service_key(h: &Headers, backend_slot: u16) -> ServiceKey {
     ServiceKey {
         address: h.daddr.to_ne_bytes(),
         port: h.dport,
@@ -29,13 +34,9 @@ pub fn lookup_service(h: &Headers) -> Option<ServiceValue> {
     unsafe { SERVICES.get(service_key(h, 0)).copied() }
 }
 
-/// lowbias32 over the 5-tuple: cheap and well mixed, so flows spread evenly.
+/// lowbias32: cheap and well mixed, so flows spread evenly.
 #[inline(always)]
-fn flow_hash(h: &Headers) -> u32 {
-    let mut x = h.saddr
-        ^ h.daddr.rotate_left(16)
-        ^ (((h.sport as u32) << 16) | h.dport as u32)
-        ^ h.proto as u32;
+fn mix(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
@@ -43,39 +44,107 @@ fn flow_hash(h: &Headers) -> u32 {
     x ^ (x >> 16)
 }
 
-/// DNAT the first packet of a new flow to a Service: pick a backend, record the
-/// flow. Returns the new destination address, or `None` when the Service has no
-/// ready backend (the caller drops it as `drop_no_backend`).
+/// Hash of the flow without its destination address: an external flow hashes the
+/// same on every node it may reach (each node has its own NodePort address), so
+/// every node's Maglev table sends it to the same backend.
+#[inline(always)]
+pub fn flow_hash(h: &Headers) -> u32 {
+    mix(h.saddr ^ (((h.sport as u32) << 16) | h.dport as u32) ^ ((h.proto as u32) << 8))
+}
+
+/// A backend picked for a new flow.
+pub struct Chosen {
+    pub id: u32,
+    pub backend: Backend,
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Chosen> {
+    let backend = unsafe { BACKENDS.get(id) }.copied()?;
+    Some(Chosen { id, backend })
+}
+
+/// The slot (1..=count) Maglev gives `hash`, if the frontend has a table.
+#[inline(always)]
+fn maglev_slot(master: &ServiceKey, hash: u32, count: u16) -> Option<u16> {
+    let table = MAGLEV.get_ptr(master)?;
+    // Lemire's multiply-shift reduction instead of `%`: the verifier follows a
+    // multiplication and a shift to the bound (index < MAGLEV_TABLE_SIZE), not a modulo.
+    let index = ((hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize;
+    let slot = unsafe { *(*table).backend_slots.get(index)? };
+    // A table written for another backend count (mid-update) is not trusted.
+    (slot >= 1 && slot <= count).then_some(slot)
+}
+
+/// Pick the backend of a new flow to the frontend `h` is addressed to.
+/// `maglev`: use the frontend's Maglev table (external frontends).
+#[inline(always)]
+pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
+    if svc.count == 0 {
+        return None;
+    }
+    let affinity_key = AffinityKey {
+        rev_nat_index: svc.rev_nat_index,
+        _pad: 0,
+        client: h.saddr.to_ne_bytes(),
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if svc.affinity_timeout_s != 0 {
+        if let Some(pinned) = AFFINITY.get_ptr_mut(affinity_key) {
+            let (id, last_used) = unsafe { ((*pinned).backend_id, (*pinned).last_used_ns) };
+            // The agent removes pins of removed backends; a missing one is a race.
+            if affinity_holds(last_used, now, svc.affinity_timeout_s) {
+                if let Some(chosen) = backend(id) {
+                    unsafe { (*pinned).last_used_ns = now };
+                    return Some(chosen);
+                }
+            }
+        }
+    }
+    let hash = flow_hash(h);
+    let master = service_key(h, 0);
+    let slot = match maglev.then(|| maglev_slot(&master, hash, svc.count)).flatten() {
+        Some(slot) => slot,
+        None => (hash % svc.count as u32) as u16 + 1,
+    };
+    // The agent writes slots before the master entry; a miss is a torn update.
+    let id = unsafe { SERVICES.get(service_key(h, slot)) }?.backend_id;
+    let chosen = backend(id)?;
+    if svc.affinity_timeout_s != 0 {
+        let pin = AffinityValue {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: without the pin the next flow is balanced afresh.
+        let _ = AFFINITY.insert(affinity_key, pin, 0);
+    }
+    Some(chosen)
+}
+
+/// DNAT the first packet of a new ClusterIP flow: pick a backend, record the flow.
+/// Returns the new destination address, or `None` when the Service has no ready
+/// backend (the caller drops it as `drop_no_backend`).
 #[inline(always)]
 pub fn translate_new_flow<P: Packet>(
     pkt: &P,
     h: &Headers,
     svc: &ServiceValue,
 ) -> Result<Option<u32>, ()> {
-    if svc.count == 0 {
-        return Ok(None);
-    }
-    let slot = (flow_hash(h) % svc.count as u32) as u16 + 1;
-    let Some(slot_value) = (unsafe { SERVICES.get(service_key(h, slot)) }) else {
-        // The agent writes slots before the master entry; a miss is a torn update.
+    let Some(chosen) = choose_backend(h, svc, false) else {
         return Ok(None);
     };
-    let backend_id = slot_value.backend_id;
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
-        return Ok(None);
+    let addr = u32::from_ne_bytes(chosen.backend.address);
+    let flow = NewFlow {
+        backend_id: chosen.id,
+        backend_addr: addr,
+        backend_port: chosen.backend.port,
+        rev_nat_index: svc.rev_nat_index,
+        flags: 0,
     };
-    let backend: Backend = *backend;
-    let addr = u32::from_ne_bytes(backend.address);
-    conntrack::create(
-        h,
-        backend_id,
-        addr,
-        backend.port,
-        svc.rev_nat_index,
-        pkt.len(),
-    )?;
-    nat::dnat(pkt, h, addr, backend.port)?;
+    conntrack::create(h, &flow, pkt.len())?;
+    nat::dnat(pkt, h, addr, chosen.backend.port)?;
     count(stat::SERVICE_NEW_FLOW, pkt.len());
-    count_lb(svc.rev_nat_index, backend_id, pkt.len());
+    count_lb(svc.rev_nat_index, chosen.id, pkt.len());
     Ok(Some(addr))
 }

@@ -3,6 +3,7 @@
 #![no_main]
 
 mod conntrack;
+mod external;
 mod from_overlay;
 mod from_pod;
 mod headers;
@@ -14,10 +15,10 @@ mod routing;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -28,6 +29,12 @@ use packet::Verdict;
 /// drops are the one datapath event worth a log line, and they are off the hot path.
 #[inline(always)]
 fn drop_packet<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) -> i32 {
+    log_drop(ctx, reason, len, ifindex);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn log_drop<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) {
     stats::count(reason, len);
     debug!(
         ctx,
@@ -36,7 +43,6 @@ fn drop_packet<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) -> 
         len,
         ifindex
     );
-    TC_ACT_SHOT
 }
 
 #[inline(always)]
@@ -47,6 +53,9 @@ fn tc_action(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
         Verdict::Drop(reason) => drop_packet(ctx, reason, ctx.len(), ctx.ifindex()),
         Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
     }
 }
 
@@ -60,6 +69,26 @@ pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
     tc_action(&ctx, from_overlay::process(&ctx))
+}
+
+/// tcx ingress of the node's uplink (after the XDP program).
+#[classifier]
+pub fn ferrite_from_uplink(ctx: TcContext) -> i32 {
+    tc_action(&ctx, external::from_uplink(&ctx))
+}
+
+/// XDP on the node's uplink: external traffic to NodePort/LoadBalancer/externalIPs.
+#[xdp]
+pub fn ferrite_from_world(ctx: XdpContext) -> u32 {
+    use packet::Packet;
+    match external::from_world(&ctx).unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
+        Verdict::Drop(reason) => {
+            log_drop(&ctx, reason, ctx.len(), ctx.ifindex());
+            xdp_action::XDP_DROP
+        }
+        // Translated packets continue to the uplink's TC program, which forwards.
+        _ => xdp_action::XDP_PASS,
+    }
 }
 
 /// The bench baseline: the cost of running any TC program at all.

@@ -4,9 +4,11 @@ use aya_ebpf::{
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use ferrite_common::{
-    capacity, stat, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, LbStatKey,
-    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
+    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
+    ServiceValue, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -33,6 +35,24 @@ pub static STATS: PerCpuArray<Counter, { stat::COUNT as usize }> = PerCpuArray::
 #[btf_map(name = "ferrite_lbstats")]
 pub static LB_STATS: LruPerCpuHashMap<LbStatKey, Counter, { capacity::LB_STATS as usize }> =
     LruPerCpuHashMap::new();
+
+/// Maglev table of each external frontend (32 KiB values: allocated as used).
+#[btf_map(name = "ferrite_maglev")]
+pub static MAGLEV: HashMap<
+    ServiceKey,
+    MaglevTable,
+    { capacity::MAGLEV as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map(name = "ferrite_affin")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Allowed client networks of frontends with `loadBalancerSourceRanges`.
+#[btf_map(name = "ferrite_srcrng")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -4,9 +4,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_ZERO_CSUM_TX},
+    bindings::{
+        bpf_fib_lookup, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        BPF_F_ZERO_CSUM_TX,
+    },
     helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 
 /// What the shared logic decided; each program entry maps it to its own action codes.
@@ -20,6 +24,9 @@ pub enum Verdict {
     RedirectPeer(u32),
     /// Send out of this device (ifindex), e.g. the VXLAN device after set_tunnel.
     Redirect(u32),
+    /// Send out of this device, the kernel resolving the next hop's MAC
+    /// (bpf_redirect_neigh; TC only, XDP passes instead).
+    RedirectNeigh(u32),
 }
 
 /// The tunnel metadata of a received packet.
@@ -57,6 +64,10 @@ pub trait Packet {
     fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
     /// What a packet that arrived on a collect_md tunnel device came with.
     fn tunnel_key(&self) -> Result<TunnelKey, ()>;
+
+    /// bpf_fib_lookup on this packet's context: the kernel's route and neighbour
+    /// for `params` (BPF_FIB_LKUP_RET_* result).
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
 
     /// Make the first `len` bytes directly readable, pulling only when they are not
     /// already (a pull can copy and reallocate: never pay it for headers that are
@@ -161,6 +172,11 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        fib_lookup(self, params)
+    }
+
+    #[inline(always)]
     fn replace_l4_csum(
         &self,
         csum_offset: usize,
@@ -181,5 +197,87 @@ impl Packet for TcContext {
         }
         self.l4_csum_replace(csum_offset, from as u64, to as u64, flags)
             .map_err(|_| ())
+    }
+}
+
+#[inline(always)]
+fn fib_lookup<C: EbpfContext>(ctx: &C, params: &mut bpf_fib_lookup) -> i64 {
+    unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.as_ptr(),
+            params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    }
+}
+
+/// XDP frames are linear and, coming from the wire, carry complete checksums: L4
+/// checksums are updated by hand (RFC 1624), the same way for pseudo-header fields.
+/// (A CHECKSUM_PARTIAL skb from a veth peer in the same machine holds only the
+/// pseudo-header sum, which this would corrupt: the lab's "world" sends with
+/// checksum offload off, as a host on a real wire does.)
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn pull(&self, _len: u32) -> Result<(), ()> {
+        Ok(()) // already linear
+    }
+
+    #[inline(always)]
+    fn set_tunnel(&self, _remote_ipv4: u32, _vni: u32) -> Result<(), ()> {
+        Err(()) // no skb to carry tunnel metadata: the TC program encapsulates
+    }
+
+    #[inline(always)]
+    fn tunnel_key(&self) -> Result<TunnelKey, ()> {
+        Err(())
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        fib_lookup(self, params)
+    }
+
+    #[inline(always)]
+    fn replace_l4_csum(
+        &self,
+        csum_offset: usize,
+        from: u32,
+        to: u32,
+        _size: u8,
+        _pseudo: bool,
+        udp: bool,
+    ) -> Result<(), ()> {
+        let check = unsafe { *self.ptr_at::<u16>(csum_offset)? };
+        if udp && check == 0 {
+            return Ok(()); // UDP without a checksum stays without one
+        }
+        // A 16-bit value (a port) sits in the low half of `from`/`to`: the upper
+        // halves are zero on both sides and cancel out.
+        let mut updated = crate::nat::csum_replace4(check, from, to);
+        if udp && updated == 0 {
+            updated = 0xffff; // 0 would mean "no checksum"
+        }
+        self.store(csum_offset, &updated)
     }
 }

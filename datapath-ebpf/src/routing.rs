@@ -2,9 +2,14 @@
 //! (bpf_redirect_peer); pods of other nodes are reached through the VXLAN device with
 //! the owning node in the tunnel metadata (routes from `ferrite_routes`); anything
 //! else continues into the host stack (and is masqueraded there when it leaves).
-use ferrite_common::{stat, EndpointInfo, EndpointKey, ROUTE_REMOTE};
+//! Replies of external flows leave through the uplink the kernel's FIB names.
+use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
+use ferrite_common::{
+    stat, EndpointInfo, EndpointKey, RouteInfo, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
+};
 
 use crate::{
+    headers::{Headers, IP_OFF},
     maps::{route_key, CONFIG, ENDPOINTS, ROUTES},
     packet::{Packet, Verdict},
     stats::count,
@@ -38,8 +43,19 @@ pub fn deliver_local<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, (
     Ok(Verdict::RedirectPeer(ep.ifindex))
 }
 
+/// The pod CIDR route of `addr`, if it is in one (not a node's /32).
 #[inline(always)]
-pub fn route<P: Packet>(pkt: &P, daddr: u32) -> Result<Verdict, ()> {
+pub fn pod_route(addr: u32) -> Option<RouteInfo> {
+    ROUTES
+        .get(&route_key(addr))
+        .filter(|r| r.flags & ROUTE_NODE == 0)
+        .copied()
+}
+
+/// Forward a packet to `daddr` (after any NAT); `dport` is its destination port (0
+/// without ports).
+#[inline(always)]
+pub fn route<P: Packet>(pkt: &P, daddr: u32, dport: u16) -> Result<Verdict, ()> {
     if let Some(ep) = local_endpoint(daddr) {
         count(stat::DELIVERED_LOCAL, pkt.len());
         return deliver_local(pkt, &ep);
@@ -48,7 +64,14 @@ pub fn route<P: Packet>(pkt: &P, daddr: u32) -> Result<Verdict, ()> {
         count(stat::PASSED_TO_STACK, pkt.len());
         return Ok(Verdict::Pass);
     };
-    if route.flags & ROUTE_REMOTE == 0 {
+    // Another node's own address: only replies to the NodePort flows it SNATed
+    // (ports of its SNAT range) go back through the overlay, to the node holding
+    // their state; the rest is ordinary traffic for the stack.
+    if route.flags & ROUTE_NODE != 0 && dport < SNAT_PORT_MIN {
+        count(stat::PASSED_TO_STACK, pkt.len());
+        return Ok(Verdict::Pass);
+    }
+    if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
         // This node's pod CIDR, but no such pod.
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     }
@@ -66,4 +89,34 @@ pub fn route<P: Packet>(pkt: &P, daddr: u32) -> Result<Verdict, ()> {
     pkt.set_tunnel(u32::from_be_bytes(node_ip), config.vni)?;
     count(stat::SENT_TO_NODE, pkt.len());
     Ok(Verdict::Redirect(config.vxlan_ifindex))
+}
+
+const AF_INET: u8 = 2;
+
+/// Send a reply of an external flow (already translated: from the frontend to the
+/// client) out of the interface the kernel's FIB routes the client through, with
+/// the next hop's MAC. Not through the stack: its source is this node's own
+/// address, which the stack would drop as a martian arriving from a pod.
+#[inline(always)]
+pub fn to_world<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = h.proto;
+    params.ifindex = pkt.ifindex();
+    let tot_len = unsafe { *pkt.ptr_at::<[u8; 2]>(IP_OFF + 2)? };
+    params.__bindgen_anon_1.tot_len = u16::from_be_bytes(tot_len);
+    // Addresses as in the packet now (after the reverse translation).
+    let addrs = unsafe { *pkt.ptr_at::<[u32; 2]>(IP_OFF + 12)? };
+    params.__bindgen_anon_3.ipv4_src = addrs[0];
+    params.__bindgen_anon_4.ipv4_dst = addrs[1];
+    count(stat::EXTERNAL_REPLY, pkt.len());
+    match pkt.fib_lookup(&mut params) as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            set_macs(pkt, &params.dmac, &params.smac)?;
+            Ok(Verdict::Redirect(params.ifindex))
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Verdict::RedirectNeigh(params.ifindex)),
+        // No route (or blackhole/prohibit): let the stack decide and answer.
+        _ => Ok(Verdict::Pass),
+    }
 }

@@ -79,3 +79,55 @@ endpoints:
 {endpoints}"
     )
 }
+
+/// A LoadBalancer Service `name` (TCP `port` -> TCP_TARGET on NodePort `node_port`,
+/// UDP `port + 1` -> UDP_TARGET on `node_port + 1`), with `spec_extra` lines added to
+/// its spec (indented two spaces, e.g. `  externalTrafficPolicy: Local\n`), the
+/// load balancer's `ingress` IPs, and its EndpointSlice with `backends` ready on
+/// `backend_nodes` (same order).
+pub fn load_balancer_yaml(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    node_port: u16,
+    spec_extra: &str,
+    ingress: &[Ipv4Addr],
+    backends: &[(Ipv4Addr, &str)],
+) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|(ip, node)| {
+            format!("- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n")
+        })
+        .collect();
+    let ingress: String = ingress
+        .iter()
+        .map(|ip| format!("{{ip: \"{ip}\"}},"))
+        .collect();
+    let (udp_port, udp_node_port) = (port + 1, node_port + 1);
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {vip}
+{spec_extra}  ports:
+  - {{name: http, port: {port}, protocol: TCP, targetPort: {TCP_TARGET}, nodePort: {node_port}}}
+  - {{name: dns, port: {udp_port}, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {udp_node_port}}}
+status: {{loadBalancer: {{ingress: [{ingress}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, port: {TCP_TARGET}, protocol: TCP}}
+- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}
+endpoints:
+{endpoints}"
+    )
+}

@@ -660,6 +660,22 @@ impl Cluster {
         let underlay = Underlay::named(underlay)?;
         let world = Netns::new(world)?;
         underlay.plug(&world, WORLD_GATEWAY)?;
+        // A host on a real wire sends complete checksums; a veth would hand the node
+        // CHECKSUM_PARTIAL packets, which only exist inside one machine (and which
+        // XDP, having no skb, cannot tell apart).
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &world.name,
+                "ethtool",
+                "-K",
+                "ul0",
+                "tx",
+                "off",
+            ],
+        )?;
         run_ip(&[
             "-n",
             &world.name,

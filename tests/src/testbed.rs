@@ -117,7 +117,7 @@ impl Testbed {
                 backend_id: 0,
                 count: backends.len() as u16,
                 rev_nat_index,
-                flags: 0,
+                ..Default::default()
             },
             0,
         )?;

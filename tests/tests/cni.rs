@@ -55,9 +55,10 @@ fn leftovers(node: &Node) -> Result<Leftovers> {
         .into_keys()
         .filter(|name| name.starts_with("fer") && name != VXLAN_DEVICE)
         .collect();
+    // Pods' links only (the node's own: the VXLAN device and the uplink).
     let link_pins = datapath::attached_interfaces(&node.pin_dir())?
         .into_iter()
-        .filter(|name| name != VXLAN_DEVICE)
+        .filter(|name| name.starts_with("fer") && name != VXLAN_DEVICE)
         .collect();
     Ok(Leftovers {
         addresses,

@@ -171,9 +171,9 @@ fn services_endpointslices_and_nodes_follow_adds_updates_and_deletes() -> Result
         "198.51.100.7".parse()?,
         "10.244.7.0/24",
     ))?;
-    node.wait_for_maps("the new node's route", |m| m.routes.len() == 2)?;
+    node.wait_for_maps("the new node's route", |m| m.pod_routes() == 2)?;
     api.delete("Node", "", "other");
-    node.wait_for_maps("the departed node's route gone", |m| m.routes.len() == 1)?;
+    node.wait_for_maps("the departed node's route gone", |m| m.pod_routes() == 1)?;
     // Traffic still flows through what remains.
     let request = "after the changes";
     let backend = answered_by(

@@ -49,7 +49,7 @@ fn two_nodes() -> Result<TwoNodes> {
     cluster.start_agents()?;
     for node in &cluster.nodes {
         node.wait_for_maps("routes to both nodes and 2 local endpoints", |m| {
-            m.routes.len() == 2 && m.endpoints.len() == 2 && m.config.node_ip != [0; 4]
+            m.pod_routes() == 2 && m.endpoints.len() == 2 && m.config.node_ip != [0; 4]
         })?;
     }
     Ok(TwoNodes {
@@ -156,7 +156,7 @@ fn removing_a_node_removes_its_route_and_leaves_the_others() -> Result<()> {
         .collect::<Vec<_>>()
         .join("---\n");
     node0.write_config(&without)?;
-    node0.wait_for_maps("node 1's route to go", |m| m.routes.len() == 1)?;
+    node0.wait_for_maps("node 1's route to go", |m| m.pod_routes() == 1)?;
     let after = node0.maps()?.contents()?;
     let own: Vec<_> = before
         .routes
@@ -170,7 +170,7 @@ fn removing_a_node_removes_its_route_and_leaves_the_others() -> Result<()> {
         .tcp_request(SocketAddrV4::new(c.pod("a1").ip, TCP_TARGET), "local")?;
     assert_eq!(answered_by(&reply, "local")?, "a1");
     assert_eq!(
-        node1.maps()?.contents()?.routes.len(),
+        node1.maps()?.contents()?.pod_routes(),
         2,
         "node 1 was not touched"
     );
@@ -265,7 +265,7 @@ fn pods_and_a_host_behind_a_plain_linux_vxlan_device_talk_both_ways() -> Result<
         linux_node_yaml(&vtep)
     ))?;
     cluster.start_agents()?;
-    cluster.nodes[0].wait_for_maps("a route to the Linux host", |m| m.routes.len() == 2)?;
+    cluster.nodes[0].wait_for_maps("a route to the Linux host", |m| m.pod_routes() == 2)?;
 
     let pod = cluster.pod("a0");
     // Ferrite pod -> host behind the Linux VTEP.
@@ -489,7 +489,7 @@ fn a_node_cannot_send_over_the_overlay_from_pod_addresses_that_are_not_its_own()
     ))?;
     cluster.start_agents()?;
     let node = &cluster.nodes[0];
-    node.wait_for_maps("a route to the Linux host", |m| m.routes.len() == 2)?;
+    node.wait_for_maps("a route to the Linux host", |m| m.pod_routes() == 2)?;
 
     let target = SocketAddrV4::new(pod_ip0, UDP_TARGET);
     let ask_from = |source: std::net::Ipv4Addr| -> Result<Option<String>> {

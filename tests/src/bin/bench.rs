@@ -167,7 +167,7 @@ fn overlay_bench() -> Result<()> {
     ferrite.start_agents()?;
     for node in &ferrite.nodes {
         node.wait_for_maps("overlay routes", |m| {
-            m.routes.len() == 2 && m.endpoints.len() == 1
+            m.pod_routes() == 2 && m.endpoints.len() == 1
         })?;
     }
     let flannel = FlannelCluster::new(2, 1500 - ferrite_common::VXLAN_OVERHEAD)?;

@@ -117,7 +117,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     }
     for node in &cluster.nodes {
         node.wait_for_maps("the agent's first sync", |m| {
-            m.routes.len() == 2 && !m.services.is_empty()
+            m.pod_routes() == 2 && !m.services.is_empty()
         })?;
     }
     println!(

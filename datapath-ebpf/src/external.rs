@@ -1,0 +1,142 @@
+//! Traffic from outside the cluster to NodePort, LoadBalancer and externalIP
+//! frontends, seen by XDP on the node's uplink before the stack. Rules:
+//! - anything that is not IPv4 TCP/UDP with ports, or not addressed to an external
+//!   frontend, passes untouched and uncounted (it is the node's own traffic: ARP,
+//!   IPv6, the overlay's VXLAN datagrams, SSH, fragments);
+//! - a client outside a frontend's `loadBalancerSourceRanges` is dropped
+//!   (`drop_source_range`);
+//! - no backend: `externalTrafficPolicy: Local` drops (`drop_no_local_backend`); a
+//!   NodePort passes to the stack, which refuses it with a TCP RST or an ICMP port
+//!   unreachable, as kube-proxy's REJECT does (`nodeport_rejected`); a LoadBalancer or
+//!   externalIP drops (`drop_no_backend`);
+//! - a backend on this node: DNAT only (the client IP is kept); on another node: DNAT
+//!   and SNAT to this node's IP and a free port of its SNAT range, so the reply comes
+//!   back here. Both pass on translated: the uplink's TC program delivers them to the
+//!   pod or through the overlay (XDP cannot attach tunnel metadata).
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use ferrite_common::{
+    stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    SOURCE_RANGE_FRONTEND_BITS,
+};
+
+use crate::{
+    conntrack::{self, NewFlow},
+    headers::{parse, Headers, Parsed},
+    lb,
+    maps::{CONFIG, SOURCE_RANGES},
+    nat,
+    packet::{Packet, Verdict},
+    routing,
+    stats::{count, count_lb},
+};
+
+#[inline(always)]
+fn source_allowed(h: &Headers) -> bool {
+    let key = SourceRangeKey {
+        frontend: lb::service_key(h, 0),
+        network: h.saddr.to_ne_bytes(),
+    };
+    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, key);
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    let h = match parse(pkt) {
+        Parsed::Ipv4(h) if h.has_ports => h,
+        _ => return Ok(Verdict::Pass),
+    };
+    if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
+        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_EXTERNAL {
+            nat::dnat(pkt, &h, u32::from_ne_bytes(ct.backend_address), ct.backend_port)?;
+            if ct.flags & CT_FLAG_SNAT != 0 {
+                nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+            }
+            count(stat::SERVICE_ESTABLISHED, pkt.len());
+            count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
+            return Ok(Verdict::Pass);
+        }
+    }
+    let Some(svc) = lb::lookup_service(&h) else {
+        return Ok(Verdict::Pass);
+    };
+    if svc.flags & svc_flag::EXTERNAL == 0 {
+        return Ok(Verdict::Pass);
+    }
+    if svc.flags & svc_flag::SOURCE_RANGES != 0 && !source_allowed(&h) {
+        return Ok(Verdict::Drop(stat::DROP_SOURCE_RANGE));
+    }
+    let Some(chosen) = lb::choose_backend(&h, &svc, true) else {
+        if svc.flags & svc_flag::LOCAL_ONLY != 0 {
+            return Ok(Verdict::Drop(stat::DROP_NO_LOCAL_BACKEND));
+        }
+        if svc.flags & svc_flag::NODE_PORT != 0 {
+            count(stat::NODEPORT_REJECTED, pkt.len());
+            return Ok(Verdict::Pass);
+        }
+        return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
+    };
+    let backend_addr = u32::from_ne_bytes(chosen.backend.address);
+    let flow = NewFlow {
+        backend_id: chosen.id,
+        backend_addr,
+        backend_port: chosen.backend.port,
+        rev_nat_index: svc.rev_nat_index,
+        flags: CT_FLAG_EXTERNAL,
+    };
+    let local = svc.flags & svc_flag::LOCAL_ONLY != 0
+        || routing::local_endpoint(backend_addr).is_some();
+    if local {
+        conntrack::create(&h, &flow, pkt.len())?;
+        nat::dnat(pkt, &h, backend_addr, chosen.backend.port)?;
+    } else {
+        let node_addr = CONFIG.get(0).map(|c| u32::from_ne_bytes(c.node_ip)).ok_or(())?;
+        let Some(port) =
+            conntrack::create_snat(&h, &flow, node_addr, lb::flow_hash(&h), pkt.len())
+        else {
+            return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
+        };
+        nat::dnat(pkt, &h, backend_addr, chosen.backend.port)?;
+        nat::snat(pkt, &h, node_addr, port)?;
+        count(stat::EXTERNAL_SNAT, pkt.len());
+    }
+    count(stat::EXTERNAL_NEW_FLOW, pkt.len());
+    count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    Ok(Verdict::Pass)
+}
+
+/// tcx ingress of the uplink, after [`from_world`]: packets now addressed to a pod
+/// (translated external flows, or sent to a pod IP directly) are delivered or
+/// encapsulated here; everything else goes on into the stack.
+#[inline(always)]
+pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    let h = match parse(pkt) {
+        Parsed::Ipv4(h) => h,
+        _ => return Ok(Verdict::Pass),
+    };
+    if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
+        return Ok(Verdict::Pass);
+    }
+    routing::route(pkt, h.daddr, h.dport)
+}
+
+/// The reply of an external flow (`ct` is its reply entry): source back to the
+/// frontend, destination back to the client if the flow was SNATed, then out of the
+/// uplink. Without the rev-NAT entry (the Service is gone) it passes untranslated.
+#[inline(always)]
+pub fn reply_to_world<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    ct: &ferrite_common::CtValue,
+) -> Result<Verdict, ()> {
+    let Some(frontend) = (unsafe { crate::maps::REV_NAT.get(ct.rev_nat_index) }) else {
+        return Ok(Verdict::Pass);
+    };
+    let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
+    nat::snat(pkt, h, addr, port)?;
+    if ct.flags & CT_FLAG_SNAT != 0 {
+        nat::dnat(pkt, h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+    }
+    count(stat::REVERSE_NAT, pkt.len());
+    routing::to_world(pkt, h)
+}

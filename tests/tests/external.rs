@@ -1,0 +1,373 @@
+//! User stories for traffic from outside the cluster: a client in the "world"
+//! namespace on the underlay reaches Services on every node's NodePort, on their
+//! LoadBalancer IPs and externalIPs, through the XDP program on each node's uplink.
+//! Needs root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use ferrite_common::stat;
+use ferrite_tests::{
+    cluster::{load_balancer_yaml, TCP_TARGET, UDP_TARGET},
+    lab::{exchange, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, Server, SETTLE},
+};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+const PORT: u16 = 80;
+const NODE_PORT: u16 = 30080;
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+/// Extra client addresses of the world (on its loopback), beside WORLD_IP.
+fn client_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, 20 + index)
+}
+
+/// Two nodes; pod `a1` on node 0 and `b0` on node 1 serve TCP and UDP; the world has
+/// 8 client addresses and routes the LoadBalancer IP to node 0, the externalIP to
+/// node 1 (as a cloud load balancer and a router would).
+struct World {
+    _servers: Vec<Server>,
+    cluster: Cluster,
+}
+
+fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
+    let mut cluster = Cluster::new(2)?;
+    cluster.nodes[0].add_pod("a1", pod_ip(0, 1))?;
+    cluster.nodes[1].add_pod("b0", pod_ip(1, 0))?;
+    let mut servers = Vec::new();
+    for pod in ["a1", "b0"] {
+        servers.push(cluster.pod(pod).serve(TCP_TARGET)?);
+        servers.push(cluster.pod(pod).serve(UDP_TARGET)?);
+    }
+    let w = &cluster.world.name;
+    for index in 0..8 {
+        let address = format!("{}/32", client_ip(index));
+        sh("ip", &["-n", w, "addr", "add", &address, "dev", "lo"])?;
+    }
+    for (ip, node) in [(LB_IP, 0), (EXTERNAL_IP, 1)] {
+        let via = cluster.nodes[node].ip.context("plugged")?.to_string();
+        sh(
+            "ip",
+            &["-n", w, "route", "add", &ip.to_string(), "via", &via],
+        )?;
+    }
+    cluster.write_config(&format!(
+        "{}---\n{}",
+        cluster.nodes_and_pods_yaml(),
+        service(&cluster)
+    ))?;
+    cluster.start_agents()?;
+    for node in &cluster.nodes {
+        node.wait_for_maps("the Service's frontends and the uplink", |m| {
+            m.pod_routes() == 2
+                && m.services
+                    .values()
+                    .any(|v| v.flags & ferrite_common::svc_flag::EXTERNAL != 0)
+        })?;
+    }
+    Ok(World {
+        _servers: servers,
+        cluster,
+    })
+}
+
+/// Both pods as backends, on their nodes.
+fn both_backends(c: &Cluster, spec_extra: &str) -> String {
+    load_balancer_yaml(
+        "shop",
+        VIP,
+        PORT,
+        NODE_PORT,
+        &format!("  externalIPs: [\"{EXTERNAL_IP}\"]\n{spec_extra}"),
+        &[LB_IP],
+        &[
+            (c.pod("a1").ip, &c.nodes[0].name),
+            (c.pod("b0").ip, &c.nodes[1].name),
+        ],
+    )
+}
+
+fn tcp_from(world: &Netns, from: Ipv4Addr, to: SocketAddrV4) -> Result<TcpStream> {
+    let socket = world.run(move || -> Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.bind(&SockAddr::from(SocketAddrV4::new(from, 0)))?;
+        socket.connect_timeout(&SockAddr::from(to), Duration::from_secs(3))?;
+        Ok(socket)
+    })??;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
+}
+
+/// One TCP request from `from`: (answering pod, client IP it saw).
+fn tcp_request(world: &Netns, from: Ipv4Addr, to: SocketAddrV4) -> Result<(String, String)> {
+    let request = format!("from {from} to {to}");
+    let mut stream = tcp_from(world, from, to)?;
+    parse_answer(&exchange(&mut stream, &request)?, &request)
+}
+
+fn udp_socket(world: &Netns, from: Ipv4Addr) -> Result<UdpSocket> {
+    let socket = world.run(move || UdpSocket::bind(SocketAddrV4::new(from, 0)))??;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(socket)
+}
+
+/// One UDP request from `from`: (answering pod, client IP it saw), checking the
+/// answer comes from the address asked.
+fn udp_request(world: &Netns, from: Ipv4Addr, to: SocketAddrV4) -> Result<(String, String)> {
+    let socket = udp_socket(world, from)?;
+    let request = format!("from {from} to {to}");
+    let mut buf = [0u8; 2048];
+    for _ in 0..3 {
+        socket.send_to(request.as_bytes(), to)?;
+        if let Ok((n, source)) = socket.recv_from(&mut buf) {
+            anyhow::ensure!(source == to.into(), "answer from {source}, asked {to}");
+            return parse_answer(&String::from_utf8_lossy(&buf[..n]), &request);
+        }
+    }
+    bail!("no UDP answer from {to}")
+}
+
+fn counter(c: &Cluster, node: usize, index: u32) -> Result<u64> {
+    Ok(c.nodes[node].maps()?.counters()?[index as usize].packets)
+}
+
+#[test]
+fn nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
+    let env = world(|c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let mut frontends = vec![(LB_IP, PORT), (EXTERNAL_IP, PORT)];
+    for node in &c.nodes {
+        frontends.push((node.ip.context("plugged")?, NODE_PORT));
+    }
+    for (ip, port) in frontends {
+        let mut answered = BTreeSet::new();
+        // Different clients: Maglev spreads them over both backends.
+        for index in 0..8 {
+            let from = client_ip(index);
+            let (pod, seen) = tcp_request(&c.world, from, SocketAddrV4::new(ip, port))?;
+            // A backend on the receiving node sees the client; one on the other
+            // node sees the receiving node (SNAT keeps the reply path symmetric).
+            let receiving_node = c
+                .nodes
+                .iter()
+                .position(|n| n.pods.iter().any(|p| p.name == pod))
+                .context("known pod")?;
+            let expected_peer = if seen == from.to_string() {
+                from.to_string()
+            } else {
+                let entered = match ip {
+                    LB_IP => 0,
+                    EXTERNAL_IP => 1,
+                    _ => c.nodes.iter().position(|n| n.ip == Some(ip)).unwrap(),
+                };
+                assert_ne!(entered, receiving_node, "{pod} is local to {ip}: no SNAT");
+                c.nodes[entered].ip.unwrap().to_string()
+            };
+            assert_eq!(seen, expected_peer, "{pod} via {ip}:{port}");
+            answered.insert(pod);
+
+            let (pod, _) = udp_request(&c.world, from, SocketAddrV4::new(ip, port + 1))?;
+            answered.insert(pod);
+        }
+        assert_eq!(
+            answered,
+            BTreeSet::from(["a1".to_string(), "b0".to_string()]),
+            "via {ip}:{port}"
+        );
+    }
+    // The XDP program did it: new external flows and SNATed forwards were counted.
+    for node in 0..2 {
+        assert!(counter(c, node, stat::EXTERNAL_NEW_FLOW)? > 0);
+        assert!(counter(c, node, stat::EXTERNAL_SNAT)? > 0);
+    }
+    Ok(())
+}
+
+fn health(world: &Netns, node_ip: Ipv4Addr, port: u16) -> Result<(u16, String)> {
+    let mut stream = tcp_from(world, client_ip(0), SocketAddrV4::new(node_ip, port))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip_and_health_checks_tell_nodes_apart(
+) -> Result<()> {
+    const HEALTH_PORT: u16 = 32000;
+    // Only a1 (node 0) backs the Service.
+    let env = world(|c| {
+        load_balancer_yaml(
+            "local",
+            VIP,
+            PORT,
+            NODE_PORT,
+            &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n"),
+            &[LB_IP],
+            &[(c.pod("a1").ip, &c.nodes[0].name)],
+        )
+    })?;
+    let c = &env.cluster;
+    let (node0, node1) = (c.nodes[0].ip.unwrap(), c.nodes[1].ip.unwrap());
+    for index in 0..4 {
+        let from = client_ip(index);
+        for to in [
+            SocketAddrV4::new(node0, NODE_PORT),
+            SocketAddrV4::new(LB_IP, PORT),
+        ] {
+            assert_eq!(
+                tcp_request(&c.world, from, to)?,
+                ("a1".to_string(), from.to_string()),
+                "the backend sees the real client"
+            );
+        }
+        let (pod, seen) = udp_request(&c.world, from, SocketAddrV4::new(node0, NODE_PORT + 1))?;
+        assert_eq!((pod.as_str(), seen), ("a1", from.to_string()));
+    }
+    // Node 1 has no local backend: dropped and counted, never forwarded.
+    let before = counter(c, 1, stat::DROP_NO_LOCAL_BACKEND)?;
+    assert!(tcp_from(&c.world, client_ip(0), SocketAddrV4::new(node1, NODE_PORT)).is_err());
+    assert!(counter(c, 1, stat::DROP_NO_LOCAL_BACKEND)? > before);
+
+    let (status, body) = health(&c.world, node0, HEALTH_PORT)?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    let (status, body) = health(&c.world, node1, HEALTH_PORT)?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    Ok(())
+}
+
+#[test]
+fn client_ip_affinity_keeps_each_client_on_one_backend() -> Result<()> {
+    let env = world(|c| {
+        both_backends(
+            c,
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
+        )
+    })?;
+    let c = &env.cluster;
+    let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
+    let mut chosen = BTreeMap::new();
+    for index in 0..8 {
+        let from = client_ip(index);
+        let connections = if index == 0 { 50 } else { 5 };
+        let mut backends = BTreeSet::new();
+        for _ in 0..connections {
+            backends.insert(tcp_request(&c.world, from, to)?.0);
+        }
+        assert_eq!(backends.len(), 1, "{from} moved between {backends:?}");
+        chosen.insert(from, backends.into_iter().next().unwrap());
+    }
+    // Clients are still spread (all 8 on one backend: 1 in 128 by chance).
+    let used: BTreeSet<_> = chosen.values().collect();
+    assert_eq!(used.len(), 2, "{chosen:?}");
+    Ok(())
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() -> Result<()> {
+    let allowed = client_ip(1);
+    let env = world(|c| {
+        both_backends(
+            c,
+            &format!("  loadBalancerSourceRanges: [\"{allowed}/32\", \"198.18.0.0/15\"]\n"),
+        )
+    })?;
+    let c = &env.cluster;
+    let lb = SocketAddrV4::new(LB_IP, PORT);
+    for _ in 0..3 {
+        tcp_request(&c.world, allowed, lb)?;
+    }
+    let before = counter(c, 0, stat::DROP_SOURCE_RANGE)?;
+    let denied = tcp_from(&c.world, client_ip(2), lb);
+    assert!(denied.is_err(), "a client outside the ranges got through");
+    assert!(counter(c, 0, stat::DROP_SOURCE_RANGE)? > before);
+    // The NodePort itself is not restricted (kube-proxy's behaviour).
+    let node_port = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
+    tcp_request(&c.world, client_ip(2), node_port)?;
+    Ok(())
+}
+
+#[test]
+fn a_nodeport_without_backends_is_refused_at_once_not_left_to_time_out() -> Result<()> {
+    let env = world(|_| load_balancer_yaml("empty", VIP, PORT, NODE_PORT, "", &[], &[]))?;
+    let c = &env.cluster;
+    let node0 = c.nodes[0].ip.unwrap();
+    let error = tcp_from(&c.world, client_ip(0), SocketAddrV4::new(node0, NODE_PORT))
+        .err()
+        .context("connected to a Service without backends")?;
+    let io = error.downcast_ref::<std::io::Error>().context("io error")?;
+    assert_eq!(io.kind(), ErrorKind::ConnectionRefused, "{error:#}");
+    // UDP: ICMP port unreachable, seen by a connected socket as "refused".
+    let socket = udp_socket(&c.world, client_ip(0))?;
+    socket.connect(SocketAddrV4::new(node0, NODE_PORT + 1))?;
+    let mut refused = false;
+    for _ in 0..3 {
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        if let Err(e) = socket.recv(&mut buf) {
+            if e.kind() == ErrorKind::ConnectionRefused {
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "no ICMP port unreachable for UDP");
+    assert!(counter(c, 0, stat::NODEPORT_REJECTED)? >= 2);
+    Ok(())
+}
+
+#[test]
+fn removing_a_backend_under_load_breaks_no_connection_to_the_others() -> Result<()> {
+    let env = world(|c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
+    // Long-lived connections to both backends.
+    let mut open = Vec::new();
+    for index in 0..8 {
+        let mut stream = tcp_from(&c.world, client_ip(index), to)?;
+        let pod = parse_answer(&exchange(&mut stream, "hello")?, "hello")?.0;
+        open.push((pod, stream));
+    }
+    anyhow::ensure!(open.iter().any(|(p, _)| p == "b0"), "no connection to b0");
+    // Scale down: a1 leaves the Service.
+    let without_a1 = load_balancer_yaml(
+        "shop",
+        VIP,
+        PORT,
+        NODE_PORT,
+        &format!("  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
+        &[LB_IP],
+        &[(c.pod("b0").ip, &c.nodes[1].name)],
+    );
+    c.write_config(&format!("{}---\n{without_a1}", c.nodes_and_pods_yaml()))?;
+    c.nodes[0].wait_for_maps("one backend left", |m| {
+        m.services
+            .iter()
+            .any(|(k, v)| k.port == NODE_PORT && k.backend_slot == 0 && v.count == 1)
+    })?;
+    for (pod, stream) in open.iter_mut().filter(|(p, _)| p == "b0") {
+        let reply = exchange(stream, "still there?")?;
+        assert_eq!(parse_answer(&reply, "still there?")?.0, *pod);
+    }
+    wait_until("new connections all go to b0", SETTLE, || {
+        (0..8).all(|i| tcp_request(&c.world, client_ip(i), to).is_ok_and(|(pod, _)| pod == "b0"))
+    })?;
+    Ok(())
+}
