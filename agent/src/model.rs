@@ -1042,6 +1042,148 @@ endpoints:
         assert_eq!(build(&again, NODE), build(&compacted, NODE));
     }
 
+    const SHOP_NODE: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.0.0/24}
+status: {addresses: [{type: InternalIP, address: 198.51.100.1}]}
+";
+
+    /// A LoadBalancer `shop/lb` with `spec_extra` (flow-style entries), one ready
+    /// endpoint here, one ready on node-b, one terminating here.
+    fn load_balancer(spec_extra: &str) -> String {
+        format!(
+            "{SHOP_NODE}---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: shop}}
+spec: {{type: LoadBalancer, clusterIP: 10.96.0.5, externalIPs: [192.0.2.200], ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}]{spec_extra}}}
+status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.100}}, {{hostname: lb.example}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-1, namespace: shop, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- {{addresses: [10.244.0.11], nodeName: node-a}}
+- {{addresses: [10.244.1.11], nodeName: node-b, conditions: {{ready: true}}}}
+- {{addresses: [10.244.0.12], nodeName: node-a, conditions: {{ready: false, serving: true, terminating: true}}}}
+- {{addresses: [10.244.0.13], nodeName: node-a, conditions: {{ready: false, serving: false, terminating: true}}}}
+"
+        )
+    }
+
+    fn tcp(s: &str, port: u16) -> L4Addr {
+        addr(s, port, Protocol::Tcp)
+    }
+
+    #[test]
+    fn a_load_balancer_has_clusterip_nodeport_ingress_and_external_ip_frontends() {
+        let (state, skipped) = build_yaml(&load_balancer(
+            ", externalTrafficPolicy: Local, healthCheckNodePort: 32000, sessionAffinity: ClientIP, loadBalancerSourceRanges: [203.0.113.0/24, \"2001:db8::/32\"]",
+        ));
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let all = vec![tcp("10.244.0.11", 8080), tcp("10.244.1.11", 8080)];
+        let local = vec![tcp("10.244.0.11", 8080)];
+        let terminating = vec![tcp("10.244.0.12", 8080)];
+        let expect = |frontend: L4Addr, kind, backends: &Vec<L4Addr>, ranges: &[&str]| {
+            let f = &state.services[&frontend];
+            assert_eq!(f.kind, kind, "{frontend}");
+            assert_eq!(&f.backends, backends, "{frontend}");
+            assert_eq!(f.terminating, terminating, "{frontend}");
+            assert_eq!(f.local_only, kind.is_external(), "{frontend}");
+            assert_eq!(f.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
+            let ranges: Vec<Ipv4Net> = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            assert_eq!(f.source_ranges, ranges, "{frontend}");
+        };
+        expect(tcp("10.96.0.5", 80), FrontendKind::ClusterIp, &all, &[]);
+        expect(
+            tcp("198.51.100.1", 30080),
+            FrontendKind::NodePort,
+            &local,
+            &[],
+        );
+        expect(
+            tcp("192.0.2.100", 80),
+            FrontendKind::LoadBalancer,
+            &local,
+            &["203.0.113.0/24"],
+        );
+        expect(
+            tcp("192.0.2.200", 80),
+            FrontendKind::ExternalIp,
+            &local,
+            &[],
+        );
+        assert_eq!(state.services.len(), 4);
+        assert_eq!(
+            state.health_checks[&32000],
+            HealthCheck {
+                service: ("shop".into(), "lb".into()),
+                local_endpoints: 1
+            }
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints_for_the_cluster_ip() {
+        let (state, _) = build_yaml(&load_balancer(", internalTrafficPolicy: Local"));
+        let cluster_ip = &state.services[&tcp("10.96.0.5", 80)];
+        assert_eq!(cluster_ip.backends, vec![tcp("10.244.0.11", 8080)]);
+        assert!(cluster_ip.local_only);
+        // External frontends keep every endpoint (externalTrafficPolicy: Cluster).
+        let node_port = &state.services[&tcp("198.51.100.1", 30080)];
+        assert_eq!(node_port.backends.len(), 2);
+        assert!(!node_port.local_only);
+        assert!(state.health_checks.is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let yaml = load_balancer("").replace(
+            "- {addresses: [10.244.0.11], nodeName: node-a}\n- {addresses: [10.244.1.11], nodeName: node-b, conditions: {ready: true}}\n",
+            "",
+        );
+        let (state, _) = build_yaml(&yaml);
+        let f = &state.services[&tcp("10.96.0.5", 80)];
+        assert_eq!(f.backends, vec![tcp("10.244.0.12", 8080)]);
+        assert!(f.terminating.is_empty());
+    }
+
+    #[test]
+    fn bad_affinity_and_source_ranges_skip_the_service_with_a_reason() {
+        for (extra, reason) in [
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                "timeoutSeconds 0",
+            ),
+            (", sessionAffinity: Sticky", "unknown sessionAffinity"),
+            (", loadBalancerSourceRanges: [everyone]", "not an IPv4 CIDR"),
+        ] {
+            let (state, skipped) = build_yaml(&load_balancer(extra));
+            assert!(state.services.is_empty(), "{extra}");
+            assert!(
+                skipped.iter().any(|s| s.reason.contains(reason)),
+                "{extra}: {skipped:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_node_names_and_terminating_endpoints() {
+        let yaml = load_balancer(", externalTrafficPolicy: Local");
+        let (objects, _) = parse_objects(&yaml);
+        let original = build(&objects, NODE);
+        let mut compacted = objects.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+            // Groups: ready on node-a, ready on node-b, terminating on node-a.
+            assert_eq!(slice.endpoints.iter().flatten().count(), 3);
+        }
+        assert_eq!(build(&compacted, NODE), original);
+    }
+
     fn addr(s: &str, port: u16, protocol: Protocol) -> L4Addr {
         L4Addr {
             ip: s.parse().unwrap(),

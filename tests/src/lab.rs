@@ -373,6 +373,8 @@ pub struct Node {
     pub ip: Option<Ipv4Addr>,
     /// Extra arguments for `ferrite agent` (e.g. `--datapath-log debug`).
     pub agent_args: Vec<String>,
+    /// `--resync-seconds` of its agent (short in tests, so drift repairs show fast).
+    pub resync_seconds: u32,
     pub pods: Vec<Pod>,
     pub agent: Option<Agent>,
     pub netns: Netns,
@@ -397,6 +399,7 @@ impl Node {
             pod_mtu: 1500,
             ip: None,
             agent_args: Vec::new(),
+            resync_seconds: 2,
             pods: Vec::new(),
             agent: None,
             netns,
@@ -483,7 +486,9 @@ impl Node {
         command
             .arg(format!("--net={}", self.netns.path().display()))
             .arg(ferrite_bin())
-            .args(["agent", "--node", &self.name, "--resync-seconds", "2"]);
+            .args(["agent", "--node", &self.name])
+            .arg("--resync-seconds")
+            .arg(self.resync_seconds.to_string());
         match source {
             AgentSource::File(config) => command.arg("--config").arg(config),
             AgentSource::Kubernetes { kubeconfig } => command.env("KUBECONFIG", kubeconfig),

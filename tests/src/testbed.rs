@@ -4,13 +4,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use ferrite_common::{
     map_names, pod_mac_for, program_names, stat, Backend, Counter, EndpointInfo, EndpointKey,
-    RevNatValue, ServiceKey, ServiceValue,
+    NodeConfig, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -18,6 +18,8 @@ use crate::lab::{bpf_object, require_root};
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 /// BPF_PROG_TEST_RUN runs skb programs as if the packet came in on loopback.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
@@ -39,6 +41,11 @@ impl Testbed {
                 ebpf.program_mut(name).context("program")?.try_into()?;
             program.load()?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::FROM_WORLD)
+            .context("program")?
+            .try_into()?;
+        xdp.load()?;
         Ok(Self { ebpf })
     }
 
@@ -122,6 +129,81 @@ impl Testbed {
             0,
         )?;
         Ok(())
+    }
+
+    /// This node's own address (NodePorts, SNAT).
+    pub fn set_node_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let mut config: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).context("config")?)?;
+        config.set(
+            0,
+            NodeConfig {
+                node_ip: ip.octets(),
+                ..NodeConfig::default()
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Set the master entry flags (`svc_flag`) of a frontend written by `add_service`.
+    pub fn set_service_flags(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        flags: u32,
+    ) -> Result<()> {
+        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
+        let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
+        let master = services.get(&key, 0)?;
+        services.insert(key, ServiceValue { flags, ..master }, 0)?;
+        Ok(())
+    }
+
+    /// Allow `network/prefix_len` to reach `frontend` (loadBalancerSourceRanges).
+    pub fn add_source_range(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        network: Ipv4Addr,
+        prefix_len: u32,
+    ) -> Result<()> {
+        let mut ranges: LpmTrie<&mut MapData, SourceRangeKey, u8> = LpmTrie::try_from(
+            self.ebpf
+                .map_mut(map_names::SOURCE_RANGES)
+                .context("source ranges")?,
+        )?;
+        let key = SourceRangeKey {
+            frontend: ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0),
+            network: network.octets(),
+        };
+        ranges.insert(
+            &Key::new(SOURCE_RANGE_FRONTEND_BITS + prefix_len, key),
+            1,
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Run the uplink's XDP program once on `frame` (verdict: XDP_PASS, XDP_DROP...).
+    pub fn from_world(&self, frame: &[u8]) -> Result<RunResult> {
+        let program: &Xdp = self
+            .ebpf
+            .program(program_names::FROM_WORLD)
+            .context("program")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunResult {
+            verdict: result.return_value,
+            frame: out,
+        })
     }
 
     pub fn run_program(
