@@ -497,9 +497,8 @@ pub fn reconcile(
     let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);
-    maps.apply(&ops).context("applying map changes")?;
-    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
-    maps.purge_lb_counters(&ops)?;
+    // Host routes first: once a pod's endpoint is in the map, the stack can reach it
+    // too (replies to its masqueraded traffic; plain routing if the datapath goes).
     for op in &ops {
         if let plan::Op::PutEndpoint(key, _) = op {
             let ip = Ipv4Addr::from(key.address);
@@ -508,6 +507,9 @@ pub fn reconcile(
             }
         }
     }
+    maps.apply(&ops).context("applying map changes")?;
+    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
+    maps.purge_lb_counters(&ops)?;
 
     // Links of interfaces that still exist may belong to pods the CNI plugin just
     // wired: only pins of vanished interfaces are removed.

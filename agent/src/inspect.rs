@@ -142,11 +142,13 @@ pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
             writeln!(
                 out,
                 "{:<20} {:<16} {:<18} KIND",
-                "POD CIDR", "NODE IP", "VTEP MAC"
+                "DESTINATION", "NODE IP", "VTEP MAC"
             )?;
             for (key, route) in &contents.routes {
                 let kind = if route.flags & ferrite_common::ROUTE_LOCAL != 0 {
                     "local"
+                } else if route.flags & ferrite_common::ROUTE_NODE != 0 {
+                    "node (NodePort replies via overlay)"
                 } else {
                     "overlay"
                 };

@@ -371,3 +371,47 @@ fn removing_a_backend_under_load_breaks_no_connection_to_the_others() -> Result<
     })?;
     Ok(())
 }
+
+#[test]
+fn a_terminating_backend_finishes_its_connections_and_takes_no_new_ones() -> Result<()> {
+    let env = world(|c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
+    let mut open = Vec::new();
+    for index in 0..8 {
+        let mut stream = tcp_from(&c.world, client_ip(index), to)?;
+        let pod = parse_answer(&exchange(&mut stream, "hello")?, "hello")?.0;
+        open.push((pod, stream));
+    }
+    anyhow::ensure!(open.iter().any(|(p, _)| p == "a1"), "no connection to a1");
+    // a1 is being deleted: not ready, still serving, terminating.
+    let a1 = format!(
+        "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: true}}\n",
+        c.pod("a1").ip,
+        c.nodes[0].name
+    );
+    let terminating = both_backends(c, "").replace(
+        &a1,
+        &a1.replace(
+            "{ready: true}",
+            "{ready: false, serving: true, terminating: true}",
+        ),
+    );
+    anyhow::ensure!(terminating.contains("terminating: true"), "{terminating}");
+    c.write_config(&format!("{}---\n{terminating}", c.nodes_and_pods_yaml()))?;
+    c.nodes[0].wait_for_maps("a1 out of the slots", |m| {
+        m.services
+            .iter()
+            .any(|(k, v)| k.port == NODE_PORT && k.backend_slot == 0 && v.count == 1)
+    })?;
+    // Every open connection, a1's included, still works.
+    for (pod, stream) in open.iter_mut() {
+        let reply = exchange(stream, "still there?")?;
+        assert_eq!(parse_answer(&reply, "still there?")?.0, *pod);
+    }
+    // New connections all go to b0.
+    for index in 0..8 {
+        assert_eq!(tcp_request(&c.world, client_ip(index), to)?.0, "b0");
+    }
+    Ok(())
+}

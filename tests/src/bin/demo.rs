@@ -25,6 +25,9 @@ const REQUESTS_PER_CLIENT: usize = 30;
 const NODES: [&str; 2] = ["ferrite-demo-1", "ferrite-demo-2"];
 const UNDERLAY: &str = "ferrite-demo-underlay";
 const WORLD: &str = "ferrite-demo-world";
+/// The Service's NodePort (http) and load-balancer IP, as in examples/two-nodes.yaml.
+const NODE_PORT: u16 = 30080;
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 /// (pod, node index, IP) as in examples/two-nodes.yaml.
 const PODS: [(&str, usize, [u8; 4]); 5] = [
     ("client-a", 0, [10, 244, 0, 2]),
@@ -81,12 +84,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let config = config.canonicalize().context("examples/two-nodes.yaml")?;
     remove_leftovers();
 
-    println!("Ferrite demo: two nodes, five pods, a ClusterIP Service spread over both nodes\n");
+    println!("Ferrite demo: two nodes, five pods, a LoadBalancer Service spread over both nodes\n");
     let names: Vec<String> = NODES.iter().map(ToString::to_string).collect();
     let mut cluster = Cluster::named(UNDERLAY, WORLD, &names)?;
     for node in &cluster.nodes {
         println!(
-            "[1/6] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
+            "[1/7] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
             node.name,
             node.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             node.pin_dir().display()
@@ -96,7 +99,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         cluster.nodes[node].add_pod(name, Ipv4Addr::from(ip))?;
     }
     println!(
-        "[2/6] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
+        "[2/7] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
         PODS.map(|(n, node, ip)| format!("{n} {} on {}", Ipv4Addr::from(ip), NODES[node]))
             .join(", ")
     );
@@ -121,7 +124,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })?;
     }
     println!(
-        "[3/6] agents running on {}: synced (routes to both nodes)\n",
+        "[3/7] agents running on {}: synced (routes to both nodes)\n",
         config.display()
     );
     check(interrupted)?;
@@ -131,12 +134,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(web_2.ip, TCP_TARGET), request)?;
     let (server, seen) = parse_answer(&reply, request)?;
     println!(
-        "[4/6] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
+        "[4/7] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
         client_a.ip, web_2.ip
     );
 
     println!(
-        "[5/6] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
+        "[5/7] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
         CLIENTS.len()
     );
     let mut seen: BTreeMap<&str, (usize, usize)> = BACKENDS.iter().map(|n| (*n, (0, 0))).collect();
@@ -185,9 +188,62 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(WORLD_IP, 7000), request)?;
     let (_, seen_as) = parse_answer(&reply, request)?;
     println!(
-        "[6/6] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
+        "[6/7] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
         NODES[0]
     );
+
+    // The cloud load balancer's address reaches node 1, as a provider's router would.
+    let via = cluster.nodes[0].ip.context("plugged")?.to_string();
+    sh(
+        "ip",
+        &[
+            "-n",
+            &cluster.world.name,
+            "route",
+            "add",
+            &LB_IP.to_string(),
+            "via",
+            &via,
+        ],
+    )?;
+    let mut frontends: Vec<(String, SocketAddrV4)> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let ip = n.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            (
+                format!("NodePort of {}", n.name),
+                SocketAddrV4::new(ip, NODE_PORT),
+            )
+        })
+        .collect();
+    frontends.push(("LoadBalancer IP".into(), SocketAddrV4::new(LB_IP, 80)));
+    println!("[7/7] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
+    println!(
+        "      {:<28} {:<20} {:<34} {:<16}",
+        "FRONTEND", "ADDRESS", "ANSWERED BY (10 connections)", "CLIENT SEEN AS"
+    );
+    for (what, to) in frontends {
+        let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+        let mut peers = std::collections::BTreeSet::new();
+        for i in 0..10 {
+            check(interrupted)?;
+            let request = format!("world #{i}");
+            let reply = cluster.world.tcp_request(to, &request)?;
+            let (backend, peer) = parse_answer(&reply, &request)?;
+            *answered.entry(backend).or_default() += 1;
+            peers.insert(peer);
+        }
+        let answered: Vec<String> = answered.iter().map(|(b, n)| format!("{b} x{n}")).collect();
+        let peers: Vec<String> = peers.into_iter().collect();
+        println!(
+            "      {what:<28} {:<20} {:<34} {}",
+            to.to_string(),
+            answered.join(", "),
+            peers.join(", ")
+        );
+    }
+    println!("      (a backend on the receiving node sees the client; one on the other node sees the receiving node, which SNATs so the reply returns through it)\n");
 
     let node = &cluster.nodes[0];
     println!("      ferrite inspect --node {} services:", node.name);
