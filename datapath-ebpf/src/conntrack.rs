@@ -75,7 +75,13 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<(), ()> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let reply = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
-    let reply_key = key(flow.backend_addr, h.saddr, flow.backend_port, h.sport, h.proto);
+    let reply_key = key(
+        flow.backend_addr,
+        h.saddr,
+        flow.backend_port,
+        h.sport,
+        h.proto,
+    );
     // Reply entry first: a forward entry must never exist without its reverse path.
     CONNTRACK.insert(reply_key, reply, 0).map_err(|_| ())?;
     let forward = CtValue {
@@ -95,7 +101,13 @@ const SNAT_TRIES: u32 = 16;
 /// port of the SNAT range, claimed by inserting its reply entry with BPF_NOEXIST (a
 /// taken port is a reply tuple that already exists). Returns the port.
 #[inline(always)]
-pub fn create_snat(h: &Headers, flow: &NewFlow, node_addr: u32, hash: u32, bytes: u32) -> Option<u16> {
+pub fn create_snat(
+    h: &Headers,
+    flow: &NewFlow,
+    node_addr: u32,
+    hash: u32,
+    bytes: u32,
+) -> Option<u16> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let flags = flow.flags | CT_FLAG_SNAT;
@@ -105,7 +117,13 @@ pub fn create_snat(h: &Headers, flow: &NewFlow, node_addr: u32, hash: u32, bytes
         // An odd stride (the range is even-sized) visits different ports each try.
         let candidate =
             SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16;
-        let reply_key = key(flow.backend_addr, node_addr, flow.backend_port, candidate, h.proto);
+        let reply_key = key(
+            flow.backend_addr,
+            node_addr,
+            flow.backend_port,
+            candidate,
+            h.proto,
+        );
         if CONNTRACK
             .insert(reply_key, reply, BPF_NOEXIST as u64)
             .is_ok()

@@ -48,7 +48,12 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     };
     if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
         if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_EXTERNAL {
-            nat::dnat(pkt, &h, u32::from_ne_bytes(ct.backend_address), ct.backend_port)?;
+            nat::dnat(
+                pkt,
+                &h,
+                u32::from_ne_bytes(ct.backend_address),
+                ct.backend_port,
+            )?;
             if ct.flags & CT_FLAG_SNAT != 0 {
                 nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
             }
@@ -84,15 +89,17 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         rev_nat_index: svc.rev_nat_index,
         flags: CT_FLAG_EXTERNAL,
     };
-    let local = svc.flags & svc_flag::LOCAL_ONLY != 0
-        || routing::local_endpoint(backend_addr).is_some();
+    let local =
+        svc.flags & svc_flag::LOCAL_ONLY != 0 || routing::local_endpoint(backend_addr).is_some();
     if local {
         conntrack::create(&h, &flow, pkt.len())?;
         nat::dnat(pkt, &h, backend_addr, chosen.backend.port)?;
     } else {
-        let node_addr = CONFIG.get(0).map(|c| u32::from_ne_bytes(c.node_ip)).ok_or(())?;
-        let Some(port) =
-            conntrack::create_snat(&h, &flow, node_addr, lb::flow_hash(&h), pkt.len())
+        let node_addr = CONFIG
+            .get(0)
+            .map(|c| u32::from_ne_bytes(c.node_ip))
+            .ok_or(())?;
+        let Some(port) = conntrack::create_snat(&h, &flow, node_addr, lb::flow_hash(&h), pkt.len())
         else {
             return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
         };

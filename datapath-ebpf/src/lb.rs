@@ -103,7 +103,10 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
     }
     let hash = flow_hash(h);
     let master = service_key(h, 0);
-    let slot = match maglev.then(|| maglev_slot(&master, hash, svc.count)).flatten() {
+    let slot = match maglev
+        .then(|| maglev_slot(&master, hash, svc.count))
+        .flatten()
+    {
         Some(slot) => slot,
         None => (hash % svc.count as u32) as u16 + 1,
     };

@@ -1,10 +1,10 @@
 //! Every map the datapath uses. Names and layouts come from `ferrite_common`; the
 //! agent pins them under /sys/fs/bpf/ferrite/<node>/ and sizes them at load time.
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use ferrite_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
     EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,

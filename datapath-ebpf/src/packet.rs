@@ -5,8 +5,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        BPF_F_ZERO_CSUM_TX,
+        bpf_fib_lookup, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_ZERO_CSUM_TX,
     },
     helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::{TcContext, XdpContext},
