@@ -36,7 +36,12 @@ impl Testbed {
     pub fn load() -> Result<Self> {
         require_root()?;
         let mut ebpf = Ebpf::load_file(bpf_object()).context("loading the eBPF object")?;
-        for name in [program_names::FROM_POD, program_names::NOOP] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::FROM_OVERLAY,
+            program_names::FROM_UPLINK,
+            program_names::NOOP,
+        ] {
             let program: &mut SchedClassifier =
                 ebpf.program_mut(name).context("program")?.try_into()?;
             program.load()?;

@@ -1,0 +1,545 @@
+//! Issue #7, item 7: 1,000,000 random and mutated frames through the datapath's
+//! programs with BPF_PROG_TEST_RUN, each verdict compared with a reference model of
+//! the documented rules written here, independently of the datapath's code (see
+//! `datapath-ebpf/src/headers.rs` and `external.rs` for the rules). Truncated
+//! headers, bad IHL, IP options, fragments, wrong checksums, zero-length L4, other
+//! protocols and EtherTypes, VXLAN datagrams. Also checks that what is passed or
+//! dropped leaves unchanged, and that no fragment is ever Service-translated.
+//! Needs root.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Context, Result};
+use ferrite_common::{program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP};
+use ferrite_tests::{
+    frames,
+    testbed::{
+        Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS,
+    },
+};
+
+const FROM_POD_FRAMES: usize = 540_000;
+const FROM_WORLD_FRAMES: usize = 300_000;
+const FROM_UPLINK_FRAMES: usize = 200_000;
+const FROM_OVERLAY_FRAMES: usize = 50_000;
+const SEED: u64 = 0x5eed_f00d;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12)];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A Service without backends.
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const NODE_PORT: u16 = 30080;
+/// `externalTrafficPolicy: Local` without a local backend.
+const LOCAL_ONLY_PORT: u16 = 30091;
+const WORLD: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+/// What a frame should get, by the documented rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Expected {
+    /// Passed on unchanged (counted under this `stat`, if any).
+    Pass(Option<u32>),
+    /// Dropped and counted.
+    Drop(u32),
+    /// Delivered to a local pod (TC redirect), translated when it was a Service flow.
+    Deliver { translated: bool },
+    /// XDP: passed on translated (DNAT to a backend).
+    Translated,
+}
+
+/// The IPv4 header and ports of a frame as the rules read them.
+struct Parsed {
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    proto: u8,
+    fragment: bool,
+    /// (source port, destination port) when the rules give the frame ports.
+    ports: Option<(u16, u16)>,
+}
+
+/// The parsing rules: `Err` is the counter of a frame that never reaches the logic.
+fn parse(frame: &[u8]) -> Result<Parsed, Expected> {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {}
+        0x0806 => return Err(Expected::Pass(Some(stat::PASSED_ARP))),
+        _ => return Err(Expected::Drop(stat::DROP_UNSUPPORTED_L3)),
+    }
+    if frame.len() < 14 + 20 {
+        return Err(Expected::Drop(stat::DROP_MALFORMED));
+    }
+    let ip = &frame[14..];
+    let (version, ihl) = (ip[0] >> 4, (ip[0] & 0x0f) as usize * 4);
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if version != 4 || ihl < 20 || total < ihl || 14 + total > frame.len() {
+        return Err(Expected::Drop(stat::DROP_MALFORMED));
+    }
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    let proto = ip[9];
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    let mut parsed = Parsed {
+        saddr: addr(12),
+        daddr: addr(16),
+        proto,
+        fragment,
+        ports: None,
+    };
+    if !fragment && (proto == PROTO_TCP || proto == PROTO_UDP) {
+        let l4 = if proto == PROTO_TCP { 20 } else { 8 };
+        if ihl + l4 > total {
+            return Err(Expected::Drop(stat::DROP_MALFORMED));
+        }
+        let p = &ip[ihl..];
+        parsed.ports = Some((
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ));
+    }
+    Ok(parsed)
+}
+
+fn is_pod(ip: Ipv4Addr) -> bool {
+    ip == CLIENT || BACKENDS.contains(&ip)
+}
+
+/// `ferrite_from_pod` on a pod's veth, every pod on that veth's ifindex: the verdict
+/// and the counters it bumps (of those the model tracks).
+fn model_from_pod(frame: &[u8]) -> (Expected, Vec<u32>) {
+    let h = match parse(frame) {
+        Ok(h) => h,
+        Err(expected @ Expected::Drop(reason)) => return (expected, vec![reason]),
+        Err(expected @ Expected::Pass(Some(counter))) => return (expected, vec![counter]),
+        Err(expected) => return (expected, vec![]),
+    };
+    if !is_pod(h.saddr) {
+        return (Expected::Drop(stat::DROP_SPOOFED), vec![stat::DROP_SPOOFED]);
+    }
+    if let Some((_, dport)) = h.ports {
+        // Pods reach every frontend in the maps, a NodePort on this node's IP too.
+        let service = match (h.daddr, dport, h.proto) {
+            (VIP, 80, PROTO_TCP) | (VIP, 53, PROTO_UDP) => Some(true),
+            (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Some(true),
+            (EMPTY_VIP, 80, PROTO_TCP) => Some(false),
+            (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => Some(false),
+            _ => None,
+        };
+        match service {
+            Some(true) => return (Expected::Deliver { translated: true }, vec![]),
+            Some(false) => {
+                return (
+                    Expected::Drop(stat::DROP_NO_BACKEND),
+                    vec![stat::DROP_NO_BACKEND],
+                )
+            }
+            None => {}
+        }
+    }
+    let mut counters = Vec::new();
+    if h.fragment && (h.proto == PROTO_TCP || h.proto == PROTO_UDP) {
+        // Routed by destination only, never translated.
+        counters.push(stat::FRAGMENT_ROUTED);
+    }
+    if is_pod(h.daddr) {
+        (Expected::Deliver { translated: false }, counters)
+    } else {
+        counters.push(stat::PASSED_TO_STACK);
+        (Expected::Pass(Some(stat::PASSED_TO_STACK)), counters)
+    }
+}
+
+/// `ferrite_from_world` (XDP) on the uplink.
+fn model_from_world(frame: &[u8]) -> Expected {
+    let Ok(h) = parse(frame) else {
+        return Expected::Pass(None);
+    };
+    let Some((_, dport)) = h.ports else {
+        return Expected::Pass(None);
+    };
+    match (h.daddr, dport, h.proto) {
+        (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Expected::Translated,
+        (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => {
+            Expected::Drop(stat::DROP_NO_LOCAL_BACKEND)
+        }
+        _ => Expected::Pass(None),
+    }
+}
+
+/// `ferrite_from_uplink` (tcx on the uplink, after XDP): frames now addressed to a
+/// pod are delivered, everything else passes untouched and uncounted.
+fn model_from_uplink(frame: &[u8]) -> Expected {
+    match parse(frame) {
+        Ok(h) if is_pod(h.daddr) => Expected::Deliver { translated: false },
+        _ => Expected::Pass(None),
+    }
+}
+
+fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// Well-formed frames of every kind the programs meet.
+fn seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    for from in [CLIENT, BACKENDS[0], WORLD] {
+        for (to, port) in [
+            (VIP, 80),
+            (VIP, 53),
+            (EMPTY_VIP, 80),
+            (BACKENDS[1], 8080),
+            (NODE_IP, NODE_PORT),
+            (NODE_IP, LOCAL_ONLY_PORT),
+            (Ipv4Addr::new(8, 8, 8, 8), 443),
+        ] {
+            seeds.push(frames::tcp_syn(sock(from, 40000), sock(to, port), b""));
+            seeds.push(frames::tcp_ack(
+                sock(from, 40001),
+                sock(to, port),
+                b"payload",
+            ));
+            seeds.push(frames::udp(sock(from, 40002), sock(to, port), b"query"));
+        }
+    }
+    // A VXLAN datagram (an inner frame inside UDP 4789).
+    let inner = frames::tcp_syn(sock(CLIENT, 1), sock(BACKENDS[0], 2), b"");
+    seeds.push(frames::udp(
+        sock(WORLD, 50000),
+        sock(NODE_IP, 4789),
+        &[&[8, 0, 0, 0, 0, 0, 1, 0][..], &inner].concat(),
+    ));
+    seeds
+}
+
+fn set_ip_checksum(frame: &mut [u8]) {
+    if frame.len() < 34 {
+        return;
+    }
+    let ihl = ((frame[14] & 0x0f) as usize * 4).clamp(20, frame.len() - 14);
+    frame[24] = 0;
+    frame[25] = 0;
+    let mut sum: u32 = 0;
+    for pair in frame[14..14 + ihl].chunks(2) {
+        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// One mutation of a seed (or of random bytes), as hostile input does.
+fn mutate(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+    if rng.u8(..) < 8 {
+        // Pure noise, sometimes with an IPv4 EtherType to get past the first check.
+        let mut frame: Vec<u8> = (0..rng.usize(14..200)).map(|_| rng.u8(..)).collect();
+        if rng.bool() {
+            frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        }
+        return frame;
+    }
+    let mut frame = seeds[rng.usize(..seeds.len())].clone();
+    for _ in 0..rng.usize(0..4) {
+        match rng.u8(..10) {
+            // Truncated anywhere after the Ethernet header.
+            0 => frame.truncate(rng.usize(14..=frame.len())),
+            // IHL: too small, options (with option bytes inserted), or beyond the frame.
+            1 => {
+                let ihl = rng.u8(0..16);
+                if ihl > 5 && rng.bool() && frame.len() >= 34 {
+                    let options = (ihl as usize - 5) * 4;
+                    let at = 34;
+                    frame.splice(at..at, std::iter::repeat_n(1u8, options));
+                    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize + options;
+                    frame[16..18].copy_from_slice(&(total as u16).to_be_bytes());
+                }
+                if frame.len() > 14 {
+                    frame[14] = (frame[14] & 0xf0) | ihl;
+                }
+            }
+            // Total length: random, zero-length L4 (just the IP header), or one too many.
+            2 if frame.len() >= 18 => {
+                let ihl = (frame[14] & 0x0f) as u16 * 4;
+                let total = u16::from_be_bytes([frame[16], frame[17]]);
+                let new = match rng.u8(..3) {
+                    0 => rng.u16(..),
+                    1 => ihl,
+                    _ => total.wrapping_add(1),
+                };
+                frame[16..18].copy_from_slice(&new.to_be_bytes());
+            }
+            // Fragments: MF, an offset, or both.
+            3 if frame.len() >= 22 => {
+                let flags: u16 = [0x2000, 0x0001, 0x2010, 0x4000, rng.u16(..)][rng.usize(..5)];
+                frame[20..22].copy_from_slice(&flags.to_be_bytes());
+            }
+            // Protocol: ICMP, GRE, SCTP, anything.
+            4 if frame.len() >= 24 => frame[23] = [1, 47, 132, rng.u8(..)][rng.usize(..4)],
+            // EtherType: IPv6, ARP, VLAN, anything.
+            5 => {
+                let ethertype: u16 = [0x86dd, 0x0806, 0x8100, rng.u16(..)][rng.usize(..4)];
+                frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            }
+            // Wrong checksums (IP or L4): the datapath does not verify them.
+            6 => {
+                let at = rng.usize(24..frame.len().max(25));
+                if at < frame.len() {
+                    frame[at] ^= 0xff;
+                }
+            }
+            // Version.
+            7 if frame.len() > 14 => frame[14] = (rng.u8(..16) << 4) | (frame[14] & 0x0f),
+            // Random bytes past the addresses (ports, flags, payload), or appended.
+            8 => {
+                if rng.bool() && frame.len() > 34 {
+                    let at = rng.usize(34..frame.len());
+                    frame[at] = rng.u8(..);
+                } else {
+                    frame.extend((0..rng.usize(1..64)).map(|_| rng.u8(..)));
+                }
+            }
+            // Any byte at all (addresses too).
+            _ => {
+                let at = rng.usize(..frame.len());
+                frame[at] = rng.u8(..);
+            }
+        }
+        if rng.bool() {
+            set_ip_checksum(&mut frame);
+        }
+    }
+    frame
+}
+
+/// A node's datapath state the models above describe.
+fn testbed() -> Result<Testbed> {
+    let mut bed = Testbed::load()?;
+    bed.set_node_ip(NODE_IP)?;
+    for pod in [CLIENT, BACKENDS[0], BACKENDS[1]] {
+        bed.add_endpoint(pod, TEST_RUN_IFINDEX)?;
+    }
+    let tcp: Vec<_> = BACKENDS.iter().map(|b| sock(*b, 8080)).collect();
+    let udp: Vec<_> = BACKENDS.iter().map(|b| sock(*b, 5353)).collect();
+    bed.add_service(sock(VIP, 80), PROTO_TCP, 1, 1, &tcp)?;
+    bed.add_service(sock(VIP, 53), PROTO_UDP, 2, 3, &udp)?;
+    bed.add_service(sock(EMPTY_VIP, 80), PROTO_TCP, 3, 5, &[])?;
+    let node_port = svc_flag::EXTERNAL | svc_flag::NODE_PORT;
+    for protocol in [PROTO_TCP, PROTO_UDP] {
+        bed.add_service(
+            sock(NODE_IP, NODE_PORT),
+            protocol,
+            4 + protocol as u16,
+            10,
+            &tcp,
+        )?;
+        bed.set_service_flags(sock(NODE_IP, NODE_PORT), protocol, node_port)?;
+        bed.add_service(
+            sock(NODE_IP, LOCAL_ONLY_PORT),
+            protocol,
+            40 + protocol as u16,
+            20,
+            &[],
+        )?;
+        bed.set_service_flags(
+            sock(NODE_IP, LOCAL_ONLY_PORT),
+            protocol,
+            node_port | svc_flag::LOCAL_ONLY,
+        )?;
+    }
+    Ok(bed)
+}
+
+/// BPF_PROG_TEST_RUN's skb setup refuses frames announcing IPv4 or IPv6 without room
+/// for that header (on a wire they arrive padded to 60 bytes).
+fn too_short_for_test_run(frame: &[u8]) -> bool {
+    match [frame[12], frame[13]] {
+        [0x08, 0x00] => frame.len() < 14 + 20,
+        [0x86, 0xdd] => frame.len() < 14 + 40,
+        _ => false,
+    }
+}
+
+fn destination(frame: &[u8]) -> Option<(Ipv4Addr, u16)> {
+    let h = parse(frame).ok()?;
+    Some((h.daddr, h.ports?.1))
+}
+
+#[test]
+fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<()> {
+    let mut rng = fastrand::Rng::with_seed(SEED);
+    let seeds = seeds();
+    let mut mismatches = Vec::new();
+    let mut expected_counts: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+
+    let bed = testbed()?;
+    let mut refused = 0;
+    for i in 0..FROM_POD_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let (expected, counters) = model_from_pod(&frame);
+        let fragment = counters.contains(&stat::FRAGMENT_ROUTED);
+        *kinds
+            .entry(format!(
+                "from_pod {expected:?}{}",
+                if fragment { " fragment" } else { "" }
+            ))
+            .or_default() += 1;
+        let out = match bed.from_pod(&frame) {
+            Ok(out) => out,
+            // Not a verdict: the test harness refused the frame.
+            Err(_) if too_short_for_test_run(&frame) => {
+                refused += 1;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("from_pod #{i}: {frame:02x?}")),
+        };
+        for counter in counters {
+            *expected_counts.entry(counter).or_default() += 1;
+        }
+        let ok = match expected {
+            Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
+            Expected::Drop(_) => out.verdict == TC_ACT_SHOT && out.frame == frame,
+            Expected::Deliver { translated } => {
+                let to_backend = destination(&out.frame).is_some_and(|(ip, port)| {
+                    BACKENDS.contains(&ip) && [8080, 5353].contains(&port)
+                });
+                // Untranslated: same destination (a backend's reply may get its
+                // source turned back into the Service's, by conntrack).
+                out.verdict == TC_ACT_REDIRECT
+                    && out.frame.len() == frame.len()
+                    && (!translated || to_backend)
+                    && (translated || out.frame[30..34] == frame[30..34])
+            }
+            Expected::Translated => unreachable!("XDP only"),
+        };
+        if !ok && mismatches.len() < 10 {
+            mismatches.push(format!(
+                "from_pod #{i} {expected:?} got {} {:02x?}",
+                out.verdict, frame
+            ));
+        }
+    }
+    // Every counter the model expects, and nothing more of them.
+    for counter in [
+        stat::PASSED_ARP,
+        stat::DROP_UNSUPPORTED_L3,
+        stat::DROP_MALFORMED,
+        stat::DROP_SPOOFED,
+        stat::DROP_NO_BACKEND,
+        stat::FRAGMENT_ROUTED,
+        stat::PASSED_TO_STACK,
+        stat::DROP_INTERNAL,
+    ] {
+        expected_counts.entry(counter).or_default();
+    }
+    for (counter, count) in &expected_counts {
+        let name = stat::NAMES[*counter as usize];
+        let actual = bed.counter(*counter)?;
+        if actual != *count {
+            mismatches.push(format!("from_pod counter {name}: {actual}, model {count}"));
+        }
+    }
+
+    let bed = testbed()?;
+    let mut dropped = 0;
+    for i in 0..FROM_WORLD_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let expected = model_from_world(&frame);
+        *kinds.entry(format!("from_world {expected:?}")).or_default() += 1;
+        let out = bed
+            .from_world(&frame)
+            .with_context(|| format!("from_world #{i}: {frame:02x?}"))?;
+        let ok = match expected {
+            Expected::Pass(_) => out.verdict == XDP_PASS && out.frame == frame,
+            Expected::Drop(_) => {
+                dropped += 1;
+                out.verdict == XDP_DROP && out.frame == frame
+            }
+            Expected::Translated => {
+                out.verdict == XDP_PASS
+                    && destination(&out.frame)
+                        .is_some_and(|(ip, port)| BACKENDS.contains(&ip) && port == 8080)
+            }
+            Expected::Deliver { .. } => unreachable!("TC only"),
+        };
+        if !ok && mismatches.len() < 20 {
+            mismatches.push(format!(
+                "from_world #{i} {expected:?} got {} {:02x?}",
+                out.verdict, frame
+            ));
+        }
+    }
+    if bed.counter(stat::DROP_NO_LOCAL_BACKEND)? != dropped {
+        mismatches.push("from_world drop_no_local_backend count differs".into());
+    }
+
+    let bed = testbed()?;
+    let mut ran = FROM_POD_FRAMES - refused + FROM_WORLD_FRAMES;
+    for i in 0..FROM_UPLINK_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let Ok((out, _)) = bed.run_program(program_names::FROM_UPLINK, &frame, 1) else {
+            assert!(too_short_for_test_run(&frame), "from_uplink #{i} refused");
+            continue;
+        };
+        ran += 1;
+        let expected = model_from_uplink(&frame);
+        *kinds
+            .entry(format!("from_uplink {expected:?}"))
+            .or_default() += 1;
+        let ok = match expected {
+            Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
+            _ => out.verdict == TC_ACT_REDIRECT && out.frame[12..] == frame[12..],
+        };
+        if !ok && mismatches.len() < 30 {
+            mismatches.push(format!(
+                "from_uplink #{i} {expected:?} got {} {:02x?}",
+                out.verdict, frame
+            ));
+        }
+    }
+    // The overlay program only ever sees what the kernel's VXLAN device decapsulated,
+    // with tunnel metadata; a frame without it (every test run) is dropped as
+    // drop_internal, whatever it holds.
+    let before = bed.counter(stat::DROP_INTERNAL)?;
+    let mut overlay_ran = 0;
+    for i in 0..FROM_OVERLAY_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let Ok((out, _)) = bed.run_program(program_names::FROM_OVERLAY, &frame, 1) else {
+            assert!(too_short_for_test_run(&frame), "from_overlay #{i} refused");
+            continue;
+        };
+        overlay_ran += 1;
+        if (out.verdict, &out.frame) != (TC_ACT_SHOT, &frame) && mismatches.len() < 40 {
+            mismatches.push(format!(
+                "from_overlay #{i} got {} {:02x?}",
+                out.verdict, frame
+            ));
+        }
+    }
+    if bed.counter(stat::DROP_INTERNAL)? - before != overlay_ran {
+        mismatches.push("from_overlay drop_internal count differs".into());
+    }
+    ran += overlay_ran as usize;
+    eprintln!("{ran} frames ran through the programs");
+    assert!(ran >= 1_000_000, "only {ran} frames ran");
+    eprintln!("frames by expected verdict: {kinds:#?}\n{refused} frames too short for their IPv4/IPv6 header refused by BPF_PROG_TEST_RUN's skb setup");
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+    // The mutations reached every rule, not just the first checks.
+    for rule in [
+        "from_pod Drop(6)",
+        "from_pod Drop(5)",
+        "from_pod Drop(7)",
+        "from_pod Drop(8)",
+        "from_pod Pass(Some(1)) fragment",
+        "from_pod Pass(Some(10))",
+        "from_pod Deliver { translated: true }",
+        "from_world Translated",
+        "from_world Drop(20)",
+    ] {
+        assert!(
+            kinds.get(rule).copied().unwrap_or(0) > 100,
+            "{rule} rarely reached: {kinds:#?}"
+        );
+    }
+    Ok(())
+}
