@@ -61,6 +61,9 @@ impl AgentOptions {
             map_names::CONNTRACK => capacity::CONNTRACK,
             map_names::ROUTES => capacity::ROUTES,
             map_names::LB_STATS => capacity::LB_STATS,
+            map_names::MAGLEV => capacity::MAGLEV,
+            map_names::AFFINITY => capacity::AFFINITY,
+            map_names::SOURCE_RANGES => capacity::SOURCE_RANGES,
             _ => 0,
         }
     }

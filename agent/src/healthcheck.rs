@@ -111,20 +111,16 @@ impl HealthChecks {
                     return;
                 };
                 let (status, body) = answer(&check);
-                let headers = [
+                let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+                let weight = check.local_endpoints.to_string();
+                for (name, value) in [
                     ("Content-Type", "application/json"),
                     ("X-Content-Type-Options", "nosniff"),
-                ]
-                .into_iter()
-                .chain([(
-                    "X-Load-Balancing-Endpoint-Weight",
-                    check.local_endpoints.to_string().as_str(),
-                )])
-                .filter_map(|(k, v)| tiny_http::Header::from_bytes(k, v).ok())
-                .collect::<Vec<_>>();
-                let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-                for header in headers {
-                    response.add_header(header);
+                    ("X-Load-Balancing-Endpoint-Weight", weight.as_str()),
+                ] {
+                    if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
+                        response.add_header(header);
+                    }
                 }
                 let _ = request.respond(response);
             }

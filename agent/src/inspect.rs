@@ -42,7 +42,7 @@ fn mac(bytes: [u8; 6]) -> String {
 }
 
 pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
-    let contents = maps.contents()?;
+    let contents = maps.contents_without_maglev()?;
     let mut out = String::new();
     match table {
         Table::Services => {

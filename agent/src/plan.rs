@@ -31,11 +31,11 @@ pub struct SourceRange {
 /// What a Maglev table is built from, as its hash: the backends in slot order and
 /// the table size. The agent compares it (stored with the table) to see whether a
 /// table must be rebuilt.
-pub fn maglev_digest<'a>(backends: impl Iterator<Item = &'a Backend>) -> u64 {
+pub fn maglev_digest(backends: impl Iterator<Item = Backend>) -> u64 {
     let mut hasher = Sha256::new();
     hasher.update((MAGLEV_TABLE_SIZE as u32).to_be_bytes());
     for backend in backends {
-        hasher.update(maglev_key(backend));
+        hasher.update(maglev_key(&backend));
     }
     u64::from_be_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
 }
@@ -405,16 +405,8 @@ fn service_contents<'s>(
             continue;
         }
         let master = key(0);
-        let external = service.kind.is_external();
-        if external && !slots.is_empty() {
-            let digest = maglev_digest(
-                service
-                    .backends
-                    .iter()
-                    .map(backend_value)
-                    .collect::<Vec<_>>()
-                    .iter(),
-            );
+        if service.kind.is_external() && !slots.is_empty() {
+            let digest = maglev_digest(service.backends.iter().map(backend_value));
             out.maglev.insert(master, digest);
         }
         for range in &service.source_ranges {

@@ -219,7 +219,7 @@ impl Telemetry {
                         .set(counter.bytes as i64);
                 }
             }
-            if let Ok(contents) = maps.contents() {
+            if let Ok(contents) = maps.contents_without_maglev() {
                 self.render_backend_counters(&maps, &contents);
                 let ct = maps.conntrack_entries().map(|e| e.len()).unwrap_or(0);
                 for (map, entries) in [
@@ -229,6 +229,8 @@ impl Telemetry {
                     (map_names::ENDPOINTS, contents.endpoints.len()),
                     (map_names::ROUTES, contents.routes.len()),
                     (map_names::CONNTRACK, ct),
+                    (map_names::MAGLEV, maps.maglev.keys().count()),
+                    (map_names::SOURCE_RANGES, contents.source_ranges.len()),
                 ] {
                     let cap = self.capacities.get(map).copied().unwrap_or(0);
                     let label = MapLabel {

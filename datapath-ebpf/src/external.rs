@@ -127,23 +127,18 @@ pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     routing::route(pkt, h.daddr, h.dport)
 }
 
-/// The reply of an external flow (`ct` is its reply entry): source back to the
-/// frontend, destination back to the client if the flow was SNATed, then out of the
-/// uplink. Without the rev-NAT entry (the Service is gone) it passes untranslated.
+/// The reply of an external flow (`ct` is its reply entry), translated back, leaves
+/// through the uplink; without the rev-NAT entry (the Service is gone) it passes
+/// untranslated.
 #[inline(always)]
 pub fn reply_to_world<P: Packet>(
     pkt: &P,
     h: &Headers,
     ct: &ferrite_common::CtValue,
 ) -> Result<Verdict, ()> {
-    let Some(frontend) = (unsafe { crate::maps::REV_NAT.get(ct.rev_nat_index) }) else {
-        return Ok(Verdict::Pass);
-    };
-    let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
-    nat::snat(pkt, h, addr, port)?;
-    if ct.flags & CT_FLAG_SNAT != 0 {
-        nat::dnat(pkt, h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+    if nat::reverse(pkt, h, ct)? {
+        routing::to_world(pkt, h)
+    } else {
+        Ok(Verdict::Pass)
     }
-    count(stat::REVERSE_NAT, pkt.len());
-    routing::to_world(pkt, h)
 }

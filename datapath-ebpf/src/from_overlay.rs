@@ -8,7 +8,7 @@ use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 use crate::{
     conntrack, external,
     headers::{parse, Parsed},
-    maps::{route_key, CONFIG, REV_NAT, ROUTES},
+    maps::{route_key, CONFIG, ROUTES},
     nat,
     packet::{Packet, Verdict},
     routing,
@@ -38,16 +38,12 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     if h.has_ports {
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
-            if ct.flags & (CT_FLAG_REPLY | CT_FLAG_EXTERNAL) == CT_FLAG_REPLY | CT_FLAG_EXTERNAL {
-                // A backend on that node answering a NodePort flow this node SNATed.
-                return external::reply_to_world(pkt, &h, &ct);
-            }
             if ct.flags & CT_FLAG_REPLY != 0 {
-                if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
-                    let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
-                    nat::snat(pkt, &h, addr, port)?;
-                    count(stat::REVERSE_NAT, pkt.len());
+                if ct.flags & CT_FLAG_EXTERNAL != 0 {
+                    // A backend on that node answering a NodePort flow this node SNATed.
+                    return external::reply_to_world(pkt, &h, &ct);
                 }
+                nat::reverse(pkt, &h, &ct)?;
             }
         }
     }

@@ -5,9 +5,7 @@ use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 use crate::{
     conntrack, external,
     headers::{is_fragment_routed, parse, Parsed},
-    lb,
-    maps::REV_NAT,
-    nat,
+    lb, nat,
     packet::{Packet, Verdict},
     routing,
     stats::{count, count_lb},
@@ -32,16 +30,11 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     if h.has_ports {
         // Established flows first: one lookup, and the forward entry caches the backend.
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
-            if ct.flags & (CT_FLAG_REPLY | CT_FLAG_EXTERNAL) == CT_FLAG_REPLY | CT_FLAG_EXTERNAL {
-                return external::reply_to_world(pkt, &h, &ct);
-            }
             if ct.flags & CT_FLAG_REPLY != 0 {
-                // No rev-NAT entry: the Service is gone, the reply passes untranslated.
-                if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_index) } {
-                    let (addr, port) = (u32::from_ne_bytes(frontend.address), frontend.port);
-                    nat::snat(pkt, &h, addr, port)?;
-                    count(stat::REVERSE_NAT, pkt.len());
+                if ct.flags & CT_FLAG_EXTERNAL != 0 {
+                    return external::reply_to_world(pkt, &h, &ct);
                 }
+                nat::reverse(pkt, &h, &ct)?;
             } else {
                 daddr = u32::from_ne_bytes(ct.backend_address);
                 nat::dnat(pkt, &h, daddr, ct.backend_port)?;

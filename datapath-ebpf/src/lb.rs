@@ -88,7 +88,12 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
         _pad: 0,
         client: h.saddr.to_ne_bytes(),
     };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The clock is read only for Services with affinity (a helper call per new flow).
+    let now = if svc.affinity_timeout_s != 0 {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        0
+    };
     if svc.affinity_timeout_s != 0 {
         if let Some(pinned) = AFFINITY.get_ptr_mut(affinity_key) {
             let (id, last_used) = unsafe { ((*pinned).backend_id, (*pinned).last_used_ns) };

@@ -1,10 +1,12 @@
 //! Address/port rewrites with incremental checksum fixes (IP header + TCP/UDP,
 //! including the pseudo-header for address changes).
-use ferrite_common::PROTO_UDP;
+use ferrite_common::{stat, CtValue, CT_FLAG_SNAT, PROTO_UDP};
 
 use crate::{
     headers::{Headers, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    maps::REV_NAT,
     packet::Packet,
+    stats::count,
 };
 
 /// Rewrite destination to `addr:port` (address raw network order, port host order).
@@ -19,6 +21,23 @@ pub fn dnat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(),
 pub fn snat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(), ()> {
     rewrite_addr(pkt, h, IP_SADDR_OFF, h.saddr, addr)?;
     rewrite_port(pkt, h, h.l4_offset, h.sport, port)
+}
+
+/// Translate the reply of a Service flow (`ct` is its reply entry): source back to
+/// the frontend, and destination back to the client if the flow was SNATed. Returns
+/// whether it did: without the rev-NAT entry (the Service is gone) the reply is left
+/// untranslated.
+#[inline(always)]
+pub fn reverse<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<bool, ()> {
+    let Some(frontend) = (unsafe { REV_NAT.get(ct.rev_nat_index) }) else {
+        return Ok(false);
+    };
+    snat(pkt, h, u32::from_ne_bytes(frontend.address), frontend.port)?;
+    if ct.flags & CT_FLAG_SNAT != 0 {
+        dnat(pkt, h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+    }
+    count(stat::REVERSE_NAT, pkt.len());
+    Ok(true)
 }
 
 /// RFC 1624 incremental update of a ones'-complement checksum for a 32-bit field

@@ -35,7 +35,7 @@ pub struct TunnelKey {
     pub remote_ipv4: u32,
 }
 
-pub trait Packet {
+pub trait Packet: EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Whole packet length, including any non-linear part.
@@ -66,7 +66,17 @@ pub trait Packet {
 
     /// bpf_fib_lookup on this packet's context: the kernel's route and neighbour
     /// for `params` (BPF_FIB_LKUP_RET_* result).
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        unsafe {
+            aya_ebpf::helpers::bpf_fib_lookup(
+                self.as_ptr(),
+                params,
+                size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
+    }
 
     /// Make the first `len` bytes directly readable, pulling only when they are not
     /// already (a pull can copy and reallocate: never pay it for headers that are
@@ -171,11 +181,6 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        fib_lookup(self, params)
-    }
-
-    #[inline(always)]
     fn replace_l4_csum(
         &self,
         csum_offset: usize,
@@ -196,18 +201,6 @@ impl Packet for TcContext {
         }
         self.l4_csum_replace(csum_offset, from as u64, to as u64, flags)
             .map_err(|_| ())
-    }
-}
-
-#[inline(always)]
-fn fib_lookup<C: EbpfContext>(ctx: &C, params: &mut bpf_fib_lookup) -> i64 {
-    unsafe {
-        aya_ebpf::helpers::bpf_fib_lookup(
-            ctx.as_ptr(),
-            params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
     }
 }
 
@@ -250,11 +243,6 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn tunnel_key(&self) -> Result<TunnelKey, ()> {
         Err(())
-    }
-
-    #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        fib_lookup(self, params)
     }
 
     #[inline(always)]
