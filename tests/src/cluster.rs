@@ -65,26 +65,16 @@ spec:
   - {{name: http, port: 80, protocol: TCP, targetPort: http}}
   - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}}}
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-- {{name: http, port: {TCP_TARGET}, protocol: TCP}}
-- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}
-endpoints:
-{endpoints}"
+{}",
+        endpoint_slice_yaml(name, &endpoints)
     )
 }
 
 /// A LoadBalancer Service `name` (TCP `port` -> TCP_TARGET on NodePort `node_port`,
 /// UDP `port + 1` -> UDP_TARGET on `node_port + 1`), with `spec_extra` lines added to
 /// its spec (indented two spaces, e.g. `  externalTrafficPolicy: Local\n`), the
-/// load balancer's `ingress` IPs, and its EndpointSlice with `backends` ready on
-/// `backend_nodes` (same order).
+/// load balancer's `ingress` IPs, and its EndpointSlice with `backends` ready, each
+/// `(address, nodeName)`.
 pub fn load_balancer_yaml(
     name: &str,
     vip: Ipv4Addr,
@@ -117,7 +107,16 @@ spec:
   - {{name: dns, port: {udp_port}, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {udp_node_port}}}
 status: {{loadBalancer: {{ingress: [{ingress}]}}}}
 ---
-apiVersion: discovery.k8s.io/v1
+{}",
+        endpoint_slice_yaml(name, &endpoints)
+    )
+}
+
+/// The EndpointSlice of the Service `name` (ports http -> TCP_TARGET, dns ->
+/// UDP_TARGET) with `endpoints` (YAML list items).
+fn endpoint_slice_yaml(name: &str, endpoints: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: {name}-1

@@ -229,6 +229,26 @@ pub fn exchange(stream: &mut TcpStream, message: &str) -> Result<String> {
     Ok(line.trim_end().to_string())
 }
 
+/// One HTTP/1.1 GET of `path` on an open connection: (status, body).
+pub fn http_get(stream: &mut TcpStream, path: &str) -> Result<(u16, String)> {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: ferrite\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// TCP + UDP servers in a pod, stopped on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,

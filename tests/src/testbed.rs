@@ -197,20 +197,10 @@ impl Testbed {
             .program(program_names::FROM_WORLD)
             .context("program")?
             .try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(RunResult {
-            verdict: result.return_value,
-            frame: out,
-        })
+        Ok(test_run(program, frame, 1)?.0)
     }
 
+    /// Run the TC program `name` `repeat` times on `frame`.
     pub fn run_program(
         &self,
         name: &str,
@@ -218,21 +208,7 @@ impl Testbed {
         repeat: u32,
     ) -> Result<(RunResult, std::time::Duration)> {
         let program: &SchedClassifier = self.ebpf.program(name).context("program")?.try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((
-            RunResult {
-                verdict: result.return_value,
-                frame: out,
-            },
-            result.duration,
-        ))
+        test_run(program, frame, repeat)
     }
 
     /// Run the from-pod program once on `frame`.
@@ -257,4 +233,27 @@ impl Testbed {
         }
         Ok(out)
     }
+}
+
+/// BPF_PROG_TEST_RUN of any packet program: the verdict, the frame it left and the
+/// kernel's time per run.
+fn test_run<P>(program: &P, frame: &[u8], repeat: u32) -> Result<(RunResult, std::time::Duration)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((
+        RunResult {
+            verdict: result.return_value,
+            frame: out,
+        },
+        result.duration,
+    ))
 }

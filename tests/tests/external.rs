@@ -4,7 +4,7 @@
 //! Needs root.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{ErrorKind, Read, Write},
+    io::ErrorKind,
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use ferrite_common::stat;
 use ferrite_tests::{
     cluster::{load_balancer_yaml, TCP_TARGET, UDP_TARGET},
-    lab::{exchange, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, Server, SETTLE},
+    lab::{
+        exchange, http_get, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, Server, SETTLE,
+    },
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -191,19 +193,7 @@ fn nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> R
 
 fn health(world: &Netns, node_ip: Ipv4Addr, port: u16) -> Result<(u16, String)> {
     let mut stream = tcp_from(world, client_ip(0), SocketAddrV4::new(node_ip, port))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("HTTP status")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    http_get(&mut stream, "/")
 }
 
 #[test]
@@ -333,18 +323,25 @@ fn a_nodeport_without_backends_is_refused_at_once_not_left_to_time_out() -> Resu
     Ok(())
 }
 
+/// One long-lived connection from each of the 8 clients to `to`, with the pod that
+/// answered it.
+fn open_connections(world: &Netns, to: SocketAddrV4) -> Result<Vec<(String, TcpStream)>> {
+    (0..8)
+        .map(|index| {
+            let mut stream = tcp_from(world, client_ip(index), to)?;
+            let pod = parse_answer(&exchange(&mut stream, "hello")?, "hello")?.0;
+            Ok((pod, stream))
+        })
+        .collect()
+}
+
 #[test]
 fn removing_a_backend_under_load_breaks_no_connection_to_the_others() -> Result<()> {
     let env = world(|c| both_backends(c, ""))?;
     let c = &env.cluster;
     let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
     // Long-lived connections to both backends.
-    let mut open = Vec::new();
-    for index in 0..8 {
-        let mut stream = tcp_from(&c.world, client_ip(index), to)?;
-        let pod = parse_answer(&exchange(&mut stream, "hello")?, "hello")?.0;
-        open.push((pod, stream));
-    }
+    let mut open = open_connections(&c.world, to)?;
     anyhow::ensure!(open.iter().any(|(p, _)| p == "b0"), "no connection to b0");
     // Scale down: a1 leaves the Service.
     let without_a1 = load_balancer_yaml(
@@ -377,12 +374,7 @@ fn a_terminating_backend_finishes_its_connections_and_takes_no_new_ones() -> Res
     let env = world(|c| both_backends(c, ""))?;
     let c = &env.cluster;
     let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
-    let mut open = Vec::new();
-    for index in 0..8 {
-        let mut stream = tcp_from(&c.world, client_ip(index), to)?;
-        let pod = parse_answer(&exchange(&mut stream, "hello")?, "hello")?.0;
-        open.push((pod, stream));
-    }
+    let mut open = open_connections(&c.world, to)?;
     anyhow::ensure!(open.iter().any(|(p, _)| p == "a1"), "no connection to a1");
     // a1 is being deleted: not ready, still serving, terminating.
     let a1 = format!(

@@ -2,18 +2,17 @@
 //! watchers against a fake API server (list/watch JSON, resourceVersion, bookmarks,
 //! 410 Gone) running on 127.0.0.1 inside the node's network namespace. Needs root.
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrite_agent::plan::MapContents;
 use ferrite_common::{ServiceKey, PROTO_TCP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET},
     fake_apiserver::FakeApiServer,
-    lab::{answered_by, node_yaml, Netns, Node, Server},
+    lab::{self, answered_by, node_yaml, Netns, Node, Server},
 };
 
 struct KubeCluster {
@@ -67,22 +66,7 @@ fn http_get(netns: &Netns, path: &str) -> Result<(u16, String)> {
             Duration::from_secs(5),
         )?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("HTTP status")?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or("");
-        Ok((status, body.to_string()))
+        lab::http_get(&mut stream, &path)
     })?
 }
 

@@ -256,25 +256,48 @@ fn kube_proxy_rules(services: u32) -> String {
             "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j {svc}\n",
             cp_vip(s)
         ));
-        for e in 0..CP_ENDPOINTS {
-            let sep = format!("KUBE-SEP-{s:06}{e:06}");
-            chains.push_str(&format!(":{sep} - [0:0]\n"));
-            let remaining = CP_ENDPOINTS - e;
-            if remaining > 1 {
-                rules.push_str(&format!(
-                    "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}\n",
-                    1.0 / remaining as f64
-                ));
-            } else {
-                rules.push_str(&format!("-A {svc} -j {sep}\n"));
-            }
-            rules.push_str(&format!(
-                "-A {sep} -p tcp -m tcp -j DNAT --to-destination {}:8080\n",
-                cp_endpoint(s, e)
-            ));
-        }
+        let endpoints: Vec<SocketAddrV4> = (0..CP_ENDPOINTS)
+            .map(|e| SocketAddrV4::new(cp_endpoint(s, e), 8080))
+            .collect();
+        kube_proxy_endpoints(
+            &svc,
+            &format!("{s:06}"),
+            6,
+            &endpoints,
+            &mut chains,
+            &mut rules,
+        );
     }
     format!("{chains}{rules}COMMIT\n")
+}
+
+/// A KUBE-SVC chain's endpoints as kube-proxy writes them: one KUBE-SEP chain each
+/// (`KUBE-SEP-<id><index, index_width digits>`), picked with statistic probabilities
+/// 1/n, 1/(n-1), ... so each is equally likely, and a DNAT in each.
+fn kube_proxy_endpoints(
+    svc: &str,
+    id: &str,
+    index_width: usize,
+    endpoints: &[SocketAddrV4],
+    chains: &mut String,
+    rules: &mut String,
+) {
+    for (e, endpoint) in endpoints.iter().enumerate() {
+        let sep = format!("KUBE-SEP-{id}{e:0index_width$}");
+        chains.push_str(&format!(":{sep} - [0:0]\n"));
+        let remaining = endpoints.len() - e;
+        if remaining > 1 {
+            rules.push_str(&format!(
+                "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}\n",
+                1.0 / remaining as f64
+            ));
+        } else {
+            rules.push_str(&format!("-A {svc} -j {sep}\n"));
+        }
+        rules.push_str(&format!(
+            "-A {sep} -p tcp -m tcp -j DNAT --to-destination {endpoint}\n"
+        ));
+    }
 }
 
 fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
@@ -512,22 +535,11 @@ fn np_kube_proxy_rules(services: u32, backend: Ipv4Addr) -> String {
                 ));
             }
             rules.push_str(&format!("-A {ext} -j KUBE-MARK-MASQ\n-A {ext} -j {svc}\n"));
-            for (e, endpoint) in endpoints.iter().enumerate() {
-                let sep = format!("KUBE-SEP-{id}{e:02}");
-                chains.push_str(&format!(":{sep} - [0:0]\n"));
-                let remaining = endpoints.len() - e;
-                if remaining > 1 {
-                    rules.push_str(&format!(
-                        "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}\n",
-                        1.0 / remaining as f64
-                    ));
-                } else {
-                    rules.push_str(&format!("-A {svc} -j {sep}\n"));
-                }
-                rules.push_str(&format!(
-                    "-A {sep} -p tcp -m tcp -j DNAT --to-destination {endpoint}:{target}\n"
-                ));
-            }
+            let targets: Vec<SocketAddrV4> = endpoints
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, *target))
+                .collect();
+            kube_proxy_endpoints(&svc, &id, 2, &targets, &mut chains, &mut rules);
         }
     };
     for s in 0..services - 1 {
