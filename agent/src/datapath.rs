@@ -1,6 +1,9 @@
 //! Loading the eBPF object and attaching it so it outlives the agent: maps, the
-//! program and every tcx link are pinned under /sys/fs/bpf/ferrite/<node>/. A restart
-//! reuses the pinned maps (their entries are untouched) and keeps pinned links.
+//! programs and every link are pinned under /sys/fs/bpf/ferrite/<node>/. A restart
+//! (or an upgrade: a new object) reuses the pinned maps, their entries untouched, and
+//! keeps the pinned links, moving each to the newly loaded program with one
+//! BPF_LINK_UPDATE: no moment without a program, no packet seen by neither.
+//! A pinned map whose layout the new object does not share is re-created.
 use std::{
     collections::BTreeMap,
     fs,
@@ -9,10 +12,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
+    maps::MapInfo,
     programs::{
         links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -121,6 +126,7 @@ impl Datapath {
         ensure_bpffs()?;
         create_private_dir(pin_dir)?;
         create_private_dir(&links_dir(pin_dir))?;
+        recreate_incompatible_maps(object, pin_dir, capacities)?;
         let map_paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -190,15 +196,11 @@ impl Datapath {
         detach(&self.pin_dir, interface)
     }
 
-    /// Attach `program` to `interface`'s tcx ingress and pin the link, unless already
-    /// pinned. Returns whether a new attachment was made.
+    /// Attach `program` to `interface`'s tcx ingress and pin the link, unless a link
+    /// is pinned there already. Returns whether a new attachment was made.
     pub fn ensure_attached(&mut self, interface: &str, program: &str) -> Result<bool> {
-        let link_pin = links_dir(&self.pin_dir).join(interface);
-        if link_pin.exists() {
-            if PinnedLink::from_pin(&link_pin).is_ok() {
-                return Ok(false);
-            }
-            let _ = fs::remove_file(&link_pin);
+        if pinned_link(&links_dir(&self.pin_dir).join(interface))?.is_some() {
+            return Ok(false);
         }
         let program: &mut SchedClassifier = self
             .ebpf
@@ -207,6 +209,51 @@ impl Datapath {
             .try_into()?;
         attach_and_pin(program, interface, &self.pin_dir)
     }
+
+    /// Move the link pinned as `link_name` to this agent's copy of `program`, with one
+    /// BPF_LINK_UPDATE (after a restart or an upgrade). Returns whether it changed.
+    pub fn replace_program(&mut self, link_name: &str, program: &str) -> Result<bool> {
+        let Some(link) = pinned_link(&links_dir(&self.pin_dir).join(link_name))? else {
+            return Ok(false);
+        };
+        let program = self.ebpf.program_mut(program).context("program missing")?;
+        if link.info()?.program_id() == program.info()?.id() {
+            return Ok(false);
+        }
+        let context = || format!("replacing the program of link {link_name}");
+        // Closing our handle afterwards leaves the link to its pin.
+        match program {
+            Program::SchedClassifier(program) => {
+                let id = program
+                    .attach_to_link(SchedClassifierLink::try_from(link)?)
+                    .with_context(context)?;
+                drop(program.take_link(id)?);
+            }
+            Program::Xdp(program) => {
+                let id = program
+                    .attach_to_link(XdpLink::try_from(link)?)
+                    .with_context(context)?;
+                drop(program.take_link(id)?);
+            }
+            _ => bail!("{link_name}: unexpected program type"),
+        }
+        Ok(true)
+    }
+}
+
+/// The link pinned at `link_pin`, if there is a live one; a stale pin is removed.
+fn pinned_link(link_pin: &Path) -> Result<Option<FdLink>> {
+    if !link_pin.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(link_pin) {
+        // The FdLink holds the link open; the pin stays.
+        Ok(link) => Ok(Some(FdLink::from(link))),
+        Err(_) => {
+            let _ = fs::remove_file(link_pin);
+            Ok(None)
+        }
+    }
 }
 
 impl Datapath {
@@ -214,11 +261,8 @@ impl Datapath {
     /// `xdp:<interface>`, unless already pinned. Returns whether it attached now.
     pub fn ensure_xdp_attached(&mut self, interface: &str) -> Result<bool> {
         let link_pin = links_dir(&self.pin_dir).join(xdp_link_name(interface));
-        if link_pin.exists() {
-            if PinnedLink::from_pin(&link_pin).is_ok() {
-                return Ok(false);
-            }
-            let _ = fs::remove_file(&link_pin);
+        if pinned_link(&link_pin)?.is_some() {
+            return Ok(false);
         }
         let program: &mut Xdp = self
             .ebpf
@@ -239,6 +283,58 @@ impl Datapath {
     }
 }
 
+/// Remove the pins of maps the object at `object` defines differently (type, key or
+/// value size, flags, or capacity after `capacities`), so loading creates them anew.
+/// Programs still running keep the old map until their link is moved to the new
+/// program; the agent refills Service maps before that (see `agent::reconcile`).
+/// Conntrack or affinity entries of a re-created map are lost: those flows re-balance.
+fn recreate_incompatible_maps(
+    object: &Path,
+    pin_dir: &Path,
+    capacities: &BTreeMap<String, u32>,
+) -> Result<()> {
+    let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+    let parsed =
+        aya_obj::Object::parse(&bytes).with_context(|| format!("parsing {}", object.display()))?;
+    for name in map_names::ALL {
+        let pin = pin_dir.join(name);
+        let (Some(wanted), Ok(pinned)) = (parsed.maps.get(name), MapInfo::from_pin(&pin)) else {
+            continue;
+        };
+        let capacity = capacities
+            .get(name)
+            .copied()
+            .unwrap_or(wanted.max_entries());
+        let layout = |map_type: u32, key: u32, value: u32, flags: u32, entries: u32| {
+            format!("type {map_type}, key {key} B, value {value} B, flags {flags:#x}, {entries} entries")
+        };
+        let pinned_layout = layout(
+            pinned.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            pinned.key_size(),
+            pinned.value_size(),
+            pinned.map_flags(),
+            pinned.max_entries(),
+        );
+        let wanted_layout = layout(
+            wanted.map_type(),
+            wanted.key_size(),
+            wanted.value_size(),
+            wanted.map_flags(),
+            capacity,
+        );
+        if pinned_layout != wanted_layout {
+            warn!(
+                map = name,
+                pinned = %pinned_layout,
+                wanted = %wanted_layout,
+                "pinned map does not match the new object: re-creating it"
+            );
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Pin name of the XDP link of `interface` (its tcx link is pinned as `interface`).
 /// bpffs refuses dots in names; interface names cannot contain ':'.
 pub fn xdp_link_name(interface: &str) -> String {
@@ -246,6 +342,11 @@ pub fn xdp_link_name(interface: &str) -> String {
 }
 
 pub const XDP_LINK_PREFIX: &str = "xdp:";
+
+/// The interface a link pin belongs to.
+pub fn link_device(link_name: &str) -> &str {
+    link_name.strip_prefix(XDP_LINK_PREFIX).unwrap_or(link_name)
+}
 
 /// Attach `program` to `interface`'s tcx ingress and pin the link in `pin_dir`.
 /// The agent and the CNI plugin may race to attach to a new pod's veth: the pin
