@@ -454,7 +454,23 @@ pub fn reconcile(
     let (state, more) = model::build(objects, &settings.node);
     skipped.extend(more);
 
-    let interfaces = datapath::interfaces()?;
+    // The uplink (the interface holding this node's IP): XDP for external traffic,
+    // tcx to forward what it translated; the overlay's MTU follows it.
+    let node_ip = state.nodes.get(&settings.node).map(|n| n.ip);
+    let uplink = node_ip.and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
+    let mut interfaces = datapath::interfaces()?;
+    let uplink_mtu = uplink
+        .as_deref()
+        .and_then(|u| interfaces.get(u))
+        .map(|i| i.mtu);
+    if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
+        let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
+        if vxlan.mtu != overlay_mtu {
+            hostnet::set_vxlan_mtu(overlay_mtu)?;
+            info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
+            vxlan.mtu = overlay_mtu;
+        }
+    }
     let mut wanted: BTreeSet<&str> = state.pods.values().map(|p| p.interface.as_str()).collect();
     for interface in &wanted {
         if interfaces.contains_key(*interface)
@@ -469,10 +485,6 @@ pub fn reconcile(
         info!(interface = VXLAN_DEVICE, "attached from-overlay program");
     }
     wanted.insert(VXLAN_DEVICE);
-    // The uplink (the interface holding this node's IP): XDP for external traffic,
-    // tcx to forward what it translated.
-    let node_ip = state.nodes.get(&settings.node).map(|n| n.ip);
-    let uplink = node_ip.and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
     let uplink_xdp = uplink.as_deref().map(datapath::xdp_link_name);
     if let Some(uplink) = uplink.as_deref() {
         if datapath.ensure_attached(uplink, program_names::FROM_UPLINK)? {

@@ -447,6 +447,13 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 
 /// The network interfaces of the current network namespace, by name.
 pub fn interfaces() -> Result<BTreeMap<String, Interface>> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut out = BTreeMap::new();
     for ifaddr in nix::ifaddrs::getifaddrs()? {
         let Some(link) = ifaddr.address.as_ref().and_then(|a| a.as_link_addr()) else {
@@ -458,6 +465,7 @@ pub fn interfaces() -> Result<BTreeMap<String, Interface>> {
             Interface {
                 ifindex: link.ifindex() as u32,
                 mac,
+                mtu: interface_mtu(&socket, &ifaddr.interface_name)?,
             },
         );
     }
@@ -465,6 +473,26 @@ pub fn interfaces() -> Result<BTreeMap<String, Interface>> {
         warn!("no network interfaces with a link-layer address found");
     }
     Ok(out)
+}
+
+/// The MTU of interface `name` (SIOCGIFMTU: /sys/class/net shows the devices of the
+/// mount namespace's network namespace, which need not be this one).
+fn interface_mtu(socket: &impl std::os::fd::AsRawFd, name: &str) -> Result<u32> {
+    nix::ioctl_read_bad!(get_mtu, nix::libc::SIOCGIFMTU, nix::libc::ifreq);
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    let name_room = request.ifr_name.len() - 1; // keep the terminating NUL
+    for (slot, byte) in request
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(name_room))
+    {
+        *slot = byte as nix::libc::c_char;
+    }
+    // SAFETY: the request names an interface; the kernel fills `ifru_mtu` only.
+    unsafe { get_mtu(socket.as_raw_fd(), &mut request) }
+        .with_context(|| format!("reading the MTU of {name}"))?;
+    Ok(unsafe { request.ifr_ifru.ifru_mtu } as u32)
 }
 
 /// The interface of the current network namespace that has `address`, if any.

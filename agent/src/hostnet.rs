@@ -76,6 +76,16 @@ pub fn ensure_vxlan_device(port: u16, exists: bool) -> Result<()> {
     run("ip", &["link", "set", VXLAN_DEVICE, "up"])
 }
 
+/// Give the VXLAN device the uplink's MTU minus the encapsulation (as flannel does),
+/// so what it carries never needs outer fragmentation; pods get the same MTU (the
+/// CNI conflist's `mtu`) and the datapath answers larger DF packets with ICMP.
+pub fn set_vxlan_mtu(mtu: u32) -> Result<()> {
+    run(
+        "ip",
+        &["link", "set", VXLAN_DEVICE, "mtu", &mtu.to_string()],
+    )
+}
+
 /// Pods are routed, not bridged: packets the host stack sends to a pod (replies to
 /// its masqueraded egress traffic) need a /32 route and, as the pod MAC is known, a
 /// permanent neighbour entry instead of ARP.

@@ -156,6 +156,7 @@ impl Budget {
 pub struct Interface {
     pub ifindex: u32,
     pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -489,7 +490,10 @@ pub fn desired_contents_keeping_ids(
         vxlan_ifindex: interfaces.get(VXLAN_DEVICE).map(|i| i.ifindex).unwrap_or(0),
         vni: settings.vni,
         vtep_mac: this_node.map(|n| n.vtep_mac).unwrap_or_default(),
-        _pad: 0,
+        pod_mtu: interfaces
+            .get(VXLAN_DEVICE)
+            .map(|i| i.mtu.min(u16::MAX.into()) as u16)
+            .unwrap_or(0),
     };
     for node in state.nodes.values() {
         let flags = if node.name == settings.node {
@@ -1265,6 +1269,7 @@ mod tests {
             Interface {
                 ifindex: 7,
                 mac: [2, 0, 0, 0, 0, 7],
+                mtu: 1450,
             },
         )]);
         let (desired, skipped) = desired_contents(
@@ -1305,6 +1310,7 @@ mod tests {
             Interface {
                 ifindex: 7,
                 mac: [0; 6],
+                mtu: 1450,
             },
         )]);
         let (desired, _) = desired_contents(
@@ -1380,11 +1386,16 @@ mod tests {
             Interface {
                 ifindex: 9,
                 mac: [0; 6],
+                mtu: 1400,
             },
         )]);
         let (desired, _) = desired_contents(&s, &interfaces, &MapContents::default(), &settings);
         assert_eq!(desired.config.vni, 7);
         assert_eq!(desired.config.vxlan_ifindex, 9);
+        assert_eq!(
+            desired.config.pod_mtu, 1400,
+            "pods get the VXLAN device's MTU"
+        );
         assert_eq!(desired.config.node_ip, [198, 51, 100, 1]);
         let route = |n: [u8; 4]| RouteKey {
             prefix_len: 24,

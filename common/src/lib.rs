@@ -401,7 +401,10 @@ pub mod stat {
     pub const NODEPORT_REJECTED: u32 = 22;
     /// No free port in the SNAT range for a forwarded external flow.
     pub const DROP_NO_SNAT_PORT: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// External packet with DF set larger than `pod_mtu`: answered with ICMP
+    /// "fragmentation needed" (path MTU discovery) instead of being forwarded.
+    pub const ICMP_FRAG_NEEDED: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -428,6 +431,7 @@ pub mod stat {
         "drop_source_range",
         "nodeport_rejected",
         "drop_no_snat_port",
+        "icmp_frag_needed",
     ];
 }
 
@@ -444,7 +448,9 @@ pub struct NodeConfig {
     pub vni: u32,
     /// This node's VTEP MAC: inner source MAC of encapsulated frames.
     pub vtep_mac: [u8; 6],
-    pub _pad: u16,
+    /// The largest IP packet pods get: the VXLAN device's MTU, which the CNI gives
+    /// pods (node MTU - 50). 0 (or below 68): no limit known.
+    pub pod_mtu: u16,
 }
 
 #[cfg(feature = "user")]

@@ -24,6 +24,16 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
     }
 }
 
+/// The entry of the flow `h` belongs to (either direction), left as it is.
+#[inline(always)]
+pub fn lookup(h: &Headers) -> Option<CtValue> {
+    unsafe {
+        CONNTRACK
+            .get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))
+            .copied()
+    }
+}
+
 /// The entry of the flow `h` belongs to (either direction), with this packet
 /// accounted to it.
 #[inline(always)]

@@ -9,6 +9,12 @@
 //!   NodePort passes to the stack, which refuses it with a TCP RST or an ICMP port
 //!   unreachable, as kube-proxy's REJECT does (`nodeport_rejected`); a LoadBalancer or
 //!   externalIP drops (`drop_no_backend`);
+//! - a packet of an external flow (new or established) larger than `pod_mtu` with DF
+//!   set is answered with ICMP "fragmentation needed" (`icmp_frag_needed`), as the
+//!   router in front of the pods would: XDP passes it untouched and the uplink's TC
+//!   program sends the answer (XDP_TX into a veth uplink needs its peer set up for
+//!   XDP; a TC redirect does not). Without DF it is forwarded (fragmented on the way,
+//!   or taken whole by the pod);
 //! - a backend on this node: DNAT only (the client IP is kept); on another node: DNAT
 //!   and SNAT to this node's IP and a free port of its SNAT range, so the reply comes
 //!   back here. Both pass on translated: the uplink's TC program delivers them to the
@@ -22,7 +28,7 @@ use ferrite_common::{
 use crate::{
     conntrack::{self, NewFlow},
     headers::{parse, Headers, Parsed},
-    lb,
+    icmp, lb,
     maps::{CONFIG, SOURCE_RANGES},
     nat,
     packet::{Packet, Verdict},
@@ -40,12 +46,33 @@ fn source_allowed(h: &Headers) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
+/// The pod MTU, if `h` is a packet pods cannot take whole (DF set, larger) of an
+/// external flow: established, or new to an external frontend that admits the client.
+#[inline(always)]
+fn frag_needed_mtu(h: &Headers) -> Option<u16> {
+    let mtu = CONFIG.get(0).map(|c| c.pod_mtu).unwrap_or(0);
+    if !icmp::too_big_for(h, mtu) {
+        return None;
+    }
+    if let Some(ct) = conntrack::lookup(h) {
+        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_EXTERNAL {
+            return Some(mtu);
+        }
+    }
+    let svc = lb::lookup_service(h)?;
+    let admitted = svc.flags & svc_flag::SOURCE_RANGES == 0 || source_allowed(h);
+    (svc.flags & svc_flag::EXTERNAL != 0 && admitted).then_some(mtu)
+}
+
 #[inline(always)]
 pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports => h,
         _ => return Ok(Verdict::Pass),
     };
+    if frag_needed_mtu(&h).is_some() {
+        return Ok(Verdict::Pass); // answered by from_uplink
+    }
     if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
         if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_EXTERNAL {
             nat::dnat(
@@ -114,13 +141,21 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 
 /// tcx ingress of the uplink, after [`from_world`]: packets now addressed to a pod
 /// (translated external flows, or sent to a pod IP directly) are delivered or
-/// encapsulated here; everything else goes on into the stack.
+/// encapsulated here; DF packets of external flows too large for pods are answered
+/// with ICMP "fragmentation needed"; everything else goes on into the stack.
 #[inline(always)]
 pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         _ => return Ok(Verdict::Pass),
     };
+    // GRO may have merged segments after XDP saw them: only whole packets count.
+    if h.has_ports && !pkt.is_gso() {
+        if let Some(mtu) = frag_needed_mtu(&h) {
+            count(stat::ICMP_FRAG_NEEDED, pkt.len());
+            return icmp::frag_needed(pkt, &h, mtu);
+        }
+    }
     if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
         return Ok(Verdict::Pass);
     }

@@ -20,6 +20,7 @@ pub const IP_SADDR_OFF: usize = IP_OFF + 12;
 pub const IP_DADDR_OFF: usize = IP_OFF + 16;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
+const IP_DF: u16 = 0x4000;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 
@@ -39,6 +40,9 @@ pub struct Headers {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// IP total length and the Don't Fragment flag (path MTU discovery).
+    pub tot_len: u16,
+    pub dont_fragment: bool,
 }
 
 impl Headers {
@@ -100,6 +104,8 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        tot_len: tot_len as u16,
+        dont_fragment: frags & IP_DF != 0,
     };
     if is_fragment || (headers.proto != PROTO_TCP && headers.proto != PROTO_UDP) {
         return Parsed::Ipv4(headers);

@@ -7,6 +7,7 @@ mod external;
 mod from_overlay;
 mod from_pod;
 mod headers;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -56,6 +57,7 @@ fn tc_action(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
         Verdict::RedirectNeigh(ifindex) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        Verdict::Bounce => unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 },
     }
 }
 
@@ -86,6 +88,7 @@ pub fn ferrite_from_world(ctx: XdpContext) -> u32 {
             log_drop(&ctx, reason, ctx.len(), ctx.ifindex());
             xdp_action::XDP_DROP
         }
+        Verdict::Bounce => xdp_action::XDP_TX,
         // Translated packets continue to the uplink's TC program, which forwards.
         _ => xdp_action::XDP_PASS,
     }

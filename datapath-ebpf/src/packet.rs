@@ -7,7 +7,9 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_ZERO_CSUM_TX,
     },
-    helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    helpers::{
+        bpf_skb_change_tail, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key, bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -26,6 +28,8 @@ pub enum Verdict {
     /// Send out of this device, the kernel resolving the next hop's MAC
     /// (bpf_redirect_neigh; TC only, XDP passes instead).
     RedirectNeigh(u32),
+    /// Send back out of the device it arrived on (an answer built in place).
+    Bounce,
 }
 
 /// The tunnel metadata of a received packet.
@@ -63,6 +67,10 @@ pub trait Packet: EbpfContext {
     fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
     /// What a packet that arrived on a collect_md tunnel device came with.
     fn tunnel_key(&self) -> Result<TunnelKey, ()>;
+    /// Cut the packet to its first `len` bytes (never longer than it is).
+    fn truncate(&self, len: u32) -> Result<(), ()>;
+    /// Whether this is a GSO packet (segments merged by GRO or a local sender).
+    fn is_gso(&self) -> bool;
 
     /// bpf_fib_lookup on this packet's context: the kernel's route and neighbour
     /// for `params` (BPF_FIB_LKUP_RET_* result).
@@ -181,6 +189,19 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
+    fn is_gso(&self) -> bool {
+        unsafe { (*self.skb.skb).gso_size != 0 }
+    }
+
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Result<(), ()> {
+        match unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
     fn replace_l4_csum(
         &self,
         csum_offset: usize,
@@ -243,6 +264,20 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn tunnel_key(&self) -> Result<TunnelKey, ()> {
         Err(())
+    }
+
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Result<(), ()> {
+        let delta = len as i32 - Packet::len(self) as i32;
+        match unsafe { bpf_xdp_adjust_tail(self.ctx, delta) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
     }
 
     #[inline(always)]

@@ -20,6 +20,7 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 /// BPF_PROG_TEST_RUN runs skb programs as if the packet came in on loopback.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
@@ -145,6 +146,22 @@ impl Testbed {
             NodeConfig {
                 node_ip: ip.octets(),
                 ..NodeConfig::default()
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// The largest packet pods take (`pod_mtu`; 0, the default here, means no limit).
+    pub fn set_pod_mtu(&mut self, mtu: u16) -> Result<()> {
+        let mut config: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).context("config")?)?;
+        let current = config.get(&0, 0)?;
+        config.set(
+            0,
+            NodeConfig {
+                pod_mtu: mtu,
+                ..current
             },
             0,
         )?;

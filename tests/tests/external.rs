@@ -15,6 +15,7 @@ use ferrite_tests::{
     cluster::{load_balancer_yaml, TCP_TARGET, UDP_TARGET},
     lab::{
         exchange, http_get, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, Server, SETTLE,
+        WORLD_IP,
     },
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -24,13 +25,15 @@ const PORT: u16 = 80;
 const NODE_PORT: u16 = 30080;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+/// How many extra client addresses the world has.
+const CLIENTS: u8 = 16;
 /// Extra client addresses of the world (on its loopback), beside WORLD_IP.
 fn client_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 20 + index)
 }
 
 /// Two nodes; pod `a1` on node 0 and `b0` on node 1 serve TCP and UDP; the world has
-/// 8 client addresses and routes the LoadBalancer IP to node 0, the externalIP to
+/// 16 client addresses and routes the LoadBalancer IP to node 0, the externalIP to
 /// node 1 (as a cloud load balancer and a router would).
 struct World {
     _servers: Vec<Server>,
@@ -47,7 +50,7 @@ fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
         servers.push(cluster.pod(pod).serve(UDP_TARGET)?);
     }
     let w = &cluster.world.name;
-    for index in 0..8 {
+    for index in 0..CLIENTS {
         let address = format!("{}/32", client_ip(index));
         sh("ip", &["-n", w, "addr", "add", &address, "dev", "lo"])?;
     }
@@ -254,7 +257,7 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() -> Result<()> {
     let c = &env.cluster;
     let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
     let mut chosen = BTreeMap::new();
-    for index in 0..8 {
+    for index in 0..CLIENTS {
         let from = client_ip(index);
         let connections = if index == 0 { 50 } else { 5 };
         let mut backends = BTreeSet::new();
@@ -264,7 +267,7 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() -> Result<()> {
         assert_eq!(backends.len(), 1, "{from} moved between {backends:?}");
         chosen.insert(from, backends.into_iter().next().unwrap());
     }
-    // Clients are still spread (all 8 on one backend: 1 in 128 by chance).
+    // Clients are still spread (all 16 on one backend: 1 in 32768 by chance).
     let used: BTreeSet<_> = chosen.values().collect();
     assert_eq!(used.len(), 2, "{chosen:?}");
     Ok(())
@@ -404,6 +407,174 @@ fn a_terminating_backend_finishes_its_connections_and_takes_no_new_ones() -> Res
     // New connections all go to b0.
     for index in 0..8 {
         assert_eq!(tcp_request(&c.world, client_ip(index), to)?.0, "b0");
+    }
+    Ok(())
+}
+
+/// A UDP server in `netns` answering each datagram with its size, stopped on drop
+/// (answers stay small, whatever was received).
+struct SizeEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SizeEcho {
+    fn start(netns: &Netns, port: u16) -> Result<Self> {
+        let socket =
+            netns.run(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))??;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(n.to_string().as_bytes(), from);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SizeEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A UDP socket of the world connected to `to`, with path MTU discovery `mode`
+/// (IP_PMTUDISC_DO: DF set; IP_PMTUDISC_DONT: DF clear).
+fn udp_with_pmtu_mode(world: &Netns, to: SocketAddrV4, mode: i32) -> Result<UdpSocket> {
+    let socket = udp_socket(world, WORLD_IP)?;
+    set_pmtu_mode(&socket, mode)?;
+    socket.connect(to)?;
+    Ok(socket)
+}
+
+/// IP_MTU_DISCOVER (nix has no setter for it).
+fn set_pmtu_mode(socket: &UdpSocket, mode: i32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a live socket, and a c_int option value of the size given.
+    let result = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_MTU_DISCOVER,
+            (&mode as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    nix::errno::Errno::result(result)?;
+    Ok(())
+}
+
+/// Send `size` bytes of payload and return the size the server reports.
+fn sized_request(socket: &UdpSocket, size: usize) -> std::io::Result<usize> {
+    let mut buf = [0u8; 64];
+    let mut last = std::io::Error::from(ErrorKind::TimedOut);
+    for _ in 0..3 {
+        socket.send(&vec![b'x'; size])?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).parse().unwrap_or(0)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                last = e
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_node_port_and_oversized_datagrams_without_df_arrive(
+) -> Result<()> {
+    const SIZES_PORT: u16 = 9999;
+    const SIZES_NODE_PORT: u16 = 30099;
+    let env = world(|c| {
+        format!(
+            "{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: sizes, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.99
+  ports:
+  - {{name: sizes, port: 9, protocol: UDP, targetPort: {SIZES_PORT}, nodePort: {SIZES_NODE_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sizes-1, namespace: default, labels: {{kubernetes.io/service-name: sizes}}}}
+addressType: IPv4
+ports:
+- {{name: sizes, port: {SIZES_PORT}, protocol: UDP}}
+endpoints:
+- addresses: [\"{}\"]
+  nodeName: {}
+  conditions: {{ready: true}}
+",
+            both_backends(c, ""),
+            c.pod("b0").ip,
+            c.nodes[1].name
+        )
+    })?;
+    let c = &env.cluster;
+    let _sizes = SizeEcho::start(&c.pod("b0").netns, SIZES_PORT)?;
+    let pod_mtu = (1500 - ferrite_common::VXLAN_OVERHEAD) as usize;
+    let one_over = pod_mtu - 28 + 1; // UDP payload of an IP packet one byte over
+    let [remote, local] =
+        [0, 1].map(|n| SocketAddrV4::new(c.nodes[n].ip.expect("plugged"), SIZES_NODE_PORT));
+    wait_until("the NodePort to answer", SETTLE, || {
+        udp_with_pmtu_mode(&c.world, remote, nix::libc::IP_PMTUDISC_DONT)
+            .is_ok_and(|s| sized_request(&s, 10).is_ok())
+    })?;
+
+    // Without DF, one byte over the pod MTU arrives whole, through the overlay (node 0
+    // forwards to b0 on node 1) and straight to a local pod (node 1).
+    for to in [remote, local] {
+        let socket = udp_with_pmtu_mode(&c.world, to, nix::libc::IP_PMTUDISC_DONT)?;
+        assert_eq!(sized_request(&socket, one_over)?, one_over, "via {to}");
+    }
+    // The pod's own stack fragments what it sends one byte over its MTU (no DF) to a
+    // pod on another node; the overlay carries the fragments.
+    let a1 = &c.pod("a1").netns;
+    let to_b0 = SocketAddrV4::new(c.pod("b0").ip, SIZES_PORT);
+    let socket = a1.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    set_pmtu_mode(&socket, nix::libc::IP_PMTUDISC_DONT)?;
+    socket.connect(to_b0)?;
+    assert_eq!(sized_request(&socket, one_over)?, one_over, "pod to pod");
+
+    // With DF, the world learns the pod MTU from node 0's ICMP "fragmentation needed"
+    // (the socket reports EMSGSIZE and its path MTU drops), then fits.
+    for to in [remote, local] {
+        let socket = udp_with_pmtu_mode(&c.world, to, nix::libc::IP_PMTUDISC_DO)?;
+        let error = sized_request(&socket, one_over).expect_err("no answer to a DF packet over");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(nix::libc::EMSGSIZE),
+            "via {to}: {error}"
+        );
+        let path_mtu = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::IpMtu)?;
+        assert_eq!(path_mtu as usize, pod_mtu, "via {to}");
+        assert_eq!(
+            sized_request(&socket, one_over - 1)?,
+            one_over - 1,
+            "via {to}"
+        );
+    }
+    for node in 0..2 {
+        assert!(
+            counter(c, node, stat::ICMP_FRAG_NEEDED)? >= 1,
+            "node {node}"
+        );
     }
     Ok(())
 }

@@ -4,10 +4,14 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
-use ferrite_common::{stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use ferrite_common::{
+    program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
 use ferrite_tests::{
     frames::{self, decode_checked},
-    testbed::{Testbed, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS},
+    testbed::{
+        Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS,
+    },
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -208,5 +212,94 @@ fn malformed_and_foreign_frames_pass_untouched() -> Result<()> {
     }
     assert_eq!(bed.counter(stat::EXTERNAL_NEW_FLOW)?, 0);
     assert!(bed.drops()?.is_empty(), "{:?}", bed.drops()?);
+    Ok(())
+}
+
+/// `frame` with the IPv4 Don't Fragment flag cleared (IP checksum fixed).
+fn without_df(frame: &[u8]) -> Result<Vec<u8>> {
+    let (mut ip, rest) = etherparse::Ipv4Header::from_slice(&frame[14..])?;
+    ip.dont_fragment = false;
+    ip.header_checksum = ip.calc_header_checksum();
+    Ok([&frame[..14], &ip.to_bytes()[..], rest].concat())
+}
+
+/// The ICMP "fragmentation needed" a router sends back for `frame`: from the address
+/// `frame` was sent to, quoting its IP header and first 8 payload bytes.
+fn frag_needed_for(frame: &[u8], mtu: u16) -> Result<Vec<u8>> {
+    use etherparse::{
+        icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    };
+    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
+    ip.dont_fragment = false;
+    let builder = PacketBuilder::ethernet2(frames::GATEWAY_MAC, frames::CLIENT_MAC)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ));
+    let quoted = &frame[14..14 + 28];
+    let mut out = Vec::new();
+    builder.write(&mut out, quoted)?;
+    Ok(out)
+}
+
+/// What the uplink does with `frame`: XDP first, then (if it passed) the tcx program.
+fn through_the_uplink(bed: &Testbed, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let xdp = bed.from_world(frame)?;
+    if xdp.verdict != XDP_PASS {
+        return Ok((xdp.verdict, xdp.frame));
+    }
+    let (tc, _) = bed.run_program(program_names::FROM_UPLINK, &xdp.frame, 1)?;
+    Ok((tc.verdict, tc.frame))
+}
+
+#[test]
+fn a_df_packet_larger_than_pods_take_is_answered_with_fragmentation_needed() -> Result<()> {
+    const POD_MTU: u16 = 1450;
+    let mut bed = testbed()?;
+    bed.set_pod_mtu(POD_MTU)?;
+    let payload_fitting = vec![7u8; POD_MTU as usize - 28];
+    let payload_over = vec![7u8; POD_MTU as usize - 28 + 1];
+
+    // A new flow, one byte over, DF set (etherparse sets it, as Linux does for UDP):
+    // XDP leaves it as it is, the tcx program turns it into the ICMP error and sends
+    // it back out of the uplink.
+    let big = frames::udp(CLIENT, LOCAL_NODE_PORT, &payload_over);
+    let xdp = bed.from_world(&big)?;
+    assert_eq!((xdp.verdict, &xdp.frame), (XDP_PASS, &big));
+    assert_eq!(
+        through_the_uplink(&bed, &big)?,
+        (TC_ACT_REDIRECT, frag_needed_for(&big, POD_MTU)?)
+    );
+    // Exactly the MTU passes XDP translated.
+    let fits = frames::udp(CLIENT, LOCAL_NODE_PORT, &payload_fitting);
+    let out = bed.from_world(&fits)?;
+    assert_eq!(out.verdict, XDP_PASS);
+    assert_eq!(
+        out.frame,
+        frames::udp(CLIENT, sock(LOCAL_BACKEND, 8080), &payload_fitting)
+    );
+    // Without DF, one byte over is forwarded, translated (fragmented on the way).
+    let out = bed.from_world(&without_df(&big)?)?;
+    assert_eq!(out.verdict, XDP_PASS);
+    let expected = frames::udp(CLIENT, sock(LOCAL_BACKEND, 8080), &payload_over);
+    assert_eq!(out.frame, without_df(&expected)?);
+
+    // An established flow to a remote backend: the error quotes what the client sent,
+    // not the SNATed packet.
+    let first = bed.from_world(&frames::udp(CLIENT, REMOTE_NODE_PORT, b"hello"))?;
+    assert_eq!(
+        decode_checked(&first.frame)?.destination.ip(),
+        &REMOTE_BACKEND
+    );
+    let big = frames::udp(CLIENT, REMOTE_NODE_PORT, &payload_over);
+    assert_eq!(
+        through_the_uplink(&bed, &big)?,
+        (TC_ACT_REDIRECT, frag_needed_for(&big, POD_MTU)?)
+    );
+    // Big DF packets to anything else (the node itself) are none of its business.
+    let to_node = frames::udp(CLIENT, sock(NODE_IP, 22), &payload_over);
+    assert_eq!(through_the_uplink(&bed, &to_node)?, (TC_ACT_OK, to_node));
+    assert_eq!(bed.counter(stat::ICMP_FRAG_NEEDED)?, 2);
     Ok(())
 }

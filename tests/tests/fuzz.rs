@@ -3,8 +3,9 @@
 //! the documented rules written here, independently of the datapath's code (see
 //! `datapath-ebpf/src/headers.rs` and `external.rs` for the rules). Truncated
 //! headers, bad IHL, IP options, fragments, wrong checksums, zero-length L4, other
-//! protocols and EtherTypes, VXLAN datagrams. Also checks that what is passed or
-//! dropped leaves unchanged, and that no fragment is ever Service-translated.
+//! protocols and EtherTypes, VXLAN datagrams, DF packets over the pod MTU. Also
+//! checks that what is passed or dropped leaves unchanged, and that no fragment is
+//! ever Service-translated.
 //! Needs root.
 use std::{
     collections::BTreeMap,
@@ -36,6 +37,9 @@ const NODE_PORT: u16 = 30080;
 /// `externalTrafficPolicy: Local` without a local backend.
 const LOCAL_ONLY_PORT: u16 = 30091;
 const WORLD: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// Pod MTU of the fuzzed node: the smallest IPv4 allows, so seeds and mutations land
+/// on both sides of it.
+const POD_MTU: usize = 68;
 
 /// What a frame should get, by the documented rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,6 +52,8 @@ enum Expected {
     Deliver { translated: bool },
     /// XDP: passed on translated (DNAT to a backend).
     Translated,
+    /// Answered with ICMP "fragmentation needed" sent back out (TC redirect).
+    FragNeeded,
 }
 
 /// The IPv4 header and ports of a frame as the rules read them.
@@ -58,6 +64,8 @@ struct Parsed {
     fragment: bool,
     /// (source port, destination port) when the rules give the frame ports.
     ports: Option<(u16, u16)>,
+    /// DF set, no IP options, and larger than pods take.
+    too_big_with_df: bool,
 }
 
 /// The parsing rules: `Err` is the counter of a frame that never reaches the logic.
@@ -85,6 +93,9 @@ fn parse(frame: &[u8]) -> Result<Parsed, Expected> {
         proto,
         fragment,
         ports: None,
+        too_big_with_df: u16::from_be_bytes([ip[6], ip[7]]) & 0x4000 != 0
+            && ihl == 20
+            && total > POD_MTU,
     };
     if !fragment && (proto == PROTO_TCP || proto == PROTO_UDP) {
         let l4 = if proto == PROTO_TCP { 20 } else { 8 };
@@ -157,6 +168,9 @@ fn model_from_world(frame: &[u8]) -> Expected {
     let Some((_, dport)) = h.ports else {
         return Expected::Pass(None);
     };
+    if is_external_frontend(&h) && h.too_big_with_df {
+        return Expected::Pass(None); // for from_uplink to answer
+    }
     match (h.daddr, dport, h.proto) {
         (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Expected::Translated,
         (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => {
@@ -166,13 +180,36 @@ fn model_from_world(frame: &[u8]) -> Expected {
     }
 }
 
-/// `ferrite_from_uplink` (tcx on the uplink, after XDP): frames now addressed to a
-/// pod are delivered, everything else passes untouched and uncounted.
+/// A NodePort of the fuzzed node (with or without backends).
+fn is_external_frontend(h: &Parsed) -> bool {
+    h.daddr == NODE_IP
+        && matches!(h.ports, Some((_, NODE_PORT | LOCAL_ONLY_PORT)))
+        && (h.proto == PROTO_TCP || h.proto == PROTO_UDP)
+}
+
+/// `ferrite_from_uplink` (tcx on the uplink, after XDP): DF packets too big for pods
+/// to an external frontend are answered with ICMP; frames now addressed to a pod are
+/// delivered; everything else passes untouched and uncounted.
 fn model_from_uplink(frame: &[u8]) -> Expected {
     match parse(frame) {
+        Ok(h) if is_external_frontend(&h) && h.too_big_with_df => Expected::FragNeeded,
         Ok(h) if is_pod(h.daddr) => Expected::Deliver { translated: false },
         _ => Expected::Pass(None),
     }
+}
+
+/// An ICMP "fragmentation needed" answering `frame`: back to its sender, quoting its
+/// first 28 IP bytes (checksums are checked byte for byte in external_packets).
+fn is_frag_needed_for(out: &[u8], frame: &[u8]) -> bool {
+    out.len() == 14 + 56
+        && out[..6] == frame[6..12]
+        && out[6..12] == frame[..6]
+        && out[14 + 9] == 1
+        && out[14 + 12..14 + 16] == frame[14 + 16..14 + 20]
+        && out[14 + 16..14 + 20] == frame[14 + 12..14 + 16]
+        && out[34..36] == [3, 4]
+        && u16::from_be_bytes([out[40], out[41]]) as usize == POD_MTU
+        && out[42..] == frame[14..42]
 }
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -199,6 +236,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 b"payload",
             ));
             seeds.push(frames::udp(sock(from, 40002), sock(to, port), b"query"));
+            seeds.push(frames::udp(sock(from, 40003), sock(to, port), &[0x55; 60]));
         }
     }
     // A VXLAN datagram (an inner frame inside UDP 4789).
@@ -315,6 +353,7 @@ fn mutate(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
 fn testbed() -> Result<Testbed> {
     let mut bed = Testbed::load()?;
     bed.set_node_ip(NODE_IP)?;
+    bed.set_pod_mtu(POD_MTU as u16)?;
     for pod in [CLIENT, BACKENDS[0], BACKENDS[1]] {
         bed.add_endpoint(pod, TEST_RUN_IFINDEX)?;
     }
@@ -410,7 +449,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                     && (!translated || to_backend)
                     && (translated || out.frame[30..34] == frame[30..34])
             }
-            Expected::Translated => unreachable!("XDP only"),
+            Expected::Translated | Expected::FragNeeded => unreachable!("not from_pod"),
         };
         if !ok && mismatches.len() < 10 {
             mismatches.push(format!(
@@ -460,7 +499,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                     && destination(&out.frame)
                         .is_some_and(|(ip, port)| BACKENDS.contains(&ip) && port == 8080)
             }
-            Expected::Deliver { .. } => unreachable!("TC only"),
+            Expected::Deliver { .. } | Expected::FragNeeded => unreachable!("TC only"),
         };
         if !ok && mismatches.len() < 20 {
             mismatches.push(format!(
@@ -475,6 +514,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
 
     let bed = testbed()?;
     let mut ran = FROM_POD_FRAMES - refused + FROM_WORLD_FRAMES;
+    let mut frag_needed = 0;
     for i in 0..FROM_UPLINK_FRAMES {
         let frame = mutate(&mut rng, &seeds);
         let Ok((out, _)) = bed.run_program(program_names::FROM_UPLINK, &frame, 1) else {
@@ -488,6 +528,10 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             .or_default() += 1;
         let ok = match expected {
             Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
+            Expected::FragNeeded => {
+                frag_needed += 1;
+                out.verdict == TC_ACT_REDIRECT && is_frag_needed_for(&out.frame, &frame)
+            }
             _ => out.verdict == TC_ACT_REDIRECT && out.frame[12..] == frame[12..],
         };
         if !ok && mismatches.len() < 30 {
@@ -496,6 +540,9 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                 out.verdict, frame
             ));
         }
+    }
+    if bed.counter(stat::ICMP_FRAG_NEEDED)? != frag_needed {
+        mismatches.push("from_uplink icmp_frag_needed count differs".into());
     }
     // The overlay program only ever sees what the kernel's VXLAN device decapsulated,
     // with tunnel metadata; a frame without it (every test run) is dropped as
@@ -535,6 +582,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         "from_pod Deliver { translated: true }",
         "from_world Translated",
         "from_world Drop(20)",
+        "from_uplink FragNeeded",
     ] {
         assert!(
             kinds.get(rule).copied().unwrap_or(0) > 100,
