@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use ferrite_common::{program_names, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{self, Datapath},
@@ -225,6 +225,9 @@ impl NodeAgent {
                         .insert(*frontend);
                 }
                 self.telemetry.set_ready();
+                if !event_driven {
+                    self.collect_conntrack_garbage();
+                }
                 // A full sync allocates and frees the whole desired state: hand the
                 // freed pages back instead of keeping the peak as resident memory.
                 // SAFETY: malloc_trim only releases free heap memory.
@@ -241,6 +244,22 @@ impl NodeAgent {
 
     pub fn flush_logs(&mut self) {
         self.datapath.flush_logs();
+    }
+
+    /// With every full sync (start and `--resync-seconds`): drop finished and idle
+    /// flows from `ferrite_ct`.
+    fn collect_conntrack_garbage(&mut self) {
+        let now = crate::conntrack_gc::now_ns();
+        match self
+            .maps
+            .collect_conntrack_garbage(now, &Default::default())
+        {
+            Ok(removed) => {
+                self.telemetry.conntrack_gc_removed.inc_by(removed as u64);
+                debug!(removed, "conntrack garbage collected");
+            }
+            Err(e) => warn!("conntrack garbage collection failed: {e:#}"),
+        }
     }
 
     /// Entries the maps hold differently from what this agent wrote (bpftool, another

@@ -2,6 +2,7 @@
 //! writes to the pinned BPF maps of the datapath.
 pub mod agent;
 pub mod cni;
+pub mod conntrack_gc;
 pub mod datapath;
 pub mod files;
 pub mod healthcheck;

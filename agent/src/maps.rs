@@ -278,6 +278,31 @@ impl NodeMaps {
     /// backends: forward entries cache their backend, so this is what moves such a
     /// flow to a live backend on its next packet (UDP clients are not stuck on a dead
     /// one), and a later backend reusing the id never inherits them. Returns how many.
+    /// Remove the entries of flows idle past their lifetime (see `conntrack_gc`). An
+    /// entry a packet touched since it was read is left for the next round.
+    pub fn collect_conntrack_garbage(
+        &mut self,
+        now_ns: u64,
+        lifetimes: &crate::conntrack_gc::Lifetimes,
+    ) -> Result<usize> {
+        let entries = self.conntrack_entries()?;
+        let seen: std::collections::HashMap<CtKey, u64> = entries
+            .iter()
+            .map(|(key, value)| (*key, value.last_seen_ns))
+            .collect();
+        let mut removed = 0;
+        for key in crate::conntrack_gc::expired(&entries, now_ns, lifetimes) {
+            let untouched = self
+                .conntrack
+                .get(&key, 0)
+                .is_ok_and(|value| Some(&value.last_seen_ns) == seen.get(&key));
+            if untouched && self.conntrack.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn purge_conntrack(&mut self, removed_backends: &BTreeSet<u32>) -> Result<usize> {
         if removed_backends.is_empty() {
             return Ok(0);

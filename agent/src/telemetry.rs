@@ -72,6 +72,7 @@ pub struct Telemetry {
     pub syncs: Counter,
     pub sync_errors: Counter,
     pub map_writes: Counter,
+    pub conntrack_gc_removed: Counter,
     pub skipped_objects: Gauge,
     pub watch_restarts: Family<ResourceLabel, Counter>,
     drift_repairs: Family<MapLabel, Counter>,
@@ -98,6 +99,7 @@ impl Telemetry {
             syncs: Counter::default(),
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
+            conntrack_gc_removed: Counter::default(),
             skipped_objects: Gauge::default(),
             watch_restarts: Family::default(),
             drift_repairs: Family::default(),
@@ -140,6 +142,11 @@ impl Telemetry {
                 "map_writes",
                 "Map entries written or removed by syncs",
                 telemetry.map_writes.clone(),
+            );
+            r.register(
+                "conntrack_gc_removed",
+                "Conntrack entries of finished or idle flows removed",
+                telemetry.conntrack_gc_removed.clone(),
             );
             r.register(
                 "skipped_objects",

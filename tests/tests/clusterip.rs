@@ -493,3 +493,41 @@ fn the_running_agent_holds_only_bpf_and_net_admin() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn finished_flows_leave_the_conntrack_map_and_live_ones_stay() -> Result<()> {
+    let mut cluster = example_cluster()?;
+    // Collect garbage every second (it runs with each full resync).
+    cluster.node.resync_seconds = 1;
+    cluster.node.kill_agent()?;
+    cluster.node.start_agent()?;
+    let client = cluster.node.pod(CLIENTS[0].0);
+    let mut live = Vec::new();
+    for i in 0..3 {
+        let mut stream = client.tcp_connect(TCP_FRONTEND)?;
+        let request = format!("live {i}");
+        let backend = answered_by(&exchange(&mut stream, &request)?, &request)?;
+        live.push((stream, backend));
+    }
+    for i in 0..20 {
+        let request = format!("short {i}");
+        answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
+    }
+    let entries = || -> Result<usize> { Ok(cluster.node.maps()?.conntrack_entries()?.len()) };
+    assert!(entries()? >= 2 * 23, "every flow has its two entries");
+    // Closed both ways: gone 10 s after their last packet; the open ones stay,
+    // although idle all that time.
+    ferrite_tests::lab::wait_until(
+        "closed flows to be collected",
+        std::time::Duration::from_secs(40),
+        || entries().is_ok_and(|n| n == 2 * live.len()),
+    )?;
+    for (i, (stream, backend)) in live.iter_mut().enumerate() {
+        let request = format!("live {i} after collection");
+        assert_eq!(
+            &answered_by(&exchange(stream, &request)?, &request)?,
+            backend
+        );
+    }
+    Ok(())
+}

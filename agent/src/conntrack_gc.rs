@@ -1,0 +1,228 @@
+//! Conntrack garbage collection. `ferrite_ct` is an LRU map, so it never fills, but
+//! without collection finished flows stay until evicted, and under connection churn
+//! the LRU would evict idle long-lived flows first. Lifetimes are Cilium's for
+//! Service flows: TCP 6 h idle, 10 s once both sides sent FIN/RST, everything else
+//! 60 s idle.
+//!
+//! A flow has two entries (forward, reply) touched by packets of one direction each,
+//! so a one-way stream keeps only one of them fresh: entries are judged per flow, by
+//! the latest packet either way, never one by one (and never by age: cilium#29667).
+use std::{collections::HashMap, time::Duration};
+
+use ferrite_common::{CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    pub tcp: Duration,
+    pub tcp_closing: Duration,
+    pub other: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            tcp: Duration::from_secs(6 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            other: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What both entries of a flow share: the backend's end and the peer's end as the
+/// backend sees it (the client, or this node's SNAT address and port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowId {
+    proto: u8,
+    backend: ([u8; 4], u16),
+    peer: ([u8; 4], u16),
+}
+
+fn flow_id(key: &CtKey, value: &CtValue) -> FlowId {
+    if value.flags & CT_FLAG_REPLY != 0 {
+        return FlowId {
+            proto: key.proto,
+            backend: (key.saddr, key.sport),
+            peer: (key.daddr, key.dport),
+        };
+    }
+    let peer = if value.flags & CT_FLAG_SNAT != 0 {
+        (value.nat_address, value.nat_port)
+    } else {
+        (key.saddr, key.sport)
+    };
+    FlowId {
+        proto: key.proto,
+        backend: (value.backend_address, value.backend_port),
+        peer,
+    }
+}
+
+#[derive(Default)]
+struct Flow {
+    last_seen_ns: u64,
+    all_closing: bool,
+    keys: Vec<CtKey>,
+}
+
+/// Keys of the entries whose flow has been idle longer than its lifetime at `now_ns`
+/// (the datapath's clock: CLOCK_MONOTONIC).
+pub fn expired(entries: &[(CtKey, CtValue)], now_ns: u64, lifetimes: &Lifetimes) -> Vec<CtKey> {
+    let mut flows: HashMap<FlowId, Flow> = HashMap::new();
+    for (key, value) in entries {
+        let flow = flows.entry(flow_id(key, value)).or_insert(Flow {
+            all_closing: true,
+            ..Flow::default()
+        });
+        flow.last_seen_ns = flow.last_seen_ns.max(value.last_seen_ns);
+        flow.all_closing &= value.flags & CT_FLAG_CLOSING != 0;
+        flow.keys.push(*key);
+    }
+    flows
+        .into_iter()
+        .filter(|(id, flow)| {
+            let lifetime = match (id.proto, flow.all_closing) {
+                (PROTO_TCP, true) => lifetimes.tcp_closing,
+                (PROTO_TCP, false) => lifetimes.tcp,
+                _ => lifetimes.other,
+            };
+            now_ns.saturating_sub(flow.last_seen_ns) > lifetime.as_nanos() as u64
+        })
+        .flat_map(|(_, flow)| flow.keys)
+        .collect()
+}
+
+/// The datapath's clock now (bpf_ktime_get_coarse_ns reads CLOCK_MONOTONIC).
+pub fn now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrite_common::{CT_FLAG_EXTERNAL, PROTO_UDP};
+
+    const SECOND: u64 = 1_000_000_000;
+    const CLIENT: [u8; 4] = [10, 244, 0, 2];
+    const VIP: [u8; 4] = [10, 96, 0, 10];
+    const BACKEND: [u8; 4] = [10, 244, 1, 11];
+    const NODE: [u8; 4] = [198, 51, 100, 1];
+
+    fn key(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16, proto: u8) -> CtKey {
+        CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The two entries of a client's flow to the VIP, each last touched at the given
+    /// second, with extra `flags` on both.
+    fn flow(
+        client_port: u16,
+        proto: u8,
+        forward_s: u64,
+        reply_s: u64,
+        flags: u16,
+    ) -> Vec<(CtKey, CtValue)> {
+        let value = |flags, seen_s: u64| CtValue {
+            flags,
+            backend_address: BACKEND,
+            backend_port: 8080,
+            last_seen_ns: seen_s * SECOND,
+            ..CtValue::default()
+        };
+        vec![
+            (
+                key(CLIENT, client_port, VIP, 80, proto),
+                value(flags, forward_s),
+            ),
+            (
+                key(BACKEND, 8080, CLIENT, client_port, proto),
+                value(flags | CT_FLAG_REPLY, reply_s),
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_flow_lives_as_long_as_either_direction_is_fresh() {
+        let lifetimes = Lifetimes::default();
+        let now = 100_000 * SECOND;
+        // A one-way UDP stream: only the forward entry is touched; its reply entry
+        // (ready for the answer that may come) must stay too.
+        let streaming = flow(1000, PROTO_UDP, 99_999, 10, 0);
+        // Idle UDP for 61 s: both go.
+        let idle_udp = flow(1001, PROTO_UDP, now / SECOND - 61, now / SECOND - 70, 0);
+        // TCP idle an hour: kept (6 h); closed both ways 11 s ago: gone.
+        let quiet_tcp = flow(1002, PROTO_TCP, now / SECOND - 3600, now / SECOND - 3600, 0);
+        let closed_tcp = flow(
+            1003,
+            PROTO_TCP,
+            now / SECOND - 11,
+            now / SECOND - 12,
+            CT_FLAG_CLOSING,
+        );
+        // FIN from the client only (half-closed): still a TCP flow, 6 h.
+        let mut half_closed = flow(1004, PROTO_TCP, now / SECOND - 60, now / SECOND - 60, 0);
+        half_closed[0].1.flags |= CT_FLAG_CLOSING;
+        let entries: Vec<_> = [
+            streaming,
+            idle_udp.clone(),
+            quiet_tcp,
+            closed_tcp.clone(),
+            half_closed,
+        ]
+        .concat();
+
+        let mut got = expired(&entries, now, &lifetimes);
+        got.sort();
+        let mut want: Vec<CtKey> = idle_udp
+            .iter()
+            .chain(&closed_tcp)
+            .map(|(k, _)| *k)
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_snated_external_flow_is_one_flow_with_its_reply_entry() {
+        let now = 1_000 * SECOND;
+        let forward = (
+            key([203, 0, 113, 10], 40000, NODE, 30080, PROTO_UDP),
+            CtValue {
+                flags: CT_FLAG_EXTERNAL | CT_FLAG_SNAT,
+                backend_address: BACKEND,
+                backend_port: 8080,
+                nat_address: NODE,
+                nat_port: 61000,
+                last_seen_ns: now - 5 * SECOND,
+                ..CtValue::default()
+            },
+        );
+        let reply = (
+            key(BACKEND, 8080, NODE, 61000, PROTO_UDP),
+            CtValue {
+                flags: CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_REPLY,
+                last_seen_ns: now - 500 * SECOND,
+                ..CtValue::default()
+            },
+        );
+        let entries = [forward, reply];
+        assert!(expired(&entries, now, &Lifetimes::default()).is_empty());
+        assert_eq!(
+            expired(&entries, now + 60 * SECOND, &Lifetimes::default()).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn entries_seen_after_now_are_never_expired() {
+        let entries = flow(1, PROTO_UDP, 500, 500, 0);
+        assert!(expired(&entries, 10 * SECOND, &Lifetimes::default()).is_empty());
+    }
+}
