@@ -417,20 +417,25 @@ pub fn run(options: &AgentOptions) -> Result<()> {
 
 fn run_file(agent: &mut NodeAgent, config: &PathBuf, options: &AgentOptions) -> Result<()> {
     let mut last_content: Option<String> = None;
-    let mut last_sync: Option<Instant> = None;
+    // Full syncs (drift repair, conntrack collection) come every `resync` even while
+    // the file keeps changing.
+    let mut last_full_sync: Option<Instant> = None;
     let mut retry_soon = false;
     loop {
         match fs::read_to_string(config) {
             Ok(content) => {
                 let changed = last_content.as_ref() != Some(&content);
-                let due = last_sync.is_none_or(|t| t.elapsed() >= options.resync);
+                let due = last_full_sync.is_none_or(|t| t.elapsed() >= options.resync);
                 if changed || due || retry_soon {
                     let (objects, skipped) = source::parse_objects(&content);
+                    let event_driven = changed && !due;
                     retry_soon = agent
-                        .sync(&objects, skipped, changed && !due)
+                        .sync(&objects, skipped, event_driven)
                         .is_some_and(|r| r.waiting_for_interfaces);
                     last_content = Some(content);
-                    last_sync = Some(Instant::now());
+                    if !event_driven {
+                        last_full_sync = Some(Instant::now());
+                    }
                 }
             }
             Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),

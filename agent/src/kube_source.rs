@@ -98,7 +98,13 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
     info!("initial lists complete");
     // The first sync reads the maps (restart: reuse what is pinned, repair drift).
     let mut triggered_by_event = false;
+    // Full syncs (drift repair, conntrack collection) come every `resync` even while
+    // events keep arriving: a deadline, not a timer restarted by each event.
+    let mut next_full_sync = tokio::time::Instant::now();
     loop {
+        if !triggered_by_event {
+            next_full_sync = tokio::time::Instant::now() + resync;
+        }
         // Events that arrive from here on are picked up by the next sync.
         let pending = changed.take();
         let synced = if triggered_by_event && !pending.full {
@@ -150,8 +156,10 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
         }
         agent.flush_logs();
         tokio::select! {
-            _ = changed.notify.notified() => triggered_by_event = true,
-            _ = tokio::time::sleep(resync) => triggered_by_event = false,
+            _ = changed.notify.notified() => {
+                triggered_by_event = tokio::time::Instant::now() < next_full_sync
+            }
+            _ = tokio::time::sleep_until(next_full_sync) => triggered_by_event = false,
         }
     }
 }

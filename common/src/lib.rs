@@ -298,6 +298,10 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// `CtValue::rev_nat_index` of a flow that is not a Service flow: a pod's direct
+/// connection whose source port was remapped (rev-NAT ids start at 1).
+pub const REV_NAT_NONE: u16 = 0;
+
 /// `CtValue::flags`: a TCP FIN or RST was seen (the flow is closing).
 pub const CT_FLAG_CLOSING: u16 = 1;
 /// `CtValue::flags`: this is the reply entry of a Service flow.
@@ -404,7 +408,10 @@ pub mod stat {
     /// External packet with DF set larger than `pod_mtu`: answered with ICMP
     /// "fragmentation needed" (path MTU discovery) instead of being forwarded.
     pub const ICMP_FRAG_NEEDED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// A pod's direct connection whose reply tuple is a Service flow's (same client
+    /// port, that flow's backend): its source port was remapped, as Linux NAT does.
+    pub const PORT_REMAPPED: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -432,6 +439,7 @@ pub mod stat {
         "nodeport_rejected",
         "drop_no_snat_port",
         "icmp_frag_needed",
+        "port_remapped",
     ];
 }
 

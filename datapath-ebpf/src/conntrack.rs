@@ -34,6 +34,15 @@ pub fn lookup(h: &Headers) -> Option<CtValue> {
     }
 }
 
+/// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
+/// entry of a Service flow: the same client port reached that backend through a
+/// Service. Its answers would be reverse-NATed to the Service address.
+#[inline(always)]
+pub fn clashes_with_service_reply(h: &Headers) -> bool {
+    let reverse = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
+    unsafe { CONNTRACK.get(reverse) }.is_some_and(|ct| ct.flags & CT_FLAG_REPLY != 0)
+}
+
 /// The entry of the flow `h` belongs to (either direction), with this packet
 /// accounted to it.
 #[inline(always)]

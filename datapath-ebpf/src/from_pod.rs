@@ -1,10 +1,11 @@
 //! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
 //! reverse NAT of a backend's reply, then local delivery or the host stack.
-use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
+use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, PROTO_UDP, REV_NAT_NONE};
 
 use crate::{
-    conntrack, external,
-    headers::{is_fragment_routed, parse, Parsed},
+    conntrack::{self, NewFlow},
+    external,
+    headers::{is_fragment_routed, parse, Headers, Parsed},
     lb, nat,
     packet::{Packet, Verdict},
     routing,
@@ -35,6 +36,9 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     return external::reply_to_world(pkt, &h, &ct);
                 }
                 nat::reverse(pkt, &h, &ct)?;
+            } else if ct.rev_nat_index == REV_NAT_NONE {
+                // A direct flow whose source port was remapped.
+                nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
             } else {
                 daddr = u32::from_ne_bytes(ct.backend_address);
                 nat::dnat(pkt, &h, daddr, ct.backend_port)?;
@@ -46,9 +50,34 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 Some(backend_addr) => daddr = backend_addr,
                 None => return Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
             }
+        } else if (h.is_tcp_syn() || h.proto == PROTO_UDP)
+            && conntrack::clashes_with_service_reply(&h)
+        {
+            return remap_source_port(pkt, &h);
         }
     } else if is_fragment_routed(&h) {
         count(stat::FRAGMENT_ROUTED, pkt.len());
     }
     routing::route(pkt, daddr, h.dport)
+}
+
+/// A pod's new direct flow (TCP SYN or UDP) whose reply tuple a Service flow holds
+/// gets another source port (of the SNAT range, above pods' ephemeral ports), kept
+/// in conntrack like a Service flow's, so both flows' answers find their socket.
+#[inline(always)]
+fn remap_source_port<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
+    let flow = NewFlow {
+        backend_id: 0,
+        backend_addr: h.daddr,
+        backend_port: h.dport,
+        rev_nat_index: REV_NAT_NONE,
+        flags: 0,
+    };
+    let hash = lb::flow_hash(h);
+    let Some(port) = conntrack::create_snat(h, &flow, h.saddr, hash, pkt.len()) else {
+        return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
+    };
+    nat::snat(pkt, h, h.saddr, port)?;
+    count(stat::PORT_REMAPPED, pkt.len());
+    routing::route(pkt, h.daddr, h.dport)
 }

@@ -25,7 +25,9 @@ const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 
 pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The parsed packet. Addresses are raw network-order words (as the packet and the
 /// checksum helpers want them); ports are host order (as the maps store them).
@@ -46,6 +48,14 @@ pub struct Headers {
 }
 
 impl Headers {
+    /// A TCP SYN opening a connection (not the SYN-ACK).
+    #[inline(always)]
+    pub fn is_tcp_syn(&self) -> bool {
+        self.proto == PROTO_TCP
+            && self.has_ports
+            && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
     /// Offset of the L4 checksum (only meaningful when `has_ports`).
     #[inline(always)]
     pub fn l4_csum_offset(&self) -> usize {

@@ -1,6 +1,6 @@
 //! Address/port rewrites with incremental checksum fixes (IP header + TCP/UDP,
 //! including the pseudo-header for address changes).
-use ferrite_common::{stat, CtValue, CT_FLAG_SNAT, PROTO_UDP};
+use ferrite_common::{stat, CtValue, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE};
 
 use crate::{
     headers::{Headers, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
@@ -24,11 +24,15 @@ pub fn snat<P: Packet>(pkt: &P, h: &Headers, addr: u32, port: u16) -> Result<(),
 }
 
 /// Translate the reply of a Service flow (`ct` is its reply entry): source back to
-/// the frontend, and destination back to the client if the flow was SNATed. Returns
-/// whether it did: without the rev-NAT entry (the Service is gone) the reply is left
-/// untranslated.
+/// the frontend, and destination back to the client if the flow was SNATed (a
+/// remapped direct flow has only the latter). Returns whether it did: without the
+/// rev-NAT entry (the Service is gone) the reply is left untranslated.
 #[inline(always)]
 pub fn reverse<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<bool, ()> {
+    if ct.rev_nat_index == REV_NAT_NONE {
+        dnat(pkt, h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+        return Ok(true);
+    }
     let Some(frontend) = (unsafe { REV_NAT.get(ct.rev_nat_index) }) else {
         return Ok(false);
     };

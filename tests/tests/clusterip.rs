@@ -10,7 +10,7 @@ use anyhow::Result;
 use ferrite_common::{EndpointKey, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{answered_by, exchange, sh, Node, Server},
+    lab::{answered_by, exchange, parse_answer, sh, Node, Server},
 };
 
 /// The example cluster running: 2 clients, 3 backends serving TCP and UDP, the agent
@@ -529,5 +529,66 @@ fn finished_flows_leave_the_conntrack_map_and_live_ones_stay() -> Result<()> {
             backend
         );
     }
+    Ok(())
+}
+
+/// A TCP connection from `from` (IP and fixed port, reusable) to `to`.
+fn connect_from_port(
+    netns: &ferrite_tests::lab::Netns,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+) -> Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = netns.run(move || -> Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        // The previous connection from this port may be in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.bind(&SockAddr::from(from))?;
+        socket.connect_timeout(&SockAddr::from(to), std::time::Duration::from_secs(3))?;
+        Ok(socket)
+    })??;
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    Ok(stream)
+}
+
+#[test]
+fn a_direct_connection_from_the_port_of_a_service_connection_gets_its_own_answers() -> Result<()> {
+    let cluster = example_cluster()?;
+    let (client_name, client_ip) = CLIENTS[0];
+    let client = &cluster.node.pod(client_name).netns;
+    let from = SocketAddrV4::new(client_ip, 41000);
+    // Through the Service, kept open.
+    let mut via_service = connect_from_port(client, from, TCP_FRONTEND)?;
+    let backend = answered_by(&exchange(&mut via_service, "via the vip")?, "via the vip")?;
+    let backend_ip = BACKENDS.iter().find(|(n, _)| *n == backend).unwrap().1;
+    // The same client port straight to that backend: the two flows share their
+    // reply tuple (backend:8080 -> client:41000). Linux NAT would remap the second
+    // flow's source port; so does the datapath, and each socket gets its answers.
+    let direct = SocketAddrV4::new(backend_ip, TCP_TARGET);
+    let mut direct_stream = connect_from_port(client, from, direct)?;
+    for round in 0..3 {
+        let request = format!("direct {round}");
+        let (name, seen_as) = parse_answer(&exchange(&mut direct_stream, &request)?, &request)?;
+        assert_eq!((name, seen_as), (backend.clone(), client_ip.to_string()));
+        let request = format!("via the vip {round}");
+        assert_eq!(
+            answered_by(&exchange(&mut via_service, &request)?, &request)?,
+            backend
+        );
+    }
+    let counters = cluster.node.maps()?.counters()?;
+    assert_eq!(
+        counters[ferrite_common::stat::PORT_REMAPPED as usize].packets,
+        1
+    );
+    // Closed, then the port is reused again, straight to the backend.
+    drop(via_service);
+    drop(direct_stream);
+    let mut again = connect_from_port(client, from, direct)?;
+    assert_eq!(
+        answered_by(&exchange(&mut again, "again")?, "again")?,
+        backend
+    );
     Ok(())
 }

@@ -137,7 +137,7 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
     let node_port = SocketAddrV4::new(cluster.nodes[0].ip.context("plugged")?, NODE_PORT);
     let master = |ip, port, proto| ServiceKey::new(ip, port, proto, 0);
     for node in &cluster.nodes {
-        node.wait_for_maps("the Service and the routes of both pods", |m| {
+        node.wait_for_maps("the Service and both nodes' pod CIDR routes", |m| {
             m.pod_routes() == 2 && m.services.contains_key(&master(VIP, PORT + 1, PROTO_UDP))
         })?;
     }

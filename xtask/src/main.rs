@@ -45,7 +45,7 @@ enum Cmd {
     BuildEbpf,
     /// Build the eBPF object and the userspace binaries (release).
     Build,
-    /// Run the one-node demo: 5 pods, a ClusterIP Service over 3 backends.
+    /// Run the demo: two nodes, five pods, a LoadBalancer Service over both.
     Demo {
         /// Keep the node up after the traffic (for bpftool/inspect) until Ctrl-C.
         #[arg(long)]
@@ -62,6 +62,14 @@ enum Cmd {
     Bench {
         /// Sections to run (datapath, overlay, control-plane); all by default.
         sections: Vec<String>,
+    },
+    /// Soak (not in CI): two nodes under mixed traffic (ClusterIP, cross-node,
+    /// NodePort; TCP connect/close, long flows, UDP) while backends, Services and
+    /// Nodes churn every second; prints failures, agent RSS and conntrack occupancy.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
     },
     /// rustfmt check and clippy -D warnings on every crate.
     Lint,
@@ -291,6 +299,16 @@ fn main() -> Result<()> {
             build_release()?;
             run(with_artifacts(
                 Command::new(root().join("target/release/ferrite-bench")).args(&sections),
+                "release",
+            ))
+        }
+        Cmd::Soak { minutes } => {
+            require_root("the soak")?;
+            setup()?;
+            build_release()?;
+            run(with_artifacts(
+                Command::new(root().join("target/release/ferrite-soak"))
+                    .args(["--minutes", &minutes.to_string()]),
                 "release",
             ))
         }
