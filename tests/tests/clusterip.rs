@@ -592,3 +592,33 @@ fn a_direct_connection_from_the_port_of_a_service_connection_gets_its_own_answer
     );
     Ok(())
 }
+
+#[test]
+fn drift_is_repaired_on_schedule_even_while_the_cluster_keeps_changing() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let udp_master = ServiceKey::new(*UDP_FRONTEND.ip(), UDP_FRONTEND.port(), PROTO_UDP, 0);
+    node.maps()?.services.remove(&udp_master)?;
+    // A change every 300 ms: each is an event-driven sync, which diffs against what the
+    // agent wrote and cannot see the drift; the full resync (every 2 s here) must still
+    // come, and repair it.
+    let base = cluster::example_for(&node.name);
+    let mut round = 0u8;
+    ferrite_tests::lab::wait_until(
+        "a full resync to repair the deleted entry",
+        std::time::Duration::from_secs(20),
+        || {
+            round = round.wrapping_add(1);
+            let extra = cluster::service_yaml(
+                "churn",
+                std::net::Ipv4Addr::new(10, 96, 5, round),
+                &[BACKENDS[0].1],
+            );
+            let _ = node.write_config(&format!("{base}---\n{extra}"));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            node.maps()
+                .is_ok_and(|m| m.services.get(&udp_master, 0).is_ok())
+        },
+    )?;
+    Ok(())
+}

@@ -29,6 +29,9 @@ const APT_PACKAGES: &[&str] = &[
 /// PyPI packages the tests use: the manifest schema validator.
 const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DENY_VERSION: &str = "0.20.2";
+/// Where cargo-deny fetches the RustSec advisory database from by default.
+const ADVISORY_DB_HOST: &str = "github.com:443";
 const OBJECT_NAME: &str = "ferrite-datapath.bpf.o";
 
 #[derive(Parser)]
@@ -70,6 +73,14 @@ enum Cmd {
         /// How long to run.
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
+    },
+    /// Dependency audit (cargo-deny, both Cargo.lock files): known vulnerabilities
+    /// from the RustSec advisory database, licenses, bans, sources.
+    Audit {
+        /// A local clone of github.com/rustsec/advisory-db, for machines that cannot
+        /// reach GitHub (also $FERRITE_ADVISORY_DB).
+        #[arg(long)]
+        advisory_db: Option<PathBuf>,
     },
     /// rustfmt check and clippy -D warnings on every crate.
     Lint,
@@ -224,6 +235,75 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
+fn audit(advisory_db: Option<PathBuf>) -> Result<()> {
+    if !stdout_of(cargo().args(["deny", "--version"])).contains(CARGO_DENY_VERSION) {
+        println!("audit: installing cargo-deny {CARGO_DENY_VERSION} (takes a few minutes)");
+        run(cargo().args([
+            "install",
+            "cargo-deny",
+            "--locked",
+            "--version",
+            CARGO_DENY_VERSION,
+        ]))?;
+    }
+    let mut config = root().join("deny.toml");
+    let mut checks = vec!["bans", "licenses", "sources"];
+    match advisory_db {
+        Some(db) => {
+            // The same rules, with the advisory database taken from the local clone.
+            let db = db
+                .canonicalize()
+                .with_context(|| format!("{}", db.display()))?;
+            let local = root().join("target/deny-local-db.toml");
+            let rules = std::fs::read_to_string(&config)?;
+            std::fs::write(
+                &local,
+                rules.replace(
+                    "[advisories]\n",
+                    &format!(
+                        "[advisories]\ndb-urls = [\"{}\"]\ndb-path = \"{}\"\n",
+                        db.display(),
+                        root().join("target/advisory-dbs").display()
+                    ),
+                ),
+            )?;
+            config = local;
+            checks.push("advisories");
+        }
+        None if reachable(ADVISORY_DB_HOST) => checks.push("advisories"),
+        None => println!(
+            "audit: NOT checking advisories: {ADVISORY_DB_HOST} (the RustSec database) is \
+             unreachable from this machine; pass --advisory-db <clone of rustsec/advisory-db>"
+        ),
+    }
+    for manifest in [
+        root().join("Cargo.toml"),
+        root().join("datapath-ebpf/Cargo.toml"),
+    ] {
+        println!("audit: {} ({})", manifest.display(), checks.join(", "));
+        run(cargo()
+            .arg("deny")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args(["check", "--config"])
+            .arg(&config)
+            .args(&checks))?;
+    }
+    Ok(())
+}
+
+/// Whether a TCP connection to `host:port` opens within a few seconds.
+fn reachable(address: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).is_ok()
+        })
+}
+
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root());
@@ -311,6 +391,11 @@ fn main() -> Result<()> {
                     .args(["--minutes", &minutes.to_string()]),
                 "release",
             ))
+        }
+        Cmd::Audit { advisory_db } => {
+            let advisory_db =
+                advisory_db.or_else(|| std::env::var_os("FERRITE_ADVISORY_DB").map(Into::into));
+            audit(advisory_db)
         }
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;

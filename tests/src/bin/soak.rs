@@ -372,7 +372,7 @@ fn main() -> Result<()> {
             .map(|(name, c)| format!("{name} {}", c.packets))
             .collect();
         println!(
-            "node {n} datapath drops: {}",
+            "node {n} datapath drops and port remaps: {}",
             match drops.is_empty() {
                 true => "none".to_string(),
                 false => drops.join(", "),
