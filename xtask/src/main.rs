@@ -32,6 +32,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DENY_VERSION: &str = "0.20.2";
 /// Where cargo-deny fetches the RustSec advisory database from by default.
 const ADVISORY_DB_HOST: &str = "github.com:443";
+/// The directory cargo-deny (this version) keeps its clone of that database in.
+const ADVISORY_DB_DIR: &str = "advisory-db-3157b0e258782691";
 const OBJECT_NAME: &str = "ferrite-datapath.bpf.o";
 
 #[derive(Parser)]
@@ -248,26 +250,25 @@ fn audit(advisory_db: Option<PathBuf>) -> Result<()> {
     }
     let mut config = root().join("deny.toml");
     let mut checks = vec!["bans", "licenses", "sources"];
+    let mut offline = false;
     match advisory_db {
         Some(db) => {
-            // The same rules, with the advisory database taken from the local clone.
-            let db = db
-                .canonicalize()
-                .with_context(|| format!("{}", db.display()))?;
+            // cargo-deny looks for its clone of the default database here; put a clone
+            // of the local copy there and tell it not to fetch.
+            let dbs = root().join("target/advisory-dbs");
+            let clone = dbs.join(ADVISORY_DB_DIR);
+            let _ = std::fs::remove_dir_all(&clone);
+            std::fs::create_dir_all(&dbs)?;
+            run(Command::new("git")
+                .args(["clone", "--quiet"])
+                .arg(&db)
+                .arg(&clone))?;
             let local = root().join("target/deny-local-db.toml");
             let rules = std::fs::read_to_string(&config)?;
-            std::fs::write(
-                &local,
-                rules.replace(
-                    "[advisories]\n",
-                    &format!(
-                        "[advisories]\ndb-urls = [\"{}\"]\ndb-path = \"{}\"\n",
-                        db.display(),
-                        root().join("target/advisory-dbs").display()
-                    ),
-                ),
-            )?;
+            let db_path = format!("[advisories]\ndb-path = \"{}\"\n", dbs.display());
+            std::fs::write(&local, rules.replace("[advisories]\n", &db_path))?;
             config = local;
+            offline = true;
             checks.push("advisories");
         }
         None if reachable(ADVISORY_DB_HOST) => checks.push("advisories"),
@@ -281,12 +282,17 @@ fn audit(advisory_db: Option<PathBuf>) -> Result<()> {
         root().join("datapath-ebpf/Cargo.toml"),
     ] {
         println!("audit: {} ({})", manifest.display(), checks.join(", "));
-        run(cargo()
-            .arg("deny")
+        let mut deny = cargo();
+        deny.arg("deny");
+        if offline {
+            deny.arg("--offline");
+        }
+        run(deny
             .arg("--manifest-path")
             .arg(&manifest)
-            .args(["check", "--config"])
+            .arg("--config")
             .arg(&config)
+            .arg("check")
             .args(&checks))?;
     }
     Ok(())
