@@ -64,6 +64,7 @@ impl AgentOptions {
             map_names::MAGLEV => capacity::MAGLEV,
             map_names::AFFINITY => capacity::AFFINITY,
             map_names::SOURCE_RANGES => capacity::SOURCE_RANGES,
+            map_names::FRAGMENTS => capacity::FRAGMENTS,
             _ => 0,
         }
     }

@@ -27,7 +27,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "ferrite_maglev";
     pub const AFFINITY: &str = "ferrite_affin";
     pub const SOURCE_RANGES: &str = "ferrite_srcrng";
-    pub const ALL: [&str; 12] = [
+    pub const FRAGMENTS: &str = "ferrite_frags";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -40,6 +41,7 @@ pub mod map_names {
         MAGLEV,
         AFFINITY,
         SOURCE_RANGES,
+        FRAGMENTS,
     ];
 }
 
@@ -78,6 +80,9 @@ pub mod capacity {
     /// Client -> backend pins of `sessionAffinity: ClientIP` Services (LRU).
     pub const AFFINITY: u32 = 65_536;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// IPv4 datagrams in fragments whose later fragments may still come (LRU;
+    /// Cilium's default size).
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// Entries of a Maglev table (prime; Cilium's default). Fixed at build time: it is
@@ -190,6 +195,27 @@ pub struct MaglevTable {
     pub digest: u64,
     pub backend_slots: [u16; MAGLEV_TABLE_SIZE],
     pub _pad: [u16; 3],
+}
+
+/// Key of the LRU `ferrite_frags`: one fragmented datagram (RFC 791: source,
+/// destination, protocol and identification name it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// IP identification, network byte order as in the header.
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `ferrite_frags`: the ports its first fragment carried (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// Key of the LRU `ferrite_affinity`: one client of one frontend.
@@ -379,7 +405,8 @@ pub mod stat {
     pub const DROP_INTERNAL: u32 = 9;
     /// ARP from a pod: passed to the stack (pods use a static gateway neighbour).
     pub const PASSED_ARP: u32 = 10;
-    /// IPv4 fragment: routed by destination IP only, never Service-translated.
+    /// IPv4 fragment whose first fragment was not seen (so no ports): routed by
+    /// destination IP only, never Service-translated.
     pub const FRAGMENT_ROUTED: u32 = 11;
     /// Encapsulated towards the node owning the destination pod CIDR.
     pub const SENT_TO_NODE: u32 = 12;
@@ -411,7 +438,10 @@ pub mod stat {
     /// A pod's direct connection whose reply tuple is a Service flow's (same client
     /// port, that flow's backend): its source port was remapped, as Linux NAT does.
     pub const PORT_REMAPPED: u32 = 25;
-    pub const COUNT: u32 = 26;
+    /// A later fragment given the ports of its datagram's first fragment (so it is
+    /// translated like the rest of its flow).
+    pub const FRAGMENT_TRACKED: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -440,6 +470,7 @@ pub mod stat {
         "drop_no_snat_port",
         "icmp_frag_needed",
         "port_remapped",
+        "fragment_tracked",
     ];
 }
 
@@ -480,6 +511,8 @@ mod pod_impls {
     unsafe impl aya::Pod for LbStatKey {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRangeKey {}
 }

@@ -4,14 +4,17 @@
 //! - ARP: pass to the stack (`passed_arp`); other non-IPv4: drop (`drop_unsupported_l3`);
 //! - IPv4 with version != 4, IHL < 5, total length < IHL or beyond the packet: drop
 //!   (`drop_malformed`);
-//! - fragments (MF set or offset != 0) carry no trustworthy ports: routed by
-//!   destination IP only, never Service-translated (`fragment_routed`);
-//! - TCP/UDP header cut short in a non-fragment: drop (`drop_malformed`);
+//! - a first fragment (MF set, offset 0) is parsed like a whole packet and records
+//!   its ports; a later fragment (offset != 0) gets them from there (`fragments`),
+//!   with no L4 header to rewrite; without them it is routed by destination IP only,
+//!   never Service-translated (`fragment_routed`);
+//! - TCP/UDP header cut short in a whole packet or first fragment: drop
+//!   (`drop_malformed`);
 //! - other IP protocols (ICMP, ...): routed by destination IP, no Service lookup.
 use ferrite_common::{stat, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::packet::Packet;
+use crate::{fragments, packet::Packet};
 
 pub const ETH_HLEN: usize = 14;
 pub const IP_OFF: usize = ETH_HLEN;
@@ -39,6 +42,9 @@ pub struct Headers {
     /// Offset of the L4 header; `has_ports` says whether ports below are valid.
     pub l4_offset: usize,
     pub has_ports: bool,
+    /// Whether the L4 header (ports, checksum) is in this packet: not in a later
+    /// fragment, whose ports come from its first fragment.
+    pub l4_present: bool,
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
@@ -105,19 +111,31 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     }
     let frags = u16::from_be_bytes(ip.frags);
     let is_fragment = frags & 0x3fff != 0; // MF flag or a non-zero offset
+    let later_fragment = frags & 0x1fff != 0;
     let mut headers = Headers {
         saddr: u32::from_ne_bytes(ip.src_addr),
         daddr: u32::from_ne_bytes(ip.dst_addr),
         proto: ip.proto,
         l4_offset: ETH_HLEN + header_len,
         has_ports: false,
+        l4_present: false,
         sport: 0,
         dport: 0,
         tcp_flags: 0,
         tot_len: tot_len as u16,
         dont_fragment: frags & IP_DF != 0,
     };
-    if is_fragment || (headers.proto != PROTO_TCP && headers.proto != PROTO_UDP) {
+    if headers.proto != PROTO_TCP && headers.proto != PROTO_UDP {
+        return Parsed::Ipv4(headers);
+    }
+    if later_fragment {
+        let (saddr, daddr) = (headers.saddr, headers.daddr);
+        if let Some((sport, dport)) = fragments::ports_of(saddr, daddr, ip.id, ip.proto, pkt.len())
+        {
+            headers.sport = sport;
+            headers.dport = dport;
+            headers.has_ports = true;
+        }
         return Parsed::Ipv4(headers);
     }
     let l4_len = if headers.proto == PROTO_TCP {
@@ -148,6 +166,12 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         headers.tcp_flags = unsafe { *flags };
     }
     headers.has_ports = true;
+    headers.l4_present = true;
+    if is_fragment {
+        let (saddr, daddr, sport, dport) =
+            (headers.saddr, headers.daddr, headers.sport, headers.dport);
+        fragments::remember(saddr, daddr, ip.id, ip.proto, sport, dport);
+    }
     Parsed::Ipv4(headers)
 }
 

@@ -4,6 +4,7 @@
 
 mod conntrack;
 mod external;
+mod fragments;
 mod from_overlay;
 mod from_pod;
 mod headers;

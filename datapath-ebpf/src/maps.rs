@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use ferrite_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, NodeConfig, RevNatValue,
+    RouteInfo, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -44,6 +44,10 @@ pub static MAGLEV: HashMap<
     { capacity::MAGLEV as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+#[btf_map(name = "ferrite_frags")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "ferrite_affin")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> =

@@ -68,7 +68,10 @@ fn rewrite_addr<P: Packet>(
     if old == new {
         return Ok(());
     }
-    pkt.replace_l4_csum(h.l4_csum_offset(), old, new, 4, true, h.proto == PROTO_UDP)?;
+    // A later fragment has no L4 checksum: its first fragment's covers the datagram.
+    if h.l4_present {
+        pkt.replace_l4_csum(h.l4_csum_offset(), old, new, 4, true, h.proto == PROTO_UDP)?;
+    }
     // The IP header checksum is always complete: fixed here without a helper call.
     let check = unsafe { *pkt.ptr_at::<u16>(IP_CSUM_OFF)? };
     pkt.store(IP_CSUM_OFF, &csum_replace4(check, old, new))?;
@@ -83,7 +86,8 @@ fn rewrite_port<P: Packet>(
     old: u16,
     new: u16,
 ) -> Result<(), ()> {
-    if old == new {
+    // Ports live in the first fragment only.
+    if old == new || !h.l4_present {
         return Ok(());
     }
     let (old, new) = (old.to_be(), new.to_be());

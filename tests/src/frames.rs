@@ -116,3 +116,54 @@ pub fn decode_checked(frame: &[u8]) -> Result<Decoded> {
     };
     Ok(decoded)
 }
+
+/// Split an IPv4 frame (IHL 5) in two fragments, the first carrying `first_len` bytes
+/// of the IP payload (a multiple of 8), with identification `id` and checksums set.
+pub fn fragment(frame: &[u8], first_len: usize, id: u16) -> Result<(Vec<u8>, Vec<u8>)> {
+    ensure!(
+        first_len.is_multiple_of(8),
+        "fragment payloads are multiples of 8 bytes"
+    );
+    let (mut ip, payload) = Ipv4Header::from_slice(&frame[14..])?;
+    ensure!(
+        ip.options.is_empty() && first_len < payload.len(),
+        "cannot split"
+    );
+    ip.identification = id;
+    ip.dont_fragment = false;
+    let piece = |ip: &mut Ipv4Header, bytes: &[u8], offset: usize, more: bool| -> Result<Vec<u8>> {
+        ip.more_fragments = more;
+        ip.fragment_offset = etherparse::IpFragOffset::try_new((offset / 8) as u16)?;
+        ip.total_len = (Ipv4Header::MIN_LEN + bytes.len()) as u16;
+        ip.header_checksum = ip.calc_header_checksum();
+        Ok([&frame[..14], &ip.to_bytes()[..], bytes].concat())
+    };
+    let first = piece(&mut ip, &payload[..first_len], 0, true)?;
+    let second = piece(&mut ip, &payload[first_len..], first_len, false)?;
+    Ok((first, second))
+}
+
+/// The frame two fragments (first, then last) of one datagram make whole again.
+pub fn reassemble(first: &[u8], last: &[u8]) -> Result<Vec<u8>> {
+    let (mut ip, head) = Ipv4Header::from_slice(&first[14..])?;
+    let (last_ip, tail) = Ipv4Header::from_slice(&last[14..])?;
+    ensure!(
+        (ip.source, ip.destination, ip.identification)
+            == (last_ip.source, last_ip.destination, last_ip.identification),
+        "fragments of different datagrams"
+    );
+    ensure!(
+        last_ip.fragment_offset.byte_offset() as usize == head.len(),
+        "gap"
+    );
+    for (name, header) in [("first", &ip), ("last", &last_ip)] {
+        ensure!(
+            header.header_checksum == header.calc_header_checksum(),
+            "bad IPv4 header checksum in the {name} fragment"
+        );
+    }
+    ip.more_fragments = false;
+    ip.total_len = (Ipv4Header::MIN_LEN + head.len() + tail.len()) as u16;
+    ip.header_checksum = ip.calc_header_checksum();
+    Ok([&first[..14], &ip.to_bytes()[..], head, tail].concat())
+}

@@ -108,6 +108,42 @@ fn udp_to_a_cluster_ip_is_dnated_and_answered_from_the_vip() -> Result<()> {
 }
 
 #[test]
+fn a_fragmented_datagram_to_a_cluster_ip_and_its_fragmented_answer_are_translated_whole(
+) -> Result<()> {
+    let bed = testbed()?;
+    let client = sock(CLIENT, 5002);
+    let payload: Vec<u8> = (0..200u8).collect();
+    let query = frames::udp(client, sock(VIP, 53), &payload);
+    let (first, last) = frames::fragment(&query, 96, 0x1234)?;
+    let (first_out, last_out) = (bed.from_pod(&first)?, bed.from_pod(&last)?);
+    assert_eq!(
+        (first_out.verdict, last_out.verdict),
+        (TC_ACT_REDIRECT, TC_ACT_REDIRECT)
+    );
+    // The first fragment carries the ports and the UDP checksum over the whole
+    // datagram: put back together, the datagram is the one the backend would get
+    // unfragmented, checksum included.
+    let whole = frames::reassemble(&first_out.frame, &last_out.frame)?;
+    let backend = backend_of(&whole);
+    let expected = delivered_to(backend, frames::udp(client, sock(backend, 5353), &payload));
+    assert_eq!(whole[14 + 20..], expected[14 + 20..]);
+    assert_eq!(decode_checked(&whole)?.destination, sock(backend, 5353));
+    assert_eq!(bed.counter(stat::FRAGMENT_TRACKED)?, 1);
+
+    // The backend's answer, fragmented too, comes back from the VIP.
+    let answer: Vec<u8> = (0..180u8).rev().collect();
+    let reply = frames::udp(sock(backend, 5353), client, &answer);
+    let (first, last) = frames::fragment(&reply, 64, 0x4321)?;
+    let (first_out, last_out) = (bed.from_pod(&first)?, bed.from_pod(&last)?);
+    let whole = frames::reassemble(&first_out.frame, &last_out.frame)?;
+    let expected = delivered_to(CLIENT, frames::udp(sock(VIP, 53), client, &answer));
+    assert_eq!(whole[14 + 20..], expected[14 + 20..]);
+    assert_eq!(decode_checked(&whole)?.source, sock(VIP, 53));
+    assert_eq!(bed.counter(stat::FRAGMENT_ROUTED)?, 0);
+    Ok(())
+}
+
+#[test]
 fn udp_without_checksum_keeps_checksum_zero() -> Result<()> {
     let bed = testbed()?;
     let client = sock(CLIENT, 5001);
@@ -264,17 +300,16 @@ fn malformed_frames_get_the_documented_verdict_and_counter() -> Result<()> {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     arp.extend([0u8; 28]);
     cases.push(("ARP", arp, TC_ACT_OK, stat::PASSED_ARP));
-    // A fragment to the VIP carries no trustworthy ports: never DNATed.
-    let mut fragment = good.clone();
-    fragment[20] |= 0x20; // MF
-    fragment[24..26].copy_from_slice(&[0, 0]);
-    let csum = etherparse::Ipv4Header::from_slice(&fragment[14..])?
-        .0
-        .calc_header_checksum();
-    fragment[24..26].copy_from_slice(&csum.to_be_bytes());
+    // A later fragment to the VIP whose first fragment was never seen has no ports:
+    // never DNATed.
+    let (_, later) = frames::fragment(
+        &frames::udp(sock(CLIENT, 7), sock(VIP, 53), &[1; 32]),
+        16,
+        9,
+    )?;
     cases.push((
-        "fragment to a Service",
-        fragment,
+        "later fragment to a Service, first never seen",
+        later,
         TC_ACT_OK,
         stat::FRAGMENT_ROUTED,
     ));

@@ -32,7 +32,8 @@ fn client_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 20 + index)
 }
 
-/// Two nodes; pod `a1` on node 0 and `b0` on node 1 serve TCP and UDP; the world has
+/// Two nodes; pod `a1` on node 0 and `b0` on node 1 serve TCP and UDP, pod `c0` on
+/// node 0 is a client; the world has
 /// 16 client addresses and routes the LoadBalancer IP to node 0, the externalIP to
 /// node 1 (as a cloud load balancer and a router would).
 struct World {
@@ -44,6 +45,8 @@ fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
     let mut cluster = Cluster::new(2)?;
     cluster.nodes[0].add_pod("a1", pod_ip(0, 1))?;
     cluster.nodes[1].add_pod("b0", pod_ip(1, 0))?;
+    // A client pod that is no Service's backend.
+    cluster.nodes[0].add_pod("c0", pod_ip(0, 5))?;
     let mut servers = Vec::new();
     for pod in ["a1", "b0"] {
         servers.push(cluster.pod(pod).serve(TCP_TARGET)?);
@@ -551,6 +554,34 @@ endpoints:
     set_pmtu_mode(&socket, nix::libc::IP_PMTUDISC_DONT)?;
     socket.connect(to_b0)?;
     assert_eq!(sized_request(&socket, one_over)?, one_over, "pod to pod");
+    // Through a ClusterIP: only the first fragment carries the ports; the datapath
+    // remembers them for the rest of the datagram.
+    let c0 = &c.pod("c0").netns;
+    let via_cluster_ip = |to: SocketAddrV4, size: usize| -> Result<Vec<u8>> {
+        let socket = c0.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        set_pmtu_mode(&socket, nix::libc::IP_PMTUDISC_DONT)?;
+        socket.connect(to)?;
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..3 {
+            socket.send(&vec![b'x'; size])?;
+            if let Ok(n) = socket.recv(&mut buf) {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+        bail!("no answer from {to}")
+    };
+    let sizes_vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 9);
+    let answer = via_cluster_ip(sizes_vip, one_over)?;
+    assert_eq!(String::from_utf8_lossy(&answer), one_over.to_string());
+    // And back: backends echo a datagram over the MTU, which they send fragmented;
+    // every answer comes from the Service address (connected socket), whole.
+    for _ in 0..6 {
+        let answer = via_cluster_ip(SocketAddrV4::new(VIP, PORT + 1), one_over)?;
+        assert!(answer.len() > one_over, "{} bytes", answer.len());
+    }
+    assert!(counter(c, 0, stat::FRAGMENT_TRACKED)? > 0);
+    assert_eq!(counter(c, 0, stat::FRAGMENT_ROUTED)?, 0);
 
     // With DF, the world learns the pod MTU from node 0's ICMP "fragmentation needed"
     // (the socket reports EMSGSIZE and its path MTU drops), then fits.

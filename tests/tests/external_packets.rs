@@ -193,9 +193,9 @@ fn malformed_and_foreign_frames_pass_untouched() -> Result<()> {
     let mut too_long = good.clone();
     too_long[16..18].copy_from_slice(&1500u16.to_be_bytes());
     cases.push(("total length beyond the frame", too_long));
-    let mut fragment = good.clone();
-    fragment[20..22].copy_from_slice(&0x2000u16.to_be_bytes()); // MF
-    cases.push(("first fragment", fragment));
+    let datagram = frames::udp(CLIENT, LOCAL_NODE_PORT, &[1; 32]);
+    let (_, later) = frames::fragment(&datagram, 16, 7)?;
+    cases.push(("later fragment, first never seen", later));
     let mut ipv6 = good.clone();
     ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     cases.push(("IPv6", ipv6));

@@ -8,7 +8,7 @@
 //! ever Service-translated.
 //! Needs root.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -61,15 +61,23 @@ struct Parsed {
     saddr: Ipv4Addr,
     daddr: Ipv4Addr,
     proto: u8,
-    fragment: bool,
+    /// A fragment after the first (no L4 header in it).
+    later_fragment: bool,
+    /// A later fragment that got its ports from its first fragment.
+    tracked: bool,
     /// (source port, destination port) when the rules give the frame ports.
     ports: Option<(u16, u16)>,
     /// DF set, no IP options, and larger than pods take.
     too_big_with_df: bool,
 }
 
+/// The ports first fragments recorded, by (source, destination, identification,
+/// protocol): `ferrite_frags` of one program's test bed.
+type Fragments = HashMap<([u8; 4], [u8; 4], [u8; 2], u8), (u16, u16)>;
+
 /// The parsing rules: `Err` is the counter of a frame that never reaches the logic.
-fn parse(frame: &[u8]) -> Result<Parsed, Expected> {
+/// A first fragment records its ports in `fragments`; a later one takes them there.
+fn parse(frame: &[u8], fragments: &mut Fragments) -> Result<Parsed, Expected> {
     match u16::from_be_bytes([frame[12], frame[13]]) {
         0x0800 => {}
         0x0806 => return Err(Expected::Pass(Some(stat::PASSED_ARP))),
@@ -84,29 +92,47 @@ fn parse(frame: &[u8]) -> Result<Parsed, Expected> {
     if version != 4 || ihl < 20 || total < ihl || 14 + total > frame.len() {
         return Err(Expected::Drop(stat::DROP_MALFORMED));
     }
-    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    let flags = u16::from_be_bytes([ip[6], ip[7]]);
+    let (fragment, later_fragment) = (flags & 0x3fff != 0, flags & 0x1fff != 0);
     let proto = ip[9];
     let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
     let mut parsed = Parsed {
         saddr: addr(12),
         daddr: addr(16),
         proto,
-        fragment,
+        later_fragment,
+        tracked: false,
         ports: None,
         too_big_with_df: u16::from_be_bytes([ip[6], ip[7]]) & 0x4000 != 0
             && ihl == 20
             && total > POD_MTU,
     };
-    if !fragment && (proto == PROTO_TCP || proto == PROTO_UDP) {
-        let l4 = if proto == PROTO_TCP { 20 } else { 8 };
-        if ihl + l4 > total {
-            return Err(Expected::Drop(stat::DROP_MALFORMED));
-        }
-        let p = &ip[ihl..];
-        parsed.ports = Some((
-            u16::from_be_bytes([p[0], p[1]]),
-            u16::from_be_bytes([p[2], p[3]]),
-        ));
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(parsed);
+    }
+    let datagram = (
+        parsed.saddr.octets(),
+        parsed.daddr.octets(),
+        [ip[4], ip[5]],
+        proto,
+    );
+    if later_fragment {
+        parsed.ports = fragments.get(&datagram).copied();
+        parsed.tracked = parsed.ports.is_some();
+        return Ok(parsed);
+    }
+    let l4 = if proto == PROTO_TCP { 20 } else { 8 };
+    if ihl + l4 > total {
+        return Err(Expected::Drop(stat::DROP_MALFORMED));
+    }
+    let p = &ip[ihl..];
+    let ports = (
+        u16::from_be_bytes([p[0], p[1]]),
+        u16::from_be_bytes([p[2], p[3]]),
+    );
+    parsed.ports = Some(ports);
+    if fragment {
+        fragments.insert(datagram, ports);
     }
     Ok(parsed)
 }
@@ -117,15 +143,20 @@ fn is_pod(ip: Ipv4Addr) -> bool {
 
 /// `ferrite_from_pod` on a pod's veth, every pod on that veth's ifindex: the verdict
 /// and the counters it bumps (of those the model tracks).
-fn model_from_pod(frame: &[u8]) -> (Expected, Vec<u32>) {
-    let h = match parse(frame) {
+fn model_from_pod(frame: &[u8], fragments: &mut Fragments) -> (Expected, Vec<u32>) {
+    let h = match parse(frame, fragments) {
         Ok(h) => h,
         Err(expected @ Expected::Drop(reason)) => return (expected, vec![reason]),
         Err(expected @ Expected::Pass(Some(counter))) => return (expected, vec![counter]),
         Err(expected) => return (expected, vec![]),
     };
+    let mut counters = Vec::new();
+    if h.tracked {
+        counters.push(stat::FRAGMENT_TRACKED);
+    }
     if !is_pod(h.saddr) {
-        return (Expected::Drop(stat::DROP_SPOOFED), vec![stat::DROP_SPOOFED]);
+        counters.push(stat::DROP_SPOOFED);
+        return (Expected::Drop(stat::DROP_SPOOFED), counters);
     }
     if let Some((_, dport)) = h.ports {
         // Pods reach every frontend in the maps, a NodePort on this node's IP too.
@@ -137,19 +168,16 @@ fn model_from_pod(frame: &[u8]) -> (Expected, Vec<u32>) {
             _ => None,
         };
         match service {
-            Some(true) => return (Expected::Deliver { translated: true }, vec![]),
+            Some(true) => return (Expected::Deliver { translated: true }, counters),
             Some(false) => {
-                return (
-                    Expected::Drop(stat::DROP_NO_BACKEND),
-                    vec![stat::DROP_NO_BACKEND],
-                )
+                counters.push(stat::DROP_NO_BACKEND);
+                return (Expected::Drop(stat::DROP_NO_BACKEND), counters);
             }
             None => {}
         }
     }
-    let mut counters = Vec::new();
-    if h.fragment && (h.proto == PROTO_TCP || h.proto == PROTO_UDP) {
-        // Routed by destination only, never translated.
+    if h.later_fragment && h.ports.is_none() && (h.proto == PROTO_TCP || h.proto == PROTO_UDP) {
+        // No ports: routed by destination only, never translated.
         counters.push(stat::FRAGMENT_ROUTED);
     }
     if is_pod(h.daddr) {
@@ -161,8 +189,8 @@ fn model_from_pod(frame: &[u8]) -> (Expected, Vec<u32>) {
 }
 
 /// `ferrite_from_world` (XDP) on the uplink.
-fn model_from_world(frame: &[u8]) -> Expected {
-    let Ok(h) = parse(frame) else {
+fn model_from_world(frame: &[u8], fragments: &mut Fragments) -> Expected {
+    let Ok(h) = parse(frame, fragments) else {
         return Expected::Pass(None);
     };
     let Some((_, dport)) = h.ports else {
@@ -190,8 +218,8 @@ fn is_external_frontend(h: &Parsed) -> bool {
 /// `ferrite_from_uplink` (tcx on the uplink, after XDP): DF packets too big for pods
 /// to an external frontend are answered with ICMP; frames now addressed to a pod are
 /// delivered; everything else passes untouched and uncounted.
-fn model_from_uplink(frame: &[u8]) -> Expected {
-    match parse(frame) {
+fn model_from_uplink(frame: &[u8], fragments: &mut Fragments) -> Expected {
+    match parse(frame, fragments) {
         Ok(h) if is_external_frontend(&h) && h.too_big_with_df => Expected::FragNeeded,
         Ok(h) if is_pod(h.daddr) => Expected::Deliver { translated: false },
         _ => Expected::Pass(None),
@@ -398,9 +426,14 @@ fn too_short_for_test_run(frame: &[u8]) -> bool {
     }
 }
 
-fn destination(frame: &[u8]) -> Option<(Ipv4Addr, u16)> {
-    let h = parse(frame).ok()?;
-    Some((h.daddr, h.ports?.1))
+/// Where a translated frame goes: its destination address and, unless it is a later
+/// fragment (no L4 header), its destination port.
+fn destination(frame: &[u8]) -> Option<(Ipv4Addr, Option<u16>)> {
+    let h = parse(frame, &mut Fragments::new()).ok()?;
+    if h.later_fragment {
+        return Some((h.daddr, None));
+    }
+    Some((h.daddr, Some(h.ports?.1)))
 }
 
 #[test]
@@ -412,16 +445,20 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
 
     let bed = testbed()?;
+    let mut pod_fragments = Fragments::new();
     let mut refused = 0;
     for i in 0..FROM_POD_FRAMES {
         let frame = mutate(&mut rng, &seeds);
-        let (expected, counters) = model_from_pod(&frame);
-        let fragment = counters.contains(&stat::FRAGMENT_ROUTED);
+        let (expected, counters) = model_from_pod(&frame, &mut pod_fragments);
+        let fragment = if counters.contains(&stat::FRAGMENT_ROUTED) {
+            " fragment"
+        } else if counters.contains(&stat::FRAGMENT_TRACKED) {
+            " tracked fragment"
+        } else {
+            ""
+        };
         *kinds
-            .entry(format!(
-                "from_pod {expected:?}{}",
-                if fragment { " fragment" } else { "" }
-            ))
+            .entry(format!("from_pod {expected:?}{fragment}"))
             .or_default() += 1;
         let out = match bed.from_pod(&frame) {
             Ok(out) => out,
@@ -440,7 +477,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             Expected::Drop(_) => out.verdict == TC_ACT_SHOT && out.frame == frame,
             Expected::Deliver { translated } => {
                 let to_backend = destination(&out.frame).is_some_and(|(ip, port)| {
-                    BACKENDS.contains(&ip) && [8080, 5353].contains(&port)
+                    BACKENDS.contains(&ip) && port.is_none_or(|p| [8080, 5353].contains(&p))
                 });
                 // Untranslated: same destination (a backend's reply may get its
                 // source turned back into the Service's, by conntrack).
@@ -466,6 +503,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         stat::DROP_SPOOFED,
         stat::DROP_NO_BACKEND,
         stat::FRAGMENT_ROUTED,
+        stat::FRAGMENT_TRACKED,
         stat::PASSED_TO_STACK,
         stat::DROP_INTERNAL,
     ] {
@@ -480,10 +518,11 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     }
 
     let bed = testbed()?;
+    let mut world_fragments = Fragments::new();
     let mut dropped = 0;
     for i in 0..FROM_WORLD_FRAMES {
         let frame = mutate(&mut rng, &seeds);
-        let expected = model_from_world(&frame);
+        let expected = model_from_world(&frame, &mut world_fragments);
         *kinds.entry(format!("from_world {expected:?}")).or_default() += 1;
         let out = bed
             .from_world(&frame)
@@ -496,8 +535,9 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             }
             Expected::Translated => {
                 out.verdict == XDP_PASS
-                    && destination(&out.frame)
-                        .is_some_and(|(ip, port)| BACKENDS.contains(&ip) && port == 8080)
+                    && destination(&out.frame).is_some_and(|(ip, port)| {
+                        BACKENDS.contains(&ip) && port.is_none_or(|p| p == 8080)
+                    })
             }
             Expected::Deliver { .. } | Expected::FragNeeded => unreachable!("TC only"),
         };
@@ -513,6 +553,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     }
 
     let bed = testbed()?;
+    let mut uplink_fragments = Fragments::new();
     let mut ran = FROM_POD_FRAMES - refused + FROM_WORLD_FRAMES;
     let mut frag_needed = 0;
     for i in 0..FROM_UPLINK_FRAMES {
@@ -522,7 +563,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             continue;
         };
         ran += 1;
-        let expected = model_from_uplink(&frame);
+        let expected = model_from_uplink(&frame, &mut uplink_fragments);
         *kinds
             .entry(format!("from_uplink {expected:?}"))
             .or_default() += 1;
@@ -580,6 +621,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         "from_pod Pass(Some(1)) fragment",
         "from_pod Pass(Some(10))",
         "from_pod Deliver { translated: true }",
+        "from_pod Deliver { translated: true } tracked fragment",
         "from_world Translated",
         "from_world Drop(20)",
         "from_uplink FragNeeded",
