@@ -1,6 +1,10 @@
 //! The example cluster (examples/one-node.yaml) and variations of it for tests.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use anyhow::Result;
+
+use crate::lab::{Node, Server};
+
 /// The example file the demo runs on; its node is called `ferrite-demo`.
 pub const EXAMPLE: &str = include_str!("../../examples/one-node.yaml");
 pub const EXAMPLE_NODE: &str = "ferrite-demo";
@@ -22,6 +26,21 @@ pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
     ("web-2", Ipv4Addr::new(10, 244, 0, 12)),
     ("web-3", Ipv4Addr::new(10, 244, 0, 13)),
 ];
+
+/// A uniquely named node (after `label`) with the example's pods, its backends
+/// serving TCP and UDP; no config and no agent yet. Drop the servers before the node.
+pub fn example_node(label: &str) -> Result<(Node, Vec<Server>)> {
+    let mut node = Node::new(label)?;
+    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
+        node.add_pod(name, *ip)?;
+    }
+    let mut servers = Vec::new();
+    for (name, _) in BACKENDS {
+        servers.push(node.pod(name).serve(TCP_TARGET)?);
+        servers.push(node.pod(name).serve(UDP_TARGET)?);
+    }
+    Ok((node, servers))
+}
 
 /// The example with its node renamed (tests use unique node names).
 pub fn example_for(node: &str) -> String {

@@ -25,16 +25,8 @@ fn example_cluster() -> Result<ExampleCluster> {
 }
 
 fn example_cluster_with(agent_args: &[&str]) -> Result<ExampleCluster> {
-    let mut node = Node::new("clip")?;
+    let (mut node, servers) = cluster::example_node("clip")?;
     node.agent_args = agent_args.iter().map(ToString::to_string).collect();
-    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
-        node.add_pod(name, *ip)?;
-    }
-    let mut servers = Vec::new();
-    for (name, _) in BACKENDS {
-        servers.push(node.pod(name).serve(TCP_TARGET)?);
-        servers.push(node.pod(name).serve(UDP_TARGET)?);
-    }
     node.write_config(&cluster::example_for(&node.name))?;
     node.start_agent()?;
     node.wait_for_sync(2, 5)?;

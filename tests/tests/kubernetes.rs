@@ -10,7 +10,7 @@ use anyhow::Result;
 use ferrite_agent::plan::MapContents;
 use ferrite_common::{ServiceKey, PROTO_TCP};
 use ferrite_tests::{
-    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET},
+    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND},
     fake_apiserver::FakeApiServer,
     lab::{self, answered_by, node_yaml, Netns, Node, Server},
 };
@@ -30,15 +30,7 @@ fn master_count(maps: &MapContents, vip: Ipv4Addr, port: u16) -> Option<u16> {
 /// The example cluster served by the fake API server, plus this node's Node object;
 /// the agent started on a kubeconfig and synced.
 fn kube_cluster() -> Result<KubeCluster> {
-    let mut node = Node::new("kube")?;
-    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
-        node.add_pod(name, *ip)?;
-    }
-    let mut servers = Vec::new();
-    for (name, _) in BACKENDS {
-        servers.push(node.pod(name).serve(TCP_TARGET)?);
-        servers.push(node.pod(name).serve(UDP_TARGET)?);
-    }
+    let (mut node, servers) = cluster::example_node("kube")?;
     let api = FakeApiServer::start(&node.netns)?;
     api.apply_yaml(&cluster::example_for(&node.name))?;
     api.apply_yaml(&node_yaml(

@@ -13,10 +13,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use ferrite_common::{ServiceKey, PROTO_TCP, PROTO_UDP};
 use ferrite_tests::{
     cluster::{
-        self, load_balancer_yaml, service_yaml, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET,
-        UDP_TARGET,
+        self, load_balancer_yaml, service_yaml, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET,
     },
-    lab::{exchange, parse_answer, pod_ip, wait_until, Cluster, Netns, Node, Server},
+    lab::{exchange, parse_answer, pod_ip, wait_until, Cluster, Netns, Server},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
@@ -283,14 +282,7 @@ fn pinned_maps(pin_dir: &Path) -> Result<BTreeMap<String, (u32, u32)>> {
 #[test]
 fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<()> {
     ferrite_tests::lab::require_root()?;
-    let mut node = Node::new("layout")?;
-    for (name, ip) in CLIENTS.iter().chain(BACKENDS.iter()) {
-        node.add_pod(name, *ip)?;
-    }
-    let mut servers = Vec::new();
-    for (name, _) in BACKENDS {
-        servers.push(node.pod(name).serve(TCP_TARGET)?);
-    }
+    let (mut node, servers) = cluster::example_node("layout")?;
     node.write_config(&cluster::example_for(&node.name))?;
     node.start_agent()?;
     node.wait_for_sync(2, 5)?;
