@@ -90,8 +90,11 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 }
 
 /// Record a new Service flow without SNAT: `h` is the client's packet before DNAT.
+/// Returns `false`, recording nothing, when its reply tuple (backend -> client) is
+/// another flow's already: the same client port reached that backend another way.
+/// The caller then remaps the client port ([`create_snat`]), as Linux NAT does.
 #[inline(always)]
-pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<(), ()> {
+pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let reply = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
     let reply_key = key(
@@ -102,7 +105,12 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<(), ()> {
         h.proto,
     );
     // Reply entry first: a forward entry must never exist without its reverse path.
-    CONNTRACK.insert(reply_key, reply, 0).map_err(|_| ())?;
+    if CONNTRACK
+        .insert(reply_key, reply, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return Ok(false);
+    }
     let forward = CtValue {
         packets: 1,
         bytes: bytes as u64,
@@ -110,15 +118,17 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<(), ()> {
     };
     CONNTRACK
         .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
-        .map_err(|_| ())
+        .map_err(|_| ())?;
+    Ok(true)
 }
 
 /// Tries at finding a free SNAT port before giving up (bounded for the verifier).
 const SNAT_TRIES: u32 = 16;
 
-/// Record a new external flow SNATed to `node_addr` (raw network order) and a free
-/// port of the SNAT range, claimed by inserting its reply entry with BPF_NOEXIST (a
-/// taken port is a reply tuple that already exists). Returns the port.
+/// Record a new flow SNATed to `node_addr` (raw network order: this node for
+/// forwarded external flows, the client itself for a remapped client port) and a
+/// free port of the SNAT range, claimed by inserting its reply entry with
+/// BPF_NOEXIST (a taken port is a reply tuple that already exists). Returns the port.
 #[inline(always)]
 pub fn create_snat(
     h: &Headers,

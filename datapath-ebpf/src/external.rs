@@ -118,8 +118,9 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     };
     let local =
         svc.flags & svc_flag::LOCAL_ONLY != 0 || routing::local_endpoint(backend_addr).is_some();
-    if local {
-        conntrack::create(&h, &flow, pkt.len())?;
+    // A local backend whose reply tuple to this client is taken (the client port
+    // reached it through another frontend) is SNATed like a remote one.
+    if local && conntrack::create(&h, &flow, pkt.len())? {
         nat::dnat(pkt, &h, backend_addr, chosen.backend.port)?;
     } else {
         let node_addr = CONFIG

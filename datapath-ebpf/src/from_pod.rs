@@ -1,12 +1,15 @@
 //! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
 //! reverse NAT of a backend's reply, then local delivery or the host stack.
-use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, PROTO_UDP, REV_NAT_NONE};
+use ferrite_common::{
+    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE,
+};
 
 use crate::{
     conntrack::{self, NewFlow},
     external,
     headers::{is_fragment_routed, parse, Headers, Parsed},
-    lb, nat,
+    lb::{self, NewFlowOutcome},
+    nat,
     packet::{Packet, Verdict},
     routing,
     stats::{count, count_lb},
@@ -36,19 +39,23 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     return external::reply_to_world(pkt, &h, &ct);
                 }
                 nat::reverse(pkt, &h, &ct)?;
-            } else if ct.rev_nat_index == REV_NAT_NONE {
-                // A direct flow whose source port was remapped.
-                nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
             } else {
-                daddr = u32::from_ne_bytes(ct.backend_address);
-                nat::dnat(pkt, &h, daddr, ct.backend_port)?;
-                count(stat::SERVICE_ESTABLISHED, pkt.len());
-                count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
+                if ct.rev_nat_index != REV_NAT_NONE {
+                    daddr = u32::from_ne_bytes(ct.backend_address);
+                    nat::dnat(pkt, &h, daddr, ct.backend_port)?;
+                    count(stat::SERVICE_ESTABLISHED, pkt.len());
+                    count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
+                }
+                // A flow whose client port was remapped (direct, or a Service flow).
+                if ct.flags & CT_FLAG_SNAT != 0 {
+                    nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
+                }
             }
         } else if let Some(svc) = lb::lookup_service(&h) {
             match lb::translate_new_flow(pkt, &h, &svc)? {
-                Some(backend_addr) => daddr = backend_addr,
-                None => return Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
+                NewFlowOutcome::Translated(backend_addr) => daddr = backend_addr,
+                NewFlowOutcome::NoBackend => return Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
+                NewFlowOutcome::NoPortLeft => return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT)),
             }
         } else if (h.is_tcp_syn() || h.proto == PROTO_UDP)
             && conntrack::clashes_with_service_reply(&h)

@@ -130,17 +130,27 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
     Some(chosen)
 }
 
+/// What became of the first packet of a new ClusterIP flow.
+pub enum NewFlowOutcome {
+    /// DNATed to this backend address (raw network order).
+    Translated(u32),
+    /// The Service has no ready backend (`drop_no_backend`).
+    NoBackend,
+    /// The client port had to be remapped and no port was free (`drop_no_snat_port`).
+    NoPortLeft,
+}
+
 /// DNAT the first packet of a new ClusterIP flow: pick a backend, record the flow.
-/// Returns the new destination address, or `None` when the Service has no ready
-/// backend (the caller drops it as `drop_no_backend`).
+/// If the client port already reached that backend by another flow (their answers
+/// would be indistinguishable), the client port is remapped too (`port_remapped`).
 #[inline(always)]
 pub fn translate_new_flow<P: Packet>(
     pkt: &P,
     h: &Headers,
     svc: &ServiceValue,
-) -> Result<Option<u32>, ()> {
+) -> Result<NewFlowOutcome, ()> {
     let Some(chosen) = choose_backend(h, svc, false) else {
-        return Ok(None);
+        return Ok(NewFlowOutcome::NoBackend);
     };
     let addr = u32::from_ne_bytes(chosen.backend.address);
     let flow = NewFlow {
@@ -150,9 +160,17 @@ pub fn translate_new_flow<P: Packet>(
         rev_nat_index: svc.rev_nat_index,
         flags: 0,
     };
-    conntrack::create(h, &flow, pkt.len())?;
-    nat::dnat(pkt, h, addr, chosen.backend.port)?;
+    if conntrack::create(h, &flow, pkt.len())? {
+        nat::dnat(pkt, h, addr, chosen.backend.port)?;
+    } else {
+        let Some(port) = conntrack::create_snat(h, &flow, h.saddr, flow_hash(h), pkt.len()) else {
+            return Ok(NewFlowOutcome::NoPortLeft);
+        };
+        nat::dnat(pkt, h, addr, chosen.backend.port)?;
+        nat::snat(pkt, h, h.saddr, port)?;
+        count(stat::PORT_REMAPPED, pkt.len());
+    }
     count(stat::SERVICE_NEW_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
-    Ok(Some(addr))
+    Ok(NewFlowOutcome::Translated(addr))
 }

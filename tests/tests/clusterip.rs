@@ -545,38 +545,49 @@ fn connect_from_port(
 }
 
 #[test]
-fn a_direct_connection_from_the_port_of_a_service_connection_gets_its_own_answers() -> Result<()> {
+fn connections_sharing_a_client_port_and_a_backend_each_get_their_own_answers() -> Result<()> {
     let cluster = example_cluster()?;
+    let node = &cluster.node;
     let (client_name, client_ip) = CLIENTS[0];
-    let client = &cluster.node.pod(client_name).netns;
+    let client = &node.pod(client_name).netns;
     let from = SocketAddrV4::new(client_ip, 41000);
     // Through the Service, kept open.
     let mut via_service = connect_from_port(client, from, TCP_FRONTEND)?;
     let backend = answered_by(&exchange(&mut via_service, "via the vip")?, "via the vip")?;
     let backend_ip = BACKENDS.iter().find(|(n, _)| *n == backend).unwrap().1;
-    // The same client port straight to that backend: the two flows share their
-    // reply tuple (backend:8080 -> client:41000). Linux NAT would remap the second
-    // flow's source port; so does the datapath, and each socket gets its answers.
+    // A second Service whose only backend is that one.
+    let other_vip = std::net::Ipv4Addr::new(10, 96, 7, 7);
+    node.write_config(&format!(
+        "{}---\n{}",
+        cluster::example_for(&node.name),
+        cluster::service_yaml("other", other_vip, &[backend_ip])
+    ))?;
+    node.wait_for_sync(4, 5)?;
+    // The same client port straight to that backend, and through the other Service:
+    // all three flows share the reply tuple backend:8080 -> client:41000. Linux NAT
+    // remaps the later flows' source port; so does the datapath, and each socket gets
+    // its own answers.
     let direct = SocketAddrV4::new(backend_ip, TCP_TARGET);
     let mut direct_stream = connect_from_port(client, from, direct)?;
+    let mut via_other = connect_from_port(client, from, SocketAddrV4::new(other_vip, 80))?;
     for round in 0..3 {
-        let request = format!("direct {round}");
-        let (name, seen_as) = parse_answer(&exchange(&mut direct_stream, &request)?, &request)?;
-        assert_eq!((name, seen_as), (backend.clone(), client_ip.to_string()));
-        let request = format!("via the vip {round}");
-        assert_eq!(
-            answered_by(&exchange(&mut via_service, &request)?, &request)?,
-            backend
-        );
+        for (stream, what) in [
+            (&mut direct_stream, "direct"),
+            (&mut via_service, "via the vip"),
+            (&mut via_other, "via the other vip"),
+        ] {
+            let request = format!("{what} {round}");
+            let (name, seen_as) = parse_answer(&exchange(stream, &request)?, &request)?;
+            assert_eq!((name, seen_as), (backend.clone(), client_ip.to_string()));
+        }
     }
-    let counters = cluster.node.maps()?.counters()?;
+    let counters = node.maps()?.counters()?;
     assert_eq!(
         counters[ferrite_common::stat::PORT_REMAPPED as usize].packets,
-        1
+        2
     );
     // Closed, then the port is reused again, straight to the backend.
-    drop(via_service);
-    drop(direct_stream);
+    drop((via_service, direct_stream, via_other));
     let mut again = connect_from_port(client, from, direct)?;
     assert_eq!(
         answered_by(&exchange(&mut again, "again")?, "again")?,
