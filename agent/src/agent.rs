@@ -551,25 +551,10 @@ pub fn reconcile(
     let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
     maps.purge_lb_counters(&ops)?;
 
-    // Links pinned by an earlier agent (or the CNI plugin) still run the programs it
-    // loaded: move each to this agent's copy in place, now that the maps hold this
-    // sync's state (an upgrade may have re-created some of them).
-    for link in datapath.attached()? {
-        let program = if link.starts_with(datapath::XDP_LINK_PREFIX) {
-            program_names::FROM_WORLD
-        } else if link == VXLAN_DEVICE {
-            program_names::FROM_OVERLAY
-        } else if uplink.as_deref() == Some(link.as_str()) {
-            program_names::FROM_UPLINK
-        } else {
-            program_names::FROM_POD
-        };
-        if interfaces.contains_key(datapath::link_device(&link))
-            && datapath.replace_program(&link, program)?
-        {
-            info!(link, program, "link moved to this agent's program");
-        }
-    }
+    // Links pinned by an earlier agent still run the programs it loaded: move them to
+    // this agent's, now that the maps hold this sync's state (an upgrade may have
+    // re-created some of them).
+    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
 
     // Links of interfaces that still exist may belong to pods the CNI plugin just
     // wired: only pins of vanished interfaces are removed.

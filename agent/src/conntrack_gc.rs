@@ -61,12 +61,17 @@ fn flow_id(key: &CtKey, value: &CtValue) -> FlowId {
 struct Flow {
     last_seen_ns: u64,
     all_closing: bool,
-    keys: Vec<CtKey>,
+    /// Each entry's key and its own last-seen time.
+    entries: Vec<(CtKey, u64)>,
 }
 
-/// Keys of the entries whose flow has been idle longer than its lifetime at `now_ns`
-/// (the datapath's clock: CLOCK_MONOTONIC).
-pub fn expired(entries: &[(CtKey, CtValue)], now_ns: u64, lifetimes: &Lifetimes) -> Vec<CtKey> {
+/// The entries whose flow has been idle longer than its lifetime at `now_ns` (the
+/// datapath's clock: CLOCK_MONOTONIC), each with the last-seen time it was judged by.
+pub fn expired(
+    entries: &[(CtKey, CtValue)],
+    now_ns: u64,
+    lifetimes: &Lifetimes,
+) -> Vec<(CtKey, u64)> {
     let mut flows: HashMap<FlowId, Flow> = HashMap::new();
     for (key, value) in entries {
         let flow = flows.entry(flow_id(key, value)).or_insert(Flow {
@@ -75,7 +80,7 @@ pub fn expired(entries: &[(CtKey, CtValue)], now_ns: u64, lifetimes: &Lifetimes)
         });
         flow.last_seen_ns = flow.last_seen_ns.max(value.last_seen_ns);
         flow.all_closing &= value.flags & CT_FLAG_CLOSING != 0;
-        flow.keys.push(*key);
+        flow.entries.push((*key, value.last_seen_ns));
     }
     flows
         .into_iter()
@@ -87,7 +92,7 @@ pub fn expired(entries: &[(CtKey, CtValue)], now_ns: u64, lifetimes: &Lifetimes)
             };
             now_ns.saturating_sub(flow.last_seen_ns) > lifetime.as_nanos() as u64
         })
-        .flat_map(|(_, flow)| flow.keys)
+        .flat_map(|(_, flow)| flow.entries)
         .collect()
 }
 
@@ -178,7 +183,10 @@ mod tests {
         ]
         .concat();
 
-        let mut got = expired(&entries, now, &lifetimes);
+        let mut got: Vec<CtKey> = expired(&entries, now, &lifetimes)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         got.sort();
         let mut want: Vec<CtKey> = idle_udp
             .iter()

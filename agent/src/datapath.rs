@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use ferrite_common::{map_names, program_names};
+use ferrite_common::{map_names, program_names, VXLAN_DEVICE};
 use tracing::{info, warn};
 
 use crate::{files::create_private_dir, plan::Interface};
@@ -112,6 +112,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    /// Whether the links pinned before this agent started run its programs now.
+    links_adopted: bool,
 }
 
 impl Datapath {
@@ -126,7 +128,10 @@ impl Datapath {
         ensure_bpffs()?;
         create_private_dir(pin_dir)?;
         create_private_dir(&links_dir(pin_dir))?;
-        recreate_incompatible_maps(object, pin_dir, capacities)?;
+        let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+        let parsed = aya_obj::Object::parse(&bytes)
+            .with_context(|| format!("parsing {}", object.display()))?;
+        recreate_incompatible_maps(&parsed, pin_dir, capacities)?;
         let map_paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -141,7 +146,7 @@ impl Datapath {
         let level = log.level();
         loader.override_global("AYA_LOG_LEVEL", &level, true);
         let mut ebpf = loader
-            .load_file(object)
+            .load(&bytes)
             .with_context(|| format!("loading {}", object.display()))?;
         for name in [
             program_names::FROM_POD,
@@ -176,6 +181,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             logger,
+            links_adopted: false,
         })
     }
 
@@ -210,9 +216,40 @@ impl Datapath {
         attach_and_pin(program, interface, &self.pin_dir)
     }
 
+    /// Once per agent: move every link pinned by an earlier agent (or by the CNI
+    /// plugin from its program pin) to this agent's copy of its program, in place.
+    /// Links of interfaces that are gone are left to the caller's cleanup.
+    pub fn adopt_pinned_links(
+        &mut self,
+        uplink: Option<&str>,
+        interfaces: &BTreeMap<String, Interface>,
+    ) -> Result<()> {
+        if self.links_adopted {
+            return Ok(());
+        }
+        for link in self.attached()? {
+            let program = if link.starts_with(XDP_LINK_PREFIX) {
+                program_names::FROM_WORLD
+            } else if link == VXLAN_DEVICE {
+                program_names::FROM_OVERLAY
+            } else if uplink == Some(link.as_str()) {
+                program_names::FROM_UPLINK
+            } else {
+                program_names::FROM_POD
+            };
+            if interfaces.contains_key(link_device(&link))
+                && self.replace_program(&link, program)?
+            {
+                info!(link, program, "link moved to this agent's program");
+            }
+        }
+        self.links_adopted = true;
+        Ok(())
+    }
+
     /// Move the link pinned as `link_name` to this agent's copy of `program`, with one
     /// BPF_LINK_UPDATE (after a restart or an upgrade). Returns whether it changed.
-    pub fn replace_program(&mut self, link_name: &str, program: &str) -> Result<bool> {
+    fn replace_program(&mut self, link_name: &str, program: &str) -> Result<bool> {
         let Some(link) = pinned_link(&links_dir(&self.pin_dir).join(link_name))? else {
             return Ok(false);
         };
@@ -283,19 +320,16 @@ impl Datapath {
     }
 }
 
-/// Remove the pins of maps the object at `object` defines differently (type, key or
+/// Remove the pins of maps the `parsed` object defines differently (type, key or
 /// value size, flags, or capacity after `capacities`), so loading creates them anew.
 /// Programs still running keep the old map until their link is moved to the new
 /// program; the agent refills Service maps before that (see `agent::reconcile`).
 /// Conntrack or affinity entries of a re-created map are lost: those flows re-balance.
 fn recreate_incompatible_maps(
-    object: &Path,
+    parsed: &aya_obj::Object,
     pin_dir: &Path,
     capacities: &BTreeMap<String, u32>,
 ) -> Result<()> {
-    let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
-    let parsed =
-        aya_obj::Object::parse(&bytes).with_context(|| format!("parsing {}", object.display()))?;
     for name in map_names::ALL {
         let pin = pin_dir.join(name);
         let (Some(wanted), Ok(pinned)) = (parsed.maps.get(name), MapInfo::from_pin(&pin)) else {

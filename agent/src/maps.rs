@@ -286,16 +286,12 @@ impl NodeMaps {
         lifetimes: &crate::conntrack_gc::Lifetimes,
     ) -> Result<usize> {
         let entries = self.conntrack_entries()?;
-        let seen: std::collections::HashMap<CtKey, u64> = entries
-            .iter()
-            .map(|(key, value)| (*key, value.last_seen_ns))
-            .collect();
         let mut removed = 0;
-        for key in crate::conntrack_gc::expired(&entries, now_ns, lifetimes) {
+        for (key, seen_ns) in crate::conntrack_gc::expired(&entries, now_ns, lifetimes) {
             let untouched = self
                 .conntrack
                 .get(&key, 0)
-                .is_ok_and(|value| Some(&value.last_seen_ns) == seen.get(&key));
+                .is_ok_and(|value| value.last_seen_ns == seen_ns);
             if untouched && self.conntrack.remove(&key).is_ok() {
                 removed += 1;
             }

@@ -69,8 +69,8 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 }
 
 /// A pod's new direct flow (TCP SYN or UDP) whose reply tuple a Service flow holds
-/// gets another source port (of the SNAT range, above pods' ephemeral ports), kept
-/// in conntrack like a Service flow's, so both flows' answers find their socket.
+/// gets another client port, kept in conntrack like a Service flow's, so both flows'
+/// answers find their socket.
 #[inline(always)]
 fn remap_source_port<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
     let flow = NewFlow {
@@ -80,11 +80,8 @@ fn remap_source_port<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
         rev_nat_index: REV_NAT_NONE,
         flags: 0,
     };
-    let hash = lb::flow_hash(h);
-    let Some(port) = conntrack::create_snat(h, &flow, h.saddr, hash, pkt.len()) else {
+    if !lb::remap_client_port(pkt, h, &flow)? {
         return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
-    };
-    nat::snat(pkt, h, h.saddr, port)?;
-    count(stat::PORT_REMAPPED, pkt.len());
+    }
     routing::route(pkt, h.daddr, h.dport)
 }

@@ -130,6 +130,20 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
     Some(chosen)
 }
 
+/// Record `flow`, whose reply tuple (backend -> client port) another flow holds,
+/// with the client's port remapped to a free one of the SNAT range (above pods'
+/// ephemeral ports), as Linux NAT remaps clashing tuples; rewrite the packet's source
+/// port. Returns `false` when no port was free.
+#[inline(always)]
+pub fn remap_client_port<P: Packet>(pkt: &P, h: &Headers, flow: &NewFlow) -> Result<bool, ()> {
+    let Some(port) = conntrack::create_snat(h, flow, h.saddr, flow_hash(h), pkt.len()) else {
+        return Ok(false);
+    };
+    nat::snat(pkt, h, h.saddr, port)?;
+    count(stat::PORT_REMAPPED, pkt.len());
+    Ok(true)
+}
+
 /// What became of the first packet of a new ClusterIP flow.
 pub enum NewFlowOutcome {
     /// DNATed to this backend address (raw network order).
@@ -160,16 +174,10 @@ pub fn translate_new_flow<P: Packet>(
         rev_nat_index: svc.rev_nat_index,
         flags: 0,
     };
-    if conntrack::create(h, &flow, pkt.len())? {
-        nat::dnat(pkt, h, addr, chosen.backend.port)?;
-    } else {
-        let Some(port) = conntrack::create_snat(h, &flow, h.saddr, flow_hash(h), pkt.len()) else {
-            return Ok(NewFlowOutcome::NoPortLeft);
-        };
-        nat::dnat(pkt, h, addr, chosen.backend.port)?;
-        nat::snat(pkt, h, h.saddr, port)?;
-        count(stat::PORT_REMAPPED, pkt.len());
+    if !conntrack::create(h, &flow, pkt.len())? && !remap_client_port(pkt, h, &flow)? {
+        return Ok(NewFlowOutcome::NoPortLeft);
     }
+    nat::dnat(pkt, h, addr, chosen.backend.port)?;
     count(stat::SERVICE_NEW_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
     Ok(NewFlowOutcome::Translated(addr))
