@@ -137,35 +137,24 @@ impl Testbed {
         Ok(())
     }
 
-    /// This node's own address (NodePorts, SNAT).
-    pub fn set_node_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+    /// Change this node's `ferrite_config` entry.
+    fn update_config(&mut self, change: impl FnOnce(&mut NodeConfig)) -> Result<()> {
         let mut config: Array<&mut MapData, NodeConfig> =
             Array::try_from(self.ebpf.map_mut(map_names::CONFIG).context("config")?)?;
-        config.set(
-            0,
-            NodeConfig {
-                node_ip: ip.octets(),
-                ..NodeConfig::default()
-            },
-            0,
-        )?;
+        let mut value = config.get(&0, 0)?;
+        change(&mut value);
+        config.set(0, value, 0)?;
         Ok(())
+    }
+
+    /// This node's own address (NodePorts, SNAT).
+    pub fn set_node_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.update_config(|config| config.node_ip = ip.octets())
     }
 
     /// The largest packet pods take (`pod_mtu`; 0, the default here, means no limit).
     pub fn set_pod_mtu(&mut self, mtu: u16) -> Result<()> {
-        let mut config: Array<&mut MapData, NodeConfig> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).context("config")?)?;
-        let current = config.get(&0, 0)?;
-        config.set(
-            0,
-            NodeConfig {
-                pod_mtu: mtu,
-                ..current
-            },
-            0,
-        )?;
-        Ok(())
+        self.update_config(|config| config.pod_mtu = mtu)
     }
 
     /// Set the master entry flags (`svc_flag`) of a frontend written by `add_service`.
