@@ -16,8 +16,10 @@ use ferrite_common::{program_names, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 use tracing::{debug, error, info, warn};
 
+use aya::programs::TcAttachType;
+
 use crate::{
-    datapath::{self, Datapath},
+    datapath::{self, Attachment, Datapath},
     hostnet, kube_source,
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
@@ -44,6 +46,11 @@ pub struct AgentOptions {
     /// `max_entries` of maps whose default does not suit (by map name); applies when
     /// the maps are created (first start, or after `ferrite uninstall`).
     pub map_capacities: BTreeMap<String, u32>,
+    /// Socket-level load balancing on `cgroup_root`.
+    pub socket_lb: bool,
+    /// The cgroup v2 directory whose processes (pods and host processes alike) get
+    /// socket-level load balancing; `None`: the cgroup v2 mount.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -92,8 +99,7 @@ pub struct SyncReport {
 pub struct NodeAgent {
     pub settings: plan::NodeSettings,
     pub telemetry: Arc<Telemetry>,
-    datapath: Datapath,
-    maps: NodeMaps,
+    parts: NodeParts,
     /// What the last successful sync left in the maps: event-driven syncs diff
     /// against it instead of re-reading every map (110k entries at 10k Services).
     written: Option<plan::Written>,
@@ -101,6 +107,14 @@ pub struct NodeAgent {
     frontends_of: BTreeMap<ServiceRef, BTreeSet<L4Addr>>,
     owner_of: BTreeMap<L4Addr, ServiceRef>,
     health_checks: crate::healthcheck::HealthChecks,
+}
+
+/// What a sync writes to: the loaded datapath, its pinned maps, and the node's host
+/// side around them.
+pub struct NodeParts {
+    pub datapath: Datapath,
+    pub maps: NodeMaps,
+    pub host: HostSide,
 }
 
 impl NodeAgent {
@@ -115,6 +129,12 @@ impl NodeAgent {
         )?;
         let maps = NodeMaps::open(&pin_dir)?;
         hostnet::enable_forwarding()?;
+        hostnet::accept_local_sources_on_lo()?;
+        let socket_lb_root = match (options.socket_lb, &options.cgroup_root) {
+            (false, _) => None,
+            (true, Some(root)) => Some(datapath::cgroup2_directory(root)?),
+            (true, None) => Some(datapath::default_cgroup_root()?),
+        };
         let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
         hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
         if let Some(cidr) = options.cluster_cidr {
@@ -135,6 +155,7 @@ impl NodeAgent {
             settings: plan::NodeSettings {
                 node: options.node.clone(),
                 vni: options.vni,
+                vxlan_port: options.vxlan_port,
                 capacities: plan::Capacities {
                     services: options.capacity(ferrite_common::map_names::SERVICES) as usize,
                     backends: options.capacity(ferrite_common::map_names::BACKENDS) as usize,
@@ -142,8 +163,14 @@ impl NodeAgent {
                 },
             },
             telemetry,
-            datapath,
-            maps,
+            parts: NodeParts {
+                datapath,
+                maps,
+                host: HostSide {
+                    socket_lb_root,
+                    overlay: None,
+                },
+            },
             written: None,
             frontends_of: BTreeMap::new(),
             owner_of: BTreeMap::new(),
@@ -168,16 +195,20 @@ impl NodeAgent {
             None
         };
         let current = match cached {
-            Some(mut contents) => self.maps.endpoint_entries().map(|endpoints| {
+            Some(mut contents) => self.parts.maps.endpoint_entries().map(|endpoints| {
                 contents.endpoints = endpoints;
                 contents
             }),
-            None => self.maps.contents(),
+            None => self.parts.maps.contents(),
         };
         if let (Ok(actual), Some(expected)) = (&current, &self.written) {
             self.report_drift(&expected.contents, actual);
         }
         let ids_from = self.written.as_ref().map(|w| &w.contents);
+        if !event_driven {
+            // Full syncs read the host side back too, repairing drift there.
+            self.parts.host.overlay = None;
+        }
         let result = current.and_then(|current| {
             reconcile(
                 objects,
@@ -185,8 +216,7 @@ impl NodeAgent {
                 current,
                 ids_from,
                 &self.settings,
-                &mut self.datapath,
-                &mut self.maps,
+                &mut self.parts,
             )
         });
         // Skipped objects are logged on the first sync and on every change.
@@ -244,7 +274,7 @@ impl NodeAgent {
     }
 
     pub fn flush_logs(&mut self) {
-        self.datapath.flush_logs();
+        self.parts.datapath.flush_logs();
     }
 
     /// With every full sync (start and `--resync-seconds`): drop finished and idle
@@ -252,6 +282,7 @@ impl NodeAgent {
     fn collect_conntrack_garbage(&mut self) {
         let now = crate::conntrack_gc::now_ns();
         match self
+            .parts
             .maps
             .collect_conntrack_garbage(now, &Default::default())
         {
@@ -327,10 +358,12 @@ impl NodeAgent {
         let (ops, more) =
             plan::service_update(&written, &frontends, &now, &self.settings.capacities);
         skipped.extend(more);
-        let applied = self.maps.apply(&ops).and_then(|_| {
-            self.maps
-                .purge_conntrack(&plan::removed_backends(&ops))
-                .and_then(|_| self.maps.purge_lb_counters(&ops))
+        let ended = plan::ended_pairs(&written.contents, &ops);
+        let applied = self.parts.maps.apply(&ops).and_then(|_| {
+            self.parts
+                .maps
+                .purge_conntrack(&plan::removed_backends(&ops), &ended)
+                .and_then(|_| self.parts.maps.purge_lb_counters(&ops))
         });
         if let Err(e) = applied {
             // The maps may hold part of `ops`: the next (full) sync re-reads them.
@@ -446,6 +479,147 @@ fn run_file(agent: &mut NodeAgent, config: &PathBuf, options: &AgentOptions) -> 
     }
 }
 
+/// Attach the programs of the node's devices that are not attached yet: from-pod and
+/// to-pod on every pod veth, from-overlay on the VXLAN device, and on the uplink the
+/// XDP program, from-uplink (ingress) and from-host (egress, as on `lo`). Returns the
+/// attachments the node wants.
+fn attach_programs(
+    datapath: &mut Datapath,
+    state: &model::DesiredState,
+    interfaces: &BTreeMap<String, plan::Interface>,
+    uplink: Option<&str>,
+) -> Result<BTreeSet<Attachment>> {
+    let mut wanted: BTreeMap<Attachment, (&str, TcAttachType)> = BTreeMap::new();
+    for pod in state.pods.values() {
+        for (program, direction) in datapath::POD_PROGRAMS {
+            let attachment = match direction {
+                TcAttachType::Egress => Attachment::Egress(pod.interface.clone()),
+                _ => Attachment::Ingress(pod.interface.clone()),
+            };
+            wanted.insert(attachment, (program, direction));
+        }
+    }
+    wanted.insert(
+        Attachment::Ingress(VXLAN_DEVICE.into()),
+        (program_names::FROM_OVERLAY, TcAttachType::Ingress),
+    );
+    wanted.insert(
+        Attachment::Egress(datapath::LOOPBACK_DEVICE.into()),
+        (program_names::FROM_HOST, TcAttachType::Egress),
+    );
+    if let Some(uplink) = uplink {
+        wanted.insert(
+            Attachment::Ingress(uplink.into()),
+            (program_names::FROM_UPLINK, TcAttachType::Ingress),
+        );
+        wanted.insert(
+            Attachment::Egress(uplink.into()),
+            (program_names::FROM_HOST, TcAttachType::Egress),
+        );
+    }
+    for (attachment, (program, direction)) in &wanted {
+        let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
+            continue;
+        };
+        if datapath.ensure_attached(device, *direction, program)? {
+            info!(interface = device, program, "attached");
+        }
+    }
+    let mut wanted: BTreeSet<Attachment> = wanted.into_keys().collect();
+    if let Some(uplink) = uplink {
+        if datapath.ensure_xdp_attached(uplink)? {
+            info!(
+                interface = uplink,
+                "attached XDP program for external traffic"
+            );
+        }
+        wanted.insert(Attachment::Xdp(uplink.into()));
+    }
+    Ok(wanted)
+}
+
+/// The node's host side beyond the maps and device programs: socket-level load
+/// balancing on its cgroup subtree, and its place on the overlay, with what was
+/// last applied of each.
+#[derive(Debug, Default)]
+pub struct HostSide {
+    /// The cgroup v2 directory the socket-level programs attach to (`None`: off).
+    pub socket_lb_root: Option<PathBuf>,
+    /// The overlay host setup last applied; `None`: read it back from the device
+    /// (on start and full syncs, which repair drift).
+    pub overlay: Option<hostnet::OverlayHost>,
+}
+
+impl HostSide {
+    /// The node's overlay address, VTEP MAC and routes to the other nodes' pod CIDRs.
+    fn sync_overlay(
+        &mut self,
+        state: &model::DesiredState,
+        settings: &plan::NodeSettings,
+        device_mac: [u8; 6],
+    ) -> Result<()> {
+        let this_node = state.nodes.get(&settings.node);
+        let desired = hostnet::OverlayHost {
+            address: this_node
+                .and_then(|n| n.pod_cidrs.first())
+                .and_then(plan::overlay_address),
+            vtep_mac: this_node.map(|n| n.vtep_mac),
+            routes: state
+                .nodes
+                .values()
+                .filter(|n| n.name != settings.node)
+                .flat_map(|n| {
+                    n.pod_cidrs.iter().filter_map(move |cidr| {
+                        let route = hostnet::OverlayRoute {
+                            node_ip: n.ip,
+                            gateway: plan::overlay_address(cidr)?,
+                            vtep_mac: n.vtep_mac,
+                        };
+                        Some((*cidr, route))
+                    })
+                })
+                .collect(),
+        };
+        let current = match self.overlay.take() {
+            Some(applied) => applied,
+            None => hostnet::read_overlay(device_mac)?,
+        };
+        let changes = hostnet::apply_overlay(&current, &desired, settings.vni)?;
+        if changes > 0 {
+            info!(
+                address = ?desired.address,
+                routes = desired.routes.len(),
+                changes,
+                "overlay host routes updated"
+            );
+        }
+        self.overlay = Some(desired);
+        Ok(())
+    }
+
+    /// Attach (or, when off, detach) the socket-level programs.
+    fn sync_socket_lb(&mut self, datapath: &mut Datapath, node: &str) -> Result<()> {
+        let state_file = hostnet::run_dir(node).join("cgroup-root");
+        match &self.socket_lb_root {
+            Some(root) => {
+                let previous = fs::read_to_string(&state_file).ok().map(PathBuf::from);
+                if datapath.ensure_socket_lb(root, previous.as_deref())? {
+                    crate::files::create_private_dir(&hostnet::run_dir(node))?;
+                    crate::files::write_private(&state_file, root.to_string_lossy().as_bytes())?;
+                    info!(cgroup = %root.display(), "socket-level load balancing attached");
+                }
+            }
+            None => {
+                if datapath.remove_socket_lb()? {
+                    let _ = fs::remove_file(&state_file);
+                    info!("socket-level load balancing detached (--socket-lb=false)");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The map writes a sync would make now (for `ferrite inspect diff`): the model of
 /// `objects` against what the maps hold, without writing anything. Run in the
 /// node's network namespace (pod interfaces decide which endpoints stay).
@@ -473,9 +647,13 @@ pub fn reconcile(
     current: plan::MapContents,
     ids_from: Option<&plan::MapContents>,
     settings: &plan::NodeSettings,
-    datapath: &mut Datapath,
-    maps: &mut NodeMaps,
+    parts: &mut NodeParts,
 ) -> Result<(SyncReport, plan::MapContents)> {
+    let NodeParts {
+        datapath,
+        maps,
+        host,
+    } = parts;
     let (state, more) = model::build(objects, &settings.node);
     skipped.extend(more);
 
@@ -496,35 +674,9 @@ pub fn reconcile(
             vxlan.mtu = overlay_mtu;
         }
     }
-    let mut wanted: BTreeSet<&str> = state.pods.values().map(|p| p.interface.as_str()).collect();
-    for interface in &wanted {
-        if interfaces.contains_key(*interface)
-            && datapath.ensure_attached(interface, program_names::FROM_POD)?
-        {
-            info!(interface, "attached from-pod program");
-        }
-    }
-    if interfaces.contains_key(VXLAN_DEVICE)
-        && datapath.ensure_attached(VXLAN_DEVICE, program_names::FROM_OVERLAY)?
-    {
-        info!(interface = VXLAN_DEVICE, "attached from-overlay program");
-    }
-    wanted.insert(VXLAN_DEVICE);
-    let uplink_xdp = uplink.as_deref().map(datapath::xdp_link_name);
-    if let Some(uplink) = uplink.as_deref() {
-        if datapath.ensure_attached(uplink, program_names::FROM_UPLINK)? {
-            info!(interface = uplink, "attached from-uplink program");
-        }
-        if datapath.ensure_xdp_attached(uplink)? {
-            info!(
-                interface = uplink,
-                "attached XDP program for external traffic"
-            );
-        }
-        wanted.insert(uplink);
-    }
-    if let Some(name) = uplink_xdp.as_deref() {
-        wanted.insert(name);
+    let wanted = attach_programs(datapath, &state, &interfaces, uplink.as_deref())?;
+    if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
+        host.sync_overlay(&state, settings, vxlan.mac)?;
     }
 
     let (desired, more) = plan::desired_contents_keeping_ids(
@@ -547,8 +699,9 @@ pub fn reconcile(
             }
         }
     }
+    let ended = plan::ended_pairs(&current, &ops);
     maps.apply(&ops).context("applying map changes")?;
-    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops))?;
+    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops), &ended)?;
     maps.purge_lb_counters(&ops)?;
 
     // Links pinned by an earlier agent still run the programs it loaded: move them to
@@ -557,15 +710,21 @@ pub fn reconcile(
     datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
 
     // Links of interfaces that still exist may belong to pods the CNI plugin just
-    // wired: only pins of vanished interfaces are removed.
-    for interface in datapath.attached()? {
-        if !wanted.contains(interface.as_str())
-            && !interfaces.contains_key(datapath::link_device(&interface))
-        {
-            datapath.detach(&interface)?;
-            info!(interface, "link pin removed (interface gone)");
+    // wired: only pins of vanished interfaces are removed (the cgroup hooks are
+    // the socket-level step's).
+    for attachment in datapath.attached()? {
+        let Some(device) = attachment.device() else {
+            continue;
+        };
+        if !wanted.contains(&attachment) && !interfaces.contains_key(device) {
+            datapath.detach(&attachment)?;
+            info!(
+                link = attachment.pin_name(),
+                "link pin removed (interface gone)"
+            );
         }
     }
+    host.sync_socket_lb(datapath, &settings.node)?;
     if let Some(cidr) = state
         .nodes
         .get(&settings.node)

@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -17,7 +18,8 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -38,6 +40,53 @@ pub fn pin_dir(node: &str) -> PathBuf {
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
+}
+
+/// Where a pinned link attaches a program; its pin name under `links/` says it:
+/// `<device>` (tcx ingress), `egress:<device>` (tcx egress), `xdp:<device>`,
+/// `cgroup:<hook>` (a socket-level hook on the node's cgroup subtree). bpffs refuses
+/// dots in names; interface names cannot contain ':'.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Attachment {
+    Ingress(String),
+    Egress(String),
+    Xdp(String),
+    Cgroup(String),
+}
+
+const EGRESS_PREFIX: &str = "egress:";
+const XDP_PREFIX: &str = "xdp:";
+const CGROUP_PREFIX: &str = "cgroup:";
+
+impl Attachment {
+    pub fn from_pin_name(name: &str) -> Self {
+        if let Some(device) = name.strip_prefix(XDP_PREFIX) {
+            Self::Xdp(device.into())
+        } else if let Some(device) = name.strip_prefix(EGRESS_PREFIX) {
+            Self::Egress(device.into())
+        } else if let Some(hook) = name.strip_prefix(CGROUP_PREFIX) {
+            Self::Cgroup(hook.into())
+        } else {
+            Self::Ingress(name.into())
+        }
+    }
+
+    pub fn pin_name(&self) -> String {
+        match self {
+            Self::Ingress(device) => device.clone(),
+            Self::Egress(device) => format!("{EGRESS_PREFIX}{device}"),
+            Self::Xdp(device) => format!("{XDP_PREFIX}{device}"),
+            Self::Cgroup(hook) => format!("{CGROUP_PREFIX}{hook}"),
+        }
+    }
+
+    /// The network device it is attached to (none for cgroup hooks).
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Self::Ingress(device) | Self::Egress(device) | Self::Xdp(device) => Some(device),
+            Self::Cgroup(_) => None,
+        }
+    }
 }
 
 /// The eBPF object: `--bpf-object`, else $FERRITE_BPF_OBJECT, else next to the
@@ -66,6 +115,58 @@ pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
                 "{OBJECT_FILE_NAME} not found (run `cargo xtask build-ebpf` or pass --bpf-object)"
             )
         })
+}
+
+/// The cgroup v2 hierarchy the socket-level programs attach to by default: where it
+/// is mounted (/proc/mounts); without one, a cgroup2 mount of Ferrite's own under
+/// /run/ferrite/cgroupv2, as Cilium mounts one under /run/cilium.
+pub fn default_cgroup_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if let Some(path) = mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    }) {
+        return Ok(path);
+    }
+    let own = Path::new(crate::hostnet::RUN_DIR).join("cgroupv2");
+    fs::create_dir_all(&own)?;
+    nix::mount::mount(
+        Some("none"),
+        &own,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting cgroup2 at {}", own.display()))?;
+    info!(path = %own.display(), "mounted a cgroup2 hierarchy for socket-level load balancing");
+    Ok(own)
+}
+
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == CGROUP2_MAGIC)
+}
+
+/// The cgroup v2 directory `--cgroup-root` names: the path itself, or on a hybrid
+/// hierarchy (cgroup v1 controllers at /sys/fs/cgroup, v2 under `unified/`, as on
+/// this project's machines) the `unified` directory below it, so `/sys/fs/cgroup`
+/// works on either kind of host.
+pub fn cgroup2_directory(path: &Path) -> Result<PathBuf> {
+    if is_cgroup2(path) {
+        return Ok(path.to_path_buf());
+    }
+    let unified = path.join("unified");
+    if is_cgroup2(&unified) {
+        return Ok(unified);
+    }
+    bail!(
+        "{} is not in a cgroup v2 hierarchy (nor is {}): socket-level load balancing \
+         needs one (or --socket-lb=false)",
+        path.display(),
+        unified.display()
+    )
 }
 
 /// Make sure a BPF filesystem is mounted at /sys/fs/bpf (pins live there).
@@ -150,8 +251,10 @@ impl Datapath {
             .with_context(|| format!("loading {}", object.display()))?;
         for name in [
             program_names::FROM_POD,
+            program_names::TO_POD,
             program_names::FROM_OVERLAY,
             program_names::FROM_UPLINK,
+            program_names::FROM_HOST,
         ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -160,10 +263,26 @@ impl Datapath {
             program
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        // The CNI plugin attaches the pod programs from their pins.
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
             let program_pin = pin_dir.join(name);
             // Existing links keep the program they run; new attachments use this one.
             let _ = fs::remove_file(&program_pin);
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
             program.pin(&program_pin)?;
+        }
+        for (name, _) in program_names::SOCKET_LB {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::FROM_WORLD)
@@ -192,20 +311,26 @@ impl Datapath {
         }
     }
 
-    /// Interfaces that have a pinned link (the datapath is attached to them).
-    pub fn attached(&self) -> Result<Vec<String>> {
-        attached_interfaces(&self.pin_dir)
+    /// Every pinned link of this node.
+    pub fn attached(&self) -> Result<Vec<Attachment>> {
+        attachments(&self.pin_dir)
     }
 
-    /// Unpin (and so detach) the link of `interface`.
-    pub fn detach(&self, interface: &str) -> Result<()> {
-        detach(&self.pin_dir, interface)
+    /// Unpin (and so detach) a link.
+    pub fn detach(&self, attachment: &Attachment) -> Result<()> {
+        detach(&self.pin_dir, attachment)
     }
 
-    /// Attach `program` to `interface`'s tcx ingress and pin the link, unless a link
-    /// is pinned there already. Returns whether a new attachment was made.
-    pub fn ensure_attached(&mut self, interface: &str, program: &str) -> Result<bool> {
-        if pinned_link(&links_dir(&self.pin_dir).join(interface))?.is_some() {
+    /// Attach `program` to `interface`'s tcx ingress or egress and pin the link,
+    /// unless a link is pinned there already. Returns whether a new attachment was made.
+    pub fn ensure_attached(
+        &mut self,
+        interface: &str,
+        direction: TcAttachType,
+        program: &str,
+    ) -> Result<bool> {
+        let attachment = tc_attachment(interface, direction);
+        if pinned_link(&links_dir(&self.pin_dir).join(attachment.pin_name()))?.is_some() {
             return Ok(false);
         }
         let program: &mut SchedClassifier = self
@@ -213,7 +338,58 @@ impl Datapath {
             .program_mut(program)
             .context("program missing")?
             .try_into()?;
-        attach_and_pin(program, interface, &self.pin_dir)
+        attach_and_pin(program, interface, direction, &self.pin_dir)
+    }
+
+    /// Attach the socket-level programs to the cgroup (v2) directory `root` and pin
+    /// their links, unless they are pinned already. Links pinned for another root are
+    /// detached first (`previous_root`: the root they were attached to). Returns
+    /// whether it attached now.
+    pub fn ensure_socket_lb(&mut self, root: &Path, previous_root: Option<&Path>) -> Result<bool> {
+        let pinned: Vec<Attachment> = self
+            .attached()?
+            .into_iter()
+            .filter(|a| matches!(a, Attachment::Cgroup(_)))
+            .collect();
+        if !pinned.is_empty() && previous_root == Some(root) {
+            return Ok(false);
+        }
+        for attachment in &pinned {
+            self.detach(attachment)?;
+        }
+        let cgroup = fs::File::open(root)
+            .with_context(|| format!("opening the cgroup {}", root.display()))?;
+        for (name, hook) in program_names::SOCKET_LB {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
+            // bpf_link_create takes no flags for cgroups (links always coexist).
+            let link_id = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", root.display()))?;
+            let link: FdLink = program
+                .take_link(link_id)?
+                .try_into()
+                .context("cgroup link is not a bpf_link (kernel < 5.7?)")?;
+            let pin = links_dir(&self.pin_dir).join(Attachment::Cgroup(hook.into()).pin_name());
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(true)
+    }
+
+    /// Detach the socket-level programs (`--socket-lb=false`). Returns whether any were.
+    pub fn remove_socket_lb(&self) -> Result<bool> {
+        let mut removed = false;
+        for attachment in self.attached()? {
+            if matches!(attachment, Attachment::Cgroup(_)) {
+                self.detach(&attachment)?;
+                removed = true;
+            }
+        }
+        Ok(removed)
     }
 
     /// Once per agent: move every link pinned by an earlier agent (or by the CNI
@@ -227,19 +403,15 @@ impl Datapath {
         if self.links_adopted {
             return Ok(());
         }
-        for link in self.attached()? {
-            let program = if link.starts_with(XDP_LINK_PREFIX) {
-                program_names::FROM_WORLD
-            } else if link == VXLAN_DEVICE {
-                program_names::FROM_OVERLAY
-            } else if uplink == Some(link.as_str()) {
-                program_names::FROM_UPLINK
-            } else {
-                program_names::FROM_POD
+        for attachment in self.attached()? {
+            let Some(program) = program_of(&attachment, uplink) else {
+                continue;
             };
-            if interfaces.contains_key(link_device(&link))
-                && self.replace_program(&link, program)?
-            {
+            let present = attachment
+                .device()
+                .is_none_or(|device| interfaces.contains_key(device));
+            let link = attachment.pin_name();
+            if present && self.replace_program(&link, program)? {
                 info!(link, program, "link moved to this agent's program");
             }
         }
@@ -272,10 +444,105 @@ impl Datapath {
                     .with_context(context)?;
                 drop(program.take_link(id)?);
             }
+            Program::CgroupSockAddr(program) => {
+                // aya has no cgroup link update: the raw BPF_LINK_UPDATE does it.
+                let link_fd = bpf_obj_get(&links_dir(&self.pin_dir).join(link_name))?;
+                link_update(link_fd.as_fd(), program.fd()?.as_fd()).with_context(context)?;
+            }
             _ => bail!("{link_name}: unexpected program type"),
         }
         Ok(true)
     }
+}
+
+/// The program a pinned link runs, by where it is attached (`None`: not Ferrite's).
+fn program_of(attachment: &Attachment, uplink: Option<&str>) -> Option<&'static str> {
+    let is_host_device = |device: &str| uplink == Some(device) || device == LOOPBACK_DEVICE;
+    Some(match attachment {
+        Attachment::Xdp(_) => program_names::FROM_WORLD,
+        Attachment::Ingress(device) if device == VXLAN_DEVICE => program_names::FROM_OVERLAY,
+        Attachment::Ingress(device) if uplink == Some(device.as_str()) => {
+            program_names::FROM_UPLINK
+        }
+        Attachment::Ingress(_) => program_names::FROM_POD,
+        Attachment::Egress(device) if is_host_device(device) => program_names::FROM_HOST,
+        Attachment::Egress(_) => program_names::TO_POD,
+        Attachment::Cgroup(hook) => program_names::SOCKET_LB
+            .iter()
+            .find(|(_, h)| h == hook)
+            .map(|(name, _)| *name)?,
+    })
+}
+
+/// The loopback device: the node's own Service traffic to its own addresses.
+pub const LOOPBACK_DEVICE: &str = "lo";
+
+/// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.
+fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // The kernel refuses non-zero bytes past the last field: no implicit padding.
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: nix::libc::c_long = 7;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives it.
+    let fd = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: run `program` in the link, in place (same link, no gap).
+fn link_update(link: BorrowedFd, program: BorrowedFd) -> Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: nix::libc::c_long = 29;
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_LINK_UPDATE.
+    let ret = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_LINK_UPDATE");
+    }
+    Ok(())
 }
 
 /// The link pinned at `link_pin`, if there is a live one; a stale pin is removed.
@@ -297,7 +564,7 @@ impl Datapath {
     /// Attach the XDP program to `interface` (the uplink) and pin the link as
     /// `xdp:<interface>`, unless already pinned. Returns whether it attached now.
     pub fn ensure_xdp_attached(&mut self, interface: &str) -> Result<bool> {
-        let link_pin = links_dir(&self.pin_dir).join(xdp_link_name(interface));
+        let link_pin = links_dir(&self.pin_dir).join(Attachment::Xdp(interface.into()).pin_name());
         if pinned_link(&link_pin)?.is_some() {
             return Ok(false);
         }
@@ -369,36 +636,31 @@ fn recreate_incompatible_maps(
     Ok(())
 }
 
-/// Pin name of the XDP link of `interface` (its tcx link is pinned as `interface`).
-/// bpffs refuses dots in names; interface names cannot contain ':'.
-pub fn xdp_link_name(interface: &str) -> String {
-    format!("{XDP_LINK_PREFIX}{interface}")
+fn tc_attachment(interface: &str, direction: TcAttachType) -> Attachment {
+    match direction {
+        TcAttachType::Egress => Attachment::Egress(interface.into()),
+        _ => Attachment::Ingress(interface.into()),
+    }
 }
 
-pub const XDP_LINK_PREFIX: &str = "xdp:";
-
-/// The interface a link pin belongs to.
-pub fn link_device(link_name: &str) -> &str {
-    link_name.strip_prefix(XDP_LINK_PREFIX).unwrap_or(link_name)
-}
-
-/// Attach `program` to `interface`'s tcx ingress and pin the link in `pin_dir`.
-/// The agent and the CNI plugin may race to attach to a new pod's veth: the pin
-/// decides. The loser's link is dropped (detached) and it returns `false`; while
-/// both are attached only the first runs to a verdict, so no packet is seen twice.
+/// Attach `program` to `interface`'s tcx ingress or egress and pin the link in
+/// `pin_dir`. The agent and the CNI plugin may race to attach to a new pod's veth:
+/// the pin decides. The loser's link is dropped (detached) and it returns `false`;
+/// while both are attached only the first runs to a verdict, so no packet is seen twice.
 pub fn attach_and_pin(
     program: &mut SchedClassifier,
     interface: &str,
+    direction: TcAttachType,
     pin_dir: &Path,
 ) -> Result<bool> {
-    let link_pin = links_dir(pin_dir).join(interface);
+    let link_pin = links_dir(pin_dir).join(tc_attachment(interface, direction).pin_name());
     let link_id = program
         .attach_with_options(
             interface,
-            TcAttachType::Ingress,
+            direction,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .with_context(|| format!("attaching to {interface} (tcx ingress)"))?;
+        .with_context(|| format!("attaching to {interface} (tcx {direction:?})"))?;
     let link = program.take_link(link_id)?;
     let fd_link: FdLink = link.try_into().context("tcx link is not an fd link")?;
     match fd_link.pin(&link_pin) {
@@ -412,22 +674,46 @@ pub fn attach_and_pin(
     }
 }
 
-/// Attach the pinned from-pod program of the node whose pins are in `pin_dir` to a
-/// pod's host veth (what the CNI plugin does, with or without a running agent).
-/// A pin left by an earlier interface of the same name is replaced.
-pub fn attach_pinned_from_pod(pin_dir: &Path, interface: &str) -> Result<()> {
-    let program_pin = pin_dir.join(program_names::FROM_POD);
-    let mut program = SchedClassifier::from_pin(&program_pin)
-        .with_context(|| format!("opening {}", program_pin.display()))?;
-    let link_pin = links_dir(pin_dir).join(interface);
-    if link_pin.exists() {
-        detach(pin_dir, interface)?;
-    }
-    attach_and_pin(&mut program, interface, pin_dir)?;
-    Ok(())
+/// The pod programs and where each attaches on a pod's host veth: from-pod at
+/// ingress (what the pod sends), to-pod at egress (what the stack sends it).
+pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (program_names::FROM_POD, TcAttachType::Ingress),
+    (program_names::TO_POD, TcAttachType::Egress),
+];
+
+/// The links of a pod's host veth.
+pub fn pod_attachments(interface: &str) -> [Attachment; 2] {
+    POD_PROGRAMS.map(|(_, direction)| tc_attachment(interface, direction))
 }
 
-pub fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+/// Attach the pinned pod programs of the node whose pins are in `pin_dir` to a pod's
+/// host veth (what the CNI plugin does, with or without a running agent). Pins left
+/// by an earlier interface of the same name are replaced. On error, what this call
+/// attached is detached again.
+pub fn attach_pinned_pod_programs(pin_dir: &Path, interface: &str) -> Result<()> {
+    let mut attached = Vec::new();
+    let result = POD_PROGRAMS.iter().try_for_each(|(name, direction)| {
+        let program_pin = pin_dir.join(name);
+        let mut program = SchedClassifier::from_pin(&program_pin)
+            .with_context(|| format!("opening {}", program_pin.display()))?;
+        let attachment = tc_attachment(interface, *direction);
+        if links_dir(pin_dir).join(attachment.pin_name()).exists() {
+            detach(pin_dir, &attachment)?;
+        }
+        attach_and_pin(&mut program, interface, *direction, pin_dir)?;
+        attached.push(attachment);
+        Ok(())
+    });
+    if result.is_err() {
+        for attachment in &attached {
+            let _ = detach(pin_dir, attachment);
+        }
+    }
+    result
+}
+
+/// Every link pinned in `pin_dir`, sorted by pin name.
+pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
     let dir = links_dir(pin_dir);
     if !dir.exists() {
         return Ok(Vec::new());
@@ -437,18 +723,22 @@ pub fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
         names.push(entry?.file_name().to_string_lossy().into_owned());
     }
     names.sort();
-    Ok(names)
+    Ok(names.iter().map(|n| Attachment::from_pin_name(n)).collect())
 }
 
-/// Unpin (and so detach) the link of `interface`.
-pub fn detach(pin_dir: &Path, interface: &str) -> Result<()> {
-    let path = links_dir(pin_dir).join(interface);
-    match PinnedLink::from_pin(&path) {
+/// Unpin (and so detach) a link. A pin already gone is detached: the agent and the
+/// CNI plugin both clean up the links of vanished interfaces, and may race to it.
+pub fn detach(pin_dir: &Path, attachment: &Attachment) -> Result<()> {
+    let path = links_dir(pin_dir).join(attachment.pin_name());
+    let removed = match PinnedLink::from_pin(&path) {
         // Dropping the unpinned fd link detaches it.
-        Ok(link) => drop(link.unpin()?),
-        Err(_) => fs::remove_file(&path)?,
+        Ok(link) => link.unpin().map(drop).map_err(anyhow::Error::from),
+        Err(_) => fs::remove_file(&path).map_err(anyhow::Error::from),
+    };
+    match removed {
+        Err(_) if !path.exists() => Ok(()),
+        other => other.with_context(|| format!("removing {}", path.display())),
     }
-    Ok(())
 }
 
 /// Remove everything Ferrite pinned for a node: links (detaching them), the program
@@ -457,8 +747,8 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
-    for interface in attached_interfaces(pin_dir)? {
-        detach(pin_dir, &interface)?;
+    for attachment in attachments(pin_dir)? {
+        detach(pin_dir, &attachment)?;
     }
     let _ = fs::remove_dir(links_dir(pin_dir));
     for entry in fs::read_dir(pin_dir)? {

@@ -49,6 +49,17 @@ enum Command {
         /// map when it is created. Defaults fit 10k Services x 10 endpoints.
         #[arg(long = "map-capacity", value_parser = parse_map_capacity)]
         map_capacities: Vec<(String, u32)>,
+        /// Socket-level load balancing: Service addresses are translated to a backend
+        /// when a socket connects (TCP) or sends (unconnected UDP), for pods and host
+        /// processes in the cgroup subtree. `false`: per-packet only.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        socket_lb: bool,
+        /// The cgroup v2 directory whose processes get socket-level load balancing
+        /// (default: the cgroup v2 mount from /proc/mounts; without one, Ferrite
+        /// mounts its own under /run/ferrite). On a hybrid host, `unified/` below the
+        /// path given is used.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
     },
     /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
     /// sync would make now (drift between the objects and the maps).
@@ -114,7 +125,11 @@ fn main() -> Result<()> {
             cluster_cidr,
             http_addr,
             map_capacities,
+            socket_lb,
+            cgroup_root,
         } => agent::run(&agent::AgentOptions {
+            socket_lb,
+            cgroup_root,
             map_capacities: map_capacities.into_iter().collect(),
             http_addr: Some(http_addr),
             datapath_log,

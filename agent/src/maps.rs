@@ -274,10 +274,6 @@ impl NodeMaps {
         Ok(())
     }
 
-    /// Remove the conntrack entries (both directions) of flows pinned to removed
-    /// backends: forward entries cache their backend, so this is what moves such a
-    /// flow to a live backend on its next packet (UDP clients are not stuck on a dead
-    /// one), and a later backend reusing the id never inherits them. Returns how many.
     /// Remove the entries of flows idle past their lifetime (see `conntrack_gc`). An
     /// entry a packet touched since it was read is left for the next round.
     pub fn collect_conntrack_garbage(
@@ -299,27 +295,41 @@ impl NodeMaps {
         Ok(removed)
     }
 
-    pub fn purge_conntrack(&mut self, removed_backends: &BTreeSet<u32>) -> Result<usize> {
-        if removed_backends.is_empty() {
+    /// Remove the conntrack entries (both directions) and affinity pins of flows that
+    /// the sync ended: pinned to a removed backend (`removed_backends`), or to a
+    /// backend that no longer serves their frontend (`ended`: rev-NAT index, backend
+    /// id), though it may live on behind another. Forward entries cache their backend,
+    /// so this is what moves such a flow to a current backend on its next packet (UDP
+    /// clients are not stuck on the old one), and a later backend reusing the id never
+    /// inherits them. Returns how many conntrack entries went.
+    pub fn purge_conntrack(
+        &mut self,
+        removed_backends: &BTreeSet<u32>,
+        ended: &BTreeSet<(u16, u32)>,
+    ) -> Result<usize> {
+        if removed_backends.is_empty() && ended.is_empty() {
             return Ok(0);
         }
+        let gone = |rev_nat_index: u16, backend_id: u32| {
+            removed_backends.contains(&backend_id) || ended.contains(&(rev_nat_index, backend_id))
+        };
         let stale: Vec<CtKey> = self
             .conntrack_entries()?
             .into_iter()
-            .filter(|(_, value)| removed_backends.contains(&value.backend_id))
+            .filter(|(_, value)| gone(value.rev_nat_index, value.backend_id))
             .map(|(key, _)| key)
             .collect();
         for key in &stale {
             // Already evicted by the LRU is as good as removed.
             let _ = self.conntrack.remove(key);
         }
-        // Session-affinity pins to removed backends go too: the next flow of such a
-        // client is balanced afresh instead of finding a reused id.
+        // Session-affinity pins go too (per-packet and socket-level ones): the next
+        // flow of such a client is balanced afresh instead of finding a reused id.
         let pins: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, pin)| removed_backends.contains(&pin.backend_id))
+            .filter(|(key, pin)| gone(key.rev_nat_index, pin.backend_id))
             .map(|(key, _)| key)
             .collect();
         for key in &pins {

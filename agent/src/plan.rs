@@ -74,6 +74,8 @@ pub struct NodeSettings {
     /// This node's name (its Node object gives its IP and pod CIDR).
     pub node: String,
     pub vni: u32,
+    /// The overlay's UDP port.
+    pub vxlan_port: u16,
     pub capacities: Capacities,
 }
 
@@ -82,9 +84,17 @@ impl Default for NodeSettings {
         Self {
             node: String::new(),
             vni: DEFAULT_VNI,
+            vxlan_port: ferrite_common::DEFAULT_VXLAN_PORT,
             capacities: Capacities::default(),
         }
     }
+}
+
+/// A node's own address on the overlay: the first address of its (first) pod CIDR,
+/// which the CNI plugin's IPAM never hands out (flannel.1 and vxlan.calico take an
+/// address of the node's pod CIDR the same way).
+pub fn overlay_address(pod_cidr: &ipnet::Ipv4Net) -> Option<std::net::Ipv4Addr> {
+    pod_cidr.hosts().next()
 }
 
 /// Entries the Service maps hold (their `max_entries`): a Service that does not fit
@@ -328,7 +338,8 @@ fn service_contents<'s>(
         };
         // Only entries the maps do not hold yet need room: writes come before
         // removals, so what this plan removes frees its room for the next one.
-        let new_entries = (0..=service.backends.len() as u16)
+        let slot_count = service.backends.len() + service.terminating.len();
+        let new_entries = (0..=slot_count as u16)
             .filter(|slot| !written.services.contains_key(&key(*slot)))
             .count();
         let new_rev_nat =
@@ -373,16 +384,11 @@ fn service_contents<'s>(
                 }
             },
         };
-        let mut slots = Vec::with_capacity(service.backends.len());
-        // Terminating backends get an id (their flows' conntrack entries name it)
-        // but no slot: no new flow picks them.
-        let mut terminating_ids = 0;
-        for (index, addr) in service
-            .backends
-            .iter()
-            .chain(&service.terminating)
-            .enumerate()
-        {
+        // Ready backends fill slots 1..=count, which new flows pick from; terminating
+        // ones follow after `count`: no new flow picks them, but the maps say which
+        // frontend they still serve (their flows' conntrack entries name their id).
+        let mut slots = Vec::with_capacity(slot_count);
+        for addr in service.backends.iter().chain(&service.terminating) {
             let value = backend_value(addr);
             let id = match backend_id_of.get(&value) {
                 Some(id) => Some(*id),
@@ -396,17 +402,13 @@ fn service_contents<'s>(
                 break;
             };
             backend_id_of.insert(value, id);
-            if index < service.backends.len() {
-                slots.push(id);
-            } else {
-                terminating_ids += 1;
-            }
+            slots.push(id);
         }
-        if slots.len() + terminating_ids != service.backends.len() + service.terminating.len() {
+        if slots.len() != slot_count {
             continue;
         }
         let master = key(0);
-        if service.kind.is_external() && !slots.is_empty() {
+        if service.kind.is_external() && !service.backends.is_empty() {
             let digest = maglev_digest(service.backends.iter().map(backend_value));
             out.maglev.insert(master, digest);
         }
@@ -430,7 +432,7 @@ fn service_contents<'s>(
             master,
             ServiceValue {
                 backend_id: 0,
-                count: slots.len() as u16,
+                count: service.backends.len() as u16,
                 rev_nat_index,
                 flags: service_flags(service),
                 affinity_timeout_s: service.affinity_timeout_s,
@@ -494,6 +496,13 @@ pub fn desired_contents_keeping_ids(
             .get(VXLAN_DEVICE)
             .map(|i| i.mtu.min(u16::MAX.into()) as u16)
             .unwrap_or(0),
+        overlay_ip: this_node
+            .and_then(|n| n.pod_cidrs.first())
+            .and_then(overlay_address)
+            .map(|ip| ip.octets())
+            .unwrap_or_default(),
+        vxlan_port: settings.vxlan_port,
+        _pad: 0,
     };
     for node in state.nodes.values() {
         let flags = if node.name == settings.node {
@@ -912,6 +921,82 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,
         Op::PutSourceRange(_) | Op::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
     }
+}
+
+/// The master key of a Service entry's frontend.
+fn master_of(key: &ServiceKey) -> ServiceKey {
+    ServiceKey {
+        backend_slot: 0,
+        ..*key
+    }
+}
+
+/// The rev-NAT index of a frontend and the backend ids of all its slots (ready and
+/// terminating) in `services`.
+fn members(
+    services: &BTreeMap<ServiceKey, ServiceValue>,
+    master: ServiceKey,
+) -> (Option<u16>, BTreeSet<u32>) {
+    let last = ServiceKey {
+        backend_slot: u16::MAX,
+        ..master
+    };
+    let mut rev_nat = None;
+    let mut ids = BTreeSet::new();
+    for (key, value) in services.range(master..=last) {
+        if key.backend_slot == 0 {
+            rev_nat = Some(value.rev_nat_index);
+        } else {
+            ids.insert(value.backend_id);
+        }
+    }
+    (rev_nat, ids)
+}
+
+/// (rev-NAT index, backend id) pairs `ops` end, applied to `before`: a backend that no
+/// longer serves a frontend (neither ready nor terminating), or a frontend that is
+/// gone. Their conntrack and affinity entries must go even when the backend lives on
+/// behind another Service (backends are shared by value): its flows of this frontend
+/// move to the frontend's current backends. Proportional to the frontends touched.
+pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u16, u32)> {
+    let touched: BTreeSet<ServiceKey> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutService(key, _) | Op::DeleteService(key) => Some(master_of(key)),
+            _ => None,
+        })
+        .collect();
+    if touched.is_empty() {
+        return BTreeSet::new();
+    }
+    let mut after = BTreeMap::new();
+    for master in &touched {
+        let last = ServiceKey {
+            backend_slot: u16::MAX,
+            ..*master
+        };
+        after.extend(before.services.range(*master..=last));
+    }
+    for op in ops {
+        match op {
+            Op::PutService(key, value) => drop(after.insert(*key, *value)),
+            Op::DeleteService(key) => drop(after.remove(key)),
+            _ => {}
+        }
+    }
+    let mut ended = BTreeSet::new();
+    for master in touched {
+        let (Some(old_rev_nat), old_ids) = members(&before.services, master) else {
+            continue;
+        };
+        let (new_rev_nat, new_ids) = members(&after, master);
+        for id in old_ids {
+            if new_rev_nat != Some(old_rev_nat) || !new_ids.contains(&id) {
+                ended.insert((old_rev_nat, id));
+            }
+        }
+    }
+    ended
 }
 
 /// Backend ids a diff removes: conntrack entries naming them must go too, before the

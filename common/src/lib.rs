@@ -28,7 +28,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "ferrite_affin";
     pub const SOURCE_RANGES: &str = "ferrite_srcrng";
     pub const FRAGMENTS: &str = "ferrite_frags";
-    pub const ALL: [&str; 13] = [
+    pub const SOCK_REV_NAT: &str = "ferrite_sockrev";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -42,6 +43,7 @@ pub mod map_names {
         AFFINITY,
         SOURCE_RANGES,
         FRAGMENTS,
+        SOCK_REV_NAT,
     ];
 }
 
@@ -59,6 +61,27 @@ pub mod program_names {
     /// tcx ingress of the node's uplink, after the XDP program: forwards what it
     /// translated to a local pod or through the overlay.
     pub const FROM_UPLINK: &str = "ferrite_from_uplink";
+    /// tcx egress of every pod's host-side veth: what the host stack delivers to the
+    /// pod (replies of Service flows whose backend is a node address, reverse-NATed).
+    pub const TO_POD: &str = "ferrite_to_pod";
+    /// tcx egress of the uplink and of `lo`: the per-packet Service path of the node's
+    /// own processes (what socket-level load balancing does not cover).
+    pub const FROM_HOST: &str = "ferrite_from_host";
+    /// cgroup/connect4: socket-level load balancing of TCP connects.
+    pub const SOCK_CONNECT4: &str = "ferrite_connect4";
+    /// cgroup/sendmsg4: socket-level load balancing of unconnected UDP sends.
+    pub const SOCK_SENDMSG4: &str = "ferrite_sendmsg4";
+    /// cgroup/recvmsg4: unconnected UDP answers appear to come from the Service.
+    pub const SOCK_RECVMSG4: &str = "ferrite_recvmsg4";
+    /// cgroup/getpeername4: a translated socket's peer is the Service address.
+    pub const SOCK_GETPEERNAME4: &str = "ferrite_getpeername4";
+    /// The socket-level programs, each with its cgroup attach point.
+    pub const SOCKET_LB: [(&str, &str); 4] = [
+        (SOCK_CONNECT4, "connect4"),
+        (SOCK_SENDMSG4, "sendmsg4"),
+        (SOCK_RECVMSG4, "recvmsg4"),
+        (SOCK_GETPEERNAME4, "getpeername4"),
+    ];
 }
 
 /// Default map capacities (sized for 10k Services x 10 endpoints).
@@ -83,6 +106,9 @@ pub mod capacity {
     /// IPv4 datagrams in fragments whose later fragments may still come (LRU;
     /// Cilium's default size).
     pub const FRAGMENTS: u32 = 8_192;
+    /// Backend -> Service address of sockets the socket-level load balancer
+    /// translated (LRU; read by recvmsg4/getpeername4).
+    pub const SOCK_REV_NAT: u32 = 65_536;
 }
 
 /// Entries of a Maglev table (prime; Cilium's default). Fixed at build time: it is
@@ -93,6 +119,12 @@ pub const MAGLEV_TABLE_SIZE: usize = 16381;
 /// ephemeral range (32768-60999), so they never clash with the node's own sockets.
 pub const SNAT_PORT_MIN: u16 = 61000;
 pub const SNAT_PORT_MAX: u16 = 65535;
+
+/// The source a pod's flow gets when a Service balances it back to the pod itself
+/// (hairpin): a pod drops packets from its own address arriving from outside, so
+/// the flow is SNATed to this link-local address (Cilium's choice) and its replies
+/// come back through the pod's gateway.
+pub const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 /// The node's VXLAN device (kernel vxlan in external/collect_md mode).
 pub const VXLAN_DEVICE: &str = "ferrite_vxlan";
@@ -218,14 +250,44 @@ pub struct FragmentPorts {
     pub dport: u16,
 }
 
+/// Key of the LRU `ferrite_sockrev`: one backend a socket was translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    pub address: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `ferrite_sockrev`: the Service address the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub address: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub rev_nat_index: u16,
+}
+
 /// Key of the LRU `ferrite_affinity`: one client of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub rev_nat_index: u16,
-    pub _pad: u16,
+    /// What `client` holds: [`AFFINITY_CLIENT_IP`] or [`AFFINITY_CLIENT_NETNS`].
+    pub client_kind: u16,
     pub client: [u8; 4],
 }
+
+/// `AffinityKey::client` is the client's IPv4 address (per-packet load balancing).
+pub const AFFINITY_CLIENT_IP: u16 = 0;
+/// `AffinityKey::client` is the low 32 bits of the client's network-namespace cookie
+/// (socket-level load balancing runs before a socket has a source address; Cilium
+/// keys its socket-level affinity the same way).
+pub const AFFINITY_CLIENT_NETNS: u16 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -441,7 +503,24 @@ pub mod stat {
     /// A later fragment given the ports of its datagram's first fragment (so it is
     /// translated like the rest of its flow).
     pub const FRAGMENT_TRACKED: u32 = 26;
-    pub const COUNT: u32 = 27;
+    /// A new flow to a Service without ready backends, refused with ICMP port
+    /// unreachable (TCP connect fails with ECONNREFUSED at once, as with kube-proxy's
+    /// REJECT) instead of a silent drop.
+    pub const SERVICE_REJECTED: u32 = 27;
+    /// A pod's flow balanced back to the pod itself: SNATed to `HAIRPIN_IP`.
+    pub const HAIRPIN: u32 = 28;
+    /// A connect or send translated to a backend at the socket (socket-level LB).
+    pub const SOCK_TRANSLATED: u32 = 29;
+    /// A connect or send to a Service without ready backends refused at the socket
+    /// (ECONNREFUSED).
+    pub const SOCK_REFUSED: u32 = 30;
+    /// A new TCP connection took over the reply tuple of a closing flow (the same
+    /// client port reaching the same backend again), as Linux conntrack reopens a
+    /// closed tuple, instead of remapping its port.
+    pub const CT_REOPENED: u32 = 31;
+    /// A Service flow of the node's own processes balanced per packet (no socket LB).
+    pub const HOST_SERVICE_FLOW: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -471,6 +550,12 @@ pub mod stat {
         "icmp_frag_needed",
         "port_remapped",
         "fragment_tracked",
+        "service_rejected",
+        "hairpin",
+        "sock_translated",
+        "sock_refused",
+        "ct_reopened",
+        "host_service_flow",
     ];
 }
 
@@ -490,6 +575,12 @@ pub struct NodeConfig {
     /// The largest IP packet pods get: the VXLAN device's MTU, which the CNI gives
     /// pods (node MTU - 50). 0 (or below 68): no limit known.
     pub pod_mtu: u16,
+    /// This node's own address on the overlay (the first address of its pod CIDR,
+    /// on the VXLAN device): the node's processes reach other nodes' pods from it.
+    pub overlay_ip: [u8; 4],
+    /// The overlay's UDP port (host order): its datagrams are not Service traffic.
+    pub vxlan_port: u16,
+    pub _pad: u16,
 }
 
 #[cfg(feature = "user")]
@@ -515,6 +606,8 @@ mod pod_impls {
     unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }
 
 #[cfg(test)]
@@ -533,7 +626,9 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<NodeConfig>(), 24);
+        assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<RouteInfo>(), 12);
         assert_eq!(size_of::<LbStatKey>(), 8);
         assert_eq!(size_of::<MaglevTable>(), 8 + 2 * MAGLEV_TABLE_SIZE + 6);

@@ -3,13 +3,14 @@
 //! backend's answers. One lookup per packet finds either.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use ferrite_common::{
-    CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, REV_NAT_NONE,
+    SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
     headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
-    maps::CONNTRACK,
+    maps::{CONNTRACK, REV_NAT},
+    stats::count,
 };
 
 #[inline(always)]
@@ -35,12 +36,70 @@ pub fn lookup(h: &Headers) -> Option<CtValue> {
 }
 
 /// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
-/// entry of a Service flow: the same client port reached that backend through a
-/// Service. Its answers would be reverse-NATed to the Service address.
+/// entry of a live Service flow: the same client port reached that backend through a
+/// Service. Its answers would be reverse-NATed to the Service address. A closing
+/// flow's tuple is taken over instead (see [`reopen_if_closing`]).
 #[inline(always)]
 pub fn clashes_with_service_reply(h: &Headers) -> bool {
     let reverse = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
     unsafe { CONNTRACK.get(reverse) }.is_some_and(|ct| ct.flags & CT_FLAG_REPLY != 0)
+        && !reopen_if_closing(h, &reverse)
+}
+
+/// The forward key of the flow whose reply entry is `reply` under `reply_key`: its
+/// client as it sent (before any port remap) and the frontend it asked for.
+#[inline(always)]
+fn forward_key_of(reply_key: &CtKey, reply: &CtValue) -> Option<CtKey> {
+    let (client, client_port) = if reply.flags & CT_FLAG_SNAT != 0 {
+        (u32::from_ne_bytes(reply.nat_address), reply.nat_port)
+    } else {
+        (u32::from_ne_bytes(reply_key.daddr), reply_key.dport)
+    };
+    let (frontend, frontend_port) = if reply.rev_nat_index == REV_NAT_NONE {
+        (u32::from_ne_bytes(reply_key.saddr), reply_key.sport)
+    } else {
+        let rev = unsafe { REV_NAT.get(reply.rev_nat_index) }?;
+        (u32::from_ne_bytes(rev.address), rev.port)
+    };
+    Some(key(
+        client,
+        frontend,
+        client_port,
+        frontend_port,
+        reply_key.proto,
+    ))
+}
+
+/// A new TCP connection (SYN `h`) whose reply tuple a closing connection still holds
+/// (a FIN or RST was seen) reopens the tuple, as Linux conntrack does: the old flow's
+/// entries are removed and the caller records the new one. Remapping the port instead
+/// would fill the SNAT range with the leftovers of short connections until garbage
+/// collection, and starve new ones (`drop_no_snat_port`). Returns whether it did.
+#[inline(always)]
+pub fn reopen_if_closing(h: &Headers, reply_key: &CtKey) -> bool {
+    if !h.is_tcp_syn() {
+        return false;
+    }
+    let Some(old) = (unsafe { CONNTRACK.get(reply_key) }).copied() else {
+        return false;
+    };
+    if old.flags & CT_FLAG_REPLY == 0 {
+        return false;
+    }
+    let forward = forward_key_of(reply_key, &old);
+    let forward_closing = forward
+        .and_then(|k| unsafe { CONNTRACK.get(k) })
+        .is_some_and(|f| f.flags & CT_FLAG_CLOSING != 0);
+    if old.flags & CT_FLAG_CLOSING == 0 && !forward_closing {
+        return false;
+    }
+    if let Some(forward) = forward {
+        // Gone already (LRU, GC) is as good as removed.
+        let _ = CONNTRACK.remove(forward);
+    }
+    let _ = CONNTRACK.remove(reply_key);
+    count(stat::CT_REOPENED, 0);
+    true
 }
 
 /// The entry of the flow `h` belongs to (either direction), with this packet
@@ -108,6 +167,10 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     if CONNTRACK
         .insert(reply_key, reply, BPF_NOEXIST as u64)
         .is_err()
+        && !(reopen_if_closing(h, &reply_key)
+            && CONNTRACK
+                .insert(reply_key, reply, BPF_NOEXIST as u64)
+                .is_ok())
     {
         return Ok(false);
     }

@@ -15,6 +15,8 @@
 //!   program sends the answer (XDP_TX into a veth uplink needs its peer set up for
 //!   XDP; a TC redirect does not). Without DF it is forwarded (fragmented on the way,
 //!   or taken whole by the pod);
+//! - replies to the node's own Service flows whose backend is another node's address
+//!   are translated back at tcx ingress (the XDP program leaves them alone);
 //! - a backend on this node: DNAT only (the client IP is kept); on another node: DNAT
 //!   and SNAT to this node's IP and a free port of its SNAT range, so the reply comes
 //!   back here. Both pass on translated: the uplink's TC program delivers them to the
@@ -158,9 +160,31 @@ pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
     }
     if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
+        if h.has_ports && routing::is_host_address(h.daddr) {
+            host_flow_reply(pkt, &h)?;
+        }
         return Ok(Verdict::Pass);
     }
     routing::route(pkt, h.daddr, h.dport)
+}
+
+/// A reply to a Service flow of the node's own process whose backend is another
+/// node's address (a host-network endpoint there) arrives here: translated back to
+/// the Service address before the stack sees it. (XDP leaves it alone: from a
+/// sender on the same machine it may carry a partial checksum, which only the skb
+/// helpers update correctly.)
+#[inline(always)]
+fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
+    let vxlan_port = CONFIG.get(0).map(|c| c.vxlan_port).unwrap_or(0);
+    if h.proto == ferrite_common::PROTO_UDP && h.dport == vxlan_port {
+        return Ok(());
+    }
+    if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
+        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
+            nat::reverse(pkt, h, &ct)?;
+        }
+    }
+    Ok(())
 }
 
 /// The reply of an external flow (`ct` is its reply entry), translated back, leaves

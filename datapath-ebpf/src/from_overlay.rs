@@ -1,9 +1,11 @@
 //! What other nodes send, seen at tcx ingress of this node's VXLAN device after the
 //! kernel decapsulated it: check the VNI and that the inner source belongs to the
 //! sending node's pod CIDR, reverse-NAT replies of Service flows whose
-//! client is here (the DNAT happened on this node), deliver to the pod. Inner packets
-//! for pods that are not on this node are dropped and counted.
-use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
+//! client is here (the DNAT happened on this node), deliver to the pod, or to the
+//! node's own processes (replies to their Service flows and to what they send other
+//! nodes' pods from the node's overlay address). Inner packets for pods that are not
+//! on this node are dropped and counted.
+use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT};
 
 use crate::{
     conntrack, external,
@@ -36,6 +38,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Some(route) if u32::from_be_bytes(route.node_ip) == tunnel.remote_ipv4 => {}
         _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
     }
+    let mut daddr = h.daddr;
     if h.has_ports {
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
             if ct.flags & CT_FLAG_REPLY != 0 {
@@ -43,11 +46,24 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     // A backend on that node answering a NodePort flow this node SNATed.
                     return external::reply_to_world(pkt, &h, &ct);
                 }
-                nat::reverse(pkt, &h, &ct)?;
+                if nat::reverse(pkt, &h, &ct)? && ct.flags & CT_FLAG_SNAT != 0 {
+                    // A Service flow of the node's own process, SNATed to its overlay
+                    // address: back to the process.
+                    daddr = u32::from_ne_bytes(ct.nat_address);
+                    if routing::is_host_address(daddr) {
+                        return routing::to_host(pkt);
+                    }
+                }
             }
         }
     }
-    let Some(ep) = routing::local_endpoint(h.daddr) else {
+    let Some(ep) = routing::local_endpoint(daddr) else {
+        // This node's own overlay address: the node's processes talking to pods of
+        // other nodes (through its kernel routes over the overlay).
+        if routing::is_host_address(daddr) {
+            count(stat::PASSED_TO_STACK, pkt.len());
+            return Ok(Verdict::Pass);
+        }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     };
     count(stat::RECEIVED_FROM_NODE, pkt.len());

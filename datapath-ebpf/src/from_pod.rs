@@ -1,5 +1,8 @@
 //! What a pod sends, seen at its host-side veth: anti-spoofing, Service DNAT or
-//! reverse NAT of a backend's reply, then local delivery or the host stack.
+//! reverse NAT of a backend's reply, then local delivery or the host stack. A new flow
+//! to a Service without ready backends is refused with ICMP port unreachable, sent
+//! back into the pod (`service_rejected`); a later fragment of such a datagram is
+//! dropped (`drop_no_backend`).
 use ferrite_common::{
     stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE,
 };
@@ -8,6 +11,7 @@ use crate::{
     conntrack::{self, NewFlow},
     external,
     headers::{is_fragment_routed, parse, Headers, Parsed},
+    icmp,
     lb::{self, NewFlowOutcome},
     nat,
     packet::{Packet, Verdict},
@@ -30,7 +34,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Some(ep) if ep.ifindex == pkt.ifindex() => {}
         _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
     }
-    let mut daddr = h.daddr;
+    let (mut daddr, mut dport) = (h.daddr, h.dport);
     if h.has_ports {
         // Established flows first: one lookup, and the forward entry caches the backend.
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
@@ -38,23 +42,43 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 if ct.flags & CT_FLAG_EXTERNAL != 0 {
                     return external::reply_to_world(pkt, &h, &ct);
                 }
-                nat::reverse(pkt, &h, &ct)?;
+                if nat::reverse(pkt, &h, &ct)? {
+                    if ct.flags & CT_FLAG_SNAT != 0 {
+                        // Back to the client the flow was SNATed from (a hairpinned pod).
+                        daddr = u32::from_ne_bytes(ct.nat_address);
+                        dport = ct.nat_port;
+                    }
+                    // A reply to the node's own process (its per-packet Service path).
+                    if routing::is_host_address(daddr) {
+                        return routing::to_host(pkt);
+                    }
+                }
             } else {
                 if ct.rev_nat_index != REV_NAT_NONE {
                     daddr = u32::from_ne_bytes(ct.backend_address);
-                    nat::dnat(pkt, &h, daddr, ct.backend_port)?;
+                    dport = ct.backend_port;
+                    nat::dnat(pkt, &h, daddr, dport)?;
                     count(stat::SERVICE_ESTABLISHED, pkt.len());
                     count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
                 }
-                // A flow whose client port was remapped (direct, or a Service flow).
+                // A flow whose client port was remapped (direct, a Service flow, or
+                // hairpinned).
                 if ct.flags & CT_FLAG_SNAT != 0 {
                     nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
                 }
             }
         } else if let Some(svc) = lb::lookup_service(&h) {
             match lb::translate_new_flow(pkt, &h, &svc)? {
-                NewFlowOutcome::Translated(backend_addr) => daddr = backend_addr,
-                NewFlowOutcome::NoBackend => return Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
+                NewFlowOutcome::Translated(addr, port) => (daddr, dport) = (addr, port),
+                // A later fragment of a refused datagram: its first one was answered.
+                NewFlowOutcome::NoBackend if !h.l4_present => {
+                    return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
+                }
+                NewFlowOutcome::NoBackend => {
+                    count(stat::SERVICE_REJECTED, pkt.len());
+                    icmp::port_unreachable(pkt, &h)?;
+                    return Ok(Verdict::Bounce);
+                }
                 NewFlowOutcome::NoPortLeft => return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT)),
             }
         } else if (h.is_tcp_syn() || h.proto == PROTO_UDP)
@@ -65,7 +89,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     } else if is_fragment_routed(&h) {
         count(stat::FRAGMENT_ROUTED, pkt.len());
     }
-    routing::route(pkt, daddr, h.dport)
+    routing::route(pkt, daddr, dport)
 }
 
 /// A pod's new direct flow (TCP SYN or UDP) whose reply tuple a Service flow holds

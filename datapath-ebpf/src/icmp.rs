@@ -1,8 +1,12 @@
-//! ICMP errors the datapath answers itself. Only "fragmentation needed" (type 3,
-//! code 4): an external packet with DF set that is larger than pods can take is
-//! turned, in place, into the error a router on the path would send, so the client's
-//! path MTU discovery works. It quotes the packet as the client sent it (before any
-//! NAT), which is what the client's stack matches against its socket.
+//! ICMP errors the datapath answers itself, built in place of the packet they answer
+//! and quoting it as the client sent it (before any NAT), which is what the client's
+//! stack matches against its socket:
+//! - "fragmentation needed" (type 3, code 4): an external packet with DF set that is
+//!   larger than pods can take, as a router on the path would answer, so the
+//!   client's path MTU discovery works;
+//! - "port unreachable" (type 3, code 3): a new flow to a Service without ready
+//!   backends, as kube-proxy's REJECT answers (a TCP connect fails with ECONNREFUSED
+//!   at once, a connected UDP socket gets ECONNREFUSED).
 use crate::{
     headers::{Headers, ETH_HLEN, IP_OFF},
     packet::{Packet, Verdict},
@@ -15,6 +19,7 @@ const QUOTED_LEN: usize = IPV4_HLEN + 8;
 const ERROR_IP_LEN: usize = IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// The smallest MTU IPv4 allows (RFC 791); below it a limit is a misconfiguration,
 /// and the error (56 bytes of IP) would not fit in the packet it replaces.
@@ -45,6 +50,21 @@ pub fn too_big_for(h: &Headers, mtu: u16) -> bool {
 /// destination to its source, and send it back out of the interface it came in on.
 #[inline(always)]
 pub fn frag_needed<P: Packet>(pkt: &P, h: &Headers, mtu: u16) -> Result<Verdict, ()> {
+    unreachable(pkt, h, ICMP_FRAG_NEEDED, mtu)?;
+    Ok(Verdict::Bounce)
+}
+
+/// Rewrite the packet into ICMP "port unreachable" from its destination to its
+/// source (the caller sends it back where the packet came from).
+#[inline(always)]
+pub fn port_unreachable<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
+    unreachable(pkt, h, ICMP_PORT_UNREACH, 0)
+}
+
+/// Rewrite the packet into ICMP "destination unreachable" with `code` (and the
+/// next-hop MTU for "fragmentation needed"), addresses and MACs swapped.
+#[inline(always)]
+fn unreachable<P: Packet>(pkt: &P, h: &Headers, code: u8, mtu: u16) -> Result<(), ()> {
     let quoted = unsafe { *pkt.ptr_at::<[u8; QUOTED_LEN]>(IP_OFF)? };
     let macs = unsafe { *pkt.ptr_at::<[u8; 12]>(0)? };
     let mut swapped = [0u8; 12];
@@ -63,15 +83,17 @@ pub fn frag_needed<P: Packet>(pkt: &P, h: &Headers, mtu: u16) -> Result<Verdict,
 
     let mut icmp = [0u8; ICMP_HLEN + QUOTED_LEN];
     icmp[0] = ICMP_DEST_UNREACH;
-    icmp[1] = ICMP_FRAG_NEEDED;
+    icmp[1] = code;
     icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
     icmp[ICMP_HLEN..].copy_from_slice(&quoted);
     let icmp_check = checksum(&icmp);
     icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
 
+    // Cut (or grow: a small datagram is shorter than the error) to the error's size.
+    let len = (ETH_HLEN + ERROR_IP_LEN) as u32;
+    pkt.truncate(len)?;
+    pkt.ensure_linear(len)?;
     pkt.store(0, &swapped)?;
     pkt.store(IP_OFF, &ip)?;
-    pkt.store(IP_OFF + IPV4_HLEN, &icmp)?;
-    pkt.truncate((ETH_HLEN + ERROR_IP_LEN) as u32)?;
-    Ok(Verdict::Bounce)
+    pkt.store(IP_OFF + IPV4_HLEN, &icmp)
 }

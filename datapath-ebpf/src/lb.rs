@@ -1,10 +1,12 @@
 //! Service load balancing: frontend lookup, backend choice (session affinity, then
 //! Maglev for external frontends or a hash slot for ClusterIPs; established flows
-//! never get here, conntrack keeps them on their backend), DNAT.
+//! never get here, conntrack keeps them on their backend), DNAT. The choice is shared
+//! by the per-packet programs and the socket-level ones (`sock`), which only feed it
+//! a different hash and affinity client.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use ferrite_common::{
     affinity_holds, stat, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue,
-    MAGLEV_TABLE_SIZE,
+    AFFINITY_CLIENT_IP, HAIRPIN_IP, MAGLEV_TABLE_SIZE,
 };
 
 use crate::{
@@ -17,15 +19,20 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn service_key(h: &Headers, backend_slot: u16) -> ServiceKey {
+pub fn frontend_key(address: u32, port: u16, proto: u8, backend_slot: u16) -> ServiceKey {
     ServiceKey {
-        address: h.daddr.to_ne_bytes(),
-        port: h.dport,
-        proto: h.proto,
+        address: address.to_ne_bytes(),
+        port,
+        proto,
         _pad: 0,
         backend_slot,
         _pad2: 0,
     }
+}
+
+#[inline(always)]
+pub fn service_key(h: &Headers, backend_slot: u16) -> ServiceKey {
+    frontend_key(h.daddr, h.dport, h.proto, backend_slot)
 }
 
 /// The master entry of the Service `h` is addressed to, if any.
@@ -36,7 +43,7 @@ pub fn lookup_service(h: &Headers) -> Option<ServiceValue> {
 
 /// lowbias32: cheap and well mixed, so flows spread evenly.
 #[inline(always)]
-fn mix(mut x: u32) -> u32 {
+pub fn mix(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
@@ -58,6 +65,14 @@ pub struct Chosen {
     pub backend: Backend,
 }
 
+impl Chosen {
+    /// The backend's address, raw network order.
+    #[inline(always)]
+    pub fn address(&self) -> u32 {
+        u32::from_ne_bytes(self.backend.address)
+    }
+}
+
 #[inline(always)]
 fn backend(id: u32) -> Option<Chosen> {
     let backend = unsafe { BACKENDS.get(id) }.copied()?;
@@ -76,17 +91,42 @@ fn maglev_slot(master: &ServiceKey, hash: u32, count: u16) -> Option<u16> {
     (slot >= 1 && slot <= count).then_some(slot)
 }
 
-/// Pick the backend of a new flow to the frontend `h` is addressed to.
+/// What a backend choice needs to know about the new flow.
+pub struct Selection {
+    /// The frontend's master key.
+    pub master: ServiceKey,
+    /// Spreads flows over the slots (and Maglev entries).
+    pub hash: u32,
+    /// The affinity client: its kind (`AFFINITY_CLIENT_*`) and identity.
+    pub client_kind: u16,
+    pub client: [u8; 4],
+}
+
+impl Selection {
+    /// The selection of a packet's new flow: hashed over its tuple, affinity by its
+    /// source address.
+    #[inline(always)]
+    pub fn of_packet(h: &Headers) -> Self {
+        Self {
+            master: service_key(h, 0),
+            hash: flow_hash(h),
+            client_kind: AFFINITY_CLIENT_IP,
+            client: h.saddr.to_ne_bytes(),
+        }
+    }
+}
+
+/// Pick the backend of a new flow to the frontend `sel.master` names.
 /// `maglev`: use the frontend's Maglev table (external frontends).
 #[inline(always)]
-pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
+pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
     if svc.count == 0 {
         return None;
     }
     let affinity_key = AffinityKey {
         rev_nat_index: svc.rev_nat_index,
-        _pad: 0,
-        client: h.saddr.to_ne_bytes(),
+        client_kind: sel.client_kind,
+        client: sel.client,
     };
     // The clock is read only for Services with affinity (a helper call per new flow).
     let now = if svc.affinity_timeout_s != 0 {
@@ -106,17 +146,19 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
             }
         }
     }
-    let hash = flow_hash(h);
-    let master = service_key(h, 0);
     let slot = match maglev
-        .then(|| maglev_slot(&master, hash, svc.count))
+        .then(|| maglev_slot(&sel.master, sel.hash, svc.count))
         .flatten()
     {
         Some(slot) => slot,
-        None => (hash % svc.count as u32) as u16 + 1,
+        None => (sel.hash % svc.count as u32) as u16 + 1,
+    };
+    let slot_key = ServiceKey {
+        backend_slot: slot,
+        ..sel.master
     };
     // The agent writes slots before the master entry; a miss is a torn update.
-    let id = unsafe { SERVICES.get(service_key(h, slot)) }?.backend_id;
+    let id = unsafe { SERVICES.get(slot_key) }?.backend_id;
     let chosen = backend(id)?;
     if svc.affinity_timeout_s != 0 {
         let pin = AffinityValue {
@@ -128,6 +170,12 @@ pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<C
         let _ = AFFINITY.insert(affinity_key, pin, 0);
     }
     Some(chosen)
+}
+
+/// Pick the backend of a new flow of the packet `h` to the frontend it is addressed to.
+#[inline(always)]
+pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
+    choose(&Selection::of_packet(h), svc, maglev)
 }
 
 /// Record `flow`, whose reply tuple (backend -> client port) another flow holds,
@@ -146,17 +194,19 @@ pub fn remap_client_port<P: Packet>(pkt: &P, h: &Headers, flow: &NewFlow) -> Res
 
 /// What became of the first packet of a new ClusterIP flow.
 pub enum NewFlowOutcome {
-    /// DNATed to this backend address (raw network order).
-    Translated(u32),
-    /// The Service has no ready backend (`drop_no_backend`).
+    /// DNATed to this backend (address raw network order, port host order).
+    Translated(u32, u16),
+    /// The Service has no ready backend: refuse it (`service_rejected`).
     NoBackend,
     /// The client port had to be remapped and no port was free (`drop_no_snat_port`).
     NoPortLeft,
 }
 
-/// DNAT the first packet of a new ClusterIP flow: pick a backend, record the flow.
-/// If the client port already reached that backend by another flow (their answers
-/// would be indistinguishable), the client port is remapped too (`port_remapped`).
+/// DNAT the first packet of a new ClusterIP flow of a pod: pick a backend, record the
+/// flow. If the client port already reached that backend by another flow (their
+/// answers would be indistinguishable), the client port is remapped too
+/// (`port_remapped`); a flow balanced back to its own client is SNATed to
+/// `HAIRPIN_IP` (`hairpin`), since a pod drops packets from its own address.
 #[inline(always)]
 pub fn translate_new_flow<P: Packet>(
     pkt: &P,
@@ -166,7 +216,7 @@ pub fn translate_new_flow<P: Packet>(
     let Some(chosen) = choose_backend(h, svc, false) else {
         return Ok(NewFlowOutcome::NoBackend);
     };
-    let addr = u32::from_ne_bytes(chosen.backend.address);
+    let addr = chosen.address();
     let flow = NewFlow {
         backend_id: chosen.id,
         backend_addr: addr,
@@ -174,11 +224,21 @@ pub fn translate_new_flow<P: Packet>(
         rev_nat_index: svc.rev_nat_index,
         flags: 0,
     };
-    if !conntrack::create(h, &flow, pkt.len())? && !remap_client_port(pkt, h, &flow)? {
-        return Ok(NewFlowOutcome::NoPortLeft);
+    if addr == h.saddr {
+        let hairpin = u32::from_ne_bytes(HAIRPIN_IP.octets());
+        let Some(port) = conntrack::create_snat(h, &flow, hairpin, flow_hash(h), pkt.len()) else {
+            return Ok(NewFlowOutcome::NoPortLeft);
+        };
+        nat::dnat(pkt, h, addr, chosen.backend.port)?;
+        nat::snat(pkt, h, hairpin, port)?;
+        count(stat::HAIRPIN, pkt.len());
+    } else {
+        if !conntrack::create(h, &flow, pkt.len())? && !remap_client_port(pkt, h, &flow)? {
+            return Ok(NewFlowOutcome::NoPortLeft);
+        }
+        nat::dnat(pkt, h, addr, chosen.backend.port)?;
     }
-    nat::dnat(pkt, h, addr, chosen.backend.port)?;
     count(stat::SERVICE_NEW_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
-    Ok(NewFlowOutcome::Translated(addr))
+    Ok(NewFlowOutcome::Translated(addr, chosen.backend.port))
 }

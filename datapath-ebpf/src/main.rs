@@ -8,19 +8,22 @@ mod fragments;
 mod from_overlay;
 mod from_pod;
 mod headers;
+mod host;
 mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod packet;
 mod routing;
+mod sock;
 mod stats;
+mod to_pod;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -59,6 +62,9 @@ fn tc_action(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
         Verdict::Bounce => unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 },
+        Verdict::RedirectIngress(ifindex) => unsafe {
+            bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32
+        },
     }
 }
 
@@ -78,6 +84,39 @@ pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn ferrite_from_uplink(ctx: TcContext) -> i32 {
     tc_action(&ctx, external::from_uplink(&ctx))
+}
+
+/// tcx egress of each pod's host-side veth: what the host stack sends the pod.
+#[classifier]
+pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
+    tc_action(&ctx, to_pod::process(&ctx))
+}
+
+/// tcx egress of the node's uplink and of `lo`: the node's own Service traffic.
+#[classifier]
+pub fn ferrite_from_host(ctx: TcContext) -> i32 {
+    tc_action(&ctx, host::process(&ctx))
+}
+
+/// Socket-level load balancing (cgroup hooks of the node's cgroup subtree).
+#[cgroup_sock_addr(connect4)]
+pub fn ferrite_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ferrite_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ferrite_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferrite_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 /// XDP on the node's uplink: external traffic to NodePort/LoadBalancer/externalIPs.

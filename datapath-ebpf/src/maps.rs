@@ -8,7 +8,7 @@ use aya_ebpf::{
 use ferrite_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
     EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, NodeConfig, RevNatValue,
-    RouteInfo, ServiceKey, ServiceValue, SourceRangeKey,
+    RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -57,6 +57,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY
 #[btf_map(name = "ferrite_srcrng")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Backend -> Service address of translated sockets (socket-level LB).
+#[btf_map(name = "ferrite_sockrev")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REV_NAT as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();

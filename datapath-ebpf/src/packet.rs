@@ -30,6 +30,9 @@ pub enum Verdict {
     RedirectNeigh(u32),
     /// Send back out of the device it arrived on (an answer built in place).
     Bounce,
+    /// Receive as if it had arrived on this device (ifindex): how a packet for the
+    /// node's own processes re-enters the stack from a program at an egress hook.
+    RedirectIngress(u32),
 }
 
 /// The tunnel metadata of a received packet.
@@ -67,7 +70,7 @@ pub trait Packet: EbpfContext {
     fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
     /// What a packet that arrived on a collect_md tunnel device came with.
     fn tunnel_key(&self) -> Result<TunnelKey, ()>;
-    /// Cut the packet to its first `len` bytes (never longer than it is).
+    /// Make the packet `len` bytes long: cut, or grow with zeroes at the end.
     fn truncate(&self, len: u32) -> Result<(), ()>;
     /// Whether this is a GSO packet (segments merged by GRO or a local sender).
     fn is_gso(&self) -> bool;

@@ -3,6 +3,7 @@
 //! the owning node in the tunnel metadata (routes from `ferrite_routes`); anything
 //! else continues into the host stack (and is masqueraded there when it leaves).
 //! Replies of external flows leave through the uplink the kernel's FIB names.
+//! Translated packets for the node's own processes re-enter the stack through `lo`.
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 use ferrite_common::{
     stat, EndpointInfo, EndpointKey, RouteInfo, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
@@ -43,6 +44,38 @@ pub fn deliver_local<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, (
     Ok(Verdict::RedirectPeer(ep.ifindex))
 }
 
+/// Like [`deliver_local`], from an egress hook (where `bpf_redirect_peer` is not
+/// allowed): out of the pod's host veth, into the pod.
+#[inline(always)]
+pub fn deliver_local_from_egress<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, ()> {
+    set_macs(pkt, &ep.pod_mac, &ep.host_mac)?;
+    Ok(Verdict::Redirect(ep.ifindex))
+}
+
+/// `lo`'s ifindex in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// This node's own addresses: its node IP and its overlay address.
+#[inline(always)]
+pub fn is_host_address(addr: u32) -> bool {
+    CONFIG.get(0).is_some_and(|c| {
+        addr != 0
+            && (addr == u32::from_ne_bytes(c.node_ip) || addr == u32::from_ne_bytes(c.overlay_ip))
+    })
+}
+
+/// Hand a translated packet to the node's own processes: it enters the stack on `lo`
+/// (MACs zeroed, as `lo` frames carry them), where its source may be one of the
+/// node's own addresses (a NodePort frontend, a host-network backend): the agent
+/// sets `accept_local` on `lo` for that. Arriving on a pod's veth or the uplink,
+/// such a packet would be dropped as a martian.
+#[inline(always)]
+pub fn to_host<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    set_macs(pkt, &[0; 6], &[0; 6])?;
+    count(stat::PASSED_TO_STACK, pkt.len());
+    Ok(Verdict::RedirectIngress(LOOPBACK_IFINDEX))
+}
+
 /// The pod CIDR route of `addr`, if it is in one (not a node's /32).
 #[inline(always)]
 pub fn pod_route(addr: u32) -> Option<RouteInfo> {
@@ -72,7 +105,11 @@ pub fn route<P: Packet>(pkt: &P, daddr: u32, dport: u16) -> Result<Verdict, ()> 
         return Ok(Verdict::Pass);
     }
     if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
-        // This node's pod CIDR, but no such pod.
+        // This node's pod CIDR: its own overlay address is the host's; else no such pod.
+        if is_host_address(daddr) {
+            count(stat::PASSED_TO_STACK, pkt.len());
+            return Ok(Verdict::Pass);
+        }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     }
     let (node_ip, vtep_mac) = (route.node_ip, route.vtep_mac);
@@ -99,6 +136,15 @@ const AF_INET: u8 = 2;
 /// address, which the stack would drop as a martian arriving from a pod.
 #[inline(always)]
 pub fn to_world<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
+    count(stat::EXTERNAL_REPLY, pkt.len());
+    fib_redirect(pkt, h)
+}
+
+/// Send the packet (already translated) out of the interface the kernel's FIB routes
+/// its destination through, with the next hop's MAC; what has no route goes to the
+/// stack, which decides and answers.
+#[inline(always)]
+pub fn fib_redirect<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = h.proto;
@@ -109,7 +155,6 @@ pub fn to_world<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
     let addrs = unsafe { *pkt.ptr_at::<[u32; 2]>(IP_OFF + 12)? };
     params.__bindgen_anon_3.ipv4_src = addrs[0];
     params.__bindgen_anon_4.ipv4_dst = addrs[1];
-    count(stat::EXTERNAL_REPLY, pkt.len());
     match pkt.fib_lookup(&mut params) as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             set_macs(pkt, &params.dmac, &params.smac)?;

@@ -57,6 +57,7 @@ impl Sandbox {
                 ip: Ipv4Addr::UNSPECIFIED,
                 host_interface: pod_interface_name("default", name),
                 netns,
+                cgroup: None,
             },
             result: None,
         })
@@ -128,6 +129,13 @@ impl Runtime {
         }
         let out = child.wait_with_output()?;
         let output = if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            if !out.status.success() {
+                bail!(
+                    "{plugin_type} failed ({}) without a JSON error: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             Value::Null
         } else {
             serde_json::from_slice(&out.stdout).with_context(|| {

@@ -86,6 +86,7 @@ impl FlannelCluster {
                 ip: pod_ip,
                 host_interface: "vethpod".into(),
                 netns: pod_ns,
+                cgroup: None,
             });
             node_ns.push(netns);
         }

@@ -48,6 +48,32 @@ pub fn udp_without_checksum(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]
     frame
 }
 
+/// The ICMP "destination unreachable" a router (or kube-proxy's REJECT) sends back for
+/// `frame`: from the address it was sent to, MACs swapped, quoting its IP header and
+/// first 8 payload bytes. `next_hop_mtu` is for "fragmentation needed" (code 4); the
+/// others (code 3, port unreachable) carry 0 there.
+pub fn icmp_unreachable_for(frame: &[u8], code: u8, next_hop_mtu: u16) -> Result<Vec<u8>> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, IpNumber};
+    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
+    ip.dont_fragment = false;
+    let unreachable = match code {
+        4 => DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+        3 => DestUnreachableHeader::Port,
+        other => bail!("no builder for ICMP unreachable code {other}"),
+    };
+    let (mut to, mut from) = ([0u8; 6], [0u8; 6]);
+    to.copy_from_slice(&frame[6..12]);
+    from.copy_from_slice(&frame[..6]);
+    let builder = PacketBuilder::ethernet2(from, to)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(Icmpv4Type::DestinationUnreachable(unreachable));
+    let quoted = &frame[14..14 + 28];
+    let mut out = Vec::new();
+    builder.write(&mut out, quoted)?;
+    Ok(out)
+}
+
 /// What a frame says, after checking that every checksum in it is valid.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded {

@@ -144,6 +144,194 @@ impl Drop for Netns {
     }
 }
 
+/// A cgroup v2 directory of the lab's own: a node's subtree, whose processes (its
+/// pods' and its host processes' probes) get the node's socket-level load balancing.
+/// Never the machine's root: the agent attaches there. Removed on drop, once the
+/// processes in it are gone.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Result<Self> {
+        let path = datapath::default_cgroup_root()?.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // A probe still exiting keeps the directory busy for a moment.
+        for _ in 0..100 {
+            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The `ferrite-probe` binary: next to the running executable (demo, bench) or one
+/// directory up (test binaries live in `deps/`); $FERRITE_PROBE overrides.
+pub fn probe_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("FERRITE_PROBE") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    [dir.join("ferrite-probe"), dir.join("../ferrite-probe")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("ferrite-probe"))
+}
+
+/// What one probe request gave (see `ferrite-probe`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ProbeOutcome {
+    pub reply: Option<String>,
+    /// The peer as the socket reports it (recvfrom, getpeername).
+    pub from: Option<String>,
+    /// The socket's own address.
+    pub local: Option<String>,
+    /// `refused`, `timeout`, or the OS error.
+    pub error: Option<String>,
+    pub micros: u64,
+}
+
+impl ProbeOutcome {
+    /// The answer, or the error as a failure.
+    pub fn answer(&self) -> Result<&str> {
+        match (&self.reply, &self.error) {
+            (Some(reply), _) => Ok(reply),
+            (None, error) => bail!("no answer: {error:?}"),
+        }
+    }
+}
+
+/// A process of a node (a pod's, or the node's own): in the node's cgroup subtree and
+/// the given network namespace, as `ferrite-probe` runs it.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub cgroup: Option<PathBuf>,
+    pub netns: PathBuf,
+    /// UDP sockets send from this port (0: any).
+    pub udp_port: u16,
+}
+
+impl Probe {
+    /// The same process, its UDP sockets sending from `port` (a fixed-port client).
+    pub fn from_port(mut self, port: u16) -> Self {
+        self.udp_port = port;
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(probe_bin());
+        if let Some(cgroup) = &self.cgroup {
+            command.arg("--cgroup").arg(cgroup);
+        }
+        command.arg("--netns").arg(&self.netns);
+        command.arg("--bind").arg(self.udp_port.to_string());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Result<ProbeOutcome> {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .context("running ferrite-probe")?;
+        if !out.status.success() {
+            bail!(
+                "ferrite-probe {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("ferrite-probe output")
+    }
+
+    /// One TCP connection, one request line.
+    pub fn tcp(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["tcp", &to.to_string(), message])
+    }
+
+    /// One datagram from an unconnected UDP socket (sendto/recvfrom).
+    pub fn udp(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["udp", &to.to_string(), message])
+    }
+
+    /// One datagram from a connected UDP socket.
+    pub fn udp_connected(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["udp-connected", &to.to_string(), message])
+    }
+
+    /// A TCP connection held open by a probe process, one request per `send`.
+    pub fn hold(&self, to: SocketAddrV4) -> Result<HeldConnection> {
+        let mut child = self
+            .command()
+            .args(["hold", &to.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running ferrite-probe")?;
+        let stdout = BufReader::new(child.stdout.take().context("probe stdout")?);
+        let mut held = HeldConnection {
+            child,
+            stdout,
+            connected: None,
+        };
+        held.connected = Some(held.read_outcome()?);
+        Ok(held)
+    }
+}
+
+/// A TCP connection a probe process holds open (killed on drop).
+pub struct HeldConnection {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// How the connection opened (`from`: its peer as the socket reports it).
+    pub connected: Option<ProbeOutcome>,
+}
+
+impl HeldConnection {
+    fn read_outcome(&mut self) -> Result<ProbeOutcome> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("ferrite-probe ended");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// One request on the held connection.
+    pub fn send(&mut self, message: &str) -> Result<ProbeOutcome> {
+        let stdin = self.child.stdin.as_mut().context("probe stdin")?;
+        writeln!(stdin, "{message}")?;
+        stdin.flush()?;
+        self.read_outcome()
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A pod: its own netns, eth0 wired to a host-side veth in the node's netns.
 pub struct Pod {
     pub name: String,
@@ -151,9 +339,21 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     pub host_interface: String,
     pub netns: Netns,
+    /// Its node's cgroup subtree, where its processes run (`None`: not a lab
+    /// node's pod, so no socket-level load balancing applies to it).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Pod {
+    /// A process of this pod, in its node's cgroup subtree (socket-level LB applies).
+    pub fn probe(&self) -> Probe {
+        Probe {
+            cgroup: self.cgroup.clone(),
+            netns: self.netns.path(),
+            udp_port: 0,
+        }
+    }
+
     /// The v1 Pod object the agent reads for this pod.
     pub fn yaml(&self, node: &str) -> String {
         format!(
@@ -215,6 +415,22 @@ pub fn parse_answer(reply: &str, request: &str) -> Result<(String, String)> {
         "payload changed: sent {request:?}, got {reply:?}"
     );
     Ok((name.to_string(), peer.to_string()))
+}
+
+/// A TCP connection from `netns` from a fixed address and port (reusable while an
+/// earlier connection from it is in TIME_WAIT) to `to`.
+pub fn tcp_from_port(netns: &Netns, from: SocketAddrV4, to: SocketAddrV4) -> Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = netns.run(move || -> Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SockAddr::from(from))?;
+        socket.connect_timeout(&SockAddr::from(to), Duration::from_secs(3))?;
+        Ok(socket)
+    })??;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok(stream)
 }
 
 /// Send a line on an open connection and read the answer line.
@@ -399,6 +615,9 @@ pub struct Node {
     pub agent: Option<Agent>,
     pub netns: Netns,
     pub dir: PathBuf,
+    /// The node's cgroup subtree: its agent attaches socket-level load balancing
+    /// here (`--cgroup-root`), never to the machine's root.
+    pub cgroup: Cgroup,
 }
 
 impl Node {
@@ -414,6 +633,7 @@ impl Node {
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir)?;
         let netns = Netns::new(&name)?;
+        let cgroup = Cgroup::new(&name)?;
         Ok(Self {
             name,
             pod_mtu: 1500,
@@ -424,7 +644,17 @@ impl Node {
             agent: None,
             netns,
             dir,
+            cgroup,
         })
+    }
+
+    /// A process of the node itself (host network), in its cgroup subtree.
+    pub fn host_probe(&self) -> Probe {
+        Probe {
+            cgroup: Some(self.cgroup.path.clone()),
+            netns: self.netns.path(),
+            udp_port: 0,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -454,6 +684,7 @@ impl Node {
             ip,
             host_interface,
             netns,
+            cgroup: Some(self.cgroup.path.clone()),
         });
         Ok(self.pods.len() - 1)
     }
@@ -508,7 +739,9 @@ impl Node {
             .arg(ferrite_bin())
             .args(["agent", "--node", &self.name])
             .arg("--resync-seconds")
-            .arg(self.resync_seconds.to_string());
+            .arg(self.resync_seconds.to_string())
+            .arg("--cgroup-root")
+            .arg(&self.cgroup.path);
         match source {
             AgentSource::File(config) => command.arg("--config").arg(config),
             AgentSource::Kubernetes { kubeconfig } => command.env("KUBECONFIG", kubeconfig),

@@ -10,7 +10,7 @@ use anyhow::Result;
 use ferrite_common::{EndpointKey, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{answered_by, exchange, parse_answer, sh, Node, Server},
+    lab::{answered_by, exchange, parse_answer, sh, tcp_from_port, Node, Server},
 };
 
 /// The example cluster running: 2 clients, 3 backends serving TCP and UDP, the agent
@@ -524,26 +524,6 @@ fn finished_flows_leave_the_conntrack_map_and_live_ones_stay() -> Result<()> {
     Ok(())
 }
 
-/// A TCP connection from `from` (IP and fixed port, reusable) to `to`.
-fn connect_from_port(
-    netns: &ferrite_tests::lab::Netns,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
-) -> Result<std::net::TcpStream> {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let socket = netns.run(move || -> Result<Socket> {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-        // The previous connection from this port may be in TIME_WAIT.
-        socket.set_reuse_address(true)?;
-        socket.bind(&SockAddr::from(from))?;
-        socket.connect_timeout(&SockAddr::from(to), std::time::Duration::from_secs(3))?;
-        Ok(socket)
-    })??;
-    let stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
-    Ok(stream)
-}
-
 #[test]
 fn connections_sharing_a_client_port_and_a_backend_each_get_their_own_answers() -> Result<()> {
     let cluster = example_cluster()?;
@@ -552,7 +532,7 @@ fn connections_sharing_a_client_port_and_a_backend_each_get_their_own_answers() 
     let client = &node.pod(client_name).netns;
     let from = SocketAddrV4::new(client_ip, 41000);
     // Through the Service, kept open.
-    let mut via_service = connect_from_port(client, from, TCP_FRONTEND)?;
+    let mut via_service = tcp_from_port(client, from, TCP_FRONTEND)?;
     let backend = answered_by(&exchange(&mut via_service, "via the vip")?, "via the vip")?;
     let backend_ip = BACKENDS.iter().find(|(n, _)| *n == backend).unwrap().1;
     // A second Service whose only backend is that one.
@@ -568,8 +548,8 @@ fn connections_sharing_a_client_port_and_a_backend_each_get_their_own_answers() 
     // remaps the later flows' source port; so does the datapath, and each socket gets
     // its own answers.
     let direct = SocketAddrV4::new(backend_ip, TCP_TARGET);
-    let mut direct_stream = connect_from_port(client, from, direct)?;
-    let mut via_other = connect_from_port(client, from, SocketAddrV4::new(other_vip, 80))?;
+    let mut direct_stream = tcp_from_port(client, from, direct)?;
+    let mut via_other = tcp_from_port(client, from, SocketAddrV4::new(other_vip, 80))?;
     for round in 0..3 {
         for (stream, what) in [
             (&mut direct_stream, "direct"),
@@ -586,12 +566,27 @@ fn connections_sharing_a_client_port_and_a_backend_each_get_their_own_answers() 
         counters[ferrite_common::stat::PORT_REMAPPED as usize].packets,
         2
     );
-    // Closed, then the port is reused again, straight to the backend.
+    // A port whose Service connection to that backend closed is reused straight to
+    // the backend: the closing flow's tuple is reopened, not remapped. (Another port
+    // than above: the client's own TIME_WAIT of the direct connection would refuse.)
     drop((via_service, direct_stream, via_other));
-    let mut again = connect_from_port(client, from, direct)?;
+    let other_port = SocketAddrV4::new(client_ip, 41001);
+    let mut once = tcp_from_port(client, other_port, SocketAddrV4::new(other_vip, 80))?;
+    answered_by(&exchange(&mut once, "once")?, "once")?;
+    drop(once);
+    let mut again = tcp_from_port(client, other_port, direct)?;
     assert_eq!(
         answered_by(&exchange(&mut again, "again")?, "again")?,
         backend
+    );
+    let counters = node.maps()?.counters()?;
+    assert_eq!(
+        counters[ferrite_common::stat::PORT_REMAPPED as usize].packets,
+        2
+    );
+    assert_eq!(
+        counters[ferrite_common::stat::CT_REOPENED as usize].packets,
+        1
     );
     Ok(())
 }

@@ -55,10 +55,14 @@ fn leftovers(node: &Node) -> Result<Leftovers> {
         .into_keys()
         .filter(|name| name.starts_with("fer") && name != VXLAN_DEVICE)
         .collect();
-    // Pods' links only (the node's own: the VXLAN device and the uplink).
-    let link_pins = datapath::attached_interfaces(&node.pin_dir())?
+    // Pods' links only (the node's own: the VXLAN device, the uplink, lo, cgroup).
+    let link_pins = datapath::attachments(&node.pin_dir())?
         .into_iter()
-        .filter(|name| name.starts_with("fer") && name != VXLAN_DEVICE)
+        .filter(|a| {
+            a.device()
+                .is_some_and(|d| d.starts_with("fer") && d != VXLAN_DEVICE)
+        })
+        .map(|a| a.pin_name())
         .collect();
     Ok(Leftovers {
         addresses,

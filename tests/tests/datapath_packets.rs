@@ -233,19 +233,30 @@ fn a_spoofed_source_is_dropped_and_counted() -> Result<()> {
     Ok(())
 }
 
+/// kube-proxy's REJECT: a new flow to a Service without ready backends is answered at
+/// once with ICMP port unreachable (the client's connect fails with ECONNREFUSED
+/// instead of waiting for its timeout), built in place and sent back into the pod; a
+/// small datagram grows to the error's size.
 #[test]
-fn a_service_without_ready_backends_drops_and_counts() -> Result<()> {
+fn a_service_without_ready_backends_refuses_new_flows_with_port_unreachable() -> Result<()> {
     let mut bed = testbed()?;
-    bed.add_service(
-        sock(Ipv4Addr::new(10, 96, 0, 99), 80),
-        PROTO_TCP,
-        3,
-        100,
-        &[],
-    )?;
-    let syn = frames::tcp_syn(sock(CLIENT, 1), sock(Ipv4Addr::new(10, 96, 0, 99), 80), b"");
-    assert_eq!(bed.from_pod(&syn)?.verdict, TC_ACT_SHOT);
-    assert_eq!(bed.counter(stat::DROP_NO_BACKEND)?, 1);
+    let empty = Ipv4Addr::new(10, 96, 0, 99);
+    bed.add_service(sock(empty, 80), PROTO_TCP, 3, 100, &[])?;
+    bed.add_service(sock(empty, 53), PROTO_UDP, 4, 101, &[])?;
+    let syn = frames::tcp_syn(sock(CLIENT, 1), sock(empty, 80), b"");
+    let out = bed.from_pod(&syn)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, frames::icmp_unreachable_for(&syn, 3, 0)?)
+    );
+    let query = frames::udp(sock(CLIENT, 2), sock(empty, 53), b"q");
+    let out = bed.from_pod(&query)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, frames::icmp_unreachable_for(&query, 3, 0)?)
+    );
+    assert_eq!(bed.counter(stat::SERVICE_REJECTED)?, 2);
+    assert_eq!(bed.counter(stat::DROP_NO_BACKEND)?, 0);
     Ok(())
 }
 

@@ -223,24 +223,9 @@ fn without_df(frame: &[u8]) -> Result<Vec<u8>> {
     Ok([&frame[..14], &ip.to_bytes()[..], rest].concat())
 }
 
-/// The ICMP "fragmentation needed" a router sends back for `frame`: from the address
-/// `frame` was sent to, quoting its IP header and first 8 payload bytes.
+/// The ICMP "fragmentation needed" a router sends back for `frame`.
 fn frag_needed_for(frame: &[u8], mtu: u16) -> Result<Vec<u8>> {
-    use etherparse::{
-        icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
-    };
-    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
-    ip.dont_fragment = false;
-    let builder = PacketBuilder::ethernet2(frames::GATEWAY_MAC, frames::CLIENT_MAC)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
-        ));
-    let quoted = &frame[14..14 + 28];
-    let mut out = Vec::new();
-    builder.write(&mut out, quoted)?;
-    Ok(out)
+    frames::icmp_unreachable_for(frame, 4, mtu)
 }
 
 /// What the uplink does with `frame`: XDP first, then (if it passed) the tcx program.

@@ -54,6 +54,9 @@ enum Expected {
     Translated,
     /// Answered with ICMP "fragmentation needed" sent back out (TC redirect).
     FragNeeded,
+    /// A new flow to a Service without backends, answered with ICMP port
+    /// unreachable sent back into the pod (TC redirect).
+    Rejected,
 }
 
 /// The IPv4 header and ports of a frame as the rules read them.
@@ -169,9 +172,15 @@ fn model_from_pod(frame: &[u8], fragments: &mut Fragments) -> (Expected, Vec<u32
         };
         match service {
             Some(true) => return (Expected::Deliver { translated: true }, counters),
-            Some(false) => {
+            // A later fragment has no L4 header to quote: dropped, its first one
+            // was answered.
+            Some(false) if h.later_fragment => {
                 counters.push(stat::DROP_NO_BACKEND);
                 return (Expected::Drop(stat::DROP_NO_BACKEND), counters);
+            }
+            Some(false) => {
+                counters.push(stat::SERVICE_REJECTED);
+                return (Expected::Rejected, counters);
             }
             None => {}
         }
@@ -226,17 +235,18 @@ fn model_from_uplink(frame: &[u8], fragments: &mut Fragments) -> Expected {
     }
 }
 
-/// An ICMP "fragmentation needed" answering `frame`: back to its sender, quoting its
-/// first 28 IP bytes (checksums are checked byte for byte in external_packets).
-fn is_frag_needed_for(out: &[u8], frame: &[u8]) -> bool {
+/// An ICMP "destination unreachable" with `code` answering `frame`: back to its
+/// sender, quoting its first 28 IP bytes, with `mtu` as next-hop MTU (checksums are
+/// checked byte for byte in external_packets and datapath_packets).
+fn is_unreachable_for(out: &[u8], frame: &[u8], code: u8, mtu: usize) -> bool {
     out.len() == 14 + 56
         && out[..6] == frame[6..12]
         && out[6..12] == frame[..6]
         && out[14 + 9] == 1
         && out[14 + 12..14 + 16] == frame[14 + 16..14 + 20]
         && out[14 + 16..14 + 20] == frame[14 + 12..14 + 16]
-        && out[34..36] == [3, 4]
-        && u16::from_be_bytes([out[40], out[41]]) as usize == POD_MTU
+        && out[34..36] == [3, code]
+        && u16::from_be_bytes([out[40], out[41]]) as usize == mtu
         && out[42..] == frame[14..42]
 }
 
@@ -486,6 +496,9 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                     && (!translated || to_backend)
                     && (translated || out.frame[30..34] == frame[30..34])
             }
+            Expected::Rejected => {
+                out.verdict == TC_ACT_REDIRECT && is_unreachable_for(&out.frame, &frame, 3, 0)
+            }
             Expected::Translated | Expected::FragNeeded => unreachable!("not from_pod"),
         };
         if !ok && mismatches.len() < 10 {
@@ -502,6 +515,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         stat::DROP_MALFORMED,
         stat::DROP_SPOOFED,
         stat::DROP_NO_BACKEND,
+        stat::SERVICE_REJECTED,
         stat::FRAGMENT_ROUTED,
         stat::FRAGMENT_TRACKED,
         stat::PASSED_TO_STACK,
@@ -539,7 +553,9 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                         BACKENDS.contains(&ip) && port.is_none_or(|p| p == 8080)
                     })
             }
-            Expected::Deliver { .. } | Expected::FragNeeded => unreachable!("TC only"),
+            Expected::Deliver { .. } | Expected::FragNeeded | Expected::Rejected => {
+                unreachable!("TC only")
+            }
         };
         if !ok && mismatches.len() < 20 {
             mismatches.push(format!(
@@ -571,7 +587,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
             Expected::FragNeeded => {
                 frag_needed += 1;
-                out.verdict == TC_ACT_REDIRECT && is_frag_needed_for(&out.frame, &frame)
+                out.verdict == TC_ACT_REDIRECT && is_unreachable_for(&out.frame, &frame, 4, POD_MTU)
             }
             _ => out.verdict == TC_ACT_REDIRECT && out.frame[12..] == frame[12..],
         };
@@ -617,7 +633,8 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         "from_pod Drop(6)",
         "from_pod Drop(5)",
         "from_pod Drop(7)",
-        "from_pod Drop(8)",
+        "from_pod Rejected",
+        "from_pod Drop(8) tracked fragment",
         "from_pod Pass(Some(1)) fragment",
         "from_pod Pass(Some(10))",
         "from_pod Deliver { translated: true }",

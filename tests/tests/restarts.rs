@@ -1,6 +1,7 @@
 //! User story: an operator restarts, kills and upgrades the agent while the cluster
 //! carries traffic, and no live flow notices (cilium#29667: conntrack GC at start
-//! deleted valid flows; kube-proxy restarts flushing UDP conntrack). Needs root.
+//! deleted valid flows; kube-proxy restarts flushing UDP conntrack), nor do
+//! connections balanced at the socket (they have no conntrack to lose). Needs root.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
@@ -15,7 +16,7 @@ use ferrite_tests::{
     cluster::{
         self, load_balancer_yaml, service_yaml, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET,
     },
-    lab::{exchange, parse_answer, pod_ip, wait_until, Cluster, Netns, Server},
+    lab::{exchange, parse_answer, pod_ip, wait_until, Cluster, HeldConnection, Netns, Server},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
@@ -26,6 +27,8 @@ const UDP_FLOWS: usize = 20;
 /// The other flows go from the world to node 0's NodePort.
 const TCP_FLOWS_TO_CLUSTER_IP: usize = 60;
 const UDP_FLOWS_TO_CLUSTER_IP: usize = 10;
+/// Connections a pod's process opens to the ClusterIP, balanced at the socket.
+const SOCKET_FLOWS: usize = 10;
 /// The large sync: this many extra Services (TCP and UDP port, 10 endpoints each),
 /// 10,000 frontends and 100,000 backend slots, after the test's own Service.
 const EXTRA_SERVICES: u32 = 5_000;
@@ -39,6 +42,8 @@ fn extra_vip(index: u32) -> Ipv4Addr {
 enum Flow {
     Tcp(TcpStream, String),
     Udp(UdpSocket, String),
+    /// A TCP connection of a process in the node's cgroup (socket-level LB).
+    Socket(HeldConnection, String),
 }
 
 impl Flow {
@@ -58,12 +63,13 @@ impl Flow {
                 }
                 bail!("no UDP answer")
             }
+            Flow::Socket(held, _) => Ok(parse_answer(held.send(request)?.answer()?, request)?.0),
         }
     }
 
     fn backend(&self) -> &str {
         match self {
-            Flow::Tcp(_, backend) | Flow::Udp(_, backend) => backend,
+            Flow::Tcp(_, backend) | Flow::Udp(_, backend) | Flow::Socket(_, backend) => backend,
         }
     }
 }
@@ -169,14 +175,43 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
         }
         flows.push(flow);
     }
+    let client_ip = cluster.pod("client").ip;
+    let mut socket_ports = Vec::new();
+    for index in 0..SOCKET_FLOWS {
+        let mut held = cluster.pod("client").probe().hold(cluster_ip)?;
+        let connected = held.connected.clone().context("connected")?;
+        anyhow::ensure!(
+            connected.from.as_deref() == Some(cluster_ip.to_string().as_str()),
+            "the socket's peer reads as the Service: {connected:?}"
+        );
+        let local: SocketAddrV4 = connected.local.as_deref().context("local")?.parse()?;
+        socket_ports.push(local.port());
+        let request = format!("open socket {index}");
+        let backend = parse_answer(held.send(&request)?.answer()?, &request)?.0;
+        flows.push(Flow::Socket(held, backend));
+    }
+    // Balanced at the socket: no conntrack entry for any of them.
+    let conntrack = cluster.nodes[0].maps()?.conntrack_entries()?;
+    let tracked: Vec<_> = conntrack
+        .iter()
+        .filter(|(key, _)| {
+            [key.saddr, key.daddr].contains(&client_ip.octets())
+                && (socket_ports.contains(&key.sport) || socket_ports.contains(&key.dport))
+        })
+        .collect();
+    assert!(
+        tracked.is_empty(),
+        "socket-LB connections in conntrack: {tracked:?}"
+    );
     let spread: std::collections::BTreeSet<&str> = flows.iter().map(Flow::backend).collect();
     assert_eq!(spread.len(), 3, "flows reach every backend: {spread:?}");
     let node = &mut cluster.nodes[0];
     let links_at_start = links(&node.pin_dir())?;
     assert_eq!(
         links_at_start.len(),
-        5,
-        "two pod veths, the VXLAN device, the uplink's tcx and XDP: {links_at_start:?}"
+        13,
+        "two pod veths both ways, the VXLAN device, the uplink's tcx both ways and XDP, \
+         lo's egress, the four socket-level hooks: {links_at_start:?}"
     );
 
     // 1. SIGKILL and restart.

@@ -329,6 +329,24 @@ fn build_release() -> Result<()> {
     run(cargo().args(["build", "--release", "--locked", "--bins"]))
 }
 
+/// Fail if any Ferrite program is attached to the machine's cgroup v2 root.
+fn check_cgroup_root() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let Some(root) = mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_string())
+    }) else {
+        return Ok(());
+    };
+    let shown = stdout_of(Command::new("bpftool").args(["cgroup", "show", &root]));
+    let ours: Vec<&str> = shown.lines().filter(|l| l.contains("ferrite")).collect();
+    if !ours.is_empty() {
+        bail!("Ferrite programs on the machine's own cgroup root {root}: {ours:?}");
+    }
+    println!("test: no Ferrite program on the machine's cgroup root {root}");
+    Ok(())
+}
+
 fn require_root(what: &str) -> Result<()> {
     if !is_root() {
         bail!("{what} needs root (BPF, network namespaces): run it as root");
@@ -377,7 +395,11 @@ fn main() -> Result<()> {
             } else {
                 command.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
             }
-            run(with_artifacts(command.args(&args), "debug"))
+            let tests = run(with_artifacts(command.args(&args), "debug"));
+            // Tests and the demo attach socket-level load balancing to cgroup
+            // subtrees of their own: the machine's own root must never get it.
+            let root_clean = check_cgroup_root();
+            tests.and(root_clean)
         }
         Cmd::Bench { sections } => {
             require_root("the benchmark")?;

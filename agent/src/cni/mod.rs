@@ -204,9 +204,11 @@ fn wire<'a>(pod: &'a PodInterface, pin_dir: &'a Path, rollback: &mut Rollback<'a
         podnet::delete_host_end(&pod.host_name).map(drop)
     });
     hostnet::add_pod_route(pod.ip, &pod.host_name)?;
-    datapath::attach_pinned_from_pod(pin_dir, &pod.host_name)?;
-    rollback.push("the datapath attachment", || {
-        datapath::detach(pin_dir, &pod.host_name)
+    datapath::attach_pinned_pod_programs(pin_dir, &pod.host_name)?;
+    rollback.push("the datapath attachments", || {
+        datapath::pod_attachments(&pod.host_name)
+            .iter()
+            .try_for_each(|a| datapath::detach(pin_dir, a))
     });
     let ifindex = podnet::ifindex(&pod.host_name).context("host veth vanished")?;
     let mut maps = NodeMaps::open(pin_dir)?;
@@ -246,12 +248,13 @@ fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, host_interface: &str) -> Resu
             maps.apply(&[Op::DeleteEndpoint(key)])?;
         }
     }
-    if !podnet::link_exists(host_interface)
-        && datapath::attached_interfaces(pin_dir)?
-            .iter()
-            .any(|i| i == host_interface)
-    {
-        datapath::detach(pin_dir, host_interface)?;
+    if !podnet::link_exists(host_interface) {
+        let pinned = datapath::attachments(pin_dir)?;
+        for attachment in datapath::pod_attachments(host_interface) {
+            if pinned.contains(&attachment) {
+                datapath::detach(pin_dir, &attachment)?;
+            }
+        }
     }
     Ok(())
 }
@@ -376,8 +379,11 @@ fn check_attachment(
     if host_ifindex.is_none() {
         problems.push(format!("host veth {} is missing", owner.host_interface));
     }
-    if !datapath::attached_interfaces(pin_dir)?.contains(&owner.host_interface) {
-        problems.push(format!("no datapath link on {}", owner.host_interface));
+    let pinned = datapath::attachments(pin_dir)?;
+    for attachment in datapath::pod_attachments(&owner.host_interface) {
+        if !pinned.contains(&attachment) {
+            problems.push(format!("no datapath link {}", attachment.pin_name()));
+        }
     }
     let endpoint = NodeMaps::open(pin_dir)?.endpoint(&EndpointKey {
         address: ip.octets(),

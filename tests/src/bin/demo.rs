@@ -1,9 +1,12 @@
 //! `cargo xtask demo`: two nodes (network namespaces on a shared node network, each
 //! with its own agent and pins), five pods, the agents on examples/two-nodes.yaml,
 //! and real traffic: pod to pod across nodes, a ClusterIP Service whose backends are
-//! spread over both nodes (TCP and UDP), and a pod reaching a host outside the
-//! cluster with its source masqueraded. Everything it creates is removed at the end,
-//! on failure and on Ctrl-C.
+//! spread over both nodes (TCP and UDP), a pod reaching a host outside the cluster
+//! with its source masqueraded, the world reaching the Service through NodePorts and
+//! the load-balancer IP, and the in-cluster paths: a pod and a host process reaching
+//! the `kubernetes` Service (its endpoint: an API server on a node's own address),
+//! balanced at their sockets, and a node reaching the other node's pods. Everything it
+//! creates is removed at the end, on failure and on Ctrl-C.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -37,6 +40,10 @@ const PODS: [(&str, usize, [u8; 4]); 5] = [
     ("web-3", 1, [10, 244, 1, 12]),
 ];
 const BACKENDS: [&str; 3] = ["web-1", "web-2", "web-3"];
+/// The `kubernetes` Service and its endpoint, the API server on ferrite-demo-1's own
+/// address, as in examples/two-nodes.yaml.
+const KUBERNETES: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+const API_SERVER_PORT: u16 = 6443;
 const CLIENTS: [&str; 2] = ["client-a", "client-b"];
 
 fn main() -> Result<()> {
@@ -79,6 +86,65 @@ fn indent(text: &str) {
     }
 }
 
+/// Step 8: a pod's process and a host process reach the `kubernetes` Service (its
+/// endpoint is the API server on node 1's own address, host network), balanced when
+/// they connect; node 1 reaches a pod of node 2 through its overlay address.
+fn in_cluster_paths(cluster: &Cluster, api_server: SocketAddrV4) -> Result<()> {
+    println!(
+        "[8/8] in-cluster paths: the `kubernetes` Service {KUBERNETES} -> the API server on {api_server} (host network of {})\n",
+        NODES[0]
+    );
+    println!(
+        "      {:<44} {:<16} {:<20} {:<22}",
+        "CLIENT", "ANSWERED BY", "SAW THE CALLER AS", "PEER (getpeername)"
+    );
+    let node_2 = &cluster.nodes[1];
+    let clients = [
+        (
+            format!("pod client-b on {}", NODES[1]),
+            cluster.pod("client-b").probe(),
+            KUBERNETES,
+        ),
+        (
+            format!("host process on {}", NODES[1]),
+            node_2.host_probe(),
+            KUBERNETES,
+        ),
+        (
+            format!("host process on {}", NODES[0]),
+            cluster.nodes[0].host_probe(),
+            KUBERNETES,
+        ),
+        (
+            format!("host process on {} -> pod web-2", NODES[0]),
+            cluster.nodes[0].host_probe(),
+            SocketAddrV4::new(cluster.pod("web-2").ip, TCP_TARGET),
+        ),
+    ];
+    for (who, probe, to) in clients {
+        let request = format!("{who} -> {to}");
+        let outcome = probe.tcp(to, &request)?;
+        let (server, seen_as) = parse_answer(outcome.answer()?, &request)?;
+        println!(
+            "      {who:<44} {server:<16} {seen_as:<20} {:<22}",
+            outcome.from.as_deref().unwrap_or("?")
+        );
+        if outcome.from.as_deref() != Some(to.to_string().as_str()) {
+            bail!(
+                "{request}: the socket's peer is {:?}, not {to}",
+                outcome.from
+            );
+        }
+    }
+    let counters = node_2.maps()?.counters()?;
+    println!(
+        "      (balanced at connect(): {} translations on {}; the node reaches other nodes' pods from its overlay address)\n",
+        counters[ferrite_common::stat::SOCK_TRANSLATED as usize].packets,
+        NODES[1]
+    );
+    Ok(())
+}
+
 fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-nodes.yaml");
     let config = config.canonicalize().context("examples/two-nodes.yaml")?;
@@ -89,7 +155,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let mut cluster = Cluster::named(UNDERLAY, WORLD, &names)?;
     for node in &cluster.nodes {
         println!(
-            "[1/7] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
+            "[1/8] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
             node.name,
             node.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             node.pin_dir().display()
@@ -99,7 +165,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         cluster.nodes[node].add_pod(name, Ipv4Addr::from(ip))?;
     }
     println!(
-        "[2/7] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
+        "[2/8] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
         PODS.map(|(n, node, ip)| format!("{n} {} on {}", Ipv4Addr::from(ip), NODES[node]))
             .join(", ")
     );
@@ -113,6 +179,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         "world",
         SocketAddrV4::new(WORLD_IP, 7000),
     )?);
+    let api_server = SocketAddrV4::new(cluster.nodes[0].ip.context("plugged")?, API_SERVER_PORT);
+    servers.push(Server::start(
+        &cluster.nodes[0].netns,
+        "api-server",
+        api_server,
+    )?);
     check(interrupted)?;
 
     for node in &mut cluster.nodes {
@@ -124,7 +196,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })?;
     }
     println!(
-        "[3/7] agents running on {}: synced (routes to both nodes)\n",
+        "[3/8] agents running on {}: synced (routes to both nodes)\n",
         config.display()
     );
     check(interrupted)?;
@@ -134,12 +206,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(web_2.ip, TCP_TARGET), request)?;
     let (server, seen) = parse_answer(&reply, request)?;
     println!(
-        "[4/7] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
+        "[4/8] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
         client_a.ip, web_2.ip
     );
 
     println!(
-        "[5/7] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
+        "[5/8] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
         CLIENTS.len()
     );
     let mut seen: BTreeMap<&str, (usize, usize)> = BACKENDS.iter().map(|n| (*n, (0, 0))).collect();
@@ -188,7 +260,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(WORLD_IP, 7000), request)?;
     let (_, seen_as) = parse_answer(&reply, request)?;
     println!(
-        "[6/7] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
+        "[6/8] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
         NODES[0]
     );
 
@@ -218,7 +290,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })
         .collect();
     frontends.push(("LoadBalancer IP".into(), SocketAddrV4::new(LB_IP, 80)));
-    println!("[7/7] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
+    println!("[7/8] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
     println!(
         "      {:<28} {:<20} {:<34} {:<16}",
         "FRONTEND", "ADDRESS", "ANSWERED BY (10 connections)", "CLIENT SEEN AS"
@@ -244,6 +316,9 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         );
     }
     println!("      (a backend on the receiving node sees the client; one on the other node sees the receiving node, which SNATs so the reply returns through it)\n");
+
+    in_cluster_paths(&cluster, api_server)?;
+    check(interrupted)?;
 
     let node = &cluster.nodes[0];
     println!("      ferrite inspect --node {} services:", node.name);

@@ -1,0 +1,170 @@
+//! Socket-level load balancing (Cilium's socket LB, Calico's connect-time LB):
+//! cgroup/sock_addr programs on the node's cgroup subtree, so they serve the sockets
+//! of its pods and host processes alike, whatever their network namespace. A TCP
+//! `connect()` or an unconnected UDP `sendmsg()` to a Service frontend is rewritten
+//! to a backend before any packet exists, so the flow's packets carry the backend's
+//! address from the start: no per-packet NAT, no conntrack, no reverse NAT.
+//! - Frontends: every Service address the node's maps hold (ClusterIP, LoadBalancer
+//!   IPs, externalIPs, this node's NodePorts), and any other node's address at a
+//!   nodePort, which is served like this node's (as Cilium does inside the cluster).
+//! - Backends are chosen as the per-packet path chooses (`lb::choose`: same slots,
+//!   session affinity, the agent's traffic-policy and terminating-endpoint rules),
+//!   hashed over the socket cookie; affinity is keyed by the client's network
+//!   namespace (a socket has no source address yet).
+//! - No ready backend: the call fails with ECONNREFUSED (`sock_refused`).
+//! - The socket remembers the Service address per backend (`ferrite_sockrev`, by
+//!   socket cookie): `recvmsg` and `getpeername` show the Service, as the client
+//!   expects (unconnected UDP: DNS answers come from the Service address).
+//! - Connected UDP is left to the per-packet path: its conntrack entries move it to
+//!   another backend when its backend leaves, which a socket rewritten at `connect()`
+//!   could not do without destroying it.
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use ferrite_common::{
+    stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue, AFFINITY_CLIENT_NETNS,
+    PROTO_TCP, PROTO_UDP, ROUTE_NODE,
+};
+
+use crate::{
+    lb::{self, Selection},
+    maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT},
+    stats::{count, count_lb},
+};
+
+const AF_INET: u32 = 2;
+const ECONNREFUSED: i32 = 111;
+/// What cgroup/sock_addr programs return: go on with the call, or fail it.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// The address a socket call names (raw network-order address, host-order port).
+struct Request {
+    address: u32,
+    port: u16,
+    proto: u8,
+}
+
+#[inline(always)]
+fn request(ctx: &SockAddrContext) -> Option<Request> {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.user_family != AF_INET {
+        return None;
+    }
+    Some(Request {
+        address: sa.user_ip4,
+        port: u16::from_be(sa.user_port as u16),
+        proto: sa.protocol as u8,
+    })
+}
+
+/// The frontend a socket asks for: its master key and entry.
+#[inline(always)]
+fn frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
+    let key = lb::frontend_key(req.address, req.port, req.proto, 0);
+    if let Some(svc) = unsafe { SERVICES.get(key) } {
+        return Some((key, *svc));
+    }
+    // Another node's address at a nodePort: this node's NodePort frontend serves it.
+    let node_ip = CONFIG.get(0)?.node_ip;
+    let route = ROUTES.get(&route_key(req.address))?;
+    if route.flags & ROUTE_NODE == 0 || route.node_ip != req.address.to_ne_bytes() {
+        return None;
+    }
+    let key = lb::frontend_key(u32::from_ne_bytes(node_ip), req.port, req.proto, 0);
+    let svc = unsafe { SERVICES.get(key) }?;
+    (svc.flags & svc_flag::NODE_PORT != 0).then_some((key, *svc))
+}
+
+/// Rewrite the call's address to a backend of the frontend it names.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
+    let Some((master, svc)) = frontend(req) else {
+        return ALLOW;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The namespace cookie only matters (and is only read) for affinity.
+    let netns = if svc.affinity_timeout_s != 0 {
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
+    let selection = Selection {
+        master,
+        hash: lb::mix(cookie as u32 ^ (cookie >> 32) as u32),
+        client_kind: AFFINITY_CLIENT_NETNS,
+        client: (netns as u32).to_ne_bytes(),
+    };
+    let Some(chosen) = lb::choose(&selection, &svc, false) else {
+        count(stat::SOCK_REFUSED, 0);
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    };
+    let rev_key = SockRevKey {
+        cookie,
+        address: chosen.backend.address,
+        port: chosen.backend.port,
+        _pad: 0,
+    };
+    let rev = SockRevValue {
+        address: req.address.to_ne_bytes(),
+        port: req.port,
+        rev_nat_index: svc.rev_nat_index,
+    };
+    // A UDP socket sends many datagrams: write only what changed.
+    if unsafe { SOCK_REV_NAT.get(rev_key) }.is_none_or(|known| *known != rev) {
+        // Best effort: without it, answers show the backend's address.
+        let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
+    }
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = chosen.address();
+        (*ctx.sock_addr).user_port = chosen.backend.port.to_be() as u32;
+    }
+    count(stat::SOCK_TRANSLATED, 0);
+    count_lb(svc.rev_nat_index, chosen.id, 0);
+    ALLOW
+}
+
+/// cgroup/connect4: TCP connects (connected UDP is left to the per-packet path).
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    match request(ctx) {
+        Some(req) if req.proto == PROTO_TCP => translate(ctx, &req),
+        _ => ALLOW,
+    }
+}
+
+/// cgroup/sendmsg4: unconnected UDP sends with a destination address.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    match request(ctx) {
+        Some(req) if req.proto == PROTO_UDP => translate(ctx, &req),
+        _ => ALLOW,
+    }
+}
+
+/// cgroup/recvmsg4 and getpeername4: a backend's address the socket was translated
+/// to reads as the Service address it asked for.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.user_family != AF_INET {
+        return ALLOW;
+    }
+    let key = SockRevKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        address: sa.user_ip4.to_ne_bytes(),
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+    };
+    if let Some(rev) = unsafe { SOCK_REV_NAT.get(key) } {
+        let (address, port) = (u32::from_ne_bytes(rev.address), rev.port);
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = address;
+            (*ctx.sock_addr).user_port = port.to_be() as u32;
+        }
+    }
+    ALLOW
+}
