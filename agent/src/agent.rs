@@ -72,6 +72,7 @@ impl AgentOptions {
             map_names::AFFINITY => capacity::AFFINITY,
             map_names::SOURCE_RANGES => capacity::SOURCE_RANGES,
             map_names::FRAGMENTS => capacity::FRAGMENTS,
+            map_names::SOCK_REV_NAT => capacity::SOCK_REV_NAT,
             _ => 0,
         }
     }

@@ -87,7 +87,7 @@ fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
         .split_once('=')
         .ok_or("expected MAP=ENTRIES, e.g. ferrite_service=524288")?;
     use ferrite_common::map_names;
-    if !map_names::ALL.contains(&name) || [map_names::STATS, map_names::CONFIG].contains(&name) {
+    if !map_names::ALL.contains(&name) || map_names::UNSIZED.contains(&name) {
         return Err(format!(
             "{name:?} is not a sized map (maps: {})",
             map_names::ALL.join(", ")

@@ -1027,6 +1027,7 @@ pub fn describe_service_key(key: &ServiceKey) -> String {
 mod tests {
     use super::*;
     use crate::model::LocalPod;
+    use ferrite_common::PROTO_TCP;
     use std::net::Ipv4Addr;
 
     fn tcp(ip: &str, port: u16) -> L4Addr {
@@ -1086,6 +1087,61 @@ mod tests {
             apply(current, std::slice::from_ref(op));
             assert_consistent(current);
         }
+    }
+
+    #[test]
+    fn terminating_backends_keep_slots_after_count_which_new_flows_never_pick() {
+        let vip = tcp("10.96.0.10", 80);
+        let (ready, terminating) = (tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080));
+        let mut s = state(&[(vip, &[ready])]);
+        s.services.get_mut(&vip).unwrap().terminating = vec![terminating];
+        let (desired, _) = plan(&s, &MapContents::default());
+        let key = |slot| ServiceKey::new(vip.ip, 80, PROTO_TCP, slot);
+        assert_eq!(
+            desired.services[&key(0)].count,
+            1,
+            "new flows pick slot 1 only"
+        );
+        let backend_of = |slot| desired.backends[&desired.services[&key(slot)].backend_id];
+        assert_eq!(backend_of(1).address, ready.ip.octets());
+        assert_eq!(backend_of(2).address, terminating.ip.octets());
+        assert_eq!(desired.services.len(), 3);
+    }
+
+    #[test]
+    fn a_backend_leaving_one_service_ends_that_pair_only_and_terminating_ends_none() {
+        let (one, two) = (tcp("10.96.0.1", 80), tcp("10.96.0.2", 80));
+        let (a, b) = (tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080));
+        let (before, _) = plan(&state(&[(one, &[a]), (two, &[a])]), &MapContents::default());
+        let rev_nat = |maps: &MapContents, vip: &L4Addr| {
+            maps.services[&ServiceKey::new(vip.ip, 80, PROTO_TCP, 0)].rev_nat_index
+        };
+        let id_of = |maps: &MapContents, backend: &L4Addr| {
+            *maps
+                .backends
+                .iter()
+                .find(|(_, v)| v.address == backend.ip.octets())
+                .unwrap()
+                .0
+        };
+        // `one` moves from a to b; a lives on behind `two`.
+        let (_, ops) = plan(&state(&[(one, &[b]), (two, &[a])]), &before);
+        assert!(removed_backends(&ops).is_empty(), "a still backs two");
+        assert_eq!(
+            ended_pairs(&before, &ops),
+            BTreeSet::from([(rev_nat(&before, &one), id_of(&before, &a))])
+        );
+        // a turning terminating in `one` ends nothing: its flows finish there.
+        let mut draining = state(&[(one, &[b]), (two, &[a])]);
+        draining.services.get_mut(&one).unwrap().terminating = vec![a];
+        let (_, ops) = plan(&draining, &before);
+        assert!(ended_pairs(&before, &ops).is_empty(), "{ops:?}");
+        // `one` removed: every pair of it ends.
+        let (_, ops) = plan(&state(&[(two, &[a])]), &before);
+        assert_eq!(
+            ended_pairs(&before, &ops),
+            BTreeSet::from([(rev_nat(&before, &one), id_of(&before, &a))])
+        );
     }
 
     #[test]

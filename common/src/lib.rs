@@ -29,7 +29,8 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "ferrite_srcrng";
     pub const FRAGMENTS: &str = "ferrite_frags";
     pub const SOCK_REV_NAT: &str = "ferrite_sockrev";
-    pub const ALL: [&str; 14] = [
+    pub const SOCK_SERVICE: &str = "ferrite_sk_svc";
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -44,7 +45,11 @@ pub mod map_names {
         SOURCE_RANGES,
         FRAGMENTS,
         SOCK_REV_NAT,
+        SOCK_SERVICE,
     ];
+    /// Maps without a capacity of their own: per-CPU counters, the one config entry,
+    /// and per-socket storage (as many entries as sockets).
+    pub const UNSIZED: [&str; 3] = [STATS, CONFIG, SOCK_SERVICE];
 }
 
 /// Program names in the object file.
@@ -248,6 +253,22 @@ pub struct FragmentKey {
 pub struct FragmentPorts {
     pub sport: u16,
     pub dport: u16,
+}
+
+/// Value of the socket storage `ferrite_sk_svc`: the Service a TCP socket connected to
+/// and the backend it was given (getpeername shows the former while the socket is
+/// connected to the latter). Freed with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockService {
+    pub frontend_address: [u8; 4],
+    /// Host order.
+    pub frontend_port: u16,
+    pub rev_nat_index: u16,
+    pub backend_address: [u8; 4],
+    /// Host order.
+    pub backend_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of the LRU `ferrite_sockrev`: one backend a socket was translated to.
@@ -608,6 +629,7 @@ mod pod_impls {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockService {}
 }
 
 #[cfg(test)]
@@ -629,6 +651,7 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 32);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
+        assert_eq!(size_of::<SockService>(), 16);
         assert_eq!(size_of::<RouteInfo>(), 12);
         assert_eq!(size_of::<LbStatKey>(), 8);
         assert_eq!(size_of::<MaglevTable>(), 8 + 2 * MAGLEV_TABLE_SIZE + 6);

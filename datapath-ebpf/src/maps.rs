@@ -2,13 +2,16 @@
 //! agent pins them under /sys/fs/bpf/ferrite/<node>/ and sizes them at load time.
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        SkStorage,
+    },
     macros::btf_map,
 };
 use ferrite_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
     EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, NodeConfig, RevNatValue,
-    RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
+    RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -62,6 +65,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES 
 #[btf_map(name = "ferrite_sockrev")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REV_NAT as usize }> =
     LruHashMap::new();
+
+/// The Service of each TCP socket translated at connect (per-socket storage: no
+/// global table to fill or evict, gone with the socket).
+#[btf_map(name = "ferrite_sk_svc")]
+pub static SOCK_SERVICE: SkStorage<SockService> = SkStorage::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -12,9 +12,12 @@
 //!   hashed over the socket cookie; affinity is keyed by the client's network
 //!   namespace (a socket has no source address yet).
 //! - No ready backend: the call fails with ECONNREFUSED (`sock_refused`).
-//! - The socket remembers the Service address per backend (`ferrite_sockrev`, by
-//!   socket cookie): `recvmsg` and `getpeername` show the Service, as the client
-//!   expects (unconnected UDP: DNS answers come from the Service address).
+//! - The socket remembers the Service address: a TCP socket in its own storage
+//!   (`ferrite_sk_svc`, freed with it), an unconnected UDP socket, which may send to
+//!   several Services, per backend by socket cookie (`ferrite_sockrev`, LRU):
+//!   `getpeername` and `recvmsg` show the Service, as the client expects (DNS answers
+//!   come from the Service address). A global map insert per TCP connect cost ~5 % of
+//!   the connection rate; socket storage costs nothing measurable.
 //! - Connected UDP is left to the per-packet path: its conntrack entries move it to
 //!   another backend when its backend leaves, which a socket rewritten at `connect()`
 //!   could not do without destroying it.
@@ -24,13 +27,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ferrite_common::{
-    stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue, AFFINITY_CLIENT_NETNS,
-    PROTO_TCP, PROTO_UDP, ROUTE_NODE,
+    stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
+    AFFINITY_CLIENT_NETNS, PROTO_TCP, PROTO_UDP, ROUTE_NODE,
 };
 
 use crate::{
     lb::{self, Selection},
-    maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT},
+    maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT, SOCK_SERVICE},
     stats::{count, count_lb},
 };
 
@@ -102,21 +105,37 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     };
-    let rev_key = SockRevKey {
-        cookie,
-        address: chosen.backend.address,
-        port: chosen.backend.port,
-        _pad: 0,
-    };
-    let rev = SockRevValue {
-        address: req.address.to_ne_bytes(),
-        port: req.port,
-        rev_nat_index: svc.rev_nat_index,
-    };
-    // A UDP socket sends many datagrams: write only what changed.
-    if unsafe { SOCK_REV_NAT.get(rev_key) }.is_none_or(|known| *known != rev) {
-        // Best effort: without it, answers show the backend's address.
-        let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
+    // Best effort: without it, answers and the peer show the backend's address.
+    if req.proto == PROTO_TCP {
+        let mut service = SockService {
+            frontend_address: req.address.to_ne_bytes(),
+            frontend_port: req.port,
+            rev_nat_index: svc.rev_nat_index,
+            backend_address: chosen.backend.address,
+            backend_port: chosen.backend.port,
+            _pad: 0,
+        };
+        let stored = unsafe { SOCK_SERVICE.get_or_insert_ptr_mut(ctx, Some(&mut service)) };
+        if !stored.is_null() {
+            // A socket connecting again (after a failed connect) replaces it.
+            unsafe { *stored = service };
+        }
+    } else {
+        let rev_key = SockRevKey {
+            cookie,
+            address: chosen.backend.address,
+            port: chosen.backend.port,
+            _pad: 0,
+        };
+        let rev = SockRevValue {
+            address: req.address.to_ne_bytes(),
+            port: req.port,
+            rev_nat_index: svc.rev_nat_index,
+        };
+        // A UDP socket sends many datagrams: write only what changed.
+        if unsafe { SOCK_REV_NAT.get(rev_key) }.is_none_or(|known| *known != rev) {
+            let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
+        }
     }
     unsafe {
         (*ctx.sock_addr).user_ip4 = chosen.address();
@@ -153,16 +172,27 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     if sa.user_family != AF_INET {
         return ALLOW;
     }
-    let key = SockRevKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        address: sa.user_ip4.to_ne_bytes(),
-        port: u16::from_be(sa.user_port as u16),
-        _pad: 0,
+    let (address, port) = (sa.user_ip4.to_ne_bytes(), u16::from_be(sa.user_port as u16));
+    let frontend = if sa.protocol == PROTO_TCP as u32 {
+        let service = unsafe { SOCK_SERVICE.get_ptr_mut(ctx) };
+        if service.is_null() {
+            return ALLOW;
+        }
+        let service = unsafe { *service };
+        (service.backend_address == address && service.backend_port == port)
+            .then_some((service.frontend_address, service.frontend_port))
+    } else {
+        let key = SockRevKey {
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            address,
+            port,
+            _pad: 0,
+        };
+        unsafe { SOCK_REV_NAT.get(key) }.map(|rev| (rev.address, rev.port))
     };
-    if let Some(rev) = unsafe { SOCK_REV_NAT.get(key) } {
-        let (address, port) = (u32::from_ne_bytes(rev.address), rev.port);
+    if let Some((address, port)) = frontend {
         unsafe {
-            (*ctx.sock_addr).user_ip4 = address;
+            (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(address);
             (*ctx.sock_addr).user_port = port.to_be() as u32;
         }
     }

@@ -263,6 +263,24 @@ impl Probe {
         serde_json::from_slice(&out.stdout).context("ferrite-probe output")
     }
 
+    /// Run another client program (wrk, iperf3) where this probe runs; its output.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .command()
+            .arg("exec")
+            .args(args)
+            .output()
+            .context("running ferrite-probe exec")?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// One TCP connection, one request line.
     pub fn tcp(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
         self.run(&["tcp", &to.to_string(), message])

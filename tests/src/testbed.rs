@@ -39,8 +39,10 @@ impl Testbed {
         let mut ebpf = Ebpf::load_file(bpf_object()).context("loading the eBPF object")?;
         for name in [
             program_names::FROM_POD,
+            program_names::TO_POD,
             program_names::FROM_OVERLAY,
             program_names::FROM_UPLINK,
+            program_names::FROM_HOST,
             program_names::NOOP,
         ] {
             let program: &mut SchedClassifier =

@@ -1,7 +1,8 @@
 //! Issue #7, item 7: 1,000,000 random and mutated frames through the datapath's
 //! programs with BPF_PROG_TEST_RUN, each verdict compared with a reference model of
 //! the documented rules written here, independently of the datapath's code (see
-//! `datapath-ebpf/src/headers.rs` and `external.rs` for the rules). Truncated
+//! `datapath-ebpf/src/headers.rs`, `external.rs`, `host.rs` and `to_pod.rs` for the
+//! rules). Truncated
 //! headers, bad IHL, IP options, fragments, wrong checksums, zero-length L4, other
 //! protocols and EtherTypes, VXLAN datagrams, DF packets over the pod MTU. Also
 //! checks that what is passed or dropped leaves unchanged, and that no fragment is
@@ -25,6 +26,8 @@ const FROM_POD_FRAMES: usize = 540_000;
 const FROM_WORLD_FRAMES: usize = 300_000;
 const FROM_UPLINK_FRAMES: usize = 200_000;
 const FROM_OVERLAY_FRAMES: usize = 50_000;
+const FROM_HOST_FRAMES: usize = 150_000;
+const TO_POD_FRAMES: usize = 60_000;
 const SEED: u64 = 0x5eed_f00d;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
@@ -163,14 +166,7 @@ fn model_from_pod(frame: &[u8], fragments: &mut Fragments) -> (Expected, Vec<u32
     }
     if let Some((_, dport)) = h.ports {
         // Pods reach every frontend in the maps, a NodePort on this node's IP too.
-        let service = match (h.daddr, dport, h.proto) {
-            (VIP, 80, PROTO_TCP) | (VIP, 53, PROTO_UDP) => Some(true),
-            (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Some(true),
-            (EMPTY_VIP, 80, PROTO_TCP) => Some(false),
-            (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => Some(false),
-            _ => None,
-        };
-        match service {
+        match service(&h, dport) {
             Some(true) => return (Expected::Deliver { translated: true }, counters),
             // A later fragment has no L4 header to quote: dropped, its first one
             // was answered.
@@ -235,6 +231,40 @@ fn model_from_uplink(frame: &[u8], fragments: &mut Fragments) -> Expected {
     }
 }
 
+/// `ferrite_from_host` at an egress hook (BPF_PROG_TEST_RUN runs it as on `lo`, where
+/// every source is the node's own): a new flow to a frontend is translated and sent to
+/// its backend; without backends it is answered with ICMP port unreachable handed to
+/// the stack (a later fragment of it is dropped); the overlay's datagrams (the node's
+/// VXLAN port, 0 in the test bed) and everything else pass.
+fn model_from_host(frame: &[u8], fragments: &mut Fragments) -> Expected {
+    let Ok(h) = parse(frame, fragments) else {
+        return Expected::Pass(None);
+    };
+    let Some((_, dport)) = h.ports else {
+        return Expected::Pass(None);
+    };
+    if h.proto == PROTO_UDP && dport == 0 {
+        return Expected::Pass(None);
+    }
+    match service(&h, dport) {
+        Some(true) => Expected::Deliver { translated: true },
+        Some(false) if h.later_fragment => Expected::Drop(stat::DROP_NO_BACKEND),
+        Some(false) => Expected::Rejected,
+        None => Expected::Pass(None),
+    }
+}
+
+/// Whether `h` is addressed to a frontend, with backends (`true`) or without.
+fn service(h: &Parsed, dport: u16) -> Option<bool> {
+    match (h.daddr, dport, h.proto) {
+        (VIP, 80, PROTO_TCP) | (VIP, 53, PROTO_UDP) => Some(true),
+        (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Some(true),
+        (EMPTY_VIP, 80, PROTO_TCP) => Some(false),
+        (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => Some(false),
+        _ => None,
+    }
+}
+
 /// An ICMP "destination unreachable" with `code` answering `frame`: back to its
 /// sender, quoting its first 28 IP bytes, with `mtu` as next-hop MTU (checksums are
 /// checked byte for byte in external_packets and datapath_packets).
@@ -242,6 +272,12 @@ fn is_unreachable_for(out: &[u8], frame: &[u8], code: u8, mtu: usize) -> bool {
     out.len() == 14 + 56
         && out[..6] == frame[6..12]
         && out[6..12] == frame[..6]
+        && is_unreachable_ip_for(out, frame, code, mtu)
+}
+
+/// The same, MACs aside (an answer handed to the node's stack on `lo` has none).
+fn is_unreachable_ip_for(out: &[u8], frame: &[u8], code: u8, mtu: usize) -> bool {
+    out.len() == 14 + 56
         && out[14 + 9] == 1
         && out[14 + 12..14 + 16] == frame[14 + 16..14 + 20]
         && out[14 + 16..14 + 20] == frame[14 + 12..14 + 16]
@@ -624,6 +660,70 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         mismatches.push("from_overlay drop_internal count differs".into());
     }
     ran += overlay_ran as usize;
+
+    let bed = testbed()?;
+    let mut host_fragments = Fragments::new();
+    let (mut rejected, mut host_dropped) = (0, 0);
+    for i in 0..FROM_HOST_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let Ok((out, _)) = bed.run_program(program_names::FROM_HOST, &frame, 1) else {
+            assert!(too_short_for_test_run(&frame), "from_host #{i} refused");
+            continue;
+        };
+        ran += 1;
+        let expected = model_from_host(&frame, &mut host_fragments);
+        *kinds.entry(format!("from_host {expected:?}")).or_default() += 1;
+        let ok = match expected {
+            // A reply of a flow it translated gets its source translated back; the
+            // destination never changes.
+            Expected::Pass(_) => {
+                out.verdict == TC_ACT_OK
+                    && out.frame.len() == frame.len()
+                    && (out.frame.len() < 34 || out.frame[30..34] == frame[30..34])
+            }
+            Expected::Drop(_) => {
+                host_dropped += 1;
+                out.verdict == TC_ACT_SHOT && out.frame == frame
+            }
+            Expected::Rejected => {
+                rejected += 1;
+                out.verdict == TC_ACT_REDIRECT && is_unreachable_ip_for(&out.frame, &frame, 3, 0)
+            }
+            Expected::Deliver { .. } => {
+                out.verdict == TC_ACT_REDIRECT
+                    && out.frame.len() == frame.len()
+                    && destination(&out.frame).is_some_and(|(ip, port)| {
+                        BACKENDS.contains(&ip) && port.is_none_or(|p| [8080, 5353].contains(&p))
+                    })
+            }
+            Expected::Translated | Expected::FragNeeded => unreachable!("not from_host"),
+        };
+        if !ok && mismatches.len() < 50 {
+            mismatches.push(format!(
+                "from_host #{i} {expected:?} got {} {:02x?}",
+                out.verdict, frame
+            ));
+        }
+    }
+    if bed.counter(stat::SERVICE_REJECTED)? != rejected
+        || bed.counter(stat::DROP_NO_BACKEND)? != host_dropped
+    {
+        mismatches.push("from_host service_rejected or drop_no_backend count differs".into());
+    }
+    // What the stack delivers to a pod passes, whatever it holds (only replies of
+    // flows conntrack knows are translated, and a fresh bed knows none).
+    let bed = testbed()?;
+    for i in 0..TO_POD_FRAMES {
+        let frame = mutate(&mut rng, &seeds);
+        let Ok((out, _)) = bed.run_program(program_names::TO_POD, &frame, 1) else {
+            assert!(too_short_for_test_run(&frame), "to_pod #{i} refused");
+            continue;
+        };
+        ran += 1;
+        if (out.verdict, &out.frame) != (TC_ACT_OK, &frame) && mismatches.len() < 60 {
+            mismatches.push(format!("to_pod #{i} got {} {:02x?}", out.verdict, frame));
+        }
+    }
     eprintln!("{ran} frames ran through the programs");
     assert!(ran >= 1_000_000, "only {ran} frames ran");
     eprintln!("frames by expected verdict: {kinds:#?}\n{refused} frames too short for their IPv4/IPv6 header refused by BPF_PROG_TEST_RUN's skb setup");
@@ -642,6 +742,10 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         "from_world Translated",
         "from_world Drop(20)",
         "from_uplink FragNeeded",
+        "from_host Rejected",
+        "from_host Deliver { translated: true }",
+        "from_host Drop(8)",
+        "from_host Pass(None)",
     ] {
         assert!(
             kinds.get(rule).copied().unwrap_or(0) > 100,

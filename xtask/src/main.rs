@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     // portmap/bandwidth/tuning: the CNI chaining tests.
     "containernetworking-plugins",
+    // HTTP connection rates in `cargo xtask bench clusterip`.
+    "wrk",
 ];
 /// PyPI packages the tests use: the manifest schema validator.
 const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
@@ -63,7 +65,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks, each side by side with its baseline: datapath (BPF_PROG_TEST_RUN vs
-    /// a no-op program), overlay (vs flannel-style), control-plane (vs iptables-restore).
+    /// a no-op program), overlay (vs flannel-style), control-plane (vs iptables-restore),
+    /// nodeport (vs kube-proxy iptables), clusterip (vs direct and kube-proxy's
+    /// iptables and nftables layouts).
     Bench {
         /// Sections to run (datapath, overlay, control-plane); all by default.
         sections: Vec<String>,

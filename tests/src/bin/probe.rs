@@ -12,6 +12,8 @@
 //! ferrite-probe --cgroup DIR --netns PATH hold ADDR   # TCP; one request per stdin line
 //! ```
 //! `--bind PORT` makes UDP sockets send from that port (a client with a fixed port).
+//! `ferrite-probe --cgroup DIR --netns PATH exec PROGRAM ARGS...` runs another client
+//! (wrk, iperf3) there instead.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
@@ -186,6 +188,11 @@ fn main() -> Result<()> {
         Some("udp") => print(&udp(address(1)?, &message, false, port)),
         Some("udp-connected") => print(&udp(address(1)?, &message, true, port)),
         Some("hold") => hold(address(1)?),
-        other => bail!("unknown command {other:?} (tcp, udp, udp-connected, hold)"),
+        Some("exec") => {
+            use std::os::unix::process::CommandExt;
+            let program = rest.get(1).context("exec: a program")?;
+            Err(std::process::Command::new(program).args(&rest[2..]).exec()).context("exec")
+        }
+        other => bail!("unknown command {other:?} (tcp, udp, udp-connected, hold, exec)"),
     }
 }

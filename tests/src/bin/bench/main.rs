@@ -13,6 +13,8 @@
 //!   busy node. The kernel's per-run time includes its timer, equally for both programs.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+mod clusterip;
+
 use anyhow::Result;
 use ferrite_common::{program_names, PROTO_TCP};
 use ferrite_tests::{frames, testbed::Testbed};
@@ -56,7 +58,8 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|overlay|control-plane|nodeport]...`: the sections to run (all by default).
+/// `ferrite-bench [datapath|overlay|control-plane|nodeport|clusterip]...`: the sections to
+/// run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
     let run = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
@@ -71,6 +74,9 @@ fn main() -> Result<()> {
     }
     if run("nodeport") {
         nodeport_bench()?;
+    }
+    if run("clusterip") {
+        clusterip::bench()?;
     }
     Ok(())
 }
