@@ -51,6 +51,8 @@ pub struct AgentOptions {
     /// The cgroup v2 directory whose processes (pods and host processes alike) get
     /// socket-level load balancing; `None`: the cgroup v2 mount.
     pub cgroup_root: Option<PathBuf>,
+    /// Whether the uplink gets the XDP program.
+    pub uplink_xdp: plan::UplinkXdp,
 }
 
 impl AgentOptions {
@@ -157,6 +159,8 @@ impl NodeAgent {
                 node: options.node.clone(),
                 vni: options.vni,
                 vxlan_port: options.vxlan_port,
+                uplink_xdp: options.uplink_xdp,
+                external_in_tc: false,
                 capacities: plan::Capacities {
                     services: options.capacity(ferrite_common::map_names::SERVICES) as usize,
                     backends: options.capacity(ferrite_common::map_names::BACKENDS) as usize,
@@ -489,6 +493,7 @@ fn attach_programs(
     state: &model::DesiredState,
     interfaces: &BTreeMap<String, plan::Interface>,
     uplink: Option<&str>,
+    use_xdp: bool,
 ) -> Result<BTreeSet<Attachment>> {
     let mut wanted: BTreeMap<Attachment, (&str, TcAttachType)> = BTreeMap::new();
     for pod in state.pods.values() {
@@ -528,13 +533,19 @@ fn attach_programs(
     }
     let mut wanted: BTreeSet<Attachment> = wanted.into_keys().collect();
     if let Some(uplink) = uplink {
-        if datapath.ensure_xdp_attached(uplink)? {
+        let xdp = Attachment::Xdp(uplink.into());
+        if use_xdp {
+            if datapath.ensure_xdp_attached(uplink)? {
+                info!(interface = uplink, "attached XDP program for external traffic");
+            }
+            wanted.insert(xdp);
+        } else if datapath.attached()?.contains(&xdp) {
+            datapath.detach(&xdp)?;
             info!(
                 interface = uplink,
-                "attached XDP program for external traffic"
+                "XDP detached: external traffic is balanced at the uplink's tcx ingress"
             );
         }
-        wanted.insert(Attachment::Xdp(uplink.into()));
     }
     Ok(wanted)
 }
@@ -631,6 +642,11 @@ pub fn pending_writes(
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
     let (state, mut skipped) = model::build(objects, &settings.node);
     let current = maps.contents()?;
+    // Where the uplink balances external traffic is the running agent's decision.
+    let settings = &plan::NodeSettings {
+        external_in_tc: current.config.flags & ferrite_common::config_flag::EXTERNAL_IN_TC != 0,
+        ..settings.clone()
+    };
     let (desired, more) =
         plan::desired_contents(&state, &datapath::interfaces()?, &current, settings);
     skipped.extend(more);
@@ -675,7 +691,14 @@ pub fn reconcile(
             vxlan.mtu = overlay_mtu;
         }
     }
-    let wanted = attach_programs(datapath, &state, &interfaces, uplink.as_deref())?;
+    let use_xdp = uplink
+        .as_deref()
+        .is_some_and(|u| settings.uplink_xdp.wants_xdp(datapath::driver(u).as_deref()));
+    let settings = &plan::NodeSettings {
+        external_in_tc: !use_xdp,
+        ..settings.clone()
+    };
+    let wanted = attach_programs(datapath, &state, &interfaces, uplink.as_deref(), use_xdp)?;
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
         host.sync_overlay(&state, settings, vxlan.mac)?;
     }

@@ -819,6 +819,49 @@ fn interface_mtu(socket: &impl std::os::fd::AsRawFd, name: &str) -> Result<u32> 
     Ok(unsafe { request.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// The driver of interface `name` in the calling thread's network namespace
+/// (ETHTOOL_GDRVINFO), e.g. `veth`; `None` if the device does not say.
+pub fn driver(name: &str) -> Option<String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    nix::ioctl_readwrite_bad!(ethtool, nix::libc::SIOCETHTOOL, nix::libc::ifreq);
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    // SAFETY: plain old data; all zeroes is a valid value of both.
+    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    let name_room = request.ifr_name.len() - 1;
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(name_room)) {
+        *slot = byte as nix::libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&mut info as *mut DriverInfo).cast();
+    // SAFETY: the request names an interface and points at a drvinfo buffer.
+    unsafe { ethtool(socket.as_raw_fd(), &mut request) }.ok()?;
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// The interface of the current network namespace that has `address`, if any.
 pub fn interface_with_address(address: std::net::Ipv4Addr) -> Result<Option<String>> {
     for ifaddr in nix::ifaddrs::getifaddrs()? {

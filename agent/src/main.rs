@@ -60,6 +60,11 @@ enum Command {
         /// path given is used.
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// External traffic (NodePort, LoadBalancer IPs, externalIPs) in XDP on the
+        /// uplink: `auto` on every uplink but a veth (where XDP saves nothing and
+        /// costs GSO; its tcx program then balances it), `always`, `never`.
+        #[arg(long, value_enum, default_value_t)]
+        xdp: plan::UplinkXdp,
     },
     /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
     /// sync would make now (drift between the objects and the maps).
@@ -127,9 +132,11 @@ fn main() -> Result<()> {
             map_capacities,
             socket_lb,
             cgroup_root,
+            xdp,
         } => agent::run(&agent::AgentOptions {
             socket_lb,
             cgroup_root,
+            uplink_xdp: xdp,
             map_capacities: map_capacities.into_iter().collect(),
             http_addr: Some(http_addr),
             datapath_log,

@@ -77,6 +77,33 @@ pub struct NodeSettings {
     /// The overlay's UDP port.
     pub vxlan_port: u16,
     pub capacities: Capacities,
+    /// Where external traffic is balanced on the uplink (XDP or its tcx program).
+    pub uplink_xdp: UplinkXdp,
+    /// This sync's decision: the uplink runs no XDP program, its tcx ingress program
+    /// balances external traffic (`config_flag::EXTERNAL_IN_TC`).
+    pub external_in_tc: bool,
+}
+
+/// Whether the uplink gets the XDP program (`--xdp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UplinkXdp {
+    /// On every uplink but a veth: XDP on a veth saves nothing (the skb exists
+    /// already) and costs GSO (the veth's peer segments everything sent into it).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl UplinkXdp {
+    /// Whether an uplink driven by `driver` gets XDP.
+    pub fn wants_xdp(self, driver: Option<&str>) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => driver != Some("veth"),
+        }
+    }
 }
 
 impl Default for NodeSettings {
@@ -86,6 +113,8 @@ impl Default for NodeSettings {
             vni: DEFAULT_VNI,
             vxlan_port: ferrite_common::DEFAULT_VXLAN_PORT,
             capacities: Capacities::default(),
+            uplink_xdp: UplinkXdp::default(),
+            external_in_tc: false,
         }
     }
 }
@@ -488,7 +517,11 @@ pub fn desired_contents_keeping_ids(
     let this_node = state.nodes.get(&settings.node);
     out.config = NodeConfig {
         node_ip: this_node.map(|n| n.ip.octets()).unwrap_or_default(),
-        flags: 0,
+        flags: if settings.external_in_tc {
+            ferrite_common::config_flag::EXTERNAL_IN_TC
+        } else {
+            0
+        },
         vxlan_ifindex: interfaces.get(VXLAN_DEVICE).map(|i| i.ifindex).unwrap_or(0),
         vni: settings.vni,
         vtep_mac: this_node.map(|n| n.vtep_mac).unwrap_or_default(),

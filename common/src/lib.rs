@@ -580,12 +580,22 @@ pub mod stat {
     ];
 }
 
+/// `NodeConfig::flags`.
+pub mod config_flag {
+    /// No XDP program on the uplink: the uplink's tcx ingress program balances
+    /// external traffic itself (the XDP logic, run on the skb). A veth uplink
+    /// (kind-style nodes) gains nothing from XDP and loses GSO: its peer segments every
+    /// super-packet sent into an XDP veth.
+    pub const EXTERNAL_IN_TC: u32 = 1;
+}
+
 /// Value of `ferrite_config` (an array of one entry) - node-wide settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
     /// This node's IP on the node network (0 until its Node object is known).
     pub node_ip: [u8; 4],
+    /// `config_flag::*`.
     pub flags: u32,
     /// ifindex of `ferrite_vxlan` in the node's netns (0: no overlay yet).
     pub vxlan_ifindex: u32,

@@ -1,5 +1,6 @@
 //! Traffic from outside the cluster to NodePort, LoadBalancer and externalIP
-//! frontends, seen by XDP on the node's uplink before the stack. Rules:
+//! frontends, seen by XDP on the node's uplink before the stack (or, on an uplink
+//! without XDP, by the same logic at its tcx ingress). Rules:
 //! - anything that is not IPv4 TCP/UDP with ports, or not addressed to an external
 //!   frontend, passes untouched and uncounted (it is the node's own traffic: ARP,
 //!   IPv6, the overlay's VXLAN datagrams, SSH, fragments);
@@ -23,8 +24,8 @@
 //!   pod or through the overlay (XDP cannot attach tunnel metadata).
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use ferrite_common::{
-    stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    SOURCE_RANGE_FRONTEND_BITS,
+    config_flag, stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    PROTO_UDP, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::{
@@ -66,10 +67,16 @@ fn frag_needed_mtu(h: &Headers) -> Option<u16> {
     (svc.flags & svc_flag::EXTERNAL != 0 && admitted).then_some(mtu)
 }
 
+/// The overlay's own datagrams (to this node's VXLAN port): never external traffic.
+#[inline(always)]
+fn is_overlay(h: &Headers) -> bool {
+    h.proto == PROTO_UDP && CONFIG.get(0).is_some_and(|c| h.dport == c.vxlan_port)
+}
+
 #[inline(always)]
 pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
-        Parsed::Ipv4(h) if h.has_ports => h,
+        Parsed::Ipv4(h) if h.has_ports && !is_overlay(&h) => h,
         _ => return Ok(Verdict::Pass),
     };
     if frag_needed_mtu(&h).is_some() {
@@ -148,6 +155,16 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 /// with ICMP "fragmentation needed"; everything else goes on into the stack.
 #[inline(always)]
 pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    // Without XDP on this uplink, its logic runs here first (on the skb, whose
+    // checksum helpers also handle a local sender's CHECKSUM_PARTIAL packets).
+    let external_in_tc = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flag::EXTERNAL_IN_TC != 0);
+    if external_in_tc {
+        if let Verdict::Drop(reason) = from_world(pkt)? {
+            return Ok(Verdict::Drop(reason));
+        }
+    }
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         _ => return Ok(Verdict::Pass),
@@ -175,8 +192,7 @@ pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 /// helpers update correctly.)
 #[inline(always)]
 fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
-    let vxlan_port = CONFIG.get(0).map(|c| c.vxlan_port).unwrap_or(0);
-    if h.proto == ferrite_common::PROTO_UDP && h.dport == vxlan_port {
+    if is_overlay(h) {
         return Ok(());
     }
     if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {

@@ -154,6 +154,11 @@ impl Testbed {
         self.update_config(|config| config.node_ip = ip.octets())
     }
 
+    /// Node-wide flags (`config_flag`).
+    pub fn set_config_flags(&mut self, flags: u32) -> Result<()> {
+        self.update_config(|config| config.flags = flags)
+    }
+
     /// The largest packet pods take (`pod_mtu`; 0, the default here, means no limit).
     pub fn set_pod_mtu(&mut self, mtu: u16) -> Result<()> {
         self.update_config(|config| config.pod_mtu = mtu)

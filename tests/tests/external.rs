@@ -42,7 +42,15 @@ struct World {
 }
 
 fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
+    world_with(&[], service)
+}
+
+/// The world, with `agent_args` added to every agent's arguments.
+fn world_with(agent_args: &[&str], service: impl Fn(&Cluster) -> String) -> Result<World> {
     let mut cluster = Cluster::new(2)?;
+    for node in &mut cluster.nodes {
+        node.agent_args.extend(agent_args.iter().map(ToString::to_string));
+    }
     cluster.nodes[0].add_pod("a1", pod_ip(0, 1))?;
     cluster.nodes[1].add_pod("b0", pod_ip(1, 0))?;
     // A client pod that is no Service's backend.
@@ -145,10 +153,31 @@ fn counter(c: &Cluster, node: usize, index: u32) -> Result<u64> {
     Ok(c.nodes[node].maps()?.counters()?[index as usize].packets)
 }
 
+/// On the lab's veth uplinks the default (`--xdp auto`) balances at the uplink's tcx
+/// ingress: XDP on a veth saves nothing and costs GSO.
 #[test]
 fn nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
-    let env = world(|c| both_backends(c, ""))?;
+    external_frontends_reach_local_and_remote_backends(&[])
+}
+
+/// The same through XDP, as on a real NIC (`--xdp always`).
+#[test]
+fn with_xdp_nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
+    external_frontends_reach_local_and_remote_backends(&["--xdp", "always"])
+}
+
+fn external_frontends_reach_local_and_remote_backends(agent_args: &[&str]) -> Result<()> {
+    let env = world_with(agent_args, |c| both_backends(c, ""))?;
     let c = &env.cluster;
+    let xdp = !agent_args.is_empty();
+    for node in &c.nodes {
+        let on_uplink = ferrite_agent::datapath::attachments(&node.pin_dir())?
+            .contains(&ferrite_agent::datapath::Attachment::Xdp("ul0".into()));
+        let in_tc = node.maps()?.contents()?.config.flags
+            & ferrite_common::config_flag::EXTERNAL_IN_TC
+            != 0;
+        assert_eq!((on_uplink, in_tc), (xdp, !xdp), "{}: XDP attached, TC flag", node.name);
+    }
     let mut frontends = vec![(LB_IP, PORT), (EXTERNAL_IP, PORT)];
     for node in &c.nodes {
         frontends.push((node.ip.context("plugged")?, NODE_PORT));
@@ -189,7 +218,7 @@ fn nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> R
             "via {ip}:{port}"
         );
     }
-    // The XDP program did it: new external flows and SNATed forwards were counted.
+    // The external logic did it: new external flows and SNATed forwards were counted.
     for node in 0..2 {
         assert!(counter(c, node, stat::EXTERNAL_NEW_FLOW)? > 0);
         assert!(counter(c, node, stat::EXTERNAL_SNAT)? > 0);

@@ -1,11 +1,12 @@
 //! The uplink's XDP program, packet by packet (BPF_PROG_TEST_RUN): frames from the
 //! world go in, the exact frame and verdict come out, checksums recomputed
-//! independently. Needs root.
+//! independently; and the uplink's tcx program doing the same without XDP. Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    config_flag, program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked},
@@ -286,5 +287,49 @@ fn a_df_packet_larger_than_pods_take_is_answered_with_fragmentation_needed() -> 
     let to_node = frames::udp(CLIENT, sock(NODE_IP, 22), &payload_over);
     assert_eq!(through_the_uplink(&bed, &to_node)?, (TC_ACT_OK, to_node));
     assert_eq!(bed.counter(stat::ICMP_FRAG_NEEDED)?, 2);
+    Ok(())
+}
+
+/// An uplink without XDP (a veth: `--xdp auto`): its tcx program balances external
+/// traffic itself, giving byte for byte the frame and verdict that XDP followed by
+/// the tcx program give: DNAT to a local backend, DNAT+SNAT to a remote one, the
+/// established flow, refusal without backends, the local-policy drop, and the node's
+/// own traffic untouched.
+#[test]
+fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_does(
+) -> Result<()> {
+    let xdp = testbed()?;
+    let mut tc = testbed()?;
+    tc.set_config_flags(config_flag::EXTERNAL_IN_TC)?;
+    let frames = [
+        frames::tcp_syn(CLIENT, LOCAL_NODE_PORT, b""),
+        frames::tcp_ack(CLIENT, LOCAL_NODE_PORT, b"established"),
+        frames::udp(CLIENT, REMOTE_NODE_PORT, b"remote"),
+        frames::udp(CLIENT, REMOTE_NODE_PORT, b"remote again"),
+        frames::tcp_syn(CLIENT, EMPTY_NODE_PORT, b""),
+        frames::tcp_syn(CLIENT, LOCAL_ONLY_NODE_PORT, b""),
+        frames::tcp_syn(CLIENT, sock(NODE_IP, 22), b""),
+    ];
+    for frame in &frames {
+        let (via_xdp_verdict, via_xdp) = through_the_uplink(&xdp, frame)?;
+        let (out, _) = tc.run_program(program_names::FROM_UPLINK, frame, 1)?;
+        // XDP_DROP and TC_ACT_SHOT are the same verdict.
+        let via_xdp_verdict = if via_xdp_verdict == XDP_DROP {
+            TC_ACT_SHOT
+        } else {
+            via_xdp_verdict
+        };
+        assert_eq!((out.verdict, &out.frame), (via_xdp_verdict, &via_xdp), "{frame:02x?}");
+    }
+    for counter in [
+        stat::EXTERNAL_NEW_FLOW,
+        stat::EXTERNAL_SNAT,
+        stat::SERVICE_ESTABLISHED,
+        stat::NODEPORT_REJECTED,
+        stat::DROP_NO_LOCAL_BACKEND,
+    ] {
+        assert_eq!(tc.counter(counter)?, xdp.counter(counter)?, "{}", stat::NAMES[counter as usize]);
+        assert!(tc.counter(counter)? > 0, "{}", stat::NAMES[counter as usize]);
+    }
     Ok(())
 }

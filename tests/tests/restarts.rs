@@ -138,6 +138,10 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
         load_balancer_yaml("web", VIP, PORT, NODE_PORT, "", &[], &backends)
     );
     cluster.write_config(&small)?;
+    // XDP on the uplink too (as on a real NIC): its link must survive upgrades as well.
+    for node in &mut cluster.nodes {
+        node.agent_args.extend(["--xdp".into(), "always".into()]);
+    }
     cluster.start_agents()?;
     let node_port = SocketAddrV4::new(cluster.nodes[0].ip.context("plugged")?, NODE_PORT);
     let master = |ip, port, proto| ServiceKey::new(ip, port, proto, 0);
@@ -210,8 +214,8 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
     assert_eq!(
         links_at_start.len(),
         13,
-        "two pod veths both ways, the VXLAN device, the uplink's tcx both ways and XDP, \
-         lo's egress, the four socket-level hooks: {links_at_start:?}"
+        "two pod veths both ways, the VXLAN device, the uplink's tcx both ways and XDP \
+         (--xdp always), lo's egress, the four socket-level hooks: {links_at_start:?}"
     );
 
     // 1. SIGKILL and restart.
