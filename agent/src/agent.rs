@@ -536,7 +536,10 @@ fn attach_programs(
         let xdp = Attachment::Xdp(uplink.into());
         if use_xdp {
             if datapath.ensure_xdp_attached(uplink)? {
-                info!(interface = uplink, "attached XDP program for external traffic");
+                info!(
+                    interface = uplink,
+                    "attached XDP program for external traffic"
+                );
             }
             wanted.insert(xdp);
         } else if datapath.attached()?.contains(&xdp) {
@@ -691,9 +694,11 @@ pub fn reconcile(
             vxlan.mtu = overlay_mtu;
         }
     }
-    let use_xdp = uplink
-        .as_deref()
-        .is_some_and(|u| settings.uplink_xdp.wants_xdp(datapath::driver(u).as_deref()));
+    let use_xdp = uplink.as_deref().is_some_and(|u| {
+        settings
+            .uplink_xdp
+            .wants_xdp(datapath::driver(u).as_deref())
+    });
     let settings = &plan::NodeSettings {
         external_in_tc: !use_xdp,
         ..settings.clone()

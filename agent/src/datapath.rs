@@ -499,19 +499,30 @@ fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
         _pad: 0,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives it.
-    let fd = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
-    }
+    let fd = unsafe { bpf(BPF_OBJ_GET, &attr) }.context("BPF_OBJ_GET")?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The bpf(2) syscall with command `cmd` on `attr` (a prefix of `union bpf_attr`).
+///
+/// # Safety
+/// `attr` must be the layout the kernel expects for `cmd`, without implicit padding,
+/// and every pointer in it valid for the call.
+unsafe fn bpf<T>(cmd: nix::libc::c_long, attr: &T) -> std::io::Result<nix::libc::c_long> {
+    // SAFETY: upheld by the caller.
+    let ret = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret)
 }
 
 /// BPF_LINK_UPDATE: run `program` in the link, in place (same link, no gap).
@@ -531,17 +542,7 @@ fn link_update(link: BorrowedFd, program: BorrowedFd) -> Result<()> {
         old_prog_fd: 0,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_LINK_UPDATE.
-    let ret = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdateAttr,
-            std::mem::size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_LINK_UPDATE");
-    }
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.context("BPF_LINK_UPDATE")?;
     Ok(())
 }
 
@@ -852,13 +853,21 @@ pub fn driver(name: &str) -> Option<String> {
     info.cmd = ETHTOOL_GDRVINFO;
     let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
     let name_room = request.ifr_name.len() - 1;
-    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(name_room)) {
+    for (slot, byte) in request
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(name_room))
+    {
         *slot = byte as nix::libc::c_char;
     }
     request.ifr_ifru.ifru_data = (&mut info as *mut DriverInfo).cast();
     // SAFETY: the request names an interface and points at a drvinfo buffer.
     unsafe { ethtool(socket.as_raw_fd(), &mut request) }.ok()?;
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 

@@ -49,7 +49,8 @@ fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
 fn world_with(agent_args: &[&str], service: impl Fn(&Cluster) -> String) -> Result<World> {
     let mut cluster = Cluster::new(2)?;
     for node in &mut cluster.nodes {
-        node.agent_args.extend(agent_args.iter().map(ToString::to_string));
+        node.agent_args
+            .extend(agent_args.iter().map(ToString::to_string));
     }
     cluster.nodes[0].add_pod("a1", pod_ip(0, 1))?;
     cluster.nodes[1].add_pod("b0", pod_ip(1, 0))?;
@@ -176,7 +177,12 @@ fn external_frontends_reach_local_and_remote_backends(agent_args: &[&str]) -> Re
         let in_tc = node.maps()?.contents()?.config.flags
             & ferrite_common::config_flag::EXTERNAL_IN_TC
             != 0;
-        assert_eq!((on_uplink, in_tc), (xdp, !xdp), "{}: XDP attached, TC flag", node.name);
+        assert_eq!(
+            (on_uplink, in_tc),
+            (xdp, !xdp),
+            "{}: XDP attached, TC flag",
+            node.name
+        );
     }
     let mut frontends = vec![(LB_IP, PORT), (EXTERNAL_IP, PORT)];
     for node in &c.nodes {

@@ -5,8 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    config_flag, program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    config_flag, program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked},
@@ -296,8 +295,8 @@ fn a_df_packet_larger_than_pods_take_is_answered_with_fragmentation_needed() -> 
 /// established flow, refusal without backends, the local-policy drop, and the node's
 /// own traffic untouched.
 #[test]
-fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_does(
-) -> Result<()> {
+fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_does() -> Result<()>
+{
     let xdp = testbed()?;
     let mut tc = testbed()?;
     tc.set_config_flags(config_flag::EXTERNAL_IN_TC)?;
@@ -319,7 +318,11 @@ fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_
         } else {
             via_xdp_verdict
         };
-        assert_eq!((out.verdict, &out.frame), (via_xdp_verdict, &via_xdp), "{frame:02x?}");
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (via_xdp_verdict, &via_xdp),
+            "{frame:02x?}"
+        );
     }
     for counter in [
         stat::EXTERNAL_NEW_FLOW,
@@ -328,8 +331,17 @@ fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_
         stat::NODEPORT_REJECTED,
         stat::DROP_NO_LOCAL_BACKEND,
     ] {
-        assert_eq!(tc.counter(counter)?, xdp.counter(counter)?, "{}", stat::NAMES[counter as usize]);
-        assert!(tc.counter(counter)? > 0, "{}", stat::NAMES[counter as usize]);
+        assert_eq!(
+            tc.counter(counter)?,
+            xdp.counter(counter)?,
+            "{}",
+            stat::NAMES[counter as usize]
+        );
+        assert!(
+            tc.counter(counter)? > 0,
+            "{}",
+            stat::NAMES[counter as usize]
+        );
     }
     Ok(())
 }
