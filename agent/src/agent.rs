@@ -454,33 +454,60 @@ pub fn run(options: &AgentOptions) -> Result<()> {
     }
 }
 
-fn run_file(agent: &mut NodeAgent, config: &PathBuf, options: &AgentOptions) -> Result<()> {
+/// How long the config file must stay quiet before it is read (a writer that does
+/// not replace it atomically is still writing).
+const CONFIG_SETTLE: Duration = Duration::from_millis(100);
+
+fn run_file(agent: &mut NodeAgent, config: &std::path::Path, options: &AgentOptions) -> Result<()> {
+    let watch = source::FileWatch::new(config)?;
     let mut last_content: Option<String> = None;
-    // Full syncs (drift repair, conntrack collection) come every `resync` even while
-    // the file keeps changing.
+    // What the file held when it last parsed: a refused file changes nothing, and
+    // full syncs (drift repair, conntrack collection) go on with this.
+    let mut applied: Option<(ClusterObjects, Vec<model::Skipped>)> = None;
+    // Full syncs come every `resync` even while the file keeps changing.
     let mut last_full_sync: Option<Instant> = None;
     let mut retry_soon = false;
+    let mut check_file = true;
     loop {
-        match fs::read_to_string(config) {
-            Ok(content) => {
-                let changed = last_content.as_ref() != Some(&content);
-                let due = last_full_sync.is_none_or(|t| t.elapsed() >= options.resync);
-                if changed || due || retry_soon {
-                    let (objects, skipped) = source::parse_objects(&content);
-                    let event_driven = changed && !due;
-                    retry_soon = agent
-                        .sync(&objects, skipped, event_driven)
-                        .is_some_and(|r| r.waiting_for_interfaces);
-                    last_content = Some(content);
-                    if !event_driven {
-                        last_full_sync = Some(Instant::now());
+        let due = last_full_sync.is_none_or(|t| t.elapsed() >= options.resync);
+        let mut changed = false;
+        if check_file {
+            agent.telemetry.config_reads.inc();
+            match fs::read_to_string(watch.path()) {
+                Ok(content) if last_content.as_ref() != Some(&content) => {
+                    match source::parse_objects(&content) {
+                        Ok(parsed) => {
+                            applied = Some(parsed);
+                            changed = true;
+                            agent.telemetry.set_config_rejected(None);
+                        }
+                        Err(e) => {
+                            error!(
+                                config = %config.display(),
+                                "config refused, the last applied state stays: {e}"
+                            );
+                            agent.telemetry.set_config_rejected(Some(e.to_string()));
+                        }
                     }
+                    last_content = Some(content);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),
+            }
+        }
+        if let Some((objects, skipped)) = &applied {
+            if changed || due || retry_soon {
+                let event_driven = changed && !due;
+                retry_soon = agent
+                    .sync(objects, skipped.clone(), event_driven)
+                    .is_some_and(|r| r.waiting_for_interfaces);
+                if !event_driven {
+                    last_full_sync = Some(Instant::now());
                 }
             }
-            Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),
         }
         agent.flush_logs();
-        std::thread::sleep(options.poll);
+        check_file = watch.wait(options.poll, CONFIG_SETTLE)?;
     }
 }
 

@@ -157,7 +157,7 @@ fn main() -> Result<()> {
         } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
             let objects = match config {
-                Some(path) => source::parse_objects(&std::fs::read_to_string(path)?).0,
+                Some(path) => source::parse_objects(&std::fs::read_to_string(path)?)?.0,
                 None => kube_source::list_once(&node)?,
             };
             let settings = plan::NodeSettings {

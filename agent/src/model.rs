@@ -1000,7 +1000,7 @@ mod tests {
     const NODE: &str = "node-a";
 
     fn build_yaml(yaml: &str) -> (DesiredState, Vec<Skipped>) {
-        let (objects, mut skipped) = parse_objects(yaml);
+        let (objects, mut skipped) = parse_objects(yaml).unwrap();
         let (state, more) = build(&objects, NODE);
         skipped.extend(more);
         (state, skipped)
@@ -1026,7 +1026,7 @@ endpoints:
   conditions: {ready: false}
 "#
         );
-        let (objects, _) = parse_objects(&yaml);
+        let (objects, _) = parse_objects(&yaml).unwrap();
         let original = build(&objects, NODE);
         let mut compacted = objects.clone();
         for slice in &mut compacted.endpoint_slices {
@@ -1173,7 +1173,7 @@ endpoints:
     #[test]
     fn compaction_keeps_node_names_and_terminating_endpoints() {
         let yaml = load_balancer(", externalTrafficPolicy: Local");
-        let (objects, _) = parse_objects(&yaml);
+        let (objects, _) = parse_objects(&yaml).unwrap();
         let original = build(&objects, NODE);
         let mut compacted = objects.clone();
         for slice in &mut compacted.endpoint_slices {

@@ -60,6 +60,11 @@ pub struct ResourceLabel {
 /// Metrics and readiness shared by the agent loop and the HTTP endpoint.
 pub struct Telemetry {
     ready: AtomicBool,
+    /// Why the config file was refused, while it is (the last applied state stays).
+    config_rejected: Mutex<Option<String>>,
+    pub config_rejections: Counter,
+    /// Times the config file was read (only when it changed, or at start).
+    pub config_reads: Counter,
     pin_dir: PathBuf,
     registry: Mutex<Registry>,
     pub sync_duration: Histogram,
@@ -89,6 +94,9 @@ impl Telemetry {
     pub fn new(pin_dir: PathBuf, capacities: BTreeMap<String, u32>) -> Arc<Self> {
         let telemetry = Self {
             ready: AtomicBool::new(false),
+            config_rejected: Mutex::default(),
+            config_rejections: Counter::default(),
+            config_reads: Counter::default(),
             pin_dir,
             registry: Mutex::new(Registry::with_prefix("ferrite")),
             sync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -184,6 +192,16 @@ impl Telemetry {
                 telemetry.map_capacity.clone(),
             );
             r.register(
+                "config_rejections",
+                "Config files refused whole (not YAML, or empty): the last applied state stayed",
+                telemetry.config_rejections.clone(),
+            );
+            r.register(
+                "config_reads",
+                "Times the config file was read (it is watched: read when it changed)",
+                telemetry.config_reads.clone(),
+            );
+            r.register(
                 "map_pressure",
                 "Fill level of each pinned map, 0 to 1 (Services that do not fit are skipped)",
                 telemetry.map_pressure.clone(),
@@ -208,6 +226,29 @@ impl Telemetry {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The config file was refused (`Some(why)`), or accepted again (`None`).
+    pub fn set_config_rejected(&self, why: Option<String>) {
+        if why.is_some() {
+            self.config_rejections.inc();
+        }
+        *self.config_rejected.lock().expect("config state") = why;
+    }
+
+    /// `/readyz`: ready after the first full sync, while the config is accepted.
+    pub fn readiness(&self) -> (u16, String) {
+        if let Some(why) = self.config_rejected.lock().expect("config state").as_ref() {
+            return (
+                503,
+                format!("config rejected ({why}): serving the last applied state\n"),
+            );
+        }
+        if self.is_ready() {
+            (200, "ready\n".into())
+        } else {
+            (503, "waiting for the first full sync\n".into())
+        }
     }
 
     /// Refresh the values that live in the maps, then encode everything.
@@ -301,8 +342,7 @@ pub fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<()> {
         for request in server.incoming_requests() {
             let (status, body) = match request.url() {
                 "/healthz" => (200, "ok\n".to_string()),
-                "/readyz" if telemetry.is_ready() => (200, "ready\n".to_string()),
-                "/readyz" => (503, "waiting for the first full sync\n".to_string()),
+                "/readyz" => telemetry.readiness(),
                 "/metrics" => match telemetry.render() {
                     Ok(text) => (200, text),
                     Err(e) => (500, format!("{e:#}\n")),

@@ -819,6 +819,33 @@ impl Node {
         )
     }
 
+    /// GET `path` from the agent's HTTP endpoint (its default port, in the node's
+    /// netns): (status, body).
+    pub fn agent_http(&self, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        self.netns.run(move || -> Result<(u16, String)> {
+            let mut stream = TcpStream::connect_timeout(
+                &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9965).into(),
+                Duration::from_secs(5),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            http_get(&mut stream, &path)
+        })?
+    }
+
+    /// A counter or gauge of the agent's /metrics (`name` as exported, e.g.
+    /// `ferrite_syncs_total`), summed over its label sets.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let (_, text) = self.agent_http("/metrics")?;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        anyhow::ensure!(!values.is_empty(), "no metric {name}");
+        Ok(values.iter().sum())
+    }
+
     /// `ferrite inspect <table>` output for this node.
     pub fn inspect(&self, table: &str) -> Result<String> {
         sh(

@@ -1,10 +1,7 @@
 //! User stories for the agent in Kubernetes mode: the real kube-rs client and
 //! watchers against a fake API server (list/watch JSON, resourceVersion, bookmarks,
 //! 410 Gone) running on 127.0.0.1 inside the node's network namespace. Needs root.
-use std::{
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use ferrite_agent::plan::MapContents;
@@ -12,7 +9,7 @@ use ferrite_common::{ServiceKey, PROTO_TCP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND},
     fake_apiserver::FakeApiServer,
-    lab::{self, answered_by, node_yaml, Netns, Node, Server},
+    lab::{answered_by, node_yaml, Node, Server},
 };
 
 struct KubeCluster {
@@ -50,16 +47,8 @@ fn kube_cluster() -> Result<KubeCluster> {
 }
 
 /// GET `path` from the agent's HTTP endpoint (inside the node's netns).
-fn http_get(netns: &Netns, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    netns.run(move || -> Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(
-            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9965).into(),
-            Duration::from_secs(5),
-        )?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        lab::http_get(&mut stream, &path)
-    })?
+fn http_get(node: &ferrite_tests::lab::Node, path: &str) -> Result<(u16, String)> {
+    node.agent_http(path)
 }
 
 #[test]
@@ -71,12 +60,12 @@ fn the_agent_syncs_from_the_api_server_serves_traffic_and_reports_ready_and_metr
         let request = format!("via the API {i}");
         answered_by(&client.tcp_request(TCP_FRONTEND, &request)?, &request)?;
     }
-    assert_eq!(http_get(&c.node.netns, "/healthz")?.0, 200);
+    assert_eq!(http_get(&c.node, "/healthz")?.0, 200);
     // Ready once the first sync has returned (its map writes land just before).
     ferrite_tests::lab::wait_until("/readyz to answer 200", ferrite_tests::lab::SETTLE, || {
-        http_get(&c.node.netns, "/readyz").is_ok_and(|(status, _)| status == 200)
+        http_get(&c.node, "/readyz").is_ok_and(|(status, _)| status == 200)
     })?;
-    let (status, metrics) = http_get(&c.node.netns, "/metrics")?;
+    let (status, metrics) = http_get(&c.node, "/metrics")?;
     assert_eq!(status, 200);
     for needle in [
         "ferrite_syncs_total",
@@ -208,7 +197,7 @@ fn after_410_gone_the_agent_relists_and_removes_what_was_deleted_in_the_gap() ->
     };
     assert_eq!(web(&after), web(&before));
     assert_eq!(after.endpoints, before.endpoints);
-    let (_, metrics) = http_get(&c.node.netns, "/metrics")?;
+    let (_, metrics) = http_get(&c.node, "/metrics")?;
     let restarts: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("ferrite_watch_restarts_total"))
