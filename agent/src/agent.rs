@@ -53,6 +53,9 @@ pub struct AgentOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Whether the uplink gets the XDP program.
     pub uplink_xdp: plan::UplinkXdp,
+    /// What the node accepts from objects (`--service-cidr`, `--external-ip-cidr`,
+    /// `--node-port-range`; `cluster_cidr` too).
+    pub limits: crate::limits::Limits,
 }
 
 impl AgentOptions {
@@ -161,6 +164,7 @@ impl NodeAgent {
                 vxlan_port: options.vxlan_port,
                 uplink_xdp: options.uplink_xdp,
                 external_in_tc: false,
+                limits: options.limits.clone(),
                 capacities: plan::Capacities {
                     services: options.capacity(ferrite_common::map_names::SERVICES) as usize,
                     backends: options.capacity(ferrite_common::map_names::BACKENDS) as usize,
@@ -335,7 +339,8 @@ impl NodeAgent {
             return false;
         };
         let start = Instant::now();
-        let (state, mut skipped) = model::build(objects, &self.settings.node);
+        let (state, mut skipped) =
+            model::build(objects, &self.settings.node, &self.settings.limits);
         self.health_checks
             .update_services(changed, &state.health_checks);
         let mut frontends: BTreeSet<L4Addr> = changed
@@ -670,7 +675,7 @@ pub fn pending_writes(
     settings: &plan::NodeSettings,
     maps: &NodeMaps,
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
-    let (state, mut skipped) = model::build(objects, &settings.node);
+    let (state, mut skipped) = model::build(objects, &settings.node, &settings.limits);
     let current = maps.contents()?;
     // Where the uplink balances external traffic is the running agent's decision.
     let settings = &plan::NodeSettings {
@@ -701,7 +706,7 @@ pub fn reconcile(
         maps,
         host,
     } = parts;
-    let (state, more) = model::build(objects, &settings.node);
+    let (state, more) = model::build(objects, &settings.node, &settings.limits);
     skipped.extend(more);
 
     // The uplink (the interface holding this node's IP): XDP for external traffic,

@@ -9,6 +9,7 @@ pub mod healthcheck;
 pub mod hostnet;
 pub mod inspect;
 pub mod kube_source;
+pub mod limits;
 pub mod maglev;
 pub mod maps;
 pub mod model;

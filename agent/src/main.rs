@@ -65,6 +65,8 @@ enum Command {
         /// costs GSO; its tcx program then balances it), `always`, `never`.
         #[arg(long, value_enum, default_value_t)]
         xdp: plan::UplinkXdp,
+        #[command(flatten)]
+        admission: AdmissionArgs,
     },
     /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
     /// sync would make now (drift between the objects and the maps).
@@ -79,12 +81,62 @@ enum Command {
         /// For `diff`: the cluster's VXLAN network identifier.
         #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
         vni: u32,
+        /// For `diff`: the agent's cluster pod CIDR.
+        #[arg(long)]
+        cluster_cidr: Option<ipnet::Ipv4Net>,
+        /// For `diff`: the agent's admission flags.
+        #[command(flatten)]
+        admission: AdmissionArgs,
     },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
         #[arg(long, env = "NODE_NAME")]
         node: String,
     },
+}
+
+/// What the node accepts from objects: the agent's flags, which `inspect diff` takes
+/// too so it plans as the agent does.
+#[derive(clap::Args)]
+struct AdmissionArgs {
+    /// The Service CIDR (repeatable): clusterIPs outside it are refused. Without
+    /// it any address that is not loopback, link-local, a node's or a pod's.
+    #[arg(long = "service-cidr")]
+    service_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Where `spec.externalIPs` may point (repeatable). None given: no
+    /// externalIPs at all (CVE-2020-8554; the DenyServiceExternalIPs default).
+    #[arg(long = "external-ip-cidr")]
+    external_ip_cidrs: Vec<ipnet::Ipv4Net>,
+    /// NodePorts outside this range are refused.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    node_port_range: std::ops::RangeInclusive<u16>,
+}
+
+impl AdmissionArgs {
+    fn limits(self, cluster_cidr: Option<ipnet::Ipv4Net>) -> ferrite_agent::limits::Limits {
+        ferrite_agent::limits::Limits {
+            service_cidrs: self.service_cidrs,
+            external_ip_cidrs: self.external_ip_cidrs,
+            node_port_range: self.node_port_range,
+            cluster_cidr,
+        }
+    }
+}
+
+fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = value
+        .split_once('-')
+        .ok_or("expected FIRST-LAST, e.g. 30000-32767")?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first == 0 || first > last {
+        return Err(format!("{value:?} is not a range of ports"));
+    }
+    Ok(first..=last)
 }
 
 fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
@@ -133,7 +185,9 @@ fn main() -> Result<()> {
             socket_lb,
             cgroup_root,
             xdp,
+            admission,
         } => agent::run(&agent::AgentOptions {
+            limits: admission.limits(cluster_cidr),
             socket_lb,
             cgroup_root,
             uplink_xdp: xdp,
@@ -154,6 +208,8 @@ fn main() -> Result<()> {
             table: inspect::Table::Diff,
             config,
             vni,
+            cluster_cidr,
+            admission,
         } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
             let objects = match config {
@@ -163,6 +219,7 @@ fn main() -> Result<()> {
             let settings = plan::NodeSettings {
                 node,
                 vni,
+                limits: admission.limits(cluster_cidr),
                 ..plan::NodeSettings::default()
             };
             let (writes, _) = agent::pending_writes(&objects, &settings, &maps)?;

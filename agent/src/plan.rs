@@ -82,6 +82,8 @@ pub struct NodeSettings {
     /// This sync's decision: the uplink runs no XDP program, its tcx ingress program
     /// balances external traffic (`config_flag::EXTERNAL_IN_TC`).
     pub external_in_tc: bool,
+    /// What the node accepts from objects (addresses, pod CIDRs, sizes).
+    pub limits: crate::limits::Limits,
 }
 
 /// Whether the uplink gets the XDP program (`--xdp`).
@@ -115,6 +117,7 @@ impl Default for NodeSettings {
             capacities: Capacities::default(),
             uplink_xdp: UplinkXdp::default(),
             external_in_tc: false,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -368,7 +371,20 @@ fn service_contents<'s>(
         // Only entries the maps do not hold yet need room: writes come before
         // removals, so what this plan removes frees its room for the next one.
         let slot_count = service.backends.len() + service.terminating.len();
-        let new_entries = (0..=slot_count as u16)
+        // The model refuses larger Services; a slot number must never wrap.
+        let last_slot = match u16::try_from(slot_count) {
+            Ok(last) if slot_count <= crate::limits::MAX_BACKENDS_PER_PORT => last,
+            _ => {
+                skipped.push(Skipped {
+                    object: service.name.clone(),
+                    reason: format!(
+                        "{frontend} has {slot_count} backends: more than a port may have"
+                    ),
+                });
+                continue;
+            }
+        };
+        let new_entries = (0..=last_slot)
             .filter(|slot| !written.services.contains_key(&key(*slot)))
             .count();
         let new_rev_nat =
@@ -450,7 +466,7 @@ fn service_contents<'s>(
         }
         for (slot, id) in slots.iter().enumerate() {
             out.services.insert(
-                key(slot as u16 + 1),
+                key(u16::try_from(slot + 1).expect("bounded above")),
                 ServiceValue {
                     backend_id: *id,
                     ..ServiceValue::default()
@@ -461,7 +477,7 @@ fn service_contents<'s>(
             master,
             ServiceValue {
                 backend_id: 0,
-                count: service.backends.len() as u16,
+                count: u16::try_from(service.backends.len()).expect("bounded above"),
                 rev_nat_index,
                 flags: service_flags(service),
                 affinity_timeout_s: service.affinity_timeout_s,

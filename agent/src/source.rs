@@ -219,7 +219,8 @@ mod tests {
             (
                 "in document 3",
                 format!("{good}---\n{good}---\n{broken}"),
-                Some(10),
+                // The unclosed flow sequence runs to the end of the file.
+                Some(12),
             ),
             ("empty", String::new(), None),
             ("comments only", "# nothing yet\n---\n".into(), None),

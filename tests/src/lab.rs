@@ -656,7 +656,7 @@ impl Node {
             name,
             pod_mtu: 1500,
             ip: None,
-            agent_args: Vec::new(),
+            agent_args: admission_args(),
             resync_seconds: 2,
             pods: Vec::new(),
             agent: None,
@@ -855,6 +855,19 @@ impl Node {
     }
 }
 
+/// What the lab's agents accept, as an operator would set it: clusterIPs in the
+/// Service CIDR, externalIPs in the documentation range the world's tests use.
+fn admission_args() -> Vec<String> {
+    [
+        "--service-cidr",
+        SERVICE_CIDR,
+        "--external-ip-cidr",
+        "192.0.2.0/24",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.agent = None; // kill first: it must not re-create pins
@@ -877,6 +890,8 @@ pub const UNDERLAY_PREFIX: &str = "198.51.100";
 pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The lab's Service CIDR (Kubernetes' default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 impl Underlay {
     pub fn new() -> Result<Self> {
@@ -1005,7 +1020,8 @@ impl Cluster {
             ])?;
             node.ip = Some(ip);
             node.pod_mtu = 1500 - ferrite_common::VXLAN_OVERHEAD;
-            node.agent_args = vec!["--cluster-cidr".into(), CLUSTER_CIDR.into()];
+            node.agent_args
+                .extend(["--cluster-cidr".into(), CLUSTER_CIDR.into()]);
             nodes.push(node);
         }
         Ok(Self {

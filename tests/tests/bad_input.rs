@@ -1,9 +1,17 @@
 //! User stories for broken and hostile input: what an operator's mistake or an
 //! attacker's file can and cannot do to a node. Needs root.
-use anyhow::Result;
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Context, Result};
 use ferrite_tests::{
-    cluster::{self, CLIENTS, TCP_FRONTEND},
-    lab::{answered_by, exchange, wait_until, SETTLE},
+    cluster::{self, CLIENTS, TCP_FRONTEND, TCP_TARGET},
+    lab::{
+        self, answered_by, exchange, node_yaml, pod_ip, wait_until, Cluster, Server, SETTLE,
+        WORLD_IP,
+    },
 };
 
 /// A config file that does not parse - a syntax error in the first or a later
@@ -89,5 +97,180 @@ fn a_config_that_does_not_parse_changes_nothing_and_readyz_says_why() -> Result<
             .is_ok_and(|(status, _)| status == 200)
     })?;
     assert_eq!(node.maps()?.contents()?, synced);
+    Ok(())
+}
+
+/// A ClusterIP-style Service `name` at `cluster_ip` (TCP `port` -> the backend's
+/// TCP_TARGET), with `spec_extra` lines (indented two spaces) and `port_extra` fields
+/// on its port, and an EndpointSlice with `backends` ready.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    spec_extra: &str,
+    port_extra: &str,
+    backends: &[Ipv4Addr],
+) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n"))
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {cluster_ip}
+{spec_extra}  ports: [{{port: {port}, protocol: TCP, targetPort: {TCP_TARGET}{port_extra}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{port: {TCP_TARGET}, protocol: TCP}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+/// Services and Nodes that claim what is not theirs, or more than their share, are
+/// refused with a logged reason, and the rest of the file applies: a clusterIP on the
+/// node's address (a pod's connect to node-IP:22 still reaches the node's sshd), on
+/// loopback, the cloud metadata address, the pods' gateway, a pod address or outside
+/// `--service-cidr`; an externalIP outside `--external-ip-cidr` (the world's server
+/// still answers); a nodePort outside `--node-port-range`; a Service port with more
+/// backends than a slot count holds (it used to wrap at 65,536); a Service taking more
+/// than its share of the Service map; a Node claiming 0.0.0.0/0 or another node's pod
+/// CIDR (this node's pods keep their routes and reach the node).
+#[test]
+fn services_and_nodes_claiming_what_is_not_theirs_are_refused_and_the_rest_applies() -> Result<()> {
+    let mut cluster = Cluster::new(1)?;
+    cluster.nodes[0].add_pod("client", pod_ip(0, 2))?;
+    cluster.nodes[0].add_pod("web", pod_ip(0, 3))?;
+    let node_ip = cluster.nodes[0].ip.context("plugged")?;
+    let web = cluster.pod("web").ip;
+    let _servers = [
+        cluster.pod("web").serve(TCP_TARGET)?,
+        Server::start(
+            &cluster.nodes[0].netns,
+            "sshd",
+            SocketAddrV4::new(node_ip, 22),
+        )?,
+        Server::start(&cluster.world, "world", SocketAddrV4::new(WORLD_IP, 7000))?,
+    ];
+    // 16,382 backends: one more than a port's Maglev table spreads over.
+    let many: Vec<Ipv4Addr> = (0..16_382u32)
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + i))
+        .collect();
+    let wide_ports: String = (0..8)
+        .map(|i| format!("{{name: p{i}, port: {}, protocol: TCP}},", 1000 + i))
+        .collect();
+    let wide = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: wide, namespace: default}}
+spec: {{clusterIP: 10.96.3.9, ports: [{wide_ports}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: wide-1, namespace: default, labels: {{kubernetes.io/service-name: wide}}}}
+addressType: IPv4
+ports: [{}]
+endpoints:
+{}",
+        (0..8)
+            .map(|i| format!("{{name: p{i}, port: {}, protocol: TCP}},", 1000 + i))
+            .collect::<String>(),
+        many[..8_200]
+            .iter()
+            .map(|ip| format!("- addresses: [\"{ip}\"]\n"))
+            .collect::<String>()
+    );
+    let hostile = [
+        ("on-the-node", node_ip.to_string(), 22, "", ""),
+        ("loopback", "127.0.0.1".into(), 80, "", ""),
+        ("metadata", "169.254.169.254".into(), 80, "", ""),
+        ("gateway", "169.254.1.1".into(), 80, "", ""),
+        ("on-a-pod", web.to_string(), 80, "", ""),
+        ("outside", "172.16.0.1".into(), 80, "", ""),
+    ];
+    let mut config = vec![
+        cluster.nodes_and_pods_yaml(),
+        node_yaml("greedy", lab::node_ip(5), "0.0.0.0/0"),
+        node_yaml("overlapping", lab::node_ip(6), "10.244.0.0/23"),
+        service("web", "10.96.3.1", 80, "", "", &[web]),
+        service(
+            "world-thief",
+            "10.96.3.2",
+            7000,
+            &format!("  externalIPs: [\"{WORLD_IP}\"]\n"),
+            "",
+            &[web],
+        ),
+        service(
+            "low-node-port",
+            "10.96.3.3",
+            80,
+            "  type: NodePort\n",
+            ", nodePort: 8080",
+            &[web],
+        ),
+        service("crowd", "10.96.3.8", 80, "", "", &many),
+        wide,
+    ];
+    for (name, ip, port, spec, extra) in &hostile {
+        config.push(service(name, ip, *port, spec, extra, &[web]));
+    }
+    cluster.write_config(&config.join("---\n"))?;
+    cluster.start_agents()?;
+    let node = &cluster.nodes[0];
+    wait_until("the agent to log its first sync", SETTLE, || {
+        node.agent
+            .as_ref()
+            .is_some_and(|a| a.log_text().contains("synced"))
+    })?;
+    let log = node.agent.as_ref().context("agent")?.log_text();
+    for reason in [
+        format!("spec.clusterIP {node_ip} is a node's address"),
+        "spec.clusterIP 127.0.0.1 is loopback".into(),
+        "spec.clusterIP 169.254.169.254 is link-local".into(),
+        "spec.clusterIP 169.254.1.1 is link-local".into(),
+        format!("spec.clusterIP {web} is a pod address"),
+        "spec.clusterIP 172.16.0.1 is outside the service CIDR".into(),
+        format!("spec.externalIPs {WORLD_IP} is outside the allowed externalIP ranges"),
+        "nodePort 8080 is outside the node port range 30000-32767".into(),
+        "16382 endpoints (more than 16381".into(),
+        "65608 Service map entries (more than 65536".into(),
+        "Node greedy podCIDR 0.0.0.0/0".into(),
+        "Node overlapping podCIDR 10.244.0.0/23".into(),
+    ] {
+        assert!(log.contains(&reason), "no {reason:?} in the log:\n{log}");
+    }
+
+    // Only what may be served is: web, and world-thief's own clusterIP.
+    let frontends: BTreeSet<Ipv4Addr> = node
+        .maps()?
+        .contents()?
+        .services
+        .keys()
+        .map(|key| Ipv4Addr::from(key.address))
+        .collect();
+    let expected: BTreeSet<Ipv4Addr> = ["10.96.3.1", "10.96.3.2"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    assert_eq!(frontends, expected);
+
+    let client = cluster.pod("client").probe();
+    let ask = |to: SocketAddrV4, request: &str| -> Result<String> {
+        answered_by(client.tcp(to, request)?.answer()?, request)
+    };
+    assert_eq!(ask(SocketAddrV4::new(node_ip, 22), "ssh")?, "sshd");
+    assert_eq!(ask(SocketAddrV4::new(WORLD_IP, 7000), "out")?, "world");
+    assert_eq!(ask(SocketAddrV4::new(web, TCP_TARGET), "direct")?, "web");
+    assert_eq!(
+        ask(SocketAddrV4::new(Ipv4Addr::new(10, 96, 3, 1), 80), "svc")?,
+        "web"
+    );
     Ok(())
 }

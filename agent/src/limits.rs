@@ -1,0 +1,261 @@
+//! What a node accepts from objects it did not write: the addresses a Service may
+//! claim, the pod CIDRs a Node may, and how much of the shared maps one Service may
+//! take. The API server validates some of this (clusterIPs against its service CIDR,
+//! nodePorts against its range), a YAML file nothing, and `externalIPs` nobody
+//! (CVE-2020-8554): a Service that claims the node's address, a pod's, loopback or the
+//! cloud metadata address would capture the traffic meant for it.
+use std::{net::Ipv4Addr, ops::RangeInclusive};
+
+use ferrite_common::MAGLEV_TABLE_SIZE;
+use ipnet::Ipv4Net;
+
+/// Backends (ready and terminating) one Service port may have: what its Maglev table
+/// can spread over (a slot count is 16-bit; a larger count wrapped).
+pub const MAX_BACKENDS_PER_PORT: usize = MAGLEV_TABLE_SIZE;
+/// Service map entries (a master and a slot per backend, for every frontend) one
+/// Service may take: a quarter of the default `ferrite_service`, so one hostile
+/// Service cannot crowd out the others.
+pub const MAX_SERVICE_ENTRIES: usize = 65_536;
+/// The shortest pod CIDR prefix a node may claim (a /16 holds 65,534 pods; Kubernetes
+/// runs at most a few hundred per node).
+pub const MIN_POD_CIDR_PREFIX: u8 = 16;
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The Service CIDR(s) (`--service-cidr`): clusterIPs outside are refused.
+    /// Empty: any address that is no other rule's.
+    pub service_cidrs: Vec<Ipv4Net>,
+    /// Addresses `externalIPs` may claim (`--external-ip-cidr`). Empty: none, as the
+    /// DenyServiceExternalIPs admission plugin recommends.
+    pub external_ip_cidrs: Vec<Ipv4Net>,
+    pub node_port_range: RangeInclusive<u16>,
+    /// The cluster's pod CIDR (`--cluster-cidr`): node pod CIDRs must lie in it.
+    pub cluster_cidr: Option<Ipv4Net>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            service_cidrs: Vec::new(),
+            external_ip_cidrs: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            cluster_cidr: None,
+        }
+    }
+}
+
+/// Addresses that are never a Service's or a pod's: loopback, link-local (the cloud
+/// metadata service, the pods' gateway 169.254.1.1, the hairpin address), 0.0.0.0/8,
+/// multicast and broadcast.
+fn special(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local (cloud metadata, the pods' gateway)")
+    } else if ip.octets()[0] == 0 {
+        Some("in 0.0.0.0/8")
+    } else if ip.is_multicast() || ip.is_broadcast() {
+        Some("multicast or broadcast")
+    } else {
+        None
+    }
+}
+
+/// The special range a CIDR overlaps, if any.
+fn special_net(net: &Ipv4Net) -> Option<&'static str> {
+    const SPECIAL: [(&str, &str); 5] = [
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("0.0.0.0/8", "0.0.0.0/8"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved or broadcast"),
+    ];
+    SPECIAL.iter().find_map(|(range, what)| {
+        let range: Ipv4Net = range.parse().expect("constant");
+        (range.contains(net) || net.contains(&range)).then_some(*what)
+    })
+}
+
+/// The nodes of the cluster as far as addresses go: whose they are.
+pub struct Claimed<'a> {
+    /// Every node's own address.
+    pub node_ips: &'a [Ipv4Addr],
+    /// Every accepted pod CIDR.
+    pub pod_cidrs: &'a [Ipv4Net],
+}
+
+impl Limits {
+    /// Why `ip` cannot be a Service frontend of kind `field` (`spec.clusterIP`,
+    /// `spec.externalIPs`, `status.loadBalancer.ingress`), if it cannot.
+    pub fn refuse_frontend(&self, ip: Ipv4Addr, field: &str, claimed: &Claimed) -> Option<String> {
+        if let Some(what) = special(ip) {
+            return Some(format!("{field} {ip} is {what}"));
+        }
+        if claimed.node_ips.contains(&ip) {
+            return Some(format!("{field} {ip} is a node's address"));
+        }
+        let pod_net = claimed
+            .pod_cidrs
+            .iter()
+            .chain(&self.cluster_cidr)
+            .find(|net| net.contains(&ip));
+        if let Some(net) = pod_net {
+            return Some(format!("{field} {ip} is a pod address (in {net})"));
+        }
+        match field {
+            "spec.clusterIP"
+                if !self.service_cidrs.is_empty()
+                    && !self.service_cidrs.iter().any(|net| net.contains(&ip)) =>
+            {
+                Some(format!(
+                    "{field} {ip} is outside the service CIDR ({})",
+                    list(&self.service_cidrs)
+                ))
+            }
+            "spec.externalIPs" if !self.external_ip_cidrs.iter().any(|n| n.contains(&ip)) => {
+                Some(if self.external_ip_cidrs.is_empty() {
+                    format!("{field} {ip}: no externalIPs are allowed (--external-ip-cidr)")
+                } else {
+                    format!(
+                        "{field} {ip} is outside the allowed externalIP ranges ({})",
+                        list(&self.external_ip_cidrs)
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Why a Service may not have `node_port`, if it may not.
+    pub fn refuse_node_port(&self, node_port: u16) -> Option<String> {
+        (!self.node_port_range.contains(&node_port)).then(|| {
+            format!(
+                "nodePort {node_port} is outside the node port range {}-{}",
+                self.node_port_range.start(),
+                self.node_port_range.end()
+            )
+        })
+    }
+
+    /// Why node `node` (at `node_ip`) may not have pod CIDR `cidr`, given the CIDRs
+    /// accepted so far (by node name order, so every node decides alike) and every
+    /// node's address.
+    pub fn refuse_pod_cidr(
+        &self,
+        cidr: &Ipv4Net,
+        accepted: &[(Ipv4Net, String)],
+        node_ips: &[Ipv4Addr],
+    ) -> Option<String> {
+        if cidr.prefix_len() < MIN_POD_CIDR_PREFIX {
+            return Some(format!(
+                "prefix /{} is shorter than /{MIN_POD_CIDR_PREFIX}",
+                cidr.prefix_len()
+            ));
+        }
+        if cidr.prefix_len() > 30 {
+            return Some(format!("prefix /{} holds no pod", cidr.prefix_len()));
+        }
+        if let Some(what) = special_net(cidr) {
+            return Some(format!("it overlaps the {what} range"));
+        }
+        if let Some(cluster) = self.cluster_cidr {
+            if !cluster.contains(cidr) {
+                return Some(format!("it is outside the cluster CIDR {cluster}"));
+            }
+        }
+        if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(*ip)) {
+            return Some(format!("it holds the node address {ip}"));
+        }
+        accepted
+            .iter()
+            .find(|(other, _)| other.contains(cidr) || cidr.contains(other))
+            .map(|(other, owner)| format!("it overlaps {other}, node {owner}'s"))
+    }
+}
+
+fn list(nets: &[Ipv4Net]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn frontends_that_would_capture_others_traffic_are_refused() {
+        let limits = Limits {
+            service_cidrs: vec![net("10.96.0.0/12")],
+            external_ip_cidrs: vec![net("192.0.2.0/24")],
+            cluster_cidr: Some(net("10.244.0.0/16")),
+            ..Limits::default()
+        };
+        let node_ips = ["198.51.100.1".parse().unwrap()];
+        let pod_cidrs = [net("10.245.0.0/24")];
+        let claimed = Claimed {
+            node_ips: &node_ips,
+            pod_cidrs: &pod_cidrs,
+        };
+        let refused =
+            |ip: &str, field: &str| limits.refuse_frontend(ip.parse().unwrap(), field, &claimed);
+        for (ip, field, says) in [
+            ("127.0.0.1", "spec.clusterIP", "loopback"),
+            ("169.254.169.254", "spec.clusterIP", "link-local"),
+            ("169.254.1.1", "spec.externalIPs", "link-local"),
+            ("198.51.100.1", "spec.clusterIP", "node's address"),
+            ("10.244.3.7", "spec.clusterIP", "pod address"),
+            ("10.245.0.9", "status.loadBalancer.ingress", "pod address"),
+            ("172.16.0.1", "spec.clusterIP", "outside the service CIDR"),
+            ("203.0.113.5", "spec.externalIPs", "outside the allowed"),
+        ] {
+            let reason = refused(ip, field).unwrap_or_else(|| panic!("{ip} accepted"));
+            assert!(reason.contains(says), "{ip}: {reason}");
+        }
+        assert_eq!(refused("10.96.0.10", "spec.clusterIP"), None);
+        assert_eq!(refused("192.0.2.7", "spec.externalIPs"), None);
+        assert_eq!(refused("203.0.113.5", "status.loadBalancer.ingress"), None);
+        let closed = Limits::default();
+        assert!(closed
+            .refuse_frontend("192.0.2.7".parse().unwrap(), "spec.externalIPs", &claimed)
+            .is_some_and(|r| r.contains("no externalIPs are allowed")));
+        assert!(limits.refuse_node_port(80).is_some());
+        assert!(limits.refuse_node_port(30080).is_none());
+    }
+
+    #[test]
+    fn pod_cidrs_that_would_swallow_other_traffic_are_refused() {
+        let limits = Limits {
+            cluster_cidr: Some(net("10.244.0.0/16")),
+            ..Limits::default()
+        };
+        let accepted = [(net("10.244.1.0/24"), "b".to_string())];
+        let node_ips = ["10.244.9.5".parse().unwrap()];
+        for (cidr, says) in [
+            ("0.0.0.0/0", "shorter"),
+            ("10.0.0.0/8", "shorter"),
+            ("10.244.7.0/31", "holds no pod"),
+            ("127.0.0.0/24", "loopback"),
+            ("10.245.0.0/24", "outside the cluster CIDR"),
+            ("10.244.1.128/25", "overlaps 10.244.1.0/24"),
+            ("10.244.9.0/24", "node address"),
+        ] {
+            let reason = limits
+                .refuse_pod_cidr(&net(cidr), &accepted, &node_ips)
+                .unwrap_or_else(|| panic!("{cidr} accepted"));
+            assert!(reason.contains(says), "{cidr}: {reason}");
+        }
+        assert_eq!(
+            limits.refuse_pod_cidr(&net("10.244.2.0/24"), &accepted, &node_ips),
+            None
+        );
+    }
+}
