@@ -289,15 +289,21 @@ impl NodeAgent {
     /// With every full sync (start and `--resync-seconds`): drop finished and idle
     /// flows from `ferrite_ct`.
     fn collect_conntrack_garbage(&mut self) {
-        let now = crate::conntrack_gc::now_ns();
+        let clock = match self.parts.datapath.clock() {
+            Ok(clock) => clock,
+            Err(e) => return warn!("conntrack garbage collection: no clock: {e:#}"),
+        };
         match self
             .parts
             .maps
-            .collect_conntrack_garbage(now, &Default::default())
+            .collect_conntrack_garbage(clock, &Default::default())
         {
             Ok(removed) => {
-                self.telemetry.conntrack_gc_removed.inc_by(removed as u64);
-                debug!(removed, "conntrack garbage collected");
+                self.telemetry
+                    .conntrack_gc_removed
+                    .inc_by(removed.len() as u64);
+                self.telemetry.retire_flows(&removed);
+                debug!(removed = removed.len(), "conntrack garbage collected");
             }
             Err(e) => warn!("conntrack garbage collection failed: {e:#}"),
         }

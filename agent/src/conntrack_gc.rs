@@ -59,17 +59,19 @@ fn flow_id(key: &CtKey, value: &CtValue) -> FlowId {
 
 #[derive(Default)]
 struct Flow {
-    last_seen_ns: u64,
+    last_seen: u64,
     all_closing: bool,
     /// Each entry's key and its own last-seen time.
     entries: Vec<(CtKey, u64)>,
 }
 
-/// The entries whose flow has been idle longer than its lifetime at `now_ns` (the
-/// datapath's clock: CLOCK_MONOTONIC), each with the last-seen time it was judged by.
+/// The entries whose flow has been idle longer than its lifetime at `now` (the
+/// datapath's clock: jiffies, `hz` of them a second), each with the last-seen time it
+/// was judged by.
 pub fn expired(
     entries: &[(CtKey, CtValue)],
-    now_ns: u64,
+    now: u64,
+    hz: u64,
     lifetimes: &Lifetimes,
 ) -> Vec<(CtKey, u64)> {
     let mut flows: HashMap<FlowId, Flow> = HashMap::new();
@@ -78,10 +80,11 @@ pub fn expired(
             all_closing: true,
             ..Flow::default()
         });
-        flow.last_seen_ns = flow.last_seen_ns.max(value.last_seen_ns);
+        flow.last_seen = flow.last_seen.max(value.last_seen_jiffies);
         flow.all_closing &= value.flags & CT_FLAG_CLOSING != 0;
-        flow.entries.push((*key, value.last_seen_ns));
+        flow.entries.push((*key, value.last_seen_jiffies));
     }
+    let ticks = |lifetime: Duration| lifetime.as_millis() as u64 * hz / 1000;
     flows
         .into_iter()
         .filter(|(id, flow)| {
@@ -90,17 +93,27 @@ pub fn expired(
                 (PROTO_TCP, false) => lifetimes.tcp,
                 _ => lifetimes.other,
             };
-            now_ns.saturating_sub(flow.last_seen_ns) > lifetime.as_nanos() as u64
+            now.saturating_sub(flow.last_seen) > ticks(lifetime)
         })
         .flat_map(|(_, flow)| flow.entries)
         .collect()
 }
 
-/// The datapath's clock now (bpf_ktime_get_coarse_ns reads CLOCK_MONOTONIC).
-pub fn now_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always there");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+/// Values of `CONFIG_HZ` Linux is built with.
+const HZ_VALUES: [u64; 4] = [100, 250, 300, 1000];
+
+/// The kernel's HZ from `ticks` jiffies counted over `elapsed`: the nearest value
+/// Linux is built with.
+pub fn hz_from(ticks: u64, elapsed: Duration) -> u64 {
+    let measured = ticks as f64 / elapsed.as_secs_f64();
+    HZ_VALUES
+        .into_iter()
+        .min_by(|a, b| {
+            (*a as f64 - measured)
+                .abs()
+                .total_cmp(&(*b as f64 - measured).abs())
+        })
+        .expect("not empty")
 }
 
 #[cfg(test)]
@@ -108,7 +121,8 @@ mod tests {
     use super::*;
     use ferrite_common::{CT_FLAG_EXTERNAL, PROTO_UDP};
 
-    const SECOND: u64 = 1_000_000_000;
+    /// Ticks of a second in these tests (a kernel built with HZ=250).
+    const SECOND: u64 = 250;
     const CLIENT: [u8; 4] = [10, 244, 0, 2];
     const VIP: [u8; 4] = [10, 96, 0, 10];
     const BACKEND: [u8; 4] = [10, 244, 1, 11];
@@ -121,7 +135,8 @@ mod tests {
             sport,
             dport,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -138,7 +153,7 @@ mod tests {
             flags,
             backend_address: BACKEND,
             backend_port: 8080,
-            last_seen_ns: seen_s * SECOND,
+            last_seen_jiffies: seen_s * SECOND,
             ..CtValue::default()
         };
         vec![
@@ -183,7 +198,7 @@ mod tests {
         ]
         .concat();
 
-        let mut got: Vec<CtKey> = expired(&entries, now, &lifetimes)
+        let mut got: Vec<CtKey> = expired(&entries, now, SECOND, &lifetimes)
             .into_iter()
             .map(|(key, _)| key)
             .collect();
@@ -208,7 +223,7 @@ mod tests {
                 backend_port: 8080,
                 nat_address: NODE,
                 nat_port: 61000,
-                last_seen_ns: now - 5 * SECOND,
+                last_seen_jiffies: now - 5 * SECOND,
                 ..CtValue::default()
             },
         );
@@ -216,14 +231,14 @@ mod tests {
             key(BACKEND, 8080, NODE, 61000, PROTO_UDP),
             CtValue {
                 flags: CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_REPLY,
-                last_seen_ns: now - 500 * SECOND,
+                last_seen_jiffies: now - 500 * SECOND,
                 ..CtValue::default()
             },
         );
         let entries = [forward, reply];
-        assert!(expired(&entries, now, &Lifetimes::default()).is_empty());
+        assert!(expired(&entries, now, SECOND, &Lifetimes::default()).is_empty());
         assert_eq!(
-            expired(&entries, now + 60 * SECOND, &Lifetimes::default()).len(),
+            expired(&entries, now + 60 * SECOND, SECOND, &Lifetimes::default()).len(),
             2
         );
     }
@@ -231,6 +246,22 @@ mod tests {
     #[test]
     fn entries_seen_after_now_are_never_expired() {
         let entries = flow(1, PROTO_UDP, 500, 500, 0);
-        assert!(expired(&entries, 10 * SECOND, &Lifetimes::default()).is_empty());
+        assert!(expired(&entries, 10 * SECOND, SECOND, &Lifetimes::default()).is_empty());
+    }
+
+    #[test]
+    fn hz_is_the_nearest_value_linux_is_built_with() {
+        let tenth = Duration::from_millis(100);
+        for (ticks, hz) in [
+            (10, 100),
+            (11, 100),
+            (24, 250),
+            (26, 250),
+            (29, 300),
+            (31, 300),
+            (99, 1000),
+        ] {
+            assert_eq!(hz_from(ticks, tenth), hz, "{ticks} ticks in 100 ms");
+        }
     }
 }

@@ -18,8 +18,8 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, TcAttachType,
+        TestRun, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -215,6 +215,34 @@ pub struct Datapath {
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     /// Whether the links pinned before this agent started run its programs now.
     links_adopted: bool,
+    /// The kernel's HZ (jiffies a second), measured at load.
+    hz: u64,
+}
+
+/// Run `ferrite_clock` once: the jiffies it wrote over the test packet.
+fn read_clock(program: &SchedClassifier) -> Result<u64> {
+    // The smallest frame test_run takes for an skb program: an Ethernet header.
+    let frame = [0u8; 14];
+    let mut out = [0u8; 14];
+    let result = program
+        .test_run(aya::programs::TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("running ferrite_clock")?;
+    anyhow::ensure!(result.return_value == 0, "ferrite_clock failed");
+    Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
+}
+
+/// The kernel's HZ: jiffies counted over 100 ms of CLOCK_MONOTONIC (userspace has no
+/// other way to it: CONFIG_HZ is not exported, and `/proc/timer_list` is masked in
+/// containers).
+fn measure_hz(clock: &SchedClassifier) -> Result<u64> {
+    let (start, started) = (read_clock(clock)?, std::time::Instant::now());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let ticks = read_clock(clock)?.wrapping_sub(start);
+    Ok(crate::conntrack_gc::hz_from(ticks, started.elapsed()))
 }
 
 impl Datapath {
@@ -290,6 +318,14 @@ impl Datapath {
             .try_into()?;
         xdp.load()
             .with_context(|| format!("verifier rejected {}", program_names::FROM_WORLD))?;
+        let clock: &mut SchedClassifier = ebpf
+            .program_mut(program_names::CLOCK)
+            .context("ferrite_clock missing from the object")?
+            .try_into()?;
+        clock
+            .load()
+            .with_context(|| format!("verifier rejected {}", program_names::CLOCK))?;
+        let hz = measure_hz(clock)?;
         let logger = match log {
             DatapathLog::Off => None,
             _ => EbpfLogger::init(&mut ebpf)
@@ -301,7 +337,19 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             logger,
             links_adopted: false,
+            hz,
         })
+    }
+
+    /// The datapath's clock now (jiffies, as conntrack entries are stamped) and the
+    /// kernel's HZ.
+    pub fn clock(&self) -> Result<(u64, u64)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program_names::CLOCK)
+            .context("ferrite_clock missing")?
+            .try_into()?;
+        Ok((read_clock(program)?, self.hz))
     }
 
     /// Forward what the datapath logged since the last call to the agent's log.

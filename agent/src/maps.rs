@@ -189,7 +189,7 @@ impl NodeMaps {
         Ok(self.conntrack.iter().filter_map(Result::ok).collect())
     }
 
-    /// Per Service frontend and backend, summed over CPUs.
+    /// New flows per Service frontend and backend (`packets`), summed over CPUs.
     pub fn lb_counters(&self) -> Result<Vec<(LbStatKey, Counter)>> {
         // LRU entries can vanish while we iterate: skip those.
         Ok(self
@@ -274,22 +274,22 @@ impl NodeMaps {
         Ok(())
     }
 
-    /// Remove the entries of flows idle past their lifetime (see `conntrack_gc`). An
-    /// entry a packet touched since it was read is left for the next round.
+    /// Remove the entries of flows idle past their lifetime (see `conntrack_gc`), and
+    /// return them as they were removed. An entry a packet touched since it was read
+    /// is left for the next round.
     pub fn collect_conntrack_garbage(
         &mut self,
-        now_ns: u64,
+        (now, hz): (u64, u64),
         lifetimes: &crate::conntrack_gc::Lifetimes,
-    ) -> Result<usize> {
+    ) -> Result<Vec<(CtKey, CtValue)>> {
         let entries = self.conntrack_entries()?;
-        let mut removed = 0;
-        for (key, seen_ns) in crate::conntrack_gc::expired(&entries, now_ns, lifetimes) {
-            let untouched = self
-                .conntrack
-                .get(&key, 0)
-                .is_ok_and(|value| value.last_seen_ns == seen_ns);
-            if untouched && self.conntrack.remove(&key).is_ok() {
-                removed += 1;
+        let mut removed = Vec::new();
+        for (key, seen) in crate::conntrack_gc::expired(&entries, now, hz, lifetimes) {
+            let Ok(value) = self.conntrack.get(&key, 0) else {
+                continue;
+            };
+            if value.last_seen_jiffies == seen && self.conntrack.remove(&key).is_ok() {
+                removed.push((key, value));
             }
         }
         Ok(removed)

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ferrite_common::{map_names, stat};
+use ferrite_common::{map_names, stat, CtKey, CtValue, CT_FLAG_REPLY, REV_NAT_NONE};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -74,6 +74,10 @@ pub struct Telemetry {
     service_names: Mutex<Arc<ServiceNames>>,
     backend_packets: Family<BackendLabels, Gauge>,
     backend_bytes: Family<BackendLabels, Gauge>,
+    backend_flows: Family<BackendLabels, Gauge>,
+    /// Packets and bytes of the Service flows conntrack GC removed, per (rev-NAT
+    /// index, backend id): with the live entries' they make the per-backend totals.
+    retired_flows: Mutex<BTreeMap<(u16, u32), ferrite_common::Counter>>,
     pub syncs: Counter,
     pub sync_errors: Counter,
     pub map_writes: Counter,
@@ -104,6 +108,8 @@ impl Telemetry {
             service_names: Mutex::default(),
             backend_packets: Family::default(),
             backend_bytes: Family::default(),
+            backend_flows: Family::default(),
+            retired_flows: Mutex::default(),
             syncs: Counter::default(),
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
@@ -132,8 +138,15 @@ impl Telemetry {
             );
             r.register(
                 "service_backend_packets",
-                "Packets clients sent to a Service port that went to a backend (ferrite_lbstats)",
+                "Packets clients sent to a Service port that went to a backend (per-packet \
+                 path: from the flows' conntrack entries)",
                 telemetry.backend_packets.clone(),
+            );
+            r.register(
+                "service_backend_flows",
+                "Flows clients opened to a Service port that went to a backend (per-packet \
+                 and socket-level, ferrite_lbstats)",
+                telemetry.backend_flows.clone(),
             );
             r.register(
                 "service_backend_bytes",
@@ -268,8 +281,9 @@ impl Telemetry {
                 }
             }
             if let Ok(contents) = maps.contents_without_maglev() {
-                self.render_backend_counters(&maps, &contents);
-                let ct = maps.conntrack_entries().map(|e| e.len()).unwrap_or(0);
+                let conntrack = maps.conntrack_entries().unwrap_or_default();
+                self.render_backend_counters(&maps, &contents, &conntrack);
+                let ct = conntrack.len();
                 for (map, entries) in [
                     (map_names::SERVICES, contents.services.len()),
                     (map_names::BACKENDS, contents.backends.len()),
@@ -299,30 +313,72 @@ impl Telemetry {
         Ok(out)
     }
 
-    /// Per Service port and backend, from `ferrite_lbstats`; pairs whose frontend or
-    /// backend is no longer in the maps are left out (their series disappear).
-    fn render_backend_counters(&self, maps: &NodeMaps, contents: &MapContents) {
+    /// Remember the packets and bytes of Service flows whose conntrack entries GC
+    /// removed (forward entries count the client's packets).
+    pub fn retire_flows(&self, removed: &[(CtKey, CtValue)]) {
+        let mut retired = self.retired_flows.lock().expect("retired flows");
+        for (_, value) in removed.iter().filter(|(_, v)| is_service_forward(v)) {
+            let total = retired
+                .entry((value.rev_nat_index, value.backend_id))
+                .or_default();
+            total.packets += value.packets;
+            total.bytes += value.bytes;
+        }
+    }
+
+    /// Per Service port and backend: packets and bytes of the per-packet path's flows
+    /// (their conntrack forward entries, live and retired), and flows opened
+    /// (`ferrite_lbstats`, which socket-level balancing counts too). Pairs whose
+    /// frontend or backend is no longer in the maps are left out (their series
+    /// disappear, and their retired totals are forgotten: ids are reused).
+    fn render_backend_counters(
+        &self,
+        maps: &NodeMaps,
+        contents: &MapContents,
+        conntrack: &[(CtKey, CtValue)],
+    ) {
         let names = self.service_names.lock().expect("names").clone();
-        self.backend_packets.clear();
-        self.backend_bytes.clear();
-        let Ok(counters) = maps.lb_counters() else {
-            return;
+        for family in [
+            &self.backend_packets,
+            &self.backend_bytes,
+            &self.backend_flows,
+        ] {
+            family.clear();
+        }
+        let exists = |(rev_nat, backend): &(u16, u32)| {
+            contents.rev_nat.contains_key(rev_nat) && contents.backends.contains_key(backend)
         };
-        for (key, counter) in counters {
-            let (Some(frontend), Some(backend)) = (
-                contents.rev_nat.get(&key.rev_nat_index),
-                contents.backends.get(&key.backend_id),
-            ) else {
-                continue;
-            };
-            let labels = BackendLabels {
+        let mut traffic = {
+            let mut retired = self.retired_flows.lock().expect("retired flows");
+            retired.retain(|pair, _| exists(pair));
+            retired.clone()
+        };
+        for (_, value) in conntrack.iter().filter(|(_, v)| is_service_forward(v)) {
+            let total = traffic
+                .entry((value.rev_nat_index, value.backend_id))
+                .or_default();
+            total.packets += value.packets;
+            total.bytes += value.bytes;
+        }
+        let flows: BTreeMap<(u16, u32), u64> = maps
+            .lb_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, counter)| ((key.rev_nat_index, key.backend_id), counter.packets))
+            .collect();
+        let labels = |(rev_nat, backend): &(u16, u32)| {
+            let (frontend, backend) = (&contents.rev_nat[rev_nat], &contents.backends[backend]);
+            BackendLabels {
                 service: names
                     .get(&(frontend.address, frontend.port))
                     .cloned()
                     .unwrap_or_default(),
                 frontend: format!("{}:{}", Ipv4Addr::from(frontend.address), frontend.port),
                 backend: format!("{}:{}", Ipv4Addr::from(backend.address), backend.port),
-            };
+            }
+        };
+        for (pair, counter) in traffic.iter().filter(|(pair, _)| exists(pair)) {
+            let labels = labels(pair);
             self.backend_packets
                 .get_or_create(&labels)
                 .set(counter.packets as i64);
@@ -330,7 +386,18 @@ impl Telemetry {
                 .get_or_create(&labels)
                 .set(counter.bytes as i64);
         }
+        for (pair, count) in flows.iter().filter(|(pair, _)| exists(pair)) {
+            self.backend_flows
+                .get_or_create(&labels(pair))
+                .set(*count as i64);
+        }
     }
+}
+
+/// A Service flow's forward entry (client -> frontend): it counts the client's
+/// packets to that backend.
+fn is_service_forward(value: &CtValue) -> bool {
+    value.flags & CT_FLAG_REPLY == 0 && value.rev_nat_index != REV_NAT_NONE
 }
 
 /// Serve `/healthz`, `/readyz` and `/metrics` on `addr` from a background thread.

@@ -60,6 +60,9 @@ pub mod program_names {
     pub const FROM_OVERLAY: &str = "ferrite_from_overlay";
     /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.
     pub const NOOP: &str = "ferrite_noop";
+    /// Never attached: run with BPF_PROG_TEST_RUN, it writes the datapath's clock
+    /// (jiffies, as a native-endian u64) over the first 8 bytes of the test packet.
+    pub const CLOCK: &str = "ferrite_clock";
     /// XDP on the node's uplink: NodePort, LoadBalancer and externalIP traffic from
     /// outside the cluster, balanced (Maglev) and NATed before the stack sees it.
     pub const FROM_WORLD: &str = "ferrite_from_world";
@@ -396,7 +399,10 @@ pub const fn pod_mac_for(ip: Ipv4Addr) -> [u8; 6] {
 /// backend, and the reply tuple (backend -> client, `CT_FLAG_REPLY`) naming the
 /// rev-NAT entry to translate with. They cannot collide (a forward tuple's
 /// destination is a VIP, a reply's is a pod), so one lookup serves both directions.
-#[repr(C)]
+///
+/// Word-aligned, and padded with scalar fields: the datapath builds this key on every
+/// packet, and a byte-array pad made the compiler call `memset` for it.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     pub saddr: [u8; 4],
@@ -404,7 +410,8 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// `CtValue::rev_nat_index` of a flow that is not a Service flow: a pod's direct
@@ -437,10 +444,12 @@ pub struct CtValue {
     pub nat_port: u16,
     pub nat_address: [u8; 4],
     pub _pad: u32,
-    /// Coarse monotonic clock (bpf_ktime_get_coarse_ns): tick resolution is enough
-    /// for flow ages and costs a fraction of a precise read.
-    pub created_ns: u64,
-    pub last_seen_ns: u64,
+    /// The kernel's jiffies (bpf_jiffies64, which the verifier turns into one load:
+    /// a clock helper call per packet cost a seventh of the established path). Tick
+    /// resolution is enough for flow ages; the agent reads the same clock with
+    /// `program_names::CLOCK` and converts with the kernel's HZ.
+    pub created_jiffies: u64,
+    pub last_seen_jiffies: u64,
     pub packets: u64,
     pub bytes: u64,
 }

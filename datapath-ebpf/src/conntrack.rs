@@ -1,7 +1,7 @@
 //! Service-flow conntrack in the LRU map `ferrite_ct`: the forward entry pins a flow
 //! to its backend (and caches it), the reply entry says how to reverse-NAT the
 //! backend's answers. One lookup per packet finds either.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, REV_NAT_NONE,
     SNAT_PORT_MAX, SNAT_PORT_MIN,
@@ -21,7 +21,8 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
         sport,
         dport,
         proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -109,7 +110,11 @@ pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))?;
     // Racy adds from several CPUs may lose a count; these are statistics only.
     unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
+        // Jiffies change every few milliseconds: most packets leave the line alone.
+        let now = bpf_jiffies64();
+        if (*entry).last_seen_jiffies != now {
+            (*entry).last_seen_jiffies = now;
+        }
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
         if h.proto == PROTO_TCP && h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
@@ -141,8 +146,8 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
         nat_port,
         nat_address: nat_addr.to_ne_bytes(),
         _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
+        created_jiffies: now,
+        last_seen_jiffies: now,
         packets: 0,
         bytes: 0,
     }
@@ -154,7 +159,7 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 /// The caller then remaps the client port ([`create_snat`]), as Linux NAT does.
 #[inline(always)]
 pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() };
     let reply = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
     let reply_key = key(
         flow.backend_addr,
@@ -200,7 +205,7 @@ pub fn create_snat(
     hash: u32,
     bytes: u32,
 ) -> Option<u16> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() };
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let flags = flow.flags | CT_FLAG_SNAT;
     let reply = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);

@@ -24,8 +24,8 @@
 //!   pod or through the overlay (XDP cannot attach tunnel metadata).
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use ferrite_common::{
-    config_flag, stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    PROTO_UDP, SOURCE_RANGE_FRONTEND_BITS,
+    stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP,
+    SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::{
@@ -52,7 +52,7 @@ fn source_allowed(h: &Headers) -> bool {
 /// The pod MTU, if `h` is a packet pods cannot take whole (DF set, larger) of an
 /// external flow: established, or new to an external frontend that admits the client.
 #[inline(always)]
-fn frag_needed_mtu(h: &Headers) -> Option<u16> {
+pub fn frag_needed_mtu(h: &Headers) -> Option<u16> {
     let mtu = CONFIG.get(0).map(|c| c.pod_mtu).unwrap_or(0);
     if !icmp::too_big_for(h, mtu) {
         return None;
@@ -69,18 +69,21 @@ fn frag_needed_mtu(h: &Headers) -> Option<u16> {
 
 /// The overlay's own datagrams (to this node's VXLAN port): never external traffic.
 #[inline(always)]
-fn is_overlay(h: &Headers) -> bool {
+pub fn is_overlay(h: &Headers) -> bool {
     h.proto == PROTO_UDP && CONFIG.get(0).is_some_and(|c| h.dport == c.vxlan_port)
 }
 
+/// Balance a packet of the world to an external frontend (the XDP program's logic,
+/// also run by the uplink's tcx program where the uplink has no XDP): translated
+/// packets pass on, for the uplink's tcx program to forward.
 #[inline(always)]
-pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+pub fn balance<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports && !is_overlay(&h) => h,
         _ => return Ok(Verdict::Pass),
     };
     if frag_needed_mtu(&h).is_some() {
-        return Ok(Verdict::Pass); // answered by from_uplink
+        return Ok(Verdict::Pass); // answered by the uplink's tcx program
     }
     if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
         if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_EXTERNAL {
@@ -94,7 +97,6 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
             }
             count(stat::SERVICE_ESTABLISHED, pkt.len());
-            count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
             return Ok(Verdict::Pass);
         }
     }
@@ -147,74 +149,4 @@ pub fn from_world<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     count(stat::EXTERNAL_NEW_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
     Ok(Verdict::Pass)
-}
-
-/// tcx ingress of the uplink, after [`from_world`]: packets now addressed to a pod
-/// (translated external flows, or sent to a pod IP directly) are delivered or
-/// encapsulated here; DF packets of external flows too large for pods are answered
-/// with ICMP "fragmentation needed"; everything else goes on into the stack.
-#[inline(always)]
-pub fn from_uplink<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
-    // Without XDP on this uplink, its logic runs here first (on the skb, whose
-    // checksum helpers also handle a local sender's CHECKSUM_PARTIAL packets).
-    let external_in_tc = CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & config_flag::EXTERNAL_IN_TC != 0);
-    if external_in_tc {
-        if let Verdict::Drop(reason) = from_world(pkt)? {
-            return Ok(Verdict::Drop(reason));
-        }
-    }
-    let h = match parse(pkt) {
-        Parsed::Ipv4(h) => h,
-        _ => return Ok(Verdict::Pass),
-    };
-    // GRO may have merged segments after XDP saw them: only whole packets count.
-    if h.has_ports && !pkt.is_gso() {
-        if let Some(mtu) = frag_needed_mtu(&h) {
-            count(stat::ICMP_FRAG_NEEDED, pkt.len());
-            return icmp::frag_needed(pkt, &h, mtu);
-        }
-    }
-    if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
-        if h.has_ports && routing::is_host_address(h.daddr) {
-            host_flow_reply(pkt, &h)?;
-        }
-        return Ok(Verdict::Pass);
-    }
-    routing::route(pkt, h.daddr, h.dport)
-}
-
-/// A reply to a Service flow of the node's own process whose backend is another
-/// node's address (a host-network endpoint there) arrives here: translated back to
-/// the Service address before the stack sees it. (XDP leaves it alone: from a
-/// sender on the same machine it may carry a partial checksum, which only the skb
-/// helpers update correctly.)
-#[inline(always)]
-fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
-    if is_overlay(h) {
-        return Ok(());
-    }
-    if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
-        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
-            nat::reverse(pkt, h, &ct)?;
-        }
-    }
-    Ok(())
-}
-
-/// The reply of an external flow (`ct` is its reply entry), translated back, leaves
-/// through the uplink; without the rev-NAT entry (the Service is gone) it passes
-/// untranslated.
-#[inline(always)]
-pub fn reply_to_world<P: Packet>(
-    pkt: &P,
-    h: &Headers,
-    ct: &ferrite_common::CtValue,
-) -> Result<Verdict, ()> {
-    if nat::reverse(pkt, h, ct)? {
-        routing::to_world(pkt, h)
-    } else {
-        Ok(Verdict::Pass)
-    }
 }

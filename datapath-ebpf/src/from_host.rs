@@ -19,6 +19,7 @@ use ferrite_common::{
 };
 
 use crate::{
+    action,
     conntrack::{self, NewFlow},
     headers::{parse, Headers, Parsed},
     icmp,
@@ -29,9 +30,16 @@ use crate::{
     routing::{self, LOOPBACK_IFINDEX},
     stats::{count, count_lb},
 };
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tcx egress of the node's uplink and of `lo`: the node's own Service traffic.
+#[classifier]
+pub fn ferrite_from_host(ctx: TcContext) -> i32 {
+    action::tc(&ctx, process(&ctx))
+}
 
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports => h,
         _ => return Ok(Verdict::Pass),
@@ -58,7 +66,6 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
         }
         count(stat::SERVICE_ESTABLISHED, pkt.len());
-        count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
         return forward(pkt, &h, backend, ct.backend_port, on_lo);
     }
     // New flows of the node's own processes only: on the uplink, from its address.

@@ -8,17 +8,24 @@
 use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT};
 
 use crate::{
-    conntrack, external,
+    action, conntrack,
     headers::{parse, Parsed},
     maps::{route_key, CONFIG, ROUTES},
     nat,
     packet::{Packet, Verdict},
-    routing,
+    reply, routing,
     stats::count,
 };
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tcx ingress of the node's VXLAN device.
+#[classifier]
+pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
+    action::tc(&ctx, process(&ctx))
+}
 
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
     let tunnel = pkt.tunnel_key()?;
     if tunnel.vni != vni {
@@ -44,7 +51,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             if ct.flags & CT_FLAG_REPLY != 0 {
                 if ct.flags & CT_FLAG_EXTERNAL != 0 {
                     // A backend on that node answering a NodePort flow this node SNATed.
-                    return external::reply_to_world(pkt, &h, &ct);
+                    return reply::reply_to_world(pkt, &h, &ct);
                 }
                 if nat::reverse(pkt, &h, &ct)? && ct.flags & CT_FLAG_SNAT != 0 {
                     // A Service flow of the node's own process, SNATed to its overlay

@@ -8,19 +8,26 @@ use ferrite_common::{
 };
 
 use crate::{
+    action,
     conntrack::{self, NewFlow},
-    external,
     headers::{is_fragment_routed, parse, Headers, Parsed},
     icmp,
     lb::{self, NewFlowOutcome},
     nat,
     packet::{Packet, Verdict},
-    routing,
-    stats::{count, count_lb},
+    reply, routing,
+    stats::count,
 };
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tcx ingress of each pod's host-side veth.
+#[classifier]
+pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
+    action::tc(&ctx, process(&ctx))
+}
 
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         Parsed::Pass(reason) => {
@@ -40,7 +47,7 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
             if ct.flags & CT_FLAG_REPLY != 0 {
                 if ct.flags & CT_FLAG_EXTERNAL != 0 {
-                    return external::reply_to_world(pkt, &h, &ct);
+                    return reply::reply_to_world(pkt, &h, &ct);
                 }
                 if nat::reverse(pkt, &h, &ct)? {
                     if ct.flags & CT_FLAG_SNAT != 0 {
@@ -59,7 +66,6 @@ pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     dport = ct.backend_port;
                     nat::dnat(pkt, &h, daddr, dport)?;
                     count(stat::SERVICE_ESTABLISHED, pkt.len());
-                    count_lb(ct.rev_nat_index, ct.backend_id, pkt.len());
                 }
                 // A flow whose client port was remapped (direct, a Service flow, or
                 // hairpinned).

@@ -12,11 +12,12 @@
 //!   (`drop_malformed`);
 //! - other IP protocols (ICMP, ...): routed by destination IP, no Service lookup.
 use ferrite_common::{stat, PROTO_TCP, PROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{fragments, packet::Packet};
 
 pub const ETH_HLEN: usize = 14;
+const ETH_TYPE_OFF: usize = 12;
+const IPV4_HLEN: usize = 20;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SADDR_OFF: usize = IP_OFF + 12;
@@ -85,37 +86,49 @@ pub enum Parsed {
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     // Pointers are taken only after each pull (a pull invalidates them).
-    if pkt.ensure_linear((ETH_HLEN + Ipv4Hdr::LEN) as u32).is_err() {
+    if pkt.ensure_linear((ETH_HLEN + IPV4_HLEN) as u32).is_err() {
         return Parsed::Drop(stat::DROP_INTERNAL);
     }
-    let Ok(eth) = pkt.ptr_at::<EthHdr>(0) else {
+    let Ok(ether_type) = pkt.load::<u16>(ETH_TYPE_OFF) else {
         return Parsed::Drop(stat::DROP_MALFORMED);
     };
-    match u16::from_be(unsafe { (*eth).ether_type }) {
+    match u16::from_be(ether_type) {
         ETH_P_IP => {}
         ETH_P_ARP => return Parsed::Pass(stat::PASSED_ARP),
         _ => return Parsed::Drop(stat::DROP_UNSUPPORTED_L3),
     }
-    let Ok(ip) = pkt.ptr_at::<Ipv4Hdr>(IP_OFF) else {
+    // Each field read as one load (see `Packet::load`); the whole header is in the
+    // linear area (pulled above) or the packet is too short.
+    let Ok(vihl) = pkt.load::<u8>(IP_OFF) else {
         return Parsed::Drop(stat::DROP_MALFORMED);
     };
-    let ip = unsafe { *ip };
-    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be_bytes(ip.tot_len) as u32;
-    if ip.vihl >> 4 != 4
-        || header_len < Ipv4Hdr::LEN
+    let Ok(addresses) = pkt.load::<[u32; 2]>(IP_SADDR_OFF) else {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    };
+    let (Ok(tot_len), Ok(id), Ok(frags), Ok(proto)) = (
+        pkt.load::<u16>(IP_OFF + 2),
+        pkt.load::<u16>(IP_OFF + 4),
+        pkt.load::<u16>(IP_OFF + 6),
+        pkt.load::<u8>(IP_OFF + 9),
+    ) else {
+        return Parsed::Drop(stat::DROP_MALFORMED);
+    };
+    let header_len = ((vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(tot_len) as u32;
+    if vihl >> 4 != 4
+        || header_len < IPV4_HLEN
         || tot_len < header_len as u32
         || ETH_HLEN as u32 + tot_len > pkt.len()
     {
         return Parsed::Drop(stat::DROP_MALFORMED);
     }
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = u16::from_be(frags);
     let is_fragment = frags & 0x3fff != 0; // MF flag or a non-zero offset
     let later_fragment = frags & 0x1fff != 0;
     let mut headers = Headers {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
-        proto: ip.proto,
+        saddr: addresses[0],
+        daddr: addresses[1],
+        proto,
         l4_offset: ETH_HLEN + header_len,
         has_ports: false,
         l4_present: false,
@@ -130,7 +143,8 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     }
     if later_fragment {
         let (saddr, daddr) = (headers.saddr, headers.daddr);
-        if let Some((sport, dport)) = fragments::ports_of(saddr, daddr, ip.id, ip.proto, pkt.len())
+        if let Some((sport, dport)) =
+            fragments::ports_of(saddr, daddr, id.to_ne_bytes(), proto, pkt.len())
         {
             headers.sport = sport;
             headers.dport = dport;
@@ -153,24 +167,23 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         return Parsed::Drop(stat::DROP_INTERNAL);
     }
     // Ports (first 4 bytes) and, for TCP, the flags byte at offset 13.
-    let Ok(ports) = pkt.ptr_at::<[u8; 4]>(headers.l4_offset) else {
+    let Ok(ports) = pkt.load::<[u16; 2]>(headers.l4_offset) else {
         return Parsed::Drop(stat::DROP_MALFORMED);
     };
-    let ports = unsafe { *ports };
-    headers.sport = u16::from_be_bytes([ports[0], ports[1]]);
-    headers.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    headers.sport = u16::from_be(ports[0]);
+    headers.dport = u16::from_be(ports[1]);
     if headers.proto == PROTO_TCP {
-        let Ok(flags) = pkt.ptr_at::<u8>(headers.l4_offset + 13) else {
+        let Ok(flags) = pkt.load::<u8>(headers.l4_offset + 13) else {
             return Parsed::Drop(stat::DROP_MALFORMED);
         };
-        headers.tcp_flags = unsafe { *flags };
+        headers.tcp_flags = flags;
     }
     headers.has_ports = true;
     headers.l4_present = true;
     if is_fragment {
         let (saddr, daddr, sport, dport) =
             (headers.saddr, headers.daddr, headers.sport, headers.dport);
-        fragments::remember(saddr, daddr, ip.id, ip.proto, sport, dport);
+        fragments::remember(saddr, daddr, id.to_ne_bytes(), proto, sport, dport);
     }
     Parsed::Ipv4(headers)
 }

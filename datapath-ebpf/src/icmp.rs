@@ -8,6 +8,7 @@
 //!   backends, as kube-proxy's REJECT answers (a TCP connect fails with ECONNREFUSED
 //!   at once, a connected UDP socket gets ECONNREFUSED).
 use crate::{
+    csum,
     headers::{Headers, ETH_HLEN, IP_OFF},
     packet::{Packet, Verdict},
 };
@@ -24,20 +25,6 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// The smallest MTU IPv4 allows (RFC 791); below it a limit is a misconfiguration,
 /// and the error (56 bytes of IP) would not fit in the packet it replaces.
 const MIN_IPV4_MTU: u16 = 68;
-
-/// The Internet checksum of `bytes` (an even number of them).
-#[inline(always)]
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
 
 /// Whether `h` (an IPv4 packet without options) must be answered with
 /// [`frag_needed`] rather than forwarded to a pod: DF set and larger than `mtu`.
@@ -78,7 +65,7 @@ fn unreachable<P: Packet>(pkt: &P, h: &Headers, code: u8, mtu: u16) -> Result<()
     ip[9] = PROTO_ICMP;
     ip[12..16].copy_from_slice(&h.daddr.to_ne_bytes());
     ip[16..20].copy_from_slice(&h.saddr.to_ne_bytes());
-    let ip_check = checksum(&ip);
+    let ip_check = csum::of_bytes(&ip);
     ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
 
     let mut icmp = [0u8; ICMP_HLEN + QUOTED_LEN];
@@ -86,7 +73,7 @@ fn unreachable<P: Packet>(pkt: &P, h: &Headers, code: u8, mtu: u16) -> Result<()
     icmp[1] = code;
     icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
     icmp[ICMP_HLEN..].copy_from_slice(&quoted);
-    let icmp_check = checksum(&icmp);
+    let icmp_check = csum::of_bytes(&icmp);
     icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
 
     // Cut (or grow: a small datagram is shorter than the error) to the error's size.

@@ -3,6 +3,7 @@
 use ferrite_common::{stat, CtValue, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE};
 
 use crate::{
+    csum,
     headers::{Headers, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
     maps::REV_NAT,
     packet::Packet,
@@ -44,19 +45,6 @@ pub fn reverse<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<bool, ()
     Ok(true)
 }
 
-/// RFC 1624 incremental update of a ones'-complement checksum for a 32-bit field
-/// change. Byte order does not matter as long as checksum and values share it (here:
-/// network-order bytes read natively).
-#[inline(always)]
-pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let not_from = !from;
-    let mut sum =
-        (!check) as u32 + (not_from & 0xffff) + (not_from >> 16) + (to & 0xffff) + (to >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
 #[inline(always)]
 fn rewrite_addr<P: Packet>(
     pkt: &P,
@@ -74,7 +62,7 @@ fn rewrite_addr<P: Packet>(
     }
     // The IP header checksum is always complete: fixed here without a helper call.
     let check = unsafe { *pkt.ptr_at::<u16>(IP_CSUM_OFF)? };
-    pkt.store(IP_CSUM_OFF, &csum_replace4(check, old, new))?;
+    pkt.store(IP_CSUM_OFF, &csum::replace4(check, old, new))?;
     pkt.store(offset, &new)
 }
 

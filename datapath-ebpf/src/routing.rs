@@ -30,9 +30,21 @@ pub fn local_endpoint(addr: u32) -> Option<EndpointInfo> {
 /// Rewrite the Ethernet header: `dst`, then `src`.
 #[inline(always)]
 fn set_macs<P: Packet>(pkt: &P, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), ()> {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(dst);
-    macs[6..].copy_from_slice(src);
+    pkt.store(0, dst)?;
+    pkt.store(6, src)
+}
+
+/// Rewrite the Ethernet header to the pod's MAC from its gateway's, as three word
+/// stores: `pod_mac` and `host_mac` are the 12 bytes after `ifindex` in
+/// [`EndpointInfo`], the Ethernet header's own order (destination, source).
+#[inline(always)]
+fn set_pod_macs<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<(), ()> {
+    const _: () = assert!(
+        core::mem::offset_of!(EndpointInfo, pod_mac) == 4
+            && core::mem::offset_of!(EndpointInfo, host_mac) == 10
+    );
+    // Aligned: offset 4 of a 4-aligned struct.
+    let macs = unsafe { *((ep as *const EndpointInfo as *const u8).add(4) as *const [u32; 3]) };
     pkt.store(0, &macs)
 }
 
@@ -40,7 +52,7 @@ fn set_macs<P: Packet>(pkt: &P, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), ()> 
 /// gateway (the host veth).
 #[inline(always)]
 pub fn deliver_local<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, ()> {
-    set_macs(pkt, &ep.pod_mac, &ep.host_mac)?;
+    set_pod_macs(pkt, ep)?;
     Ok(Verdict::RedirectPeer(ep.ifindex))
 }
 
@@ -48,7 +60,7 @@ pub fn deliver_local<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, (
 /// allowed): out of the pod's host veth, into the pod.
 #[inline(always)]
 pub fn deliver_local_from_egress<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, ()> {
-    set_macs(pkt, &ep.pod_mac, &ep.host_mac)?;
+    set_pod_macs(pkt, ep)?;
     Ok(Verdict::Redirect(ep.ifindex))
 }
 

@@ -23,6 +23,7 @@
 //!   could not do without destroying it.
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,
 };
@@ -147,27 +148,37 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
 }
 
 /// cgroup/connect4: TCP connects (connected UDP is left to the per-packet path).
-#[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    match request(ctx) {
-        Some(req) if req.proto == PROTO_TCP => translate(ctx, &req),
+#[cgroup_sock_addr(connect4)]
+pub fn ferrite_connect4(ctx: SockAddrContext) -> i32 {
+    match request(&ctx) {
+        Some(req) if req.proto == PROTO_TCP => translate(&ctx, &req),
         _ => ALLOW,
     }
 }
 
 /// cgroup/sendmsg4: unconnected UDP sends with a destination address.
-#[inline(always)]
-pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    match request(ctx) {
-        Some(req) if req.proto == PROTO_UDP => translate(ctx, &req),
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ferrite_sendmsg4(ctx: SockAddrContext) -> i32 {
+    match request(&ctx) {
+        Some(req) if req.proto == PROTO_UDP => translate(&ctx, &req),
         _ => ALLOW,
     }
 }
 
 /// cgroup/recvmsg4 and getpeername4: a backend's address the socket was translated
 /// to reads as the Service address it asked for.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ferrite_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferrite_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx)
+}
+
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     if sa.user_family != AF_INET {
         return ALLOW;

@@ -36,8 +36,10 @@ pub fn count(index: u32, bytes: u32) {
     }
 }
 
-/// Count a packet a client sent to a Service frontend (`rev_nat_index`) that went to
-/// `backend_id` (new and established flows; replies are not counted here).
+/// Count a new flow a client opened to a Service frontend (`rev_nat_index`) that went
+/// to `backend_id` (per-packet and socket-level). Packets of established flows are
+/// counted in their conntrack entry, not here: an LRU per-CPU hash lookup (which the
+/// kernel cannot inline) per packet cost a fifth of the established path.
 #[inline(always)]
 pub fn count_lb(rev_nat_index: u16, backend_id: u32, bytes: u32) {
     let key = LbStatKey {

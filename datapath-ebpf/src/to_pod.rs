@@ -7,14 +7,21 @@
 use ferrite_common::{CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 
 use crate::{
-    conntrack,
+    action, conntrack,
     headers::{parse, Parsed},
     nat,
     packet::{Packet, Verdict},
 };
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tcx egress of each pod's host-side veth: what the host stack sends the pod.
+#[classifier]
+pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
+    action::tc(&ctx, process(&ctx))
+}
 
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports => h,
         _ => return Ok(Verdict::Pass),

@@ -99,13 +99,21 @@ fn the_agent_syncs_from_the_api_server_serves_traffic_and_reports_ready_and_metr
                 .all(|l| l.contains("service=\"default/web:http\"")),
         "per-backend series:\n{metrics}"
     );
-    let to_services = sum_of("ferrite_datapath_packets{reason=\"service_new_flow\"}")
-        + sum_of("ferrite_datapath_packets{reason=\"service_established\"}");
+    let new_flows = sum_of("ferrite_datapath_packets{reason=\"service_new_flow\"}");
+    let to_services =
+        new_flows + sum_of("ferrite_datapath_packets{reason=\"service_established\"}");
     assert_eq!(
         per_backend.iter().filter_map(|l| value(l)).sum::<u64>(),
         to_services,
         "{metrics}"
     );
+    // And every flow opened, once, on the backend it went to.
+    let flows: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrite_service_backend_flows{") && l.contains(&frontend))
+        .filter_map(value)
+        .sum();
+    assert_eq!((flows, new_flows), (10, 10), "{metrics}");
     Ok(())
 }
 

@@ -1,0 +1,50 @@
+//! From a [`Verdict`] to a program's return code: the one place drops are counted
+//! and logged for every TC entry.
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use ferrite_common::stat;
+
+use crate::{
+    packet::{Packet, Verdict},
+    stats,
+};
+
+/// Count a drop and, at debug level only (the agent's `--datapath-log`), log it:
+/// drops are the one datapath event worth a log line, and they are off the hot path.
+#[inline(always)]
+pub fn log_drop<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) {
+    stats::count(reason, len);
+    debug!(
+        ctx,
+        "drop: reason {} ({} bytes) on ifindex {}",
+        stats::drop_name(reason),
+        len,
+        ifindex
+    );
+}
+
+/// The TC return code for `verdict` (an `Err` is an internal drop).
+#[inline(always)]
+pub fn tc(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
+    match verdict.unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop(reason) => {
+            log_drop(ctx, reason, Packet::len(ctx), Packet::ifindex(ctx));
+            TC_ACT_SHOT
+        }
+        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        Verdict::Bounce => unsafe { bpf_redirect(Packet::ifindex(ctx), 0) as i32 },
+        Verdict::RedirectIngress(ifindex) => unsafe {
+            bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32
+        },
+    }
+}

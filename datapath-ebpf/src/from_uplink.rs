@@ -1,0 +1,76 @@
+//! tcx ingress of the node's uplink: delivers what XDP translated (or balances
+//! external traffic itself where the uplink runs no XDP), answers DF packets too
+//! large for pods, and translates replies of the node's own Service flows whose
+//! backend is another node's address.
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use ferrite_common::{config_flag, stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
+
+use crate::{
+    action, conntrack, external,
+    headers::{parse, Headers, Parsed},
+    icmp,
+    maps::CONFIG,
+    nat,
+    packet::{Packet, Verdict},
+    routing,
+    stats::count,
+};
+
+#[classifier]
+pub fn ferrite_from_uplink(ctx: TcContext) -> i32 {
+    action::tc(&ctx, process(&ctx))
+}
+
+/// After the XDP program (if any): packets now addressed to a pod
+/// (translated external flows, or sent to a pod IP directly) are delivered or
+/// encapsulated here; DF packets of external flows too large for pods are answered
+/// with ICMP "fragmentation needed"; everything else goes on into the stack.
+#[inline(always)]
+fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    // Without XDP on this uplink, its logic runs here first (on the skb, whose
+    // checksum helpers also handle a local sender's CHECKSUM_PARTIAL packets).
+    let external_in_tc = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flag::EXTERNAL_IN_TC != 0);
+    if external_in_tc {
+        if let Verdict::Drop(reason) = external::balance(pkt)? {
+            return Ok(Verdict::Drop(reason));
+        }
+    }
+    let h = match parse(pkt) {
+        Parsed::Ipv4(h) => h,
+        _ => return Ok(Verdict::Pass),
+    };
+    // GRO may have merged segments after XDP saw them: only whole packets count.
+    if h.has_ports && !pkt.is_gso() {
+        if let Some(mtu) = external::frag_needed_mtu(&h) {
+            count(stat::ICMP_FRAG_NEEDED, pkt.len());
+            return icmp::frag_needed(pkt, &h, mtu);
+        }
+    }
+    if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
+        if h.has_ports && routing::is_host_address(h.daddr) {
+            host_flow_reply(pkt, &h)?;
+        }
+        return Ok(Verdict::Pass);
+    }
+    routing::route(pkt, h.daddr, h.dport)
+}
+
+/// A reply to a Service flow of the node's own process whose backend is another
+/// node's address (a host-network endpoint there) arrives here: translated back to
+/// the Service address before the stack sees it. (XDP leaves it alone: from a
+/// sender on the same machine it may carry a partial checksum, which only the skb
+/// helpers update correctly.)
+#[inline(always)]
+fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
+    if external::is_overlay(h) {
+        return Ok(());
+    }
+    if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
+        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
+            nat::reverse(pkt, h, &ct)?;
+        }
+    }
+    Ok(())
+}
