@@ -21,7 +21,8 @@ pub fn create_private_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write a file atomically (a temporary file, then rename) with mode 0600.
+/// Write a file atomically (a temporary file, then rename) with mode 0600. A link
+/// planted at the temporary name is not followed.
 pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
@@ -29,6 +30,7 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
         .truncate(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(content)?;

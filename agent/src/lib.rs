@@ -17,3 +17,43 @@ pub mod plan;
 pub mod podnet;
 pub mod source;
 pub mod telemetry;
+
+/// Unit tests' heap meter: bytes allocated by the calling thread, for tests that
+/// memory does not grow with untrusted input.
+#[cfg(test)]
+pub(crate) mod alloc_meter {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+    };
+
+    thread_local! {
+        static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    struct Meter;
+
+    // SAFETY: every call is passed to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get().saturating_add(layout.size())));
+            System.alloc(layout)
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            System.dealloc(ptr, layout)
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get().saturating_add(new_size)));
+            System.realloc(ptr, layout, new_size)
+        }
+    }
+
+    #[global_allocator]
+    static METER: Meter = Meter;
+
+    pub fn allocated_on_this_thread() -> usize {
+        ALLOCATED.with(Cell::get)
+    }
+}

@@ -219,6 +219,18 @@ pub fn pod_interface_name(namespace: &str, name: &str) -> String {
     format!("fer{hex}")
 }
 
+/// Host-side veth name of a pod's interface `ifname`: the pod's name for `eth0`
+/// (the one the agent derives from the Pod object), a name of its own for any other
+/// (`net1`, as Multus adds), so a second attachment never takes over the first's.
+pub fn pod_attachment_interface_name(namespace: &str, name: &str, ifname: &str) -> String {
+    if ifname == "eth0" {
+        return pod_interface_name(namespace, name);
+    }
+    let digest = Sha256::digest(format!("{namespace}/{name}/{ifname}").as_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("fer{hex}")
+}
+
 fn object_name(kind: &str, namespace: Option<&str>, name: Option<&str>) -> String {
     format!(
         "{kind} {}/{}",
@@ -1642,6 +1654,11 @@ status: {podIP: 10.244.0.999}
         assert!(name.starts_with("fer"));
         assert_eq!(name, pod_interface_name("shop", "web-0"));
         assert_ne!(name, pod_interface_name("shop", "web-1"));
+        assert_eq!(pod_attachment_interface_name("shop", "web-0", "eth0"), name);
+        let second = pod_attachment_interface_name("shop", "web-0", "net1");
+        assert_eq!(second.len(), 15);
+        assert!(second.starts_with("fer"));
+        assert_ne!(second, name);
     }
 
     const NODES: &str = r#"

@@ -7,14 +7,100 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    os::fd::AsFd,
+    os::{
+        fd::AsFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
+    process::Command,
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use ferrite_common::{pod_mac_for, HOST_VETH_MAC, POD_GATEWAY_IP};
+use serde::{Deserialize, Serialize};
 
 use crate::hostnet::{run, run_with_input};
+
+/// A network namespace's identity: device and inode of its nsfs file (what
+/// `ip netns identify` and `stat -L` compare).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The namespace `path` names; `None` when the path is gone or is no longer a
+/// namespace (a runtime unmounted it and left the empty file it was mounted on).
+pub fn netns_id(path: &Path) -> Result<Option<NetnsId>> {
+    // Non-blocking: a FIFO or device at the path must not hang the plugin.
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.with_context(|| format!("opening {}", path.display()))?,
+    };
+    let fs_type = nix::sys::statfs::fstatfs(&file)
+        .with_context(|| format!("statfs {}", path.display()))?
+        .filesystem_type();
+    if fs_type != nix::sys::statfs::NSFS_MAGIC {
+        return Ok(None);
+    }
+    let meta = file.metadata()?;
+    Ok(Some(NetnsId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    }))
+}
+
+/// The network namespace the calling thread runs in (the node's, for the plugin).
+pub fn own_netns_id() -> Result<NetnsId> {
+    netns_id(Path::new("/proc/thread-self/ns/net"))?
+        .context("/proc/thread-self/ns/net is not a namespace")
+}
+
+/// `ip -j ARGS` in the calling thread's namespace, parsed (an empty answer is `[]`).
+pub fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip -j {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ip -j {}", args.join(" ")))
+}
+
+/// The alias of link `name` (the plugin records the owning container id there),
+/// `None` if the link has none or does not exist.
+pub fn link_alias(name: &str) -> Option<String> {
+    let links = ip_json(&["link", "show", "dev", name]).ok()?;
+    links[0]["ifalias"].as_str().map(str::to_string)
+}
+
+/// Record who wired a host veth in its alias (one the IPAM files cannot forge).
+pub fn set_link_alias(name: &str, alias: &str) -> Result<()> {
+    run("ip", &["link", "set", "dev", name, "alias", alias])
+        .with_context(|| format!("setting the alias of {name}"))
+}
+
+/// The MAC of link `name` in the calling thread's namespace.
+pub fn link_mac(name: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifaddr| {
+        (ifaddr.interface_name == name)
+            .then(|| ifaddr.address?.as_link_addr()?.addr())
+            .flatten()
+    })
+}
 
 /// A pod interface to create or remove.
 #[derive(Clone, Debug)]
@@ -119,10 +205,16 @@ fn configure_pod_side(pod: &PodInterface) -> Result<()> {
     })
 }
 
-/// Delete the pod end of a pair (and so the pair) from inside the pod's namespace.
-/// Returns whether it existed.
-pub fn delete_pod_end(netns: &Path, name: &str) -> Result<bool> {
-    in_netns(netns, || delete_link(name))
+/// Delete the pod end of a pair (and so the pair) from inside the pod's namespace,
+/// if it is the interface wired for `ip` (its MAC says so): an interface of that name
+/// that the plugin did not create stays. Returns whether it was deleted.
+pub fn delete_pod_end(netns: &Path, name: &str, ip: Ipv4Addr) -> Result<bool> {
+    in_netns(netns, || {
+        if link_mac(name) != Some(pod_mac_for(ip)) {
+            return Ok(false);
+        }
+        delete_link(name)
+    })
 }
 
 /// Delete a host end (and so the pair) in the current namespace, if it exists.
@@ -140,4 +232,80 @@ fn delete_link(name: &str) -> Result<bool> {
         Err(_) if !link_exists(name) => Ok(false),
         other => other.map(|_| true),
     }
+}
+
+/// The host side of the node's pods as the kernel has it now: which links are up,
+/// the /32 link routes and the permanent neighbours (read once, for every pod).
+#[derive(Debug, Default)]
+pub struct HostWiring {
+    up: std::collections::BTreeSet<String>,
+    routes: std::collections::BTreeSet<(String, String)>,
+    neighbours: std::collections::BTreeSet<(String, String, String)>,
+}
+
+impl HostWiring {
+    /// Read the calling thread's namespace.
+    pub fn read() -> Result<Self> {
+        let mut wiring = Self::default();
+        for link in array(&ip_json(&["link", "show"])?) {
+            let up = link["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "UP"));
+            if let (true, Some(name)) = (up, link["ifname"].as_str()) {
+                wiring.up.insert(name.into());
+            }
+        }
+        for route in array(&ip_json(&["-4", "route", "show", "scope", "link"])?) {
+            if let (Some(dst), Some(dev)) = (route["dst"].as_str(), route["dev"].as_str()) {
+                wiring.routes.insert((dst.into(), dev.into()));
+            }
+        }
+        for neigh in array(&ip_json(&["-4", "neigh", "show", "nud", "permanent"])?) {
+            if let (Some(dst), Some(dev), Some(mac)) = (
+                neigh["dst"].as_str(),
+                neigh["dev"].as_str(),
+                neigh["lladdr"].as_str(),
+            ) {
+                wiring
+                    .neighbours
+                    .insert((dst.into(), dev.into(), mac.into()));
+            }
+        }
+        Ok(wiring)
+    }
+
+    /// What the host side of pod `ip` behind `interface` lacks: the link up, the
+    /// node's /32 route and its permanent neighbour entry.
+    pub fn missing(&self, ip: Ipv4Addr, interface: &str) -> Vec<String> {
+        let mut missing = Vec::new();
+        if !self.up.contains(interface) {
+            missing.push(format!("host veth {interface} is down"));
+        }
+        if !self.routes.contains(&(ip.to_string(), interface.into())) {
+            missing.push(format!("the node has no route {ip}/32 dev {interface}"));
+        }
+        let neighbour = (
+            ip.to_string(),
+            interface.to_string(),
+            mac_string(pod_mac_for(ip)),
+        );
+        if !self.neighbours.contains(&neighbour) {
+            missing.push(format!(
+                "the node has no permanent neighbour {ip} lladdr {} dev {interface}",
+                neighbour.2
+            ));
+        }
+        missing
+    }
+}
+
+/// Set a pod's host veth up and restore its /32 route and neighbour (a link taken
+/// down loses both, and taking it up again restores neither).
+pub fn repair_host_side(ip: Ipv4Addr, interface: &str) -> Result<()> {
+    run("ip", &["link", "set", "dev", interface, "up"])?;
+    crate::hostnet::add_pod_route(ip, interface)
+}
+
+fn array(value: &serde_json::Value) -> &[serde_json::Value] {
+    value.as_array().map(Vec::as_slice).unwrap_or_default()
 }

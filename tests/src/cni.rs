@@ -152,7 +152,8 @@ impl Runtime {
         })
     }
 
-    fn env(command: &str, sandbox: &Sandbox) -> Vec<(&'static str, String)> {
+    /// The CNI_* variables of `command` for `sandbox`, as a kubelet's runtime sets them.
+    pub fn env(command: &str, sandbox: &Sandbox) -> Vec<(&'static str, String)> {
         vec![
             ("CNI_COMMAND", command.to_string()),
             ("CNI_CONTAINERID", sandbox.container_id.clone()),

@@ -3,10 +3,18 @@
 //! (flock) serialises plugin runs, and `last_reserved_ip` makes allocation
 //! round-robin so a released address is not handed out again at once (the
 //! reference host-local plugin's layout and behaviour).
+//!
+//! The data directory comes from the network configuration, so it is checked before
+//! anything in it is touched: a real directory (never a symbolic link), owned by the
+//! plugin's user, writable by nobody else. Files inside are opened without following
+//! links, and one that cannot be read is skipped (its address stays taken) instead of
+//! stopping every other pod's ADD and DEL.
 use std::{
+    collections::BTreeSet,
     fs::{self, File, OpenOptions},
+    io::Read,
     net::Ipv4Addr,
-    os::unix::fs::OpenOptionsExt,
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -15,10 +23,10 @@ use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::files::{create_private_dir, write_private};
+use crate::{files::write_private, podnet::NetnsId};
 
-/// Who holds an address: the attachment (container id + interface) and the host
-/// veth it was wired with.
+/// Who holds an address: the attachment (container id + interface), the host veth
+/// it was wired with, and the pod's namespace (absent in files of older versions).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     #[serde(rename = "containerID")]
@@ -26,7 +34,28 @@ pub struct Owner {
     pub ifname: String,
     #[serde(rename = "hostInterface")]
     pub host_interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsRecord>,
 }
+
+/// The CNI_NETNS an attachment was made in, and the namespace it named then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsRecord {
+    pub path: String,
+    pub id: NetnsId,
+}
+
+/// The data directory cannot be trusted; nothing in it was touched.
+#[derive(Debug)]
+pub struct Untrusted(pub String);
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Untrusted {}
 
 /// The allocation state of one node, locked for as long as this value lives.
 pub struct Store {
@@ -34,20 +63,96 @@ pub struct Store {
     _lock: Flock<File>,
 }
 
+/// An address file: its owner, or why it cannot be read.
+pub type Allocation = (Ipv4Addr, Result<Owner, String>);
+
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip";
+/// Owner files are a few hundred bytes; a larger one is not ours.
+const MAX_FILE: u64 = 64 * 1024;
+
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let file = open_nofollow(path)?;
+    anyhow::ensure!(file.metadata()?.is_file(), "not a regular file");
+    let mut content = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut content)?;
+    anyhow::ensure!(
+        content.len() as u64 <= MAX_FILE,
+        "larger than {MAX_FILE} bytes"
+    );
+    Ok(content)
+}
+
+/// Refuse `path` unless it is a directory (not a link to one) of the plugin's user
+/// that nobody else may write.
+fn check_dir(path: &Path) -> Result<std::fs::Metadata> {
+    let untrusted =
+        |why: String| anyhow::Error::new(Untrusted(format!("{}: {why}", path.display())));
+    let meta =
+        fs::symlink_metadata(path).with_context(|| format!("inspecting {}", path.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(untrusted("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(untrusted("is not a directory".into()));
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != uid {
+        return Err(untrusted(format!(
+            "is owned by uid {}, not {uid}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(meta)
+}
 
 impl Store {
-    /// Open (creating it, mode 0700) and lock the store in `dir`; blocks while
-    /// another plugin run holds it.
+    /// Open and lock the store in `dir` (one node's directory inside the data
+    /// directory), creating both with mode 0700 if missing; blocks while another
+    /// plugin run holds it. Fails with [`Untrusted`] before touching anything when
+    /// either directory is a symbolic link, someone else's or writable by others.
     pub fn lock(dir: &Path) -> Result<Self> {
-        create_private_dir(dir)?;
+        let data_dir = dir.parent().context("the store has no parent directory")?;
+        if fs::symlink_metadata(data_dir).is_err() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+        }
+        check_dir(data_dir)?;
+        match fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("creating {}", dir.display()))
+            }
+            _ => {}
+        }
+        let meta = check_dir(dir)?;
+        if meta.mode() & 0o777 != 0o700 {
+            // Not a link (checked), in a directory only we may change.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(dir.join(LOCK_FILE))?;
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(dir.join(LOCK_FILE))
+            .context("opening the IPAM lock")?;
         let lock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| errno)
             .context("locking the IPAM store")?;
@@ -57,8 +162,9 @@ impl Store {
         })
     }
 
-    /// Every allocation, in address order.
-    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>> {
+    /// Every address file, in address order, with its owner or why it cannot be
+    /// read.
+    pub fn allocations(&self) -> Result<Vec<Allocation>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
@@ -69,46 +175,87 @@ impl Store {
             else {
                 continue;
             };
-            let owner = serde_json::from_slice(&fs::read(&path)?)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let owner = read_small(&path)
+                .and_then(|content| Ok(serde_json::from_slice::<Owner>(&content)?))
+                .map_err(|e| format!("{}: {e:#}", path.display()));
             out.push((ip, owner));
         }
         out.sort_by_key(|(ip, _)| *ip);
         Ok(out)
     }
 
+    /// The readable allocations; unreadable files are reported on stderr (the
+    /// runtime's log) and skipped, their addresses stay taken.
+    pub fn owners(&self) -> Result<Vec<(Ipv4Addr, Owner)>> {
+        Ok(self
+            .allocations()?
+            .into_iter()
+            .filter_map(|(ip, owner)| match owner {
+                Ok(owner) => Some((ip, owner)),
+                Err(why) => {
+                    eprintln!("ferrite-cni: skipping unreadable IPAM file {why}");
+                    None
+                }
+            })
+            .collect())
+    }
+
     /// The address held by an attachment, if any.
     pub fn find(&self, container_id: &str, ifname: &str) -> Result<Option<(Ipv4Addr, Owner)>> {
         Ok(self
-            .allocations()?
+            .owners()?
             .into_iter()
             .find(|(_, o)| o.container_id == container_id && o.ifname == ifname))
     }
 
-    /// Allocate the next free address of `cidr` after the last one handed out
+    /// Claim the next free address of `cidr` after the last one handed out
     /// (skipping the network, broadcast and first address, which is left for a
-    /// gateway as host-local does). `None` when the range is full.
-    pub fn allocate(&self, cidr: Ipv4Net, owner: &Owner) -> Result<Option<Ipv4Addr>> {
-        let usable: Vec<Ipv4Addr> = cidr.hosts().skip(1).collect();
-        if usable.is_empty() {
+    /// gateway as host-local does), never one with a file here or one `in_use`
+    /// says is taken elsewhere. `None` when the range is full. Walks the range
+    /// lazily: memory does not grow with the prefix.
+    pub fn allocate(
+        &self,
+        cidr: Ipv4Net,
+        owner: &Owner,
+        in_use: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Option<Ipv4Addr>> {
+        if cidr.prefix_len() > 30 {
             return Ok(None);
         }
-        let taken: Vec<Ipv4Addr> = self.allocations()?.into_iter().map(|(ip, _)| ip).collect();
-        let last: Option<Ipv4Addr> = fs::read_to_string(self.dir.join(LAST_RESERVED))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let start = last
-            .and_then(|last| usable.iter().position(|ip| *ip == last))
-            .map_or(0, |i| i + 1);
-        let Some(ip) = (0..usable.len())
-            .map(|i| usable[(start + i) % usable.len()])
-            .find(|ip| !taken.contains(ip))
+        let first = u32::from(cidr.network()) + 2;
+        let last = u32::from(cidr.broadcast()) - 1;
+        let taken: BTreeSet<Ipv4Addr> = self.allocations()?.into_iter().map(|(ip, _)| ip).collect();
+        let start = self
+            .last_reserved()
+            .map(u32::from)
+            .filter(|last_ip| (first..=last).contains(last_ip))
+            .map_or(
+                first,
+                |last_ip| if last_ip == last { first } else { last_ip + 1 },
+            );
+        let Some(ip) = (start..=last)
+            .chain(first..start)
+            .map(Ipv4Addr::from)
+            .find(|ip| !taken.contains(ip) && !in_use(*ip))
         else {
             return Ok(None);
         };
         write_private(&self.dir.join(ip.to_string()), &serde_json::to_vec(owner)?)?;
-        write_private(&self.dir.join(LAST_RESERVED), ip.to_string().as_bytes())?;
         Ok(Some(ip))
+    }
+
+    /// The address handed out last (where the next search starts).
+    pub fn last_reserved(&self) -> Option<Ipv4Addr> {
+        read_small(&self.dir.join(LAST_RESERVED))
+            .ok()
+            .and_then(|s| String::from_utf8(s).ok())
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Record `ip` as handed out last, once its attachment is complete (a failed
+    /// ADD leaves the round-robin position as it was).
+    pub fn remember_last(&self, ip: Ipv4Addr) -> Result<()> {
+        write_private(&self.dir.join(LAST_RESERVED), ip.to_string().as_bytes())
     }
 
     /// Release an address; releasing a free one is fine (DEL is idempotent).
@@ -129,14 +276,26 @@ mod tests {
             container_id: id.into(),
             ifname: "eth0".into(),
             host_interface: format!("fer{id}"),
+            netns: None,
         }
     }
 
     fn temp_store(label: &str) -> (PathBuf, Store) {
-        let dir = std::env::temp_dir().join(format!("ferrite-ipam-{label}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let store = Store::lock(&dir).unwrap();
-        (dir, store)
+        let base =
+            std::env::temp_dir().join(format!("ferrite-ipam-{label}-{}", std::process::id()));
+        if base.exists() {
+            fs::remove_dir_all(&base).unwrap();
+        }
+        let store = Store::lock(&base.join("node")).unwrap();
+        (base, store)
+    }
+
+    fn allocate(store: &Store, cidr: Ipv4Net, id: &str) -> Option<Ipv4Addr> {
+        let ip = store.allocate(cidr, &owner(id), |_| false).unwrap();
+        if let Some(ip) = ip {
+            store.remember_last(ip).unwrap();
+        }
+        ip
     }
 
     #[test]
@@ -144,20 +303,20 @@ mod tests {
         let (dir, store) = temp_store("rr");
         let cidr: Ipv4Net = "10.0.0.0/29".parse().unwrap();
         // .0 network, .1 gateway, .7 broadcast: .2 to .6 are usable.
-        let a = store.allocate(cidr, &owner("a")).unwrap().unwrap();
-        let b = store.allocate(cidr, &owner("b")).unwrap().unwrap();
+        let a = allocate(&store, cidr, "a").unwrap();
+        let b = allocate(&store, cidr, "b").unwrap();
         assert_eq!(
             (a, b),
             ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap())
         );
         store.release(a).unwrap();
         // A released address is not reused at once.
-        let c = store.allocate(cidr, &owner("c")).unwrap().unwrap();
+        let c = allocate(&store, cidr, "c").unwrap();
         assert_eq!(c, "10.0.0.4".parse::<Ipv4Addr>().unwrap());
         for id in ["d", "e", "f"] {
-            assert!(store.allocate(cidr, &owner(id)).unwrap().is_some());
+            assert!(allocate(&store, cidr, id).is_some());
         }
-        assert_eq!(store.allocate(cidr, &owner("g")).unwrap(), None);
+        assert_eq!(allocate(&store, cidr, "g"), None);
         let (_, found) = store.find("c", "eth0").unwrap().unwrap();
         assert_eq!(found, owner("c"));
         store.release(c).unwrap();
@@ -165,5 +324,77 @@ mod tests {
         assert!(store.find("c", "eth0").unwrap().is_none());
         drop(store);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn addresses_in_use_elsewhere_and_unreadable_files_are_never_handed_out() {
+        let (dir, store) = temp_store("taken");
+        let cidr: Ipv4Net = "10.0.0.0/29".parse().unwrap();
+        fs::write(dir.join("node/10.0.0.2"), b"{not json").unwrap();
+        fs::create_dir(dir.join("node/10.0.0.3")).unwrap();
+        let elsewhere: Ipv4Addr = "10.0.0.4".parse().unwrap();
+        let ip = store
+            .allocate(cidr, &owner("a"), |ip| ip == elsewhere)
+            .unwrap();
+        assert_eq!(ip, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(store.owners().unwrap(), vec![(ip.unwrap(), owner("a"))]);
+        let bad = store.allocations().unwrap();
+        assert_eq!(bad.iter().filter(|(_, o)| o.is_err()).count(), 2);
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn memory_does_not_grow_with_the_prefix() {
+        let (dir, store) = temp_store("wide");
+        let before = crate::alloc_meter::allocated_on_this_thread();
+        // A /8: sixteen million addresses.
+        let ip = store
+            .allocate("10.0.0.0/8".parse().unwrap(), &owner("a"), |_| false)
+            .unwrap();
+        let used = crate::alloc_meter::allocated_on_this_thread() - before;
+        assert_eq!(ip, Some("10.0.0.2".parse().unwrap()));
+        assert!(used < 1 << 20, "allocating took {used} bytes of heap");
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_linked_or_foreign_data_directory_is_refused_untouched() {
+        use std::os::unix::fs::symlink;
+        let base =
+            std::env::temp_dir().join(format!("ferrite-ipam-untrusted-{}", std::process::id()));
+        if base.exists() {
+            fs::remove_dir_all(&base).unwrap();
+        }
+        let target = base.join("elsewhere");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&target)
+            .unwrap();
+        let data = base.join("data");
+        fs::DirBuilder::new().mode(0o700).create(&data).unwrap();
+        symlink(&target, data.join("node")).unwrap();
+        let error = Store::lock(&data.join("node")).err().unwrap();
+        assert!(error.downcast_ref::<Untrusted>().is_some(), "{error:#}");
+        let mode = fs::metadata(&target).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o755, "the link's target was not changed");
+        assert!(!target.join(LOCK_FILE).exists());
+
+        let foreign = base.join("foreign");
+        fs::DirBuilder::new().mode(0o700).create(&foreign).unwrap();
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(foreign.join("node"))
+            .unwrap();
+        nix::unistd::chown(&foreign.join("node"), Some(1234.into()), None).unwrap();
+        let error = Store::lock(&foreign.join("node")).err().unwrap();
+        assert!(error.downcast_ref::<Untrusted>().is_some(), "{error:#}");
+        assert_eq!(
+            fs::metadata(foreign.join("node")).unwrap().mode() & 0o777,
+            0o755
+        );
+        fs::remove_dir_all(base).unwrap();
     }
 }

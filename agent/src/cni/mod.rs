@@ -5,23 +5,26 @@
 //!
 //! Every command holds the node's IPAM lock from start to end, so plugin runs on a
 //! node are serialised; an ADD that fails undoes what it did, in reverse.
+mod check;
 pub mod ipam;
 pub mod spec;
 
-use std::{io::Read, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, io::Read, net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ferrite_common::{pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC};
 use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
 
 use crate::{
     datapath, hostnet,
+    limits::Limits,
     maps::NodeMaps,
-    model::pod_interface_name,
+    model::pod_attachment_interface_name,
     plan::Op,
-    podnet::{self, mac_string, PodInterface},
+    podnet::{self, mac_string, NetnsId, PodInterface},
 };
-use ipam::{Owner, Store};
+use ipam::{NetnsRecord, Owner, Store, Untrusted};
 use spec::{code, CniError, CniResult, Command, Environment, NetConf, OrCode, Wired};
 
 /// Entry point of the `ferrite-cni` binary; returns the process exit code.
@@ -64,7 +67,7 @@ pub fn run(env: &Environment, input: &[u8]) -> Result<Option<String>, CniError> 
         Command::Add => add(env, &conf)
             .map(|result| Some(serde_json::to_string(&result).expect("result serialises"))),
         Command::Del => del(env, &conf).map(|_| None),
-        Command::Check => check(env, &conf).map(|_| None),
+        Command::Check => check::check(env, &conf).map(|_| None),
         Command::Gc => gc(&conf).map(|_| None),
         Command::Status => status(&conf).map(|_| None),
         Command::Version => unreachable!("answered above"),
@@ -116,45 +119,161 @@ fn pin_dir_with_datapath(conf: &NetConf, error_code: u32) -> Result<std::path::P
     Ok(pin_dir)
 }
 
+/// The node's pod CIDR, from the configuration or as the agent published it; held
+/// to the rules Node objects are (a loopback, link-local or too wide or narrow range
+/// would give pods addresses that are not theirs to have).
 fn pod_cidr(conf: &NetConf, error_code: u32) -> Result<Ipv4Net, CniError> {
-    if let Some(cidr) = conf.pod_cidr {
-        return Ok(cidr);
-    }
     let path = hostnet::pod_cidr_file(&conf.node);
-    std::fs::read_to_string(&path)
-        .context("reading the pod CIDR")
-        .and_then(|s| s.trim().parse::<Ipv4Net>().context("parsing the pod CIDR"))
-        .or_code(
-            error_code,
-            &format!(
-                "the pod CIDR of node {} is unknown (no podCIDR in the config, nothing in {})",
-                conf.node,
-                path.display()
-            ),
-        )
+    let (cidr, source) = match conf.pod_cidr {
+        Some(cidr) => (cidr, "podCIDR of the network configuration".to_string()),
+        None => {
+            let cidr = std::fs::read_to_string(&path)
+                .context("reading the pod CIDR")
+                .and_then(|s| s.trim().parse::<Ipv4Net>().context("parsing the pod CIDR"))
+                .or_code(
+                    error_code,
+                    &format!(
+                        "the pod CIDR of node {} is unknown (no podCIDR in the config, nothing in {})",
+                        conf.node,
+                        path.display()
+                    ),
+                )?;
+            (cidr, path.display().to_string())
+        }
+    };
+    if let Some(why) = Limits::default().refuse_pod_cidr(&cidr, &[], &[]) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("pod CIDR {cidr} ({source}) is refused: {why}"),
+        ));
+    }
+    Ok(cidr)
 }
 
 fn host_interface_name(env: &Environment) -> String {
     match env.pod() {
-        // The agent derives the same name from the Pod object.
-        Some((namespace, name)) => pod_interface_name(namespace, name),
-        None => pod_interface_name("", &env.container_id),
+        // The agent derives the same name for eth0 from the Pod object.
+        Some((namespace, name)) => pod_attachment_interface_name(namespace, name, &env.ifname),
+        None => pod_attachment_interface_name("", &env.container_id, &env.ifname),
+    }
+}
+
+/// What a host veth's alias records of its owner: the container id (hashed when
+/// longer than an alias may be).
+fn owner_tag(container_id: &str) -> String {
+    if container_id.len() <= 200 {
+        return container_id.to_string();
+    }
+    let digest = Sha256::digest(container_id.as_bytes());
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+/// The data directory of the node, locked; code 7 if it cannot be trusted.
+fn open_store(conf: &NetConf) -> Result<Store, CniError> {
+    Store::lock(&conf.ipam_dir()).map_err(|e| {
+        let code = if e.downcast_ref::<Untrusted>().is_some() {
+            code::INVALID_CONFIG
+        } else {
+            code::IO_FAILURE
+        };
+        CniError::new(code, "the IPAM data directory cannot be used").details(format!("{e:#}"))
+    })
+}
+
+/// What CNI_NETNS names.
+enum AttachmentNetns {
+    /// A network namespace other than the node's.
+    Pod(NetnsId),
+    /// The namespace the plugin runs in: the node's own.
+    Node,
+    /// Nothing, or something that is no longer a namespace (unmounted).
+    Gone,
+}
+
+impl AttachmentNetns {
+    fn refusal(&self, path: &str) -> CniError {
+        let msg = match self {
+            Self::Pod(_) => format!("CNI_NETNS {path} is usable"),
+            Self::Node => format!("CNI_NETNS {path} is the node's own network namespace"),
+            Self::Gone => format!("CNI_NETNS {path} is not a network namespace"),
+        };
+        CniError::new(code::INVALID_ENVIRONMENT, msg)
+    }
+}
+
+fn attachment_netns(path: &str) -> Result<AttachmentNetns, CniError> {
+    if path.is_empty() {
+        return Ok(AttachmentNetns::Gone);
+    }
+    let id = podnet::netns_id(Path::new(path))
+        .or_code(code::INVALID_ENVIRONMENT, "inspecting CNI_NETNS")?;
+    let own = podnet::own_netns_id().or_code(code::IO_FAILURE, "the node's namespace")?;
+    Ok(match id {
+        None => AttachmentNetns::Gone,
+        Some(id) if id == own => AttachmentNetns::Node,
+        Some(id) => AttachmentNetns::Pod(id),
+    })
+}
+
+/// Whether an attachment's pod still exists: the namespace it was made in is still
+/// at its path (older records: its host veth is still there).
+fn attachment_alive(owner: &Owner) -> bool {
+    match &owner.netns {
+        Some(record) => match podnet::netns_id(Path::new(&record.path)) {
+            Ok(found) => found == Some(record.id),
+            Err(_) => true, // cannot tell: keep it
+        },
+        None => podnet::link_exists(&owner.host_interface),
     }
 }
 
 fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     let pin_dir = pin_dir_with_datapath(conf, code::TRY_AGAIN_LATER)?;
     let cidr = pod_cidr(conf, code::TRY_AGAIN_LATER)?;
-    let store = Store::lock(&conf.ipam_dir()).or_code(code::IO_FAILURE, "IPAM store")?;
-    if let Some((ip, _)) = store
-        .find(&env.container_id, &env.ifname)
-        .or_code(code::IO_FAILURE, "IPAM store")?
-    {
+    let netns = match attachment_netns(&env.netns)? {
+        AttachmentNetns::Pod(id) => id,
+        other => return Err(other.refusal(&env.netns)),
+    };
+    let store = open_store(conf)?;
+    let mut owners = store.owners().or_code(code::IO_FAILURE, "IPAM store")?;
+    let same = |o: &Owner| o.container_id == env.container_id && o.ifname == env.ifname;
+    if let Some((ip, owner)) = owners.iter().find(|(_, o)| same(o)) {
+        if attachment_alive(owner) {
+            return Err(CniError::new(
+                code::ALREADY_ATTACHED,
+                format!(
+                    "{}/{} already has {ip}: DEL it first",
+                    env.container_id, env.ifname
+                ),
+            ));
+        }
+        // Its DEL never came and its namespace is gone: reclaim it.
+        eprintln!(
+            "ferrite-cni: reclaiming {ip} of {}/{}: its network namespace is gone",
+            env.container_id, env.ifname
+        );
+        release_host_side(&pin_dir, *ip, owner)
+            .or_code(code::WIRING_FAILED, "reclaiming the stale attachment")?;
+        store
+            .release(*ip)
+            .or_code(code::IO_FAILURE, "releasing the stale address")?;
+        owners.retain(|(_, o)| !same(o));
+    }
+    let sharing = owners
+        .iter()
+        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns));
+    if let Some((ip, other)) = sharing {
         return Err(CniError::new(
-            code::ALREADY_ATTACHED,
+            code::INVALID_ENVIRONMENT,
             format!(
-                "{}/{} already has {ip}: DEL it first",
-                env.container_id, env.ifname
+                "{} already has Ferrite's interface {} ({ip}, container {}): Ferrite wires one interface per pod",
+                env.netns, other.ifname, other.container_id
             ),
         ));
     }
@@ -162,9 +281,14 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         host_interface: host_interface_name(env),
+        netns: Some(NetnsRecord {
+            path: env.netns.clone(),
+            id: netns,
+        }),
     };
+    let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
     let ip = store
-        .allocate(cidr, &owner)
+        .allocate(cidr, &owner, |ip| in_use.contains(&ip))
         .or_code(code::IO_FAILURE, "IPAM store")?
         .ok_or_else(|| {
             CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
@@ -179,7 +303,11 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     let mut rollback = Rollback::default();
     let store = &store;
     rollback.push("the address", move || store.release(ip));
-    wire(&pod, &pin_dir, &mut rollback).or_code(code::WIRING_FAILED, "wiring the pod failed")?;
+    wire(&pod, &owner, &pin_dir, &mut rollback)
+        .or_code(code::WIRING_FAILED, "wiring the pod failed")?;
+    store
+        .remember_last(ip)
+        .or_code(code::IO_FAILURE, "IPAM store")?;
     rollback.disarm();
     Ok(CniResult::new(
         conf,
@@ -195,7 +323,27 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     ))
 }
 
-fn wire<'a>(pod: &'a PodInterface, pin_dir: &'a Path, rollback: &mut Rollback<'a>) -> Result<()> {
+/// Addresses whose endpoint entry names a live interface: pods wired from another
+/// data directory (a second store for the node) hold them.
+fn live_endpoints(pin_dir: &Path) -> Result<BTreeSet<Ipv4Addr>> {
+    let live: BTreeSet<u32> = datapath::interfaces()?
+        .values()
+        .map(|i| i.ifindex)
+        .collect();
+    Ok(NodeMaps::open(pin_dir)?
+        .endpoint_entries()?
+        .into_iter()
+        .filter(|(_, e)| live.contains(&e.ifindex))
+        .map(|(k, _)| Ipv4Addr::from(k.address))
+        .collect())
+}
+
+fn wire<'a>(
+    pod: &'a PodInterface,
+    owner: &Owner,
+    pin_dir: &'a Path,
+    rollback: &mut Rollback<'a>,
+) -> Result<()> {
     // A host veth of that name is left from an earlier sandbox of the same pod
     // (its DEL has not come yet): the new sandbox replaces it, as Calico does.
     podnet::delete_host_end(&pod.host_name)?;
@@ -203,6 +351,24 @@ fn wire<'a>(pod: &'a PodInterface, pin_dir: &'a Path, rollback: &mut Rollback<'a
     rollback.push("the veth pair", || {
         podnet::delete_host_end(&pod.host_name).map(drop)
     });
+    podnet::set_link_alias(&pod.host_name, &owner_tag(&owner.container_id))?;
+    let ifindex = podnet::ifindex(&pod.host_name).context("host veth vanished")?;
+    let mut maps = NodeMaps::open(pin_dir)?;
+    let key = EndpointKey {
+        address: pod.ip.octets(),
+    };
+    if let Some(existing) = maps.endpoint(&key)? {
+        let live = datapath::interfaces()?
+            .values()
+            .any(|i| i.ifindex == existing.ifindex);
+        if live {
+            bail!(
+                "{} is the endpoint of interface index {} already",
+                pod.ip,
+                existing.ifindex
+            );
+        }
+    }
     hostnet::add_pod_route(pod.ip, &pod.host_name)?;
     datapath::attach_pinned_pod_programs(pin_dir, &pod.host_name)?;
     rollback.push("the datapath attachments", || {
@@ -210,11 +376,6 @@ fn wire<'a>(pod: &'a PodInterface, pin_dir: &'a Path, rollback: &mut Rollback<'a
             .iter()
             .try_for_each(|a| datapath::detach(pin_dir, a))
     });
-    let ifindex = podnet::ifindex(&pod.host_name).context("host veth vanished")?;
-    let mut maps = NodeMaps::open(pin_dir)?;
-    let key = EndpointKey {
-        address: pod.ip.octets(),
-    };
     let endpoint = EndpointInfo {
         ifindex,
         pod_mac: pod_mac_for(pod.ip),
@@ -225,22 +386,32 @@ fn wire<'a>(pod: &'a PodInterface, pin_dir: &'a Path, rollback: &mut Rollback<'a
     Ok(())
 }
 
-/// Remove what an attachment left on the host once its pod end is gone: the host
-/// veth if it is still the one the endpoint map names for `ip` (a pod's newer
-/// sandbox reuses the name, and keeps it), the endpoint entry if its interface is
-/// gone, and the link pin of a vanished host veth.
-fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, host_interface: &str) -> Result<()> {
+/// Remove what an attachment left on the host once its pod end is gone: its host
+/// veth if the veth is still this container's (its alias says so; a pod's newer
+/// sandbox reuses the name and keeps it), the endpoint entry of `ip` if it named
+/// that veth or no live interface (never another pod's), and the link pins of a
+/// vanished host veth.
+fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(()); // datapath uninstalled: nothing pinned is left to clean
     }
+    let host = &owner.host_interface;
     let mut maps = NodeMaps::open(pin_dir)?;
     let key = EndpointKey {
         address: ip.octets(),
     };
-    if let Some(endpoint) = maps.endpoint(&key)? {
-        if podnet::ifindex(host_interface) == Some(endpoint.ifindex) {
-            podnet::delete_host_end(host_interface)?;
-        }
+    let endpoint = maps.endpoint(&key)?;
+    let host_ifindex = podnet::ifindex(host);
+    let ours = host_ifindex.is_some()
+        && match podnet::link_alias(host) {
+            Some(alias) => alias == owner_tag(&owner.container_id),
+            // Wired before owners were recorded: the endpoint entry decides.
+            None => endpoint.is_some_and(|e| Some(e.ifindex) == host_ifindex),
+        };
+    if ours {
+        podnet::delete_host_end(host)?;
+    }
+    if let Some(endpoint) = endpoint {
         let live = datapath::interfaces()?
             .values()
             .any(|i| i.ifindex == endpoint.ifindex);
@@ -248,9 +419,9 @@ fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, host_interface: &str) -> Resu
             maps.apply(&[Op::DeleteEndpoint(key)])?;
         }
     }
-    if !podnet::link_exists(host_interface) {
+    if !podnet::link_exists(host) {
         let pinned = datapath::attachments(pin_dir)?;
-        for attachment in datapath::pod_attachments(host_interface) {
+        for attachment in datapath::pod_attachments(host) {
             if pinned.contains(&attachment) {
                 datapath::detach(pin_dir, &attachment)?;
             }
@@ -260,19 +431,21 @@ fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, host_interface: &str) -> Resu
 }
 
 fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
-    let store = Store::lock(&conf.ipam_dir()).or_code(code::IO_FAILURE, "IPAM store")?;
-    // Gone already (netns deleted, or never created) is success: DEL is idempotent.
-    if !env.netns.is_empty() && Path::new(&env.netns).exists() {
-        podnet::delete_pod_end(Path::new(&env.netns), &env.ifname)
-            .or_code(code::WIRING_FAILED, "removing the pod interface")?;
-    }
+    let store = open_store(conf)?;
+    // Never added (or released already): nothing of ours to remove, and whatever
+    // CNI_NETNS holds is not ours. DEL is idempotent.
     let Some((ip, owner)) = store
         .find(&env.container_id, &env.ifname)
         .or_code(code::IO_FAILURE, "IPAM store")?
     else {
         return Ok(());
     };
-    release_host_side(&datapath::pin_dir(&conf.node), ip, &owner.host_interface)
+    // A namespace that is gone, unmounted or the node's own has no pod end to remove.
+    if let AttachmentNetns::Pod(_) = attachment_netns(&env.netns)? {
+        podnet::delete_pod_end(Path::new(&env.netns), &env.ifname, ip)
+            .or_code(code::WIRING_FAILED, "removing the pod interface")?;
+    }
+    release_host_side(&datapath::pin_dir(&conf.node), ip, &owner)
         .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
     store
         .release(ip)
@@ -284,17 +457,14 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     let Some(valid) = &conf.valid_attachments else {
         return Ok(()); // nothing to compare with: keep everything
     };
-    let store = Store::lock(&conf.ipam_dir()).or_code(code::IO_FAILURE, "IPAM store")?;
+    let store = open_store(conf)?;
     let pin_dir = datapath::pin_dir(&conf.node);
-    for (ip, owner) in store
-        .allocations()
-        .or_code(code::IO_FAILURE, "IPAM store")?
-    {
+    for (ip, owner) in store.owners().or_code(code::IO_FAILURE, "IPAM store")? {
         let listed = valid
             .iter()
             .any(|a| a.container_id == owner.container_id && a.ifname == owner.ifname);
         if !listed {
-            release_host_side(&pin_dir, ip, &owner.host_interface)
+            release_host_side(&pin_dir, ip, &owner)
                 .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
             store
                 .release(ip)
@@ -302,96 +472,6 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         }
     }
     Ok(())
-}
-
-/// Verify the attachment is still as ADD left it.
-fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
-    if conf.cni_version.starts_with("0.3") {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            "CHECK needs cniVersion 0.4.0 or later",
-        ));
-    }
-    let pin_dir = pin_dir_with_datapath(conf, code::CHECK_FAILED)?;
-    let store = Store::lock(&conf.ipam_dir()).or_code(code::IO_FAILURE, "IPAM store")?;
-    let Some((ip, owner)) = store
-        .find(&env.container_id, &env.ifname)
-        .or_code(code::IO_FAILURE, "IPAM store")?
-    else {
-        return Err(CniError::new(
-            code::UNKNOWN_CONTAINER,
-            format!("no attachment {}/{}", env.container_id, env.ifname),
-        ));
-    };
-    let problems = check_attachment(env, conf, &pin_dir, ip, &owner)
-        .or_code(code::CHECK_FAILED, "checking the attachment")?;
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(
-            CniError::new(code::CHECK_FAILED, "the pod's networking changed")
-                .details(problems.join("; ")),
-        )
-    }
-}
-
-fn check_attachment(
-    env: &Environment,
-    conf: &NetConf,
-    pin_dir: &Path,
-    ip: Ipv4Addr,
-    owner: &Owner,
-) -> Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let address = format!("{ip}/32");
-    let listed = conf
-        .prev_result
-        .as_ref()
-        .and_then(|r| r["ips"].as_array())
-        .is_some_and(|ips| ips.iter().any(|i| i["address"] == address.as_str()));
-    if !listed {
-        problems.push(format!("prevResult does not list {address}"));
-    }
-    let ifname = env.ifname.clone();
-    let pod_side = podnet::in_netns(Path::new(&env.netns), move || {
-        let mut found = (false, false);
-        for ifaddr in nix::ifaddrs::getifaddrs()? {
-            if ifaddr.interface_name != ifname {
-                continue;
-            }
-            let address = ifaddr.address.as_ref();
-            if let Some(link) = address.and_then(|a| a.as_link_addr()) {
-                found.0 = link.addr() == Some(pod_mac_for(ip));
-            }
-            if let Some(inet) = address.and_then(|a| a.as_sockaddr_in()) {
-                found.1 |= inet.ip() == ip;
-            }
-        }
-        Ok(found)
-    })?;
-    if !pod_side.0 {
-        problems.push(format!("{} is missing or has the wrong MAC", env.ifname));
-    }
-    if !pod_side.1 {
-        problems.push(format!("{} does not have {ip}", env.ifname));
-    }
-    let host_ifindex = podnet::ifindex(&owner.host_interface);
-    if host_ifindex.is_none() {
-        problems.push(format!("host veth {} is missing", owner.host_interface));
-    }
-    let pinned = datapath::attachments(pin_dir)?;
-    for attachment in datapath::pod_attachments(&owner.host_interface) {
-        if !pinned.contains(&attachment) {
-            problems.push(format!("no datapath link {}", attachment.pin_name()));
-        }
-    }
-    let endpoint = NodeMaps::open(pin_dir)?.endpoint(&EndpointKey {
-        address: ip.octets(),
-    })?;
-    if endpoint.map(|e| e.ifindex) != host_ifindex || host_ifindex.is_none() {
-        problems.push(format!("endpoint map entry of {ip} is missing or stale"));
-    }
-    Ok(problems)
 }
 
 /// Ready when the datapath is pinned and the pod CIDR is known.

@@ -2,6 +2,8 @@
 //! (CNI_* environment + configuration on stdin, in the node's network namespace)
 //! against real network namespaces. Needs root; every node, pod netns, veth and pin
 //! is uniquely named and removed on every path.
+mod hostile;
+
 use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{ensure, Context, Result};
@@ -284,6 +286,28 @@ fn a_failed_add_leaves_no_address_veth_or_map_entry_behind() -> Result<()> {
     let error = runtime.add(&mut routed).unwrap_err();
     assert!(format!("{error:#}").contains("\"code\":100"), "{error:#}");
     assert_eq!(leftovers(node)?, nothing_left());
+    // Nothing wired on the node either, and the IPAM state is as before: the
+    // round-robin position did not move.
+    let routes = node.netns.run(|| sh("ip", &["-4", "route", "show"]))??;
+    let neighbours = node
+        .netns
+        .run(|| sh("ip", &["-4", "neigh", "show", "nud", "permanent"]))??;
+    for host in [&taken_name.pod.host_interface, &routed.pod.host_interface] {
+        assert!(
+            !routes.contains(host.as_str()),
+            "{host} routes left:\n{routes}"
+        );
+        assert!(!neighbours.contains(host.as_str()), "{neighbours}");
+    }
+    let last_reserved = node
+        .dir
+        .join("ipam")
+        .join(&node.name)
+        .join("last_reserved_ip");
+    assert!(
+        !last_reserved.exists(),
+        "a failed ADD moved last_reserved_ip"
+    );
     Ok(())
 }
 

@@ -1,0 +1,213 @@
+//! CHECK: compare everything ADD set up, in the pod, on the node and in the
+//! datapath, and what its result listed, with what is there now.
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::Result;
+use ferrite_common::{pod_mac_for, EndpointKey, HOST_VETH_MAC, POD_GATEWAY_IP};
+
+use super::{
+    ipam::Owner,
+    owner_tag,
+    spec::{code, CniError, Environment, NetConf, OrCode},
+    AttachmentNetns,
+};
+use crate::{
+    datapath,
+    maps::NodeMaps,
+    podnet::{self, ip_json, mac_string, HostWiring},
+};
+
+/// Verify the attachment is still as ADD left it.
+pub fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
+    if conf.cni_version.starts_with("0.3") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "CHECK needs cniVersion 0.4.0 or later",
+        ));
+    }
+    let pin_dir = super::pin_dir_with_datapath(conf, code::CHECK_FAILED)?;
+    let netns = match super::attachment_netns(&env.netns)? {
+        AttachmentNetns::Pod(id) => id,
+        other => return Err(other.refusal(&env.netns)),
+    };
+    let store = super::open_store(conf)?;
+    let Some((ip, owner)) = store
+        .find(&env.container_id, &env.ifname)
+        .or_code(code::IO_FAILURE, "IPAM store")?
+    else {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("no attachment {}/{}", env.container_id, env.ifname),
+        ));
+    };
+    let mut problems = Vec::new();
+    if owner.netns.as_ref().is_some_and(|n| n.id != netns) {
+        problems.push(format!(
+            "{} is not the network namespace the attachment was made in",
+            env.netns
+        ));
+    }
+    problems.extend(result_problems(env, conf, ip, &owner));
+    problems
+        .extend(pod_problems(env, conf, ip).or_code(code::CHECK_FAILED, "checking the pod side")?);
+    problems.extend(
+        host_problems(conf, &pin_dir, ip, &owner)
+            .or_code(code::CHECK_FAILED, "checking the node side")?,
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(
+            CniError::new(code::CHECK_FAILED, "the pod's networking changed")
+                .details(problems.join("; ")),
+        )
+    }
+}
+
+/// What prevResult must still list: the address, both interfaces, the default route.
+fn result_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr, owner: &Owner) -> Vec<String> {
+    let mut problems = Vec::new();
+    let empty = serde_json::Value::Null;
+    let result = conf.prev_result.as_ref().unwrap_or(&empty);
+    let list = |field: &str| result[field].as_array().cloned().unwrap_or_default();
+    let address = format!("{ip}/32");
+    if !list("ips").iter().any(|i| i["address"] == address.as_str()) {
+        problems.push(format!("prevResult does not list {address}"));
+    }
+    let interfaces = list("interfaces");
+    if !interfaces
+        .iter()
+        .any(|i| i["name"] == owner.host_interface.as_str() && i["sandbox"].is_null())
+    {
+        problems.push(format!(
+            "prevResult does not list host interface {}",
+            owner.host_interface
+        ));
+    }
+    if !interfaces
+        .iter()
+        .any(|i| i["name"] == env.ifname.as_str() && i["sandbox"] == env.netns.as_str())
+    {
+        problems.push(format!(
+            "prevResult does not list {} in {}",
+            env.ifname, env.netns
+        ));
+    }
+    let gateway = POD_GATEWAY_IP.to_string();
+    if !list("routes")
+        .iter()
+        .any(|r| r["dst"] == "0.0.0.0/0" && r["gw"] == gateway.as_str())
+    {
+        problems.push(format!("prevResult has no default route via {gateway}"));
+    }
+    problems
+}
+
+fn flags_up(link: &serde_json::Value) -> bool {
+    link["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "UP"))
+}
+
+/// The pod's interface (MAC, MTU, up, its /32), its default route via the gateway
+/// and the gateway's permanent neighbour entry.
+fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<String>> {
+    let name = env.ifname.clone();
+    let mtu = conf.mtu;
+    podnet::in_netns(Path::new(&env.netns), move || {
+        let mut problems = Vec::new();
+        let Ok(links) = ip_json(&["link", "show", "dev", &name]) else {
+            return Ok(vec![format!("{name} is missing")]);
+        };
+        let link = &links[0];
+        if link["address"] != mac_string(pod_mac_for(ip)).as_str() {
+            problems.push(format!("{name} has MAC {}", link["address"]));
+        }
+        if link["mtu"] != mtu {
+            problems.push(format!("{name} has MTU {}, not {mtu}", link["mtu"]));
+        }
+        if !flags_up(link) {
+            problems.push(format!("{name} is down"));
+        }
+        let addresses = ip_json(&["-4", "addr", "show", "dev", &name])?;
+        let has_address = addresses[0]["addr_info"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|a| a["local"] == ip.to_string().as_str() && a["prefixlen"] == 32)
+        });
+        if !has_address {
+            problems.push(format!("{name} does not have {ip}/32"));
+        }
+        let gateway = POD_GATEWAY_IP.to_string();
+        let routes = ip_json(&["-4", "route", "show", "default"])?;
+        let routed = routes.as_array().is_some_and(|r| {
+            r.iter()
+                .any(|r| r["gateway"] == gateway.as_str() && r["dev"] == name.as_str())
+        });
+        if !routed {
+            problems.push(format!(
+                "the pod has no default route via {gateway} dev {name}"
+            ));
+        }
+        let neighbours = ip_json(&["-4", "neigh", "show", "nud", "permanent", "dev", &name])?;
+        let host_mac = mac_string(HOST_VETH_MAC);
+        let resolved = neighbours.as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n["dst"] == gateway.as_str() && n["lladdr"] == host_mac.as_str())
+        });
+        if !resolved {
+            problems.push(format!(
+                "the pod has no permanent neighbour {gateway} lladdr {host_mac} dev {name}"
+            ));
+        }
+        Ok(problems)
+    })
+}
+
+/// The host veth (ours, up, MAC, MTU), the node's route and neighbour for the pod,
+/// the datapath links and the endpoint entry.
+fn host_problems(
+    conf: &NetConf,
+    pin_dir: &Path,
+    ip: Ipv4Addr,
+    owner: &Owner,
+) -> Result<Vec<String>> {
+    let host = &owner.host_interface;
+    let Ok(links) = ip_json(&["link", "show", "dev", host]) else {
+        return Ok(vec![format!("host veth {host} is missing")]);
+    };
+    let link = &links[0];
+    let mut problems = Vec::new();
+    // Veths wired before owners were recorded have no alias.
+    let tag = owner_tag(&owner.container_id);
+    if link["ifalias"].as_str().is_some_and(|alias| alias != tag) {
+        problems.push(format!("host veth {host} is not this container's"));
+    }
+    if link["address"] != mac_string(HOST_VETH_MAC).as_str() {
+        problems.push(format!("host veth {host} has MAC {}", link["address"]));
+    }
+    if link["mtu"] != conf.mtu {
+        problems.push(format!(
+            "host veth {host} has MTU {}, not {}",
+            link["mtu"], conf.mtu
+        ));
+    }
+    problems.extend(HostWiring::read()?.missing(ip, host));
+    let pinned = datapath::attachments(pin_dir)?;
+    for attachment in datapath::pod_attachments(host) {
+        if !pinned.contains(&attachment) {
+            problems.push(format!("no datapath link {}", attachment.pin_name()));
+        }
+    }
+    let endpoint = NodeMaps::open(pin_dir)?.endpoint(&EndpointKey {
+        address: ip.octets(),
+    })?;
+    let right = endpoint.is_some_and(|e| {
+        Some(e.ifindex) == podnet::ifindex(host)
+            && e.pod_mac == pod_mac_for(ip)
+            && e.host_mac == HOST_VETH_MAC
+    });
+    if !right {
+        problems.push(format!("endpoint map entry of {ip} is missing or stale"));
+    }
+    Ok(problems)
+}

@@ -1,0 +1,396 @@
+//! Hostile and broken input to the CNI plugin, through the real binary: a
+//! configuration, environment or node state the plugin did not make must not let it
+//! hand out addresses that are not pods', wire the node itself, remove what it did
+//! not create, or get stuck.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::{DirBuilderExt, MetadataExt},
+    path::Path,
+};
+
+use anyhow::Result;
+use ferrite_agent::podnet;
+use ferrite_tests::{
+    cluster::TCP_TARGET,
+    cni::{ferrite_conflist, Outcome, Runtime, Sandbox},
+    lab::{answered_by, sh, Node},
+};
+use serde_json::{json, Value};
+
+use super::{cni_cluster, leftovers, nothing_left};
+
+/// Run `command` for `sandbox` with the runtime's configuration as the plugin gets it.
+fn exec(runtime: &Runtime, command: &str, sandbox: &Sandbox) -> Result<Outcome> {
+    exec_with(runtime, &Runtime::env(command, sandbox), &Value::Null)
+}
+
+/// Run the plugin with `env`, its configuration changed by `changes` (an object of
+/// fields to set; Null: none).
+fn exec_with(runtime: &Runtime, env: &[(&str, String)], changes: &Value) -> Result<Outcome> {
+    let mut config = runtime.plugin_config(0, None, &Value::Null);
+    if let Some(changes) = changes.as_object() {
+        for (key, value) in changes {
+            config[key] = value.clone();
+        }
+    }
+    runtime.exec("ferrite-cni", env, config.to_string().as_bytes())
+}
+
+fn msg(outcome: &Outcome) -> String {
+    format!("{} {}", outcome.output["msg"], outcome.output["details"])
+}
+
+/// A runtime whose conflist sets `field` of Ferrite's entry.
+fn runtime_with(node: &Node, field: &str, value: Value) -> Runtime {
+    let mut conflist = ferrite_conflist(node);
+    conflist["plugins"][0][field] = value;
+    Runtime::new(node, conflist)
+}
+
+#[test]
+fn pod_cidrs_that_are_not_pods_to_have_are_refused() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("cidr")?;
+    for (cidr, says) in [
+        ("127.0.0.0/24", "loopback"),
+        ("169.254.1.0/24", "link-local"),
+        ("0.0.0.0/16", "0.0.0.0/8"),
+        ("224.0.0.0/24", "multicast"),
+        ("10.244.0.0/31", "holds no pod"),
+        ("10.244.0.2/32", "holds no pod"),
+        ("10.0.0.0/8", "shorter"),
+        ("0.0.0.0/0", "shorter"),
+    ] {
+        let outcome = exec_with(
+            &runtime,
+            &Runtime::env("ADD", &pod),
+            &json!({"podCIDR": cidr}),
+        )?;
+        assert_eq!(outcome.code(), Some(7), "{cidr}: {}", outcome.output);
+        assert!(msg(&outcome).contains(says), "{cidr}: {}", outcome.output);
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+
+    // The narrowest a node may have: a /30 holds one pod.
+    let narrow = runtime_with(node, "podCIDR", json!("10.244.0.0/30"));
+    narrow.add(&mut pod)?;
+    assert_eq!(pod.pod.ip, Ipv4Addr::new(10, 244, 0, 2));
+    let second = Sandbox::new("cidr2")?;
+    assert_eq!(exec(&narrow, "ADD", &second)?.code(), Some(101));
+    narrow.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn del_cleans_up_and_succeeds_when_the_netns_was_unmounted_to_an_empty_file() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("unmounted")?;
+    runtime.add(&mut pod)?;
+    let path = pod.netns_path();
+    sh("umount", &[&path.display().to_string()])?;
+    let meta = fs::metadata(&path)?;
+    assert!(meta.is_file() && meta.len() == 0, "{meta:?}");
+
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    runtime.del(&pod)?;
+    // ADD into it is refused, with the spec's code for a bad environment.
+    let outcome = exec(&runtime, "ADD", &pod)?;
+    assert_eq!(outcome.code(), Some(4), "{}", outcome.output);
+    assert!(msg(&outcome).contains("not a network namespace"));
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn the_nodes_own_namespace_is_refused_and_del_removes_only_what_add_made() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let node_netns = node.netns.path().display().to_string();
+    let env = |command: &str, container: &str, ifname: &str| {
+        vec![
+            ("CNI_COMMAND", command.to_string()),
+            ("CNI_CONTAINERID", container.to_string()),
+            ("CNI_NETNS", node_netns.clone()),
+            ("CNI_IFNAME", ifname.to_string()),
+        ]
+    };
+    let outcome = exec_with(&runtime, &env("ADD", "ctr-node", "eth0"), &Value::Null)?;
+    assert_eq!(outcome.code(), Some(4), "{}", outcome.output);
+    assert!(msg(&outcome).contains("node's own network namespace"));
+    let routes = sh("ip", &["-n", &node.netns.name, "-4", "route", "show"])?;
+    assert!(!routes.contains("169.254.1.1"), "{routes}");
+    assert_eq!(leftovers(node)?, nothing_left());
+    let check = exec_with(&runtime, &env("CHECK", "ctr-node", "eth0"), &Value::Null)?;
+    assert_eq!(check.code(), Some(4), "{}", check.output);
+
+    // DEL of containers never added: a node interface and a pod's own eth0 stay.
+    sh(
+        "ip",
+        &[
+            "-n",
+            &node.netns.name,
+            "link",
+            "add",
+            "keep0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "keep1",
+        ],
+    )?;
+    let outcome = exec_with(&runtime, &env("DEL", "ctr-never", "keep0"), &Value::Null)?;
+    assert!(outcome.success, "{}", outcome.output);
+    assert!(node.netns.run(|| podnet::link_exists("keep0"))?);
+    let foreign = Sandbox::new("foreign")?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &foreign.pod.netns.name,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "other",
+        ],
+    )?;
+    let outcome = exec(&runtime, "DEL", &foreign)?;
+    assert!(outcome.success, "{}", outcome.output);
+    assert!(foreign.pod.netns.run(|| podnet::link_exists("eth0"))?);
+    Ok(())
+}
+
+#[test]
+fn unreadable_allocation_files_are_skipped_and_their_addresses_stay_taken() -> Result<()> {
+    let (cluster, _) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let store = node.dir.join("ipam").join(&node.name);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&store)?;
+    fs::write(store.join("10.244.0.2"), b"{not json")?;
+    fs::create_dir(store.join("10.244.0.3"))?;
+    std::os::unix::fs::symlink("/etc/hostname", store.join("10.244.0.4"))?;
+    // .2 to .6 are usable: the three bad files hold theirs.
+    let runtime = runtime_with(node, "podCIDR", json!("10.244.0.0/29"));
+    let (mut a, mut b) = (Sandbox::new("bad-a")?, Sandbox::new("bad-b")?);
+    runtime.add(&mut a)?;
+    runtime.add(&mut b)?;
+    assert_eq!(
+        (a.pod.ip, b.pod.ip),
+        (Ipv4Addr::new(10, 244, 0, 5), Ipv4Addr::new(10, 244, 0, 6))
+    );
+    runtime.del(&a)?;
+    assert!(runtime.check(&b)?.success, "CHECK of another pod");
+    runtime.del(&b)?;
+    let left = leftovers(node)?;
+    assert_eq!(left.addresses, ["10.244.0.2", "10.244.0.3", "10.244.0.4"]);
+    assert_eq!(
+        (left.veths.len(), left.endpoints, left.link_pins.len()),
+        (0, 0, 0)
+    );
+    Ok(())
+}
+
+#[test]
+fn an_add_after_a_lost_del_reclaims_its_attachment_once_the_netns_is_gone() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut first = Sandbox::new("lost")?;
+    runtime.add(&mut first)?;
+    let mut second = Sandbox::new("lost")?;
+    second.container_id = first.container_id.clone();
+    // While the first namespace lives, the attachment is live.
+    assert_eq!(exec(&runtime, "ADD", &second)?.code(), Some(103));
+    // Its namespace goes without a DEL.
+    sh("ip", &["netns", "del", &first.pod.netns.name])?;
+    runtime.add(&mut second)?;
+    assert_eq!(leftovers(node)?.addresses, [second.pod.ip.to_string()]);
+    assert_eq!(leftovers(node)?.endpoints, 1);
+    assert!(runtime.check(&second)?.success);
+    // Now the attachment is live again.
+    assert_eq!(exec(&runtime, "ADD", &second)?.code(), Some(103));
+    runtime.del(&second)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn a_second_interface_for_a_pod_is_refused_and_the_first_keeps_working() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let (mut client, mut web) = (Sandbox::new("client")?, Sandbox::new("web")?);
+    runtime.add(&mut client)?;
+    runtime.add(&mut web)?;
+    let mut net1 = Runtime::env("ADD", &web);
+    net1.retain(|(k, _)| *k != "CNI_IFNAME");
+    net1.push(("CNI_IFNAME", "net1".into()));
+    let outcome = exec_with(&runtime, &net1, &Value::Null)?;
+    assert_eq!(outcome.code(), Some(4), "{}", outcome.output);
+    assert!(
+        msg(&outcome).contains("one interface per pod"),
+        "{}",
+        outcome.output
+    );
+
+    let check = runtime.check(&web)?;
+    assert!(check.success, "the first attachment: {}", check.output);
+    let _server = web.pod.serve(TCP_TARGET)?;
+    let to_web = SocketAddrV4::new(web.pod.ip, TCP_TARGET);
+    assert_eq!(
+        answered_by(&client.pod.tcp_request(to_web, "hi")?, "hi")?,
+        "web"
+    );
+    assert_eq!(leftovers(node)?.addresses.len(), 2);
+    runtime.del(&client)?;
+    runtime.del(&web)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+type Breakage = fn(&Node, &Sandbox) -> Result<String>;
+
+#[test]
+fn check_names_each_part_of_the_wiring_that_broke() -> Result<()> {
+    let (mut cluster, runtime) = cni_cluster()?;
+    // The agent repairs the node's side on every resync: CHECK alone is tested.
+    cluster.nodes[0].kill_agent()?;
+    let node = &cluster.nodes[0];
+    let cases: [(&str, &str, Breakage); 6] = [
+        (
+            "pod default route",
+            "no default route via 169.254.1.1",
+            |_, s| sh("ip", &["-n", &s.pod.netns.name, "route", "del", "default"]),
+        ),
+        (
+            "pod gateway neighbour",
+            "no permanent neighbour 169.254.1.1",
+            |_, s| {
+                let ns = &s.pod.netns.name;
+                sh(
+                    "ip",
+                    &["-n", ns, "neigh", "del", "169.254.1.1", "dev", "eth0"],
+                )
+            },
+        ),
+        ("node route", "node has no route", |n, s| {
+            let route = format!("{}/32", s.pod.ip);
+            sh("ip", &["-n", &n.netns.name, "route", "del", &route])
+        }),
+        ("pod MTU", "eth0 has MTU 1400", |_, s| {
+            let ns = &s.pod.netns.name;
+            sh("ip", &["-n", ns, "link", "set", "eth0", "mtu", "1400"])
+        }),
+        ("host veth down", "is down", |n, s| {
+            let host = &s.pod.host_interface;
+            sh("ip", &["-n", &n.netns.name, "link", "set", host, "down"])
+        }),
+        (
+            "node neighbour",
+            "node has no permanent neighbour",
+            |n, s| {
+                let (ip, host) = (s.pod.ip.to_string(), &s.pod.host_interface);
+                sh(
+                    "ip",
+                    &["-n", &n.netns.name, "neigh", "del", &ip, "dev", host],
+                )
+            },
+        ),
+    ];
+    for (what, says, breakage) in cases {
+        let mut pod = Sandbox::new("checked")?;
+        runtime.add(&mut pod)?;
+        assert!(runtime.check(&pod)?.success, "{what}: healthy first");
+        breakage(node, &pod)?;
+        let outcome = runtime.check(&pod)?;
+        assert_eq!(outcome.code(), Some(102), "{what}: {}", outcome.output);
+        assert!(msg(&outcome).contains(says), "{what}: {}", outcome.output);
+        runtime.del(&pod)?;
+    }
+
+    // The result the runtime hands back must still list what ADD returned.
+    let mut pod = Sandbox::new("listed")?;
+    runtime.add(&mut pod)?;
+    if let Some(result) = pod.result.as_mut() {
+        result["routes"] = json!([]);
+    }
+    let outcome = runtime.check(&pod)?;
+    assert_eq!(outcome.code(), Some(102), "{}", outcome.output);
+    assert!(msg(&outcome).contains("prevResult has no default route"));
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn data_dirs_not_the_plugins_alone_are_refused_and_stores_cannot_take_each_others_pods(
+) -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let data_dir = |name: &str| node.dir.join(name);
+    let other = runtime_with(node, "dataDir", json!(data_dir("ipam-b")));
+    let (mut a, mut b) = (Sandbox::new("store-a")?, Sandbox::new("store-b")?);
+    runtime.add(&mut a)?;
+    other.add(&mut b)?;
+    assert_ne!(a.pod.ip, b.pod.ip, "two stores of one node, one address");
+    other.del(&b)?;
+    assert!(runtime.check(&a)?.success, "a DEL in the other store");
+
+    // An allocation file naming another pod's address and veth.
+    let intruder = Sandbox::new("intruder")?;
+    let forged = json!({
+        "containerID": intruder.container_id,
+        "ifname": "eth0",
+        "hostInterface": a.pod.host_interface,
+    });
+    let forged_path = data_dir("ipam-b")
+        .join(&node.name)
+        .join(a.pod.ip.to_string());
+    fs::write(&forged_path, forged.to_string())?;
+    other.del(&intruder)?;
+    let check = runtime.check(&a)?;
+    assert!(check.success, "a forged owner's DEL: {}", check.output);
+
+    // The node's store a link to elsewhere, or another user's directory.
+    let elsewhere = data_dir("elsewhere");
+    fs::DirBuilder::new().mode(0o755).create(&elsewhere)?;
+    let linked = data_dir("ipam-linked");
+    fs::DirBuilder::new().mode(0o700).create(&linked)?;
+    std::os::unix::fs::symlink(&elsewhere, linked.join(&node.name))?;
+    let foreign = data_dir("ipam-foreign");
+    fs::DirBuilder::new().mode(0o700).create(&foreign)?;
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(foreign.join(&node.name))?;
+    nix::unistd::chown(&foreign.join(&node.name), Some(1234.into()), None)?;
+    for (dir, untouched) in [(&linked, &elsewhere), (&foreign, &foreign.join(&node.name))] {
+        for command in ["ADD", "DEL"] {
+            let outcome = exec_with(
+                &runtime,
+                &Runtime::env(command, &a),
+                &json!({"dataDir": dir}),
+            )?;
+            assert_eq!(outcome.code(), Some(7), "{command} {}", outcome.output);
+        }
+        let meta = fs::metadata(untouched)?;
+        assert_eq!(meta.mode() & 0o777, 0o755, "{}", untouched.display());
+        assert!(!untouched.join("lock").exists());
+    }
+    runtime.del(&a)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    assert!(
+        !Path::new(&forged_path).exists(),
+        "the forged file was released"
+    );
+    Ok(())
+}
