@@ -23,7 +23,7 @@ use crate::{
     hostnet, kube_source,
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
-    plan, source,
+    plan, podnet, source,
     telemetry::{self, ServiceNames, Telemetry},
 };
 
@@ -267,6 +267,7 @@ impl NodeAgent {
                 self.telemetry.set_ready();
                 if !event_driven {
                     self.collect_conntrack_garbage();
+                    self.repair_pod_wiring();
                 }
                 // A full sync allocates and frees the whole desired state: hand the
                 // freed pages back instead of keeping the peak as resident memory.
@@ -306,6 +307,25 @@ impl NodeAgent {
                 debug!(removed = removed.len(), "conntrack garbage collected");
             }
             Err(e) => warn!("conntrack garbage collection failed: {e:#}"),
+        }
+    }
+
+    /// With every full sync: each pod's host veth up, the node's /32 route and
+    /// permanent neighbour for it (see [`podnet::repair_host_sides`]).
+    fn repair_pod_wiring(&self) {
+        let Some(written) = &self.written else {
+            return;
+        };
+        match podnet::repair_host_sides(&written.contents.endpoints) {
+            Ok(repaired) => {
+                for pod in &repaired {
+                    warn!("pod wiring repaired: {pod}");
+                }
+                self.telemetry
+                    .pod_wiring_repairs
+                    .inc_by(repaired.len() as u64);
+            }
+            Err(e) => warn!("checking pod wiring failed: {e:#}"),
         }
     }
 

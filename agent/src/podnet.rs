@@ -306,6 +306,34 @@ pub fn repair_host_side(ip: Ipv4Addr, interface: &str) -> Result<()> {
     crate::hostnet::add_pod_route(ip, interface)
 }
 
+/// Repair the host side of every pod of `endpoints` whose veth exists (a veth taken
+/// down and up again loses its route and neighbour, and nothing else restores
+/// them); returns what was missing, one line per pod repaired.
+pub fn repair_host_sides(
+    endpoints: &std::collections::BTreeMap<
+        ferrite_common::EndpointKey,
+        ferrite_common::EndpointInfo,
+    >,
+) -> Result<Vec<String>> {
+    let interfaces = crate::datapath::interfaces()?;
+    let names: std::collections::BTreeMap<u32, &String> =
+        interfaces.iter().map(|(n, i)| (i.ifindex, n)).collect();
+    let wiring = HostWiring::read()?;
+    let mut repaired = Vec::new();
+    for (key, endpoint) in endpoints {
+        let Some(interface) = names.get(&endpoint.ifindex) else {
+            continue; // its pod is going: nothing to repair
+        };
+        let ip = Ipv4Addr::from(key.address);
+        let missing = wiring.missing(ip, interface);
+        if !missing.is_empty() {
+            repair_host_side(ip, interface)?;
+            repaired.push(format!("{ip} on {interface}: {}", missing.join("; ")));
+        }
+    }
+    Ok(repaired)
+}
+
 fn array(value: &serde_json::Value) -> &[serde_json::Value] {
     value.as_array().map(Vec::as_slice).unwrap_or_default()
 }

@@ -82,6 +82,8 @@ pub struct Telemetry {
     pub sync_errors: Counter,
     pub map_writes: Counter,
     pub conntrack_gc_removed: Counter,
+    /// Pods whose host side (veth up, /32 route, neighbour) a full sync restored.
+    pub pod_wiring_repairs: Counter,
     pub skipped_objects: Gauge,
     pub watch_restarts: Family<ResourceLabel, Counter>,
     drift_repairs: Family<MapLabel, Counter>,
@@ -114,6 +116,7 @@ impl Telemetry {
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
             conntrack_gc_removed: Counter::default(),
+            pod_wiring_repairs: Counter::default(),
             skipped_objects: Gauge::default(),
             watch_restarts: Family::default(),
             drift_repairs: Family::default(),
@@ -154,6 +157,11 @@ impl Telemetry {
                 telemetry.backend_bytes.clone(),
             );
             r.register("syncs", "Reconciliations run", telemetry.syncs.clone());
+            r.register(
+                "pod_wiring_repairs",
+                "Pods whose host veth, /32 route or neighbour entry a full sync restored",
+                telemetry.pod_wiring_repairs.clone(),
+            );
             r.register(
                 "sync_errors",
                 "Reconciliations that failed (maps keep their last good state)",

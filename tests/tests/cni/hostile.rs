@@ -14,7 +14,7 @@ use ferrite_agent::podnet;
 use ferrite_tests::{
     cluster::TCP_TARGET,
     cni::{ferrite_conflist, Outcome, Runtime, Sandbox},
-    lab::{answered_by, sh, Node},
+    lab::{answered_by, sh, wait_until, Node, SETTLE},
 };
 use serde_json::{json, Value};
 
@@ -327,6 +327,61 @@ fn check_names_each_part_of_the_wiring_that_broke() -> Result<()> {
     let outcome = runtime.check(&pod)?;
     assert_eq!(outcome.code(), Some(102), "{}", outcome.output);
     assert!(msg(&outcome).contains("prevResult has no default route"));
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn the_agent_restores_a_flapped_host_veths_route_and_neighbour() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("flapped")?;
+    runtime.add(&mut pod)?;
+    let _server = pod.pod.serve(TCP_TARGET)?;
+    let to_pod = SocketAddrV4::new(pod.pod.ip, TCP_TARGET);
+    let from_node =
+        || -> Result<String> { answered_by(&node.netns.tcp_request(to_pod, "n")?, "n") };
+    assert_eq!(from_node()?, "flapped");
+    let metric = "ferrite_pod_wiring_repairs_total";
+    let before = node.metric(metric)?;
+
+    let host = &pod.pod.host_interface;
+    sh("ip", &["-n", &node.netns.name, "link", "set", host, "down"])?;
+    sh("ip", &["-n", &node.netns.name, "link", "set", host, "up"])?;
+    wait_until("the agent repaired the pod's wiring", SETTLE, || {
+        node.metric(metric).is_ok_and(|after| after > before)
+    })?;
+    let route = format!("{}/32", pod.pod.ip);
+    let routes = sh(
+        "ip",
+        &[
+            "-n",
+            &node.netns.name,
+            "-4",
+            "route",
+            "show",
+            "exact",
+            &route,
+        ],
+    )?;
+    assert!(routes.contains(host.as_str()), "{routes}");
+    let neighbours = sh(
+        "ip",
+        &[
+            "-n",
+            &node.netns.name,
+            "neigh",
+            "show",
+            "nud",
+            "permanent",
+            "dev",
+            host,
+        ],
+    )?;
+    assert!(neighbours.contains(&pod.pod.ip.to_string()), "{neighbours}");
+    assert_eq!(from_node()?, "flapped", "the node reaches the pod again");
+    assert!(runtime.check(&pod)?.success);
     runtime.del(&pod)?;
     assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
