@@ -35,10 +35,10 @@ mod sock;
 mod to_pod;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_jiffies64,
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 
 /// The bench baseline: the cost of running any TC program at all.
@@ -57,6 +57,12 @@ pub fn ferrite_clock(ctx: TcContext) -> i32 {
         Ok(()) => TC_ACT_OK,
         Err(()) => TC_ACT_SHOT,
     }
+}
+
+/// The bench baseline for the XDP program: the cost of running any XDP program.
+#[xdp]
+pub fn ferrite_noop_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]
