@@ -1,4 +1,5 @@
 //! Shared by Ferrite's end-to-end tests, demo and benchmark.
+pub mod bench_node;
 pub mod cluster;
 pub mod cni;
 pub mod fake_apiserver;
@@ -6,3 +7,4 @@ pub mod flannel;
 pub mod frames;
 pub mod lab;
 pub mod testbed;
+pub mod tunnel_shim;

@@ -1,16 +1,21 @@
 //! The datapath object loaded without pinning, for BPF_PROG_TEST_RUN: fill its maps,
 //! feed it frames, read back the frame and the verdict.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+};
 
 use anyhow::{Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
+use ferrite_agent::plan::{maglev_digest, maglev_key};
 use ferrite_common::{
-    map_names, pod_mac_for, program_names, stat, Backend, Counter, EndpointInfo, EndpointKey,
-    NodeConfig, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS,
+    map_names, pod_mac_for, program_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo,
+    EndpointKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -35,8 +40,20 @@ pub struct RunResult {
 
 impl Testbed {
     pub fn load() -> Result<Self> {
+        Self::load_sized(&[])
+    }
+
+    /// Loaded with some maps sized otherwise (`(name, max_entries)`), as the agent
+    /// sizes them for a node's load.
+    pub fn load_sized(capacities: &[(&str, u32)]) -> Result<Self> {
         require_root()?;
-        let mut ebpf = Ebpf::load_file(bpf_object()).context("loading the eBPF object")?;
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in capacities {
+            loader.map_max_entries(name, *entries);
+        }
+        let mut ebpf = loader
+            .load_file(bpf_object())
+            .context("loading the eBPF object")?;
         for name in [
             program_names::FROM_POD,
             program_names::TO_POD,
@@ -49,11 +66,10 @@ impl Testbed {
                 ebpf.program_mut(name).context("program")?.try_into()?;
             program.load()?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::FROM_WORLD)
-            .context("program")?
-            .try_into()?;
-        xdp.load()?;
+        for name in [program_names::FROM_WORLD, program_names::NOOP_XDP] {
+            let xdp: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
+            xdp.load()?;
+        }
         Ok(Self { ebpf })
     }
 
@@ -91,19 +107,39 @@ impl Testbed {
         first_backend_id: u32,
         backends: &[SocketAddrV4],
     ) -> Result<()> {
-        let mut backend_map = self.hash_map::<u32, Backend>(map_names::BACKENDS)?;
+        let mut ids = Vec::new();
         for (i, b) in backends.iter().enumerate() {
-            backend_map.insert(
-                first_backend_id + i as u32,
-                Backend {
-                    address: b.ip().octets(),
-                    port: b.port(),
-                    proto: protocol,
-                    flags: 0,
-                },
-                0,
-            )?;
+            let id = first_backend_id + i as u32;
+            self.add_backend(id, *b, protocol)?;
+            ids.push(id);
         }
+        self.add_frontend(frontend, protocol, rev_nat_index, &ids)
+    }
+
+    /// A `ferrite_backend` entry.
+    pub fn add_backend(&mut self, id: u32, backend: SocketAddrV4, protocol: u8) -> Result<()> {
+        self.hash_map::<u32, Backend>(map_names::BACKENDS)?.insert(
+            id,
+            Backend {
+                address: backend.ip().octets(),
+                port: backend.port(),
+                proto: protocol,
+                flags: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// A Service frontend over backends already written (`add_backend`): its rev-NAT
+    /// entry, its slots, then its master entry, as the agent orders them.
+    pub fn add_frontend(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        rev_nat_index: u16,
+        backend_ids: &[u32],
+    ) -> Result<()> {
         self.hash_map::<u16, RevNatValue>(map_names::REV_NAT)?
             .insert(
                 rev_nat_index,
@@ -116,11 +152,11 @@ impl Testbed {
             )?;
         let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
         let key = |slot| ServiceKey::new(*frontend.ip(), frontend.port(), protocol, slot);
-        for i in 0..backends.len() {
+        for (i, id) in backend_ids.iter().enumerate() {
             services.insert(
                 key(i as u16 + 1),
                 ServiceValue {
-                    backend_id: first_backend_id + i as u32,
+                    backend_id: *id,
                     ..Default::default()
                 },
                 0,
@@ -130,7 +166,7 @@ impl Testbed {
             key(0),
             ServiceValue {
                 backend_id: 0,
-                count: backends.len() as u16,
+                count: backend_ids.len() as u16,
                 rev_nat_index,
                 ..Default::default()
             },
@@ -140,7 +176,7 @@ impl Testbed {
     }
 
     /// Change this node's `ferrite_config` entry.
-    fn update_config(&mut self, change: impl FnOnce(&mut NodeConfig)) -> Result<()> {
+    pub fn update_config(&mut self, change: impl FnOnce(&mut NodeConfig)) -> Result<()> {
         let mut config: Array<&mut MapData, NodeConfig> =
             Array::try_from(self.ebpf.map_mut(map_names::CONFIG).context("config")?)?;
         let mut value = config.get(&0, 0)?;
@@ -203,14 +239,131 @@ impl Testbed {
         Ok(())
     }
 
+    /// A `ferrite_routes` entry: `network/prefix_len` belongs to the node `node_ip`
+    /// (`ROUTE_LOCAL`, `ROUTE_REMOTE` or `ROUTE_NODE`), as the agent writes it.
+    pub fn add_route(
+        &mut self,
+        network: Ipv4Addr,
+        prefix_len: u32,
+        node_ip: Ipv4Addr,
+        flags: u16,
+    ) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES).context("routes")?)?;
+        routes.insert(
+            &Key::new(prefix_len, network.octets()),
+            RouteInfo {
+                node_ip: node_ip.octets(),
+                vtep_mac: ferrite_common::vtep_mac_for(node_ip),
+                flags,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// The Maglev table of an external frontend written by `add_service`, built from
+    /// its slots as the agent builds it.
+    pub fn add_maglev(&mut self, frontend: SocketAddrV4, protocol: u8) -> Result<()> {
+        let master = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
+        let mut backends = Vec::new();
+        {
+            let services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
+            let count = services.get(&master, 0)?.count;
+            let ids: Vec<u32> = (1..=count)
+                .map(|slot| {
+                    let key = ServiceKey {
+                        backend_slot: slot,
+                        ..master
+                    };
+                    services.get(&key, 0).map(|v| v.backend_id)
+                })
+                .collect::<Result<_, _>>()?;
+            let backend_map = self.hash_map::<u32, Backend>(map_names::BACKENDS)?;
+            for id in ids {
+                backends.push(backend_map.get(&id, 0)?);
+            }
+        }
+        let keys: Vec<[u8; 6]> = backends.iter().map(maglev_key).collect();
+        let owners = ferrite_agent::maglev::table(&keys, MAGLEV_TABLE_SIZE)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut table = Box::new(MaglevTable {
+            digest: maglev_digest(backends.iter().copied()),
+            backend_slots: [0; MAGLEV_TABLE_SIZE],
+            _pad: [0; 3],
+        });
+        for (entry, owner) in table.backend_slots.iter_mut().zip(owners) {
+            *entry = owner as u16 + 1;
+        }
+        self.hash_map::<ServiceKey, MaglevTable>(map_names::MAGLEV)?
+            .insert(master, table.as_ref(), 0)?;
+        Ok(())
+    }
+
+    /// The `ferrite_ct` entry under `key`, if any.
+    pub fn conntrack(&self, key: &CtKey) -> Result<Option<CtValue>> {
+        let ct: HashMap<&MapData, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).context("conntrack")?)?;
+        match ct.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write a `ferrite_ct` entry as the datapath would.
+    pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<()> {
+        self.hash_map::<CtKey, CtValue>(map_names::CONNTRACK)?
+            .insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Every key in `ferrite_ct`.
+    pub fn conntrack_keys(&self) -> Result<Vec<CtKey>> {
+        let ct: HashMap<&MapData, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).context("conntrack")?)?;
+        Ok(ct.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// Remove `keys` from `ferrite_ct` (already gone is fine).
+    pub fn remove_conntrack(&mut self, keys: &[CtKey]) -> Result<()> {
+        let mut ct = self.hash_map::<CtKey, CtValue>(map_names::CONNTRACK)?;
+        for key in keys {
+            match ct.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Run the uplink's XDP program once on `frame` (verdict: XDP_PASS, XDP_DROP...).
     pub fn from_world(&self, frame: &[u8]) -> Result<RunResult> {
-        let program: &Xdp = self
-            .ebpf
-            .program(program_names::FROM_WORLD)
-            .context("program")?
-            .try_into()?;
-        Ok(test_run(program, frame, 1)?.0)
+        Ok(self.run_xdp_program(program_names::FROM_WORLD, frame, 1)?.0)
+    }
+
+    /// Run the XDP program `name` `repeat` times on `frame`.
+    pub fn run_xdp_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(RunResult, std::time::Duration)> {
+        let program: &Xdp = self.ebpf.program(name).context("program")?.try_into()?;
+        test_run(program, frame, repeat)
+    }
+
+    /// The loaded program `name`'s file descriptor (to put it in a program array).
+    pub fn program_fd(&self, name: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
+        let program = self.ebpf.program(name).context("program")?;
+        Ok(program.fd()?.as_fd())
+    }
+
+    /// Instructions of the loaded program `name` after the verifier's rewrites
+    /// (bpftool's "xlated" length / 8).
+    pub fn xlated_instructions(&self, name: &str) -> Result<u32> {
+        let program = self.ebpf.program(name).context("program")?;
+        Ok(program.info()?.size_translated().unwrap_or(0) / 8)
     }
 
     /// Run the TC program `name` `repeat` times on `frame`.
