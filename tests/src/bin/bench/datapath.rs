@@ -1,0 +1,334 @@
+//! `cargo xtask bench datapath`: ns/packet (BPF_PROG_TEST_RUN) of every per-packet
+//! path a real packet takes, each measured right before its baseline on the same
+//! frames in the same round (median of rounds; ratio = path / baseline of the run):
+//! - established: pod -> pod on this node (redirect_peer, MACs rewritten) and to
+//!   another node (overlay: remote CIDR route, MACs, tunnel key, redirect to the
+//!   VXLAN device); pod -> ClusterIP with a local and a remote backend (80 -> 8080:
+//!   DNAT with both L4 checksum fixes); replies reverse-NATed on the backend's veth
+//!   (`ferrite_from_pod`) and arriving over the overlay (`ferrite_from_overlay`);
+//!   NodePort in XDP (`ferrite_from_world`) to a local backend and SNATed to a
+//!   remote one. One frame, repeat = WARM_REPEAT. The kernel re-runs the program on
+//!   the packet the previous pass left, so the bench node (tests/src/bench_node.rs)
+//!   sets each path up so that its output is again a packet of the same path (pairs
+//!   of Services that are each other's backend; for XDP, a conntrack entry
+//!   translating the NodePort flow's output back). Counters each pass bumps once are
+//!   checked after every measurement: each pass is a full pass of the named path.
+//! - new flows: pod -> ClusterIP (backend selection, both conntrack inserts, DNAT,
+//!   delivery) and NodePort in XDP (Maglev, both inserts, DNAT; for the remote
+//!   backend also a SNAT port claimed with BPF_NOEXIST), NEW_FLOWS distinct 5-tuples
+//!   (distinct client pods and ports, or world addresses), each run once (repeat =
+//!   1, so the kernel's per-run timer overhead is in the baseline too). Conntrack is
+//!   cleared of the round's flows after each measurement (2 x NEW_FLOWS entries; the
+//!   map holds 262,144), so every round's packets are new flows again: checked with
+//!   the new-flow counters. One unmeasured round per size warms caches and the
+//!   per-(Service, backend) counters, which exist once per pair, not per flow.
+//! - with 1, 10,000 and 100,000 ClusterIP Services loaded (two backends each), new
+//!   ClusterIP flows spread over all of them. Established flows never look up a
+//!   Service (conntrack holds the backend): flat by construction, measured once.
+//!
+//! Baselines: `ferrite_noop` (TC), `ferrite_noop_xdp` (XDP); `ferrite_from_overlay`
+//! runs behind a shim that gives the packet tunnel metadata (a test run has none)
+//! and tail-calls it, so its baseline is the same shim tail-calling `ferrite_noop`.
+//! The BPF instruction count of every program is printed from the object
+//! (llvm-objdump) and after loading (the verifier's translated length).
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use anyhow::{ensure, Context, Result};
+use ferrite_common::stat;
+use ferrite_tests::{
+    bench_node::{BenchNode, Established, Hook, NewFlow},
+    lab::bpf_object,
+};
+
+use crate::median;
+
+const SIZES: [u32; 3] = [1, 10_000, 100_000];
+const ROUNDS: usize = 7;
+const WARM_REPEAT: u32 = 1_000_000;
+const NEW_FLOWS: u32 = 4_096;
+
+/// Sum of `counters` over CPUs.
+fn counts(node: &BenchNode, counters: &[u32]) -> Result<Vec<u64>> {
+    counters.iter().map(|c| node.bed.counter(*c)).collect()
+}
+
+/// Check that `counters` moved by exactly `by` since `before`.
+fn moved(node: &BenchNode, counters: &[u32], before: &[u64], by: u64, what: &str) -> Result<()> {
+    for (counter, before) in counters.iter().zip(before) {
+        let now = node.bed.counter(*counter)?;
+        ensure!(
+            now - before == by,
+            "{what}: {} moved by {} instead of {by}: not every pass was a full pass ({:?})",
+            stat::NAMES[*counter as usize],
+            now - before,
+            node.bed.drops()?
+        );
+    }
+    Ok(())
+}
+
+/// ns per pass of `path` (repeat = WARM_REPEAT), every pass checked by counters.
+fn established(node: &BenchNode, path: Established) -> Result<f64> {
+    let before = counts(node, path.counters())?;
+    let frame = path.frame();
+    let (out, duration) = node.run(path.hook(), &frame, WARM_REPEAT)?;
+    ensure!(
+        out.verdict == path.hook().forwarded(),
+        "{}: verdict {}",
+        path.label(),
+        out.verdict
+    );
+    moved(
+        node,
+        path.counters(),
+        &before,
+        WARM_REPEAT as u64,
+        path.label(),
+    )?;
+    Ok(duration.as_nanos() as f64)
+}
+
+fn established_baseline(node: &BenchNode, path: Established) -> Result<f64> {
+    let (_, duration) = node.run_noop(path.hook(), &path.frame(), WARM_REPEAT)?;
+    Ok(duration.as_nanos() as f64)
+}
+
+/// Mean ns per run over `frames`, one run each, of the path or its baseline.
+fn per_frame(node: &BenchNode, hook: Hook, frames: &[Vec<u8>], baseline: bool) -> Result<f64> {
+    let mut total = std::time::Duration::ZERO;
+    for frame in frames {
+        let (out, duration) = if baseline {
+            node.run_noop(hook, frame, 1)?
+        } else {
+            node.run(hook, frame, 1)?
+        };
+        ensure!(
+            baseline || out.verdict == hook.forwarded(),
+            "new flow: verdict {}",
+            out.verdict
+        );
+        total += duration;
+    }
+    Ok(total.as_nanos() as f64 / frames.len() as f64)
+}
+
+/// One measurement of new flows: every frame a new flow (checked), then cleared.
+fn new_flows(node: &mut BenchNode, path: NewFlow, frames: &[Vec<u8>]) -> Result<f64> {
+    let before = counts(node, path.counters())?;
+    let ns = per_frame(node, path.hook(), frames, false)?;
+    moved(
+        node,
+        path.counters(),
+        &before,
+        frames.len() as u64,
+        path.label(),
+    )?;
+    let removed = node.clear_new_flows()?;
+    ensure!(
+        removed == 2 * frames.len(),
+        "{}: {removed} conntrack entries to clear, expected {}",
+        path.label(),
+        2 * frames.len()
+    );
+    Ok(ns)
+}
+
+/// Instructions per function symbol of the object, from `llvm-objdump -d` (a
+/// 64-bit immediate load counts as the two instructions it takes).
+fn object_instructions(object: &Path) -> Result<BTreeMap<String, usize>> {
+    let tool = [
+        "llvm-objdump-22",
+        "/usr/lib/llvm-22/bin/llvm-objdump",
+        "llvm-objdump",
+    ]
+    .into_iter()
+    .find(|t| Command::new(t).arg("--version").output().is_ok())
+    .context("no llvm-objdump")?;
+    let out = Command::new(tool).arg("-d").arg(object).output()?;
+    ensure!(out.status.success(), "llvm-objdump failed");
+    let mut counts = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(name) = line
+            .strip_suffix(">:")
+            .and_then(|l| l.split_once(" <"))
+            .map(|(_, name)| name.to_string())
+        {
+            current = Some(name);
+            continue;
+        }
+        // "      12:	b7 01 00 00 00 00 00 00	r1 = 0x0": 8 bytes per instruction slot.
+        let Some((offset, rest)) = line.trim_start().split_once(":\t") else {
+            continue;
+        };
+        if let (Some(name), true) = (&current, offset.chars().all(|c| c.is_ascii_hexdigit())) {
+            let bytes = rest
+                .split('\t')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .count();
+            *counts.entry(name.clone()).or_insert(0) += bytes.max(8) / 8;
+        }
+    }
+    Ok(counts)
+}
+
+/// A Rust-mangled symbol's item name (`..16ferrite_datapath8log_drop..` ->
+/// `log_drop`), others as they are.
+fn readable(symbol: &str) -> String {
+    let Some((_, rest)) = symbol.split_once("16ferrite_datapath") else {
+        return symbol.to_string();
+    };
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    match digits.parse::<usize>() {
+        Ok(len) if rest.len() >= digits.len() + len => {
+            format!("{} (closure)", &rest[digits.len()..digits.len() + len])
+        }
+        _ => symbol.to_string(),
+    }
+}
+
+fn print_instructions(node: &BenchNode) -> Result<()> {
+    let object = bpf_object();
+    let counts = object_instructions(&object)?;
+    println!(
+        "BPF instructions per program: object (llvm-objdump -d {}), loaded (xlated, after the verifier)\n",
+        object.display()
+    );
+    println!("{:<24} {:>8} {:>8}", "program", "object", "loaded");
+    for (name, count) in counts.iter().filter(|(n, _)| n.starts_with("ferrite_")) {
+        let loaded = node
+            .bed
+            .xlated_instructions(name)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "-".into());
+        println!("{name:<24} {count:>8} {loaded:>8}");
+    }
+    let others: Vec<String> = counts
+        .iter()
+        .filter(|(n, _)| !n.starts_with("ferrite_"))
+        .map(|(n, c)| format!("{} {c}", readable(n)))
+        .collect();
+    if !others.is_empty() {
+        println!("other functions in the object: {}", others.join(", "));
+    }
+    println!("(loaded: '-' for programs the test bed does not load; the cgroup hooks)\n");
+    Ok(())
+}
+
+pub fn bench() -> Result<()> {
+    let mut node = BenchNode::new()?;
+    println!("Datapath per packet: BPF_PROG_TEST_RUN, 54-byte TCP frames, the bench node of");
+    println!(
+        "tests/src/bench_node.rs (the frames tests/tests/bench_paths.rs checks byte for byte);"
+    );
+    println!(
+        "median of {ROUNDS} rounds, each measurement followed by its baseline on the same frames\n"
+    );
+    print_instructions(&node)?;
+
+    println!("Established flows: one frame, repeat {WARM_REPEAT}, every pass a full pass (checked by counters).");
+    println!(
+        "Flat in the number of Services by construction (no Service lookup: conntrack holds the"
+    );
+    println!(
+        "backend); measured with {} ClusterIP Service loaded.\n",
+        node.services()
+    );
+    println!(
+        "{:<36} {:<22} {:>8} {:>9} {:>8} {:>7}",
+        "path", "program", "ns/pkt", "baseline", "+ns", "ratio"
+    );
+    let mut samples: Vec<[Vec<f64>; 2]> = vec![Default::default(); Established::ALL.len()];
+    for _ in 0..ROUNDS {
+        for (i, path) in Established::ALL.into_iter().enumerate() {
+            samples[i][0].push(established(&node, path)?);
+            samples[i][1].push(established_baseline(&node, path)?);
+        }
+    }
+    for (path, [ns, base]) in Established::ALL.into_iter().zip(samples) {
+        let (ns, base) = (median(ns), median(base));
+        println!(
+            "{:<36} {:<22} {ns:>8.1} {base:>9.1} {:>+8.1} {:>6.2}x",
+            path.label(),
+            path.hook().program(),
+            ns - base,
+            ns / base
+        );
+    }
+    println!(
+        "baselines: {} (TC), {} (XDP); from the overlay: the tunnel-key shim + tail call into {}",
+        Hook::FromPod.noop(),
+        Hook::FromWorld.noop(),
+        Hook::FromPod.noop()
+    );
+
+    println!(
+        "\nNew flows: {NEW_FLOWS} distinct 5-tuples per measurement, each run once (repeat 1: the"
+    );
+    println!(
+        "kernel's per-run overhead is in the baseline too); conntrack cleared of them after each"
+    );
+    println!("(so never filling up); ClusterIP flows spread over all loaded Services.\n");
+    let header: Vec<String> = NewFlow::ALL
+        .iter()
+        .map(|p| format!("{:<40}", p.label()))
+        .collect();
+    println!("{:>8} | {}", "services", header.join(" | "));
+    let columns = format!(
+        "{:>7} {:>6} {:>7} {:>6} {:>6}",
+        "ns/pkt", "base", "+ns", "ratio", "vs 1"
+    );
+    println!(
+        "{:>8} | {}",
+        "",
+        vec![format!("{columns:<40}"); NewFlow::ALL.len()].join(" | ")
+    );
+    let mut first: Option<Vec<f64>> = None;
+    for size in SIZES {
+        node.load_services(size)?;
+        let frames: Vec<Vec<Vec<u8>>> = NewFlow::ALL
+            .iter()
+            .map(|p| node.new_flow_frames(*p, NEW_FLOWS))
+            .collect();
+        for (path, frames) in NewFlow::ALL.into_iter().zip(&frames) {
+            new_flows(&mut node, path, frames)?; // warm-up, not measured
+        }
+        let mut samples: Vec<[Vec<f64>; 2]> = vec![Default::default(); NewFlow::ALL.len()];
+        for _ in 0..ROUNDS {
+            for (i, path) in NewFlow::ALL.into_iter().enumerate() {
+                samples[i][0].push(new_flows(&mut node, path, &frames[i])?);
+                samples[i][1].push(per_frame(&node, path.hook(), &frames[i], true)?);
+            }
+        }
+        let medians: Vec<(f64, f64)> = samples
+            .into_iter()
+            .map(|[ns, base]| (median(ns), median(base)))
+            .collect();
+        let first = first.get_or_insert_with(|| medians.iter().map(|m| m.0).collect());
+        let cells: Vec<String> = medians
+            .iter()
+            .zip(first.iter())
+            .map(|((ns, base), first)| {
+                format!(
+                    "{:<40}",
+                    format!(
+                        "{ns:>7.1} {base:>6.1} {:>+7.1} {:>5.2}x {:>5.2}x",
+                        ns - base,
+                        ns / base,
+                        ns / first
+                    )
+                )
+            })
+            .collect();
+        println!("{size:>8} | {}", cells.join(" | "));
+    }
+    ensure!(
+        node.bed.drops()?.is_empty(),
+        "drops during the bench: {:?}",
+        node.bed.drops()?
+    );
+    println!("\ntargets: new flows flat (<= 1.2x from 1 to 100,000 Services); established ClusterIP <= +40 ns over the no-op");
+    Ok(())
+}
