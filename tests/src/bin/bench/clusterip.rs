@@ -40,7 +40,7 @@ const WRK_SECONDS: u32 = 3;
 /// wrk threads: one per backend, so a direct run can load each backend as a Service does.
 const WRK_THREADS: u32 = 3;
 const CONNECTIONS_PER_THREAD: u32 = 11;
-const HTTP_PORT: u16 = 8080;
+pub(crate) const HTTP_PORT: u16 = 8080;
 const BACKENDS: usize = 3;
 
 /// Filler Service `index` (of `count`): the measured one takes the middle index.
@@ -54,13 +54,13 @@ fn filler_backend(index: u32) -> Ipv4Addr {
 
 /// An HTTP server on 0.0.0.0:HTTP_PORT in `netns`: a few threads accepting, each
 /// answering one request per connection ("200 ok", then close). Stopped on drop.
-struct HttpServer {
+pub(crate) struct HttpServer {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl HttpServer {
-    fn start(netns: &Netns) -> Result<Self> {
+    pub(crate) fn start(netns: &Netns) -> Result<Self> {
         let listener = netns.run(|| TcpListener::bind(("0.0.0.0", HTTP_PORT)))??;
         // Wake up now and then to see the stop flag (Linux applies SO_RCVTIMEO to accept).
         nix::sys::socket::setsockopt(
@@ -109,7 +109,7 @@ impl Drop for HttpServer {
 
 /// wrk's requests/s from `probe` (its cgroup and network namespace) to `to`; every
 /// request must succeed.
-fn wrk(probe: &Probe, targets: &[SocketAddrV4]) -> Result<f64> {
+pub(crate) fn wrk(probe: &Probe, targets: &[SocketAddrV4]) -> Result<f64> {
     // One wrk thread per target address (wrk's Lua `setup` gives each thread its
     // own): a direct baseline loads the same backends a Service spreads over.
     let script = std::env::temp_dir().join(format!("ferrite-bench-wrk-{}.lua", std::process::id()));

@@ -1,12 +1,14 @@
 //! `cargo xtask bench [section]...`: Ferrite side by side with its baselines. Sections:
 //! `datapath` (ns/packet of each per-packet path in BPF_PROG_TEST_RUN vs no-op
-//! programs, `datapath.rs`), `overlay` (vs flannel-style),
+//! programs, `datapath.rs`), `insitu` (the same programs' run time per packet under
+//! real TCP traffic in a lab cluster, `insitu.rs`), `overlay` (vs flannel-style),
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
 //! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
 mod datapath;
+mod insitu;
 
 use anyhow::Result;
 use ferrite_common::PROTO_TCP;
@@ -16,13 +18,16 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|overlay|control-plane|nodeport|clusterip]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
     let run = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
     if run("datapath") {
         datapath::bench()?;
+    }
+    if run("insitu") {
+        insitu::bench()?;
     }
     if run("overlay") {
         overlay_bench()?;
