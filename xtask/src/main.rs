@@ -64,12 +64,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks, each side by side with its baseline: datapath (BPF_PROG_TEST_RUN vs
-    /// a no-op program), overlay (vs flannel-style), control-plane (vs iptables-restore),
-    /// nodeport (vs kube-proxy iptables), clusterip (vs direct and kube-proxy's
-    /// iptables and nftables layouts).
+    /// Benchmarks, each side by side with its baseline: datapath (every per-packet path
+    /// in BPF_PROG_TEST_RUN vs no-op programs), insitu (the programs' run time per
+    /// packet under real traffic, bpf_stats), overlay (vs flannel-style), control-plane
+    /// (vs iptables-restore), nodeport (vs kube-proxy iptables), clusterip (vs direct
+    /// and kube-proxy's iptables and nftables layouts).
     Bench {
-        /// Sections to run (datapath, overlay, control-plane); all by default.
+        /// Sections to run (datapath, insitu, overlay, control-plane, nodeport,
+        /// clusterip); all by default.
         sections: Vec<String>,
     },
     /// Soak (not in CI): two nodes under mixed traffic (ClusterIP, cross-node,
