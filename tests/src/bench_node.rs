@@ -287,7 +287,8 @@ pub fn ct_key(from: SocketAddrV4, to: SocketAddrV4) -> CtKey {
         sport: from.port(),
         dport: to.port(),
         proto: PROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
