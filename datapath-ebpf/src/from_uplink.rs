@@ -41,6 +41,12 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Parsed::Ipv4(h) => h,
         _ => return Ok(Verdict::Pass),
     };
+    // The overlay's datagrams to this node (most of a busy node's traffic) are the
+    // kernel's VXLAN device's: nothing below applies to them (a full-sized one would even
+    // look like a DF packet too large for pods, costing two lookups).
+    if external::is_overlay(&h) && routing::is_host_address(h.daddr) {
+        return Ok(Verdict::Pass);
+    }
     // GRO may have merged segments after XDP saw them: only whole packets count.
     if h.has_ports && !pkt.is_gso() {
         if let Some(mtu) = external::frag_needed_mtu(&h) {
@@ -64,9 +70,6 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 /// helpers update correctly.)
 #[inline(always)]
 fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
-    if external::is_overlay(h) {
-        return Ok(());
-    }
     if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
         if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
             nat::reverse(pkt, h, &ct)?;
