@@ -5,24 +5,31 @@ use ferrite_common::{stat, Counter, LbStatKey};
 
 use crate::maps::{LB_STATS, STATS};
 
-/// A drop reason's name, for log lines (the names `ferrite inspect stats` shows).
-/// Constant indexes into the `const` table fold into string literals; a variable
-/// index would load a pointer the verifier cannot follow.
+/// A counter's name, for log lines (the names `ferrite inspect stats` shows), derived
+/// from `stat::NAMES` alone: one arm per index, each a constant index into the
+/// `const` table, so each folds into a string literal (a variable index would load a
+/// pointer the verifier cannot follow). Indexes past the table are `drop_internal`.
 #[inline(always)]
 pub fn drop_name(reason: u32) -> &'static str {
     const fn name(index: u32) -> &'static str {
-        stat::NAMES[index as usize]
+        if index < stat::COUNT {
+            stat::NAMES[index as usize]
+        } else {
+            stat::NAMES[stat::DROP_INTERNAL as usize]
+        }
     }
-    match reason {
-        stat::DROP_UNSUPPORTED_L3 => name(stat::DROP_UNSUPPORTED_L3),
-        stat::DROP_MALFORMED => name(stat::DROP_MALFORMED),
-        stat::DROP_SPOOFED => name(stat::DROP_SPOOFED),
-        stat::DROP_NO_BACKEND => name(stat::DROP_NO_BACKEND),
-        stat::DROP_WRONG_VNI => name(stat::DROP_WRONG_VNI),
-        stat::DROP_UNKNOWN_POD => name(stat::DROP_UNKNOWN_POD),
-        stat::DROP_NO_OVERLAY => name(stat::DROP_NO_OVERLAY),
-        _ => name(stat::DROP_INTERNAL),
+    macro_rules! by_index {
+        ($($index:literal)*) => {
+            match reason {
+                $($index => const { name($index) },)*
+                _ => const { name(stat::DROP_INTERNAL) },
+            }
+        };
     }
+    // Covers every index the table can grow to (checked below).
+    const _: () = assert!(stat::COUNT <= 48, "extend drop_name's arms");
+    by_index!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
+              24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47)
 }
 
 #[inline(always)]

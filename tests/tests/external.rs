@@ -314,7 +314,8 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() -> Result<()> {
 #[test]
 fn load_balancer_source_ranges_admit_listed_clients_only() -> Result<()> {
     let allowed = client_ip(1);
-    let env = world(|c| {
+    // Drops logged by the datapath name their reason (each reason has its name).
+    let env = world_with(&["--datapath-log", "debug"], |c| {
         both_backends(
             c,
             &format!("  loadBalancerSourceRanges: [\"{allowed}/32\", \"198.18.0.0/15\"]\n"),
@@ -329,6 +330,11 @@ fn load_balancer_source_ranges_admit_listed_clients_only() -> Result<()> {
     let denied = tcp_from(&c.world, client_ip(2), lb);
     assert!(denied.is_err(), "a client outside the ranges got through");
     assert!(counter(c, 0, stat::DROP_SOURCE_RANGE)? > before);
+    let agent = c.nodes[0].agent.as_ref().context("agent runs")?;
+    wait_until("the drop in the agent log", SETTLE, || {
+        agent.log_text().contains("drop: reason drop_source_range")
+    })
+    .inspect_err(|_| eprintln!("agent log:\n{}", agent.log_text()))?;
     // The NodePort itself is not restricted (kube-proxy's behaviour).
     let node_port = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
     tcp_request(&c.world, client_ip(2), node_port)?;
