@@ -703,9 +703,21 @@ pub fn pending_writes(
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
     let (state, mut skipped) = model::build(objects, &settings.node, &settings.limits);
     let current = maps.contents()?;
-    // Where the uplink balances external traffic is the running agent's decision.
+    // What the running agent was started with, as its maps show it: where the uplink
+    // balances external traffic, the overlay's VNI and port (once it has written them).
+    let config = &current.config;
     let settings = &plan::NodeSettings {
-        external_in_tc: current.config.flags & ferrite_common::config_flag::EXTERNAL_IN_TC != 0,
+        external_in_tc: config.flags & ferrite_common::config_flag::EXTERNAL_IN_TC != 0,
+        vni: if config.vni != 0 {
+            config.vni
+        } else {
+            settings.vni
+        },
+        vxlan_port: if config.vxlan_port != 0 {
+            config.vxlan_port
+        } else {
+            settings.vxlan_port
+        },
         ..settings.clone()
     };
     let (desired, more) =

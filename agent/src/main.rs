@@ -78,7 +78,8 @@ enum Command {
         /// For `diff`: the objects from this YAML file instead of the Kubernetes API.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// For `diff`: the cluster's VXLAN network identifier.
+        /// For `diff`: the cluster's VXLAN network identifier, if the node's maps do
+        /// not hold it yet.
         #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
         vni: u32,
         /// For `diff`: the agent's cluster pod CIDR.
@@ -211,15 +212,18 @@ fn main() -> Result<()> {
             cluster_cidr,
             admission,
         } => {
-            let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
+            let pin_dir = datapath::pin_dir(&node);
+            let maps = NodeMaps::open(&pin_dir)?;
             let objects = match config {
                 Some(path) => source::parse_objects(&std::fs::read_to_string(path)?)?.0,
                 None => kube_source::list_once(&node)?,
             };
+            // Capacities, VNI and port as the running agent made them (its maps).
             let settings = plan::NodeSettings {
                 node,
                 vni,
                 limits: admission.limits(cluster_cidr),
+                capacities: ferrite_agent::maps::pinned_capacities(&pin_dir)?,
                 ..plan::NodeSettings::default()
             };
             let (writes, _) = agent::pending_writes(&objects, &settings, &maps)?;

@@ -13,8 +13,25 @@ use ferrite_common::{
 };
 
 use crate::plan::{
-    describe_service_key, maglev_digest, maglev_key, MapContents, Op, RouteKey, SourceRange,
+    describe_service_key, maglev_digest, maglev_key, Capacities, MapContents, Op, RouteKey,
+    SourceRange,
 };
+
+/// The capacities the node's Service maps were created with (`--map-capacity` of the
+/// agent that created them): what a plan for these maps must fit.
+pub fn pinned_capacities(pin_dir: &Path) -> Result<Capacities> {
+    let entries = |name: &str| -> Result<usize> {
+        let path = pin_dir.join(name);
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(info.max_entries() as usize)
+    };
+    Ok(Capacities {
+        services: entries(map_names::SERVICES)?,
+        backends: entries(map_names::BACKENDS)?,
+        rev_nat: entries(map_names::REV_NAT)?,
+    })
+}
 
 pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,

@@ -438,6 +438,23 @@ fn a_full_services_map_refuses_the_new_service_loudly_and_keeps_the_others() -> 
     let maps = node.maps()?.contents()?;
     assert_eq!(maps.services.len(), 8);
     assert!(!maps.services.keys().any(|k| k.address == extra.octets()));
+    // `inspect diff` plans for the maps as they were created: no drift (with the
+    // default capacity it would want to write the refused Service).
+    let ferrite = ferrite_tests::lab::ferrite_bin();
+    let diff = sh(
+        "nsenter",
+        &[
+            &format!("--net={}", node.netns.path().display()),
+            ferrite.to_str().unwrap(),
+            "inspect",
+            "--node",
+            &node.name,
+            "diff",
+            "--config",
+            node.config_path().to_str().unwrap(),
+        ],
+    )?;
+    assert!(diff.starts_with("no drift"), "{diff}");
     // The example still answers, and still follows changes.
     let client = node.pod(CLIENTS[0].0);
     answered_by(
