@@ -618,22 +618,36 @@ fn drift_is_repaired_on_schedule_even_while_the_cluster_keeps_changing() -> Resu
     // agent wrote and cannot see the drift; the full resync (every 2 s here) must still
     // come, and repair it.
     let base = cluster::example_for(&node.name);
+    let churn_vip = |round: u8| std::net::Ipv4Addr::new(10, 96, 5, round);
     let mut round = 0u8;
+    let mut write_error = None;
     ferrite_tests::lab::wait_until(
         "a full resync to repair the deleted entry",
         std::time::Duration::from_secs(20),
         || {
             round = round.wrapping_add(1);
-            let extra = cluster::service_yaml(
-                "churn",
-                std::net::Ipv4Addr::new(10, 96, 5, round),
-                &[BACKENDS[0].1],
-            );
-            let _ = node.write_config(&format!("{base}---\n{extra}"));
+            let extra = cluster::service_yaml("churn", churn_vip(round), &[BACKENDS[0].1]);
+            if let Err(e) = node.write_config(&format!("{base}---\n{extra}")) {
+                write_error = Some(e);
+                return true;
+            }
             std::thread::sleep(std::time::Duration::from_millis(300));
             node.maps()
                 .is_ok_and(|m| m.services.get(&udp_master, 0).is_ok())
         },
     )?;
+    if let Some(e) = write_error {
+        return Err(e.context("writing the churned config"));
+    }
+    // The churn did run through the agent: several rounds, the last one applied.
+    assert!(round >= 3, "only {round} rounds of churn");
+    let last = churn_vip(round);
+    node.wait_for_maps("the last churn round's Service", |m| {
+        m.services.keys().any(|k| k.address == last.octets())
+            && m.services
+                .keys()
+                .filter(|k| k.address[..3] == [10, 96, 5])
+                .all(|k| k.address == last.octets())
+    })?;
     Ok(())
 }
