@@ -34,8 +34,20 @@ struct Watch {
     events: mpsc::Sender<String>,
 }
 
+/// A request the server answered: what a test can tell a relist from a resumed watch by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The object kind (`Service`, `EndpointSlice`, `Node`, `Pod`).
+    pub kind: String,
+    pub watch: bool,
+    /// The resourceVersion a watch resumed from (0: from now / none given).
+    pub resource_version: u64,
+}
+
 #[derive(Default)]
 struct State {
+    /// Every list and watch request, in order.
+    requests: Vec<Request>,
     resource_version: u64,
     /// (kind, namespace, name) -> object.
     objects: BTreeMap<(String, String, String), Value>,
@@ -174,6 +186,11 @@ impl FakeApiServer {
     }
 
     /// Cut every open watch connection mid-stream.
+    /// Every list and watch request so far, in order.
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
     pub fn disconnect_watches(&self) {
         self.state.lock().unwrap().watches.clear();
     }
@@ -258,7 +275,16 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_string);
-    if params.get("watch").map(String::as_str) != Some("true") {
+    let watch = params.get("watch").map(String::as_str) == Some("true");
+    state.lock().unwrap().requests.push(Request {
+        kind: kind.to_string(),
+        watch,
+        resource_version: params
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    });
+    if !watch {
         let st = state.lock().unwrap();
         let items: Vec<&Value> = st
             .objects

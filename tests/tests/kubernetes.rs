@@ -160,6 +160,7 @@ fn services_endpointslices_and_nodes_follow_adds_updates_and_deletes() -> Result
 #[test]
 fn a_watch_cut_mid_stream_reconnects_and_misses_nothing() -> Result<()> {
     let c = kube_cluster()?;
+    let before = c.api.requests().len();
     c.api.disconnect_watches();
     // Changed while the watches reconnect: replayed from their resourceVersion.
     let two = [BACKENDS[0].1, BACKENDS[1].1];
@@ -169,6 +170,20 @@ fn a_watch_cut_mid_stream_reconnects_and_misses_nothing() -> Result<()> {
         .wait_for_maps("the change made during the reconnect", |m| {
             master_count(m, *TCP_FRONTEND.ip(), 80) == Some(2)
         })?;
+    // Every watch came back resuming from where it was, and nothing was relisted.
+    let after = c.api.requests().split_off(before);
+    for kind in ["Service", "EndpointSlice", "Node", "Pod"] {
+        assert!(
+            after
+                .iter()
+                .any(|r| r.kind == kind && r.watch && r.resource_version > 0),
+            "no resumed {kind} watch after the cut: {after:?}"
+        );
+    }
+    assert!(
+        after.iter().all(|r| r.watch),
+        "relisted instead of resuming: {after:?}"
+    );
     Ok(())
 }
 
