@@ -180,6 +180,13 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
         flows.push(flow);
     }
     let client_ip = cluster.pod("client").ip;
+    // The per-packet flows' entries, so only what the socket connections add counts.
+    let tracked_before: std::collections::BTreeSet<ferrite_common::CtKey> = cluster.nodes[0]
+        .maps()?
+        .conntrack_entries()?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
     let mut socket_ports = Vec::new();
     for index in 0..SOCKET_FLOWS {
         let mut held = cluster.pod("client").probe().hold(cluster_ip)?;
@@ -194,12 +201,17 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
         let backend = parse_answer(held.send(&request)?.answer()?, &request)?.0;
         flows.push(Flow::Socket(held, backend));
     }
-    // Balanced at the socket: no conntrack entry for any of them.
+    // Balanced at the socket: no Service translation in conntrack for any of them.
+    // (A socket connection that picked the client port of a live per-packet flow to
+    // the same backend has that flow's reply tuple: it is port-remapped, as any direct
+    // connection would be, which is no Service translation.)
     let conntrack = cluster.nodes[0].maps()?.conntrack_entries()?;
     let tracked: Vec<_> = conntrack
         .iter()
-        .filter(|(key, _)| {
-            [key.saddr, key.daddr].contains(&client_ip.octets())
+        .filter(|(key, value)| {
+            !tracked_before.contains(key)
+                && value.rev_nat_index != ferrite_common::REV_NAT_NONE
+                && [key.saddr, key.daddr].contains(&client_ip.octets())
                 && (socket_ports.contains(&key.sport) || socket_ports.contains(&key.dport))
         })
         .collect();
