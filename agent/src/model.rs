@@ -1,5 +1,5 @@
 //! One pure desired-state model, built from Kubernetes objects whatever their source
-//! (a YAML file now, API watches later). No BPF, no I/O: unit-tested on its own.
+//! (the YAML file or the Kubernetes API). No BPF, no I/O: unit-tested on its own.
 //!
 //! Semantics follow kube-proxy:
 //! - a Service port's backends come from the EndpointSlices labelled
@@ -1351,7 +1351,7 @@ endpoints:
 
     const GOOD_PORT: &str = "{clusterIP: 10.96.7.7, ports: [{port: 80}]}";
 
-    /// Issue #7, item 8: every hostile object is skipped with a reason naming it, and
+    /// Every hostile object is skipped with a reason naming it, and
     /// the example Service keeps working; nothing panics.
     #[test]
     fn thirty_hostile_objects_are_each_skipped_with_a_reason_and_the_rest_applies() {

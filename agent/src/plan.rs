@@ -1292,7 +1292,7 @@ mod tests {
         assert!(resync.is_empty(), "{resync:?}");
     }
 
-    /// Issue #7, item 4 (cilium#12815): a full map fails one Service port loudly and
+    /// A full map fails one Service port loudly (unlike cilium#12815) and
     /// the others keep working; nothing is half-written, and the sync goes on.
     #[test]
     fn services_that_do_not_fit_are_skipped_whole_naming_the_map() {

@@ -298,7 +298,7 @@ pub struct SockRevValue {
     pub rev_nat_index: u16,
 }
 
-/// Key of the LRU `ferrite_affinity`: one client of one frontend.
+/// Key of the LRU `ferrite_affin`: one client of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {

@@ -266,7 +266,7 @@ fn a_pod_sending_from_an_ip_that_is_not_its_own_is_dropped_counted_and_logged() 
     Ok(())
 }
 
-/// Issue #7, item 5 (cilium#7930: maps kept a deleted backend): an entry altered
+/// Maps that kept a deleted backend (cilium#7930): an entry altered
 /// behind the agent's back shows in `ferrite inspect diff`, and the agent's periodic
 /// check logs it and puts it back.
 #[test]
@@ -324,8 +324,8 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
     Ok(())
 }
 
-/// Issue #7, item 1 (kubernetes#48370: a Service scaled to zero and back blackholed
-/// UDP for hours): one UDP client socket (one 5-tuple) keeps sending to the ClusterIP
+/// A Service scaled to zero and back blackholed UDP for hours (kubernetes#48370):
+/// one UDP client socket (one 5-tuple) keeps sending to the ClusterIP
 /// while its backend is replaced, the Service drops to no endpoints, and comes back.
 /// It gets answers from whatever backend is current after each change, and no
 /// conntrack entry ever names a backend that is gone.
@@ -399,7 +399,7 @@ fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() ->
     Ok(())
 }
 
-/// Issue #7, item 4 (cilium#12815: a full services map silently broke Services): with
+/// A full services map silently broke Services (cilium#12815): with
 /// `ferrite_service` sized for exactly the example, a new Service is refused whole
 /// with a log line naming the map and the Service, the example keeps working, and
 /// later changes still apply.
@@ -469,7 +469,7 @@ fn a_full_services_map_refuses_the_new_service_loudly_and_keeps_the_others() -> 
     Ok(())
 }
 
-/// Issue #7, item 9: once the datapath is loaded the agent keeps only CAP_BPF and
+/// Once the datapath is loaded the agent keeps only CAP_BPF and
 /// CAP_NET_ADMIN, in every thread and in the bounding set (so the `ip` and `nft` it
 /// runs get no more), and it goes on syncing.
 #[test]

@@ -1,4 +1,4 @@
-//! Issue #7, item 7: 1,000,000 random and mutated frames through the datapath's
+//! 1,000,000 random and mutated frames through the datapath's
 //! programs with BPF_PROG_TEST_RUN, each verdict compared with a reference model of
 //! the documented rules written here, independently of the datapath's code (see
 //! `datapath-ebpf/src/headers.rs`, `external.rs`, `host.rs` and `to_pod.rs` for the

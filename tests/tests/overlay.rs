@@ -470,7 +470,7 @@ fn on_the_wire_the_overlay_is_rfc7348_vxlan_with_the_inner_frame_untouched() -> 
     Ok(())
 }
 
-/// Issue #7, item 9 (anti-spoofing across nodes): what arrives over the overlay must
+/// Anti-spoofing across nodes: what arrives over the overlay must
 /// come from the sending node's own pod CIDR. A host on the overlay that sends from
 /// another node's pod address, or from no node's, is dropped and counted; its own
 /// addresses still work.

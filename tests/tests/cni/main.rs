@@ -485,7 +485,7 @@ fn chained_portmap_and_tuning_accept_ferrites_result() -> Result<()> {
     Ok(())
 }
 
-/// Issue #7, item 9: pins and state files are root's alone (0600 files in 0700
+/// Pins and state files are root's alone (0600 files in 0700
 /// directories): they name pods and addresses, and a pin grants map access.
 #[test]
 fn pins_and_state_files_are_private_to_root() -> Result<()> {
