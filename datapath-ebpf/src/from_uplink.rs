@@ -3,16 +3,15 @@
 //! large for pods, and translates replies of the node's own Service flows whose
 //! backend is another node's address.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use ferrite_common::{config_flag, stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
+use ferrite_common::{config_flag, stat};
 
 use crate::{
-    action, conntrack, external,
-    headers::{parse, Headers, Parsed},
+    action, external,
+    headers::{parse, Parsed},
     icmp,
     maps::CONFIG,
-    nat,
     packet::{Packet, Verdict},
-    routing,
+    reply, routing,
     stats::count,
 };
 
@@ -56,24 +55,13 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     if routing::local_endpoint(h.daddr).is_none() && routing::pod_route(h.daddr).is_none() {
         if h.has_ports && routing::is_host_address(h.daddr) {
-            host_flow_reply(pkt, &h)?;
+            // A reply to the node's own process whose backend is another node's
+            // address (a host-network endpoint there). (XDP leaves it alone: from a
+            // sender on the same machine it may carry a partial checksum, which only
+            // the skb helpers update correctly.)
+            reply::reverse_in_cluster_reply(pkt, &h)?;
         }
         return Ok(Verdict::Pass);
     }
     routing::route(pkt, h.daddr, h.dport)
-}
-
-/// A reply to a Service flow of the node's own process whose backend is another
-/// node's address (a host-network endpoint there) arrives here: translated back to
-/// the Service address before the stack sees it. (XDP leaves it alone: from a
-/// sender on the same machine it may carry a partial checksum, which only the skb
-/// helpers update correctly.)
-#[inline(always)]
-fn host_flow_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
-    if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
-        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
-            nat::reverse(pkt, h, &ct)?;
-        }
-    }
-    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Replies of Service flows, shared by the entries that see them.
-use ferrite_common::CtValue;
+use ferrite_common::{CtValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
 
 use crate::{
+    conntrack,
     headers::Headers,
     nat,
     packet::{Packet, Verdict},
@@ -18,4 +19,17 @@ pub fn reply_to_world<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<V
     } else {
         Ok(Verdict::Pass)
     }
+}
+
+/// A reply to a Service flow opened inside the cluster (a reply entry, not an external
+/// flow's) that reaches the stack's path rather than the datapath's own delivery,
+/// translated back to the Service address; anything else is left as it is.
+#[inline(always)]
+pub fn reverse_in_cluster_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
+    if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
+        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
+            nat::reverse(pkt, h, &ct)?;
+        }
+    }
+    Ok(())
 }

@@ -4,13 +4,11 @@
 //! and the replies of Service flows whose backend is a node address (a host-network
 //! endpoint, such as the API server): those are translated back to the Service
 //! address here. Everything passes; nothing is dropped at this hook.
-use ferrite_common::{CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
-
 use crate::{
-    action, conntrack,
+    action,
     headers::{parse, Parsed},
-    nat,
     packet::{Packet, Verdict},
+    reply,
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -26,10 +24,6 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Parsed::Ipv4(h) if h.has_ports => h,
         _ => return Ok(Verdict::Pass),
     };
-    if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
-        if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
-            nat::reverse(pkt, &h, &ct)?;
-        }
-    }
+    reply::reverse_in_cluster_reply(pkt, &h)?;
     Ok(Verdict::Pass)
 }
