@@ -60,20 +60,14 @@ pub fn example_with_backends(node: &str, ready: &[Ipv4Addr]) -> String {
     let (_, pods) = example
         .split_once("# Pods")
         .expect("example has a pods section");
-    let endpoints: String = ready
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
+    let endpoints = ready_endpoints(ready);
     format!("{head}\nendpoints:\n{endpoints}---\n# Pods{pods}")
 }
 
 /// A ClusterIP Service like the example's (TCP 80 -> named port http 8080, UDP 53 ->
 /// 5353) and its EndpointSlice with `backends` ready.
 pub fn service_yaml(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
+    let endpoints = ready_endpoints(backends);
     format!(
         "apiVersion: v1
 kind: Service
@@ -131,9 +125,16 @@ status: {{loadBalancer: {{ingress: [{ingress}]}}}}
     )
 }
 
+/// EndpointSlice list items: each of `ips` a ready endpoint.
+pub fn ready_endpoints(ips: &[Ipv4Addr]) -> String {
+    ips.iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect()
+}
+
 /// The EndpointSlice of the Service `name` (ports http -> TCP_TARGET, dns ->
 /// UDP_TARGET) with `endpoints` (YAML list items).
-fn endpoint_slice_yaml(name: &str, endpoints: &str) -> String {
+pub fn endpoint_slice_yaml(name: &str, endpoints: &str) -> String {
     format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice

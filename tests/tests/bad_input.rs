@@ -100,9 +100,9 @@ fn a_config_that_does_not_parse_changes_nothing_and_readyz_says_why() -> Result<
     Ok(())
 }
 
-/// A ClusterIP-style Service `name` at `cluster_ip` (TCP `port` -> the backend's
-/// TCP_TARGET), with `spec_extra` lines (indented two spaces) and `port_extra` fields
-/// on its port, and an EndpointSlice with `backends` ready.
+/// A ClusterIP-style Service `name` at `cluster_ip` (TCP `port`, named http, -> the
+/// backend's TCP_TARGET), with `spec_extra` lines (indented two spaces) and
+/// `port_extra` fields on its port, and an EndpointSlice with `backends` ready.
 fn service(
     name: &str,
     cluster_ip: &str,
@@ -111,25 +111,16 @@ fn service(
     port_extra: &str,
     backends: &[Ipv4Addr],
 ) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n"))
-        .collect();
     format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: {name}, namespace: default}}
 spec:
   clusterIP: {cluster_ip}
-{spec_extra}  ports: [{{port: {port}, protocol: TCP, targetPort: {TCP_TARGET}{port_extra}}}]
+{spec_extra}  ports: [{{name: http, port: {port}, protocol: TCP, targetPort: {TCP_TARGET}{port_extra}}}]
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{port: {TCP_TARGET}, protocol: TCP}}]
-endpoints:
-{endpoints}"
+{}",
+        cluster::endpoint_slice_yaml(name, &cluster::ready_endpoints(backends))
     )
 }
 
@@ -181,10 +172,7 @@ endpoints:
         (0..8)
             .map(|i| format!("{{name: p{i}, port: {}, protocol: TCP}},", 1000 + i))
             .collect::<String>(),
-        many[..8_200]
-            .iter()
-            .map(|ip| format!("- addresses: [\"{ip}\"]\n"))
-            .collect::<String>()
+        cluster::ready_endpoints(&many[..8_200])
     );
     let hostile = [
         ("on-the-node", node_ip.to_string(), 22, "", ""),
