@@ -291,7 +291,9 @@ impl NodeAgent {
     /// flows from `ferrite_ct`.
     fn collect_conntrack_garbage(&mut self) {
         let clock = match self.parts.datapath.clock() {
-            Ok(clock) => clock,
+            Ok(Some(clock)) => clock,
+            // The first second after start: the next full sync collects.
+            Ok(None) => return debug!("conntrack garbage collection waits for the clock rate"),
             Err(e) => return warn!("conntrack garbage collection: no clock: {e:#}"),
         };
         match self

@@ -215,8 +215,11 @@ pub struct Datapath {
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     /// Whether the links pinned before this agent started run its programs now.
     links_adopted: bool,
-    /// The kernel's HZ (jiffies a second), measured at load.
-    hz: u64,
+    /// The datapath's clock and CLOCK_MONOTONIC read together at load: the kernel's
+    /// HZ is measured against them once a second has passed.
+    clock_origin: (u64, std::time::Instant),
+    /// The kernel's HZ (jiffies a second), once measured.
+    hz: std::cell::OnceCell<u64>,
 }
 
 /// Run `ferrite_clock` once: the jiffies it wrote over the test packet.
@@ -233,16 +236,6 @@ fn read_clock(program: &SchedClassifier) -> Result<u64> {
         .context("running ferrite_clock")?;
     anyhow::ensure!(result.return_value == 0, "ferrite_clock failed");
     Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
-}
-
-/// The kernel's HZ: jiffies counted over 100 ms of CLOCK_MONOTONIC (userspace has no
-/// other way to it: CONFIG_HZ is not exported, and `/proc/timer_list` is masked in
-/// containers).
-fn measure_hz(clock: &SchedClassifier) -> Result<u64> {
-    let (start, started) = (read_clock(clock)?, std::time::Instant::now());
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let ticks = read_clock(clock)?.wrapping_sub(start);
-    Ok(crate::conntrack_gc::hz_from(ticks, started.elapsed()))
 }
 
 impl Datapath {
@@ -325,7 +318,7 @@ impl Datapath {
         clock
             .load()
             .with_context(|| format!("verifier rejected {}", program_names::CLOCK))?;
-        let hz = measure_hz(clock)?;
+        let clock_origin = (read_clock(clock)?, std::time::Instant::now());
         let logger = match log {
             DatapathLog::Off => None,
             _ => EbpfLogger::init(&mut ebpf)
@@ -337,19 +330,34 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             logger,
             links_adopted: false,
-            hz,
+            clock_origin,
+            hz: std::cell::OnceCell::new(),
         })
     }
 
     /// The datapath's clock now (jiffies, as conntrack entries are stamped) and the
-    /// kernel's HZ.
-    pub fn clock(&self) -> Result<(u64, u64)> {
+    /// kernel's HZ; `None` during the first second after load, while HZ cannot be
+    /// told yet (userspace has no other way to it: CONFIG_HZ is not exported, and
+    /// `/proc/timer_list` is masked in containers).
+    pub fn clock(&self) -> Result<Option<(u64, u64)>> {
         let program: &SchedClassifier = self
             .ebpf
             .program(program_names::CLOCK)
             .context("ferrite_clock missing")?
             .try_into()?;
-        Ok((read_clock(program)?, self.hz))
+        let now = read_clock(program)?;
+        if let Some(hz) = self.hz.get() {
+            return Ok(Some((now, *hz)));
+        }
+        let (start, started) = self.clock_origin;
+        let elapsed = started.elapsed();
+        if elapsed < std::time::Duration::from_secs(1) {
+            return Ok(None);
+        }
+        let hz = *self
+            .hz
+            .get_or_init(|| crate::conntrack_gc::hz_from(now.wrapping_sub(start), elapsed));
+        Ok(Some((now, hz)))
     }
 
     /// Forward what the datapath logged since the last call to the agent's log.
