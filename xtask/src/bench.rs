@@ -5,13 +5,13 @@ use anyhow::Result;
 
 use crate::{
     build,
+    prerequisites::{check, Need},
     process::{require_root, root, run},
-    setup::setup,
 };
 
 pub fn command(sections: &[String]) -> Result<()> {
     require_root("the benchmark")?;
-    setup()?;
+    check("bench", Need::Run);
     build::release()?;
     run(build::with_artifacts(
         Command::new(root().join("target/release/ferrite-bench")).args(sections),

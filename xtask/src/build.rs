@@ -6,8 +6,8 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context, Result};
 
 use crate::{
+    prerequisites::{check, Need},
     process::{cargo, root, run},
-    setup::setup,
 };
 
 const OBJECT_NAME: &str = "ferrite-datapath.bpf.o";
@@ -24,12 +24,12 @@ const CARGO_ENV: &[&str] = &[
 ];
 
 pub fn ebpf_command() -> Result<()> {
-    setup()?;
+    check("build-ebpf", Need::Build);
     ebpf()
 }
 
 pub fn release_command() -> Result<()> {
-    setup()?;
+    check("build", Need::Build);
     release()
 }
 

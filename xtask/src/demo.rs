@@ -5,13 +5,13 @@ use anyhow::Result;
 
 use crate::{
     build,
+    prerequisites::{check, Need},
     process::{require_root, root, run},
-    setup::setup,
 };
 
 pub fn command(keep: bool) -> Result<()> {
     require_root("the demo")?;
-    setup()?;
+    check("demo", Need::Run);
     build::release()?;
     let mut demo = Command::new(root().join("target/release/ferrite-demo"));
     if keep {

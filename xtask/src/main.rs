@@ -1,11 +1,13 @@
-//! `cargo xtask …`: bootstrap a fresh machine, build the eBPF object and the agent,
-//! run the demo, the tests and the benchmark. One module per command; this file only
-//! parses the command line and dispatches.
+//! `cargo xtask …`: set up a fresh machine, build the eBPF object and the agent, run
+//! the demo, the tests and the benchmark. `setup` installs the prerequisites; the
+//! commands that build or run check them and say what is missing. One module per
+//! command; this file only parses the command line and dispatches.
 mod audit;
 mod bench;
 mod build;
 mod demo;
 mod lint;
+mod prerequisites;
 mod process;
 mod setup;
 mod soak;
@@ -24,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (apt packages, rust-src, bpf-linker, bpffs).
+    /// Install what the build, tests and demo need and the machine is missing (apt and
+    /// PyPI packages, rust-src, bpf-linker, bpffs), printing each.
     Setup,
     /// Build the eBPF object into target/bpf/ferrite-datapath.bpf.o.
     BuildEbpf,
@@ -74,7 +77,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup::setup(),
+        Cmd::Setup => setup::command(),
         Cmd::BuildEbpf => build::ebpf_command(),
         Cmd::Build => build::release_command(),
         Cmd::Demo { keep } => demo::command(keep),

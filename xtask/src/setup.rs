@@ -1,55 +1,52 @@
-//! `cargo xtask setup`: install what the build, tests and demo need and the machine
-//! is missing (apt packages, PyPI packages, rust-src, bpf-linker, bpffs).
+//! `cargo xtask setup`: install every prerequisite the machine is missing, printing
+//! what it installs. The commands that build or run only check (`prerequisites`).
 use std::process::Command;
 
 use anyhow::Result;
 
-use crate::process::{is_root, run, stdout_of};
+use crate::{
+    prerequisites::{self, Item, Need, PREREQUISITES},
+    process::run,
+};
 
-/// Debian packages the build, tests and demo use.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libclang-22-dev",
-    "clang-22",
-    "bpftool",
-    "iproute2",
-    "iperf3",
-    "iptables",
-    "nftables",
-    "tcpdump",
-    "util-linux",
-    // checksum offload on/off in the overlay reliability test.
-    "ethtool",
-    // portmap/bandwidth/tuning: the CNI chaining tests.
-    "containernetworking-plugins",
-    // HTTP connection rates in `cargo xtask bench clusterip`.
-    "wrk",
-];
-/// PyPI packages the tests use: the manifest schema validator.
-const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
-const BPF_LINKER_VERSION: &str = "0.13.0";
-
-pub fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+pub fn command() -> Result<()> {
+    let missing = prerequisites::missing(PREREQUISITES, Need::Run);
+    if missing.is_empty() {
+        println!(
+            "setup: nothing missing ({} prerequisites checked)",
+            PREREQUISITES.len()
+        );
+        return Ok(());
+    }
+    // One apt transaction for every package.
+    let apt: Vec<&str> = missing
         .iter()
-        .copied()
-        .filter(|pkg| {
-            stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-                != "install ok installed"
+        .filter_map(|item| match item {
+            Item::Apt(package) => Some(*package),
+            _ => None,
         })
         .collect();
-    if !missing.is_empty() {
-        println!("setup: installing apt packages: {}", missing.join(" "));
+    if !apt.is_empty() {
+        println!("setup: installing apt packages: {}", apt.join(" "));
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q"])
-            .args(&missing)
+            .args(&apt)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    for (package, version) in PIP_PACKAGES {
-        let installed = stdout_of(Command::new("python3").args(["-m", "pip", "show", package]));
-        if !installed.contains(&format!("Version: {version}")) {
+    for item in &missing {
+        install(item)?;
+    }
+    // Whatever an install left missing (say, bpf-linker outside $PATH) is said here,
+    // not found later by a build.
+    prerequisites::check("setup", Need::Run);
+    Ok(())
+}
+
+fn install(item: &Item) -> Result<()> {
+    match *item {
+        Item::Apt(_) => Ok(()), // above, all at once
+        Item::Pip { package, version } => {
             println!("setup: installing {package}=={version} from PyPI");
             run(Command::new("python3").args([
                 "-m",
@@ -57,54 +54,33 @@ pub fn setup() -> Result<()> {
                 "install",
                 "-q",
                 &format!("{package}=={version}"),
-            ]))?;
+            ]))
         }
-    }
-    let components = stdout_of(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]));
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        println!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-    let linker = stdout_of(Command::new("bpf-linker").arg("--version"));
-    if !linker.contains(BPF_LINKER_VERSION) {
-        println!("setup: installing bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)");
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--version",
-                BPF_LINKER_VERSION,
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .env("PATH", path))?;
-    }
-    if is_root() {
-        let mounted = std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
-        if !mounted {
+        Item::NightlyComponent(component) => {
+            println!("setup: adding {component} to the nightly toolchain");
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                "nightly",
+            ]))
+        }
+        Item::BpfLinker(version) => {
+            println!("setup: installing bpf-linker {version} (takes a few minutes)");
+            let path = format!(
+                "/usr/lib/llvm-22/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            );
+            run(Command::new("cargo")
+                .args(["install", "bpf-linker", "--locked", "--version", version])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env("PATH", path))
+        }
+        Item::Bpffs => {
             println!("setup: mounting bpffs at /sys/fs/bpf");
-            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         }
     }
-    Ok(())
 }

@@ -5,13 +5,13 @@ use anyhow::Result;
 
 use crate::{
     build,
+    prerequisites::{check, Need},
     process::{require_root, root, run},
-    setup::setup,
 };
 
 pub fn command(minutes: f64) -> Result<()> {
     require_root("the soak")?;
-    setup()?;
+    check("soak", Need::Run);
     build::release()?;
     run(build::with_artifacts(
         Command::new(root().join("target/release/ferrite-soak"))

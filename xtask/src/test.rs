@@ -7,12 +7,12 @@ use anyhow::{bail, Result};
 
 use crate::{
     build,
+    prerequisites::{check, Need},
     process::{cargo, is_root, run, stdout_of, succeeds},
-    setup::setup,
 };
 
 pub fn command(args: &[String]) -> Result<()> {
-    setup()?;
+    check("test", Need::Run);
     build::ebpf()?;
     run(cargo().args(["build", "--locked", "-p", "ferrite-agent"]))?;
     if !is_root() {
