@@ -552,6 +552,8 @@ pub fn desired_contents_keeping_ids(
             .unwrap_or_default(),
         vxlan_port: settings.vxlan_port,
         _pad: 0,
+        // Carried over: `diff` bumps it when the endpoints or routes change.
+        route_epoch: current.config.route_epoch,
     };
     for node in state.nodes.values() {
         let flags = if node.name == settings.node {
@@ -716,8 +718,18 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let range_puts = desired.source_ranges.difference(&current.source_ranges);
     let range_deletes = current.source_ranges.difference(&desired.source_ranges);
     let mut ops = Vec::new();
-    if current.config != desired.config {
-        ops.push(Op::PutConfig(desired.config));
+    // The datapath caches endpoint and route lookups in conntrack entries per route
+    // epoch: bumped by the last write, after every endpoint and route change is in.
+    let routes_change = !(route_puts.is_empty()
+        && route_deletes.is_empty()
+        && endpoint_puts.is_empty()
+        && endpoint_deletes.is_empty());
+    let config_first = NodeConfig {
+        route_epoch: current.config.route_epoch,
+        ..desired.config
+    };
+    if current.config != config_first {
+        ops.push(Op::PutConfig(config_first));
     }
     ops.extend(route_puts.into_iter().map(|(k, v)| Op::PutRoute(k, v)));
     ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
@@ -742,6 +754,12 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
     ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
     ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
+    if routes_change || desired.config.route_epoch != current.config.route_epoch {
+        ops.push(Op::PutConfig(NodeConfig {
+            route_epoch: current.config.route_epoch.wrapping_add(1),
+            ..desired.config
+        }));
+    }
     ops
 }
 
@@ -1607,7 +1625,9 @@ mod tests {
 
         s.nodes.remove("c");
         let (smaller, _) = desired_contents(&s, &interfaces, &desired, &settings);
-        // Its pod CIDR and its own address (for NodePort replies) go, nothing else.
+        // Its pod CIDR and its own address (for NodePort replies) go, nothing else;
+        // then the route epoch moves on, last, so no flow keeps a route cached from
+        // before.
         assert_eq!(
             diff(&desired, &smaller),
             vec![
@@ -1615,8 +1635,51 @@ mod tests {
                 Op::DeleteRoute(RouteKey {
                     prefix_len: 32,
                     network: [198, 51, 100, 3],
-                })
+                }),
+                Op::PutConfig(NodeConfig {
+                    route_epoch: desired.config.route_epoch + 1,
+                    ..smaller.config
+                }),
             ]
         );
+    }
+
+    #[test]
+    fn the_route_epoch_moves_on_last_after_endpoint_changes_and_only_then() {
+        let mut current = MapContents::default();
+        current.config.route_epoch = 41;
+        let mut desired = current.clone();
+        let pod = EndpointKey {
+            address: [10, 244, 0, 5],
+        };
+        desired.endpoints.insert(pod, EndpointInfo::default());
+        let ops = diff(&current, &desired);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(ops[0], Op::PutEndpoint(..)));
+        assert_eq!(
+            ops[1],
+            Op::PutConfig(NodeConfig {
+                route_epoch: 42,
+                ..desired.config
+            })
+        );
+
+        // Only Services changing: the caches stay valid.
+        let mut services_only = current.clone();
+        services_only.rev_nat.insert(
+            1,
+            RevNatValue {
+                address: [10, 96, 0, 1],
+                port: 80,
+                _pad: 0,
+            },
+        );
+        assert!(diff(&current, &services_only)
+            .iter()
+            .all(|op| !matches!(op, Op::PutConfig(_))));
+        // A config change alone keeps the epoch.
+        let mut mtu = current.clone();
+        mtu.config.pod_mtu = 1400;
+        assert_eq!(diff(&current, &mtu), vec![Op::PutConfig(mtu.config)]);
     }
 }

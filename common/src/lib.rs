@@ -431,6 +431,18 @@ pub const CT_FLAG_EXTERNAL: u16 = 4;
 /// its replies go back to the client at `nat_address:nat_port` (reply entry).
 pub const CT_FLAG_SNAT: u16 = 8;
 
+/// `CtValue::route_kind`: delivered to a pod of this node (`route_target` = ifindex).
+pub const CT_ROUTE_LOCAL: u8 = 1;
+/// `CtValue::route_kind`: sent over the overlay (`route_target` = the node's IP).
+pub const CT_ROUTE_REMOTE: u8 = 2;
+/// `CtValue::route_kind`: handed to the host stack.
+pub const CT_ROUTE_STACK: u8 = 3;
+/// `CtValue::verified_kind`: checked to come from the veth `verified_source`.
+pub const CT_VERIFIED_VETH: u8 = 1;
+/// `CtValue::verified_kind`: checked to come over the overlay from the node
+/// `verified_source`.
+pub const CT_VERIFIED_NODE: u8 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
@@ -445,7 +457,27 @@ pub struct CtValue {
     /// node's IP and a port of its SNAT range); reply entries, the client to restore.
     pub nat_port: u16,
     pub nat_address: [u8; 4],
-    pub _pad: u32,
+    /// With `verified_kind`: the source this flow's packets were last checked to come
+    /// from (`CT_VERIFIED_VETH`: the pod's veth ifindex; `CT_VERIFIED_NODE`: the
+    /// sending node's underlay IP, network order), valid while `cache_epoch` is the
+    /// node's `route_epoch`. Later packets from there skip the anti-spoofing lookup.
+    pub verified_source: u32,
+    /// `NodeConfig::route_epoch` when the cached route and source were recorded: the
+    /// agent bumps it after any change to `ferrite_endpnt` or `ferrite_routes`, which
+    /// invalidates every cache at once.
+    pub cache_epoch: u32,
+    /// With `route_kind`: where this flow's packets go after NAT, so established
+    /// packets skip the endpoint and route lookups. `CT_ROUTE_LOCAL`: the pod's host
+    /// veth ifindex, and `route_macs` its Ethernet header (pod MAC, gateway MAC);
+    /// `CT_ROUTE_REMOTE`: the owning node's underlay IP (network order), and the first
+    /// six bytes of `route_macs` its VTEP MAC.
+    pub route_target: u32,
+    pub route_macs: [u8; 12],
+    /// `CT_ROUTE_*`: 0 = nothing cached.
+    pub route_kind: u8,
+    /// `CT_VERIFIED_*`: 0 = nothing cached.
+    pub verified_kind: u8,
+    pub _pad: u16,
     /// The kernel's jiffies (bpf_jiffies64, which the verifier turns into one load:
     /// a clock helper call per packet cost a seventh of the established path). Tick
     /// resolution is enough for flow ages; the agent reads the same clock with
@@ -623,6 +655,9 @@ pub struct NodeConfig {
     /// The overlay's UDP port (host order): its datagrams are not Service traffic.
     pub vxlan_port: u16,
     pub _pad: u16,
+    /// Bumped by the agent after every change to the endpoint or route maps, as its
+    /// last write: conntrack entries cache routes and verified sources per epoch.
+    pub route_epoch: u32,
 }
 
 #[cfg(feature = "user")]
@@ -667,9 +702,9 @@ mod tests {
         assert_eq!(size_of::<EndpointKey>(), 4);
         assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 80);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<NodeConfig>(), 36);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<SockService>(), 16);

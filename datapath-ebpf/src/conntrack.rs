@@ -1,6 +1,8 @@
 //! Service-flow conntrack in the LRU map `ferrite_ct`: the forward entry pins a flow
 //! to its backend (and caches it), the reply entry says how to reverse-NAT the
 //! backend's answers. One lookup per packet finds either.
+use core::ptr::NonNull;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, REV_NAT_NONE,
@@ -28,12 +30,8 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
 
 /// The entry of the flow `h` belongs to (either direction), left as it is.
 #[inline(always)]
-pub fn lookup(h: &Headers) -> Option<CtValue> {
-    unsafe {
-        CONNTRACK
-            .get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))
-            .copied()
-    }
+pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
+    unsafe { CONNTRACK.get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto)) }
 }
 
 /// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
@@ -106,8 +104,25 @@ pub fn reopen_if_closing(h: &Headers, reply_key: &CtKey) -> bool {
 /// The entry of the flow `h` belongs to (either direction), with this packet
 /// accounted to it.
 #[inline(always)]
-pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<CtValue> {
-    let entry = CONNTRACK.get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))?;
+pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<&'static CtValue> {
+    find(h).map(|entry| touch(entry, h, bytes))
+}
+
+/// The entry of the flow `h` belongs to (either direction), in place, untouched.
+/// (`NonNull`: an `Option` of a raw pointer leaves its payload undefined when `None`,
+/// and the compiler may then copy a register the verifier counts as unread.)
+#[inline(always)]
+pub fn find(h: &Headers) -> Option<NonNull<CtValue>> {
+    CONNTRACK
+        .get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))
+        .and_then(NonNull::new)
+}
+
+/// Account packet `h` (`bytes` long) to its entry; returns the entry, read in place
+/// (a copy on the stack would cost 80 of the verifier's 512 bytes).
+#[inline(always)]
+pub fn touch(entry: NonNull<CtValue>, h: &Headers, bytes: u32) -> &'static CtValue {
+    let entry = entry.as_ptr();
     // Racy adds from several CPUs may lose a count; these are statistics only.
     unsafe {
         // Jiffies change every few milliseconds: most packets leave the line alone.
@@ -120,7 +135,42 @@ pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<CtValue> {
         if h.proto == PROTO_TCP && h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
             (*entry).flags |= CT_FLAG_CLOSING;
         }
-        Some(*entry)
+        &*entry
+    }
+}
+
+/// Whether the flow's packets were checked, at route epoch `epoch`, to come from
+/// `source` (`kind`: `CT_VERIFIED_*`).
+#[inline(always)]
+pub fn source_verified(entry: NonNull<CtValue>, kind: u8, source: u32, epoch: u32) -> bool {
+    let ct = unsafe { entry.as_ref() };
+    ct.cache_epoch == epoch && ct.verified_kind == kind && ct.verified_source == source
+}
+
+/// Record that this flow's packets come from `source` (checked at route epoch `epoch`).
+#[inline(always)]
+pub fn record_verified(entry: NonNull<CtValue>, kind: u8, source: u32, epoch: u32) {
+    claim_epoch(entry, epoch);
+    let entry = entry.as_ptr();
+    unsafe {
+        (*entry).verified_source = source;
+        (*entry).verified_kind = kind;
+    }
+}
+
+/// Make the entry's caches those of route epoch `epoch`: anything cached at another
+/// epoch is forgotten. Packets of one flow on two CPUs across an epoch change may
+/// interleave these writes; the caches are read only when their epoch is the
+/// node's, and a writer only ever stores an epoch it read before resolving.
+#[inline(always)]
+pub fn claim_epoch(entry: NonNull<CtValue>, epoch: u32) {
+    let entry = entry.as_ptr();
+    unsafe {
+        if (*entry).cache_epoch != epoch {
+            (*entry).route_kind = 0;
+            (*entry).verified_kind = 0;
+            (*entry).cache_epoch = epoch;
+        }
     }
 }
 
@@ -145,6 +195,12 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
         backend_port: flow.backend_port,
         nat_port,
         nat_address: nat_addr.to_ne_bytes(),
+        verified_source: 0,
+        cache_epoch: 0,
+        route_target: 0,
+        route_macs: [0; 12],
+        route_kind: 0,
+        verified_kind: 0,
         _pad: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
@@ -157,10 +213,13 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 /// Returns `false`, recording nothing, when its reply tuple (backend -> client) is
 /// another flow's already: the same client port reached that backend another way.
 /// The caller then remaps the client port ([`create_snat`]), as Linux NAT does.
+// By reference: passed by value, each insert may copy the 80-byte entry to another
+// stack slot of the verifier's 512 bytes.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     let now = unsafe { bpf_jiffies64() };
-    let reply = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
+    let mut entry = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
     let reply_key = key(
         flow.backend_addr,
         h.saddr,
@@ -170,22 +229,22 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     );
     // Reply entry first: a forward entry must never exist without its reverse path.
     if CONNTRACK
-        .insert(reply_key, reply, BPF_NOEXIST as u64)
+        .insert(reply_key, &entry, BPF_NOEXIST as u64)
         .is_err()
         && !(reopen_if_closing(h, &reply_key)
             && CONNTRACK
-                .insert(reply_key, reply, BPF_NOEXIST as u64)
+                .insert(reply_key, &entry, BPF_NOEXIST as u64)
                 .is_ok())
     {
         return Ok(false);
     }
-    let forward = CtValue {
-        packets: 1,
-        bytes: bytes as u64,
-        ..value(flow, flow.flags, 0, 0, now)
-    };
+    // The forward entry differs from the reply entry only here: one value on the
+    // stack for both.
+    entry.flags = flow.flags;
+    entry.packets = 1;
+    entry.bytes = bytes as u64;
     CONNTRACK
-        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
+        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), &entry, 0)
         .map_err(|_| ())?;
     Ok(true)
 }
@@ -197,6 +256,9 @@ const SNAT_TRIES: u32 = 16;
 /// forwarded external flows, the client itself for a remapped client port) and a
 /// free port of the SNAT range, claimed by inserting its reply entry with
 /// BPF_NOEXIST (a taken port is a reply tuple that already exists). Returns the port.
+// By reference: passed by value, each insert may copy the 80-byte entry to another
+// stack slot of the verifier's 512 bytes.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 pub fn create_snat(
     h: &Headers,
@@ -208,7 +270,7 @@ pub fn create_snat(
     let now = unsafe { bpf_jiffies64() };
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let flags = flow.flags | CT_FLAG_SNAT;
-    let reply = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
+    let mut entry = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
     let mut port = 0u16;
     for attempt in 0..SNAT_TRIES {
         // An odd stride (the range is even-sized) visits different ports each try.
@@ -222,7 +284,7 @@ pub fn create_snat(
             h.proto,
         );
         if CONNTRACK
-            .insert(reply_key, reply, BPF_NOEXIST as u64)
+            .insert(reply_key, &entry, BPF_NOEXIST as u64)
             .is_ok()
         {
             port = candidate;
@@ -232,13 +294,14 @@ pub fn create_snat(
     if port == 0 {
         return None;
     }
-    let forward = CtValue {
-        packets: 1,
-        bytes: bytes as u64,
-        ..value(flow, flags, node_addr, port, now)
-    };
+    // The forward entry, in the same stack slot as the reply entry.
+    entry.flags = flags;
+    entry.nat_address = node_addr.to_ne_bytes();
+    entry.nat_port = port;
+    entry.packets = 1;
+    entry.bytes = bytes as u64;
     CONNTRACK
-        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), forward, 0)
+        .insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), &entry, 0)
         .ok()?;
     Some(port)
 }

@@ -57,7 +57,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         if ct.flags & CT_FLAG_REPLY != 0 {
             // A backend on this node's address answering on `lo`.
-            nat::reverse(pkt, &h, &ct)?;
+            nat::reverse(pkt, &h, ct)?;
             return Ok(Verdict::Pass);
         }
         let backend = u32::from_ne_bytes(ct.backend_address);

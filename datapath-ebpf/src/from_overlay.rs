@@ -5,7 +5,7 @@
 //! node's own processes (replies to their Service flows and to what they send other
 //! nodes' pods from the node's overlay address). Inner packets for pods that are not
 //! on this node are dropped and counted.
-use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT};
+use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_NODE};
 
 use crate::{
     action, conntrack,
@@ -39,32 +39,53 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
     };
+    // Read before any lookup: what is cached at this epoch was resolved after it began.
+    let epoch = routing::epoch();
+    let entry = if h.has_ports {
+        conntrack::find(&h)
+    } else {
+        None
+    };
     // A node may only send from its own pod CIDR: the inner source must route back
-    // to the node the outer header came from (cross-node anti-spoofing).
-    match ROUTES.get(&route_key(h.saddr)) {
-        Some(route) if u32::from_be_bytes(route.node_ip) == tunnel.remote_ipv4 => {}
-        _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
+    // to the node the outer header came from (cross-node anti-spoofing). A flow
+    // checked to come from that node at this epoch skips the route lookup.
+    let sender = tunnel.remote_ipv4;
+    if !entry.is_some_and(|e| conntrack::source_verified(e, CT_VERIFIED_NODE, sender, epoch)) {
+        match ROUTES.get(&route_key(h.saddr)) {
+            Some(route) if u32::from_be_bytes(route.node_ip) == sender => {}
+            _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
+        }
+        if let Some(entry) = entry {
+            conntrack::record_verified(entry, CT_VERIFIED_NODE, sender, epoch);
+        }
     }
     let mut daddr = h.daddr;
-    if h.has_ports {
-        if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
-            if ct.flags & CT_FLAG_REPLY != 0 {
-                if ct.flags & CT_FLAG_EXTERNAL != 0 {
-                    // A backend on that node answering a NodePort flow this node SNATed.
-                    return reply::reply_to_world(pkt, &h, &ct);
-                }
-                if nat::reverse(pkt, &h, &ct)? && ct.flags & CT_FLAG_SNAT != 0 {
-                    // A Service flow of the node's own process, SNATed to its overlay
-                    // address: back to the process.
-                    daddr = u32::from_ne_bytes(ct.nat_address);
-                    if routing::is_host_address(daddr) {
-                        return routing::to_host(pkt);
-                    }
+    // Whether the destination is the flow's usual one, which its entry may cache.
+    let mut cacheable = entry.is_some();
+    if let Some(entry) = entry {
+        let ct = conntrack::touch(entry, &h, pkt.len());
+        if ct.flags & CT_FLAG_REPLY != 0 {
+            if ct.flags & CT_FLAG_EXTERNAL != 0 {
+                // A backend on that node answering a NodePort flow this node SNATed.
+                return reply::reply_to_world(pkt, &h, ct);
+            }
+            if !nat::reverse(pkt, &h, ct)? {
+                cacheable = false;
+            } else if ct.flags & CT_FLAG_SNAT != 0 {
+                // A Service flow of the node's own process, SNATed to its overlay
+                // address: back to the process.
+                daddr = u32::from_ne_bytes(ct.nat_address);
+                if routing::is_host_address(daddr) {
+                    return routing::to_host(pkt);
                 }
             }
         }
     }
-    let Some(ep) = routing::local_endpoint(daddr) else {
+    let local = match entry {
+        Some(entry) if cacheable => routing::flow_local_endpoint(entry, epoch, daddr),
+        _ => routing::local_endpoint(daddr),
+    };
+    let Some(ep) = local else {
         // This node's own overlay address: the node's processes talking to pods of
         // other nodes (through its kernel routes over the overlay).
         if routing::is_host_address(daddr) {

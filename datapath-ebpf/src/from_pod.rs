@@ -4,7 +4,7 @@
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
 //! dropped (`drop_no_backend`).
 use ferrite_common::{
-    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE,
+    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP, REV_NAT_NONE,
 };
 
 use crate::{
@@ -36,20 +36,37 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
     };
-    // A pod may only send from its own IP, and only through its own veth.
-    match routing::local_endpoint(h.saddr) {
-        Some(ep) if ep.ifindex == pkt.ifindex() => {}
-        _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
+    // Read before any lookup: what is cached at this epoch was resolved after it began.
+    let epoch = routing::epoch();
+    let entry = if h.has_ports {
+        conntrack::find(&h)
+    } else {
+        None
+    };
+    // A pod may only send from its own IP, and only through its own veth. A flow
+    // whose packets were checked to come from this veth at this epoch (no endpoint
+    // has changed since) skips the lookup.
+    let ifindex = pkt.ifindex();
+    if !entry.is_some_and(|e| conntrack::source_verified(e, CT_VERIFIED_VETH, ifindex, epoch)) {
+        match routing::local_endpoint(h.saddr) {
+            Some(ep) if ep.ifindex == ifindex => {}
+            _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
+        }
+        if let Some(entry) = entry {
+            conntrack::record_verified(entry, CT_VERIFIED_VETH, ifindex, epoch);
+        }
     }
     let (mut daddr, mut dport) = (h.daddr, h.dport);
     if h.has_ports {
-        // Established flows first: one lookup, and the forward entry caches the backend.
-        if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
+        // Established flows first: one lookup, and the forward entry caches the backend
+        // and where it lives.
+        if let Some(entry) = entry {
+            let ct = conntrack::touch(entry, &h, pkt.len());
             if ct.flags & CT_FLAG_REPLY != 0 {
                 if ct.flags & CT_FLAG_EXTERNAL != 0 {
-                    return reply::reply_to_world(pkt, &h, &ct);
+                    return reply::reply_to_world(pkt, &h, ct);
                 }
-                if nat::reverse(pkt, &h, &ct)? {
+                if nat::reverse(pkt, &h, ct)? {
                     if ct.flags & CT_FLAG_SNAT != 0 {
                         // Back to the client the flow was SNATed from (a hairpinned pod).
                         daddr = u32::from_ne_bytes(ct.nat_address);
@@ -59,6 +76,10 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     if routing::is_host_address(daddr) {
                         return routing::to_host(pkt);
                     }
+                } else {
+                    // Left untranslated (its Service is gone): not the flow's usual
+                    // destination, so not the cached one either.
+                    return routing::route(pkt, daddr, dport);
                 }
             } else {
                 if ct.rev_nat_index != REV_NAT_NONE {
@@ -73,6 +94,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
                 }
             }
+            return routing::route_flow(pkt, entry, epoch, daddr, dport);
         } else if let Some(svc) = lb::lookup_service(&h) {
             match lb::translate_new_flow(pkt, &h, &svc)? {
                 NewFlowOutcome::Translated(addr, port) => (daddr, dport) = (addr, port),

@@ -28,7 +28,7 @@ pub fn reply_to_world<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<V
 pub fn reverse_in_cluster_reply<P: Packet>(pkt: &P, h: &Headers) -> Result<(), ()> {
     if let Some(ct) = conntrack::lookup_and_touch(h, pkt.len()) {
         if ct.flags & (CT_FLAG_EXTERNAL | CT_FLAG_REPLY) == CT_FLAG_REPLY {
-            nat::reverse(pkt, h, &ct)?;
+            nat::reverse(pkt, h, ct)?;
         }
     }
     Ok(())

@@ -4,12 +4,16 @@
 //! else continues into the host stack (and is masqueraded there when it leaves).
 //! Replies of external flows leave through the uplink the kernel's FIB names.
 //! Translated packets for the node's own processes re-enter the stack through `lo`.
+use core::ptr::NonNull;
+
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 use ferrite_common::{
-    stat, EndpointInfo, EndpointKey, RouteInfo, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
+    stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_ROUTE_LOCAL, CT_ROUTE_REMOTE,
+    CT_ROUTE_STACK, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
 };
 
 use crate::{
+    conntrack,
     headers::{Headers, IP_OFF},
     maps::{route_key, CONFIG, ENDPOINTS, ROUTES},
     packet::{Packet, Verdict},
@@ -97,6 +101,58 @@ pub fn pod_route(addr: u32) -> Option<RouteInfo> {
         .copied()
 }
 
+/// The pod of this node a packet of the conntrack entry `entry` goes to: cached in
+/// the entry at `epoch`, or looked up for `daddr` (and cached). `None`: no pod here.
+#[inline(always)]
+pub fn flow_local_endpoint(
+    entry: NonNull<CtValue>,
+    epoch: u32,
+    daddr: u32,
+) -> Option<EndpointInfo> {
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup (see `route_flow`).
+    let cached = unsafe { entry.as_ref() };
+    if cached.cache_epoch == epoch && cached.route_kind == CT_ROUTE_LOCAL {
+        let mut ep = EndpointInfo {
+            ifindex: cached.route_target,
+            ..EndpointInfo::default()
+        };
+        ep.pod_mac.copy_from_slice(&cached.route_macs[..6]);
+        ep.host_mac.copy_from_slice(&cached.route_macs[6..]);
+        return Some(ep);
+    }
+    let ep = local_endpoint(daddr)?;
+    cache_route(
+        entry,
+        epoch,
+        CT_ROUTE_LOCAL,
+        ep.ifindex,
+        &ep.pod_mac,
+        &ep.host_mac,
+    );
+    Some(ep)
+}
+
+#[inline(always)]
+fn cache_route(
+    entry: NonNull<CtValue>,
+    epoch: u32,
+    kind: u8,
+    target: u32,
+    first_mac: &[u8; 6],
+    second_mac: &[u8; 6],
+) {
+    conntrack::claim_epoch(entry, epoch);
+    let entry = entry.as_ptr();
+    // SAFETY: as in `flow_local_endpoint`.
+    unsafe {
+        (*entry).route_target = target;
+        let macs = &mut (*entry).route_macs;
+        macs[..6].copy_from_slice(first_mac);
+        macs[6..].copy_from_slice(second_mac);
+        (*entry).route_kind = kind;
+    }
+}
+
 /// Forward a packet to `daddr` (after any NAT); `dport` is its destination port (0
 /// without ports).
 #[inline(always)]
@@ -109,22 +165,32 @@ pub fn route<P: Packet>(pkt: &P, daddr: u32, dport: u16) -> Result<Verdict, ()> 
         count(stat::PASSED_TO_STACK, pkt.len());
         return Ok(Verdict::Pass);
     };
-    // Another node's own address: only replies to the NodePort flows it SNATed
-    // (ports of its SNAT range) go back through the overlay, to the node holding
-    // their state; the rest is ordinary traffic for the stack.
-    if route.flags & ROUTE_NODE != 0 && dport < SNAT_PORT_MIN {
+    if goes_to_stack(route, daddr, dport) {
         count(stat::PASSED_TO_STACK, pkt.len());
         return Ok(Verdict::Pass);
     }
     if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
-        // This node's pod CIDR: its own overlay address is the host's; else no such pod.
-        if is_host_address(daddr) {
-            count(stat::PASSED_TO_STACK, pkt.len());
-            return Ok(Verdict::Pass);
-        }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     }
-    let (node_ip, vtep_mac) = (route.node_ip, route.vtep_mac);
+    to_node(pkt, route.node_ip, &route.vtep_mac)
+}
+
+/// Whether a packet to `daddr:dport`, not a local pod, in `route`, is for the stack.
+#[inline(always)]
+fn goes_to_stack(route: &RouteInfo, daddr: u32, dport: u16) -> bool {
+    // Another node's own address: only replies to the NodePort flows it SNATed
+    // (ports of its SNAT range) go back through the overlay, to the node holding
+    // their state; the rest is ordinary traffic for the stack.
+    if route.flags & ROUTE_NODE != 0 {
+        return dport < SNAT_PORT_MIN;
+    }
+    // This node's pod CIDR: its own overlay address is the host's (else no such pod).
+    route.flags & ROUTE_REMOTE == 0 && is_host_address(daddr)
+}
+
+/// Send over the overlay to the node `node_ip` (network order) whose VTEP is `vtep_mac`.
+#[inline(always)]
+fn to_node<P: Packet>(pkt: &P, node_ip: [u8; 4], vtep_mac: &[u8; 6]) -> Result<Verdict, ()> {
     let Some(config) = CONFIG.get(0) else {
         return Ok(Verdict::Drop(stat::DROP_NO_OVERLAY));
     };
@@ -134,10 +200,103 @@ pub fn route<P: Packet>(pkt: &P, daddr: u32, dport: u16) -> Result<Verdict, ()> 
     // The inner frame goes to the remote VTEP as-is: the kernel vxlan device adds
     // outer headers, handles GSO and checksums and picks the UDP source port from the
     // flow hash.
-    set_macs(pkt, &vtep_mac, &config.vtep_mac)?;
+    set_macs(pkt, vtep_mac, &config.vtep_mac)?;
     pkt.set_tunnel(u32::from_be_bytes(node_ip), config.vni)?;
     count(stat::SENT_TO_NODE, pkt.len());
     Ok(Verdict::Redirect(config.vxlan_ifindex))
+}
+
+/// The node's route epoch (see `NodeConfig::route_epoch`).
+#[inline(always)]
+pub fn epoch() -> u32 {
+    CONFIG.get(0).map(|c| c.route_epoch).unwrap_or(0)
+}
+
+/// Record in `entry` at `epoch` where packets to `daddr:dport` go (as [`route`]
+/// decides), written straight into the entry. `Err`: nowhere, dropped for this
+/// `stat` reason (not cached: rare and final).
+#[inline(always)]
+fn resolve_into(entry: NonNull<CtValue>, epoch: u32, daddr: u32, dport: u16) -> Result<(), u32> {
+    if let Some(ep) = ENDPOINTS.get_ptr(EndpointKey {
+        address: daddr.to_ne_bytes(),
+    }) {
+        // SAFETY: a value of `ferrite_endpnt`, read once.
+        let ep = unsafe { &*ep };
+        cache_route(
+            entry,
+            epoch,
+            CT_ROUTE_LOCAL,
+            ep.ifindex,
+            &ep.pod_mac,
+            &ep.host_mac,
+        );
+        return Ok(());
+    }
+    let Some(route) = ROUTES.get(&route_key(daddr)) else {
+        cache_route(entry, epoch, CT_ROUTE_STACK, 0, &[0; 6], &[0; 6]);
+        return Ok(());
+    };
+    if goes_to_stack(route, daddr, dport) {
+        cache_route(entry, epoch, CT_ROUTE_STACK, 0, &[0; 6], &[0; 6]);
+        return Ok(());
+    }
+    if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
+        return Err(stat::DROP_UNKNOWN_POD);
+    }
+    let node_ip = u32::from_ne_bytes(route.node_ip);
+    cache_route(
+        entry,
+        epoch,
+        CT_ROUTE_REMOTE,
+        node_ip,
+        &route.vtep_mac,
+        &[0; 6],
+    );
+    Ok(())
+}
+
+/// Like [`route`] for a packet of the conntrack entry `entry`: established packets
+/// take the destination cached in the entry at `epoch` (the one read before the
+/// packet's lookups began) and skip the endpoint and route lookups; otherwise the
+/// destination is resolved into the entry first, for the flow's next packets too.
+#[inline(always)]
+pub fn route_flow<P: Packet>(
+    pkt: &P,
+    entry: NonNull<CtValue>,
+    epoch: u32,
+    daddr: u32,
+    dport: u16,
+) -> Result<Verdict, ()> {
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup; other CPUs may
+    // write it concurrently, which at worst costs a fresh resolve.
+    let cached = entry.as_ptr();
+    let valid = unsafe { (*cached).cache_epoch == epoch && (*cached).route_kind != 0 };
+    if !valid {
+        if let Err(reason) = resolve_into(entry, epoch, daddr, dport) {
+            return Ok(Verdict::Drop(reason));
+        }
+    }
+    let (kind, target) = unsafe { ((*cached).route_kind, (*cached).route_target) };
+    match kind {
+        CT_ROUTE_LOCAL => {
+            count(stat::DELIVERED_LOCAL, pkt.len());
+            const _: () = assert!(core::mem::offset_of!(CtValue, route_macs) % 4 == 0);
+            // Aligned: a multiple of 4 into an 8-aligned value.
+            let macs = unsafe { *((*cached).route_macs.as_ptr() as *const [u32; 3]) };
+            pkt.store(0, &macs)?;
+            Ok(Verdict::RedirectPeer(target))
+        }
+        CT_ROUTE_REMOTE => {
+            let mut vtep_mac = [0u8; 6];
+            let macs = unsafe { &(*cached).route_macs };
+            vtep_mac.copy_from_slice(&macs[..6]);
+            to_node(pkt, target.to_ne_bytes(), &vtep_mac)
+        }
+        _ => {
+            count(stat::PASSED_TO_STACK, pkt.len());
+            Ok(Verdict::Pass)
+        }
+    }
 }
 
 const AF_INET: u8 = 2;

@@ -82,6 +82,12 @@ impl Testbed {
 
     /// A pod on this "node": `ifindex` is where its traffic must come from.
     pub fn add_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
+        self.set_endpoint(ip, ifindex, [0xee; 6])
+    }
+
+    /// Write the pod `ip`'s endpoint entry: its host-side veth `ifindex` and that
+    /// veth's MAC (the source MAC of frames delivered to the pod).
+    pub fn set_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32, host_mac: [u8; 6]) -> Result<()> {
         self.hash_map::<EndpointKey, EndpointInfo>(map_names::ENDPOINTS)?
             .insert(
                 EndpointKey {
@@ -90,12 +96,18 @@ impl Testbed {
                 EndpointInfo {
                     ifindex,
                     pod_mac: pod_mac_for(ip),
-                    host_mac: [0xee; 6],
+                    host_mac,
                     flags: 0,
                 },
                 0,
             )?;
         Ok(())
+    }
+
+    /// Move the node's route epoch on, as the agent does after endpoint or route
+    /// changes (its last write).
+    pub fn bump_route_epoch(&mut self) -> Result<()> {
+        self.update_config(|config| config.route_epoch = config.route_epoch.wrapping_add(1))
     }
 
     /// A Service frontend with its backends, written in the agent's order.

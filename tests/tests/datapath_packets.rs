@@ -233,6 +233,50 @@ fn a_spoofed_source_is_dropped_and_counted() -> Result<()> {
     Ok(())
 }
 
+/// Established flows keep where their packets go (the pod's veth and MACs) and that
+/// their source was checked in their conntrack entries, so they skip the endpoint
+/// lookups. A change to the endpoints reaches them when the agent moves the route
+/// epoch on (its last write after any endpoint or route change), not before.
+#[test]
+fn established_flows_follow_endpoint_changes_once_the_route_epoch_moves() -> Result<()> {
+    let mut bed = testbed()?;
+    let client = sock(CLIENT, 40001);
+    let out = bed.from_pod(&frames::tcp_syn(client, sock(VIP, 80), b""))?;
+    let backend = backend_of(&out.frame);
+    let ack = frames::tcp_ack(client, sock(VIP, 80), b"data");
+    let to_backend = frames::tcp_ack(client, sock(backend, 8080), b"data");
+    assert_eq!(
+        bed.from_pod(&ack)?.frame,
+        delivered_to(backend, to_backend.clone())
+    );
+    let reply = frames::tcp_ack(sock(backend, 8080), client, b"answer");
+    let to_client = delivered_to(CLIENT, frames::tcp_ack(sock(VIP, 80), client, b"answer"));
+    assert_eq!(bed.from_pod(&reply)?.frame, to_client);
+
+    // The backend pod is re-wired behind another veth (another gateway MAC): the
+    // flow's cached delivery holds until the epoch moves, then follows.
+    let new_gateway = [0xdd; 6];
+    bed.set_endpoint(backend, TEST_RUN_IFINDEX, new_gateway)?;
+    assert_eq!(
+        bed.from_pod(&ack)?.frame,
+        delivered_to(backend, to_backend.clone())
+    );
+    bed.bump_route_epoch()?;
+    let mut rewired = delivered_to(backend, to_backend);
+    rewired[6..12].copy_from_slice(&new_gateway);
+    assert_eq!(bed.from_pod(&ack)?.frame, rewired);
+
+    // The backend's IP now belongs to another veth: its replies from this one were
+    // checked before (at this epoch), and are refused once the epoch moves.
+    assert_eq!(bed.from_pod(&reply)?.frame, to_client);
+    bed.set_endpoint(backend, 4242, new_gateway)?;
+    assert_eq!(bed.from_pod(&reply)?.frame, to_client);
+    bed.bump_route_epoch()?;
+    assert_eq!(bed.from_pod(&reply)?.verdict, TC_ACT_SHOT);
+    assert_eq!(bed.counter(stat::DROP_SPOOFED)?, 1);
+    Ok(())
+}
+
 /// kube-proxy's REJECT: a new flow to a Service without ready backends is answered at
 /// once with ICMP port unreachable (the client's connect fails with ECONNREFUSED
 /// instead of waiting for its timeout), built in place and sent back into the pod; a
