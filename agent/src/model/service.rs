@@ -19,9 +19,9 @@ use crate::limits::{Claimed, Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES}
 /// thousands would take map space from every other one).
 pub const MAX_SERVICE_PORTS: usize = 1024;
 
-/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), and the most
-/// Kubernetes accepts (1 day).
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The most `timeoutSeconds` Kubernetes accepts (1 day).
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 /// The node the model is built for.

@@ -6,13 +6,14 @@ use ferrite_common::{ServiceKey, ServiceValue};
 
 use super::{MapContents, Op};
 
-/// The writes that turn `current` into `desired`, in a safe order (see module docs).
-/// Entries already right are not written: a restart that finds the maps in order
-/// writes nothing and never disturbs a live flow.
+/// Selects every key: for maps that `changes` compares whole.
 fn all<K>(_: &K) -> bool {
     true
 }
 
+/// The writes that turn `current` into `desired`, in a safe order (see the module
+/// docs of `plan`). Entries already right are not written: a restart that finds the
+/// maps in order writes nothing and never disturbs a live flow.
 pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let is_master = |k: &ServiceKey| k.backend_slot == 0;
     let is_slot = |k: &ServiceKey| k.backend_slot != 0;

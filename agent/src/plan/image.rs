@@ -73,6 +73,7 @@ pub struct SourceRange {
     pub prefix_len: u32,
 }
 
+/// One write to one map entry: a plan is an ordered list of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
@@ -109,6 +110,7 @@ pub fn op_map(op: &Op) -> &'static str {
     }
 }
 
+/// The `ferrite_backend` value of a backend address.
 pub(super) fn backend_value(addr: &L4Addr) -> Backend {
     Backend {
         address: addr.ip.octets(),
@@ -118,6 +120,7 @@ pub(super) fn backend_value(addr: &L4Addr) -> Backend {
     }
 }
 
+/// The `ferrite_rev_nat` value of a frontend: what replies are rewritten to.
 pub(super) fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
     RevNatValue {
         address: frontend.ip.octets(),
