@@ -382,10 +382,7 @@ impl NodeAgent {
             match self.owner_of.get(&frontend) {
                 Some(owner) if !changed.contains(owner) => skipped.push(model::Skipped {
                     object: service.name.clone(),
-                    reason: format!(
-                        "frontend {frontend} already used by {}/{}",
-                        owner.0, owner.1
-                    ),
+                    reason: format!("frontend {frontend} already used by {owner}"),
                 }),
                 _ => {
                     frontends.insert(frontend);

@@ -3,12 +3,11 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
     cluster_nodes, fields::object_name, local_pod, service::service_frontends, service::Admission,
-    service::ThisNode, ClusterObjects, DesiredState, HealthCheck, L4Addr, ServiceFrontend, Skipped,
-    SERVICE_NAME_LABEL,
+    service::SlicesByService, service::ThisNode, slice_service, ClusterObjects, DesiredState,
+    HealthCheck, L4Addr, ServiceFrontend, Skipped, SERVICE_NAME_LABEL,
 };
 use crate::limits::{Claimed, Limits};
 
@@ -36,15 +35,10 @@ pub fn build(
         pod_cidrs: &pod_cidrs,
     };
 
-    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_by_service = SlicesByService::new();
     for slice in &objects.endpoint_slices {
-        let meta = &slice.metadata;
-        let what = object_name(
-            "EndpointSlice",
-            meta.namespace.as_deref(),
-            meta.name.as_deref(),
-        );
-        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        let what = object_name("EndpointSlice", &slice.metadata);
+        let Some(service) = slice_service(slice) else {
             skipped.push(Skipped {
                 object: what,
                 reason: format!("no {SERVICE_NAME_LABEL} label"),
@@ -61,11 +55,7 @@ pub fn build(
             });
             continue;
         }
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        slices_by_service
-            .entry((namespace, service.clone()))
-            .or_default()
-            .push(slice);
+        slices_by_service.entry(service).or_default().push(slice);
     }
 
     let here = ThisNode {
@@ -84,10 +74,10 @@ pub fn build(
                 if let Some((port, check)) = health_check {
                     if let Some(existing) = health_checks.get(&port) {
                         skipped.push(Skipped {
-                            object: format!("Service {}/{}", check.service.0, check.service.1),
+                            object: format!("Service {}", check.service),
                             reason: format!(
-                                "healthCheckNodePort {port} already used by {}/{}",
-                                existing.service.0, existing.service.1
+                                "healthCheckNodePort {port} already used by {}",
+                                existing.service
                             ),
                         });
                     } else {
@@ -109,11 +99,7 @@ pub fn build(
                 }
             }
             Err(reason) => skipped.push(Skipped {
-                object: object_name(
-                    "Service",
-                    service.metadata.namespace.as_deref(),
-                    service.metadata.name.as_deref(),
-                ),
+                object: object_name("Service", &service.metadata),
                 reason,
             }),
         }
@@ -126,7 +112,7 @@ pub fn build(
             Ok(Some(local)) => {
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
-                        object: object_name("Pod", Some(&local.namespace), Some(&local.name)),
+                        object: object_name("Pod", &pod.metadata),
                         reason: format!(
                             "pod IP {} already used by {}/{}",
                             local.ip, existing.namespace, existing.name
@@ -138,11 +124,7 @@ pub fn build(
             }
             Ok(None) => {}
             Err(reason) => skipped.push(Skipped {
-                object: object_name(
-                    "Pod",
-                    pod.metadata.namespace.as_deref(),
-                    pod.metadata.name.as_deref(),
-                ),
+                object: object_name("Pod", &pod.metadata),
                 reason,
             }),
         }

@@ -19,10 +19,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
     let meta = &slice.metadata;
     let service = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some((
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        service.clone(),
-    ))
+    Some(ServiceRef::in_namespace_of(meta, service))
 }
 
 /// The endpoints of one Service port, sorted into what each policy uses.
@@ -67,11 +64,7 @@ pub(super) fn port_backends(
     let port_name = port.name.as_deref().unwrap_or("");
     let mut out = PortEndpoints::default();
     for slice in slices {
-        let slice_name = object_name(
-            "EndpointSlice",
-            slice.metadata.namespace.as_deref(),
-            slice.metadata.name.as_deref(),
-        );
+        let slice_name = object_name("EndpointSlice", &slice.metadata);
         let slice_port = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && Protocol::parse(p.protocol.as_deref()) == Ok(protocol)

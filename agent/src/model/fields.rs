@@ -1,11 +1,16 @@
 //! Checks of object fields that every parser of the model shares.
 use std::net::Ipv4Addr;
 
-pub(super) fn object_name(kind: &str, namespace: Option<&str>, name: Option<&str>) -> String {
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::namespace_of;
+
+/// `Kind namespace/name` of an object, for the skipped list.
+pub(super) fn object_name(kind: &str, meta: &ObjectMeta) -> String {
     format!(
         "{kind} {}/{}",
-        namespace.unwrap_or("default"),
-        name.unwrap_or("<unnamed>")
+        namespace_of(meta),
+        meta.name.as_deref().unwrap_or("<unnamed>")
     )
 }
 

@@ -2,7 +2,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use sha2::{Digest, Sha256};
 
-use super::{fields::parse_ipv4, LocalPod};
+use super::{fields::parse_ipv4, namespace_of, LocalPod};
 
 /// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),
 /// 15 characters (IFNAMSIZ - 1), stable across restarts. The CNI plugin and the agent
@@ -45,11 +45,7 @@ pub(super) fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, Strin
         .name
         .clone()
         .ok_or("metadata.name is missing")?;
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = namespace_of(&pod.metadata).to_string();
     let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) else {
         return Ok(None); // not wired yet
     };

@@ -11,7 +11,7 @@ use k8s_openapi::{
 use super::{
     endpoints::port_backends,
     fields::{parse_ipv4, truncated, valid_port},
-    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, Skipped,
+    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef, Skipped,
 };
 use crate::limits::{Claimed, Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
 
@@ -120,7 +120,7 @@ pub(super) fn service_frontends(
             truncated(name)
         ));
     }
-    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    let service_ref = ServiceRef::in_namespace_of(&service.metadata, name);
     let spec = service.spec.as_ref().ok_or("spec is missing")?;
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if service_type == "ExternalName" {
@@ -165,7 +165,7 @@ pub(super) fn service_frontends(
             Ok(p) => p,
             Err(other) if other == "SCTP" => {
                 skipped.push(Skipped {
-                    object: format!("Service {namespace}/{name} port {number}/SCTP"),
+                    object: format!("Service {service_ref} port {number}/SCTP"),
                     reason: "SCTP is not supported; the other ports still apply".into(),
                 });
                 continue;
@@ -186,7 +186,7 @@ pub(super) fn service_frontends(
             (true, None) => {
                 // The API server allocates one; without it only the other frontends apply.
                 skipped.push(Skipped {
-                    object: format!("Service {namespace}/{name} port {number}"),
+                    object: format!("Service {service_ref} port {number}"),
                     reason: "no nodePort allocated".into(),
                 });
                 None
@@ -201,7 +201,7 @@ pub(super) fn service_frontends(
     {
         Some(reason) => {
             skipped.push(Skipped {
-                object: format!("Service {namespace}/{name} {field} {ip}"),
+                object: format!("Service {service_ref} {field} {ip}"),
                 reason,
             });
             false
@@ -239,18 +239,17 @@ pub(super) fn service_frontends(
     }
     let node_ip = here.node.map(|n| n.ip);
     let slices = slices_by_service
-        .get(&(namespace.to_string(), name.to_string()))
+        .get(&service_ref)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let service_ref = (namespace.to_string(), name.to_string());
     let mut frontends = Vec::new();
     let mut local_endpoints = 0;
     for (port, number, protocol, node_port) in parsed {
         let port_name = port.name.as_deref().unwrap_or("");
         let display = if port_name.is_empty() {
-            format!("{namespace}/{name}:{number}")
+            format!("{service_ref}:{number}")
         } else {
-            format!("{namespace}/{name}:{port_name}")
+            format!("{service_ref}:{port_name}")
         };
         let endpoints = port_backends(port, protocol, slices, here, &display, skipped);
         local_endpoints = local_endpoints.max(endpoints.local_ready);
@@ -326,7 +325,8 @@ pub(super) fn service_frontends(
     Ok((frontends, health_check))
 }
 
-pub(super) type SlicesByService<'a> = BTreeMap<(String, String), Vec<&'a EndpointSlice>>;
+/// EndpointSlices by the Service they are labelled for.
+pub(super) type SlicesByService<'a> = BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>;
 
 /// RFC 1035 label, as Kubernetes requires of Service names.
 fn is_dns_label(name: &str) -> bool {
@@ -386,7 +386,10 @@ mod tests {
         assert_eq!(
             state.health_checks[&32000],
             HealthCheck {
-                service: ("shop".into(), "lb".into()),
+                service: ServiceRef {
+                    namespace: "shop".into(),
+                    name: "lb".into()
+                },
                 local_endpoints: 1
             }
         );

@@ -3,9 +3,12 @@
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
@@ -65,8 +68,35 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// A Service by (namespace, name).
-pub type ServiceRef = (String, String);
+/// A Service by namespace and name; shown as `namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    /// The Service `name` in the namespace of the object `meta` describes: the
+    /// Service itself, or an EndpointSlice of it.
+    pub fn in_namespace_of(meta: &ObjectMeta, name: &str) -> Self {
+        Self {
+            namespace: namespace_of(meta).to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The namespace of an object: unset means `default`, as the API server fills it in
+/// (objects from the YAML file often leave it out).
+pub fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
 
 /// How a frontend is reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use ferrite_common::{Backend, RevNatValue, ServiceKey};
 
 use super::*;
-use crate::model::{DesiredState, L4Addr, Protocol, ServiceFrontend};
+use crate::model::{DesiredState, L4Addr, Protocol, ServiceFrontend, ServiceRef};
 
 pub(super) fn tcp(ip: &str, port: u16) -> L4Addr {
     L4Addr {
@@ -20,7 +20,10 @@ pub(super) fn state(services: &[(L4Addr, &[L4Addr])]) -> DesiredState {
         state.services.insert(
             *frontend,
             ServiceFrontend {
-                service: ("default".into(), frontend.to_string()),
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: frontend.to_string(),
+                },
                 name: frontend.to_string(),
                 backends: backends.to_vec(),
                 ..ServiceFrontend::default()
