@@ -4,12 +4,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::{
-    endpoints::port_backends,
+    endpoints::{port_backends, PortEndpoints},
     fields::{parse_ipv4, truncated, valid_port},
     ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef, Skipped,
 };
@@ -58,7 +61,7 @@ struct Policies {
     source_ranges: Vec<Ipv4Net>,
 }
 
-fn policies(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Policies, String> {
+fn policies(spec: &ServiceSpec) -> Result<Policies, String> {
     let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
         "None" => 0,
         "ClientIP" => {
@@ -102,6 +105,9 @@ fn policies(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Policies, 
 
 type Frontends = Vec<(L4Addr, ServiceFrontend)>;
 
+/// A Service's frontends, with the health-check port it asks for, in named steps:
+/// everything that makes the Service invalid is an `Err` (the Service is skipped
+/// whole), anything that leaves only part of it out is pushed to `skipped`.
 pub(super) fn service_frontends(
     service: &Service,
     slices_by_service: &SlicesByService,
@@ -109,6 +115,54 @@ pub(super) fn service_frontends(
     admission: &Admission,
     skipped: &mut Vec<Skipped>,
 ) -> Result<(Frontends, Option<(u16, HealthCheck)>), String> {
+    let service_ref = service_ref(service)?;
+    let spec = service.spec.as_ref().ok_or("spec is missing")?;
+    let service_type = ServiceType::of(spec)?;
+    let vip = cluster_ip(spec, admission)?;
+    let ports = port_list(spec)?;
+    let policy = policies(spec)?;
+    let ports = parse_ports(ports, service_type, &service_ref, admission.limits, skipped)?;
+    let external_ips = external_ips(spec, &service_ref, admission, skipped)?;
+    let ingress_ips = match service_type {
+        ServiceType::LoadBalancer => ingress_ips(service, &service_ref, admission, skipped)?,
+        ServiceType::ClusterIp | ServiceType::NodePort => Vec::new(),
+    };
+    let node_ip = here.node.map(|n| n.ip);
+    let slices = slices_by_service
+        .get(&service_ref)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut frontends = Vec::new();
+    let mut local_endpoints = 0;
+    for port in ports {
+        let display = port.display(&service_ref);
+        let endpoints = port_backends(port.spec, port.protocol, slices, here, &display, skipped);
+        local_endpoints = local_endpoints.max(endpoints.local_ready);
+        let of_port = PortFrontends {
+            service: &service_ref,
+            policy: &policy,
+            protocol: port.protocol,
+            display,
+            endpoints,
+        };
+        frontends.push(of_port.frontend(vip, port.number, FrontendKind::ClusterIp));
+        if let (Some(node_port), Some(node_ip)) = (port.node_port, node_ip) {
+            frontends.push(of_port.frontend(node_ip, node_port, FrontendKind::NodePort));
+        }
+        for ip in &ingress_ips {
+            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::LoadBalancer));
+        }
+        for ip in &external_ips {
+            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::ExternalIp));
+        }
+    }
+    check_size(&frontends)?;
+    let health_check = health_check(spec, service_type, &policy, &service_ref, local_endpoints)?;
+    Ok((frontends, health_check))
+}
+
+/// The Service's name, checked as the API server checks it, in its namespace.
+fn service_ref(service: &Service) -> Result<ServiceRef, String> {
     let name = service
         .metadata
         .name
@@ -120,15 +174,39 @@ pub(super) fn service_frontends(
             truncated(name)
         ));
     }
-    let service_ref = ServiceRef::in_namespace_of(&service.metadata, name);
-    let spec = service.spec.as_ref().ok_or("spec is missing")?;
-    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if service_type == "ExternalName" {
-        return Err("ExternalName Services are resolved by DNS, not load-balanced".into());
+    Ok(ServiceRef::in_namespace_of(&service.metadata, name))
+}
+
+/// The Service types that are load-balanced (ExternalName ones are not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    fn of(spec: &ServiceSpec) -> Result<Self, String> {
+        match spec.type_.as_deref().unwrap_or("ClusterIP") {
+            "ClusterIP" => Ok(Self::ClusterIp),
+            "NodePort" => Ok(Self::NodePort),
+            "LoadBalancer" => Ok(Self::LoadBalancer),
+            "ExternalName" => {
+                Err("ExternalName Services are resolved by DNS, not load-balanced".into())
+            }
+            other => Err(format!("unknown Service type {other:?}")),
+        }
     }
-    if !matches!(service_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        return Err(format!("unknown Service type {service_type:?}"));
+
+    /// NodePort and LoadBalancer Services have a nodePort on every port.
+    fn has_node_ports(self) -> bool {
+        self != Self::ClusterIp
     }
+}
+
+/// The ClusterIP: a Service without one (headless) or with one the node refuses is
+/// not load-balanced at all.
+fn cluster_ip(spec: &ServiceSpec, admission: &Admission) -> Result<Ipv4Addr, String> {
     let cluster_ip = spec
         .cluster_ip
         .as_deref()
@@ -140,24 +218,59 @@ pub(super) fn service_frontends(
     if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
         return Err(format!("spec.clusterIP {vip} cannot be a Service address"));
     }
-    let limits = admission.limits;
-    if let Some(reason) = limits.refuse_frontend(vip, "spec.clusterIP", admission.claimed) {
+    if let Some(reason) = admission
+        .limits
+        .refuse_frontend(vip, "spec.clusterIP", admission.claimed)
+    {
         return Err(reason);
     }
+    Ok(vip)
+}
+
+/// `spec.ports`: at least one, and not so many that one Service fills the maps every
+/// other Service shares.
+fn port_list(spec: &ServiceSpec) -> Result<&[ServicePort], String> {
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         return Err("spec.ports is empty".into());
     }
     if ports.len() > MAX_SERVICE_PORTS {
-        // One Service must not fill the maps every other Service shares.
         return Err(format!(
             "{} ports (more than {MAX_SERVICE_PORTS})",
             ports.len()
         ));
     }
-    let policy = policies(spec)?;
-    let with_node_ports = service_type != "ClusterIP";
-    // Validate every port first so a bad Service is skipped whole, never half-applied.
+    Ok(ports)
+}
+
+/// A Service port as checked.
+struct ParsedPort<'a> {
+    spec: &'a ServicePort,
+    number: u16,
+    protocol: Protocol,
+    /// None for a ClusterIP Service, or when none is allocated yet.
+    node_port: Option<u16>,
+}
+
+impl ParsedPort<'_> {
+    /// `namespace/name:port-name` (or `:number` for an unnamed port).
+    fn display(&self, service: &ServiceRef) -> String {
+        match self.spec.name.as_deref().unwrap_or("") {
+            "" => format!("{service}:{}", self.number),
+            name => format!("{service}:{name}"),
+        }
+    }
+}
+
+/// Every port checked before any frontend is made, so a bad Service is skipped whole,
+/// never half-applied. An SCTP port, or a missing nodePort, leaves out only itself.
+fn parse_ports<'a>(
+    ports: &'a [ServicePort],
+    service_type: ServiceType,
+    service_ref: &ServiceRef,
+    limits: &Limits,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<ParsedPort<'a>>, String> {
     let mut parsed = Vec::with_capacity(ports.len());
     for port in ports {
         let number = valid_port(port.port, "port")?;
@@ -175,7 +288,7 @@ pub(super) fn service_frontends(
         if let Some(IntOrString::Int(target)) = &port.target_port {
             valid_port(*target, "targetPort")?;
         }
-        let node_port = match (with_node_ports, port.node_port) {
+        let node_port = match (service_type.has_node_ports(), port.node_port) {
             (true, Some(n)) => {
                 let node_port = valid_port(n, "nodePort")?;
                 if let Some(reason) = limits.refuse_node_port(node_port) {
@@ -193,10 +306,27 @@ pub(super) fn service_frontends(
             }
             (false, _) => None,
         };
-        parsed.push((port, number, protocol, node_port));
+        parsed.push(ParsedPort {
+            spec: port,
+            number,
+            protocol,
+            node_port,
+        });
     }
-    // A frontend address the node refuses leaves the Service's other frontends.
-    let admitted = |ip: Ipv4Addr, field: &str, skipped: &mut Vec<Skipped>| match limits
+    Ok(parsed)
+}
+
+/// Whether the node accepts `ip` as a frontend address of the Service; one it
+/// refuses leaves only that frontend out, with its reason.
+fn admitted(
+    ip: Ipv4Addr,
+    field: &str,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> bool {
+    match admission
+        .limits
         .refuse_frontend(ip, field, admission.claimed)
     {
         Some(reason) => {
@@ -207,98 +337,116 @@ pub(super) fn service_frontends(
             false
         }
         None => true,
-    };
-    let mut external_ips = Vec::new();
+    }
+}
+
+/// `spec.externalIPs` the node admits (IPv6 ones are not Ferrite's).
+fn external_ips(
+    spec: &ServiceSpec,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let mut ips = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
         if ip.contains(':') {
             continue; // IPv6
         }
         let ip = parse_ipv4(ip, "spec.externalIPs")?;
-        if admitted(ip, "spec.externalIPs", skipped) {
-            external_ips.push(ip);
+        if admitted(ip, "spec.externalIPs", service_ref, admission, skipped) {
+            ips.push(ip);
         }
     }
-    let mut ingress_ips = Vec::new();
-    if service_type == "LoadBalancer" {
-        let ingress = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for entry in ingress.into_iter().flatten() {
-            match entry.ip.as_deref() {
-                Some(ip) if !ip.contains(':') => {
-                    let ip = parse_ipv4(ip, "status.loadBalancer.ingress ip")?;
-                    if admitted(ip, "status.loadBalancer.ingress", skipped) {
-                        ingress_ips.push(ip);
-                    }
+    Ok(ips)
+}
+
+/// A LoadBalancer's `status.loadBalancer.ingress` IPs the node admits.
+fn ingress_ips(
+    service: &Service,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let mut ips = Vec::new();
+    for entry in ingress.into_iter().flatten() {
+        match entry.ip.as_deref() {
+            Some(ip) if !ip.contains(':') => {
+                let ip = parse_ipv4(ip, "status.loadBalancer.ingress ip")?;
+                if admitted(
+                    ip,
+                    "status.loadBalancer.ingress",
+                    service_ref,
+                    admission,
+                    skipped,
+                ) {
+                    ips.push(ip);
                 }
-                _ => {} // hostname-only or IPv6 ingress: nothing to serve here
             }
+            _ => {} // hostname-only or IPv6 ingress: nothing to serve here
         }
     }
-    let node_ip = here.node.map(|n| n.ip);
-    let slices = slices_by_service
-        .get(&service_ref)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut frontends = Vec::new();
-    let mut local_endpoints = 0;
-    for (port, number, protocol, node_port) in parsed {
-        let port_name = port.name.as_deref().unwrap_or("");
-        let display = if port_name.is_empty() {
-            format!("{service_ref}:{number}")
+    Ok(ips)
+}
+
+/// What every frontend of one Service port shares: its endpoints and the Service's
+/// policies, which pick each frontend's backends by its kind.
+struct PortFrontends<'a> {
+    service: &'a ServiceRef,
+    policy: &'a Policies,
+    protocol: Protocol,
+    display: String,
+    endpoints: PortEndpoints,
+}
+
+impl PortFrontends<'_> {
+    fn frontend(&self, ip: Ipv4Addr, port: u16, kind: FrontendKind) -> (L4Addr, ServiceFrontend) {
+        let policy = self.policy;
+        let local_only = if kind.is_external() {
+            policy.external_local
         } else {
-            format!("{service_ref}:{port_name}")
+            policy.internal_local
         };
-        let endpoints = port_backends(port, protocol, slices, here, &display, skipped);
-        local_endpoints = local_endpoints.max(endpoints.local_ready);
-        let mut add = |ip: Ipv4Addr, port: u16, kind: FrontendKind| {
-            let local_only = if kind.is_external() {
-                policy.external_local
-            } else {
-                policy.internal_local
-            };
-            let (backends, terminating) = endpoints.for_policy(local_only);
-            let source_ranges = if kind == FrontendKind::LoadBalancer {
-                policy.source_ranges.clone()
-            } else {
-                Vec::new()
-            };
-            let suffix = match kind {
-                FrontendKind::ClusterIp => "",
-                FrontendKind::NodePort => " (NodePort)",
-                FrontendKind::LoadBalancer => " (LoadBalancer)",
-                FrontendKind::ExternalIp => " (externalIP)",
-            };
-            frontends.push((
-                L4Addr { ip, port, protocol },
-                ServiceFrontend {
-                    service: service_ref.clone(),
-                    name: format!("{display}{suffix}"),
-                    backends,
-                    terminating,
-                    kind,
-                    local_only,
-                    affinity_timeout_s: policy.affinity_timeout_s,
-                    source_ranges,
-                },
-            ));
+        let (backends, terminating) = self.endpoints.for_policy(local_only);
+        let source_ranges = if kind == FrontendKind::LoadBalancer {
+            policy.source_ranges.clone()
+        } else {
+            Vec::new()
         };
-        add(vip, number, FrontendKind::ClusterIp);
-        if let (Some(node_port), Some(node_ip)) = (node_port, node_ip) {
-            add(node_ip, node_port, FrontendKind::NodePort);
-        }
-        for ip in &ingress_ips {
-            add(*ip, number, FrontendKind::LoadBalancer);
-        }
-        for ip in &external_ips {
-            add(*ip, number, FrontendKind::ExternalIp);
-        }
+        let suffix = match kind {
+            FrontendKind::ClusterIp => "",
+            FrontendKind::NodePort => " (NodePort)",
+            FrontendKind::LoadBalancer => " (LoadBalancer)",
+            FrontendKind::ExternalIp => " (externalIP)",
+        };
+        (
+            L4Addr {
+                ip,
+                port,
+                protocol: self.protocol,
+            },
+            ServiceFrontend {
+                service: self.service.clone(),
+                name: format!("{}{suffix}", self.display),
+                backends,
+                terminating,
+                kind,
+                local_only,
+                affinity_timeout_s: policy.affinity_timeout_s,
+                source_ranges,
+            },
+        )
     }
-    // Bounded, so one Service can neither wrap a slot count nor fill the shared maps.
+}
+
+/// Bounded, so one Service can neither wrap a slot count nor fill the shared maps.
+fn check_size(frontends: &Frontends) -> Result<(), String> {
     let mut entries = 0;
-    for (frontend, entry) in &frontends {
+    for (frontend, entry) in frontends {
         let backends = entry.backends.len() + entry.terminating.len();
         if backends > MAX_BACKENDS_PER_PORT {
             return Err(format!(
@@ -312,8 +460,19 @@ pub(super) fn service_frontends(
             "{entries} Service map entries (more than {MAX_SERVICE_ENTRIES} one Service may take)"
         ));
     }
-    let health_check = match spec.health_check_node_port {
-        Some(port) if service_type == "LoadBalancer" && policy.external_local => Some((
+    Ok(())
+}
+
+/// The health-check port of an `externalTrafficPolicy: Local` LoadBalancer.
+fn health_check(
+    spec: &ServiceSpec,
+    service_type: ServiceType,
+    policy: &Policies,
+    service_ref: &ServiceRef,
+    local_endpoints: usize,
+) -> Result<Option<(u16, HealthCheck)>, String> {
+    Ok(match spec.health_check_node_port {
+        Some(port) if service_type == ServiceType::LoadBalancer && policy.external_local => Some((
             valid_port(port, "healthCheckNodePort")?,
             HealthCheck {
                 service: service_ref.clone(),
@@ -321,8 +480,7 @@ pub(super) fn service_frontends(
             },
         )),
         _ => None,
-    };
-    Ok((frontends, health_check))
+    })
 }
 
 /// EndpointSlices by the Service they are labelled for.
