@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use super::{
     cluster_nodes, fields::object_name, local_pod, service::service_frontends, service::Admission,
     service::SlicesByService, service::ThisNode, slice_service, ClusterObjects, DesiredState,
-    HealthCheck, L4Addr, ServiceFrontend, Skipped, SERVICE_NAME_LABEL,
+    HealthCheck, L4Addr, ServiceFrontend, SkipReason, Skipped,
 };
 use crate::limits::{Claimed, Limits};
 
@@ -41,17 +41,14 @@ pub fn build(
         let Some(service) = slice_service(slice) else {
             skipped.push(Skipped {
                 object: what,
-                reason: format!("no {SERVICE_NAME_LABEL} label"),
+                reason: SkipReason::NoServiceLabel,
             });
             continue;
         };
         if slice.address_type != "IPv4" {
             skipped.push(Skipped {
                 object: what,
-                reason: format!(
-                    "addressType {} is not supported (IPv4 only)",
-                    slice.address_type
-                ),
+                reason: SkipReason::UnsupportedAddressType(slice.address_type.clone()),
             });
             continue;
         }
@@ -75,10 +72,10 @@ pub fn build(
                     if let Some(existing) = health_checks.get(&port) {
                         skipped.push(Skipped {
                             object: format!("Service {}", check.service),
-                            reason: format!(
-                                "healthCheckNodePort {port} already used by {}",
-                                existing.service
-                            ),
+                            reason: SkipReason::HealthCheckPortTaken {
+                                port,
+                                owner: existing.service.clone(),
+                            },
                         });
                     } else {
                         health_checks.insert(port, check);
@@ -88,10 +85,10 @@ pub fn build(
                     if let Some(existing) = services.get(&frontend) {
                         skipped.push(Skipped {
                             object: entry.name.clone(),
-                            reason: format!(
-                                "frontend {frontend} already used by {}",
-                                existing.name
-                            ),
+                            reason: SkipReason::FrontendTaken {
+                                frontend,
+                                owner: existing.name.clone(),
+                            },
                         });
                         continue;
                     }
@@ -100,7 +97,7 @@ pub fn build(
             }
             Err(reason) => skipped.push(Skipped {
                 object: object_name("Service", &service.metadata),
-                reason,
+                reason: SkipReason::Invalid(reason),
             }),
         }
     }
@@ -113,10 +110,10 @@ pub fn build(
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
                         object: object_name("Pod", &pod.metadata),
-                        reason: format!(
-                            "pod IP {} already used by {}/{}",
-                            local.ip, existing.namespace, existing.name
-                        ),
+                        reason: SkipReason::PodIpTaken {
+                            ip: local.ip,
+                            owner: format!("{}/{}", existing.namespace, existing.name),
+                        },
                     });
                     continue;
                 }
@@ -125,7 +122,7 @@ pub fn build(
             Ok(None) => {}
             Err(reason) => skipped.push(Skipped {
                 object: object_name("Pod", &pod.metadata),
-                reason,
+                reason: SkipReason::Invalid(reason),
             }),
         }
     }
@@ -202,7 +199,7 @@ mod tests {
             assert!(
                 skipped
                     .iter()
-                    .any(|s| s.object.contains(marker) || s.reason.contains(marker)),
+                    .any(|s| s.object.contains(marker) || s.reason.to_string().contains(marker)),
                 "{what}: no reason naming {marker:?} in {skipped:?}"
             );
             let http = &state.services[&addr("10.96.0.10", 80, Protocol::Tcp)];
@@ -325,6 +322,13 @@ spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}
             state.services[&addr("10.96.0.50", 80, Protocol::Tcp)].name,
             "default/one:80"
         );
-        assert!(skipped[0].reason.contains("already used by default/one:80"));
+        assert!(
+            matches!(&skipped[0].reason, SkipReason::FrontendTaken { owner, .. } if owner == "default/one:80"),
+            "{skipped:?}"
+        );
+        assert!(skipped[0]
+            .reason
+            .to_string()
+            .contains("already used by default/one:80"));
     }
 }

@@ -10,7 +10,7 @@ use k8s_openapi::{
 use super::{
     fields::{object_name, parse_ipv4, valid_port},
     service::ThisNode,
-    L4Addr, Protocol, ServiceRef, Skipped,
+    L4Addr, Protocol, ServiceRef, SkipReason, Skipped,
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -83,7 +83,7 @@ pub(super) fn port_backends(
             Err(reason) => {
                 skipped.push(Skipped {
                     object: format!("{slice_name} for {display}"),
-                    reason,
+                    reason: SkipReason::Invalid(reason),
                 });
                 continue;
             }
@@ -104,7 +104,7 @@ pub(super) fn port_backends(
             if addresses.is_empty() {
                 skipped.push(Skipped {
                     object: slice_name.clone(),
-                    reason: "endpoint without addresses".into(),
+                    reason: SkipReason::EndpointWithoutAddresses,
                 });
                 continue;
             }
@@ -176,7 +176,7 @@ fn backend(
         {
             skipped.push(Skipped {
                 object: slice_name.to_string(),
-                reason: format!("endpoint address {ip} is loopback, link-local or multicast"),
+                reason: SkipReason::EndpointAddressRefused(ip),
             });
             None
         }
@@ -184,7 +184,7 @@ fn backend(
         Err(reason) => {
             skipped.push(Skipped {
                 object: slice_name.to_string(),
-                reason,
+                reason: SkipReason::Invalid(reason),
             });
             None
         }

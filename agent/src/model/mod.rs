@@ -21,6 +21,7 @@ mod fields;
 mod nodes;
 mod pods;
 mod service;
+mod skipped;
 #[cfg(test)]
 mod test_support;
 mod types;
@@ -30,6 +31,7 @@ pub use endpoints::{compact_slice, slice_service, COMPACTED_LABEL, SERVICE_NAME_
 pub use nodes::VTEP_MAC_ANNOTATION;
 pub use pods::{pod_attachment_interface_name, pod_interface_name};
 pub use service::{ThisNode, DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
+pub use skipped::{SkipReason, Skipped};
 pub use types::*;
 
 use nodes::cluster_nodes;

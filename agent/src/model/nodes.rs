@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 
-use super::{ClusterNode, ClusterObjects, Skipped};
+use super::{ClusterNode, ClusterObjects, SkipReason, Skipped};
 use crate::limits::Limits;
 
 /// Node annotation a VTEP of another implementation uses to announce its MAC.
@@ -24,7 +24,7 @@ pub(super) fn cluster_nodes(
                 if let Some(existing) = nodes.insert(parsed.name.clone(), parsed) {
                     skipped.push(Skipped {
                         object: format!("Node {}", existing.name),
-                        reason: "listed twice: the later one applies".into(),
+                        reason: SkipReason::NodeListedTwice,
                     });
                 }
             }
@@ -33,7 +33,7 @@ pub(super) fn cluster_nodes(
                     "Node {}",
                     node.metadata.name.as_deref().unwrap_or("<unnamed>")
                 ),
-                reason,
+                reason: SkipReason::Invalid(reason),
             }),
         }
     }
@@ -45,7 +45,7 @@ pub(super) fn cluster_nodes(
                 Some(reason) => {
                     skipped.push(Skipped {
                         object: format!("Node {} podCIDR {cidr}", node.name),
-                        reason,
+                        reason: SkipReason::Invalid(reason),
                     });
                     false
                 }

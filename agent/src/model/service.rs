@@ -14,7 +14,8 @@ use k8s_openapi::{
 use super::{
     endpoints::{port_backends, PortEndpoints},
     fields::{parse_ipv4, truncated, valid_port},
-    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef, Skipped,
+    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef,
+    SkipReason, Skipped,
 };
 use crate::limits::{Claimed, Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
 
@@ -279,7 +280,7 @@ fn parse_ports<'a>(
             Err(other) if other == "SCTP" => {
                 skipped.push(Skipped {
                     object: format!("Service {service_ref} port {number}/SCTP"),
-                    reason: "SCTP is not supported; the other ports still apply".into(),
+                    reason: SkipReason::Sctp,
                 });
                 continue;
             }
@@ -300,7 +301,7 @@ fn parse_ports<'a>(
                 // The API server allocates one; without it only the other frontends apply.
                 skipped.push(Skipped {
                     object: format!("Service {service_ref} port {number}"),
-                    reason: "no nodePort allocated".into(),
+                    reason: SkipReason::NoNodePort,
                 });
                 None
             }
@@ -332,7 +333,7 @@ fn admitted(
         Some(reason) => {
             skipped.push(Skipped {
                 object: format!("Service {service_ref} {field} {ip}"),
-                reason,
+                reason: SkipReason::Invalid(reason),
             });
             false
         }
@@ -579,7 +580,7 @@ mod tests {
             let (state, skipped) = build_yaml(&load_balancer(extra));
             assert!(state.services.is_empty(), "{extra}");
             assert!(
-                skipped.iter().any(|s| s.reason.contains(reason)),
+                skipped.iter().any(|s| s.reason.to_string().contains(reason)),
                 "{extra}: {skipped:?}"
             );
         }
@@ -602,8 +603,16 @@ spec: {type: ExternalName, externalName: example.com}
         );
         assert!(state.services.is_empty());
         assert_eq!(skipped.len(), 2);
-        assert!(skipped[0].reason.contains("headless"), "{}", skipped[0]);
-        assert!(skipped[1].reason.contains("ExternalName"), "{}", skipped[1]);
+        assert!(
+            skipped[0].reason.to_string().contains("headless"),
+            "{}",
+            skipped[0]
+        );
+        assert!(
+            skipped[1].reason.to_string().contains("ExternalName"),
+            "{}",
+            skipped[1]
+        );
     }
 
     #[test]
@@ -618,6 +627,7 @@ spec: {clusterIP: 10.96.0.40, ports: [{name: a, port: 80}, {name: b, port: 9, pr
         );
         assert_eq!(state.services.len(), 1);
         assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].reason.contains("SCTP"));
+        assert_eq!(skipped[0].reason, SkipReason::Sctp);
+        assert!(skipped[0].reason.to_string().contains("SCTP"));
     }
 }

@@ -177,19 +177,6 @@ pub struct DesiredState {
     pub nodes: BTreeMap<String, ClusterNode>,
 }
 
-/// An object (or part of one) left out of the model, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Skipped {
-    pub object: String,
-    pub reason: String,
-}
-
-impl fmt::Display for Skipped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.object, self.reason)
-    }
-}
-
 /// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of
 /// the watch caches costs no deep copy.
 #[derive(Clone, Debug, Default)]

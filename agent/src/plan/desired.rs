@@ -11,7 +11,7 @@ use super::{
     backend_value, ids::keys_of, ids::Budget, ids::ExistingIds, overlay_address, rev_nat_value,
     service_entries::service_contents, Interface, MapContents, NodeSettings, RouteKey,
 };
-use crate::model::{DesiredState, Skipped};
+use crate::model::{DesiredState, SkipReason, Skipped};
 
 /// The map contents that realise `state`. Pods whose interface does not exist (yet)
 /// and frontends for which no id is left are reported in the skipped list.
@@ -129,7 +129,9 @@ pub fn desired_contents_keeping_ids(
         let Some(interface) = interfaces.get(&pod.interface) else {
             skipped.push(Skipped {
                 object: format!("Pod {}/{}", pod.namespace, pod.name),
-                reason: format!("host interface {} does not exist (yet)", pod.interface),
+                reason: SkipReason::InterfaceMissing {
+                    interface: pod.interface.clone(),
+                },
             });
             continue;
         };
@@ -201,7 +203,16 @@ mod tests {
             (7, pod_mac_for(Ipv4Addr::new(10, 244, 0, 2)))
         );
         assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].reason.contains("ferB"));
+        assert_eq!(
+            skipped[0].reason,
+            SkipReason::InterfaceMissing {
+                interface: "ferB".into()
+            }
+        );
+        assert_eq!(
+            skipped[0].reason.to_string(),
+            "host interface ferB does not exist (yet)"
+        );
     }
 
     #[test]

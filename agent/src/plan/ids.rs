@@ -85,6 +85,12 @@ pub(super) struct ExistingIds<'a> {
     pub(super) rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u16>,
 }
 
+/// A map without room for a frontend's new entries.
+pub(super) struct FullMap {
+    pub(super) name: &'static str,
+    pub(super) capacity: usize,
+}
+
 /// What is left of each capacity while a plan is made.
 pub(super) struct Budget {
     left: Capacities,
@@ -110,19 +116,17 @@ impl Budget {
         services: usize,
         backends: usize,
         rev_nat: usize,
-    ) -> Option<String> {
+    ) -> Option<FullMap> {
         use ferrite_common::map_names;
-        let full = |map: &str, total: usize| {
-            format!("{map} is full ({total} entries): the Service port is not written")
-        };
+        let full = |name, capacity| Some(FullMap { name, capacity });
         if services > self.left.services {
-            return Some(full(map_names::SERVICES, self.total.services));
+            return full(map_names::SERVICES, self.total.services);
         }
         if backends > self.left.backends {
-            return Some(full(map_names::BACKENDS, self.total.backends));
+            return full(map_names::BACKENDS, self.total.backends);
         }
         if rev_nat > self.left.rev_nat {
-            return Some(full(map_names::REV_NAT, self.total.rev_nat));
+            return full(map_names::REV_NAT, self.total.rev_nat);
         }
         None
     }
@@ -139,7 +143,7 @@ mod tests {
     use super::super::test_support::*;
     use super::super::*;
     use super::*;
-    use crate::model::{L4Addr, ServiceFrontend};
+    use crate::model::{L4Addr, ServiceFrontend, SkipReason};
     use std::net::Ipv4Addr;
 
     #[test]
@@ -194,8 +198,18 @@ mod tests {
         assert_eq!(desired.services.len(), 8);
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].object, vip(3).to_string());
+        assert_eq!(
+            skipped[0].reason,
+            SkipReason::MapFull {
+                map: "ferrite_service",
+                capacity: 8,
+                kept: false
+            }
+        );
+        // The text the agent logs (end-to-end tests look for it).
         assert!(skipped[0]
             .reason
+            .to_string()
             .contains("ferrite_service is full (8 entries)"));
         let mut maps = MapContents::default();
         apply_checking_each_step(&mut maps, &diff(&MapContents::default(), &desired));
@@ -238,7 +252,11 @@ mod tests {
         ]);
         let (desired, skipped) = desired_contents(&grown, &BTreeMap::new(), &maps, &settings);
         assert!(
-            skipped[0].reason.contains("its backends stay"),
+            matches!(skipped[0].reason, SkipReason::MapFull { kept: true, .. }),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[0].reason.to_string().contains("its backends stay"),
             "{skipped:?}"
         );
         let before = meaning(&maps);

@@ -8,7 +8,7 @@ use super::{
     backend_value, ids::Budget, ids::ExistingIds, ids::IdAllocator, maglev_digest, rev_nat_value,
     MapContents, SourceRange,
 };
-use crate::model::{FrontendKind, L4Addr, ServiceFrontend, Skipped};
+use crate::model::{FrontendKind, L4Addr, ServiceFrontend, SkipReason, Skipped};
 
 /// Write the Service entries (backends, rev-NAT, slots, masters) of `services` into
 /// `out`. Ids already in `written` (all the maps hold) are kept for the same value;
@@ -40,9 +40,10 @@ pub(super) fn service_contents<'s>(
             _ => {
                 skipped.push(Skipped {
                     object: service.name.clone(),
-                    reason: format!(
-                        "{frontend} has {slot_count} backends: more than a port may have"
-                    ),
+                    reason: SkipReason::TooManyBackends {
+                        frontend: *frontend,
+                        count: slot_count,
+                    },
                 });
                 continue;
             }
@@ -61,15 +62,15 @@ pub(super) fn service_contents<'s>(
             .iter()
             .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
             .count();
-        if let Some(reason) = budget.refuse(new_entries, new_backends, new_rev_nat) {
+        if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat) {
             // A port already in the maps keeps what it has: it goes on working.
             let kept = keep_as_written(key(0), written, out);
             skipped.push(Skipped {
                 object: service.name.clone(),
-                reason: if kept {
-                    format!("{reason}; its backends stay as they were")
-                } else {
-                    reason
+                reason: SkipReason::MapFull {
+                    map: full.name,
+                    capacity: full.capacity,
+                    kept,
                 },
             });
             continue;
@@ -86,7 +87,7 @@ pub(super) fn service_contents<'s>(
                 None => {
                     skipped.push(Skipped {
                         object: service.name.clone(),
-                        reason: "no rev-NAT index left".into(),
+                        reason: SkipReason::NoRevNatIndex,
                     });
                     continue;
                 }
@@ -105,7 +106,7 @@ pub(super) fn service_contents<'s>(
             let Some(id) = id else {
                 skipped.push(Skipped {
                     object: service.name.clone(),
-                    reason: format!("no backend id left for {addr}"),
+                    reason: SkipReason::NoBackendId(*addr),
                 });
                 break;
             };
