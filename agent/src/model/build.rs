@@ -5,9 +5,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ipnet::Ipv4Net;
 
 use super::{
-    cluster_nodes, fields::object_name, local_pod, service::service_frontends, service::Admission,
-    service::SlicesByService, service::ThisNode, slice_service, ClusterObjects, DesiredState,
-    HealthCheck, L4Addr, ServiceFrontend, SkipReason, Skipped,
+    fields::object_name,
+    nodes::cluster_nodes,
+    pods::local_pod,
+    service::{service_frontends, Admission, SlicesByService, ThisNode},
+    slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, ServiceFrontend, SkipReason,
+    Skipped,
 };
 use crate::limits::{Claimed, Limits};
 

@@ -33,6 +33,3 @@ pub use pods::{pod_attachment_interface_name, pod_interface_name};
 pub use service::{ThisNode, DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
 pub use skipped::{SkipReason, Skipped};
 pub use types::*;
-
-use nodes::cluster_nodes;
-use pods::local_pod;

@@ -8,8 +8,11 @@ use ferrite_common::{
 };
 
 use super::{
-    backend_value, ids::keys_of, ids::Budget, ids::ExistingIds, overlay_address, rev_nat_value,
-    service_entries::service_contents, Interface, MapContents, NodeSettings, RouteKey,
+    ids::{keys_of, Budget, ExistingIds},
+    image::{backend_value, rev_nat_value},
+    overlay_address,
+    service_entries::service_contents,
+    Interface, MapContents, NodeSettings, RouteKey,
 };
 use crate::model::{DesiredState, SkipReason, Skipped};
 

@@ -25,5 +25,3 @@ pub use image::{
 };
 pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
 pub use update::{service_update, Written};
-
-use image::{backend_value, rev_nat_value};

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use ferrite_common::{svc_flag, Backend, RevNatValue, ServiceKey, ServiceValue};
 
 use super::{
-    backend_value, ids::Budget, ids::ExistingIds, ids::IdAllocator, maglev_digest, rev_nat_value,
-    MapContents, SourceRange,
+    ids::{Budget, ExistingIds, IdAllocator},
+    image::{backend_value, rev_nat_value},
+    maglev_digest, MapContents, SourceRange,
 };
 use crate::model::{FrontendKind, L4Addr, ServiceFrontend, SkipReason, Skipped};
 

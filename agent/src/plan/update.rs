@@ -5,8 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ferrite_common::{Backend, RevNatValue, ServiceKey, ServiceValue};
 
 use super::{
-    diff, ids::Budget, ids::ExistingIds, service_entries::keep_as_written,
-    service_entries::service_contents, Capacities, MapContents, Op,
+    diff,
+    ids::{Budget, ExistingIds},
+    service_entries::{keep_as_written, service_contents},
+    Capacities, MapContents, Op,
 };
 use crate::model::{L4Addr, ServiceFrontend, Skipped};
 
