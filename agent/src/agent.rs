@@ -382,10 +382,10 @@ impl NodeAgent {
             match self.owner_of.get(&frontend) {
                 Some(owner) if !changed.contains(owner) => skipped.push(model::Skipped {
                     object: service.name.clone(),
-                    reason: format!(
-                        "frontend {frontend} already used by {}/{}",
-                        owner.0, owner.1
-                    ),
+                    reason: model::SkipReason::FrontendTaken {
+                        frontend,
+                        owner: owner.to_string(),
+                    },
                 }),
                 _ => {
                     frontends.insert(frontend);
@@ -787,7 +787,9 @@ pub fn reconcile(
         ids_from.unwrap_or(&current),
         settings,
     );
-    let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
+    let waiting_for_interfaces = more
+        .iter()
+        .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);
     // Host routes first: once a pod's endpoint is in the map, the stack can reach it

@@ -29,7 +29,7 @@ pub fn answer(check: &HealthCheck) -> (u16, String) {
     let status = if check.local_endpoints > 0 { 200 } else { 503 };
     let body = format!(
         "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{},\"serviceProxyHealthy\":true}}\n",
-        check.service.0, check.service.1, check.local_endpoints
+        check.service.namespace, check.service.name, check.local_endpoints
     );
     (status, body)
 }
@@ -125,7 +125,7 @@ impl HealthChecks {
                 let _ = request.respond(response);
             }
         });
-        info!(port, service = %format!("{}/{}", check.service.0, check.service.1), "serving health-check port");
+        info!(port, service = %check.service, "serving health-check port");
         self.listeners.insert(
             port,
             Listener {
@@ -151,7 +151,10 @@ mod tests {
     #[test]
     fn answers_200_with_local_endpoints_and_503_without_like_kube_proxy() {
         let mut check = HealthCheck {
-            service: ("shop".into(), "web".into()),
+            service: ServiceRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
             local_endpoints: 2,
         };
         let (status, body) = answer(&check);

@@ -64,10 +64,7 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
         all.clone(),
         Watched::new("services", &changed, &telemetry, |service: &Service| {
             let meta = &service.metadata;
-            Some((
-                meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                meta.name.clone()?,
-            ))
+            Some(ServiceRef::in_namespace_of(meta, meta.name.as_deref()?))
         }),
     );
     let slices = watch::<EndpointSlice>(
@@ -114,8 +111,8 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
                     services: pending
                         .services
                         .iter()
-                        .filter_map(|(namespace, name)| {
-                            services.get(&ObjectRef::new(name).within(namespace))
+                        .filter_map(|service| {
+                            services.get(&ObjectRef::new(&service.name).within(&service.namespace))
                         })
                         .collect(),
                     endpoint_slices: pending
@@ -123,7 +120,8 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
                         .iter()
                         .flat_map(|service| changed.slices_of(service))
                         .filter_map(|(service, slice)| {
-                            let slice = slices.get(&ObjectRef::new(&slice).within(&service.0))?;
+                            let slice =
+                                slices.get(&ObjectRef::new(&slice).within(&service.namespace))?;
                             // Its label may have moved to another Service since.
                             (model::slice_service(&slice).as_ref() == Some(&service))
                                 .then_some(slice)

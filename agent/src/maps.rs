@@ -33,6 +33,7 @@ pub fn pinned_capacities(pin_dir: &Path) -> Result<Capacities> {
     })
 }
 
+/// The open pinned maps of one node.
 pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
@@ -201,6 +202,7 @@ impl NodeMaps {
         entries(&self.endpoints, map_names::ENDPOINTS)
     }
 
+    /// Every conntrack entry (both directions of every flow).
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
         // LRU entries can vanish while we iterate: skip those instead of failing.
         Ok(self.conntrack.iter().filter_map(Result::ok).collect())
@@ -246,7 +248,7 @@ impl NodeMaps {
         Ok(stale.len())
     }
 
-    /// Sum of the per-CPU counters, in `stat` index order.
+    /// The datapath's counters, each summed over CPUs, in `stat` index order.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         (0..stat::COUNT)
             .map(|index| Ok(sum(self.stats.get(&index, 0)?.iter())))
@@ -356,6 +358,7 @@ impl NodeMaps {
     }
 }
 
+/// One counter summed over its per-CPU values.
 fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
     per_cpu.fold(Counter::default(), |sum, c| Counter {
         packets: sum.packets + c.packets,
@@ -363,6 +366,7 @@ fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
     })
 }
 
+/// Whether `op` removes an entry (one already gone counts as done).
 fn is_delete(op: &Op) -> bool {
     matches!(
         op,
@@ -376,6 +380,7 @@ fn is_delete(op: &Op) -> bool {
     )
 }
 
+/// What `op` does, for errors and logs.
 pub fn describe_op(op: &Op) -> String {
     match op {
         Op::PutBackend(id, b) => format!(

@@ -20,7 +20,7 @@ use nix::{
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::model::{ClusterObjects, Skipped};
+use crate::model::{ClusterObjects, SkipReason, Skipped};
 
 /// The config file, watched (inotify on its directory: editors and ConfigMap volumes
 /// replace files by rename, a ConfigMap by swapping a symlinked directory) instead
@@ -193,7 +193,7 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
         _ => {
             skipped.push(Skipped {
                 object: what,
-                reason: format!("unsupported kind {kind:?} (apiVersion {api_version:?})"),
+                reason: SkipReason::UnsupportedKind { kind, api_version },
             });
             return;
         }
@@ -201,7 +201,7 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
     if let Err(error) = result {
         skipped.push(Skipped {
             object: what,
-            reason: format!("does not match the Kubernetes schema: {error}"),
+            reason: SkipReason::SchemaMismatch(error.to_string()),
         });
     }
 }

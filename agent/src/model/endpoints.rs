@@ -1,0 +1,366 @@
+//! EndpointSlices -> the backends of one Service port, and the compaction of slices
+//! for the watch cache (kept here, next to the code that reads compacted slices).
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::{core::v1::ServicePort, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    fields::{object_name, parse_ipv4, valid_port},
+    service::ThisNode,
+    L4Addr, Protocol, ServiceRef, SkipReason, Skipped,
+};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let meta = &slice.metadata;
+    let service = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ServiceRef::in_namespace_of(meta, service))
+}
+
+/// The endpoints of one Service port, sorted into what each policy uses.
+#[derive(Default)]
+pub(super) struct PortEndpoints {
+    ready: BTreeSet<L4Addr>,
+    pub(super) local_ready: usize,
+    /// Serving and terminating: (address, on this node).
+    terminating: BTreeSet<(L4Addr, bool)>,
+    local: BTreeSet<L4Addr>,
+}
+
+impl PortEndpoints {
+    /// (backends for new flows, terminating ones kept for established flows).
+    pub(super) fn for_policy(&self, local_only: bool) -> (Vec<L4Addr>, Vec<L4Addr>) {
+        let eligible = |a: &L4Addr| !local_only || self.local.contains(a);
+        let ready: Vec<L4Addr> = self.ready.iter().copied().filter(eligible).collect();
+        let terminating: Vec<L4Addr> = self
+            .terminating
+            .iter()
+            .filter(|(a, local)| !local_only || *local || self.local.contains(a))
+            .map(|(a, _)| *a)
+            .collect();
+        if ready.is_empty() {
+            // Nothing ready: serving terminating endpoints take new flows rather than
+            // none (kube-proxy does the same since Kubernetes 1.26).
+            (terminating, Vec::new())
+        } else {
+            (ready, terminating)
+        }
+    }
+}
+
+pub(super) fn port_backends(
+    port: &ServicePort,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    here: &ThisNode,
+    display: &str,
+    skipped: &mut Vec<Skipped>,
+) -> PortEndpoints {
+    let port_name = port.name.as_deref().unwrap_or("");
+    let mut out = PortEndpoints::default();
+    for slice in slices {
+        let slice_name = object_name("EndpointSlice", &slice.metadata);
+        let slice_port = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && Protocol::parse(p.protocol.as_deref()) == Ok(protocol)
+        });
+        let target = match (slice_port.and_then(|p| p.port), &port.target_port) {
+            (Some(n), _) => valid_port(n, "port"),
+            // No slice port: a numeric (or absent) targetPort still says where to go.
+            (None, Some(IntOrString::Int(n))) => valid_port(*n, "targetPort"),
+            (None, None) => Ok(port.port as u16),
+            (None, Some(IntOrString::String(named))) => Err(format!(
+                "named targetPort {named:?} has no matching port {port_name:?} in the slice"
+            )),
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(reason) => {
+                skipped.push(Skipped {
+                    object: format!("{slice_name} for {display}"),
+                    reason: SkipReason::Invalid(reason),
+                });
+                continue;
+            }
+        };
+        let compacted = is_compacted(slice);
+        for endpoint in slice.endpoints.iter().flatten() {
+            let state = endpoint_state(endpoint);
+            if state == EndpointState::Unused {
+                continue;
+            }
+            // All addresses of an endpoint are fungible; kube-proxy uses the first.
+            // A compacted slice holds the addresses of alike endpoints comma-separated.
+            let addresses: Vec<&str> = match endpoint.addresses.first() {
+                Some(first) if compacted => first.split(',').collect(),
+                Some(first) => vec![first.as_str()],
+                None => Vec::new(),
+            };
+            if addresses.is_empty() {
+                skipped.push(Skipped {
+                    object: slice_name.clone(),
+                    reason: SkipReason::EndpointWithoutAddresses,
+                });
+                continue;
+            }
+            for address in addresses {
+                let Some(backend) = backend(address, target, protocol, &slice_name, skipped) else {
+                    continue;
+                };
+                let local = here.owns(endpoint.node_name.as_deref(), backend.ip);
+                if local {
+                    out.local.insert(backend);
+                }
+                match state {
+                    EndpointState::Ready => {
+                        if out.ready.insert(backend) && local {
+                            out.local_ready += 1;
+                        }
+                    }
+                    _ => {
+                        out.terminating.insert((backend, local));
+                    }
+                }
+            }
+        }
+    }
+    // An address both ready (in one slice) and terminating (in another) is ready.
+    let ready = out.ready.clone();
+    out.terminating.retain(|(a, _)| !ready.contains(a));
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndpointState {
+    Ready,
+    /// Not ready, but serving and terminating: finishes its flows.
+    Terminating,
+    Unused,
+}
+
+fn endpoint_state(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> EndpointState {
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if ready {
+        EndpointState::Ready
+    } else if serving && terminating {
+        EndpointState::Terminating
+    } else {
+        EndpointState::Unused
+    }
+}
+
+fn backend(
+    address: &str,
+    port: u16,
+    protocol: Protocol,
+    slice_name: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Option<L4Addr> {
+    match parse_ipv4(address, "endpoint address") {
+        // What the API server itself refuses as an endpoint (and a hostile object
+        // could point a Service at): loopback, link-local (cloud metadata), multicast.
+        Ok(ip)
+            if ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_multicast()
+                || ip.is_unspecified()
+                || ip.is_broadcast() =>
+        {
+            skipped.push(Skipped {
+                object: slice_name.to_string(),
+                reason: SkipReason::EndpointAddressRefused(ip),
+            });
+            None
+        }
+        Ok(ip) => Some(L4Addr { ip, port, protocol }),
+        Err(reason) => {
+            skipped.push(Skipped {
+                object: slice_name.to_string(),
+                reason: SkipReason::Invalid(reason),
+            });
+            None
+        }
+    }
+}
+
+/// Label marking an EndpointSlice compacted by [`compact_slice`].
+pub const COMPACTED_LABEL: &str = "ferrite.dev/compacted";
+
+fn is_compacted(slice: &EndpointSlice) -> bool {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.get(COMPACTED_LABEL).is_some_and(|v| v == "true"))
+}
+
+/// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
+/// addresses of the endpoints alike for the model (same state, same node),
+/// comma-separated, become the one address of one endpoint per such group (one
+/// 352-byte `Endpoint` and one string instead of one of each per pod); other
+/// endpoint fields go. The model reads the result exactly as the original.
+pub fn compact_slice(slice: &mut EndpointSlice) {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    if is_compacted(slice) {
+        return;
+    }
+    let mut groups: BTreeMap<(bool, Option<String>), Vec<String>> = BTreeMap::new();
+    for endpoint in slice.endpoints.iter().flatten() {
+        let state = endpoint_state(endpoint);
+        if state == EndpointState::Unused {
+            continue;
+        }
+        let Some(first) = endpoint.addresses.first() else {
+            return; // keep it as is: the model reports such endpoints
+        };
+        if first.contains(',') {
+            return;
+        }
+        groups
+            .entry((state == EndpointState::Ready, endpoint.node_name.clone()))
+            .or_default()
+            .push(first.clone());
+    }
+    let endpoints: Vec<Endpoint> = groups
+        .into_iter()
+        .map(|((ready, node_name), addresses)| Endpoint {
+            addresses: vec![addresses.join(",")],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(true),
+                terminating: Some(!ready),
+            }),
+            node_name,
+            ..Default::default()
+        })
+        .collect();
+    slice.endpoints = (!endpoints.is_empty()).then_some(endpoints);
+    slice
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(COMPACTED_LABEL.into(), "true".into());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::test_support::*;
+    use super::super::*;
+    use crate::source::parse_objects;
+
+    #[test]
+    fn named_target_port_resolves_through_the_slice_and_not_ready_is_left_out() {
+        let (state, skipped) = build_yaml(WEB);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let http = &state.services[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(http.name, "shop/web:http");
+        assert_eq!(
+            http.backends,
+            vec![
+                addr("10.244.0.11", 8080, Protocol::Tcp),
+                addr("10.244.0.12", 8080, Protocol::Tcp)
+            ]
+        );
+        let dns = &state.services[&addr("10.96.0.10", 53, Protocol::Udp)];
+        assert_eq!(dns.backends.len(), 2);
+        assert!(dns.backends.iter().all(|b| b.port == 5353));
+    }
+
+    #[test]
+    fn numeric_target_port_applies_without_slice_ports() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 443, targetPort: 8443}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.5]}]
+"#,
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(
+            state.services[&addr("10.96.0.20", 443, Protocol::Tcp)].backends,
+            vec![addr("10.244.0.5", 8443, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let yaml = load_balancer("").replace(
+            "- {addresses: [10.244.0.11], nodeName: node-a}\n- {addresses: [10.244.1.11], nodeName: node-b, conditions: {ready: true}}\n",
+            "",
+        );
+        let (state, _) = build_yaml(&yaml);
+        let f = &state.services[&tcp("10.96.0.5", 80)];
+        assert_eq!(f.backends, vec![tcp("10.244.0.12", 8080)]);
+        assert!(f.terminating.is_empty());
+    }
+
+    #[test]
+    fn compacted_slices_mean_exactly_what_the_originals_mean() {
+        let yaml = format!(
+            "{WEB}---\n{}",
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-def
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.1, 10.244.9.9]
+  conditions: {ready: true}
+- addresses: [not-an-ip]
+- addresses: [10.244.1.2]
+  conditions: {ready: false}
+"#
+        );
+        let (objects, _) = parse_objects(&yaml).unwrap();
+        let original = build(&objects, NODE, &open_limits());
+        let mut compacted = objects.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+            assert!(slice.endpoints.iter().flatten().count() <= 1);
+        }
+        assert_eq!(build(&compacted, NODE, &open_limits()), original);
+        // Compacting twice changes nothing.
+        let again = compacted.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+        }
+        assert_eq!(
+            build(&again, NODE, &open_limits()),
+            build(&compacted, NODE, &open_limits())
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_node_names_and_terminating_endpoints() {
+        let yaml = load_balancer(", externalTrafficPolicy: Local");
+        let (objects, _) = parse_objects(&yaml).unwrap();
+        let original = build(&objects, NODE, &open_limits());
+        let mut compacted = objects.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+            // Groups: ready on node-a, ready on node-b, terminating on node-a.
+            assert_eq!(slice.endpoints.iter().flatten().count(), 3);
+        }
+        assert_eq!(build(&compacted, NODE, &open_limits()), original);
+    }
+}

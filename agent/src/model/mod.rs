@@ -1,0 +1,35 @@
+//! One pure desired-state model, built from Kubernetes objects whatever their source
+//! (the YAML file or the Kubernetes API). No BPF, no I/O: unit-tested on its own.
+//!
+//! Semantics follow kube-proxy:
+//! - a Service port's backends come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name`, matching the slice port by name and protocol (the
+//!   EndpointSlice controller has already resolved named targetPorts to numbers);
+//! - only endpoints whose `conditions.ready` is true or unset are used; when none is,
+//!   serving terminating ones are (kube-proxy's ProxyTerminatingEndpoints); serving
+//!   terminating endpoints otherwise take no new flows but keep their established ones;
+//! - a Service has a frontend per port on its ClusterIP, each externalIP, and for
+//!   NodePort/LoadBalancer types this node's IP at the nodePort and each
+//!   `status.loadBalancer.ingress` IP; `externalTrafficPolicy: Local` (external
+//!   frontends) and `internalTrafficPolicy: Local` (the ClusterIP) keep only this
+//!   node's endpoints (by `nodeName`, else by this node's pod CIDR);
+//! - headless and ExternalName Services have no frontend and are skipped;
+//! - an invalid object is skipped with a reason; everything else still applies.
+mod build;
+mod endpoints;
+mod fields;
+mod nodes;
+mod pods;
+mod service;
+mod skipped;
+#[cfg(test)]
+mod test_support;
+mod types;
+
+pub use build::build;
+pub use endpoints::{compact_slice, slice_service, COMPACTED_LABEL, SERVICE_NAME_LABEL};
+pub use nodes::VTEP_MAC_ANNOTATION;
+pub use pods::{pod_attachment_interface_name, pod_interface_name};
+pub use service::{ThisNode, DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
+pub use skipped::{SkipReason, Skipped};
+pub use types::*;

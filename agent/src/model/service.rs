@@ -1,0 +1,633 @@
+//! A Service -> its frontends (ClusterIP, NodePorts, LoadBalancer ingress IPs,
+//! externalIPs), each with the backends its traffic policy allows.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    endpoints::{port_backends, PortEndpoints},
+    fields::{parse_ipv4, truncated, valid_port},
+    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef,
+    SkipReason, Skipped,
+};
+use crate::limits::{Claimed, Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
+
+/// Ports one Service may have (Kubernetes sets no limit; a hostile Service with
+/// thousands would take map space from every other one).
+pub const MAX_SERVICE_PORTS: usize = 1024;
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The most `timeoutSeconds` Kubernetes accepts (1 day).
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
+
+/// The node the model is built for.
+pub struct ThisNode<'a> {
+    pub(super) name: &'a str,
+    /// Its Node object, once known (IP for NodePorts, pod CIDRs for locality).
+    pub(super) node: Option<&'a ClusterNode>,
+}
+
+impl ThisNode<'_> {
+    /// Whether an endpoint runs here: its `nodeName`, else its address in this
+    /// node's pod CIDR (endpoints written by hand often lack `nodeName`).
+    pub(super) fn owns(&self, node_name: Option<&str>, ip: Ipv4Addr) -> bool {
+        match node_name {
+            Some(name) => name == self.name,
+            None => self
+                .node
+                .is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip))),
+        }
+    }
+}
+
+/// What a Service's addresses and size are checked against.
+pub(super) struct Admission<'a> {
+    pub(super) limits: &'a Limits,
+    pub(super) claimed: &'a Claimed<'a>,
+}
+
+/// What a Service's spec says about every one of its frontends.
+struct Policies {
+    external_local: bool,
+    internal_local: bool,
+    affinity_timeout_s: u32,
+    source_ranges: Vec<Ipv4Net>,
+}
+
+fn policies(spec: &ServiceSpec) -> Result<Policies, String> {
+    let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => 0,
+        "ClientIP" => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S as i32);
+            if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&timeout) {
+                return Err(format!(
+                    "sessionAffinityConfig timeoutSeconds {timeout} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"
+                ));
+            }
+            timeout as u32
+        }
+        other => return Err(format!("unknown sessionAffinity {:?}", truncated(other))),
+    };
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        if range.contains(':') {
+            continue; // IPv6 ranges: Ferrite's frontends are IPv4
+        }
+        let net: Ipv4Net = range.trim().parse().map_err(|_| {
+            format!(
+                "loadBalancerSourceRanges {:?} is not an IPv4 CIDR",
+                truncated(range)
+            )
+        })?;
+        source_ranges.push(net.trunc());
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
+    Ok(Policies {
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout_s,
+        source_ranges,
+    })
+}
+
+type Frontends = Vec<(L4Addr, ServiceFrontend)>;
+
+/// A Service's frontends, with the health-check port it asks for, in named steps:
+/// everything that makes the Service invalid is an `Err` (the Service is skipped
+/// whole), anything that leaves only part of it out is pushed to `skipped`.
+pub(super) fn service_frontends(
+    service: &Service,
+    slices_by_service: &SlicesByService,
+    here: &ThisNode,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> Result<(Frontends, Option<(u16, HealthCheck)>), String> {
+    let service_ref = service_ref(service)?;
+    let spec = service.spec.as_ref().ok_or("spec is missing")?;
+    let service_type = ServiceType::of(spec)?;
+    let vip = cluster_ip(spec, admission)?;
+    let ports = port_list(spec)?;
+    let policy = policies(spec)?;
+    let ports = parse_ports(ports, service_type, &service_ref, admission.limits, skipped)?;
+    let external_ips = external_ips(spec, &service_ref, admission, skipped)?;
+    let ingress_ips = match service_type {
+        ServiceType::LoadBalancer => ingress_ips(service, &service_ref, admission, skipped)?,
+        ServiceType::ClusterIp | ServiceType::NodePort => Vec::new(),
+    };
+    let node_ip = here.node.map(|n| n.ip);
+    let slices = slices_by_service
+        .get(&service_ref)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut frontends = Vec::new();
+    let mut local_endpoints = 0;
+    for port in ports {
+        let display = port.display(&service_ref);
+        let endpoints = port_backends(port.spec, port.protocol, slices, here, &display, skipped);
+        local_endpoints = local_endpoints.max(endpoints.local_ready);
+        let of_port = PortFrontends {
+            service: &service_ref,
+            policy: &policy,
+            protocol: port.protocol,
+            display,
+            endpoints,
+        };
+        frontends.push(of_port.frontend(vip, port.number, FrontendKind::ClusterIp));
+        if let (Some(node_port), Some(node_ip)) = (port.node_port, node_ip) {
+            frontends.push(of_port.frontend(node_ip, node_port, FrontendKind::NodePort));
+        }
+        for ip in &ingress_ips {
+            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::LoadBalancer));
+        }
+        for ip in &external_ips {
+            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::ExternalIp));
+        }
+    }
+    check_size(&frontends)?;
+    let health_check = health_check(spec, service_type, &policy, &service_ref, local_endpoints)?;
+    Ok((frontends, health_check))
+}
+
+/// The Service's name, checked as the API server checks it, in its namespace.
+fn service_ref(service: &Service) -> Result<ServiceRef, String> {
+    let name = service
+        .metadata
+        .name
+        .as_deref()
+        .ok_or("metadata.name is missing")?;
+    if !is_dns_label(name) {
+        return Err(format!(
+            "metadata.name {:?} is not a DNS label (1-63 lowercase letters, digits, '-')",
+            truncated(name)
+        ));
+    }
+    Ok(ServiceRef::in_namespace_of(&service.metadata, name))
+}
+
+/// The Service types that are load-balanced (ExternalName ones are not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    fn of(spec: &ServiceSpec) -> Result<Self, String> {
+        match spec.type_.as_deref().unwrap_or("ClusterIP") {
+            "ClusterIP" => Ok(Self::ClusterIp),
+            "NodePort" => Ok(Self::NodePort),
+            "LoadBalancer" => Ok(Self::LoadBalancer),
+            "ExternalName" => {
+                Err("ExternalName Services are resolved by DNS, not load-balanced".into())
+            }
+            other => Err(format!("unknown Service type {other:?}")),
+        }
+    }
+
+    /// NodePort and LoadBalancer Services have a nodePort on every port.
+    fn has_node_ports(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
+/// The ClusterIP: a Service without one (headless) or with one the node refuses is
+/// not load-balanced at all.
+fn cluster_ip(spec: &ServiceSpec, admission: &Admission) -> Result<Ipv4Addr, String> {
+    let cluster_ip = spec
+        .cluster_ip
+        .as_deref()
+        .ok_or("spec.clusterIP is missing")?;
+    if cluster_ip == "None" {
+        return Err("headless Service (clusterIP None): DNS returns pod IPs directly".into());
+    }
+    let vip = parse_ipv4(cluster_ip, "spec.clusterIP")?;
+    if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
+        return Err(format!("spec.clusterIP {vip} cannot be a Service address"));
+    }
+    if let Some(reason) = admission
+        .limits
+        .refuse_frontend(vip, "spec.clusterIP", admission.claimed)
+    {
+        return Err(reason);
+    }
+    Ok(vip)
+}
+
+/// `spec.ports`: at least one, and not so many that one Service fills the maps every
+/// other Service shares.
+fn port_list(spec: &ServiceSpec) -> Result<&[ServicePort], String> {
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return Err("spec.ports is empty".into());
+    }
+    if ports.len() > MAX_SERVICE_PORTS {
+        return Err(format!(
+            "{} ports (more than {MAX_SERVICE_PORTS})",
+            ports.len()
+        ));
+    }
+    Ok(ports)
+}
+
+/// A Service port as checked.
+struct ParsedPort<'a> {
+    spec: &'a ServicePort,
+    number: u16,
+    protocol: Protocol,
+    /// None for a ClusterIP Service, or when none is allocated yet.
+    node_port: Option<u16>,
+}
+
+impl ParsedPort<'_> {
+    /// `namespace/name:port-name` (or `:number` for an unnamed port).
+    fn display(&self, service: &ServiceRef) -> String {
+        match self.spec.name.as_deref().unwrap_or("") {
+            "" => format!("{service}:{}", self.number),
+            name => format!("{service}:{name}"),
+        }
+    }
+}
+
+/// Every port checked before any frontend is made, so a bad Service is skipped whole,
+/// never half-applied. An SCTP port, or a missing nodePort, leaves out only itself.
+fn parse_ports<'a>(
+    ports: &'a [ServicePort],
+    service_type: ServiceType,
+    service_ref: &ServiceRef,
+    limits: &Limits,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<ParsedPort<'a>>, String> {
+    let mut parsed = Vec::with_capacity(ports.len());
+    for port in ports {
+        let number = valid_port(port.port, "port")?;
+        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(other) if other == "SCTP" => {
+                skipped.push(Skipped {
+                    object: format!("Service {service_ref} port {number}/SCTP"),
+                    reason: SkipReason::Sctp,
+                });
+                continue;
+            }
+            Err(other) => return Err(format!("unknown protocol {other:?} on port {number}")),
+        };
+        if let Some(IntOrString::Int(target)) = &port.target_port {
+            valid_port(*target, "targetPort")?;
+        }
+        let node_port = match (service_type.has_node_ports(), port.node_port) {
+            (true, Some(n)) => {
+                let node_port = valid_port(n, "nodePort")?;
+                if let Some(reason) = limits.refuse_node_port(node_port) {
+                    return Err(reason);
+                }
+                Some(node_port)
+            }
+            (true, None) => {
+                // The API server allocates one; without it only the other frontends apply.
+                skipped.push(Skipped {
+                    object: format!("Service {service_ref} port {number}"),
+                    reason: SkipReason::NoNodePort,
+                });
+                None
+            }
+            (false, _) => None,
+        };
+        parsed.push(ParsedPort {
+            spec: port,
+            number,
+            protocol,
+            node_port,
+        });
+    }
+    Ok(parsed)
+}
+
+/// Whether the node accepts `ip` as a frontend address of the Service; one it
+/// refuses leaves only that frontend out, with its reason.
+fn admitted(
+    ip: Ipv4Addr,
+    field: &str,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> bool {
+    match admission
+        .limits
+        .refuse_frontend(ip, field, admission.claimed)
+    {
+        Some(reason) => {
+            skipped.push(Skipped {
+                object: format!("Service {service_ref} {field} {ip}"),
+                reason: SkipReason::Invalid(reason),
+            });
+            false
+        }
+        None => true,
+    }
+}
+
+/// `spec.externalIPs` the node admits (IPv6 ones are not Ferrite's).
+fn external_ips(
+    spec: &ServiceSpec,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let mut ips = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        if ip.contains(':') {
+            continue; // IPv6
+        }
+        let ip = parse_ipv4(ip, "spec.externalIPs")?;
+        if admitted(ip, "spec.externalIPs", service_ref, admission, skipped) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
+/// A LoadBalancer's `status.loadBalancer.ingress` IPs the node admits.
+fn ingress_ips(
+    service: &Service,
+    service_ref: &ServiceRef,
+    admission: &Admission,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let mut ips = Vec::new();
+    for entry in ingress.into_iter().flatten() {
+        match entry.ip.as_deref() {
+            Some(ip) if !ip.contains(':') => {
+                let ip = parse_ipv4(ip, "status.loadBalancer.ingress ip")?;
+                if admitted(
+                    ip,
+                    "status.loadBalancer.ingress",
+                    service_ref,
+                    admission,
+                    skipped,
+                ) {
+                    ips.push(ip);
+                }
+            }
+            _ => {} // hostname-only or IPv6 ingress: nothing to serve here
+        }
+    }
+    Ok(ips)
+}
+
+/// What every frontend of one Service port shares: its endpoints and the Service's
+/// policies, which pick each frontend's backends by its kind.
+struct PortFrontends<'a> {
+    service: &'a ServiceRef,
+    policy: &'a Policies,
+    protocol: Protocol,
+    display: String,
+    endpoints: PortEndpoints,
+}
+
+impl PortFrontends<'_> {
+    fn frontend(&self, ip: Ipv4Addr, port: u16, kind: FrontendKind) -> (L4Addr, ServiceFrontend) {
+        let policy = self.policy;
+        let local_only = if kind.is_external() {
+            policy.external_local
+        } else {
+            policy.internal_local
+        };
+        let (backends, terminating) = self.endpoints.for_policy(local_only);
+        let source_ranges = if kind == FrontendKind::LoadBalancer {
+            policy.source_ranges.clone()
+        } else {
+            Vec::new()
+        };
+        let suffix = match kind {
+            FrontendKind::ClusterIp => "",
+            FrontendKind::NodePort => " (NodePort)",
+            FrontendKind::LoadBalancer => " (LoadBalancer)",
+            FrontendKind::ExternalIp => " (externalIP)",
+        };
+        (
+            L4Addr {
+                ip,
+                port,
+                protocol: self.protocol,
+            },
+            ServiceFrontend {
+                service: self.service.clone(),
+                name: format!("{}{suffix}", self.display),
+                backends,
+                terminating,
+                kind,
+                local_only,
+                affinity_timeout_s: policy.affinity_timeout_s,
+                source_ranges,
+            },
+        )
+    }
+}
+
+/// Bounded, so one Service can neither wrap a slot count nor fill the shared maps.
+fn check_size(frontends: &Frontends) -> Result<(), String> {
+    let mut entries = 0;
+    for (frontend, entry) in frontends {
+        let backends = entry.backends.len() + entry.terminating.len();
+        if backends > MAX_BACKENDS_PER_PORT {
+            return Err(format!(
+                "{frontend} has {backends} endpoints (more than {MAX_BACKENDS_PER_PORT} a port may have)"
+            ));
+        }
+        entries += 1 + backends;
+    }
+    if entries > MAX_SERVICE_ENTRIES {
+        return Err(format!(
+            "{entries} Service map entries (more than {MAX_SERVICE_ENTRIES} one Service may take)"
+        ));
+    }
+    Ok(())
+}
+
+/// The health-check port of an `externalTrafficPolicy: Local` LoadBalancer.
+fn health_check(
+    spec: &ServiceSpec,
+    service_type: ServiceType,
+    policy: &Policies,
+    service_ref: &ServiceRef,
+    local_endpoints: usize,
+) -> Result<Option<(u16, HealthCheck)>, String> {
+    Ok(match spec.health_check_node_port {
+        Some(port) if service_type == ServiceType::LoadBalancer && policy.external_local => Some((
+            valid_port(port, "healthCheckNodePort")?,
+            HealthCheck {
+                service: service_ref.clone(),
+                local_endpoints,
+            },
+        )),
+        _ => None,
+    })
+}
+
+/// EndpointSlices by the Service they are labelled for.
+pub(super) type SlicesByService<'a> = BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>;
+
+/// RFC 1035 label, as Kubernetes requires of Service names.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::*;
+    use super::*;
+
+    #[test]
+    fn a_load_balancer_has_clusterip_nodeport_ingress_and_external_ip_frontends() {
+        let (state, skipped) = build_yaml(&load_balancer(
+            ", externalTrafficPolicy: Local, healthCheckNodePort: 32000, sessionAffinity: ClientIP, loadBalancerSourceRanges: [203.0.113.0/24, \"2001:db8::/32\"]",
+        ));
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let all = vec![tcp("10.244.0.11", 8080), tcp("10.244.1.11", 8080)];
+        let local = vec![tcp("10.244.0.11", 8080)];
+        let terminating = vec![tcp("10.244.0.12", 8080)];
+        let expect = |frontend: L4Addr, kind, backends: &Vec<L4Addr>, ranges: &[&str]| {
+            let f = &state.services[&frontend];
+            assert_eq!(f.kind, kind, "{frontend}");
+            assert_eq!(&f.backends, backends, "{frontend}");
+            assert_eq!(f.terminating, terminating, "{frontend}");
+            assert_eq!(f.local_only, kind.is_external(), "{frontend}");
+            assert_eq!(f.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
+            let ranges: Vec<Ipv4Net> = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            assert_eq!(f.source_ranges, ranges, "{frontend}");
+        };
+        expect(tcp("10.96.0.5", 80), FrontendKind::ClusterIp, &all, &[]);
+        expect(
+            tcp("198.51.100.1", 30080),
+            FrontendKind::NodePort,
+            &local,
+            &[],
+        );
+        expect(
+            tcp("192.0.2.100", 80),
+            FrontendKind::LoadBalancer,
+            &local,
+            &["203.0.113.0/24"],
+        );
+        expect(
+            tcp("192.0.2.200", 80),
+            FrontendKind::ExternalIp,
+            &local,
+            &[],
+        );
+        assert_eq!(state.services.len(), 4);
+        assert_eq!(
+            state.health_checks[&32000],
+            HealthCheck {
+                service: ServiceRef {
+                    namespace: "shop".into(),
+                    name: "lb".into()
+                },
+                local_endpoints: 1
+            }
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints_for_the_cluster_ip() {
+        let (state, _) = build_yaml(&load_balancer(", internalTrafficPolicy: Local"));
+        let cluster_ip = &state.services[&tcp("10.96.0.5", 80)];
+        assert_eq!(cluster_ip.backends, vec![tcp("10.244.0.11", 8080)]);
+        assert!(cluster_ip.local_only);
+        // External frontends keep every endpoint (externalTrafficPolicy: Cluster).
+        let node_port = &state.services[&tcp("198.51.100.1", 30080)];
+        assert_eq!(node_port.backends.len(), 2);
+        assert!(!node_port.local_only);
+        assert!(state.health_checks.is_empty());
+    }
+
+    #[test]
+    fn bad_affinity_and_source_ranges_skip_the_service_with_a_reason() {
+        for (extra, reason) in [
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                "timeoutSeconds 0",
+            ),
+            (", sessionAffinity: Sticky", "unknown sessionAffinity"),
+            (", loadBalancerSourceRanges: [everyone]", "not an IPv4 CIDR"),
+        ] {
+            let (state, skipped) = build_yaml(&load_balancer(extra));
+            assert!(state.services.is_empty(), "{extra}");
+            assert!(
+                skipped.iter().any(|s| s.reason.to_string().contains(reason)),
+                "{extra}: {skipped:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn headless_and_external_name_are_skipped_with_reasons() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+"#,
+        );
+        assert!(state.services.is_empty());
+        assert_eq!(skipped.len(), 2);
+        assert!(
+            skipped[0].reason.to_string().contains("headless"),
+            "{}",
+            skipped[0]
+        );
+        assert!(
+            skipped[1].reason.to_string().contains("ExternalName"),
+            "{}",
+            skipped[1]
+        );
+    }
+
+    #[test]
+    fn sctp_port_is_skipped_but_other_ports_apply() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec: {clusterIP: 10.96.0.40, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP}]}
+"#,
+        );
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].reason, SkipReason::Sctp);
+        assert!(skipped[0].reason.to_string().contains("SCTP"));
+    }
+}

@@ -1,0 +1,188 @@
+//! The model's types: what the datapath needs of Services, pods and nodes, and what
+//! was left out.
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Kubernetes' protocol field: unset means TCP. `Err` carries the unsupported name.
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            other => Err(other.to_string()),
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            PROTO_TCP => Some(Self::Tcp),
+            PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// An address:port/protocol: a Service frontend or a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct L4Addr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// A Service by namespace and name; shown as `namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    /// The Service `name` in the namespace of the object `meta` describes: the
+    /// Service itself, or an EndpointSlice of it.
+    pub fn in_namespace_of(meta: &ObjectMeta, name: &str) -> Self {
+        Self {
+            namespace: namespace_of(meta).to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The namespace of an object: unset means `default`, as the API server fills it in
+/// (objects from the YAML file often leave it out).
+pub fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// How a frontend is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIp,
+    /// This node's IP at the Service port's nodePort.
+    NodePort,
+    /// A `status.loadBalancer.ingress` IP.
+    LoadBalancer,
+    /// A `spec.externalIPs` address.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: the XDP program and Maglev handle it.
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
+/// One Service port on one address, as the datapath sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFrontend {
+    /// The Service this port belongs to.
+    pub service: ServiceRef,
+    /// `namespace/name:port-name` for logs and inspect.
+    pub name: String,
+    /// Backends for new flows, sorted and deduplicated (so the model is deterministic).
+    pub backends: Vec<L4Addr>,
+    /// Serving but terminating backends that take no new flows: kept in the maps so
+    /// their established flows finish.
+    pub terminating: Vec<L4Addr>,
+    pub kind: FrontendKind,
+    /// Traffic policy `Local`: `backends` are this node's only.
+    pub local_only: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty = everyone.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer:
+/// answered 200 when this node has a local endpoint, 503 when not (kube-proxy's way).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceRef,
+    pub local_endpoints: usize,
+}
+
+/// A pod on this node: where its traffic enters the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Host-side veth name, derived from the pod's identity (see [`pod_interface_name`]).
+    pub interface: String,
+}
+
+/// A node of the cluster as the overlay needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    /// InternalIP: where its VXLAN endpoint listens.
+    pub ip: Ipv4Addr,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub vtep_mac: [u8; 6],
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<L4Addr, ServiceFrontend>,
+    /// Health-check ports this node serves, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    pub pods: BTreeMap<Ipv4Addr, LocalPod>,
+    /// Every node with an InternalIP, this one included, by name.
+    pub nodes: BTreeMap<String, ClusterNode>,
+}
+
+/// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of
+/// the watch caches costs no deep copy.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub nodes: Vec<Arc<Node>>,
+}

@@ -1,0 +1,379 @@
+//! The ordered writes between two map images (see the module docs of `plan`), drift,
+//! and what a diff ends: removed backends and (frontend, backend) pairs.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrite_common::{NodeConfig, ServiceKey, ServiceValue};
+
+use super::{MapContents, Op};
+
+/// Selects every key: for maps that `changes` compares whole.
+fn all<K>(_: &K) -> bool {
+    true
+}
+
+/// The writes that turn `current` into `desired`, in a safe order (see the module
+/// docs of `plan`). Entries already right are not written: a restart that finds the
+/// maps in order writes nothing and never disturbs a live flow.
+pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
+    let is_master = |k: &ServiceKey| k.backend_slot == 0;
+    let is_slot = |k: &ServiceKey| k.backend_slot != 0;
+    let (route_puts, route_deletes) = changes(&current.routes, &desired.routes, all);
+    let (backend_puts, backend_deletes) = changes(&current.backends, &desired.backends, all);
+    let (rev_puts, rev_deletes) = changes(&current.rev_nat, &desired.rev_nat, all);
+    let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
+    let (master_puts, master_deletes) = changes(&current.services, &desired.services, is_master);
+    let (endpoint_puts, endpoint_deletes) = changes(&current.endpoints, &desired.endpoints, all);
+    let (maglev_puts, maglev_deletes) = changes(&current.maglev, &desired.maglev, all);
+    let range_puts = desired.source_ranges.difference(&current.source_ranges);
+    let range_deletes = current.source_ranges.difference(&desired.source_ranges);
+    let mut ops = Vec::new();
+    // The datapath caches endpoint and route lookups in conntrack entries per route
+    // epoch: bumped by the last write, after every endpoint and route change is in.
+    let routes_change = !(route_puts.is_empty()
+        && route_deletes.is_empty()
+        && endpoint_puts.is_empty()
+        && endpoint_deletes.is_empty());
+    let config_first = NodeConfig {
+        route_epoch: current.config.route_epoch,
+        ..desired.config
+    };
+    if current.config != config_first {
+        ops.push(Op::PutConfig(config_first));
+    }
+    ops.extend(route_puts.into_iter().map(|(k, v)| Op::PutRoute(k, v)));
+    ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
+    ops.extend(rev_puts.into_iter().map(|(k, v)| Op::PutRevNat(k, v)));
+    ops.extend(slot_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    ops.extend(maglev_puts.into_iter().map(|(k, digest)| {
+        let count = desired.services.get(&k).map(|m| m.count).unwrap_or(0);
+        Op::PutMaglev(k, count, digest)
+    }));
+    ops.extend(range_puts.map(|r| Op::PutSourceRange(*r)));
+    ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    ops.extend(
+        endpoint_puts
+            .into_iter()
+            .map(|(k, v)| Op::PutEndpoint(k, v)),
+    );
+    ops.extend(master_deletes.into_iter().map(Op::DeleteService));
+    ops.extend(maglev_deletes.into_iter().map(Op::DeleteMaglev));
+    ops.extend(range_deletes.map(|r| Op::DeleteSourceRange(*r)));
+    ops.extend(slot_deletes.into_iter().map(Op::DeleteService));
+    ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
+    ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
+    ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
+    if routes_change || desired.config.route_epoch != current.config.route_epoch {
+        ops.push(Op::PutConfig(NodeConfig {
+            route_epoch: current.config.route_epoch.wrapping_add(1),
+            ..desired.config
+        }));
+    }
+    ops
+}
+
+/// One ordered pass over both maps (they are sorted): the entries of `desired`
+/// (selected by `keep`) that `current` lacks or holds differently, and the keys of
+/// `current` that `desired` no longer has.
+#[allow(clippy::type_complexity)]
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> (Vec<(K, V)>, Vec<K>) {
+    use std::cmp::Ordering;
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    let mut cur = current.iter().filter(|(k, _)| keep(k)).peekable();
+    let mut des = desired.iter().filter(|(k, _)| keep(k)).peekable();
+    loop {
+        match (cur.peek(), des.peek()) {
+            (None, None) => break,
+            (Some((ck, _)), None) => {
+                deletes.push(**ck);
+                cur.next();
+            }
+            (None, Some((dk, dv))) => {
+                puts.push((**dk, **dv));
+                des.next();
+            }
+            (Some((ck, cv)), Some((dk, dv))) => match ck.cmp(dk) {
+                Ordering::Less => {
+                    deletes.push(**ck);
+                    cur.next();
+                }
+                Ordering::Greater => {
+                    puts.push((**dk, **dv));
+                    des.next();
+                }
+                Ordering::Equal => {
+                    if cv != dv {
+                        puts.push((**dk, **dv));
+                    }
+                    cur.next();
+                    des.next();
+                }
+            },
+        }
+    }
+    (puts, deletes)
+}
+
+/// What `actual` holds differently from `expected`, as the writes that would put it
+/// back (endpoints aside: the CNI plugin writes them between syncs).
+pub fn drift(expected: &MapContents, actual: &MapContents) -> Vec<Op> {
+    let without_endpoints = |maps: &MapContents| MapContents {
+        endpoints: BTreeMap::new(),
+        ..maps.clone()
+    };
+    diff(&without_endpoints(actual), &without_endpoints(expected))
+}
+
+/// (rev-NAT index, backend id) pairs `ops` end, applied to `before`: a backend that no
+/// longer serves a frontend (neither ready nor terminating), or a frontend that is
+/// gone. Their conntrack and affinity entries must go even when the backend lives on
+/// behind another Service (backends are shared by value): its flows of this frontend
+/// move to the frontend's current backends. Proportional to the frontends touched.
+pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u16, u32)> {
+    let touched: BTreeSet<ServiceKey> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutService(key, _) | Op::DeleteService(key) => Some(master_of(key)),
+            _ => None,
+        })
+        .collect();
+    if touched.is_empty() {
+        return BTreeSet::new();
+    }
+    let mut after = BTreeMap::new();
+    for master in &touched {
+        let last = ServiceKey {
+            backend_slot: u16::MAX,
+            ..*master
+        };
+        after.extend(before.services.range(*master..=last));
+    }
+    for op in ops {
+        match op {
+            Op::PutService(key, value) => drop(after.insert(*key, *value)),
+            Op::DeleteService(key) => drop(after.remove(key)),
+            _ => {}
+        }
+    }
+    let mut ended = BTreeSet::new();
+    for master in touched {
+        let (Some(old_rev_nat), old_ids) = members(&before.services, master) else {
+            continue;
+        };
+        let (new_rev_nat, new_ids) = members(&after, master);
+        for id in old_ids {
+            if new_rev_nat != Some(old_rev_nat) || !new_ids.contains(&id) {
+                ended.insert((old_rev_nat, id));
+            }
+        }
+    }
+    ended
+}
+
+/// Backend ids a diff removes: conntrack entries naming them must go too, before the
+/// id can ever be handed out again.
+pub fn removed_backends(ops: &[Op]) -> BTreeSet<u32> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::DeleteBackend(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The master key of a Service entry's frontend.
+fn master_of(key: &ServiceKey) -> ServiceKey {
+    ServiceKey {
+        backend_slot: 0,
+        ..*key
+    }
+}
+
+/// The rev-NAT index of a frontend and the backend ids of all its slots (ready and
+/// terminating) in `services`.
+fn members(
+    services: &BTreeMap<ServiceKey, ServiceValue>,
+    master: ServiceKey,
+) -> (Option<u16>, BTreeSet<u32>) {
+    let last = ServiceKey {
+        backend_slot: u16::MAX,
+        ..master
+    };
+    let mut rev_nat = None;
+    let mut ids = BTreeSet::new();
+    for (key, value) in services.range(master..=last) {
+        if key.backend_slot == 0 {
+            rev_nat = Some(value.rev_nat_index);
+        } else {
+            ids.insert(value.backend_id);
+        }
+    }
+    (rev_nat, ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::*;
+    use super::*;
+    use crate::model::L4Addr;
+    use ferrite_common::PROTO_TCP;
+
+    #[test]
+    fn the_route_epoch_moves_on_last_after_endpoint_changes_and_only_then() {
+        use ferrite_common::{EndpointInfo, EndpointKey, RevNatValue};
+        let mut current = MapContents::default();
+        current.config.route_epoch = 41;
+        let mut desired = current.clone();
+        let pod = EndpointKey {
+            address: [10, 244, 0, 5],
+        };
+        desired.endpoints.insert(pod, EndpointInfo::default());
+        let ops = diff(&current, &desired);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(ops[0], Op::PutEndpoint(..)));
+        assert_eq!(
+            ops[1],
+            Op::PutConfig(NodeConfig {
+                route_epoch: 42,
+                ..desired.config
+            })
+        );
+
+        // Only Services changing: the caches stay valid.
+        let mut services_only = current.clone();
+        services_only.rev_nat.insert(
+            1,
+            RevNatValue {
+                address: [10, 96, 0, 1],
+                port: 80,
+                _pad: 0,
+            },
+        );
+        assert!(diff(&current, &services_only)
+            .iter()
+            .all(|op| !matches!(op, Op::PutConfig(_))));
+        // A config change alone keeps the epoch.
+        let mut mtu = current.clone();
+        mtu.config.pod_mtu = 1400;
+        assert_eq!(diff(&current, &mtu), vec![Op::PutConfig(mtu.config)]);
+    }
+
+    #[test]
+    fn first_sync_writes_backends_then_slots_then_master() {
+        let vip = tcp("10.96.0.10", 80);
+        let s = state(&[(vip, &[tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080)])]);
+        let (desired, ops) = plan(&s, &MapContents::default());
+        assert_eq!(desired.backends.len(), 2);
+        assert_eq!(desired.services.len(), 3);
+        let position = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).unwrap();
+        let master = position(&|op| matches!(op, Op::PutService(k, _) if k.backend_slot == 0));
+        let last_slot = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutService(k, _) if k.backend_slot != 0))
+            .unwrap();
+        let last_backend = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutBackend(..)))
+            .unwrap();
+        assert!(last_backend < last_slot && last_slot < master);
+        let mut maps = MapContents::default();
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps, desired);
+    }
+
+    #[test]
+    fn resync_of_unchanged_state_writes_nothing() {
+        let s = state(&[(tcp("10.96.0.10", 80), &[tcp("10.244.0.2", 8080)])]);
+        let (desired, _) = plan(&s, &MapContents::default());
+        let (again, ops) = plan(&s, &desired);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(again, desired);
+    }
+
+    #[test]
+    fn shrinking_and_growing_services_stay_consistent_at_every_step() {
+        let vip = tcp("10.96.0.10", 80);
+        let b = |n: u8| tcp(&format!("10.244.0.{n}"), 8080);
+        let mut maps = MapContents::default();
+        for backends in [
+            vec![b(1), b(2), b(3)],
+            vec![b(1), b(3)],
+            vec![b(1), b(3), b(4), b(5)],
+            vec![],
+            vec![b(2)],
+        ] {
+            let s = state(&[(vip, &backends)]);
+            let (desired, ops) = plan(&s, &maps);
+            apply_checking_each_step(&mut maps, &ops);
+            assert_eq!(maps, desired);
+        }
+    }
+
+    #[test]
+    fn removals_come_after_every_write_and_masters_go_first() {
+        let vip = tcp("10.96.0.10", 80);
+        let mut maps = MapContents::default();
+        let (_, ops) = plan(&state(&[(vip, &[tcp("10.244.0.1", 80)])]), &maps);
+        apply(&mut maps, &ops);
+        let (_, ops) = plan(
+            &state(&[(tcp("10.96.0.11", 80), &[tcp("10.244.0.2", 80)])]),
+            &maps,
+        );
+        let first_delete = ops
+            .iter()
+            .position(|op| {
+                matches!(
+                    op,
+                    Op::DeleteService(_) | Op::DeleteBackend(_) | Op::DeleteRevNat(_)
+                )
+            })
+            .unwrap();
+        assert!(ops[..first_delete].iter().all(|op| matches!(
+            op,
+            Op::PutBackend(..) | Op::PutRevNat(..) | Op::PutService(..) | Op::PutEndpoint(..)
+        )));
+        assert!(matches!(ops[first_delete], Op::DeleteService(k) if k.backend_slot == 0));
+        apply_checking_each_step(&mut maps, &ops);
+    }
+
+    #[test]
+    fn a_backend_leaving_one_service_ends_that_pair_only_and_terminating_ends_none() {
+        let (one, two) = (tcp("10.96.0.1", 80), tcp("10.96.0.2", 80));
+        let (a, b) = (tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080));
+        let (before, _) = plan(&state(&[(one, &[a]), (two, &[a])]), &MapContents::default());
+        let rev_nat = |maps: &MapContents, vip: &L4Addr| {
+            maps.services[&ServiceKey::new(vip.ip, 80, PROTO_TCP, 0)].rev_nat_index
+        };
+        let id_of = |maps: &MapContents, backend: &L4Addr| {
+            *maps
+                .backends
+                .iter()
+                .find(|(_, v)| v.address == backend.ip.octets())
+                .unwrap()
+                .0
+        };
+        // `one` moves from a to b; a lives on behind `two`.
+        let (_, ops) = plan(&state(&[(one, &[b]), (two, &[a])]), &before);
+        assert!(removed_backends(&ops).is_empty(), "a still backs two");
+        assert_eq!(
+            ended_pairs(&before, &ops),
+            BTreeSet::from([(rev_nat(&before, &one), id_of(&before, &a))])
+        );
+        // a turning terminating in `one` ends nothing: its flows finish there.
+        let mut draining = state(&[(one, &[b]), (two, &[a])]);
+        draining.services.get_mut(&one).unwrap().terminating = vec![a];
+        let (_, ops) = plan(&draining, &before);
+        assert!(ended_pairs(&before, &ops).is_empty(), "{ops:?}");
+        // `one` removed: every pair of it ends.
+        let (_, ops) = plan(&state(&[(two, &[a])]), &before);
+        assert_eq!(
+            ended_pairs(&before, &ops),
+            BTreeSet::from([(rev_nat(&before, &one), id_of(&before, &a))])
+        );
+    }
+}

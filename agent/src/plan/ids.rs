@@ -1,0 +1,267 @@
+//! Id allocation and room in the maps: backend ids and rev-NAT indexes are handed
+//! out here, and a Service that does not fit is refused before any id is taken.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrite_common::{Backend, RevNatValue};
+
+use super::{Capacities, MapContents};
+
+/// Hands out ids that are neither in use now nor still present in the maps (an id
+/// being deleted must not be rewritten to mean something else in the same pass).
+/// `in_maps` is every id the maps hold, by reference: no copy of 100k keys.
+pub(super) struct IdAllocator<'a, T, V> {
+    in_maps: &'a BTreeMap<T, V>,
+    handed_out: BTreeSet<T>,
+    next: T,
+    max: T,
+    wrapped: bool,
+}
+
+impl<'a, T: Copy + Ord + From<u8> + std::ops::Add<Output = T>, V> IdAllocator<'a, T, V> {
+    /// Starts above the highest id in use (O(1) per id while ids last), and wraps to
+    /// the gaps from 1 once `max` is reached.
+    pub(super) fn new(in_maps: &'a BTreeMap<T, V>, max: T) -> Self {
+        let next = match in_maps.keys().next_back() {
+            Some(highest) if *highest < max => *highest + T::from(1),
+            _ => T::from(1),
+        };
+        Self {
+            in_maps,
+            handed_out: BTreeSet::new(),
+            next,
+            max,
+            wrapped: false,
+        }
+    }
+
+    pub(super) fn allocate(&mut self) -> Option<T> {
+        loop {
+            let id = self.next;
+            let free = !self.in_maps.contains_key(&id) && !self.handed_out.contains(&id);
+            if id >= self.max {
+                if self.wrapped {
+                    return free.then(|| self.take(id));
+                }
+                self.wrapped = true;
+                self.next = T::from(1);
+                if free {
+                    return Some(self.take(id));
+                }
+                continue;
+            }
+            self.next = id + T::from(1);
+            if free {
+                return Some(self.take(id));
+            }
+        }
+    }
+
+    fn take(&mut self, id: T) -> T {
+        self.handed_out.insert(id);
+        id
+    }
+}
+
+/// The key of the first entry holding each of `wanted`'s values, in one pass.
+pub(super) fn keys_of<K: Copy, V: Ord + Copy>(
+    map: &BTreeMap<K, V>,
+    wanted: &BTreeSet<V>,
+) -> BTreeMap<V, K> {
+    let mut found = BTreeMap::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    for (key, value) in map {
+        if wanted.contains(value) {
+            found.entry(*value).or_insert(*key);
+        }
+    }
+    found
+}
+
+/// How to find the id the maps already use for a value.
+pub(super) struct ExistingIds<'a> {
+    pub(super) backend: &'a dyn Fn(&Backend) -> Option<u32>,
+    pub(super) rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u16>,
+}
+
+/// A map without room for a frontend's new entries.
+pub(super) struct FullMap {
+    pub(super) name: &'static str,
+    pub(super) capacity: usize,
+}
+
+/// What is left of each capacity while a plan is made.
+pub(super) struct Budget {
+    left: Capacities,
+    total: Capacities,
+}
+
+impl Budget {
+    /// Room left in maps holding `maps`.
+    pub(super) fn after(capacities: &Capacities, maps: &MapContents) -> Self {
+        Self {
+            left: Capacities {
+                services: capacities.services.saturating_sub(maps.services.len()),
+                backends: capacities.backends.saturating_sub(maps.backends.len()),
+                rev_nat: capacities.rev_nat.saturating_sub(maps.rev_nat.len()),
+            },
+            total: *capacities,
+        }
+    }
+
+    /// Why a frontend needing these new entries does not fit, if it does not.
+    pub(super) fn refuse(
+        &self,
+        services: usize,
+        backends: usize,
+        rev_nat: usize,
+    ) -> Option<FullMap> {
+        use ferrite_common::map_names;
+        let full = |name, capacity| Some(FullMap { name, capacity });
+        if services > self.left.services {
+            return full(map_names::SERVICES, self.total.services);
+        }
+        if backends > self.left.backends {
+            return full(map_names::BACKENDS, self.total.backends);
+        }
+        if rev_nat > self.left.rev_nat {
+            return full(map_names::REV_NAT, self.total.rev_nat);
+        }
+        None
+    }
+
+    pub(super) fn take(&mut self, services: usize, backends: usize, rev_nat: usize) {
+        self.left.services -= services;
+        self.left.backends -= backends;
+        self.left.rev_nat -= rev_nat;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::*;
+    use super::*;
+    use crate::model::{L4Addr, ServiceFrontend, SkipReason};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn ids_are_kept_for_unchanged_backends_and_not_reused_within_a_pass() {
+        let vip = tcp("10.96.0.10", 80);
+        let (first, ops) = plan(
+            &state(&[(vip, &[tcp("10.244.0.1", 80), tcp("10.244.0.2", 80)])]),
+            &MapContents::default(),
+        );
+        let mut maps = MapContents::default();
+        apply(&mut maps, &ops);
+        let id_of = |maps: &MapContents, ip: &str| {
+            let octets = ip.parse::<Ipv4Addr>().unwrap().octets();
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.address == octets)
+                .map(|(id, _)| *id)
+        };
+        let kept = id_of(&first, "10.244.0.2").unwrap();
+        let removed = id_of(&first, "10.244.0.1").unwrap();
+        // Replace .1 by .3: .2 keeps its id, .3 must not take .1's id while .1 is
+        // still in the maps.
+        let (second, ops) = plan(
+            &state(&[(vip, &[tcp("10.244.0.2", 80), tcp("10.244.0.3", 80)])]),
+            &maps,
+        );
+        assert_eq!(id_of(&second, "10.244.0.2"), Some(kept));
+        assert_ne!(id_of(&second, "10.244.0.3"), Some(removed));
+        assert_eq!(removed_backends(&ops), BTreeSet::from([removed]));
+    }
+
+    /// A full map fails one Service port loudly (unlike cilium#12815) and
+    /// the others keep working; nothing is half-written, and the sync goes on.
+    #[test]
+    fn services_that_do_not_fit_are_skipped_whole_naming_the_map() {
+        let b = |n: u8| tcp(&format!("10.244.0.{n}"), 8080);
+        let vip = |n: u8| tcp(&format!("10.96.0.{n}"), 80);
+        let settings = NodeSettings {
+            capacities: Capacities {
+                services: 8,
+                ..Capacities::default()
+            },
+            ..NodeSettings::default()
+        };
+        let s = state(&[
+            (vip(1), &[b(1), b(2), b(3)]),
+            (vip(2), &[b(4), b(5), b(6)]),
+            (vip(3), &[b(7), b(8), b(9)]),
+        ]);
+        let (desired, skipped) =
+            desired_contents(&s, &BTreeMap::new(), &MapContents::default(), &settings);
+        assert_eq!(desired.services.len(), 8);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].object, vip(3).to_string());
+        assert_eq!(
+            skipped[0].reason,
+            SkipReason::MapFull {
+                map: "ferrite_service",
+                capacity: 8,
+                kept: false
+            }
+        );
+        // The text the agent logs (end-to-end tests look for it).
+        assert!(skipped[0]
+            .reason
+            .to_string()
+            .contains("ferrite_service is full (8 entries)"));
+        let mut maps = MapContents::default();
+        apply_checking_each_step(&mut maps, &diff(&MapContents::default(), &desired));
+        // Incrementally too: a new port does not fit until another one leaves.
+        let written = Written::new(maps.clone());
+        let only = |f: L4Addr| -> BTreeMap<L4Addr, ServiceFrontend> {
+            [(f, s.services[&f].clone())].into()
+        };
+        let (ops, skipped) = service_update(
+            &written,
+            &[vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert!(ops.is_empty() && skipped.len() == 1, "{ops:?} {skipped:?}");
+        // vip(1) goes: its room is free once its removal is written, so vip(3) fits
+        // on the next update (writes come before removals within one).
+        let (ops, skipped) = service_update(
+            &written,
+            &[vip(1), vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps.services.len(), 4);
+        let (ops, skipped) = service_update(
+            &Written::new(maps.clone()),
+            &[vip(3)].into(),
+            &only(vip(3)),
+            &settings.capacities,
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps.services.len(), 8);
+        // A working port that would grow past the capacity keeps its old backends.
+        let grown = state(&[
+            (vip(2), &[b(4), b(5), b(6), b(10)]),
+            (vip(3), &[b(7), b(8), b(9)]),
+        ]);
+        let (desired, skipped) = desired_contents(&grown, &BTreeMap::new(), &maps, &settings);
+        assert!(
+            matches!(skipped[0].reason, SkipReason::MapFull { kept: true, .. }),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[0].reason.to_string().contains("its backends stay"),
+            "{skipped:?}"
+        );
+        let before = meaning(&maps);
+        let ops = diff(&maps, &desired);
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(meaning(&maps), before);
+    }
+}

@@ -1,0 +1,162 @@
+//! The map image: what the maps hold or should hold, key by key, the ops that write
+//! it, and how model values render into map values.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrite_common::{
+    Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
+    ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
+};
+use sha2::{Digest, Sha256};
+
+use crate::model::{L4Addr, Protocol};
+
+/// What the maps hold (read back from the kernel) or should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u16, RevNatValue>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    pub routes: BTreeMap<RouteKey, RouteInfo>,
+    pub config: NodeConfig,
+    /// Maglev table of each external frontend, by the digest it was built from.
+    pub maglev: BTreeMap<ServiceKey, u64>,
+    pub source_ranges: BTreeSet<SourceRange>,
+}
+
+impl MapContents {
+    /// Routes to pod CIDRs (this node's and others'), without other nodes' own /32s.
+    pub fn pod_routes(&self) -> usize {
+        self.routes
+            .values()
+            .filter(|r| r.flags & ROUTE_NODE == 0)
+            .count()
+    }
+
+    /// Record `ops` as written (keeps the agent's copy of the maps in step).
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            match *op {
+                Op::PutBackend(id, value) => drop(self.backends.insert(id, value)),
+                Op::PutRevNat(index, value) => drop(self.rev_nat.insert(index, value)),
+                Op::PutService(key, value) => drop(self.services.insert(key, value)),
+                Op::PutEndpoint(key, value) => drop(self.endpoints.insert(key, value)),
+                Op::PutConfig(config) => self.config = config,
+                Op::PutRoute(key, value) => drop(self.routes.insert(key, value)),
+                Op::DeleteRoute(key) => drop(self.routes.remove(&key)),
+                Op::DeleteService(key) => drop(self.services.remove(&key)),
+                Op::DeleteRevNat(index) => drop(self.rev_nat.remove(&index)),
+                Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
+                Op::DeleteEndpoint(key) => drop(self.endpoints.remove(&key)),
+                Op::PutMaglev(key, _, digest) => drop(self.maglev.insert(key, digest)),
+                Op::DeleteMaglev(key) => drop(self.maglev.remove(&key)),
+                Op::PutSourceRange(range) => drop(self.source_ranges.insert(range)),
+                Op::DeleteSourceRange(range) => drop(self.source_ranges.remove(&range)),
+            }
+        }
+    }
+}
+
+/// Key of `ferrite_routes` (an LPM trie key, made orderable for the diff).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub prefix_len: u32,
+    pub network: [u8; 4],
+}
+
+/// An entry of `ferrite_srcrng`: a client network allowed to reach a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub frontend: ServiceKey,
+    pub network: [u8; 4],
+    /// Bits of `network` (the LPM key's prefix adds the frontend's 96).
+    pub prefix_len: u32,
+}
+
+/// One write to one map entry: a plan is an ordered list of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    PutRevNat(u16, RevNatValue),
+    PutService(ServiceKey, ServiceValue),
+    PutEndpoint(EndpointKey, EndpointInfo),
+    PutConfig(NodeConfig),
+    PutRoute(RouteKey, RouteInfo),
+    DeleteRoute(RouteKey),
+    DeleteService(ServiceKey),
+    DeleteRevNat(u16),
+    DeleteBackend(u32),
+    DeleteEndpoint(EndpointKey),
+    /// Build and write the Maglev table of a frontend from its `count` slots (already
+    /// written) - `digest` says what it is built from.
+    PutMaglev(ServiceKey, u16, u64),
+    DeleteMaglev(ServiceKey),
+    PutSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
+}
+
+/// The map an op writes.
+pub fn op_map(op: &Op) -> &'static str {
+    use ferrite_common::map_names;
+    match op {
+        Op::PutBackend(..) | Op::DeleteBackend(_) => map_names::BACKENDS,
+        Op::PutRevNat(..) | Op::DeleteRevNat(_) => map_names::REV_NAT,
+        Op::PutService(..) | Op::DeleteService(_) => map_names::SERVICES,
+        Op::PutEndpoint(..) | Op::DeleteEndpoint(_) => map_names::ENDPOINTS,
+        Op::PutConfig(_) => map_names::CONFIG,
+        Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
+        Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,
+        Op::PutSourceRange(_) | Op::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
+    }
+}
+
+/// The `ferrite_backend` value of a backend address.
+pub(super) fn backend_value(addr: &L4Addr) -> Backend {
+    Backend {
+        address: addr.ip.octets(),
+        port: addr.port,
+        proto: addr.protocol.number(),
+        flags: 0,
+    }
+}
+
+/// The `ferrite_rev_nat` value of a frontend: what replies are rewritten to.
+pub(super) fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
+    RevNatValue {
+        address: frontend.ip.octets(),
+        port: frontend.port,
+        _pad: 0,
+    }
+}
+
+/// What a Maglev table is built from, as its hash: the backends in slot order and
+/// the table size. The agent compares it (stored with the table) to see whether a
+/// table must be rebuilt.
+pub fn maglev_digest(backends: impl Iterator<Item = Backend>) -> u64 {
+    let mut hasher = Sha256::new();
+    hasher.update((MAGLEV_TABLE_SIZE as u32).to_be_bytes());
+    for backend in backends {
+        hasher.update(maglev_key(&backend));
+    }
+    u64::from_be_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+/// A backend's name in Maglev hashing: address and port, the same on every node.
+pub fn maglev_key(backend: &Backend) -> [u8; 6] {
+    let p = backend.port.to_be_bytes();
+    let a = backend.address;
+    [a[0], a[1], a[2], a[3], p[0], p[1]]
+}
+
+/// Human-readable frontend of a service key (for logs and inspect).
+pub fn describe_service_key(key: &ServiceKey) -> String {
+    let protocol = Protocol::from_number(key.proto)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("proto{}", key.proto));
+    format!(
+        "{}:{}/{}",
+        std::net::Ipv4Addr::from(key.address),
+        key.port,
+        protocol
+    )
+}

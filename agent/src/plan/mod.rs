@@ -1,0 +1,27 @@
+//! From the desired state to map writes, without touching BPF: compute what the maps
+//! should hold (reusing the ids already in them, so a restart changes nothing that is
+//! still right), diff that against what they hold, and order the writes so the
+//! datapath never sees a half-written Service:
+//! 0. node config and routes, 1. backends and rev-NAT entries, 2. backend slots,
+//! 3. Maglev tables and source ranges, 4. Service master entries (count last, so
+//! every slot it covers exists), 5. endpoints;
+//!
+//! then removals in reverse: master entries, Maglev tables and source ranges, slots,
+//! rev-NAT, backends, endpoints, routes. A route change touches only its own entry: flows to other nodes go on.
+mod desired;
+mod diff;
+mod ids;
+mod image;
+mod service_entries;
+mod settings;
+#[cfg(test)]
+mod test_support;
+mod update;
+
+pub use desired::{desired_contents, desired_contents_keeping_ids};
+pub use diff::{diff, drift, ended_pairs, removed_backends};
+pub use image::{
+    describe_service_key, maglev_digest, maglev_key, op_map, MapContents, Op, RouteKey, SourceRange,
+};
+pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
+pub use update::{service_update, Written};

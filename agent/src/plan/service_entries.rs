@@ -1,0 +1,249 @@
+//! The Service entries of a set of frontends (backends, rev-NAT, slots, masters,
+//! Maglev tables and source ranges), shared by the full and the incremental plan.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrite_common::{svc_flag, Backend, RevNatValue, ServiceKey, ServiceValue};
+
+use super::{
+    ids::{Budget, ExistingIds, IdAllocator},
+    image::{backend_value, rev_nat_value},
+    maglev_digest, MapContents, SourceRange,
+};
+use crate::model::{FrontendKind, L4Addr, ServiceFrontend, SkipReason, Skipped};
+
+/// Write the Service entries (backends, rev-NAT, slots, masters) of `services` into
+/// `out`. Ids already in `written` (all the maps hold) are kept for the same value;
+/// new ones are neither in `written` nor handed out in this pass.
+pub(super) fn service_contents<'s>(
+    services: impl Iterator<Item = (&'s L4Addr, &'s ServiceFrontend)>,
+    written: &MapContents,
+    existing: &ExistingIds,
+    budget: &mut Budget,
+    out: &mut MapContents,
+    skipped: &mut Vec<Skipped>,
+) {
+    let mut backend_ids = IdAllocator::new(&written.backends, u32::MAX);
+    let mut rev_nat_ids = IdAllocator::new(&written.rev_nat, u16::MAX);
+
+    let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
+    let mut rev_nat_of: BTreeMap<RevNatValue, u16> = BTreeMap::new();
+    for (frontend, service) in services {
+        let rev = rev_nat_value(frontend);
+        let key = |slot: u16| {
+            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+        };
+        // Only entries the maps do not hold yet need room: writes come before
+        // removals, so what this plan removes frees its room for the next one.
+        let slot_count = service.backends.len() + service.terminating.len();
+        // The model refuses larger Services; a slot number must never wrap.
+        let last_slot = match u16::try_from(slot_count) {
+            Ok(last) if slot_count <= crate::limits::MAX_BACKENDS_PER_PORT => last,
+            _ => {
+                skipped.push(Skipped {
+                    object: service.name.clone(),
+                    reason: SkipReason::TooManyBackends {
+                        frontend: *frontend,
+                        count: slot_count,
+                    },
+                });
+                continue;
+            }
+        };
+        let new_entries = (0..=last_slot)
+            .filter(|slot| !written.services.contains_key(&key(*slot)))
+            .count();
+        let new_rev_nat =
+            usize::from(!rev_nat_of.contains_key(&rev) && (existing.rev_nat)(&rev).is_none());
+        let new_backends = service
+            .backends
+            .iter()
+            .chain(&service.terminating)
+            .map(backend_value)
+            .collect::<BTreeSet<_>>()
+            .iter()
+            .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
+            .count();
+        if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat) {
+            // A port already in the maps keeps what it has: it goes on working.
+            let kept = keep_as_written(key(0), written, out);
+            skipped.push(Skipped {
+                object: service.name.clone(),
+                reason: SkipReason::MapFull {
+                    map: full.name,
+                    capacity: full.capacity,
+                    kept,
+                },
+            });
+            continue;
+        }
+        budget.take(new_entries, new_backends, new_rev_nat);
+        let rev_nat_index = match rev_nat_of.get(&rev) {
+            Some(index) => *index,
+            None => match (existing.rev_nat)(&rev).or_else(|| rev_nat_ids.allocate()) {
+                Some(index) => {
+                    rev_nat_of.insert(rev, index);
+                    out.rev_nat.insert(index, rev);
+                    index
+                }
+                None => {
+                    skipped.push(Skipped {
+                        object: service.name.clone(),
+                        reason: SkipReason::NoRevNatIndex,
+                    });
+                    continue;
+                }
+            },
+        };
+        // Ready backends fill slots 1..=count, which new flows pick from; terminating
+        // ones follow after `count`: no new flow picks them, but the maps say which
+        // frontend they still serve (their flows' conntrack entries name their id).
+        let mut slots = Vec::with_capacity(slot_count);
+        for addr in service.backends.iter().chain(&service.terminating) {
+            let value = backend_value(addr);
+            let id = match backend_id_of.get(&value) {
+                Some(id) => Some(*id),
+                None => (existing.backend)(&value).or_else(|| backend_ids.allocate()),
+            };
+            let Some(id) = id else {
+                skipped.push(Skipped {
+                    object: service.name.clone(),
+                    reason: SkipReason::NoBackendId(*addr),
+                });
+                break;
+            };
+            backend_id_of.insert(value, id);
+            slots.push(id);
+        }
+        if slots.len() != slot_count {
+            continue;
+        }
+        let master = key(0);
+        if service.kind.is_external() && !service.backends.is_empty() {
+            let digest = maglev_digest(service.backends.iter().map(backend_value));
+            out.maglev.insert(master, digest);
+        }
+        for range in &service.source_ranges {
+            out.source_ranges.insert(SourceRange {
+                frontend: master,
+                network: range.network().octets(),
+                prefix_len: range.prefix_len() as u32,
+            });
+        }
+        for (slot, id) in slots.iter().enumerate() {
+            out.services.insert(
+                key(u16::try_from(slot + 1).expect("bounded above")),
+                ServiceValue {
+                    backend_id: *id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
+        out.services.insert(
+            master,
+            ServiceValue {
+                backend_id: 0,
+                count: u16::try_from(service.backends.len()).expect("bounded above"),
+                rev_nat_index,
+                flags: service_flags(service),
+                affinity_timeout_s: service.affinity_timeout_s,
+            },
+        );
+    }
+    for (value, id) in backend_id_of {
+        out.backends.insert(id, value);
+    }
+}
+
+fn service_flags(service: &ServiceFrontend) -> u32 {
+    let mut flags = 0;
+    if service.kind.is_external() {
+        flags |= svc_flag::EXTERNAL;
+    }
+    if service.local_only {
+        flags |= svc_flag::LOCAL_ONLY;
+    }
+    if service.kind == FrontendKind::NodePort {
+        flags |= svc_flag::NODE_PORT;
+    }
+    if !service.source_ranges.is_empty() {
+        flags |= svc_flag::SOURCE_RANGES;
+    }
+    flags
+}
+
+/// Copy a frontend's entries (master, slots, their backends and rev-NAT entry) from
+/// `written` into `out` unchanged. Returns whether it had any.
+pub(super) fn keep_as_written(
+    master: ServiceKey,
+    written: &MapContents,
+    out: &mut MapContents,
+) -> bool {
+    let last = ServiceKey {
+        backend_slot: u16::MAX,
+        ..master
+    };
+    let mut any = false;
+    for (key, value) in written.services.range(master..=last) {
+        any = true;
+        out.services.insert(*key, *value);
+        if key.backend_slot == 0 {
+            if let Some(rev) = written.rev_nat.get(&value.rev_nat_index) {
+                out.rev_nat.insert(value.rev_nat_index, *rev);
+            }
+        } else if let Some(backend) = written.backends.get(&value.backend_id) {
+            out.backends.insert(value.backend_id, *backend);
+        }
+    }
+    if let Some(digest) = written.maglev.get(&master) {
+        out.maglev.insert(master, *digest);
+    }
+    out.source_ranges.extend(
+        written
+            .source_ranges
+            .iter()
+            .filter(|r| r.frontend == master)
+            .copied(),
+    );
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::*;
+    use super::*;
+    use ferrite_common::PROTO_TCP;
+
+    #[test]
+    fn terminating_backends_keep_slots_after_count_which_new_flows_never_pick() {
+        let vip = tcp("10.96.0.10", 80);
+        let (ready, terminating) = (tcp("10.244.0.2", 8080), tcp("10.244.0.3", 8080));
+        let mut s = state(&[(vip, &[ready])]);
+        s.services.get_mut(&vip).unwrap().terminating = vec![terminating];
+        let (desired, _) = plan(&s, &MapContents::default());
+        let key = |slot| ServiceKey::new(vip.ip, 80, PROTO_TCP, slot);
+        assert_eq!(
+            desired.services[&key(0)].count,
+            1,
+            "new flows pick slot 1 only"
+        );
+        let backend_of = |slot| desired.backends[&desired.services[&key(slot)].backend_id];
+        assert_eq!(backend_of(1).address, ready.ip.octets());
+        assert_eq!(backend_of(2).address, terminating.ip.octets());
+        assert_eq!(desired.services.len(), 3);
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_is_written_once() {
+        let shared = tcp("10.244.0.9", 80);
+        let (desired, _) = plan(
+            &state(&[
+                (tcp("10.96.0.1", 80), &[shared]),
+                (tcp("10.96.0.2", 80), &[shared]),
+            ]),
+            &MapContents::default(),
+        );
+        assert_eq!(desired.backends.len(), 1);
+        assert_eq!(desired.rev_nat.len(), 2);
+    }
+}

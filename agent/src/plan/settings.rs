@@ -1,0 +1,92 @@
+//! What a plan is made for besides the objects: the node's flags and map capacities,
+//! and its host interfaces.
+use ferrite_common::DEFAULT_VNI;
+
+/// Node-wide settings that come from the agent's flags, not from objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// This node's name (its Node object gives its IP and pod CIDR).
+    pub node: String,
+    pub vni: u32,
+    /// The overlay's UDP port.
+    pub vxlan_port: u16,
+    pub capacities: Capacities,
+    /// Where external traffic is balanced on the uplink (XDP or its tcx program).
+    pub uplink_xdp: UplinkXdp,
+    /// This sync's decision: the uplink runs no XDP program, its tcx ingress program
+    /// balances external traffic (`config_flag::EXTERNAL_IN_TC`).
+    pub external_in_tc: bool,
+    /// What the node accepts from objects (addresses, pod CIDRs, sizes).
+    pub limits: crate::limits::Limits,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            vni: DEFAULT_VNI,
+            vxlan_port: ferrite_common::DEFAULT_VXLAN_PORT,
+            capacities: Capacities::default(),
+            uplink_xdp: UplinkXdp::default(),
+            external_in_tc: false,
+            limits: crate::limits::Limits::default(),
+        }
+    }
+}
+
+/// Whether the uplink gets the XDP program (`--xdp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UplinkXdp {
+    /// On every uplink but a veth: XDP on a veth saves nothing (the skb exists
+    /// already) and costs GSO (the veth's peer segments everything sent into it).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl UplinkXdp {
+    /// Whether an uplink driven by `driver` gets XDP.
+    pub fn wants_xdp(self, driver: Option<&str>) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => driver != Some("veth"),
+        }
+    }
+}
+
+/// Entries the Service maps hold (their `max_entries`): a Service that does not fit
+/// is left out whole, with a reason naming the map, instead of failing the sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: usize,
+    pub backends: usize,
+    pub rev_nat: usize,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        use ferrite_common::capacity;
+        Self {
+            services: capacity::SERVICES as usize,
+            backends: capacity::BACKENDS as usize,
+            rev_nat: capacity::REV_NAT as usize,
+        }
+    }
+}
+
+/// A host-side interface as the node's network namespace reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// A node's own address on the overlay: the first address of its (first) pod CIDR,
+/// which the CNI plugin's IPAM never hands out (flannel.1 and vxlan.calico take an
+/// address of the node's pod CIDR the same way).
+pub fn overlay_address(pod_cidr: &ipnet::Ipv4Net) -> Option<std::net::Ipv4Addr> {
+    pod_cidr.hosts().next()
+}

@@ -1,0 +1,90 @@
+//! Helpers shared by the plan's unit tests.
+use std::collections::BTreeMap;
+
+use ferrite_common::{Backend, RevNatValue, ServiceKey};
+
+use super::*;
+use crate::model::{DesiredState, L4Addr, Protocol, ServiceFrontend, ServiceRef};
+
+pub(super) fn tcp(ip: &str, port: u16) -> L4Addr {
+    L4Addr {
+        ip: ip.parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+pub(super) fn state(services: &[(L4Addr, &[L4Addr])]) -> DesiredState {
+    let mut state = DesiredState::default();
+    for (frontend, backends) in services {
+        state.services.insert(
+            *frontend,
+            ServiceFrontend {
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: frontend.to_string(),
+                },
+                name: frontend.to_string(),
+                backends: backends.to_vec(),
+                ..ServiceFrontend::default()
+            },
+        );
+    }
+    state
+}
+
+pub(super) fn plan(state: &DesiredState, current: &MapContents) -> (MapContents, Vec<Op>) {
+    let (desired, skipped) =
+        desired_contents(state, &BTreeMap::new(), current, &NodeSettings::default());
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let ops = diff(current, &desired);
+    (desired, ops)
+}
+
+pub(super) fn apply(current: &mut MapContents, ops: &[Op]) {
+    current.apply(ops);
+}
+
+/// What the datapath relies on after every single write: each master entry's slots
+/// exist and point at existing backends, and its rev-NAT entry exists.
+pub(super) fn assert_consistent(maps: &MapContents) {
+    for (key, value) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+        assert!(maps.rev_nat.contains_key(&value.rev_nat_index), "{key:?}");
+        for slot in 1..=value.count {
+            let slot_key = ServiceKey {
+                backend_slot: slot,
+                ..*key
+            };
+            let slot_value = maps.services.get(&slot_key).expect("slot missing");
+            assert!(maps.backends.contains_key(&slot_value.backend_id));
+        }
+    }
+}
+
+pub(super) fn apply_checking_each_step(current: &mut MapContents, ops: &[Op]) {
+    for op in ops {
+        apply(current, std::slice::from_ref(op));
+        assert_consistent(current);
+    }
+}
+
+/// Frontend -> backend addresses and rev-NAT target: what the maps mean,
+/// whatever ids they use.
+pub(super) fn meaning(maps: &MapContents) -> BTreeMap<ServiceKey, (Vec<Backend>, RevNatValue)> {
+    maps.services
+        .iter()
+        .filter(|(k, _)| k.backend_slot == 0)
+        .map(|(key, master)| {
+            let backends = (1..=master.count)
+                .map(|slot| {
+                    let slot = maps.services[&ServiceKey {
+                        backend_slot: slot,
+                        ..*key
+                    }];
+                    maps.backends[&slot.backend_id]
+                })
+                .collect();
+            (*key, (backends, maps.rev_nat[&master.rev_nat_index]))
+        })
+        .collect()
+}
