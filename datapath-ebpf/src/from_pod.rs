@@ -4,7 +4,8 @@
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
 //! dropped (`drop_no_backend`).
 use ferrite_common::{
-    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP, REV_NAT_NONE,
+    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP,
+    REV_NAT_NONE,
 };
 
 use crate::{
@@ -15,13 +16,17 @@ use crate::{
     lb::{self, NewFlowOutcome},
     nat,
     packet::{Packet, Verdict},
-    reply, routing,
+    reply,
+    routing::{self, Found},
     stats::count,
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// tcx ingress of each pod's host-side veth.
 #[classifier]
+// The macro nests this function in the program's entry; the compiler left it a
+// BPF-to-BPF call once it grew past its inlining threshold.
+#[inline(always)]
 pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
     action::tc(&ctx, process(&ctx))
 }
@@ -95,36 +100,45 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 }
             }
             return routing::route_flow(pkt, entry, epoch, daddr, dport);
-        } else if let Some(svc) = lb::lookup_service(&h) {
-            match lb::translate_new_flow(pkt, &h, &svc)? {
-                NewFlowOutcome::Translated(addr, port) => (daddr, dport) = (addr, port),
-                // A later fragment of a refused datagram: its first one was answered.
-                NewFlowOutcome::NoBackend if !h.l4_present => {
-                    return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
-                }
-                NewFlowOutcome::NoBackend => {
-                    count(stat::SERVICE_REJECTED, pkt.len());
-                    icmp::port_unreachable(pkt, &h)?;
-                    return Ok(Verdict::Bounce);
-                }
-                NewFlowOutcome::NoPortLeft => return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT)),
-            }
-        } else if (h.is_tcp_syn() || h.proto == PROTO_UDP)
-            && conntrack::clashes_with_service_reply(&h)
-        {
-            return remap_source_port(pkt, &h);
         }
+        let found = routing::find(daddr);
+        if !found.is_pod() {
+            if let Some(svc) = lb::lookup_service(&h) {
+                return new_service_flow(pkt, &h, &svc);
+            }
+        }
+        if (h.is_tcp_syn() || h.proto == PROTO_UDP) && conntrack::clashes_with_service_reply(&h) {
+            return remap_source_port(pkt, &h, &found);
+        }
+        return routing::route_found(pkt, &found, daddr, dport);
     } else if is_fragment_routed(&h) {
         count(stat::FRAGMENT_ROUTED, pkt.len());
     }
     routing::route(pkt, daddr, dport)
 }
 
+/// The first packet of a flow to the Service `svc`: backend chosen, translated and
+/// recorded, then delivered; or refused with ICMP port unreachable without backends.
+#[inline(always)]
+fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
+    match lb::translate_new_flow(pkt, h, svc)? {
+        NewFlowOutcome::Translated(addr, port) => routing::route(pkt, addr, port),
+        // A later fragment of a refused datagram: its first one was answered.
+        NewFlowOutcome::NoBackend if !h.l4_present => Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
+        NewFlowOutcome::NoBackend => {
+            count(stat::SERVICE_REJECTED, pkt.len());
+            icmp::port_unreachable(pkt, h)?;
+            Ok(Verdict::Bounce)
+        }
+        NewFlowOutcome::NoPortLeft => Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT)),
+    }
+}
+
 /// A pod's new direct flow (TCP SYN or UDP) whose reply tuple a Service flow holds
 /// gets another client port, kept in conntrack like a Service flow's, so both flows'
 /// answers find their socket.
 #[inline(always)]
-fn remap_source_port<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
+fn remap_source_port<P: Packet>(pkt: &P, h: &Headers, found: &Found) -> Result<Verdict, ()> {
     let flow = NewFlow {
         backend_id: 0,
         backend_addr: h.daddr,
@@ -135,5 +149,5 @@ fn remap_source_port<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
     if !lb::remap_client_port(pkt, h, &flow)? {
         return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
     }
-    routing::route(pkt, h.daddr, h.dport)
+    routing::route_found(pkt, found, h.daddr, h.dport)
 }

@@ -153,15 +153,55 @@ fn cache_route(
     }
 }
 
+/// What the node knows about a destination address: a pod of this node, or else
+/// the route covering it (a pod CIDR or another node's own address), if any.
+pub struct Found {
+    pub endpoint: Option<EndpointInfo>,
+    pub route: Option<&'static RouteInfo>,
+}
+
+impl Found {
+    /// Whether the address is a pod's (of this node, or in a node's pod CIDR). The
+    /// agent refuses Service frontends at pod addresses, so such packets need no
+    /// Service lookup.
+    #[inline(always)]
+    pub fn is_pod(&self) -> bool {
+        self.endpoint.is_some() || self.route.is_some_and(|r| r.flags & ROUTE_NODE == 0)
+    }
+}
+
+/// Look `daddr` up: the endpoint map, then (if no pod of this node) the routes.
+#[inline(always)]
+pub fn find(daddr: u32) -> Found {
+    let endpoint = local_endpoint(daddr);
+    let route = if endpoint.is_none() {
+        ROUTES.get(&route_key(daddr))
+    } else {
+        None
+    };
+    Found { endpoint, route }
+}
+
 /// Forward a packet to `daddr` (after any NAT); `dport` is its destination port (0
 /// without ports).
 #[inline(always)]
 pub fn route<P: Packet>(pkt: &P, daddr: u32, dport: u16) -> Result<Verdict, ()> {
-    if let Some(ep) = local_endpoint(daddr) {
+    route_found(pkt, &find(daddr), daddr, dport)
+}
+
+/// [`route`] with `daddr` already looked up.
+#[inline(always)]
+pub fn route_found<P: Packet>(
+    pkt: &P,
+    found: &Found,
+    daddr: u32,
+    dport: u16,
+) -> Result<Verdict, ()> {
+    if let Some(ep) = &found.endpoint {
         count(stat::DELIVERED_LOCAL, pkt.len());
-        return deliver_local(pkt, &ep);
+        return deliver_local(pkt, ep);
     }
-    let Some(route) = ROUTES.get(&route_key(daddr)) else {
+    let Some(route) = found.route else {
         count(stat::PASSED_TO_STACK, pkt.len());
         return Ok(Verdict::Pass);
     };

@@ -309,13 +309,7 @@ impl BenchNode {
             c.vxlan_port = DEFAULT_VXLAN_PORT;
         })?;
         // The agent's routes: this node's CIDR, the other node's, its address.
-        bed.add_route(Ipv4Addr::new(10, 244, 0, 0), 24, NODE_IP, ROUTE_LOCAL)?;
-        bed.add_route(
-            Ipv4Addr::new(10, 244, 1, 0),
-            24,
-            REMOTE_NODE_IP,
-            ROUTE_REMOTE,
-        )?;
+        add_pod_routes(&mut bed)?;
         bed.add_route(REMOTE_NODE_IP, 32, REMOTE_NODE_IP, ROUTE_NODE)?;
         let mut pods = vec![CLIENT, LOCAL_POD, *LOCAL_PAIR[0].ip(), *LOCAL_PAIR[1].ip()];
         pods.extend((0..NODE_PORT_LOCAL_BACKENDS).map(|i| *local_node_port_backend(i).ip()));
@@ -377,6 +371,14 @@ impl BenchNode {
     /// The flows of the established paths, created by the programs themselves, and
     /// the entries that translate the NodePort flows' output back.
     fn establish(&mut self) -> Result<()> {
+        // The pairs' frontends are pod addresses, which the agent never allows and the
+        // datapath therefore never looks up as Services: their flows are opened with
+        // the pods' endpoints and CIDR routes withdrawn, and these put back after.
+        for pod in LOCAL_PAIR {
+            self.bed.remove_endpoint(*pod.ip())?;
+        }
+        self.bed.remove_route(Ipv4Addr::new(10, 244, 0, 0), 24)?;
+        self.bed.remove_route(Ipv4Addr::new(10, 244, 1, 0), 24)?;
         for (path, pair) in [
             (Established::ClusterIpLocal, LOCAL_PAIR),
             (Established::ClusterIpRemote, REMOTE_PAIR),
@@ -386,8 +388,15 @@ impl BenchNode {
                 self.bed
                     .from_pod(&frames::tcp_syn(client, frontend, b""))
                     .context("opening a ClusterIP flow")?;
+                self.bed
+                    .conntrack(&ct_key(client, frontend))?
+                    .context("the ClusterIP flow was not created")?;
             }
         }
+        for pod in LOCAL_PAIR {
+            self.bed.add_endpoint(*pod.ip(), TEST_RUN_IFINDEX)?;
+        }
+        add_pod_routes(&mut self.bed)?;
         for path in [Established::NodePortLocal, Established::NodePortSnat] {
             let client = SocketAddrV4::new(WORLD_CLIENT, path.client_port());
             let frontend = if path == Established::NodePortLocal {
@@ -509,4 +518,15 @@ impl BenchNode {
                 .run_xdp_program(program_names::NOOP_XDP, frame, repeat),
         }
     }
+}
+
+/// This node's pod CIDR and the other node's, routed as the agent routes them.
+fn add_pod_routes(bed: &mut Testbed) -> Result<()> {
+    bed.add_route(Ipv4Addr::new(10, 244, 0, 0), 24, NODE_IP, ROUTE_LOCAL)?;
+    bed.add_route(
+        Ipv4Addr::new(10, 244, 1, 0),
+        24,
+        REMOTE_NODE_IP,
+        ROUTE_REMOTE,
+    )
 }

@@ -274,6 +274,23 @@ impl Testbed {
         Ok(())
     }
 
+    /// Remove the route of `network`/`prefix_len`.
+    pub fn remove_route(&mut self, network: Ipv4Addr, prefix_len: u32) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES).context("routes")?)?;
+        routes.remove(&Key::new(prefix_len, network.octets()))?;
+        Ok(())
+    }
+
+    /// Remove the endpoint entry of the pod `ip`.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.hash_map::<EndpointKey, EndpointInfo>(map_names::ENDPOINTS)?
+            .remove(&EndpointKey {
+                address: ip.octets(),
+            })?;
+        Ok(())
+    }
+
     /// The Maglev table of an external frontend written by `add_service`, built from
     /// its slots as the agent builds it.
     pub fn add_maglev(&mut self, frontend: SocketAddrV4, protocol: u8) -> Result<()> {
