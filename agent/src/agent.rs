@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,7 +24,7 @@ use crate::{
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
     plan, podnet, source,
-    telemetry::{self, ServiceNames, Telemetry},
+    telemetry::{ServiceNames, Telemetry},
 };
 
 pub struct AgentOptions {
@@ -41,8 +41,6 @@ pub struct AgentOptions {
     pub vxlan_port: u16,
     /// Pod traffic leaving this CIDR is masqueraded to the node's address.
     pub cluster_cidr: Option<Ipv4Net>,
-    /// `/healthz`, `/readyz` and `/metrics`.
-    pub http_addr: Option<SocketAddr>,
     /// `max_entries` of maps whose default does not suit (by map name); applies when
     /// the maps are created (first start, or after `ferrite uninstall`).
     pub map_capacities: BTreeMap<String, u32>,
@@ -151,11 +149,6 @@ impl NodeAgent {
             .map(|name| (name.to_string(), options.capacity(name)))
             .collect();
         let telemetry = Telemetry::new(pin_dir.clone(), capacities);
-        // Before any other thread exists: capabilities are per thread.
-        drop_capabilities()?;
-        if let Some(addr) = options.http_addr {
-            telemetry::serve(addr, telemetry.clone())?;
-        }
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             settings: plan::NodeSettings {
@@ -445,42 +438,8 @@ impl NodeAgent {
     }
 }
 
-/// Capabilities the agent keeps once the datapath is loaded and the node prepared:
-/// BPF (map and link syscalls, with unprivileged BPF disabled) and NET_ADMIN (tcx
-/// attachments, `ip`, `nft`). Loading programs (PERFMON) and mounting bpffs
-/// (SYS_ADMIN) happen before.
-pub const RUNTIME_CAPABILITIES: [caps::Capability; 2] =
-    [caps::Capability::CAP_BPF, caps::Capability::CAP_NET_ADMIN];
-
-/// Drop every other capability, from the bounding set too, so neither the agent nor
-/// the tools it runs can do more. Applies to the calling thread and the threads it
-/// starts afterwards.
-fn drop_capabilities() -> Result<()> {
-    use caps::{CapSet, CapsHashSet};
-    let keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
-    for capability in caps::all() {
-        // A capability this kernel does not know is not held either.
-        let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
-        if !keep.contains(&capability) && held {
-            caps::drop(None, CapSet::Bounding, capability)
-                .with_context(|| format!("dropping {capability} from the bounding set"))?;
-        }
-    }
-    caps::clear(None, CapSet::Ambient)?;
-    caps::clear(None, CapSet::Inheritable)?;
-    caps::set(None, CapSet::Effective, &keep)?;
-    caps::set(None, CapSet::Permitted, &keep).context("dropping capabilities")?;
-    info!(kept = ?RUNTIME_CAPABILITIES, "dropped all other capabilities");
-    Ok(())
-}
-
-pub fn run(options: &AgentOptions) -> Result<()> {
-    // glibc gives each thread that allocates an arena of its own; with the watch
-    // threads that fragments tens of MB of object caches: one arena (measured: 89-98
-    // MB at 10k Services, against 102-106 MB with two and 110-128 MB unlimited).
-    // SAFETY: mallopt only tunes the allocator; called before other threads start.
-    unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1) };
-    let mut agent = NodeAgent::start(options)?;
+/// Keep the started node in sync with its source, for good.
+pub fn run(mut agent: NodeAgent, options: &AgentOptions) -> Result<()> {
     match &options.config {
         Some(config) => run_file(&mut agent, config, options),
         None => kube_source::run(agent, options.resync),
