@@ -99,6 +99,31 @@ pub struct SyncReport {
     pub health_checks: BTreeMap<u16, model::HealthCheck>,
 }
 
+impl SyncReport {
+    /// The Services of `state`: their count, names, owners and health checks.
+    fn of_services(state: &model::DesiredState) -> Self {
+        Self {
+            services: state.services.len(),
+            service_names: Arc::new(
+                state
+                    .services
+                    .iter()
+                    .map(|(frontend, service)| {
+                        ((frontend.ip.octets(), frontend.port), service.name.clone())
+                    })
+                    .collect(),
+            ),
+            owners: state
+                .services
+                .iter()
+                .map(|(frontend, service)| (*frontend, service.service.clone()))
+                .collect(),
+            health_checks: state.health_checks.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 /// The loaded datapath of this node and everything a sync needs.
 pub struct NodeAgent {
     pub settings: plan::NodeSettings,
@@ -389,14 +414,7 @@ impl NodeAgent {
         let (ops, more) =
             plan::service_update(&written, &frontends, &now, &self.settings.capacities);
         skipped.extend(more);
-        let ended = plan::ended_pairs(&written.contents, &ops);
-        let applied = self.parts.maps.apply(&ops).and_then(|_| {
-            self.parts
-                .maps
-                .purge_conntrack(&plan::removed_backends(&ops), &ended)
-                .and_then(|_| self.parts.maps.purge_lb_counters(&ops))
-        });
-        if let Err(e) = applied {
+        if let Err(e) = write_maps(&mut self.parts.maps, &written.contents, &ops) {
             // The maps may hold part of `ops`: the next (full) sync re-reads them.
             self.telemetry.sync_errors.inc();
             error!("incremental sync failed: {e:#}");
@@ -514,7 +532,30 @@ fn attach_programs(
     uplink: Option<&str>,
     use_xdp: bool,
 ) -> Result<BTreeSet<Attachment>> {
-    let mut wanted: BTreeMap<Attachment, (&str, TcAttachType)> = BTreeMap::new();
+    let tc_programs = wanted_tc_programs(state, uplink);
+    for (attachment, (program, direction)) in &tc_programs {
+        let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
+            continue;
+        };
+        if datapath.ensure_attached(device, *direction, program)? {
+            info!(interface = device, program, "attached");
+        }
+    }
+    let mut wanted: BTreeSet<Attachment> = tc_programs.into_keys().collect();
+    if let Some(uplink) = uplink {
+        if attach_or_detach_uplink_xdp(datapath, uplink, use_xdp)? {
+            wanted.insert(Attachment::Xdp(uplink.into()));
+        }
+    }
+    Ok(wanted)
+}
+
+/// The tcx program each attachment point of the node should run.
+fn wanted_tc_programs(
+    state: &model::DesiredState,
+    uplink: Option<&str>,
+) -> BTreeMap<Attachment, (&'static str, TcAttachType)> {
+    let mut wanted = BTreeMap::new();
     for pod in state.pods.values() {
         for (program, direction) in datapath::POD_PROGRAMS {
             let attachment = match direction {
@@ -542,34 +583,32 @@ fn attach_programs(
             (program_names::FROM_HOST, TcAttachType::Egress),
         );
     }
-    for (attachment, (program, direction)) in &wanted {
-        let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
-            continue;
-        };
-        if datapath.ensure_attached(device, *direction, program)? {
-            info!(interface = device, program, "attached");
-        }
-    }
-    let mut wanted: BTreeSet<Attachment> = wanted.into_keys().collect();
-    if let Some(uplink) = uplink {
-        let xdp = Attachment::Xdp(uplink.into());
-        if use_xdp {
-            if datapath.ensure_xdp_attached(uplink)? {
-                info!(
-                    interface = uplink,
-                    "attached XDP program for external traffic"
-                );
-            }
-            wanted.insert(xdp);
-        } else if datapath.attached()?.contains(&xdp) {
-            datapath.detach(&xdp)?;
+    wanted
+}
+
+/// Attach the XDP program to the uplink, or detach it when external traffic is to be
+/// balanced at the uplink's tcx ingress instead. Returns whether it is wanted.
+fn attach_or_detach_uplink_xdp(
+    datapath: &mut Datapath,
+    uplink: &str,
+    use_xdp: bool,
+) -> Result<bool> {
+    let xdp = Attachment::Xdp(uplink.into());
+    if use_xdp {
+        if datapath.ensure_xdp_attached(uplink)? {
             info!(
                 interface = uplink,
-                "XDP detached: external traffic is balanced at the uplink's tcx ingress"
+                "attached XDP program for external traffic"
             );
         }
+    } else if datapath.attached()?.contains(&xdp) {
+        datapath.detach(&xdp)?;
+        info!(
+            interface = uplink,
+            "XDP detached: external traffic is balanced at the uplink's tcx ingress"
+        );
     }
-    Ok(wanted)
+    Ok(use_xdp)
 }
 
 /// The node's host side beyond the maps and device programs: socket-level load
@@ -710,26 +749,10 @@ pub fn reconcile(
 
     // The uplink (the interface holding this node's IP): XDP for external traffic,
     // tcx to forward what it translated; the overlay's MTU follows it.
-    let node_ip = state.nodes.get(&settings.node).map(|n| n.ip);
-    let uplink = node_ip.and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
+    let uplink = find_uplink(&state, &settings.node);
     let mut interfaces = datapath::interfaces()?;
-    let uplink_mtu = uplink
-        .as_deref()
-        .and_then(|u| interfaces.get(u))
-        .map(|i| i.mtu);
-    if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
-        let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
-        if vxlan.mtu != overlay_mtu {
-            hostnet::set_vxlan_mtu(overlay_mtu)?;
-            info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
-            vxlan.mtu = overlay_mtu;
-        }
-    }
-    let use_xdp = uplink.as_deref().is_some_and(|u| {
-        settings
-            .uplink_xdp
-            .wants_xdp(datapath::driver(u).as_deref())
-    });
+    match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
+    let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
     let settings = &plan::NodeSettings {
         external_in_tc: !use_xdp,
         ..settings.clone()
@@ -749,9 +772,62 @@ pub fn reconcile(
     let waiting_for_interfaces = more.iter().any(|s| s.reason.contains("does not exist"));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);
-    // Host routes first: once a pod's endpoint is in the map, the stack can reach it
-    // too (replies to its masqueraded traffic; plain routing if the datapath goes).
-    for op in &ops {
+    add_routes_to_new_endpoints(&state, &ops)?;
+    let purged_flows = write_maps(maps, &current, &ops)?;
+    // Links pinned by an earlier agent still run the programs it loaded: move them to
+    // this agent's, now that the maps hold this sync's state (an upgrade may have
+    // re-created some of them).
+    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
+    remove_links_of_vanished_interfaces(datapath, &wanted, &interfaces)?;
+    host.sync_socket_lb(datapath, &settings.node)?;
+    publish_pod_cidr(&state, &settings.node)?;
+
+    let report = SyncReport {
+        writes: ops.len(),
+        endpoints: desired.endpoints.len(),
+        purged_flows,
+        skipped,
+        waiting_for_interfaces,
+        ..SyncReport::of_services(&state)
+    };
+    Ok((report, desired))
+}
+
+/// The interface holding this node's IP (from its Node object), if any.
+fn find_uplink(state: &model::DesiredState, node: &str) -> Option<String> {
+    let node_ip = state.nodes.get(node)?.ip;
+    datapath::interface_with_address(node_ip).ok().flatten()
+}
+
+/// The VXLAN device's MTU: the uplink's less the encapsulation, so that overlay
+/// packets fit the underlay. `interfaces` is updated to match.
+fn match_overlay_mtu_to_uplink(
+    interfaces: &mut BTreeMap<String, plan::Interface>,
+    uplink: Option<&str>,
+) -> Result<()> {
+    let uplink_mtu = uplink.and_then(|u| interfaces.get(u)).map(|i| i.mtu);
+    if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
+        let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
+        if vxlan.mtu != overlay_mtu {
+            hostnet::set_vxlan_mtu(overlay_mtu)?;
+            info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
+            vxlan.mtu = overlay_mtu;
+        }
+    }
+    Ok(())
+}
+
+/// Whether external traffic is balanced by XDP on the uplink (else by its tcx
+/// ingress program), as `--xdp` says for the uplink's driver.
+fn uplink_wants_xdp(uplink: Option<&str>, setting: plan::UplinkXdp) -> bool {
+    uplink.is_some_and(|u| setting.wants_xdp(datapath::driver(u).as_deref()))
+}
+
+/// Host routes to the pods whose endpoints `ops` adds, before the map writes: once a
+/// pod's endpoint is in the map, the stack can reach it too (replies to its
+/// masqueraded traffic; plain routing if the datapath goes).
+fn add_routes_to_new_endpoints(state: &model::DesiredState, ops: &[plan::Op]) -> Result<()> {
+    for op in ops {
         if let plan::Op::PutEndpoint(key, _) = op {
             let ip = Ipv4Addr::from(key.address);
             if let Some(pod) = state.pods.get(&ip) {
@@ -759,19 +835,28 @@ pub fn reconcile(
             }
         }
     }
-    let ended = plan::ended_pairs(&current, &ops);
-    maps.apply(&ops).context("applying map changes")?;
-    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops), &ended)?;
-    maps.purge_lb_counters(&ops)?;
+    Ok(())
+}
 
-    // Links pinned by an earlier agent still run the programs it loaded: move them to
-    // this agent's, now that the maps hold this sync's state (an upgrade may have
-    // re-created some of them).
-    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
+/// Apply `ops` to maps that held `before`, then forget what they ended: the
+/// conntrack entries of removed backends and of ended Service-backend pairs, and
+/// the load-balancing counters of removed entries. Returns the flows purged.
+fn write_maps(maps: &mut NodeMaps, before: &plan::MapContents, ops: &[plan::Op]) -> Result<usize> {
+    let ended = plan::ended_pairs(before, ops);
+    maps.apply(ops).context("applying map changes")?;
+    let purged_flows = maps.purge_conntrack(&plan::removed_backends(ops), &ended)?;
+    maps.purge_lb_counters(ops)?;
+    Ok(purged_flows)
+}
 
-    // Links of interfaces that still exist may belong to pods the CNI plugin just
-    // wired: only pins of vanished interfaces are removed (the cgroup hooks are
-    // the socket-level step's).
+/// Remove the link pins of interfaces that are gone. Links of interfaces that still
+/// exist may belong to pods the CNI plugin just wired, so they stay; the cgroup
+/// hooks are the socket-level step's.
+fn remove_links_of_vanished_interfaces(
+    datapath: &Datapath,
+    wanted: &BTreeSet<Attachment>,
+    interfaces: &BTreeMap<String, plan::Interface>,
+) -> Result<()> {
     for attachment in datapath.attached()? {
         let Some(device) = attachment.device() else {
             continue;
@@ -784,36 +869,13 @@ pub fn reconcile(
             );
         }
     }
-    host.sync_socket_lb(datapath, &settings.node)?;
-    if let Some(cidr) = state
-        .nodes
-        .get(&settings.node)
-        .and_then(|n| n.pod_cidrs.first())
-    {
-        hostnet::publish_pod_cidr(&settings.node, *cidr)?;
+    Ok(())
+}
+
+/// Write this node's pod CIDR (from its Node object) where the CNI plugin reads it.
+fn publish_pod_cidr(state: &model::DesiredState, node: &str) -> Result<()> {
+    if let Some(cidr) = state.nodes.get(node).and_then(|n| n.pod_cidrs.first()) {
+        hostnet::publish_pod_cidr(node, *cidr)?;
     }
-    let report = SyncReport {
-        writes: ops.len(),
-        services: state.services.len(),
-        endpoints: desired.endpoints.len(),
-        purged_flows,
-        skipped,
-        waiting_for_interfaces,
-        service_names: Arc::new(
-            state
-                .services
-                .iter()
-                .map(|(frontend, service)| {
-                    ((frontend.ip.octets(), frontend.port), service.name.clone())
-                })
-                .collect(),
-        ),
-        owners: state
-            .services
-            .iter()
-            .map(|(frontend, service)| (*frontend, service.service.clone()))
-            .collect(),
-        health_checks: state.health_checks.clone(),
-    };
-    Ok((report, desired))
+    Ok(())
 }
