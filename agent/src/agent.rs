@@ -1,7 +1,6 @@
-//! The node agent: load and attach the datapath, then keep its maps in sync with the
-//! cluster, from one of two sources feeding the same model - a YAML file (re-read when
-//! it changes) or the Kubernetes API (watches; see `kube_source`) - and periodically,
-//! which also picks up new pod interfaces and repairs drift.
+//! The node agent: load and attach the datapath and prepare the node, then make its
+//! maps, program attachments and host side match the objects the driver hands it
+//! (see `driver`): the whole model, or only some Services.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -20,22 +19,18 @@ use aya::programs::TcAttachType;
 
 use crate::{
     datapath::{self, Attachment, Datapath},
-    hostnet, kube_source,
+    driver::{FullSync, ServiceChanges, Snapshot, SyncTarget, Synced},
+    hostnet,
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
-    plan, podnet, source,
+    plan, podnet,
     telemetry::{ServiceNames, Telemetry},
 };
 
+/// How the node's datapath is loaded and what it accepts.
 pub struct AgentOptions {
     pub node: String,
-    /// The YAML file source; `None`: watch the Kubernetes API.
-    pub config: Option<PathBuf>,
     pub object: PathBuf,
-    /// How often the file is checked for changes.
-    pub poll: Duration,
-    /// How often a full resync runs even if nothing changed.
-    pub resync: Duration,
     pub datapath_log: datapath::DatapathLog,
     pub vni: u32,
     pub vxlan_port: u16,
@@ -207,15 +202,16 @@ impl NodeAgent {
 
     /// Reconcile, record metrics and log; the first success makes the agent ready.
     /// Errors are logged: the maps keep their last good state and the next sync retries.
-    /// `event_driven` syncs diff against what the agent last wrote; the others
-    /// (start, periodic resync) read the maps, which also repairs drift.
+    /// Syncs after a change diff against what the agent last wrote; resyncs (start,
+    /// periodic) read the maps, which also repairs drift.
     pub fn sync(
         &mut self,
         objects: &ClusterObjects,
         skipped: Vec<model::Skipped>,
-        event_driven: bool,
+        how: FullSync,
     ) -> Option<SyncReport> {
         let start = Instant::now();
+        let event_driven = how == FullSync::AfterChange;
         let cached = if event_driven {
             self.written.take().map(|written| written.contents)
         } else {
@@ -299,10 +295,6 @@ impl NodeAgent {
                 None
             }
         }
-    }
-
-    pub fn flush_logs(&mut self) {
-        self.parts.datapath.flush_logs();
     }
 
     /// With every full sync (start and `--resync-seconds`): drop finished and idle
@@ -456,68 +448,25 @@ impl NodeAgent {
     }
 }
 
-/// Keep the started node in sync with its source, for good.
-pub fn run(mut agent: NodeAgent, options: &AgentOptions) -> Result<()> {
-    match &options.config {
-        Some(config) => run_file(&mut agent, config, options),
-        None => kube_source::run(agent, options.resync),
+impl SyncTarget for NodeAgent {
+    fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) -> Synced {
+        match self.sync(&snapshot.objects, snapshot.skipped.clone(), how) {
+            None => Synced::Failed,
+            Some(report) if report.waiting_for_interfaces => Synced::WaitingForInterfaces,
+            Some(_) => Synced::Done,
+        }
     }
-}
 
-/// How long the config file must stay quiet before it is read (a writer that does
-/// not replace it atomically is still writing).
-const CONFIG_SETTLE: Duration = Duration::from_millis(100);
+    fn sync_services(&mut self, changes: &ServiceChanges) -> bool {
+        NodeAgent::sync_services(self, &changes.services, &changes.objects)
+    }
 
-fn run_file(agent: &mut NodeAgent, config: &std::path::Path, options: &AgentOptions) -> Result<()> {
-    let watch = source::FileWatch::new(config)?;
-    let mut last_content: Option<String> = None;
-    // What the file held when it last parsed: a refused file changes nothing, and
-    // full syncs (drift repair, conntrack collection) go on with this.
-    let mut applied: Option<(ClusterObjects, Vec<model::Skipped>)> = None;
-    // Full syncs come every `resync` even while the file keeps changing.
-    let mut last_full_sync: Option<Instant> = None;
-    let mut retry_soon = false;
-    let mut check_file = true;
-    loop {
-        let due = last_full_sync.is_none_or(|t| t.elapsed() >= options.resync);
-        let mut changed = false;
-        if check_file {
-            agent.telemetry.config_reads.inc();
-            match fs::read_to_string(watch.path()) {
-                Ok(content) if last_content.as_ref() != Some(&content) => {
-                    match source::parse_objects(&content) {
-                        Ok(parsed) => {
-                            applied = Some(parsed);
-                            changed = true;
-                            agent.telemetry.set_config_rejected(None);
-                        }
-                        Err(e) => {
-                            error!(
-                                config = %config.display(),
-                                "config refused, the last applied state stays: {e}"
-                            );
-                            agent.telemetry.set_config_rejected(Some(e.to_string()));
-                        }
-                    }
-                    last_content = Some(content);
-                }
-                Ok(_) => {}
-                Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),
-            }
-        }
-        if let Some((objects, skipped)) = &applied {
-            if changed || due || retry_soon {
-                let event_driven = changed && !due;
-                retry_soon = agent
-                    .sync(objects, skipped.clone(), event_driven)
-                    .is_some_and(|r| r.waiting_for_interfaces);
-                if !event_driven {
-                    last_full_sync = Some(Instant::now());
-                }
-            }
-        }
-        agent.flush_logs();
-        check_file = watch.wait(options.poll, CONFIG_SETTLE)?;
+    fn flush_logs(&mut self) {
+        self.parts.datapath.flush_logs();
+    }
+
+    fn record_event_lag(&self, lag: Duration) {
+        self.telemetry.event_lag.observe(lag.as_secs_f64());
     }
 }
 

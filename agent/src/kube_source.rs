@@ -38,6 +38,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::NodeAgent,
+    driver::{FullSync, SyncTarget},
     model::{self, ClusterObjects, ServiceRef},
     telemetry::{ResourceLabel, Telemetry},
 };
@@ -143,9 +144,12 @@ async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
                 pods: snapshot(&pods),
                 nodes: snapshot(&nodes),
             };
-            agent
-                .sync(&objects, Vec::new(), triggered_by_event)
-                .is_some()
+            let how = if triggered_by_event {
+                FullSync::AfterChange
+            } else {
+                FullSync::Resync
+            };
+            agent.sync(&objects, Vec::new(), how).is_some()
         };
         if synced {
             if let Some(received) = pending.oldest {

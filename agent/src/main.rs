@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand};
 use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
+    driver::Driver,
     hostnet, inspect, kube_source,
     maps::NodeMaps,
-    plan, source, telemetry,
+    objects_yaml, plan, source, telemetry,
 };
 use tracing::info;
 
@@ -272,16 +273,23 @@ fn main() -> Result<()> {
                 cluster_cidr,
                 object: find_object(bpf_object.as_deref())?,
                 node,
-                config,
-                poll: Duration::from_millis(200),
-                resync: Duration::from_secs(resync_seconds),
             };
             use_one_malloc_arena();
             let node = agent::NodeAgent::start(&options)?;
             // Before any other thread exists: capabilities are per thread.
             drop_capabilities()?;
-            telemetry::serve(http_addr, node.telemetry.clone())?;
-            agent::run(node, &options)
+            let telemetry = node.telemetry.clone();
+            telemetry::serve(http_addr, telemetry.clone())?;
+            let resync = Duration::from_secs(resync_seconds);
+            match config {
+                Some(path) => {
+                    // How often the driver gets control back while the file is quiet.
+                    let poll = Duration::from_millis(200);
+                    let mut source = source::FileSource::new(&path, poll, telemetry)?;
+                    Driver::new(node, resync).run(&mut source)
+                }
+                None => kube_source::run(node, resync),
+            }
         }
         Command::Inspect {
             node,
@@ -294,7 +302,7 @@ fn main() -> Result<()> {
             let pin_dir = datapath::pin_dir(&node);
             let maps = NodeMaps::open(&pin_dir)?;
             let objects = match config {
-                Some(path) => source::parse_objects(&std::fs::read_to_string(path)?)?.0,
+                Some(path) => objects_yaml::parse_objects(&std::fs::read_to_string(path)?)?.0,
                 None => kube_source::list_once(&node)?,
             };
             // Capacities, VNI and port as the running agent made them (its maps).

@@ -1103,7 +1103,7 @@ fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::parse_objects;
+    use crate::objects_yaml::parse_objects;
 
     const NODE: &str = "node-a";
 
