@@ -288,7 +288,10 @@ fn main() -> Result<()> {
                     let mut source = source::FileSource::new(&path, poll, telemetry)?;
                     Driver::new(node, resync).run(&mut source)
                 }
-                None => kube_source::run(node, resync),
+                None => {
+                    let mut source = kube_source::KubeSource::start(&options.node, telemetry)?;
+                    Driver::new(node, resync).run(&mut source)
+                }
             }
         }
         Command::Inspect {
