@@ -192,3 +192,304 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (a, b) => a.or(b),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::Cell,
+        collections::VecDeque,
+        sync::Arc,
+        thread::sleep,
+        time::{Duration, Instant},
+    };
+
+    use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+
+    /// What the driver asked of the node.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Call {
+        SyncAll(FullSync, Vec<String>),
+        SyncServices(Vec<String>),
+    }
+
+    /// A node that records the driver's calls and answers as told.
+    #[derive(Default)]
+    struct RecordingNode {
+        calls: Vec<Call>,
+        /// Answers of the next full syncs (then `Done`).
+        full_sync_answers: VecDeque<Synced>,
+        service_updates_fail: bool,
+        log_flushes: usize,
+        lags_recorded: Cell<usize>,
+    }
+
+    impl SyncTarget for RecordingNode {
+        fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) -> Synced {
+            self.calls
+                .push(Call::SyncAll(how, service_names(&snapshot.objects)));
+            self.full_sync_answers.pop_front().unwrap_or(Synced::Done)
+        }
+
+        fn sync_services(&mut self, changes: &ServiceChanges) -> bool {
+            self.calls
+                .push(Call::SyncServices(service_names(&changes.objects)));
+            !self.service_updates_fail
+        }
+
+        fn flush_logs(&mut self) {
+            self.log_flushes += 1;
+        }
+
+        fn record_event_lag(&self, _: Duration) {
+            self.lags_recorded.set(self.lags_recorded.get() + 1);
+        }
+    }
+
+    /// What the scripted source does when the driver waits for an event.
+    enum Next {
+        Event(SourceEvent),
+        /// Returns at once with nothing (a polling source's quiet tick).
+        Quiet,
+        /// Nothing changes before the deadline.
+        NothingUntilDeadline,
+    }
+
+    /// A source that plays a script and always has `snapshot` ready.
+    struct ScriptedSource {
+        script: VecDeque<Next>,
+        snapshot: Option<Snapshot>,
+        deadlines: Vec<Instant>,
+    }
+
+    impl ScriptedSource {
+        fn new(snapshot: Option<Snapshot>, script: impl IntoIterator<Item = Next>) -> Self {
+            Self {
+                script: script.into_iter().collect(),
+                snapshot,
+                deadlines: Vec::new(),
+            }
+        }
+    }
+
+    impl Source for ScriptedSource {
+        fn next_event(&mut self, deadline: Instant) -> Result<Option<SourceEvent>> {
+            self.deadlines.push(deadline);
+            match self
+                .script
+                .pop_front()
+                .expect("the driver waited past the script")
+            {
+                Next::Event(event) => Ok(Some(event)),
+                Next::Quiet => Ok(None),
+                Next::NothingUntilDeadline => {
+                    sleep(deadline.saturating_duration_since(Instant::now()));
+                    Ok(None)
+                }
+            }
+        }
+
+        fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+            Ok(self.snapshot.clone())
+        }
+    }
+
+    fn objects(names: &[&str]) -> ClusterObjects {
+        ClusterObjects {
+            services: names
+                .iter()
+                .map(|name| {
+                    Arc::new(Service {
+                        metadata: ObjectMeta {
+                            name: Some(name.to_string()),
+                            namespace: Some("default".into()),
+                            ..ObjectMeta::default()
+                        },
+                        ..Service::default()
+                    })
+                })
+                .collect(),
+            ..ClusterObjects::default()
+        }
+    }
+
+    fn service_names(objects: &ClusterObjects) -> Vec<String> {
+        objects
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    fn snapshot(names: &[&str]) -> Snapshot {
+        Snapshot {
+            objects: objects(names),
+            ..Snapshot::default()
+        }
+    }
+
+    fn changed(names: &[&str]) -> Next {
+        Next::Event(SourceEvent::ServicesChanged(ServiceChanges {
+            objects: objects(names),
+            oldest_change: Some(Instant::now()),
+            ..ServiceChanges::default()
+        }))
+    }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    const AN_HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_resync_of_the_snapshot_comes_first_then_changes_are_synced_as_they_come() {
+        let mut source = ScriptedSource::new(
+            Some(snapshot(&["a", "b"])),
+            [
+                changed(&["b"]),
+                changed(&["a", "c"]),
+                Next::Event(SourceEvent::Snapshot(snapshot(&["a", "b", "c"]))),
+                Next::Quiet,
+            ],
+        );
+        let mut driver = Driver::new(RecordingNode::default(), AN_HOUR);
+        for _ in 0..5 {
+            driver.step(&mut source).unwrap();
+        }
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a", "b"])),
+                Call::SyncServices(names(&["b"])),
+                Call::SyncServices(names(&["a", "c"])),
+                Call::SyncAll(FullSync::AfterChange, names(&["a", "b", "c"])),
+            ]
+        );
+        // The lag of each change synced that was seen at a known time.
+        assert_eq!(driver.target.lags_recorded.get(), 2);
+        assert_eq!(driver.target.log_flushes, 5, "once after every step");
+    }
+
+    #[test]
+    fn a_failed_service_update_is_followed_by_a_full_sync_of_the_snapshot() {
+        let mut source = ScriptedSource::new(Some(snapshot(&["a", "b"])), [changed(&["b"])]);
+        let node = RecordingNode {
+            service_updates_fail: true,
+            ..RecordingNode::default()
+        };
+        let mut driver = Driver::new(node, AN_HOUR);
+        driver.step(&mut source).unwrap();
+        driver.step(&mut source).unwrap();
+        assert_eq!(
+            driver.target.calls[1..],
+            [
+                Call::SyncServices(names(&["b"])),
+                Call::SyncAll(FullSync::AfterChange, names(&["a", "b"])),
+            ]
+        );
+        assert_eq!(
+            driver.target.lags_recorded.get(),
+            1,
+            "the change's lag, once it is synced"
+        );
+    }
+
+    #[test]
+    fn a_resync_comes_every_period_however_many_changes_arrive_in_between() {
+        let resync = Duration::from_millis(100);
+        let mut source = ScriptedSource::new(
+            Some(snapshot(&["a"])),
+            [changed(&["a"]), Next::NothingUntilDeadline],
+        );
+        let mut driver = Driver::new(RecordingNode::default(), resync);
+        let start = Instant::now();
+        for _ in 0..4 {
+            driver.step(&mut source).unwrap();
+        }
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+                Call::SyncServices(names(&["a"])),
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+            ]
+        );
+        // The change did not push the deadline back.
+        assert_eq!(source.deadlines[0], source.deadlines[1]);
+        assert!(start.elapsed() >= resync);
+    }
+
+    #[test]
+    fn a_full_sync_waiting_for_pod_interfaces_is_retried_at_the_next_quiet_tick() {
+        let mut source = ScriptedSource::new(
+            Some(snapshot(&["a"])),
+            [Next::Quiet, Next::Quiet, changed(&["a"]), Next::Quiet],
+        );
+        let node = RecordingNode {
+            full_sync_answers: [Synced::WaitingForInterfaces, Synced::Done].into(),
+            ..RecordingNode::default()
+        };
+        let mut driver = Driver::new(node, AN_HOUR);
+        for _ in 0..5 {
+            driver.step(&mut source).unwrap();
+        }
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+                // The retry; then the interfaces were there.
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+                Call::SyncServices(names(&["a"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_full_sync_records_no_lag_and_waits_for_the_next_change_or_resync() {
+        let mut source = ScriptedSource::new(None, [Next::Quiet, Next::Quiet]);
+        let mut failing = snapshot(&["a"]);
+        failing.oldest_change = Some(Instant::now());
+        source
+            .script
+            .push_front(Next::Event(SourceEvent::Snapshot(failing)));
+        let node = RecordingNode {
+            full_sync_answers: [Synced::Failed].into(),
+            ..RecordingNode::default()
+        };
+        let mut driver = Driver::new(node, AN_HOUR);
+        for _ in 0..3 {
+            driver.step(&mut source).unwrap();
+        }
+        assert_eq!(
+            driver.target.calls,
+            [Call::SyncAll(FullSync::Resync, names(&["a"]))]
+        );
+        assert_eq!(driver.target.lags_recorded.get(), 0);
+    }
+
+    #[test]
+    fn until_the_source_has_objects_the_driver_waits_and_the_first_ones_get_a_resync() {
+        // A config file that does not parse yet: no snapshot.
+        let mut source = ScriptedSource::new(
+            None,
+            [
+                Next::Quiet,
+                Next::Event(SourceEvent::Snapshot(snapshot(&["a"]))),
+                Next::Event(SourceEvent::Snapshot(snapshot(&["a", "b"]))),
+            ],
+        );
+        let mut driver = Driver::new(RecordingNode::default(), AN_HOUR);
+        for _ in 0..3 {
+            driver.step(&mut source).unwrap();
+        }
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+                Call::SyncAll(FullSync::AfterChange, names(&["a", "b"])),
+            ]
+        );
+    }
+}
