@@ -436,3 +436,305 @@ where
     });
     reader
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::reflector::store::Writer;
+
+    use super::*;
+
+    /// The four watches as `start_watches` sets them up, without an API server: each
+    /// event goes to the store, then to `Watched::record`, as the reflector does.
+    struct Watches {
+        changed: Arc<Changed>,
+        telemetry: Arc<Telemetry>,
+        services: (Writer<Service>, Watched<Service>),
+        endpoint_slices: (Writer<EndpointSlice>, Watched<EndpointSlice>),
+        nodes: (Writer<Node>, Watched<Node>),
+        pods: (Writer<Pod>, Watched<Pod>),
+        stores: Stores,
+    }
+
+    fn watches() -> Watches {
+        let changed = Arc::new(Changed::default());
+        let telemetry = Telemetry::new(PathBuf::new(), BTreeMap::new());
+        let (services, services_writer) = reflector::store();
+        let (endpoint_slices, slices_writer) = reflector::store();
+        let (nodes, nodes_writer) = reflector::store();
+        let (pods, pods_writer) = reflector::store();
+        Watches {
+            services: (
+                services_writer,
+                Watched::new("services", &changed, &telemetry, service_ref),
+            ),
+            endpoint_slices: (
+                slices_writer,
+                Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
+                    .tracking(Changed::track_slice),
+            ),
+            nodes: (
+                nodes_writer,
+                Watched::new("nodes", &changed, &telemetry, |_| None),
+            ),
+            pods: (
+                pods_writer,
+                Watched::new("pods", &changed, &telemetry, |_| None),
+            ),
+            stores: Stores {
+                services,
+                endpoint_slices,
+                nodes,
+                pods,
+            },
+            changed,
+            telemetry,
+        }
+    }
+
+    fn see<K>((store, watched): &mut (Writer<K>, Watched<K>), event: Event<K>)
+    where
+        K: Resource + Clone,
+        K::DynamicType: Eq + Hash + Clone,
+    {
+        store.apply_watcher_event(&event);
+        watched.record(&event);
+    }
+
+    fn meta(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn service(name: &str) -> Service {
+        Service {
+            metadata: meta(name),
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                labels: Some([(model::SERVICE_NAME_LABEL.into(), service.into())].into()),
+                ..meta(name)
+            },
+            address_type: "IPv4".into(),
+            ..EndpointSlice::default()
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: meta(name),
+            ..Node::default()
+        }
+    }
+
+    fn pod(name: &str) -> Pod {
+        Pod {
+            metadata: meta(name),
+            ..Pod::default()
+        }
+    }
+
+    fn names<K: Resource>(objects: &[Arc<K>]) -> BTreeSet<String> {
+        objects
+            .iter()
+            .filter_map(|o| o.meta().name.clone())
+            .collect()
+    }
+
+    fn refs(services: &[&str]) -> BTreeSet<ServiceRef> {
+        services
+            .iter()
+            .filter_map(|name| service_ref(&service(name)))
+            .collect()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The event for what is pending, as `KubeSource::next_event` makes it.
+    fn next_event(watches: &Watches) -> Option<SourceEvent> {
+        watches
+            .stores
+            .event_for(watches.changed.take(), &watches.changed)
+    }
+
+    #[test]
+    fn many_service_and_endpointslice_events_become_one_event_naming_those_services() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("untouched")));
+        see(
+            &mut w.endpoint_slices,
+            Event::Apply(slice("untouched-1", "untouched")),
+        );
+        next_event(&w).expect("the first events");
+
+        for round in 0..50 {
+            see(&mut w.services, Event::Apply(service("web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("web-1", "web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("web-2", "web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("db-1", "db")));
+            if round == 49 {
+                see(&mut w.endpoint_slices, Event::Delete(slice("web-2", "web")));
+                see(&mut w.services, Event::Delete(service("gone")));
+            }
+        }
+        let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
+            panic!("one event naming the Services");
+        };
+        assert_eq!(changes.services, refs(&["db", "gone", "web"]));
+        // Their objects as the stores hold them now; "db" has a slice, no Service yet.
+        assert_eq!(names(&changes.objects.services), set(&["web"]));
+        assert_eq!(
+            names(&changes.objects.endpoint_slices),
+            set(&["db-1", "web-1"])
+        );
+        assert!(changes.objects.nodes.is_empty() && changes.objects.pods.is_empty());
+        assert!(changes.oldest_change.is_some());
+        assert!(next_event(&w).is_none(), "all of it in that one event");
+    }
+
+    #[test]
+    fn a_slice_relabelled_to_another_service_counts_only_for_that_service() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("a")));
+        see(&mut w.services, Event::Apply(service("b")));
+        see(&mut w.endpoint_slices, Event::Apply(slice("moving", "a")));
+        next_event(&w);
+        see(&mut w.endpoint_slices, Event::Apply(slice("moving", "b")));
+        // The event names b only; a's index entry is stale. Both, asked for together:
+        w.changed.event(service_ref(&service("a")));
+        let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
+            panic!("a Service-only event");
+        };
+        assert_eq!(changes.services, refs(&["a", "b"]));
+        assert_eq!(
+            changes.objects.endpoint_slices.len(),
+            1,
+            "the slice, once, for b"
+        );
+    }
+
+    #[test]
+    fn a_node_or_pod_event_or_a_relist_becomes_a_snapshot_of_everything() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("web")));
+        see(&mut w.endpoint_slices, Event::Apply(slice("web-1", "web")));
+        see(&mut w.nodes, Event::Apply(node("node-a")));
+        see(&mut w.pods, Event::Apply(pod("client")));
+        next_event(&w);
+
+        let everything = |event: Option<SourceEvent>| match event {
+            Some(SourceEvent::Snapshot(snapshot)) => {
+                let objects = &snapshot.objects;
+                (
+                    names(&objects.services),
+                    names(&objects.endpoint_slices),
+                    names(&objects.nodes),
+                    names(&objects.pods),
+                )
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        see(&mut w.services, Event::Apply(service("api")));
+        see(&mut w.nodes, Event::Apply(node("node-b")));
+        assert_eq!(
+            everything(next_event(&w)),
+            (
+                set(&["api", "web"]),
+                set(&["web-1"]),
+                set(&["node-a", "node-b"]),
+                set(&["client"])
+            ),
+            "a Node event, with a Service event pending"
+        );
+
+        see(&mut w.pods, Event::Delete(pod("client")));
+        assert_eq!(everything(next_event(&w)).3, set(&[]), "a Pod event");
+
+        // A relist of Services: "api" was deleted while the watch was down.
+        see(&mut w.services, Event::Init);
+        see(&mut w.services, Event::InitApply(service("web")));
+        assert!(
+            next_event(&w).is_none(),
+            "nothing before the relist is whole"
+        );
+        see(&mut w.services, Event::InitDone);
+        assert_eq!(everything(next_event(&w)).0, set(&["web"]), "a relist");
+        let restarts = w
+            .telemetry
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: "services".into(),
+            })
+            .get();
+        assert_eq!(restarts, 0, "the first list of the watch is no restart");
+        see(&mut w.services, Event::Init);
+        let restarts = w
+            .telemetry
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: "services".into(),
+            })
+            .get();
+        assert_eq!(restarts, 1);
+    }
+
+    /// A source on the fake watches, as `KubeSource::start` makes one.
+    fn source(watches: Watches) -> (KubeSource, Watches) {
+        let stores = Stores {
+            services: watches.stores.services.clone(),
+            endpoint_slices: watches.stores.endpoint_slices.clone(),
+            nodes: watches.stores.nodes.clone(),
+            pods: watches.stores.pods.clone(),
+        };
+        let source = KubeSource {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            stores,
+            changed: watches.changed.clone(),
+        };
+        (source, watches)
+    }
+
+    #[test]
+    fn events_pending_at_a_resync_are_in_its_snapshot_and_not_reported_again() {
+        let (mut source, mut w) = source(watches());
+        see(&mut w.services, Event::Apply(service("web")));
+        let snapshot = source.snapshot().unwrap().expect("always a snapshot");
+        assert_eq!(names(&snapshot.objects.services), set(&["web"]));
+        assert!(snapshot.oldest_change.is_some(), "the event's lag counts");
+        // The event's wake-up is still there: the wait goes on to the deadline.
+        let deadline = Instant::now() + Duration::from_millis(50);
+        assert!(source.next_event(deadline).unwrap().is_none());
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn a_wait_ends_with_the_first_event_and_hands_over_everything_pending_by_then() {
+        let (mut source, mut w) = source(watches());
+        see(&mut w.services, Event::Apply(service("web")));
+        see(&mut w.services, Event::Apply(service("api")));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let Some(SourceEvent::ServicesChanged(changes)) = source.next_event(far).unwrap() else {
+            panic!("a Service-only event");
+        };
+        assert_eq!(changes.services, refs(&["api", "web"]));
+        // Past the deadline, events wait for the full sync that is due.
+        see(&mut w.nodes, Event::Apply(node("node-a")));
+        assert!(source.next_event(Instant::now()).unwrap().is_none());
+        let snapshot = source.snapshot().unwrap().expect("always a snapshot");
+        assert_eq!(names(&snapshot.objects.nodes), set(&["node-a"]));
+    }
+}
