@@ -191,3 +191,75 @@ impl FileWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn services_yaml(names: &[&str]) -> String {
+        let mut yaml = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for name in names {
+            yaml += &format!("- {{apiVersion: v1, kind: Service, metadata: {{name: {name}}}}}\n");
+        }
+        yaml
+    }
+
+    fn service_names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .objects
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    /// The source's next snapshot event before `deadline`, through quiet polls.
+    fn next_snapshot_until(source: &mut FileSource, deadline: Instant) -> Option<Snapshot> {
+        while Instant::now() < deadline {
+            match source.next_event(deadline).unwrap() {
+                Some(SourceEvent::Snapshot(snapshot)) => return Some(snapshot),
+                Some(other) => panic!("the file source only has snapshots: {other:?}"),
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn next_snapshot(source: &mut FileSource) -> Option<Snapshot> {
+        next_snapshot_until(source, Instant::now() + Duration::from_secs(5))
+    }
+
+    #[test]
+    fn each_change_that_parses_is_a_snapshot_and_a_refused_file_keeps_the_last_one() {
+        let dir = std::env::temp_dir().join(format!("ferrite-file-source-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.yaml");
+        fs::write(&path, services_yaml(&["a"])).unwrap();
+        let telemetry = Telemetry::new(PathBuf::new(), BTreeMap::new());
+        let mut source =
+            FileSource::new(&path, Duration::from_millis(20), telemetry.clone()).unwrap();
+
+        let first = source.snapshot().unwrap().expect("the file parses");
+        assert_eq!(service_names(&first), ["a"]);
+        let quiet = Instant::now() + Duration::from_millis(50);
+        assert!(source.next_event(quiet).unwrap().is_none(), "no change yet");
+
+        fs::write(&path, services_yaml(&["a", "b"])).unwrap();
+        let changed = next_snapshot(&mut source).expect("the change");
+        assert_eq!(service_names(&changed), ["a", "b"]);
+
+        fs::write(&path, "apiVersion: v1\nkind: [\n").unwrap();
+        let quiet = Instant::now() + Duration::from_millis(300);
+        assert!(next_snapshot_until(&mut source, quiet).is_none());
+        assert_eq!(telemetry.readiness().0, 503, "readyz says why");
+        let kept = source.snapshot().unwrap().expect("the last applied");
+        assert_eq!(service_names(&kept), ["a", "b"]);
+
+        fs::write(&path, services_yaml(&["c"])).unwrap();
+        let repaired = next_snapshot(&mut source).expect("the repaired file");
+        assert_eq!(service_names(&repaired), ["c"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
