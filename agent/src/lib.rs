@@ -1,5 +1,12 @@
 //! Ferrite's node agent: Kubernetes objects -> one desired-state model -> ordered
 //! writes to the pinned BPF maps of the datapath.
+//!
+//! Modules depend one way, each only on those before it:
+//! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
+//! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
+//! `podnet`, `inspect` -> `agent` (the node), `source` and `kube_source` (events
+//! for the driver), `cni`. The binaries wire a source, the driver and the node.
+//! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod cni;
 pub mod conntrack_gc;
