@@ -1,4 +1,5 @@
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -233,6 +234,34 @@ fn drop_capabilities() -> Result<()> {
     Ok(())
 }
 
+/// How long the file source waits for a change at most: between waits the driver
+/// flushes the datapath's logs and retries pods waiting for their interface.
+const FILE_POLL: Duration = Duration::from_millis(200);
+
+/// Load and prepare the node, give up what the process no longer needs, then sync
+/// the node from its source for good.
+fn run_agent(
+    options: &agent::AgentOptions,
+    http_addr: SocketAddr,
+    config: Option<PathBuf>,
+    resync: Duration,
+) -> Result<()> {
+    use_one_malloc_arena();
+    let node = agent::NodeAgent::start(options)?;
+    // Before any other thread exists: capabilities are per thread.
+    drop_capabilities()?;
+    let telemetry = node.telemetry.clone();
+    telemetry::serve(http_addr, telemetry.clone())?;
+    let driver = Driver::new(node, resync);
+    match config {
+        Some(path) => driver.run(&mut source::FileSource::new(&path, FILE_POLL, telemetry)?),
+        None => driver.run(&mut kube_source::KubeSource::start(
+            &options.node,
+            telemetry,
+        )?),
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -274,25 +303,12 @@ fn main() -> Result<()> {
                 object: find_object(bpf_object.as_deref())?,
                 node,
             };
-            use_one_malloc_arena();
-            let node = agent::NodeAgent::start(&options)?;
-            // Before any other thread exists: capabilities are per thread.
-            drop_capabilities()?;
-            let telemetry = node.telemetry.clone();
-            telemetry::serve(http_addr, telemetry.clone())?;
-            let resync = Duration::from_secs(resync_seconds);
-            match config {
-                Some(path) => {
-                    // How often the driver gets control back while the file is quiet.
-                    let poll = Duration::from_millis(200);
-                    let mut source = source::FileSource::new(&path, poll, telemetry)?;
-                    Driver::new(node, resync).run(&mut source)
-                }
-                None => {
-                    let mut source = kube_source::KubeSource::start(&options.node, telemetry)?;
-                    Driver::new(node, resync).run(&mut source)
-                }
-            }
+            run_agent(
+                &options,
+                http_addr,
+                config,
+                Duration::from_secs(resync_seconds),
+            )
         }
         Command::Inspect {
             node,
