@@ -1,11 +1,10 @@
-//! The node agent: load and attach the datapath, then keep its maps in sync with the
-//! cluster, from one of two sources feeding the same model - a YAML file (re-read when
-//! it changes) or the Kubernetes API (watches; see `kube_source`) - and periodically,
-//! which also picks up new pod interfaces and repairs drift.
+//! The node agent: load and attach the datapath and prepare the node, then make its
+//! maps, program attachments and host side match the objects the driver hands it
+//! (see `driver`): the whole model, or only some Services.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -20,29 +19,23 @@ use aya::programs::TcAttachType;
 
 use crate::{
     datapath::{self, Attachment, Datapath},
-    hostnet, kube_source,
+    driver::{FullSync, ServiceChanges, Snapshot, SyncTarget, Synced},
+    hostnet,
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, L4Addr, ServiceRef},
-    plan, podnet, source,
-    telemetry::{self, ServiceNames, Telemetry},
+    plan, podnet,
+    telemetry::{ServiceNames, Telemetry},
 };
 
+/// How the node's datapath is loaded and what it accepts.
 pub struct AgentOptions {
     pub node: String,
-    /// The YAML file source; `None`: watch the Kubernetes API.
-    pub config: Option<PathBuf>,
     pub object: PathBuf,
-    /// How often the file is checked for changes.
-    pub poll: Duration,
-    /// How often a full resync runs even if nothing changed.
-    pub resync: Duration,
     pub datapath_log: datapath::DatapathLog,
     pub vni: u32,
     pub vxlan_port: u16,
     /// Pod traffic leaving this CIDR is masqueraded to the node's address.
     pub cluster_cidr: Option<Ipv4Net>,
-    /// `/healthz`, `/readyz` and `/metrics`.
-    pub http_addr: Option<SocketAddr>,
     /// `max_entries` of maps whose default does not suit (by map name); applies when
     /// the maps are created (first start, or after `ferrite uninstall`).
     pub map_capacities: BTreeMap<String, u32>,
@@ -101,6 +94,31 @@ pub struct SyncReport {
     pub health_checks: BTreeMap<u16, model::HealthCheck>,
 }
 
+impl SyncReport {
+    /// The Services of `state`: their count, names, owners and health checks.
+    fn of_services(state: &model::DesiredState) -> Self {
+        Self {
+            services: state.services.len(),
+            service_names: Arc::new(
+                state
+                    .services
+                    .iter()
+                    .map(|(frontend, service)| {
+                        ((frontend.ip.octets(), frontend.port), service.name.clone())
+                    })
+                    .collect(),
+            ),
+            owners: state
+                .services
+                .iter()
+                .map(|(frontend, service)| (*frontend, service.service.clone()))
+                .collect(),
+            health_checks: state.health_checks.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 /// The loaded datapath of this node and everything a sync needs.
 pub struct NodeAgent {
     pub settings: plan::NodeSettings,
@@ -151,11 +169,6 @@ impl NodeAgent {
             .map(|name| (name.to_string(), options.capacity(name)))
             .collect();
         let telemetry = Telemetry::new(pin_dir.clone(), capacities);
-        // Before any other thread exists: capabilities are per thread.
-        drop_capabilities()?;
-        if let Some(addr) = options.http_addr {
-            telemetry::serve(addr, telemetry.clone())?;
-        }
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             settings: plan::NodeSettings {
@@ -189,15 +202,16 @@ impl NodeAgent {
 
     /// Reconcile, record metrics and log; the first success makes the agent ready.
     /// Errors are logged: the maps keep their last good state and the next sync retries.
-    /// `event_driven` syncs diff against what the agent last wrote; the others
-    /// (start, periodic resync) read the maps, which also repairs drift.
+    /// Syncs after a change diff against what the agent last wrote; resyncs (start,
+    /// periodic) read the maps, which also repairs drift.
     pub fn sync(
         &mut self,
         objects: &ClusterObjects,
         skipped: Vec<model::Skipped>,
-        event_driven: bool,
+        how: FullSync,
     ) -> Option<SyncReport> {
         let start = Instant::now();
+        let event_driven = how == FullSync::AfterChange;
         let cached = if event_driven {
             self.written.take().map(|written| written.contents)
         } else {
@@ -281,10 +295,6 @@ impl NodeAgent {
                 None
             }
         }
-    }
-
-    pub fn flush_logs(&mut self) {
-        self.parts.datapath.flush_logs();
     }
 
     /// With every full sync (start and `--resync-seconds`): drop finished and idle
@@ -396,14 +406,7 @@ impl NodeAgent {
         let (ops, more) =
             plan::service_update(&written, &frontends, &now, &self.settings.capacities);
         skipped.extend(more);
-        let ended = plan::ended_pairs(&written.contents, &ops);
-        let applied = self.parts.maps.apply(&ops).and_then(|_| {
-            self.parts
-                .maps
-                .purge_conntrack(&plan::removed_backends(&ops), &ended)
-                .and_then(|_| self.parts.maps.purge_lb_counters(&ops))
-        });
-        if let Err(e) = applied {
+        if let Err(e) = write_maps(&mut self.parts.maps, &written.contents, &ops) {
             // The maps may hold part of `ops`: the next (full) sync re-reads them.
             self.telemetry.sync_errors.inc();
             error!("incremental sync failed: {e:#}");
@@ -445,102 +448,25 @@ impl NodeAgent {
     }
 }
 
-/// Capabilities the agent keeps once the datapath is loaded and the node prepared:
-/// BPF (map and link syscalls, with unprivileged BPF disabled) and NET_ADMIN (tcx
-/// attachments, `ip`, `nft`). Loading programs (PERFMON) and mounting bpffs
-/// (SYS_ADMIN) happen before.
-pub const RUNTIME_CAPABILITIES: [caps::Capability; 2] =
-    [caps::Capability::CAP_BPF, caps::Capability::CAP_NET_ADMIN];
-
-/// Drop every other capability, from the bounding set too, so neither the agent nor
-/// the tools it runs can do more. Applies to the calling thread and the threads it
-/// starts afterwards.
-fn drop_capabilities() -> Result<()> {
-    use caps::{CapSet, CapsHashSet};
-    let keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
-    for capability in caps::all() {
-        // A capability this kernel does not know is not held either.
-        let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
-        if !keep.contains(&capability) && held {
-            caps::drop(None, CapSet::Bounding, capability)
-                .with_context(|| format!("dropping {capability} from the bounding set"))?;
+impl SyncTarget for NodeAgent {
+    fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) -> Synced {
+        match self.sync(&snapshot.objects, snapshot.skipped.clone(), how) {
+            None => Synced::Failed,
+            Some(report) if report.waiting_for_interfaces => Synced::WaitingForInterfaces,
+            Some(_) => Synced::Done,
         }
     }
-    caps::clear(None, CapSet::Ambient)?;
-    caps::clear(None, CapSet::Inheritable)?;
-    caps::set(None, CapSet::Effective, &keep)?;
-    caps::set(None, CapSet::Permitted, &keep).context("dropping capabilities")?;
-    info!(kept = ?RUNTIME_CAPABILITIES, "dropped all other capabilities");
-    Ok(())
-}
 
-pub fn run(options: &AgentOptions) -> Result<()> {
-    // glibc gives each thread that allocates an arena of its own; with the watch
-    // threads that fragments tens of MB of object caches: one arena (measured: 89-98
-    // MB at 10k Services, against 102-106 MB with two and 110-128 MB unlimited).
-    // SAFETY: mallopt only tunes the allocator; called before other threads start.
-    unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1) };
-    let mut agent = NodeAgent::start(options)?;
-    match &options.config {
-        Some(config) => run_file(&mut agent, config, options),
-        None => kube_source::run(agent, options.resync),
+    fn sync_services(&mut self, changes: &ServiceChanges) -> bool {
+        NodeAgent::sync_services(self, &changes.services, &changes.objects)
     }
-}
 
-/// How long the config file must stay quiet before it is read (a writer that does
-/// not replace it atomically is still writing).
-const CONFIG_SETTLE: Duration = Duration::from_millis(100);
+    fn flush_logs(&mut self) {
+        self.parts.datapath.flush_logs();
+    }
 
-fn run_file(agent: &mut NodeAgent, config: &std::path::Path, options: &AgentOptions) -> Result<()> {
-    let watch = source::FileWatch::new(config)?;
-    let mut last_content: Option<String> = None;
-    // What the file held when it last parsed: a refused file changes nothing, and
-    // full syncs (drift repair, conntrack collection) go on with this.
-    let mut applied: Option<(ClusterObjects, Vec<model::Skipped>)> = None;
-    // Full syncs come every `resync` even while the file keeps changing.
-    let mut last_full_sync: Option<Instant> = None;
-    let mut retry_soon = false;
-    let mut check_file = true;
-    loop {
-        let due = last_full_sync.is_none_or(|t| t.elapsed() >= options.resync);
-        let mut changed = false;
-        if check_file {
-            agent.telemetry.config_reads.inc();
-            match fs::read_to_string(watch.path()) {
-                Ok(content) if last_content.as_ref() != Some(&content) => {
-                    match source::parse_objects(&content) {
-                        Ok(parsed) => {
-                            applied = Some(parsed);
-                            changed = true;
-                            agent.telemetry.set_config_rejected(None);
-                        }
-                        Err(e) => {
-                            error!(
-                                config = %config.display(),
-                                "config refused, the last applied state stays: {e}"
-                            );
-                            agent.telemetry.set_config_rejected(Some(e.to_string()));
-                        }
-                    }
-                    last_content = Some(content);
-                }
-                Ok(_) => {}
-                Err(e) => warn!(config = %config.display(), "cannot read config: {e}"),
-            }
-        }
-        if let Some((objects, skipped)) = &applied {
-            if changed || due || retry_soon {
-                let event_driven = changed && !due;
-                retry_soon = agent
-                    .sync(objects, skipped.clone(), event_driven)
-                    .is_some_and(|r| r.waiting_for_interfaces);
-                if !event_driven {
-                    last_full_sync = Some(Instant::now());
-                }
-            }
-        }
-        agent.flush_logs();
-        check_file = watch.wait(options.poll, CONFIG_SETTLE)?;
+    fn record_event_lag(&self, lag: Duration) {
+        self.telemetry.event_lag.observe(lag.as_secs_f64());
     }
 }
 
@@ -555,7 +481,30 @@ fn attach_programs(
     uplink: Option<&str>,
     use_xdp: bool,
 ) -> Result<BTreeSet<Attachment>> {
-    let mut wanted: BTreeMap<Attachment, (&str, TcAttachType)> = BTreeMap::new();
+    let tc_programs = wanted_tc_programs(state, uplink);
+    for (attachment, (program, direction)) in &tc_programs {
+        let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
+            continue;
+        };
+        if datapath.ensure_attached(device, *direction, program)? {
+            info!(interface = device, program, "attached");
+        }
+    }
+    let mut wanted: BTreeSet<Attachment> = tc_programs.into_keys().collect();
+    if let Some(uplink) = uplink {
+        if attach_or_detach_uplink_xdp(datapath, uplink, use_xdp)? {
+            wanted.insert(Attachment::Xdp(uplink.into()));
+        }
+    }
+    Ok(wanted)
+}
+
+/// The tcx program each attachment point of the node should run.
+fn wanted_tc_programs(
+    state: &model::DesiredState,
+    uplink: Option<&str>,
+) -> BTreeMap<Attachment, (&'static str, TcAttachType)> {
+    let mut wanted = BTreeMap::new();
     for pod in state.pods.values() {
         for (program, direction) in datapath::POD_PROGRAMS {
             let attachment = match direction {
@@ -583,34 +532,32 @@ fn attach_programs(
             (program_names::FROM_HOST, TcAttachType::Egress),
         );
     }
-    for (attachment, (program, direction)) in &wanted {
-        let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
-            continue;
-        };
-        if datapath.ensure_attached(device, *direction, program)? {
-            info!(interface = device, program, "attached");
-        }
-    }
-    let mut wanted: BTreeSet<Attachment> = wanted.into_keys().collect();
-    if let Some(uplink) = uplink {
-        let xdp = Attachment::Xdp(uplink.into());
-        if use_xdp {
-            if datapath.ensure_xdp_attached(uplink)? {
-                info!(
-                    interface = uplink,
-                    "attached XDP program for external traffic"
-                );
-            }
-            wanted.insert(xdp);
-        } else if datapath.attached()?.contains(&xdp) {
-            datapath.detach(&xdp)?;
+    wanted
+}
+
+/// Attach the XDP program to the uplink, or detach it when external traffic is to be
+/// balanced at the uplink's tcx ingress instead. Returns whether it is wanted.
+fn attach_or_detach_uplink_xdp(
+    datapath: &mut Datapath,
+    uplink: &str,
+    use_xdp: bool,
+) -> Result<bool> {
+    let xdp = Attachment::Xdp(uplink.into());
+    if use_xdp {
+        if datapath.ensure_xdp_attached(uplink)? {
             info!(
                 interface = uplink,
-                "XDP detached: external traffic is balanced at the uplink's tcx ingress"
+                "attached XDP program for external traffic"
             );
         }
+    } else if datapath.attached()?.contains(&xdp) {
+        datapath.detach(&xdp)?;
+        info!(
+            interface = uplink,
+            "XDP detached: external traffic is balanced at the uplink's tcx ingress"
+        );
     }
-    Ok(wanted)
+    Ok(use_xdp)
 }
 
 /// The node's host side beyond the maps and device programs: socket-level load
@@ -751,26 +698,10 @@ pub fn reconcile(
 
     // The uplink (the interface holding this node's IP): XDP for external traffic,
     // tcx to forward what it translated; the overlay's MTU follows it.
-    let node_ip = state.nodes.get(&settings.node).map(|n| n.ip);
-    let uplink = node_ip.and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
+    let uplink = find_uplink(&state, &settings.node);
     let mut interfaces = datapath::interfaces()?;
-    let uplink_mtu = uplink
-        .as_deref()
-        .and_then(|u| interfaces.get(u))
-        .map(|i| i.mtu);
-    if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
-        let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
-        if vxlan.mtu != overlay_mtu {
-            hostnet::set_vxlan_mtu(overlay_mtu)?;
-            info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
-            vxlan.mtu = overlay_mtu;
-        }
-    }
-    let use_xdp = uplink.as_deref().is_some_and(|u| {
-        settings
-            .uplink_xdp
-            .wants_xdp(datapath::driver(u).as_deref())
-    });
+    match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
+    let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
     let settings = &plan::NodeSettings {
         external_in_tc: !use_xdp,
         ..settings.clone()
@@ -792,9 +723,62 @@ pub fn reconcile(
         .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
     skipped.extend(more);
     let ops = plan::diff(&current, &desired);
-    // Host routes first: once a pod's endpoint is in the map, the stack can reach it
-    // too (replies to its masqueraded traffic; plain routing if the datapath goes).
-    for op in &ops {
+    add_routes_to_new_endpoints(&state, &ops)?;
+    let purged_flows = write_maps(maps, &current, &ops)?;
+    // Links pinned by an earlier agent still run the programs it loaded: move them to
+    // this agent's, now that the maps hold this sync's state (an upgrade may have
+    // re-created some of them).
+    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
+    remove_links_of_vanished_interfaces(datapath, &wanted, &interfaces)?;
+    host.sync_socket_lb(datapath, &settings.node)?;
+    publish_pod_cidr(&state, &settings.node)?;
+
+    let report = SyncReport {
+        writes: ops.len(),
+        endpoints: desired.endpoints.len(),
+        purged_flows,
+        skipped,
+        waiting_for_interfaces,
+        ..SyncReport::of_services(&state)
+    };
+    Ok((report, desired))
+}
+
+/// The interface holding this node's IP (from its Node object), if any.
+fn find_uplink(state: &model::DesiredState, node: &str) -> Option<String> {
+    let node_ip = state.nodes.get(node)?.ip;
+    datapath::interface_with_address(node_ip).ok().flatten()
+}
+
+/// The VXLAN device's MTU: the uplink's less the encapsulation, so that overlay
+/// packets fit the underlay. `interfaces` is updated to match.
+fn match_overlay_mtu_to_uplink(
+    interfaces: &mut BTreeMap<String, plan::Interface>,
+    uplink: Option<&str>,
+) -> Result<()> {
+    let uplink_mtu = uplink.and_then(|u| interfaces.get(u)).map(|i| i.mtu);
+    if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
+        let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
+        if vxlan.mtu != overlay_mtu {
+            hostnet::set_vxlan_mtu(overlay_mtu)?;
+            info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
+            vxlan.mtu = overlay_mtu;
+        }
+    }
+    Ok(())
+}
+
+/// Whether external traffic is balanced by XDP on the uplink (else by its tcx
+/// ingress program), as `--xdp` says for the uplink's driver.
+fn uplink_wants_xdp(uplink: Option<&str>, setting: plan::UplinkXdp) -> bool {
+    uplink.is_some_and(|u| setting.wants_xdp(datapath::driver(u).as_deref()))
+}
+
+/// Host routes to the pods whose endpoints `ops` adds, before the map writes: once a
+/// pod's endpoint is in the map, the stack can reach it too (replies to its
+/// masqueraded traffic; plain routing if the datapath goes).
+fn add_routes_to_new_endpoints(state: &model::DesiredState, ops: &[plan::Op]) -> Result<()> {
+    for op in ops {
         if let plan::Op::PutEndpoint(key, _) = op {
             let ip = Ipv4Addr::from(key.address);
             if let Some(pod) = state.pods.get(&ip) {
@@ -802,19 +786,28 @@ pub fn reconcile(
             }
         }
     }
-    let ended = plan::ended_pairs(&current, &ops);
-    maps.apply(&ops).context("applying map changes")?;
-    let purged_flows = maps.purge_conntrack(&plan::removed_backends(&ops), &ended)?;
-    maps.purge_lb_counters(&ops)?;
+    Ok(())
+}
 
-    // Links pinned by an earlier agent still run the programs it loaded: move them to
-    // this agent's, now that the maps hold this sync's state (an upgrade may have
-    // re-created some of them).
-    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
+/// Apply `ops` to maps that held `before`, then forget what they ended: the
+/// conntrack entries of removed backends and of ended Service-backend pairs, and
+/// the load-balancing counters of removed entries. Returns the flows purged.
+fn write_maps(maps: &mut NodeMaps, before: &plan::MapContents, ops: &[plan::Op]) -> Result<usize> {
+    let ended = plan::ended_pairs(before, ops);
+    maps.apply(ops).context("applying map changes")?;
+    let purged_flows = maps.purge_conntrack(&plan::removed_backends(ops), &ended)?;
+    maps.purge_lb_counters(ops)?;
+    Ok(purged_flows)
+}
 
-    // Links of interfaces that still exist may belong to pods the CNI plugin just
-    // wired: only pins of vanished interfaces are removed (the cgroup hooks are
-    // the socket-level step's).
+/// Remove the link pins of interfaces that are gone. Links of interfaces that still
+/// exist may belong to pods the CNI plugin just wired, so they stay; the cgroup
+/// hooks are the socket-level step's.
+fn remove_links_of_vanished_interfaces(
+    datapath: &Datapath,
+    wanted: &BTreeSet<Attachment>,
+    interfaces: &BTreeMap<String, plan::Interface>,
+) -> Result<()> {
     for attachment in datapath.attached()? {
         let Some(device) = attachment.device() else {
             continue;
@@ -827,36 +820,13 @@ pub fn reconcile(
             );
         }
     }
-    host.sync_socket_lb(datapath, &settings.node)?;
-    if let Some(cidr) = state
-        .nodes
-        .get(&settings.node)
-        .and_then(|n| n.pod_cidrs.first())
-    {
-        hostnet::publish_pod_cidr(&settings.node, *cidr)?;
+    Ok(())
+}
+
+/// Write this node's pod CIDR (from its Node object) where the CNI plugin reads it.
+fn publish_pod_cidr(state: &model::DesiredState, node: &str) -> Result<()> {
+    if let Some(cidr) = state.nodes.get(node).and_then(|n| n.pod_cidrs.first()) {
+        hostnet::publish_pod_cidr(node, *cidr)?;
     }
-    let report = SyncReport {
-        writes: ops.len(),
-        services: state.services.len(),
-        endpoints: desired.endpoints.len(),
-        purged_flows,
-        skipped,
-        waiting_for_interfaces,
-        service_names: Arc::new(
-            state
-                .services
-                .iter()
-                .map(|(frontend, service)| {
-                    ((frontend.ip.octets(), frontend.port), service.name.clone())
-                })
-                .collect(),
-        ),
-        owners: state
-            .services
-            .iter()
-            .map(|(frontend, service)| (*frontend, service.service.clone()))
-            .collect(),
-        health_checks: state.health_checks.clone(),
-    };
-    Ok((report, desired))
+    Ok(())
 }

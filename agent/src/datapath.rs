@@ -89,34 +89,6 @@ impl Attachment {
     }
 }
 
-/// The eBPF object: `--bpf-object`, else $FERRITE_BPF_OBJECT, else next to the
-/// executable, else `target/bpf/` (where `cargo xtask build-ebpf` puts it).
-pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = explicit {
-        return Ok(path.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("FERRITE_BPF_OBJECT") {
-        return Ok(path.into());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("executable has no directory")?;
-    let candidates = [
-        dir.join(OBJECT_FILE_NAME),
-        dir.join("../bpf").join(OBJECT_FILE_NAME),
-        dir.join("../../bpf").join(OBJECT_FILE_NAME),
-        PathBuf::from("/usr/lib/ferrite").join(OBJECT_FILE_NAME),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "{OBJECT_FILE_NAME} not found (run `cargo xtask build-ebpf` or pass --bpf-object)"
-            )
-        })
-}
-
 /// The cgroup v2 hierarchy the socket-level programs attach to by default: where it
 /// is mounted (/proc/mounts); without one, a cgroup2 mount of Ferrite's own under
 /// /run/ferrite/cgroupv2, as Cilium mounts one under /run/cilium.

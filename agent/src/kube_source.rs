@@ -4,18 +4,19 @@
 //! reconnect with backoff, 410 Gone -> relist); a reflector store swaps in a relisted
 //! set atomically at `InitDone`, so an object deleted while the watch was down simply
 //! is not in the next model, and the diff removes exactly that - the maps are never
-//! flushed. A burst of events becomes one sync: a sync starts at once, and whatever
-//! arrives while it runs is batched into the next one (no fixed delay).
+//! flushed. A burst of events becomes one event for the driver: the driver gets what
+//! is pending when it asks, and whatever arrives while it syncs is batched into the
+//! next one (no fixed delay).
 //!
-//! Events about Services and EndpointSlices only update the Services they name
-//! (`NodeAgent::sync_services`, O(those Services)); Node and Pod events, relists and
-//! the periodic resync run the full model and diff.
+//! Events about Services and EndpointSlices only name the Services they concern
+//! (`SourceEvent::ServicesChanged`, synced in O(those Services)); Node and Pod
+//! events and relists make a snapshot of everything.
 use std::{
     collections::{BTreeSet, HashMap},
     fmt::Debug,
     hash::Hash,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -37,129 +38,187 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
-    agent::NodeAgent,
+    driver::{ServiceChanges, Snapshot, Source, SourceEvent},
     model::{self, ClusterObjects, ServiceRef},
     telemetry::{ResourceLabel, Telemetry},
 };
 
-pub fn run(agent: NodeAgent, resync: Duration) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run_async(agent, resync))
+/// The watches of one node's agent, as a source of events.
+pub struct KubeSource {
+    /// Runs the watches, also while the driver syncs.
+    runtime: tokio::runtime::Runtime,
+    stores: Stores,
+    changed: Arc<Changed>,
 }
 
-async fn run_async(mut agent: NodeAgent, resync: Duration) -> Result<()> {
+impl KubeSource {
+    /// Start the watches for the agent of `node`; returns once every initial list is
+    /// in (the first snapshot is the whole cluster).
+    pub fn start(node: &str, telemetry: Arc<Telemetry>) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let changed = Arc::new(Changed::default());
+        let stores = runtime.block_on(start_watches(node, &changed, &telemetry))?;
+        info!("initial lists complete");
+        Ok(Self {
+            runtime,
+            stores,
+            changed,
+        })
+    }
+}
+
+impl Source for KubeSource {
+    fn next_event(&mut self, deadline: Instant) -> Result<Option<SourceEvent>> {
+        loop {
+            // What arrives after the deadline goes into the full sync that is due.
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            let notified = self.runtime.block_on(async {
+                tokio::select! {
+                    _ = self.changed.notify.notified() => true,
+                    _ = tokio::time::sleep_until(deadline.into()) => false,
+                }
+            });
+            if !notified {
+                return Ok(None);
+            }
+            // Empty when a snapshot already took what the notification was about.
+            if let Some(event) = self.stores.event_for(self.changed.take(), &self.changed) {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        // Whatever is pending is in this snapshot.
+        let pending = self.changed.take();
+        Ok(Some(self.stores.snapshot(pending.oldest)))
+    }
+}
+
+/// The reflectors' caches of the watched objects.
+struct Stores {
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+}
+
+impl Stores {
+    /// The event `pending` changes make: everything, or only the Services they name
+    /// (with their objects as the stores hold them now); `None` for no change.
+    fn event_for(&self, pending: Pending, changed: &Changed) -> Option<SourceEvent> {
+        if pending.full {
+            return Some(SourceEvent::Snapshot(self.snapshot(pending.oldest)));
+        }
+        if pending.services.is_empty() {
+            return None;
+        }
+        Some(SourceEvent::ServicesChanged(ServiceChanges {
+            objects: self.objects_of(&pending.services, changed),
+            services: pending.services,
+            oldest_change: pending.oldest,
+        }))
+    }
+
+    /// Every cached object, shared: no deep copy.
+    fn snapshot(&self, oldest_change: Option<Instant>) -> Snapshot {
+        Snapshot {
+            objects: ClusterObjects {
+                services: self.services.state(),
+                endpoint_slices: self.endpoint_slices.state(),
+                pods: self.pods.state(),
+                nodes: self.nodes.state(),
+            },
+            skipped: Vec::new(),
+            oldest_change,
+        }
+    }
+
+    /// The Services named and the EndpointSlices labelled for them now.
+    fn objects_of(&self, services: &BTreeSet<ServiceRef>, changed: &Changed) -> ClusterObjects {
+        ClusterObjects {
+            services: services
+                .iter()
+                .filter_map(|service| {
+                    self.services
+                        .get(&ObjectRef::new(&service.name).within(&service.namespace))
+                })
+                .collect(),
+            endpoint_slices: services
+                .iter()
+                .flat_map(|service| changed.slices_of(service))
+                .filter_map(|(service, slice)| {
+                    let slice = self
+                        .endpoint_slices
+                        .get(&ObjectRef::new(&slice).within(&service.namespace))?;
+                    // Its label may have moved to another Service since.
+                    (model::slice_service(&slice).as_ref() == Some(&service)).then_some(slice)
+                })
+                .collect(),
+            ..ClusterObjects::default()
+        }
+    }
+}
+
+/// Watch every Service, EndpointSlice and Node, and the Pods of `node`; returns once
+/// the initial lists are in.
+async fn start_watches(
+    node: &str,
+    changed: &Arc<Changed>,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Stores> {
     let client = Client::try_default()
         .await
         .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-    let changed = Arc::new(Changed::default());
-    let telemetry = agent.telemetry.clone();
     let all = watcher::Config::default();
-    let this_node =
-        watcher::Config::default().fields(&format!("spec.nodeName={}", agent.settings.node));
+    let this_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let services = watch::<Service>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("services", &changed, &telemetry, |service: &Service| {
-            let meta = &service.metadata;
-            Some(ServiceRef::in_namespace_of(meta, meta.name.as_deref()?))
-        }),
+        Watched::new("services", changed, telemetry, service_ref),
     );
-    let slices = watch::<EndpointSlice>(
+    let endpoint_slices = watch::<EndpointSlice>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
+        Watched::new("endpointslices", changed, telemetry, model::slice_service)
             .shrinking(model::compact_slice)
             .tracking(Changed::track_slice),
     );
     let nodes = watch::<Node>(
         Api::all(client.clone()),
         all,
-        Watched::new("nodes", &changed, &telemetry, |_| None),
+        Watched::new("nodes", changed, telemetry, |_| None),
     );
     let pods = watch::<Pod>(
         Api::all(client),
         this_node,
-        Watched::new("pods", &changed, &telemetry, |_| None),
+        Watched::new("pods", changed, telemetry, |_| None),
     );
     for (store_ready, resource) in [
         (services.wait_until_ready().await, "services"),
-        (slices.wait_until_ready().await, "endpointslices"),
+        (endpoint_slices.wait_until_ready().await, "endpointslices"),
         (nodes.wait_until_ready().await, "nodes"),
         (pods.wait_until_ready().await, "pods"),
     ] {
         store_ready.with_context(|| format!("the {resource} watch ended"))?;
     }
-    info!("initial lists complete");
-    // The first sync reads the maps (restart: reuse what is pinned, repair drift).
-    let mut triggered_by_event = false;
-    // Full syncs (drift repair, conntrack collection) come every `resync` even while
-    // events keep arriving: a deadline, not a timer restarted by each event.
-    let mut next_full_sync = tokio::time::Instant::now();
-    loop {
-        if !triggered_by_event {
-            next_full_sync = tokio::time::Instant::now() + resync;
-        }
-        // Events that arrive from here on are picked up by the next sync.
-        let pending = changed.take();
-        let synced = if triggered_by_event && !pending.full {
-            // Only Services changed: update just those.
-            pending.services.is_empty() || {
-                let objects = ClusterObjects {
-                    services: pending
-                        .services
-                        .iter()
-                        .filter_map(|service| {
-                            services.get(&ObjectRef::new(&service.name).within(&service.namespace))
-                        })
-                        .collect(),
-                    endpoint_slices: pending
-                        .services
-                        .iter()
-                        .flat_map(|service| changed.slices_of(service))
-                        .filter_map(|(service, slice)| {
-                            let slice =
-                                slices.get(&ObjectRef::new(&slice).within(&service.namespace))?;
-                            // Its label may have moved to another Service since.
-                            (model::slice_service(&slice).as_ref() == Some(&service))
-                                .then_some(slice)
-                        })
-                        .collect(),
-                    ..ClusterObjects::default()
-                };
-                agent.sync_services(&pending.services, &objects)
-            }
-        } else {
-            false
-        };
-        let synced = synced || {
-            let objects = ClusterObjects {
-                services: snapshot(&services),
-                endpoint_slices: snapshot(&slices),
-                pods: snapshot(&pods),
-                nodes: snapshot(&nodes),
-            };
-            agent
-                .sync(&objects, Vec::new(), triggered_by_event)
-                .is_some()
-        };
-        if synced {
-            if let Some(received) = pending.oldest {
-                telemetry
-                    .event_lag
-                    .observe(received.elapsed().as_secs_f64());
-            }
-        }
-        agent.flush_logs();
-        tokio::select! {
-            _ = changed.notify.notified() => {
-                triggered_by_event = tokio::time::Instant::now() < next_full_sync
-            }
-            _ = tokio::time::sleep_until(next_full_sync) => triggered_by_event = false,
-        }
-    }
+    Ok(Stores {
+        services,
+        endpoint_slices,
+        nodes,
+        pods,
+    })
+}
+
+/// The Service `service` is (its namespace and name).
+fn service_ref(service: &Service) -> Option<ServiceRef> {
+    let meta = &service.metadata;
+    Some(ServiceRef::in_namespace_of(meta, meta.name.as_deref()?))
 }
 
 /// The objects the agent of `node` would see, listed once (for `ferrite inspect diff`).
@@ -192,8 +251,9 @@ fn arcs_of<K>(items: Vec<K>) -> Vec<Arc<K>> {
     items.into_iter().map(Arc::new).collect()
 }
 
-/// What changed since the last sync: the Services named by events, or anything
-/// else (`full`), and when the oldest of these events arrived (for the lag metric).
+/// What changed since the driver last took it: the Services named by events, or
+/// anything else (`full`), and when the oldest of these events arrived (for the lag
+/// metric).
 #[derive(Default)]
 struct Pending {
     full: bool,
@@ -201,7 +261,7 @@ struct Pending {
     oldest: Option<Instant>,
 }
 
-/// Pokes the sync loop and collects what changed.
+/// Collects what the watches saw and wakes the driver's wait for it.
 #[derive(Default)]
 struct Changed {
     notify: Notify,
@@ -259,6 +319,7 @@ impl Changed {
             .collect()
     }
 
+    /// What is pending, leaving nothing.
     fn take(&self) -> Pending {
         std::mem::take(&mut *self.pending.lock().expect("lock"))
     }
@@ -275,6 +336,8 @@ struct Watched<K> {
     track: fn(&Changed, &K, bool),
     changed: Arc<Changed>,
     telemetry: Arc<Telemetry>,
+    /// Lists started: every one after the first is a relist.
+    lists: u64,
 }
 
 impl<K> Watched<K> {
@@ -291,6 +354,7 @@ impl<K> Watched<K> {
             track: |_, _, _| {},
             changed: changed.clone(),
             telemetry: telemetry.clone(),
+            lists: 0,
         }
     }
 
@@ -301,30 +365,46 @@ impl<K> Watched<K> {
     fn tracking(self, track: fn(&Changed, &K, bool)) -> Self {
         Self { track, ..self }
     }
-}
 
-/// The store's objects, shared: no deep copy per sync.
-fn snapshot<K: Clone + Resource>(store: &Store<K>) -> Vec<Arc<K>>
-where
-    K::DynamicType: Eq + Hash + Clone,
-{
-    store.state()
+    /// Report one event of the watch (already applied to the store).
+    fn record(&mut self, event: &Event<K>) {
+        let resource = self.resource;
+        match event {
+            Event::Init => {
+                self.lists += 1;
+                if self.lists > 1 {
+                    self.telemetry
+                        .watch_restarts
+                        .get_or_create(&ResourceLabel {
+                            resource: resource.into(),
+                        })
+                        .inc();
+                    info!(resource, "relisting");
+                }
+            }
+            // A relist is applied as a whole at InitDone.
+            Event::InitApply(object) => (self.track)(&self.changed, object, false),
+            Event::Apply(object) => {
+                (self.track)(&self.changed, object, false);
+                self.changed.event((self.scope)(object));
+            }
+            Event::Delete(object) => {
+                (self.track)(&self.changed, object, true);
+                self.changed.event((self.scope)(object));
+            }
+            // A relist: anything may have changed.
+            Event::InitDone => self.changed.event(None),
+        }
+    }
 }
 
 /// Start a watcher + reflector for `K`; every settled change is reported.
-fn watch<K>(api: Api<K>, config: watcher::Config, watched: Watched<K>) -> Store<K>
+fn watch<K>(api: Api<K>, config: watcher::Config, mut watched: Watched<K>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
-    let Watched {
-        resource,
-        scope,
-        shrink,
-        track,
-        changed,
-        telemetry,
-    } = watched;
+    let shrink = watched.shrink;
     let (reader, writer) = reflector::store();
     let events = watcher::watcher(api, config)
         .default_backoff()
@@ -342,36 +422,317 @@ where
     let stream = reflector::reflector(writer, events);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut lists = 0u64;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Init) => {
-                    lists += 1;
-                    if lists > 1 {
-                        telemetry
-                            .watch_restarts
-                            .get_or_create(&ResourceLabel {
-                                resource: resource.into(),
-                            })
-                            .inc();
-                        info!(resource, "relisting");
-                    }
-                }
-                // A relist is applied as a whole at InitDone.
-                Ok(Event::InitApply(object)) => track(&changed, &object, false),
-                Ok(Event::Apply(object)) => {
-                    track(&changed, &object, false);
-                    changed.event(scope(&object));
-                }
-                Ok(Event::Delete(object)) => {
-                    track(&changed, &object, true);
-                    changed.event(scope(&object));
-                }
-                // A relist: anything may have changed.
-                Ok(Event::InitDone) => changed.event(None),
-                Err(e) => warn!(resource, "watch error (retrying with backoff): {e}"),
+                Ok(event) => watched.record(&event),
+                Err(e) => warn!(
+                    resource = watched.resource,
+                    "watch error (retrying with backoff): {e}"
+                ),
             }
         }
     });
     reader
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::reflector::store::Writer;
+
+    use super::*;
+
+    /// The four watches as `start_watches` sets them up, without an API server: each
+    /// event goes to the store, then to `Watched::record`, as the reflector does.
+    struct Watches {
+        changed: Arc<Changed>,
+        telemetry: Arc<Telemetry>,
+        services: (Writer<Service>, Watched<Service>),
+        endpoint_slices: (Writer<EndpointSlice>, Watched<EndpointSlice>),
+        nodes: (Writer<Node>, Watched<Node>),
+        pods: (Writer<Pod>, Watched<Pod>),
+        stores: Stores,
+    }
+
+    fn watches() -> Watches {
+        let changed = Arc::new(Changed::default());
+        let telemetry = Telemetry::new(PathBuf::new(), BTreeMap::new());
+        let (services, services_writer) = reflector::store();
+        let (endpoint_slices, slices_writer) = reflector::store();
+        let (nodes, nodes_writer) = reflector::store();
+        let (pods, pods_writer) = reflector::store();
+        Watches {
+            services: (
+                services_writer,
+                Watched::new("services", &changed, &telemetry, service_ref),
+            ),
+            endpoint_slices: (
+                slices_writer,
+                Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
+                    .tracking(Changed::track_slice),
+            ),
+            nodes: (
+                nodes_writer,
+                Watched::new("nodes", &changed, &telemetry, |_| None),
+            ),
+            pods: (
+                pods_writer,
+                Watched::new("pods", &changed, &telemetry, |_| None),
+            ),
+            stores: Stores {
+                services,
+                endpoint_slices,
+                nodes,
+                pods,
+            },
+            changed,
+            telemetry,
+        }
+    }
+
+    fn see<K>((store, watched): &mut (Writer<K>, Watched<K>), event: Event<K>)
+    where
+        K: Resource + Clone,
+        K::DynamicType: Eq + Hash + Clone,
+    {
+        store.apply_watcher_event(&event);
+        watched.record(&event);
+    }
+
+    fn meta(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn service(name: &str) -> Service {
+        Service {
+            metadata: meta(name),
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                labels: Some([(model::SERVICE_NAME_LABEL.into(), service.into())].into()),
+                ..meta(name)
+            },
+            address_type: "IPv4".into(),
+            ..EndpointSlice::default()
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: meta(name),
+            ..Node::default()
+        }
+    }
+
+    fn pod(name: &str) -> Pod {
+        Pod {
+            metadata: meta(name),
+            ..Pod::default()
+        }
+    }
+
+    fn names<K: Resource>(objects: &[Arc<K>]) -> BTreeSet<String> {
+        objects
+            .iter()
+            .filter_map(|o| o.meta().name.clone())
+            .collect()
+    }
+
+    fn refs(services: &[&str]) -> BTreeSet<ServiceRef> {
+        services
+            .iter()
+            .filter_map(|name| service_ref(&service(name)))
+            .collect()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The event for what is pending, as `KubeSource::next_event` makes it.
+    fn next_event(watches: &Watches) -> Option<SourceEvent> {
+        watches
+            .stores
+            .event_for(watches.changed.take(), &watches.changed)
+    }
+
+    #[test]
+    fn many_service_and_endpointslice_events_become_one_event_naming_those_services() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("untouched")));
+        see(
+            &mut w.endpoint_slices,
+            Event::Apply(slice("untouched-1", "untouched")),
+        );
+        next_event(&w).expect("the first events");
+
+        for round in 0..50 {
+            see(&mut w.services, Event::Apply(service("web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("web-1", "web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("web-2", "web")));
+            see(&mut w.endpoint_slices, Event::Apply(slice("db-1", "db")));
+            if round == 49 {
+                see(&mut w.endpoint_slices, Event::Delete(slice("web-2", "web")));
+                see(&mut w.services, Event::Delete(service("gone")));
+            }
+        }
+        let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
+            panic!("one event naming the Services");
+        };
+        assert_eq!(changes.services, refs(&["db", "gone", "web"]));
+        // Their objects as the stores hold them now; "db" has a slice, no Service yet.
+        assert_eq!(names(&changes.objects.services), set(&["web"]));
+        assert_eq!(
+            names(&changes.objects.endpoint_slices),
+            set(&["db-1", "web-1"])
+        );
+        assert!(changes.objects.nodes.is_empty() && changes.objects.pods.is_empty());
+        assert!(changes.oldest_change.is_some());
+        assert!(next_event(&w).is_none(), "all of it in that one event");
+    }
+
+    #[test]
+    fn a_slice_relabelled_to_another_service_counts_only_for_that_service() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("a")));
+        see(&mut w.services, Event::Apply(service("b")));
+        see(&mut w.endpoint_slices, Event::Apply(slice("moving", "a")));
+        next_event(&w);
+        see(&mut w.endpoint_slices, Event::Apply(slice("moving", "b")));
+        // The event names b only; a's index entry is stale. Both, asked for together:
+        w.changed.event(service_ref(&service("a")));
+        let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
+            panic!("a Service-only event");
+        };
+        assert_eq!(changes.services, refs(&["a", "b"]));
+        assert_eq!(
+            changes.objects.endpoint_slices.len(),
+            1,
+            "the slice, once, for b"
+        );
+    }
+
+    #[test]
+    fn a_node_or_pod_event_or_a_relist_becomes_a_snapshot_of_everything() {
+        let mut w = watches();
+        see(&mut w.services, Event::Apply(service("web")));
+        see(&mut w.endpoint_slices, Event::Apply(slice("web-1", "web")));
+        see(&mut w.nodes, Event::Apply(node("node-a")));
+        see(&mut w.pods, Event::Apply(pod("client")));
+        next_event(&w);
+
+        let everything = |event: Option<SourceEvent>| match event {
+            Some(SourceEvent::Snapshot(snapshot)) => {
+                let objects = &snapshot.objects;
+                (
+                    names(&objects.services),
+                    names(&objects.endpoint_slices),
+                    names(&objects.nodes),
+                    names(&objects.pods),
+                )
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        see(&mut w.services, Event::Apply(service("api")));
+        see(&mut w.nodes, Event::Apply(node("node-b")));
+        assert_eq!(
+            everything(next_event(&w)),
+            (
+                set(&["api", "web"]),
+                set(&["web-1"]),
+                set(&["node-a", "node-b"]),
+                set(&["client"])
+            ),
+            "a Node event, with a Service event pending"
+        );
+
+        see(&mut w.pods, Event::Delete(pod("client")));
+        assert_eq!(everything(next_event(&w)).3, set(&[]), "a Pod event");
+
+        // A relist of Services: "api" was deleted while the watch was down.
+        see(&mut w.services, Event::Init);
+        see(&mut w.services, Event::InitApply(service("web")));
+        assert!(
+            next_event(&w).is_none(),
+            "nothing before the relist is whole"
+        );
+        see(&mut w.services, Event::InitDone);
+        assert_eq!(everything(next_event(&w)).0, set(&["web"]), "a relist");
+        let restarts = w
+            .telemetry
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: "services".into(),
+            })
+            .get();
+        assert_eq!(restarts, 0, "the first list of the watch is no restart");
+        see(&mut w.services, Event::Init);
+        let restarts = w
+            .telemetry
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: "services".into(),
+            })
+            .get();
+        assert_eq!(restarts, 1);
+    }
+
+    /// A source on the fake watches, as `KubeSource::start` makes one.
+    fn source(watches: Watches) -> (KubeSource, Watches) {
+        let stores = Stores {
+            services: watches.stores.services.clone(),
+            endpoint_slices: watches.stores.endpoint_slices.clone(),
+            nodes: watches.stores.nodes.clone(),
+            pods: watches.stores.pods.clone(),
+        };
+        let source = KubeSource {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            stores,
+            changed: watches.changed.clone(),
+        };
+        (source, watches)
+    }
+
+    #[test]
+    fn events_pending_at_a_resync_are_in_its_snapshot_and_not_reported_again() {
+        let (mut source, mut w) = source(watches());
+        see(&mut w.services, Event::Apply(service("web")));
+        let snapshot = source.snapshot().unwrap().expect("always a snapshot");
+        assert_eq!(names(&snapshot.objects.services), set(&["web"]));
+        assert!(snapshot.oldest_change.is_some(), "the event's lag counts");
+        // The event's wake-up is still there: the wait goes on to the deadline.
+        let deadline = Instant::now() + Duration::from_millis(50);
+        assert!(source.next_event(deadline).unwrap().is_none());
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn a_wait_ends_with_the_first_event_and_hands_over_everything_pending_by_then() {
+        let (mut source, mut w) = source(watches());
+        see(&mut w.services, Event::Apply(service("web")));
+        see(&mut w.services, Event::Apply(service("api")));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let Some(SourceEvent::ServicesChanged(changes)) = source.next_event(far).unwrap() else {
+            panic!("a Service-only event");
+        };
+        assert_eq!(changes.services, refs(&["api", "web"]));
+        // Past the deadline, events wait for the full sync that is due.
+        see(&mut w.nodes, Event::Apply(node("node-a")));
+        assert!(source.next_event(Instant::now()).unwrap().is_none());
+        let snapshot = source.snapshot().unwrap().expect("always a snapshot");
+        assert_eq!(names(&snapshot.objects.nodes), set(&["node-a"]));
+    }
 }

@@ -1,9 +1,17 @@
 //! Ferrite's node agent: Kubernetes objects -> one desired-state model -> ordered
 //! writes to the pinned BPF maps of the datapath.
+//!
+//! Modules depend one way, each only on those before it:
+//! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
+//! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
+//! `podnet`, `inspect` -> `agent` (the node), `source` and `kube_source` (events
+//! for the driver), `cni`. The binaries wire a source, the driver and the node.
+//! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod cni;
 pub mod conntrack_gc;
 pub mod datapath;
+pub mod driver;
 pub mod files;
 pub mod healthcheck;
 pub mod hostnet;
@@ -13,6 +21,7 @@ pub mod limits;
 pub mod maglev;
 pub mod maps;
 pub mod model;
+pub mod objects_yaml;
 pub mod plan;
 pub mod podnet;
 pub mod source;

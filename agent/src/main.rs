@@ -1,8 +1,20 @@
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ferrite_agent::{agent, datapath, hostnet, inspect, kube_source, maps::NodeMaps, plan, source};
+use ferrite_agent::{
+    agent,
+    datapath::{self, OBJECT_FILE_NAME},
+    driver::Driver,
+    hostnet, inspect, kube_source,
+    maps::NodeMaps,
+    objects_yaml, plan, source, telemetry,
+};
+use tracing::info;
 
 /// Ferrite: Kubernetes pod networking and Service load balancing in eBPF.
 #[derive(Parser)]
@@ -25,7 +37,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The eBPF object (default: next to this binary or target/bpf/).
-        #[arg(long)]
+        #[arg(long, env = "FERRITE_BPF_OBJECT")]
         bpf_object: Option<PathBuf>,
         /// Full resync period in seconds (also repairs drift).
         #[arg(long, default_value_t = 10)]
@@ -160,6 +172,96 @@ fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), entries))
 }
 
+/// The eBPF object: `--bpf-object` (or $FERRITE_BPF_OBJECT), else next to the
+/// executable, else `target/bpf/` (where `cargo xtask build-ebpf` puts it).
+fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    let candidates = [
+        dir.join(OBJECT_FILE_NAME),
+        dir.join("../bpf").join(OBJECT_FILE_NAME),
+        dir.join("../../bpf").join(OBJECT_FILE_NAME),
+        PathBuf::from("/usr/lib/ferrite").join(OBJECT_FILE_NAME),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "{OBJECT_FILE_NAME} not found (run `cargo xtask build-ebpf` or pass --bpf-object)"
+            )
+        })
+}
+
+/// glibc gives each thread that allocates an arena of its own; with the watch
+/// threads that fragments tens of MB of object caches: one arena (measured: 89-98
+/// MB at 10k Services, against 102-106 MB with two and 110-128 MB unlimited).
+fn use_one_malloc_arena() {
+    // SAFETY: mallopt only tunes the allocator; called before other threads start.
+    unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1) };
+}
+
+/// Capabilities the agent keeps once the datapath is loaded and the node prepared:
+/// BPF (map and link syscalls, with unprivileged BPF disabled) and NET_ADMIN (tcx
+/// attachments, `ip`, `nft`). Loading programs (PERFMON) and mounting bpffs
+/// (SYS_ADMIN) happen before.
+const RUNTIME_CAPABILITIES: [caps::Capability; 2] =
+    [caps::Capability::CAP_BPF, caps::Capability::CAP_NET_ADMIN];
+
+/// Drop every other capability, from the bounding set too, so neither the agent nor
+/// the tools it runs can do more. Applies to the calling thread and the threads it
+/// starts afterwards.
+fn drop_capabilities() -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
+    for capability in caps::all() {
+        // A capability this kernel does not know is not held either.
+        let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
+        if !keep.contains(&capability) && held {
+            caps::drop(None, CapSet::Bounding, capability)
+                .with_context(|| format!("dropping {capability} from the bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::set(None, CapSet::Effective, &keep)?;
+    caps::set(None, CapSet::Permitted, &keep).context("dropping capabilities")?;
+    info!(kept = ?RUNTIME_CAPABILITIES, "dropped all other capabilities");
+    Ok(())
+}
+
+/// How long the file source waits for a change at most: between waits the driver
+/// flushes the datapath's logs and retries pods waiting for their interface.
+const FILE_POLL: Duration = Duration::from_millis(200);
+
+/// Load and prepare the node, give up what the process no longer needs, then sync
+/// the node from its source for good.
+fn run_agent(
+    options: &agent::AgentOptions,
+    http_addr: SocketAddr,
+    config: Option<PathBuf>,
+    resync: Duration,
+) -> Result<()> {
+    use_one_malloc_arena();
+    let node = agent::NodeAgent::start(options)?;
+    // Before any other thread exists: capabilities are per thread.
+    drop_capabilities()?;
+    let telemetry = node.telemetry.clone();
+    telemetry::serve(http_addr, telemetry.clone())?;
+    let driver = Driver::new(node, resync);
+    match config {
+        Some(path) => driver.run(&mut source::FileSource::new(&path, FILE_POLL, telemetry)?),
+        None => driver.run(&mut kube_source::KubeSource::start(
+            &options.node,
+            telemetry,
+        )?),
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -187,23 +289,27 @@ fn main() -> Result<()> {
             cgroup_root,
             xdp,
             admission,
-        } => agent::run(&agent::AgentOptions {
-            limits: admission.limits(cluster_cidr),
-            socket_lb,
-            cgroup_root,
-            uplink_xdp: xdp,
-            map_capacities: map_capacities.into_iter().collect(),
-            http_addr: Some(http_addr),
-            datapath_log,
-            vni,
-            vxlan_port,
-            cluster_cidr,
-            object: datapath::find_object(bpf_object.as_deref())?,
-            node,
-            config,
-            poll: Duration::from_millis(200),
-            resync: Duration::from_secs(resync_seconds),
-        }),
+        } => {
+            let options = agent::AgentOptions {
+                limits: admission.limits(cluster_cidr),
+                socket_lb,
+                cgroup_root,
+                uplink_xdp: xdp,
+                map_capacities: map_capacities.into_iter().collect(),
+                datapath_log,
+                vni,
+                vxlan_port,
+                cluster_cidr,
+                object: find_object(bpf_object.as_deref())?,
+                node,
+            };
+            run_agent(
+                &options,
+                http_addr,
+                config,
+                Duration::from_secs(resync_seconds),
+            )
+        }
         Command::Inspect {
             node,
             table: inspect::Table::Diff,
@@ -215,7 +321,7 @@ fn main() -> Result<()> {
             let pin_dir = datapath::pin_dir(&node);
             let maps = NodeMaps::open(&pin_dir)?;
             let objects = match config {
-                Some(path) => source::parse_objects(&std::fs::read_to_string(path)?)?.0,
+                Some(path) => objects_yaml::parse_objects(&std::fs::read_to_string(path)?)?.0,
                 None => kube_source::list_once(&node)?,
             };
             // Capacities, VNI and port as the running agent made them (its maps).

@@ -1,14 +1,10 @@
-//! The file source: a multi-document YAML of real Kubernetes objects (v1 Service,
-//! discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind: List` is unwrapped). Each document
-//! is parsed on its own with k8s-openapi types, so one bad object is skipped with
-//! a reason and the others still apply. A file that is not YAML at all (a syntax
-//! error anywhere) or holds no document (empty: caught mid-write?) is refused whole:
-//! the agent keeps what it applied last, rather than read the file as a cluster
-//! without the objects it could not read.
-use std::{fmt, sync::Arc};
-
+//! The file source: the YAML file of Kubernetes objects (see `objects_yaml`), watched
+//! with inotify. Each change that parses is reported to the driver as a snapshot;
+//! a file refused whole changes nothing, the agent keeps what it applied last.
 use std::{
+    fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,10 +13,103 @@ use nix::{
     poll::{poll, PollFd, PollFlags, PollTimeout},
     sys::inotify::{AddWatchFlags, InitFlags, Inotify},
 };
-use serde::Deserialize;
-use serde_yaml::Value;
+use tracing::{error, warn};
 
-use crate::model::{ClusterObjects, SkipReason, Skipped};
+use crate::{
+    driver::{Snapshot, Source, SourceEvent},
+    objects_yaml::parse_objects,
+    telemetry::Telemetry,
+};
+
+/// How long the config file must stay quiet before it is read (a writer that does
+/// not replace it atomically is still writing).
+const CONFIG_SETTLE: Duration = Duration::from_millis(100);
+
+/// The file as a source of events: a snapshot each time it changes and parses.
+pub struct FileSource {
+    watch: FileWatch,
+    /// How long one wait for a change lasts at most.
+    poll: Duration,
+    telemetry: Arc<Telemetry>,
+    /// The file may have changed since it was last read (at first: never read).
+    unread_change: bool,
+    last_content: Option<String>,
+    /// What the file held when it last parsed: a refused file changes nothing, and
+    /// full syncs (drift repair, conntrack collection) go on with this.
+    applied: Option<Snapshot>,
+}
+
+impl FileSource {
+    pub fn new(path: &Path, poll: Duration, telemetry: Arc<Telemetry>) -> Result<Self> {
+        Ok(Self {
+            watch: FileWatch::new(path)?,
+            poll,
+            telemetry,
+            unread_change: true,
+            last_content: None,
+            applied: None,
+        })
+    }
+
+    /// Read the file if it may have changed; returns whether it now holds objects
+    /// other than those applied.
+    fn read_if_changed(&mut self) -> bool {
+        if !std::mem::take(&mut self.unread_change) {
+            return false;
+        }
+        self.telemetry.config_reads.inc();
+        let path = self.watch.path();
+        let content = match fs::read_to_string(path) {
+            Ok(content) if self.last_content.as_ref() != Some(&content) => content,
+            Ok(_) => return false,
+            Err(e) => {
+                warn!(config = %path.display(), "cannot read config: {e}");
+                return false;
+            }
+        };
+        let parsed = match parse_objects(&content) {
+            Ok((objects, skipped)) => {
+                self.applied = Some(Snapshot {
+                    objects,
+                    skipped,
+                    oldest_change: None,
+                });
+                self.telemetry.set_config_rejected(None);
+                true
+            }
+            Err(e) => {
+                error!(
+                    config = %path.display(),
+                    "config refused, the last applied state stays: {e}"
+                );
+                self.telemetry.set_config_rejected(Some(e.to_string()));
+                false
+            }
+        };
+        self.last_content = Some(content);
+        parsed
+    }
+}
+
+impl Source for FileSource {
+    fn next_event(&mut self, deadline: Instant) -> Result<Option<SourceEvent>> {
+        if !self.read_if_changed() {
+            let timeout = deadline
+                .saturating_duration_since(Instant::now())
+                .min(self.poll);
+            self.unread_change = self.watch.wait(timeout, CONFIG_SETTLE)?;
+            if !self.read_if_changed() {
+                return Ok(None);
+            }
+        }
+        Ok(self.applied.clone().map(SourceEvent::Snapshot))
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        self.read_if_changed();
+        Ok(self.applied.clone())
+    }
+}
 
 /// The config file, watched (inotify on its directory: editors and ConfigMap volumes
 /// replace files by rename, a ConfigMap by swapping a symlinked directory) instead
@@ -103,165 +192,74 @@ impl FileWatch {
     }
 }
 
-/// Why a whole file was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// 1-based line of a syntax error.
-    pub line: Option<usize>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "line {line}: {}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-pub fn parse_objects(yaml: &str) -> Result<(ClusterObjects, Vec<Skipped>), ConfigError> {
-    let mut objects = ClusterObjects::default();
-    let mut skipped = Vec::new();
-    let mut documents = 0;
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let what = format!("document {}", index + 1);
-        match Value::deserialize(document) {
-            Ok(Value::Null) => {}
-            Ok(value) => {
-                documents += 1;
-                add_object(value, &what, &mut objects, &mut skipped);
-            }
-            // Everything after a syntax error is unreadable: refuse the whole file
-            // rather than apply a cluster without those objects.
-            Err(error) => {
-                return Err(ConfigError {
-                    line: error.location().map(|l| l.line()),
-                    message: format!("{what} is not valid YAML: {error}"),
-                });
-            }
-        }
-    }
-    if documents == 0 {
-        return Err(ConfigError {
-            line: None,
-            message: "no object in the file (empty, or caught mid-write?); a cluster without \
-                      objects is `apiVersion: v1`, `kind: List`, `items: []`"
-                .into(),
-        });
-    }
-    Ok((objects, skipped))
-}
-
-fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &mut Vec<Skipped>) {
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let (api_version, kind) = (field("apiVersion"), field("kind"));
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>")
-        .to_string();
-    let what = format!("{what} ({kind} {name})");
-    let result = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "List") => {
-            let items = match value.get("items") {
-                Some(Value::Sequence(items)) => items.clone(),
-                _ => Vec::new(),
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                add_object(item, &format!("{what} item {}", i + 1), objects, skipped);
-            }
-            Ok(())
-        }
-        ("v1", "Service") => {
-            serde_yaml::from_value(value).map(|s| objects.services.push(Arc::new(s)))
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(Arc::new(s)))
-        }
-        ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
-        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
-        _ => {
-            skipped.push(Skipped {
-                object: what,
-                reason: SkipReason::UnsupportedKind { kind, api_version },
-            });
-            return;
-        }
-    };
-    if let Err(error) = result {
-        skipped.push(Skipped {
-            object: what,
-            reason: SkipReason::SchemaMismatch(error.to_string()),
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    #[test]
-    fn a_syntax_error_anywhere_or_an_empty_file_refuses_the_whole_file_naming_the_line() {
-        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n";
-        let broken = "apiVersion: v1\nkind: Service\nmetadata: {name: [\n";
-        for (what, yaml, line) in [
-            ("in document 1", broken.to_string(), Some(4)),
-            (
-                "in document 3",
-                format!("{good}---\n{good}---\n{broken}"),
-                // The unclosed flow sequence runs to the end of the file.
-                Some(12),
-            ),
-            ("empty", String::new(), None),
-            ("comments only", "# nothing yet\n---\n".into(), None),
-        ] {
-            let error = parse_objects(&yaml).expect_err(what);
-            assert_eq!(error.line, line, "{what}: {error}");
+    fn services_yaml(names: &[&str]) -> String {
+        let mut yaml = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for name in names {
+            yaml += &format!("- {{apiVersion: v1, kind: Service, metadata: {{name: {name}}}}}\n");
         }
-        let (objects, skipped) =
-            parse_objects("apiVersion: v1\nkind: List\nitems: []\n").expect("an empty List");
-        assert!(objects.services.is_empty() && skipped.is_empty());
+        yaml
+    }
+
+    fn service_names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .objects
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    /// The source's next snapshot event before `deadline`, through quiet polls.
+    fn next_snapshot_until(source: &mut FileSource, deadline: Instant) -> Option<Snapshot> {
+        while Instant::now() < deadline {
+            match source.next_event(deadline).unwrap() {
+                Some(SourceEvent::Snapshot(snapshot)) => return Some(snapshot),
+                Some(other) => panic!("the file source only has snapshots: {other:?}"),
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn next_snapshot(source: &mut FileSource) -> Option<Snapshot> {
+        next_snapshot_until(source, Instant::now() + Duration::from_secs(5))
     }
 
     #[test]
-    fn lists_are_unwrapped_and_empty_documents_ignored() {
-        let (objects, skipped) = parse_objects(
-            r#"
----
-apiVersion: v1
-kind: List
-items:
-- apiVersion: v1
-  kind: Pod
-  metadata: {name: a}
-  spec: {containers: []}
-- apiVersion: v1
-  kind: Service
-  metadata: {name: s}
----
-"#,
-        )
-        .unwrap();
-        assert!(skipped.is_empty(), "{skipped:?}");
-        assert_eq!((objects.pods.len(), objects.services.len()), (1, 1));
-    }
+    fn each_change_that_parses_is_a_snapshot_and_a_refused_file_keeps_the_last_one() {
+        let dir = std::env::temp_dir().join(format!("ferrite-file-source-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.yaml");
+        fs::write(&path, services_yaml(&["a"])).unwrap();
+        let telemetry = Telemetry::new(PathBuf::new(), BTreeMap::new());
+        let mut source =
+            FileSource::new(&path, Duration::from_millis(20), telemetry.clone()).unwrap();
 
-    #[test]
-    fn schema_mismatch_names_the_object() {
-        let (_, skipped) =
-            parse_objects("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: 7}\n")
-                .unwrap();
-        assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].object.contains("Service s"), "{}", skipped[0]);
+        let first = source.snapshot().unwrap().expect("the file parses");
+        assert_eq!(service_names(&first), ["a"]);
+        let quiet = Instant::now() + Duration::from_millis(50);
+        assert!(source.next_event(quiet).unwrap().is_none(), "no change yet");
+
+        fs::write(&path, services_yaml(&["a", "b"])).unwrap();
+        let changed = next_snapshot(&mut source).expect("the change");
+        assert_eq!(service_names(&changed), ["a", "b"]);
+
+        fs::write(&path, "apiVersion: v1\nkind: [\n").unwrap();
+        let quiet = Instant::now() + Duration::from_millis(300);
+        assert!(next_snapshot_until(&mut source, quiet).is_none());
+        assert_eq!(telemetry.readiness().0, 503, "readyz says why");
+        let kept = source.snapshot().unwrap().expect("the last applied");
+        assert_eq!(service_names(&kept), ["a", "b"]);
+
+        fs::write(&path, services_yaml(&["c"])).unwrap();
+        let repaired = next_snapshot(&mut source).expect("the repaired file");
+        assert_eq!(service_names(&repaired), ["c"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

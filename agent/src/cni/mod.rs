@@ -9,7 +9,7 @@ mod check;
 pub mod ipam;
 pub mod spec;
 
-use std::{collections::BTreeSet, io::Read, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context, Result};
 use ferrite_common::{pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC};
@@ -27,33 +27,8 @@ use crate::{
 use ipam::{NetnsRecord, Owner, Store, Untrusted};
 use spec::{code, CniError, CniResult, Command, Environment, NetConf, OrCode, Wired};
 
-/// Entry point of the `ferrite-cni` binary; returns the process exit code.
-pub fn main() -> i32 {
-    let outcome = Environment::parse(|name| std::env::var(name).ok()).and_then(|env| {
-        let mut input = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut input)
-            .context("reading stdin")
-            .or_code(code::IO_FAILURE, "cannot read the network configuration")?;
-        run(&env, &input)
-    });
-    match outcome {
-        Ok(Some(output)) => {
-            println!("{output}");
-            0
-        }
-        Ok(None) => 0,
-        Err(error) => {
-            println!(
-                "{}",
-                serde_json::to_string(&error).unwrap_or_else(|_| error.msg.clone())
-            );
-            1
-        }
-    }
-}
-
-/// Run one command; returns what to print on success.
+/// Run one command (the `ferrite-cni` binary reads `env` and `input` from the
+/// process); returns what to print on success.
 pub fn run(env: &Environment, input: &[u8]) -> Result<Option<String>, CniError> {
     if env.command == Command::Version {
         return Ok(Some(spec::version_info().to_string()));

@@ -256,7 +256,7 @@ mod tests {
 
     use super::super::test_support::*;
     use super::super::*;
-    use crate::source::parse_objects;
+    use crate::objects_yaml::parse_objects;
 
     #[test]
     fn named_target_port_resolves_through_the_slice_and_not_ready_is_left_out() {

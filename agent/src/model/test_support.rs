@@ -1,7 +1,7 @@
 //! Objects and helpers shared by the model's unit tests.
 use super::*;
 use crate::limits::Limits;
-use crate::source::parse_objects;
+use crate::objects_yaml::parse_objects;
 
 pub(super) const NODE: &str = "node-a";
 

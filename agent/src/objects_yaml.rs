@@ -1,0 +1,176 @@
+//! The file format of the file source: a multi-document YAML of real Kubernetes
+//! objects (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind:
+//! List` is unwrapped). Each document is parsed on its own with k8s-openapi types, so
+//! one bad object is skipped with a reason and the others still apply. A file that
+//! is not YAML at all (a syntax error anywhere) or holds no document (empty: caught
+//! mid-write?) is refused whole: the agent keeps what it applied last, rather than
+//! read the file as a cluster without the objects it could not read.
+use std::{fmt, sync::Arc};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::model::{ClusterObjects, SkipReason, Skipped};
+
+/// Why a whole file was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line of a syntax error.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub fn parse_objects(yaml: &str) -> Result<(ClusterObjects, Vec<Skipped>), ConfigError> {
+    let mut objects = ClusterObjects::default();
+    let mut skipped = Vec::new();
+    let mut documents = 0;
+    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        let what = format!("document {}", index + 1);
+        match Value::deserialize(document) {
+            Ok(Value::Null) => {}
+            Ok(value) => {
+                documents += 1;
+                add_object(value, &what, &mut objects, &mut skipped);
+            }
+            // Everything after a syntax error is unreadable: refuse the whole file
+            // rather than apply a cluster without those objects.
+            Err(error) => {
+                return Err(ConfigError {
+                    line: error.location().map(|l| l.line()),
+                    message: format!("{what} is not valid YAML: {error}"),
+                });
+            }
+        }
+    }
+    if documents == 0 {
+        return Err(ConfigError {
+            line: None,
+            message: "no object in the file (empty, or caught mid-write?); a cluster without \
+                      objects is `apiVersion: v1`, `kind: List`, `items: []`"
+                .into(),
+        });
+    }
+    Ok((objects, skipped))
+}
+
+fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &mut Vec<Skipped>) {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let what = format!("{what} ({kind} {name})");
+    let result = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = match value.get("items") {
+                Some(Value::Sequence(items)) => items.clone(),
+                _ => Vec::new(),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                add_object(item, &format!("{what} item {}", i + 1), objects, skipped);
+            }
+            Ok(())
+        }
+        ("v1", "Service") => {
+            serde_yaml::from_value(value).map(|s| objects.services.push(Arc::new(s)))
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(Arc::new(s)))
+        }
+        ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
+        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
+        _ => {
+            skipped.push(Skipped {
+                object: what,
+                reason: SkipReason::UnsupportedKind { kind, api_version },
+            });
+            return;
+        }
+    };
+    if let Err(error) = result {
+        skipped.push(Skipped {
+            object: what,
+            reason: SkipReason::SchemaMismatch(error.to_string()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syntax_error_anywhere_or_an_empty_file_refuses_the_whole_file_naming_the_line() {
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n";
+        let broken = "apiVersion: v1\nkind: Service\nmetadata: {name: [\n";
+        for (what, yaml, line) in [
+            ("in document 1", broken.to_string(), Some(4)),
+            (
+                "in document 3",
+                format!("{good}---\n{good}---\n{broken}"),
+                // The unclosed flow sequence runs to the end of the file.
+                Some(12),
+            ),
+            ("empty", String::new(), None),
+            ("comments only", "# nothing yet\n---\n".into(), None),
+        ] {
+            let error = parse_objects(&yaml).expect_err(what);
+            assert_eq!(error.line, line, "{what}: {error}");
+        }
+        let (objects, skipped) =
+            parse_objects("apiVersion: v1\nkind: List\nitems: []\n").expect("an empty List");
+        assert!(objects.services.is_empty() && skipped.is_empty());
+    }
+
+    #[test]
+    fn lists_are_unwrapped_and_empty_documents_ignored() {
+        let (objects, skipped) = parse_objects(
+            r#"
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a}
+  spec: {containers: []}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: s}
+---
+"#,
+        )
+        .unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!((objects.pods.len(), objects.services.len()), (1, 1));
+    }
+
+    #[test]
+    fn schema_mismatch_names_the_object() {
+        let (_, skipped) =
+            parse_objects("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: 7}\n")
+                .unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].object.contains("Service s"), "{}", skipped[0]);
+    }
+}
