@@ -8,3 +8,4 @@ pub mod frames;
 pub mod lab;
 pub mod testbed;
 pub mod tunnel_shim;
+pub mod verdict_model;

@@ -324,8 +324,20 @@ impl Testbed {
         for (entry, owner) in table.backend_slots.iter_mut().zip(owners) {
             *entry = owner as u16 + 1;
         }
+        self.set_maglev_table(frontend, protocol, &table)
+    }
+
+    /// Write `table` as the Maglev table of the frontend (entry i: the backend slot
+    /// that owns it), over whatever table it had.
+    pub fn set_maglev_table(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        table: &MaglevTable,
+    ) -> Result<()> {
+        let master = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
         self.hash_map::<ServiceKey, MaglevTable>(map_names::MAGLEV)?
-            .insert(master, table.as_ref(), 0)?;
+            .insert(master, table, 0)?;
         Ok(())
     }
 

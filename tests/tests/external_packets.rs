@@ -5,7 +5,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    config_flag, program_names, stat, svc_flag, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    config_flag, program_names, stat, svc_flag, MaglevTable, MAGLEV_TABLE_SIZE, PROTO_TCP,
+    PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked},
@@ -341,6 +342,132 @@ fn without_xdp_the_uplinks_tcx_program_balances_external_traffic_exactly_as_xdp_
             tc.counter(counter)? > 0,
             "{}",
             stat::NAMES[counter as usize]
+        );
+    }
+    Ok(())
+}
+
+const MAGLEV_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_IP, 30100);
+/// The backends of `MAGLEV_NODE_PORT`, in slot order (slot 1 first), all on this node.
+const MAGLEV_BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 0, 21),
+    Ipv4Addr::new(10, 244, 0, 22),
+    Ipv4Addr::new(10, 244, 0, 23),
+];
+/// Source ports of the clients' flows: enough flows that `hash % 3` sends some of them
+/// to every backend.
+const MAGLEV_CLIENT_PORTS: std::ops::Range<u16> = 41000..41048;
+
+/// A node whose NodePort 30100 (TCP) has three local backends and no Maglev table yet.
+fn maglev_testbed() -> Result<Testbed> {
+    let mut bed = Testbed::load()?;
+    bed.set_node_ip(NODE_IP)?;
+    let backends: Vec<_> = MAGLEV_BACKENDS.iter().map(|ip| sock(*ip, 8080)).collect();
+    for backend in MAGLEV_BACKENDS {
+        bed.add_endpoint(backend, TEST_RUN_IFINDEX)?;
+    }
+    bed.add_service(MAGLEV_NODE_PORT, PROTO_TCP, 1, 1, &backends)?;
+    bed.set_service_flags(
+        MAGLEV_NODE_PORT,
+        PROTO_TCP,
+        svc_flag::EXTERNAL | svc_flag::NODE_PORT,
+    )?;
+    Ok(bed)
+}
+
+/// A Maglev table whose entry i is owned by the backend slot `slot_of(i)`. Its digest
+/// is the agent's change detection, which the datapath never reads.
+fn maglev_table(slot_of: impl Fn(usize) -> u16) -> Box<MaglevTable> {
+    let mut table = Box::new(MaglevTable {
+        digest: 0,
+        backend_slots: [0; MAGLEV_TABLE_SIZE],
+        _pad: [0; 3],
+    });
+    for (entry, slot) in table.backend_slots.iter_mut().enumerate() {
+        *slot = slot_of(entry);
+    }
+    table
+}
+
+/// The backend each client flow to `MAGLEV_NODE_PORT` gets as a new flow (conntrack
+/// emptied first, so none of them is established), in client port order. Each SYN
+/// must come out exactly DNATed to that backend.
+fn backends_of_new_maglev_flows(bed: &mut Testbed) -> Result<Vec<Ipv4Addr>> {
+    let established = bed.conntrack_keys()?;
+    bed.remove_conntrack(&established)?;
+    let mut backends = Vec::new();
+    for port in MAGLEV_CLIENT_PORTS {
+        let client = sock(*CLIENT.ip(), port);
+        let new_flows = bed.counter(stat::EXTERNAL_NEW_FLOW)?;
+        let out = bed.from_world(&frames::tcp_syn(client, MAGLEV_NODE_PORT, b""))?;
+        assert_eq!(out.verdict, XDP_PASS, "client port {port}");
+        let backend = *decode_checked(&out.frame)?.destination.ip();
+        assert!(
+            MAGLEV_BACKENDS.contains(&backend),
+            "client port {port}: {backend}"
+        );
+        assert_eq!(
+            out.frame,
+            frames::tcp_syn(client, sock(backend, 8080), b""),
+            "client port {port}"
+        );
+        assert_eq!(bed.counter(stat::EXTERNAL_NEW_FLOW)?, new_flows + 1);
+        backends.push(backend);
+    }
+    Ok(backends)
+}
+
+/// An external frontend gives a new flow the backend its Maglev table names, not the
+/// `hash % count` slot ClusterIPs use. A table with slot 1 owning its first half and
+/// slot 2 its second names slot 3 nowhere: no flow reaches backend 3 (`hash % 3`
+/// sends about a third there), and the flows land on both halves. With the halves
+/// swapped, every flow lands on the other backend of the two.
+#[test]
+fn a_new_external_flow_goes_to_the_backend_its_maglev_entry_names() -> Result<()> {
+    let mut bed = maglev_testbed()?;
+    let half = MAGLEV_TABLE_SIZE / 2;
+    let [first, second, unnamed] = MAGLEV_BACKENDS;
+    bed.set_maglev_table(
+        MAGLEV_NODE_PORT,
+        PROTO_TCP,
+        &maglev_table(|entry| if entry < half { 1 } else { 2 }),
+    )?;
+    let by_halves = backends_of_new_maglev_flows(&mut bed)?;
+    assert!(!by_halves.contains(&unnamed), "{by_halves:?}");
+    assert!(
+        by_halves.contains(&first) && by_halves.contains(&second),
+        "{by_halves:?}"
+    );
+
+    bed.set_maglev_table(
+        MAGLEV_NODE_PORT,
+        PROTO_TCP,
+        &maglev_table(|entry| if entry < half { 2 } else { 1 }),
+    )?;
+    let swapped = backends_of_new_maglev_flows(&mut bed)?;
+    for ((port, before), after) in MAGLEV_CLIENT_PORTS.zip(&by_halves).zip(&swapped) {
+        let other = if *before == first { second } else { first };
+        assert_eq!(*after, other, "client port {port}");
+    }
+    Ok(())
+}
+
+/// A Maglev entry naming no current backend slot (0, or beyond the count: a table
+/// written for more backends than the Service has now, mid-update) is not trusted:
+/// its flows get the `hash % count` slot, the backend they get without a table.
+#[test]
+fn maglev_entries_naming_no_current_backend_slot_fall_back_to_the_hash_slot() -> Result<()> {
+    let mut bed = maglev_testbed()?;
+    let without_table = backends_of_new_maglev_flows(&mut bed)?;
+    for backend in MAGLEV_BACKENDS {
+        assert!(without_table.contains(&backend), "{without_table:?}");
+    }
+    for stale_slot in [0, MAGLEV_BACKENDS.len() as u16 + 1] {
+        bed.set_maglev_table(MAGLEV_NODE_PORT, PROTO_TCP, &maglev_table(|_| stale_slot))?;
+        assert_eq!(
+            backends_of_new_maglev_flows(&mut bed)?,
+            without_table,
+            "every entry naming slot {stale_slot}"
         );
     }
     Ok(())

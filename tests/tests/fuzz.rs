@@ -1,15 +1,16 @@
 //! 1,000,000 random and mutated frames through the datapath's
 //! programs with BPF_PROG_TEST_RUN, each verdict compared with a reference model of
-//! the documented rules written here, independently of the datapath's code (see
-//! `datapath-ebpf/src/headers.rs`, `external.rs`, `host.rs` and `to_pod.rs` for the
-//! rules). Truncated
+//! the documented rules, written independently of the datapath's code: parsing and
+//! `ferrite_from_pod` in `ferrite_tests::verdict_model` (shared with the packet
+//! tests), the other programs here (see `datapath-ebpf/src/headers.rs`,
+//! `external.rs`, `from_host.rs` and `to_pod.rs` for the rules). Truncated
 //! headers, bad IHL, IP options, fragments, wrong checksums, zero-length L4, other
 //! protocols and EtherTypes, VXLAN datagrams, DF packets over the pod MTU. Also
 //! checks that what is passed or dropped leaves unchanged, and that no fragment is
 //! ever Service-translated.
 //! Needs root.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -19,6 +20,10 @@ use ferrite_tests::{
     frames,
     testbed::{
         Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS,
+    },
+    verdict_model::{
+        destination, is_unreachable_for, is_unreachable_ip_for, parse, Expected, Fragments,
+        Frontend, NodeModel, Parsed, FROM_POD_COUNTERS,
     },
 };
 
@@ -44,152 +49,28 @@ const WORLD: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// on both sides of it.
 const POD_MTU: usize = 68;
 
-/// What a frame should get, by the documented rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Expected {
-    /// Passed on unchanged (counted under this `stat`, if any).
-    Pass(Option<u32>),
-    /// Dropped and counted.
-    Drop(u32),
-    /// Delivered to a local pod (TC redirect), translated when it was a Service flow.
-    Deliver { translated: bool },
-    /// XDP: passed on translated (DNAT to a backend).
-    Translated,
-    /// Answered with ICMP "fragmentation needed" sent back out (TC redirect).
-    FragNeeded,
-    /// A new flow to a Service without backends, answered with ICMP port
-    /// unreachable sent back into the pod (TC redirect).
-    Rejected,
-}
-
-/// The IPv4 header and ports of a frame as the rules read them.
-struct Parsed {
-    saddr: Ipv4Addr,
-    daddr: Ipv4Addr,
-    proto: u8,
-    /// A fragment after the first (no L4 header in it).
-    later_fragment: bool,
-    /// A later fragment that got its ports from its first fragment.
-    tracked: bool,
-    /// (source port, destination port) when the rules give the frame ports.
-    ports: Option<(u16, u16)>,
-    /// DF set, no IP options, and larger than pods take.
-    too_big_with_df: bool,
-}
-
-/// The ports first fragments recorded, by (source, destination, identification,
-/// protocol): `ferrite_frags` of one program's test bed.
-type Fragments = HashMap<([u8; 4], [u8; 4], [u8; 2], u8), (u16, u16)>;
-
-/// The parsing rules: `Err` is the counter of a frame that never reaches the logic.
-/// A first fragment records its ports in `fragments`; a later one takes them there.
-fn parse(frame: &[u8], fragments: &mut Fragments) -> Result<Parsed, Expected> {
-    match u16::from_be_bytes([frame[12], frame[13]]) {
-        0x0800 => {}
-        0x0806 => return Err(Expected::Pass(Some(stat::PASSED_ARP))),
-        _ => return Err(Expected::Drop(stat::DROP_UNSUPPORTED_L3)),
-    }
-    if frame.len() < 14 + 20 {
-        return Err(Expected::Drop(stat::DROP_MALFORMED));
-    }
-    let ip = &frame[14..];
-    let (version, ihl) = (ip[0] >> 4, (ip[0] & 0x0f) as usize * 4);
-    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if version != 4 || ihl < 20 || total < ihl || 14 + total > frame.len() {
-        return Err(Expected::Drop(stat::DROP_MALFORMED));
-    }
-    let flags = u16::from_be_bytes([ip[6], ip[7]]);
-    let (fragment, later_fragment) = (flags & 0x3fff != 0, flags & 0x1fff != 0);
-    let proto = ip[9];
-    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
-    let mut parsed = Parsed {
-        saddr: addr(12),
-        daddr: addr(16),
+/// The fuzzed node as the reference model sees it (`testbed` writes the same).
+fn model() -> NodeModel {
+    let tcp: Vec<_> = BACKENDS.iter().map(|b| sock(*b, 8080)).collect();
+    let udp: Vec<_> = BACKENDS.iter().map(|b| sock(*b, 5353)).collect();
+    let frontend = |address, port, proto, backends: &[SocketAddrV4]| Frontend {
+        address,
+        port,
         proto,
-        later_fragment,
-        tracked: false,
-        ports: None,
-        too_big_with_df: u16::from_be_bytes([ip[6], ip[7]]) & 0x4000 != 0
-            && ihl == 20
-            && total > POD_MTU,
+        backends: backends.to_vec(),
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(parsed);
+    let mut frontends = vec![
+        frontend(VIP, 80, PROTO_TCP, &tcp),
+        frontend(VIP, 53, PROTO_UDP, &udp),
+        frontend(EMPTY_VIP, 80, PROTO_TCP, &[]),
+    ];
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        frontends.push(frontend(NODE_IP, NODE_PORT, proto, &tcp));
+        frontends.push(frontend(NODE_IP, LOCAL_ONLY_PORT, proto, &[]));
     }
-    let datagram = (
-        parsed.saddr.octets(),
-        parsed.daddr.octets(),
-        [ip[4], ip[5]],
-        proto,
-    );
-    if later_fragment {
-        parsed.ports = fragments.get(&datagram).copied();
-        parsed.tracked = parsed.ports.is_some();
-        return Ok(parsed);
-    }
-    let l4 = if proto == PROTO_TCP { 20 } else { 8 };
-    if ihl + l4 > total {
-        return Err(Expected::Drop(stat::DROP_MALFORMED));
-    }
-    let p = &ip[ihl..];
-    let ports = (
-        u16::from_be_bytes([p[0], p[1]]),
-        u16::from_be_bytes([p[2], p[3]]),
-    );
-    parsed.ports = Some(ports);
-    if fragment {
-        fragments.insert(datagram, ports);
-    }
-    Ok(parsed)
-}
-
-fn is_pod(ip: Ipv4Addr) -> bool {
-    ip == CLIENT || BACKENDS.contains(&ip)
-}
-
-/// `ferrite_from_pod` on a pod's veth, every pod on that veth's ifindex: the verdict
-/// and the counters it bumps (of those the model tracks).
-fn model_from_pod(frame: &[u8], fragments: &mut Fragments) -> (Expected, Vec<u32>) {
-    let h = match parse(frame, fragments) {
-        Ok(h) => h,
-        Err(expected @ Expected::Drop(reason)) => return (expected, vec![reason]),
-        Err(expected @ Expected::Pass(Some(counter))) => return (expected, vec![counter]),
-        Err(expected) => return (expected, vec![]),
-    };
-    let mut counters = Vec::new();
-    if h.tracked {
-        counters.push(stat::FRAGMENT_TRACKED);
-    }
-    if !is_pod(h.saddr) {
-        counters.push(stat::DROP_SPOOFED);
-        return (Expected::Drop(stat::DROP_SPOOFED), counters);
-    }
-    if let Some((_, dport)) = h.ports {
-        // Pods reach every frontend in the maps, a NodePort on this node's IP too.
-        match service(&h, dport) {
-            Some(true) => return (Expected::Deliver { translated: true }, counters),
-            // A later fragment has no L4 header to quote: dropped, its first one
-            // was answered.
-            Some(false) if h.later_fragment => {
-                counters.push(stat::DROP_NO_BACKEND);
-                return (Expected::Drop(stat::DROP_NO_BACKEND), counters);
-            }
-            Some(false) => {
-                counters.push(stat::SERVICE_REJECTED);
-                return (Expected::Rejected, counters);
-            }
-            None => {}
-        }
-    }
-    if h.later_fragment && h.ports.is_none() && (h.proto == PROTO_TCP || h.proto == PROTO_UDP) {
-        // No ports: routed by destination only, never translated.
-        counters.push(stat::FRAGMENT_ROUTED);
-    }
-    if is_pod(h.daddr) {
-        (Expected::Deliver { translated: false }, counters)
-    } else {
-        counters.push(stat::PASSED_TO_STACK);
-        (Expected::Pass(Some(stat::PASSED_TO_STACK)), counters)
+    NodeModel {
+        pods: vec![CLIENT, BACKENDS[0], BACKENDS[1]],
+        frontends,
     }
 }
 
@@ -201,7 +82,7 @@ fn model_from_world(frame: &[u8], fragments: &mut Fragments) -> Expected {
     let Some((_, dport)) = h.ports else {
         return Expected::Pass(None);
     };
-    if is_external_frontend(&h) && h.too_big_with_df {
+    if is_external_frontend(&h) && h.too_big_with_df(POD_MTU) {
         return Expected::Pass(None); // for from_uplink to answer
     }
     match (h.daddr, dport, h.proto) {
@@ -223,10 +104,10 @@ fn is_external_frontend(h: &Parsed) -> bool {
 /// `ferrite_from_uplink` (tcx on the uplink, after XDP): DF packets too big for pods
 /// to an external frontend are answered with ICMP; frames now addressed to a pod are
 /// delivered; everything else passes untouched and uncounted.
-fn model_from_uplink(frame: &[u8], fragments: &mut Fragments) -> Expected {
+fn model_from_uplink(model: &NodeModel, frame: &[u8], fragments: &mut Fragments) -> Expected {
     match parse(frame, fragments) {
-        Ok(h) if is_external_frontend(&h) && h.too_big_with_df => Expected::FragNeeded,
-        Ok(h) if is_pod(h.daddr) => Expected::Deliver { translated: false },
+        Ok(h) if is_external_frontend(&h) && h.too_big_with_df(POD_MTU) => Expected::FragNeeded,
+        Ok(h) if model.is_pod(h.daddr) => Expected::Deliver { translated: false },
         _ => Expected::Pass(None),
     }
 }
@@ -236,7 +117,7 @@ fn model_from_uplink(frame: &[u8], fragments: &mut Fragments) -> Expected {
 /// its backend; without backends it is answered with ICMP port unreachable handed to
 /// the stack (a later fragment of it is dropped); the overlay's datagrams (the node's
 /// VXLAN port, 0 in the test bed) and everything else pass.
-fn model_from_host(frame: &[u8], fragments: &mut Fragments) -> Expected {
+fn model_from_host(model: &NodeModel, frame: &[u8], fragments: &mut Fragments) -> Expected {
     let Ok(h) = parse(frame, fragments) else {
         return Expected::Pass(None);
     };
@@ -246,44 +127,12 @@ fn model_from_host(frame: &[u8], fragments: &mut Fragments) -> Expected {
     if h.proto == PROTO_UDP && dport == 0 {
         return Expected::Pass(None);
     }
-    match service(&h, dport) {
+    match model.service(&h, dport) {
         Some(true) => Expected::Deliver { translated: true },
         Some(false) if h.later_fragment => Expected::Drop(stat::DROP_NO_BACKEND),
         Some(false) => Expected::Rejected,
         None => Expected::Pass(None),
     }
-}
-
-/// Whether `h` is addressed to a frontend, with backends (`true`) or without.
-fn service(h: &Parsed, dport: u16) -> Option<bool> {
-    match (h.daddr, dport, h.proto) {
-        (VIP, 80, PROTO_TCP) | (VIP, 53, PROTO_UDP) => Some(true),
-        (NODE_IP, NODE_PORT, PROTO_TCP | PROTO_UDP) => Some(true),
-        (EMPTY_VIP, 80, PROTO_TCP) => Some(false),
-        (NODE_IP, LOCAL_ONLY_PORT, PROTO_TCP | PROTO_UDP) => Some(false),
-        _ => None,
-    }
-}
-
-/// An ICMP "destination unreachable" with `code` answering `frame`: back to its
-/// sender, quoting its first 28 IP bytes, with `mtu` as next-hop MTU (checksums are
-/// checked byte for byte in external_packets and datapath_packets).
-fn is_unreachable_for(out: &[u8], frame: &[u8], code: u8, mtu: usize) -> bool {
-    out.len() == 14 + 56
-        && out[..6] == frame[6..12]
-        && out[6..12] == frame[..6]
-        && is_unreachable_ip_for(out, frame, code, mtu)
-}
-
-/// The same, MACs aside (an answer handed to the node's stack on `lo` has none).
-fn is_unreachable_ip_for(out: &[u8], frame: &[u8], code: u8, mtu: usize) -> bool {
-    out.len() == 14 + 56
-        && out[14 + 9] == 1
-        && out[14 + 12..14 + 16] == frame[14 + 16..14 + 20]
-        && out[14 + 16..14 + 20] == frame[14 + 12..14 + 16]
-        && out[34..36] == [3, code]
-        && u16::from_be_bytes([out[40], out[41]]) as usize == mtu
-        && out[42..] == frame[14..42]
 }
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -472,16 +321,6 @@ fn too_short_for_test_run(frame: &[u8]) -> bool {
     }
 }
 
-/// Where a translated frame goes: its destination address and, unless it is a later
-/// fragment (no L4 header), its destination port.
-fn destination(frame: &[u8]) -> Option<(Ipv4Addr, Option<u16>)> {
-    let h = parse(frame, &mut Fragments::new()).ok()?;
-    if h.later_fragment {
-        return Some((h.daddr, None));
-    }
-    Some((h.daddr, Some(h.ports?.1)))
-}
-
 #[test]
 fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<()> {
     let mut rng = fastrand::Rng::with_seed(SEED);
@@ -490,12 +329,13 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     let mut expected_counts: BTreeMap<u32, u64> = BTreeMap::new();
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
 
+    let model = model();
     let bed = testbed()?;
     let mut pod_fragments = Fragments::new();
     let mut refused = 0;
     for i in 0..FROM_POD_FRAMES {
         let frame = mutate(&mut rng, &seeds);
-        let (expected, counters) = model_from_pod(&frame, &mut pod_fragments);
+        let (expected, counters) = model.from_pod(&frame, &mut pod_fragments);
         let fragment = if counters.contains(&stat::FRAGMENT_ROUTED) {
             " fragment"
         } else if counters.contains(&stat::FRAGMENT_TRACKED) {
@@ -518,25 +358,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         for counter in counters {
             *expected_counts.entry(counter).or_default() += 1;
         }
-        let ok = match expected {
-            Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
-            Expected::Drop(_) => out.verdict == TC_ACT_SHOT && out.frame == frame,
-            Expected::Deliver { translated } => {
-                let to_backend = destination(&out.frame).is_some_and(|(ip, port)| {
-                    BACKENDS.contains(&ip) && port.is_none_or(|p| [8080, 5353].contains(&p))
-                });
-                // Untranslated: same destination (a backend's reply may get its
-                // source turned back into the Service's, by conntrack).
-                out.verdict == TC_ACT_REDIRECT
-                    && out.frame.len() == frame.len()
-                    && (!translated || to_backend)
-                    && (translated || out.frame[30..34] == frame[30..34])
-            }
-            Expected::Rejected => {
-                out.verdict == TC_ACT_REDIRECT && is_unreachable_for(&out.frame, &frame, 3, 0)
-            }
-            Expected::Translated | Expected::FragNeeded => unreachable!("not from_pod"),
-        };
+        let ok = model.from_pod_output_fits(expected, &frame, &out);
         if !ok && mismatches.len() < 10 {
             mismatches.push(format!(
                 "from_pod #{i} {expected:?} got {} {:02x?}",
@@ -545,18 +367,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         }
     }
     // Every counter the model expects, and nothing more of them.
-    for counter in [
-        stat::PASSED_ARP,
-        stat::DROP_UNSUPPORTED_L3,
-        stat::DROP_MALFORMED,
-        stat::DROP_SPOOFED,
-        stat::DROP_NO_BACKEND,
-        stat::SERVICE_REJECTED,
-        stat::FRAGMENT_ROUTED,
-        stat::FRAGMENT_TRACKED,
-        stat::PASSED_TO_STACK,
-        stat::DROP_INTERNAL,
-    ] {
+    for counter in FROM_POD_COUNTERS {
         expected_counts.entry(counter).or_default();
     }
     for (counter, count) in &expected_counts {
@@ -615,7 +426,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             continue;
         };
         ran += 1;
-        let expected = model_from_uplink(&frame, &mut uplink_fragments);
+        let expected = model_from_uplink(&model, &frame, &mut uplink_fragments);
         *kinds
             .entry(format!("from_uplink {expected:?}"))
             .or_default() += 1;
@@ -672,7 +483,7 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
             continue;
         };
         ran += 1;
-        let expected = model_from_host(&frame, &mut host_fragments);
+        let expected = model_from_host(&model, &frame, &mut host_fragments);
         *kinds.entry(format!("from_host {expected:?}")).or_default() += 1;
         let ok = match expected {
             // A reply of a flow it translated gets its source translated back; the
