@@ -63,6 +63,9 @@ pub mod program_names {
     /// Never attached: run with BPF_PROG_TEST_RUN, it writes the datapath's clock
     /// (jiffies, as a native-endian u64) over the first 8 bytes of the test packet.
     pub const CLOCK: &str = "ferrite_clock";
+    /// Never attached: the bench's floor of an established translated packet (a
+    /// conntrack hit, the DNAT with its checksum fixes, the delivery), nothing else.
+    pub const FLOOR: &str = "ferrite_floor";
     /// Returns XDP_PASS and nothing else: the bench's baseline for the XDP program.
     pub const NOOP_XDP: &str = "ferrite_noop_xdp";
     /// XDP on the node's uplink: NodePort, LoadBalancer and externalIP traffic from

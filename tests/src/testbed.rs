@@ -61,6 +61,7 @@ impl Testbed {
             program_names::FROM_UPLINK,
             program_names::FROM_HOST,
             program_names::NOOP,
+            program_names::FLOOR,
         ] {
             let program: &mut SchedClassifier =
                 ebpf.program_mut(name).context("program")?.try_into()?;

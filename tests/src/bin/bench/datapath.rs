@@ -26,6 +26,12 @@
 //!   ClusterIP flows spread over all of them. Established flows never look up a
 //!   Service (conntrack holds the backend): flat by construction, measured once.
 //!
+//! - the floor: `ferrite_floor` on the local ClusterIP flow's frame, only what any
+//!   datapath must do for an established translated packet (a conntrack hit, the
+//!   DNAT with a port change and its checksum fixes, the MACs, `bpf_redirect_peer`),
+//!   checked to leave the same frame as `ferrite_from_pod`: what the path costs
+//!   beyond the work itself.
+//!
 //! Baselines: `ferrite_noop` (TC), `ferrite_noop_xdp` (XDP); `ferrite_from_overlay`
 //! runs behind a shim that gives the packet tunnel metadata (a test run has none)
 //! and tail-calls it, so its baseline is the same shim tail-calling `ferrite_noop`.
@@ -34,7 +40,7 @@
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{ensure, Context, Result};
-use ferrite_common::stat;
+use ferrite_common::{program_names, stat};
 use ferrite_tests::{
     bench_node::{BenchNode, Established, Hook, NewFlow},
     lab::bpf_object,
@@ -85,6 +91,23 @@ fn established(node: &BenchNode, path: Established) -> Result<f64> {
         WARM_REPEAT as u64,
         path.label(),
     )?;
+    Ok(duration.as_nanos() as f64)
+}
+
+/// ns per pass of `ferrite_floor` on the local ClusterIP flow's frame, after
+/// checking that one pass leaves the frame `ferrite_from_pod` leaves.
+fn floor(node: &BenchNode) -> Result<f64> {
+    let frame = Established::ClusterIpLocal.frame();
+    let (datapath, _) = node.run(Hook::FromPod, &frame, 1)?;
+    let (floor, _) = node.bed.run_program(program_names::FLOOR, &frame, 1)?;
+    ensure!(
+        floor.verdict == datapath.verdict && floor.frame == datapath.frame,
+        "the floor program left another frame than ferrite_from_pod: the floor would not \
+         measure the same work"
+    );
+    let (_, duration) = node
+        .bed
+        .run_program(program_names::FLOOR, &frame, WARM_REPEAT)?;
     Ok(duration.as_nanos() as f64)
 }
 
@@ -241,14 +264,18 @@ pub fn bench() -> Result<()> {
         "path", "program", "ns/pkt", "baseline", "+ns", "ratio"
     );
     let mut samples: Vec<[Vec<f64>; 2]> = vec![Default::default(); Established::ALL.len()];
+    let mut floor_samples = Vec::new();
     for _ in 0..ROUNDS {
         for (i, path) in Established::ALL.into_iter().enumerate() {
             samples[i][0].push(established(&node, path)?);
             samples[i][1].push(established_baseline(&node, path)?);
+            if path == Established::ClusterIpLocal {
+                floor_samples.push(floor(&node)?);
+            }
         }
     }
-    for (path, [ns, base]) in Established::ALL.into_iter().zip(samples) {
-        let (ns, base) = (median(ns), median(base));
+    for (path, [ns, base]) in Established::ALL.into_iter().zip(&samples) {
+        let (ns, base) = (median(ns.clone()), median(base.clone()));
         println!(
             "{:<36} {:<22} {ns:>8.1} {base:>9.1} {:>+8.1} {:>6.2}x",
             path.label(),
@@ -257,11 +284,32 @@ pub fn bench() -> Result<()> {
             ns / base
         );
     }
+    let local = Established::ALL
+        .iter()
+        .position(|p| *p == Established::ClusterIpLocal)
+        .context("the local ClusterIP path")?;
+    let (path_ns, base) = (
+        median(samples[local][0].clone()),
+        median(samples[local][1].clone()),
+    );
+    let floor_ns = median(floor_samples);
+    println!(
+        "{:<36} {:<22} {floor_ns:>8.1} {base:>9.1} {:>+8.1} {:>6.2}x",
+        "floor: ct hit, DNAT 80 -> 8080, deliver",
+        program_names::FLOOR,
+        floor_ns - base,
+        floor_ns / base
+    );
     println!(
         "baselines: {} (TC), {} (XDP); from the overlay: the tunnel-key shim + tail call into {}",
         Hook::FromPod.noop(),
         Hook::FromWorld.noop(),
         Hook::FromPod.noop()
+    );
+    println!(
+        "the local ClusterIP path costs {:+.1} ns over the floor (the same frame out, checked): \
+         its anti-spoofing, cached-route and epoch checks, counters and flow accounting",
+        path_ns - floor_ns
     );
 
     println!(
