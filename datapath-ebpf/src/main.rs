@@ -91,7 +91,7 @@ fn floor(ctx: &TcContext) -> Result<i32, ()> {
         _pad: 0,
         _pad2: 0,
     };
-    let ct = unsafe { maps::CONNTRACK.get(&key) }.ok_or(())?;
+    let ct = unsafe { maps::CONNTRACK.get(key) }.ok_or(())?;
     let (daddr, dport) = (
         u32::from_ne_bytes(ct.backend_address),
         ct.backend_port.to_be(),
