@@ -295,7 +295,7 @@ pub fn bench() -> Result<()> {
     let floor_ns = median(floor_samples);
     println!(
         "{:<36} {:<22} {floor_ns:>8.1} {base:>9.1} {:>+8.1} {:>6.2}x",
-        "floor: ct hit, DNAT 80 -> 8080, deliver",
+        "floor: ct hit, DNAT, deliver",
         program_names::FLOOR,
         floor_ns - base,
         floor_ns / base
