@@ -8,7 +8,7 @@
 use std::{fmt, sync::Arc};
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::model::{ClusterObjects, SkipReason, Skipped};
 
@@ -35,7 +35,7 @@ pub fn parse_objects(yaml: &str) -> Result<(ClusterObjects, Vec<Skipped>), Confi
     let mut objects = ClusterObjects::default();
     let mut skipped = Vec::new();
     let mut documents = 0;
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
         let what = format!("document {}", index + 1);
         match Value::deserialize(document) {
             Ok(Value::Null) => {}
@@ -92,13 +92,13 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
             Ok(())
         }
         ("v1", "Service") => {
-            serde_yaml::from_value(value).map(|s| objects.services.push(Arc::new(s)))
+            serde_yaml_ng::from_value(value).map(|s| objects.services.push(Arc::new(s)))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_yaml::from_value(value).map(|s| objects.endpoint_slices.push(Arc::new(s)))
+            serde_yaml_ng::from_value(value).map(|s| objects.endpoint_slices.push(Arc::new(s)))
         }
-        ("v1", "Pod") => serde_yaml::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
-        ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
+        ("v1", "Pod") => serde_yaml_ng::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
+        ("v1", "Node") => serde_yaml_ng::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
         _ => {
             skipped.push(Skipped {
                 object: what,

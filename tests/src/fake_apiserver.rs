@@ -212,7 +212,7 @@ impl FakeApiServer {
 
     /// Load every document of a Kubernetes YAML file (`kind: List` not supported).
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
-        for document in serde_yaml::Deserializer::from_str(yaml) {
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
             let value: Value = serde::Deserialize::deserialize(document)?;
             if !value.is_null() {
                 self.apply(value);

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -14,7 +14,7 @@ fn deploy_dir() -> PathBuf {
 
 fn documents(file: &str) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(deploy_dir().join(file))?;
-    serde_yaml::Deserializer::from_str(&text)
+    serde_yaml_ng::Deserializer::from_str(&text)
         .map(Value::deserialize)
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {file}"))
