@@ -1,11 +1,18 @@
-//! `ferrite inspect`: readable tables straight from a node's pinned maps, so they
-//! work whether or not the agent runs.
-use std::{fmt::Write, net::Ipv4Addr};
+//! `ferrite inspect`: a node's datapath state straight from its pinned maps, so it
+//! works whether or not the agent runs. Each table's rows are built once, then
+//! rendered as aligned text for people or as JSON for scripts (`-o json`): both views
+//! show the same fields.
+use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use ferrite_common::{stat, CT_FLAG_CLOSING, CT_FLAG_REPLY};
+use ferrite_common::{stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, ROUTE_LOCAL, ROUTE_NODE};
+use serde::Serialize;
 
-use crate::{maps::NodeMaps, model::Protocol, plan::describe_service_key};
+use crate::{
+    maps::{describe_op, NodeMaps},
+    model::Protocol,
+    plan::{describe_service_key, op_map, Op},
+};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Table {
@@ -19,16 +26,177 @@ pub enum Table {
     Diff,
 }
 
-/// `inspect diff`: one line per entry that differs from the desired state.
-pub fn render_diff(writes: &[crate::plan::Op]) -> String {
-    if writes.is_empty() {
-        return "no drift: the maps hold exactly the desired state\n".into();
+/// How a table is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns with a header line.
+    #[default]
+    Table,
+    /// A JSON array of objects, one per row, with the same fields.
+    Json,
+}
+
+/// A row of one of the tables: its fields for JSON, its cells for text.
+trait Row: Serialize {
+    const HEADER: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+#[derive(Serialize)]
+struct BackendRef {
+    id: u32,
+    address: Ipv4Addr,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct ServiceRow {
+    frontend: String,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: String,
+    rev_nat_index: u16,
+    count: u16,
+    backends: Vec<BackendRef>,
+}
+
+impl Row for ServiceRow {
+    const HEADER: &'static [&'static str] = &["FRONTEND", "REV-NAT", "COUNT", "BACKENDS"];
+    fn cells(&self) -> Vec<String> {
+        let backends: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.address, b.port))
+            .collect();
+        vec![
+            self.frontend.clone(),
+            self.rev_nat_index.to_string(),
+            self.count.to_string(),
+            backends.join(", "),
+        ]
     }
-    let mut out = format!("{} entries differ from the desired state:\n", writes.len());
-    for op in writes {
-        let _ = writeln!(out, "  {}", crate::maps::describe_op(op));
+}
+
+#[derive(Serialize)]
+struct BackendRow {
+    id: u32,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: String,
+}
+
+impl Row for BackendRow {
+    const HEADER: &'static [&'static str] = &["ID", "BACKEND"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            format!("{}:{}/{}", self.address, self.port, self.protocol),
+        ]
     }
-    out
+}
+
+#[derive(Serialize)]
+struct EndpointRow {
+    pod_ip: Ipv4Addr,
+    ifindex: u32,
+    pod_mac: String,
+    gateway_mac: String,
+}
+
+impl Row for EndpointRow {
+    const HEADER: &'static [&'static str] = &["POD IP", "IFINDEX", "POD MAC", "GATEWAY MAC"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.pod_ip.to_string(),
+            self.ifindex.to_string(),
+            self.pod_mac.clone(),
+            self.gateway_mac.clone(),
+        ]
+    }
+}
+
+#[derive(Serialize)]
+struct ConntrackRow {
+    direction: &'static str,
+    protocol: String,
+    source: String,
+    destination: String,
+    backend_id: u32,
+    rev_nat_index: u16,
+    packets: u64,
+    bytes: u64,
+    state: &'static str,
+}
+
+impl Row for ConntrackRow {
+    const HEADER: &'static [&'static str] = &[
+        "DIR",
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "BACKEND",
+        "REV-NAT",
+        "PACKETS",
+        "STATE",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.direction.into(),
+            self.protocol.clone(),
+            self.source.clone(),
+            self.destination.clone(),
+            self.backend_id.to_string(),
+            self.rev_nat_index.to_string(),
+            self.packets.to_string(),
+            self.state.into(),
+        ]
+    }
+}
+
+#[derive(Serialize)]
+struct RouteRow {
+    destination: String,
+    node_ip: Ipv4Addr,
+    vtep_mac: String,
+    kind: &'static str,
+}
+
+impl Row for RouteRow {
+    const HEADER: &'static [&'static str] = &["DESTINATION", "NODE IP", "VTEP MAC", "KIND"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.destination.clone(),
+            self.node_ip.to_string(),
+            self.vtep_mac.clone(),
+            self.kind.into(),
+        ]
+    }
+}
+
+#[derive(Serialize)]
+struct StatRow {
+    counter: &'static str,
+    packets: u64,
+    bytes: u64,
+}
+
+impl Row for StatRow {
+    const HEADER: &'static [&'static str] = &["COUNTER", "PACKETS", "BYTES"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.counter.into(),
+            self.packets.to_string(),
+            self.bytes.to_string(),
+        ]
+    }
+}
+
+/// One write a sync would make.
+#[derive(Serialize)]
+struct DiffRow {
+    map: &'static str,
+    action: &'static str,
+    description: String,
 }
 
 fn protocol_name(number: u8) -> String {
@@ -41,138 +209,309 @@ fn mac(bytes: [u8; 6]) -> String {
     bytes.map(|b| format!("{b:02x}")).join(":")
 }
 
-pub fn render(maps: &NodeMaps, table: Table) -> Result<String> {
-    let contents = maps.contents_without_maglev()?;
+/// Columns padded to their widest cell, two spaces apart; the last is not padded.
+fn text<R: Row>(rows: &[R]) -> String {
+    let lines: Vec<Vec<String>> =
+        std::iter::once(R::HEADER.iter().map(|h| h.to_string()).collect())
+            .chain(rows.iter().map(Row::cells))
+            .collect();
+    let mut widths = vec![0; R::HEADER.len()];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
     let mut out = String::new();
+    for line in lines {
+        let last = line.len().saturating_sub(1);
+        for (column, cell) in line.iter().enumerate() {
+            if column == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[column]));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn json<R: Serialize>(rows: &[R]) -> Result<String> {
+    Ok(serde_json::to_string_pretty(rows)? + "\n")
+}
+
+fn show<R: Row>(rows: &[R], output: Output) -> Result<String> {
+    match output {
+        Output::Table => Ok(text(rows)),
+        Output::Json => json(rows),
+    }
+}
+
+/// `inspect diff`: the writes a sync would make now, one per entry that differs
+/// from the desired state.
+pub fn render_diff(writes: &[Op], output: Output) -> Result<String> {
+    let rows: Vec<DiffRow> = writes
+        .iter()
+        .map(|op| DiffRow {
+            map: op_map(op),
+            action: op_action(op),
+            description: describe_op(op),
+        })
+        .collect();
+    if output == Output::Json {
+        return json(&rows);
+    }
+    if rows.is_empty() {
+        return Ok("no drift: the maps hold exactly the desired state\n".into());
+    }
+    let mut out = format!("{} entries differ from the desired state:\n", rows.len());
+    for row in rows {
+        out.push_str(&format!("  {}\n", row.description));
+    }
+    Ok(out)
+}
+
+fn op_action(op: &Op) -> &'static str {
+    match op {
+        Op::PutBackend(..)
+        | Op::PutRevNat(..)
+        | Op::PutService(..)
+        | Op::PutEndpoint(..)
+        | Op::PutConfig(_)
+        | Op::PutRoute(..)
+        | Op::PutMaglev(..)
+        | Op::PutSourceRange(_) => "write",
+        Op::DeleteRoute(_)
+        | Op::DeleteService(_)
+        | Op::DeleteRevNat(_)
+        | Op::DeleteBackend(_)
+        | Op::DeleteEndpoint(_)
+        | Op::DeleteMaglev(_)
+        | Op::DeleteSourceRange(_) => "remove",
+    }
+}
+
+pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
+    let contents = maps.contents_without_maglev()?;
     match table {
         Table::Services => {
-            writeln!(
-                out,
-                "{:<24} {:>7} {:>8}  BACKENDS",
-                "FRONTEND", "REV-NAT", "COUNT"
-            )?;
-            for (key, value) in contents
+            let rows: Vec<ServiceRow> = contents
                 .services
                 .iter()
                 .filter(|(k, _)| k.backend_slot == 0)
-            {
-                let backends: Vec<String> = (1..=value.count)
-                    .filter_map(|slot| {
-                        let slot_key = ferrite_common::ServiceKey {
-                            backend_slot: slot,
-                            ..*key
-                        };
-                        let id = contents.services.get(&slot_key)?.backend_id;
-                        let b = contents.backends.get(&id)?;
-                        Some(format!("{}:{}", Ipv4Addr::from(b.address), b.port))
-                    })
-                    .collect();
-                writeln!(
-                    out,
-                    "{:<24} {:>7} {:>8}  {}",
-                    describe_service_key(key),
-                    value.rev_nat_index,
-                    value.count,
-                    backends.join(", ")
-                )?;
-            }
+                .map(|(key, value)| ServiceRow {
+                    frontend: describe_service_key(key),
+                    address: Ipv4Addr::from(key.address),
+                    port: key.port,
+                    protocol: protocol_name(key.proto),
+                    rev_nat_index: value.rev_nat_index,
+                    count: value.count,
+                    backends: (1..=value.count)
+                        .filter_map(|slot| {
+                            let slot_key = ferrite_common::ServiceKey {
+                                backend_slot: slot,
+                                ..*key
+                            };
+                            let id = contents.services.get(&slot_key)?.backend_id;
+                            let b = contents.backends.get(&id)?;
+                            Some(BackendRef {
+                                id,
+                                address: Ipv4Addr::from(b.address),
+                                port: b.port,
+                            })
+                        })
+                        .collect(),
+                })
+                .collect();
+            show(&rows, output)
         }
         Table::Backends => {
-            writeln!(out, "{:>6}  BACKEND", "ID")?;
-            for (id, b) in &contents.backends {
-                writeln!(
-                    out,
-                    "{id:>6}  {}:{}/{}",
-                    Ipv4Addr::from(b.address),
-                    b.port,
-                    protocol_name(b.proto)
-                )?;
-            }
+            let rows: Vec<BackendRow> = contents
+                .backends
+                .iter()
+                .map(|(id, b)| BackendRow {
+                    id: *id,
+                    address: Ipv4Addr::from(b.address),
+                    port: b.port,
+                    protocol: protocol_name(b.proto),
+                })
+                .collect();
+            show(&rows, output)
         }
         Table::Endpoints => {
-            writeln!(
-                out,
-                "{:<16} {:>8}  {:<18} {:<18}",
-                "POD IP", "IFINDEX", "POD MAC", "GATEWAY MAC"
-            )?;
-            for (key, e) in &contents.endpoints {
-                writeln!(
-                    out,
-                    "{:<16} {:>8}  {:<18} {:<18}",
-                    Ipv4Addr::from(key.address).to_string(),
-                    e.ifindex,
-                    mac(e.pod_mac),
-                    mac(e.host_mac)
-                )?;
-            }
+            let rows: Vec<EndpointRow> = contents
+                .endpoints
+                .iter()
+                .map(|(key, e)| EndpointRow {
+                    pod_ip: Ipv4Addr::from(key.address),
+                    ifindex: e.ifindex,
+                    pod_mac: mac(e.pod_mac),
+                    gateway_mac: mac(e.host_mac),
+                })
+                .collect();
+            show(&rows, output)
         }
         Table::Conntrack => {
-            writeln!(
-                out,
-                "{:<7} {:<5} {:<22} {:<22} {:>7} {:>7} {:>9}  STATE",
-                "DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "REV-NAT", "PACKETS"
-            )?;
             let mut entries = maps.conntrack_entries()?;
             entries.sort_by_key(|(k, _)| *k);
-            for (k, v) in entries {
-                writeln!(
-                    out,
-                    "{:<7} {:<5} {:<22} {:<22} {:>7} {:>7} {:>9}  {}",
-                    if v.flags & CT_FLAG_REPLY == 0 {
+            let rows: Vec<ConntrackRow> = entries
+                .into_iter()
+                .map(|(k, v)| ConntrackRow {
+                    direction: if v.flags & CT_FLAG_REPLY == 0 {
                         "forward"
                     } else {
                         "reply"
                     },
-                    protocol_name(k.proto),
-                    format!("{}:{}", Ipv4Addr::from(k.saddr), k.sport),
-                    format!("{}:{}", Ipv4Addr::from(k.daddr), k.dport),
-                    v.backend_id,
-                    v.rev_nat_index,
-                    v.packets,
-                    if v.flags & CT_FLAG_CLOSING != 0 {
+                    protocol: protocol_name(k.proto),
+                    source: format!("{}:{}", Ipv4Addr::from(k.saddr), k.sport),
+                    destination: format!("{}:{}", Ipv4Addr::from(k.daddr), k.dport),
+                    backend_id: v.backend_id,
+                    rev_nat_index: v.rev_nat_index,
+                    packets: v.packets,
+                    bytes: v.bytes,
+                    state: if v.flags & CT_FLAG_CLOSING != 0 {
                         "closing"
                     } else {
                         "open"
-                    }
-                )?;
-            }
+                    },
+                })
+                .collect();
+            show(&rows, output)
         }
         Table::Diff => anyhow::bail!("`diff` needs the objects: see `ferrite inspect --help`"),
         Table::Routes => {
-            writeln!(
-                out,
-                "{:<20} {:<16} {:<18} KIND",
-                "DESTINATION", "NODE IP", "VTEP MAC"
-            )?;
-            for (key, route) in &contents.routes {
-                let kind = if route.flags & ferrite_common::ROUTE_LOCAL != 0 {
-                    "local"
-                } else if route.flags & ferrite_common::ROUTE_NODE != 0 {
-                    "node (NodePort replies via overlay)"
-                } else {
-                    "overlay"
-                };
-                writeln!(
-                    out,
-                    "{:<20} {:<16} {:<18} {kind}",
-                    format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len),
-                    Ipv4Addr::from(route.node_ip).to_string(),
-                    mac(route.vtep_mac)
-                )?;
-            }
+            let rows: Vec<RouteRow> = contents
+                .routes
+                .iter()
+                .map(|(key, route)| RouteRow {
+                    destination: format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len),
+                    node_ip: Ipv4Addr::from(route.node_ip),
+                    vtep_mac: mac(route.vtep_mac),
+                    kind: if route.flags & ROUTE_LOCAL != 0 {
+                        "local"
+                    } else if route.flags & ROUTE_NODE != 0 {
+                        "node (NodePort replies via overlay)"
+                    } else {
+                        "overlay"
+                    },
+                })
+                .collect();
+            show(&rows, output)
         }
         Table::Stats => {
-            writeln!(out, "{:<22} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES")?;
-            for (index, counter) in maps.counters()?.iter().enumerate() {
-                writeln!(
-                    out,
-                    "{:<22} {:>12} {:>14}",
-                    stat::NAMES[index],
-                    counter.packets,
-                    counter.bytes
-                )?;
-            }
+            let rows: Vec<StatRow> = maps
+                .counters()?
+                .iter()
+                .enumerate()
+                .map(|(index, counter)| StatRow {
+                    counter: stat::NAMES[index],
+                    packets: counter.packets,
+                    bytes: counter.bytes,
+                })
+                .collect();
+            show(&rows, output)
         }
     }
-    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> Vec<StatRow> {
+        vec![
+            StatRow {
+                counter: "drop_spoofed",
+                packets: 3,
+                bytes: 126,
+            },
+            StatRow {
+                counter: "service_new",
+                packets: 12345,
+                bytes: 7,
+            },
+        ]
+    }
+
+    #[test]
+    fn text_pads_each_column_to_its_widest_cell_under_one_header() {
+        let shown = text(&stats());
+        assert_eq!(
+            shown,
+            "COUNTER       PACKETS  BYTES\n\
+             drop_spoofed  3        126\n\
+             service_new   12345    7\n"
+        );
+    }
+
+    #[test]
+    fn json_holds_the_same_rows_with_named_fields() -> Result<()> {
+        let parsed: serde_json::Value = serde_json::from_str(&json(&stats())?)?;
+        assert_eq!(
+            parsed,
+            serde_json::json!([
+                {"counter": "drop_spoofed", "packets": 3, "bytes": 126},
+                {"counter": "service_new", "packets": 12345, "bytes": 7},
+            ])
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn services_show_their_backends_as_addresses_in_text_and_objects_in_json() -> Result<()> {
+        let row = ServiceRow {
+            frontend: "10.96.0.10:80/TCP".into(),
+            address: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: "TCP".into(),
+            rev_nat_index: 1,
+            count: 2,
+            backends: vec![
+                BackendRef {
+                    id: 4,
+                    address: Ipv4Addr::new(10, 244, 0, 2),
+                    port: 8080,
+                },
+                BackendRef {
+                    id: 9,
+                    address: Ipv4Addr::new(10, 244, 1, 3),
+                    port: 8080,
+                },
+            ],
+        };
+        let shown = text(std::slice::from_ref(&row));
+        assert!(
+            shown
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("10.96.0.10:80/TCP")
+                    && l.ends_with("10.244.0.2:8080, 10.244.1.3:8080")),
+            "{shown}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&json(&[row])?)?;
+        assert_eq!(parsed[0]["address"], "10.96.0.10");
+        assert_eq!(parsed[0]["backends"][1]["address"], "10.244.1.3");
+        assert_eq!(parsed[0]["backends"][1]["id"], 9);
+        Ok(())
+    }
+
+    #[test]
+    fn diff_says_no_drift_in_text_and_is_an_empty_array_in_json() -> Result<()> {
+        assert!(render_diff(&[], Output::Table)?.starts_with("no drift"));
+        assert_eq!(render_diff(&[], Output::Json)?.trim(), "[]");
+        Ok(())
+    }
+
+    #[test]
+    fn each_pending_write_names_its_map_and_action() -> Result<()> {
+        let writes = [Op::DeleteBackend(7), Op::DeleteRevNat(2)];
+        let shown = render_diff(&writes, Output::Table)?;
+        assert!(shown.starts_with("2 entries differ"), "{shown}");
+        assert!(shown.contains("removing backend 7"), "{shown}");
+        let parsed: serde_json::Value = serde_json::from_str(&render_diff(&writes, Output::Json)?)?;
+        assert_eq!(parsed[0]["map"], ferrite_common::map_names::BACKENDS);
+        assert_eq!(parsed[0]["action"], "remove");
+        assert_eq!(parsed[1]["map"], ferrite_common::map_names::REV_NAT);
+        Ok(())
+    }
 }

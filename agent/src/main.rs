@@ -87,6 +87,9 @@ enum Command {
         node: String,
         #[arg(value_enum)]
         table: inspect::Table,
+        /// `table`: aligned columns; `json`: an array of objects with the same fields.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: inspect::Output,
         /// For `diff`: the objects from this YAML file instead of the Kubernetes API.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -313,6 +316,7 @@ fn main() -> Result<()> {
         Command::Inspect {
             node,
             table: inspect::Table::Diff,
+            output,
             config,
             vni,
             cluster_cidr,
@@ -333,12 +337,17 @@ fn main() -> Result<()> {
                 ..plan::NodeSettings::default()
             };
             let (writes, _) = agent::pending_writes(&objects, &settings, &maps)?;
-            print!("{}", inspect::render_diff(&writes));
+            print!("{}", inspect::render_diff(&writes, output)?);
             Ok(())
         }
-        Command::Inspect { node, table, .. } => {
+        Command::Inspect {
+            node,
+            table,
+            output,
+            ..
+        } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
-            print!("{}", inspect::render(&maps, table)?);
+            print!("{}", inspect::render(&maps, table, output)?);
             Ok(())
         }
         Command::Uninstall { node } => {

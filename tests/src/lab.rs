@@ -853,6 +853,15 @@ impl Node {
             &["inspect", "--node", &self.name, table],
         )
     }
+
+    /// `ferrite inspect <table> -o json` output for this node, parsed.
+    pub fn inspect_json(&self, table: &str) -> Result<serde_json::Value> {
+        let shown = sh(
+            ferrite_bin().to_str().context("path")?,
+            &["inspect", "--node", &self.name, table, "-o", "json"],
+        )?;
+        serde_json::from_str(&shown).with_context(|| format!("not JSON:\n{shown}"))
+    }
 }
 
 /// What the lab's agents accept, as an operator would set it: clusterIPs in the

@@ -188,6 +188,36 @@ fn operators_see_services_in_inspect_and_named_fields_in_bpftool() -> Result<()>
     let endpoints = node.inspect("endpoints")?;
     assert_eq!(endpoints.lines().count(), 1 + 5, "{endpoints}");
 
+    // The same rows for scripts: `-o json`, one object per row with named fields.
+    let services = node.inspect_json("services")?;
+    let frontend = services
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["frontend"] == "10.96.0.10:80/TCP"))
+        .unwrap_or_else(|| panic!("no TCP frontend in:\n{services:#}"));
+    assert_eq!(frontend["port"], 80);
+    let mut backend_ips: Vec<&str> = frontend["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter_map(|b| b["address"].as_str())
+        .collect();
+    backend_ips.sort_unstable();
+    let mut expected: Vec<String> = BACKENDS.iter().map(|(_, ip)| ip.to_string()).collect();
+    expected.sort_unstable();
+    assert_eq!(backend_ips, expected, "{frontend:#}");
+    for table in ["backends", "endpoints", "routes", "stats", "conntrack"] {
+        let rows = node.inspect_json(table)?;
+        assert!(rows.is_array(), "{table}: {rows:#}");
+    }
+    let endpoints = node.inspect_json("endpoints")?;
+    assert_eq!(endpoints.as_array().map(Vec::len), Some(5), "{endpoints:#}");
+    let stats = node.inspect_json("stats")?;
+    assert_eq!(
+        stats.as_array().map(Vec::len),
+        Some(ferrite_common::stat::COUNT as usize),
+        "{stats:#}"
+    );
+
     let pinned = node.pin_dir().join(ferrite_common::map_names::SERVICES);
     let dump = sh(
         "bpftool",
@@ -291,7 +321,25 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
             ],
         )
     };
+    let diff_json = || {
+        sh(
+            "nsenter",
+            &[
+                &netns,
+                ferrite.to_str().unwrap(),
+                "inspect",
+                "--node",
+                &node.name,
+                "diff",
+                "--config",
+                config.to_str().unwrap(),
+                "-o",
+                "json",
+            ],
+        )
+    };
     assert!(diff()?.starts_with("no drift"), "{}", diff()?);
+    assert_eq!(diff_json()?.trim(), "[]");
 
     // Someone points a backend at another port with bpftool-like access.
     let mut maps = node.maps()?;
@@ -314,6 +362,15 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
         shown.contains("entries differ") && shown.contains(&format!("backend {id}")),
         "{shown}"
     );
+    let pending: serde_json::Value = serde_json::from_str(&diff_json()?)?;
+    assert!(
+        pending
+            .as_array()
+            .is_some_and(|writes| writes.iter().any(|w| {
+                w["map"] == ferrite_common::map_names::BACKENDS && w["action"] == "write"
+            })),
+        "{pending:#}"
+    );
     // The agent knows which id it wrote: it repairs the entry in place.
     node.wait_for_maps("the agent to repair the backend", |c| {
         c.backends.get(&id) == Some(&backend)
@@ -321,6 +378,7 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
     let log = node.agent.as_ref().expect("agent").log_text();
     assert!(log.contains("maps drifted"), "{log}");
     assert!(diff()?.starts_with("no drift"));
+    assert_eq!(diff_json()?.trim(), "[]");
     Ok(())
 }
 
