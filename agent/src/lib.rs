@@ -4,8 +4,8 @@
 //! Modules depend one way, each only on those before it:
 //! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
 //! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
-//! `podnet`, `inspect` -> `agent` (the node), `source` and `kube_source` (events
-//! for the driver), `cni`. The binaries wire a source, the driver and the node.
+//! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events) -> `agent` (the node),
+//! `source` and `kube_source` (events for the driver), `cni`. The binaries wire a source, the driver and the node.
 //! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod cni;
@@ -21,6 +21,7 @@ pub mod limits;
 pub mod maglev;
 pub mod maps;
 pub mod model;
+pub mod monitor;
 pub mod objects_yaml;
 pub mod plan;
 pub mod podnet;

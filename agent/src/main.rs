@@ -12,6 +12,7 @@ use ferrite_agent::{
     driver::Driver,
     hostnet, inspect, kube_source,
     maps::NodeMaps,
+    monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
 };
 use tracing::info;
@@ -104,11 +105,112 @@ enum Command {
         #[command(flatten)]
         admission: AdmissionArgs,
     },
+    /// Stream the datapath's drops (with their reason) and new Service flows (with
+    /// the backend chosen) as they happen, from the node's agent. Run it in the
+    /// node's network namespace to see device names.
+    Monitor {
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Which events.
+        #[arg(long = "type", value_enum, default_value_t)]
+        kind: monitor::Kind,
+        /// Only events with this address on either side (or as the backend).
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+        /// Only events with this port on either side (or as the backend's).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only events to or from this Service's frontends (NAMESPACE/NAME).
+        #[arg(long)]
+        service: Option<String>,
+        /// `table`, or `json`: one JSON object per line.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: MonitorOutput,
+    },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
         #[arg(long, env = "NODE_NAME")]
         node: String,
     },
+}
+
+#[derive(Clone, Copy, Default, clap::ValueEnum)]
+enum MonitorOutput {
+    #[default]
+    Table,
+    Json,
+}
+
+/// `ferrite monitor`: print the agent's lines until it or the reader goes away.
+fn run_monitor(node: &str, request: &monitor::Request, output: MonitorOutput) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let MonitorOutput::Table = output {
+        writeln!(stdout, "{}", client::TABLE_HEADER)?;
+    }
+    for line in client::connect(node, request)? {
+        let mut line = line?;
+        match &mut line {
+            monitor::Line::Listening { node } => {
+                eprintln!("ferrite monitor: listening on node {node}");
+                continue;
+            }
+            monitor::Line::Error { message } => anyhow::bail!("the agent refused: {message}"),
+            monitor::Line::Drop(event) | monitor::Line::Flow(event) => {
+                client::name_interface(event)
+            }
+            monitor::Line::Missed { .. } => {}
+        }
+        let text = match output {
+            MonitorOutput::Json => serde_json::to_string(&line)?,
+            MonitorOutput::Table => {
+                let time = match &line {
+                    monitor::Line::Drop(e) | monitor::Line::Flow(e) => {
+                        client::wall_clock_of(e.time_ns)
+                    }
+                    _ => None,
+                };
+                let time = client::time_of_day(time.unwrap_or_else(std::time::SystemTime::now));
+                let Some(row) = client::table_row(&line, &time) else {
+                    continue;
+                };
+                row
+            }
+        };
+        // The reader went away (`| head`): done.
+        if writeln!(stdout, "{text}").is_err() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the agent closed the connection (did it exit?)")
+}
+
+/// SIGTERM and SIGINT, blocked for the calling thread and every thread it starts
+/// afterwards: one thread waits for them ([`clear_monitor_on_exit`]).
+fn block_exit_signals() -> Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    Ok(signals)
+}
+
+/// On SIGTERM or SIGINT the monitor entry is cleared before the process exits, so
+/// the datapath stops writing events nobody reads.
+fn clear_monitor_on_exit(
+    signals: nix::sys::signal::SigSet,
+    hub: std::sync::Arc<MonitorHub>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let signal = signals.wait();
+            hub.stop();
+            info!(?signal, "exiting");
+            std::process::exit(0);
+        })?;
+    Ok(())
 }
 
 /// What the node accepts from objects: the agent's flags, which `inspect diff` takes
@@ -250,19 +352,27 @@ fn run_agent(
     resync: Duration,
 ) -> Result<()> {
     use_one_malloc_arena();
+    let exit_signals = block_exit_signals()?;
     let node = agent::NodeAgent::start(options)?;
     // Before any other thread exists: capabilities are per thread.
     drop_capabilities()?;
     let telemetry = node.telemetry.clone();
+    let hub = std::sync::Arc::new(MonitorHub::start(
+        &options.node,
+        &datapath::pin_dir(&options.node),
+        telemetry.clone(),
+    )?);
+    clear_monitor_on_exit(exit_signals, hub.clone())?;
     telemetry::serve(http_addr, telemetry.clone())?;
     let driver = Driver::new(node, resync);
-    match config {
-        Some(path) => driver.run(&mut source::FileSource::new(&path, FILE_POLL, telemetry)?),
-        None => driver.run(&mut kube_source::KubeSource::start(
-            &options.node,
-            telemetry,
-        )?),
-    }
+    let stopped = match config {
+        Some(path) => source::FileSource::new(&path, FILE_POLL, telemetry)
+            .and_then(|mut source| driver.run(&mut source)),
+        None => kube_source::KubeSource::start(&options.node, telemetry)
+            .and_then(|mut source| driver.run(&mut source)),
+    };
+    hub.stop();
+    stopped
 }
 
 fn main() -> Result<()> {
@@ -349,6 +459,22 @@ fn main() -> Result<()> {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
             print!("{}", inspect::render(&maps, table, output)?);
             Ok(())
+        }
+        Command::Monitor {
+            node,
+            kind,
+            address,
+            port,
+            service,
+            output,
+        } => {
+            let request = monitor::Request {
+                kind,
+                address,
+                port,
+                service,
+            };
+            run_monitor(&node, &request, output)
         }
         Command::Uninstall { node } => {
             // Run in the node's network namespace: the device and rules are there.

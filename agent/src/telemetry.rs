@@ -235,6 +235,11 @@ impl Telemetry {
         *self.service_names.lock().expect("names") = names;
     }
 
+    /// Service port names by frontend, as of the last sync.
+    pub fn service_names(&self) -> Arc<ServiceNames> {
+        self.service_names.lock().expect("names").clone()
+    }
+
     pub fn count_drift(&self, map: &str) {
         self.drift_repairs
             .get_or_create(&MapLabel { map: map.into() })

@@ -30,7 +30,11 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "ferrite_frags";
     pub const SOCK_REV_NAT: &str = "ferrite_sockrev";
     pub const SOCK_SERVICE: &str = "ferrite_sk_svc";
-    pub const ALL: [&str; 15] = [
+    /// Ring buffer of [`MonitorEvent`](crate::MonitorEvent)s for `ferrite monitor`.
+    pub const EVENTS: &str = "ferrite_events";
+    /// Which events listeners want now (`monitor::WANT_*`), set by the agent.
+    pub const MONITOR: &str = "ferrite_monitor";
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -46,10 +50,13 @@ pub mod map_names {
         FRAGMENTS,
         SOCK_REV_NAT,
         SOCK_SERVICE,
+        EVENTS,
+        MONITOR,
     ];
     /// Maps without a capacity of their own: per-CPU counters, the one config entry,
-    /// and per-socket storage (as many entries as sockets).
-    pub const UNSIZED: [&str; 3] = [STATS, CONFIG, SOCK_SERVICE];
+    /// per-socket storage (as many entries as sockets), the event ring (a size in
+    /// bytes, fixed at build time) and the monitor's one entry.
+    pub const UNSIZED: [&str; 5] = [STATS, CONFIG, SOCK_SERVICE, EVENTS, MONITOR];
 }
 
 /// Program names in the object file.
@@ -626,6 +633,102 @@ pub mod stat {
     ];
 }
 
+/// `ferrite monitor`: the datapath reports drops and new Service flows in the ring
+/// buffer `ferrite_events`, only while the agent says someone listens (the entry of
+/// `ferrite_monitor`, a map of its own so the agent's syncs never rewrite it).
+pub mod monitor {
+    use crate::program_names;
+
+    /// Bits of the `ferrite_monitor` entry: which events listeners want.
+    pub const WANT_DROPS: u32 = 1;
+    pub const WANT_FLOWS: u32 = 2;
+
+    /// `MonitorEvent::kind`: a packet dropped, or a socket call refused.
+    pub const KIND_DROP: u8 = 1;
+    /// `MonitorEvent::kind`: a new Service flow, its backend chosen.
+    pub const KIND_FLOW: u8 = 2;
+
+    /// Size of the ring buffer in bytes (a power of two, whole pages): 4681 events
+    /// of 56 bytes (with the kernel's 8-byte header) while the agent catches up.
+    pub const RING_BYTES: u32 = 256 * 1024;
+
+    /// The programs that report events, by `MonitorEvent::program`.
+    pub const PROGRAMS: [&str; 8] = [
+        program_names::FROM_POD,
+        program_names::FROM_OVERLAY,
+        program_names::FROM_WORLD,
+        program_names::FROM_UPLINK,
+        program_names::TO_POD,
+        program_names::FROM_HOST,
+        program_names::SOCK_CONNECT4,
+        program_names::SOCK_SENDMSG4,
+    ];
+
+    /// The index of `name` in [`PROGRAMS`] (a build error for any other name).
+    pub const fn program_index(name: &str) -> u8 {
+        let mut i = 0;
+        while i < PROGRAMS.len() {
+            if str_eq(PROGRAMS[i], name) {
+                return i as u8;
+            }
+            i += 1;
+        }
+        panic!("not a program that reports events")
+    }
+
+    const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// One entry of the ring buffer `ferrite_events`: a drop (with its reason) or a new
+/// Service flow (with the frontend it was addressed to and the backend chosen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// CLOCK_MONOTONIC when it happened (bpf_ktime_get_ns).
+    pub time_ns: u64,
+    /// `monitor::KIND_*`.
+    pub kind: u8,
+    /// Index in `monitor::PROGRAMS` of the program that saw it.
+    pub program: u8,
+    /// IP protocol (0: not an IPv4 packet, or too short to tell).
+    pub proto: u8,
+    pub _pad: u8,
+    /// Drops: the `stat` index counted (`stat::NAMES`); flows: the counter of the
+    /// new flow (`service_new_flow`, `external_new_flow`, `host_service_flow`,
+    /// `sock_translated`).
+    pub reason: u32,
+    /// The device the program ran on (0 for socket programs).
+    pub ifindex: u32,
+    /// The packet's length in bytes (0 for socket programs).
+    pub len: u32,
+    /// The packet's addresses (network order) and ports (host order; 0 when the
+    /// packet has none). Flows: as the client sent it, to the frontend.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// Flows: the backend chosen (address network order, port host order).
+    pub backend_address: [u8; 4],
+    pub backend_port: u16,
+    /// Flows: the frontend's rev-NAT index.
+    pub rev_nat_index: u16,
+    /// Flows: the backend's id in `ferrite_backend`.
+    pub backend_id: u32,
+}
+
 /// `NodeConfig::flags`.
 pub mod config_flag {
     /// No XDP program on the uplink: the uplink's tcx ingress program balances
@@ -689,6 +792,7 @@ mod pod_impls {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SockService {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 #[cfg(test)]
@@ -717,6 +821,14 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 16);
+        assert_eq!(size_of::<MonitorEvent>(), 48);
+    }
+
+    #[test]
+    fn monitor_programs_are_found_by_name() {
+        for (index, name) in monitor::PROGRAMS.iter().enumerate() {
+            assert_eq!(monitor::program_index(name) as usize, index);
+        }
     }
 
     #[test]

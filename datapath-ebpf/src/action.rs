@@ -1,26 +1,34 @@
-//! From a [`Verdict`] to a program's return code: the one place drops are counted
-//! and logged for every TC entry.
+//! From a [`Verdict`] to a program's return code: the one place drops are counted,
+//! logged and reported to monitors for every packet entry (TC and XDP).
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
-    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use ferrite_common::stat;
 
 use crate::{
+    events::{self, Seen},
     packet::{Packet, Verdict},
     stats,
 };
 
-/// Count a drop and, at debug level only (the agent's `--datapath-log`), log it:
-/// drops are the one datapath event worth a log line, and they are off the hot path.
+/// Count a drop, report it to monitors and, at debug level only (the agent's
+/// `--datapath-log`), log it: drops are the one datapath event worth a log line, and
+/// they are off the hot path. `program`: the entry's `monitor::program_index`.
 #[inline(always)]
-pub fn log_drop<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) {
+pub fn log_drop<P: Packet>(pkt: &P, program: u8, reason: u32) {
+    let (len, ifindex) = (pkt.len(), pkt.ifindex());
     stats::count(reason, len);
+    let seen = Seen {
+        program,
+        ifindex,
+        len,
+    };
+    events::packet_dropped(pkt, &seen, reason);
     debug!(
-        ctx,
+        pkt,
         "drop: reason {} ({} bytes) on ifindex {}",
         stats::drop_name(reason),
         len,
@@ -28,13 +36,14 @@ pub fn log_drop<C: EbpfContext>(ctx: &C, reason: u32, len: u32, ifindex: u32) {
     );
 }
 
-/// The TC return code for `verdict` (an `Err` is an internal drop).
+/// The TC return code for `verdict` (an `Err` is an internal drop) of the entry
+/// `program` (`monitor::program_index`).
 #[inline(always)]
-pub fn tc(ctx: &TcContext, verdict: Result<Verdict, ()>) -> i32 {
+pub fn tc(ctx: &TcContext, program: u8, verdict: Result<Verdict, ()>) -> i32 {
     match verdict.unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop(reason) => {
-            log_drop(ctx, reason, Packet::len(ctx), Packet::ifindex(ctx));
+            log_drop(ctx, program, reason);
             TC_ACT_SHOT
         }
         Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },

@@ -30,6 +30,7 @@ use ferrite_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
+    events::{self, FlowTarget, Seen, Tuple},
     headers::{parse, Headers, Parsed},
     icmp, lb,
     maps::{CONFIG, SOURCE_RANGES},
@@ -77,7 +78,8 @@ pub fn is_overlay(h: &Headers) -> bool {
 /// also run by the uplink's tcx program where the uplink has no XDP): translated
 /// packets pass on, for the uplink's tcx program to forward.
 #[inline(always)]
-pub fn balance<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+/// `program`: the entry's `monitor::program_index`, for the new flows it reports.
+pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports && !is_overlay(&h) => h,
         _ => return Ok(Verdict::Pass),
@@ -148,5 +150,16 @@ pub fn balance<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     count(stat::EXTERNAL_NEW_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    events::new_flow(
+        &Seen::packet(pkt, program),
+        stat::EXTERNAL_NEW_FLOW,
+        &Tuple::of(&h),
+        &FlowTarget {
+            backend_address: backend_addr,
+            backend_port: chosen.backend.port,
+            rev_nat_index: svc.rev_nat_index,
+            backend_id: chosen.id,
+        },
+    );
     Ok(Verdict::Pass)
 }

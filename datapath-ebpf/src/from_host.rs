@@ -21,6 +21,7 @@ use ferrite_common::{
 use crate::{
     action,
     conntrack::{self, NewFlow},
+    events::{self, FlowTarget, Seen, Tuple},
     headers::{parse, Headers, Parsed},
     icmp,
     lb::{self, Chosen},
@@ -33,9 +34,13 @@ use crate::{
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// tcx egress of the node's uplink and of `lo`: the node's own Service traffic.
+/// This entry in `monitor::PROGRAMS`.
+const PROGRAM: u8 =
+    ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_HOST);
+
 #[classifier]
 pub fn ferrite_from_host(ctx: TcContext) -> i32 {
-    action::tc(&ctx, process(&ctx))
+    action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
 #[inline(always)]
@@ -89,6 +94,17 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     }
     count(stat::HOST_SERVICE_FLOW, pkt.len());
     count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    events::new_flow(
+        &Seen::packet(pkt, PROGRAM),
+        stat::HOST_SERVICE_FLOW,
+        &Tuple::of(&h),
+        &FlowTarget {
+            backend_address: chosen.address(),
+            backend_port: chosen.backend.port,
+            rev_nat_index: svc.rev_nat_index,
+            backend_id: chosen.id,
+        },
+    );
     forward(pkt, &h, chosen.address(), chosen.backend.port, on_lo)
 }
 

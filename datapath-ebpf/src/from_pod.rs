@@ -11,6 +11,7 @@ use ferrite_common::{
 use crate::{
     action,
     conntrack::{self, NewFlow},
+    events::{self, FlowTarget, Seen, Tuple},
     headers::{is_fragment_routed, parse, Headers, Parsed},
     icmp,
     lb::{self, NewFlowOutcome},
@@ -23,12 +24,15 @@ use crate::{
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// tcx ingress of each pod's host-side veth.
+/// This entry in `monitor::PROGRAMS`.
+const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_POD);
+
 #[classifier]
 // The macro nests this function in the program's entry; the compiler left it a
 // BPF-to-BPF call once it grew past its inlining threshold.
 #[inline(always)]
 pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
-    action::tc(&ctx, process(&ctx))
+    action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
 #[inline(always)]
@@ -122,7 +126,20 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 #[inline(always)]
 fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
     match lb::translate_new_flow(pkt, h, svc)? {
-        NewFlowOutcome::Translated(addr, port) => routing::route(pkt, addr, port),
+        NewFlowOutcome::Translated(addr, port) => {
+            events::new_flow(
+                &Seen::packet(pkt, PROGRAM),
+                stat::SERVICE_NEW_FLOW,
+                &Tuple::of(h),
+                &FlowTarget {
+                    backend_address: addr,
+                    backend_port: port,
+                    rev_nat_index: svc.rev_nat_index,
+                    backend_id: 0,
+                },
+            );
+            routing::route(pkt, addr, port)
+        }
         // A later fragment of a refused datagram: its first one was answered.
         NewFlowOutcome::NoBackend if !h.l4_present => Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
         NewFlowOutcome::NoBackend => {

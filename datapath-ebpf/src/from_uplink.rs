@@ -15,9 +15,13 @@ use crate::{
     stats::count,
 };
 
+/// This entry in `monitor::PROGRAMS`.
+const PROGRAM: u8 =
+    ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_UPLINK);
+
 #[classifier]
 pub fn ferrite_from_uplink(ctx: TcContext) -> i32 {
-    action::tc(&ctx, process(&ctx))
+    action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
 /// After the XDP program (if any): packets now addressed to a pod
@@ -32,7 +36,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         .get(0)
         .is_some_and(|c| c.flags & config_flag::EXTERNAL_IN_TC != 0);
     if external_in_tc {
-        if let Verdict::Drop(reason) = external::balance(pkt)? {
+        if let Verdict::Drop(reason) = external::balance(pkt, PROGRAM)? {
             return Ok(Verdict::Drop(reason));
         }
     }

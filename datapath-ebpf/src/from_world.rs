@@ -3,17 +3,17 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use ferrite_common::stat;
 
-use crate::{
-    action::log_drop,
-    external,
-    packet::{Packet, Verdict},
-};
+use crate::{action::log_drop, external, packet::Verdict};
+
+/// This entry in `monitor::PROGRAMS`.
+const PROGRAM: u8 =
+    ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_WORLD);
 
 #[xdp]
 pub fn ferrite_from_world(ctx: XdpContext) -> u32 {
-    match external::balance(&ctx).unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
+    match external::balance(&ctx, PROGRAM).unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
         Verdict::Drop(reason) => {
-            log_drop(&ctx, reason, Packet::len(&ctx), Packet::ifindex(&ctx));
+            log_drop(&ctx, PROGRAM, reason);
             xdp_action::XDP_DROP
         }
         Verdict::Bounce => xdp_action::XDP_TX,

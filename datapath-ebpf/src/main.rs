@@ -1,6 +1,6 @@
 //! Ferrite's eBPF datapath, as a stack read from the bottom up: checksum arithmetic
 //! (`csum`), maps and counters, packet access (`packet`), header parsing
-//! (`fragments`, `headers`), rewrites (`nat`, `icmp`), state and decisions
+//! (`fragments`, `headers`), the monitor's events (`events`), rewrites (`nat`, `icmp`), state and decisions
 //! (`conntrack`, `lb`, `routing`, `external`, `reply`), the verdict-to-return-code
 //! mapping (`action`), then one thin file per attach point (`from_pod`,
 //! `from_overlay`, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
@@ -16,6 +16,8 @@ mod stats;
 mod fragments;
 mod headers;
 mod packet;
+// What the monitor is told (drops, new flows).
+mod events;
 // Rewrites, state and decisions over them.
 mod conntrack;
 mod external;

@@ -3,15 +3,16 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
         SkStorage,
     },
     macros::btf_map,
 };
 use ferrite_common::{
-    capacity, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, NodeConfig, RevNatValue,
-    RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService, SourceRangeKey,
+    capacity, monitor, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
+    EndpointInfo, EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent,
+    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SockService, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -73,6 +74,14 @@ pub static SOCK_SERVICE: SkStorage<SockService> = SkStorage::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Drops and new flows for `ferrite monitor` (see `events`).
+#[btf_map(name = "ferrite_events")]
+pub static EVENTS: RingBuf<MonitorEvent, { monitor::RING_BYTES as usize }> = RingBuf::new();
+
+/// `monitor::WANT_*` bits: which events a monitor listens for now (0: none).
+#[btf_map(name = "ferrite_monitor")]
+pub static MONITOR: Array<u32, 1> = Array::new();
 
 /// Pod CIDR -> owning node. Key data: the IPv4 network in network order.
 #[btf_map(name = "ferrite_routes")]

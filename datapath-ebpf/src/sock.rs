@@ -28,11 +28,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ferrite_common::{
-    stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
-    AFFINITY_CLIENT_NETNS, PROTO_TCP, PROTO_UDP, ROUTE_NODE,
+    monitor, program_names, stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SockService, AFFINITY_CLIENT_NETNS, PROTO_TCP, PROTO_UDP, ROUTE_NODE,
 };
 
 use crate::{
+    events::{self, FlowTarget, Seen, Tuple},
     lb::{self, Selection},
     maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT, SOCK_SERVICE},
     stats::{count, count_lb},
@@ -49,6 +50,41 @@ struct Request {
     address: u32,
     port: u16,
     proto: u8,
+}
+
+impl Request {
+    /// The call as a monitor sees it: from the socket's own address where it has
+    /// one (sendmsg's source; a connecting socket's bound address is not read).
+    #[inline(always)]
+    fn tuple(&self, ctx: &SockAddrContext) -> Tuple {
+        let sa = unsafe { &*ctx.sock_addr };
+        Tuple {
+            saddr: if self.proto == PROTO_UDP {
+                sa.msg_src_ip4
+            } else {
+                0
+            },
+            daddr: self.address,
+            sport: 0,
+            dport: self.port,
+            proto: self.proto,
+        }
+    }
+}
+
+/// A socket program's place in `monitor::PROGRAMS`, by the call it serves.
+#[inline(always)]
+fn seen(req: &Request) -> Seen {
+    let name = if req.proto == PROTO_TCP {
+        const { monitor::program_index(program_names::SOCK_CONNECT4) }
+    } else {
+        const { monitor::program_index(program_names::SOCK_SENDMSG4) }
+    };
+    Seen {
+        program: name,
+        ifindex: 0,
+        len: 0,
+    }
 }
 
 #[inline(always)]
@@ -103,6 +139,7 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
     };
     let Some(chosen) = lb::choose(&selection, &svc, false) else {
         count(stat::SOCK_REFUSED, 0);
+        events::refused(&seen(req), stat::SOCK_REFUSED, &req.tuple(ctx));
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     };
@@ -144,6 +181,13 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
     }
     count(stat::SOCK_TRANSLATED, 0);
     count_lb(svc.rev_nat_index, chosen.id, 0);
+    let target = FlowTarget {
+        backend_address: chosen.address(),
+        backend_port: chosen.backend.port,
+        rev_nat_index: svc.rev_nat_index,
+        backend_id: chosen.id,
+    };
+    events::new_flow(&seen(req), stat::SOCK_TRANSLATED, &req.tuple(ctx), &target);
     ALLOW
 }
 

@@ -13,9 +13,12 @@ use crate::{
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// tcx egress of each pod's host-side veth: what the host stack sends the pod.
+/// This entry in `monitor::PROGRAMS`.
+const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::program_names::TO_POD);
+
 #[classifier]
 pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
-    action::tc(&ctx, process(&ctx))
+    action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
 #[inline(always)]

@@ -7,15 +7,15 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use ferrite_agent::plan::{maglev_digest, maglev_key};
 use ferrite_common::{
     map_names, pod_mac_for, program_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
-    SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    EndpointKey, MaglevTable, MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
+    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -429,6 +429,31 @@ impl Testbed {
         let stats: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map(map_names::STATS).context("stats")?)?;
         Ok(stats.get(&index, 0)?.iter().map(|c| c.packets).sum())
+    }
+
+    /// Say which events a monitor listens for (`monitor::WANT_*`; 0: none), as the
+    /// agent does while monitors are connected.
+    pub fn set_monitor(&mut self, wants: u32) -> Result<()> {
+        let mut monitor: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::MONITOR).context("monitor")?)?;
+        monitor.set(0, wants, 0)?;
+        Ok(())
+    }
+
+    /// Every event in `ferrite_events` not taken yet, oldest first (taken now).
+    pub fn take_events(&mut self) -> Result<Vec<MonitorEvent>> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).context("events")?)?;
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            anyhow::ensure!(
+                item.len() == std::mem::size_of::<MonitorEvent>(),
+                "an event of {} bytes",
+                item.len()
+            );
+            // SAFETY: MonitorEvent is plain integers; read_unaligned copies the bytes.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        Ok(events)
     }
 
     pub fn drops(&self) -> Result<Vec<(&'static str, u64)>> {

@@ -1,0 +1,160 @@
+//! The `ferrite monitor` command's side: connect to the node's agent, send the
+//! request, read its lines; name devices and render lines as a table.
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+
+use super::{socket_path, Event, Line, Request};
+
+/// The lines the agent of `node` sends for `request`, as they come.
+pub fn connect(node: &str, request: &Request) -> Result<impl Iterator<Item = Result<Line>>> {
+    let path = socket_path(node);
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "connecting to {} (is the agent of node {node} running, and are you root?)",
+            path.display()
+        )
+    })?;
+    let mut request = serde_json::to_string(request)?;
+    request.push('\n');
+    stream.write_all(request.as_bytes())?;
+    Ok(BufReader::new(stream).lines().map(|line| {
+        let line = line.context("reading from the agent")?;
+        serde_json::from_str::<Line>(&line).with_context(|| format!("unexpected line {line:?}"))
+    }))
+}
+
+/// Name the device of `event` in this network namespace, where there is one.
+pub fn name_interface(event: &mut Event) {
+    if event.ifindex != 0 {
+        event.interface = nix::net::if_::if_indextoname(event.ifindex)
+            .ok()
+            .and_then(|name| name.into_string().ok());
+    }
+}
+
+/// The wall-clock time of a node's CLOCK_MONOTONIC reading (the monitor runs on the
+/// node, so its own clocks convert).
+pub fn wall_clock_of(monotonic_ns: u64) -> Option<SystemTime> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    SystemTime::now().checked_sub(Duration::from_nanos(now_ns.saturating_sub(monotonic_ns)))
+}
+
+/// `HH:MM:SS.mmm` (UTC) of `time`.
+pub fn time_of_day(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since_epoch.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+pub const TABLE_HEADER: &str =
+    "TIME (UTC)    EVENT  REASON                 PROGRAM               INTERFACE         PROTO  SOURCE                 DESTINATION            DETAIL";
+
+fn endpoint(address: std::net::Ipv4Addr, port: u16) -> String {
+    if port == 0 {
+        address.to_string()
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// One table row for `line` (`time`: when it happened, as `HH:MM:SS.mmm`); `None`
+/// for lines that are not events or misses.
+pub fn table_row(line: &Line, time: &str) -> Option<String> {
+    let (kind, event) = match line {
+        Line::Drop(event) => ("drop", event),
+        Line::Flow(event) => ("flow", event),
+        Line::Missed { count } => {
+            return Some(format!(
+                "{time:<13} missed {count} events: this monitor read too slowly"
+            ))
+        }
+        Line::Listening { .. } | Line::Error { .. } => return None,
+    };
+    let interface = match (&event.interface, event.ifindex) {
+        (_, 0) => "-".to_string(),
+        (Some(name), index) => format!("{name}({index})"),
+        (None, index) => format!("if{index}"),
+    };
+    let mut detail = Vec::new();
+    if let (Some(backend), Some(port)) = (event.backend, event.backend_port) {
+        detail.push(format!("backend {}", endpoint(backend, port)));
+    }
+    if let Some(service) = &event.service {
+        detail.push(format!("service {service}"));
+    }
+    if event.bytes != 0 {
+        detail.push(format!("{} bytes", event.bytes));
+    }
+    Some(format!(
+        "{time:<13} {kind:<6} {:<22} {:<21} {interface:<17} {:<6} {:<22} {:<22} {}",
+        event.reason,
+        event.program,
+        if event.protocol.is_empty() {
+            "-"
+        } else {
+            &event.protocol
+        },
+        endpoint(event.source, event.source_port),
+        endpoint(event.destination, event.destination_port),
+        detail.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn rows_show_the_event_its_place_and_what_was_chosen() {
+        let flow = Event {
+            reason: "service_new_flow".into(),
+            program: "ferrite_from_pod".into(),
+            ifindex: 7,
+            interface: Some("fv0a2f".into()),
+            protocol: "tcp".into(),
+            source: Ipv4Addr::new(10, 244, 0, 2),
+            source_port: 40000,
+            destination: Ipv4Addr::new(10, 96, 0, 10),
+            destination_port: 80,
+            bytes: 60,
+            service: Some("default/web:http".into()),
+            backend: Some(Ipv4Addr::new(10, 244, 1, 5)),
+            backend_port: Some(8080),
+            time_ns: 0,
+        };
+        let row = table_row(&Line::Flow(flow), "07:59:01.123").unwrap();
+        for part in [
+            "07:59:01.123",
+            " flow ",
+            "service_new_flow",
+            "fv0a2f(7)",
+            "10.244.0.2:40000",
+            "10.96.0.10:80",
+            "backend 10.244.1.5:8080, service default/web:http, 60 bytes",
+        ] {
+            assert!(row.contains(part), "{part:?} in {row:?}");
+        }
+        let missed = table_row(&Line::Missed { count: 4 }, "t").unwrap();
+        assert!(missed.contains("missed 4 events"), "{missed}");
+        assert_eq!(table_row(&Line::Listening { node: "n".into() }, "t"), None);
+    }
+
+    #[test]
+    fn times_of_day_are_utc_to_the_millisecond() {
+        let time = UNIX_EPOCH + Duration::from_millis(86_400_000 * 3 + 3_723_004);
+        assert_eq!(time_of_day(time), "01:02:03.004");
+    }
+}

@@ -1,0 +1,402 @@
+//! `ferrite monitor`: the datapath's drops and new Service flows as they happen.
+//!
+//! The datapath writes [`MonitorEvent`]s to the ring buffer `ferrite_events` while the
+//! `ferrite_monitor` entry asks for their kind. A ring buffer has one consumer
+//! position, so the agent alone reads it ([`hub`]) and fans the events out to the
+//! monitors connected to its Unix socket, `/run/ferrite/<node>/monitor.sock`: a local
+//! socket needs no port and no address, only root (the directory is the agent's,
+//! mode 0700) reaches it, and a closed connection is a monitor gone, so the agent
+//! knows when the last leaves and clears the entry. Each monitor sends one
+//! [`Request`] line and then reads JSON [`Line`]s ([`client`]).
+pub mod client;
+pub mod hub;
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
+
+use ferrite_common::{monitor, stat, MonitorEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::{hostnet, model::Protocol, telemetry::ServiceNames};
+
+/// Where the agent of `node` serves monitors.
+pub fn socket_path(node: &str) -> PathBuf {
+    hostnet::run_dir(node).join("monitor.sock")
+}
+
+/// Which events a monitor wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Dropped packets and refused socket calls, with the reason.
+    #[default]
+    Drop,
+    /// New Service flows, with the backend chosen.
+    Flow,
+    All,
+}
+
+impl Kind {
+    /// The `ferrite_monitor` bits (`monitor::WANT_*`) this kind needs.
+    pub fn wants(self) -> u32 {
+        match self {
+            Kind::Drop => monitor::WANT_DROPS,
+            Kind::Flow => monitor::WANT_FLOWS,
+            Kind::All => monitor::WANT_DROPS | monitor::WANT_FLOWS,
+        }
+    }
+}
+
+/// What a monitor asks for: its first line to the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub kind: Kind,
+    /// Only events with this address on either side (or as the backend chosen).
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    /// Only events with this port on either side (or as the backend's).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Only events to or from a frontend of this Service (`NAMESPACE/NAME`).
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// One line from the agent to a monitor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Line {
+    /// The monitor is subscribed: events from now on reach it.
+    Listening {
+        node: String,
+    },
+    Drop(Event),
+    Flow(Event),
+    /// Events that matched but did not fit in this monitor's queue (it read too
+    /// slowly) since the last line it got.
+    Missed {
+        count: u64,
+    },
+    /// The request was refused; the agent closes the connection.
+    Error {
+        message: String,
+    },
+}
+
+/// A drop or a new flow, readable: names instead of indexes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// CLOCK_MONOTONIC of the node when the datapath saw it.
+    pub time_ns: u64,
+    /// The counter it was counted under (`ferrite inspect stats` names).
+    pub reason: String,
+    /// The program that saw it (its attach point: `ferrite_from_pod` is a pod's veth
+    /// ingress, `ferrite_from_world` the uplink's XDP, ...).
+    pub program: String,
+    /// The device it was seen on (0: a socket call).
+    pub ifindex: u32,
+    /// The device's name, where the monitor could resolve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `tcp`, `udp`, another protocol's number, or empty when not IPv4.
+    pub protocol: String,
+    pub source: Ipv4Addr,
+    pub source_port: u16,
+    pub destination: Ipv4Addr,
+    pub destination_port: u16,
+    /// The packet's length (0: a socket call).
+    pub bytes: u32,
+    /// The Service port whose frontend the destination is (`namespace/name:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Flows: the backend chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_port: Option<u16>,
+}
+
+/// Decode one ring buffer record (`None`: not an event of this agent's layout).
+pub fn decode(record: &[u8]) -> Option<MonitorEvent> {
+    if record.len() != std::mem::size_of::<MonitorEvent>() {
+        return None;
+    }
+    // SAFETY: MonitorEvent is plain integers and byte arrays, any bytes are valid;
+    // read_unaligned copies them out of the record.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
+/// The readable line of `event`; `names`: Service port names by frontend.
+pub fn describe(event: &MonitorEvent, names: &ServiceNames) -> Line {
+    let name = |table: &[&str], index: usize| {
+        table
+            .get(index)
+            .map_or_else(|| format!("unknown ({index})"), |n| n.to_string())
+    };
+    let protocol = match (event.proto, Protocol::from_number(event.proto)) {
+        (0, _) => String::new(),
+        (_, Some(known)) => known.to_string().to_lowercase(),
+        (number, None) => number.to_string(),
+    };
+    let is_flow = event.kind == monitor::KIND_FLOW;
+    let readable = Event {
+        time_ns: event.time_ns,
+        reason: name(&stat::NAMES, event.reason as usize),
+        program: name(&monitor::PROGRAMS, event.program as usize),
+        ifindex: event.ifindex,
+        interface: None,
+        protocol,
+        source: event.saddr.into(),
+        source_port: event.sport,
+        destination: event.daddr.into(),
+        destination_port: event.dport,
+        bytes: event.len,
+        service: names.get(&(event.daddr, event.dport)).cloned(),
+        backend: is_flow.then(|| event.backend_address.into()),
+        backend_port: is_flow.then_some(event.backend_port),
+    };
+    if is_flow {
+        Line::Flow(readable)
+    } else {
+        Line::Drop(readable)
+    }
+}
+
+/// A monitor's request, resolved against the node's Services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `monitor::WANT_*` bits.
+    pub wants: u32,
+    pub address: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    /// The frontends (address, port) of the Service asked for.
+    pub frontends: Option<BTreeSet<([u8; 4], u16)>>,
+}
+
+impl Filter {
+    /// `request` with its Service resolved through `names` (frontend -> Service port
+    /// name); refused with a reason when the Service has no frontend on this node.
+    pub fn new(request: &Request, names: &ServiceNames) -> Result<Self, String> {
+        let frontends = match &request.service {
+            None => None,
+            Some(service) => {
+                if service.split('/').count() != 2 || service.contains(':') {
+                    return Err(format!(
+                        "{service:?} is not NAMESPACE/NAME (a Service, not one of its ports)"
+                    ));
+                }
+                let port_prefix = format!("{service}:");
+                let found: BTreeSet<_> = names
+                    .iter()
+                    .filter(|(_, name)| name.starts_with(&port_prefix))
+                    .map(|(frontend, _)| *frontend)
+                    .collect();
+                if found.is_empty() {
+                    return Err(format!(
+                        "no Service {service} on this node (not synced, or no frontend)"
+                    ));
+                }
+                Some(found)
+            }
+        };
+        Ok(Self {
+            wants: request.kind.wants(),
+            address: request.address,
+            port: request.port,
+            frontends,
+        })
+    }
+
+    pub fn matches(&self, event: &MonitorEvent) -> bool {
+        let wanted = match event.kind {
+            monitor::KIND_DROP => monitor::WANT_DROPS,
+            monitor::KIND_FLOW => monitor::WANT_FLOWS,
+            _ => 0,
+        };
+        let is_flow = event.kind == monitor::KIND_FLOW;
+        let address_ok = self.address.is_none_or(|a| {
+            let a = a.octets();
+            event.saddr == a || event.daddr == a || (is_flow && event.backend_address == a)
+        });
+        let port_ok = self.port.is_none_or(|p| {
+            event.sport == p || event.dport == p || (is_flow && event.backend_port == p)
+        });
+        let service_ok = self.frontends.as_ref().is_none_or(|frontends| {
+            frontends.contains(&(event.daddr, event.dport))
+                || frontends.contains(&(event.saddr, event.sport))
+        });
+        self.wants & wanted != 0 && address_ok && port_ok && service_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrite_common::PROTO_TCP;
+
+    fn drop_event() -> MonitorEvent {
+        MonitorEvent {
+            time_ns: 5,
+            kind: monitor::KIND_DROP,
+            program: monitor::program_index(ferrite_common::program_names::FROM_POD),
+            proto: PROTO_TCP,
+            reason: stat::DROP_SPOOFED,
+            ifindex: 7,
+            len: 60,
+            saddr: [10, 244, 0, 99],
+            daddr: [10, 96, 0, 10],
+            sport: 40000,
+            dport: 80,
+            ..Default::default()
+        }
+    }
+
+    fn flow_event() -> MonitorEvent {
+        MonitorEvent {
+            kind: monitor::KIND_FLOW,
+            reason: stat::SERVICE_NEW_FLOW,
+            saddr: [10, 244, 0, 2],
+            backend_address: [10, 244, 1, 5],
+            backend_port: 8080,
+            ..drop_event()
+        }
+    }
+
+    fn names() -> ServiceNames {
+        [
+            (([10, 96, 0, 10], 80), "default/web:http".to_string()),
+            (([10, 96, 0, 10], 443), "default/web:https".to_string()),
+            (([10, 96, 0, 11], 80), "default/web2:http".to_string()),
+        ]
+        .into()
+    }
+
+    #[test]
+    fn events_read_with_names_and_the_service_of_their_frontend() {
+        let line = describe(&drop_event(), &names());
+        let expected = Event {
+            time_ns: 5,
+            reason: "drop_spoofed".into(),
+            program: "ferrite_from_pod".into(),
+            ifindex: 7,
+            interface: None,
+            protocol: "tcp".into(),
+            source: Ipv4Addr::new(10, 244, 0, 99),
+            source_port: 40000,
+            destination: Ipv4Addr::new(10, 96, 0, 10),
+            destination_port: 80,
+            bytes: 60,
+            service: Some("default/web:http".into()),
+            backend: None,
+            backend_port: None,
+        };
+        assert_eq!(line, Line::Drop(expected.clone()));
+        let Line::Flow(flow) = describe(&flow_event(), &names()) else {
+            panic!("a flow")
+        };
+        assert_eq!(flow.backend, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(flow.backend_port, Some(8080));
+        // Indexes a newer datapath may use are shown, not trusted.
+        let odd = MonitorEvent {
+            reason: 200,
+            program: 99,
+            proto: 1,
+            ..drop_event()
+        };
+        let Line::Drop(odd) = describe(&odd, &ServiceNames::new()) else {
+            panic!("a drop")
+        };
+        assert_eq!(
+            (
+                odd.reason.as_str(),
+                odd.program.as_str(),
+                odd.protocol.as_str()
+            ),
+            ("unknown (200)", "unknown (99)", "1")
+        );
+    }
+
+    #[test]
+    fn lines_round_trip_through_json_one_object_each() {
+        let line = describe(&flow_event(), &names());
+        let json = serde_json::to_string(&line).unwrap();
+        assert!(json.starts_with(r#"{"type":"flow","#), "{json}");
+        assert!(!json.contains('\n'));
+        assert_eq!(serde_json::from_str::<Line>(&json).unwrap(), line);
+        let missed = serde_json::to_string(&Line::Missed { count: 3 }).unwrap();
+        assert_eq!(missed, r#"{"type":"missed","count":3}"#);
+    }
+
+    #[test]
+    fn records_of_another_size_are_not_events() {
+        assert_eq!(decode(&[0; 47]), None);
+        let event = drop_event();
+        // SAFETY: MonitorEvent is plain integers without implicit padding.
+        let bytes: [u8; 48] = unsafe { std::mem::transmute(event) };
+        assert_eq!(decode(&bytes), Some(event));
+    }
+
+    #[test]
+    fn filters_match_kind_address_port_and_service_on_either_side() {
+        let all = |request: Request| Filter::new(&request, &names()).unwrap();
+        let drop = drop_event();
+        let flow = flow_event();
+        let drops = all(Request::default());
+        assert!(drops.matches(&drop) && !drops.matches(&flow));
+        let flows = all(Request {
+            kind: Kind::Flow,
+            ..Default::default()
+        });
+        assert!(!flows.matches(&drop) && flows.matches(&flow));
+        let everything = |r: Request| {
+            all(Request {
+                kind: Kind::All,
+                ..r
+            })
+        };
+        let by_address = |a: [u8; 4]| {
+            everything(Request {
+                address: Some(a.into()),
+                ..Default::default()
+            })
+        };
+        assert!(by_address([10, 244, 0, 99]).matches(&drop));
+        assert!(by_address([10, 96, 0, 10]).matches(&drop));
+        assert!(!by_address([10, 244, 1, 5]).matches(&drop));
+        assert!(by_address([10, 244, 1, 5]).matches(&flow), "the backend");
+        let by_port = |p: u16| {
+            everything(Request {
+                port: Some(p),
+                ..Default::default()
+            })
+        };
+        assert!(by_port(40000).matches(&drop) && by_port(80).matches(&drop));
+        assert!(!by_port(8080).matches(&drop) && by_port(8080).matches(&flow));
+        let web = everything(Request {
+            service: Some("default/web".into()),
+            ..Default::default()
+        });
+        assert_eq!(web.frontends.as_ref().map(BTreeSet::len), Some(2));
+        assert!(web.matches(&drop));
+        let other = MonitorEvent {
+            daddr: [10, 96, 0, 11],
+            ..drop
+        };
+        assert!(!web.matches(&other), "default/web2 is another Service");
+    }
+
+    #[test]
+    fn a_service_unknown_here_or_not_namespace_slash_name_is_refused_with_a_reason() {
+        for (service, reason) in [
+            ("default/missing", "no Service default/missing"),
+            ("web", "not NAMESPACE/NAME"),
+            ("default/web:http", "not NAMESPACE/NAME"),
+        ] {
+            let request = Request {
+                service: Some(service.into()),
+                ..Default::default()
+            };
+            let refused = Filter::new(&request, &names()).unwrap_err();
+            assert!(refused.contains(reason), "{service}: {refused}");
+        }
+    }
+}
