@@ -6,6 +6,7 @@ pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;
 pub mod lab;
+pub mod monitor;
 pub mod testbed;
 pub mod tunnel_shim;
 pub mod verdict_model;

@@ -1,0 +1,141 @@
+//! User stories of `ferrite monitor` on one node with its agent: several monitors at
+//! once see the same real drop; a flow monitor sees a new ClusterIP flow with the
+//! backend that answered; the datapath stops writing events once the last monitor
+//! leaves. Needs root; each test builds its own uniquely named node.
+use std::{net::SocketAddrV4, time::Duration};
+
+use anyhow::Result;
+use ferrite_agent::monitor::Line;
+use ferrite_common::monitor::{WANT_DROPS, WANT_FLOWS};
+use ferrite_tests::{
+    cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, UDP_FRONTEND},
+    lab::{answered_by, sh, wait_until, Node, Server, SETTLE},
+    monitor::{wanted_events, Monitor},
+};
+
+/// A hang guard only: events arrive in well under a second.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn example_node(label: &str) -> Result<(Node, Vec<Server>)> {
+    let (mut node, servers) = cluster::example_node(label)?;
+    node.write_config(&cluster::example_for(&node.name))?;
+    node.start_agent()?;
+    node.wait_for_sync(2, 5)?;
+    Ok((node, servers))
+}
+
+#[test]
+fn two_monitors_at_once_both_see_a_spoofed_drop_and_the_datapath_stops_when_they_leave(
+) -> Result<()> {
+    let (node, _servers) = example_node("mon")?;
+    assert_eq!(wanted_events(&node)?, 0, "nobody listens yet");
+    let first = Monitor::start(&node, &[], PATIENCE)?;
+    let second = Monitor::start(&node, &["--type", "drop"], PATIENCE)?;
+    assert_eq!(wanted_events(&node)?, WANT_DROPS);
+
+    // A pod claims another pod's address and sends from it.
+    let attacker = node.pod(CLIENTS[0].0);
+    let victim_ip = CLIENTS[1].1;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &attacker.netns.name,
+            "addr",
+            "add",
+            &format!("{victim_ip}/32"),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    let socket = attacker
+        .netns
+        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))??;
+    let source_port = socket.local_addr()?.port();
+    socket.send_to(b"spoofed", UDP_FRONTEND)?;
+
+    for monitor in [&first, &second] {
+        let line = monitor.wait_for(PATIENCE, |line| {
+            matches!(line, Line::Drop(e) if e.source == victim_ip && e.source_port == source_port)
+        })?;
+        let Line::Drop(event) = line else {
+            unreachable!()
+        };
+        assert_eq!(event.reason, "drop_spoofed");
+        assert_eq!(event.program, "ferrite_from_pod");
+        assert_eq!(event.protocol, "udp");
+        assert_eq!(
+            SocketAddrV4::new(event.destination, event.destination_port),
+            UDP_FRONTEND
+        );
+        // Where the pod's frames enter the node: its host-side veth.
+        assert_eq!(
+            event.interface.as_deref(),
+            Some(attacker.host_interface.as_str())
+        );
+        assert_ne!(event.ifindex, 0);
+        assert!(event.bytes > 0);
+        assert_eq!(event.service.as_deref(), Some("default/web:dns"));
+    }
+
+    // One leaves: the other still listens, and the datapath still reports.
+    first.interrupt()?;
+    socket.send_to(b"spoofed again", UDP_FRONTEND)?;
+    second.wait_for(
+        PATIENCE,
+        |line| matches!(line, Line::Drop(e) if e.source == victim_ip && e.bytes > 0),
+    )?;
+    assert_eq!(wanted_events(&node)?, WANT_DROPS);
+    second.interrupt()?;
+    wait_until("the monitor entry cleared", SETTLE, || {
+        wanted_events(&node).is_ok_and(|wants| wants == 0)
+    })?;
+    // The agent kept serving through it all.
+    let client = node.pod(CLIENTS[1].0);
+    let (reply, _) = client.udp_request(UDP_FRONTEND, "still served")?;
+    answered_by(&reply, "still served")?;
+    Ok(())
+}
+
+#[test]
+fn a_flow_monitor_sees_a_new_cluster_ip_flow_with_the_backend_that_answered() -> Result<()> {
+    let (node, _servers) = example_node("monf")?;
+    let flows = Monitor::start(
+        &node,
+        &["--type", "flow", "--service", "default/web"],
+        PATIENCE,
+    )?;
+    assert_eq!(wanted_events(&node)?, WANT_FLOWS);
+    let client = node.pod(CLIENTS[0].0);
+    let request = "a new flow";
+    // A process of the pod (socket-level load balancing translates its connect).
+    let outcome = client.probe().tcp(TCP_FRONTEND, request)?;
+    let backend_name = answered_by(outcome.answer()?, request)?;
+    let backend_ip = BACKENDS
+        .iter()
+        .find(|(name, _)| *name == backend_name)
+        .map(|(_, ip)| *ip)
+        .expect("a known backend");
+    let line = flows.wait_for(PATIENCE, |line| {
+        matches!(line, Line::Flow(e) if SocketAddrV4::new(e.destination, e.destination_port) == TCP_FRONTEND)
+    })?;
+    let Line::Flow(event) = line else {
+        unreachable!()
+    };
+    assert_eq!(event.backend, Some(backend_ip));
+    assert_eq!(event.backend_port, Some(cluster::TCP_TARGET));
+    assert_eq!(event.protocol, "tcp");
+    assert_eq!(event.service.as_deref(), Some("default/web:http"));
+    assert!(
+        matches!(
+            (event.reason.as_str(), event.program.as_str()),
+            ("sock_translated", "ferrite_connect4") | ("service_new_flow", "ferrite_from_pod")
+        ),
+        "{event:?}"
+    );
+    drop(flows);
+    wait_until("the monitor entry cleared", SETTLE, || {
+        wanted_events(&node).is_ok_and(|wants| wants == 0)
+    })?;
+    Ok(())
+}
