@@ -32,6 +32,13 @@
 //!   checked to leave the same frame as `ferrite_from_pod`: what the path costs
 //!   beyond the work itself.
 //!
+//! - the drop path: a pod's frame from an address that is not its own
+//!   (`drop_spoofed`), with nobody listening (`ferrite_monitor` clear: one array
+//!   lookup more than before monitors existed) and with a monitor listening for
+//!   drops (the event written to `ferrite_events`). DROP_REPEAT passes per run, fewer
+//!   than the ring holds; the ring is drained after each run and checked to hold one
+//!   event per pass. Printed last.
+//!
 //! Baselines: `ferrite_noop` (TC), `ferrite_noop_xdp` (XDP); `ferrite_from_overlay`
 //! runs behind a shim that gives the packet tunnel metadata (a test run has none)
 //! and tail-calls it, so its baseline is the same shim tail-calling `ferrite_noop`.
@@ -40,10 +47,12 @@
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{ensure, Context, Result};
-use ferrite_common::{program_names, stat};
+use ferrite_common::{monitor, program_names, stat};
 use ferrite_tests::{
     bench_node::{BenchNode, Established, Hook, NewFlow},
+    frames,
     lab::bpf_object,
+    testbed::TC_ACT_SHOT,
 };
 
 use crate::median;
@@ -52,6 +61,8 @@ const SIZES: [u32; 3] = [1, 10_000, 100_000];
 const ROUNDS: usize = 7;
 const WARM_REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 4_096;
+/// Drops per run: fewer than `ferrite_events` holds (monitor::RING_BYTES / 56).
+const DROP_REPEAT: u32 = 4_096;
 
 /// Sum of `counters` over CPUs.
 fn counts(node: &BenchNode, counters: &[u32]) -> Result<Vec<u64>> {
@@ -154,6 +165,75 @@ fn new_flows(node: &mut BenchNode, path: NewFlow, frames: &[Vec<u8>]) -> Result<
         2 * frames.len()
     );
     Ok(ns)
+}
+
+/// ns per pass of a spoofed pod frame (dropped), with `ferrite_monitor` set to
+/// `wants`; every pass checked to be counted and, with drops wanted, reported.
+fn spoofed_drop(node: &mut BenchNode, frame: &[u8], wants: u32) -> Result<f64> {
+    node.bed.set_monitor(wants)?;
+    let before = node.bed.counter(stat::DROP_SPOOFED)?;
+    let (out, duration) = node.run(Hook::FromPod, frame, DROP_REPEAT)?;
+    ensure!(
+        out.verdict == TC_ACT_SHOT,
+        "spoofed: verdict {}",
+        out.verdict
+    );
+    let counted = node.bed.counter(stat::DROP_SPOOFED)? - before;
+    ensure!(
+        counted == DROP_REPEAT as u64,
+        "spoofed: {counted} drops counted"
+    );
+    let events = node.bed.take_events()?.len();
+    let expected = if wants & monitor::WANT_DROPS != 0 {
+        DROP_REPEAT as usize
+    } else {
+        0
+    };
+    ensure!(
+        events == expected,
+        "spoofed: {events} events for {expected} drops"
+    );
+    node.bed.set_monitor(0)?;
+    Ok(duration.as_nanos() as f64)
+}
+
+/// The drop path with and without a monitor listening (see the module's doc).
+fn drops(node: &mut BenchNode) -> Result<()> {
+    let stranger = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 250, 250), 40000);
+    let frame = frames::tcp_syn(
+        stranger,
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 1), 80),
+        b"",
+    );
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        samples[0].push(spoofed_drop(node, &frame, 0)?);
+        samples[1].push(spoofed_drop(node, &frame, monitor::WANT_DROPS)?);
+        let (_, base) = node.run_noop(Hook::FromPod, &frame, DROP_REPEAT)?;
+        samples[2].push(base.as_nanos() as f64);
+    }
+    let base = median(samples[2].clone());
+    println!(
+        "\nThe drop path: a pod's frame from an address not its own, repeat {DROP_REPEAT} (fewer than"
+    );
+    println!("the event ring holds; drained and checked after each run).\n");
+    println!(
+        "{:<36} {:<22} {:>8} {:>9} {:>8} {:>7}",
+        "path", "program", "ns/pkt", "baseline", "+ns", "ratio"
+    );
+    for (label, ns) in [
+        ("drop_spoofed, no monitor", &samples[0]),
+        ("drop_spoofed, monitor listening", &samples[1]),
+    ] {
+        let ns = median(ns.clone());
+        println!(
+            "{label:<36} {:<22} {ns:>8.1} {base:>9.1} {:>+8.1} {:>6.2}x",
+            Hook::FromPod.program(),
+            ns - base,
+            ns / base
+        );
+    }
+    Ok(())
 }
 
 /// Instructions per function symbol of the object, from `llvm-objdump -d` (a
@@ -378,5 +458,5 @@ pub fn bench() -> Result<()> {
         node.bed.drops()?
     );
     println!("\ntargets: new flows flat (<= 1.2x from 1 to 100,000 Services); established ClusterIP <= +40 ns over the no-op");
-    Ok(())
+    drops(&mut node)
 }

@@ -3,12 +3,14 @@
 //! programs, `datapath.rs`), `insitu` (the same programs' run time per packet under
 //! real TCP traffic in a lab cluster, `insitu.rs`), `overlay` (vs flannel-style),
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
-//! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`).
+//! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`), `monitor` (how
+//! soon a datapath event reaches `ferrite monitor`, `monitor.rs`).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
 mod datapath;
 mod insitu;
+mod monitor;
 
 use anyhow::Result;
 use ferrite_common::PROTO_TCP;
@@ -18,7 +20,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|monitor]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +42,9 @@ fn main() -> Result<()> {
     }
     if run("clusterip") {
         clusterip::bench()?;
+    }
+    if run("monitor") {
+        monitor::bench()?;
     }
     Ok(())
 }
