@@ -33,11 +33,11 @@ use crate::{
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// tcx egress of the node's uplink and of `lo`: the node's own Service traffic.
 /// This entry in `monitor::PROGRAMS`.
 const PROGRAM: u8 =
     ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_HOST);
 
+/// tcx egress of the node's uplink and of `lo`: the node's own Service traffic.
 #[classifier]
 pub fn ferrite_from_host(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))

@@ -18,11 +18,11 @@ use crate::{
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// tcx ingress of the node's VXLAN device.
 /// This entry in `monitor::PROGRAMS`.
 const PROGRAM: u8 =
     ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_OVERLAY);
 
+/// tcx ingress of the node's VXLAN device.
 #[classifier]
 pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))

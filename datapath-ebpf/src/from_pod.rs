@@ -23,10 +23,10 @@ use crate::{
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// tcx ingress of each pod's host-side veth.
 /// This entry in `monitor::PROGRAMS`.
 const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::program_names::FROM_POD);
 
+/// tcx ingress of each pod's host-side veth.
 #[classifier]
 // The macro nests this function in the program's entry; the compiler left it a
 // BPF-to-BPF call once it grew past its inlining threshold.

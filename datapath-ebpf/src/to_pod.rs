@@ -12,10 +12,10 @@ use crate::{
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// tcx egress of each pod's host-side veth: what the host stack sends the pod.
 /// This entry in `monitor::PROGRAMS`.
 const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::program_names::TO_POD);
 
+/// tcx egress of each pod's host-side veth: what the host stack sends the pod.
 #[classifier]
 pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))

@@ -139,3 +139,35 @@ fn a_flow_monitor_sees_a_new_cluster_ip_flow_with_the_backend_that_answered() ->
     })?;
     Ok(())
 }
+
+#[test]
+fn a_connect_refused_at_the_socket_for_want_of_backends_is_a_drop_of_the_connect_program(
+) -> Result<()> {
+    let (mut node, _servers) = cluster::example_node("monr")?;
+    node.write_config(&cluster::example_with_backends(&node.name, &[]))?;
+    node.start_agent()?;
+    node.wait_for_sync(2, 0)?;
+    let drops = Monitor::start(
+        &node,
+        &["--port", &TCP_FRONTEND.port().to_string()],
+        PATIENCE,
+    )?;
+    let client = node.pod(CLIENTS[0].0);
+    let outcome = client.probe().tcp(TCP_FRONTEND, "nobody serves")?;
+    assert_eq!(outcome.error.as_deref(), Some("refused"), "{outcome:?}");
+    let line = drops.wait_for(PATIENCE, |line| matches!(line, Line::Drop(_)))?;
+    let Line::Drop(event) = line else {
+        unreachable!()
+    };
+    assert_eq!(event.reason, "sock_refused");
+    assert_eq!(event.program, "ferrite_connect4");
+    assert_eq!(
+        SocketAddrV4::new(event.destination, event.destination_port),
+        TCP_FRONTEND
+    );
+    assert_eq!(event.protocol, "tcp");
+    // A socket call: no device, no packet.
+    assert_eq!((event.ifindex, event.interface, event.bytes), (0, None, 0));
+    assert_eq!(event.service.as_deref(), Some("default/web:http"));
+    Ok(())
+}

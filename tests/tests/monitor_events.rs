@@ -75,31 +75,31 @@ fn testbed() -> Result<Testbed> {
 /// Where a frame is fed in.
 #[derive(Clone, Copy, Debug)]
 enum Entry {
-    FromPod,
-    FromWorld,
-    FromOverlay,
+    Pod,
+    World,
+    Overlay,
 }
 
 impl Entry {
     fn program(self) -> &'static str {
         match self {
-            Entry::FromPod => program_names::FROM_POD,
-            Entry::FromWorld => program_names::FROM_WORLD,
-            Entry::FromOverlay => program_names::FROM_OVERLAY,
+            Entry::Pod => program_names::FROM_POD,
+            Entry::World => program_names::FROM_WORLD,
+            Entry::Overlay => program_names::FROM_OVERLAY,
         }
     }
 
     fn run(self, bed: &Testbed, frame: &[u8]) -> Result<RunResult> {
         match self {
-            Entry::FromPod => bed.from_pod(frame),
-            Entry::FromWorld => bed.from_world(frame),
-            Entry::FromOverlay => Ok(bed.run_program(program_names::FROM_OVERLAY, frame, 1)?.0),
+            Entry::Pod => bed.from_pod(frame),
+            Entry::World => bed.from_world(frame),
+            Entry::Overlay => Ok(bed.run_program(program_names::FROM_OVERLAY, frame, 1)?.0),
         }
     }
 
     fn dropped(self) -> u32 {
         match self {
-            Entry::FromWorld => XDP_DROP,
+            Entry::World => XDP_DROP,
             _ => TC_ACT_SHOT,
         }
     }
@@ -129,7 +129,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
     Ok(vec![
         DropCase {
             name: "not IPv4",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             before: vec![],
             frame: ipv6,
             reason: stat::DROP_UNSUPPORTED_L3,
@@ -137,7 +137,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "IHL 4",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             before: vec![],
             frame: bad_ihl,
             reason: stat::DROP_MALFORMED,
@@ -146,7 +146,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "spoofed source",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             before: vec![],
             frame: frames::tcp_syn(sock(STRANGER, 40000), VIP, b""),
             reason: stat::DROP_SPOOFED,
@@ -154,7 +154,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "no such pod in this node's CIDR",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             before: vec![],
             frame: frames::udp(
                 sock(CLIENT, 40002),
@@ -170,7 +170,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "another node's pod, no overlay yet",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             before: vec![],
             frame: frames::tcp_syn(sock(CLIENT, 40003), sock(REMOTE_POD, 80), b""),
             reason: stat::DROP_NO_OVERLAY,
@@ -178,7 +178,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "later fragment of a datagram refused for want of backends",
-            entry: Entry::FromPod,
+            entry: Entry::Pod,
             // The first fragment is answered with port unreachable: no drop.
             before: vec![first],
             frame: later,
@@ -188,7 +188,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "LoadBalancer client outside its source ranges",
-            entry: Entry::FromWorld,
+            entry: Entry::World,
             before: vec![],
             frame: frames::tcp_syn(sock(Ipv4Addr::new(192, 0, 2, 55), 40000), RANGED_LB, b""),
             reason: stat::DROP_SOURCE_RANGE,
@@ -200,7 +200,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "local-policy NodePort without a local backend",
-            entry: Entry::FromWorld,
+            entry: Entry::World,
             before: vec![],
             frame: frames::tcp_syn(WORLD, LOCAL_ONLY_NODE_PORT, b""),
             reason: stat::DROP_NO_LOCAL_BACKEND,
@@ -208,7 +208,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
         },
         DropCase {
             name: "LoadBalancer IP without backends",
-            entry: Entry::FromWorld,
+            entry: Entry::World,
             before: vec![],
             frame: frames::tcp_syn(WORLD, EMPTY_LB, b""),
             reason: stat::DROP_NO_BACKEND,
@@ -218,7 +218,7 @@ fn drop_cases() -> Result<Vec<DropCase>> {
             // BPF_PROG_TEST_RUN gives the packet no tunnel metadata: the program
             // cannot tell its VNI, an internal drop.
             name: "overlay packet without tunnel metadata",
-            entry: Entry::FromOverlay,
+            entry: Entry::Overlay,
             before: vec![],
             frame: frames::tcp_syn(sock(REMOTE_POD, 1234), sock(BACKEND, 8080), b""),
             reason: stat::DROP_INTERNAL,

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData, RingBuf};
 use ferrite_common::map_names;
 use tokio::{
-    io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::mpsc,
 };
@@ -32,6 +32,9 @@ pub const QUEUE_LINES: usize = 4096;
 pub const MAX_MONITORS: usize = 32;
 /// How long a new connection may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a monitor may send in all: its request line (a few hundred bytes). Past it,
+/// its input ends, as if it had gone: no line grows without bound.
+const MAX_INPUT_BYTES: u64 = 64 * 1024;
 
 struct Subscriber {
     filter: Filter,
@@ -244,7 +247,7 @@ struct Connection {
 impl Connection {
     async fn serve(self, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut lines = BufReader::new(read.take(MAX_INPUT_BYTES)).lines();
         let request = match tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await {
             Ok(Ok(Some(line))) => serde_json::from_str::<Request>(&line)
                 .map_err(|e| format!("not a monitor request: {e}")),
