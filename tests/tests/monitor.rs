@@ -146,7 +146,7 @@ fn a_connect_refused_at_the_socket_for_want_of_backends_is_a_drop_of_the_connect
     let (mut node, _servers) = cluster::example_node("monr")?;
     node.write_config(&cluster::example_with_backends(&node.name, &[]))?;
     node.start_agent()?;
-    node.wait_for_sync(2, 0)?;
+    node.wait_for_sync(2, 5)?;
     let drops = Monitor::start(
         &node,
         &["--port", &TCP_FRONTEND.port().to_string()],
