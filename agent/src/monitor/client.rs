@@ -59,10 +59,14 @@ pub fn time_of_day(time: SystemTime) -> String {
 }
 
 pub const TABLE_HEADER: &str =
-    "TIME (UTC)    EVENT  REASON                 PROGRAM               INTERFACE         PROTO  SOURCE                 DESTINATION            DETAIL";
+    "TIME (UTC)    EVENT  REASON                 PROGRAM               INTERFACE            PROTO  SOURCE                 DESTINATION            DETAIL";
 
+/// `address:port`, the address alone without a port, `-` when neither is known (a
+/// connecting socket has no source yet).
 fn endpoint(address: std::net::Ipv4Addr, port: u16) -> String {
-    if port == 0 {
+    if address.is_unspecified() && port == 0 {
+        "-".to_string()
+    } else if port == 0 {
         address.to_string()
     } else {
         format!("{address}:{port}")
@@ -98,7 +102,7 @@ pub fn table_row(line: &Line, time: &str) -> Option<String> {
         detail.push(format!("{} bytes", event.bytes));
     }
     Some(format!(
-        "{time:<13} {kind:<6} {:<22} {:<21} {interface:<17} {:<6} {:<22} {:<22} {}",
+        "{time:<13} {kind:<6} {:<22} {:<21} {interface:<20} {:<6} {:<22} {:<22} {}",
         event.reason,
         event.program,
         if event.protocol.is_empty() {
