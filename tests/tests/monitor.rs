@@ -171,3 +171,142 @@ fn a_connect_refused_at_the_socket_for_want_of_backends_is_a_drop_of_the_connect
     assert_eq!(event.service.as_deref(), Some("default/web:http"));
     Ok(())
 }
+
+#[test]
+fn a_monitor_that_stops_reading_misses_events_is_told_how_many_and_holds_up_nobody() -> Result<()> {
+    let (node, _servers) = example_node("mons")?;
+    // A monitor that sends its request, then reads nothing for a while.
+    let mut stalled = RawMonitor::connect(&node.name)?;
+    assert!(matches!(stalled.next()?, Some(Line::Listening { .. })));
+    let reading = Monitor::start(&node, &[], PATIENCE)?;
+    let socket = spoofing_socket(&node)?;
+    // More drops than the stalled monitor's queue and its socket's buffer hold.
+    let burst = ferrite_agent::monitor::hub::QUEUE_LINES * 5;
+    for _ in 0..burst {
+        socket.send_to(b"x", UDP_FRONTEND)?;
+    }
+    // The reading monitor is not held up: it gets drops sent after the burst (sent
+    // again until one comes: the burst may have filled the kernel's ring for a while).
+    let marked = |payload: &[u8]| 14 + 20 + 8 + payload.len() as u32;
+    let last = b"after the burst";
+    let mut seen = false;
+    for _ in 0..ATTEMPTS {
+        socket.send_to(last, UDP_FRONTEND)?;
+        if reading
+            .wait_for(
+                RETRY,
+                |line| matches!(line, Line::Drop(e) if e.bytes == marked(last)),
+            )
+            .is_ok()
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the reading monitor got nothing after the burst");
+
+    // The stalled monitor reads again: what it had queued, and how many it missed.
+    let mut drops_read = 0;
+    let missed = loop {
+        match stalled.next()? {
+            Some(Line::Drop(_)) => drops_read += 1,
+            Some(Line::Missed { count }) => break count,
+            Some(other) => anyhow::bail!("unexpected {other:?}"),
+            None => anyhow::bail!("no missed count after {drops_read} drops"),
+        }
+    };
+    assert!(
+        missed > 0 && drops_read >= ferrite_agent::monitor::hub::QUEUE_LINES,
+        "{drops_read} drops, then {missed} missed: the gap comes after all it had queued"
+    );
+    assert!(
+        drops_read as u64 + missed <= burst as u64 + ATTEMPTS as u64,
+        "{drops_read} drops read and {missed} missed: more than were sent"
+    );
+    // And it gets events again.
+    let again = b"after the gap";
+    let mut seen = false;
+    for _ in 0..ATTEMPTS {
+        socket.send_to(again, UDP_FRONTEND)?;
+        while let Some(line) = stalled.next()? {
+            if matches!(line, Line::Drop(e) if e.bytes == marked(again)) {
+                seen = true;
+                break;
+            }
+        }
+        if seen {
+            break;
+        }
+    }
+    assert!(seen, "the stalled monitor got nothing after reading again");
+    Ok(())
+}
+
+/// Attempts at a drop that may be lost (a full ring), each given RETRY.
+const ATTEMPTS: usize = 30;
+const RETRY: Duration = Duration::from_secs(1);
+
+/// A pod's UDP socket bound to another pod's address (added to its eth0).
+fn spoofing_socket(node: &Node) -> Result<std::net::UdpSocket> {
+    let attacker = node.pod(CLIENTS[0].0);
+    let victim_ip = CLIENTS[1].1;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &attacker.netns.name,
+            "addr",
+            "add",
+            &format!("{victim_ip}/32"),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    attacker
+        .netns
+        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))?
+        .map_err(Into::into)
+}
+
+/// A monitor speaking the agent's protocol directly, reading only when asked.
+struct RawMonitor {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    partial: String,
+}
+
+impl RawMonitor {
+    fn connect(node: &str) -> Result<Self> {
+        use std::io::Write;
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(ferrite_agent::monitor::socket_path(node))?;
+        stream.write_all(b"{\"kind\":\"drop\"}\n")?;
+        stream.set_read_timeout(Some(RETRY))?;
+        Ok(Self {
+            reader: std::io::BufReader::new(stream),
+            partial: String::new(),
+        })
+    }
+
+    /// The next line, or `None` when none came within RETRY.
+    fn next(&mut self) -> Result<Option<Line>> {
+        use std::io::BufRead;
+        match self.reader.read_line(&mut self.partial) {
+            Ok(0) => anyhow::bail!("the agent closed the connection"),
+            Ok(_) => {
+                let line = serde_json::from_str(&self.partial)?;
+                self.partial.clear();
+                Ok(Some(line))
+            }
+            // A line cut by the timeout stays in `partial` for the next call.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,15 +1,13 @@
 //! The agent's side of `ferrite monitor`: one reader of `ferrite_events`, any number
 //! of monitors on the node's Unix socket, each with a bounded queue. A monitor that
-//! reads too slowly loses what does not fit in its queue (counted, and told with its
-//! next line); it never holds up the reader, the other monitors or the agent.
+//! reads too slowly loses what does not fit in its queue: counted, and told where the
+//! gap is (a `missed` line queued as soon as there is room, after what it already had
+//! queued); it never holds up the reader, the other monitors or the agent.
 use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -39,7 +37,25 @@ const MAX_INPUT_BYTES: u64 = 64 * 1024;
 struct Subscriber {
     filter: Filter,
     queue: mpsc::Sender<Arc<str>>,
-    missed: Arc<AtomicU64>,
+    /// Events that did not fit since the last one queued.
+    missed: u64,
+}
+
+impl Subscriber {
+    /// Queue `line` if there is room, after a `missed` line for the gap before it.
+    fn offer(&mut self, line: &Arc<str>) {
+        if self.missed > 0 {
+            let gap = to_json(&Line::Missed { count: self.missed });
+            if self.queue.try_send(gap.into()).is_err() {
+                self.missed += 1;
+                return;
+            }
+            self.missed = 0;
+        }
+        if self.queue.try_send(line.clone()).is_err() {
+            self.missed += 1;
+        }
+    }
 }
 
 /// The connected monitors and the `ferrite_monitor` entry that follows them.
@@ -214,17 +230,13 @@ async fn read_events(
                 continue;
             };
             drop(record);
-            let subscribers = subscribers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut subscribers = subscribers.lock().unwrap_or_else(|e| e.into_inner());
             let mut line: Option<Arc<str>> = None;
-            for subscriber in subscribers.by_id.values() {
-                if !subscriber.filter.matches(&event) {
-                    continue;
-                }
-                let line = line
-                    .get_or_insert_with(|| to_json(&describe(&event, &names)).into())
-                    .clone();
-                if subscriber.queue.try_send(line).is_err() {
-                    subscriber.missed.fetch_add(1, Ordering::Relaxed);
+            for subscriber in subscribers.by_id.values_mut() {
+                if subscriber.filter.matches(&event) {
+                    let line =
+                        line.get_or_insert_with(|| to_json(&describe(&event, &names)).into());
+                    subscriber.offer(line);
                 }
             }
         }
@@ -258,12 +270,11 @@ impl Connection {
         let names = self.telemetry.service_names();
         let filter = request.and_then(|request| Filter::new(&request, &names));
         let (queue, mut queued) = mpsc::channel(QUEUE_LINES);
-        let missed = Arc::new(AtomicU64::new(0));
         let subscribed = filter.and_then(|filter| {
             self.lock().subscribe(Subscriber {
                 filter,
                 queue,
-                missed: missed.clone(),
+                missed: 0,
             })
         });
         let id = match subscribed {
@@ -283,13 +294,7 @@ impl Connection {
             tokio::select! {
                 line = queued.recv() => {
                     let Some(line) = line else { break };
-                    let count = missed.swap(0, Ordering::Relaxed);
-                    if count > 0 {
-                        sent = write.write_all(to_json(&Line::Missed { count }).as_bytes()).await;
-                    }
-                    if sent.is_ok() {
-                        sent = write.write_all(line.as_bytes()).await;
-                    }
+                    sent = write.write_all(line.as_bytes()).await;
                 }
                 // A monitor sends nothing after its request: end of input (or an
                 // error) is the monitor gone.

@@ -72,7 +72,7 @@ pub enum Line {
     Drop(Event),
     Flow(Event),
     /// Events that matched but did not fit in this monitor's queue (it read too
-    /// slowly) since the last line it got.
+    /// slowly), right here: after the line before, before the line after.
     Missed {
         count: u64,
     },
