@@ -194,6 +194,21 @@ pub struct Datapath {
     hz: std::cell::OnceCell<u64>,
 }
 
+/// The TC programs loaded, and the ones pinned by name in the node's pin directory:
+/// the CNI plugin attaches the pod programs from their pins; `ferrite explain` runs
+/// the explain copies loaded with the node's programs (their XDP one is pinned too).
+const TC_PROGRAMS: [(&str, bool); 9] = [
+    (program_names::FROM_POD, true),
+    (program_names::TO_POD, true),
+    (program_names::FROM_OVERLAY, false),
+    (program_names::FROM_UPLINK, false),
+    (program_names::FROM_HOST, false),
+    (program_names::EXPLAIN_POD, true),
+    (program_names::EXPLAIN_OVERLAY, true),
+    (program_names::EXPLAIN_UPLINK, true),
+    (program_names::EXPLAIN_SOCK, true),
+];
+
 /// Run `ferrite_clock` once: the jiffies it wrote over the test packet.
 fn read_clock(program: &SchedClassifier) -> Result<u64> {
     // The smallest frame test_run takes for an skb program: an Ethernet header.
@@ -242,13 +257,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(&bytes)
             .with_context(|| format!("loading {}", object.display()))?;
-        for name in [
-            program_names::FROM_POD,
-            program_names::TO_POD,
-            program_names::FROM_OVERLAY,
-            program_names::FROM_UPLINK,
-            program_names::FROM_HOST,
-        ] {
+        for (name, pinned) in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("{name} missing from the object"))?
@@ -256,16 +265,12 @@ impl Datapath {
             program
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
-        }
-        // The CNI plugin attaches the pod programs from their pins.
-        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            if !pinned {
+                continue;
+            }
             let program_pin = pin_dir.join(name);
             // Existing links keep the program they run; new attachments use this one.
             let _ = fs::remove_file(&program_pin);
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .context("program missing")?
-                .try_into()?;
             program.pin(&program_pin)?;
         }
         for (name, _) in program_names::SOCKET_LB {
@@ -283,6 +288,16 @@ impl Datapath {
             .try_into()?;
         xdp.load()
             .with_context(|| format!("verifier rejected {}", program_names::FROM_WORLD))?;
+        let explain: &mut Xdp = ebpf
+            .program_mut(program_names::EXPLAIN_WORLD)
+            .context("ferrite_explain_world missing from the object")?
+            .try_into()?;
+        explain
+            .load()
+            .with_context(|| format!("verifier rejected {}", program_names::EXPLAIN_WORLD))?;
+        let explain_pin = pin_dir.join(program_names::EXPLAIN_WORLD);
+        let _ = fs::remove_file(&explain_pin);
+        explain.pin(&explain_pin)?;
         let clock: &mut SchedClassifier = ebpf
             .program_mut(program_names::CLOCK)
             .context("ferrite_clock missing from the object")?

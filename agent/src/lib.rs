@@ -4,14 +4,16 @@
 //! Modules depend one way, each only on those before it:
 //! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
 //! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
-//! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events) -> `agent` (the node),
-//! `source` and `kube_source` (events for the driver), `cni`. The binaries wire a source, the driver and the node.
+//! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events), `explain` -> `agent`
+//! (the node), `source` and `kube_source` (events for the driver), `cni`. The binaries
+//! wire a source, the driver and the node.
 //! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod cni;
 pub mod conntrack_gc;
 pub mod datapath;
 pub mod driver;
+pub mod explain;
 pub mod files;
 pub mod healthcheck;
 pub mod hostnet;

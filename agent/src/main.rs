@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::Driver,
-    hostnet, inspect, kube_source,
+    explain, hostnet, inspect, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -126,6 +126,44 @@ enum Command {
         /// `table`, or `json`: one JSON object per line.
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: MonitorOutput,
+    },
+    /// Say what the node's loaded datapath does with a packet, against its live maps,
+    /// changing nothing: the steps (anti-spoofing, conntrack, Service frontend, backend
+    /// and why, rewrite), the verdict and where the packet goes. Run it in the node's
+    /// network namespace.
+    Explain {
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// The sender: ADDRESS[:PORT] (an ephemeral port when none is given).
+        #[arg(long, value_parser = explain::parse_source)]
+        from: std::net::SocketAddrV4,
+        /// The destination: ADDRESS:PORT/tcp or ADDRESS:PORT/udp.
+        #[arg(long, value_parser = explain::parse_destination)]
+        to: (std::net::SocketAddrV4, u8),
+        /// Where the packet comes from: a pod of this node, a pod of another node
+        /// (over the overlay), or outside the cluster (the uplink).
+        #[arg(long, value_enum, default_value = "pod")]
+        ingress: explain::Ingress,
+        /// For `--ingress pod`: the host veth the frame enters (default: the source
+        /// pod's own), e.g. to see a spoofed source dropped.
+        #[arg(long)]
+        veth: Option<String>,
+        /// For `--ingress overlay`: the node the tunnel comes from (default: the node
+        /// whose pod CIDR holds the source).
+        #[arg(long)]
+        sender_node: Option<std::net::Ipv4Addr>,
+        /// Explain a socket's connect() (TCP) or sendmsg() (UDP) to a Service: the
+        /// socket-level load balancer's choice instead of a packet's.
+        #[arg(long)]
+        socket: bool,
+        /// With --socket: the socket cookie the backend is hashed over.
+        #[arg(long, default_value_t = 1)]
+        cookie: u64,
+        /// Print each program's output frame as hex.
+        #[arg(long)]
+        hex: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: inspect::Output,
     },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
@@ -475,6 +513,38 @@ fn main() -> Result<()> {
                 service,
             };
             run_monitor(&node, &request, output)
+        }
+        Command::Explain {
+            node,
+            from,
+            to: (destination, protocol),
+            ingress,
+            veth,
+            sender_node,
+            socket,
+            cookie,
+            hex,
+            output,
+        } => {
+            let request = explain::Request {
+                source: from,
+                destination,
+                protocol,
+                ingress,
+                veth,
+                sender_node,
+                socket,
+                cookie,
+                hex,
+            };
+            let explanation = explain::explain(&node, &datapath::pin_dir(&node), &request)?;
+            match output {
+                inspect::Output::Table => print!("{}", explain::render_table(&explanation)),
+                inspect::Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&explanation)?)
+                }
+            }
+            Ok(())
         }
         Command::Uninstall { node } => {
             // Run in the node's network namespace: the device and rules are there.

@@ -34,7 +34,9 @@ pub mod map_names {
     pub const EVENTS: &str = "ferrite_events";
     /// Which events listeners want now (`monitor::WANT_*`), set by the agent.
     pub const MONITOR: &str = "ferrite_monitor";
-    pub const ALL: [&str; 17] = [
+    /// What the last explain run on each CPU did (`ferrite explain`).
+    pub const TRACE: &str = "ferrite_trace";
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -52,11 +54,13 @@ pub mod map_names {
         SOCK_SERVICE,
         EVENTS,
         MONITOR,
+        TRACE,
     ];
     /// Maps without a capacity of their own: per-CPU counters, the one config entry,
     /// per-socket storage (as many entries as sockets), the event ring (a size in
-    /// bytes, fixed at build time) and the monitor's one entry.
-    pub const UNSIZED: [&str; 5] = [STATS, CONFIG, SOCK_SERVICE, EVENTS, MONITOR];
+    /// bytes, fixed at build time), the monitor's one entry and the explain runs'
+    /// per-CPU trace.
+    pub const UNSIZED: [&str; 6] = [STATS, CONFIG, SOCK_SERVICE, EVENTS, MONITOR, TRACE];
 }
 
 /// Program names in the object file.
@@ -87,6 +91,23 @@ pub mod program_names {
     /// tcx egress of the uplink and of `lo`: the per-packet Service path of the node's
     /// own processes (what socket-level load balancing does not cover).
     pub const FROM_HOST: &str = "ferrite_from_host";
+    /// Never attached: `ferrite explain --socket` runs it with BPF_PROG_TEST_RUN on an
+    /// `explain::SockRequest` to see the backend a socket call would get.
+    pub const EXPLAIN_SOCK: &str = "ferrite_explain_sock";
+    /// Never attached: the explain copies (`explain`) of the packet programs
+    /// `ferrite explain` runs: the same logic, every write skipped and traced.
+    pub const EXPLAIN_POD: &str = "ferrite_explain_pod";
+    pub const EXPLAIN_OVERLAY: &str = "ferrite_explain_overlay";
+    pub const EXPLAIN_UPLINK: &str = "ferrite_explain_uplink";
+    /// XDP, like the program it explains.
+    pub const EXPLAIN_WORLD: &str = "ferrite_explain_world";
+    /// Each program `ferrite explain` runs and its explain copy.
+    pub const EXPLAIN: [(&str, &str); 4] = [
+        (FROM_POD, EXPLAIN_POD),
+        (FROM_OVERLAY, EXPLAIN_OVERLAY),
+        (FROM_UPLINK, EXPLAIN_UPLINK),
+        (FROM_WORLD, EXPLAIN_WORLD),
+    ];
     /// cgroup/connect4: socket-level load balancing of TCP connects.
     pub const SOCK_CONNECT4: &str = "ferrite_connect4";
     /// cgroup/sendmsg4: socket-level load balancing of unconnected UDP sends.
@@ -766,6 +787,9 @@ pub struct NodeConfig {
     pub route_epoch: u32,
 }
 
+pub mod explain;
+pub use explain::ExplainTrace;
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -793,6 +817,8 @@ mod pod_impls {
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SockService {}
     unsafe impl aya::Pod for MonitorEvent {}
+    unsafe impl aya::Pod for ExplainTrace {}
+    unsafe impl aya::Pod for explain::SockRequest {}
 }
 
 #[cfg(test)]
@@ -822,6 +848,8 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 16);
         assert_eq!(size_of::<MonitorEvent>(), 48);
+        assert_eq!(size_of::<ExplainTrace>(), 88);
+        assert_eq!(size_of::<explain::SockRequest>(), 32);
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! From a [`Verdict`] to a program's return code: the one place drops are counted,
-//! logged and reported to monitors for every packet entry (TC and XDP).
+//! logged and reported to monitors for every packet entry (TC and XDP), and where
+//! the explain copies of the programs note their verdict instead.
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use ferrite_common::stat;
+use ferrite_common::{
+    explain::{self, verdict, write},
+    stat,
+};
 
 use crate::{
     events::{self, Seen},
-    packet::{Packet, Verdict},
-    stats,
+    packet::{Explaining, Packet, Verdict},
+    stats, trace,
 };
 
 /// Count a drop, report it to monitors and, at debug level only (the agent's
@@ -34,6 +38,53 @@ pub fn log_drop<P: Packet>(pkt: &P, program: u8, reason: u32) {
         len,
         ifindex
     );
+}
+
+/// The entry of a TC program's explain copy (`ferrite_explain_*`, never attached):
+/// `process` run on the packet as an explain run; its verdict noted in the trace and
+/// mapped to the code the real program would return (nothing sent). A packet without
+/// the explain mark is not run.
+#[inline(always)]
+pub fn explain_tc(
+    ctx: TcContext,
+    process: impl FnOnce(&Explaining<TcContext>) -> Result<Verdict, ()>,
+) -> i32 {
+    let pkt = Explaining(ctx);
+    let word = pkt.word();
+    if !explain::is_explain(word) {
+        return TC_ACT_SHOT;
+    }
+    trace::begin(word);
+    match note_verdict(process(&pkt)) {
+        verdict::PASS => TC_ACT_OK,
+        verdict::DROP => TC_ACT_SHOT,
+        _ => TC_ACT_REDIRECT,
+    }
+}
+
+/// Note an explain run's verdict in its trace; returns its `explain::verdict` kind.
+#[inline(always)]
+pub fn note_verdict(result: Result<Verdict, ()>) -> u32 {
+    let (kind, target) = match result.unwrap_or(Verdict::Drop(stat::DROP_INTERNAL)) {
+        Verdict::Pass => (verdict::PASS, 0),
+        Verdict::Drop(reason) => (verdict::DROP, reason),
+        Verdict::RedirectPeer(ifindex) => (verdict::TO_POD, ifindex),
+        Verdict::Redirect(ifindex) => (verdict::REDIRECT, ifindex),
+        Verdict::RedirectNeigh(ifindex) => (verdict::REDIRECT_NEIGH, ifindex),
+        Verdict::Bounce => (verdict::BOUNCE, 0),
+        Verdict::RedirectIngress(ifindex) => (verdict::TO_HOST, ifindex),
+    };
+    trace::record(true, |trace| {
+        trace.verdict = kind;
+        if kind == verdict::DROP {
+            trace.drop_reason = target;
+            trace.counted |= 1u64 << (target & 63);
+            trace.skipped |= write::DROP_LOG;
+        } else {
+            trace.verdict_target = target;
+        }
+    });
+    kind
 }
 
 /// The TC return code for `verdict` (an `Err` is an internal drop) of the entry

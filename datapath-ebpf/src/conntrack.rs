@@ -5,6 +5,7 @@ use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
+    explain::{step, write},
     stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, REV_NAT_NONE,
     SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
@@ -12,7 +13,7 @@ use ferrite_common::{
 use crate::{
     headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
     maps::{CONNTRACK, REV_NAT},
-    stats::count,
+    trace::{self, count},
 };
 
 #[inline(always)]
@@ -92,12 +93,14 @@ pub fn reopen_if_closing(h: &Headers, reply_key: &CtKey) -> bool {
     if old.flags & CT_FLAG_CLOSING == 0 && !forward_closing {
         return false;
     }
-    if let Some(forward) = forward {
-        // Gone already (LRU, GC) is as good as removed.
-        let _ = CONNTRACK.remove(forward);
+    if trace::writes(h.explain, write::CT_REOPEN) {
+        if let Some(forward) = forward {
+            // Gone already (LRU, GC) is as good as removed.
+            let _ = CONNTRACK.remove(forward);
+        }
+        let _ = CONNTRACK.remove(reply_key);
     }
-    let _ = CONNTRACK.remove(reply_key);
-    count(stat::CT_REOPENED, 0);
+    count(h.explain, stat::CT_REOPENED, 0);
     true
 }
 
@@ -113,9 +116,17 @@ pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<&'static CtValue> {
 /// and the compiler may then copy a register the verifier counts as unread.)
 #[inline(always)]
 pub fn find(h: &Headers) -> Option<NonNull<CtValue>> {
-    CONNTRACK
+    let found = CONNTRACK
         .get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))
-        .and_then(NonNull::new)
+        .and_then(NonNull::new);
+    trace::record(h.explain, |trace| match found {
+        Some(entry) => {
+            trace.steps |= step::CT_HIT;
+            trace.ct_flags = unsafe { entry.as_ref() }.flags;
+        }
+        None => trace.steps |= step::CT_MISS,
+    });
+    found
 }
 
 /// Account packet `h` (`bytes` long) to its entry; returns the entry, read in place
@@ -123,6 +134,9 @@ pub fn find(h: &Headers) -> Option<NonNull<CtValue>> {
 #[inline(always)]
 pub fn touch(entry: NonNull<CtValue>, h: &Headers, bytes: u32) -> &'static CtValue {
     let entry = entry.as_ptr();
+    if !trace::writes(h.explain, write::CT_ACCOUNTING) {
+        return unsafe { &*entry };
+    }
     // Racy adds from several CPUs may lose a count; these are statistics only.
     unsafe {
         // Jiffies change every few milliseconds: most packets leave the line alone.
@@ -228,15 +242,21 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
         h.proto,
     );
     // Reply entry first: a forward entry must never exist without its reverse path.
-    if CONNTRACK
-        .insert(reply_key, &entry, BPF_NOEXIST as u64)
-        .is_err()
-        && !(reopen_if_closing(h, &reply_key)
-            && CONNTRACK
-                .insert(reply_key, &entry, BPF_NOEXIST as u64)
-                .is_ok())
-    {
+    // An explain run only looks: whether it could be inserted (or taken over).
+    let claim = |entry: &CtValue| {
+        if h.explain {
+            unsafe { CONNTRACK.get(reply_key) }.is_none()
+        } else {
+            CONNTRACK
+                .insert(reply_key, entry, BPF_NOEXIST as u64)
+                .is_ok()
+        }
+    };
+    if !claim(&entry) && !(reopen_if_closing(h, &reply_key) && (h.explain || claim(&entry))) {
         return Ok(false);
+    }
+    if !trace::writes(h.explain, write::CT_CREATE) {
+        return Ok(true);
     }
     // The forward entry differs from the reply entry only here: one value on the
     // stack for both.
@@ -283,16 +303,30 @@ pub fn create_snat(
             candidate,
             h.proto,
         );
-        if CONNTRACK
-            .insert(reply_key, &entry, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        // An explain run takes the first port that is free now, as the insert would.
+        let claimed = if h.explain {
+            unsafe { CONNTRACK.get(reply_key) }.is_none()
+        } else {
+            CONNTRACK
+                .insert(reply_key, &entry, BPF_NOEXIST as u64)
+                .is_ok()
+        };
+        if claimed {
             port = candidate;
             break;
         }
     }
     if port == 0 {
         return None;
+    }
+    trace::record(h.explain, |trace| {
+        trace.steps |= step::SNAT;
+        trace.skipped |= write::CT_CREATE;
+        trace.snat_address = node_addr.to_ne_bytes();
+        trace.snat_port = port;
+    });
+    if h.explain {
+        return Some(port);
     }
     // The forward entry, in the same stack slot as the reply entry.
     entry.flags = flags;

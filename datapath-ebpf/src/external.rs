@@ -24,8 +24,8 @@
 //!   pod or through the overlay (XDP cannot attach tunnel metadata).
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use ferrite_common::{
-    stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP,
-    SOURCE_RANGE_FRONTEND_BITS,
+    explain::write, stat, svc_flag, SourceRangeKey, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    PROTO_UDP, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::{
@@ -37,7 +37,8 @@ use crate::{
     nat,
     packet::{Packet, Verdict},
     routing,
-    stats::{count, count_lb},
+    stats::count_lb,
+    trace::{self, count},
 };
 
 #[inline(always)]
@@ -98,7 +99,7 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
             if ct.flags & CT_FLAG_SNAT != 0 {
                 nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
             }
-            count(stat::SERVICE_ESTABLISHED, pkt.len());
+            count(h.explain, stat::SERVICE_ESTABLISHED, pkt.len());
             return Ok(Verdict::Pass);
         }
     }
@@ -116,7 +117,7 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
             return Ok(Verdict::Drop(stat::DROP_NO_LOCAL_BACKEND));
         }
         if svc.flags & svc_flag::NODE_PORT != 0 {
-            count(stat::NODEPORT_REJECTED, pkt.len());
+            count(h.explain, stat::NODEPORT_REJECTED, pkt.len());
             return Ok(Verdict::Pass);
         }
         return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
@@ -146,20 +147,24 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
         };
         nat::dnat(pkt, &h, backend_addr, chosen.backend.port)?;
         nat::snat(pkt, &h, node_addr, port)?;
-        count(stat::EXTERNAL_SNAT, pkt.len());
+        count(h.explain, stat::EXTERNAL_SNAT, pkt.len());
     }
-    count(stat::EXTERNAL_NEW_FLOW, pkt.len());
-    count_lb(svc.rev_nat_index, chosen.id, pkt.len());
-    events::new_flow(
-        &Seen::packet(pkt, program),
-        stat::EXTERNAL_NEW_FLOW,
-        &Tuple::of(&h),
-        &FlowTarget {
-            backend_address: backend_addr,
-            backend_port: chosen.backend.port,
-            rev_nat_index: svc.rev_nat_index,
-            backend_id: chosen.id,
-        },
-    );
+    count(h.explain, stat::EXTERNAL_NEW_FLOW, pkt.len());
+    if trace::writes(h.explain, write::LB_STATS) {
+        count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    }
+    if trace::writes(h.explain, write::MONITOR_EVENT) {
+        events::new_flow(
+            &Seen::packet(pkt, program),
+            stat::EXTERNAL_NEW_FLOW,
+            &Tuple::of(&h),
+            &FlowTarget {
+                backend_address: backend_addr,
+                backend_port: chosen.backend.port,
+                rev_nat_index: svc.rev_nat_index,
+                backend_id: chosen.id,
+            },
+        );
+    }
     Ok(Verdict::Pass)
 }

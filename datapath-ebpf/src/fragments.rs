@@ -7,7 +7,7 @@
 //! routed by destination only (`fragment_routed`).
 use ferrite_common::{stat, FragmentKey, FragmentPorts};
 
-use crate::{maps::FRAGMENTS, stats::count};
+use crate::{maps::FRAGMENTS, trace::count};
 
 #[inline(always)]
 fn key(saddr: u32, daddr: u32, id: [u8; 2], proto: u8) -> FragmentKey {
@@ -30,8 +30,15 @@ pub fn remember(saddr: u32, daddr: u32, id: [u8; 2], proto: u8, sport: u16, dpor
 
 /// A later fragment: the ports of its datagram, if its first fragment was seen.
 #[inline(always)]
-pub fn ports_of(saddr: u32, daddr: u32, id: [u8; 2], proto: u8, len: u32) -> Option<(u16, u16)> {
+pub fn ports_of(
+    saddr: u32,
+    daddr: u32,
+    id: [u8; 2],
+    proto: u8,
+    len: u32,
+    explain: bool,
+) -> Option<(u16, u16)> {
     let ports = unsafe { FRAGMENTS.get(key(saddr, daddr, id, proto)) }?;
-    count(stat::FRAGMENT_TRACKED, len);
+    count(explain, stat::FRAGMENT_TRACKED, len);
     Some((ports.sport, ports.dport))
 }

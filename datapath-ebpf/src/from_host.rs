@@ -14,8 +14,8 @@
 //! - everything else (the overlay's datagrams, traffic not from this node, no
 //!   Service) passes untouched. Nothing is dropped here but for lack of SNAT ports.
 use ferrite_common::{
-    stat, NodeConfig, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP, REV_NAT_NONE,
-    ROUTE_REMOTE,
+    explain::write, stat, NodeConfig, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_UDP,
+    REV_NAT_NONE, ROUTE_REMOTE,
 };
 
 use crate::{
@@ -29,7 +29,8 @@ use crate::{
     nat,
     packet::{Packet, Verdict},
     routing::{self, LOOPBACK_IFINDEX},
-    stats::{count, count_lb},
+    stats::count_lb,
+    trace::{self, count},
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -70,7 +71,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         if ct.flags & CT_FLAG_SNAT != 0 {
             nat::snat(pkt, &h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
         }
-        count(stat::SERVICE_ESTABLISHED, pkt.len());
+        count(h.explain, stat::SERVICE_ESTABLISHED, pkt.len());
         return forward(pkt, &h, backend, ct.backend_port, on_lo);
     }
     // New flows of the node's own processes only: on the uplink, from its address.
@@ -85,26 +86,30 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         if !h.l4_present {
             return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
         }
-        count(stat::SERVICE_REJECTED, pkt.len());
+        count(h.explain, stat::SERVICE_REJECTED, pkt.len());
         icmp::port_unreachable(pkt, &h)?;
         return routing::to_host(pkt);
     };
     if !record_new_flow(pkt, &h, svc.rev_nat_index, &chosen, &config)? {
         return Ok(Verdict::Drop(stat::DROP_NO_SNAT_PORT));
     }
-    count(stat::HOST_SERVICE_FLOW, pkt.len());
-    count_lb(svc.rev_nat_index, chosen.id, pkt.len());
-    events::new_flow(
-        &Seen::packet(pkt, PROGRAM),
-        stat::HOST_SERVICE_FLOW,
-        &Tuple::of(&h),
-        &FlowTarget {
-            backend_address: chosen.address(),
-            backend_port: chosen.backend.port,
-            rev_nat_index: svc.rev_nat_index,
-            backend_id: chosen.id,
-        },
-    );
+    count(h.explain, stat::HOST_SERVICE_FLOW, pkt.len());
+    if trace::writes(h.explain, write::LB_STATS) {
+        count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    }
+    if trace::writes(h.explain, write::MONITOR_EVENT) {
+        events::new_flow(
+            &Seen::packet(pkt, PROGRAM),
+            stat::HOST_SERVICE_FLOW,
+            &Tuple::of(&h),
+            &FlowTarget {
+                backend_address: chosen.address(),
+                backend_port: chosen.backend.port,
+                rev_nat_index: svc.rev_nat_index,
+                backend_id: chosen.id,
+            },
+        );
+    }
     forward(pkt, &h, chosen.address(), chosen.backend.port, on_lo)
 }
 
@@ -157,7 +162,7 @@ fn forward<P: Packet>(
     on_lo: bool,
 ) -> Result<Verdict, ()> {
     if let Some(ep) = routing::local_endpoint(addr) {
-        count(stat::DELIVERED_LOCAL, pkt.len());
+        count(h.explain, stat::DELIVERED_LOCAL, pkt.len());
         return routing::deliver_local_from_egress(pkt, &ep);
     }
     if routing::is_host_address(addr) {

@@ -5,7 +5,10 @@
 //! node's own processes (replies to their Service flows and to what they send other
 //! nodes' pods from the node's overlay address). Inner packets for pods that are not
 //! on this node are dropped and counted.
-use ferrite_common::{stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_NODE};
+use ferrite_common::{
+    explain::{step, write},
+    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_NODE,
+};
 
 use crate::{
     action, conntrack,
@@ -14,7 +17,7 @@ use crate::{
     nat,
     packet::{Packet, Verdict},
     reply, routing,
-    stats::count,
+    trace::{self, count},
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -28,6 +31,13 @@ pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
+/// Never attached: `ferrite explain`'s copy of `ferrite_from_overlay`: the same logic,
+/// compiled for explain runs (every write skipped and noted in `ferrite_trace`).
+#[classifier]
+pub fn ferrite_explain_overlay(ctx: TcContext) -> i32 {
+    action::explain_tc(ctx, process)
+}
+
 #[inline(always)]
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
@@ -38,7 +48,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         Parsed::Pass(reason) => {
-            count(reason, pkt.len());
+            pkt.count(reason);
             return Ok(Verdict::Pass);
         }
         Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
@@ -59,9 +69,14 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             Some(route) if u32::from_be_bytes(route.node_ip) == sender => {}
             _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
         }
+        trace::step(h.explain, step::SOURCE_CHECKED);
         if let Some(entry) = entry {
-            conntrack::record_verified(entry, CT_VERIFIED_NODE, sender, epoch);
+            if trace::writes(h.explain, write::CT_CACHE) {
+                conntrack::record_verified(entry, CT_VERIFIED_NODE, sender, epoch);
+            }
         }
+    } else {
+        trace::step(h.explain, step::SOURCE_CACHED);
     }
     let mut daddr = h.daddr;
     // Whether the destination is the flow's usual one, which its entry may cache.
@@ -86,18 +101,18 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
     }
     let local = match entry {
-        Some(entry) if cacheable => routing::flow_local_endpoint(entry, epoch, daddr),
+        Some(entry) if cacheable => routing::flow_local_endpoint(entry, epoch, daddr, h.explain),
         _ => routing::local_endpoint(daddr),
     };
     let Some(ep) = local else {
         // This node's own overlay address: the node's processes talking to pods of
         // other nodes (through its kernel routes over the overlay).
         if routing::is_host_address(daddr) {
-            count(stat::PASSED_TO_STACK, pkt.len());
+            count(h.explain, stat::PASSED_TO_STACK, pkt.len());
             return Ok(Verdict::Pass);
         }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     };
-    count(stat::RECEIVED_FROM_NODE, pkt.len());
+    count(h.explain, stat::RECEIVED_FROM_NODE, pkt.len());
     routing::deliver_local(pkt, &ep)
 }

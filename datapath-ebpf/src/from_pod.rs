@@ -4,6 +4,7 @@
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
 //! dropped (`drop_no_backend`).
 use ferrite_common::{
+    explain::{step, write},
     stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP,
     REV_NAT_NONE,
 };
@@ -19,7 +20,7 @@ use crate::{
     packet::{Packet, Verdict},
     reply,
     routing::{self, Found},
-    stats::count,
+    trace::{self, count},
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -35,12 +36,19 @@ pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))
 }
 
+/// Never attached: `ferrite explain`'s copy of `ferrite_from_pod`: the same logic,
+/// compiled for explain runs (every write skipped and noted in `ferrite_trace`).
+#[classifier]
+pub fn ferrite_explain_pod(ctx: TcContext) -> i32 {
+    action::explain_tc(ctx, process)
+}
+
 #[inline(always)]
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         Parsed::Pass(reason) => {
-            count(reason, pkt.len());
+            pkt.count(reason);
             return Ok(Verdict::Pass);
         }
         Parsed::Drop(reason) => return Ok(Verdict::Drop(reason)),
@@ -61,9 +69,14 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             Some(ep) if ep.ifindex == ifindex => {}
             _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
         }
+        trace::step(h.explain, step::SOURCE_CHECKED);
         if let Some(entry) = entry {
-            conntrack::record_verified(entry, CT_VERIFIED_VETH, ifindex, epoch);
+            if trace::writes(h.explain, write::CT_CACHE) {
+                conntrack::record_verified(entry, CT_VERIFIED_VETH, ifindex, epoch);
+            }
         }
+    } else {
+        trace::step(h.explain, step::SOURCE_CACHED);
     }
     let (mut daddr, mut dport) = (h.daddr, h.dport);
     if h.has_ports {
@@ -95,7 +108,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                     daddr = u32::from_ne_bytes(ct.backend_address);
                     dport = ct.backend_port;
                     nat::dnat(pkt, &h, daddr, dport)?;
-                    count(stat::SERVICE_ESTABLISHED, pkt.len());
+                    count(h.explain, stat::SERVICE_ESTABLISHED, pkt.len());
                 }
                 // A flow whose client port was remapped (direct, a Service flow, or
                 // hairpinned).
@@ -116,7 +129,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         return routing::route_found(pkt, &found, daddr, dport);
     } else if is_fragment_routed(&h) {
-        count(stat::FRAGMENT_ROUTED, pkt.len());
+        count(h.explain, stat::FRAGMENT_ROUTED, pkt.len());
     }
     routing::route(pkt, daddr, dport)
 }
@@ -127,23 +140,25 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
     match lb::translate_new_flow(pkt, h, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
-            events::new_flow(
-                &Seen::packet(pkt, PROGRAM),
-                stat::SERVICE_NEW_FLOW,
-                &Tuple::of(h),
-                &FlowTarget {
-                    backend_address: addr,
-                    backend_port: port,
-                    rev_nat_index: svc.rev_nat_index,
-                    backend_id: 0,
-                },
-            );
+            if trace::writes(h.explain, write::MONITOR_EVENT) {
+                events::new_flow(
+                    &Seen::packet(pkt, PROGRAM),
+                    stat::SERVICE_NEW_FLOW,
+                    &Tuple::of(h),
+                    &FlowTarget {
+                        backend_address: addr,
+                        backend_port: port,
+                        rev_nat_index: svc.rev_nat_index,
+                        backend_id: 0,
+                    },
+                );
+            }
             routing::route(pkt, addr, port)
         }
         // A later fragment of a refused datagram: its first one was answered.
         NewFlowOutcome::NoBackend if !h.l4_present => Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),
         NewFlowOutcome::NoBackend => {
-            count(stat::SERVICE_REJECTED, pkt.len());
+            count(h.explain, stat::SERVICE_REJECTED, pkt.len());
             icmp::port_unreachable(pkt, h)?;
             Ok(Verdict::Bounce)
         }

@@ -12,7 +12,7 @@ use crate::{
     maps::CONFIG,
     packet::{Packet, Verdict},
     reply, routing,
-    stats::count,
+    trace::count,
 };
 
 /// This entry in `monitor::PROGRAMS`.
@@ -22,6 +22,13 @@ const PROGRAM: u8 =
 #[classifier]
 pub fn ferrite_from_uplink(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))
+}
+
+/// Never attached: `ferrite explain`'s copy of `ferrite_from_uplink`: the same logic,
+/// compiled for explain runs (every write skipped and noted in `ferrite_trace`).
+#[classifier]
+pub fn ferrite_explain_uplink(ctx: TcContext) -> i32 {
+    action::explain_tc(ctx, process)
 }
 
 /// After the XDP program (if any): packets now addressed to a pod
@@ -53,7 +60,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     // GRO may have merged segments after XDP saw them: only whole packets count.
     if h.has_ports && !pkt.is_gso() {
         if let Some(mtu) = external::frag_needed_mtu(&h) {
-            count(stat::ICMP_FRAG_NEEDED, pkt.len());
+            count(h.explain, stat::ICMP_FRAG_NEEDED, pkt.len());
             return icmp::frag_needed(pkt, &h, mtu);
         }
     }

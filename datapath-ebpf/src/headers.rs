@@ -11,9 +11,9 @@
 //! - TCP/UDP header cut short in a whole packet or first fragment: drop
 //!   (`drop_malformed`);
 //! - other IP protocols (ICMP, ...): routed by destination IP, no Service lookup.
-use ferrite_common::{stat, PROTO_TCP, PROTO_UDP};
+use ferrite_common::{explain, stat, PROTO_TCP, PROTO_UDP};
 
-use crate::{fragments, packet::Packet};
+use crate::{fragments, packet::Packet, trace};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_TYPE_OFF: usize = 12;
@@ -52,6 +52,8 @@ pub struct Headers {
     /// IP total length and the Don't Fragment flag (path MTU discovery).
     pub tot_len: u16,
     pub dont_fragment: bool,
+    /// An explain run's packet (`trace`): decide, but write nothing.
+    pub explain: bool,
 }
 
 impl Headers {
@@ -137,14 +139,15 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         tcp_flags: 0,
         tot_len: tot_len as u16,
         dont_fragment: frags & IP_DF != 0,
+        explain: pkt.explain(),
     };
     if headers.proto != PROTO_TCP && headers.proto != PROTO_UDP {
         return Parsed::Ipv4(headers);
     }
     if later_fragment {
-        let (saddr, daddr) = (headers.saddr, headers.daddr);
+        let (saddr, daddr, explain) = (headers.saddr, headers.daddr, headers.explain);
         if let Some((sport, dport)) =
-            fragments::ports_of(saddr, daddr, id.to_ne_bytes(), proto, pkt.len())
+            fragments::ports_of(saddr, daddr, id.to_ne_bytes(), proto, pkt.len(), explain)
         {
             headers.sport = sport;
             headers.dport = dport;
@@ -183,7 +186,9 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     if is_fragment {
         let (saddr, daddr, sport, dport) =
             (headers.saddr, headers.daddr, headers.sport, headers.dport);
-        fragments::remember(saddr, daddr, id.to_ne_bytes(), proto, sport, dport);
+        if trace::writes(headers.explain, explain::write::FRAGMENT) {
+            fragments::remember(saddr, daddr, id.to_ne_bytes(), proto, sport, dport);
+        }
     }
     Parsed::Ipv4(headers)
 }

@@ -5,8 +5,10 @@
 //! a different hash and affinity client.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use ferrite_common::{
-    affinity_holds, stat, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue,
-    AFFINITY_CLIENT_IP, HAIRPIN_IP, MAGLEV_TABLE_SIZE,
+    affinity_holds,
+    explain::{choice, step, write},
+    stat, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, AFFINITY_CLIENT_IP,
+    HAIRPIN_IP, MAGLEV_TABLE_SIZE,
 };
 
 use crate::{
@@ -15,7 +17,8 @@ use crate::{
     maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES},
     nat,
     packet::Packet,
-    stats::{count, count_lb},
+    stats::count_lb,
+    trace::{self, count},
 };
 
 #[inline(always)]
@@ -38,7 +41,15 @@ pub fn service_key(h: &Headers, backend_slot: u16) -> ServiceKey {
 /// The master entry of the Service `h` is addressed to, if any.
 #[inline(always)]
 pub fn lookup_service(h: &Headers) -> Option<ServiceValue> {
-    unsafe { SERVICES.get(service_key(h, 0)).copied() }
+    let found = unsafe { SERVICES.get(service_key(h, 0)).copied() };
+    if let Some(svc) = &found {
+        trace::record(h.explain, |trace| {
+            trace.steps |= step::FRONTEND;
+            trace.frontend = service_key(h, 0);
+            trace.service = *svc;
+        });
+    }
+    found
 }
 
 /// lowbias32: cheap and well mixed, so flows spread evenly.
@@ -100,6 +111,8 @@ pub struct Selection {
     /// The affinity client: its kind (`AFFINITY_CLIENT_*`) and identity.
     pub client_kind: u16,
     pub client: [u8; 4],
+    /// An explain run's (`trace`): choose, but pin nothing.
+    pub explain: bool,
 }
 
 impl Selection {
@@ -112,6 +125,7 @@ impl Selection {
             hash: flow_hash(h),
             client_kind: AFFINITY_CLIENT_IP,
             client: h.saddr.to_ne_bytes(),
+            explain: h.explain,
         }
     }
 }
@@ -140,18 +154,21 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
             // The agent removes pins of removed backends; a missing one is a race.
             if affinity_holds(last_used, now, svc.affinity_timeout_s) {
                 if let Some(chosen) = backend(id) {
-                    unsafe { (*pinned).last_used_ns = now };
+                    if trace::writes(sel.explain, write::AFFINITY) {
+                        unsafe { (*pinned).last_used_ns = now };
+                    }
+                    trace_choice(sel.explain, choice::AFFINITY, 0, &chosen);
                     return Some(chosen);
                 }
             }
         }
     }
-    let slot = match maglev
+    let (slot, how) = match maglev
         .then(|| maglev_slot(&sel.master, sel.hash, svc.count))
         .flatten()
     {
-        Some(slot) => slot,
-        None => (sel.hash % svc.count as u32) as u16 + 1,
+        Some(slot) => (slot, choice::MAGLEV),
+        None => ((sel.hash % svc.count as u32) as u16 + 1, choice::HASH),
     };
     let slot_key = ServiceKey {
         backend_slot: slot,
@@ -160,7 +177,8 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
     // The agent writes slots before the master entry; a miss is a torn update.
     let id = unsafe { SERVICES.get(slot_key) }?.backend_id;
     let chosen = backend(id)?;
-    if svc.affinity_timeout_s != 0 {
+    trace_choice(sel.explain, how, slot, &chosen);
+    if svc.affinity_timeout_s != 0 && trace::writes(sel.explain, write::AFFINITY) {
         let pin = AffinityValue {
             backend_id: id,
             _pad: 0,
@@ -170,6 +188,18 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
         let _ = AFFINITY.insert(affinity_key, pin, 0);
     }
     Some(chosen)
+}
+
+/// Note in an explain run's trace how `chosen` was chosen (`choice::*`, its slot).
+#[inline(always)]
+fn trace_choice(explain: bool, how: u16, slot: u16, chosen: &Chosen) {
+    trace::record(explain, |trace| {
+        trace.steps |= step::BACKEND_CHOSEN;
+        trace.choice = how;
+        trace.backend_slot = slot;
+        trace.backend_id = chosen.id;
+        trace.backend = chosen.backend;
+    });
 }
 
 /// Pick the backend of a new flow of the packet `h` to the frontend it is addressed to.
@@ -188,7 +218,7 @@ pub fn remap_client_port<P: Packet>(pkt: &P, h: &Headers, flow: &NewFlow) -> Res
         return Ok(false);
     };
     nat::snat(pkt, h, h.saddr, port)?;
-    count(stat::PORT_REMAPPED, pkt.len());
+    count(h.explain, stat::PORT_REMAPPED, pkt.len());
     Ok(true)
 }
 
@@ -231,14 +261,16 @@ pub fn translate_new_flow<P: Packet>(
         };
         nat::dnat(pkt, h, addr, chosen.backend.port)?;
         nat::snat(pkt, h, hairpin, port)?;
-        count(stat::HAIRPIN, pkt.len());
+        count(h.explain, stat::HAIRPIN, pkt.len());
     } else {
         if !conntrack::create(h, &flow, pkt.len())? && !remap_client_port(pkt, h, &flow)? {
             return Ok(NewFlowOutcome::NoPortLeft);
         }
         nat::dnat(pkt, h, addr, chosen.backend.port)?;
     }
-    count(stat::SERVICE_NEW_FLOW, pkt.len());
-    count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    count(h.explain, stat::SERVICE_NEW_FLOW, pkt.len());
+    if trace::writes(h.explain, write::LB_STATS) {
+        count_lb(svc.rev_nat_index, chosen.id, pkt.len());
+    }
     Ok(NewFlowOutcome::Translated(addr, chosen.backend.port))
 }

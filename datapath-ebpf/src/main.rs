@@ -1,10 +1,13 @@
 //! Ferrite's eBPF datapath, as a stack read from the bottom up: checksum arithmetic
-//! (`csum`), maps and counters, packet access (`packet`), header parsing
-//! (`fragments`, `headers`), the monitor's events (`events`), rewrites (`nat`, `icmp`), state and decisions
+//! (`csum`), maps and counters, the explain runs' trace (`trace`), packet access
+//! (`packet`), header parsing (`fragments`, `headers`), the monitor's events
+//! (`events`), rewrites (`nat`, `icmp`), state and decisions
 //! (`conntrack`, `lb`, `routing`, `external`, `reply`), the verdict-to-return-code
 //! mapping (`action`), then one thin file per attach point (`from_pod`,
 //! `from_overlay`, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
 //! socket programs in `sock`). No module uses one above it; entries use no entry.
+//! The files of the programs `ferrite explain` runs also hold their never-attached
+//! explain copies (`ferrite_explain_*`: the same logic, see `trace`).
 #![no_std]
 #![no_main]
 
@@ -12,6 +15,7 @@
 mod csum;
 mod maps;
 mod stats;
+mod trace;
 // Packets and their headers.
 mod fragments;
 mod headers;

@@ -10,9 +10,9 @@ use aya_ebpf::{
 };
 use ferrite_common::{
     capacity, monitor, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    EndpointInfo, EndpointKey, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent,
-    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SockService, SourceRangeKey,
+    EndpointInfo, EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable,
+    MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SockService, SourceRangeKey,
 };
 
 #[btf_map(name = "ferrite_service")]
@@ -71,6 +71,10 @@ pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_R
 /// global table to fill or evict, gone with the socket).
 #[btf_map(name = "ferrite_sk_svc")]
 pub static SOCK_SERVICE: SkStorage<SockService> = SkStorage::new();
+
+/// What the last explain run on each CPU did (`trace`).
+#[btf_map(name = "ferrite_trace")]
+pub static TRACE: PerCpuArray<ExplainTrace, 1> = PerCpuArray::new();
 
 #[btf_map(name = "ferrite_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -7,7 +7,7 @@ use crate::{
     headers::{Headers, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
     maps::REV_NAT,
     packet::Packet,
-    stats::count,
+    trace::count,
 };
 
 /// Rewrite destination to `addr:port` (address raw network order, port host order).
@@ -41,7 +41,7 @@ pub fn reverse<P: Packet>(pkt: &P, h: &Headers, ct: &CtValue) -> Result<bool, ()
     if ct.flags & CT_FLAG_SNAT != 0 {
         dnat(pkt, h, u32::from_ne_bytes(ct.nat_address), ct.nat_port)?;
     }
-    count(stat::REVERSE_NAT, pkt.len());
+    count(h.explain, stat::REVERSE_NAT, pkt.len());
     Ok(true)
 }
 

@@ -75,6 +75,19 @@ pub trait Packet: EbpfContext {
     /// Whether this is a GSO packet (segments merged by GRO or a local sender).
     fn is_gso(&self) -> bool;
 
+    /// Whether this is an explain run's packet (`trace`): decide, write nothing. A
+    /// constant of the context type: the attached programs carry no explain code.
+    #[inline(always)]
+    fn explain(&self) -> bool {
+        false
+    }
+
+    /// Count an event (`stat` index) of this packet (an explain run only notes it).
+    #[inline(always)]
+    fn count(&self, index: u32) {
+        crate::trace::count(self.explain(), index, self.len());
+    }
+
     /// bpf_fib_lookup on this packet's context: the kernel's route and neighbour
     /// for `params` (BPF_FIB_LKUP_RET_* result).
     #[inline(always)]
@@ -318,5 +331,126 @@ impl Packet for XdpContext {
             updated = 0xffff; // 0 would mean "no checksum"
         }
         self.store(csum_offset, &updated)
+    }
+}
+
+/// The context of an explain run (`ferrite explain`, see `trace`): the same packet
+/// access as `C`'s, but [`Packet::explain`] is true, so the shared logic, compiled
+/// again for it, skips every write and notes it in the trace. Only the never-attached
+/// `ferrite_explain_*` programs use it.
+pub struct Explaining<C>(pub C);
+
+impl<C: EbpfContext> EbpfContext for Explaining<C> {
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        self.0.as_ptr()
+    }
+}
+
+/// The methods an explain run's context takes from its own context as they are.
+macro_rules! packet_access_of_the_context {
+    () => {
+        #[inline(always)]
+        fn data(&self) -> usize {
+            Packet::data(&self.0)
+        }
+
+        #[inline(always)]
+        fn data_end(&self) -> usize {
+            Packet::data_end(&self.0)
+        }
+
+        #[inline(always)]
+        fn len(&self) -> u32 {
+            Packet::len(&self.0)
+        }
+
+        #[inline(always)]
+        fn ifindex(&self) -> u32 {
+            Packet::ifindex(&self.0)
+        }
+
+        #[inline(always)]
+        fn pull(&self, len: u32) -> Result<(), ()> {
+            self.0.pull(len)
+        }
+
+        #[inline(always)]
+        fn replace_l4_csum(
+            &self,
+            csum_offset: usize,
+            from: u32,
+            to: u32,
+            size: u8,
+            pseudo: bool,
+            udp: bool,
+        ) -> Result<(), ()> {
+            self.0
+                .replace_l4_csum(csum_offset, from, to, size, pseudo, udp)
+        }
+
+        #[inline(always)]
+        fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()> {
+            self.0.set_tunnel(remote_ipv4, vni)
+        }
+
+        #[inline(always)]
+        fn truncate(&self, len: u32) -> Result<(), ()> {
+            self.0.truncate(len)
+        }
+
+        #[inline(always)]
+        fn is_gso(&self) -> bool {
+            self.0.is_gso()
+        }
+
+        #[inline(always)]
+        fn explain(&self) -> bool {
+            true
+        }
+    };
+}
+
+impl Explaining<TcContext> {
+    /// The run's word (`ferrite_common::explain`: magic and nonce): its skb mark.
+    #[inline(always)]
+    pub fn word(&self) -> u32 {
+        unsafe { (*self.0.skb.skb).mark }
+    }
+}
+
+impl Packet for Explaining<TcContext> {
+    packet_access_of_the_context!();
+
+    /// A test run has no tunnel metadata: the run brings the key its packet would
+    /// have arrived with in its control block (VNI, then the remote, host order).
+    #[inline(always)]
+    fn tunnel_key(&self) -> Result<TunnelKey, ()> {
+        let cb = unsafe { (*self.0.skb.skb).cb };
+        Ok(TunnelKey {
+            vni: cb[0],
+            remote_ipv4: cb[1],
+        })
+    }
+}
+
+impl Explaining<XdpContext> {
+    /// The run's word: the first word of its XDP metadata (0 without).
+    #[inline(always)]
+    pub fn word(&self) -> u32 {
+        let meta = self.0.metadata();
+        if meta + ferrite_common::explain::XDP_METADATA_LEN > XdpContext::data(&self.0) {
+            return 0;
+        }
+        unsafe { *(meta as *const u32) }
+    }
+}
+
+impl Packet for Explaining<XdpContext> {
+    packet_access_of_the_context!();
+
+    #[inline(always)]
+    fn tunnel_key(&self) -> Result<TunnelKey, ()> {
+        self.0.tunnel_key()
     }
 }

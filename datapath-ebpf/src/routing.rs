@@ -8,6 +8,7 @@ use core::ptr::NonNull;
 
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 use ferrite_common::{
+    explain::{step, write},
     stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_ROUTE_LOCAL, CT_ROUTE_REMOTE,
     CT_ROUTE_STACK, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
 };
@@ -17,7 +18,7 @@ use crate::{
     headers::{Headers, IP_OFF},
     maps::{route_key, CONFIG, ENDPOINTS, ROUTES},
     packet::{Packet, Verdict},
-    stats::count,
+    trace,
 };
 
 #[inline(always)]
@@ -88,7 +89,7 @@ pub fn is_host_address(addr: u32) -> bool {
 #[inline(always)]
 pub fn to_host<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     set_macs(pkt, &[0; 6], &[0; 6])?;
-    count(stat::PASSED_TO_STACK, pkt.len());
+    pkt.count(stat::PASSED_TO_STACK);
     Ok(Verdict::RedirectIngress(LOOPBACK_IFINDEX))
 }
 
@@ -108,6 +109,7 @@ pub fn flow_local_endpoint(
     entry: NonNull<CtValue>,
     epoch: u32,
     daddr: u32,
+    explain: bool,
 ) -> Option<EndpointInfo> {
     // SAFETY: a value of `ferrite_ct` found by this packet's lookup (see `route_flow`).
     let cached = unsafe { entry.as_ref() };
@@ -120,15 +122,18 @@ pub fn flow_local_endpoint(
         ep.host_mac.copy_from_slice(&cached.route_macs[6..]);
         return Some(ep);
     }
+    trace::step(explain, step::ROUTE_RESOLVED);
     let ep = local_endpoint(daddr)?;
-    cache_route(
-        entry,
-        epoch,
-        CT_ROUTE_LOCAL,
-        ep.ifindex,
-        &ep.pod_mac,
-        &ep.host_mac,
-    );
+    if trace::writes(explain, write::CT_CACHE) {
+        cache_route(
+            entry,
+            epoch,
+            CT_ROUTE_LOCAL,
+            ep.ifindex,
+            &ep.pod_mac,
+            &ep.host_mac,
+        );
+    }
     Some(ep)
 }
 
@@ -198,15 +203,15 @@ pub fn route_found<P: Packet>(
     dport: u16,
 ) -> Result<Verdict, ()> {
     if let Some(ep) = &found.endpoint {
-        count(stat::DELIVERED_LOCAL, pkt.len());
+        pkt.count(stat::DELIVERED_LOCAL);
         return deliver_local(pkt, ep);
     }
     let Some(route) = found.route else {
-        count(stat::PASSED_TO_STACK, pkt.len());
+        pkt.count(stat::PASSED_TO_STACK);
         return Ok(Verdict::Pass);
     };
     if goes_to_stack(route, daddr, dport) {
-        count(stat::PASSED_TO_STACK, pkt.len());
+        pkt.count(stat::PASSED_TO_STACK);
         return Ok(Verdict::Pass);
     }
     if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
@@ -242,7 +247,7 @@ fn to_node<P: Packet>(pkt: &P, node_ip: [u8; 4], vtep_mac: &[u8; 6]) -> Result<V
     // flow hash.
     set_macs(pkt, vtep_mac, &config.vtep_mac)?;
     pkt.set_tunnel(u32::from_be_bytes(node_ip), config.vni)?;
-    count(stat::SENT_TO_NODE, pkt.len());
+    pkt.count(stat::SENT_TO_NODE);
     Ok(Verdict::Redirect(config.vxlan_ifindex))
 }
 
@@ -312,6 +317,12 @@ pub fn route_flow<P: Packet>(
     let cached = entry.as_ptr();
     let valid = unsafe { (*cached).cache_epoch == epoch && (*cached).route_kind != 0 };
     if !valid {
+        // An explain run resolves as `route` does, which is what the cache holds.
+        let explain = pkt.explain();
+        trace::step(explain, step::ROUTE_RESOLVED);
+        if !trace::writes(explain, write::CT_CACHE) {
+            return route(pkt, daddr, dport);
+        }
         if let Err(reason) = resolve_into(entry, epoch, daddr, dport) {
             return Ok(Verdict::Drop(reason));
         }
@@ -319,7 +330,7 @@ pub fn route_flow<P: Packet>(
     let (kind, target) = unsafe { ((*cached).route_kind, (*cached).route_target) };
     match kind {
         CT_ROUTE_LOCAL => {
-            count(stat::DELIVERED_LOCAL, pkt.len());
+            pkt.count(stat::DELIVERED_LOCAL);
             const _: () = assert!(core::mem::offset_of!(CtValue, route_macs) % 4 == 0);
             // Aligned: a multiple of 4 into an 8-aligned value.
             let macs = unsafe { *((*cached).route_macs.as_ptr() as *const [u32; 3]) };
@@ -333,7 +344,7 @@ pub fn route_flow<P: Packet>(
             to_node(pkt, target.to_ne_bytes(), &vtep_mac)
         }
         _ => {
-            count(stat::PASSED_TO_STACK, pkt.len());
+            pkt.count(stat::PASSED_TO_STACK);
             Ok(Verdict::Pass)
         }
     }
@@ -347,7 +358,7 @@ const AF_INET: u8 = 2;
 /// address, which the stack would drop as a martian arriving from a pod.
 #[inline(always)]
 pub fn to_world<P: Packet>(pkt: &P, h: &Headers) -> Result<Verdict, ()> {
-    count(stat::EXTERNAL_REPLY, pkt.len());
+    pkt.count(stat::EXTERNAL_REPLY);
     fib_redirect(pkt, h)
 }
 

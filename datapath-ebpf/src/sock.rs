@@ -22,12 +22,14 @@
 //!   another backend when its backend leaves, which a socket rewritten at `connect()`
 //!   could not do without destroying it.
 use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
     EbpfContext,
 };
 use ferrite_common::{
+    explain::{self, step, verdict, write, SockRequest},
     monitor, program_names, stat, svc_flag, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
     SockService, AFFINITY_CLIENT_NETNS, PROTO_TCP, PROTO_UDP, ROUTE_NODE,
 };
@@ -36,7 +38,9 @@ use crate::{
     events::{self, FlowTarget, Seen, Tuple},
     lb::{self, Selection},
     maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT, SOCK_SERVICE},
+    packet::Packet,
     stats::{count, count_lb},
+    trace,
 };
 
 const AF_INET: u32 = 2;
@@ -118,6 +122,66 @@ fn frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
     (svc.flags & svc_flag::NODE_PORT != 0).then_some((key, *svc))
 }
 
+/// How a socket's backend is chosen: hashed over its cookie, affinity by its
+/// network namespace (`netns`: its cookie).
+#[inline(always)]
+fn selection(master: ServiceKey, cookie: u64, netns: u64, explain: bool) -> Selection {
+    Selection {
+        master,
+        hash: lb::mix(cookie as u32 ^ (cookie >> 32) as u32),
+        client_kind: AFFINITY_CLIENT_NETNS,
+        client: (netns as u32).to_ne_bytes(),
+        explain,
+    }
+}
+
+/// Never attached: what a connect or send of the `SockRequest` in the test packet
+/// would get, chosen as [`translate`] chooses, with nothing written: its trace in
+/// `ferrite_trace` (`ferrite explain --socket`). cgroup/sock_addr programs cannot be
+/// test-run.
+#[classifier]
+pub fn ferrite_explain_sock(ctx: TcContext) -> i32 {
+    let Ok(request) = Packet::load::<SockRequest>(&ctx, 0) else {
+        return TC_ACT_SHOT;
+    };
+    if !explain::is_explain(request.word) {
+        return TC_ACT_SHOT;
+    }
+    trace::begin(request.word);
+    let req = Request {
+        address: u32::from_ne_bytes(request.address),
+        port: request.port,
+        proto: request.proto,
+    };
+    let Some((master, svc)) = frontend(&req) else {
+        trace::record(true, |trace| trace.verdict = verdict::PASS);
+        return TC_ACT_OK;
+    };
+    trace::record(true, |trace| {
+        trace.steps |= step::FRONTEND;
+        trace.frontend = master;
+        trace.service = svc;
+    });
+    let selection = selection(master, request.cookie, request.netns_cookie, true);
+    let refused = lb::choose(&selection, &svc, false).is_none();
+    trace::record(true, |trace| {
+        if refused {
+            trace.verdict = verdict::DROP;
+            trace.drop_reason = stat::SOCK_REFUSED;
+            trace.counted |= 1 << stat::SOCK_REFUSED;
+        } else {
+            trace.verdict = verdict::PASS;
+            trace.counted |= 1 << stat::SOCK_TRANSLATED;
+            trace.skipped |= write::LB_STATS;
+        }
+    });
+    if refused {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
 /// Rewrite the call's address to a backend of the frontend it names.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
@@ -131,12 +195,7 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
     } else {
         0
     };
-    let selection = Selection {
-        master,
-        hash: lb::mix(cookie as u32 ^ (cookie >> 32) as u32),
-        client_kind: AFFINITY_CLIENT_NETNS,
-        client: (netns as u32).to_ne_bytes(),
-    };
+    let selection = selection(master, cookie, netns, false);
     let Some(chosen) = lb::choose(&selection, &svc, false) else {
         count(stat::SOCK_REFUSED, 0);
         events::refused(&seen(req), stat::SOCK_REFUSED, &req.tuple(ctx));

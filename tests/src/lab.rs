@@ -854,6 +854,30 @@ impl Node {
         )
     }
 
+    /// `ferrite explain --node <name> ARGS` run in the node's network namespace (as
+    /// an operator runs it, with nsenter): its output.
+    pub fn explain_text(&self, args: &[&str]) -> Result<String> {
+        let netns = format!("--net={}", self.netns.path().display());
+        let bin = ferrite_bin();
+        let mut all = vec![
+            netns.as_str(),
+            bin.to_str().context("path")?,
+            "explain",
+            "--node",
+            &self.name,
+        ];
+        all.extend_from_slice(args);
+        sh("nsenter", &all)
+    }
+
+    /// `ferrite explain --node <name> ARGS -o json` in the node's netns, parsed.
+    pub fn explain(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        let shown = self.explain_text(&all)?;
+        serde_json::from_str(&shown).with_context(|| format!("not JSON:\n{shown}"))
+    }
+
     /// `ferrite inspect <table> -o json` output for this node, parsed.
     pub fn inspect_json(&self, table: &str) -> Result<serde_json::Value> {
         let shown = sh(

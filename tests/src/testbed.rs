@@ -1,21 +1,26 @@
 //! The datapath object loaded without pinning, for BPF_PROG_TEST_RUN: fill its maps,
 //! feed it frames, read back the frame and the verdict.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
 };
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
-use ferrite_agent::plan::{maglev_digest, maglev_key};
+use ferrite_agent::{
+    explain::run::{skb_context, xdp_context, OneCpu, TcContext},
+    plan::{maglev_digest, maglev_key},
+};
 use ferrite_common::{
+    explain::{self, SockRequest},
     map_names, pod_mac_for, program_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, MaglevTable, MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
-    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    EndpointKey, ExplainTrace, MaglevTable, MonitorEvent, NodeConfig, RevNatValue, RouteInfo,
+    ServiceKey, ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -62,12 +67,20 @@ impl Testbed {
             program_names::FROM_HOST,
             program_names::NOOP,
             program_names::FLOOR,
+            program_names::EXPLAIN_POD,
+            program_names::EXPLAIN_OVERLAY,
+            program_names::EXPLAIN_UPLINK,
+            program_names::EXPLAIN_SOCK,
         ] {
             let program: &mut SchedClassifier =
                 ebpf.program_mut(name).context("program")?.try_into()?;
             program.load()?;
         }
-        for name in [program_names::FROM_WORLD, program_names::NOOP_XDP] {
+        for name in [
+            program_names::FROM_WORLD,
+            program_names::NOOP_XDP,
+            program_names::EXPLAIN_WORLD,
+        ] {
             let xdp: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
             xdp.load()?;
         }
@@ -224,6 +237,24 @@ impl Testbed {
         let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
         let master = services.get(&key, 0)?;
         services.insert(key, ServiceValue { flags, ..master }, 0)?;
+        Ok(())
+    }
+
+    /// Give a frontend written by `add_service` session affinity (`timeout_s`).
+    pub fn set_affinity(
+        &mut self,
+        frontend: SocketAddrV4,
+        protocol: u8,
+        timeout_s: u32,
+    ) -> Result<()> {
+        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
+        let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
+        let master = services.get(&key, 0)?;
+        let value = ServiceValue {
+            affinity_timeout_s: timeout_s,
+            ..master
+        };
+        services.insert(key, value, 0)?;
         Ok(())
     }
 
@@ -465,6 +496,176 @@ impl Testbed {
             }
         }
         Ok(out)
+    }
+}
+
+/// Explain runs (`ferrite explain`) of the testbed's programs: the caller's thread
+/// stays on one CPU, whose slot of `ferrite_trace` each run's trace is read from.
+pub struct Explainer<'a> {
+    bed: &'a Testbed,
+    cpu: OneCpu,
+}
+
+/// The mark of an explain run with `nonce`.
+pub fn explain_word(nonce: u16) -> u32 {
+    explain::MAGIC | nonce as u32
+}
+
+impl Testbed {
+    pub fn explainer(&self) -> Result<Explainer<'_>> {
+        Ok(Explainer {
+            bed: self,
+            cpu: OneCpu::pin()?,
+        })
+    }
+
+    /// The contents of every map of the datapath (bpftool's dump of each, by name),
+    /// but the explain runs' own trace and those that cannot be iterated: the
+    /// per-socket storage and the monitor's event ring (see `take_events`).
+    pub fn map_dumps(&self) -> Result<BTreeMap<String, String>> {
+        let mut dumps = BTreeMap::new();
+        for name in map_names::ALL {
+            if [map_names::TRACE, map_names::SOCK_SERVICE, map_names::EVENTS].contains(&name) {
+                continue;
+            }
+            let map = self.ebpf.map(name).with_context(|| format!("map {name}"))?;
+            let data = match map {
+                Map::HashMap(data)
+                | Map::LruHashMap(data)
+                | Map::PerCpuArray(data)
+                | Map::PerCpuLruHashMap(data)
+                | Map::PerCpuHashMap(data)
+                | Map::LpmTrie(data)
+                | Map::Array(data) => data,
+                _ => anyhow::bail!("{name}: no dump for this map type"),
+            };
+            let id = data.info()?.id();
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "dump", "id", &id.to_string(), "-j"])
+                .output()
+                .context("running bpftool")?;
+            anyhow::ensure!(out.status.success(), "bpftool dump of {name} failed");
+            dumps.insert(
+                name.to_string(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            );
+        }
+        Ok(dumps)
+    }
+}
+
+/// An explain run's verdict, frame and trace.
+pub struct Explained {
+    pub run: RunResult,
+    pub trace: ExplainTrace,
+}
+
+impl Explainer<'_> {
+    /// This CPU's slot of `ferrite_trace`.
+    pub fn trace(&self) -> Result<ExplainTrace> {
+        let map: PerCpuArray<&MapData, ExplainTrace> =
+            PerCpuArray::try_from(self.bed.ebpf.map(map_names::TRACE).context("trace")?)?;
+        Ok(map.get(&0, 0)?[self.cpu.cpu()])
+    }
+
+    /// Run the explain copy `name` of a TC program on `frame` as the explain run
+    /// `nonce`, arriving as `context` says (ifindex 1: the test run's own loopback).
+    pub fn tc(
+        &self,
+        name: &str,
+        frame: &[u8],
+        context: &TcContext,
+        nonce: u16,
+    ) -> Result<Explained> {
+        Ok(Explained {
+            run: self.tc_with_mark(name, frame, context, explain_word(nonce))?,
+            trace: self.trace()?,
+        })
+    }
+
+    /// Run the TC program `name` on `frame` with the skb mark `mark`.
+    pub fn tc_with_mark(
+        &self,
+        name: &str,
+        frame: &[u8],
+        context: &TcContext,
+        mark: u32,
+    ) -> Result<RunResult> {
+        let program: &SchedClassifier =
+            self.bed.ebpf.program(name).context("program")?.try_into()?;
+        let ctx = skb_context(mark, context);
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunResult {
+            verdict: result.return_value,
+            frame: out,
+        })
+    }
+
+    /// The from-pod program on `frame`, explained.
+    pub fn from_pod(&self, frame: &[u8], nonce: u16) -> Result<Explained> {
+        let context = TcContext {
+            ifindex: TEST_RUN_IFINDEX,
+            cb: [0; 5],
+        };
+        self.tc(program_names::EXPLAIN_POD, frame, &context, nonce)
+    }
+
+    /// The XDP program's explain copy on `frame` (its metadata stripped from the frame).
+    pub fn from_world(&self, frame: &[u8], nonce: u16) -> Result<Explained> {
+        let program: &Xdp = self
+            .bed
+            .ebpf
+            .program(program_names::EXPLAIN_WORLD)
+            .context("program")?
+            .try_into()?;
+        let meta_len = explain::XDP_METADATA_LEN;
+        let mut data = explain_word(nonce).to_ne_bytes().to_vec();
+        data.extend_from_slice(frame);
+        let ctx = xdp_context(meta_len, data.len(), 0);
+        let mut out = vec![0u8; data.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Explained {
+            run: RunResult {
+                verdict: result.return_value,
+                frame: out[meta_len..].to_vec(),
+            },
+            trace: self.trace()?,
+        })
+    }
+
+    /// The socket-level selection on `request`, explained (its word set from `nonce`).
+    pub fn socket(&self, request: SockRequest, nonce: u16) -> Result<Explained> {
+        let request = SockRequest {
+            word: explain_word(nonce),
+            ..request
+        };
+        // SAFETY: a #[repr(C)] value of integers without implicit padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&request as *const SockRequest).cast::<u8>(),
+                std::mem::size_of::<SockRequest>(),
+            )
+        };
+        let (run, _) = self
+            .bed
+            .run_program(program_names::EXPLAIN_SOCK, bytes, 1)?;
+        Ok(Explained {
+            run,
+            trace: self.trace()?,
+        })
     }
 }
 
