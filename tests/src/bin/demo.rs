@@ -145,6 +145,60 @@ fn in_cluster_paths(cluster: &Cluster, api_server: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
+/// The demo's last word: `ferrite explain` on one of its own flows. It picks a
+/// ClusterIP connection client-a made (its conntrack entry is still there, closing) and
+/// asks what the loaded datapath does with a packet of it now, then with a new one.
+fn explain_own_flow(cluster: &Cluster) -> Result<()> {
+    let client = cluster.pod("client-a");
+    let node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.pods.iter().any(|p| p.name == "client-a"))
+        .context("client-a's node")?;
+    let conntrack = node.inspect_json("conntrack")?;
+    let own = conntrack
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| {
+            row["direction"] == "forward"
+                && row["destination"] == TCP_FRONTEND.to_string()
+                && row["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{}:", client.ip)))
+        })
+        .and_then(|row| row["source"].as_str().map(String::from));
+    let to = format!("{TCP_FRONTEND}/tcp");
+    let flows: Vec<(String, String)> = match &own {
+        Some(source) => vec![
+            (
+                "client-a's own connection, still in conntrack".into(),
+                source.clone(),
+            ),
+            (
+                "a new connection from client-a".into(),
+                format!("{}:40000", client.ip),
+            ),
+        ],
+        None => vec![(
+            "a new connection from client-a".into(),
+            format!("{}:40000", client.ip),
+        )],
+    };
+    for (what, from) in flows {
+        println!(
+            "\n      ferrite explain --node {} --from {from} --to {to}   ({what}):",
+            node.name
+        );
+        let shown = node.explain_text(&["--from", &from, "--to", &to])?;
+        indent(&shown);
+        if !shown.contains("=> ") {
+            bail!("explain gave no verdict:\n{shown}");
+        }
+    }
+    Ok(())
+}
+
 fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-nodes.yaml");
     let config = config.canonicalize().context("examples/two-nodes.yaml")?;
@@ -336,9 +390,14 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
             println!("      {line}");
         }
     }
+    explain_own_flow(&cluster)?;
     println!(
         "\n      try: bpftool map dump pinned {}/ferrite_service",
         node.pin_dir().display()
+    );
+    println!(
+        "           ferrite monitor --node {} --type all   (drops and new flows as they happen)",
+        node.name
     );
     if keep {
         println!("\n--keep: the nodes stay up; press Ctrl-C to tear down");
