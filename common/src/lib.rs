@@ -615,7 +615,10 @@ pub mod stat {
     pub const CT_REOPENED: u32 = 31;
     /// A Service flow of the node's own processes balanced per packet (no socket LB).
     pub const HOST_SERVICE_FLOW: u32 = 32;
-    pub const COUNT: u32 = 33;
+    /// A monitor event that did not fit in `ferrite_events` (the agent reading behind):
+    /// lost, and counted here so a monitor's silence can be told from a quiet node.
+    pub const MONITOR_LOST: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "delivered_local",
@@ -651,6 +654,7 @@ pub mod stat {
         "sock_refused",
         "ct_reopened",
         "host_service_flow",
+        "monitor_lost",
     ];
 }
 

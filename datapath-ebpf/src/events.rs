@@ -3,12 +3,13 @@
 //! their kind, so with no monitor a drop or a new flow costs one array lookup more
 //! and builds nothing.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use ferrite_common::{monitor, MonitorEvent, PROTO_TCP, PROTO_UDP};
+use ferrite_common::{monitor, stat, MonitorEvent, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     headers::Headers,
     maps::{EVENTS, MONITOR},
     packet::Packet,
+    stats,
 };
 
 /// A packet's (or a socket call's) addresses, raw network order, and ports, host order.
@@ -148,8 +149,10 @@ fn tuple<P: Packet>(pkt: &P) -> Tuple {
 
 #[inline(always)]
 fn write(kind: u8, seen: &Seen, reason: u32, tuple: &Tuple, target: &FlowTarget) {
-    // A full ring (the agent behind) loses the event: the monitor is best effort.
+    // A full ring (the agent behind) loses the event: the monitor is best effort,
+    // but the loss is counted.
     let Some(mut entry) = EVENTS.reserve(0) else {
+        stats::count(stat::MONITOR_LOST, seen.len);
         return;
     };
     entry.write(MonitorEvent {

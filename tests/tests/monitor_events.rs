@@ -5,7 +5,7 @@
 //! nothing is written. Needs root.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferrite_common::{
     monitor, program_names, stat, svc_flag, MonitorEvent, PROTO_TCP, PROTO_UDP, ROUTE_LOCAL,
     ROUTE_REMOTE,
@@ -280,6 +280,41 @@ fn with_a_monitor_listening_every_drop_yields_one_event_with_its_reason_tuple_an
     reasons_seen.sort();
     reasons_seen.dedup();
     assert_eq!(reasons_seen.len(), 9, "distinct drop reasons covered");
+    Ok(())
+}
+
+/// A monitor reading too slowly (here: not at all) loses events once the ring is
+/// full; each lost one is counted, and every drop is still counted as a drop.
+#[test]
+fn events_that_do_not_fit_in_the_ring_are_counted_as_lost() -> Result<()> {
+    let mut bed = testbed()?;
+    bed.set_monitor(monitor::WANT_DROPS)?;
+    let spoofed = drop_cases()?
+        .into_iter()
+        .find(|c| c.reason == stat::DROP_SPOOFED)
+        .context("a spoofed-source case")?;
+    for frame in &spoofed.before {
+        spoofed.entry.run(&bed, frame)?;
+    }
+    bed.take_events()?;
+    // More drops than the ring has room for, none read until the end.
+    let sent: u64 = 2 * u64::from(ferrite_common::monitor::RING_BYTES)
+        / std::mem::size_of::<MonitorEvent>() as u64;
+    let drops_before = bed.counter(stat::DROP_SPOOFED)?;
+    let (out, _) = bed.run_program(spoofed.entry.program(), &spoofed.frame, sent as u32)?;
+    assert_eq!(out.verdict, spoofed.entry.dropped());
+    assert_eq!(bed.counter(stat::DROP_SPOOFED)? - drops_before, sent);
+    let delivered = bed.take_events()?.len() as u64;
+    let lost = bed.counter(stat::MONITOR_LOST)?;
+    assert!(
+        delivered > 0 && lost > 0,
+        "delivered {delivered}, lost {lost}"
+    );
+    assert_eq!(
+        delivered + lost,
+        sent,
+        "every event delivered or counted lost"
+    );
     Ok(())
 }
 
