@@ -398,6 +398,26 @@ impl Pod {
         self.netns.tcp_connect(to)
     }
 
+    /// A UDP socket in this pod bound to `address:port`, an address that is not the
+    /// pod's own (added to its eth0 first): what a pod spoofing its source sends with.
+    pub fn spoofing_socket(&self, address: Ipv4Addr, port: u16) -> Result<UdpSocket> {
+        sh(
+            "ip",
+            &[
+                "-n",
+                &self.netns.name,
+                "addr",
+                "add",
+                &format!("{address}/32"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        Ok(self
+            .netns
+            .run(move || UdpSocket::bind(SocketAddrV4::new(address, port)))??)
+    }
+
     /// One UDP request; returns the answer and the address it came from.
     pub fn udp_request(&self, to: SocketAddrV4, message: &str) -> Result<(String, SocketAddr)> {
         let socket = self.netns.run(|| UdpSocket::bind("0.0.0.0:0"))??;

@@ -253,22 +253,7 @@ fn a_pod_sending_from_an_ip_that_is_not_its_own_is_dropped_counted_and_logged() 
     let node = &cluster.node;
     let attacker = node.pod(CLIENTS[0].0);
     // Claim another pod's address on the attacker's eth0 and send from it.
-    let victim_ip = CLIENTS[1].1;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &attacker.netns.name,
-            "addr",
-            "add",
-            &format!("{victim_ip}/32"),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    let socket = attacker
-        .netns
-        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))??;
+    let socket = attacker.spoofing_socket(CLIENTS[1].1, 0)?;
     for _ in 0..3 {
         socket.send_to(b"spoofed", UDP_FRONTEND)?;
     }
@@ -306,38 +291,23 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
     let netns = format!("--net={}", node.netns.path().display());
     let config = node.config_path();
     let ferrite = ferrite_tests::lab::ferrite_bin();
-    let diff = || {
-        sh(
-            "nsenter",
-            &[
-                &netns,
-                ferrite.to_str().unwrap(),
-                "inspect",
-                "--node",
-                &node.name,
-                "diff",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-        )
+    // `ferrite inspect diff` as an operator runs it, with `extra` arguments.
+    let inspect_diff = |extra: &[&str]| {
+        let mut args = vec![
+            netns.as_str(),
+            ferrite.to_str().unwrap(),
+            "inspect",
+            "--node",
+            &node.name,
+            "diff",
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        sh("nsenter", &args)
     };
-    let diff_json = || {
-        sh(
-            "nsenter",
-            &[
-                &netns,
-                ferrite.to_str().unwrap(),
-                "inspect",
-                "--node",
-                &node.name,
-                "diff",
-                "--config",
-                config.to_str().unwrap(),
-                "-o",
-                "json",
-            ],
-        )
-    };
+    let diff = || inspect_diff(&[]);
+    let diff_json = || inspect_diff(&["-o", "json"]);
     assert!(diff()?.starts_with("no drift"), "{}", diff()?);
     assert_eq!(diff_json()?.trim(), "[]");
 

@@ -4,7 +4,7 @@
 //! changes nothing in the maps. Needs root; each test builds its own uniquely named
 //! node and removes it on every path.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
 
@@ -188,14 +188,7 @@ fn a_spoofed_source_is_explained_as_the_drop_a_real_one_gets() -> Result<()> {
 
     // For real: the pod sends from an address that is not its own.
     let before = counter(&node.maps()?, "drop_spoofed")?;
-    let netns = format!("--net={}", pod.netns.path().display());
-    sh(
-        "nsenter",
-        &[&netns, "ip", "addr", "add", "10.244.0.99/32", "dev", "eth0"],
-    )?;
-    let socket = pod
-        .netns
-        .run(move || UdpSocket::bind(SocketAddrV4::new(spoofed, 41002)))??;
+    let socket = pod.spoofing_socket(spoofed, 41002)?;
     socket.send_to(b"spoofed", UDP_FRONTEND)?;
     wait_until(
         "the spoofed datagram dropped",

@@ -9,7 +9,7 @@ use ferrite_agent::monitor::Line;
 use ferrite_common::monitor::{WANT_DROPS, WANT_FLOWS};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, UDP_FRONTEND},
-    lab::{answered_by, sh, wait_until, Node, Server, SETTLE},
+    lab::{answered_by, wait_until, Node, Server, SETTLE},
     monitor::{wanted_events, Monitor},
 };
 
@@ -36,21 +36,7 @@ fn two_monitors_at_once_both_see_a_spoofed_drop_and_the_datapath_stops_when_they
     // A pod claims another pod's address and sends from it.
     let attacker = node.pod(CLIENTS[0].0);
     let victim_ip = CLIENTS[1].1;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &attacker.netns.name,
-            "addr",
-            "add",
-            &format!("{victim_ip}/32"),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    let socket = attacker
-        .netns
-        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))??;
+    let socket = attacker.spoofing_socket(victim_ip, 0)?;
     let source_port = socket.local_addr()?.port();
     socket.send_to(b"spoofed", UDP_FRONTEND)?;
 
@@ -179,7 +165,7 @@ fn a_monitor_that_stops_reading_misses_events_is_told_how_many_and_holds_up_nobo
     let mut stalled = RawMonitor::connect(&node.name)?;
     assert!(matches!(stalled.next()?, Some(Line::Listening { .. })));
     let reading = Monitor::start(&node, &[], PATIENCE)?;
-    let socket = spoofing_socket(&node)?;
+    let socket = node.pod(CLIENTS[0].0).spoofing_socket(CLIENTS[1].1, 0)?;
     // More drops than the stalled monitor's queue and its socket's buffer hold.
     let burst = ferrite_agent::monitor::hub::QUEUE_LINES * 5;
     for _ in 0..burst {
@@ -245,28 +231,6 @@ fn a_monitor_that_stops_reading_misses_events_is_told_how_many_and_holds_up_nobo
 /// Attempts at a drop that may be lost (a full ring), each given RETRY.
 const ATTEMPTS: usize = 30;
 const RETRY: Duration = Duration::from_secs(1);
-
-/// A pod's UDP socket bound to another pod's address (added to its eth0).
-fn spoofing_socket(node: &Node) -> Result<std::net::UdpSocket> {
-    let attacker = node.pod(CLIENTS[0].0);
-    let victim_ip = CLIENTS[1].1;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &attacker.netns.name,
-            "addr",
-            "add",
-            &format!("{victim_ip}/32"),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    attacker
-        .netns
-        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(victim_ip, 0)))?
-        .map_err(Into::into)
-}
 
 /// A monitor speaking the agent's protocol directly, reading only when asked.
 struct RawMonitor {

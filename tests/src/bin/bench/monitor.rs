@@ -5,13 +5,12 @@
 //! the line from the monitor's stdout, minus the event's `time_ns` (the kernel's
 //! CLOCK_MONOTONIC when the datapath saw the packet): the ring, the agent's fan-out,
 //! its socket, the monitor's decoding and printing, the pipe.
-use std::{net::SocketAddrV4, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferrite_agent::monitor::Line;
 use ferrite_tests::{
     cluster::{self, CLIENTS, UDP_FRONTEND},
-    lab::sh,
     monitor::Monitor,
 };
 
@@ -38,24 +37,8 @@ pub fn bench() -> Result<()> {
         Monitor::start(&node, &[], PATIENCE)?,
         Monitor::start(&node, &[], PATIENCE)?,
     ];
-    let attacker = node.pod(CLIENTS[0].0);
     let spoofed = CLIENTS[1].1;
-    let address = format!("{spoofed}/32");
-    sh(
-        "ip",
-        &[
-            "-n",
-            &attacker.netns.name,
-            "addr",
-            "add",
-            &address,
-            "dev",
-            "eth0",
-        ],
-    )?;
-    let socket = attacker
-        .netns
-        .run(move || std::net::UdpSocket::bind(SocketAddrV4::new(spoofed, 0)))??;
+    let socket = node.pod(CLIENTS[0].0).spoofing_socket(spoofed, 0)?;
     let mut latencies: [Vec<u64>; 2] = Default::default();
     for i in 0..DROPS {
         let payload = format!("drop {i}");
