@@ -272,22 +272,10 @@ pub fn render_diff(writes: &[Op], output: Output) -> Result<String> {
 }
 
 fn op_action(op: &Op) -> &'static str {
-    match op {
-        Op::PutBackend(..)
-        | Op::PutRevNat(..)
-        | Op::PutService(..)
-        | Op::PutEndpoint(..)
-        | Op::PutConfig(_)
-        | Op::PutRoute(..)
-        | Op::PutMaglev(..)
-        | Op::PutSourceRange(_) => "write",
-        Op::DeleteRoute(_)
-        | Op::DeleteService(_)
-        | Op::DeleteRevNat(_)
-        | Op::DeleteBackend(_)
-        | Op::DeleteEndpoint(_)
-        | Op::DeleteMaglev(_)
-        | Op::DeleteSourceRange(_) => "remove",
+    if op.removes() {
+        "remove"
+    } else {
+        "write"
     }
 }
 

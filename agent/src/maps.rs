@@ -286,7 +286,7 @@ impl NodeMaps {
             match result {
                 // A delete of what is already gone (the CNI plugin removed it) is done.
                 Err(MapError::SyscallError(e))
-                    if is_delete(op) && e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                    if op.removes() && e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
                 other => other.with_context(|| describe_op(op))?,
             }
         }
@@ -364,20 +364,6 @@ fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
         packets: sum.packets + c.packets,
         bytes: sum.bytes + c.bytes,
     })
-}
-
-/// Whether `op` removes an entry (one already gone counts as done).
-fn is_delete(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::DeleteRoute(_)
-            | Op::DeleteService(_)
-            | Op::DeleteRevNat(_)
-            | Op::DeleteBackend(_)
-            | Op::DeleteEndpoint(_)
-            | Op::DeleteMaglev(_)
-            | Op::DeleteSourceRange(_)
-    )
 }
 
 /// What `op` does, for errors and logs.

@@ -898,6 +898,26 @@ impl Node {
         serde_json::from_str(&shown).with_context(|| format!("not JSON:\n{shown}"))
     }
 
+    /// `ferrite inspect diff` against this node's config file, run in its network
+    /// namespace as an operator runs it, with `extra` arguments (e.g. `-o json`).
+    pub fn inspect_diff(&self, extra: &[&str]) -> Result<String> {
+        let netns = format!("--net={}", self.netns.path().display());
+        let bin = ferrite_bin();
+        let config = self.config_path();
+        let mut args = vec![
+            netns.as_str(),
+            bin.to_str().context("path")?,
+            "inspect",
+            "--node",
+            &self.name,
+            "diff",
+            "--config",
+            config.to_str().context("path")?,
+        ];
+        args.extend_from_slice(extra);
+        sh("nsenter", &args)
+    }
+
     /// `ferrite inspect <table> -o json` output for this node, parsed.
     pub fn inspect_json(&self, table: &str) -> Result<serde_json::Value> {
         let shown = sh(

@@ -288,26 +288,8 @@ fn a_pod_sending_from_an_ip_that_is_not_its_own_is_dropped_counted_and_logged() 
 fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> Result<()> {
     let cluster = example_cluster()?;
     let node = &cluster.node;
-    let netns = format!("--net={}", node.netns.path().display());
-    let config = node.config_path();
-    let ferrite = ferrite_tests::lab::ferrite_bin();
-    // `ferrite inspect diff` as an operator runs it, with `extra` arguments.
-    let inspect_diff = |extra: &[&str]| {
-        let mut args = vec![
-            netns.as_str(),
-            ferrite.to_str().unwrap(),
-            "inspect",
-            "--node",
-            &node.name,
-            "diff",
-            "--config",
-            config.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        sh("nsenter", &args)
-    };
-    let diff = || inspect_diff(&[]);
-    let diff_json = || inspect_diff(&["-o", "json"]);
+    let diff = || node.inspect_diff(&[]);
+    let diff_json = || node.inspect_diff(&["-o", "json"]);
     assert!(diff()?.starts_with("no drift"), "{}", diff()?);
     assert_eq!(diff_json()?.trim(), "[]");
 
@@ -474,20 +456,7 @@ fn a_full_services_map_refuses_the_new_service_loudly_and_keeps_the_others() -> 
     assert!(!maps.services.keys().any(|k| k.address == extra.octets()));
     // `inspect diff` plans for the maps as they were created: no drift (with the
     // default capacity it would want to write the refused Service).
-    let ferrite = ferrite_tests::lab::ferrite_bin();
-    let diff = sh(
-        "nsenter",
-        &[
-            &format!("--net={}", node.netns.path().display()),
-            ferrite.to_str().unwrap(),
-            "inspect",
-            "--node",
-            &node.name,
-            "diff",
-            "--config",
-            node.config_path().to_str().unwrap(),
-        ],
-    )?;
+    let diff = node.inspect_diff(&[])?;
     assert!(diff.starts_with("no drift"), "{diff}");
     // The example still answers, and still follows changes.
     let client = node.pod(CLIENTS[0].0);

@@ -95,6 +95,22 @@ pub enum Op {
     DeleteSourceRange(SourceRange),
 }
 
+impl Op {
+    /// Whether this op removes an entry (rather than writing one).
+    pub fn removes(&self) -> bool {
+        matches!(
+            self,
+            Op::DeleteRoute(_)
+                | Op::DeleteService(_)
+                | Op::DeleteRevNat(_)
+                | Op::DeleteBackend(_)
+                | Op::DeleteEndpoint(_)
+                | Op::DeleteMaglev(_)
+                | Op::DeleteSourceRange(_)
+        )
+    }
+}
+
 /// The map an op writes.
 pub fn op_map(op: &Op) -> &'static str {
     use ferrite_common::map_names;
