@@ -12,50 +12,48 @@ use core::net::Ipv4Addr;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// Defines the map name constants, `ALL`, and `map_name!` (the same names as string
+/// literals, for the datapath's map attributes, which take no constant).
+macro_rules! define_map_names {
+    ($($(#[$doc:meta])* $constant:ident = $name:literal,)*) => {
+        $($(#[$doc])* pub const $constant: &str = $name;)*
+        pub const ALL: [&str; [$($name),*].len()] = [$($constant),*];
+
+        /// A name of [`map_names`](crate::map_names) as a string literal, for
+        /// attributes: `map_name!(SERVICES)` is `"ferrite_service"`.
+        #[macro_export]
+        macro_rules! map_name {
+            $(($constant) => { $name };)*
+        }
+    };
+}
+
 /// Map names. Kernel object names are limited to 15 characters, so these are
 /// exactly what `bpftool map list` shows; they are also the pin file names.
 pub mod map_names {
-    pub const SERVICES: &str = "ferrite_service";
-    pub const BACKENDS: &str = "ferrite_backend";
-    pub const REV_NAT: &str = "ferrite_rev_nat";
-    pub const ENDPOINTS: &str = "ferrite_endpnt";
-    pub const CONNTRACK: &str = "ferrite_ct";
-    pub const STATS: &str = "ferrite_stats";
-    pub const CONFIG: &str = "ferrite_config";
-    pub const ROUTES: &str = "ferrite_routes";
-    pub const LB_STATS: &str = "ferrite_lbstats";
-    pub const MAGLEV: &str = "ferrite_maglev";
-    pub const AFFINITY: &str = "ferrite_affin";
-    pub const SOURCE_RANGES: &str = "ferrite_srcrng";
-    pub const FRAGMENTS: &str = "ferrite_frags";
-    pub const SOCK_REV_NAT: &str = "ferrite_sockrev";
-    pub const SOCK_SERVICE: &str = "ferrite_sk_svc";
-    /// Ring buffer of [`MonitorEvent`](crate::MonitorEvent)s for `ferrite monitor`.
-    pub const EVENTS: &str = "ferrite_events";
-    /// Which events listeners want now (`monitor::WANT_*`), set by the agent.
-    pub const MONITOR: &str = "ferrite_monitor";
-    /// What the last explain run on each CPU did (`ferrite explain`).
-    pub const TRACE: &str = "ferrite_trace";
-    pub const ALL: [&str; 18] = [
-        SERVICES,
-        BACKENDS,
-        REV_NAT,
-        ENDPOINTS,
-        CONNTRACK,
-        STATS,
-        CONFIG,
-        ROUTES,
-        LB_STATS,
-        MAGLEV,
-        AFFINITY,
-        SOURCE_RANGES,
-        FRAGMENTS,
-        SOCK_REV_NAT,
-        SOCK_SERVICE,
-        EVENTS,
-        MONITOR,
-        TRACE,
-    ];
+    define_map_names! {
+        SERVICES = "ferrite_service",
+        BACKENDS = "ferrite_backend",
+        REV_NAT = "ferrite_rev_nat",
+        ENDPOINTS = "ferrite_endpnt",
+        CONNTRACK = "ferrite_ct",
+        STATS = "ferrite_stats",
+        CONFIG = "ferrite_config",
+        ROUTES = "ferrite_routes",
+        LB_STATS = "ferrite_lbstats",
+        MAGLEV = "ferrite_maglev",
+        AFFINITY = "ferrite_affin",
+        SOURCE_RANGES = "ferrite_srcrng",
+        FRAGMENTS = "ferrite_frags",
+        SOCK_REV_NAT = "ferrite_sockrev",
+        SOCK_SERVICE = "ferrite_sk_svc",
+        /// Ring buffer of [`MonitorEvent`](crate::MonitorEvent)s for `ferrite monitor`.
+        EVENTS = "ferrite_events",
+        /// Which events listeners want now (`monitor::WANT_*`), set by the agent.
+        MONITOR = "ferrite_monitor",
+        /// What the last explain run on each CPU did (`ferrite explain`).
+        TRACE = "ferrite_trace",
+    }
     /// Maps without a capacity of their own: per-CPU counters, the one config entry,
     /// per-socket storage (as many entries as sockets), the event ring (a size in
     /// bytes, fixed at build time), the monitor's one entry and the explain runs'
