@@ -52,27 +52,14 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
-    /// The capacity of map `name`: the configured one, else the default.
+    /// The capacity of map `name`: the configured one, else the default (0: a map
+    /// without a capacity of its own).
     pub fn capacity(&self, name: &str) -> u32 {
-        use ferrite_common::{capacity, map_names};
-        if let Some(configured) = self.map_capacities.get(name) {
-            return *configured;
-        }
-        match name {
-            map_names::SERVICES => capacity::SERVICES,
-            map_names::BACKENDS => capacity::BACKENDS,
-            map_names::REV_NAT => capacity::REV_NAT,
-            map_names::ENDPOINTS => capacity::ENDPOINTS,
-            map_names::CONNTRACK => capacity::CONNTRACK,
-            map_names::ROUTES => capacity::ROUTES,
-            map_names::LB_STATS => capacity::LB_STATS,
-            map_names::MAGLEV => capacity::MAGLEV,
-            map_names::AFFINITY => capacity::AFFINITY,
-            map_names::SOURCE_RANGES => capacity::SOURCE_RANGES,
-            map_names::FRAGMENTS => capacity::FRAGMENTS,
-            map_names::SOCK_REV_NAT => capacity::SOCK_REV_NAT,
-            _ => 0,
-        }
+        self.map_capacities
+            .get(name)
+            .copied()
+            .or_else(|| ferrite_common::capacity::default_for(name))
+            .unwrap_or(0)
     }
 }
 
@@ -178,11 +165,7 @@ impl NodeAgent {
                 uplink_xdp: options.uplink_xdp,
                 external_in_tc: false,
                 limits: options.limits.clone(),
-                capacities: plan::Capacities {
-                    services: options.capacity(ferrite_common::map_names::SERVICES) as usize,
-                    backends: options.capacity(ferrite_common::map_names::BACKENDS) as usize,
-                    rev_nat: options.capacity(ferrite_common::map_names::REV_NAT) as usize,
-                },
+                capacities: plan::Capacities::of(|name| options.capacity(name) as usize),
             },
             telemetry,
             parts: NodeParts {

@@ -299,11 +299,12 @@ fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
     let (name, entries) = value
         .split_once('=')
         .ok_or("expected MAP=ENTRIES, e.g. ferrite_service=524288")?;
-    use ferrite_common::map_names;
-    if !map_names::ALL.contains(&name) || map_names::UNSIZED.contains(&name) {
+    use ferrite_common::capacity;
+    if capacity::default_for(name).is_none() {
+        let sized: Vec<&str> = capacity::DEFAULTS.iter().map(|(map, _)| *map).collect();
         return Err(format!(
             "{name:?} is not a sized map (maps: {})",
-            map_names::ALL.join(", ")
+            sized.join(", ")
         ));
     }
     let entries: u32 = entries

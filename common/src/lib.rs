@@ -54,11 +54,6 @@ pub mod map_names {
         /// What the last explain run on each CPU did (`ferrite explain`).
         TRACE = "ferrite_trace",
     }
-    /// Maps without a capacity of their own: per-CPU counters, the one config entry,
-    /// per-socket storage (as many entries as sockets), the event ring (a size in
-    /// bytes, fixed at build time), the monitor's one entry and the explain runs'
-    /// per-CPU trace.
-    pub const UNSIZED: [&str; 6] = [STATS, CONFIG, SOCK_SERVICE, EVENTS, MONITOR, TRACE];
 }
 
 /// Program names in the object file.
@@ -148,6 +143,36 @@ pub mod capacity {
     /// Backend -> Service address of sockets the socket-level load balancer
     /// translated (LRU; read by recvmsg4/getpeername4).
     pub const SOCK_REV_NAT: u32 = 65_536;
+
+    use crate::map_names;
+    /// The default capacity of each sized map, by name: what the datapath declares and
+    /// what `--map-capacity` may change. Maps not here have no capacity of their own:
+    /// per-CPU counters, the one config entry, per-socket storage (as many entries as
+    /// sockets), the event ring (a size in bytes, fixed at build time), the monitor's
+    /// one entry and the explain runs' per-CPU trace.
+    pub const DEFAULTS: [(&str, u32); 12] = [
+        (map_names::SERVICES, SERVICES),
+        (map_names::BACKENDS, BACKENDS),
+        (map_names::REV_NAT, REV_NAT),
+        (map_names::ENDPOINTS, ENDPOINTS),
+        (map_names::CONNTRACK, CONNTRACK),
+        (map_names::ROUTES, ROUTES),
+        (map_names::LB_STATS, LB_STATS),
+        (map_names::MAGLEV, MAGLEV),
+        (map_names::AFFINITY, AFFINITY),
+        (map_names::SOURCE_RANGES, SOURCE_RANGES),
+        (map_names::FRAGMENTS, FRAGMENTS),
+        (map_names::SOCK_REV_NAT, SOCK_REV_NAT),
+    ];
+
+    /// The default capacity of map `name`; `None` for a map without a capacity of its
+    /// own (or no map of the datapath).
+    pub fn default_for(name: &str) -> Option<u32> {
+        DEFAULTS
+            .iter()
+            .find(|(sized, _)| *sized == name)
+            .map(|(_, entries)| *entries)
+    }
 }
 
 /// Entries of a Maglev table (prime; Cilium's default). Fixed at build time: it is
@@ -707,6 +732,26 @@ mod tests {
         for name in map_names::ALL {
             assert!(name.len() <= 15 && name.starts_with("ferrite_"), "{name}");
         }
+    }
+
+    #[test]
+    fn every_default_capacity_names_one_map_once() {
+        for (index, (name, _)) in capacity::DEFAULTS.iter().enumerate() {
+            assert!(map_names::ALL.contains(name), "{name}");
+            assert_eq!(
+                capacity::default_for(name),
+                Some(capacity::DEFAULTS[index].1)
+            );
+            assert!(
+                !capacity::DEFAULTS[..index].iter().any(|(n, _)| n == name),
+                "{name} twice"
+            );
+        }
+        assert_eq!(capacity::default_for(map_names::STATS), None);
+        assert_eq!(
+            capacity::default_for(map_names::SERVICES),
+            Some(capacity::SERVICES)
+        );
     }
 
     #[test]

@@ -65,14 +65,21 @@ pub struct Capacities {
     pub rev_nat: usize,
 }
 
+impl Capacities {
+    /// The capacities `entries_of` gives the Service maps (by map name).
+    pub fn of(entries_of: impl Fn(&str) -> usize) -> Self {
+        use ferrite_common::map_names;
+        Self {
+            services: entries_of(map_names::SERVICES),
+            backends: entries_of(map_names::BACKENDS),
+            rev_nat: entries_of(map_names::REV_NAT),
+        }
+    }
+}
+
 impl Default for Capacities {
     fn default() -> Self {
-        use ferrite_common::capacity;
-        Self {
-            services: capacity::SERVICES as usize,
-            backends: capacity::BACKENDS as usize,
-            rev_nat: capacity::REV_NAT as usize,
-        }
+        Self::of(|name| ferrite_common::capacity::default_for(name).unwrap_or(0) as usize)
     }
 }
 
