@@ -81,19 +81,25 @@ fn entries<K: aya::Pod + Ord, V: aya::Pod>(
 
 impl NodeMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
+        Self::from_maps(|name| open(pin_dir, name))
+    }
+
+    /// The maps `map` opens by name: pinned ones, or those of an object loaded
+    /// without pinning (the packet test bed writes through the agent's writer too).
+    pub fn from_maps(mut map: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
-            services: open(pin_dir, map_names::SERVICES)?.try_into()?,
-            backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
-            rev_nat: open(pin_dir, map_names::REV_NAT)?.try_into()?,
-            endpoints: open(pin_dir, map_names::ENDPOINTS)?.try_into()?,
-            conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
-            stats: open(pin_dir, map_names::STATS)?.try_into()?,
-            routes: open(pin_dir, map_names::ROUTES)?.try_into()?,
-            config: open(pin_dir, map_names::CONFIG)?.try_into()?,
-            lb_stats: open(pin_dir, map_names::LB_STATS)?.try_into()?,
-            maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
-            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
-            source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
+            services: map(map_names::SERVICES)?.try_into()?,
+            backends: map(map_names::BACKENDS)?.try_into()?,
+            rev_nat: map(map_names::REV_NAT)?.try_into()?,
+            endpoints: map(map_names::ENDPOINTS)?.try_into()?,
+            conntrack: map(map_names::CONNTRACK)?.try_into()?,
+            stats: map(map_names::STATS)?.try_into()?,
+            routes: map(map_names::ROUTES)?.try_into()?,
+            config: map(map_names::CONFIG)?.try_into()?,
+            lb_stats: map(map_names::LB_STATS)?.try_into()?,
+            maglev: map(map_names::MAGLEV)?.try_into()?,
+            affinity: map(map_names::AFFINITY)?.try_into()?,
+            source_ranges: map(map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 

@@ -14,13 +14,18 @@ use aya::{
 };
 use ferrite_agent::{
     explain::run::{skb_context, xdp_context, OneCpu, TcContext},
-    plan::{maglev_digest, maglev_key},
+    maps::NodeMaps,
+    model::{L4Addr, Protocol},
+    plan::{
+        self, backend_value, maglev_digest, rev_nat_value, FrontendEntries, MapContents, Op,
+        SourceRange,
+    },
 };
 use ferrite_common::{
     explain::{self, SockRequest},
-    map_names, pod_mac_for, program_names, stat, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, ExplainTrace, MaglevTable, MonitorEvent, NodeConfig, RevNatValue, RouteInfo,
-    ServiceKey, ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    map_names, pod_mac_for, program_names, stat, Counter, CtKey, CtValue, EndpointInfo,
+    EndpointKey, ExplainTrace, MaglevTable, MonitorEvent, NodeConfig, RouteInfo, ServiceKey,
+    ServiceValue,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -36,6 +41,9 @@ pub const TEST_RUN_IFINDEX: u32 = 1;
 
 pub struct Testbed {
     pub ebpf: Ebpf,
+    /// The same maps, opened as the agent opens a node's: the Service entries are
+    /// written through its map writer, laid out by its plan.
+    maps: NodeMaps,
 }
 
 pub struct RunResult {
@@ -84,7 +92,26 @@ impl Testbed {
             let xdp: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
             xdp.load()?;
         }
-        Ok(Self { ebpf })
+        let maps = NodeMaps::from_maps(|name| {
+            let map = ebpf.map(name).with_context(|| format!("map {name}"))?;
+            let id = map_data(name, map)?.info()?.id();
+            Ok(Map::from_map_data(MapData::from_id(id)?)?)
+        })?;
+        Ok(Self { ebpf, maps })
+    }
+
+    /// Write `entries` (Service entries only: a plan's endpoints or routes would bump
+    /// the route epoch of a default config) as the agent writes a plan: its ops, in
+    /// its order.
+    fn write_service_entries(&mut self, entries: &MapContents) -> Result<()> {
+        self.maps
+            .apply(&plan::diff(&MapContents::default(), entries))
+    }
+
+    /// The master entry of a frontend written before.
+    fn master(&self, frontend: SocketAddrV4, protocol: u8) -> Result<(ServiceKey, ServiceValue)> {
+        let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
+        Ok((key, self.maps.services.get(&key, 0)?))
     }
 
     fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -133,28 +160,23 @@ impl Testbed {
         first_backend_id: u32,
         backends: &[SocketAddrV4],
     ) -> Result<()> {
+        let mut entries = MapContents::default();
         let mut ids = Vec::new();
-        for (i, b) in backends.iter().enumerate() {
+        for (i, backend) in backends.iter().enumerate() {
             let id = first_backend_id + i as u32;
-            self.add_backend(id, *b, protocol)?;
+            entries
+                .backends
+                .insert(id, backend_value(&l4_addr(*backend, protocol)?));
             ids.push(id);
         }
-        self.add_frontend(frontend, protocol, rev_nat_index, &ids)
+        frontend_entries(&mut entries, frontend, protocol, rev_nat_index, &ids)?;
+        self.write_service_entries(&entries)
     }
 
     /// A `ferrite_backend` entry.
     pub fn add_backend(&mut self, id: u32, backend: SocketAddrV4, protocol: u8) -> Result<()> {
-        self.hash_map::<u32, Backend>(map_names::BACKENDS)?.insert(
-            id,
-            Backend {
-                address: backend.ip().octets(),
-                port: backend.port(),
-                proto: protocol,
-                flags: 0,
-            },
-            0,
-        )?;
-        Ok(())
+        let value = backend_value(&l4_addr(backend, protocol)?);
+        self.maps.apply(&[Op::PutBackend(id, value)])
     }
 
     /// A Service frontend over backends already written (`add_backend`): its rev-NAT
@@ -166,39 +188,9 @@ impl Testbed {
         rev_nat_index: u16,
         backend_ids: &[u32],
     ) -> Result<()> {
-        self.hash_map::<u16, RevNatValue>(map_names::REV_NAT)?
-            .insert(
-                rev_nat_index,
-                RevNatValue {
-                    address: frontend.ip().octets(),
-                    port: frontend.port(),
-                    _pad: 0,
-                },
-                0,
-            )?;
-        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        let key = |slot| ServiceKey::new(*frontend.ip(), frontend.port(), protocol, slot);
-        for (i, id) in backend_ids.iter().enumerate() {
-            services.insert(
-                key(i as u16 + 1),
-                ServiceValue {
-                    backend_id: *id,
-                    ..Default::default()
-                },
-                0,
-            )?;
-        }
-        services.insert(
-            key(0),
-            ServiceValue {
-                backend_id: 0,
-                count: backend_ids.len() as u16,
-                rev_nat_index,
-                ..Default::default()
-            },
-            0,
-        )?;
-        Ok(())
+        let mut entries = MapContents::default();
+        frontend_entries(&mut entries, frontend, protocol, rev_nat_index, backend_ids)?;
+        self.write_service_entries(&entries)
     }
 
     /// Change this node's `ferrite_config` entry.
@@ -233,11 +225,9 @@ impl Testbed {
         protocol: u8,
         flags: u32,
     ) -> Result<()> {
-        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
-        let master = services.get(&key, 0)?;
-        services.insert(key, ServiceValue { flags, ..master }, 0)?;
-        Ok(())
+        let (key, master) = self.master(frontend, protocol)?;
+        self.maps
+            .apply(&[Op::PutService(key, ServiceValue { flags, ..master })])
     }
 
     /// Give a frontend written by `add_service` session affinity (`timeout_s`).
@@ -247,15 +237,12 @@ impl Testbed {
         protocol: u8,
         timeout_s: u32,
     ) -> Result<()> {
-        let mut services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        let key = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
-        let master = services.get(&key, 0)?;
+        let (key, master) = self.master(frontend, protocol)?;
         let value = ServiceValue {
             affinity_timeout_s: timeout_s,
             ..master
         };
-        services.insert(key, value, 0)?;
-        Ok(())
+        self.maps.apply(&[Op::PutService(key, value)])
     }
 
     /// Allow `network/prefix_len` to reach `frontend` (loadBalancerSourceRanges).
@@ -266,21 +253,12 @@ impl Testbed {
         network: Ipv4Addr,
         prefix_len: u32,
     ) -> Result<()> {
-        let mut ranges: LpmTrie<&mut MapData, SourceRangeKey, u8> = LpmTrie::try_from(
-            self.ebpf
-                .map_mut(map_names::SOURCE_RANGES)
-                .context("source ranges")?,
-        )?;
-        let key = SourceRangeKey {
+        let range = SourceRange {
             frontend: ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0),
             network: network.octets(),
+            prefix_len,
         };
-        ranges.insert(
-            &Key::new(SOURCE_RANGE_FRONTEND_BITS + prefix_len, key),
-            1,
-            0,
-        )?;
-        Ok(())
+        self.maps.apply(&[Op::PutSourceRange(range)])
     }
 
     /// A `ferrite_routes` entry: `network/prefix_len` belongs to the node `node_ip`
@@ -324,39 +302,20 @@ impl Testbed {
     }
 
     /// The Maglev table of an external frontend written by `add_service`, built from
-    /// its slots as the agent builds it.
+    /// its slots by the agent's map writer.
     pub fn add_maglev(&mut self, frontend: SocketAddrV4, protocol: u8) -> Result<()> {
-        let master = ServiceKey::new(*frontend.ip(), frontend.port(), protocol, 0);
+        let (key, master) = self.master(frontend, protocol)?;
         let mut backends = Vec::new();
-        {
-            let services = self.hash_map::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-            let count = services.get(&master, 0)?.count;
-            let ids: Vec<u32> = (1..=count)
-                .map(|slot| {
-                    let key = ServiceKey {
-                        backend_slot: slot,
-                        ..master
-                    };
-                    services.get(&key, 0).map(|v| v.backend_id)
-                })
-                .collect::<Result<_, _>>()?;
-            let backend_map = self.hash_map::<u32, Backend>(map_names::BACKENDS)?;
-            for id in ids {
-                backends.push(backend_map.get(&id, 0)?);
-            }
+        for slot in 1..=master.count {
+            let slot_key = ServiceKey {
+                backend_slot: slot,
+                ..key
+            };
+            let id = self.maps.services.get(&slot_key, 0)?.backend_id;
+            backends.push(self.maps.backends.get(&id, 0)?);
         }
-        let keys: Vec<[u8; 6]> = backends.iter().map(maglev_key).collect();
-        let owners = ferrite_agent::maglev::table(&keys, MAGLEV_TABLE_SIZE)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut table = Box::new(MaglevTable {
-            digest: maglev_digest(backends.iter().copied()),
-            backend_slots: [0; MAGLEV_TABLE_SIZE],
-            _pad: [0; 3],
-        });
-        for (entry, owner) in table.backend_slots.iter_mut().zip(owners) {
-            *entry = owner as u16 + 1;
-        }
-        self.set_maglev_table(frontend, protocol, &table)
+        let digest = maglev_digest(backends.into_iter());
+        self.maps.apply(&[Op::PutMaglev(key, master.count, digest)])
     }
 
     /// Write `table` as the Maglev table of the frontend (entry i: the backend slot
@@ -529,17 +488,7 @@ impl Testbed {
                 continue;
             }
             let map = self.ebpf.map(name).with_context(|| format!("map {name}"))?;
-            let data = match map {
-                Map::HashMap(data)
-                | Map::LruHashMap(data)
-                | Map::PerCpuArray(data)
-                | Map::PerCpuLruHashMap(data)
-                | Map::PerCpuHashMap(data)
-                | Map::LpmTrie(data)
-                | Map::Array(data) => data,
-                _ => anyhow::bail!("{name}: no dump for this map type"),
-            };
-            let id = data.info()?.id();
+            let id = map_data(name, map)?.info()?.id();
             let out = std::process::Command::new("bpftool")
                 .args(["map", "dump", "id", &id.to_string(), "-j"])
                 .output()
@@ -666,6 +615,52 @@ impl Explainer<'_> {
             run,
             trace: self.trace()?,
         })
+    }
+}
+
+/// Put a frontend's rev-NAT entry and `ferrite_service` entries into `out`, laid out
+/// as the agent's plan lays them out: every backend ready, no flags.
+fn frontend_entries(
+    out: &mut MapContents,
+    frontend: SocketAddrV4,
+    protocol: u8,
+    rev_nat_index: u16,
+    backend_ids: &[u32],
+) -> Result<()> {
+    let frontend = l4_addr(frontend, protocol)?;
+    out.rev_nat.insert(rev_nat_index, rev_nat_value(&frontend));
+    FrontendEntries {
+        frontend,
+        rev_nat_index,
+        backend_ids,
+        ready: u16::try_from(backend_ids.len())?,
+        flags: 0,
+        affinity_timeout_s: 0,
+    }
+    .write_into(out);
+    Ok(())
+}
+
+fn l4_addr(addr: SocketAddrV4, protocol: u8) -> Result<L4Addr> {
+    Ok(L4Addr {
+        ip: *addr.ip(),
+        port: addr.port(),
+        protocol: Protocol::from_number(protocol)
+            .with_context(|| format!("protocol {protocol} of {addr}"))?,
+    })
+}
+
+/// The data of a map of a kind the test bed reads or writes.
+fn map_data<'m>(name: &str, map: &'m Map) -> Result<&'m MapData> {
+    match map {
+        Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuLruHashMap(data)
+        | Map::PerCpuHashMap(data)
+        | Map::LpmTrie(data)
+        | Map::Array(data) => Ok(data),
+        _ => anyhow::bail!("{name}: not a map kind the test bed handles"),
     }
 }
 

@@ -126,8 +126,61 @@ pub fn op_map(op: &Op) -> &'static str {
     }
 }
 
+/// The `ferrite_service` entries of one frontend, its ids chosen: the plan writes
+/// each Service port through this, the packet test bed too, so the two cannot lay
+/// them out differently. Its rev-NAT entry is `rev_nat_value(frontend)` under
+/// `rev_nat_index`, written apart (a plan writes one per frontend address).
+#[derive(Clone, Copy, Debug)]
+pub struct FrontendEntries<'a> {
+    pub frontend: L4Addr,
+    pub rev_nat_index: u16,
+    /// The backend id of each slot from slot 1: the ready backends, then the
+    /// terminating ones (no new flow picks them, but their flows name them).
+    pub backend_ids: &'a [u32],
+    /// How many of `backend_ids` are ready: new flows pick slots `1..=ready`.
+    pub ready: u16,
+    /// `svc_flag` bits.
+    pub flags: u32,
+    /// Session affinity (0: none).
+    pub affinity_timeout_s: u32,
+}
+
+impl FrontendEntries<'_> {
+    /// The key of the frontend's master entry (slot 0).
+    pub fn master(&self) -> ServiceKey {
+        let frontend = &self.frontend;
+        ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0)
+    }
+
+    /// Put the slots and the master entry into `out`.
+    pub fn write_into(&self, out: &mut MapContents) {
+        let master = self.master();
+        for (index, id) in self.backend_ids.iter().enumerate() {
+            let slot = ServiceKey {
+                backend_slot: u16::try_from(index + 1).expect("slots are bounded"),
+                ..master
+            };
+            let value = ServiceValue {
+                backend_id: *id,
+                ..ServiceValue::default()
+            };
+            out.services.insert(slot, value);
+        }
+        out.services.insert(
+            master,
+            ServiceValue {
+                backend_id: 0,
+                count: self.ready,
+                rev_nat_index: self.rev_nat_index,
+                flags: self.flags,
+                affinity_timeout_s: self.affinity_timeout_s,
+            },
+        );
+    }
+}
+
 /// The `ferrite_backend` value of a backend address.
-pub(super) fn backend_value(addr: &L4Addr) -> Backend {
+pub fn backend_value(addr: &L4Addr) -> Backend {
     Backend {
         address: addr.ip.octets(),
         port: addr.port,
@@ -137,7 +190,7 @@ pub(super) fn backend_value(addr: &L4Addr) -> Backend {
 }
 
 /// The `ferrite_rev_nat` value of a frontend: what replies are rewritten to.
-pub(super) fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
+pub fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
     RevNatValue {
         address: frontend.ip.octets(),
         port: frontend.port,

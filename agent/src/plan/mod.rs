@@ -21,7 +21,8 @@ mod update;
 pub use desired::{desired_contents, desired_contents_keeping_ids};
 pub use diff::{diff, drift, ended_pairs, removed_backends};
 pub use image::{
-    describe_service_key, maglev_digest, maglev_key, op_map, MapContents, Op, RouteKey, SourceRange,
+    backend_value, describe_service_key, maglev_digest, maglev_key, op_map, rev_nat_value,
+    FrontendEntries, MapContents, Op, RouteKey, SourceRange,
 };
 pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
 pub use update::{service_update, Written};

@@ -2,12 +2,12 @@
 //! Maglev tables and source ranges), shared by the full and the incremental plan.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrite_common::{svc_flag, Backend, RevNatValue, ServiceKey, ServiceValue};
+use ferrite_common::{svc_flag, Backend, RevNatValue, ServiceKey};
 
 use super::{
     ids::{Budget, ExistingIds, IdAllocator},
     image::{backend_value, rev_nat_value},
-    maglev_digest, MapContents, SourceRange,
+    maglev_digest, FrontendEntries, MapContents, SourceRange,
 };
 use crate::model::{FrontendKind, L4Addr, ServiceFrontend, SkipReason, Skipped};
 
@@ -117,7 +117,15 @@ pub(super) fn service_contents<'s>(
         if slots.len() != slot_count {
             continue;
         }
-        let master = key(0);
+        let entries = FrontendEntries {
+            frontend: *frontend,
+            rev_nat_index,
+            backend_ids: &slots,
+            ready: u16::try_from(service.backends.len()).expect("bounded above"),
+            flags: service_flags(service),
+            affinity_timeout_s: service.affinity_timeout_s,
+        };
+        let master = entries.master();
         if service.kind.is_external() && !service.backends.is_empty() {
             let digest = maglev_digest(service.backends.iter().map(backend_value));
             out.maglev.insert(master, digest);
@@ -129,25 +137,7 @@ pub(super) fn service_contents<'s>(
                 prefix_len: range.prefix_len() as u32,
             });
         }
-        for (slot, id) in slots.iter().enumerate() {
-            out.services.insert(
-                key(u16::try_from(slot + 1).expect("bounded above")),
-                ServiceValue {
-                    backend_id: *id,
-                    ..ServiceValue::default()
-                },
-            );
-        }
-        out.services.insert(
-            master,
-            ServiceValue {
-                backend_id: 0,
-                count: u16::try_from(service.backends.len()).expect("bounded above"),
-                rev_nat_index,
-                flags: service_flags(service),
-                affinity_timeout_s: service.affinity_timeout_s,
-            },
-        );
+        entries.write_into(out);
     }
     for (value, id) in backend_id_of {
         out.backends.insert(id, value);

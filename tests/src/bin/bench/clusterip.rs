@@ -27,7 +27,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use ferrite_common::{Backend, ServiceKey, ServiceValue, PROTO_TCP};
+use ferrite_agent::{
+    model::{L4Addr, Protocol},
+    plan::{self, FrontendEntries, MapContents},
+};
+use ferrite_common::{ServiceKey, PROTO_TCP};
 use ferrite_tests::lab::{pod_ip, sh, wait_until, Netns, Node, Probe};
 
 use crate::{iptables_restore, kube_proxy_endpoints, median};
@@ -249,37 +253,31 @@ fn measured_yaml(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
     )
 }
 
-/// Filler Services `0..count` but `measured`, written into the pinned maps.
+/// Filler Services `0..count` but `measured`, written into the pinned maps as the
+/// agent lays them out (no rev-NAT entry: no reply of theirs is ever translated).
 fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
-    let mut maps = node.maps()?;
+    let mut entries = MapContents::default();
+    let tcp = |ip, port| L4Addr {
+        ip,
+        port,
+        protocol: Protocol::Tcp,
+    };
     for index in (0..count).filter(|i| *i != measured) {
-        let ip = service_ip(index);
         let id = 1_000_000 + index;
-        maps.backends.insert(
-            id,
-            Backend {
-                address: filler_backend(index).octets(),
-                port: HTTP_PORT,
-                proto: PROTO_TCP,
-                flags: 0,
-            },
-            0,
-        )?;
-        let slot = ServiceValue {
-            backend_id: id,
-            ..ServiceValue::default()
-        };
-        maps.services
-            .insert(ServiceKey::new(ip, 80, PROTO_TCP, 1), slot, 0)?;
-        let master = ServiceValue {
-            count: 1,
+        let backend = tcp(filler_backend(index), HTTP_PORT);
+        entries.backends.insert(id, plan::backend_value(&backend));
+        FrontendEntries {
+            frontend: tcp(service_ip(index), 80),
             rev_nat_index: u16::MAX,
-            ..ServiceValue::default()
-        };
-        maps.services
-            .insert(ServiceKey::new(ip, 80, PROTO_TCP, 0), master, 0)?;
+            backend_ids: &[id],
+            ready: 1,
+            flags: 0,
+            affinity_timeout_s: 0,
+        }
+        .write_into(&mut entries);
     }
-    Ok(())
+    let ops = plan::diff(&MapContents::default(), &entries);
+    node.maps()?.apply(&ops)
 }
 
 /// kube-proxy's iptables layout for `count` Services, the measured one among them.
