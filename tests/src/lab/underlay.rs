@@ -1,0 +1,88 @@
+//! The node network and the lab's address plan.
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use anyhow::Result;
+
+use super::{basics::run_ip, require_root, unique, Netns};
+
+/// The node network: a bridge in a namespace of its own; nodes, the world and
+/// non-Ferrite hosts plug into it with a veth called `ul0`.
+pub struct Underlay {
+    pub netns: Netns,
+    ports: AtomicUsize,
+}
+
+pub const UNDERLAY_PREFIX: &str = "198.51.100";
+/// A host "outside the cluster", reached through the node's default route.
+pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The lab's Service CIDR (Kubernetes' default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+impl Underlay {
+    pub fn new() -> Result<Self> {
+        Self::named(&unique("ul"))
+    }
+
+    pub fn named(name: &str) -> Result<Self> {
+        require_root()?;
+        let netns = Netns::new(name)?;
+        run_ip(&["-n", &netns.name, "link", "add", "br0", "type", "bridge"])?;
+        run_ip(&["-n", &netns.name, "link", "set", "br0", "up"])?;
+        Ok(Self {
+            netns,
+            ports: AtomicUsize::new(0),
+        })
+    }
+
+    /// Plug `netns` in as `ul0` with `address`/24.
+    pub fn plug(&self, netns: &Netns, address: Ipv4Addr) -> Result<()> {
+        let port = format!("p{}", self.ports.fetch_add(1, Ordering::Relaxed));
+        let ul = self.netns.name.as_str();
+        run_ip(&[
+            "-n",
+            ul,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &netns.name,
+        ])?;
+        run_ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+        run_ip(&[
+            "-n",
+            &netns.name,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        run_ip(&["-n", &netns.name, "link", "set", "ul0", "up"])
+    }
+}
+
+/// Node `index`'s underlay address and pod CIDR (10.244.<index>.0/24).
+pub fn node_ip(index: usize) -> Ipv4Addr {
+    format!("{UNDERLAY_PREFIX}.{}", index + 1).parse().unwrap()
+}
+
+pub fn pod_ip(node: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node as u8, pod as u8 + 2)
+}
+
+/// The v1 Node object of a node.
+pub fn node_yaml(name: &str, ip: Ipv4Addr, pod_cidr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {pod_cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+    )
+}
