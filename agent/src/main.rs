@@ -555,3 +555,26 @@ fn main() -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capacity_is_taken_for_sized_maps_only() {
+        assert_eq!(
+            parse_map_capacity("ferrite_service=524288"),
+            Ok(("ferrite_service".to_string(), 524_288))
+        );
+        for refused in [
+            "ferrite_stats=10",
+            "ferrite_config=10",
+            "ferrite_nomap=10",
+            "ferrite_service=0",
+            "ferrite_service=many",
+            "ferrite_service",
+        ] {
+            assert!(parse_map_capacity(refused).is_err(), "{refused}");
+        }
+    }
+}
