@@ -130,7 +130,17 @@ pub struct NodeParts {
 
 impl NodeAgent {
     /// Load/attach the datapath (reusing what is pinned) and prepare the node.
-    pub fn start(options: &AgentOptions) -> Result<Self> {
+    /// The agent's metrics, for the sources to report into before the agent starts.
+    pub fn telemetry(options: &AgentOptions) -> Arc<Telemetry> {
+        let capacities = ferrite_common::map_names::ALL
+            .iter()
+            .map(|name| (name.to_string(), options.capacity(name)))
+            .collect();
+        Telemetry::new(datapath::pin_dir(&options.node), capacities)
+    }
+
+    /// Load the datapath and prepare the node; `telemetry` from [`Self::telemetry`].
+    pub fn start(options: &AgentOptions, telemetry: Arc<Telemetry>) -> Result<Self> {
         let pin_dir = datapath::pin_dir(&options.node);
         let datapath = Datapath::load(
             &options.object,
@@ -151,11 +161,6 @@ impl NodeAgent {
         if let Some(cidr) = options.cluster_cidr {
             hostnet::install_rules(cidr, options.vxlan_port)?;
         }
-        let capacities = ferrite_common::map_names::ALL
-            .iter()
-            .map(|name| (name.to_string(), options.capacity(name)))
-            .collect();
-        let telemetry = Telemetry::new(pin_dir.clone(), capacities);
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             settings: plan::NodeSettings {

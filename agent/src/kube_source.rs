@@ -49,11 +49,14 @@ pub struct KubeSource {
     runtime: tokio::runtime::Runtime,
     stores: Stores,
     changed: Arc<Changed>,
+    /// Whether every initial list is in (the first snapshot waits for them).
+    listed: bool,
 }
 
 impl KubeSource {
-    /// Start the watches for the agent of `node`; returns once every initial list is
-    /// in (the first snapshot is the whole cluster).
+    /// Start the watches for the agent of `node` and return at once: the lists run
+    /// while the caller does other work (the datapath loads meanwhile), and the first
+    /// snapshot or event waits for them, so it is the whole cluster.
     pub fn start(node: &str, telemetry: Arc<Telemetry>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -61,17 +64,28 @@ impl KubeSource {
             .build()?;
         let changed = Arc::new(Changed::default());
         let stores = runtime.block_on(start_watches(node, &changed, &telemetry))?;
-        info!("initial lists complete");
         Ok(Self {
             runtime,
             stores,
             changed,
+            listed: false,
         })
+    }
+
+    /// Wait until every initial list is in (once).
+    fn wait_for_lists(&mut self) -> Result<()> {
+        if !self.listed {
+            self.runtime.block_on(self.stores.wait_until_ready())?;
+            self.listed = true;
+            info!("initial lists complete");
+        }
+        Ok(())
     }
 }
 
 impl Source for KubeSource {
     fn next_event(&mut self, deadline: Instant) -> Result<Option<SourceEvent>> {
+        self.wait_for_lists()?;
         loop {
             // What arrives after the deadline goes into the full sync that is due.
             if Instant::now() >= deadline {
@@ -94,6 +108,7 @@ impl Source for KubeSource {
     }
 
     fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        self.wait_for_lists()?;
         // Whatever is pending is in this snapshot.
         let pending = self.changed.take();
         Ok(Some(self.stores.snapshot(pending.oldest)))
@@ -109,6 +124,21 @@ struct Stores {
 }
 
 impl Stores {
+    async fn wait_until_ready(&self) -> Result<()> {
+        for (ready, resource) in [
+            (self.services.wait_until_ready().await, "services"),
+            (
+                self.endpoint_slices.wait_until_ready().await,
+                "endpointslices",
+            ),
+            (self.nodes.wait_until_ready().await, "nodes"),
+            (self.pods.wait_until_ready().await, "pods"),
+        ] {
+            ready.with_context(|| format!("the {resource} watch ended"))?;
+        }
+        Ok(())
+    }
+
     /// The event `pending` changes make: everything, or only the Services they name
     /// (with their objects as the stores hold them now); `None` for no change.
     fn event_for(&self, pending: Pending, changed: &Changed) -> Option<SourceEvent> {
@@ -165,8 +195,8 @@ impl Stores {
     }
 }
 
-/// Watch every Service, EndpointSlice and Node, and the Pods of `node`; returns once
-/// the initial lists are in.
+/// Watch every Service, EndpointSlice and Node, and the Pods of `node` (the stores
+/// fill as the lists come in).
 async fn start_watches(
     node: &str,
     changed: &Arc<Changed>,
@@ -199,14 +229,6 @@ async fn start_watches(
         this_node,
         Watched::new("pods", changed, telemetry, |_| None),
     );
-    for (store_ready, resource) in [
-        (services.wait_until_ready().await, "services"),
-        (endpoint_slices.wait_until_ready().await, "endpointslices"),
-        (nodes.wait_until_ready().await, "nodes"),
-        (pods.wait_until_ready().await, "pods"),
-    ] {
-        store_ready.with_context(|| format!("the {resource} watch ended"))?;
-    }
     Ok(Stores {
         services,
         endpoint_slices,
@@ -702,6 +724,8 @@ mod tests {
                 .unwrap(),
             stores,
             changed: watches.changed.clone(),
+            // The tests feed the stores themselves, initial lists included.
+            listed: true,
         };
         (source, watches)
     }

@@ -9,6 +9,7 @@
 //! wire a source, the driver and the node.
 //! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
+pub mod bpf_syscall;
 pub mod cni;
 pub mod conntrack_gc;
 pub mod datapath;

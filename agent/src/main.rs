@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
-    driver::Driver,
+    driver::{Driver, Source},
     explain, hostnet, inspect, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
@@ -392,10 +392,23 @@ fn run_agent(
 ) -> Result<()> {
     use_one_malloc_arena();
     let exit_signals = block_exit_signals()?;
-    let node = agent::NodeAgent::start(options)?;
-    // Before any other thread exists: capabilities are per thread.
-    drop_capabilities()?;
-    let telemetry = node.telemetry.clone();
+    let telemetry = agent::NodeAgent::telemetry(options);
+    // The datapath loads (verifier time) while the source lists the cluster (API
+    // round trips and parsing): the first sync needs both.
+    let (node, source) = std::thread::scope(|scope| {
+        // Capabilities are per thread: the loading thread keeps them all and ends with
+        // the load; every thread started after the drop below inherits the few kept.
+        let loading = std::thread::Builder::new()
+            .name("load".into())
+            .spawn_scoped(scope, || {
+                agent::NodeAgent::start(options, telemetry.clone())
+            })?;
+        let source = drop_capabilities().and_then(|()| start_source(options, config, &telemetry));
+        let node = loading
+            .join()
+            .map_err(|_| anyhow::anyhow!("loading the datapath panicked"))??;
+        anyhow::Ok((node, source?))
+    })?;
     let hub = std::sync::Arc::new(MonitorHub::start(
         &options.node,
         &datapath::pin_dir(&options.node),
@@ -403,15 +416,30 @@ fn run_agent(
     )?);
     clear_monitor_on_exit(exit_signals, hub.clone())?;
     telemetry::serve(http_addr, telemetry.clone())?;
-    let driver = Driver::new(node, resync);
-    let stopped = match config {
-        Some(path) => source::FileSource::new(&path, FILE_POLL, telemetry)
-            .and_then(|mut source| driver.run(&mut source)),
-        None => kube_source::KubeSource::start(&options.node, telemetry)
-            .and_then(|mut source| driver.run(&mut source)),
-    };
+    let mut source = source;
+    let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();
     stopped
+}
+
+/// The agent's source of cluster objects: the file, else the Kubernetes API (which
+/// returns once the initial lists are in).
+fn start_source(
+    options: &agent::AgentOptions,
+    config: Option<PathBuf>,
+    telemetry: &std::sync::Arc<telemetry::Telemetry>,
+) -> Result<Box<dyn Source>> {
+    Ok(match config {
+        Some(path) => Box::new(source::FileSource::new(
+            &path,
+            FILE_POLL,
+            telemetry.clone(),
+        )?),
+        None => Box::new(kube_source::KubeSource::start(
+            &options.node,
+            telemetry.clone(),
+        )?),
+    })
 }
 
 fn main() -> Result<()> {

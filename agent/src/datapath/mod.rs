@@ -27,7 +27,7 @@ use aya_log::EbpfLogger;
 use ferrite_common::{map_names, program_names, VXLAN_DEVICE};
 use tracing::{info, warn};
 
-use crate::{files::create_private_dir, plan::Interface};
+use crate::{bpf_syscall::bpf, files::create_private_dir, plan::Interface};
 
 mod host;
 pub use host::{
@@ -467,7 +467,7 @@ fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
     }
     const BPF_OBJ_GET: nix::libc::c_long = 7;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjGetAttr {
+    let mut attr = ObjGetAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
@@ -475,30 +475,9 @@ fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
         _pad: 0,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives it.
-    let fd = unsafe { bpf(BPF_OBJ_GET, &attr) }.context("BPF_OBJ_GET")?;
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }.context("BPF_OBJ_GET")?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The bpf(2) syscall with command `cmd` on `attr` (a prefix of `union bpf_attr`).
-///
-/// # Safety
-/// `attr` must be the layout the kernel expects for `cmd`, without implicit padding,
-/// and every pointer in it valid for the call.
-unsafe fn bpf<T>(cmd: nix::libc::c_long, attr: &T) -> std::io::Result<nix::libc::c_long> {
-    // SAFETY: upheld by the caller.
-    let ret = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ret)
 }
 
 /// BPF_LINK_UPDATE: run `program` in the link, in place (same link, no gap).
@@ -511,14 +490,14 @@ fn link_update(link: BorrowedFd, program: BorrowedFd) -> Result<()> {
         old_prog_fd: u32,
     }
     const BPF_LINK_UPDATE: nix::libc::c_long = 29;
-    let attr = LinkUpdateAttr {
+    let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: program.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_LINK_UPDATE.
-    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.context("BPF_LINK_UPDATE")?;
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.context("BPF_LINK_UPDATE")?;
     Ok(())
 }
 

@@ -1,0 +1,86 @@
+//! The bpf(2) commands aya 0.14 does not offer: BPF_OBJ_GET of any pinned object,
+//! BPF_LINK_UPDATE (users in `datapath`) and BPF_MAP_UPDATE_BATCH, which writes many
+//! entries of one map in one call: a first sync of 10,000 Services is 220,000
+//! entries, and a syscall each was most of its write time.
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// The bpf(2) syscall with command `cmd` on `attr` (a prefix of `union bpf_attr`).
+///
+/// # Safety
+/// `attr` must be the layout the kernel expects for `cmd`, without implicit padding,
+/// and every pointer in it valid for the call. The kernel may write fields of `attr`
+/// back (hence `&mut`).
+pub(crate) unsafe fn bpf<T>(
+    cmd: nix::libc::c_long,
+    attr: &mut T,
+) -> std::io::Result<nix::libc::c_long> {
+    // SAFETY: upheld by the caller.
+    let ret = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
+/// Why a batch stopped: how many of its entries were written, and the error of the
+/// next one.
+#[derive(Debug)]
+pub struct BatchError {
+    pub written: usize,
+    pub error: std::io::Error,
+}
+
+/// BPF_MAP_UPDATE_BATCH of `keys[i] -> values[i]` (BPF_ANY) into the map `map`,
+/// in order. `K` and `V` must be the map's key and value types (their sizes are the
+/// map's key and value sizes: slices of them are the packed arrays the kernel reads).
+/// The kernel stops at the first entry it cannot write and says how many it wrote.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchError> {
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(keys.len()).expect("batch fits in u32"),
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the batch member of bpf_attr (no implicit padding: 8-byte
+    // fields then two u32 then 8-byte fields); both arrays hold `count` packed
+    // elements of the map's key and value sizes and outlive the call.
+    match unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
+        Ok(_) => Ok(()),
+        // The kernel writes back how many entries it wrote.
+        Err(error) => Err(BatchError {
+            written: attr.count as usize,
+            error,
+        }),
+    }
+}
