@@ -289,16 +289,30 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
     });
     if !watch {
         let st = state.lock().unwrap();
-        let items: Vec<&str> = st
-            .objects
-            .iter()
-            .filter(|((k, _, _), (o, _))| k == kind && matches(&node_filter, o))
-            .map(|(_, (_, text))| text.as_str())
-            .collect();
+        // Pages as the API server gives them: `limit` items, then a `continue` token
+        // (here: the namespace/name after which the next page starts).
+        let limit: usize = params
+            .get("limit")
+            .and_then(|v| v.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let after = params.get("continue").and_then(|c| c.split_once('/'));
+        let mut matching = st.objects.iter().filter(|((k, ns, name), (o, _))| {
+            k == kind
+                && matches(&node_filter, o)
+                && after.is_none_or(|(a_ns, a_name)| (ns.as_str(), name.as_str()) > (a_ns, a_name))
+        });
+        let page: Vec<_> = matching.by_ref().take(limit).collect();
+        let more = matching.next().is_some();
+        let items: Vec<&str> = page.iter().map(|(_, (_, text))| text.as_str()).collect();
+        let mut metadata = json!({"resourceVersion": st.resource_version.to_string()});
+        if let (true, Some(((_, ns, name), _))) = (more, page.last()) {
+            metadata["continue"] = json!(format!("{ns}/{name}"));
+        }
         let head = json!({
             "kind": format!("{kind}List"),
             "apiVersion": "v1",
-            "metadata": {"resourceVersion": st.resource_version.to_string()},
+            "metadata": metadata,
         })
         .to_string();
         let body = format!(
