@@ -8,12 +8,12 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
+mod control_plane;
 mod datapath;
 mod insitu;
 mod monitor;
 
 use anyhow::Result;
-use ferrite_common::PROTO_TCP;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -35,7 +35,10 @@ fn main() -> Result<()> {
         overlay_bench()?;
     }
     if run("control-plane") {
-        control_plane_bench()?;
+        control_plane::bench(&control_plane::TEN_THOUSAND)?;
+    }
+    if run("control-plane-large") {
+        control_plane::bench(&control_plane::LARGEST)?;
     }
     if run("nodeport") {
         nodeport_bench()?;
@@ -114,62 +117,6 @@ fn overlay_bench() -> Result<()> {
     Ok(())
 }
 
-const CP_SERVICES: u32 = 10_000;
-const CP_ENDPOINTS: u32 = 10;
-const CP_CHANGES: usize = 100;
-
-fn cp_vip(service: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + service)
-}
-
-fn cp_endpoint(service: u32, endpoint: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + service * CP_ENDPOINTS + endpoint)
-}
-
-fn cp_objects(service: u32, endpoints: &[Ipv4Addr]) -> (serde_json::Value, serde_json::Value) {
-    use serde_json::json;
-    let name = format!("svc-{service}");
-    let svc = json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "bench"},
-        "spec": {"clusterIP": cp_vip(service).to_string(),
-                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}});
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-1"), "namespace": "bench",
-                     "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": endpoints.iter().map(|ip| json!({"addresses": [ip.to_string()],
-            "conditions": {"ready": true}})).collect::<Vec<_>>()});
-    (svc, slice)
-}
-
-/// kube-proxy's iptables layout for the same Services (KUBE-SERVICES -> KUBE-SVC-*
-/// with statistic probabilities -> KUBE-SEP-* DNAT), as one iptables-restore input.
-fn kube_proxy_rules(services: u32) -> String {
-    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
-    let mut rules = String::new();
-    for s in 0..services {
-        let svc = format!("KUBE-SVC-{s:012}");
-        chains.push_str(&format!(":{svc} - [0:0]\n"));
-        rules.push_str(&format!(
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j {svc}\n",
-            cp_vip(s)
-        ));
-        let endpoints: Vec<SocketAddrV4> = (0..CP_ENDPOINTS)
-            .map(|e| SocketAddrV4::new(cp_endpoint(s, e), 8080))
-            .collect();
-        kube_proxy_endpoints(
-            &svc,
-            &format!("{s:06}"),
-            6,
-            &endpoints,
-            &mut chains,
-            &mut rules,
-        );
-    }
-    format!("{chains}{rules}COMMIT\n")
-}
-
 /// A KUBE-SVC chain's endpoints as kube-proxy writes them: one KUBE-SEP chain each
 /// (`KUBE-SEP-<id><index, index_width digits>`), picked with statistic probabilities
 /// 1/n, 1/(n-1), ... so each is equally likely, and a DNAT in each.
@@ -220,141 +167,6 @@ fn iptables_restore(
     child.stdin.take().unwrap().write_all(input.as_bytes())?;
     anyhow::ensure!(child.wait()?.success(), "iptables-restore failed");
     Ok(start.elapsed())
-}
-
-/// 10,000 Services x 10 endpoints from the fake API server into the maps, next to
-/// kube-proxy's iptables-restore of the same set.
-fn control_plane_bench() -> Result<()> {
-    use ferrite_tests::{
-        fake_apiserver::FakeApiServer,
-        lab::{node_yaml, wait_until, Node},
-    };
-    use std::time::{Duration, Instant};
-    let mut node = Node::new("cp")?;
-    let api = FakeApiServer::start(&node.netns)?;
-    api.apply_yaml(&node_yaml(
-        &node.name,
-        "198.51.100.1".parse()?,
-        "10.244.0.0/24",
-    ))?;
-    for s in 0..CP_SERVICES {
-        let endpoints: Vec<_> = (0..CP_ENDPOINTS).map(|e| cp_endpoint(s, e)).collect();
-        let (svc, slice) = cp_objects(s, &endpoints);
-        api.apply(svc);
-        api.apply(slice);
-    }
-    let kubeconfig = node.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    let start = Instant::now();
-    node.start_agent_kube(&kubeconfig)?;
-    let maps_ready = || {
-        node.maps()
-            .ok()
-            .and_then(|m| {
-                m.services
-                    .get(
-                        &ferrite_common::ServiceKey::new(cp_vip(CP_SERVICES - 1), 80, PROTO_TCP, 0),
-                        0,
-                    )
-                    .ok()
-            })
-            .is_some()
-    };
-    wait_until("the first full sync", Duration::from_secs(120), maps_ready)?;
-    let first_sync = start.elapsed();
-    let pid = node.agent.as_ref().map(|a| a.pid()).unwrap_or(0);
-
-    // Single EndpointSlice changes: the newest endpoint sorts last, so it lands in
-    // the Service's last backend slot.
-    let maps = node.maps()?;
-    let mut latencies = Vec::new();
-    for i in 0..CP_CHANGES {
-        let service = (i as u32 * 97) % CP_SERVICES;
-        let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 131, 0, 0)) + i as u32);
-        let mut endpoints: Vec<_> = (1..CP_ENDPOINTS).map(|e| cp_endpoint(service, e)).collect();
-        endpoints.push(fresh);
-        let (_, slice) = cp_objects(service, &endpoints);
-        let slot =
-            ferrite_common::ServiceKey::new(cp_vip(service), 80, PROTO_TCP, CP_ENDPOINTS as u16);
-        let changed = Instant::now();
-        api.apply(slice);
-        loop {
-            let landed = maps
-                .services
-                .get(&slot, 0)
-                .ok()
-                .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
-                .is_some_and(|b| b.address == fresh.octets());
-            if landed {
-                break;
-            }
-            anyhow::ensure!(
-                changed.elapsed() < Duration::from_secs(30),
-                "change {i} never reached the map"
-            );
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        latencies.push(changed.elapsed().as_secs_f64() * 1000.0);
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let status_kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let (rss_kib, anon_kib, file_kib) = (
-        status_kib("VmRSS:"),
-        status_kib("RssAnon:"),
-        status_kib("RssFile:"),
-    );
-    drop(maps);
-    drop(api);
-    drop(node);
-
-    // kube-proxy's side: the full restore, then one Service's chains rewritten.
-    let netns = ferrite_tests::lab::Netns::new(&ferrite_tests::lab::unique("kp"))?;
-    let full = kube_proxy_rules(CP_SERVICES);
-    let full_restore = iptables_restore(&netns, &full, false)?;
-    let one = kube_proxy_rules(1).replace(":KUBE-SERVICES - [0:0]\n", "");
-    let mut one_change = Vec::new();
-    for _ in 0..20 {
-        one_change.push(iptables_restore(&netns, &one, true)?.as_secs_f64() * 1000.0);
-    }
-
-    println!("\nControl plane: {CP_SERVICES} Services x {CP_ENDPOINTS} endpoints from the fake API server\n");
-    println!(
-        "{:<44} {:>12} {:>22}",
-        "", "ferrite", "kube-proxy (iptables)"
-    );
-    println!(
-        "{:<44} {:>11.0}ms {:>21.0}ms",
-        "first full sync (agent start -> maps / restore)",
-        first_sync.as_secs_f64() * 1000.0,
-        full_restore.as_secs_f64() * 1000.0
-    );
-    println!(
-        "{:<44} {:>11.1}ms {:>21.1}ms",
-        "one EndpointSlice change, p50",
-        percentile(latencies.clone(), 0.5),
-        percentile(one_change.clone(), 0.5)
-    );
-    println!(
-        "{:<44} {:>11.1}ms {:>21.1}ms",
-        "one EndpointSlice change, p99",
-        percentile(latencies, 0.99),
-        percentile(one_change, 0.99)
-    );
-    println!(
-        "{:<44} {:>10}MB   (heap and stacks {} MB, program text {} MB)",
-        "agent RSS after the changes",
-        rss_kib / 1024,
-        anon_kib / 1024,
-        file_kib / 1024
-    );
-    println!("\ntargets: full sync < 1 s, p99 < 5 ms, RSS < 100 MB (kube-proxy column: its restore of the same rules; one change = --noflush restore of one Service's chains)");
-    Ok(())
 }
 
 const NP_SIZES: [u32; 2] = [1_000, 10_000];

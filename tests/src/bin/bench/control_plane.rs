@@ -1,0 +1,319 @@
+//! `control-plane`: Services x endpoints from the fake API server into the maps (agent
+//! start to the last Service in the map, then single EndpointSlice changes), next to
+//! kube-proxy's iptables-restore and nftables `nft -f` of the same Services.
+//! `control-plane-large`: the most Services the datapath's 16-bit reverse-NAT index
+//! allows, Ferrite alone (kube-proxy's iptables mode is unusable there).
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use ferrite_common::PROTO_TCP;
+use ferrite_tests::{
+    fake_apiserver::FakeApiServer,
+    lab::{node_yaml, wait_until, Netns, Node},
+};
+
+use super::{iptables_restore, kube_proxy_endpoints, percentile};
+
+const ENDPOINTS: u32 = 10;
+const CHANGES: usize = 100;
+
+/// One run's size and what it is compared with.
+pub struct Scale {
+    services: u32,
+    /// Run kube-proxy's restores of the same Services next to it.
+    kube_proxy: bool,
+    /// `--map-capacity` settings the size needs.
+    capacities: &'static [(&'static str, u32)],
+}
+
+pub const TEN_THOUSAND: Scale = Scale {
+    services: 10_000,
+    kube_proxy: true,
+    capacities: &[],
+};
+
+/// 65,000 Services of one port each: one reverse-NAT entry per frontend, whose index
+/// is 16 bits (as Cilium's), leaves no room for 100,000.
+pub const LARGEST: Scale = Scale {
+    services: 65_000,
+    kube_proxy: false,
+    capacities: &[
+        (ferrite_common::map_names::SERVICES, 1 << 20),
+        (ferrite_common::map_names::BACKENDS, 1 << 20),
+    ],
+};
+
+fn vip(service: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + service)
+}
+
+fn endpoint(service: u32, endpoint: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + service * ENDPOINTS + endpoint)
+}
+
+/// The addresses the changes bring in: above every `endpoint`.
+fn fresh_endpoint(change: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + change as u32)
+}
+
+fn objects(service: u32, endpoints: &[Ipv4Addr]) -> (serde_json::Value, serde_json::Value) {
+    use serde_json::json;
+    let name = format!("svc-{service}");
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {"clusterIP": vip(service).to_string(),
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}});
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|ip| json!({"addresses": [ip.to_string()],
+            "conditions": {"ready": true}})).collect::<Vec<_>>()});
+    (svc, slice)
+}
+
+/// kube-proxy's iptables layout for the same Services (KUBE-SERVICES -> KUBE-SVC-*
+/// with statistic probabilities -> KUBE-SEP-* DNAT), as one iptables-restore input.
+fn iptables_rules(services: std::ops::Range<u32>) -> String {
+    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = String::new();
+    for s in services {
+        let svc = format!("KUBE-SVC-{s:012}");
+        chains.push_str(&format!(":{svc} - [0:0]\n"));
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j {svc}\n",
+            vip(s)
+        ));
+        let endpoints: Vec<SocketAddrV4> = (0..ENDPOINTS)
+            .map(|e| SocketAddrV4::new(endpoint(s, e), 8080))
+            .collect();
+        kube_proxy_endpoints(
+            &svc,
+            &format!("{s:06}"),
+            6,
+            &endpoints,
+            &mut chains,
+            &mut rules,
+        );
+    }
+    format!("{chains}{rules}COMMIT\n")
+}
+
+/// kube-proxy's nftables layout (its `nftables` mode): one verdict map from
+/// address . protocol . port to a chain per Service, which picks an endpoint chain
+/// with `numgen random mod n`, which DNATs. `table` opens the input (the whole table,
+/// or only the elements and chains one change rewrites).
+fn nft_rules(services: std::ops::Range<u32>, whole_table: bool) -> String {
+    let mut out = String::new();
+    if whole_table {
+        out.push_str(
+            "table ip kube-proxy {\n\
+             map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+             chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n\
+             chain nat-prerouting { type nat hook prerouting priority dstnat; jump services; }\n\
+             }\n",
+        );
+    }
+    for s in services {
+        let svc = format!("service-{s:06}-bench/svc/tcp/http");
+        let mut picks = Vec::new();
+        for e in 0..ENDPOINTS {
+            let sep = format!("endpoint-{s:06}-{e}");
+            out.push_str(&format!(
+                "add chain ip kube-proxy {sep}\nflush chain ip kube-proxy {sep}\n\
+                 add rule ip kube-proxy {sep} meta l4proto tcp dnat to {}:8080\n",
+                endpoint(s, e)
+            ));
+            picks.push(format!("{e} : goto {sep}"));
+        }
+        out.push_str(&format!(
+            "add chain ip kube-proxy {svc}\nflush chain ip kube-proxy {svc}\n\
+             add rule ip kube-proxy {svc} numgen random mod {ENDPOINTS} vmap {{ {} }}\n\
+             add element ip kube-proxy service-ips {{ {} . tcp . 80 : goto {svc} }}\n",
+            picks.join(", "),
+            vip(s)
+        ));
+    }
+    out
+}
+
+fn nft_load(netns: &Netns, input: &str) -> Result<Duration> {
+    use std::io::Write;
+    let mut command = std::process::Command::new("nsenter");
+    command.arg(format!("--net={}", netns.path().display()));
+    command.args(["nft", "-f", "-"]);
+    let start = Instant::now();
+    let mut child = command.stdin(std::process::Stdio::piped()).spawn()?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "nft -f failed");
+    Ok(start.elapsed())
+}
+
+/// What kube-proxy takes for the same Services: the full load and one Service's
+/// rewrite (20 times with iptables-restore, 5 with nft -f).
+struct KubeProxy {
+    iptables_full: Duration,
+    iptables_one: Vec<f64>,
+    nft_full: Duration,
+    nft_one: Vec<f64>,
+}
+
+fn kube_proxy(services: u32) -> Result<KubeProxy> {
+    let netns = Netns::new(&ferrite_tests::lab::unique("kp"))?;
+    let iptables_full = iptables_restore(&netns, &iptables_rules(0..services), false)?;
+    let one = iptables_rules(0..1).replace(":KUBE-SERVICES - [0:0]\n", "");
+    let mut iptables_one = Vec::new();
+    for _ in 0..20 {
+        iptables_one.push(iptables_restore(&netns, &one, true)?.as_secs_f64() * 1000.0);
+    }
+    let nft_full = nft_load(&netns, &nft_rules(0..services, true))?;
+    // nft reads the whole table back before each change: seconds at 10k, so fewer.
+    let mut nft_one = Vec::new();
+    for _ in 0..5 {
+        let input = nft_rules(0..1, false).replace(
+            "add element",
+            "delete element ip kube-proxy service-ips { 10.100.0.0 . tcp . 80 }\nadd element",
+        );
+        nft_one.push(nft_load(&netns, &input)?.as_secs_f64() * 1000.0);
+    }
+    Ok(KubeProxy {
+        iptables_full,
+        iptables_one,
+        nft_full,
+        nft_one,
+    })
+}
+
+pub fn bench(scale: &Scale) -> Result<()> {
+    let services = scale.services;
+    let mut node = Node::new("cp")?;
+    for (map, capacity) in scale.capacities {
+        node.agent_args
+            .extend(["--map-capacity".to_string(), format!("{map}={capacity}")]);
+    }
+    let api = FakeApiServer::start(&node.netns)?;
+    api.apply_yaml(&node_yaml(
+        &node.name,
+        "198.51.100.1".parse()?,
+        "10.244.0.0/24",
+    ))?;
+    for s in 0..services {
+        let endpoints: Vec<_> = (0..ENDPOINTS).map(|e| endpoint(s, e)).collect();
+        let (svc, slice) = objects(s, &endpoints);
+        api.apply(svc);
+        api.apply(slice);
+    }
+    let kubeconfig = node.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let start = Instant::now();
+    node.start_agent_kube(&kubeconfig)?;
+    let last_service = ferrite_common::ServiceKey::new(vip(services - 1), 80, PROTO_TCP, 0);
+    let maps_ready = || {
+        node.maps()
+            .ok()
+            .and_then(|m| m.services.get(&last_service, 0).ok())
+            .is_some()
+    };
+    wait_until("the first full sync", Duration::from_secs(600), maps_ready)?;
+    let first_sync = start.elapsed();
+    let pid = node.agent.as_ref().map(|a| a.pid()).unwrap_or(0);
+
+    // Single EndpointSlice changes: the newest endpoint sorts last, so it lands in
+    // the Service's last backend slot.
+    let maps = node.maps()?;
+    let mut latencies = Vec::new();
+    for i in 0..CHANGES {
+        let service = (i as u32 * 97) % services;
+        let fresh = fresh_endpoint(i);
+        let mut endpoints: Vec<_> = (1..ENDPOINTS).map(|e| endpoint(service, e)).collect();
+        endpoints.push(fresh);
+        let (_, slice) = objects(service, &endpoints);
+        let slot = ferrite_common::ServiceKey::new(vip(service), 80, PROTO_TCP, ENDPOINTS as u16);
+        let changed = Instant::now();
+        api.apply(slice);
+        loop {
+            let landed = maps
+                .services
+                .get(&slot, 0)
+                .ok()
+                .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
+                .is_some_and(|b| b.address == fresh.octets());
+            if landed {
+                break;
+            }
+            anyhow::ensure!(
+                changed.elapsed() < Duration::from_secs(30),
+                "change {i} never reached the map"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        latencies.push(changed.elapsed().as_secs_f64() * 1000.0);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let status_mib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    };
+    drop(maps);
+    drop(api);
+    drop(node);
+
+    let kube_proxy = if scale.kube_proxy {
+        Some(kube_proxy(services)?)
+    } else {
+        None
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let column = |f: &dyn Fn(&KubeProxy) -> f64| {
+        kube_proxy
+            .as_ref()
+            .map_or("not run".to_string(), |k| format!("{:.1}ms", f(k)))
+    };
+    println!(
+        "\nControl plane: {services} Services x {ENDPOINTS} endpoints from the fake API server\n"
+    );
+    println!(
+        "{:<44} {:>12} {:>22} {:>18}",
+        "", "ferrite", "kube-proxy iptables", "kube-proxy nft"
+    );
+    println!(
+        "{:<44} {:>10.0}ms {:>22} {:>18}",
+        "first full sync (agent start -> maps / load)",
+        ms(first_sync),
+        column(&|k| ms(k.iptables_full)),
+        column(&|k| ms(k.nft_full)),
+    );
+    for (label, p) in [
+        ("one EndpointSlice change, p50", 0.5),
+        ("one EndpointSlice change, p99", 0.99),
+    ] {
+        println!(
+            "{:<44} {:>10.1}ms {:>22} {:>18}",
+            label,
+            percentile(latencies.clone(), p),
+            column(&|k| percentile(k.iptables_one.clone(), p)),
+            column(&|k| percentile(k.nft_one.clone(), p)),
+        );
+    }
+    println!(
+        "{:<44} {:>10}MB   (heap and stacks {} MB, program text {} MB)",
+        "agent RSS after the changes",
+        status_mib("VmRSS:"),
+        status_mib("RssAnon:"),
+        status_mib("RssFile:")
+    );
+    println!(
+        "\ntargets at 10k x 10: full sync < 0.5 s, RSS < 50 MB; at the largest size: full sync < 5 s, \
+         p99 < 5 ms, RSS < 300 MB (kube-proxy columns: its load of the same rules; one change = \
+         one Service's chains rewritten: iptables-restore --noflush, nft -f)"
+    );
+    Ok(())
+}
