@@ -125,11 +125,12 @@ impl Route {
     }
 
     fn header(&self) -> RouteHeader {
-        let mut header = RouteHeader::default();
-        header.address_family = AddressFamily::Inet;
-        header.destination_prefix_length = self.destination.prefix_len();
-        header.table = RouteHeader::RT_TABLE_MAIN;
-        header
+        RouteHeader {
+            address_family: AddressFamily::Inet,
+            destination_prefix_length: self.destination.prefix_len(),
+            table: RouteHeader::RT_TABLE_MAIN,
+            ..Default::default()
+        }
     }
 
     /// The message adding or replacing it, as `ip route` sends it (protocol boot).
