@@ -1,9 +1,10 @@
-//! The node's own networking around the datapath, done with iproute2 and nftables:
+//! The node's own networking around the datapath, done with netlink and nftables:
 //! the VXLAN device and the node's own place on the overlay (its address, routes to
 //! other nodes' pod CIDRs), host routes to local pods (so the stack can return
 //! replies to masqueraded egress traffic), IPv4 forwarding, and the masquerade rule.
 use std::{
     collections::BTreeMap,
+    fmt,
     io::Write,
     net::Ipv4Addr,
     process::{Command, Stdio},
@@ -12,6 +13,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferrite_common::{pod_mac_for, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
+
+use crate::{
+    netlink::{self, Address, IpEncap, Neighbour, Netlink, Route, RouteScope},
+    podnet::mac_string,
+};
 
 /// Runtime files shared with the CNI plugin: /run/ferrite/<node>/.
 pub const RUN_DIR: &str = "/run/ferrite";
@@ -41,80 +47,41 @@ pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
 /// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).
 pub const NFT_TABLE: &str = "ferrite";
 
-pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Create the VXLAN device in external (collect_md) mode if it is missing: the
 /// datapath sets the remote node per packet, the kernel builds outer headers.
 pub fn ensure_vxlan_device(port: u16, exists: bool) -> Result<()> {
+    let mut netlink = Netlink::open()?;
     if !exists {
-        let port = port.to_string();
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                VXLAN_DEVICE,
-                "type",
-                "vxlan",
-                "external",
-                "dstport",
-                &port,
-            ],
-        )?;
+        netlink.add_vxlan(VXLAN_DEVICE, port)?;
     }
-    run("ip", &["link", "set", VXLAN_DEVICE, "up"])
+    let index = netlink.link_index(VXLAN_DEVICE)?;
+    Ok(netlink.set_up((index, VXLAN_DEVICE))?)
 }
 
 /// Give the VXLAN device the uplink's MTU minus the encapsulation (as flannel does),
 /// so what it carries never needs outer fragmentation; pods get the same MTU (the
 /// CNI conflist's `mtu`) and the datapath answers larger DF packets with ICMP.
 pub fn set_vxlan_mtu(mtu: u32) -> Result<()> {
-    run(
-        "ip",
-        &["link", "set", VXLAN_DEVICE, "mtu", &mtu.to_string()],
-    )
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(VXLAN_DEVICE)?;
+    Ok(netlink.set_mtu((index, VXLAN_DEVICE), mtu)?)
 }
 
 /// Pods are routed, not bridged: packets the host stack sends to a pod (replies to
 /// its masqueraded egress traffic) need a /32 route and, as the pod MAC is known, a
 /// permanent neighbour entry instead of ARP.
 pub fn add_pod_route(ip: Ipv4Addr, interface: &str) -> Result<()> {
-    let address = format!("{ip}/32");
-    let mac = pod_mac_for(ip).map(|b| format!("{b:02x}")).join(":");
-    let ip = ip.to_string();
-    run(
-        "ip",
-        &[
-            "route", "replace", &address, "dev", interface, "scope", "link",
-        ],
-    )?;
-    run(
-        "ip",
-        &[
-            "neigh",
-            "replace",
-            &ip,
-            "lladdr",
-            &mac,
-            "dev",
-            interface,
-            "nud",
-            "permanent",
-        ],
-    )
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(interface)?;
+    let route = Route::new(Ipv4Net::from(ip), index, RouteScope::Link);
+    netlink
+        .replace_route(&route)
+        .with_context(|| format!("the route to {ip} via {interface}"))?;
+    let neighbour = Neighbour::permanent(index, ip, pod_mac_for(ip));
+    netlink
+        .replace_neighbour(&neighbour)
+        .with_context(|| format!("the neighbour {ip} on {interface}"))?;
+    Ok(())
 }
 
 /// Let `lo` accept packets whose source is one of the node's own addresses: the
@@ -151,36 +118,110 @@ pub struct OverlayHost {
     pub routes: BTreeMap<ipnet::Ipv4Net, OverlayRoute>,
 }
 
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
+/// One step that brings the VXLAN device's host side towards what is wanted; shown
+/// as the `ip` command that would do the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverlayChange {
+    SetMac([u8; 6]),
+    ReplaceAddress(Ipv4Addr),
+    ReplaceNeighbour(Ipv4Addr, [u8; 6]),
+    ReplaceRoute {
+        cidr: Ipv4Net,
+        route: OverlayRoute,
+        vni: u32,
+        src: Ipv4Addr,
+    },
+    DeleteRoute(Ipv4Net),
+    DeleteNeighbour(Ipv4Addr),
+    DeleteAddress(Ipv4Addr),
 }
 
-fn route_command(
-    verb: &str,
-    cidr: &ipnet::Ipv4Net,
-    route: &OverlayRoute,
+impl fmt::Display for OverlayChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dev = VXLAN_DEVICE;
+        match self {
+            Self::SetMac(mac) => write!(f, "link set dev {dev} address {}", mac_string(*mac)),
+            Self::ReplaceAddress(ip) => write!(f, "addr replace {ip}/32 dev {dev}"),
+            Self::ReplaceNeighbour(ip, mac) => write!(
+                f,
+                "neigh replace {ip} lladdr {} dev {dev} nud permanent",
+                mac_string(*mac)
+            ),
+            Self::ReplaceRoute {
+                cidr,
+                route,
+                vni,
+                src,
+            } => write!(
+                f,
+                "route replace {cidr} encap ip id {vni} dst {} ttl 64 via {} dev {dev} onlink src {src}",
+                route.node_ip, route.gateway
+            ),
+            Self::DeleteRoute(cidr) => write!(f, "route del {cidr} dev {dev}"),
+            Self::DeleteNeighbour(ip) => write!(f, "neigh del {ip} dev {dev}"),
+            Self::DeleteAddress(ip) => write!(f, "addr del {ip}/32 dev {dev}"),
+        }
+    }
+}
+
+impl OverlayChange {
+    /// Make the change on the VXLAN device (link index `device`).
+    fn apply(&self, netlink: &mut Netlink, device: u32) -> netlink::Result<()> {
+        let address = |ip| Address {
+            device,
+            ip,
+            prefix_len: 32,
+        };
+        let neighbour = |ip, mac: Option<[u8; 6]>| Neighbour {
+            device,
+            ip,
+            mac,
+            permanent: mac.is_some(),
+        };
+        match *self {
+            Self::SetMac(mac) => netlink.set_mac((device, VXLAN_DEVICE), mac),
+            Self::ReplaceAddress(ip) => netlink.replace_address(&address(ip)),
+            Self::ReplaceNeighbour(ip, mac) => netlink.replace_neighbour(&neighbour(ip, Some(mac))),
+            Self::ReplaceRoute {
+                cidr,
+                route,
+                vni,
+                src,
+            } => {
+                let mut wanted = Route::new(cidr, device, RouteScope::Universe);
+                wanted.gateway = Some(route.gateway);
+                wanted.source = Some(src);
+                wanted.onlink = true;
+                wanted.encap = Some(IpEncap {
+                    id: u64::from(vni),
+                    destination: route.node_ip,
+                    ttl: 64,
+                });
+                netlink.replace_route(&wanted)
+            }
+            Self::DeleteRoute(cidr) => {
+                netlink.delete_route(&Route::new(cidr, device, RouteScope::NoWhere))
+            }
+            Self::DeleteNeighbour(ip) => netlink.delete_neighbour(&neighbour(ip, None)),
+            Self::DeleteAddress(ip) => netlink.delete_address(&address(ip)),
+        }
+    }
+}
+
+/// The changes that turn `current` into `desired` (pure): the device MAC and address
+/// first (routes take their source from it), neighbours before routes, removals
+/// last. Without an own address there are no routes (they need a source).
+pub fn overlay_changes(
+    current: &OverlayHost,
+    desired: &OverlayHost,
     vni: u32,
-    src: Ipv4Addr,
-) -> String {
-    format!(
-        "route {verb} {cidr} encap ip id {vni} dst {} ttl 64 via {} dev {VXLAN_DEVICE} onlink src {src}",
-        route.node_ip, route.gateway
-    )
-}
-
-/// The `ip -batch` lines that turn `current` into `desired` (pure): the device MAC
-/// and address first (routes take their source from it), neighbours before routes,
-/// removals last. Without an own address there are no routes (they need a source).
-pub fn overlay_commands(current: &OverlayHost, desired: &OverlayHost, vni: u32) -> Vec<String> {
-    let mut commands = Vec::new();
+) -> Vec<OverlayChange> {
+    let mut changes = Vec::new();
     if let Some(mac) = desired.vtep_mac.filter(|m| current.vtep_mac != Some(*m)) {
-        commands.push(format!(
-            "link set dev {VXLAN_DEVICE} address {}",
-            mac_text(&mac)
-        ));
+        changes.push(OverlayChange::SetMac(mac));
     }
     if let Some(address) = desired.address.filter(|a| current.address != Some(*a)) {
-        commands.push(format!("addr replace {address}/32 dev {VXLAN_DEVICE}"));
+        changes.push(OverlayChange::ReplaceAddress(address));
     }
     let wanted =
         |cidr: &ipnet::Ipv4Net| desired.address.is_some() && desired.routes.contains_key(cidr);
@@ -190,99 +231,69 @@ pub fn overlay_commands(current: &OverlayHost, desired: &OverlayHost, vni: u32) 
         };
         let same = current.routes.get(cidr) == Some(route) && current.address == desired.address;
         if !same {
-            commands.push(format!(
-                "neigh replace {} lladdr {} dev {VXLAN_DEVICE} nud permanent",
+            changes.push(OverlayChange::ReplaceNeighbour(
                 route.gateway,
-                mac_text(&route.vtep_mac)
+                route.vtep_mac,
             ));
-            commands.push(route_command("replace", cidr, route, vni, src));
+            changes.push(OverlayChange::ReplaceRoute {
+                cidr: *cidr,
+                route: *route,
+                vni,
+                src,
+            });
         }
     }
     for (cidr, route) in &current.routes {
         if !wanted(cidr) {
-            commands.push(format!("route del {cidr} dev {VXLAN_DEVICE}"));
+            changes.push(OverlayChange::DeleteRoute(*cidr));
             if !desired.routes.values().any(|r| r.gateway == route.gateway) {
-                commands.push(format!("neigh del {} dev {VXLAN_DEVICE}", route.gateway));
+                changes.push(OverlayChange::DeleteNeighbour(route.gateway));
             }
         }
     }
     if let Some(old) = current.address.filter(|a| desired.address != Some(*a)) {
-        commands.push(format!("addr del {old}/32 dev {VXLAN_DEVICE}"));
+        changes.push(OverlayChange::DeleteAddress(old));
     }
-    commands
+    changes
 }
 
-fn ip_output(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Parse `ip -4 route show dev <vxlan>` lines of overlay routes (others are ignored).
-pub fn parse_overlay_routes(text: &str) -> BTreeMap<ipnet::Ipv4Net, (OverlayRoute, Ipv4Addr)> {
-    let mut routes = BTreeMap::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let after = |word: &str| {
-            words
-                .iter()
-                .rposition(|w| *w == word)
-                .and_then(|i| words.get(i + 1))
-                .and_then(|v| v.parse::<Ipv4Addr>().ok())
-        };
-        let Some(cidr) = words.first().and_then(|w| w.parse::<ipnet::Ipv4Net>().ok()) else {
-            continue;
-        };
-        if let (Some(node_ip), Some(gateway), Some(src)) =
-            (after("dst"), after("via"), after("src"))
-        {
-            let route = OverlayRoute {
-                node_ip,
-                gateway,
+/// The overlay routes among the routes of the VXLAN device (link index `device`):
+/// an IP encapsulation, a gateway and a source (others are ignored). Pure.
+pub fn overlay_routes(
+    routes: &[Route],
+    device: u32,
+) -> BTreeMap<ipnet::Ipv4Net, (OverlayRoute, Ipv4Addr)> {
+    routes
+        .iter()
+        .filter(|route| route.device == Some(device))
+        .filter_map(|route| {
+            let overlay = OverlayRoute {
+                node_ip: route.encap?.destination,
+                gateway: route.gateway?,
                 vtep_mac: [0; 6],
             };
-            routes.insert(cidr, (route, src));
-        }
-    }
-    routes
+            Some((route.destination, (overlay, route.source?)))
+        })
+        .collect()
 }
 
 /// What the VXLAN device holds now: its address(es), MAC, and the overlay routes with
 /// their neighbours' MACs.
 pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
-    let addresses = ip_output(&["-4", "-o", "addr", "show", "dev", VXLAN_DEVICE])?;
-    let address = addresses.lines().find_map(|line| {
-        let mut words = line.split_whitespace().skip_while(|w| *w != "inet").skip(1);
-        words.next()?.split('/').next()?.parse().ok()
-    });
-    let neighbours: BTreeMap<Ipv4Addr, [u8; 6]> =
-        ip_output(&["-4", "neigh", "show", "dev", VXLAN_DEVICE])?
-            .lines()
-            .filter(|line| line.contains("PERMANENT"))
-            .filter_map(|line| {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let ip = words.first()?.parse().ok()?;
-                let mac_text = words
-                    .iter()
-                    .position(|w| *w == "lladdr")
-                    .and_then(|i| words.get(i + 1))?;
-                let mut mac = [0u8; 6];
-                for (byte, part) in mac.iter_mut().zip(mac_text.split(':')) {
-                    *byte = u8::from_str_radix(part, 16).ok()?;
-                }
-                Some((ip, mac))
-            })
-            .collect();
-    let routes = parse_overlay_routes(&ip_output(&["-4", "route", "show", "dev", VXLAN_DEVICE])?)
+    let mut netlink = Netlink::open()?;
+    let device = netlink.link_index(VXLAN_DEVICE)?;
+    let address = netlink
+        .addresses()?
+        .into_iter()
+        .find(|a| a.device == device)
+        .map(|a| a.ip);
+    let neighbours: BTreeMap<Ipv4Addr, [u8; 6]> = netlink
+        .neighbours()?
+        .into_iter()
+        .filter(|n| n.device == device && n.permanent)
+        .filter_map(|n| Some((n.ip, n.mac?)))
+        .collect();
+    let routes = overlay_routes(&netlink.routes()?, device)
         .into_iter()
         .map(|(cidr, (mut route, src))| {
             route.vtep_mac = neighbours.get(&route.gateway).copied().unwrap_or_default();
@@ -302,14 +313,17 @@ pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
 
 /// Bring the VXLAN device's address, MAC, routes and neighbours to `desired`.
 pub fn apply_overlay(current: &OverlayHost, desired: &OverlayHost, vni: u32) -> Result<usize> {
-    let commands = overlay_commands(current, desired, vni);
-    if !commands.is_empty() {
-        let mut script = commands.join("\n");
-        script.push('\n');
-        run_with_input("ip", &["-batch", "-"], &script)
-            .context("configuring the overlay's host routes")?;
+    let changes = overlay_changes(current, desired, vni);
+    if !changes.is_empty() {
+        let mut netlink = Netlink::open()?;
+        let device = netlink.link_index(VXLAN_DEVICE)?;
+        for change in &changes {
+            change
+                .apply(&mut netlink, device)
+                .with_context(|| format!("configuring the overlay's host routes: {change}"))?;
+        }
     }
-    Ok(commands.len())
+    Ok(changes.len())
 }
 
 /// Make sure IPv4 forwarding is on. Already on (kubeadm's preflight requires it) needs
@@ -322,8 +336,8 @@ pub fn enable_forwarding() -> Result<()> {
     std::fs::write(PATH, "1").context("enabling IPv4 forwarding (net.ipv4.ip_forward)")
 }
 
-/// Run `program args` with `input` on its stdin (nft -f -, ip -batch -).
-pub(crate) fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
+/// Run `program args` with `input` on its stdin (nft -f -).
+fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
@@ -387,7 +401,7 @@ pub fn remove_all() {
     let _ = nft(&format!(
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
     ));
-    let _ = run("ip", &["link", "del", VXLAN_DEVICE]);
+    let _ = Netlink::open().and_then(|mut netlink| netlink.delete_link(VXLAN_DEVICE));
 }
 
 #[cfg(test)]
@@ -423,7 +437,13 @@ mod tests {
                 ("10.244.2.0/24", "198.51.100.3", "10.244.2.1"),
             ],
         );
-        let first = overlay_commands(&empty, &two, 1);
+        let commands = |current, desired| -> Vec<String> {
+            overlay_changes(current, desired, 1)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let first = commands(&empty, &two);
         assert_eq!(
             first,
             [
@@ -436,7 +456,7 @@ mod tests {
             ]
         );
         assert!(
-            overlay_commands(&two, &two, 1).is_empty(),
+            commands(&two, &two).is_empty(),
             "nothing to do when in place"
         );
         let one = overlay(
@@ -444,7 +464,7 @@ mod tests {
             &[("10.244.1.0/24", "198.51.100.2", "10.244.1.1")],
         );
         assert_eq!(
-            overlay_commands(&two, &one, 1),
+            commands(&two, &one),
             [
                 "route del 10.244.2.0/24 dev ferrite_vxlan",
                 "neigh del 10.244.2.1 dev ferrite_vxlan"
@@ -455,15 +475,34 @@ mod tests {
             "10.244.0.1",
             &[("10.244.1.0/24", "198.51.100.9", "10.244.1.1")],
         );
-        assert_eq!(overlay_commands(&one, &moved, 1).len(), 2);
+        assert_eq!(commands(&one, &moved).len(), 2);
     }
 
     #[test]
-    fn overlay_routes_are_read_back_from_ip_output() {
-        let text = "10.244.1.0/24  encap ip id 1 src 0.0.0.0 dst 198.51.100.2 ttl 64 tos 0 via 10.244.1.1 onlink src 10.244.0.1 \n\
-                    10.9.0.0/16 proto kernel scope link src 10.9.0.1\n";
-        let routes = parse_overlay_routes(text);
-        assert_eq!(routes.len(), 1);
+    fn overlay_routes_are_read_back_from_the_devices_routes() {
+        let device = 9;
+        let mut overlay = Route::new(
+            "10.244.1.0/24".parse().unwrap(),
+            device,
+            RouteScope::Universe,
+        );
+        overlay.gateway = Some("10.244.1.1".parse().unwrap());
+        overlay.source = Some("10.244.0.1".parse().unwrap());
+        overlay.onlink = true;
+        overlay.encap = Some(IpEncap {
+            id: 1,
+            destination: "198.51.100.2".parse().unwrap(),
+            ttl: 64,
+        });
+        let mut elsewhere = overlay.clone();
+        elsewhere.destination = "10.244.2.0/24".parse().unwrap();
+        elsewhere.device = Some(device + 1);
+        let mut plain = overlay.clone();
+        plain.destination = "10.244.3.0/24".parse().unwrap();
+        plain.encap = None;
+        let kernel = Route::new("10.9.0.0/16".parse().unwrap(), device, RouteScope::Link);
+        let routes = overlay_routes(&[overlay, elsewhere, plain, kernel], device);
+        assert_eq!(routes.len(), 1, "{routes:?}");
         let (route, src) = routes[&"10.244.1.0/24".parse().unwrap()];
         assert_eq!(
             (route.node_ip, route.gateway, src),

@@ -25,6 +25,7 @@ pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod monitor;
+pub mod netlink;
 pub mod objects_yaml;
 pub mod plan;
 pub mod podnet;

@@ -12,14 +12,14 @@ use std::{
         unix::fs::{MetadataExt, OpenOptionsExt},
     },
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use ferrite_common::{pod_mac_for, HOST_VETH_MAC, POD_GATEWAY_IP};
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::hostnet::{run, run_with_input};
+use crate::netlink::{Address, Neighbour, Netlink, Route, RouteScope, Veth};
 
 /// A network namespace's identity: device and inode of its nsfs file (what
 /// `ip netns identify` and `stat -L` compare).
@@ -60,46 +60,17 @@ pub fn own_netns_id() -> Result<NetnsId> {
         .context("/proc/thread-self/ns/net is not a namespace")
 }
 
-/// `ip -j ARGS` in the calling thread's namespace, parsed (an empty answer is `[]`).
-pub fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip -j {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::Value::Array(Vec::new()));
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ip -j {}", args.join(" ")))
-}
-
 /// The alias of link `name` (the plugin records the owning container id there),
 /// `None` if the link has none or does not exist.
 pub fn link_alias(name: &str) -> Option<String> {
-    let links = ip_json(&["link", "show", "dev", name]).ok()?;
-    links[0]["ifalias"].as_str().map(str::to_string)
+    Netlink::open().ok()?.link(name).ok()??.alias
 }
 
 /// Record who wired a host veth in its alias (one the IPAM files cannot forge).
 pub fn set_link_alias(name: &str, alias: &str) -> Result<()> {
-    run("ip", &["link", "set", "dev", name, "alias", alias])
-        .with_context(|| format!("setting the alias of {name}"))
-}
-
-/// The MAC of link `name` in the calling thread's namespace.
-pub fn link_mac(name: &str) -> Option<[u8; 6]> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifaddr| {
-        (ifaddr.interface_name == name)
-            .then(|| ifaddr.address?.as_link_addr()?.addr())
-            .flatten()
-    })
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(name)?;
+    Ok(netlink.set_alias((index, name), alias)?)
 }
 
 /// A pod interface to create or remove.
@@ -149,35 +120,20 @@ pub fn link_exists(name: &str) -> bool {
 /// Create and configure the veth pair (run in the node's namespace). On error the
 /// pair is removed again.
 pub fn create(pod: &PodInterface) -> Result<()> {
-    let mtu = pod.mtu.to_string();
-    let netns = pod.netns.to_string_lossy();
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &pod.host_name,
-            "mtu",
-            &mtu,
-            "address",
-            &mac_string(HOST_VETH_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &pod.name,
-            "mtu",
-            &mtu,
-            "address",
-            &mac_string(pod_mac_for(pod.ip)),
-            "netns",
-            &netns,
-        ],
-    )
-    .with_context(|| format!("creating veth {} <-> {}", pod.host_name, pod.name))?;
+    let netns = fs::File::open(&pod.netns)
+        .with_context(|| format!("opening netns {}", pod.netns.display()))?;
+    let mut netlink = Netlink::open()?;
+    netlink.add_veth(&Veth {
+        name: &pod.host_name,
+        mac: HOST_VETH_MAC,
+        peer_name: &pod.name,
+        peer_mac: pod_mac_for(pod.ip),
+        peer_netns: netns.as_fd(),
+        mtu: pod.mtu,
+    })?;
     let configured = configure_pod_side(pod).and_then(|_| {
-        run("ip", &["link", "set", &pod.host_name, "up"])
-            .with_context(|| format!("setting {} up", pod.host_name))
+        let index = netlink.link_index(&pod.host_name)?;
+        Ok(netlink.set_up((index, &pod.host_name))?)
     });
     if configured.is_err() {
         let _ = delete_host_end(&pod.host_name);
@@ -185,24 +141,32 @@ pub fn create(pod: &PodInterface) -> Result<()> {
     configured
 }
 
+/// In the pod's namespace: no IPv6, the pod IP as a /32, the link up, the gateway a
+/// permanent neighbour at the host veth's MAC, and the default route through it.
 fn configure_pod_side(pod: &PodInterface) -> Result<()> {
     in_netns(&pod.netns, || {
         let ipv6 = Path::new("/proc/sys/net/ipv6/conf").join(&pod.name);
         if ipv6.exists() {
             fs::write(ipv6.join("disable_ipv6"), "1").context("disabling IPv6")?;
         }
-        let (name, gateway) = (&pod.name, POD_GATEWAY_IP);
-        let commands = format!(
-            "addr add {ip}/32 dev {name}\n\
-             link set {name} up\n\
-             neigh add {gateway} lladdr {mac} dev {name} nud permanent\n\
-             route add default via {gateway} dev {name} onlink\n",
-            ip = pod.ip,
-            mac = mac_string(HOST_VETH_MAC),
-        );
-        run_with_input("ip", &["-batch", "-"], &commands)
-            .with_context(|| format!("configuring {name} in {}", pod.netns.display()))
+        let name = pod.name.as_str();
+        let mut netlink = Netlink::open()?;
+        let index = netlink.link_index(name)?;
+        netlink.add_address(&Address {
+            device: index,
+            ip: pod.ip,
+            prefix_len: 32,
+        })?;
+        netlink.set_up((index, name))?;
+        let gateway = Neighbour::permanent(index, POD_GATEWAY_IP, HOST_VETH_MAC);
+        netlink.add_neighbour(&gateway)?;
+        let mut default = Route::new(Ipv4Net::default(), index, RouteScope::Universe);
+        default.gateway = Some(POD_GATEWAY_IP);
+        default.onlink = true;
+        netlink.add_route(&default)?;
+        Ok(())
     })
+    .with_context(|| format!("configuring {} in {}", pod.name, pod.netns.display()))
 }
 
 /// Delete the pod end of a pair (and so the pair) from inside the pod's namespace,
@@ -210,28 +174,19 @@ fn configure_pod_side(pod: &PodInterface) -> Result<()> {
 /// that the plugin did not create stays. Returns whether it was deleted.
 pub fn delete_pod_end(netns: &Path, name: &str, ip: Ipv4Addr) -> Result<bool> {
     in_netns(netns, || {
-        if link_mac(name) != Some(pod_mac_for(ip)) {
-            return Ok(false);
+        let mut netlink = Netlink::open()?;
+        match netlink.link(name)? {
+            Some(link) if link.mac == Some(pod_mac_for(ip)) => Ok(netlink.delete_link(name)?),
+            _ => Ok(false),
         }
-        delete_link(name)
     })
 }
 
-/// Delete a host end (and so the pair) in the current namespace, if it exists.
+/// Delete a host end (and so the pair) in the current namespace, if it exists; one
+/// that vanishes meanwhile (the kernel destroys the pairs of a deleted netns
+/// asynchronously) is gone: fine.
 pub fn delete_host_end(host_name: &str) -> Result<bool> {
-    delete_link(host_name)
-}
-
-/// Delete a link of the calling thread's namespace; one that vanishes meanwhile
-/// (the kernel destroys the pairs of a deleted netns asynchronously) is gone: fine.
-fn delete_link(name: &str) -> Result<bool> {
-    if !link_exists(name) {
-        return Ok(false);
-    }
-    match run("ip", &["link", "del", name]) {
-        Err(_) if !link_exists(name) => Ok(false),
-        other => other.map(|_| true),
-    }
+    Ok(Netlink::open()?.delete_link(host_name)?)
 }
 
 /// The host side of the node's pods as the kernel has it now: which links are up,
@@ -239,36 +194,44 @@ fn delete_link(name: &str) -> Result<bool> {
 #[derive(Debug, Default)]
 pub struct HostWiring {
     up: std::collections::BTreeSet<String>,
-    routes: std::collections::BTreeSet<(String, String)>,
-    neighbours: std::collections::BTreeSet<(String, String, String)>,
+    /// The /32 scope-link routes: (pod IP, device).
+    routes: std::collections::BTreeSet<(Ipv4Addr, String)>,
+    /// The permanent neighbours: (IP, device, MAC).
+    neighbours: std::collections::BTreeSet<(Ipv4Addr, String, [u8; 6])>,
 }
 
 impl HostWiring {
     /// Read the calling thread's namespace.
     pub fn read() -> Result<Self> {
-        let mut wiring = Self::default();
-        for link in array(&ip_json(&["link", "show"])?) {
-            let up = link["flags"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|f| f == "UP"));
-            if let (true, Some(name)) = (up, link["ifname"].as_str()) {
-                wiring.up.insert(name.into());
-            }
-        }
-        for route in array(&ip_json(&["-4", "route", "show", "scope", "link"])?) {
-            if let (Some(dst), Some(dev)) = (route["dst"].as_str(), route["dev"].as_str()) {
-                wiring.routes.insert((dst.into(), dev.into()));
-            }
-        }
-        for neigh in array(&ip_json(&["-4", "neigh", "show", "nud", "permanent"])?) {
-            if let (Some(dst), Some(dev), Some(mac)) = (
-                neigh["dst"].as_str(),
-                neigh["dev"].as_str(),
-                neigh["lladdr"].as_str(),
+        let mut netlink = Netlink::open()?;
+        let links = netlink.links()?;
+        let names: std::collections::BTreeMap<u32, String> =
+            links.iter().map(|l| (l.index, l.name.clone())).collect();
+        let name = |index: Option<u32>| names.get(&index?).cloned();
+        let mut wiring = Self {
+            up: links
+                .iter()
+                .filter(|l| l.up)
+                .map(|l| l.name.clone())
+                .collect(),
+            ..Self::default()
+        };
+        for route in netlink.routes()? {
+            if let (RouteScope::Link, 32, Some(device)) = (
+                route.scope,
+                route.destination.prefix_len(),
+                name(route.device),
             ) {
-                wiring
-                    .neighbours
-                    .insert((dst.into(), dev.into(), mac.into()));
+                wiring.routes.insert((route.destination.addr(), device));
+            }
+        }
+        for neighbour in netlink.neighbours()? {
+            if let (true, Some(mac), Some(device)) = (
+                neighbour.permanent,
+                neighbour.mac,
+                name(Some(neighbour.device)),
+            ) {
+                wiring.neighbours.insert((neighbour.ip, device, mac));
             }
         }
         Ok(wiring)
@@ -281,18 +244,14 @@ impl HostWiring {
         if !self.up.contains(interface) {
             missing.push(format!("host veth {interface} is down"));
         }
-        if !self.routes.contains(&(ip.to_string(), interface.into())) {
+        if !self.routes.contains(&(ip, interface.into())) {
             missing.push(format!("the node has no route {ip}/32 dev {interface}"));
         }
-        let neighbour = (
-            ip.to_string(),
-            interface.to_string(),
-            mac_string(pod_mac_for(ip)),
-        );
-        if !self.neighbours.contains(&neighbour) {
+        let mac = pod_mac_for(ip);
+        if !self.neighbours.contains(&(ip, interface.into(), mac)) {
             missing.push(format!(
                 "the node has no permanent neighbour {ip} lladdr {} dev {interface}",
-                neighbour.2
+                mac_string(mac)
             ));
         }
         missing
@@ -302,7 +261,9 @@ impl HostWiring {
 /// Set a pod's host veth up and restore its /32 route and neighbour (a link taken
 /// down loses both, and taking it up again restores neither).
 pub fn repair_host_side(ip: Ipv4Addr, interface: &str) -> Result<()> {
-    run("ip", &["link", "set", "dev", interface, "up"])?;
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(interface)?;
+    netlink.set_up((index, interface))?;
     crate::hostnet::add_pod_route(ip, interface)
 }
 
@@ -332,8 +293,4 @@ pub fn repair_host_sides(
         }
     }
     Ok(repaired)
-}
-
-fn array(value: &serde_json::Value) -> &[serde_json::Value] {
-    value.as_array().map(Vec::as_slice).unwrap_or_default()
 }

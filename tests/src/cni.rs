@@ -71,7 +71,14 @@ impl Sandbox {
 pub struct Runtime {
     node_netns: PathBuf,
     pub conflist: Value,
+    /// The PATH plugins run with (a kubelet's runtime passes its own).
+    pub path: String,
+    /// The ferrite-cni binary to run (the build's by default).
+    pub ferrite_cni: PathBuf,
 }
+
+/// The PATH a runtime on a Debian node gives its plugins.
+pub const DEFAULT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The conflist of a node: Ferrite alone, IPAM state in the node's test directory.
 pub fn ferrite_conflist(node: &Node) -> Value {
@@ -87,11 +94,14 @@ pub fn ferrite_conflist(node: &Node) -> Value {
     })
 }
 
-fn plugin_binary(plugin_type: &str) -> PathBuf {
-    match plugin_type {
-        "ferrite-cni" => ferrite_bin().with_file_name("ferrite-cni"),
-        other => PathBuf::from(SYSTEM_PLUGIN_DIR).join(other),
-    }
+/// nsenter from the test's own PATH: the plugins' PATH may not hold it (and a
+/// command's PATH is where Rust looks for its program).
+fn nsenter() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nsenter"))
+        .find(|candidate| candidate.is_file())
+        .context("no nsenter on PATH")
 }
 
 impl Runtime {
@@ -99,21 +109,30 @@ impl Runtime {
         Self {
             node_netns: node.netns.path(),
             conflist,
+            path: DEFAULT_PATH.into(),
+            ferrite_cni: ferrite_bin().with_file_name("ferrite-cni"),
+        }
+    }
+
+    fn plugin_binary(&self, plugin_type: &str) -> PathBuf {
+        match plugin_type {
+            "ferrite-cni" => self.ferrite_cni.clone(),
+            other => PathBuf::from(SYSTEM_PLUGIN_DIR).join(other),
         }
     }
 
     /// Run one plugin binary with `env` (CNI_COMMAND etc.) and `stdin`.
     pub fn exec(&self, plugin_type: &str, env: &[(&str, String)], stdin: &[u8]) -> Result<Outcome> {
-        let binary = plugin_binary(plugin_type);
+        let binary = self.plugin_binary(plugin_type);
         let cni_path = format!(
             "{}:{SYSTEM_PLUGIN_DIR}",
             ferrite_bin().parent().context("bin dir")?.display()
         );
-        let mut child = Command::new("nsenter")
+        let mut child = Command::new(nsenter()?)
             .arg(format!("--net={}", self.node_netns.display()))
             .arg(&binary)
             .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("PATH", &self.path)
             .env("CNI_PATH", cni_path)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())

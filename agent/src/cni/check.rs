@@ -14,7 +14,8 @@ use super::{
 use crate::{
     datapath,
     maps::NodeMaps,
-    podnet::{self, ip_json, mac_string, HostWiring},
+    netlink::Netlink,
+    podnet::{self, mac_string, HostWiring},
 };
 
 /// Verify the attachment is still as ADD left it.
@@ -103,12 +104,6 @@ fn result_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr, owner: &Owne
     problems
 }
 
-fn flags_up(link: &serde_json::Value) -> bool {
-    link["flags"]
-        .as_array()
-        .is_some_and(|f| f.iter().any(|f| f == "UP"))
-}
-
 /// The pod's interface (MAC, MTU, up, its /32), its default route via the gateway
 /// and the gateway's permanent neighbour entry.
 fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<String>> {
@@ -116,51 +111,55 @@ fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<S
     let mtu = conf.mtu;
     podnet::in_netns(Path::new(&env.netns), move || {
         let mut problems = Vec::new();
-        let Ok(links) = ip_json(&["link", "show", "dev", &name]) else {
+        let mut netlink = Netlink::open()?;
+        let Some(link) = netlink.link(&name)? else {
             return Ok(vec![format!("{name} is missing")]);
         };
-        let link = &links[0];
-        if link["address"] != mac_string(pod_mac_for(ip)).as_str() {
-            problems.push(format!("{name} has MAC {}", link["address"]));
+        if link.mac != Some(pod_mac_for(ip)) {
+            problems.push(format!("{name} has MAC {}", shown_mac(link.mac)));
         }
-        if link["mtu"] != mtu {
-            problems.push(format!("{name} has MTU {}, not {mtu}", link["mtu"]));
+        if link.mtu != mtu {
+            problems.push(format!("{name} has MTU {}, not {mtu}", link.mtu));
         }
-        if !flags_up(link) {
+        if !link.up {
             problems.push(format!("{name} is down"));
         }
-        let addresses = ip_json(&["-4", "addr", "show", "dev", &name])?;
-        let has_address = addresses[0]["addr_info"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|a| a["local"] == ip.to_string().as_str() && a["prefixlen"] == 32)
-        });
+        let has_address = netlink
+            .addresses()?
+            .iter()
+            .any(|a| a.device == link.index && a.ip == ip && a.prefix_len == 32);
         if !has_address {
             problems.push(format!("{name} does not have {ip}/32"));
         }
-        let gateway = POD_GATEWAY_IP.to_string();
-        let routes = ip_json(&["-4", "route", "show", "default"])?;
-        let routed = routes.as_array().is_some_and(|r| {
-            r.iter()
-                .any(|r| r["gateway"] == gateway.as_str() && r["dev"] == name.as_str())
+        let routed = netlink.routes()?.iter().any(|r| {
+            r.destination.prefix_len() == 0
+                && r.gateway == Some(POD_GATEWAY_IP)
+                && r.device == Some(link.index)
         });
         if !routed {
             problems.push(format!(
-                "the pod has no default route via {gateway} dev {name}"
+                "the pod has no default route via {POD_GATEWAY_IP} dev {name}"
             ));
         }
-        let neighbours = ip_json(&["-4", "neigh", "show", "nud", "permanent", "dev", &name])?;
-        let host_mac = mac_string(HOST_VETH_MAC);
-        let resolved = neighbours.as_array().is_some_and(|n| {
-            n.iter()
-                .any(|n| n["dst"] == gateway.as_str() && n["lladdr"] == host_mac.as_str())
+        let resolved = netlink.neighbours()?.iter().any(|n| {
+            n.device == link.index
+                && n.permanent
+                && n.ip == POD_GATEWAY_IP
+                && n.mac == Some(HOST_VETH_MAC)
         });
         if !resolved {
             problems.push(format!(
-                "the pod has no permanent neighbour {gateway} lladdr {host_mac} dev {name}"
+                "the pod has no permanent neighbour {POD_GATEWAY_IP} lladdr {} dev {name}",
+                mac_string(HOST_VETH_MAC)
             ));
         }
         Ok(problems)
     })
+}
+
+/// A link's MAC for a message (`none` when it has no Ethernet address).
+fn shown_mac(mac: Option<[u8; 6]>) -> String {
+    mac.map_or_else(|| "none".into(), mac_string)
 }
 
 /// The host veth (ours, up, MAC, MTU), the node's route and neighbour for the pod,
@@ -172,23 +171,22 @@ fn host_problems(
     owner: &Owner,
 ) -> Result<Vec<String>> {
     let host = &owner.host_interface;
-    let Ok(links) = ip_json(&["link", "show", "dev", host]) else {
+    let Some(link) = Netlink::open()?.link(host)? else {
         return Ok(vec![format!("host veth {host} is missing")]);
     };
-    let link = &links[0];
     let mut problems = Vec::new();
     // Veths wired before owners were recorded have no alias.
     let tag = owner_tag(&owner.container_id);
-    if link["ifalias"].as_str().is_some_and(|alias| alias != tag) {
+    if link.alias.is_some_and(|alias| alias != tag) {
         problems.push(format!("host veth {host} is not this container's"));
     }
-    if link["address"] != mac_string(HOST_VETH_MAC).as_str() {
-        problems.push(format!("host veth {host} has MAC {}", link["address"]));
+    if link.mac != Some(HOST_VETH_MAC) {
+        problems.push(format!("host veth {host} has MAC {}", shown_mac(link.mac)));
     }
-    if link["mtu"] != conf.mtu {
+    if link.mtu != conf.mtu {
         problems.push(format!(
             "host veth {host} has MTU {}, not {}",
-            link["mtu"], conf.mtu
+            link.mtu, conf.mtu
         ));
     }
     problems.extend(HostWiring::read()?.missing(ip, host));

@@ -139,6 +139,34 @@ fn pods_wired_by_the_cni_reach_each_other_and_services_and_del_removes_every_tra
     Ok(())
 }
 
+/// The plugin wires pods through netlink itself: a runtime whose PATH holds no
+/// `ip` (nothing at all) gets pods that are wired, pass CHECK, talk to each other
+/// and leave nothing behind after DEL.
+#[test]
+fn pods_are_wired_checked_and_removed_with_nothing_on_the_plugins_path() -> Result<()> {
+    let (cluster, mut runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let empty = node.dir.join("empty-path");
+    std::fs::create_dir(&empty)?;
+    runtime.path = empty.display().to_string();
+    let (mut client, mut web) = (Sandbox::new("client")?, Sandbox::new("web")?);
+    runtime.add(&mut client)?;
+    runtime.add(&mut web)?;
+    let check = runtime.check(&client)?;
+    assert!(check.success, "CHECK of a healthy pod: {}", check.output);
+    let _server = web.pod.serve(TCP_TARGET)?;
+    let to_web = SocketAddrV4::new(web.pod.ip, TCP_TARGET);
+    assert_eq!(
+        answered_by(&client.pod.tcp_request(to_web, "no ip")?, "no ip")?,
+        "web"
+    );
+    runtime.del(&client)?;
+    runtime.del(&web)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    runtime.del(&client)?;
+    Ok(())
+}
+
 #[test]
 fn check_reports_a_pod_whose_datapath_entry_was_removed() -> Result<()> {
     let (cluster, runtime) = cni_cluster()?;
@@ -270,6 +298,12 @@ fn a_failed_add_leaves_no_address_veth_or_map_entry_behind() -> Result<()> {
     )?;
     let error = runtime.add(&mut taken_name).unwrap_err();
     assert!(format!("{error:#}").contains("\"code\":100"), "{error:#}");
+    // The kernel's answer, named: the request, the pair and the errno.
+    assert!(
+        format!("{error:#}").contains("netlink RTM_NEWLINK veth")
+            && format!("{error:#}").contains("<-> eth0: File exists (os error 17)"),
+        "{error:#}"
+    );
     assert_eq!(leftovers(node)?, nothing_left());
 
     // Fails after the veth exists: the pod already has a default route.

@@ -4,10 +4,12 @@
 //! real TCP traffic in a lab cluster, `insitu.rs`), `overlay` (vs flannel-style),
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
 //! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`), `monitor` (how
-//! soon a datapath event reaches `ferrite monitor`, `monitor.rs`).
+//! soon a datapath event reaches `ferrite monitor`, `monitor.rs`), `cni` (the CNI
+//! plugin's ADD and DEL of one pod, `cni.rs`).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
+mod cni;
 mod control_plane;
 mod datapath;
 mod insitu;
@@ -20,7 +22,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|monitor]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|monitor|cni]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -48,6 +50,9 @@ fn main() -> Result<()> {
     }
     if run("monitor") {
         monitor::bench()?;
+    }
+    if run("cni") {
+        cni::bench()?;
     }
     Ok(())
 }

@@ -1,0 +1,523 @@
+//! IPv4 addresses, routes (main table) and neighbours: typed structs, the messages
+//! that add, replace or delete them, and dumps read back into them.
+use std::{fmt, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteIpTunnel, RouteLwEnCapType,
+        RouteLwTunnelEncap, RouteMessage, RouteProtocol, RouteType,
+    },
+    AddressFamily, RouteNetlinkMessage,
+};
+
+pub use netlink_packet_route::route::RouteScope;
+
+use super::{Netlink, Result};
+
+/// How a request treats an object that exists already.
+#[derive(Clone, Copy)]
+enum Write {
+    /// Fail with EEXIST (`ip ... add`).
+    Add,
+    /// Overwrite it (`ip ... replace`).
+    Replace,
+}
+
+impl Write {
+    fn flags(self) -> u16 {
+        match self {
+            Write::Add => NLM_F_CREATE | NLM_F_EXCL,
+            Write::Replace => NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+}
+
+/// An IPv4 address of a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub device: u32,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} dev #{}", self.ip, self.prefix_len, self.device)
+    }
+}
+
+impl Address {
+    /// The message adding or deleting it, as `ip addr` sends it: local and address
+    /// both the IP, global scope.
+    pub fn message(&self) -> AddressMessage {
+        let mut message = AddressMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.prefix_len = self.prefix_len;
+        message.header.index = self.device;
+        message.attributes = vec![
+            AddressAttribute::Local(self.ip.into()),
+            AddressAttribute::Address(self.ip.into()),
+        ];
+        message
+    }
+
+    /// The typed view of an address message; `None` for other families.
+    pub fn from_message(message: &AddressMessage) -> Option<Self> {
+        let ip = |wanted: fn(&AddressAttribute) -> bool| {
+            message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(std::net::IpAddr::V4(ip))
+                | AddressAttribute::Address(std::net::IpAddr::V4(ip))
+                    if wanted(a) =>
+                {
+                    Some(*ip)
+                }
+                _ => None,
+            })
+        };
+        // The local address is the interface's own (the other is a peer's, if any).
+        let ip = ip(|a| matches!(a, AddressAttribute::Local(_)))
+            .or_else(|| ip(|a| matches!(a, AddressAttribute::Address(_))))?;
+        Some(Self {
+            device: message.header.index,
+            ip,
+            prefix_len: message.header.prefix_len,
+        })
+    }
+}
+
+/// A lightweight-tunnel IP encapsulation (`encap ip id ID dst DST ttl TTL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpEncap {
+    pub id: u64,
+    pub destination: Ipv4Addr,
+    pub ttl: u8,
+}
+
+/// An IPv4 unicast route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub destination: Ipv4Net,
+    pub device: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+    /// The preferred source (`src`).
+    pub source: Option<Ipv4Addr>,
+    pub scope: RouteScope,
+    pub onlink: bool,
+    pub encap: Option<IpEncap>,
+}
+
+impl Route {
+    /// A route to `destination` through device `device` and nothing else.
+    pub fn new(destination: Ipv4Net, device: u32, scope: RouteScope) -> Self {
+        Self {
+            destination,
+            device: Some(device),
+            gateway: None,
+            source: None,
+            scope,
+            onlink: false,
+            encap: None,
+        }
+    }
+
+    fn header(&self) -> RouteHeader {
+        RouteHeader {
+            address_family: AddressFamily::Inet,
+            destination_prefix_length: self.destination.prefix_len(),
+            table: RouteHeader::RT_TABLE_MAIN,
+            ..Default::default()
+        }
+    }
+
+    /// The message adding or replacing it, as `ip route` sends it (protocol boot).
+    pub fn message(&self) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header = self.header();
+        message.header.protocol = RouteProtocol::Boot;
+        message.header.scope = self.scope;
+        message.header.kind = RouteType::Unicast;
+        if self.onlink {
+            message.header.flags = RouteFlags::Onlink;
+        }
+        let attributes = &mut message.attributes;
+        if self.destination.prefix_len() > 0 {
+            let destination = RouteAddress::Inet(self.destination.network());
+            attributes.push(RouteAttribute::Destination(destination));
+        }
+        if let Some(encap) = self.encap {
+            attributes.push(RouteAttribute::EncapType(RouteLwEnCapType::Ip));
+            attributes.push(RouteAttribute::Encap(vec![
+                RouteLwTunnelEncap::Ip(RouteIpTunnel::Id(encap.id)),
+                RouteLwTunnelEncap::Ip(RouteIpTunnel::Destination(encap.destination)),
+                RouteLwTunnelEncap::Ip(RouteIpTunnel::Ttl(encap.ttl)),
+            ]));
+        }
+        if let Some(gateway) = self.gateway {
+            attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        }
+        if let Some(device) = self.device {
+            attributes.push(RouteAttribute::Oif(device));
+        }
+        if let Some(source) = self.source {
+            attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(source)));
+        }
+        message
+    }
+
+    /// The message deleting it: destination and device, any scope (as `ip route del`).
+    pub fn delete_message(&self) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header = self.header();
+        message.header.scope = RouteScope::NoWhere;
+        if self.destination.prefix_len() > 0 {
+            let destination = RouteAddress::Inet(self.destination.network());
+            message
+                .attributes
+                .push(RouteAttribute::Destination(destination));
+        }
+        if let Some(device) = self.device {
+            message.attributes.push(RouteAttribute::Oif(device));
+        }
+        message
+    }
+
+    /// The typed view of a route message; `None` for other families and tables.
+    pub fn from_message(message: &RouteMessage) -> Option<Self> {
+        if message.header.address_family != AddressFamily::Inet {
+            return None;
+        }
+        let mut table = u32::from(message.header.table);
+        let mut destination = Ipv4Addr::UNSPECIFIED;
+        let mut route = Route::new(Ipv4Net::default(), 0, message.header.scope);
+        route.device = None;
+        route.onlink = message.header.flags.contains(RouteFlags::Onlink);
+        for attribute in &message.attributes {
+            match attribute {
+                RouteAttribute::Table(id) => table = *id,
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => route.source = Some(*ip),
+                RouteAttribute::Oif(index) => route.device = Some(*index),
+                RouteAttribute::Encap(encaps) => route.encap = ip_encap(encaps),
+                _ => {}
+            }
+        }
+        if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            return None;
+        }
+        route.destination =
+            Ipv4Net::new(destination, message.header.destination_prefix_length).ok()?;
+        Some(route)
+    }
+}
+
+fn ip_encap(encaps: &[RouteLwTunnelEncap]) -> Option<IpEncap> {
+    let mut encap = IpEncap {
+        id: 0,
+        destination: Ipv4Addr::UNSPECIFIED,
+        ttl: 0,
+    };
+    let mut found = false;
+    for part in encaps {
+        let RouteLwTunnelEncap::Ip(field) = part else {
+            continue;
+        };
+        found = true;
+        match field {
+            RouteIpTunnel::Id(id) => encap.id = *id,
+            RouteIpTunnel::Destination(ip) => encap.destination = *ip,
+            RouteIpTunnel::Ttl(ttl) => encap.ttl = *ttl,
+            _ => {}
+        }
+    }
+    found.then_some(encap)
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "route {}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if let Some(device) = self.device {
+            write!(f, " dev #{device}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 neighbour entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub device: u32,
+    pub ip: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+    pub permanent: bool,
+}
+
+impl Neighbour {
+    /// A permanent entry: `ip` is at `mac` behind `device`.
+    pub fn permanent(device: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Self {
+        Self {
+            device,
+            ip,
+            mac: Some(mac),
+            permanent: true,
+        }
+    }
+
+    /// The message adding, replacing (with its state and MAC) or deleting it.
+    pub fn message(&self) -> NeighbourMessage {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.ifindex = self.device;
+        if self.permanent {
+            message.header.state = NeighbourState::Permanent;
+        }
+        message.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            self.ip,
+        ))];
+        if let Some(mac) = self.mac {
+            let address = NeighbourAttribute::LinkLayerAddress(mac.to_vec());
+            message.attributes.push(address);
+        }
+        message
+    }
+
+    /// The typed view of a neighbour message; `None` for other families.
+    pub fn from_message(message: &NeighbourMessage) -> Option<Self> {
+        let ip = message.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })?;
+        let mac = message.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+            _ => None,
+        });
+        Some(Self {
+            device: message.header.ifindex,
+            ip,
+            mac,
+            permanent: message.header.state == NeighbourState::Permanent,
+        })
+    }
+}
+
+impl fmt::Display for Neighbour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "neighbour {}", self.ip)?;
+        if let Some(mac) = self.mac {
+            write!(f, " lladdr {}", crate::podnet::mac_string(mac))?;
+        }
+        write!(f, " dev #{}", self.device)
+    }
+}
+
+impl Netlink {
+    /// The IPv4 addresses of every link.
+    pub fn addresses(&mut self) -> Result<Vec<Address>> {
+        let mut query = AddressMessage::default();
+        query.header.family = AddressFamily::Inet;
+        let messages = self.dump(RouteNetlinkMessage::GetAddress(query), "IPv4 addresses")?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => Address::from_message(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn add_address(&mut self, address: &Address) -> Result<()> {
+        self.write_address(address, Write::Add)
+    }
+
+    pub fn replace_address(&mut self, address: &Address) -> Result<()> {
+        self.write_address(address, Write::Replace)
+    }
+
+    fn write_address(&mut self, address: &Address, write: Write) -> Result<()> {
+        let message = RouteNetlinkMessage::NewAddress(address.message());
+        self.request(message, write.flags(), &address.to_string())
+    }
+
+    pub fn delete_address(&mut self, address: &Address) -> Result<()> {
+        let message = RouteNetlinkMessage::DelAddress(address.message());
+        self.request(message, 0, &address.to_string())
+    }
+
+    /// The IPv4 routes of the main table (what `ip route show` lists).
+    pub fn routes(&mut self) -> Result<Vec<Route>> {
+        let mut query = RouteMessage::default();
+        query.header.address_family = AddressFamily::Inet;
+        let messages = self.dump(RouteNetlinkMessage::GetRoute(query), "IPv4 routes")?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn add_route(&mut self, route: &Route) -> Result<()> {
+        self.write_route(route, Write::Add)
+    }
+
+    pub fn replace_route(&mut self, route: &Route) -> Result<()> {
+        self.write_route(route, Write::Replace)
+    }
+
+    fn write_route(&mut self, route: &Route, write: Write) -> Result<()> {
+        let message = RouteNetlinkMessage::NewRoute(route.message());
+        self.request(message, write.flags(), &route.to_string())
+    }
+
+    pub fn delete_route(&mut self, route: &Route) -> Result<()> {
+        let message = RouteNetlinkMessage::DelRoute(route.delete_message());
+        self.request(message, 0, &route.to_string())
+    }
+
+    /// The IPv4 neighbour entries of every link.
+    pub fn neighbours(&mut self) -> Result<Vec<Neighbour>> {
+        let mut query = NeighbourMessage::default();
+        query.header.family = AddressFamily::Inet;
+        let messages = self.dump(RouteNetlinkMessage::GetNeighbour(query), "IPv4 neighbours")?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => Neighbour::from_message(n),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn add_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+        self.write_neighbour(neighbour, Write::Add)
+    }
+
+    pub fn replace_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+        self.write_neighbour(neighbour, Write::Replace)
+    }
+
+    fn write_neighbour(&mut self, neighbour: &Neighbour, write: Write) -> Result<()> {
+        let message = RouteNetlinkMessage::NewNeighbour(neighbour.message());
+        self.request(message, write.flags(), &neighbour.to_string())
+    }
+
+    pub fn delete_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+        let message = RouteNetlinkMessage::DelNeighbour(neighbour.message());
+        self.request(message, 0, &neighbour.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::{Emitable, Parseable};
+
+    use super::*;
+
+    /// `message` as the kernel would read it, parsed back.
+    fn round_trip<M: Emitable + Parseable<[u8]>>(message: &M) -> M {
+        let mut bytes = vec![0; message.buffer_len()];
+        message.emit(&mut bytes);
+        M::parse(bytes.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn an_overlay_route_reads_back_as_written_with_its_encap() {
+        let mut route = Route::new("10.244.1.0/24".parse().unwrap(), 9, RouteScope::Universe);
+        route.gateway = Some("10.244.1.1".parse().unwrap());
+        route.source = Some("10.244.0.1".parse().unwrap());
+        route.onlink = true;
+        route.encap = Some(IpEncap {
+            id: 1,
+            destination: "198.51.100.2".parse().unwrap(),
+            ttl: 64,
+        });
+        let message = round_trip(&route.message());
+        assert_eq!(message.header.protocol, RouteProtocol::Boot);
+        assert_eq!(message.header.kind, RouteType::Unicast);
+        assert_eq!(Route::from_message(&message), Some(route));
+    }
+
+    #[test]
+    fn a_default_route_has_no_destination_and_a_pod_route_is_scope_link() {
+        let mut default = Route::new(Ipv4Net::default(), 3, RouteScope::Universe);
+        default.gateway = Some("169.254.1.1".parse().unwrap());
+        default.onlink = true;
+        let message = default.message();
+        assert!(!message
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Destination(_))));
+        assert_eq!(Route::from_message(&round_trip(&message)), Some(default));
+
+        let pod = Route::new("10.244.0.5/32".parse().unwrap(), 4, RouteScope::Link);
+        let message = round_trip(&pod.message());
+        assert_eq!(message.header.scope, RouteScope::Link);
+        assert_eq!(Route::from_message(&message), Some(pod.clone()));
+        // Deleting matches any scope, by destination and device.
+        let delete = round_trip(&pod.delete_message());
+        assert_eq!(delete.header.scope, RouteScope::NoWhere);
+        assert_eq!(
+            Route::from_message(&delete).map(|r| (r.destination, r.device)),
+            Some((pod.destination, pod.device))
+        );
+    }
+
+    #[test]
+    fn routes_of_other_tables_and_families_are_not_read() {
+        let pod = Route::new("10.244.0.5/32".parse().unwrap(), 4, RouteScope::Link);
+        let mut local = pod.message();
+        local.header.table = 255;
+        assert_eq!(Route::from_message(&round_trip(&local)), None);
+        let mut by_attribute = pod.message();
+        by_attribute.attributes.push(RouteAttribute::Table(1000));
+        assert_eq!(Route::from_message(&round_trip(&by_attribute)), None);
+        let mut ipv6 = RouteMessage::default();
+        ipv6.header.address_family = AddressFamily::Inet6;
+        assert_eq!(Route::from_message(&ipv6), None);
+    }
+
+    #[test]
+    fn neighbours_and_addresses_read_back_as_written() {
+        let gateway = Neighbour::permanent(3, "169.254.1.1".parse().unwrap(), [0xee; 6]);
+        let message = round_trip(&gateway.message());
+        assert_eq!(message.header.state, NeighbourState::Permanent);
+        assert_eq!(Neighbour::from_message(&message), Some(gateway));
+        let forget = Neighbour {
+            mac: None,
+            permanent: false,
+            ..gateway
+        };
+        assert_eq!(
+            Neighbour::from_message(&round_trip(&forget.message())),
+            Some(forget)
+        );
+
+        let address = Address {
+            device: 3,
+            ip: "10.244.0.5".parse().unwrap(),
+            prefix_len: 32,
+        };
+        assert_eq!(
+            Address::from_message(&round_trip(&address.message())),
+            Some(address)
+        );
+        // A point-to-point address: the local one is the interface's.
+        let mut peer = address.message();
+        peer.attributes = vec![
+            AddressAttribute::Address("10.0.0.2".parse().unwrap()),
+            AddressAttribute::Local("10.0.0.1".parse().unwrap()),
+        ];
+        assert_eq!(
+            Address::from_message(&round_trip(&peer)).map(|a| a.ip),
+            Some("10.0.0.1".parse().unwrap())
+        );
+    }
+}
