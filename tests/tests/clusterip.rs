@@ -387,6 +387,7 @@ fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() ->
     .enumerate()
     {
         let ips: Vec<_> = ready.iter().map(|(_, ip)| *ip).collect();
+        let syncs_before = node.metric("ferrite_syncs_total")?;
         node.write_config(&cluster::example_with_backends(&node.name, &ips))?;
         node.wait_for_maps("the UDP Service to have the step's backend", |m| {
             let key =
@@ -399,6 +400,16 @@ fn a_udp_client_follows_its_service_through_backend_churn_and_scale_to_zero() ->
                 .map(|b| std::net::Ipv4Addr::from(b.address));
             count == Some(ips.len()) && (ips.is_empty() || first == Some(ips[0]))
         })?;
+        // The maps show the new backend before the sync ends: it still purges the
+        // flows of removed backends, and a request sent in between could take one.
+        ferrite_tests::lab::wait_until(
+            "the step's sync to end",
+            ferrite_tests::lab::SETTLE,
+            || {
+                node.metric("ferrite_syncs_total")
+                    .is_ok_and(|syncs| syncs > syncs_before)
+            },
+        )?;
         match ready {
             Some((name, _)) => {
                 let answered = (0..50).find_map(|_| ask(&mut sequence));

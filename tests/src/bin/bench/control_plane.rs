@@ -218,7 +218,16 @@ pub fn bench(scale: &Scale) -> Result<()> {
             .and_then(|m| m.services.get(&last_service, 0).ok())
             .is_some()
     };
-    wait_until("the first full sync", Duration::from_secs(600), maps_ready)?;
+    if let Err(e) = wait_until("the first full sync", Duration::from_secs(600), maps_ready) {
+        let log = node
+            .agent
+            .as_ref()
+            .map(|a| a.log_text())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        eprintln!("agent log (last lines, newest first):\n{}", tail.join("\n"));
+        return Err(e);
+    }
     let first_sync = start.elapsed();
     let pid = node.agent.as_ref().map(|a| a.pid()).unwrap_or(0);
 
