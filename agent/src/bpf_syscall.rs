@@ -1,7 +1,9 @@
 //! The bpf(2) commands aya 0.14 does not offer: BPF_OBJ_GET of any pinned object,
-//! BPF_LINK_UPDATE (users in `datapath`) and BPF_MAP_UPDATE_BATCH, which writes many
-//! entries of one map in one call: a first sync of 10,000 Services is 220,000
-//! entries, and a syscall each was most of its write time.
+//! BPF_LINK_UPDATE (users in `datapath`), and BPF_MAP_UPDATE_BATCH and
+//! BPF_MAP_LOOKUP_BATCH, which write or read many entries of one map in one call: a
+//! first sync of 10,000 Services is 220,000 entries, and a syscall each (two to read:
+//! next key, then value) was most of the time of writing them and of a full resync's
+//! read-back.
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// The bpf(2) syscall with command `cmd` on `attr` (a prefix of `union bpf_attr`).
@@ -37,6 +39,20 @@ pub struct BatchError {
     pub error: std::io::Error,
 }
 
+/// The `batch` member of `union bpf_attr` (no implicit padding: 8-byte fields, two
+/// u32, 8-byte fields).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// BPF_MAP_UPDATE_BATCH of `keys[i] -> values[i]` (BPF_ANY) into the map `map`,
 /// in order. `K` and `V` must be the map's key and value types (their sizes are the
 /// map's key and value sizes: slices of them are the packed arrays the kernel reads).
@@ -46,17 +62,6 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> Result<(), BatchError> {
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
     assert_eq!(keys.len(), values.len(), "one value per key");
     if keys.is_empty() {
@@ -82,5 +87,67 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
             written: attr.count as usize,
             error,
         }),
+    }
+}
+
+/// Every entry of the hash map `map` (not per-CPU) by BPF_MAP_LOOKUP_BATCH, `chunk`
+/// entries per call; `K` and `V` must be the map's key and value types. `None` when
+/// the kernel has no batch lookup for this map (read it entry by entry instead).
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd,
+    chunk: usize,
+) -> std::io::Result<Option<Vec<(K, V)>>> {
+    const BPF_MAP_LOOKUP_BATCH: nix::libc::c_long = 24;
+    let mut entries = Vec::new();
+    let mut keys: Vec<K> = Vec::with_capacity(chunk);
+    let mut values: Vec<V> = Vec::with_capacity(chunk);
+    // The hash map's position token (a bucket index, u32); u64 leaves room.
+    let (mut position, mut next_position) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u64 as u64
+            },
+            out_batch: &mut next_position as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).expect("chunk fits in u32"),
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the batch member of bpf_attr; the key and value buffers
+        // have room for `count` packed elements and the tokens for a u32 each.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match result {
+            Ok(_) => false,
+            // The last call: what it read is in `count`.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => true,
+            Err(e)
+                if first
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EINVAL | nix::libc::ENOTSUP | 524)
+                    ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let read = (attr.count as usize).min(chunk);
+        // SAFETY: the kernel wrote `read` whole keys and values (plain data).
+        unsafe {
+            keys.set_len(read);
+            values.set_len(read);
+        }
+        entries.extend(keys.drain(..).zip(values.drain(..)));
+        if done {
+            return Ok(Some(entries));
+        }
+        position = next_position;
+        first = false;
     }
 }

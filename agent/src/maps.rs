@@ -34,9 +34,10 @@ pub fn pinned_capacities(pin_dir: &Path) -> Result<Capacities> {
     })
 }
 
-/// The most entries one batch call writes: enough to make the syscall's own cost
-/// vanish (a few hundred ns against ~1 µs per entry), few enough that a call is short
-/// and an agent stopped mid-sync stops between calls, in the order of its writes.
+/// The most entries one batch call writes or reads: enough to make the syscall's own
+/// cost vanish (a few hundred ns against ~1 µs per entry), few enough that a call is
+/// short and an agent stopped mid-sync stops between calls, in the order of its
+/// writes.
 const BATCH: usize = 1024;
 
 /// The open pinned maps of one node.
@@ -76,13 +77,20 @@ fn open(pin_dir: &Path, name: &str) -> Result<Map> {
     Map::from_map_data(data).with_context(|| format!("map {name}"))
 }
 
+/// Every entry of a hash map, read [`BATCH`] at a time (entry by entry where the
+/// kernel has no batch lookup).
 fn entries<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &str,
 ) -> Result<std::collections::BTreeMap<K, V>> {
-    map.iter()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {name}"))
+    let fd = map.map().fd().as_fd();
+    match crate::bpf_syscall::lookup_all(fd, BATCH).with_context(|| format!("reading {name}"))? {
+        Some(entries) => Ok(entries.into_iter().collect()),
+        None => map
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {name}")),
+    }
 }
 
 impl NodeMaps {
