@@ -203,9 +203,10 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
+    use crate::model::objects::Service;
 
     /// What the driver asked of the node.
     #[derive(Debug, PartialEq, Eq)]

@@ -21,10 +21,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     runtime::{
         reflector::{self, ObjectRef, Store},
@@ -39,7 +36,11 @@ use tracing::{info, warn};
 
 use crate::{
     driver::{ServiceChanges, Snapshot, Source, SourceEvent},
-    model::{self, ClusterObjects, ServiceRef},
+    model::{
+        self,
+        objects::{EndpointSlice, Service},
+        ClusterObjects, ServiceRef,
+    },
     telemetry::{ResourceLabel, Telemetry},
 };
 

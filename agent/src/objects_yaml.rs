@@ -1,6 +1,7 @@
 //! The file format of the file source: a multi-document YAML of real Kubernetes
 //! objects (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind:
-//! List` is unwrapped). Each document is parsed on its own with k8s-openapi types, so
+//! List` is unwrapped). Each document is parsed on its own (Services and
+//! EndpointSlices into the model's own types, Pods and Nodes into k8s-openapi's), so
 //! one bad object is skipped with a reason and the others still apply. A file that
 //! is not YAML at all (a syntax error anywhere) or holds no document (empty: caught
 //! mid-write?) is refused whole: the agent keeps what it applied last, rather than

@@ -2,13 +2,11 @@
 //! for the watch cache (kept here, next to the code that reads compacted slices).
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::{
-    api::{core::v1::ServicePort, discovery::v1::EndpointSlice},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     fields::{object_name, parse_ipv4, valid_port},
+    objects::{Endpoint, EndpointConditions, EndpointSlice, ServicePort},
     service::ThisNode,
     L4Addr, Protocol, ServiceRef, SkipReason, Skipped,
 };
@@ -143,7 +141,7 @@ enum EndpointState {
     Unused,
 }
 
-fn endpoint_state(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> EndpointState {
+fn endpoint_state(endpoint: &Endpoint) -> EndpointState {
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
@@ -205,10 +203,9 @@ fn is_compacted(slice: &EndpointSlice) -> bool {
 /// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
 /// addresses of the endpoints alike for the model (same state, same node),
 /// comma-separated, become the one address of one endpoint per such group (one
-/// 352-byte `Endpoint` and one string instead of one of each per pod); other
-/// endpoint fields go. The model reads the result exactly as the original.
+/// `Endpoint` and one string instead of one of each per pod); later addresses of an
+/// endpoint go. The model reads the result exactly as the original.
 pub fn compact_slice(slice: &mut EndpointSlice) {
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
     if is_compacted(slice) {
         return;
     }
@@ -239,7 +236,6 @@ pub fn compact_slice(slice: &mut EndpointSlice) {
                 terminating: Some(!ready),
             }),
             node_name,
-            ..Default::default()
         })
         .collect();
     slice.endpoints = (!endpoints.is_empty()).then_some(endpoints);

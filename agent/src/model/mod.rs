@@ -19,6 +19,7 @@ mod build;
 mod endpoints;
 mod fields;
 mod nodes;
+pub mod objects;
 mod pods;
 mod service;
 mod skipped;

@@ -3,17 +3,12 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     endpoints::{port_backends, PortEndpoints},
     fields::{parse_ipv4, truncated, valid_port},
+    objects::{EndpointSlice, Service, ServicePort, ServiceSpec},
     ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef,
     SkipReason, Skipped,
 };

@@ -4,14 +4,13 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
+
+use super::objects::{EndpointSlice, Service};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
