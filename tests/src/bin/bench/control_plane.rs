@@ -191,6 +191,8 @@ fn kube_proxy(services: u32) -> Result<KubeProxy> {
 pub fn bench(scale: &Scale) -> Result<()> {
     let services = scale.services;
     let mut node = Node::new("cp")?;
+    // The agent's default full-resync period, not the tests' quick one.
+    node.resync_seconds = 10;
     for (map, capacity) in scale.capacities {
         node.agent_args
             .extend(["--map-capacity".to_string(), format!("{map}={capacity}")]);
