@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use ferrite_agent::model::pod_interface_name;
 use serde_json::{json, Value};
 
-use crate::lab::{ferrite_bin, unique, Netns, Node, Pod};
+use crate::lab::{ferrite_bin, unique, wait_until, Cluster, Netns, Node, Pod};
 
 /// Where Debian's containernetworking-plugins are.
 pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/cni";
@@ -305,4 +305,19 @@ impl Runtime {
             config.to_string().as_bytes(),
         )
     }
+}
+
+/// A one-node cluster (underlay, world) with the agent synced and the node's pod
+/// CIDR (10.244.0.0/24, from its Node object) published for the plugin.
+pub fn one_node_cluster() -> Result<Cluster> {
+    let mut cluster = Cluster::new(1)?;
+    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
+    cluster.start_agents()?;
+    let node = &cluster.nodes[0];
+    wait_until(
+        "the pod CIDR is published",
+        std::time::Duration::from_secs(15),
+        || ferrite_agent::hostnet::pod_cidr_file(&node.name).exists(),
+    )?;
+    Ok(cluster)
 }

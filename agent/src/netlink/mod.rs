@@ -32,14 +32,25 @@ pub struct Error {
 }
 
 impl Error {
-    /// An answer of a kind the request does not expect.
-    fn unexpected(operation: &'static str, object: &str) -> Self {
+    /// `operation` on `object` failed with `source` (and the kernel's own text).
+    fn of(
+        operation: &'static str,
+        object: &str,
+        source: io::Error,
+        kernel_message: Option<String>,
+    ) -> Self {
         Self {
             operation,
             object: object.to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "unexpected answer"),
-            kernel_message: None,
+            source,
+            kernel_message,
         }
+    }
+
+    /// An answer of a kind the request does not expect.
+    fn unexpected(operation: &'static str, object: &str) -> Self {
+        let source = io::Error::new(io::ErrorKind::InvalidData, "unexpected answer");
+        Self::of(operation, object, source, None)
     }
 
     /// The errno the kernel answered (or the socket failed) with.
@@ -167,12 +178,7 @@ impl Netlink {
     /// kernel's error names `object`. Answers other than the ack (an echo) are ignored.
     fn request(&mut self, message: RouteNetlinkMessage, flags: u16, object: &str) -> Result<()> {
         let operation = operation(&message);
-        let fail = |source, kernel_message| Error {
-            operation,
-            object: object.to_string(),
-            source,
-            kernel_message,
-        };
+        let fail = |source, kernel_message| Error::of(operation, object, source, kernel_message);
         let sequence = self
             .send(message, flags | NLM_F_ACK)
             .map_err(|e| fail(e, None))?;
@@ -188,12 +194,7 @@ impl Netlink {
     /// Send `message` (a GET of one object) and return the kernel's answer.
     fn get(&mut self, message: RouteNetlinkMessage, object: &str) -> Result<RouteNetlinkMessage> {
         let operation = operation(&message);
-        let fail = |source, kernel_message| Error {
-            operation,
-            object: object.to_string(),
-            source,
-            kernel_message,
-        };
+        let fail = |source, kernel_message| Error::of(operation, object, source, kernel_message);
         let sequence = self.send(message, 0).map_err(|e| fail(e, None))?;
         let answer = self
             .receive(sequence, |message| match message.payload {
@@ -218,12 +219,7 @@ impl Netlink {
         object: &str,
     ) -> Result<Vec<RouteNetlinkMessage>> {
         let operation = operation(&message);
-        let fail = |source, kernel_message| Error {
-            operation,
-            object: object.to_string(),
-            source,
-            kernel_message,
-        };
+        let fail = |source, kernel_message| Error::of(operation, object, source, kernel_message);
         for _ in 0..DUMP_ATTEMPTS {
             let sequence = self
                 .send(message.clone(), NLM_F_DUMP)

@@ -4,7 +4,7 @@
 //! is uniquely named and removed on every path.
 mod hostile;
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::net::SocketAddrV4;
 
 use anyhow::{ensure, Context, Result};
 use ferrite_agent::{datapath, hostnet};
@@ -12,21 +12,15 @@ use ferrite_common::{EndpointKey, VXLAN_DEVICE};
 use ferrite_tests::{
     cluster::{self, TCP_FRONTEND, TCP_TARGET},
     cni::{ferrite_conflist, Runtime, Sandbox},
-    lab::{answered_by, parse_answer, sh, wait_until, Cluster, Node, WORLD_GATEWAY},
+    lab::{answered_by, parse_answer, sh, Cluster, Node, WORLD_GATEWAY},
 };
 use serde_json::{json, Value};
 
 /// A one-node cluster (underlay, world) with the agent synced and the node's pod
 /// CIDR (10.244.0.0/24, from its Node object) published for the plugin.
 fn cni_cluster() -> Result<(Cluster, Runtime)> {
-    let mut cluster = Cluster::new(1)?;
-    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
-    cluster.start_agents()?;
-    let node = &cluster.nodes[0];
-    wait_until("the pod CIDR is published", Duration::from_secs(15), || {
-        hostnet::pod_cidr_file(&node.name).exists()
-    })?;
-    let runtime = Runtime::new(node, ferrite_conflist(node));
+    let cluster = ferrite_tests::cni::one_node_cluster()?;
+    let runtime = Runtime::new(&cluster.nodes[0], ferrite_conflist(&cluster.nodes[0]));
     Ok((cluster, runtime))
 }
 

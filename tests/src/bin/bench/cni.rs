@@ -10,11 +10,7 @@ use std::{
 };
 
 use anyhow::{ensure, Result};
-use ferrite_agent::hostnet;
-use ferrite_tests::{
-    cni::{ferrite_conflist, Runtime, Sandbox},
-    lab::{wait_until, Cluster},
-};
+use ferrite_tests::cni::{ferrite_conflist, Runtime, Sandbox};
 
 const CYCLES: usize = 200;
 
@@ -44,13 +40,8 @@ impl Plugin {
 }
 
 pub fn bench() -> Result<()> {
-    let mut cluster = Cluster::new(1)?;
-    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
-    cluster.start_agents()?;
+    let cluster = ferrite_tests::cni::one_node_cluster()?;
     let node = &cluster.nodes[0];
-    wait_until("the pod CIDR is published", Duration::from_secs(15), || {
-        hostnet::pod_cidr_file(&node.name).exists()
-    })?;
     let mut binaries = vec![("this build".to_string(), None)];
     if let Some(baseline) = std::env::var_os("FERRITE_BENCH_CNI_BASELINE") {
         let path = PathBuf::from(baseline);
