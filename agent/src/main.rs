@@ -395,7 +395,7 @@ fn run_agent(
     let telemetry = agent::NodeAgent::telemetry(options);
     // The datapath loads (verifier time) while the source lists the cluster (API
     // round trips and parsing): the first sync needs both.
-    let (node, source) = std::thread::scope(|scope| {
+    let (node, mut source) = std::thread::scope(|scope| {
         // Capabilities are per thread: the loading thread keeps them all and ends with
         // the load; every thread started after the drop below inherits the few kept.
         let loading = std::thread::Builder::new()
@@ -416,14 +416,13 @@ fn run_agent(
     )?);
     clear_monitor_on_exit(exit_signals, hub.clone())?;
     telemetry::serve(http_addr, telemetry.clone())?;
-    let mut source = source;
     let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();
     stopped
 }
 
-/// The agent's source of cluster objects: the file, else the Kubernetes API (which
-/// returns once the initial lists are in).
+/// The agent's source of cluster objects: the file, else the Kubernetes API (its
+/// lists run in the background; the first snapshot waits for them).
 fn start_source(
     options: &agent::AgentOptions,
     config: Option<PathBuf>,

@@ -191,10 +191,7 @@ impl Datapath {
             .load(&bytes)
             .with_context(|| format!("loading {}", object.display()))?;
         for (name, pinned) in TC_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("{name} missing from the object"))?
-                .try_into()?;
+            let program: &mut SchedClassifier = program_of_object(&mut ebpf, name)?;
             program
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
@@ -207,34 +204,22 @@ impl Datapath {
             program.pin(&program_pin)?;
         }
         for (name, _) in program_names::SOCKET_LB {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("{name} missing from the object"))?
-                .try_into()?;
+            let program: &mut CgroupSockAddr = program_of_object(&mut ebpf, name)?;
             program
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::FROM_WORLD)
-            .context("ferrite_from_world missing from the object")?
-            .try_into()?;
+        let xdp: &mut Xdp = program_of_object(&mut ebpf, program_names::FROM_WORLD)?;
         xdp.load()
             .with_context(|| format!("verifier rejected {}", program_names::FROM_WORLD))?;
-        let explain: &mut Xdp = ebpf
-            .program_mut(program_names::EXPLAIN_WORLD)
-            .context("ferrite_explain_world missing from the object")?
-            .try_into()?;
+        let explain: &mut Xdp = program_of_object(&mut ebpf, program_names::EXPLAIN_WORLD)?;
         explain
             .load()
             .with_context(|| format!("verifier rejected {}", program_names::EXPLAIN_WORLD))?;
         let explain_pin = pin_dir.join(program_names::EXPLAIN_WORLD);
         let _ = fs::remove_file(&explain_pin);
         explain.pin(&explain_pin)?;
-        let clock: &mut SchedClassifier = ebpf
-            .program_mut(program_names::CLOCK)
-            .context("ferrite_clock missing from the object")?
-            .try_into()?;
+        let clock: &mut SchedClassifier = program_of_object(&mut ebpf, program_names::CLOCK)?;
         clock
             .load()
             .with_context(|| format!("verifier rejected {}", program_names::CLOCK))?;
@@ -309,11 +294,7 @@ impl Datapath {
         if pinned_link(&links_dir(&self.pin_dir).join(attachment.pin_name()))?.is_some() {
             return Ok(false);
         }
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .context("program missing")?
-            .try_into()?;
+        let program: &mut SchedClassifier = program_of_object(&mut self.ebpf, program)?;
         attach_and_pin(program, interface, direction, &self.pin_dir)
     }
 
@@ -336,11 +317,7 @@ impl Datapath {
         let cgroup = fs::File::open(root)
             .with_context(|| format!("opening the cgroup {}", root.display()))?;
         for (name, hook) in program_names::SOCKET_LB {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .context("program missing")?
-                .try_into()?;
+            let program: &mut CgroupSockAddr = program_of_object(&mut self.ebpf, name)?;
             // bpf_link_create takes no flags for cgroups (links always coexist).
             let link_id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
@@ -453,6 +430,17 @@ fn program_of(attachment: &Attachment, uplink: Option<&str>) -> Option<&'static 
 /// The loopback device: the node's own Service traffic to its own addresses.
 pub const LOOPBACK_DEVICE: &str = "lo";
 
+/// Program `name` of the loaded object, as its type `P`.
+fn program_of_object<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the object"))?;
+    Ok(program.try_into()?)
+}
+
 /// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.
 fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
@@ -524,11 +512,7 @@ impl Datapath {
         if pinned_link(&link_pin)?.is_some() {
             return Ok(false);
         }
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(program_names::FROM_WORLD)
-            .context("program missing")?
-            .try_into()?;
+        let program: &mut Xdp = program_of_object(&mut self.ebpf, program_names::FROM_WORLD)?;
         let link_id = program
             .attach(interface, XdpMode::default())
             .with_context(|| format!("attaching XDP to {interface}"))?;

@@ -15,7 +15,7 @@ use ferrite_tests::{
     lab::{node_yaml, wait_until, Netns, Node},
 };
 
-use super::{iptables_restore, kube_proxy_endpoints, percentile};
+use super::{iptables_restore, kube_proxy_endpoints, percentile, timed_in_netns};
 
 const ENDPOINTS: u32 = 10;
 const CHANGES: usize = 100;
@@ -141,18 +141,6 @@ fn nft_rules(services: std::ops::Range<u32>, whole_table: bool) -> String {
     out
 }
 
-fn nft_load(netns: &Netns, input: &str) -> Result<Duration> {
-    use std::io::Write;
-    let mut command = std::process::Command::new("nsenter");
-    command.arg(format!("--net={}", netns.path().display()));
-    command.args(["nft", "-f", "-"]);
-    let start = Instant::now();
-    let mut child = command.stdin(std::process::Stdio::piped()).spawn()?;
-    child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "nft -f failed");
-    Ok(start.elapsed())
-}
-
 /// What kube-proxy takes for the same Services: the full load and one Service's
 /// rewrite (20 times with iptables-restore, 5 with nft -f).
 struct KubeProxy {
@@ -170,7 +158,7 @@ fn kube_proxy(services: u32) -> Result<KubeProxy> {
     for _ in 0..20 {
         iptables_one.push(iptables_restore(&netns, &one, true)?.as_secs_f64() * 1000.0);
     }
-    let nft_full = nft_load(&netns, &nft_rules(0..services, true))?;
+    let nft_full = timed_in_netns(&netns, &["nft", "-f", "-"], &nft_rules(0..services, true))?;
     // nft reads the whole table back before each change: seconds at 10k, so fewer.
     let mut nft_one = Vec::new();
     for _ in 0..5 {
@@ -178,7 +166,7 @@ fn kube_proxy(services: u32) -> Result<KubeProxy> {
             "add element",
             "delete element ip kube-proxy service-ips { 10.100.0.0 . tcp . 80 }\nadd element",
         );
-        nft_one.push(nft_load(&netns, &input)?.as_secs_f64() * 1000.0);
+        nft_one.push(timed_in_netns(&netns, &["nft", "-f", "-"], &input)?.as_secs_f64() * 1000.0);
     }
     Ok(KubeProxy {
         iptables_full,

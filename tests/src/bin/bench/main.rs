@@ -161,16 +161,28 @@ fn iptables_restore(
     input: &str,
     noflush: bool,
 ) -> Result<std::time::Duration> {
+    let command: &[&str] = if noflush {
+        &["iptables-restore", "--noflush"]
+    } else {
+        &["iptables-restore"]
+    };
+    timed_in_netns(netns, command, input)
+}
+
+/// How long `command` takes in `netns` to read `input` from stdin and succeed.
+fn timed_in_netns(
+    netns: &ferrite_tests::lab::Netns,
+    command: &[&str],
+    input: &str,
+) -> Result<std::time::Duration> {
     use std::io::Write;
-    let mut command = std::process::Command::new("ip");
-    command.args(["netns", "exec", &netns.name, "iptables-restore"]);
-    if noflush {
-        command.arg("--noflush");
-    }
+    let mut process = std::process::Command::new("nsenter");
+    process.arg(format!("--net={}", netns.path().display()));
+    process.args(command);
     let start = std::time::Instant::now();
-    let mut child = command.stdin(std::process::Stdio::piped()).spawn()?;
+    let mut child = process.stdin(std::process::Stdio::piped()).spawn()?;
     child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "iptables-restore failed");
+    anyhow::ensure!(child.wait()?.success(), "{} failed", command.join(" "));
     Ok(start.elapsed())
 }
 
