@@ -22,9 +22,9 @@ use crate::{
     driver::{FullSync, ServiceChanges, Snapshot, SyncTarget, Synced},
     hostnet,
     maps::{self, NodeMaps},
-    model::{self, ClusterObjects, L4Addr, ServiceRef},
+    model::{self, ClusterObjects, ServiceRef},
     plan, podnet,
-    telemetry::{ServiceNames, Telemetry},
+    telemetry::{ServiceNames, SkipLog, Telemetry},
 };
 
 /// How the node's datapath is loaded and what it accepts.
@@ -75,14 +75,10 @@ pub struct SyncReport {
     pub waiting_for_interfaces: bool,
     /// Service port names by frontend (ip, port), for the per-backend metrics.
     pub service_names: Arc<ServiceNames>,
-    /// Which Service owns each frontend (for incremental updates).
-    pub owners: BTreeMap<L4Addr, ServiceRef>,
-    /// Health-check ports to serve.
-    pub health_checks: BTreeMap<u16, model::HealthCheck>,
 }
 
 impl SyncReport {
-    /// The Services of `state`: their count, names, owners and health checks.
+    /// The Services of `state`: their count and names.
     fn of_services(state: &model::DesiredState) -> Self {
         Self {
             services: state.services.len(),
@@ -95,12 +91,6 @@ impl SyncReport {
                     })
                     .collect(),
             ),
-            owners: state
-                .services
-                .iter()
-                .map(|(frontend, service)| (*frontend, service.service.clone()))
-                .collect(),
-            health_checks: state.health_checks.clone(),
             ..Self::default()
         }
     }
@@ -111,13 +101,13 @@ pub struct NodeAgent {
     pub settings: plan::NodeSettings,
     pub telemetry: Arc<Telemetry>,
     parts: NodeParts,
-    /// What the last successful sync left in the maps: event-driven syncs diff
-    /// against it instead of re-reading every map (110k entries at 10k Services).
-    written: Option<plan::Written>,
-    /// Frontends of each Service and the owner of each frontend, as last written.
-    frontends_of: BTreeMap<ServiceRef, BTreeSet<L4Addr>>,
-    owner_of: BTreeMap<L4Addr, ServiceRef>,
+    /// What the last successful sync left in the maps and from what: event-driven
+    /// syncs diff against it instead of re-reading every map (110k entries at 10k
+    /// Services), and Service updates build in its node context.
+    node: Option<plan::NodeState>,
     health_checks: crate::healthcheck::HealthChecks,
+    /// Skipped objects already logged: each is logged when first skipped or changed.
+    skip_log: SkipLog,
 }
 
 /// What a sync writes to: the loaded datapath, its pinned maps, and the node's host
@@ -181,10 +171,9 @@ impl NodeAgent {
                     overlay: None,
                 },
             },
-            written: None,
-            frontends_of: BTreeMap::new(),
-            owner_of: BTreeMap::new(),
+            node: None,
             health_checks: Default::default(),
+            skip_log: SkipLog::default(),
         })
     }
 
@@ -201,7 +190,7 @@ impl NodeAgent {
         let start = Instant::now();
         let event_driven = how == FullSync::AfterChange;
         let cached = if event_driven {
-            self.written.take().map(|written| written.contents)
+            self.node.take().map(|node| node.written.contents)
         } else {
             None
         };
@@ -212,10 +201,10 @@ impl NodeAgent {
             }),
             None => self.parts.maps.contents(),
         };
-        if let (Ok(actual), Some(expected)) = (&current, &self.written) {
-            self.report_drift(&expected.contents, actual);
+        if let (Ok(actual), Some(node)) = (&current, &self.node) {
+            self.report_drift(&node.written.contents, actual);
         }
-        let ids_from = self.written.as_ref().map(|w| &w.contents);
+        let ids_from = self.node.as_ref().map(|node| &node.written.contents);
         if !event_driven {
             // Full syncs read the host side back too, repairing drift there.
             self.parts.host.overlay = None;
@@ -230,23 +219,19 @@ impl NodeAgent {
                 &mut self.parts,
             )
         });
-        // Skipped objects are logged on the first sync and on every change.
-        let verbose = event_driven || self.telemetry.syncs.get() == 0;
+        let first = self.telemetry.syncs.get() == 0;
         self.telemetry
             .sync_duration
             .observe(start.elapsed().as_secs_f64());
         self.telemetry.syncs.inc();
         match result {
-            Ok((report, written)) => {
-                self.written = Some(plan::Written::new(written));
+            Ok((report, node)) => {
                 self.telemetry.map_writes.inc_by(report.writes as u64);
                 self.telemetry
                     .skipped_objects
                     .set(report.skipped.len() as i64);
-                if verbose || report.writes > 0 {
-                    for skipped in &report.skipped {
-                        warn!("skipped {skipped}");
-                    }
+                self.skip_log.full_sync(&report.skipped);
+                if event_driven || first || report.writes > 0 {
                     info!(
                         services = report.services,
                         endpoints = report.endpoints,
@@ -257,15 +242,8 @@ impl NodeAgent {
                 }
                 self.telemetry
                     .set_service_names(report.service_names.clone());
-                self.owner_of = report.owners.clone();
-                self.health_checks.set(&report.health_checks);
-                self.frontends_of.clear();
-                for (frontend, owner) in &self.owner_of {
-                    self.frontends_of
-                        .entry(owner.clone())
-                        .or_default()
-                        .insert(*frontend);
-                }
+                self.health_checks.set(&node.health_checks);
+                self.node = Some(node);
                 self.telemetry.set_ready();
                 if !event_driven {
                     self.collect_conntrack_garbage();
@@ -313,10 +291,10 @@ impl NodeAgent {
     /// With every full sync: each pod's host veth up, the node's /32 route and
     /// permanent neighbour for it (see [`podnet::repair_host_sides`]).
     fn repair_pod_wiring(&self) {
-        let Some(written) = &self.written else {
+        let Some(node) = &self.node else {
             return;
         };
-        match podnet::repair_host_sides(&written.contents.endpoints) {
+        match podnet::repair_host_sides(&node.written.contents.endpoints) {
             Ok(repaired) => {
                 for pod in &repaired {
                     warn!("pod wiring repaired: {pod}");
@@ -354,80 +332,46 @@ impl NodeAgent {
     }
 
     /// Update only the Services `changed` (present in `objects` with their
-    /// EndpointSlices, or gone): O(their entries), not O(all Services). Needs a
-    /// previous full sync; returns `false` when a full sync must be done instead.
+    /// EndpointSlices, or gone): O(their entries), not O(all Services), built in the
+    /// node context of the last full sync. Returns `false` when a full sync must be
+    /// done instead (none yet, a Service sharing a claim, or a failed write).
     pub fn sync_services(
         &mut self,
         changed: &BTreeSet<ServiceRef>,
         objects: &ClusterObjects,
     ) -> bool {
-        let Some(mut written) = self.written.take() else {
+        let start = Instant::now();
+        let Some(node) = &mut self.node else {
             return false;
         };
-        let start = Instant::now();
-        let (state, mut skipped) =
-            model::build(objects, &self.settings.node, &self.settings.limits);
-        self.health_checks
-            .update_services(changed, &state.health_checks);
-        let mut frontends: BTreeSet<L4Addr> = changed
-            .iter()
-            .filter_map(|service| self.frontends_of.get(service))
-            .flatten()
-            .copied()
-            .collect();
-        let mut now = BTreeMap::new();
-        for (frontend, service) in state.services {
-            match self.owner_of.get(&frontend) {
-                Some(owner) if !changed.contains(owner) => skipped.push(model::Skipped {
-                    object: service.name.clone(),
-                    reason: model::SkipReason::FrontendTaken {
-                        frontend,
-                        owner: owner.to_string(),
-                    },
-                }),
-                _ => {
-                    frontends.insert(frontend);
-                    now.insert(frontend, service);
-                }
-            }
-        }
-        let (ops, more) =
-            plan::service_update(&written, &frontends, &now, &self.settings.capacities);
-        skipped.extend(more);
-        if let Err(e) = write_maps(&mut self.parts.maps, &written.contents, &ops) {
-            // The maps may hold part of `ops`: the next (full) sync re-reads them.
+        let Some(plan) = node.plan_services(changed, objects, &self.settings.capacities) else {
+            debug!(
+                services = changed.len(),
+                "a changed Service shares a frontend or health-check port: full sync"
+            );
+            return false;
+        };
+        if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
+            // The maps may hold part of the ops: the next (full) sync re-reads them.
+            self.node = None;
             self.telemetry.sync_errors.inc();
             error!("incremental sync failed: {e:#}");
             return false;
         }
-        written.apply(&ops);
-        self.written = Some(written);
-        for service in changed {
-            for frontend in self.frontends_of.remove(service).unwrap_or_default() {
-                if self.owner_of.get(&frontend) == Some(service) {
-                    self.owner_of.remove(&frontend);
-                }
-            }
-        }
-        for (frontend, service) in &now {
-            self.owner_of.insert(*frontend, service.service.clone());
-            self.frontends_of
-                .entry(service.service.clone())
-                .or_default()
-                .insert(*frontend);
-        }
+        self.health_checks
+            .update_services(changed, plan.health_checks());
+        self.skip_log.update(&plan.skipped);
+        let writes = plan.ops.len();
+        node.commit(plan);
         self.telemetry
             .sync_duration
             .observe(start.elapsed().as_secs_f64());
         self.telemetry.syncs.inc();
-        self.telemetry.map_writes.inc_by(ops.len() as u64);
-        for skipped in &skipped {
-            warn!("skipped {skipped}");
-        }
-        if !ops.is_empty() {
+        self.telemetry.map_writes.inc_by(writes as u64);
+        if writes > 0 {
             info!(
                 services = changed.len(),
-                writes = ops.len(),
+                writes,
                 micros = start.elapsed().as_micros() as u64,
                 "synced changed services"
             );
@@ -638,7 +582,8 @@ pub fn pending_writes(
     settings: &plan::NodeSettings,
     maps: &NodeMaps,
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
-    let (state, mut skipped) = model::build(objects, &settings.node, &settings.limits);
+    let (context, mut skipped) =
+        model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes);
     let current = maps.contents()?;
     // What the running agent was started with, as its maps show it: where the uplink
     // balances external traffic, the overlay's VNI and port (once it has written them).
@@ -657,10 +602,16 @@ pub fn pending_writes(
         },
         ..settings.clone()
     };
-    let (desired, more) =
-        plan::desired_contents(&state, &datapath::interfaces()?, &current, settings);
-    skipped.extend(more);
-    Ok((plan::diff(&current, &desired), skipped))
+    let plan = plan::FullPlan::new(
+        objects,
+        context,
+        &datapath::interfaces()?,
+        &current,
+        None,
+        settings,
+    );
+    skipped.extend(plan.skipped);
+    Ok((plan.ops, skipped))
 }
 
 /// One reconciliation: objects -> model -> plan -> ordered map writes, plus the
@@ -675,18 +626,20 @@ pub fn reconcile(
     ids_from: Option<&plan::MapContents>,
     settings: &plan::NodeSettings,
     parts: &mut NodeParts,
-) -> Result<(SyncReport, plan::MapContents)> {
+) -> Result<(SyncReport, plan::NodeState)> {
     let NodeParts {
         datapath,
         maps,
         host,
     } = parts;
-    let (state, more) = model::build(objects, &settings.node, &settings.limits);
+    let (context, more) = model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes);
     skipped.extend(more);
-
-    // The uplink (the interface holding this node's IP): XDP for external traffic,
-    // tcx to forward what it translated; the overlay's MTU follows it.
-    let uplink = find_uplink(&state, &settings.node);
+    // The uplink (the interface holding this node's IP, from its Node object): XDP
+    // for external traffic, tcx to forward what it translated; the overlay's MTU
+    // follows it.
+    let uplink = context
+        .node_ip()
+        .and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
     let mut interfaces = datapath::interfaces()?;
     match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
     let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
@@ -694,48 +647,36 @@ pub fn reconcile(
         external_in_tc: !use_xdp,
         ..settings.clone()
     };
-    let wanted = attach_programs(datapath, &state, &interfaces, uplink.as_deref(), use_xdp)?;
+    let plan = plan::FullPlan::new(objects, context, &interfaces, &current, ids_from, settings);
+    let state = &plan.state;
+    let wanted = attach_programs(datapath, state, &interfaces, uplink.as_deref(), use_xdp)?;
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
-        host.sync_overlay(&state, settings, vxlan.mac)?;
+        host.sync_overlay(state, settings, vxlan.mac)?;
     }
-
-    let (desired, more) = plan::desired_contents_keeping_ids(
-        &state,
-        &interfaces,
-        &current,
-        ids_from.unwrap_or(&current),
-        settings,
-    );
-    let waiting_for_interfaces = more
+    let waiting_for_interfaces = plan
+        .skipped
         .iter()
         .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
-    skipped.extend(more);
-    let ops = plan::diff(&current, &desired);
-    add_routes_to_new_endpoints(&state, &ops)?;
-    let purged_flows = write_maps(maps, &current, &ops)?;
+    add_routes_to_new_endpoints(state, &plan.ops)?;
+    let purged_flows = write_maps(maps, &current, &plan.ops)?;
     // Links pinned by an earlier agent still run the programs it loaded: move them to
     // this agent's, now that the maps hold this sync's state (an upgrade may have
     // re-created some of them).
     datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
     remove_links_of_vanished_interfaces(datapath, &wanted, &interfaces)?;
     host.sync_socket_lb(datapath, &settings.node)?;
-    publish_pod_cidr(&state, &settings.node)?;
+    publish_pod_cidr(state, &settings.node)?;
 
+    skipped.extend(plan.skipped.iter().cloned());
     let report = SyncReport {
-        writes: ops.len(),
-        endpoints: desired.endpoints.len(),
+        writes: plan.ops.len(),
+        endpoints: plan.written.endpoints.len(),
         purged_flows,
         skipped,
         waiting_for_interfaces,
-        ..SyncReport::of_services(&state)
+        ..SyncReport::of_services(state)
     };
-    Ok((report, desired))
-}
-
-/// The interface holding this node's IP (from its Node object), if any.
-fn find_uplink(state: &model::DesiredState, node: &str) -> Option<String> {
-    let node_ip = state.nodes.get(node)?.ip;
-    datapath::interface_with_address(node_ip).ok().flatten()
+    Ok((report, plan.into_state()))
 }
 
 /// The VXLAN device's MTU: the uplink's less the encapsulation, so that overlay

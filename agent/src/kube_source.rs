@@ -156,11 +156,14 @@ impl Stores {
         }))
     }
 
-    /// Every cached object, shared: no deep copy.
+    /// Every cached object, shared: no deep copy. Services oldest first, as the
+    /// model wants them.
     fn snapshot(&self, oldest_change: Option<Instant>) -> Snapshot {
+        let mut services = self.services.state();
+        model::oldest_first(&mut services);
         Snapshot {
             objects: ClusterObjects {
-                services: self.services.state(),
+                services,
                 endpoint_slices: self.endpoint_slices.state(),
                 pods: self.pods.state(),
                 nodes: self.nodes.state(),
@@ -170,16 +173,19 @@ impl Stores {
         }
     }
 
-    /// The Services named and the EndpointSlices labelled for them now.
+    /// The Services named (oldest first, as in a snapshot) and the EndpointSlices
+    /// labelled for them now.
     fn objects_of(&self, services: &BTreeSet<ServiceRef>, changed: &Changed) -> ClusterObjects {
+        let mut found: Vec<_> = services
+            .iter()
+            .filter_map(|service| {
+                self.services
+                    .get(&ObjectRef::new(&service.name).within(&service.namespace))
+            })
+            .collect();
+        model::oldest_first(&mut found);
         ClusterObjects {
-            services: services
-                .iter()
-                .filter_map(|service| {
-                    self.services
-                        .get(&ObjectRef::new(&service.name).within(&service.namespace))
-                })
-                .collect(),
+            services: found,
             endpoint_slices: services
                 .iter()
                 .flat_map(|service| changed.slices_of(service))
@@ -211,7 +217,7 @@ async fn start_watches(
     let services = watch::<Service>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("services", changed, telemetry, service_ref),
+        Watched::new("services", changed, telemetry, model::service_ref_of),
     );
     let endpoint_slices = watch::<EndpointSlice>(
         Api::all(client.clone()),
@@ -236,12 +242,6 @@ async fn start_watches(
         nodes,
         pods,
     })
-}
-
-/// The Service `service` is (its namespace and name).
-fn service_ref(service: &Service) -> Option<ServiceRef> {
-    let meta = &service.metadata;
-    Some(ServiceRef::in_namespace_of(meta, meta.name.as_deref()?))
 }
 
 /// The objects the agent of `node` would see, listed once (for `ferrite inspect diff`).
@@ -489,7 +489,7 @@ mod tests {
         Watches {
             services: (
                 services_writer,
-                Watched::new("services", &changed, &telemetry, service_ref),
+                Watched::new("services", &changed, &telemetry, model::service_ref_of),
             ),
             endpoint_slices: (
                 slices_writer,
@@ -574,7 +574,7 @@ mod tests {
     fn refs(services: &[&str]) -> BTreeSet<ServiceRef> {
         services
             .iter()
-            .filter_map(|name| service_ref(&service(name)))
+            .filter_map(|name| model::service_ref_of(&service(name)))
             .collect()
     }
 
@@ -633,7 +633,7 @@ mod tests {
         next_event(&w);
         see(&mut w.endpoint_slices, Event::Apply(slice("moving", "b")));
         // The event names b only; a's index entry is stale. Both, asked for together:
-        w.changed.event(service_ref(&service("a")));
+        w.changed.event(model::service_ref_of(&service("a")));
         let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
             panic!("a Service-only event");
         };

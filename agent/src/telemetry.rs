@@ -26,6 +26,8 @@ use prometheus_client::{
 };
 use tracing::warn;
 
+use crate::model::Skipped;
+
 use crate::{maps::NodeMaps, plan::MapContents};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -436,4 +438,77 @@ pub fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Skipped objects as last logged: a skip is logged when it first appears or its
+/// reason changes, not again on every sync (kube-proxy logs events, not states);
+/// `ferrite_skipped_objects` carries the level.
+#[derive(Debug, Default)]
+pub struct SkipLog {
+    logged: std::collections::HashSet<String>,
+}
+
+impl SkipLog {
+    /// A full sync's skips (all there are now): log the new ones, forget the gone.
+    /// Returns how many were logged.
+    pub fn full_sync(&mut self, skipped: &[Skipped]) -> usize {
+        let before = std::mem::take(&mut self.logged);
+        let mut logged = 0;
+        for line in skipped.iter().map(ToString::to_string) {
+            if !before.contains(&line) && !self.logged.contains(&line) {
+                warn!("skipped {line}");
+                logged += 1;
+            }
+            self.logged.insert(line);
+        }
+        logged
+    }
+
+    /// An update's skips (of the Services it changed): log the new ones.
+    pub fn update(&mut self, skipped: &[Skipped]) -> usize {
+        let mut logged = 0;
+        for line in skipped.iter().map(ToString::to_string) {
+            if !self.logged.contains(&line) {
+                warn!("skipped {line}");
+                logged += 1;
+                self.logged.insert(line);
+            }
+        }
+        logged
+    }
+}
+
+#[cfg(test)]
+mod skip_log_tests {
+    use super::*;
+    use crate::model::SkipReason;
+
+    fn skip(object: &str, reason: &str) -> Skipped {
+        Skipped {
+            object: object.into(),
+            reason: SkipReason::Invalid(reason.into()),
+        }
+    }
+
+    #[test]
+    fn a_skip_is_logged_when_it_first_appears_or_changes_not_on_every_sync() {
+        let mut log = SkipLog::default();
+        let (a, b) = (
+            skip("Service x/a", "bad port"),
+            skip("Service x/b", "bad ip"),
+        );
+        assert_eq!(log.full_sync(&[a.clone(), b.clone()]), 2);
+        assert_eq!(log.full_sync(&[a.clone(), b.clone()]), 0, "unchanged");
+        let b_changed = skip("Service x/b", "another bad ip");
+        assert_eq!(log.full_sync(&[a.clone(), b_changed.clone()]), 1);
+        assert_eq!(
+            log.update(std::slice::from_ref(&b_changed)),
+            0,
+            "unchanged in an update"
+        );
+        assert_eq!(log.update(&[skip("Service x/c", "bad")]), 1);
+        // Gone, then back: logged again.
+        assert_eq!(log.full_sync(std::slice::from_ref(&a)), 0);
+        assert_eq!(log.full_sync(&[a, b]), 1);
+    }
 }

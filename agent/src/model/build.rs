@@ -1,114 +1,39 @@
-//! The whole model of one node, from all the objects: nodes first, then Services
-//! with their EndpointSlices, then this node's pods.
-use std::{collections::BTreeMap, net::Ipv4Addr};
-
-use ipnet::Ipv4Net;
+//! The whole model of one node, from all the objects: Services with their
+//! EndpointSlices (against the node context: the cluster's nodes), then this node's
+//! pods. An update of some Services builds them with the same [`build_services`].
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{
     fields::object_name,
-    nodes::cluster_nodes,
+    objects::{EndpointSlice, Service},
     pods::local_pod,
-    service::{service_frontends, Admission, SlicesByService, ThisNode},
-    slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, ServiceFrontend, SkipReason,
-    Skipped,
+    service::{service_frontends, SlicesByService},
+    slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext, ServiceFrontend,
+    ServiceRef, SkipReason, Skipped,
 };
-use crate::limits::{Claimed, Limits};
 
-/// Build the desired state for `node`. Never fails: what cannot be used is returned
-/// in the skipped list with a reason.
-pub fn build(
-    objects: &ClusterObjects,
-    node: &str,
-    limits: &Limits,
-) -> (DesiredState, Vec<Skipped>) {
+/// Build the desired state of the node `context` is for. Never fails: what cannot be
+/// used is returned in the skipped list with a reason.
+pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, Vec<Skipped>) {
     let mut skipped = Vec::new();
-    // Nodes first: every Service frontend is checked against their addresses.
+    let services = build_services(
+        &objects.services,
+        &objects.endpoint_slices,
+        context,
+        &mut skipped,
+    );
     let mut state = DesiredState {
-        nodes: cluster_nodes(objects, limits, &mut skipped),
+        services: services.frontends,
+        health_checks: services.health_checks,
+        contenders: services.contenders,
+        nodes: context.nodes.clone(),
         ..DesiredState::default()
     };
-    let node_ips: Vec<Ipv4Addr> = state.nodes.values().map(|n| n.ip).collect();
-    let pod_cidrs: Vec<Ipv4Net> = state
-        .nodes
-        .values()
-        .flat_map(|n| n.pod_cidrs.iter().copied())
-        .collect();
-    let claimed = Claimed {
-        node_ips: &node_ips,
-        pod_cidrs: &pod_cidrs,
-    };
-
-    let mut slices_by_service = SlicesByService::new();
-    for slice in &objects.endpoint_slices {
-        let what = object_name("EndpointSlice", &slice.metadata);
-        let Some(service) = slice_service(slice) else {
-            skipped.push(Skipped {
-                object: what,
-                reason: SkipReason::NoServiceLabel,
-            });
-            continue;
-        };
-        if slice.address_type != "IPv4" {
-            skipped.push(Skipped {
-                object: what,
-                reason: SkipReason::UnsupportedAddressType(slice.address_type.clone()),
-            });
-            continue;
-        }
-        slices_by_service.entry(service).or_default().push(slice);
-    }
-
-    let here = ThisNode {
-        name: node,
-        node: state.nodes.get(node),
-    };
-    let mut services: BTreeMap<L4Addr, ServiceFrontend> = BTreeMap::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    for service in &objects.services {
-        let admission = Admission {
-            limits,
-            claimed: &claimed,
-        };
-        match service_frontends(service, &slices_by_service, &here, &admission, &mut skipped) {
-            Ok((frontends, health_check)) => {
-                if let Some((port, check)) = health_check {
-                    if let Some(existing) = health_checks.get(&port) {
-                        skipped.push(Skipped {
-                            object: format!("Service {}", check.service),
-                            reason: SkipReason::HealthCheckPortTaken {
-                                port,
-                                owner: existing.service.clone(),
-                            },
-                        });
-                    } else {
-                        health_checks.insert(port, check);
-                    }
-                }
-                for (frontend, entry) in frontends {
-                    if let Some(existing) = services.get(&frontend) {
-                        skipped.push(Skipped {
-                            object: entry.name.clone(),
-                            reason: SkipReason::FrontendTaken {
-                                frontend,
-                                owner: existing.name.clone(),
-                            },
-                        });
-                        continue;
-                    }
-                    services.insert(frontend, entry);
-                }
-            }
-            Err(reason) => skipped.push(Skipped {
-                object: object_name("Service", &service.metadata),
-                reason: SkipReason::Invalid(reason),
-            }),
-        }
-    }
-
-    state.services = services;
-    state.health_checks = health_checks;
     for pod in &objects.pods {
-        match local_pod(pod, node) {
+        match local_pod(pod, &context.name) {
             Ok(Some(local)) => {
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
@@ -130,6 +55,94 @@ pub fn build(
         }
     }
     (state, skipped)
+}
+
+/// The Services' part of the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicesModel {
+    pub frontends: BTreeMap<L4Addr, ServiceFrontend>,
+    /// Health-check ports to serve, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Services that claim a frontend or health-check port another Service claims
+    /// too, the one that has it included.
+    pub contenders: BTreeSet<ServiceRef>,
+}
+
+/// The frontends and health checks of `services`, each with the backends `slices`
+/// give it, against `context`. The same for a full sync (every Service) and an
+/// update (some Services and their slices). A frontend or health-check port claimed
+/// by several Services goes to the one listed first (sources list the oldest first).
+pub fn build_services(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    context: &NodeContext,
+    skipped: &mut Vec<Skipped>,
+) -> ServicesModel {
+    let mut slices_by_service = SlicesByService::new();
+    for slice in slices {
+        let what = object_name("EndpointSlice", &slice.metadata);
+        let Some(service) = slice_service(slice) else {
+            skipped.push(Skipped {
+                object: what,
+                reason: SkipReason::NoServiceLabel,
+            });
+            continue;
+        };
+        if slice.address_type != "IPv4" {
+            skipped.push(Skipped {
+                object: what,
+                reason: SkipReason::UnsupportedAddressType(slice.address_type.clone()),
+            });
+            continue;
+        }
+        slices_by_service.entry(service).or_default().push(slice);
+    }
+
+    let mut model = ServicesModel::default();
+    for service in services {
+        let (frontends, health_check) =
+            match service_frontends(service, &slices_by_service, context, skipped) {
+                Ok(built) => built,
+                Err(reason) => {
+                    skipped.push(Skipped {
+                        object: object_name("Service", &service.metadata),
+                        reason: SkipReason::Invalid(reason),
+                    });
+                    continue;
+                }
+            };
+        if let Some((port, check)) = health_check {
+            if let Some(existing) = model.health_checks.get(&port) {
+                model.contenders.insert(existing.service.clone());
+                model.contenders.insert(check.service.clone());
+                skipped.push(Skipped {
+                    object: format!("Service {}", check.service),
+                    reason: SkipReason::HealthCheckPortTaken {
+                        port,
+                        owner: existing.service.clone(),
+                    },
+                });
+            } else {
+                model.health_checks.insert(port, check);
+            }
+        }
+        for (frontend, entry) in frontends {
+            if let Some(existing) = model.frontends.get(&frontend) {
+                model.contenders.insert(existing.service.clone());
+                model.contenders.insert(entry.service.clone());
+                skipped.push(Skipped {
+                    object: entry.name.clone(),
+                    reason: SkipReason::FrontendTaken {
+                        frontend,
+                        owner: existing.name.clone(),
+                    },
+                });
+                continue;
+            }
+            model.frontends.insert(frontend, entry);
+        }
+    }
+    model
 }
 
 #[cfg(test)]

@@ -7,8 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{
     fields::{object_name, parse_ipv4, valid_port},
     objects::{Endpoint, EndpointConditions, EndpointSlice, ServicePort},
-    service::ThisNode,
-    L4Addr, Protocol, ServiceRef, SkipReason, Skipped,
+    L4Addr, NodeContext, Protocol, ServiceRef, SkipReason, Skipped,
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -55,7 +54,7 @@ pub(super) fn port_backends(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
-    here: &ThisNode,
+    here: &NodeContext,
     display: &str,
     skipped: &mut Vec<Skipped>,
 ) -> PortEndpoints {
@@ -328,35 +327,32 @@ endpoints:
 "#
         );
         let (objects, _) = parse_objects(&yaml).unwrap();
-        let original = build(&objects, NODE, &open_limits());
+        let original = build_all(&objects);
         let mut compacted = objects.clone();
         for slice in &mut compacted.endpoint_slices {
             compact_slice(Arc::make_mut(slice));
             assert!(slice.endpoints.iter().flatten().count() <= 1);
         }
-        assert_eq!(build(&compacted, NODE, &open_limits()), original);
+        assert_eq!(build_all(&compacted), original);
         // Compacting twice changes nothing.
         let again = compacted.clone();
         for slice in &mut compacted.endpoint_slices {
             compact_slice(Arc::make_mut(slice));
         }
-        assert_eq!(
-            build(&again, NODE, &open_limits()),
-            build(&compacted, NODE, &open_limits())
-        );
+        assert_eq!(build_all(&again), build_all(&compacted));
     }
 
     #[test]
     fn compaction_keeps_node_names_and_terminating_endpoints() {
         let yaml = load_balancer(", externalTrafficPolicy: Local");
         let (objects, _) = parse_objects(&yaml).unwrap();
-        let original = build(&objects, NODE, &open_limits());
+        let original = build_all(&objects);
         let mut compacted = objects.clone();
         for slice in &mut compacted.endpoint_slices {
             compact_slice(Arc::make_mut(slice));
             // Groups: ready on node-a, ready on node-b, terminating on node-a.
             assert_eq!(slice.endpoints.iter().flatten().count(), 3);
         }
-        assert_eq!(build(&compacted, NODE, &open_limits()), original);
+        assert_eq!(build_all(&compacted), original);
     }
 }

@@ -16,6 +16,7 @@
 //! - headless and ExternalName Services have no frontend and are skipped;
 //! - an invalid object is skipped with a reason; everything else still applies.
 mod build;
+mod context;
 mod endpoints;
 mod fields;
 mod nodes;
@@ -27,10 +28,11 @@ mod skipped;
 mod test_support;
 mod types;
 
-pub use build::build;
+pub use build::{build, build_services, ServicesModel};
+pub use context::NodeContext;
 pub use endpoints::{compact_slice, slice_service, COMPACTED_LABEL, SERVICE_NAME_LABEL};
 pub use nodes::VTEP_MAC_ANNOTATION;
 pub use pods::{pod_attachment_interface_name, pod_interface_name};
-pub use service::{ThisNode, DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
+pub use service::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
 pub use skipped::{SkipReason, Skipped};
 pub use types::*;

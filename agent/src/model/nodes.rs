@@ -1,10 +1,10 @@
 //! Node objects -> the cluster's nodes as the overlay needs them.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 
-use super::{ClusterNode, ClusterObjects, SkipReason, Skipped};
+use super::{ClusterNode, SkipReason, Skipped};
 use crate::limits::Limits;
 
 /// Node annotation a VTEP of another implementation uses to announce its MAC.
@@ -13,12 +13,12 @@ pub const VTEP_MAC_ANNOTATION: &str = "ferrite.dev/vtep-mac";
 /// Every Node with an InternalIP, by name, each with the pod CIDRs it may have:
 /// decided in name order, so every node's agent agrees on who owns what.
 pub(super) fn cluster_nodes(
-    objects: &ClusterObjects,
+    objects: &[Arc<Node>],
     limits: &Limits,
     skipped: &mut Vec<Skipped>,
 ) -> BTreeMap<String, ClusterNode> {
     let mut nodes = BTreeMap::new();
-    for node in &objects.nodes {
+    for node in objects {
         match cluster_node(node) {
             Ok(parsed) => {
                 if let Some(existing) = nodes.insert(parsed.name.clone(), parsed) {

@@ -9,10 +9,10 @@ use super::{
     endpoints::{port_backends, PortEndpoints},
     fields::{parse_ipv4, truncated, valid_port},
     objects::{EndpointSlice, Service, ServicePort, ServiceSpec},
-    ClusterNode, FrontendKind, HealthCheck, L4Addr, Protocol, ServiceFrontend, ServiceRef,
+    FrontendKind, HealthCheck, L4Addr, NodeContext, Protocol, ServiceFrontend, ServiceRef,
     SkipReason, Skipped,
 };
-use crate::limits::{Claimed, Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
+use crate::limits::{Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
 
 /// Ports one Service may have (Kubernetes sets no limit; a hostile Service with
 /// thousands would take map space from every other one).
@@ -22,32 +22,6 @@ pub const MAX_SERVICE_PORTS: usize = 1024;
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The most `timeoutSeconds` Kubernetes accepts (1 day).
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
-
-/// The node the model is built for.
-pub struct ThisNode<'a> {
-    pub(super) name: &'a str,
-    /// Its Node object, once known (IP for NodePorts, pod CIDRs for locality).
-    pub(super) node: Option<&'a ClusterNode>,
-}
-
-impl ThisNode<'_> {
-    /// Whether an endpoint runs here: its `nodeName`, else its address in this
-    /// node's pod CIDR (endpoints written by hand often lack `nodeName`).
-    pub(super) fn owns(&self, node_name: Option<&str>, ip: Ipv4Addr) -> bool {
-        match node_name {
-            Some(name) => name == self.name,
-            None => self
-                .node
-                .is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip))),
-        }
-    }
-}
-
-/// What a Service's addresses and size are checked against.
-pub(super) struct Admission<'a> {
-    pub(super) limits: &'a Limits,
-    pub(super) claimed: &'a Claimed<'a>,
-}
 
 /// What a Service's spec says about every one of its frontends.
 struct Policies {
@@ -107,23 +81,22 @@ type Frontends = Vec<(L4Addr, ServiceFrontend)>;
 pub(super) fn service_frontends(
     service: &Service,
     slices_by_service: &SlicesByService,
-    here: &ThisNode,
-    admission: &Admission,
+    here: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> Result<(Frontends, Option<(u16, HealthCheck)>), String> {
     let service_ref = service_ref(service)?;
     let spec = service.spec.as_ref().ok_or("spec is missing")?;
     let service_type = ServiceType::of(spec)?;
-    let vip = cluster_ip(spec, admission)?;
+    let vip = cluster_ip(spec, here)?;
     let ports = port_list(spec)?;
     let policy = policies(spec)?;
-    let ports = parse_ports(ports, service_type, &service_ref, admission.limits, skipped)?;
-    let external_ips = external_ips(spec, &service_ref, admission, skipped)?;
+    let ports = parse_ports(ports, service_type, &service_ref, &here.limits, skipped)?;
+    let external_ips = external_ips(spec, &service_ref, here, skipped)?;
     let ingress_ips = match service_type {
-        ServiceType::LoadBalancer => ingress_ips(service, &service_ref, admission, skipped)?,
+        ServiceType::LoadBalancer => ingress_ips(service, &service_ref, here, skipped)?,
         ServiceType::ClusterIp | ServiceType::NodePort => Vec::new(),
     };
-    let node_ip = here.node.map(|n| n.ip);
+    let node_ip = here.node_ip();
     let slices = slices_by_service
         .get(&service_ref)
         .map(Vec::as_slice)
@@ -202,7 +175,7 @@ impl ServiceType {
 
 /// The ClusterIP: a Service without one (headless) or with one the node refuses is
 /// not load-balanced at all.
-fn cluster_ip(spec: &ServiceSpec, admission: &Admission) -> Result<Ipv4Addr, String> {
+fn cluster_ip(spec: &ServiceSpec, here: &NodeContext) -> Result<Ipv4Addr, String> {
     let cluster_ip = spec
         .cluster_ip
         .as_deref()
@@ -214,9 +187,9 @@ fn cluster_ip(spec: &ServiceSpec, admission: &Admission) -> Result<Ipv4Addr, Str
     if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
         return Err(format!("spec.clusterIP {vip} cannot be a Service address"));
     }
-    if let Some(reason) = admission
+    if let Some(reason) = here
         .limits
-        .refuse_frontend(vip, "spec.clusterIP", admission.claimed)
+        .refuse_frontend(vip, "spec.clusterIP", &here.claimed())
     {
         return Err(reason);
     }
@@ -318,13 +291,10 @@ fn admitted(
     ip: Ipv4Addr,
     field: &str,
     service_ref: &ServiceRef,
-    admission: &Admission,
+    here: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> bool {
-    match admission
-        .limits
-        .refuse_frontend(ip, field, admission.claimed)
-    {
+    match here.limits.refuse_frontend(ip, field, &here.claimed()) {
         Some(reason) => {
             skipped.push(Skipped {
                 object: format!("Service {service_ref} {field} {ip}"),
@@ -340,7 +310,7 @@ fn admitted(
 fn external_ips(
     spec: &ServiceSpec,
     service_ref: &ServiceRef,
-    admission: &Admission,
+    here: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> Result<Vec<Ipv4Addr>, String> {
     let mut ips = Vec::new();
@@ -349,7 +319,7 @@ fn external_ips(
             continue; // IPv6
         }
         let ip = parse_ipv4(ip, "spec.externalIPs")?;
-        if admitted(ip, "spec.externalIPs", service_ref, admission, skipped) {
+        if admitted(ip, "spec.externalIPs", service_ref, here, skipped) {
             ips.push(ip);
         }
     }
@@ -360,7 +330,7 @@ fn external_ips(
 fn ingress_ips(
     service: &Service,
     service_ref: &ServiceRef,
-    admission: &Admission,
+    here: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> Result<Vec<Ipv4Addr>, String> {
     let ingress = service
@@ -377,7 +347,7 @@ fn ingress_ips(
                     ip,
                     "status.loadBalancer.ingress",
                     service_ref,
-                    admission,
+                    here,
                     skipped,
                 ) {
                     ips.push(ip);

@@ -15,7 +15,15 @@ pub(super) fn open_limits() -> Limits {
 
 pub(super) fn build_yaml(yaml: &str) -> (DesiredState, Vec<Skipped>) {
     let (objects, mut skipped) = parse_objects(yaml).unwrap();
-    let (state, more) = build(&objects, NODE, &open_limits());
+    let (state, more) = build_all(&objects);
+    skipped.extend(more);
+    (state, skipped)
+}
+
+/// The model of `objects` for [`NODE`], in the context their Nodes make.
+pub(super) fn build_all(objects: &ClusterObjects) -> (DesiredState, Vec<Skipped>) {
+    let (context, mut skipped) = NodeContext::new(NODE, &open_limits(), &objects.nodes);
+    let (state, more) = build(objects, &context);
     skipped.extend(more);
     (state, skipped)
 }

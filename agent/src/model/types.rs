@@ -1,6 +1,11 @@
 //! The model's types: what the datapath needs of Services, pods and nodes, and what
 //! was left out.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
@@ -83,6 +88,26 @@ impl ServiceRef {
             name: name.to_string(),
         }
     }
+}
+
+/// The Service `service` is (its namespace and name), if it has a name.
+pub fn service_ref_of(service: &Service) -> Option<ServiceRef> {
+    let meta = &service.metadata;
+    Some(ServiceRef::in_namespace_of(meta, meta.name.as_deref()?))
+}
+
+/// Sort Services oldest first (by `creationTimestamp`, then namespace and name): the
+/// Kubernetes source's order, so that of two Services claiming one frontend the one
+/// that had it keeps it, on every sync and in every agent.
+pub fn oldest_first(services: &mut [Arc<Service>]) {
+    services.sort_by_cached_key(|service| {
+        let meta = &service.metadata;
+        (
+            meta.creation_timestamp.clone(),
+            namespace_of(meta).to_string(),
+            meta.name.clone(),
+        )
+    });
 }
 
 impl fmt::Display for ServiceRef {
@@ -171,13 +196,18 @@ pub struct DesiredState {
     pub services: BTreeMap<L4Addr, ServiceFrontend>,
     /// Health-check ports this node serves, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Services that claim a frontend or health-check port another Service claims
+    /// too (an update of one of them is done as a full sync).
+    pub contenders: BTreeSet<ServiceRef>,
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
 }
 
 /// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of
-/// the watch caches costs no deep copy.
+/// the watch caches costs no deep copy. Of two Services claiming one frontend, the
+/// one listed first has it: the file source lists them in file order, the
+/// Kubernetes source oldest first.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
     pub services: Vec<Arc<Service>>,

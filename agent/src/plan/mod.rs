@@ -12,6 +12,7 @@ mod desired;
 mod diff;
 mod ids;
 mod image;
+mod node_state;
 mod service_entries;
 mod settings;
 #[cfg(test)]
@@ -24,5 +25,6 @@ pub use image::{
     backend_value, describe_service_key, maglev_digest, maglev_key, op_map, rev_nat_value,
     FrontendEntries, MapContents, Op, RouteKey, SourceRange,
 };
+pub use node_state::{FullPlan, NodeState, ServicesPlan};
 pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
 pub use update::{service_update, Written};

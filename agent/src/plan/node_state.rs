@@ -1,0 +1,203 @@
+//! The node's state as the agent last wrote it, and the two ways it moves on: a full
+//! sync of every object, and an update of some Services. Both build Services with
+//! the same `model::build_services` against the same node context (the last full
+//! sync's, kept here), and both write through the same ordered diff, so an update
+//! writes what a full sync of the same objects would (the golden tests check it).
+//! Pure: the agent reads the maps and interfaces, writes the ops, then commits.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{
+    desired_contents_keeping_ids, diff, service_update, Capacities, Interface, MapContents,
+    NodeSettings, Op, Written,
+};
+use crate::model::{
+    self, service_ref_of, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext,
+    ServiceRef, ServicesModel, Skipped,
+};
+
+/// What the node last wrote, from what, and who owns each Service entry.
+#[derive(Debug)]
+pub struct NodeState {
+    /// The last full sync's node context: every update builds its Services in it.
+    pub context: NodeContext,
+    /// The maps as last written.
+    pub written: Written,
+    /// The Service each frontend belongs to, and each Service's frontends.
+    owner_of: HashMap<L4Addr, ServiceRef>,
+    frontends_of: HashMap<ServiceRef, Vec<L4Addr>>,
+    /// Health-check ports served, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Services that share a claim with another: changing one needs a full sync.
+    contenders: BTreeSet<ServiceRef>,
+}
+
+/// A full sync's plan: the model of every object in the context their Nodes make,
+/// and the ordered writes that take the maps from what they hold to it.
+#[derive(Debug)]
+pub struct FullPlan {
+    pub context: NodeContext,
+    pub state: DesiredState,
+    pub ops: Vec<Op>,
+    /// What the maps hold once `ops` are written.
+    pub written: MapContents,
+    pub skipped: Vec<Skipped>,
+}
+
+impl FullPlan {
+    /// Plan a full sync of `objects` in `context` (made from their Nodes), from the
+    /// maps' `current` contents, keeping the ids `ids_from` gives values (the agent's
+    /// own last write, else `current`).
+    pub fn new(
+        objects: &ClusterObjects,
+        context: NodeContext,
+        interfaces: &BTreeMap<String, Interface>,
+        current: &MapContents,
+        ids_from: Option<&MapContents>,
+        settings: &NodeSettings,
+    ) -> Self {
+        let (state, mut skipped) = model::build(objects, &context);
+        let (mut written, more) = desired_contents_keeping_ids(
+            &state,
+            interfaces,
+            current,
+            ids_from.unwrap_or(current),
+            settings,
+        );
+        skipped.extend(more);
+        let ops = diff(current, &written);
+        // The desired contents plus what the diff adds of its own (the route epoch).
+        written.apply(&ops);
+        Self {
+            context,
+            state,
+            ops,
+            written,
+            skipped,
+        }
+    }
+
+    /// The node's state once the plan is written.
+    pub fn into_state(self) -> NodeState {
+        let mut node = NodeState {
+            context: self.context,
+            written: Written::new(self.written),
+            owner_of: HashMap::new(),
+            frontends_of: HashMap::new(),
+            health_checks: BTreeMap::new(),
+            contenders: BTreeSet::new(),
+        };
+        node.record(ServicesModel {
+            frontends: self.state.services,
+            health_checks: self.state.health_checks,
+            contenders: self.state.contenders,
+        });
+        node
+    }
+}
+
+/// The writes that update some Services, and what they become.
+#[derive(Debug)]
+pub struct ServicesPlan {
+    pub ops: Vec<Op>,
+    pub skipped: Vec<Skipped>,
+    changed: BTreeSet<ServiceRef>,
+    model: ServicesModel,
+}
+
+impl ServicesPlan {
+    /// The health checks the changed Services have now.
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.model.health_checks
+    }
+}
+
+impl NodeState {
+    /// The writes that bring the Services `changed` to what `objects` say of them now
+    /// (their Services and EndpointSlices; a Service absent there is gone), in time
+    /// proportional to their entries. `None`: only a full sync can decide it (one of
+    /// them shares a frontend or health-check port with another Service).
+    pub fn plan_services(
+        &self,
+        changed: &BTreeSet<ServiceRef>,
+        objects: &ClusterObjects,
+        capacities: &Capacities,
+    ) -> Option<ServicesPlan> {
+        if changed.iter().any(|s| self.contenders.contains(s)) {
+            return None;
+        }
+        let services: Vec<_> = objects
+            .services
+            .iter()
+            .filter(|s| service_ref_of(s).is_some_and(|s| changed.contains(&s)))
+            .cloned()
+            .collect();
+        let mut skipped = Vec::new();
+        let model = model::build_services(
+            &services,
+            &objects.endpoint_slices,
+            &self.context,
+            &mut skipped,
+        );
+        let taken_elsewhere =
+            |owner: Option<&ServiceRef>| owner.is_some_and(|o| !changed.contains(o));
+        if model
+            .frontends
+            .keys()
+            .any(|f| taken_elsewhere(self.owner_of.get(f)))
+            || model
+                .health_checks
+                .keys()
+                .any(|port| taken_elsewhere(self.health_checks.get(port).map(|c| &c.service)))
+        {
+            return None;
+        }
+        let mut frontends: BTreeSet<L4Addr> = changed
+            .iter()
+            .filter_map(|service| self.frontends_of.get(service))
+            .flatten()
+            .copied()
+            .collect();
+        frontends.extend(model.frontends.keys().copied());
+        let (ops, more) = service_update(&self.written, &frontends, &model.frontends, capacities);
+        skipped.extend(more);
+        Some(ServicesPlan {
+            ops,
+            skipped,
+            changed: changed.clone(),
+            model,
+        })
+    }
+
+    /// Record `plan` as written.
+    pub fn commit(&mut self, plan: ServicesPlan) {
+        self.written.apply(&plan.ops);
+        for service in &plan.changed {
+            for frontend in self.frontends_of.remove(service).unwrap_or_default() {
+                if self.owner_of.get(&frontend) == Some(service) {
+                    self.owner_of.remove(&frontend);
+                }
+            }
+        }
+        self.health_checks
+            .retain(|_, check| !plan.changed.contains(&check.service));
+        self.record(plan.model);
+    }
+
+    /// Index the Services of `model` as the owners of their frontends and checks.
+    fn record(&mut self, model: ServicesModel) {
+        for (frontend, entry) in model.frontends {
+            self.frontends_of
+                .entry(entry.service.clone())
+                .or_default()
+                .push(frontend);
+            self.owner_of.insert(frontend, entry.service);
+        }
+        self.health_checks.extend(model.health_checks);
+        self.contenders.extend(model.contenders);
+    }
+
+    /// The Service each frontend belongs to.
+    pub fn owners(&self) -> impl Iterator<Item = (&L4Addr, &ServiceRef)> {
+        self.owner_of.iter()
+    }
+}
