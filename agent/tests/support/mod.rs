@@ -1,0 +1,521 @@
+//! A node's control plane without a kernel: the objects a source holds, the map
+//! image the agent's writes leave, and the agent's own pure steps (`plan::FullPlan`
+//! for full syncs, `plan::NodeState::plan_services` for Service updates), driven as
+//! the Kubernetes source drives them: a Node or Pod change is a full sync, a Service
+//! or EndpointSlice change an update of the Services it names.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use ferrite_agent::{
+    limits::Limits,
+    model::{self, objects::EndpointSlice, ClusterObjects, ServiceRef},
+    objects_yaml::parse_objects,
+    plan::{FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
+};
+use ferrite_common::{
+    svc_flag, Backend, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, ROUTE_LOCAL,
+    ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+};
+
+/// Which way the last change was synced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Synced {
+    Full,
+    /// An update of these Services.
+    Services(BTreeSet<ServiceRef>),
+    /// These Services changed, but one shares a claim: done as a full sync.
+    FullForServices(BTreeSet<ServiceRef>),
+}
+
+/// One node's agent over a map image.
+pub struct SimNode {
+    pub settings: NodeSettings,
+    /// What the source holds, each kind in the order objects first appeared.
+    pub objects: ClusterObjects,
+    /// What the maps hold.
+    pub maps: MapContents,
+    state: Option<NodeState>,
+    pub last_ops: Vec<Op>,
+    pub last_sync: Option<Synced>,
+}
+
+/// An object's identity: kind, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+fn key_of(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectKey {
+    ObjectKey {
+        kind,
+        namespace: if kind == "Node" {
+            String::new()
+        } else {
+            model::namespace_of(meta).to_string()
+        },
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Replace the object keyed like `new` in `list`, or append it; returns the old one.
+fn upsert<T>(list: &mut Vec<Arc<T>>, new: Arc<T>, key: impl Fn(&T) -> ObjectKey) -> Option<Arc<T>> {
+    let wanted = key(&new);
+    match list.iter_mut().find(|o| key(o) == wanted) {
+        Some(slot) => Some(std::mem::replace(slot, new)),
+        None => {
+            list.push(new);
+            None
+        }
+    }
+}
+
+impl SimNode {
+    pub fn new(node: &str, limits: Limits) -> Self {
+        Self {
+            settings: NodeSettings {
+                node: node.into(),
+                limits,
+                ..NodeSettings::default()
+            },
+            objects: ClusterObjects::default(),
+            maps: MapContents::default(),
+            state: None,
+            last_ops: Vec::new(),
+            last_sync: None,
+        }
+    }
+
+    /// The node's interfaces: the VXLAN device, and a veth for each pod of this node
+    /// (ifindex by name order, so a pod keeps its ifindex while it exists).
+    fn interfaces(&self) -> BTreeMap<String, Interface> {
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for pod in &self.objects.pods {
+            let on_this_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                == Some(self.settings.node.as_str());
+            if let (true, Some(name)) = (on_this_node, pod.metadata.name.as_deref()) {
+                names.insert(model::pod_interface_name(
+                    model::namespace_of(&pod.metadata),
+                    name,
+                ));
+            }
+        }
+        let mut interfaces = BTreeMap::from([(
+            VXLAN_DEVICE.to_string(),
+            Interface {
+                ifindex: 2,
+                mac: [2, 0, 0, 0, 0, 2],
+                mtu: 1450,
+            },
+        )]);
+        for (i, name) in names.into_iter().enumerate() {
+            let ifindex = 10 + i as u32;
+            interfaces.insert(
+                name,
+                Interface {
+                    ifindex,
+                    mac: [2, 0, 0, 0, 1, ifindex as u8],
+                    mtu: 1450,
+                },
+            );
+        }
+        interfaces
+    }
+
+    /// A full sync as the agent makes one: every object, against the maps, keeping
+    /// the ids of its last write.
+    pub fn full_sync(&mut self) {
+        let ids_from = self.state.as_ref().map(|s| s.written.contents.clone());
+        let plan = self.full_plan(ids_from.as_ref());
+        self.write(&plan.ops);
+        self.state = Some(plan.into_state());
+        self.last_sync = Some(Synced::Full);
+    }
+
+    fn full_plan(&self, ids_from: Option<&MapContents>) -> FullPlan {
+        let (context, _) = model::NodeContext::new(
+            &self.settings.node,
+            &self.settings.limits,
+            &self.objects.nodes,
+        );
+        FullPlan::new(
+            &self.objects,
+            context,
+            &self.interfaces(),
+            &self.maps,
+            ids_from,
+            &self.settings,
+        )
+    }
+
+    /// The writes a full sync would make now (none, if the maps are right).
+    pub fn full_sync_would_write(&self) -> Vec<Op> {
+        let ids_from = self.state.as_ref().map(|s| &s.written.contents);
+        self.full_plan(ids_from).ops
+    }
+
+    /// The maps' meaning from a full sync of the objects onto empty maps: what each
+    /// frontend balances over and rewrites replies to, whatever the ids.
+    pub fn meaning_from_scratch(&self) -> Meaning {
+        let mut fresh = SimNode::new(&self.settings.node, self.settings.limits.clone());
+        fresh.objects = self.objects.clone();
+        fresh.full_sync();
+        meaning(&fresh.maps)
+    }
+
+    /// Update the Services `changed` as the agent does; a full sync when it must.
+    pub fn sync_services(&mut self, changed: BTreeSet<ServiceRef>) {
+        let objects = self.objects_of(&changed);
+        let capacities = self.settings.capacities;
+        let plan = self
+            .state
+            .as_ref()
+            .and_then(|state| state.plan_services(&changed, &objects, &capacities));
+        match plan {
+            Some(plan) => {
+                self.write(&plan.ops);
+                self.state.as_mut().expect("planned from it").commit(plan);
+                self.last_sync = Some(Synced::Services(changed));
+            }
+            None => {
+                self.full_sync();
+                self.last_sync = Some(Synced::FullForServices(changed));
+            }
+        }
+    }
+
+    /// What the Kubernetes source hands over for `changed`: their Services (oldest
+    /// first; file order here, as no object has a creationTimestamp) and slices.
+    fn objects_of(&self, changed: &BTreeSet<ServiceRef>) -> ClusterObjects {
+        ClusterObjects {
+            services: self
+                .objects
+                .services
+                .iter()
+                .filter(|s| model::service_ref_of(s).is_some_and(|s| changed.contains(&s)))
+                .cloned()
+                .collect(),
+            endpoint_slices: self
+                .objects
+                .endpoint_slices
+                .iter()
+                .filter(|s| model::slice_service(s).is_some_and(|s| changed.contains(&s)))
+                .cloned()
+                .collect(),
+            ..ClusterObjects::default()
+        }
+    }
+
+    fn write(&mut self, ops: &[Op]) {
+        self.maps.apply(ops);
+        self.last_ops = ops.to_vec();
+    }
+
+    /// Create or replace the objects of `yaml`, then sync as the Kubernetes source
+    /// would have the agent sync them.
+    pub fn apply(&mut self, yaml: &str) {
+        let (objects, skipped) = parse_objects(yaml).expect("objects");
+        assert!(skipped.is_empty(), "unreadable objects: {skipped:?}");
+        let mut changed = BTreeSet::new();
+        let mut full = false;
+        for service in objects.services {
+            changed.extend(model::service_ref_of(&service));
+            upsert(&mut self.objects.services, service, |s| {
+                key_of("Service", &s.metadata)
+            });
+        }
+        for slice in objects.endpoint_slices {
+            changed.extend(model::slice_service(&slice));
+            let old = upsert(&mut self.objects.endpoint_slices, slice, slice_key);
+            changed.extend(old.and_then(|old| model::slice_service(&old)));
+        }
+        for node in objects.nodes {
+            full = true;
+            upsert(&mut self.objects.nodes, node, |n| {
+                key_of("Node", &n.metadata)
+            });
+        }
+        for pod in objects.pods {
+            full = true;
+            upsert(&mut self.objects.pods, pod, |p| key_of("Pod", &p.metadata));
+        }
+        self.sync_change(full, changed);
+    }
+
+    /// Delete an object (`namespace` empty for a Node), then sync.
+    pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) {
+        let matches = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            meta.name.as_deref() == Some(name)
+                && (kind == "Node" || model::namespace_of(meta) == namespace)
+        };
+        let mut changed = BTreeSet::new();
+        let mut full = false;
+        match kind {
+            "Service" => {
+                let before = self.objects.services.len();
+                self.objects.services.retain(|s| !matches(&s.metadata));
+                assert_ne!(
+                    before,
+                    self.objects.services.len(),
+                    "no Service {namespace}/{name}"
+                );
+                changed.insert(ServiceRef {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                });
+            }
+            "EndpointSlice" => {
+                let gone: Vec<_> = self
+                    .objects
+                    .endpoint_slices
+                    .iter()
+                    .filter(|s| matches(&s.metadata))
+                    .cloned()
+                    .collect();
+                assert!(!gone.is_empty(), "no EndpointSlice {namespace}/{name}");
+                changed.extend(gone.iter().filter_map(|s| model::slice_service(s)));
+                self.objects
+                    .endpoint_slices
+                    .retain(|s| !matches(&s.metadata));
+            }
+            "Node" => {
+                full = true;
+                self.objects.nodes.retain(|n| !matches(&n.metadata));
+            }
+            "Pod" => {
+                full = true;
+                self.objects.pods.retain(|p| !matches(&p.metadata));
+            }
+            other => panic!("unknown kind {other}"),
+        }
+        self.sync_change(full, changed);
+    }
+
+    fn sync_change(&mut self, full: bool, changed: BTreeSet<ServiceRef>) {
+        if full || self.state.is_none() {
+            self.full_sync();
+        } else if !changed.is_empty() {
+            self.sync_services(changed);
+        } else {
+            self.last_ops.clear();
+            self.last_sync = None;
+        }
+    }
+
+    /// What every sync must leave: the agent's record of the maps is the maps, and a
+    /// full sync of the same objects would write nothing (an update wrote exactly
+    /// what a full sync writes), and means what a full sync onto empty maps means.
+    pub fn check_incremental_means_full(&self, step: &str) {
+        let state = self.state.as_ref().expect("synced");
+        assert!(
+            state.written.contents == self.maps,
+            "{step}: the agent's record of the maps is not what they hold"
+        );
+        let would = self.full_sync_would_write();
+        assert!(
+            would.is_empty(),
+            "{step}: a full sync of the same objects would still write:\n{}",
+            would.iter().map(render).collect::<Vec<_>>().join("\n")
+        );
+        assert_eq!(
+            meaning(&self.maps),
+            self.meaning_from_scratch(),
+            "{step}: the maps mean something else than a full sync from scratch"
+        );
+    }
+}
+
+fn slice_key(slice: &EndpointSlice) -> ObjectKey {
+    key_of("EndpointSlice", &slice.metadata)
+}
+
+/// Frontend -> (kind flags, backend addresses in slot order, rev-NAT target,
+/// affinity): what the Service maps mean, whatever ids they use.
+pub type Meaning = BTreeMap<ServiceKey, (u32, Vec<Backend>, RevNatValue, u32)>;
+
+pub fn meaning(maps: &MapContents) -> Meaning {
+    maps.services
+        .iter()
+        .filter(|(k, _)| k.backend_slot == 0)
+        .map(|(key, master)| {
+            let backends = (1..=master.count)
+                .map(|slot| {
+                    let slot = maps.services[&ServiceKey {
+                        backend_slot: slot,
+                        ..*key
+                    }];
+                    maps.backends[&slot.backend_id]
+                })
+                .collect();
+            let rev_nat = maps.rev_nat[&master.rev_nat_index];
+            (
+                *key,
+                (master.flags, backends, rev_nat, master.affinity_timeout_s),
+            )
+        })
+        .collect()
+}
+
+fn l4(address: [u8; 4], port: u16, proto: u8) -> String {
+    let protocol = model::Protocol::from_number(proto)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("proto{proto}"));
+    format!("{}:{port}/{protocol}", Ipv4Addr::from(address))
+}
+
+fn service_key(key: &ServiceKey) -> String {
+    l4(key.address, key.port, key.proto)
+}
+
+fn flag_names(flags: u32) -> String {
+    let names: Vec<&str> = [
+        (svc_flag::EXTERNAL, "external"),
+        (svc_flag::LOCAL_ONLY, "local-only"),
+        (svc_flag::NODE_PORT, "node-port"),
+        (svc_flag::SOURCE_RANGES, "source-ranges"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect();
+    let unknown = flags
+        & !(svc_flag::EXTERNAL
+            | svc_flag::LOCAL_ONLY
+            | svc_flag::NODE_PORT
+            | svc_flag::SOURCE_RANGES);
+    let mut shown = if names.is_empty() {
+        "-".to_string()
+    } else {
+        names.join(",")
+    };
+    if unknown != 0 {
+        shown.push_str(&format!(",{unknown:#x}"));
+    }
+    shown
+}
+
+fn service_value(key: &ServiceKey, value: &ServiceValue) -> String {
+    if key.backend_slot == 0 {
+        format!(
+            "{} count={} rev-nat={} flags={} affinity={}s",
+            service_key(key),
+            value.count,
+            value.rev_nat_index,
+            flag_names(value.flags),
+            value.affinity_timeout_s
+        )
+    } else {
+        format!(
+            "{} slot {} backend={}",
+            service_key(key),
+            key.backend_slot,
+            value.backend_id
+        )
+    }
+}
+
+fn config(config: &NodeConfig) -> String {
+    format!(
+        "node-ip={} overlay-ip={} vni={} vxlan-port={} vxlan-ifindex={} pod-mtu={} flags={} epoch={}",
+        Ipv4Addr::from(config.node_ip),
+        Ipv4Addr::from(config.overlay_ip),
+        config.vni,
+        config.vxlan_port,
+        config.vxlan_ifindex,
+        config.pod_mtu,
+        config.flags,
+        config.route_epoch
+    )
+}
+
+fn route(info: &RouteInfo) -> String {
+    let kind = match info.flags {
+        ROUTE_LOCAL => "local".to_string(),
+        ROUTE_REMOTE => "remote".to_string(),
+        ROUTE_NODE => "node".to_string(),
+        other => format!("flags={other}"),
+    };
+    format!("via {} {kind}", Ipv4Addr::from(info.node_ip))
+}
+
+/// One write, every value in it: a line of a golden file.
+pub fn render(op: &Op) -> String {
+    match op {
+        Op::PutBackend(id, b) => format!("put backend {id} {}", l4(b.address, b.port, b.proto)),
+        Op::PutRevNat(index, v) => format!(
+            "put rev-nat {index} {}:{}",
+            Ipv4Addr::from(v.address),
+            v.port
+        ),
+        Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
+        Op::PutEndpoint(key, info) => format!(
+            "put endpoint {} ifindex={}",
+            Ipv4Addr::from(key.address),
+            info.ifindex
+        ),
+        Op::PutConfig(c) => format!("put config {}", config(c)),
+        Op::PutRoute(key, info) => format!(
+            "put route {}/{} {}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len,
+            route(info)
+        ),
+        Op::DeleteRoute(key) => format!(
+            "delete route {}/{}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len
+        ),
+        Op::DeleteService(key) => format!(
+            "delete service {} slot {}",
+            service_key(key),
+            key.backend_slot
+        ),
+        Op::DeleteRevNat(index) => format!("delete rev-nat {index}"),
+        Op::DeleteBackend(id) => format!("delete backend {id}"),
+        Op::DeleteEndpoint(key) => format!("delete endpoint {}", Ipv4Addr::from(key.address)),
+        Op::PutMaglev(key, count, _) => {
+            format!("put maglev {} backends={count}", service_key(key))
+        }
+        Op::DeleteMaglev(key) => format!("delete maglev {}", service_key(key)),
+        Op::PutSourceRange(range) => format!(
+            "put source-range {} from {}/{}",
+            service_key(&range.frontend),
+            Ipv4Addr::from(range.network),
+            range.prefix_len
+        ),
+        Op::DeleteSourceRange(range) => format!(
+            "delete source-range {} from {}/{}",
+            service_key(&range.frontend),
+            Ipv4Addr::from(range.network),
+            range.prefix_len
+        ),
+    }
+}
+
+/// How the last change was synced, as a golden file's first line shows it.
+pub fn describe_sync(synced: &Option<Synced>) -> String {
+    let names = |services: &BTreeSet<ServiceRef>| {
+        services
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match synced {
+        None => "# nothing to sync".into(),
+        Some(Synced::Full) => "# full sync".into(),
+        Some(Synced::Services(s)) => format!("# update of {}", names(s)),
+        Some(Synced::FullForServices(s)) => {
+            format!("# full sync for {} (a shared claim)", names(s))
+        }
+    }
+}
