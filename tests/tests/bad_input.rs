@@ -260,5 +260,29 @@ endpoints:
         ask(SocketAddrV4::new(Ipv4Addr::new(10, 96, 3, 1), 80), "svc")?,
         "web"
     );
+
+    // A refusal is logged once, when it is first made: not again with every sync
+    // that writes something (a Service added) nor with every full resync.
+    let late: Ipv4Addr = "10.96.3.20".parse()?;
+    config.push(service("late", "10.96.3.20", 80, "", "", &[web]));
+    cluster.write_config(&config.join("---\n"))?;
+    node.wait_for_maps("the Service added later", |m| {
+        m.services.keys().any(|k| k.address == late.octets())
+    })?;
+    let syncs = node.metric("ferrite_syncs_total")?;
+    wait_until("two more full resyncs", SETTLE, || {
+        node.metric("ferrite_syncs_total")
+            .is_ok_and(|n| n >= syncs + 2.0)
+    })?;
+    let log = node.agent.as_ref().context("agent")?.log_text();
+    let world_thief =
+        format!("spec.externalIPs {WORLD_IP} is outside the allowed externalIP ranges");
+    for reason in [
+        world_thief.as_str(),
+        "nodePort 8080 is outside",
+        "Node greedy podCIDR",
+    ] {
+        assert_eq!(log.matches(reason).count(), 1, "{reason:?} in:\n{log}");
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use anyhow::Result;
 use ferrite_common::{EndpointKey, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{answered_by, exchange, parse_answer, sh, tcp_from_port, Node, Server},
+    lab::{answered_by, exchange, node_yaml, parse_answer, sh, tcp_from_port, Node, Server},
 };
 
 /// The example cluster running: 2 clients, 3 backends serving TCP and UDP, the agent
@@ -331,6 +331,46 @@ fn drift_made_behind_the_agents_back_shows_in_inspect_diff_and_is_repaired() -> 
     assert!(log.contains("maps drifted"), "{log}");
     assert!(diff()?.starts_with("no drift"));
     assert_eq!(diff_json()?.trim(), "[]");
+    Ok(())
+}
+
+/// Syncs that change routes (nodes join and leave) move the route epoch the datapath
+/// caches lookups under; the agent records the epoch it wrote, so the full resyncs
+/// after them find nothing drifted (they used to log and count `ferrite_config`
+/// drift after every such sync).
+#[test]
+fn syncs_that_move_the_route_epoch_leave_no_drift_for_the_resyncs() -> Result<()> {
+    let cluster = example_cluster()?;
+    let node = &cluster.node;
+    let this = node_yaml(&node.name, "198.51.100.1".parse()?, "10.244.0.0/24");
+    let base = format!("{}---\n{this}", cluster::example_for(&node.name));
+    let epoch = |m: &ferrite_agent::plan::MapContents| m.config.route_epoch;
+    let mut last = epoch(&node.maps()?.contents()?);
+    for i in 0..4u8 {
+        let other = node_yaml(
+            &format!("{}-peer", node.name),
+            std::net::Ipv4Addr::new(198, 51, 100, 50 + i),
+            &format!("10.244.{}.0/24", 50 + i),
+        );
+        node.write_config(&format!("{base}---\n{other}"))?;
+        node.wait_for_maps("the peer's route and a new epoch", |m| {
+            m.pod_routes() == 2 && epoch(m) != last
+        })?;
+        last = epoch(&node.maps()?.contents()?);
+    }
+    let syncs = node.metric("ferrite_syncs_total")?;
+    ferrite_tests::lab::wait_until("two more full resyncs", ferrite_tests::lab::SETTLE, || {
+        node.metric("ferrite_syncs_total")
+            .is_ok_and(|n| n >= syncs + 2.0)
+    })?;
+    let (_, metrics) = node.agent_http("/metrics")?;
+    let drifted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrite_drift_repairs_total") && !l.ends_with(" 0"))
+        .collect();
+    assert!(drifted.is_empty(), "{drifted:?}");
+    let log = node.agent.as_ref().expect("agent").log_text();
+    assert!(!log.contains("maps drifted"), "{log}");
     Ok(())
 }
 

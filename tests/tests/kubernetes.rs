@@ -27,7 +27,15 @@ fn master_count(maps: &MapContents, vip: Ipv4Addr, port: u16) -> Option<u16> {
 /// The example cluster served by the fake API server, plus this node's Node object;
 /// the agent started on a kubeconfig and synced.
 fn kube_cluster() -> Result<KubeCluster> {
+    kube_cluster_resyncing_every(None)
+}
+
+/// [`kube_cluster`], its agent's full resyncs `resync_seconds` apart (else the lab's).
+fn kube_cluster_resyncing_every(resync_seconds: Option<u32>) -> Result<KubeCluster> {
     let (mut node, servers) = cluster::example_node("kube")?;
+    if let Some(seconds) = resync_seconds {
+        node.resync_seconds = seconds;
+    }
     let api = FakeApiServer::start(&node.netns)?;
     api.apply_yaml(&cluster::example_for(&node.name))?;
     api.apply_yaml(&node_yaml(
@@ -154,6 +162,97 @@ fn services_endpointslices_and_nodes_follow_adds_updates_and_deletes() -> Result
         request,
     )?;
     assert_ne!(backend, BACKENDS[2].0);
+    Ok(())
+}
+
+/// A rollout or scale-up changes a NodePort Service's EndpointSlice, an edit its
+/// spec: each arrives as a watch event and updates that Service alone, and its
+/// NodePort frontends on this node stay in the maps throughout (they once vanished
+/// until the next full resync). Full resyncs are a minute apart here, so only the
+/// updates act.
+#[test]
+fn a_node_port_stays_in_the_maps_through_endpointslice_and_service_changes() -> Result<()> {
+    let c = kube_cluster_resyncing_every(Some(60))?;
+    let (api, node) = (&c.api, &c.node);
+    let (vip, node_ip): (Ipv4Addr, Ipv4Addr) = ("10.96.0.40".parse()?, "198.51.100.1".parse()?);
+    let (port, node_port) = (8080, 30080);
+    let service = |backends: &[Ipv4Addr], extra: &str| {
+        let backends: Vec<(Ipv4Addr, &str)> = backends
+            .iter()
+            .map(|ip| (*ip, node.name.as_str()))
+            .collect();
+        cluster::load_balancer_yaml("np", vip, port, node_port, extra, &[], &backends)
+    };
+    let (web1, web2, web3) = (BACKENDS[0].1, BACKENDS[1].1, BACKENDS[2].1);
+    api.apply_yaml(&service(&[web1, web2], ""))?;
+    node.wait_for_maps("the NodePort with two backends", |m| {
+        master_count(m, node_ip, node_port) == Some(2)
+    })?;
+
+    // Watch the NodePort's master entry, from before the changes until after them.
+    let pins = node.pin_dir();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(usize, usize)> {
+            let maps = ferrite_agent::maps::NodeMaps::open(&pins)?;
+            let (mut reads, mut missing) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let contents = maps.contents()?;
+                reads += 1;
+                if master_count(&contents, node_ip, node_port).is_none() {
+                    missing += 1;
+                }
+            }
+            Ok((reads, missing))
+        })
+    };
+    // Scale up: the slice gains a backend.
+    api.apply_yaml(&service(&[web1, web2, web3], ""))?;
+    node.wait_for_maps("the ClusterIP with three backends", |m| {
+        master_count(m, vip, port) == Some(3)
+    })?;
+    let maps = node.maps()?.contents()?;
+    assert_eq!(
+        master_count(&maps, node_ip, node_port),
+        Some(3),
+        "NodePort after the scale-up"
+    );
+    // The Service itself changes: session affinity on.
+    api.apply_yaml(&service(
+        &[web1, web2, web3],
+        "  sessionAffinity: ClientIP
+",
+    ))?;
+    node.wait_for_maps("the ClusterIP with affinity", |m| {
+        m.services
+            .get(&ServiceKey::new(vip, port, PROTO_TCP, 0))
+            .is_some_and(|v| v.affinity_timeout_s > 0)
+    })?;
+    let maps = node.maps()?.contents()?;
+    let node_port_master = maps
+        .services
+        .get(&ServiceKey::new(node_ip, node_port, PROTO_TCP, 0))
+        .copied();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, missing) = watcher.join().expect("the watcher thread")?;
+    assert!(
+        node_port_master.is_some_and(|v| v.count == 3 && v.affinity_timeout_s > 0),
+        "NodePort after the Service change: {node_port_master:?}"
+    );
+    assert!(reads > 0);
+    assert_eq!(
+        missing, 0,
+        "the NodePort was missing in {missing} of {reads} reads"
+    );
+    // And it answers: a pod reaches the Service on this node's NodePort.
+    let request = "through the NodePort";
+    answered_by(
+        &node
+            .pod(CLIENTS[0].0)
+            .tcp_request(std::net::SocketAddrV4::new(node_ip, node_port), request)?,
+        request,
+    )?;
     Ok(())
 }
 
