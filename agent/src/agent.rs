@@ -189,10 +189,11 @@ impl NodeAgent {
     ) -> Option<SyncReport> {
         let start = Instant::now();
         let event_driven = how == FullSync::AfterChange;
-        let cached = if event_driven {
-            self.node.take().map(|node| node.written.contents)
-        } else {
-            None
+        // After a change, what the agent last wrote stands for the maps (taken: if
+        // the sync fails, the next one reads them back).
+        let cached = match &mut self.node {
+            Some(node) if event_driven => Some(std::mem::take(&mut node.written).contents),
+            _ => None,
         };
         let current = match cached {
             Some(mut contents) => self.parts.maps.endpoint_entries().map(|endpoints| {
@@ -201,10 +202,14 @@ impl NodeAgent {
             }),
             None => self.parts.maps.contents(),
         };
-        if let (Ok(actual), Some(node)) = (&current, &self.node) {
-            self.report_drift(&node.written.contents, actual);
+        let last_written = self
+            .node
+            .as_ref()
+            .filter(|_| !event_driven)
+            .map(|node| &node.written.contents);
+        if let (Ok(actual), Some(expected)) = (&current, last_written) {
+            self.report_drift(expected, actual);
         }
-        let ids_from = self.node.as_ref().map(|node| &node.written.contents);
         if !event_driven {
             // Full syncs read the host side back too, repairing drift there.
             self.parts.host.overlay = None;
@@ -214,7 +219,8 @@ impl NodeAgent {
                 objects,
                 skipped,
                 current,
-                ids_from,
+                last_written,
+                self.node.as_ref().map(|node| &node.context),
                 &self.settings,
                 &mut self.parts,
             )
@@ -256,6 +262,8 @@ impl NodeAgent {
                 Some(report)
             }
             Err(e) => {
+                // The maps may hold part of the writes: the next sync reads them back.
+                self.node = None;
                 self.telemetry.sync_errors.inc();
                 error!("sync failed: {e:#}");
                 None
@@ -583,7 +591,7 @@ pub fn pending_writes(
     maps: &NodeMaps,
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
     let (context, mut skipped) =
-        model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes);
+        model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, None);
     let current = maps.contents()?;
     // What the running agent was started with, as its maps show it: where the uplink
     // balances external traffic, the overlay's VNI and port (once it has written them).
@@ -619,11 +627,13 @@ pub fn pending_writes(
 /// already had to leave out; ids are kept as `ids_from` (the last write) has them,
 /// else as the maps have them.
 /// Returns the report and the map contents now written.
+#[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     objects: &ClusterObjects,
     mut skipped: Vec<model::Skipped>,
     current: plan::MapContents,
     ids_from: Option<&plan::MapContents>,
+    previous: Option<&model::NodeContext>,
     settings: &plan::NodeSettings,
     parts: &mut NodeParts,
 ) -> Result<(SyncReport, plan::NodeState)> {
@@ -632,7 +642,8 @@ pub fn reconcile(
         maps,
         host,
     } = parts;
-    let (context, more) = model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes);
+    let (context, more) =
+        model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, previous);
     skipped.extend(more);
     // The uplink (the interface holding this node's IP, from its Node object): XDP
     // for external traffic, tcx to forward what it translated; the overlay's MTU

@@ -79,30 +79,24 @@ fn special_net(net: &Ipv4Net) -> Option<&'static str> {
     })
 }
 
-/// The nodes of the cluster as far as addresses go: whose they are.
-pub struct Claimed<'a> {
-    /// Every node's own address.
-    pub node_ips: &'a [Ipv4Addr],
-    /// Every accepted pod CIDR.
-    pub pod_cidrs: &'a [Ipv4Net],
-}
-
 impl Limits {
     /// Why `ip` cannot be a Service frontend of kind `field` (`spec.clusterIP`,
-    /// `spec.externalIPs`, `status.loadBalancer.ingress`), if it cannot.
-    pub fn refuse_frontend(&self, ip: Ipv4Addr, field: &str, claimed: &Claimed) -> Option<String> {
+    /// `spec.externalIPs`, `status.loadBalancer.ingress`), if it cannot. Checked
+    /// against the node's own ranges and, for the addresses a Service may pick
+    /// (externalIPs, load-balancer IPs), the nodes' addresses (`node_ips`): a
+    /// Service there would capture traffic meant for a node. A Node's claim never
+    /// refuses a clusterIP (the API server allocates those; Nodes are checked
+    /// against the Service CIDR instead).
+    pub fn refuse_frontend(
+        &self,
+        ip: Ipv4Addr,
+        field: &str,
+        node_ips: &[Ipv4Addr],
+    ) -> Option<String> {
         if let Some(what) = special(ip) {
             return Some(format!("{field} {ip} is {what}"));
         }
-        if claimed.node_ips.contains(&ip) {
-            return Some(format!("{field} {ip} is a node's address"));
-        }
-        let pod_net = claimed
-            .pod_cidrs
-            .iter()
-            .chain(&self.cluster_cidr)
-            .find(|net| net.contains(&ip));
-        if let Some(net) = pod_net {
+        if let Some(net) = self.cluster_cidr.iter().find(|net| net.contains(&ip)) {
             return Some(format!("{field} {ip} is a pod address (in {net})"));
         }
         match field {
@@ -115,6 +109,8 @@ impl Limits {
                     list(&self.service_cidrs)
                 ))
             }
+            "spec.clusterIP" => None,
+            _ if node_ips.contains(&ip) => Some(format!("{field} {ip} is a node's address")),
             "spec.externalIPs" if !self.external_ip_cidrs.iter().any(|n| n.contains(&ip)) => {
                 Some(if self.external_ip_cidrs.is_empty() {
                     format!("{field} {ip}: no externalIPs are allowed (--external-ip-cidr)")
@@ -127,6 +123,21 @@ impl Limits {
             }
             _ => None,
         }
+    }
+
+    /// Why a Node's InternalIP `ip` cannot be a node's address, if it cannot: special
+    /// addresses, and the ranges the node hands to Services and pods.
+    pub fn refuse_node_ip(&self, ip: Ipv4Addr) -> Option<String> {
+        if let Some(what) = special(ip) {
+            return Some(format!("InternalIP {ip} is {what}"));
+        }
+        let service = self.service_cidrs.iter().find(|n| n.contains(&ip));
+        let service = service.map(|n| (*n, "the service CIDR"));
+        let pods = self.cluster_cidr.filter(|n| n.contains(&ip));
+        let pods = pods.map(|n| (n, "the cluster CIDR (pod addresses)"));
+        service
+            .or(pods)
+            .map(|(net, what)| format!("InternalIP {ip} is in {what} {net}"))
     }
 
     /// Why a Service may not have `node_port`, if it may not.
@@ -166,6 +177,13 @@ impl Limits {
                 return Some(format!("it is outside the cluster CIDR {cluster}"));
             }
         }
+        let service = self
+            .service_cidrs
+            .iter()
+            .find(|n| n.contains(cidr) || cidr.contains(*n));
+        if let Some(net) = service {
+            return Some(format!("it overlaps the service CIDR {net}"));
+        }
         if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(*ip)) {
             return Some(format!("it holds the node address {ip}"));
         }
@@ -195,40 +213,67 @@ mod tests {
     fn frontends_that_would_capture_others_traffic_are_refused() {
         let limits = Limits {
             service_cidrs: vec![net("10.96.0.0/12")],
-            external_ip_cidrs: vec![net("192.0.2.0/24")],
+            external_ip_cidrs: vec![net("192.0.2.0/24"), net("198.51.100.0/24")],
             cluster_cidr: Some(net("10.244.0.0/16")),
             ..Limits::default()
         };
-        let node_ips = ["198.51.100.1".parse().unwrap()];
-        let pod_cidrs = [net("10.245.0.0/24")];
-        let claimed = Claimed {
-            node_ips: &node_ips,
-            pod_cidrs: &pod_cidrs,
-        };
+        let node_ips = [
+            "198.51.100.1".parse().unwrap(),
+            "10.96.0.10".parse().unwrap(),
+        ];
         let refused =
-            |ip: &str, field: &str| limits.refuse_frontend(ip.parse().unwrap(), field, &claimed);
+            |ip: &str, field: &str| limits.refuse_frontend(ip.parse().unwrap(), field, &node_ips);
         for (ip, field, says) in [
             ("127.0.0.1", "spec.clusterIP", "loopback"),
             ("169.254.169.254", "spec.clusterIP", "link-local"),
             ("169.254.1.1", "spec.externalIPs", "link-local"),
-            ("198.51.100.1", "spec.clusterIP", "node's address"),
+            ("198.51.100.1", "spec.externalIPs", "node's address"),
+            (
+                "198.51.100.1",
+                "status.loadBalancer.ingress",
+                "node's address",
+            ),
             ("10.244.3.7", "spec.clusterIP", "pod address"),
-            ("10.245.0.9", "status.loadBalancer.ingress", "pod address"),
+            ("10.244.0.9", "status.loadBalancer.ingress", "pod address"),
             ("172.16.0.1", "spec.clusterIP", "outside the service CIDR"),
             ("203.0.113.5", "spec.externalIPs", "outside the allowed"),
         ] {
             let reason = refused(ip, field).unwrap_or_else(|| panic!("{ip} accepted"));
             assert!(reason.contains(says), "{ip}: {reason}");
         }
+        // A Node claiming a clusterIP's address takes nothing from the Service.
         assert_eq!(refused("10.96.0.10", "spec.clusterIP"), None);
         assert_eq!(refused("192.0.2.7", "spec.externalIPs"), None);
         assert_eq!(refused("203.0.113.5", "status.loadBalancer.ingress"), None);
         let closed = Limits::default();
         assert!(closed
-            .refuse_frontend("192.0.2.7".parse().unwrap(), "spec.externalIPs", &claimed)
+            .refuse_frontend("192.0.2.7".parse().unwrap(), "spec.externalIPs", &node_ips)
             .is_some_and(|r| r.contains("no externalIPs are allowed")));
         assert!(limits.refuse_node_port(80).is_some());
         assert!(limits.refuse_node_port(30080).is_none());
+    }
+
+    #[test]
+    fn node_addresses_in_the_nodes_own_ranges_or_special_are_refused() {
+        let limits = Limits {
+            service_cidrs: vec![net("10.96.0.0/12")],
+            cluster_cidr: Some(net("10.244.0.0/16")),
+            ..Limits::default()
+        };
+        for (ip, says) in [
+            ("0.0.0.0", "0.0.0.0/8"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("10.96.0.10", "service CIDR"),
+            ("10.244.1.5", "cluster CIDR"),
+        ] {
+            let reason = limits
+                .refuse_node_ip(ip.parse().unwrap())
+                .unwrap_or_else(|| panic!("{ip} accepted"));
+            assert!(reason.contains(says), "{ip}: {reason}");
+        }
+        assert_eq!(limits.refuse_node_ip("198.51.100.7".parse().unwrap()), None);
     }
 
     #[test]
@@ -257,5 +302,12 @@ mod tests {
             limits.refuse_pod_cidr(&net("10.244.2.0/24"), &accepted, &node_ips),
             None
         );
+        // Without a cluster CIDR, the Service CIDR is still no pod's.
+        let services_only = Limits {
+            service_cidrs: vec![net("10.96.0.0/12")],
+            ..Limits::default()
+        };
+        let reason = services_only.refuse_pod_cidr(&net("10.96.4.0/24"), &[], &[]);
+        assert!(reason.is_some_and(|r| r.contains("service CIDR")));
     }
 }

@@ -219,7 +219,7 @@ endpoints:
     })?;
     let log = node.agent.as_ref().context("agent")?.log_text();
     for reason in [
-        format!("spec.clusterIP {node_ip} is a node's address"),
+        format!("spec.clusterIP {node_ip} is outside the service CIDR"),
         "spec.clusterIP 127.0.0.1 is loopback".into(),
         "spec.clusterIP 169.254.169.254 is link-local".into(),
         "spec.clusterIP 169.254.1.1 is link-local".into(),

@@ -4,11 +4,10 @@
 //! the same whichever path builds it.
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 
 use super::{nodes::cluster_nodes, ClusterNode, Skipped};
-use crate::limits::{Claimed, Limits};
+use crate::limits::Limits;
 
 /// This node (its name and, once known, its Node object), every node of the cluster
 /// (whose addresses and pod CIDRs no Service may claim), and the node's limits.
@@ -19,26 +18,32 @@ pub struct NodeContext {
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
     node_ips: Vec<Ipv4Addr>,
-    pod_cidrs: Vec<Ipv4Net>,
 }
 
 impl NodeContext {
     /// The context of node `name` in a cluster of `nodes`; Nodes that cannot be used
-    /// (or pod CIDRs of them) are returned with their reason.
-    pub fn new(name: &str, limits: &Limits, nodes: &[Arc<Node>]) -> (Self, Vec<Skipped>) {
+    /// (or pod CIDRs of them) are returned with their reason. `previous` (the last
+    /// full sync's context) says which nodes are incumbents: what they hold they keep.
+    pub fn new(
+        name: &str,
+        limits: &Limits,
+        nodes: &[Arc<Node>],
+        previous: Option<&NodeContext>,
+    ) -> (Self, Vec<Skipped>) {
         let mut skipped = Vec::new();
-        let nodes = cluster_nodes(nodes, limits, &mut skipped);
+        let nodes = cluster_nodes(
+            nodes,
+            name,
+            limits,
+            previous.map(|p| &p.nodes),
+            &mut skipped,
+        );
         let node_ips = nodes.values().map(|n| n.ip).collect();
-        let pod_cidrs = nodes
-            .values()
-            .flat_map(|n| n.pod_cidrs.iter().copied())
-            .collect();
         let context = Self {
             name: name.to_string(),
             limits: limits.clone(),
             nodes,
             node_ips,
-            pod_cidrs,
         };
         (context, skipped)
     }
@@ -64,11 +69,8 @@ impl NodeContext {
         }
     }
 
-    /// The addresses the nodes hold, which no Service frontend may take.
-    pub(super) fn claimed(&self) -> Claimed<'_> {
-        Claimed {
-            node_ips: &self.node_ips,
-            pod_cidrs: &self.pod_cidrs,
-        }
+    /// The nodes' addresses, which no externalIP or load-balancer IP may take.
+    pub(super) fn node_ips(&self) -> &[Ipv4Addr] {
+        &self.node_ips
     }
 }

@@ -2,7 +2,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
 
 use super::{ClusterNode, SkipReason, Skipped};
 use crate::limits::Limits;
@@ -10,20 +10,32 @@ use crate::limits::Limits;
 /// Node annotation a VTEP of another implementation uses to announce its MAC.
 pub const VTEP_MAC_ANNOTATION: &str = "ferrite.dev/vtep-mac";
 
-/// Every Node with an InternalIP, by name, each with the pod CIDRs it may have:
-/// decided in name order, so every node's agent agrees on who owns what.
+/// Every usable Node, by name, with the pod CIDRs it may have. Where Nodes claim the
+/// same address or overlapping pod CIDRs, the incumbent keeps its own: a node the
+/// agent accepted before (`previous`), then the oldest (`creationTimestamp`), then
+/// by name, so every agent decides alike; this node's address is always its own.
+/// A Node whose address cannot be a node's (special, in a Service, externalIP or pod
+/// range, another node's, inside an accepted pod CIDR) is refused whole: its claims
+/// never take anything from a Service or another node.
 pub(super) fn cluster_nodes(
     objects: &[Arc<Node>],
+    this: &str,
     limits: &Limits,
+    previous: Option<&BTreeMap<String, ClusterNode>>,
     skipped: &mut Vec<Skipped>,
 ) -> BTreeMap<String, ClusterNode> {
-    let mut nodes = BTreeMap::new();
+    let mut parsed: BTreeMap<String, (ClusterNode, Option<Time>)> = BTreeMap::new();
     for node in objects {
         match cluster_node(node) {
-            Ok(parsed) => {
-                if let Some(existing) = nodes.insert(parsed.name.clone(), parsed) {
+            Ok(cluster_node) => {
+                let created = node.metadata.creation_timestamp.clone();
+                let name = cluster_node.name.clone();
+                if parsed
+                    .insert(name.clone(), (cluster_node, created))
+                    .is_some()
+                {
                     skipped.push(Skipped {
-                        object: format!("Node {}", existing.name),
+                        object: format!("Node {name}"),
                         reason: SkipReason::NodeListedTwice,
                     });
                 }
@@ -37,11 +49,50 @@ pub(super) fn cluster_nodes(
             }),
         }
     }
-    let node_ips: Vec<Ipv4Addr> = nodes.values().map(|n: &ClusterNode| n.ip).collect();
-    let mut accepted: Vec<(Ipv4Net, String)> = Vec::new();
-    for node in nodes.values_mut() {
-        node.pod_cidrs.retain(
-            |cidr| match limits.refuse_pod_cidr(cidr, &accepted, &node_ips) {
+    let mut claimants: Vec<(ClusterNode, Option<Time>)> = parsed.into_values().collect();
+    claimants.sort_by_cached_key(|(node, created)| {
+        // Held before: the same address and every pod CIDR it claims, accepted.
+        let incumbent = previous
+            .and_then(|p| p.get(&node.name))
+            .is_some_and(|p| p.ip == node.ip && p.pod_cidrs == node.pod_cidrs);
+        (!incumbent, created.clone(), node.name.clone())
+    });
+    // This node's address is its own, whatever other Nodes say.
+    let own_ip = claimants
+        .iter()
+        .find(|(node, _)| node.name == this)
+        .map(|(node, _)| node.ip)
+        .filter(|ip| limits.refuse_node_ip(*ip).is_none());
+
+    let mut nodes: BTreeMap<String, ClusterNode> = BTreeMap::new();
+    let mut accepted_cidrs: Vec<(Ipv4Net, String)> = Vec::new();
+    for (mut node, _) in claimants {
+        let refused = limits.refuse_node_ip(node.ip).or_else(|| {
+            let holder = nodes
+                .values()
+                .find(|n| n.ip == node.ip)
+                .map(|n| n.name.as_str())
+                .or((own_ip == Some(node.ip) && node.name != this).then_some(this));
+            let in_cidr = accepted_cidrs.iter().find(|(c, _)| c.contains(&node.ip));
+            match (holder, in_cidr) {
+                (Some(holder), _) => Some(format!("InternalIP {} is node {holder}'s", node.ip)),
+                (None, Some((cidr, owner))) => Some(format!(
+                    "InternalIP {} is in {cidr}, node {owner}'s pod CIDR",
+                    node.ip
+                )),
+                (None, None) => None,
+            }
+        });
+        if let Some(reason) = refused {
+            skipped.push(Skipped {
+                object: format!("Node {}", node.name),
+                reason: SkipReason::Invalid(reason),
+            });
+            continue;
+        }
+        let node_ips: Vec<Ipv4Addr> = nodes.values().map(|n| n.ip).chain([node.ip]).collect();
+        node.pod_cidrs.retain(|cidr| {
+            match limits.refuse_pod_cidr(cidr, &accepted_cidrs, &node_ips) {
                 Some(reason) => {
                     skipped.push(Skipped {
                         object: format!("Node {} podCIDR {cidr}", node.name),
@@ -50,11 +101,12 @@ pub(super) fn cluster_nodes(
                     false
                 }
                 None => {
-                    accepted.push((*cidr, node.name.clone()));
+                    accepted_cidrs.push((*cidr, node.name.clone()));
                     true
                 }
-            },
-        );
+            }
+        });
+        nodes.insert(node.name.clone(), node);
     }
     nodes
 }
@@ -125,6 +177,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::super::test_support::*;
+    use super::super::{build, DesiredState, NodeContext, Protocol};
 
     const NODES: &str = r#"
 apiVersion: v1
@@ -178,5 +231,163 @@ status: {addresses: [{type: InternalIP, address: 198.51.100.8}]}
                 "{needle}: {reasons:#?}"
             );
         }
+    }
+
+    fn node(name: &str, ip: &str, cidr: &str, created: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, creationTimestamp: \"{created}\"}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        )
+    }
+
+    const DNS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: kube-system}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}\n";
+
+    /// The context node-a's agent makes of `yaml` with the lab's limits (Service and
+    /// cluster CIDRs), after `previous`; and what it skipped.
+    fn context(
+        yaml: &str,
+        previous: Option<&NodeContext>,
+    ) -> (NodeContext, DesiredState, Vec<String>) {
+        let (objects, _) = crate::objects_yaml::parse_objects(yaml).unwrap();
+        let limits = crate::limits::Limits {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            ..open_limits()
+        };
+        let (context, mut skipped) = NodeContext::new(NODE, &limits, &objects.nodes, previous);
+        let (state, more) = build(&objects, &context);
+        skipped.extend(more);
+        (
+            context,
+            state,
+            skipped.iter().map(ToString::to_string).collect(),
+        )
+    }
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+    const T1: &str = "2026-06-01T00:00:00Z";
+
+    #[test]
+    fn a_node_claiming_a_special_service_or_pod_address_is_refused_and_takes_nothing() {
+        let base = format!(
+            "{}---\n{}---\n{DNS}",
+            node("node-a", "198.51.100.1", "10.244.0.0/24", T0),
+            node("node-b", "198.51.100.2", "10.244.1.0/24", T0)
+        );
+        for (ip, says) in [
+            ("10.96.0.10", "service CIDR"),
+            ("10.244.1.5", "cluster CIDR"),
+            ("10.244.0.7", "cluster CIDR"),
+            ("0.0.0.0", "0.0.0.0/8"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("198.51.100.1", "node node-a's"),
+            ("198.51.100.2", "node node-b's"),
+        ] {
+            // Named to sort first, created after the others (the API server sets
+            // creationTimestamp): refused whole.
+            let hostile = node("a0-hostile", ip, "10.244.9.0/24", T1);
+            let (context, state, skipped) = context(&format!("{base}---\n{hostile}"), None);
+            assert!(
+                skipped
+                    .iter()
+                    .any(|s| s.starts_with("Node a0-hostile") && s.contains(says)),
+                "{ip}: {skipped:?}"
+            );
+            assert!(!context.nodes.contains_key("a0-hostile"), "{ip}");
+            // Everything else stands: both nodes with their pod CIDRs and addresses,
+            // kube-dns on its clusterIP.
+            assert_eq!(
+                context.node_ip(),
+                Some("198.51.100.1".parse().unwrap()),
+                "{ip}"
+            );
+            assert_eq!(context.nodes["node-b"].pod_cidrs.len(), 1, "{ip}");
+            assert_eq!(context.nodes["node-a"].pod_cidrs.len(), 1, "{ip}");
+            assert!(
+                state
+                    .services
+                    .contains_key(&addr("10.96.0.10", 53, Protocol::Udp)),
+                "{ip}"
+            );
+        }
+        // This node's own address is its own, even against an older Node.
+        let older = node(
+            "a0-hostile",
+            "198.51.100.1",
+            "10.244.9.0/24",
+            "2020-01-01T00:00:00Z",
+        );
+        let (context, _, skipped) = context(&format!("{base}---\n{older}"), None);
+        assert_eq!(context.node_ip(), Some("198.51.100.1".parse().unwrap()));
+        assert!(!context.nodes.contains_key("a0-hostile"), "{skipped:?}");
+    }
+
+    #[test]
+    fn without_a_service_cidr_a_node_on_a_cluster_ip_takes_nothing_from_the_service() {
+        let yaml = format!(
+            "{}---\n{}---\n{DNS}",
+            node("node-a", "198.51.100.1", "10.244.0.0/24", T0),
+            node("squatter", "10.96.0.10", "10.244.5.0/24", T1)
+        );
+        let (state, skipped) = build_yaml(&yaml);
+        assert!(
+            state
+                .services
+                .contains_key(&addr("10.96.0.10", 53, Protocol::Udp)),
+            "{skipped:?}"
+        );
+    }
+
+    #[test]
+    fn the_incumbent_keeps_its_pod_cidr_and_the_newcomer_is_refused() {
+        let victim = node("node-b", "198.51.100.2", "10.244.1.0/24", T0);
+        // Sorts first by name, created later.
+        let thief = node("a0-thief", "198.51.100.9", "10.244.1.0/24", T1);
+        let this = node("node-a", "198.51.100.1", "10.244.0.0/24", T0);
+        let (first, _, skipped) = context(&format!("{this}---\n{victim}---\n{thief}"), None);
+        assert_eq!(
+            first.nodes["node-b"].pod_cidrs,
+            vec!["10.244.1.0/24".parse().unwrap()]
+        );
+        assert!(first.nodes["a0-thief"].pod_cidrs.is_empty());
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.contains("Node a0-thief podCIDR 10.244.1.0/24")
+                    && s.contains("node node-b's")),
+            "{skipped:?}"
+        );
+        // Seen first beats older: a node the agent accepted keeps what it has even
+        // against a Node (re)created with an older timestamp.
+        let ancient = node(
+            "a0-thief",
+            "198.51.100.9",
+            "10.244.1.0/24",
+            "2020-01-01T00:00:00Z",
+        );
+        let (again, _, _) = context(&format!("{this}---\n{victim}---\n{ancient}"), Some(&first));
+        assert_eq!(again.nodes["node-b"].pod_cidrs.len(), 1);
+        assert!(again.nodes["a0-thief"].pod_cidrs.is_empty());
+        // Without history, the oldest wins.
+        let (fresh, _, _) = context(&format!("{this}---\n{victim}---\n{ancient}"), None);
+        assert!(fresh.nodes["node-b"].pod_cidrs.is_empty());
+    }
+
+    #[test]
+    fn a_node_inside_another_nodes_pod_cidr_is_refused_not_the_cidr() {
+        // No cluster CIDR configured: only the accepted pod CIDRs tell.
+        let yaml = format!(
+            "{}---\n{}---\n{}",
+            node("node-a", "198.51.100.1", "10.244.0.0/24", T0),
+            node("node-b", "198.51.100.2", "10.245.1.0/24", T0),
+            node("a0-inside", "10.245.1.7", "10.245.9.0/24", T1)
+        );
+        let (state, skipped) = build_yaml(&yaml);
+        assert!(!state.nodes.contains_key("a0-inside"), "{skipped:?}");
+        assert_eq!(state.nodes["node-b"].pod_cidrs.len(), 1);
+        assert!(skipped.iter().any(|s| s
+            .to_string()
+            .contains("10.245.1.0/24, node node-b's pod CIDR")));
     }
 }

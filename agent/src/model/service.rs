@@ -189,7 +189,7 @@ fn cluster_ip(spec: &ServiceSpec, here: &NodeContext) -> Result<Ipv4Addr, String
     }
     if let Some(reason) = here
         .limits
-        .refuse_frontend(vip, "spec.clusterIP", &here.claimed())
+        .refuse_frontend(vip, "spec.clusterIP", here.node_ips())
     {
         return Err(reason);
     }
@@ -294,7 +294,7 @@ fn admitted(
     here: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> bool {
-    match here.limits.refuse_frontend(ip, field, &here.claimed()) {
+    match here.limits.refuse_frontend(ip, field, here.node_ips()) {
         Some(reason) => {
             skipped.push(Skipped {
                 object: format!("Service {service_ref} {field} {ip}"),

@@ -22,7 +22,7 @@ pub(super) fn build_yaml(yaml: &str) -> (DesiredState, Vec<Skipped>) {
 
 /// The model of `objects` for [`NODE`], in the context their Nodes make.
 pub(super) fn build_all(objects: &ClusterObjects) -> (DesiredState, Vec<Skipped>) {
-    let (context, mut skipped) = NodeContext::new(NODE, &open_limits(), &objects.nodes);
+    let (context, mut skipped) = NodeContext::new(NODE, &open_limits(), &objects.nodes, None);
     let (state, more) = build(objects, &context);
     skipped.extend(more);
     (state, skipped)

@@ -146,6 +146,7 @@ impl SimNode {
             &self.settings.node,
             &self.settings.limits,
             &self.objects.nodes,
+            self.state.as_ref().map(|s| &s.context),
         );
         FullPlan::new(
             &self.objects,
