@@ -442,40 +442,106 @@ pub fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<()> {
 
 /// Skipped objects as last logged: a skip is logged when it first appears or its
 /// reason changes, not again on every sync (kube-proxy logs events, not states);
-/// `ferrite_skipped_objects` carries the level.
+/// `ferrite_skipped_objects` carries the level. A sync that skips many new objects
+/// logs the first [`SkipLog::SHOWN`] and one summary line of the rest, by reason.
 #[derive(Debug, Default)]
 pub struct SkipLog {
     logged: std::collections::HashSet<String>,
 }
 
 impl SkipLog {
+    /// New skips one sync logs a line each.
+    pub const SHOWN: usize = 20;
+
     /// A full sync's skips (all there are now): log the new ones, forget the gone.
-    /// Returns how many were logged.
+    /// Returns how many were new.
     pub fn full_sync(&mut self, skipped: &[Skipped]) -> usize {
         let before = std::mem::take(&mut self.logged);
-        let mut logged = 0;
-        for line in skipped.iter().map(ToString::to_string) {
+        let mut new = Vec::new();
+        for skip in skipped {
+            let line = skip.to_string();
             if !before.contains(&line) && !self.logged.contains(&line) {
-                warn!("skipped {line}");
-                logged += 1;
+                new.push(skip);
             }
             self.logged.insert(line);
         }
-        logged
+        log_skips(&new);
+        new.len()
     }
 
     /// An update's skips (of the Services it changed): log the new ones.
     pub fn update(&mut self, skipped: &[Skipped]) -> usize {
-        let mut logged = 0;
-        for line in skipped.iter().map(ToString::to_string) {
-            if !self.logged.contains(&line) {
-                warn!("skipped {line}");
-                logged += 1;
-                self.logged.insert(line);
-            }
-        }
-        logged
+        let new: Vec<&Skipped> = skipped
+            .iter()
+            .filter(|skip| self.logged.insert(skip.to_string()))
+            .collect();
+        log_skips(&new);
+        new.len()
     }
+}
+
+/// One line per skip up to [`SkipLog::SHOWN`], then one for the rest by reason.
+/// Object names are not trusted: control characters in them are escaped, so a
+/// name cannot forge a log line.
+fn log_skips(new: &[&Skipped]) {
+    for skip in new.iter().take(SkipLog::SHOWN) {
+        warn!("skipped {}", escape_controls(&skip.to_string()));
+    }
+    if new.len() > SkipLog::SHOWN {
+        let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+        for skip in &new[SkipLog::SHOWN..] {
+            *by_reason
+                .entry(reason_shape(&skip.reason.to_string()))
+                .or_default() += 1;
+        }
+        let mut reasons: Vec<(String, usize)> = by_reason.into_iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let shown: Vec<String> = reasons
+            .iter()
+            .take(5)
+            .map(|(reason, count)| format!("{count} x {}", escape_controls(reason)))
+            .collect();
+        warn!(
+            more = new.len() - SkipLog::SHOWN,
+            "skipped {} more objects: {}{}",
+            new.len() - SkipLog::SHOWN,
+            shown.join("; "),
+            if reasons.len() > shown.len() {
+                "; ..."
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// A reason with its numbers as `#`, so alike refusals count together.
+fn reason_shape(reason: &str) -> String {
+    let mut shape = String::with_capacity(reason.len());
+    for c in reason.chars() {
+        if c.is_ascii_digit() {
+            if !shape.ends_with('#') {
+                shape.push('#');
+            }
+        } else {
+            shape.push(c);
+        }
+    }
+    shape
+}
+
+/// `text` with control characters (newlines, escapes) written as `\u{..}`.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -510,5 +576,17 @@ mod skip_log_tests {
         // Gone, then back: logged again.
         assert_eq!(log.full_sync(std::slice::from_ref(&a)), 0);
         assert_eq!(log.full_sync(&[a, b]), 1);
+    }
+
+    #[test]
+    fn names_cannot_forge_log_lines_and_alike_reasons_count_together() {
+        assert_eq!(
+            escape_controls("Service x/evil\n2026 INFO forged"),
+            "Service x/evil\\u{a}2026 INFO forged"
+        );
+        assert_eq!(
+            reason_shape("nodePort 31000 is outside the node port range 30000-30999"),
+            "nodePort # is outside the node port range #-#"
+        );
     }
 }

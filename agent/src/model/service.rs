@@ -126,7 +126,18 @@ pub(super) fn service_frontends(
         }
     }
     check_size(&frontends)?;
-    let health_check = health_check(spec, service_type, &policy, &service_ref, local_endpoints)?;
+    let health_check = health_check(spec, service_type, &policy, &service_ref, local_endpoints)?
+        .filter(|(port, _)| match here.limits.refuse_node_port(*port) {
+            // Not a port the node hands out: left unserved, the frontends still apply.
+            Some(reason) => {
+                skipped.push(Skipped {
+                    object: format!("Service {service_ref} healthCheckNodePort {port}"),
+                    reason: SkipReason::Invalid(reason),
+                });
+                false
+            }
+            None => true,
+        });
     Ok((frontends, health_check))
 }
 
@@ -577,6 +588,22 @@ spec: {type: ExternalName, externalName: example.com}
             skipped[1].reason.to_string().contains("ExternalName"),
             "{}",
             skipped[1]
+        );
+    }
+
+    #[test]
+    fn a_health_check_port_outside_the_node_port_range_is_not_served() {
+        let (state, skipped) = build_yaml(&load_balancer(
+            ", externalTrafficPolicy: Local, healthCheckNodePort: 10250",
+        ));
+        assert!(state.health_checks.is_empty());
+        assert_eq!(state.services.len(), 4, "the frontends still apply");
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.object.contains("healthCheckNodePort 10250")
+                    && s.reason.to_string().contains("outside the node port range")),
+            "{skipped:?}"
         );
     }
 
