@@ -25,6 +25,49 @@ use crate::{
 /// not replace it atomically is still writing).
 const CONFIG_SETTLE: Duration = Duration::from_millis(100);
 
+/// The largest config file the agent reads (a 52,231-Service file is 52 MB).
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+enum ReadError {
+    /// Not there (yet), or not readable: the last applied state stays, quietly.
+    Io(std::io::Error),
+    /// Not a file a config can be: refused, and `/readyz` says why.
+    Refused(String),
+}
+
+/// Read the config file: a regular file (not a device, FIFO or directory, even
+/// through a link) of at most [`MAX_CONFIG_BYTES`]. Opened without blocking, so a
+/// FIFO cannot hold the agent's loop.
+fn read_config(path: &Path) -> Result<String, ReadError> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    if !meta.is_file() {
+        return Err(ReadError::Refused(
+            "not a regular file (a device, FIFO or directory)".into(),
+        ));
+    }
+    let too_big = || ReadError::Refused(format!("larger than {MAX_CONFIG_BYTES} bytes"));
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut content = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut content)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => ReadError::Refused("not UTF-8 text".into()),
+            _ => ReadError::Io(e),
+        })?;
+    if content.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    Ok(content)
+}
+
 /// The file as a source of events: a snapshot each time it changes and parses.
 pub struct FileSource {
     watch: FileWatch,
@@ -59,11 +102,17 @@ impl FileSource {
         }
         self.telemetry.config_reads.inc();
         let path = self.watch.path();
-        let content = match fs::read_to_string(path) {
+        let content = match read_config(path) {
             Ok(content) if self.last_content.as_ref() != Some(&content) => content,
             Ok(_) => return false,
-            Err(e) => {
+            Err(ReadError::Io(e)) => {
                 warn!(config = %path.display(), "cannot read config: {e}");
+                return false;
+            }
+            Err(ReadError::Refused(why)) => {
+                error!(config = %path.display(), "config refused, the last applied state stays: {why}");
+                self.telemetry.set_config_rejected(Some(why));
+                self.last_content = None;
                 return false;
             }
         };

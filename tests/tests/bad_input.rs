@@ -15,10 +15,12 @@ use ferrite_tests::{
 };
 
 /// A config file that does not parse - a syntax error in the first or a later
-/// document, an empty file caught mid-write - is refused whole: the node keeps
-/// serving what was applied last (full resyncs go on with it), `/readyz` says why
-/// (with the line), `ferrite_config_rejections` counts it; the fixed file applies.
-/// The file is watched: while it does not change it is not read again.
+/// document, an empty file caught mid-write, a file with no object Ferrite reads, one
+/// nested 200,000 deep - or that is no file to read - a link to /dev/zero, a FIFO,
+/// one past the size cap - is refused whole: the node keeps serving what was applied
+/// last (full resyncs go on with it), `/readyz` says why (with the line),
+/// `ferrite_config_rejections` counts it; the fixed file applies. The file is
+/// watched: while it does not change it is not read again.
 #[test]
 fn a_config_that_does_not_parse_changes_nothing_and_readyz_says_why() -> Result<()> {
     let (mut node, _servers) = cluster::example_node("badcfg")?;
@@ -63,10 +65,37 @@ fn a_config_that_does_not_parse_changes_nothing_and_readyz_says_why() -> Result<
             "line",
         ),
         ("an empty file", String::new(), "no object"),
+        (
+            "a word",
+            "hello\n".into(),
+            "no Service, EndpointSlice, Pod or Node",
+        ),
+        (
+            "unsupported kinds only",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n".into(),
+            "no Service, EndpointSlice, Pod or Node",
+        ),
+        (
+            "a file nested 200,000 deep",
+            format!("{}{}\n", "[".repeat(200_000), "]".repeat(200_000)),
+            "nested deeper",
+        ),
+        ("a link to /dev/zero", String::new(), "not a regular file"),
+        ("a FIFO", String::new(), "not a regular file"),
+        ("a file past the size cap", String::new(), "larger than"),
     ];
+    let path = node.config_path();
     for (index, (what, content, says)) in cases.iter().enumerate() {
-        // Written in place, as a careless writer (or one caught mid-write) leaves it.
-        std::fs::write(node.config_path(), content)?;
+        let _ = std::fs::remove_file(&path);
+        match *what {
+            "a link to /dev/zero" => std::os::unix::fs::symlink("/dev/zero", &path)?,
+            "a FIFO" => nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRUSR)?,
+            // Sparse: its size is past the cap without writing it.
+            "a file past the size cap" => std::fs::File::create(&path)?
+                .set_len(ferrite_agent::source::MAX_CONFIG_BYTES + 1)?,
+            // Written in place, as a careless writer (or one caught mid-write) leaves it.
+            _ => std::fs::write(&path, content)?,
+        }
         wait_until(&format!("{what} to be refused"), SETTLE, || {
             node.metric("ferrite_config_rejections_total")
                 .is_ok_and(|n| n >= (index + 1) as f64)
