@@ -9,6 +9,29 @@ use std::{
 
 use anyhow::{Context, Result};
 
+/// Node names end up in paths (pins, runtime files, IPAM state): lowercase DNS
+/// subdomain characters only, as Kubernetes requires of Node names, and no leading
+/// dot (`..` is no node), so a name can never climb out of or replace a base path.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+}
+
+/// `--node` / `NODE_NAME` as the command line takes it: a valid node name.
+pub fn node_name_arg(value: &str) -> Result<String, String> {
+    if valid_node_name(value) {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not a node name (lowercase letters, digits, '-' and '.', not starting with '.')"
+        ))
+    }
+}
+
 /// Create `path` (and missing parents) with mode 0700, and make it 0700 if it was
 /// there already.
 pub fn create_private_dir(path: &Path) -> Result<()> {

@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
-    explain, hostnet, inspect, kube_source,
+    explain, files, hostnet, inspect, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -30,7 +30,7 @@ enum Command {
     /// Run the node agent: load/attach the datapath and keep its maps in sync.
     Agent {
         /// This node's name (spec.nodeName of its pods).
-        #[arg(long, env = "NODE_NAME")]
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
         /// Multi-document YAML of Kubernetes objects (Service, EndpointSlice, Pod,
         /// Node). Without it the agent watches the Kubernetes API (in-cluster config
@@ -84,7 +84,7 @@ enum Command {
     /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
     /// sync would make now (drift between the objects and the maps).
     Inspect {
-        #[arg(long, env = "NODE_NAME")]
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
         #[arg(value_enum)]
         table: inspect::Table,
@@ -109,7 +109,7 @@ enum Command {
     /// the backend chosen) as they happen, from the node's agent. Run it in the
     /// node's network namespace to see device names.
     Monitor {
-        #[arg(long, env = "NODE_NAME")]
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
         /// Which events.
         #[arg(long = "type", value_enum, default_value_t)]
@@ -132,7 +132,7 @@ enum Command {
     /// and why, rewrite), the verdict and where the packet goes. Run it in the node's
     /// network namespace.
     Explain {
-        #[arg(long, env = "NODE_NAME")]
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
         /// The sender: ADDRESS[:PORT] (an ephemeral port when none is given).
         #[arg(long, value_parser = explain::parse_source)]
@@ -167,7 +167,7 @@ enum Command {
     },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
-        #[arg(long, env = "NODE_NAME")]
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
     },
 }
@@ -575,10 +575,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Uninstall { node } => {
+            let pins = datapath::pin_dir(&node);
+            // The device and rules are the network namespace's, not the node's: only
+            // a node that is installed here (its pins exist) may take them away.
+            if !pins.exists() {
+                println!(
+                    "no Ferrite pins for node {node} ({}): nothing removed",
+                    pins.display()
+                );
+                return Ok(());
+            }
             // Run in the node's network namespace: the device and rules are there.
             hostnet::remove_all();
             let _ = std::fs::remove_dir_all(hostnet::run_dir(&node));
-            datapath::uninstall(&datapath::pin_dir(&node))
+            datapath::uninstall(&pins)
         }
     }
 }
@@ -586,6 +596,31 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_refuses_a_node_name_that_is_no_path_component() {
+        for command in ["agent", "inspect", "monitor", "explain", "uninstall"] {
+            for node in ["..", ".", "/run", "a/b", "", "Upper", "x\ny"] {
+                let mut args = vec!["ferrite", command, "--node", node];
+                // Each command's other required arguments, so only --node can fail.
+                match command {
+                    "inspect" => args.push("services"),
+                    "explain" => args.extend(["--from", "10.244.0.2", "--to", "10.96.0.10:80/tcp"]),
+                    _ => {}
+                }
+                let parsed = Cli::try_parse_from(&args);
+                assert!(
+                    parsed
+                        .as_ref()
+                        .is_err_and(|e| e.to_string().contains("not a node name")),
+                    "{command} --node {node:?}: {:?}",
+                    parsed.err()
+                );
+                args[3] = "node-1.example";
+                assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
+            }
+        }
+    }
 
     #[test]
     fn a_capacity_is_taken_for_sized_maps_only() {

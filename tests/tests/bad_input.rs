@@ -315,3 +315,67 @@ endpoints:
     }
     Ok(())
 }
+
+/// `ferrite uninstall --node N` removes what Ferrite installed for node N: its pins
+/// and links, its runtime files and, in the network namespace it runs in, the VXLAN
+/// device and nftables table - only when N is installed there (its pins exist). A
+/// name that is not a node name (`..` once removed all of /run) is refused by every
+/// command; a node without pins here leaves the namespace as it is.
+#[test]
+fn uninstall_touches_only_an_installed_node_and_names_that_are_no_node_are_refused() -> Result<()> {
+    let (mut node, _servers) = cluster::example_node("uninst")?;
+    // With a cluster CIDR the agent installs its nftables table too.
+    node.agent_args
+        .extend(["--cluster-cidr".into(), lab::CLUSTER_CIDR.into()]);
+    node.write_config(&cluster::example_for(&node.name))?;
+    node.start_agent()?;
+    node.wait_for_sync(2, 5)?;
+    let netns = format!("--net={}", node.netns.path().display());
+    let bin = lab::ferrite_bin();
+    let bin = bin.to_str().context("path")?;
+    let in_node = |args: &[&str]| {
+        let mut all = vec![netns.as_str(), bin];
+        all.extend_from_slice(args);
+        std::process::Command::new("nsenter").args(&all).output()
+    };
+    let run_dir = ferrite_agent::hostnet::run_dir(&node.name);
+    let vxlan_and_table_there = || -> Result<()> {
+        lab::sh(
+            "nsenter",
+            &[&netns, "ip", "link", "show", ferrite_common::VXLAN_DEVICE],
+        )?;
+        lab::sh(
+            "nsenter",
+            &[&netns, "nft", "list", "table", "ip", "ferrite"],
+        )?;
+        Ok(())
+    };
+    vxlan_and_table_there()?;
+
+    for name in ["..", "/run", "a/b", "Upper"] {
+        let out = in_node(&["uninstall", "--node", name])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("not a node name"),
+            "{name}: {stderr}"
+        );
+        let out = in_node(&["agent", "--node", name])?;
+        assert!(!out.status.success(), "agent --node {name}");
+    }
+    let out = in_node(&["uninstall", "--node", "not-installed-here"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing removed"));
+    vxlan_and_table_there()?;
+    assert!(run_dir.is_dir() && node.pin_dir().is_dir());
+    // The node still serves.
+    let request = "after the refused uninstalls";
+    answered_by(
+        &node.pod(CLIENTS[0].0).tcp_request(TCP_FRONTEND, request)?,
+        request,
+    )?;
+    Ok(())
+}

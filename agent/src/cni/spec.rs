@@ -202,16 +202,6 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
-/// Node names end up in paths: allow DNS subdomain characters only.
-fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
-}
-
 impl NetConf {
     /// Parse stdin: undecodable JSON is code 6, a wrong or missing field code 7, an
     /// unsupported cniVersion code 1.
@@ -236,7 +226,7 @@ impl NetConf {
             )
             .details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))));
         }
-        if !valid_node_name(&conf.node) {
+        if !crate::files::valid_node_name(&conf.node) {
             return Err(invalid(format!("invalid node name {:?}", conf.node)));
         }
         if !(68..=65535).contains(&conf.mtu) {
