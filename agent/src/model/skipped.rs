@@ -50,11 +50,13 @@ pub enum SkipReason {
     /// More backends than a frontend's slot numbers can count.
     TooManyBackends { frontend: L4Addr, count: usize },
     /// A Service map has no room for the frontend's new entries; `kept`: it was in
-    /// the maps already and keeps the entries it had.
+    /// the maps already and keeps the entries it had; `reserved`: what is left is
+    /// kept for small frontends and kube-system's, and this one is neither.
     MapFull {
         map: &'static str,
         capacity: usize,
         kept: bool,
+        reserved: bool,
     },
     /// Every rev-NAT index is in use.
     NoRevNatIndex,
@@ -106,11 +108,21 @@ impl fmt::Display for SkipReason {
                 map,
                 capacity,
                 kept,
+                reserved,
             } => {
-                write!(
-                    f,
-                    "{map} is full ({capacity} entries): the Service port is not written"
-                )?;
+                if *reserved {
+                    write!(
+                        f,
+                        "{map} has only the room kept for small Services and kube-system left \
+                         (1/{} of its {capacity} entries): the Service port is not written",
+                        crate::plan::RESERVE_DIVISOR
+                    )?;
+                } else {
+                    write!(
+                        f,
+                        "{map} is full ({capacity} entries): the Service port is not written"
+                    )?;
+                }
                 if *kept {
                     f.write_str("; its backends stay as they were")?;
                 }
@@ -214,14 +226,26 @@ mod tests {
                     map: "ferrite_service",
                     capacity: 8,
                     kept: false,
+                    reserved: false,
                 },
                 "ferrite_service is full (8 entries): the Service port is not written",
             ),
             (
                 SkipReason::MapFull {
                     map: "ferrite_backend",
+                    capacity: 800,
+                    kept: false,
+                    reserved: true,
+                },
+                "ferrite_backend has only the room kept for small Services and kube-system \
+                 left (1/8 of its 800 entries): the Service port is not written",
+            ),
+            (
+                SkipReason::MapFull {
+                    map: "ferrite_backend",
                     capacity: 8,
                     kept: true,
+                    reserved: false,
                 },
                 "ferrite_backend is full (8 entries): the Service port is not written; \
                  its backends stay as they were",

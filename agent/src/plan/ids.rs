@@ -89,7 +89,16 @@ pub(super) struct ExistingIds<'a> {
 pub(super) struct FullMap {
     pub(super) name: &'static str,
     pub(super) capacity: usize,
+    /// What is left is the reserve, which this frontend may not take.
+    pub(super) reserved: bool,
 }
+
+/// The share of each Service map only small frontends and kube-system's may take
+/// (1/`RESERVE_DIVISOR`): a few huge Services can fill most of a map, never the room
+/// DNS and ordinary Services need.
+pub const RESERVE_DIVISOR: usize = 8;
+/// A frontend with at most this many backends is small: it may use the reserve.
+pub const SMALL_FRONTEND_BACKENDS: usize = 64;
 
 /// What is left of each capacity while a plan is made.
 pub(super) struct Budget {
@@ -110,25 +119,48 @@ impl Budget {
         }
     }
 
-    /// Why a frontend needing these new entries does not fit, if it does not.
+    /// Why a frontend needing these new entries does not fit, if it does not; one
+    /// that may not use the reserve (`may_use_reserve` false) must leave it free.
     pub(super) fn refuse(
         &self,
         services: usize,
         backends: usize,
         rev_nat: usize,
+        may_use_reserve: bool,
     ) -> Option<FullMap> {
         use ferrite_common::map_names;
-        let full = |name, capacity| Some(FullMap { name, capacity });
-        if services > self.left.services {
-            return full(map_names::SERVICES, self.total.services);
-        }
-        if backends > self.left.backends {
-            return full(map_names::BACKENDS, self.total.backends);
-        }
-        if rev_nat > self.left.rev_nat {
-            return full(map_names::REV_NAT, self.total.rev_nat);
-        }
-        None
+        let needs = [
+            (
+                services,
+                self.left.services,
+                self.total.services,
+                map_names::SERVICES,
+            ),
+            (
+                backends,
+                self.left.backends,
+                self.total.backends,
+                map_names::BACKENDS,
+            ),
+            (
+                rev_nat,
+                self.left.rev_nat,
+                self.total.rev_nat,
+                map_names::REV_NAT,
+            ),
+        ];
+        needs.into_iter().find_map(|(needed, left, total, name)| {
+            let reserve = if may_use_reserve {
+                0
+            } else {
+                total / RESERVE_DIVISOR
+            };
+            (needed > left.saturating_sub(reserve)).then_some(FullMap {
+                name,
+                capacity: total,
+                reserved: needed <= left,
+            })
+        })
     }
 
     pub(super) fn take(&mut self, services: usize, backends: usize, rev_nat: usize) {
@@ -203,7 +235,8 @@ mod tests {
             SkipReason::MapFull {
                 map: "ferrite_service",
                 capacity: 8,
-                kept: false
+                kept: false,
+                reserved: false,
             }
         );
         // The text the agent logs (end-to-end tests look for it).
@@ -263,5 +296,65 @@ mod tests {
         let ops = diff(&maps, &desired);
         apply_checking_each_step(&mut maps, &ops);
         assert_eq!(meaning(&maps), before);
+    }
+
+    /// Two huge Services of one namespace, their frontends sorting first, can take
+    /// most of a map but not the reserve: kube-dns (small, and kube-system's) and a
+    /// small Service still fit after them.
+    #[test]
+    fn huge_services_leave_the_reserve_to_small_ones_and_kube_system() {
+        let settings = NodeSettings {
+            capacities: Capacities {
+                backends: 800,
+                ..Capacities::default()
+            },
+            ..NodeSettings::default()
+        };
+        let backends = |first: u32, count: u32| -> Vec<L4Addr> {
+            (first..first + count)
+                .map(|n| {
+                    tcp(
+                        &Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + n).to_string(),
+                        80,
+                    )
+                })
+                .collect()
+        };
+        let (huge1, huge2, more) = (backends(0, 350), backends(350, 350), backends(700, 70));
+        let mut s = state(&[
+            (tcp("10.96.0.1", 80), &huge1),
+            (tcp("10.96.0.2", 80), &huge2),
+            (tcp("10.96.0.3", 80), &more),
+            (tcp("10.96.0.10", 53), &backends(800, 2)),
+            (tcp("10.96.0.20", 80), &backends(810, 3)),
+        ]);
+        let dns = s.services.get_mut(&tcp("10.96.0.10", 53)).unwrap();
+        dns.service.namespace = "kube-system".into();
+        let (desired, skipped) =
+            desired_contents(&s, &BTreeMap::new(), &MapContents::default(), &settings);
+        // 350 + 350 = 700 of 800: the reserve (100) is all that is left, and the
+        // 70-backend frontend is not small, so it does not get it.
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].object, "10.96.0.3:80/TCP");
+        assert!(matches!(
+            skipped[0].reason,
+            SkipReason::MapFull { reserved: true, .. }
+        ));
+        assert!(
+            skipped[0]
+                .reason
+                .to_string()
+                .contains("kept for small Services"),
+            "{}",
+            skipped[0].reason
+        );
+        for kept in ["10.96.0.10", "10.96.0.20"] {
+            let ip: Ipv4Addr = kept.parse().unwrap();
+            assert!(
+                desired.services.keys().any(|k| k.address == ip.octets()),
+                "{kept}"
+            );
+        }
+        assert_eq!(desired.backends.len(), 705);
     }
 }

@@ -63,7 +63,9 @@ pub(super) fn service_contents<'s>(
             .iter()
             .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
             .count();
-        if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat) {
+        let may_use_reserve = slot_count <= super::ids::SMALL_FRONTEND_BACKENDS
+            || service.service.namespace == "kube-system";
+        if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat, may_use_reserve) {
             // A port already in the maps keeps what it has: it goes on working.
             let kept = keep_as_written(key(0), written, out);
             skipped.push(Skipped {
@@ -72,6 +74,7 @@ pub(super) fn service_contents<'s>(
                     map: full.name,
                     capacity: full.capacity,
                     kept,
+                    reserved: full.reserved,
                 },
             });
             continue;
