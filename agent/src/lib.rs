@@ -5,8 +5,9 @@
 //! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
 //! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
 //! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events), `explain` -> `agent`
-//! (the node), `source` and `kube_source` (events for the driver), `cni`. The binaries
-//! wire a source, the driver and the node.
+//! (the node), `source` and `kube_source` (events for the driver), `cni` ->
+//! `install_cni` (`ferrite install-cni`: the plugins and conflist on a node). The
+//! binaries wire a source, the driver and the node.
 //! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod bpf_syscall;
@@ -19,6 +20,7 @@ pub mod files;
 pub mod healthcheck;
 pub mod hostnet;
 pub mod inspect;
+pub mod install_cni;
 pub mod kube_source;
 pub mod limits;
 pub mod maglev;

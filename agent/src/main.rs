@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
-    explain, files, hostnet, inspect, kube_source,
+    explain, files, hostnet, inspect, install_cni, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -164,6 +164,31 @@ enum Command {
         hex: bool,
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: inspect::Output,
+    },
+    /// Install the CNI plugin on this node (the DaemonSet's init container): every
+    /// plugin the conflist chains and `loopback` (the runtime runs it for every
+    /// sandbox) that the host lacks, from --plugins-from; a host's own plugin is kept
+    /// once it answers that it speaks the conflist's cniVersion. Then `ferrite-cni`
+    /// (from next to this binary) and last the conflist, with the node's name. Fails,
+    /// naming them and writing nothing, when plugins can be neither found nor
+    /// installed.
+    InstallCni {
+        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
+        node: String,
+        /// The host's CNI plugin directory, as mounted (e.g. /host/opt/cni/bin).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// The host's CNI configuration directory, as mounted (e.g. /host/etc/cni/net.d).
+        #[arg(long)]
+        conf_dir: PathBuf,
+        /// The conflist, with `__NODE_NAME__` for the node's name; written to
+        /// --conf-dir under its own file name.
+        #[arg(long)]
+        conflist: PathBuf,
+        /// Plugins to install where the host lacks them (the image ships those
+        /// deploy/cni-plugins lists in /usr/lib/ferrite/cni).
+        #[arg(long)]
+        plugins_from: Option<PathBuf>,
     },
     /// Detach and unpin everything Ferrite installed for a node.
     Uninstall {
@@ -574,6 +599,23 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::InstallCni {
+            node,
+            bin_dir,
+            conf_dir,
+            conflist,
+            plugins_from,
+        } => {
+            let exe = std::env::current_exe()?;
+            install_cni::install(&install_cni::Options {
+                node,
+                bin_dir,
+                conf_dir,
+                conflist,
+                plugins_from,
+                ferrite_cni: exe.with_file_name(install_cni::FERRITE_PLUGIN),
+            })
+        }
         Command::Uninstall { node } => {
             let pins = datapath::pin_dir(&node);
             // The device and rules are the network namespace's, not the node's: only
@@ -599,13 +641,23 @@ mod tests {
 
     #[test]
     fn every_command_refuses_a_node_name_that_is_no_path_component() {
-        for command in ["agent", "inspect", "monitor", "explain", "uninstall"] {
+        for command in [
+            "agent",
+            "inspect",
+            "monitor",
+            "explain",
+            "uninstall",
+            "install-cni",
+        ] {
             for node in ["..", ".", "/run", "a/b", "", "Upper", "x\ny"] {
                 let mut args = vec!["ferrite", command, "--node", node];
                 // Each command's other required arguments, so only --node can fail.
                 match command {
                     "inspect" => args.push("services"),
                     "explain" => args.extend(["--from", "10.244.0.2", "--to", "10.96.0.10:80/tcp"]),
+                    "install-cni" => {
+                        args.extend(["--bin-dir", "/b", "--conf-dir", "/c", "--conflist", "/l"])
+                    }
                     _ => {}
                 }
                 let parsed = Cli::try_parse_from(&args);

@@ -5,6 +5,7 @@ pub mod cni;
 pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;
+pub mod install_cni;
 pub mod lab;
 pub mod monitor;
 pub mod testbed;

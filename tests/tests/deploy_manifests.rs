@@ -5,6 +5,7 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
+use ferrite_tests::install_cni;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
@@ -130,5 +131,154 @@ fn the_conflist_file_and_the_configmap_copy_are_the_same_configuration() -> Resu
     let parsed = ferrite_agent::cni::spec::NetConf::parse(config.to_string().as_bytes())
         .map_err(|e| anyhow::anyhow!("{}: {}", e.msg, e.details))?;
     assert_eq!(parsed.mtu, 1450);
+    Ok(())
+}
+
+/// The init container's `--plugins-from`: where the image holds the plugins it ships.
+fn plugins_from_of(init: &Value) -> Result<String> {
+    strings(&init["command"])
+        .iter()
+        .find_map(|a| a.strip_prefix("--plugins-from=").map(String::from))
+        .context("the init container passes no --plugins-from=")
+}
+
+fn install_cni_container(pod: &Value) -> Result<Value> {
+    pod["initContainers"]
+        .as_sequence()
+        .and_then(|inits| inits.iter().find(|i| i["name"] == "install-cni"))
+        .cloned()
+        .context("no install-cni init container")
+}
+
+#[test]
+fn the_image_ships_exactly_the_plugins_the_conflist_and_the_runtime_need() -> Result<()> {
+    let conflist: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        deploy_dir().join("10-ferrite.conflist"),
+    )?)?;
+    let mut needed: Vec<String> = ferrite_agent::install_cni::needed_plugins(&conflist)?
+        .into_iter()
+        .map(|need| need.plugin)
+        .collect();
+    needed.sort();
+    let mut shipped = install_cni::shipped_plugins()?;
+    shipped.sort();
+    assert_eq!(needed, ["loopback", "portmap"]);
+    assert_eq!(shipped, needed, "deploy/cni-plugins");
+    // The Dockerfile copies the list's plugins to where the init container looks.
+    let docs = documents("daemonset.yaml")?;
+    let init = install_cni_container(&docs[0]["spec"]["template"]["spec"])?;
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile"))?;
+    assert!(
+        dockerfile.contains("COPY deploy/cni-plugins "),
+        "{dockerfile}"
+    );
+    let destination = format!("COPY --from=cni-plugins /out/ {}/", plugins_from_of(&init)?);
+    assert!(
+        dockerfile.contains(&destination),
+        "{destination}\n{dockerfile}"
+    );
+    Ok(())
+}
+
+/// `$(NAME)` references in a container's command, as the kubelet expands them.
+fn expand(arg: &str, env: &[(String, String)]) -> String {
+    env.iter().fold(arg.to_string(), |arg, (name, value)| {
+        arg.replace(&format!("$({name})"), value)
+    })
+}
+
+#[test]
+fn the_install_cni_init_container_installs_with_its_command_mounts_and_capabilities() -> Result<()>
+{
+    ferrite_tests::lab::require_root()?; // setpriv narrows the capability bounding set
+    let daemonset = documents("daemonset.yaml")?;
+    let configmaps = documents("configmap.yaml")?;
+    let pod = &daemonset[0]["spec"]["template"]["spec"];
+    let init = install_cni_container(pod)?;
+    let scratch = install_cni::Scratch::new("icni-manifest")?;
+
+    // The kubelet's view: env from the Downward API (the node is `worker-1`).
+    let mut env = Vec::new();
+    for var in init["env"].as_sequence().context("env")? {
+        let name = var["name"].as_str().context("env name")?.to_string();
+        let value = match (&var["value"], &var["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Value::String(value), _) => value.clone(),
+            (_, path) if path == "spec.nodeName" => "worker-1".to_string(),
+            other => bail!("env {name}: {other:?} is not handled here"),
+        };
+        env.push((name, value));
+    }
+    // Each mount is a directory under the scratch root at the same path; a
+    // ConfigMap volume holds the ConfigMap's keys as files.
+    let volumes = pod["volumes"].as_sequence().context("volumes")?;
+    for mount in init["volumeMounts"].as_sequence().context("mounts")? {
+        let path = mount["mountPath"].as_str().context("mountPath")?;
+        let dir = scratch.dir(path)?;
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .context("a mount without its volume")?;
+        if let Some(name) = volume["configMap"]["name"].as_str() {
+            let configmap = configmaps
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+                .with_context(|| format!("no ConfigMap {name}"))?;
+            for (key, value) in configmap["data"].as_mapping().context("data")? {
+                let (key, value) = (
+                    key.as_str().context("key")?,
+                    value.as_str().context("value")?,
+                );
+                std::fs::write(dir.join(key), value)?;
+            }
+        } else {
+            assert!(volume["hostPath"].is_mapping(), "{volume:?}");
+        }
+    }
+    // The image's plugins, where the Dockerfile puts them (checked above).
+    scratch.image_plugins(&plugins_from_of(&init)?)?;
+
+    // The command, its absolute paths moved under the scratch root.
+    let command = strings(&init["command"]);
+    assert_eq!(command[0], "ferrite", "the image's binary");
+    let reroot = |arg: String| match arg.split_once("=/") {
+        Some((flag, path)) => format!("{flag}={}", scratch.root.join(path).display()),
+        None => arg,
+    };
+    let args: Vec<String> = command[1..]
+        .iter()
+        .chain(strings(&init["args"]).iter())
+        .map(|arg| reroot(expand(arg, &env)))
+        .collect();
+    // The container's capabilities and nothing more: the bounding set of root.
+    let security = &init["securityContext"];
+    assert_eq!(security["runAsUser"], 0);
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    let keep: Vec<String> = strings(&security["capabilities"]["add"])
+        .iter()
+        .map(|c| format!(",+{}", c.to_lowercase()))
+        .collect();
+    let out = Command::new("setpriv")
+        .arg(format!("--bounding-set=-all{}", keep.concat()))
+        .arg("--inh-caps=-all")
+        .arg("--")
+        .arg(ferrite_tests::lab::ferrite_bin())
+        .args(&args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let log = install_cni::text_of(&out);
+    assert!(out.status.success(), "{args:?}: {log}");
+    let bin = scratch.root.join("host/opt/cni/bin");
+    for plugin in ["ferrite-cni", "loopback", "portmap"] {
+        assert!(
+            install_cni::is_executable(&bin.join(plugin)),
+            "{plugin}: {log}"
+        );
+    }
+    let conflist: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        scratch.root.join("host/etc/cni/net.d/10-ferrite.conflist"),
+    )?)?;
+    assert_eq!(conflist["plugins"][0]["node"], "worker-1");
     Ok(())
 }
