@@ -149,6 +149,16 @@ fn owner_tag(container_id: &str) -> String {
     )
 }
 
+/// Whether a host veth of `owner`'s recorded name exists that may be its own: its
+/// alias names the owner's container, or it has none (or it could not be read).
+/// A newer sandbox of the same pod reuses the name and records its own container.
+/// A veth pair lives and dies as one: while it exists, so does the pod end.
+fn host_veth_may_be_its(owner: &Owner) -> bool {
+    podnet::link_exists(&owner.host_interface)
+        && podnet::link_alias(&owner.host_interface)
+            .is_none_or(|alias| alias == owner_tag(&owner.container_id))
+}
+
 /// The data directory of the node, locked; code 7 if it cannot be trusted.
 fn open_store(conf: &NetConf) -> Result<Store, CniError> {
     Store::lock(&conf.ipam_dir()).map_err(|e| {
@@ -240,9 +250,13 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             .or_code(code::IO_FAILURE, "releasing the stale address")?;
         owners.retain(|(_, o)| !same(o));
     }
+    // Another live attachment in this namespace. The kernel hands a freed
+    // namespace's inode number to the next namespace made, so a record naming this
+    // one may be a pod that went without a DEL: only one whose veth pair still
+    // exists is in it.
     let sharing = owners
         .iter()
-        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns));
+        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns) && host_veth_may_be_its(o));
     if let Some((ip, other)) = sharing {
         return Err(CniError::new(
             code::INVALID_ENVIRONMENT,

@@ -225,6 +225,59 @@ fn an_add_after_a_lost_del_reclaims_its_attachment_once_the_netns_is_gone() -> R
     Ok(())
 }
 
+/// Wait until the kernel has torn down a pod's veth pair (a namespace goes
+/// asynchronously once nothing holds it).
+fn wait_for_veth_gone(node: &Node, sandbox: &Sandbox) -> Result<()> {
+    let host = sandbox.pod.host_interface.clone();
+    wait_until(&format!("{host} is gone"), SETTLE, || {
+        node.netns
+            .run(|| podnet::link_exists(&host))
+            .is_ok_and(|exists| !exists)
+    })
+}
+
+/// The IPAM file holding `sandbox`'s address.
+fn allocation_file(node: &Node, sandbox: &Sandbox) -> std::path::PathBuf {
+    node.dir
+        .join("ipam")
+        .join(&node.name)
+        .join(sandbox.pod.ip.to_string())
+}
+
+#[test]
+fn a_pod_gone_without_a_del_does_not_refuse_the_next_pod_its_namespace_inode_went_to() -> Result<()>
+{
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut dead = Sandbox::new("inode-dead")?;
+    runtime.add(&mut dead)?;
+    // Its namespace goes without a DEL.
+    sh("ip", &["netns", "del", &dead.pod.netns.name])?;
+    wait_for_veth_gone(node, &dead)?;
+    // The kernel hands the freed inode number to the next namespace made (unless
+    // another namespace of the machine comes first): done here by hand, the dead
+    // pod's record names the new namespace's device and inode.
+    let mut next = Sandbox::new("inode-next")?;
+    let id = podnet::netns_id(&next.netns_path())?.expect("a namespace");
+    let file = allocation_file(node, &dead);
+    let mut record: Value = serde_json::from_slice(&fs::read(&file)?)?;
+    record["netns"]["id"] = json!({"dev": id.dev, "ino": id.ino});
+    fs::write(&file, record.to_string())?;
+
+    // Not a second interface of one pod: the dead pod's veth pair is gone.
+    runtime.add(&mut next)?;
+    assert!(runtime.check(&next)?.success);
+    assert_ne!(next.pod.ip, dead.pod.ip, "the range is not full");
+    // The runtime's late DEL of the dead pod removes its own and nothing else.
+    runtime.del(&dead)?;
+    assert!(!file.exists());
+    let check = runtime.check(&next)?;
+    assert!(check.success, "{}", check.output);
+    runtime.del(&next)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
 #[test]
 fn a_second_interface_for_a_pod_is_refused_and_the_first_keeps_working() -> Result<()> {
     let (cluster, runtime) = cni_cluster()?;
