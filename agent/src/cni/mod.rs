@@ -4,9 +4,12 @@
 //! only what the agent pinned, not the agent itself.
 //!
 //! Every command holds the node's IPAM lock from start to end, so plugin runs on a
-//! node are serialised; an ADD that fails undoes what it did, in reverse.
+//! node are serialised; an ADD that fails undoes what it did, in reverse (the
+//! attachments gone without a DEL that a full range made it release stay released:
+//! see the `reclaim` module).
 mod check;
 pub mod ipam;
+mod reclaim;
 pub mod spec;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
@@ -276,12 +279,30 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         }),
     };
     let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
-    let ip = store
-        .allocate(cidr, &owner, |ip| in_use.contains(&ip))
-        .or_code(code::IO_FAILURE, "IPAM store")?
-        .ok_or_else(|| {
-            CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
-        })?;
+    let allocate = || {
+        store
+            .allocate(cidr, &owner, |ip| in_use.contains(&ip))
+            .or_code(code::IO_FAILURE, "IPAM store")
+    };
+    let ip = match allocate()? {
+        Some(ip) => ip,
+        None => {
+            // Full: release the attachments whose pods are gone (their DELs never
+            // came), then try once more.
+            let full = |details: String| {
+                CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
+                    .details(details)
+            };
+            let pass = reclaim::reclaim_gone(&store, &pin_dir, cidr, &owners)
+                .map_err(|e| full(format!("looking for attachments to reclaim: {e:#}")))?;
+            let retried = if pass.reclaimed.is_empty() {
+                None
+            } else {
+                allocate()?
+            };
+            retried.ok_or_else(|| full(pass.summary()))?
+        }
+    };
     let pod = PodInterface {
         netns: env.netns.clone().into(),
         name: env.ifname.clone(),
