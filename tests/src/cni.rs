@@ -18,11 +18,13 @@ use crate::lab::{ferrite_bin, unique, wait_until, Cluster, Netns, Node, Pod};
 /// Where Debian's containernetworking-plugins are.
 pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/cni";
 
-/// What a plugin run returned: its exit status and parsed stdout (Null when empty).
+/// What a plugin run returned: its exit status, parsed stdout (Null when empty) and
+/// stderr (what a runtime logs).
 #[derive(Debug)]
 pub struct Outcome {
     pub success: bool,
     pub output: Value,
+    pub stderr: String,
 }
 
 impl Outcome {
@@ -168,6 +170,7 @@ impl Runtime {
         Ok(Outcome {
             success: out.status.success(),
             output,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
     }
 
@@ -264,6 +267,7 @@ impl Runtime {
         Ok(Outcome {
             success: true,
             output: Value::Null,
+            stderr: String::new(),
         })
     }
 

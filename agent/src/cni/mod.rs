@@ -4,9 +4,12 @@
 //! only what the agent pinned, not the agent itself.
 //!
 //! Every command holds the node's IPAM lock from start to end, so plugin runs on a
-//! node are serialised; an ADD that fails undoes what it did, in reverse.
+//! node are serialised; an ADD that fails undoes what it did, in reverse (the
+//! attachments gone without a DEL that a full range made it release stay released:
+//! see the `reclaim` module).
 mod check;
 pub mod ipam;
+mod reclaim;
 pub mod spec;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
@@ -149,6 +152,16 @@ fn owner_tag(container_id: &str) -> String {
     )
 }
 
+/// Whether a host veth of `owner`'s recorded name exists that may be its own: its
+/// alias names the owner's container, or it has none (or it could not be read).
+/// A newer sandbox of the same pod reuses the name and records its own container.
+/// A veth pair lives and dies as one: while it exists, so does the pod end.
+fn host_veth_may_be_its(owner: &Owner) -> bool {
+    podnet::link_exists(&owner.host_interface)
+        && podnet::link_alias(&owner.host_interface)
+            .is_none_or(|alias| alias == owner_tag(&owner.container_id))
+}
+
 /// The data directory of the node, locked; code 7 if it cannot be trusted.
 fn open_store(conf: &NetConf) -> Result<Store, CniError> {
     Store::lock(&conf.ipam_dir()).map_err(|e| {
@@ -240,9 +253,13 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             .or_code(code::IO_FAILURE, "releasing the stale address")?;
         owners.retain(|(_, o)| !same(o));
     }
+    // Another live attachment in this namespace. The kernel hands a freed
+    // namespace's inode number to the next namespace made, so a record naming this
+    // one may be a pod that went without a DEL: only one whose veth pair still
+    // exists is in it.
     let sharing = owners
         .iter()
-        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns));
+        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns) && host_veth_may_be_its(o));
     if let Some((ip, other)) = sharing {
         return Err(CniError::new(
             code::INVALID_ENVIRONMENT,
@@ -262,12 +279,30 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         }),
     };
     let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
-    let ip = store
-        .allocate(cidr, &owner, |ip| in_use.contains(&ip))
-        .or_code(code::IO_FAILURE, "IPAM store")?
-        .ok_or_else(|| {
-            CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
-        })?;
+    let allocate = || {
+        store
+            .allocate(cidr, &owner, |ip| in_use.contains(&ip))
+            .or_code(code::IO_FAILURE, "IPAM store")
+    };
+    let ip = match allocate()? {
+        Some(ip) => ip,
+        None => {
+            // Full: release the attachments whose pods are gone (their DELs never
+            // came), then try once more.
+            let full = |details: String| {
+                CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
+                    .details(details)
+            };
+            let pass = reclaim::reclaim_gone(&store, &pin_dir, cidr, &owners)
+                .map_err(|e| full(format!("looking for attachments to reclaim: {e:#}")))?;
+            let retried = if pass.reclaimed.is_empty() {
+                None
+            } else {
+                allocate()?
+            };
+            retried.ok_or_else(|| full(pass.summary()))?
+        }
+    };
     let pod = PodInterface {
         netns: env.netns.clone().into(),
         name: env.ifname.clone(),

@@ -3,14 +3,16 @@
 //! hand out addresses that are not pods', wire the node itself, remove what it did
 //! not create, or get stuck.
 use std::{
+    collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::{DirBuilderExt, MetadataExt},
     path::Path,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferrite_agent::podnet;
+use ferrite_common::{EndpointInfo, EndpointKey};
 use ferrite_tests::{
     cluster::TCP_TARGET,
     cni::{ferrite_conflist, Outcome, Runtime, Sandbox},
@@ -18,7 +20,7 @@ use ferrite_tests::{
 };
 use serde_json::{json, Value};
 
-use super::{cni_cluster, leftovers, nothing_left};
+use super::{cni_cluster, leftovers, nothing_left, Leftovers};
 
 /// Run `command` for `sandbox` with the runtime's configuration as the plugin gets it.
 fn exec(runtime: &Runtime, command: &str, sandbox: &Sandbox) -> Result<Outcome> {
@@ -221,6 +223,261 @@ fn an_add_after_a_lost_del_reclaims_its_attachment_once_the_netns_is_gone() -> R
     // Now the attachment is live again.
     assert_eq!(exec(&runtime, "ADD", &second)?.code(), Some(103));
     runtime.del(&second)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+/// Wait until the kernel has torn down a pod's veth pair (a namespace goes
+/// asynchronously once nothing holds it).
+fn wait_for_veth_gone(node: &Node, sandbox: &Sandbox) -> Result<()> {
+    let host = sandbox.pod.host_interface.clone();
+    wait_until(&format!("{host} is gone"), SETTLE, || {
+        node.netns
+            .run(|| podnet::link_exists(&host))
+            .is_ok_and(|exists| !exists)
+    })
+}
+
+/// The IPAM file holding `sandbox`'s address.
+fn allocation_file(node: &Node, sandbox: &Sandbox) -> std::path::PathBuf {
+    node.dir
+        .join("ipam")
+        .join(&node.name)
+        .join(sandbox.pod.ip.to_string())
+}
+
+#[test]
+fn a_pod_gone_without_a_del_does_not_refuse_the_next_pod_its_namespace_inode_went_to() -> Result<()>
+{
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut dead = Sandbox::new("inode-dead")?;
+    runtime.add(&mut dead)?;
+    // Its namespace goes without a DEL.
+    sh("ip", &["netns", "del", &dead.pod.netns.name])?;
+    wait_for_veth_gone(node, &dead)?;
+    // The kernel hands the freed inode number to the next namespace made (unless
+    // another namespace of the machine comes first): done here by hand, the dead
+    // pod's record names the new namespace's device and inode.
+    let mut next = Sandbox::new("inode-next")?;
+    let id = podnet::netns_id(&next.netns_path())?.expect("a namespace");
+    let file = allocation_file(node, &dead);
+    let mut record: Value = serde_json::from_slice(&fs::read(&file)?)?;
+    record["netns"]["id"] = json!({"dev": id.dev, "ino": id.ino});
+    fs::write(&file, record.to_string())?;
+
+    // Not a second interface of one pod: the dead pod's veth pair is gone.
+    runtime.add(&mut next)?;
+    assert!(runtime.check(&next)?.success);
+    assert_ne!(next.pod.ip, dead.pod.ip, "the range is not full");
+    // The runtime's late DEL of the dead pod removes its own and nothing else.
+    runtime.del(&dead)?;
+    assert!(!file.exists());
+    let check = runtime.check(&next)?;
+    assert!(check.success, "{}", check.output);
+    runtime.del(&next)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+/// What an ADD or DEL may change on a node: the IPAM store's files (the lock aside)
+/// with their contents, the endpoint entries, and veths, addresses and link pins.
+type NodeState = (
+    BTreeMap<String, Vec<u8>>,
+    BTreeMap<EndpointKey, EndpointInfo>,
+    Leftovers,
+);
+
+fn node_state(node: &Node) -> Result<NodeState> {
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(node.dir.join("ipam").join(&node.name))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "lock" {
+            files.insert(name, fs::read(entry.path())?);
+        }
+    }
+    Ok((files, node.maps()?.endpoint_entries()?, leftovers(node)?))
+}
+
+/// The node's /32 route to `ip`, as `ip route` prints it (empty: none).
+fn pod_route(node: &Node, ip: Ipv4Addr) -> Result<String> {
+    let route = format!("{ip}/32");
+    sh(
+        "ip",
+        &[
+            "-n",
+            &node.netns.name,
+            "-4",
+            "route",
+            "show",
+            "exact",
+            &route,
+        ],
+    )
+}
+
+/// ADD through the real binary, keeping its stderr (what the runtime logs); the
+/// sandbox gets the result as `Runtime::add` gives it.
+fn add_logged(runtime: &Runtime, sandbox: &mut Sandbox) -> Result<Outcome> {
+    let outcome = exec(runtime, "ADD", sandbox)?;
+    if outcome.success {
+        let address = outcome.output["ips"][0]["address"]
+            .as_str()
+            .context("no address")?;
+        sandbox.pod.ip = address.split('/').next().unwrap_or_default().parse()?;
+        sandbox.result = Some(outcome.output.clone());
+    }
+    Ok(outcome)
+}
+
+#[test]
+fn a_full_range_reclaims_pods_gone_without_a_del_and_never_one_whose_namespace_lives() -> Result<()>
+{
+    let (mut cluster, _) = cni_cluster()?;
+    // The agent drops endpoint entries of vanished interfaces when it resyncs:
+    // without it, what goes is the plugin's doing (pods work from the pins alone).
+    cluster.nodes[0].kill_agent()?;
+    let node = &cluster.nodes[0];
+    // .2 to .6: five pods fill it.
+    let runtime = runtime_with(node, "podCIDR", json!("10.244.0.0/29"));
+    let mut pods = (0..5)
+        .map(|i| Sandbox::new(&format!("full-{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    for pod in &mut pods {
+        runtime.add(pod)?;
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.pod.ip).collect();
+    assert_eq!(
+        ips,
+        (2..=6)
+            .map(|i| Ipv4Addr::new(10, 244, 0, i))
+            .collect::<Vec<_>>()
+    );
+    let mut late = Sandbox::new("full-late")?;
+    let refused = |says: &str| -> Result<()> {
+        let before = node_state(node)?;
+        let outcome = exec(&runtime, "ADD", &late)?;
+        assert_eq!(outcome.code(), Some(101), "{}", outcome.output);
+        assert!(msg(&outcome).contains(says), "{}", outcome.output);
+        assert!(!outcome.stderr.contains("reclaimed"), "{}", outcome.stderr);
+        assert_eq!(node_state(node)?, before, "a refused ADD changed the node");
+        Ok(())
+    };
+
+    // Every holder alive: 101, the store, entries and wiring as they were.
+    refused("no attachment holding it is gone: 5 whose namespace exists")?;
+
+    // Pod 1's namespace unmounted from its path but held (a process in it), and
+    // another namespace mounted at the path: its veth pair lives, so does it.
+    let held = fs::File::open(pods[1].netns_path())?;
+    sh("ip", &["netns", "del", &pods[1].pod.netns.name])?;
+    sh("ip", &["netns", "add", &pods[1].pod.netns.name])?;
+    refused("1 whose host veth exists, 4 whose namespace exists")?;
+
+    // Pods 1 and 3 go without a DEL, as with a crashed runtime.
+    drop(held);
+    sh("ip", &["netns", "del", &pods[3].pod.netns.name])?;
+    wait_for_veth_gone(node, &pods[1])?;
+    wait_for_veth_gone(node, &pods[3])?;
+    let dead_entries = node.maps()?.endpoint_entries()?;
+    for dead in [&pods[1], &pods[3]] {
+        let key = EndpointKey {
+            address: dead.pod.ip.octets(),
+        };
+        assert!(
+            dead_entries.contains_key(&key),
+            "{} kept its entry",
+            dead.pod.ip
+        );
+    }
+
+    // Both are reclaimed, each named in the log, and the ADD gets the first.
+    let outcome = add_logged(&runtime, &mut late)?;
+    assert!(outcome.success, "{} {}", outcome.output, outcome.stderr);
+    assert_eq!(late.pod.ip, pods[1].pod.ip);
+    for (dead, why) in [
+        (&pods[1], "names another network namespace"),
+        (&pods[3], "is gone (no namespace at the path)"),
+    ] {
+        let line = outcome
+            .stderr
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "reclaimed {} of {}/eth0",
+                    dead.pod.ip, dead.container_id
+                ))
+            })
+            .with_context(|| format!("{} not reclaimed: {}", dead.pod.ip, outcome.stderr))?;
+        assert!(
+            line.contains(why) && line.contains(&dead.pod.host_interface),
+            "{line}"
+        );
+    }
+    let left = leftovers(node)?;
+    let mut live = [&pods[0], &pods[2], &pods[4], &late];
+    let mut addresses: Vec<String> = live.iter().map(|p| p.pod.ip.to_string()).collect();
+    addresses.sort();
+    assert_eq!(left.addresses, addresses, "pod 3's file went too");
+    live.sort_by_key(|p| p.pod.host_interface.clone());
+    let veths: Vec<String> = live.iter().map(|p| p.pod.host_interface.clone()).collect();
+    assert_eq!(left.veths, veths);
+    assert_eq!(
+        left.endpoints, 4,
+        "pod 3's entry went, pod 1's is the new pod's"
+    );
+    assert_eq!(
+        left.link_pins.len(),
+        8,
+        "two per live veth: {:?}",
+        left.link_pins
+    );
+    let late_ifindex = node
+        .netns
+        .run(|| podnet::ifindex(&late.pod.host_interface))?
+        .context("the new pod's veth")?;
+    let entry = node.maps()?.endpoint(&EndpointKey {
+        address: late.pod.ip.octets(),
+    })?;
+    assert_eq!(entry.map(|e| e.ifindex), Some(late_ifindex));
+    assert!(pod_route(node, late.pod.ip)?.contains(&late.pod.host_interface));
+    assert_eq!(pod_route(node, pods[3].pod.ip)?.trim(), "");
+    for pod in [&late, &pods[0]] {
+        let check = runtime.check(pod)?;
+        assert!(check.success, "{}: {}", pod.pod.name, check.output);
+    }
+
+    // The pods talk: to the new one at the reclaimed address, and from it.
+    let _late_server = late.pod.serve(TCP_TARGET)?;
+    let to_late = SocketAddrV4::new(late.pod.ip, TCP_TARGET);
+    assert_eq!(
+        answered_by(&pods[0].pod.tcp_request(to_late, "a")?, "a")?,
+        "full-late"
+    );
+    let _server = pods[2].pod.serve(TCP_TARGET)?;
+    let to_2 = SocketAddrV4::new(pods[2].pod.ip, TCP_TARGET);
+    assert_eq!(
+        answered_by(&late.pod.tcp_request(to_2, "b")?, "b")?,
+        "full-2"
+    );
+
+    // The runtime's late DELs of the dead pods remove nothing (pod 1's path
+    // holds another namespace now); pod 3's address is free without a reclaim.
+    let before = node_state(node)?;
+    runtime.del(&pods[1])?;
+    runtime.del(&pods[3])?;
+    assert_eq!(node_state(node)?, before);
+    assert!(runtime.check(&late)?.success);
+    let mut again = Sandbox::new("full-again")?;
+    let outcome = add_logged(&runtime, &mut again)?;
+    assert!(outcome.success, "{}", outcome.output);
+    assert_eq!(again.pod.ip, pods[3].pod.ip);
+    assert!(!outcome.stderr.contains("reclaimed"), "{}", outcome.stderr);
+
+    for pod in [&pods[0], &pods[2], &pods[4], &late, &again] {
+        runtime.del(pod)?;
+    }
     assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
 }
