@@ -20,10 +20,10 @@ use aya::programs::TcAttachType;
 use crate::{
     datapath::{self, Attachment, Datapath},
     driver::{FullSync, ServiceChanges, Snapshot, SyncTarget, Synced},
-    hostnet,
+    files, host,
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, ServiceRef},
-    plan, podnet,
+    plan,
     telemetry::{ServiceNames, SkipLog, Telemetry},
 };
 
@@ -139,17 +139,17 @@ impl NodeAgent {
             &options.map_capacities,
         )?;
         let maps = NodeMaps::open(&pin_dir)?;
-        hostnet::enable_forwarding()?;
-        hostnet::accept_local_sources_on_lo()?;
+        host::sysctl::enable_forwarding()?;
+        host::sysctl::accept_local_sources_on_lo()?;
         let socket_lb_root = match (options.socket_lb, &options.cgroup_root) {
             (false, _) => None,
             (true, Some(root)) => Some(datapath::cgroup2_directory(root)?),
             (true, None) => Some(datapath::default_cgroup_root()?),
         };
-        let vxlan_exists = datapath::interfaces()?.contains_key(VXLAN_DEVICE);
-        hostnet::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
+        let vxlan_exists = host::interfaces::interfaces()?.contains_key(VXLAN_DEVICE);
+        host::overlay::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
         if let Some(cidr) = options.cluster_cidr {
-            hostnet::install_rules(cidr, options.vxlan_port)?;
+            host::nft::install_rules(cidr, options.vxlan_port)?;
         }
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
         Ok(Self {
@@ -297,12 +297,12 @@ impl NodeAgent {
     }
 
     /// With every full sync: each pod's host veth up, the node's /32 route and
-    /// permanent neighbour for it (see [`podnet::repair_host_sides`]).
+    /// permanent neighbour for it (see [`host::pods::repair_host_sides`]).
     fn repair_pod_wiring(&self) {
         let Some(node) = &self.node else {
             return;
         };
-        match podnet::repair_host_sides(&node.written.contents.endpoints) {
+        match host::pods::repair_host_sides(&node.written.contents.endpoints) {
             Ok(repaired) => {
                 for pod in &repaired {
                     warn!("pod wiring repaired: {pod}");
@@ -509,7 +509,7 @@ pub struct HostSide {
     pub socket_lb_root: Option<PathBuf>,
     /// The overlay host setup last applied; `None`: read it back from the device
     /// (on start and full syncs, which repair drift).
-    pub overlay: Option<hostnet::OverlayHost>,
+    pub overlay: Option<host::overlay::OverlayHost>,
 }
 
 impl HostSide {
@@ -521,7 +521,7 @@ impl HostSide {
         device_mac: [u8; 6],
     ) -> Result<()> {
         let this_node = state.nodes.get(&settings.node);
-        let desired = hostnet::OverlayHost {
+        let desired = host::overlay::OverlayHost {
             address: this_node
                 .and_then(|n| n.pod_cidrs.first())
                 .and_then(plan::overlay_address),
@@ -532,7 +532,7 @@ impl HostSide {
                 .filter(|n| n.name != settings.node)
                 .flat_map(|n| {
                     n.pod_cidrs.iter().filter_map(move |cidr| {
-                        let route = hostnet::OverlayRoute {
+                        let route = host::overlay::OverlayRoute {
                             node_ip: n.ip,
                             gateway: plan::overlay_address(cidr)?,
                             vtep_mac: n.vtep_mac,
@@ -544,9 +544,9 @@ impl HostSide {
         };
         let current = match self.overlay.take() {
             Some(applied) => applied,
-            None => hostnet::read_overlay(device_mac)?,
+            None => host::overlay::read_overlay(device_mac)?,
         };
-        let changes = hostnet::apply_overlay(&current, &desired, settings.vni)?;
+        let changes = host::overlay::apply_overlay(&current, &desired, settings.vni)?;
         if changes > 0 {
             info!(
                 address = ?desired.address,
@@ -561,12 +561,12 @@ impl HostSide {
 
     /// Attach (or, when off, detach) the socket-level programs.
     fn sync_socket_lb(&mut self, datapath: &mut Datapath, node: &str) -> Result<()> {
-        let state_file = hostnet::run_dir(node).join("cgroup-root");
+        let state_file = files::run_dir(node).join("cgroup-root");
         match &self.socket_lb_root {
             Some(root) => {
                 let previous = fs::read_to_string(&state_file).ok().map(PathBuf::from);
                 if datapath.ensure_socket_lb(root, previous.as_deref())? {
-                    crate::files::create_private_dir(&hostnet::run_dir(node))?;
+                    crate::files::create_private_dir(&files::run_dir(node))?;
                     crate::files::write_private(&state_file, root.to_string_lossy().as_bytes())?;
                     info!(cgroup = %root.display(), "socket-level load balancing attached");
                 }
@@ -613,7 +613,7 @@ pub fn pending_writes(
     let plan = plan::FullPlan::new(
         objects,
         context,
-        &datapath::interfaces()?,
+        &host::interfaces::interfaces()?,
         &current,
         None,
         settings,
@@ -640,7 +640,7 @@ pub fn reconcile(
     let NodeParts {
         datapath,
         maps,
-        host,
+        host: host_side,
     } = parts;
     let (context, more) =
         model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, previous);
@@ -650,8 +650,8 @@ pub fn reconcile(
     // follows it.
     let uplink = context
         .node_ip()
-        .and_then(|ip| datapath::interface_with_address(ip).ok().flatten());
-    let mut interfaces = datapath::interfaces()?;
+        .and_then(|ip| host::interfaces::interface_with_address(ip).ok().flatten());
+    let mut interfaces = host::interfaces::interfaces()?;
     match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
     let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
     let settings = &plan::NodeSettings {
@@ -662,7 +662,7 @@ pub fn reconcile(
     let state = &plan.state;
     let wanted = attach_programs(datapath, state, &interfaces, uplink.as_deref(), use_xdp)?;
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
-        host.sync_overlay(state, settings, vxlan.mac)?;
+        host_side.sync_overlay(state, settings, vxlan.mac)?;
     }
     let waiting_for_interfaces = plan
         .skipped
@@ -675,7 +675,7 @@ pub fn reconcile(
     // re-created some of them).
     datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
     remove_links_of_vanished_interfaces(datapath, &wanted, &interfaces)?;
-    host.sync_socket_lb(datapath, &settings.node)?;
+    host_side.sync_socket_lb(datapath, &settings.node)?;
     publish_pod_cidr(state, &settings.node)?;
 
     skipped.extend(plan.skipped.iter().cloned());
@@ -700,7 +700,7 @@ fn match_overlay_mtu_to_uplink(
     if let (Some(uplink_mtu), Some(vxlan)) = (uplink_mtu, interfaces.get_mut(VXLAN_DEVICE)) {
         let overlay_mtu = uplink_mtu.saturating_sub(ferrite_common::VXLAN_OVERHEAD);
         if vxlan.mtu != overlay_mtu {
-            hostnet::set_vxlan_mtu(overlay_mtu)?;
+            host::overlay::set_vxlan_mtu(overlay_mtu)?;
             info!(mtu = overlay_mtu, "VXLAN device MTU set (uplink MTU - 50)");
             vxlan.mtu = overlay_mtu;
         }
@@ -711,7 +711,7 @@ fn match_overlay_mtu_to_uplink(
 /// Whether external traffic is balanced by XDP on the uplink (else by its tcx
 /// ingress program), as `--xdp` says for the uplink's driver.
 fn uplink_wants_xdp(uplink: Option<&str>, setting: plan::UplinkXdp) -> bool {
-    uplink.is_some_and(|u| setting.wants_xdp(datapath::driver(u).as_deref()))
+    uplink.is_some_and(|u| setting.wants_xdp(host::interfaces::driver(u).as_deref()))
 }
 
 /// Host routes to the pods whose endpoints `ops` adds, before the map writes: once a
@@ -722,7 +722,7 @@ fn add_routes_to_new_endpoints(state: &model::DesiredState, ops: &[plan::Op]) ->
         if let plan::Op::PutEndpoint(key, _) = op {
             let ip = Ipv4Addr::from(key.address);
             if let Some(pod) = state.pods.get(&ip) {
-                hostnet::add_pod_route(ip, &pod.interface)?;
+                host::pods::add_pod_route(ip, &pod.interface)?;
             }
         }
     }
@@ -766,7 +766,7 @@ fn remove_links_of_vanished_interfaces(
 /// Write this node's pod CIDR (from its Node object) where the CNI plugin reads it.
 fn publish_pod_cidr(state: &model::DesiredState, node: &str) -> Result<()> {
     if let Some(cidr) = state.nodes.get(node).and_then(|n| n.pod_cidrs.first()) {
-        hostnet::publish_pod_cidr(node, *cidr)?;
+        files::publish_pod_cidr(node, *cidr)?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
 
 /// Node names end up in paths (pins, runtime files, IPAM state): lowercase DNS
 /// subdomain characters only, as Kubernetes requires of Node names, and no leading
@@ -59,4 +60,29 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
     file.write_all(content)?;
     file.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runtime files shared with the CNI plugin: /run/ferrite/<node>/.
+pub const RUN_DIR: &str = "/run/ferrite";
+
+/// A node's runtime files (removed by `ferrite uninstall`).
+pub fn run_dir(node: &str) -> std::path::PathBuf {
+    std::path::Path::new(RUN_DIR).join(node)
+}
+
+/// Where the agent publishes this node's pod CIDR (from its Node object) for the CNI
+/// plugin's IPAM when the network config does not set one.
+pub fn pod_cidr_file(node: &str) -> std::path::PathBuf {
+    run_dir(node).join("pod-cidr")
+}
+
+/// Write the pod CIDR file if it changed (atomically, mode 0600).
+pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
+    let path = pod_cidr_file(node);
+    let content = format!("{cidr}\n");
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
+        return Ok(());
+    }
+    create_private_dir(path.parent().context("pod-cidr path")?)?;
+    write_private(&path, content.as_bytes()).context("publishing the pod CIDR")
 }

@@ -1,14 +1,18 @@
 //! Ferrite's node agent: Kubernetes objects -> one desired-state model -> ordered
 //! writes to the pinned BPF maps of the datapath.
 //!
-//! Modules depend one way, each only on those before it:
-//! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
-//! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
-//! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events), `explain` -> `agent`
-//! (the node), `source` and `kube_source` (events for the driver), `cni` ->
-//! `install_cni` (`ferrite install-cni`: the plugins and conflist on a node). The
-//! binaries wire a source, the driver and the node.
-//! (Only `model`'s unit tests look up: they read fixtures with `objects_yaml`.)
+//! Modules depend one way: each uses only modules of the tiers before its own
+//! (`tests/layering.rs` checks it, from the sources):
+//! 1. `bpf_syscall`, `conntrack_gc`, `files`, `limits`, `maglev`, `netlink`;
+//! 2. `model` (objects -> desired state, pure);
+//! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
+//! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
+//!    `driver`, `healthcheck`, `objects_yaml`;
+//! 5. `telemetry`, `inspect`, `explain`, `cni`;
+//! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node).
+//!
+//! The binaries wire a source, the driver and the node. (Only `model`'s unit tests
+//! look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod bpf_syscall;
 pub mod cni;
@@ -18,7 +22,7 @@ pub mod driver;
 pub mod explain;
 pub mod files;
 pub mod healthcheck;
-pub mod hostnet;
+pub mod host;
 pub mod inspect;
 pub mod install_cni;
 pub mod kube_source;
@@ -30,7 +34,6 @@ pub mod monitor;
 pub mod netlink;
 pub mod objects_yaml;
 pub mod plan;
-pub mod podnet;
 pub mod source;
 pub mod telemetry;
 

@@ -20,6 +20,13 @@ pub const MAX_SERVICE_ENTRIES: usize = 65_536;
 /// runs at most a few hundred per node).
 pub const MIN_POD_CIDR_PREFIX: u8 = 16;
 
+/// The share of each Service map only small frontends and kube-system's may take
+/// (1/`RESERVE_DIVISOR`): a few huge Services can fill most of a map, never the room
+/// DNS and ordinary Services need.
+pub const RESERVE_DIVISOR: usize = 8;
+/// A frontend with at most this many backends is small: it may use the reserve.
+pub const SMALL_FRONTEND_BACKENDS: usize = 64;
+
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 

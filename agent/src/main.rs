@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
-    explain, files, hostnet, inspect, install_cni, kube_source,
+    explain, files, host, inspect, install_cni, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -628,8 +628,8 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             // Run in the node's network namespace: the device and rules are there.
-            hostnet::remove_all();
-            let _ = std::fs::remove_dir_all(hostnet::run_dir(&node));
+            host::remove_all();
+            let _ = std::fs::remove_dir_all(files::run_dir(&node));
             datapath::uninstall(&pins)
         }
     }

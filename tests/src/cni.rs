@@ -321,7 +321,7 @@ pub fn one_node_cluster() -> Result<Cluster> {
     wait_until(
         "the pod CIDR is published",
         std::time::Duration::from_secs(15),
-        || ferrite_agent::hostnet::pod_cidr_file(&node.name).exists(),
+        || ferrite_agent::files::pod_cidr_file(&node.name).exists(),
     )?;
     Ok(cluster)
 }

@@ -338,7 +338,7 @@ fn uninstall_touches_only_an_installed_node_and_names_that_are_no_node_are_refus
         all.extend_from_slice(args);
         std::process::Command::new("nsenter").args(&all).output()
     };
-    let run_dir = ferrite_agent::hostnet::run_dir(&node.name);
+    let run_dir = ferrite_agent::files::run_dir(&node.name);
     let vxlan_and_table_there = || -> Result<()> {
         lab::sh(
             "nsenter",

@@ -569,7 +569,7 @@ fn uninstall_removes_everything_and_leaves_plain_linux_networking() -> Result<()
         "pins left in {}",
         node.pin_dir().display()
     );
-    assert!(!ferrite_agent::hostnet::run_dir(&node.name).exists());
+    assert!(!ferrite_agent::files::run_dir(&node.name).exists());
     let attached = in_node("bpftool", &["net", "show"])?;
     assert!(
         !attached.contains("ferrite"),

@@ -13,9 +13,10 @@ use super::{
 };
 use crate::{
     datapath,
+    host::{self, pods::HostWiring},
     maps::NodeMaps,
+    netlink::mac_string,
     netlink::Netlink,
-    podnet::{self, mac_string, HostWiring},
 };
 
 /// Verify the attachment is still as ADD left it.
@@ -109,7 +110,7 @@ fn result_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr, owner: &Owne
 fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<String>> {
     let name = env.ifname.clone();
     let mtu = conf.mtu;
-    podnet::in_netns(Path::new(&env.netns), move || {
+    host::netns::in_netns(Path::new(&env.netns), move || {
         let mut problems = Vec::new();
         let mut netlink = Netlink::open()?;
         let Some(link) = netlink.link(&name)? else {
@@ -200,7 +201,7 @@ fn host_problems(
         address: ip.octets(),
     })?;
     let right = endpoint.is_some_and(|e| {
-        Some(e.ifindex) == podnet::ifindex(host)
+        Some(e.ifindex) == host::interfaces::ifindex(host)
             && e.pod_mac == pod_mac_for(ip)
             && e.host_mac == HOST_VETH_MAC
     });

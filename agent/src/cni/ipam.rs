@@ -23,7 +23,7 @@ use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::{files::write_private, podnet::NetnsId};
+use crate::{files::write_private, host::netns::NetnsId};
 
 /// Who holds an address: the attachment (container id + interface), the host veth
 /// it was wired with, and the pod's namespace (absent in files of older versions).

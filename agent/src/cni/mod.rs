@@ -1,5 +1,5 @@
 //! The CNI plugin (`ferrite-cni`, spec 1.1.0): wires pods the way the datapath
-//! expects (see [`crate::podnet`]), allocates their addresses from the node's pod
+//! expects (see [`crate::host::pods`]), allocates their addresses from the node's pod
 //! CIDR, attaches the pinned from-pod program and writes the endpoint map. It needs
 //! only what the agent pinned, not the agent itself.
 //!
@@ -20,12 +20,13 @@ use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    datapath, hostnet,
+    datapath, files, host,
+    host::{netns::NetnsId, pods::PodInterface},
     limits::Limits,
     maps::NodeMaps,
     model::pod_attachment_interface_name,
+    netlink::mac_string,
     plan::Op,
-    podnet::{self, mac_string, NetnsId, PodInterface},
 };
 use ipam::{NetnsRecord, Owner, Store, Untrusted};
 use spec::{code, CniError, CniResult, Command, Environment, NetConf, OrCode, Wired};
@@ -101,7 +102,7 @@ fn pin_dir_with_datapath(conf: &NetConf, error_code: u32) -> Result<std::path::P
 /// to the rules Node objects are (a loopback, link-local or too wide or narrow range
 /// would give pods addresses that are not theirs to have).
 fn pod_cidr(conf: &NetConf, error_code: u32) -> Result<Ipv4Net, CniError> {
-    let path = hostnet::pod_cidr_file(&conf.node);
+    let path = files::pod_cidr_file(&conf.node);
     let (cidr, source) = match conf.pod_cidr {
         Some(cidr) => (cidr, "podCIDR of the network configuration".to_string()),
         None => {
@@ -157,8 +158,8 @@ fn owner_tag(container_id: &str) -> String {
 /// A newer sandbox of the same pod reuses the name and records its own container.
 /// A veth pair lives and dies as one: while it exists, so does the pod end.
 fn host_veth_may_be_its(owner: &Owner) -> bool {
-    podnet::link_exists(&owner.host_interface)
-        && podnet::link_alias(&owner.host_interface)
+    host::interfaces::link_exists(&owner.host_interface)
+        && host::interfaces::link_alias(&owner.host_interface)
             .is_none_or(|alias| alias == owner_tag(&owner.container_id))
 }
 
@@ -199,9 +200,9 @@ fn attachment_netns(path: &str) -> Result<AttachmentNetns, CniError> {
     if path.is_empty() {
         return Ok(AttachmentNetns::Gone);
     }
-    let id = podnet::netns_id(Path::new(path))
+    let id = host::netns::netns_id(Path::new(path))
         .or_code(code::INVALID_ENVIRONMENT, "inspecting CNI_NETNS")?;
-    let own = podnet::own_netns_id().or_code(code::IO_FAILURE, "the node's namespace")?;
+    let own = host::netns::own_netns_id().or_code(code::IO_FAILURE, "the node's namespace")?;
     Ok(match id {
         None => AttachmentNetns::Gone,
         Some(id) if id == own => AttachmentNetns::Node,
@@ -213,11 +214,11 @@ fn attachment_netns(path: &str) -> Result<AttachmentNetns, CniError> {
 /// at its path (older records: its host veth is still there).
 fn attachment_alive(owner: &Owner) -> bool {
     match &owner.netns {
-        Some(record) => match podnet::netns_id(Path::new(&record.path)) {
+        Some(record) => match host::netns::netns_id(Path::new(&record.path)) {
             Ok(found) => found == Some(record.id),
             Err(_) => true, // cannot tell: keep it
         },
-        None => podnet::link_exists(&owner.host_interface),
+        None => host::interfaces::link_exists(&owner.host_interface),
     }
 }
 
@@ -336,7 +337,7 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
 /// Addresses whose endpoint entry names a live interface: pods wired from another
 /// data directory (a second store for the node) hold them.
 fn live_endpoints(pin_dir: &Path) -> Result<BTreeSet<Ipv4Addr>> {
-    let live: BTreeSet<u32> = datapath::interfaces()?
+    let live: BTreeSet<u32> = host::interfaces::interfaces()?
         .values()
         .map(|i| i.ifindex)
         .collect();
@@ -356,19 +357,19 @@ fn wire<'a>(
 ) -> Result<()> {
     // A host veth of that name is left from an earlier sandbox of the same pod
     // (its DEL has not come yet): the new sandbox replaces it, as Calico does.
-    podnet::delete_host_end(&pod.host_name)?;
-    podnet::create(pod)?;
+    host::pods::delete_host_end(&pod.host_name)?;
+    host::pods::create(pod)?;
     rollback.push("the veth pair", || {
-        podnet::delete_host_end(&pod.host_name).map(drop)
+        host::pods::delete_host_end(&pod.host_name).map(drop)
     });
-    podnet::set_link_alias(&pod.host_name, &owner_tag(&owner.container_id))?;
-    let ifindex = podnet::ifindex(&pod.host_name).context("host veth vanished")?;
+    host::interfaces::set_link_alias(&pod.host_name, &owner_tag(&owner.container_id))?;
+    let ifindex = host::interfaces::ifindex(&pod.host_name).context("host veth vanished")?;
     let mut maps = NodeMaps::open(pin_dir)?;
     let key = EndpointKey {
         address: pod.ip.octets(),
     };
     if let Some(existing) = maps.endpoint(&key)? {
-        let live = datapath::interfaces()?
+        let live = host::interfaces::interfaces()?
             .values()
             .any(|i| i.ifindex == existing.ifindex);
         if live {
@@ -379,7 +380,7 @@ fn wire<'a>(
             );
         }
     }
-    hostnet::add_pod_route(pod.ip, &pod.host_name)?;
+    host::pods::add_pod_route(pod.ip, &pod.host_name)?;
     datapath::attach_pinned_pod_programs(pin_dir, &pod.host_name)?;
     rollback.push("the datapath attachments", || {
         datapath::pod_attachments(&pod.host_name)
@@ -411,25 +412,25 @@ fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, owner: &Owner) -> Result<()> 
         address: ip.octets(),
     };
     let endpoint = maps.endpoint(&key)?;
-    let host_ifindex = podnet::ifindex(host);
+    let host_ifindex = host::interfaces::ifindex(host);
     let ours = host_ifindex.is_some()
-        && match podnet::link_alias(host) {
+        && match host::interfaces::link_alias(host) {
             Some(alias) => alias == owner_tag(&owner.container_id),
             // Wired before owners were recorded: the endpoint entry decides.
             None => endpoint.is_some_and(|e| Some(e.ifindex) == host_ifindex),
         };
     if ours {
-        podnet::delete_host_end(host)?;
+        host::pods::delete_host_end(host)?;
     }
     if let Some(endpoint) = endpoint {
-        let live = datapath::interfaces()?
+        let live = host::interfaces::interfaces()?
             .values()
             .any(|i| i.ifindex == endpoint.ifindex);
         if !live {
             maps.apply(&[Op::DeleteEndpoint(key)])?;
         }
     }
-    if !podnet::link_exists(host) {
+    if !host::interfaces::link_exists(host) {
         let pinned = datapath::attachments(pin_dir)?;
         for attachment in datapath::pod_attachments(host) {
             if pinned.contains(&attachment) {
@@ -452,7 +453,7 @@ fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     };
     // A namespace that is gone, unmounted or the node's own has no pod end to remove.
     if let AttachmentNetns::Pod(_) = attachment_netns(&env.netns)? {
-        podnet::delete_pod_end(Path::new(&env.netns), &env.ifname, ip)
+        host::pods::delete_pod_end(Path::new(&env.netns), &env.ifname, ip)
             .or_code(code::WIRING_FAILED, "removing the pod interface")?;
     }
     release_host_side(&datapath::pin_dir(&conf.node), ip, &owner)

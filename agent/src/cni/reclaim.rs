@@ -32,14 +32,14 @@ use super::{
     ipam::{Owner, Store},
     release_host_side,
 };
-use crate::{datapath, maps::NodeMaps, podnet};
+use crate::{host, maps::NodeMaps};
 
 /// What the node shows now of one attachment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
     /// What the recorded CNI_NETNS path holds: a namespace, `None` (nothing, or no
     /// namespace), or why it could not be inspected.
-    pub netns: Result<Option<podnet::NetnsId>, String>,
+    pub netns: Result<Option<host::netns::NetnsId>, String>,
     /// A host veth of the recorded name exists that may be the attachment's.
     pub host_veth: bool,
     /// The interface index the address's endpoint entry names, and whether the
@@ -161,7 +161,7 @@ pub(super) fn reclaim_gone(
     cidr: Ipv4Net,
     owners: &[(Ipv4Addr, Owner)],
 ) -> Result<Pass> {
-    let live: BTreeSet<u32> = datapath::interfaces()?
+    let live: BTreeSet<u32> = host::interfaces::interfaces()?
         .values()
         .map(|i| i.ifindex)
         .collect();
@@ -171,7 +171,7 @@ pub(super) fn reclaim_gone(
         let seen = Seen {
             netns: match &owner.netns {
                 Some(record) => {
-                    podnet::netns_id(Path::new(&record.path)).map_err(|e| format!("{e:#}"))
+                    host::netns::netns_id(Path::new(&record.path)).map_err(|e| format!("{e:#}"))
                 }
                 None => Ok(None),
             },
@@ -214,7 +214,7 @@ pub(super) fn reclaim_gone(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cni::ipam::NetnsRecord, podnet::NetnsId};
+    use crate::{cni::ipam::NetnsRecord, host::netns::NetnsId};
 
     const RECORDED: NetnsId = NetnsId {
         dev: 4,

@@ -29,11 +29,8 @@ use tracing::{info, warn};
 
 use crate::{bpf_syscall::bpf, files::create_private_dir, plan::Interface};
 
-mod host;
-pub use host::{
-    cgroup2_directory, default_cgroup_root, driver, ensure_bpffs, interface_with_address,
-    interfaces,
-};
+mod mounts;
+pub use mounts::{cgroup2_directory, default_cgroup_root, ensure_bpffs};
 
 pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

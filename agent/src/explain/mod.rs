@@ -77,7 +77,7 @@ pub const DEFAULT_SOURCE_PORT: u16 = 40000;
 pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanation> {
     let maps = NodeMaps::open(pin_dir)?;
     let config = maps.config.get(&0, 0).context("reading ferrite_config")?;
-    let interfaces = crate::datapath::interfaces()?;
+    let interfaces = crate::host::interfaces::interfaces()?;
     let runner = run::Runner::new(pin_dir)?;
     let context = NodeView {
         maps: &maps,
@@ -243,7 +243,7 @@ impl NodeView<'_> {
         if node_ip.is_unspecified() {
             bail!("the node's IP is not known yet (ferrite_config: node_ip 0.0.0.0)");
         }
-        let name = crate::datapath::interface_with_address(node_ip)?
+        let name = crate::host::interfaces::interface_with_address(node_ip)?
             .with_context(|| format!("no device here has the node's IP {node_ip}"))?;
         let uplink = self
             .interfaces

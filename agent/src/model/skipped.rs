@@ -115,7 +115,7 @@ impl fmt::Display for SkipReason {
                         f,
                         "{map} has only the room kept for small Services and kube-system left \
                          (1/{} of its {capacity} entries): the Service port is not written",
-                        crate::plan::RESERVE_DIVISOR
+                        crate::limits::RESERVE_DIVISOR
                     )?;
                 } else {
                     write!(

@@ -22,7 +22,10 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{decode, describe, socket_path, Filter, Line, Request};
-use crate::{files::create_private_dir, hostnet, telemetry::Telemetry};
+use crate::{
+    files::{self, create_private_dir},
+    telemetry::Telemetry,
+};
 
 /// Lines queued for one monitor before it starts missing events.
 pub const QUEUE_LINES: usize = 4096;
@@ -120,7 +123,7 @@ impl MonitorHub {
         let ring: RingBuf<MapData> = open(map_names::EVENTS)?.try_into()?;
         let mut wants_entry: Array<MapData, u32> = open(map_names::MONITOR)?.try_into()?;
         wants_entry.set(0, 0, 0)?;
-        create_private_dir(&hostnet::run_dir(node))?;
+        create_private_dir(&files::run_dir(node))?;
         let socket = socket_path(node);
         // A socket file left by an earlier agent: nothing listens on it any more.
         match std::fs::remove_file(&socket) {

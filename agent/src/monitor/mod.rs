@@ -16,11 +16,11 @@ use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
 use ferrite_common::{monitor, stat, MonitorEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::{hostnet, model::Protocol, telemetry::ServiceNames};
+use crate::{files, model::Protocol, telemetry::ServiceNames};
 
 /// Where the agent of `node` serves monitors.
 pub fn socket_path(node: &str) -> PathBuf {
-    hostnet::run_dir(node).join("monitor.sock")
+    files::run_dir(node).join("monitor.sock")
 }
 
 /// Which events a monitor wants.

@@ -196,7 +196,7 @@ impl Netlink {
         message
             .attributes
             .push(LinkAttribute::Address(mac.to_vec()));
-        let object = format!("{} address {}", link.1, crate::podnet::mac_string(mac));
+        let object = format!("{} address {}", link.1, crate::netlink::mac_string(mac));
         self.request(RouteNetlinkMessage::SetLink(message), 0, &object)
     }
 

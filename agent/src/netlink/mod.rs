@@ -2,7 +2,7 @@
 //! plugin has no async runtime): one request at a time on a socket of the calling
 //! thread's network namespace, each acknowledged, the kernel's error turned into one
 //! that names the operation and the object. To work in a pod's namespace, open the
-//! [`Netlink`] on a thread that has entered it (see `podnet::in_netns`).
+//! [`Netlink`] on a thread that has entered it (see `host::netns::in_netns`).
 //!
 //! `link.rs` has links (veth pairs, the VXLAN device), `route.rs` addresses, routes
 //! and neighbours; both build messages and read dumps into small typed structs.
@@ -285,6 +285,11 @@ fn extended_ack_message(payload: &[u8]) -> Option<String> {
             .unwrap_or_default();
     }
     None
+}
+
+/// A MAC as `ip` shows it: `0a:58:0a:f4:00:02`.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 #[cfg(test)]

@@ -311,7 +311,7 @@ impl fmt::Display for Neighbour {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "neighbour {}", self.ip)?;
         if let Some(mac) = self.mac {
-            write!(f, " lladdr {}", crate::podnet::mac_string(mac))?;
+            write!(f, " lladdr {}", crate::netlink::mac_string(mac))?;
         }
         write!(f, " dev #{}", self.device)
     }

@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{Backend, RevNatValue};
 
+use crate::limits::RESERVE_DIVISOR;
+
 use super::{Capacities, MapContents};
 
 /// Hands out ids that are neither in use now nor still present in the maps (an id
@@ -92,13 +94,6 @@ pub(super) struct FullMap {
     /// What is left is the reserve, which this frontend may not take.
     pub(super) reserved: bool,
 }
-
-/// The share of each Service map only small frontends and kube-system's may take
-/// (1/`RESERVE_DIVISOR`): a few huge Services can fill most of a map, never the room
-/// DNS and ordinary Services need.
-pub const RESERVE_DIVISOR: usize = 8;
-/// A frontend with at most this many backends is small: it may use the reserve.
-pub const SMALL_FRONTEND_BACKENDS: usize = 64;
 
 /// What is left of each capacity while a plan is made.
 pub(super) struct Budget {

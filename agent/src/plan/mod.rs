@@ -21,7 +21,6 @@ mod update;
 
 pub use desired::{desired_contents, desired_contents_keeping_ids};
 pub use diff::{diff, drift, ended_pairs, removed_backends};
-pub use ids::{RESERVE_DIVISOR, SMALL_FRONTEND_BACKENDS};
 pub use image::{
     backend_value, describe_service_key, maglev_digest, maglev_key, op_map, rev_nat_value,
     FrontendEntries, MapContents, Op, RouteKey, SourceRange,

@@ -63,7 +63,7 @@ pub(super) fn service_contents<'s>(
             .iter()
             .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
             .count();
-        let may_use_reserve = slot_count <= super::ids::SMALL_FRONTEND_BACKENDS
+        let may_use_reserve = slot_count <= crate::limits::SMALL_FRONTEND_BACKENDS
             || service.service.namespace == "kube-system";
         if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat, may_use_reserve) {
             // A port already in the maps keeps what it has: it goes on working.

@@ -9,11 +9,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use ferrite_agent::{
-    datapath, hostnet,
-    maps::NodeMaps,
-    model::pod_interface_name,
+    datapath, files, host, host::pods::PodInterface, maps::NodeMaps, model::pod_interface_name,
     plan::MapContents,
-    podnet::{self, PodInterface},
 };
 
 use super::{require_root, unique, wait_until, Cgroup, Netns, Pod, Probe, SERVICE_CIDR, SETTLE};
@@ -152,7 +149,7 @@ impl Node {
             ip,
             mtu: self.pod_mtu,
         };
-        self.netns.run(|| podnet::create(&interface))??;
+        self.netns.run(|| host::pods::create(&interface))??;
         self.pods.push(Pod {
             name: name.into(),
             namespace,
@@ -295,7 +292,7 @@ impl Drop for Node {
         self.agent = None; // kill first: it must not re-create pins
         self.pods.clear();
         let _ = datapath::uninstall(&self.pin_dir());
-        let _ = fs::remove_dir_all(hostnet::run_dir(&self.name));
+        let _ = fs::remove_dir_all(files::run_dir(&self.name));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

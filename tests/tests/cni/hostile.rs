@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ferrite_agent::podnet;
+use ferrite_agent::host;
 use ferrite_common::{EndpointInfo, EndpointKey};
 use ferrite_tests::{
     cluster::TCP_TARGET,
@@ -148,7 +148,7 @@ fn the_nodes_own_namespace_is_refused_and_del_removes_only_what_add_made() -> Re
     )?;
     let outcome = exec_with(&runtime, &env("DEL", "ctr-never", "keep0"), &Value::Null)?;
     assert!(outcome.success, "{}", outcome.output);
-    assert!(node.netns.run(|| podnet::link_exists("keep0"))?);
+    assert!(node.netns.run(|| host::interfaces::link_exists("keep0"))?);
     let foreign = Sandbox::new("foreign")?;
     sh(
         "ip",
@@ -167,7 +167,10 @@ fn the_nodes_own_namespace_is_refused_and_del_removes_only_what_add_made() -> Re
     )?;
     let outcome = exec(&runtime, "DEL", &foreign)?;
     assert!(outcome.success, "{}", outcome.output);
-    assert!(foreign.pod.netns.run(|| podnet::link_exists("eth0"))?);
+    assert!(foreign
+        .pod
+        .netns
+        .run(|| host::interfaces::link_exists("eth0"))?);
     Ok(())
 }
 
@@ -233,7 +236,7 @@ fn wait_for_veth_gone(node: &Node, sandbox: &Sandbox) -> Result<()> {
     let host = sandbox.pod.host_interface.clone();
     wait_until(&format!("{host} is gone"), SETTLE, || {
         node.netns
-            .run(|| podnet::link_exists(&host))
+            .run(|| host::interfaces::link_exists(&host))
             .is_ok_and(|exists| !exists)
     })
 }
@@ -260,7 +263,7 @@ fn a_pod_gone_without_a_del_does_not_refuse_the_next_pod_its_namespace_inode_wen
     // another namespace of the machine comes first): done here by hand, the dead
     // pod's record names the new namespace's device and inode.
     let mut next = Sandbox::new("inode-next")?;
-    let id = podnet::netns_id(&next.netns_path())?.expect("a namespace");
+    let id = host::netns::netns_id(&next.netns_path())?.expect("a namespace");
     let file = allocation_file(node, &dead);
     let mut record: Value = serde_json::from_slice(&fs::read(&file)?)?;
     record["netns"]["id"] = json!({"dev": id.dev, "ino": id.ino});
@@ -435,7 +438,7 @@ fn a_full_range_reclaims_pods_gone_without_a_del_and_never_one_whose_namespace_l
     );
     let late_ifindex = node
         .netns
-        .run(|| podnet::ifindex(&late.pod.host_interface))?
+        .run(|| host::interfaces::ifindex(&late.pod.host_interface))?
         .context("the new pod's veth")?;
     let entry = node.maps()?.endpoint(&EndpointKey {
         address: late.pod.ip.octets(),

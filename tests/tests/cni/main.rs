@@ -7,7 +7,7 @@ mod hostile;
 use std::net::SocketAddrV4;
 
 use anyhow::{ensure, Context, Result};
-use ferrite_agent::{datapath, hostnet};
+use ferrite_agent::{datapath, files, host};
 use ferrite_common::{EndpointKey, VXLAN_DEVICE};
 use ferrite_tests::{
     cluster::{self, TCP_FRONTEND, TCP_TARGET},
@@ -47,7 +47,7 @@ fn leftovers(node: &Node) -> Result<Leftovers> {
     addresses.sort();
     let veths: Vec<String> = node
         .netns
-        .run(datapath::interfaces)??
+        .run(host::interfaces::interfaces)??
         .into_keys()
         .filter(|name| name.starts_with("fer") && name != VXLAN_DEVICE)
         .collect();
@@ -543,7 +543,7 @@ fn pins_and_state_files_are_private_to_root() -> Result<()> {
     let mut found = 0;
     for dir in [
         node.pin_dir(),
-        hostnet::run_dir(&node.name),
+        files::run_dir(&node.name),
         node.dir.join("ipam").join(&node.name),
     ] {
         check(&dir, &mut found)?;

@@ -7,71 +7,16 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    os::{
-        fd::AsFd,
-        unix::fs::{MetadataExt, OpenOptionsExt},
-    },
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use ferrite_common::{pod_mac_for, HOST_VETH_MAC, POD_GATEWAY_IP};
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
 
-use crate::netlink::{Address, Neighbour, Netlink, Route, RouteScope, Veth};
-
-/// A network namespace's identity: device and inode of its nsfs file (what
-/// `ip netns identify` and `stat -L` compare).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetnsId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-/// The namespace `path` names; `None` when the path is gone or is no longer a
-/// namespace (a runtime unmounted it and left the empty file it was mounted on).
-pub fn netns_id(path: &Path) -> Result<Option<NetnsId>> {
-    // Non-blocking: a FIFO or device at the path must not hang the plugin.
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
-        .open(path)
-    {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        other => other.with_context(|| format!("opening {}", path.display()))?,
-    };
-    let fs_type = nix::sys::statfs::fstatfs(&file)
-        .with_context(|| format!("statfs {}", path.display()))?
-        .filesystem_type();
-    if fs_type != nix::sys::statfs::NSFS_MAGIC {
-        return Ok(None);
-    }
-    let meta = file.metadata()?;
-    Ok(Some(NetnsId {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    }))
-}
-
-/// The network namespace the calling thread runs in (the node's, for the plugin).
-pub fn own_netns_id() -> Result<NetnsId> {
-    netns_id(Path::new("/proc/thread-self/ns/net"))?
-        .context("/proc/thread-self/ns/net is not a namespace")
-}
-
-/// The alias of link `name` (the plugin records the owning container id there),
-/// `None` if the link has none or does not exist.
-pub fn link_alias(name: &str) -> Option<String> {
-    Netlink::open().ok()?.link(name).ok()??.alias
-}
-
-/// Record who wired a host veth in its alias (one the IPAM files cannot forge).
-pub fn set_link_alias(name: &str, alias: &str) -> Result<()> {
-    let mut netlink = Netlink::open()?;
-    let index = netlink.link_index(name)?;
-    Ok(netlink.set_alias((index, name), alias)?)
-}
+use super::{interfaces, netns::in_netns};
+use crate::netlink::{mac_string, Address, Neighbour, Netlink, Route, RouteScope, Veth};
 
 /// A pod interface to create or remove.
 #[derive(Clone, Debug)]
@@ -86,35 +31,21 @@ pub struct PodInterface {
     pub mtu: u32,
 }
 
-pub fn mac_string(mac: [u8; 6]) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
-}
-
-/// Run `f` on a thread inside the network namespace at `netns`; processes it spawns
-/// are in that namespace too.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let file =
-        fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the pod's network namespace")?;
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow!("thread in netns panicked"))?
-    })
-}
-
-/// The index of interface `name` in the calling thread's network namespace (a
-/// socket ioctl, unlike /sys/class/net which shows the namespace sysfs was mounted in).
-pub fn ifindex(name: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(name).ok()
-}
-
-pub fn link_exists(name: &str) -> bool {
-    ifindex(name).is_some()
+/// Pods are routed, not bridged: packets the host stack sends to a pod (replies to
+/// its masqueraded egress traffic) need a /32 route and, as the pod MAC is known, a
+/// permanent neighbour entry instead of ARP.
+pub fn add_pod_route(ip: Ipv4Addr, interface: &str) -> Result<()> {
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(interface)?;
+    let route = Route::new(Ipv4Net::from(ip), index, RouteScope::Link);
+    netlink
+        .replace_route(&route)
+        .with_context(|| format!("the route to {ip} via {interface}"))?;
+    let neighbour = Neighbour::permanent(index, ip, pod_mac_for(ip));
+    netlink
+        .replace_neighbour(&neighbour)
+        .with_context(|| format!("the neighbour {ip} on {interface}"))?;
+    Ok(())
 }
 
 /// Create and configure the veth pair (run in the node's namespace). On error the
@@ -264,7 +195,7 @@ pub fn repair_host_side(ip: Ipv4Addr, interface: &str) -> Result<()> {
     let mut netlink = Netlink::open()?;
     let index = netlink.link_index(interface)?;
     netlink.set_up((index, interface))?;
-    crate::hostnet::add_pod_route(ip, interface)
+    add_pod_route(ip, interface)
 }
 
 /// Repair the host side of every pod of `endpoints` whose veth exists (a veth taken
@@ -276,7 +207,7 @@ pub fn repair_host_sides(
         ferrite_common::EndpointInfo,
     >,
 ) -> Result<Vec<String>> {
-    let interfaces = crate::datapath::interfaces()?;
+    let interfaces = interfaces::interfaces()?;
     let names: std::collections::BTreeMap<u32, &String> =
         interfaces.iter().map(|(n, i)| (i.ifindex, n)).collect();
     let wiring = HostWiring::read()?;
