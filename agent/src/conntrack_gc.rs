@@ -9,7 +9,9 @@
 //! the latest packet either way, never one by one (and never by age: cilium#29667).
 use std::{collections::HashMap, time::Duration};
 
-use ferrite_common::{CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP};
+use ferrite_common::{
+    CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK, PROTO_TCP,
+};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
@@ -38,7 +40,8 @@ struct FlowId {
 }
 
 fn flow_id(key: &CtKey, value: &CtValue) -> FlowId {
-    if value.flags & CT_FLAG_REPLY != 0 {
+    // A flow the stack forwarded has one entry, under its reply tuple.
+    if value.flags & (CT_FLAG_REPLY | CT_FLAG_VIA_STACK) != 0 {
         return FlowId {
             proto: key.proto,
             backend: (key.saddr, key.sport),
@@ -241,6 +244,29 @@ mod tests {
             expired(&entries, now + 60 * SECOND, SECOND, &Lifetimes::default()).len(),
             2
         );
+    }
+
+    #[test]
+    fn flows_the_stack_forwarded_to_one_pod_are_judged_each_by_its_own_client() {
+        let now = 1_000 * SECOND;
+        // Two clients' connections to one pod's hostPort: one entry each, under the
+        // reply tuple, naming the pod they reached.
+        let via_stack = |client_port: u16, flags: u16, seen_s: u64| {
+            (
+                key(BACKEND, 8080, CLIENT, client_port, PROTO_TCP),
+                CtValue {
+                    flags: CT_FLAG_VIA_STACK | flags,
+                    backend_address: BACKEND,
+                    backend_port: 8080,
+                    last_seen_jiffies: now - seen_s * SECOND,
+                    ..CtValue::default()
+                },
+            )
+        };
+        let closed = via_stack(40000, CT_FLAG_CLOSING, 11);
+        let live = via_stack(40001, 0, 1);
+        let got = expired(&[closed, live], now, SECOND, &Lifetimes::default());
+        assert_eq!(got, vec![(closed.0, now - 11 * SECOND)]);
     }
 
     #[test]

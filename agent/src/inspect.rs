@@ -5,7 +5,9 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use ferrite_common::{stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, ROUTE_LOCAL, ROUTE_NODE};
+use ferrite_common::{
+    stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_VIA_STACK, ROUTE_LOCAL, ROUTE_NODE,
+};
 use serde::Serialize;
 
 use crate::{
@@ -345,7 +347,9 @@ pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
             let rows: Vec<ConntrackRow> = entries
                 .into_iter()
                 .map(|(k, v)| ConntrackRow {
-                    direction: if v.flags & CT_FLAG_REPLY == 0 {
+                    direction: if v.flags & CT_FLAG_VIA_STACK != 0 {
+                        "via stack"
+                    } else if v.flags & CT_FLAG_REPLY == 0 {
                         "forward"
                     } else {
                         "reply"

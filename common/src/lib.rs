@@ -455,6 +455,9 @@ pub const fn pod_mac_for(ip: Ipv4Addr) -> [u8; 6] {
 /// backend, and the reply tuple (backend -> client, `CT_FLAG_REPLY`) naming the
 /// rev-NAT entry to translate with. They cannot collide (a forward tuple's
 /// destination is a VIP, a reply's is a pod), so one lookup serves both directions.
+/// A flow the host stack forwarded between pods owns one, its reply tuple
+/// (`CT_FLAG_VIA_STACK`); whichever of it and a Service flow's reply entry claims a
+/// tuple first keeps it (a pod's later flow on it gets another client port).
 ///
 /// Word-aligned, and padded with scalar fields: the datapath builds this key on every
 /// packet, and a byte-array pad made the compiler call `memset` for it.
@@ -484,6 +487,13 @@ pub const CT_FLAG_EXTERNAL: u16 = 4;
 /// `CtValue::flags`: the flow is SNATed to `nat_address:nat_port` (forward entry) /
 /// its replies go back to the client at `nat_address:nat_port` (reply entry).
 pub const CT_FLAG_SNAT: u16 = 8;
+/// `CtValue::flags`: a flow between pods that the host stack forwarded (a pod's
+/// packet the stack delivered to a pod of this node, seen by `ferrite_to_pod`),
+/// under its reply tuple (the pod it reached -> the pod that sent). Netfilter may
+/// have translated it (portmap's hostPort DNAT of a node address to this pod) and
+/// holds what undoes that: the replies go back through the stack, never straight
+/// to the client. `backend_address`/`backend_port`: the pod it reached.
+pub const CT_FLAG_VIA_STACK: u16 = 16;
 
 /// `CtValue::route_kind`: delivered to a pod of this node (`route_target` = ifindex).
 pub const CT_ROUTE_LOCAL: u8 = 1;

@@ -1,13 +1,15 @@
 //! Service-flow conntrack in the LRU map `ferrite_ct`: the forward entry pins a flow
 //! to its backend (and caches it), the reply entry says how to reverse-NAT the
-//! backend's answers. One lookup per packet finds either.
+//! backend's answers. One lookup per packet finds either. Flows between pods that
+//! the host stack forwarded (and netfilter may have translated: hostPorts) have one
+//! entry, under their reply tuple, sending the answers back through the stack.
 use core::ptr::NonNull;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, PROTO_TCP, REV_NAT_NONE,
-    SNAT_PORT_MAX, SNAT_PORT_MIN,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK,
+    CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
@@ -37,12 +39,15 @@ pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
 
 /// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
 /// entry of a live Service flow: the same client port reached that backend through a
-/// Service. Its answers would be reverse-NATed to the Service address. A closing
+/// Service. Its answers would be reverse-NATed to the Service address. Or of a live
+/// flow the stack forwarded (`CT_FLAG_VIA_STACK`: the same client port reached that
+/// pod through a hostPort), whose answers go through the stack's NAT. A closing
 /// flow's tuple is taken over instead (see [`reopen_if_closing`]).
 #[inline(always)]
 pub fn clashes_with_service_reply(h: &Headers) -> bool {
     let reverse = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
-    unsafe { CONNTRACK.get(reverse) }.is_some_and(|ct| ct.flags & CT_FLAG_REPLY != 0)
+    unsafe { CONNTRACK.get(reverse) }
+        .is_some_and(|ct| ct.flags & (CT_FLAG_REPLY | CT_FLAG_VIA_STACK) != 0)
         && !reopen_if_closing(h, &reverse)
 }
 
@@ -83,6 +88,18 @@ pub fn reopen_if_closing(h: &Headers, reply_key: &CtKey) -> bool {
     let Some(old) = (unsafe { CONNTRACK.get(reply_key) }).copied() else {
         return false;
     };
+    if old.flags & CT_FLAG_VIA_STACK != 0 {
+        // A finished flow the stack forwarded: its one entry goes (netfilter's own
+        // leftovers never see the new flow, which does not pass through the stack).
+        if old.flags & CT_FLAG_CLOSING == 0 {
+            return false;
+        }
+        if trace::writes(h.explain, write::CT_REOPEN) {
+            let _ = CONNTRACK.remove(reply_key);
+        }
+        count(h.explain, stat::CT_REOPENED, 0);
+        return true;
+    }
     if old.flags & CT_FLAG_REPLY == 0 {
         return false;
     }
@@ -186,6 +203,60 @@ pub fn claim_epoch(entry: NonNull<CtValue>, epoch: u32) {
             (*entry).cache_epoch = epoch;
         }
     }
+}
+
+/// Record that the stack forwarded `h` between pods: a pod's packet that the stack
+/// delivers to a pod of this node (seen at that pod's veth egress, which the
+/// datapath's own deliveries never pass). Netfilter may have translated it (portmap
+/// DNATs a hostPort on a node address to the pod) and only it can undo that, so the
+/// entry under its reply tuple (`CT_FLAG_VIA_STACK`, its route cached as the stack's
+/// at `epoch`) sends the answers through the stack instead of straight to the
+/// client. The flow's packets both ways keep it alive; a new TCP connection on a
+/// closing one's tuple opens it again. An entry of another kind under that tuple (a
+/// Service flow's reply: the same client port reached the same pod through a
+/// Service first) is left as it is.
+#[inline(always)]
+pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
+    let reply_key = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(reply_key).and_then(NonNull::new) {
+        let flags = unsafe { entry.as_ref() }.flags;
+        if flags & CT_FLAG_VIA_STACK != 0 {
+            touch(entry, h, bytes);
+            if flags & CT_FLAG_CLOSING != 0
+                && h.is_tcp_syn()
+                && trace::writes(h.explain, write::CT_REOPEN)
+            {
+                unsafe { (*entry.as_ptr()).flags = CT_FLAG_VIA_STACK };
+            }
+        }
+        return;
+    }
+    if !trace::writes(h.explain, write::CT_CREATE) {
+        return;
+    }
+    let now = unsafe { bpf_jiffies64() };
+    let entry = CtValue {
+        backend_id: 0,
+        rev_nat_index: REV_NAT_NONE,
+        flags: CT_FLAG_VIA_STACK,
+        backend_address: h.daddr.to_ne_bytes(),
+        backend_port: h.dport,
+        nat_port: 0,
+        nat_address: [0; 4],
+        verified_source: 0,
+        cache_epoch: epoch,
+        route_target: 0,
+        route_macs: [0; 12],
+        route_kind: CT_ROUTE_STACK,
+        verified_kind: 0,
+        _pad: 0,
+        created_jiffies: now,
+        last_seen_jiffies: now,
+        packets: 1,
+        bytes: bytes as u64,
+    };
+    // Another CPU's packet of the flow may have made it first: as good.
+    let _ = CONNTRACK.insert(reply_key, entry, BPF_NOEXIST as u64);
 }
 
 /// How a new Service flow is translated.

@@ -1,7 +1,8 @@
 //! Forwarding after NAT: pods on this node get the frame straight into their eth0
 //! (bpf_redirect_peer); pods of other nodes are reached through the VXLAN device with
 //! the owning node in the tunnel metadata (routes from `ferrite_routes`); anything
-//! else continues into the host stack (and is masqueraded there when it leaves).
+//! else continues into the host stack (and is masqueraded there when it leaves), as do
+//! the answers of flows the stack forwarded between pods (`CT_FLAG_VIA_STACK`).
 //! Replies of external flows leave through the uplink the kernel's FIB names.
 //! Translated packets for the node's own processes re-enter the stack through `lo`.
 use core::ptr::NonNull;
@@ -9,8 +10,8 @@ use core::ptr::NonNull;
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_ROUTE_LOCAL, CT_ROUTE_REMOTE,
-    CT_ROUTE_STACK, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
+    stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_FLAG_VIA_STACK, CT_ROUTE_LOCAL,
+    CT_ROUTE_REMOTE, CT_ROUTE_STACK, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
 };
 
 use crate::{
@@ -257,11 +258,25 @@ pub fn epoch() -> u32 {
     CONFIG.get(0).map(|c| c.route_epoch).unwrap_or(0)
 }
 
+/// Whether the flow of `entry` is one the stack forwarded (`CT_FLAG_VIA_STACK`): its
+/// packets go back through the stack, wherever their destination is.
+#[inline(always)]
+fn via_stack(entry: NonNull<CtValue>) -> bool {
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup.
+    unsafe { entry.as_ref() }.flags & CT_FLAG_VIA_STACK != 0
+}
+
 /// Record in `entry` at `epoch` where packets to `daddr:dport` go (as [`route`]
-/// decides), written straight into the entry. `Err`: nowhere, dropped for this
-/// `stat` reason (not cached: rare and final).
+/// decides, or the stack for a flow it forwarded), written straight into the entry.
+/// `Err`: nowhere, dropped for this `stat` reason (not cached: rare and final).
 #[inline(always)]
 fn resolve_into(entry: NonNull<CtValue>, epoch: u32, daddr: u32, dport: u16) -> Result<(), u32> {
+    // Only here, when the cache is stale: the stack's route is cached with the entry,
+    // so established packets pay nothing for the check.
+    if via_stack(entry) {
+        cache_route(entry, epoch, CT_ROUTE_STACK, 0, &[0; 6], &[0; 6]);
+        return Ok(());
+    }
     if let Some(ep) = ENDPOINTS.get_ptr(EndpointKey {
         address: daddr.to_ne_bytes(),
     }) {
@@ -321,6 +336,10 @@ pub fn route_flow<P: Packet>(
         let explain = pkt.explain();
         trace::step(explain, step::ROUTE_RESOLVED);
         if !trace::writes(explain, write::CT_CACHE) {
+            if via_stack(entry) {
+                pkt.count(stat::PASSED_TO_STACK);
+                return Ok(Verdict::Pass);
+            }
             return route(pkt, daddr, dport);
         }
         if let Err(reason) = resolve_into(entry, epoch, daddr, dport) {

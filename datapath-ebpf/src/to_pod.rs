@@ -1,14 +1,17 @@
 //! What the host stack delivers to a pod, seen at tcx egress of its host-side veth.
 //! Traffic the datapath delivers itself (redirect_peer) never passes here; what does
 //! is the stack's: answers to the pod's masqueraded egress, the node's own traffic,
-//! and the replies of Service flows whose backend is a node address (a host-network
+//! the replies of Service flows whose backend is a node address (a host-network
 //! endpoint, such as the API server): those are translated back to the Service
-//! address here. Everything passes; nothing is dropped at this hook.
+//! address here; and what pods send this pod through the stack, such as a pod's
+//! connection to a hostPort on a node address that netfilter (portmap) DNATed to this
+//! pod: such a flow is recorded so that its replies go back through the stack too.
+//! Everything passes; nothing is dropped at this hook.
 use crate::{
-    action,
+    action, conntrack,
     headers::{parse, Parsed},
     packet::{Packet, Verdict},
-    reply,
+    reply, routing,
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -27,6 +30,23 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Parsed::Ipv4(h) if h.has_ports => h,
         _ => return Ok(Verdict::Pass),
     };
-    reply::reverse_in_cluster_reply(pkt, &h)?;
+    if reply::reverse_in_cluster_reply(pkt, &h)? {
+        return Ok(Verdict::Pass);
+    }
+    // From a pod (of this node or another; not one of the node's own addresses, whose
+    // answers go to the stack anyway): the stack forwarded it between pods, maybe
+    // translated by netfilter, which alone can translate the answers back. Without a
+    // record the answer, a pod -> pod packet, would be redirected into the client
+    // past that state (a SYN-ACK from the backend's address instead of the hostPort:
+    // reset). Decided here, where only the stack's deliveries pass, rather than by
+    // remembering flows a pod sends into the stack: those would have to be looked up
+    // for every pod -> pod packet before its redirect, while this entry is found by
+    // the conntrack lookup the reply makes anyway. (Cilium, chained with portmap,
+    // masquerades such flows instead: the pod behind the hostPort would see the
+    // node's address, not its client's.) Each packet pays a route lookup on the
+    // stack's path only.
+    if routing::pod_route(h.saddr).is_some() && !routing::is_host_address(h.saddr) {
+        conntrack::record_via_stack(&h, routing::epoch(), pkt.len());
+    }
     Ok(Verdict::Pass)
 }

@@ -31,6 +31,18 @@ pub fn tcp_ack(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> 
     frame
 }
 
+/// A FIN (with ACK): the sender closes its side.
+pub fn tcp_fin(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 3000, 64240)
+        .ack(1)
+        .fin();
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
 pub fn udp(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
         .ipv4(from.ip().octets(), to.ip().octets(), 64)

@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::Result;
-use ferrite_common::{pod_mac_for, stat, PROTO_TCP, PROTO_UDP};
+use ferrite_common::{
+    explain::verdict, pod_mac_for, program_names, stat, CtKey, CT_FLAG_CLOSING, CT_FLAG_VIA_STACK,
+    PROTO_TCP, PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE, SNAT_PORT_MIN,
+};
 use ferrite_tests::{
     frames::{self, decode_checked, GATEWAY_MAC},
     testbed::{Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX},
@@ -216,6 +219,189 @@ fn traffic_to_unknown_destinations_goes_to_the_host_stack_unchanged() -> Result<
     let out = bed.from_pod(&frame)?;
     assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame));
     assert_eq!(bed.counter(stat::PASSED_TO_STACK)?, 1);
+    Ok(())
+}
+
+/// This node's address and its own address on the overlay (in its pod CIDR).
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const OVERLAY_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// The testbed with this node's addresses and pod CIDR (10.244.0.0/24), and another
+/// node's (10.244.1.0/24): what tells `ferrite_to_pod` a pod's packet from others.
+fn node_testbed() -> Result<Testbed> {
+    let mut bed = testbed()?;
+    bed.set_node_ip(NODE_IP)?;
+    bed.update_config(|config| config.overlay_ip = OVERLAY_IP.octets())?;
+    bed.add_route(Ipv4Addr::new(10, 244, 0, 0), 24, NODE_IP, ROUTE_LOCAL)?;
+    let other_node = Ipv4Addr::new(198, 51, 100, 2);
+    bed.add_route(Ipv4Addr::new(10, 244, 1, 0), 24, other_node, ROUTE_REMOTE)?;
+    Ok(bed)
+}
+
+fn ct_key(from: SocketAddrV4, to: SocketAddrV4, proto: u8) -> CtKey {
+    CtKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port(),
+        dport: to.port(),
+        proto,
+        _pad: 0,
+        _pad2: 0,
+    }
+}
+
+/// A pod's connection to a hostPort (`<node address>:<hostPort>`, which portmap
+/// DNATs in the stack to a pod of this node): the stack delivers the translated
+/// packet through that pod's veth, where `ferrite_to_pod` passes it untouched and
+/// records the flow, so the pod's answers pass to the stack untouched (where
+/// netfilter translates them back to the node's address) instead of being
+/// redirected straight into the client, from an address it never called. Also
+/// once the route epoch has moved (the entry's cached route resolved anew), and in
+/// an explain run, which writes nothing.
+#[test]
+fn answers_to_flows_the_stack_forwarded_between_pods_go_back_through_the_stack() -> Result<()> {
+    let mut bed = node_testbed()?;
+    let (client, tcp_pod, udp_pod) = (
+        sock(CLIENT, 40000),
+        sock(BACKENDS[0], 8080),
+        sock(BACKENDS[0], 5353),
+    );
+    let flows = [
+        (
+            frames::tcp_syn(client, tcp_pod, b""),
+            frames::tcp_ack(tcp_pod, client, b""),
+        ),
+        (
+            frames::udp(client, udp_pod, b"query"),
+            frames::udp(udp_pod, client, b"answer"),
+        ),
+    ];
+    for (forward, answer) in &flows {
+        let out = bed.run_program(program_names::TO_POD, forward, 1)?.0;
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, forward));
+        let out = bed.from_pod(answer)?;
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (TC_ACT_OK, answer),
+            "the answer goes to the stack, untouched"
+        );
+    }
+    assert_eq!(bed.counter(stat::PASSED_TO_STACK)?, 2);
+    assert_eq!(bed.counter(stat::DELIVERED_LOCAL)?, 0);
+    let entry = bed
+        .conntrack(&ct_key(tcp_pod, client, PROTO_TCP))?
+        .expect("the TCP flow's entry");
+    assert_eq!(entry.flags, CT_FLAG_VIA_STACK);
+
+    bed.bump_route_epoch()?;
+    let explainer = bed.explainer()?;
+    let before = bed.map_dumps()?;
+    let explained = explainer.from_pod(&flows[0].1, 1)?;
+    assert_eq!(bed.map_dumps()?, before, "the explain run wrote nothing");
+    assert_eq!(
+        (explained.run.verdict, explained.trace.verdict),
+        (TC_ACT_OK, verdict::PASS)
+    );
+    assert_eq!(explained.trace.ct_flags, CT_FLAG_VIA_STACK);
+    for (_, answer) in &flows {
+        let out = bed.from_pod(answer)?;
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, answer));
+    }
+
+    // The pod's answers on a flow the stack did not forward: delivered as before.
+    let direct = frames::tcp_ack(tcp_pod, sock(CLIENT, 40001), b"");
+    let out = bed.from_pod(&direct)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, delivered_to(CLIENT, direct))
+    );
+    Ok(())
+}
+
+/// Only what pods send through the stack is recorded: answers to a pod's traffic
+/// from the world and the node's own connections (from its address, or from its
+/// overlay address inside the pod CIDR) leave no entry, since their answers go to
+/// the stack anyway; a pod of another node reaching a pod here through the stack (a
+/// hostPort on the overlay address) is recorded like a pod of this node.
+#[test]
+fn only_flows_from_pods_are_recorded_as_forwarded_by_the_stack() -> Result<()> {
+    let bed = node_testbed()?;
+    let pod = sock(BACKENDS[0], 8080);
+    for source in [Ipv4Addr::new(203, 0, 113, 10), NODE_IP, OVERLAY_IP] {
+        let frame = frames::tcp_syn(sock(source, 40000), pod, b"");
+        let out = bed.run_program(program_names::TO_POD, &frame, 1)?.0;
+        assert_eq!((out.verdict, out.frame), (TC_ACT_OK, frame));
+    }
+    assert_eq!(bed.conntrack_keys()?, []);
+    let remote = sock(Ipv4Addr::new(10, 244, 1, 7), 40000);
+    bed.run_program(program_names::TO_POD, &frames::tcp_syn(remote, pod, b""), 1)?;
+    assert_eq!(bed.conntrack_keys()?, [ct_key(pod, remote, PROTO_TCP)]);
+    Ok(())
+}
+
+/// A pod reaching a pod straight from the client port of its live hostPort flow to
+/// that pod gets another client port (the two flows' answers are told apart, as
+/// Linux NAT remaps clashing tuples: `port_remapped`); once the hostPort flow is
+/// closing, the direct flow takes the tuple over (`ct_reopened`) and is delivered
+/// untouched. A new hostPort connection on a closing flow's tuple opens it again.
+#[test]
+fn a_direct_flow_on_a_tuple_the_stack_forwarded_gets_its_own_port_until_that_flow_closes(
+) -> Result<()> {
+    let bed = node_testbed()?;
+    let pod = sock(BACKENDS[0], 8080);
+    let through_stack = |client| -> Result<()> {
+        let out = bed.run_program(program_names::TO_POD, &frames::tcp_syn(client, pod, b""), 1)?;
+        assert_eq!(out.0.verdict, TC_ACT_OK);
+        Ok(())
+    };
+    let close = |client| -> Result<()> {
+        assert_eq!(
+            bed.from_pod(&frames::tcp_fin(pod, client))?.verdict,
+            TC_ACT_OK
+        );
+        Ok(())
+    };
+
+    let live = sock(CLIENT, 40002);
+    through_stack(live)?;
+    let out = bed.from_pod(&frames::tcp_syn(live, pod, b""))?;
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let seen = decode_checked(&out.frame)?;
+    assert_eq!(seen.destination, pod);
+    assert!(seen.source.port() >= SNAT_PORT_MIN, "{seen:?}");
+    assert_eq!(bed.counter(stat::PORT_REMAPPED)?, 1);
+
+    let closed = sock(CLIENT, 40003);
+    through_stack(closed)?;
+    close(closed)?;
+    let syn = frames::tcp_syn(closed, pod, b"");
+    let out = bed.from_pod(&syn)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, delivered_to(*pod.ip(), syn))
+    );
+    assert_eq!(bed.counter(stat::CT_REOPENED)?, 1);
+    assert_eq!(bed.conntrack(&ct_key(pod, closed, PROTO_TCP))?, None);
+    let answer = frames::tcp_ack(pod, closed, b"");
+    let out = bed.from_pod(&answer)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, delivered_to(CLIENT, answer))
+    );
+
+    let again = sock(CLIENT, 40004);
+    through_stack(again)?;
+    close(again)?;
+    let key = ct_key(pod, again, PROTO_TCP);
+    assert_eq!(
+        bed.conntrack(&key)?.map(|e| e.flags),
+        Some(CT_FLAG_VIA_STACK | CT_FLAG_CLOSING)
+    );
+    through_stack(again)?;
+    assert_eq!(
+        bed.conntrack(&key)?.map(|e| e.flags),
+        Some(CT_FLAG_VIA_STACK)
+    );
     Ok(())
 }
 

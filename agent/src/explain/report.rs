@@ -6,7 +6,7 @@ use anyhow::Result;
 use ferrite_common::{
     explain::{choice, step, verdict, write},
     stat, svc_flag, CtKey, ExplainTrace, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, PROTO_TCP,
+    CT_FLAG_SNAT, CT_FLAG_VIA_STACK, PROTO_TCP,
 };
 use serde::Serialize;
 
@@ -217,7 +217,11 @@ fn chosen(trace: &ExplainTrace, hashed_over: &str) -> Option<ChosenBackend> {
 fn conntrack(trace: &ExplainTrace) -> Option<String> {
     if trace.steps & step::CT_HIT != 0 {
         let flags = trace.ct_flags;
-        let mut text = if flags & CT_FLAG_REPLY != 0 {
+        let mut text = if flags & CT_FLAG_VIA_STACK != 0 {
+            "hit: a flow the node's stack forwarded to this pod (e.g. a hostPort): \
+             its answers go back through the stack, which translates them"
+                .to_string()
+        } else if flags & CT_FLAG_REPLY != 0 {
             "hit: the reply entry of a translated flow (reverse NAT)".to_string()
         } else {
             "hit: the forward entry of an established flow".to_string()
