@@ -91,7 +91,7 @@ fn pods_on_the_same_node_and_on_the_other_reach_a_host_port_and_get_its_answers(
     }
     let node = &cluster.nodes[0];
     wait_until("the pod CIDR is published", SETTLE, || {
-        ferrite_agent::hostnet::pod_cidr_file(&node.name).exists()
+        ferrite_agent::files::pod_cidr_file(&node.name).exists()
     })?;
     let node_ip = node.ip.context("plugged")?;
     let runtime = Runtime::new(node, shipped_conflist(node)?);
