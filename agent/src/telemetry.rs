@@ -64,6 +64,8 @@ pub struct Telemetry {
     ready: AtomicBool,
     /// Why the config file was refused, while it is (the last applied state stays).
     config_rejected: Mutex<Option<String>>,
+    /// Why the overlay is not wired, as the last full sync found it.
+    overlay_problem: Mutex<Option<String>>,
     pub config_rejections: Counter,
     /// Times the config file was read (only when it changed, or at start).
     pub config_reads: Counter,
@@ -103,6 +105,7 @@ impl Telemetry {
         let telemetry = Self {
             ready: AtomicBool::new(false),
             config_rejected: Mutex::default(),
+            overlay_problem: Mutex::default(),
             config_rejections: Counter::default(),
             config_reads: Counter::default(),
             pin_dir,
@@ -264,13 +267,22 @@ impl Telemetry {
         *self.config_rejected.lock().expect("config state") = why;
     }
 
-    /// `/readyz`: ready after the first full sync, while the config is accepted.
+    /// The overlay is not wired (`Some(why)`), or is again (`None`).
+    pub fn set_overlay_problem(&self, why: Option<String>) {
+        *self.overlay_problem.lock().expect("overlay state") = why;
+    }
+
+    /// `/readyz`: ready after the first full sync, while the config is accepted and
+    /// the overlay wired.
     pub fn readiness(&self) -> (u16, String) {
         if let Some(why) = self.config_rejected.lock().expect("config state").as_ref() {
             return (
                 503,
                 format!("config rejected ({why}): serving the last applied state\n"),
             );
+        }
+        if let Some(why) = self.overlay_problem.lock().expect("overlay state").as_ref() {
+            return (503, format!("overlay not wired: {why}\n"));
         }
         if self.is_ready() {
             (200, "ready\n".into())
