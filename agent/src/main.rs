@@ -291,6 +291,10 @@ struct AdmissionArgs {
     /// NodePorts outside this range are refused.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
+    /// Serve the Services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this value (kube-proxy's flag); without it, only unlabelled Services.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
 }
 
 impl AdmissionArgs {
@@ -298,6 +302,7 @@ impl AdmissionArgs {
         ferrite_agent::limits::Limits {
             service_cidrs: self.service_cidrs,
             external_ip_cidrs: self.external_ip_cidrs,
+            service_proxy_name: self.service_proxy_name,
             node_port_range: self.node_port_range,
             cluster_cidr,
         }

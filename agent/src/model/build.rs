@@ -100,6 +100,9 @@ pub fn build_services(
 
     let mut model = ServicesModel::default();
     for service in services {
+        if !context.limits.serves(service.metadata.labels.as_ref()) {
+            continue;
+        }
         let (frontends, health_check) =
             match service_frontends(service, &slices_by_service, context, skipped) {
                 Ok(built) => built,

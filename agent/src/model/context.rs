@@ -53,6 +53,11 @@ impl NodeContext {
         self.nodes.get(&self.name)
     }
 
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label), if any.
+    pub fn zone(&self) -> Option<&str> {
+        self.this_node().and_then(|n| n.zone.as_deref())
+    }
+
     /// This node's IP, once its Node object is known.
     pub fn node_ip(&self) -> Option<Ipv4Addr> {
         self.this_node().map(|n| n.ip)

@@ -113,6 +113,24 @@ pub struct Endpoint {
     pub addresses: Vec<String>,
     pub conditions: Option<EndpointConditions>,
     pub node_name: Option<String>,
+    /// Where the EndpointSlice controller wants the endpoint used (topology-aware
+    /// routing, `trafficDistribution`).
+    pub hints: Option<EndpointHints>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointHints {
+    pub for_zones: Option<Vec<ForName>>,
+    pub for_nodes: Option<Vec<ForName>>,
+}
+
+/// A zone or node an endpoint is hinted for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(default)]
+pub struct ForName {
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -282,6 +300,7 @@ mod tests {
             "endpoints": [
                 {"addresses": ["10.244.0.11"], "nodeName": "node-a", "zone": "z1",
                  "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "node-a"}]},
                  "targetRef": {"kind": "Pod", "name": "web-1"}},
                 {"addresses": ["10.244.1.11"]}
             ],
@@ -299,11 +318,18 @@ mod tests {
                         terminating: Some(true),
                     }),
                     node_name: Some("node-a".into()),
+                    hints: Some(EndpointHints {
+                        for_zones: Some(vec![ForName { name: "z1".into() }]),
+                        for_nodes: Some(vec![ForName {
+                            name: "node-a".into(),
+                        }]),
+                    }),
                 },
                 Endpoint {
                     addresses: vec!["10.244.1.11".into()],
                     conditions: None,
                     node_name: None,
+                    hints: None,
                 },
             ]),
             metadata: ObjectMeta {

@@ -607,6 +607,47 @@ spec: {type: ExternalName, externalName: example.com}
         );
     }
 
+    /// kube-proxy's label rules: Services labelled for another proxy, or headless,
+    /// are left alone (no frontend, no refusal); `--service-proxy-name` picks ours.
+    #[test]
+    fn services_labelled_for_another_proxy_or_headless_are_left_alone() {
+        let service = |name: &str, labels: &str, ip: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, labels: {{{labels}}}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")
+        };
+        let yaml = [
+            service("plain", "", "10.96.0.41"),
+            service(
+                "other",
+                "service.kubernetes.io/service-proxy-name: other-proxy",
+                "10.96.0.42",
+            ),
+            service(
+                "ours",
+                "service.kubernetes.io/service-proxy-name: ferrite",
+                "10.96.0.43",
+            ),
+            service(
+                "headless",
+                "service.kubernetes.io/headless: ''",
+                "10.96.0.44",
+            ),
+        ]
+        .join("---\n");
+        let (objects, _) = crate::objects_yaml::parse_objects(&yaml).unwrap();
+        let served = |proxy_name: Option<&str>| -> Vec<u8> {
+            let limits = crate::limits::Limits {
+                service_proxy_name: proxy_name.map(String::from),
+                ..open_limits()
+            };
+            let (context, _) = NodeContext::new(NODE, &limits, &objects.nodes, None);
+            let (state, skipped) = build(&objects, &context);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            state.services.keys().map(|f| f.ip.octets()[3]).collect()
+        };
+        assert_eq!(served(None), vec![41]);
+        assert_eq!(served(Some("ferrite")), vec![43]);
+    }
+
     #[test]
     fn sctp_port_is_skipped_but_other_ports_apply() {
         let (state, skipped) = build_yaml(

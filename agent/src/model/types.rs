@@ -189,6 +189,8 @@ pub struct ClusterNode {
     pub ip: Ipv4Addr,
     pub pod_cidrs: Vec<Ipv4Net>,
     pub vtep_mac: [u8; 6],
+    /// Its `topology.kubernetes.io/zone` label (topology-aware routing).
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

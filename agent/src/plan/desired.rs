@@ -264,6 +264,7 @@ mod tests {
 
     fn node(name: &str, ip: [u8; 4], cidr: &str) -> crate::model::ClusterNode {
         crate::model::ClusterNode {
+            zone: None,
             name: name.into(),
             ip: Ipv4Addr::from(ip),
             pod_cidrs: vec![cidr.parse().unwrap()],
