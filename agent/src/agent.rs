@@ -408,6 +408,10 @@ impl SyncTarget for NodeAgent {
     fn record_event_lag(&self, lag: Duration) {
         self.telemetry.event_lag.observe(lag.as_secs_f64());
     }
+
+    fn loop_turned(&self) {
+        self.telemetry.loop_turned(std::time::Instant::now());
+    }
 }
 
 /// Attach the programs of the node's devices that are not attached yet: from-pod and

@@ -441,6 +441,7 @@ fn run_agent(
     )?);
     clear_monitor_on_exit(exit_signals, hub.clone())?;
     telemetry::serve(http_addr, telemetry.clone())?;
+    telemetry.expect_turns_every(resync);
     let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();
     stopped
