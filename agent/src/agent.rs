@@ -177,6 +177,11 @@ impl NodeAgent {
         })
     }
 
+    /// Serve the Services' healthCheckNodePorts on `http` (before this, none is).
+    pub fn serve_health_checks(&mut self, http: Arc<crate::http::HttpRuntime>) {
+        self.health_checks = crate::healthcheck::HealthChecks::new(http);
+    }
+
     /// Reconcile, record metrics and log; the first success makes the agent ready.
     /// Errors are logged: the maps keep their last good state and the next sync retries.
     /// Syncs after a change diff against what the agent last wrote; resyncs (start,

@@ -2,7 +2,8 @@
 //! writes to the pinned BPF maps of the datapath.
 //!
 //! Modules depend one way, each only on those before it:
-//! `limits`, `files`, `maglev`, `conntrack_gc` -> `model`, `hostnet` -> `plan`,
+//! `limits`, `files`, `maglev`, `conntrack_gc`, `http` (the HTTP listeners' server)
+//! -> `model`, `hostnet` -> `plan`,
 //! `objects_yaml`, `driver`, `healthcheck` -> `maps`, `datapath` -> `telemetry`,
 //! `podnet`, `inspect`, `monitor` (`ferrite monitor`'s events), `explain` -> `agent`
 //! (the node), `source` and `kube_source` (events for the driver), `cni` ->
@@ -19,6 +20,7 @@ pub mod explain;
 pub mod files;
 pub mod healthcheck;
 pub mod hostnet;
+pub mod http;
 pub mod inspect;
 pub mod install_cni;
 pub mod kube_source;

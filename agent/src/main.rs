@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
-    explain, files, hostnet, inspect, install_cni, kube_source,
+    explain, files, hostnet, http, inspect, install_cni, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -420,7 +420,7 @@ fn run_agent(
     let telemetry = agent::NodeAgent::telemetry(options);
     // The datapath loads (verifier time) while the source lists the cluster (API
     // round trips and parsing): the first sync needs both.
-    let (node, mut source) = std::thread::scope(|scope| {
+    let (mut node, mut source) = std::thread::scope(|scope| {
         // Capabilities are per thread: the loading thread keeps them all and ends with
         // the load; every thread started after the drop below inherits the few kept.
         let loading = std::thread::Builder::new()
@@ -440,7 +440,15 @@ fn run_agent(
         telemetry.clone(),
     )?);
     clear_monitor_on_exit(exit_signals, hub.clone())?;
-    telemetry::serve(http_addr, telemetry.clone())?;
+    // Started after the capabilities were dropped: its threads hold only the few kept.
+    let http = http::HttpRuntime::start()?;
+    let _endpoint = http.serve(
+        http_addr,
+        http::Limits::DEFAULT,
+        telemetry::endpoint(telemetry.clone()),
+    )?;
+    info!(%http_addr, "serving /healthz, /readyz and /metrics");
+    node.serve_health_checks(http);
     telemetry.expect_turns_every(resync);
     let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();

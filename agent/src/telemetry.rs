@@ -5,7 +5,7 @@
 //! sync durations, skipped objects and watch restarts from the agent.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -14,8 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrite_common::{map_names, stat, CtKey, CtValue, CT_FLAG_REPLY, REV_NAT_NONE};
+use futures::FutureExt;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -30,7 +31,11 @@ use tracing::warn;
 
 use crate::model::Skipped;
 
-use crate::{maps::NodeMaps, plan::MapContents};
+use crate::{
+    http::{Handler, Reply},
+    maps::NodeMaps,
+    plan::MapContents,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -450,29 +455,43 @@ fn is_service_forward(value: &CtValue) -> bool {
     value.flags & CT_FLAG_REPLY == 0 && value.rev_nat_index != REV_NAT_NONE
 }
 
-/// Serve `/healthz`, `/readyz` and `/metrics` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<()> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("listening on {addr}"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let (status, body) = match request.url() {
-                "/healthz" => telemetry.liveness(Instant::now()),
-                "/readyz" => telemetry.readiness(Instant::now()),
-                "/metrics" => match telemetry.render() {
-                    Ok(text) => (200, text),
-                    Err(e) => (500, format!("{e:#}\n")),
-                },
-                _ => (404, "not found\n".to_string()),
-            };
-            let response = tiny_http::Response::from_string(body).with_status_code(status);
-            if let Err(e) = request.respond(response) {
-                warn!("http: {e}");
+/// `/healthz`, `/readyz` and `/metrics`, for [`crate::http::HttpRuntime::serve`].
+/// `/metrics` reads the pinned maps (a full conntrack table takes a while): it is
+/// rendered on the runtime's blocking pool, one scrape at a time, so that probes are
+/// answered meanwhile.
+pub fn endpoint(telemetry: Arc<Telemetry>) -> Handler {
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(1));
+    Arc::new(move |path: &str| {
+        let now = Instant::now();
+        let (status, body) = match path {
+            "/healthz" => telemetry.liveness(now),
+            "/readyz" => telemetry.readiness(now),
+            "/metrics" => {
+                let (telemetry, scrapes) = (telemetry.clone(), scrapes.clone());
+                return async move {
+                    let Ok(_turn) = scrapes.acquire_owned().await else {
+                        return Reply::text(503, "shutting down\n");
+                    };
+                    let rendered = tokio::task::spawn_blocking(move || telemetry.render()).await;
+                    match rendered {
+                        Ok(Ok(text)) => Reply {
+                            status: 200,
+                            headers: vec![(
+                                "Content-Type",
+                                "text/plain; version=0.0.4; charset=utf-8".into(),
+                            )],
+                            body: text,
+                        },
+                        Ok(Err(e)) => Reply::text(500, format!("{e:#}\n")),
+                        Err(e) => Reply::text(500, format!("rendering the metrics: {e}\n")),
+                    }
+                }
+                .boxed();
             }
-        }
-    });
-    Ok(())
+            _ => (404, "not found\n".to_string()),
+        };
+        std::future::ready(Reply::text(status, body)).boxed()
+    })
 }
 
 /// The sync loop's last turn, judged against its resync period: the loop waits for
