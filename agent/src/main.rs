@@ -55,8 +55,11 @@ enum Command {
         /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
         #[arg(long)]
         cluster_cidr: Option<ipnet::Ipv4Net>,
-        /// Where to serve /healthz, /readyz and /metrics.
-        #[arg(long, default_value = "0.0.0.0:9965")]
+        /// Where to serve /healthz, /readyz and /metrics. Loopback by default: kubelet
+        /// probes a hostNetwork pod there, and /metrics (Service names, backend
+        /// addresses) is not for every pod that can reach the node; give the node's
+        /// address or 0.0.0.0 for Prometheus to scrape it.
+        #[arg(long, default_value = "127.0.0.1:9965")]
         http_addr: std::net::SocketAddr,
         /// `MAP=ENTRIES`, e.g. `ferrite_service=524288` (repeatable): capacity of a
         /// map when it is created. Defaults fit 10k Services x 10 endpoints.
