@@ -179,6 +179,11 @@ impl NodeAgent {
         })
     }
 
+    /// Serve the Services' healthCheckNodePorts on `http` (before this, none is).
+    pub fn serve_health_checks(&mut self, http: Arc<crate::http::HttpRuntime>) {
+        self.health_checks = crate::healthcheck::HealthChecks::new(http);
+    }
+
     /// Reconcile, record metrics and log; the first success makes the agent ready.
     /// Errors are logged: the maps keep their last good state and the next sync retries.
     /// Syncs after a change diff against what the agent last wrote; resyncs (start,
@@ -414,6 +419,10 @@ impl SyncTarget for NodeAgent {
 
     fn record_event_lag(&self, lag: Duration) {
         self.telemetry.event_lag.observe(lag.as_secs_f64());
+    }
+
+    fn loop_turned(&self) {
+        self.telemetry.loop_turned(std::time::Instant::now());
     }
 }
 

@@ -109,6 +109,38 @@ fn the_daemonset_runs_unprivileged_on_every_node_with_probes() -> Result<()> {
     Ok(())
 }
 
+/// `/metrics` names every Service and backend: the agent serves it on the node's
+/// loopback unless the operator exposes it, and kubelet probes it there (the pod
+/// shares the node's network, as kubelet does).
+#[test]
+fn the_agents_http_endpoint_is_on_loopback_where_kubelet_probes_it() -> Result<()> {
+    let docs = documents("daemonset.yaml")?;
+    let template = &docs[0]["spec"]["template"];
+    let agent = &template["spec"]["containers"][0];
+    let command = strings(&agent["command"]);
+    assert!(
+        command.contains(&"--http-addr=127.0.0.1:9965".to_string()),
+        "{command:?}"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &agent[probe]["httpGet"];
+        assert_eq!(get["host"], "127.0.0.1", "{probe}");
+        let port = &get["port"];
+        let named = agent["ports"]
+            .as_sequence()
+            .context("ports")?
+            .iter()
+            .find(|p| &p["name"] == port || &p["containerPort"] == port)
+            .with_context(|| format!("{probe}: no port {port:?}"))?;
+        assert_eq!(named["containerPort"], 9965, "{probe}");
+    }
+    assert!(
+        template["metadata"]["annotations"]["prometheus.io/scrape"].is_null(),
+        "scraping is announced but /metrics is on loopback"
+    );
+    Ok(())
+}
+
 #[test]
 fn the_conflist_file_and_the_configmap_copy_are_the_same_configuration() -> Result<()> {
     let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(

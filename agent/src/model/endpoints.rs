@@ -19,6 +19,9 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
     Some(ServiceRef::in_namespace_of(meta, service))
 }
 
+/// The nodes and the zones an endpoint is hinted for.
+type Hints = (BTreeSet<String>, BTreeSet<String>);
+
 /// The endpoints of one Service port, sorted into what each policy uses.
 #[derive(Default)]
 pub(super) struct PortEndpoints {
@@ -27,8 +30,8 @@ pub(super) struct PortEndpoints {
     /// Serving and terminating: (address, on this node).
     terminating: BTreeSet<(L4Addr, bool)>,
     local: BTreeSet<L4Addr>,
-    /// Topology hints of ready endpoints: (nodes, zones) each is hinted for.
-    hints: BTreeMap<L4Addr, (BTreeSet<String>, BTreeSet<String>)>,
+    /// Topology hints of ready endpoints: the nodes and zones each is hinted for.
+    hints: BTreeMap<L4Addr, Hints>,
     /// The ready endpoints this node's clients use when the hints say so (kube-proxy's
     /// topology rules, see [`PortEndpoints::apply_topology`]); `None`: all of them.
     topology: Option<BTreeSet<L4Addr>>,
@@ -69,7 +72,7 @@ impl PortEndpoints {
     /// EndpointSlice controller sets the hints from `trafficDistribution` and the
     /// `service.kubernetes.io/topology-mode` annotation.
     fn apply_topology(&mut self, here: &NodeContext) {
-        let hinted = |pick: &dyn Fn(&(BTreeSet<String>, BTreeSet<String>)) -> &BTreeSet<String>,
+        let hinted = |pick: &dyn Fn(&Hints) -> &BTreeSet<String>,
                       wanted: Option<&str>|
          -> Option<BTreeSet<L4Addr>> {
             let all_hinted = self
