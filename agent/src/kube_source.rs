@@ -167,6 +167,7 @@ impl Stores {
                 endpoint_slices: self.endpoint_slices.state(),
                 pods: self.pods.state(),
                 nodes: self.nodes.state(),
+                ..ClusterObjects::default()
             },
             skipped: Vec::new(),
             oldest_change,
@@ -266,6 +267,7 @@ pub fn list_once(node: &str) -> Result<ClusterObjects> {
                 ),
                 nodes: arcs_of(Api::<Node>::all(client.clone()).list(&all).await?.items),
                 pods: arcs_of(Api::<Pod>::all(client).list(&this_node).await?.items),
+                ..ClusterObjects::default()
             })
         })
 }

@@ -655,6 +655,7 @@ pub struct NodeConfig {
 
 pub mod explain;
 pub use explain::ExplainTrace;
+pub mod policy;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -685,6 +686,10 @@ mod pod_impls {
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for ExplainTrace {}
     unsafe impl aya::Pod for explain::SockRequest {}
+    unsafe impl aya::Pod for policy::IpcacheKey {}
+    unsafe impl aya::Pod for policy::IpcacheValue {}
+    unsafe impl aya::Pod for policy::PolicyKey {}
+    unsafe impl aya::Pod for policy::PolicyValue {}
 }
 
 #[cfg(test)]
@@ -695,6 +700,10 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(size_of::<policy::IpcacheKey>(), 8);
+        assert_eq!(size_of::<policy::IpcacheValue>(), 8);
+        assert_eq!(size_of::<policy::PolicyKey>(), 16);
+        assert_eq!(size_of::<policy::PolicyValue>(), 4);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<RevNatValue>(), 8);

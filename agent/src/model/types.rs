@@ -9,7 +9,10 @@ use std::{
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::{
+        core::v1::{Namespace, Node, Pod},
+        networking::v1::NetworkPolicy,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -214,6 +217,9 @@ pub struct DesiredState {
 pub struct ClusterObjects {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Every node's pods (policies select pods anywhere); only this node's are wired.
     pub pods: Vec<Arc<Pod>>,
     pub nodes: Vec<Arc<Node>>,
+    pub network_policies: Vec<Arc<NetworkPolicy>>,
+    pub namespaces: Vec<Arc<Namespace>>,
 }
