@@ -181,7 +181,8 @@ enum AttachmentNetns {
     Pod(NetnsId),
     /// The namespace the plugin runs in: the node's own.
     Node,
-    /// Nothing, or something that is no longer a namespace (unmounted).
+    /// Nothing, something that is no longer a namespace (unmounted), or a
+    /// namespace of another kind.
     Gone,
 }
 

@@ -15,7 +15,7 @@ use ferrite_agent::host;
 use ferrite_common::{EndpointInfo, EndpointKey};
 use ferrite_tests::{
     cluster::TCP_TARGET,
-    cni::{ferrite_conflist, Outcome, Runtime, Sandbox},
+    cni::{ferrite_conflist, Outcome, Runtime, Sandbox, Stdin},
     lab::{answered_by, sh, wait_until, Node, SETTLE},
 };
 use serde_json::{json, Value};
@@ -707,5 +707,123 @@ fn data_dirs_not_the_plugins_alone_are_refused_and_stores_cannot_take_each_other
         !Path::new(&forged_path).exists(),
         "the forged file was released"
     );
+    Ok(())
+}
+
+#[test]
+fn a_container_id_longer_than_any_runtime_makes_is_refused_and_leaves_nothing() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("long-id")?;
+    // Its allocation file would be larger than the store reads back: DEL found
+    // nothing and the address, veth and entry stayed.
+    pod.container_id = "c".repeat(100_000);
+    for command in ["ADD", "CHECK", "DEL"] {
+        let outcome = exec(&runtime, command, &pod)?;
+        assert_eq!(outcome.code(), Some(4), "{command}: {}", outcome.output);
+        assert!(
+            msg(&outcome).contains("at most 1024"),
+            "{command}: {}",
+            outcome.output
+        );
+        assert!(
+            outcome.output.to_string().len() < 1000,
+            "the id is cut short"
+        );
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+    // The longest id taken is wired, checked and removed.
+    pod.container_id = "c".repeat(1024);
+    runtime.add(&mut pod)?;
+    assert!(runtime.check(&pod)?.success);
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn stdin_that_never_ends_is_refused_after_a_mebibyte() -> Result<()> {
+    let (cluster, mut runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    // A plugin that reads on past its cap fails at this limit (it took 7 GB in 6 s)
+    // instead of taking the machine's memory.
+    runtime.address_space = Some(1 << 30);
+    let mut pod = Sandbox::new("zero")?;
+    let endless = Stdin::File(fs::File::open("/dev/zero")?);
+    let outcome = runtime.exec_from("ferrite-cni", &Runtime::env("ADD", &pod), endless)?;
+    assert_eq!(outcome.code(), Some(7), "{}", outcome.output);
+    assert!(
+        msg(&outcome).contains("larger than 1048576 bytes"),
+        "{}",
+        outcome.output
+    );
+    // A configuration padded past the cap is refused too, before it is parsed.
+    let mut padded = runtime.plugin_config(0, None, &Value::Null).to_string();
+    padded.push_str(&" ".repeat(1 << 20));
+    let outcome = runtime.exec("ferrite-cni", &Runtime::env("ADD", &pod), padded.as_bytes())?;
+    assert_eq!(outcome.code(), Some(7), "{}", outcome.output);
+    assert_eq!(leftovers(node)?, nothing_left());
+    // Within the limit, pods are wired as ever.
+    runtime.add(&mut pod)?;
+    assert!(runtime.check(&pod)?.success);
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn a_namespace_that_is_not_a_network_namespace_is_refused() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let pod = Sandbox::new("other-ns")?;
+    // `self` is the plugin: namespaces of every other kind it is in.
+    for kind in ["mnt", "uts", "ipc", "pid", "user", "cgroup"] {
+        let mut env = Runtime::env("ADD", &pod);
+        env.retain(|(k, _)| *k != "CNI_NETNS");
+        env.push(("CNI_NETNS", format!("/proc/self/ns/{kind}")));
+        for command in ["ADD", "CHECK"] {
+            env[0].1 = command.into();
+            let outcome = exec_with(&runtime, &env, &Value::Null)?;
+            assert_eq!(
+                outcome.code(),
+                Some(4),
+                "{kind} {command}: {}",
+                outcome.output
+            );
+            assert!(
+                msg(&outcome).contains("is not a network namespace"),
+                "{kind} {command}: {}",
+                outcome.output
+            );
+        }
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn a_relative_data_dir_is_refused() -> Result<()> {
+    let (cluster, mut runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    // The runtime's working directory, where a relative path would have led.
+    let cwd = node.dir.join("runtime-cwd");
+    fs::create_dir(&cwd)?;
+    runtime.cwd = Some(cwd.clone());
+    let pod = Sandbox::new("relative")?;
+    for command in ["ADD", "DEL", "CHECK"] {
+        let outcome = exec_with(
+            &runtime,
+            &Runtime::env(command, &pod),
+            &json!({"dataDir": "ipam-relative"}),
+        )?;
+        assert_eq!(outcome.code(), Some(7), "{command}: {}", outcome.output);
+        assert!(
+            msg(&outcome).contains("ipam-relative") && msg(&outcome).contains("not an absolute"),
+            "{command}: {}",
+            outcome.output
+        );
+    }
+    assert!(!cwd.join("ipam-relative").exists());
+    assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
 }
