@@ -33,7 +33,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         ..DesiredState::default()
     };
     for pod in &objects.pods {
-        match local_pod(pod, &context.name) {
+        match local_pod(pod, context) {
             Ok(Some(local)) => {
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
