@@ -43,6 +43,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
                             owner: format!("{}/{}", existing.namespace, existing.name),
                         },
                     });
+                    state.pod_rivals.push(local);
                     continue;
                 }
                 state.pods.insert(local.ip, local);
