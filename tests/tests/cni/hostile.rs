@@ -827,3 +827,100 @@ fn a_relative_data_dir_is_refused() -> Result<()> {
     assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
 }
+
+#[test]
+fn pod_cidrs_holding_a_node_address_are_refused_and_no_pod_gets_one() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let node_ip = node.ip.context("plugged")?;
+    let refused = |cidr: &str, says: &str| -> Result<()> {
+        let pod = Sandbox::new("node-address")?;
+        let outcome = exec_with(
+            &runtime,
+            &Runtime::env("ADD", &pod),
+            &json!({"podCIDR": cidr}),
+        )?;
+        assert_eq!(outcome.code(), Some(7), "{cidr}: {}", outcome.output);
+        assert!(msg(&outcome).contains(says), "{cidr}: {}", outcome.output);
+        Ok(())
+    };
+    // The agent accepted 10.244.0.0/24 from the node's Node object: a configured
+    // range outside it (the node network, another node's pod CIDR) is no pod's.
+    refused(
+        "198.51.100.0/24",
+        "outside this node's pod CIDR 10.244.0.0/24",
+    )?;
+    refused(
+        "10.244.1.0/24",
+        "outside this node's pod CIDR 10.244.0.0/24",
+    )?;
+    assert_eq!(leftovers(node)?, nothing_left());
+
+    // An address of the node's own in the range (here on a veth of the node) is
+    // skipped: a /29 holds four pods, none at .2.
+    let ns = &node.netns.name;
+    sh(
+        "ip",
+        &[
+            "-n", ns, "link", "add", "cnitest0", "type", "veth", "peer", "name", "cnitest1",
+        ],
+    )?;
+    sh(
+        "ip",
+        &["-n", ns, "addr", "add", "10.244.0.2/32", "dev", "cnitest0"],
+    )?;
+    let narrow = runtime_with(node, "podCIDR", json!("10.244.0.0/29"));
+    let mut pods = (0..4)
+        .map(|i| Sandbox::new(&format!("beside-{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    for pod in &mut pods {
+        narrow.add(pod)?;
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.pod.ip).collect();
+    assert_eq!(
+        ips,
+        (3..=6)
+            .map(|i| Ipv4Addr::new(10, 244, 0, i))
+            .collect::<Vec<_>>()
+    );
+    let fifth = Sandbox::new("beside-full")?;
+    assert_eq!(exec(&narrow, "ADD", &fifth)?.code(), Some(101));
+    for pod in &pods {
+        narrow.del(pod)?;
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+
+    // Before the agent knows this node's pod CIDR (its Node object has none), the
+    // nodes it knows still count: another node's address or pod CIDR, or this
+    // node's own address, in a configured range refuses it.
+    let far_ip = Ipv4Addr::new(10, 250, 0, 9);
+    cluster.write_config(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n---\n{}",
+        node.name,
+        ferrite_tests::lab::node_yaml("far", far_ip, "10.244.1.0/24")
+    ))?;
+    node.wait_for_maps("the far node's routes and none of this node's CIDR", |m| {
+        m.routes.keys().any(|k| k.network == far_ip.octets())
+            && !m
+                .routes
+                .values()
+                .any(|r| r.flags == ferrite_common::ROUTE_LOCAL)
+    })?;
+    refused("10.250.0.0/24", "holds another node's address 10.250.0.9")?;
+    refused(
+        "198.51.100.0/24",
+        &format!("holds this node's address {node_ip}"),
+    )?;
+    refused(
+        "10.244.1.0/25",
+        "overlaps 10.244.1.0/24, the pod CIDR of the node at 10.250.0.9",
+    )?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    // A range clear of every node is served.
+    let mut clear = Sandbox::new("clear")?;
+    narrow.add(&mut clear)?;
+    assert_eq!(clear.pod.ip, Ipv4Addr::new(10, 244, 0, 3));
+    narrow.del(&clear)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
