@@ -16,7 +16,7 @@ use ferrite_common::{EndpointInfo, EndpointKey};
 use ferrite_tests::{
     cluster::TCP_TARGET,
     cni::{ferrite_conflist, Outcome, Runtime, Sandbox, Stdin},
-    lab::{answered_by, sh, wait_until, Node, SETTLE},
+    lab::{answered_by, sh, wait_until, Node, Server, SETTLE},
 };
 use serde_json::{json, Value};
 
@@ -921,6 +921,163 @@ fn pod_cidrs_holding_a_node_address_are_refused_and_no_pod_gets_one() -> Result<
     narrow.add(&mut clear)?;
     assert_eq!(clear.pod.ip, Ipv4Addr::new(10, 244, 0, 3));
     narrow.del(&clear)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+/// The YAML of Pod `default/name` on `node` claiming `ip`.
+fn pod_object(node: &Node, name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec: {{nodeName: {}, containers: [{{name: app, image: none}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n",
+        node.name
+    )
+}
+
+#[test]
+fn pod_objects_claiming_a_node_or_a_live_pods_address_get_no_entry_and_the_agents_go_with_them(
+) -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let node_ip = node.ip.context("plugged")?;
+    let (mut client, mut victim, mut thief) = (
+        Sandbox::new("client")?,
+        Sandbox::new("victim")?,
+        Sandbox::new("thief")?,
+    );
+    for pod in [&mut client, &mut victim, &mut thief] {
+        runtime.add(pod)?;
+    }
+    // The thief's pod answers on the addresses it claims, if it gets their traffic.
+    for claimed in [victim.pod.ip, node_ip] {
+        let address = format!("{claimed}/32");
+        sh(
+            "ip",
+            &[
+                "-n",
+                &thief.pod.netns.name,
+                "addr",
+                "add",
+                &address,
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    let _servers = [
+        victim.pod.serve(TCP_TARGET)?,
+        thief.pod.serve(TCP_TARGET)?,
+        Server::start(&node.netns, "node", SocketAddrV4::new(node_ip, TCP_TARGET))?,
+    ];
+    let ask = |to: Ipv4Addr, request: &str| -> Result<String> {
+        let reply = client
+            .pod
+            .tcp_request(SocketAddrV4::new(to, TCP_TARGET), request)?;
+        answered_by(&reply, request)
+    };
+    let entry_of = |ip: Ipv4Addr| -> Result<Option<EndpointInfo>> {
+        node.maps()?.endpoint(&EndpointKey {
+            address: ip.octets(),
+        })
+    };
+    let ifindex_of = |sandbox: &Sandbox| -> Result<u32> {
+        let host = sandbox.pod.host_interface.clone();
+        node.netns
+            .run(move || host::interfaces::ifindex(&host))?
+            .context("host veth")
+    };
+    // Write the config with `pods`, and wait for a full sync that began after the
+    // agent read it.
+    let config = |pods: &[String]| -> Result<()> {
+        let reads = node.metric("ferrite_config_reads_total")?;
+        let mut docs = vec![cluster.nodes_and_pods_yaml()];
+        docs.extend(pods.iter().cloned());
+        cluster.write_config(&docs.join("---\n"))?;
+        wait_until("the agent read the config", SETTLE, || {
+            node.metric("ferrite_config_reads_total")
+                .is_ok_and(|now| now > reads)
+        })?;
+        let syncs = node.metric("ferrite_syncs_total")?;
+        wait_until("a sync after the read", SETTLE, || {
+            node.metric("ferrite_syncs_total")
+                .is_ok_and(|now| now > syncs)
+        })
+    };
+    let logged = |what: &str| -> Result<()> {
+        wait_until(&format!("the agent to log {what:?}"), SETTLE, || {
+            node.agent
+                .as_ref()
+                .is_some_and(|a| a.log_text().contains(what))
+        })
+    };
+    assert_eq!(ask(victim.pod.ip, "first")?, "victim");
+
+    // The thief's Pod object claims the victim's address, which the CNI wired for a
+    // pod the agent has not heard of: refused, the victim keeps its traffic.
+    config(&[pod_object(node, "thief", victim.pod.ip)])?;
+    assert_eq!(ask(victim.pod.ip, "held")?, "victim");
+    assert_eq!(
+        entry_of(victim.pod.ip)?.map(|e| e.ifindex),
+        Some(ifindex_of(&victim)?)
+    );
+    logged(&format!(
+        "Pod default/thief: pod IP {} is the address of the live pod behind {}",
+        victim.pod.ip, victim.pod.host_interface
+    ))?;
+
+    // The victim's own object listed after the thief's: the victim has it.
+    config(&[
+        pod_object(node, "thief", victim.pod.ip),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    assert_eq!(ask(victim.pod.ip, "listed")?, "victim");
+    let entry = entry_of(victim.pod.ip)?.context("the victim's entry")?;
+    assert_eq!(entry.ifindex, ifindex_of(&victim)?);
+    logged(&format!(
+        "Pod default/thief: pod IP {} already used by default/victim",
+        victim.pod.ip
+    ))?;
+
+    // The thief claims the node's address: no entry, the node keeps its traffic.
+    config(&[
+        pod_object(node, "thief", node_ip),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    assert_eq!(ask(node_ip, "to the node")?, "node");
+    assert_eq!(entry_of(node_ip)?, None);
+    assert_eq!(ask(victim.pod.ip, "still")?, "victim");
+    logged(&format!(
+        "Pod default/thief: status.podIP {node_ip} is node {}'s address",
+        node.name
+    ))?;
+
+    // A free address of the pod CIDR it gets, as the agent's own entry...
+    let free = Ipv4Addr::new(10, 244, 0, 200);
+    config(&[
+        pod_object(node, "thief", free),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    let thief_ifindex = ifindex_of(&thief)?;
+    node.wait_for_maps("the thief's claim written", |m| {
+        m.endpoints
+            .get(&EndpointKey {
+                address: free.octets(),
+            })
+            .is_some_and(|e| e.ifindex == thief_ifindex)
+    })?;
+    // ...which goes with its object, while the CNI's entry of the thief's own
+    // address stays (its veth lives) and the victim keeps the agent's.
+    config(&[pod_object(node, "victim", victim.pod.ip)])?;
+    assert_eq!(entry_of(free)?, None, "the thief's claim stayed");
+    assert_eq!(
+        entry_of(thief.pod.ip)?.map(|e| e.ifindex),
+        Some(thief_ifindex)
+    );
+    assert_eq!(ask(thief.pod.ip, "own")?, "thief");
+    assert_eq!(ask(victim.pod.ip, "last")?, "victim");
+
+    for pod in [&client, &victim, &thief] {
+        runtime.del(pod)?;
+    }
     assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
 }
