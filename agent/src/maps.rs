@@ -139,20 +139,7 @@ impl NodeMaps {
             backends: entries(&self.backends, map_names::BACKENDS)?,
             rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
-            routes: self
-                .routes
-                .iter()
-                .map(|entry| {
-                    entry.map(|(key, value)| {
-                        let route = RouteKey {
-                            prefix_len: key.prefix_len(),
-                            network: key.data(),
-                        };
-                        (route, value)
-                    })
-                })
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("reading {}", map_names::ROUTES))?,
+            routes: self.route_entries()?,
             config: self.config.get(&0, 0)?,
             maglev: Default::default(),
             source_ranges: self
@@ -203,6 +190,30 @@ impl NodeMaps {
             *entry = owner as u16 + 1; // slots count from 1
         }
         Ok(table)
+    }
+
+    /// Every route (this node's pod CIDRs, other nodes' and their addresses).
+    pub fn route_entries(&self) -> Result<std::collections::BTreeMap<RouteKey, RouteInfo>> {
+        self.routes
+            .iter()
+            .map(|entry| {
+                entry.map(|(key, value)| {
+                    let route = RouteKey {
+                        prefix_len: key.prefix_len(),
+                        network: key.data(),
+                    };
+                    (route, value)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", map_names::ROUTES))
+    }
+
+    /// The node's configuration entry (its address, once the agent knows it).
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        self.config
+            .get(&0, 0)
+            .with_context(|| format!("reading {}", map_names::CONFIG))
     }
 
     /// The endpoint entry of one pod address, if any.

@@ -434,7 +434,17 @@ pub struct EndpointInfo {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (the pod's gateway; source MAC of delivered frames).
     pub host_mac: [u8; 6],
+    /// [`endpoint_flag`]s: who wrote the entry (the datapath reads none of them).
     pub flags: u32,
+}
+
+/// `EndpointInfo::flags`.
+pub mod endpoint_flag {
+    /// The agent wrote the entry for a Pod object, and removes it once no object
+    /// gives that pod the address (deleted, or claiming another). An entry without
+    /// it is the CNI plugin's, written before the agent heard of the pod: it stays
+    /// while its interface lives.
+    pub const FROM_POD_OBJECT: u32 = 1;
 }
 
 /// Every pod's default gateway: a link-local address answered by a permanent

@@ -33,7 +33,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         ..DesiredState::default()
     };
     for pod in &objects.pods {
-        match local_pod(pod, &context.name) {
+        match local_pod(pod, context) {
             Ok(Some(local)) => {
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
@@ -43,6 +43,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
                             owner: format!("{}/{}", existing.namespace, existing.name),
                         },
                     });
+                    state.pod_rivals.push(local);
                     continue;
                 }
                 state.pods.insert(local.ip, local);

@@ -205,6 +205,10 @@ pub struct DesiredState {
     /// too (an update of one of them is done as a full sync).
     pub contenders: BTreeSet<ServiceRef>,
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
+    /// Pods claiming an address an earlier-listed pod has in `pods` (skipped as
+    /// [`super::SkipReason::PodIpTaken`]): the plan gives the address to the one
+    /// whose host veth holds its live endpoint entry.
+    pub pod_rivals: Vec<LocalPod>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
 }

@@ -19,7 +19,7 @@ mod settings;
 mod test_support;
 mod update;
 
-pub use desired::{desired_contents, desired_contents_keeping_ids};
+pub use desired::{desired_contents, desired_contents_keeping_ids, settle_pod_claims};
 pub use diff::{diff, drift, ended_pairs, removed_backends};
 pub use image::{
     backend_value, describe_service_key, maglev_digest, maglev_key, op_map, rev_nat_value,
