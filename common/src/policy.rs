@@ -1,5 +1,5 @@
 //! NetworkPolicy in the datapath: every address has an identity (`ferrite_ipcache`,
-//! longest prefix), every policed pod of the node its allowed (direction, peer
+//! longest prefix; key data: the IPv4 address in network order), every policed pod of the node its allowed (direction, peer
 //! identity, protocol, port range) tuples (`ferrite_policy`, longest prefix over the
 //! protocol and port bits, so ranges and "any" cost one lookup each). A pod's
 //! isolation per direction is in its endpoint entry's flags.
@@ -20,15 +20,6 @@ pub const ENDPOINT_EGRESS_ISOLATED: u32 = 1 << 9;
 pub const DIRECTION_INGRESS: u8 = 1;
 pub const DIRECTION_EGRESS: u8 = 2;
 
-/// Key of `ferrite_ipcache` (LPM trie): an IPv4 prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpcacheKey {
-    /// Bits of `address` that count (32: one address).
-    pub prefix_len: u32,
-    pub address: [u8; 4],
-}
-
 /// Value of `ferrite_ipcache`: the identity of the prefix's addresses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,13 +36,12 @@ pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
 /// Every bit: one port.
 pub const POLICY_PREFIX_FULL: u32 = 96;
 
-/// Key of `ferrite_policy` (LPM trie): the data is compared bit by bit in field
-/// order, so the prefix length says how much of (protocol, port) a rule fixes.
+/// Key data of `ferrite_policy` (LPM trie; the key's prefix length counts its bits,
+/// see `POLICY_PREFIX_*`): compared bit by bit in field order, so the prefix length
+/// says how much of (protocol, port) a rule fixes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
-    /// Bits of the data after this field that count (see `POLICY_PREFIX_*`).
-    pub prefix_len: u32,
     /// The policed pod's address (network order).
     pub endpoint: [u8; 4],
     /// `DIRECTION_*` (of the pod: ingress is traffic to it).
@@ -64,7 +54,7 @@ pub struct PolicyKey {
 }
 
 impl PolicyKey {
-    /// The key of one packet's lookup: every bit counts.
+    /// The key data of one packet's lookup (with `POLICY_PREFIX_FULL`).
     pub const fn lookup(
         endpoint: [u8; 4],
         direction: u8,
@@ -73,7 +63,6 @@ impl PolicyKey {
         port: u16,
     ) -> Self {
         Self {
-            prefix_len: POLICY_PREFIX_FULL,
             endpoint,
             direction,
             identity: identity.to_be_bytes(),

@@ -32,6 +32,13 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         nodes: context.nodes.clone(),
         ..DesiredState::default()
     };
+    state.policy = super::policy::build_policy(
+        &objects.network_policies,
+        &objects.namespaces,
+        &objects.pods,
+        context,
+        &mut skipped,
+    );
     for pod in &objects.pods {
         match local_pod(pod, context) {
             Ok(Some(local)) => {

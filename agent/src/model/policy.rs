@@ -485,10 +485,25 @@ pub fn build_policy(
         };
         identity_of_set.insert(set, identity);
     }
-    let ipcache: BTreeMap<Ipv4Net, Identity> = classes
+    let identity_of_prefix: BTreeMap<Ipv4Net, Identity> = classes
         .iter()
         .map(|(prefix, set)| (*prefix, identity_of_set[set]))
         .collect();
+    // A world entry only matters inside a shorter prefix of another identity (an
+    // `except`, a pod in an ipBlock the pod's own peers do not select): without
+    // one, a missing entry already means the world.
+    let blocks: Vec<Ipv4Net> = identity_of_prefix
+        .iter()
+        .filter(|(prefix, identity)| **identity != IDENTITY_WORLD && prefix.prefix_len() < 32)
+        .map(|(prefix, _)| *prefix)
+        .collect();
+    let mut ipcache = identity_of_prefix.clone();
+    ipcache.retain(|prefix, identity| {
+        *identity != IDENTITY_WORLD
+            || blocks
+                .iter()
+                .any(|outer| outer.prefix_len() < prefix.prefix_len() && outer.contains(prefix))
+    });
     // The identities each peer selects, and the pods behind each identity.
     let mut identities_of_peer: Vec<BTreeSet<Identity>> = vec![BTreeSet::new(); peers.len()];
     for (set, identity) in &identity_of_set {
@@ -499,7 +514,7 @@ pub fn build_policy(
     let mut pods_of_identity: BTreeMap<Identity, Vec<&PolicyPod>> = BTreeMap::new();
     for pod in &all_pods {
         pods_of_identity
-            .entry(ipcache[&Ipv4Net::from(pod.ip)])
+            .entry(identity_of_prefix[&Ipv4Net::from(pod.ip)])
             .or_default()
             .push(pod);
     }

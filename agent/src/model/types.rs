@@ -211,6 +211,9 @@ pub struct DesiredState {
     pub pod_rivals: Vec<LocalPod>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
+    /// NetworkPolicy: every address's identity and what this node's policed pods
+    /// allow.
+    pub policy: super::policy::PolicyModel,
 }
 
 /// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of

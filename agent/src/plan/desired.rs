@@ -232,6 +232,7 @@ pub fn desired_contents_keeping_ids(
             out.endpoints.insert(*key, *info);
         }
     }
+    super::policy::policy_contents(&state.policy, &mut out);
     (out, skipped)
 }
 

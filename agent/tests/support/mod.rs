@@ -15,7 +15,7 @@ use ferrite_agent::{
     limits::Limits,
     model::{self, objects::EndpointSlice, ClusterObjects, ServiceRef},
     objects_yaml::parse_objects,
-    plan::{FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
+    plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
 };
 use ferrite_common::{
     endpoint_flag, pod_mac_for, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig,
@@ -554,6 +554,19 @@ pub fn render(op: &Op) -> String {
             Ipv4Addr::from(range.network),
             range.prefix_len
         ),
+        Op::PutIpcache(key, value) => format!(
+            "put ipcache {}/{} identity={}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len,
+            value.identity
+        ),
+        Op::DeleteIpcache(key) => format!(
+            "delete ipcache {}/{}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len
+        ),
+        Op::PutPolicy(rule, _) => format!("put policy {}", describe_policy_rule(rule)),
+        Op::DeletePolicy(rule) => format!("delete policy {}", describe_policy_rule(rule)),
     }
 }
 
