@@ -8,12 +8,12 @@ use core::ptr::NonNull;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK,
-    CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
+    CT_FLAG_VIA_STACK, CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
-    headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
+    headers::{Headers, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     maps::{CONNTRACK, REV_NAT},
     trace::{self, count},
 };
@@ -35,6 +35,17 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
 #[inline(always)]
 pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
     unsafe { CONNTRACK.get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto)) }
+}
+
+/// `CT_FLAG_UNESTABLISHED` for a new flow of `h`'s protocol: every TCP flow starts
+/// without a completed handshake.
+#[inline(always)]
+fn handshake_pending(h: &Headers) -> u16 {
+    if h.proto == PROTO_TCP {
+        CT_FLAG_UNESTABLISHED
+    } else {
+        0
+    }
 }
 
 /// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
@@ -163,10 +174,60 @@ pub fn touch(entry: NonNull<CtValue>, h: &Headers, bytes: u32) -> &'static CtVal
         }
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
-        if h.proto == PROTO_TCP && h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
-            (*entry).flags |= CT_FLAG_CLOSING;
+        if h.proto == PROTO_TCP {
+            if h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+                (*entry).flags |= CT_FLAG_CLOSING;
+            }
+            // Established flows pay this test only.
+            if (*entry).flags & CT_FLAG_UNESTABLISHED != 0
+                && h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_ACK) == TCP_FLAG_ACK
+            {
+                complete_handshake(entry, h);
+            }
         }
         &*entry
+    }
+}
+
+/// A segment with ACK and neither SYN nor RST from the client of the unestablished
+/// TCP flow of `entry`: once the backend has answered (the flow's reply entry has
+/// seen a packet), the handshake is complete and `CT_FLAG_UNESTABLISHED` leaves both
+/// entries (the reply entry first: it is the one holding a SNAT port). The backend's
+/// own packets complete nothing: it answers every SYN, spoofed ones too. A flow the
+/// stack forwarded has one entry, touched both ways: such a segment completes it.
+#[inline(always)]
+fn complete_handshake(entry: *mut CtValue, h: &Headers) {
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup (see `touch`).
+    unsafe {
+        let flags = (*entry).flags;
+        if flags & CT_FLAG_VIA_STACK != 0 {
+            (*entry).flags &= !CT_FLAG_UNESTABLISHED;
+            return;
+        }
+        if flags & CT_FLAG_REPLY != 0 {
+            return;
+        }
+        // The reply tuple as the flow recorded it (`create`, `create_snat`).
+        let (peer, peer_port) = if flags & CT_FLAG_SNAT != 0 {
+            (u32::from_ne_bytes((*entry).nat_address), (*entry).nat_port)
+        } else {
+            (h.saddr, h.sport)
+        };
+        let reply_key = key(
+            u32::from_ne_bytes((*entry).backend_address),
+            peer,
+            (*entry).backend_port,
+            peer_port,
+            h.proto,
+        );
+        let Some(reply) = CONNTRACK.get_ptr_mut(reply_key) else {
+            return;
+        };
+        if (*reply).packets == 0 {
+            return;
+        }
+        (*reply).flags &= !CT_FLAG_UNESTABLISHED;
+        (*entry).flags &= !CT_FLAG_UNESTABLISHED;
     }
 }
 
@@ -226,7 +287,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
                 && h.is_tcp_syn()
                 && trace::writes(h.explain, write::CT_REOPEN)
             {
-                unsafe { (*entry.as_ptr()).flags = CT_FLAG_VIA_STACK };
+                unsafe { (*entry.as_ptr()).flags = CT_FLAG_VIA_STACK | CT_FLAG_UNESTABLISHED };
             }
         }
         return;
@@ -238,7 +299,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
     let entry = CtValue {
         backend_id: 0,
         rev_nat_index: REV_NAT_NONE,
-        flags: CT_FLAG_VIA_STACK,
+        flags: CT_FLAG_VIA_STACK | handshake_pending(h),
         backend_address: h.daddr.to_ne_bytes(),
         backend_port: h.dport,
         nat_port: 0,
@@ -304,7 +365,8 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 #[inline(always)]
 pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     let now = unsafe { bpf_jiffies64() };
-    let mut entry = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
+    let flags = flow.flags | handshake_pending(h);
+    let mut entry = value(flow, flags | CT_FLAG_REPLY, 0, 0, now);
     let reply_key = key(
         flow.backend_addr,
         h.saddr,
@@ -331,7 +393,7 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     }
     // The forward entry differs from the reply entry only here: one value on the
     // stack for both.
-    entry.flags = flow.flags;
+    entry.flags = flags;
     entry.packets = 1;
     entry.bytes = bytes as u64;
     CONNTRACK
@@ -342,6 +404,14 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
 
 /// Tries at finding a free SNAT port before giving up (bounded for the verifier).
 const SNAT_TRIES: u32 = 16;
+
+/// The SNAT port a new flow hashed to `hash` tries at `attempt`: an odd stride (the
+/// range is even-sized) visits different ports each try.
+#[inline(always)]
+fn snat_candidate(hash: u32, attempt: u32) -> u16 {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16
+}
 
 /// Record a new flow SNATed to `node_addr` (raw network order: this node for
 /// forwarded external flows, the client itself for a remapped client port) and a
@@ -359,14 +429,11 @@ pub fn create_snat(
     bytes: u32,
 ) -> Option<u16> {
     let now = unsafe { bpf_jiffies64() };
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-    let flags = flow.flags | CT_FLAG_SNAT;
+    let flags = flow.flags | CT_FLAG_SNAT | handshake_pending(h);
     let mut entry = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
     let mut port = 0u16;
     for attempt in 0..SNAT_TRIES {
-        // An odd stride (the range is even-sized) visits different ports each try.
-        let candidate =
-            SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16;
+        let candidate = snat_candidate(hash, attempt);
         let reply_key = key(
             flow.backend_addr,
             node_addr,

@@ -31,6 +31,30 @@ pub fn tcp_ack(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> 
     frame
 }
 
+/// A SYN-ACK: the answer to a SYN that opens a connection.
+pub fn tcp_syn_ack(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 5000, 64240)
+        .syn()
+        .ack(1001);
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
+/// A RST (with ACK): the sender aborts the connection.
+pub fn tcp_rst(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 1001, 0)
+        .ack(5001)
+        .rst();
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
 /// A FIN (with ACK): the sender closes its side.
 pub fn tcp_fin(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)

@@ -8,8 +8,9 @@ use std::{
 
 use anyhow::Result;
 use ferrite_common::{
-    explain::verdict, pod_mac_for, program_names, stat, CtKey, CT_FLAG_CLOSING, CT_FLAG_VIA_STACK,
-    PROTO_TCP, PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE, SNAT_PORT_MIN,
+    explain::verdict, pod_mac_for, program_names, stat, CtKey, CT_FLAG_CLOSING,
+    CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, PROTO_TCP, PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE,
+    SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked, GATEWAY_MAC},
@@ -398,9 +399,10 @@ fn a_direct_flow_on_a_tuple_the_stack_forwarded_gets_its_own_port_until_that_flo
         Some(CT_FLAG_VIA_STACK | CT_FLAG_CLOSING)
     );
     through_stack(again)?;
+    // Open again, as a new connection: its handshake not completed yet.
     assert_eq!(
         bed.conntrack(&key)?.map(|e| e.flags),
-        Some(CT_FLAG_VIA_STACK)
+        Some(CT_FLAG_VIA_STACK | CT_FLAG_UNESTABLISHED)
     );
     Ok(())
 }
@@ -488,6 +490,58 @@ fn a_service_without_ready_backends_refuses_new_flows_with_port_unreachable() ->
     );
     assert_eq!(bed.counter(stat::SERVICE_REJECTED)?, 2);
     assert_eq!(bed.counter(stat::DROP_NO_BACKEND)?, 0);
+    Ok(())
+}
+
+/// Conntrack knows when a TCP flow completed its handshake: both entries of a new
+/// flow are `CT_FLAG_UNESTABLISHED` until the client sends a segment with ACK (not
+/// SYN or RST) after the backend answered; the backend's SYN-ACK alone (which a
+/// spoofed SYN gets too), a client's ACK before any answer, and a client's RST
+/// complete nothing. What conntrack GC's SYN lifetime and the SNAT port takeover
+/// go by.
+#[test]
+fn a_tcp_flow_is_established_once_its_client_acknowledges_the_backends_answer() -> Result<()> {
+    let bed = testbed()?;
+    let client = sock(CLIENT, 40200);
+    let out = bed.from_pod(&frames::tcp_syn(client, sock(VIP, 80), b""))?;
+    let backend = sock(backend_of(&out.frame), 8080);
+    let flags = |from, to| -> Result<u16> {
+        Ok(bed
+            .conntrack(&ct_key(from, to, PROTO_TCP))?
+            .expect("entry")
+            .flags)
+    };
+    let both = || -> Result<[u16; 2]> {
+        Ok([
+            flags(client, sock(VIP, 80))?,
+            flags(backend, client)? & !ferrite_common::CT_FLAG_REPLY,
+        ])
+    };
+    let unestablished = [CT_FLAG_UNESTABLISHED; 2];
+    assert_eq!(both()?, unestablished);
+    bed.from_pod(&frames::tcp_ack(client, sock(VIP, 80), b""))?;
+    assert_eq!(both()?, unestablished, "an ACK before any answer");
+    bed.from_pod(&frames::tcp_syn_ack(backend, client))?;
+    assert_eq!(both()?, unestablished, "the backend's SYN-ACK");
+    bed.from_pod(&frames::tcp_ack(client, sock(VIP, 80), b""))?;
+    assert_eq!(both()?, [0, 0], "the client's ACK of it");
+
+    // A refused connection: the backend's RST, the client's: still half-open.
+    let refused = sock(CLIENT, 40201);
+    let out = bed.from_pod(&frames::tcp_syn(refused, sock(VIP, 80), b""))?;
+    let backend = sock(backend_of(&out.frame), 8080);
+    bed.from_pod(&frames::tcp_rst(backend, refused))?;
+    bed.from_pod(&frames::tcp_rst(refused, sock(VIP, 80)))?;
+    let entry = bed
+        .conntrack(&ct_key(refused, sock(VIP, 80), PROTO_TCP))?
+        .expect("entry");
+    assert_eq!(entry.flags, CT_FLAG_UNESTABLISHED | CT_FLAG_CLOSING);
+    // UDP flows have no handshake.
+    bed.from_pod(&frames::udp(sock(CLIENT, 5004), sock(VIP, 53), b"q"))?;
+    let entry = bed
+        .conntrack(&ct_key(sock(CLIENT, 5004), sock(VIP, 53), PROTO_UDP))?
+        .expect("entry");
+    assert_eq!(entry.flags, 0);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use anyhow::Result;
 use ferrite_common::{
     explain::{choice, step, verdict, write},
     stat, svc_flag, CtKey, ExplainTrace, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, CT_FLAG_VIA_STACK, PROTO_TCP,
+    CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, PROTO_TCP,
 };
 use serde::Serialize;
 
@@ -230,6 +230,7 @@ fn conntrack(trace: &ExplainTrace) -> Option<String> {
             (CT_FLAG_EXTERNAL, "external"),
             (CT_FLAG_SNAT, "SNATed"),
             (CT_FLAG_CLOSING, "closing"),
+            (CT_FLAG_UNESTABLISHED, "handshake not completed"),
         ] {
             if flags & bit != 0 {
                 write!(text, ", {name}").expect("writing to a String");
