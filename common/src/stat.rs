@@ -76,7 +76,11 @@ pub const HOST_SERVICE_FLOW: u32 = 32;
 /// A monitor event that did not fit in `ferrite_events` (the agent reading behind):
 /// lost, and counted here so a monitor's silence can be told from a quiet node.
 pub const MONITOR_LOST: u32 = 33;
-pub const COUNT: u32 = 34;
+/// A new flow found every SNAT port it tried taken and took over the oldest of them
+/// held by a TCP flow whose client never completed its handshake (a SYN flood's
+/// claims cannot hold a backend's range).
+pub const SNAT_PORT_RECLAIMED: u32 = 34;
+pub const COUNT: u32 = 35;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -113,4 +117,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ct_reopened",
     "host_service_flow",
     "monitor_lost",
+    "snat_port_reclaimed",
 ];

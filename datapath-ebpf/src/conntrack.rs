@@ -413,6 +413,77 @@ fn snat_candidate(hash: u32, attempt: u32) -> u16 {
     SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16
 }
 
+/// No SNAT port the new flow tried was free (`claim`: its reply key, the port to be
+/// filled in here; `hash`: its hash): take over the oldest of them held by a TCP flow whose
+/// client never completed its handshake (`CT_FLAG_UNESTABLISHED` on its reply entry),
+/// removing that flow's entries and claiming the port with the new flow's reply entry
+/// (`entry`; an explain run only looks). Returns the port, or 0 when every port tried
+/// belongs to an established flow (or to a flow of another kind).
+///
+/// Why: spoofed SYNs claim a port each (a backend answers every SYN, so nothing
+/// before the client's ACK tells them from a real client) and the agent's garbage
+/// collection runs only with full resyncs (every 10 s), so ~4,500 SYNs would hold a
+/// backend's whole range (61000-65535) until then, and before unestablished flows got
+/// a lifetime of their own, for 6 hours (`drop_no_snat_port` for every real client).
+/// Cilium retries up to 32/128 random ports, then drops (DROP_NAT_NO_MAPPING) and
+/// signals its agent to collect (its SNAT map is an LRU, and a SYN-only flow lives
+/// 60 s); Linux conntrack, with a full table, evicts an entry that is not ASSURED
+/// (`early_drop`), and on its last NAT port tries takes over a TCP tuple in
+/// TIME_WAIT (`nf_nat_used_tuple_harder`). This is `early_drop` for SNAT ports,
+/// judged in the datapath at once: an unestablished claim is what a flood can make
+/// and a real client holds for one round trip only. The oldest of the tried ports
+/// goes: under a flood of R SYNs a second the range turns over every 4,536 / R
+/// seconds and a client still in its handshake is the youngest claim by far, so it
+/// keeps its port unless its round trip is longer than that (45 ms at 100,000 SYNs a
+/// second; such a client's next packet then starts a new flow). A bound per client
+/// address would not hold: spoofed sources are as many as the flood wants. An
+/// established flow is never taken over: a full range of those still drops.
+///
+/// A function of its own (a BPF-to-BPF call), not inlined: it runs only when a range
+/// is full, and inlined into each of a program's SNAT sites its 16 lookups cost
+/// hundreds of instructions each. `EXPLAIN`: an explain run's (a copy of its own, so
+/// the attached programs carry no explain code).
+// Keys by reference: by value, each lookup copies the key to another stack slot of
+// this function's small frame.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn reclaim_snat_port<const EXPLAIN: bool>(claim: &mut CtKey, hash: u32, entry: &CtValue) -> u16 {
+    let mut oldest = 0u16;
+    let mut oldest_created = u64::MAX;
+    for attempt in 0..SNAT_TRIES {
+        let candidate = snat_candidate(hash, attempt);
+        claim.dport = candidate;
+        let Some(held) = (unsafe { CONNTRACK.get(&*claim) }) else {
+            continue;
+        };
+        let kind = held.flags & (CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED | CT_FLAG_VIA_STACK);
+        if kind == CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED && held.created_jiffies < oldest_created {
+            oldest = candidate;
+            oldest_created = held.created_jiffies;
+        }
+    }
+    if oldest == 0 {
+        return 0;
+    }
+    claim.dport = oldest;
+    count(EXPLAIN, stat::SNAT_PORT_RECLAIMED, 0);
+    if !trace::writes(EXPLAIN, write::SNAT_RECLAIM) {
+        return oldest;
+    }
+    // The old flow's forward entry would otherwise keep sending on the port.
+    if let Some(forward) =
+        unsafe { CONNTRACK.get(&*claim) }.and_then(|old| forward_key_of(claim, old))
+    {
+        let _ = CONNTRACK.remove(&forward);
+    }
+    let _ = CONNTRACK.remove(&*claim);
+    // Another CPU's new flow may take it between the two: that one has it.
+    match CONNTRACK.insert(&*claim, entry, BPF_NOEXIST as u64) {
+        Ok(()) => oldest,
+        Err(_) => 0,
+    }
+}
+
 /// Record a new flow SNATed to `node_addr` (raw network order: this node for
 /// forwarded external flows, the client itself for a remapped client port) and a
 /// free port of the SNAT range, claimed by inserting its reply entry with
@@ -455,7 +526,15 @@ pub fn create_snat(
         }
     }
     if port == 0 {
-        return None;
+        let mut claim = key(flow.backend_addr, node_addr, flow.backend_port, 0, h.proto);
+        port = if h.explain {
+            reclaim_snat_port::<true>(&mut claim, hash, &entry)
+        } else {
+            reclaim_snat_port::<false>(&mut claim, hash, &entry)
+        };
+        if port == 0 {
+            return None;
+        }
     }
     trace::record(h.explain, |trace| {
         trace.steps |= step::SNAT;

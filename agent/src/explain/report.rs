@@ -130,7 +130,7 @@ fn counted(trace: &ExplainTrace) -> Vec<&'static str> {
         .collect()
 }
 
-const WRITE_NAMES: [(u32, &str); 9] = [
+const WRITE_NAMES: [(u32, &str); 10] = [
     (write::CT_ACCOUNTING, "conntrack accounting"),
     (write::CT_CACHE, "conntrack route/source cache"),
     (write::CT_CREATE, "new conntrack entries"),
@@ -140,6 +140,10 @@ const WRITE_NAMES: [(u32, &str); 9] = [
     (write::LB_STATS, "Service/backend counter"),
     (write::DROP_LOG, "drop log line and monitor event"),
     (write::MONITOR_EVENT, "monitor event"),
+    (
+        write::SNAT_RECLAIM,
+        "takeover of a half-open flow's SNAT port",
+    ),
 ];
 
 fn writes_skipped(trace: &ExplainTrace) -> Vec<&'static str> {
