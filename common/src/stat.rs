@@ -80,7 +80,11 @@ pub const MONITOR_LOST: u32 = 33;
 /// held by a TCP flow whose client never completed its handshake (a SYN flood's
 /// claims cannot hold a backend's range).
 pub const SNAT_PORT_RECLAIMED: u32 = 34;
-pub const COUNT: u32 = 35;
+/// A packet the datapath would forward itself (into a pod, or over the overlay) with
+/// a TTL of 0 or 1, which a router lets expire: dropped (the datapath does not
+/// decrement TTL; packets for the stack are left to it, which answers them).
+pub const DROP_TTL_EXCEEDED: u32 = 35;
+pub const COUNT: u32 = 36;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -118,4 +122,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "host_service_flow",
     "monitor_lost",
     "snat_port_reclaimed",
+    "drop_ttl_exceeded",
 ];

@@ -113,6 +113,9 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     };
+    if routing::ttl_expires(pkt) {
+        return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
+    }
     count(h.explain, stat::RECEIVED_FROM_NODE, pkt.len());
     routing::deliver_local(pkt, &ep)
 }

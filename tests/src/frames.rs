@@ -55,6 +55,14 @@ pub fn tcp_rst(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
     frame
 }
 
+/// `frame` with its IPv4 TTL set to `ttl` (header checksum fixed).
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Result<Vec<u8>> {
+    let (mut ip, rest) = Ipv4Header::from_slice(&frame[14..])?;
+    ip.time_to_live = ttl;
+    ip.header_checksum = ip.calc_header_checksum();
+    Ok([&frame[..14], &ip.to_bytes()[..], rest].concat())
+}
+
 /// A FIN (with ACK): the sender closes its side.
 pub fn tcp_fin(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)

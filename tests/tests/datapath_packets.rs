@@ -493,6 +493,55 @@ fn a_service_without_ready_backends_refuses_new_flows_with_port_unreachable() ->
     Ok(())
 }
 
+/// A router lets a packet expire when its TTL is 0 or 1; the datapath forwards
+/// without decrementing, so it drops what it would hand to a pod or send over the
+/// overlay with such a TTL (`drop_ttl_exceeded`): pod to pod, through a ClusterIP,
+/// established or new, to another node. What goes to the stack is left to it (it
+/// decrements TTL and answers "time exceeded").
+#[test]
+fn packets_the_datapath_forwards_with_ttl_one_or_zero_are_dropped() -> Result<()> {
+    let mut bed = node_testbed()?;
+    // An overlay device to send the other node's pod's packets to.
+    bed.update_config(|config| config.vxlan_ifindex = 1)?;
+    let pod = frames::udp(sock(CLIENT, 6000), sock(BACKENDS[1], 5353), b"ttl");
+    let service = frames::udp(sock(CLIENT, 6001), sock(VIP, 53), b"ttl");
+    let remote = frames::udp(
+        sock(CLIENT, 6002),
+        sock(Ipv4Addr::new(10, 244, 1, 9), 5353),
+        b"ttl",
+    );
+    let world = frames::udp(
+        sock(CLIENT, 6003),
+        sock(Ipv4Addr::new(192, 0, 2, 1), 53),
+        b"ttl",
+    );
+    // TTL 2 goes on (and is not decremented: a known limit).
+    for frame in [&pod, &service, &remote] {
+        let two = frames::with_ttl(frame, 2)?;
+        let out = bed.from_pod(&two)?;
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{two:02x?}");
+        assert_eq!(out.frame[22], 2);
+    }
+    let mut dropped = 0;
+    for ttl in [1, 0] {
+        for frame in [&pod, &service, &remote] {
+            let expiring = frames::with_ttl(frame, ttl)?;
+            let out = bed.from_pod(&expiring)?;
+            assert_eq!(out.verdict, TC_ACT_SHOT, "TTL {ttl}: {expiring:02x?}");
+            dropped += 1;
+        }
+        let expiring = frames::with_ttl(&world, ttl)?;
+        let out = bed.from_pod(&expiring)?;
+        assert_eq!((out.verdict, out.frame), (TC_ACT_OK, expiring));
+    }
+    // The direct pod-to-pod frame left untouched, the Service's translated.
+    let expiring = frames::with_ttl(&pod, 1)?;
+    assert_eq!(bed.from_pod(&expiring)?.frame, expiring);
+    dropped += 1;
+    assert_eq!(bed.counter(stat::DROP_TTL_EXCEEDED)?, dropped);
+    Ok(())
+}
+
 /// Conntrack knows when a TCP flow completed its handshake: both entries of a new
 /// flow are `CT_FLAG_UNESTABLISHED` until the client sends a segment with ACK (not
 /// SYN or RST) after the backend answered; the backend's SYN-ACK alone (which a
