@@ -84,7 +84,11 @@ pub const SNAT_PORT_RECLAIMED: u32 = 34;
 /// a TTL of 0 or 1, which a router lets expire: dropped (the datapath does not
 /// decrement TTL; packets for the stack are left to it, which answers them).
 pub const DROP_TTL_EXCEEDED: u32 = 35;
-pub const COUNT: u32 = 36;
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) a
+/// backend sent about a packet of a translated flow, translated back like the flow's
+/// replies (its source and the packet it quotes), so the client's socket sees it.
+pub const ICMP_ERROR_REVERSE_NAT: u32 = 36;
+pub const COUNT: u32 = 37;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -123,4 +127,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "monitor_lost",
     "snat_port_reclaimed",
     "drop_ttl_exceeded",
+    "icmp_error_reverse_nat",
 ];

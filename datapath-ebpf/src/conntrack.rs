@@ -14,6 +14,7 @@ use ferrite_common::{
 
 use crate::{
     headers::{Headers, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    icmp::Quoted,
     maps::{CONNTRACK, REV_NAT},
     trace::{self, count},
 };
@@ -35,6 +36,21 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
 #[inline(always)]
 pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
     unsafe { CONNTRACK.get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto)) }
+}
+
+/// The entry an ICMP error about the packet `quoted` belongs to: the error travels
+/// the way back, so the quoted tuple reversed is its flow's reply tuple (Cilium's
+/// related lookup). Left as it is: an error does not keep a flow alive.
+#[inline(always)]
+pub fn lookup_related(quoted: &Quoted) -> Option<&'static CtValue> {
+    let reverse = key(
+        quoted.daddr,
+        quoted.saddr,
+        quoted.dport,
+        quoted.sport,
+        quoted.proto,
+    );
+    unsafe { CONNTRACK.get(reverse) }
 }
 
 /// `CT_FLAG_UNESTABLISHED` for a new flow of `h`'s protocol: every TCP flow starts

@@ -97,22 +97,38 @@ pub fn udp_without_checksum(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]
 /// first 8 payload bytes. `next_hop_mtu` is for "fragmentation needed" (code 4); the
 /// others (code 3, port unreachable) carry 0 there.
 pub fn icmp_unreachable_for(frame: &[u8], code: u8, next_hop_mtu: u16) -> Result<Vec<u8>> {
-    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, IpNumber};
-    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
-    ip.dont_fragment = false;
+    use etherparse::icmpv4::DestUnreachableHeader;
     let unreachable = match code {
         4 => DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
         3 => DestUnreachableHeader::Port,
         other => bail!("no builder for ICMP unreachable code {other}"),
     };
+    icmp_error_for(
+        frame,
+        etherparse::Icmpv4Type::DestinationUnreachable(unreachable),
+        28,
+    )
+}
+
+/// The ICMP error `kind` the destination of `frame` sends back for it: from the
+/// address it was sent to, MACs swapped, quoting the first `quoted` bytes of its IP
+/// packet (28, RFC 792's minimum, or more: Linux quotes up to 576 bytes in all).
+pub fn icmp_error_for(
+    frame: &[u8],
+    kind: etherparse::Icmpv4Type,
+    quoted: usize,
+) -> Result<Vec<u8>> {
+    use etherparse::{IpHeaders, IpNumber};
+    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
+    ip.dont_fragment = false;
     let (mut to, mut from) = ([0u8; 6], [0u8; 6]);
     to.copy_from_slice(&frame[6..12]);
     from.copy_from_slice(&frame[..6]);
     let builder = PacketBuilder::ethernet2(from, to)
         .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .icmpv4(Icmpv4Type::DestinationUnreachable(unreachable));
-    let quoted = &frame[14..14 + 28];
+        .icmpv4(kind);
+    let quoted = &frame[14..14 + quoted];
     let mut out = Vec::new();
     builder.write(&mut out, quoted)?;
     Ok(out)

@@ -493,6 +493,132 @@ fn a_service_without_ready_backends_refuses_new_flows_with_port_unreachable() ->
     Ok(())
 }
 
+/// kube-proxy's behaviour for a Service's closed target port: the backend's ICMP
+/// error about a translated packet reaches the client translated back like the
+/// flow's replies, so its connected UDP socket gets ECONNREFUSED (untranslated, the
+/// error names the backend, which no socket of the client talks to, and the client
+/// waits for its timeout). Exact bytes: what the client gets is the error the Service
+/// address would send about what the client sent: the source, the quoted
+/// destination and port, and every checksum (the IP header's, the quoted IP
+/// header's, the quoted UDP or TCP checksum, the ICMP checksum) as if built afresh.
+#[test]
+fn icmp_errors_of_translated_flows_are_translated_back_for_the_client() -> Result<()> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let bed = testbed()?;
+    // UDP, port unreachable quoting 8 bytes of the datagram (RFC 792's minimum).
+    let query = frames::udp(sock(CLIENT, 5000), sock(VIP, 53), b"query");
+    let delivered = bed.from_pod(&query)?.frame;
+    let backend = backend_of(&delivered);
+    let error = frames::icmp_unreachable_for(&delivered, 3, 0)?;
+    let out = bed.from_pod(&error)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_unreachable_for(&query, 3, 0)?)
+        )
+    );
+    // TCP, fragmentation needed quoting the whole segment, its checksum included (as
+    // Linux quotes, up to 576 bytes).
+    let syn = frames::tcp_syn(sock(CLIENT, 40100), sock(VIP, 80), b"hello");
+    let delivered = bed.from_pod(&syn)?.frame;
+    let frag_needed = || {
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        })
+    };
+    let quoted = delivered.len() - 14;
+    let error = frames::icmp_error_for(&delivered, frag_needed(), quoted)?;
+    let out = bed.from_pod(&error)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_error_for(&syn, frag_needed(), quoted)?)
+        )
+    );
+    // A UDP datagram without checksum: the quoted checksum stays 0.
+    let bare = frames::udp_without_checksum(sock(CLIENT, 5001), sock(VIP, 53), b"q");
+    let delivered = bed.from_pod(&bare)?.frame;
+    let out = bed.from_pod(&frames::icmp_unreachable_for(&delivered, 3, 0)?)?;
+    assert_eq!(
+        out.frame,
+        delivered_to(CLIENT, frames::icmp_unreachable_for(&bare, 3, 0)?)
+    );
+    assert_eq!(bed.counter(stat::ICMP_ERROR_REVERSE_NAT)?, 3);
+
+    // Not translated: an error about no flow conntrack knows, and one a pod sends
+    // about a flow it is not the backend of (its source is not the quoted
+    // destination): both go as they are.
+    let other = BACKENDS.iter().copied().find(|b| *b != backend).unwrap();
+    let unknown = frames::udp(sock(CLIENT, 5999), sock(other, 5353), b"direct");
+    let forged_about = frames::udp(sock(CLIENT, 5000), sock(backend, 5353), b"query");
+    for error in [
+        frames::icmp_unreachable_for(&delivered_to(other, unknown), 3, 0)?,
+        {
+            let mut forged = frames::icmp_unreachable_for(&forged_about, 3, 0)?;
+            forged[26..30].copy_from_slice(&other.octets());
+            let (mut ip, rest) = etherparse::Ipv4Header::from_slice(&forged[14..])?;
+            ip.header_checksum = ip.calc_header_checksum();
+            [&forged[..14], &ip.to_bytes()[..], rest].concat()
+        },
+    ] {
+        let out = bed.from_pod(&error)?;
+        assert_eq!(
+            (out.verdict, out.frame),
+            (TC_ACT_REDIRECT, delivered_to(CLIENT, error))
+        );
+    }
+    assert_eq!(bed.counter(stat::ICMP_ERROR_REVERSE_NAT)?, 3);
+    Ok(())
+}
+
+/// A flow SNATed on the way (a pod balanced to itself, hairpin: SNATed to
+/// 169.254.42.1): the error its backend sends to the SNAT address goes back to the
+/// client, its quoted source and port restored too.
+#[test]
+fn an_icmp_error_of_a_snated_flow_goes_back_to_the_client_it_was_snated_from() -> Result<()> {
+    let mut bed = testbed()?;
+    let itself = Ipv4Addr::new(10, 96, 0, 20);
+    bed.add_service(sock(itself, 53), PROTO_UDP, 9, 90, &[sock(CLIENT, 5353)])?;
+    let query = frames::udp(sock(CLIENT, 5002), sock(itself, 53), b"me?");
+    let delivered = bed.from_pod(&query)?.frame;
+    assert_eq!(
+        *decode_checked(&delivered)?.source.ip(),
+        ferrite_common::HAIRPIN_IP
+    );
+    let out = bed.from_pod(&frames::icmp_unreachable_for(&delivered, 3, 0)?)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_unreachable_for(&query, 3, 0)?)
+        )
+    );
+    Ok(())
+}
+
+/// A Service whose backend is a node address (a host-network endpoint, as the
+/// `kubernetes` Service's): the node's stack answers a closed port with ICMP, which
+/// it delivers to the pod through its veth, where `ferrite_to_pod` translates it back.
+#[test]
+fn an_icmp_error_of_a_host_network_backend_is_translated_on_its_way_to_the_pod() -> Result<()> {
+    let mut bed = node_testbed()?;
+    let api = Ipv4Addr::new(10, 96, 0, 21);
+    bed.add_service(sock(api, 53), PROTO_UDP, 9, 90, &[sock(NODE_IP, 9443)])?;
+    let query = frames::udp(sock(CLIENT, 5003), sock(api, 53), b"api?");
+    let out = bed.from_pod(&query)?;
+    // Into the stack, to the node's socket.
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let error = frames::icmp_unreachable_for(&out.frame, 3, 0)?;
+    let out = bed.run_program(program_names::TO_POD, &error, 1)?.0;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_OK, frames::icmp_unreachable_for(&query, 3, 0)?)
+    );
+    Ok(())
+}
+
 /// A router lets a packet expire when its TTL is 0 or 1; the datapath forwards
 /// without decrementing, so it drops what it would hand to a pod or send over the
 /// overlay with such a TTL (`drop_ttl_exceeded`): pod to pod, through a ClusterIP,
