@@ -75,6 +75,9 @@ pub struct SyncReport {
     pub waiting_for_interfaces: bool,
     /// Service port names by frontend (ip, port), for the per-backend metrics.
     pub service_names: Arc<ServiceNames>,
+    /// Why the overlay is not wired (no VXLAN device, or its program attached
+    /// elsewhere), if it is not.
+    pub overlay_problem: Option<String>,
 }
 
 impl SyncReport {
@@ -146,11 +149,13 @@ impl NodeAgent {
             (true, Some(root)) => Some(datapath::cgroup2_directory(root)?),
             (true, None) => Some(datapath::default_cgroup_root()?),
         };
-        let vxlan_exists = host::interfaces::interfaces()?.contains_key(VXLAN_DEVICE);
-        host::overlay::ensure_vxlan_device(options.vxlan_port, vxlan_exists)?;
-        if let Some(cidr) = options.cluster_cidr {
-            host::nft::install_rules(cidr, options.vxlan_port)?;
-        }
+        let host_side = HostSide {
+            socket_lb_root,
+            overlay: None,
+            vxlan_port: options.vxlan_port,
+            cluster_cidr: options.cluster_cidr,
+        };
+        host_side.ensure_device_and_rules(&host::interfaces::interfaces()?)?;
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
         Ok(Self {
             settings: plan::NodeSettings {
@@ -166,15 +171,17 @@ impl NodeAgent {
             parts: NodeParts {
                 datapath,
                 maps,
-                host: HostSide {
-                    socket_lb_root,
-                    overlay: None,
-                },
+                host: host_side,
             },
             node: None,
             health_checks: Default::default(),
             skip_log: SkipLog::default(),
         })
+    }
+
+    /// Serve the Services' healthCheckNodePorts on `http` (before this, none is).
+    pub fn serve_health_checks(&mut self, http: Arc<crate::http::HttpRuntime>) {
+        self.health_checks = crate::healthcheck::HealthChecks::new(http);
     }
 
     /// Reconcile, record metrics and log; the first success makes the agent ready.
@@ -248,6 +255,11 @@ impl NodeAgent {
                 }
                 self.telemetry
                     .set_service_names(report.service_names.clone());
+                if let Some(problem) = &report.overlay_problem {
+                    warn!("overlay not wired: {problem}");
+                }
+                self.telemetry
+                    .set_overlay_problem(report.overlay_problem.clone());
                 self.health_checks.set(&node.health_checks);
                 self.node = Some(node);
                 self.telemetry.set_ready();
@@ -408,6 +420,10 @@ impl SyncTarget for NodeAgent {
     fn record_event_lag(&self, lag: Duration) {
         self.telemetry.event_lag.observe(lag.as_secs_f64());
     }
+
+    fn loop_turned(&self) {
+        self.telemetry.loop_turned(std::time::Instant::now());
+    }
 }
 
 /// Attach the programs of the node's devices that are not attached yet: from-pod and
@@ -510,9 +526,28 @@ pub struct HostSide {
     /// The overlay host setup last applied; `None`: read it back from the device
     /// (on start and full syncs, which repair drift).
     pub overlay: Option<host::overlay::OverlayHost>,
+    pub vxlan_port: u16,
+    /// Pod traffic leaving this CIDR is masqueraded (the nftables rules).
+    pub cluster_cidr: Option<Ipv4Net>,
 }
 
 impl HostSide {
+    /// The VXLAN device and the nftables rules, as at start: made again when someone
+    /// removed them (cross-node pod traffic and pod egress depend on them). The rules
+    /// are replaced as a whole (one nft transaction). Returns whether the device had
+    /// to be made.
+    fn ensure_device_and_rules(
+        &self,
+        interfaces: &BTreeMap<String, plan::Interface>,
+    ) -> Result<bool> {
+        let missing = !interfaces.contains_key(VXLAN_DEVICE);
+        host::overlay::ensure_vxlan_device(self.vxlan_port, !missing)?;
+        if let Some(cidr) = self.cluster_cidr {
+            host::nft::install_rules(cidr, self.vxlan_port)?;
+        }
+        Ok(missing)
+    }
+
     /// The node's overlay address, VTEP MAC and routes to the other nodes' pod CIDRs.
     fn sync_overlay(
         &mut self,
@@ -652,6 +687,11 @@ pub fn reconcile(
         .node_ip()
         .and_then(|ip| host::interfaces::interface_with_address(ip).ok().flatten());
     let mut interfaces = host::interfaces::interfaces()?;
+    // Full syncs (their overlay state is read back) repair the device and the rules.
+    if host_side.overlay.is_none() && host_side.ensure_device_and_rules(&interfaces)? {
+        warn!("the VXLAN device {VXLAN_DEVICE} was gone: made again");
+        interfaces = host::interfaces::interfaces()?;
+    }
     match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
     let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
     let settings = &plan::NodeSettings {
@@ -661,6 +701,7 @@ pub fn reconcile(
     let plan = plan::FullPlan::new(objects, context, &interfaces, &current, ids_from, settings);
     let state = &plan.state;
     let wanted = attach_programs(datapath, state, &interfaces, uplink.as_deref(), use_xdp)?;
+    let overlay_problem = overlay_problem(datapath, &interfaces);
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
         host_side.sync_overlay(state, settings, vxlan.mac)?;
     }
@@ -680,6 +721,7 @@ pub fn reconcile(
 
     skipped.extend(plan.skipped.iter().cloned());
     let report = SyncReport {
+        overlay_problem,
         writes: plan.ops.len(),
         endpoints: plan.written.endpoints.len(),
         purged_flows,
@@ -688,6 +730,27 @@ pub fn reconcile(
         ..SyncReport::of_services(state)
     };
     Ok((report, plan.into_state()))
+}
+
+/// Why cross-node traffic cannot flow, if it cannot: the VXLAN device is missing, or
+/// `ferrite_from_overlay` does not run on it.
+fn overlay_problem(
+    datapath: &Datapath,
+    interfaces: &BTreeMap<String, plan::Interface>,
+) -> Option<String> {
+    let Some(device) = interfaces.get(VXLAN_DEVICE) else {
+        return Some(format!("the VXLAN device {VXLAN_DEVICE} is missing"));
+    };
+    let attachment = Attachment::Ingress(VXLAN_DEVICE.into());
+    match datapath.attached_ifindex(&attachment) {
+        Ok(Some(ifindex)) if ifindex == device.ifindex => None,
+        Ok(other) => Some(format!(
+            "{} is not attached to {VXLAN_DEVICE} (interface index {}; its link: {other:?})",
+            program_names::FROM_OVERLAY,
+            device.ifindex
+        )),
+        Err(e) => Some(format!("reading the {VXLAN_DEVICE} link: {e:#}")),
+    }
 }
 
 /// The VXLAN device's MTU: the uplink's less the encapsulation, so that overlay

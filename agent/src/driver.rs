@@ -89,6 +89,10 @@ pub trait SyncTarget {
 
     /// A change took `lag` from being seen to being in the maps.
     fn record_event_lag(&self, lag: Duration);
+
+    /// The driver's loop went round (once per step: at least once per resync
+    /// period, while it is not stuck).
+    fn loop_turned(&self);
 }
 
 /// Turns one source's events into syncs of one node.
@@ -119,8 +123,18 @@ impl<T: SyncTarget> Driver<T> {
         }
     }
 
-    /// One full sync when one is due, else wait for one event and sync it.
+    /// One turn of the loop, then its heartbeat: `/readyz` and `/healthz` judge a
+    /// loop that stopped turning by it. A turn waits for events at most until the
+    /// next resync is due, so it ends at least once per resync period (the first may
+    /// wait longer: for the source's initial lists).
     fn step(&mut self, source: &mut dyn Source) -> Result<()> {
+        self.turn(source)?;
+        self.target.loop_turned();
+        Ok(())
+    }
+
+    /// One full sync when one is due, else wait for one event and sync it.
+    fn turn(&mut self, source: &mut dyn Source) -> Result<()> {
         let now = Instant::now();
         if self.resync_due(now) {
             if let Some(snapshot) = source.snapshot()? {
@@ -224,6 +238,7 @@ mod tests {
         service_updates_fail: bool,
         log_flushes: usize,
         lags_recorded: Cell<usize>,
+        turns: Cell<usize>,
     }
 
     impl SyncTarget for RecordingNode {
@@ -245,6 +260,10 @@ mod tests {
 
         fn record_event_lag(&self, _: Duration) {
             self.lags_recorded.set(self.lags_recorded.get() + 1);
+        }
+
+        fn loop_turned(&self) {
+            self.turns.set(self.turns.get() + 1);
         }
     }
 
@@ -371,6 +390,7 @@ mod tests {
         // The lag of each change synced that was seen at a known time.
         assert_eq!(driver.target.lags_recorded.get(), 2);
         assert_eq!(driver.target.log_flushes, 5, "once after every step");
+        assert_eq!(driver.target.turns.get(), 5, "a heartbeat after every step");
     }
 
     #[test]

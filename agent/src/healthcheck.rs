@@ -9,18 +9,26 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use futures::FutureExt;
 use tracing::{info, warn};
 
-use crate::model::{HealthCheck, ServiceRef};
+use crate::{
+    http::{Handler, HttpRuntime, Limits, Reply},
+    model::{HealthCheck, ServiceRef},
+};
 
 struct Listener {
     check: Arc<Mutex<HealthCheck>>,
-    server: Arc<tiny_http::Server>,
+    /// Closes the port and its connections when dropped.
+    _server: crate::http::Listener,
 }
 
-/// The health-check servers of this node, one per port.
+/// The health-check servers of this node, one listener per port, all on the agent's
+/// HTTP runtime (see `http` for what a client can and cannot do to them).
 #[derive(Default)]
 pub struct HealthChecks {
+    /// `None` until the agent gives it its runtime: no port is served before.
+    http: Option<Arc<HttpRuntime>>,
     listeners: BTreeMap<u16, Listener>,
 }
 
@@ -34,7 +42,32 @@ pub fn answer(check: &HealthCheck) -> (u16, String) {
     (status, body)
 }
 
+/// The whole answer, headers included, as kube-proxy gives it (to any path).
+pub fn reply(check: &HealthCheck) -> Reply {
+    let (status, body) = answer(check);
+    Reply {
+        status,
+        headers: vec![
+            ("Content-Type", "application/json".into()),
+            ("X-Content-Type-Options", "nosniff".into()),
+            (
+                "X-Load-Balancing-Endpoint-Weight",
+                check.local_endpoints.to_string(),
+            ),
+        ],
+        body,
+    }
+}
+
 impl HealthChecks {
+    /// Serve the ports on `http` from now on.
+    pub fn new(http: Arc<HttpRuntime>) -> Self {
+        Self {
+            http: Some(http),
+            listeners: BTreeMap::new(),
+        }
+    }
+
     /// Serve exactly `checks` (a full sync's).
     pub fn set(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
         let gone: Vec<u16> = self
@@ -81,8 +114,7 @@ impl HealthChecks {
     }
 
     fn stop(&mut self, port: u16) {
-        if let Some(listener) = self.listeners.remove(&port) {
-            listener.server.unblock();
+        if self.listeners.remove(&port).is_some() {
             info!(port, "health-check port closed");
         }
     }
@@ -94,53 +126,35 @@ impl HealthChecks {
             }
             return;
         }
+        let Some(http) = &self.http else {
+            return;
+        };
+        let shared = Arc::new(Mutex::new(check.clone()));
+        let state = shared.clone();
+        let handler: Handler = Arc::new(move |_path: &str| {
+            let reply = match state.lock() {
+                Ok(check) => reply(&check),
+                Err(_) => Reply::text(500, "health state lost\n"),
+            };
+            std::future::ready(reply).boxed()
+        });
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let server = match tiny_http::Server::http(addr) {
-            Ok(server) => Arc::new(server),
+        let server = match http.serve(addr, Limits::DEFAULT, handler) {
+            Ok(server) => server,
             Err(e) => {
                 // Retried on the next sync; the Service's traffic is not affected.
-                warn!(port, "health-check port not served: {e}");
+                warn!(port, "health-check port not served: {e:#}");
                 return;
             }
         };
-        let shared = Arc::new(Mutex::new(check.clone()));
-        let (state, requests) = (shared.clone(), server.clone());
-        std::thread::spawn(move || {
-            for request in requests.incoming_requests() {
-                let Ok(check) = state.lock().map(|c| c.clone()) else {
-                    return;
-                };
-                let (status, body) = answer(&check);
-                let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-                let weight = check.local_endpoints.to_string();
-                for (name, value) in [
-                    ("Content-Type", "application/json"),
-                    ("X-Content-Type-Options", "nosniff"),
-                    ("X-Load-Balancing-Endpoint-Weight", weight.as_str()),
-                ] {
-                    if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
-                        response.add_header(header);
-                    }
-                }
-                let _ = request.respond(response);
-            }
-        });
         info!(port, service = %check.service, "serving health-check port");
         self.listeners.insert(
             port,
             Listener {
                 check: shared,
-                server,
+                _server: server,
             },
         );
-    }
-}
-
-impl Drop for HealthChecks {
-    fn drop(&mut self) {
-        for listener in self.listeners.values() {
-            listener.server.unblock();
-        }
     }
 }
 
@@ -163,6 +177,9 @@ mod tests {
             body,
             "{\"service\":{\"namespace\":\"shop\",\"name\":\"web\"},\"localEndpoints\":2,\"serviceProxyHealthy\":true}\n"
         );
+        let headers = reply(&check).headers;
+        assert!(headers.contains(&("X-Load-Balancing-Endpoint-Weight", "2".into())));
+        assert!(headers.contains(&("Content-Type", "application/json".into())));
         check.local_endpoints = 0;
         assert_eq!(answer(&check).0, 503);
     }

@@ -3,7 +3,8 @@
 //!
 //! Modules depend one way: each uses only modules of the tiers before its own
 //! (`tests/layering.rs` checks it, from the sources):
-//! 1. `bpf_syscall`, `conntrack_gc`, `files`, `limits`, `maglev`, `netlink`;
+//! 1. `bpf_syscall`, `conntrack_gc`, `files`, `http` (the HTTP listeners' server),
+//!    `limits`, `maglev`, `netlink`;
 //! 2. `model` (objects -> desired state, pure);
 //! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
 //! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
@@ -23,6 +24,7 @@ pub mod explain;
 pub mod files;
 pub mod healthcheck;
 pub mod host;
+pub mod http;
 pub mod inspect;
 pub mod install_cni;
 pub mod kube_source;

@@ -41,6 +41,9 @@ pub struct Limits {
     pub node_port_range: RangeInclusive<u16>,
     /// The cluster's pod CIDR (`--cluster-cidr`): node pod CIDRs must lie in it.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// `--service-proxy-name`: the value of `service.kubernetes.io/service-proxy-name`
+    /// this node serves (unlabelled Services only, without it).
+    pub service_proxy_name: Option<String>,
 }
 
 impl Default for Limits {
@@ -50,6 +53,7 @@ impl Default for Limits {
             external_ip_cidrs: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             cluster_cidr: None,
+            service_proxy_name: None,
         }
     }
 }
@@ -57,7 +61,7 @@ impl Default for Limits {
 /// Addresses that are never a Service's or a pod's: loopback, link-local (the cloud
 /// metadata service, the pods' gateway 169.254.1.1, the hairpin address), 0.0.0.0/8,
 /// multicast and broadcast.
-fn special(ip: Ipv4Addr) -> Option<&'static str> {
+pub(crate) fn special(ip: Ipv4Addr) -> Option<&'static str> {
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_link_local() {
@@ -86,7 +90,22 @@ fn special_net(net: &Ipv4Net) -> Option<&'static str> {
     })
 }
 
+/// The label naming the proxy that serves a Service (kube-proxy's rule).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label marking a Service no proxy serves.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
 impl Limits {
+    /// Whether this node serves a Service with these labels, as kube-proxy selects
+    /// them: not labelled headless, and labelled for this proxy's name (or, without
+    /// `--service-proxy-name`, not labelled for any proxy). Others are left alone,
+    /// unreported: another proxy serves them.
+    pub fn serves(&self, labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+        let label = |name: &str| labels.and_then(|l| l.get(name));
+        label(HEADLESS_LABEL).is_none()
+            && label(SERVICE_PROXY_NAME_LABEL) == self.service_proxy_name.as_ref()
+    }
+
     /// Why `ip` cannot be a Service frontend of kind `field` (`spec.clusterIP`,
     /// `spec.externalIPs`, `status.loadBalancer.ingress`), if it cannot. Checked
     /// against the node's own ranges and, for the addresses a Service may pick

@@ -10,7 +10,7 @@ use ferrite_agent::{
     agent,
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
-    explain, files, host, inspect, install_cni, kube_source,
+    explain, files, host, http, inspect, install_cni, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
     objects_yaml, plan, source, telemetry,
@@ -55,8 +55,11 @@ enum Command {
         /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
         #[arg(long)]
         cluster_cidr: Option<ipnet::Ipv4Net>,
-        /// Where to serve /healthz, /readyz and /metrics.
-        #[arg(long, default_value = "0.0.0.0:9965")]
+        /// Where to serve /healthz, /readyz and /metrics. Loopback by default: kubelet
+        /// probes a hostNetwork pod there, and /metrics (Service names, backend
+        /// addresses) is not for every pod that can reach the node; give the node's
+        /// address or 0.0.0.0 for Prometheus to scrape it.
+        #[arg(long, default_value = "127.0.0.1:9965")]
         http_addr: std::net::SocketAddr,
         /// `MAP=ENTRIES`, e.g. `ferrite_service=524288` (repeatable): capacity of a
         /// map when it is created. Defaults fit 10k Services x 10 endpoints.
@@ -291,6 +294,10 @@ struct AdmissionArgs {
     /// NodePorts outside this range are refused.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
+    /// Serve the Services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this value (kube-proxy's flag); without it, only unlabelled Services.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
 }
 
 impl AdmissionArgs {
@@ -298,6 +305,7 @@ impl AdmissionArgs {
         ferrite_agent::limits::Limits {
             service_cidrs: self.service_cidrs,
             external_ip_cidrs: self.external_ip_cidrs,
+            service_proxy_name: self.service_proxy_name,
             node_port_range: self.node_port_range,
             cluster_cidr,
         }
@@ -420,7 +428,7 @@ fn run_agent(
     let telemetry = agent::NodeAgent::telemetry(options);
     // The datapath loads (verifier time) while the source lists the cluster (API
     // round trips and parsing): the first sync needs both.
-    let (node, mut source) = std::thread::scope(|scope| {
+    let (mut node, mut source) = std::thread::scope(|scope| {
         // Capabilities are per thread: the loading thread keeps them all and ends with
         // the load; every thread started after the drop below inherits the few kept.
         let loading = std::thread::Builder::new()
@@ -440,7 +448,16 @@ fn run_agent(
         telemetry.clone(),
     )?);
     clear_monitor_on_exit(exit_signals, hub.clone())?;
-    telemetry::serve(http_addr, telemetry.clone())?;
+    // Started after the capabilities were dropped: its threads hold only the few kept.
+    let http = http::HttpRuntime::start()?;
+    let _endpoint = http.serve(
+        http_addr,
+        http::Limits::DEFAULT,
+        telemetry::endpoint(telemetry.clone()),
+    )?;
+    info!(%http_addr, "serving /healthz, /readyz and /metrics");
+    node.serve_health_checks(http);
+    telemetry.expect_turns_every(resync);
     let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();
     stopped

@@ -302,7 +302,11 @@ mod tests {
         fs::write(&path, "apiVersion: v1\nkind: [\n").unwrap();
         let quiet = Instant::now() + Duration::from_millis(300);
         assert!(next_snapshot_until(&mut source, quiet).is_none());
-        assert_eq!(telemetry.readiness().0, 503, "readyz says why");
+        assert_eq!(
+            telemetry.readiness(std::time::Instant::now()).0,
+            503,
+            "readyz says why"
+        );
         let kept = source.snapshot().unwrap().expect("the last applied");
         assert_eq!(service_names(&kept), ["a", "b"]);
 

@@ -1,19 +1,22 @@
-//! What the agent tells operators and kubelet: `/healthz` (alive), `/readyz` (the
-//! first full sync is done) and Prometheus `/metrics` (prometheus-client): datapath
+//! What the agent tells operators and kubelet: `/healthz` (alive: the sync loop is
+//! not stuck), `/readyz` (the first full sync is done, the config is accepted and the
+//! loop keeps turning) and Prometheus `/metrics` (prometheus-client): datapath
 //! counters by reason and map fill levels read from the pinned maps at scrape time,
 //! sync durations, skipped objects and watch restarts from the agent.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrite_common::{map_names, stat, CtKey, CtValue, CT_FLAG_REPLY, REV_NAT_NONE};
+use futures::FutureExt;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -28,7 +31,11 @@ use tracing::warn;
 
 use crate::model::Skipped;
 
-use crate::{maps::NodeMaps, plan::MapContents};
+use crate::{
+    http::{Handler, Reply},
+    maps::NodeMaps,
+    plan::MapContents,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -62,8 +69,12 @@ pub struct ResourceLabel {
 /// Metrics and readiness shared by the agent loop and the HTTP endpoint.
 pub struct Telemetry {
     ready: AtomicBool,
+    /// When the sync loop last went round, and how often it must.
+    heartbeat: Mutex<Heartbeat>,
     /// Why the config file was refused, while it is (the last applied state stays).
     config_rejected: Mutex<Option<String>>,
+    /// Why the overlay is not wired, as the last full sync found it.
+    overlay_problem: Mutex<Option<String>>,
     pub config_rejections: Counter,
     /// Times the config file was read (only when it changed, or at start).
     pub config_reads: Counter,
@@ -102,7 +113,9 @@ impl Telemetry {
     pub fn new(pin_dir: PathBuf, capacities: BTreeMap<String, u32>) -> Arc<Self> {
         let telemetry = Self {
             ready: AtomicBool::new(false),
+            heartbeat: Mutex::default(),
             config_rejected: Mutex::default(),
+            overlay_problem: Mutex::default(),
             config_rejections: Counter::default(),
             config_reads: Counter::default(),
             pin_dir,
@@ -264,13 +277,52 @@ impl Telemetry {
         *self.config_rejected.lock().expect("config state") = why;
     }
 
-    /// `/readyz`: ready after the first full sync, while the config is accepted.
-    pub fn readiness(&self) -> (u16, String) {
+    /// The overlay is not wired (`Some(why)`), or is again (`None`).
+    pub fn set_overlay_problem(&self, why: Option<String>) {
+        *self.overlay_problem.lock().expect("overlay state") = why;
+    }
+
+    /// The sync loop turns at least once per `resync` (it waits for events with the
+    /// next resync as deadline): from now on a loop that stops turning is reported.
+    pub fn expect_turns_every(&self, resync: Duration) {
+        self.heartbeat.lock().expect("heartbeat").resync = Some(resync);
+    }
+
+    /// The sync loop went round at `now`.
+    pub fn loop_turned(&self, now: Instant) {
+        self.heartbeat.lock().expect("heartbeat").last_turn = Some(now);
+    }
+
+    /// `/healthz` at `now`: alive unless the sync loop has not turned for longer than
+    /// [`Heartbeat::live_bound`] (so kubelet's liveness probe restarts a stuck agent).
+    pub fn liveness(&self, now: Instant) -> (u16, String) {
+        let heartbeat = self.heartbeat.lock().expect("heartbeat");
+        match heartbeat.stalled(now, Heartbeat::live_bound) {
+            Some(stall) => (503, format!("sync loop stuck: {stall}\n")),
+            None => (200, "ok\n".into()),
+        }
+    }
+
+    /// `/readyz` at `now`: ready after the first full sync, while the config is
+    /// accepted, the overlay wired and the sync loop keeps turning
+    /// ([`Heartbeat::ready_bound`]).
+    pub fn readiness(&self, now: Instant) -> (u16, String) {
+        let stall = self
+            .heartbeat
+            .lock()
+            .expect("heartbeat")
+            .stalled(now, Heartbeat::ready_bound);
+        if let Some(stall) = stall {
+            return (503, format!("sync loop stalled: {stall}\n"));
+        }
         if let Some(why) = self.config_rejected.lock().expect("config state").as_ref() {
             return (
                 503,
                 format!("config rejected ({why}): serving the last applied state\n"),
             );
+        }
+        if let Some(why) = self.overlay_problem.lock().expect("overlay state").as_ref() {
+            return (503, format!("overlay not wired: {why}\n"));
         }
         if self.is_ready() {
             (200, "ready\n".into())
@@ -415,29 +467,95 @@ fn is_service_forward(value: &CtValue) -> bool {
     value.flags & CT_FLAG_REPLY == 0 && value.rev_nat_index != REV_NAT_NONE
 }
 
-/// Serve `/healthz`, `/readyz` and `/metrics` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<()> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("listening on {addr}"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let (status, body) = match request.url() {
-                "/healthz" => (200, "ok\n".to_string()),
-                "/readyz" => telemetry.readiness(),
-                "/metrics" => match telemetry.render() {
-                    Ok(text) => (200, text),
-                    Err(e) => (500, format!("{e:#}\n")),
-                },
-                _ => (404, "not found\n".to_string()),
-            };
-            let response = tiny_http::Response::from_string(body).with_status_code(status);
-            if let Err(e) = request.respond(response) {
-                warn!("http: {e}");
+/// `/healthz`, `/readyz` and `/metrics`, for [`crate::http::HttpRuntime::serve`].
+/// `/metrics` reads the pinned maps (a full conntrack table takes a while): it is
+/// rendered on the runtime's blocking pool, one scrape at a time, so that probes are
+/// answered meanwhile.
+pub fn endpoint(telemetry: Arc<Telemetry>) -> Handler {
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(1));
+    Arc::new(move |path: &str| {
+        let now = Instant::now();
+        let (status, body) = match path {
+            "/healthz" => telemetry.liveness(now),
+            "/readyz" => telemetry.readiness(now),
+            "/metrics" => {
+                let (telemetry, scrapes) = (telemetry.clone(), scrapes.clone());
+                return async move {
+                    let Ok(_turn) = scrapes.acquire_owned().await else {
+                        return Reply::text(503, "shutting down\n");
+                    };
+                    let rendered = tokio::task::spawn_blocking(move || telemetry.render()).await;
+                    match rendered {
+                        Ok(Ok(text)) => Reply {
+                            status: 200,
+                            headers: vec![(
+                                "Content-Type",
+                                "text/plain; version=0.0.4; charset=utf-8".into(),
+                            )],
+                            body: text,
+                        },
+                        Ok(Err(e)) => Reply::text(500, format!("{e:#}\n")),
+                        Err(e) => Reply::text(500, format!("rendering the metrics: {e}\n")),
+                    }
+                }
+                .boxed();
             }
-        }
-    });
-    Ok(())
+            _ => (404, "not found\n".to_string()),
+        };
+        std::future::ready(Reply::text(status, body)).boxed()
+    })
+}
+
+/// The sync loop's last turn, judged against its resync period: the loop waits for
+/// events with the next full resync as its deadline, so it turns at least once per
+/// period plus one sync. Before the first turn (the first snapshot may wait for the
+/// initial lists: readiness already says so) nothing is judged.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    /// `None`: no period given (the loop is not running yet): never stalled.
+    resync: Option<Duration>,
+    last_turn: Option<Instant>,
+}
+
+/// How long the loop has not turned, against which bound.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub since: Duration,
+    pub bound: Duration,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its last turn was {}s ago (bound {}s, from --resync-seconds)",
+            self.since.as_secs(),
+            self.bound.as_secs()
+        )
+    }
+}
+
+impl Heartbeat {
+    /// Not ready past three periods and 30 s: two resyncs missed, with room for a
+    /// full resync of a large cluster (seconds) on a busy node.
+    pub fn ready_bound(resync: Duration) -> Duration {
+        resync * 3 + Duration::from_secs(30)
+    }
+
+    /// Not alive past twice the readiness bound and a minute (180 s at the default
+    /// 10 s): readiness has long taken the node out of rotation by then, and a
+    /// restart is what is left.
+    pub fn live_bound(resync: Duration) -> Duration {
+        Self::ready_bound(resync) * 2 + Duration::from_secs(60)
+    }
+
+    /// The stall at `now`, if the last turn is older than `bound(resync)`.
+    pub fn stalled(&self, now: Instant, bound: fn(Duration) -> Duration) -> Option<Stall> {
+        let (resync, last_turn) = (self.resync?, self.last_turn?);
+        let since = now.saturating_duration_since(last_turn);
+        let bound = bound(resync);
+        (since > bound).then_some(Stall { since, bound })
+    }
 }
 
 /// Skipped objects as last logged: a skip is logged when it first appears or its
@@ -542,6 +660,60 @@ pub fn escape_controls(text: &str) -> String {
             escaped
         })
         .collect()
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+
+    fn telemetry() -> Arc<Telemetry> {
+        Telemetry::new(PathBuf::from("/nonexistent"), BTreeMap::new())
+    }
+
+    #[test]
+    fn a_loop_that_stops_turning_turns_readyz_then_healthz_503() {
+        let t = telemetry();
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        // Before the loop runs (the first snapshot may wait for the lists): alive.
+        assert_eq!(t.liveness(at(10_000)).0, 200);
+        t.expect_turns_every(Duration::from_secs(10));
+        assert_eq!(t.liveness(at(10_000)).0, 200, "no turn yet");
+        t.loop_turned(start);
+        t.set_ready();
+        assert_eq!(t.readiness(at(60)), (200, "ready\n".into()));
+        assert_eq!(t.liveness(at(60)).0, 200);
+        // 3 x 10 s + 30 s: not ready.
+        let (status, body) = t.readiness(at(61));
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            "sync loop stalled: its last turn was 61s ago (bound 60s, from --resync-seconds)\n"
+        );
+        assert_eq!(t.liveness(at(61)).0, 200, "alive still");
+        // 2 x 60 s + 60 s: not alive.
+        assert_eq!(t.liveness(at(180)).0, 200);
+        let (status, body) = t.liveness(at(181));
+        assert_eq!(status, 503);
+        assert!(body.starts_with("sync loop stuck: its last turn was 181s ago (bound 180s"));
+        // It turns again: both recover.
+        t.loop_turned(at(200));
+        assert_eq!(t.readiness(at(201)).0, 200);
+        assert_eq!(t.liveness(at(201)).0, 200);
+    }
+
+    #[test]
+    fn the_bounds_follow_the_resync_period() {
+        let resync = Duration::from_secs(300);
+        assert_eq!(Heartbeat::ready_bound(resync), Duration::from_secs(930));
+        assert_eq!(Heartbeat::live_bound(resync), Duration::from_secs(1920));
+        let heartbeat = Heartbeat {
+            resync: Some(resync),
+            last_turn: Some(Instant::now()),
+        };
+        let now = heartbeat.last_turn.unwrap() + Duration::from_secs(900);
+        assert_eq!(heartbeat.stalled(now, Heartbeat::ready_bound), None);
+    }
 }
 
 #[cfg(test)]

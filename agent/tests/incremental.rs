@@ -2,8 +2,8 @@
 //! a property over generated change sequences: Services of every kind (ClusterIP,
 //! NodePort, LoadBalancer, externalIPs, traffic policies Local, health-check ports,
 //! affinity) drawn from small pools of addresses and ports, so that they also
-//! collide; their EndpointSlices; Nodes that change address and pod CIDR, join and
-//! leave. After every step the agent's record is the maps, a full sync would write
+//! collide; their EndpointSlices, with and without zone hints; Nodes that change
+//! address, pod CIDR and zone, join and leave. After every step the agent's record is the maps, a full sync would write
 //! nothing, and the maps mean what a full sync from scratch means.
 mod support;
 
@@ -115,8 +115,13 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         )
 }
 
-/// An endpoint: (address, node, condition).
-type EndpointSpec = (&'static str, Option<&'static str>, &'static str);
+/// An endpoint: (address, node, condition, zone hint).
+type EndpointSpec = (
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    Option<&'static str>,
+);
 
 fn endpoints() -> impl Strategy<Value = Vec<EndpointSpec>> {
     let endpoint = (
@@ -129,21 +134,25 @@ fn endpoints() -> impl Strategy<Value = Vec<EndpointSpec>> {
         ]),
         prop::sample::select(vec![None, Some("node-1"), Some("node-2")]),
         prop::sample::select(vec!["ready", "not-ready", "terminating"]),
+        prop::sample::select(vec![None, Some("z1"), Some("z2")]),
     );
     prop::collection::vec(endpoint, 0..4)
 }
 
 fn slice_yaml(service: &str, slice: u8, endpoints: &[EndpointSpec]) -> String {
     let mut list = String::new();
-    for (address, node, condition) in endpoints {
+    for (address, node, condition, zone) in endpoints {
         let node = node.map(|n| format!(", nodeName: {n}")).unwrap_or_default();
+        let hints = zone
+            .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
+            .unwrap_or_default();
         let conditions = match *condition {
             "ready" => "{ready: true}",
             "not-ready" => "{ready: false}",
             _ => "{ready: false, serving: true, terminating: true}",
         };
         list.push_str(&format!(
-            "- {{addresses: [{address}], conditions: {conditions}{node}}}\n"
+            "- {{addresses: [{address}], conditions: {conditions}{node}{hints}}}\n"
         ));
     }
     let ports: String = [(80, "TCP"), (53, "UDP"), (443, "TCP")]
@@ -160,9 +169,9 @@ fn slice_yaml(service: &str, slice: u8, endpoints: &[EndpointSpec]) -> String {
     )
 }
 
-fn node_yaml(name: &str, ip: &str, cidr: &str) -> String {
+fn node_yaml(name: &str, ip: &str, cidr: &str, zone: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: '{zone}'}}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
     )
 }
 
@@ -172,8 +181,8 @@ enum Change {
     Slice(usize, u8, Vec<EndpointSpec>),
     DeleteService(usize),
     DeleteSlice(usize, u8),
-    /// This node's address and pod CIDR.
-    ThisNode(&'static str, &'static str),
+    /// This node's address, pod CIDR and zone.
+    ThisNode(&'static str, &'static str, &'static str),
     NodeJoins,
     NodeLeaves,
 }
@@ -185,12 +194,15 @@ fn change() -> impl Strategy<Value = Change> {
         4 => (service.clone(), 0u8..2, endpoints()).prop_map(|(i, n, e)| Change::Slice(i, n, e)),
         1 => service.clone().prop_map(Change::DeleteService),
         1 => (service, 0u8..2).prop_map(|(i, n)| Change::DeleteSlice(i, n)),
-        1 => prop::sample::select(vec![
-            ("198.51.100.1", "10.244.0.0/24"),
-            ("198.51.100.101", "10.244.0.0/24"),
-            ("198.51.100.1", "10.244.4.0/24"),
-        ])
-        .prop_map(|(ip, cidr)| Change::ThisNode(ip, cidr)),
+        1 => (
+            prop::sample::select(vec![
+                ("198.51.100.1", "10.244.0.0/24"),
+                ("198.51.100.101", "10.244.0.0/24"),
+                ("198.51.100.1", "10.244.4.0/24"),
+            ]),
+            prop::sample::select(vec!["z1", "z2", ""]),
+        )
+            .prop_map(|((ip, cidr), zone)| Change::ThisNode(ip, cidr, zone)),
         1 => Just(Change::NodeJoins),
         1 => Just(Change::NodeLeaves),
     ]
@@ -220,8 +232,10 @@ fn apply(node: &mut SimNode, change: &Change) {
             node.delete("EndpointSlice", "default", &format!("{}-{n}", SERVICES[*i]))
         }
         Change::DeleteService(_) | Change::DeleteSlice(..) => {}
-        Change::ThisNode(ip, cidr) => node.apply(&node_yaml("node-1", ip, cidr)),
-        Change::NodeJoins => node.apply(&node_yaml("node-3", "198.51.100.3", "10.244.2.0/24")),
+        Change::ThisNode(ip, cidr, zone) => node.apply(&node_yaml("node-1", ip, cidr, zone)),
+        Change::NodeJoins => {
+            node.apply(&node_yaml("node-3", "198.51.100.3", "10.244.2.0/24", "z2"))
+        }
         Change::NodeLeaves if node.objects.nodes.len() > 2 => node.delete("Node", "", "node-3"),
         Change::NodeLeaves => {}
     }
@@ -242,8 +256,8 @@ proptest! {
         let mut node = SimNode::new("node-1", limits);
         node.objects.nodes = ferrite_agent::objects_yaml::parse_objects(&format!(
             "{}---\n{}",
-            node_yaml("node-1", "198.51.100.1", "10.244.0.0/24"),
-            node_yaml("node-2", "198.51.100.2", "10.244.1.0/24")
+            node_yaml("node-1", "198.51.100.1", "10.244.0.0/24", "z1"),
+            node_yaml("node-2", "198.51.100.2", "10.244.1.0/24", "z2")
         ))
         .expect("nodes")
         .0

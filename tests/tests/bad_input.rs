@@ -379,3 +379,146 @@ fn uninstall_touches_only_an_installed_node_and_names_that_are_no_node_are_refus
     )?;
     Ok(())
 }
+
+/// Hostile Node objects join a running two-node cluster: one on a Service's
+/// clusterIP, one inside node 1's pod CIDR, one on a pod's address, one on node 0's
+/// own address, four on special addresses, and a newcomer named to sort first that
+/// claims node 1's pod CIDR. Each is refused whole (its claims take nothing): the
+/// Service still answers, pods on both nodes still reach each other, no hostile
+/// address becomes a node route, and node 1 keeps its pod CIDR.
+#[test]
+fn hostile_node_objects_are_refused_and_take_nothing_from_services_or_other_nodes() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    cluster.nodes[0].add_pod("client", pod_ip(0, 2))?;
+    cluster.nodes[1].add_pod("web", pod_ip(1, 3))?;
+    let (client_ip, web_ip) = (cluster.pod("client").ip, cluster.pod("web").ip);
+    let _servers = [
+        cluster.pod("web").serve(TCP_TARGET)?,
+        cluster.pod("client").serve(TCP_TARGET)?,
+    ];
+    let vip = "10.96.4.10";
+    let base = format!(
+        "{}---\n{}",
+        cluster.nodes_and_pods_yaml(),
+        service("web", vip, 80, "", "", &[web_ip])
+    );
+    cluster.write_config(&base)?;
+    cluster.start_agents()?;
+    let node0_ip = cluster.nodes[0].ip.context("plugged")?;
+    let node1_ip = cluster.nodes[1].ip.context("plugged")?;
+    let works = |when: &str| -> Result<()> {
+        let ask = |from: &str, to: SocketAddrV4| -> Result<String> {
+            let request = format!("{when}: {from} -> {to}");
+            answered_by(
+                cluster.pod(from).probe().tcp(to, &request)?.answer()?,
+                &request,
+            )
+        };
+        assert_eq!(
+            ask("client", SocketAddrV4::new(vip.parse()?, 80))?,
+            "web",
+            "{when}"
+        );
+        assert_eq!(
+            ask("client", SocketAddrV4::new(web_ip, TCP_TARGET))?,
+            "web",
+            "{when}"
+        );
+        assert_eq!(
+            ask("web", SocketAddrV4::new(client_ip, TCP_TARGET))?,
+            "client",
+            "{when}"
+        );
+        Ok(())
+    };
+    let synced = |node: &ferrite_tests::lab::Node| {
+        node.wait_for_maps("both nodes' routes", |m| m.pod_routes() == 2)
+    };
+    synced(&cluster.nodes[0])?;
+    synced(&cluster.nodes[1])?;
+    works("before")?;
+
+    let hostile = [
+        (
+            "squatter",
+            vip.to_string(),
+            "10.244.20.0/24",
+            "service CIDR",
+        ),
+        (
+            "inside",
+            "10.244.1.77".into(),
+            "10.244.21.0/24",
+            "cluster CIDR",
+        ),
+        (
+            "on-a-pod",
+            client_ip.to_string(),
+            "10.244.22.0/24",
+            "cluster CIDR",
+        ),
+        ("twin", node0_ip.to_string(), "10.244.23.0/24", "'s"),
+        ("zero", "0.0.0.0".into(), "10.244.24.0/24", "0.0.0.0/8"),
+        (
+            "bcast",
+            "255.255.255.255".into(),
+            "10.244.25.0/24",
+            "broadcast",
+        ),
+        ("loop", "127.0.0.1".into(), "10.244.26.0/24", "loopback"),
+        (
+            "meta",
+            "169.254.169.254".into(),
+            "10.244.27.0/24",
+            "link-local",
+        ),
+    ];
+    let mut config = vec![base];
+    for (name, ip, cidr, _) in &hostile {
+        config.push(node_yaml(name, ip.parse()?, cidr));
+    }
+    // Named to sort before every lab node, after node 1 had its CIDR.
+    config.push(node_yaml("a0-thief", lab::node_ip(7), "10.244.1.0/24"));
+    cluster.write_config(&config.join("---\n"))?;
+    for node in &cluster.nodes {
+        let agent = node.agent.as_ref().context("agent")?;
+        wait_until("the hostile Nodes to be refused", SETTLE, || {
+            agent
+                .log_text()
+                .contains("Node a0-thief podCIDR 10.244.1.0/24")
+        })?;
+        let log = agent.log_text();
+        for (name, ip, _, says) in &hostile {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(&format!("Node {name}: InternalIP {ip}"))
+                        && l.contains(says)),
+                "no refusal of {name} ({says}) in:\n{log}"
+            );
+        }
+        let maps = node.maps()?.contents()?;
+        let node_routes: BTreeSet<Ipv4Addr> = maps
+            .routes
+            .keys()
+            .filter(|k| k.prefix_len == 32)
+            .map(|k| Ipv4Addr::from(k.network))
+            .collect();
+        for (name, ip, _, _) in &hostile {
+            let ip: Ipv4Addr = ip.parse()?;
+            if ip != node0_ip {
+                assert!(!node_routes.contains(&ip), "a node route to {name}'s {ip}");
+            }
+        }
+        let node1_route = maps
+            .routes
+            .iter()
+            .find(|(k, _)| {
+                k.prefix_len == 24
+                    && Ipv4Addr::from(k.network) == pod_ip(1, 0) & Ipv4Addr::new(255, 255, 255, 0)
+            })
+            .map(|(_, r)| Ipv4Addr::from(r.node_ip));
+        assert_eq!(node1_route, Some(node1_ip), "node 1's pod CIDR route");
+    }
+    works("after")?;
+    Ok(())
+}

@@ -78,7 +78,17 @@ fn rbac_only_reads_what_the_agent_watches() -> Result<()> {
         resources.extend(strings(&rule["resources"]));
     }
     resources.sort();
-    assert_eq!(resources, ["endpointslices", "nodes", "pods", "services"]);
+    assert_eq!(
+        resources,
+        [
+            "endpointslices",
+            "namespaces",
+            "networkpolicies",
+            "nodes",
+            "pods",
+            "services"
+        ]
+    );
     Ok(())
 }
 
@@ -106,6 +116,38 @@ fn the_daemonset_runs_unprivileged_on_every_node_with_probes() -> Result<()> {
     assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(agent["ports"][0]["containerPort"], 9965);
+    Ok(())
+}
+
+/// `/metrics` names every Service and backend: the agent serves it on the node's
+/// loopback unless the operator exposes it, and kubelet probes it there (the pod
+/// shares the node's network, as kubelet does).
+#[test]
+fn the_agents_http_endpoint_is_on_loopback_where_kubelet_probes_it() -> Result<()> {
+    let docs = documents("daemonset.yaml")?;
+    let template = &docs[0]["spec"]["template"];
+    let agent = &template["spec"]["containers"][0];
+    let command = strings(&agent["command"]);
+    assert!(
+        command.contains(&"--http-addr=127.0.0.1:9965".to_string()),
+        "{command:?}"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &agent[probe]["httpGet"];
+        assert_eq!(get["host"], "127.0.0.1", "{probe}");
+        let port = &get["port"];
+        let named = agent["ports"]
+            .as_sequence()
+            .context("ports")?
+            .iter()
+            .find(|p| &p["name"] == port || &p["containerPort"] == port)
+            .with_context(|| format!("{probe}: no port {port:?}"))?;
+        assert_eq!(named["containerPort"], 9965, "{probe}");
+    }
+    assert!(
+        template["metadata"]["annotations"]["prometheus.io/scrape"].is_null(),
+        "scraping is announced but /metrics is on loopback"
+    );
     Ok(())
 }
 

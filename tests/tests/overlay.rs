@@ -657,3 +657,120 @@ fn cross_node_traffic_works_with_checksum_offload_off_and_on_everywhere() -> Res
     }
     Ok(())
 }
+
+/// Someone deletes the VXLAN device and Ferrite's nftables table under a running
+/// agent, and again while the agent is down: the next full sync (or the restart)
+/// makes both again and attaches `ferrite_from_overlay` to the new device (a pinned
+/// link outlives its device, attached nowhere: it is not taken for attached). Then a
+/// host on the overlay is answered from its own address and its spoofed pod
+/// addresses are dropped again, and `/readyz` says ready.
+#[test]
+fn a_deleted_vxlan_device_and_nft_table_are_made_again_and_the_overlay_checks_run_on_them(
+) -> Result<()> {
+    use ferrite_tests::lab::{sh, wait_until, SETTLE};
+    let mut cluster = Cluster::new(1)?;
+    cluster.nodes[0].add_pod("a0", pod_ip(0, 0))?;
+    let pod_ip0 = cluster.pod("a0").ip;
+    let vtep = linux_vtep(&cluster, &[pod_ip0])?;
+    let _pod_udp = cluster.pod("a0").serve(UDP_TARGET)?;
+    cluster.write_config(&format!(
+        "{}---\n{}",
+        cluster.nodes_and_pods_yaml(),
+        linux_node_yaml(&vtep)
+    ))?;
+    cluster.start_agents()?;
+    cluster.nodes[0].wait_for_maps("a route to the Linux host", |m| m.pod_routes() == 2)?;
+
+    let target = SocketAddrV4::new(pod_ip0, UDP_TARGET);
+    let ask_from = |source: std::net::Ipv4Addr| -> Result<Option<String>> {
+        vtep.netns.run(move || -> Result<Option<String>> {
+            let socket = std::net::UdpSocket::bind((source, 0))?;
+            socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let mut buf = [0u8; 512];
+            for _ in 0..3 {
+                socket.send_to(b"who am i", target)?;
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    return Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+            Ok(None)
+        })?
+    };
+    let spoofed: std::net::Ipv4Addr = "10.244.0.99".parse()?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &vtep.netns.name,
+            "addr",
+            "add",
+            &format!("{spoofed}/32"),
+            "dev",
+            "vxlan1",
+        ],
+    )?;
+    let netns = format!("--net={}", cluster.nodes[0].netns.path().display());
+    let vxlan = ferrite_common::VXLAN_DEVICE;
+    let delete_device_and_table = || -> Result<()> {
+        sh("nsenter", &[&netns, "ip", "link", "del", vxlan])?;
+        sh(
+            "nsenter",
+            &[&netns, "nft", "delete", "table", "ip", "ferrite"],
+        )?;
+        Ok(())
+    };
+    let overlay_checks_run = |node: &ferrite_tests::lab::Node, when: &str| -> Result<()> {
+        wait_until(
+            &format!("{when}: the device, the table and the program on it"),
+            SETTLE,
+            || {
+                let ifindex = node
+                    .netns
+                    .run(move || nix::net::if_::if_nametoindex(vxlan).ok());
+                let attached = ferrite_agent::datapath::attached_ifindex(
+                    &node.pin_dir(),
+                    &ferrite_agent::datapath::Attachment::Ingress(vxlan.into()),
+                );
+                let table = sh(
+                    "nsenter",
+                    &[&netns, "nft", "list", "table", "ip", "ferrite"],
+                );
+                matches!((ifindex, attached), (Ok(Some(i)), Ok(Some(a))) if i == a) && table.is_ok()
+            },
+        )?;
+        let drops = || -> Result<u64> {
+            Ok(node.maps()?.counters()?[ferrite_common::stat::DROP_SPOOFED as usize].packets)
+        };
+        let before = drops()?;
+        let genuine = ask_from(vtep.inside)?.with_context(|| format!("{when}: no answer"))?;
+        assert_eq!(
+            parse_answer(&genuine, "who am i")?.1,
+            vtep.inside.to_string(),
+            "{when}"
+        );
+        assert_eq!(
+            ask_from(spoofed)?,
+            None,
+            "{when}: a spoofed pod address got through"
+        );
+        assert!(
+            drops()? >= before + 3,
+            "{when}: spoofed packets not dropped by the datapath"
+        );
+        wait_until(&format!("{when}: /readyz 200"), SETTLE, || {
+            node.agent_http("/readyz")
+                .is_ok_and(|(status, _)| status == 200)
+        })?;
+        Ok(())
+    };
+    overlay_checks_run(&cluster.nodes[0], "at first")?;
+
+    delete_device_and_table()?;
+    overlay_checks_run(&cluster.nodes[0], "under the running agent")?;
+
+    cluster.nodes[0].kill_agent()?;
+    delete_device_and_table()?;
+    cluster.nodes[0].start_agent()?;
+    overlay_checks_run(&cluster.nodes[0], "after a restart")?;
+    Ok(())
+}

@@ -281,6 +281,11 @@ impl Datapath {
 
     /// Attach `program` to `interface`'s tcx ingress or egress and pin the link,
     /// unless a link is pinned there already. Returns whether a new attachment was made.
+    /// The interface index the link of `attachment` runs on (0: its device is gone).
+    pub fn attached_ifindex(&self, attachment: &Attachment) -> Result<Option<u32>> {
+        attached_ifindex(&self.pin_dir, attachment)
+    }
+
     pub fn ensure_attached(
         &mut self,
         interface: &str,
@@ -288,7 +293,8 @@ impl Datapath {
         program: &str,
     ) -> Result<bool> {
         let attachment = tc_attachment(interface, direction);
-        if pinned_link(&links_dir(&self.pin_dir).join(attachment.pin_name()))?.is_some() {
+        let pin = links_dir(&self.pin_dir).join(attachment.pin_name());
+        if pinned_link(&pin, Some(interface))?.is_some() {
             return Ok(false);
         }
         let program: &mut SchedClassifier = program_of_object(&mut self.ebpf, program)?;
@@ -372,7 +378,9 @@ impl Datapath {
     /// Move the link pinned as `link_name` to this agent's copy of `program`, with one
     /// BPF_LINK_UPDATE (after a restart or an upgrade). Returns whether it changed.
     fn replace_program(&mut self, link_name: &str, program: &str) -> Result<bool> {
-        let Some(link) = pinned_link(&links_dir(&self.pin_dir).join(link_name))? else {
+        let attachment = Attachment::from_pin_name(link_name);
+        let pin = links_dir(&self.pin_dir).join(link_name);
+        let Some(link) = pinned_link(&pin, attachment.device())? else {
             return Ok(false);
         };
         let program = self.ebpf.program_mut(program).context("program missing")?;
@@ -486,19 +494,86 @@ fn link_update(link: BorrowedFd, program: BorrowedFd) -> Result<()> {
     Ok(())
 }
 
-/// The link pinned at `link_pin`, if there is a live one; a stale pin is removed.
-fn pinned_link(link_pin: &Path) -> Result<Option<FdLink>> {
+/// The link pinned at `link_pin`, if there is a live one on `device` (for links of
+/// a device); a stale pin is removed. A tcx or XDP link outlives its device, defunct
+/// (attached nowhere), and a new device of the same name is another interface: such
+/// a pin is removed too, so the program is attached anew.
+fn pinned_link(link_pin: &Path, device: Option<&str>) -> Result<Option<FdLink>> {
     if !link_pin.exists() {
         return Ok(None);
     }
-    match PinnedLink::from_pin(link_pin) {
+    let link = match PinnedLink::from_pin(link_pin) {
         // The FdLink holds the link open; the pin stays.
-        Ok(link) => Ok(Some(FdLink::from(link))),
+        Ok(link) => FdLink::from(link),
         Err(_) => {
             let _ = fs::remove_file(link_pin);
+            return Ok(None);
+        }
+    };
+    let Some(device) = device else {
+        return Ok(Some(link));
+    };
+    let wanted = nix::net::if_::if_nametoindex(device).ok();
+    match link_ifindex(bpf_obj_get(link_pin)?.as_fd())? {
+        Some(attached) if Some(attached) != wanted => {
+            warn!(
+                link = %link_pin.display(),
+                attached,
+                device,
+                "pinned link is not on the device (gone or re-created): attaching anew"
+            );
+            fs::remove_file(link_pin)
+                .with_context(|| format!("removing {}", link_pin.display()))?;
             Ok(None)
         }
+        _ => Ok(Some(link)),
     }
+}
+
+/// The interface index a tcx or XDP link is attached to (BPF_OBJ_GET_INFO_BY_FD):
+/// 0 once its device is gone; `None` for links of no device (cgroup hooks).
+pub fn link_ifindex(link: BorrowedFd) -> Result<Option<u32>> {
+    /// `struct bpf_link_info` up to its union (8-byte aligned), whose tcx and xdp
+    /// members start with the ifindex; room for the rest of the union.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfo {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        ifindex: u32,
+        _rest: [u32; 31],
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: nix::libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: (&mut info as *mut LinkInfo) as u64,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD and
+    // points at a buffer of `info_len` bytes that outlives the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(matches!(info.link_type, BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info.ifindex))
+}
+
+/// The interface index the link pinned for `attachment` is attached to (0: its
+/// device is gone), if it is pinned and has a device.
+pub fn attached_ifindex(pin_dir: &Path, attachment: &Attachment) -> Result<Option<u32>> {
+    let pin = links_dir(pin_dir).join(attachment.pin_name());
+    if !pin.exists() {
+        return Ok(None);
+    }
+    link_ifindex(bpf_obj_get(&pin)?.as_fd())
 }
 
 impl Datapath {
@@ -506,7 +581,7 @@ impl Datapath {
     /// `xdp:<interface>`, unless already pinned. Returns whether it attached now.
     pub fn ensure_xdp_attached(&mut self, interface: &str) -> Result<bool> {
         let link_pin = links_dir(&self.pin_dir).join(Attachment::Xdp(interface.into()).pin_name());
-        if pinned_link(&link_pin)?.is_some() {
+        if pinned_link(&link_pin, Some(interface))?.is_some() {
             return Ok(false);
         }
         let program: &mut Xdp = program_of_object(&mut self.ebpf, program_names::FROM_WORLD)?;

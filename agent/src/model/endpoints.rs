@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     fields::{object_name, parse_ipv4, valid_port},
-    objects::{Endpoint, EndpointConditions, EndpointSlice, ServicePort},
+    objects::{Endpoint, EndpointConditions, EndpointHints, EndpointSlice, ForName, ServicePort},
     L4Addr, NodeContext, Protocol, ServiceRef, SkipReason, Skipped,
 };
 
@@ -19,6 +19,9 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
     Some(ServiceRef::in_namespace_of(meta, service))
 }
 
+/// The nodes and the zones an endpoint is hinted for.
+type Hints = (BTreeSet<String>, BTreeSet<String>);
+
 /// The endpoints of one Service port, sorted into what each policy uses.
 #[derive(Default)]
 pub(super) struct PortEndpoints {
@@ -27,26 +30,69 @@ pub(super) struct PortEndpoints {
     /// Serving and terminating: (address, on this node).
     terminating: BTreeSet<(L4Addr, bool)>,
     local: BTreeSet<L4Addr>,
+    /// Topology hints of ready endpoints: the nodes and zones each is hinted for.
+    hints: BTreeMap<L4Addr, Hints>,
+    /// The ready endpoints this node's clients use when the hints say so (kube-proxy's
+    /// topology rules, see [`PortEndpoints::apply_topology`]); `None`: all of them.
+    topology: Option<BTreeSet<L4Addr>>,
 }
 
 impl PortEndpoints {
-    /// (backends for new flows, terminating ones kept for established flows).
+    /// (backends for new flows, ones kept for established flows: terminating, and
+    /// ready ones topology leaves out for this node).
     pub(super) fn for_policy(&self, local_only: bool) -> (Vec<L4Addr>, Vec<L4Addr>) {
         let eligible = |a: &L4Addr| !local_only || self.local.contains(a);
-        let ready: Vec<L4Addr> = self.ready.iter().copied().filter(eligible).collect();
-        let terminating: Vec<L4Addr> = self
+        let mut ready: Vec<L4Addr> = self.ready.iter().copied().filter(eligible).collect();
+        let mut kept: BTreeSet<L4Addr> = self
             .terminating
             .iter()
             .filter(|(a, local)| !local_only || *local || self.local.contains(a))
             .map(|(a, _)| *a)
             .collect();
+        // Topology narrows the endpoints of cluster-wide policies only (kube-proxy's
+        // "cluster endpoints"); the rest keep their established flows.
+        if let (false, Some(preferred)) = (local_only, &self.topology) {
+            let (near, far): (Vec<L4Addr>, Vec<L4Addr>) =
+                ready.into_iter().partition(|a| preferred.contains(a));
+            ready = near;
+            kept.extend(far);
+        }
         if ready.is_empty() {
             // Nothing ready: serving terminating endpoints take new flows rather than
             // none (kube-proxy does the same since Kubernetes 1.26).
-            (terminating, Vec::new())
+            (kept.into_iter().collect(), Vec::new())
         } else {
-            (ready, terminating)
+            (ready, kept.into_iter().collect())
         }
+    }
+
+    /// kube-proxy's topology rules (pkg/proxy/topology.go): when every ready
+    /// endpoint has node hints and one names this node, those; else when every one
+    /// has zone hints and one names this node's zone, those; else all. The
+    /// EndpointSlice controller sets the hints from `trafficDistribution` and the
+    /// `service.kubernetes.io/topology-mode` annotation.
+    fn apply_topology(&mut self, here: &NodeContext) {
+        let hinted = |pick: &dyn Fn(&Hints) -> &BTreeSet<String>,
+                      wanted: Option<&str>|
+         -> Option<BTreeSet<L4Addr>> {
+            let all_hinted = self
+                .ready
+                .iter()
+                .all(|a| self.hints.get(a).is_some_and(|h| !pick(h).is_empty()));
+            let wanted = wanted?;
+            let for_us: BTreeSet<L4Addr> = self
+                .ready
+                .iter()
+                .filter(|a| self.hints.get(a).is_some_and(|h| pick(h).contains(wanted)))
+                .copied()
+                .collect();
+            (all_hinted && !for_us.is_empty()).then_some(for_us)
+        };
+        if self.ready.is_empty() {
+            return;
+        }
+        self.topology =
+            hinted(&|h| &h.0, Some(&here.name)).or_else(|| hinted(&|h| &h.1, here.zone()));
     }
 }
 
@@ -118,6 +164,14 @@ pub(super) fn port_backends(
                         if out.ready.insert(backend) && local {
                             out.local_ready += 1;
                         }
+                        if let Some(hints) = &endpoint.hints {
+                            let names = |list: &Option<Vec<ForName>>| -> BTreeSet<String> {
+                                list.iter().flatten().map(|n| n.name.clone()).collect()
+                            };
+                            let entry = out.hints.entry(backend).or_default();
+                            entry.0.extend(names(&hints.for_nodes));
+                            entry.1.extend(names(&hints.for_zones));
+                        }
                     }
                     _ => {
                         out.terminating.insert((backend, local));
@@ -129,6 +183,7 @@ pub(super) fn port_backends(
     // An address both ready (in one slice) and terminating (in another) is ready.
     let ready = out.ready.clone();
     out.terminating.retain(|(a, _)| !ready.contains(a));
+    out.apply_topology(here);
     out
 }
 
@@ -200,7 +255,7 @@ fn is_compacted(slice: &EndpointSlice) -> bool {
 }
 
 /// Shrink an EndpointSlice to what the model reads, for the watch cache: the first
-/// addresses of the endpoints alike for the model (same state, same node),
+/// addresses of the endpoints alike for the model (same state, node and hints),
 /// comma-separated, become the one address of one endpoint per such group (one
 /// `Endpoint` and one string instead of one of each per pod); later addresses of an
 /// endpoint go. The model reads the result exactly as the original.
@@ -208,7 +263,8 @@ pub fn compact_slice(slice: &mut EndpointSlice) {
     if is_compacted(slice) {
         return;
     }
-    let mut groups: BTreeMap<(bool, Option<String>), Vec<String>> = BTreeMap::new();
+    type Alike = (bool, Option<String>, Option<EndpointHints>);
+    let mut groups: BTreeMap<Alike, Vec<String>> = BTreeMap::new();
     for endpoint in slice.endpoints.iter().flatten() {
         let state = endpoint_state(endpoint);
         if state == EndpointState::Unused {
@@ -221,13 +277,17 @@ pub fn compact_slice(slice: &mut EndpointSlice) {
             return;
         }
         groups
-            .entry((state == EndpointState::Ready, endpoint.node_name.clone()))
+            .entry((
+                state == EndpointState::Ready,
+                endpoint.node_name.clone(),
+                endpoint.hints.clone(),
+            ))
             .or_default()
             .push(first.clone());
     }
     let endpoints: Vec<Endpoint> = groups
         .into_iter()
-        .map(|((ready, node_name), addresses)| Endpoint {
+        .map(|((ready, node_name, hints), addresses)| Endpoint {
             addresses: vec![addresses.join(",")],
             conditions: Some(EndpointConditions {
                 ready: Some(ready),
@@ -235,6 +295,7 @@ pub fn compact_slice(slice: &mut EndpointSlice) {
                 terminating: Some(!ready),
             }),
             node_name,
+            hints,
         })
         .collect();
     slice.endpoints = (!endpoints.is_empty()).then_some(endpoints);
@@ -354,5 +415,120 @@ endpoints:
             assert_eq!(slice.endpoints.iter().flatten().count(), 3);
         }
         assert_eq!(build_all(&compacted), original);
+    }
+
+    /// node-a (zone `z1`) and its Service `web` with three ready endpoints, each with
+    /// `hints` (YAML flow mappings, or empty for none).
+    fn topology(zone_label: &str, hints: [&str; 3]) -> DesiredState {
+        let zone = if zone_label.is_empty() {
+            String::new()
+        } else {
+            format!(", labels: {{topology.kubernetes.io/zone: {zone_label}}}")
+        };
+        let endpoints: String = ["10.244.0.11", "10.244.1.11", "10.244.2.11"]
+            .iter()
+            .zip(hints)
+            .map(|(ip, hints)| {
+                let hints = if hints.is_empty() {
+                    String::new()
+                } else {
+                    format!(", hints: {hints}")
+                };
+                format!("- {{addresses: [{ip}]{hints}}}\n")
+            })
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a{zone}}}\nspec: {{podCIDR: 10.244.0.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: 198.51.100.1}}]}}\n---
+apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}]}}
+---
+apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: shop}}\nspec: {{clusterIP: 10.96.0.11, internalTrafficPolicy: Local, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}---
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: shop, labels: {{kubernetes.io/service-name: local}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}"
+        );
+        let (objects, _) = parse_objects(&yaml).unwrap();
+        let (state, skipped) = build_all(&objects);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        // Compacted (as the watch cache keeps slices) it means the same.
+        let mut compacted = objects.clone();
+        for slice in &mut compacted.endpoint_slices {
+            compact_slice(Arc::make_mut(slice));
+        }
+        assert_eq!(build_all(&compacted).0, state);
+        state
+    }
+
+    /// The last octet of each backend for new flows, and of each kept for established
+    /// ones, at a frontend.
+    fn picked(state: &DesiredState, frontend: L4Addr) -> (Vec<u8>, Vec<u8>) {
+        let service = &state.services[&frontend];
+        let third = |list: &Vec<L4Addr>| list.iter().map(|a| a.ip.octets()[2]).collect();
+        (third(&service.backends), third(&service.terminating))
+    }
+
+    #[test]
+    fn topology_hints_narrow_cluster_wide_backends_as_kube_proxy_does() {
+        let vip = tcp("10.96.0.10", 8080 - 8000);
+        let node_port = tcp("198.51.100.1", 30080);
+        let zones = [
+            "{forZones: [{name: z1}]}",
+            "{forZones: [{name: z1}]}",
+            "{forZones: [{name: z2}]}",
+        ];
+        // PreferSameZone / topology-mode Auto: the zone's endpoints, the others kept
+        // for the flows they have; on the ClusterIP and the NodePort (policy Cluster).
+        let state = topology("z1", zones);
+        assert_eq!(picked(&state, vip), (vec![0, 1], vec![2]));
+        assert_eq!(picked(&state, node_port), (vec![0, 1], vec![2]));
+        // internalTrafficPolicy Local is not narrowed by topology.
+        assert_eq!(picked(&state, tcp("10.96.0.11", 80)), (vec![0], vec![]));
+        // Fallbacks to every endpoint: one endpoint without hints, a zone without
+        // endpoints, the node's zone label gone.
+        for (label, hints) in [
+            (
+                "z1",
+                ["{forZones: [{name: z1}]}", "", "{forZones: [{name: z2}]}"],
+            ),
+            ("z3", zones),
+            ("", zones),
+        ] {
+            assert_eq!(
+                picked(&topology(label, hints), vip),
+                (vec![0, 1, 2], vec![]),
+                "{label} {hints:?}"
+            );
+        }
+        // PreferSameNode: this node's endpoint; when none is for this node, the zone;
+        // when the zone has none either, all.
+        let same_node = |node: &str, zone: &str| {
+            format!("{{forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]}}")
+        };
+        let state = topology(
+            "z1",
+            [
+                &same_node("node-b", "z1"),
+                &same_node("node-a", "z1"),
+                &same_node("node-c", "z2"),
+            ],
+        );
+        assert_eq!(picked(&state, vip), (vec![1], vec![0, 2]));
+        let state = topology(
+            "z1",
+            [
+                &same_node("node-b", "z1"),
+                &same_node("node-c", "z1"),
+                &same_node("node-d", "z2"),
+            ],
+        );
+        assert_eq!(picked(&state, vip), (vec![0, 1], vec![2]));
+        let state = topology(
+            "z9",
+            [
+                &same_node("node-b", "z1"),
+                &same_node("node-c", "z1"),
+                &same_node("node-d", "z2"),
+            ],
+        );
+        assert_eq!(picked(&state, vip), (vec![0, 1, 2], vec![]));
     }
 }

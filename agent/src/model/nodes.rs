@@ -7,6 +7,9 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
 use super::{ClusterNode, SkipReason, Skipped};
 use crate::limits::Limits;
 
+/// The Node label naming its zone (topology-aware routing).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Node annotation a VTEP of another implementation uses to announce its MAC.
 pub const VTEP_MAC_ANNOTATION: &str = "ferrite.dev/vtep-mac";
 
@@ -164,7 +167,15 @@ fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
             .ok_or_else(|| format!("annotation {VTEP_MAC_ANNOTATION} {value:?} is not a MAC"))?,
         None => ferrite_common::vtep_mac_for(ip),
     };
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(ZONE_LABEL))
+        .filter(|zone| !zone.is_empty())
+        .cloned();
     Ok(ClusterNode {
+        zone,
         name,
         ip,
         pod_cidrs,

@@ -33,6 +33,21 @@ impl Agent {
         self.child.id()
     }
 
+    /// A number of its `/proc/<pid>/status` (`VmRSS`, `VmHWM` in KiB; `Threads`).
+    pub fn status_number(&self, field: &str) -> Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {field} in the agent's status"))
+    }
+
+    /// The descriptors it has open.
+    pub fn open_fds(&self) -> Result<usize> {
+        Ok(fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
     pub fn log_text(&self) -> String {
         let mut text = String::new();
         let _ = fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
