@@ -9,6 +9,7 @@
 
 use core::net::Ipv4Addr;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -515,6 +516,16 @@ pub const CT_FLAG_SNAT: u16 = 8;
 /// holds what undoes that: the replies go back through the stack, never straight
 /// to the client. `backend_address`/`backend_port`: the pod it reached.
 pub const CT_FLAG_VIA_STACK: u16 = 16;
+/// `CtValue::flags`: a TCP flow whose client has not completed its handshake. Set on
+/// both entries of every TCP flow the datapath records (and on a flow the stack
+/// forwarded), cleared on both when the client sends a segment with ACK and neither
+/// SYN nor RST after the other side answered (its reply entry has seen a packet):
+/// the backend answers every SYN, spoofed ones too, so its SYN-ACK proves nothing
+/// about the client. Conntrack GC gives such flows the SYN lifetime (60 s, not 6 h),
+/// and a new flow that finds no free SNAT port takes over the oldest such claim among
+/// the ports it tried. Entries without it (recorded before it existed, and every
+/// UDP flow) are established.
+pub const CT_FLAG_UNESTABLISHED: u16 = 32;
 
 /// `CtValue::route_kind`: delivered to a pod of this node (`route_target` = ifindex).
 pub const CT_ROUTE_LOCAL: u8 = 1;

@@ -2,11 +2,12 @@
 //! reverse NAT of a backend's reply, then local delivery or the host stack. A new flow
 //! to a Service without ready backends is refused with ICMP port unreachable, sent
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
-//! dropped (`drop_no_backend`).
+//! dropped (`drop_no_backend`). An ICMP error a backend sends about a packet of a
+//! translated flow is translated back like the flow's replies.
 use ferrite_common::{
     explain::{step, write},
-    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP,
-    REV_NAT_NONE,
+    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH,
+    PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
 };
 
 use crate::{
@@ -18,7 +19,7 @@ use crate::{
     lb::{self, NewFlowOutcome},
     nat,
     packet::{Packet, Verdict},
-    reply,
+    reply::{self, ErrorTo},
     routing::{self, Found},
     trace::{self, count},
 };
@@ -130,6 +131,19 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         return routing::route_found(pkt, &found, daddr, dport);
     } else if is_fragment_routed(&h) {
         count(h.explain, stat::FRAGMENT_ROUTED, pkt.len());
+    } else if h.proto == PROTO_ICMP {
+        match reply::reverse_icmp_error(pkt, &h)? {
+            ErrorTo::Unrelated => {}
+            ErrorTo::Stack => {
+                pkt.count(stat::PASSED_TO_STACK);
+                return Ok(Verdict::Pass);
+            }
+            ErrorTo::World => return routing::to_world(pkt, &h),
+            ErrorTo::Client(client) if routing::is_host_address(client) => {
+                return routing::to_host(pkt)
+            }
+            ErrorTo::Client(client) => daddr = client,
+        }
     }
     routing::route(pkt, daddr, dport)
 }

@@ -5,8 +5,11 @@
 //! endpoint, such as the API server): those are translated back to the Service
 //! address here; and what pods send this pod through the stack, such as a pod's
 //! connection to a hostPort on a node address that netfilter (portmap) DNATed to this
-//! pod: such a flow is recorded so that its replies go back through the stack too.
-//! Everything passes; nothing is dropped at this hook.
+//! pod: such a flow is recorded so that its replies go back through the stack too;
+//! ICMP errors about Service flows are translated back too. Everything passes;
+//! nothing is dropped at this hook.
+use ferrite_common::PROTO_ICMP;
+
 use crate::{
     action, conntrack,
     headers::{parse, Parsed},
@@ -28,6 +31,12 @@ pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports => h,
+        // An ICMP error a host-network backend's stack sent about a packet of a
+        // Service flow (a closed port): translated back, on its way to the pod.
+        Parsed::Ipv4(h) if h.proto == PROTO_ICMP => {
+            reply::reverse_icmp_error(pkt, &h)?;
+            return Ok(Verdict::Pass);
+        }
         _ => return Ok(Verdict::Pass),
     };
     if reply::reverse_in_cluster_reply(pkt, &h)? {
