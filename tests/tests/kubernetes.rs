@@ -331,3 +331,65 @@ fn after_410_gone_the_agent_relists_and_removes_what_was_deleted_in_the_gap() ->
     assert!(restarts >= 1, "no watch restart counted:\n{metrics}");
     Ok(())
 }
+
+/// NetworkPolicies, Pods and their labels arrive as watch events like everything
+/// else: a default-deny cuts a pod off, a policy allowing pods of its namespace
+/// lets them back in, relabelling the client out of the peer cuts it off again,
+/// and deleting the policies opens everything.
+#[test]
+fn network_policies_and_pod_labels_follow_watch_events() -> Result<()> {
+    use ferrite_common::policy::ENDPOINT_INGRESS_ISOLATED;
+    let c = kube_cluster()?;
+    let (api, node) = (&c.api, &c.node);
+    let (client, _) = CLIENTS[0];
+    let pod_yaml = |name: &str, role: &str| {
+        let pod = node.pod(name);
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{role: {role}}}}}\n\
+             spec: {{nodeName: {}, containers: [{{name: app, image: none}}]}}\n\
+             status: {{phase: Running, podIP: {}}}\n",
+            node.name, pod.ip
+        )
+    };
+    api.apply_yaml(&pod_yaml(client, "client"))?;
+    api.apply_yaml(&pod_yaml(BACKENDS[0].0, "web"))?;
+    let web = std::net::SocketAddrV4::new(BACKENDS[0].1, ferrite_tests::cluster::TCP_TARGET);
+    let reaches = || {
+        node.pod(client)
+            .probe()
+            .tcp(web, "hello")
+            .map(|o| o.reply.is_some())
+    };
+    assert!(reaches()?, "web before any policy");
+
+    let isolated = |m: &MapContents| {
+        m.endpoints.iter().any(|(k, e)| {
+            k.address == BACKENDS[0].1.octets() && e.flags & ENDPOINT_INGRESS_ISOLATED != 0
+        })
+    };
+    api.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n\
+         spec: {podSelector: {matchLabels: {role: web}}, policyTypes: [Ingress]}\n",
+    )?;
+    node.wait_for_maps("web isolated", isolated)?;
+    assert!(!reaches()?, "web reached under a default deny");
+
+    api.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-clients, namespace: default}\n\
+         spec: {podSelector: {matchLabels: {role: web}}, ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]}\n",
+    )?;
+    node.wait_for_maps("web's allow rule", |m| !m.policy.is_empty())?;
+    assert!(reaches()?, "the allowed client is refused");
+
+    api.apply_yaml(&pod_yaml(client, "other"))?;
+    node.wait_for_maps("the relabelled client out of the rule", |m| {
+        m.policy.is_empty()
+    })?;
+    assert!(!reaches()?, "a client outside the peer reached web");
+
+    api.delete("NetworkPolicy", "default", "deny");
+    api.delete("NetworkPolicy", "default", "from-clients");
+    node.wait_for_maps("web open again", |m| !isolated(m))?;
+    assert!(reaches()?, "web closed after the policies went");
+    Ok(())
+}
