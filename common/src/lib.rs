@@ -526,6 +526,11 @@ pub const CT_FLAG_VIA_STACK: u16 = 16;
 /// the ports it tried. Entries without it (recorded before it existed, and every
 /// UDP flow) are established.
 pub const CT_FLAG_UNESTABLISHED: u16 = 32;
+/// `CtValue::flags`: a flow between addresses (no Service) that a NetworkPolicy of a
+/// pod at either end of it on this node had to allow, recorded (both directions,
+/// the reply entry with `CT_FLAG_REPLY` and the client in `nat_address:nat_port`)
+/// so that its replies pass as replies and its packets carry their verdict.
+pub const CT_FLAG_POLICY: u16 = 64;
 
 /// `CtValue::route_kind`: delivered to a pod of this node (`route_target` = ifindex).
 pub const CT_ROUTE_LOCAL: u8 = 1;
@@ -573,7 +578,11 @@ pub struct CtValue {
     pub route_kind: u8,
     /// `CT_VERIFIED_*`: 0 = nothing cached.
     pub verified_kind: u8,
-    pub _pad: u16,
+    /// `policy::CT_POLICY_*`: the NetworkPolicy verdict on the flow, valid while
+    /// `cache_epoch` is the node's `route_epoch` (the agent bumps it on every
+    /// policy change, so a connection a new policy denies stops within one sync).
+    pub policy_verdict: u8,
+    pub _pad: u8,
     /// The kernel's jiffies (bpf_jiffies64, which the verifier turns into one load:
     /// a clock helper call per packet cost a seventh of the established path). Tick
     /// resolution is enough for flow ages; the agent reads the same clock with

@@ -88,7 +88,11 @@ pub const DROP_TTL_EXCEEDED: u32 = 35;
 /// backend sent about a packet of a translated flow, translated back like the flow's
 /// replies (its source and the packet it quotes), so the client's socket sees it.
 pub const ICMP_ERROR_REVERSE_NAT: u32 = 36;
-pub const COUNT: u32 = 37;
+/// A packet to a pod of this node isolated for ingress that no policy of it allows.
+pub const DROP_POLICY_INGRESS: u32 = 37;
+/// A packet of a pod of this node isolated for egress that no policy of it allows.
+pub const DROP_POLICY_EGRESS: u32 = 38;
+pub const COUNT: u32 = 39;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -128,4 +132,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "snat_port_reclaimed",
     "drop_ttl_exceeded",
     "icmp_error_reverse_nat",
+    "drop_policy_ingress",
+    "drop_policy_egress",
 ];

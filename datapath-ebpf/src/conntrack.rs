@@ -8,7 +8,7 @@ use core::ptr::NonNull;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_POLICY, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
     CT_FLAG_VIA_STACK, CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
@@ -277,6 +277,7 @@ pub fn claim_epoch(entry: NonNull<CtValue>, epoch: u32) {
         if (*entry).cache_epoch != epoch {
             (*entry).route_kind = 0;
             (*entry).verified_kind = 0;
+            (*entry).policy_verdict = 0;
             (*entry).cache_epoch = epoch;
         }
     }
@@ -326,6 +327,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
         route_macs: [0; 12],
         route_kind: CT_ROUTE_STACK,
         verified_kind: 0,
+        policy_verdict: 0,
         _pad: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
@@ -334,6 +336,42 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
     };
     // Another CPU's packet of the flow may have made it first: as good.
     let _ = CONNTRACK.insert(reply_key, entry, BPF_NOEXIST as u64);
+}
+
+/// Record a flow between addresses (no Service) that a NetworkPolicy allowed
+/// (`verdict`, cached at `epoch`): the forward entry under `h`'s tuple, and the
+/// reply entry (`CT_FLAG_REPLY`, its reverse translation a no-op: the client in
+/// `nat_address:nat_port` is where the replies go anyway), so the answers pass as
+/// answers. Nothing is recorded if the reply tuple is another flow's.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn create_policed(h: &Headers, epoch: u32, verdict: u8, bytes: u32) {
+    if !trace::writes(h.explain, write::CT_CREATE) {
+        return;
+    }
+    let now = unsafe { bpf_jiffies64() };
+    let flow = NewFlow {
+        backend_id: 0,
+        backend_addr: h.daddr,
+        backend_port: h.dport,
+        rev_nat_index: REV_NAT_NONE,
+        flags: CT_FLAG_POLICY,
+    };
+    let flags = CT_FLAG_POLICY | handshake_pending(h);
+    let mut entry = value(&flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
+    entry.cache_epoch = epoch;
+    entry.policy_verdict = verdict;
+    let reply_key = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
+    if CONNTRACK
+        .insert(reply_key, &entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return;
+    }
+    entry.flags = flags;
+    entry.packets = 1;
+    entry.bytes = bytes as u64;
+    let _ = CONNTRACK.insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), &entry, 0);
 }
 
 /// How a new Service flow is translated.
@@ -363,6 +401,7 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
         route_macs: [0; 12],
         route_kind: 0,
         verified_kind: 0,
+        policy_verdict: 0,
         _pad: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
