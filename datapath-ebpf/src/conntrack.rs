@@ -8,8 +8,9 @@ use core::ptr::NonNull;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_POLICY, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
-    CT_FLAG_VIA_STACK, CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_POLICY, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE,
+    SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{

@@ -86,7 +86,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let mut related_error = false;
     if h.proto == PROTO_ICMP {
         match reply::reverse_icmp_error(pkt, &h)? {
-            ErrorTo::Unrelated | ErrorTo::Stack => {}
+            ErrorTo::Unrelated | ErrorTo::Untracked(_) | ErrorTo::Stack => {}
             ErrorTo::World => return routing::to_world(pkt, &h),
             ErrorTo::Client(client) if routing::is_host_address(client) => {
                 return routing::to_host(pkt)

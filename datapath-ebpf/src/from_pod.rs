@@ -146,6 +146,8 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     } else if h.proto == PROTO_ICMP {
         match reply::reverse_icmp_error(pkt, &h)? {
             ErrorTo::Unrelated => {}
+            // Routed like the flow's replies (by the port it quotes).
+            ErrorTo::Untracked(port) => dport = port,
             ErrorTo::Stack => {
                 pkt.count(stat::PASSED_TO_STACK);
                 return Ok(Verdict::Pass);

@@ -28,9 +28,9 @@ mod external;
 mod icmp;
 mod lb;
 mod nat;
+mod policy;
 mod reply;
 mod routing;
-mod policy;
 // Program entries.
 mod action;
 mod from_host;

@@ -6,11 +6,12 @@ use aya_ebpf::btf_maps::{
     SkStorage,
 };
 use ferrite_common::{
-    capacity, monitor, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    EndpointInfo, EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable,
-    MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, SockService, SourceRangeKey,
+    capacity, monitor,
     policy::{IpcacheValue, PolicyKey, PolicyValue},
+    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
+    ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent, NodeConfig,
+    RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
+    SourceRangeKey,
 };
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's

@@ -45,10 +45,7 @@ fn identity(addr: u32) -> u32 {
 fn allows(endpoint: u32, direction: u8, peer: u32, proto: u8, port: u16) -> bool {
     let endpoint = endpoint.to_ne_bytes();
     let exact = PolicyKey::lookup(endpoint, direction, identity(peer), proto, port);
-    if POLICY
-        .get(&Key::new(POLICY_PREFIX_FULL, exact))
-        .is_some()
-    {
+    if POLICY.get(&Key::new(POLICY_PREFIX_FULL, exact)).is_some() {
         return true;
     }
     let any = PolicyKey::lookup(endpoint, direction, IDENTITY_ANY, proto, port);
@@ -58,7 +55,9 @@ fn allows(endpoint: u32, direction: u8, peer: u32, proto: u8, port: u16) -> bool
 /// The isolation flags (`EndpointInfo::flags`) of `addr`, if it is a pod of this node.
 #[inline(always)]
 fn isolation(addr: u32) -> u32 {
-    routing::local_endpoint(addr).map(|ep| ep.flags).unwrap_or(0)
+    routing::local_endpoint(addr)
+        .map(|ep| ep.flags)
+        .unwrap_or(0)
 }
 
 /// The verdict (`CT_POLICY_*`) on a flow opened from `src` to `dst:dport` over
@@ -69,7 +68,8 @@ fn isolation(addr: u32) -> u32 {
 #[inline(always)]
 pub fn verdict(src: u32, dst: u32, proto: u8, dport: u16) -> u8 {
     let (src_flags, dst_flags) = (isolation(src), isolation(dst));
-    if src_flags & ENDPOINT_EGRESS_ISOLATED != 0 && !allows(src, DIRECTION_EGRESS, dst, proto, dport)
+    if src_flags & ENDPOINT_EGRESS_ISOLATED != 0
+        && !allows(src, DIRECTION_EGRESS, dst, proto, dport)
     {
         return CT_POLICY_DENIED_EGRESS;
     }
@@ -92,7 +92,12 @@ pub const ISOLATED: u32 = ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED;
 /// The verdict on the flow a packet `h` opens (no conntrack entry), judged as sent.
 #[inline(always)]
 pub fn verdict_of_new(h: &Headers) -> u8 {
-    verdict(h.saddr, h.daddr, h.proto, if h.has_ports { h.dport } else { 0 })
+    verdict(
+        h.saddr,
+        h.daddr,
+        h.proto,
+        if h.has_ports { h.dport } else { 0 },
+    )
 }
 
 /// The drop reason of a denying verdict.

@@ -15,6 +15,11 @@ pub enum ErrorTo {
     /// Not about a flow conntrack translated (or left untranslated, its Service gone):
     /// a packet like any other, to its destination.
     Unrelated,
+    /// About a flow this node holds no state of, from the quoted packet's destination
+    /// to its source: routed as the flow's replies are, by the quoted source port
+    /// (this one), so an error about a NodePort flow another node SNATed to a port of
+    /// its range goes back over the overlay to that node, which translates it.
+    Untracked(u16),
     /// About a flow the stack forwarded (a hostPort's): back through the stack, whose
     /// netfilter state translates it.
     Stack,
@@ -39,7 +44,7 @@ pub fn reverse_icmp_error<P: Packet>(pkt: &P, h: &Headers) -> Result<ErrorTo, ()
         return Ok(ErrorTo::Unrelated);
     }
     let Some(ct) = conntrack::lookup_related(&quoted) else {
-        return Ok(ErrorTo::Unrelated);
+        return Ok(ErrorTo::Untracked(quoted.sport));
     };
     if ct.flags & CT_FLAG_VIA_STACK != 0 {
         return Ok(ErrorTo::Stack);

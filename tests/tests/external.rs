@@ -776,3 +776,98 @@ fn after_a_syn_flood_from_spoofed_sources_real_connections_to_a_node_port_succee
     }
     Ok(())
 }
+
+/// A NodePort Service (UDP, nodePort `node_port`) whose only endpoint `address` on
+/// `node` listens on nothing at the target port (5999).
+fn closed_udp_node_port(
+    name: &str,
+    vip: Ipv4Addr,
+    node_port: u16,
+    address: Ipv4Addr,
+    node: &str,
+) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {vip}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 5999, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: dns, port: 5999, protocol: UDP}}
+endpoints:
+- addresses: [\"{address}\"]
+  nodeName: {node}
+  conditions: {{ready: true}}
+"
+    )
+}
+
+/// Issue 24, item 13, from the world: a connected UDP client of a NodePort whose
+/// backend's target port is closed gets ECONNREFUSED at once, as through
+/// kube-proxy's NAT: the backend's ICMP port unreachable is translated back like the
+/// flow's replies (from the NodePort, quoting what the client sent). With the backend
+/// on node 0 (DNAT only) the error leaves from its veth; with the backend on node 1
+/// (node 0 SNATs the flow to a port of its range) it goes back over the overlay to
+/// node 0, which holds the flow, by the quoted SNAT port, and is translated there.
+/// Untranslated, the error names the backend (or quotes node 0's SNAT port), which
+/// the client's socket never talked to, and the client waits for its timeout.
+#[test]
+fn a_connected_udp_client_of_a_node_port_whose_backend_port_is_closed_is_refused() -> Result<()> {
+    const HERE: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 81), 30090);
+    const THERE: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 82), 30091);
+    let env = world(|c| {
+        [
+            closed_udp_node_port(
+                "closed-here",
+                HERE.0,
+                HERE.1,
+                c.pod("a1").ip,
+                &c.nodes[0].name,
+            ),
+            closed_udp_node_port(
+                "closed-there",
+                THERE.0,
+                THERE.1,
+                c.pod("b0").ip,
+                &c.nodes[1].name,
+            ),
+        ]
+        .join("---\n")
+    })?;
+    let c = &env.cluster;
+    let node0 = c.nodes[0].ip.context("plugged")?;
+    for (index, (what, node_port)) in [("on the node", HERE.1), ("on the other node", THERE.1)]
+        .into_iter()
+        .enumerate()
+    {
+        let socket = udp_socket(&c.world, client_ip(index as u8))?;
+        socket.connect(SocketAddrV4::new(node0, node_port))?;
+        // A first datagram may meet a neighbour entry still being resolved: three tries.
+        let mut error = None;
+        for _ in 0..3 {
+            socket.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            error = socket.recv(&mut buf).err();
+            if error.as_ref().map(std::io::Error::kind) == Some(ErrorKind::ConnectionRefused) {
+                break;
+            }
+        }
+        assert_eq!(
+            error.as_ref().map(std::io::Error::kind),
+            Some(ErrorKind::ConnectionRefused),
+            "connected UDP to node 0's NodePort {node_port}, the backend {what}: {error:?}"
+        );
+    }
+    // Both errors were translated on node 0, where the flows' state is.
+    assert!(counter(c, 0, stat::ICMP_ERROR_REVERSE_NAT)? >= 2);
+    assert_eq!(counter(c, 0, stat::NODEPORT_REJECTED)?, 0);
+    Ok(())
+}

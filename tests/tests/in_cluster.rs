@@ -260,6 +260,7 @@ in_both_modes!(
     a_pod_reaches_itself_through_its_service,
     a_service_without_endpoints_refuses_at_once,
     a_udp_client_follows_its_service_when_the_old_backend_still_backs_another,
+    a_connected_udp_socket_to_a_service_whose_backend_port_is_closed_is_refused,
 );
 
 /// Every cluster's `kubernetes` Service: the API server listens on a control-plane
@@ -415,6 +416,87 @@ fn a_service_without_endpoints_refuses_at_once(mode: Mode) -> Result<()> {
             "{at_socket} {per_packet}"
         ),
     }
+    Ok(())
+}
+
+/// A ClusterIP Service (UDP 53) whose only endpoint `address` listens on nothing
+/// at the target port (5999).
+fn closed_port_service(name: &str, vip: Ipv4Addr, address: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {vip}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 5999}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: dns, port: 5999, protocol: UDP}}
+endpoints:
+- addresses: [\"{address}\"]
+  conditions: {{ready: true}}
+"
+    )
+}
+
+/// kube-proxy's behaviour for a Service whose backend port is closed: a connected UDP
+/// socket gets ECONNREFUSED at once from the backend's ICMP port unreachable, which
+/// the datapath translates back to the Service address (the quoted packet too), as
+/// Linux NAT does. Backends on the client's node (the error seen on the backend's
+/// veth), on the other node (arriving over the overlay), and a node address (the
+/// node's stack answers, through the client's veth). Connected UDP is per packet in
+/// both modes (socket-level LB leaves it alone), so both need the translation;
+/// untranslated, the error names the backend, which the socket never talked to,
+/// and the client waits for its timeout. (Socket-level LB gives unconnected UDP and
+/// TCP the backend's address at the socket: the kernel matches those errors itself.)
+fn a_connected_udp_socket_to_a_service_whose_backend_port_is_closed_is_refused(
+    mode: Mode,
+) -> Result<()> {
+    const HERE: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 1);
+    const THERE: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 2);
+    const HOST: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 3);
+    let lab = lab_with(mode, |c| {
+        [
+            closed_port_service("closed-here", HERE, c.pod("a0").ip),
+            closed_port_service("closed-there", THERE, c.pod("b1").ip),
+            closed_port_service("closed-host", HOST, c.nodes[0].ip.expect("plugged")),
+        ]
+        .join("---\n")
+    })?;
+    let c = &lab.cluster;
+    for node in &c.nodes {
+        node.wait_for_maps("the closed ports' Services", |m| {
+            m.services.contains_key(&ferrite_common::ServiceKey::new(
+                HOST,
+                53,
+                ferrite_common::PROTO_UDP,
+                0,
+            ))
+        })?;
+    }
+    let probe = c.pod("c0").probe();
+    for (what, vip) in [
+        ("a backend on the node", HERE),
+        ("a backend on the other node", THERE),
+        ("a node address", HOST),
+    ] {
+        let outcome = probe.udp_connected(udp(vip), "anyone?")?;
+        ensure!(
+            outcome.error.as_deref() == Some("refused"),
+            "connected UDP to {vip} ({what}): {outcome:?}"
+        );
+    }
+    // The errors of the local and host-network backends on node 0, the remote one's
+    // on node 0 too (the client's node, where the flow is translated).
+    let translated = node_counter(&c.nodes[0], stat::ICMP_ERROR_REVERSE_NAT)?;
+    ensure!(translated == 3, "{translated} ICMP errors translated");
+    // Connected UDP is left to the per-packet path in both modes.
+    ensure!(node_counter(&c.nodes[0], stat::SOCK_TRANSLATED)? == 0);
     Ok(())
 }
 
