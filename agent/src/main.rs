@@ -107,6 +107,9 @@ enum Command {
         /// For `diff`: the agent's admission flags.
         #[command(flatten)]
         admission: AdmissionArgs,
+        /// For `policy`: only the pod with this address.
+        #[arg(long)]
+        pod: Option<std::net::Ipv4Addr>,
     },
     /// Stream the datapath's drops (with their reason) and new Service flows (with
     /// the backend chosen) as they happen, from the node's agent. Run it in the
@@ -539,6 +542,7 @@ fn main() -> Result<()> {
             vni,
             cluster_cidr,
             admission,
+            ..
         } => {
             let pin_dir = datapath::pin_dir(&node);
             let maps = NodeMaps::open(&pin_dir)?;
@@ -562,10 +566,11 @@ fn main() -> Result<()> {
             node,
             table,
             output,
+            pod,
             ..
         } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
-            print!("{}", inspect::render(&maps, table, output)?);
+            print!("{}", inspect::render_for_pod(&maps, table, output, pod)?);
             Ok(())
         }
         Command::Monitor {

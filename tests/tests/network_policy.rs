@@ -371,6 +371,48 @@ fn the_reachability_matrix_follows_every_policy_change() -> Result<()> {
         !is(s, "x/a") || (c.namespace == "y" && p == 80 && pr == Tcp)
     })?;
 
+    // `ferrite inspect policy` shows x/a's one rule, its peers namespace y's pods.
+    let x_a = all_pods().into_iter().find(|p| is(p, "x/a")).unwrap();
+    let shown = m.cluster.nodes[m.node_of(&x_a)].inspect_json("policy")?;
+    let rows: Vec<_> = shown
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["pod"] == m.ip(&x_a).to_string())
+        .collect();
+    let y_ips: Vec<String> = all_pods()
+        .iter()
+        .filter(|p| p.namespace == "y")
+        .map(|p| format!("{}/32", m.ip(p)))
+        .collect();
+    assert_eq!(rows.len(), 1, "{shown:#}");
+    let row = rows[0];
+    assert_eq!(
+        (
+            &row["direction"],
+            &row["verdict"],
+            &row["protocol"],
+            &row["ports"]
+        ),
+        (
+            &"ingress".into(),
+            &"allow".into(),
+            &"TCP".into(),
+            &"80".into()
+        ),
+        "{row:#}"
+    );
+    let mut peers: Vec<String> = row["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| p.as_str().unwrap_or_default().to_string())
+        .collect();
+    peers.sort();
+    let mut want = y_ips.clone();
+    want.sort();
+    assert_eq!(peers, want, "{row:#}");
+
     // Through the Service in front of x/a: the policy sees the client and port 80,
     // on the per-packet path (this process) and at the socket (a pod's process).
     let vip = SocketAddrV4::new(VIP, 80);

@@ -11,6 +11,8 @@ use ferrite_common::{
 };
 use serde::Serialize;
 
+mod policy;
+
 use crate::{
     maps::{describe_op, NodeMaps},
     model::Protocol,
@@ -25,6 +27,9 @@ pub enum Table {
     Conntrack,
     Stats,
     Routes,
+    /// NetworkPolicy: each isolated pod's allowed peers, protocols and ports
+    /// (`--pod ADDRESS` for one pod).
+    Policy,
     /// Writes a sync would make now (needs the objects: --config or the API).
     Diff,
 }
@@ -288,8 +293,19 @@ fn op_action(op: &Op) -> &'static str {
 }
 
 pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
+    render_for_pod(maps, table, output, None)
+}
+
+/// [`render`], the `policy` table limited to the pod at `pod`.
+pub fn render_for_pod(
+    maps: &NodeMaps,
+    table: Table,
+    output: Output,
+    pod: Option<Ipv4Addr>,
+) -> Result<String> {
     let contents = maps.contents_without_maglev()?;
     match table {
+        Table::Policy => show(&policy::rows(&contents, pod), output),
         Table::Services => {
             let rows: Vec<ServiceRow> = contents
                 .services
