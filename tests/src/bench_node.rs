@@ -53,6 +53,10 @@ pub const POD_MTU: u16 = 1450;
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+/// Pods of this node that NetworkPolicies isolate both ways, the client allowed to
+/// send to the server's port 8080 and the server to take it from the client.
+pub const POLICED_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 4);
+pub const POLICED_SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 /// Pods of this node that are each other's Service backend.
 pub const LOCAL_PAIR: [SocketAddrV4; 2] = [
     SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 10), 80),
@@ -150,6 +154,7 @@ impl Hook {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Established {
     PodToPodLocal,
+    PodToPodPoliced,
     PodToPodRemote,
     ClusterIpLocal,
     ClusterIpRemote,
@@ -160,8 +165,9 @@ pub enum Established {
 }
 
 impl Established {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::PodToPodLocal,
+        Self::PodToPodPoliced,
         Self::PodToPodRemote,
         Self::ClusterIpLocal,
         Self::ClusterIpRemote,
@@ -174,6 +180,7 @@ impl Established {
     pub fn label(self) -> &'static str {
         match self {
             Self::PodToPodLocal => "pod -> pod, same node",
+            Self::PodToPodPoliced => "pod -> pod, same node, both policed",
             Self::PodToPodRemote => "pod -> pod, other node (overlay)",
             Self::ClusterIpLocal => "pod -> ClusterIP, local backend",
             Self::ClusterIpRemote => "pod -> ClusterIP, remote backend",
@@ -195,7 +202,7 @@ impl Established {
     /// Counters every pass of this path bumps exactly once.
     pub fn counters(self) -> &'static [u32] {
         match self {
-            Self::PodToPodLocal => &[stat::DELIVERED_LOCAL],
+            Self::PodToPodLocal | Self::PodToPodPoliced => &[stat::DELIVERED_LOCAL],
             Self::PodToPodRemote => &[stat::SENT_TO_NODE],
             Self::ClusterIpLocal => &[stat::SERVICE_ESTABLISHED, stat::DELIVERED_LOCAL],
             Self::ClusterIpRemote => &[stat::SERVICE_ESTABLISHED, stat::SENT_TO_NODE],
@@ -209,6 +216,7 @@ impl Established {
     pub fn client_port(self) -> u16 {
         match self {
             Self::PodToPodLocal => 41000,
+            Self::PodToPodPoliced => 41004,
             Self::PodToPodRemote => 41001,
             Self::ClusterIpLocal | Self::ReplyLocal => 41002,
             Self::ClusterIpRemote | Self::ReplyOverlay => 41003,
@@ -223,6 +231,10 @@ impl Established {
         let world = SocketAddrV4::new(WORLD_CLIENT, self.client_port());
         let (from, to) = match self {
             Self::PodToPodLocal => (client, SocketAddrV4::new(LOCAL_POD, 8080)),
+            Self::PodToPodPoliced => (
+                SocketAddrV4::new(POLICED_CLIENT, self.client_port()),
+                SocketAddrV4::new(POLICED_SERVER, 8080),
+            ),
             Self::PodToPodRemote => (client, SocketAddrV4::new(REMOTE_POD, 8080)),
             Self::ClusterIpLocal => (client, LOCAL_PAIR[0]),
             Self::ClusterIpRemote => (client, REMOTE_PAIR[0]),
@@ -312,7 +324,14 @@ impl BenchNode {
         // The agent's routes: this node's CIDR, the other node's, its address.
         add_pod_routes(&mut bed)?;
         bed.add_route(REMOTE_NODE_IP, 32, REMOTE_NODE_IP, ROUTE_NODE)?;
-        let mut pods = vec![CLIENT, LOCAL_POD, *LOCAL_PAIR[0].ip(), *LOCAL_PAIR[1].ip()];
+        let mut pods = vec![
+            CLIENT,
+            LOCAL_POD,
+            POLICED_CLIENT,
+            POLICED_SERVER,
+            *LOCAL_PAIR[0].ip(),
+            *LOCAL_PAIR[1].ip(),
+        ];
         pods.extend((0..NODE_PORT_LOCAL_BACKENDS).map(|i| *local_node_port_backend(i).ip()));
         pods.extend((0..FILLER_BACKEND_POOL).map(|i| *filler_backend(i).ip()));
         pods.extend((0..NEW_FLOW_CLIENT_PODS).map(new_flow_client));
@@ -430,6 +449,16 @@ impl BenchNode {
                 },
             )?;
         }
+        self.police()?;
+        let path = Established::PodToPodPoliced;
+        let opening = frames::tcp_syn(
+            SocketAddrV4::new(POLICED_CLIENT, path.client_port()),
+            SocketAddrV4::new(POLICED_SERVER, 8080),
+            b"",
+        );
+        self.bed
+            .from_pod(&opening)
+            .context("opening the policed flow")?;
         // Established flows: their clients completed the handshake (the programs
         // saw only the SYNs that opened them here).
         for key in self.bed.conntrack_keys()? {
@@ -439,6 +468,31 @@ impl BenchNode {
             }
         }
         self.established = self.bed.conntrack_keys()?.into_iter().collect();
+        Ok(())
+    }
+
+    /// The policed pods' isolation, identities and rules, as the agent writes them.
+    fn police(&mut self) -> Result<()> {
+        use ferrite_agent::model::policy::{Allow, Direction};
+        use ferrite_common::policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED};
+        const CLIENT_IDENTITY: u32 = 16;
+        const SERVER_IDENTITY: u32 = 17;
+        self.bed.set_identity(POLICED_CLIENT, 32, CLIENT_IDENTITY)?;
+        self.bed.set_identity(POLICED_SERVER, 32, SERVER_IDENTITY)?;
+        for (pod, direction, peer) in [
+            (POLICED_CLIENT, Direction::Egress, SERVER_IDENTITY),
+            (POLICED_SERVER, Direction::Ingress, CLIENT_IDENTITY),
+        ] {
+            let allow = Allow {
+                direction,
+                identity: peer,
+                protocol: PROTO_TCP,
+                ports: Some((8080, 8080)),
+            };
+            self.bed.set_allow(pod, &allow, true)?;
+            self.bed
+                .set_isolation(pod, ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED)?;
+        }
         Ok(())
     }
 

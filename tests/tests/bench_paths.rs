@@ -19,7 +19,7 @@ use ferrite_tests::{
         ct_key, local_node_port_backend, remote_node_port_backend, service_backends, service_ip,
         BenchNode, Established, Hook, NewFlow, CLIENT, LOCAL_PAIR, LOCAL_POD, NODE_IP,
         NODE_PORT_LOCAL, NODE_PORT_LOCAL_BACKENDS, NODE_PORT_REMOTE, NODE_PORT_REMOTE_BACKENDS,
-        REMOTE_NODE_IP, REMOTE_PAIR, WORLD_CLIENT,
+        POLICED_CLIENT, POLICED_SERVER, REMOTE_NODE_IP, REMOTE_PAIR, WORLD_CLIENT,
     },
     frames::{self, decode_checked, GATEWAY_MAC},
     testbed::TC_ACT_OK,
@@ -86,6 +86,28 @@ fn bench_pod_to_pod_on_the_same_node_is_delivered_into_the_pod() -> Result<()> {
             delivered_to(LOCAL_POD, path.frame())
         );
     }
+    Ok(())
+}
+
+#[test]
+fn bench_pod_to_pod_between_policed_pods_is_delivered_as_their_policies_allow() -> Result<()> {
+    let node = BenchNode::new()?;
+    let path = Established::PodToPodPoliced;
+    for repeat in [1, 2] {
+        assert_eq!(
+            passes(&node, path, repeat)?,
+            delivered_to(POLICED_SERVER, path.frame())
+        );
+    }
+    // A flow the policies do not allow, between the same pods: dropped.
+    let other_port = frames::tcp_syn(
+        SocketAddrV4::new(POLICED_CLIENT, 41005),
+        SocketAddrV4::new(POLICED_SERVER, 9090),
+        b"",
+    );
+    let (out, _) = node.run(Hook::FromPod, &other_port, 1)?;
+    assert_eq!(out.verdict, ferrite_tests::testbed::TC_ACT_SHOT);
+    assert_eq!(node.bed.counter(stat::DROP_POLICY_EGRESS)?, 1);
     Ok(())
 }
 

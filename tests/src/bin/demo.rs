@@ -5,7 +5,8 @@
 //! with its source masqueraded, the world reaching the Service through NodePorts and
 //! the load-balancer IP, and the in-cluster paths: a pod and a host process reaching
 //! the `kubernetes` Service (its endpoint: an API server on a node's own address),
-//! balanced at their sockets, and a node reaching the other node's pods. Everything it
+//! balanced at their sockets, a node reaching the other node's pods, and a
+//! NetworkPolicy letting one client in and keeping the other out. Everything it
 //! creates is removed at the end, on failure and on Ctrl-C.
 use std::{
     collections::BTreeMap,
@@ -18,10 +19,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use ferrite_agent::datapath;
+use ferrite_agent::{datapath, monitor::Line};
+use ferrite_common::policy::ENDPOINT_INGRESS_ISOLATED;
 use ferrite_tests::{
     cluster::{TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
     lab::{parse_answer, sh, Cluster, Server, WORLD_IP},
+    monitor::Monitor,
 };
 
 const REQUESTS_PER_CLIENT: usize = 30;
@@ -89,9 +92,69 @@ fn indent(text: &str) {
 /// Step 8: a pod's process and a host process reach the `kubernetes` Service (its
 /// endpoint is the API server on node 1's own address, host network), balanced when
 /// they connect; node 1 reaches a pod of node 2 through its overlay address.
+/// The web pods' NetworkPolicy of the last step: only pods labelled `role:
+/// frontend` (client-a) may reach them.
+const WEB_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-frontends, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: frontend}}}], ports: [{port: 8080, protocol: TCP}]}]
+";
+
+/// A NetworkPolicy lets client-a reach web-2 and stops client-b, which a drop
+/// monitor on web-2's node sees.
+fn network_policy(cluster: &Cluster, objects: &str) -> Result<()> {
+    let patience = std::time::Duration::from_secs(20);
+    let node = &cluster.nodes[1];
+    let drops = Monitor::start(node, &["--type", "drop"], patience)?;
+    cluster.write_config(&format!("{objects}---\n{WEB_POLICY}"))?;
+    let web_2 = cluster.pod("web-2");
+    node.wait_for_maps("web-2 isolated by its policy", |m| {
+        m.endpoints.iter().any(|(k, e)| {
+            k.address == web_2.ip.octets() && e.flags & ENDPOINT_INGRESS_ISOLATED != 0
+        })
+    })?;
+    println!(
+        "\n[9/9] NetworkPolicy web-from-frontends: pods app=web accept TCP 8080 only from pods role=frontend (client-a)"
+    );
+    let to = SocketAddrV4::new(web_2.ip, TCP_TARGET);
+    let allowed = cluster.pod("client-a").probe().tcp(to, "allowed?")?;
+    let (server, _) = parse_answer(allowed.answer()?, "allowed?")?;
+    println!("      client-a -> web-2 {to}: answered by {server}");
+    let denied = cluster.pod("client-b").probe().tcp(to, "allowed?")?;
+    if denied.reply.is_some() {
+        bail!("client-b reached web-2 through its policy");
+    }
+    println!(
+        "      client-b -> web-2 {to}: no answer ({})",
+        denied.error.as_deref().unwrap_or("-")
+    );
+    let line = drops.wait_for(
+        patience,
+        |line| matches!(line, Line::Drop(e) if e.reason == "drop_policy_ingress"),
+    )?;
+    if let Line::Drop(event) = line {
+        println!(
+            "      ferrite monitor --node {} saw: {} {}:{} -> {}:{} at {}",
+            node.name,
+            event.reason,
+            event.source,
+            event.source_port,
+            event.destination,
+            event.destination_port,
+            event.program
+        );
+    }
+    drops.interrupt()?;
+    println!("\n      ferrite inspect --node {} policy:", node.name);
+    indent(&node.inspect("policy")?);
+    Ok(())
+}
+
 fn in_cluster_paths(cluster: &Cluster, api_server: SocketAddrV4) -> Result<()> {
     println!(
-        "[8/8] in-cluster paths: the `kubernetes` Service {KUBERNETES} -> the API server on {api_server} (host network of {})\n",
+        "[8/9] in-cluster paths: the `kubernetes` Service {KUBERNETES} -> the API server on {api_server} (host network of {})\n",
         NODES[0]
     );
     println!(
@@ -209,7 +272,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let mut cluster = Cluster::named(UNDERLAY, WORLD, &names)?;
     for node in &cluster.nodes {
         println!(
-            "[1/8] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
+            "[1/9] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
             node.name,
             node.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             node.pin_dir().display()
@@ -219,7 +282,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         cluster.nodes[node].add_pod(name, Ipv4Addr::from(ip))?;
     }
     println!(
-        "[2/8] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
+        "[2/9] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
         PODS.map(|(n, node, ip)| format!("{n} {} on {}", Ipv4Addr::from(ip), NODES[node]))
             .join(", ")
     );
@@ -241,16 +304,16 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     )?);
     check(interrupted)?;
 
-    for node in &mut cluster.nodes {
-        node.start_agent_with(&config)?;
-    }
+    let objects = std::fs::read_to_string(&config).context("examples/two-nodes.yaml")?;
+    cluster.write_config(&objects)?;
+    cluster.start_agents()?;
     for node in &cluster.nodes {
         node.wait_for_maps("the agent's first sync", |m| {
             m.pod_routes() == 2 && !m.services.is_empty()
         })?;
     }
     println!(
-        "[3/8] agents running on {}: synced (routes to both nodes)\n",
+        "[3/9] agents running on {}: synced (routes to both nodes)\n",
         config.display()
     );
     check(interrupted)?;
@@ -260,12 +323,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(web_2.ip, TCP_TARGET), request)?;
     let (server, seen) = parse_answer(&reply, request)?;
     println!(
-        "[4/8] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
+        "[4/9] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
         client_a.ip, web_2.ip
     );
 
     println!(
-        "[5/8] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
+        "[5/9] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
         CLIENTS.len()
     );
     let mut seen: BTreeMap<&str, (usize, usize)> = BACKENDS.iter().map(|n| (*n, (0, 0))).collect();
@@ -314,7 +377,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(WORLD_IP, 7000), request)?;
     let (_, seen_as) = parse_answer(&reply, request)?;
     println!(
-        "[6/8] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
+        "[6/9] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
         NODES[0]
     );
 
@@ -344,7 +407,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })
         .collect();
     frontends.push(("LoadBalancer IP".into(), SocketAddrV4::new(LB_IP, 80)));
-    println!("[7/8] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
+    println!("[7/9] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
     println!(
         "      {:<28} {:<20} {:<34} {:<16}",
         "FRONTEND", "ADDRESS", "ANSWERED BY (10 connections)", "CLIENT SEEN AS"
@@ -391,6 +454,8 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         }
     }
     explain_own_flow(&cluster)?;
+    check(interrupted)?;
+    network_policy(&cluster, &objects)?;
     println!(
         "\n      try: bpftool map dump pinned {}/ferrite_service",
         node.pin_dir().display()
