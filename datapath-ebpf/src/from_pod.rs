@@ -67,9 +67,12 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     // whose packets were checked to come from this veth at this epoch (no endpoint
     // has changed since) skips the lookup.
     let ifindex = pkt.ifindex();
+    // The pod's NetworkPolicy isolation, from the same lookup (a new flow always
+    // makes it).
+    let mut source_isolation = 0;
     if !entry.is_some_and(|e| conntrack::source_verified(e, CT_VERIFIED_VETH, ifindex, epoch)) {
         match routing::local_endpoint(h.saddr) {
-            Some(ep) if ep.ifindex == ifindex => {}
+            Some(ep) if ep.ifindex == ifindex => source_isolation = ep.flags,
             _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
         }
         trace::step(h.explain, step::SOURCE_CHECKED);
@@ -130,7 +133,15 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 return new_service_flow(pkt, &h, &svc);
             }
         }
-        let verdict = policy::verdict_of_new(&h);
+        let destination_isolation = found.endpoint.map(|ep| ep.flags).unwrap_or(0);
+        let verdict = policy::verdict_with(
+            h.saddr,
+            source_isolation,
+            daddr,
+            destination_isolation,
+            h.proto,
+            dport,
+        );
         if let Some(reason) = policy::denied(verdict) {
             return Ok(Verdict::Drop(reason));
         }
@@ -163,7 +174,15 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
     }
     // Without ports nothing is recorded: each packet is judged on its own.
-    if let Some(reason) = policy::denied(policy::verdict_of_new(&h)) {
+    let verdict = policy::verdict_with(
+        h.saddr,
+        source_isolation,
+        daddr,
+        policy::isolation(daddr),
+        h.proto,
+        0,
+    );
+    if let Some(reason) = policy::denied(verdict) {
         return Ok(Verdict::Drop(reason));
     }
     routing::route(pkt, daddr, dport)

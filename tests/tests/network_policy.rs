@@ -326,6 +326,13 @@ fn policy(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+fn pod_ref(name: &str) -> PodRef {
+    all_pods()
+        .into_iter()
+        .find(|p| is(p, name))
+        .expect("a matrix pod")
+}
+
 fn is(pod: &PodRef, name: &str) -> bool {
     pod.to_string() == name
 }
@@ -343,6 +350,18 @@ fn the_reachability_matrix_follows_every_policy_change() -> Result<()> {
         "{podSelector: {}, policyTypes: [Ingress]}",
     ))?;
     m.expect("default-deny ingress in x", |_, s, _, _| s.namespace != "x")?;
+    // `ferrite explain` says why: z/a -> x/a, both pods of node 0.
+    let (z_a, x_a) = (pod_ref("z/a"), pod_ref("x/a"));
+    let explanation = m.cluster.nodes[m.node_of(&x_a)].explain(&[
+        "--from",
+        &format!("{}:40000", m.ip(&z_a)),
+        "--to",
+        &format!("{}:80/tcp", m.ip(&x_a)),
+    ])?;
+    assert_eq!(
+        explanation["verdict"]["drop_reason"], "drop_policy_ingress",
+        "{explanation:#}"
+    );
 
     m.apply(&policy(
         "x",

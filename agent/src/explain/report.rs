@@ -297,7 +297,19 @@ fn verdict_of(context: &NodeView, program: &str, traced: &Traced) -> Verdict {
                 .unwrap_or("drop_internal");
             out.action = "drop";
             out.drop_reason = Some(reason);
-            out.description = format!("dropped ({reason})");
+            out.description = match trace.drop_reason {
+                stat::DROP_POLICY_INGRESS => format!(
+                    "dropped ({reason}): the receiving pod is isolated for ingress and none of \
+                     its NetworkPolicies allows this peer, protocol and port \
+                     (`ferrite inspect policy --pod ADDRESS`)"
+                ),
+                stat::DROP_POLICY_EGRESS => format!(
+                    "dropped ({reason}): the sending pod is isolated for egress and none of \
+                     its NetworkPolicies allows this peer, protocol and port \
+                     (`ferrite inspect policy --pod ADDRESS`)"
+                ),
+                _ => format!("dropped ({reason})"),
+            };
         }
         verdict::TO_POD => {
             out.action = "to_pod";
