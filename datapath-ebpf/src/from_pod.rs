@@ -130,7 +130,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         let found = routing::find(daddr);
         if !found.is_pod() {
             if let Some(svc) = lb::lookup_service(&h) {
-                return new_service_flow(pkt, &h, &svc);
+                return new_service_flow(pkt, &h, &svc, source_isolation);
             }
         }
         let destination_isolation = found.endpoint.map(|ep| ep.flags).unwrap_or(0);
@@ -191,12 +191,25 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 /// The first packet of a flow to the Service `svc`: backend chosen, translated and
 /// recorded, then delivered; or refused with ICMP port unreachable without backends.
 #[inline(always)]
-fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
+fn new_service_flow<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    svc: &ServiceValue,
+    source_isolation: u32,
+) -> Result<Verdict, ()> {
     match lb::translate_new_flow(pkt, h, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
             // Judged at the backend: a packet it drops leaves the flow's entries to
             // judge its retransmissions the same way.
-            if let Some(reason) = policy::denied(policy::verdict(h.saddr, addr, h.proto, port)) {
+            let verdict = policy::verdict_with(
+                h.saddr,
+                source_isolation,
+                addr,
+                policy::isolation(addr),
+                h.proto,
+                port,
+            );
+            if let Some(reason) = policy::denied(verdict) {
                 return Ok(Verdict::Drop(reason));
             }
             if trace::writes(h.explain, write::MONITOR_EVENT) {

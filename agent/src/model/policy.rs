@@ -444,10 +444,29 @@ pub fn build_policy(
     // Every address class: the set of peers selecting it, interned as an identity.
     let mut identity_of_set: BTreeMap<BTreeSet<usize>, Identity> = BTreeMap::new();
     let mut classes: Vec<(Ipv4Net, BTreeSet<usize>)> = Vec::new();
+    // Replicas share their namespace and labels: selectors are matched once per
+    // such pair, ipBlocks per address.
+    let (block_peers, label_peers): (Vec<usize>, Vec<usize>) =
+        (0..peers.len()).partition(|i| matches!(peers[*i], Peer::Block { .. }));
+    let mut by_labels: BTreeMap<(&str, &BTreeMap<String, String>), BTreeSet<usize>> =
+        BTreeMap::new();
     for pod in &all_pods {
-        let set = (0..peers.len())
-            .filter(|i| peers[*i].selects_pod(pod, &namespace_labels))
-            .collect();
+        let mut set = by_labels
+            .entry((pod.namespace.as_str(), &pod.labels))
+            .or_insert_with(|| {
+                label_peers
+                    .iter()
+                    .copied()
+                    .filter(|i| peers[*i].selects_pod(pod, &namespace_labels))
+                    .collect()
+            })
+            .clone();
+        set.extend(
+            block_peers
+                .iter()
+                .copied()
+                .filter(|i| peers[*i].selects_pod(pod, &namespace_labels)),
+        );
         classes.push((Ipv4Net::from(pod.ip), set));
     }
     let pod_ips: BTreeSet<Ipv4Addr> = all_pods.iter().map(|p| p.ip).collect();

@@ -14,6 +14,7 @@ mod control_plane;
 mod datapath;
 mod insitu;
 mod monitor;
+mod policy_plan;
 
 use anyhow::Result;
 
@@ -38,6 +39,9 @@ fn main() -> Result<()> {
     }
     if run("control-plane") {
         control_plane::bench(&control_plane::TEN_THOUSAND)?;
+    }
+    if run("control-plane") || run("control-plane-policy") {
+        policy_plan::bench()?;
     }
     if run("control-plane-large") {
         control_plane::bench(&control_plane::LARGEST)?;
