@@ -103,16 +103,21 @@ struct EndpointRow {
     ifindex: u32,
     pod_mac: String,
     gateway_mac: String,
+    /// `agent` (for a Pod object: goes with it) or `cni` (for a pod the agent had
+    /// not heard of: stays while its interface lives).
+    written_by: &'static str,
 }
 
 impl Row for EndpointRow {
-    const HEADER: &'static [&'static str] = &["POD IP", "IFINDEX", "POD MAC", "GATEWAY MAC"];
+    const HEADER: &'static [&'static str] =
+        &["POD IP", "IFINDEX", "POD MAC", "GATEWAY MAC", "WRITTEN BY"];
     fn cells(&self) -> Vec<String> {
         vec![
             self.pod_ip.to_string(),
             self.ifindex.to_string(),
             self.pod_mac.clone(),
             self.gateway_mac.clone(),
+            self.written_by.to_string(),
         ]
     }
 }
@@ -337,6 +342,11 @@ pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
                     ifindex: e.ifindex,
                     pod_mac: mac(e.pod_mac),
                     gateway_mac: mac(e.host_mac),
+                    written_by: if e.flags & ferrite_common::endpoint_flag::FROM_POD_OBJECT != 0 {
+                        "agent"
+                    } else {
+                        "cni"
+                    },
                 })
                 .collect();
             show(&rows, output)

@@ -21,7 +21,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     runtime::{
         reflector::{self, ObjectRef, Store},
@@ -122,6 +125,8 @@ struct Stores {
     endpoint_slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     pods: Store<Pod>,
+    network_policies: Store<NetworkPolicy>,
+    namespaces: Store<Namespace>,
 }
 
 impl Stores {
@@ -134,6 +139,11 @@ impl Stores {
             ),
             (self.nodes.wait_until_ready().await, "nodes"),
             (self.pods.wait_until_ready().await, "pods"),
+            (
+                self.network_policies.wait_until_ready().await,
+                "networkpolicies",
+            ),
+            (self.namespaces.wait_until_ready().await, "namespaces"),
         ] {
             ready.with_context(|| format!("the {resource} watch ended"))?;
         }
@@ -167,6 +177,8 @@ impl Stores {
                 endpoint_slices: self.endpoint_slices.state(),
                 pods: self.pods.state(),
                 nodes: self.nodes.state(),
+                network_policies: self.network_policies.state(),
+                namespaces: self.namespaces.state(),
             },
             skipped: Vec::new(),
             oldest_change,
@@ -202,10 +214,10 @@ impl Stores {
     }
 }
 
-/// Watch every Service, EndpointSlice and Node, and the Pods of `node` (the stores
-/// fill as the lists come in).
+/// Watch every Service, EndpointSlice, Node, Pod (policies select pods of every
+/// node), NetworkPolicy and Namespace (the stores fill as the lists come in).
 async fn start_watches(
-    node: &str,
+    _node: &str,
     changed: &Arc<Changed>,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Stores> {
@@ -213,7 +225,6 @@ async fn start_watches(
         .await
         .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
     let all = watcher::Config::default();
-    let this_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let services = watch::<Service>(
         Api::all(client.clone()),
         all.clone(),
@@ -228,24 +239,36 @@ async fn start_watches(
     );
     let nodes = watch::<Node>(
         Api::all(client.clone()),
-        all,
+        all.clone(),
         Watched::new("nodes", changed, telemetry, |_| None),
     );
     let pods = watch::<Pod>(
-        Api::all(client),
-        this_node,
+        Api::all(client.clone()),
+        all.clone(),
         Watched::new("pods", changed, telemetry, |_| None),
+    );
+    let network_policies = watch::<NetworkPolicy>(
+        Api::all(client.clone()),
+        all.clone(),
+        Watched::new("networkpolicies", changed, telemetry, |_| None),
+    );
+    let namespaces = watch::<Namespace>(
+        Api::all(client),
+        all,
+        Watched::new("namespaces", changed, telemetry, |_| None),
     );
     Ok(Stores {
         services,
         endpoint_slices,
         nodes,
         pods,
+        network_policies,
+        namespaces,
     })
 }
 
 /// The objects the agent of `node` would see, listed once (for `ferrite inspect diff`).
-pub fn list_once(node: &str) -> Result<ClusterObjects> {
+pub fn list_once(_node: &str) -> Result<ClusterObjects> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -254,8 +277,6 @@ pub fn list_once(node: &str) -> Result<ClusterObjects> {
                 .await
                 .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
             let all = kube::api::ListParams::default();
-            let this_node =
-                kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
             Ok(ClusterObjects {
                 services: arcs_of(Api::<Service>::all(client.clone()).list(&all).await?.items),
                 endpoint_slices: arcs_of(
@@ -265,7 +286,14 @@ pub fn list_once(node: &str) -> Result<ClusterObjects> {
                         .items,
                 ),
                 nodes: arcs_of(Api::<Node>::all(client.clone()).list(&all).await?.items),
-                pods: arcs_of(Api::<Pod>::all(client).list(&this_node).await?.items),
+                pods: arcs_of(Api::<Pod>::all(client.clone()).list(&all).await?.items),
+                network_policies: arcs_of(
+                    Api::<NetworkPolicy>::all(client.clone())
+                        .list(&all)
+                        .await?
+                        .items,
+                ),
+                namespaces: arcs_of(Api::<Namespace>::all(client).list(&all).await?.items),
             })
         })
 }
@@ -509,6 +537,9 @@ mod tests {
                 endpoint_slices,
                 nodes,
                 pods,
+                // Kinds these tests do not feed: empty.
+                network_policies: reflector::store().0,
+                namespaces: reflector::store().0,
             },
             changed,
             telemetry,
@@ -717,6 +748,8 @@ mod tests {
             endpoint_slices: watches.stores.endpoint_slices.clone(),
             nodes: watches.stores.nodes.clone(),
             pods: watches.stores.pods.clone(),
+            network_policies: watches.stores.network_policies.clone(),
+            namespaces: watches.stores.namespaces.clone(),
         };
         let source = KubeSource {
             runtime: tokio::runtime::Builder::new_current_thread()

@@ -61,7 +61,7 @@ impl Default for Limits {
 /// Addresses that are never a Service's or a pod's: loopback, link-local (the cloud
 /// metadata service, the pods' gateway 169.254.1.1, the hairpin address), 0.0.0.0/8,
 /// multicast and broadcast.
-fn special(ip: Ipv4Addr) -> Option<&'static str> {
+pub(crate) fn special(ip: Ipv4Addr) -> Option<&'static str> {
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_link_local() {

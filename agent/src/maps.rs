@@ -8,14 +8,16 @@ use aya::maps::{
     PerCpuHashMap,
 };
 use ferrite_common::{
-    map_names, stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
-    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    map_names,
+    policy::{IpcacheValue, PolicyKey, PolicyValue},
+    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
+    LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
+    SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::plan::{
-    describe_service_key, maglev_digest, maglev_key, Capacities, MapContents, Op, RouteKey,
-    SourceRange,
+    describe_policy_rule, describe_service_key, maglev_digest, maglev_key, Capacities, MapContents,
+    Op, PolicyRule, RouteKey, SourceRange,
 };
 
 /// The capacities the node's Service maps were created with (`--map-capacity` of the
@@ -54,6 +56,8 @@ pub struct NodeMaps {
     pub maglev: HashMap<MapData, ServiceKey, MaglevTable>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
 }
 
 fn source_range_key(range: &SourceRange) -> Key<SourceRangeKey> {
@@ -68,6 +72,10 @@ fn source_range_key(range: &SourceRange) -> Key<SourceRangeKey> {
 
 fn lpm_key(key: &RouteKey) -> Key<[u8; 4]> {
     Key::new(key.prefix_len, key.network)
+}
+
+fn policy_key(rule: &PolicyRule) -> Key<PolicyKey> {
+    Key::new(rule.prefix_len, rule.key)
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -114,6 +122,8 @@ impl NodeMaps {
             maglev: map(map_names::MAGLEV)?.try_into()?,
             affinity: map(map_names::AFFINITY)?.try_into()?,
             source_ranges: map(map_names::SOURCE_RANGES)?.try_into()?,
+            ipcache: map(map_names::IPCACHE)?.try_into()?,
+            policy: map(map_names::POLICY)?.try_into()?,
         })
     }
 
@@ -139,20 +149,7 @@ impl NodeMaps {
             backends: entries(&self.backends, map_names::BACKENDS)?,
             rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
-            routes: self
-                .routes
-                .iter()
-                .map(|entry| {
-                    entry.map(|(key, value)| {
-                        let route = RouteKey {
-                            prefix_len: key.prefix_len(),
-                            network: key.data(),
-                        };
-                        (route, value)
-                    })
-                })
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("reading {}", map_names::ROUTES))?,
+            routes: self.route_entries()?,
             config: self.config.get(&0, 0)?,
             maglev: Default::default(),
             source_ranges: self
@@ -167,6 +164,34 @@ impl NodeMaps {
                 })
                 .collect::<Result<_, _>>()
                 .with_context(|| format!("reading {}", map_names::SOURCE_RANGES))?,
+            ipcache: self
+                .ipcache
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, value)| {
+                        let prefix = RouteKey {
+                            prefix_len: key.prefix_len(),
+                            network: key.data(),
+                        };
+                        (prefix, value)
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", map_names::IPCACHE))?,
+            policy: self
+                .policy
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, value)| {
+                        let rule = PolicyRule {
+                            prefix_len: key.prefix_len(),
+                            key: key.data(),
+                        };
+                        (rule, value)
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", map_names::POLICY))?,
         })
     }
 
@@ -203,6 +228,30 @@ impl NodeMaps {
             *entry = owner as u16 + 1; // slots count from 1
         }
         Ok(table)
+    }
+
+    /// Every route (this node's pod CIDRs, other nodes' and their addresses).
+    pub fn route_entries(&self) -> Result<std::collections::BTreeMap<RouteKey, RouteInfo>> {
+        self.routes
+            .iter()
+            .map(|entry| {
+                entry.map(|(key, value)| {
+                    let route = RouteKey {
+                        prefix_len: key.prefix_len(),
+                        network: key.data(),
+                    };
+                    (route, value)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", map_names::ROUTES))
+    }
+
+    /// The node's configuration entry (its address, once the agent knows it).
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        self.config
+            .get(&0, 0)
+            .with_context(|| format!("reading {}", map_names::CONFIG))
     }
 
     /// The endpoint entry of one pod address, if any.
@@ -353,6 +402,10 @@ impl NodeMaps {
             Op::DeleteMaglev(key) => self.maglev.remove(key),
             Op::PutSourceRange(range) => self.source_ranges.insert(&source_range_key(range), 1, 0),
             Op::DeleteSourceRange(range) => self.source_ranges.remove(&source_range_key(range)),
+            Op::PutIpcache(key, value) => self.ipcache.insert(&lpm_key(key), value, 0),
+            Op::DeleteIpcache(key) => self.ipcache.remove(&lpm_key(key)),
+            Op::PutPolicy(rule, value) => self.policy.insert(&policy_key(rule), value, 0),
+            Op::DeletePolicy(rule) => self.policy.remove(&policy_key(rule)),
         };
         match result {
             // A delete of what is already gone (the CNI plugin removed it) is done.
@@ -507,6 +560,29 @@ pub fn describe_op(op: &Op) -> String {
             range.prefix_len,
             describe_service_key(&range.frontend),
             map_names::SOURCE_RANGES
+        ),
+        Op::PutIpcache(key, value) => format!(
+            "writing identity {} of {}/{} to {}",
+            value.identity,
+            std::net::Ipv4Addr::from(key.network),
+            key.prefix_len,
+            map_names::IPCACHE
+        ),
+        Op::DeleteIpcache(key) => format!(
+            "removing {}/{} from {}",
+            std::net::Ipv4Addr::from(key.network),
+            key.prefix_len,
+            map_names::IPCACHE
+        ),
+        Op::PutPolicy(rule, _) => format!(
+            "allowing {} in {}",
+            describe_policy_rule(rule),
+            map_names::POLICY
+        ),
+        Op::DeletePolicy(rule) => format!(
+            "removing {} from {}",
+            describe_policy_rule(rule),
+            map_names::POLICY
         ),
     }
 }

@@ -1,5 +1,6 @@
 //! The file format of the file source: a multi-document YAML of real Kubernetes
-//! objects (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node; `kind:
+//! objects (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, v1 Node, v1
+//! Namespace, networking.k8s.io/v1 NetworkPolicy; `kind:
 //! List` is unwrapped). Each document is parsed on its own (Services and
 //! EndpointSlices into the model's own types, Pods and Nodes into k8s-openapi's), so
 //! one bad object is skipped with a reason and the others still apply. A file that
@@ -68,7 +69,9 @@ pub fn parse_objects(yaml: &str) -> Result<(ClusterObjects, Vec<Skipped>), Confi
     let supported = objects.services.len()
         + objects.endpoint_slices.len()
         + objects.pods.len()
-        + objects.nodes.len();
+        + objects.nodes.len()
+        + objects.network_policies.len()
+        + objects.namespaces.len();
     if supported == 0 && lists == 0 {
         // Nothing the model reads: a file caught mid-write, or not a cluster at all.
         // Applying it would remove every Service, route and pod entry.
@@ -168,6 +171,12 @@ fn add_object(value: Value, what: &str, objects: &mut ClusterObjects, skipped: &
         }
         ("v1", "Pod") => serde_yaml_ng::from_value(value).map(|p| objects.pods.push(Arc::new(p))),
         ("v1", "Node") => serde_yaml_ng::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            serde_yaml_ng::from_value(value).map(|p| objects.network_policies.push(Arc::new(p)))
+        }
+        ("v1", "Namespace") => {
+            serde_yaml_ng::from_value(value).map(|n| objects.namespaces.push(Arc::new(n)))
+        }
         _ => {
             skipped.push(Skipped {
                 object: what,

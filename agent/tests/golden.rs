@@ -12,6 +12,9 @@
 //! - `full FILE`: the cluster is FILE's objects; the agent's first full sync;
 //! - `apply FILE`: create or replace FILE's objects, and sync;
 //! - `delete KIND NAMESPACE/NAME` (`delete Node NAME`): and sync;
+//! - `cni NAMESPACE/NAME IP`: the CNI plugin wires that pod (its host veth appears,
+//!   the plugin writes its endpoint entry) before the agent hears of it; then the
+//!   agent's periodic full resync;
 //! - `resync`: a periodic full sync;
 //! - `writes FILE`: the last step's writes are FILE's lines.
 mod support;
@@ -100,6 +103,13 @@ fn run(path: &Path, update: bool) -> Result<(), String> {
                 synced(&mut node, &step)?.delete(kind, namespace, name);
             }
             ["resync"] => synced(&mut node, &step)?.full_sync(),
+            ["cni", pod, ip] => {
+                let (namespace, name) = pod
+                    .split_once('/')
+                    .ok_or(format!("{step}: NAMESPACE/NAME"))?;
+                let ip = ip.parse().map_err(|e| format!("{step}: {e}"))?;
+                synced(&mut node, &step)?.cni_wire(namespace, name, ip);
+            }
             ["writes", name] => {
                 let node = synced(&mut node, &step)?;
                 let mut actual = describe_sync(&node.last_sync);

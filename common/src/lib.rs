@@ -53,6 +53,10 @@ pub mod map_names {
         MONITOR = "ferrite_monitor",
         /// What the last explain run on each CPU did (`ferrite explain`).
         TRACE = "ferrite_trace",
+        /// Address prefix -> NetworkPolicy identity (`policy`).
+        IPCACHE = "ferrite_ipcache",
+        /// What each policed pod allows (`policy`).
+        POLICY = "ferrite_policy",
     }
 }
 
@@ -143,6 +147,11 @@ pub mod capacity {
     /// Backend -> Service address of sockets the socket-level load balancer
     /// translated (LRU; read by recvmsg4/getpeername4).
     pub const SOCK_REV_NAT: u32 = 65_536;
+    /// NetworkPolicy: every pod of the cluster and every ipBlock prefix (LPM trie:
+    /// allocated as used).
+    pub const IPCACHE: u32 = 131_072;
+    /// NetworkPolicy: allowed (pod, direction, peer, protocol, port range) prefixes.
+    pub const POLICY: u32 = 262_144;
 
     use crate::map_names;
     /// The default capacity of each sized map, by name: what the datapath declares and
@@ -150,7 +159,7 @@ pub mod capacity {
     /// per-CPU counters, the one config entry, per-socket storage (as many entries as
     /// sockets), the event ring (a size in bytes, fixed at build time), the monitor's
     /// one entry and the explain runs' per-CPU trace.
-    pub const DEFAULTS: [(&str, u32); 12] = [
+    pub const DEFAULTS: [(&str, u32); 14] = [
         (map_names::SERVICES, SERVICES),
         (map_names::BACKENDS, BACKENDS),
         (map_names::REV_NAT, REV_NAT),
@@ -163,6 +172,8 @@ pub mod capacity {
         (map_names::SOURCE_RANGES, SOURCE_RANGES),
         (map_names::FRAGMENTS, FRAGMENTS),
         (map_names::SOCK_REV_NAT, SOCK_REV_NAT),
+        (map_names::IPCACHE, IPCACHE),
+        (map_names::POLICY, POLICY),
     ];
 
     /// The default capacity of map `name`; `None` for a map without a capacity of its
@@ -434,7 +445,17 @@ pub struct EndpointInfo {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (the pod's gateway; source MAC of delivered frames).
     pub host_mac: [u8; 6],
+    /// [`endpoint_flag`]s: who wrote the entry (the datapath reads none of them).
     pub flags: u32,
+}
+
+/// `EndpointInfo::flags`.
+pub mod endpoint_flag {
+    /// The agent wrote the entry for a Pod object, and removes it once no object
+    /// gives that pod the address (deleted, or claiming another). An entry without
+    /// it is the CNI plugin's, written before the agent heard of the pod: it stays
+    /// while its interface lives.
+    pub const FROM_POD_OBJECT: u32 = 1;
 }
 
 /// Every pod's default gateway: a link-local address answered by a permanent
@@ -655,6 +676,7 @@ pub struct NodeConfig {
 
 pub mod explain;
 pub use explain::ExplainTrace;
+pub mod policy;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -685,6 +707,9 @@ mod pod_impls {
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for ExplainTrace {}
     unsafe impl aya::Pod for explain::SockRequest {}
+    unsafe impl aya::Pod for policy::IpcacheValue {}
+    unsafe impl aya::Pod for policy::PolicyKey {}
+    unsafe impl aya::Pod for policy::PolicyValue {}
 }
 
 #[cfg(test)]
@@ -695,6 +720,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(size_of::<policy::IpcacheValue>(), 8);
+        assert_eq!(size_of::<policy::PolicyKey>(), 12);
+        assert_eq!(size_of::<policy::PolicyValue>(), 4);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<RevNatValue>(), 8);

@@ -10,6 +10,7 @@ use ferrite_common::{
     EndpointInfo, EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable,
     MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey,
     SockRevValue, SockService, SourceRangeKey,
+    policy::{IpcacheValue, PolicyKey, PolicyValue},
 };
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's
@@ -88,6 +89,14 @@ btf_maps! {
 
     /// Pod CIDR -> owning node. Key data: the IPv4 network in network order.
     pub static ROUTES: LpmTrie<[u8; 4], RouteInfo, { capacity::ROUTES as usize }> = LpmTrie::new();
+
+    /// Address prefix -> NetworkPolicy identity of its addresses.
+    pub static IPCACHE: LpmTrie<[u8; 4], IpcacheValue, { capacity::IPCACHE as usize }> =
+        LpmTrie::new();
+
+    /// What each policed pod allows: (pod, direction, peer identity, protocol, port).
+    pub static POLICY: LpmTrie<PolicyKey, PolicyValue, { capacity::POLICY as usize }> =
+        LpmTrie::new();
 }
 
 #[inline(always)]

@@ -77,6 +77,18 @@ pub struct Runtime {
     pub path: String,
     /// The ferrite-cni binary to run (the build's by default).
     pub ferrite_cni: PathBuf,
+    /// The working directory plugins run in (the test's own when unset).
+    pub cwd: Option<PathBuf>,
+    /// An address-space limit for plugin runs (bytes, `prlimit --as`): a plugin
+    /// whose memory would grow past it fails instead of taking the machine's.
+    pub address_space: Option<u64>,
+}
+
+/// What a plugin run reads on stdin.
+pub enum Stdin<'a> {
+    Bytes(&'a [u8]),
+    /// A file opened for reading (`/dev/zero`: an endless stream).
+    File(std::fs::File),
 }
 
 /// The PATH a runtime on a Debian node gives its plugins.
@@ -96,14 +108,14 @@ pub fn ferrite_conflist(node: &Node) -> Value {
     })
 }
 
-/// nsenter from the test's own PATH: the plugins' PATH may not hold it (and a
-/// command's PATH is where Rust looks for its program).
-fn nsenter() -> Result<PathBuf> {
+/// A tool (nsenter, prlimit) from the test's own PATH: the plugins' PATH may not
+/// hold it (and a command's PATH is where Rust looks for its program).
+fn tool(name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .map(|dir| dir.join("nsenter"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-        .context("no nsenter on PATH")
+        .with_context(|| format!("no {name} on PATH"))
 }
 
 impl Runtime {
@@ -113,6 +125,8 @@ impl Runtime {
             conflist,
             path: DEFAULT_PATH.into(),
             ferrite_cni: ferrite_bin().with_file_name("ferrite-cni"),
+            cwd: None,
+            address_space: None,
         }
     }
 
@@ -125,28 +139,58 @@ impl Runtime {
 
     /// Run one plugin binary with `env` (CNI_COMMAND etc.) and `stdin`.
     pub fn exec(&self, plugin_type: &str, env: &[(&str, String)], stdin: &[u8]) -> Result<Outcome> {
+        self.exec_from(plugin_type, env, Stdin::Bytes(stdin))
+    }
+
+    /// Run one plugin binary with `env`, reading `stdin`.
+    pub fn exec_from(
+        &self,
+        plugin_type: &str,
+        env: &[(&str, String)],
+        stdin: Stdin,
+    ) -> Result<Outcome> {
         let binary = self.plugin_binary(plugin_type);
         let cni_path = format!(
             "{}:{SYSTEM_PLUGIN_DIR}",
             ferrite_bin().parent().context("bin dir")?.display()
         );
-        let mut child = Command::new(nsenter()?)
+        let mut command = match self.address_space {
+            Some(limit) => {
+                let mut prlimit = Command::new(tool("prlimit")?);
+                prlimit
+                    .arg(format!("--as={limit}"))
+                    .arg("--")
+                    .arg(tool("nsenter")?);
+                prlimit
+            }
+            None => Command::new(tool("nsenter")?),
+        };
+        if let Some(cwd) = &self.cwd {
+            command.current_dir(cwd);
+        }
+        let input = match &stdin {
+            Stdin::Bytes(_) => Stdio::piped(),
+            Stdin::File(file) => Stdio::from(file.try_clone()?),
+        };
+        let mut child = command
             .arg(format!("--net={}", self.node_netns.display()))
             .arg(&binary)
             .env_clear()
             .env("PATH", &self.path)
             .env("CNI_PATH", cni_path)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::piped())
+            .stdin(input)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {}", binary.display()))?;
-        // A plugin may fail before reading its input: like Go's exec (libcni), the
-        // runtime does not count the closed pipe as an error of its own.
-        match child.stdin.take().context("stdin")?.write_all(stdin) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-            other => other?,
+        if let Stdin::Bytes(bytes) = stdin {
+            // A plugin may fail before reading its input: like Go's exec (libcni),
+            // the runtime does not count the closed pipe as an error of its own.
+            match child.stdin.take().context("stdin")?.write_all(bytes) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
         }
         let out = child.wait_with_output()?;
         let output = if out.stdout.iter().all(u8::is_ascii_whitespace) {

@@ -25,11 +25,16 @@ use serde_json::{json, Value};
 use crate::lab::Netns;
 
 /// The collections the agent watches: (URL path, kind).
-const RESOURCES: [(&str, &str); 4] = [
+const RESOURCES: [(&str, &str); 6] = [
     ("/api/v1/services", "Service"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice"),
     ("/api/v1/nodes", "Node"),
     ("/api/v1/pods", "Pod"),
+    ("/api/v1/namespaces", "Namespace"),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicy",
+    ),
 ];
 
 struct Watch {

@@ -78,7 +78,17 @@ fn rbac_only_reads_what_the_agent_watches() -> Result<()> {
         resources.extend(strings(&rule["resources"]));
     }
     resources.sort();
-    assert_eq!(resources, ["endpointslices", "nodes", "pods", "services"]);
+    assert_eq!(
+        resources,
+        [
+            "endpointslices",
+            "namespaces",
+            "networkpolicies",
+            "nodes",
+            "pods",
+            "services"
+        ]
+    );
     Ok(())
 }
 

@@ -21,6 +21,12 @@ fn example_node(label: &str) -> Result<(Node, Vec<Server>)> {
     node.write_config(&cluster::example_for(&node.name))?;
     node.start_agent()?;
     node.wait_for_sync(2, 5)?;
+    // Ready once the sync that wrote the maps has returned (and named the Services
+    // `--service` finds).
+    ferrite_tests::lab::wait_until("/readyz 200", ferrite_tests::lab::SETTLE, || {
+        node.agent_http("/readyz")
+            .is_ok_and(|(status, _)| status == 200)
+    })?;
     Ok((node, servers))
 }
 

@@ -222,6 +222,14 @@ impl Store {
         if cidr.prefix_len() > 30 {
             return Ok(None);
         }
+        // Never write a file this store could not read back (its DEL would find
+        // nothing to release).
+        let record = serde_json::to_vec(owner)?;
+        anyhow::ensure!(
+            record.len() as u64 <= MAX_FILE,
+            "the allocation record is {} bytes, more than the {MAX_FILE} a store file may hold",
+            record.len()
+        );
         let first = u32::from(cidr.network()) + 2;
         let last = u32::from(cidr.broadcast()) - 1;
         let taken: BTreeSet<Ipv4Addr> = self.allocations()?.into_iter().map(|(ip, _)| ip).collect();
@@ -240,7 +248,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        write_private(&self.dir.join(ip.to_string()), &serde_json::to_vec(owner)?)?;
+        write_private(&self.dir.join(ip.to_string()), &record)?;
         Ok(Some(ip))
     }
 
@@ -340,6 +348,17 @@ mod tests {
         assert_eq!(store.owners().unwrap(), vec![(ip.unwrap(), owner("a"))]);
         let bad = store.allocations().unwrap();
         assert_eq!(bad.iter().filter(|(_, o)| o.is_err()).count(), 2);
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_too_large_to_read_back_is_never_written() {
+        let (dir, store) = temp_store("large");
+        let cidr: Ipv4Net = "10.0.0.0/29".parse().unwrap();
+        let huge = owner(&"c".repeat(MAX_FILE as usize));
+        assert!(store.allocate(cidr, &huge, |_| false).is_err());
+        assert!(store.allocations().unwrap().is_empty());
         drop(store);
         fs::remove_dir_all(dir).unwrap();
     }

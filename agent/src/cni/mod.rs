@@ -15,7 +15,10 @@ pub mod spec;
 use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context, Result};
-use ferrite_common::{pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC};
+use ferrite_common::{
+    pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
+    ROUTE_REMOTE,
+};
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
@@ -129,6 +132,98 @@ fn pod_cidr(conf: &NetConf, error_code: u32) -> Result<Ipv4Net, CniError> {
     Ok(cidr)
 }
 
+/// What the pinned datapath says of the cluster's nodes, as the agent accepted
+/// them from their Node objects: this node's pod CIDRs and address, other nodes'
+/// pod CIDRs and addresses (`ferrite_routes`, `ferrite_config`).
+#[derive(Debug, Default)]
+struct KnownNodes {
+    own_cidrs: Vec<Ipv4Net>,
+    own_ip: Option<Ipv4Addr>,
+    other_cidrs: Vec<(Ipv4Net, Ipv4Addr)>,
+    other_ips: Vec<Ipv4Addr>,
+}
+
+impl KnownNodes {
+    fn read(pin_dir: &Path) -> Result<Self> {
+        let maps = NodeMaps::open(pin_dir)?;
+        let mut known = Self {
+            own_ip: Some(Ipv4Addr::from(maps.node_config()?.node_ip))
+                .filter(|ip| !ip.is_unspecified()),
+            ..Self::default()
+        };
+        for (key, route) in maps.route_entries()? {
+            let Ok(net) = Ipv4Net::new(Ipv4Addr::from(key.network), key.prefix_len as u8) else {
+                continue;
+            };
+            match route.flags {
+                ROUTE_LOCAL => known.own_cidrs.push(net),
+                ROUTE_REMOTE => known.other_cidrs.push((net, Ipv4Addr::from(route.node_ip))),
+                ROUTE_NODE => known.other_ips.push(net.addr()),
+                _ => {}
+            }
+        }
+        Ok(known)
+    }
+
+    /// Why pods may not have addresses of `cidr`, if they may not: once the agent
+    /// accepted this node's pod CIDR, outside it; a node's address in it (a pod
+    /// there takes the traffic meant for that node); another node's pod CIDR
+    /// overlapping it.
+    fn refuse(&self, cidr: &Ipv4Net) -> Option<String> {
+        let list = |nets: &[Ipv4Net]| {
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.own_cidrs.is_empty() && !self.own_cidrs.iter().any(|own| own.contains(cidr)) {
+            return Some(format!(
+                "it is outside this node's pod CIDR {} (from its Node object)",
+                list(&self.own_cidrs)
+            ));
+        }
+        if let Some(ip) = self.own_ip.filter(|ip| cidr.contains(ip)) {
+            return Some(format!("it holds this node's address {ip}"));
+        }
+        if let Some(ip) = self.other_ips.iter().find(|ip| cidr.contains(*ip)) {
+            return Some(format!("it holds another node's address {ip}"));
+        }
+        self.other_cidrs
+            .iter()
+            .find(|(other, _)| other.contains(cidr) || cidr.contains(other))
+            .map(|(other, node)| format!("it overlaps {other}, the pod CIDR of the node at {node}"))
+    }
+}
+
+/// The node's pod CIDR (see [`pod_cidr`]), refused (code 7) where it conflicts with
+/// the nodes the pinned datapath knows.
+fn checked_pod_cidr(conf: &NetConf, pin_dir: &Path, error_code: u32) -> Result<Ipv4Net, CniError> {
+    let cidr = pod_cidr(conf, error_code)?;
+    let known =
+        KnownNodes::read(pin_dir).or_code(code::WIRING_FAILED, "reading the node's routes")?;
+    if let Some(why) = known.refuse(&cidr) {
+        let source = match conf.pod_cidr {
+            Some(_) => "podCIDR of the network configuration".to_string(),
+            None => files::pod_cidr_file(&conf.node).display().to_string(),
+        };
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("pod CIDR {cidr} ({source}) is refused: {why}"),
+        ));
+    }
+    Ok(cidr)
+}
+
+/// Addresses of the node's own interfaces (its InternalIP, the overlay address,
+/// whatever else an admin put there): never a pod's.
+fn node_addresses() -> Result<BTreeSet<Ipv4Addr>> {
+    Ok(crate::netlink::Netlink::open()?
+        .addresses()?
+        .into_iter()
+        .map(|a| a.ip)
+        .collect())
+}
+
 fn host_interface_name(env: &Environment) -> String {
     match env.pod() {
         // The agent derives the same name for eth0 from the Pod object.
@@ -181,7 +276,8 @@ enum AttachmentNetns {
     Pod(NetnsId),
     /// The namespace the plugin runs in: the node's own.
     Node,
-    /// Nothing, or something that is no longer a namespace (unmounted).
+    /// Nothing, something that is no longer a namespace (unmounted), or a
+    /// namespace of another kind.
     Gone,
 }
 
@@ -224,7 +320,7 @@ fn attachment_alive(owner: &Owner) -> bool {
 
 fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     let pin_dir = pin_dir_with_datapath(conf, code::TRY_AGAIN_LATER)?;
-    let cidr = pod_cidr(conf, code::TRY_AGAIN_LATER)?;
+    let cidr = checked_pod_cidr(conf, &pin_dir, code::TRY_AGAIN_LATER)?;
     let netns = match attachment_netns(&env.netns)? {
         AttachmentNetns::Pod(id) => id,
         other => return Err(other.refusal(&env.netns)),
@@ -280,9 +376,13 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         }),
     };
     let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
+    let node_addresses =
+        node_addresses().or_code(code::WIRING_FAILED, "reading the node's addresses")?;
     let allocate = || {
         store
-            .allocate(cidr, &owner, |ip| in_use.contains(&ip))
+            .allocate(cidr, &owner, |ip| {
+                in_use.contains(&ip) || node_addresses.contains(&ip)
+            })
             .or_code(code::IO_FAILURE, "IPAM store")
     };
     let ip = match allocate()? {
@@ -485,9 +585,61 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Ready when the datapath is pinned and the pod CIDR is known.
+/// Ready when the datapath is pinned and the pod CIDR is known (and one pods may
+/// have).
 fn status(conf: &NetConf) -> Result<(), CniError> {
-    pin_dir_with_datapath(conf, code::PLUGIN_NOT_AVAILABLE)?;
-    pod_cidr(conf, code::PLUGIN_NOT_AVAILABLE)?;
+    let pin_dir = pin_dir_with_datapath(conf, code::PLUGIN_NOT_AVAILABLE)?;
+    checked_pod_cidr(conf, &pin_dir, code::PLUGIN_NOT_AVAILABLE)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn pod_cidrs_holding_a_node_or_outside_the_accepted_one_are_refused() {
+        let known = KnownNodes {
+            own_cidrs: vec![net("10.244.0.0/24")],
+            own_ip: Some("198.51.100.1".parse().unwrap()),
+            other_cidrs: vec![(net("10.244.1.0/24"), "198.51.100.2".parse().unwrap())],
+            other_ips: vec!["198.51.100.2".parse().unwrap()],
+        };
+        assert_eq!(known.refuse(&net("10.244.0.0/24")), None);
+        assert_eq!(known.refuse(&net("10.244.0.128/25")), None);
+        for (cidr, says) in [
+            (
+                "10.244.0.0/23",
+                "outside this node's pod CIDR 10.244.0.0/24",
+            ),
+            ("198.51.100.0/24", "outside this node's pod CIDR"),
+            ("10.250.0.0/24", "outside this node's pod CIDR"),
+        ] {
+            let why = known.refuse(&net(cidr)).unwrap_or_default();
+            assert!(why.contains(says), "{cidr}: {why:?}");
+        }
+        // Before the agent accepted this node's pod CIDR: the nodes' addresses and
+        // pod CIDRs still count.
+        let known = KnownNodes {
+            own_cidrs: vec![],
+            ..known
+        };
+        assert_eq!(known.refuse(&net("10.244.0.0/24")), None);
+        for (cidr, says) in [
+            ("198.51.100.0/30", "this node's address 198.51.100.1"),
+            ("198.51.100.2/31", "another node's address 198.51.100.2"),
+            (
+                "10.244.1.64/26",
+                "overlaps 10.244.1.0/24, the pod CIDR of the node at 198.51.100.2",
+            ),
+            ("10.244.0.0/16", "overlaps 10.244.1.0/24"),
+        ] {
+            let why = known.refuse(&net(cidr)).unwrap_or_default();
+            assert!(why.contains(says), "{cidr}: {why:?}");
+        }
+    }
 }

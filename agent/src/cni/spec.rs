@@ -1,6 +1,6 @@
 //! The CNI protocol (spec 1.1.0): environment, network configuration, result and
 //! error objects, versions. Nothing here touches the system.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, io::Read, net::Ipv4Addr, path::PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,21 @@ pub struct Environment {
     pub args: BTreeMap<String, String>,
 }
 
-/// Container ids: alphanumerics plus `_ . -`, starting with an alphanumeric (spec).
+/// The longest CNI_CONTAINERID taken. Runtimes make 64 hex digits (containerd,
+/// CRI-O, Podman) or a UUID; the spec sets no bound, but the id is stored in the
+/// attachment's allocation file, which must stay far below what the plugin reads
+/// back (64 KiB): a 100,000-character id made an ADD whose DEL found nothing.
+pub const MAX_CONTAINER_ID: usize = 1024;
+
+/// The most the plugin reads of stdin (the network configuration, with
+/// `prevResult` or GC's `cni.dev/valid-attachments`: kilobytes in practice).
+pub const MAX_INPUT: u64 = 1024 * 1024;
+
+/// Container ids: alphanumerics plus `_ . -`, starting with an alphanumeric (spec),
+/// at most [`MAX_CONTAINER_ID`] characters.
 fn valid_container_id(id: &str) -> bool {
-    id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+    id.len() <= MAX_CONTAINER_ID
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
@@ -136,7 +148,13 @@ impl Environment {
         let netns = get("CNI_NETNS", needs_netns)?;
         let ifname = get("CNI_IFNAME", per_attachment)?;
         if per_attachment && !valid_container_id(&container_id) {
-            return Err(invalid(format!("invalid CNI_CONTAINERID {container_id:?}")));
+            // Shown cut short: the id may be anything the runtime was handed.
+            let shown: String = container_id.chars().take(80).collect();
+            return Err(invalid(format!(
+                "invalid CNI_CONTAINERID {shown:?} ({} bytes): letters, digits, '_', '.' and '-', \
+                 starting with a letter or digit, at most {MAX_CONTAINER_ID}",
+                container_id.len()
+            )));
         }
         if per_attachment && !valid_ifname(&ifname) {
             return Err(invalid(format!("invalid CNI_IFNAME {ifname:?}")));
@@ -202,6 +220,27 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
+/// Read the network configuration from `input` (stdin): at most [`MAX_INPUT`]
+/// bytes. More is refused (code 7) without reading on, so a runtime (or anyone)
+/// piping an endless stream cannot make the plugin's memory grow with it.
+pub fn read_input(input: impl Read) -> Result<Vec<u8>, CniError> {
+    let mut content = Vec::new();
+    input
+        .take(MAX_INPUT + 1)
+        .read_to_end(&mut content)
+        .map_err(|e| {
+            CniError::new(code::IO_FAILURE, "cannot read the network configuration")
+                .details(e.to_string())
+        })?;
+    if content.len() as u64 > MAX_INPUT {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("the network configuration on stdin is larger than {MAX_INPUT} bytes"),
+        ));
+    }
+    Ok(content)
+}
+
 impl NetConf {
     /// Parse stdin: undecodable JSON is code 6, a wrong or missing field code 7, an
     /// unsupported cniVersion code 1.
@@ -234,6 +273,11 @@ impl NetConf {
         }
         if conf.name.is_empty() {
             return Err(invalid("the network name is empty".into()));
+        }
+        // A relative path would name a directory under whatever the runtime's
+        // working directory happens to be.
+        if let Some(dir) = conf.data_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return Err(invalid(format!("dataDir {dir:?} is not an absolute path")));
         }
         Ok(conf)
     }
@@ -391,6 +435,17 @@ mod tests {
         ] {
             assert_eq!(env(&bad).unwrap_err().code, code::INVALID_ENVIRONMENT);
         }
+        // Container ids up to the cap; one longer is refused, named cut short.
+        let mut long_id = add;
+        let longest = "c".repeat(MAX_CONTAINER_ID);
+        long_id[1] = ("CNI_CONTAINERID", &longest);
+        assert!(env(&long_id).is_ok());
+        let too_long = "c".repeat(100_000);
+        long_id[1] = ("CNI_CONTAINERID", &too_long);
+        let error = env(&long_id).unwrap_err();
+        assert_eq!(error.code, code::INVALID_ENVIRONMENT);
+        assert!(error.msg.len() < 400, "{}", error.msg);
+        assert!(error.msg.contains("100000 bytes"), "{}", error.msg);
         let mut bad_ifname = add;
         bad_ifname[3] = ("CNI_IFNAME", "eth0/../x");
         assert_eq!(
@@ -407,7 +462,7 @@ mod tests {
         let conf = NetConf::parse(ok).unwrap();
         assert_eq!(conf.mtu, DEFAULT_MTU);
         assert_eq!(conf.ipam_dir(), PathBuf::from("/var/lib/cni/ferrite/n1"));
-        let cases: [(&[u8], u32); 6] = [
+        let cases: [(&[u8], u32); 7] = [
             (b"{not json", code::DECODE_FAILURE),
             (b"", code::DECODE_FAILURE),
             (
@@ -426,11 +481,32 @@ mod tests {
                 br#"{"cniVersion":"1.0.0","name":"f","node":"n1","podCIDR":"nope"}"#,
                 code::INVALID_CONFIG,
             ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"f","node":"n1","dataDir":"var/lib/cni"}"#,
+                code::INVALID_CONFIG,
+            ),
         ];
         for (input, expected) in cases {
             let error = NetConf::parse(input).unwrap_err();
             assert_eq!(error.code, expected, "{}", String::from_utf8_lossy(input));
         }
+    }
+
+    #[test]
+    fn stdin_is_read_up_to_the_cap_and_no_further() {
+        let config = br#"{"cniVersion":"1.0.0","name":"f","node":"n1"}"#;
+        assert_eq!(read_input(&config[..]).unwrap(), config);
+        let exactly = vec![b' '; MAX_INPUT as usize];
+        assert_eq!(read_input(&exactly[..]).unwrap().len(), exactly.len());
+        // An endless stream: refused after one byte more than the cap.
+        let mut endless = std::io::repeat(0);
+        let error = read_input(&mut endless).unwrap_err();
+        assert_eq!(error.code, code::INVALID_CONFIG);
+        assert!(
+            error.msg.contains("larger than 1048576 bytes"),
+            "{}",
+            error.msg
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use std::{
     fs,
     os::{
-        fd::AsFd,
+        fd::{AsFd, AsRawFd},
         unix::fs::{MetadataExt, OpenOptionsExt},
     },
     path::Path,
@@ -19,8 +19,12 @@ pub struct NetnsId {
     pub ino: u64,
 }
 
-/// The namespace `path` names; `None` when the path is gone or is no longer a
-/// namespace (a runtime unmounted it and left the empty file it was mounted on).
+/// ioctl_ns(2): which kind of namespace an nsfs file refers to (a CLONE_NEW* flag).
+const NS_GET_NSTYPE: u64 = 0xb703; // _IO(0xb7, 0x3)
+
+/// The network namespace `path` names; `None` when the path is gone, is no longer
+/// a namespace (a runtime unmounted it and left the empty file it was mounted on)
+/// or is a namespace of another kind (`/proc/self/ns/mnt`).
 pub fn netns_id(path: &Path) -> Result<Option<NetnsId>> {
     // Non-blocking: a FIFO or device at the path must not hang the plugin.
     let file = match fs::OpenOptions::new()
@@ -35,6 +39,15 @@ pub fn netns_id(path: &Path) -> Result<Option<NetnsId>> {
         .with_context(|| format!("statfs {}", path.display()))?
         .filesystem_type();
     if fs_type != nix::sys::statfs::NSFS_MAGIC {
+        return Ok(None);
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open file.
+    let kind = unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind == -1 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("NS_GET_NSTYPE of {}", path.display()));
+    }
+    if kind != nix::libc::CLONE_NEWNET {
         return Ok(None);
     }
     let meta = file.metadata()?;

@@ -32,8 +32,15 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         nodes: context.nodes.clone(),
         ..DesiredState::default()
     };
+    state.policy = super::policy::build_policy(
+        &objects.network_policies,
+        &objects.namespaces,
+        &objects.pods,
+        context,
+        &mut skipped,
+    );
     for pod in &objects.pods {
-        match local_pod(pod, &context.name) {
+        match local_pod(pod, context) {
             Ok(Some(local)) => {
                 if let Some(existing) = state.pods.get(&local.ip) {
                     skipped.push(Skipped {
@@ -43,6 +50,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
                             owner: format!("{}/{}", existing.namespace, existing.name),
                         },
                     });
+                    state.pod_rivals.push(local);
                     continue;
                 }
                 state.pods.insert(local.ip, local);

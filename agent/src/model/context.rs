@@ -78,4 +78,52 @@ impl NodeContext {
     pub(super) fn node_ips(&self) -> &[Ipv4Addr] {
         &self.node_ips
     }
+
+    /// Why a Pod of this node may not have `ip` (its `status.podIP`), if it may not.
+    /// An endpoint entry makes its address the pod's: traffic to it from this
+    /// node's pods goes into the pod, and the pod may send from it. So never a
+    /// node's address (the pod would take the overlay traffic meant for that node)
+    /// or a special one; once this node's pod CIDR is known, only an address in it
+    /// that the CNI's IPAM could have handed out (not the network, broadcast or
+    /// first address, this node's overlay address); before, none in another node's
+    /// pod CIDR or outside `--cluster-cidr`.
+    pub(super) fn refuse_pod_ip(&self, ip: Ipv4Addr) -> Option<String> {
+        let refused = |why: String| Some(format!("status.podIP {ip} is {why}"));
+        if let Some(what) = crate::limits::special(ip) {
+            return refused(what.to_string());
+        }
+        if let Some(node) = self.nodes.values().find(|n| n.ip == ip) {
+            return refused(format!("node {}'s address", node.name));
+        }
+        let own = self
+            .this_node()
+            .map(|n| n.pod_cidrs.as_slice())
+            .unwrap_or(&[]);
+        if !own.is_empty() {
+            let Some(cidr) = own.iter().find(|c| c.contains(&ip)) else {
+                let cidrs: Vec<String> = own.iter().map(ToString::to_string).collect();
+                return refused(format!("outside this node's pod CIDR {}", cidrs.join(", ")));
+            };
+            let first = cidr.hosts().next();
+            if ip == cidr.network() || ip == cidr.broadcast() || Some(ip) == first {
+                return refused(format!(
+                    "the network, broadcast or overlay address of {cidr}, no pod's"
+                ));
+            }
+            return None;
+        }
+        let other = self
+            .nodes
+            .values()
+            .find_map(|n| n.pod_cidrs.iter().find(|c| c.contains(&ip)).map(|c| (n, c)));
+        if let Some((node, cidr)) = other {
+            return refused(format!("in {cidr}, node {}'s pod CIDR", node.name));
+        }
+        match self.limits.cluster_cidr {
+            Some(cluster) if !cluster.contains(&ip) => {
+                refused(format!("outside the cluster CIDR {cluster}"))
+            }
+            _ => None,
+        }
+    }
 }

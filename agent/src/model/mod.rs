@@ -22,6 +22,8 @@ mod fields;
 mod nodes;
 pub mod objects;
 mod pods;
+pub mod policy;
+mod selector;
 mod service;
 mod skipped;
 #[cfg(test)]

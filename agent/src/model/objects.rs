@@ -40,6 +40,9 @@ pub struct ServiceSpec {
     pub cluster_ip: Option<String>,
     #[serde(rename = "externalIPs")]
     pub external_ips: Option<Vec<String>>,
+    /// `false`: a LoadBalancer without nodePorts (the load balancer reaches pods
+    /// directly).
+    pub allocate_load_balancer_node_ports: Option<bool>,
     pub external_traffic_policy: Option<String>,
     pub health_check_node_port: Option<i32>,
     pub internal_traffic_policy: Option<String>,
@@ -92,6 +95,10 @@ pub struct LoadBalancerStatus {
 #[serde(default)]
 pub struct LoadBalancerIngress {
     pub ip: Option<String>,
+    /// `Proxy`: the load balancer proxies to the NodePorts, the IP is not the
+    /// nodes' to capture (KEP-1860); `VIP` or unset: it is.
+    #[serde(rename = "ipMode")]
+    pub ip_mode: Option<String>,
 }
 
 /// A discovery.k8s.io/v1 EndpointSlice.
@@ -220,6 +227,7 @@ mod tests {
                 "ipFamilies": ["IPv4"],
                 "selector": {"app": "web"},
                 "externalIPs": ["192.0.2.200"],
+                "allocateLoadBalancerNodePorts": false,
                 "externalTrafficPolicy": "Local",
                 "internalTrafficPolicy": "Local",
                 "healthCheckNodePort": 32000,
@@ -247,6 +255,7 @@ mod tests {
             spec: Some(ServiceSpec {
                 cluster_ip: Some("10.96.0.5".into()),
                 external_ips: Some(vec!["192.0.2.200".into()]),
+                allocate_load_balancer_node_ports: Some(false),
                 external_traffic_policy: Some("Local".into()),
                 health_check_node_port: Some(32000),
                 internal_traffic_policy: Some("Local".into()),
@@ -280,8 +289,12 @@ mod tests {
                     ingress: Some(vec![
                         LoadBalancerIngress {
                             ip: Some("192.0.2.100".into()),
+                            ip_mode: Some("VIP".into()),
                         },
-                        LoadBalancerIngress { ip: None },
+                        LoadBalancerIngress {
+                            ip: None,
+                            ip_mode: None,
+                        },
                     ]),
                 }),
             }),

@@ -2,7 +2,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use sha2::{Digest, Sha256};
 
-use super::{fields::parse_ipv4, namespace_of, LocalPod};
+use super::{fields::parse_ipv4, namespace_of, LocalPod, NodeContext};
 
 /// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),
 /// 15 characters (IFNAMSIZ - 1), stable across restarts. The CNI plugin and the agent
@@ -25,9 +25,11 @@ pub fn pod_attachment_interface_name(namespace: &str, name: &str, ifname: &str) 
     format!("fer{hex}")
 }
 
-pub(super) fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, String> {
+/// The pod of this node `pod` is, if it is one with an address; an error says why
+/// it cannot have the address it claims (see [`NodeContext::refuse_pod_ip`]).
+pub(super) fn local_pod(pod: &Pod, context: &NodeContext) -> Result<Option<LocalPod>, String> {
     let spec = pod.spec.as_ref().ok_or("spec is missing")?;
-    if spec.node_name.as_deref() != Some(node) {
+    if spec.node_name.as_deref() != Some(context.name.as_str()) {
         return Ok(None);
     }
     if spec.host_network == Some(true) {
@@ -50,6 +52,9 @@ pub(super) fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, Strin
         return Ok(None); // not wired yet
     };
     let ip = parse_ipv4(ip, "status.podIP")?;
+    if let Some(why) = context.refuse_pod_ip(ip) {
+        return Err(why);
+    }
     Ok(Some(LocalPod {
         interface: pod_interface_name(&namespace, &name),
         namespace,
@@ -62,6 +67,7 @@ pub(super) fn local_pod(pod: &Pod, node: &str) -> Result<Option<LocalPod>, Strin
 mod tests {
     use super::super::test_support::*;
     use super::super::*;
+    use crate::limits::Limits;
 
     #[test]
     fn only_this_nodes_running_pods_with_an_ip_are_local() {
@@ -101,6 +107,101 @@ status: {podIP: 10.244.0.999}
         let pod = &state.pods[&"10.244.0.11".parse().unwrap()];
         assert_eq!(pod.interface, pod_interface_name("shop", "a"));
         assert_eq!(skipped.len(), 1, "{skipped:?}");
+    }
+
+    fn pod(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{nodeName: node-a, containers: []}}\nstatus: {{podIP: {ip}}}\n"
+        )
+    }
+
+    const NODE_B: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 198.51.100.2}]}
+";
+
+    /// Pod objects claiming addresses that are no pod's of this node: each is
+    /// skipped with a reason naming the address, the rest apply.
+    #[test]
+    fn pods_claiming_a_node_address_or_one_outside_this_nodes_pod_cidr_are_skipped() {
+        let claims = [
+            ("other-node", "198.51.100.2", "is node node-b's address"),
+            ("this-node", "198.51.100.1", "is node node-a's address"),
+            (
+                "other-cidr",
+                "10.244.1.5",
+                "outside this node's pod CIDR 10.244.0.0/24",
+            ),
+            ("outside", "10.250.0.9", "outside this node's pod CIDR"),
+            ("overlay", "10.244.0.1", "overlay address of 10.244.0.0/24"),
+            ("network", "10.244.0.0", "network, broadcast"),
+            ("broadcast", "10.244.0.255", "network, broadcast"),
+            ("loopback", "127.0.0.1", "loopback"),
+            ("metadata", "169.254.169.254", "link-local"),
+        ];
+        let mut docs = vec![
+            SHOP_NODE.to_string(),
+            NODE_B.to_string(),
+            pod("fine", "10.244.0.7"),
+        ];
+        docs.extend(claims.iter().map(|(name, ip, _)| pod(name, ip)));
+        // The node's own network: no address to check, nothing to wire.
+        docs.push(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: host, namespace: shop}\n\
+             spec: {nodeName: node-a, hostNetwork: true, containers: []}\n\
+             status: {podIP: 198.51.100.1}\n"
+                .into(),
+        );
+        let (state, skipped) = build_yaml(&docs.join("---\n"));
+        let ips: Vec<String> = state.pods.keys().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.244.0.7"]);
+        assert_eq!(skipped.len(), claims.len(), "{skipped:#?}");
+        for (name, ip, says) in claims {
+            let reason = skipped
+                .iter()
+                .find(|s| s.object == format!("Pod shop/{name}"))
+                .unwrap_or_else(|| panic!("{name} not skipped: {skipped:#?}"))
+                .reason
+                .to_string();
+            assert!(
+                reason.contains(&format!("status.podIP {ip} is")) && reason.contains(says),
+                "{name}: {reason}"
+            );
+        }
+    }
+
+    /// Before this node's Node object (and pod CIDR) is known: still never a node's
+    /// address, nor one in another node's pod CIDR or outside the cluster CIDR.
+    #[test]
+    fn without_this_nodes_pod_cidr_pods_still_stay_off_other_nodes() {
+        let docs = [
+            NODE_B.to_string(),
+            pod("fine", "10.244.0.7"),
+            pod("other-node", "198.51.100.2"),
+            pod("other-cidr", "10.244.1.5"),
+            pod("outside", "10.250.0.9"),
+        ];
+        let (objects, _) = crate::objects_yaml::parse_objects(&docs.join("---\n")).unwrap();
+        let limits = Limits {
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            ..open_limits()
+        };
+        let (context, _) = NodeContext::new(NODE, &limits, &objects.nodes, None);
+        let (state, skipped) = build(&objects, &context);
+        let ips: Vec<String> = state.pods.keys().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.244.0.7"]);
+        let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            reasons,
+            [
+                "Pod shop/other-node: status.podIP 198.51.100.2 is node node-b's address",
+                "Pod shop/other-cidr: status.podIP 10.244.1.5 is in 10.244.1.0/24, node node-b's pod CIDR",
+                "Pod shop/outside: status.podIP 10.250.0.9 is outside the cluster CIDR 10.244.0.0/16",
+            ]
+        );
     }
 
     #[test]

@@ -90,7 +90,11 @@ pub(super) fn service_frontends(
     let vip = cluster_ip(spec, here)?;
     let ports = port_list(spec)?;
     let policy = policies(spec)?;
-    let ports = parse_ports(ports, service_type, &service_ref, &here.limits, skipped)?;
+    // A LoadBalancer that asked for no nodePorts has none, and that is no fault.
+    let wants_node_ports = service_type.has_node_ports()
+        && !(service_type == ServiceType::LoadBalancer
+            && spec.allocate_load_balancer_node_ports == Some(false));
+    let ports = parse_ports(ports, wants_node_ports, &service_ref, &here.limits, skipped)?;
     let external_ips = external_ips(spec, &service_ref, here, skipped)?;
     let ingress_ips = match service_type {
         ServiceType::LoadBalancer => ingress_ips(service, &service_ref, here, skipped)?,
@@ -246,7 +250,7 @@ impl ParsedPort<'_> {
 /// never half-applied. An SCTP port, or a missing nodePort, leaves out only itself.
 fn parse_ports<'a>(
     ports: &'a [ServicePort],
-    service_type: ServiceType,
+    wants_node_ports: bool,
     service_ref: &ServiceRef,
     limits: &Limits,
     skipped: &mut Vec<Skipped>,
@@ -268,7 +272,7 @@ fn parse_ports<'a>(
         if let Some(IntOrString::Int(target)) = &port.target_port {
             valid_port(*target, "targetPort")?;
         }
-        let node_port = match (service_type.has_node_ports(), port.node_port) {
+        let node_port = match (wants_node_ports, port.node_port) {
             (true, Some(n)) => {
                 let node_port = valid_port(n, "nodePort")?;
                 if let Some(reason) = limits.refuse_node_port(node_port) {
@@ -350,7 +354,13 @@ fn ingress_ips(
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     let mut ips = Vec::new();
-    for entry in ingress.into_iter().flatten() {
+    // An IP the load balancer proxies from (ipMode Proxy) stays the load
+    // balancer's: in-cluster traffic to it goes there, as with kube-proxy.
+    let captured = ingress
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry.ip_mode.as_deref() != Some("Proxy"));
+    for entry in captured {
         match entry.ip.as_deref() {
             Some(ip) if !ip.contains(':') => {
                 let ip = parse_ipv4(ip, "status.loadBalancer.ingress ip")?;
@@ -646,6 +656,38 @@ spec: {type: ExternalName, externalName: example.com}
         };
         assert_eq!(served(None), vec![41]);
         assert_eq!(served(Some("ferrite")), vec![43]);
+    }
+
+    /// A LoadBalancer that asked for no nodePorts has none (and no complaint); an
+    /// ingress IP the load balancer proxies from (`ipMode: Proxy`) is not captured;
+    /// several ingress IPs and a hostname-only entry.
+    #[test]
+    fn load_balancers_without_node_ports_and_proxy_ip_mode_ingress() {
+        let (state, skipped) = build_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.5, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 192.0.2.100, ipMode: VIP}
+    - {ip: 192.0.2.101, ipMode: Proxy}
+    - {ip: 192.0.2.102}
+    - {hostname: lb.example}
+"#,
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let frontends: Vec<String> = state.services.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            frontends,
+            [
+                "10.96.0.5:80/TCP",
+                "192.0.2.100:80/TCP",
+                "192.0.2.102:80/TCP"
+            ]
+        );
     }
 
     #[test]

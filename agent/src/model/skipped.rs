@@ -47,6 +47,9 @@ pub enum SkipReason {
     HealthCheckPortTaken { port: u16, owner: ServiceRef },
     /// A pod IP another pod (`owner`, as namespace/name) took first.
     PodIpTaken { ip: Ipv4Addr, owner: String },
+    /// A pod IP whose endpoint entry names another live interface (a pod the CNI
+    /// plugin wired, or one an earlier object named): that pod keeps it.
+    PodIpHeld { ip: Ipv4Addr, interface: String },
     /// More backends than a frontend's slot numbers can count.
     TooManyBackends { frontend: L4Addr, count: usize },
     /// A Service map has no room for the frontend's new entries; `kept`: it was in
@@ -98,6 +101,10 @@ impl fmt::Display for SkipReason {
                 write!(f, "healthCheckNodePort {port} already used by {owner}")
             }
             Self::PodIpTaken { ip, owner } => write!(f, "pod IP {ip} already used by {owner}"),
+            Self::PodIpHeld { ip, interface } => write!(
+                f,
+                "pod IP {ip} is the address of the live pod behind {interface}, which keeps it"
+            ),
             Self::TooManyBackends { frontend, count } => {
                 write!(
                     f,
@@ -213,6 +220,14 @@ mod tests {
                     owner: "shop/a".into(),
                 },
                 "pod IP 127.0.0.1 already used by shop/a",
+            ),
+            (
+                SkipReason::PodIpHeld {
+                    ip,
+                    interface: "fer0123456789ab".into(),
+                },
+                "pod IP 127.0.0.1 is the address of the live pod behind fer0123456789ab, \
+                 which keeps it",
             ),
             (
                 SkipReason::TooManyBackends {

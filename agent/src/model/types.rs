@@ -9,7 +9,10 @@ use std::{
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::{
+        core::v1::{Namespace, Node, Pod},
+        networking::v1::NetworkPolicy,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -202,8 +205,15 @@ pub struct DesiredState {
     /// too (an update of one of them is done as a full sync).
     pub contenders: BTreeSet<ServiceRef>,
     pub pods: BTreeMap<Ipv4Addr, LocalPod>,
+    /// Pods claiming an address an earlier-listed pod has in `pods` (skipped as
+    /// [`super::SkipReason::PodIpTaken`]): the plan gives the address to the one
+    /// whose host veth holds its live endpoint entry.
+    pub pod_rivals: Vec<LocalPod>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
+    /// NetworkPolicy: every address's identity and what this node's policed pods
+    /// allow.
+    pub policy: super::policy::PolicyModel,
 }
 
 /// The Kubernetes objects the model is built from. Shared (`Arc`), so a snapshot of
@@ -214,6 +224,9 @@ pub struct DesiredState {
 pub struct ClusterObjects {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Every node's pods (policies select pods anywhere); only this node's are wired.
     pub pods: Vec<Arc<Pod>>,
     pub nodes: Vec<Arc<Node>>,
+    pub network_policies: Vec<Arc<NetworkPolicy>>,
+    pub namespaces: Vec<Arc<Namespace>>,
 }

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
-    pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
-    ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+    endpoint_flag, pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
+    RouteInfo, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 use super::{
@@ -14,7 +14,52 @@ use super::{
     service_entries::service_contents,
     Interface, MapContents, NodeSettings, RouteKey,
 };
-use crate::model::{DesiredState, SkipReason, Skipped};
+use crate::model::{DesiredState, LocalPod, SkipReason, Skipped};
+
+/// Of the pods claiming one address (the model gave it to the first listed), the
+/// one whose host veth its live endpoint entry names keeps it: a later-listed Pod
+/// object cannot take a live pod's address by coming first. The skip reports follow.
+pub fn settle_pod_claims(
+    state: &mut DesiredState,
+    skipped: &mut [Skipped],
+    interfaces: &BTreeMap<String, Interface>,
+    current: &MapContents,
+) {
+    let object = |pod: &LocalPod| format!("Pod {}/{}", pod.namespace, pod.name);
+    let rivals = std::mem::take(&mut state.pod_rivals);
+    for rival in rivals {
+        let key = EndpointKey {
+            address: rival.ip.octets(),
+        };
+        let holds = match (
+            current.endpoints.get(&key),
+            interfaces.get(&rival.interface),
+        ) {
+            (Some(entry), Some(interface)) => entry.ifindex == interface.ifindex,
+            _ => false,
+        };
+        let displaced = holds
+            .then(|| state.pods.insert(rival.ip, rival.clone()))
+            .flatten();
+        let Some(displaced) = displaced else {
+            state.pod_rivals.push(rival);
+            continue;
+        };
+        let owner = format!("{}/{}", rival.namespace, rival.name);
+        for report in skipped.iter_mut() {
+            if let SkipReason::PodIpTaken { ip, owner: was } = &mut report.reason {
+                if *ip != rival.ip {
+                    continue;
+                }
+                if report.object == object(&rival) {
+                    report.object = object(&displaced);
+                }
+                *was = owner.clone();
+            }
+        }
+        state.pod_rivals.push(displaced);
+    }
+}
 
 /// The map contents that realise `state`. Pods whose interface does not exist (yet)
 /// and frontends for which no id is left are reported in the skipped list.
@@ -130,37 +175,64 @@ pub fn desired_contents_keeping_ids(
         &mut skipped,
     );
 
+    // Endpoint entries. One makes its address the pod's: traffic to it from this
+    // node goes into the pod's veth, and the pod may send from it. The CNI plugin
+    // writes the entry of a pod it wires before the agent hears of the pod; the
+    // agent writes one for each Pod object (marked as its own), except where the
+    // address is another live interface's: a Pod object never takes a live pod's
+    // address, whoever wrote its entry.
+    let live: BTreeMap<u32, &str> = interfaces
+        .iter()
+        .map(|(name, interface)| (interface.ifindex, name.as_str()))
+        .collect();
     for pod in state.pods.values() {
+        let object = || format!("Pod {}/{}", pod.namespace, pod.name);
         let Some(interface) = interfaces.get(&pod.interface) else {
             skipped.push(Skipped {
-                object: format!("Pod {}/{}", pod.namespace, pod.name),
+                object: object(),
                 reason: SkipReason::InterfaceMissing {
                     interface: pod.interface.clone(),
                 },
             });
             continue;
         };
+        let key = EndpointKey {
+            address: pod.ip.octets(),
+        };
+        let held = current.endpoints.get(&key).and_then(|entry| {
+            let holder = live.get(&entry.ifindex)?;
+            (entry.ifindex != interface.ifindex).then_some((entry, holder))
+        });
+        if let Some((entry, holder)) = held {
+            skipped.push(Skipped {
+                object: object(),
+                reason: SkipReason::PodIpHeld {
+                    ip: pod.ip,
+                    interface: holder.to_string(),
+                },
+            });
+            out.endpoints.insert(key, *entry);
+            continue;
+        }
         out.endpoints.insert(
-            EndpointKey {
-                address: pod.ip.octets(),
-            },
+            key,
             EndpointInfo {
                 ifindex: interface.ifindex,
                 pod_mac: pod_mac_for(pod.ip),
                 host_mac: interface.mac,
-                flags: 0,
+                flags: endpoint_flag::FROM_POD_OBJECT,
             },
         );
     }
-    // The CNI plugin writes the endpoint of a pod it wires before the agent hears of
-    // the pod: an endpoint whose interface still exists is kept, only those of
-    // vanished interfaces go.
-    let live: BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
+    // The CNI plugin's entries of pods the agent has not heard of (yet) stay while
+    // their interface lives; the agent's own go with their Pod objects.
     for (key, info) in &current.endpoints {
-        if !out.endpoints.contains_key(key) && live.contains(&info.ifindex) {
+        let cni_written = info.flags & endpoint_flag::FROM_POD_OBJECT == 0;
+        if !out.endpoints.contains_key(key) && cni_written && live.contains_key(&info.ifindex) {
             out.endpoints.insert(*key, *info);
         }
     }
+    super::policy::policy_contents(&state.policy, &mut out);
     (out, skipped)
 }
 
@@ -260,6 +332,187 @@ mod tests {
             vec![Op::DeleteEndpoint(cni_written(8).0)],
             "only the endpoint of the vanished interface goes"
         );
+    }
+
+    fn interface(ifindex: u32) -> Interface {
+        Interface {
+            ifindex,
+            mac: [2, 0, 0, 0, 0, ifindex as u8],
+            mtu: 1450,
+        }
+    }
+
+    fn entry(ifindex: u32, flags: u32) -> EndpointInfo {
+        EndpointInfo {
+            ifindex,
+            flags,
+            ..EndpointInfo::default()
+        }
+    }
+
+    fn key(last: u8) -> EndpointKey {
+        EndpointKey {
+            address: [10, 244, 0, last],
+        }
+    }
+
+    fn endpoint_ops(current: &MapContents, desired: &MapContents) -> Vec<Op> {
+        diff(current, desired)
+            .into_iter()
+            .filter(|op| matches!(op, Op::PutEndpoint(..) | Op::DeleteEndpoint(_)))
+            .collect()
+    }
+
+    #[test]
+    fn the_agents_entries_go_with_their_pod_objects_and_the_cnis_stay_while_their_interface_lives()
+    {
+        use ferrite_common::endpoint_flag::FROM_POD_OBJECT;
+        // .7: the CNI's, for a pod the agent has not heard of; .8: the agent's, for
+        // a Pod object that is gone; .9: the agent's, for a Pod object now claiming
+        // .10 on the same interface. Every interface lives.
+        let current = MapContents {
+            endpoints: [
+                (key(7), entry(7, 0)),
+                (key(8), entry(8, FROM_POD_OBJECT)),
+                (key(9), entry(9, FROM_POD_OBJECT)),
+            ]
+            .into(),
+            ..MapContents::default()
+        };
+        let interfaces = BTreeMap::from([
+            ("fercni".to_string(), interface(7)),
+            ("fergone".to_string(), interface(8)),
+            ("fermoved".to_string(), interface(9)),
+        ]);
+        let mut state = DesiredState::default();
+        let ip = Ipv4Addr::new(10, 244, 0, 10);
+        state.pods.insert(
+            ip,
+            LocalPod {
+                namespace: "default".into(),
+                name: "moved".into(),
+                ip,
+                interface: "fermoved".into(),
+            },
+        );
+        let (desired, skipped) =
+            desired_contents(&state, &interfaces, &current, &NodeSettings::default());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(
+            endpoint_ops(&current, &desired),
+            vec![
+                Op::PutEndpoint(
+                    key(10),
+                    EndpointInfo {
+                        ifindex: 9,
+                        pod_mac: pod_mac_for(ip),
+                        host_mac: [2, 0, 0, 0, 0, 9],
+                        flags: FROM_POD_OBJECT,
+                    }
+                ),
+                Op::DeleteEndpoint(key(8)),
+                Op::DeleteEndpoint(key(9)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pod_object_never_takes_the_address_of_a_live_interface() {
+        use ferrite_common::endpoint_flag::FROM_POD_OBJECT;
+        let ip = Ipv4Addr::new(10, 244, 0, 7);
+        let mut state = DesiredState::default();
+        state.pods.insert(
+            ip,
+            LocalPod {
+                namespace: "default".into(),
+                name: "thief".into(),
+                ip,
+                interface: "ferthief".into(),
+            },
+        );
+        // Whoever wrote the victim's entry (the CNI, or the agent for an object),
+        // it stays while the victim's interface lives.
+        for flags in [0, FROM_POD_OBJECT] {
+            let current = MapContents {
+                endpoints: [(key(7), entry(7, flags))].into(),
+                ..MapContents::default()
+            };
+            let mut interfaces = BTreeMap::from([
+                ("fervictim".to_string(), interface(7)),
+                ("ferthief".to_string(), interface(9)),
+            ]);
+            let (desired, skipped) =
+                desired_contents(&state, &interfaces, &current, &NodeSettings::default());
+            assert_eq!(endpoint_ops(&current, &desired), vec![], "flags {flags}");
+            assert_eq!(
+                skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                [
+                    "Pod default/thief: pod IP 10.244.0.7 is the address of the live pod \
+                  behind fervictim, which keeps it"
+                ]
+            );
+            // Once the victim's interface is gone, the address is free.
+            interfaces.remove("fervictim");
+            let (desired, skipped) =
+                desired_contents(&state, &interfaces, &current, &NodeSettings::default());
+            assert!(skipped.is_empty(), "{skipped:?}");
+            assert_eq!(desired.endpoints[&key(7)].ifindex, 9);
+        }
+    }
+
+    /// Two Pod objects claim one address, the first listed a thief: the pod whose
+    /// veth holds the live entry keeps it, and the reports say so.
+    #[test]
+    fn of_two_pod_objects_claiming_an_address_the_live_holder_keeps_it() {
+        let ip = Ipv4Addr::new(10, 244, 0, 5);
+        let pod = |name: &str| LocalPod {
+            namespace: "default".into(),
+            name: name.into(),
+            ip,
+            interface: format!("fer{name}"),
+        };
+        let mut state = DesiredState::default();
+        state.pods.insert(ip, pod("thief"));
+        state.pod_rivals.push(pod("web"));
+        let mut skipped = vec![Skipped {
+            object: "Pod default/web".into(),
+            reason: SkipReason::PodIpTaken {
+                ip,
+                owner: "default/thief".into(),
+            },
+        }];
+        let interfaces = BTreeMap::from([
+            ("ferweb".to_string(), interface(7)),
+            ("ferthief".to_string(), interface(9)),
+        ]);
+        // The CNI wired web: its entry names web's veth.
+        let current = MapContents {
+            endpoints: [(key(5), entry(7, 0))].into(),
+            ..MapContents::default()
+        };
+        settle_pod_claims(&mut state, &mut skipped, &interfaces, &current);
+        assert_eq!(state.pods[&ip], pod("web"));
+        assert_eq!(state.pod_rivals, vec![pod("thief")]);
+        assert_eq!(
+            skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["Pod default/thief: pod IP 10.244.0.5 already used by default/web"]
+        );
+        let (desired, more) =
+            desired_contents(&state, &interfaces, &current, &NodeSettings::default());
+        assert!(more.is_empty(), "{more:?}");
+        assert_eq!(
+            desired.endpoints[&key(5)].flags,
+            ferrite_common::endpoint_flag::FROM_POD_OBJECT,
+            "web's entry, now the agent's"
+        );
+        assert_eq!(desired.endpoints[&key(5)].ifindex, 7);
+
+        // Without a live entry, the first listed keeps it.
+        let mut state = DesiredState::default();
+        state.pods.insert(ip, pod("thief"));
+        state.pod_rivals.push(pod("web"));
+        settle_pod_claims(&mut state, &mut [], &interfaces, &MapContents::default());
+        assert_eq!(state.pods[&ip], pod("thief"));
     }
 
     fn node(name: &str, ip: [u8; 4], cidr: &str) -> crate::model::ClusterNode {

@@ -26,13 +26,19 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let (maglev_puts, maglev_deletes) = changes(&current.maglev, &desired.maglev, all);
     let range_puts = desired.source_ranges.difference(&current.source_ranges);
     let range_deletes = current.source_ranges.difference(&desired.source_ranges);
+    let (ipcache_puts, ipcache_deletes) = changes(&current.ipcache, &desired.ipcache, all);
+    let (policy_puts, policy_deletes) = changes(&current.policy, &desired.policy, all);
     let mut ops = Vec::new();
-    // The datapath caches endpoint and route lookups in conntrack entries per route
-    // epoch: bumped by the last write, after every endpoint and route change is in.
+    // The datapath caches endpoint, route and policy lookups in conntrack entries per
+    // route epoch: bumped by the last write, after every such change is in.
     let routes_change = !(route_puts.is_empty()
         && route_deletes.is_empty()
         && endpoint_puts.is_empty()
-        && endpoint_deletes.is_empty());
+        && endpoint_deletes.is_empty()
+        && ipcache_puts.is_empty()
+        && ipcache_deletes.is_empty()
+        && policy_puts.is_empty()
+        && policy_deletes.is_empty());
     let config_first = NodeConfig {
         route_epoch: current.config.route_epoch,
         ..desired.config
@@ -50,6 +56,9 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     }));
     ops.extend(range_puts.map(|r| Op::PutSourceRange(*r)));
     ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    // What policed pods allow is in before an endpoint says it is isolated.
+    ops.extend(ipcache_puts.into_iter().map(|(k, v)| Op::PutIpcache(k, v)));
+    ops.extend(policy_puts.into_iter().map(|(k, v)| Op::PutPolicy(k, v)));
     ops.extend(
         endpoint_puts
             .into_iter()
@@ -62,6 +71,8 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
     ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
     ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(policy_deletes.into_iter().map(Op::DeletePolicy));
+    ops.extend(ipcache_deletes.into_iter().map(Op::DeleteIpcache));
     ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
     if routes_change || desired.config.route_epoch != current.config.route_epoch {
         ops.push(Op::PutConfig(NodeConfig {

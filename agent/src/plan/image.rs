@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
+    policy::{IpcacheValue, PolicyKey, PolicyValue},
     Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
     ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
 };
@@ -22,6 +23,10 @@ pub struct MapContents {
     /// Maglev table of each external frontend, by the digest it was built from.
     pub maglev: BTreeMap<ServiceKey, u64>,
     pub source_ranges: BTreeSet<SourceRange>,
+    /// NetworkPolicy: address prefix -> identity.
+    pub ipcache: BTreeMap<RouteKey, IpcacheValue>,
+    /// NetworkPolicy: what each policed pod allows.
+    pub policy: BTreeMap<PolicyRule, PolicyValue>,
 }
 
 impl MapContents {
@@ -52,6 +57,10 @@ impl MapContents {
                 Op::DeleteMaglev(key) => drop(self.maglev.remove(&key)),
                 Op::PutSourceRange(range) => drop(self.source_ranges.insert(range)),
                 Op::DeleteSourceRange(range) => drop(self.source_ranges.remove(&range)),
+                Op::PutIpcache(key, value) => drop(self.ipcache.insert(key, value)),
+                Op::DeleteIpcache(key) => drop(self.ipcache.remove(&key)),
+                Op::PutPolicy(rule, value) => drop(self.policy.insert(rule, value)),
+                Op::DeletePolicy(rule) => drop(self.policy.remove(&rule)),
             }
         }
     }
@@ -62,6 +71,13 @@ impl MapContents {
 pub struct RouteKey {
     pub prefix_len: u32,
     pub network: [u8; 4],
+}
+
+/// An entry of `ferrite_policy`: its key data and how many of its bits count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyRule {
+    pub prefix_len: u32,
+    pub key: PolicyKey,
 }
 
 /// An entry of `ferrite_srcrng`: a client network allowed to reach a frontend.
@@ -93,6 +109,10 @@ pub enum Op {
     DeleteMaglev(ServiceKey),
     PutSourceRange(SourceRange),
     DeleteSourceRange(SourceRange),
+    PutIpcache(RouteKey, IpcacheValue),
+    DeleteIpcache(RouteKey),
+    PutPolicy(PolicyRule, PolicyValue),
+    DeletePolicy(PolicyRule),
 }
 
 impl Op {
@@ -107,6 +127,8 @@ impl Op {
                 | Op::DeleteEndpoint(_)
                 | Op::DeleteMaglev(_)
                 | Op::DeleteSourceRange(_)
+                | Op::DeleteIpcache(_)
+                | Op::DeletePolicy(_)
         )
     }
 }
@@ -123,6 +145,8 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
         Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,
         Op::PutSourceRange(_) | Op::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
+        Op::PutIpcache(..) | Op::DeleteIpcache(_) => map_names::IPCACHE,
+        Op::PutPolicy(..) | Op::DeletePolicy(_) => map_names::POLICY,
     }
 }
 
@@ -215,6 +239,48 @@ pub fn maglev_key(backend: &Backend) -> [u8; 6] {
     let p = backend.port.to_be_bytes();
     let a = backend.address;
     [a[0], a[1], a[2], a[3], p[0], p[1]]
+}
+
+/// Human-readable policy entry (for logs, inspect and golden files): `pod
+/// 10.244.0.10 ingress from identity 17 TCP 80-80`.
+pub fn describe_policy_rule(rule: &PolicyRule) -> String {
+    use ferrite_common::policy::{
+        DIRECTION_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL,
+    };
+    let key = &rule.key;
+    let (direction, peer) = match key.direction {
+        DIRECTION_INGRESS => ("ingress", "from"),
+        _ => ("egress", "to"),
+    };
+    let identity = match u32::from_be_bytes(key.identity) {
+        ferrite_common::policy::IDENTITY_ANY => "any peer".to_string(),
+        id => format!("identity {id}"),
+    };
+    let what = if rule.prefix_len <= POLICY_PREFIX_ANY_PROTOCOL {
+        "any protocol".to_string()
+    } else {
+        let protocol = match key.protocol {
+            6 => "TCP".to_string(),
+            17 => "UDP".to_string(),
+            132 => "SCTP".to_string(),
+            other => format!("proto{other}"),
+        };
+        let bits = rule
+            .prefix_len
+            .saturating_sub(POLICY_PREFIX_ANY_PORT)
+            .min(16);
+        if bits == 0 {
+            format!("{protocol} any port")
+        } else {
+            let first = u16::from_be_bytes(key.port);
+            let last = first | (u16::MAX.checked_shr(bits).unwrap_or(0));
+            format!("{protocol} {first}-{last}")
+        }
+    };
+    format!(
+        "pod {} {direction} {peer} {identity} {what}",
+        std::net::Ipv4Addr::from(key.endpoint)
+    )
 }
 
 /// Human-readable frontend of a service key (for logs and inspect).

@@ -13,17 +13,18 @@ mod diff;
 mod ids;
 mod image;
 mod node_state;
+mod policy;
 mod service_entries;
 mod settings;
 #[cfg(test)]
 mod test_support;
 mod update;
 
-pub use desired::{desired_contents, desired_contents_keeping_ids};
+pub use desired::{desired_contents, desired_contents_keeping_ids, settle_pod_claims};
 pub use diff::{diff, drift, ended_pairs, removed_backends};
 pub use image::{
-    backend_value, describe_service_key, maglev_digest, maglev_key, op_map, rev_nat_value,
-    FrontendEntries, MapContents, Op, RouteKey, SourceRange,
+    backend_value, describe_policy_rule, describe_service_key, maglev_digest, maglev_key, op_map,
+    rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, RouteKey, SourceRange,
 };
 pub use node_state::{FullPlan, NodeState, ServicesPlan};
 pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};

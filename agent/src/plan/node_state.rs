@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    desired_contents_keeping_ids, diff, service_update, Capacities, Interface, MapContents,
-    NodeSettings, Op, Written,
+    desired_contents_keeping_ids, diff, service_update, settle_pod_claims, Capacities, Interface,
+    MapContents, NodeSettings, Op, Written,
 };
 use crate::model::{
     self, service_ref_of, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext,
@@ -55,7 +55,8 @@ impl FullPlan {
         ids_from: Option<&MapContents>,
         settings: &NodeSettings,
     ) -> Self {
-        let (state, mut skipped) = model::build(objects, &context);
+        let (mut state, mut skipped) = model::build(objects, &context);
+        settle_pod_claims(&mut state, &mut skipped, interfaces, current);
         let (mut written, more) = desired_contents_keeping_ids(
             &state,
             interfaces,

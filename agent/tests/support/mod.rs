@@ -15,11 +15,12 @@ use ferrite_agent::{
     limits::Limits,
     model::{self, objects::EndpointSlice, ClusterObjects, ServiceRef},
     objects_yaml::parse_objects,
-    plan::{FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
+    plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
 };
 use ferrite_common::{
-    svc_flag, Backend, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, ROUTE_LOCAL,
-    ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+    endpoint_flag, pod_mac_for, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig,
+    RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
+    ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -42,6 +43,11 @@ pub struct SimNode {
     state: Option<NodeState>,
     pub last_ops: Vec<Op>,
     pub last_sync: Option<Synced>,
+    /// Host veths of pods the CNI plugin wired (namespace/name), whether or not a
+    /// Pod object names them.
+    pub cni_pods: BTreeSet<(String, String)>,
+    /// Each host veth's index, given when it first appears (kept while it exists).
+    ifindexes: BTreeMap<String, u32>,
 }
 
 /// An object's identity: kind, namespace and name.
@@ -92,13 +98,19 @@ impl SimNode {
             state: None,
             last_ops: Vec::new(),
             last_sync: None,
+            cni_pods: BTreeSet::new(),
+            ifindexes: BTreeMap::new(),
         }
     }
 
-    /// The node's interfaces: the VXLAN device, and a veth for each pod of this node
-    /// (ifindex by name order, so a pod keeps its ifindex while it exists).
-    fn interfaces(&self) -> BTreeMap<String, Interface> {
-        let mut names: BTreeSet<String> = BTreeSet::new();
+    /// The host veths there are: one for each Pod object of this node and each pod
+    /// the CNI plugin wired.
+    fn veth_names(&self) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self
+            .cni_pods
+            .iter()
+            .map(|(namespace, name)| model::pod_interface_name(namespace, name))
+            .collect();
         for pod in &self.objects.pods {
             let on_this_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
                 == Some(self.settings.node.as_str());
@@ -109,6 +121,21 @@ impl SimNode {
                 ));
             }
         }
+        names
+    }
+
+    /// Give new host veths their index (10, 11, ... in order of appearance).
+    fn number_veths(&mut self) {
+        for name in self.veth_names() {
+            let next = 10 + self.ifindexes.len() as u32;
+            self.ifindexes.entry(name).or_insert(next);
+        }
+    }
+
+    /// The node's interfaces: the VXLAN device, and a veth for each pod of this node
+    /// (each keeps its index while it exists).
+    fn interfaces(&self) -> BTreeMap<String, Interface> {
+        let names = self.veth_names();
         let mut interfaces = BTreeMap::from([(
             VXLAN_DEVICE.to_string(),
             Interface {
@@ -117,8 +144,8 @@ impl SimNode {
                 mtu: 1450,
             },
         )]);
-        for (i, name) in names.into_iter().enumerate() {
-            let ifindex = 10 + i as u32;
+        for name in names {
+            let ifindex = self.ifindexes[&name];
             interfaces.insert(
                 name,
                 Interface {
@@ -134,6 +161,7 @@ impl SimNode {
     /// A full sync as the agent makes one: every object, against the maps, keeping
     /// the ids of its last write.
     pub fn full_sync(&mut self) {
+        self.number_veths();
         let ids_from = self.state.as_ref().map(|s| s.written.contents.clone());
         let plan = self.full_plan(ids_from.as_ref());
         self.write(&plan.ops);
@@ -219,6 +247,28 @@ impl SimNode {
     fn write(&mut self, ops: &[Op]) {
         self.maps.apply(ops);
         self.last_ops = ops.to_vec();
+    }
+
+    /// The CNI plugin wires pod `namespace/name` at `ip` before the agent hears of
+    /// it: its host veth appears and the plugin writes its endpoint entry (not
+    /// marked as the agent's). Then the agent's periodic full resync runs.
+    pub fn cni_wire(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) {
+        self.cni_pods.insert((namespace.into(), name.into()));
+        self.number_veths();
+        let ifindex = self.ifindexes[&model::pod_interface_name(namespace, name)];
+        let entry = EndpointInfo {
+            ifindex,
+            pod_mac: pod_mac_for(ip),
+            host_mac: HOST_VETH_MAC,
+            flags: 0,
+        };
+        self.maps.apply(&[Op::PutEndpoint(
+            EndpointKey {
+                address: ip.octets(),
+            },
+            entry,
+        )]);
+        self.full_sync();
     }
 
     /// Create or replace the objects of `yaml`, then sync as the Kubernetes source
@@ -459,9 +509,14 @@ pub fn render(op: &Op) -> String {
         ),
         Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
         Op::PutEndpoint(key, info) => format!(
-            "put endpoint {} ifindex={}",
+            "put endpoint {} ifindex={} written-by={}",
             Ipv4Addr::from(key.address),
-            info.ifindex
+            info.ifindex,
+            if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
+                "agent"
+            } else {
+                "cni"
+            }
         ),
         Op::PutConfig(c) => format!("put config {}", config(c)),
         Op::PutRoute(key, info) => format!(
@@ -499,6 +554,19 @@ pub fn render(op: &Op) -> String {
             Ipv4Addr::from(range.network),
             range.prefix_len
         ),
+        Op::PutIpcache(key, value) => format!(
+            "put ipcache {}/{} identity={}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len,
+            value.identity
+        ),
+        Op::DeleteIpcache(key) => format!(
+            "delete ipcache {}/{}",
+            Ipv4Addr::from(key.network),
+            key.prefix_len
+        ),
+        Op::PutPolicy(rule, _) => format!("put policy {}", describe_policy_rule(rule)),
+        Op::DeletePolicy(rule) => format!("delete policy {}", describe_policy_rule(rule)),
     }
 }
 

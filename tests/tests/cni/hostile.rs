@@ -15,8 +15,8 @@ use ferrite_agent::host;
 use ferrite_common::{EndpointInfo, EndpointKey};
 use ferrite_tests::{
     cluster::TCP_TARGET,
-    cni::{ferrite_conflist, Outcome, Runtime, Sandbox},
-    lab::{answered_by, sh, wait_until, Node, SETTLE},
+    cni::{ferrite_conflist, Outcome, Runtime, Sandbox, Stdin},
+    lab::{answered_by, sh, wait_until, Node, Server, SETTLE},
 };
 use serde_json::{json, Value};
 
@@ -707,5 +707,377 @@ fn data_dirs_not_the_plugins_alone_are_refused_and_stores_cannot_take_each_other
         !Path::new(&forged_path).exists(),
         "the forged file was released"
     );
+    Ok(())
+}
+
+#[test]
+fn a_container_id_longer_than_any_runtime_makes_is_refused_and_leaves_nothing() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut pod = Sandbox::new("long-id")?;
+    // Its allocation file would be larger than the store reads back: DEL found
+    // nothing and the address, veth and entry stayed.
+    pod.container_id = "c".repeat(100_000);
+    for command in ["ADD", "CHECK", "DEL"] {
+        let outcome = exec(&runtime, command, &pod)?;
+        assert_eq!(outcome.code(), Some(4), "{command}: {}", outcome.output);
+        assert!(
+            msg(&outcome).contains("at most 1024"),
+            "{command}: {}",
+            outcome.output
+        );
+        assert!(
+            outcome.output.to_string().len() < 1000,
+            "the id is cut short"
+        );
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+    // The longest id taken is wired, checked and removed.
+    pod.container_id = "c".repeat(1024);
+    runtime.add(&mut pod)?;
+    assert!(runtime.check(&pod)?.success);
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn stdin_that_never_ends_is_refused_after_a_mebibyte() -> Result<()> {
+    let (cluster, mut runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    // A plugin that reads on past its cap fails at this limit (it took 7 GB in 6 s)
+    // instead of taking the machine's memory.
+    runtime.address_space = Some(1 << 30);
+    let mut pod = Sandbox::new("zero")?;
+    let endless = Stdin::File(fs::File::open("/dev/zero")?);
+    let outcome = runtime.exec_from("ferrite-cni", &Runtime::env("ADD", &pod), endless)?;
+    assert_eq!(outcome.code(), Some(7), "{}", outcome.output);
+    assert!(
+        msg(&outcome).contains("larger than 1048576 bytes"),
+        "{}",
+        outcome.output
+    );
+    // A configuration padded past the cap is refused too, before it is parsed.
+    let mut padded = runtime.plugin_config(0, None, &Value::Null).to_string();
+    padded.push_str(&" ".repeat(1 << 20));
+    let outcome = runtime.exec("ferrite-cni", &Runtime::env("ADD", &pod), padded.as_bytes())?;
+    assert_eq!(outcome.code(), Some(7), "{}", outcome.output);
+    assert_eq!(leftovers(node)?, nothing_left());
+    // Within the limit, pods are wired as ever.
+    runtime.add(&mut pod)?;
+    assert!(runtime.check(&pod)?.success);
+    runtime.del(&pod)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn a_namespace_that_is_not_a_network_namespace_is_refused() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let pod = Sandbox::new("other-ns")?;
+    // `self` is the plugin: namespaces of every other kind it is in.
+    for kind in ["mnt", "uts", "ipc", "pid", "user", "cgroup"] {
+        let mut env = Runtime::env("ADD", &pod);
+        env.retain(|(k, _)| *k != "CNI_NETNS");
+        env.push(("CNI_NETNS", format!("/proc/self/ns/{kind}")));
+        for command in ["ADD", "CHECK"] {
+            env[0].1 = command.into();
+            let outcome = exec_with(&runtime, &env, &Value::Null)?;
+            assert_eq!(
+                outcome.code(),
+                Some(4),
+                "{kind} {command}: {}",
+                outcome.output
+            );
+            assert!(
+                msg(&outcome).contains("is not a network namespace"),
+                "{kind} {command}: {}",
+                outcome.output
+            );
+        }
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn a_relative_data_dir_is_refused() -> Result<()> {
+    let (cluster, mut runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    // The runtime's working directory, where a relative path would have led.
+    let cwd = node.dir.join("runtime-cwd");
+    fs::create_dir(&cwd)?;
+    runtime.cwd = Some(cwd.clone());
+    let pod = Sandbox::new("relative")?;
+    for command in ["ADD", "DEL", "CHECK"] {
+        let outcome = exec_with(
+            &runtime,
+            &Runtime::env(command, &pod),
+            &json!({"dataDir": "ipam-relative"}),
+        )?;
+        assert_eq!(outcome.code(), Some(7), "{command}: {}", outcome.output);
+        assert!(
+            msg(&outcome).contains("ipam-relative") && msg(&outcome).contains("not an absolute"),
+            "{command}: {}",
+            outcome.output
+        );
+    }
+    assert!(!cwd.join("ipam-relative").exists());
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+#[test]
+fn pod_cidrs_holding_a_node_address_are_refused_and_no_pod_gets_one() -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let node_ip = node.ip.context("plugged")?;
+    let refused = |cidr: &str, says: &str| -> Result<()> {
+        let pod = Sandbox::new("node-address")?;
+        let outcome = exec_with(
+            &runtime,
+            &Runtime::env("ADD", &pod),
+            &json!({"podCIDR": cidr}),
+        )?;
+        assert_eq!(outcome.code(), Some(7), "{cidr}: {}", outcome.output);
+        assert!(msg(&outcome).contains(says), "{cidr}: {}", outcome.output);
+        Ok(())
+    };
+    // The agent accepted 10.244.0.0/24 from the node's Node object: a configured
+    // range outside it (the node network, another node's pod CIDR) is no pod's.
+    refused(
+        "198.51.100.0/24",
+        "outside this node's pod CIDR 10.244.0.0/24",
+    )?;
+    refused(
+        "10.244.1.0/24",
+        "outside this node's pod CIDR 10.244.0.0/24",
+    )?;
+    assert_eq!(leftovers(node)?, nothing_left());
+
+    // An address of the node's own in the range (here on a veth of the node) is
+    // skipped: a /29 holds four pods, none at .2.
+    let ns = &node.netns.name;
+    sh(
+        "ip",
+        &[
+            "-n", ns, "link", "add", "cnitest0", "type", "veth", "peer", "name", "cnitest1",
+        ],
+    )?;
+    sh(
+        "ip",
+        &["-n", ns, "addr", "add", "10.244.0.2/32", "dev", "cnitest0"],
+    )?;
+    let narrow = runtime_with(node, "podCIDR", json!("10.244.0.0/29"));
+    let mut pods = (0..4)
+        .map(|i| Sandbox::new(&format!("beside-{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    for pod in &mut pods {
+        narrow.add(pod)?;
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.pod.ip).collect();
+    assert_eq!(
+        ips,
+        (3..=6)
+            .map(|i| Ipv4Addr::new(10, 244, 0, i))
+            .collect::<Vec<_>>()
+    );
+    let fifth = Sandbox::new("beside-full")?;
+    assert_eq!(exec(&narrow, "ADD", &fifth)?.code(), Some(101));
+    for pod in &pods {
+        narrow.del(pod)?;
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
+
+    // Before the agent knows this node's pod CIDR (its Node object has none), the
+    // nodes it knows still count: another node's address or pod CIDR, or this
+    // node's own address, in a configured range refuses it.
+    let far_ip = Ipv4Addr::new(10, 250, 0, 9);
+    cluster.write_config(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n---\n{}",
+        node.name,
+        ferrite_tests::lab::node_yaml("far", far_ip, "10.244.1.0/24")
+    ))?;
+    node.wait_for_maps("the far node's routes and none of this node's CIDR", |m| {
+        m.routes.keys().any(|k| k.network == far_ip.octets())
+            && !m
+                .routes
+                .values()
+                .any(|r| r.flags == ferrite_common::ROUTE_LOCAL)
+    })?;
+    refused("10.250.0.0/24", "holds another node's address 10.250.0.9")?;
+    refused(
+        "198.51.100.0/24",
+        &format!("holds this node's address {node_ip}"),
+    )?;
+    refused(
+        "10.244.1.0/25",
+        "overlaps 10.244.1.0/24, the pod CIDR of the node at 10.250.0.9",
+    )?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    // A range clear of every node is served.
+    let mut clear = Sandbox::new("clear")?;
+    narrow.add(&mut clear)?;
+    assert_eq!(clear.pod.ip, Ipv4Addr::new(10, 244, 0, 3));
+    narrow.del(&clear)?;
+    assert_eq!(leftovers(node)?, nothing_left());
+    Ok(())
+}
+
+/// The YAML of Pod `default/name` on `node` claiming `ip`.
+fn pod_object(node: &Node, name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec: {{nodeName: {}, containers: [{{name: app, image: none}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n",
+        node.name
+    )
+}
+
+#[test]
+fn pod_objects_claiming_a_node_or_a_live_pods_address_get_no_entry_and_the_agents_go_with_them(
+) -> Result<()> {
+    let (cluster, runtime) = cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let node_ip = node.ip.context("plugged")?;
+    let (mut client, mut victim, mut thief) = (
+        Sandbox::new("client")?,
+        Sandbox::new("victim")?,
+        Sandbox::new("thief")?,
+    );
+    for pod in [&mut client, &mut victim, &mut thief] {
+        runtime.add(pod)?;
+    }
+    // The thief's pod answers on the addresses it claims, if it gets their traffic.
+    for claimed in [victim.pod.ip, node_ip] {
+        let address = format!("{claimed}/32");
+        sh(
+            "ip",
+            &[
+                "-n",
+                &thief.pod.netns.name,
+                "addr",
+                "add",
+                &address,
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    let _servers = [
+        victim.pod.serve(TCP_TARGET)?,
+        thief.pod.serve(TCP_TARGET)?,
+        Server::start(&node.netns, "node", SocketAddrV4::new(node_ip, TCP_TARGET))?,
+    ];
+    let ask = |to: Ipv4Addr, request: &str| -> Result<String> {
+        let reply = client
+            .pod
+            .tcp_request(SocketAddrV4::new(to, TCP_TARGET), request)?;
+        answered_by(&reply, request)
+    };
+    let entry_of = |ip: Ipv4Addr| -> Result<Option<EndpointInfo>> {
+        node.maps()?.endpoint(&EndpointKey {
+            address: ip.octets(),
+        })
+    };
+    let ifindex_of = |sandbox: &Sandbox| -> Result<u32> {
+        let host = sandbox.pod.host_interface.clone();
+        node.netns
+            .run(move || host::interfaces::ifindex(&host))?
+            .context("host veth")
+    };
+    // Write the config with `pods`, and wait for a full sync that began after the
+    // agent read it.
+    let config = |pods: &[String]| -> Result<()> {
+        let reads = node.metric("ferrite_config_reads_total")?;
+        let mut docs = vec![cluster.nodes_and_pods_yaml()];
+        docs.extend(pods.iter().cloned());
+        cluster.write_config(&docs.join("---\n"))?;
+        wait_until("the agent read the config", SETTLE, || {
+            node.metric("ferrite_config_reads_total")
+                .is_ok_and(|now| now > reads)
+        })?;
+        let syncs = node.metric("ferrite_syncs_total")?;
+        wait_until("a sync after the read", SETTLE, || {
+            node.metric("ferrite_syncs_total")
+                .is_ok_and(|now| now > syncs)
+        })
+    };
+    let logged = |what: &str| -> Result<()> {
+        wait_until(&format!("the agent to log {what:?}"), SETTLE, || {
+            node.agent
+                .as_ref()
+                .is_some_and(|a| a.log_text().contains(what))
+        })
+    };
+    assert_eq!(ask(victim.pod.ip, "first")?, "victim");
+
+    // The thief's Pod object claims the victim's address, which the CNI wired for a
+    // pod the agent has not heard of: refused, the victim keeps its traffic.
+    config(&[pod_object(node, "thief", victim.pod.ip)])?;
+    assert_eq!(ask(victim.pod.ip, "held")?, "victim");
+    assert_eq!(
+        entry_of(victim.pod.ip)?.map(|e| e.ifindex),
+        Some(ifindex_of(&victim)?)
+    );
+    logged(&format!(
+        "Pod default/thief: pod IP {} is the address of the live pod behind {}",
+        victim.pod.ip, victim.pod.host_interface
+    ))?;
+
+    // The victim's own object listed after the thief's: the victim has it.
+    config(&[
+        pod_object(node, "thief", victim.pod.ip),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    assert_eq!(ask(victim.pod.ip, "listed")?, "victim");
+    let entry = entry_of(victim.pod.ip)?.context("the victim's entry")?;
+    assert_eq!(entry.ifindex, ifindex_of(&victim)?);
+    logged(&format!(
+        "Pod default/thief: pod IP {} already used by default/victim",
+        victim.pod.ip
+    ))?;
+
+    // The thief claims the node's address: no entry, the node keeps its traffic.
+    config(&[
+        pod_object(node, "thief", node_ip),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    assert_eq!(ask(node_ip, "to the node")?, "node");
+    assert_eq!(entry_of(node_ip)?, None);
+    assert_eq!(ask(victim.pod.ip, "still")?, "victim");
+    logged(&format!(
+        "Pod default/thief: status.podIP {node_ip} is node {}'s address",
+        node.name
+    ))?;
+
+    // A free address of the pod CIDR it gets, as the agent's own entry...
+    let free = Ipv4Addr::new(10, 244, 0, 200);
+    config(&[
+        pod_object(node, "thief", free),
+        pod_object(node, "victim", victim.pod.ip),
+    ])?;
+    let thief_ifindex = ifindex_of(&thief)?;
+    node.wait_for_maps("the thief's claim written", |m| {
+        m.endpoints
+            .get(&EndpointKey {
+                address: free.octets(),
+            })
+            .is_some_and(|e| e.ifindex == thief_ifindex)
+    })?;
+    // ...which goes with its object, while the CNI's entry of the thief's own
+    // address stays (its veth lives) and the victim keeps the agent's.
+    config(&[pod_object(node, "victim", victim.pod.ip)])?;
+    assert_eq!(entry_of(free)?, None, "the thief's claim stayed");
+    assert_eq!(
+        entry_of(thief.pod.ip)?.map(|e| e.ifindex),
+        Some(thief_ifindex)
+    );
+    assert_eq!(ask(thief.pod.ip, "own")?, "thief");
+    assert_eq!(ask(victim.pod.ip, "last")?, "victim");
+
+    for pod in [&client, &victim, &thief] {
+        runtime.del(pod)?;
+    }
+    assert_eq!(leftovers(node)?, nothing_left());
     Ok(())
 }
