@@ -109,7 +109,10 @@ fn the_daemonset_runs_unprivileged_on_every_node_with_probes() -> Result<()> {
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
     let mut added = strings(&security["capabilities"]["add"]);
     added.sort();
-    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
+    assert_eq!(
+        added,
+        ["BPF", "NET_ADMIN", "PERFMON", "SETPCAP", "SYS_ADMIN"]
+    );
     for init in pod["initContainers"].as_sequence().context("init")? {
         assert_ne!(init["securityContext"]["privileged"], true);
     }
