@@ -69,6 +69,8 @@ pub const PREREQUISITES: &[Prerequisite] = &[
     run(Item::Apt("ethtool")),
     // portmap/bandwidth/tuning: the CNI chaining tests.
     run(Item::Apt("containernetworking-plugins")),
+    // The CRI API for the image's end-to-end test (k8s-cri compiles its protos).
+    build(Item::Apt("protobuf-compiler")),
     // The image (`cargo xtask image`): the Debian part unpacked by mmdebstrap, packed
     // into an OCI layout by umoci. Its end-to-end test runs it under containerd (its
     // CRI plugin, as kubelet drives it) with runc.
