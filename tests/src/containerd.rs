@@ -470,15 +470,16 @@ impl Drop for Containerd {
         // Its pods' cgroups, in every hierarchy (runc removes each container's, not
         // the parent it was given).
         std::thread::sleep(Duration::from_millis(200));
-        for hierarchy in fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let parent = hierarchy
-                .path()
-                .join(self.cgroup_parent.trim_start_matches('/'));
-            remove_cgroup_tree(&parent, hierarchy.file_name() == "unified");
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            // cgroup v2 only: the parent is the node's own subtree.
+            remove_cgroup_tree(&root.join(parent), true);
+        } else {
+            for hierarchy in fs::read_dir(root).into_iter().flatten().flatten() {
+                let unified = hierarchy.file_name() == "unified";
+                remove_cgroup_tree(&hierarchy.path().join(parent), unified);
+            }
         }
         // Its mounts were in its own mount namespace, gone with its last process.
         let _ = fs::remove_dir_all(&self.dir);
@@ -486,7 +487,8 @@ impl Drop for Containerd {
 }
 
 /// Remove a cgroup directory's children, then the directory unless `keep_top` (the
-/// node's own cgroup v2 subtree is the lab's to remove).
+/// node's own cgroup v2 subtree, where the pods get the agent's socket-level load
+/// balancing, is the lab's to remove).
 fn remove_cgroup_tree(dir: &Path, keep_top: bool) {
     for child in fs::read_dir(dir).into_iter().flatten().flatten() {
         if child.file_type().is_ok_and(|t| t.is_dir()) {
