@@ -105,7 +105,6 @@ state = "{state}"
   sandbox_image = "{sandbox_image}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  disable_apparmor = true
   restrict_oom_score_adj = {restrict_oom}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"

@@ -416,6 +416,25 @@ pub fn pod_on_node(
             }
             None => 0,
         };
+        only(
+            &format!("resources of {name}"),
+            &c["resources"],
+            &["requests", "limits"],
+        )?;
+        only(
+            &format!("resource limits of {name}"),
+            &c["resources"]["limits"],
+            &["memory"],
+        )?;
+        // kubelet's CPU shares for a request (cgroup cpu.shares: 1024 per CPU, at
+        // least 2).
+        let cpu_shares = match c["resources"]["requests"]["cpu"].as_str() {
+            Some(milli) if milli.ends_with('m') => {
+                (milli.trim_end_matches('m').parse::<i64>()? * 1024 / 1000).max(2)
+            }
+            Some(cpus) => (cpus.parse::<f64>()? * 1024.0) as i64,
+            None => 2,
+        };
         let image = (node.image)(c["image"].as_str().context("image")?);
         Ok(Container {
             name: name.clone(),
@@ -445,6 +464,7 @@ pub fn pod_on_node(
                 linux: Some(LinuxContainerConfig {
                     resources: Some(LinuxContainerResources {
                         memory_limit_in_bytes: memory_limit,
+                        cpu_shares,
                         ..Default::default()
                     }),
                     security_context: Some(LinuxContainerSecurityContext {
