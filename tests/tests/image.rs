@@ -154,6 +154,16 @@ fn probe(netns: &Netns, probe: &HttpProbe) -> Result<u16> {
     Ok(http_get(&mut stream, &probe.path)?.0)
 }
 
+/// The Ferrite programs attached to a cgroup.
+fn socket_programs(path: &Path) -> Result<Vec<String>> {
+    let shown = sh("bpftool", &["cgroup", "show", &path.to_string_lossy()])?;
+    Ok(shown
+        .lines()
+        .filter_map(|line| line.split_whitespace().find(|w| w.starts_with("ferrite_")))
+        .map(String::from)
+        .collect())
+}
+
 /// The DaemonSet's pod on a node: its sandbox, its agent container, the probes.
 struct DaemonPod {
     sandbox: String,
@@ -509,7 +519,22 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
             node.containerd.network_ready()
         })?;
         wait_ready(lab_node, node)?;
+        // Socket-level load balancing on the host's cgroup hierarchy as the pod
+        // mounts it (read-only at /host/sys/fs/cgroup): the node's subtree here.
+        let mut attached = socket_programs(&lab_node.cgroup.path)?;
+        attached.sort();
+        assert_eq!(
+            attached,
+            [
+                "ferrite_connect4",
+                "ferrite_getpeername4",
+                "ferrite_recvmsg4",
+                "ferrite_sendmsg4"
+            ]
+        );
     }
+    let machine_root = ferrite_agent::datapath::default_cgroup_root()?;
+    assert_eq!(socket_programs(&machine_root)?, Vec::<String>::new());
     // The agents listed and watched everything through in-cluster configuration,
     // and asked for nothing the ClusterRole does not grant.
     assert_eq!(api.refusals()[expected_refusals..], []);
@@ -546,8 +571,9 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
     }
     let (client_ip, client_netns) = pod_sandbox(&mut nodes[0], "client")?;
     pod_objects.push(pod_object("client", &cluster.nodes[0].name, client_ip));
+    // The client's process in the node's cgroup subtree, as the pod's would be.
     let client = Probe {
-        cgroup: None,
+        cgroup: Some(cluster.nodes[0].cgroup.path.clone()),
         netns: client_netns,
         udp_port: 0,
     };
