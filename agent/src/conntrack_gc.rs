@@ -1,8 +1,10 @@
 //! Conntrack garbage collection. `ferrite_ct` is an LRU map, so it never fills, but
 //! without collection finished flows stay until evicted, and under connection churn
-//! the LRU would evict idle long-lived flows first. Lifetimes are Cilium's for
-//! Service flows: TCP 6 h idle, 10 s once both sides sent FIN/RST, everything else
-//! 60 s idle.
+//! the LRU would evict idle long-lived flows first. Lifetimes (the one place they
+//! are written down: [`Lifetimes::default`]) are Cilium's for Service flows: TCP 6 h
+//! idle, 60 s while its client has not completed the handshake (Cilium's SYN
+//! timeout: a SYN flood's flows, each holding a SNAT port, must not live 6 hours),
+//! 10 s once both sides sent FIN/RST, everything else 60 s idle.
 //!
 //! A flow has two entries (forward, reply) touched by packets of one direction each,
 //! so a one-way stream keeps only one of them fresh: entries are judged per flow, by
@@ -10,20 +12,31 @@
 use std::{collections::HashMap, time::Duration};
 
 use ferrite_common::{
-    CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK, PROTO_TCP,
+    CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
+    CT_FLAG_VIA_STACK, PROTO_TCP,
 };
 
+/// How long a flow may stay idle (no packet either way) before collection.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
+    /// An established TCP flow.
     pub tcp: Duration,
+    /// A TCP flow whose client never completed its handshake (`CT_FLAG_UNESTABLISHED`
+    /// on every entry of the flow).
+    pub tcp_unestablished: Duration,
+    /// A TCP flow both of whose entries saw FIN or RST.
     pub tcp_closing: Duration,
+    /// UDP and everything else.
     pub other: Duration,
 }
 
 impl Default for Lifetimes {
+    /// Cilium's: `CT_CONNECTION_LIFETIME_TCP` 21600 s, `CT_SYN_TIMEOUT` 60 s,
+    /// `CT_CLOSE_TIMEOUT` 10 s, `CT_CONNECTION_LIFETIME_NONTCP` 60 s.
     fn default() -> Self {
         Self {
             tcp: Duration::from_secs(6 * 3600),
+            tcp_unestablished: Duration::from_secs(60),
             tcp_closing: Duration::from_secs(10),
             other: Duration::from_secs(60),
         }
@@ -64,6 +77,9 @@ fn flow_id(key: &CtKey, value: &CtValue) -> FlowId {
 struct Flow {
     last_seen: u64,
     all_closing: bool,
+    /// No entry says the handshake completed (an entry without the flag: completed,
+    /// or recorded before the datapath tracked it).
+    unestablished: bool,
     /// Each entry's key and its own last-seen time.
     entries: Vec<(CtKey, u64)>,
 }
@@ -81,19 +97,22 @@ pub fn expired(
     for (key, value) in entries {
         let flow = flows.entry(flow_id(key, value)).or_insert(Flow {
             all_closing: true,
+            unestablished: true,
             ..Flow::default()
         });
         flow.last_seen = flow.last_seen.max(value.last_seen_jiffies);
         flow.all_closing &= value.flags & CT_FLAG_CLOSING != 0;
+        flow.unestablished &= value.flags & CT_FLAG_UNESTABLISHED != 0;
         flow.entries.push((*key, value.last_seen_jiffies));
     }
     let ticks = |lifetime: Duration| lifetime.as_millis() as u64 * hz / 1000;
     flows
         .into_iter()
         .filter(|(id, flow)| {
-            let lifetime = match (id.proto, flow.all_closing) {
-                (PROTO_TCP, true) => lifetimes.tcp_closing,
-                (PROTO_TCP, false) => lifetimes.tcp,
+            let lifetime = match (id.proto, flow.all_closing, flow.unestablished) {
+                (PROTO_TCP, true, _) => lifetimes.tcp_closing,
+                (PROTO_TCP, false, true) => lifetimes.tcp_unestablished,
+                (PROTO_TCP, false, false) => lifetimes.tcp,
                 _ => lifetimes.other,
             };
             now.saturating_sub(flow.last_seen) > ticks(lifetime)
@@ -267,6 +286,85 @@ mod tests {
         let live = via_stack(40001, 0, 1);
         let got = expired(&[closed, live], now, SECOND, &Lifetimes::default());
         assert_eq!(got, vec![(closed.0, now - 11 * SECOND)]);
+    }
+
+    /// A SYN flood's flows (the backend answered, the client never did) go after
+    /// Cilium's SYN timeout, 60 s idle, not the 6 h of established flows, so their
+    /// SNAT ports come back; a flow whose client completed the handshake, one
+    /// recorded before the datapath tracked handshakes, and one with either entry
+    /// established keep the TCP lifetime.
+    #[test]
+    fn flows_that_never_completed_their_handshake_go_after_the_syn_lifetime() {
+        let lifetimes = Lifetimes::default();
+        let now = 100_000 * SECOND;
+        let idle = |seconds: u64| now / SECOND - seconds;
+        let half_open = flow(2000, PROTO_TCP, idle(61), idle(61), CT_FLAG_UNESTABLISHED);
+        let young_half_open = flow(2001, PROTO_TCP, idle(59), idle(59), CT_FLAG_UNESTABLISHED);
+        let established = flow(2002, PROTO_TCP, idle(3600), idle(3600), 0);
+        // The reply entry is cleared first: a race can leave the forward one behind.
+        let mut half_cleared = flow(2003, PROTO_TCP, idle(61), idle(61), 0);
+        half_cleared[0].1.flags |= CT_FLAG_UNESTABLISHED;
+        // Closed before the handshake completed (a refused SYN, RST both ways): 10 s.
+        let refused = flow(
+            2004,
+            PROTO_TCP,
+            idle(11),
+            idle(11),
+            CT_FLAG_UNESTABLISHED | CT_FLAG_CLOSING,
+        );
+        // A one-way UDP stream is no half-open TCP flow.
+        let udp = flow(2005, PROTO_UDP, idle(30), idle(30), 0);
+        let entries: Vec<_> = [
+            half_open.clone(),
+            young_half_open,
+            established,
+            half_cleared,
+            refused.clone(),
+            udp,
+        ]
+        .concat();
+        let mut got: Vec<CtKey> = expired(&entries, now, SECOND, &lifetimes)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        got.sort();
+        let mut want: Vec<CtKey> = half_open.iter().chain(&refused).map(|(k, _)| *k).collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    /// A half-open SNATed NodePort flow (the state a spoofed SYN leaves) is judged as
+    /// one flow with its reply entry, which holds its SNAT port: both go at 60 s idle.
+    #[test]
+    fn a_half_open_snated_external_flow_gives_its_port_back_after_the_syn_lifetime() {
+        let now = 1_000 * SECOND;
+        let flags = CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_UNESTABLISHED;
+        let forward = (
+            key([198, 18, 0, 7], 40000, NODE, 30080, PROTO_TCP),
+            CtValue {
+                flags,
+                backend_address: BACKEND,
+                backend_port: 8080,
+                nat_address: NODE,
+                nat_port: 61000,
+                last_seen_jiffies: now - 61 * SECOND,
+                ..CtValue::default()
+            },
+        );
+        // The backend's SYN-ACKs (retransmitted) kept the reply entry fresher.
+        let reply = (
+            key(BACKEND, 8080, NODE, 61000, PROTO_TCP),
+            CtValue {
+                flags: flags | CT_FLAG_REPLY,
+                packets: 3,
+                last_seen_jiffies: now - 61 * SECOND,
+                ..CtValue::default()
+            },
+        );
+        let entries = [forward, reply];
+        let lifetimes = Lifetimes::default();
+        assert!(expired(&entries, now - 2 * SECOND, SECOND, &lifetimes).is_empty());
+        assert_eq!(expired(&entries, now, SECOND, &lifetimes).len(), 2);
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use ferrite_common::{
-    stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_VIA_STACK, ROUTE_LOCAL, ROUTE_NODE,
+    stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, ROUTE_LOCAL,
+    ROUTE_NODE,
 };
 use serde::Serialize;
 
@@ -373,6 +374,8 @@ pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
                     bytes: v.bytes,
                     state: if v.flags & CT_FLAG_CLOSING != 0 {
                         "closing"
+                    } else if v.flags & CT_FLAG_UNESTABLISHED != 0 {
+                        "handshake"
                     } else {
                         "open"
                     },

@@ -61,6 +61,8 @@ pub mod write {
     pub const DROP_LOG: u32 = 1 << 7;
     /// A new flow's event for `ferrite monitor`.
     pub const MONITOR_EVENT: u32 = 1 << 8;
+    /// The entries of an unestablished TCP flow whose SNAT port a new flow takes over.
+    pub const SNAT_RECLAIM: u32 = 1 << 9;
 }
 
 /// `ExplainTrace::choice`: how the backend of a new flow was chosen.

@@ -9,6 +9,7 @@
 
 use core::net::Ipv4Addr;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -515,6 +516,21 @@ pub const CT_FLAG_SNAT: u16 = 8;
 /// holds what undoes that: the replies go back through the stack, never straight
 /// to the client. `backend_address`/`backend_port`: the pod it reached.
 pub const CT_FLAG_VIA_STACK: u16 = 16;
+/// `CtValue::flags`: a TCP flow whose client has not completed its handshake. Set on
+/// both entries of every TCP flow the datapath records (and on a flow the stack
+/// forwarded), cleared on both when the client sends a segment with ACK and neither
+/// SYN nor RST after the other side answered (its reply entry has seen a packet):
+/// the backend answers every SYN, spoofed ones too, so its SYN-ACK proves nothing
+/// about the client. Conntrack GC gives such flows the SYN lifetime (60 s, not 6 h),
+/// and a new flow that finds no free SNAT port takes over the oldest such claim among
+/// the ports it tried. Entries without it (recorded before it existed, and every
+/// UDP flow) are established.
+pub const CT_FLAG_UNESTABLISHED: u16 = 32;
+/// `CtValue::flags`: a flow between addresses (no Service) that a NetworkPolicy of a
+/// pod at either end of it on this node had to allow, recorded (both directions,
+/// the reply entry with `CT_FLAG_REPLY` and the client in `nat_address:nat_port`)
+/// so that its replies pass as replies and its packets carry their verdict.
+pub const CT_FLAG_POLICY: u16 = 64;
 
 /// `CtValue::route_kind`: delivered to a pod of this node (`route_target` = ifindex).
 pub const CT_ROUTE_LOCAL: u8 = 1;
@@ -562,7 +578,11 @@ pub struct CtValue {
     pub route_kind: u8,
     /// `CT_VERIFIED_*`: 0 = nothing cached.
     pub verified_kind: u8,
-    pub _pad: u16,
+    /// `policy::CT_POLICY_*`: the NetworkPolicy verdict on the flow, valid while
+    /// `cache_epoch` is the node's `route_epoch` (the agent bumps it on every
+    /// policy change, so a connection a new policy denies stops within one sync).
+    pub policy_verdict: u8,
+    pub _pad: u8,
     /// The kernel's jiffies (bpf_jiffies64, which the verifier turns into one load:
     /// a clock helper call per packet cost a seventh of the established path). Tick
     /// resolution is enough for flow ages; the agent reads the same clock with

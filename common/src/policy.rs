@@ -16,6 +16,17 @@ pub const IDENTITY_FIRST: u32 = 16;
 pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1 << 8;
 pub const ENDPOINT_EGRESS_ISOLATED: u32 = 1 << 9;
 
+/// `CtValue::policy_verdict`: nothing decided at the entry's epoch.
+pub const CT_POLICY_UNKNOWN: u8 = 0;
+/// No pod of this node at either end is isolated in the flow's direction.
+pub const CT_POLICY_OPEN: u8 = 1;
+/// A policy allows it.
+pub const CT_POLICY_ALLOWED: u8 = 2;
+/// The receiving pod's policies allow it not.
+pub const CT_POLICY_DENIED_INGRESS: u8 = 3;
+/// The sending pod's policies allow it not.
+pub const CT_POLICY_DENIED_EGRESS: u8 = 4;
+
 /// `PolicyKey::direction`.
 pub const DIRECTION_INGRESS: u8 = 1;
 pub const DIRECTION_EGRESS: u8 = 2;

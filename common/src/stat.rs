@@ -76,7 +76,23 @@ pub const HOST_SERVICE_FLOW: u32 = 32;
 /// A monitor event that did not fit in `ferrite_events` (the agent reading behind):
 /// lost, and counted here so a monitor's silence can be told from a quiet node.
 pub const MONITOR_LOST: u32 = 33;
-pub const COUNT: u32 = 34;
+/// A new flow found every SNAT port it tried taken and took over the oldest of them
+/// held by a TCP flow whose client never completed its handshake (a SYN flood's
+/// claims cannot hold a backend's range).
+pub const SNAT_PORT_RECLAIMED: u32 = 34;
+/// A packet the datapath would forward itself (into a pod, or over the overlay) with
+/// a TTL of 0 or 1, which a router lets expire: dropped (the datapath does not
+/// decrement TTL; packets for the stack are left to it, which answers them).
+pub const DROP_TTL_EXCEEDED: u32 = 35;
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) a
+/// backend sent about a packet of a translated flow, translated back like the flow's
+/// replies (its source and the packet it quotes), so the client's socket sees it.
+pub const ICMP_ERROR_REVERSE_NAT: u32 = 36;
+/// A packet to a pod of this node isolated for ingress that no policy of it allows.
+pub const DROP_POLICY_INGRESS: u32 = 37;
+/// A packet of a pod of this node isolated for egress that no policy of it allows.
+pub const DROP_POLICY_EGRESS: u32 = 38;
+pub const COUNT: u32 = 39;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -113,4 +129,9 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ct_reopened",
     "host_service_flow",
     "monitor_lost",
+    "snat_port_reclaimed",
+    "drop_ttl_exceeded",
+    "icmp_error_reverse_nat",
+    "drop_policy_ingress",
+    "drop_policy_egress",
 ];

@@ -8,12 +8,13 @@ use core::ptr::NonNull;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK,
-    CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    stat, CtKey, CtValue, CT_FLAG_CLOSING, CT_FLAG_POLICY, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED,
+    CT_FLAG_VIA_STACK, CT_ROUTE_STACK, PROTO_TCP, REV_NAT_NONE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
-    headers::{Headers, TCP_FLAG_FIN, TCP_FLAG_RST},
+    headers::{Headers, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    icmp::Quoted,
     maps::{CONNTRACK, REV_NAT},
     trace::{self, count},
 };
@@ -35,6 +36,32 @@ fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
 #[inline(always)]
 pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
     unsafe { CONNTRACK.get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto)) }
+}
+
+/// The entry an ICMP error about the packet `quoted` belongs to: the error travels
+/// the way back, so the quoted tuple reversed is its flow's reply tuple (Cilium's
+/// related lookup). Left as it is: an error does not keep a flow alive.
+#[inline(always)]
+pub fn lookup_related(quoted: &Quoted) -> Option<&'static CtValue> {
+    let reverse = key(
+        quoted.daddr,
+        quoted.saddr,
+        quoted.dport,
+        quoted.sport,
+        quoted.proto,
+    );
+    unsafe { CONNTRACK.get(reverse) }
+}
+
+/// `CT_FLAG_UNESTABLISHED` for a new flow of `h`'s protocol: every TCP flow starts
+/// without a completed handshake.
+#[inline(always)]
+fn handshake_pending(h: &Headers) -> u16 {
+    if h.proto == PROTO_TCP {
+        CT_FLAG_UNESTABLISHED
+    } else {
+        0
+    }
 }
 
 /// Whether the reply tuple of `h` (a pod's packet to no Service) is already the reply
@@ -163,10 +190,60 @@ pub fn touch(entry: NonNull<CtValue>, h: &Headers, bytes: u32) -> &'static CtVal
         }
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
-        if h.proto == PROTO_TCP && h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
-            (*entry).flags |= CT_FLAG_CLOSING;
+        if h.proto == PROTO_TCP {
+            if h.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+                (*entry).flags |= CT_FLAG_CLOSING;
+            }
+            // Established flows pay this test only.
+            if (*entry).flags & CT_FLAG_UNESTABLISHED != 0
+                && h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_ACK) == TCP_FLAG_ACK
+            {
+                complete_handshake(entry, h);
+            }
         }
         &*entry
+    }
+}
+
+/// A segment with ACK and neither SYN nor RST from the client of the unestablished
+/// TCP flow of `entry`: once the backend has answered (the flow's reply entry has
+/// seen a packet), the handshake is complete and `CT_FLAG_UNESTABLISHED` leaves both
+/// entries (the reply entry first: it is the one holding a SNAT port). The backend's
+/// own packets complete nothing: it answers every SYN, spoofed ones too. A flow the
+/// stack forwarded has one entry, touched both ways: such a segment completes it.
+#[inline(always)]
+fn complete_handshake(entry: *mut CtValue, h: &Headers) {
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup (see `touch`).
+    unsafe {
+        let flags = (*entry).flags;
+        if flags & CT_FLAG_VIA_STACK != 0 {
+            (*entry).flags &= !CT_FLAG_UNESTABLISHED;
+            return;
+        }
+        if flags & CT_FLAG_REPLY != 0 {
+            return;
+        }
+        // The reply tuple as the flow recorded it (`create`, `create_snat`).
+        let (peer, peer_port) = if flags & CT_FLAG_SNAT != 0 {
+            (u32::from_ne_bytes((*entry).nat_address), (*entry).nat_port)
+        } else {
+            (h.saddr, h.sport)
+        };
+        let reply_key = key(
+            u32::from_ne_bytes((*entry).backend_address),
+            peer,
+            (*entry).backend_port,
+            peer_port,
+            h.proto,
+        );
+        let Some(reply) = CONNTRACK.get_ptr_mut(reply_key) else {
+            return;
+        };
+        if (*reply).packets == 0 {
+            return;
+        }
+        (*reply).flags &= !CT_FLAG_UNESTABLISHED;
+        (*entry).flags &= !CT_FLAG_UNESTABLISHED;
     }
 }
 
@@ -200,6 +277,7 @@ pub fn claim_epoch(entry: NonNull<CtValue>, epoch: u32) {
         if (*entry).cache_epoch != epoch {
             (*entry).route_kind = 0;
             (*entry).verified_kind = 0;
+            (*entry).policy_verdict = 0;
             (*entry).cache_epoch = epoch;
         }
     }
@@ -226,7 +304,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
                 && h.is_tcp_syn()
                 && trace::writes(h.explain, write::CT_REOPEN)
             {
-                unsafe { (*entry.as_ptr()).flags = CT_FLAG_VIA_STACK };
+                unsafe { (*entry.as_ptr()).flags = CT_FLAG_VIA_STACK | CT_FLAG_UNESTABLISHED };
             }
         }
         return;
@@ -238,7 +316,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
     let entry = CtValue {
         backend_id: 0,
         rev_nat_index: REV_NAT_NONE,
-        flags: CT_FLAG_VIA_STACK,
+        flags: CT_FLAG_VIA_STACK | handshake_pending(h),
         backend_address: h.daddr.to_ne_bytes(),
         backend_port: h.dport,
         nat_port: 0,
@@ -249,6 +327,7 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
         route_macs: [0; 12],
         route_kind: CT_ROUTE_STACK,
         verified_kind: 0,
+        policy_verdict: 0,
         _pad: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
@@ -257,6 +336,42 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
     };
     // Another CPU's packet of the flow may have made it first: as good.
     let _ = CONNTRACK.insert(reply_key, entry, BPF_NOEXIST as u64);
+}
+
+/// Record a flow between addresses (no Service) that a NetworkPolicy allowed
+/// (`verdict`, cached at `epoch`): the forward entry under `h`'s tuple, and the
+/// reply entry (`CT_FLAG_REPLY`, its reverse translation a no-op: the client in
+/// `nat_address:nat_port` is where the replies go anyway), so the answers pass as
+/// answers. Nothing is recorded if the reply tuple is another flow's.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn create_policed(h: &Headers, epoch: u32, verdict: u8, bytes: u32) {
+    if !trace::writes(h.explain, write::CT_CREATE) {
+        return;
+    }
+    let now = unsafe { bpf_jiffies64() };
+    let flow = NewFlow {
+        backend_id: 0,
+        backend_addr: h.daddr,
+        backend_port: h.dport,
+        rev_nat_index: REV_NAT_NONE,
+        flags: CT_FLAG_POLICY,
+    };
+    let flags = CT_FLAG_POLICY | handshake_pending(h);
+    let mut entry = value(&flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
+    entry.cache_epoch = epoch;
+    entry.policy_verdict = verdict;
+    let reply_key = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
+    if CONNTRACK
+        .insert(reply_key, &entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return;
+    }
+    entry.flags = flags;
+    entry.packets = 1;
+    entry.bytes = bytes as u64;
+    let _ = CONNTRACK.insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), &entry, 0);
 }
 
 /// How a new Service flow is translated.
@@ -286,6 +401,7 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
         route_macs: [0; 12],
         route_kind: 0,
         verified_kind: 0,
+        policy_verdict: 0,
         _pad: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
@@ -304,7 +420,8 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
 #[inline(always)]
 pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     let now = unsafe { bpf_jiffies64() };
-    let mut entry = value(flow, flow.flags | CT_FLAG_REPLY, 0, 0, now);
+    let flags = flow.flags | handshake_pending(h);
+    let mut entry = value(flow, flags | CT_FLAG_REPLY, 0, 0, now);
     let reply_key = key(
         flow.backend_addr,
         h.saddr,
@@ -331,7 +448,7 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
     }
     // The forward entry differs from the reply entry only here: one value on the
     // stack for both.
-    entry.flags = flow.flags;
+    entry.flags = flags;
     entry.packets = 1;
     entry.bytes = bytes as u64;
     CONNTRACK
@@ -342,6 +459,85 @@ pub fn create(h: &Headers, flow: &NewFlow, bytes: u32) -> Result<bool, ()> {
 
 /// Tries at finding a free SNAT port before giving up (bounded for the verifier).
 const SNAT_TRIES: u32 = 16;
+
+/// The SNAT port a new flow hashed to `hash` tries at `attempt`: an odd stride (the
+/// range is even-sized) visits different ports each try.
+#[inline(always)]
+fn snat_candidate(hash: u32, attempt: u32) -> u16 {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16
+}
+
+/// No SNAT port the new flow tried was free (`claim`: its reply key, the port to be
+/// filled in here; `hash`: its hash): take over the oldest of them held by a TCP flow whose
+/// client never completed its handshake (`CT_FLAG_UNESTABLISHED` on its reply entry),
+/// removing that flow's entries and claiming the port with the new flow's reply entry
+/// (`entry`; an explain run only looks). Returns the port, or 0 when every port tried
+/// belongs to an established flow (or to a flow of another kind).
+///
+/// Why: spoofed SYNs claim a port each (a backend answers every SYN, so nothing
+/// before the client's ACK tells them from a real client) and the agent's garbage
+/// collection runs only with full resyncs (every 10 s), so ~4,500 SYNs would hold a
+/// backend's whole range (61000-65535) until then, and before unestablished flows got
+/// a lifetime of their own, for 6 hours (`drop_no_snat_port` for every real client).
+/// Cilium retries up to 32/128 random ports, then drops (DROP_NAT_NO_MAPPING) and
+/// signals its agent to collect (its SNAT map is an LRU, and a SYN-only flow lives
+/// 60 s); Linux conntrack, with a full table, evicts an entry that is not ASSURED
+/// (`early_drop`), and on its last NAT port tries takes over a TCP tuple in
+/// TIME_WAIT (`nf_nat_used_tuple_harder`). This is `early_drop` for SNAT ports,
+/// judged in the datapath at once: an unestablished claim is what a flood can make
+/// and a real client holds for one round trip only. The oldest of the tried ports
+/// goes: under a flood of R SYNs a second the range turns over every 4,536 / R
+/// seconds and a client still in its handshake is the youngest claim by far, so it
+/// keeps its port unless its round trip is longer than that (45 ms at 100,000 SYNs a
+/// second; such a client's next packet then starts a new flow). A bound per client
+/// address would not hold: spoofed sources are as many as the flood wants. An
+/// established flow is never taken over: a full range of those still drops.
+///
+/// A function of its own (a BPF-to-BPF call), not inlined: it runs only when a range
+/// is full, and inlined into each of a program's SNAT sites its 16 lookups cost
+/// hundreds of instructions each. `EXPLAIN`: an explain run's (a copy of its own, so
+/// the attached programs carry no explain code).
+// Keys by reference: by value, each lookup copies the key to another stack slot of
+// this function's small frame.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn reclaim_snat_port<const EXPLAIN: bool>(claim: &mut CtKey, hash: u32, entry: &CtValue) -> u16 {
+    let mut oldest = 0u16;
+    let mut oldest_created = u64::MAX;
+    for attempt in 0..SNAT_TRIES {
+        let candidate = snat_candidate(hash, attempt);
+        claim.dport = candidate;
+        let Some(held) = (unsafe { CONNTRACK.get(&*claim) }) else {
+            continue;
+        };
+        let kind = held.flags & (CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED | CT_FLAG_VIA_STACK);
+        if kind == CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED && held.created_jiffies < oldest_created {
+            oldest = candidate;
+            oldest_created = held.created_jiffies;
+        }
+    }
+    if oldest == 0 {
+        return 0;
+    }
+    claim.dport = oldest;
+    count(EXPLAIN, stat::SNAT_PORT_RECLAIMED, 0);
+    if !trace::writes(EXPLAIN, write::SNAT_RECLAIM) {
+        return oldest;
+    }
+    // The old flow's forward entry would otherwise keep sending on the port.
+    if let Some(forward) =
+        unsafe { CONNTRACK.get(&*claim) }.and_then(|old| forward_key_of(claim, old))
+    {
+        let _ = CONNTRACK.remove(&forward);
+    }
+    let _ = CONNTRACK.remove(&*claim);
+    // Another CPU's new flow may take it between the two: that one has it.
+    match CONNTRACK.insert(&*claim, entry, BPF_NOEXIST as u64) {
+        Ok(()) => oldest,
+        Err(_) => 0,
+    }
+}
 
 /// Record a new flow SNATed to `node_addr` (raw network order: this node for
 /// forwarded external flows, the client itself for a remapped client port) and a
@@ -359,14 +555,11 @@ pub fn create_snat(
     bytes: u32,
 ) -> Option<u16> {
     let now = unsafe { bpf_jiffies64() };
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-    let flags = flow.flags | CT_FLAG_SNAT;
+    let flags = flow.flags | CT_FLAG_SNAT | handshake_pending(h);
     let mut entry = value(flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
     let mut port = 0u16;
     for attempt in 0..SNAT_TRIES {
-        // An odd stride (the range is even-sized) visits different ports each try.
-        let candidate =
-            SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(2_654_435_761)) % range) as u16;
+        let candidate = snat_candidate(hash, attempt);
         let reply_key = key(
             flow.backend_addr,
             node_addr,
@@ -388,7 +581,15 @@ pub fn create_snat(
         }
     }
     if port == 0 {
-        return None;
+        let mut claim = key(flow.backend_addr, node_addr, flow.backend_port, 0, h.proto);
+        port = if h.explain {
+            reclaim_snat_port::<true>(&mut claim, hash, &entry)
+        } else {
+            reclaim_snat_port::<false>(&mut claim, hash, &entry)
+        };
+        if port == 0 {
+            return None;
+        }
     }
     trace::record(h.explain, |trace| {
         trace.steps |= step::SNAT;

@@ -3,11 +3,12 @@
 //! sending node's pod CIDR, reverse-NAT replies of Service flows whose
 //! client is here (the DNAT happened on this node), deliver to the pod, or to the
 //! node's own processes (replies to their Service flows and to what they send other
-//! nodes' pods from the node's overlay address). Inner packets for pods that are not
-//! on this node are dropped and counted.
+//! nodes' pods from the node's overlay address), and ICMP errors backends there
+//! send about packets of such flows. Inner packets for pods that are not on this
+//! node are dropped and counted.
 use ferrite_common::{
     explain::{step, write},
-    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_NODE,
+    stat, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_NODE, PROTO_ICMP,
 };
 
 use crate::{
@@ -16,7 +17,9 @@ use crate::{
     maps::{route_key, CONFIG, ROUTES},
     nat,
     packet::{Packet, Verdict},
-    reply, routing,
+    policy,
+    reply::{self, ErrorTo},
+    routing,
     trace::{self, count},
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -79,10 +82,28 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         trace::step(h.explain, step::SOURCE_CACHED);
     }
     let mut daddr = h.daddr;
+    // An ICMP error about a flow the datapath translated follows that flow.
+    let mut related_error = false;
+    if h.proto == PROTO_ICMP {
+        match reply::reverse_icmp_error(pkt, &h)? {
+            ErrorTo::Unrelated | ErrorTo::Stack => {}
+            ErrorTo::World => return routing::to_world(pkt, &h),
+            ErrorTo::Client(client) if routing::is_host_address(client) => {
+                return routing::to_host(pkt)
+            }
+            ErrorTo::Client(client) => {
+                daddr = client;
+                related_error = true;
+            }
+        }
+    }
     // Whether the destination is the flow's usual one, which its entry may cache.
     let mut cacheable = entry.is_some();
     if let Some(entry) = entry {
         let ct = conntrack::touch(entry, &h, pkt.len());
+        if let Err(reason) = policy::check_flow(entry, epoch, &h) {
+            return Ok(Verdict::Drop(reason));
+        }
         if ct.flags & CT_FLAG_REPLY != 0 {
             if ct.flags & CT_FLAG_EXTERNAL != 0 {
                 // A backend on that node answering a NodePort flow this node SNATed.
@@ -113,6 +134,19 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     };
+    if routing::ttl_expires(pkt) {
+        return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
+    }
+    // A new flow to a policed pod: judged, and recorded if allowed.
+    if entry.is_none() && !related_error && ep.flags & policy::ISOLATED != 0 {
+        let verdict = policy::verdict_of_new(&h);
+        if let Some(reason) = policy::denied(verdict) {
+            return Ok(Verdict::Drop(reason));
+        }
+        if h.has_ports {
+            conntrack::create_policed(&h, epoch, verdict, pkt.len());
+        }
+    }
     count(h.explain, stat::RECEIVED_FROM_NODE, pkt.len());
     routing::deliver_local(pkt, &ep)
 }

@@ -2,11 +2,13 @@
 //! reverse NAT of a backend's reply, then local delivery or the host stack. A new flow
 //! to a Service without ready backends is refused with ICMP port unreachable, sent
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
-//! dropped (`drop_no_backend`).
+//! dropped (`drop_no_backend`). An ICMP error a backend sends about a packet of a
+//! translated flow is translated back like the flow's replies.
 use ferrite_common::{
     explain::{step, write},
-    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH, PROTO_UDP,
-    REV_NAT_NONE,
+    policy::CT_POLICY_ALLOWED,
+    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH,
+    PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
 };
 
 use crate::{
@@ -18,7 +20,8 @@ use crate::{
     lb::{self, NewFlowOutcome},
     nat,
     packet::{Packet, Verdict},
-    reply,
+    policy,
+    reply::{self, ErrorTo},
     routing::{self, Found},
     trace::{self, count},
 };
@@ -84,6 +87,9 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         // and where it lives.
         if let Some(entry) = entry {
             let ct = conntrack::touch(entry, &h, pkt.len());
+            if let Err(reason) = policy::check_flow(entry, epoch, &h) {
+                return Ok(Verdict::Drop(reason));
+            }
             if ct.flags & CT_FLAG_REPLY != 0 {
                 if ct.flags & CT_FLAG_EXTERNAL != 0 {
                     return reply::reply_to_world(pkt, &h, ct);
@@ -124,12 +130,39 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
                 return new_service_flow(pkt, &h, &svc);
             }
         }
+        let verdict = policy::verdict_of_new(&h);
+        if let Some(reason) = policy::denied(verdict) {
+            return Ok(Verdict::Drop(reason));
+        }
         if (h.is_tcp_syn() || h.proto == PROTO_UDP) && conntrack::clashes_with_service_reply(&h) {
             return remap_source_port(pkt, &h, &found);
+        }
+        if verdict == CT_POLICY_ALLOWED {
+            conntrack::create_policed(&h, epoch, verdict, pkt.len());
         }
         return routing::route_found(pkt, &found, daddr, dport);
     } else if is_fragment_routed(&h) {
         count(h.explain, stat::FRAGMENT_ROUTED, pkt.len());
+    } else if h.proto == PROTO_ICMP {
+        match reply::reverse_icmp_error(pkt, &h)? {
+            ErrorTo::Unrelated => {}
+            ErrorTo::Stack => {
+                pkt.count(stat::PASSED_TO_STACK);
+                return Ok(Verdict::Pass);
+            }
+            ErrorTo::World => return routing::to_world(pkt, &h),
+            ErrorTo::Client(client) if routing::is_host_address(client) => {
+                return routing::to_host(pkt)
+            }
+            ErrorTo::Client(client) => {
+                // An error about a flow the datapath translated: it follows the flow.
+                return routing::route(pkt, client, dport);
+            }
+        }
+    }
+    // Without ports nothing is recorded: each packet is judged on its own.
+    if let Some(reason) = policy::denied(policy::verdict_of_new(&h)) {
+        return Ok(Verdict::Drop(reason));
     }
     routing::route(pkt, daddr, dport)
 }
@@ -140,6 +173,11 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
     match lb::translate_new_flow(pkt, h, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
+            // Judged at the backend: a packet it drops leaves the flow's entries to
+            // judge its retransmissions the same way.
+            if let Some(reason) = policy::denied(policy::verdict(h.saddr, addr, h.proto, port)) {
+                return Ok(Verdict::Drop(reason));
+            }
             if trace::writes(h.explain, write::MONITOR_EVENT) {
                 events::new_flow(
                     &Seen::packet(pkt, PROGRAM),

@@ -7,10 +7,19 @@
 //! - "port unreachable" (type 3, code 3): a new flow to a Service without ready
 //!   backends, as kube-proxy's REJECT answers (a TCP connect fails with ECONNREFUSED
 //!   at once, a connected UDP socket gets ECONNREFUSED).
+//!
+//! And ICMP errors others send about a packet of a translated flow (a backend's port
+//! unreachable for a Service's closed target port), translated back as the flow's
+//! replies are ([`reverse_error`]), so the client's stack matches them to its socket.
+use ferrite_common::{stat, CtValue, CT_FLAG_SNAT, PROTO_ICMP, PROTO_TCP, PROTO_UDP, REV_NAT_NONE};
+
 use crate::{
     csum,
-    headers::{Headers, ETH_HLEN, IP_OFF},
+    headers::{Headers, ETH_HLEN, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF},
+    maps::REV_NAT,
+    nat,
     packet::{Packet, Verdict},
+    trace::count,
 };
 
 const IPV4_HLEN: usize = 20;
@@ -18,8 +27,9 @@ const ICMP_HLEN: usize = 8;
 /// The original IP header and the first 8 bytes of its payload (RFC 792).
 const QUOTED_LEN: usize = IPV4_HLEN + 8;
 const ERROR_IP_LEN: usize = IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
-const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// The smallest MTU IPv4 allows (RFC 791); below it a limit is a misconfiguration,
@@ -83,4 +93,260 @@ fn unreachable<P: Packet>(pkt: &P, h: &Headers, code: u8, mtu: u16) -> Result<()
     pkt.store(0, &swapped)?;
     pkt.store(IP_OFF, &ip)?;
     pkt.store(IP_OFF + IPV4_HLEN, &icmp)
+}
+
+/// Where an ICMP error's parts are, for one whose IP header has no options (Linux
+/// sends its errors so): fixed offsets, which the verifier follows without doubt.
+const ERROR_ICMP_OFF: usize = IP_OFF + IPV4_HLEN;
+const ERROR_ICMP_CSUM_OFF: usize = ERROR_ICMP_OFF + 2;
+/// The quoted IP header (without options) and TCP/UDP header.
+const QUOTED_IP_OFF: usize = ERROR_ICMP_OFF + ICMP_HLEN;
+const QUOTED_L4_OFF: usize = QUOTED_IP_OFF + IPV4_HLEN;
+const QUOTED_UDP_CSUM_OFF: usize = QUOTED_L4_OFF + 6;
+const QUOTED_TCP_CSUM_OFF: usize = QUOTED_L4_OFF + 16;
+
+/// The packet an ICMP error quotes (its IPv4 header and the ports of its TCP/UDP
+/// header), as the error's sender received it.
+pub struct Quoted {
+    /// Addresses raw network order, ports host order (as `Headers`).
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Whether the error quotes the TCP/UDP checksum too (a TCP checksum lies past
+    /// the 8 bytes RFC 792 asks for; Linux quotes more).
+    l4_csum_quoted: bool,
+}
+
+/// The quoted packet of `h` if it is an ICMP error about a TCP/UDP packet (destination
+/// unreachable, time exceeded, parameter problem), as Linux sends them: an IP header
+/// without options, not fragmented, quoting an IP header without options and at
+/// least 8 bytes after it, not a later fragment's. Bounds-checked like
+/// `headers::parse`; anything else is no error to translate.
+#[inline(always)]
+pub fn quoted<P: Packet>(pkt: &P, h: &Headers) -> Option<Quoted> {
+    let end = ETH_HLEN + h.tot_len as usize;
+    if h.proto != PROTO_ICMP || h.l4_offset != ERROR_ICMP_OFF || QUOTED_L4_OFF + 8 > end {
+        return None;
+    }
+    pkt.ensure_linear((QUOTED_L4_OFF + 8) as u32).ok()?;
+    let frags: u16 = pkt.load(IP_OFF + 6).ok()?;
+    let kind: u8 = pkt.load(ERROR_ICMP_OFF).ok()?;
+    if u16::from_be(frags) & 0x3fff != 0
+        || !matches!(
+            kind,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    {
+        return None;
+    }
+    let vihl: u8 = pkt.load(QUOTED_IP_OFF).ok()?;
+    let quoted_frags: u16 = pkt.load(QUOTED_IP_OFF + 6).ok()?;
+    let proto: u8 = pkt.load(QUOTED_IP_OFF + 9).ok()?;
+    if vihl != 0x45 || u16::from_be(quoted_frags) & 0x1fff != 0 {
+        return None;
+    }
+    let l4_csum_quoted = match proto {
+        PROTO_UDP => true,
+        PROTO_TCP => {
+            QUOTED_TCP_CSUM_OFF + 2 <= end
+                && pkt.ensure_linear((QUOTED_TCP_CSUM_OFF + 2) as u32).is_ok()
+        }
+        _ => return None,
+    };
+    let addresses: [u32; 2] = pkt.load(QUOTED_IP_OFF + 12).ok()?;
+    let ports: [u16; 2] = pkt.load(QUOTED_L4_OFF).ok()?;
+    Some(Quoted {
+        saddr: addresses[0],
+        daddr: addresses[1],
+        sport: u16::from_be(ports[0]),
+        dport: u16::from_be(ports[1]),
+        proto,
+        l4_csum_quoted,
+    })
+}
+
+/// Translate the ICMP error `h` about `quoted`, a packet of the flow whose reply
+/// entry is `ct`, as the flow's replies are translated (`nat::reverse`), the way
+/// Linux NAT translates related errors: its source (the backend) becomes the
+/// frontend, and so do the quoted destination and port; for a SNATed flow its
+/// destination and the quoted source and port become the client. Every checksum
+/// follows incrementally: the IP header's, the quoted IP header's, the quoted TCP/UDP
+/// checksum when quoted (UDP's 0 stays 0), and the ICMP checksum over all of it.
+/// Returns whether it did: without the rev-NAT entry (the Service is gone) the error
+/// is left as it is. The caller checked the error comes from the quoted packet's
+/// destination and goes to its source (`h.saddr == quoted.daddr`, `h.daddr ==
+/// quoted.saddr`).
+#[inline(always)]
+pub fn reverse_error<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    quoted: &Quoted,
+    ct: &CtValue,
+) -> Result<bool, ()> {
+    let mut frontend = NO_ENDPOINT;
+    if ct.rev_nat_index != REV_NAT_NONE {
+        let Some(rev) = (unsafe { REV_NAT.get(ct.rev_nat_index) }) else {
+            return Ok(false);
+        };
+        frontend = endpoint(u32::from_ne_bytes(rev.address), rev.port);
+    }
+    let client = if ct.flags & CT_FLAG_SNAT != 0 {
+        endpoint(u32::from_ne_bytes(ct.nat_address), ct.nat_port)
+    } else {
+        NO_ENDPOINT
+    };
+    let l4_csum_offset = match (quoted.l4_csum_quoted, quoted.proto) {
+        (false, _) => 0,
+        (true, PROTO_UDP) => QUOTED_UDP_CSUM_OFF,
+        (true, _) => QUOTED_TCP_CSUM_OFF,
+    };
+    if rewrite_error(pkt, l4_csum_offset as u32, frontend, client) != 0 {
+        return Err(());
+    }
+    count(h.explain, stat::ICMP_ERROR_REVERSE_NAT, pkt.len());
+    Ok(true)
+}
+
+/// An address (raw network order) and port (host order) for [`rewrite_error`], in
+/// one register; bit 48 says it is there.
+#[inline(always)]
+fn endpoint(address: u32, port: u16) -> u64 {
+    address as u64 | (port as u64) << 32 | 1 << 48
+}
+
+const NO_ENDPOINT: u64 = 0;
+
+/// The rewrites of [`reverse_error`], as a function of its own (a BPF-to-BPF call
+/// with a small stack frame, which fits beside `ferrite_from_pod`'s in the verifier's
+/// 512 bytes): ICMP errors are rare, and the checksum arithmetic over the quoted
+/// packet is long. Its arguments are plain values: the offset of the quoted TCP/UDP
+/// checksum (0: not quoted, or UDP's 0, "none"); `frontend` and `client` (see
+/// [`endpoint`]) what the quoted destination and source become, and with them the
+/// error's source and destination. The old values are read from the packet. Returns
+/// 0, or 1 when a write failed.
+#[inline(never)]
+fn rewrite_error<P: Packet>(pkt: &P, l4_csum_offset: u32, frontend: u64, client: u64) -> u32 {
+    match rewrite_error_fields(pkt, l4_csum_offset, frontend, client) {
+        Ok(()) => 0,
+        Err(()) => 1,
+    }
+}
+
+#[inline(always)]
+fn rewrite_error_fields<P: Packet>(
+    pkt: &P,
+    l4_csum_offset: u32,
+    frontend: u64,
+    client: u64,
+) -> Result<(), ()> {
+    let l4_csum = match l4_csum_offset as usize {
+        QUOTED_UDP_CSUM_OFF => L4Csum::Udp,
+        QUOTED_TCP_CSUM_OFF => L4Csum::Tcp,
+        _ => L4Csum::NotQuoted,
+    };
+    let mut icmp_csum: u16 = pkt.load(ERROR_ICMP_CSUM_OFF)?;
+    if frontend != NO_ENDPOINT {
+        let (address, port) = (frontend as u32, (frontend >> 32) as u16);
+        let backend: u32 = pkt.load(QUOTED_IP_OFF + 16)?;
+        let backend_port: u16 = pkt.load(QUOTED_L4_OFF + 2)?;
+        // ICMP has no pseudo-header: its source changes only the IP checksum.
+        nat::rewrite_ip_addr(pkt, IP_SADDR_OFF, backend, address)?;
+        icmp_csum = rewrite_quoted_addr(pkt, l4_csum, 16, backend, address, icmp_csum)?;
+        icmp_csum = rewrite_quoted_port(pkt, l4_csum, 2, backend_port, port.to_be(), icmp_csum)?;
+    }
+    if client != NO_ENDPOINT {
+        let (address, port) = (client as u32, (client >> 32) as u16);
+        let snat: u32 = pkt.load(QUOTED_IP_OFF + 12)?;
+        let snat_port: u16 = pkt.load(QUOTED_L4_OFF)?;
+        nat::rewrite_ip_addr(pkt, IP_DADDR_OFF, snat, address)?;
+        icmp_csum = rewrite_quoted_addr(pkt, l4_csum, 12, snat, address, icmp_csum)?;
+        icmp_csum = rewrite_quoted_port(pkt, l4_csum, 0, snat_port, port.to_be(), icmp_csum)?;
+    }
+    pkt.store(ERROR_ICMP_CSUM_OFF, &icmp_csum)
+}
+
+/// Which quoted TCP/UDP checksum the error carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum L4Csum {
+    NotQuoted,
+    Udp,
+    Tcp,
+}
+
+/// Rewrite the quoted IP header's address at `field` (12: source, 16: destination)
+/// from `old` to `new` (raw network order), with the quoted IP checksum and the
+/// quoted TCP/UDP checksum (its pseudo-header) following; returns the ICMP checksum
+/// `icmp_csum` after all of it.
+#[inline(always)]
+fn rewrite_quoted_addr<P: Packet>(
+    pkt: &P,
+    l4_csum: L4Csum,
+    field: usize,
+    old: u32,
+    new: u32,
+    icmp_csum: u16,
+) -> Result<u16, ()> {
+    if old == new {
+        return Ok(icmp_csum);
+    }
+    const QUOTED_IP_CSUM_OFF: usize = QUOTED_IP_OFF + 10;
+    let ip_csum: u16 = pkt.load(QUOTED_IP_CSUM_OFF)?;
+    let updated = csum::replace4(ip_csum, old, new);
+    pkt.store(QUOTED_IP_CSUM_OFF, &updated)?;
+    let icmp_csum = csum::replace4(icmp_csum, ip_csum as u32, updated as u32);
+    let icmp_csum = rewrite_quoted_l4_csum(pkt, l4_csum, old, new, icmp_csum)?;
+    pkt.store(QUOTED_IP_OFF + field, &new)?;
+    Ok(csum::replace4(icmp_csum, old, new))
+}
+
+/// Rewrite the quoted port at `field` (0: source, 2: destination) from `old` to `new`
+/// (both as in the packet: network order), with the quoted TCP/UDP checksum
+/// following; returns the ICMP checksum `icmp_csum` after it.
+#[inline(always)]
+fn rewrite_quoted_port<P: Packet>(
+    pkt: &P,
+    l4_csum: L4Csum,
+    field: usize,
+    old: u16,
+    new: u16,
+    icmp_csum: u16,
+) -> Result<u16, ()> {
+    if old == new {
+        return Ok(icmp_csum);
+    }
+    let icmp_csum = rewrite_quoted_l4_csum(pkt, l4_csum, old as u32, new as u32, icmp_csum)?;
+    pkt.store(QUOTED_L4_OFF + field, &new)?;
+    // A 16-bit value in the low half of a word: the zero upper halves cancel out.
+    Ok(csum::replace4(icmp_csum, old as u32, new as u32))
+}
+
+/// The quoted TCP/UDP checksum after a change from `old` to `new` in what it covers
+/// (if the error quotes it; a UDP checksum 0, "none", stays 0); returns the ICMP
+/// checksum `icmp_csum` after it.
+#[inline(always)]
+fn rewrite_quoted_l4_csum<P: Packet>(
+    pkt: &P,
+    l4_csum: L4Csum,
+    old: u32,
+    new: u32,
+    icmp_csum: u16,
+) -> Result<u16, ()> {
+    let offset = match l4_csum {
+        L4Csum::NotQuoted => return Ok(icmp_csum),
+        L4Csum::Udp => QUOTED_UDP_CSUM_OFF,
+        L4Csum::Tcp => QUOTED_TCP_CSUM_OFF,
+    };
+    let check: u16 = pkt.load(offset)?;
+    let udp = l4_csum == L4Csum::Udp;
+    if udp && check == 0 {
+        return Ok(icmp_csum);
+    }
+    let mut updated = csum::replace4(check, old, new);
+    if udp && updated == 0 {
+        updated = 0xffff;
+    }
+    pkt.store(offset, &updated)?;
+    Ok(csum::replace4(icmp_csum, check as u32, updated as u32))
 }

@@ -30,6 +30,7 @@ mod lb;
 mod nat;
 mod reply;
 mod routing;
+mod policy;
 // Program entries.
 mod action;
 mod from_host;

@@ -60,6 +60,14 @@ fn rewrite_addr<P: Packet>(
     if h.l4_present {
         pkt.replace_l4_csum(h.l4_csum_offset(), old, new, 4, true, h.proto == PROTO_UDP)?;
     }
+    rewrite_ip_addr(pkt, offset, old, new)
+}
+
+/// Rewrite the IPv4 address at `offset` (source or destination) from `old` to `new`
+/// (raw network order) with the IP header checksum, nothing else: what a packet
+/// without a pseudo-header checksum (ICMP) needs.
+#[inline(always)]
+pub fn rewrite_ip_addr<P: Packet>(pkt: &P, offset: usize, old: u32, new: u32) -> Result<(), ()> {
     // The IP header checksum is always complete: fixed here without a helper call.
     let check = unsafe { *pkt.ptr_at::<u16>(IP_CSUM_OFF)? };
     pkt.store(IP_CSUM_OFF, &csum::replace4(check, old, new))?;

@@ -1,13 +1,60 @@
-//! Replies of Service flows, shared by the entries that see them.
-use ferrite_common::{CtValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY};
+//! Replies of Service flows, and ICMP errors about their packets, shared by the
+//! entries that see them.
+use ferrite_common::{CtValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_VIA_STACK};
 
 use crate::{
     conntrack,
     headers::Headers,
-    nat,
+    icmp, nat,
     packet::{Packet, Verdict},
     routing,
 };
+
+/// Where an ICMP error goes after [`reverse_icmp_error`].
+pub enum ErrorTo {
+    /// Not about a flow conntrack translated (or left untranslated, its Service gone):
+    /// a packet like any other, to its destination.
+    Unrelated,
+    /// About a flow the stack forwarded (a hostPort's): back through the stack, whose
+    /// netfilter state translates it.
+    Stack,
+    /// Translated, for a client outside the cluster: out of the uplink.
+    World,
+    /// Translated, for the client at this address (raw network order).
+    Client(u32),
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) the
+/// backend of a translated flow sent about one of its packets, translated back like
+/// the flow's replies (`icmp::reverse_error`: a connected UDP socket of the client
+/// then gets ECONNREFUSED for a closed target port, as with kube-proxy). Only an
+/// error from the quoted packet's destination to its source qualifies: a pod cannot
+/// forge errors about flows it is not the backend of.
+#[inline(always)]
+pub fn reverse_icmp_error<P: Packet>(pkt: &P, h: &Headers) -> Result<ErrorTo, ()> {
+    let Some(quoted) = icmp::quoted(pkt, h) else {
+        return Ok(ErrorTo::Unrelated);
+    };
+    if quoted.daddr != h.saddr || quoted.saddr != h.daddr {
+        return Ok(ErrorTo::Unrelated);
+    }
+    let Some(ct) = conntrack::lookup_related(&quoted) else {
+        return Ok(ErrorTo::Unrelated);
+    };
+    if ct.flags & CT_FLAG_VIA_STACK != 0 {
+        return Ok(ErrorTo::Stack);
+    }
+    if ct.flags & CT_FLAG_REPLY == 0 || !icmp::reverse_error(pkt, h, &quoted, ct)? {
+        return Ok(ErrorTo::Unrelated);
+    }
+    Ok(if ct.flags & CT_FLAG_EXTERNAL != 0 {
+        ErrorTo::World
+    } else if ct.flags & CT_FLAG_SNAT != 0 {
+        ErrorTo::Client(u32::from_ne_bytes(ct.nat_address))
+    } else {
+        ErrorTo::Client(h.daddr)
+    })
+}
 
 /// The reply of an external flow (`ct` is its reply entry), translated back, leaves
 /// through the uplink; without the rev-NAT entry (the Service is gone) it passes

@@ -5,6 +5,10 @@
 //! the answers of flows the stack forwarded between pods (`CT_FLAG_VIA_STACK`).
 //! Replies of external flows leave through the uplink the kernel's FIB names.
 //! Translated packets for the node's own processes re-enter the stack through `lo`.
+//! A packet the datapath would hand to a pod or send over the overlay itself with a
+//! TTL a router would let expire (0 or 1) is dropped (`drop_ttl_exceeded`): the
+//! datapath does not decrement TTL, and what goes to the stack is the stack's to
+//! decrement and answer.
 use core::ptr::NonNull;
 
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
@@ -68,6 +72,16 @@ pub fn deliver_local<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, (
 pub fn deliver_local_from_egress<P: Packet>(pkt: &P, ep: &EndpointInfo) -> Result<Verdict, ()> {
     set_pod_macs(pkt, ep)?;
     Ok(Verdict::Redirect(ep.ifindex))
+}
+
+/// Whether the packet's TTL would expire at a router forwarding it (0 or 1): the
+/// datapath forwards it itself, as one hop, without decrementing TTL. Dropped rather
+/// than answered with ICMP "time exceeded": by the time the datapath knows it
+/// forwards a packet, the packet is translated, and the answer must quote it as the
+/// client sent it.
+#[inline(always)]
+pub fn ttl_expires<P: Packet>(pkt: &P) -> bool {
+    pkt.load::<u8>(IP_OFF + 8).is_ok_and(|ttl| ttl <= 1)
 }
 
 /// `lo`'s ifindex in every network namespace.
@@ -204,6 +218,9 @@ pub fn route_found<P: Packet>(
     dport: u16,
 ) -> Result<Verdict, ()> {
     if let Some(ep) = &found.endpoint {
+        if ttl_expires(pkt) {
+            return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
+        }
         pkt.count(stat::DELIVERED_LOCAL);
         return deliver_local(pkt, ep);
     }
@@ -237,6 +254,9 @@ fn goes_to_stack(route: &RouteInfo, daddr: u32, dport: u16) -> bool {
 /// Send over the overlay to the node `node_ip` (network order) whose VTEP is `vtep_mac`.
 #[inline(always)]
 fn to_node<P: Packet>(pkt: &P, node_ip: [u8; 4], vtep_mac: &[u8; 6]) -> Result<Verdict, ()> {
+    if ttl_expires(pkt) {
+        return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
+    }
     let Some(config) = CONFIG.get(0) else {
         return Ok(Verdict::Drop(stat::DROP_NO_OVERLAY));
     };
@@ -349,6 +369,9 @@ pub fn route_flow<P: Packet>(
     let (kind, target) = unsafe { ((*cached).route_kind, (*cached).route_target) };
     match kind {
         CT_ROUTE_LOCAL => {
+            if ttl_expires(pkt) {
+                return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
+            }
             pkt.count(stat::DELIVERED_LOCAL);
             const _: () = assert!(core::mem::offset_of!(CtValue, route_macs) % 4 == 0);
             // Aligned: a multiple of 4 into an 8-aligned value.

@@ -5,13 +5,18 @@
 //! endpoint, such as the API server): those are translated back to the Service
 //! address here; and what pods send this pod through the stack, such as a pod's
 //! connection to a hostPort on a node address that netfilter (portmap) DNATed to this
-//! pod: such a flow is recorded so that its replies go back through the stack too.
-//! Everything passes; nothing is dropped at this hook.
+//! pod: such a flow is recorded so that its replies go back through the stack too;
+//! ICMP errors about Service flows are translated back too. What a pod's
+//! NetworkPolicy does not allow is dropped here (the node's own traffic never is).
+use ferrite_common::{policy::CT_POLICY_ALLOWED, PROTO_ICMP};
+
 use crate::{
     action, conntrack,
-    headers::{parse, Parsed},
+    headers::{parse, Headers, Parsed},
     packet::{Packet, Verdict},
-    reply, routing,
+    policy,
+    reply::{self, ErrorTo},
+    routing,
 };
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -28,13 +33,36 @@ pub fn ferrite_to_pod(ctx: TcContext) -> i32 {
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     let h = match parse(pkt) {
         Parsed::Ipv4(h) if h.has_ports => h,
+        // An ICMP error a host-network backend's stack sent about a packet of a
+        // Service flow (a closed port): translated back, on its way to the pod.
+        Parsed::Ipv4(h) if h.proto == PROTO_ICMP => {
+            if matches!(reply::reverse_icmp_error(pkt, &h)?, ErrorTo::Unrelated) {
+                return judge_unrecorded(&h);
+            }
+            return Ok(Verdict::Pass);
+        }
+        Parsed::Ipv4(h) => return judge_unrecorded(&h),
         _ => return Ok(Verdict::Pass),
     };
     if reply::reverse_in_cluster_reply(pkt, &h)? {
         return Ok(Verdict::Pass);
     }
-    // From a pod (of this node or another; not one of the node's own addresses, whose
-    // answers go to the stack anyway): the stack forwarded it between pods, maybe
+    // The node's own traffic (kubelet probes, host-network clients) is never policed.
+    if routing::is_host_address(h.saddr) {
+        return Ok(Verdict::Pass);
+    }
+    let epoch = routing::epoch();
+    if let Some(entry) = conntrack::find(&h) {
+        if let Err(reason) = policy::check_flow(entry, epoch, &h) {
+            return Ok(Verdict::Drop(reason));
+        }
+        return Ok(Verdict::Pass);
+    }
+    let verdict = policy::verdict_of_new(&h);
+    if let Some(reason) = policy::denied(verdict) {
+        return Ok(Verdict::Drop(reason));
+    }
+    // From a pod (of this node or another): the stack forwarded it between pods, maybe
     // translated by netfilter, which alone can translate the answers back. Without a
     // record the answer, a pod -> pod packet, would be redirected into the client
     // past that state (a SYN-ACK from the backend's address instead of the hostPort:
@@ -45,8 +73,23 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     // masquerades such flows instead: the pod behind the hostPort would see the
     // node's address, not its client's.) Each packet pays a route lookup on the
     // stack's path only.
-    if routing::pod_route(h.saddr).is_some() && !routing::is_host_address(h.saddr) {
-        conntrack::record_via_stack(&h, routing::epoch(), pkt.len());
+    if routing::pod_route(h.saddr).is_some() {
+        conntrack::record_via_stack(&h, epoch, pkt.len());
+    } else if verdict == CT_POLICY_ALLOWED {
+        conntrack::create_policed(&h, epoch, verdict, pkt.len());
     }
     Ok(Verdict::Pass)
+}
+
+/// A packet without ports for a pod (not an error about a translated flow): judged
+/// on its own, the node's own packets unchecked.
+#[inline(always)]
+fn judge_unrecorded(h: &Headers) -> Result<Verdict, ()> {
+    if routing::is_host_address(h.saddr) {
+        return Ok(Verdict::Pass);
+    }
+    match policy::denied(policy::verdict_of_new(h)) {
+        Some(reason) => Ok(Verdict::Drop(reason)),
+        None => Ok(Verdict::Pass),
+    }
 }

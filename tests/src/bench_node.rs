@@ -33,7 +33,8 @@ use std::{
 use anyhow::{Context, Result};
 use ferrite_common::{
     map_names, program_names, stat, svc_flag, vtep_mac_for, CtKey, CtValue, CT_FLAG_SNAT,
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, PROTO_TCP, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE,
+    CT_FLAG_UNESTABLISHED, DEFAULT_VNI, DEFAULT_VXLAN_PORT, PROTO_TCP, ROUTE_LOCAL, ROUTE_NODE,
+    ROUTE_REMOTE,
 };
 
 use crate::{
@@ -428,6 +429,14 @@ impl BenchNode {
                     ..forward
                 },
             )?;
+        }
+        // Established flows: their clients completed the handshake (the programs
+        // saw only the SYNs that opened them here).
+        for key in self.bed.conntrack_keys()? {
+            if let Some(entry) = self.bed.conntrack(&key)? {
+                let flags = entry.flags & !CT_FLAG_UNESTABLISHED;
+                self.bed.insert_conntrack(key, CtValue { flags, ..entry })?;
+            }
         }
         self.established = self.bed.conntrack_keys()?.into_iter().collect();
         Ok(())

@@ -31,6 +31,38 @@ pub fn tcp_ack(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> 
     frame
 }
 
+/// A SYN-ACK: the answer to a SYN that opens a connection.
+pub fn tcp_syn_ack(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 5000, 64240)
+        .syn()
+        .ack(1001);
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
+/// A RST (with ACK): the sender aborts the connection.
+pub fn tcp_rst(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), 1001, 0)
+        .ack(5001)
+        .rst();
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
+/// `frame` with its IPv4 TTL set to `ttl` (header checksum fixed).
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Result<Vec<u8>> {
+    let (mut ip, rest) = Ipv4Header::from_slice(&frame[14..])?;
+    ip.time_to_live = ttl;
+    ip.header_checksum = ip.calc_header_checksum();
+    Ok([&frame[..14], &ip.to_bytes()[..], rest].concat())
+}
+
 /// A FIN (with ACK): the sender closes its side.
 pub fn tcp_fin(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
@@ -65,22 +97,38 @@ pub fn udp_without_checksum(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]
 /// first 8 payload bytes. `next_hop_mtu` is for "fragmentation needed" (code 4); the
 /// others (code 3, port unreachable) carry 0 there.
 pub fn icmp_unreachable_for(frame: &[u8], code: u8, next_hop_mtu: u16) -> Result<Vec<u8>> {
-    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, IpNumber};
-    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
-    ip.dont_fragment = false;
+    use etherparse::icmpv4::DestUnreachableHeader;
     let unreachable = match code {
         4 => DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
         3 => DestUnreachableHeader::Port,
         other => bail!("no builder for ICMP unreachable code {other}"),
     };
+    icmp_error_for(
+        frame,
+        etherparse::Icmpv4Type::DestinationUnreachable(unreachable),
+        28,
+    )
+}
+
+/// The ICMP error `kind` the destination of `frame` sends back for it: from the
+/// address it was sent to, MACs swapped, quoting the first `quoted` bytes of its IP
+/// packet (28, RFC 792's minimum, or more: Linux quotes up to 576 bytes in all).
+pub fn icmp_error_for(
+    frame: &[u8],
+    kind: etherparse::Icmpv4Type,
+    quoted: usize,
+) -> Result<Vec<u8>> {
+    use etherparse::{IpHeaders, IpNumber};
+    let (original, _) = Ipv4Header::from_slice(&frame[14..])?;
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, original.destination, original.source)?;
+    ip.dont_fragment = false;
     let (mut to, mut from) = ([0u8; 6], [0u8; 6]);
     to.copy_from_slice(&frame[6..12]);
     from.copy_from_slice(&frame[..6]);
     let builder = PacketBuilder::ethernet2(from, to)
         .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .icmpv4(Icmpv4Type::DestinationUnreachable(unreachable));
-    let quoted = &frame[14..14 + 28];
+        .icmpv4(kind);
+    let quoted = &frame[14..14 + quoted];
     let mut out = Vec::new();
     builder.write(&mut out, quoted)?;
     Ok(out)

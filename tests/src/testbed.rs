@@ -15,7 +15,7 @@ use aya::{
 use ferrite_agent::{
     explain::run::{skb_context, xdp_context, OneCpu, TcContext},
     maps::NodeMaps,
-    model::{L4Addr, Protocol},
+    model::{policy::Allow, L4Addr, Protocol},
     plan::{
         self, backend_value, maglev_digest, rev_nat_value, FrontendEntries, MapContents, Op,
         SourceRange,
@@ -23,9 +23,10 @@ use ferrite_agent::{
 };
 use ferrite_common::{
     explain::{self, SockRequest},
-    map_names, pod_mac_for, program_names, stat, Counter, CtKey, CtValue, EndpointInfo,
-    EndpointKey, ExplainTrace, MaglevTable, MonitorEvent, NodeConfig, RouteInfo, ServiceKey,
-    ServiceValue,
+    map_names, pod_mac_for,
+    policy::{IpcacheValue, PolicyValue, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
+    program_names, stat, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, ExplainTrace,
+    MaglevTable, MonitorEvent, NodeConfig, RouteInfo, ServiceKey, ServiceValue,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -282,6 +283,53 @@ impl Testbed {
             0,
         )?;
         Ok(())
+    }
+
+    /// Mark the pod `ip` isolated (`policy::ENDPOINT_*_ISOLATED` bits), as the
+    /// agent does for a pod a NetworkPolicy selects.
+    pub fn set_isolation(&mut self, ip: Ipv4Addr, isolation: u32) -> Result<()> {
+        let mut endpoints = self.hash_map::<EndpointKey, EndpointInfo>(map_names::ENDPOINTS)?;
+        let key = EndpointKey {
+            address: ip.octets(),
+        };
+        let mut info = endpoints.get(&key, 0)?;
+        info.flags =
+            (info.flags & !(ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED)) | isolation;
+        endpoints.insert(key, info, 0)?;
+        Ok(())
+    }
+
+    /// Give the addresses of `network`/`prefix_len` the policy identity `identity`,
+    /// through the agent's map writer.
+    pub fn set_identity(
+        &mut self,
+        network: Ipv4Addr,
+        prefix_len: u32,
+        identity: u32,
+    ) -> Result<()> {
+        self.maps.apply(&[Op::PutIpcache(
+            plan::RouteKey {
+                prefix_len,
+                network: network.octets(),
+            },
+            IpcacheValue { identity, flags: 0 },
+        )])
+    }
+
+    /// Write (`true`) or remove the `ferrite_policy` entries of `allow` for the pod
+    /// `ip`, laid out by the agent's plan and written by its map writer.
+    pub fn set_allow(&mut self, ip: Ipv4Addr, allow: &Allow, present: bool) -> Result<()> {
+        let ops: Vec<Op> = plan::rules_of(ip, allow)
+            .into_iter()
+            .map(|rule| {
+                if present {
+                    Op::PutPolicy(rule, PolicyValue { policy: 0 })
+                } else {
+                    Op::DeletePolicy(rule)
+                }
+            })
+            .collect();
+        self.maps.apply(&ops)
     }
 
     /// Remove the route of `network`/`prefix_len`.

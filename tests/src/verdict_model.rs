@@ -31,7 +31,8 @@ pub enum Expected {
 
 /// The counters `NodeModel::from_pod` predicts: after each frame, every one of them
 /// has moved by exactly as much as the model said (most by nothing).
-pub const FROM_POD_COUNTERS: [u32; 10] = [
+pub const FROM_POD_COUNTERS: [u32; 11] = [
+    stat::DROP_TTL_EXCEEDED,
     stat::PASSED_ARP,
     stat::DROP_UNSUPPORTED_L3,
     stat::DROP_MALFORMED,
@@ -55,6 +56,8 @@ pub struct Parsed {
     pub tracked: bool,
     /// (source port, destination port) when the rules give the frame ports.
     pub ports: Option<(u16, u16)>,
+    /// What a router forwarding it would let expire (TTL 0 or 1).
+    pub ttl_expires: bool,
     dont_fragment: bool,
     header_len: usize,
     total_len: usize,
@@ -99,6 +102,7 @@ pub fn parse(frame: &[u8], fragments: &mut Fragments) -> Result<Parsed, Expected
         later_fragment,
         tracked: false,
         ports: None,
+        ttl_expires: ip[8] <= 1,
         dont_fragment: flags & 0x4000 != 0,
         header_len: ihl,
         total_len: total,
@@ -219,10 +223,20 @@ impl NodeModel {
             counters.push(stat::DROP_SPOOFED);
             return (Expected::Drop(stat::DROP_SPOOFED), counters);
         }
+        // What the datapath hands to a pod itself, a router would let expire at TTL 0
+        // or 1 (translated first, if it was a Service flow).
+        let deliver = |translated: bool, mut counters: Vec<u32>| {
+            if h.ttl_expires {
+                counters.push(stat::DROP_TTL_EXCEEDED);
+                (Expected::Drop(stat::DROP_TTL_EXCEEDED), counters)
+            } else {
+                (Expected::Deliver { translated }, counters)
+            }
+        };
         if let Some((_, dport)) = h.ports {
             // Pods reach every frontend in the maps, a NodePort on this node's IP too.
             match self.service(&h, dport) {
-                Some(true) => return (Expected::Deliver { translated: true }, counters),
+                Some(true) => return deliver(true, counters),
                 // A later fragment has no L4 header to quote: dropped, its first one
                 // was answered.
                 Some(false) if h.later_fragment => {
@@ -241,7 +255,7 @@ impl NodeModel {
             counters.push(stat::FRAGMENT_ROUTED);
         }
         if self.is_pod(h.daddr) {
-            (Expected::Deliver { translated: false }, counters)
+            deliver(false, counters)
         } else {
             counters.push(stat::PASSED_TO_STACK);
             (Expected::Pass(Some(stat::PASSED_TO_STACK)), counters)
@@ -254,6 +268,10 @@ impl NodeModel {
     pub fn from_pod_output_fits(&self, expected: Expected, frame: &[u8], out: &RunResult) -> bool {
         match expected {
             Expected::Pass(_) => out.verdict == TC_ACT_OK && out.frame == frame,
+            // Dropped at delivery, after any translation.
+            Expected::Drop(stat::DROP_TTL_EXCEEDED) => {
+                out.verdict == TC_ACT_SHOT && out.frame.len() == frame.len()
+            }
             Expected::Drop(_) => out.verdict == TC_ACT_SHOT && out.frame == frame,
             Expected::Deliver { translated } => {
                 let to_backend =

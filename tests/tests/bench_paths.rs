@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{ensure, Context, Result};
 use ferrite_common::{
-    pod_mac_for, stat, vtep_mac_for, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    pod_mac_for, stat, vtep_mac_for, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    CT_FLAG_UNESTABLISHED, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     bench_node::{
@@ -312,7 +312,10 @@ fn bench_new_node_port_flows_to_remote_backends_are_snated_from_the_port_range()
             .bed
             .conntrack(&ct_key(backend, source))?
             .context("reply")?;
-        ensure!(reply.flags == CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_REPLY);
+        // A SYN: the flow's handshake is not completed yet.
+        ensure!(
+            reply.flags == CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED
+        );
         ensure!((reply.nat_address, reply.nat_port) == (client.ip().octets(), client.port()));
         Ok(())
     })

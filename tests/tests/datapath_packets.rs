@@ -8,8 +8,9 @@ use std::{
 
 use anyhow::Result;
 use ferrite_common::{
-    explain::verdict, pod_mac_for, program_names, stat, CtKey, CT_FLAG_CLOSING, CT_FLAG_VIA_STACK,
-    PROTO_TCP, PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE, SNAT_PORT_MIN,
+    explain::verdict, pod_mac_for, program_names, stat, CtKey, CT_FLAG_CLOSING,
+    CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, PROTO_TCP, PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE,
+    SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked, GATEWAY_MAC},
@@ -398,9 +399,10 @@ fn a_direct_flow_on_a_tuple_the_stack_forwarded_gets_its_own_port_until_that_flo
         Some(CT_FLAG_VIA_STACK | CT_FLAG_CLOSING)
     );
     through_stack(again)?;
+    // Open again, as a new connection: its handshake not completed yet.
     assert_eq!(
         bed.conntrack(&key)?.map(|e| e.flags),
-        Some(CT_FLAG_VIA_STACK)
+        Some(CT_FLAG_VIA_STACK | CT_FLAG_UNESTABLISHED)
     );
     Ok(())
 }
@@ -488,6 +490,233 @@ fn a_service_without_ready_backends_refuses_new_flows_with_port_unreachable() ->
     );
     assert_eq!(bed.counter(stat::SERVICE_REJECTED)?, 2);
     assert_eq!(bed.counter(stat::DROP_NO_BACKEND)?, 0);
+    Ok(())
+}
+
+/// kube-proxy's behaviour for a Service's closed target port: the backend's ICMP
+/// error about a translated packet reaches the client translated back like the
+/// flow's replies, so its connected UDP socket gets ECONNREFUSED (untranslated, the
+/// error names the backend, which no socket of the client talks to, and the client
+/// waits for its timeout). Exact bytes: what the client gets is the error the Service
+/// address would send about what the client sent: the source, the quoted
+/// destination and port, and every checksum (the IP header's, the quoted IP
+/// header's, the quoted UDP or TCP checksum, the ICMP checksum) as if built afresh.
+#[test]
+fn icmp_errors_of_translated_flows_are_translated_back_for_the_client() -> Result<()> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let bed = testbed()?;
+    // UDP, port unreachable quoting 8 bytes of the datagram (RFC 792's minimum).
+    let query = frames::udp(sock(CLIENT, 5000), sock(VIP, 53), b"query");
+    let delivered = bed.from_pod(&query)?.frame;
+    let backend = backend_of(&delivered);
+    let error = frames::icmp_unreachable_for(&delivered, 3, 0)?;
+    let out = bed.from_pod(&error)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_unreachable_for(&query, 3, 0)?)
+        )
+    );
+    // TCP, fragmentation needed quoting the whole segment, its checksum included (as
+    // Linux quotes, up to 576 bytes).
+    let syn = frames::tcp_syn(sock(CLIENT, 40100), sock(VIP, 80), b"hello");
+    let delivered = bed.from_pod(&syn)?.frame;
+    let frag_needed = || {
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        })
+    };
+    let quoted = delivered.len() - 14;
+    let error = frames::icmp_error_for(&delivered, frag_needed(), quoted)?;
+    let out = bed.from_pod(&error)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_error_for(&syn, frag_needed(), quoted)?)
+        )
+    );
+    // A UDP datagram without checksum: the quoted checksum stays 0.
+    let bare = frames::udp_without_checksum(sock(CLIENT, 5001), sock(VIP, 53), b"q");
+    let delivered = bed.from_pod(&bare)?.frame;
+    let out = bed.from_pod(&frames::icmp_unreachable_for(&delivered, 3, 0)?)?;
+    assert_eq!(
+        out.frame,
+        delivered_to(CLIENT, frames::icmp_unreachable_for(&bare, 3, 0)?)
+    );
+    assert_eq!(bed.counter(stat::ICMP_ERROR_REVERSE_NAT)?, 3);
+
+    // Not translated: an error about no flow conntrack knows, and one a pod sends
+    // about a flow it is not the backend of (its source is not the quoted
+    // destination): both go as they are.
+    let other = BACKENDS.iter().copied().find(|b| *b != backend).unwrap();
+    let unknown = frames::udp(sock(CLIENT, 5999), sock(other, 5353), b"direct");
+    let forged_about = frames::udp(sock(CLIENT, 5000), sock(backend, 5353), b"query");
+    for error in [
+        frames::icmp_unreachable_for(&delivered_to(other, unknown), 3, 0)?,
+        {
+            let mut forged = frames::icmp_unreachable_for(&forged_about, 3, 0)?;
+            forged[26..30].copy_from_slice(&other.octets());
+            let (mut ip, rest) = etherparse::Ipv4Header::from_slice(&forged[14..])?;
+            ip.header_checksum = ip.calc_header_checksum();
+            [&forged[..14], &ip.to_bytes()[..], rest].concat()
+        },
+    ] {
+        let out = bed.from_pod(&error)?;
+        assert_eq!(
+            (out.verdict, out.frame),
+            (TC_ACT_REDIRECT, delivered_to(CLIENT, error))
+        );
+    }
+    assert_eq!(bed.counter(stat::ICMP_ERROR_REVERSE_NAT)?, 3);
+    Ok(())
+}
+
+/// A flow SNATed on the way (a pod balanced to itself, hairpin: SNATed to
+/// 169.254.42.1): the error its backend sends to the SNAT address goes back to the
+/// client, its quoted source and port restored too.
+#[test]
+fn an_icmp_error_of_a_snated_flow_goes_back_to_the_client_it_was_snated_from() -> Result<()> {
+    let mut bed = testbed()?;
+    let itself = Ipv4Addr::new(10, 96, 0, 20);
+    bed.add_service(sock(itself, 53), PROTO_UDP, 9, 90, &[sock(CLIENT, 5353)])?;
+    let query = frames::udp(sock(CLIENT, 5002), sock(itself, 53), b"me?");
+    let delivered = bed.from_pod(&query)?.frame;
+    assert_eq!(
+        *decode_checked(&delivered)?.source.ip(),
+        ferrite_common::HAIRPIN_IP
+    );
+    let out = bed.from_pod(&frames::icmp_unreachable_for(&delivered, 3, 0)?)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (
+            TC_ACT_REDIRECT,
+            delivered_to(CLIENT, frames::icmp_unreachable_for(&query, 3, 0)?)
+        )
+    );
+    Ok(())
+}
+
+/// A Service whose backend is a node address (a host-network endpoint, as the
+/// `kubernetes` Service's): the node's stack answers a closed port with ICMP, which
+/// it delivers to the pod through its veth, where `ferrite_to_pod` translates it back.
+#[test]
+fn an_icmp_error_of_a_host_network_backend_is_translated_on_its_way_to_the_pod() -> Result<()> {
+    let mut bed = node_testbed()?;
+    let api = Ipv4Addr::new(10, 96, 0, 21);
+    bed.add_service(sock(api, 53), PROTO_UDP, 9, 90, &[sock(NODE_IP, 9443)])?;
+    let query = frames::udp(sock(CLIENT, 5003), sock(api, 53), b"api?");
+    let out = bed.from_pod(&query)?;
+    // Into the stack, to the node's socket.
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let error = frames::icmp_unreachable_for(&out.frame, 3, 0)?;
+    let out = bed.run_program(program_names::TO_POD, &error, 1)?.0;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_OK, frames::icmp_unreachable_for(&query, 3, 0)?)
+    );
+    Ok(())
+}
+
+/// A router lets a packet expire when its TTL is 0 or 1; the datapath forwards
+/// without decrementing, so it drops what it would hand to a pod or send over the
+/// overlay with such a TTL (`drop_ttl_exceeded`): pod to pod, through a ClusterIP,
+/// established or new, to another node. What goes to the stack is left to it (it
+/// decrements TTL and answers "time exceeded").
+#[test]
+fn packets_the_datapath_forwards_with_ttl_one_or_zero_are_dropped() -> Result<()> {
+    let mut bed = node_testbed()?;
+    // An overlay device to send the other node's pod's packets to.
+    bed.update_config(|config| config.vxlan_ifindex = 1)?;
+    let pod = frames::udp(sock(CLIENT, 6000), sock(BACKENDS[1], 5353), b"ttl");
+    let service = frames::udp(sock(CLIENT, 6001), sock(VIP, 53), b"ttl");
+    let remote = frames::udp(
+        sock(CLIENT, 6002),
+        sock(Ipv4Addr::new(10, 244, 1, 9), 5353),
+        b"ttl",
+    );
+    let world = frames::udp(
+        sock(CLIENT, 6003),
+        sock(Ipv4Addr::new(192, 0, 2, 1), 53),
+        b"ttl",
+    );
+    // TTL 2 goes on (and is not decremented: a known limit).
+    for frame in [&pod, &service, &remote] {
+        let two = frames::with_ttl(frame, 2)?;
+        let out = bed.from_pod(&two)?;
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{two:02x?}");
+        assert_eq!(out.frame[22], 2);
+    }
+    let mut dropped = 0;
+    for ttl in [1, 0] {
+        for frame in [&pod, &service, &remote] {
+            let expiring = frames::with_ttl(frame, ttl)?;
+            let out = bed.from_pod(&expiring)?;
+            assert_eq!(out.verdict, TC_ACT_SHOT, "TTL {ttl}: {expiring:02x?}");
+            dropped += 1;
+        }
+        let expiring = frames::with_ttl(&world, ttl)?;
+        let out = bed.from_pod(&expiring)?;
+        assert_eq!((out.verdict, out.frame), (TC_ACT_OK, expiring));
+    }
+    // The direct pod-to-pod frame left untouched, the Service's translated.
+    let expiring = frames::with_ttl(&pod, 1)?;
+    assert_eq!(bed.from_pod(&expiring)?.frame, expiring);
+    dropped += 1;
+    assert_eq!(bed.counter(stat::DROP_TTL_EXCEEDED)?, dropped);
+    Ok(())
+}
+
+/// Conntrack knows when a TCP flow completed its handshake: both entries of a new
+/// flow are `CT_FLAG_UNESTABLISHED` until the client sends a segment with ACK (not
+/// SYN or RST) after the backend answered; the backend's SYN-ACK alone (which a
+/// spoofed SYN gets too), a client's ACK before any answer, and a client's RST
+/// complete nothing. What conntrack GC's SYN lifetime and the SNAT port takeover
+/// go by.
+#[test]
+fn a_tcp_flow_is_established_once_its_client_acknowledges_the_backends_answer() -> Result<()> {
+    let bed = testbed()?;
+    let client = sock(CLIENT, 40200);
+    let out = bed.from_pod(&frames::tcp_syn(client, sock(VIP, 80), b""))?;
+    let backend = sock(backend_of(&out.frame), 8080);
+    let flags = |from, to| -> Result<u16> {
+        Ok(bed
+            .conntrack(&ct_key(from, to, PROTO_TCP))?
+            .expect("entry")
+            .flags)
+    };
+    let both = || -> Result<[u16; 2]> {
+        Ok([
+            flags(client, sock(VIP, 80))?,
+            flags(backend, client)? & !ferrite_common::CT_FLAG_REPLY,
+        ])
+    };
+    let unestablished = [CT_FLAG_UNESTABLISHED; 2];
+    assert_eq!(both()?, unestablished);
+    bed.from_pod(&frames::tcp_ack(client, sock(VIP, 80), b""))?;
+    assert_eq!(both()?, unestablished, "an ACK before any answer");
+    bed.from_pod(&frames::tcp_syn_ack(backend, client))?;
+    assert_eq!(both()?, unestablished, "the backend's SYN-ACK");
+    bed.from_pod(&frames::tcp_ack(client, sock(VIP, 80), b""))?;
+    assert_eq!(both()?, [0, 0], "the client's ACK of it");
+
+    // A refused connection: the backend's RST, the client's: still half-open.
+    let refused = sock(CLIENT, 40201);
+    let out = bed.from_pod(&frames::tcp_syn(refused, sock(VIP, 80), b""))?;
+    let backend = sock(backend_of(&out.frame), 8080);
+    bed.from_pod(&frames::tcp_rst(backend, refused))?;
+    bed.from_pod(&frames::tcp_rst(refused, sock(VIP, 80)))?;
+    let entry = bed
+        .conntrack(&ct_key(refused, sock(VIP, 80), PROTO_TCP))?
+        .expect("entry");
+    assert_eq!(entry.flags, CT_FLAG_UNESTABLISHED | CT_FLAG_CLOSING);
+    // UDP flows have no handshake.
+    bed.from_pod(&frames::udp(sock(CLIENT, 5004), sock(VIP, 53), b"q"))?;
+    let entry = bed
+        .conntrack(&ct_key(sock(CLIENT, 5004), sock(VIP, 53), PROTO_UDP))?
+        .expect("entry");
+    assert_eq!(entry.flags, 0);
     Ok(())
 }
 

@@ -5,14 +5,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    config_flag, program_names, stat, svc_flag, MaglevTable, MAGLEV_TABLE_SIZE, PROTO_TCP,
-    PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    config_flag, explain::write, program_names, stat, svc_flag, CtKey, CtValue, MaglevTable,
+    CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED, MAGLEV_TABLE_SIZE,
+    PROTO_TCP, PROTO_UDP, ROUTE_REMOTE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use ferrite_tests::{
     frames::{self, decode_checked},
     testbed::{
         Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS,
     },
+    tunnel_shim::TunnelShim,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -470,5 +472,250 @@ fn maglev_entries_naming_no_current_backend_slot_fall_back_to_the_hash_slot() ->
             "every entry naming slot {stale_slot}"
         );
     }
+    Ok(())
+}
+
+/// The other node, where `REMOTE_BACKEND` lives.
+const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+
+fn tcp_key(from: SocketAddrV4, to: SocketAddrV4) -> CtKey {
+    CtKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port(),
+        dport: to.port(),
+        proto: PROTO_TCP,
+        _pad: 0,
+        _pad2: 0,
+    }
+}
+
+/// The reply key of the NodePort flow SNATed to this node's `port`, whose backend
+/// is `REMOTE_BACKEND`: the entry that claims the port.
+fn claim_key(port: u16) -> CtKey {
+    tcp_key(sock(REMOTE_BACKEND, 8080), sock(NODE_IP, port))
+}
+
+/// A TCP flow from `client` to REMOTE_NODE_PORT holding SNAT port `port`, its two
+/// entries as the datapath writes them, created at `created` (jiffies) and
+/// established or not (`CT_FLAG_UNESTABLISHED`); `forward`: with its forward entry.
+fn claim(
+    bed: &mut Testbed,
+    port: u16,
+    client: SocketAddrV4,
+    created: u64,
+    established: bool,
+    forward: bool,
+) -> Result<()> {
+    let handshake = if established {
+        0
+    } else {
+        CT_FLAG_UNESTABLISHED
+    };
+    let flags = CT_FLAG_EXTERNAL | CT_FLAG_SNAT | handshake;
+    let entry = CtValue {
+        backend_id: 3,
+        rev_nat_index: 2,
+        flags,
+        backend_address: REMOTE_BACKEND.octets(),
+        backend_port: 8080,
+        created_jiffies: created,
+        last_seen_jiffies: created,
+        ..CtValue::default()
+    };
+    let reply = CtValue {
+        flags: flags | CT_FLAG_REPLY,
+        nat_address: client.ip().octets(),
+        nat_port: client.port(),
+        ..entry
+    };
+    bed.insert_conntrack(claim_key(port), reply)?;
+    if forward {
+        let forward = CtValue {
+            nat_address: NODE_IP.octets(),
+            nat_port: port,
+            packets: 1,
+            ..entry
+        };
+        bed.insert_conntrack(tcp_key(client, REMOTE_NODE_PORT), forward)?;
+    }
+    Ok(())
+}
+
+/// The SNAT ports a new TCP flow from `client` to REMOTE_NODE_PORT tries, in the
+/// order it tries them (16), found from outside: each SYN takes the first free one;
+/// its forward entry is then removed and its reply entry left holding the port, so
+/// the next SYN takes the next. Conntrack is left empty.
+fn snat_ports_tried(bed: &mut Testbed, client: SocketAddrV4) -> Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    for _ in 0..16 {
+        let out = bed.from_world(&frames::tcp_syn(client, REMOTE_NODE_PORT, b""))?;
+        assert_eq!(out.verdict, XDP_PASS);
+        ports.push(decode_checked(&out.frame)?.source.port());
+        bed.remove_conntrack(&[tcp_key(client, REMOTE_NODE_PORT)])?;
+    }
+    let held: Vec<_> = ports.iter().map(|port| claim_key(*port)).collect();
+    bed.remove_conntrack(&held)?;
+    assert_eq!(bed.conntrack_keys()?, []);
+    Ok(ports)
+}
+
+/// A new NodePort flow to a remote backend whose every SNAT port (61000-65535) is
+/// claimed: of the 16 ports it tries, it takes over the one held longest by a flow
+/// whose client never completed its handshake (a spoofed SYN's), removing that
+/// flow's entries, never an established flow's (even an older one); an explain run
+/// names the port and writes nothing. With all 16 held by established flows it is
+/// dropped (`drop_no_snat_port`), as before. Fails without the takeover: the first
+/// SYN is dropped.
+#[test]
+fn a_new_flow_finding_every_snat_port_taken_takes_over_the_oldest_half_open_claim() -> Result<()> {
+    let mut bed = testbed()?;
+    let client = sock(*CLIENT.ip(), 45000);
+    let tried = snat_ports_tried(&mut bed, client)?;
+    let mut distinct = tried.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 16, "{tried:?}");
+    // Every other port of the range: established flows, older than any below.
+    for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
+        if !tried.contains(&port) {
+            let holder = sock(Ipv4Addr::new(192, 0, 2, 9), port);
+            claim(&mut bed, port, holder, 1, true, false)?;
+        }
+    }
+    // The tried ports: half-open flows of spoofed clients, created at scattered
+    // times, and one established flow older than all of them.
+    let spoofed = |i: usize| sock(Ipv4Addr::new(198, 18, 0, i as u8), 40000 + i as u16);
+    let created = |i: usize| 1_000 + ((i * 7) % 16) as u64 * 10;
+    let established = 3;
+    for (i, port) in tried.iter().enumerate() {
+        let (when, done) = if i == established {
+            (100, true)
+        } else {
+            (created(i), false)
+        };
+        claim(&mut bed, *port, spoofed(i), when, done, true)?;
+    }
+    let oldest = (0..16)
+        .filter(|i| *i != established)
+        .min_by_key(|i| created(*i))
+        .unwrap();
+    let port = tried[oldest];
+    let syn = frames::tcp_syn(client, REMOTE_NODE_PORT, b"");
+
+    let before = bed.map_dumps()?;
+    let explained = bed.explainer()?.from_world(&syn, 7)?;
+    assert_eq!(bed.map_dumps()?, before, "the explain run wrote nothing");
+    assert_eq!(explained.trace.snat_port, port);
+    assert!(explained.trace.skipped & write::SNAT_RECLAIM != 0);
+
+    let out = bed.from_world(&syn)?;
+    assert_eq!(out.verdict, XDP_PASS);
+    assert_eq!(
+        out.frame,
+        frames::tcp_syn(sock(NODE_IP, port), sock(REMOTE_BACKEND, 8080), b"")
+    );
+    // The half-open flow is gone, the port is the new flow's.
+    assert_eq!(
+        bed.conntrack(&tcp_key(spoofed(oldest), REMOTE_NODE_PORT))?,
+        None
+    );
+    let reply = bed.conntrack(&claim_key(port))?.expect("the port's claim");
+    assert_eq!(
+        (reply.nat_address, reply.nat_port, reply.flags),
+        (
+            CLIENT.ip().octets(),
+            client.port(),
+            CT_FLAG_EXTERNAL | CT_FLAG_SNAT | CT_FLAG_REPLY | CT_FLAG_UNESTABLISHED
+        )
+    );
+    // Every other claim as it was.
+    for (i, other) in tried.iter().enumerate().filter(|(i, _)| *i != oldest) {
+        let held = bed.conntrack(&claim_key(*other))?.expect("a claim");
+        assert_eq!(
+            (held.nat_address, held.nat_port),
+            (spoofed(i).ip().octets(), spoofed(i).port())
+        );
+        assert!(bed
+            .conntrack(&tcp_key(spoofed(i), REMOTE_NODE_PORT))?
+            .is_some());
+    }
+    assert_eq!(bed.counter(stat::SNAT_PORT_RECLAIMED)?, 1);
+    assert_eq!(bed.counter(stat::DROP_NO_SNAT_PORT)?, 0);
+
+    // Every port it tries held by an established flow: no port, dropped.
+    bed.remove_conntrack(&[tcp_key(client, REMOTE_NODE_PORT)])?;
+    for (i, port) in tried.iter().enumerate() {
+        claim(&mut bed, *port, spoofed(i), created(i), true, true)?;
+    }
+    let out = bed.from_world(&syn)?;
+    assert_eq!(out.verdict, XDP_DROP);
+    assert_eq!(bed.counter(stat::DROP_NO_SNAT_PORT)?, 1);
+    assert_eq!(bed.counter(stat::SNAT_PORT_RECLAIMED)?, 1);
+    Ok(())
+}
+
+/// A SYN flood from spoofed sources at a NodePort whose backend is on another node
+/// claims a SNAT port per SYN and runs through the whole range: every SYN still gets
+/// a port (the flood's own oldest half-open claims are taken over), a real client
+/// gets one, and once it completed its handshake (the backend's SYN-ACK over the
+/// overlay, its ACK) the rest of the flood never takes its port. Fails without the
+/// takeover: the flood's later SYNs and real clients are dropped (`drop_no_snat_port`).
+#[test]
+fn a_syn_flood_from_spoofed_sources_cannot_hold_the_snat_ports_against_real_clients() -> Result<()>
+{
+    let mut bed = testbed()?;
+    bed.add_route(Ipv4Addr::new(10, 244, 1, 0), 24, REMOTE_NODE, ROUTE_REMOTE)?;
+    let overlay = TunnelShim::new(
+        &[bed.program_fd(program_names::FROM_OVERLAY)?],
+        0,
+        REMOTE_NODE,
+    )?;
+    // Random sources in 198.18.0.0/15 and ports, as a flood spoofs them.
+    let mut rng = fastrand::Rng::with_seed(0x5f100d);
+    let mut flood = |bed: &Testbed, from: u32, to: u32| -> Result<()> {
+        for i in from..to {
+            let source = Ipv4Addr::from(0xc612_0000 | rng.u32(..0x2_0000));
+            let syn = frames::tcp_syn(sock(source, rng.u16(1024..)), REMOTE_NODE_PORT, b"");
+            assert_eq!(bed.from_world(&syn)?.verdict, XDP_PASS, "flood SYN {i}");
+        }
+        Ok(())
+    };
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    flood(&bed, 0, 2 * range)?;
+    assert_eq!(bed.counter(stat::DROP_NO_SNAT_PORT)?, 0);
+    assert!(
+        bed.counter(stat::SNAT_PORT_RECLAIMED)? > 0,
+        "the flood filled the range"
+    );
+
+    // A real client: SYN, the backend's SYN-ACK (over the overlay), its ACK.
+    let real = sock(*CLIENT.ip(), 45001);
+    let out = bed.from_world(&frames::tcp_syn(real, REMOTE_NODE_PORT, b""))?;
+    assert_eq!(out.verdict, XDP_PASS);
+    let port = decode_checked(&out.frame)?.source.port();
+    let answer = frames::tcp_syn_ack(sock(REMOTE_BACKEND, 8080), sock(NODE_IP, port));
+    overlay.run(0, &answer, 1)?;
+    bed.from_world(&frames::tcp_ack(real, REMOTE_NODE_PORT, b""))?;
+    let reply = bed.conntrack(&claim_key(port))?.expect("the port's claim");
+    assert_eq!(reply.flags & CT_FLAG_UNESTABLISHED, 0, "established");
+
+    // The flood goes on, through the range twice more: the client keeps its port.
+    flood(&bed, 2 * range, 4 * range)?;
+    let reply = bed.conntrack(&claim_key(port))?.expect("the port's claim");
+    assert_eq!(
+        (reply.nat_address, reply.nat_port),
+        (real.ip().octets(), real.port())
+    );
+    let data = bed.from_world(&frames::tcp_ack(real, REMOTE_NODE_PORT, b"GET /"))?;
+    assert_eq!(
+        data.frame,
+        frames::tcp_ack(sock(NODE_IP, port), sock(REMOTE_BACKEND, 8080), b"GET /")
+    );
+    // And another real client still gets in.
+    let late = sock(*CLIENT.ip(), 45002);
+    let out = bed.from_world(&frames::tcp_syn(late, REMOTE_NODE_PORT, b""))?;
+    assert_eq!(out.verdict, XDP_PASS);
+    assert_eq!(bed.counter(stat::DROP_NO_SNAT_PORT)?, 0);
     Ok(())
 }

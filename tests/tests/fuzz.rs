@@ -5,7 +5,8 @@
 //! tests), the other programs here (see `datapath-ebpf/src/headers.rs`,
 //! `external.rs`, `from_host.rs` and `to_pod.rs` for the rules). Truncated
 //! headers, bad IHL, IP options, fragments, wrong checksums, zero-length L4, other
-//! protocols and EtherTypes, VXLAN datagrams, DF packets over the pod MTU. Also
+//! protocols and EtherTypes, VXLAN datagrams, DF packets over the pod MTU, TTLs a
+//! router lets expire. Also
 //! checks that what is passed or dropped leaves unchanged, and that no fragment is
 //! ever Service-translated.
 //! Needs root.
@@ -103,10 +104,12 @@ fn is_external_frontend(h: &Parsed) -> bool {
 
 /// `ferrite_from_uplink` (tcx on the uplink, after XDP): DF packets too big for pods
 /// to an external frontend are answered with ICMP; frames now addressed to a pod are
-/// delivered; everything else passes untouched and uncounted.
+/// delivered (dropped with a TTL a router lets expire); everything else passes
+/// untouched and uncounted.
 fn model_from_uplink(model: &NodeModel, frame: &[u8], fragments: &mut Fragments) -> Expected {
     match parse(frame, fragments) {
         Ok(h) if is_external_frontend(&h) && h.too_big_with_df(POD_MTU) => Expected::FragNeeded,
+        Ok(h) if model.is_pod(h.daddr) && h.ttl_expires => Expected::Drop(stat::DROP_TTL_EXCEEDED),
         Ok(h) if model.is_pod(h.daddr) => Expected::Deliver { translated: false },
         _ => Expected::Pass(None),
     }
@@ -201,7 +204,7 @@ fn mutate(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     }
     let mut frame = seeds[rng.usize(..seeds.len())].clone();
     for _ in 0..rng.usize(0..4) {
-        match rng.u8(..10) {
+        match rng.u8(..11) {
             // Truncated anywhere after the Ethernet header.
             0 => frame.truncate(rng.usize(14..=frame.len())),
             // IHL: too small, options (with option bytes inserted), or beyond the frame.
@@ -250,6 +253,8 @@ fn mutate(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             // Version.
             7 if frame.len() > 14 => frame[14] = (rng.u8(..16) << 4) | (frame[14] & 0x0f),
+            // TTL: one a router lets expire (0, 1), the next, or anything.
+            10 if frame.len() > 22 => frame[22] = [0, 1, 2, rng.u8(..)][rng.usize(..4)],
             // Random bytes past the addresses (ports, flags, payload), or appended.
             8 => {
                 if rng.bool() && frame.len() > 34 {
@@ -419,6 +424,8 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     let mut uplink_fragments = Fragments::new();
     let mut ran = FROM_POD_FRAMES - refused + FROM_WORLD_FRAMES;
     let mut frag_needed = 0;
+    let ttl_drops_before = bed.counter(stat::DROP_TTL_EXCEEDED)?;
+    let mut uplink_ttl_drops = 0;
     for i in 0..FROM_UPLINK_FRAMES {
         let frame = mutate(&mut rng, &seeds);
         let Ok((out, _)) = bed.run_program(program_names::FROM_UPLINK, &frame, 1) else {
@@ -436,6 +443,10 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
                 frag_needed += 1;
                 out.verdict == TC_ACT_REDIRECT && is_unreachable_for(&out.frame, &frame, 4, POD_MTU)
             }
+            Expected::Drop(_) => {
+                uplink_ttl_drops += 1;
+                out.verdict == TC_ACT_SHOT && out.frame == frame
+            }
             _ => out.verdict == TC_ACT_REDIRECT && out.frame[12..] == frame[12..],
         };
         if !ok && mismatches.len() < 30 {
@@ -447,6 +458,9 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
     }
     if bed.counter(stat::ICMP_FRAG_NEEDED)? != frag_needed {
         mismatches.push("from_uplink icmp_frag_needed count differs".into());
+    }
+    if bed.counter(stat::DROP_TTL_EXCEEDED)? - ttl_drops_before != uplink_ttl_drops {
+        mismatches.push("from_uplink drop_ttl_exceeded count differs".into());
     }
     // The overlay program only ever sees what the kernel's VXLAN device decapsulated,
     // with tunnel metadata; a frame without it (every test run) is dropped as
@@ -557,9 +571,11 @@ fn a_million_random_and_mutated_frames_get_the_documented_verdicts() -> Result<(
         "from_pod Pass(Some(10))",
         "from_pod Deliver { translated: true }",
         "from_pod Deliver { translated: true } tracked fragment",
+        "from_pod Drop(35)",
         "from_world Translated",
         "from_world Drop(20)",
         "from_uplink FragNeeded",
+        "from_uplink Drop(35)",
         "from_host Rejected",
         "from_host Deliver { translated: true }",
         "from_host Drop(8)",

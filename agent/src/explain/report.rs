@@ -6,7 +6,7 @@ use anyhow::Result;
 use ferrite_common::{
     explain::{choice, step, verdict, write},
     stat, svc_flag, CtKey, ExplainTrace, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, CT_FLAG_VIA_STACK, PROTO_TCP,
+    CT_FLAG_SNAT, CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, PROTO_TCP,
 };
 use serde::Serialize;
 
@@ -130,7 +130,7 @@ fn counted(trace: &ExplainTrace) -> Vec<&'static str> {
         .collect()
 }
 
-const WRITE_NAMES: [(u32, &str); 9] = [
+const WRITE_NAMES: [(u32, &str); 10] = [
     (write::CT_ACCOUNTING, "conntrack accounting"),
     (write::CT_CACHE, "conntrack route/source cache"),
     (write::CT_CREATE, "new conntrack entries"),
@@ -140,6 +140,10 @@ const WRITE_NAMES: [(u32, &str); 9] = [
     (write::LB_STATS, "Service/backend counter"),
     (write::DROP_LOG, "drop log line and monitor event"),
     (write::MONITOR_EVENT, "monitor event"),
+    (
+        write::SNAT_RECLAIM,
+        "takeover of a half-open flow's SNAT port",
+    ),
 ];
 
 fn writes_skipped(trace: &ExplainTrace) -> Vec<&'static str> {
@@ -230,6 +234,7 @@ fn conntrack(trace: &ExplainTrace) -> Option<String> {
             (CT_FLAG_EXTERNAL, "external"),
             (CT_FLAG_SNAT, "SNATed"),
             (CT_FLAG_CLOSING, "closing"),
+            (CT_FLAG_UNESTABLISHED, "handshake not completed"),
         ] {
             if flags & bit != 0 {
                 write!(text, ", {name}").expect("writing to a String");

@@ -27,5 +27,6 @@ pub use image::{
     rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, RouteKey, SourceRange,
 };
 pub use node_state::{FullPlan, NodeState, ServicesPlan};
+pub use policy::rules_of;
 pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
 pub use update::{service_update, Written};

@@ -154,9 +154,18 @@ impl Node {
 
     /// Create a pod and wire it as the CNI plugin would. Returns its index.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
-        let namespace = "default".to_string();
+        self.add_pod_in("default", name, ip)
+    }
+
+    /// [`Node::add_pod`] in the Kubernetes namespace `namespace`.
+    pub fn add_pod_in(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> Result<usize> {
+        let namespace = namespace.to_string();
         let host_interface = pod_interface_name(&namespace, name);
-        let netns = Netns::new(&format!("{}-{name}", self.name))?;
+        let netns = if namespace == "default" {
+            Netns::new(&format!("{}-{name}", self.name))?
+        } else {
+            Netns::new(&format!("{}-{namespace}-{name}", self.name))?
+        };
         let interface = PodInterface {
             netns: netns.path(),
             name: "eth0".into(),

@@ -1,0 +1,524 @@
+//! NetworkPolicy as the Kubernetes network-policy e2e tests it: three namespaces x,
+//! y, z with pods a, b, c each, spread over two nodes, every pod serving TCP and UDP
+//! on ports 80 and 81. After each change of policies (or labels), every (client,
+//! server, port, protocol) is probed and the whole reachability matrix compared with
+//! the one the policies mean. Needs root.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use ferrite_agent::plan::RouteKey;
+use ferrite_tests::lab::{node_yaml, pod_ip, Cluster, Pod, Server};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+const PORTS: [u16; 2] = [80, 81];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A pod of the matrix: `x/a`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PodRef {
+    namespace: &'static str,
+    name: &'static str,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn all_pods() -> Vec<PodRef> {
+    NAMESPACES
+        .iter()
+        .flat_map(|namespace| PODS.iter().map(|name| PodRef { namespace, name }))
+        .collect()
+}
+
+type Key = (PodRef, PodRef, u16, Proto);
+
+/// The lab: the cluster, the pods' addresses and their servers.
+struct Matrix {
+    cluster: Cluster,
+    ips: BTreeMap<PodRef, Ipv4Addr>,
+    labels: BTreeMap<PodRef, String>,
+    namespace_labels: BTreeMap<&'static str, String>,
+    _servers: Vec<Server>,
+    /// Each change gets a marker ipBlock the agents must have written (its sync
+    /// moves the route epoch, their last write).
+    changes: u8,
+}
+
+impl Matrix {
+    fn new() -> Result<Self> {
+        let mut cluster = Cluster::new(2)?;
+        let mut ips = BTreeMap::new();
+        for (index, pod) in all_pods().into_iter().enumerate() {
+            let node = index % 2;
+            let ip = pod_ip(node, index / 2);
+            cluster.nodes[node].add_pod_in(pod.namespace, pod.name, ip)?;
+            ips.insert(pod, ip);
+        }
+        let mut servers = Vec::new();
+        for node in &cluster.nodes {
+            for pod in &node.pods {
+                for port in PORTS {
+                    let name = format!("{}/{}", pod.namespace, pod.name);
+                    let address = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+                    servers.push(Server::start(&pod.netns, &name, address)?);
+                }
+            }
+        }
+        let labels = all_pods()
+            .into_iter()
+            .map(|p| (p.clone(), format!("pod: {}", p.name)))
+            .collect();
+        let namespace_labels = NAMESPACES
+            .iter()
+            .map(|n| (*n, format!("ns: {n}")))
+            .collect();
+        let mut matrix = Self {
+            cluster,
+            ips,
+            labels,
+            namespace_labels,
+            _servers: servers,
+            changes: 0,
+        };
+        matrix.cluster.write_config(&matrix.objects(""))?;
+        matrix.cluster.start_agents()?;
+        for node in &matrix.cluster.nodes {
+            node.wait_for_maps("every pod's endpoint", |c| c.endpoints.len() >= 4)?;
+        }
+        Ok(matrix)
+    }
+
+    fn pod(&self, pod: &PodRef) -> &Pod {
+        self.cluster.nodes[self.node_of(pod)]
+            .pods
+            .iter()
+            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+            .expect("a lab pod")
+    }
+
+    fn ip(&self, pod: &PodRef) -> Ipv4Addr {
+        self.ips[pod]
+    }
+
+    fn node_of(&self, pod: &PodRef) -> usize {
+        all_pods().iter().position(|p| p == pod).expect("a pod") % 2
+    }
+
+    /// Every object: nodes, namespaces, pods (named ports serve-<port>-<tcp|udp>), a
+    /// Service VIP:80 -> x/a:80, and `policies`.
+    fn objects(&self, policies: &str) -> String {
+        let mut docs = Vec::new();
+        for (index, node) in self.cluster.nodes.iter().enumerate() {
+            let cidr = format!("10.244.{index}.0/24");
+            docs.push(node_yaml(&node.name, node.ip.expect("plugged"), &cidr));
+        }
+        for (namespace, labels) in &self.namespace_labels {
+            docs.push(format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}, labels: {{{labels}}}}}\n"
+            ));
+        }
+        for pod in all_pods() {
+            let node = &self.cluster.nodes[self.node_of(&pod)].name;
+            let ports: Vec<String> = PORTS
+                .iter()
+                .flat_map(|port| {
+                    ["TCP", "UDP"].map(|proto| {
+                        format!(
+                            "{{name: serve-{port}-{}, containerPort: {port}, protocol: {proto}}}",
+                            proto.to_lowercase()
+                        )
+                    })
+                })
+                .collect();
+            docs.push(format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\n\
+                 spec: {{nodeName: {node}, containers: [{{name: app, image: none, ports: [{}]}}]}}\n\
+                 status: {{phase: Running, podIP: {}}}\n",
+                pod.name,
+                pod.namespace,
+                self.labels[&pod],
+                ports.join(", "),
+                self.ip(&pod)
+            ));
+        }
+        let xa = self.ip(&PodRef {
+            namespace: "x",
+            name: "a",
+        });
+        docs.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: x}}\n\
+             spec: {{type: ClusterIP, clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP}}]}}\n"
+        ));
+        docs.push(format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: x, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [\"{xa}\"], conditions: {{ready: true}}}}]\n"
+        ));
+        if !policies.is_empty() {
+            docs.push(policies.to_string());
+        }
+        docs.join("---\n")
+    }
+
+    /// Write `policies` (YAML documents) and wait until every agent synced them.
+    fn apply(&mut self, policies: &str) -> Result<()> {
+        self.changes += 1;
+        let marker = Ipv4Addr::new(192, 0, 2, self.changes);
+        let marker_policy = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: marker, namespace: z}}\n\
+             spec: {{podSelector: {{matchLabels: {{nothing: selected}}}}, egress: [{{to: [{{ipBlock: {{cidr: {marker}/32}}}}]}}]}}\n"
+        );
+        let all = if policies.is_empty() {
+            marker_policy
+        } else {
+            format!("{policies}---\n{marker_policy}")
+        };
+        let epochs: Vec<u32> = self
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| Ok(n.maps()?.contents()?.config.route_epoch))
+            .collect::<Result<_>>()?;
+        self.cluster.write_config(&self.objects(&all))?;
+        let key = RouteKey {
+            prefix_len: 32,
+            network: marker.octets(),
+        };
+        for (node, before) in self.cluster.nodes.iter().zip(epochs) {
+            node.wait_for_maps("the policies synced", |c| {
+                c.ipcache.contains_key(&key) && c.config.route_epoch != before
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Probe every (client, server, port, protocol) at once.
+    fn probe(&self) -> Result<BTreeMap<Key, bool>> {
+        let mut keys = Vec::new();
+        for client in all_pods() {
+            for server in all_pods() {
+                for port in PORTS {
+                    for proto in [Proto::Tcp, Proto::Udp] {
+                        keys.push((client.clone(), server.clone(), port, proto));
+                    }
+                }
+            }
+        }
+        let results: Vec<Result<bool>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = keys
+                .iter()
+                .map(|(client, server, port, proto)| {
+                    let netns = &self.pod(client).netns;
+                    let to = SocketAddrV4::new(self.ip(server), *port);
+                    let expected = server.to_string();
+                    let proto = *proto;
+                    scope.spawn(move || {
+                        netns
+                            .run(move || reaches(to, proto, &expected))
+                            .and_then(|r| r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| bail!("probe panicked")))
+                .collect()
+        });
+        keys.into_iter()
+            .zip(results)
+            .map(|(key, result)| Ok((key, result?)))
+            .collect()
+    }
+
+    /// Probe and compare with `expected(client, server, port, proto)`; on a
+    /// difference, fail with every differing cell.
+    fn expect(
+        &self,
+        case: &str,
+        expected: impl Fn(&PodRef, &PodRef, u16, Proto) -> bool,
+    ) -> Result<()> {
+        let seen = self.probe()?;
+        let mut wrong = String::new();
+        for ((client, server, port, proto), reached) in &seen {
+            // A pod reaching its own address never leaves it (the upstream suite's
+            // loopback rule).
+            let want = client == server || expected(client, server, *port, *proto);
+            if *reached != want {
+                let _ = writeln!(
+                    wrong,
+                    "  {client} -> {server}:{port}/{proto:?}: {} (expected {})",
+                    if *reached { "reached" } else { "blocked" },
+                    if want { "reached" } else { "blocked" }
+                );
+            }
+        }
+        if !wrong.is_empty() {
+            for node in &self.cluster.nodes {
+                if let Some(agent) = &node.agent {
+                    eprintln!("agent {} log:\n{}", node.name, agent.log_text());
+                }
+            }
+            bail!("{case}: the reachability matrix differs:\n{wrong}");
+        }
+        eprintln!("{case}: {} probes as expected", seen.len());
+        Ok(())
+    }
+}
+
+/// Whether `to` answers as the pod `expected` over `proto`, from this thread's
+/// network namespace.
+fn reaches(to: SocketAddrV4, proto: Proto, expected: &str) -> Result<bool> {
+    let timeout = Duration::from_millis(1500);
+    let answer = match proto {
+        Proto::Tcp => {
+            let Ok(mut stream) = TcpStream::connect_timeout(&to.into(), timeout) else {
+                return Ok(false);
+            };
+            stream.set_read_timeout(Some(timeout))?;
+            stream.write_all(b"probe\n")?;
+            let mut line = String::new();
+            if BufReader::new(stream).read_line(&mut line).is_err() {
+                return Ok(false);
+            }
+            line
+        }
+        Proto::Udp => {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(timeout / 2))?;
+            let mut buf = [0u8; 512];
+            let mut answer = None;
+            for _ in 0..2 {
+                socket.send_to(b"probe", to)?;
+                if let Ok(n) = socket.recv(&mut buf) {
+                    answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    break;
+                }
+            }
+            let Some(answer) = answer else {
+                return Ok(false);
+            };
+            answer
+        }
+    };
+    // `<namespace>/<pod>|<client>|probe`.
+    Ok(answer.starts_with(&format!("{expected}|")))
+}
+
+fn policy(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
+fn is(pod: &PodRef, name: &str) -> bool {
+    pod.to_string() == name
+}
+
+#[test]
+fn the_reachability_matrix_follows_every_policy_change() -> Result<()> {
+    use Proto::{Tcp, Udp};
+    let mut m = Matrix::new()?;
+    m.apply("")?;
+    m.expect("no policy", |_, _, _, _| true)?;
+
+    m.apply(&policy(
+        "x",
+        "deny-ingress",
+        "{podSelector: {}, policyTypes: [Ingress]}",
+    ))?;
+    m.expect("default-deny ingress in x", |_, s, _, _| s.namespace != "x")?;
+
+    m.apply(&policy(
+        "x",
+        "deny-egress",
+        "{podSelector: {}, policyTypes: [Egress]}",
+    ))?;
+    m.expect("default-deny egress in x", |c, _, _, _| c.namespace != "x")?;
+
+    m.apply(&policy(
+        "x",
+        "deny-all",
+        "{podSelector: {}, policyTypes: [Ingress, Egress]}",
+    ))?;
+    m.expect("deny all in x", |c, s, _, _| {
+        c.namespace != "x" && s.namespace != "x"
+    })?;
+
+    let from_y_on_tcp_80 = policy(
+        "x",
+        "a-from-y",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: \
+         {matchExpressions: [{key: ns, operator: In, values: [y]}]}}], ports: [{port: 80, protocol: TCP}]}]}",
+    );
+    m.apply(&from_y_on_tcp_80)?;
+    m.expect("x/a from namespace y on TCP 80", |c, s, p, pr| {
+        !is(s, "x/a") || (c.namespace == "y" && p == 80 && pr == Tcp)
+    })?;
+
+    // Through the Service in front of x/a: the policy sees the client and port 80,
+    // on the per-packet path (this process) and at the socket (a pod's process).
+    let vip = SocketAddrV4::new(VIP, 80);
+    for (client, allowed) in [("y/c", true), ("z/c", false), ("x/b", false)] {
+        let client = all_pods().into_iter().find(|p| is(p, client)).unwrap();
+        let pod = m.pod(&client);
+        let per_packet = pod.netns.run(|| reaches(vip, Tcp, "x/a"))??;
+        let socket = pod.probe().tcp(vip, "probe")?;
+        let at_socket = socket
+            .reply
+            .as_deref()
+            .is_some_and(|r| r.starts_with("x/a|"));
+        assert_eq!(
+            (per_packet, at_socket),
+            (allowed, allowed),
+            "{client} -> the Service of x/a (per packet, at the socket): {socket:?}"
+        );
+    }
+
+    let one_peer = policy(
+        "x",
+        "a-from-y-b",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: \
+         {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+    );
+    m.apply(&one_peer)?;
+    m.expect("x/a from pods b of namespace y (one peer)", |c, s, _, _| {
+        !is(s, "x/a") || is(c, "y/b")
+    })?;
+    let two_peers = policy(
+        "x",
+        "a-from-y-or-b",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: \
+         {matchLabels: {ns: y}}}, {podSelector: {matchLabels: {pod: b}}}]}]}",
+    );
+    m.apply(&two_peers)?;
+    m.expect(
+        "x/a from namespace y or pods b of x (two peers)",
+        |c, s, _, _| !is(s, "x/a") || c.namespace == "y" || is(c, "x/b"),
+    )?;
+
+    // Labels change under a policy: a pod's, then a namespace's.
+    let y_b = all_pods().into_iter().find(|p| is(p, "y/b")).unwrap();
+    m.labels.insert(y_b.clone(), "pod: b2".into());
+    m.apply(&one_peer)?;
+    m.expect(
+        "y/b relabelled: the one-peer policy selects no client",
+        |_, s, _, _| !is(s, "x/a"),
+    )?;
+    m.labels.insert(y_b, "pod: b".into());
+    m.namespace_labels.insert("y", "ns: y2".into());
+    m.apply(&two_peers)?;
+    m.expect(
+        "namespace y relabelled: only x/b of the two peers",
+        |c, s, _, _| !is(s, "x/a") || is(c, "x/b"),
+    )?;
+    m.namespace_labels.insert("y", "ns: y".into());
+
+    m.apply(&policy(
+        "x",
+        "a-named-port",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: serve-81-udp, protocol: UDP}]}]}",
+    ))?;
+    m.expect("x/a on its named port serve-81-udp", |_, s, p, pr| {
+        !is(s, "x/a") || (p == 81 && pr == Udp)
+    })?;
+
+    m.apply(&policy(
+        "x",
+        "a-port-range",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 80, endPort: 81, protocol: TCP}]}]}",
+    ))?;
+    m.expect("x/a on TCP 80-81 (endPort)", |_, s, _, pr| {
+        !is(s, "x/a") || pr == Tcp
+    })?;
+
+    let y_b_ip = m.ip(&all_pods().into_iter().find(|p| is(p, "y/b")).unwrap());
+    m.apply(&policy(
+        "x",
+        "a-to-block",
+        &format!(
+            "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: \
+             [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{y_b_ip}/32]}}}}]}}]}}"
+        ),
+    ))?;
+    m.expect(
+        "x/a egress to the pod network except y/b (ipBlock)",
+        |c, s, _, _| !is(c, "x/a") || !is(s, "y/b"),
+    )?;
+
+    m.apply(&format!(
+        "{}---\n{}",
+        policy(
+            "x",
+            "a-no-egress",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress]}"
+        ),
+        policy(
+            "y",
+            "b-from-all",
+            "{podSelector: {matchLabels: {pod: b}}, ingress: [{}]}"
+        )
+    ))?;
+    m.expect(
+        "egress denied at x/a though y/b allows everyone",
+        |c, _, _, _| !is(c, "x/a"),
+    )?;
+
+    m.apply(&format!(
+        "{}---\n{}",
+        policy(
+            "x",
+            "a-from-y-80",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: \
+             {matchLabels: {ns: y}}}], ports: [{port: 80}]}]}"
+        ),
+        policy(
+            "x",
+            "a-from-z-81-udp",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: \
+             {matchLabels: {ns: z}}}], ports: [{port: 81, protocol: UDP}]}]}"
+        )
+    ))?;
+    m.expect("two policies on x/a add up", |c, s, p, pr| {
+        !is(s, "x/a")
+            || (c.namespace == "y" && p == 80 && pr == Tcp)
+            || (c.namespace == "z" && p == 81 && pr == Udp)
+    })?;
+
+    // The node's own processes reach its pods whatever the policy (kubelet probes);
+    // another node's are outside every peer.
+    m.apply(&policy(
+        "x",
+        "deny-ingress",
+        "{podSelector: {}, policyTypes: [Ingress]}",
+    ))?;
+    let x_a = all_pods().into_iter().find(|p| is(p, "x/a")).unwrap();
+    let to = SocketAddrV4::new(m.ip(&x_a), 80);
+    let own = m.cluster.nodes[m.node_of(&x_a)]
+        .host_probe()
+        .tcp(to, "probe")?;
+    assert!(own.answer()?.starts_with("x/a|"), "{own:?}");
+    let other = m.cluster.nodes[1 - m.node_of(&x_a)]
+        .host_probe()
+        .tcp(to, "probe")?;
+    assert!(other.reply.is_none(), "another node reached x/a: {other:?}");
+
+    m.apply("")?;
+    m.expect("every policy deleted", |_, _, _, _| true)?;
+    Ok(())
+}
