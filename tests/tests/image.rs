@@ -571,9 +571,16 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
     }
     let (client_ip, client_netns) = pod_sandbox(&mut nodes[0], "client")?;
     pod_objects.push(pod_object("client", &cluster.nodes[0].name, client_ip));
-    // The client's process in the node's cgroup subtree, as the pod's would be.
+    // The client's process in the node's cgroup subtree, as the pod's would be
+    // (socket-level load balancing), and one outside it in the same sandbox, whose
+    // flows take the per-packet path (NAT and conntrack in the pinned maps).
     let client = Probe {
         cgroup: Some(cluster.nodes[0].cgroup.path.clone()),
+        netns: client_netns.clone(),
+        udp_port: 0,
+    };
+    let per_packet_client = Probe {
+        cgroup: None,
         netns: client_netns,
         udp_port: 0,
     };
@@ -600,7 +607,12 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
     // deleted (SIGTERM) and its successor started, install-cni first.
     let mut held: Vec<(HeldConnection, String)> = Vec::new();
     for i in 0..8 {
-        let mut connection = client.hold(frontend)?;
+        let holder = if i % 2 == 0 {
+            &client
+        } else {
+            &per_packet_client
+        };
+        let mut connection = holder.hold(frontend)?;
         let request = format!("held {i}");
         let server = answered_by(connection.send(&request)?.answer()?, &request)?;
         held.push((connection, server));
@@ -651,8 +663,10 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
     }
     check_held(&mut held, "with the DaemonSet gone")?;
     for i in 0..4 {
-        let request = format!("no agent {i}");
-        answered_by(client.tcp(frontend, &request)?.answer()?, &request)?;
+        for prober in [&client, &per_packet_client] {
+            let request = format!("no agent {i}");
+            answered_by(prober.tcp(frontend, &request)?.answer()?, &request)?;
+        }
     }
     drop(held);
     drop(servers);
