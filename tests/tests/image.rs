@@ -33,8 +33,8 @@ use k8s_cri::v1::{
     PodSandboxConfig, PodSandboxMetadata,
 };
 
-/// The image's archive: $FERRITE_IMAGE (set by `cargo xtask test`), else where
-/// `cargo xtask image` writes it.
+/// The image's archive: $FERRITE_IMAGE (`cargo xtask test` sets it to the image of
+/// its debug build), else where `cargo xtask image` writes the release image.
 fn image_archive() -> Result<PathBuf> {
     let path = std::env::var_os("FERRITE_IMAGE")
         .map(PathBuf::from)
@@ -46,7 +46,8 @@ fn image_archive() -> Result<PathBuf> {
         });
     ensure!(
         path.exists(),
-        "no image at {}: build it with `cargo xtask image` (`cargo xtask test` does)",
+        "no image at {}: build it with `cargo xtask image` (`--debug`: what `cargo xtask \
+         test` builds and sets $FERRITE_IMAGE to)",
         path.display()
     );
     Ok(path)

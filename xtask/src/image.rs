@@ -23,21 +23,47 @@ pub const REPOSITORY: &str = "ghcr.io/ferrite-net/ferrite";
 /// $PATH in the image (Debian's, as the Dockerfile's base has it).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-pub fn command() -> Result<()> {
+pub fn command(debug: bool) -> Result<()> {
     check("image", Need::Run);
     require_root("cargo xtask image")?;
     build::ebpf()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "ferrite-agent",
-        "--bins",
-    ]))?;
-    let archive = build()?;
+    let binaries = if debug {
+        run(cargo().args(["build", "--locked", "-p", "ferrite-agent", "--bins"]))?;
+        Binaries::Debug
+    } else {
+        run(cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "ferrite-agent",
+            "--bins",
+        ]))?;
+        Binaries::Release
+    };
+    let archive = build(binaries)?;
     println!("image: {}", archive.display());
     Ok(())
+}
+
+/// The binaries an image holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Binaries {
+    /// target/release: the image users run (`cargo xtask image`).
+    Release,
+    /// target/debug with its debug info stripped: the image `cargo xtask test` runs
+    /// in its end-to-end test, from the build the suite makes anyway (a release
+    /// build would add minutes on a fresh clone). Same files otherwise.
+    Debug,
+}
+
+impl Binaries {
+    fn suffix(self) -> &'static str {
+        match self {
+            Binaries::Release => "",
+            Binaries::Debug => "-debug",
+        }
+    }
 }
 
 /// The tag: the workspace's version.
@@ -50,27 +76,38 @@ fn image_dir() -> PathBuf {
 }
 
 /// The OCI archive `build` writes.
-pub fn archive_path() -> PathBuf {
-    image_dir().join(format!("ferrite-{}.oci.tar", tag()))
+pub fn archive_path(binaries: Binaries) -> PathBuf {
+    image_dir().join(format!("ferrite-{}{}.oci.tar", tag(), binaries.suffix()))
 }
 
-/// Pack the release binaries (already built) into the image; returns the OCI archive
-/// (an OCI image layout in a tar, its index naming the tag). The Debian part is
-/// cached in target/image/cache/ under a name made from the package list.
-pub fn build() -> Result<PathBuf> {
+/// Pack the binaries (already built) into the image; returns the OCI archive (an OCI
+/// image layout in a tar, its index naming the tag). The Debian part is cached in
+/// target/image/cache/ under a name made from the package list.
+pub fn build(binaries: Binaries) -> Result<PathBuf> {
     let dir = image_dir();
-    let rootfs = dir.join("rootfs");
-    let layout = dir.join("oci");
-    for old in [&rootfs, &layout] {
+    let suffix = binaries.suffix();
+    let rootfs = dir.join(format!("rootfs{suffix}"));
+    let layout = dir.join(format!("oci{suffix}"));
+    let stripped = dir.join("debug-bin");
+    for old in [&rootfs, &layout, &stripped] {
         if old.exists() {
             std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
         }
     }
     std::fs::create_dir_all(&dir)?;
-    run(Command::new(root().join("deploy/assemble-rootfs"))
-        .arg(root())
-        .arg(&rootfs)
-        .arg(dir.join("cache")))?;
+    let mut assemble = Command::new(root().join("deploy/assemble-rootfs"));
+    assemble.arg(root()).arg(&rootfs).arg(dir.join("cache"));
+    if binaries == Binaries::Debug {
+        std::fs::create_dir_all(&stripped)?;
+        for binary in ["ferrite", "ferrite-cni"] {
+            run(Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(root().join("target/debug").join(binary))
+                .arg(stripped.join(binary)))?;
+        }
+        assemble.env("FERRITE_BINARIES", &stripped);
+    }
+    run(&mut assemble)?;
     let image = format!("{}:{}", layout.display(), tag());
     run(Command::new("umoci")
         .args(["init", "--layout"])
@@ -94,15 +131,18 @@ pub fn build() -> Result<PathBuf> {
         &format!("PATH={PATH}"),
     ]))?;
     run(Command::new("umoci").args(["gc", "--layout"]).arg(&layout))?;
-    let archive = archive_path();
+    let archive = archive_path(binaries);
     run(Command::new("tar")
         .arg("-cf")
         .arg(&archive)
         .arg("-C")
         .arg(&layout)
         .args(["oci-layout", "index.json", "blobs"]))?;
-    report(&rootfs, &layout, &archive)?;
+    report(binaries, &rootfs, &layout, &archive)?;
     std::fs::remove_dir_all(&rootfs)?;
+    if stripped.exists() {
+        std::fs::remove_dir_all(&stripped)?;
+    }
     Ok(archive)
 }
 
@@ -119,7 +159,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// The image's size, unpacked and compressed, and what takes the room.
-fn report(rootfs: &Path, layout: &Path, archive: &Path) -> Result<()> {
+fn report(binaries: Binaries, rootfs: &Path, layout: &Path, archive: &Path) -> Result<()> {
     let unpacked = du(rootfs);
     let parts = [
         ("usr/local/bin/ferrite", "ferrite"),
@@ -135,6 +175,9 @@ fn report(rootfs: &Path, layout: &Path, archive: &Path) -> Result<()> {
         detail.push(format!("{name} {}", mib(size)));
     }
     detail.push(format!("Debian (nftables, glibc) {}", mib(unpacked - ours)));
+    if binaries == Binaries::Debug {
+        detail.insert(0, "debug binaries, debug info stripped".into());
+    }
     println!(
         "image: {REPOSITORY}:{}: {} unpacked ({}), {} compressed (layout {}, archive {})",
         tag(),

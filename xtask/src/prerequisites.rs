@@ -78,6 +78,8 @@ pub const PREREQUISITES: &[Prerequisite] = &[
     run(Item::Apt("umoci")),
     run(Item::Apt("containerd")),
     run(Item::Apt("runc")),
+    // objcopy: the test image's debug binaries without their debug info.
+    run(Item::Apt("binutils")),
     // HTTP connection rates in `cargo xtask bench clusterip`.
     run(Item::Apt("wrk")),
     // The deploy manifests' schema validator.

@@ -19,17 +19,10 @@ pub fn command(args: &[String]) -> Result<()> {
         println!("test: not root: BPF and netns tests will fail; run as root");
     }
     // The image its end-to-end test runs under containerd (tests/tests/image.rs):
-    // built as `cargo xtask image` builds it, from the release binaries.
+    // built as `cargo xtask image` builds it, from the debug binaries just built
+    // (debug info stripped) rather than a release build of its own.
     let image = if is_root() {
-        run(cargo().args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "ferrite-agent",
-            "--bins",
-        ]))?;
-        Some(image::build()?)
+        Some(image::build(image::Binaries::Debug)?)
     } else {
         None
     };
