@@ -44,6 +44,8 @@ pub struct AgentOptions {
     /// The cgroup v2 directory whose processes (pods and host processes alike) get
     /// socket-level load balancing; `None`: the cgroup v2 mount.
     pub cgroup_root: Option<PathBuf>,
+    /// The node's /proc/sys/net, where the agent sets the sysctls it relies on.
+    pub proc_sys_net: PathBuf,
     /// Whether the uplink gets the XDP program.
     pub uplink_xdp: plan::UplinkXdp,
     /// What the node accepts from objects (`--service-cidr`, `--external-ip-cidr`,
@@ -142,8 +144,8 @@ impl NodeAgent {
             &options.map_capacities,
         )?;
         let maps = NodeMaps::open(&pin_dir)?;
-        host::sysctl::enable_forwarding()?;
-        host::sysctl::accept_local_sources_on_lo()?;
+        host::sysctl::enable_forwarding(&options.proc_sys_net)?;
+        host::sysctl::accept_local_sources_on_lo(&options.proc_sys_net)?;
         let socket_lb_root = match (options.socket_lb, &options.cgroup_root) {
             (false, _) => None,
             (true, Some(root)) => Some(datapath::cgroup2_directory(root)?),

@@ -76,6 +76,12 @@ enum Command {
         /// path given is used.
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// The node's /proc/sys/net, where the agent turns on net.ipv4.ip_forward and
+        /// net.ipv4.conf.lo.accept_local if they are off: a container's own /proc/sys
+        /// is read-only unless it is privileged, so the DaemonSet mounts the host's
+        /// at /host/proc/sys/net (with hostNetwork it shows the node's settings).
+        #[arg(long, default_value = "/proc/sys/net")]
+        proc_sys_net: PathBuf,
         /// External traffic (NodePort, LoadBalancer IPs, externalIPs) in XDP on the
         /// uplink: `auto` on every uplink but a veth (where XDP saves nothing and
         /// costs GSO; its tcx program then balances it), `always`, `never`.
@@ -402,8 +408,9 @@ fn drop_capabilities() -> Result<()> {
         // A capability this kernel does not know is not held either.
         let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
         if !keep.contains(&capability) && held {
-            caps::drop(None, CapSet::Bounding, capability)
-                .with_context(|| format!("dropping {capability} from the bounding set"))?;
+            caps::drop(None, CapSet::Bounding, capability).with_context(|| {
+                format!("dropping {capability} from the bounding set (needs CAP_SETPCAP)")
+            })?;
         }
     }
     caps::clear(None, CapSet::Ambient)?;
@@ -511,6 +518,7 @@ fn main() -> Result<()> {
             map_capacities,
             socket_lb,
             cgroup_root,
+            proc_sys_net,
             xdp,
             admission,
         } => {
@@ -518,6 +526,7 @@ fn main() -> Result<()> {
                 limits: admission.limits(cluster_cidr),
                 socket_lb,
                 cgroup_root,
+                proc_sys_net,
                 uplink_xdp: xdp,
                 map_capacities: map_capacities.into_iter().collect(),
                 datapath_log,

@@ -3,9 +3,13 @@
 //! enough for kube-rs's client and watcher to run unmodified. Tests change objects,
 //! cut watch connections, and open a "gap": watches are refused while objects change,
 //! then older resourceVersions are answered with 410 (as after etcd compaction).
+//!
+//! [`FakeApiServer::start_in_cluster`] serves the same over TLS, as the agent reaches
+//! the real one from a pod: a bearer token (the service account's) is required, and
+//! only what a ClusterRole's rules grant is answered (403 for the rest, recorded).
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     sync::{
@@ -59,6 +63,8 @@ struct State {
     /// client it serves, as with the API server's watch cache).
     objects: BTreeMap<(String, String, String), (Value, String)>,
     watches: Vec<Watch>,
+    /// Requests refused for want of the token or of a rule.
+    refusals: Vec<Refusal>,
     /// Watch requests are refused (connection closed) while set.
     gap: bool,
     /// Watches from a resourceVersion below this get 410 Gone.
@@ -72,6 +78,183 @@ pub struct FakeApiServer {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+}
+
+/// One rule of a ClusterRole: the verbs it grants on resources of API groups.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub api_groups: Vec<String>,
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+impl Rule {
+    fn grants(&self, group: &str, resource: &str, verb: &str) -> bool {
+        let has = |list: &[String], item: &str| list.iter().any(|x| x == item || x == "*");
+        has(&self.api_groups, group) && has(&self.resources, resource) && has(&self.verbs, verb)
+    }
+}
+
+/// The rules of the ClusterRole `name` in a Kubernetes YAML file (deploy/rbac.yaml).
+pub fn cluster_role_rules(yaml: &str, name: &str) -> Result<Vec<Rule>> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let doc: Value = serde::Deserialize::deserialize(document)?;
+        if doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == name {
+            return doc["rules"]
+                .as_array()
+                .context("rules")?
+                .iter()
+                .map(|r| {
+                    Ok(Rule {
+                        api_groups: strings(&r["apiGroups"]),
+                        resources: strings(&r["resources"]),
+                        verbs: strings(&r["verbs"]),
+                    })
+                })
+                .collect();
+        }
+    }
+    bail!("no ClusterRole {name}")
+}
+
+/// A cluster's CA and an API server certificate it signed for `server_ip`, as a
+/// cluster's PKI holds them: the CA's PEM goes to pods as `ca.crt`.
+pub struct ClusterCa {
+    pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl ClusterCa {
+    pub fn new(server_ip: std::net::IpAddr) -> Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            SanType,
+        };
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "ferrite-test-cluster-ca");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let server_key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(Vec::<String>::new())?;
+        server.subject_alt_names = vec![SanType::IpAddress(server_ip)];
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        let server_cert = server.signed_by(&server_key, &Issuer::from_params(&ca, &ca_key))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server_cert.der().clone(), ca_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+            )?;
+        Ok(Self {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().to_vec(),
+            server: Arc::new(config),
+        })
+    }
+
+    /// GET `path` from the server at `addr` over TLS, trusting only this CA, with
+    /// `token` as bearer token (if any): the status.
+    pub fn get(&self, addr: SocketAddr, token: Option<&str>, path: &str) -> Result<u16> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let connection = rustls::ClientConnection::new(Arc::new(config), name)?;
+        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut tls = rustls::StreamOwned::new(connection, socket);
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            tls,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        )?;
+        tls.flush()?;
+        let mut line = String::new();
+        BufReader::new(tls).read_line(&mut line)?;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no HTTP status in {line:?}"))
+    }
+}
+
+/// Who may ask what: the bearer token the server accepts and the rules bound to it.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub token: String,
+    pub rules: Vec<Rule>,
+}
+
+/// A refused request: `401` without the token, `403` outside the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// `METHOD target`, and the verb and resource it asked for.
+    pub request: String,
+}
+
+/// The (API group, resource, verb) of a request, as the API server's authorizer
+/// sees it; None for a URL that names no resource.
+fn attributes(method: &str, path: &str, watch: bool) -> Option<(String, String, String)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, resource, tail @ ..] => {
+            let mut r = vec![*resource];
+            r.extend(tail);
+            r
+        }
+        other => other.to_vec(),
+    };
+    let (resource, named) = match rest.as_slice() {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return None,
+    };
+    let verb = match (method, named, watch) {
+        ("GET" | "HEAD", _, true) => "watch",
+        ("GET" | "HEAD", false, false) => "list",
+        ("GET" | "HEAD", true, false) => "get",
+        ("POST", _, _) => "create",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", false, _) => "deletecollection",
+        ("DELETE", true, _) => "delete",
+        _ => return None,
+    };
+    Some((group.to_string(), resource, verb.to_string()))
 }
 
 fn key_of(object: &Value) -> (String, String, String) {
@@ -113,9 +296,31 @@ fn percent_decode(text: &str) -> String {
 }
 
 impl FakeApiServer {
-    /// Listen on 127.0.0.1 inside `netns` (where the agent runs).
+    /// Listen on 127.0.0.1 inside `netns` (where the agent runs): plain HTTP, no
+    /// credentials asked, everything allowed.
     pub fn start(netns: &Netns) -> Result<Self> {
         let listener = netns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+        Self::serve(listener, None, None)
+    }
+
+    /// Listen on `addr` inside `netns` over TLS (`tls`: the server's certificate and
+    /// key), answering only requests with `access.token` as bearer token that its
+    /// rules grant, as an API server does for a pod's service account.
+    pub fn start_in_cluster(
+        netns: &Netns,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        access: Access,
+    ) -> Result<Self> {
+        let listener = netns.run(|| TcpListener::bind(addr))??;
+        Self::serve(listener, Some(tls), Some(access))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        access: Option<Access>,
+    ) -> Result<Self> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
@@ -129,8 +334,18 @@ impl FakeApiServer {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let state = state2.clone();
+                        let (tls, access) = (tls.clone(), access.clone());
                         std::thread::spawn(move || {
-                            let _ = handle(stream, &state);
+                            let _ = stream.set_nonblocking(false);
+                            match tls {
+                                None => handle(stream, &state, access.as_ref()),
+                                Some(config) => rustls::ServerConnection::new(config)
+                                    .map_err(anyhow::Error::from)
+                                    .and_then(|connection| {
+                                        let tls = rustls::StreamOwned::new(connection, stream);
+                                        handle(tls, &state, access.as_ref())
+                                    }),
+                            }
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -193,12 +408,17 @@ impl FakeApiServer {
         }
     }
 
-    /// Cut every open watch connection mid-stream.
     /// Every list and watch request so far, in order.
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// Every request refused so far (401, 403), in order.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.state.lock().unwrap().refusals.clone()
+    }
+
+    /// Cut every open watch connection mid-stream.
     pub fn disconnect_watches(&self) {
         self.state.lock().unwrap().watches.clear();
     }
@@ -237,53 +457,88 @@ impl Drop for FakeApiServer {
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, body: &str) -> Result<()> {
+fn respond(stream: &mut impl Write, status: &str, body: &str) -> Result<()> {
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
+    stream.flush()?;
     Ok(())
 }
 
-fn chunk(stream: &mut TcpStream, line: &str) -> std::io::Result<()> {
+fn chunk(stream: &mut impl Write, line: &str) -> std::io::Result<()> {
     write!(stream, "{:x}\r\n{line}\n\r\n", line.len() + 1)?;
     stream.flush()
 }
 
-fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
-    stream.set_nonblocking(false)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+fn handle(stream: impl Read + Write, state: &Mutex<State>, access: Option<&Access>) -> Result<()> {
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    let mut authorization = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_string());
+            }
+        }
     }
-    let target = request_line
-        .split_whitespace()
-        .nth(1)
-        .context("no target")?;
+    // No request has a body: what is buffered is the request's, the rest is ours.
+    let stream = reader.get_mut();
+    let mut words = request_line.split_whitespace();
+    let method = words.next().context("no method")?.to_string();
+    let target = words.next().context("no target")?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let params: BTreeMap<String, String> = query
         .split('&')
         .filter_map(|p| p.split_once('='))
         .map(|(k, v)| (k.to_string(), percent_decode(v)))
         .collect();
+    let watch = params.get("watch").map(String::as_str) == Some("true");
+    if let Some(access) = access {
+        let refuse = |status: u16, why: String| {
+            state.lock().unwrap().refusals.push(Refusal {
+                status,
+                request: format!("{method} {target} ({why})"),
+            });
+        };
+        if authorization.as_deref() != Some(&format!("Bearer {}", access.token)) {
+            refuse(401, "no valid bearer token".into());
+            return respond(
+                stream,
+                "401 Unauthorized",
+                r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Unauthorized","code":401}"#,
+            );
+        }
+        let verdict = match attributes(&method, path, watch) {
+            Some((group, resource, verb)) => (
+                access
+                    .rules
+                    .iter()
+                    .any(|r| r.grants(&group, &resource, &verb)),
+                format!("{verb} {resource} of API group {group:?}"),
+            ),
+            None => (false, "a URL naming no resource".into()),
+        };
+        if let (false, why) = verdict {
+            refuse(403, why.clone());
+            let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "Forbidden", "code": 403, "message": format!("forbidden: {why}")});
+            return respond(stream, "403 Forbidden", &body.to_string());
+        }
+    }
     let Some((_, kind)) = RESOURCES.iter().find(|(p, _)| *p == path) else {
-        return respond(
-            &mut stream,
-            "404 Not Found",
-            r#"{"kind":"Status","code":404}"#,
-        );
+        return respond(stream, "404 Not Found", r#"{"kind":"Status","code":404}"#);
     };
     let node_filter = params
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_string);
-    let watch = params.get("watch").map(String::as_str) == Some("true");
     state.lock().unwrap().requests.push(Request {
         kind: kind.to_string(),
         watch,
@@ -325,7 +580,7 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
             head.strip_suffix('}').context("list head")?,
             items.join(",")
         );
-        return respond(&mut stream, "200 OK", &body);
+        return respond(stream, "200 OK", &body);
     }
     let from: u64 = params
         .get("resourceVersion")
@@ -345,19 +600,19 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
             let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                 "status": "Failure", "reason": "Expired", "code": 410,
                 "message": format!("too old resource version: {from} ({})", st.oldest_valid)}});
-            chunk(&mut stream, &gone.to_string())?;
+            chunk(stream, &gone.to_string())?;
             write!(stream, "0\r\n\r\n")?;
             return Ok(());
         }
         for (rv, event_type, object) in &st.history {
             if *rv > from && key_of(object).0 == *kind && matches(&node_filter, object) {
                 let line = json!({"type": event_type, "object": object});
-                chunk(&mut stream, &line.to_string())?;
+                chunk(stream, &line.to_string())?;
             }
         }
         let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
             "metadata": {"resourceVersion": st.resource_version.to_string()}}});
-        chunk(&mut stream, &bookmark.to_string())?;
+        chunk(stream, &bookmark.to_string())?;
         st.watches.push(Watch {
             kind: kind.to_string(),
             node_filter,
@@ -366,7 +621,7 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
     }
     // Until the server drops our sender (disconnect) or the client goes away.
     for line in events {
-        if chunk(&mut stream, &line).is_err() {
+        if chunk(stream, &line).is_err() {
             bail!("client went away");
         }
     }

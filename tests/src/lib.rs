@@ -2,10 +2,12 @@
 pub mod bench_node;
 pub mod cluster;
 pub mod cni;
+pub mod containerd;
 pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;
 pub mod install_cni;
+pub mod kubelet;
 pub mod lab;
 pub mod monitor;
 pub mod testbed;

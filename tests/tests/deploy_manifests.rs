@@ -109,7 +109,10 @@ fn the_daemonset_runs_unprivileged_on_every_node_with_probes() -> Result<()> {
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
     let mut added = strings(&security["capabilities"]["add"]);
     added.sort();
-    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
+    assert_eq!(
+        added,
+        ["BPF", "NET_ADMIN", "PERFMON", "SETPCAP", "SYS_ADMIN"]
+    );
     for init in pod["initContainers"].as_sequence().context("init")? {
         assert_ne!(init["securityContext"]["privileged"], true);
     }
@@ -206,18 +209,27 @@ fn the_image_ships_exactly_the_plugins_the_conflist_and_the_runtime_need() -> Re
     shipped.sort();
     assert_eq!(needed, ["loopback", "portmap"]);
     assert_eq!(shipped, needed, "deploy/cni-plugins");
-    // The Dockerfile copies the list's plugins to where the init container looks.
+    // The image (deploy/Dockerfile and `cargo xtask image` alike, both through
+    // deploy/assemble-rootfs) puts the list's plugins where the init container looks.
     let docs = documents("daemonset.yaml")?;
     let init = install_cni_container(&docs[0]["spec"]["template"]["spec"])?;
+    let contents = std::fs::read_to_string(deploy_dir().join("image-contents"))?;
+    let destinations: Vec<&str> = contents
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .filter_map(|line| line.trim().strip_prefix("cni-plugins "))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        destinations,
+        [plugins_from_of(&init)?],
+        "deploy/image-contents"
+    );
     let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile"))?;
     assert!(
-        dockerfile.contains("COPY deploy/cni-plugins "),
-        "{dockerfile}"
-    );
-    let destination = format!("COPY --from=cni-plugins /out/ {}/", plugins_from_of(&init)?);
-    assert!(
-        dockerfile.contains(&destination),
-        "{destination}\n{dockerfile}"
+        dockerfile.contains("RUN /src/deploy/assemble-rootfs /src /rootfs")
+            && dockerfile.contains("COPY --from=rootfs /rootfs/ /"),
+        "the Dockerfile must build its image as deploy/assemble-rootfs does:\n{dockerfile}"
     );
     Ok(())
 }

@@ -6,6 +6,7 @@ mod audit;
 mod bench;
 mod build;
 mod demo;
+mod image;
 mod lint;
 mod prerequisites;
 mod process;
@@ -33,6 +34,15 @@ enum Cmd {
     BuildEbpf,
     /// Build the eBPF object and the userspace binaries (release).
     Build,
+    /// Build the OCI image from the release binaries on a Debian bookworm base made
+    /// from Debian packages (deploy/image-contents; no registry): an archive in
+    /// target/image/ for `ctr images import`. Prints its size.
+    Image {
+        /// From the debug binaries (debug info stripped) instead: the image `cargo
+        /// xtask test` runs in tests/tests/image.rs (target/image/*-debug.oci.tar).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Run the demo: two nodes, five pods, a LoadBalancer Service over both.
     Demo {
         /// Keep the node up after the traffic (for bpftool/inspect) until Ctrl-C.
@@ -80,6 +90,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::command(),
         Cmd::BuildEbpf => build::ebpf_command(),
         Cmd::Build => build::release_command(),
+        Cmd::Image { debug } => image::command(debug),
         Cmd::Demo { keep } => demo::command(keep),
         Cmd::Test { args } => test::command(&args),
         Cmd::Bench { sections } => bench::command(&sections),

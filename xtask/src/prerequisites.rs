@@ -69,6 +69,17 @@ pub const PREREQUISITES: &[Prerequisite] = &[
     run(Item::Apt("ethtool")),
     // portmap/bandwidth/tuning: the CNI chaining tests.
     run(Item::Apt("containernetworking-plugins")),
+    // The CRI API for the image's end-to-end test (k8s-cri compiles its protos).
+    build(Item::Apt("protobuf-compiler")),
+    // The image (`cargo xtask image`): the Debian part unpacked by mmdebstrap, packed
+    // into an OCI layout by umoci. Its end-to-end test runs it under containerd (its
+    // CRI plugin, as kubelet drives it) with runc.
+    run(Item::Apt("mmdebstrap")),
+    run(Item::Apt("umoci")),
+    run(Item::Apt("containerd")),
+    run(Item::Apt("runc")),
+    // objcopy: the test image's debug binaries without their debug info.
+    run(Item::Apt("binutils")),
     // HTTP connection rates in `cargo xtask bench clusterip`.
     run(Item::Apt("wrk")),
     // The deploy manifests' schema validator.

@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Result};
 
 use crate::{
-    build,
+    build, image,
     prerequisites::{check, Need},
     process::{cargo, is_root, run, stdout_of, succeeds},
 };
@@ -18,6 +18,14 @@ pub fn command(args: &[String]) -> Result<()> {
     if !is_root() {
         println!("test: not root: BPF and netns tests will fail; run as root");
     }
+    // The image its end-to-end test runs under containerd (tests/tests/image.rs):
+    // built as `cargo xtask image` builds it, from the debug binaries just built
+    // (debug info stripped) rather than a release build of its own.
+    let image = if is_root() {
+        Some(image::build(image::Binaries::Debug)?)
+    } else {
+        None
+    };
     let nextest = succeeds(cargo().args(["nextest", "--version"]));
     let mut command = cargo();
     if nextest {
@@ -30,6 +38,9 @@ pub fn command(args: &[String]) -> Result<()> {
         ]);
     } else {
         command.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
+    }
+    if let Some(image) = image {
+        command.env("FERRITE_IMAGE", image);
     }
     let tests = run(build::with_artifacts(command.args(args), "debug"));
     // Tests and the demo attach socket-level load balancing to cgroup
