@@ -99,6 +99,24 @@ enum Peer {
     Block { cidr: Ipv4Net, except: Vec<Ipv4Net> },
 }
 
+/// Every distinct peer of every policy, each once, by index.
+#[derive(Default)]
+struct PeerTable {
+    list: Vec<Peer>,
+    index: std::collections::HashMap<Peer, usize>,
+}
+
+impl PeerTable {
+    fn intern(&mut self, peer: Peer) -> usize {
+        if let Some(index) = self.index.get(&peer) {
+            return *index;
+        }
+        self.list.push(peer.clone());
+        self.index.insert(peer, self.list.len() - 1);
+        self.list.len() - 1
+    }
+}
+
 /// A port of a rule, as checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum PortMatch {
@@ -191,7 +209,7 @@ fn check_rules<'a>(
         ),
     >,
     namespace: &str,
-    peers: &mut Vec<Peer>,
+    peers: &mut PeerTable,
     what: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Rule> {
@@ -218,12 +236,7 @@ fn check_rules<'a>(
                 for peer in list {
                     match check_peer(peer, namespace) {
                         Ok(peer) => {
-                            let index =
-                                peers.iter().position(|p| *p == peer).unwrap_or_else(|| {
-                                    peers.push(peer);
-                                    peers.len() - 1
-                                });
-                            indexes.push(index);
+                            indexes.push(peers.intern(peer));
                         }
                         Err(reason) => failed = Some(reason),
                     }
@@ -323,6 +336,32 @@ fn check_ports(ports: &[NetworkPolicyPort]) -> Result<Vec<PortMatch>, String> {
 
 impl Peer {
     /// Whether this peer selects the pod (namespace labels from `namespaces`).
+    /// Whether a pod of `namespace` can be one of this peer's (its namespace part).
+    fn admits_namespace(
+        &self,
+        namespace: &str,
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> bool {
+        match self {
+            Peer::Pods {
+                namespaces: None,
+                own_namespace,
+                ..
+            } => namespace == own_namespace,
+            Peer::Pods {
+                namespaces: Some(selector),
+                ..
+            } => {
+                let fallback = BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    namespace.to_string(),
+                )]);
+                selector.matches(namespaces.get(namespace).unwrap_or(&fallback))
+            }
+            Peer::Block { .. } => true,
+        }
+    }
+
     fn selects_pod(
         &self,
         pod: &PolicyPod,
@@ -371,7 +410,7 @@ pub fn build_policy(
     skipped: &mut Vec<Skipped>,
 ) -> PolicyModel {
     let namespace_labels = namespace_labels(namespaces);
-    let mut peers: Vec<Peer> = Vec::new();
+    let mut peer_table = PeerTable::default();
     let mut checked = Vec::new();
     for policy in policies {
         let what = object_name("NetworkPolicy", &policy.metadata);
@@ -408,7 +447,7 @@ pub fn build_policy(
             check_rules(
                 rules,
                 &namespace,
-                &mut peers,
+                &mut peer_table,
                 &format!("{what} ingress"),
                 skipped,
             )
@@ -422,7 +461,7 @@ pub fn build_policy(
             check_rules(
                 rules,
                 &namespace,
-                &mut peers,
+                &mut peer_table,
                 &format!("{what} egress"),
                 skipped,
             )
@@ -439,6 +478,7 @@ pub fn build_policy(
         });
     }
 
+    let peers = peer_table.list;
     let all_pods: Vec<PolicyPod> = pods.iter().filter_map(|p| policy_pod(p)).collect();
 
     // Every address class: the set of peers selecting it, interned as an identity.
@@ -448,13 +488,25 @@ pub fn build_policy(
     // such pair, ipBlocks per address.
     let (block_peers, label_peers): (Vec<usize>, Vec<usize>) =
         (0..peers.len()).partition(|i| matches!(peers[*i], Peer::Block { .. }));
+    let mut peers_admitting: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     let mut by_labels: BTreeMap<(&str, &BTreeMap<String, String>), BTreeSet<usize>> =
         BTreeMap::new();
     for pod in &all_pods {
+        // The peers whose namespace part admits the pod's namespace: decided once
+        // per namespace.
+        let candidates = peers_admitting
+            .entry(pod.namespace.as_str())
+            .or_insert_with(|| {
+                label_peers
+                    .iter()
+                    .copied()
+                    .filter(|i| peers[*i].admits_namespace(&pod.namespace, &namespace_labels))
+                    .collect()
+            });
         let mut set = by_labels
             .entry((pod.namespace.as_str(), &pod.labels))
             .or_insert_with(|| {
-                label_peers
+                candidates
                     .iter()
                     .copied()
                     .filter(|i| peers[*i].selects_pod(pod, &namespace_labels))
