@@ -7,8 +7,8 @@
 use ferrite_common::{
     explain::{step, write},
     policy::CT_POLICY_ALLOWED,
-    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH,
-    PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
+    stat, ServiceKey, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    CT_VERIFIED_VETH, PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
 };
 
 use crate::{
@@ -126,8 +126,8 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         let found = routing::find(daddr);
         if !found.is_pod() {
-            if let Some(svc) = lb::lookup_service(&h) {
-                return new_service_flow(pkt, &h, &svc);
+            if let Some((master, svc)) = lb::lookup_in_cluster(&h) {
+                return new_service_flow(pkt, &h, master, &svc);
             }
         }
         let verdict = policy::verdict_of_new(&h);
@@ -172,8 +172,13 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 /// The first packet of a flow to the Service `svc`: backend chosen, translated and
 /// recorded, then delivered; or refused with ICMP port unreachable without backends.
 #[inline(always)]
-fn new_service_flow<P: Packet>(pkt: &P, h: &Headers, svc: &ServiceValue) -> Result<Verdict, ()> {
-    match lb::translate_new_flow(pkt, h, svc)? {
+fn new_service_flow<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    master: ServiceKey,
+    svc: &ServiceValue,
+) -> Result<Verdict, ()> {
+    match lb::translate_new_flow(pkt, h, master, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
             // Judged at the backend: a packet it drops leaves the flow's entries to
             // judge its retransmissions the same way.
