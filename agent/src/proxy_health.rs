@@ -168,7 +168,7 @@ mod tests {
         Node {
             metadata: ObjectMeta {
                 name: Some("n".into()),
-                deletion_timestamp: deleting.then(|| Time(Timestamp::UNIX_EPOCH)),
+                deletion_timestamp: deleting.then_some(Time(Timestamp::UNIX_EPOCH)),
                 ..ObjectMeta::default()
             },
             spec: Some(NodeSpec {
