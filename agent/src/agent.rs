@@ -265,6 +265,7 @@ impl NodeAgent {
                 self.health_checks.set(&node.health_checks);
                 self.node = Some(node);
                 self.telemetry.set_ready();
+                self.report_proxy_health(objects);
                 if !event_driven {
                     self.collect_conntrack_garbage();
                     self.repair_pod_wiring();
@@ -281,6 +282,26 @@ impl NodeAgent {
                 self.telemetry.sync_errors.inc();
                 error!("sync failed: {e:#}");
                 None
+            }
+        }
+    }
+
+    /// After a full sync: the datapath is synced, and this node's Node object says
+    /// whether load balancers should still send it traffic (kube-proxy's `/healthz`).
+    fn report_proxy_health(&self, objects: &ClusterObjects) {
+        let health = &self.telemetry.proxy_health;
+        health.synced(Instant::now(), std::time::SystemTime::now());
+        let this_node = objects
+            .nodes
+            .iter()
+            .find(|node| node.metadata.name.as_deref() == Some(self.settings.node.as_str()));
+        if let Some(node) = this_node {
+            let eligible = crate::proxy_health::node_eligible(node);
+            if health.set_node_eligible(eligible) {
+                info!(
+                    eligible,
+                    "this node's eligibility for load-balancer traffic changed (/healthz)"
+                );
             }
         }
     }
@@ -390,6 +411,9 @@ impl NodeAgent {
             .observe(start.elapsed().as_secs_f64());
         self.telemetry.syncs.inc();
         self.telemetry.map_writes.inc_by(writes as u64);
+        self.telemetry
+            .proxy_health
+            .synced(Instant::now(), std::time::SystemTime::now());
         if writes > 0 {
             info!(
                 services = changed.len(),

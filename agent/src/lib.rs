@@ -8,7 +8,7 @@
 //! 2. `model` (objects -> desired state, pure);
 //! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
 //! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
-//!    `driver`, `healthcheck`, `objects_yaml`;
+//!    `driver`, `healthcheck`, `proxy_health`, `objects_yaml`;
 //! 5. `telemetry`, `inspect`, `explain`, `cni`;
 //! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node).
 //!
@@ -36,6 +36,7 @@ pub mod monitor;
 pub mod netlink;
 pub mod objects_yaml;
 pub mod plan;
+pub mod proxy_health;
 pub mod source;
 pub mod telemetry;
 

@@ -13,9 +13,9 @@ use ferrite_agent::{
     explain, files, host, http, inspect, install_cni, kube_source,
     maps::NodeMaps,
     monitor::{self, client, hub::MonitorHub},
-    objects_yaml, plan, source, telemetry,
+    objects_yaml, plan, proxy_health, source, telemetry,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 /// Ferrite: Kubernetes pod networking and Service load balancing in eBPF.
 #[derive(Parser)]
@@ -61,6 +61,11 @@ enum Command {
         /// address or 0.0.0.0 for Prometheus to scrape it.
         #[arg(long, default_value = "127.0.0.1:9965")]
         http_addr: std::net::SocketAddr,
+        /// kube-proxy's health endpoint (`/healthz`, `/livez`), which cloud load
+        /// balancers and cluster autoscalers probe; kube-proxy's flag and default.
+        /// Empty: not served.
+        #[arg(long, default_value = proxy_health::DEFAULT_BIND_ADDRESS)]
+        healthz_bind_address: String,
         /// `MAP=ENTRIES`, e.g. `ferrite_service=524288` (repeatable): capacity of a
         /// map when it is created. Defaults fit 10k Services x 10 endpoints.
         #[arg(long = "map-capacity", value_parser = parse_map_capacity)]
@@ -430,6 +435,7 @@ const FILE_POLL: Duration = Duration::from_millis(200);
 fn run_agent(
     options: &agent::AgentOptions,
     http_addr: SocketAddr,
+    healthz_addr: Option<SocketAddr>,
     config: Option<PathBuf>,
     resync: Duration,
 ) -> Result<()> {
@@ -466,11 +472,55 @@ fn run_agent(
         telemetry::endpoint(telemetry.clone()),
     )?;
     info!(%http_addr, "serving /healthz, /readyz and /metrics");
+    let _proxy_health = healthz_addr.map(|addr| serve_proxy_health(&http, addr, &telemetry));
     node.serve_health_checks(http);
     telemetry.expect_turns_every(resync);
+    telemetry
+        .proxy_health
+        .start(resync, std::time::Instant::now());
     let stopped = Driver::new(node, resync).run(source.as_mut());
     hub.stop();
     stopped
+}
+
+/// Serve kube-proxy's health endpoint on `addr`. A port in use (kube-proxy itself
+/// still running on the node, during a migration) does not stop the agent: it warns
+/// and tries again every few seconds until the listener is dropped.
+fn serve_proxy_health(
+    http: &std::sync::Arc<http::HttpRuntime>,
+    addr: SocketAddr,
+    telemetry: &std::sync::Arc<telemetry::Telemetry>,
+) -> std::sync::Arc<std::sync::Mutex<Option<http::Listener>>> {
+    const RETRY: Duration = Duration::from_secs(5);
+    let served = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (http, health) = (http.clone(), telemetry.proxy_health.clone());
+    let slot = std::sync::Arc::downgrade(&served);
+    let listen = move || {
+        http.serve(
+            addr,
+            http::Limits::DEFAULT,
+            proxy_health::endpoint(health.clone()),
+        )
+    };
+    match listen() {
+        Ok(listener) => {
+            info!(%addr, "serving kube-proxy's /healthz and /livez");
+            *served.lock().expect("listener") = Some(listener);
+        }
+        Err(e) => {
+            warn!(%addr, "kube-proxy's health endpoint not served yet, retrying: {e:#}");
+            std::thread::spawn(move || loop {
+                std::thread::sleep(RETRY);
+                let Some(slot) = slot.upgrade() else { return };
+                if let Ok(listener) = listen() {
+                    info!(%addr, "serving kube-proxy's /healthz and /livez");
+                    *slot.lock().expect("listener") = Some(listener);
+                    return;
+                }
+            });
+        }
+    }
+    served
 }
 
 /// The agent's source of cluster objects: the file, else the Kubernetes API (its
@@ -515,6 +565,7 @@ fn main() -> Result<()> {
             vxlan_port,
             cluster_cidr,
             http_addr,
+            healthz_bind_address,
             map_capacities,
             socket_lb,
             cgroup_root,
@@ -536,9 +587,16 @@ fn main() -> Result<()> {
                 object: find_object(bpf_object.as_deref())?,
                 node,
             };
+            let healthz_addr = match healthz_bind_address.as_str() {
+                "" => None,
+                addr => Some(addr.parse().with_context(|| {
+                    format!("--healthz-bind-address {addr:?}: not an address:port")
+                })?),
+            };
             run_agent(
                 &options,
                 http_addr,
+                healthz_addr,
                 config,
                 Duration::from_secs(resync_seconds),
             )

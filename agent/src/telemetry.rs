@@ -106,6 +106,8 @@ pub struct Telemetry {
     map_capacity: Family<MapLabel, Gauge>,
     map_pressure: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     capacities: BTreeMap<String, u32>,
+    /// kube-proxy's health endpoint (`--healthz-bind-address`).
+    pub proxy_health: Arc<crate::proxy_health::ProxyHealth>,
 }
 
 impl Telemetry {
@@ -133,6 +135,7 @@ impl Telemetry {
             conntrack_gc_removed: Counter::default(),
             pod_wiring_repairs: Counter::default(),
             skipped_objects: Gauge::default(),
+            proxy_health: Arc::default(),
             watch_restarts: Family::default(),
             drift_repairs: Family::default(),
             datapath_packets: Family::default(),

@@ -247,9 +247,21 @@ pub struct ServiceKey {
     pub address: [u8; 4],
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// Whose entries these are (`service_scope`): every client's, or the in-cluster
+    /// clients' of a frontend whose master has `svc_flag::IN_CLUSTER_SCOPE`.
+    pub scope: u8,
     pub backend_slot: u16,
     pub _pad2: u16,
+}
+
+/// `ServiceKey::scope`.
+pub mod service_scope {
+    /// The frontend's entries: what every client uses unless its master says otherwise.
+    pub const ALL: u8 = 0;
+    /// The entries of an `externalTrafficPolicy: Local` frontend that in-cluster
+    /// clients (pods, the node's own processes) use: every ready endpoint, as
+    /// kube-proxy gives them, while clients from outside keep the local ones.
+    pub const IN_CLUSTER: u8 = 1;
 }
 
 impl ServiceKey {
@@ -258,10 +270,15 @@ impl ServiceKey {
             address: address.octets(),
             port,
             proto,
-            _pad: 0,
+            scope: service_scope::ALL,
             backend_slot,
             _pad2: 0,
         }
+    }
+
+    /// The same entry of the frontend's other scope (`service_scope`).
+    pub const fn in_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
     }
 }
 
@@ -291,6 +308,11 @@ pub mod svc_flag {
     pub const NODE_PORT: u32 = 4;
     /// `loadBalancerSourceRanges` apply: clients outside `ferrite_srcrng` are dropped.
     pub const SOURCE_RANGES: u32 = 8;
+    /// In-cluster clients (pods, the node's processes) use the frontend's entries
+    /// under `service_scope::IN_CLUSTER` instead (`externalTrafficPolicy: Local`:
+    /// kube-proxy sends in-cluster traffic to any ready endpoint); clients from
+    /// outside the cluster keep these.
+    pub const IN_CLUSTER_SCOPE: u32 = 16;
 }
 
 /// Value of `ferrite_maglev` (key: the frontend's master [`ServiceKey`]): entry i is

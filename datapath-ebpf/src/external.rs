@@ -112,7 +112,7 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
     if svc.flags & svc_flag::SOURCE_RANGES != 0 && !source_allowed(&h) {
         return Ok(Verdict::Drop(stat::DROP_SOURCE_RANGE));
     }
-    let Some(chosen) = lb::choose_backend(&h, &svc, true) else {
+    let Some(chosen) = lb::choose_backend(&h, lb::service_key(&h, 0), &svc, true) else {
         if svc.flags & svc_flag::LOCAL_ONLY != 0 {
             return Ok(Verdict::Drop(stat::DROP_NO_LOCAL_BACKEND));
         }

@@ -79,10 +79,10 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     if !on_lo && (node_ip == 0 || h.saddr != node_ip) {
         return Ok(Verdict::Pass);
     }
-    let Some(svc) = lb::lookup_service(&h) else {
+    let Some((master, svc)) = lb::lookup_in_cluster(&h) else {
         return Ok(Verdict::Pass);
     };
-    let Some(chosen) = lb::choose_backend(&h, &svc, false) else {
+    let Some(chosen) = lb::choose_backend(&h, master, &svc, false) else {
         if !h.l4_present {
             return Ok(Verdict::Drop(stat::DROP_NO_BACKEND));
         }

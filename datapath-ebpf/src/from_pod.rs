@@ -7,8 +7,8 @@
 use ferrite_common::{
     explain::{step, write},
     policy::CT_POLICY_ALLOWED,
-    stat, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_VERIFIED_VETH,
-    PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
+    stat, ServiceKey, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    CT_VERIFIED_VETH, PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
 };
 
 use crate::{
@@ -129,8 +129,8 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         let found = routing::find(daddr);
         if !found.is_pod() {
-            if let Some(svc) = lb::lookup_service(&h) {
-                return new_service_flow(pkt, &h, &svc, source_isolation);
+            if let Some((master, svc)) = lb::lookup_in_cluster(&h) {
+                return new_service_flow(pkt, &h, master, &svc, source_isolation);
             }
         }
         let destination_isolation = found.endpoint.map(|ep| ep.flags).unwrap_or(0);
@@ -194,10 +194,11 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 fn new_service_flow<P: Packet>(
     pkt: &P,
     h: &Headers,
+    master: ServiceKey,
     svc: &ServiceValue,
     source_isolation: u32,
 ) -> Result<Verdict, ()> {
-    match lb::translate_new_flow(pkt, h, svc)? {
+    match lb::translate_new_flow(pkt, h, master, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
             // Judged at the backend: a packet it drops leaves the flow's entries to
             // judge its retransmissions the same way.

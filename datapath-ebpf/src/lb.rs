@@ -7,8 +7,8 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use ferrite_common::{
     affinity_holds,
     explain::{choice, step, write},
-    stat, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, AFFINITY_CLIENT_IP,
-    HAIRPIN_IP, MAGLEV_TABLE_SIZE,
+    service_scope, stat, svc_flag, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue,
+    AFFINITY_CLIENT_IP, HAIRPIN_IP, MAGLEV_TABLE_SIZE,
 };
 
 use crate::{
@@ -27,7 +27,7 @@ pub fn frontend_key(address: u32, port: u16, proto: u8, backend_slot: u16) -> Se
         address: address.to_ne_bytes(),
         port,
         proto,
-        _pad: 0,
+        scope: service_scope::ALL,
         backend_slot,
         _pad2: 0,
     }
@@ -50,6 +50,37 @@ pub fn lookup_service(h: &Headers) -> Option<ServiceValue> {
         });
     }
     found
+}
+
+/// The entries an in-cluster client (a pod, the node's own process) balances over for
+/// the frontend `master` names: its in-cluster scope's where its master says so
+/// (`externalTrafficPolicy: Local`), else its own. A scope the agent has not written
+/// yet (mid-update) leaves the frontend's own entries.
+#[inline(always)]
+pub fn in_cluster_entries(master: ServiceKey, svc: ServiceValue) -> (ServiceKey, ServiceValue) {
+    if svc.flags & svc_flag::IN_CLUSTER_SCOPE == 0 {
+        return (master, svc);
+    }
+    let scoped = master.in_scope(service_scope::IN_CLUSTER);
+    match unsafe { SERVICES.get(scoped) } {
+        Some(entry) => (scoped, *entry),
+        None => (master, svc),
+    }
+}
+
+/// The entries an in-cluster client's packet `h` balances over, if it is addressed to
+/// a frontend (see [`in_cluster_entries`]).
+#[inline(always)]
+pub fn lookup_in_cluster(h: &Headers) -> Option<(ServiceKey, ServiceValue)> {
+    let svc = lookup_service(h)?;
+    let (master, svc) = in_cluster_entries(service_key(h, 0), svc);
+    if master.scope != service_scope::ALL {
+        trace::record(h.explain, |trace| {
+            trace.frontend = master;
+            trace.service = svc;
+        });
+    }
+    Some((master, svc))
 }
 
 /// lowbias32: cheap and well mixed, so flows spread evenly.
@@ -116,12 +147,12 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// The selection of a packet's new flow: hashed over its tuple, affinity by its
-    /// source address.
+    /// The selection of a packet's new flow to the entries under `master`: hashed
+    /// over its tuple, affinity by its source address.
     #[inline(always)]
-    pub fn of_packet(h: &Headers) -> Self {
+    pub fn of_packet(h: &Headers, master: ServiceKey) -> Self {
         Self {
-            master: service_key(h, 0),
+            master,
             hash: flow_hash(h),
             client_kind: AFFINITY_CLIENT_IP,
             client: h.saddr.to_ne_bytes(),
@@ -202,10 +233,16 @@ fn trace_choice(explain: bool, how: u16, slot: u16, chosen: &Chosen) {
     });
 }
 
-/// Pick the backend of a new flow of the packet `h` to the frontend it is addressed to.
+/// Pick the backend of a new flow of the packet `h` from the entries under `master`
+/// (the frontend it is addressed to, or its in-cluster scope).
 #[inline(always)]
-pub fn choose_backend(h: &Headers, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
-    choose(&Selection::of_packet(h), svc, maglev)
+pub fn choose_backend(
+    h: &Headers,
+    master: ServiceKey,
+    svc: &ServiceValue,
+    maglev: bool,
+) -> Option<Chosen> {
+    choose(&Selection::of_packet(h, master), svc, maglev)
 }
 
 /// Record `flow`, whose reply tuple (backend -> client port) another flow holds,
@@ -241,9 +278,10 @@ pub enum NewFlowOutcome {
 pub fn translate_new_flow<P: Packet>(
     pkt: &P,
     h: &Headers,
+    master: ServiceKey,
     svc: &ServiceValue,
 ) -> Result<NewFlowOutcome, ()> {
-    let Some(chosen) = choose_backend(h, svc, false) else {
+    let Some(chosen) = choose_backend(h, master, svc, false) else {
         return Ok(NewFlowOutcome::NoBackend);
     };
     let addr = chosen.address();

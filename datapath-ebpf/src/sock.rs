@@ -104,9 +104,16 @@ fn request(ctx: &SockAddrContext) -> Option<Request> {
     })
 }
 
-/// The frontend a socket asks for: its master key and entry.
+/// The entries a socket balances over for the frontend it asks for: the master key
+/// and entry (a socket is an in-cluster client: `lb::in_cluster_entries`).
 #[inline(always)]
 fn frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
+    let (master, svc) = own_frontend(req)?;
+    Some(lb::in_cluster_entries(master, svc))
+}
+
+#[inline(always)]
+fn own_frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
     let key = lb::frontend_key(req.address, req.port, req.proto, 0);
     if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some((key, *svc));

@@ -679,6 +679,7 @@ fn frontend_entries(
     out.rev_nat.insert(rev_nat_index, rev_nat_value(&frontend));
     FrontendEntries {
         frontend,
+        scope: ferrite_common::service_scope::ALL,
         rev_nat_index,
         backend_ids,
         ready: u16::try_from(backend_ids.len())?,

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferrite_tests::{
     cluster::load_balancer_yaml,
-    lab::{sh, wait_until, Agent, Node, SETTLE},
+    lab::{http_get, sh, wait_until, Agent, Cluster, Node, SETTLE},
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -437,5 +437,60 @@ fn only_get_and_head_are_answered() -> Result<()> {
         "{head}"
     );
     assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    Ok(())
+}
+
+/// kube-proxy's health endpoint, as a cloud load balancer probes it: from outside
+/// the cluster on the node's address, port 10256, kube-proxy's JSON. A Node object
+/// that is being deleted (`deletionTimestamp`) answers `/healthz` 503 with
+/// `nodeEligible: false` (load balancers drain it) and `/livez` 200; once it is not,
+/// 200 again. In file mode: the Node object comes from the config file.
+#[test]
+fn kube_proxys_health_endpoint_answers_load_balancers_and_drains_a_node_being_deleted() -> Result<()>
+{
+    let mut cluster = Cluster::new(1)?;
+    let objects = cluster.nodes_and_pods_yaml();
+    cluster.write_config(&objects)?;
+    cluster.start_agents()?;
+    let node = &cluster.nodes[0];
+    let address = SocketAddrV4::new(node.ip.context("plugged")?, 10256);
+    let from_world = |path: &str| -> Result<(u16, serde_json::Value)> {
+        let path = path.to_string();
+        let (status, body) = cluster.world.run(move || -> Result<(u16, String)> {
+            let mut stream = TcpStream::connect_timeout(&address.into(), Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            http_get(&mut stream, &path)
+        })??;
+        Ok((status, serde_json::from_str(&body)?))
+    };
+    wait_until("/healthz 200 from the world", SETTLE, || {
+        from_world("/healthz").is_ok_and(|(status, _)| status == 200)
+    })?;
+    let (_, healthz) = from_world("/healthz")?;
+    assert_eq!(healthz["nodeEligible"], true, "{healthz}");
+    assert_eq!(
+        healthz["lastUpdated"], healthz["currentTime"],
+        "healthy: lastUpdated is now, as kube-proxy answers"
+    );
+    assert_eq!(from_world("/livez")?.0, 200);
+
+    let name = &node.name;
+    let deleting = objects.replace(
+        &format!("metadata: {{name: {name}}}"),
+        &format!("metadata: {{name: {name}, deletionTimestamp: \"2026-12-07T00:00:00Z\"}}"),
+    );
+    assert_ne!(deleting, objects);
+    cluster.write_config(&deleting)?;
+    wait_until("/healthz 503 for the node being deleted", SETTLE, || {
+        from_world("/healthz")
+            .is_ok_and(|(status, body)| status == 503 && body["nodeEligible"] == false)
+    })?;
+    assert_eq!(from_world("/livez")?.0, 200, "the proxy itself is alive");
+
+    cluster.write_config(&objects)?;
+    wait_until("/healthz 200 again", SETTLE, || {
+        from_world("/healthz")
+            .is_ok_and(|(status, body)| status == 200 && body["nodeEligible"] == true)
+    })?;
     Ok(())
 }

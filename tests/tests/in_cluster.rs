@@ -3,7 +3,9 @@
 //! addresses (host network, like every cluster's `kubernetes` Service), on the same
 //! node and on the other; nodes reaching other nodes' pods; a pod reaching itself
 //! through its Service; a Service without endpoints refusing at once; a UDP client
-//! following its Service when its old backend still backs another.
+//! following its Service when its old backend still backs another; in-cluster
+//! clients of an `externalTrafficPolicy: Local` Service on a node without its
+//! endpoints.
 //!
 //! Clients are `ferrite-probe` processes in the node's cgroup subtree, in the pod's or
 //! the node's network namespace, as a pod's processes and the kubelet are. Each story
@@ -11,7 +13,8 @@
 //! `--socket-lb=false` (per-packet only). Needs root.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::Duration,
 };
 
 use anyhow::{ensure, Context, Result};
@@ -38,6 +41,11 @@ const NODE_PORT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 6);
 const NODE_PORT: u16 = 30090;
 /// Where the host-network servers listen on each node.
 const HOST_PORT: u16 = 9443;
+/// An `externalTrafficPolicy: Local` LoadBalancer (TCP 80 / UDP 81 on its ingress IP,
+/// nodePorts 30100 / 30101) whose only endpoint is `b1` on node 1.
+const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 7);
+const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 107);
+const LOCAL_NODE_PORT: u16 = 30100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -261,7 +269,70 @@ in_both_modes!(
     a_service_without_endpoints_refuses_at_once,
     a_udp_client_follows_its_service_when_the_old_backend_still_backs_another,
     a_connected_udp_socket_to_a_service_whose_backend_port_is_closed_is_refused,
+    in_cluster_clients_of_a_local_traffic_policy_service_reach_endpoints_on_other_nodes,
 );
+
+/// kube-proxy's rule for `externalTrafficPolicy: Local`: only clients from outside
+/// the cluster are held to the node's own endpoints. A pod and a process of node 0,
+/// which has no endpoint of the Service, reach its NodePort (on either node's
+/// address) and its load-balancer IP, TCP and UDP, and get `b1` of node 1; a client
+/// from outside reaching node 0's NodePort is still dropped there.
+fn in_cluster_clients_of_a_local_traffic_policy_service_reach_endpoints_on_other_nodes(
+    mode: Mode,
+) -> Result<()> {
+    let lab = lab_with(mode, |c| {
+        load_balancer_yaml(
+            "local",
+            LOCAL_VIP,
+            80,
+            LOCAL_NODE_PORT,
+            "  externalTrafficPolicy: Local\n",
+            &[LOCAL_LB_IP],
+            &[(c.pod("b1").ip, c.nodes[1].name.as_str())],
+        )
+    })?;
+    let c = &lab.cluster;
+    let (node0, node1) = (
+        c.nodes[0].ip.context("plugged")?,
+        c.nodes[1].ip.context("plugged")?,
+    );
+    for (who, probe) in [
+        ("pod c0", c.pod("c0").probe()),
+        ("node 0", c.nodes[0].host_probe()),
+    ] {
+        for to in [
+            SocketAddrV4::new(node0, LOCAL_NODE_PORT),
+            SocketAddrV4::new(node1, LOCAL_NODE_PORT),
+            SocketAddrV4::new(LOCAL_LB_IP, 80),
+        ] {
+            let request = format!("{who} -> {to} tcp");
+            let (name, _) = answered(&probe.tcp(to, &request)?, &request, to)?;
+            ensure!(name == "b1", "{request}: answered by {name}");
+        }
+        for to in [
+            SocketAddrV4::new(node0, LOCAL_NODE_PORT + 1),
+            SocketAddrV4::new(LOCAL_LB_IP, 81),
+        ] {
+            let request = format!("{who} -> {to} udp");
+            let (name, _) = answered(&probe.udp(to, &request)?, &request, to)?;
+            ensure!(name == "b1", "{request}: answered by {name}");
+        }
+    }
+    let dropped = node_counter(&c.nodes[0], stat::DROP_NO_LOCAL_BACKEND)?;
+    let to = SocketAddrV4::new(node0, LOCAL_NODE_PORT);
+    let from_outside = c
+        .world
+        .run(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)))?;
+    ensure!(
+        from_outside.is_err(),
+        "the world reached {to} without a local endpoint"
+    );
+    ensure!(
+        node_counter(&c.nodes[0], stat::DROP_NO_LOCAL_BACKEND)? > dropped,
+        "the world's SYN was not dropped for want of a local endpoint"
+    );
+    check_mode(&c.nodes[0], mode)
+}
 
 /// Every cluster's `kubernetes` Service: the API server listens on a control-plane
 /// node's address. Pods on that node and on the other reach it, TCP and UDP, and the

@@ -393,3 +393,48 @@ fn network_policies_and_pod_labels_follow_watch_events() -> Result<()> {
     assert!(reaches()?, "web closed after the policies went");
     Ok(())
 }
+
+/// Cloud load balancers and the cluster autoscaler probe kube-proxy's port 10256:
+/// the agent answers there with kube-proxy's JSON. A Node update carrying the
+/// autoscaler's `ToBeDeletedByClusterAutoscaler` taint turns `/healthz` 503 with
+/// `nodeEligible: false`, so load balancers drain the node, while `/livez` (is the
+/// datapath synced?) stays 200; with the taint gone, 200 again.
+#[test]
+fn kube_proxys_health_endpoint_drains_a_node_the_autoscaler_is_about_to_delete() -> Result<()> {
+    use ferrite_tests::lab::{wait_until, SETTLE};
+    let c = kube_cluster()?;
+    let (api, node) = (&c.api, &c.node);
+    let answer = |path: &str| -> Result<(u16, serde_json::Value)> {
+        let (status, body) = node.proxy_healthz(path)?;
+        Ok((status, serde_json::from_str(&body)?))
+    };
+    wait_until("/healthz 200", SETTLE, || {
+        answer("/healthz").is_ok_and(|(status, _)| status == 200)
+    })?;
+    let (_, healthz) = answer("/healthz")?;
+    assert_eq!(healthz["nodeEligible"], true, "{healthz}");
+    assert!(healthz["lastUpdated"].is_string(), "{healthz}");
+    assert!(healthz["currentTime"].is_string(), "{healthz}");
+    let (status, livez) = answer("/livez")?;
+    assert_eq!(status, 200, "{livez}");
+    assert!(livez.get("nodeEligible").is_none(), "{livez}");
+
+    let this_node = node_yaml(&node.name, "198.51.100.1".parse()?, "10.244.0.0/24");
+    let tainted = this_node.replace(
+        "spec: {podCIDR: 10.244.0.0/24}",
+        "spec: {podCIDR: 10.244.0.0/24, taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1765000000\", effect: NoSchedule}]}",
+    );
+    assert_ne!(tainted, this_node);
+    api.apply_yaml(&tainted)?;
+    wait_until("/healthz 503 for the tainted node", SETTLE, || {
+        answer("/healthz")
+            .is_ok_and(|(status, body)| status == 503 && body["nodeEligible"] == false)
+    })?;
+    assert_eq!(answer("/livez")?.0, 200, "the proxy itself is alive");
+
+    api.apply_yaml(&this_node)?;
+    wait_until("/healthz 200 with the taint gone", SETTLE, || {
+        answer("/healthz").is_ok_and(|(status, body)| status == 200 && body["nodeEligible"] == true)
+    })?;
+    Ok(())
+}

@@ -165,6 +165,7 @@ fn frontend(trace: &ExplainTrace) -> Option<Frontend> {
         (svc_flag::LOCAL_ONLY, "traffic-policy-local"),
         (svc_flag::NODE_PORT, "nodeport"),
         (svc_flag::SOURCE_RANGES, "source-ranges"),
+        (svc_flag::IN_CLUSTER_SCOPE, "in-cluster-scope"),
     ]
     .iter()
     .filter(|(bit, _)| svc.flags & bit != 0)
@@ -203,6 +204,9 @@ fn chosen(trace: &ExplainTrace, hashed_over: &str) -> Option<ChosenBackend> {
     };
     if trace.service.flags & svc_flag::LOCAL_ONLY != 0 {
         why.push_str("; traffic policy Local: every slot is an endpoint on this node");
+    }
+    if trace.frontend.scope == ferrite_common::service_scope::IN_CLUSTER {
+        why.push_str("; an in-cluster client of a traffic-policy-Local frontend: any endpoint");
     }
     if trace.service.affinity_timeout_s != 0 && trace.choice != choice::AFFINITY {
         why.push_str("; no live affinity pin: this flow would pin the client to it");

@@ -9,8 +9,8 @@ use super::{
     endpoints::{port_backends, PortEndpoints},
     fields::{parse_ipv4, truncated, valid_port},
     objects::{EndpointSlice, Service, ServicePort, ServiceSpec},
-    FrontendKind, HealthCheck, L4Addr, NodeContext, Protocol, ServiceFrontend, ServiceRef,
-    SkipReason, Skipped,
+    FrontendKind, HealthCheck, InClusterBackends, L4Addr, NodeContext, Protocol, ServiceFrontend,
+    ServiceRef, SkipReason, Skipped,
 };
 use crate::limits::{Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
 
@@ -399,6 +399,14 @@ impl PortFrontends<'_> {
             policy.internal_local
         };
         let (backends, terminating) = self.endpoints.for_policy(local_only);
+        // kube-proxy sends in-cluster traffic to a Local frontend to any endpoint.
+        let in_cluster = (kind.is_external() && local_only).then(|| {
+            let (backends, terminating) = self.endpoints.for_policy(false);
+            InClusterBackends {
+                backends,
+                terminating,
+            }
+        });
         let source_ranges = if kind == FrontendKind::LoadBalancer {
             policy.source_ranges.clone()
         } else {
@@ -423,6 +431,7 @@ impl PortFrontends<'_> {
                 terminating,
                 kind,
                 local_only,
+                in_cluster,
                 affinity_timeout_s: policy.affinity_timeout_s,
                 source_ranges,
             },
@@ -441,6 +450,9 @@ fn check_size(frontends: &Frontends) -> Result<(), String> {
             ));
         }
         entries += 1 + backends;
+        if let Some(in_cluster) = &entry.in_cluster {
+            entries += 1 + in_cluster.backends.len() + in_cluster.terminating.len();
+        }
     }
     if entries > MAX_SERVICE_ENTRIES {
         return Err(format!(
@@ -504,6 +516,12 @@ mod tests {
             assert_eq!(&f.backends, backends, "{frontend}");
             assert_eq!(f.terminating, terminating, "{frontend}");
             assert_eq!(f.local_only, kind.is_external(), "{frontend}");
+            // In-cluster clients of the external frontends reach every endpoint.
+            let in_cluster = kind.is_external().then(|| InClusterBackends {
+                backends: all.clone(),
+                terminating: terminating.clone(),
+            });
+            assert_eq!(f.in_cluster, in_cluster, "{frontend}");
             assert_eq!(f.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
             let ranges: Vec<Ipv4Net> = ranges.iter().map(|r| r.parse().unwrap()).collect();
             assert_eq!(f.source_ranges, ranges, "{frontend}");

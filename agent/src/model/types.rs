@@ -160,10 +160,23 @@ pub struct ServiceFrontend {
     pub kind: FrontendKind,
     /// Traffic policy `Local`: `backends` are this node's only.
     pub local_only: bool,
+    /// An external frontend of `externalTrafficPolicy: Local`: the backends its
+    /// in-cluster clients (pods, the node's processes) use instead, every ready
+    /// endpoint as kube-proxy gives them; `None` elsewhere.
+    pub in_cluster: Option<InClusterBackends>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty = everyone.
     pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// What in-cluster clients of an `externalTrafficPolicy: Local` frontend use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InClusterBackends {
+    /// Backends for new flows (the `Cluster` policy's).
+    pub backends: Vec<L4Addr>,
+    /// Kept for established flows only, as [`ServiceFrontend::terminating`].
+    pub terminating: Vec<L4Addr>,
 }
 
 /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer:

@@ -151,10 +151,12 @@ pub fn desired_contents_keeping_ids(
         .services
         .values()
         .flat_map(|service| {
+            let in_cluster = service.in_cluster.iter();
             service
                 .backends
                 .iter()
                 .chain(&service.terminating)
+                .chain(in_cluster.flat_map(|c| c.backends.iter().chain(&c.terminating)))
                 .map(backend_value)
         })
         .collect();

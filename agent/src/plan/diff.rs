@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{NodeConfig, ServiceKey, ServiceValue};
 
-use super::{MapContents, Op};
+use super::{service_entries::frontend_range, MapContents, Op};
 
 /// Selects every key: for maps that `changes` compares whole.
 fn all<K>(_: &K) -> bool {
@@ -157,11 +157,8 @@ pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u16, u32)> {
     }
     let mut after = BTreeMap::new();
     for master in &touched {
-        let last = ServiceKey {
-            backend_slot: u16::MAX,
-            ..*master
-        };
-        after.extend(before.services.range(*master..=last));
+        let (first, last) = frontend_range(master);
+        after.extend(before.services.range(first..=last));
     }
     for op in ops {
         match op {
@@ -196,27 +193,22 @@ pub fn removed_backends(ops: &[Op]) -> BTreeSet<u32> {
         .collect()
 }
 
-/// The master key of a Service entry's frontend.
+/// The first key of a Service entry's frontend (its master of every client).
 fn master_of(key: &ServiceKey) -> ServiceKey {
-    ServiceKey {
-        backend_slot: 0,
-        ..*key
-    }
+    frontend_range(key).0
 }
 
 /// The rev-NAT index of a frontend and the backend ids of all its slots (ready and
-/// terminating) in `services`.
+/// terminating, of every scope: a backend in-cluster clients still use keeps its
+/// flows) in `services`.
 fn members(
     services: &BTreeMap<ServiceKey, ServiceValue>,
     master: ServiceKey,
 ) -> (Option<u16>, BTreeSet<u32>) {
-    let last = ServiceKey {
-        backend_slot: u16::MAX,
-        ..master
-    };
+    let (first, last) = frontend_range(&master);
     let mut rev_nat = None;
     let mut ids = BTreeSet::new();
-    for (key, value) in services.range(master..=last) {
+    for (key, value) in services.range(first..=last) {
         if key.backend_slot == 0 {
             rev_nat = Some(value.rev_nat_index);
         } else {

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
-    Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
-    ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
+    service_scope, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
+    ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
 };
 use sha2::{Digest, Sha256};
 
@@ -157,6 +157,8 @@ pub fn op_map(op: &Op) -> &'static str {
 #[derive(Clone, Copy, Debug)]
 pub struct FrontendEntries<'a> {
     pub frontend: L4Addr,
+    /// Whose entries (`service_scope`): every client's, or the in-cluster ones'.
+    pub scope: u8,
     pub rev_nat_index: u16,
     /// The backend id of each slot from slot 1: the ready backends, then the
     /// terminating ones (no new flow picks them, but their flows name them).
@@ -170,10 +172,11 @@ pub struct FrontendEntries<'a> {
 }
 
 impl FrontendEntries<'_> {
-    /// The key of the frontend's master entry (slot 0).
+    /// The key of the frontend's master entry (slot 0) in its scope.
     pub fn master(&self) -> ServiceKey {
         let frontend = &self.frontend;
         ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0)
+            .in_scope(self.scope)
     }
 
     /// Put the slots and the master entry into `out`.
@@ -283,13 +286,19 @@ pub fn describe_policy_rule(rule: &PolicyRule) -> String {
     )
 }
 
-/// Human-readable frontend of a service key (for logs and inspect).
+/// Human-readable frontend of a service key (for logs and inspect); entries of the
+/// in-cluster scope say so.
 pub fn describe_service_key(key: &ServiceKey) -> String {
     let protocol = Protocol::from_number(key.proto)
         .map(|p| p.to_string())
         .unwrap_or_else(|| format!("proto{}", key.proto));
+    let scope = match key.scope {
+        service_scope::ALL => String::new(),
+        service_scope::IN_CLUSTER => " (in-cluster)".to_string(),
+        other => format!(" (scope {other})"),
+    };
     format!(
-        "{}:{}/{}",
+        "{}:{}/{}{scope}",
         std::net::Ipv4Addr::from(key.address),
         key.port,
         protocol

@@ -2,7 +2,7 @@
 //! Maglev tables and source ranges), shared by the full and the incremental plan.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrite_common::{svc_flag, Backend, RevNatValue, ServiceKey};
+use ferrite_common::{service_scope, svc_flag, Backend, RevNatValue, ServiceKey};
 
 use super::{
     ids::{Budget, ExistingIds, IdAllocator},
@@ -29,45 +29,51 @@ pub(super) fn service_contents<'s>(
     let mut rev_nat_of: BTreeMap<RevNatValue, u16> = BTreeMap::new();
     for (frontend, service) in services {
         let rev = rev_nat_value(frontend);
-        let key = |slot: u16| {
+        let views = views_of(service);
+        let key = |scope: u8, slot: u16| {
             ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+                .in_scope(scope)
         };
+        // The model refuses larger Services; a slot number must never wrap.
+        if let Some(view) = views
+            .iter()
+            .find(|v| v.slot_count() > crate::limits::MAX_BACKENDS_PER_PORT)
+        {
+            skipped.push(Skipped {
+                object: service.name.clone(),
+                reason: SkipReason::TooManyBackends {
+                    frontend: *frontend,
+                    count: view.slot_count(),
+                },
+            });
+            continue;
+        }
         // Only entries the maps do not hold yet need room: writes come before
         // removals, so what this plan removes frees its room for the next one.
-        let slot_count = service.backends.len() + service.terminating.len();
-        // The model refuses larger Services; a slot number must never wrap.
-        let last_slot = match u16::try_from(slot_count) {
-            Ok(last) if slot_count <= crate::limits::MAX_BACKENDS_PER_PORT => last,
-            _ => {
-                skipped.push(Skipped {
-                    object: service.name.clone(),
-                    reason: SkipReason::TooManyBackends {
-                        frontend: *frontend,
-                        count: slot_count,
-                    },
-                });
-                continue;
-            }
-        };
-        let new_entries = (0..=last_slot)
-            .filter(|slot| !written.services.contains_key(&key(*slot)))
-            .count();
+        let new_entries: usize = views
+            .iter()
+            .map(|view| {
+                (0..=view.slot_count() as u16)
+                    .filter(|slot| !written.services.contains_key(&key(view.scope, *slot)))
+                    .count()
+            })
+            .sum();
         let new_rev_nat =
             usize::from(!rev_nat_of.contains_key(&rev) && (existing.rev_nat)(&rev).is_none());
-        let new_backends = service
-            .backends
+        let new_backends = views
             .iter()
-            .chain(&service.terminating)
+            .flat_map(|view| view.ready.iter().chain(view.terminating))
             .map(backend_value)
             .collect::<BTreeSet<_>>()
             .iter()
             .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
             .count();
-        let may_use_reserve = slot_count <= crate::limits::SMALL_FRONTEND_BACKENDS
+        let largest = views.iter().map(View::slot_count).max().unwrap_or(0);
+        let may_use_reserve = largest <= crate::limits::SMALL_FRONTEND_BACKENDS
             || service.service.namespace == "kube-system";
         if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat, may_use_reserve) {
             // A port already in the maps keeps what it has: it goes on working.
-            let kept = keep_as_written(key(0), written, out);
+            let kept = keep_as_written(key(service_scope::ALL, 0), written, out);
             skipped.push(Skipped {
                 object: service.name.clone(),
                 reason: SkipReason::MapFull {
@@ -100,51 +106,100 @@ pub(super) fn service_contents<'s>(
         // Ready backends fill slots 1..=count, which new flows pick from; terminating
         // ones follow after `count`: no new flow picks them, but the maps say which
         // frontend they still serve (their flows' conntrack entries name their id).
-        let mut slots = Vec::with_capacity(slot_count);
-        for addr in service.backends.iter().chain(&service.terminating) {
-            let value = backend_value(addr);
-            let id = match backend_id_of.get(&value) {
-                Some(id) => Some(*id),
-                None => (existing.backend)(&value).or_else(|| backend_ids.allocate()),
-            };
-            let Some(id) = id else {
-                skipped.push(Skipped {
-                    object: service.name.clone(),
-                    reason: SkipReason::NoBackendId(*addr),
-                });
+        let mut view_slots = Vec::with_capacity(views.len());
+        for view in &views {
+            let mut slots = Vec::with_capacity(view.slot_count());
+            for addr in view.ready.iter().chain(view.terminating) {
+                let value = backend_value(addr);
+                let id = match backend_id_of.get(&value) {
+                    Some(id) => Some(*id),
+                    None => (existing.backend)(&value).or_else(|| backend_ids.allocate()),
+                };
+                let Some(id) = id else {
+                    skipped.push(Skipped {
+                        object: service.name.clone(),
+                        reason: SkipReason::NoBackendId(*addr),
+                    });
+                    break;
+                };
+                backend_id_of.insert(value, id);
+                slots.push(id);
+            }
+            if slots.len() != view.slot_count() {
                 break;
-            };
-            backend_id_of.insert(value, id);
-            slots.push(id);
+            }
+            view_slots.push(slots);
         }
-        if slots.len() != slot_count {
+        if view_slots.len() != views.len() {
             continue;
         }
-        let entries = FrontendEntries {
-            frontend: *frontend,
-            rev_nat_index,
-            backend_ids: &slots,
-            ready: u16::try_from(service.backends.len()).expect("bounded above"),
-            flags: service_flags(service),
-            affinity_timeout_s: service.affinity_timeout_s,
-        };
-        let master = entries.master();
-        if service.kind.is_external() && !service.backends.is_empty() {
-            let digest = maglev_digest(service.backends.iter().map(backend_value));
-            out.maglev.insert(master, digest);
+        for (view, slots) in views.iter().zip(&view_slots) {
+            let entries = FrontendEntries {
+                frontend: *frontend,
+                scope: view.scope,
+                rev_nat_index,
+                backend_ids: slots,
+                ready: u16::try_from(view.ready.len()).expect("bounded above"),
+                flags: view.flags,
+                affinity_timeout_s: service.affinity_timeout_s,
+            };
+            let master = entries.master();
+            // Only clients from outside use Maglev (the in-cluster scope hashes).
+            if view.scope == service_scope::ALL {
+                if service.kind.is_external() && !service.backends.is_empty() {
+                    let digest = maglev_digest(service.backends.iter().map(backend_value));
+                    out.maglev.insert(master, digest);
+                }
+                for range in &service.source_ranges {
+                    out.source_ranges.insert(SourceRange {
+                        frontend: master,
+                        network: range.network().octets(),
+                        prefix_len: range.prefix_len() as u32,
+                    });
+                }
+            }
+            entries.write_into(out);
         }
-        for range in &service.source_ranges {
-            out.source_ranges.insert(SourceRange {
-                frontend: master,
-                network: range.network().octets(),
-                prefix_len: range.prefix_len() as u32,
-            });
-        }
-        entries.write_into(out);
     }
     for (value, id) in backend_id_of {
         out.backends.insert(id, value);
     }
+}
+
+/// The entries of one scope of a frontend.
+struct View<'s> {
+    scope: u8,
+    ready: &'s [L4Addr],
+    terminating: &'s [L4Addr],
+    flags: u32,
+}
+
+impl View<'_> {
+    fn slot_count(&self) -> usize {
+        self.ready.len() + self.terminating.len()
+    }
+}
+
+/// Every client's entries and, for a frontend whose in-cluster clients use other
+/// backends (`externalTrafficPolicy: Local`), theirs.
+fn views_of(service: &ServiceFrontend) -> Vec<View<'_>> {
+    let flags = service_flags(service);
+    let mut views = vec![View {
+        scope: service_scope::ALL,
+        ready: &service.backends,
+        terminating: &service.terminating,
+        flags,
+    }];
+    if let Some(in_cluster) = &service.in_cluster {
+        views[0].flags |= svc_flag::IN_CLUSTER_SCOPE;
+        views.push(View {
+            scope: service_scope::IN_CLUSTER,
+            ready: &in_cluster.backends,
+            terminating: &in_cluster.terminating,
+            flags: flags & !svc_flag::LOCAL_ONLY,
+        });
+    }
+    views
 }
 
 fn service_flags(service: &ServiceFrontend) -> u32 {
@@ -164,17 +219,14 @@ fn service_flags(service: &ServiceFrontend) -> u32 {
     flags
 }
 
-/// Copy a frontend's entries (master, slots, their backends and rev-NAT entry) from
-/// `written` into `out` unchanged. Returns whether it had any.
+/// Copy a frontend's entries (masters and slots of every scope, their backends and
+/// rev-NAT entry) from `written` into `out` unchanged. Returns whether it had any.
 pub(super) fn keep_as_written(
     master: ServiceKey,
     written: &MapContents,
     out: &mut MapContents,
 ) -> bool {
-    let last = ServiceKey {
-        backend_slot: u16::MAX,
-        ..master
-    };
+    let (master, last) = frontend_range(&master);
     let mut any = false;
     for (key, value) in written.services.range(master..=last) {
         any = true;
@@ -198,6 +250,21 @@ pub(super) fn keep_as_written(
             .copied(),
     );
     any
+}
+
+/// The first and the last key of every entry of `key`'s frontend, all scopes.
+pub(super) fn frontend_range(key: &ServiceKey) -> (ServiceKey, ServiceKey) {
+    let first = ServiceKey {
+        scope: 0,
+        backend_slot: 0,
+        ..*key
+    };
+    let last = ServiceKey {
+        scope: u8::MAX,
+        backend_slot: u16::MAX,
+        ..*key
+    };
+    (first, last)
 }
 
 #[cfg(test)]
@@ -224,6 +291,60 @@ mod tests {
         assert_eq!(backend_of(1).address, ready.ip.octets());
         assert_eq!(backend_of(2).address, terminating.ip.octets());
         assert_eq!(desired.services.len(), 3);
+    }
+
+    #[test]
+    fn a_local_frontend_gives_in_cluster_clients_every_endpoint_under_its_own_scope() {
+        let node_port = tcp("198.51.100.1", 30080);
+        let (here, there) = (tcp("10.244.0.2", 8080), tcp("10.244.1.2", 8080));
+        let mut s = state(&[(node_port, &[])]);
+        let frontend = s.services.get_mut(&node_port).unwrap();
+        frontend.kind = FrontendKind::NodePort;
+        frontend.local_only = true;
+        frontend.in_cluster = Some(crate::model::InClusterBackends {
+            backends: vec![here, there],
+            terminating: vec![],
+        });
+        let (desired, _) = plan(&s, &MapContents::default());
+        let key =
+            |scope, slot| ServiceKey::new(node_port.ip, 30080, PROTO_TCP, slot).in_scope(scope);
+        let own = desired.services[&key(service_scope::ALL, 0)];
+        assert_eq!(own.count, 0, "no local endpoint for clients from outside");
+        assert_ne!(own.flags & svc_flag::LOCAL_ONLY, 0);
+        assert_ne!(own.flags & svc_flag::IN_CLUSTER_SCOPE, 0);
+        let in_cluster = desired.services[&key(service_scope::IN_CLUSTER, 0)];
+        assert_eq!(in_cluster.count, 2);
+        assert_eq!(
+            in_cluster.rev_nat_index, own.rev_nat_index,
+            "replies read the same"
+        );
+        assert_eq!(
+            in_cluster.flags & (svc_flag::LOCAL_ONLY | svc_flag::IN_CLUSTER_SCOPE),
+            0
+        );
+        let backend_of = |slot| {
+            desired.backends[&desired.services[&key(service_scope::IN_CLUSTER, slot)].backend_id]
+        };
+        assert_eq!(backend_of(1).address, here.ip.octets());
+        assert_eq!(backend_of(2).address, there.ip.octets());
+        // A backend leaving the local endpoints but still serving in-cluster clients
+        // keeps its flows; leaving both ends them.
+        let mut local_gone = s.clone();
+        local_gone.services.get_mut(&node_port).unwrap().in_cluster =
+            Some(crate::model::InClusterBackends {
+                backends: vec![there],
+                terminating: vec![],
+            });
+        let (_, ops) = plan(&local_gone, &desired);
+        let ended = ended_pairs(&desired, &ops);
+        let here_id = desired.services[&key(service_scope::IN_CLUSTER, 1)].backend_id;
+        assert_eq!(ended, [(own.rev_nat_index, here_id)].into());
+        let mut with_local = s.clone();
+        with_local.services.get_mut(&node_port).unwrap().backends = vec![there];
+        let (before, _) = plan(&with_local, &desired);
+        let (_, ops) = plan(&s, &before);
+        assert!(!ops.is_empty());
+        assert!(ended_pairs(&before, &ops).is_empty(), "{ops:?}");
     }
 
     #[test]

@@ -18,9 +18,9 @@ use ferrite_agent::{
     plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
 };
 use ferrite_common::{
-    endpoint_flag, pod_mac_for, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
-    ROUTE_REMOTE, VXLAN_DEVICE,
+    endpoint_flag, pod_mac_for, service_scope, svc_flag, Backend, EndpointInfo, EndpointKey,
+    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL,
+    ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -424,7 +424,12 @@ fn l4(address: [u8; 4], port: u16, proto: u8) -> String {
 }
 
 fn service_key(key: &ServiceKey) -> String {
-    l4(key.address, key.port, key.proto)
+    let frontend = l4(key.address, key.port, key.proto);
+    match key.scope {
+        service_scope::ALL => frontend,
+        service_scope::IN_CLUSTER => format!("{frontend} in-cluster"),
+        other => format!("{frontend} scope={other}"),
+    }
 }
 
 fn flag_names(flags: u32) -> String {
@@ -433,6 +438,7 @@ fn flag_names(flags: u32) -> String {
         (svc_flag::LOCAL_ONLY, "local-only"),
         (svc_flag::NODE_PORT, "node-port"),
         (svc_flag::SOURCE_RANGES, "source-ranges"),
+        (svc_flag::IN_CLUSTER_SCOPE, "in-cluster-scope"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -442,7 +448,8 @@ fn flag_names(flags: u32) -> String {
         & !(svc_flag::EXTERNAL
             | svc_flag::LOCAL_ONLY
             | svc_flag::NODE_PORT
-            | svc_flag::SOURCE_RANGES);
+            | svc_flag::SOURCE_RANGES
+            | svc_flag::IN_CLUSTER_SCOPE);
     let mut shown = if names.is_empty() {
         "-".to_string()
     } else {

@@ -13,10 +13,21 @@ impl Node {
     /// GET `path` from the agent's HTTP endpoint (its default port, in the node's
     /// netns): (status, body).
     pub fn agent_http(&self, path: &str) -> Result<(u16, String)> {
+        self.http_on(9965, path)
+    }
+
+    /// GET `path` from kube-proxy's health endpoint the agent serves (its default
+    /// port 10256, on every address of the node's netns): (status, body).
+    pub fn proxy_healthz(&self, path: &str) -> Result<(u16, String)> {
+        self.http_on(10256, path)
+    }
+
+    /// GET `path` from 127.0.0.1:`port` in the node's netns: (status, body).
+    fn http_on(&self, port: u16, path: &str) -> Result<(u16, String)> {
         let path = path.to_string();
         self.netns.run(move || -> Result<(u16, String)> {
             let mut stream = TcpStream::connect_timeout(
-                &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9965).into(),
+                &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
                 Duration::from_secs(5),
             )?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -268,6 +268,7 @@ fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
         entries.backends.insert(id, plan::backend_value(&backend));
         FrontendEntries {
             frontend: tcp(service_ip(index), 80),
+            scope: ferrite_common::service_scope::ALL,
             rev_nat_index: u16::MAX,
             backend_ids: &[id],
             ready: 1,
