@@ -10,12 +10,14 @@
 //! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
 //!    `driver`, `healthcheck`, `proxy_health`, `objects_yaml`;
 //! 5. `telemetry`, `inspect`, `explain`, `cni`;
-//! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node).
+//! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node);
+//! 7. `cli` (the `ferrite` command line, parsed by the binary).
 //!
 //! The binaries wire a source, the driver and the node. (Only `model`'s unit tests
 //! look up: they read fixtures with `objects_yaml`.)
 pub mod agent;
 pub mod bpf_syscall;
+pub mod cli;
 pub mod cni;
 pub mod conntrack_gc;
 pub mod datapath;

@@ -5,9 +5,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use ferrite_agent::{
     agent,
+    cli::{Cli, Command, MonitorOutput},
     datapath::{self, OBJECT_FILE_NAME},
     driver::{Driver, Source},
     explain, files, host, http, inspect, install_cni, kube_source,
@@ -16,210 +17,6 @@ use ferrite_agent::{
     objects_yaml, plan, proxy_health, source, telemetry,
 };
 use tracing::{info, warn};
-
-/// Ferrite: Kubernetes pod networking and Service load balancing in eBPF.
-#[derive(Parser)]
-#[command(version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node agent: load/attach the datapath and keep its maps in sync.
-    Agent {
-        /// This node's name (spec.nodeName of its pods).
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-        /// Multi-document YAML of Kubernetes objects (Service, EndpointSlice, Pod,
-        /// Node). Without it the agent watches the Kubernetes API (in-cluster config
-        /// or $KUBECONFIG).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The eBPF object (default: next to this binary or target/bpf/).
-        #[arg(long, env = "FERRITE_BPF_OBJECT")]
-        bpf_object: Option<PathBuf>,
-        /// Full resync period in seconds (also repairs drift).
-        #[arg(long, default_value_t = 10)]
-        resync_seconds: u64,
-        /// Datapath log level (aya-log); `debug` logs every drop with its reason.
-        #[arg(long, value_enum, default_value_t)]
-        datapath_log: datapath::DatapathLog,
-        /// VXLAN network identifier of the cluster overlay.
-        #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
-        vni: u32,
-        /// UDP port of the overlay (IANA 4789; Linux's and flannel's default is 8472).
-        #[arg(long, default_value_t = ferrite_common::DEFAULT_VXLAN_PORT)]
-        vxlan_port: u16,
-        /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
-        #[arg(long)]
-        cluster_cidr: Option<ipnet::Ipv4Net>,
-        /// Where to serve /healthz, /readyz and /metrics. Loopback by default: kubelet
-        /// probes a hostNetwork pod there, and /metrics (Service names, backend
-        /// addresses) is not for every pod that can reach the node; give the node's
-        /// address or 0.0.0.0 for Prometheus to scrape it.
-        #[arg(long, default_value = "127.0.0.1:9965")]
-        http_addr: std::net::SocketAddr,
-        /// kube-proxy's health endpoint (`/healthz`, `/livez`), which cloud load
-        /// balancers and cluster autoscalers probe; kube-proxy's flag and default.
-        /// Empty: not served.
-        #[arg(long, default_value = proxy_health::DEFAULT_BIND_ADDRESS)]
-        healthz_bind_address: String,
-        /// `MAP=ENTRIES`, e.g. `ferrite_service=524288` (repeatable): capacity of a
-        /// map when it is created. Defaults fit 10k Services x 10 endpoints.
-        #[arg(long = "map-capacity", value_parser = parse_map_capacity)]
-        map_capacities: Vec<(String, u32)>,
-        /// Socket-level load balancing: Service addresses are translated to a backend
-        /// when a socket connects (TCP) or sends (unconnected UDP), for pods and host
-        /// processes in the cgroup subtree. `false`: per-packet only.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        socket_lb: bool,
-        /// The cgroup v2 directory whose processes get socket-level load balancing
-        /// (default: the cgroup v2 mount from /proc/mounts; without one, Ferrite
-        /// mounts its own under /run/ferrite). On a hybrid host, `unified/` below the
-        /// path given is used.
-        #[arg(long)]
-        cgroup_root: Option<PathBuf>,
-        /// The node's /proc/sys/net, where the agent turns on net.ipv4.ip_forward and
-        /// net.ipv4.conf.lo.accept_local if they are off: a container's own /proc/sys
-        /// is read-only unless it is privileged, so the DaemonSet mounts the host's
-        /// at /host/proc/sys/net (with hostNetwork it shows the node's settings).
-        #[arg(long, default_value = "/proc/sys/net")]
-        proc_sys_net: PathBuf,
-        /// External traffic (NodePort, LoadBalancer IPs, externalIPs) in XDP on the
-        /// uplink: `auto` on every uplink but a veth (where XDP saves nothing and
-        /// costs GSO; its tcx program then balances it), `always`, `never`.
-        #[arg(long, value_enum, default_value_t)]
-        xdp: plan::UplinkXdp,
-        #[command(flatten)]
-        admission: AdmissionArgs,
-    },
-    /// Show a node's datapath state from its pinned maps; `diff` lists the writes a
-    /// sync would make now (drift between the objects and the maps).
-    Inspect {
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-        #[arg(value_enum)]
-        table: inspect::Table,
-        /// `table`: aligned columns; `json`: an array of objects with the same fields.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: inspect::Output,
-        /// For `diff`: the objects from this YAML file instead of the Kubernetes API.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// For `diff`: the cluster's VXLAN network identifier, if the node's maps do
-        /// not hold it yet.
-        #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
-        vni: u32,
-        /// For `diff`: the agent's cluster pod CIDR.
-        #[arg(long)]
-        cluster_cidr: Option<ipnet::Ipv4Net>,
-        /// For `diff`: the agent's admission flags.
-        #[command(flatten)]
-        admission: AdmissionArgs,
-        /// For `policy`: only the pod with this address.
-        #[arg(long)]
-        pod: Option<std::net::Ipv4Addr>,
-    },
-    /// Stream the datapath's drops (with their reason) and new Service flows (with
-    /// the backend chosen) as they happen, from the node's agent. Run it in the
-    /// node's network namespace to see device names.
-    Monitor {
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-        /// Which events.
-        #[arg(long = "type", value_enum, default_value_t)]
-        kind: monitor::Kind,
-        /// Only events with this address on either side (or as the backend).
-        #[arg(long)]
-        address: Option<std::net::Ipv4Addr>,
-        /// Only events with this port on either side (or as the backend's).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Only events to or from this Service's frontends (NAMESPACE/NAME).
-        #[arg(long)]
-        service: Option<String>,
-        /// `table`, or `json`: one JSON object per line.
-        #[arg(short = 'o', long, value_enum, default_value_t)]
-        output: MonitorOutput,
-    },
-    /// Say what the node's loaded datapath does with a packet, against its live maps,
-    /// changing nothing: the steps (anti-spoofing, conntrack, Service frontend, backend
-    /// and why, rewrite), the verdict and where the packet goes. Run it in the node's
-    /// network namespace.
-    Explain {
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-        /// The sender: ADDRESS[:PORT] (an ephemeral port when none is given).
-        #[arg(long, value_parser = explain::parse_source)]
-        from: std::net::SocketAddrV4,
-        /// The destination: ADDRESS:PORT/tcp or ADDRESS:PORT/udp.
-        #[arg(long, value_parser = explain::parse_destination)]
-        to: (std::net::SocketAddrV4, u8),
-        /// Where the packet comes from: a pod of this node, a pod of another node
-        /// (over the overlay), or outside the cluster (the uplink).
-        #[arg(long, value_enum, default_value = "pod")]
-        ingress: explain::Ingress,
-        /// For `--ingress pod`: the host veth the frame enters (default: the source
-        /// pod's own), e.g. to see a spoofed source dropped.
-        #[arg(long)]
-        veth: Option<String>,
-        /// For `--ingress overlay`: the node the tunnel comes from (default: the node
-        /// whose pod CIDR holds the source).
-        #[arg(long)]
-        sender_node: Option<std::net::Ipv4Addr>,
-        /// Explain a socket's connect() (TCP) or sendmsg() (UDP) to a Service: the
-        /// socket-level load balancer's choice instead of a packet's.
-        #[arg(long)]
-        socket: bool,
-        /// With --socket: the socket cookie the backend is hashed over.
-        #[arg(long, default_value_t = 1)]
-        cookie: u64,
-        /// Print each program's output frame as hex.
-        #[arg(long)]
-        hex: bool,
-        #[arg(short = 'o', long, value_enum, default_value_t)]
-        output: inspect::Output,
-    },
-    /// Install the CNI plugin on this node (the DaemonSet's init container): every
-    /// plugin the conflist chains and `loopback` (the runtime runs it for every
-    /// sandbox) that the host lacks, from --plugins-from; a host's own plugin is kept
-    /// once it answers that it speaks the conflist's cniVersion. Then `ferrite-cni`
-    /// (from next to this binary) and last the conflist, with the node's name. Fails,
-    /// naming them and writing nothing, when plugins can be neither found nor
-    /// installed.
-    InstallCni {
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-        /// The host's CNI plugin directory, as mounted (e.g. /host/opt/cni/bin).
-        #[arg(long)]
-        bin_dir: PathBuf,
-        /// The host's CNI configuration directory, as mounted (e.g. /host/etc/cni/net.d).
-        #[arg(long)]
-        conf_dir: PathBuf,
-        /// The conflist, with `__NODE_NAME__` for the node's name; written to
-        /// --conf-dir under its own file name.
-        #[arg(long)]
-        conflist: PathBuf,
-        /// Plugins to install where the host lacks them (the image ships those
-        /// deploy/cni-plugins lists in /usr/lib/ferrite/cni).
-        #[arg(long)]
-        plugins_from: Option<PathBuf>,
-    },
-    /// Detach and unpin everything Ferrite installed for a node.
-    Uninstall {
-        #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
-        node: String,
-    },
-}
-
-#[derive(Clone, Copy, Default, clap::ValueEnum)]
-enum MonitorOutput {
-    #[default]
-    Table,
-    Json,
-}
 
 /// `ferrite monitor`: print the agent's lines until it or the reader goes away.
 fn run_monitor(node: &str, request: &monitor::Request, output: MonitorOutput) -> Result<()> {
@@ -291,76 +88,6 @@ fn clear_monitor_on_exit(
             std::process::exit(0);
         })?;
     Ok(())
-}
-
-/// What the node accepts from objects: the agent's flags, which `inspect diff` takes
-/// too so it plans as the agent does.
-#[derive(clap::Args)]
-struct AdmissionArgs {
-    /// The Service CIDR (repeatable): clusterIPs outside it are refused. Without
-    /// it any address that is not loopback, link-local, a node's or a pod's.
-    #[arg(long = "service-cidr")]
-    service_cidrs: Vec<ipnet::Ipv4Net>,
-    /// Where `spec.externalIPs` may point (repeatable). None given: no
-    /// externalIPs at all (CVE-2020-8554; the DenyServiceExternalIPs default).
-    #[arg(long = "external-ip-cidr")]
-    external_ip_cidrs: Vec<ipnet::Ipv4Net>,
-    /// NodePorts outside this range are refused.
-    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
-    node_port_range: std::ops::RangeInclusive<u16>,
-    /// Serve the Services labelled `service.kubernetes.io/service-proxy-name` with
-    /// this value (kube-proxy's flag); without it, only unlabelled Services.
-    #[arg(long)]
-    service_proxy_name: Option<String>,
-}
-
-impl AdmissionArgs {
-    fn limits(self, cluster_cidr: Option<ipnet::Ipv4Net>) -> ferrite_agent::limits::Limits {
-        ferrite_agent::limits::Limits {
-            service_cidrs: self.service_cidrs,
-            external_ip_cidrs: self.external_ip_cidrs,
-            service_proxy_name: self.service_proxy_name,
-            node_port_range: self.node_port_range,
-            cluster_cidr,
-        }
-    }
-}
-
-fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
-    let (first, last) = value
-        .split_once('-')
-        .ok_or("expected FIRST-LAST, e.g. 30000-32767")?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("{p:?} is not a port"))
-    };
-    let (first, last) = (port(first)?, port(last)?);
-    if first == 0 || first > last {
-        return Err(format!("{value:?} is not a range of ports"));
-    }
-    Ok(first..=last)
-}
-
-fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
-    let (name, entries) = value
-        .split_once('=')
-        .ok_or("expected MAP=ENTRIES, e.g. ferrite_service=524288")?;
-    use ferrite_common::capacity;
-    if capacity::default_for(name).is_none() {
-        let sized: Vec<&str> = capacity::DEFAULTS.iter().map(|(map, _)| *map).collect();
-        return Err(format!(
-            "{name:?} is not a sized map (maps: {})",
-            sized.join(", ")
-        ));
-    }
-    let entries: u32 = entries
-        .parse()
-        .map_err(|_| format!("{entries:?} is not a number of entries"))?;
-    if entries == 0 {
-        return Err("a map needs at least one entry".into());
-    }
-    Ok((name.to_string(), entries))
 }
 
 /// The eBPF object: `--bpf-object` (or $FERRITE_BPF_OBJECT), else next to the
@@ -727,6 +454,7 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrite_agent::cli::parse_map_capacity;
 
     #[test]
     fn every_command_refuses_a_node_name_that_is_no_path_component() {

@@ -249,6 +249,37 @@ impl Telemetry {
         Arc::new(telemetry)
     }
 
+    /// One series with empty label values in every labelled family, so that an
+    /// encoding shows every metric with its label names (an empty family is not
+    /// encoded): for `docs/reference/metrics.md`, never called by the agent.
+    pub fn add_a_series_to_every_family(&self) {
+        let backend = BackendLabels {
+            service: String::new(),
+            frontend: String::new(),
+            backend: String::new(),
+        };
+        for family in [
+            &self.backend_packets,
+            &self.backend_bytes,
+            &self.backend_flows,
+        ] {
+            family.get_or_create(&backend);
+        }
+        self.watch_restarts.get_or_create(&ResourceLabel {
+            resource: String::new(),
+        });
+        let reason = ReasonLabel {
+            reason: String::new(),
+        };
+        self.datapath_packets.get_or_create(&reason);
+        self.datapath_bytes.get_or_create(&reason);
+        let map = MapLabel { map: String::new() };
+        self.drift_repairs.get_or_create(&map);
+        self.map_entries.get_or_create(&map);
+        self.map_capacity.get_or_create(&map);
+        self.map_pressure.get_or_create(&map);
+    }
+
     pub fn set_service_names(&self, names: Arc<ServiceNames>) {
         *self.service_names.lock().expect("names") = names;
     }
