@@ -11,7 +11,7 @@
 //!    `driver`, `healthcheck`, `proxy_health`, `objects_yaml`;
 //! 5. `telemetry`, `inspect`, `explain`, `cni`;
 //! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node);
-//! 7. `cli` (the `ferrite` command line, parsed by the binary).
+//! 7. `cli` (the command line of the binary, with its help).
 //!
 //! The binaries wire a source, the driver and the node. (Only `model`'s unit tests
 //! look up: they read fixtures with `objects_yaml`.)

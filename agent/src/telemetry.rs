@@ -263,21 +263,21 @@ impl Telemetry {
             &self.backend_bytes,
             &self.backend_flows,
         ] {
-            family.get_or_create(&backend);
+            let _ = family.get_or_create(&backend);
         }
-        self.watch_restarts.get_or_create(&ResourceLabel {
+        let _ = self.watch_restarts.get_or_create(&ResourceLabel {
             resource: String::new(),
         });
         let reason = ReasonLabel {
             reason: String::new(),
         };
-        self.datapath_packets.get_or_create(&reason);
-        self.datapath_bytes.get_or_create(&reason);
+        let _ = self.datapath_packets.get_or_create(&reason);
+        let _ = self.datapath_bytes.get_or_create(&reason);
         let map = MapLabel { map: String::new() };
-        self.drift_repairs.get_or_create(&map);
-        self.map_entries.get_or_create(&map);
-        self.map_capacity.get_or_create(&map);
-        self.map_pressure.get_or_create(&map);
+        let _ = self.drift_repairs.get_or_create(&map);
+        let _ = self.map_entries.get_or_create(&map);
+        let _ = self.map_capacity.get_or_create(&map);
+        let _ = self.map_pressure.get_or_create(&map);
     }
 
     pub fn set_service_names(&self, names: Arc<ServiceNames>) {
