@@ -81,6 +81,9 @@ const FILLER_BACKEND_ID: u32 = 1001;
 const RESERVED_REV_NAT: u32 = 16;
 /// Clients of new ClusterIP flows: pods of this node.
 const NEW_FLOW_CLIENT_PODS: u32 = 64;
+/// Their NetworkPolicy identity (one class: the same labels).
+const NEW_FLOW_CLIENTS_IDENTITY: u32 = 20;
+const NEW_FLOW_CLIENTS_IDENTITY_PODS: u32 = NEW_FLOW_CLIENT_PODS;
 
 pub fn local_node_port_backend(index: u8) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 20 + index), 8080)
@@ -286,6 +289,10 @@ impl NewFlow {
 pub struct BenchNode {
     pub bed: Testbed,
     shim: TunnelShim,
+    /// NetworkPolicy load: `ferrite_ipcache` entries of other pods, and rules of the
+    /// policed server for other peers (`load_policy`).
+    policy_pods: u32,
+    policy_rules: u32,
     /// ClusterIP Services loaded (`service_ip(0..services)`).
     services: u32,
     /// Conntrack entries of the established paths: kept when new flows are cleared.
@@ -380,6 +387,8 @@ impl BenchNode {
         let mut node = Self {
             bed,
             shim,
+            policy_pods: 0,
+            policy_rules: 0,
             services: 0,
             established: HashSet::new(),
         };
@@ -494,6 +503,59 @@ impl BenchNode {
                 .set_isolation(pod, ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED)?;
         }
         Ok(())
+    }
+
+    /// Grow the NetworkPolicy load to `pods` `ferrite_ipcache` entries (pods of other
+    /// nodes, 1,000 identities among them) and `rules` ingress rules of the policed
+    /// server for identities no client has; the new-flow clients' own identity and
+    /// the one rule that allows them are written first.
+    pub fn load_policy(&mut self, pods: u32, rules: u32) -> Result<()> {
+        use ferrite_agent::model::policy::{Allow, Direction};
+        let rule = |identity: u32| Allow {
+            direction: Direction::Ingress,
+            identity,
+            protocol: PROTO_TCP,
+            ports: Some((8080, 8080)),
+        };
+        if self.policy_rules == 0 {
+            for i in 0..NEW_FLOW_CLIENTS_IDENTITY_PODS {
+                self.bed
+                    .set_identity(new_flow_client(i), 32, NEW_FLOW_CLIENTS_IDENTITY)?;
+            }
+            self.bed
+                .set_allow(POLICED_SERVER, &rule(NEW_FLOW_CLIENTS_IDENTITY), true)?;
+            self.policy_rules = 1;
+        }
+        while self.policy_pods < pods {
+            let i = self.policy_pods;
+            let pod = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + i);
+            self.bed.set_identity(pod, 32, 1_000 + i % 1_000)?;
+            self.policy_pods += 1;
+        }
+        while self.policy_rules < rules {
+            self.bed
+                .set_allow(POLICED_SERVER, &rule(10_000 + self.policy_rules), true)?;
+            self.policy_rules += 1;
+        }
+        Ok(())
+    }
+
+    /// `count` SYNs of distinct new flows from this node's unpoliced pods to the
+    /// policed server (`policed`) or to an unpoliced pod, on port 8080.
+    pub fn pod_new_flow_frames(&self, policed: bool, count: u32) -> Vec<Vec<u8>> {
+        let server = if policed { POLICED_SERVER } else { LOCAL_POD };
+        (0..count)
+            .map(|i| {
+                frames::tcp_syn(
+                    SocketAddrV4::new(
+                        new_flow_client(i % NEW_FLOW_CLIENT_PODS),
+                        20_000 + (i / NEW_FLOW_CLIENT_PODS) as u16,
+                    ),
+                    SocketAddrV4::new(server, 8080),
+                    b"",
+                )
+            })
+            .collect()
     }
 
     /// Load ClusterIP Services up to `total` (each: port 80, two backends, TCP).

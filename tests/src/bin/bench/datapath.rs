@@ -462,5 +462,68 @@ pub fn bench() -> Result<()> {
         node.bed.drops()?
     );
     println!("\ntargets: new flows flat (<= 1.2x from 1 to 100,000 Services); established ClusterIP <= +40 ns over the no-op");
+    policy_new_flows(&mut node)?;
     drops(&mut node)
+}
+
+/// New flows to a pod that NetworkPolicy isolates for ingress, allowed by its
+/// clients' identity (an ipcache lookup, one or two policy lookups, both conntrack
+/// entries written), as `ferrite_ipcache` and the server's rules grow; next to the
+/// same SYNs to an unpoliced pod (no lookup, no entry), in the same rounds.
+fn policy_new_flows(node: &mut BenchNode) -> Result<()> {
+    println!(
+        "\nNetworkPolicy, new flows: {NEW_FLOWS} SYNs from unpoliced pods to a pod isolated for ingress"
+    );
+    println!(
+        "(allowed by the clients' identity; both conntrack entries written, cleared after each"
+    );
+    println!("measurement), next to the same SYNs to an unpoliced pod, alternating rounds.\n");
+    println!(
+        "{:>8} {:>7} | {:>8} {:>10} {:>7} {:>9}",
+        "ipcache", "rules", "ns/pkt", "unpoliced", "+ns", "vs first"
+    );
+    let policed = node.pod_new_flow_frames(true, NEW_FLOWS);
+    let open = node.pod_new_flow_frames(false, NEW_FLOWS);
+    let mut first = None;
+    for (pods, rules) in [
+        (10_000, 1),
+        (10_000, 100),
+        (10_000, 10_000),
+        (100_000, 10_000),
+    ] {
+        node.load_policy(pods, rules)?;
+        let mut samples: [Vec<f64>; 2] = Default::default();
+        for round in 0..=ROUNDS {
+            let before = counts(node, &[stat::DELIVERED_LOCAL])?;
+            let ns = per_frame(node, Hook::FromPod, &policed, false)?;
+            moved(
+                node,
+                &[stat::DELIVERED_LOCAL],
+                &before,
+                NEW_FLOWS as u64,
+                "policed new flows",
+            )?;
+            let removed = node.clear_new_flows()?;
+            ensure!(
+                removed == 2 * NEW_FLOWS as usize,
+                "policed new flows: {removed} conntrack entries, expected {}",
+                2 * NEW_FLOWS
+            );
+            let open_ns = per_frame(node, Hook::FromPod, &open, false)?;
+            // The first round warms caches: not counted.
+            if round > 0 {
+                samples[0].push(ns);
+                samples[1].push(open_ns);
+            }
+        }
+        let [ns, open_ns] = samples.map(median);
+        let first = *first.get_or_insert(ns);
+        println!(
+            "{pods:>8} {rules:>7} | {ns:>8.1} {open_ns:>10.1} {:>+7.1} {:>8.2}x",
+            ns - open_ns,
+            ns / first
+        );
+    }
+    println!("\ntarget: flat (<= 1.2x from the smallest to the largest)");
+    Ok(())
 }
