@@ -245,7 +245,7 @@ async fn start_watches(
     let pods = watch::<Pod>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("pods", changed, telemetry, |_| None),
+        Watched::new("pods", changed, telemetry, |_| None).shrinking(model::slim_pod),
     );
     let network_policies = watch::<NetworkPolicy>(
         Api::all(client.clone()),

@@ -63,11 +63,112 @@ pub(super) fn local_pod(pod: &Pod, context: &NodeContext) -> Result<Option<Local
     }))
 }
 
+/// Keep of a watched Pod only what the models read (name, namespace, labels,
+/// timestamps; node, hostNetwork, containers' names and ports; phase and addresses):
+/// a Pod's volumes, env, annotations and container statuses are most of its size,
+/// and every Pod of the cluster is cached.
+pub fn slim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.metadata.finalizers = None;
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            containers: spec
+                .containers
+                .into_iter()
+                .map(|c| k8s_openapi::api::core::v1::Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            host_ip: status.host_ip,
+            ..Default::default()
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
     use super::super::*;
+    use super::slim_pod;
     use crate::limits::Limits;
+
+    /// The watches cache slimmed Pods: every model reads the same from them.
+    #[test]
+    fn a_slimmed_pod_means_what_the_pod_meant() {
+        let yaml = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.0.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.1.1}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}, annotations: {big: "x"}}
+spec:
+  nodeName: node-a
+  volumes: [{name: data, emptyDir: {}}]
+  initContainers: [{name: init, image: busybox}]
+  containers:
+  - name: web
+    image: nginx
+    env: [{name: A, value: b}]
+    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}]
+status:
+  phase: Running
+  podIP: 10.244.0.5
+  podIPs: [{ip: 10.244.0.5}]
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-a, containers: [{name: c, image: curl}]}
+status: {phase: Running, podIP: 10.244.0.6}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
+"#;
+        let (objects, _) = crate::objects_yaml::parse_objects(yaml).unwrap();
+        let mut slimmed = objects.clone();
+        slimmed.pods = objects
+            .pods
+            .iter()
+            .map(|pod| {
+                let mut pod = (**pod).clone();
+                slim_pod(&mut pod);
+                std::sync::Arc::new(pod)
+            })
+            .collect();
+        let (full, _) = build_all(&objects);
+        let (slim, _) = build_all(&slimmed);
+        assert!(!full.policy.endpoints.is_empty(), "the policy selects web");
+        assert_eq!(full.policy, slim.policy);
+        assert_eq!(full.pods, slim.pods);
+        let web = &slimmed.pods[0];
+        assert!(web.metadata.annotations.is_none());
+        assert!(web.spec.as_ref().unwrap().volumes.is_none());
+    }
 
     #[test]
     fn only_this_nodes_running_pods_with_an_ip_are_local() {
