@@ -24,7 +24,7 @@ use crate::{
     maps::{self, NodeMaps},
     model::{self, ClusterObjects, ServiceRef},
     plan,
-    telemetry::{ServiceNames, SkipLog, Telemetry},
+    telemetry::{PodNames, ServiceNames, SkipLog, Telemetry},
 };
 
 /// How the node's datapath is loaded and what it accepts.
@@ -77,6 +77,9 @@ pub struct SyncReport {
     pub waiting_for_interfaces: bool,
     /// Service port names by frontend (ip, port), for the per-backend metrics.
     pub service_names: Arc<ServiceNames>,
+    /// This node's pods by address, for monitors (full syncs only: an update of
+    /// some Services knows no pods).
+    pub pod_names: Option<Arc<PodNames>>,
     /// Why the overlay is not wired (no VXLAN device, or its program attached
     /// elsewhere), if it is not.
     pub overlay_problem: Option<String>,
@@ -257,6 +260,9 @@ impl NodeAgent {
                 }
                 self.telemetry
                     .set_service_names(report.service_names.clone());
+                if let Some(pods) = &report.pod_names {
+                    self.telemetry.set_pod_names(pods.clone());
+                }
                 if let Some(problem) = &report.overlay_problem {
                     warn!("overlay not wired: {problem}");
                 }
@@ -753,6 +759,13 @@ pub fn reconcile(
         purged_flows,
         skipped,
         waiting_for_interfaces,
+        pod_names: Some(Arc::new(
+            state
+                .pods
+                .values()
+                .map(|pod| (pod.ip.octets(), format!("{}/{}", pod.namespace, pod.name)))
+                .collect(),
+        )),
         ..SyncReport::of_services(state)
     };
     Ok((report, plan.into_state()))

@@ -50,6 +50,9 @@ pub struct MapLabel {
 /// Service port names (`namespace/name:port`) by frontend (address, port).
 pub type ServiceNames = BTreeMap<([u8; 4], u16), String>;
 
+/// This node's pods (`namespace/name`) by address.
+pub type PodNames = BTreeMap<[u8; 4], String>;
+
 /// One Service frontend and one of its backends.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
@@ -85,6 +88,8 @@ pub struct Telemetry {
     pub event_lag: Histogram,
     /// Service names by frontend (ip, port), set by the agent after each sync.
     service_names: Mutex<Arc<ServiceNames>>,
+    /// This node's pod names by address, set by the agent after each full sync.
+    pod_names: Mutex<Arc<PodNames>>,
     backend_packets: Family<BackendLabels, Gauge>,
     backend_bytes: Family<BackendLabels, Gauge>,
     backend_flows: Family<BackendLabels, Gauge>,
@@ -125,6 +130,7 @@ impl Telemetry {
             sync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             event_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             service_names: Mutex::default(),
+            pod_names: Mutex::default(),
             backend_packets: Family::default(),
             backend_bytes: Family::default(),
             backend_flows: Family::default(),
@@ -282,6 +288,15 @@ impl Telemetry {
 
     pub fn set_service_names(&self, names: Arc<ServiceNames>) {
         *self.service_names.lock().expect("names") = names;
+    }
+
+    pub fn set_pod_names(&self, names: Arc<PodNames>) {
+        *self.pod_names.lock().expect("names") = names;
+    }
+
+    /// This node's pod names by address, as of the last full sync.
+    pub fn pod_names(&self) -> Arc<PodNames> {
+        self.pod_names.lock().expect("names").clone()
     }
 
     /// Service port names by frontend, as of the last sync.

@@ -95,6 +95,12 @@ pub fn table_row(line: &Line, time: &str) -> Option<String> {
     if let (Some(backend), Some(port)) = (event.backend, event.backend_port) {
         detail.push(format!("backend {}", endpoint(backend, port)));
     }
+    match (&event.source_pod, &event.destination_pod) {
+        (Some(from), Some(to)) => detail.push(format!("pods {from} -> {to}")),
+        (Some(from), None) => detail.push(format!("from pod {from}")),
+        (None, Some(to)) => detail.push(format!("to pod {to}")),
+        (None, None) => {}
+    }
     if let Some(service) = &event.service {
         detail.push(format!("service {service}"));
     }
@@ -135,6 +141,8 @@ mod tests {
             destination_port: 80,
             bytes: 60,
             service: Some("default/web:http".into()),
+            source_pod: Some("default/client".into()),
+            destination_pod: None,
             backend: Some(Ipv4Addr::new(10, 244, 1, 5)),
             backend_port: Some(8080),
             time_ns: 0,
@@ -147,7 +155,7 @@ mod tests {
             "fv0a2f(7)",
             "10.244.0.2:40000",
             "10.96.0.10:80",
-            "backend 10.244.1.5:8080, service default/web:http, 60 bytes",
+            "backend 10.244.1.5:8080, from pod default/client, service default/web:http, 60 bytes",
         ] {
             assert!(row.contains(part), "{part:?} in {row:?}");
         }

@@ -227,6 +227,7 @@ async fn read_events(
     loop {
         let mut ready = ring.readable_mut().await?;
         let names = telemetry.service_names();
+        let pods = telemetry.pod_names();
         let ring = ready.get_inner_mut();
         while let Some(record) = ring.next() {
             let Some(event) = decode(&record) else {
@@ -237,8 +238,8 @@ async fn read_events(
             let mut line: Option<Arc<str>> = None;
             for subscriber in subscribers.by_id.values_mut() {
                 if subscriber.filter.matches(&event) {
-                    let line =
-                        line.get_or_insert_with(|| to_json(&describe(&event, &names)).into());
+                    let line = line
+                        .get_or_insert_with(|| to_json(&describe(&event, &names, &pods)).into());
                     subscriber.offer(line);
                 }
             }

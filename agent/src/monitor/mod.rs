@@ -16,7 +16,11 @@ use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
 use ferrite_common::{monitor, stat, MonitorEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::{files, model::Protocol, telemetry::ServiceNames};
+use crate::{
+    files,
+    model::Protocol,
+    telemetry::{PodNames, ServiceNames},
+};
 
 /// Where the agent of `node` serves monitors.
 pub fn socket_path(node: &str) -> PathBuf {
@@ -108,6 +112,11 @@ pub struct Event {
     /// The Service port whose frontend the destination is (`namespace/name:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The pods of this node at either end (`namespace/name`), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_pod: Option<String>,
     /// Flows: the backend chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<Ipv4Addr>,
@@ -125,8 +134,9 @@ pub fn decode(record: &[u8]) -> Option<MonitorEvent> {
     Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
 }
 
-/// The readable line of `event`; `names`: Service port names by frontend.
-pub fn describe(event: &MonitorEvent, names: &ServiceNames) -> Line {
+/// The readable line of `event`; `names`: Service port names by frontend, `pods`:
+/// this node's pods by address.
+pub fn describe(event: &MonitorEvent, names: &ServiceNames, pods: &PodNames) -> Line {
     let name = |table: &[&str], index: usize| {
         table
             .get(index)
@@ -151,6 +161,8 @@ pub fn describe(event: &MonitorEvent, names: &ServiceNames) -> Line {
         destination_port: event.dport,
         bytes: event.len,
         service: names.get(&(event.daddr, event.dport)).cloned(),
+        source_pod: pods.get(&event.saddr).cloned(),
+        destination_pod: pods.get(&event.daddr).cloned(),
         backend: is_flow.then(|| event.backend_address.into()),
         backend_port: is_flow.then_some(event.backend_port),
     };
@@ -272,7 +284,8 @@ mod tests {
 
     #[test]
     fn events_read_with_names_and_the_service_of_their_frontend() {
-        let line = describe(&drop_event(), &names());
+        let pods = PodNames::from([([10, 244, 0, 99], "default/client".to_string())]);
+        let line = describe(&drop_event(), &names(), &pods);
         let expected = Event {
             time_ns: 5,
             reason: "drop_spoofed".into(),
@@ -286,11 +299,13 @@ mod tests {
             destination_port: 80,
             bytes: 60,
             service: Some("default/web:http".into()),
+            source_pod: Some("default/client".into()),
+            destination_pod: None,
             backend: None,
             backend_port: None,
         };
         assert_eq!(line, Line::Drop(expected.clone()));
-        let Line::Flow(flow) = describe(&flow_event(), &names()) else {
+        let Line::Flow(flow) = describe(&flow_event(), &names(), &PodNames::new()) else {
             panic!("a flow")
         };
         assert_eq!(flow.backend, Some(Ipv4Addr::new(10, 244, 1, 5)));
@@ -302,7 +317,7 @@ mod tests {
             proto: 1,
             ..drop_event()
         };
-        let Line::Drop(odd) = describe(&odd, &ServiceNames::new()) else {
+        let Line::Drop(odd) = describe(&odd, &ServiceNames::new(), &PodNames::new()) else {
             panic!("a drop")
         };
         assert_eq!(
@@ -317,7 +332,7 @@ mod tests {
 
     #[test]
     fn lines_round_trip_through_json_one_object_each() {
-        let line = describe(&flow_event(), &names());
+        let line = describe(&flow_event(), &names(), &PodNames::new());
         let json = serde_json::to_string(&line).unwrap();
         assert!(json.starts_with(r#"{"type":"flow","#), "{json}");
         assert!(!json.contains('\n'));

@@ -136,15 +136,20 @@ fn network_policy(cluster: &Cluster, objects: &str) -> Result<()> {
     )?;
     if let Line::Drop(event) = line {
         println!(
-            "      ferrite monitor --node {} saw: {} {}:{} -> {}:{} at {}",
+            "      ferrite monitor --node {} saw: {} {}:{} -> {}:{} at {} (pods {} -> {})",
             node.name,
             event.reason,
             event.source,
             event.source_port,
             event.destination,
             event.destination_port,
-            event.program
+            event.program,
+            event.source_pod.as_deref().unwrap_or("?"),
+            event.destination_pod.as_deref().unwrap_or("?")
         );
+        if event.destination_pod.as_deref() != Some("default/web-2") {
+            bail!("the monitor did not name the pod the policy protects");
+        }
     }
     drops.interrupt()?;
     println!("\n      ferrite inspect --node {} policy:", node.name);
