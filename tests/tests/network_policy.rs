@@ -362,6 +362,13 @@ fn the_reachability_matrix_follows_every_policy_change() -> Result<()> {
         explanation["verdict"]["drop_reason"], "drop_policy_ingress",
         "{explanation:#}"
     );
+    let said = explanation["runs"][0]["policy"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        said.starts_with(&format!("ingress of {}: no rule allows", m.ip(&x_a))),
+        "{explanation:#}"
+    );
 
     m.apply(&policy(
         "x",
@@ -390,8 +397,22 @@ fn the_reachability_matrix_follows_every_policy_change() -> Result<()> {
         !is(s, "x/a") || (c.namespace == "y" && p == 80 && pr == Tcp)
     })?;
 
+    // `ferrite explain` names the rule that lets y/b (node 0, as x/a) in.
+    let x_a = pod_ref("x/a");
+    let explanation = m.cluster.nodes[m.node_of(&x_a)].explain(&[
+        "--from",
+        &format!("{}:40000", m.ip(&pod_ref("y/b"))),
+        "--to",
+        &format!("{}:80/tcp", m.ip(&x_a)),
+    ])?;
+    let said = explanation["runs"][0]["policy"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        said.contains("allowed by its rule for identity"),
+        "{explanation:#}"
+    );
     // `ferrite inspect policy` shows x/a's one rule, its peers namespace y's pods.
-    let x_a = all_pods().into_iter().find(|p| is(p, "x/a")).unwrap();
     let shown = m.cluster.nodes[m.node_of(&x_a)].inspect_json("policy")?;
     let rows: Vec<_> = shown
         .as_array()

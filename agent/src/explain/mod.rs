@@ -17,6 +17,7 @@
 //!   be test-run, so the never-attached `ferrite_explain_sock` runs the same frontend
 //!   match and `lb::choose` on the address, hashed over a socket cookie.
 mod frame;
+mod policy;
 mod report;
 pub mod run;
 

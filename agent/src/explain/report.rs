@@ -1,6 +1,9 @@
 //! From explain runs' traces to what `ferrite explain` prints: a table by default,
 //! JSON (`-o json`) for scripts.
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::Result;
 use ferrite_common::{
@@ -48,6 +51,9 @@ pub struct ProgramRun {
     pub snat: Option<String>,
     /// Where an established flow's destination came from.
     pub route: Option<String>,
+    /// NetworkPolicy: the rule that allows the flow at each isolated end, or none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub verdict: Verdict,
     /// The frame as the program left it (none for a dropped packet or a socket call).
     pub output: Option<FrameSummary>,
@@ -406,6 +412,11 @@ pub fn packet_run(
     });
     let snat = (trace.steps & step::SNAT != 0)
         .then(|| format!("{}:{}", Ipv4Addr::from(trace.snat_address), trace.snat_port));
+    let translated_to = backend
+        .as_ref()
+        .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
+        .unwrap_or(request.destination);
+    let policy = super::policy::describe(context, request.source, translated_to, request.protocol);
     Ok(ProgramRun {
         program: program.into(),
         run_as: super::run::explain_copy(program)?.into(),
@@ -416,6 +427,7 @@ pub fn packet_run(
         backend,
         snat,
         route,
+        policy,
         verdict,
         output,
         counted: counted(trace),
@@ -481,6 +493,7 @@ pub fn socket_run(request: &Request, traced: &Traced) -> Result<ProgramRun> {
         backend,
         snat: None,
         route: None,
+        policy: None,
         verdict,
         output: None,
         counted: counted(trace),
@@ -520,6 +533,9 @@ pub fn render_table(explanation: &Explanation) -> String {
         }
         if let Some(text) = &run.conntrack {
             line(&mut out, "conntrack", text);
+        }
+        if let Some(text) = &run.policy {
+            line(&mut out, "policy", text);
         }
         if let Some(f) = &run.frontend {
             let mut text = format!(
