@@ -295,17 +295,31 @@ fn second_addresses(c: &Cluster) -> Result<()> {
 /// on the other node; never on 127.0.0.1.
 #[test]
 fn node_ports_answer_on_every_node_address_nodeport_addresses_selects() -> Result<()> {
-    let env = world_prepared(
-        &["--nodeport-addresses", "198.51.100.0/24,100.64.7.0/24"],
-        second_addresses,
-        |c| both_backends(c, ""),
-    )?;
+    node_ports_on_selected_addresses(&[])
+}
+
+/// The same through XDP, which then runs on the second interface too.
+#[test]
+fn with_xdp_node_ports_answer_on_every_node_address_nodeport_addresses_selects() -> Result<()> {
+    node_ports_on_selected_addresses(&["--xdp", "always"])
+}
+
+fn node_ports_on_selected_addresses(more_args: &[&str]) -> Result<()> {
+    let mut args = vec!["--nodeport-addresses", "198.51.100.0/24,100.64.7.0/24"];
+    args.extend(more_args);
+    let env = world_prepared(&args, second_addresses, |c| both_backends(c, ""))?;
     let c = &env.cluster;
     let agent = &c.nodes[0];
     let attached = ferrite_agent::datapath::attachments(&agent.pin_dir())?;
+    use ferrite_agent::datapath::Attachment;
     assert!(
-        attached.contains(&ferrite_agent::datapath::Attachment::Ingress("ext1".into())),
+        attached.contains(&Attachment::Ingress("ext1".into())),
         "the second interface balances external traffic: {attached:?}"
+    );
+    assert_eq!(
+        attached.contains(&Attachment::Xdp("ext1".into())),
+        !more_args.is_empty(),
+        "XDP on the second interface where the uplink runs it: {attached:?}"
     );
     for (frontend, client) in [
         (SECONDARY_IP, client_ip as fn(u8) -> Ipv4Addr),
