@@ -466,10 +466,11 @@ fn attach_programs(
     datapath: &mut Datapath,
     state: &model::DesiredState,
     interfaces: &BTreeMap<String, plan::Interface>,
-    uplink: Option<&str>,
+    external: &ExternalInterfaces,
     use_xdp: bool,
 ) -> Result<BTreeSet<Attachment>> {
-    let tc_programs = wanted_tc_programs(state, uplink);
+    let uplink = external.uplink.as_deref();
+    let tc_programs = wanted_tc_programs(state, external);
     for (attachment, (program, direction)) in &tc_programs {
         let Some(device) = attachment.device().filter(|d| interfaces.contains_key(*d)) else {
             continue;
@@ -479,19 +480,79 @@ fn attach_programs(
         }
     }
     let mut wanted: BTreeSet<Attachment> = tc_programs.into_keys().collect();
-    if let Some(uplink) = uplink {
-        if attach_or_detach_uplink_xdp(datapath, uplink, use_xdp)? {
-            wanted.insert(Attachment::Xdp(uplink.into()));
+    for device in uplink
+        .into_iter()
+        .chain(external.more.iter().map(String::as_str))
+    {
+        if attach_or_detach_uplink_xdp(datapath, device, use_xdp)? {
+            wanted.insert(Attachment::Xdp(device.into()));
+        }
+    }
+    // An interface that held a NodePort address and holds none now gets its
+    // external programs removed (pod interfaces hold no address of the node's).
+    for attachment in datapath.attached()? {
+        let stale = match &attachment {
+            Attachment::Xdp(device) | Attachment::Ingress(device) => {
+                !wanted.contains(&attachment) && external.addressed.contains(device)
+            }
+            _ => false,
+        };
+        if stale {
+            datapath.detach(&attachment)?;
+            info!(
+                link = attachment.pin_name(),
+                "external program detached (no NodePort address on the interface)"
+            );
         }
     }
     Ok(wanted)
 }
 
+/// The interfaces external traffic enters by: the uplink (holding this node's
+/// InternalIP) and the others holding an address NodePorts answer on.
+#[derive(Debug, Default)]
+struct ExternalInterfaces {
+    uplink: Option<String>,
+    /// Besides the uplink.
+    more: BTreeSet<String>,
+    /// Every interface holding a routable IPv4 address, but `lo` and the overlay's
+    /// (pods' veths hold none: their gateway is link-local).
+    addressed: BTreeSet<String>,
+}
+
+impl ExternalInterfaces {
+    fn new(
+        uplink: Option<String>,
+        node_port_ips: &[Ipv4Addr],
+        host_addresses: &[(String, Ipv4Addr)],
+    ) -> Self {
+        let own = |name: &str| name != datapath::LOOPBACK_DEVICE && name != VXLAN_DEVICE;
+        let more = host_addresses
+            .iter()
+            .filter(|(name, ip)| {
+                own(name) && Some(name) != uplink.as_ref() && node_port_ips.contains(ip)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let addressed = host_addresses
+            .iter()
+            .filter(|(name, ip)| own(name) && crate::limits::special(*ip).is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        Self {
+            uplink,
+            more,
+            addressed,
+        }
+    }
+}
+
 /// The tcx program each attachment point of the node should run.
 fn wanted_tc_programs(
     state: &model::DesiredState,
-    uplink: Option<&str>,
+    external: &ExternalInterfaces,
 ) -> BTreeMap<Attachment, (&'static str, TcAttachType)> {
+    let uplink = external.uplink.as_deref();
     let mut wanted = BTreeMap::new();
     for pod in state.pods.values() {
         for (program, direction) in datapath::POD_PROGRAMS {
@@ -518,6 +579,14 @@ fn wanted_tc_programs(
         wanted.insert(
             Attachment::Egress(uplink.into()),
             (program_names::FROM_HOST, TcAttachType::Egress),
+        );
+    }
+    // Other interfaces holding a NodePort address balance what enters them as the
+    // uplink does (the node's own traffic leaves by the uplink's route).
+    for device in &external.more {
+        wanted.insert(
+            Attachment::Ingress(device.clone()),
+            (program_names::FROM_UPLINK, TcAttachType::Ingress),
         );
     }
     wanted
@@ -659,6 +728,8 @@ pub fn pending_writes(
 ) -> Result<(Vec<plan::Op>, Vec<model::Skipped>)> {
     let (context, mut skipped) =
         model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, None);
+    let addresses = host::interfaces::ipv4_addresses()?;
+    let context = context.with_host_addresses(addresses.into_iter().map(|(_, ip)| ip).collect());
     let current = maps.contents()?;
     // What the running agent was started with, as its maps show it: where the uplink
     // balances external traffic, the overlay's VNI and port (once it has written them).
@@ -712,6 +783,10 @@ pub fn reconcile(
     let (context, more) =
         model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, previous);
     skipped.extend(more);
+    // The node's addresses, read at each full sync: `--nodeport-addresses` picks
+    // the ones NodePorts answer on.
+    let host_addresses = host::interfaces::ipv4_addresses()?;
+    let context = context.with_host_addresses(host_addresses.iter().map(|(_, ip)| *ip).collect());
     // The uplink (the interface holding this node's IP, from its Node object): XDP
     // for external traffic, tcx to forward what it translated; the overlay's MTU
     // follows it.
@@ -726,13 +801,14 @@ pub fn reconcile(
     }
     match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
     let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
+    let external = ExternalInterfaces::new(uplink, &context.node_port_ips(), &host_addresses);
     let settings = &plan::NodeSettings {
         external_in_tc: !use_xdp,
         ..settings.clone()
     };
     let plan = plan::FullPlan::new(objects, context, &interfaces, &current, ids_from, settings);
     let state = &plan.state;
-    let wanted = attach_programs(datapath, state, &interfaces, uplink.as_deref(), use_xdp)?;
+    let wanted = attach_programs(datapath, state, &interfaces, &external, use_xdp)?;
     let overlay_problem = overlay_problem(datapath, &interfaces);
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
         host_side.sync_overlay(state, settings, vxlan.mac)?;
@@ -746,7 +822,7 @@ pub fn reconcile(
     // Links pinned by an earlier agent still run the programs it loaded: move them to
     // this agent's, now that the maps hold this sync's state (an upgrade may have
     // re-created some of them).
-    datapath.adopt_pinned_links(uplink.as_deref(), &interfaces)?;
+    datapath.adopt_pinned_links(external.uplink.as_deref(), &external.more, &interfaces)?;
     remove_links_of_vanished_interfaces(datapath, &wanted, &interfaces)?;
     host_side.sync_socket_lb(datapath, &settings.node)?;
     publish_pod_cidr(state, &settings.node)?;

@@ -235,6 +235,11 @@ pub struct AdmissionArgs {
     /// this value (kube-proxy's flag); without it, only unlabelled Services.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
+    /// Which node addresses answer NodePorts (kube-proxy's flag): `primary`, the
+    /// node's InternalIP, or CIDR,... for every address of the node's interfaces
+    /// inside them (read at each full sync). Never 127.0.0.1.
+    #[arg(long, default_value = "primary", value_parser = crate::limits::NodePortAddresses::parse)]
+    pub nodeport_addresses: crate::limits::NodePortAddresses,
 }
 
 impl AdmissionArgs {
@@ -243,6 +248,7 @@ impl AdmissionArgs {
             service_cidrs: self.service_cidrs,
             external_ip_cidrs: self.external_ip_cidrs,
             service_proxy_name: self.service_proxy_name,
+            node_port_addresses: self.nodeport_addresses,
             node_port_range: self.node_port_range,
             cluster_cidr,
         }

@@ -44,6 +44,67 @@ pub struct Limits {
     /// `--service-proxy-name`: the value of `service.kubernetes.io/service-proxy-name`
     /// this node serves (unlabelled Services only, without it).
     pub service_proxy_name: Option<String>,
+    /// `--nodeport-addresses`: which of the node's addresses answer NodePorts.
+    pub node_port_addresses: NodePortAddresses,
+}
+
+/// Which node addresses serve NodePorts (kube-proxy's `--nodeport-addresses`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's InternalIP only (kube-proxy's nftables default).
+    #[default]
+    Primary,
+    /// Every address of the node inside one of these CIDRs (several interfaces,
+    /// secondary addresses), loopback never.
+    Cidrs(Vec<Ipv4Net>),
+}
+
+impl NodePortAddresses {
+    /// `primary`, or CIDRs separated by commas, as kube-proxy takes them. An address
+    /// without a prefix is taken as /32.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        if value == "primary" {
+            return Ok(Self::Primary);
+        }
+        let mut cidrs = Vec::new();
+        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let net = match part.parse::<Ipv4Net>() {
+                Ok(net) => net.trunc(),
+                Err(_) => part
+                    .parse::<Ipv4Addr>()
+                    .map(Ipv4Net::from)
+                    .map_err(|_| format!("{part:?} is neither `primary` nor an IPv4 CIDR"))?,
+            };
+            cidrs.push(net);
+        }
+        if cidrs.is_empty() {
+            return Err("expected `primary` or CIDR,...".into());
+        }
+        cidrs.sort();
+        cidrs.dedup();
+        Ok(Self::Cidrs(cidrs))
+    }
+
+    /// The addresses NodePorts answer on: of `primary` (the InternalIP, if known)
+    /// and `host` (the node's interface addresses), those selected; never loopback
+    /// (kube-proxy's iptables mode answers there through `route_localnet`, which
+    /// exposes the node's 127.0.0.1 services to its neighbours).
+    pub fn select(&self, primary: Option<Ipv4Addr>, host: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        let mut out: Vec<Ipv4Addr> = match self {
+            Self::Primary => primary.into_iter().collect(),
+            Self::Cidrs(cidrs) => primary
+                .iter()
+                .chain(host)
+                .copied()
+                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+                .collect(),
+        };
+        out.retain(|ip| special(*ip).is_none());
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 impl Default for Limits {
@@ -54,6 +115,7 @@ impl Default for Limits {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             cluster_cidr: None,
             service_proxy_name: None,
+            node_port_addresses: NodePortAddresses::Primary,
         }
     }
 }
@@ -233,6 +295,23 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn nodeport_addresses_take_primary_or_cidrs_as_kube_proxy_does() {
+        assert_eq!(
+            NodePortAddresses::parse("primary"),
+            Ok(NodePortAddresses::Primary)
+        );
+        assert_eq!(
+            NodePortAddresses::parse("10.0.0.0/8, 192.0.2.7"),
+            Ok(NodePortAddresses::Cidrs(vec![
+                net("10.0.0.0/8"),
+                net("192.0.2.7/32")
+            ]))
+        );
+        assert!(NodePortAddresses::parse("primary,10.0.0.0/8").is_err());
+        assert!(NodePortAddresses::parse("").is_err());
     }
 
     #[test]

@@ -47,6 +47,15 @@ fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
 
 /// The world, with `agent_args` added to every agent's arguments.
 fn world_with(agent_args: &[&str], service: impl Fn(&Cluster) -> String) -> Result<World> {
+    world_prepared(agent_args, |_| Ok(()), service)
+}
+
+/// The world, with `prepare` run on the cluster before the agents start.
+fn world_prepared(
+    agent_args: &[&str],
+    prepare: impl FnOnce(&Cluster) -> Result<()>,
+    service: impl Fn(&Cluster) -> String,
+) -> Result<World> {
     let mut cluster = Cluster::new(2)?;
     for node in &mut cluster.nodes {
         node.agent_args
@@ -73,6 +82,7 @@ fn world_with(agent_args: &[&str], service: impl Fn(&Cluster) -> String) -> Resu
             &["-n", w, "route", "add", &ip.to_string(), "via", &via],
         )?;
     }
+    prepare(&cluster)?;
     cluster.write_config(&format!(
         "{}---\n{}",
         cluster.nodes_and_pods_yaml(),
@@ -232,6 +242,148 @@ fn external_frontends_reach_local_and_remote_backends(agent_args: &[&str]) -> Re
     for node in 0..2 {
         assert!(counter(c, node, stat::EXTERNAL_NEW_FLOW)? > 0);
         assert!(counter(c, node, stat::EXTERNAL_SNAT)? > 0);
+    }
+    Ok(())
+}
+
+/// A secondary address of node 0 on its uplink.
+const SECONDARY_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 51);
+/// Node 0's address on a second interface, a link of its own to the world.
+const SECOND_LINK_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 7, 1);
+/// The world's client addresses on that link.
+fn second_link_client(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, 7, 10 + index)
+}
+
+/// Node 0 gets a secondary address on its uplink and a second interface (`ext1`, a
+/// link to the world, whose end there holds 8 client addresses).
+fn second_addresses(c: &Cluster) -> Result<()> {
+    let (node, world) = (&c.nodes[0].netns.name, &c.world.name);
+    let secondary = format!("{SECONDARY_IP}/24");
+    sh("ip", &["-n", node, "addr", "add", &secondary, "dev", "ul0"])?;
+    sh(
+        "ip",
+        &[
+            "-n", node, "link", "add", "ext1", "type", "veth", "peer", "name", "wext1", "netns",
+            world,
+        ],
+    )?;
+    let own = format!("{SECOND_LINK_IP}/24");
+    sh("ip", &["-n", node, "addr", "add", &own, "dev", "ext1"])?;
+    sh("ip", &["-n", node, "link", "set", "ext1", "up"])?;
+    for index in 0..8 {
+        let address = format!("{}/24", second_link_client(index));
+        sh(
+            "ip",
+            &["-n", world, "addr", "add", &address, "dev", "wext1"],
+        )?;
+    }
+    sh("ip", &["-n", world, "link", "set", "wext1", "up"])?;
+    // Complete checksums, as from a host on a real wire.
+    sh(
+        "ip",
+        &[
+            "netns", "exec", world, "ethtool", "-K", "wext1", "tx", "off",
+        ],
+    )?;
+    Ok(())
+}
+
+/// `--nodeport-addresses` with CIDRs: a NodePort answers on every address of the
+/// node inside them - a secondary address of the uplink and the address of a second
+/// interface, from the world and from the node itself - reaching backends here and
+/// on the other node; never on 127.0.0.1.
+#[test]
+fn node_ports_answer_on_every_node_address_nodeport_addresses_selects() -> Result<()> {
+    node_ports_on_selected_addresses(&[])
+}
+
+/// The same through XDP, which then runs on the second interface too.
+#[test]
+fn with_xdp_node_ports_answer_on_every_node_address_nodeport_addresses_selects() -> Result<()> {
+    node_ports_on_selected_addresses(&["--xdp", "always"])
+}
+
+fn node_ports_on_selected_addresses(more_args: &[&str]) -> Result<()> {
+    let mut args = vec!["--nodeport-addresses", "198.51.100.0/24,100.64.7.0/24"];
+    args.extend(more_args);
+    let env = world_prepared(&args, second_addresses, |c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let agent = &c.nodes[0];
+    let attached = ferrite_agent::datapath::attachments(&agent.pin_dir())?;
+    use ferrite_agent::datapath::Attachment;
+    assert!(
+        attached.contains(&Attachment::Ingress("ext1".into())),
+        "the second interface balances external traffic: {attached:?}"
+    );
+    assert_eq!(
+        attached.contains(&Attachment::Xdp("ext1".into())),
+        !more_args.is_empty(),
+        "XDP on the second interface where the uplink runs it: {attached:?}"
+    );
+    for (frontend, client) in [
+        (SECONDARY_IP, client_ip as fn(u8) -> Ipv4Addr),
+        (SECOND_LINK_IP, second_link_client),
+        (agent.ip.context("plugged")?, client_ip),
+    ] {
+        let mut answered = BTreeSet::new();
+        for index in 0..8 {
+            let from = client(index);
+            let to = SocketAddrV4::new(frontend, NODE_PORT);
+            let (pod, seen) =
+                tcp_request(&c.world, from, to).with_context(|| format!("from {from} to {to}"))?;
+            // The local backend sees the client, the remote one this node (SNAT).
+            let expected = if pod == "a1" {
+                from
+            } else {
+                agent.ip.context("plugged")?
+            };
+            assert_eq!(seen, expected.to_string(), "{pod} via {to}");
+            answered.insert(pod.clone());
+            let (pod, _) = udp_request(&c.world, from, SocketAddrV4::new(frontend, NODE_PORT + 1))?;
+            answered.insert(pod);
+        }
+        assert_eq!(
+            answered,
+            BTreeSet::from(["a1".to_string(), "b0".to_string()]),
+            "via {frontend}"
+        );
+        // The node's own processes reach it too (the socket path).
+        let to = SocketAddrV4::new(frontend, NODE_PORT);
+        let request = format!("node to {to}");
+        let outcome = agent.host_probe().tcp(to, &request)?;
+        parse_answer(outcome.answer()?, &request)?;
+    }
+    // Loopback is never a NodePort address: nothing listens there, so it is refused.
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, NODE_PORT);
+    let outcome = agent.host_probe().tcp(to, "loopback")?;
+    assert_eq!(outcome.error.as_deref(), Some("refused"), "{outcome:?}");
+    Ok(())
+}
+
+/// By default (`primary`) only the InternalIP answers: a secondary address of the
+/// node is left to the stack, which refuses the NodePort.
+#[test]
+fn by_default_node_ports_answer_on_the_internal_ip_only() -> Result<()> {
+    let env = world_prepared(&[], second_addresses, |c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let internal = c.nodes[0].ip.context("plugged")?;
+    tcp_request(
+        &c.world,
+        client_ip(0),
+        SocketAddrV4::new(internal, NODE_PORT),
+    )?;
+    for frontend in [SECONDARY_IP, SECOND_LINK_IP] {
+        let from = if frontend == SECOND_LINK_IP {
+            second_link_client(0)
+        } else {
+            client_ip(0)
+        };
+        let error = tcp_from(&c.world, from, SocketAddrV4::new(frontend, NODE_PORT))
+            .err()
+            .with_context(|| format!("{frontend} answered a NodePort"))?;
+        let io = error.downcast_ref::<std::io::Error>().context("io error")?;
+        assert_eq!(io.kind(), ErrorKind::ConnectionRefused, "{error:#}");
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! BPF_LINK_UPDATE: no moment without a program, no packet seen by neither.
 //! A pinned map whose layout the new object does not share is re-created.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
@@ -354,13 +354,14 @@ impl Datapath {
     pub fn adopt_pinned_links(
         &mut self,
         uplink: Option<&str>,
+        more_external: &BTreeSet<String>,
         interfaces: &BTreeMap<String, Interface>,
     ) -> Result<()> {
         if self.links_adopted {
             return Ok(());
         }
         for attachment in self.attached()? {
-            let Some(program) = program_of(&attachment, uplink) else {
+            let Some(program) = program_of(&attachment, uplink, more_external) else {
                 continue;
             };
             let present = attachment
@@ -414,12 +415,19 @@ impl Datapath {
 }
 
 /// The program a pinned link runs, by where it is attached (`None`: not Ferrite's).
-fn program_of(attachment: &Attachment, uplink: Option<&str>) -> Option<&'static str> {
+/// `more_external`: interfaces besides the uplink that hold a NodePort address.
+fn program_of(
+    attachment: &Attachment,
+    uplink: Option<&str>,
+    more_external: &BTreeSet<String>,
+) -> Option<&'static str> {
     let is_host_device = |device: &str| uplink == Some(device) || device == LOOPBACK_DEVICE;
     Some(match attachment {
         Attachment::Xdp(_) => program_names::FROM_WORLD,
         Attachment::Ingress(device) if device == VXLAN_DEVICE => program_names::FROM_OVERLAY,
-        Attachment::Ingress(device) if uplink == Some(device.as_str()) => {
+        Attachment::Ingress(device)
+            if uplink == Some(device.as_str()) || more_external.contains(device) =>
+        {
             program_names::FROM_UPLINK
         }
         Attachment::Ingress(_) => program_names::FROM_POD,

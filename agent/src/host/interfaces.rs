@@ -124,6 +124,18 @@ pub fn interface_with_address(address: std::net::Ipv4Addr) -> Result<Option<Stri
     Ok(None)
 }
 
+/// Every IPv4 address of the current network namespace's interfaces, with the
+/// interface holding it.
+pub fn ipv4_addresses() -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+    let mut out = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs()? {
+        if let Some(address) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            out.push((ifaddr.interface_name, address.ip()));
+        }
+    }
+    Ok(out)
+}
+
 /// The index of interface `name` in the calling thread's network namespace (a
 /// socket ioctl, unlike /sys/class/net which shows the namespace sysfs was mounted in).
 pub fn ifindex(name: &str) -> Option<u32> {

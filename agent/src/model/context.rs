@@ -18,6 +18,9 @@ pub struct NodeContext {
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
     node_ips: Vec<Ipv4Addr>,
+    /// The addresses of this node's interfaces, as the last full sync read them
+    /// (`--nodeport-addresses` selects among them).
+    host_addresses: Vec<Ipv4Addr>,
 }
 
 impl NodeContext {
@@ -44,8 +47,26 @@ impl NodeContext {
             limits: limits.clone(),
             nodes,
             node_ips,
+            host_addresses: Vec::new(),
         };
         (context, skipped)
+    }
+
+    /// This context with the addresses of the node's interfaces (read at each full
+    /// sync; updates between full syncs reuse them, so both paths plan alike).
+    pub fn with_host_addresses(mut self, mut addresses: Vec<Ipv4Addr>) -> Self {
+        addresses.sort();
+        addresses.dedup();
+        self.host_addresses = addresses;
+        self
+    }
+
+    /// The addresses NodePorts answer on: `--nodeport-addresses` over this node's
+    /// InternalIP and its interfaces' addresses.
+    pub fn node_port_ips(&self) -> Vec<Ipv4Addr> {
+        self.limits
+            .node_port_addresses
+            .select(self.node_ip(), &self.host_addresses)
     }
 
     /// This node's Node object, once it is known (its IP serves the NodePorts).

@@ -100,7 +100,7 @@ pub(super) fn service_frontends(
         ServiceType::LoadBalancer => ingress_ips(service, &service_ref, here, skipped)?,
         ServiceType::ClusterIp | ServiceType::NodePort => Vec::new(),
     };
-    let node_ip = here.node_ip();
+    let node_port_ips = here.node_port_ips();
     let slices = slices_by_service
         .get(&service_ref)
         .map(Vec::as_slice)
@@ -119,8 +119,10 @@ pub(super) fn service_frontends(
             endpoints,
         };
         frontends.push(of_port.frontend(vip, port.number, FrontendKind::ClusterIp));
-        if let (Some(node_port), Some(node_ip)) = (port.node_port, node_ip) {
-            frontends.push(of_port.frontend(node_ip, node_port, FrontendKind::NodePort));
+        if let Some(node_port) = port.node_port {
+            for ip in &node_port_ips {
+                frontends.push(of_port.frontend(*ip, node_port, FrontendKind::NodePort));
+            }
         }
         for ip in &ingress_ips {
             frontends.push(of_port.frontend(*ip, port.number, FrontendKind::LoadBalancer));
@@ -674,6 +676,54 @@ spec: {type: ExternalName, externalName: example.com}
         };
         assert_eq!(served(None), vec![41]);
         assert_eq!(served(Some("ferrite")), vec![43]);
+    }
+
+    /// `--nodeport-addresses`: by default (`primary`) a NodePort answers on the
+    /// InternalIP only; with CIDRs, on every address of the node inside them
+    /// (a secondary address, a second interface's), never on loopback.
+    #[test]
+    fn node_ports_answer_on_the_node_addresses_nodeport_addresses_selects() {
+        let yaml = format!(
+            "{SHOP_NODE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}]}}\n"
+        );
+        let (objects, _) = crate::objects_yaml::parse_objects(&yaml).unwrap();
+        let host: Vec<Ipv4Addr> = [
+            "127.0.0.1",
+            "198.51.100.1",
+            "198.51.100.7",
+            "192.0.2.9",
+            "10.1.0.4",
+        ]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+        let node_ports = |addresses: &str| -> Vec<String> {
+            let limits = crate::limits::Limits {
+                node_port_addresses: crate::limits::NodePortAddresses::parse(addresses).unwrap(),
+                ..open_limits()
+            };
+            let (context, _) = NodeContext::new(NODE, &limits, &objects.nodes, None);
+            let context = context.with_host_addresses(host.clone());
+            let (state, skipped) = build(&objects, &context);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            state
+                .services
+                .iter()
+                .filter(|(_, f)| f.kind == FrontendKind::NodePort)
+                .map(|(a, _)| a.to_string())
+                .collect()
+        };
+        assert_eq!(node_ports("primary"), ["198.51.100.1:30080/TCP"]);
+        assert_eq!(
+            node_ports("198.51.100.0/24,192.0.2.0/24"),
+            [
+                "192.0.2.9:30080/TCP",
+                "198.51.100.1:30080/TCP",
+                "198.51.100.7:30080/TCP"
+            ]
+        );
+        assert_eq!(node_ports("0.0.0.0/0").len(), 4, "all but loopback");
+        assert_eq!(node_ports("127.0.0.0/8"), Vec::<String>::new());
     }
 
     /// A LoadBalancer that asked for no nodePorts has none (and no complaint); an
