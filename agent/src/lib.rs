@@ -40,6 +40,7 @@ pub mod objects_yaml;
 pub mod plan;
 pub mod proxy_health;
 pub mod source;
+pub mod takeover;
 pub mod telemetry;
 
 /// Unit tests' heap meter: bytes allocated by the calling thread, for tests that
