@@ -51,8 +51,9 @@ pub struct AgentOptions {
     /// What the node accepts from objects (`--service-cidr`, `--external-ip-cidr`,
     /// `--node-port-range`; `cluster_cidr` too).
     pub limits: crate::limits::Limits,
-    /// `--take-over-from-kube-proxy`: after the first full sync, seed conntrack from
-    /// the kernel's and remove kube-proxy's rules (see `takeover`).
+    /// `--take-over-from-kube-proxy`: the first sync seeds conntrack from the
+    /// kernel's before attaching the programs, then removes kube-proxy's rules (see
+    /// `takeover`).
     pub take_over_from_kube_proxy: bool,
 }
 
