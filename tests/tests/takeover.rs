@@ -1,7 +1,7 @@
 //! User stories for taking a node over from kube-proxy (`ferrite agent
 //! --take-over-from-kube-proxy`): a node where kube-proxy's rules (its iptables
-//! layout loaded with the real `iptables-restore`, or its nftables layout with
-//! `nft -f`) serve a Service, with connections open through it from pods (ClusterIP)
+//! layout loaded with the real `iptables-restore` of the nf_tables or the legacy
+//! backend, or its nftables layout with `nft -f`) serve a Service, with connections open through it from pods (ClusterIP)
 //! and from the world (NodePort) and a UDP flow, gets Ferrite: no connection breaks,
 //! each keeps its backend, new ones are served by Ferrite, and kube-proxy's rules
 //! are gone. Needs root.
@@ -42,7 +42,10 @@ const BUSY: usize = 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Layout {
+    /// iptables' nf_tables backend (`iptables` on this machine).
     Iptables,
+    /// The legacy (x_tables) backend.
+    IptablesLegacy,
     Nftables,
 }
 
@@ -109,7 +112,12 @@ fn load_rules(node: &KubeProxyNode, layout: Layout) -> Result<()> {
     match layout {
         Layout::Iptables => in_node(
             &node.cluster,
-            &["iptables-restore", "--noflush"],
+            &["iptables-nft-restore", "--noflush"],
+            &node.rules,
+        ),
+        Layout::IptablesLegacy => in_node(
+            &node.cluster,
+            &["iptables-legacy-restore", "--noflush"],
             &node.rules,
         ),
         Layout::Nftables => in_node(&node.cluster, &["nft", "-f", "-"], &node.rules),
@@ -168,7 +176,9 @@ fn kube_proxy_node(layout: Layout) -> Result<KubeProxyNode> {
     ))?;
     let ports = kube_proxy_ports(&backends);
     let rules = match layout {
-        Layout::Iptables => kube_proxy_layout::iptables(&ports, CLUSTER_CIDR),
+        Layout::Iptables | Layout::IptablesLegacy => {
+            kube_proxy_layout::iptables(&ports, CLUSTER_CIDR)
+        }
         Layout::Nftables => kube_proxy_layout::nftables(&ports, CLUSTER_CIDR),
     };
     let node = KubeProxyNode {
@@ -389,4 +399,9 @@ fn a_node_taken_over_from_kube_proxys_iptables_keeps_every_open_connection() -> 
 #[test]
 fn a_node_taken_over_from_kube_proxys_nftables_keeps_every_open_connection() -> Result<()> {
     take_over(Layout::Nftables).map(drop)
+}
+
+#[test]
+fn a_node_taken_over_from_kube_proxys_legacy_iptables_keeps_every_open_connection() -> Result<()> {
+    take_over(Layout::IptablesLegacy).map(drop)
 }
