@@ -51,6 +51,10 @@ pub struct AgentOptions {
     /// What the node accepts from objects (`--service-cidr`, `--external-ip-cidr`,
     /// `--node-port-range`; `cluster_cidr` too).
     pub limits: crate::limits::Limits,
+    /// `--take-over-from-kube-proxy`: the first sync seeds conntrack from the
+    /// kernel's before attaching the programs, then removes kube-proxy's rules (see
+    /// `takeover`).
+    pub take_over_from_kube_proxy: bool,
 }
 
 impl AgentOptions {
@@ -83,6 +87,9 @@ pub struct SyncReport {
     /// Why the overlay is not wired (no VXLAN device, or its program attached
     /// elsewhere), if it is not.
     pub overlay_problem: Option<String>,
+    /// `--take-over-from-kube-proxy`: the kernel's open flows and how many of them
+    /// this sync seeded into `ferrite_ct` (or why that failed), if it did.
+    pub seeded_flows: Option<std::result::Result<(usize, usize), String>>,
 }
 
 impl SyncReport {
@@ -124,6 +131,8 @@ pub struct NodeParts {
     pub datapath: Datapath,
     pub maps: NodeMaps,
     pub host: HostSide,
+    /// `--take-over-from-kube-proxy`, until a sync has done it.
+    pub take_over_pending: bool,
 }
 
 impl NodeAgent {
@@ -177,6 +186,7 @@ impl NodeAgent {
                 datapath,
                 maps,
                 host: host_side,
+                take_over_pending: options.take_over_from_kube_proxy,
             },
             node: None,
             health_checks: Default::default(),
@@ -270,6 +280,10 @@ impl NodeAgent {
                     .set_overlay_problem(report.overlay_problem.clone());
                 self.health_checks.set(&node.health_checks);
                 self.node = Some(node);
+                if let Some(seeded) = &report.seeded_flows {
+                    self.parts.take_over_pending = false;
+                    self.take_over_from_kube_proxy(seeded);
+                }
                 self.telemetry.set_ready();
                 self.report_proxy_health(objects);
                 if !event_driven {
@@ -309,6 +323,42 @@ impl NodeAgent {
                     "this node's eligibility for load-balancer traffic changed (/healthz)"
                 );
             }
+        }
+    }
+
+    /// After the sync that seeded `ferrite_ct` with the kernel's open flows (`seeded`:
+    /// the kernel's flow count and how many were seeded, or why it failed), now that
+    /// Ferrite serves every frontend: count and log it, remove kube-proxy's rules.
+    fn take_over_from_kube_proxy(&self, seeded: &std::result::Result<(usize, usize), String>) {
+        match seeded {
+            Ok((kernel, seeded)) => {
+                self.telemetry.takeover_flows.inc_by(*seeded as u64);
+                info!(
+                    kernel_flows = kernel,
+                    seeded, "took over kube-proxy's open Service flows (kernel conntrack)"
+                );
+            }
+            Err(e) => error!("seeding conntrack from the kernel's failed: {e}"),
+        }
+        let removed = crate::takeover::remove_kube_proxy_rules();
+        for (what, rules) in &removed.removed {
+            info!(rules, "removed kube-proxy's rules: {what}");
+        }
+        for tool in &removed.missing {
+            warn!("no {tool} here: kube-proxy's rules it would show are left as they are");
+        }
+        for failure in &removed.failed {
+            error!("removing kube-proxy's rules failed: {failure}");
+        }
+        self.telemetry
+            .takeover_rules_removed
+            .inc_by(removed.total() as u64);
+        info!(
+            rules = removed.total(),
+            "took the node over from kube-proxy"
+        );
+        if let Some(ipvs) = crate::takeover::ipvs_left() {
+            warn!("{ipvs}");
         }
     }
 
@@ -779,6 +829,7 @@ pub fn reconcile(
         datapath,
         maps,
         host: host_side,
+        take_over_pending,
     } = parts;
     let (context, more) =
         model::NodeContext::new(&settings.node, &settings.limits, &objects.nodes, previous);
@@ -807,6 +858,13 @@ pub fn reconcile(
         ..settings.clone()
     };
     let plan = plan::FullPlan::new(objects, context, &interfaces, &current, ids_from, settings);
+    // Taking over from kube-proxy: its open flows are in `ferrite_ct` before the
+    // programs are attached anywhere and the frontends written, so none of their
+    // packets meets Ferrite's programs without its entry.
+    let seeded_flows = (*take_over_pending).then(|| {
+        seed_conntrack(datapath, maps, &plan.written, host_side.cluster_cidr)
+            .map_err(|e| format!("{e:#}"))
+    });
     let state = &plan.state;
     let wanted = attach_programs(datapath, state, &interfaces, &external, use_xdp)?;
     let overlay_problem = overlay_problem(datapath, &interfaces);
@@ -842,9 +900,64 @@ pub fn reconcile(
                 .map(|pod| (pod.ip.octets(), format!("{}/{}", pod.namespace, pod.name)))
                 .collect(),
         )),
+        seeded_flows,
         ..SyncReport::of_services(state)
     };
     Ok((report, plan.into_state()))
+}
+
+/// Seed `ferrite_ct` with the kernel's open flows to the frontends of `written` (what
+/// the sync is about to write: the frontends' rev-NAT indexes, the backends' ids), as
+/// `takeover::seed_entries` makes them. Returns the kernel's flow count and how many
+/// were seeded.
+fn seed_conntrack(
+    datapath: &Datapath,
+    maps: &mut NodeMaps,
+    written: &plan::MapContents,
+    cluster_cidr: Option<Ipv4Net>,
+) -> Result<(usize, usize)> {
+    let backends = crate::takeover::backends_by_address(&written.backends);
+    let node_ip = Ipv4Addr::from(written.config.node_ip);
+    let external_client =
+        |ip: Ipv4Addr| ip != node_ip && !cluster_cidr.is_some_and(|cidr| cidr.contains(&ip));
+    // Whether an insert wrote its entry (false: the key exists, BPF_NOEXIST).
+    let inserted = |result: Result<(), aya::maps::MapError>| match result {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(nix::libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("writing ferrite_ct")),
+    };
+    let now = datapath.jiffies()?;
+    let flows = crate::takeover::kernel_flows()?;
+    let mut seeded = 0;
+    for flow in &flows {
+        let Some([(reply_key, reply), (forward_key, forward)]) =
+            crate::takeover::seed_entries(flow, &written.services, &backends, external_client, now)
+        else {
+            continue;
+        };
+        // Reply entry first, as the datapath does. An agent restarted with the flag
+        // on a node it already serves finds the programs attached: `ferrite_to_pod`
+        // may have recorded the flow's packets netfilter delivered
+        // (`CT_FLAG_VIA_STACK`, under the same reply tuple), which is replaced; a
+        // Service flow the datapath recorded itself keeps its entries.
+        let conntrack = &mut maps.conntrack;
+        let replace = match conntrack.get(&reply_key, 0) {
+            Ok(existing) if existing.flags & ferrite_common::CT_FLAG_VIA_STACK != 0 => true,
+            Ok(_) => continue,
+            Err(_) => false,
+        };
+        let no_exist = u64::from(!replace); // BPF_NOEXIST or BPF_ANY
+        if !inserted(conntrack.insert(reply_key, reply, no_exist))? {
+            continue; // the datapath recorded it meanwhile
+        }
+        inserted(conntrack.insert(forward_key, forward, 1 /* BPF_NOEXIST */))?;
+        seeded += 1;
+    }
+    Ok((flows.len(), seeded))
 }
 
 /// Why cross-node traffic cannot flow, if it cannot: the VXLAN device is missing, or

@@ -82,6 +82,16 @@ pub enum Command {
         /// costs GSO; its tcx program then balances it), `always`, `never`.
         #[arg(long, value_enum, default_value_t)]
         xdp: plan::UplinkXdp,
+        /// Take the node over from kube-proxy without breaking open connections: in
+        /// the first sync, before attaching its programs, seed Ferrite's conntrack
+        /// with every flow of the kernel's conntrack table to a Service frontend
+        /// Ferrite serves (keeping the backend kube-proxy's rules chose); once every
+        /// frontend is written, remove kube-proxy's rules (iptables `KUBE-*` chains,
+        /// nft and legacy; nftables `kube-proxy` tables). Stop kube-proxy first, or
+        /// it writes them again. See "Migrating from kube-proxy" in
+        /// docs/operations.md.
+        #[arg(long)]
+        take_over_from_kube_proxy: bool,
         #[command(flatten)]
         admission: AdmissionArgs,
     },

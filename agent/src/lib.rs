@@ -4,7 +4,7 @@
 //! Modules depend one way: each uses only modules of the tiers before its own
 //! (`tests/layering.rs` checks it, from the sources):
 //! 1. `bpf_syscall`, `conntrack_gc`, `files`, `http` (the HTTP listeners' server),
-//!    `limits`, `maglev`, `netlink`;
+//!    `limits`, `maglev`, `netlink`, `takeover` (kube-proxy's conntrack and rules);
 //! 2. `model` (objects -> desired state, pure);
 //! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
 //! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
@@ -40,6 +40,7 @@ pub mod objects_yaml;
 pub mod plan;
 pub mod proxy_health;
 pub mod source;
+pub mod takeover;
 pub mod telemetry;
 
 /// Unit tests' heap meter: bytes allocated by the calling thread, for tests that

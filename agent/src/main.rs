@@ -133,9 +133,15 @@ const RUNTIME_CAPABILITIES: [caps::Capability; 2] =
 /// Drop every other capability, from the bounding set too, so neither the agent nor
 /// the tools it runs can do more. Applies to the calling thread and the threads it
 /// starts afterwards.
-fn drop_capabilities() -> Result<()> {
+/// `take_over`: `--take-over-from-kube-proxy` also keeps NET_RAW if the agent has
+/// it, which `iptables-legacy` needs (its raw socket) to remove kube-proxy's rules.
+fn drop_capabilities(take_over: bool) -> Result<()> {
     use caps::{CapSet, CapsHashSet};
-    let keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
+    let mut keep: CapsHashSet = RUNTIME_CAPABILITIES.into_iter().collect();
+    let net_raw = caps::Capability::CAP_NET_RAW;
+    if take_over && caps::has_cap(None, CapSet::Permitted, net_raw).unwrap_or(false) {
+        keep.insert(net_raw);
+    }
     for capability in caps::all() {
         // A capability this kernel does not know is not held either.
         let held = caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false);
@@ -149,7 +155,7 @@ fn drop_capabilities() -> Result<()> {
     caps::clear(None, CapSet::Inheritable)?;
     caps::set(None, CapSet::Effective, &keep)?;
     caps::set(None, CapSet::Permitted, &keep).context("dropping capabilities")?;
-    info!(kept = ?RUNTIME_CAPABILITIES, "dropped all other capabilities");
+    info!(kept = ?keep, "dropped all other capabilities");
     Ok(())
 }
 
@@ -179,7 +185,8 @@ fn run_agent(
             .spawn_scoped(scope, || {
                 agent::NodeAgent::start(options, telemetry.clone())
             })?;
-        let source = drop_capabilities().and_then(|()| start_source(options, config, &telemetry));
+        let source = drop_capabilities(options.take_over_from_kube_proxy)
+            .and_then(|()| start_source(options, config, &telemetry));
         let node = loading
             .join()
             .map_err(|_| anyhow::anyhow!("loading the datapath panicked"))??;
@@ -298,9 +305,11 @@ fn main() -> Result<()> {
             cgroup_root,
             proc_sys_net,
             xdp,
+            take_over_from_kube_proxy,
             admission,
         } => {
             let options = agent::AgentOptions {
+                take_over_from_kube_proxy,
                 limits: admission.limits(cluster_cidr),
                 socket_lb,
                 cgroup_root,

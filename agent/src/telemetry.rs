@@ -100,6 +100,11 @@ pub struct Telemetry {
     pub sync_errors: Counter,
     pub map_writes: Counter,
     pub conntrack_gc_removed: Counter,
+    /// Flows of the kernel's conntrack table seeded into `ferrite_ct` when the agent
+    /// took the node over from kube-proxy (`--take-over-from-kube-proxy`).
+    pub takeover_flows: Counter,
+    /// kube-proxy's rules (iptables, nftables) removed by that take-over.
+    pub takeover_rules_removed: Counter,
     /// Pods whose host side (veth up, /32 route, neighbour) a full sync restored.
     pub pod_wiring_repairs: Counter,
     pub skipped_objects: Gauge,
@@ -139,6 +144,8 @@ impl Telemetry {
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
             conntrack_gc_removed: Counter::default(),
+            takeover_flows: Counter::default(),
+            takeover_rules_removed: Counter::default(),
             pod_wiring_repairs: Counter::default(),
             skipped_objects: Gauge::default(),
             proxy_health: Arc::default(),
@@ -200,6 +207,16 @@ impl Telemetry {
                 "conntrack_gc_removed",
                 "Conntrack entries of finished or idle flows removed",
                 telemetry.conntrack_gc_removed.clone(),
+            );
+            r.register(
+                "takeover_flows",
+                "Open flows of kube-proxy's (kernel conntrack) seeded into Ferrite's conntrack by --take-over-from-kube-proxy",
+                telemetry.takeover_flows.clone(),
+            );
+            r.register(
+                "takeover_rules_removed",
+                "kube-proxy's iptables and nftables rules removed by --take-over-from-kube-proxy",
+                telemetry.takeover_rules_removed.clone(),
             );
             r.register(
                 "skipped_objects",

@@ -7,6 +7,7 @@ pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;
 pub mod install_cni;
+pub mod kube_proxy_layout;
 pub mod kubelet;
 pub mod lab;
 pub mod monitor;

@@ -262,6 +262,16 @@ impl Datapath {
         Ok(Some((now, hz)))
     }
 
+    /// The datapath's clock now (jiffies), as conntrack entries record it.
+    pub fn jiffies(&self) -> Result<u64> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program_names::CLOCK)
+            .context("ferrite_clock missing")?
+            .try_into()?;
+        read_clock(program)
+    }
+
     /// Forward what the datapath logged since the last call to the agent's log.
     pub fn flush_logs(&mut self) {
         if let Some(logger) = &mut self.logger {

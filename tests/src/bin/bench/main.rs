@@ -126,34 +126,7 @@ fn overlay_bench() -> Result<()> {
     Ok(())
 }
 
-/// A KUBE-SVC chain's endpoints as kube-proxy writes them: one KUBE-SEP chain each
-/// (`KUBE-SEP-<id><index, index_width digits>`), picked with statistic probabilities
-/// 1/n, 1/(n-1), ... so each is equally likely, and a DNAT in each.
-fn kube_proxy_endpoints(
-    svc: &str,
-    id: &str,
-    index_width: usize,
-    endpoints: &[SocketAddrV4],
-    chains: &mut String,
-    rules: &mut String,
-) {
-    for (e, endpoint) in endpoints.iter().enumerate() {
-        let sep = format!("KUBE-SEP-{id}{e:0index_width$}");
-        chains.push_str(&format!(":{sep} - [0:0]\n"));
-        let remaining = endpoints.len() - e;
-        if remaining > 1 {
-            rules.push_str(&format!(
-                "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}\n",
-                1.0 / remaining as f64
-            ));
-        } else {
-            rules.push_str(&format!("-A {svc} -j {sep}\n"));
-        }
-        rules.push_str(&format!(
-            "-A {sep} -p tcp -m tcp -j DNAT --to-destination {endpoint}\n"
-        ));
-    }
-}
+use ferrite_tests::kube_proxy_layout::kube_proxy_endpoints;
 
 fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     values.sort_by(f64::total_cmp);
