@@ -1023,3 +1023,78 @@ fn a_connected_udp_client_of_a_node_port_whose_backend_port_is_closed_is_refused
     assert_eq!(counter(c, 0, stat::NODEPORT_REJECTED)?, 0);
     Ok(())
 }
+
+/// UDP through a backend's termination (a datagram every 10 ms from one client
+/// socket to a NodePort): while a1 is terminating but still serving, the flow's
+/// datagrams keep reaching a1, every one answered; once a1 stops serving they move
+/// to b0 and stay there. (Cilium lost them for the whole grace period.)
+#[test]
+fn udp_to_a_terminating_backend_reaches_it_until_it_stops_serving() -> Result<()> {
+    let env = world(|c| both_backends(c, ""))?;
+    let c = &env.cluster;
+    let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT + 1);
+    // A client whose flow the NodePort gives a1.
+    let socket = (0..16)
+        .find_map(|i| {
+            let socket = udp_socket(&c.world, client_ip(i)).ok()?;
+            (ask(&socket, to, "which?").ok()?.as_deref() == Some("a1")).then_some(socket)
+        })
+        .context("no client's flow went to a1")?;
+    let a1 = format!(
+        "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: true}}\n",
+        c.pod("a1").ip,
+        c.nodes[0].name
+    );
+    let with_a1 = |conditions: &str| {
+        both_backends(c, "").replace(&a1, &a1.replace("{ready: true}", conditions))
+    };
+    let stream = |count: usize| -> Result<Vec<Option<String>>> {
+        (0..count)
+            .map(|i| {
+                std::thread::sleep(Duration::from_millis(10));
+                ask(&socket, to, &format!("datagram {i}"))
+            })
+            .collect()
+    };
+    assert!(stream(20)?.iter().all(|p| p.as_deref() == Some("a1")));
+
+    let terminating = with_a1("{ready: false, serving: true, terminating: true}");
+    c.write_config(&format!("{}---\n{terminating}", c.nodes_and_pods_yaml()))?;
+    c.nodes[0].wait_for_maps("a1 out of the slots", |m| {
+        m.services
+            .iter()
+            .any(|(k, v)| k.port == NODE_PORT + 1 && k.backend_slot == 0 && v.count == 1)
+    })?;
+    let answered = stream(50)?;
+    assert!(
+        answered.iter().all(|p| p.as_deref() == Some("a1")),
+        "while a1 terminates and serves: {answered:?}"
+    );
+
+    let stopped = with_a1("{ready: false, serving: false, terminating: true}");
+    c.write_config(&format!("{}---\n{stopped}", c.nodes_and_pods_yaml()))?;
+    c.nodes[0].wait_for_maps("a1 gone from the backends", |m| {
+        !m.backends
+            .values()
+            .any(|b| b.address == c.pod("a1").ip.octets())
+    })?;
+    let answered = stream(20)?;
+    assert!(
+        answered.iter().all(|p| p.as_deref() == Some("b0")),
+        "once a1 stopped serving: {answered:?}"
+    );
+    Ok(())
+}
+
+/// Send `request` on `socket` to `to` and read one answer: the pod that answered
+/// (`None`: no answer within the socket's timeout).
+fn ask(socket: &UdpSocket, to: SocketAddrV4, request: &str) -> Result<Option<String>> {
+    socket.send_to(request.as_bytes(), to)?;
+    let mut buf = [0u8; 2048];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => Ok(Some(
+            parse_answer(&String::from_utf8_lossy(&buf[..n]), request)?.0,
+        )),
+        Err(_) => Ok(None),
+    }
+}
