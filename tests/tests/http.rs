@@ -298,6 +298,13 @@ fn two_thousand_held_connections_take_no_thread_each_and_probes_are_answered() -
     wait_until("both listeners during the flood", SETTLE, || {
         both_answer(&node)
     })?;
+    // The listeners may still be draining their backlogs (each accept closes the
+    // oldest connection, whose descriptor goes when its task is next polled): the
+    // count must come down to the bound while the flood is held.
+    let bound = fds_before + 2 * 64 + 4;
+    let settled = wait_until("at most 64 connections per listener", SETTLE, || {
+        agent(&node).open_fds().is_ok_and(|fds| fds <= bound)
+    });
     let (threads, fds) = (
         agent(&node).status_number("Threads")?,
         agent(&node).open_fds()?,
@@ -308,7 +315,7 @@ fn two_thousand_held_connections_take_no_thread_each_and_probes_are_answered() -
         "threads {threads_before} -> {threads}"
     );
     assert!(
-        fds <= fds_before + 2 * 64 + 4,
+        settled.is_ok(),
         "descriptors {fds_before} -> {fds}: more than 64 connections per listener"
     );
     drop(held);
