@@ -3,9 +3,11 @@
 //!
 //! Modules depend one way: each uses only modules of the tiers before its own
 //! (`tests/layering.rs` checks it, from the sources):
-//! 1. `bpf_syscall`, `conntrack_gc`, `files`, `http` (the HTTP listeners' server),
-//!    `limits`, `maglev`, `netlink`, `takeover` (kube-proxy's conntrack and rules);
-//! 2. `model` (objects -> desired state, pure);
+//! 1. `bpf_syscall`, `command` (the programs the agent runs: nft, iptables-restore),
+//!    `conntrack_gc`, `files`, `http` (the HTTP listeners' server), `limits`,
+//!    `maglev`, `netlink`;
+//! 2. `model` (objects -> desired state, pure), `takeover` (kube-proxy's conntrack
+//!    and rules);
 //! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
 //! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
 //!    `driver`, `healthcheck`, `proxy_health`, `objects_yaml`;
@@ -19,6 +21,7 @@ pub mod agent;
 pub mod bpf_syscall;
 pub mod cli;
 pub mod cni;
+pub mod command;
 pub mod conntrack_gc;
 pub mod datapath;
 pub mod driver;

@@ -17,12 +17,7 @@
 //!
 //! What kube-proxy's `--cleanup` does, without a moment where nothing serves: the
 //! rules go only after Ferrite serves every Service and holds every open flow.
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context, Result};
 use ferrite_common::{
@@ -40,6 +35,8 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use crate::command::run_with_input;
 
 /// One direction of a kernel conntrack entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,30 +356,6 @@ pub fn iptables_removal(table: &str, saved: &str) -> Option<(String, usize)> {
     }
     input.push_str("COMMIT\n");
     Some((input, rules + jumps.len()))
-}
-
-fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// What removing kube-proxy's rules did, per backend.

@@ -39,20 +39,7 @@ impl FlannelCluster {
             let masquerade = "add table ip flannel\n\
                 add chain ip flannel postrouting { type nat hook postrouting priority srcnat; }\n\
                 add rule ip flannel postrouting ip saddr 10.245.0.0/16 ip daddr != 10.245.0.0/16 masquerade\n";
-            netns.run(|| -> Result<()> {
-                use std::io::Write;
-                let mut child = std::process::Command::new("nft")
-                    .args(["-f", "-"])
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()?;
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(masquerade.as_bytes())?;
-                anyhow::ensure!(child.wait()?.success(), "nft failed");
-                Ok(())
-            })??;
+            netns.run_with_input(&["nft", "-f", "-"], masquerade)?;
             ip(ns, "link add cni0 type bridge")?;
             ip(ns, &format!("addr add 10.245.{n}.1/24 dev cni0"))?;
             ip(ns, "link set cni0 up")?;

@@ -7,9 +7,7 @@
 //! are gone. Needs root.
 use std::{
     collections::BTreeSet,
-    io::Write,
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -85,27 +83,7 @@ fn kube_proxy_ports(backends: &[Ipv4Addr]) -> Vec<ServicePort> {
 
 /// `input` to `command` run in the node's network namespace.
 fn in_node(cluster: &Cluster, command: &[&str], input: &str) -> Result<String> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", cluster.nodes[0].netns.path().display()))
-        .args(command)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            command.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cluster.nodes[0].netns.run_with_input(command, input)
 }
 
 fn load_rules(node: &KubeProxyNode, layout: Layout) -> Result<()> {

@@ -1,40 +1,13 @@
 //! Ferrite's nftables rules, one table replaced atomically (`nft -f -`).
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use ferrite_common::VXLAN_DEVICE;
 use ipnet::Ipv4Net;
 
+use crate::command::run_with_input;
+
 /// nftables table holding Ferrite's rules (removed by `ferrite uninstall`).
 pub const NFT_TABLE: &str = "ferrite";
-
-/// Run `program args` with `input` on its stdin (nft -f -).
-fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 fn nft(script: &str) -> Result<()> {
     run_with_input("nft", &["-f", "-"], script)

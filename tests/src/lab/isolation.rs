@@ -2,14 +2,16 @@
 //! own, removed on drop.
 use std::{
     fs,
+    io::Write,
     net::{SocketAddrV4, TcpStream},
     os::fd::AsFd,
     path::{Path, PathBuf},
+    process::{Command, Stdio},
     thread::JoinHandle,
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ferrite_agent::datapath;
 
 use super::{basics::run_ip, exchange};
@@ -57,6 +59,34 @@ impl Netns {
             self.run(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)))??;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(stream)
+    }
+
+    /// Run `command` in this namespace (as `nsenter --net` runs it) with `input` on
+    /// its stdin (`nft -f -`, `iptables-restore`): its stdout, or what it wrote to
+    /// stderr as the error.
+    pub fn run_with_input(&self, command: &[&str], input: &str) -> Result<String> {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .args(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", command.join(" ")))?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                command.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Like [`Netns::run`] but on a detached thread (for servers).

@@ -152,14 +152,8 @@ fn timed_in_netns(
     command: &[&str],
     input: &str,
 ) -> Result<std::time::Duration> {
-    use std::io::Write;
-    let mut process = std::process::Command::new("nsenter");
-    process.arg(format!("--net={}", netns.path().display()));
-    process.args(command);
     let start = std::time::Instant::now();
-    let mut child = process.stdin(std::process::Stdio::piped()).spawn()?;
-    child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "{} failed", command.join(" "));
+    netns.run_with_input(command, input)?;
     Ok(start.elapsed())
 }
 
