@@ -22,7 +22,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::lab::Netns;
+use crate::lab::{Cluster, Netns, ObjectStore, WORLD_GATEWAY};
 
 /// The collections the agent watches: (URL path, kind).
 const RESOURCES: [(&str, &str); 6] = [
@@ -303,6 +303,17 @@ impl FakeApiServer {
         Self::serve(listener, None, None)
     }
 
+    /// Serve `cluster`'s objects from its world, on the node network's gateway address
+    /// (every node reaches it as a node reaches its API server): the cluster's agents
+    /// run in Kubernetes mode from then on.
+    pub fn serve_cluster(cluster: &mut Cluster) -> Result<()> {
+        let listener = cluster
+            .world
+            .run(|| TcpListener::bind(SocketAddr::from((WORLD_GATEWAY, 0))))??;
+        cluster.serve_objects_from(Box::new(Self::serve(listener, None, None)?));
+        Ok(())
+    }
+
     /// Listen on `addr` inside `netns` over TLS (`tls`: the server's certificate and
     /// key), answering only requests with `access.token` as bearer token that its
     /// rules grant, as an API server does for a pod's service account.
@@ -447,6 +458,20 @@ impl FakeApiServer {
             }
         }
         Ok(())
+    }
+}
+
+impl ObjectStore for FakeApiServer {
+    fn apply(&self, object: Value) {
+        FakeApiServer::apply(self, object)
+    }
+
+    fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        FakeApiServer::delete(self, kind, namespace, name)
+    }
+
+    fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        FakeApiServer::write_kubeconfig(self, path)
     }
 }
 

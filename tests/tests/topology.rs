@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use ferrite_common::{ServiceKey, PROTO_TCP};
 use ferrite_tests::{
     cluster::TCP_TARGET,
-    lab::{answered_by, pod_ip, Cluster, Server},
+    fake_apiserver::FakeApiServer,
+    lab::{answered_by, pod_ip, Cluster, ObjectSource, Server},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 1);
@@ -24,9 +25,13 @@ struct Lab {
     cluster: Cluster,
 }
 
-/// Nodes n0, n1, n2 with backend pods b0, b1, b2 and client pods c0, c1, c2.
-fn lab(socket_lb: bool) -> Result<Lab> {
+/// Nodes n0, n1, n2 with backend pods b0, b1, b2 and client pods c0, c1, c2, the
+/// agents reading their objects from `source`.
+fn lab(socket_lb: bool, source: ObjectSource) -> Result<Lab> {
     let mut cluster = Cluster::new(3)?;
+    if source == ObjectSource::Kubernetes {
+        FakeApiServer::serve_cluster(&mut cluster)?;
+    }
     let mut servers = Vec::new();
     for (index, node) in cluster.nodes.iter_mut().enumerate() {
         if !socket_lb {
@@ -124,9 +129,30 @@ fn case(
     Ok(())
 }
 
-#[test]
-fn prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all() -> Result<()> {
-    let lab = lab(true)?;
+/// Every case from a YAML file and from an API server's watch events (where a zone
+/// label's removal is a Node update).
+mod prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all {
+    use ferrite_tests::lab::ObjectSource;
+
+    #[test]
+    fn from_a_file() -> anyhow::Result<()> {
+        super::prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
+            ObjectSource::File,
+        )
+    }
+
+    #[test]
+    fn from_the_api_server() -> anyhow::Result<()> {
+        super::prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
+            ObjectSource::Kubernetes,
+        )
+    }
+}
+
+fn prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
+    source: ObjectSource,
+) -> Result<()> {
+    let lab = lab(true, source)?;
     let c = &lab.cluster;
     let all: &[usize] = &[0, 1, 2];
     let (za, zb) = (zone("a"), zone("b"));
@@ -179,7 +205,7 @@ fn prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_al
 
 #[test]
 fn prefer_same_zone_narrows_the_per_packet_path_too() -> Result<()> {
-    let lab = lab(false)?;
+    let lab = lab(false, ObjectSource::File)?;
     let (za, zb) = (zone("a"), zone("b"));
     case(
         &lab,

@@ -1,16 +1,48 @@
 //! Several nodes on one underlay, with a world behind their default route.
 
-use anyhow::Result;
+use std::{collections::BTreeMap, path::Path, sync::Mutex};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
 
 use super::{
     basics::run_ip, node_ip, node_yaml, sh, unique, Netns, Node, Pod, Underlay, CLUSTER_CIDR,
     WORLD_GATEWAY, WORLD_IP,
 };
 
+/// Where a cluster's agents read the Kubernetes objects from: the same stories run
+/// on both, so every feature is checked in file mode and in Kubernetes mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectSource {
+    /// One YAML file per node (`--config`), rewritten whole on every change.
+    File,
+    /// An API server (list and watch) the agents reach over the node network; a
+    /// change becomes the watch events of the objects that changed.
+    Kubernetes,
+}
+
+/// An API server the cluster's agents can watch: what [`Cluster::write_config`]
+/// turns a change of the cluster's objects into.
+pub trait ObjectStore: Send {
+    /// Create or replace `object` (a Kubernetes object as JSON).
+    fn apply(&self, object: Value);
+    fn delete(&self, kind: &str, namespace: &str, name: &str);
+    /// A kubeconfig that reaches this store from any node.
+    fn write_kubeconfig(&self, path: &Path) -> Result<()>;
+}
+
+/// The API server of a Kubernetes-mode cluster and the objects it holds as the
+/// tests gave them: (kind, namespace, name) -> object.
+struct ApiSource {
+    store: Box<dyn ObjectStore>,
+    objects: BTreeMap<(String, String, String), Value>,
+}
+
 /// Several Ferrite nodes on one underlay, with a world behind their default route.
-/// Fields drop in order: nodes (agents, pods), world, underlay.
+/// Fields drop in order: nodes (agents, pods), the API server, world, underlay.
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    api: Option<Mutex<ApiSource>>,
     pub world: Netns,
     pub underlay: Underlay,
 }
@@ -76,9 +108,28 @@ impl Cluster {
         }
         Ok(Self {
             nodes,
+            api: None,
             world,
             underlay,
         })
+    }
+
+    /// From now on the agents read their objects from `store` (Kubernetes mode):
+    /// [`Cluster::write_config`] applies what changed there and
+    /// [`Cluster::start_agents`] points the agents at it.
+    pub fn serve_objects_from(&mut self, store: Box<dyn ObjectStore>) {
+        self.api = Some(Mutex::new(ApiSource {
+            store,
+            objects: BTreeMap::new(),
+        }));
+    }
+
+    /// Where the agents read their objects from.
+    pub fn object_source(&self) -> ObjectSource {
+        match self.api {
+            Some(_) => ObjectSource::Kubernetes,
+            None => ObjectSource::File,
+        }
     }
 
     /// Node objects of every node, and the Pod objects of every pod.
@@ -92,13 +143,61 @@ impl Cluster {
         docs.join("---\n")
     }
 
-    /// The same cluster-wide file for every node's agent.
+    /// The cluster's objects are now those of `yaml`: the same cluster-wide file for
+    /// every node's agent, or, in Kubernetes mode, the objects that changed applied to
+    /// the API server (added or modified) and those gone deleted, each one watch event.
     pub fn write_config(&self, yaml: &str) -> Result<()> {
-        self.nodes.iter().try_for_each(|n| n.write_config(yaml))
+        let Some(api) = &self.api else {
+            return self.nodes.iter().try_for_each(|n| n.write_config(yaml));
+        };
+        let mut api = api.lock().expect("no test thread panicked holding it");
+        let api = &mut *api;
+        let mut wanted = BTreeMap::new();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let object: Value = serde::Deserialize::deserialize(document)?;
+            if object.is_null() {
+                continue;
+            }
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            let key = (
+                text(&object["kind"]),
+                text(&object["metadata"]["namespace"]),
+                text(&object["metadata"]["name"]),
+            );
+            anyhow::ensure!(
+                !key.0.is_empty() && !key.2.is_empty(),
+                "an object without kind or name: {object}"
+            );
+            wanted.insert(key, object);
+        }
+        for ((kind, namespace, name), _) in
+            api.objects.iter().filter(|(k, _)| !wanted.contains_key(*k))
+        {
+            api.store.delete(kind, namespace, name);
+        }
+        for (key, object) in &wanted {
+            if api.objects.get(key) != Some(object) {
+                api.store.apply(object.clone());
+            }
+        }
+        api.objects = wanted;
+        Ok(())
     }
 
+    /// Start every node's agent on the cluster's objects: its file, or the API server.
     pub fn start_agents(&mut self) -> Result<()> {
-        self.nodes.iter_mut().try_for_each(Node::start_agent)
+        let Some(api) = &self.api else {
+            return self.nodes.iter_mut().try_for_each(Node::start_agent);
+        };
+        let api = api.lock().expect("no test thread panicked holding it");
+        for node in &mut self.nodes {
+            let kubeconfig = node.dir.join("kubeconfig");
+            api.store
+                .write_kubeconfig(&kubeconfig)
+                .context("writing a kubeconfig")?;
+            node.start_agent_kube(&kubeconfig)?;
+        }
+        Ok(())
     }
 
     /// Find a pod by name on any node.
