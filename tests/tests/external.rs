@@ -13,9 +13,10 @@ use anyhow::{bail, Context, Result};
 use ferrite_common::stat;
 use ferrite_tests::{
     cluster::{load_balancer_yaml, TCP_TARGET, UDP_TARGET},
+    fake_apiserver::FakeApiServer,
     lab::{
-        exchange, http_get, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, Server, SETTLE,
-        WORLD_IP,
+        exchange, http_get, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, ObjectSource,
+        Server, SETTLE, WORLD_IP,
     },
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -45,6 +46,11 @@ fn world(service: impl Fn(&Cluster) -> String) -> Result<World> {
     world_with(&[], service)
 }
 
+/// The world, its agents reading their objects from `source`.
+fn world_from(source: ObjectSource, service: impl Fn(&Cluster) -> String) -> Result<World> {
+    world_prepared_from(source, &[], |_| Ok(()), service)
+}
+
 /// The world, with `agent_args` added to every agent's arguments.
 fn world_with(agent_args: &[&str], service: impl Fn(&Cluster) -> String) -> Result<World> {
     world_prepared(agent_args, |_| Ok(()), service)
@@ -56,7 +62,19 @@ fn world_prepared(
     prepare: impl FnOnce(&Cluster) -> Result<()>,
     service: impl Fn(&Cluster) -> String,
 ) -> Result<World> {
+    world_prepared_from(ObjectSource::File, agent_args, prepare, service)
+}
+
+fn world_prepared_from(
+    source: ObjectSource,
+    agent_args: &[&str],
+    prepare: impl FnOnce(&Cluster) -> Result<()>,
+    service: impl Fn(&Cluster) -> String,
+) -> Result<World> {
     let mut cluster = Cluster::new(2)?;
+    if source == ObjectSource::Kubernetes {
+        FakeApiServer::serve_cluster(&mut cluster)?;
+    }
     for node in &mut cluster.nodes {
         node.agent_args
             .extend(agent_args.iter().map(ToString::to_string));
@@ -168,17 +186,27 @@ fn counter(c: &Cluster, node: usize, index: u32) -> Result<u64> {
 /// ingress: XDP on a veth saves nothing and costs GSO.
 #[test]
 fn nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
-    external_frontends_reach_local_and_remote_backends(&[])
+    external_frontends_reach_local_and_remote_backends(ObjectSource::File, &[])
+}
+
+/// The same, the agents watching an API server.
+#[test]
+fn watching_an_api_server_nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends(
+) -> Result<()> {
+    external_frontends_reach_local_and_remote_backends(ObjectSource::Kubernetes, &[])
 }
 
 /// The same through XDP, as on a real NIC (`--xdp always`).
 #[test]
 fn with_xdp_nodeport_loadbalancer_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
-    external_frontends_reach_local_and_remote_backends(&["--xdp", "always"])
+    external_frontends_reach_local_and_remote_backends(ObjectSource::File, &["--xdp", "always"])
 }
 
-fn external_frontends_reach_local_and_remote_backends(agent_args: &[&str]) -> Result<()> {
-    let env = world_with(agent_args, |c| both_backends(c, ""))?;
+fn external_frontends_reach_local_and_remote_backends(
+    source: ObjectSource,
+    agent_args: &[&str],
+) -> Result<()> {
+    let env = world_prepared_from(source, agent_args, |_| Ok(()), |c| both_backends(c, ""))?;
     let c = &env.cluster;
     let xdp = !agent_args.is_empty();
     for node in &c.nodes {
@@ -540,7 +568,20 @@ fn open_connections(world: &Netns, to: SocketAddrV4) -> Result<Vec<(String, TcpS
 
 #[test]
 fn removing_a_backend_under_load_breaks_no_connection_to_the_others() -> Result<()> {
-    let env = world(|c| both_backends(c, ""))?;
+    removing_a_backend_under_load_breaks_no_connection_to_the_others_from(ObjectSource::File)
+}
+
+/// The same, the agents watching an API server.
+#[test]
+fn watching_an_api_server_removing_a_backend_under_load_breaks_no_connection_to_the_others(
+) -> Result<()> {
+    removing_a_backend_under_load_breaks_no_connection_to_the_others_from(ObjectSource::Kubernetes)
+}
+
+fn removing_a_backend_under_load_breaks_no_connection_to_the_others_from(
+    source: ObjectSource,
+) -> Result<()> {
+    let env = world_from(source, |c| both_backends(c, ""))?;
     let c = &env.cluster;
     let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
     // Long-lived connections to both backends.
@@ -574,7 +615,22 @@ fn removing_a_backend_under_load_breaks_no_connection_to_the_others() -> Result<
 
 #[test]
 fn a_terminating_backend_finishes_its_connections_and_takes_no_new_ones() -> Result<()> {
-    let env = world(|c| both_backends(c, ""))?;
+    a_terminating_backend_finishes_its_connections_and_takes_no_new_ones_from(ObjectSource::File)
+}
+
+/// The same, the agents watching an API server.
+#[test]
+fn watching_an_api_server_a_terminating_backend_finishes_its_connections_and_takes_no_new_ones(
+) -> Result<()> {
+    a_terminating_backend_finishes_its_connections_and_takes_no_new_ones_from(
+        ObjectSource::Kubernetes,
+    )
+}
+
+fn a_terminating_backend_finishes_its_connections_and_takes_no_new_ones_from(
+    source: ObjectSource,
+) -> Result<()> {
+    let env = world_from(source, |c| both_backends(c, ""))?;
     let c = &env.cluster;
     let to = SocketAddrV4::new(c.nodes[0].ip.unwrap(), NODE_PORT);
     let mut open = open_connections(&c.world, to)?;

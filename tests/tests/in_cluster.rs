@@ -10,7 +10,9 @@
 //! Clients are `ferrite-probe` processes in the node's cgroup subtree, in the pod's or
 //! the node's network namespace, as a pod's processes and the kubelet are. Each story
 //! runs twice: with socket-level load balancing (the default) and with
-//! `--socket-lb=false` (per-packet only). Needs root.
+//! `--socket-lb=false` (per-packet only), the agents reading a YAML file; and a third
+//! time with socket-level load balancing, the agents watching an API server (every
+//! change the watch events of the objects that changed). Needs root.
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
@@ -21,6 +23,7 @@ use anyhow::{ensure, Context, Result};
 use ferrite_common::stat;
 use ferrite_tests::{
     cluster::{load_balancer_yaml, service_yaml, TCP_TARGET, UDP_TARGET},
+    fake_apiserver::FakeApiServer,
     lab::{
         exchange, parse_answer, pod_ip, sh, tcp_from_port, Cluster, Node, Probe, ProbeOutcome,
         Server,
@@ -47,10 +50,19 @@ const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 7);
 const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 107);
 const LOCAL_NODE_PORT: u16 = 30100;
 
+/// How the nodes run: with socket-level load balancing or per packet only, reading
+/// their objects from a file or watching an API server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     SocketLb,
     PerPacket,
+    SocketLbWatchingAnApiServer,
+}
+
+impl Mode {
+    fn socket_lb(self) -> bool {
+        self != Mode::PerPacket
+    }
 }
 
 /// Two nodes: backend pods `a0` (node 0) and `b1` (node 1), client pods `c0` (node 0,
@@ -103,6 +115,9 @@ fn lab(mode: Mode) -> Result<Lab> {
 /// The lab, with `extra` YAML documents (given the cluster) in the config.
 fn lab_with(mode: Mode, extra: impl Fn(&Cluster) -> String) -> Result<Lab> {
     let mut cluster = Cluster::new(2)?;
+    if mode == Mode::SocketLbWatchingAnApiServer {
+        FakeApiServer::serve_cluster(&mut cluster)?;
+    }
     if mode == Mode::PerPacket {
         for node in &mut cluster.nodes {
             node.agent_args.push("--socket-lb=false".into());
@@ -236,14 +251,16 @@ fn all_protocols_reach(probe: &Probe, vip: Ipv4Addr, server: &str, what: &str) -
 /// none of them.
 fn check_mode(node: &Node, mode: Mode) -> Result<()> {
     let translated = node_counter(node, stat::SOCK_TRANSLATED)?;
-    match mode {
-        Mode::SocketLb => ensure!(translated > 0, "socket-level LB translated nothing"),
-        Mode::PerPacket => ensure!(translated == 0, "socket-level LB ran although off"),
+    if mode.socket_lb() {
+        ensure!(translated > 0, "socket-level LB translated nothing")
+    } else {
+        ensure!(translated == 0, "socket-level LB ran although off")
     }
     Ok(())
 }
 
-/// Each story, with socket-level load balancing and without it.
+/// Each story, with socket-level load balancing and without it, and with it from an
+/// API server.
 macro_rules! in_both_modes {
     ($($story:ident),* $(,)?) => {$(
         mod $story {
@@ -255,6 +272,11 @@ macro_rules! in_both_modes {
             #[test]
             fn per_packet_only() -> anyhow::Result<()> {
                 super::$story(super::Mode::PerPacket)
+            }
+
+            #[test]
+            fn with_socket_lb_watching_an_api_server() -> anyhow::Result<()> {
+                super::$story(super::Mode::SocketLbWatchingAnApiServer)
             }
         }
     )*};
@@ -476,16 +498,17 @@ fn a_service_without_endpoints_refuses_at_once(mode: Mode) -> Result<()> {
         counters[stat::SOCK_REFUSED as usize].packets,
         counters[stat::SERVICE_REJECTED as usize].packets,
     );
-    match mode {
+    if mode.socket_lb() {
         // Connected UDP is left to the per-packet path.
-        Mode::SocketLb => ensure!(
+        ensure!(
             at_socket == 4 && per_packet == 2,
             "{at_socket} {per_packet}"
-        ),
-        Mode::PerPacket => ensure!(
+        )
+    } else {
+        ensure!(
             at_socket == 0 && per_packet == 6,
             "{at_socket} {per_packet}"
-        ),
+        )
     }
     Ok(())
 }
