@@ -12,6 +12,9 @@
 //! ferrite-probe --cgroup DIR --netns PATH hold ADDR   # TCP; one request per stdin line
 //! ```
 //! `--bind PORT` makes UDP sockets send from that port (a client with a fixed port).
+//! `ferrite-probe ... ping-pong ADDR tcp|udp SECONDS` sends one byte and waits for
+//! it back, over and over for SECONDS, on one TCP connection (or one unconnected UDP
+//! socket), and prints the transactions and latency percentiles (the latency bench).
 //! `ferrite-probe --cgroup DIR --netns PATH exec PROGRAM ARGS...` runs another client
 //! (wrk, iperf3) there instead.
 use std::{
@@ -22,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 /// What one request gave.
@@ -151,6 +154,65 @@ fn print(outcome: &Outcome) -> Result<()> {
     Ok(())
 }
 
+/// What a ping-pong run measured.
+#[derive(Serialize)]
+struct PingPong {
+    transactions: usize,
+    seconds: f64,
+    p50_ns: u64,
+    p99_ns: u64,
+    p999_ns: u64,
+}
+
+/// One byte there and back, over and over for `seconds`, every round trip timed.
+fn ping_pong(to: SocketAddrV4, protocol: &str, seconds: f64) -> Result<()> {
+    let mut byte = [0u8; 1];
+    let mut exchange: Box<dyn FnMut() -> std::io::Result<()>> = match protocol {
+        "tcp" => {
+            let mut stream = TcpStream::connect_timeout(&to.into(), TIMEOUT)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            Box::new(move || {
+                stream.write_all(b"x")?;
+                std::io::Read::read_exact(&mut stream, &mut byte)
+            })
+        }
+        "udp" => {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            Box::new(move || {
+                socket.send_to(b"x", to)?;
+                socket.recv_from(&mut byte).map(|_| ())
+            })
+        }
+        other => bail!("ping-pong over {other:?}: tcp or udp"),
+    };
+    let mut samples = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(seconds);
+    loop {
+        let sent = Instant::now();
+        if sent >= until {
+            break;
+        }
+        exchange().context("a round trip")?;
+        samples.push(sent.elapsed().as_nanos() as u64);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    ensure!(!samples.is_empty(), "no round trip in {seconds} s");
+    let result = PingPong {
+        transactions: samples.len(),
+        seconds: elapsed,
+        p50_ns: at(0.5),
+        p99_ns: at(0.99),
+        p999_ns: at(0.999),
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut cgroup, mut netns) = (None::<PathBuf>, None::<PathBuf>);
@@ -188,11 +250,17 @@ fn main() -> Result<()> {
         Some("udp") => print(&udp(address(1)?, &message, false, port)),
         Some("udp-connected") => print(&udp(address(1)?, &message, true, port)),
         Some("hold") => hold(address(1)?),
+        Some("ping-pong") => {
+            let seconds = rest.get(3).context("ping-pong: seconds")?.parse()?;
+            ping_pong(address(1)?, &message, seconds)
+        }
         Some("exec") => {
             use std::os::unix::process::CommandExt;
             let program = rest.get(1).context("exec: a program")?;
             Err(std::process::Command::new(program).args(&rest[2..]).exec()).context("exec")
         }
-        other => bail!("unknown command {other:?} (tcp, udp, udp-connected, hold, exec)"),
+        other => {
+            bail!("unknown command {other:?} (tcp, udp, udp-connected, hold, ping-pong, exec)")
+        }
     }
 }

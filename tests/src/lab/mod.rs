@@ -19,7 +19,7 @@ pub use cluster::{Cluster, ObjectSource, ObjectStore};
 pub use isolation::{Cgroup, Netns};
 pub use node::{bpf_object, ferrite_bin, Agent, Node};
 pub use pod::Pod;
-pub use probe::{probe_bin, HeldConnection, Probe, ProbeOutcome};
+pub use probe::{probe_bin, HeldConnection, PingPong, Probe, ProbeOutcome};
 pub use traffic::{
     answered_by, bulk_transfer, connection_loop, exchange, http_get, parse_answer, tcp_from_port,
     Server,

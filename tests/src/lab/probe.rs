@@ -121,6 +121,23 @@ impl Probe {
         self.run(&["udp-connected", &to.to_string(), message])
     }
 
+    /// One-byte round trips to `to` over `protocol` (`tcp`: one connection, `udp`:
+    /// one unconnected socket) for `seconds`, every one timed.
+    pub fn ping_pong(&self, to: SocketAddrV4, protocol: &str, seconds: f64) -> Result<PingPong> {
+        let out = self
+            .command()
+            .args(["ping-pong", &to.to_string(), protocol, &seconds.to_string()])
+            .output()
+            .context("running ferrite-probe")?;
+        if !out.status.success() {
+            bail!(
+                "ferrite-probe ping-pong {to} {protocol} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("ferrite-probe ping-pong output")
+    }
+
     /// A TCP connection held open by a probe process, one request per `send`.
     pub fn hold(&self, to: SocketAddrV4) -> Result<HeldConnection> {
         let mut child = self
@@ -138,6 +155,22 @@ impl Probe {
         };
         held.connected = Some(held.read_outcome()?);
         Ok(held)
+    }
+}
+
+/// What `ferrite-probe ping-pong` measured: one-byte round trips on one connection.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PingPong {
+    pub transactions: usize,
+    pub seconds: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+}
+
+impl PingPong {
+    pub fn per_second(&self) -> f64 {
+        self.transactions as f64 / self.seconds
     }
 }
 

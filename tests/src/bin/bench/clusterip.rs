@@ -38,7 +38,7 @@ use crate::{iptables_restore, kube_proxy_endpoints, median};
 
 const SIZES: [u32; 4] = [1, 1_000, 10_000, 100_000];
 /// kube-proxy layouts are measured up to this many Services.
-const KUBE_PROXY_MAX: u32 = 10_000;
+pub(crate) const KUBE_PROXY_MAX: u32 = 10_000;
 const ROUNDS: usize = 5;
 const WRK_SECONDS: u32 = 3;
 /// wrk threads: one per backend, so a direct run can load each backend as a Service does.
@@ -48,7 +48,7 @@ pub(crate) const HTTP_PORT: u16 = 8080;
 const BACKENDS: usize = 3;
 
 /// Filler Service `index` (of `count`): the measured one takes the middle index.
-fn service_ip(index: u32) -> Ipv4Addr {
+pub(crate) fn service_ip(index: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index)
 }
 
@@ -165,13 +165,24 @@ pub(crate) fn wrk(probe: &Probe, targets: &[SocketAddrV4]) -> Result<f64> {
 
 /// One node of the comparison: a client pod and BACKENDS backend pods with HTTP
 /// servers. `ferrite`: an agent runs on it (else plain routing, a rule set does NAT).
-struct BenchNode {
-    node: Node,
-    _servers: Vec<HttpServer>,
+pub(crate) struct BenchNode {
+    pub(crate) node: Node,
+    _servers: Vec<Box<dyn Send>>,
 }
 
 impl BenchNode {
     fn new(label: &str, index: usize) -> Result<Self> {
+        Self::serving(label, index, |netns| {
+            Ok(Box::new(HttpServer::start(netns)?) as Box<dyn Send>)
+        })
+    }
+
+    /// The node, its backends' servers started by `serve` (on HTTP_PORT).
+    pub(crate) fn serving(
+        label: &str,
+        index: usize,
+        serve: impl Fn(&Netns) -> Result<Box<dyn Send>>,
+    ) -> Result<Self> {
         let mut node = Node::new(label)?;
         node.add_pod("client", pod_ip(index, 0))?;
         let mut servers = Vec::new();
@@ -193,7 +204,7 @@ impl BenchNode {
                     "net.ipv4.tcp_max_tw_buckets=0",
                 ],
             )?;
-            servers.push(HttpServer::start(netns)?);
+            servers.push(serve(netns)?);
         }
         Ok(Self {
             node,
@@ -201,17 +212,17 @@ impl BenchNode {
         })
     }
 
-    fn backends(&self) -> Vec<Ipv4Addr> {
+    pub(crate) fn backends(&self) -> Vec<Ipv4Addr> {
         self.node.pods[1..].iter().map(|p| p.ip).collect()
     }
 
-    fn client(&self) -> &ferrite_tests::lab::Pod {
+    pub(crate) fn client(&self) -> &ferrite_tests::lab::Pod {
         &self.node.pods[0]
     }
 
     /// Pods reached by plain routing (no Ferrite): /32 routes to the host veths and
     /// forwarding, as a bridge-less CNI wires them.
-    fn route_plainly(&self) -> Result<()> {
+    pub(crate) fn route_plainly(&self) -> Result<()> {
         for pod in &self.node.pods {
             sh(
                 "ip",
@@ -243,19 +254,49 @@ impl BenchNode {
 
 /// The measured Service (TCP 80 -> HTTP_PORT on the backends) for the agent.
 fn measured_yaml(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
+    measured_yaml_with(node, vip, backends, &["TCP"])
+}
+
+/// The measured Service with port 80 -> HTTP_PORT for each of `protocols`.
+pub(crate) fn measured_yaml_with(
+    node: &Node,
+    vip: Ipv4Addr,
+    backends: &[Ipv4Addr],
+    protocols: &[&str],
+) -> String {
     let endpoints: String = backends
         .iter()
         .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
         .collect();
+    let service_ports: Vec<String> = protocols
+        .iter()
+        .map(|p| {
+            format!(
+                "{{name: {}, port: 80, protocol: {p}, targetPort: {HTTP_PORT}}}",
+                p.to_lowercase()
+            )
+        })
+        .collect();
+    let slice_ports: Vec<String> = protocols
+        .iter()
+        .map(|p| {
+            format!(
+                "{{name: {}, port: {HTTP_PORT}, protocol: {p}}}",
+                p.to_lowercase()
+            )
+        })
+        .collect();
     format!(
-        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: measured, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80, targetPort: {HTTP_PORT}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: measured-1, namespace: default, labels: {{kubernetes.io/service-name: measured}}}}\naddressType: IPv4\nports: [{{port: {HTTP_PORT}}}]\nendpoints:\n{endpoints}",
-        node.pods_yaml()
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: measured, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: measured-1, namespace: default, labels: {{kubernetes.io/service-name: measured}}}}\naddressType: IPv4\nports: [{}]\nendpoints:\n{endpoints}",
+        node.pods_yaml(),
+        service_ports.join(", "),
+        slice_ports.join(", ")
     )
 }
 
 /// Filler Services `0..count` but `measured`, written into the pinned maps as the
 /// agent lays them out (no rev-NAT entry: no reply of theirs is ever translated).
-fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
+pub(crate) fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
     let mut entries = MapContents::default();
     let tcp = |ip, port| L4Addr {
         ip,
@@ -282,7 +323,7 @@ fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
 }
 
 /// kube-proxy's iptables layout for `count` Services, the measured one among them.
-fn iptables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
+pub(crate) fn iptables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
     let mut chains = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
     );
@@ -316,7 +357,7 @@ fn iptables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
 
 /// kube-proxy's nftables layout: the Service verdict map, a chain per Service with
 /// numgen over its endpoints, a DNAT chain per endpoint.
-fn nftables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
+pub(crate) fn nftables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
     use std::fmt::Write;
     let mut elements = String::new();
     let mut chains = String::new();
@@ -372,7 +413,7 @@ table ip kube-proxy {{
     )
 }
 
-fn nft(netns: &Netns, script: &str) -> Result<Duration> {
+pub(crate) fn nft(netns: &Netns, script: &str) -> Result<Duration> {
     let path = std::env::temp_dir().join(format!("{}-kube-proxy.nft", netns.name));
     std::fs::write(&path, script)?;
     let start = Instant::now();

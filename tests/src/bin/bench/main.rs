@@ -3,7 +3,8 @@
 //! programs, `datapath.rs`), `insitu` (the same programs' run time per packet under
 //! real TCP traffic in a lab cluster, `insitu.rs`), `overlay` (vs flannel-style),
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
-//! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`), `monitor` (how
+//! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`), `latency`
+//! (request/response on an established flow, `latency.rs`), `monitor` (how
 //! soon a datapath event reaches `ferrite monitor`, `monitor.rs`), `cni` (the CNI
 //! plugin's ADD and DEL of one pod, `cni.rs`).
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -13,6 +14,7 @@ mod cni;
 mod control_plane;
 mod datapath;
 mod insitu;
+mod latency;
 mod monitor;
 mod policy_plan;
 
@@ -23,7 +25,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|monitor|cni]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|latency|monitor|cni]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -51,6 +53,9 @@ fn main() -> Result<()> {
     }
     if run("clusterip") {
         clusterip::bench()?;
+    }
+    if run("latency") {
+        latency::bench()?;
     }
     if run("monitor") {
         monitor::bench()?;
