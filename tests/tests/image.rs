@@ -352,8 +352,29 @@ fn pod_object(name: &str, node: &str, ip: Ipv4Addr) -> String {
 }
 
 /// The test's view of the manifests: the ConfigMap pointed at the test's API server.
+/// What kube-proxy's iptables mode hooks into the nat table, in short.
+const KUBE_PROXY_CHAINS: &str = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n\
+-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\nCOMMIT\n";
+
+/// Whether `node`'s nat table (nf_tables backend) has a `KUBE-` chain.
+fn kube_chains(node: &ferrite_tests::lab::Node) -> Result<bool> {
+    let saved = node
+        .netns
+        .run_with_input(&["iptables-nft-save", "-t", "nat"], "")?;
+    Ok(saved.contains("KUBE-"))
+}
+
+/// The shipped manifests, pointed at the test's API server, with the take-over
+/// from kube-proxy turned on as the migration section of docs/operations.md says.
 fn manifests(api: SocketAddrV4) -> Result<Manifests> {
-    let daemonset = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))?;
+    let shipped = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))?;
+    let take_over = "# - --take-over-from-kube-proxy";
+    ensure!(
+        shipped.contains(take_over),
+        "the DaemonSet's take-over line"
+    );
+    let daemonset = shipped.replace(take_over, "- --take-over-from-kube-proxy");
     let mut configmaps = documents(&std::fs::read_to_string(
         deploy_dir().join("configmap.yaml"),
     )?)?;
@@ -500,6 +521,16 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
         });
     }
 
+    // Node 0 was a kube-proxy node (iptables mode, nf_tables backend): the agent,
+    // told to take over as the migration section says, removes its chains.
+    cluster.nodes[0]
+        .netns
+        .run_with_input(&["iptables-nft-restore", "--noflush"], KUBE_PROXY_CHAINS)?;
+    ensure!(
+        kube_chains(&cluster.nodes[0])?,
+        "kube-proxy's chains loaded"
+    );
+
     // The DaemonSet's pod on each node: install-cni, then the agent.
     for (lab_node, node) in cluster.nodes.iter().zip(&mut nodes) {
         deploy(lab_node, node, &manifests, &ca, &token, &manifests.image)?;
@@ -534,6 +565,9 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
             ]
         );
     }
+    wait_until("kube-proxy's chains gone from node 0", SETTLE, || {
+        kube_chains(&cluster.nodes[0]).is_ok_and(|left| !left)
+    })?;
     let machine_root = ferrite_agent::datapath::default_cgroup_root()?;
     assert_eq!(socket_programs(&machine_root)?, Vec::<String>::new());
     // The agents listed and watched everything through in-cluster configuration,
