@@ -3,7 +3,8 @@
 //! NodePort, LoadBalancer, externalIPs, traffic policies Local, health-check ports,
 //! affinity) drawn from small pools of addresses and ports, so that they also
 //! collide; their EndpointSlices, with and without zone hints; Nodes that change
-//! address, pod CIDR and zone, join and leave. After every step the agent's record is the maps, a full sync would write
+//! address, pod CIDR and zone, join and leave; this node's pods with hostPorts that
+//! collide with each other, NodePorts and health-check ports. After every step the agent's record is the maps, a full sync would write
 //! nothing, and the maps mean what a full sync from scratch means.
 mod support;
 
@@ -12,6 +13,55 @@ use proptest::prelude::*;
 use support::SimNode;
 
 const SERVICES: [&str; 4] = ["a", "b", "c", "d"];
+const PODS: [&str; 3] = ["p", "q", "r"];
+
+/// A pod of this node: its address's last octet and its hostPorts (port, protocol,
+/// hostIP).
+#[derive(Clone, Debug)]
+struct PodSpec {
+    ip: u8,
+    host_ports: Vec<(u16, &'static str, Option<&'static str>)>,
+}
+
+impl PodSpec {
+    fn yaml(&self, name: &str) -> String {
+        let ports: Vec<String> = self
+            .host_ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, protocol, host_ip))| {
+                let host_ip = host_ip
+                    .map(|ip| format!(", hostIP: {ip}"))
+                    .unwrap_or_default();
+                format!(
+                    "{{containerPort: {}, hostPort: {port}, protocol: {protocol}{host_ip}}}",
+                    9000 + i
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{nodeName: node-1, containers: [{{name: app, ports: [{}]}}]}}\n\
+             status: {{phase: Running, podIP: 10.244.0.{}}}\n",
+            ports.join(", "),
+            self.ip
+        )
+    }
+}
+
+fn pod_spec() -> impl Strategy<Value = PodSpec> {
+    // Ports that collide with each other, the NodePorts and the health-check ports.
+    let host_port = (
+        prop::sample::select(vec![8088u16, 30000, 30002, 32000]),
+        prop::sample::select(vec!["TCP", "UDP"]),
+        prop::option::of(prop::sample::select(vec!["198.51.100.1", "0.0.0.0"])),
+    );
+    (
+        prop::sample::select(vec![21u8, 22]),
+        prop::collection::vec(host_port, 0..3),
+    )
+        .prop_map(|(ip, host_ports)| PodSpec { ip, host_ports })
+}
 
 #[derive(Clone, Debug)]
 struct ServiceSpec {
@@ -185,6 +235,8 @@ enum Change {
     ThisNode(&'static str, &'static str, &'static str),
     NodeJoins,
     NodeLeaves,
+    Pod(usize, PodSpec),
+    DeletePod(usize),
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -205,6 +257,8 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|((ip, cidr), zone)| Change::ThisNode(ip, cidr, zone)),
         1 => Just(Change::NodeJoins),
         1 => Just(Change::NodeLeaves),
+        2 => (0..PODS.len(), pod_spec()).prop_map(|(i, p)| Change::Pod(i, p)),
+        1 => (0..PODS.len()).prop_map(Change::DeletePod),
     ]
 }
 
@@ -238,6 +292,17 @@ fn apply(node: &mut SimNode, change: &Change) {
         }
         Change::NodeLeaves if node.objects.nodes.len() > 2 => node.delete("Node", "", "node-3"),
         Change::NodeLeaves => {}
+        Change::Pod(i, spec) => node.apply(&spec.yaml(PODS[*i])),
+        Change::DeletePod(i) => {
+            let exists = node
+                .objects
+                .pods
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(PODS[*i]));
+            if exists {
+                node.delete("Pod", "default", PODS[*i]);
+            }
+        }
     }
 }
 

@@ -167,7 +167,9 @@ fn the_conflist_file_and_the_configmap_copy_are_the_same_configuration() -> Resu
     let ferrite = &file["plugins"][0];
     assert_eq!(ferrite["type"], "ferrite-cni");
     assert_eq!(ferrite["node"], "__NODE_NAME__");
-    assert_eq!(file["plugins"][1]["type"], "portmap");
+    // ferrite-cni alone (hostPorts are served in eBPF), still a plugin chain: a
+    // plugin a user appends gets ferrite-cni's result as its prevResult.
+    assert_eq!(file["plugins"].as_array().map(Vec::len), Some(1));
     // What the runtime will hand ferrite-cni once the installer named the node.
     let mut config = ferrite.clone();
     config["name"] = file["name"].clone();
@@ -207,8 +209,24 @@ fn the_image_ships_exactly_the_plugins_the_conflist_and_the_runtime_need() -> Re
     needed.sort();
     let mut shipped = install_cni::shipped_plugins()?;
     shipped.sort();
-    assert_eq!(needed, ["loopback", "portmap"]);
+    assert_eq!(
+        needed,
+        ["loopback"],
+        "no portmap: the agent serves hostPorts"
+    );
     assert_eq!(shipped, needed, "deploy/cni-plugins");
+    // A plugin a user chains after ferrite-cni is one the installer requires too.
+    let mut chained = conflist.clone();
+    chained["plugins"]
+        .as_array_mut()
+        .context("plugins")?
+        .push(serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+    let mut needed: Vec<String> = ferrite_agent::install_cni::needed_plugins(&chained)?
+        .into_iter()
+        .map(|need| need.plugin)
+        .collect();
+    needed.sort();
+    assert_eq!(needed, ["loopback", "portmap"]);
     // The image (deploy/Dockerfile and `cargo xtask image` alike, both through
     // deploy/assemble-rootfs) puts the list's plugins where the init container looks.
     let docs = documents("daemonset.yaml")?;
@@ -324,7 +342,7 @@ fn the_install_cni_init_container_installs_with_its_command_mounts_and_capabilit
     let log = install_cni::text_of(&out);
     assert!(out.status.success(), "{args:?}: {log}");
     let bin = scratch.root.join("host/opt/cni/bin");
-    for plugin in ["ferrite-cni", "loopback", "portmap"] {
+    for plugin in ["ferrite-cni", "loopback"] {
         assert!(
             install_cni::is_executable(&bin.join(plugin)),
             "{plugin}: {log}"

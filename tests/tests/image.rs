@@ -536,7 +536,7 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
         deploy(lab_node, node, &manifests, &ca, &token, &manifests.image)?;
     }
     for (lab_node, node) in cluster.nodes.iter().zip(&nodes) {
-        for plugin in ["ferrite-cni", "loopback", "portmap"] {
+        for plugin in ["ferrite-cni", "loopback"] {
             ensure!(
                 is_executable(&node.cni_bin.join(plugin)),
                 "{plugin} not installed in {}",

@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::Result;
 use ferrite_tests::{
-    install_cni::{deploy_dir, install_cni, is_executable, script_plugin, text_of, Scratch},
+    install_cni::{
+        deploy_dir, install_cni, is_executable, script_plugin, shipped_plugins, text_of, Scratch,
+    },
     lab::ferrite_bin,
 };
 use serde_json::Value;
@@ -79,6 +81,15 @@ fn shipped_conflist() -> Result<Value> {
     )?)?)
 }
 
+/// A user's own addition to the shipped conflist: `portmap` chained after
+/// ferrite-cni (which hands it its result as prevResult).
+fn chain_portmap(conflist: &mut Value) {
+    conflist["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .push(serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+}
+
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -89,13 +100,14 @@ fn an_empty_node_gets_ferrite_cni_every_chained_plugin_and_loopback_from_the_ima
     let run = install_cni(&node.args(&shipped_conflist_path(), true))?;
     let log = text_of(&run);
     assert!(run.status.success(), "{log}");
-    for plugin in ["ferrite-cni", "loopback", "portmap"] {
+    for plugin in ["ferrite-cni", "loopback"] {
         assert!(is_executable(&node.bin.join(plugin)), "{plugin}: {log}");
     }
-    for plugin in ["loopback", "portmap"] {
+    // Every plugin the image ships (loopback only: the conflist chains none).
+    for plugin in shipped_plugins()? {
         assert_eq!(
-            fs::read(node.bin.join(plugin))?,
-            fs::read(node.image.join(plugin))?,
+            fs::read(node.bin.join(&plugin))?,
+            fs::read(node.image.join(&plugin))?,
             "{plugin}"
         );
         assert!(
@@ -117,12 +129,7 @@ fn an_empty_node_gets_ferrite_cni_every_chained_plugin_and_loopback_from_the_ima
     assert!(log.contains("conflist: wrote"), "{log}");
     assert_eq!(
         Node::names_in(&node.bin)?,
-        set(&[
-            ".ferrite-installed.sha256",
-            "ferrite-cni",
-            "loopback",
-            "portmap"
-        ])
+        set(&[".ferrite-installed.sha256", "ferrite-cni", "loopback"])
     );
     assert_eq!(Node::names_in(&node.conf)?, set(&["10-ferrite.conflist"]));
 
@@ -130,7 +137,7 @@ fn an_empty_node_gets_ferrite_cni_every_chained_plugin_and_loopback_from_the_ima
     let again = install_cni(&node.args(&shipped_conflist_path(), true))?;
     let log = text_of(&again);
     assert!(again.status.success(), "{log}");
-    for plugin in ["loopback", "portmap"] {
+    for plugin in shipped_plugins()? {
         assert!(
             log.contains(&format!(
                 "{plugin}: the image's copy installed earlier is current"
@@ -138,8 +145,8 @@ fn an_empty_node_gets_ferrite_cni_every_chained_plugin_and_loopback_from_the_ima
             "{log}"
         );
         assert_eq!(
-            fs::read(node.bin.join(plugin))?,
-            fs::read(node.image.join(plugin))?
+            fs::read(node.bin.join(&plugin))?,
+            fs::read(node.image.join(&plugin))?
         );
     }
     Ok(())
@@ -147,11 +154,13 @@ fn an_empty_node_gets_ferrite_cni_every_chained_plugin_and_loopback_from_the_ima
 
 #[test]
 fn a_plugin_the_host_has_is_kept_unless_it_cannot_speak_the_conflists_version() -> Result<()> {
+    // The user chains portmap (the image ships none: hostPorts need no plugin).
     let node = Node::new("icni-host")?;
     let host_portmap = node.bin.join("portmap");
     script_plugin(&host_portmap, &["0.4.0", "1.0.0"], "the host's portmap")?;
     let host_bytes = fs::read(&host_portmap)?;
-    let run = install_cni(&node.args(&shipped_conflist_path(), true))?;
+    let conflist = node.conflist(chain_portmap)?;
+    let run = install_cni(&node.args(&conflist, true))?;
     let log = text_of(&run);
     assert!(run.status.success(), "{log}");
     assert_eq!(fs::read(&host_portmap)?, host_bytes, "overwritten: {log}");
@@ -172,7 +181,8 @@ fn a_plugin_the_host_has_is_kept_unless_it_cannot_speak_the_conflists_version() 
         &["0.3.1", "0.4.0"],
         "an old portmap",
     )?;
-    let run = install_cni(&old.args(&shipped_conflist_path(), true))?;
+    let conflist = old.conflist(chain_portmap)?;
+    let run = install_cni(&old.args(&conflist, true))?;
     let log = text_of(&run);
     assert!(!run.status.success(), "{log}");
     assert!(
@@ -182,10 +192,17 @@ fn a_plugin_the_host_has_is_kept_unless_it_cannot_speak_the_conflists_version() 
     assert_eq!(Node::names_in(&old.bin)?, set(&["portmap"]));
     assert_eq!(Node::names_in(&old.conf)?, set(&[]));
 
-    // A 1.1.0 conflist needs a portmap that knows 1.1.0; the image's (Debian
-    // bookworm's 1.1.1) does not, so an empty node is refused rather than given it.
+    // A 1.1.0 conflist needs a portmap that knows 1.1.0; the host's (Debian
+    // bookworm's 1.1.1) does not, so the node is refused, the release named.
     let newer = Node::new("icni-110")?;
-    let conflist = newer.conflist(|c| c["cniVersion"] = "1.1.0".into())?;
+    fs::copy(
+        Path::new(ferrite_tests::cni::SYSTEM_PLUGIN_DIR).join("portmap"),
+        newer.bin.join("portmap"),
+    )?;
+    let conflist = newer.conflist(|c| {
+        c["cniVersion"] = "1.1.0".into();
+        chain_portmap(c);
+    })?;
     let run = install_cni(&newer.args(&conflist, true))?;
     let log = text_of(&run);
     assert!(!run.status.success(), "{log}");
@@ -220,9 +237,10 @@ fn a_plugin_neither_on_the_host_nor_in_the_image_fails_naming_it_before_anything
     assert_eq!(Node::names_in(&node.bin)?, set(&[]));
     assert_eq!(Node::names_in(&node.conf)?, set(&[]));
 
-    // Without the image's plugins, an empty node lacks loopback and portmap: both
-    // named in one error.
-    let run = install_cni(&node.args(&shipped_conflist_path(), false))?;
+    // Without the image's plugins, an empty node lacks loopback and the portmap a
+    // user chained: both named in one error.
+    let conflist = node.conflist(chain_portmap)?;
+    let run = install_cni(&node.args(&conflist, false))?;
     let log = text_of(&run);
     assert!(!run.status.success(), "{log}");
     for plugin in ["loopback", "portmap"] {
@@ -243,35 +261,37 @@ fn a_copy_installed_earlier_follows_the_image_and_one_replaced_on_the_host_is_ke
     let first = install_cni(&args)?;
     assert!(first.status.success(), "{}", text_of(&first));
 
-    // A new image with another portmap: the copy installed before is replaced.
+    // A new image with another loopback: the copy installed before is replaced.
     script_plugin(
-        &node.image.join("portmap"),
-        &["0.4.0", "1.0.0"],
-        "the next image's portmap",
+        &node.image.join("loopback"),
+        &["0.3.1", "1.0.0"],
+        "the next image's loopback",
     )?;
-    // Someone put their own loopback on the node: it is the host's from now on.
-    let admins = node.bin.join("loopback");
-    script_plugin(&admins, &["0.3.1", "1.0.0"], "the admin's loopback")?;
-    let admins_bytes = fs::read(&admins)?;
-
     let upgrade = install_cni(&args)?;
     let log = text_of(&upgrade);
     assert!(upgrade.status.success(), "{log}");
     assert_eq!(
-        fs::read(node.bin.join("portmap"))?,
-        fs::read(node.image.join("portmap"))?,
+        fs::read(node.bin.join("loopback"))?,
+        fs::read(node.image.join("loopback"))?,
         "{log}"
     );
     assert!(
-        log.contains("portmap: replacing the copy installed earlier"),
+        log.contains("loopback: replacing the copy installed earlier"),
         "{log}"
     );
+    let record = fs::read_to_string(node.bin.join(".ferrite-installed.sha256"))?;
+    assert!(record.contains("  loopback"), "{record}");
+
+    // Someone put their own loopback on the node: it is the host's from now on.
+    let admins = node.bin.join("loopback");
+    script_plugin(&admins, &["0.3.1", "1.0.0"], "the admin's loopback")?;
+    let admins_bytes = fs::read(&admins)?;
+    let again = install_cni(&args)?;
+    let log = text_of(&again);
+    assert!(again.status.success(), "{log}");
     assert_eq!(fs::read(&admins)?, admins_bytes, "{log}");
     assert!(log.contains("loopback: kept the host's"), "{log}");
     let record = fs::read_to_string(node.bin.join(".ferrite-installed.sha256"))?;
-    assert!(
-        record.contains("  portmap") && !record.contains("loopback"),
-        "{record}"
-    );
+    assert!(!record.contains("loopback"), "{record}");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The whole model of one node, from all the objects: Services with their
 //! EndpointSlices (against the node context: the cluster's nodes), then this node's
-//! pods. An update of some Services builds them with the same [`build_services`].
+//! pods and their hostPorts. An update of some Services builds them with the same [`build_services`].
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -8,6 +8,7 @@ use std::{
 
 use super::{
     fields::object_name,
+    host_ports::{add_host_ports, WiredPod},
     objects::{EndpointSlice, Service},
     pods::local_pod,
     service::{service_frontends, SlicesByService},
@@ -39,6 +40,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         context,
         &mut skipped,
     );
+    let mut wired = Vec::new();
     for pod in &objects.pods {
         match local_pod(pod, context) {
             Ok(Some(local)) => {
@@ -53,6 +55,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
                     state.pod_rivals.push(local);
                     continue;
                 }
+                wired.push(WiredPod { pod, ip: local.ip });
                 state.pods.insert(local.ip, local);
             }
             Ok(None) => {}
@@ -62,6 +65,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
             }),
         }
     }
+    add_host_ports(wired, context, &mut state, &mut skipped);
     (state, skipped)
 }
 

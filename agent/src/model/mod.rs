@@ -13,12 +13,15 @@
 //!   `status.loadBalancer.ingress` IP; `externalTrafficPolicy: Local` (external
 //!   frontends) and `internalTrafficPolicy: Local` (the ClusterIP) keep only this
 //!   node's endpoints (by `nodeName`, else by this node's pod CIDR);
+//! - a `hostPort` of this node's pod is a frontend on the node's NodePort addresses
+//!   (or its `hostIP`) with the pod as its one backend; Services keep contested ports;
 //! - headless and ExternalName Services have no frontend and are skipped;
 //! - an invalid object is skipped with a reason; everything else still applies.
 mod build;
 mod context;
 mod endpoints;
 mod fields;
+mod host_ports;
 mod nodes;
 pub mod objects;
 mod pods;

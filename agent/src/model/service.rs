@@ -414,12 +414,7 @@ impl PortFrontends<'_> {
         } else {
             Vec::new()
         };
-        let suffix = match kind {
-            FrontendKind::ClusterIp => "",
-            FrontendKind::NodePort => " (NodePort)",
-            FrontendKind::LoadBalancer => " (LoadBalancer)",
-            FrontendKind::ExternalIp => " (externalIP)",
-        };
+        let suffix = kind.suffix();
         (
             L4Addr {
                 ip,

@@ -43,6 +43,9 @@ pub enum SkipReason {
     NodeListedTwice,
     /// A frontend another Service port took first (`owner` names it).
     FrontendTaken { frontend: L4Addr, owner: String },
+    /// A pod's hostPort on a frontend or healthCheckNodePort that a Service or an
+    /// older pod has (`owner` names it).
+    HostPortTaken { frontend: L4Addr, owner: String },
     /// A health-check port another Service took first.
     HealthCheckPortTaken { port: u16, owner: ServiceRef },
     /// A pod IP another pod (`owner`, as namespace/name) took first.
@@ -96,6 +99,9 @@ impl fmt::Display for SkipReason {
             Self::NodeListedTwice => f.write_str("listed twice: the later one applies"),
             Self::FrontendTaken { frontend, owner } => {
                 write!(f, "frontend {frontend} already used by {owner}")
+            }
+            Self::HostPortTaken { frontend, owner } => {
+                write!(f, "hostPort {frontend} already used by {owner}")
             }
             Self::HealthCheckPortTaken { port, owner } => {
                 write!(f, "healthCheckNodePort {port} already used by {owner}")
@@ -209,6 +215,13 @@ mod tests {
                     owner: "shop/web:http".into(),
                 },
                 "frontend 10.96.0.1:80/TCP already used by shop/web:http",
+            ),
+            (
+                SkipReason::HostPortTaken {
+                    frontend,
+                    owner: "pod shop/web (hostPort)".into(),
+                },
+                "hostPort 10.96.0.1:80/TCP already used by pod shop/web (hostPort)",
             ),
             (
                 SkipReason::HealthCheckPortTaken { port: 32000, owner },

@@ -136,12 +136,26 @@ pub enum FrontendKind {
     LoadBalancer,
     /// A `spec.externalIPs` address.
     ExternalIp,
+    /// A `hostPort` of a pod of this node, on this node's NodePort addresses (or its
+    /// `hostIP`): one backend, the pod at its `containerPort`.
+    HostPort,
 }
 
 impl FrontendKind {
     /// Reached from outside the cluster: the XDP program and Maglev handle it.
     pub fn is_external(self) -> bool {
         self != Self::ClusterIp
+    }
+
+    /// How `inspect` and logs show a frontend of this kind, after its name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "",
+            Self::NodePort => " (NodePort)",
+            Self::LoadBalancer => " (LoadBalancer)",
+            Self::ExternalIp => " (externalIP)",
+            Self::HostPort => " (hostPort)",
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use super::{
     MapContents, NodeSettings, Op, Written,
 };
 use crate::model::{
-    self, service_ref_of, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext,
-    ServiceRef, ServicesModel, Skipped,
+    self, service_ref_of, ClusterObjects, DesiredState, FrontendKind, HealthCheck, L4Addr,
+    NodeContext, Protocol, ServiceRef, ServicesModel, Skipped,
 };
 
 /// What the node last wrote, from what, and who owns each Service entry.
@@ -29,6 +29,9 @@ pub struct NodeState {
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services that share a claim with another: changing one needs a full sync.
     contenders: BTreeSet<ServiceRef>,
+    /// The TCP ports pods have as hostPorts: a Service asking for one as its
+    /// healthCheckNodePort needs a full sync (which keeps it the Service's).
+    host_port_ports: BTreeSet<u16>,
 }
 
 /// A full sync's plan: the model of every object in the context their Nodes make,
@@ -86,6 +89,7 @@ impl FullPlan {
             frontends_of: HashMap::new(),
             health_checks: BTreeMap::new(),
             contenders: BTreeSet::new(),
+            host_port_ports: BTreeSet::new(),
         };
         node.record(ServicesModel {
             frontends: self.state.services,
@@ -145,10 +149,10 @@ impl NodeState {
             .frontends
             .keys()
             .any(|f| taken_elsewhere(self.owner_of.get(f)))
-            || model
-                .health_checks
-                .keys()
-                .any(|port| taken_elsewhere(self.health_checks.get(port).map(|c| &c.service)))
+            || model.health_checks.keys().any(|port| {
+                taken_elsewhere(self.health_checks.get(port).map(|c| &c.service))
+                    || self.host_port_ports.contains(port)
+            })
         {
             return None;
         }
@@ -187,6 +191,9 @@ impl NodeState {
     /// Index the Services of `model` as the owners of their frontends and checks.
     fn record(&mut self, model: ServicesModel) {
         for (frontend, entry) in model.frontends {
+            if entry.kind == FrontendKind::HostPort && frontend.protocol == Protocol::Tcp {
+                self.host_port_ports.insert(frontend.port);
+            }
             self.frontends_of
                 .entry(entry.service.clone())
                 .or_default()
