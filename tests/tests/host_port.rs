@@ -320,6 +320,79 @@ fn a_second_pod_asking_for_a_taken_host_port_is_refused_and_takes_it_over_when_t
     Ok(())
 }
 
+/// The upstream conformance case "HostPort validates that there is no conflict
+/// between pods with same hostPort but different hostIP and protocol": three pods
+/// ask for hostPort 54323, one with hostIP 127.0.0.1 over TCP, one with the node's
+/// address over TCP, one with the node's address over UDP; a process of the node
+/// (hostNetwork, as the upstream test's client pod) reaches each at its own.
+#[test]
+fn host_ports_differing_in_host_ip_or_protocol_do_not_conflict() -> Result<()> {
+    const PORT: u16 = 54323;
+    let mut cluster = Cluster::new(1)?;
+    for (index, name) in ["pod1", "pod2", "pod3"].iter().enumerate() {
+        cluster.nodes[0].add_pod(name, pod_ip(0, 20 + index))?;
+    }
+    let node_ip = cluster.nodes[0].ip.context("plugged")?;
+    let name = cluster.nodes[0].name.clone();
+    let objects = [
+        node_yaml(&name, node_ip, "10.244.0.0/24"),
+        pod_yaml(
+            cluster.pod("pod1"),
+            &name,
+            &format!("{{containerPort: {TCP_TARGET}, hostPort: {PORT}, hostIP: 127.0.0.1}}"),
+        ),
+        pod_yaml(
+            cluster.pod("pod2"),
+            &name,
+            &format!("{{containerPort: {TCP_TARGET}, hostPort: {PORT}, hostIP: {node_ip}}}"),
+        ),
+        pod_yaml(
+            cluster.pod("pod3"),
+            &name,
+            &format!(
+                "{{containerPort: {UDP_TARGET}, hostPort: {PORT}, hostIP: {node_ip}, protocol: UDP}}"
+            ),
+        ),
+    ]
+    .join("---\n");
+    cluster.write_config(&objects)?;
+    cluster.start_agents()?;
+    let mut servers = Vec::new();
+    for pod in ["pod1", "pod2", "pod3"] {
+        servers.push(cluster.pod(pod).serve(TCP_TARGET)?);
+        servers.push(cluster.pod(pod).serve(UDP_TARGET)?);
+    }
+    let node = &cluster.nodes[0];
+    let (loopback, on_node) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT),
+        SocketAddrV4::new(node_ip, PORT),
+    );
+    node.wait_for_maps("the three hostPorts", |m| {
+        frontend_count(m, loopback, PROTO_TCP).is_some()
+            && frontend_count(m, on_node, PROTO_TCP).is_some()
+            && frontend_count(m, on_node, PROTO_UDP).is_some()
+    })?;
+    let process = node.host_probe();
+    let tcp = |to: SocketAddrV4| -> Result<String> {
+        let outcome = process.tcp(to, "which")?;
+        Ok(parse_answer(
+            outcome.answer().with_context(|| format!("TCP {to}"))?,
+            "which",
+        )?
+        .0)
+    };
+    assert_eq!(tcp(loopback)?, "pod1", "TCP to {loopback}");
+    assert_eq!(tcp(on_node)?, "pod2", "TCP to {on_node}");
+    let udp = process.udp(on_node, "which")?;
+    assert_eq!(
+        parse_answer(udp.answer().context("UDP")?, "which")?.0,
+        "pod3",
+        "UDP to {on_node}"
+    );
+    drop(servers);
+    Ok(())
+}
+
 /// Kubernetes mode: a Pod with a hostPort, added through a watch event, becomes a
 /// frontend a pod of the node reaches; an update dropping the hostPort and then
 /// the Pod's deletion take it away.

@@ -150,7 +150,9 @@ fn host_port(
         Some(host_ip) => {
             let ip =
                 parse_ipv4(host_ip, &format!("{field}.hostIP")).map_err(SkipReason::Invalid)?;
-            if !node_addresses.contains(&ip) {
+            // A loopback hostIP is for the node's own processes (portmap DNATs it in
+            // OUTPUT): the socket-level load balancing serves it at connect()/sendmsg().
+            if !ip.is_loopback() && !node_addresses.contains(&ip) {
                 let served: Vec<String> = node_addresses.iter().map(ToString::to_string).collect();
                 return Err(SkipReason::Invalid(format!(
                     "{field}.hostIP {ip} is not an address this node serves NodePorts on ({})",
@@ -369,7 +371,8 @@ mod tests {
                 "web",
                 "10.244.0.5",
                 "{containerPort: 80, hostPort: 80}, {containerPort: 81, hostPort: 81, hostIP: 192.0.2.7}, \
-                 {containerPort: 82, hostPort: 82, hostIP: 203.0.113.1}, {containerPort: 83, hostPort: 83, hostIP: 0.0.0.0}"
+                 {containerPort: 82, hostPort: 82, hostIP: 203.0.113.1}, {containerPort: 83, hostPort: 83, hostIP: 0.0.0.0}, \
+                 {containerPort: 84, hostPort: 84, hostIP: 127.0.0.1}"
             )
         );
         let (objects, _) = crate::objects_yaml::parse_objects(&yaml).unwrap();
@@ -383,6 +386,7 @@ mod tests {
         assert_eq!(
             frontends,
             [
+                "127.0.0.1:84/TCP",
                 "192.0.2.7:80/TCP",
                 "192.0.2.7:81/TCP",
                 "192.0.2.7:83/TCP",
