@@ -30,11 +30,11 @@ mod skipped;
 mod test_support;
 mod types;
 
-pub use build::{build, build_services, ServicesModel};
+pub use build::{build, build_services, build_with_policy_index, ServicesModel};
 pub use context::NodeContext;
 pub use endpoints::{compact_slice, slice_service, COMPACTED_LABEL, SERVICE_NAME_LABEL};
 pub use nodes::VTEP_MAC_ANNOTATION;
-pub use pods::{pod_attachment_interface_name, pod_interface_name, slim_pod};
+pub use pods::{local_pod, pod_attachment_interface_name, pod_interface_name, slim_pod};
 pub use service::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_SERVICE_PORTS};
 pub use skipped::{SkipReason, Skipped};
 pub use types::*;
