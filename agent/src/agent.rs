@@ -19,10 +19,10 @@ use aya::programs::TcAttachType;
 
 use crate::{
     datapath::{self, Attachment, Datapath},
-    driver::{FullSync, ServiceChanges, Snapshot, SyncTarget, Synced},
+    driver::{FullSync, PolicyObjectChanges, ServiceChanges, Snapshot, SyncTarget, Synced},
     files, host,
     maps::{self, NodeMaps},
-    model::{self, ClusterObjects, ServiceRef},
+    model::{self, policy::PolicyChanges, ClusterObjects, ServiceRef},
     plan,
     telemetry::{PodNames, ServiceNames, SkipLog, Telemetry},
 };
@@ -482,6 +482,54 @@ impl NodeAgent {
     }
 }
 
+impl NodeAgent {
+    /// Update only what changed Pods, Namespaces and NetworkPolicies change in the
+    /// policy maps (and endpoints' isolation flags), in time proportional to what
+    /// they touch. Returns `false` when a full sync must be done instead (none yet,
+    /// a changed Pod of this node wired differently, or a failed write).
+    pub fn sync_policy(&mut self, changes: &PolicyChanges) -> bool {
+        let start = Instant::now();
+        let Some(node) = &mut self.node else {
+            return false;
+        };
+        let Some(plan) = node.plan_policy(changes) else {
+            debug!(
+                pods = changes.pods.len(),
+                "a changed Pod of this node is wired differently: full sync"
+            );
+            // The full sync that follows builds the node's state afresh (a policy
+            // index that gave up stays stale until then).
+            return false;
+        };
+        if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
+            self.node = None;
+            self.telemetry.sync_errors.inc();
+            error!("incremental policy sync failed: {e:#}");
+            return false;
+        }
+        self.skip_log.update(&plan.skipped);
+        let writes = plan.ops.len();
+        node.commit_policy(plan);
+        self.telemetry
+            .sync_duration
+            .observe(start.elapsed().as_secs_f64());
+        self.telemetry.syncs.inc();
+        self.telemetry.policy_updates.inc();
+        self.telemetry.map_writes.inc_by(writes as u64);
+        if writes > 0 {
+            info!(
+                pods = changes.pods.len(),
+                namespaces = changes.namespaces.len(),
+                network_policies = changes.network_policies.len(),
+                writes,
+                micros = start.elapsed().as_micros() as u64,
+                "synced changed policy objects"
+            );
+        }
+        true
+    }
+}
+
 impl SyncTarget for NodeAgent {
     fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) -> Synced {
         match self.sync(&snapshot.objects, snapshot.skipped.clone(), how) {
@@ -493,6 +541,10 @@ impl SyncTarget for NodeAgent {
 
     fn sync_services(&mut self, changes: &ServiceChanges) -> bool {
         NodeAgent::sync_services(self, &changes.services, &changes.objects)
+    }
+
+    fn sync_policy(&mut self, changes: &PolicyObjectChanges) -> bool {
+        NodeAgent::sync_policy(self, &changes.changes)
     }
 
     fn flush_logs(&mut self) {

@@ -1,6 +1,7 @@
 //! The driver: the one owner of the node's state. Sources (the YAML file, the
-//! Kubernetes watches) only report what changed - everything, as a snapshot, or
-//! "these Services changed" - and the driver decides how the node syncs it: a
+//! Kubernetes watches) only report what changed - everything, as a snapshot,
+//! "these Services changed", or "these Pods, Namespaces, NetworkPolicies changed" -
+//! and the driver decides how the node syncs it: a
 //! full sync at start and every resync period (reading the maps back, which
 //! repairs drift), in between only what changed.
 use std::{
@@ -10,7 +11,7 @@ use std::{
 
 use anyhow::Result;
 
-use crate::model::{ClusterObjects, ServiceRef, Skipped};
+use crate::model::{policy::PolicyChanges, ClusterObjects, ServiceRef, Skipped};
 
 /// Everything a source holds now.
 #[derive(Clone, Debug, Default)]
@@ -34,6 +35,15 @@ pub struct ServiceChanges {
     pub oldest_change: Option<Instant>,
 }
 
+/// Only some Pods, Namespaces or NetworkPolicies changed.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyObjectChanges {
+    /// Each changed object as it is now (`None`: gone).
+    pub changes: PolicyChanges,
+    /// When the oldest of these changes was seen (for the lag metric).
+    pub oldest_change: Option<Instant>,
+}
+
 /// What a source reports.
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
@@ -41,6 +51,9 @@ pub enum SourceEvent {
     Snapshot(Snapshot),
     /// Only some Services changed: just those are updated.
     ServicesChanged(ServiceChanges),
+    /// Only some Pods, Namespaces or NetworkPolicies changed: the policy maps are
+    /// updated, unless a changed Pod of this node is wired differently.
+    PolicyObjectsChanged(PolicyObjectChanges),
 }
 
 /// Where the node's objects come from: the YAML file or the Kubernetes API.
@@ -83,6 +96,11 @@ pub trait SyncTarget {
     /// Update only the Services changed. `false`: a full sync must be done instead
     /// (none done yet, or this update failed).
     fn sync_services(&mut self, changes: &ServiceChanges) -> bool;
+
+    /// Update only what the changed Pods, Namespaces and NetworkPolicies change in
+    /// the policy maps. `false`: a full sync must be done instead (none done yet, a
+    /// changed Pod of this node is wired differently, or this update failed).
+    fn sync_policy(&mut self, changes: &PolicyObjectChanges) -> bool;
 
     /// Between syncs: pass on what the datapath logged.
     fn flush_logs(&mut self);
@@ -167,6 +185,15 @@ impl<T: SyncTarget> Driver<T> {
                     self.sync_all(&snapshot, FullSync::AfterChange);
                 }
             }
+            Some(SourceEvent::PolicyObjectsChanged(changes)) => {
+                if self.target.sync_policy(&changes) {
+                    self.record_lag(changes.oldest_change);
+                } else if let Some(mut snapshot) = source.snapshot()? {
+                    snapshot.oldest_change =
+                        earliest(snapshot.oldest_change, changes.oldest_change);
+                    self.sync_all(&snapshot, FullSync::AfterChange);
+                }
+            }
             None if self.retry_soon => {
                 if let Some(snapshot) = source.snapshot()? {
                     self.sync_all(&snapshot, FullSync::Resync);
@@ -227,6 +254,7 @@ mod tests {
     enum Call {
         SyncAll(FullSync, Vec<String>),
         SyncServices(Vec<String>),
+        UpdatePolicy(usize),
     }
 
     /// A node that records the driver's calls and answers as told.
@@ -236,6 +264,7 @@ mod tests {
         /// Answers of the next full syncs (then `Done`).
         full_sync_answers: VecDeque<Synced>,
         service_updates_fail: bool,
+        policy_updates_fail: bool,
         log_flushes: usize,
         lags_recorded: Cell<usize>,
         turns: Cell<usize>,
@@ -252,6 +281,12 @@ mod tests {
             self.calls
                 .push(Call::SyncServices(service_names(&changes.objects)));
             !self.service_updates_fail
+        }
+
+        fn sync_policy(&mut self, changes: &PolicyObjectChanges) -> bool {
+            self.calls
+                .push(Call::UpdatePolicy(changes.changes.pods.len()));
+            !self.policy_updates_fail
         }
 
         fn flush_logs(&mut self) {
@@ -415,6 +450,41 @@ mod tests {
             1,
             "the change's lag, once it is synced"
         );
+    }
+
+    fn pod_changed() -> Next {
+        let key = crate::model::policy::ObjectKey {
+            namespace: "default".into(),
+            name: "p".into(),
+        };
+        Next::Event(SourceEvent::PolicyObjectsChanged(PolicyObjectChanges {
+            changes: PolicyChanges {
+                pods: vec![(key, None)],
+                ..PolicyChanges::default()
+            },
+            oldest_change: Some(Instant::now()),
+        }))
+    }
+
+    #[test]
+    fn policy_object_changes_are_policy_updates_and_a_failed_one_a_full_sync() {
+        let mut source =
+            ScriptedSource::new(Some(snapshot(&["a"])), [pod_changed(), pod_changed()]);
+        let mut driver = Driver::new(RecordingNode::default(), AN_HOUR);
+        driver.step(&mut source).unwrap();
+        driver.step(&mut source).unwrap();
+        driver.target.policy_updates_fail = true;
+        driver.step(&mut source).unwrap();
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a"])),
+                Call::UpdatePolicy(1),
+                Call::UpdatePolicy(1),
+                Call::SyncAll(FullSync::AfterChange, names(&["a"])),
+            ]
+        );
+        assert_eq!(driver.target.lags_recorded.get(), 2, "both changes synced");
     }
 
     #[test]

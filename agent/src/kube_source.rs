@@ -9,8 +9,10 @@
 //! next one (no fixed delay).
 //!
 //! Events about Services and EndpointSlices only name the Services they concern
-//! (`SourceEvent::ServicesChanged`, synced in O(those Services)); Node and Pod
-//! events and relists make a snapshot of everything.
+//! (`SourceEvent::ServicesChanged`, synced in O(those Services)); events about
+//! Pods, Namespaces and NetworkPolicies name those objects
+//! (`SourceEvent::PolicyObjectsChanged`, a policy update); Node events, relists
+//! and a batch holding both kinds of change make a snapshot of everything.
 use std::{
     collections::{BTreeSet, HashMap},
     fmt::Debug,
@@ -38,10 +40,11 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
-    driver::{ServiceChanges, Snapshot, Source, SourceEvent},
+    driver::{PolicyObjectChanges, ServiceChanges, Snapshot, Source, SourceEvent},
     model::{
         self,
         objects::{EndpointSlice, Service},
+        policy::{ObjectKey, PolicyChanges},
         ClusterObjects, ServiceRef,
     },
     telemetry::{ResourceLabel, Telemetry},
@@ -153,8 +156,18 @@ impl Stores {
     /// The event `pending` changes make: everything, or only the Services they name
     /// (with their objects as the stores hold them now); `None` for no change.
     fn event_for(&self, pending: Pending, changed: &Changed) -> Option<SourceEvent> {
-        if pending.full {
+        let policy = !(pending.pods.is_empty()
+            && pending.namespaces.is_empty()
+            && pending.network_policies.is_empty());
+        // Service and policy changes in one batch: one full sync of both.
+        if pending.full || (policy && !pending.services.is_empty()) {
             return Some(SourceEvent::Snapshot(self.snapshot(pending.oldest)));
+        }
+        if policy {
+            return Some(SourceEvent::PolicyObjectsChanged(PolicyObjectChanges {
+                changes: self.policy_objects_of(&pending),
+                oldest_change: pending.oldest,
+            }));
         }
         if pending.services.is_empty() {
             return None;
@@ -182,6 +195,31 @@ impl Stores {
             },
             skipped: Vec::new(),
             oldest_change,
+        }
+    }
+
+    /// The Pods, Namespaces and NetworkPolicies named, as the stores hold them now
+    /// (`None`: gone).
+    fn policy_objects_of(&self, pending: &Pending) -> PolicyChanges {
+        fn namespaced<K: Resource<DynamicType = ()>>(key: &ObjectKey) -> ObjectRef<K> {
+            ObjectRef::new(&key.name).within(&key.namespace)
+        }
+        PolicyChanges {
+            pods: pending
+                .pods
+                .iter()
+                .map(|key| (key.clone(), self.pods.get(&namespaced(key))))
+                .collect(),
+            namespaces: pending
+                .namespaces
+                .iter()
+                .map(|name| (name.clone(), self.namespaces.get(&ObjectRef::new(name))))
+                .collect(),
+            network_policies: pending
+                .network_policies
+                .iter()
+                .map(|key| (key.clone(), self.network_policies.get(&namespaced(key))))
+                .collect(),
         }
     }
 
@@ -228,34 +266,43 @@ async fn start_watches(
     let services = watch::<Service>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("services", changed, telemetry, model::service_ref_of),
+        Watched::new("services", changed, telemetry, |s| {
+            model::service_ref_of(s).map_or(Scope::Everything, Scope::Service)
+        }),
     );
     let endpoint_slices = watch::<EndpointSlice>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("endpointslices", changed, telemetry, model::slice_service)
+        Watched::new("endpointslices", changed, telemetry, slice_scope)
             .shrinking(model::compact_slice)
             .tracking(Changed::track_slice),
     );
     let nodes = watch::<Node>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("nodes", changed, telemetry, |_| None),
+        Watched::new("nodes", changed, telemetry, |_| Scope::Everything),
     );
     let pods = watch::<Pod>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("pods", changed, telemetry, |_| None).shrinking(model::slim_pod),
+        Watched::new("pods", changed, telemetry, pod_scope).shrinking(model::slim_pod),
     );
     let network_policies = watch::<NetworkPolicy>(
         Api::all(client.clone()),
         all.clone(),
-        Watched::new("networkpolicies", changed, telemetry, |_| None),
+        Watched::new("networkpolicies", changed, telemetry, |p| {
+            Scope::NetworkPolicy(ObjectKey::of(&p.metadata))
+        }),
     );
     let namespaces = watch::<Namespace>(
         Api::all(client),
         all,
-        Watched::new("namespaces", changed, telemetry, |_| None),
+        Watched::new("namespaces", changed, telemetry, |n| {
+            n.metadata
+                .name
+                .clone()
+                .map_or(Scope::Everything, Scope::Namespace)
+        }),
     );
     Ok(Stores {
         services,
@@ -302,13 +349,35 @@ fn arcs_of<K>(items: Vec<K>) -> Vec<Arc<K>> {
     items.into_iter().map(Arc::new).collect()
 }
 
-/// What changed since the driver last took it: the Services named by events, or
-/// anything else (`full`), and when the oldest of these events arrived (for the lag
-/// metric).
+fn slice_scope(slice: &EndpointSlice) -> Scope {
+    model::slice_service(slice).map_or(Scope::Everything, Scope::Service)
+}
+
+fn pod_scope(pod: &Pod) -> Scope {
+    Scope::Pod(ObjectKey::of(&pod.metadata))
+}
+
+/// What one object's change concerns.
+#[derive(Debug)]
+enum Scope {
+    Service(ServiceRef),
+    Pod(ObjectKey),
+    Namespace(String),
+    NetworkPolicy(ObjectKey),
+    /// Only a full sync handles it.
+    Everything,
+}
+
+/// What changed since the driver last took it: the Services, Pods, Namespaces and
+/// NetworkPolicies named by events, or anything else (`full`), and when the oldest
+/// of these events arrived (for the lag metric).
 #[derive(Default)]
 struct Pending {
     full: bool,
     services: BTreeSet<ServiceRef>,
+    pods: BTreeSet<ObjectKey>,
+    namespaces: BTreeSet<String>,
+    network_policies: BTreeSet<ObjectKey>,
     oldest: Option<Instant>,
 }
 
@@ -326,14 +395,17 @@ struct Changed {
 }
 
 impl Changed {
-    /// An event about `service`, or (None) about something only a full sync handles.
-    fn event(&self, service: Option<ServiceRef>) {
+    /// An event about what `scope` names.
+    fn event(&self, scope: Scope) {
         {
             let mut pending = self.pending.lock().expect("lock");
             pending.oldest.get_or_insert_with(Instant::now);
-            match service {
-                Some(service) => drop(pending.services.insert(service)),
-                None => pending.full = true,
+            match scope {
+                Scope::Service(service) => drop(pending.services.insert(service)),
+                Scope::Pod(pod) => drop(pending.pods.insert(pod)),
+                Scope::Namespace(name) => drop(pending.namespaces.insert(name)),
+                Scope::NetworkPolicy(policy) => drop(pending.network_policies.insert(policy)),
+                Scope::Everything => pending.full = true,
             }
         }
         self.notify.notify_one();
@@ -376,11 +448,11 @@ impl Changed {
     }
 }
 
-/// A watched resource: its name (for metrics and logs), which Service an object's
-/// change concerns (None: needs a full sync), and where to report changes.
+/// A watched resource: its name (for metrics and logs), what an object's change
+/// concerns, and where to report changes.
 struct Watched<K> {
     resource: &'static str,
-    scope: fn(&K) -> Option<ServiceRef>,
+    scope: fn(&K) -> Scope,
     /// Shrinks an object for the cache (the model must read it the same).
     shrink: fn(&mut K),
     /// Sees every object applied (false) or deleted (true), for indexes.
@@ -396,7 +468,7 @@ impl<K> Watched<K> {
         resource: &'static str,
         changed: &Arc<Changed>,
         telemetry: &Arc<Telemetry>,
-        scope: fn(&K) -> Option<ServiceRef>,
+        scope: fn(&K) -> Scope,
     ) -> Self {
         Self {
             resource,
@@ -444,7 +516,7 @@ impl<K> Watched<K> {
                 self.changed.event((self.scope)(object));
             }
             // A relist: anything may have changed.
-            Event::InitDone => self.changed.event(None),
+            Event::InitDone => self.changed.event(Scope::Everything),
         }
     }
 }
@@ -517,20 +589,22 @@ mod tests {
         Watches {
             services: (
                 services_writer,
-                Watched::new("services", &changed, &telemetry, model::service_ref_of),
+                Watched::new("services", &changed, &telemetry, |s| {
+                    model::service_ref_of(s).map_or(Scope::Everything, Scope::Service)
+                }),
             ),
             endpoint_slices: (
                 slices_writer,
-                Watched::new("endpointslices", &changed, &telemetry, model::slice_service)
+                Watched::new("endpointslices", &changed, &telemetry, slice_scope)
                     .tracking(Changed::track_slice),
             ),
             nodes: (
                 nodes_writer,
-                Watched::new("nodes", &changed, &telemetry, |_| None),
+                Watched::new("nodes", &changed, &telemetry, |_| Scope::Everything),
             ),
             pods: (
                 pods_writer,
-                Watched::new("pods", &changed, &telemetry, |_| None),
+                Watched::new("pods", &changed, &telemetry, pod_scope),
             ),
             stores: Stores {
                 services,
@@ -664,7 +738,8 @@ mod tests {
         next_event(&w);
         see(&mut w.endpoint_slices, Event::Apply(slice("moving", "b")));
         // The event names b only; a's index entry is stale. Both, asked for together:
-        w.changed.event(model::service_ref_of(&service("a")));
+        w.changed
+            .event(model::service_ref_of(&service("a")).map_or(Scope::Everything, Scope::Service));
         let Some(SourceEvent::ServicesChanged(changes)) = next_event(&w) else {
             panic!("a Service-only event");
         };
@@ -677,7 +752,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_or_pod_event_or_a_relist_becomes_a_snapshot_of_everything() {
+    fn a_node_event_a_relist_or_pod_and_service_events_together_become_a_snapshot_of_everything() {
         let mut w = watches();
         see(&mut w.services, Event::Apply(service("web")));
         see(&mut w.endpoint_slices, Event::Apply(slice("web-1", "web")));
@@ -711,7 +786,29 @@ mod tests {
         );
 
         see(&mut w.pods, Event::Delete(pod("client")));
-        assert_eq!(everything(next_event(&w)).3, set(&[]), "a Pod event");
+        match next_event(&w) {
+            Some(SourceEvent::PolicyObjectsChanged(changes)) => {
+                let pods: Vec<_> = changes
+                    .changes
+                    .pods
+                    .iter()
+                    .map(|(k, p)| (k.name.clone(), p.is_some()))
+                    .collect();
+                assert_eq!(
+                    pods,
+                    [("client".to_string(), false)],
+                    "a Pod event names the Pod, gone"
+                );
+            }
+            other => panic!("expected the Pod's change, got {other:?}"),
+        }
+        see(&mut w.pods, Event::Apply(pod("client")));
+        see(&mut w.services, Event::Apply(service("api")));
+        assert_eq!(
+            everything(next_event(&w)).3,
+            set(&["client"]),
+            "a Pod event with a Service event pending"
+        );
 
         // A relist of Services: "api" was deleted while the watch was down.
         see(&mut w.services, Event::Init);

@@ -97,6 +97,9 @@ pub struct Telemetry {
     /// index, backend id): with the live entries' they make the per-backend totals.
     retired_flows: Mutex<BTreeMap<(u16, u32), ferrite_common::Counter>>,
     pub syncs: Counter,
+    /// Syncs of Pod, Namespace and NetworkPolicy changes that updated only the
+    /// policy maps (no full sync).
+    pub policy_updates: Counter,
     pub sync_errors: Counter,
     pub map_writes: Counter,
     pub conntrack_gc_removed: Counter,
@@ -141,6 +144,7 @@ impl Telemetry {
             backend_flows: Family::default(),
             retired_flows: Mutex::default(),
             syncs: Counter::default(),
+            policy_updates: Counter::default(),
             sync_errors: Counter::default(),
             map_writes: Counter::default(),
             conntrack_gc_removed: Counter::default(),
@@ -188,6 +192,11 @@ impl Telemetry {
                 telemetry.backend_bytes.clone(),
             );
             r.register("syncs", "Reconciliations run", telemetry.syncs.clone());
+            r.register(
+                "policy_updates",
+                "Pod, Namespace and NetworkPolicy changes synced as an update of the policy maps, without a full sync",
+                telemetry.policy_updates.clone(),
+            );
             r.register(
                 "pod_wiring_repairs",
                 "Pods whose host veth, /32 route or neighbour entry a full sync restored",

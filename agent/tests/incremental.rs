@@ -3,9 +3,13 @@
 //! NodePort, LoadBalancer, externalIPs, traffic policies Local, health-check ports,
 //! affinity) drawn from small pools of addresses and ports, so that they also
 //! collide; their EndpointSlices, with and without zone hints; Nodes that change
-//! address, pod CIDR and zone, join and leave; this node's pods with hostPorts that
-//! collide with each other, NodePorts and health-check ports. After every step the agent's record is the maps, a full sync would write
-//! nothing, and the maps mean what a full sync from scratch means.
+//! address, pod CIDR and zone, join and leave; Pods of both nodes (labels,
+//! addresses, named ports, hostPorts that collide with each other, NodePorts and
+//! health-check ports; this node's pods wired or not), and for NetworkPolicy,
+//! Namespaces (labels) and NetworkPolicies (pod, namespace and ipBlock peers,
+//! numbered and named ports, both directions) that come, change and go. After every
+//! step the agent's record is the maps, a full sync would write nothing, and the
+//! maps mean what a full sync from scratch means.
 mod support;
 
 use ferrite_agent::limits::Limits;
@@ -13,56 +17,6 @@ use proptest::prelude::*;
 use support::SimNode;
 
 const SERVICES: [&str; 4] = ["a", "b", "c", "d"];
-const PODS: [&str; 3] = ["p", "q", "r"];
-
-/// A pod of this node: its address's last octet and its hostPorts (port, protocol,
-/// hostIP).
-#[derive(Clone, Debug)]
-struct PodSpec {
-    ip: u8,
-    host_ports: Vec<(u16, &'static str, Option<&'static str>)>,
-}
-
-impl PodSpec {
-    fn yaml(&self, name: &str) -> String {
-        let ports: Vec<String> = self
-            .host_ports
-            .iter()
-            .enumerate()
-            .map(|(i, (port, protocol, host_ip))| {
-                let host_ip = host_ip
-                    .map(|ip| format!(", hostIP: {ip}"))
-                    .unwrap_or_default();
-                format!(
-                    "{{containerPort: {}, hostPort: {port}, protocol: {protocol}{host_ip}}}",
-                    9000 + i
-                )
-            })
-            .collect();
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
-             spec: {{nodeName: node-1, containers: [{{name: app, ports: [{}]}}]}}\n\
-             status: {{phase: Running, podIP: 10.244.0.{}}}\n",
-            ports.join(", "),
-            self.ip
-        )
-    }
-}
-
-fn pod_spec() -> impl Strategy<Value = PodSpec> {
-    // Ports that collide with each other, the NodePorts and the health-check ports.
-    let host_port = (
-        prop::sample::select(vec![8088u16, 30000, 30002, 32000]),
-        prop::sample::select(vec!["TCP", "UDP"]),
-        prop::option::of(prop::sample::select(vec!["198.51.100.1", "0.0.0.0"])),
-    );
-    (
-        prop::sample::select(vec![21u8, 22]),
-        prop::collection::vec(host_port, 0..3),
-    )
-        .prop_map(|(ip, host_ports)| PodSpec { ip, host_ports })
-}
-
 #[derive(Clone, Debug)]
 struct ServiceSpec {
     kind: &'static str,
@@ -225,8 +179,160 @@ fn node_yaml(name: &str, ip: &str, cidr: &str, zone: &str) -> String {
     )
 }
 
+const PODS: [&str; 4] = ["p0", "p1", "p2", "p3"];
+const NAMESPACES: [&str; 2] = ["a", "b"];
+const POLICIES: [&str; 3] = ["np0", "np1", "np2"];
+
+/// A pod of either node: its labels, address, named port and hostPorts (port,
+/// protocol, hostIP; only this node's mean anything).
+#[derive(Clone, Debug)]
+struct PodSpec {
+    namespace: usize,
+    node: &'static str,
+    ip: &'static str,
+    app: &'static str,
+    tier: &'static str,
+    http_port: Option<u16>,
+    host_ports: Vec<(u16, &'static str, Option<&'static str>)>,
+}
+
+impl PodSpec {
+    fn yaml(&self, name: &str) -> String {
+        let mut ports: Vec<String> = self
+            .http_port
+            .map(|p| format!("{{name: http, containerPort: {p}}}"))
+            .into_iter()
+            .collect();
+        ports.extend(
+            self.host_ports
+                .iter()
+                .enumerate()
+                .map(|(i, (port, protocol, host_ip))| {
+                    let host_ip = host_ip
+                        .map(|ip| format!(", hostIP: {ip}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{{containerPort: {}, hostPort: {port}, protocol: {protocol}{host_ip}}}",
+                        9000 + i
+                    )
+                }),
+        );
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}, labels: {{app: {}, tier: '{}'}}}}\nspec: {{nodeName: {}, containers: [{{name: c, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: {}}}\n",
+            NAMESPACES[self.namespace],
+            self.app,
+            self.tier,
+            self.node,
+            ports.join(", "),
+            self.ip
+        )
+    }
+}
+
+fn pod_spec() -> impl Strategy<Value = PodSpec> {
+    // hostPorts that collide with each other, the NodePorts and the health-check ports.
+    let host_port = (
+        prop::sample::select(vec![8088u16, 30000, 30002, 32000]),
+        prop::sample::select(vec!["TCP", "UDP"]),
+        prop::option::of(prop::sample::select(vec!["198.51.100.1", "0.0.0.0"])),
+    );
+    (
+        0..NAMESPACES.len(),
+        prop::sample::select(vec![
+            ("node-1", "10.244.0.21"),
+            ("node-1", "10.244.0.22"),
+            ("node-1", "10.244.0.23"),
+            ("node-2", "10.244.1.21"),
+            ("node-2", "10.244.1.22"),
+        ]),
+        prop::sample::select(vec!["web", "db"]),
+        prop::sample::select(vec!["1", "2"]),
+        prop::option::of(prop::sample::select(vec![8080u16, 8081])),
+        prop::collection::vec(host_port, 0..3),
+    )
+        .prop_map(
+            |(namespace, (node, ip), app, tier, http_port, host_ports)| PodSpec {
+                namespace,
+                node,
+                ip,
+                app,
+                tier,
+                http_port,
+                host_ports,
+            },
+        )
+}
+
+#[derive(Clone, Debug)]
+struct PolicySpec {
+    namespace: usize,
+    /// The pods it selects by app (`None`: every pod of its namespace).
+    app: Option<&'static str>,
+    /// One rule's peer.
+    peer: &'static str,
+    /// One rule's ports.
+    ports: &'static str,
+    egress: bool,
+}
+
+impl PolicySpec {
+    fn yaml(&self, name: &str) -> String {
+        let selector = self
+            .app
+            .map(|a| format!("{{matchLabels: {{app: {a}}}}}"))
+            .unwrap_or_else(|| "{}".into());
+        let rule = format!(
+            "[{{{}: [{}]{}}}]",
+            if self.egress { "to" } else { "from" },
+            self.peer,
+            self.ports
+        );
+        let direction = if self.egress { "egress" } else { "ingress" };
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {}}}\nspec: {{podSelector: {selector}, {direction}: {rule}}}\n",
+            NAMESPACES[self.namespace]
+        )
+    }
+}
+
+fn policy_spec() -> impl Strategy<Value = PolicySpec> {
+    (
+        0..NAMESPACES.len(),
+        prop::option::of(prop::sample::select(vec!["web", "db"])),
+        prop::sample::select(vec![
+            "{podSelector: {matchLabels: {tier: '1'}}}",
+            "{podSelector: {}}",
+            "{namespaceSelector: {matchLabels: {team: x}}}",
+            "{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: db}}}",
+            "{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.0.22/32]}}",
+            "{ipBlock: {cidr: 198.51.100.0/24}}",
+        ]),
+        prop::sample::select(vec![
+            "",
+            ", ports: [{port: 80}]",
+            ", ports: [{port: http}]",
+            ", ports: [{port: 1000, endPort: 1010, protocol: UDP}]",
+        ]),
+        any::<bool>(),
+    )
+        .prop_map(|(namespace, app, peer, ports, egress)| PolicySpec {
+            namespace,
+            app,
+            peer,
+            ports,
+            egress,
+        })
+}
+
 #[derive(Clone, Debug)]
 enum Change {
+    Pod(usize, PodSpec),
+    DeletePod(usize),
+    /// A namespace's `team` label (`None`: no labels).
+    Namespace(usize, Option<&'static str>),
+    DeleteNamespace(usize),
+    Policy(usize, PolicySpec),
+    DeletePolicy(usize),
     Service(usize, ServiceSpec),
     Slice(usize, u8, Vec<EndpointSpec>),
     DeleteService(usize),
@@ -235,8 +341,6 @@ enum Change {
     ThisNode(&'static str, &'static str, &'static str),
     NodeJoins,
     NodeLeaves,
-    Pod(usize, PodSpec),
-    DeletePod(usize),
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -257,8 +361,16 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|((ip, cidr), zone)| Change::ThisNode(ip, cidr, zone)),
         1 => Just(Change::NodeJoins),
         1 => Just(Change::NodeLeaves),
-        2 => (0..PODS.len(), pod_spec()).prop_map(|(i, p)| Change::Pod(i, p)),
+        4 => (0..PODS.len(), pod_spec()).prop_map(|(i, s)| Change::Pod(i, s)),
         1 => (0..PODS.len()).prop_map(Change::DeletePod),
+        2 => (
+            0..NAMESPACES.len(),
+            prop::option::of(prop::sample::select(vec!["x", "y"]))
+        )
+            .prop_map(|(i, team)| Change::Namespace(i, team)),
+        1 => (0..NAMESPACES.len()).prop_map(Change::DeleteNamespace),
+        3 => (0..POLICIES.len(), policy_spec()).prop_map(|(i, s)| Change::Policy(i, s)),
+        1 => (0..POLICIES.len()).prop_map(Change::DeletePolicy),
     ]
 }
 
@@ -292,15 +404,59 @@ fn apply(node: &mut SimNode, change: &Change) {
         }
         Change::NodeLeaves if node.objects.nodes.len() > 2 => node.delete("Node", "", "node-3"),
         Change::NodeLeaves => {}
-        Change::Pod(i, spec) => node.apply(&spec.yaml(PODS[*i])),
+        Change::Pod(i, spec) => {
+            // A pod keeps its namespace: another namespace is another pod.
+            let name = format!("{}-{}", PODS[*i], NAMESPACES[spec.namespace]);
+            node.apply(&spec.yaml(&name))
+        }
         Change::DeletePod(i) => {
-            let exists = node
+            let gone = node.objects.pods.iter().find(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(&format!("{}-", PODS[*i])))
+            });
+            if let Some(pod) = gone.cloned() {
+                let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                node.delete("Pod", &namespace, &name);
+            }
+        }
+        Change::Namespace(i, team) => {
+            let labels = team
+                .map(|t| format!("{{team: {t}}}"))
+                .unwrap_or_else(|| "{}".into());
+            node.apply(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {labels}}}\n",
+                NAMESPACES[*i]
+            ))
+        }
+        Change::DeleteNamespace(i) => {
+            let name = NAMESPACES[*i];
+            if node
                 .objects
-                .pods
+                .namespaces
                 .iter()
-                .any(|p| p.metadata.name.as_deref() == Some(PODS[*i]));
-            if exists {
-                node.delete("Pod", "default", PODS[*i]);
+                .any(|n| n.metadata.name.as_deref() == Some(name))
+            {
+                node.delete("Namespace", "", name);
+            }
+        }
+        Change::Policy(i, spec) => {
+            let name = format!("{}-{}", POLICIES[*i], NAMESPACES[spec.namespace]);
+            node.apply(&spec.yaml(&name))
+        }
+        Change::DeletePolicy(i) => {
+            let gone = node.objects.network_policies.iter().find(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(&format!("{}-", POLICIES[*i])))
+            });
+            if let Some(policy) = gone.cloned() {
+                let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+                let name = policy.metadata.name.clone().unwrap_or_default();
+                node.delete("NetworkPolicy", &namespace, &name);
             }
         }
     }
@@ -310,7 +466,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn an_update_of_some_services_writes_what_a_full_sync_writes(
+    fn an_update_of_services_or_policy_objects_writes_what_a_full_sync_writes(
         first in prop::collection::vec(change(), 0..6),
         changes in prop::collection::vec(change(), 1..25),
     ) {

@@ -391,6 +391,18 @@ fn network_policies_and_pod_labels_follow_watch_events() -> Result<()> {
     api.delete("NetworkPolicy", "default", "from-clients");
     node.wait_for_maps("web open again", |m| !isolated(m))?;
     assert!(reaches()?, "web closed after the policies went");
+    // The policies, the relabel and the deletions were policy updates, not full
+    // syncs (the pods' first appearance is wiring: full syncs).
+    let (_, metrics) = http_get(node, "/metrics")?;
+    let policy_updates: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrite_policy_updates_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        policy_updates >= 3,
+        "{policy_updates} policy updates counted:\n{metrics}"
+    );
     Ok(())
 }
 

@@ -174,7 +174,10 @@ fn report(binaries: Binaries, rootfs: &Path, layout: &Path, archive: &Path) -> R
         ours += size;
         detail.push(format!("{name} {}", mib(size)));
     }
-    detail.push(format!("Debian (nftables, iptables, glibc) {}", mib(unpacked - ours)));
+    detail.push(format!(
+        "Debian (nftables, iptables, glibc) {}",
+        mib(unpacked - ours)
+    ));
     if binaries == Binaries::Debug {
         detail.insert(0, "debug binaries, debug info stripped".into());
     }

@@ -11,6 +11,7 @@ use super::{
     host_ports::{add_host_ports, WiredPod},
     objects::{EndpointSlice, Service},
     pods::local_pod,
+    policy::PolicyIndex,
     service::{service_frontends, SlicesByService},
     slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext, ServiceFrontend,
     ServiceRef, SkipReason, Skipped,
@@ -19,6 +20,16 @@ use super::{
 /// Build the desired state of the node `context` is for. Never fails: what cannot be
 /// used is returned in the skipped list with a reason.
 pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, Vec<Skipped>) {
+    let (state, _, skipped) = build_with_policy_index(objects, context);
+    (state, skipped)
+}
+
+/// [`build`], with the policy index the model's policy part comes from (kept for
+/// updates of Pods, Namespaces and NetworkPolicies).
+pub fn build_with_policy_index(
+    objects: &ClusterObjects,
+    context: &NodeContext,
+) -> (DesiredState, PolicyIndex, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let services = build_services(
         &objects.services,
@@ -33,13 +44,14 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         nodes: context.nodes.clone(),
         ..DesiredState::default()
     };
-    state.policy = super::policy::build_policy(
+    let policy = PolicyIndex::build(
         &objects.network_policies,
         &objects.namespaces,
         &objects.pods,
         context,
         &mut skipped,
     );
+    state.policy = policy.model().clone();
     let mut wired = Vec::new();
     for pod in &objects.pods {
         match local_pod(pod, context) {
@@ -66,7 +78,7 @@ pub fn build(objects: &ClusterObjects, context: &NodeContext) -> (DesiredState, 
         }
     }
     add_host_ports(wired, context, &mut state, &mut skipped);
-    (state, skipped)
+    (state, policy, skipped)
 }
 
 /// The Services' part of the model.

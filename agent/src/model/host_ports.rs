@@ -102,7 +102,8 @@ pub(super) fn add_host_ports(
     }
 }
 
-fn has_host_ports(pod: &Pod) -> bool {
+/// Whether `pod` asks for a hostPort in any container.
+pub fn has_host_ports(pod: &Pod) -> bool {
     pod.spec.iter().flat_map(|s| &s.containers).any(|c| {
         c.ports
             .iter()

@@ -27,7 +27,7 @@ pub fn pod_attachment_interface_name(namespace: &str, name: &str, ifname: &str) 
 
 /// The pod of this node `pod` is, if it is one with an address; an error says why
 /// it cannot have the address it claims (see [`NodeContext::refuse_pod_ip`]).
-pub(super) fn local_pod(pod: &Pod, context: &NodeContext) -> Result<Option<LocalPod>, String> {
+pub fn local_pod(pod: &Pod, context: &NodeContext) -> Result<Option<LocalPod>, String> {
     let spec = pod.spec.as_ref().ok_or("spec is missing")?;
     if spec.node_name.as_deref() != Some(context.name.as_str()) {
         return Ok(None);

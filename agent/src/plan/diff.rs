@@ -56,9 +56,14 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     }));
     ops.extend(range_puts.map(|r| Op::PutSourceRange(*r)));
     ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
-    // What policed pods allow is in before an endpoint says it is isolated.
-    ops.extend(ipcache_puts.into_iter().map(|(k, v)| Op::PutIpcache(k, v)));
+    // An identity is named by its class of peers, so it means the same before and
+    // after these writes: the rules allowing an identity go in first, then the
+    // addresses taking it (an address that moves meets its new allows at once,
+    // never rules meant for other peers), then the endpoints' isolation flags (what
+    // a policed pod allows is in before it is isolated). Rules and entries that
+    // went are removed after, rules first.
     ops.extend(policy_puts.into_iter().map(|(k, v)| Op::PutPolicy(k, v)));
+    ops.extend(ipcache_puts.into_iter().map(|(k, v)| Op::PutIpcache(k, v)));
     ops.extend(
         endpoint_puts
             .into_iter()

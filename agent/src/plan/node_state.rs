@@ -7,11 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    desired_contents_keeping_ids, diff, service_update, settle_pod_claims, Capacities, Interface,
-    MapContents, NodeSettings, Op, Written,
+    desired_contents_keeping_ids, diff, policy::policy_update, service_update, settle_pod_claims,
+    Capacities, Interface, MapContents, NodeSettings, Op, Written,
 };
 use crate::model::{
-    self, service_ref_of, ClusterObjects, DesiredState, FrontendKind, HealthCheck, L4Addr,
+    self,
+    policy::{ObjectKey, PolicyChanges, PolicyIndex},
+    service_ref_of, ClusterObjects, DesiredState, FrontendKind, HealthCheck, L4Addr, LocalPod,
     NodeContext, Protocol, ServiceRef, ServicesModel, Skipped,
 };
 
@@ -32,6 +34,13 @@ pub struct NodeState {
     /// The TCP ports pods have as hostPorts: a Service asking for one as its
     /// healthCheckNodePort needs a full sync (which keeps it the Service's).
     host_port_ports: BTreeSet<u16>,
+    /// The policy model and its indexes: Pod, Namespace and NetworkPolicy changes
+    /// update it.
+    policy: PolicyIndex,
+    /// This node's pods as the last full sync wired them (also those refused an
+    /// address another pod has), by name: a Pod change that leaves its wiring as it
+    /// is changes only policy.
+    local_pods: HashMap<ObjectKey, LocalPod>,
 }
 
 /// A full sync's plan: the model of every object in the context their Nodes make,
@@ -40,6 +49,8 @@ pub struct NodeState {
 pub struct FullPlan {
     pub context: NodeContext,
     pub state: DesiredState,
+    /// The index the state's policy part comes from.
+    pub policy: PolicyIndex,
     pub ops: Vec<Op>,
     /// What the maps hold once `ops` are written.
     pub written: MapContents,
@@ -58,7 +69,7 @@ impl FullPlan {
         ids_from: Option<&MapContents>,
         settings: &NodeSettings,
     ) -> Self {
-        let (mut state, mut skipped) = model::build(objects, &context);
+        let (mut state, policy, mut skipped) = model::build_with_policy_index(objects, &context);
         settle_pod_claims(&mut state, &mut skipped, interfaces, current);
         let (mut written, more) = desired_contents_keeping_ids(
             &state,
@@ -74,6 +85,7 @@ impl FullPlan {
         Self {
             context,
             state,
+            policy,
             ops,
             written,
             skipped,
@@ -90,6 +102,20 @@ impl FullPlan {
             health_checks: BTreeMap::new(),
             contenders: BTreeSet::new(),
             host_port_ports: BTreeSet::new(),
+            policy: self.policy,
+            local_pods: self
+                .state
+                .pods
+                .values()
+                .chain(&self.state.pod_rivals)
+                .map(|pod| {
+                    let key = ObjectKey {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                    };
+                    (key, pod.clone())
+                })
+                .collect(),
         };
         node.record(ServicesModel {
             frontends: self.state.services,
@@ -116,7 +142,54 @@ impl ServicesPlan {
     }
 }
 
+/// The writes of a change of Pods, Namespaces or NetworkPolicies that only policy
+/// reads.
+#[derive(Debug)]
+pub struct PolicyPlan {
+    pub ops: Vec<Op>,
+    pub skipped: Vec<Skipped>,
+}
+
 impl NodeState {
+    /// The writes that bring the policy maps to what `changes` make of them, in time
+    /// proportional to what the changes touch. `None`: a full sync must do it (a
+    /// changed Pod of this node is wired differently, or is refused; or identities
+    /// need renumbering, after which only a full sync plans policy again).
+    /// Updates the policy index: the plan must be committed, or the node's state
+    /// dropped.
+    pub fn plan_policy(&mut self, changes: &PolicyChanges) -> Option<PolicyPlan> {
+        for (key, pod) in &changes.pods {
+            let wired = match pod.as_deref().map(|p| model::local_pod(p, &self.context)) {
+                None | Some(Ok(None)) => None,
+                Some(Ok(Some(local))) => Some(local),
+                Some(Err(_)) => return None,
+            };
+            if wired.as_ref() != self.local_pods.get(key) {
+                return None;
+            }
+            // A hostPort of this node's pod, asked for or held: its frontends are
+            // the full sync's to settle (which pod keeps a contested port).
+            let holds_host_ports = self.frontends_of.contains_key(&ServiceRef {
+                namespace: key.namespace.clone(),
+                name: format!("pod/{}", key.name),
+            });
+            let asks_for_host_ports =
+                wired.is_some() && pod.as_deref().is_some_and(model::has_host_ports);
+            if holds_host_ports || asks_for_host_ports {
+                return None;
+            }
+        }
+        let mut skipped = Vec::new();
+        let delta = self.policy.update(changes, &mut skipped)?;
+        let ops = policy_update(&self.written.contents, &delta);
+        Some(PolicyPlan { ops, skipped })
+    }
+
+    /// Record `plan` as written.
+    pub fn commit_policy(&mut self, plan: PolicyPlan) {
+        self.written.apply(&plan.ops);
+    }
+
     /// The writes that bring the Services `changed` to what `objects` say of them now
     /// (their Services and EndpointSlices; a Service absent there is gone), in time
     /// proportional to their entries. `None`: only a full sync can decide it (one of

@@ -13,17 +13,85 @@ use ferrite_common::{
     EndpointKey,
 };
 
-use super::{MapContents, PolicyRule, RouteKey};
-use crate::model::policy::{Allow, Direction, PolicyModel};
+use super::{diff, MapContents, Op, PolicyRule, RouteKey};
+use crate::model::policy::{Allow, Direction, EndpointPolicy, PolicyDelta, PolicyModel};
+
+fn ipcache_key(prefix: &ipnet::Ipv4Net) -> RouteKey {
+    RouteKey {
+        prefix_len: u32::from(prefix.prefix_len()),
+        network: prefix.network().octets(),
+    }
+}
+
+/// The isolation flags of an endpoint entry for `policy` (the other flags kept).
+fn isolation_flags(flags: u32, policy: Option<&EndpointPolicy>) -> u32 {
+    let mut flags = flags & !(ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED);
+    if policy.is_some_and(|p| p.ingress_isolated) {
+        flags |= ENDPOINT_INGRESS_ISOLATED;
+    }
+    if policy.is_some_and(|p| p.egress_isolated) {
+        flags |= ENDPOINT_EGRESS_ISOLATED;
+    }
+    flags
+}
+
+/// The writes of a policy update: the entries `delta` touches, as `written` holds
+/// them and as they are to be, through the same ordered diff as a full sync (what
+/// a policed pod allows is in before its endpoint says it is isolated; the route
+/// epoch moves last, so conntrack's cached verdicts are judged again).
+pub(super) fn policy_update(written: &MapContents, delta: &PolicyDelta) -> Vec<Op> {
+    let mut current = MapContents {
+        config: written.config,
+        ..MapContents::default()
+    };
+    let mut desired = MapContents {
+        config: written.config,
+        ..MapContents::default()
+    };
+    for (prefix, now) in &delta.ipcache {
+        let key = ipcache_key(prefix);
+        if let Some(value) = written.ipcache.get(&key) {
+            current.ipcache.insert(key, *value);
+        }
+        if let Some(identity) = now {
+            let value = IpcacheValue {
+                identity: *identity,
+                flags: 0,
+            };
+            desired.ipcache.insert(key, value);
+        }
+    }
+    for (ip, (before, now)) in &delta.endpoints {
+        let key = EndpointKey {
+            address: ip.octets(),
+        };
+        if let Some(entry) = written.endpoints.get(&key) {
+            current.endpoints.insert(key, *entry);
+            let mut entry = *entry;
+            entry.flags = isolation_flags(entry.flags, now.as_ref());
+            desired.endpoints.insert(key, entry);
+        }
+        for allow in before.iter().flat_map(|b| &b.allows) {
+            for rule in rules_of(*ip, allow) {
+                if let Some(value) = written.policy.get(&rule) {
+                    current.policy.insert(rule, *value);
+                }
+            }
+        }
+        for allow in now.iter().flat_map(|n| &n.allows) {
+            for rule in rules_of(*ip, allow) {
+                desired.policy.insert(rule, PolicyValue { policy: 0 });
+            }
+        }
+    }
+    diff(&current, &desired)
+}
 
 /// Write the policy entries of `model` into `out`, whose endpoints are already in.
 pub(super) fn policy_contents(model: &PolicyModel, out: &mut MapContents) {
     for (prefix, identity) in &model.ipcache {
         out.ipcache.insert(
-            RouteKey {
-                prefix_len: u32::from(prefix.prefix_len()),
-                network: prefix.network().octets(),
-            },
+            ipcache_key(prefix),
             IpcacheValue {
                 identity: *identity,
                 flags: 0,

@@ -1,8 +1,11 @@
 //! A node's control plane without a kernel: the objects a source holds, the map
 //! image the agent's writes leave, and the agent's own pure steps (`plan::FullPlan`
-//! for full syncs, `plan::NodeState::plan_services` for Service updates), driven as
-//! the Kubernetes source drives them: a Node or Pod change is a full sync, a Service
-//! or EndpointSlice change an update of the Services it names.
+//! for full syncs, `plan::NodeState::plan_services` for Service updates,
+//! `plan_policy` for Pod, Namespace and NetworkPolicy changes), driven as the
+//! Kubernetes source drives them: a Node change is a full sync, a Service or
+//! EndpointSlice change an update of the Services it names, a Pod, Namespace or
+//! NetworkPolicy change a policy update (a full sync when it changes more, or comes
+//! with Service changes).
 #![allow(dead_code)] // each test binary uses part of it
 
 use std::{
@@ -13,14 +16,21 @@ use std::{
 
 use ferrite_agent::{
     limits::Limits,
-    model::{self, objects::EndpointSlice, ClusterObjects, ServiceRef},
+    model::{
+        self,
+        objects::EndpointSlice,
+        policy::{ObjectKey as PolicyObject, PolicyChanges},
+        ClusterObjects, ServiceRef,
+    },
     objects_yaml::parse_objects,
     plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
 };
 use ferrite_common::{
-    endpoint_flag, pod_mac_for, service_scope, svc_flag, Backend, EndpointInfo, EndpointKey,
-    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL,
-    ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+    endpoint_flag, pod_mac_for,
+    policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
+    service_scope, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
+    RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE,
+    VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -31,6 +41,10 @@ pub enum Synced {
     Services(BTreeSet<ServiceRef>),
     /// These Services changed, but one shares a claim: done as a full sync.
     FullForServices(BTreeSet<ServiceRef>),
+    /// A policy update for these objects (`Kind namespace/name`).
+    Policy(Vec<String>),
+    /// These objects changed more than policy: done as a full sync.
+    FullForPolicy(Vec<String>),
 }
 
 /// One node's agent over a map image.
@@ -64,7 +78,7 @@ fn key_of(
 ) -> ObjectKey {
     ObjectKey {
         kind,
-        namespace: if kind == "Node" {
+        namespace: if kind == "Node" || kind == "Namespace" {
             String::new()
         } else {
             model::namespace_of(meta).to_string()
@@ -295,11 +309,33 @@ impl SimNode {
                 key_of("Node", &n.metadata)
             });
         }
+        let mut policy = PolicyChanges::default();
         for pod in objects.pods {
-            full = true;
+            policy
+                .pods
+                .push((PolicyObject::of(&pod.metadata), Some(pod.clone())));
             upsert(&mut self.objects.pods, pod, |p| key_of("Pod", &p.metadata));
         }
-        self.sync_change(full, changed);
+        for namespace in objects.namespaces {
+            let name = namespace.metadata.name.clone().unwrap_or_default();
+            policy.namespaces.push((name, Some(namespace.clone())));
+            upsert(&mut self.objects.namespaces, namespace, |n| {
+                key_of("Namespace", &n.metadata)
+            });
+        }
+        for network_policy in objects.network_policies {
+            policy.network_policies.push((
+                PolicyObject::of(&network_policy.metadata),
+                Some(network_policy.clone()),
+            ));
+            upsert(&mut self.objects.network_policies, network_policy, |p| {
+                key_of("NetworkPolicy", &p.metadata)
+            });
+        }
+        // The Kubernetes source hands Service and policy changes over together as
+        // a full sync.
+        let full = full || (!changed.is_empty() && !policy.is_empty());
+        self.sync_change(full, changed, policy);
     }
 
     /// Delete an object (`namespace` empty for a Node), then sync.
@@ -310,6 +346,11 @@ impl SimNode {
         };
         let mut changed = BTreeSet::new();
         let mut full = false;
+        let mut policy = PolicyChanges::default();
+        let key = || PolicyObject {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
         match kind {
             "Service" => {
                 let before = self.objects.services.len();
@@ -343,19 +384,57 @@ impl SimNode {
                 self.objects.nodes.retain(|n| !matches(&n.metadata));
             }
             "Pod" => {
-                full = true;
                 self.objects.pods.retain(|p| !matches(&p.metadata));
+                policy.pods.push((key(), None));
+            }
+            "NetworkPolicy" => {
+                self.objects
+                    .network_policies
+                    .retain(|p| !matches(&p.metadata));
+                policy.network_policies.push((key(), None));
+            }
+            "Namespace" => {
+                self.objects
+                    .namespaces
+                    .retain(|n| n.metadata.name.as_deref() != Some(name));
+                policy.namespaces.push((name.to_string(), None));
             }
             other => panic!("unknown kind {other}"),
         }
-        self.sync_change(full, changed);
+        self.sync_change(full, changed, policy);
     }
 
-    fn sync_change(&mut self, full: bool, changed: BTreeSet<ServiceRef>) {
+    /// Sync the changes of Pods, Namespaces and NetworkPolicies as the agent does:
+    /// a policy update, or a full sync when they change more than policy.
+    pub fn sync_policy(&mut self, changes: &PolicyChanges) {
+        let names = describe_policy_changes(changes);
+        let plan = self
+            .state
+            .as_mut()
+            .and_then(|state| state.plan_policy(changes));
+        match plan {
+            Some(plan) => {
+                self.write(&plan.ops);
+                self.state
+                    .as_mut()
+                    .expect("planned from it")
+                    .commit_policy(plan);
+                self.last_sync = Some(Synced::Policy(names));
+            }
+            None => {
+                self.full_sync();
+                self.last_sync = Some(Synced::FullForPolicy(names));
+            }
+        }
+    }
+
+    fn sync_change(&mut self, full: bool, changed: BTreeSet<ServiceRef>, policy: PolicyChanges) {
         if full || self.state.is_none() {
             self.full_sync();
         } else if !changed.is_empty() {
             self.sync_services(changed);
+        } else if !policy.is_empty() {
+            self.sync_policy(&policy);
         } else {
             self.last_ops.clear();
             self.last_sync = None;
@@ -515,16 +594,31 @@ pub fn render(op: &Op) -> String {
             v.port
         ),
         Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
-        Op::PutEndpoint(key, info) => format!(
-            "put endpoint {} ifindex={} written-by={}",
-            Ipv4Addr::from(key.address),
-            info.ifindex,
-            if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
-                "agent"
-            } else {
-                "cni"
-            }
-        ),
+        Op::PutEndpoint(key, info) => {
+            let isolated: Vec<&str> = [
+                (ENDPOINT_INGRESS_ISOLATED, "ingress"),
+                (ENDPOINT_EGRESS_ISOLATED, "egress"),
+            ]
+            .iter()
+            .filter(|(bit, _)| info.flags & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+            format!(
+                "put endpoint {} ifindex={} written-by={}{}",
+                Ipv4Addr::from(key.address),
+                info.ifindex,
+                if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
+                    "agent"
+                } else {
+                    "cni"
+                },
+                if isolated.is_empty() {
+                    String::new()
+                } else {
+                    format!(" isolated={}", isolated.join(","))
+                }
+            )
+        }
         Op::PutConfig(c) => format!("put config {}", config(c)),
         Op::PutRoute(key, info) => format!(
             "put route {}/{} {}",
@@ -577,6 +671,28 @@ pub fn render(op: &Op) -> String {
     }
 }
 
+/// The objects of policy changes, as `Kind namespace/name`.
+fn describe_policy_changes(changes: &PolicyChanges) -> Vec<String> {
+    let object = |kind: &str, key: &PolicyObject| format!("{kind} {}/{}", key.namespace, key.name);
+    changes
+        .pods
+        .iter()
+        .map(|(key, _)| object("Pod", key))
+        .chain(
+            changes
+                .namespaces
+                .iter()
+                .map(|(name, _)| format!("Namespace {name}")),
+        )
+        .chain(
+            changes
+                .network_policies
+                .iter()
+                .map(|(key, _)| object("NetworkPolicy", key)),
+        )
+        .collect()
+}
+
 /// How the last change was synced, as a golden file's first line shows it.
 pub fn describe_sync(synced: &Option<Synced>) -> String {
     let names = |services: &BTreeSet<ServiceRef>| {
@@ -592,6 +708,10 @@ pub fn describe_sync(synced: &Option<Synced>) -> String {
         Some(Synced::Services(s)) => format!("# update of {}", names(s)),
         Some(Synced::FullForServices(s)) => {
             format!("# full sync for {} (a shared claim)", names(s))
+        }
+        Some(Synced::Policy(objects)) => format!("# policy update of {}", objects.join(", ")),
+        Some(Synced::FullForPolicy(objects)) => {
+            format!("# full sync for {} (not only policy)", objects.join(", "))
         }
     }
 }

@@ -27,6 +27,10 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
+mod index;
+
+pub use index::{ObjectKey, PolicyChanges, PolicyDelta, PolicyIndex};
+
 use super::{
     fields::{object_name, parse_ipv4, truncated},
     namespace_of,
@@ -75,14 +79,17 @@ pub struct PolicyModel {
     pub endpoints: BTreeMap<Ipv4Addr, EndpointPolicy>,
 }
 
+/// Named container ports: (name, protocol) -> port.
+type NamedPorts = BTreeMap<(String, u8), u16>;
+
 /// A pod as policies see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct PolicyPod {
     namespace: String,
     labels: BTreeMap<String, String>,
     ip: Ipv4Addr,
     node: Option<String>,
-    /// Named container ports: (name, protocol) -> port.
-    named_ports: BTreeMap<(String, u8), u16>,
+    named_ports: NamedPorts,
 }
 
 /// A policy peer, as checked.
@@ -99,21 +106,69 @@ enum Peer {
     Block { cidr: Ipv4Net, except: Vec<Ipv4Net> },
 }
 
-/// Every distinct peer of every policy, each once, by index.
-#[derive(Default)]
-struct PeerTable {
-    list: Vec<Peer>,
-    index: std::collections::HashMap<Peer, usize>,
+/// A peer and its fingerprint (a hash of its description): peers hash and order by
+/// the fingerprint first, so sets of peers (address classes) hash and compare at
+/// the cost of integers. Equal peers are equal whatever their fingerprint's order.
+#[derive(Clone, Debug)]
+struct PeerRef(Arc<(u64, Peer)>);
+
+impl PeerRef {
+    fn new(peer: Peer) -> Self {
+        let fingerprint = fnv1a(0xcbf2_9ce4_8422_2325, format!("{peer:?}").as_bytes());
+        Self(Arc::new((fingerprint, peer)))
+    }
+
+    fn fingerprint(&self) -> u64 {
+        self.0 .0
+    }
 }
 
-impl PeerTable {
-    fn intern(&mut self, peer: Peer) -> usize {
-        if let Some(index) = self.index.get(&peer) {
-            return *index;
-        }
-        self.list.push(peer.clone());
-        self.index.insert(peer, self.list.len() - 1);
-        self.list.len() - 1
+/// FNV-1a, continued from `hash`: stable across runs and builds.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+impl std::ops::Deref for PeerRef {
+    type Target = Peer;
+
+    fn deref(&self) -> &Peer {
+        &self.0 .1
+    }
+}
+
+impl PartialEq for PeerRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 .0 == other.0 .0 && (Arc::ptr_eq(&self.0, &other.0) || self.0 .1 == other.0 .1)
+    }
+}
+
+impl Eq for PeerRef {}
+
+impl std::hash::Hash for PeerRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 .0);
+    }
+}
+
+impl PartialOrd for PeerRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PeerRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0 .0.cmp(&other.0 .0).then_with(|| {
+            if Arc::ptr_eq(&self.0, &other.0) {
+                std::cmp::Ordering::Equal
+            } else {
+                self.0 .1.cmp(&other.0 .1)
+            }
+        })
     }
 }
 
@@ -127,11 +182,13 @@ enum PortMatch {
 }
 
 /// A rule, as checked: its peers (`None`: every peer) and ports (empty: all).
+#[derive(Clone, Debug)]
 struct Rule {
-    peers: Option<Vec<usize>>,
+    peers: Option<Vec<PeerRef>>,
     ports: Vec<PortMatch>,
 }
 
+#[derive(Clone, Debug)]
 struct CheckedPolicy {
     name: String,
     namespace: String,
@@ -144,18 +201,15 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const SCTP: u8 = 132;
 
-/// Namespace name -> labels (with `kubernetes.io/metadata.name`, which the API
-/// server sets on every namespace, also for namespaces the source does not list).
-fn namespace_labels(namespaces: &[Arc<Namespace>]) -> BTreeMap<String, BTreeMap<String, String>> {
-    namespaces
-        .iter()
-        .filter_map(|ns| {
-            let name = ns.metadata.name.clone()?;
-            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
-            Some((name, labels))
-        })
-        .collect()
+/// A namespace's labels as selectors see them: with `kubernetes.io/metadata.name`,
+/// which the API server sets on every namespace (also on namespaces the source does
+/// not list, `None` here).
+fn namespace_labels(name: &str, namespace: Option<&Namespace>) -> BTreeMap<String, String> {
+    let mut labels = namespace
+        .and_then(|ns| ns.metadata.labels.clone())
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), name.to_string());
+    labels
 }
 
 fn policy_pod(pod: &Pod) -> Option<PolicyPod> {
@@ -209,7 +263,6 @@ fn check_rules<'a>(
         ),
     >,
     namespace: &str,
-    peers: &mut PeerTable,
     what: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Rule> {
@@ -235,9 +288,7 @@ fn check_rules<'a>(
                 let mut failed = None;
                 for peer in list {
                     match check_peer(peer, namespace) {
-                        Ok(peer) => {
-                            indexes.push(peers.intern(peer));
-                        }
+                        Ok(peer) => indexes.push(PeerRef::new(peer)),
                         Err(reason) => failed = Some(reason),
                     }
                 }
@@ -335,13 +386,9 @@ fn check_ports(ports: &[NetworkPolicyPort]) -> Result<Vec<PortMatch>, String> {
 }
 
 impl Peer {
-    /// Whether this peer selects the pod (namespace labels from `namespaces`).
-    /// Whether a pod of `namespace` can be one of this peer's (its namespace part).
-    fn admits_namespace(
-        &self,
-        namespace: &str,
-        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> bool {
+    /// Whether a pod of `namespace` (whose labels are `labels`) can be one of this
+    /// peer's: its namespace part (an ipBlock admits every namespace).
+    fn admits_namespace(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Peer::Pods {
                 namespaces: None,
@@ -351,41 +398,16 @@ impl Peer {
             Peer::Pods {
                 namespaces: Some(selector),
                 ..
-            } => {
-                let fallback = BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_string(),
-                    namespace.to_string(),
-                )]);
-                selector.matches(namespaces.get(namespace).unwrap_or(&fallback))
-            }
+            } => selector.matches(labels),
             Peer::Block { .. } => true,
         }
     }
 
-    fn selects_pod(
-        &self,
-        pod: &PolicyPod,
-        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> bool {
+    /// Whether a pod with `labels` matches the pod part of a selector peer.
+    fn selects_labels(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
-            Peer::Pods {
-                namespaces: namespace_selector,
-                own_namespace,
-                pods,
-            } => {
-                let namespace_ok = match namespace_selector {
-                    None => pod.namespace == *own_namespace,
-                    Some(selector) => {
-                        let fallback = BTreeMap::from([(
-                            "kubernetes.io/metadata.name".to_string(),
-                            pod.namespace.clone(),
-                        )]);
-                        selector.matches(namespaces.get(&pod.namespace).unwrap_or(&fallback))
-                    }
-                };
-                namespace_ok && pods.matches(&pod.labels)
-            }
-            Peer::Block { .. } => self.contains(&Ipv4Net::from(pod.ip)),
+            Peer::Pods { pods, .. } => pods.matches(labels),
+            Peer::Block { .. } => false,
         }
     }
 
@@ -400,8 +422,92 @@ impl Peer {
     }
 }
 
+/// A NetworkPolicy checked, or `None` when it is refused whole (its `podSelector`
+/// cannot be parsed: which pods it means is unknown). What cannot be used is in
+/// `skipped`.
+fn check_policy(policy: &NetworkPolicy, skipped: &mut Vec<Skipped>) -> Option<CheckedPolicy> {
+    let what = object_name("NetworkPolicy", &policy.metadata);
+    let namespace = namespace_of(&policy.metadata).to_string();
+    let Some(spec) = policy.spec.as_ref() else {
+        skipped.push(Skipped {
+            object: what,
+            reason: SkipReason::Invalid("spec is missing".into()),
+        });
+        return None;
+    };
+    let pods = match Selector::parse(&spec.pod_selector.clone().unwrap_or_default()) {
+        Ok(pods) => pods,
+        Err(reason) => {
+            skipped.push(Skipped {
+                object: what,
+                reason: SkipReason::Invalid(format!("podSelector: {reason}")),
+            });
+            return None;
+        }
+    };
+    let types: Vec<&str> = match &spec.policy_types {
+        Some(types) => types.iter().map(String::as_str).collect(),
+        None if spec.egress.is_some() => vec!["Ingress", "Egress"],
+        None => vec!["Ingress"],
+    };
+    let ingress = types.contains(&"Ingress").then(|| {
+        let rules = spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.as_ref(), r.ports.as_ref()));
+        check_rules(rules, &namespace, &format!("{what} ingress"), skipped)
+    });
+    let egress = types.contains(&"Egress").then(|| {
+        let rules = spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.as_ref(), r.ports.as_ref()));
+        check_rules(rules, &namespace, &format!("{what} egress"), skipped)
+    });
+    Some(CheckedPolicy {
+        name: format!(
+            "{namespace}/{}",
+            policy.metadata.name.as_deref().unwrap_or("")
+        ),
+        namespace,
+        pods,
+        ingress,
+        egress,
+    })
+}
+
+impl CheckedPolicy {
+    /// Every peer its rules name (with repeats).
+    fn peers(&self) -> impl Iterator<Item = &PeerRef> {
+        [&self.ingress, &self.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|rule| rule.peers.iter().flatten())
+    }
+
+    fn peers_mut(&mut self) -> impl Iterator<Item = &mut PeerRef> {
+        [&mut self.ingress, &mut self.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|rule| rule.peers.iter_mut().flatten())
+    }
+
+    /// Whether an egress rule names a port: its number depends on the peer pods.
+    fn has_named_egress_port(&self) -> bool {
+        self.egress.iter().flatten().any(|rule| {
+            rule.ports
+                .iter()
+                .any(|port| matches!(port, PortMatch::Named(..)))
+        })
+    }
+}
+
 /// The policy model of this node (`context`) from every NetworkPolicy, Namespace
-/// and Pod (of every node).
+/// and Pod (of every node): what [`PolicyIndex::build`] computes.
 pub fn build_policy(
     policies: &[Arc<NetworkPolicy>],
     namespaces: &[Arc<Namespace>],
@@ -409,245 +515,24 @@ pub fn build_policy(
     context: &NodeContext,
     skipped: &mut Vec<Skipped>,
 ) -> PolicyModel {
-    let namespace_labels = namespace_labels(namespaces);
-    let mut peer_table = PeerTable::default();
-    let mut checked = Vec::new();
-    for policy in policies {
-        let what = object_name("NetworkPolicy", &policy.metadata);
-        let namespace = namespace_of(&policy.metadata).to_string();
-        let Some(spec) = policy.spec.as_ref() else {
-            skipped.push(Skipped {
-                object: what,
-                reason: SkipReason::Invalid("spec is missing".into()),
-            });
-            continue;
-        };
-        let pods = match Selector::parse(&spec.pod_selector.clone().unwrap_or_default()) {
-            Ok(pods) => pods,
-            Err(reason) => {
-                // Which pods it means is unknown: refused (logged and counted).
-                skipped.push(Skipped {
-                    object: what,
-                    reason: SkipReason::Invalid(format!("podSelector: {reason}")),
-                });
-                continue;
-            }
-        };
-        let types: Vec<&str> = match &spec.policy_types {
-            Some(types) => types.iter().map(String::as_str).collect(),
-            None if spec.egress.is_some() => vec!["Ingress", "Egress"],
-            None => vec!["Ingress"],
-        };
-        let ingress = types.contains(&"Ingress").then(|| {
-            let rules = spec
-                .ingress
-                .iter()
-                .flatten()
-                .map(|r| (r.from.as_ref(), r.ports.as_ref()));
-            check_rules(
-                rules,
-                &namespace,
-                &mut peer_table,
-                &format!("{what} ingress"),
-                skipped,
-            )
-        });
-        let egress = types.contains(&"Egress").then(|| {
-            let rules = spec
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| (r.to.as_ref(), r.ports.as_ref()));
-            check_rules(
-                rules,
-                &namespace,
-                &mut peer_table,
-                &format!("{what} egress"),
-                skipped,
-            )
-        });
-        checked.push(CheckedPolicy {
-            name: format!(
-                "{namespace}/{}",
-                policy.metadata.name.as_deref().unwrap_or("")
-            ),
-            namespace,
-            pods,
-            ingress,
-            egress,
-        });
-    }
-
-    let peers = peer_table.list;
-    let all_pods: Vec<PolicyPod> = pods.iter().filter_map(|p| policy_pod(p)).collect();
-
-    // Every address class: the set of peers selecting it, interned as an identity.
-    let mut identity_of_set: BTreeMap<BTreeSet<usize>, Identity> = BTreeMap::new();
-    let mut classes: Vec<(Ipv4Net, BTreeSet<usize>)> = Vec::new();
-    // Replicas share their namespace and labels: selectors are matched once per
-    // such pair, ipBlocks per address.
-    let (block_peers, label_peers): (Vec<usize>, Vec<usize>) =
-        (0..peers.len()).partition(|i| matches!(peers[*i], Peer::Block { .. }));
-    let mut peers_admitting: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    let mut by_labels: BTreeMap<(&str, &BTreeMap<String, String>), BTreeSet<usize>> =
-        BTreeMap::new();
-    for pod in &all_pods {
-        // The peers whose namespace part admits the pod's namespace: decided once
-        // per namespace.
-        let candidates = peers_admitting
-            .entry(pod.namespace.as_str())
-            .or_insert_with(|| {
-                label_peers
-                    .iter()
-                    .copied()
-                    .filter(|i| peers[*i].admits_namespace(&pod.namespace, &namespace_labels))
-                    .collect()
-            });
-        let mut set = by_labels
-            .entry((pod.namespace.as_str(), &pod.labels))
-            .or_insert_with(|| {
-                candidates
-                    .iter()
-                    .copied()
-                    .filter(|i| peers[*i].selects_pod(pod, &namespace_labels))
-                    .collect()
-            })
-            .clone();
-        set.extend(
-            block_peers
-                .iter()
-                .copied()
-                .filter(|i| peers[*i].selects_pod(pod, &namespace_labels)),
-        );
-        classes.push((Ipv4Net::from(pod.ip), set));
-    }
-    let pod_ips: BTreeSet<Ipv4Addr> = all_pods.iter().map(|p| p.ip).collect();
-    let mut prefixes: BTreeSet<Ipv4Net> = context
-        .nodes
-        .values()
-        .map(|n| Ipv4Net::from(n.ip))
-        .filter(|n| !pod_ips.contains(&n.addr()))
-        .collect();
-    for peer in &peers {
-        if let Peer::Block { cidr, except } = peer {
-            prefixes.insert(*cidr);
-            prefixes.extend(except.iter().copied());
-        }
-    }
-    for prefix in prefixes {
-        if prefix.prefix_len() == 32 && pod_ips.contains(&prefix.addr()) {
-            continue;
-        }
-        let set = (0..peers.len())
-            .filter(|i| peers[*i].contains(&prefix))
-            .collect();
-        classes.push((prefix, set));
-    }
-    let mut sets: Vec<BTreeSet<usize>> = classes.iter().map(|(_, s)| s.clone()).collect();
-    sets.sort();
-    sets.dedup();
-    let mut next = IDENTITY_FIRST;
-    for set in sets {
-        let identity = if set.is_empty() {
-            IDENTITY_WORLD
-        } else {
-            next += 1;
-            next - 1
-        };
-        identity_of_set.insert(set, identity);
-    }
-    let identity_of_prefix: BTreeMap<Ipv4Net, Identity> = classes
-        .iter()
-        .map(|(prefix, set)| (*prefix, identity_of_set[set]))
-        .collect();
-    // A world entry only matters inside a shorter prefix of another identity (an
-    // `except`, a pod in an ipBlock the pod's own peers do not select): without
-    // one, a missing entry already means the world.
-    let blocks: Vec<Ipv4Net> = identity_of_prefix
-        .iter()
-        .filter(|(prefix, identity)| **identity != IDENTITY_WORLD && prefix.prefix_len() < 32)
-        .map(|(prefix, _)| *prefix)
-        .collect();
-    let mut ipcache = identity_of_prefix.clone();
-    ipcache.retain(|prefix, identity| {
-        *identity != IDENTITY_WORLD
-            || blocks
-                .iter()
-                .any(|outer| outer.prefix_len() < prefix.prefix_len() && outer.contains(prefix))
-    });
-    // The identities each peer selects, and the pods behind each identity.
-    let mut identities_of_peer: Vec<BTreeSet<Identity>> = vec![BTreeSet::new(); peers.len()];
-    for (set, identity) in &identity_of_set {
-        for peer in set {
-            identities_of_peer[*peer].insert(*identity);
-        }
-    }
-    let mut pods_of_identity: BTreeMap<Identity, Vec<&PolicyPod>> = BTreeMap::new();
-    for pod in &all_pods {
-        pods_of_identity
-            .entry(identity_of_prefix[&Ipv4Net::from(pod.ip)])
-            .or_default()
-            .push(pod);
-    }
-
-    let mut endpoints = BTreeMap::new();
-    let local = all_pods
-        .iter()
-        .filter(|p| p.node.as_deref() == Some(context.name.as_str()));
-    for pod in local {
-        let mut endpoint = EndpointPolicy::default();
-        for policy in &checked {
-            if policy.namespace != pod.namespace || !policy.pods.matches(&pod.labels) {
-                continue;
-            }
-            endpoint.policies.insert(policy.name.clone());
-            for (direction, rules) in [
-                (Direction::Ingress, &policy.ingress),
-                (Direction::Egress, &policy.egress),
-            ] {
-                let Some(rules) = rules else { continue };
-                match direction {
-                    Direction::Ingress => endpoint.ingress_isolated = true,
-                    Direction::Egress => endpoint.egress_isolated = true,
-                }
-                for rule in rules {
-                    let identities: Vec<Identity> = match &rule.peers {
-                        None => vec![IDENTITY_ANY],
-                        Some(indexes) => indexes
-                            .iter()
-                            .flat_map(|i| identities_of_peer[*i].iter().copied())
-                            .collect(),
-                    };
-                    for identity in identities {
-                        allow_ports(
-                            direction,
-                            identity,
-                            rule,
-                            pod,
-                            &pods_of_identity,
-                            &mut endpoint.allows,
-                        );
-                    }
-                }
-            }
-        }
-        if !endpoint.policies.is_empty() {
-            endpoints.insert(pod.ip, endpoint);
-        }
-    }
-    PolicyModel { ipcache, endpoints }
+    PolicyIndex::build(policies, namespaces, pods, context, skipped)
+        .model()
+        .clone()
 }
 
 /// The allows of one rule for one peer identity: its ports, named ones resolved
-/// through the pod itself (ingress) or the peer pods of the identity (egress).
-fn allow_ports(
+/// through the pod itself (ingress) or the peer pods of the identity (egress:
+/// `named_ports_of` gives, per identity, the named ports of its pods).
+fn allow_ports<'a, P>(
     direction: Direction,
     identity: Identity,
     rule: &Rule,
     pod: &PolicyPod,
-    pods_of_identity: &BTreeMap<Identity, Vec<&PolicyPod>>,
+    named_ports_of: &P,
     allows: &mut BTreeSet<Allow>,
-) {
+) where
+    P: Fn(Identity) -> Vec<(Identity, &'a NamedPorts)>,
+{
     let allow = |protocol: u8, ports: Option<(u16, u16)>| Allow {
         direction,
         identity,
@@ -676,13 +561,10 @@ fn allow_ports(
                 }
                 // Egress: the port each peer pod gives the name (every pod's, for
                 // every peer), per identity.
-                for (peer_identity, peer_pods) in pods_of_identity {
-                    if identity != IDENTITY_ANY && identity != *peer_identity {
-                        continue;
-                    }
-                    for number in peer_pods.iter().filter_map(|p| p.named_ports.get(&key)) {
+                for (peer_identity, ports) in named_ports_of(identity) {
+                    if let Some(number) = ports.get(&key) {
                         allows.insert(Allow {
-                            identity: *peer_identity,
+                            identity: peer_identity,
                             ..allow(*protocol, Some((*number, *number)))
                         });
                     }
