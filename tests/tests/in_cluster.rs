@@ -9,8 +9,9 @@
 //!
 //! Clients are `ferrite-probe` processes in the node's cgroup subtree, in the pod's or
 //! the node's network namespace, as a pod's processes and the kubelet are. Each story
-//! runs twice: with socket-level load balancing (the default) and with
-//! `--socket-lb=false` (per-packet only). Needs root.
+//! runs three times: with socket-level load balancing (the default), with
+//! `--socket-lb=false` (per-packet only), and per packet between nodes routing
+//! natively (`--routing native`). Needs root.
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
@@ -23,7 +24,7 @@ use ferrite_tests::{
     cluster::{load_balancer_yaml, service_yaml, TCP_TARGET, UDP_TARGET},
     lab::{
         exchange, parse_answer, pod_ip, sh, tcp_from_port, Cluster, Node, Probe, ProbeOutcome,
-        Server,
+        Routing, Server,
     },
 };
 
@@ -51,6 +52,8 @@ const LOCAL_NODE_PORT: u16 = 30100;
 enum Mode {
     SocketLb,
     PerPacket,
+    /// Per packet, the nodes routing natively (`--routing native`).
+    NativePerPacket,
 }
 
 /// Two nodes: backend pods `a0` (node 0) and `b1` (node 1), client pods `c0` (node 0,
@@ -102,8 +105,12 @@ fn lab(mode: Mode) -> Result<Lab> {
 
 /// The lab, with `extra` YAML documents (given the cluster) in the config.
 fn lab_with(mode: Mode, extra: impl Fn(&Cluster) -> String) -> Result<Lab> {
-    let mut cluster = Cluster::new(2)?;
-    if mode == Mode::PerPacket {
+    let routing = match mode {
+        Mode::NativePerPacket => Routing::Native,
+        _ => Routing::Vxlan,
+    };
+    let mut cluster = Cluster::with_routing(2, routing)?;
+    if mode != Mode::SocketLb {
         for node in &mut cluster.nodes {
             node.agent_args.push("--socket-lb=false".into());
         }
@@ -166,14 +173,18 @@ fn lab_with(mode: Mode, extra: impl Fn(&Cluster) -> String) -> Result<Lab> {
             m.pod_routes() == 2 && m.services.contains_key(&master(NODE_PORT_VIP, 80))
         })?;
     }
-    // The overlay's host routes come with the same sync.
+    // The overlay's host routes come with the same sync (natively: via the uplink).
+    let device = match routing {
+        Routing::Native => "dev ul0",
+        Routing::Vxlan => "ferrite_vxlan",
+    };
     for (node, other_cidr) in [
         (&cluster.nodes[0], "10.244.1.0/24"),
         (&cluster.nodes[1], "10.244.0.0/24"),
     ] {
         ferrite_tests::lab::wait_until("the overlay route", ferrite_tests::lab::SETTLE, || {
             sh("ip", &["-n", &node.netns.name, "route", "show", other_cidr])
-                .is_ok_and(|r| r.contains("ferrite_vxlan"))
+                .is_ok_and(|r| r.contains(device))
         })?;
     }
     Ok(Lab {
@@ -238,12 +249,15 @@ fn check_mode(node: &Node, mode: Mode) -> Result<()> {
     let translated = node_counter(node, stat::SOCK_TRANSLATED)?;
     match mode {
         Mode::SocketLb => ensure!(translated > 0, "socket-level LB translated nothing"),
-        Mode::PerPacket => ensure!(translated == 0, "socket-level LB ran although off"),
+        Mode::PerPacket | Mode::NativePerPacket => {
+            ensure!(translated == 0, "socket-level LB ran although off")
+        }
     }
     Ok(())
 }
 
-/// Each story, with socket-level load balancing and without it.
+/// Each story, with socket-level load balancing and without it, and without it
+/// between natively routed nodes.
 macro_rules! in_both_modes {
     ($($story:ident),* $(,)?) => {$(
         mod $story {
@@ -255,6 +269,11 @@ macro_rules! in_both_modes {
             #[test]
             fn per_packet_only() -> anyhow::Result<()> {
                 super::$story(super::Mode::PerPacket)
+            }
+
+            #[test]
+            fn natively_routed_per_packet() -> anyhow::Result<()> {
+                super::$story(super::Mode::NativePerPacket)
             }
         }
     )*};
@@ -482,7 +501,7 @@ fn a_service_without_endpoints_refuses_at_once(mode: Mode) -> Result<()> {
             at_socket == 4 && per_packet == 2,
             "{at_socket} {per_packet}"
         ),
-        Mode::PerPacket => ensure!(
+        Mode::PerPacket | Mode::NativePerPacket => ensure!(
             at_socket == 0 && per_packet == 6,
             "{at_socket} {per_packet}"
         ),
