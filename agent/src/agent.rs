@@ -48,6 +48,8 @@ pub struct AgentOptions {
     pub proc_sys_net: PathBuf,
     /// Whether the uplink gets the XDP program.
     pub uplink_xdp: plan::UplinkXdp,
+    /// How pod traffic reaches other nodes (`--routing`).
+    pub routing: plan::Routing,
     /// What the node accepts from objects (`--service-cidr`, `--external-ip-cidr`,
     /// `--node-port-range`; `cluster_cidr` too).
     pub limits: crate::limits::Limits,
@@ -178,6 +180,8 @@ impl NodeAgent {
                 vxlan_port: options.vxlan_port,
                 uplink_xdp: options.uplink_xdp,
                 external_in_tc: false,
+                routing: options.routing,
+                uplink: None,
                 limits: options.limits.clone(),
                 capacities: plan::Capacities::of(|name| options.capacity(name) as usize),
             },
@@ -751,12 +755,14 @@ impl HostSide {
         Ok(missing)
     }
 
-    /// The node's overlay address, VTEP MAC and routes to the other nodes' pod CIDRs.
+    /// The node's overlay address, VTEP MAC and routes to the other nodes' pod CIDRs
+    /// (over the overlay, or natively through the uplink `uplink_ifindex`).
     fn sync_overlay(
         &mut self,
         state: &model::DesiredState,
         settings: &plan::NodeSettings,
         device_mac: [u8; 6],
+        uplink_ifindex: Option<u32>,
     ) -> Result<()> {
         let this_node = state.nodes.get(&settings.node);
         let desired = host::overlay::OverlayHost {
@@ -769,11 +775,20 @@ impl HostSide {
                 .values()
                 .filter(|n| n.name != settings.node)
                 .flat_map(|n| {
+                    // Natively routed nodes: via their address on the uplink.
+                    let native = match (settings.routes_natively_to(n.ip), uplink_ifindex) {
+                        (Ok(true), Some(uplink)) => Some(uplink),
+                        _ => None,
+                    };
                     n.pod_cidrs.iter().filter_map(move |cidr| {
-                        let route = host::overlay::OverlayRoute {
-                            node_ip: n.ip,
-                            gateway: plan::overlay_address(cidr)?,
-                            vtep_mac: n.vtep_mac,
+                        let route = match native {
+                            Some(uplink) => host::overlay::OverlayRoute::native(n.ip, uplink),
+                            None => host::overlay::OverlayRoute {
+                                node_ip: n.ip,
+                                gateway: plan::overlay_address(cidr)?,
+                                vtep_mac: n.vtep_mac,
+                                native_device: None,
+                            },
                         };
                         Some((*cidr, route))
                     })
@@ -836,8 +851,17 @@ pub fn pending_writes(
     // What the running agent was started with, as its maps show it: where the uplink
     // balances external traffic, the overlay's VNI and port (once it has written them).
     let config = &current.config;
+    let uplink = context
+        .node_ip()
+        .and_then(|ip| host::interfaces::interface_with_address(ip).ok().flatten());
     let settings = &plan::NodeSettings {
         external_in_tc: config.flags & ferrite_common::config_flag::EXTERNAL_IN_TC != 0,
+        routing: if config.flags & ferrite_common::config_flag::NATIVE_ROUTING != 0 {
+            plan::Routing::Native
+        } else {
+            settings.routing
+        },
+        uplink: uplink_reading(uplink.as_deref())?,
         vni: if config.vni != 0 {
             config.vni
         } else {
@@ -904,11 +928,12 @@ pub fn reconcile(
     }
     match_overlay_mtu_to_uplink(&mut interfaces, uplink.as_deref())?;
     let use_xdp = uplink_wants_xdp(uplink.as_deref(), settings.uplink_xdp);
-    let external = ExternalInterfaces::new(uplink, &context.node_port_ips(), &host_addresses);
     let settings = &plan::NodeSettings {
         external_in_tc: !use_xdp,
+        uplink: uplink_reading(uplink.as_deref())?,
         ..settings.clone()
     };
+    let external = ExternalInterfaces::new(uplink, &context.node_port_ips(), &host_addresses);
     let plan = plan::FullPlan::new(objects, context, &interfaces, &current, ids_from, settings);
     // Taking over from kube-proxy: its open flows are in `ferrite_ct` before the
     // programs are attached anywhere and the frontends written, so none of their
@@ -921,7 +946,12 @@ pub fn reconcile(
     let wanted = attach_programs(datapath, state, &interfaces, &external, use_xdp)?;
     let overlay_problem = overlay_problem(datapath, &interfaces);
     if let Some(vxlan) = interfaces.get(VXLAN_DEVICE) {
-        host_side.sync_overlay(state, settings, vxlan.mac)?;
+        let uplink_ifindex = settings
+            .uplink
+            .as_ref()
+            .and_then(|u| interfaces.get(&u.name))
+            .map(|i| i.ifindex);
+        host_side.sync_overlay(state, settings, vxlan.mac, uplink_ifindex)?;
     }
     let waiting_for_interfaces = plan
         .skipped
@@ -1049,6 +1079,18 @@ fn match_overlay_mtu_to_uplink(
         }
     }
     Ok(())
+}
+
+/// The uplink as this sync reads it (its subnets say which nodes are on-link).
+fn uplink_reading(uplink: Option<&str>) -> Result<Option<plan::Uplink>> {
+    uplink
+        .map(|name| {
+            Ok(plan::Uplink {
+                name: name.to_string(),
+                subnets: host::interfaces::subnets_of(name)?,
+            })
+        })
+        .transpose()
 }
 
 /// Whether external traffic is balanced by XDP on the uplink (else by its tcx

@@ -82,6 +82,15 @@ pub enum Command {
         /// costs GSO; its tcx program then balances it), `always`, `never`.
         #[arg(long, value_enum, default_value_t)]
         xdp: plan::UplinkXdp,
+        /// How pod traffic reaches other nodes: `vxlan` (encapsulated; any underlay
+        /// that routes between the nodes' InternalIPs; pod MTU = uplink MTU - 50) or
+        /// `native` (no encapsulation: out of the uplink straight to the other node's
+        /// MAC, as flannel's host-gw; the nodes must share an L2 segment, and pods get
+        /// the uplink's MTU: set the CNI conflist's "mtu" to it). With `native`, a
+        /// node whose InternalIP is not on-link on the uplink is refused native
+        /// routing with a logged reason and reached over VXLAN.
+        #[arg(long, value_enum, default_value_t)]
+        routing: plan::Routing,
         /// Take the node over from kube-proxy without breaking open connections: in
         /// the first sync, before attaching its programs, seed Ferrite's conntrack
         /// with every flow of the kernel's conntrack table to a Service frontend

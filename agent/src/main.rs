@@ -305,10 +305,12 @@ fn main() -> Result<()> {
             cgroup_root,
             proc_sys_net,
             xdp,
+            routing,
             take_over_from_kube_proxy,
             admission,
         } => {
             let options = agent::AgentOptions {
+                routing,
                 take_over_from_kube_proxy,
                 limits: admission.limits(cluster_cidr),
                 socket_lb,

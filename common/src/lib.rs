@@ -224,12 +224,19 @@ pub struct RouteInfo {
 
 /// `RouteInfo::flags`: this node's own pod CIDR (a miss in the endpoints map is a drop).
 pub const ROUTE_LOCAL: u16 = 1;
-/// `RouteInfo::flags`: another node's pod CIDR, reached through the overlay.
+/// `RouteInfo::flags`: another node's pod CIDR, reached through the overlay (or
+/// natively, with `ROUTE_NATIVE`).
 pub const ROUTE_REMOTE: u16 = 2;
 /// `RouteInfo::flags`: another node's own IP (/32). Only replies to NodePort flows
 /// that node forwarded here (destination port in its SNAT range) take the overlay;
 /// other pod traffic to it goes through the stack as before.
 pub const ROUTE_NODE: u16 = 4;
+/// `RouteInfo::flags`, with `ROUTE_REMOTE` or `ROUTE_NODE`: that node is on-link on
+/// this node's uplink and `--routing native` is on: its packets leave through the
+/// uplink unencapsulated, to its MAC (`bpf_redirect_neigh`: the kernel's FIB takes
+/// the agent's route `<pod CIDR> via <node IP> dev <uplink>`), instead of over the
+/// VXLAN device.
+pub const ROUTE_NATIVE: u16 = 8;
 
 /// A node's VTEP MAC, derived from its underlay IP like pod MACs (`0a:58:<ip>`), so
 /// every node knows every other's without an annotation. Linux VTEPs of other tools
@@ -560,6 +567,9 @@ pub const CT_ROUTE_LOCAL: u8 = 1;
 pub const CT_ROUTE_REMOTE: u8 = 2;
 /// `CtValue::route_kind`: handed to the host stack.
 pub const CT_ROUTE_STACK: u8 = 3;
+/// `CtValue::route_kind`: sent unencapsulated out of the uplink to the owning node
+/// (`route_target` = the node's IP).
+pub const CT_ROUTE_NATIVE: u8 = 4;
 /// `CtValue::verified_kind`: checked to come from the veth `verified_source`.
 pub const CT_VERIFIED_VETH: u8 = 1;
 /// `CtValue::verified_kind`: checked to come over the overlay from the node
@@ -686,6 +696,9 @@ pub mod config_flag {
     /// (kind-style nodes) gains nothing from XDP and loses GSO: its peer segments every
     /// super-packet sent into an XDP veth.
     pub const EXTERNAL_IN_TC: u32 = 1;
+    /// `--routing native` (the datapath needs no flag for it: each route says how
+    /// its node is reached; tools read the node's mode back from it).
+    pub const NATIVE_ROUTING: u32 = 2;
 }
 
 /// Value of `ferrite_config` (an array of one entry) - node-wide settings.
@@ -703,7 +716,8 @@ pub struct NodeConfig {
     /// This node's VTEP MAC: inner source MAC of encapsulated frames.
     pub vtep_mac: [u8; 6],
     /// The largest IP packet pods get: the VXLAN device's MTU, which the CNI gives
-    /// pods (node MTU - 50). 0 (or below 68): no limit known.
+    /// pods (node MTU - 50); with `--routing native`, the uplink's MTU. 0 (or below
+    /// 68): no limit known.
     pub pod_mtu: u16,
     /// This node's own address on the overlay (the first address of its pod CIDR,
     /// on the VXLAN device): the node's processes reach other nodes' pods from it.
@@ -714,6 +728,10 @@ pub struct NodeConfig {
     /// Bumped by the agent after every change to the endpoint or route maps, as its
     /// last write: conntrack entries cache routes and verified sources per epoch.
     pub route_epoch: u32,
+    /// ifindex of the uplink (the interface holding `node_ip`): where packets to
+    /// nodes routed natively (`ROUTE_NATIVE`) leave, and where theirs arrive. 0: not
+    /// known yet (native routes then drop, `drop_no_overlay`).
+    pub uplink_ifindex: u32,
 }
 
 pub mod explain;
@@ -773,7 +791,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 80);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<NodeConfig>(), 36);
+        assert_eq!(size_of::<NodeConfig>(), 40);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<SockService>(), 16);

@@ -12,7 +12,9 @@ pub const REVERSE_NAT: u32 = 4;
 pub const DROP_UNSUPPORTED_L3: u32 = 5;
 /// Frame too short for its headers, IHL < 5, or total length beyond the frame.
 pub const DROP_MALFORMED: u32 = 6;
-/// Source IP is not the IP of the pod behind this veth.
+/// Source IP is not the IP of the pod behind this veth; or, from another node
+/// (over the overlay, or natively on the uplink), not in that node's pod CIDR or, on
+/// the uplink, not from that node's MAC.
 pub const DROP_SPOOFED: u32 = 7;
 /// Service exists but has no ready backend.
 pub const DROP_NO_BACKEND: u32 = 8;
@@ -23,9 +25,10 @@ pub const PASSED_ARP: u32 = 10;
 /// IPv4 fragment whose first fragment was not seen (so no ports): routed by
 /// destination IP only, never Service-translated.
 pub const FRAGMENT_ROUTED: u32 = 11;
-/// Encapsulated towards the node owning the destination pod CIDR.
+/// Sent towards the node owning the destination pod CIDR (encapsulated, or natively).
 pub const SENT_TO_NODE: u32 = 12;
-/// Arrived over the overlay and delivered to a pod on this node.
+/// Arrived from another node (over the overlay, or natively) and delivered to a pod
+/// on this node.
 pub const RECEIVED_FROM_NODE: u32 = 13;
 /// Arrived over the overlay with a VNI that is not the cluster's.
 pub const DROP_WRONG_VNI: u32 = 14;

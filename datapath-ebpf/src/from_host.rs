@@ -57,6 +57,12 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         return Ok(Verdict::Pass);
     }
     let on_lo = pkt.ifindex() == LOOPBACK_IFINDEX;
+    // On the uplink only the node's own flows concern this program: pods' packets
+    // routed natively to other nodes leave here too, untouched.
+    let node_ip = u32::from_ne_bytes(config.node_ip);
+    if !on_lo && h.saddr != node_ip && h.saddr != u32::from_ne_bytes(config.overlay_ip) {
+        return Ok(Verdict::Pass);
+    }
     if let Some(ct) = conntrack::lookup_and_touch(&h, pkt.len()) {
         if ct.flags & CT_FLAG_EXTERNAL != 0 || ct.rev_nat_index == REV_NAT_NONE {
             return Ok(Verdict::Pass);
@@ -75,7 +81,6 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         return forward(pkt, &h, backend, ct.backend_port, on_lo);
     }
     // New flows of the node's own processes only: on the uplink, from its address.
-    let node_ip = u32::from_ne_bytes(config.node_ip);
     if !on_lo && (node_ip == 0 || h.saddr != node_ip) {
         return Ok(Verdict::Pass);
     }

@@ -1,6 +1,8 @@
 //! Forwarding after NAT: pods on this node get the frame straight into their eth0
 //! (bpf_redirect_peer); pods of other nodes are reached through the VXLAN device with
-//! the owning node in the tunnel metadata (routes from `ferrite_routes`); anything
+//! the owning node in the tunnel metadata (routes from `ferrite_routes`), or, for
+//! nodes routed natively (`ROUTE_NATIVE`), out of the uplink unencapsulated to the
+//! node (`bpf_redirect_neigh`); anything
 //! else continues into the host stack (and is masqueraded there when it leaves), as do
 //! the answers of flows the stack forwarded between pods (`CT_FLAG_VIA_STACK`).
 //! Replies of external flows leave through the uplink the kernel's FIB names.
@@ -15,7 +17,8 @@ use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP
 use ferrite_common::{
     explain::{step, write},
     stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_FLAG_VIA_STACK, CT_ROUTE_LOCAL,
-    CT_ROUTE_REMOTE, CT_ROUTE_STACK, ROUTE_NODE, ROUTE_REMOTE, SNAT_PORT_MIN,
+    CT_ROUTE_NATIVE, CT_ROUTE_REMOTE, CT_ROUTE_STACK, ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE,
+    SNAT_PORT_MIN,
 };
 
 use crate::{
@@ -235,7 +238,8 @@ pub fn route_found<P: Packet>(
     if route.flags & (ROUTE_REMOTE | ROUTE_NODE) == 0 {
         return Ok(Verdict::Drop(stat::DROP_UNKNOWN_POD));
     }
-    to_node(pkt, route.node_ip, &route.vtep_mac)
+    let native = route.flags & ROUTE_NATIVE != 0;
+    to_node(pkt, route.node_ip, &route.vtep_mac, native)
 }
 
 /// Whether a packet to `daddr:dport`, not a local pod, in `route`, is for the stack.
@@ -251,15 +255,31 @@ fn goes_to_stack(route: &RouteInfo, daddr: u32, dport: u16) -> bool {
     route.flags & ROUTE_REMOTE == 0 && is_host_address(daddr)
 }
 
-/// Send over the overlay to the node `node_ip` (network order) whose VTEP is `vtep_mac`.
+/// Send over the overlay to the node `node_ip` (network order) whose VTEP is
+/// `vtep_mac`; or, `native`, unencapsulated out of the uplink: `bpf_redirect_neigh`
+/// lets the kernel's FIB pick the next hop from the agent's route for the node's pod
+/// CIDR (`via <node IP> dev <uplink>`, flannel host-gw's route) and resolve its MAC;
+/// GSO packets stay whole. The receiving node's uplink program checks the sender.
 #[inline(always)]
-fn to_node<P: Packet>(pkt: &P, node_ip: [u8; 4], vtep_mac: &[u8; 6]) -> Result<Verdict, ()> {
+fn to_node<P: Packet>(
+    pkt: &P,
+    node_ip: [u8; 4],
+    vtep_mac: &[u8; 6],
+    native: bool,
+) -> Result<Verdict, ()> {
     if ttl_expires(pkt) {
         return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
     }
     let Some(config) = CONFIG.get(0) else {
         return Ok(Verdict::Drop(stat::DROP_NO_OVERLAY));
     };
+    if native {
+        if config.uplink_ifindex == 0 {
+            return Ok(Verdict::Drop(stat::DROP_NO_OVERLAY));
+        }
+        pkt.count(stat::SENT_TO_NODE);
+        return Ok(Verdict::RedirectNeigh(config.uplink_ifindex));
+    }
     if config.vxlan_ifindex == 0 {
         return Ok(Verdict::Drop(stat::DROP_NO_OVERLAY));
     }
@@ -324,14 +344,12 @@ fn resolve_into(entry: NonNull<CtValue>, epoch: u32, daddr: u32, dport: u16) -> 
         return Err(stat::DROP_UNKNOWN_POD);
     }
     let node_ip = u32::from_ne_bytes(route.node_ip);
-    cache_route(
-        entry,
-        epoch,
-        CT_ROUTE_REMOTE,
-        node_ip,
-        &route.vtep_mac,
-        &[0; 6],
-    );
+    let kind = if route.flags & ROUTE_NATIVE != 0 {
+        CT_ROUTE_NATIVE
+    } else {
+        CT_ROUTE_REMOTE
+    };
+    cache_route(entry, epoch, kind, node_ip, &route.vtep_mac, &[0; 6]);
     Ok(())
 }
 
@@ -379,11 +397,16 @@ pub fn route_flow<P: Packet>(
             pkt.store(0, &macs)?;
             Ok(Verdict::RedirectPeer(target))
         }
-        CT_ROUTE_REMOTE => {
+        CT_ROUTE_REMOTE | CT_ROUTE_NATIVE => {
             let mut vtep_mac = [0u8; 6];
             let macs = unsafe { &(*cached).route_macs };
             vtep_mac.copy_from_slice(&macs[..6]);
-            to_node(pkt, target.to_ne_bytes(), &vtep_mac)
+            to_node(
+                pkt,
+                target.to_ne_bytes(),
+                &vtep_mac,
+                kind == CT_ROUTE_NATIVE,
+            )
         }
         _ => {
             pkt.count(stat::PASSED_TO_STACK);

@@ -1,7 +1,9 @@
 //! The baseline the overlay bench compares with: the same two-node pod network wired
 //! the way flannel's vxlan backend does it - a Linux bridge `cni0` per node, a kernel
 //! vxlan device `flannel.1` (no learning) with per-node routes, permanent neighbour
-//! entries and FDB entries for the remote VTEP, and no BPF.
+//! entries and FDB entries for the remote VTEP, and no BPF; or its host-gw backend
+//! (native routing's baseline): the bridge, and a route per other node's pod CIDR
+//! via that node's address on the shared link.
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
@@ -26,7 +28,17 @@ fn vtep_mac(node: usize) -> String {
 }
 
 impl FlannelCluster {
+    /// flannel's vxlan backend.
     pub fn new(nodes: usize, pod_mtu: u32) -> Result<Self> {
+        Self::build(nodes, pod_mtu, false)
+    }
+
+    /// flannel's host-gw backend: no encapsulation, pods at the uplink's MTU.
+    pub fn host_gw(nodes: usize) -> Result<Self> {
+        Self::build(nodes, 1500, true)
+    }
+
+    fn build(nodes: usize, pod_mtu: u32, host_gw: bool) -> Result<Self> {
         let underlay = Underlay::new()?;
         let mut node_ns = Vec::new();
         let mut pods = Vec::new();
@@ -43,13 +55,15 @@ impl FlannelCluster {
             ip(ns, "link add cni0 type bridge")?;
             ip(ns, &format!("addr add 10.245.{n}.1/24 dev cni0"))?;
             ip(ns, "link set cni0 up")?;
-            let local = node_ip(n);
-            ip(ns, &format!("link add flannel.1 type vxlan id 1 dstport 4789 local {local} dev ul0 nolearning"))?;
-            ip(
-                ns,
-                &format!("link set flannel.1 address {} up", vtep_mac(n)),
-            )?;
-            ip(ns, &format!("addr add 10.245.{n}.0/32 dev flannel.1"))?;
+            if !host_gw {
+                let local = node_ip(n);
+                ip(ns, &format!("link add flannel.1 type vxlan id 1 dstport 4789 local {local} dev ul0 nolearning"))?;
+                ip(
+                    ns,
+                    &format!("link set flannel.1 address {} up", vtep_mac(n)),
+                )?;
+                ip(ns, &format!("addr add 10.245.{n}.0/32 dev flannel.1"))?;
+            }
 
             let pod_ns = Netns::new(&format!("{ns}-pod"))?;
             let pod_ip = Ipv4Addr::new(10, 245, n as u8, 2);
@@ -81,6 +95,13 @@ impl FlannelCluster {
         for (n, netns) in node_ns.iter().enumerate() {
             for m in (0..nodes).filter(|m| *m != n) {
                 let ns = netns.name.as_str();
+                if host_gw {
+                    ip(
+                        ns,
+                        &format!("route add 10.245.{m}.0/24 via {} dev ul0", node_ip(m)),
+                    )?;
+                    continue;
+                }
                 ip(
                     ns,
                     &format!("route add 10.245.{m}.0/24 via 10.245.{m}.0 dev flannel.1 onlink"),

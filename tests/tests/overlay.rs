@@ -1,6 +1,7 @@
 //! User stories for several nodes: each node a network namespace on a shared underlay
-//! with its own agent and pins; pods talk across nodes over VXLAN; Services spread
-//! over nodes; pods reach the world masqueraded. Needs root.
+//! with its own agent and pins; pods talk across nodes over VXLAN or natively routed
+//! (`--routing native`: the cross-node stories run in both); Services spread over
+//! nodes; pods reach the world masqueraded. Needs root.
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, SocketAddrV4},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use ferrite_tests::{
     cluster::{service_yaml, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET, VIP},
-    lab::{answered_by, bulk_transfer, parse_answer, pod_ip, Cluster, Server, WORLD_IP},
+    lab::{answered_by, bulk_transfer, parse_answer, pod_ip, Cluster, Routing, Server, WORLD_IP},
 };
 
 /// 2 nodes x 2 pods (a0, a1 on node 0; b0, b1 on node 1), every pod serving TCP and
@@ -35,8 +36,8 @@ fn yaml(cluster: &Cluster, backends: &[&str]) -> String {
     )
 }
 
-fn two_nodes() -> Result<TwoNodes> {
-    let mut cluster = Cluster::new(2)?;
+fn two_nodes(routing: Routing) -> Result<TwoNodes> {
+    let mut cluster = Cluster::with_routing(2, routing)?;
     for (name, node, index) in PODS {
         cluster.nodes[node].add_pod(name, pod_ip(node, index))?;
     }
@@ -47,9 +48,20 @@ fn two_nodes() -> Result<TwoNodes> {
     }
     cluster.write_config(&yaml(&cluster, &BACKENDS))?;
     cluster.start_agents()?;
+    // Natively, the other node's routes say so (the nodes share the underlay).
+    let native_flag = match routing {
+        Routing::Native => ferrite_common::ROUTE_NATIVE,
+        Routing::Vxlan => 0,
+    };
     for node in &cluster.nodes {
         node.wait_for_maps("routes to both nodes and 2 local endpoints", |m| {
-            m.pod_routes() == 2 && m.endpoints.len() == 2 && m.config.node_ip != [0; 4]
+            m.pod_routes() == 2
+                && m.endpoints.len() == 2
+                && m.config.node_ip != [0; 4]
+                && m.routes.values().all(|r| {
+                    r.flags & ferrite_common::ROUTE_LOCAL != 0
+                        || r.flags & ferrite_common::ROUTE_NATIVE == native_flag
+                })
         })?;
     }
     Ok(TwoNodes {
@@ -58,10 +70,122 @@ fn two_nodes() -> Result<TwoNodes> {
     })
 }
 
-#[test]
-fn pods_on_different_nodes_reach_each_other_by_pod_ip_without_nat() -> Result<()> {
-    let env = two_nodes()?;
+/// Each story, over VXLAN and natively routed.
+macro_rules! in_both_routings {
+    ($($story:ident),* $(,)?) => {$(
+        mod $story {
+            #[test]
+            fn vxlan() -> anyhow::Result<()> {
+                super::$story(super::Routing::Vxlan)
+            }
+
+            #[test]
+            fn native() -> anyhow::Result<()> {
+                super::$story(super::Routing::Native)
+            }
+        }
+    )*};
+}
+
+in_both_routings!(
+    pods_on_different_nodes_reach_each_other_by_pod_ip_without_nat,
+    a_cluster_ip_with_backends_on_both_nodes_uses_them_all_and_answers_from_the_vip,
+    a_bulk_tcp_transfer_across_nodes_arrives_complete,
+    pod_traffic_to_the_world_leaves_with_the_node_ip_and_the_reply_returns,
+    removing_a_node_removes_its_route_and_leaves_the_others,
+    cross_node_traffic_works_with_checksum_offload_off_and_on_everywhere,
+    a_host_on_the_underlay_cannot_pose_as_another_nodes_pod,
+);
+
+/// Anti-spoofing on the uplink: a host on the nodes' link (the world's router here)
+/// that sends unencapsulated from a pod address of node 1 to a pod of node 0 is not
+/// node 1 (not its MAC): dropped and counted as `drop_spoofed`, never answered. Node
+/// 1's own pods still reach the pod (natively or over VXLAN).
+fn a_host_on_the_underlay_cannot_pose_as_another_nodes_pod(routing: Routing) -> Result<()> {
+    use ferrite_tests::lab::sh;
+    let env = two_nodes(routing)?;
     let c = &env.cluster;
+    let (target, genuine) = (c.pod("a0"), c.pod("b0"));
+    let node0 = c.nodes[0].ip.context("plugged")?;
+    let spoofed: std::net::Ipv4Addr = "10.244.1.99".parse()?;
+    let world = &c.world.name;
+    sh(
+        "ip",
+        &[
+            "-n",
+            world,
+            "addr",
+            "add",
+            &format!("{spoofed}/32"),
+            "dev",
+            "lo",
+        ],
+    )?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            world,
+            "route",
+            "add",
+            "10.244.0.0/24",
+            "via",
+            &node0.to_string(),
+        ],
+    )?;
+    let spoofed_drops = || -> Result<u64> {
+        Ok(c.nodes[0].maps()?.counters()?[ferrite_common::stat::DROP_SPOOFED as usize].packets)
+    };
+    let before = spoofed_drops()?;
+    let to = SocketAddrV4::new(target.ip, UDP_TARGET);
+    let answered = c.world.run(move || -> Result<bool> {
+        let socket = std::net::UdpSocket::bind((spoofed, 0))?;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut buf = [0u8; 512];
+        for _ in 0..3 {
+            socket.send_to(b"i am b-something", to)?;
+            if socket.recv_from(&mut buf).is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })??;
+    assert!(!answered, "a spoofed pod source was answered");
+    assert!(
+        spoofed_drops()? >= before + 3,
+        "the spoofed datagrams were not counted as drop_spoofed"
+    );
+    let request = "genuine b0";
+    let (reply, _) = genuine.udp_request(to, request)?;
+    assert_eq!(parse_answer(&reply, request)?.1, genuine.ip.to_string());
+    Ok(())
+}
+
+/// Packets node `index`'s VXLAN device has sent (its netns's /proc/thread-self/net/dev).
+fn vxlan_tx_packets(c: &Cluster, index: usize) -> Result<u64> {
+    let dev = c.nodes[index]
+        .netns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))??;
+    let line = dev
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with(&format!("{}:", ferrite_common::VXLAN_DEVICE))
+        })
+        .context("no VXLAN device")?;
+    let fields: Vec<&str> = line
+        .split(':')
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    Ok(fields.get(9).context("tx packets")?.parse()?)
+}
+
+fn pods_on_different_nodes_reach_each_other_by_pod_ip_without_nat(routing: Routing) -> Result<()> {
+    let env = two_nodes(routing)?;
+    let c = &env.cluster;
+    let encapsulated_before = [vxlan_tx_packets(c, 0)?, vxlan_tx_packets(c, 1)?];
     for (client, server) in [("a0", "b0"), ("b1", "a1"), ("a0", "b1")] {
         let (client_pod, server_pod) = (c.pod(client), c.pod(server));
         let request = format!("{client} to {server}");
@@ -78,12 +202,22 @@ fn pods_on_different_nodes_reach_each_other_by_pod_ip_without_nat() -> Result<()
         assert_eq!(from, SocketAddr::V4(target));
         assert_eq!(parse_answer(&reply, &request)?.1, client_pod.ip.to_string());
     }
+    // Natively, nothing went through the VXLAN devices; over VXLAN, everything did.
+    let encapsulated = [vxlan_tx_packets(c, 0)?, vxlan_tx_packets(c, 1)?];
+    for node in 0..2 {
+        let sent = encapsulated[node] - encapsulated_before[node];
+        match routing {
+            Routing::Native => assert_eq!(sent, 0, "node {node} encapsulated {sent} packets"),
+            Routing::Vxlan => assert!(sent >= 6, "node {node} encapsulated {sent} packets"),
+        }
+    }
     Ok(())
 }
 
-#[test]
-fn a_cluster_ip_with_backends_on_both_nodes_uses_them_all_and_answers_from_the_vip() -> Result<()> {
-    let env = two_nodes()?;
+fn a_cluster_ip_with_backends_on_both_nodes_uses_them_all_and_answers_from_the_vip(
+    routing: Routing,
+) -> Result<()> {
+    let env = two_nodes(routing)?;
     let c = &env.cluster;
     for client in CLIENTS {
         let pod = c.pod(client);
@@ -109,21 +243,22 @@ fn a_cluster_ip_with_backends_on_both_nodes_uses_them_all_and_answers_from_the_v
     Ok(())
 }
 
-#[test]
-fn a_bulk_tcp_transfer_across_nodes_arrives_complete() -> Result<()> {
+fn a_bulk_tcp_transfer_across_nodes_arrives_complete(routing: Routing) -> Result<()> {
     // Large writes from a local socket become GSO/TSO super-packets: this crosses
-    // the VXLAN device at pod MTU 1450 and must arrive byte for byte.
+    // the VXLAN device at pod MTU 1450 (or the uplink at 1500, natively) and must
+    // arrive byte for byte.
     const BYTES: usize = 64 << 20;
-    let env = two_nodes()?;
+    let env = two_nodes(routing)?;
     let (client, server) = (env.cluster.pod("a0"), env.cluster.pod("b1"));
     let (received, _) = bulk_transfer(client, server, 9000, BYTES)?;
     assert_eq!(received, BYTES);
     Ok(())
 }
 
-#[test]
-fn pod_traffic_to_the_world_leaves_with_the_node_ip_and_the_reply_returns() -> Result<()> {
-    let env = two_nodes()?;
+fn pod_traffic_to_the_world_leaves_with_the_node_ip_and_the_reply_returns(
+    routing: Routing,
+) -> Result<()> {
+    let env = two_nodes(routing)?;
     let c = &env.cluster;
     let _world = Server::start(&c.world, "world", SocketAddrV4::new(WORLD_IP, 7000))?;
     for (client, node) in [("a0", 0), ("b1", 1)] {
@@ -142,9 +277,8 @@ fn pod_traffic_to_the_world_leaves_with_the_node_ip_and_the_reply_returns() -> R
     Ok(())
 }
 
-#[test]
-fn removing_a_node_removes_its_route_and_leaves_the_others() -> Result<()> {
-    let env = two_nodes()?;
+fn removing_a_node_removes_its_route_and_leaves_the_others(routing: Routing) -> Result<()> {
+    let env = two_nodes(routing)?;
     let c = &env.cluster;
     let (node0, node1) = (&c.nodes[0], &c.nodes[1]);
     let before = node0.maps()?.contents()?;
@@ -385,7 +519,7 @@ fn on_the_wire_the_overlay_is_rfc7348_vxlan_with_the_inner_frame_untouched() -> 
         time::TimeVal,
     };
     use std::os::fd::AsRawFd;
-    let env = two_nodes()?;
+    let env = two_nodes(Routing::Vxlan)?;
     let c = &env.cluster;
     let (client, server) = (c.pod("a0"), c.pod("b0"));
     let (node0, node1) = (c.nodes[0].ip.unwrap(), c.nodes[1].ip.unwrap());
@@ -596,10 +730,11 @@ fn uninstall_removes_everything_and_leaves_plain_linux_networking() -> Result<()
 /// Issue #7, item 6 (calico#3145's 63-second delays, flannel's ethtool workarounds):
 /// cross-node TCP (a bulk transfer too), UDP and a ClusterIP work with tx/rx checksum
 /// offload off on every device involved, and again with it back on.
-#[test]
-fn cross_node_traffic_works_with_checksum_offload_off_and_on_everywhere() -> Result<()> {
+fn cross_node_traffic_works_with_checksum_offload_off_and_on_everywhere(
+    routing: Routing,
+) -> Result<()> {
     use ferrite_tests::lab::sh;
-    let env = two_nodes()?;
+    let env = two_nodes(routing)?;
     let c = &env.cluster;
     // (netns, device): pod eth0s, host veths, the VXLAN devices, the node uplinks,
     // and the underlay's ports.

@@ -16,8 +16,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context, Result};
 use ferrite_common::{
-    pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
-    ROUTE_REMOTE,
+    pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC, ROUTE_LOCAL,
+    ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE,
 };
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
@@ -155,7 +155,8 @@ impl KnownNodes {
             let Ok(net) = Ipv4Net::new(Ipv4Addr::from(key.network), key.prefix_len as u8) else {
                 continue;
             };
-            match route.flags {
+            // Reached natively or over the overlay, alike here.
+            match route.flags & !ROUTE_NATIVE {
                 ROUTE_LOCAL => known.own_cidrs.push(net),
                 ROUTE_REMOTE => known.other_cidrs.push((net, Ipv4Addr::from(route.node_ip))),
                 ROUTE_NODE => known.other_ips.push(net.addr()),

@@ -124,6 +124,28 @@ pub fn interface_with_address(address: std::net::Ipv4Addr) -> Result<Option<Stri
     Ok(None)
 }
 
+/// The subnets of interface `name`'s IPv4 addresses (address and netmask): the
+/// hosts on-link there.
+pub fn subnets_of(name: &str) -> Result<Vec<ipnet::Ipv4Net>> {
+    let mut out = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs()? {
+        if ifaddr.interface_name != name {
+            continue;
+        }
+        let address = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in());
+        let mask = ifaddr.netmask.as_ref().and_then(|a| a.as_sockaddr_in());
+        if let (Some(address), Some(mask)) = (address, mask) {
+            let prefix = u32::from(mask.ip()).leading_ones() as u8;
+            if let Ok(net) = ipnet::Ipv4Net::new(address.ip(), prefix) {
+                out.push(net.trunc());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// Every IPv4 address of the current network namespace's interfaces, with the
 /// interface holding it.
 pub fn ipv4_addresses() -> Result<Vec<(String, std::net::Ipv4Addr)>> {

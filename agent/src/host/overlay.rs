@@ -36,12 +36,29 @@ pub fn remove_vxlan_device() {
 
 /// Another node's pod CIDR as the node's own processes reach it: through that
 /// node's overlay address (`gateway`, a permanent neighbour with its VTEP MAC) and a
-/// lightweight-tunnel encap to its node IP on the collect_md VXLAN device.
+/// lightweight-tunnel encap to its node IP on the collect_md VXLAN device; or, for a
+/// node routed natively, via its node IP (`gateway`) on the uplink
+/// (`native_device`), as flannel's host-gw routes (no neighbour entry: the kernel
+/// resolves the node's MAC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OverlayRoute {
     pub node_ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub vtep_mac: [u8; 6],
+    /// The uplink's interface index, for a node routed natively.
+    pub native_device: Option<u32>,
+}
+
+impl OverlayRoute {
+    /// The route to a node reached natively through the uplink `device`.
+    pub fn native(node_ip: Ipv4Addr, device: u32) -> Self {
+        Self {
+            node_ip,
+            gateway: node_ip,
+            vtep_mac: [0; 6],
+            native_device: Some(device),
+        }
+    }
 }
 
 /// The node's own place on the overlay (flannel's `flannel.1`, Calico's
@@ -69,7 +86,8 @@ pub enum OverlayChange {
         vni: u32,
         src: Ipv4Addr,
     },
-    DeleteRoute(Ipv4Net),
+    /// A route on the VXLAN device, or (`Some`) on the uplink with that index.
+    DeleteRoute(Ipv4Net, Option<u32>),
     DeleteNeighbour(Ipv4Addr),
     DeleteAddress(Ipv4Addr),
 }
@@ -87,6 +105,20 @@ impl fmt::Display for OverlayChange {
             ),
             Self::ReplaceRoute {
                 cidr,
+                route:
+                    OverlayRoute {
+                        native_device: Some(uplink),
+                        gateway,
+                        ..
+                    },
+                src,
+                ..
+            } => write!(
+                f,
+                "route replace {cidr} via {gateway} dev <uplink ifindex {uplink}> src {src}"
+            ),
+            Self::ReplaceRoute {
+                cidr,
                 route,
                 vni,
                 src,
@@ -95,7 +127,10 @@ impl fmt::Display for OverlayChange {
                 "route replace {cidr} encap ip id {vni} dst {} ttl 64 via {} dev {dev} onlink src {src}",
                 route.node_ip, route.gateway
             ),
-            Self::DeleteRoute(cidr) => write!(f, "route del {cidr} dev {dev}"),
+            Self::DeleteRoute(cidr, Some(uplink)) => {
+                write!(f, "route del {cidr} dev <uplink ifindex {uplink}>")
+            }
+            Self::DeleteRoute(cidr, None) => write!(f, "route del {cidr} dev {dev}"),
             Self::DeleteNeighbour(ip) => write!(f, "neigh del {ip} dev {dev}"),
             Self::DeleteAddress(ip) => write!(f, "addr del {ip}/32 dev {dev}"),
         }
@@ -122,6 +157,22 @@ impl OverlayChange {
             Self::ReplaceNeighbour(ip, mac) => netlink.replace_neighbour(&neighbour(ip, Some(mac))),
             Self::ReplaceRoute {
                 cidr,
+                route:
+                    OverlayRoute {
+                        native_device: Some(uplink),
+                        gateway,
+                        ..
+                    },
+                src,
+                ..
+            } => {
+                let mut wanted = Route::new(cidr, uplink, RouteScope::Universe);
+                wanted.gateway = Some(gateway);
+                wanted.source = Some(src);
+                netlink.replace_route(&wanted)
+            }
+            Self::ReplaceRoute {
+                cidr,
                 route,
                 vni,
                 src,
@@ -137,8 +188,8 @@ impl OverlayChange {
                 });
                 netlink.replace_route(&wanted)
             }
-            Self::DeleteRoute(cidr) => {
-                netlink.delete_route(&Route::new(cidr, device, RouteScope::NoWhere))
+            Self::DeleteRoute(cidr, on) => {
+                netlink.delete_route(&Route::new(cidr, on.unwrap_or(device), RouteScope::NoWhere))
             }
             Self::DeleteNeighbour(ip) => netlink.delete_neighbour(&neighbour(ip, None)),
             Self::DeleteAddress(ip) => netlink.delete_address(&address(ip)),
@@ -169,10 +220,12 @@ pub fn overlay_changes(
         };
         let same = current.routes.get(cidr) == Some(route) && current.address == desired.address;
         if !same {
-            changes.push(OverlayChange::ReplaceNeighbour(
-                route.gateway,
-                route.vtep_mac,
-            ));
+            if route.native_device.is_none() {
+                changes.push(OverlayChange::ReplaceNeighbour(
+                    route.gateway,
+                    route.vtep_mac,
+                ));
+            }
             changes.push(OverlayChange::ReplaceRoute {
                 cidr: *cidr,
                 route: *route,
@@ -183,8 +236,13 @@ pub fn overlay_changes(
     }
     for (cidr, route) in &current.routes {
         if !wanted(cidr) {
-            changes.push(OverlayChange::DeleteRoute(*cidr));
-            if !desired.routes.values().any(|r| r.gateway == route.gateway) {
+            changes.push(OverlayChange::DeleteRoute(*cidr, route.native_device));
+            let overlay_gateway_unused = route.native_device.is_none()
+                && !desired
+                    .routes
+                    .values()
+                    .any(|r| r.native_device.is_none() && r.gateway == route.gateway);
+            if overlay_gateway_unused {
                 changes.push(OverlayChange::DeleteNeighbour(route.gateway));
             }
         }
@@ -196,19 +254,29 @@ pub fn overlay_changes(
 }
 
 /// The overlay routes among the routes of the VXLAN device (link index `device`):
-/// an IP encapsulation, a gateway and a source (others are ignored). Pure.
+/// an IP encapsulation, a gateway and a source (others are ignored); and the native
+/// routes on other devices: a gateway, no encapsulation and the source `own` (the
+/// node's overlay address: no route of anyone else's has it). Pure.
 pub fn overlay_routes(
     routes: &[Route],
     device: u32,
+    own: Option<Ipv4Addr>,
 ) -> BTreeMap<ipnet::Ipv4Net, (OverlayRoute, Ipv4Addr)> {
     routes
         .iter()
-        .filter(|route| route.device == Some(device))
         .filter_map(|route| {
-            let overlay = OverlayRoute {
-                node_ip: route.encap?.destination,
-                gateway: route.gateway?,
-                vtep_mac: [0; 6],
+            let on = route.device?;
+            let overlay = if on == device {
+                OverlayRoute {
+                    node_ip: route.encap?.destination,
+                    gateway: route.gateway?,
+                    vtep_mac: [0; 6],
+                    native_device: None,
+                }
+            } else if route.encap.is_none() && own.is_some() && route.source == own {
+                OverlayRoute::native(route.gateway?, on)
+            } else {
+                return None;
             };
             Some((route.destination, (overlay, route.source?)))
         })
@@ -231,10 +299,12 @@ pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
         .filter(|n| n.device == device && n.permanent)
         .filter_map(|n| Some((n.ip, n.mac?)))
         .collect();
-    let routes = overlay_routes(&netlink.routes()?, device)
+    let routes = overlay_routes(&netlink.routes()?, device, address)
         .into_iter()
         .map(|(cidr, (mut route, src))| {
-            route.vtep_mac = neighbours.get(&route.gateway).copied().unwrap_or_default();
+            if route.native_device.is_none() {
+                route.vtep_mac = neighbours.get(&route.gateway).copied().unwrap_or_default();
+            }
             // A route from another source is not ours as wanted: rewrite it.
             if Some(src) != address {
                 route.gateway = Ipv4Addr::UNSPECIFIED;
@@ -280,6 +350,7 @@ mod tests {
                         node_ip,
                         gateway: gateway.parse().unwrap(),
                         vtep_mac: ferrite_common::vtep_mac_for(node_ip),
+                        native_device: None,
                     };
                     (cidr.parse().unwrap(), route)
                 })
@@ -361,7 +432,7 @@ mod tests {
         plain.destination = "10.244.3.0/24".parse().unwrap();
         plain.encap = None;
         let kernel = Route::new("10.9.0.0/16".parse().unwrap(), device, RouteScope::Link);
-        let routes = overlay_routes(&[overlay, elsewhere, plain, kernel], device);
+        let routes = overlay_routes(&[overlay, elsewhere, plain, kernel], device, None);
         assert_eq!(routes.len(), 1, "{routes:?}");
         let (route, src) = routes[&"10.244.1.0/24".parse().unwrap()];
         assert_eq!(
@@ -370,6 +441,70 @@ mod tests {
                 "198.51.100.2".parse().unwrap(),
                 "10.244.1.1".parse().unwrap(),
                 "10.244.0.1".parse().unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn native_routes_go_via_the_node_on_the_uplink_without_neighbours_and_switch_both_ways() {
+        let uplink = 4;
+        let vxlan = overlay(
+            "10.244.0.1",
+            &[("10.244.1.0/24", "198.51.100.2", "10.244.1.1")],
+        );
+        let mut native = vxlan.clone();
+        native.routes.insert(
+            "10.244.1.0/24".parse().unwrap(),
+            OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
+        );
+        let commands = |current, desired| -> Vec<String> {
+            overlay_changes(current, desired, 1)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            commands(&vxlan, &native),
+            ["route replace 10.244.1.0/24 via 198.51.100.2 dev <uplink ifindex 4> src 10.244.0.1"]
+        );
+        assert!(commands(&native, &native).is_empty());
+        assert_eq!(
+            commands(&native, &vxlan),
+            [
+                "neigh replace 10.244.1.1 lladdr 0a:58:c6:33:64:02 dev ferrite_vxlan nud permanent",
+                "route replace 10.244.1.0/24 encap ip id 1 dst 198.51.100.2 ttl 64 via 10.244.1.1 dev ferrite_vxlan onlink src 10.244.0.1",
+            ]
+        );
+        let mut gone = native.clone();
+        gone.routes.clear();
+        assert_eq!(
+            commands(&native, &gone),
+            ["route del 10.244.1.0/24 dev <uplink ifindex 4>"]
+        );
+    }
+
+    #[test]
+    fn native_routes_are_read_back_only_with_the_nodes_own_source() {
+        let (vxlan_device, uplink) = (9, 4);
+        let own: Ipv4Addr = "10.244.0.1".parse().unwrap();
+        let mut native = Route::new(
+            "10.244.1.0/24".parse().unwrap(),
+            uplink,
+            RouteScope::Universe,
+        );
+        native.gateway = Some("198.51.100.2".parse().unwrap());
+        native.source = Some(own);
+        // Someone else's route on the uplink: not the agent's to touch.
+        let mut foreign = native.clone();
+        foreign.destination = "10.9.0.0/16".parse().unwrap();
+        foreign.source = None;
+        let routes = overlay_routes(&[native, foreign], vxlan_device, Some(own));
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert_eq!(
+            routes[&"10.244.1.0/24".parse().unwrap()],
+            (
+                OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
+                own
             )
         );
     }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use ferrite_common::{
     stat, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_UNESTABLISHED, CT_FLAG_VIA_STACK, ROUTE_LOCAL,
-    ROUTE_NODE,
+    ROUTE_NATIVE, ROUTE_NODE,
 };
 use serde::Serialize;
 
@@ -410,8 +410,13 @@ pub fn render_for_pod(
                     vtep_mac: mac(route.vtep_mac),
                     kind: if route.flags & ROUTE_LOCAL != 0 {
                         "local"
+                    } else if route.flags & (ROUTE_NODE | ROUTE_NATIVE) == ROUTE_NODE | ROUTE_NATIVE
+                    {
+                        "node (NodePort replies natively)"
                     } else if route.flags & ROUTE_NODE != 0 {
                         "node (NodePort replies via overlay)"
+                    } else if route.flags & ROUTE_NATIVE != 0 {
+                        "native"
                     } else {
                         "overlay"
                     },

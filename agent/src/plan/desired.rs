@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
     endpoint_flag, pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
-    RouteInfo, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+    RouteInfo, ROUTE_LOCAL, ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 use super::{
@@ -86,18 +86,31 @@ pub fn desired_contents_keeping_ids(
     let mut out = MapContents::default();
 
     let this_node = state.nodes.get(&settings.node);
+    let uplink = settings
+        .uplink
+        .as_ref()
+        .and_then(|u| interfaces.get(&u.name));
+    let native = settings.routing == super::Routing::Native;
+    // Natively, pods get the uplink's MTU; over VXLAN, the device's (50 less).
+    let pod_mtu_device = if native {
+        uplink
+    } else {
+        interfaces.get(VXLAN_DEVICE)
+    };
+    let mut config_flags = 0;
+    if settings.external_in_tc {
+        config_flags |= ferrite_common::config_flag::EXTERNAL_IN_TC;
+    }
+    if native {
+        config_flags |= ferrite_common::config_flag::NATIVE_ROUTING;
+    }
     out.config = NodeConfig {
         node_ip: this_node.map(|n| n.ip.octets()).unwrap_or_default(),
-        flags: if settings.external_in_tc {
-            ferrite_common::config_flag::EXTERNAL_IN_TC
-        } else {
-            0
-        },
+        flags: config_flags,
         vxlan_ifindex: interfaces.get(VXLAN_DEVICE).map(|i| i.ifindex).unwrap_or(0),
         vni: settings.vni,
         vtep_mac: this_node.map(|n| n.vtep_mac).unwrap_or_default(),
-        pod_mtu: interfaces
-            .get(VXLAN_DEVICE)
+        pod_mtu: pod_mtu_device
             .map(|i| i.mtu.min(u16::MAX.into()) as u16)
             .unwrap_or(0),
         overlay_ip: this_node
@@ -109,12 +122,30 @@ pub fn desired_contents_keeping_ids(
         _pad: 0,
         // Carried over: `diff` bumps it when the endpoints or routes change.
         route_epoch: current.config.route_epoch,
+        uplink_ifindex: uplink.map(|i| i.ifindex).unwrap_or(0),
     };
+    // Other nodes routed natively (on-link, `--routing native`); the others are
+    // refused it, with their reason, and stay on the overlay.
+    let mut native_flag = BTreeMap::new();
+    for node in state.nodes.values().filter(|n| n.name != settings.node) {
+        let flag = match settings.routes_natively_to(node.ip) {
+            Ok(true) => ROUTE_NATIVE,
+            Ok(false) => 0,
+            Err(reason) => {
+                skipped.push(Skipped {
+                    object: format!("Node {} (native routing)", node.name),
+                    reason: SkipReason::Invalid(reason),
+                });
+                0
+            }
+        };
+        native_flag.insert(node.name.as_str(), flag);
+    }
     for node in state.nodes.values() {
         let flags = if node.name == settings.node {
             ROUTE_LOCAL
         } else {
-            ROUTE_REMOTE
+            ROUTE_REMOTE | native_flag[node.name.as_str()]
         };
         for cidr in &node.pod_cidrs {
             out.routes.insert(
@@ -142,7 +173,7 @@ pub fn desired_contents_keeping_ids(
                 RouteInfo {
                     node_ip: node.ip.octets(),
                     vtep_mac: node.vtep_mac,
-                    flags: ROUTE_NODE,
+                    flags: ROUTE_NODE | native_flag[node.name.as_str()],
                 },
             );
         }
@@ -594,6 +625,68 @@ mod tests {
                     ..smaller.config
                 }),
             ]
+        );
+    }
+
+    #[test]
+    fn native_routing_marks_on_link_nodes_and_refuses_the_others_with_a_reason() {
+        let settings = NodeSettings {
+            node: "a".into(),
+            routing: super::super::Routing::Native,
+            uplink: Some(super::super::Uplink {
+                name: "eth0".into(),
+                subnets: vec!["198.51.100.0/24".parse().unwrap()],
+            }),
+            ..NodeSettings::default()
+        };
+        let mut s = DesiredState::default();
+        for n in [
+            node("a", [198, 51, 100, 1], "10.244.0.0/24"),
+            node("b", [198, 51, 100, 2], "10.244.1.0/24"),
+            node("far", [192, 0, 2, 9], "10.244.2.0/24"),
+        ] {
+            s.nodes.insert(n.name.clone(), n);
+        }
+        let interface = |ifindex, mtu| Interface {
+            ifindex,
+            mac: [0; 6],
+            mtu,
+        };
+        let interfaces = BTreeMap::from([
+            (VXLAN_DEVICE.to_string(), interface(9, 1450)),
+            ("eth0".to_string(), interface(3, 1500)),
+        ]);
+        let (desired, skipped) =
+            desired_contents(&s, &interfaces, &MapContents::default(), &settings);
+        assert_eq!(desired.config.uplink_ifindex, 3);
+        assert_eq!(desired.config.pod_mtu, 1500, "pods get the uplink's MTU");
+        assert_ne!(
+            desired.config.flags & ferrite_common::config_flag::NATIVE_ROUTING,
+            0
+        );
+        let route = |network, prefix_len| RouteKey {
+            prefix_len,
+            network,
+        };
+        let flags = |key| desired.routes[&key].flags;
+        assert_eq!(flags(route([10, 244, 0, 0], 24)), ROUTE_LOCAL);
+        assert_eq!(
+            flags(route([10, 244, 1, 0], 24)),
+            ROUTE_REMOTE | ROUTE_NATIVE
+        );
+        assert_eq!(
+            flags(route([198, 51, 100, 2], 32)),
+            ROUTE_NODE | ROUTE_NATIVE
+        );
+        // Not on-link: over VXLAN, with the reason reported.
+        assert_eq!(flags(route([10, 244, 2, 0], 24)), ROUTE_REMOTE);
+        assert_eq!(flags(route([192, 0, 2, 9], 32)), ROUTE_NODE);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].object, "Node far (native routing)");
+        assert!(
+            skipped[0].reason.to_string().contains("not on-link"),
+            "{}",
+            skipped[0].reason
         );
     }
 }

@@ -28,5 +28,7 @@ pub use image::{
 };
 pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan};
 pub use policy::rules_of;
-pub use settings::{overlay_address, Capacities, Interface, NodeSettings, UplinkXdp};
+pub use settings::{
+    overlay_address, Capacities, Interface, NodeSettings, Routing, Uplink, UplinkXdp,
+};
 pub use update::{service_update, Written};

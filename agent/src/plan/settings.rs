@@ -18,6 +18,70 @@ pub struct NodeSettings {
     pub external_in_tc: bool,
     /// What the node accepts from objects (addresses, pod CIDRs, sizes).
     pub limits: crate::limits::Limits,
+    /// How pod traffic reaches other nodes (`--routing`).
+    pub routing: Routing,
+    /// This sync's reading of the uplink (the interface holding the node's IP): its
+    /// name and the subnets on it, which say which nodes are on-link.
+    pub uplink: Option<Uplink>,
+}
+
+impl NodeSettings {
+    /// Whether another node, at `ip`, is reached natively: `--routing native` and
+    /// `ip` on-link on the uplink. `Err`: native routing is on but refused for that
+    /// node, and why (it is reached over VXLAN).
+    pub fn routes_natively_to(&self, ip: std::net::Ipv4Addr) -> Result<bool, String> {
+        if self.routing != Routing::Native {
+            return Ok(false);
+        }
+        match &self.uplink {
+            Some(uplink) if uplink.on_link(ip) => Ok(true),
+            Some(uplink) => Err(format!(
+                "InternalIP {ip} is not on-link on the uplink {} ({}): --routing native needs \
+                 the nodes on one L2 segment; reached over VXLAN",
+                uplink.name,
+                uplink
+                    .subnets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => Err(format!(
+                "no uplink known (no interface holds this node's InternalIP): {ip} is \
+                 reached over VXLAN"
+            )),
+        }
+    }
+}
+
+/// How pod traffic reaches other nodes' pods (`--routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Encapsulated in VXLAN (the kernel's collect_md device): any underlay that
+    /// routes between the nodes' InternalIPs; pods lose 50 bytes of MTU.
+    #[default]
+    Vxlan,
+    /// Unencapsulated, out of the uplink straight to the other node's MAC (flannel's
+    /// host-gw, Calico without encapsulation, Cilium's native routing): the nodes
+    /// must share an L2 segment; pods get the uplink's MTU. A node whose InternalIP
+    /// is not on-link is refused native routing (with a logged reason) and reached
+    /// over VXLAN.
+    Native,
+}
+
+/// The uplink as a sync read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Uplink {
+    pub name: String,
+    /// The subnets of its IPv4 addresses: the nodes on-link are in one of them.
+    pub subnets: Vec<ipnet::Ipv4Net>,
+}
+
+impl Uplink {
+    /// Whether `ip` is on the uplink's link (in one of its subnets).
+    pub fn on_link(&self, ip: std::net::Ipv4Addr) -> bool {
+        self.subnets.iter().any(|subnet| subnet.contains(&ip))
+    }
 }
 
 impl Default for NodeSettings {
@@ -30,6 +94,8 @@ impl Default for NodeSettings {
             uplink_xdp: UplinkXdp::default(),
             external_in_tc: false,
             limits: crate::limits::Limits::default(),
+            routing: Routing::default(),
+            uplink: None,
         }
     }
 }

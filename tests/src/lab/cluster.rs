@@ -38,6 +38,33 @@ struct ApiSource {
     objects: BTreeMap<(String, String, String), Value>,
 }
 
+/// How the cluster's agents route pod traffic between nodes (`--routing`): the
+/// cross-node stories run in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    Vxlan,
+    Native,
+}
+
+impl Routing {
+    pub const ALL: [Routing; 2] = [Routing::Vxlan, Routing::Native];
+
+    /// The pod MTU for a 1500-byte uplink.
+    pub fn pod_mtu(self) -> u32 {
+        match self {
+            Routing::Vxlan => 1500 - ferrite_common::VXLAN_OVERHEAD,
+            Routing::Native => 1500,
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            Routing::Vxlan => "vxlan",
+            Routing::Native => "native",
+        }
+    }
+}
+
 /// Several Ferrite nodes on one underlay, with a world behind their default route.
 /// Fields drop in order: nodes (agents, pods), the API server, world, underlay.
 pub struct Cluster {
@@ -50,8 +77,23 @@ pub struct Cluster {
 impl Cluster {
     /// `count` uniquely named nodes with overlay MTUs; agents not started yet.
     pub fn new(count: usize) -> Result<Self> {
+        Self::with_routing(count, Routing::Vxlan)
+    }
+
+    /// [`Cluster::new`] with its agents routing as `routing` says (and pod MTUs to
+    /// match).
+    pub fn with_routing(count: usize, routing: Routing) -> Result<Self> {
         let names: Vec<String> = (0..count).map(|i| unique(&format!("n{i}"))).collect();
-        Self::named(&unique("ul"), &unique("world"), &names)
+        let mut cluster = Self::named(&unique("ul"), &unique("world"), &names)?;
+        for node in &mut cluster.nodes {
+            node.pod_mtu = routing.pod_mtu();
+            // VXLAN is the default: its agents run without the flag, as before.
+            if routing != Routing::Vxlan {
+                node.agent_args
+                    .extend(["--routing".into(), routing.flag().into()]);
+            }
+        }
+        Ok(cluster)
     }
 
     /// Nodes called `names` (node `i` gets underlay address .i+1 and pod CIDR

@@ -15,7 +15,7 @@ mod traffic;
 mod underlay;
 
 pub use basics::{require_root, sh, unique, wait_until, SETTLE};
-pub use cluster::{Cluster, ObjectSource, ObjectStore};
+pub use cluster::{Cluster, ObjectSource, ObjectStore, Routing};
 pub use isolation::{Cgroup, Netns};
 pub use node::{bpf_object, ferrite_bin, Agent, Node};
 pub use pod::Pod;
