@@ -7,13 +7,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// Run `program args` with `input` on its stdin (`nft -f -`, `iptables-restore`);
-/// a failure carries what the program wrote to stderr.
-pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
+/// Run `program args` with `input` on its stdin (`nft -f -`, `iptables-restore`):
+/// what it wrote to stdout; a failure carries what it wrote to stderr.
+pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<String> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {program}"))?;
@@ -30,5 +30,5 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

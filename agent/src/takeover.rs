@@ -399,7 +399,7 @@ pub fn remove_kube_proxy_rules() -> RulesRemoved {
                 continue;
             };
             match run_with_input(backend.restore, &["--noflush"], &input) {
-                Ok(()) => done
+                Ok(_) => done
                     .removed
                     .push((format!("{} {table}", backend.name), rules)),
                 Err(e) => done.failed.push(format!("{e:#}")),
@@ -430,7 +430,7 @@ pub fn remove_kube_proxy_rules() -> RulesRemoved {
             &["-f", "-"],
             &format!("delete table {family} kube-proxy\n"),
         ) {
-            Ok(()) => done
+            Ok(_) => done
                 .removed
                 .push((format!("nftables {family} kube-proxy"), rules)),
             Err(e) => done.failed.push(format!("{e:#}")),

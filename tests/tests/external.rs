@@ -15,8 +15,8 @@ use ferrite_tests::{
     cluster::{load_balancer_yaml, TCP_TARGET, UDP_TARGET},
     fake_apiserver::FakeApiServer,
     lab::{
-        exchange, http_get, parse_answer, pod_ip, sh, wait_until, Cluster, Netns, ObjectSource,
-        Server, SETTLE, WORLD_IP,
+        exchange, http_get, parse_answer, pod_ip, sh, udp_ask, wait_until, Cluster, Netns,
+        ObjectSource, Server, SETTLE, WORLD_IP,
     },
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -1101,7 +1101,7 @@ fn udp_to_a_terminating_backend_reaches_it_until_it_stops_serving() -> Result<()
     let socket = (0..16)
         .find_map(|i| {
             let socket = udp_socket(&c.world, client_ip(i)).ok()?;
-            (ask(&socket, to, "which?").ok()?.as_deref() == Some("a1")).then_some(socket)
+            (udp_ask(&socket, to, "which?").ok()?.as_deref() == Some("a1")).then_some(socket)
         })
         .context("no client's flow went to a1")?;
     let a1 = format!(
@@ -1116,7 +1116,7 @@ fn udp_to_a_terminating_backend_reaches_it_until_it_stops_serving() -> Result<()
         (0..count)
             .map(|i| {
                 std::thread::sleep(Duration::from_millis(10));
-                ask(&socket, to, &format!("datagram {i}"))
+                udp_ask(&socket, to, &format!("datagram {i}"))
             })
             .collect()
     };
@@ -1148,17 +1148,4 @@ fn udp_to_a_terminating_backend_reaches_it_until_it_stops_serving() -> Result<()
         "once a1 stopped serving: {answered:?}"
     );
     Ok(())
-}
-
-/// Send `request` on `socket` to `to` and read one answer: the pod that answered
-/// (`None`: no answer within the socket's timeout).
-fn ask(socket: &UdpSocket, to: SocketAddrV4, request: &str) -> Result<Option<String>> {
-    socket.send_to(request.as_bytes(), to)?;
-    let mut buf = [0u8; 2048];
-    match socket.recv_from(&mut buf) {
-        Ok((n, _)) => Ok(Some(
-            parse_answer(&String::from_utf8_lossy(&buf[..n]), request)?.0,
-        )),
-        Err(_) => Ok(None),
-    }
 }

@@ -18,7 +18,7 @@ use ferrite_tests::{
     cluster::{load_balancer_yaml, service_yaml, TCP_TARGET, UDP_TARGET},
     fake_apiserver::FakeApiServer,
     lab::{
-        http_get, parse_answer, pod_ip, wait_until, Cluster, ObjectSource, Server, SETTLE,
+        http_get, parse_answer, pod_ip, udp_ask, wait_until, Cluster, ObjectSource, Server, SETTLE,
         WORLD_GATEWAY, WORLD_IP,
     },
 };
@@ -297,18 +297,6 @@ fn udp_node_port(c: &Cluster, server: Option<&str>) -> String {
         .replace("type: LoadBalancer", "type: NodePort")
 }
 
-/// One datagram from `socket` to `to`; who answered (`None`: nobody within 200 ms).
-fn ask(socket: &UdpSocket, to: SocketAddrV4, request: &str) -> Result<Option<String>> {
-    socket.send_to(request.as_bytes(), to)?;
-    let mut buf = [0u8; 2048];
-    match socket.recv_from(&mut buf) {
-        Ok((n, _)) => Ok(Some(
-            parse_answer(&String::from_utf8_lossy(&buf[..n]), request)?.0,
-        )),
-        Err(_) => Ok(None),
-    }
-}
-
 /// conntrack.go "should be able to preserve UDP traffic when server pod cycles for a
 /// NodePort service": a client keeps sending from one source port to node 0's UDP
 /// NodePort; its server pod goes away and another takes its place (a new address);
@@ -344,7 +332,7 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
             SETTLE,
             || {
                 sent += 1;
-                let from_world = ask(&world, to, &format!("world {sent}"));
+                let from_world = udp_ask(&world, to, &format!("world {sent}"));
                 let from_pod = pod_asks(&format!("pod {sent}"));
                 matches!((from_world, from_pod), (Ok(Some(w)), Ok(Some(p))) if w == who && p == who)
             },

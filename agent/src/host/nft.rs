@@ -10,7 +10,7 @@ use crate::command::run_with_input;
 pub const NFT_TABLE: &str = "ferrite";
 
 fn nft(script: &str) -> Result<()> {
-    run_with_input("nft", &["-f", "-"], script)
+    run_with_input("nft", &["-f", "-"], script).map(drop)
 }
 
 /// Ferrite's nftables rules, replacing the table atomically:

@@ -2,16 +2,14 @@
 //! own, removed on drop.
 use std::{
     fs,
-    io::Write,
     net::{SocketAddrV4, TcpStream},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     thread::JoinHandle,
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferrite_agent::datapath;
 
 use super::{basics::run_ip, exchange};
@@ -65,28 +63,12 @@ impl Netns {
     /// its stdin (`nft -f -`, `iptables-restore`): its stdout, or what it wrote to
     /// stderr as the error.
     pub fn run_with_input(&self, command: &[&str], input: &str) -> Result<String> {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .args(command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {}", command.join(" ")))?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{} failed: {}",
-                command.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let net = format!("--net={}", self.path().display());
+        let args: Vec<&str> = [net.as_str()]
+            .into_iter()
+            .chain(command.iter().copied())
+            .collect();
+        ferrite_agent::command::run_with_input("nsenter", &args, input)
     }
 
     /// Like [`Netns::run`] but on a detached thread (for servers).

@@ -22,7 +22,7 @@ pub use pod::Pod;
 pub use probe::{probe_bin, HeldConnection, PingPong, Probe, ProbeOutcome};
 pub use traffic::{
     answered_by, bulk_transfer, connection_loop, exchange, http_get, parse_answer, tcp_from_port,
-    Server,
+    udp_ask, Server,
 };
 pub use underlay::{
     node_ip, node_yaml, pod_ip, Underlay, CLUSTER_CIDR, SERVICE_CIDR, UNDERLAY_PREFIX,

@@ -64,6 +64,19 @@ pub fn exchange(stream: &mut TcpStream, message: &str) -> Result<String> {
     Ok(line.trim_end().to_string())
 }
 
+/// Send `request` on `socket` to `to` and read one answer: the pod that answered
+/// (`None`: no answer within the socket's timeout).
+pub fn udp_ask(socket: &UdpSocket, to: SocketAddrV4, request: &str) -> Result<Option<String>> {
+    socket.send_to(request.as_bytes(), to)?;
+    let mut buf = [0u8; 2048];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => Ok(Some(
+            parse_answer(&String::from_utf8_lossy(&buf[..n]), request)?.0,
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 /// One HTTP/1.1 GET of `path` on an open connection: (status, body).
 pub fn http_get(stream: &mut TcpStream, path: &str) -> Result<(u16, String)> {
     write!(
