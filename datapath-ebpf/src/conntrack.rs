@@ -39,6 +39,14 @@ pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
     unsafe { CONNTRACK.get(key(h.saddr, h.daddr, h.sport, h.dport, h.proto)) }
 }
 
+/// Whether the answers of the flow `h` belongs to have an entry: a flow a frontend
+/// translated to this destination has one (recorded when it was balanced) but none
+/// under the translated tuple it arrives with.
+#[inline(always)]
+pub fn has_reply_entry(h: &Headers) -> bool {
+    unsafe { CONNTRACK.get(key(h.daddr, h.saddr, h.dport, h.sport, h.proto)) }.is_some()
+}
+
 /// The entry an ICMP error about the packet `quoted` belongs to: the error travels
 /// the way back, so the quoted tuple reversed is its flow's reply tuple (Cilium's
 /// related lookup). Left as it is: an error does not keep a flow alive. In place, for

@@ -13,7 +13,7 @@ use crate::{
     icmp,
     maps::CONFIG,
     packet::{Packet, Verdict},
-    peer, reply, routing,
+    peer, policy, reply, routing,
     trace::count,
 };
 
@@ -86,7 +86,15 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         }
         return Ok(Verdict::Pass);
     }
-    routing::route(pkt, h.daddr, h.dport)
+    // Sent to a pod's address from outside the cluster (a router with a route to the
+    // pod CIDR via this node): judged by the pod's ingress policy as from the world.
+    let found = routing::find(h.daddr);
+    if let Some(ep) = &found.endpoint {
+        if let Err(reason) = policy::judge_from_outside(pkt, &h, ep.flags) {
+            return Ok(Verdict::Drop(reason));
+        }
+    }
+    routing::route_found(pkt, &found, h.daddr, h.dport)
 }
 
 /// A reply to a NodePort flow this node SNATed to a backend of another node (its

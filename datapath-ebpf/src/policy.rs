@@ -228,6 +228,34 @@ pub fn check_related(
     check_tuple(entry, epoch, saddr, daddr, ports, quoted.proto, h.explain)
 }
 
+/// Judge a packet `h` from outside the cluster for the pod of this node at its
+/// destination (isolation flags `dst_flags`), routed rather than through a frontend
+/// (a flow a frontend translated was judged when it was balanced, and its answers
+/// recorded, which is how it is told apart): by its flow's entry, or as a new flow,
+/// recorded if a policy had to allow it. `Err`: dropped for this `stat` reason.
+#[inline(always)]
+pub fn judge_from_outside<P: Packet>(pkt: &P, h: &Headers, dst_flags: u32) -> Result<(), u32> {
+    if dst_flags & ISOLATED == 0 {
+        return Ok(());
+    }
+    let epoch = routing::epoch();
+    if !h.has_ports {
+        return judge_portless(pkt, h, epoch, 0, dst_flags);
+    }
+    if let Some(entry) = conntrack::find(h) {
+        return check_flow(entry, epoch, h);
+    }
+    if conntrack::has_reply_entry(h) {
+        return Ok(());
+    }
+    let verdict = verdict_with(h.saddr, 0, h.daddr, dst_flags, h.proto, h.dport);
+    if let Some(reason) = denied(verdict) {
+        return Err(reason);
+    }
+    conntrack::create_policed(h, epoch, verdict, pkt.len());
+    Ok(())
+}
+
 /// Judge a packet `h` without ports that is no ICMP error of a tracked flow, from a
 /// source with isolation flags `src_flags` to a destination with `dst_flags` (0: not
 /// a pod of this node). An ICMP echo request a policy had to allow is recorded, so

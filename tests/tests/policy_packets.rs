@@ -399,6 +399,13 @@ fn an_external_client_of_a_local_backend_is_judged_by_its_ingress_policy_before_
             );
         } else {
             assert_eq!((verdict, frame), (XDP_PASS, translated.clone()));
+            // Then the uplink's tcx program delivers what XDP translated: a flow a
+            // frontend balanced is not judged again as one sent to the pod itself.
+            let (out, _) = bed.run_program(program_names::FROM_UPLINK, &translated, 1)?;
+            assert_eq!(
+                (out.verdict, out.frame),
+                (TC_ACT_REDIRECT, delivered_to(SERVER, translated.clone()))
+            );
         }
         assert_eq!(bed.counter(stat::EXTERNAL_NEW_FLOW)?, 1);
         // The backend's answer passes as an answer.
@@ -406,5 +413,39 @@ fn an_external_client_of_a_local_backend_is_judged_by_its_ingress_policy_before_
         assert_ne!(bed.from_pod(&answer)?.verdict, TC_ACT_SHOT);
         assert_eq!(bed.counter(stat::DROP_POLICY_INGRESS)?, 1);
     }
+    Ok(())
+}
+
+/// A router sending the world's packets to a pod's address (a route to the pod CIDR
+/// via the node), not through a frontend: the uplink's tcx program judges them by
+/// the pod's ingress policy as the world's; an admitted flow is recorded, so the
+/// pod's answers pass its egress isolation as answers.
+#[test]
+fn the_worlds_packets_routed_straight_to_an_isolated_pod_are_judged_as_the_worlds() -> Result<()> {
+    let world_client = sock(Ipv4Addr::new(203, 0, 113, 10), 40000);
+    let syn = frames::tcp_syn(world_client, sock(SERVER, 8080), b"");
+    let mut bed = testbed()?;
+    bed.set_isolation(SERVER, BOTH_WAYS)?;
+    bed.set_allow(SERVER, &tcp_8080(Direction::Ingress, CLIENT_IDENTITY), true)?;
+    let (out, _) = bed.run_program(program_names::FROM_UPLINK, &syn, 1)?;
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(bed.counter(stat::DROP_POLICY_INGRESS)?, 1);
+
+    bed.set_identity(Ipv4Addr::new(203, 0, 113, 0), 24, WORLD_CLIENTS_IDENTITY)?;
+    bed.set_allow(
+        SERVER,
+        &tcp_8080(Direction::Ingress, WORLD_CLIENTS_IDENTITY),
+        true,
+    )?;
+    bed.bump_route_epoch()?;
+    let (out, _) = bed.run_program(program_names::FROM_UPLINK, &syn, 1)?;
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_REDIRECT, delivered_to(SERVER, syn.clone()))
+    );
+    let answer = frames::tcp_syn_ack(sock(SERVER, 8080), world_client);
+    assert_ne!(bed.from_pod(&answer)?.verdict, TC_ACT_SHOT);
+    assert_eq!(bed.counter(stat::DROP_POLICY_EGRESS)?, 0);
+    assert_eq!(bed.counter(stat::DROP_POLICY_INGRESS)?, 1);
     Ok(())
 }
