@@ -133,13 +133,20 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
         rev_nat_index: svc.rev_nat_index,
         flags: CT_FLAG_EXTERNAL,
     };
-    let local =
-        svc.flags & svc_flag::LOCAL_ONLY != 0 || routing::local_endpoint(backend_addr).is_some();
+    let backend_flags = routing::local_endpoint(backend_addr).map(|ep| ep.flags);
+    let local = svc.flags & svc_flag::LOCAL_ONLY != 0 || backend_flags.is_some();
     if local {
         // Judged before delivery as the backend receives it: from the client's
-        // address, to its target port (a remote backend's node judges the flow,
-        // SNATed to this node, as kube-proxy's).
-        let verdict = policy::verdict(h.saddr, backend_addr, h.proto, chosen.backend.port);
+        // address (outside the cluster: no pod of this node), to its target port (a
+        // remote backend's node judges the flow, SNATed to this node, as kube-proxy's).
+        let verdict = policy::verdict_with(
+            h.saddr,
+            0,
+            backend_addr,
+            backend_flags.unwrap_or(0),
+            h.proto,
+            chosen.backend.port,
+        );
         if let Some(reason) = policy::denied(verdict) {
             return Ok(Verdict::Drop(reason));
         }
