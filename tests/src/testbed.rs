@@ -457,6 +457,32 @@ impl Testbed {
         test_run(program, frame, repeat)
     }
 
+    /// Run the TC program `name` once on `frame` as if it arrived on the device
+    /// `ifindex` of the calling thread's network namespace, whose FIB and neighbour
+    /// table `bpf_fib_lookup` then reads.
+    pub fn run_program_on(&self, name: &str, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+        let program: &SchedClassifier = self.ebpf.program(name).context("program")?.try_into()?;
+        let ctx = skb_context(
+            0,
+            &TcContext {
+                ifindex,
+                cb: [0; 5],
+            },
+        );
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunResult {
+            verdict: result.return_value,
+            frame: out,
+        })
+    }
+
     /// Run the from-pod program once on `frame`.
     pub fn from_pod(&self, frame: &[u8]) -> Result<RunResult> {
         Ok(self.run_program(program_names::FROM_POD, frame, 1)?.0)

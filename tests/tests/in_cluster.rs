@@ -270,8 +270,8 @@ fn check_mode(node: &Node, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// Each story, with socket-level load balancing and without it, and with it from an
-/// API server.
+/// Each story, with socket-level load balancing and without it, with it from an API
+/// server, and per packet between natively routed nodes.
 macro_rules! in_both_modes {
     ($($story:ident),* $(,)?) => {$(
         mod $story {
@@ -289,39 +289,13 @@ macro_rules! in_both_modes {
             fn with_socket_lb_watching_an_api_server() -> anyhow::Result<()> {
                 super::$story(super::Mode::SocketLbWatchingAnApiServer)
             }
-        }
-    )*};
-}
 
-/// Stories also run per packet between natively routed nodes. (The node's own
-/// processes reaching other nodes' pods natively do not work yet: those stories
-/// are not listed.)
-macro_rules! natively_routed_too {
-    ($($story:ident),* $(,)?) => {$(
-        paste_native!($story);
-    )*};
-}
-
-macro_rules! paste_native {
-    ($story:ident) => {
-        mod $story {
             #[test]
             fn natively_routed_per_packet() -> anyhow::Result<()> {
-                super::super::$story(super::super::Mode::NativePerPacket)
+                super::$story(super::Mode::NativePerPacket)
             }
         }
-    };
-}
-
-mod native {
-    natively_routed_too!(
-        pods_reach_a_service_whose_endpoint_is_a_nodes_own_address,
-        a_pod_reaches_itself_through_its_service,
-        a_service_without_endpoints_refuses_at_once,
-        a_udp_client_follows_its_service_when_the_old_backend_still_backs_another,
-        a_connected_udp_socket_to_a_service_whose_backend_port_is_closed_is_refused,
-        in_cluster_clients_of_a_local_traffic_policy_service_reach_endpoints_on_other_nodes,
-    );
+    )*};
 }
 
 in_both_modes!(

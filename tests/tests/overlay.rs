@@ -909,3 +909,109 @@ fn a_deleted_vxlan_device_and_nft_table_are_made_again_and_the_overlay_checks_ru
     overlay_checks_run(&cluster.nodes[0], "after a restart")?;
     Ok(())
 }
+
+/// Kubernetes mode, natively routed: the agents watch the API server; a node that
+/// joins later (its Node object appears, then its agent starts) is routed natively
+/// by the others from that watch event on: their host route via its InternalIP on
+/// the uplink and its managed neighbour entry; pods reach its pod and back, the
+/// node's own processes too (from their overlay address), and nothing is
+/// encapsulated.
+#[test]
+fn a_node_joining_a_natively_routed_cluster_is_routed_natively_from_its_node_object() -> Result<()>
+{
+    use ferrite_tests::{fake_apiserver::FakeApiServer, lab::sh};
+    let mut cluster = Cluster::with_routing(3, Routing::Native)?;
+    FakeApiServer::serve_cluster(&mut cluster)?;
+    cluster.nodes[0].add_pod("a0", pod_ip(0, 0))?;
+    cluster.nodes[1].add_pod("b0", pod_ip(1, 0))?;
+    cluster.nodes[2].add_pod("c0", pod_ip(2, 0))?;
+    let mut servers = Vec::new();
+    for pod in ["a0", "b0", "c0"] {
+        servers.push(cluster.pod(pod).serve(TCP_TARGET)?);
+        servers.push(cluster.pod(pod).serve(UDP_TARGET)?);
+    }
+    let joining = cluster.nodes[2].name.clone();
+    let without_node_2: String = cluster
+        .nodes_and_pods_yaml()
+        .split("---\n")
+        .filter(|doc| !doc.contains(&joining))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    cluster.write_config(&without_node_2)?;
+    cluster.start_agent(0)?;
+    cluster.start_agent(1)?;
+    for node in &cluster.nodes[..2] {
+        node.wait_for_maps("the two nodes' pod CIDRs", |m| m.pod_routes() == 2)?;
+    }
+    let (node0_netns, node2_ip) = (
+        cluster.nodes[0].netns.name.clone(),
+        cluster.nodes[2].ip.context("plugged")?,
+    );
+    let route = || {
+        sh(
+            "ip",
+            &["-n", &node0_netns, "route", "show", "10.244.2.0/24"],
+        )
+    };
+    assert_eq!(route()?.trim(), "", "no route before node 2 exists");
+
+    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
+    cluster.start_agent(2)?;
+    for node in &cluster.nodes {
+        node.wait_for_maps("all three pod CIDRs, routed natively", |m| {
+            m.pod_routes() == 3
+                && m.routes.values().all(|r| {
+                    r.flags & ferrite_common::ROUTE_LOCAL != 0
+                        || r.flags & ferrite_common::ROUTE_NATIVE != 0
+                })
+        })?;
+    }
+    ferrite_tests::lab::wait_until(
+        "node 0's native route to node 2",
+        ferrite_tests::lab::SETTLE,
+        || route().is_ok_and(|r| r.contains(&format!("via {node2_ip} dev ul0"))),
+    )?;
+    let neighbour = sh(
+        "ip",
+        &[
+            "-n",
+            &node0_netns,
+            "neigh",
+            "show",
+            &node2_ip.to_string(),
+            "dev",
+            "ul0",
+        ],
+    )?;
+    assert!(neighbour.contains("managed"), "{neighbour}");
+
+    let encapsulated_before = [
+        vxlan_tx_packets(&cluster, 0)?,
+        vxlan_tx_packets(&cluster, 2)?,
+    ];
+    for (client, server) in [("a0", "c0"), ("c0", "a0"), ("b0", "c0")] {
+        let (client_pod, server_pod) = (cluster.pod(client), cluster.pod(server));
+        let request = format!("{client} to {server}");
+        let reply =
+            client_pod.tcp_request(SocketAddrV4::new(server_pod.ip, TCP_TARGET), &request)?;
+        assert_eq!(
+            parse_answer(&reply, &request)?,
+            (server.to_string(), client_pod.ip.to_string())
+        );
+    }
+    // Node 0's own processes reach node 2's pod from node 0's overlay address.
+    let probe = cluster.nodes[0].host_probe();
+    let target = SocketAddrV4::new(cluster.pod("c0").ip, UDP_TARGET);
+    let outcome = probe.udp(target, "from node 0")?;
+    assert_eq!(
+        parse_answer(outcome.answer()?, "from node 0")?,
+        ("c0".to_string(), "10.244.0.1".to_string())
+    );
+    let encapsulated = [
+        vxlan_tx_packets(&cluster, 0)?,
+        vxlan_tx_packets(&cluster, 2)?,
+    ];
+    assert_eq!(encapsulated, encapsulated_before, "nothing encapsulated");
+    drop(servers);
+    Ok(())
+}

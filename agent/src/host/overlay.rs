@@ -1,7 +1,11 @@
 //! The VXLAN device (external, collect_md: the datapath picks the remote per packet)
 //! and the node's own place on the overlay: its address, VTEP MAC, and routes to the
 //! other nodes' pod CIDRs, kept as wanted by a pure diff of what the device holds.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context, Result};
 use ferrite_common::VXLAN_DEVICE;
@@ -38,8 +42,10 @@ pub fn remove_vxlan_device() {
 /// node's overlay address (`gateway`, a permanent neighbour with its VTEP MAC) and a
 /// lightweight-tunnel encap to its node IP on the collect_md VXLAN device; or, for a
 /// node routed natively, via its node IP (`gateway`) on the uplink
-/// (`native_device`), as flannel's host-gw routes (no neighbour entry: the kernel
-/// resolves the node's MAC).
+/// (`native_device`), as flannel's host-gw routes, with a managed neighbour entry
+/// for the node (the kernel keeps its MAC resolved, as Cilium's L2 neighbour
+/// discovery does): the uplink program checks that what comes from that node's pod
+/// CIDR comes from that MAC, which it can only look up in a resolved entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OverlayRoute {
     pub node_ip: Ipv4Addr,
@@ -80,6 +86,8 @@ pub enum OverlayChange {
     SetMac([u8; 6]),
     ReplaceAddress(Ipv4Addr),
     ReplaceNeighbour(Ipv4Addr, [u8; 6]),
+    /// A managed neighbour entry for a natively routed node on the uplink (index).
+    ManageNeighbour(Ipv4Addr, u32),
     ReplaceRoute {
         cidr: Ipv4Net,
         route: OverlayRoute,
@@ -88,7 +96,8 @@ pub enum OverlayChange {
     },
     /// A route on the VXLAN device, or (`Some`) on the uplink with that index.
     DeleteRoute(Ipv4Net, Option<u32>),
-    DeleteNeighbour(Ipv4Addr),
+    /// A neighbour on the VXLAN device, or (`Some`) on the uplink with that index.
+    DeleteNeighbour(Ipv4Addr, Option<u32>),
     DeleteAddress(Ipv4Addr),
 }
 
@@ -103,6 +112,9 @@ impl fmt::Display for OverlayChange {
                 "neigh replace {ip} lladdr {} dev {dev} nud permanent",
                 mac_string(*mac)
             ),
+            Self::ManageNeighbour(ip, uplink) => {
+                write!(f, "neigh replace {ip} dev <uplink ifindex {uplink}> managed")
+            }
             Self::ReplaceRoute {
                 cidr,
                 route:
@@ -131,7 +143,10 @@ impl fmt::Display for OverlayChange {
                 write!(f, "route del {cidr} dev <uplink ifindex {uplink}>")
             }
             Self::DeleteRoute(cidr, None) => write!(f, "route del {cidr} dev {dev}"),
-            Self::DeleteNeighbour(ip) => write!(f, "neigh del {ip} dev {dev}"),
+            Self::DeleteNeighbour(ip, Some(uplink)) => {
+                write!(f, "neigh del {ip} dev <uplink ifindex {uplink}>")
+            }
+            Self::DeleteNeighbour(ip, None) => write!(f, "neigh del {ip} dev {dev}"),
             Self::DeleteAddress(ip) => write!(f, "addr del {ip}/32 dev {dev}"),
         }
     }
@@ -150,11 +165,15 @@ impl OverlayChange {
             ip,
             mac,
             permanent: mac.is_some(),
+            managed: false,
         };
         match *self {
             Self::SetMac(mac) => netlink.set_mac((device, VXLAN_DEVICE), mac),
             Self::ReplaceAddress(ip) => netlink.replace_address(&address(ip)),
             Self::ReplaceNeighbour(ip, mac) => netlink.replace_neighbour(&neighbour(ip, Some(mac))),
+            Self::ManageNeighbour(ip, uplink) => {
+                netlink.replace_neighbour(&Neighbour::managed(uplink, ip))
+            }
             Self::ReplaceRoute {
                 cidr,
                 route:
@@ -191,7 +210,14 @@ impl OverlayChange {
             Self::DeleteRoute(cidr, on) => {
                 netlink.delete_route(&Route::new(cidr, on.unwrap_or(device), RouteScope::NoWhere))
             }
-            Self::DeleteNeighbour(ip) => netlink.delete_neighbour(&neighbour(ip, None)),
+            Self::DeleteNeighbour(ip, None) => netlink.delete_neighbour(&neighbour(ip, None)),
+            // Gone already (the kernel forgets unmanaged entries by itself): done.
+            Self::DeleteNeighbour(ip, Some(uplink)) => {
+                match netlink.delete_neighbour(&Neighbour::managed(uplink, ip)) {
+                    Err(e) if e.is_not_found() => Ok(()),
+                    done => done,
+                }
+            }
             Self::DeleteAddress(ip) => netlink.delete_address(&address(ip)),
         }
     }
@@ -220,11 +246,12 @@ pub fn overlay_changes(
         };
         let same = current.routes.get(cidr) == Some(route) && current.address == desired.address;
         if !same {
-            if route.native_device.is_none() {
-                changes.push(OverlayChange::ReplaceNeighbour(
+            match route.native_device {
+                None => changes.push(OverlayChange::ReplaceNeighbour(
                     route.gateway,
                     route.vtep_mac,
-                ));
+                )),
+                Some(uplink) => changes.push(OverlayChange::ManageNeighbour(route.gateway, uplink)),
             }
             changes.push(OverlayChange::ReplaceRoute {
                 cidr: *cidr,
@@ -243,8 +270,30 @@ pub fn overlay_changes(
                     .values()
                     .any(|r| r.native_device.is_none() && r.gateway == route.gateway);
             if overlay_gateway_unused {
-                changes.push(OverlayChange::DeleteNeighbour(route.gateway));
+                changes.push(OverlayChange::DeleteNeighbour(route.gateway, None));
             }
+        }
+    }
+    // A node no longer routed natively (gone, or over VXLAN now): its managed entry
+    // goes, or the kernel would keep probing it.
+    let native_gateways = |routes: Vec<&OverlayRoute>| -> BTreeSet<(Ipv4Addr, u32)> {
+        routes
+            .into_iter()
+            .filter_map(|r| Some((r.gateway, r.native_device?)))
+            .filter(|(gateway, _)| !gateway.is_unspecified())
+            .collect()
+    };
+    let still_native = native_gateways(
+        desired
+            .routes
+            .iter()
+            .filter(|(cidr, _)| wanted(cidr))
+            .map(|(_, r)| r)
+            .collect(),
+    );
+    for (gateway, uplink) in native_gateways(current.routes.values().collect()) {
+        if !still_native.contains(&(gateway, uplink)) {
+            changes.push(OverlayChange::DeleteNeighbour(gateway, Some(uplink)));
         }
     }
     if let Some(old) = current.address.filter(|a| desired.address != Some(*a)) {
@@ -293,20 +342,30 @@ pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
         .into_iter()
         .find(|a| a.device == device)
         .map(|a| a.ip);
-    let neighbours: BTreeMap<Ipv4Addr, [u8; 6]> = netlink
-        .neighbours()?
-        .into_iter()
+    let all_neighbours = netlink.neighbours()?;
+    let neighbours: BTreeMap<Ipv4Addr, [u8; 6]> = all_neighbours
+        .iter()
         .filter(|n| n.device == device && n.permanent)
         .filter_map(|n| Some((n.ip, n.mac?)))
+        .collect();
+    let managed: BTreeSet<(Ipv4Addr, u32)> = all_neighbours
+        .iter()
+        .filter(|n| n.managed)
+        .map(|n| (n.ip, n.device))
         .collect();
     let routes = overlay_routes(&netlink.routes()?, device, address)
         .into_iter()
         .map(|(cidr, (mut route, src))| {
-            if route.native_device.is_none() {
-                route.vtep_mac = neighbours.get(&route.gateway).copied().unwrap_or_default();
-            }
-            // A route from another source is not ours as wanted: rewrite it.
-            if Some(src) != address {
+            let managed_neighbour = match route.native_device {
+                None => {
+                    route.vtep_mac = neighbours.get(&route.gateway).copied().unwrap_or_default();
+                    true
+                }
+                Some(uplink) => managed.contains(&(route.gateway, uplink)),
+            };
+            // A route from another source is not ours as wanted, nor a native one
+            // without its node's managed neighbour: rewrite it.
+            if Some(src) != address || !managed_neighbour {
                 route.gateway = Ipv4Addr::UNSPECIFIED;
             }
             (cidr, route)
@@ -446,7 +505,8 @@ mod tests {
     }
 
     #[test]
-    fn native_routes_go_via_the_node_on_the_uplink_without_neighbours_and_switch_both_ways() {
+    fn native_routes_go_via_the_node_on_the_uplink_with_its_managed_neighbour_and_switch_both_ways()
+    {
         let uplink = 4;
         let vxlan = overlay(
             "10.244.0.1",
@@ -465,7 +525,10 @@ mod tests {
         };
         assert_eq!(
             commands(&vxlan, &native),
-            ["route replace 10.244.1.0/24 via 198.51.100.2 dev <uplink ifindex 4> src 10.244.0.1"]
+            [
+                "neigh replace 198.51.100.2 dev <uplink ifindex 4> managed",
+                "route replace 10.244.1.0/24 via 198.51.100.2 dev <uplink ifindex 4> src 10.244.0.1"
+            ]
         );
         assert!(commands(&native, &native).is_empty());
         assert_eq!(
@@ -473,13 +536,27 @@ mod tests {
             [
                 "neigh replace 10.244.1.1 lladdr 0a:58:c6:33:64:02 dev ferrite_vxlan nud permanent",
                 "route replace 10.244.1.0/24 encap ip id 1 dst 198.51.100.2 ttl 64 via 10.244.1.1 dev ferrite_vxlan onlink src 10.244.0.1",
+                "neigh del 198.51.100.2 dev <uplink ifindex 4>",
             ]
         );
         let mut gone = native.clone();
         gone.routes.clear();
         assert_eq!(
             commands(&native, &gone),
-            ["route del 10.244.1.0/24 dev <uplink ifindex 4>"]
+            [
+                "route del 10.244.1.0/24 dev <uplink ifindex 4>",
+                "neigh del 198.51.100.2 dev <uplink ifindex 4>"
+            ]
+        );
+        // A node with two pod CIDRs keeps its entry while one of them is routed.
+        let mut two_cidrs = native.clone();
+        two_cidrs.routes.insert(
+            "10.245.1.0/24".parse().unwrap(),
+            OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
+        );
+        assert_eq!(
+            commands(&two_cidrs, &native),
+            ["route del 10.245.1.0/24 dev <uplink ifindex 4>"]
         );
     }
 

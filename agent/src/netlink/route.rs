@@ -6,7 +6,9 @@ use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
     route::{
         RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteIpTunnel, RouteLwEnCapType,
         RouteLwTunnelEncap, RouteMessage, RouteProtocol, RouteType,
@@ -257,6 +259,9 @@ pub struct Neighbour {
     pub ip: Ipv4Addr,
     pub mac: Option<[u8; 6]>,
     pub permanent: bool,
+    /// Kept resolved by the kernel (`ip neigh ... managed`, kernel >= 5.16): it
+    /// re-probes the entry before it goes stale, with or without traffic to it.
+    pub managed: bool,
 }
 
 impl Neighbour {
@@ -267,6 +272,19 @@ impl Neighbour {
             ip,
             mac: Some(mac),
             permanent: true,
+            managed: false,
+        }
+    }
+
+    /// A managed entry for `ip` behind `device`: the kernel resolves its MAC and
+    /// keeps it resolved.
+    pub fn managed(device: u32, ip: Ipv4Addr) -> Self {
+        Self {
+            device,
+            ip,
+            mac: None,
+            permanent: false,
+            managed: true,
         }
     }
 
@@ -284,6 +302,10 @@ impl Neighbour {
         if let Some(mac) = self.mac {
             let address = NeighbourAttribute::LinkLayerAddress(mac.to_vec());
             message.attributes.push(address);
+        }
+        if self.managed {
+            let managed = NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed);
+            message.attributes.push(managed);
         }
         message
     }
@@ -303,6 +325,9 @@ impl Neighbour {
             ip,
             mac,
             permanent: message.header.state == NeighbourState::Permanent,
+            managed: message.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed))
+            }),
         })
     }
 }
@@ -499,6 +524,10 @@ mod tests {
             Neighbour::from_message(&round_trip(&forget.message())),
             Some(forget)
         );
+        let node = Neighbour::managed(2, "198.51.100.2".parse().unwrap());
+        let message = round_trip(&node.message());
+        assert_eq!(message.header.state, NeighbourState::None);
+        assert_eq!(Neighbour::from_message(&message), Some(node));
 
         let address = Address {
             device: 3,

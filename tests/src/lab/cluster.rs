@@ -228,18 +228,22 @@ impl Cluster {
 
     /// Start every node's agent on the cluster's objects: its file, or the API server.
     pub fn start_agents(&mut self) -> Result<()> {
+        (0..self.nodes.len()).try_for_each(|index| self.start_agent(index))
+    }
+
+    /// Start node `index`'s agent alone (a node that joins later), as
+    /// [`Cluster::start_agents`] starts each.
+    pub fn start_agent(&mut self, index: usize) -> Result<()> {
+        let node = &mut self.nodes[index];
         let Some(api) = &self.api else {
-            return self.nodes.iter_mut().try_for_each(Node::start_agent);
+            return node.start_agent();
         };
         let api = api.lock().expect("no test thread panicked holding it");
-        for node in &mut self.nodes {
-            let kubeconfig = node.dir.join("kubeconfig");
-            api.store
-                .write_kubeconfig(&kubeconfig)
-                .context("writing a kubeconfig")?;
-            node.start_agent_kube(&kubeconfig)?;
-        }
-        Ok(())
+        let kubeconfig = node.dir.join("kubeconfig");
+        api.store
+            .write_kubeconfig(&kubeconfig)
+            .context("writing a kubeconfig")?;
+        node.start_agent_kube(&kubeconfig)
     }
 
     /// Find a pod by name on any node.
