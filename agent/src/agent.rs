@@ -283,6 +283,7 @@ impl NodeAgent {
                 self.telemetry
                     .set_overlay_problem(report.overlay_problem.clone());
                 self.health_checks.set(&node.health_checks);
+                self.telemetry.set_policy(Some(node.policy()));
                 self.node = Some(node);
                 if let Some(seeded) = &report.seeded_flows {
                     self.parts.take_over_pending = false;
@@ -303,6 +304,7 @@ impl NodeAgent {
             Err(e) => {
                 // The maps may hold part of the writes: the next sync reads them back.
                 self.node = None;
+                self.telemetry.set_policy(None);
                 self.telemetry.sync_errors.inc();
                 error!("sync failed: {e:#}");
                 None
@@ -457,6 +459,7 @@ impl NodeAgent {
         if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
             // The maps may hold part of the ops: the next (full) sync re-reads them.
             self.node = None;
+            self.telemetry.set_policy(None);
             self.telemetry.sync_errors.inc();
             error!("incremental sync failed: {e:#}");
             return false;
@@ -507,6 +510,7 @@ impl NodeAgent {
         };
         if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
             self.node = None;
+            self.telemetry.set_policy(None);
             self.telemetry.sync_errors.inc();
             error!("incremental policy sync failed: {e:#}");
             return false;
