@@ -249,6 +249,7 @@ impl NodeAgent {
                 self.node.as_ref().map(|node| &node.context),
                 &self.settings,
                 &mut self.parts,
+                &|policy| self.telemetry.set_policy(Some(policy)),
             )
         });
         let first = self.telemetry.syncs.get() == 0;
@@ -283,7 +284,6 @@ impl NodeAgent {
                 self.telemetry
                     .set_overlay_problem(report.overlay_problem.clone());
                 self.health_checks.set(&node.health_checks);
-                self.telemetry.set_policy(Some(node.policy()));
                 self.node = Some(node);
                 if let Some(seeded) = &report.seeded_flows {
                     self.parts.take_over_pending = false;
@@ -894,7 +894,9 @@ pub fn pending_writes(
 /// attachments, host routes and files around them. `skipped` carries what the source
 /// already had to leave out; ids are kept as `ids_from` (the last write) has them,
 /// else as the maps have them.
-/// Returns the report and the map contents now written.
+/// Returns the report and the map contents now written. `publish_policy` gets the
+/// plan's policy index before the maps are written from it (for the tools' queries:
+/// whoever sees the new maps asks the new index).
 #[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     objects: &ClusterObjects,
@@ -904,6 +906,7 @@ pub fn reconcile(
     previous: Option<&model::NodeContext>,
     settings: &plan::NodeSettings,
     parts: &mut NodeParts,
+    publish_policy: &dyn Fn(plan::SharedPolicy),
 ) -> Result<(SyncReport, plan::NodeState)> {
     let NodeParts {
         datapath,
@@ -962,6 +965,7 @@ pub fn reconcile(
         .iter()
         .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
     add_routes_to_new_endpoints(state, &plan.ops)?;
+    publish_policy(plan.policy.clone());
     let purged_flows = write_maps(maps, &current, &plan.ops)?;
     // Links pinned by an earlier agent still run the programs it loaded: move them to
     // this agent's, now that the maps hold this sync's state (an upgrade may have

@@ -2,7 +2,9 @@
 //! of monitors on the node's Unix socket, each with a bounded queue. A monitor that
 //! reads too slowly loses what does not fit in its queue: counted, and told where the
 //! gap is (a `missed` line queued as soon as there is room, after what it already had
-//! queued); it never holds up the reader, the other monitors or the agent.
+//! queued); it never holds up the reader, the other monitors or the agent. Queries
+//! (`ferrite explain`, `inspect policy`) are answered on the same thread, a few at
+//! a time, each one line written within the request timeout.
 use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
@@ -325,7 +327,8 @@ impl Connection {
     /// Answer `query` with one line (written within the request timeout: a client
     /// that does not read is dropped), then close.
     async fn answer(&self, query: &super::Query, mut write: tokio::net::unix::OwnedWriteHalf) {
-        let Ok(_turn) = tokio::time::timeout(REQUEST_TIMEOUT, self.queries.acquire()).await else {
+        let Ok(Ok(_turn)) = tokio::time::timeout(REQUEST_TIMEOUT, self.queries.acquire()).await
+        else {
             return;
         };
         let line = to_json(&answer(query, self.telemetry.policy().as_ref()));

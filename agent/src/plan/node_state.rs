@@ -56,8 +56,9 @@ pub struct NodeState {
 pub struct FullPlan {
     pub context: NodeContext,
     pub state: DesiredState,
-    /// The index the state's policy part comes from.
-    pub policy: PolicyIndex,
+    /// The index the state's policy part comes from (shared from the start: readers
+    /// get it before the maps are written from it).
+    pub policy: SharedPolicy,
     pub ops: Vec<Op>,
     /// What the maps hold once `ops` are written.
     pub written: MapContents,
@@ -92,7 +93,7 @@ impl FullPlan {
         Self {
             context,
             state,
-            policy,
+            policy: Arc::new(RwLock::new(policy)),
             ops,
             written,
             skipped,
@@ -109,7 +110,7 @@ impl FullPlan {
             health_checks: BTreeMap::new(),
             contenders: BTreeSet::new(),
             host_port_ports: BTreeSet::new(),
-            policy: Arc::new(RwLock::new(self.policy)),
+            policy: self.policy,
             local_pods: self
                 .state
                 .pods
@@ -192,12 +193,6 @@ impl NodeState {
         drop(policy);
         let ops = policy_update(&self.written.contents, &delta);
         Some(PolicyPlan { ops, skipped })
-    }
-
-    /// The policy index, for readers on other threads (it moves on with each
-    /// policy update; a full sync makes a new one).
-    pub fn policy(&self) -> SharedPolicy {
-        self.policy.clone()
     }
 
     /// Record `plan` as written.
