@@ -519,6 +519,20 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
         serde_json::json!(["x/a-from-y"]),
         "{explanation:#}"
     );
+    // So does `--socket`, of the flow to the backend the socket is given (x/a).
+    let socket = m.cluster.nodes[m.node_of(&x_a)].explain(&[
+        "--socket",
+        "--from",
+        &format!("{}:40000", m.ip(&pod_ref("y/b"))),
+        "--to",
+        &format!("{VIP}:80/tcp"),
+    ])?;
+    let said = socket["runs"][0]["policy"].as_str().unwrap_or_default();
+    assert!(
+        said.starts_with(&format!("ingress of {}: allowed", m.ip(&x_a)))
+            && said.contains("from NetworkPolicy x/a-from-y"),
+        "{socket:#}"
+    );
     // `ferrite inspect policy` shows x/a's one rule, its peers namespace y's pods.
     let shown = m.cluster.nodes[m.node_of(&x_a)].inspect_json("policy")?;
     let rows: Vec<_> = shown
