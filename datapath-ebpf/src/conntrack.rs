@@ -41,9 +41,10 @@ pub fn lookup(h: &Headers) -> Option<&'static CtValue> {
 
 /// The entry an ICMP error about the packet `quoted` belongs to: the error travels
 /// the way back, so the quoted tuple reversed is its flow's reply tuple (Cilium's
-/// related lookup). Left as it is: an error does not keep a flow alive.
+/// related lookup). Left as it is: an error does not keep a flow alive. In place, for
+/// the policy verdict it may cache (see `find`).
 #[inline(always)]
-pub fn lookup_related(quoted: &Quoted) -> Option<&'static CtValue> {
+pub fn lookup_related(quoted: &Quoted) -> Option<NonNull<CtValue>> {
     let reverse = key(
         quoted.daddr,
         quoted.saddr,
@@ -51,7 +52,7 @@ pub fn lookup_related(quoted: &Quoted) -> Option<&'static CtValue> {
         quoted.sport,
         quoted.proto,
     );
-    unsafe { CONNTRACK.get(reverse) }
+    CONNTRACK.get_ptr_mut(reverse).and_then(NonNull::new)
 }
 
 /// `CT_FLAG_UNESTABLISHED` for a new flow of `h`'s protocol: every TCP flow starts
@@ -161,8 +162,15 @@ pub fn lookup_and_touch(h: &Headers, bytes: u32) -> Option<&'static CtValue> {
 /// and the compiler may then copy a register the verifier counts as unread.)
 #[inline(always)]
 pub fn find(h: &Headers) -> Option<NonNull<CtValue>> {
+    find_with_ports(h, h.sport, h.dport)
+}
+
+/// [`find`] for a packet `h` without ports whose tuple has `sport` and `dport` in
+/// their place (an ICMP echo's identifier, see `icmp::echo_ports`).
+#[inline(always)]
+pub fn find_with_ports(h: &Headers, sport: u16, dport: u16) -> Option<NonNull<CtValue>> {
     let found = CONNTRACK
-        .get_ptr_mut(key(h.saddr, h.daddr, h.sport, h.dport, h.proto))
+        .get_ptr_mut(key(h.saddr, h.daddr, sport, dport, h.proto))
         .and_then(NonNull::new);
     trace::record(h.explain, |trace| match found {
         Some(entry) => {
@@ -344,9 +352,24 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
 /// reply entry (`CT_FLAG_REPLY`, its reverse translation a no-op: the client in
 /// `nat_address:nat_port` is where the replies go anyway), so the answers pass as
 /// answers. Nothing is recorded if the reply tuple is another flow's.
-#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 pub fn create_policed(h: &Headers, epoch: u32, verdict: u8, bytes: u32) {
+    create_policed_with_ports(h, h.sport, h.dport, epoch, verdict, bytes);
+}
+
+/// [`create_policed`] for a packet `h` without ports whose tuple has `sport` and
+/// `dport` in their place (an ICMP echo's identifier, see `icmp::echo_ports`); no
+/// copy of `h` on the verifier's 512 bytes of stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn create_policed_with_ports(
+    h: &Headers,
+    sport: u16,
+    dport: u16,
+    epoch: u32,
+    verdict: u8,
+    bytes: u32,
+) {
     if !trace::writes(h.explain, write::CT_CREATE) {
         return;
     }
@@ -354,15 +377,15 @@ pub fn create_policed(h: &Headers, epoch: u32, verdict: u8, bytes: u32) {
     let flow = NewFlow {
         backend_id: 0,
         backend_addr: h.daddr,
-        backend_port: h.dport,
+        backend_port: dport,
         rev_nat_index: REV_NAT_NONE,
         flags: CT_FLAG_POLICY,
     };
     let flags = CT_FLAG_POLICY | handshake_pending(h);
-    let mut entry = value(&flow, flags | CT_FLAG_REPLY, h.saddr, h.sport, now);
+    let mut entry = value(&flow, flags | CT_FLAG_REPLY, h.saddr, sport, now);
     entry.cache_epoch = epoch;
     entry.policy_verdict = verdict;
-    let reply_key = key(h.daddr, h.saddr, h.dport, h.sport, h.proto);
+    let reply_key = key(h.daddr, h.saddr, dport, sport, h.proto);
     if CONNTRACK
         .insert(reply_key, &entry, BPF_NOEXIST as u64)
         .is_err()
@@ -372,7 +395,7 @@ pub fn create_policed(h: &Headers, epoch: u32, verdict: u8, bytes: u32) {
     entry.flags = flags;
     entry.packets = 1;
     entry.bytes = bytes as u64;
-    let _ = CONNTRACK.insert(key(h.saddr, h.daddr, h.sport, h.dport, h.proto), &entry, 0);
+    let _ = CONNTRACK.insert(key(h.saddr, h.daddr, sport, dport, h.proto), &entry, 0);
 }
 
 /// How a new Service flow is translated.

@@ -18,6 +18,9 @@
 //!   or taken whole by the pod);
 //! - replies to the node's own Service flows whose backend is another node's address
 //!   are translated back at tcx ingress (the XDP program leaves them alone);
+//! - a backend on this node whose NetworkPolicy does not admit the client (its
+//!   address, the target port) drops the new flow (`drop_policy_ingress`), before the
+//!   pod sees it; an admitted flow's replies are judged as its answers;
 //! - a backend on this node: DNAT only (the client IP is kept); on another node: DNAT
 //!   and SNAT to this node's IP and a free port of its SNAT range, so the reply comes
 //!   back here. Both pass on translated: the uplink's TC program delivers them to the
@@ -36,7 +39,7 @@ use crate::{
     maps::{CONFIG, SOURCE_RANGES},
     nat,
     packet::{Packet, Verdict},
-    routing,
+    policy, routing,
     stats::count_lb,
     trace::{self, count},
 };
@@ -132,6 +135,15 @@ pub fn balance<P: Packet>(pkt: &P, program: u8) -> Result<Verdict, ()> {
     };
     let local =
         svc.flags & svc_flag::LOCAL_ONLY != 0 || routing::local_endpoint(backend_addr).is_some();
+    if local {
+        // Judged before delivery as the backend receives it: from the client's
+        // address, to its target port (a remote backend's node judges the flow,
+        // SNATed to this node, as kube-proxy's).
+        let verdict = policy::verdict(h.saddr, backend_addr, h.proto, chosen.backend.port);
+        if let Some(reason) = policy::denied(verdict) {
+            return Ok(Verdict::Drop(reason));
+        }
+    }
     // A local backend whose reply tuple to this client is taken (the client port
     // reached it through another frontend) is SNATed like a remote one.
     if local && conntrack::create(&h, &flow, pkt.len())? {

@@ -3,7 +3,8 @@
 //! to a Service without ready backends is refused with ICMP port unreachable, sent
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
 //! dropped (`drop_no_backend`). An ICMP error a backend sends about a packet of a
-//! translated flow is translated back like the flow's replies.
+//! translated flow is translated back like the flow's replies; one about a flow its
+//! policy allows passes as that flow's packets do.
 use ferrite_common::{
     explain::{step, write},
     policy::CT_POLICY_ALLOWED,
@@ -152,11 +153,17 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             conntrack::create_policed(&h, epoch, verdict, pkt.len());
         }
         return routing::route_found(pkt, &found, daddr, dport);
-    } else if is_fragment_routed(&h) {
+    }
+    // Whether policy has had its say already (an ICMP error about an allowed flow):
+    // one route call site below either way (each is inlined, with its stack).
+    let mut judged = false;
+    if is_fragment_routed(&h) {
         count(h.explain, stat::FRAGMENT_ROUTED, pkt.len());
     } else if h.proto == PROTO_ICMP {
-        match reply::reverse_icmp_error(pkt, &h)? {
+        match reply::reverse_icmp_error(pkt, &h, epoch)? {
             ErrorTo::Unrelated => {}
+            // Passes as the flow it is about.
+            ErrorTo::Allowed => judged = true,
             // Routed like the flow's replies (by the port it quotes).
             ErrorTo::Untracked(port) => dport = port,
             ErrorTo::Stack => {
@@ -173,17 +180,14 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             }
         }
     }
-    // Without ports nothing is recorded: each packet is judged on its own.
-    let verdict = policy::verdict_with(
-        h.saddr,
-        source_isolation,
-        daddr,
-        policy::isolation(daddr),
-        h.proto,
-        0,
-    );
-    if let Some(reason) = policy::denied(verdict) {
-        return Ok(Verdict::Drop(reason));
+    // Without ports only an ICMP echo is recorded; the rest is judged packet by packet.
+    if !judged {
+        let destination_isolation = policy::isolation(daddr);
+        if let Err(reason) =
+            policy::judge_portless(pkt, &h, epoch, source_isolation, destination_isolation)
+        {
+            return Ok(Verdict::Drop(reason));
+        }
     }
     routing::route(pkt, daddr, dport)
 }

@@ -27,6 +27,8 @@ const ICMP_HLEN: usize = 8;
 /// The original IP header and the first 8 bytes of its payload (RFC 792).
 const QUOTED_LEN: usize = IPV4_HLEN + 8;
 const ERROR_IP_LEN: usize = IPV4_HLEN + ICMP_HLEN + QUOTED_LEN;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
@@ -93,6 +95,52 @@ fn unreachable<P: Packet>(pkt: &P, h: &Headers, code: u8, mtu: u16) -> Result<()
     pkt.store(0, &swapped)?;
     pkt.store(IP_OFF, &ip)?;
     pkt.store(IP_OFF + IPV4_HLEN, &icmp)
+}
+
+/// The ports an ICMP echo stands in for in its conntrack tuple (Cilium's way: the
+/// identifier in place of a port): a request's identifier is its source port, its
+/// reply's the destination port, so a reply's tuple is its request's reversed and
+/// finds the request's reply entry. `None` for anything else, and for a fragment
+/// after the first (no ICMP header) or one with IP options (fixed offsets, which the
+/// verifier follows without doubt; such pings are judged one by one). (Identifier 0
+/// makes (0, 0) both ways: the caller tells a request from a reply by its source
+/// port alone otherwise.)
+#[inline(always)]
+pub fn echo_ports<P: Packet>(pkt: &P, h: &Headers) -> Option<Echo> {
+    const ECHO_OFF: usize = IP_OFF + IPV4_HLEN;
+    if h.proto != PROTO_ICMP
+        || h.l4_offset != ECHO_OFF
+        || ECHO_OFF + ICMP_HLEN > ETH_HLEN + h.tot_len as usize
+    {
+        return None;
+    }
+    let frags: u16 = pkt.load(IP_OFF + 6).ok()?;
+    if u16::from_be(frags) & 0x1fff != 0 {
+        return None;
+    }
+    pkt.ensure_linear((ECHO_OFF + ICMP_HLEN) as u32).ok()?;
+    let header: [u8; ICMP_HLEN] = pkt.load(ECHO_OFF).ok()?;
+    let identifier = u16::from_be_bytes([header[4], header[5]]);
+    match header[0] {
+        ICMP_ECHO_REQUEST => Some(Echo {
+            sport: identifier,
+            dport: 0,
+            request: true,
+        }),
+        ICMP_ECHO_REPLY => Some(Echo {
+            sport: 0,
+            dport: identifier,
+            request: false,
+        }),
+        _ => None,
+    }
+}
+
+/// An ICMP echo's conntrack ports (see [`echo_ports`]), host order.
+pub struct Echo {
+    pub sport: u16,
+    pub dport: u16,
+    pub request: bool,
 }
 
 /// Where an ICMP error's parts are, for one whose IP header has no options (Linux

@@ -2,7 +2,7 @@
 //! (`csum`), maps and counters, the explain runs' trace (`trace`), packet access
 //! (`packet`), header parsing (`fragments`, `headers`), the monitor's events
 //! (`events`), rewrites (`nat`, `icmp`), state and decisions
-//! (`conntrack`, `lb`, `routing`, `external`, `reply`, `peer`), the verdict-to-return-code
+//! (`conntrack`, `lb`, `routing`, `policy`, `external`, `reply`, `peer`), the verdict-to-return-code
 //! mapping (`action`), then one thin file per attach point (`from_pod`,
 //! `from_overlay`, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
 //! socket programs in `sock`). No module uses one above it; entries use no entry.

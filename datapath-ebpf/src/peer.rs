@@ -105,8 +105,10 @@ pub fn receive<P: Packet>(
     // An ICMP error about a flow the datapath translated follows that flow.
     let mut related_error = false;
     if h.proto == PROTO_ICMP {
-        match reply::reverse_icmp_error(pkt, h)? {
+        match reply::reverse_icmp_error(pkt, h, epoch)? {
             ErrorTo::Unrelated | ErrorTo::Untracked(_) | ErrorTo::Stack => {}
+            // About a flow its policy allows: passes as the flow's packets do.
+            ErrorTo::Allowed => related_error = true,
             ErrorTo::World => return routing::to_world(pkt, h),
             ErrorTo::Client(client) if routing::is_host_address(client) => {
                 return routing::to_host(pkt)
@@ -157,14 +159,19 @@ pub fn receive<P: Packet>(
     if routing::ttl_expires(pkt) {
         return Ok(Verdict::Drop(stat::DROP_TTL_EXCEEDED));
     }
-    // A new flow to a policed pod: judged, and recorded if allowed.
+    // A new flow to a policed pod: judged, and recorded if allowed (without ports:
+    // an ICMP echo, see `policy::judge_portless`).
     if entry.is_none() && !related_error && ep.flags & policy::ISOLATED != 0 {
-        let verdict = policy::verdict_of_new(h);
-        if let Some(reason) = policy::denied(verdict) {
-            return Ok(Verdict::Drop(reason));
-        }
         if h.has_ports {
+            let verdict = policy::verdict_of_new(h);
+            if let Some(reason) = policy::denied(verdict) {
+                return Ok(Verdict::Drop(reason));
+            }
             conntrack::create_policed(h, epoch, verdict, pkt.len());
+        } else if let Err(reason) =
+            policy::judge_portless(pkt, h, epoch, policy::isolation(h.saddr), ep.flags)
+        {
+            return Ok(Verdict::Drop(reason));
         }
     }
     count(h.explain, stat::RECEIVED_FROM_NODE, pkt.len());

@@ -9,6 +9,12 @@
 //! when the agent bumps the epoch (every policy change), so a connection a new
 //! policy denies stops within one sync. The node's own addresses reach its pods
 //! unchecked (kubelet probes), as with Cilium and Calico.
+//!
+//! Packets without ports: an ICMP echo is a flow keyed by its identifier (see
+//! `icmp::echo_ports`), recorded like a TCP/UDP flow, so the reply of an allowed
+//! request passes; an ICMP error about a packet of a flow conntrack holds is judged
+//! as that flow ([`check_related`]); anything else (other ICMP, untracked later
+//! fragments) is judged one packet at a time.
 use core::ptr::NonNull;
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
@@ -26,7 +32,9 @@ use ferrite_common::{
 use crate::{
     conntrack,
     headers::Headers,
+    icmp::{self, Quoted},
     maps::{IPCACHE, POLICY},
+    packet::Packet,
     routing, trace,
 };
 
@@ -132,6 +140,33 @@ pub fn denied(verdict: u8) -> Option<u32> {
 /// opening direction, cached. `Err`: dropped for this `stat` reason.
 #[inline(always)]
 pub fn check_flow(entry: NonNull<CtValue>, epoch: u32, h: &Headers) -> Result<(), u32> {
+    let ports = Ports {
+        sport: h.sport,
+        dport: h.dport,
+    };
+    check_tuple(entry, epoch, h.saddr, h.daddr, ports, h.proto, h.explain)
+}
+
+/// A flow's ports as [`check_tuple`] takes them (host order): in registers, where a
+/// tuple on the stack would push `ferrite_from_pod` past the verifier's 512 bytes.
+#[derive(Clone, Copy)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+/// [`check_flow`] for a packet of the flow from `saddr` to `daddr` (raw network order)
+/// with `ports` over `proto` (`explain`: an explain run's).
+#[inline(always)]
+fn check_tuple(
+    entry: NonNull<CtValue>,
+    epoch: u32,
+    saddr: u32,
+    daddr: u32,
+    ports: Ports,
+    proto: u8,
+    explain: bool,
+) -> Result<(), u32> {
     let ct = entry.as_ptr();
     // SAFETY: a value of `ferrite_ct` found by this packet's lookup; another CPU's
     // concurrent write at worst makes this packet judge the flow again.
@@ -155,20 +190,88 @@ pub fn check_flow(entry: NonNull<CtValue>, epoch: u32, h: &Headers) -> Result<()
         };
         let verdict = if flags & (CT_FLAG_REPLY | CT_FLAG_VIA_STACK) != 0 {
             // An answer: the flow was opened by its destination, to its source port.
-            verdict(h.daddr, h.saddr, h.proto, h.sport)
+            verdict(daddr, saddr, proto, ports.sport)
         } else if rev_nat != REV_NAT_NONE {
             // A Service flow's client: judged at the backend it is pinned to.
-            verdict(h.saddr, backend, h.proto, backend_port)
+            verdict(saddr, backend, proto, backend_port)
         } else {
-            verdict(h.saddr, h.daddr, h.proto, h.dport)
+            verdict(saddr, daddr, proto, ports.dport)
         };
-        if trace::writes(h.explain, write::CT_CACHE) {
+        if trace::writes(explain, write::CT_CACHE) {
             conntrack::claim_epoch(entry, epoch);
             unsafe { (*ct).policy_verdict = verdict };
         }
         verdict
     };
     match denied(verdict) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
+
+/// Judge an ICMP error `h` about `quoted`, a packet of the flow whose entry `entry` is
+/// the one of the packets going the other way (`conntrack::lookup_related`), as that
+/// flow's packets are judged: a port unreachable or a "fragmentation needed" about an
+/// allowed flow reaches its sender whatever the isolation of either end.
+#[inline(always)]
+pub fn check_related(
+    entry: NonNull<CtValue>,
+    epoch: u32,
+    h: &Headers,
+    quoted: &Quoted,
+) -> Result<(), u32> {
+    let ports = Ports {
+        sport: quoted.dport,
+        dport: quoted.sport,
+    };
+    let (saddr, daddr) = (quoted.daddr, quoted.saddr);
+    check_tuple(entry, epoch, saddr, daddr, ports, quoted.proto, h.explain)
+}
+
+/// Judge a packet `h` without ports that is no ICMP error of a tracked flow, from a
+/// source with isolation flags `src_flags` to a destination with `dst_flags` (0: not
+/// a pod of this node). An ICMP echo request a policy had to allow is recorded, so
+/// its reply passes as a reply; a packet of such an echo is judged as its flow (and
+/// keeps it alive); everything else, a reply without its request too, on its own,
+/// as a new flow without ports. `Err`: dropped for this `stat` reason.
+#[inline(always)]
+pub fn judge_portless<P: Packet>(
+    pkt: &P,
+    h: &Headers,
+    epoch: u32,
+    src_flags: u32,
+    dst_flags: u32,
+) -> Result<(), u32> {
+    if (src_flags | dst_flags) & ISOLATED == 0 {
+        return Ok(());
+    }
+    if let Some(echo) = icmp::echo_ports(pkt, h) {
+        if let Some(entry) = conntrack::find_with_ports(h, echo.sport, echo.dport) {
+            // ICMP: only the counters and the clock of the entry move.
+            let ct = conntrack::touch(entry, h, pkt.len());
+            // A request with identifier 0 has its reply's tuple: it is no reply.
+            if !(echo.request && ct.flags & CT_FLAG_REPLY != 0) {
+                let ports = Ports {
+                    sport: echo.sport,
+                    dport: echo.dport,
+                };
+                return check_tuple(entry, epoch, h.saddr, h.daddr, ports, h.proto, h.explain);
+            }
+        } else if echo.request {
+            let verdict = verdict_with(h.saddr, src_flags, h.daddr, dst_flags, h.proto, 0);
+            if let Some(reason) = denied(verdict) {
+                return Err(reason);
+            }
+            if verdict == CT_POLICY_ALLOWED {
+                let (sport, dport) = (echo.sport, echo.dport);
+                conntrack::create_policed_with_ports(h, sport, dport, epoch, verdict, pkt.len());
+            }
+            return Ok(());
+        }
+    }
+    match denied(verdict_with(
+        h.saddr, src_flags, h.daddr, dst_flags, h.proto, 0,
+    )) {
         Some(reason) => Err(reason),
         None => Ok(()),
     }

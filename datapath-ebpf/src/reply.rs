@@ -7,14 +7,18 @@ use crate::{
     headers::Headers,
     icmp, nat,
     packet::{Packet, Verdict},
-    routing,
+    policy, routing,
 };
 
 /// Where an ICMP error goes after [`reverse_icmp_error`].
 pub enum ErrorTo {
-    /// Not about a flow conntrack translated (or left untranslated, its Service gone):
-    /// a packet like any other, to its destination.
+    /// Not about a flow conntrack holds, or about one its policy denies: a packet
+    /// like any other, to its destination, judged on its own.
     Unrelated,
+    /// About a flow conntrack holds whose policy lets it pass, with nothing to
+    /// translate (its Service gone, or not translated at all, or an error a router
+    /// sent): to its destination, not judged again.
+    Allowed,
     /// About a flow this node holds no state of, from the quoted packet's destination
     /// to its source: routed as the flow's replies are, by the quoted source port
     /// (this one), so an error about a NodePort flow another node SNATed to a port of
@@ -33,24 +37,41 @@ pub enum ErrorTo {
 /// backend of a translated flow sent about one of its packets, translated back like
 /// the flow's replies (`icmp::reverse_error`: a connected UDP socket of the client
 /// then gets ECONNREFUSED for a closed target port, as with kube-proxy). Only an
-/// error from the quoted packet's destination to its source qualifies: a pod cannot
-/// forge errors about flows it is not the backend of.
+/// error from the quoted packet's destination to its source is translated: a pod
+/// cannot forge errors about flows it is not the backend of. Any error to the
+/// quoted packet's source (a router's "time exceeded" or "fragmentation needed"
+/// too) is judged as the flow it is about (`policy::check_related`, at route epoch
+/// `epoch`), like Linux conntrack's RELATED: an allowed flow's errors pass whatever
+/// the isolation of either end.
 #[inline(always)]
-pub fn reverse_icmp_error<P: Packet>(pkt: &P, h: &Headers) -> Result<ErrorTo, ()> {
+pub fn reverse_icmp_error<P: Packet>(pkt: &P, h: &Headers, epoch: u32) -> Result<ErrorTo, ()> {
     let Some(quoted) = icmp::quoted(pkt, h) else {
         return Ok(ErrorTo::Unrelated);
     };
-    if quoted.daddr != h.saddr || quoted.saddr != h.daddr {
+    if quoted.saddr != h.daddr {
         return Ok(ErrorTo::Unrelated);
     }
-    let Some(ct) = conntrack::lookup_related(&quoted) else {
-        return Ok(ErrorTo::Untracked(quoted.sport));
+    let from_destination = quoted.daddr == h.saddr;
+    let Some(entry) = conntrack::lookup_related(&quoted) else {
+        return Ok(if from_destination {
+            ErrorTo::Untracked(quoted.sport)
+        } else {
+            ErrorTo::Unrelated
+        });
     };
+    if policy::check_related(entry, epoch, h, &quoted).is_err() {
+        return Ok(ErrorTo::Unrelated);
+    }
+    // SAFETY: a value of `ferrite_ct` found by this packet's lookup.
+    let ct = unsafe { entry.as_ref() };
+    if !from_destination {
+        return Ok(ErrorTo::Allowed);
+    }
     if ct.flags & CT_FLAG_VIA_STACK != 0 {
         return Ok(ErrorTo::Stack);
     }
     if ct.flags & CT_FLAG_REPLY == 0 || !icmp::reverse_error(pkt, h, &quoted, ct)? {
-        return Ok(ErrorTo::Unrelated);
+        return Ok(ErrorTo::Allowed);
     }
     Ok(if ct.flags & CT_FLAG_EXTERNAL != 0 {
         ErrorTo::World

@@ -7,7 +7,8 @@
 //! connection to a hostPort on a node address that netfilter (portmap) DNATed to this
 //! pod: such a flow is recorded so that its replies go back through the stack too;
 //! ICMP errors about Service flows are translated back too. What a pod's
-//! NetworkPolicy does not allow is dropped here (the node's own traffic never is).
+//! NetworkPolicy does not allow is dropped here (the node's own traffic never is);
+//! an ICMP echo reply or error of a flow it allows passes as that flow's packets do.
 use ferrite_common::{policy::CT_POLICY_ALLOWED, PROTO_ICMP};
 
 use crate::{
@@ -35,13 +36,16 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Parsed::Ipv4(h) if h.has_ports => h,
         // An ICMP error a host-network backend's stack sent about a packet of a
         // Service flow (a closed port): translated back, on its way to the pod.
+        // An ICMP error about a flow conntrack holds is judged as that flow (about an
+        // unknown flow, as a packet of its own).
         Parsed::Ipv4(h) if h.proto == PROTO_ICMP => {
-            if matches!(reply::reverse_icmp_error(pkt, &h)?, ErrorTo::Unrelated) {
-                return judge_unrecorded(&h);
-            }
-            return Ok(Verdict::Pass);
+            let epoch = routing::epoch();
+            return match reply::reverse_icmp_error(pkt, &h, epoch)? {
+                ErrorTo::Unrelated | ErrorTo::Untracked(_) => judge_unrecorded(pkt, &h, epoch),
+                _ => Ok(Verdict::Pass),
+            };
         }
-        Parsed::Ipv4(h) => return judge_unrecorded(&h),
+        Parsed::Ipv4(h) => return judge_unrecorded(pkt, &h, routing::epoch()),
         _ => return Ok(Verdict::Pass),
     };
     if reply::reverse_in_cluster_reply(pkt, &h)? {
@@ -81,15 +85,17 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     Ok(Verdict::Pass)
 }
 
-/// A packet without ports for a pod (not an error about a translated flow): judged
-/// on its own, the node's own packets unchecked.
+/// A packet without ports for a pod (not an error about a tracked flow): an ICMP
+/// echo judged as its flow, anything else on its own (`policy::judge_portless`), the
+/// node's own packets unchecked.
 #[inline(always)]
-fn judge_unrecorded(h: &Headers) -> Result<Verdict, ()> {
+fn judge_unrecorded<P: Packet>(pkt: &P, h: &Headers, epoch: u32) -> Result<Verdict, ()> {
     if routing::is_host_address(h.saddr) {
         return Ok(Verdict::Pass);
     }
-    match policy::denied(policy::verdict_of_new(h)) {
-        Some(reason) => Ok(Verdict::Drop(reason)),
-        None => Ok(Verdict::Pass),
+    let (src_flags, dst_flags) = (policy::isolation(h.saddr), policy::isolation(h.daddr));
+    match policy::judge_portless(pkt, h, epoch, src_flags, dst_flags) {
+        Err(reason) => Ok(Verdict::Drop(reason)),
+        Ok(()) => Ok(Verdict::Pass),
     }
 }

@@ -92,6 +92,22 @@ pub fn udp_without_checksum(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]
     frame
 }
 
+/// An ICMP echo request (`request`) or reply from `from` to `to`, with its identifier
+/// and sequence number and a few bytes of payload.
+pub fn icmp_echo(from: Ipv4Addr, to: Ipv4Addr, request: bool, id: u16, seq: u16) -> Vec<u8> {
+    let builder =
+        PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC).ipv4(from.octets(), to.octets(), 64);
+    let builder = if request {
+        builder.icmpv4_echo_request(id, seq)
+    } else {
+        builder.icmpv4_echo_reply(id, seq)
+    };
+    let payload = b"ping";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write frame");
+    frame
+}
+
 /// The ICMP "destination unreachable" a router (or kube-proxy's REJECT) sends back for
 /// `frame`: from the address it was sent to, MACs swapped, quoting its IP header and
 /// first 8 payload bytes. `next_hop_mtu` is for "fragmentation needed" (code 4); the

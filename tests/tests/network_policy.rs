@@ -13,11 +13,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ferrite_agent::{monitor::Line, plan::RouteKey};
 use ferrite_tests::{
     fake_apiserver::FakeApiServer,
-    lab::{node_yaml, pod_ip, Cluster, ObjectSource, Pod, Server},
+    lab::{node_yaml, pod_ip, Cluster, ObjectSource, Pod, Server, WORLD_IP},
     monitor::Monitor,
 };
 
@@ -784,6 +784,228 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
     assert!(
         format!("{by_name:#}").contains("needs the node's agent"),
         "{by_name:#}"
+    );
+    Ok(())
+}
+
+/// Whether `to` answers an ICMP echo request (identifier `id`) from this thread's
+/// network namespace within a second (a raw socket: the lab has no `ping`).
+fn pings(to: Ipv4Addr, id: u16) -> Result<bool> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let mut request = [8u8, 0, 0, 0, 0, 0, 0, 1, b'p', b'i', b'n', b'g'];
+    request[4..6].copy_from_slice(&id.to_be_bytes());
+    let sum = request
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    request[2..4].copy_from_slice(&checksum.to_be_bytes());
+    let destination = SockAddr::from(SocketAddrV4::new(to, 0));
+    for _ in 0..3 {
+        socket.send_to(&request, &destination)?;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while let Ok(n) = socket.recv(&mut buf) {
+            // SAFETY: `recv` initialised the first `n` bytes.
+            let packet: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            let icmp = &packet[header_len..];
+            let from_target = packet[12..16] == to.octets();
+            if from_target && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// What a connected UDP socket from this thread's network namespace gets for a
+/// datagram to `to`: `Ok(true)` for ECONNREFUSED (an ICMP port unreachable came
+/// back), `Ok(false)` for silence.
+fn refused(to: SocketAddrV4) -> Result<bool> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(to)?;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        match socket.send(b"probe") {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(true),
+            _ => {}
+        }
+        match socket.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(true),
+            Ok(_) => bail!("{to} answered"),
+            Err(_) => {}
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `to` answers as the pod `expected` over TCP from `WORLD_IP` (the world's
+/// own address; it would otherwise send from its underlay address), from this
+/// thread's network namespace.
+fn reaches_from_world_ip(to: SocketAddrV4, expected: &str) -> Result<bool> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SockAddr::from(SocketAddrV4::new(WORLD_IP, 0)))?;
+    if socket
+        .connect_timeout(&SockAddr::from(to), Duration::from_millis(1500))
+        .is_err()
+    {
+        return Ok(false);
+    }
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_millis(1500)))?;
+    stream.write_all(b"probe\n")?;
+    let mut line = String::new();
+    if BufReader::new(stream).read_line(&mut line).is_err() {
+        return Ok(false);
+    }
+    Ok(line.starts_with(&format!("{expected}|")))
+}
+
+mod icmp_and_external_clients_of_isolated_pods {
+    use ferrite_tests::lab::ObjectSource;
+
+    #[test]
+    fn from_a_file() -> anyhow::Result<()> {
+        super::icmp_and_external_clients_of_isolated_pods(ObjectSource::File)
+    }
+
+    #[test]
+    fn from_the_api_server() -> anyhow::Result<()> {
+        super::icmp_and_external_clients_of_isolated_pods(ObjectSource::Kubernetes)
+    }
+}
+
+/// Every pod of namespace x isolated both ways; x/a admits pods b and c of x (any
+/// protocol, so ICMP too) and they may send it anything; nothing else is allowed.
+/// Pings from x/b (the other node) and x/c (x/a's node) are answered though x/a may
+/// send nothing and they receive nothing on their own; x/a's pings go nowhere; a
+/// connected UDP socket of x/b gets ECONNREFUSED from a closed port of x/a; a client
+/// in the world reaching x/a through a NodePort on x/a's node is dropped there
+/// (`drop_policy_ingress`) until an ipBlock admits its address.
+fn icmp_and_external_clients_of_isolated_pods(source: ObjectSource) -> Result<()> {
+    const NODE_PORT: u16 = 30080;
+    let mut m = Matrix::new(source)?;
+    let (x_a, x_b, x_c) = (pod_ref("x/a"), pod_ref("x/b"), pod_ref("x/c"));
+    let node_of_a = m.node_of(&x_a);
+    assert_ne!(m.node_of(&x_b), node_of_a, "x/b is on the other node");
+    assert_eq!(m.node_of(&x_c), node_of_a, "x/c is on x/a's node");
+    let node_ip = m.cluster.nodes[node_of_a].ip.context("plugged")?;
+    let node_port = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web-np, namespace: x}}\n\
+         spec: {{type: NodePort, clusterIP: 10.96.0.81, ports: [{{name: http, port: 80, targetPort: 80, nodePort: {NODE_PORT}, protocol: TCP}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-np-1, namespace: x, labels: {{kubernetes.io/service-name: web-np}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]\n",
+        m.ip(&x_a)
+    );
+    let isolated = format!(
+        "{node_port}---\n{}---\n{}---\n{}",
+        policy(
+            "x",
+            "deny-all",
+            "{podSelector: {}, policyTypes: [Ingress, Egress]}"
+        ),
+        policy(
+            "x",
+            "a-from-b-and-c",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: \
+             [{podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}}]}]}"
+        ),
+        policy(
+            "x",
+            "b-and-c-to-a",
+            "{podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}, \
+             policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {pod: a}}}]}]}"
+        ),
+    );
+    m.apply(&isolated)?;
+    // From the API server the policies may take a few syncs more (see `expect`).
+    let rounds = match source {
+        ObjectSource::File => 1,
+        ObjectSource::Kubernetes => 4,
+    };
+    let ping = |m: &Matrix, from: &PodRef, to: &PodRef, id: u16| -> Result<bool> {
+        let to = m.ip(to);
+        m.pod(from).netns.run(move || pings(to, id))?
+    };
+    let mut seen = Vec::new();
+    for round in 0..rounds {
+        seen = vec![
+            ping(&m, &x_b, &x_a, 101)?,
+            ping(&m, &x_c, &x_a, 102)?,
+            ping(&m, &x_a, &x_b, 103)?,
+            ping(&m, &x_a, &x_c, 104)?,
+        ];
+        if seen == [true, true, false, false] {
+            break;
+        }
+        if round + 1 < rounds {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert_eq!(
+        seen,
+        [true, true, false, false],
+        "pings x/b -> x/a, x/c -> x/a, x/a -> x/b, x/a -> x/c"
+    );
+
+    // The allowed datagram's port unreachable comes back to the client's socket.
+    let closed = SocketAddrV4::new(m.ip(&x_a), 9);
+    assert!(
+        m.pod(&x_b).netns.run(move || refused(closed))??,
+        "x/b's connected UDP socket to x/a's closed port is not refused"
+    );
+
+    // The world through the NodePort on x/a's node: dropped before x/a.
+    let node = &m.cluster.nodes[node_of_a];
+    let drops = |node: &ferrite_tests::lab::Node| -> Result<u64> {
+        let stats = node.inspect_json("stats")?;
+        let row = stats
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["counter"] == "drop_policy_ingress"))
+            .context("a drop_policy_ingress row")?;
+        row["packets"].as_u64().context("packets")
+    };
+    let before = drops(node)?;
+    let frontend = SocketAddrV4::new(node_ip, NODE_PORT);
+    let reached = m
+        .cluster
+        .world
+        .run(move || reaches_from_world_ip(frontend, "x/a"))??;
+    assert!(!reached, "the world reached x/a through its NodePort");
+    assert!(drops(node)? > before, "no drop_policy_ingress counted");
+
+    let world_allowed = policy(
+        "x",
+        "a-from-the-world",
+        &format!(
+            "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Ingress], ingress: [{{from: \
+             [{{ipBlock: {{cidr: {WORLD_IP}/32}}}}], ports: [{{port: 80, protocol: TCP}}]}}]}}"
+        ),
+    );
+    m.apply(&format!("{isolated}---\n{world_allowed}"))?;
+    let mut reached = false;
+    for _ in 0..rounds {
+        reached = m
+            .cluster
+            .world
+            .run(move || reaches_from_world_ip(frontend, "x/a"))??;
+        if reached {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        reached,
+        "an ipBlock holding the world's address does not let it in"
     );
     Ok(())
 }

@@ -128,7 +128,8 @@ pub struct PolicyIndex {
     pods_at: BTreeMap<Ipv4Addr, BTreeSet<ObjectKey>>,
     /// This node's pods.
     local: BTreeSet<ObjectKey>,
-    groups: HashMap<(String, Labels), Group>,
+    /// By namespace, then labels.
+    groups: HashMap<String, HashMap<Labels, Group>>,
     /// The class of every prefix with an identity to give: pod and node addresses,
     /// ipBlock prefixes.
     class_of: BTreeMap<Ipv4Net, Class>,
@@ -163,7 +164,8 @@ struct Dirty {
     namespaces: BTreeSet<String>,
     /// Peers added or removed.
     peers: BTreeSet<PeerRef>,
-    new_groups: BTreeSet<(String, Labels)>,
+    /// By namespace.
+    new_groups: HashMap<String, BTreeSet<Labels>>,
     prefixes: BTreeSet<Ipv4Net>,
     every_prefix: bool,
     /// Namespaces whose local pods' endpoints are recomputed.
@@ -365,11 +367,15 @@ impl PolicyIndex {
             return;
         }
         if let Some(old) = self.pods.remove(key) {
-            let group_key = (old.namespace.clone(), old.labels.clone());
-            if let Some(group) = self.groups.get_mut(&group_key) {
-                group.members.remove(key);
-                if group.members.is_empty() {
-                    self.groups.remove(&group_key);
+            if let Some(groups) = self.groups.get_mut(&old.namespace) {
+                if let Some(group) = groups.get_mut(&old.labels) {
+                    group.members.remove(key);
+                    if group.members.is_empty() {
+                        groups.remove(&old.labels);
+                    }
+                }
+                if groups.is_empty() {
+                    self.groups.remove(&old.namespace);
                 }
             }
             if let Some(keys) = self.pods_at.get_mut(&old.ip) {
@@ -391,10 +397,18 @@ impl PolicyIndex {
             dirty.named_ports |= !old.named_ports.is_empty();
         }
         let Some(new) = new else { return };
-        let group_key = (new.namespace.clone(), new.labels.clone());
-        let group = self.groups.entry(group_key.clone()).or_default();
+        let group = self
+            .groups
+            .entry(new.namespace.clone())
+            .or_default()
+            .entry(new.labels.clone())
+            .or_default();
         if group.members.is_empty() {
-            dirty.new_groups.insert(group_key);
+            dirty
+                .new_groups
+                .entry(new.namespace.clone())
+                .or_default()
+                .insert(new.labels.clone());
         }
         group.members.insert(key.clone());
         self.pods_at.entry(new.ip).or_default().insert(key.clone());
@@ -410,74 +424,69 @@ impl PolicyIndex {
     /// Recompute the selector peers of the groups the changes can touch; the
     /// addresses of a group whose peers changed are to be reclassified.
     fn regroup(&mut self, dirty: &mut Dirty) {
-        let label_peers = |peers: &BTreeMap<PeerRef, usize>| -> Vec<PeerRef> {
-            peers
-                .keys()
-                .filter(|p| matches!(***p, Peer::Pods { .. }))
-                .cloned()
-                .collect()
-        };
-        let every_label_peer = label_peers(&self.peers);
         let touched: Vec<PeerRef> = dirty
             .peers
             .iter()
             .filter(|p| matches!(***p, Peer::Pods { .. }))
             .cloned()
             .collect();
-        // The peers whose namespace part admits a namespace: decided once per
-        // namespace.
-        let mut admitting: HashMap<String, Vec<PeerRef>> = HashMap::new();
-        let mut namespace_labels: HashMap<String, Labels> = HashMap::new();
-        for ((namespace, labels), group) in &mut self.groups {
-            let whole = dirty.namespaces.contains(namespace)
-                || dirty
-                    .new_groups
-                    .contains(&(namespace.clone(), labels.clone()));
-            if !whole && touched.is_empty() {
+        for (namespace, groups) in &mut self.groups {
+            let new_here = dirty.new_groups.get(namespace);
+            let relabelled = dirty.namespaces.contains(namespace);
+            let namespace_labels = self
+                .namespaces
+                .get(namespace)
+                .cloned()
+                .unwrap_or_else(|| super::namespace_labels(namespace, None));
+            // A peer's namespace part reads only the namespace's labels: unless they
+            // changed, a touched peer that does not admit the namespace now never
+            // did, and no group of it holds the peer.
+            let touched_here: Vec<&PeerRef> = touched
+                .iter()
+                .filter(|p| relabelled || p.admits_namespace(namespace, &namespace_labels))
+                .collect();
+            if new_here.is_none() && !relabelled && touched_here.is_empty() {
                 continue;
             }
-            let namespace_labels = namespace_labels
-                .entry(namespace.clone())
-                .or_insert_with(|| {
-                    self.namespaces
-                        .get(namespace)
-                        .cloned()
-                        .unwrap_or_else(|| super::namespace_labels(namespace, None))
-                });
-            let before = group.peers.clone();
-            if whole {
-                let candidates = admitting.entry(namespace.clone()).or_insert_with(|| {
-                    every_label_peer
+            let mut candidates: Option<Vec<PeerRef>> = None;
+            for (labels, group) in groups.iter_mut() {
+                let new = new_here.is_some_and(|l| l.contains(labels));
+                let mut changed = new;
+                if new || relabelled {
+                    let candidates = candidates.get_or_insert_with(|| {
+                        self.peers
+                            .keys()
+                            .filter(|p| matches!(***p, Peer::Pods { .. }))
+                            .filter(|p| p.admits_namespace(namespace, &namespace_labels))
+                            .cloned()
+                            .collect()
+                    });
+                    let peers: Class = candidates
                         .iter()
-                        .filter(|p| p.admits_namespace(namespace, namespace_labels))
+                        .filter(|p| p.selects_labels(labels))
                         .cloned()
-                        .collect()
-                });
-                group.peers = candidates
-                    .iter()
-                    .filter(|p| p.selects_labels(labels))
-                    .cloned()
-                    .collect();
-            } else {
-                for peer in &touched {
-                    let selects = self.peers.contains_key(peer)
-                        && peer.admits_namespace(namespace, namespace_labels)
-                        && peer.selects_labels(labels);
-                    if selects {
-                        group.peers.insert(peer.clone());
-                    } else {
-                        group.peers.remove(peer);
+                        .collect();
+                    if peers != group.peers {
+                        group.peers = peers;
+                        changed = true;
+                    }
+                } else {
+                    for peer in &touched_here {
+                        let selects = self.peers.contains_key(*peer)
+                            && peer.admits_namespace(namespace, &namespace_labels)
+                            && peer.selects_labels(labels);
+                        changed |= if selects {
+                            group.peers.insert((*peer).clone())
+                        } else {
+                            group.peers.remove(*peer)
+                        };
                     }
                 }
-            }
-            if group.peers != before
-                || dirty
-                    .new_groups
-                    .contains(&(namespace.clone(), labels.clone()))
-            {
-                for key in &group.members {
-                    if let Some(pod) = self.pods.get(key) {
-                        dirty.prefixes.insert(Ipv4Net::from(pod.ip));
+                if changed {
+                    for key in &group.members {
+                        if let Some(pod) = self.pods.get(key) {
+                            dirty.prefixes.insert(Ipv4Net::from(pod.ip));
+                        }
                     }
                 }
             }
@@ -495,7 +504,8 @@ impl PolicyIndex {
         if let Some(pod) = pod {
             let group = self
                 .groups
-                .get(&(pod.namespace.clone(), pod.labels.clone()));
+                .get(&pod.namespace)
+                .and_then(|groups| groups.get(&pod.labels));
             let mut class: Class = group.map(|g| g.peers.clone()).unwrap_or_default();
             class.extend(blocks);
             return Some(class);

@@ -103,15 +103,24 @@ struct PolicyPod {
 /// A policy peer, as checked.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Peer {
-    /// Pods of the namespaces `namespaces` selects (`None`: the policy's own) that
-    /// `pods` selects.
+    /// Pods of the namespaces `namespaces` admits that `pods` selects.
     Pods {
-        namespaces: Option<Selector>,
-        own_namespace: String,
+        namespaces: Namespaces,
         pods: Selector,
     },
     /// `cidr` but not `except`.
     Block { cidr: Ipv4Net, except: Vec<Ipv4Net> },
+}
+
+/// The namespaces a pod peer admits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Namespaces {
+    /// The policy's own (a peer without `namespaceSelector`).
+    Own(String),
+    /// Those the `namespaceSelector` selects, whichever namespace the policy is in:
+    /// equal selectors of policies in different namespaces are one peer, so a
+    /// policy taking up a selector other policies use changes no address's class.
+    Selected(Selector),
 }
 
 /// A peer and its fingerprint (a hash of its description): peers hash and order by
@@ -349,16 +358,15 @@ fn check_peer(peer: &NetworkPolicyPeer, namespace: &str) -> Result<Peer, String>
         return Ok(Peer::Block { cidr, except });
     }
     let selector = |s: &Option<LabelSelector>| s.as_ref().map(Selector::parse).transpose();
-    let namespaces = selector(&peer.namespace_selector)?;
+    let namespaces = match selector(&peer.namespace_selector)? {
+        Some(selector) => Namespaces::Selected(selector),
+        None => Namespaces::Own(namespace.to_string()),
+    };
     let pods = selector(&peer.pod_selector)?.unwrap_or_default();
     if peer.namespace_selector.is_none() && peer.pod_selector.is_none() {
         return Err("a peer with neither selectors nor ipBlock".into());
     }
-    Ok(Peer::Pods {
-        namespaces,
-        own_namespace: namespace.to_string(),
-        pods,
-    })
+    Ok(Peer::Pods { namespaces, pods })
 }
 
 fn check_ports(ports: &[NetworkPolicyPort]) -> Result<Vec<PortMatch>, String> {
@@ -399,12 +407,11 @@ impl Peer {
     fn admits_namespace(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Peer::Pods {
-                namespaces: None,
-                own_namespace,
+                namespaces: Namespaces::Own(own),
                 ..
-            } => namespace == own_namespace,
+            } => namespace == own,
             Peer::Pods {
-                namespaces: Some(selector),
+                namespaces: Namespaces::Selected(selector),
                 ..
             } => selector.matches(labels),
             Peer::Block { .. } => true,

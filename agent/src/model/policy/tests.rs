@@ -325,3 +325,32 @@ fn answers_are_bounded() {
     let kept: usize = sources.policies.iter().map(|p| p.allows.len()).sum();
     assert_eq!(kept, MAX_SOURCE_ALLOWS);
 }
+
+/// A `namespaceSelector` peer means the same pods whichever namespace its policy is
+/// in: policies of different namespaces naming it share one peer, so one more such
+/// policy gives no address a new identity; a `podSelector` alone means pods of the
+/// policy's own namespace, so the same selector in another namespace is another peer.
+#[test]
+fn equal_namespace_selector_peers_are_one_peer_across_namespaces() {
+    let peer =
+        "{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchLabels: {pod: a}}}";
+    let in_namespace = |namespace: &str, peer: &str| {
+        policy(
+            &format!("from-{namespace}"),
+            &format!("{{podSelector: {{}}, ingress: [{{from: [{peer}]}}]}}"),
+        )
+        .replace("namespace: x}", &format!("namespace: {namespace}}}"))
+    };
+    let (one, _) = cluster(&in_namespace("x", peer));
+    let (two, _) = cluster(&(in_namespace("x", peer) + &in_namespace("z", peer)));
+    assert_ne!(identity(&one, YA), IDENTITY_WORLD, "y/a is a peer");
+    assert_eq!(one.ipcache, two.ipcache, "z's policy names the same peer");
+    assert!(allowed(&two, XA, Direction::Ingress, YA, TCP, 80));
+
+    let own = "{podSelector: {matchLabels: {pod: a}}}";
+    let (one, _) = cluster(&in_namespace("x", own));
+    let (two, _) = cluster(&(in_namespace("x", own) + &in_namespace("y", own)));
+    assert_ne!(identity(&two, YA), IDENTITY_WORLD, "y's policy selects y/a");
+    assert_eq!(identity(&one, YA), IDENTITY_WORLD, "x's does not");
+    assert_ne!(identity(&one, XA), identity(&two, YA));
+}

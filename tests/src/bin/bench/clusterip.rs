@@ -5,17 +5,20 @@
 //! measurement) with:
 //! - the same client straight to the backend pods' IPs, one wrk thread each (the
 //!   floor: the same servers loaded the same way);
-//! - Ferrite per packet (the client outside the node's cgroup subtree, which is what
-//!   `--socket-lb=false` gives every client);
-//! - kube-proxy's iptables layout (KUBE-SERVICES -> KUBE-SVC with statistic
-//!   probabilities -> KUBE-SEP DNAT) and its nftables layout (a verdict map of
-//!   Service address . protocol . port, numgen over the endpoints) on nodes of their
-//!   own, each with its own direct baseline.
+//! - Ferrite per packet (a client pod outside the node's cgroup subtree, which is
+//!   what `--socket-lb=false` gives every client);
+//! - kube-proxy's iptables and nftables layouts
+//!   (`ferrite_tests::kube_proxy_layout`) on nodes of their own, each with its own
+//!   direct baseline;
+//! - a Service with only the first backend, next to wrk straight to that backend
+//!   (all three threads): the translation's cost alone, without spreading.
 //!
-//! Filler Services are written straight into the maps (one backend each, never
-//! reached): through the agent they would each need a rev-NAT index, and those are
-//! 16-bit (65,535 frontends per node, as in Cilium). The kube-proxy layouts stop at
-//! 10,000 Services: restoring 100,000 takes many minutes (printed as skipped).
+//! Run twice: backends without TIME_WAIT (`tcp_max_tw_buckets=0`) and keeping it as
+//! the kernel does by default (`clusterip` runs both, `clusterip-no-time-wait` and
+//! `clusterip-time-wait` one each). Per-packet connections start from client pods of
+//! their own (see [`CLIENTS`]). Services are loaded by `comparison.rs`, as for the
+//! latency bench. After the tables: per column, how often a SYN was sent again and
+//! why (the kernel's TcpExt counters, Ferrite's conntrack counters).
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
@@ -23,38 +26,39 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
-use ferrite_agent::{
-    model::{L4Addr, Protocol},
-    plan::{self, FrontendEntries, MapContents},
-};
-use ferrite_common::{ServiceKey, PROTO_TCP};
-use ferrite_tests::lab::{pod_ip, sh, wait_until, Netns, Node, Probe};
+use ferrite_common::stat;
+use ferrite_tests::lab::{Netns, Probe};
 
-use crate::{iptables_restore, kube_proxy_endpoints, median};
+use crate::{
+    comparison::{
+        BenchNode, FerriteSetup, KubeProxyMode, Setups, TimeWait, HTTP_PORT, SINGLE_BACKEND_IP,
+    },
+    median,
+};
 
 const SIZES: [u32; 4] = [1, 1_000, 10_000, 100_000];
-/// kube-proxy layouts are measured up to this many Services.
-pub(crate) const KUBE_PROXY_MAX: u32 = 10_000;
 const ROUNDS: usize = 5;
 const WRK_SECONDS: u32 = 3;
 /// wrk threads: one per backend, so a direct run can load each backend as a Service does.
 const WRK_THREADS: u32 = 3;
 const CONNECTIONS_PER_THREAD: u32 = 11;
-pub(crate) const HTTP_PORT: u16 = 8080;
-const BACKENDS: usize = 3;
-
-/// Filler Service `index` (of `count`): the measured one takes the middle index.
-pub(crate) fn service_ip(index: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index)
-}
-
-fn filler_backend(index: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + index)
-}
+/// What each measurement column is, in the order of the results.
+const COLUMNS: [&str; 10] = [
+    "ferrite",
+    "ferrite per packet",
+    "direct",
+    "kube-proxy nftables",
+    "direct (nftables node)",
+    "kube-proxy iptables",
+    "direct (iptables node)",
+    "one backend: ferrite",
+    "one backend: per packet",
+    "one backend: direct",
+];
 
 /// An HTTP server on 0.0.0.0:HTTP_PORT in `netns`: a few threads accepting, each
 /// answering one request per connection ("200 ok", then close). Stopped on drop.
@@ -163,284 +167,105 @@ pub(crate) fn wrk(probe: &Probe, targets: &[SocketAddrV4]) -> Result<f64> {
         .with_context(|| format!("wrk output without Requests/sec:\n{out}"))
 }
 
-/// One node of the comparison: a client pod and BACKENDS backend pods with HTTP
-/// servers. `ferrite`: an agent runs on it (else plain routing, a rule set does NAT).
-pub(crate) struct BenchNode {
-    pub(crate) node: Node,
-    _servers: Vec<Box<dyn Send>>,
-}
+/// Kernel TCP counters that tell where connections wait on TIME_WAIT: SYNs the
+/// client sent again, SYNs a server's TIME_WAIT socket refused (PAWS: an older
+/// timestamp than the closed connection's last), ACKs a TIME_WAIT socket left
+/// unsent (rate limit), and TIME_WAIT sockets not made (table full).
+const TCP_COUNTERS: [&str; 4] = [
+    "TcpExtTCPSynRetrans",
+    "TcpExtPAWSTimewait",
+    "TcpExtTCPACKSkippedTimeWait",
+    "TcpExtTCPTimeWaitOverflow",
+];
+/// Ferrite's counters of a client port meeting an older flow's tuple.
+const FERRITE_COUNTERS: [u32; 2] = [stat::CT_REOPENED, stat::PORT_REMAPPED];
 
-impl BenchNode {
-    fn new(label: &str, index: usize) -> Result<Self> {
-        Self::serving(label, index, |netns| {
-            Ok(Box::new(HttpServer::start(netns)?) as Box<dyn Send>)
-        })
-    }
-
-    /// The node, its backends' servers started by `serve` (on HTTP_PORT).
-    pub(crate) fn serving(
-        label: &str,
-        index: usize,
-        serve: impl Fn(&Netns) -> Result<Box<dyn Send>>,
-    ) -> Result<Self> {
-        let mut node = Node::new(label)?;
-        node.add_pod("client", pod_ip(index, 0))?;
-        let mut servers = Vec::new();
-        for b in 0..BACKENDS {
-            node.add_pod(&format!("web-{b}"), pod_ip(index, 10 + b))?;
-            let netns = &node.pods[b + 1].netns;
-            // The server closes first, so TIME_WAIT lands on it: tens of thousands per
-            // run, and a later run reusing those tuples (socket-level LB makes them
-            // the same as direct ones) would pay for the earlier run's. Without
-            // TIME_WAIT no run depends on the one before.
-            sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &netns.name,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.tcp_max_tw_buckets=0",
-                ],
-            )?;
-            servers.push(serve(netns)?);
+/// TCP_COUNTERS then FERRITE_COUNTERS of a node: the kernel's summed over its pods
+/// (each counts on one side: the client's, or the servers'), Ferrite's where it runs.
+fn counters(node: &BenchNode, ferrite: bool) -> Result<Vec<u64>> {
+    let mut sums = vec![0; TCP_COUNTERS.len()];
+    for pod in &node.node.pods {
+        let netstat = pod
+            .netns
+            .run(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))??;
+        let lines: Vec<&str> = netstat.lines().collect();
+        // Pairs of lines: "TcpExt: names...", then "TcpExt: values...".
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            for (name, value) in names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .skip(1)
+            {
+                let prefix = names.split(':').next().unwrap_or_default();
+                let full = format!("{prefix}{name}");
+                if let Some(i) = TCP_COUNTERS.iter().position(|c| *c == full) {
+                    sums[i] += value.parse::<u64>().unwrap_or(0);
+                }
+            }
         }
-        Ok(Self {
-            node,
-            _servers: servers,
-        })
     }
-
-    pub(crate) fn backends(&self) -> Vec<Ipv4Addr> {
-        self.node.pods[1..].iter().map(|p| p.ip).collect()
-    }
-
-    pub(crate) fn client(&self) -> &ferrite_tests::lab::Pod {
-        &self.node.pods[0]
-    }
-
-    /// Pods reached by plain routing (no Ferrite): /32 routes to the host veths and
-    /// forwarding, as a bridge-less CNI wires them.
-    pub(crate) fn route_plainly(&self) -> Result<()> {
-        for pod in &self.node.pods {
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &self.node.netns.name,
-                    "route",
-                    "add",
-                    &format!("{}/32", pod.ip),
-                    "dev",
-                    &pod.host_interface,
-                ],
-            )?;
-        }
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.node.netns.name,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        )?;
-        Ok(())
-    }
-}
-
-/// The measured Service (TCP 80 -> HTTP_PORT on the backends) for the agent.
-fn measured_yaml(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
-    measured_yaml_with(node, vip, backends, &["TCP"])
-}
-
-/// The measured Service with port 80 -> HTTP_PORT for each of `protocols`.
-pub(crate) fn measured_yaml_with(
-    node: &Node,
-    vip: Ipv4Addr,
-    backends: &[Ipv4Addr],
-    protocols: &[&str],
-) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    let service_ports: Vec<String> = protocols
-        .iter()
-        .map(|p| {
-            format!(
-                "{{name: {}, port: 80, protocol: {p}, targetPort: {HTTP_PORT}}}",
-                p.to_lowercase()
-            )
-        })
-        .collect();
-    let slice_ports: Vec<String> = protocols
-        .iter()
-        .map(|p| {
-            format!(
-                "{{name: {}, port: {HTTP_PORT}, protocol: {p}}}",
-                p.to_lowercase()
-            )
-        })
-        .collect();
-    format!(
-        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: measured, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports: [{}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: measured-1, namespace: default, labels: {{kubernetes.io/service-name: measured}}}}\naddressType: IPv4\nports: [{}]\nendpoints:\n{endpoints}",
-        node.pods_yaml(),
-        service_ports.join(", "),
-        slice_ports.join(", ")
-    )
-}
-
-/// Filler Services `0..count` but `measured`, written into the pinned maps as the
-/// agent lays them out (no rev-NAT entry: no reply of theirs is ever translated).
-pub(crate) fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
-    let mut entries = MapContents::default();
-    let tcp = |ip, port| L4Addr {
-        ip,
-        port,
-        protocol: Protocol::Tcp,
+    let all = if ferrite {
+        Some(node.node.maps()?.counters()?)
+    } else {
+        None
     };
-    for index in (0..count).filter(|i| *i != measured) {
-        let id = 1_000_000 + index;
-        let backend = tcp(filler_backend(index), HTTP_PORT);
-        entries.backends.insert(id, plan::backend_value(&backend));
-        FrontendEntries {
-            frontend: tcp(service_ip(index), 80),
-            scope: ferrite_common::service_scope::ALL,
-            rev_nat_index: u16::MAX,
-            backend_ids: &[id],
-            ready: 1,
-            flags: 0,
-            affinity_timeout_s: 0,
-        }
-        .write_into(&mut entries);
+    sums.extend(FERRITE_COUNTERS.map(|i| all.as_ref().map_or(0, |all| all[i as usize].packets)));
+    Ok(sums)
+}
+
+/// `clusterip` with backends keeping TIME_WAIT and without it; one of them alone.
+pub fn bench(settings: &[TimeWait]) -> Result<()> {
+    for time_wait in settings {
+        bench_with(*time_wait)?;
     }
-    let ops = plan::diff(&MapContents::default(), &entries);
-    node.maps()?.apply(&ops)
+    Ok(())
 }
 
-/// kube-proxy's iptables layout for `count` Services, the measured one among them.
-pub(crate) fn iptables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
-    let mut chains = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
-    );
-    let mut rules = String::from("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n");
-    for index in 0..count {
-        let svc = format!("KUBE-SVC-{index:012}");
-        chains.push_str(&format!(":{svc} - [0:0]\n"));
-        rules.push_str(&format!(
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j {svc}\n",
-            service_ip(index)
-        ));
-        let endpoints: Vec<SocketAddrV4> = if index == measured {
-            backends
-                .iter()
-                .map(|ip| SocketAddrV4::new(*ip, HTTP_PORT))
-                .collect()
-        } else {
-            vec![SocketAddrV4::new(filler_backend(index), HTTP_PORT)]
-        };
-        kube_proxy_endpoints(
-            &svc,
-            &format!("{index:08}"),
-            2,
-            &endpoints,
-            &mut chains,
-            &mut rules,
-        );
-    }
-    format!("{chains}{rules}COMMIT\n")
+/// A connection's initial sequence number and timestamp offset are keyed on the
+/// addresses its client's kernel sees: the backend's for direct and socket-level
+/// connections, the Service's for per-packet ones. A backend in TIME_WAIT refuses a
+/// SYN from a reused client port whose timestamp is older than the closed
+/// connection's (PAWS), which between two keys is a coin toss, and the client sends
+/// it again a second later. Measurements of different keys therefore run from
+/// client pods of their own: none pays for another's TIME_WAIT.
+const CLIENTS: usize = 3;
+/// The client pod of the backends' own addresses (direct, socket-level LB).
+const BACKEND_KEYED: usize = 0;
+/// The client pod of per-packet connections to the measured Service.
+const SERVICE_KEYED: usize = 1;
+/// The client pod of per-packet connections to the one-backend Service.
+const SINGLE_SERVICE_KEYED: usize = 2;
+
+fn http_node(label: &str, index: usize, time_wait: TimeWait) -> Result<BenchNode> {
+    BenchNode::serving(label, index, CLIENTS, time_wait, |netns| {
+        Ok(Box::new(HttpServer::start(netns)?) as Box<dyn Send>)
+    })
 }
 
-/// kube-proxy's nftables layout: the Service verdict map, a chain per Service with
-/// numgen over its endpoints, a DNAT chain per endpoint.
-pub(crate) fn nftables_rules(count: u32, measured: u32, backends: &[Ipv4Addr]) -> String {
-    use std::fmt::Write;
-    let mut elements = String::new();
-    let mut chains = String::new();
-    for index in 0..count {
-        let endpoints: Vec<Ipv4Addr> = if index == measured {
-            backends.to_vec()
-        } else {
-            vec![filler_backend(index)]
-        };
-        let _ = write!(
-            elements,
-            "{}{} . tcp . 80 : goto service-{index}",
-            if index == 0 { "" } else { ", " },
-            service_ip(index)
-        );
-        let picks: Vec<String> = (0..endpoints.len())
-            .map(|e| format!("{e} : goto endpoint-{index}-{e}"))
-            .collect();
-        let _ = writeln!(
-            chains,
-            "  chain service-{index} {{\n    numgen random mod {} vmap {{ {} }}\n  }}",
-            endpoints.len(),
-            picks.join(", ")
-        );
-        for (e, ip) in endpoints.iter().enumerate() {
-            let _ = writeln!(
-                chains,
-                "  chain endpoint-{index}-{e} {{\n    meta l4proto tcp dnat to {ip}:{HTTP_PORT}\n  }}"
-            );
-        }
-    }
-    format!(
-        "table ip kube-proxy {{}}
-delete table ip kube-proxy
-table ip kube-proxy {{
-  map service-ips {{
-    type ipv4_addr . inet_proto . inet_service : verdict
-    elements = {{ {elements} }}
-  }}
-  chain services {{
-    ip daddr . meta l4proto . th dport vmap @service-ips
-  }}
-  chain nat-prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
-    jump services
-  }}
-  chain nat-output {{
-    type nat hook output priority -100; policy accept;
-    jump services
-  }}
-{chains}}}
-"
-    )
-}
-
-pub(crate) fn nft(netns: &Netns, script: &str) -> Result<Duration> {
-    let path = std::env::temp_dir().join(format!("{}-kube-proxy.nft", netns.name));
-    std::fs::write(&path, script)?;
-    let start = Instant::now();
-    let result = sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "nft",
-            "-f",
-            &path.to_string_lossy(),
-        ],
-    );
-    let _ = std::fs::remove_file(&path);
-    result?;
-    Ok(start.elapsed())
-}
-
-pub fn bench() -> Result<()> {
-    let ferrite = BenchNode::new("cipf", 0)?;
-    let iptables = BenchNode::new("cipi", 1)?;
-    let nftables = BenchNode::new("cipn", 2)?;
+fn bench_with(time_wait: TimeWait) -> Result<()> {
+    let mut ferrite = http_node("cipf", 0, time_wait)?;
+    let iptables = http_node("cipi", 1, time_wait)?;
+    let nftables = http_node("cipn", 2, time_wait)?;
     iptables.route_plainly()?;
     nftables.route_plainly()?;
+    ferrite.start_agent()?;
+    let setups = Setups {
+        ferrite: vec![FerriteSetup {
+            nodes: vec![&ferrite.node],
+            objects: ferrite.node.pods_yaml(),
+            backends: ferrite.backends(),
+        }],
+        kube_proxy: vec![
+            iptables.kube_proxy_setup(KubeProxyMode::Iptables),
+            nftables.kube_proxy_setup(KubeProxyMode::Nftables),
+        ],
+        protocols: &["tcp"],
+        single_backend: true,
+    };
     println!(
-        "\nClusterIP from a client pod, TCP connections/s (wrk, Connection: close, {WRK_THREADS} threads x {CONNECTIONS_PER_THREAD} connections, {WRK_SECONDS} s), median of {ROUNDS} alternating rounds\n"
+        "\nClusterIP from a client pod, TCP connections/s (wrk, Connection: close, {WRK_THREADS} threads x {CONNECTIONS_PER_THREAD} connections, {WRK_SECONDS} s), median of {ROUNDS} alternating rounds; {}\n",
+        time_wait.describe()
     );
     println!(
         "{:>8} | {:>9} {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | {:>8} {:>8}",
@@ -458,84 +283,74 @@ pub fn bench() -> Result<()> {
         "f/nft",
         "f/ipt"
     );
-    let ferrite_backends = ferrite.backends();
-    let mut node = ferrite.node;
-    node.resync_seconds = 3600;
-    let mut agent_started = false;
-    for count in SIZES {
-        let measured = count / 2;
-        let vip = service_ip(measured);
-        let frontend = SocketAddrV4::new(vip, 80);
-        // The agent holds the measured Service; fillers go straight into its maps.
-        node.write_config(&measured_yaml(&node, vip, &ferrite_backends))?;
-        if !agent_started {
-            node.start_agent()?;
-            agent_started = true;
-        }
-        let master = ServiceKey::new(vip, 80, PROTO_TCP, 0);
-        let n = &node;
-        wait_until(
-            "the measured Service in the maps",
-            Duration::from_secs(60),
-            || {
-                n.maps()
-                    .is_ok_and(|m| m.services.get(&master, 0).is_ok_and(|v| v.count == 3))
-            },
-        )?;
-        fill_ferrite(&node, count, measured)?;
-        let kube_proxy = count <= KUBE_PROXY_MAX;
-        if kube_proxy {
-            let restore = iptables_restore(
-                &iptables.node.netns,
-                &iptables_rules(count, measured, &iptables.backends()),
-                false,
-            )?;
-            let load = nft(
-                &nftables.node.netns,
-                &nftables_rules(count, measured, &nftables.backends()),
-            )?;
+    let mut one_backend_rows = Vec::new();
+    // Over all sizes, per column: connections made, and the counters' increments.
+    let mut connections = [0.0; COLUMNS.len()];
+    let mut events = [[0u64; TCP_COUNTERS.len() + FERRITE_COUNTERS.len()]; COLUMNS.len()];
+    for count in crate::sizes(&SIZES) {
+        let prepared = setups.prepare(count)?;
+        for (mode, took) in &prepared.load_times {
             eprintln!(
-                "  ({count} Services: iptables-restore {:.1} s, nft -f {:.1} s)",
-                restore.as_secs_f64(),
-                load.as_secs_f64()
+                "  ({count} Services: {} loaded in {:.1} s)",
+                mode.name(),
+                took.as_secs_f64()
             );
         }
-        let socket_client = node.pods[0].probe();
-        let packet_client = Probe {
+        let frontend = prepared.frontend;
+        let single = SocketAddrV4::new(SINGLE_BACKEND_IP, frontend.port());
+        let socket_client = ferrite.client(BACKEND_KEYED).probe();
+        let outside_cgroup = |node: &BenchNode, client| Probe {
             cgroup: None,
-            ..node.pods[0].probe()
+            ..node.client(client).probe()
         };
-        let direct: Vec<SocketAddrV4> = ferrite_backends
-            .iter()
-            .map(|ip| SocketAddrV4::new(*ip, HTTP_PORT))
-            .collect();
-        // Every measurement: (column, client, destinations).
+        let direct = |node: &BenchNode| -> Vec<SocketAddrV4> {
+            node.backends()
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, HTTP_PORT))
+                .collect()
+        };
+        let first_backend = direct(&ferrite)[..1].to_vec();
+        // Every measurement: (its index in COLUMNS, client, destinations, its node).
         let mut runs = vec![
-            (0, socket_client.clone(), vec![frontend]),
-            (1, packet_client.clone(), vec![frontend]),
-            (2, socket_client.clone(), direct),
+            (0, socket_client.clone(), vec![frontend], &ferrite),
+            (
+                1,
+                outside_cgroup(&ferrite, SERVICE_KEYED),
+                vec![frontend],
+                &ferrite,
+            ),
+            (2, socket_client.clone(), direct(&ferrite), &ferrite),
+            (7, socket_client.clone(), vec![single], &ferrite),
+            (
+                8,
+                outside_cgroup(&ferrite, SINGLE_SERVICE_KEYED),
+                vec![single],
+                &ferrite,
+            ),
+            (9, socket_client.clone(), first_backend, &ferrite),
         ];
-        if kube_proxy {
+        if prepared.kube_proxy {
             for (column, other) in [(3, &nftables), (5, &iptables)] {
-                let client = Probe {
-                    cgroup: None,
-                    ..other.client().probe()
-                };
-                let direct = other
-                    .backends()
-                    .iter()
-                    .map(|ip| SocketAddrV4::new(*ip, HTTP_PORT))
-                    .collect();
-                runs.push((column, client.clone(), vec![frontend]));
-                runs.push((column + 1, client, direct));
+                let client = outside_cgroup(other, SERVICE_KEYED);
+                runs.push((column, client, vec![frontend], other));
+                let client = outside_cgroup(other, BACKEND_KEYED);
+                runs.push((column + 1, client, direct(other), other));
             }
         }
-        let mut results: [Vec<f64>; 7] = Default::default();
+        let mut results: [Vec<f64>; COLUMNS.len()] = Default::default();
         for round in 0..ROUNDS {
             // Each round starts with another measurement: none always goes first.
             for step in 0..runs.len() {
-                let (column, client, to) = &runs[(round + step) % runs.len()];
-                results[*column].push(wrk(client, to)?);
+                let (column, client, to, node) = &runs[(round + step) % runs.len()];
+                let is_ferrite = std::ptr::eq(*node, &ferrite);
+                let before = counters(node, is_ferrite)?;
+                let rate = wrk(client, to)?;
+                let after = counters(node, is_ferrite)?;
+                results[*column].push(rate);
+                connections[*column] += rate * WRK_SECONDS as f64;
+                for (sum, (a, b)) in events[*column].iter_mut().zip(after.iter().zip(&before)) {
+                    *sum += a - b;
+                }
             }
         }
         let m: Vec<f64> = results
@@ -563,30 +378,66 @@ pub fn bench() -> Result<()> {
             cell(m[5]), cell(m[6]), ratio(m[5], m[6]),
             ratio(m[0], m[3]), ratio(m[0], m[5])
         );
+        one_backend_rows.push(format!(
+            "{count:>8} | {:>9} {:>9} {:>9} | {:>6} {:>6}",
+            cell(m[7]),
+            cell(m[8]),
+            cell(m[9]),
+            ratio(m[7], m[9]),
+            ratio(m[8], m[9])
+        ));
+    }
+    println!("\nA Service with one backend (the first), next to wrk straight to that backend:\n");
+    println!(
+        "{:>8} | {:>9} {:>9} {:>9} | {:>6} {:>6}",
+        "services", "ferrite", "per-pkt", "direct", "f/dir", "p/dir"
+    );
+    for row in one_backend_rows {
+        println!("{row}");
+    }
+    println!(
+        "\nPer 1,000 connections, all sizes (client and backend pods' TcpExt counters; Ferrite's where it runs):\n"
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "column", "SYN again", "PAWS TW", "TW ACK skip", "TW overflow", "ct_reopen", "remapped"
+    );
+    for (column, name) in COLUMNS.iter().enumerate() {
+        if connections[column] == 0.0 {
+            continue;
+        }
+        let per_thousand: Vec<String> = events[column]
+            .iter()
+            .map(|n| format!("{:>10.2}", *n as f64 * 1000.0 / connections[column]))
+            .collect();
+        println!("{name:<24} {}", per_thousand.join(" "));
     }
     println!("\nferrite: socket-level LB (client in the node's cgroup); per-pkt: the same node, client outside the cgroup (= --socket-lb=false)");
     println!("targets: ferrite >= 0.95x direct at every size; >= 1.3x the nftables layout; >= 2x the iptables layout at 10,000");
-    direct_after_service(&node)?;
-    drop(node);
+    drop(setups);
+    if time_wait == TimeWait::Off {
+        direct_after_service(&ferrite)?;
+    }
     Ok(())
 }
 
 /// A client that talks to a backend both through a Service and straight by its pod IP
 /// (per packet: outside the cgroup): its direct connection rate before and after a
 /// run of Service connections whose closing flows still hold their reply tuples.
-fn direct_after_service(node: &Node) -> Result<()> {
-    use ferrite_common::stat;
+fn direct_after_service(bench_node: &BenchNode) -> Result<()> {
+    let node = &bench_node.node;
     let client = Probe {
         cgroup: None,
-        ..node.pods[0].probe()
+        ..bench_node.client(BACKEND_KEYED).probe()
     };
-    let direct = SocketAddrV4::new(node.pods[1].ip, HTTP_PORT);
+    let backends = bench_node.backends();
+    let direct = SocketAddrV4::new(backends[0], HTTP_PORT);
     let master = node
         .maps()?
         .services
         .iter()
         .filter_map(Result::ok)
-        .find(|(k, v)| k.backend_slot == 0 && v.count as usize == BACKENDS)
+        .find(|(k, v)| k.backend_slot == 0 && v.count as usize == backends.len())
         .map(|(k, _)| k)
         .context("the measured Service")?;
     let frontend = SocketAddrV4::new(Ipv4Addr::from(master.address), master.port);

@@ -29,7 +29,10 @@ use anyhow::{bail, Context, Result};
 use ferrite_common::program_names;
 use ferrite_tests::lab::{pod_ip, sh, wait_until, Cluster, Node, Probe, SETTLE};
 
-use crate::clusterip::{wrk, HttpServer, HTTP_PORT};
+use crate::{
+    clusterip::{wrk, HttpServer},
+    comparison::HTTP_PORT,
+};
 
 const IPERF_SECONDS: u32 = 3;
 const IPERF_PORT: u16 = 5201;

@@ -3,7 +3,9 @@
 //! programs, `datapath.rs`), `insitu` (the same programs' run time per packet under
 //! real TCP traffic in a lab cluster, `insitu.rs`), `overlay` (vs flannel-style),
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
-//! `clusterip` (vs direct and kube-proxy's layouts, `clusterip.rs`), `latency`
+//! `clusterip` (vs direct and kube-proxy's layouts, with backends keeping
+//! TIME_WAIT and without: `clusterip-time-wait`, `clusterip-no-time-wait` run one,
+//! `clusterip.rs`), `latency`
 //! (request/response on an established flow, `latency.rs`), `monitor` (how
 //! soon a datapath event reaches `ferrite monitor`, `monitor.rs`), `cni` (the CNI
 //! plugin's ADD and DEL of one pod, `cni.rs`).
@@ -11,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
 mod cni;
+mod comparison;
 mod control_plane;
 mod datapath;
 mod insitu;
@@ -20,12 +23,21 @@ mod policy_plan;
 
 use anyhow::Result;
 
+/// The Services counts a section measures: `defaults`, or those of
+/// FERRITE_BENCH_SIZES (comma-separated) for a shorter run.
+fn sizes(defaults: &[u32]) -> Vec<u32> {
+    std::env::var("FERRITE_BENCH_SIZES")
+        .ok()
+        .and_then(|v| v.split(',').map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| defaults.to_vec())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip|latency|monitor|cni]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip[-time-wait|-no-time-wait]|latency|monitor|cni]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -51,8 +63,19 @@ fn main() -> Result<()> {
     if run("nodeport") {
         nodeport_bench()?;
     }
-    if run("clusterip") {
-        clusterip::bench()?;
+    {
+        use comparison::TimeWait;
+        let settings: Vec<TimeWait> = [
+            ("clusterip-no-time-wait", TimeWait::Off),
+            ("clusterip-time-wait", TimeWait::KernelDefault),
+        ]
+        .into_iter()
+        .filter(|(section, _)| run("clusterip") || run(section))
+        .map(|(_, setting)| setting)
+        .collect();
+        if !settings.is_empty() {
+            clusterip::bench(&settings)?;
+        }
     }
     if run("latency") {
         latency::bench()?;

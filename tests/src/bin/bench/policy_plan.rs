@@ -28,7 +28,21 @@ const NODES: usize = 50;
 const POLICIES_PER_NAMESPACE: usize = 10;
 const CHANGES: usize = 20;
 
-fn cluster_yaml(policies: bool, relabelled: Option<usize>, repoliced: Option<usize>) -> String {
+/// How a policy's peer changes.
+#[derive(Clone, Copy, PartialEq)]
+enum Repolicy {
+    /// To another tier: a selector other policies use too.
+    SharedSelector,
+    /// To a selector no other policy uses (for the same pods as before): every
+    /// address it selects changes identity.
+    NewSelector,
+}
+
+fn cluster_yaml(
+    policies: bool,
+    relabelled: Option<usize>,
+    repoliced: Option<(usize, Repolicy)>,
+) -> String {
     let mut yaml = String::new();
     for node in 0..NODES {
         let _ = write!(
@@ -70,18 +84,24 @@ fn cluster_yaml(policies: bool, relabelled: Option<usize>, repoliced: Option<usi
         }
         if policies {
             for policy in 0..POLICIES_PER_NAMESPACE {
+                let index = namespace * POLICIES_PER_NAMESPACE + policy;
+                let peer_pods = match repoliced {
+                    Some((i, Repolicy::SharedSelector)) if i == index => {
+                        format!("matchLabels: {{tier: t-{}}}", (policy + 1) % 3)
+                    }
+                    Some((i, Repolicy::NewSelector)) if i == index => format!(
+                        "matchLabels: {{tier: t-{}}}, matchExpressions: [{{key: app, operator: Exists}}]",
+                        policy % 3
+                    ),
+                    _ => format!("matchLabels: {{tier: t-{}}}", policy % 3),
+                };
                 let _ = write!(
                     yaml,
                     "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np-{policy}, \
                      namespace: ns-{namespace}}}\nspec: {{podSelector: {{matchLabels: {{app: app-{policy}}}}}, \
                      ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{team: team-{}}}}}, podSelector: \
-                     {{matchLabels: {{tier: t-{}}}}}}}], ports: [{{port: 9090, protocol: TCP}}, {{port: http}}]}}]}}\n",
+                     {{{peer_pods}}}}}], ports: [{{port: 9090, protocol: TCP}}, {{port: http}}]}}]}}\n",
                     (namespace + policy) % 10,
-                    if repoliced == Some(namespace * POLICIES_PER_NAMESPACE + policy) {
-                        (policy + 1) % 3
-                    } else {
-                        policy % 3
-                    }
                 );
             }
         }
@@ -181,7 +201,7 @@ pub fn bench() -> Result<()> {
         let rss = rss_mib();
         let (ipcache, policy) = (plan_0.written.ipcache.len(), plan_0.written.policy.len());
         let kinds: &[&str] = if policies {
-            &["pod label", "policy"]
+            &["pod label", "policy", "new peer"]
         } else {
             &["pod label"]
         };
@@ -192,16 +212,22 @@ pub fn bench() -> Result<()> {
             let (mut full, mut updates) = (Vec::new(), Vec::new());
             for change in 0..CHANGES {
                 // A pod of node-0 changes tier (every 50th pod is node-0's), or a
-                // policy selects another tier of peers.
+                // policy selects another tier of peers, or its tier by a selector
+                // of its own.
                 let relabelled = (change * NODES * 7) % (NAMESPACES * PODS_PER_NAMESPACE);
                 let repoliced = (change * 37) % (NAMESPACES * POLICIES_PER_NAMESPACE);
-                let (yaml, pod, policy) = if *kind == "policy" {
+                let repolicy = match *kind {
+                    "policy" => Some(Repolicy::SharedSelector),
+                    "new peer" => Some(Repolicy::NewSelector),
+                    _ => None,
+                };
+                let (yaml, pod, policy) = if let Some(repolicy) = repolicy {
                     let (namespace, policy) = (
                         repoliced / POLICIES_PER_NAMESPACE,
                         repoliced % POLICIES_PER_NAMESPACE,
                     );
                     (
-                        cluster_yaml(policies, None, Some(repoliced)),
+                        cluster_yaml(policies, None, Some((repoliced, repolicy))),
                         None,
                         Some((namespace, policy)),
                     )
