@@ -249,6 +249,7 @@ impl NodeAgent {
                 self.node.as_ref().map(|node| &node.context),
                 &self.settings,
                 &mut self.parts,
+                &|policy| self.telemetry.set_policy(Some(policy)),
             )
         });
         let first = self.telemetry.syncs.get() == 0;
@@ -303,6 +304,7 @@ impl NodeAgent {
             Err(e) => {
                 // The maps may hold part of the writes: the next sync reads them back.
                 self.node = None;
+                self.telemetry.set_policy(None);
                 self.telemetry.sync_errors.inc();
                 error!("sync failed: {e:#}");
                 None
@@ -457,6 +459,7 @@ impl NodeAgent {
         if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
             // The maps may hold part of the ops: the next (full) sync re-reads them.
             self.node = None;
+            self.telemetry.set_policy(None);
             self.telemetry.sync_errors.inc();
             error!("incremental sync failed: {e:#}");
             return false;
@@ -507,6 +510,7 @@ impl NodeAgent {
         };
         if let Err(e) = write_maps(&mut self.parts.maps, &node.written.contents, &plan.ops) {
             self.node = None;
+            self.telemetry.set_policy(None);
             self.telemetry.sync_errors.inc();
             error!("incremental policy sync failed: {e:#}");
             return false;
@@ -890,7 +894,9 @@ pub fn pending_writes(
 /// attachments, host routes and files around them. `skipped` carries what the source
 /// already had to leave out; ids are kept as `ids_from` (the last write) has them,
 /// else as the maps have them.
-/// Returns the report and the map contents now written.
+/// Returns the report and the map contents now written. `publish_policy` gets the
+/// plan's policy index before the maps are written from it (for the tools' queries:
+/// whoever sees the new maps asks the new index).
 #[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     objects: &ClusterObjects,
@@ -900,6 +906,7 @@ pub fn reconcile(
     previous: Option<&model::NodeContext>,
     settings: &plan::NodeSettings,
     parts: &mut NodeParts,
+    publish_policy: &dyn Fn(plan::SharedPolicy),
 ) -> Result<(SyncReport, plan::NodeState)> {
     let NodeParts {
         datapath,
@@ -958,6 +965,7 @@ pub fn reconcile(
         .iter()
         .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
     add_routes_to_new_endpoints(state, &plan.ops)?;
+    publish_policy(plan.policy.clone());
     let purged_flows = write_maps(maps, &current, &plan.ops)?;
     // Links pinned by an earlier agent still run the programs it loaded: move them to
     // this agent's, now that the maps hold this sync's state (an upgrade may have

@@ -128,9 +128,10 @@ pub enum Command {
         /// For `diff`: the agent's admission flags.
         #[command(flatten)]
         admission: AdmissionArgs,
-        /// For `policy`: only the pod with this address.
-        #[arg(long)]
-        pod: Option<std::net::Ipv4Addr>,
+        /// For `policy`: only this pod, by ADDRESS or NAMESPACE/NAME (a name needs
+        /// the node's agent running).
+        #[arg(long, value_parser = inspect::parse_pod)]
+        pod: Option<inspect::PodChoice>,
     },
     /// Stream the datapath's drops (with their reason) and new Service flows (with
     /// the backend chosen) as they happen, from the node's agent. Run it in the

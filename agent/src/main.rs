@@ -375,7 +375,11 @@ fn main() -> Result<()> {
             ..
         } => {
             let maps = NodeMaps::open(&datapath::pin_dir(&node))?;
-            print!("{}", inspect::render_for_pod(&maps, table, output, pod)?);
+            let names = client::AgentPolicyNames { node };
+            print!(
+                "{}",
+                inspect::render_for_pod(&maps, table, output, pod.as_ref(), &names)?
+            );
             Ok(())
         }
         Command::Monitor {
@@ -417,7 +421,8 @@ fn main() -> Result<()> {
                 cookie,
                 hex,
             };
-            let explanation = explain::explain(&node, &datapath::pin_dir(&node), &request)?;
+            let names = client::AgentPolicyNames { node: node.clone() };
+            let explanation = explain::explain(&node, &datapath::pin_dir(&node), &names, &request)?;
             match output {
                 inspect::Output::Table => print!("{}", explain::render_table(&explanation)),
                 inspect::Output::Json => {

@@ -34,7 +34,7 @@ use crate::model::Skipped;
 use crate::{
     http::{Handler, Reply},
     maps::NodeMaps,
-    plan::MapContents,
+    plan::{MapContents, SharedPolicy},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +90,8 @@ pub struct Telemetry {
     service_names: Mutex<Arc<ServiceNames>>,
     /// This node's pod names by address, set by the agent after each full sync.
     pod_names: Mutex<Arc<PodNames>>,
+    /// The policy index the maps were last written from (`None`: no sync holds).
+    policy: Mutex<Option<SharedPolicy>>,
     backend_packets: Family<BackendLabels, Gauge>,
     backend_bytes: Family<BackendLabels, Gauge>,
     backend_flows: Family<BackendLabels, Gauge>,
@@ -139,6 +141,7 @@ impl Telemetry {
             event_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             service_names: Mutex::default(),
             pod_names: Mutex::default(),
+            policy: Mutex::default(),
             backend_packets: Family::default(),
             backend_bytes: Family::default(),
             backend_flows: Family::default(),
@@ -318,6 +321,15 @@ impl Telemetry {
 
     pub fn set_pod_names(&self, names: Arc<PodNames>) {
         *self.pod_names.lock().expect("names") = names;
+    }
+
+    pub fn set_policy(&self, policy: Option<SharedPolicy>) {
+        *self.policy.lock().expect("policy") = policy;
+    }
+
+    /// The policy index the maps were last written from, while a sync holds.
+    pub fn policy(&self) -> Option<SharedPolicy> {
+        self.policy.lock().expect("policy").clone()
     }
 
     /// This node's pod names by address, as of the last full sync.

@@ -14,16 +14,19 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use ferrite_agent::plan::RouteKey;
+use ferrite_agent::{monitor::Line, plan::RouteKey};
 use ferrite_tests::{
     fake_apiserver::FakeApiServer,
     lab::{node_yaml, pod_ip, Cluster, ObjectSource, Pod, Server, WORLD_IP},
+    monitor::Monitor,
 };
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
 const PORTS: [u16; 2] = [80, 81];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+/// A hang guard only: a monitor's lines arrive in well under a second.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Proto {
@@ -416,6 +419,57 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
         said.starts_with(&format!("ingress of {}: no rule allows", m.ip(&x_a))),
         "{explanation:#}"
     );
+    eprintln!("explain z/a -> x/a: {said}");
+    // ... and names the policy isolating x/a, which allows nothing (the agent's).
+    assert!(
+        said.contains(
+            "none of the NetworkPolicies selecting it for ingress (x/deny-ingress) allows it"
+        ),
+        "{explanation:#}"
+    );
+    let end = &explanation["runs"][0]["policies"][0];
+    assert_eq!(
+        (
+            &end["pod_name"],
+            &end["allowed"],
+            &end["selected_by"],
+            &end["allowed_by"]
+        ),
+        (
+            &"x/a".into(),
+            &false.into(),
+            &serde_json::json!(["x/deny-ingress"]),
+            &serde_json::json!([])
+        ),
+        "{explanation:#}"
+    );
+    // `ferrite monitor` names both pods of the drop, and its reason the direction.
+    let monitor = Monitor::start(
+        &m.cluster.nodes[m.node_of(&x_a)],
+        &["--address", &m.ip(&x_a).to_string()],
+        PATIENCE,
+    )?;
+    let to_x_a = SocketAddrV4::new(m.ip(&x_a), 80);
+    assert!(!m
+        .pod(&z_a)
+        .netns
+        .run(|| reaches(to_x_a, Proto::Tcp, "x/a"))??);
+    let dropped = monitor.wait_for(
+        PATIENCE,
+        |line| matches!(line, Line::Drop(e) if e.reason == "drop_policy_ingress"),
+    )?;
+    let Line::Drop(dropped) = dropped else {
+        unreachable!()
+    };
+    assert_eq!(
+        (
+            dropped.source_pod.as_deref(),
+            dropped.destination_pod.as_deref()
+        ),
+        (Some("z/a"), Some("x/a")),
+        "{dropped:?}"
+    );
+    drop(monitor);
 
     m.apply(&policy(
         "x",
@@ -456,8 +510,28 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
         .as_str()
         .unwrap_or_default();
     assert!(
-        said.contains("allowed by its rule for identity"),
+        said.contains("allowed by its rule for identity")
+            && said.contains("from NetworkPolicy x/a-from-y"),
         "{explanation:#}"
+    );
+    assert_eq!(
+        explanation["runs"][0]["policies"][0]["allowed_by"],
+        serde_json::json!(["x/a-from-y"]),
+        "{explanation:#}"
+    );
+    // So does `--socket`, of the flow to the backend the socket is given (x/a).
+    let socket = m.cluster.nodes[m.node_of(&x_a)].explain(&[
+        "--socket",
+        "--from",
+        &format!("{}:40000", m.ip(&pod_ref("y/b"))),
+        "--to",
+        &format!("{VIP}:80/tcp"),
+    ])?;
+    let said = socket["runs"][0]["policy"].as_str().unwrap_or_default();
+    assert!(
+        said.starts_with(&format!("ingress of {}: allowed", m.ip(&x_a)))
+            && said.contains("from NetworkPolicy x/a-from-y"),
+        "{socket:#}"
     );
     // `ferrite inspect policy` shows x/a's one rule, its peers namespace y's pods.
     let shown = m.cluster.nodes[m.node_of(&x_a)].inspect_json("policy")?;
@@ -499,6 +573,31 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
     let mut want = y_ips.clone();
     want.sort();
     assert_eq!(peers, want, "{row:#}");
+    assert_eq!(
+        (&row["pod_name"], &row["policies"]),
+        (&"x/a".into(), &serde_json::json!(["x/a-from-y"])),
+        "{row:#}"
+    );
+    eprintln!(
+        "inspect policy x/a:\n{}",
+        m.cluster.nodes[m.node_of(&x_a)].inspect_text(&["policy", "--pod", "x/a"])?
+    );
+    // `--pod x/a` is `--pod <its address>`.
+    let node_of_x_a = &m.cluster.nodes[m.node_of(&x_a)];
+    let by_name = node_of_x_a.inspect_json_with("policy", &["--pod", "x/a"])?;
+    let by_address =
+        node_of_x_a.inspect_json_with("policy", &["--pod", &m.ip(&x_a).to_string()])?;
+    assert_eq!(by_name, by_address);
+    assert_eq!(by_name.as_array().map(Vec::len), Some(1), "{by_name:#}");
+    assert_eq!(by_name[0], *row);
+    // A pod of the other node is inspected there.
+    let elsewhere = node_of_x_a
+        .inspect_json_with("policy", &["--pod", "y/a"])
+        .unwrap_err();
+    assert!(
+        format!("{elsewhere:#}").contains("runs on node"),
+        "{elsewhere:#}"
+    );
 
     // Through the Service in front of x/a: the policy sees the client and port 80,
     // on the per-packet path (this process) and at the socket (a pod's process).
@@ -649,6 +748,43 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
 
     m.apply("")?;
     m.expect("every policy deleted", |_, _, _, _| true)?;
+
+    // With the agent down, the tools say what the maps say, and that names need it.
+    m.apply(&policy(
+        "x",
+        "deny-ingress",
+        "{podSelector: {}, policyTypes: [Ingress]}",
+    ))?;
+    let node = m.node_of(&x_a);
+    m.cluster.nodes[node].kill_agent()?;
+    let node = &m.cluster.nodes[node];
+    let explanation = node.explain(&[
+        "--from",
+        &format!("{}:40000", m.ip(&pod_ref("z/a"))),
+        "--to",
+        &format!("{}:80/tcp", m.ip(&x_a)),
+    ])?;
+    let said = explanation["runs"][0]["policy"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        said.starts_with(&format!("ingress of {}: no rule allows", m.ip(&x_a)))
+            && said.contains("(policy names: agent not reachable"),
+        "{explanation:#}"
+    );
+    let rows = node.inspect_json_with("policy", &["--pod", &m.ip(&x_a).to_string()])?;
+    assert_eq!(
+        (&rows[0]["verdict"], &rows[0]["policies"]),
+        (&"deny all".into(), &serde_json::Value::Null),
+        "{rows:#}"
+    );
+    let by_name = node
+        .inspect_json_with("policy", &["--pod", "x/a"])
+        .unwrap_err();
+    assert!(
+        format!("{by_name:#}").contains("needs the node's agent"),
+        "{by_name:#}"
+    );
     Ok(())
 }
 

@@ -35,9 +35,10 @@ use ferrite_common::{
 };
 
 pub use frame::FrameSummary;
+pub use policy::PolicyEnd;
 pub use report::{render_table, Explanation, ProgramRun, Verdict};
 
-use crate::{maps::NodeMaps, plan::Interface};
+use crate::{maps::NodeMaps, model::policy::PolicyNames, plan::Interface};
 
 /// Which side the packet comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -74,8 +75,14 @@ pub struct Request {
 /// The source port a sender picks when none is given (an ephemeral port).
 pub const DEFAULT_SOURCE_PORT: u16 = 40000;
 
-/// Explain `request` against the node whose pins are in `pin_dir`.
-pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanation> {
+/// Explain `request` against the node whose pins are in `pin_dir`; `names` tells
+/// which NetworkPolicies the policy maps' rules come from (the node's agent).
+pub fn explain(
+    node: &str,
+    pin_dir: &Path,
+    names: &dyn PolicyNames,
+    request: &Request,
+) -> Result<Explanation> {
     let maps = NodeMaps::open(pin_dir)?;
     let config = maps.config.get(&0, 0).context("reading ferrite_config")?;
     let interfaces = crate::host::interfaces::interfaces()?;
@@ -99,7 +106,7 @@ pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanat
             cookie: request.cookie,
             ..SockRequest::default()
         })?;
-        runs.push(report::socket_run(request, &traced)?);
+        runs.push(report::socket_run(&context, names, request, &traced)?);
         return Ok(Explanation::new(node, request, "socket", runs));
     }
     match request.ingress {
@@ -117,6 +124,7 @@ pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanat
             )?;
             runs.push(report::packet_run(
                 &context,
+                names,
                 request,
                 program_names::FROM_POD,
                 hook,
@@ -148,6 +156,7 @@ pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanat
             )?;
             runs.push(report::packet_run(
                 &context,
+                names,
                 request,
                 program_names::FROM_OVERLAY,
                 hook,
@@ -169,6 +178,7 @@ pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanat
                 packet = traced.frame.clone();
                 runs.push(report::packet_run(
                     &context,
+                    names,
                     request,
                     program_names::FROM_WORLD,
                     format!("XDP of {name} (ifindex {})", uplink.ifindex),
@@ -188,6 +198,7 @@ pub fn explain(node: &str, pin_dir: &Path, request: &Request) -> Result<Explanat
             )?;
             runs.push(report::packet_run(
                 &context,
+                names,
                 request,
                 program_names::FROM_UPLINK,
                 tc_hook,

@@ -14,6 +14,7 @@ use ferrite_common::{
 use serde::Serialize;
 
 use super::{frame, run::Traced, FrameSummary, NodeView, Request};
+use crate::model::policy::PolicyNames;
 
 pub const XDP_PASS: u32 = 2;
 
@@ -51,9 +52,13 @@ pub struct ProgramRun {
     pub snat: Option<String>,
     /// Where an established flow's destination came from.
     pub route: Option<String>,
-    /// NetworkPolicy: the rule that allows the flow at each isolated end, or none.
+    /// NetworkPolicy: the rule that allows the flow at each isolated end, or none,
+    /// and the policies behind it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The same, per isolated end, with the policies (`namespace/name`) named.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<super::policy::PolicyEnd>,
     pub verdict: Verdict,
     /// The frame as the program left it (none for a dropped packet or a socket call).
     pub output: Option<FrameSummary>,
@@ -311,12 +316,12 @@ fn verdict_of(context: &NodeView, program: &str, traced: &Traced) -> Verdict {
                 stat::DROP_POLICY_INGRESS => format!(
                     "dropped ({reason}): the receiving pod is isolated for ingress and none of \
                      its NetworkPolicies allows this peer, protocol and port \
-                     (`ferrite inspect policy --pod ADDRESS`)"
+                     (its policy line names the policies)"
                 ),
                 stat::DROP_POLICY_EGRESS => format!(
                     "dropped ({reason}): the sending pod is isolated for egress and none of \
                      its NetworkPolicies allows this peer, protocol and port \
-                     (`ferrite inspect policy --pod ADDRESS`)"
+                     (its policy line names the policies)"
                 ),
                 _ => format!("dropped ({reason})"),
             };
@@ -385,6 +390,7 @@ fn anti_spoofing(program: &str, request: &Request, trace: &ExplainTrace) -> Opti
 /// One packet program's run, explained.
 pub fn packet_run(
     context: &NodeView,
+    names: &dyn PolicyNames,
     request: &Request,
     program: &str,
     hook: String,
@@ -416,7 +422,14 @@ pub fn packet_run(
         .as_ref()
         .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
         .unwrap_or(request.destination);
-    let policy = super::policy::describe(context, request.source, translated_to, request.protocol);
+    let (policy, policies) = super::policy::describe(
+        context,
+        names,
+        request.source,
+        translated_to,
+        request.protocol,
+    )
+    .unzip();
     Ok(ProgramRun {
         program: program.into(),
         run_as: super::run::explain_copy(program)?.into(),
@@ -428,6 +441,7 @@ pub fn packet_run(
         snat,
         route,
         policy,
+        policies: policies.unwrap_or_default(),
         verdict,
         output,
         counted: counted(trace),
@@ -436,8 +450,14 @@ pub fn packet_run(
     })
 }
 
-/// The socket-level selection's run, explained.
-pub fn socket_run(request: &Request, traced: &Traced) -> Result<ProgramRun> {
+/// The socket-level selection's run, explained; with what NetworkPolicy says of
+/// the flow the socket's packets then make (to the backend chosen).
+pub fn socket_run(
+    context: &NodeView,
+    names: &dyn PolicyNames,
+    request: &Request,
+    traced: &Traced,
+) -> Result<ProgramRun> {
     let trace = &traced.trace;
     let call = if request.protocol == PROTO_TCP {
         "connect() of a TCP socket (cgroup/connect4)"
@@ -450,6 +470,18 @@ pub fn socket_run(request: &Request, traced: &Traced) -> Result<ProgramRun> {
         request.cookie
     );
     let backend = chosen(trace, &hashed_over);
+    let translated_to = backend
+        .as_ref()
+        .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
+        .unwrap_or(request.destination);
+    let (policy, policies) = super::policy::describe(
+        context,
+        names,
+        request.source,
+        translated_to,
+        request.protocol,
+    )
+    .unzip();
     let verdict = match (&frontend, &backend) {
         (None, _) => Verdict {
             action: "untouched",
@@ -493,7 +525,8 @@ pub fn socket_run(request: &Request, traced: &Traced) -> Result<ProgramRun> {
         backend,
         snat: None,
         route: None,
-        policy: None,
+        policy,
+        policies: policies.unwrap_or_default(),
         verdict,
         output: None,
         counted: counted(trace),

@@ -13,6 +13,8 @@ use serde::Serialize;
 
 mod policy;
 
+pub use policy::{parse_pod, PodChoice};
+
 use crate::{
     maps::{describe_op, NodeMaps},
     model::Protocol,
@@ -27,8 +29,9 @@ pub enum Table {
     Conntrack,
     Stats,
     Routes,
-    /// NetworkPolicy: each isolated pod's allowed peers, protocols and ports
-    /// (`--pod ADDRESS` for one pod).
+    /// NetworkPolicy: each isolated pod's allowed peers, protocols and ports, and
+    /// the policies they come from (`--pod ADDRESS` or `--pod NAMESPACE/NAME` for
+    /// one pod).
     Policy,
     /// Writes a sync would make now (needs the objects: --config or the API).
     Diff,
@@ -293,19 +296,35 @@ fn op_action(op: &Op) -> &'static str {
 }
 
 pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
-    render_for_pod(maps, table, output, None)
+    let no_names = crate::model::policy::NoPolicyNames("not asked".into());
+    render_for_pod(maps, table, output, None, &no_names)
 }
 
-/// [`render`], the `policy` table limited to the pod at `pod`.
+/// [`render`], the `policy` table limited to the pod `pod` and naming policies as
+/// `names` (the node's agent) tells. A note on names missing ends the table (goes
+/// to stderr with JSON, which stays an array of rows).
 pub fn render_for_pod(
     maps: &NodeMaps,
     table: Table,
     output: Output,
-    pod: Option<Ipv4Addr>,
+    pod: Option<&PodChoice>,
+    names: &dyn crate::model::policy::PolicyNames,
 ) -> Result<String> {
+    let pod = pod
+        .map(|choice| policy::resolve(choice, names))
+        .transpose()?;
     let contents = maps.contents_without_maglev()?;
     match table {
-        Table::Policy => show(&policy::rows(&contents, pod), output),
+        Table::Policy => {
+            let (rows, note) = policy::rows(&contents, pod, names);
+            let mut shown = show(&rows, output)?;
+            match (note, output) {
+                (Some(note), Output::Table) => shown.push_str(&format!("{note}\n")),
+                (Some(note), Output::Json) => eprintln!("{note}"),
+                (None, _) => {}
+            }
+            Ok(shown)
+        }
         Table::Services => {
             let rows: Vec<ServiceRow> = contents
                 .services

@@ -1,5 +1,6 @@
 //! The `ferrite monitor` command's side: connect to the node's agent, send the
-//! request, read its lines; name devices and render lines as a table.
+//! request, read its lines; name devices and render lines as a table. And the
+//! tools' questions to the agent ([`ask`], [`AgentPolicyNames`]).
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
@@ -8,7 +9,64 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{socket_path, Event, Line, Request};
+use super::{socket_path, Answer, Event, Line, Query, QueryLine, Request};
+use crate::model::policy::{EndpointSources, PodAddress, PolicyNames};
+
+/// How long the tools wait for the agent's answer (it answers at once, unless
+/// many others ask at the same moment).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent of `node`'s answer to `query`.
+pub fn ask(node: &str, query: &Query) -> Result<Answer> {
+    let path = socket_path(node);
+    let mut stream =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut line = serde_json::to_string(&QueryLine {
+        query: query.clone(),
+    })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    anyhow::ensure!(!answer.is_empty(), "the agent closed without answering");
+    serde_json::from_str(&answer).context("an answer this tool cannot read")
+}
+
+/// Policy names from the running agent of a node.
+pub struct AgentPolicyNames {
+    pub node: String,
+}
+
+impl AgentPolicyNames {
+    fn ask(&self, query: &Query) -> Result<Answer, String> {
+        match ask(&self.node, query) {
+            Ok(Answer::Error { message }) => Err(format!("the agent cannot tell: {message}")),
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(format!("agent not reachable ({e:#})")),
+        }
+    }
+}
+
+impl PolicyNames for AgentPolicyNames {
+    fn pod_policies(&self, address: std::net::Ipv4Addr) -> Result<Option<EndpointSources>, String> {
+        match self.ask(&Query::PodPolicies { address })? {
+            Answer::PodPolicies { sources } => Ok(sources),
+            other => Err(format!("an answer to another question: {other:?}")),
+        }
+    }
+
+    fn pod_address(&self, namespace: &str, name: &str) -> Result<PodAddress, String> {
+        let pod = format!("{namespace}/{name}");
+        match self.ask(&Query::PodAddress { pod })? {
+            Answer::PodAddress { address } => Ok(address),
+            other => Err(format!("an answer to another question: {other:?}")),
+        }
+    }
+}
 
 /// The lines the agent of `node` sends for `request`, as they come.
 pub fn connect(node: &str, request: &Request) -> Result<impl Iterator<Item = Result<Line>>> {

@@ -2,7 +2,9 @@
 //! of monitors on the node's Unix socket, each with a bounded queue. A monitor that
 //! reads too slowly loses what does not fit in its queue: counted, and told where the
 //! gap is (a `missed` line queued as soon as there is room, after what it already had
-//! queued); it never holds up the reader, the other monitors or the agent.
+//! queued); it never holds up the reader, the other monitors or the agent. Queries
+//! (`ferrite explain`, `inspect policy`) are answered on the same thread, a few at
+//! a time, each one line written within the request timeout.
 use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
@@ -21,7 +23,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{decode, describe, socket_path, Filter, Line, Request};
+use super::{answer, decode, describe, parse_incoming, socket_path, Filter, Incoming, Line};
 use crate::{
     files::{self, create_private_dir},
     telemetry::Telemetry,
@@ -33,6 +35,9 @@ pub const QUEUE_LINES: usize = 4096;
 pub const MAX_MONITORS: usize = 32;
 /// How long a new connection may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queries answered at once; more wait their turn. Each answer is computed on the
+/// monitor thread (one pod's policies: cheap) and may be up to a few MB to write.
+const MAX_QUERIES: usize = 8;
 /// What a monitor may send in all: its request line (a few hundred bytes). Past it,
 /// its input ends, as if it had gone: no line grows without bound.
 const MAX_INPUT_BYTES: u64 = 64 * 1024;
@@ -192,6 +197,7 @@ async fn serve(
     node: String,
 ) -> Result<()> {
     let listener = UnixListener::from_std(listener)?;
+    let queries = Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES));
     let accept = async {
         loop {
             match listener.accept().await {
@@ -200,6 +206,7 @@ async fn serve(
                         subscribers: subscribers.clone(),
                         telemetry: telemetry.clone(),
                         node: node.clone(),
+                        queries: queries.clone(),
                     };
                     tokio::spawn(connection.serve(stream));
                 }
@@ -248,7 +255,7 @@ async fn read_events(
     }
 }
 
-fn to_json(line: &Line) -> String {
+fn to_json(line: &impl serde::Serialize) -> String {
     let mut json = serde_json::to_string(line).unwrap_or_default();
     json.push('\n');
     json
@@ -258,6 +265,7 @@ struct Connection {
     subscribers: Arc<Mutex<Subscribers>>,
     telemetry: Arc<Telemetry>,
     node: String,
+    queries: Arc<tokio::sync::Semaphore>,
 }
 
 impl Connection {
@@ -265,11 +273,15 @@ impl Connection {
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read.take(MAX_INPUT_BYTES)).lines();
         let request = match tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await {
-            Ok(Ok(Some(line))) => serde_json::from_str::<Request>(&line)
-                .map_err(|e| format!("not a monitor request: {e}")),
+            Ok(Ok(Some(line))) => parse_incoming(&line),
             Ok(Ok(None)) => return,
             Ok(Err(e)) => Err(format!("reading the request: {e}")),
             Err(_) => Err("no request".to_string()),
+        };
+        let request = match request {
+            Ok(Incoming::Query(query)) => return self.answer(&query, write).await,
+            Ok(Incoming::Monitor(request)) => Ok(request),
+            Err(message) => Err(message),
         };
         let names = self.telemetry.service_names();
         let filter = request.and_then(|request| Filter::new(&request, &names));
@@ -310,6 +322,18 @@ impl Connection {
             }
         }
         self.lock().unsubscribe(id);
+    }
+
+    /// Answer `query` with one line (written within the request timeout: a client
+    /// that does not read is dropped), then close.
+    async fn answer(&self, query: &super::Query, mut write: tokio::net::unix::OwnedWriteHalf) {
+        let Ok(Ok(_turn)) = tokio::time::timeout(REQUEST_TIMEOUT, self.queries.acquire()).await
+        else {
+            return;
+        };
+        let line = to_json(&answer(query, self.telemetry.policy().as_ref()));
+        // Best effort: the client may be gone already.
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(line.as_bytes())).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {

@@ -8,6 +8,12 @@
 //! mode 0700) reaches it, and a closed connection is a monitor gone, so the agent
 //! knows when the last leaves and clears the entry. Each monitor sends one
 //! [`Request`] line and then reads JSON [`Line`]s ([`client`]).
+//!
+//! The same socket answers questions about the agent's model ([`Query`]: which
+//! NetworkPolicies give a pod what; where a pod is), for `ferrite explain` and
+//! `ferrite inspect policy` to name what the maps only number: a line
+//! `{"query": ...}` gets one [`Answer`] line, then the agent closes. An agent that
+//! predates a query answers it with an `error` line, as any request it cannot read.
 pub mod client;
 pub mod hub;
 
@@ -18,7 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     files,
-    model::Protocol,
+    model::{
+        policy::{EndpointSources, PodAddress},
+        Protocol,
+    },
     telemetry::{PodNames, ServiceNames},
 };
 
@@ -63,6 +72,88 @@ pub struct Request {
     /// Only events to or from a frontend of this Service (`NAMESPACE/NAME`).
     #[serde(default)]
     pub service: Option<String>,
+}
+
+/// A question about the agent's model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Query {
+    /// The NetworkPolicies selecting the pod of this node at `address`, and what
+    /// each gives it.
+    PodPolicies { address: Ipv4Addr },
+    /// Where the pod `NAMESPACE/NAME` is.
+    PodAddress { pod: String },
+}
+
+/// The first line of a connection that asks instead of monitoring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryLine {
+    pub query: Query,
+}
+
+/// The agent's one line for a [`Query`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Answer {
+    /// `None`: no pod of this node is at the address.
+    PodPolicies {
+        sources: Option<EndpointSources>,
+    },
+    PodAddress {
+        address: PodAddress,
+    },
+    /// The query was refused or cannot be answered (the same line as a refused
+    /// monitor request's).
+    Error {
+        message: String,
+    },
+}
+
+/// What a connection's first line asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Monitor(Request),
+    Query(Query),
+}
+
+/// Read a connection's first line: a query when it has a `query` field, else a
+/// monitor request.
+pub fn parse_incoming(line: &str) -> Result<Incoming, String> {
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(line).map_err(|e| format!("not a monitor request: {e}"))?;
+    if object.contains_key("query") {
+        let query = serde_json::from_value::<QueryLine>(object.into())
+            .map_err(|e| format!("not a query this agent knows: {e}"))?;
+        return Ok(Incoming::Query(query.query));
+    }
+    serde_json::from_value::<Request>(object.into())
+        .map(Incoming::Monitor)
+        .map_err(|e| format!("not a monitor request: {e}"))
+}
+
+/// The answer to `query` from the agent's policy index (`None`: no sync holds).
+pub fn answer(query: &Query, policy: Option<&crate::plan::SharedPolicy>) -> Answer {
+    let Some(policy) = policy else {
+        return Answer::Error {
+            message: "the agent has no synced model right now (starting, or its last sync \
+                      failed)"
+                .into(),
+        };
+    };
+    let index = policy.read().unwrap_or_else(|e| e.into_inner());
+    match query {
+        Query::PodPolicies { address } => Answer::PodPolicies {
+            sources: index.endpoint_sources(*address),
+        },
+        Query::PodAddress { pod } => match pod.split_once('/') {
+            Some((namespace, name)) if !name.contains('/') => Answer::PodAddress {
+                address: index.pod_address(namespace, name),
+            },
+            _ => Answer::Error {
+                message: format!("{pod:?} is not NAMESPACE/NAME"),
+            },
+        },
+    }
 }
 
 /// One line from the agent to a monitor.
@@ -413,5 +504,74 @@ mod tests {
             let refused = Filter::new(&request, &names()).unwrap_err();
             assert!(refused.contains(reason), "{service}: {refused}");
         }
+    }
+
+    #[test]
+    fn a_first_line_with_a_query_is_a_query_and_any_other_a_monitor_request() {
+        let query = serde_json::to_string(&QueryLine {
+            query: Query::PodAddress { pod: "x/a".into() },
+        })
+        .unwrap();
+        assert_eq!(
+            parse_incoming(&query),
+            Ok(Incoming::Query(Query::PodAddress { pod: "x/a".into() }))
+        );
+        // Monitors' requests read as before.
+        assert_eq!(
+            parse_incoming(r#"{"kind":"drop","port":80}"#),
+            Ok(Incoming::Monitor(Request {
+                port: Some(80),
+                ..Request::default()
+            }))
+        );
+        // A query of a newer tool is refused with a reason, not taken for a monitor.
+        let newer = parse_incoming(r#"{"query":{"pod_routes":{}}}"#).unwrap_err();
+        assert!(newer.contains("not a query this agent knows"), "{newer}");
+        assert!(parse_incoming("not json").is_err());
+    }
+
+    #[test]
+    fn an_agent_without_a_synced_model_or_a_bad_name_answers_an_error_line() {
+        let query = Query::PodAddress { pod: "x/a".into() };
+        let Answer::Error { message } = answer(&query, None) else {
+            panic!("an error")
+        };
+        assert!(message.contains("no synced model"), "{message}");
+        // The error line of an answer is the error line of a refused request: a tool
+        // asking an older agent reads its refusal.
+        let refusal = serde_json::to_string(&Line::Error {
+            message: "m".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Answer>(&refusal).unwrap(),
+            Answer::Error {
+                message: "m".into()
+            }
+        );
+        let (context, _) =
+            crate::model::NodeContext::new("node-a", &crate::limits::Limits::default(), &[], None);
+        let index = crate::model::policy::PolicyIndex::build(&[], &[], &[], &context, &mut vec![]);
+        let empty: crate::plan::SharedPolicy = std::sync::Arc::new(std::sync::RwLock::new(index));
+        for pod in ["x", "x/a/b"] {
+            let query = Query::PodAddress { pod: pod.into() };
+            assert!(
+                matches!(answer(&query, Some(&empty)), Answer::Error { .. }),
+                "{pod}"
+            );
+        }
+        assert_eq!(
+            answer(&query, Some(&empty)),
+            Answer::PodAddress {
+                address: PodAddress::Unknown
+            }
+        );
+        let policies = Query::PodPolicies {
+            address: Ipv4Addr::new(10, 244, 0, 2),
+        };
+        assert_eq!(
+            answer(&policies, Some(&empty)),
+            Answer::PodPolicies { sources: None }
+        );
     }
 }

@@ -26,7 +26,7 @@ pub use image::{
     backend_value, describe_policy_rule, describe_service_key, maglev_digest, maglev_key, op_map,
     rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, RouteKey, SourceRange,
 };
-pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan};
+pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan, SharedPolicy};
 pub use policy::rules_of;
 pub use settings::{
     overlay_address, Capacities, Interface, NodeSettings, Routing, Uplink, UplinkXdp,

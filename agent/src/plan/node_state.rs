@@ -4,7 +4,10 @@
 //! sync's, kept here), and both write through the same ordered diff, so an update
 //! writes what a full sync of the same objects would (the golden tests check it).
 //! Pure: the agent reads the maps and interfaces, writes the ops, then commits.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+};
 
 use super::{
     desired_contents_keeping_ids, diff, policy::policy_update, service_update, settle_pod_claims,
@@ -16,6 +19,9 @@ use crate::model::{
     service_ref_of, ClusterObjects, DesiredState, FrontendKind, HealthCheck, L4Addr, LocalPod,
     NodeContext, Protocol, ServiceRef, ServicesModel, Skipped,
 };
+
+/// A node's policy index, shared with the readers that answer queries from it.
+pub type SharedPolicy = Arc<RwLock<PolicyIndex>>;
 
 /// What the node last wrote, from what, and who owns each Service entry.
 #[derive(Debug)]
@@ -35,8 +41,9 @@ pub struct NodeState {
     /// healthCheckNodePort needs a full sync (which keeps it the Service's).
     host_port_ports: BTreeSet<u16>,
     /// The policy model and its indexes: Pod, Namespace and NetworkPolicy changes
-    /// update it.
-    policy: PolicyIndex,
+    /// update it; `ferrite explain` and `inspect policy` ask it (through the
+    /// monitor socket) which policies give what.
+    policy: SharedPolicy,
     /// This node's pods as the last full sync wired them (also those refused an
     /// address another pod has), by name: a Pod change that leaves its wiring as it
     /// is changes only policy.
@@ -49,8 +56,9 @@ pub struct NodeState {
 pub struct FullPlan {
     pub context: NodeContext,
     pub state: DesiredState,
-    /// The index the state's policy part comes from.
-    pub policy: PolicyIndex,
+    /// The index the state's policy part comes from (shared from the start: readers
+    /// get it before the maps are written from it).
+    pub policy: SharedPolicy,
     pub ops: Vec<Op>,
     /// What the maps hold once `ops` are written.
     pub written: MapContents,
@@ -85,7 +93,7 @@ impl FullPlan {
         Self {
             context,
             state,
-            policy,
+            policy: Arc::new(RwLock::new(policy)),
             ops,
             written,
             skipped,
@@ -180,7 +188,9 @@ impl NodeState {
             }
         }
         let mut skipped = Vec::new();
-        let delta = self.policy.update(changes, &mut skipped)?;
+        let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        let delta = policy.update(changes, &mut skipped)?;
+        drop(policy);
         let ops = policy_update(&self.written.contents, &delta);
         Some(PolicyPlan { ops, skipped })
     }

@@ -56,6 +56,13 @@ impl Node {
         )
     }
 
+    /// `ferrite inspect --node <name> ARGS` output for this node.
+    pub fn inspect_text(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["inspect", "--node", &self.name];
+        all.extend_from_slice(args);
+        sh(ferrite_bin().to_str().context("path")?, &all)
+    }
+
     /// `ferrite explain --node <name> ARGS` run in the node's network namespace (as
     /// an operator runs it, with nsenter): its output.
     pub fn explain_text(&self, args: &[&str]) -> Result<String> {
@@ -102,10 +109,14 @@ impl Node {
 
     /// `ferrite inspect <table> -o json` output for this node, parsed.
     pub fn inspect_json(&self, table: &str) -> Result<serde_json::Value> {
-        let shown = sh(
-            ferrite_bin().to_str().context("path")?,
-            &["inspect", "--node", &self.name, table, "-o", "json"],
-        )?;
+        self.inspect_json_with(table, &[])
+    }
+
+    /// `ferrite inspect <table> EXTRA -o json` output for this node, parsed.
+    pub fn inspect_json_with(&self, table: &str, extra: &[&str]) -> Result<serde_json::Value> {
+        let mut args = vec!["inspect", "--node", &self.name, table, "-o", "json"];
+        args.extend_from_slice(extra);
+        let shown = sh(ferrite_bin().to_str().context("path")?, &args)?;
         serde_json::from_str(&shown).with_context(|| format!("not JSON:\n{shown}"))
     }
 }

@@ -27,11 +27,17 @@ use k8s_openapi::{
 };
 
 use super::{
-    allow_ports, check_policy, fnv1a, namespace_labels, policy_pod, CheckedPolicy, Direction,
-    EndpointPolicy, Identity, NamedPorts, Peer, PeerRef, PolicyModel, PolicyPod, IDENTITY_ANY,
-    IDENTITY_FIRST, IDENTITY_WORLD,
+    allow_ports, check_policy, fnv1a, namespace_labels, policy_pod, Allow, CheckedPolicy,
+    Direction, EndpointPolicy, Identity, NamedPorts, Peer, PeerRef, PolicyModel, PolicyPod,
+    IDENTITY_ANY, IDENTITY_FIRST, IDENTITY_WORLD,
 };
 use crate::model::{namespace_of, NodeContext, Skipped};
+
+mod query;
+
+pub use query::{
+    EndpointSources, NoPolicyNames, PodAddress, PolicyNames, PolicySource, MAX_SOURCE_ALLOWS,
+};
 
 type Labels = BTreeMap<String, String>;
 /// The peers selecting an address: addresses with the same class share an identity.
@@ -737,70 +743,86 @@ impl PolicyIndex {
 
     /// The policy of the pod of this node at `ip` (the first one listed there).
     fn endpoint_at(&self, ip: Ipv4Addr) -> Option<EndpointPolicy> {
-        let pod = self
-            .pods_at
+        let (_, pod) = self.local_pod_at(ip)?;
+        let mut endpoint = EndpointPolicy::default();
+        for policy in self.policies_selecting(pod) {
+            endpoint.policies.insert(policy.name.clone());
+            let (ingress, egress) = self.allows_of_policy(policy, pod, &mut endpoint.allows);
+            endpoint.ingress_isolated |= ingress;
+            endpoint.egress_isolated |= egress;
+        }
+        (!endpoint.policies.is_empty()).then_some(endpoint)
+    }
+
+    /// The pod of this node at `ip` (the first one listed there).
+    fn local_pod_at(&self, ip: Ipv4Addr) -> Option<(&ObjectKey, &PolicyPod)> {
+        self.pods_at
             .get(&ip)?
             .iter()
             .find(|key| self.local.contains(*key))
-            .and_then(|key| self.pods.get(key))?;
-        let named_ports_of = |identity: Identity| -> Vec<(Identity, &NamedPorts)> {
-            let pods_of = |(peer_identity, keys): (&Identity, &BTreeSet<ObjectKey>)| {
-                keys.iter()
-                    .filter_map(|key| self.pods.get(key))
-                    .map(|pod| (*peer_identity, &pod.named_ports))
-                    .collect::<Vec<_>>()
-            };
-            if identity == IDENTITY_ANY {
-                self.pods_of_identity.iter().flat_map(pods_of).collect()
-            } else {
-                self.pods_of_identity
-                    .get_key_value(&identity)
-                    .map(pods_of)
-                    .unwrap_or_default()
-            }
+            .and_then(|key| Some((key, self.pods.get(key)?)))
+    }
+
+    /// The policies of `pod`'s namespace that select it.
+    fn policies_selecting<'a>(
+        &'a self,
+        pod: &'a PolicyPod,
+    ) -> impl Iterator<Item = &'a CheckedPolicy> + 'a {
+        self.policies_in
+            .get(&pod.namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.policies.get(key))
+            .filter(|policy| policy.pods.matches(&pod.labels))
+    }
+
+    /// The named ports of the pods of `identity` (every pod's for `IDENTITY_ANY`).
+    fn named_ports_of(&self, identity: Identity) -> Vec<(Identity, &NamedPorts)> {
+        let pods_of = |(peer_identity, keys): (&Identity, &BTreeSet<ObjectKey>)| {
+            keys.iter()
+                .filter_map(|key| self.pods.get(key))
+                .map(|pod| (*peer_identity, &pod.named_ports))
+                .collect::<Vec<_>>()
         };
-        let mut endpoint = EndpointPolicy::default();
-        for key in self.policies_in.get(&pod.namespace).into_iter().flatten() {
-            let Some(policy) = self.policies.get(key) else {
-                continue;
-            };
-            if !policy.pods.matches(&pod.labels) {
-                continue;
-            }
-            endpoint.policies.insert(policy.name.clone());
-            for (direction, rules) in [
-                (Direction::Ingress, &policy.ingress),
-                (Direction::Egress, &policy.egress),
-            ] {
-                let Some(rules) = rules else { continue };
-                match direction {
-                    Direction::Ingress => endpoint.ingress_isolated = true,
-                    Direction::Egress => endpoint.egress_isolated = true,
-                }
-                for rule in rules {
-                    let identities: BTreeSet<Identity> = match &rule.peers {
-                        None => BTreeSet::from([IDENTITY_ANY]),
-                        Some(peers) => peers
-                            .iter()
-                            .filter_map(|p| self.identities_of_peer.get(p))
-                            .flatten()
-                            .copied()
-                            .collect(),
-                    };
-                    for identity in identities {
-                        allow_ports(
-                            direction,
-                            identity,
-                            rule,
-                            pod,
-                            &named_ports_of,
-                            &mut endpoint.allows,
-                        );
-                    }
+        if identity == IDENTITY_ANY {
+            self.pods_of_identity.iter().flat_map(pods_of).collect()
+        } else {
+            self.pods_of_identity
+                .get_key_value(&identity)
+                .map(pods_of)
+                .unwrap_or_default()
+        }
+    }
+
+    /// What `policy` (which selects `pod`) gives it: the allows of its rules, added
+    /// to `allows`; and whether it isolates the pod for ingress and for egress.
+    fn allows_of_policy(
+        &self,
+        policy: &CheckedPolicy,
+        pod: &PolicyPod,
+        allows: &mut BTreeSet<Allow>,
+    ) -> (bool, bool) {
+        let named_ports_of = |identity: Identity| self.named_ports_of(identity);
+        for (direction, rules) in [
+            (Direction::Ingress, &policy.ingress),
+            (Direction::Egress, &policy.egress),
+        ] {
+            for rule in rules.iter().flatten() {
+                let identities: BTreeSet<Identity> = match &rule.peers {
+                    None => BTreeSet::from([IDENTITY_ANY]),
+                    Some(peers) => peers
+                        .iter()
+                        .filter_map(|p| self.identities_of_peer.get(p))
+                        .flatten()
+                        .copied()
+                        .collect(),
+                };
+                for identity in identities {
+                    allow_ports(direction, identity, rule, pod, &named_ports_of, allows);
                 }
             }
         }
-        (!endpoint.policies.is_empty()).then_some(endpoint)
+        (policy.ingress.is_some(), policy.egress.is_some())
     }
 
     /// Classes sharing a hash: the first (in class order) keeps it, the others get

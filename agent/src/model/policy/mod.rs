@@ -29,7 +29,10 @@ use k8s_openapi::{
 
 mod index;
 
-pub use index::{ObjectKey, PolicyChanges, PolicyDelta, PolicyIndex};
+pub use index::{
+    EndpointSources, NoPolicyNames, ObjectKey, PodAddress, PolicyChanges, PolicyDelta, PolicyIndex,
+    PolicyNames, PolicySource, MAX_SOURCE_ALLOWS,
+};
 
 use super::{
     fields::{object_name, parse_ipv4, truncated},
@@ -43,7 +46,10 @@ use super::{
 pub type Identity = u32;
 pub use ferrite_common::policy::{IDENTITY_ANY, IDENTITY_FIRST, IDENTITY_WORLD};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     Ingress,
     Egress,
@@ -51,7 +57,9 @@ pub enum Direction {
 
 /// Traffic one pod allows in one direction: with peers of `identity`, over
 /// `protocol` (0: any) on ports `ports` (`None`: any).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Allow {
     pub direction: Direction,
     pub identity: Identity,

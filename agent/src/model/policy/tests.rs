@@ -7,6 +7,12 @@ const NODE: &str = "node-a";
 /// Namespaces x (team: a), y (team: b), z; pods a, b, c in each (label pod: NAME),
 /// x's on node-a; pod x/a serves named port `serve-80-tcp` on 80.
 fn cluster(policies: &str) -> (PolicyModel, Vec<String>) {
+    let (index, skipped) = cluster_index(policies);
+    (index.model().clone(), skipped)
+}
+
+/// [`cluster`]'s index (what the agent keeps and answers queries from).
+fn cluster_index(policies: &str) -> (PolicyIndex, Vec<String>) {
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDR: 10.244.0.0/24}\nstatus: {addresses: [{type: InternalIP, address: 198.51.100.1}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 198.51.100.2}]}\n",
     );
@@ -30,14 +36,14 @@ fn cluster(policies: &str) -> (PolicyModel, Vec<String>) {
     assert!(skipped.is_empty(), "{skipped:?}");
     let (context, _) = NodeContext::new(NODE, &Limits::default(), &objects.nodes, None);
     let mut skipped = Vec::new();
-    let model = build_policy(
+    let index = PolicyIndex::build(
         &objects.network_policies,
         &objects.namespaces,
         &objects.pods,
         &context,
         &mut skipped,
     );
-    (model, skipped.iter().map(ToString::to_string).collect())
+    (index, skipped.iter().map(ToString::to_string).collect())
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -209,6 +215,115 @@ fn ip_blocks_with_except_stacked_policies_and_refusals() {
             .any(|s| s.contains("broken") && s.contains("podSelector")),
         "{skipped:?}"
     );
+}
+
+/// The policies the index names for x/a's rule (`direction`, the peer's identity,
+/// `protocol`, `port`).
+fn allowing(
+    index: &PolicyIndex,
+    direction: Direction,
+    peer: &str,
+    protocol: u8,
+    port: u16,
+) -> Vec<String> {
+    let sources = index.endpoint_sources(ip(XA)).expect("x/a is policed");
+    let peer = identity(index.model(), peer);
+    sources
+        .allowing(direction, peer, protocol, port)
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn queries_name_the_policies_each_allow_comes_from_and_add_up_to_the_model() {
+    let (index, _) = cluster_index(&format!(
+        "{}{}{}{}",
+        policy("deny", "{podSelector: {}, policyTypes: [Ingress, Egress]}"),
+        policy(
+            "from-team-b",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: b}}}], ports: [{port: 80}]}]}",
+        ),
+        policy(
+            "from-y-a-any-port",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {pod: a}}}]}]}",
+        ),
+        policy(
+            "to-block",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 203.0.113.0/24, except: [203.0.113.128/25]}}], ports: [{port: 443}]}]}",
+        ),
+    ));
+    let sources = index.endpoint_sources(ip(XA)).expect("x/a is policed");
+    assert_eq!(sources.pod, "x/a");
+    assert!(!sources.truncated);
+    assert_eq!(
+        sources.selecting(Direction::Ingress),
+        ["x/deny", "x/from-team-b", "x/from-y-a-any-port"]
+    );
+    assert_eq!(
+        sources.selecting(Direction::Egress),
+        ["x/deny", "x/to-block"]
+    );
+    // Stacked policies allowing the same flow are both named.
+    assert_eq!(
+        allowing(&index, Direction::Ingress, YA, TCP, 80),
+        ["x/from-team-b", "x/from-y-a-any-port"]
+    );
+    // One policy each: y/b by the namespaceSelector on port 80; y/a on another port.
+    assert_eq!(
+        allowing(&index, Direction::Ingress, "10.244.1.21", TCP, 80),
+        ["x/from-team-b"]
+    );
+    assert_eq!(
+        allowing(&index, Direction::Ingress, YA, UDP, 81),
+        ["x/from-y-a-any-port"]
+    );
+    assert!(allowing(&index, Direction::Ingress, "10.244.1.21", TCP, 81).is_empty());
+    assert!(allowing(&index, Direction::Ingress, ZB, TCP, 80).is_empty());
+    // The ipBlock, and its except.
+    assert_eq!(
+        allowing(&index, Direction::Egress, "203.0.113.9", TCP, 443),
+        ["x/to-block"]
+    );
+    assert!(allowing(&index, Direction::Egress, "203.0.113.200", TCP, 443).is_empty());
+    assert!(allowing(&index, Direction::Egress, "203.0.113.9", TCP, 80).is_empty());
+    // What the policies give, together, is what the model's endpoint holds.
+    let endpoint = &index.model().endpoints[&ip(XA)];
+    let union: BTreeSet<Allow> = sources
+        .policies
+        .iter()
+        .flat_map(|p| p.allows.iter().copied())
+        .collect();
+    assert_eq!(union, endpoint.allows);
+    let names: BTreeSet<String> = sources.policies.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names, endpoint.policies);
+    // Only pods of this node have policies here; any known pod has an address.
+    assert_eq!(index.endpoint_sources(ip(YA)), None, "y/a runs on node-b");
+    assert_eq!(index.pod_address("x", "a"), PodAddress::Here(ip(XA)));
+    assert_eq!(
+        index.pod_address("y", "a"),
+        PodAddress::Elsewhere(ip(YA), Some("node-b".into()))
+    );
+    assert_eq!(index.pod_address("x", "nope"), PodAddress::Unknown);
+}
+
+#[test]
+fn answers_are_bounded() {
+    // Many ports from one policy: the answer keeps at most MAX_SOURCE_ALLOWS.
+    let ports: Vec<String> = (1..=MAX_SOURCE_ALLOWS + 10)
+        .map(|p| format!("{{port: {p}}}"))
+        .collect();
+    let (index, _) = cluster_index(&policy(
+        "many",
+        &format!(
+            "{{podSelector: {{matchLabels: {{pod: a}}}}, ingress: [{{ports: [{}]}}]}}",
+            ports.join(", ")
+        ),
+    ));
+    let sources = index.endpoint_sources(ip(XA)).expect("policed");
+    assert!(sources.truncated);
+    let kept: usize = sources.policies.iter().map(|p| p.allows.len()).sum();
+    assert_eq!(kept, MAX_SOURCE_ALLOWS);
 }
 
 /// A `namespaceSelector` peer means the same pods whichever namespace its policy is
