@@ -675,6 +675,14 @@ fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> 
         !is(s, "x/a") || pr == Tcp
     })?;
 
+    // An SCTP rule is not a TCP or UDP one: the same port over TCP and UDP stays shut.
+    m.apply(&policy(
+        "x",
+        "a-sctp-80",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 80, protocol: SCTP}]}]}",
+    ))?;
+    m.expect("x/a on SCTP 80 only", |_, s, _, _| !is(s, "x/a"))?;
+
     let y_b_ip = m.ip(&all_pods().into_iter().find(|p| is(p, "y/b")).unwrap());
     m.apply(&policy(
         "x",
