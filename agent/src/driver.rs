@@ -210,10 +210,13 @@ impl<T: SyncTarget> Driver<T> {
     }
 
     fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) {
+        let synced = self.target.sync_all(snapshot, how);
+        // The period counts from the end: a full sync longer than the period (the
+        // first at 65,000 Services) must not be followed at once by another, which
+        // would make the changes that came meanwhile wait for it too.
         if how == FullSync::Resync {
             self.next_resync = Some(Instant::now() + self.resync);
         }
-        let synced = self.target.sync_all(snapshot, how);
         self.retry_soon = synced == Synced::WaitingForInterfaces;
         if synced != Synced::Failed {
             self.record_lag(snapshot.oldest_change);
@@ -268,12 +271,15 @@ mod tests {
         log_flushes: usize,
         lags_recorded: Cell<usize>,
         turns: Cell<usize>,
+        /// How long each full sync takes.
+        full_sync_takes: Duration,
     }
 
     impl SyncTarget for RecordingNode {
         fn sync_all(&mut self, snapshot: &Snapshot, how: FullSync) -> Synced {
             self.calls
                 .push(Call::SyncAll(how, service_names(&snapshot.objects)));
+            sleep(self.full_sync_takes);
             self.full_sync_answers.pop_front().unwrap_or(Synced::Done)
         }
 
@@ -510,6 +516,36 @@ mod tests {
         // The change did not push the deadline back.
         assert_eq!(source.deadlines[0], source.deadlines[1]);
         assert!(start.elapsed() >= resync);
+    }
+
+    /// A full sync longer than the period (the first at 65,000 Services) is not
+    /// followed at once by another: the change that came meanwhile is an update, not
+    /// the next resync's (which wrote it, and looked like a resync finding writes).
+    #[test]
+    fn the_resync_period_counts_from_the_end_of_a_full_sync_that_outlasts_it() {
+        let resync = Duration::from_millis(100);
+        let mut source = ScriptedSource::new(
+            Some(snapshot(&["a", "b"])),
+            [changed(&["b"]), Next::NothingUntilDeadline],
+        );
+        let node = RecordingNode {
+            full_sync_takes: 2 * resync,
+            ..RecordingNode::default()
+        };
+        let mut driver = Driver::new(node, resync);
+        let first_done = {
+            driver.step(&mut source).unwrap();
+            Instant::now()
+        };
+        driver.step(&mut source).unwrap();
+        assert_eq!(
+            driver.target.calls,
+            [
+                Call::SyncAll(FullSync::Resync, names(&["a", "b"])),
+                Call::SyncServices(names(&["b"])),
+            ]
+        );
+        assert!(source.deadlines[0] >= first_done + resync - Duration::from_millis(5));
     }
 
     #[test]
