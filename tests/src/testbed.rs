@@ -462,25 +462,11 @@ impl Testbed {
     /// table `bpf_fib_lookup` then reads.
     pub fn run_program_on(&self, name: &str, frame: &[u8], ifindex: u32) -> Result<RunResult> {
         let program: &SchedClassifier = self.ebpf.program(name).context("program")?.try_into()?;
-        let ctx = skb_context(
-            0,
-            &TcContext {
-                ifindex,
-                cb: [0; 5],
-            },
-        );
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(RunResult {
-            verdict: result.return_value,
-            frame: out,
-        })
+        let context = TcContext {
+            ifindex,
+            cb: [0; 5],
+        };
+        run_with_skb_context(program, frame, &skb_context(0, &context))
     }
 
     /// Run the from-pod program once on `frame`.
@@ -616,19 +602,7 @@ impl Explainer<'_> {
     ) -> Result<RunResult> {
         let program: &SchedClassifier =
             self.bed.ebpf.program(name).context("program")?.try_into()?;
-        let ctx = skb_context(mark, context);
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(RunResult {
-            verdict: result.return_value,
-            frame: out,
-        })
+        run_with_skb_context(program, frame, &skb_context(mark, context))
     }
 
     /// The from-pod program on `frame`, explained.
@@ -760,4 +734,20 @@ where
         },
         result.duration,
     ))
+}
+
+/// One run of the TC `program` on `frame` with the `__sk_buff` context `ctx`.
+fn run_with_skb_context(program: &SchedClassifier, frame: &[u8], ctx: &[u8]) -> Result<RunResult> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(RunResult {
+        verdict: result.return_value,
+        frame: out,
+    })
 }
