@@ -57,6 +57,11 @@ impl Testbed {
         Self::load_sized(&[])
     }
 
+    /// The maps, as the agent opens a node's.
+    pub fn node_maps(&mut self) -> &mut NodeMaps {
+        &mut self.maps
+    }
+
     /// Loaded with some maps sized otherwise (`(name, max_entries)`), as the agent
     /// sizes them for a node's load.
     pub fn load_sized(capacities: &[(&str, u32)]) -> Result<Self> {

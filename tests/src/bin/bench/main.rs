@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 mod clusterip;
 mod cni;
 mod comparison;
+mod conntrack_read;
 mod control_plane;
 mod datapath;
 mod insitu;
@@ -37,7 +38,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|nodeport|clusterip[-time-wait|-no-time-wait]|latency|monitor|cni]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|conntrack-read|nodeport|clusterip[-time-wait|-no-time-wait]|latency|monitor|cni]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +57,9 @@ fn main() -> Result<()> {
     }
     if run("control-plane") || run("control-plane-policy") {
         policy_plan::bench()?;
+    }
+    if run("control-plane") || run("conntrack-read") {
+        conntrack_read::bench()?;
     }
     if run("control-plane-large") {
         control_plane::bench(&control_plane::LARGEST)?;
