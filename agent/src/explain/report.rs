@@ -418,18 +418,7 @@ pub fn packet_run(
     });
     let snat = (trace.steps & step::SNAT != 0)
         .then(|| format!("{}:{}", Ipv4Addr::from(trace.snat_address), trace.snat_port));
-    let translated_to = backend
-        .as_ref()
-        .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
-        .unwrap_or(request.destination);
-    let (policy, policies) = super::policy::describe(
-        context,
-        names,
-        request.source,
-        translated_to,
-        request.protocol,
-    )
-    .unzip();
+    let (policy, policies) = policy_of_flow(context, names, request, backend.as_ref());
     Ok(ProgramRun {
         program: program.into(),
         run_as: super::run::explain_copy(program)?.into(),
@@ -448,6 +437,27 @@ pub fn packet_run(
         writes_skipped: writes_skipped(trace),
         frame_hex: request.hex.then(|| frame::hex(&traced.frame)),
     })
+}
+
+/// What NetworkPolicy says of the flow `request` makes, as the pods see it: to the
+/// chosen backend, if any, else to the destination asked for.
+fn policy_of_flow(
+    context: &NodeView,
+    names: &dyn PolicyNames,
+    request: &Request,
+    backend: Option<&ChosenBackend>,
+) -> (Option<String>, Option<Vec<super::policy::PolicyEnd>>) {
+    let translated_to = backend
+        .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
+        .unwrap_or(request.destination);
+    super::policy::describe(
+        context,
+        names,
+        request.source,
+        translated_to,
+        request.protocol,
+    )
+    .unzip()
 }
 
 /// The socket-level selection's run, explained; with what NetworkPolicy says of
@@ -470,18 +480,7 @@ pub fn socket_run(
         request.cookie
     );
     let backend = chosen(trace, &hashed_over);
-    let translated_to = backend
-        .as_ref()
-        .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
-        .unwrap_or(request.destination);
-    let (policy, policies) = super::policy::describe(
-        context,
-        names,
-        request.source,
-        translated_to,
-        request.protocol,
-    )
-    .unzip();
+    let (policy, policies) = policy_of_flow(context, names, request, backend.as_ref());
     let verdict = match (&frontend, &backend) {
         (None, _) => Verdict {
             action: "untouched",
