@@ -433,6 +433,9 @@ impl PolicyIndex {
         for (namespace, groups) in &mut self.groups {
             let new_here = dirty.new_groups.get(namespace);
             let relabelled = dirty.namespaces.contains(namespace);
+            if new_here.is_none() && !relabelled && touched.is_empty() {
+                continue;
+            }
             let namespace_labels = self
                 .namespaces
                 .get(namespace)
