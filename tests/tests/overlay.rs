@@ -290,7 +290,13 @@ fn removing_a_node_removes_its_route_and_leaves_the_others(routing: Routing) -> 
         .collect::<Vec<_>>()
         .join("---\n");
     node0.write_config(&without)?;
-    node0.wait_for_maps("node 1's route to go", |m| m.pod_routes() == 1)?;
+    // Its pod CIDR's route goes before its node address's (one sync, ordered writes):
+    // wait for both.
+    node0.wait_for_maps("node 1's routes to go", |m| {
+        m.routes
+            .values()
+            .all(|r| r.flags == ferrite_common::ROUTE_LOCAL)
+    })?;
     let after = node0.maps()?.contents()?;
     let own: Vec<_> = before
         .routes
