@@ -245,3 +245,80 @@ fn ipv6_pod_cidrs_that_are_not_pods_to_have_are_refused_and_the_published_one_is
     assert_eq!(super::leftovers(node)?, super::nothing_left());
     Ok(())
 }
+
+/// The IPv6 addresses of the store's files.
+fn stored_ipv6(node: &ferrite_tests::lab::Node) -> Result<Vec<Ipv6Addr>> {
+    let mut found: Vec<Ipv6Addr> = fs::read_dir(node.dir.join("ipam").join(&node.name))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+#[test]
+fn parallel_dual_stack_adds_get_distinct_addresses_and_a_full_ipv6_range_reclaims_gone_pods(
+) -> Result<()> {
+    let (cluster, _) = super::cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let mut conflist = ferrite_conflist(node);
+    conflist["plugins"][0]["podCIDRs"] = json!(["10.244.0.0/24", POD_CIDR6]);
+    let runtime = Runtime::new(node, conflist);
+    let mut sandboxes = (0..8)
+        .map(|i| Sandbox::new(&format!("d{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|scope| {
+        let runtime = &runtime;
+        let adds: Vec<_> = sandboxes
+            .iter_mut()
+            .map(|sandbox| scope.spawn(move || runtime.add(sandbox).map(drop)))
+            .collect();
+        adds.into_iter()
+            .try_for_each(|add| add.join().expect("ADD thread panicked"))
+    })?;
+    let mut ips6: Vec<String> = sandboxes
+        .iter()
+        .filter_map(|s| s.result.as_ref())
+        .map(|r| r["ips"][1]["address"].to_string())
+        .collect();
+    ips6.sort();
+    ips6.dedup();
+    assert_eq!(
+        ips6.len(),
+        8,
+        "every pod has its own IPv6 address: {ips6:?}"
+    );
+    assert_eq!(stored_ipv6(node)?.len(), 8);
+    for sandbox in &sandboxes {
+        runtime.del(sandbox)?;
+    }
+    assert!(stored_ipv6(node)?.is_empty());
+
+    // Every IPv6 address of the range held by attachments gone without a DEL (their
+    // namespace path names nothing, no veth, no IPv4 address: an interrupted run's
+    // records): the next ADD finds the range full, reclaims them and gets one.
+    let store = node.dir.join("ipam").join(&node.name);
+    for last in 2..=0xffu16 {
+        let owner = json!({
+            "containerID": format!("gone-{last}"),
+            "ifname": "eth0",
+            "hostInterface": format!("fergone{last}"),
+            "netns": {"path": format!("/run/netns/ferrite-gone-{last}"), "id": {"dev": 4, "ino": 1}},
+        });
+        fs::write(
+            store.join(format!("fd00:10:244::{last:x}")),
+            owner.to_string(),
+        )?;
+    }
+    let mut next = Sandbox::new("after-full")?;
+    let result = runtime.add(&mut next)?;
+    let address6 = result["ips"][1]["address"].as_str().unwrap_or_default();
+    ensure!(address6.starts_with("fd00:10:244::"), "{result}");
+    let stored = stored_ipv6(node)?;
+    assert_eq!(stored.len(), 1, "the gone ones released: {stored:?}");
+    assert!(runtime.check(&next)?.success, "CHECK");
+    runtime.del(&next)?;
+    assert!(stored_ipv6(node)?.is_empty());
+    assert_eq!(super::leftovers(node)?, super::nothing_left());
+    Ok(())
+}
