@@ -2,7 +2,7 @@
 //! address of each, wired as the IPv4 one is (a /128, a default route via a
 //! link-local gateway with a permanent neighbour entry, DAD off), checked and
 //! removed whole. The datapath is IPv4-only: the IPv6 wiring is checked in the
-//! namespaces, not with traffic.
+//! namespaces, and IPv6 the pod sends is seen dropped (`drop_unsupported_l3`).
 use std::{fs, net::Ipv6Addr, path::Path};
 
 use anyhow::{ensure, Result};
@@ -141,6 +141,25 @@ fn dual_stack_pods_get_an_address_of_each_family_wired_checked_and_removed() -> 
         "CHECK of a healthy dual-stack pod"
     );
     assert!(plain.check(&v4_only)?.success, "CHECK of an IPv4-only pod");
+
+    // What IPv6 from the pod does today: the from-pod program drops it.
+    let dropped = || -> Result<u64> {
+        let counters = node.maps()?.counters()?;
+        Ok(counters[ferrite_common::stat::DROP_UNSUPPORTED_L3 as usize].packets)
+    };
+    let before = dropped()?;
+    client.pod.netns.run(move || -> Result<()> {
+        let socket = std::net::UdpSocket::bind((ip6, 0))?;
+        for _ in 0..3 {
+            socket.send_to(b"over IPv6", ("fd00:10:244::99", 9))?;
+        }
+        Ok(())
+    })??;
+    ferrite_tests::lab::wait_until(
+        "three IPv6 datagrams dropped as drop_unsupported_l3",
+        ferrite_tests::lab::SETTLE,
+        || dropped().is_ok_and(|now| now >= before + 3),
+    )?;
 
     // CHECK sees the IPv6 default route gone.
     client.pod.netns.run(|| -> Result<()> {
