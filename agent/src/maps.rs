@@ -46,7 +46,7 @@ const BATCH: usize = 1024;
 pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub rev_nat: HashMap<MapData, u16, RevNatValue>,
+    pub rev_nat: HashMap<MapData, u32, RevNatValue>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, Counter>,
@@ -300,7 +300,7 @@ impl NodeMaps {
     /// later starts from zero.
     pub fn purge_lb_counters(&mut self, ops: &[Op]) -> Result<usize> {
         let removed_backends = crate::plan::removed_backends(ops);
-        let removed_frontends: BTreeSet<u16> = ops
+        let removed_frontends: BTreeSet<u32> = ops
             .iter()
             .filter_map(|op| match op {
                 Op::DeleteRevNat(index) => Some(*index),
@@ -455,12 +455,12 @@ impl NodeMaps {
     pub fn purge_conntrack(
         &mut self,
         removed_backends: &BTreeSet<u32>,
-        ended: &BTreeSet<(u16, u32)>,
+        ended: &BTreeSet<(u32, u32)>,
     ) -> Result<usize> {
         if removed_backends.is_empty() && ended.is_empty() {
             return Ok(0);
         }
-        let gone = |rev_nat_index: u16, backend_id: u32| {
+        let gone = |rev_nat_index: u32, backend_id: u32| {
             removed_backends.contains(&backend_id) || ended.contains(&(rev_nat_index, backend_id))
         };
         let stale: Vec<CtKey> = self

@@ -97,7 +97,7 @@ pub struct Telemetry {
     backend_flows: Family<BackendLabels, Gauge>,
     /// Packets and bytes of the Service flows conntrack GC removed, per (rev-NAT
     /// index, backend id): with the live entries' they make the per-backend totals.
-    retired_flows: Mutex<BTreeMap<(u16, u32), ferrite_common::Counter>>,
+    retired_flows: Mutex<BTreeMap<(u32, u32), ferrite_common::Counter>>,
     pub syncs: Counter,
     /// Syncs of Pod, Namespace and NetworkPolicy changes that updated only the
     /// policy maps (no full sync).
@@ -499,7 +499,7 @@ impl Telemetry {
         ] {
             family.clear();
         }
-        let exists = |(rev_nat, backend): &(u16, u32)| {
+        let exists = |(rev_nat, backend): &(u32, u32)| {
             contents.rev_nat.contains_key(rev_nat) && contents.backends.contains_key(backend)
         };
         let mut traffic = {
@@ -514,13 +514,13 @@ impl Telemetry {
             total.packets += value.packets;
             total.bytes += value.bytes;
         }
-        let flows: BTreeMap<(u16, u32), u64> = maps
+        let flows: BTreeMap<(u32, u32), u64> = maps
             .lb_counters()
             .unwrap_or_default()
             .into_iter()
             .map(|(key, counter)| ((key.rev_nat_index, key.backend_id), counter.packets))
             .collect();
-        let labels = |(rev_nat, backend): &(u16, u32)| {
+        let labels = |(rev_nat, backend): &(u32, u32)| {
             let (frontend, backend) = (&contents.rev_nat[rev_nat], &contents.backends[backend]);
             BackendLabels {
                 service: names

@@ -320,11 +320,12 @@ impl ServiceKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub backend_id: u32,
-    pub count: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub flags: u32,
     /// `sessionAffinity: ClientIP` timeout (seconds); 0 = no affinity.
     pub affinity_timeout_s: u32,
+    pub count: u16,
+    pub _pad: u16,
 }
 
 /// `ServiceValue::flags` of a master entry.
@@ -387,13 +388,15 @@ pub struct FragmentPorts {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockService {
     pub frontend_address: [u8; 4],
+    pub backend_address: [u8; 4],
+    pub rev_nat_index: u32,
     /// Host order.
     pub frontend_port: u16,
-    pub rev_nat_index: u16,
-    pub backend_address: [u8; 4],
     /// Host order.
     pub backend_port: u16,
-    pub _pad: u16,
+    /// Makes the size differ from the 16-bit rev-NAT layout, so an upgraded agent
+    /// re-creates the pinned map instead of reading old entries with new offsets.
+    pub _pad: u32,
 }
 
 /// Key of the LRU `ferrite_sockrev`: one backend a socket was translated to.
@@ -413,19 +416,21 @@ pub struct SockRevKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevValue {
     pub address: [u8; 4],
+    pub rev_nat_index: u32,
     /// Host order.
     pub port: u16,
-    pub rev_nat_index: u16,
+    pub _pad: u16,
 }
 
 /// Key of the LRU `ferrite_affin`: one client of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
+    pub client: [u8; 4],
     /// What `client` holds: [`AFFINITY_CLIENT_IP`] or [`AFFINITY_CLIENT_NETNS`].
     pub client_kind: u16,
-    pub client: [u8; 4],
+    pub _pad: u16,
 }
 
 /// `AffinityKey::client` is the client's IPv4 address (per-packet load balancing).
@@ -473,7 +478,7 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// Value of `ferrite_rev_nat` (key: rev-NAT index, `u16`, never 0): the frontend
+/// Value of `ferrite_rev_nat` (key: rev-NAT index, `u32`, never 0): the frontend
 /// a reply's source is rewritten back to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -551,7 +556,7 @@ pub struct CtKey {
 
 /// `CtValue::rev_nat_index` of a flow that is not a Service flow: a pod's direct
 /// connection whose source port was remapped (rev-NAT ids start at 1).
-pub const REV_NAT_NONE: u16 = 0;
+pub const REV_NAT_NONE: u32 = 0;
 
 /// `CtValue::flags`: a TCP FIN or RST was seen (the flow is closing).
 pub const CT_FLAG_CLOSING: u16 = 1;
@@ -605,8 +610,7 @@ pub const CT_VERIFIED_NODE: u8 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
     pub backend_id: u32,
-    pub rev_nat_index: u16,
-    pub flags: u16,
+    pub rev_nat_index: u32,
     /// Forward entries: the backend the flow is pinned to (the agent removes the
     /// entries of a removed backend, so established packets need no backend lookup).
     pub backend_address: [u8; 4],
@@ -631,6 +635,8 @@ pub struct CtValue {
     /// six bytes of `route_macs` its VTEP MAC.
     pub route_target: u32,
     pub route_macs: [u8; 12],
+    /// `CT_FLAG_*`.
+    pub flags: u16,
     /// `CT_ROUTE_*`: 0 = nothing cached.
     pub route_kind: u8,
     /// `CT_VERIFIED_*`: 0 = nothing cached.
@@ -640,6 +646,11 @@ pub struct CtValue {
     /// policy change, so a connection a new policy denies stops within one sync).
     pub policy_verdict: u8,
     pub _pad: u8,
+    /// The 32-bit rev-NAT index would fit in 80 bytes only with narrower flags: the
+    /// agent re-creates a pinned map whose key or value size changed, and a same-size
+    /// reorder would let a new datapath read an old release's entries at new offsets.
+    pub _pad2: u16,
+    pub _pad3: u32,
     /// The kernel's jiffies (bpf_jiffies64, which the verifier turns into one load:
     /// a clock helper call per packet cost a seventh of the established path). Tick
     /// resolution is enough for flow ages; the agent reads the same clock with
@@ -663,8 +674,7 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LbStatKey {
-    pub rev_nat_index: u16,
-    pub _pad: u16,
+    pub rev_nat_index: u32,
     pub backend_id: u32,
 }
 
@@ -708,10 +718,12 @@ pub struct MonitorEvent {
     /// Flows: the backend chosen (address network order, port host order).
     pub backend_address: [u8; 4],
     pub backend_port: u16,
+    pub _pad2: u16,
     /// Flows: the frontend's rev-NAT index.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// Flows: the backend's id in `ferrite_backend`.
     pub backend_id: u32,
+    pub _pad3: u32,
 }
 
 /// `NodeConfig::flags`.
@@ -808,25 +820,25 @@ mod tests {
         assert_eq!(size_of::<policy::IpcacheValue>(), 8);
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyValue>(), 4);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<RevNatValue>(), 8);
         assert_eq!(size_of::<EndpointKey>(), 4);
         assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 80);
+        assert_eq!(size_of::<CtValue>(), 88);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<NodeConfig>(), 40);
         assert_eq!(size_of::<SockRevKey>(), 16);
-        assert_eq!(size_of::<SockRevValue>(), 8);
-        assert_eq!(size_of::<SockService>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 12);
+        assert_eq!(size_of::<SockService>(), 20);
         assert_eq!(size_of::<RouteInfo>(), 12);
         assert_eq!(size_of::<LbStatKey>(), 8);
         assert_eq!(size_of::<MaglevTable>(), 8 + 2 * MAGLEV_TABLE_SIZE + 6);
-        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 12);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 16);
-        assert_eq!(size_of::<MonitorEvent>(), 48);
+        assert_eq!(size_of::<MonitorEvent>(), 56);
         assert_eq!(size_of::<ExplainTrace>(), 88);
         assert_eq!(size_of::<explain::SockRequest>(), 32);
     }

@@ -346,6 +346,8 @@ pub fn record_via_stack(h: &Headers, epoch: u32, bytes: u32) {
         verified_kind: 0,
         policy_verdict: 0,
         _pad: 0,
+        _pad2: 0,
+        _pad3: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
         packets: 1,
@@ -412,7 +414,7 @@ pub struct NewFlow {
     /// Backend address (raw network order) and port (host order).
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// `CT_FLAG_EXTERNAL` for flows from outside the cluster.
     pub flags: u16,
 }
@@ -435,6 +437,8 @@ fn value(flow: &NewFlow, flags: u16, nat_addr: u32, nat_port: u16, now: u64) -> 
         verified_kind: 0,
         policy_verdict: 0,
         _pad: 0,
+        _pad2: 0,
+        _pad3: 0,
         created_jiffies: now,
         last_seen_jiffies: now,
         packets: 0,

@@ -61,7 +61,7 @@ impl Seen {
 pub struct FlowTarget {
     pub backend_address: u32,
     pub backend_port: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub backend_id: u32,
 }
 
@@ -170,8 +170,10 @@ fn write(kind: u8, seen: &Seen, reason: u32, tuple: &Tuple, target: &FlowTarget)
         dport: tuple.dport,
         backend_address: target.backend_address.to_ne_bytes(),
         backend_port: target.backend_port,
+        _pad2: 0,
         rev_nat_index: target.rev_nat_index,
         backend_id: target.backend_id,
+        _pad3: 0,
     });
     entry.submit(0);
 }

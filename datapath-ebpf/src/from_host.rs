@@ -126,7 +126,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
 fn record_new_flow<P: Packet>(
     pkt: &P,
     h: &Headers,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     chosen: &Chosen,
     config: &NodeConfig,
 ) -> Result<bool, ()> {

@@ -172,6 +172,7 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
         rev_nat_index: svc.rev_nat_index,
         client_kind: sel.client_kind,
         client: sel.client,
+        _pad: 0,
     };
     // The clock is read only for Services with affinity (a helper call per new flow).
     let now = if svc.affinity_timeout_s != 0 {

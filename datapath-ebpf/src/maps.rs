@@ -32,7 +32,7 @@ btf_maps! {
 
     pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
 
-    pub static REV_NAT: HashMap<u16, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
+    pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
 
     pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { capacity::ENDPOINTS as usize }> =
         HashMap::new();

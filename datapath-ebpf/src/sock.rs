@@ -235,6 +235,7 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
             address: req.address.to_ne_bytes(),
             port: req.port,
             rev_nat_index: svc.rev_nat_index,
+            _pad: 0,
         };
         // A UDP socket sends many datagrams: write only what changed.
         if unsafe { SOCK_REV_NAT.get(rev_key) }.is_none_or(|known| *known != rev) {

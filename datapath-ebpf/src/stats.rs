@@ -48,10 +48,9 @@ pub fn count(index: u32, bytes: u32) {
 /// counted in their conntrack entry, not here: an LRU per-CPU hash lookup (which the
 /// kernel cannot inline) per packet cost a fifth of the established path.
 #[inline(always)]
-pub fn count_lb(rev_nat_index: u16, backend_id: u32, bytes: u32) {
+pub fn count_lb(rev_nat_index: u32, backend_id: u32, bytes: u32) {
     let key = LbStatKey {
         rev_nat_index,
-        _pad: 0,
         backend_id,
     };
     if let Some(counter) = LB_STATS.get_ptr_mut(key) {

@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    map_names, program_names, stat, svc_flag, vtep_mac_for, CtKey, CtValue, CT_FLAG_SNAT,
+    capacity, map_names, program_names, stat, svc_flag, vtep_mac_for, CtKey, CtValue, CT_FLAG_SNAT,
     CT_FLAG_UNESTABLISHED, DEFAULT_VNI, DEFAULT_VXLAN_PORT, PROTO_TCP, ROUTE_LOCAL, ROUTE_NODE,
     ROUTE_REMOTE,
 };
@@ -376,14 +376,8 @@ impl BenchNode {
             bed.add_endpoint(pod, TEST_RUN_IFINDEX)?;
         }
         for (pair, rev_nat) in [(LOCAL_PAIR, 1), (REMOTE_PAIR, 3)] {
-            bed.add_service(pair[0], PROTO_TCP, rev_nat, rev_nat as u32, &[pair[1]])?;
-            bed.add_service(
-                pair[1],
-                PROTO_TCP,
-                rev_nat + 1,
-                rev_nat as u32 + 1,
-                &[pair[0]],
-            )?;
+            bed.add_service(pair[0], PROTO_TCP, rev_nat, rev_nat, &[pair[1]])?;
+            bed.add_service(pair[1], PROTO_TCP, rev_nat + 1, rev_nat + 1, &[pair[0]])?;
         }
         let local: Vec<_> = (0..NODE_PORT_LOCAL_BACKENDS)
             .map(local_node_port_backend)
@@ -597,9 +591,9 @@ impl BenchNode {
                 FILLER_BACKEND_ID + i % FILLER_BACKEND_POOL,
                 FILLER_BACKEND_ID + (i + 1) % FILLER_BACKEND_POOL,
             ];
-            // Rev-NAT indexes are 16-bit (as Cilium's): past 65,535 frontends they
-            // repeat, which changes no lookup measured here.
-            let rev_nat = (RESERVED_REV_NAT + i % (65_535 - RESERVED_REV_NAT) + 1) as u16;
+            // The rev-NAT map holds its default capacity: past it, indexes repeat,
+            // which changes no lookup measured here.
+            let rev_nat = RESERVED_REV_NAT + i % (capacity::REV_NAT - RESERVED_REV_NAT) + 1;
             self.bed.add_frontend(
                 SocketAddrV4::new(service_ip(i), 80),
                 PROTO_TCP,

@@ -167,7 +167,7 @@ impl Testbed {
         &mut self,
         frontend: SocketAddrV4,
         protocol: u8,
-        rev_nat_index: u16,
+        rev_nat_index: u32,
         first_backend_id: u32,
         backends: &[SocketAddrV4],
     ) -> Result<()> {
@@ -196,7 +196,7 @@ impl Testbed {
         &mut self,
         frontend: SocketAddrV4,
         protocol: u8,
-        rev_nat_index: u16,
+        rev_nat_index: u32,
         backend_ids: &[u32],
     ) -> Result<()> {
         let mut entries = MapContents::default();
@@ -682,7 +682,7 @@ fn frontend_entries(
     out: &mut MapContents,
     frontend: SocketAddrV4,
     protocol: u8,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     backend_ids: &[u32],
 ) -> Result<()> {
     let frontend = l4_addr(frontend, protocol)?;

@@ -94,6 +94,28 @@ fn tcp_to_a_cluster_ip_is_dnated_to_a_backend_and_the_reply_comes_from_the_vip()
     Ok(())
 }
 
+/// Rev-NAT indexes are 32-bit: 65,537 names its own frontend, not the one of index 1
+/// (VIP:80) that a 16-bit index would have wrapped it to.
+#[test]
+fn a_rev_nat_index_past_16_bits_reverse_nats_replies_to_its_own_frontend() -> Result<()> {
+    let mut bed = testbed()?;
+    let frontend = sock(Ipv4Addr::new(10, 96, 1, 10), 443);
+    let backend = sock(BACKENDS[0], 8443);
+    bed.add_service(frontend, PROTO_TCP, 65_537, 50, &[backend])?;
+    let client = sock(CLIENT, 40001);
+    let out = bed.from_pod(&frames::tcp_syn(client, frontend, b""))?;
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let expected = delivered_to(*backend.ip(), frames::tcp_syn(client, backend, b""));
+    assert_eq!(out.frame, expected);
+
+    let out = bed.from_pod(&frames::tcp_ack(backend, client, b"hello"))?;
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let expected = delivered_to(CLIENT, frames::tcp_ack(frontend, client, b"hello"));
+    assert_eq!(out.frame, expected);
+    assert_eq!(bed.counter(stat::REVERSE_NAT)?, 1);
+    Ok(())
+}
+
 #[test]
 fn udp_to_a_cluster_ip_is_dnated_and_answered_from_the_vip() -> Result<()> {
     let bed = testbed()?;

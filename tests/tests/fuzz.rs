@@ -295,7 +295,7 @@ fn testbed() -> Result<Testbed> {
         bed.add_service(
             sock(NODE_IP, NODE_PORT),
             protocol,
-            4 + protocol as u16,
+            4 + protocol as u32,
             10,
             &tcp,
         )?;
@@ -303,7 +303,7 @@ fn testbed() -> Result<Testbed> {
         bed.add_service(
             sock(NODE_IP, LOCAL_ONLY_PORT),
             protocol,
-            40 + protocol as u16,
+            40 + protocol as u32,
             20,
             &[],
         )?;

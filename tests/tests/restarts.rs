@@ -387,3 +387,74 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
     drop(servers);
     Ok(())
 }
+
+/// The previous release's `ferrite_rev_nat` (16-bit keys) is still pinned when the
+/// new agent starts: that map alone is re-created (the other maps' layouts did not
+/// change, or changed size: each is checked the same way), the agent says why, and
+/// refills it with the same indexes, so flows through the kept conntrack entries still
+/// have their replies translated back.
+#[test]
+fn an_upgrade_from_16_bit_rev_nat_keys_recreates_the_rev_nat_map() -> Result<()> {
+    ferrite_tests::lab::require_root()?;
+    let (mut node, servers) = cluster::example_node("oldrevnat")?;
+    node.write_config(&cluster::example_for(&node.name))?;
+    node.start_agent()?;
+    node.wait_for_sync(2, 5)?;
+    let client = node.pod(CLIENTS[0].0);
+    let mut streams = Vec::new();
+    for index in 0..10 {
+        let mut stream = client.tcp_connect(TCP_FRONTEND)?;
+        let request = format!("open {index}");
+        let backend = parse_answer(&exchange(&mut stream, &request)?, &request)?.0;
+        streams.push((stream, backend));
+    }
+    node.kill_agent()?;
+    // What the previous release pinned: the running programs keep the map they hold.
+    let changed = ferrite_common::map_names::REV_NAT;
+    let pin = node.pin_dir().join(changed);
+    std::fs::remove_file(&pin)?;
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "2", "value", "8", "entries", "65535"])
+        .args(["name", changed])
+        .status()?;
+    anyhow::ensure!(created.success(), "bpftool map create: {created}");
+    let before = pinned_maps(&node.pin_dir())?;
+    node.start_agent()?;
+    let log = || {
+        node.agent
+            .as_ref()
+            .map(|a| a.log_text())
+            .unwrap_or_default()
+    };
+    wait_until("the new agent to sync", Duration::from_secs(30), || {
+        log().contains("synced")
+    })?;
+    let after = pinned_maps(&node.pin_dir())?;
+    for (name, (id, capacity)) in &after {
+        if name == changed {
+            assert_ne!(*id, before[name].0, "{name} was re-created");
+        } else {
+            assert_eq!((*id, *capacity), before[name], "{name} was kept");
+        }
+    }
+    let rev_nat = aya::maps::MapInfo::from_pin(&pin)?;
+    assert_eq!(rev_nat.key_size(), 4);
+    assert!(
+        log().contains("re-creating") && log().contains(changed) && log().contains("key 2 B"),
+        "the agent says which map it re-created and why:\n{}",
+        log()
+    );
+    for (index, (stream, backend)) in streams.iter_mut().enumerate() {
+        let request = format!("after {index}");
+        assert_eq!(
+            &parse_answer(&exchange(stream, &request)?, &request)?.0,
+            backend
+        );
+    }
+    let mut stream = node.pod(CLIENTS[0].0).tcp_connect(TCP_FRONTEND)?;
+    parse_answer(&exchange(&mut stream, "new")?, "new")?;
+    drop(servers);
+    Ok(())
+}

@@ -74,7 +74,7 @@ pub struct ProgramRun {
 pub struct Frontend {
     /// `address:port/protocol`.
     pub address: String,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// Backend slots (0: no ready backend).
     pub backends: u16,
     /// `external`, `traffic-policy-local`, `nodeport`, `source-ranges`.

@@ -66,7 +66,7 @@ struct ServiceRow {
     address: Ipv4Addr,
     port: u16,
     protocol: String,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     count: u16,
     backends: Vec<BackendRef>,
 }
@@ -138,7 +138,7 @@ struct ConntrackRow {
     source: String,
     destination: String,
     backend_id: u32,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     packets: u64,
     bytes: u64,
     state: &'static str,

@@ -434,10 +434,10 @@ mod tests {
 
     #[test]
     fn records_of_another_size_are_not_events() {
-        assert_eq!(decode(&[0; 47]), None);
+        assert_eq!(decode(&[0; 55]), None);
         let event = drop_event();
         // SAFETY: MonitorEvent is plain integers without implicit padding.
-        let bytes: [u8; 48] = unsafe { std::mem::transmute(event) };
+        let bytes: [u8; 56] = unsafe { std::mem::transmute(event) };
         assert_eq!(decode(&bytes), Some(event));
     }
 

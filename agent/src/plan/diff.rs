@@ -149,7 +149,7 @@ pub fn drift(expected: &MapContents, actual: &MapContents) -> Vec<Op> {
 /// gone. Their conntrack and affinity entries must go even when the backend lives on
 /// behind another Service (backends are shared by value): its flows of this frontend
 /// move to the frontend's current backends. Proportional to the frontends touched.
-pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u16, u32)> {
+pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u32, u32)> {
     let touched: BTreeSet<ServiceKey> = ops
         .iter()
         .filter_map(|op| match op {
@@ -209,7 +209,7 @@ fn master_of(key: &ServiceKey) -> ServiceKey {
 fn members(
     services: &BTreeMap<ServiceKey, ServiceValue>,
     master: ServiceKey,
-) -> (Option<u16>, BTreeSet<u32>) {
+) -> (Option<u32>, BTreeSet<u32>) {
     let (first, last) = frontend_range(&master);
     let mut rev_nat = None;
     let mut ids = BTreeSet::new();

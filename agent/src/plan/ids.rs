@@ -84,7 +84,7 @@ pub(super) fn keys_of<K: Copy, V: Ord + Copy>(
 /// How to find the id the maps already use for a value.
 pub(super) struct ExistingIds<'a> {
     pub(super) backend: &'a dyn Fn(&Backend) -> Option<u32>,
-    pub(super) rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u16>,
+    pub(super) rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u32>,
 }
 
 /// A map without room for a frontend's new entries.
@@ -156,6 +156,12 @@ impl Budget {
                 reserved: needed <= left,
             })
         })
+    }
+
+    /// The highest rev-NAT index to hand out: the map's capacity, so a free index
+    /// exists whenever the budget lets a new frontend in.
+    pub(super) fn rev_nat_index_max(&self) -> u32 {
+        u32::try_from(self.total.rev_nat).unwrap_or(u32::MAX)
     }
 
     pub(super) fn take(&mut self, services: usize, backends: usize, rev_nat: usize) {

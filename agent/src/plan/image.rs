@@ -16,7 +16,7 @@ use crate::model::{L4Addr, Protocol};
 pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    pub rev_nat: BTreeMap<u16, RevNatValue>,
+    pub rev_nat: BTreeMap<u32, RevNatValue>,
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
     pub routes: BTreeMap<RouteKey, RouteInfo>,
     pub config: NodeConfig,
@@ -93,14 +93,14 @@ pub struct SourceRange {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
-    PutRevNat(u16, RevNatValue),
+    PutRevNat(u32, RevNatValue),
     PutService(ServiceKey, ServiceValue),
     PutEndpoint(EndpointKey, EndpointInfo),
     PutConfig(NodeConfig),
     PutRoute(RouteKey, RouteInfo),
     DeleteRoute(RouteKey),
     DeleteService(ServiceKey),
-    DeleteRevNat(u16),
+    DeleteRevNat(u32),
     DeleteBackend(u32),
     DeleteEndpoint(EndpointKey),
     /// Build and write the Maglev table of a frontend from its `count` slots (already
@@ -159,7 +159,7 @@ pub struct FrontendEntries<'a> {
     pub frontend: L4Addr,
     /// Whose entries (`service_scope`): every client's, or the in-cluster ones'.
     pub scope: u8,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// The backend id of each slot from slot 1: the ready backends, then the
     /// terminating ones (no new flow picks them, but their flows name them).
     pub backend_ids: &'a [u32],
@@ -201,6 +201,7 @@ impl FrontendEntries<'_> {
                 rev_nat_index: self.rev_nat_index,
                 flags: self.flags,
                 affinity_timeout_s: self.affinity_timeout_s,
+                _pad: 0,
             },
         );
     }

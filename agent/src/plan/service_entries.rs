@@ -23,10 +23,10 @@ pub(super) fn service_contents<'s>(
     skipped: &mut Vec<Skipped>,
 ) {
     let mut backend_ids = IdAllocator::new(&written.backends, u32::MAX);
-    let mut rev_nat_ids = IdAllocator::new(&written.rev_nat, u16::MAX);
+    let mut rev_nat_ids = IdAllocator::new(&written.rev_nat, budget.rev_nat_index_max());
 
     let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
-    let mut rev_nat_of: BTreeMap<RevNatValue, u16> = BTreeMap::new();
+    let mut rev_nat_of: BTreeMap<RevNatValue, u32> = BTreeMap::new();
     for (frontend, service) in services {
         let rev = rev_nat_value(frontend);
         let views = views_of(service);
@@ -359,5 +359,45 @@ mod tests {
         );
         assert_eq!(desired.backends.len(), 1);
         assert_eq!(desired.rev_nat.len(), 2);
+    }
+
+    #[test]
+    fn rev_nat_indexes_go_past_16_bits_when_the_map_holds_more() {
+        let settings = NodeSettings {
+            capacities: Capacities {
+                rev_nat: 100_000,
+                ..Capacities::default()
+            },
+            ..NodeSettings::default()
+        };
+        let backend = tcp("10.244.0.9", 80);
+        let first = tcp("10.96.0.1", 80);
+        let second = tcp("10.96.0.2", 80);
+        let no_policies = BTreeMap::new();
+        let one = state(&[(first, &[backend])]);
+        let (mut written, _) =
+            desired_contents(&one, &no_policies, &MapContents::default(), &settings);
+        // As if 65,534 frontends had come before it: the highest 16-bit index.
+        let (index, rev) = written.rev_nat.pop_first().unwrap();
+        written.rev_nat.insert(65_535, rev);
+        for value in written.services.values_mut() {
+            if value.rev_nat_index == index {
+                value.rev_nat_index = 65_535;
+            }
+        }
+        let both = state(&[(first, &[backend]), (second, &[backend])]);
+        let (desired, skipped) = desired_contents(&both, &no_policies, &written, &settings);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let master = |frontend: L4Addr| {
+            desired.services[&ServiceKey::new(frontend.ip, frontend.port, PROTO_TCP, 0)]
+        };
+        assert_eq!(master(first).rev_nat_index, 65_535);
+        assert_eq!(master(second).rev_nat_index, 65_536);
+        let ops = diff(&written, &desired);
+        assert!(
+            ops.contains(&Op::PutRevNat(65_536, rev_nat_value(&second))),
+            "{ops:?}"
+        );
+        assert_consistent(&desired);
     }
 }

@@ -18,10 +18,10 @@ use crate::model::{L4Addr, ServiceFrontend, Skipped};
 pub struct Written {
     pub contents: MapContents,
     backend_id_of: HashMap<Backend, u32>,
-    rev_nat_of: HashMap<RevNatValue, u16>,
+    rev_nat_of: HashMap<RevNatValue, u32>,
     /// Backend id -> slots naming it; rev-NAT index -> masters naming it.
     backend_users: HashMap<u32, u32>,
-    rev_nat_users: HashMap<u16, u32>,
+    rev_nat_users: HashMap<u32, u32>,
 }
 
 impl Written {
@@ -96,7 +96,7 @@ impl Written {
         }
     }
 
-    fn forget_rev_nat(&mut self, index: u16, value: RevNatValue) {
+    fn forget_rev_nat(&mut self, index: u32, value: RevNatValue) {
         if self.rev_nat_of.get(&value) == Some(&index) {
             self.rev_nat_of.remove(&value);
         }

@@ -5,9 +5,10 @@
 //! `ferrite_tests::kube_proxy_layout` writes them (the take-over tests load the same).
 //!
 //! Filler Services are written straight into Ferrite's maps (one backend each, never
-//! reached): through the agent they would each need a rev-NAT index, and those are
-//! 16-bit (65,535 frontends per node, as in Cilium). The kube-proxy layouts stop at
-//! [`KUBE_PROXY_MAX`] Services: restoring 100,000 takes many minutes.
+//! reached): through the agent 100,000 of them would need maps sized past the
+//! defaults (`--map-capacity`), and loading them would dominate the run. The
+//! kube-proxy layouts stop at [`KUBE_PROXY_MAX`] Services: restoring 100,000 takes
+//! many minutes.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
@@ -276,7 +277,7 @@ fn fill_ferrite(node: &Node, count: u32, measured: u32) -> Result<()> {
         FrontendEntries {
             frontend: tcp(service_ip(index), SERVICE_PORT),
             scope: ferrite_common::service_scope::ALL,
-            rev_nat_index: u16::MAX,
+            rev_nat_index: u32::from(u16::MAX),
             backend_ids: &[id],
             ready: 1,
             flags: 0,

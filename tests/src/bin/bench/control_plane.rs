@@ -1,8 +1,9 @@
 //! `control-plane`: Services x endpoints from the fake API server into the maps (agent
 //! start to the last Service in the map, then single EndpointSlice changes), next to
 //! kube-proxy's iptables-restore and nftables `nft -f` of the same Services.
-//! `control-plane-large`: the most Services the datapath's 16-bit reverse-NAT index
-//! allows, Ferrite alone (kube-proxy's iptables mode is unusable there).
+//! `control-plane-large`: 100,000 Services x 10 endpoints, then 250,000 frontends
+//! (125,000 Services of two ports), Ferrite alone (kube-proxy's iptables mode is
+//! unusable there).
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
@@ -23,6 +24,8 @@ const CHANGES: usize = 100;
 /// One run's size and what it is compared with.
 pub struct Scale {
     services: u32,
+    /// Ports of each Service (80 -> 8080, then 443 -> 8443): one frontend each.
+    ports: u32,
     /// Run kube-proxy's restores of the same Services next to it.
     kube_proxy: bool,
     /// `--map-capacity` settings the size needs.
@@ -31,20 +34,41 @@ pub struct Scale {
 
 pub const TEN_THOUSAND: Scale = Scale {
     services: 10_000,
+    ports: 1,
     kube_proxy: true,
     capacities: &[],
 };
 
-/// 65,000 Services of one port each: one reverse-NAT entry per frontend, whose index
-/// is 16 bits (as Cilium's), leaves no room for 100,000.
-pub const LARGEST: Scale = Scale {
-    services: 65_000,
+/// 100,000 Services of one port each: 1.1M Service entries, 1M backends and 100,000
+/// reverse-NAT entries (past what a 16-bit index numbers).
+pub const HUNDRED_THOUSAND: Scale = Scale {
+    services: 100_000,
+    ports: 1,
     kube_proxy: false,
     capacities: &[
-        (ferrite_common::map_names::SERVICES, 1 << 20),
-        (ferrite_common::map_names::BACKENDS, 1 << 20),
+        (ferrite_common::map_names::SERVICES, 1 << 21),
+        (ferrite_common::map_names::BACKENDS, 1 << 21),
+        (ferrite_common::map_names::REV_NAT, 1 << 17),
     ],
 };
+
+/// 250,000 frontends: 125,000 Services of two ports (2.75M Service entries, 2.5M
+/// backends: each port has its own target port).
+pub const QUARTER_MILLION_FRONTENDS: Scale = Scale {
+    services: 125_000,
+    ports: 2,
+    kube_proxy: false,
+    capacities: &[
+        (ferrite_common::map_names::SERVICES, 1 << 22),
+        (ferrite_common::map_names::BACKENDS, 1 << 22),
+        (ferrite_common::map_names::REV_NAT, 1 << 18),
+    ],
+};
+
+/// (Service port, target port) of port `index` of every Service.
+fn port(index: u32) -> (u16, u16) {
+    [(80, 8080), (443, 8443)][index as usize]
+}
 
 fn vip(service: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + service)
@@ -59,18 +83,31 @@ fn fresh_endpoint(change: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + change as u32)
 }
 
-fn objects(service: u32, endpoints: &[Ipv4Addr]) -> (serde_json::Value, serde_json::Value) {
+fn objects(
+    service: u32,
+    ports: u32,
+    endpoints: &[Ipv4Addr],
+) -> (serde_json::Value, serde_json::Value) {
     use serde_json::json;
     let name = format!("svc-{service}");
+    let (service_ports, slice_ports): (Vec<_>, Vec<_>) = (0..ports)
+        .map(|index| {
+            let (port, target) = port(index);
+            let name = format!("p{port}");
+            (
+                json!({"name": name, "port": port, "protocol": "TCP", "targetPort": target}),
+                json!({"name": name, "port": target, "protocol": "TCP"}),
+            )
+        })
+        .unzip();
     let svc = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "bench"},
-        "spec": {"clusterIP": vip(service).to_string(),
-                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}});
+        "spec": {"clusterIP": vip(service).to_string(), "ports": service_ports}});
     let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("{name}-1"), "namespace": "bench",
                      "labels": {"kubernetes.io/service-name": name}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": slice_ports,
         "endpoints": endpoints.iter().map(|ip| json!({"addresses": [ip.to_string()],
             "conditions": {"ready": true}})).collect::<Vec<_>>()});
     (svc, slice)
@@ -177,7 +214,7 @@ fn kube_proxy(services: u32) -> Result<KubeProxy> {
 }
 
 pub fn bench(scale: &Scale) -> Result<()> {
-    let services = scale.services;
+    let (services, ports) = (scale.services, scale.ports);
     let mut node = Node::new("cp")?;
     // The agent's default full-resync period, not the tests' quick one.
     node.resync_seconds = 10;
@@ -193,7 +230,7 @@ pub fn bench(scale: &Scale) -> Result<()> {
     ))?;
     for s in 0..services {
         let endpoints: Vec<_> = (0..ENDPOINTS).map(|e| endpoint(s, e)).collect();
-        let (svc, slice) = objects(s, &endpoints);
+        let (svc, slice) = objects(s, ports, &endpoints);
         api.apply(svc);
         api.apply(slice);
     }
@@ -201,7 +238,8 @@ pub fn bench(scale: &Scale) -> Result<()> {
     api.write_kubeconfig(&kubeconfig)?;
     let start = Instant::now();
     node.start_agent_kube(&kubeconfig)?;
-    let last_service = ferrite_common::ServiceKey::new(vip(services - 1), 80, PROTO_TCP, 0);
+    let last_port = port(ports - 1).0;
+    let last_service = ferrite_common::ServiceKey::new(vip(services - 1), last_port, PROTO_TCP, 0);
     let maps_ready = || {
         node.maps()
             .ok()
@@ -230,7 +268,7 @@ pub fn bench(scale: &Scale) -> Result<()> {
         let fresh = fresh_endpoint(i);
         let mut endpoints: Vec<_> = (1..ENDPOINTS).map(|e| endpoint(service, e)).collect();
         endpoints.push(fresh);
-        let (_, slice) = objects(service, &endpoints);
+        let (_, slice) = objects(service, ports, &endpoints);
         let slot = ferrite_common::ServiceKey::new(vip(service), 80, PROTO_TCP, ENDPOINTS as u16);
         let changed = Instant::now();
         api.apply(slice);
@@ -256,16 +294,41 @@ pub fn bench(scale: &Scale) -> Result<()> {
     // wrote what a full sync writes, it has nothing to write. (The last update has
     // counted its writes well within the second waited first.)
     std::thread::sleep(Duration::from_secs(1));
+    // At 250,000 frontends a full sync keeps the agent from answering /metrics
+    // within the client's 5 s: ask again.
+    let metric = |name: &str| -> Result<f64> {
+        let mut value = None;
+        wait_until(name, Duration::from_secs(300), || {
+            value = node.metric(name).ok();
+            value.is_some()
+        })?;
+        Ok(value.unwrap_or_default())
+    };
     let (syncs, writes) = (
-        node.metric("ferrite_syncs_total")?,
-        node.metric("ferrite_map_writes_total")?,
+        metric("ferrite_syncs_total")?,
+        metric("ferrite_map_writes_total")?,
     );
-    wait_until(
+    let resynced = wait_until(
         "a full resync after the changes",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         || node.metric("ferrite_syncs_total").is_ok_and(|n| n > syncs),
-    )?;
-    let resync_writes = node.metric("ferrite_map_writes_total")? - writes;
+    );
+    let resync_writes = match resynced {
+        Ok(()) => format!("{}", metric("ferrite_map_writes_total")? - writes),
+        Err(e) => {
+            let log = node
+                .agent
+                .as_ref()
+                .map(|a| a.log_text())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!(
+                "{e}; agent log (last lines, newest first):\n{}",
+                tail.join("\n")
+            );
+            "none".to_string()
+        }
+    };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let status_mib = |field: &str| -> u64 {
         status
@@ -290,8 +353,13 @@ pub fn bench(scale: &Scale) -> Result<()> {
             .as_ref()
             .map_or("not run".to_string(), |k| format!("{:.1}ms", f(k)))
     };
+    let shape = if ports == 1 {
+        String::new()
+    } else {
+        format!(" x {ports} ports ({} frontends)", services * ports)
+    };
     println!(
-        "\nControl plane: {services} Services x {ENDPOINTS} endpoints from the fake API server\n"
+        "\nControl plane: {services} Services{shape} x {ENDPOINTS} endpoints from the fake API server\n"
     );
     println!(
         "{:<44} {:>12} {:>22} {:>18}",
@@ -317,18 +385,19 @@ pub fn bench(scale: &Scale) -> Result<()> {
         );
     }
     println!(
-        "{:<44} {:>10}MB   (heap and stacks {} MB, program text {} MB)",
+        "{:<44} {:>10}MB   (heap and stacks {} MB, program text {} MB; peak {} MB)",
         "agent RSS after the changes",
         status_mib("VmRSS:"),
         status_mib("RssAnon:"),
-        status_mib("RssFile:")
+        status_mib("RssFile:"),
+        status_mib("VmHWM:")
     );
     println!(
         "{:<44} {:>12}   (0: the updates wrote what a full sync writes)",
         "writes of the full resync after the changes", resync_writes
     );
     println!(
-        "\ntargets at 10k x 10: full sync < 0.5 s, RSS < 50 MB; at the largest size: full sync < 5 s, \
+        "\ntargets at 10k x 10: full sync < 0.5 s, RSS < 50 MB; at 100k x 10: full sync < 5 s, \
          p99 < 5 ms, RSS < 300 MB (kube-proxy columns: its load of the same rules; one change = \
          one Service's chains rewritten: iptables-restore --noflush, nft -f)"
     );

@@ -61,8 +61,11 @@ fn main() -> Result<()> {
     if run("control-plane") || run("conntrack-read") {
         conntrack_read::bench()?;
     }
-    if run("control-plane-large") {
-        control_plane::bench(&control_plane::LARGEST)?;
+    if run("control-plane-large") || run("control-plane-100k") {
+        control_plane::bench(&control_plane::HUNDRED_THOUSAND)?;
+    }
+    if run("control-plane-large") || run("control-plane-250k") {
+        control_plane::bench(&control_plane::QUARTER_MILLION_FRONTENDS)?;
     }
     if run("nodeport") {
         nodeport_bench()?;
