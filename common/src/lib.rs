@@ -58,6 +58,10 @@ pub mod map_names {
         IPCACHE = "ferrite_ipcache",
         /// What each policed pod allows (`policy`).
         POLICY = "ferrite_policy",
+        /// Backend ids whose flows `program_names::PURGE` deletes (`purge`).
+        PURGE_BACKENDS = "ferrite_purgebe",
+        /// (rev-NAT index, backend id) pairs whose flows it deletes (`purge`).
+        PURGE_PAIRS = "ferrite_purgepr",
     }
 }
 
@@ -75,6 +79,10 @@ pub mod program_names {
     /// Never attached: the bench's floor of an established translated packet (a
     /// conntrack hit, the DNAT with its checksum fixes, the delivery), nothing else.
     pub const FLOOR: &str = "ferrite_floor";
+    /// Never attached: run with BPF_PROG_TEST_RUN, it deletes the conntrack entries
+    /// and affinity pins of the backends and pairs the agent put in the purge maps
+    /// (`purge`).
+    pub const PURGE: &str = "ferrite_purge";
     /// Returns XDP_PASS and nothing else: the bench's baseline for the XDP program.
     pub const NOOP_XDP: &str = "ferrite_noop_xdp";
     /// XDP on the node's uplink: NodePort, LoadBalancer and externalIP traffic from
@@ -737,6 +745,7 @@ pub struct NodeConfig {
 pub mod explain;
 pub use explain::ExplainTrace;
 pub mod policy;
+pub mod purge;
 
 #[cfg(feature = "user")]
 mod pod_impls {
