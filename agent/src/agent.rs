@@ -1153,8 +1153,10 @@ fn remove_links_of_vanished_interfaces(
 
 /// Write this node's pod CIDR (from its Node object) where the CNI plugin reads it.
 fn publish_pod_cidr(state: &model::DesiredState, node: &str) -> Result<()> {
-    if let Some(cidr) = state.nodes.get(node).and_then(|n| n.pod_cidrs.first()) {
-        files::publish_pod_cidr(node, *cidr)?;
+    if let Some(this) = state.nodes.get(node) {
+        if let Some(cidr) = this.pod_cidrs.first() {
+            files::publish_pod_cidr(node, *cidr, this.pod_cidrs6.first().copied())?;
+        }
     }
     Ok(())
 }

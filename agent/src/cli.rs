@@ -42,9 +42,11 @@ pub enum Command {
         /// UDP port of the overlay (IANA 4789; Linux's and flannel's default is 8472).
         #[arg(long, default_value_t = ferrite_common::DEFAULT_VXLAN_PORT)]
         vxlan_port: u16,
-        /// Cluster pod CIDR: pod traffic leaving it is masqueraded to the node IP.
-        #[arg(long)]
-        cluster_cidr: Option<ipnet::Ipv4Net>,
+        /// Cluster pod CIDR, one per IP family (`10.244.0.0/16,fd00:10:244::/56`):
+        /// pod traffic leaving the IPv4 one is masqueraded to the node IP; nodes'
+        /// pod CIDRs must lie in them.
+        #[arg(long, value_parser = crate::limits::ClusterCidrs::parse)]
+        cluster_cidr: Option<crate::limits::ClusterCidrs>,
         /// Where to serve /healthz, /readyz and /metrics. Loopback by default: kubelet
         /// probes a hostNetwork pod there, and /metrics (Service names, backend
         /// addresses) is not for every pod that can reach the node; give the node's
@@ -122,9 +124,9 @@ pub enum Command {
         /// not hold it yet.
         #[arg(long, default_value_t = ferrite_common::DEFAULT_VNI)]
         vni: u32,
-        /// For `diff`: the agent's cluster pod CIDR.
-        #[arg(long)]
-        cluster_cidr: Option<ipnet::Ipv4Net>,
+        /// For `diff`: the agent's cluster pod CIDR(s).
+        #[arg(long, value_parser = crate::limits::ClusterCidrs::parse)]
+        cluster_cidr: Option<crate::limits::ClusterCidrs>,
         /// For `diff`: the agent's admission flags.
         #[command(flatten)]
         admission: AdmissionArgs,
@@ -240,10 +242,11 @@ pub enum MonitorOutput {
 /// too so it plans as the agent does.
 #[derive(clap::Args)]
 pub struct AdmissionArgs {
-    /// The Service CIDR (repeatable): clusterIPs outside it are refused. Without
-    /// it any address that is not loopback, link-local, a node's or a pod's.
+    /// The Service CIDR (repeatable, IPv4 or IPv6): clusterIPs outside the IPv4
+    /// ones are refused. Without it any address that is not loopback, link-local, a
+    /// node's or a pod's. IPv6 ones keep nodes' IPv6 pod CIDRs and addresses out.
     #[arg(long = "service-cidr")]
-    pub service_cidrs: Vec<ipnet::Ipv4Net>,
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// Where `spec.externalIPs` may point (repeatable). None given: no
     /// externalIPs at all (CVE-2020-8554; the DenyServiceExternalIPs default).
     #[arg(long = "external-ip-cidr")]
@@ -263,14 +266,27 @@ pub struct AdmissionArgs {
 }
 
 impl AdmissionArgs {
-    pub fn limits(self, cluster_cidr: Option<ipnet::Ipv4Net>) -> crate::limits::Limits {
+    pub fn limits(
+        self,
+        cluster_cidr: Option<crate::limits::ClusterCidrs>,
+    ) -> crate::limits::Limits {
+        let cluster_cidr = cluster_cidr.unwrap_or_default();
+        let (mut service_cidrs, mut service_cidrs6) = (Vec::new(), Vec::new());
+        for cidr in self.service_cidrs {
+            match cidr {
+                ipnet::IpNet::V4(v4) => service_cidrs.push(v4),
+                ipnet::IpNet::V6(v6) => service_cidrs6.push(v6),
+            }
+        }
         crate::limits::Limits {
-            service_cidrs: self.service_cidrs,
+            service_cidrs,
+            service_cidrs6,
+            cluster_cidr6: cluster_cidr.v6,
             external_ip_cidrs: self.external_ip_cidrs,
             service_proxy_name: self.service_proxy_name,
             node_port_addresses: self.nodeport_addresses,
             node_port_range: self.node_port_range,
-            cluster_cidr,
+            cluster_cidr: cluster_cidr.v4,
         }
     }
 }

@@ -71,15 +71,19 @@ pub fn run_dir(node: &str) -> std::path::PathBuf {
 }
 
 /// Where the agent publishes this node's pod CIDR (from its Node object) for the CNI
-/// plugin's IPAM when the network config does not set one.
+/// plugin's IPAM when the network config does not set one: the IPv4 one, and on a
+/// dual-stack node the IPv6 one on a second line.
 pub fn pod_cidr_file(node: &str) -> std::path::PathBuf {
     run_dir(node).join("pod-cidr")
 }
 
 /// Write the pod CIDR file if it changed (atomically, mode 0600).
-pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net) -> Result<()> {
+pub fn publish_pod_cidr(node: &str, cidr: Ipv4Net, cidr6: Option<ipnet::Ipv6Net>) -> Result<()> {
     let path = pod_cidr_file(node);
-    let content = format!("{cidr}\n");
+    let mut content = format!("{cidr}\n");
+    if let Some(cidr6) = cidr6 {
+        content.push_str(&format!("{cidr6}\n"));
+    }
     if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
         return Ok(());
     }

@@ -4,10 +4,14 @@
 //! nodePorts against its range), a YAML file nothing, and `externalIPs` nobody
 //! (CVE-2020-8554): a Service that claims the node's address, a pod's, loopback or the
 //! cloud metadata address would capture the traffic meant for it.
+mod ipv6;
+
 use std::{net::Ipv4Addr, ops::RangeInclusive};
 
 use ferrite_common::MAGLEV_TABLE_SIZE;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
+
+pub use ipv6::{special6, ClusterCidrs, MAX_POD_CIDR6_PREFIX, MIN_POD_CIDR6_PREFIX};
 
 /// Backends (ready and terminating) one Service port may have: what its Maglev table
 /// can spread over (a slot count is 16-bit; a larger count wrapped).
@@ -41,6 +45,12 @@ pub struct Limits {
     pub node_port_range: RangeInclusive<u16>,
     /// The cluster's pod CIDR (`--cluster-cidr`): node pod CIDRs must lie in it.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// The IPv6 Service CIDR(s) (`--service-cidr` too): no node's IPv6 pod CIDR or
+    /// address may be in them.
+    pub service_cidrs6: Vec<Ipv6Net>,
+    /// The cluster's IPv6 pod CIDR (`--cluster-cidr`'s IPv6 member): node IPv6 pod
+    /// CIDRs must lie in it.
+    pub cluster_cidr6: Option<Ipv6Net>,
     /// `--service-proxy-name`: the value of `service.kubernetes.io/service-proxy-name`
     /// this node serves (unlabelled Services only, without it).
     pub service_proxy_name: Option<String>,
@@ -114,6 +124,8 @@ impl Default for Limits {
             external_ip_cidrs: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             cluster_cidr: None,
+            service_cidrs6: Vec::new(),
+            cluster_cidr6: None,
             service_proxy_name: None,
             node_port_addresses: NodePortAddresses::Primary,
         }

@@ -321,7 +321,7 @@ fn main() -> Result<()> {
                 datapath_log,
                 vni,
                 vxlan_port,
-                cluster_cidr,
+                cluster_cidr: cluster_cidr.and_then(|c| c.v4),
                 object: find_object(bpf_object.as_deref())?,
                 node,
             };

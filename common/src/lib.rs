@@ -76,9 +76,34 @@ pub mod program_names {
     /// Never attached: run with BPF_PROG_TEST_RUN, it writes the datapath's clock
     /// (jiffies, as a native-endian u64) over the first 8 bytes of the test packet.
     pub const CLOCK: &str = "ferrite_clock";
-    /// Never attached: the bench's floor of an established translated packet (a
-    /// conntrack hit, the DNAT with its checksum fixes, the delivery), nothing else.
+    /// Never attached: the bench's floors, one per established path, each only the
+    /// work any datapath must do for that path's packet (datapath-ebpf's `floor`).
+    /// An established Service flow to a local backend: a conntrack hit, the DNAT with
+    /// its checksum fixes, the delivery.
     pub const FLOOR: &str = "ferrite_floor";
+    /// ... to a backend on another node: the same DNAT, then the tunnel.
+    pub const FLOOR_SERVICE_REMOTE: &str = "ferrite_floor_service_remote";
+    /// A pod's packet to a pod of this node: endpoint lookup, MACs, redirect_peer.
+    pub const FLOOR_POD_LOCAL: &str = "ferrite_floor_pod_local";
+    /// ... to a pod of another node: route lookup, VTEP MACs, tunnel key, redirect.
+    pub const FLOOR_POD_REMOTE: &str = "ferrite_floor_pod_remote";
+    /// A flow delivered as its conntrack entry caches (NetworkPolicy's flows).
+    pub const FLOOR_FLOW: &str = "ferrite_floor_flow";
+    /// A Service flow's reply: conntrack hit, rev-NAT lookup, SNAT back, delivery.
+    pub const FLOOR_REPLY: &str = "ferrite_floor_reply";
+    /// XDP: an established NodePort flow's DNAT, and its DNAT + SNAT.
+    pub const FLOOR_NODE_PORT: &str = "ferrite_floor_node_port";
+    pub const FLOOR_NODE_PORT_SNAT: &str = "ferrite_floor_node_port_snat";
+    /// The floors by program type.
+    pub const TC_FLOORS: [&str; 6] = [
+        FLOOR,
+        FLOOR_SERVICE_REMOTE,
+        FLOOR_POD_LOCAL,
+        FLOOR_POD_REMOTE,
+        FLOOR_FLOW,
+        FLOOR_REPLY,
+    ];
+    pub const XDP_FLOORS: [&str; 2] = [FLOOR_NODE_PORT, FLOOR_NODE_PORT_SNAT];
     /// Never attached: run with BPF_PROG_TEST_RUN, it deletes the conntrack entries
     /// and affinity pins of the backends and pairs the agent put in the purge maps
     /// (`purge`).

@@ -204,13 +204,15 @@ fn new_service_flow<P: Packet>(
 ) -> Result<Verdict, ()> {
     match lb::translate_new_flow(pkt, h, master, svc)? {
         NewFlowOutcome::Translated(addr, port) => {
+            // One lookup of the backend for its isolation and its delivery.
+            let found = routing::find(addr);
             // Judged at the backend: a packet it drops leaves the flow's entries to
             // judge its retransmissions the same way.
             let verdict = policy::verdict_with(
                 h.saddr,
                 source_isolation,
                 addr,
-                policy::isolation(addr),
+                found.endpoint.map(|ep| ep.flags).unwrap_or(0),
                 h.proto,
                 port,
             );
@@ -230,7 +232,7 @@ fn new_service_flow<P: Packet>(
                     },
                 );
             }
-            routing::route(pkt, addr, port)
+            routing::route_found(pkt, &found, addr, port)
         }
         // A later fragment of a refused datagram: its first one was answered.
         NewFlowOutcome::NoBackend if !h.l4_present => Ok(Verdict::Drop(stat::DROP_NO_BACKEND)),

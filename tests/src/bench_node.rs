@@ -215,6 +215,36 @@ impl Established {
         }
     }
 
+    /// Its floor (datapath-ebpf's `floor`): only the work any datapath must do for
+    /// this path's packet, leaving the same frame (checked by tests/tests/bench_paths.rs).
+    pub fn floor(self) -> &'static str {
+        match self {
+            Self::PodToPodLocal => program_names::FLOOR_POD_LOCAL,
+            Self::PodToPodPoliced => program_names::FLOOR_FLOW,
+            Self::PodToPodRemote => program_names::FLOOR_POD_REMOTE,
+            Self::ClusterIpLocal => program_names::FLOOR,
+            Self::ClusterIpRemote => program_names::FLOOR_SERVICE_REMOTE,
+            Self::ReplyLocal | Self::ReplyOverlay => program_names::FLOOR_REPLY,
+            Self::NodePortLocal => program_names::FLOOR_NODE_PORT,
+            Self::NodePortSnat => program_names::FLOOR_NODE_PORT_SNAT,
+        }
+    }
+
+    /// What its floor does.
+    pub fn floor_work(self) -> &'static str {
+        match self {
+            Self::PodToPodLocal => "endpoint lookup, MACs, redirect_peer",
+            Self::PodToPodPoliced => "ct hit, cached MACs, redirect_peer",
+            Self::PodToPodRemote => "route lookup, VTEP MACs, tunnel key, redirect",
+            Self::ClusterIpLocal => "ct hit, DNAT + csums, cached MACs, redirect_peer",
+            Self::ClusterIpRemote => "ct hit, DNAT + csums, VTEP MACs, tunnel key, redirect",
+            Self::ReplyLocal => "ct hit, rev-NAT lookup, SNAT + csums, cached MACs, redirect_peer",
+            Self::ReplyOverlay => "the same, behind the tunnel-key shim",
+            Self::NodePortLocal => "ct hit, DNAT + csums (by hand)",
+            Self::NodePortSnat => "ct hit, DNAT + SNAT + csums (by hand)",
+        }
+    }
+
     /// The client port of this path's flow.
     pub fn client_port(self) -> u16 {
         match self {
@@ -380,6 +410,7 @@ impl BenchNode {
             &[
                 bed.program_fd(program_names::FROM_OVERLAY)?,
                 bed.program_fd(program_names::NOOP)?,
+                bed.program_fd(program_names::FLOOR_REPLY)?,
             ],
             DEFAULT_VNI,
             REMOTE_NODE_IP,
@@ -630,6 +661,21 @@ impl BenchNode {
             Hook::FromPod => self.bed.run_program(hook.program(), frame, repeat),
             Hook::FromOverlay => self.shim.run(0, frame, repeat),
             Hook::FromWorld => self.bed.run_xdp_program(hook.program(), frame, repeat),
+        }
+    }
+
+    /// Run `path`'s floor `repeat` times on `frame` (from the overlay: behind the
+    /// same tunnel-key shim as the path).
+    pub fn run_floor(
+        &self,
+        path: Established,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(RunResult, Duration)> {
+        match path.hook() {
+            Hook::FromPod => self.bed.run_program(path.floor(), frame, repeat),
+            Hook::FromOverlay => self.shim.run(2, frame, repeat),
+            Hook::FromWorld => self.bed.run_xdp_program(path.floor(), frame, repeat),
         }
     }
 

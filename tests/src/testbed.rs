@@ -80,13 +80,15 @@ impl Testbed {
             program_names::FROM_UPLINK,
             program_names::FROM_HOST,
             program_names::NOOP,
-            program_names::FLOOR,
             program_names::EXPLAIN_POD,
             program_names::EXPLAIN_OVERLAY,
             program_names::EXPLAIN_UPLINK,
             program_names::EXPLAIN_SOCK,
             program_names::PURGE,
-        ] {
+        ]
+        .into_iter()
+        .chain(program_names::TC_FLOORS)
+        {
             let program: &mut SchedClassifier =
                 ebpf.program_mut(name).context("program")?.try_into()?;
             program.load()?;
@@ -95,7 +97,10 @@ impl Testbed {
             program_names::FROM_WORLD,
             program_names::NOOP_XDP,
             program_names::EXPLAIN_WORLD,
-        ] {
+        ]
+        .into_iter()
+        .chain(program_names::XDP_FLOORS)
+        {
             let xdp: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
             xdp.load()?;
         }

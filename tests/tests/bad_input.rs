@@ -520,5 +520,52 @@ fn hostile_node_objects_are_refused_and_take_nothing_from_services_or_other_node
         assert_eq!(node1_route, Some(node1_ip), "node 1's pod CIDR route");
     }
     works("after")?;
+
+    // Dual-stack Nodes claiming IPv6 ranges no node may have: each IPv6 podCIDR is
+    // refused with its reason and counted; the Nodes' IPv4 halves stand.
+    let dual_stack = |name: &str, index: usize, cidr6: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n\
+             spec: {{podCIDRs: [10.244.{}.0/24, \"{cidr6}\"]}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
+            40 + index,
+            lab::node_ip(20 + index)
+        )
+    };
+    let hostile6 = [
+        ("v6-zero", "::/0", "prefix /0"),
+        ("v6-loop", "::1/128", "prefix /128"),
+        ("v6-link", "fe80::/64", "link-local"),
+        ("v6-multi", "ff05::/64", "multicast"),
+        ("v6-mapped", "::ffff:10.96.0.0/120", "IPv4-mapped"),
+        ("v6-clash", "fd00:10:244::/80", "node a0-v6-first's"),
+    ];
+    config.push(dual_stack("a0-v6-first", 0, "fd00:10:244::/64"));
+    for (index, (name, cidr6, _)) in hostile6.iter().enumerate() {
+        config.push(dual_stack(name, index + 1, cidr6));
+    }
+    cluster.write_config(&config.join("---\n"))?;
+    for node in &cluster.nodes {
+        node.wait_for_maps("the dual-stack Nodes' IPv4 routes", |m| {
+            m.pod_routes() == 2 + 1 + hostile6.len()
+        })?;
+        let agent = node.agent.as_ref().context("agent")?;
+        let log = agent.log_text();
+        for (name, cidr6, says) in &hostile6 {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(&format!("Node {name} podCIDR {cidr6}: "))
+                        && l.contains(says)),
+                "no refusal of {name}'s {cidr6} ({says}) in:\n{log}"
+            );
+        }
+        assert!(!log.contains("Node a0-v6-first podCIDR"), "{log}");
+        let skipped = node.metric("ferrite_skipped_objects")?;
+        assert!(
+            skipped >= (hostile.len() + 1 + hostile6.len()) as f64,
+            "ferrite_skipped_objects {skipped}"
+        );
+    }
+    works("with the dual-stack Nodes")?;
     Ok(())
 }

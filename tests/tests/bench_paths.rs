@@ -343,6 +343,29 @@ fn bench_new_node_port_flows_to_remote_backends_are_snated_from_the_port_range()
     })
 }
 
+/// Each established path's floor (the bench's "over floor" column) does the path's
+/// whole rewrite and delivery: one pass and two leave the frame and verdict the path
+/// leaves, so a floor cannot be cheaper by doing less than the path must.
+#[test]
+fn bench_floors_leave_the_frames_of_their_paths() -> Result<()> {
+    let node = BenchNode::new()?;
+    for path in Established::ALL {
+        for repeat in [1, 2] {
+            // The path first: the floors use the route its conntrack entry caches.
+            let frame = passes(&node, path, repeat)?;
+            let (floor, _) = node.run_floor(path, &path.frame(), repeat)?;
+            assert_eq!(
+                (floor.verdict, floor.frame),
+                (path.hook().forwarded(), frame),
+                "{}: {}, {repeat} passes",
+                path.label(),
+                path.floor()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The bench measures established paths once: they never look up a Service.
 #[test]
 fn bench_established_paths_give_the_same_frames_with_twenty_thousand_services() -> Result<()> {

@@ -162,6 +162,24 @@ fn services_endpointslices_and_nodes_follow_adds_updates_and_deletes() -> Result
         request,
     )?;
     assert_ne!(backend, BACKENDS[2].0);
+    // This node turns dual-stack: the agent publishes its IPv6 pod CIDR for the CNI
+    // plugin beside the IPv4 one (the datapath's writes stay IPv4: golden
+    // `dual-stack-nodes.txtar`).
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n\
+         spec: {{podCIDR: 10.244.0.0/24, podCIDRs: [10.244.0.0/24, \"fd00:10:244::/64\"]}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 198.51.100.1}}, \
+         {{type: InternalIP, address: \"2001:db8::1\"}}]}}\n",
+        node.name
+    ))?;
+    let published = || {
+        std::fs::read_to_string(ferrite_agent::files::pod_cidr_file(&node.name)).unwrap_or_default()
+    };
+    ferrite_tests::lab::wait_until(
+        "the IPv6 pod CIDR published",
+        ferrite_tests::lab::SETTLE,
+        || published() == "10.244.0.0/24\nfd00:10:244::/64\n",
+    )?;
     Ok(())
 }
 

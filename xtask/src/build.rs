@@ -57,7 +57,11 @@ pub fn ebpf() -> Result<()> {
     let built = root().join("datapath-ebpf/target/bpfel-unknown-none/release/ferrite-datapath");
     let out = object_path();
     std::fs::create_dir_all(out.parent().unwrap())?;
-    std::fs::copy(&built, &out).with_context(|| format!("copying {}", built.display()))?;
+    // Into a new file renamed over the old one: a reader never sees half an object, and
+    // a hard-linked copy of the target directory (another checkout's) keeps its own.
+    let partial = out.with_extension("o.partial");
+    std::fs::copy(&built, &partial).with_context(|| format!("copying {}", built.display()))?;
+    std::fs::rename(&partial, &out).with_context(|| format!("renaming to {}", out.display()))?;
     println!("build-ebpf: {}", out.display());
     Ok(())
 }

@@ -1,19 +1,25 @@
 //! CHECK: compare everything ADD set up, in the pod, on the node and in the
 //! datapath, and what its result listed, with what is there now.
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::Result;
 use ferrite_common::{pod_mac_for, EndpointKey, HOST_VETH_MAC, POD_GATEWAY_IP};
 
 use super::{
-    ipam::Owner,
+    ipam::{Held, Owner},
     owner_tag,
     spec::{code, CniError, Environment, NetConf, OrCode},
     AttachmentNetns,
 };
 use crate::{
     datapath,
-    host::{self, pods::HostWiring},
+    host::{
+        self,
+        pods::{HostWiring, POD_GATEWAY_IP6},
+    },
     maps::NodeMaps,
     netlink::mac_string,
     netlink::Netlink,
@@ -33,14 +39,24 @@ pub fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
         other => return Err(other.refusal(&env.netns)),
     };
     let store = super::open_store(conf)?;
-    let Some((ip, owner)) = store
-        .find(&env.container_id, &env.ifname)
-        .or_code(code::IO_FAILURE, "IPAM store")?
-    else {
-        return Err(CniError::new(
+    let unknown = || {
+        CniError::new(
             code::UNKNOWN_CONTAINER,
             format!("no attachment {}/{}", env.container_id, env.ifname),
-        ));
+        )
+    };
+    let held = store
+        .find(&env.container_id, &env.ifname)
+        .or_code(code::IO_FAILURE, "IPAM store")?
+        .ok_or_else(unknown)?;
+    // An interrupted run's record: no pod was wired with it.
+    let Held {
+        owner,
+        v4: Some(ip),
+        v6: ip6,
+    } = held
+    else {
+        return Err(unknown());
     };
     let mut problems = Vec::new();
     if owner.netns.as_ref().is_some_and(|n| n.id != netns) {
@@ -49,13 +65,20 @@ pub fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
             env.netns
         ));
     }
-    problems.extend(result_problems(env, conf, ip, &owner));
-    problems
-        .extend(pod_problems(env, conf, ip).or_code(code::CHECK_FAILED, "checking the pod side")?);
+    problems.extend(result_problems(env, conf, ip, ip6, &owner));
+    problems.extend(
+        pod_problems(env, conf, ip, ip6).or_code(code::CHECK_FAILED, "checking the pod side")?,
+    );
     problems.extend(
         host_problems(conf, &pin_dir, ip, &owner)
             .or_code(code::CHECK_FAILED, "checking the node side")?,
     );
+    if let Some(ip6) = ip6 {
+        problems.extend(
+            host_problems6(ip, ip6, &owner.host_interface)
+                .or_code(code::CHECK_FAILED, "checking the node side (IPv6)")?,
+        );
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -66,8 +89,15 @@ pub fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// What prevResult must still list: the address, both interfaces, the default route.
-fn result_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr, owner: &Owner) -> Vec<String> {
+/// What prevResult must still list: the addresses, both interfaces, the default
+/// routes.
+fn result_problems(
+    env: &Environment,
+    conf: &NetConf,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+    owner: &Owner,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let empty = serde_json::Value::Null;
     let result = conf.prev_result.as_ref().unwrap_or(&empty);
@@ -102,12 +132,31 @@ fn result_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr, owner: &Owne
     {
         problems.push(format!("prevResult has no default route via {gateway}"));
     }
+    if let Some(ip6) = ip6 {
+        let address = format!("{ip6}/128");
+        if !list("ips").iter().any(|i| i["address"] == address.as_str()) {
+            problems.push(format!("prevResult does not list {address}"));
+        }
+        let gateway = POD_GATEWAY_IP6.to_string();
+        if !list("routes")
+            .iter()
+            .any(|r| r["dst"] == "::/0" && r["gw"] == gateway.as_str())
+        {
+            problems.push(format!("prevResult has no default route via {gateway}"));
+        }
+    }
     problems
 }
 
 /// The pod's interface (MAC, MTU, up, its /32), its default route via the gateway
-/// and the gateway's permanent neighbour entry.
-fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<String>> {
+/// and the gateway's permanent neighbour entry; for a dual-stack pod the same for
+/// IPv6, and IPv6 up on the interface with DAD off (an IPv4-only pod: IPv6 off).
+fn pod_problems(
+    env: &Environment,
+    conf: &NetConf,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+) -> Result<Vec<String>> {
     let name = env.ifname.clone();
     let mtu = conf.mtu;
     host::netns::in_netns(Path::new(&env.netns), move || {
@@ -154,8 +203,108 @@ fn pod_problems(env: &Environment, conf: &NetConf, ip: Ipv4Addr) -> Result<Vec<S
                 mac_string(HOST_VETH_MAC)
             ));
         }
+        problems.extend(pod_problems6(&mut netlink, &name, link.index, ip6)?);
         Ok(problems)
     })
+}
+
+/// In the pod's namespace: its IPv6 sysctls, and for a dual-stack pod its /128, the
+/// default route via [`POD_GATEWAY_IP6`] and that gateway's permanent entry.
+fn pod_problems6(
+    netlink: &mut Netlink,
+    name: &str,
+    index: u32,
+    ip6: Option<Ipv6Addr>,
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let sysctl = |key: &str| {
+        let path = Path::new("/proc/sys/net/ipv6/conf").join(name).join(key);
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    let Some(ip6) = ip6 else {
+        // Kernels without IPv6 have no such file: nothing to check.
+        if sysctl("disable_ipv6").is_some_and(|v| v != "1") {
+            problems.push(format!("IPv6 is enabled on {name}"));
+        }
+        return Ok(problems);
+    };
+    if sysctl("disable_ipv6").as_deref() != Some("0") {
+        problems.push(format!("IPv6 is disabled on {name}"));
+    }
+    if sysctl("accept_dad").as_deref() != Some("0") {
+        problems.push(format!("duplicate address detection is on for {name}"));
+    }
+    let has_address = netlink
+        .addresses6()?
+        .iter()
+        .any(|a| a.device == index && a.ip == ip6 && a.prefix_len == 128);
+    if !has_address {
+        problems.push(format!("{name} does not have {ip6}/128"));
+    }
+    let routed = netlink.routes6()?.iter().any(|r| {
+        r.destination.prefix_len() == 0
+            && r.gateway == Some(POD_GATEWAY_IP6)
+            && r.device == Some(index)
+    });
+    if !routed {
+        problems.push(format!(
+            "the pod has no default route ::/0 via {POD_GATEWAY_IP6} dev {name}"
+        ));
+    }
+    let resolved = netlink.neighbours6()?.iter().any(|n| {
+        n.device == index && n.permanent && n.ip == POD_GATEWAY_IP6 && n.mac == Some(HOST_VETH_MAC)
+    });
+    if !resolved {
+        problems.push(format!(
+            "the pod has no permanent neighbour {POD_GATEWAY_IP6} lladdr {} dev {name}",
+            mac_string(HOST_VETH_MAC)
+        ));
+    }
+    Ok(problems)
+}
+
+/// The node's side of a dual-stack pod: IPv6 on the host veth, its /128 route to
+/// the pod and the pod's permanent neighbour entry.
+fn host_problems6(ip: Ipv4Addr, ip6: Ipv6Addr, host: &str) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let disabled = Path::new("/proc/sys/net/ipv6/conf")
+        .join(host)
+        .join("disable_ipv6");
+    if std::fs::read_to_string(disabled)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some("0")
+    {
+        problems.push(format!("IPv6 is disabled on host veth {host}"));
+    }
+    let mut netlink = Netlink::open()?;
+    let Some(link) = netlink.link(host)? else {
+        return Ok(problems); // reported missing already
+    };
+    let routed = netlink.routes6()?.iter().any(|r| {
+        r.destination.prefix_len() == 128
+            && r.destination.addr() == ip6
+            && r.gateway.is_none()
+            && r.device == Some(link.index)
+    });
+    if !routed {
+        problems.push(format!("the node has no route {ip6}/128 dev {host}"));
+    }
+    let mac = pod_mac_for(ip);
+    let resolved = netlink
+        .neighbours6()?
+        .iter()
+        .any(|n| n.device == link.index && n.permanent && n.ip == ip6 && n.mac == Some(mac));
+    if !resolved {
+        problems.push(format!(
+            "the node has no permanent neighbour {ip6} lladdr {} dev {host}",
+            mac_string(mac)
+        ));
+    }
+    Ok(problems)
 }
 
 /// A link's MAC for a message (`none` when it has no Ethernet address).

@@ -1,8 +1,10 @@
-//! Host-local IPAM for one node's pod CIDR: one file per allocated address under the
-//! data directory, named by the address and holding its owner as JSON. A `lock` file
+//! Host-local IPAM for one node's pod CIDRs (an IPv4 one and, dual-stack, an IPv6
+//! one): one file per allocated address under the data directory, named by the
+//! address and holding its owner as JSON (a dual-stack attachment has two). A `lock` file
 //! (flock) serialises plugin runs, and `last_reserved_ip` makes allocation
-//! round-robin so a released address is not handed out again at once (the
-//! reference host-local plugin's layout and behaviour).
+//! round-robin so a released address is not handed out again at once
+//! (`last_reserved_ip6` for the IPv6 range; the reference host-local plugin's layout
+//! and behaviour).
 //!
 //! The data directory comes from the network configuration, so it is checked before
 //! anything in it is touched: a real directory (never a symbolic link), owned by the
@@ -13,13 +15,14 @@ use std::{
     collections::BTreeSet,
     fs::{self, File, OpenOptions},
     io::Read,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -64,10 +67,42 @@ pub struct Store {
 }
 
 /// An address file: its owner, or why it cannot be read.
-pub type Allocation = (Ipv4Addr, Result<Owner, String>);
+pub type Allocation = (IpAddr, Result<Owner, String>);
+
+/// An attachment's addresses (at most one per family) and its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub owner: Owner,
+    /// Absent only in a record an interrupted run left.
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Held {
+    /// Every address it holds.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
+
+    /// Its addresses for a message: `10.244.0.2`, `10.244.0.2 fd00::2`.
+    pub fn shown(&self) -> String {
+        self.addresses()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    pub fn is(&self, container_id: &str, ifname: &str) -> bool {
+        self.owner.container_id == container_id && self.owner.ifname == ifname
+    }
+}
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip";
+const LAST_RESERVED6: &str = "last_reserved_ip6";
 /// Owner files are a few hundred bytes; a larger one is not ours.
 const MAX_FILE: u64 = 64 * 1024;
 
@@ -171,7 +206,7 @@ impl Store {
             let Some(ip) = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+                .and_then(|n| n.parse::<IpAddr>().ok())
             else {
                 continue;
             };
@@ -186,7 +221,7 @@ impl Store {
 
     /// The readable allocations; unreadable files are reported on stderr (the
     /// runtime's log) and skipped, their addresses stay taken.
-    pub fn owners(&self) -> Result<Vec<(Ipv4Addr, Owner)>> {
+    pub fn owners(&self) -> Result<Vec<(IpAddr, Owner)>> {
         Ok(self
             .allocations()?
             .into_iter()
@@ -200,12 +235,47 @@ impl Store {
             .collect())
     }
 
-    /// The address held by an attachment, if any.
-    pub fn find(&self, container_id: &str, ifname: &str) -> Result<Option<(Ipv4Addr, Owner)>> {
+    /// The attachments, each with its addresses (in owner order). A second address
+    /// of a family for one attachment (never written by this plugin) is reported
+    /// and left taken.
+    pub fn attachments(&self) -> Result<Vec<Held>> {
+        let mut held: Vec<Held> = Vec::new();
+        for (ip, owner) in self.owners()? {
+            let index = match held
+                .iter()
+                .position(|h| h.is(&owner.container_id, &owner.ifname))
+            {
+                Some(index) => index,
+                None => {
+                    held.push(Held {
+                        owner,
+                        v4: None,
+                        v6: None,
+                    });
+                    held.len() - 1
+                }
+            };
+            let slot = &mut held[index];
+            let doubled = match ip {
+                IpAddr::V4(v4) => slot.v4.replace(v4).is_some(),
+                IpAddr::V6(v6) => slot.v6.replace(v6).is_some(),
+            };
+            if doubled {
+                eprintln!(
+                    "ferrite-cni: {}/{} holds two addresses of a family; keeping {ip} taken",
+                    slot.owner.container_id, slot.owner.ifname
+                );
+            }
+        }
+        Ok(held)
+    }
+
+    /// The addresses held by an attachment, if any.
+    pub fn find(&self, container_id: &str, ifname: &str) -> Result<Option<Held>> {
         Ok(self
-            .owners()?
+            .attachments()?
             .into_iter()
-            .find(|(_, o)| o.container_id == container_id && o.ifname == ifname))
+            .find(|h| h.is(container_id, ifname)))
     }
 
     /// Claim the next free address of `cidr` after the last one handed out
@@ -222,6 +292,58 @@ impl Store {
         if cidr.prefix_len() > 30 {
             return Ok(None);
         }
+        let first = u32::from(cidr.network()) + 2;
+        let last = u32::from(cidr.broadcast()) - 1;
+        let claimed = self.claim(
+            u128::from(first)..=u128::from(last),
+            self.last_reserved().map(|ip| u128::from(u32::from(ip))),
+            owner,
+            |n| IpAddr::V4(Ipv4Addr::from(n as u32)),
+            |ip| matches!(ip, IpAddr::V4(v4) if in_use(v4)),
+        )?;
+        Ok(claimed.map(|ip| match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => unreachable!("made from the IPv4 range"),
+        }))
+    }
+
+    /// [`Store::allocate`] for an IPv6 range: from its third address (the network's
+    /// is the subnet-router anycast address, the next left for the node as in IPv4)
+    /// to its last (IPv6 has no broadcast).
+    pub fn allocate6(
+        &self,
+        cidr: Ipv6Net,
+        owner: &Owner,
+        in_use: impl Fn(Ipv6Addr) -> bool,
+    ) -> Result<Option<Ipv6Addr>> {
+        if cidr.prefix_len() > 126 {
+            return Ok(None);
+        }
+        let first = u128::from(cidr.network()) + 2;
+        let last = u128::from(cidr.broadcast());
+        let claimed = self.claim(
+            first..=last,
+            self.last_reserved6().map(u128::from),
+            owner,
+            |n| IpAddr::V6(Ipv6Addr::from(n)),
+            |ip| matches!(ip, IpAddr::V6(v6) if in_use(v6)),
+        )?;
+        Ok(claimed.map(|ip| match ip {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(_) => unreachable!("made from the IPv6 range"),
+        }))
+    }
+
+    /// The first address of `range` after `last_reserved` (wrapping), as `to_ip`
+    /// makes them, that has no file and is not `in_use`: its file written.
+    fn claim(
+        &self,
+        range: RangeInclusive<u128>,
+        last_reserved: Option<u128>,
+        owner: &Owner,
+        to_ip: impl Fn(u128) -> IpAddr,
+        in_use: impl Fn(IpAddr) -> bool,
+    ) -> Result<Option<IpAddr>> {
         // Never write a file this store could not read back (its DEL would find
         // nothing to release).
         let record = serde_json::to_vec(owner)?;
@@ -230,20 +352,17 @@ impl Store {
             "the allocation record is {} bytes, more than the {MAX_FILE} a store file may hold",
             record.len()
         );
-        let first = u32::from(cidr.network()) + 2;
-        let last = u32::from(cidr.broadcast()) - 1;
-        let taken: BTreeSet<Ipv4Addr> = self.allocations()?.into_iter().map(|(ip, _)| ip).collect();
-        let start = self
-            .last_reserved()
-            .map(u32::from)
-            .filter(|last_ip| (first..=last).contains(last_ip))
+        let (first, last) = (*range.start(), *range.end());
+        let taken: BTreeSet<IpAddr> = self.allocations()?.into_iter().map(|(ip, _)| ip).collect();
+        let start = last_reserved
+            .filter(|last_ip| range.contains(last_ip))
             .map_or(
                 first,
                 |last_ip| if last_ip == last { first } else { last_ip + 1 },
             );
         let Some(ip) = (start..=last)
             .chain(first..start)
-            .map(Ipv4Addr::from)
+            .map(to_ip)
             .find(|ip| !taken.contains(ip) && !in_use(*ip))
         else {
             return Ok(None);
@@ -252,26 +371,45 @@ impl Store {
         Ok(Some(ip))
     }
 
-    /// The address handed out last (where the next search starts).
+    /// The IPv4 address handed out last (where the next search starts).
     pub fn last_reserved(&self) -> Option<Ipv4Addr> {
-        read_small(&self.dir.join(LAST_RESERVED))
+        self.read_last(LAST_RESERVED)
+    }
+
+    /// The IPv6 address handed out last.
+    pub fn last_reserved6(&self) -> Option<Ipv6Addr> {
+        self.read_last(LAST_RESERVED6)
+    }
+
+    fn read_last<T: std::str::FromStr>(&self, file: &str) -> Option<T> {
+        read_small(&self.dir.join(file))
             .ok()
             .and_then(|s| String::from_utf8(s).ok())
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Record `ip` as handed out last, once its attachment is complete (a failed
-    /// ADD leaves the round-robin position as it was).
-    pub fn remember_last(&self, ip: Ipv4Addr) -> Result<()> {
-        write_private(&self.dir.join(LAST_RESERVED), ip.to_string().as_bytes())
+    /// Record `ip` as handed out last in its family, once its attachment is
+    /// complete (a failed ADD leaves the round-robin position as it was).
+    pub fn remember_last(&self, ip: impl Into<IpAddr>) -> Result<()> {
+        let ip = ip.into();
+        let file = match ip {
+            IpAddr::V4(_) => LAST_RESERVED,
+            IpAddr::V6(_) => LAST_RESERVED6,
+        };
+        write_private(&self.dir.join(file), ip.to_string().as_bytes())
     }
 
     /// Release an address; releasing a free one is fine (DEL is idempotent).
-    pub fn release(&self, ip: Ipv4Addr) -> Result<()> {
-        match fs::remove_file(self.dir.join(ip.to_string())) {
+    pub fn release(&self, ip: impl Into<IpAddr>) -> Result<()> {
+        match fs::remove_file(self.dir.join(ip.into().to_string())) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    /// Release every address of an attachment.
+    pub fn release_all(&self, held: &Held) -> Result<()> {
+        held.addresses().try_for_each(|ip| self.release(ip))
     }
 }
 
@@ -325,8 +463,8 @@ mod tests {
             assert!(allocate(&store, cidr, id).is_some());
         }
         assert_eq!(allocate(&store, cidr, "g"), None);
-        let (_, found) = store.find("c", "eth0").unwrap().unwrap();
-        assert_eq!(found, owner("c"));
+        let found = store.find("c", "eth0").unwrap().unwrap();
+        assert_eq!(found.owner, owner("c"));
         store.release(c).unwrap();
         store.release(c).unwrap();
         assert!(store.find("c", "eth0").unwrap().is_none());
@@ -345,7 +483,10 @@ mod tests {
             .allocate(cidr, &owner("a"), |ip| ip == elsewhere)
             .unwrap();
         assert_eq!(ip, Some("10.0.0.5".parse().unwrap()));
-        assert_eq!(store.owners().unwrap(), vec![(ip.unwrap(), owner("a"))]);
+        assert_eq!(
+            store.owners().unwrap(),
+            vec![(IpAddr::V4(ip.unwrap()), owner("a"))]
+        );
         let bad = store.allocations().unwrap();
         assert_eq!(bad.iter().filter(|(_, o)| o.is_err()).count(), 2);
         drop(store);
@@ -373,6 +514,67 @@ mod tests {
             .unwrap();
         let used = crate::alloc_meter::allocated_on_this_thread() - before;
         assert_eq!(ip, Some("10.0.0.2".parse().unwrap()));
+        assert!(used < 1 << 20, "allocating took {used} bytes of heap");
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ipv6_ranges_allocate_round_robin_beside_ipv4_and_lazily() {
+        let (dir, store) = temp_store("dual");
+        let cidr4: Ipv4Net = "10.0.0.0/29".parse().unwrap();
+        let cidr6: Ipv6Net = "fd00::/125".parse().unwrap();
+        let dual = |id: &str| {
+            let v4 = store.allocate(cidr4, &owner(id), |_| false).unwrap();
+            let v6 = store.allocate6(cidr6, &owner(id), |_| false).unwrap();
+            for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {
+                store.remember_last(ip).unwrap();
+            }
+            v6
+        };
+        // ::0 anycast, ::1 the node's: ::2 to ::7 are usable.
+        assert_eq!(dual("a"), Some("fd00::2".parse().unwrap()));
+        assert_eq!(dual("b"), Some("fd00::3".parse().unwrap()));
+        let held = store.find("a", "eth0").unwrap().unwrap();
+        assert_eq!(held.v4, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(held.v6, Some("fd00::2".parse().unwrap()));
+        assert_eq!(held.shown(), "10.0.0.2 fd00::2");
+        store.release_all(&held).unwrap();
+        store.release_all(&held).unwrap();
+        assert!(store.find("a", "eth0").unwrap().is_none());
+        // Round robin: the released ::2 is not reused at once.
+        let elsewhere: Ipv6Addr = "fd00::5".parse().unwrap();
+        let next = store
+            .allocate6(cidr6, &owner("c"), |ip| ip == elsewhere)
+            .unwrap();
+        assert_eq!(next, Some("fd00::4".parse().unwrap()));
+        store.remember_last(next.unwrap()).unwrap();
+        assert_eq!(store.last_reserved(), Some("10.0.0.3".parse().unwrap()));
+        assert_eq!(store.last_reserved6(), next);
+        for expected in ["fd00::6", "fd00::7", "fd00::2"] {
+            let ip = store
+                .allocate6(cidr6, &owner("x"), |ip| ip == elsewhere)
+                .unwrap();
+            assert_eq!(ip, Some(expected.parse().unwrap()));
+            store.remember_last(ip.unwrap()).unwrap();
+        }
+        assert_eq!(
+            store
+                .allocate6(cidr6, &owner("y"), |ip| ip == elsewhere)
+                .unwrap(),
+            None
+        );
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+
+        // A /64 (2^64 addresses) walks lazily too.
+        let (dir, store) = temp_store("wide6");
+        let before = crate::alloc_meter::allocated_on_this_thread();
+        let ip = store
+            .allocate6("fd00::/64".parse().unwrap(), &owner("a"), |_| false)
+            .unwrap();
+        let used = crate::alloc_meter::allocated_on_this_thread() - before;
+        assert_eq!(ip, Some("fd00::2".parse().unwrap()));
         assert!(used < 1 << 20, "allocating took {used} bytes of heap");
         drop(store);
         fs::remove_dir_all(dir).unwrap();

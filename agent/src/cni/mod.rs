@@ -12,7 +12,11 @@ pub mod ipam;
 mod reclaim;
 pub mod spec;
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
 use ferrite_common::{
@@ -31,8 +35,8 @@ use crate::{
     netlink::mac_string,
     plan::Op,
 };
-use ipam::{NetnsRecord, Owner, Store, Untrusted};
-use spec::{code, CniError, CniResult, Command, Environment, NetConf, OrCode, Wired};
+use ipam::{Held, NetnsRecord, Owner, Store, Untrusted};
+use spec::{code, CniError, CniResult, Command, Environment, NetConf, OrCode, PodRanges, Wired};
 
 /// Run one command (the `ferrite-cni` binary reads `env` and `input` from the
 /// process); returns what to print on success.
@@ -101,35 +105,55 @@ fn pin_dir_with_datapath(conf: &NetConf, error_code: u32) -> Result<std::path::P
     Ok(pin_dir)
 }
 
-/// The node's pod CIDR, from the configuration or as the agent published it; held
-/// to the rules Node objects are (a loopback, link-local or too wide or narrow range
-/// would give pods addresses that are not theirs to have).
-fn pod_cidr(conf: &NetConf, error_code: u32) -> Result<Ipv4Net, CniError> {
+/// Where the node's pod CIDRs come from, for messages.
+fn ranges_source(conf: &NetConf) -> String {
+    match (&conf.pod_cidrs, conf.pod_cidr) {
+        (Some(_), _) => "podCIDRs of the network configuration".into(),
+        (None, Some(_)) => "podCIDR of the network configuration".into(),
+        (None, None) => files::pod_cidr_file(&conf.node).display().to_string(),
+    }
+}
+
+/// The node's pod CIDRs, from the configuration or as the agent published them (one
+/// per line: IPv4, then IPv6 on a dual-stack node); held to the rules Node objects
+/// are (a loopback, link-local or too wide or narrow range would give pods
+/// addresses that are not theirs to have).
+fn pod_ranges(conf: &NetConf, error_code: u32) -> Result<PodRanges, CniError> {
     let path = files::pod_cidr_file(&conf.node);
-    let (cidr, source) = match conf.pod_cidr {
-        Some(cidr) => (cidr, "podCIDR of the network configuration".to_string()),
-        None => {
-            let cidr = std::fs::read_to_string(&path)
-                .context("reading the pod CIDR")
-                .and_then(|s| s.trim().parse::<Ipv4Net>().context("parsing the pod CIDR"))
-                .or_code(
-                    error_code,
-                    &format!(
-                        "the pod CIDR of node {} is unknown (no podCIDR in the config, nothing in {})",
-                        conf.node,
-                        path.display()
-                    ),
-                )?;
-            (cidr, path.display().to_string())
-        }
+    let source = ranges_source(conf);
+    let ranges = match conf.configured_ranges() {
+        Some(ranges) => ranges,
+        None => std::fs::read_to_string(&path)
+            .context("reading the pod CIDR")
+            .and_then(|s| {
+                PodRanges::parse_lines(&s)
+                    .map_err(anyhow::Error::msg)
+                    .context("parsing the pod CIDR")
+            })
+            .or_code(
+                error_code,
+                &format!(
+                    "the pod CIDR of node {} is unknown (no podCIDR in the config, nothing in {})",
+                    conf.node,
+                    path.display()
+                ),
+            )?,
     };
-    if let Some(why) = Limits::default().refuse_pod_cidr(&cidr, &[], &[]) {
+    let limits = Limits::default();
+    let refused = limits
+        .refuse_pod_cidr(&ranges.v4, &[], &[])
+        .map(|why| (ranges.v4.to_string(), why))
+        .or_else(|| {
+            let v6 = ranges.v6?;
+            Some((v6.to_string(), limits.refuse_pod_cidr6(&v6, &[], &[])?))
+        });
+    if let Some((cidr, why)) = refused {
         return Err(CniError::new(
             code::INVALID_CONFIG,
             format!("pod CIDR {cidr} ({source}) is refused: {why}"),
         ));
     }
-    Ok(cidr)
+    Ok(ranges)
 }
 
 /// What the pinned datapath says of the cluster's nodes, as the agent accepted
@@ -196,33 +220,36 @@ impl KnownNodes {
     }
 }
 
-/// The node's pod CIDR (see [`pod_cidr`]), refused (code 7) where it conflicts with
-/// the nodes the pinned datapath knows.
-fn checked_pod_cidr(conf: &NetConf, pin_dir: &Path, error_code: u32) -> Result<Ipv4Net, CniError> {
-    let cidr = pod_cidr(conf, error_code)?;
+/// The node's pod CIDRs (see [`pod_ranges`]), refused (code 7) where the IPv4 one
+/// conflicts with the nodes the pinned datapath knows (it knows no IPv6 yet).
+fn checked_pod_ranges(
+    conf: &NetConf,
+    pin_dir: &Path,
+    error_code: u32,
+) -> Result<PodRanges, CniError> {
+    let ranges = pod_ranges(conf, error_code)?;
     let known =
         KnownNodes::read(pin_dir).or_code(code::WIRING_FAILED, "reading the node's routes")?;
-    if let Some(why) = known.refuse(&cidr) {
-        let source = match conf.pod_cidr {
-            Some(_) => "podCIDR of the network configuration".to_string(),
-            None => files::pod_cidr_file(&conf.node).display().to_string(),
-        };
+    if let Some(why) = known.refuse(&ranges.v4) {
         return Err(CniError::new(
             code::INVALID_CONFIG,
-            format!("pod CIDR {cidr} ({source}) is refused: {why}"),
+            format!(
+                "pod CIDR {} ({}) is refused: {why}",
+                ranges.v4,
+                ranges_source(conf)
+            ),
         ));
     }
-    Ok(cidr)
+    Ok(ranges)
 }
 
 /// Addresses of the node's own interfaces (its InternalIP, the overlay address,
 /// whatever else an admin put there): never a pod's.
-fn node_addresses() -> Result<BTreeSet<Ipv4Addr>> {
-    Ok(crate::netlink::Netlink::open()?
-        .addresses()?
-        .into_iter()
-        .map(|a| a.ip)
-        .collect())
+fn node_addresses() -> Result<BTreeSet<IpAddr>> {
+    let mut netlink = crate::netlink::Netlink::open()?;
+    let v4 = netlink.addresses()?.into_iter().map(|a| IpAddr::V4(a.ip));
+    let v6 = netlink.addresses6()?.into_iter().map(|a| IpAddr::V6(a.ip));
+    Ok(v4.chain(v6).collect())
 }
 
 fn host_interface_name(env: &Environment) -> String {
@@ -321,49 +348,58 @@ fn attachment_alive(owner: &Owner) -> bool {
 
 fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     let pin_dir = pin_dir_with_datapath(conf, code::TRY_AGAIN_LATER)?;
-    let cidr = checked_pod_cidr(conf, &pin_dir, code::TRY_AGAIN_LATER)?;
+    let ranges = checked_pod_ranges(conf, &pin_dir, code::TRY_AGAIN_LATER)?;
     let netns = match attachment_netns(&env.netns)? {
         AttachmentNetns::Pod(id) => id,
         other => return Err(other.refusal(&env.netns)),
     };
     let store = open_store(conf)?;
-    let mut owners = store.owners().or_code(code::IO_FAILURE, "IPAM store")?;
-    let same = |o: &Owner| o.container_id == env.container_id && o.ifname == env.ifname;
-    if let Some((ip, owner)) = owners.iter().find(|(_, o)| same(o)) {
-        if attachment_alive(owner) {
+    let mut attachments = store
+        .attachments()
+        .or_code(code::IO_FAILURE, "IPAM store")?;
+    let same = |h: &Held| h.is(&env.container_id, &env.ifname);
+    if let Some(held) = attachments.iter().find(|h| same(h)) {
+        if attachment_alive(&held.owner) {
             return Err(CniError::new(
                 code::ALREADY_ATTACHED,
                 format!(
-                    "{}/{} already has {ip}: DEL it first",
-                    env.container_id, env.ifname
+                    "{}/{} already has {}: DEL it first",
+                    env.container_id,
+                    env.ifname,
+                    held.shown()
                 ),
             ));
         }
         // Its DEL never came and its namespace is gone: reclaim it.
         eprintln!(
-            "ferrite-cni: reclaiming {ip} of {}/{}: its network namespace is gone",
-            env.container_id, env.ifname
+            "ferrite-cni: reclaiming {} of {}/{}: its network namespace is gone",
+            held.shown(),
+            env.container_id,
+            env.ifname
         );
-        release_host_side(&pin_dir, *ip, owner)
+        release_host_side(&pin_dir, held.v4, &held.owner)
             .or_code(code::WIRING_FAILED, "reclaiming the stale attachment")?;
         store
-            .release(*ip)
+            .release_all(held)
             .or_code(code::IO_FAILURE, "releasing the stale address")?;
-        owners.retain(|(_, o)| !same(o));
+        attachments.retain(|h| !same(h));
     }
     // Another live attachment in this namespace. The kernel hands a freed
     // namespace's inode number to the next namespace made, so a record naming this
     // one may be a pod that went without a DEL: only one whose veth pair still
     // exists is in it.
-    let sharing = owners
-        .iter()
-        .find(|(_, o)| o.netns.as_ref().is_some_and(|n| n.id == netns) && host_veth_may_be_its(o));
-    if let Some((ip, other)) = sharing {
+    let sharing = attachments.iter().find(|h| {
+        h.owner.netns.as_ref().is_some_and(|n| n.id == netns) && host_veth_may_be_its(&h.owner)
+    });
+    if let Some(other) = sharing {
         return Err(CniError::new(
             code::INVALID_ENVIRONMENT,
             format!(
-                "{} already has Ferrite's interface {} ({ip}, container {}): Ferrite wires one interface per pod",
-                env.netns, other.ifname, other.container_id
+                "{} already has Ferrite's interface {} ({}, container {}): Ferrite wires one interface per pod",
+                env.netns,
+                other.owner.ifname,
+                other.shown(),
+                other.owner.container_id
             ),
         ));
     }
@@ -379,30 +415,32 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
     let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
     let node_addresses =
         node_addresses().or_code(code::WIRING_FAILED, "reading the node's addresses")?;
-    let allocate = || {
-        store
-            .allocate(cidr, &owner, |ip| {
-                in_use.contains(&ip) || node_addresses.contains(&ip)
-            })
-            .or_code(code::IO_FAILURE, "IPAM store")
+    let taken = |ip: IpAddr| node_addresses.contains(&ip);
+    // The addresses are released after the wiring is undone (a rollback of its own:
+    // the wiring's steps borrow the pod, made once the addresses are known).
+    let mut addresses = Rollback::default();
+    let store = &store;
+    let cidr = ranges.v4;
+    let ip = claim_or_reclaim(store, &pin_dir, cidr.into(), &attachments, || {
+        let ip = store.allocate(cidr, &owner, |ip| in_use.contains(&ip) || taken(ip.into()))?;
+        Ok(ip.map(IpAddr::V4))
+    })?;
+    let IpAddr::V4(ip) = ip else {
+        unreachable!("allocated from the IPv4 range")
     };
-    let ip = match allocate()? {
-        Some(ip) => ip,
-        None => {
-            // Full: release the attachments whose pods are gone (their DELs never
-            // came), then try once more.
-            let full = |details: String| {
-                CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}"))
-                    .details(details)
+    addresses.push("the address", move || store.release(ip));
+    let ip6 = match ranges.v6 {
+        None => None,
+        Some(cidr6) => {
+            let ip6 = claim_or_reclaim(store, &pin_dir, cidr6.into(), &attachments, || {
+                let ip6 = store.allocate6(cidr6, &owner, |ip| taken(ip.into()))?;
+                Ok(ip6.map(IpAddr::V6))
+            })?;
+            let IpAddr::V6(ip6) = ip6 else {
+                unreachable!("allocated from the IPv6 range")
             };
-            let pass = reclaim::reclaim_gone(&store, &pin_dir, cidr, &owners)
-                .map_err(|e| full(format!("looking for attachments to reclaim: {e:#}")))?;
-            let retried = if pass.reclaimed.is_empty() {
-                None
-            } else {
-                allocate()?
-            };
-            retried.ok_or_else(|| full(pass.summary()))?
+            addresses.push("the IPv6 address", move || store.release(ip6));
+            Some(ip6)
         }
     };
     let pod = PodInterface {
@@ -410,17 +448,19 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         name: env.ifname.clone(),
         host_name: owner.host_interface.clone(),
         ip,
+        ip6,
         mtu: conf.mtu,
     };
     let mut rollback = Rollback::default();
-    let store = &store;
-    rollback.push("the address", move || store.release(ip));
     wire(&pod, &owner, &pin_dir, &mut rollback)
         .or_code(code::WIRING_FAILED, "wiring the pod failed")?;
-    store
-        .remember_last(ip)
-        .or_code(code::IO_FAILURE, "IPAM store")?;
+    for ip in std::iter::once(IpAddr::V4(ip)).chain(ip6.map(IpAddr::V6)) {
+        store
+            .remember_last(ip)
+            .or_code(code::IO_FAILURE, "IPAM store")?;
+    }
     rollback.disarm();
+    addresses.disarm();
     Ok(CniResult::new(
         conf,
         &Wired {
@@ -431,8 +471,35 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             sandbox: env.netns.clone(),
             ip,
             gateway: ferrite_common::POD_GATEWAY_IP,
+            ip6: ip6.map(|ip6| (ip6, host::pods::POD_GATEWAY_IP6)),
         },
     ))
+}
+
+/// An address of `cidr` from `allocate`; when the range is full, the attachments
+/// whose pods are gone (their DELs never came) are released and it tries once more.
+fn claim_or_reclaim(
+    store: &Store,
+    pin_dir: &Path,
+    cidr: ipnet::IpNet,
+    attachments: &[Held],
+    allocate: impl Fn() -> Result<Option<IpAddr>>,
+) -> Result<IpAddr, CniError> {
+    let allocate = || allocate().or_code(code::IO_FAILURE, "IPAM store");
+    if let Some(ip) = allocate()? {
+        return Ok(ip);
+    }
+    let full = |details: String| {
+        CniError::new(code::NO_FREE_ADDRESS, format!("no free address in {cidr}")).details(details)
+    };
+    let pass = reclaim::reclaim_gone(store, pin_dir, cidr, attachments)
+        .map_err(|e| full(format!("looking for attachments to reclaim: {e:#}")))?;
+    let retried = if pass.reclaimed.is_empty() {
+        None
+    } else {
+        allocate()?
+    };
+    retried.ok_or_else(|| full(pass.summary()))
 }
 
 /// Addresses whose endpoint entry names a live interface: pods wired from another
@@ -482,6 +549,9 @@ fn wire<'a>(
         }
     }
     host::pods::add_pod_route(pod.ip, &pod.host_name)?;
+    if let Some(ip6) = pod.ip6 {
+        host::pods::add_pod_route6(ip6, pod_mac_for(pod.ip), &pod.host_name)?;
+    }
     datapath::attach_pinned_pod_programs(pin_dir, &pod.host_name)?;
     rollback.push("the datapath attachments", || {
         datapath::pod_attachments(&pod.host_name)
@@ -500,19 +570,23 @@ fn wire<'a>(
 
 /// Remove what an attachment left on the host once its pod end is gone: its host
 /// veth if the veth is still this container's (its alias says so; a pod's newer
-/// sandbox reuses the name and keeps it), the endpoint entry of `ip` if it named
-/// that veth or no live interface (never another pod's), and the link pins of a
-/// vanished host veth.
-fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
+/// sandbox reuses the name and keeps it), the endpoint entry of its IPv4 address
+/// `ip` if it named that veth or no live interface (never another pod's), and the
+/// link pins of a vanished host veth. (Its IPv6 route and neighbour go with the
+/// veth; the datapath has no IPv6 entry.)
+fn release_host_side(pin_dir: &Path, ip: Option<Ipv4Addr>, owner: &Owner) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(()); // datapath uninstalled: nothing pinned is left to clean
     }
     let host = &owner.host_interface;
     let mut maps = NodeMaps::open(pin_dir)?;
-    let key = EndpointKey {
+    let key = ip.map(|ip| EndpointKey {
         address: ip.octets(),
+    });
+    let endpoint = match &key {
+        Some(key) => maps.endpoint(key)?,
+        None => None,
     };
-    let endpoint = maps.endpoint(&key)?;
     let host_ifindex = host::interfaces::ifindex(host);
     let ours = host_ifindex.is_some()
         && match host::interfaces::link_alias(host) {
@@ -523,7 +597,7 @@ fn release_host_side(pin_dir: &Path, ip: Ipv4Addr, owner: &Owner) -> Result<()> 
     if ours {
         host::pods::delete_host_end(host)?;
     }
-    if let Some(endpoint) = endpoint {
+    if let (Some(endpoint), Some(key)) = (endpoint, key) {
         let live = host::interfaces::interfaces()?
             .values()
             .any(|i| i.ifindex == endpoint.ifindex);
@@ -546,21 +620,21 @@ fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     let store = open_store(conf)?;
     // Never added (or released already): nothing of ours to remove, and whatever
     // CNI_NETNS holds is not ours. DEL is idempotent.
-    let Some((ip, owner)) = store
+    let Some(held) = store
         .find(&env.container_id, &env.ifname)
         .or_code(code::IO_FAILURE, "IPAM store")?
     else {
         return Ok(());
     };
     // A namespace that is gone, unmounted or the node's own has no pod end to remove.
-    if let AttachmentNetns::Pod(_) = attachment_netns(&env.netns)? {
+    if let (AttachmentNetns::Pod(_), Some(ip)) = (attachment_netns(&env.netns)?, held.v4) {
         host::pods::delete_pod_end(Path::new(&env.netns), &env.ifname, ip)
             .or_code(code::WIRING_FAILED, "removing the pod interface")?;
     }
-    release_host_side(&datapath::pin_dir(&conf.node), ip, &owner)
+    release_host_side(&datapath::pin_dir(&conf.node), held.v4, &held.owner)
         .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
     store
-        .release(ip)
+        .release_all(&held)
         .or_code(code::IO_FAILURE, "releasing the address")
 }
 
@@ -571,15 +645,16 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     };
     let store = open_store(conf)?;
     let pin_dir = datapath::pin_dir(&conf.node);
-    for (ip, owner) in store.owners().or_code(code::IO_FAILURE, "IPAM store")? {
-        let listed = valid
-            .iter()
-            .any(|a| a.container_id == owner.container_id && a.ifname == owner.ifname);
+    for held in store
+        .attachments()
+        .or_code(code::IO_FAILURE, "IPAM store")?
+    {
+        let listed = valid.iter().any(|a| held.is(&a.container_id, &a.ifname));
         if !listed {
-            release_host_side(&pin_dir, ip, &owner)
+            release_host_side(&pin_dir, held.v4, &held.owner)
                 .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
             store
-                .release(ip)
+                .release_all(&held)
                 .or_code(code::IO_FAILURE, "releasing the address")?;
         }
     }
@@ -590,7 +665,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
 /// have).
 fn status(conf: &NetConf) -> Result<(), CniError> {
     let pin_dir = pin_dir_with_datapath(conf, code::PLUGIN_NOT_AVAILABLE)?;
-    checked_pod_cidr(conf, &pin_dir, code::PLUGIN_NOT_AVAILABLE)?;
+    checked_pod_ranges(conf, &pin_dir, code::PLUGIN_NOT_AVAILABLE)?;
     Ok(())
 }
 

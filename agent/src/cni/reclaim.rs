@@ -15,21 +15,25 @@
 //!   a host end still there means the pod end lives, in a namespace that does too
 //!   (one unmounted from its path but held by a process, say, or one the kernel is
 //!   still tearing down).
-//! - its address: the endpoint entry names no interface of the node, or there is
-//!   none (a live entry is a pod of another store, or of this one).
+//! - its address: the endpoint entry of its IPv4 address names no interface of the
+//!   node, or there is none (a live entry is a pod of another store, or of this
+//!   one).
+//!
+//! A dual-stack attachment is judged whole, whichever of its ranges is full, and
+//! releases both its addresses.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::Path,
 };
 
 use anyhow::Result;
 use ferrite_common::EndpointKey;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::{
     host_veth_may_be_its,
-    ipam::{Owner, Store},
+    ipam::{Held, Owner, Store},
     release_host_side,
 };
 use crate::{host, maps::NodeMaps};
@@ -119,7 +123,7 @@ pub fn judge(owner: &Owner, seen: &Seen) -> Verdict {
 /// What one pass over a full range did.
 #[derive(Debug, Default)]
 pub struct Pass {
-    pub reclaimed: Vec<Ipv4Addr>,
+    pub reclaimed: Vec<IpAddr>,
     /// Attachments kept, by why they count as alive.
     pub kept: BTreeMap<&'static str, usize>,
     /// Gone attachments whose release failed (reported on stderr; still taken).
@@ -152,14 +156,14 @@ impl Pass {
     }
 }
 
-/// Release every attachment of `owners` with an address in `cidr` that is gone, as
-/// its DEL would have (endpoint entry, link pins, address file; its host veth,
-/// /32 route and neighbour went with the veth), each named on stderr.
+/// Release every attachment of `attachments` with an address in `cidr` that is
+/// gone, as its DEL would have (endpoint entry, link pins, address files; its host
+/// veth, routes and neighbours went with the veth), each named on stderr.
 pub(super) fn reclaim_gone(
     store: &Store,
     pin_dir: &Path,
-    cidr: Ipv4Net,
-    owners: &[(Ipv4Addr, Owner)],
+    cidr: IpNet,
+    attachments: &[Held],
 ) -> Result<Pass> {
     let live: BTreeSet<u32> = host::interfaces::interfaces()?
         .values()
@@ -167,7 +171,11 @@ pub(super) fn reclaim_gone(
         .collect();
     let endpoints = NodeMaps::open(pin_dir)?.endpoint_entries()?;
     let mut pass = Pass::default();
-    for (ip, owner) in owners.iter().filter(|(ip, _)| cidr.contains(ip)) {
+    for held in attachments
+        .iter()
+        .filter(|h| h.addresses().any(|ip| cidr.contains(&ip)))
+    {
+        let owner = &held.owner;
         let seen = Seen {
             netns: match &owner.netns {
                 Some(record) => {
@@ -176,13 +184,21 @@ pub(super) fn reclaim_gone(
                 None => Ok(None),
             },
             host_veth: host_veth_may_be_its(owner),
-            endpoint: endpoints
-                .get(&EndpointKey {
-                    address: ip.octets(),
+            endpoint: held
+                .v4
+                .and_then(|ip| {
+                    endpoints.get(&EndpointKey {
+                        address: ip.octets(),
+                    })
                 })
                 .map(|e| (e.ifindex, live.contains(&e.ifindex))),
         };
-        let who = format!("{ip} of {}/{}", owner.container_id, owner.ifname);
+        let who = format!(
+            "{} of {}/{}",
+            held.shown(),
+            owner.container_id,
+            owner.ifname
+        );
         match judge(owner, &seen) {
             Verdict::Alive(why) => {
                 if let Alive::Uninspectable(e) = &why {
@@ -191,12 +207,14 @@ pub(super) fn reclaim_gone(
                 *pass.kept.entry(why.kind()).or_default() += 1;
             }
             Verdict::Gone(why) => {
-                match release_host_side(pin_dir, *ip, owner).and_then(|_| store.release(*ip)) {
+                match release_host_side(pin_dir, held.v4, owner)
+                    .and_then(|_| store.release_all(held))
+                {
                     Ok(()) => {
                         eprintln!(
                             "ferrite-cni: {cidr} is full: reclaimed {who}, gone without a DEL: {why}"
                         );
-                        pass.reclaimed.push(*ip);
+                        pass.reclaimed.extend(held.addresses());
                     }
                     Err(e) => {
                         eprintln!(

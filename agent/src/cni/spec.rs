@@ -1,8 +1,13 @@
 //! The CNI protocol (spec 1.1.0): environment, network configuration, result and
 //! error objects, versions. Nothing here touches the system.
-use std::{collections::BTreeMap, io::Read, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub const SPEC_VERSION: &str = "1.1.0";
@@ -211,6 +216,10 @@ pub struct NetConf {
     /// node's Node object (/run/ferrite/<node>/pod-cidr).
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Option<Ipv4Net>,
+    /// Dual-stack: the pod CIDRs, one per IP family, an IPv4 one among them (instead
+    /// of `podCIDR`). Each pod gets an address of each.
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<IpNet>>,
     #[serde(default = "default_mtu")]
     pub mtu: u32,
     /// IPAM state; default /var/lib/cni/ferrite (one directory per node inside).
@@ -268,6 +277,14 @@ impl NetConf {
         if !crate::files::valid_node_name(&conf.node) {
             return Err(invalid(format!("invalid node name {:?}", conf.node)));
         }
+        if conf.pod_cidr.is_some() && conf.pod_cidrs.is_some() {
+            return Err(invalid(
+                "podCIDR and podCIDRs are both set: give one".into(),
+            ));
+        }
+        if let Some(cidrs) = &conf.pod_cidrs {
+            PodRanges::of(cidrs).map_err(|why| invalid(format!("podCIDRs: {why}")))?;
+        }
         if !(68..=65535).contains(&conf.mtu) {
             return Err(invalid(format!("mtu {} out of range 68-65535", conf.mtu)));
         }
@@ -282,6 +299,15 @@ impl NetConf {
         Ok(conf)
     }
 
+    /// The pod CIDRs the configuration sets, if it sets any.
+    pub fn configured_ranges(&self) -> Option<PodRanges> {
+        match (&self.pod_cidrs, self.pod_cidr) {
+            (Some(cidrs), _) => PodRanges::of(cidrs).ok(),
+            (None, Some(v4)) => Some(PodRanges { v4, v6: None }),
+            (None, None) => None,
+        }
+    }
+
     /// The IPAM directory of this node.
     pub fn ipam_dir(&self) -> PathBuf {
         self.data_dir
@@ -294,6 +320,56 @@ impl NetConf {
     fn result_version(&self) -> (bool, bool) {
         let pre_1_0 = self.cni_version.starts_with("0.");
         (pre_1_0, self.cni_version == "1.1.0")
+    }
+}
+
+/// The ranges pods of this node get addresses from: always an IPv4 one (the
+/// datapath is IPv4), and an IPv6 one on a dual-stack node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodRanges {
+    pub v4: Ipv4Net,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl PodRanges {
+    /// One CIDR per family, an IPv4 one among them.
+    pub fn of(cidrs: &[IpNet]) -> Result<Self, String> {
+        let (mut v4, mut v6) = (None, None);
+        for cidr in cidrs {
+            let twice = match cidr.trunc() {
+                IpNet::V4(net) => v4.replace(net).is_some(),
+                IpNet::V6(net) => v6.replace(net).is_some(),
+            };
+            if twice {
+                return Err(format!("more than one CIDR of {cidr}'s family"));
+            }
+        }
+        let v4 = v4.ok_or("no IPv4 CIDR (IPv6-only pods are not supported)")?;
+        Ok(Self { v4, v6 })
+    }
+
+    /// As the agent publishes them: one per line.
+    pub fn parse_lines(text: &str) -> Result<Self, String> {
+        let cidrs = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.parse::<IpNet>()
+                    .map_err(|_| format!("{l:?} is not a CIDR"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::of(&cidrs)
+    }
+}
+
+impl std::fmt::Display for PodRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.v4)?;
+        match self.v6 {
+            Some(v6) => write!(f, ",{v6}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -345,6 +421,8 @@ pub struct Wired {
     pub sandbox: String,
     pub ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// Dual-stack: the pod's IPv6 address and its link-local gateway.
+    pub ip6: Option<(Ipv6Addr, Ipv6Addr)>,
 }
 
 impl CniResult {
@@ -367,16 +445,28 @@ impl CniResult {
                     sandbox: Some(wired.sandbox.clone()),
                 },
             ],
-            ips: vec![IpConfig {
+            ips: std::iter::once(IpConfig {
                 version: pre_1_0.then_some("4"),
                 address: format!("{}/32", wired.ip),
                 gateway: wired.gateway.to_string(),
                 interface: 1,
-            }],
-            routes: vec![Route {
+            })
+            .chain(wired.ip6.map(|(ip, gateway)| IpConfig {
+                version: pre_1_0.then_some("6"),
+                address: format!("{ip}/128"),
+                gateway: gateway.to_string(),
+                interface: 1,
+            }))
+            .collect(),
+            routes: std::iter::once(Route {
                 dst: "0.0.0.0/0".into(),
                 gw: wired.gateway.to_string(),
-            }],
+            })
+            .chain(wired.ip6.map(|(_, gateway)| Route {
+                dst: "::/0".into(),
+                gw: gateway.to_string(),
+            }))
+            .collect(),
             dns: Dns::default(),
         }
     }
@@ -519,6 +609,7 @@ mod tests {
             sandbox: "/var/run/netns/p".into(),
             ip: Ipv4Addr::new(10, 244, 1, 2),
             gateway: Ipv4Addr::new(169, 254, 1, 1),
+            ip6: None,
         };
         let conf = |version: &str| {
             NetConf::parse(
@@ -536,5 +627,47 @@ mod tests {
         assert_eq!(new["interfaces"][1]["sandbox"], "/var/run/netns/p");
         assert_eq!(new["interfaces"][1]["mtu"], 1450);
         assert_eq!(new["routes"][0]["gw"], "169.254.1.1");
+        assert_eq!(new["ips"].as_array().unwrap().len(), 1);
+        let dual = Wired {
+            ip6: Some((
+                "fd00:10:244::2".parse().unwrap(),
+                "fe80::ecee:eeff:feee:eeee".parse().unwrap(),
+            )),
+            ..wired
+        };
+        let new = serde_json::to_value(CniResult::new(&conf("1.0.0"), &dual)).unwrap();
+        assert_eq!(new["ips"][1]["address"], "fd00:10:244::2/128");
+        assert_eq!(new["ips"][1]["gateway"], "fe80::ecee:eeff:feee:eeee");
+        assert_eq!(new["routes"][1]["dst"], "::/0");
+        let old = serde_json::to_value(CniResult::new(&conf("0.4.0"), &dual)).unwrap();
+        assert_eq!(old["ips"][1]["version"], "6");
+    }
+
+    #[test]
+    fn pod_cidrs_take_one_per_family_with_an_ipv4_one() {
+        let conf = |cidrs: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.0.0","name":"f","node":"n1",{cidrs}}}"#).as_bytes(),
+            )
+        };
+        let dual = conf(r#""podCIDRs":["10.244.0.0/24","fd00:10:244::/64"]"#).unwrap();
+        assert_eq!(
+            dual.configured_ranges().unwrap().to_string(),
+            "10.244.0.0/24,fd00:10:244::/64"
+        );
+        for bad in [
+            r#""podCIDRs":["fd00:10:244::/64"]"#,
+            r#""podCIDRs":["10.244.0.0/24","10.244.1.0/24"]"#,
+            r#""podCIDRs":["10.244.0.0/24","fd00::/64","fd01::/64"]"#,
+            r#""podCIDRs":["10.244.0.0/24"],"podCIDR":"10.244.0.0/24""#,
+            r#""podCIDRs":["nope"]"#,
+        ] {
+            assert_eq!(conf(bad).unwrap_err().code, code::INVALID_CONFIG, "{bad}");
+        }
+        assert_eq!(
+            PodRanges::parse_lines("10.244.0.0/24\nfd00:10:244::/64\n").unwrap(),
+            dual.configured_ranges().unwrap()
+        );
+        assert!(PodRanges::parse_lines("10.244.0.0/24\n10.244.1.0/24\n").is_err());
     }
 }

@@ -2,21 +2,34 @@
 //! plugin, and by the tests' static pods): a veth pair, host end `fer…` with MAC
 //! ee:ee:ee:ee:ee:ee in the node's namespace, pod end in the pod's namespace with
 //! MAC `0a:58:<ip>`, the pod IP as a /32, `default via 169.254.1.1 onlink` and a
-//! permanent neighbour entry for that gateway. Pods are IPv4-only, so IPv6 is
-//! disabled on the pod interface (no router solicitations into the datapath).
+//! permanent neighbour entry for that gateway. An IPv4-only pod has IPv6 disabled
+//! on its interface (no router solicitations into the datapath). A dual-stack pod
+//! has its IPv6 address as a /128 too, `default via fe80::ecee:eeff:feee:eeee dev
+//! eth0` and a permanent neighbour entry for that gateway ([`POD_GATEWAY_IP6`]),
+//! duplicate address detection off: no neighbour discovery to the node.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use ferrite_common::{pod_mac_for, HOST_VETH_MAC, POD_GATEWAY_IP};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{interfaces, netns::in_netns};
-use crate::netlink::{mac_string, Address, Neighbour, Netlink, Route, RouteScope, Veth};
+use crate::netlink::{
+    mac_string, Address, Address6, Neighbour, Neighbour6, Netlink, Route, Route6, RouteScope, Veth,
+};
+
+/// A dual-stack pod's IPv6 gateway: the link-local address the host veth's MAC
+/// (ee:ee:ee:ee:ee:ee) makes by EUI-64, as Calico's pods use. It is the host veth's
+/// own address once IPv6 is up on it, so what the pod sends it (a ping, an NDP
+/// probe should the entry ever go) is the node's to answer, and every pod's is the
+/// same (a link-local address names nothing beyond its link).
+pub const POD_GATEWAY_IP6: Ipv6Addr =
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 
 /// A pod interface to create or remove.
 #[derive(Clone, Debug)]
@@ -28,7 +41,36 @@ pub struct PodInterface {
     /// Name of the host end in the node's namespace.
     pub host_name: String,
     pub ip: Ipv4Addr,
+    /// Dual-stack: its IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
     pub mtu: u32,
+}
+
+/// Set an IPv6 sysctl of `interface` in the calling thread's namespace.
+fn ipv6_sysctl(interface: &str, name: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys/net/ipv6/conf")
+        .join(interface)
+        .join(name);
+    fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))
+}
+
+/// The node's side of a dual-stack pod: IPv6 on its host veth (no DAD, no router
+/// advertisements taken), a /128 route to the pod and its permanent neighbour entry.
+pub fn add_pod_route6(ip: Ipv6Addr, mac: [u8; 6], interface: &str) -> Result<()> {
+    let mut netlink = Netlink::open()?;
+    let index = netlink.link_index(interface)?;
+    let route = Route6 {
+        destination: Ipv6Net::from(ip),
+        device: Some(index),
+        gateway: None,
+    };
+    netlink
+        .replace_route6(&route)
+        .with_context(|| format!("the route to {ip} via {interface}"))?;
+    netlink
+        .replace_neighbour6(&Neighbour6::permanent(index, ip, mac))
+        .with_context(|| format!("the neighbour {ip} on {interface}"))?;
+    Ok(())
 }
 
 /// Pods are routed, not bridged: packets the host stack sends to a pod (replies to
@@ -63,6 +105,17 @@ pub fn create(pod: &PodInterface) -> Result<()> {
         mtu: pod.mtu,
     })?;
     let configured = configure_pod_side(pod).and_then(|_| {
+        if pod.ip6.is_some() {
+            // Before it goes up: its link-local address (the pods' gateway) is then
+            // usable at once.
+            for (name, value) in [
+                ("accept_dad", "0"),
+                ("accept_ra", "0"),
+                ("disable_ipv6", "0"),
+            ] {
+                ipv6_sysctl(&pod.host_name, name, value)?;
+            }
+        }
         let index = netlink.link_index(&pod.host_name)?;
         Ok(netlink.set_up((index, &pod.host_name))?)
     });
@@ -72,13 +125,23 @@ pub fn create(pod: &PodInterface) -> Result<()> {
     configured
 }
 
-/// In the pod's namespace: no IPv6, the pod IP as a /32, the link up, the gateway a
-/// permanent neighbour at the host veth's MAC, and the default route through it.
+/// In the pod's namespace: IPv6 only for a dual-stack pod, the pod IP as a /32, the
+/// link up, the gateway a permanent neighbour at the host veth's MAC, and the
+/// default route through it; the same for IPv6 (a /128, [`POD_GATEWAY_IP6`]).
 fn configure_pod_side(pod: &PodInterface) -> Result<()> {
     in_netns(&pod.netns, || {
         let ipv6 = Path::new("/proc/sys/net/ipv6/conf").join(&pod.name);
-        if ipv6.exists() {
-            fs::write(ipv6.join("disable_ipv6"), "1").context("disabling IPv6")?;
+        match pod.ip6 {
+            Some(_) => {
+                // DAD off before IPv6 comes up: the link-local address and the
+                // pod's are usable at once (the pod's is its alone).
+                ipv6_sysctl(&pod.name, "accept_dad", "0")?;
+                ipv6_sysctl(&pod.name, "disable_ipv6", "0")?;
+            }
+            None if ipv6.exists() => {
+                fs::write(ipv6.join("disable_ipv6"), "1").context("disabling IPv6")?
+            }
+            None => {}
         }
         let name = pod.name.as_str();
         let mut netlink = Netlink::open()?;
@@ -95,6 +158,23 @@ fn configure_pod_side(pod: &PodInterface) -> Result<()> {
         default.gateway = Some(POD_GATEWAY_IP);
         default.onlink = true;
         netlink.add_route(&default)?;
+        if let Some(ip6) = pod.ip6 {
+            netlink.add_address6(&Address6 {
+                device: index,
+                ip: ip6,
+                prefix_len: 128,
+            })?;
+            netlink.replace_neighbour6(&Neighbour6::permanent(
+                index,
+                POD_GATEWAY_IP6,
+                HOST_VETH_MAC,
+            ))?;
+            netlink.add_route6(&Route6 {
+                destination: Ipv6Net::default(),
+                device: Some(index),
+                gateway: Some(POD_GATEWAY_IP6),
+            })?;
+        }
         Ok(())
     })
     .with_context(|| format!("configuring {} in {}", pod.name, pod.netns.display()))

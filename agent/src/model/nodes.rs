@@ -1,7 +1,11 @@
 //! Node objects -> the cluster's nodes as the overlay needs them.
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
 
 use super::{ClusterNode, SkipReason, Skipped};
@@ -55,9 +59,12 @@ pub(super) fn cluster_nodes(
     let mut claimants: Vec<(ClusterNode, Option<Time>)> = parsed.into_values().collect();
     claimants.sort_by_cached_key(|(node, created)| {
         // Held before: the same address and every pod CIDR it claims, accepted.
-        let incumbent = previous
-            .and_then(|p| p.get(&node.name))
-            .is_some_and(|p| p.ip == node.ip && p.pod_cidrs == node.pod_cidrs);
+        let incumbent = previous.and_then(|p| p.get(&node.name)).is_some_and(|p| {
+            p.ip == node.ip
+                && p.pod_cidrs == node.pod_cidrs
+                && p.ip6 == node.ip6
+                && p.pod_cidrs6 == node.pod_cidrs6
+        });
         (!incumbent, created.clone(), node.name.clone())
     });
     // This node's address is its own, whatever other Nodes say.
@@ -69,6 +76,7 @@ pub(super) fn cluster_nodes(
 
     let mut nodes: BTreeMap<String, ClusterNode> = BTreeMap::new();
     let mut accepted_cidrs: Vec<(Ipv4Net, String)> = Vec::new();
+    let mut accepted_cidrs6: Vec<(Ipv6Net, String)> = Vec::new();
     for (mut node, _) in claimants {
         let refused = limits.refuse_node_ip(node.ip).or_else(|| {
             let holder = nodes
@@ -109,9 +117,63 @@ pub(super) fn cluster_nodes(
                 }
             }
         });
+        accept_ipv6(&mut node, limits, &nodes, &mut accepted_cidrs6, skipped);
         nodes.insert(node.name.clone(), node);
     }
     nodes
+}
+
+/// The IPv6 half of a dual-stack node, held to the IPv4 rules: an IPv6 InternalIP
+/// that is special, in the node's own IPv6 ranges, another node's or in an accepted
+/// IPv6 pod CIDR is dropped (the node keeps its IPv4 self); then each IPv6 pod CIDR
+/// against [`Limits::refuse_pod_cidr6`].
+fn accept_ipv6(
+    node: &mut ClusterNode,
+    limits: &Limits,
+    nodes: &BTreeMap<String, ClusterNode>,
+    accepted_cidrs6: &mut Vec<(Ipv6Net, String)>,
+    skipped: &mut Vec<Skipped>,
+) {
+    if let Some(ip6) = node.ip6 {
+        let refused = limits.refuse_node_ip6(ip6).or_else(|| {
+            if let Some(holder) = nodes.values().find(|n| n.ip6 == Some(ip6)) {
+                return Some(format!("InternalIP {ip6} is node {}'s", holder.name));
+            }
+            accepted_cidrs6
+                .iter()
+                .find(|(c, _)| c.contains(&ip6))
+                .map(|(cidr, owner)| {
+                    format!("InternalIP {ip6} is in {cidr}, node {owner}'s pod CIDR")
+                })
+        });
+        if let Some(reason) = refused {
+            skipped.push(Skipped {
+                object: format!("Node {} InternalIP {ip6}", node.name),
+                reason: SkipReason::Invalid(reason),
+            });
+            node.ip6 = None;
+        }
+    }
+    let node_ips6: Vec<Ipv6Addr> = nodes
+        .values()
+        .filter_map(|n| n.ip6)
+        .chain(node.ip6)
+        .collect();
+    node.pod_cidrs6.retain(|cidr| {
+        match limits.refuse_pod_cidr6(cidr, accepted_cidrs6, &node_ips6) {
+            Some(reason) => {
+                skipped.push(Skipped {
+                    object: format!("Node {} podCIDR {cidr}", node.name),
+                    reason: SkipReason::Invalid(reason),
+                });
+                false
+            }
+            None => {
+                accepted_cidrs6.push((*cidr, node.name.clone()));
+                true
+            }
+        }
+    });
 }
 
 fn parse_mac(value: &str) -> Option<[u8; 6]> {
@@ -129,15 +191,18 @@ fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
         .name
         .clone()
         .ok_or("metadata.name is missing")?;
-    let ip = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP")
+    let internal_ips = || {
+        node.status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+    };
+    let ip = internal_ips()
         .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
         .ok_or("no IPv4 InternalIP in status.addresses")?;
+    let ip6 = internal_ips().find_map(|a| a.address.parse::<Ipv6Addr>().ok());
     let spec = node.spec.as_ref();
     let mut cidrs: Vec<&String> = spec
         .and_then(|s| s.pod_cidrs.as_ref())
@@ -147,15 +212,29 @@ fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
         cidrs.extend(spec.and_then(|s| s.pod_cidr.as_ref()));
     }
     let mut pod_cidrs = Vec::new();
+    let mut pod_cidrs6 = Vec::new();
     for cidr in cidrs {
-        // Dual-stack nodes list an IPv6 CIDR too: Ferrite routes the IPv4 one.
         if cidr.contains(':') {
+            let net: Ipv6Net = cidr
+                .parse()
+                .map_err(|_| format!("podCIDR {cidr:?} is not an IPv6 CIDR"))?;
+            pod_cidrs6.push(net.trunc());
             continue;
         }
         let net: Ipv4Net = cidr
             .parse()
             .map_err(|_| format!("podCIDR {cidr:?} is not an IPv4 CIDR"))?;
         pod_cidrs.push(net.trunc());
+    }
+    // The API server takes one podCIDR per family from a dual-stack Node; which of
+    // two IPv4 (or IPv6) ones would the pods' addresses come from?
+    if !pod_cidrs6.is_empty() && (pod_cidrs.len() > 1 || pod_cidrs6.len() > 1) {
+        return Err(format!(
+            "spec.podCIDRs {:?} of a dual-stack node has more than one CIDR of a family",
+            spec.and_then(|s| s.pod_cidrs.as_ref())
+                .cloned()
+                .unwrap_or_default()
+        ));
     }
     let vtep_mac = match node
         .metadata
@@ -179,6 +258,8 @@ fn cluster_node(node: &Node) -> Result<ClusterNode, String> {
         name,
         ip,
         pod_cidrs,
+        ip6,
+        pod_cidrs6,
         vtep_mac,
     })
 }
@@ -227,6 +308,7 @@ status: {addresses: [{type: InternalIP, address: 198.51.100.8}]}
         let a = &state.nodes["node-a"];
         assert_eq!(a.ip, "198.51.100.1".parse::<Ipv4Addr>().unwrap());
         assert_eq!(a.pod_cidrs, vec!["10.244.0.0/24".parse().unwrap()]);
+        assert_eq!(a.pod_cidrs6, vec!["fd00:10:244::/64".parse().unwrap()]);
         assert_eq!(a.vtep_mac, ferrite_common::vtep_mac_for(a.ip));
         assert_eq!(state.nodes["node-b"].vtep_mac, [2, 0, 0, 0, 0, 0x0b]);
         // A CIDR claimed twice stays with its first owner.
@@ -262,6 +344,8 @@ status: {addresses: [{type: InternalIP, address: 198.51.100.8}]}
         let limits = crate::limits::Limits {
             service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
             cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            service_cidrs6: vec!["fd00:10:96::/112".parse().unwrap()],
+            cluster_cidr6: Some("fd00:10::/32".parse().unwrap()),
             ..open_limits()
         };
         let (context, mut skipped) = NodeContext::new(NODE, &limits, &objects.nodes, previous);
@@ -383,6 +467,114 @@ status: {addresses: [{type: InternalIP, address: 198.51.100.8}]}
         // Without history, the oldest wins.
         let (fresh, _, _) = context(&format!("{this}---\n{victim}---\n{ancient}"), None);
         assert!(fresh.nodes["node-b"].pod_cidrs.is_empty());
+    }
+
+    fn dual_stack_node(name: &str, ips: [&str; 2], cidrs: &str, created: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, creationTimestamp: \"{created}\"}}\n\
+             spec: {{podCIDRs: [{cidrs}]}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {}}}, {{type: InternalIP, address: \"{}\"}}]}}\n",
+            ips[0], ips[1]
+        )
+    }
+
+    #[test]
+    fn dual_stack_nodes_keep_one_pod_cidr_per_family_and_bad_ipv6_ones_are_refused() {
+        let a = dual_stack_node(
+            "node-a",
+            ["198.51.100.1", "2001:db8::1"],
+            "10.244.0.0/24, \"fd00:10:244::/64\"",
+            T0,
+        );
+        let b = dual_stack_node(
+            "node-b",
+            ["198.51.100.2", "2001:db8::2"],
+            "10.244.1.0/24, \"fd00:10:244:1::/64\"",
+            T0,
+        );
+        let (both, _, skipped) = context(&format!("{a}---\n{b}"), None);
+        let node_a = &both.nodes["node-a"];
+        assert_eq!(node_a.ip6, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(node_a.pod_cidrs6, vec!["fd00:10:244::/64".parse().unwrap()]);
+        assert_eq!(both.nodes["node-b"].pod_cidrs6.len(), 1, "{skipped:?}");
+        assert!(skipped.is_empty(), "{skipped:?}");
+        for (cidrs, ip6, says) in [
+            ("10.244.9.0/24, \"::/0\"", "2001:db8::9", "prefix /0"),
+            ("10.244.9.0/24, \"::1/128\"", "2001:db8::9", "prefix /128"),
+            ("10.244.9.0/24, \"fe80::/64\"", "2001:db8::9", "link-local"),
+            ("10.244.9.0/24, \"ff05::/64\"", "2001:db8::9", "multicast"),
+            (
+                "10.244.9.0/24, \"::/48\"",
+                "2001:db8::9",
+                "outside /64../120",
+            ),
+            (
+                "10.244.9.0/24, \"::ffff:10.9.0.0/120\"",
+                "2001:db8::9",
+                "IPv4-mapped",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:99::/64\"",
+                "2001:db8::9",
+                "outside the cluster CIDR",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:10:96::/112\"",
+                "2001:db8::9",
+                "service CIDR",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:10:244:1::/80\"",
+                "2001:db8::9",
+                "node node-b's",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:10:244:9::/64\"",
+                "fd00:10:244:1::7",
+                "the cluster CIDR (pod addresses)",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:10:244:9::/64\"",
+                "2001:db8::2",
+                "node node-b's",
+            ),
+            (
+                "10.244.9.0/24, \"fd00:10:244:9::/64\"",
+                "fe80::9",
+                "link-local",
+            ),
+        ] {
+            let hostile = dual_stack_node("a0-hostile", ["198.51.100.9", ip6], cidrs, T1);
+            let (context, _, skipped) = context(&format!("{a}---\n{b}---\n{hostile}"), None);
+            assert!(
+                skipped
+                    .iter()
+                    .any(|s| s.starts_with("Node a0-hostile") && s.contains(says)),
+                "{cidrs} {ip6}: {skipped:?}"
+            );
+            // Its IPv4 self stands; node-b keeps its IPv6 range and address.
+            assert_eq!(context.nodes["a0-hostile"].pod_cidrs.len(), 1, "{cidrs}");
+            assert_eq!(context.nodes["node-b"].pod_cidrs6.len(), 1, "{cidrs}");
+            assert_eq!(
+                context.nodes["node-b"].ip6,
+                Some("2001:db8::2".parse().unwrap())
+            );
+        }
+        // Two IPv4 podCIDRs (or two IPv6) on a dual-stack Node: refused whole.
+        for cidrs in [
+            "10.244.9.0/24, 10.244.10.0/24, \"fd00:10:244:9::/64\"",
+            "10.244.9.0/24, \"fd00:10:244:9::/64\", \"fd00:10:244:10::/64\"",
+        ] {
+            let hostile = dual_stack_node("a0-hostile", ["198.51.100.9", "2001:db8::9"], cidrs, T1);
+            let (context, _, skipped) = context(&format!("{a}---\n{b}---\n{hostile}"), None);
+            assert!(!context.nodes.contains_key("a0-hostile"), "{cidrs}");
+            assert!(
+                skipped
+                    .iter()
+                    .any(|s| s.starts_with("Node a0-hostile") && s.contains("more than one CIDR")),
+                "{cidrs}: {skipped:?}"
+            );
+        }
     }
 
     #[test]

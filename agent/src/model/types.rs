@@ -3,11 +3,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod},
@@ -218,6 +218,11 @@ pub struct ClusterNode {
     /// InternalIP: where its VXLAN endpoint listens.
     pub ip: Ipv4Addr,
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// Its IPv6 InternalIP (dual-stack), once accepted. Not in the datapath yet.
+    pub ip6: Option<Ipv6Addr>,
+    /// Its accepted IPv6 pod CIDR (dual-stack: at most one). Not in the datapath
+    /// yet; the agent publishes this node's for the CNI plugin.
+    pub pod_cidrs6: Vec<Ipv6Net>,
     pub vtep_mac: [u8; 6],
     /// Its `topology.kubernetes.io/zone` label (topology-aware routing).
     pub zone: Option<String>,

@@ -8,6 +8,7 @@
 //! and neighbours; both build messages and read dumps into small typed structs.
 mod link;
 mod route;
+mod route6;
 
 use std::{fmt, io};
 
@@ -20,6 +21,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 pub use link::{Link, Veth};
 pub use route::{Address, IpEncap, Neighbour, Route, RouteScope};
+pub use route6::{Address6, Neighbour6, Route6};
 
 /// A failed netlink request: which operation on which object, and the kernel's errno
 /// (with its extended-ack message when it sent one).

@@ -554,6 +554,8 @@ mod tests {
             name: name.into(),
             ip: Ipv4Addr::from(ip),
             pod_cidrs: vec![cidr.parse().unwrap()],
+            ip6: None,
+            pod_cidrs6: Vec::new(),
             vtep_mac: ferrite_common::vtep_mac_for(Ipv4Addr::from(ip)),
         }
     }

@@ -171,6 +171,7 @@ impl Node {
             name: "eth0".into(),
             host_name: host_interface.clone(),
             ip,
+            ip6: None,
             mtu: self.pod_mtu,
         };
         self.netns.run(|| host::pods::create(&interface))??;

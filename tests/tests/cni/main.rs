@@ -2,6 +2,7 @@
 //! (CNI_* environment + configuration on stdin, in the node's network namespace)
 //! against real network namespaces. Needs root; every node, pod netns, veth and pin
 //! is uniquely named and removed on every path.
+mod dual_stack;
 mod hostile;
 
 use std::net::SocketAddrV4;
