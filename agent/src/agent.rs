@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrite_common::{program_names, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 use tracing::{debug, error, info, warn};
@@ -1122,15 +1122,10 @@ fn add_routes_to_new_endpoints(state: &model::DesiredState, ops: &[plan::Op]) ->
     Ok(())
 }
 
-/// Apply `ops` to maps that held `before`, then forget what they ended: the
-/// conntrack entries of removed backends and of ended Service-backend pairs, and
-/// the load-balancing counters of removed entries. Returns the flows purged.
+/// Apply `ops` to maps that held `before` and purge what they ended
+/// ([`NodeMaps::write`]). Returns the flows purged.
 fn write_maps(maps: &mut NodeMaps, before: &plan::MapContents, ops: &[plan::Op]) -> Result<usize> {
-    let ended = plan::ended_pairs(before, ops);
-    maps.apply(ops).context("applying map changes")?;
-    let purged_flows = maps.purge_conntrack(&plan::removed_backends(ops), &ended)?;
-    maps.purge_lb_counters(ops)?;
-    Ok(purged_flows)
+    maps.write(before, ops)
 }
 
 /// Remove the link pins of interfaces that are gone. Links of interfaces that still

@@ -151,3 +151,53 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
         first = false;
     }
 }
+
+/// BPF_PROG_TEST_RUN of `program` once on `data` (an skb program's frame), which the
+/// program may rewrite in place. Returns the program's return value.
+pub fn test_run(program: BorrowedFd, data: &mut [u8]) -> std::io::Result<u32> {
+    /// The `test` member of `union bpf_attr` up to `batch_size`, then explicit
+    /// padding to its 8-byte alignment (the kernel refuses non-zero bytes past it).
+    #[repr(C)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: nix::libc::c_long = 10;
+    let size = u32::try_from(data.len()).expect("a frame fits in u32");
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        retval: 0,
+        data_size_in: size,
+        data_size_out: size,
+        data_in: data.as_ptr() as u64,
+        data_out: data.as_mut_ptr() as u64,
+        repeat: 1,
+        duration: 0,
+        ctx_size_in: 0,
+        ctx_size_out: 0,
+        ctx_in: 0,
+        ctx_out: 0,
+        flags: 0,
+        cpu: 0,
+        batch_size: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is the test member of bpf_attr without implicit padding; the
+    // frame is valid for `size` bytes in and out and outlives the call.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
+    Ok(attr.retval)
+}

@@ -1,6 +1,10 @@
 //! The pinned maps of one node, opened from /sys/fs/bpf/ferrite/<node>/: read back
 //! into [`MapContents`], written with ordered [`Op`]s.
-use std::{collections::BTreeSet, os::fd::AsFd, path::Path};
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{
@@ -10,6 +14,8 @@ use aya::maps::{
 use ferrite_common::{
     map_names,
     policy::{IpcacheValue, PolicyKey, PolicyValue},
+    program_names,
+    purge::{self, PurgeCounts, PurgePair, PurgeRequest},
     stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
     LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
     SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
@@ -58,6 +64,17 @@ pub struct NodeMaps {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// The in-kernel purge of ended flows: its program and the two maps it reads
+    /// (`None`: pins of an agent from before it, or a test bed without it; the
+    /// purge then reads the tables to userspace).
+    purge_program: Option<OwnedFd>,
+    purge_maps: Option<PurgeMaps>,
+}
+
+/// What `program_names::PURGE` reads: the removed backends, the ended pairs.
+struct PurgeMaps {
+    backends: HashMap<MapData, u32, u8>,
+    pairs: HashMap<MapData, PurgePair, u8>,
 }
 
 fn source_range_key(range: &SourceRange) -> Key<SourceRangeKey> {
@@ -103,7 +120,18 @@ fn entries<K: aya::Pod + Ord, V: aya::Pod>(
 
 impl NodeMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        Self::from_maps(|name| open(pin_dir, name))
+        let mut maps = Self::from_maps(|name| open(pin_dir, name))?;
+        if let Ok(program) = crate::datapath::bpf_obj_get(&pin_dir.join(program_names::PURGE)) {
+            maps.set_purge_program(Some(program));
+        }
+        Ok(maps)
+    }
+
+    /// Purge ended flows by running `program` (`program_names::PURGE` of the object
+    /// these maps belong to) in the kernel; `None`: by reading the tables instead.
+    /// Returns the program used before.
+    pub fn set_purge_program(&mut self, program: Option<OwnedFd>) -> Option<OwnedFd> {
+        std::mem::replace(&mut self.purge_program, program)
     }
 
     /// The maps `map` opens by name: pinned ones, or those of an object loaded
@@ -124,6 +152,14 @@ impl NodeMaps {
             source_ranges: map(map_names::SOURCE_RANGES)?.try_into()?,
             ipcache: map(map_names::IPCACHE)?.try_into()?,
             policy: map(map_names::POLICY)?.try_into()?,
+            purge_program: None,
+            // Absent from the pins of an agent from before the in-kernel purge.
+            purge_maps: (|| {
+                Some(PurgeMaps {
+                    backends: map(map_names::PURGE_BACKENDS).ok()?.try_into().ok()?,
+                    pairs: map(map_names::PURGE_PAIRS).ok()?.try_into().ok()?,
+                })
+            })(),
         })
     }
 
@@ -424,6 +460,17 @@ impl NodeMaps {
         Ok(())
     }
 
+    /// Apply `ops` to maps that held `before`, then forget what they ended: the
+    /// conntrack entries of removed backends and of ended Service-backend pairs, and
+    /// the load-balancing counters of removed entries. Returns the flows purged.
+    pub fn write(&mut self, before: &MapContents, ops: &[Op]) -> Result<usize> {
+        let ended = crate::plan::ended_pairs(before, ops);
+        self.apply(ops).context("applying map changes")?;
+        let purged_flows = self.purge_conntrack(&crate::plan::removed_backends(ops), &ended)?;
+        self.purge_lb_counters(ops)?;
+        Ok(purged_flows)
+    }
+
     /// Remove the entries of flows idle past their lifetime (see `conntrack_gc`), and
     /// return them as they were removed. An entry a packet touched since it was read
     /// is left for the next round.
@@ -451,7 +498,10 @@ impl NodeMaps {
     /// id), though it may live on behind another. Forward entries cache their backend,
     /// so this is what moves such a flow to a current backend on its next packet (UDP
     /// clients are not stuck on the old one), and a later backend reusing the id never
-    /// inherits them. Returns how many conntrack entries went.
+    /// inherits them. Each entry is judged by its own backend id and rev-NAT index
+    /// (forward and reply entries carry both). In the kernel when the program is
+    /// there (one walk, no copy of the table), else from userspace. Returns how many
+    /// conntrack entries went.
     pub fn purge_conntrack(
         &mut self,
         removed_backends: &BTreeSet<u32>,
@@ -460,6 +510,88 @@ impl NodeMaps {
         if removed_backends.is_empty() && ended.is_empty() {
             return Ok(0);
         }
+        match self.purge_conntrack_in_kernel(removed_backends, ended) {
+            Ok(Some(counts)) => return Ok(counts.conntrack as usize),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("in-kernel conntrack purge failed, purging from userspace: {e:#}")
+            }
+        }
+        self.purge_conntrack_in_userspace(removed_backends, ended)
+    }
+
+    /// [`NodeMaps::purge_conntrack`] by `program_names::PURGE`; `None` when it cannot
+    /// (no program, or more backends or pairs than its maps hold).
+    pub fn purge_conntrack_in_kernel(
+        &mut self,
+        removed_backends: &BTreeSet<u32>,
+        ended: &BTreeSet<(u32, u32)>,
+    ) -> Result<Option<PurgeCounts>> {
+        let (Some(program), Some(maps)) = (&self.purge_program, &mut self.purge_maps) else {
+            return Ok(None);
+        };
+        let capacity = purge::CAPACITY as usize;
+        if removed_backends.len() > capacity || ended.len() > capacity {
+            return Ok(None);
+        }
+        // A few removed backends go inline in the request, compared without a
+        // lookup per entry; more go through the map.
+        let backends: Vec<u32> = removed_backends.iter().copied().collect();
+        let mut request = PurgeRequest::default();
+        if backends.len() <= purge::INLINE_BACKENDS {
+            request.backends[..backends.len()].copy_from_slice(&backends);
+            request.inline_backends = backends.len() as u32;
+        } else {
+            request.lookups |= purge::LOOKUP_BACKENDS;
+        }
+        if !ended.is_empty() {
+            request.lookups |= purge::LOOKUP_PAIRS;
+        }
+        let pairs: Vec<PurgePair> = ended
+            .iter()
+            .map(|(index, backend)| PurgePair::new(*index, *backend))
+            .collect();
+        // What an agent stopped mid-purge left must not purge anything now.
+        clear(&mut maps.backends, map_names::PURGE_BACKENDS)?;
+        clear(&mut maps.pairs, map_names::PURGE_PAIRS)?;
+        let run = (|| -> Result<PurgeCounts> {
+            if request.lookups & purge::LOOKUP_BACKENDS != 0 {
+                fill(&maps.backends, &backends, map_names::PURGE_BACKENDS)?;
+            }
+            fill(&maps.pairs, &pairs, map_names::PURGE_PAIRS)?;
+            // SAFETY: PurgeRequest is #[repr(C)] u32s only: no padding bytes.
+            let mut frame: Vec<u8> = unsafe {
+                std::slice::from_raw_parts(
+                    (&request as *const PurgeRequest).cast::<u8>(),
+                    std::mem::size_of::<PurgeRequest>(),
+                )
+            }
+            .to_vec();
+            let returned = crate::bpf_syscall::test_run(program.as_fd(), &mut frame)
+                .with_context(|| format!("running {}", program_names::PURGE))?;
+            anyhow::ensure!(
+                returned == purge::DONE as u32,
+                "{} returned {returned}",
+                program_names::PURGE
+            );
+            let counts = |at: usize| u32::from_ne_bytes(frame[at..at + 4].try_into().expect("4"));
+            Ok(PurgeCounts {
+                conntrack: counts(0),
+                affinity: counts(4),
+            })
+        })();
+        clear(&mut maps.backends, map_names::PURGE_BACKENDS)?;
+        clear(&mut maps.pairs, map_names::PURGE_PAIRS)?;
+        run.map(Some)
+    }
+
+    /// [`NodeMaps::purge_conntrack`] by reading both tables to userspace and deleting
+    /// entry by entry: the way without the program.
+    pub fn purge_conntrack_in_userspace(
+        &mut self,
+        removed_backends: &BTreeSet<u32>,
+        ended: &BTreeSet<(u32, u32)>,
+    ) -> Result<usize> {
         let gone = |rev_nat_index: u32, backend_id: u32| {
             removed_backends.contains(&backend_id) || ended.contains(&(rev_nat_index, backend_id))
         };
@@ -487,6 +619,27 @@ impl NodeMaps {
         }
         Ok(stale.len())
     }
+}
+
+/// Write `keys` (each -> 1) into a purge map, in one batch.
+fn fill<K: aya::Pod>(map: &HashMap<MapData, K, u8>, keys: &[K], name: &str) -> Result<()> {
+    let ones = vec![1u8; keys.len()];
+    crate::bpf_syscall::update_batch(map.map().fd().as_fd(), keys, &ones)
+        .map_err(|failed| failed.error)
+        .with_context(|| format!("writing {name}"))
+}
+
+/// Empty a purge map (a few entries at most, between purges none).
+fn clear<K: aya::Pod + Ord>(map: &mut HashMap<MapData, K, u8>, name: &str) -> Result<()> {
+    for key in entries(map, name)?.into_keys() {
+        match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("emptying {name}")),
+        }
+    }
+    Ok(())
 }
 
 /// One counter summed over its per-CPU values.

@@ -58,6 +58,10 @@ pub mod map_names {
         IPCACHE = "ferrite_ipcache",
         /// What each policed pod allows (`policy`).
         POLICY = "ferrite_policy",
+        /// Backend ids whose flows `program_names::PURGE` deletes (`purge`).
+        PURGE_BACKENDS = "ferrite_purgebe",
+        /// (rev-NAT index, backend id) pairs whose flows it deletes (`purge`).
+        PURGE_PAIRS = "ferrite_purgepr",
     }
 }
 
@@ -100,6 +104,10 @@ pub mod program_names {
         FLOOR_REPLY,
     ];
     pub const XDP_FLOORS: [&str; 2] = [FLOOR_NODE_PORT, FLOOR_NODE_PORT_SNAT];
+    /// Never attached: run with BPF_PROG_TEST_RUN, it deletes the conntrack entries
+    /// and affinity pins of the backends and pairs the agent put in the purge maps
+    /// (`purge`).
+    pub const PURGE: &str = "ferrite_purge";
     /// Returns XDP_PASS and nothing else: the bench's baseline for the XDP program.
     pub const NOOP_XDP: &str = "ferrite_noop_xdp";
     /// XDP on the node's uplink: NodePort, LoadBalancer and externalIP traffic from
@@ -774,6 +782,7 @@ pub struct NodeConfig {
 pub mod explain;
 pub use explain::ExplainTrace;
 pub mod policy;
+pub mod purge;
 
 #[cfg(feature = "user")]
 mod pod_impls {

@@ -43,6 +43,8 @@ mod from_uplink;
 mod from_world;
 mod sock;
 mod to_pod;
+// Never attached: the agent's in-kernel purge of ended flows.
+mod purge;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},

@@ -8,6 +8,7 @@ use aya_ebpf::btf_maps::{
 use ferrite_common::{
     capacity, monitor,
     policy::{IpcacheValue, PolicyKey, PolicyValue},
+    purge::{self, PurgePair},
     stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
     ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent, NodeConfig,
     RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
@@ -98,6 +99,13 @@ btf_maps! {
     /// What each policed pod allows: (pod, direction, peer identity, protocol, port).
     pub static POLICY: LpmTrie<PolicyKey, PolicyValue, { capacity::POLICY as usize }> =
         LpmTrie::new();
+
+    /// Removed backends whose flows `purge` deletes (filled and emptied by the agent).
+    pub static PURGE_BACKENDS: HashMap<u32, u8, { purge::CAPACITY as usize }> = HashMap::new();
+
+    /// Ended (rev-NAT index, backend) pairs whose flows `purge` deletes.
+    pub static PURGE_PAIRS: HashMap<PurgePair, u8, { purge::CAPACITY as usize }> =
+        HashMap::new();
 }
 
 #[inline(always)]

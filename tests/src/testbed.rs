@@ -84,6 +84,7 @@ impl Testbed {
             program_names::EXPLAIN_OVERLAY,
             program_names::EXPLAIN_UPLINK,
             program_names::EXPLAIN_SOCK,
+            program_names::PURGE,
         ]
         .into_iter()
         .chain(program_names::TC_FLOORS)
@@ -103,11 +104,17 @@ impl Testbed {
             let xdp: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
             xdp.load()?;
         }
-        let maps = NodeMaps::from_maps(|name| {
+        let mut maps = NodeMaps::from_maps(|name| {
             let map = ebpf.map(name).with_context(|| format!("map {name}"))?;
             let id = map_data(name, map)?.info()?.id();
             Ok(Map::from_map_data(MapData::from_id(id)?)?)
         })?;
+        // The agent's writer purges ended flows with the object's program, as a node's.
+        let purge: &SchedClassifier = ebpf
+            .program(program_names::PURGE)
+            .context("program")?
+            .try_into()?;
+        maps.set_purge_program(Some(purge.fd()?.as_fd().try_clone_to_owned()?));
         Ok(Self { ebpf, maps })
     }
 
@@ -171,16 +178,13 @@ impl Testbed {
         first_backend_id: u32,
         backends: &[SocketAddrV4],
     ) -> Result<()> {
-        let mut entries = MapContents::default();
-        let mut ids = Vec::new();
-        for (i, backend) in backends.iter().enumerate() {
-            let id = first_backend_id + i as u32;
-            entries
-                .backends
-                .insert(id, backend_value(&l4_addr(*backend, protocol)?));
-            ids.push(id);
-        }
-        frontend_entries(&mut entries, frontend, protocol, rev_nat_index, &ids)?;
+        let entries = service_contents(
+            frontend,
+            protocol,
+            rev_nat_index,
+            first_backend_id,
+            backends,
+        )?;
         self.write_service_entries(&entries)
     }
 
@@ -678,6 +682,28 @@ impl Explainer<'_> {
 
 /// Put a frontend's rev-NAT entry and `ferrite_service` entries into `out`, laid out
 /// as the agent's plan lays them out: every backend ready, no flags.
+/// The entries of a Service frontend over `backends` (ids from `first_backend_id`),
+/// as [`Testbed::add_service`] writes them: what benches diff one change against.
+pub fn service_contents(
+    frontend: SocketAddrV4,
+    protocol: u8,
+    rev_nat_index: u32,
+    first_backend_id: u32,
+    backends: &[SocketAddrV4],
+) -> Result<MapContents> {
+    let mut entries = MapContents::default();
+    let mut ids = Vec::new();
+    for (i, backend) in backends.iter().enumerate() {
+        let id = first_backend_id + i as u32;
+        entries
+            .backends
+            .insert(id, backend_value(&l4_addr(*backend, protocol)?));
+        ids.push(id);
+    }
+    frontend_entries(&mut entries, frontend, protocol, rev_nat_index, &ids)?;
+    Ok(entries)
+}
+
 fn frontend_entries(
     out: &mut MapContents,
     frontend: SocketAddrV4,

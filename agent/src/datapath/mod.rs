@@ -127,7 +127,7 @@ pub struct Datapath {
 /// The TC programs loaded, and the ones pinned by name in the node's pin directory:
 /// the CNI plugin attaches the pod programs from their pins; `ferrite explain` runs
 /// the explain copies loaded with the node's programs (their XDP one is pinned too).
-const TC_PROGRAMS: [(&str, bool); 9] = [
+const TC_PROGRAMS: [(&str, bool); 10] = [
     (program_names::FROM_POD, true),
     (program_names::TO_POD, true),
     (program_names::FROM_OVERLAY, false),
@@ -137,6 +137,8 @@ const TC_PROGRAMS: [(&str, bool); 9] = [
     (program_names::EXPLAIN_OVERLAY, true),
     (program_names::EXPLAIN_UPLINK, true),
     (program_names::EXPLAIN_SOCK, true),
+    // Pinned for the node's maps to find (`maps::NodeMaps::open`).
+    (program_names::PURGE, true),
 ];
 
 /// Run `ferrite_clock` once: the jiffies it wrote over the test packet.
@@ -465,7 +467,7 @@ where
 }
 
 /// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.
-fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
+pub(crate) fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     #[repr(C)]
     struct ObjGetAttr {
