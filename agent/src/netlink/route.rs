@@ -714,4 +714,66 @@ mod tests {
             Some("10.0.0.1".parse().unwrap())
         );
     }
+
+    #[test]
+    fn ipv6_addresses_routes_and_neighbours_read_back_as_written_by_the_same_code() {
+        let address = Address6 {
+            device: 3,
+            ip: "fd00:10:244::5".parse().unwrap(),
+            prefix_len: 128,
+        };
+        let message = round_trip(&address.message());
+        assert_eq!(message.header.family, AddressFamily::Inet6);
+        assert_eq!(message.header.flags, AddressHeaderFlags::Nodad);
+        assert_eq!(Address6::from_message(&message), Some(address));
+        assert_eq!(Address::from_message(&message), None);
+        assert_eq!(
+            address.message().header.flags,
+            AddressHeaderFlags::Nodad,
+            "no DAD for IPv6 only"
+        );
+        let ipv4 = Address {
+            device: 3,
+            ip: "10.244.0.5".parse().unwrap(),
+            prefix_len: 32,
+        };
+        assert_eq!(ipv4.message().header.flags, AddressHeaderFlags::empty());
+
+        let default = Route6 {
+            destination: Ipv6Net::default(),
+            device: Some(3),
+            gateway: Some("fe80::ecee:eeff:feee:eeee".parse().unwrap()),
+        };
+        let route = RouteOf::from(default);
+        let message = round_trip(&route.message());
+        assert_eq!(message.header.address_family, AddressFamily::Inet6);
+        assert_eq!(message.header.scope, RouteScope::Universe);
+        assert!(!message
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Destination(_))));
+        assert_eq!(RouteOf::from_message(&message), Some(route.clone()));
+        assert_eq!(Route::from_message(&message), None);
+        let delete = round_trip(&route.delete_message());
+        assert_eq!(
+            RouteOf::<Ipv6Addr>::from_message(&delete).map(|r| (r.device, r.gateway)),
+            Some((default.device, default.gateway))
+        );
+        let pod = RouteOf::from(Route6 {
+            destination: "fd00:10:244::5/128".parse().unwrap(),
+            device: Some(4),
+            gateway: None,
+        });
+        assert_eq!(
+            RouteOf::from_message(&round_trip(&pod.message())),
+            Some(pod)
+        );
+
+        let gateway =
+            Neighbour6::permanent(3, "fe80::ecee:eeff:feee:eeee".parse().unwrap(), [0xee; 6]);
+        let message = round_trip(&gateway.message());
+        assert_eq!(message.header.family, AddressFamily::Inet6);
+        assert_eq!(Neighbour6::from_message(&message), Some(gateway));
+        assert_eq!(Neighbour::from_message(&message), None);
+    }
 }
