@@ -3,17 +3,18 @@
 //!
 //! Modules depend one way: each uses only modules of the tiers before its own
 //! (`tests/layering.rs` checks it, from the sources):
-//! 1. `bpf_syscall`, `command` (the programs the agent runs: nft, iptables-restore),
+//! 1. `family` (what code serving both IP families needs of each);
+//! 2. `bpf_syscall`, `command` (the programs the agent runs: nft, iptables-restore),
 //!    `conntrack_gc`, `files`, `http` (the HTTP listeners' server), `limits`,
 //!    `maglev`, `netlink`;
-//! 2. `model` (objects -> desired state, pure), `takeover` (kube-proxy's conntrack
+//! 3. `model` (objects -> desired state, pure), `takeover` (kube-proxy's conntrack
 //!    and rules);
-//! 3. `plan` (desired state -> ordered map writes, and the node's state, pure);
-//! 4. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
+//! 4. `plan` (desired state -> ordered map writes, and the node's state, pure);
+//! 5. `host` (the node's own networking), `datapath` (load, pin, attach), `maps`,
 //!    `driver`, `healthcheck`, `proxy_health`, `objects_yaml`;
-//! 5. `telemetry`, `inspect`, `explain`, `cni`;
-//! 6. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node);
-//! 7. `cli` (the command line of the binary, with its help).
+//! 6. `telemetry`, `inspect`, `explain`, `cni`;
+//! 7. `monitor`, `kube_source`, `source`, `install_cni`, `agent` (the node);
+//! 8. `cli` (the command line of the binary, with its help).
 //!
 //! The binaries wire a source, the driver and the node. (Only `model`'s unit tests
 //! look up: they read fixtures with `objects_yaml`.)
@@ -26,6 +27,7 @@ pub mod conntrack_gc;
 pub mod datapath;
 pub mod driver;
 pub mod explain;
+pub mod family;
 pub mod files;
 pub mod healthcheck;
 pub mod host;

@@ -11,6 +11,8 @@ use std::{net::Ipv4Addr, ops::RangeInclusive};
 use ferrite_common::MAGLEV_TABLE_SIZE;
 use ipnet::{Ipv4Net, Ipv6Net};
 
+use crate::family::{net_holds, net_holds_net, nets_overlap, Family};
+
 pub use ipv6::{special6, ClusterCidrs, MAX_POD_CIDR6_PREFIX, MIN_POD_CIDR6_PREFIX};
 
 /// Backends (ready and terminating) one Service port may have: what its Maglev table
@@ -228,16 +230,7 @@ impl Limits {
     /// Why a Node's InternalIP `ip` cannot be a node's address, if it cannot: special
     /// addresses, and the ranges the node hands to Services and pods.
     pub fn refuse_node_ip(&self, ip: Ipv4Addr) -> Option<String> {
-        if let Some(what) = special(ip) {
-            return Some(format!("InternalIP {ip} is {what}"));
-        }
-        let service = self.service_cidrs.iter().find(|n| n.contains(&ip));
-        let service = service.map(|n| (*n, "the service CIDR"));
-        let pods = self.cluster_cidr.filter(|n| n.contains(&ip));
-        let pods = pods.map(|n| (n, "the cluster CIDR (pod addresses)"));
-        service
-            .or(pods)
-            .map(|(net, what)| format!("InternalIP {ip} is in {what} {net}"))
+        self.ranges4().refuse_node_ip(ip)
     }
 
     /// Why a Service may not have `node_port`, if it may not.
@@ -269,27 +262,69 @@ impl Limits {
         if cidr.prefix_len() > 30 {
             return Some(format!("prefix /{} holds no pod", cidr.prefix_len()));
         }
-        if let Some(what) = special_net(cidr) {
+        self.ranges4().refuse_pod_cidr(cidr, accepted, node_ips)
+    }
+
+    fn ranges4(&self) -> NodeRanges<'_, Ipv4Addr> {
+        NodeRanges {
+            services: &self.service_cidrs,
+            cluster: self.cluster_cidr,
+            special_ip: special,
+            special_net,
+        }
+    }
+}
+
+/// One family's ranges a node's address and pod CIDRs are held against, and what
+/// is special in it: the rules are the same for both families.
+struct NodeRanges<'a, A: Family> {
+    services: &'a [A::Net],
+    cluster: Option<A::Net>,
+    special_ip: fn(A) -> Option<&'static str>,
+    special_net: fn(&A::Net) -> Option<&'static str>,
+}
+
+impl<A: Family> NodeRanges<'_, A> {
+    /// Why a Node's InternalIP `ip` cannot be a node's address, if it cannot.
+    fn refuse_node_ip(&self, ip: A) -> Option<String> {
+        if let Some(what) = (self.special_ip)(ip) {
+            return Some(format!("InternalIP {ip} is {what}"));
+        }
+        let service = self.services.iter().find(|n| net_holds(**n, ip));
+        let service = service.map(|n| (*n, "the service CIDR"));
+        let pods = self.cluster.filter(|n| net_holds(*n, ip));
+        let pods = pods.map(|n| (n, "the cluster CIDR (pod addresses)"));
+        service
+            .or(pods)
+            .map(|(net, what)| format!("InternalIP {ip} is in {what} {net}"))
+    }
+
+    /// Why a node may not have pod CIDR `cidr` (its prefix checked already), given
+    /// the CIDRs accepted so far and every node's address.
+    fn refuse_pod_cidr(
+        &self,
+        cidr: &A::Net,
+        accepted: &[(A::Net, String)],
+        node_ips: &[A],
+    ) -> Option<String> {
+        if let Some(what) = (self.special_net)(cidr) {
             return Some(format!("it overlaps the {what} range"));
         }
-        if let Some(cluster) = self.cluster_cidr {
-            if !cluster.contains(cidr) {
+        if let Some(cluster) = self.cluster {
+            if !net_holds_net::<A>(cluster, *cidr) {
                 return Some(format!("it is outside the cluster CIDR {cluster}"));
             }
         }
-        let service = self
-            .service_cidrs
-            .iter()
-            .find(|n| n.contains(cidr) || cidr.contains(*n));
+        let service = self.services.iter().find(|n| nets_overlap::<A>(**n, *cidr));
         if let Some(net) = service {
             return Some(format!("it overlaps the service CIDR {net}"));
         }
-        if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(*ip)) {
+        if let Some(ip) = node_ips.iter().find(|ip| net_holds(*cidr, **ip)) {
             return Some(format!("it holds the node address {ip}"));
         }
         accepted
             .iter()
-            .find(|(other, _)| other.contains(cidr) || cidr.contains(other))
+            .find(|(other, _)| nets_overlap::<A>(*other, *cidr))
             .map(|(other, owner)| format!("it overlaps {other}, node {owner}'s"))
     }
 }

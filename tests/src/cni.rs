@@ -295,6 +295,18 @@ impl Runtime {
         self.add_with(sandbox, &Value::Null)
     }
 
+    /// ADD every sandbox at once, one thread each (as a runtime starting pods does).
+    pub fn add_parallel(&self, sandboxes: &mut [Sandbox]) -> Result<()> {
+        std::thread::scope(|scope| {
+            let adds: Vec<_> = sandboxes
+                .iter_mut()
+                .map(|sandbox| scope.spawn(move || self.add(sandbox).map(drop)))
+                .collect();
+            adds.into_iter()
+                .try_for_each(|add| add.join().expect("ADD thread panicked"))
+        })
+    }
+
     /// CHECK through the chain with the cached result.
     pub fn check_with(&self, sandbox: &Sandbox, runtime: &Value) -> Result<Outcome> {
         for (index, plugin) in self.plugins().iter().enumerate() {

@@ -65,10 +65,10 @@ pub fn add_pod_route6(ip: Ipv6Addr, mac: [u8; 6], interface: &str) -> Result<()>
         gateway: None,
     };
     netlink
-        .replace_route6(&route)
+        .replace_route(&route.into())
         .with_context(|| format!("the route to {ip} via {interface}"))?;
     netlink
-        .replace_neighbour6(&Neighbour6::permanent(index, ip, mac))
+        .replace_neighbour(&Neighbour6::permanent(index, ip, mac))
         .with_context(|| format!("the neighbour {ip} on {interface}"))?;
     Ok(())
 }
@@ -159,21 +159,22 @@ fn configure_pod_side(pod: &PodInterface) -> Result<()> {
         default.onlink = true;
         netlink.add_route(&default)?;
         if let Some(ip6) = pod.ip6 {
-            netlink.add_address6(&Address6 {
+            netlink.add_address(&Address6 {
                 device: index,
                 ip: ip6,
                 prefix_len: 128,
             })?;
-            netlink.replace_neighbour6(&Neighbour6::permanent(
+            netlink.replace_neighbour(&Neighbour6::permanent(
                 index,
                 POD_GATEWAY_IP6,
                 HOST_VETH_MAC,
             ))?;
-            netlink.add_route6(&Route6 {
+            let default6 = Route6 {
                 destination: Ipv6Net::default(),
                 device: Some(index),
                 gateway: Some(POD_GATEWAY_IP6),
-            })?;
+            };
+            netlink.add_route(&default6.into())?;
         }
         Ok(())
     })

@@ -5,7 +5,7 @@ use std::net::Ipv6Addr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::Limits;
+use super::{Limits, NodeRanges};
 
 /// The widest IPv6 pod CIDR a node may claim: a /64, kube-controller-manager's
 /// default `--node-cidr-mask-size-ipv6` (wider gives one node more than a subnet).
@@ -73,16 +73,7 @@ impl ClusterCidrs {
 impl Limits {
     /// Why a Node's IPv6 InternalIP `ip` cannot be a node's address, if it cannot.
     pub fn refuse_node_ip6(&self, ip: Ipv6Addr) -> Option<String> {
-        if let Some(what) = special6(ip) {
-            return Some(format!("InternalIP {ip} is {what}"));
-        }
-        let service = self.service_cidrs6.iter().find(|n| n.contains(&ip));
-        let service = service.map(|n| (*n, "the service CIDR"));
-        let pods = self.cluster_cidr6.filter(|n| n.contains(&ip));
-        let pods = pods.map(|n| (n, "the cluster CIDR (pod addresses)"));
-        service
-            .or(pods)
-            .map(|(net, what)| format!("InternalIP {ip} is in {what} {net}"))
+        self.ranges6().refuse_node_ip(ip)
     }
 
     /// Why a node may not have IPv6 pod CIDR `cidr`, given the IPv6 CIDRs accepted so
@@ -99,28 +90,16 @@ impl Limits {
                 "prefix /{prefix} is outside /{MIN_POD_CIDR6_PREFIX}../{MAX_POD_CIDR6_PREFIX}"
             ));
         }
-        if let Some(what) = special_net6(cidr) {
-            return Some(format!("it overlaps the {what} range"));
+        self.ranges6().refuse_pod_cidr(cidr, accepted, node_ips)
+    }
+
+    fn ranges6(&self) -> NodeRanges<'_, Ipv6Addr> {
+        NodeRanges {
+            services: &self.service_cidrs6,
+            cluster: self.cluster_cidr6,
+            special_ip: special6,
+            special_net: special_net6,
         }
-        if let Some(cluster) = self.cluster_cidr6 {
-            if !cluster.contains(cidr) {
-                return Some(format!("it is outside the cluster CIDR {cluster}"));
-            }
-        }
-        let service = self
-            .service_cidrs6
-            .iter()
-            .find(|n| n.contains(cidr) || cidr.contains(*n));
-        if let Some(net) = service {
-            return Some(format!("it overlaps the service CIDR {net}"));
-        }
-        if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(*ip)) {
-            return Some(format!("it holds the node address {ip}"));
-        }
-        accepted
-            .iter()
-            .find(|(other, _)| other.contains(cidr) || cidr.contains(other))
-            .map(|(other, owner)| format!("it overlaps {other}, node {owner}'s"))
     }
 }
 

@@ -102,21 +102,13 @@ pub(super) fn cluster_nodes(
             continue;
         }
         let node_ips: Vec<Ipv4Addr> = nodes.values().map(|n| n.ip).chain([node.ip]).collect();
-        node.pod_cidrs.retain(|cidr| {
-            match limits.refuse_pod_cidr(cidr, &accepted_cidrs, &node_ips) {
-                Some(reason) => {
-                    skipped.push(Skipped {
-                        object: format!("Node {} podCIDR {cidr}", node.name),
-                        reason: SkipReason::Invalid(reason),
-                    });
-                    false
-                }
-                None => {
-                    accepted_cidrs.push((*cidr, node.name.clone()));
-                    true
-                }
-            }
-        });
+        accept_pod_cidrs(
+            &node.name,
+            &mut node.pod_cidrs,
+            &mut accepted_cidrs,
+            skipped,
+            |cidr, accepted| limits.refuse_pod_cidr(cidr, accepted, &node_ips),
+        );
         accept_ipv6(&mut node, limits, &nodes, &mut accepted_cidrs6, skipped);
         nodes.insert(node.name.clone(), node);
     }
@@ -159,19 +151,36 @@ fn accept_ipv6(
         .filter_map(|n| n.ip6)
         .chain(node.ip6)
         .collect();
-    node.pod_cidrs6.retain(|cidr| {
-        match limits.refuse_pod_cidr6(cidr, accepted_cidrs6, &node_ips6) {
-            Some(reason) => {
-                skipped.push(Skipped {
-                    object: format!("Node {} podCIDR {cidr}", node.name),
-                    reason: SkipReason::Invalid(reason),
-                });
-                false
-            }
-            None => {
-                accepted_cidrs6.push((*cidr, node.name.clone()));
-                true
-            }
+    accept_pod_cidrs(
+        &node.name,
+        &mut node.pod_cidrs6,
+        accepted_cidrs6,
+        skipped,
+        |cidr, accepted| limits.refuse_pod_cidr6(cidr, accepted, &node_ips6),
+    );
+}
+
+/// Keep the pod CIDRs (of either family) of node `name` that `refuse` finds no
+/// reason against, given the CIDRs accepted so far; each kept one is accepted, each
+/// other skipped with its reason.
+fn accept_pod_cidrs<N: Copy + std::fmt::Display>(
+    name: &str,
+    cidrs: &mut Vec<N>,
+    accepted: &mut Vec<(N, String)>,
+    skipped: &mut Vec<Skipped>,
+    refuse: impl Fn(&N, &[(N, String)]) -> Option<String>,
+) {
+    cidrs.retain(|cidr| match refuse(cidr, accepted) {
+        Some(reason) => {
+            skipped.push(Skipped {
+                object: format!("Node {name} podCIDR {cidr}"),
+                reason: SkipReason::Invalid(reason),
+            });
+            false
+        }
+        None => {
+            accepted.push((*cidr, name.to_string()));
+            true
         }
     });
 }

@@ -5,10 +5,10 @@
 //! [`Netlink`] on a thread that has entered it (see `host::netns::in_netns`).
 //!
 //! `link.rs` has links (veth pairs, the VXLAN device), `route.rs` addresses, routes
-//! and neighbours; both build messages and read dumps into small typed structs.
+//! and neighbours of both IP families; both build messages and read dumps into
+//! small typed structs.
 mod link;
 mod route;
-mod route6;
 
 use std::{fmt, io};
 
@@ -20,8 +20,10 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 pub use link::{Link, Veth};
-pub use route::{Address, IpEncap, Neighbour, Route, RouteScope};
-pub use route6::{Address6, Neighbour6, Route6};
+pub use route::{
+    Address, Address6, AddressOf, IpEncap, Neighbour, Neighbour6, NeighbourOf, NetlinkFamily,
+    Route, Route6, RouteOf, RouteScope,
+};
 
 /// A failed netlink request: which operation on which object, and the kernel's errno
 /// (with its extended-ack message when it sent one).

@@ -1,11 +1,17 @@
-//! IPv4 addresses, routes (main table) and neighbours: typed structs, the messages
-//! that add, replace or delete them, and dumps read back into them.
-use std::{fmt, net::Ipv4Addr};
+//! Addresses, routes (main table) and neighbours of either IP family: typed
+//! structs, the messages that add, replace or delete them, and dumps read back into
+//! them. One implementation, generic over the family ([`NetlinkFamily`]).
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
+#[cfg(test)]
 use ipnet::Ipv4Net;
+use ipnet::Ipv6Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -19,6 +25,75 @@ use netlink_packet_route::{
 pub use netlink_packet_route::route::RouteScope;
 
 use super::{Netlink, Result};
+use crate::family::Family;
+
+/// How rtnetlink tags and carries an IP family's addresses.
+pub trait NetlinkFamily: Family {
+    const ADDRESS_FAMILY: AddressFamily;
+    /// The header flags of an address we add. IPv6: no duplicate address detection
+    /// (the addresses are the pod's alone: DAD would only hold them tentative for a
+    /// second).
+    const NEW_ADDRESS_FLAGS: AddressHeaderFlags;
+
+    fn route_address(self) -> RouteAddress;
+    fn from_route_address(address: &RouteAddress) -> Option<Self>;
+    fn neighbour_address(self) -> NeighbourAddress;
+    fn from_neighbour_address(address: &NeighbourAddress) -> Option<Self>;
+}
+
+impl NetlinkFamily for Ipv4Addr {
+    const ADDRESS_FAMILY: AddressFamily = AddressFamily::Inet;
+    const NEW_ADDRESS_FLAGS: AddressHeaderFlags = AddressHeaderFlags::empty();
+
+    fn route_address(self) -> RouteAddress {
+        RouteAddress::Inet(self)
+    }
+
+    fn from_route_address(address: &RouteAddress) -> Option<Self> {
+        match address {
+            RouteAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+
+    fn neighbour_address(self) -> NeighbourAddress {
+        NeighbourAddress::Inet(self)
+    }
+
+    fn from_neighbour_address(address: &NeighbourAddress) -> Option<Self> {
+        match address {
+            NeighbourAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+}
+
+impl NetlinkFamily for Ipv6Addr {
+    const ADDRESS_FAMILY: AddressFamily = AddressFamily::Inet6;
+    const NEW_ADDRESS_FLAGS: AddressHeaderFlags = AddressHeaderFlags::Nodad;
+
+    fn route_address(self) -> RouteAddress {
+        RouteAddress::Inet6(self)
+    }
+
+    fn from_route_address(address: &RouteAddress) -> Option<Self> {
+        match address {
+            RouteAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+
+    fn neighbour_address(self) -> NeighbourAddress {
+        NeighbourAddress::Inet6(self)
+    }
+
+    fn from_neighbour_address(address: &NeighbourAddress) -> Option<Self> {
+        match address {
+            NeighbourAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+}
 
 /// How a request treats an object that exists already.
 #[derive(Clone, Copy)]
@@ -38,28 +113,34 @@ impl Write {
     }
 }
 
-/// An IPv4 address of a link.
+/// An address of a link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Address {
+pub struct AddressOf<A> {
     pub device: u32,
-    pub ip: Ipv4Addr,
+    pub ip: A,
     pub prefix_len: u8,
 }
 
-impl fmt::Display for Address {
+/// An IPv4 address of a link.
+pub type Address = AddressOf<Ipv4Addr>;
+/// An IPv6 address of a link.
+pub type Address6 = AddressOf<Ipv6Addr>;
+
+impl<A: fmt::Display> fmt::Display for AddressOf<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{} dev #{}", self.ip, self.prefix_len, self.device)
     }
 }
 
-impl Address {
+impl<A: NetlinkFamily> AddressOf<A> {
     /// The message adding or deleting it, as `ip addr` sends it: local and address
     /// both the IP, global scope.
     pub fn message(&self) -> AddressMessage {
         let mut message = AddressMessage::default();
-        message.header.family = AddressFamily::Inet;
+        message.header.family = A::ADDRESS_FAMILY;
         message.header.prefix_len = self.prefix_len;
         message.header.index = self.device;
+        message.header.flags = A::NEW_ADDRESS_FLAGS;
         message.attributes = vec![
             AddressAttribute::Local(self.ip.into()),
             AddressAttribute::Address(self.ip.into()),
@@ -71,11 +152,8 @@ impl Address {
     pub fn from_message(message: &AddressMessage) -> Option<Self> {
         let ip = |wanted: fn(&AddressAttribute) -> bool| {
             message.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(std::net::IpAddr::V4(ip))
-                | AddressAttribute::Address(std::net::IpAddr::V4(ip))
-                    if wanted(a) =>
-                {
-                    Some(*ip)
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) if wanted(a) => {
+                    A::from_ip(*ip)
                 }
                 _ => None,
             })
@@ -99,22 +177,44 @@ pub struct IpEncap {
     pub ttl: u8,
 }
 
-/// An IPv4 unicast route of the main table.
+/// A unicast route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub destination: Ipv4Net,
+pub struct RouteOf<A: Family> {
+    pub destination: A::Net,
     pub device: Option<u32>,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<A>,
     /// The preferred source (`src`).
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<A>,
     pub scope: RouteScope,
     pub onlink: bool,
     pub encap: Option<IpEncap>,
 }
 
-impl Route {
+/// An IPv4 unicast route of the main table.
+pub type Route = RouteOf<Ipv4Addr>;
+
+/// An IPv6 route as a dual-stack pod's wiring has them (scope universe, no source,
+/// onlink or encap): the short form of a [`RouteOf<Ipv6Addr>`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    pub destination: Ipv6Net,
+    pub device: Option<u32>,
+    pub gateway: Option<Ipv6Addr>,
+}
+
+impl From<Route6> for RouteOf<Ipv6Addr> {
+    fn from(route: Route6) -> Self {
+        Self {
+            gateway: route.gateway,
+            device: route.device,
+            ..Self::new(route.destination, 0, RouteScope::Universe)
+        }
+    }
+}
+
+impl<A: NetlinkFamily> RouteOf<A> {
     /// A route to `destination` through device `device` and nothing else.
-    pub fn new(destination: Ipv4Net, device: u32, scope: RouteScope) -> Self {
+    pub fn new(destination: A::Net, device: u32, scope: RouteScope) -> Self {
         Self {
             destination,
             device: Some(device),
@@ -126,10 +226,20 @@ impl Route {
         }
     }
 
+    fn prefix_len(&self) -> u8 {
+        self.destination.into().prefix_len()
+    }
+
+    /// The destination attribute: none for a default route.
+    fn destination_attribute(&self) -> Option<RouteAttribute> {
+        let network = A::from_ip(self.destination.into().network())?;
+        (self.prefix_len() > 0).then(|| RouteAttribute::Destination(network.route_address()))
+    }
+
     fn header(&self) -> RouteHeader {
         RouteHeader {
-            address_family: AddressFamily::Inet,
-            destination_prefix_length: self.destination.prefix_len(),
+            address_family: A::ADDRESS_FAMILY,
+            destination_prefix_length: self.prefix_len(),
             table: RouteHeader::RT_TABLE_MAIN,
             ..Default::default()
         }
@@ -146,10 +256,7 @@ impl Route {
             message.header.flags = RouteFlags::Onlink;
         }
         let attributes = &mut message.attributes;
-        if self.destination.prefix_len() > 0 {
-            let destination = RouteAddress::Inet(self.destination.network());
-            attributes.push(RouteAttribute::Destination(destination));
-        }
+        attributes.extend(self.destination_attribute());
         if let Some(encap) = self.encap {
             attributes.push(RouteAttribute::EncapType(RouteLwEnCapType::Ip));
             attributes.push(RouteAttribute::Encap(vec![
@@ -159,50 +266,56 @@ impl Route {
             ]));
         }
         if let Some(gateway) = self.gateway {
-            attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+            attributes.push(RouteAttribute::Gateway(gateway.route_address()));
         }
         if let Some(device) = self.device {
             attributes.push(RouteAttribute::Oif(device));
         }
         if let Some(source) = self.source {
-            attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(source)));
+            attributes.push(RouteAttribute::PrefSource(source.route_address()));
         }
         message
     }
 
-    /// The message deleting it: destination and device, any scope (as `ip route del`).
+    /// The message deleting it: destination, device and gateway (if set), any scope
+    /// and protocol (as `ip route del`).
     pub fn delete_message(&self) -> RouteMessage {
         let mut message = RouteMessage::default();
         message.header = self.header();
         message.header.scope = RouteScope::NoWhere;
-        if self.destination.prefix_len() > 0 {
-            let destination = RouteAddress::Inet(self.destination.network());
-            message
-                .attributes
-                .push(RouteAttribute::Destination(destination));
+        let attributes = &mut message.attributes;
+        attributes.extend(self.destination_attribute());
+        if let Some(gateway) = self.gateway {
+            attributes.push(RouteAttribute::Gateway(gateway.route_address()));
         }
         if let Some(device) = self.device {
-            message.attributes.push(RouteAttribute::Oif(device));
+            attributes.push(RouteAttribute::Oif(device));
         }
         message
     }
 
     /// The typed view of a route message; `None` for other families and tables.
     pub fn from_message(message: &RouteMessage) -> Option<Self> {
-        if message.header.address_family != AddressFamily::Inet {
+        if message.header.address_family != A::ADDRESS_FAMILY {
             return None;
         }
         let mut table = u32::from(message.header.table);
-        let mut destination = Ipv4Addr::UNSPECIFIED;
-        let mut route = Route::new(Ipv4Net::default(), 0, message.header.scope);
+        let mut destination = A::UNSPECIFIED;
+        let mut route = Self::new(A::Net::default(), 0, message.header.scope);
         route.device = None;
         route.onlink = message.header.flags.contains(RouteFlags::Onlink);
         for attribute in &message.attributes {
             match attribute {
                 RouteAttribute::Table(id) => table = *id,
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
-                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => route.source = Some(*ip),
+                RouteAttribute::Destination(ip) => {
+                    destination = A::from_route_address(ip).unwrap_or(destination)
+                }
+                RouteAttribute::Gateway(ip) => {
+                    route.gateway = A::from_route_address(ip).or(route.gateway)
+                }
+                RouteAttribute::PrefSource(ip) => {
+                    route.source = A::from_route_address(ip).or(route.source)
+                }
                 RouteAttribute::Oif(index) => route.device = Some(*index),
                 RouteAttribute::Encap(encaps) => route.encap = ip_encap(encaps),
                 _ => {}
@@ -211,8 +324,7 @@ impl Route {
         if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
             return None;
         }
-        route.destination =
-            Ipv4Net::new(destination, message.header.destination_prefix_length).ok()?;
+        route.destination = A::net(destination, message.header.destination_prefix_length)?;
         Some(route)
     }
 }
@@ -239,7 +351,7 @@ fn ip_encap(encaps: &[RouteLwTunnelEncap]) -> Option<IpEncap> {
     found.then_some(encap)
 }
 
-impl fmt::Display for Route {
+impl<A: Family> fmt::Display for RouteOf<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "route {}", self.destination)?;
         if let Some(gateway) = self.gateway {
@@ -252,11 +364,11 @@ impl fmt::Display for Route {
     }
 }
 
-/// An IPv4 neighbour entry.
+/// A neighbour entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbour {
+pub struct NeighbourOf<A> {
     pub device: u32,
-    pub ip: Ipv4Addr,
+    pub ip: A,
     pub mac: Option<[u8; 6]>,
     pub permanent: bool,
     /// Kept resolved by the kernel (`ip neigh ... managed`, kernel >= 5.16): it
@@ -264,9 +376,15 @@ pub struct Neighbour {
     pub managed: bool,
 }
 
-impl Neighbour {
-    /// A permanent entry: `ip` is at `mac` behind `device`.
-    pub fn permanent(device: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Self {
+/// An IPv4 neighbour entry.
+pub type Neighbour = NeighbourOf<Ipv4Addr>;
+/// An IPv6 neighbour entry.
+pub type Neighbour6 = NeighbourOf<Ipv6Addr>;
+
+impl<A: NetlinkFamily> NeighbourOf<A> {
+    /// A permanent entry: `ip` is at `mac` behind `device` (no ARP or neighbour
+    /// discovery).
+    pub fn permanent(device: u32, ip: A, mac: [u8; 6]) -> Self {
         Self {
             device,
             ip,
@@ -278,7 +396,7 @@ impl Neighbour {
 
     /// A managed entry for `ip` behind `device`: the kernel resolves its MAC and
     /// keeps it resolved.
-    pub fn managed(device: u32, ip: Ipv4Addr) -> Self {
+    pub fn managed(device: u32, ip: A) -> Self {
         Self {
             device,
             ip,
@@ -291,14 +409,12 @@ impl Neighbour {
     /// The message adding, replacing (with its state and MAC) or deleting it.
     pub fn message(&self) -> NeighbourMessage {
         let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
+        message.header.family = A::ADDRESS_FAMILY;
         message.header.ifindex = self.device;
         if self.permanent {
             message.header.state = NeighbourState::Permanent;
         }
-        message.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            self.ip,
-        ))];
+        message.attributes = vec![NeighbourAttribute::Destination(self.ip.neighbour_address())];
         if let Some(mac) = self.mac {
             let address = NeighbourAttribute::LinkLayerAddress(mac.to_vec());
             message.attributes.push(address);
@@ -313,7 +429,7 @@ impl Neighbour {
     /// The typed view of a neighbour message; `None` for other families.
     pub fn from_message(message: &NeighbourMessage) -> Option<Self> {
         let ip = message.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            NeighbourAttribute::Destination(ip) => A::from_neighbour_address(ip),
             _ => None,
         })?;
         let mac = message.attributes.iter().find_map(|a| match a {
@@ -332,7 +448,7 @@ impl Neighbour {
     }
 }
 
-impl fmt::Display for Neighbour {
+impl<A: fmt::Display> fmt::Display for NeighbourOf<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "neighbour {}", self.ip)?;
         if let Some(mac) = self.mac {
@@ -345,96 +461,145 @@ impl fmt::Display for Neighbour {
 impl Netlink {
     /// The IPv4 addresses of every link.
     pub fn addresses(&mut self) -> Result<Vec<Address>> {
+        self.addresses_of()
+    }
+
+    /// The IPv6 addresses of every link.
+    pub fn addresses6(&mut self) -> Result<Vec<Address6>> {
+        self.addresses_of()
+    }
+
+    /// The addresses of family `A` of every link.
+    pub fn addresses_of<A: NetlinkFamily>(&mut self) -> Result<Vec<AddressOf<A>>> {
         let mut query = AddressMessage::default();
-        query.header.family = AddressFamily::Inet;
-        let messages = self.dump(RouteNetlinkMessage::GetAddress(query), "IPv4 addresses")?;
+        query.header.family = A::ADDRESS_FAMILY;
+        let what = format!("{} addresses", A::NAME);
+        let messages = self.dump(RouteNetlinkMessage::GetAddress(query), &what)?;
         Ok(messages
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) => Address::from_message(a),
+                RouteNetlinkMessage::NewAddress(a) => AddressOf::from_message(a),
                 _ => None,
             })
             .collect())
     }
 
-    pub fn add_address(&mut self, address: &Address) -> Result<()> {
+    pub fn add_address<A: NetlinkFamily>(&mut self, address: &AddressOf<A>) -> Result<()> {
         self.write_address(address, Write::Add)
     }
 
-    pub fn replace_address(&mut self, address: &Address) -> Result<()> {
+    pub fn replace_address<A: NetlinkFamily>(&mut self, address: &AddressOf<A>) -> Result<()> {
         self.write_address(address, Write::Replace)
     }
 
-    fn write_address(&mut self, address: &Address, write: Write) -> Result<()> {
+    fn write_address<A: NetlinkFamily>(
+        &mut self,
+        address: &AddressOf<A>,
+        write: Write,
+    ) -> Result<()> {
         let message = RouteNetlinkMessage::NewAddress(address.message());
         self.request(message, write.flags(), &address.to_string())
     }
 
-    pub fn delete_address(&mut self, address: &Address) -> Result<()> {
+    pub fn delete_address<A: NetlinkFamily>(&mut self, address: &AddressOf<A>) -> Result<()> {
         let message = RouteNetlinkMessage::DelAddress(address.message());
         self.request(message, 0, &address.to_string())
     }
 
     /// The IPv4 routes of the main table (what `ip route show` lists).
     pub fn routes(&mut self) -> Result<Vec<Route>> {
+        self.routes_of()
+    }
+
+    /// The IPv6 routes of the main table.
+    pub fn routes6(&mut self) -> Result<Vec<RouteOf<Ipv6Addr>>> {
+        self.routes_of()
+    }
+
+    /// The routes of family `A` of the main table.
+    pub fn routes_of<A: NetlinkFamily>(&mut self) -> Result<Vec<RouteOf<A>>> {
         let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet;
-        let messages = self.dump(RouteNetlinkMessage::GetRoute(query), "IPv4 routes")?;
+        query.header.address_family = A::ADDRESS_FAMILY;
+        let what = format!("{} routes", A::NAME);
+        let messages = self.dump(RouteNetlinkMessage::GetRoute(query), &what)?;
         Ok(messages
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
+                RouteNetlinkMessage::NewRoute(r) => RouteOf::from_message(r),
                 _ => None,
             })
             .collect())
     }
 
-    pub fn add_route(&mut self, route: &Route) -> Result<()> {
+    pub fn add_route<A: NetlinkFamily>(&mut self, route: &RouteOf<A>) -> Result<()> {
         self.write_route(route, Write::Add)
     }
 
-    pub fn replace_route(&mut self, route: &Route) -> Result<()> {
+    pub fn replace_route<A: NetlinkFamily>(&mut self, route: &RouteOf<A>) -> Result<()> {
         self.write_route(route, Write::Replace)
     }
 
-    fn write_route(&mut self, route: &Route, write: Write) -> Result<()> {
+    fn write_route<A: NetlinkFamily>(&mut self, route: &RouteOf<A>, write: Write) -> Result<()> {
         let message = RouteNetlinkMessage::NewRoute(route.message());
         self.request(message, write.flags(), &route.to_string())
     }
 
-    pub fn delete_route(&mut self, route: &Route) -> Result<()> {
+    pub fn delete_route<A: NetlinkFamily>(&mut self, route: &RouteOf<A>) -> Result<()> {
         let message = RouteNetlinkMessage::DelRoute(route.delete_message());
         self.request(message, 0, &route.to_string())
     }
 
+    /// [`Netlink::delete_route`] of the short IPv6 form.
+    pub fn delete_route6(&mut self, route: &Route6) -> Result<()> {
+        self.delete_route(&RouteOf::from(*route))
+    }
+
     /// The IPv4 neighbour entries of every link.
     pub fn neighbours(&mut self) -> Result<Vec<Neighbour>> {
+        self.neighbours_of()
+    }
+
+    /// The IPv6 neighbour entries of every link.
+    pub fn neighbours6(&mut self) -> Result<Vec<Neighbour6>> {
+        self.neighbours_of()
+    }
+
+    /// The neighbour entries of family `A` of every link.
+    pub fn neighbours_of<A: NetlinkFamily>(&mut self) -> Result<Vec<NeighbourOf<A>>> {
         let mut query = NeighbourMessage::default();
-        query.header.family = AddressFamily::Inet;
-        let messages = self.dump(RouteNetlinkMessage::GetNeighbour(query), "IPv4 neighbours")?;
+        query.header.family = A::ADDRESS_FAMILY;
+        let what = format!("{} neighbours", A::NAME);
+        let messages = self.dump(RouteNetlinkMessage::GetNeighbour(query), &what)?;
         Ok(messages
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => Neighbour::from_message(n),
+                RouteNetlinkMessage::NewNeighbour(n) => NeighbourOf::from_message(n),
                 _ => None,
             })
             .collect())
     }
 
-    pub fn add_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+    pub fn add_neighbour<A: NetlinkFamily>(&mut self, neighbour: &NeighbourOf<A>) -> Result<()> {
         self.write_neighbour(neighbour, Write::Add)
     }
 
-    pub fn replace_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+    pub fn replace_neighbour<A: NetlinkFamily>(
+        &mut self,
+        neighbour: &NeighbourOf<A>,
+    ) -> Result<()> {
         self.write_neighbour(neighbour, Write::Replace)
     }
 
-    fn write_neighbour(&mut self, neighbour: &Neighbour, write: Write) -> Result<()> {
+    fn write_neighbour<A: NetlinkFamily>(
+        &mut self,
+        neighbour: &NeighbourOf<A>,
+        write: Write,
+    ) -> Result<()> {
         let message = RouteNetlinkMessage::NewNeighbour(neighbour.message());
         self.request(message, write.flags(), &neighbour.to_string())
     }
 
-    pub fn delete_neighbour(&mut self, neighbour: &Neighbour) -> Result<()> {
+    pub fn delete_neighbour<A: NetlinkFamily>(&mut self, neighbour: &NeighbourOf<A>) -> Result<()> {
         let message = RouteNetlinkMessage::DelNeighbour(neighbour.message());
         self.request(message, 0, &neighbour.to_string())
     }
@@ -548,5 +713,67 @@ mod tests {
             Address::from_message(&round_trip(&peer)).map(|a| a.ip),
             Some("10.0.0.1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_routes_and_neighbours_read_back_as_written_by_the_same_code() {
+        let address = Address6 {
+            device: 3,
+            ip: "fd00:10:244::5".parse().unwrap(),
+            prefix_len: 128,
+        };
+        let message = round_trip(&address.message());
+        assert_eq!(message.header.family, AddressFamily::Inet6);
+        assert_eq!(message.header.flags, AddressHeaderFlags::Nodad);
+        assert_eq!(Address6::from_message(&message), Some(address));
+        assert_eq!(Address::from_message(&message), None);
+        assert_eq!(
+            address.message().header.flags,
+            AddressHeaderFlags::Nodad,
+            "no DAD for IPv6 only"
+        );
+        let ipv4 = Address {
+            device: 3,
+            ip: "10.244.0.5".parse().unwrap(),
+            prefix_len: 32,
+        };
+        assert_eq!(ipv4.message().header.flags, AddressHeaderFlags::empty());
+
+        let default = Route6 {
+            destination: Ipv6Net::default(),
+            device: Some(3),
+            gateway: Some("fe80::ecee:eeff:feee:eeee".parse().unwrap()),
+        };
+        let route = RouteOf::from(default);
+        let message = round_trip(&route.message());
+        assert_eq!(message.header.address_family, AddressFamily::Inet6);
+        assert_eq!(message.header.scope, RouteScope::Universe);
+        assert!(!message
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Destination(_))));
+        assert_eq!(RouteOf::from_message(&message), Some(route.clone()));
+        assert_eq!(Route::from_message(&message), None);
+        let delete = round_trip(&route.delete_message());
+        assert_eq!(
+            RouteOf::<Ipv6Addr>::from_message(&delete).map(|r| (r.device, r.gateway)),
+            Some((default.device, default.gateway))
+        );
+        let pod = RouteOf::from(Route6 {
+            destination: "fd00:10:244::5/128".parse().unwrap(),
+            device: Some(4),
+            gateway: None,
+        });
+        assert_eq!(
+            RouteOf::from_message(&round_trip(&pod.message())),
+            Some(pod)
+        );
+
+        let gateway =
+            Neighbour6::permanent(3, "fe80::ecee:eeff:feee:eeee".parse().unwrap(), [0xee; 6]);
+        let message = round_trip(&gateway.message());
+        assert_eq!(message.header.family, AddressFamily::Inet6);
+        assert_eq!(Neighbour6::from_message(&message), Some(gateway));
+        assert_eq!(Neighbour::from_message(&message), None);
     }
 }

@@ -286,15 +286,7 @@ fn parallel_dual_stack_adds_get_distinct_addresses_and_a_full_ipv6_range_reclaim
     let mut sandboxes = (0..8)
         .map(|i| Sandbox::new(&format!("d{i}")))
         .collect::<Result<Vec<_>>>()?;
-    std::thread::scope(|scope| {
-        let runtime = &runtime;
-        let adds: Vec<_> = sandboxes
-            .iter_mut()
-            .map(|sandbox| scope.spawn(move || runtime.add(sandbox).map(drop)))
-            .collect();
-        adds.into_iter()
-            .try_for_each(|add| add.join().expect("ADD thread panicked"))
-    })?;
+    runtime.add_parallel(&mut sandboxes)?;
     let mut ips6: Vec<String> = sandboxes
         .iter()
         .filter_map(|s| s.result.as_ref())

@@ -206,15 +206,7 @@ fn sixteen_parallel_adds_get_distinct_addresses() -> Result<()> {
     let mut sandboxes = (0..16)
         .map(|i| Sandbox::new(&format!("p{i}")))
         .collect::<Result<Vec<_>>>()?;
-    std::thread::scope(|scope| {
-        let runtime = &runtime;
-        let adds: Vec<_> = sandboxes
-            .iter_mut()
-            .map(|sandbox| scope.spawn(move || runtime.add(sandbox).map(drop)))
-            .collect();
-        adds.into_iter()
-            .try_for_each(|add| add.join().expect("ADD thread panicked"))
-    })?;
+    runtime.add_parallel(&mut sandboxes)?;
     let mut ips: Vec<_> = sandboxes.iter().map(|s| s.pod.ip).collect();
     ips.sort();
     ips.dedup();
