@@ -1,4 +1,5 @@
-//! The bpf(2) commands aya 0.14 does not offer: BPF_OBJ_GET of any pinned object,
+//! The bpf(2) commands aya 0.14 does not offer: BPF_OBJ_GET of any pinned object
+//! (users in `datapath` and `maps`),
 //! BPF_LINK_UPDATE (users in `datapath`), and BPF_MAP_UPDATE_BATCH and
 //! BPF_MAP_LOOKUP_BATCH, which write or read many entries of one map in one call: a
 //! first sync of 10,000 Services is 220,000 entries, and a syscall each (two to read:
@@ -200,4 +201,33 @@ pub fn test_run(program: BorrowedFd, data: &mut [u8]) -> std::io::Result<u32> {
     // frame is valid for `size` bytes in and out and outlives the call.
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(attr.retval)
+}
+
+/// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.
+pub(crate) fn bpf_obj_get(path: &std::path::Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use anyhow::Context;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // The kernel refuses non-zero bytes past the last field: no implicit padding.
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: nix::libc::c_long = 7;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives it.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }.context("BPF_OBJ_GET")?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

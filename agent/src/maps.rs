@@ -121,7 +121,7 @@ fn entries<K: aya::Pod + Ord, V: aya::Pod>(
 impl NodeMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let mut maps = Self::from_maps(|name| open(pin_dir, name))?;
-        if let Ok(program) = crate::datapath::bpf_obj_get(&pin_dir.join(program_names::PURGE)) {
+        if let Ok(program) = crate::bpf_syscall::bpf_obj_get(&pin_dir.join(program_names::PURGE)) {
             maps.set_purge_program(Some(program));
         }
         Ok(maps)

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -27,7 +27,11 @@ use aya_log::EbpfLogger;
 use ferrite_common::{map_names, program_names, VXLAN_DEVICE};
 use tracing::{info, warn};
 
-use crate::{bpf_syscall::bpf, files::create_private_dir, plan::Interface};
+use crate::{
+    bpf_syscall::{bpf, bpf_obj_get},
+    files::create_private_dir,
+    plan::Interface,
+};
 
 mod mounts;
 pub use mounts::{cgroup2_directory, default_cgroup_root, ensure_bpffs};
@@ -464,33 +468,6 @@ where
         .program_mut(name)
         .with_context(|| format!("{name} missing from the object"))?;
     Ok(program.try_into()?)
-}
-
-/// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.
-pub(crate) fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        // The kernel refuses non-zero bytes past the last field: no implicit padding.
-        _pad: u32,
-    }
-    const BPF_OBJ_GET: nix::libc::c_long = 7;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut attr = ObjGetAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives it.
-    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }.context("BPF_OBJ_GET")?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// BPF_LINK_UPDATE: run `program` in the link, in place (same link, no gap).
