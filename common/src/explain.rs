@@ -145,5 +145,4 @@ pub struct ExplainTrace {
     pub backend_id: u32,
     pub backend: Backend,
     pub snat_address: [u8; 4],
-    pub _pad: u32,
 }
