@@ -98,6 +98,18 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd,
     chunk: usize,
 ) -> std::io::Result<Option<Vec<(K, V)>>> {
+    Ok(lookup_up_to(map, chunk, usize::MAX)?.map(|(entries, _)| entries))
+}
+
+/// What a batch read returned: the entries, and whether they are all of the map's.
+pub type BatchRead<K, V> = (Vec<(K, V)>, bool);
+
+/// [`lookup_all`], stopping once more than `limit` entries are read.
+pub fn lookup_up_to<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd,
+    chunk: usize,
+    limit: usize,
+) -> std::io::Result<Option<BatchRead<K, V>>> {
     const BPF_MAP_LOOKUP_BATCH: nix::libc::c_long = 24;
     let mut entries = Vec::new();
     let mut keys: Vec<K> = Vec::with_capacity(chunk);
@@ -146,7 +158,10 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
         }
         entries.extend(keys.drain(..).zip(values.drain(..)));
         if done {
-            return Ok(Some(entries));
+            return Ok(Some((entries, true)));
+        }
+        if entries.len() > limit {
+            return Ok(Some((entries, false)));
         }
         position = next_position;
         first = false;

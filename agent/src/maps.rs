@@ -47,6 +47,10 @@ pub fn pinned_capacities(pin_dir: &Path) -> Result<Capacities> {
 /// short and an agent stopped mid-sync stops between calls, in the order of its
 /// writes.
 const BATCH: usize = 1024;
+/// Up to this many conntrack entries, a purge reads the table out instead of walking
+/// it in the kernel (measured: an empty table 0.2 ms read, 4 ms walked; a full one
+/// 100 ms read, 34 ms walked).
+pub const SPARSE_CONNTRACK_ENTRIES: usize = 4096;
 
 /// The open pinned maps of one node.
 pub struct NodeMaps {
@@ -499,9 +503,10 @@ impl NodeMaps {
     /// so this is what moves such a flow to a current backend on its next packet (UDP
     /// clients are not stuck on the old one), and a later backend reusing the id never
     /// inherits them. Each entry is judged by its own backend id and rev-NAT index
-    /// (forward and reply entries carry both). In the kernel when the program is
-    /// there (one walk, no copy of the table), else from userspace. Returns how many
-    /// conntrack entries went.
+    /// (forward and reply entries carry both). A table of at most
+    /// [`SPARSE_CONNTRACK_ENTRIES`] is read out and purged from userspace; a busier one
+    /// in the kernel when the program is there (one walk, no copy of the table), else
+    /// from userspace too. Returns how many conntrack entries went.
     pub fn purge_conntrack(
         &mut self,
         removed_backends: &BTreeSet<u32>,
@@ -509,6 +514,15 @@ impl NodeMaps {
     ) -> Result<usize> {
         if removed_backends.is_empty() && ended.is_empty() {
             return Ok(0);
+        }
+        // The kernel's walk visits every bucket, flows or none (~4 ms for 262,144);
+        // a table of a few thousand flows is read out and purged in a fraction of it.
+        let fd = self.conntrack.map().fd().as_fd();
+        if let Some((entries, true)) =
+            crate::bpf_syscall::lookup_up_to(fd, BATCH, SPARSE_CONNTRACK_ENTRIES)
+                .with_context(|| format!("reading {}", map_names::CONNTRACK))?
+        {
+            return self.purge_entries_in_userspace(entries, removed_backends, ended);
         }
         match self.purge_conntrack_in_kernel(removed_backends, ended) {
             Ok(Some(counts)) => return Ok(counts.conntrack as usize),
@@ -592,11 +606,21 @@ impl NodeMaps {
         removed_backends: &BTreeSet<u32>,
         ended: &BTreeSet<(u32, u32)>,
     ) -> Result<usize> {
+        let entries = self.conntrack_entries()?;
+        self.purge_entries_in_userspace(entries, removed_backends, ended)
+    }
+
+    /// The userspace purge of `entries`, the conntrack table as just read.
+    fn purge_entries_in_userspace(
+        &mut self,
+        entries: Vec<(CtKey, CtValue)>,
+        removed_backends: &BTreeSet<u32>,
+        ended: &BTreeSet<(u32, u32)>,
+    ) -> Result<usize> {
         let gone = |rev_nat_index: u32, backend_id: u32| {
             removed_backends.contains(&backend_id) || ended.contains(&(rev_nat_index, backend_id))
         };
-        let stale: Vec<CtKey> = self
-            .conntrack_entries()?
+        let stale: Vec<CtKey> = entries
             .into_iter()
             .filter(|(_, value)| gone(value.rev_nat_index, value.backend_id))
             .map(|(key, _)| key)
