@@ -16,7 +16,9 @@ use ferrite_tests::{
     cluster::{
         self, load_balancer_yaml, service_yaml, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_TARGET,
     },
-    lab::{exchange, parse_answer, pod_ip, wait_until, Cluster, HeldConnection, Netns, Server},
+    lab::{
+        exchange, parse_answer, pod_ip, wait_until, Cluster, HeldConnection, Netns, Node, Server,
+    },
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
@@ -320,6 +322,40 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
     Ok(())
 }
 
+/// Ten connections of the first client to the TCP frontend, each with the backend
+/// that answered it.
+fn open_streams(node: &Node) -> Result<Vec<(TcpStream, String)>> {
+    let client = node.pod(CLIENTS[0].0);
+    (0..10)
+        .map(|index| {
+            let mut stream = client.tcp_connect(TCP_FRONTEND)?;
+            let request = format!("open {index}");
+            let backend = parse_answer(&exchange(&mut stream, &request)?, &request)?.0;
+            Ok((stream, backend))
+        })
+        .collect()
+}
+
+/// Every stream is still answered, by the backend that answered it first.
+fn each_stream_keeps_its_backend(streams: &mut [(TcpStream, String)]) -> Result<()> {
+    for (index, (stream, backend)) in streams.iter_mut().enumerate() {
+        let request = format!("after {index}");
+        assert_eq!(
+            &parse_answer(&exchange(stream, &request)?, &request)?.0,
+            backend
+        );
+    }
+    Ok(())
+}
+
+/// What the node's running agent has logged.
+fn agent_log(node: &Node) -> String {
+    node.agent
+        .as_ref()
+        .map(|a| a.log_text())
+        .unwrap_or_default()
+}
+
 /// Map name -> (map id, capacity) of every map pinned for a node.
 fn pinned_maps(pin_dir: &Path) -> Result<BTreeMap<String, (u32, u32)>> {
     let mut out = BTreeMap::new();
@@ -337,14 +373,7 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
     node.write_config(&cluster::example_for(&node.name))?;
     node.start_agent()?;
     node.wait_for_sync(2, 5)?;
-    let client = node.pod(CLIENTS[0].0);
-    let mut streams = Vec::new();
-    for index in 0..10 {
-        let mut stream = client.tcp_connect(TCP_FRONTEND)?;
-        let request = format!("open {index}");
-        let backend = parse_answer(&exchange(&mut stream, &request)?, &request)?.0;
-        streams.push((stream, backend));
-    }
+    let mut streams = open_streams(&node)?;
     let before = pinned_maps(&node.pin_dir())?;
 
     // The new agent's object wants a smaller session-affinity map (as an upgrade
@@ -353,12 +382,7 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
     node.agent_args = vec!["--map-capacity".into(), format!("{changed}=1000")];
     node.kill_agent()?;
     node.start_agent()?;
-    let log = || {
-        node.agent
-            .as_ref()
-            .map(|a| a.log_text())
-            .unwrap_or_default()
-    };
+    let log = || agent_log(&node);
     wait_until("the new agent to sync", Duration::from_secs(30), || {
         log().contains("synced")
     })?;
@@ -377,13 +401,7 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
         log()
     );
     // Conntrack was kept: every connection stays on its backend.
-    for (index, (stream, backend)) in streams.iter_mut().enumerate() {
-        let request = format!("after {index}");
-        assert_eq!(
-            &parse_answer(&exchange(stream, &request)?, &request)?.0,
-            backend
-        );
-    }
+    each_stream_keeps_its_backend(&mut streams)?;
     drop(servers);
     Ok(())
 }
@@ -400,14 +418,7 @@ fn an_upgrade_from_16_bit_rev_nat_keys_recreates_the_rev_nat_map() -> Result<()>
     node.write_config(&cluster::example_for(&node.name))?;
     node.start_agent()?;
     node.wait_for_sync(2, 5)?;
-    let client = node.pod(CLIENTS[0].0);
-    let mut streams = Vec::new();
-    for index in 0..10 {
-        let mut stream = client.tcp_connect(TCP_FRONTEND)?;
-        let request = format!("open {index}");
-        let backend = parse_answer(&exchange(&mut stream, &request)?, &request)?.0;
-        streams.push((stream, backend));
-    }
+    let mut streams = open_streams(&node)?;
     node.kill_agent()?;
     // What the previous release pinned: the running programs keep the map they hold.
     let changed = ferrite_common::map_names::REV_NAT;
@@ -422,12 +433,7 @@ fn an_upgrade_from_16_bit_rev_nat_keys_recreates_the_rev_nat_map() -> Result<()>
     anyhow::ensure!(created.success(), "bpftool map create: {created}");
     let before = pinned_maps(&node.pin_dir())?;
     node.start_agent()?;
-    let log = || {
-        node.agent
-            .as_ref()
-            .map(|a| a.log_text())
-            .unwrap_or_default()
-    };
+    let log = || agent_log(&node);
     wait_until("the new agent to sync", Duration::from_secs(30), || {
         log().contains("synced")
     })?;
@@ -446,13 +452,7 @@ fn an_upgrade_from_16_bit_rev_nat_keys_recreates_the_rev_nat_map() -> Result<()>
         "the agent says which map it re-created and why:\n{}",
         log()
     );
-    for (index, (stream, backend)) in streams.iter_mut().enumerate() {
-        let request = format!("after {index}");
-        assert_eq!(
-            &parse_answer(&exchange(stream, &request)?, &request)?.0,
-            backend
-        );
-    }
+    each_stream_keeps_its_backend(&mut streams)?;
     let mut stream = node.pod(CLIENTS[0].0).tcp_connect(TCP_FRONTEND)?;
     parse_answer(&exchange(&mut stream, "new")?, "new")?;
     drop(servers);
