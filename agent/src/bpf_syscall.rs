@@ -171,9 +171,57 @@ pub fn lookup_up_to<K: aya::Pod, V: aya::Pod>(
 /// BPF_PROG_TEST_RUN of `program` once on `data` (an skb program's frame), which the
 /// program may rewrite in place. Returns the program's return value.
 pub fn test_run(program: BorrowedFd, data: &mut [u8]) -> std::io::Result<u32> {
+    let size = u32::try_from(data.len()).expect("a frame fits in u32");
+    let pointer = data.as_mut_ptr();
+    // SAFETY: the frame is valid for `size` bytes in and out and outlives the call.
+    let run = unsafe { test_run_raw(program, (pointer, size), (pointer, size), 1) }?;
+    Ok(run.retval)
+}
+
+/// What a BPF_PROG_TEST_RUN left: the program's return value, the length of the
+/// frame it wrote out, and the kernel's mean time per run (ns).
+#[derive(Clone, Copy, Debug)]
+pub struct TestRun {
+    pub retval: u32,
+    pub data_size_out: u32,
+    pub duration_ns: u32,
+}
+
+/// BPF_PROG_TEST_RUN of `program` `repeat` times on `data_in`, the frame it leaves
+/// written to `data_out` (which must have room for what the program may add).
+pub fn test_run_into(
+    program: BorrowedFd,
+    data_in: &[u8],
+    data_out: &mut [u8],
+    repeat: u32,
+) -> std::io::Result<TestRun> {
+    let size = |data: usize| u32::try_from(data).expect("a frame fits in u32");
+    let (size_in, size_out) = (size(data_in.len()), size(data_out.len()));
+    // SAFETY: both buffers are valid for their sizes and outlive the call; the kernel
+    // only reads `data_in`.
+    unsafe {
+        test_run_raw(
+            program,
+            (data_in.as_ptr().cast_mut(), size_in),
+            (data_out.as_mut_ptr(), size_out),
+            repeat,
+        )
+    }
+}
+
+/// # Safety
+/// Both (pointer, size) pairs must be valid for their sizes during the call, the
+/// output one for writes.
+unsafe fn test_run_raw(
+    program: BorrowedFd,
+    (data_in, size_in): (*mut u8, u32),
+    (data_out, size_out): (*mut u8, u32),
+    repeat: u32,
+) -> std::io::Result<TestRun> {
     /// The `test` member of `union bpf_attr` up to `batch_size`, then explicit
     /// padding to its 8-byte alignment (the kernel refuses non-zero bytes past it).
     #[repr(C)]
+    #[derive(Default)]
     struct TestRunAttr {
         prog_fd: u32,
         retval: u32,
@@ -193,29 +241,23 @@ pub fn test_run(program: BorrowedFd, data: &mut [u8]) -> std::io::Result<u32> {
         _pad: u32,
     }
     const BPF_PROG_TEST_RUN: nix::libc::c_long = 10;
-    let size = u32::try_from(data.len()).expect("a frame fits in u32");
     let mut attr = TestRunAttr {
         prog_fd: program.as_raw_fd() as u32,
-        retval: 0,
-        data_size_in: size,
-        data_size_out: size,
-        data_in: data.as_ptr() as u64,
-        data_out: data.as_mut_ptr() as u64,
-        repeat: 1,
-        duration: 0,
-        ctx_size_in: 0,
-        ctx_size_out: 0,
-        ctx_in: 0,
-        ctx_out: 0,
-        flags: 0,
-        cpu: 0,
-        batch_size: 0,
-        _pad: 0,
+        data_size_in: size_in,
+        data_size_out: size_out,
+        data_in: data_in as u64,
+        data_out: data_out as u64,
+        repeat,
+        ..TestRunAttr::default()
     };
     // SAFETY: `attr` is the test member of bpf_attr without implicit padding; the
-    // frame is valid for `size` bytes in and out and outlives the call.
+    // caller vouches for the buffers.
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
-    Ok(attr.retval)
+    Ok(TestRun {
+        retval: attr.retval,
+        data_size_out: attr.data_size_out,
+        duration_ns: attr.duration,
+    })
 }
 
 /// BPF_OBJ_GET: a file descriptor for the object pinned at `path`.

@@ -11,7 +11,7 @@ use std::{
     io,
     mem::size_of,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -23,7 +23,6 @@ use crate::testbed::RunResult;
 const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_PROG_LOAD: u32 = 5;
-const BPF_PROG_TEST_RUN: u32 = 10;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
@@ -72,27 +71,6 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
 }
 
 fn bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
@@ -251,23 +229,20 @@ impl TunnelShim {
     /// frame the target left, and the kernel's time per run (shim included).
     pub fn run(&self, slot: usize, frame: &[u8], repeat: u32) -> Result<(RunResult, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let mut attr = TestRunAttr {
-            prog_fd: self.programs[slot].as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
+        let run = ferrite_agent::bpf_syscall::test_run_into(
+            self.programs[slot].as_fd(),
+            frame,
+            &mut out,
             repeat,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut attr).context("test run of the tunnel shim")?;
-        out.truncate(attr.data_size_out as usize);
+        )
+        .context("test run of the tunnel shim")?;
+        out.truncate(run.data_size_out as usize);
         Ok((
             RunResult {
-                verdict: attr.retval,
+                verdict: run.retval,
                 frame: out,
             },
-            Duration::from_nanos(attr.duration as u64),
+            Duration::from_nanos(run.duration_ns as u64),
         ))
     }
 }
