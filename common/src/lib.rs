@@ -37,6 +37,8 @@ pub mod map_names {
         BACKENDS = "ferrite_backend",
         REV_NAT = "ferrite_rev_nat",
         ENDPOINTS = "ferrite_endpnt",
+        /// The IPv6 addresses of this node's pods (`ENDPOINTS` for IPv4).
+        ENDPOINTS6 = "ferrite_endpnt6",
         CONNTRACK = "ferrite_ct",
         STATS = "ferrite_stats",
         CONFIG = "ferrite_config",
@@ -163,6 +165,7 @@ pub mod capacity {
     pub const BACKENDS: u32 = 131_072;
     pub const REV_NAT: u32 = 65_535;
     pub const ENDPOINTS: u32 = 4_096;
+    pub const ENDPOINTS6: u32 = 4_096;
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
     /// Service/backend pairs with traffic counters (LRU, per CPU: 16 bytes per CPU
@@ -193,11 +196,12 @@ pub mod capacity {
     /// per-CPU counters, the one config entry, per-socket storage (as many entries as
     /// sockets), the event ring (a size in bytes, fixed at build time), the monitor's
     /// one entry and the explain runs' per-CPU trace.
-    pub const DEFAULTS: [(&str, u32); 14] = [
+    pub const DEFAULTS: [(&str, u32); 15] = [
         (map_names::SERVICES, SERVICES),
         (map_names::BACKENDS, BACKENDS),
         (map_names::REV_NAT, REV_NAT),
         (map_names::ENDPOINTS, ENDPOINTS),
+        (map_names::ENDPOINTS6, ENDPOINTS6),
         (map_names::CONNTRACK, CONNTRACK),
         (map_names::ROUTES, ROUTES),
         (map_names::LB_STATS, LB_STATS),
@@ -503,7 +507,15 @@ pub struct EndpointKey {
     pub address: [u8; 4],
 }
 
-/// Value of `ferrite_endpnt`: how to deliver to a local pod.
+/// Key of `ferrite_endpnt6`: a pod's IPv6 address on this node (network order). Its
+/// value is the same [`EndpointInfo`] as the pod's IPv4 entry (one veth, one MAC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint6Key {
+    pub address: [u8; 16],
+}
+
+/// Value of `ferrite_endpnt` and `ferrite_endpnt6`: how to deliver to a local pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
@@ -794,6 +806,7 @@ mod pod_impls {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint6Key {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
@@ -833,6 +846,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<RevNatValue>(), 8);
         assert_eq!(size_of::<EndpointKey>(), 4);
+        assert_eq!(size_of::<Endpoint6Key>(), 16);
         assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 88);

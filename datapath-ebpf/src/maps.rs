@@ -9,7 +9,8 @@ use ferrite_common::{
     capacity, monitor,
     policy::{IpcacheValue, PolicyKey, PolicyValue},
     purge::{self, PurgePair},
-    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
+    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
+    EndpointKey,
     ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent, NodeConfig,
     RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
     SourceRangeKey,
@@ -36,6 +37,9 @@ btf_maps! {
     pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
 
     pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { capacity::ENDPOINTS as usize }> =
+        HashMap::new();
+
+    pub static ENDPOINTS6: HashMap<Endpoint6Key, EndpointInfo, { capacity::ENDPOINTS6 as usize }> =
         HashMap::new();
 
     pub static CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> =
