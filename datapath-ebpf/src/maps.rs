@@ -10,10 +10,9 @@ use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
     purge::{self, PurgePair},
     stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
-    EndpointKey,
-    ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SockService,
-    SourceRangeKey,
+    EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent,
+    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SockService, SourceRangeKey,
 };
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's
