@@ -226,10 +226,11 @@ impl NodeAgent {
             _ => None,
         };
         let current = match cached {
-            Some(mut contents) => self.parts.maps.endpoint_entries().map(|endpoints| {
-                contents.endpoints = endpoints;
-                contents
-            }),
+            Some(mut contents) => (|| {
+                contents.endpoints = self.parts.maps.endpoint_entries()?;
+                contents.endpoints6 = self.parts.maps.endpoint6_entries()?;
+                Ok(contents)
+            })(),
             None => self.parts.maps.contents(),
         };
         let last_written = self
@@ -1115,14 +1116,36 @@ fn uplink_wants_xdp(uplink: Option<&str>, setting: plan::UplinkXdp) -> bool {
 
 /// Host routes to the pods whose endpoints `ops` adds, before the map writes: once a
 /// pod's endpoint is in the map, the stack can reach it too (replies to its
-/// masqueraded traffic; plain routing if the datapath goes).
+/// masqueraded traffic; plain routing if the datapath goes). IPv6 as the CNI plugin
+/// routes it, a /128 and the pod's permanent neighbour entry, where the veth has
+/// IPv6 (a failure is logged: the entry is written all the same).
 fn add_routes_to_new_endpoints(state: &model::DesiredState, ops: &[plan::Op]) -> Result<()> {
+    let mut by_ip6 = None;
     for op in ops {
-        if let plan::Op::PutEndpoint(key, _) = op {
-            let ip = Ipv4Addr::from(key.address);
-            if let Some(pod) = state.pods.get(&ip) {
-                host::pods::add_pod_route(ip, &pod.interface)?;
+        match op {
+            plan::Op::PutEndpoint(key, _) => {
+                let ip = Ipv4Addr::from(key.address);
+                if let Some(pod) = state.pods.get(&ip) {
+                    host::pods::add_pod_route(ip, &pod.interface)?;
+                }
             }
+            plan::Op::PutEndpoint6(key, _) => {
+                let pods = by_ip6.get_or_insert_with(|| {
+                    state
+                        .pods
+                        .values()
+                        .filter_map(|pod| Some((pod.ip6?, pod)))
+                        .collect::<std::collections::HashMap<_, _>>()
+                });
+                let ip6 = std::net::Ipv6Addr::from(key.address);
+                if let Some(pod) = pods.get(&ip6) {
+                    let mac = ferrite_common::pod_mac_for(pod.ip);
+                    if let Err(e) = host::pods::add_pod_route6(ip6, mac, &pod.interface) {
+                        warn!("no host route to pod {ip6}: {e:#}");
+                    }
+                }
+            }
+            _ => {}
         }
     }
     Ok(())

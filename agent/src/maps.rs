@@ -16,9 +16,9 @@ use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
     program_names,
     purge::{self, PurgeCounts, PurgePair, PurgeRequest},
-    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, EndpointInfo, EndpointKey,
-    LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue,
-    SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
+    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
+    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::plan::{
@@ -58,6 +58,7 @@ pub struct NodeMaps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNatValue>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub endpoints6: HashMap<MapData, Endpoint6Key, EndpointInfo>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, Counter>,
     pub routes: LpmTrie<MapData, [u8; 4], RouteInfo>,
@@ -146,6 +147,7 @@ impl NodeMaps {
             backends: map(map_names::BACKENDS)?.try_into()?,
             rev_nat: map(map_names::REV_NAT)?.try_into()?,
             endpoints: map(map_names::ENDPOINTS)?.try_into()?,
+            endpoints6: map(map_names::ENDPOINTS6)?.try_into()?,
             conntrack: map(map_names::CONNTRACK)?.try_into()?,
             stats: map(map_names::STATS)?.try_into()?,
             routes: map(map_names::ROUTES)?.try_into()?,
@@ -189,6 +191,7 @@ impl NodeMaps {
             backends: entries(&self.backends, map_names::BACKENDS)?,
             rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
+            endpoints6: entries(&self.endpoints6, map_names::ENDPOINTS6)?,
             routes: self.route_entries()?,
             config: self.config.get(&0, 0)?,
             maglev: Default::default(),
@@ -303,12 +306,28 @@ impl NodeMaps {
         }
     }
 
+    /// The IPv6 endpoint entry of one pod address, if any.
+    pub fn endpoint6(&self, key: &Endpoint6Key) -> Result<Option<EndpointInfo>> {
+        match self.endpoints6.get(key, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", map_names::ENDPOINTS6)),
+        }
+    }
+
     /// Only the endpoints (a few hundred at most): the CNI plugin writes them between
     /// syncs, so even event-driven syncs read them fresh.
     pub fn endpoint_entries(
         &self,
     ) -> Result<std::collections::BTreeMap<EndpointKey, EndpointInfo>> {
         entries(&self.endpoints, map_names::ENDPOINTS)
+    }
+
+    /// Only the IPv6 endpoints (see [`NodeMaps::endpoint_entries`]).
+    pub fn endpoint6_entries(
+        &self,
+    ) -> Result<std::collections::BTreeMap<Endpoint6Key, EndpointInfo>> {
+        entries(&self.endpoints6, map_names::ENDPOINTS6)
     }
 
     /// Every conntrack entry (both directions of every flow), [`BATCH`] at a time: a
@@ -424,6 +443,10 @@ impl NodeMaps {
                 Op::PutEndpoint(key, value) => Some((*key, *value)),
                 _ => None,
             }),
+            Some(Op::PutEndpoint6(..)) => run(&self.endpoints6, ops, |op| match op {
+                Op::PutEndpoint6(key, value) => Some((*key, *value)),
+                _ => None,
+            }),
             _ => Ok(0),
         }
     }
@@ -434,10 +457,12 @@ impl NodeMaps {
             Op::PutRevNat(index, value) => self.rev_nat.insert(index, value, 0),
             Op::PutService(key, value) => self.services.insert(key, value, 0),
             Op::PutEndpoint(key, value) => self.endpoints.insert(key, value, 0),
+            Op::PutEndpoint6(key, value) => self.endpoints6.insert(key, value, 0),
             Op::DeleteService(key) => self.services.remove(key),
             Op::DeleteRevNat(index) => self.rev_nat.remove(index),
             Op::DeleteBackend(id) => self.backends.remove(id),
             Op::DeleteEndpoint(key) => self.endpoints.remove(key),
+            Op::DeleteEndpoint6(key) => self.endpoints6.remove(key),
             Op::PutConfig(config) => self.config.set(0, config, 0),
             Op::PutRoute(key, value) => self.routes.insert(&lpm_key(key), value, 0),
             Op::DeleteRoute(key) => self.routes.remove(&lpm_key(key)),
@@ -694,6 +719,16 @@ pub fn describe_op(op: &Op) -> String {
             "writing endpoint {} to {}",
             std::net::Ipv4Addr::from(key.address),
             map_names::ENDPOINTS
+        ),
+        Op::PutEndpoint6(key, _) => format!(
+            "writing endpoint {} to {}",
+            std::net::Ipv6Addr::from(key.address),
+            map_names::ENDPOINTS6
+        ),
+        Op::DeleteEndpoint6(key) => format!(
+            "removing endpoint {} from {}",
+            std::net::Ipv6Addr::from(key.address),
+            map_names::ENDPOINTS6
         ),
         Op::DeleteService(key) => format!(
             "removing service {} slot {} from {}",

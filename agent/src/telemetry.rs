@@ -443,6 +443,7 @@ impl Telemetry {
                     (map_names::BACKENDS, contents.backends.len()),
                     (map_names::REV_NAT, contents.rev_nat.len()),
                     (map_names::ENDPOINTS, contents.endpoints.len()),
+                    (map_names::ENDPOINTS6, contents.endpoints6.len()),
                     (map_names::ROUTES, contents.routes.len()),
                     (map_names::CONNTRACK, ct),
                     (map_names::MAGLEV, maps.maglev.keys().count()),

@@ -12,9 +12,9 @@
 //! - `full FILE`: the cluster is FILE's objects; the agent's first full sync;
 //! - `apply FILE`: create or replace FILE's objects, and sync;
 //! - `delete KIND NAMESPACE/NAME` (`delete Node NAME`): and sync;
-//! - `cni NAMESPACE/NAME IP`: the CNI plugin wires that pod (its host veth appears,
-//!   the plugin writes its endpoint entry) before the agent hears of it; then the
-//!   agent's periodic full resync;
+//! - `cni NAMESPACE/NAME IP [IP6]`: the CNI plugin wires that pod (its host veth
+//!   appears, the plugin writes its endpoint entries, IPv6 too for a dual-stack pod)
+//!   before the agent hears of it; then the agent's periodic full resync;
 //! - `resync`: a periodic full sync;
 //! - `writes FILE`: the last step's writes are FILE's lines.
 mod support;
@@ -103,12 +103,17 @@ fn run(path: &Path, update: bool) -> Result<(), String> {
                 synced(&mut node, &step)?.delete(kind, namespace, name);
             }
             ["resync"] => synced(&mut node, &step)?.full_sync(),
-            ["cni", pod, ip] => {
+            ["cni", pod, ip, ip6 @ ..] if ip6.len() <= 1 => {
                 let (namespace, name) = pod
                     .split_once('/')
                     .ok_or(format!("{step}: NAMESPACE/NAME"))?;
                 let ip = ip.parse().map_err(|e| format!("{step}: {e}"))?;
-                synced(&mut node, &step)?.cni_wire(namespace, name, ip);
+                let ip6 = ip6
+                    .first()
+                    .map(|ip6| ip6.parse())
+                    .transpose()
+                    .map_err(|e| format!("{step}: {e}"))?;
+                synced(&mut node, &step)?.cni_wire(namespace, name, ip, ip6);
             }
             ["writes", name] => {
                 let node = synced(&mut node, &step)?;

@@ -3,9 +3,10 @@
 //! NodePort, LoadBalancer, externalIPs, traffic policies Local, health-check ports,
 //! affinity) drawn from small pools of addresses and ports, so that they also
 //! collide; their EndpointSlices, with and without zone hints; Nodes that change
-//! address, pod CIDR and zone, join and leave; Pods of both nodes (labels,
-//! addresses, named ports, hostPorts that collide with each other, NodePorts and
-//! health-check ports; this node's pods wired or not), and for NetworkPolicy,
+//! address, pod CIDRs (dual-stack or not) and zone, join and leave; Pods of both
+//! nodes (labels, IPv4 and IPv6 addresses that collide too, named ports, hostPorts
+//! that collide with each other, NodePorts and health-check ports; this node's pods
+//! wired or not), and for NetworkPolicy,
 //! Namespaces (labels) and NetworkPolicies (pod, namespace and ipBlock peers,
 //! numbered and named ports, both directions) that come, change and go. After every
 //! step the agent's record is the maps, a full sync would write nothing, and the
@@ -173,9 +174,14 @@ fn slice_yaml(service: &str, slice: u8, endpoints: &[EndpointSpec]) -> String {
     )
 }
 
-fn node_yaml(name: &str, ip: &str, cidr: &str, zone: &str) -> String {
+/// A Node; with `cidr6`, dual-stack (its IPv6 pod CIDR beside the IPv4 one).
+fn node_yaml(name: &str, ip: &str, cidr: &str, cidr6: Option<&str>, zone: &str) -> String {
+    let cidrs = match cidr6 {
+        Some(cidr6) => format!("podCIDR: {cidr}, podCIDRs: [{cidr}, '{cidr6}']"),
+        None => format!("podCIDR: {cidr}"),
+    };
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: '{zone}'}}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: '{zone}'}}}}\nspec: {{{cidrs}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
     )
 }
 
@@ -190,6 +196,8 @@ struct PodSpec {
     namespace: usize,
     node: &'static str,
     ip: &'static str,
+    /// The IPv6 address of a dual-stack pod (in `status.podIPs`).
+    ip6: Option<&'static str>,
     app: &'static str,
     tier: &'static str,
     http_port: Option<u16>,
@@ -217,8 +225,12 @@ impl PodSpec {
                     )
                 }),
         );
+        let pod_ips = match self.ip6 {
+            Some(ip6) => format!(", podIPs: [{{ip: {}}}, {{ip: '{ip6}'}}]", self.ip),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}, labels: {{app: {}, tier: '{}'}}}}\nspec: {{nodeName: {}, containers: [{{name: c, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: {}}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}, labels: {{app: {}, tier: '{}'}}}}\nspec: {{nodeName: {}, containers: [{{name: c, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: {}{pod_ips}}}\n",
             NAMESPACES[self.namespace],
             self.app,
             self.tier,
@@ -245,16 +257,24 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
             ("node-2", "10.244.1.21"),
             ("node-2", "10.244.1.22"),
         ]),
+        // IPv6 addresses of this node's IPv6 pod CIDR (two pods may claim one), of
+        // node-2's, and none.
+        prop::option::of(prop::sample::select(vec![
+            "fd00:10:244::21",
+            "fd00:10:244::22",
+            "fd00:10:244:1::21",
+        ])),
         prop::sample::select(vec!["web", "db"]),
         prop::sample::select(vec!["1", "2"]),
         prop::option::of(prop::sample::select(vec![8080u16, 8081])),
         prop::collection::vec(host_port, 0..3),
     )
         .prop_map(
-            |(namespace, (node, ip), app, tier, http_port, host_ports)| PodSpec {
+            |(namespace, (node, ip), ip6, app, tier, http_port, host_ports)| PodSpec {
                 namespace,
                 node,
                 ip,
+                ip6,
                 app,
                 tier,
                 http_port,
@@ -337,8 +357,12 @@ enum Change {
     Slice(usize, u8, Vec<EndpointSpec>),
     DeleteService(usize),
     DeleteSlice(usize, u8),
-    /// This node's address, pod CIDR and zone.
-    ThisNode(&'static str, &'static str, &'static str),
+    /// This node's address, pod CIDRs (IPv4, IPv6) and zone.
+    ThisNode(
+        &'static str,
+        (&'static str, Option<&'static str>),
+        &'static str,
+    ),
     NodeJoins,
     NodeLeaves,
 }
@@ -351,14 +375,15 @@ fn change() -> impl Strategy<Value = Change> {
         1 => service.clone().prop_map(Change::DeleteService),
         1 => (service, 0u8..2).prop_map(|(i, n)| Change::DeleteSlice(i, n)),
         1 => (
+            prop::sample::select(vec!["198.51.100.1", "198.51.100.101"]),
             prop::sample::select(vec![
-                ("198.51.100.1", "10.244.0.0/24"),
-                ("198.51.100.101", "10.244.0.0/24"),
-                ("198.51.100.1", "10.244.4.0/24"),
+                ("10.244.0.0/24", Some("fd00:10:244::/64")),
+                ("10.244.0.0/24", None),
+                ("10.244.4.0/24", Some("fd00:10:244:4::/64")),
             ]),
             prop::sample::select(vec!["z1", "z2", ""]),
         )
-            .prop_map(|((ip, cidr), zone)| Change::ThisNode(ip, cidr, zone)),
+            .prop_map(|(ip, cidrs, zone)| Change::ThisNode(ip, cidrs, zone)),
         1 => Just(Change::NodeJoins),
         1 => Just(Change::NodeLeaves),
         4 => (0..PODS.len(), pod_spec()).prop_map(|(i, s)| Change::Pod(i, s)),
@@ -398,10 +423,16 @@ fn apply(node: &mut SimNode, change: &Change) {
             node.delete("EndpointSlice", "default", &format!("{}-{n}", SERVICES[*i]))
         }
         Change::DeleteService(_) | Change::DeleteSlice(..) => {}
-        Change::ThisNode(ip, cidr, zone) => node.apply(&node_yaml("node-1", ip, cidr, zone)),
-        Change::NodeJoins => {
-            node.apply(&node_yaml("node-3", "198.51.100.3", "10.244.2.0/24", "z2"))
+        Change::ThisNode(ip, (cidr, cidr6), zone) => {
+            node.apply(&node_yaml("node-1", ip, cidr, *cidr6, zone))
         }
+        Change::NodeJoins => node.apply(&node_yaml(
+            "node-3",
+            "198.51.100.3",
+            "10.244.2.0/24",
+            Some("fd00:10:244:2::/64"),
+            "z2",
+        )),
         Change::NodeLeaves if node.objects.nodes.len() > 2 => node.delete("Node", "", "node-3"),
         Change::NodeLeaves => {}
         Change::Pod(i, spec) => {
@@ -477,8 +508,8 @@ proptest! {
         let mut node = SimNode::new("node-1", limits);
         node.objects.nodes = ferrite_agent::objects_yaml::parse_objects(&format!(
             "{}---\n{}",
-            node_yaml("node-1", "198.51.100.1", "10.244.0.0/24", "z1"),
-            node_yaml("node-2", "198.51.100.2", "10.244.1.0/24", "z2")
+            node_yaml("node-1", "198.51.100.1", "10.244.0.0/24", Some("fd00:10:244::/64"), "z1"),
+            node_yaml("node-2", "198.51.100.2", "10.244.1.0/24", Some("fd00:10:244:1::/64"), "z2")
         ))
         .expect("nodes")
         .0

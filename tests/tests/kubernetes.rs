@@ -429,6 +429,65 @@ fn network_policies_and_pod_labels_follow_watch_events() -> Result<()> {
 /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint turns `/healthz` 503 with
 /// `nodeEligible: false`, so load balancers drain the node, while `/livez` (is the
 /// datapath synced?) stays 200; with the taint gone, 200 again.
+/// A dual-stack Pod's IPv6 address (its `status.podIPs`) lands in `ferrite_endpnt6`
+/// as the agent's entry, naming the pod's veth with its IPv4 entry's MACs; a Pod
+/// claiming that address for another pod is refused (web keeps it); the entry
+/// leaves with its Pod.
+#[test]
+fn a_dual_stack_pods_ipv6_address_follows_its_pod_object() -> Result<()> {
+    use ferrite_common::{endpoint_flag::FROM_POD_OBJECT, Endpoint6Key};
+    let c = kube_cluster()?;
+    let (api, node) = (&c.api, &c.node);
+    let ((web, web_ip), (thief, thief_ip)) = (BACKENDS[0], CLIENTS[0]);
+    let ip6: std::net::Ipv6Addr = "fd00:10:244::15".parse()?;
+    let key = Endpoint6Key {
+        address: ip6.octets(),
+    };
+    let pod_yaml = |name: &str, ip: Ipv4Addr| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{nodeName: {}, containers: [{{name: app, image: none}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}\n",
+            node.name
+        )
+    };
+    let web_veth = node.pod(web).host_interface.clone();
+    let web_ifindex = node
+        .netns
+        .run(move || ferrite_agent::host::interfaces::ifindex(&web_veth))?
+        .ok_or_else(|| anyhow::anyhow!("web's veth"))?;
+    api.apply_yaml(&pod_yaml(web, web_ip))?;
+    node.wait_for_maps("web's IPv6 entry", |m| {
+        let ipv4 = m.endpoints.get(&ferrite_common::EndpointKey {
+            address: web_ip.octets(),
+        });
+        m.endpoints6.get(&key).is_some_and(|e| {
+            e.ifindex == web_ifindex
+                && e.flags & FROM_POD_OBJECT != 0
+                && ipv4.is_some_and(|v4| (v4.pod_mac, v4.host_mac) == (e.pod_mac, e.host_mac))
+        })
+    })?;
+
+    api.apply_yaml(&pod_yaml(thief, thief_ip))?;
+    let refusal = format!(
+        "Pod default/{thief}: pod IP {ip6} is the address of the live pod behind {}",
+        node.pod(web).host_interface
+    );
+    let agent = node.agent.as_ref().expect("agent runs");
+    ferrite_tests::lab::wait_until("the thief refused", ferrite_tests::lab::SETTLE, || {
+        agent.log_text().contains(&refusal)
+    })?;
+    let entry = node.maps()?.endpoint6(&key)?;
+    assert_eq!(entry.map(|e| e.ifindex), Some(web_ifindex), "web keeps it");
+
+    api.delete("Pod", "default", thief);
+    api.delete("Pod", "default", web);
+    node.wait_for_maps("web's IPv6 entry gone with its Pod", |m| {
+        !m.endpoints6.contains_key(&key)
+    })?;
+    Ok(())
+}
+
 #[test]
 fn kube_proxys_health_endpoint_drains_a_node_the_autoscaler_is_about_to_delete() -> Result<()> {
     use ferrite_tests::lab::{wait_until, SETTLE};

@@ -6,7 +6,9 @@ use std::{
 };
 
 use anyhow::Result;
-use ferrite_common::{pod_mac_for, EndpointKey, HOST_VETH_MAC, POD_GATEWAY_IP};
+use ferrite_common::{
+    pod_mac_for, Endpoint6Key, EndpointInfo, EndpointKey, HOST_VETH_MAC, POD_GATEWAY_IP,
+};
 
 use super::{
     ipam::{Held, Owner},
@@ -75,7 +77,7 @@ pub fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     );
     if let Some(ip6) = ip6 {
         problems.extend(
-            host_problems6(ip, ip6, &owner.host_interface)
+            host_problems6(&pin_dir, ip, ip6, &owner.host_interface)
                 .or_code(code::CHECK_FAILED, "checking the node side (IPv6)")?,
         );
     }
@@ -265,10 +267,25 @@ fn pod_problems6(
     Ok(problems)
 }
 
+/// Whether `entry` is the endpoint entry the pod at `ip` behind `host` should have.
+fn names_the_pod(entry: Option<EndpointInfo>, ip: Ipv4Addr, host: &str) -> bool {
+    entry.is_some_and(|e| {
+        Some(e.ifindex) == host::interfaces::ifindex(host)
+            && e.pod_mac == pod_mac_for(ip)
+            && e.host_mac == HOST_VETH_MAC
+    })
+}
+
 /// The node's side of a dual-stack pod: IPv6 on the host veth, its /128 route to
-/// the pod and the pod's permanent neighbour entry.
-fn host_problems6(ip: Ipv4Addr, ip6: Ipv6Addr, host: &str) -> Result<Vec<String>> {
+/// the pod, the pod's permanent neighbour entry and its IPv6 endpoint entry.
+fn host_problems6(pin_dir: &Path, ip: Ipv4Addr, ip6: Ipv6Addr, host: &str) -> Result<Vec<String>> {
     let mut problems = Vec::new();
+    let endpoint6 = NodeMaps::open(pin_dir)?.endpoint6(&Endpoint6Key {
+        address: ip6.octets(),
+    })?;
+    if !names_the_pod(endpoint6, ip, host) {
+        problems.push(format!("endpoint map entry of {ip6} is missing or stale"));
+    }
     let disabled = Path::new("/proc/sys/net/ipv6/conf")
         .join(host)
         .join("disable_ipv6");
@@ -349,12 +366,7 @@ fn host_problems(
     let endpoint = NodeMaps::open(pin_dir)?.endpoint(&EndpointKey {
         address: ip.octets(),
     })?;
-    let right = endpoint.is_some_and(|e| {
-        Some(e.ifindex) == host::interfaces::ifindex(host)
-            && e.pod_mac == pod_mac_for(ip)
-            && e.host_mac == HOST_VETH_MAC
-    });
-    if !right {
+    if !names_the_pod(endpoint, ip, host) {
         problems.push(format!("endpoint map entry of {ip} is missing or stale"));
     }
     Ok(problems)

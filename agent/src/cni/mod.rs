@@ -14,14 +14,14 @@ pub mod spec;
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
 use anyhow::{bail, Context, Result};
 use ferrite_common::{
-    pod_mac_for, program_names, EndpointInfo, EndpointKey, HOST_VETH_MAC, ROUTE_LOCAL,
-    ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE,
+    pod_mac_for, program_names, Endpoint6Key, EndpointInfo, EndpointKey, HOST_VETH_MAC,
+    ROUTE_LOCAL, ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE,
 };
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
@@ -377,7 +377,7 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             env.container_id,
             env.ifname
         );
-        release_host_side(&pin_dir, held.v4, &held.owner)
+        release_host_side(&pin_dir, held)
             .or_code(code::WIRING_FAILED, "reclaiming the stale attachment")?;
         store
             .release_all(held)
@@ -412,7 +412,8 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             id: netns,
         }),
     };
-    let in_use = live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
+    let (in_use, in_use6) =
+        live_endpoints(&pin_dir).or_code(code::WIRING_FAILED, "reading the endpoints")?;
     let node_addresses =
         node_addresses().or_code(code::WIRING_FAILED, "reading the node's addresses")?;
     let taken = |ip: IpAddr| node_addresses.contains(&ip);
@@ -433,7 +434,9 @@ fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
         None => None,
         Some(cidr6) => {
             let ip6 = claim_or_reclaim(store, &pin_dir, cidr6.into(), &attachments, || {
-                let ip6 = store.allocate6(cidr6, &owner, |ip| taken(ip.into()))?;
+                let ip6 = store.allocate6(cidr6, &owner, |ip| {
+                    in_use6.contains(&ip) || taken(ip.into())
+                })?;
                 Ok(ip6.map(IpAddr::V6))
             })?;
             let IpAddr::V6(ip6) = ip6 else {
@@ -502,18 +505,31 @@ fn claim_or_reclaim(
     retried.ok_or_else(|| full(pass.summary()))
 }
 
-/// Addresses whose endpoint entry names a live interface: pods wired from another
-/// data directory (a second store for the node) hold them.
-fn live_endpoints(pin_dir: &Path) -> Result<BTreeSet<Ipv4Addr>> {
-    let live: BTreeSet<u32> = host::interfaces::interfaces()?
-        .values()
-        .map(|i| i.ifindex)
-        .collect();
-    Ok(NodeMaps::open(pin_dir)?
+/// Addresses (IPv4, IPv6) whose endpoint entry names a live interface: pods wired
+/// from another data directory (a second store for the node) hold them.
+fn live_endpoints(pin_dir: &Path) -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> {
+    let live = live_ifindexes()?;
+    let maps = NodeMaps::open(pin_dir)?;
+    let v4 = maps
         .endpoint_entries()?
         .into_iter()
         .filter(|(_, e)| live.contains(&e.ifindex))
         .map(|(k, _)| Ipv4Addr::from(k.address))
+        .collect();
+    let v6 = maps
+        .endpoint6_entries()?
+        .into_iter()
+        .filter(|(_, e)| live.contains(&e.ifindex))
+        .map(|(k, _)| Ipv6Addr::from(k.address))
+        .collect();
+    Ok((v4, v6))
+}
+
+/// The indexes of the node's interfaces.
+fn live_ifindexes() -> Result<BTreeSet<u32>> {
+    Ok(host::interfaces::interfaces()?
+        .values()
+        .map(|i| i.ifindex)
         .collect())
 }
 
@@ -536,14 +552,24 @@ fn wire<'a>(
     let key = EndpointKey {
         address: pod.ip.octets(),
     };
-    if let Some(existing) = maps.endpoint(&key)? {
-        let live = host::interfaces::interfaces()?
-            .values()
-            .any(|i| i.ifindex == existing.ifindex);
-        if live {
+    let key6 = pod.ip6.map(|ip6| Endpoint6Key {
+        address: ip6.octets(),
+    });
+    // An address another live interface's entry names is that pod's, of either
+    // family.
+    let live = live_ifindexes()?;
+    let held = |existing: Option<EndpointInfo>| existing.filter(|e| live.contains(&e.ifindex));
+    if let Some(existing) = held(maps.endpoint(&key)?) {
+        bail!(
+            "{} is the endpoint of interface index {} already",
+            pod.ip,
+            existing.ifindex
+        );
+    }
+    if let (Some(ip6), Some(key6)) = (pod.ip6, &key6) {
+        if let Some(existing) = held(maps.endpoint6(key6)?) {
             bail!(
-                "{} is the endpoint of interface index {} already",
-                pod.ip,
+                "{ip6} is the endpoint of interface index {} already",
                 existing.ifindex
             );
         }
@@ -564,27 +590,54 @@ fn wire<'a>(
         host_mac: HOST_VETH_MAC,
         flags: 0,
     };
+    // Each entry is undone if what follows fails (the other family's entry, the
+    // IPAM's bookkeeping): no pod is left with one family in the datapath.
     maps.apply(&[Op::PutEndpoint(key, endpoint)])?;
+    rollback.push("the endpoint entry", move || {
+        let mut maps = NodeMaps::open(pin_dir)?;
+        if maps.endpoint(&key)?.is_some_and(|e| e.ifindex == ifindex) {
+            maps.apply(&[Op::DeleteEndpoint(key)])?;
+        }
+        Ok(())
+    });
+    if let Some(key6) = key6 {
+        maps.apply(&[Op::PutEndpoint6(key6, endpoint)])?;
+        rollback.push("the IPv6 endpoint entry", move || {
+            let mut maps = NodeMaps::open(pin_dir)?;
+            if maps.endpoint6(&key6)?.is_some_and(|e| e.ifindex == ifindex) {
+                maps.apply(&[Op::DeleteEndpoint6(key6)])?;
+            }
+            Ok(())
+        });
+    }
     Ok(())
 }
 
 /// Remove what an attachment left on the host once its pod end is gone: its host
 /// veth if the veth is still this container's (its alias says so; a pod's newer
-/// sandbox reuses the name and keeps it), the endpoint entry of its IPv4 address
-/// `ip` if it named that veth or no live interface (never another pod's), and the
-/// link pins of a vanished host veth. (Its IPv6 route and neighbour go with the
-/// veth; the datapath has no IPv6 entry.)
-fn release_host_side(pin_dir: &Path, ip: Option<Ipv4Addr>, owner: &Owner) -> Result<()> {
+/// sandbox reuses the name and keeps it), the endpoint entries of its addresses
+/// (IPv4 and IPv6) if they name that veth or no live interface (never another
+/// pod's), and the link pins of a vanished host veth. (Its IPv6 route and
+/// neighbour go with the veth.)
+fn release_host_side(pin_dir: &Path, held: &Held) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(()); // datapath uninstalled: nothing pinned is left to clean
     }
+    let owner = &held.owner;
     let host = &owner.host_interface;
     let mut maps = NodeMaps::open(pin_dir)?;
-    let key = ip.map(|ip| EndpointKey {
+    let key = held.v4.map(|ip| EndpointKey {
         address: ip.octets(),
     });
     let endpoint = match &key {
         Some(key) => maps.endpoint(key)?,
+        None => None,
+    };
+    let key6 = held.v6.map(|ip6| Endpoint6Key {
+        address: ip6.octets(),
+    });
+    let endpoint6 = match &key6 {
+        Some(key6) => maps.endpoint6(key6)?,
         None => None,
     };
     let host_ifindex = host::interfaces::ifindex(host);
@@ -597,12 +650,15 @@ fn release_host_side(pin_dir: &Path, ip: Option<Ipv4Addr>, owner: &Owner) -> Res
     if ours {
         host::pods::delete_host_end(host)?;
     }
+    let live = live_ifindexes()?;
     if let (Some(endpoint), Some(key)) = (endpoint, key) {
-        let live = host::interfaces::interfaces()?
-            .values()
-            .any(|i| i.ifindex == endpoint.ifindex);
-        if !live {
+        if !live.contains(&endpoint.ifindex) {
             maps.apply(&[Op::DeleteEndpoint(key)])?;
+        }
+    }
+    if let (Some(endpoint6), Some(key6)) = (endpoint6, key6) {
+        if !live.contains(&endpoint6.ifindex) {
+            maps.apply(&[Op::DeleteEndpoint6(key6)])?;
         }
     }
     if !host::interfaces::link_exists(host) {
@@ -631,7 +687,7 @@ fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
         host::pods::delete_pod_end(Path::new(&env.netns), &env.ifname, ip)
             .or_code(code::WIRING_FAILED, "removing the pod interface")?;
     }
-    release_host_side(&datapath::pin_dir(&conf.node), held.v4, &held.owner)
+    release_host_side(&datapath::pin_dir(&conf.node), &held)
         .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
     store
         .release_all(&held)
@@ -651,7 +707,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     {
         let listed = valid.iter().any(|a| held.is(&a.container_id, &a.ifname));
         if !listed {
-            release_host_side(&pin_dir, held.v4, &held.owner)
+            release_host_side(&pin_dir, &held)
                 .or_code(code::WIRING_FAILED, "cleaning up the host side")?;
             store
                 .release_all(&held)

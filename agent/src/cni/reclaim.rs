@@ -207,9 +207,7 @@ pub(super) fn reclaim_gone(
                 *pass.kept.entry(why.kind()).or_default() += 1;
             }
             Verdict::Gone(why) => {
-                match release_host_side(pin_dir, held.v4, owner)
-                    .and_then(|_| store.release_all(held))
-                {
+                match release_host_side(pin_dir, held).and_then(|_| store.release_all(held)) {
                     Ok(()) => {
                         eprintln!(
                             "ferrite-cni: {cidr} is full: reclaimed {who}, gone without a DEL: {why}"

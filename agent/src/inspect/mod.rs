@@ -2,7 +2,7 @@
 //! works whether or not the agent runs. Each table's rows are built once, then
 //! rendered as aligned text for people or as JSON for scripts (`-o json`): both views
 //! show the same fields.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use ferrite_common::{
@@ -108,7 +108,8 @@ impl Row for BackendRow {
 
 #[derive(Serialize)]
 struct EndpointRow {
-    pod_ip: Ipv4Addr,
+    /// IPv4 (`ferrite_endpnt`) or IPv6 (`ferrite_endpnt6`).
+    pod_ip: IpAddr,
     ifindex: u32,
     pod_mac: String,
     gateway_mac: String,
@@ -295,6 +296,31 @@ fn op_action(op: &Op) -> &'static str {
     }
 }
 
+/// Both families' endpoints: IPv4's, then IPv6's.
+fn endpoint_rows(contents: &crate::plan::MapContents) -> Vec<EndpointRow> {
+    let v4 = contents
+        .endpoints
+        .iter()
+        .map(|(key, e)| (IpAddr::from(Ipv4Addr::from(key.address)), e));
+    let v6 = contents
+        .endpoints6
+        .iter()
+        .map(|(key, e)| (IpAddr::from(Ipv6Addr::from(key.address)), e));
+    v4.chain(v6)
+        .map(|(pod_ip, e)| EndpointRow {
+            pod_ip,
+            ifindex: e.ifindex,
+            pod_mac: mac(e.pod_mac),
+            gateway_mac: mac(e.host_mac),
+            written_by: if e.flags & ferrite_common::endpoint_flag::FROM_POD_OBJECT != 0 {
+                "agent"
+            } else {
+                "cni"
+            },
+        })
+        .collect()
+}
+
 pub fn render(maps: &NodeMaps, table: Table, output: Output) -> Result<String> {
     let no_names = crate::model::policy::NoPolicyNames("not asked".into());
     render_for_pod(maps, table, output, None, &no_names)
@@ -369,24 +395,7 @@ pub fn render_for_pod(
                 .collect();
             show(&rows, output)
         }
-        Table::Endpoints => {
-            let rows: Vec<EndpointRow> = contents
-                .endpoints
-                .iter()
-                .map(|(key, e)| EndpointRow {
-                    pod_ip: Ipv4Addr::from(key.address),
-                    ifindex: e.ifindex,
-                    pod_mac: mac(e.pod_mac),
-                    gateway_mac: mac(e.host_mac),
-                    written_by: if e.flags & ferrite_common::endpoint_flag::FROM_POD_OBJECT != 0 {
-                        "agent"
-                    } else {
-                        "cni"
-                    },
-                })
-                .collect();
-            show(&rows, output)
-        }
+        Table::Endpoints => show(&endpoint_rows(&contents), output),
         Table::Conntrack => {
             let mut entries = maps.conntrack_entries()?;
             entries.sort_by_key(|(k, _)| *k);
@@ -537,6 +546,47 @@ mod tests {
         assert_eq!(parsed[0]["address"], "10.96.0.10");
         assert_eq!(parsed[0]["backends"][1]["address"], "10.244.1.3");
         assert_eq!(parsed[0]["backends"][1]["id"], 9);
+        Ok(())
+    }
+
+    #[test]
+    fn endpoints_list_both_families_each_as_written() -> Result<()> {
+        use ferrite_common::{endpoint_flag::FROM_POD_OBJECT, Endpoint6Key, EndpointInfo};
+        let entry = |flags| EndpointInfo {
+            ifindex: 7,
+            pod_mac: [2, 0, 0, 0, 0, 5],
+            host_mac: [2, 0, 0, 0, 0, 1],
+            flags,
+        };
+        let mut contents = crate::plan::MapContents::default();
+        contents.endpoints.insert(
+            ferrite_common::EndpointKey {
+                address: [10, 244, 0, 5],
+            },
+            entry(0),
+        );
+        let ip6: Ipv6Addr = "fd00:10:244::5".parse()?;
+        contents.endpoints6.insert(
+            Endpoint6Key {
+                address: ip6.octets(),
+            },
+            entry(FROM_POD_OBJECT),
+        );
+        let rows = endpoint_rows(&contents);
+        let shown = text(&rows);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 3, "{shown}");
+        assert!(
+            lines[1].starts_with("10.244.0.5 ") && lines[1].ends_with("cni"),
+            "{shown}"
+        );
+        assert!(
+            lines[2].starts_with("fd00:10:244::5 ") && lines[2].ends_with("agent"),
+            "{shown}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&json(&rows)?)?;
+        assert_eq!(parsed[1]["pod_ip"], "fd00:10:244::5");
+        assert_eq!(parsed[1]["ifindex"], 7);
         Ok(())
     }
 

@@ -60,7 +60,7 @@ pub fn build_with_policy_index(
                     skipped.push(Skipped {
                         object: object_name("Pod", &pod.metadata),
                         reason: SkipReason::PodIpTaken {
-                            ip: local.ip,
+                            ip: local.ip.into(),
                             owner: format!("{}/{}", existing.namespace, existing.name),
                         },
                     });

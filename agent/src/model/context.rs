@@ -2,7 +2,11 @@
 //! A full sync makes it from the Node objects; an update of some Services reuses the
 //! last full sync's (a Node change always brings a full sync), so a Service means
 //! the same whichever path builds it.
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -142,6 +146,54 @@ impl NodeContext {
         }
         match self.limits.cluster_cidr {
             Some(cluster) if !cluster.contains(&ip) => {
+                refused(format!("outside the cluster CIDR {cluster}"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Why a Pod of this node may not have `ip6` (the IPv6 address of its
+    /// `status.podIPs`), if it may not: the rules of [`NodeContext::refuse_pod_ip`]
+    /// for IPv6. Once this node's IPv6 pod CIDR is known, only an address the CNI's
+    /// IPAM could have handed out (not the network's, the subnet-router anycast
+    /// address, nor the next, left for the node); before, none in another node's
+    /// IPv6 pod CIDR or outside the IPv6 `--cluster-cidr`.
+    pub(super) fn refuse_pod_ip6(&self, ip6: Ipv6Addr) -> Option<String> {
+        let refused = |why: String| Some(format!("status.podIPs {ip6} is {why}"));
+        if let Some(what) = crate::limits::special6(ip6) {
+            return refused(what.to_string());
+        }
+        if let Some(node) = self.nodes.values().find(|n| n.ip6 == Some(ip6)) {
+            return refused(format!("node {}'s address", node.name));
+        }
+        let own = self
+            .this_node()
+            .map(|n| n.pod_cidrs6.as_slice())
+            .unwrap_or(&[]);
+        if !own.is_empty() {
+            let Some(cidr) = own.iter().find(|c| c.contains(&ip6)) else {
+                let cidrs: Vec<String> = own.iter().map(ToString::to_string).collect();
+                return refused(format!(
+                    "outside this node's IPv6 pod CIDR {}",
+                    cidrs.join(", ")
+                ));
+            };
+            if u128::from(ip6) - u128::from(cidr.network()) < 2 {
+                return refused(format!("the network or node address of {cidr}, no pod's"));
+            }
+            return None;
+        }
+        let other = self.nodes.values().find_map(|n| {
+            n.pod_cidrs6
+                .iter()
+                .find(|c| c.contains(&ip6))
+                .map(|c| (n, c))
+        });
+        if let Some((node, cidr)) = other {
+            return refused(format!("in {cidr}, node {}'s pod CIDR", node.name));
+        }
+        match self.limits.cluster_cidr6 {
+            Some(cluster) if !cluster.contains(&ip6) => {
                 refused(format!("outside the cluster CIDR {cluster}"))
             }
             _ => None,

@@ -2,7 +2,14 @@
 use k8s_openapi::api::core::v1::Pod;
 use sha2::{Digest, Sha256};
 
-use super::{fields::parse_ipv4, namespace_of, LocalPod, NodeContext};
+use std::net::{IpAddr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::PodStatus;
+
+use super::{
+    fields::{parse_ipv4, truncated},
+    namespace_of, LocalPod, NodeContext,
+};
 
 /// Host-side veth name of a pod: `fer` + 12 hex digits of SHA-256("namespace/name"),
 /// 15 characters (IFNAMSIZ - 1), stable across restarts. The CNI plugin and the agent
@@ -55,12 +62,44 @@ pub fn local_pod(pod: &Pod, context: &NodeContext) -> Result<Option<LocalPod>, S
     if let Some(why) = context.refuse_pod_ip(ip) {
         return Err(why);
     }
+    let ip6 = status.map(pod_ip6).transpose()?.flatten();
+    if let Some(why) = ip6.and_then(|ip6| context.refuse_pod_ip6(ip6)) {
+        return Err(why);
+    }
     Ok(Some(LocalPod {
         interface: pod_interface_name(&namespace, &name),
         namespace,
         name,
         ip,
+        ip6,
     }))
+}
+
+/// The IPv6 address among a pod's `status.podIPs` (a dual-stack pod has one per
+/// family), if it has one.
+fn pod_ip6(status: &PodStatus) -> Result<Option<Ipv6Addr>, String> {
+    let mut found = None;
+    for entry in status.pod_ips.iter().flatten() {
+        let ip = entry.ip.as_str();
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => {}
+            Ok(IpAddr::V6(ip6)) => {
+                if found.replace(ip6).is_some_and(|first| first != ip6) {
+                    return Err(format!(
+                        "status.podIPs holds more than one IPv6 address ({})",
+                        truncated(ip)
+                    ));
+                }
+            }
+            Err(_) => {
+                return Err(format!(
+                    "status.podIPs {:?} is not an IP address",
+                    truncated(ip)
+                ))
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Keep of a watched Pod only what the models read (name, namespace, labels,
@@ -301,6 +340,142 @@ status: {addresses: [{type: InternalIP, address: 198.51.100.2}]}
                 "Pod shop/other-node: status.podIP 198.51.100.2 is node node-b's address",
                 "Pod shop/other-cidr: status.podIP 10.244.1.5 is in 10.244.1.0/24, node node-b's pod CIDR",
                 "Pod shop/outside: status.podIP 10.250.0.9 is outside the cluster CIDR 10.244.0.0/16",
+            ]
+        );
+    }
+
+    /// A dual-stack pod's IPv6 address (from `status.podIPs`) is held to the rules
+    /// its IPv4 one is: one of this node's IPv6 pod CIDR the IPAM could have given.
+    #[test]
+    fn dual_stack_pods_get_their_ipv6_address_and_pods_claiming_a_bad_one_are_skipped() {
+        const DUAL_NODE: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.0.0/24, podCIDRs: [10.244.0.0/24, 'fd00:10:244::/64']}
+status: {addresses: [{type: InternalIP, address: 198.51.100.1}, {type: InternalIP, address: '2001:db8::1'}]}
+";
+        const DUAL_NODE_B: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']}
+status: {addresses: [{type: InternalIP, address: 198.51.100.2}]}
+";
+        let dual = |name: &str, ip: &str, ips: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{nodeName: node-a, containers: []}}\n\
+                 status: {{podIP: {ip}, podIPs: [{ips}]}}\n"
+            )
+        };
+        let claims = [
+            (
+                "other-cidr",
+                "fd00:10:244:1::5",
+                "outside this node's IPv6 pod CIDR",
+            ),
+            (
+                "outside",
+                "fd00:99::5",
+                "outside this node's IPv6 pod CIDR fd00:10:244::/64",
+            ),
+            ("network", "fd00:10:244::", "the network or node address"),
+            ("first", "fd00:10:244::1", "the network or node address"),
+            ("node", "2001:db8::1", "node node-a's address"),
+            ("loopback", "::1", "loopback"),
+            ("link-local", "fe80::5", "link-local"),
+        ];
+        let mut docs = vec![
+            DUAL_NODE.to_string(),
+            DUAL_NODE_B.to_string(),
+            dual(
+                "fine",
+                "10.244.0.7",
+                "{ip: 10.244.0.7}, {ip: 'fd00:10:244::7'}",
+            ),
+            // IPv4 only: no IPv6 address, as before.
+            dual("v4", "10.244.0.8", "{ip: 10.244.0.8}"),
+            pod("plain", "10.244.0.9"),
+            dual(
+                "twice",
+                "10.244.0.10",
+                "{ip: 'fd00:10:244::a'}, {ip: 'fd00:10:244::b'}",
+            ),
+            dual("garbage", "10.244.0.11", "{ip: 10.244.0.11}, {ip: 'nope'}"),
+        ];
+        for (n, (name, ip6, _)) in claims.iter().enumerate() {
+            let ip = format!("10.244.0.{}", 20 + n);
+            docs.push(dual(name, &ip, &format!("{{ip: {ip}}}, {{ip: '{ip6}'}}")));
+        }
+        let (state, skipped) = build_yaml(&docs.join("---\n"));
+        let ip6 = |ip: &str| state.pods[&ip.parse().unwrap()].ip6;
+        assert_eq!(ip6("10.244.0.7"), Some("fd00:10:244::7".parse().unwrap()));
+        assert_eq!(ip6("10.244.0.8"), None);
+        assert_eq!(ip6("10.244.0.9"), None);
+        assert_eq!(state.pods.len(), 3, "{:?}", state.pods.keys());
+        let reason = |name: &str| {
+            skipped
+                .iter()
+                .find(|s| s.object == format!("Pod shop/{name}"))
+                .unwrap_or_else(|| panic!("{name} not skipped: {skipped:#?}"))
+                .reason
+                .to_string()
+        };
+        assert!(
+            reason("twice").contains("more than one IPv6 address"),
+            "{}",
+            reason("twice")
+        );
+        assert!(
+            reason("garbage").contains("is not an IP address"),
+            "{}",
+            reason("garbage")
+        );
+        for (name, ip6, says) in claims {
+            let reason = reason(name);
+            assert!(
+                reason.contains(&format!("status.podIPs {ip6} is")) && reason.contains(says),
+                "{name}: {reason}"
+            );
+        }
+        assert_eq!(skipped.len(), claims.len() + 2, "{skipped:#?}");
+
+        // Before this node's IPv6 pod CIDR is known: none in another node's, none
+        // outside the IPv6 cluster CIDR.
+        let docs = [
+            DUAL_NODE_B.to_string(),
+            dual(
+                "fine",
+                "10.244.0.7",
+                "{ip: 10.244.0.7}, {ip: 'fd00:10:244::7'}",
+            ),
+            dual(
+                "other-cidr",
+                "10.244.0.8",
+                "{ip: 10.244.0.8}, {ip: 'fd00:10:244:1::8'}",
+            ),
+            dual(
+                "outside",
+                "10.244.0.9",
+                "{ip: 10.244.0.9}, {ip: 'fd00:99::9'}",
+            ),
+        ];
+        let (objects, _) = crate::objects_yaml::parse_objects(&docs.join("---\n")).unwrap();
+        let limits = Limits {
+            cluster_cidr6: Some("fd00:10:244::/56".parse().unwrap()),
+            ..open_limits()
+        };
+        let (context, _) = NodeContext::new(NODE, &limits, &objects.nodes, None);
+        let (state, skipped) = build(&objects, &context);
+        let ips: Vec<String> = state.pods.keys().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.244.0.7"]);
+        let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            reasons,
+            [
+                "Pod shop/other-cidr: status.podIPs fd00:10:244:1::8 is in fd00:10:244:1::/64, \
+                 node node-b's pod CIDR",
+                "Pod shop/outside: status.podIPs fd00:99::9 is outside the cluster CIDR \
+                 fd00:10:244::/56",
             ]
         );
     }

@@ -1,6 +1,9 @@
 //! What the model and the plan leave out, and why: a reason the agent can act on,
 //! shown as the text logs and tests read.
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::{L4Addr, ServiceRef, SERVICE_NAME_LABEL};
 
@@ -49,10 +52,10 @@ pub enum SkipReason {
     /// A health-check port another Service took first.
     HealthCheckPortTaken { port: u16, owner: ServiceRef },
     /// A pod IP another pod (`owner`, as namespace/name) took first.
-    PodIpTaken { ip: Ipv4Addr, owner: String },
+    PodIpTaken { ip: IpAddr, owner: String },
     /// A pod IP whose endpoint entry names another live interface (a pod the CNI
     /// plugin wired, or one an earlier object named): that pod keeps it.
-    PodIpHeld { ip: Ipv4Addr, interface: String },
+    PodIpHeld { ip: IpAddr, interface: String },
     /// More backends than a frontend's slot numbers can count.
     TooManyBackends { frontend: L4Addr, count: usize },
     /// A Service map has no room for the frontend's new entries; `kept`: it was in
@@ -229,14 +232,14 @@ mod tests {
             ),
             (
                 SkipReason::PodIpTaken {
-                    ip,
+                    ip: ip.into(),
                     owner: "shop/a".into(),
                 },
                 "pod IP 127.0.0.1 already used by shop/a",
             ),
             (
                 SkipReason::PodIpHeld {
-                    ip,
+                    ip: ip.into(),
                     interface: "fer0123456789ab".into(),
                 },
                 "pod IP 127.0.0.1 is the address of the live pod behind fer0123456789ab, \

@@ -207,6 +207,8 @@ pub struct LocalPod {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (`status.podIPs` of a dual-stack pod): the same veth.
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side veth name, derived from the pod's identity (see [`pod_interface_name`]).
     pub interface: String,
 }

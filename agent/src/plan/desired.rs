@@ -1,6 +1,9 @@
 //! The desired contents of every map: node config, routes, Service entries and pod
 //! endpoints.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use ferrite_common::{
     endpoint_flag, pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
@@ -9,7 +12,7 @@ use ferrite_common::{
 
 use super::{
     ids::{keys_of, Budget, ExistingIds},
-    image::{backend_value, rev_nat_value},
+    image::{backend_value, rev_nat_value, EndpointFamily},
     overlay_address,
     service_entries::service_contents,
     Interface, MapContents, NodeSettings, RouteKey,
@@ -48,7 +51,7 @@ pub fn settle_pod_claims(
         let owner = format!("{}/{}", rival.namespace, rival.name);
         for report in skipped.iter_mut() {
             if let SkipReason::PodIpTaken { ip, owner: was } = &mut report.reason {
-                if *ip != rival.ip {
+                if *ip != IpAddr::V4(rival.ip) {
                     continue;
                 }
                 if report.object == object(&rival) {
@@ -218,55 +221,110 @@ pub fn desired_contents_keeping_ids(
         .iter()
         .map(|(name, interface)| (interface.ifindex, name.as_str()))
         .collect();
+    let mut claims = Claims {
+        live: &live,
+        current,
+        out: &mut out,
+        skipped: &mut skipped,
+        owners6: BTreeMap::new(),
+    };
     for pod in state.pods.values() {
-        let object = || format!("Pod {}/{}", pod.namespace, pod.name);
         let Some(interface) = interfaces.get(&pod.interface) else {
-            skipped.push(Skipped {
-                object: object(),
+            claims.skipped.push(Skipped {
+                object: pod_object(pod),
                 reason: SkipReason::InterfaceMissing {
                     interface: pod.interface.clone(),
                 },
             });
             continue;
         };
-        let key = EndpointKey {
-            address: pod.ip.octets(),
+        let entry = EndpointInfo {
+            ifindex: interface.ifindex,
+            pod_mac: pod_mac_for(pod.ip),
+            host_mac: interface.mac,
+            flags: endpoint_flag::FROM_POD_OBJECT,
         };
-        let held = current.endpoints.get(&key).and_then(|entry| {
-            let holder = live.get(&entry.ifindex)?;
-            (entry.ifindex != interface.ifindex).then_some((entry, holder))
-        });
-        if let Some((entry, holder)) = held {
-            skipped.push(Skipped {
-                object: object(),
-                reason: SkipReason::PodIpHeld {
-                    ip: pod.ip,
-                    interface: holder.to_string(),
-                },
-            });
-            out.endpoints.insert(key, *entry);
-            continue;
+        claims.claim(pod, pod.ip, entry);
+        if let Some(ip6) = pod.ip6 {
+            claims.claim(pod, ip6, entry);
         }
-        out.endpoints.insert(
-            key,
-            EndpointInfo {
-                ifindex: interface.ifindex,
-                pod_mac: pod_mac_for(pod.ip),
-                host_mac: interface.mac,
-                flags: endpoint_flag::FROM_POD_OBJECT,
-            },
-        );
     }
     // The CNI plugin's entries of pods the agent has not heard of (yet) stay while
     // their interface lives; the agent's own go with their Pod objects.
-    for (key, info) in &current.endpoints {
+    keep_cni_entries::<Ipv4Addr>(current, &live, &mut out);
+    keep_cni_entries::<Ipv6Addr>(current, &live, &mut out);
+    super::policy::policy_contents(&state.policy, &state.pods, &mut out);
+    (out, skipped)
+}
+
+fn pod_object(pod: &LocalPod) -> String {
+    format!("Pod {}/{}", pod.namespace, pod.name)
+}
+
+/// Pods' claims on their addresses' endpoint entries, of either family.
+struct Claims<'a> {
+    /// The name of each live interface, by index.
+    live: &'a BTreeMap<u32, &'a str>,
+    current: &'a MapContents,
+    out: &'a mut MapContents,
+    skipped: &'a mut Vec<Skipped>,
+    /// Who has each IPv6 address so far (the model settles IPv4 claims, whose
+    /// addresses key its pods: two Pod objects may still claim one IPv6 address).
+    owners6: BTreeMap<Ipv6Addr, &'a LocalPod>,
+}
+
+impl<'a> Claims<'a> {
+    /// Write `entry` for `pod`'s address `ip`, unless the address is another live
+    /// interface's (that entry stays, whoever wrote it) or, for IPv6, an earlier
+    /// pod's.
+    fn claim<A: EndpointFamily>(&mut self, pod: &'a LocalPod, ip: A, entry: EndpointInfo) {
+        let key = ip.endpoint_key();
+        let held = A::endpoints(self.current).get(&key).and_then(|held| {
+            let holder = self.live.get(&held.ifindex)?;
+            (held.ifindex != entry.ifindex).then_some((held, holder))
+        });
+        if let Some((held, holder)) = held {
+            self.skipped.push(Skipped {
+                object: pod_object(pod),
+                reason: SkipReason::PodIpHeld {
+                    ip: ip.into(),
+                    interface: holder.to_string(),
+                },
+            });
+            // Its holder's own claim, if it is a Pod object of this sync, wins.
+            A::endpoints_mut(self.out).entry(key).or_insert(*held);
+            return;
+        }
+        if let IpAddr::V6(ip6) = ip.into() {
+            if let Some(owner) = self.owners6.get(&ip6) {
+                self.skipped.push(Skipped {
+                    object: pod_object(pod),
+                    reason: SkipReason::PodIpTaken {
+                        ip: ip6.into(),
+                        owner: format!("{}/{}", owner.namespace, owner.name),
+                    },
+                });
+                return;
+            }
+            self.owners6.insert(ip6, pod);
+        }
+        A::endpoints_mut(self.out).insert(key, entry);
+    }
+}
+
+/// Keep the entries of `current` the CNI plugin wrote (not marked as the agent's)
+/// whose interface lives and that no pod claims.
+fn keep_cni_entries<A: EndpointFamily>(
+    current: &MapContents,
+    live: &BTreeMap<u32, &str>,
+    out: &mut MapContents,
+) {
+    for (key, info) in A::endpoints(current) {
         let cni_written = info.flags & endpoint_flag::FROM_POD_OBJECT == 0;
-        if !out.endpoints.contains_key(key) && cni_written && live.contains_key(&info.ifindex) {
-            out.endpoints.insert(*key, *info);
+        if cni_written && live.contains_key(&info.ifindex) {
+            A::endpoints_mut(out).entry(*key).or_insert(*info);
         }
     }
-    super::policy::policy_contents(&state.policy, &mut out);
-    (out, skipped)
 }
 
 #[cfg(test)]
@@ -288,6 +346,7 @@ mod tests {
                     namespace: "default".into(),
                     name: format!("pod{n}"),
                     ip,
+                    ip6: None,
                     interface: interface.into(),
                 },
             );
@@ -425,6 +484,7 @@ mod tests {
                 namespace: "default".into(),
                 name: "moved".into(),
                 ip,
+                ip6: None,
                 interface: "fermoved".into(),
             },
         );
@@ -460,6 +520,7 @@ mod tests {
                 namespace: "default".into(),
                 name: "thief".into(),
                 ip,
+                ip6: None,
                 interface: "ferthief".into(),
             },
         );
@@ -502,6 +563,7 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             ip,
+            ip6: None,
             interface: format!("fer{name}"),
         };
         let mut state = DesiredState::default();
@@ -510,7 +572,7 @@ mod tests {
         let mut skipped = vec![Skipped {
             object: "Pod default/web".into(),
             reason: SkipReason::PodIpTaken {
-                ip,
+                ip: ip.into(),
                 owner: "default/thief".into(),
             },
         }];
@@ -546,6 +608,116 @@ mod tests {
         state.pod_rivals.push(pod("web"));
         settle_pod_claims(&mut state, &mut [], &interfaces, &MapContents::default());
         assert_eq!(state.pods[&ip], pod("thief"));
+    }
+
+    fn key6(last: u8) -> ferrite_common::Endpoint6Key {
+        ferrite_common::Endpoint6Key {
+            address: ip6(last).octets(),
+        }
+    }
+
+    fn ip6(last: u8) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, last.into())
+    }
+
+    fn dual_stack_pod(name: &str, last: u8, ip6_last: u8) -> LocalPod {
+        LocalPod {
+            namespace: "default".into(),
+            name: name.into(),
+            ip: Ipv4Addr::new(10, 244, 0, last),
+            ip6: Some(ip6(ip6_last)),
+            interface: format!("fer{name}"),
+        }
+    }
+
+    /// A pod's IPv6 entry is its IPv4 entry's twin; a Pod object claiming a live
+    /// pod's IPv6 address gets none (whichever of them comes first), nor one claiming
+    /// an IPv6 address an earlier pod has; the CNI's IPv6 entries stay while their
+    /// interface lives, the agent's go with their objects.
+    #[test]
+    fn ipv6_entries_follow_the_rules_of_ipv4_ones() {
+        use ferrite_common::endpoint_flag::FROM_POD_OBJECT;
+        let interfaces = BTreeMap::from([
+            ("ferweb".to_string(), interface(7)),
+            ("ferthief".to_string(), interface(8)),
+            ("ferlate".to_string(), interface(9)),
+            ("fercni".to_string(), interface(10)),
+        ]);
+        // web's IPv6 entry is the CNI's; thief claims it with an IPv4 address below
+        // and above web's.
+        for thief_ip in [4, 6] {
+            let mut state = DesiredState::default();
+            for pod in [
+                dual_stack_pod("web", 5, 5),
+                dual_stack_pod("thief", thief_ip, 5),
+                // An address nobody holds.
+                dual_stack_pod("late", 9, 9),
+            ] {
+                state.pods.insert(pod.ip, pod);
+            }
+            let current = MapContents {
+                endpoints6: [
+                    (key6(5), entry(7, 0)),
+                    (key6(20), entry(10, 0)),
+                    (key6(21), entry(11, 0)),
+                    (key6(22), entry(9, FROM_POD_OBJECT)),
+                ]
+                .into(),
+                ..MapContents::default()
+            };
+            let (desired, skipped) =
+                desired_contents(&state, &interfaces, &current, &NodeSettings::default());
+            assert_eq!(
+                skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                [
+                    "Pod default/thief: pod IP fd00:10:244::5 is the address of the live pod \
+                  behind ferweb, which keeps it"
+                ],
+                "thief at .{thief_ip}"
+            );
+            let web = EndpointInfo {
+                ifindex: 7,
+                pod_mac: pod_mac_for(Ipv4Addr::new(10, 244, 0, 5)),
+                host_mac: [2, 0, 0, 0, 0, 7],
+                flags: FROM_POD_OBJECT,
+            };
+            assert_eq!(desired.endpoints[&key(5)], web);
+            assert_eq!(desired.endpoints6[&key6(5)], web, "the IPv4 entry's twin");
+            assert_eq!(desired.endpoints[&key(thief_ip)].ifindex, 8);
+            // The CNI's entry of a live interface stays, the one of a gone
+            // interface and the agent's of a gone object go.
+            assert_eq!(desired.endpoints6[&key6(20)], entry(10, 0));
+            assert!(!desired.endpoints6.contains_key(&key6(21)));
+            assert!(!desired.endpoints6.contains_key(&key6(22)));
+            assert_eq!(desired.endpoints6[&key6(9)].ifindex, 9);
+            assert_eq!(desired.endpoints6.len(), 3);
+        }
+
+        // Two Pod objects claiming one IPv6 address nobody holds: the first (by
+        // IPv4 address) has it; once its entry is written, it holds it.
+        let mut state = DesiredState::default();
+        for pod in [dual_stack_pod("web", 5, 5), dual_stack_pod("thief", 6, 5)] {
+            state.pods.insert(pod.ip, pod);
+        }
+        let (desired, skipped) = desired_contents(
+            &state,
+            &interfaces,
+            &MapContents::default(),
+            &NodeSettings::default(),
+        );
+        assert_eq!(
+            skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["Pod default/thief: pod IP fd00:10:244::5 already used by default/web"]
+        );
+        assert_eq!(desired.endpoints6[&key6(5)].ifindex, 7);
+        assert_eq!(desired.endpoints.len(), 2, "each keeps its IPv4 address");
+        let (again, skipped) =
+            desired_contents(&state, &interfaces, &desired, &NodeSettings::default());
+        assert_eq!(again, desired);
+        assert!(
+            skipped[0].to_string().contains("behind ferweb"),
+            "{skipped:?}"
+        );
     }
 
     fn node(name: &str, ip: [u8; 4], cidr: &str) -> crate::model::ClusterNode {

@@ -23,6 +23,8 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
     let (master_puts, master_deletes) = changes(&current.services, &desired.services, is_master);
     let (endpoint_puts, endpoint_deletes) = changes(&current.endpoints, &desired.endpoints, all);
+    let (endpoint6_puts, endpoint6_deletes) =
+        changes(&current.endpoints6, &desired.endpoints6, all);
     let (maglev_puts, maglev_deletes) = changes(&current.maglev, &desired.maglev, all);
     let range_puts = desired.source_ranges.difference(&current.source_ranges);
     let range_deletes = current.source_ranges.difference(&desired.source_ranges);
@@ -35,6 +37,8 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
         && route_deletes.is_empty()
         && endpoint_puts.is_empty()
         && endpoint_deletes.is_empty()
+        && endpoint6_puts.is_empty()
+        && endpoint6_deletes.is_empty()
         && ipcache_puts.is_empty()
         && ipcache_deletes.is_empty()
         && policy_puts.is_empty()
@@ -69,6 +73,11 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
             .into_iter()
             .map(|(k, v)| Op::PutEndpoint(k, v)),
     );
+    ops.extend(
+        endpoint6_puts
+            .into_iter()
+            .map(|(k, v)| Op::PutEndpoint6(k, v)),
+    );
     ops.extend(master_deletes.into_iter().map(Op::DeleteService));
     ops.extend(maglev_deletes.into_iter().map(Op::DeleteMaglev));
     ops.extend(range_deletes.map(|r| Op::DeleteSourceRange(*r)));
@@ -76,6 +85,7 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
     ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
     ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(endpoint6_deletes.into_iter().map(Op::DeleteEndpoint6));
     ops.extend(policy_deletes.into_iter().map(Op::DeletePolicy));
     ops.extend(ipcache_deletes.into_iter().map(Op::DeleteIpcache));
     ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
@@ -135,10 +145,12 @@ fn changes<K: Ord + Copy, V: PartialEq + Copy>(
 }
 
 /// What `actual` holds differently from `expected`, as the writes that would put it
-/// back (endpoints aside: the CNI plugin writes them between syncs).
+/// back (endpoints of both families aside: the CNI plugin writes them between
+/// syncs).
 pub fn drift(expected: &MapContents, actual: &MapContents) -> Vec<Op> {
     let without_endpoints = |maps: &MapContents| MapContents {
         endpoints: BTreeMap::new(),
+        endpoints6: BTreeMap::new(),
         ..maps.clone()
     };
     diff(&without_endpoints(actual), &without_endpoints(expected))
@@ -269,6 +281,40 @@ mod tests {
         let mut mtu = current.clone();
         mtu.config.pod_mtu = 1400;
         assert_eq!(diff(&current, &mtu), vec![Op::PutConfig(mtu.config)]);
+    }
+
+    #[test]
+    fn ipv6_endpoint_changes_move_the_route_epoch_on_too() {
+        use ferrite_common::{Endpoint6Key, EndpointInfo};
+        let mut current = MapContents::default();
+        current.config.route_epoch = 7;
+        let pod = Endpoint6Key {
+            address: "fd00:10:244::5"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        };
+        let mut desired = current.clone();
+        desired.endpoints6.insert(pod, EndpointInfo::default());
+        let bumped = Op::PutConfig(NodeConfig {
+            route_epoch: 8,
+            ..desired.config
+        });
+        assert_eq!(
+            diff(&current, &desired),
+            vec![Op::PutEndpoint6(pod, EndpointInfo::default()), bumped]
+        );
+        // Its removal comes with the removals, the epoch last again.
+        let mut written = desired.clone();
+        written.config.route_epoch = 8;
+        let ops = diff(&written, &current);
+        assert_eq!(ops[0], Op::DeleteEndpoint6(pod));
+        assert!(
+            matches!(ops[1], Op::PutConfig(c) if c.route_epoch == 9),
+            "{ops:?}"
+        );
+        // Drift leaves them out, as IPv4's: the CNI plugin writes them between syncs.
+        assert!(drift(&current, &desired).is_empty());
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
-    service_scope, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue, RouteInfo,
-    ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
+    service_scope, Backend, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
+    RouteInfo, ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
 };
 use sha2::{Digest, Sha256};
 
@@ -18,6 +18,9 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNatValue>,
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    /// The pods' IPv6 addresses (`ferrite_endpnt6`), the same values as their IPv4
+    /// entries.
+    pub endpoints6: BTreeMap<Endpoint6Key, EndpointInfo>,
     pub routes: BTreeMap<RouteKey, RouteInfo>,
     pub config: NodeConfig,
     /// Maglev table of each external frontend, by the digest it was built from.
@@ -46,6 +49,7 @@ impl MapContents {
                 Op::PutRevNat(index, value) => drop(self.rev_nat.insert(index, value)),
                 Op::PutService(key, value) => drop(self.services.insert(key, value)),
                 Op::PutEndpoint(key, value) => drop(self.endpoints.insert(key, value)),
+                Op::PutEndpoint6(key, value) => drop(self.endpoints6.insert(key, value)),
                 Op::PutConfig(config) => self.config = config,
                 Op::PutRoute(key, value) => drop(self.routes.insert(key, value)),
                 Op::DeleteRoute(key) => drop(self.routes.remove(&key)),
@@ -53,6 +57,7 @@ impl MapContents {
                 Op::DeleteRevNat(index) => drop(self.rev_nat.remove(&index)),
                 Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
                 Op::DeleteEndpoint(key) => drop(self.endpoints.remove(&key)),
+                Op::DeleteEndpoint6(key) => drop(self.endpoints6.remove(&key)),
                 Op::PutMaglev(key, _, digest) => drop(self.maglev.insert(key, digest)),
                 Op::DeleteMaglev(key) => drop(self.maglev.remove(&key)),
                 Op::PutSourceRange(range) => drop(self.source_ranges.insert(range)),
@@ -63,6 +68,53 @@ impl MapContents {
                 Op::DeletePolicy(rule) => drop(self.policy.remove(&rule)),
             }
         }
+    }
+}
+
+/// What the plan needs of an IP family's endpoint map (`ferrite_endpnt`,
+/// `ferrite_endpnt6`): its key, where a map image holds it and the ops that write
+/// it, so the endpoint rules are written once for both families.
+pub trait EndpointFamily: crate::family::Family {
+    type Key: Copy + Ord + std::fmt::Debug;
+
+    fn endpoint_key(self) -> Self::Key;
+    fn endpoints(maps: &MapContents) -> &BTreeMap<Self::Key, EndpointInfo>;
+    fn endpoints_mut(maps: &mut MapContents) -> &mut BTreeMap<Self::Key, EndpointInfo>;
+}
+
+impl EndpointFamily for std::net::Ipv4Addr {
+    type Key = EndpointKey;
+
+    fn endpoint_key(self) -> EndpointKey {
+        EndpointKey {
+            address: self.octets(),
+        }
+    }
+
+    fn endpoints(maps: &MapContents) -> &BTreeMap<EndpointKey, EndpointInfo> {
+        &maps.endpoints
+    }
+
+    fn endpoints_mut(maps: &mut MapContents) -> &mut BTreeMap<EndpointKey, EndpointInfo> {
+        &mut maps.endpoints
+    }
+}
+
+impl EndpointFamily for std::net::Ipv6Addr {
+    type Key = Endpoint6Key;
+
+    fn endpoint_key(self) -> Endpoint6Key {
+        Endpoint6Key {
+            address: self.octets(),
+        }
+    }
+
+    fn endpoints(maps: &MapContents) -> &BTreeMap<Endpoint6Key, EndpointInfo> {
+        &maps.endpoints6
+    }
+
+    fn endpoints_mut(maps: &mut MapContents) -> &mut BTreeMap<Endpoint6Key, EndpointInfo> {
+        &mut maps.endpoints6
     }
 }
 
@@ -96,6 +148,7 @@ pub enum Op {
     PutRevNat(u32, RevNatValue),
     PutService(ServiceKey, ServiceValue),
     PutEndpoint(EndpointKey, EndpointInfo),
+    PutEndpoint6(Endpoint6Key, EndpointInfo),
     PutConfig(NodeConfig),
     PutRoute(RouteKey, RouteInfo),
     DeleteRoute(RouteKey),
@@ -103,6 +156,7 @@ pub enum Op {
     DeleteRevNat(u32),
     DeleteBackend(u32),
     DeleteEndpoint(EndpointKey),
+    DeleteEndpoint6(Endpoint6Key),
     /// Build and write the Maglev table of a frontend from its `count` slots (already
     /// written) - `digest` says what it is built from.
     PutMaglev(ServiceKey, u16, u64),
@@ -125,6 +179,7 @@ impl Op {
                 | Op::DeleteRevNat(_)
                 | Op::DeleteBackend(_)
                 | Op::DeleteEndpoint(_)
+                | Op::DeleteEndpoint6(_)
                 | Op::DeleteMaglev(_)
                 | Op::DeleteSourceRange(_)
                 | Op::DeleteIpcache(_)
@@ -141,6 +196,7 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutRevNat(..) | Op::DeleteRevNat(_) => map_names::REV_NAT,
         Op::PutService(..) | Op::DeleteService(_) => map_names::SERVICES,
         Op::PutEndpoint(..) | Op::DeleteEndpoint(_) => map_names::ENDPOINTS,
+        Op::PutEndpoint6(..) | Op::DeleteEndpoint6(_) => map_names::ENDPOINTS6,
         Op::PutConfig(_) => map_names::CONFIG,
         Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
         Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,

@@ -6,6 +6,7 @@
 //! Pure: the agent reads the maps and interfaces, writes the ops, then commits.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, RwLock},
 };
 
@@ -48,6 +49,9 @@ pub struct NodeState {
     /// address another pod has), by name: a Pod change that leaves its wiring as it
     /// is changes only policy.
     local_pods: HashMap<ObjectKey, LocalPod>,
+    /// The IPv6 address of each of this node's pods with one, by its IPv4 address
+    /// (as the last full sync wired them): a policy update isolates both entries.
+    pod_ip6: HashMap<Ipv4Addr, Ipv6Addr>,
 }
 
 /// A full sync's plan: the model of every object in the context their Nodes make,
@@ -124,6 +128,12 @@ impl FullPlan {
                     (key, pod.clone())
                 })
                 .collect(),
+            pod_ip6: self
+                .state
+                .pods
+                .iter()
+                .filter_map(|(ip, pod)| Some((*ip, pod.ip6?)))
+                .collect(),
         };
         node.record(ServicesModel {
             frontends: self.state.services,
@@ -191,7 +201,9 @@ impl NodeState {
         let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
         let delta = policy.update(changes, &mut skipped)?;
         drop(policy);
-        let ops = policy_update(&self.written.contents, &delta);
+        let ops = policy_update(&self.written.contents, &delta, |ip| {
+            self.pod_ip6.get(&ip).copied()
+        });
         Some(PolicyPlan { ops, skipped })
     }
 

@@ -2,7 +2,10 @@
 //! `ferrite_policy` from what each policed pod allows (a port range becomes the
 //! fewest aligned prefixes that cover it), and the isolation flags of the pods'
 //! endpoint entries.
-use std::net::Ipv4Addr;
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ferrite_common::{
     policy::{
@@ -10,11 +13,14 @@ use ferrite_common::{
         ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, POLICY_PREFIX_ANY_PORT,
         POLICY_PREFIX_ANY_PROTOCOL,
     },
-    EndpointKey,
+    Endpoint6Key, EndpointInfo, EndpointKey,
 };
 
 use super::{diff, MapContents, Op, PolicyRule, RouteKey};
-use crate::model::policy::{Allow, Direction, EndpointPolicy, PolicyDelta, PolicyModel};
+use crate::model::{
+    policy::{Allow, Direction, EndpointPolicy, PolicyDelta, PolicyModel},
+    LocalPod,
+};
 
 fn ipcache_key(prefix: &ipnet::Ipv4Net) -> RouteKey {
     RouteKey {
@@ -35,11 +41,33 @@ fn isolation_flags(flags: u32, policy: Option<&EndpointPolicy>) -> u32 {
     flags
 }
 
+/// The IPv6 entry of the pod at `ip` that its isolation applies to: the entry of
+/// its IPv6 address `ip6` (if it has one) when it names the veth its IPv4 entry
+/// names (never another pod's, holding an address the pod claims).
+fn isolated_with(maps: &MapContents, ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Option<Endpoint6Key> {
+    let key = Endpoint6Key {
+        address: ip6?.octets(),
+    };
+    let ifindex = maps
+        .endpoints
+        .get(&EndpointKey {
+            address: ip.octets(),
+        })?
+        .ifindex;
+    (maps.endpoints6.get(&key)?.ifindex == ifindex).then_some(key)
+}
+
 /// The writes of a policy update: the entries `delta` touches, as `written` holds
 /// them and as they are to be, through the same ordered diff as a full sync (what
 /// a policed pod allows is in before its endpoint says it is isolated; the route
-/// epoch moves last, so conntrack's cached verdicts are judged again).
-pub(super) fn policy_update(written: &MapContents, delta: &PolicyDelta) -> Vec<Op> {
+/// epoch moves last, so conntrack's cached verdicts are judged again). `ip6_of`
+/// gives a local pod's IPv6 address by its IPv4 one: its IPv6 entry is isolated
+/// as its IPv4 entry is.
+pub(super) fn policy_update(
+    written: &MapContents,
+    delta: &PolicyDelta,
+    ip6_of: impl Fn(Ipv4Addr) -> Option<Ipv6Addr>,
+) -> Vec<Op> {
     let mut current = MapContents {
         config: written.config,
         ..MapContents::default()
@@ -71,6 +99,14 @@ pub(super) fn policy_update(written: &MapContents, delta: &PolicyDelta) -> Vec<O
             entry.flags = isolation_flags(entry.flags, now.as_ref());
             desired.endpoints.insert(key, entry);
         }
+        if let Some(key6) = isolated_with(written, *ip, ip6_of(*ip)) {
+            let entry = written.endpoints6[&key6];
+            current.endpoints6.insert(key6, entry);
+            let flags = isolation_flags(entry.flags, now.as_ref());
+            desired
+                .endpoints6
+                .insert(key6, EndpointInfo { flags, ..entry });
+        }
         for allow in before.iter().flat_map(|b| &b.allows) {
             for rule in rules_of(*ip, allow) {
                 if let Some(value) = written.policy.get(&rule) {
@@ -87,8 +123,13 @@ pub(super) fn policy_update(written: &MapContents, delta: &PolicyDelta) -> Vec<O
     diff(&current, &desired)
 }
 
-/// Write the policy entries of `model` into `out`, whose endpoints are already in.
-pub(super) fn policy_contents(model: &PolicyModel, out: &mut MapContents) {
+/// Write the policy entries of `model` into `out`, whose endpoints (of this node's
+/// `pods`) are already in.
+pub(super) fn policy_contents(
+    model: &PolicyModel,
+    pods: &BTreeMap<Ipv4Addr, LocalPod>,
+    out: &mut MapContents,
+) {
     for (prefix, identity) in &model.ipcache {
         out.ipcache.insert(
             ipcache_key(prefix),
@@ -99,15 +140,22 @@ pub(super) fn policy_contents(model: &PolicyModel, out: &mut MapContents) {
         );
     }
     for (ip, endpoint) in &model.endpoints {
-        if let Some(entry) = out.endpoints.get_mut(&EndpointKey {
-            address: ip.octets(),
-        }) {
+        let isolate = |entry: &mut EndpointInfo| {
             if endpoint.ingress_isolated {
                 entry.flags |= ENDPOINT_INGRESS_ISOLATED;
             }
             if endpoint.egress_isolated {
                 entry.flags |= ENDPOINT_EGRESS_ISOLATED;
             }
+        };
+        let ip6 = pods.get(ip).and_then(|pod| pod.ip6);
+        if let Some(entry) = isolated_with(out, *ip, ip6).and_then(|k| out.endpoints6.get_mut(&k)) {
+            isolate(entry);
+        }
+        if let Some(entry) = out.endpoints.get_mut(&EndpointKey {
+            address: ip.octets(),
+        }) {
+            isolate(entry);
         }
         for allow in &endpoint.allows {
             for rule in rules_of(*ip, allow) {

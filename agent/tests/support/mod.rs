@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -28,9 +28,9 @@ use ferrite_agent::{
 use ferrite_common::{
     endpoint_flag, pod_mac_for,
     policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    service_scope, svc_flag, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
-    RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE,
-    VXLAN_DEVICE,
+    service_scope, svc_flag, Backend, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig,
+    RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
+    ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -263,10 +263,11 @@ impl SimNode {
         self.last_ops = ops.to_vec();
     }
 
-    /// The CNI plugin wires pod `namespace/name` at `ip` before the agent hears of
-    /// it: its host veth appears and the plugin writes its endpoint entry (not
-    /// marked as the agent's). Then the agent's periodic full resync runs.
-    pub fn cni_wire(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) {
+    /// The CNI plugin wires pod `namespace/name` at `ip` (and `ip6`, dual-stack)
+    /// before the agent hears of it: its host veth appears and the plugin writes its
+    /// endpoint entries (not marked as the agent's). Then the agent's periodic full
+    /// resync runs.
+    pub fn cni_wire(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, ip6: Option<Ipv6Addr>) {
         self.cni_pods.insert((namespace.into(), name.into()));
         self.number_veths();
         let ifindex = self.ifindexes[&model::pod_interface_name(namespace, name)];
@@ -282,6 +283,12 @@ impl SimNode {
             },
             entry,
         )]);
+        if let Some(ip6) = ip6 {
+            let key6 = Endpoint6Key {
+                address: ip6.octets(),
+            };
+            self.maps.apply(&[Op::PutEndpoint6(key6, entry)]);
+        }
         self.full_sync();
     }
 
@@ -584,6 +591,33 @@ fn route(info: &RouteInfo) -> String {
     format!("via {} {kind}", Ipv4Addr::from(info.node_ip))
 }
 
+/// An endpoint entry's value (either family's): `ifindex=10 written-by=agent
+/// isolated=ingress`.
+fn endpoint(info: &EndpointInfo) -> String {
+    let isolated: Vec<&str> = [
+        (ENDPOINT_INGRESS_ISOLATED, "ingress"),
+        (ENDPOINT_EGRESS_ISOLATED, "egress"),
+    ]
+    .iter()
+    .filter(|(bit, _)| info.flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect();
+    format!(
+        "ifindex={} written-by={}{}",
+        info.ifindex,
+        if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
+            "agent"
+        } else {
+            "cni"
+        },
+        if isolated.is_empty() {
+            String::new()
+        } else {
+            format!(" isolated={}", isolated.join(","))
+        }
+    )
+}
+
 /// One write, every value in it: a line of a golden file.
 pub fn render(op: &Op) -> String {
     match op {
@@ -595,28 +629,17 @@ pub fn render(op: &Op) -> String {
         ),
         Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
         Op::PutEndpoint(key, info) => {
-            let isolated: Vec<&str> = [
-                (ENDPOINT_INGRESS_ISOLATED, "ingress"),
-                (ENDPOINT_EGRESS_ISOLATED, "egress"),
-            ]
-            .iter()
-            .filter(|(bit, _)| info.flags & bit != 0)
-            .map(|(_, name)| *name)
-            .collect();
             format!(
-                "put endpoint {} ifindex={} written-by={}{}",
+                "put endpoint {} {}",
                 Ipv4Addr::from(key.address),
-                info.ifindex,
-                if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
-                    "agent"
-                } else {
-                    "cni"
-                },
-                if isolated.is_empty() {
-                    String::new()
-                } else {
-                    format!(" isolated={}", isolated.join(","))
-                }
+                endpoint(info)
+            )
+        }
+        Op::PutEndpoint6(key, info) => {
+            format!(
+                "put endpoint6 {} {}",
+                Ipv6Addr::from(key.address),
+                endpoint(info)
             )
         }
         Op::PutConfig(c) => format!("put config {}", config(c)),
@@ -639,6 +662,7 @@ pub fn render(op: &Op) -> String {
         Op::DeleteRevNat(index) => format!("delete rev-nat {index}"),
         Op::DeleteBackend(id) => format!("delete backend {id}"),
         Op::DeleteEndpoint(key) => format!("delete endpoint {}", Ipv4Addr::from(key.address)),
+        Op::DeleteEndpoint6(key) => format!("delete endpoint6 {}", Ipv6Addr::from(key.address)),
         Op::PutMaglev(key, count, _) => {
             format!("put maglev {} backends={count}", service_key(key))
         }

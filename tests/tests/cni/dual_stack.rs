@@ -1,13 +1,30 @@
 //! Dual-stack pods: a conflist with an IPv4 and an IPv6 pod CIDR gives each pod an
 //! address of each, wired as the IPv4 one is (a /128, a default route via a
 //! link-local gateway with a permanent neighbour entry, DAD off), checked and
-//! removed whole. The datapath is IPv4-only: the IPv6 wiring is checked in the
-//! namespaces, and IPv6 the pod sends is seen dropped (`drop_unsupported_l3`).
-use std::{fs, net::Ipv6Addr, path::Path};
+//! removed whole, its address in `ferrite_endpnt6` beside its IPv4 one in
+//! `ferrite_endpnt` (the CNI plugin's entry, then the agent's for its Pod object).
+//! The datapath is IPv4-only: the IPv6 wiring is checked in the namespaces, and
+//! IPv6 the pod sends is seen dropped (`drop_unsupported_l3`).
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
-use anyhow::{ensure, Result};
-use ferrite_agent::netlink::{Netlink, Route6};
-use ferrite_tests::cni::{ferrite_conflist, Runtime, Sandbox};
+use anyhow::{ensure, Context, Result};
+use ferrite_agent::{
+    host,
+    netlink::{Netlink, Route6},
+    plan::Op,
+};
+use ferrite_common::{
+    endpoint_flag::FROM_POD_OBJECT, map_names, pod_mac_for, Endpoint6Key, EndpointInfo,
+    EndpointKey, HOST_VETH_MAC,
+};
+use ferrite_tests::{
+    cni::{ferrite_conflist, Runtime, Sandbox},
+    lab::{wait_until, Cluster, Node, SETTLE},
+};
 use serde_json::json;
 
 const POD_CIDR6: &str = "fd00:10:244::/120";
@@ -330,6 +347,235 @@ fn parallel_dual_stack_adds_get_distinct_addresses_and_a_full_ipv6_range_reclaim
     assert!(runtime.check(&next)?.success, "CHECK");
     runtime.del(&next)?;
     assert!(stored_ipv6(node)?.is_empty());
+    assert_eq!(super::leftovers(node)?, super::nothing_left());
+    Ok(())
+}
+
+/// The runtime of a dual-stack conflist (the IPv4 pod CIDR and [`POD_CIDR6`]).
+fn dual_stack_runtime(node: &Node) -> Runtime {
+    let mut conflist = ferrite_conflist(node);
+    conflist["plugins"][0]["podCIDRs"] = json!(["10.244.0.0/24", POD_CIDR6]);
+    Runtime::new(node, conflist)
+}
+
+/// The IPv6 address an ADD's result lists.
+fn result_ip6(result: &serde_json::Value) -> Result<Ipv6Addr> {
+    let address = result["ips"][1]["address"]
+        .as_str()
+        .context("an IPv6 address")?;
+    Ok(address.trim_end_matches("/128").parse()?)
+}
+
+fn key6(ip6: Ipv6Addr) -> Endpoint6Key {
+    Endpoint6Key {
+        address: ip6.octets(),
+    }
+}
+
+fn ifindex_of(node: &Node, sandbox: &Sandbox) -> Result<u32> {
+    let host = sandbox.pod.host_interface.clone();
+    node.netns
+        .run(move || host::interfaces::ifindex(&host))?
+        .context("host veth")
+}
+
+/// Pod `default/name` on `node` at `ip` and `ip6` (its `status.podIPs`).
+fn dual_stack_pod_object(node: &Node, name: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{nodeName: {}, containers: [{{name: app, image: none}}]}}\n\
+         status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}\n",
+        node.name
+    )
+}
+
+/// Write the agent's config (the cluster's Node, dual-stack, and `pods`), and wait
+/// for a full sync that began after the agent read it.
+fn configure(cluster: &Cluster, pods: &[String]) -> Result<()> {
+    let node = &cluster.nodes[0];
+    let nodes = cluster.nodes_and_pods_yaml().replace(
+        "spec: {podCIDR: 10.244.0.0/24}",
+        &format!("spec: {{podCIDR: 10.244.0.0/24, podCIDRs: [10.244.0.0/24, \"{POD_CIDR6}\"]}}"),
+    );
+    ensure!(nodes.contains(POD_CIDR6), "{nodes}");
+    let reads = node.metric("ferrite_config_reads_total")?;
+    let mut docs = vec![nodes];
+    docs.extend(pods.iter().cloned());
+    cluster.write_config(&docs.join("---\n"))?;
+    wait_until("the agent read the config", SETTLE, || {
+        node.metric("ferrite_config_reads_total")
+            .is_ok_and(|now| now > reads)
+    })?;
+    let syncs = node.metric("ferrite_syncs_total")?;
+    wait_until("a sync after the read", SETTLE, || {
+        node.metric("ferrite_syncs_total")
+            .is_ok_and(|now| now > syncs)
+    })
+}
+
+/// A dual-stack pod's IPv6 address in `ferrite_endpnt6`: the CNI plugin's entry, the
+/// twin of its IPv4 one (CHECK misses it once it is gone); the agent's once a Pod
+/// object gives the pod that address, never another pod's for a Pod object
+/// claiming it, gone with the object; DEL removes both entries, and again.
+#[test]
+fn the_ipv6_endpoint_entry_follows_the_cni_and_pod_objects_and_stays_its_pods() -> Result<()> {
+    let (cluster, _) = super::cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let runtime = dual_stack_runtime(node);
+    let (mut web, mut thief) = (Sandbox::new("web6e")?, Sandbox::new("thief6e")?);
+    let web_ip6 = result_ip6(&runtime.add(&mut web)?)?;
+    let thief_ip6 = result_ip6(&runtime.add(&mut thief)?)?;
+    let entry6 = |ip6: Ipv6Addr| node.maps()?.endpoint6(&key6(ip6));
+    let (web_ifindex, thief_ifindex) = (ifindex_of(node, &web)?, ifindex_of(node, &thief)?);
+    let cni_entry = EndpointInfo {
+        ifindex: web_ifindex,
+        pod_mac: pod_mac_for(web.pod.ip),
+        host_mac: HOST_VETH_MAC,
+        flags: 0,
+    };
+    assert_eq!(entry6(web_ip6)?, Some(cni_entry));
+    let web_key = EndpointKey {
+        address: web.pod.ip.octets(),
+    };
+    assert_eq!(
+        node.maps()?.endpoint(&web_key)?,
+        Some(cni_entry),
+        "the twin of its IPv4 entry"
+    );
+    assert_eq!(entry6(thief_ip6)?.map(|e| e.ifindex), Some(thief_ifindex));
+
+    // CHECK misses the IPv6 entry once it is gone.
+    node.maps()?.endpoints6.remove(&key6(web_ip6))?;
+    let outcome = runtime.check(&web)?;
+    assert_eq!(outcome.code(), Some(102), "{}", outcome.output);
+    let details = outcome.output["details"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        details.contains(&format!("endpoint map entry of {web_ip6} is missing")),
+        "{details}"
+    );
+    node.maps()?
+        .apply(&[Op::PutEndpoint6(key6(web_ip6), cni_entry)])?;
+    assert!(runtime.check(&web)?.success, "CHECK with the entry back");
+
+    // web's Pod object: both its entries become the agent's.
+    let web_object = dual_stack_pod_object(node, "web6e", web.pod.ip, web_ip6);
+    configure(&cluster, std::slice::from_ref(&web_object))?;
+    node.wait_for_maps("web's IPv6 entry, the agent's", |m| {
+        m.endpoints6
+            .get(&key6(web_ip6))
+            .is_some_and(|e| e.ifindex == web_ifindex && e.flags & FROM_POD_OBJECT != 0)
+    })?;
+
+    // thief's Pod object claims web's IPv6 address (its IPv4 one its own):
+    // refused, web keeps its entry, thief's own IPv6 entry stays the CNI's.
+    let thief_object = dual_stack_pod_object(node, "thief6e", thief.pod.ip, web_ip6);
+    configure(&cluster, &[thief_object, web_object])?;
+    let agent = node.agent.as_ref().context("the agent runs")?;
+    let refusal = format!(
+        "Pod default/thief6e: pod IP {web_ip6} is the address of the live pod behind {}",
+        web.pod.host_interface
+    );
+    wait_until("the refusal logged", SETTLE, || {
+        agent.log_text().contains(&refusal)
+    })?;
+    assert_eq!(entry6(web_ip6)?.map(|e| e.ifindex), Some(web_ifindex));
+    assert_eq!(
+        entry6(thief_ip6)?,
+        Some(EndpointInfo {
+            ifindex: thief_ifindex,
+            pod_mac: pod_mac_for(thief.pod.ip),
+            host_mac: HOST_VETH_MAC,
+            flags: 0,
+        })
+    );
+
+    // The objects go: the agent's entries go with them, the CNI's of thief stay.
+    configure(&cluster, &[])?;
+    node.wait_for_maps("web's entries gone with its object", |m| {
+        !m.endpoints6.contains_key(&key6(web_ip6)) && !m.endpoints.contains_key(&web_key)
+    })?;
+    assert_eq!(entry6(thief_ip6)?.map(|e| e.ifindex), Some(thief_ifindex));
+
+    for sandbox in [&web, &thief] {
+        runtime.del(sandbox)?;
+        runtime.del(sandbox)?;
+    }
+    assert_eq!(super::leftovers(node)?, super::nothing_left());
+    Ok(())
+}
+
+/// An ADD that writes the IPv4 entry but cannot write the IPv6 one (the map is
+/// full) fails and takes the IPv4 entry back, with the rest; an IPv6 address whose
+/// entry names a live interface is never handed out.
+#[test]
+fn a_dual_stack_add_that_cannot_write_its_ipv6_entry_leaves_neither_entry() -> Result<()> {
+    let (cluster, _) = super::cni_cluster()?;
+    let node = &cluster.nodes[0];
+    let runtime = dual_stack_runtime(node);
+    // Fill ferrite_endpnt6 with entries of a live interface (the node's lo, so the
+    // agent keeps them), outside the pod range.
+    let pinned = node.pin_dir().join(map_names::ENDPOINTS6);
+    let capacity = aya::maps::MapInfo::from_pin(&pinned)?.max_entries();
+    let filler: Vec<Op> = (0..capacity)
+        .map(|n| {
+            let ip6 = Ipv6Addr::from(
+                u128::from(Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 0)) + u128::from(n),
+            );
+            Op::PutEndpoint6(
+                key6(ip6),
+                EndpointInfo {
+                    ifindex: 1,
+                    ..EndpointInfo::default()
+                },
+            )
+        })
+        .collect();
+    node.maps()?.apply(&filler)?;
+    let mut pod = Sandbox::new("full6")?;
+    let error = runtime.add(&mut pod).unwrap_err();
+    ensure!(format!("{error:#}").contains("\"code\":100"), "{error:#}");
+    ensure!(
+        format!("{error:#}").contains(map_names::ENDPOINTS6),
+        "names the map: {error:#}"
+    );
+    let left = super::leftovers(node)?;
+    assert_eq!(
+        (
+            left.endpoints,
+            left.endpoints6,
+            left.veths.len(),
+            left.addresses.len()
+        ),
+        (0, capacity as usize, 0, 0),
+        "{left:?}"
+    );
+    let stored = stored_ipv6(node)?;
+    assert!(stored.is_empty(), "IPv6 addresses left: {stored:?}");
+
+    // With room again, but the range's first IPv6 address held by a live entry
+    // (a pod of another store): the pod gets the next.
+    let mut maps = node.maps()?;
+    for op in &filler {
+        if let Op::PutEndpoint6(key, _) = op {
+            maps.endpoints6.remove(key)?;
+        }
+    }
+    let first: Ipv6Addr = "fd00:10:244::2".parse()?;
+    maps.apply(&[Op::PutEndpoint6(
+        key6(first),
+        EndpointInfo {
+            ifindex: 1,
+            ..EndpointInfo::default()
+        },
+    )])?;
+    let ip6 = result_ip6(&runtime.add(&mut pod)?)?;
+    assert_ne!(ip6, first);
+    assert!(runtime.check(&pod)?.success, "CHECK");
+    runtime.del(&pod)?;
+    node.maps()?.endpoints6.remove(&key6(first))?;
     assert_eq!(super::leftovers(node)?, super::nothing_left());
     Ok(())
 }

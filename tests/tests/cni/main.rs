@@ -25,13 +25,14 @@ fn cni_cluster() -> Result<(Cluster, Runtime)> {
     Ok((cluster, runtime))
 }
 
-/// What pods leave on a node: IPAM allocations, host veths, endpoint entries and
-/// datapath link pins (the overlay's own link aside).
+/// What pods leave on a node: IPAM allocations, host veths, endpoint entries (of
+/// both families) and datapath link pins (the overlay's own link aside).
 #[derive(Debug, PartialEq, Eq)]
 struct Leftovers {
     addresses: Vec<String>,
     veths: Vec<String>,
     endpoints: usize,
+    endpoints6: usize,
     link_pins: Vec<String>,
 }
 
@@ -65,6 +66,7 @@ fn leftovers(node: &Node) -> Result<Leftovers> {
         addresses,
         veths,
         endpoints: node.maps()?.endpoint_entries()?.len(),
+        endpoints6: node.maps()?.endpoint6_entries()?.len(),
         link_pins,
     })
 }
@@ -74,6 +76,7 @@ fn nothing_left() -> Leftovers {
         addresses: vec![],
         veths: vec![],
         endpoints: 0,
+        endpoints6: 0,
         link_pins: vec![],
     }
 }
