@@ -1,8 +1,9 @@
 //! Dual-stack pods: a conflist with an IPv4 and an IPv6 pod CIDR gives each pod an
 //! address of each, wired as the IPv4 one is (a /128, a default route via a
 //! link-local gateway with a permanent neighbour entry, DAD off), checked and
-//! removed whole. The datapath is IPv4-only: the IPv6 wiring is checked in the
-//! namespaces, and IPv6 the pod sends is seen dropped (`drop_unsupported_l3`).
+//! removed whole. The IPv6 wiring is checked in the namespaces, and IPv6 the pod
+//! sends is seen reaching the datapath's IPv6 program (`ferrite_from_pod6`), which
+//! drops it as spoofed while nothing writes the pod's address to `ferrite_endpnt6`.
 use std::{fs, net::Ipv6Addr, path::Path};
 
 use anyhow::{ensure, Result};
@@ -142,10 +143,11 @@ fn dual_stack_pods_get_an_address_of_each_family_wired_checked_and_removed() -> 
     );
     assert!(plain.check(&v4_only)?.success, "CHECK of an IPv4-only pod");
 
-    // What IPv6 from the pod does today: the from-pod program drops it.
+    // What IPv6 from the pod does today: the from-pod program hands it to its IPv6
+    // program (the agent filled the slot), where the pod's address is no endpoint's.
     let dropped = || -> Result<u64> {
         let counters = node.maps()?.counters()?;
-        Ok(counters[ferrite_common::stat::DROP_UNSUPPORTED_L3 as usize].packets)
+        Ok(counters[ferrite_common::stat::DROP_SPOOFED as usize].packets)
     };
     let before = dropped()?;
     client.pod.netns.run(move || -> Result<()> {
@@ -156,7 +158,7 @@ fn dual_stack_pods_get_an_address_of_each_family_wired_checked_and_removed() -> 
         Ok(())
     })??;
     ferrite_tests::lab::wait_until(
-        "three IPv6 datagrams dropped as drop_unsupported_l3",
+        "three IPv6 datagrams dropped as drop_spoofed",
         ferrite_tests::lab::SETTLE,
         || dropped().is_ok_and(|now| now >= before + 3),
     )?;
