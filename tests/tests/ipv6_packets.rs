@@ -332,3 +332,79 @@ fn without_its_slot_and_in_explain_runs_ipv6_is_unsupported() -> Result<()> {
     assert_eq!(explained.trace.drop_reason, stat::DROP_UNSUPPORTED_L3);
     Ok(())
 }
+
+/// Mutations of a valid frame with an extension header chain (fixed seed): each
+/// gets exactly one of the IPv6 path's verdicts, counted once, and what passes to
+/// the stack passes as it came.
+#[test]
+fn mutated_ipv6_frames_each_get_one_documented_verdict() -> Result<()> {
+    let bed = testbed()?;
+    let good = udp_frame(
+        CLIENT,
+        WEB,
+        vec![
+            options_header(NEXT_HOP_BY_HOP, 0),
+            options_header(NEXT_DESTINATION_OPTIONS, 1),
+            fragment_header(0, true, 7),
+        ],
+    )
+    .build();
+    let outcomes = [
+        (stat::DELIVERED_LOCAL, TC_ACT_REDIRECT),
+        (stat::PASSED_TO_STACK, TC_ACT_OK),
+        (stat::PASSED_ND, TC_ACT_OK),
+        (stat::DROP_MALFORMED, TC_ACT_SHOT),
+        (stat::DROP_SPOOFED, TC_ACT_SHOT),
+        (stat::DROP_EXTENSION_HEADERS, TC_ACT_SHOT),
+        (stat::DROP_TTL_EXCEEDED, TC_ACT_SHOT),
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..600 {
+        let mut frame = good.clone();
+        // Flip bytes past the EtherType (what the IPv6 program is handed).
+        for _ in 0..1 + next() % 3 {
+            let at = 14 + (next() as usize) % (frame.len() - 14);
+            frame[at] = next() as u8;
+        }
+        if i % 5 == 0 {
+            // Cut the frame, whatever its header says.
+            frame.truncate(14 + 40 + (next() as usize) % (frame.len() - 54));
+        }
+        let before: Vec<u64> = outcomes
+            .iter()
+            .map(|(counter, _)| bed.counter(*counter))
+            .collect::<Result<_>>()?;
+        let out = bed.from_pod(&frame)?;
+        let moved: Vec<(u32, u32)> = outcomes
+            .iter()
+            .zip(&before)
+            .filter(|((counter, _), n)| bed.counter(*counter).ok() != Some(**n))
+            .map(|(outcome, _)| *outcome)
+            .collect();
+        assert_eq!(moved.len(), 1, "frame {i}: counters moved {moved:?}");
+        let (counter, verdict) = moved[0];
+        assert_eq!(
+            out.verdict,
+            verdict,
+            "frame {i}: {} from {frame:02x?}",
+            stat::NAMES[counter as usize]
+        );
+        if verdict == TC_ACT_OK {
+            assert_eq!(out.frame, frame, "frame {i}: passed as it came");
+        }
+        seen.insert(stat::NAMES[counter as usize]);
+    }
+    assert_eq!(bed.counter(stat::DROP_INTERNAL)?, 0);
+    // The mutations reach past the first checks.
+    for name in ["delivered_local", "drop_malformed", "drop_spoofed"] {
+        assert!(seen.contains(name), "{name} never: {seen:?}");
+    }
+    Ok(())
+}
