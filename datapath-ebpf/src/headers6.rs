@@ -8,8 +8,9 @@
 //!   60) are walked, at most 8 of them: a ninth is dropped
 //!   (`drop_extension_headers`); one cut short by the payload length or the frame:
 //!   drop (`drop_malformed`);
-//! - the first header of another kind is the upper layer (its protocol recorded;
-//!   no next header 59, AH, ESP, ... included): not parsed further, but for
+//! - the first header of any other kind (TCP, UDP, ICMPv6, but also no next
+//!   header 59, AH, ESP, ...) is the upper layer: its protocol is recorded, and
+//!   only these are read further:
 //! - TCP/UDP in an unfragmented packet or a first fragment (offset 0): ports
 //!   recorded; their header cut short: drop (`drop_malformed`); a later fragment
 //!   has no L4 header (and no ports);
