@@ -12,6 +12,7 @@ use core::net::Ipv4Addr;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Defines the map name constants, `ALL`, and `map_name!` (the same names as string
 /// literals, for the datapath's map attributes, which take no constant).
@@ -64,13 +65,32 @@ pub mod map_names {
         PURGE_BACKENDS = "ferrite_purgebe",
         /// (rev-NAT index, backend id) pairs whose flows it deletes (`purge`).
         PURGE_PAIRS = "ferrite_purgepr",
+        /// Programs the attached ones tail-call (`tail_call` slots), filled by the
+        /// agent at load.
+        TAIL_CALLS = "ferrite_progs",
     }
+}
+
+/// Slots of `ferrite_progs`: programs reached by a tail call, each with a fresh
+/// 512-byte stack (an IPv6 branch inside `ferrite_from_pod` would exceed its own).
+pub mod tail_call {
+    use crate::program_names;
+
+    /// `ferrite_from_pod` jumps here with every IPv6 frame.
+    pub const FROM_POD6: u32 = 0;
+    /// Slots of the map.
+    pub const SLOTS: u32 = 4;
+    /// What the agent puts in each slot when it loads the object.
+    pub const PROGRAMS: [(u32, &str); 1] = [(FROM_POD6, program_names::FROM_POD6)];
 }
 
 /// Program names in the object file.
 pub mod program_names {
     /// tcx ingress of every pod's host-side veth: sees what the pod sends.
     pub const FROM_POD: &str = "ferrite_from_pod";
+    /// What a pod sends over IPv6, reached by a tail call from `FROM_POD` (slot
+    /// `tail_call::FROM_POD6`), never attached itself.
+    pub const FROM_POD6: &str = "ferrite_from_pod6";
     /// tcx ingress of the node's VXLAN device: what other nodes send to this node's pods.
     pub const FROM_OVERLAY: &str = "ferrite_from_overlay";
     /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.

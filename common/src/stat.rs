@@ -8,9 +8,11 @@ pub const SERVICE_NEW_FLOW: u32 = 2;
 pub const SERVICE_ESTABLISHED: u32 = 3;
 /// Reply from a backend reverse-NATed to the Service address.
 pub const REVERSE_NAT: u32 = 4;
-/// Non-IPv4, non-ARP frame (IPv6, ...): dropped, pods are IPv4-only.
+/// A frame neither IPv4, IPv6 nor ARP; or IPv6 while no program handles it (the
+/// agent fills `ferrite_progs` at load) and in explain runs.
 pub const DROP_UNSUPPORTED_L3: u32 = 5;
-/// Frame too short for its headers, IHL < 5, or total length beyond the frame.
+/// Frame too short for its headers, IHL < 5, or total length beyond the frame; an
+/// IPv6 payload length beyond the frame or an extension header cut short.
 pub const DROP_MALFORMED: u32 = 6;
 /// Source IP is not the IP of the pod behind this veth; or, from another node
 /// (over the overlay, or natively on the uplink), not in that node's pod CIDR or, on
@@ -84,8 +86,9 @@ pub const MONITOR_LOST: u32 = 33;
 /// claims cannot hold a backend's range).
 pub const SNAT_PORT_RECLAIMED: u32 = 34;
 /// A packet the datapath would forward itself (into a pod, or over the overlay) with
-/// a TTL of 0 or 1, which a router lets expire: dropped (the datapath does not
-/// decrement TTL; packets for the stack are left to it, which answers them).
+/// a TTL (IPv6: hop limit) of 0 or 1, which a router lets expire: dropped (the IPv4
+/// path does not decrement TTL, the IPv6 path decrements the hop limit; packets for
+/// the stack are left to it, which answers them).
 pub const DROP_TTL_EXCEEDED: u32 = 35;
 /// An ICMP error (destination unreachable, time exceeded, parameter problem) a
 /// backend sent about a packet of a translated flow, translated back like the flow's
@@ -95,7 +98,14 @@ pub const ICMP_ERROR_REVERSE_NAT: u32 = 36;
 pub const DROP_POLICY_INGRESS: u32 = 37;
 /// A packet of a pod of this node isolated for egress that no policy of it allows.
 pub const DROP_POLICY_EGRESS: u32 = 38;
-pub const COUNT: u32 = 39;
+/// An IPv6 packet with more than 8 extension headers before its upper-layer header.
+pub const DROP_EXTENSION_HEADERS: u32 = 39;
+/// IPv6 neighbour or router discovery (ICMPv6 133-137) or a multicast listener
+/// message (130-132, 143) from a pod to a link-local or link-scoped multicast
+/// destination, unfragmented: passed to the stack, before anti-spoofing (its source
+/// may be link-local or unspecified).
+pub const PASSED_ND: u32 = 40;
+pub const COUNT: u32 = 41;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "delivered_local",
@@ -137,4 +147,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "icmp_error_reverse_nat",
     "drop_policy_ingress",
     "drop_policy_egress",
+    "drop_extension_headers",
+    "passed_nd",
 ];

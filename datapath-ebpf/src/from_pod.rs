@@ -4,11 +4,13 @@
 //! back into the pod (`service_rejected`); a later fragment of such a datagram is
 //! dropped (`drop_no_backend`). An ICMP error a backend sends about a packet of a
 //! translated flow is translated back like the flow's replies; one about a flow its
-//! policy allows passes as that flow's packets do.
+//! policy allows passes as that flow's packets do. IPv6 continues in
+//! `ferrite_from_pod6` (`from_pod6`), by a tail call; the explain copy does not
+//! take it, and drops IPv6 as unsupported.
 use ferrite_common::{
     explain::{step, write},
     policy::CT_POLICY_ALLOWED,
-    stat, ServiceKey, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    stat, tail_call, ServiceKey, ServiceValue, CT_FLAG_EXTERNAL, CT_FLAG_REPLY, CT_FLAG_SNAT,
     CT_VERIFIED_VETH, PROTO_ICMP, PROTO_UDP, REV_NAT_NONE,
 };
 
@@ -17,8 +19,10 @@ use crate::{
     conntrack::{self, NewFlow},
     events::{self, FlowTarget, Seen, Tuple},
     headers::{is_fragment_routed, parse, Headers, Parsed},
+    headers6::is_ipv6,
     icmp,
     lb::{self, NewFlowOutcome},
+    maps::TAIL_CALLS,
     nat,
     packet::{Packet, Verdict},
     policy,
@@ -37,6 +41,12 @@ const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::progr
 // BPF-to-BPF call once it grew past its inlining threshold.
 #[inline(always)]
 pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        // SAFETY: a jump to a TC program of the same object; it returns only if the
+        // slot is empty (no agent filled it), and the frame is then dropped below
+        // as unsupported, as it was before the IPv6 path.
+        unsafe { TAIL_CALLS.tail_call(&ctx, tail_call::FROM_POD6) };
+    }
     action::tc(&ctx, PROGRAM, process(&ctx))
 }
 

@@ -1,7 +1,9 @@
 //! Parse Ethernet/IPv4/TCP/UDP once, bounds-checked, into plain values. Verdict rules
 //! for bad input (each counted in `ferrite_stats`):
 //! - shorter than an Ethernet header: drop (`drop_malformed`);
-//! - ARP: pass to the stack (`passed_arp`); other non-IPv4: drop (`drop_unsupported_l3`);
+//! - ARP: pass to the stack (`passed_arp`); other non-IPv4: drop (`drop_unsupported_l3`;
+//!   IPv6 gets here only when `ferrite_from_pod`'s tail call to its IPv6 program
+//!   fails, and in explain runs: `headers6` has its rules);
 //! - IPv4 with version != 4, IHL < 5, total length < IHL or beyond the packet: drop
 //!   (`drop_malformed`);
 //! - a first fragment (MF set, offset 0) is parsed like a whole packet and records

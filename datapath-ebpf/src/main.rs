@@ -1,12 +1,14 @@
 //! Ferrite's eBPF datapath, as a stack read from the bottom up: checksum arithmetic
 //! (`csum`), maps and counters, the explain runs' trace (`trace`), packet access
-//! (`packet`), header parsing (`fragments`, `headers`), the monitor's events
+//! (`packet`), header parsing (`fragments`, `headers`, `headers6`), the monitor's events
 //! (`events`), rewrites (`nat`, `icmp`), state and decisions
 //! (`conntrack`, `lb`, `routing`, `policy`, `external`, `reply`, `peer`), the verdict-to-return-code
-//! mapping (`action`), then one thin file per attach point (`from_pod`,
+//! mapping (`action`), then one thin file per attach point (`from_pod`, with its
+//! IPv6 half `from_pod6` reached by tail call through `ferrite_progs`,
 //! `from_overlay`, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
 //! socket programs in `sock`), and the bench's never-attached floors (`floor`). No
-//! module uses one above it; entries use no entry.
+//! module uses one above it; entries use no entry (a tail call goes through the
+//! map, by slot, not through the module).
 //! The files of the programs `ferrite explain` runs also hold their never-attached
 //! explain copies (`ferrite_explain_*`: the same logic, see `trace`).
 #![no_std]
@@ -20,6 +22,7 @@ mod trace;
 // Packets and their headers.
 mod fragments;
 mod headers;
+mod headers6;
 mod packet;
 // What the monitor is told (drops, new flows).
 mod events;
@@ -39,6 +42,7 @@ mod floor;
 mod from_host;
 mod from_overlay;
 mod from_pod;
+mod from_pod6;
 mod from_uplink;
 mod from_world;
 mod sock;

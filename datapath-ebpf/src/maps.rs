@@ -2,17 +2,17 @@
 //! agent pins them under /sys/fs/bpf/ferrite/<node>/ and sizes them at load time.
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::{
-    lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
-    SkStorage,
+    lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+    ProgramArray, RingBuf, SkStorage,
 };
 use ferrite_common::{
     capacity, monitor,
     policy::{IpcacheValue, PolicyKey, PolicyValue},
     purge::{self, PurgePair},
-    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
-    EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable, MonitorEvent,
-    NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SockService, SourceRangeKey,
+    stat, tail_call, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key,
+    EndpointInfo, EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable,
+    MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SockService, SourceRangeKey,
 };
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's
@@ -109,6 +109,9 @@ btf_maps! {
     /// Ended (rev-NAT index, backend) pairs whose flows `purge` deletes.
     pub static PURGE_PAIRS: HashMap<PurgePair, u8, { purge::CAPACITY as usize }> =
         HashMap::new();
+
+    /// Programs tail-called by slot (`tail_call`); an empty slot fails the call.
+    pub static TAIL_CALLS: ProgramArray<{ tail_call::SLOTS as usize }> = ProgramArray::new();
 }
 
 #[inline(always)]

@@ -65,6 +65,11 @@ pub trait Packet: EbpfContext {
         udp: bool,
     ) -> Result<(), ()>;
 
+    /// Copy a `T` from `offset`, linear data or not, without a packet pointer: for
+    /// offsets that only a walk over headers knows (IPv6 extension headers), whose
+    /// bounds the verifier cannot follow into direct access after a pull.
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, ()>;
+
     /// Attach tunnel metadata (remote underlay IP in host order, VNI) for a collect_md
     /// tunnel device. `Err` where the context cannot carry it.
     fn set_tunnel(&self, remote_ipv4: u32, vni: u32) -> Result<(), ()>;
@@ -172,6 +177,12 @@ impl Packet for TcContext {
     #[inline(always)]
     fn pull(&self, len: u32) -> Result<(), ()> {
         self.pull_data(len).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, ()> {
+        // bpf_skb_load_bytes.
+        TcContext::load(self, offset).map_err(|_| ())
     }
 
     #[inline(always)]
@@ -287,6 +298,11 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, ()> {
+        Packet::load(self, offset)
+    }
+
+    #[inline(always)]
     fn set_tunnel(&self, _remote_ipv4: u32, _vni: u32) -> Result<(), ()> {
         Err(()) // no skb to carry tunnel metadata: the TC program encapsulates
     }
@@ -373,6 +389,11 @@ macro_rules! packet_access_of_the_context {
         #[inline(always)]
         fn pull(&self, len: u32) -> Result<(), ()> {
             self.0.pull(len)
+        }
+
+        #[inline(always)]
+        fn read<T: Copy>(&self, offset: usize) -> Result<T, ()> {
+            self.0.read(offset)
         }
 
         #[inline(always)]

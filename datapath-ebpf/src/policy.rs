@@ -135,6 +135,24 @@ pub fn denied(verdict: u8) -> Option<u32> {
     }
 }
 
+/// IPv6 between `src_flags`' pod and `dst_flags`' (the isolation flags of each end,
+/// 0 for an address that is no pod of this node). NetworkPolicy has no IPv6 rules
+/// yet, so it fails closed: a pod isolated in either direction neither sends nor
+/// receives IPv6 through the datapath. Isolated for ingress, its own packets are
+/// dropped too: they may answer what reached it unjudged from outside the node.
+/// Counted `drop_policy_egress` when the sender is isolated, else
+/// `drop_policy_ingress`.
+#[inline(always)]
+pub fn ipv6_denied(src_flags: u32, dst_flags: u32) -> Option<u32> {
+    if src_flags & ISOLATED != 0 {
+        Some(stat::DROP_POLICY_EGRESS)
+    } else if dst_flags & ISOLATED != 0 {
+        Some(stat::DROP_POLICY_INGRESS)
+    } else {
+        None
+    }
+}
+
 /// Judge the packet `h` of the conntrack entry `entry` (before any translation of
 /// it): the entry's verdict if cached at `epoch`, else the verdict on the flow's
 /// opening direction, cached. `Err`: dropped for this `stat` reason.

@@ -16,15 +16,15 @@ use core::ptr::NonNull;
 use aya_ebpf::bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 use ferrite_common::{
     explain::{step, write},
-    stat, CtValue, EndpointInfo, EndpointKey, RouteInfo, CT_FLAG_VIA_STACK, CT_ROUTE_LOCAL,
-    CT_ROUTE_NATIVE, CT_ROUTE_REMOTE, CT_ROUTE_STACK, ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE,
-    SNAT_PORT_MIN,
+    stat, CtValue, Endpoint6Key, EndpointInfo, EndpointKey, RouteInfo, CT_FLAG_VIA_STACK,
+    CT_ROUTE_LOCAL, CT_ROUTE_NATIVE, CT_ROUTE_REMOTE, CT_ROUTE_STACK, ROUTE_NATIVE, ROUTE_NODE,
+    ROUTE_REMOTE, SNAT_PORT_MIN,
 };
 
 use crate::{
     conntrack,
     headers::{Headers, IP_OFF},
-    maps::{route_key, CONFIG, ENDPOINTS, ROUTES},
+    maps::{route_key, CONFIG, ENDPOINTS, ENDPOINTS6, ROUTES},
     packet::{Packet, Verdict},
     trace,
 };
@@ -38,6 +38,15 @@ pub fn local_endpoint(addr: u32) -> Option<EndpointInfo> {
             })
             .copied()
     }
+}
+
+/// The pod of this node with the IPv6 address `addr` (the packet's four words).
+#[inline(always)]
+pub fn local_endpoint6(addr: &[u32; 4]) -> Option<EndpointInfo> {
+    // SAFETY: 16 bytes of plain integers either way; the words hold the packet's
+    // bytes in order.
+    let address = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*addr) };
+    unsafe { ENDPOINTS6.get(Endpoint6Key { address }).copied() }
 }
 
 /// Rewrite the Ethernet header: `dst`, then `src`.

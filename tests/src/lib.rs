@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod fake_apiserver;
 pub mod flannel;
 pub mod frames;
+pub mod frames6;
 pub mod install_cni;
 pub mod kube_proxy_layout;
 pub mod kubelet;

@@ -2,7 +2,7 @@
 //! feed it frames, read back the frame and the verdict.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     os::fd::AsFd,
 };
 
@@ -25,8 +25,8 @@ use ferrite_common::{
     explain::{self, SockRequest},
     map_names, pod_mac_for,
     policy::{IpcacheValue, PolicyValue, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    program_names, stat, Counter, CtKey, CtValue, EndpointInfo, EndpointKey, ExplainTrace,
-    MaglevTable, MonitorEvent, NodeConfig, RouteInfo, ServiceKey, ServiceValue,
+    program_names, stat, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo, EndpointKey,
+    ExplainTrace, MaglevTable, MonitorEvent, NodeConfig, RouteInfo, ServiceKey, ServiceValue,
 };
 
 use crate::lab::{bpf_object, require_root};
@@ -75,6 +75,7 @@ impl Testbed {
             .context("loading the eBPF object")?;
         for name in [
             program_names::FROM_POD,
+            program_names::FROM_POD6,
             program_names::TO_POD,
             program_names::FROM_OVERLAY,
             program_names::FROM_UPLINK,
@@ -161,6 +162,26 @@ impl Testbed {
                 0,
             )?;
         Ok(())
+    }
+
+    /// The pod with the IPv6 address `ip` on this "node": its entry in
+    /// `ferrite_endpnt6`, `flags` as the agent sets them (`policy::ENDPOINT_*`).
+    pub fn add_endpoint6(&mut self, ip: Ipv6Addr, info: EndpointInfo) -> Result<()> {
+        self.hash_map::<Endpoint6Key, EndpointInfo>(map_names::ENDPOINTS6)?
+            .insert(
+                Endpoint6Key {
+                    address: ip.octets(),
+                },
+                info,
+                0,
+            )?;
+        Ok(())
+    }
+
+    /// Fill `ferrite_progs` as the agent does at load (the IPv6 half of the
+    /// from-pod program is reached through it).
+    pub fn fill_tail_calls(&mut self) -> Result<()> {
+        ferrite_agent::datapath::fill_tail_calls(&mut self.ebpf)
     }
 
     /// Move the node's route epoch on, as the agent does after endpoint or route
@@ -744,6 +765,7 @@ fn map_data<'m>(name: &str, map: &'m Map) -> Result<&'m MapData> {
         | Map::PerCpuLruHashMap(data)
         | Map::PerCpuHashMap(data)
         | Map::LpmTrie(data)
+        | Map::ProgramArray(data)
         | Map::Array(data) => Ok(data),
         _ => anyhow::bail!("{name}: not a map kind the test bed handles"),
     }

@@ -366,6 +366,43 @@ fn pinned_maps(pin_dir: &Path) -> Result<BTreeMap<String, (u32, u32)>> {
     Ok(out)
 }
 
+/// The id of the program in `ferrite_progs`' slot `slot` (bpftool's lookup: the
+/// value of a program array is the program's id, as little-endian bytes).
+fn tail_call_target(pin_dir: &Path, slot: u32) -> Result<u32> {
+    let pin = pin_dir.join(ferrite_common::map_names::TAIL_CALLS);
+    let key: Vec<String> = slot.to_le_bytes().iter().map(u8::to_string).collect();
+    let mut args = vec![
+        "map",
+        "lookup",
+        "pinned",
+        pin.to_str().context("pin path")?,
+        "key",
+    ];
+    args.extend(key.iter().map(String::as_str));
+    args.push("-j");
+    let out: serde_json::Value = serde_json::from_str(&ferrite_tests::lab::sh("bpftool", &args)?)?;
+    let bytes: Vec<u8> = out["value"]
+        .as_array()
+        .with_context(|| format!("no value bytes: {out}"))?
+        .iter()
+        .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect();
+    Ok(u32::from_le_bytes(
+        bytes
+            .try_into()
+            .map_err(|b| anyhow::anyhow!("value {b:?}"))?,
+    ))
+}
+
+/// The name of the loaded program `id`.
+fn program_name(id: u32) -> Result<String> {
+    let out: serde_json::Value = serde_json::from_str(&ferrite_tests::lab::sh(
+        "bpftool",
+        &["prog", "show", "id", &id.to_string(), "-j"],
+    )?)?;
+    Ok(out["name"].as_str().unwrap_or_default().to_string())
+}
+
 #[test]
 fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<()> {
     ferrite_tests::lab::require_root()?;
@@ -375,6 +412,9 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
     node.wait_for_sync(2, 5)?;
     let mut streams = open_streams(&node)?;
     let before = pinned_maps(&node.pin_dir())?;
+    let slot = ferrite_common::tail_call::FROM_POD6;
+    let ipv6_program = tail_call_target(&node.pin_dir(), slot)?;
+    assert_eq!(program_name(ipv6_program)?, "ferrite_from_pod6");
 
     // The new agent's object wants a smaller session-affinity map (as an upgrade
     // changing a value layout would): that map is re-created, the rest kept.
@@ -387,6 +427,10 @@ fn an_upgrade_that_changes_one_maps_layout_recreates_that_map_only() -> Result<(
         log().contains("synced")
     })?;
     let after = pinned_maps(&node.pin_dir())?;
+    // The kept program array points at the new agent's IPv6 program.
+    let new_ipv6_program = tail_call_target(&node.pin_dir(), slot)?;
+    assert_ne!(new_ipv6_program, ipv6_program, "slot {slot} refilled");
+    assert_eq!(program_name(new_ipv6_program)?, "ferrite_from_pod6");
     for (name, (id, capacity)) in &after {
         if name == changed {
             assert_ne!(*id, before[name].0, "{name} was re-created");

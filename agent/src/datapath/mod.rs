@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::MapInfo,
+    maps::{MapData, MapInfo, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use ferrite_common::{map_names, program_names, VXLAN_DEVICE};
+use ferrite_common::{map_names, program_names, tail_call, VXLAN_DEVICE};
 use tracing::{info, warn};
 
 use crate::{
@@ -131,8 +131,10 @@ pub struct Datapath {
 /// The TC programs loaded, and the ones pinned by name in the node's pin directory:
 /// the CNI plugin attaches the pod programs from their pins; `ferrite explain` runs
 /// the explain copies loaded with the node's programs (their XDP one is pinned too).
-const TC_PROGRAMS: [(&str, bool); 10] = [
+const TC_PROGRAMS: [(&str, bool); 11] = [
     (program_names::FROM_POD, true),
+    // Held by its `ferrite_progs` slot (`fill_tail_calls`).
+    (program_names::FROM_POD6, false),
     (program_names::TO_POD, true),
     (program_names::FROM_OVERLAY, false),
     (program_names::FROM_UPLINK, false),
@@ -144,6 +146,27 @@ const TC_PROGRAMS: [(&str, bool); 10] = [
     // Pinned for the node's maps to find (`maps::NodeMaps::open`).
     (program_names::PURGE, true),
 ];
+
+/// Point each slot of `ferrite_progs` at `ebpf`'s (loaded) program for it. The map
+/// is pinned: programs still running from an earlier agent (until their links move)
+/// jump to these too, as the next agent's will.
+pub fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+    for (slot, name) in tail_call::PROGRAMS {
+        let program: &SchedClassifier = ebpf
+            .program(name)
+            .with_context(|| format!("{name} missing"))?
+            .try_into()?;
+        let fd = program.fd()?.try_clone()?;
+        let mut slots: ProgramArray<&mut MapData> = ebpf
+            .map_mut(map_names::TAIL_CALLS)
+            .with_context(|| format!("{} missing", map_names::TAIL_CALLS))?
+            .try_into()?;
+        slots
+            .set(slot, &fd, 0)
+            .with_context(|| format!("putting {name} in slot {slot}"))?;
+    }
+    Ok(())
+}
 
 /// Run `ferrite_clock` once: the jiffies it wrote over the test packet.
 fn read_clock(program: &SchedClassifier) -> Result<u64> {
@@ -206,6 +229,7 @@ impl Datapath {
             let _ = fs::remove_file(&program_pin);
             program.pin(&program_pin)?;
         }
+        fill_tail_calls(&mut ebpf)?;
         for (name, _) in program_names::SOCKET_LB {
             let program: &mut CgroupSockAddr = program_of_object(&mut ebpf, name)?;
             program
