@@ -247,10 +247,12 @@ pub struct AdmissionArgs {
     /// node's or a pod's. IPv6 ones keep nodes' IPv6 pod CIDRs and addresses out.
     #[arg(long = "service-cidr")]
     pub service_cidrs: Vec<ipnet::IpNet>,
-    /// Where `spec.externalIPs` may point (repeatable). None given: no
-    /// externalIPs at all (CVE-2020-8554; the DenyServiceExternalIPs default).
-    #[arg(long = "external-ip-cidr")]
-    pub external_ip_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Where `spec.externalIPs` may point: CIDRs, IPv4 or IPv6 (repeatable or
+    /// comma-separated; each family's externalIPs are held to that family's). None
+    /// given for a family: no externalIPs of it at all (CVE-2020-8554; the
+    /// DenyServiceExternalIPs default).
+    #[arg(long = "external-ip-cidr", value_delimiter = ',')]
+    pub external_ip_cidrs: Vec<ipnet::IpNet>,
     /// NodePorts outside this range are refused.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub node_port_range: std::ops::RangeInclusive<u16>,
@@ -278,11 +280,19 @@ impl AdmissionArgs {
                 ipnet::IpNet::V6(v6) => service_cidrs6.push(v6),
             }
         }
+        let (mut external_ip_cidrs, mut external_ip_cidrs6) = (Vec::new(), Vec::new());
+        for cidr in self.external_ip_cidrs {
+            match cidr.trunc() {
+                ipnet::IpNet::V4(v4) => external_ip_cidrs.push(v4),
+                ipnet::IpNet::V6(v6) => external_ip_cidrs6.push(v6),
+            }
+        }
         crate::limits::Limits {
             service_cidrs,
             service_cidrs6,
             cluster_cidr6: cluster_cidr.v6,
-            external_ip_cidrs: self.external_ip_cidrs,
+            external_ip_cidrs,
+            external_ip_cidrs6,
             service_proxy_name: self.service_proxy_name,
             node_port_addresses: self.nodeport_addresses,
             node_port_range: self.node_port_range,
@@ -326,4 +336,42 @@ pub fn parse_map_capacity(value: &str) -> Result<(String, u32), String> {
         return Err("a map needs at least one entry".into());
     }
     Ok((name.to_string(), entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Admission {
+        #[command(flatten)]
+        args: super::AdmissionArgs,
+    }
+
+    /// `--external-ip-cidr` takes CIDRs of both families, repeated or
+    /// comma-separated, and gives each family its own.
+    #[test]
+    fn external_ip_cidrs_are_taken_per_family() {
+        let parsed = Admission::try_parse_from([
+            "ferrite",
+            "--external-ip-cidr",
+            "192.0.2.0/24,2001:db8:e::/48",
+            "--external-ip-cidr",
+            "198.51.100.7/24",
+        ])
+        .expect("parses");
+        let limits = parsed.args.limits(None);
+        assert_eq!(
+            limits.external_ip_cidrs,
+            [
+                "192.0.2.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
+                "198.51.100.0/24".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            limits.external_ip_cidrs6,
+            ["2001:db8:e::/48".parse::<ipnet::Ipv6Net>().unwrap()]
+        );
+        assert!(Admission::try_parse_from(["ferrite", "--external-ip-cidr", "nope"]).is_err());
+    }
 }

@@ -6,7 +6,10 @@
 //! cloud metadata address would capture the traffic meant for it.
 mod ipv6;
 
-use std::{net::Ipv4Addr, ops::RangeInclusive};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
 
 use ferrite_common::MAGLEV_TABLE_SIZE;
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -44,6 +47,8 @@ pub struct Limits {
     /// Addresses `externalIPs` may claim (`--external-ip-cidr`). Empty: none, as the
     /// DenyServiceExternalIPs admission plugin recommends.
     pub external_ip_cidrs: Vec<Ipv4Net>,
+    /// The IPv6 addresses `externalIPs` may claim (`--external-ip-cidr` too).
+    pub external_ip_cidrs6: Vec<Ipv6Net>,
     pub node_port_range: RangeInclusive<u16>,
     /// The cluster's pod CIDR (`--cluster-cidr`): node pod CIDRs must lie in it.
     pub cluster_cidr: Option<Ipv4Net>,
@@ -124,6 +129,7 @@ impl Default for Limits {
         Self {
             service_cidrs: Vec::new(),
             external_ip_cidrs: Vec::new(),
+            external_ip_cidrs6: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             cluster_cidr: None,
             service_cidrs6: Vec::new(),
@@ -184,42 +190,45 @@ impl Limits {
 
     /// Why `ip` cannot be a Service frontend of kind `field` (`spec.clusterIP`,
     /// `spec.externalIPs`, `status.loadBalancer.ingress`), if it cannot. Checked
-    /// against the node's own ranges and, for the addresses a Service may pick
-    /// (externalIPs, load-balancer IPs), the nodes' addresses (`node_ips`): a
-    /// Service there would capture traffic meant for a node. A Node's claim never
-    /// refuses a clusterIP (the API server allocates those; Nodes are checked
-    /// against the Service CIDR instead).
-    pub fn refuse_frontend(
+    /// against the node's own ranges of `ip`'s family and, for the addresses a
+    /// Service may pick (externalIPs, load-balancer IPs), the nodes' addresses
+    /// (`node_ips`): a Service there would capture traffic meant for a node. A Node's
+    /// claim never refuses a clusterIP (the API server allocates those; Nodes are
+    /// checked against the Service CIDR instead).
+    pub fn refuse_frontend<A: FrontendFamily>(
         &self,
-        ip: Ipv4Addr,
+        ip: A,
         field: &str,
-        node_ips: &[Ipv4Addr],
+        node_ips: &[IpAddr],
     ) -> Option<String> {
-        if let Some(what) = special(ip) {
+        if let Some(what) = A::special(ip) {
             return Some(format!("{field} {ip} is {what}"));
         }
-        if let Some(net) = self.cluster_cidr.iter().find(|net| net.contains(&ip)) {
+        if let Some(net) = A::cluster_cidr(self).filter(|net| net_holds(*net, ip)) {
             return Some(format!("{field} {ip} is a pod address (in {net})"));
         }
+        let (services, external) = (A::service_cidrs(self), A::external_ip_cidrs(self));
         match field {
             "spec.clusterIP"
-                if !self.service_cidrs.is_empty()
-                    && !self.service_cidrs.iter().any(|net| net.contains(&ip)) =>
+                if !services.is_empty() && !services.iter().any(|net| net_holds(*net, ip)) =>
             {
                 Some(format!(
                     "{field} {ip} is outside the service CIDR ({})",
-                    list(&self.service_cidrs)
+                    list(services)
                 ))
             }
             "spec.clusterIP" => None,
-            _ if node_ips.contains(&ip) => Some(format!("{field} {ip} is a node's address")),
-            "spec.externalIPs" if !self.external_ip_cidrs.iter().any(|n| n.contains(&ip)) => {
-                Some(if self.external_ip_cidrs.is_empty() {
-                    format!("{field} {ip}: no externalIPs are allowed (--external-ip-cidr)")
+            _ if node_ips.contains(&ip.into()) => Some(format!("{field} {ip} is a node's address")),
+            "spec.externalIPs" if !external.iter().any(|net| net_holds(*net, ip)) => {
+                Some(if external.is_empty() {
+                    format!(
+                        "{field} {ip}: no {} externalIPs are allowed (--external-ip-cidr)",
+                        A::NAME
+                    )
                 } else {
                     format!(
                         "{field} {ip} is outside the allowed externalIP ranges ({})",
-                        list(&self.external_ip_cidrs)
+                        list(external)
                     )
                 })
             }
@@ -329,7 +338,53 @@ impl<A: Family> NodeRanges<'_, A> {
     }
 }
 
-fn list(nets: &[Ipv4Net]) -> String {
+/// One family's ranges a Service frontend is held against, and what is special in
+/// it: [`Limits::refuse_frontend`] applies the same rules to both.
+pub trait FrontendFamily: Family {
+    /// What is special about `ip` (never a Service's or a pod's), if anything.
+    fn special(ip: Self) -> Option<&'static str>;
+    fn service_cidrs(limits: &Limits) -> &[Self::Net];
+    fn external_ip_cidrs(limits: &Limits) -> &[Self::Net];
+    fn cluster_cidr(limits: &Limits) -> Option<Self::Net>;
+}
+
+impl FrontendFamily for Ipv4Addr {
+    fn special(ip: Self) -> Option<&'static str> {
+        special(ip)
+    }
+
+    fn service_cidrs(limits: &Limits) -> &[Ipv4Net] {
+        &limits.service_cidrs
+    }
+
+    fn external_ip_cidrs(limits: &Limits) -> &[Ipv4Net] {
+        &limits.external_ip_cidrs
+    }
+
+    fn cluster_cidr(limits: &Limits) -> Option<Ipv4Net> {
+        limits.cluster_cidr
+    }
+}
+
+impl FrontendFamily for Ipv6Addr {
+    fn special(ip: Self) -> Option<&'static str> {
+        special6(ip)
+    }
+
+    fn service_cidrs(limits: &Limits) -> &[Ipv6Net] {
+        &limits.service_cidrs6
+    }
+
+    fn external_ip_cidrs(limits: &Limits) -> &[Ipv6Net] {
+        &limits.external_ip_cidrs6
+    }
+
+    fn cluster_cidr(limits: &Limits) -> Option<Ipv6Net> {
+        limits.cluster_cidr6
+    }
+}
+
+fn list<N: std::fmt::Display>(nets: &[N]) -> String {
     nets.iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
@@ -369,12 +424,13 @@ mod tests {
             cluster_cidr: Some(net("10.244.0.0/16")),
             ..Limits::default()
         };
-        let node_ips = [
+        let node_ips: [IpAddr; 2] = [
             "198.51.100.1".parse().unwrap(),
             "10.96.0.10".parse().unwrap(),
         ];
-        let refused =
-            |ip: &str, field: &str| limits.refuse_frontend(ip.parse().unwrap(), field, &node_ips);
+        let refused = |ip: &str, field: &str| {
+            limits.refuse_frontend::<Ipv4Addr>(ip.parse().unwrap(), field, &node_ips)
+        };
         for (ip, field, says) in [
             ("127.0.0.1", "spec.clusterIP", "loopback"),
             ("169.254.169.254", "spec.clusterIP", "link-local"),
@@ -399,8 +455,12 @@ mod tests {
         assert_eq!(refused("203.0.113.5", "status.loadBalancer.ingress"), None);
         let closed = Limits::default();
         assert!(closed
-            .refuse_frontend("192.0.2.7".parse().unwrap(), "spec.externalIPs", &node_ips)
-            .is_some_and(|r| r.contains("no externalIPs are allowed")));
+            .refuse_frontend::<Ipv4Addr>(
+                "192.0.2.7".parse().unwrap(),
+                "spec.externalIPs",
+                &node_ips
+            )
+            .is_some_and(|r| r.contains("no IPv4 externalIPs are allowed")));
         assert!(limits.refuse_node_port(80).is_some());
         assert!(limits.refuse_node_port(30080).is_none());
     }

@@ -8,7 +8,8 @@
 //! means. `FERRITE_GOLDEN_UPDATE=1` rewrites the expected writes.
 //!
 //! Script lines (`#` starts a comment):
-//! - `node NAME` and `external-ip-cidr CIDR`: the node and its limits (before `full`);
+//! - `node NAME`, `external-ip-cidr CIDR` and `cluster-cidr CIDR[,CIDR]`: the node
+//!   and its limits (before `full`);
 //! - `full FILE`: the cluster is FILE's objects; the agent's first full sync;
 //! - `apply FILE`: create or replace FILE's objects, and sync;
 //! - `delete KIND NAMESPACE/NAME` (`delete Node NAME`): and sync;
@@ -16,12 +17,14 @@
 //!   appears, the plugin writes its endpoint entries, IPv6 too for a dual-stack pod)
 //!   before the agent hears of it; then the agent's periodic full resync;
 //! - `resync`: a periodic full sync;
-//! - `writes FILE`: the last step's writes are FILE's lines.
+//! - `writes FILE`: the last step's writes are FILE's lines;
+//! - `skipped FILE`: what the last step left out, and why, is FILE's lines (as the
+//!   agent logs them, sorted).
 mod support;
 
 use std::{collections::BTreeMap, fs, path::Path};
 
-use ferrite_agent::limits::Limits;
+use ferrite_agent::limits::{ClusterCidrs, Limits};
 use support::{describe_sync, render, SimNode};
 
 /// A txtar archive: the leading script and the named files.
@@ -85,8 +88,15 @@ fn run(path: &Path, update: bool) -> Result<(), String> {
                 continue;
             }
             ["external-ip-cidr", cidr] => {
-                let cidr = cidr.parse().map_err(|e| format!("{step}: {e}"))?;
-                limits.external_ip_cidrs.push(cidr);
+                match cidr.parse().map_err(|e| format!("{step}: {e}"))? {
+                    ipnet::IpNet::V4(v4) => limits.external_ip_cidrs.push(v4),
+                    ipnet::IpNet::V6(v6) => limits.external_ip_cidrs6.push(v6),
+                }
+                continue;
+            }
+            ["cluster-cidr", cidrs] => {
+                let cidrs = ClusterCidrs::parse(cidrs).map_err(|e| format!("{step}: {e}"))?;
+                (limits.cluster_cidr, limits.cluster_cidr6) = (cidrs.v4, cidrs.v6);
                 continue;
             }
             ["full", name] => {
@@ -127,6 +137,20 @@ fn run(path: &Path, update: bool) -> Result<(), String> {
                 if actual != expected {
                     mismatches.push(format!(
                         "{step}: writes differ\n--- expected\n{expected}--- actual\n{actual}"
+                    ));
+                }
+                seen.push((name.to_string(), actual));
+                continue;
+            }
+            ["skipped", name] => {
+                let node = synced(&mut node, &step)?;
+                let mut skipped = node.last_skipped.clone();
+                skipped.sort();
+                let actual: String = skipped.iter().map(|s| format!("{s}\n")).collect();
+                let expected = file(name).unwrap_or_default();
+                if actual != expected {
+                    mismatches.push(format!(
+                        "{step}: skipped differ\n--- expected\n{expected}--- actual\n{actual}"
                     ));
                 }
                 seen.push((name.to_string(), actual));

@@ -1,16 +1,18 @@
 //! An update of some Services writes what a full sync of the same objects writes, as
 //! a property over generated change sequences: Services of every kind (ClusterIP,
 //! NodePort, LoadBalancer, externalIPs, traffic policies Local, health-check ports,
-//! affinity) drawn from small pools of addresses and ports, so that they also
-//! collide; their EndpointSlices, with and without zone hints; Nodes that change
+//! affinity; IPv4, IPv6 and dual-stack, and RequireDualStack missing a family) drawn
+//! from small pools of addresses and ports, so that they also collide; their
+//! EndpointSlices of both families, with and without zone hints; Nodes that change
 //! address, pod CIDRs (dual-stack or not) and zone, join and leave; Pods of both
 //! nodes (labels, IPv4 and IPv6 addresses that collide too, named ports, hostPorts
 //! that collide with each other, NodePorts and health-check ports; this node's pods
 //! wired or not), and for NetworkPolicy,
 //! Namespaces (labels) and NetworkPolicies (pod, namespace and ipBlock peers,
 //! numbered and named ports, both directions) that come, change and go. After every
-//! step the agent's record is the maps, a full sync would write nothing, and the
-//! maps mean what a full sync from scratch means.
+//! step the agent's record is the maps, a full sync would write nothing, the maps
+//! mean what a full sync from scratch means, and the IPv6 frontends (in the model
+//! only) are a full sync's.
 mod support;
 
 use ferrite_agent::limits::Limits;
@@ -30,16 +32,32 @@ struct ServiceSpec {
     internal_local: bool,
     health_check_port: Option<u16>,
     affinity: Option<u32>,
+    /// `IPv4`, `IPv6`, `dual` (both), `half` (RequireDualStack with one clusterIP:
+    /// refused).
+    families: &'static str,
 }
 
 impl ServiceSpec {
     fn yaml(&self, name: &str) -> String {
-        let mut spec = format!(
-            "  type: {}\n  clusterIP: 10.96.0.{}\n",
-            self.kind, self.cluster_ip
+        let (v4, v6) = (
+            format!("10.96.0.{}", self.cluster_ip),
+            format!("'fd00:10:96::{}'", self.cluster_ip),
         );
+        let families = match self.families {
+            "IPv4" => format!("clusterIP: {v4}\n  ipFamilies: [IPv4]"),
+            "IPv6" => format!("clusterIP: {v6}\n  ipFamilies: [IPv6]"),
+            "dual" => format!(
+                "clusterIP: {v6}\n  clusterIPs: [{v6}, {v4}]\n  ipFamilyPolicy: PreferDualStack"
+            ),
+            _ => format!(
+                "clusterIP: {v4}\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack"
+            ),
+        };
+        let mut spec = format!("  type: {}\n  {families}\n", self.kind);
         if let Some(ip) = self.external_ip {
-            spec.push_str(&format!("  externalIPs: [192.0.2.{ip}]\n"));
+            spec.push_str(&format!(
+                "  externalIPs: [192.0.2.{ip}, '2001:db8:e::{ip}']\n"
+            ));
         }
         if self.external_local && self.kind != "ClusterIP" {
             spec.push_str("  externalTrafficPolicy: Local\n");
@@ -69,7 +87,7 @@ impl ServiceSpec {
         }
         let status = match (self.kind, self.ingress_ip) {
             ("LoadBalancer", Some(ip)) => {
-                format!("status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.{ip}}}]}}}}\n")
+                format!("status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.{ip}}}, {{ip: '2001:db8:1b::{ip}'}}]}}}}\n")
             }
             _ => String::new(),
         };
@@ -92,6 +110,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         any::<bool>(),
         prop::option::of(prop::sample::select(vec![32000u16, 32001])),
         prop::option::of(prop::sample::select(vec![60u32, 10_800])),
+        prop::sample::select(vec!["IPv4", "IPv4", "IPv6", "dual", "dual", "half"]),
     )
         .prop_map(
             |(
@@ -105,6 +124,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                 internal_local,
                 health_check_port,
                 affinity,
+                families,
             )| ServiceSpec {
                 kind,
                 cluster_ip,
@@ -116,6 +136,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                 internal_local,
                 health_check_port,
                 affinity,
+                families,
             },
         )
 }
@@ -144,9 +165,23 @@ fn endpoints() -> impl Strategy<Value = Vec<EndpointSpec>> {
     prop::collection::vec(endpoint, 0..4)
 }
 
+/// The IPv6 address of a pod at IPv4 `address` (`10.244.N.M` -> `fd00:10:244:N::M`),
+/// in its node's IPv6 pod CIDR.
+fn ipv6_of(address: &str) -> String {
+    let octets: Vec<&str> = address.split('.').collect();
+    format!("'fd00:10:244:{}::{}'", octets[2], octets[3])
+}
+
+/// EndpointSlice `slice` of `service`: 0 and 1 are IPv4, 2 is IPv6.
 fn slice_yaml(service: &str, slice: u8, endpoints: &[EndpointSpec]) -> String {
+    let ipv6 = slice == 2;
     let mut list = String::new();
     for (address, node, condition, zone) in endpoints {
+        let address = if ipv6 {
+            ipv6_of(address)
+        } else {
+            address.to_string()
+        };
         let node = node.map(|n| format!(", nodeName: {n}")).unwrap_or_default();
         let hints = zone
             .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
@@ -170,18 +205,26 @@ fn slice_yaml(service: &str, slice: u8, endpoints: &[EndpointSpec]) -> String {
         })
         .collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{slice}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports:\n{ports}endpoints:\n{list}"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{slice}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {}\nports:\n{ports}endpoints:\n{list}",
+        if ipv6 { "IPv6" } else { "IPv4" }
     )
 }
 
-/// A Node; with `cidr6`, dual-stack (its IPv6 pod CIDR beside the IPv4 one).
+/// A Node; with `cidr6`, dual-stack: its IPv6 pod CIDR beside the IPv4 one and an
+/// IPv6 InternalIP (`2001:db8::N` for `198.51.100.N`) beside its IPv4 one.
 fn node_yaml(name: &str, ip: &str, cidr: &str, cidr6: Option<&str>, zone: &str) -> String {
-    let cidrs = match cidr6 {
-        Some(cidr6) => format!("podCIDR: {cidr}, podCIDRs: [{cidr}, '{cidr6}']"),
-        None => format!("podCIDR: {cidr}"),
+    let (cidrs, ip6) = match cidr6 {
+        Some(cidr6) => (
+            format!("podCIDR: {cidr}, podCIDRs: [{cidr}, '{cidr6}']"),
+            format!(
+                ", {{type: InternalIP, address: '2001:db8::{}'}}",
+                ip.rsplit('.').next().unwrap_or("1")
+            ),
+        ),
+        None => (format!("podCIDR: {cidr}"), String::new()),
     };
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: '{zone}'}}}}\nspec: {{{cidrs}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: '{zone}'}}}}\nspec: {{{cidrs}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}{ip6}]}}\n"
     )
 }
 
@@ -371,9 +414,9 @@ fn change() -> impl Strategy<Value = Change> {
     let service = 0..SERVICES.len();
     prop_oneof![
         4 => (service.clone(), service_spec()).prop_map(|(i, s)| Change::Service(i, s)),
-        4 => (service.clone(), 0u8..2, endpoints()).prop_map(|(i, n, e)| Change::Slice(i, n, e)),
+        4 => (service.clone(), 0u8..3, endpoints()).prop_map(|(i, n, e)| Change::Slice(i, n, e)),
         1 => service.clone().prop_map(Change::DeleteService),
-        1 => (service, 0u8..2).prop_map(|(i, n)| Change::DeleteSlice(i, n)),
+        1 => (service, 0u8..3).prop_map(|(i, n)| Change::DeleteSlice(i, n)),
         1 => (
             prop::sample::select(vec!["198.51.100.1", "198.51.100.101"]),
             prop::sample::select(vec![
@@ -503,6 +546,7 @@ proptest! {
     ) {
         let limits = Limits {
             external_ip_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+            external_ip_cidrs6: vec!["2001:db8:e::/48".parse().unwrap()],
             ..Limits::default()
         };
         let mut node = SimNode::new("node-1", limits);

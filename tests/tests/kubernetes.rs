@@ -527,3 +527,136 @@ fn kube_proxys_health_endpoint_drains_a_node_the_autoscaler_is_about_to_delete()
     })?;
     Ok(())
 }
+
+/// A dual-stack Service from the API server: its IPv4 half is served (the datapath
+/// has no IPv6 Service maps yet) and stays in the maps, unchanged, while its IPv6
+/// EndpointSlice scales, refuses an address and goes, and through a full sync; a
+/// RequireDualStack Service with one clusterIP is refused alone, logged and counted.
+/// Full resyncs are a minute apart, so the watch updates act.
+#[test]
+fn a_dual_stack_service_keeps_serving_ipv4_while_its_ipv6_slice_changes() -> Result<()> {
+    let c = kube_cluster_resyncing_every(Some(60))?;
+    let (api, node) = (&c.api, &c.node);
+    let vip: Ipv4Addr = "10.96.0.50".parse()?;
+    let two = [BACKENDS[0].1, BACKENDS[1].1];
+    let v4_slice = cluster::endpoint_slice_yaml("dual", &cluster::ready_endpoints(&two));
+    api.apply_yaml(&format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: dual, namespace: default}}
+spec:
+  clusterIP: {vip}
+  clusterIPs: [{vip}, \"fd00:10:96::50\"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: http}}]
+---
+{v4_slice}"
+    ))?;
+    node.wait_for_maps("the dual-stack Service's IPv4 half", |m| {
+        master_count(m, vip, 80) == Some(2)
+    })?;
+    let v6_slice = |endpoints: &[&str]| {
+        let endpoints: String = endpoints
+            .iter()
+            .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dual-v6
+  namespace: default
+  labels: {{kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{{name: http, port: {}, protocol: TCP}}]
+endpoints:
+{endpoints}",
+            cluster::TCP_TARGET
+        )
+    };
+
+    // Watch the IPv4 master entry from before the IPv6 changes until after them.
+    let pins = node.pin_dir();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(usize, usize)> {
+            let maps = ferrite_agent::maps::NodeMaps::open(&pins)?;
+            let (mut reads, mut changed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                reads += 1;
+                if master_count(&maps.contents()?, vip, 80) != Some(2) {
+                    changed += 1;
+                }
+            }
+            Ok((reads, changed))
+        })
+    };
+    let log = || {
+        node.agent
+            .as_ref()
+            .map(|a| a.log_text())
+            .unwrap_or_default()
+    };
+    api.apply_yaml(&v6_slice(&["fd00:10:244::11"]))?;
+    // The scaled slice holds a link-local address: its refusal in the log says the
+    // agent read the slice (its writes, IPv6 only, are none).
+    api.apply_yaml(&v6_slice(&[
+        "fd00:10:244::11",
+        "fd00:10:244::12",
+        "fe80::1",
+    ]))?;
+    let refused_endpoint = "EndpointSlice default/dual-v6: endpoint address fe80::1 is link-local";
+    ferrite_tests::lab::wait_until("the IPv6 slice read", ferrite_tests::lab::SETTLE, || {
+        log().contains(refused_endpoint)
+    })?;
+    api.delete("EndpointSlice", "default", "dual-v6");
+    // A RequireDualStack Service with one clusterIP: refused alone, with its reason.
+    api.apply_yaml(
+        "apiVersion: v1
+kind: Service
+metadata: {name: half, namespace: default}
+spec:
+  clusterIP: 10.96.0.51
+  clusterIPs: [10.96.0.51]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{name: http, port: 80, protocol: TCP, targetPort: http}]
+",
+    )?;
+    let refused_service = "Service default/half: ipFamilyPolicy RequireDualStack does not allow 1";
+    ferrite_tests::lab::wait_until(
+        "the half dual-stack Service refused",
+        ferrite_tests::lab::SETTLE,
+        || log().contains(refused_service),
+    )?;
+    // Its count is a full sync's (updates log): a Node joining brings one.
+    api.apply_yaml(&node_yaml(
+        "other",
+        "198.51.100.7".parse()?,
+        "10.244.7.0/24",
+    ))?;
+    ferrite_tests::lab::wait_until("the refusal counted", ferrite_tests::lab::SETTLE, || {
+        node.metric("ferrite_skipped_objects")
+            .is_ok_and(|n| n >= 1.0)
+    })?;
+    // The IPv4 half answers throughout, and the refused Service has no entry.
+    let request = "to the dual-stack Service";
+    answered_by(
+        &node
+            .pod(CLIENTS[0].0)
+            .tcp_request(std::net::SocketAddrV4::new(vip, 80), request)?,
+        request,
+    )?;
+    let maps = node.maps()?.contents()?;
+    assert_eq!(master_count(&maps, "10.96.0.51".parse()?, 80), None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, changed) = watcher.join().expect("the watcher thread")?;
+    assert!(reads > 0);
+    assert_eq!(
+        changed, 0,
+        "the IPv4 frontend changed in {changed} of {reads} reads"
+    );
+    Ok(())
+}

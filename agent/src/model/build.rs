@@ -3,18 +3,21 @@
 //! pods and their hostPorts. An update of some Services builds them with the same [`build_services`].
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
 use super::{
     fields::object_name,
+    frontends::Frontends,
     host_ports::{add_host_ports, WiredPod},
+    ip_families::{ServiceFamily, SlicesByService},
     objects::{EndpointSlice, Service},
     pods::local_pod,
     policy::PolicyIndex,
-    service::{service_frontends, SlicesByService},
-    slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, NodeContext, ServiceFrontend,
-    ServiceRef, SkipReason, Skipped,
+    service::service_frontends,
+    slice_service, ClusterObjects, DesiredState, HealthCheck, L4Addr, L4Addr6, NodeContext,
+    ServiceFrontend, ServiceFrontend6, ServiceRef, SkipReason, Skipped,
 };
 
 /// Build the desired state of the node `context` is for. Never fails: what cannot be
@@ -39,6 +42,7 @@ pub fn build_with_policy_index(
     );
     let mut state = DesiredState {
         services: services.frontends,
+        services6: services.frontends6,
         health_checks: services.health_checks,
         contenders: services.contenders,
         nodes: context.nodes.clone(),
@@ -85,6 +89,8 @@ pub fn build_with_policy_index(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicesModel {
     pub frontends: BTreeMap<L4Addr, ServiceFrontend>,
+    /// The IPv6 frontends (not in the datapath yet).
+    pub frontends6: BTreeMap<L4Addr6, ServiceFrontend6>,
     /// Health-check ports to serve, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services that claim a frontend or health-check port another Service claims
@@ -112,14 +118,15 @@ pub fn build_services(
             });
             continue;
         };
-        if slice.address_type != "IPv4" {
-            skipped.push(Skipped {
+        let of_service = slices_by_service.entry(service).or_default();
+        match slice.address_type.as_str() {
+            "IPv4" => of_service.v4.push(slice),
+            "IPv6" => of_service.v6.push(slice),
+            other => skipped.push(Skipped {
                 object: what,
-                reason: SkipReason::UnsupportedAddressType(slice.address_type.clone()),
-            });
-            continue;
+                reason: SkipReason::UnsupportedAddressType(other.to_string()),
+            }),
         }
-        slices_by_service.entry(service).or_default().push(slice);
     }
 
     let mut model = ServicesModel::default();
@@ -127,18 +134,17 @@ pub fn build_services(
         if !context.limits.serves(service.metadata.labels.as_ref()) {
             continue;
         }
-        let (frontends, health_check) =
-            match service_frontends(service, &slices_by_service, context, skipped) {
-                Ok(built) => built,
-                Err(reason) => {
-                    skipped.push(Skipped {
-                        object: object_name("Service", &service.metadata),
-                        reason: SkipReason::Invalid(reason),
-                    });
-                    continue;
-                }
-            };
-        if let Some((port, check)) = health_check {
+        let built = match service_frontends(service, &slices_by_service, context, skipped) {
+            Ok(built) => built,
+            Err(reason) => {
+                skipped.push(Skipped {
+                    object: object_name("Service", &service.metadata),
+                    reason: SkipReason::Invalid(reason),
+                });
+                continue;
+            }
+        };
+        if let Some((port, check)) = built.health_check {
             if let Some(existing) = model.health_checks.get(&port) {
                 model.contenders.insert(existing.service.clone());
                 model.contenders.insert(check.service.clone());
@@ -153,23 +159,36 @@ pub fn build_services(
                 model.health_checks.insert(port, check);
             }
         }
-        for (frontend, entry) in frontends {
-            if let Some(existing) = model.frontends.get(&frontend) {
-                model.contenders.insert(existing.service.clone());
-                model.contenders.insert(entry.service.clone());
-                skipped.push(Skipped {
-                    object: entry.name.clone(),
-                    reason: SkipReason::FrontendTaken {
-                        frontend,
-                        owner: existing.name.clone(),
-                    },
-                });
-                continue;
-            }
-            model.frontends.insert(frontend, entry);
-        }
+        claim::<Ipv4Addr>(&mut model, built.frontends, skipped);
+        claim::<Ipv6Addr>(&mut model, built.frontends6, skipped);
     }
     model
+}
+
+/// Give a Service its frontends of family `A` that no Service listed before has;
+/// the ones taken stay the earlier Service's, and both are contenders.
+fn claim<A: ServiceFamily>(
+    model: &mut ServicesModel,
+    frontends: Frontends<A>,
+    skipped: &mut Vec<Skipped>,
+) {
+    for (frontend, entry) in frontends {
+        let existing = A::frontends(model).get(&frontend);
+        if let Some((owner, owner_service)) = existing.map(|e| (e.name.clone(), e.service.clone()))
+        {
+            model.contenders.insert(owner_service);
+            model.contenders.insert(entry.service.clone());
+            skipped.push(Skipped {
+                object: entry.name.clone(),
+                reason: SkipReason::FrontendTaken {
+                    frontend: frontend.to_string(),
+                    owner,
+                },
+            });
+            continue;
+        }
+        A::frontends(model).insert(frontend, entry);
+    }
 }
 
 #[cfg(test)]
@@ -202,7 +221,7 @@ mod tests {
             ("no name", "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {clusterIP: 10.96.7.1, ports: [{port: 80}]}\n".into(), "<unnamed>"),
             ("no spec", "apiVersion: v1\nkind: Service\nmetadata: {name: nospec}\n".into(), "nospec"),
             ("no clusterIP", svc("noip", "{ports: [{port: 80}]}"), "noip"),
-            ("IPv6 clusterIP", svc("v6", "{clusterIP: 'fd00::1', ports: [{port: 80}]}"), "v6"),
+            ("IPv6 loopback clusterIP", svc("v6", "{clusterIP: '::1', ports: [{port: 80}]}"), "v6"),
             ("bad clusterIP", svc("badip", "{clusterIP: 999.1.1.1, ports: [{port: 80}]}"), "badip"),
             ("0.0.0.0 clusterIP", svc("zero", "{clusterIP: 0.0.0.0, ports: [{port: 80}]}"), "zero"),
             ("port 0", svc("port0", "{clusterIP: 10.96.7.2, ports: [{port: 0}]}"), "port0"),
@@ -219,7 +238,7 @@ mod tests {
             ("duplicate clusterIP:port", svc("copycat", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}"), "already used"),
             ("headless", svc("headless", "{clusterIP: None, ports: [{port: 80}]}"), "headless"),
             ("slice without label", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: shop}\naddressType: IPv4\n".into(), "orphan"),
-            ("IPv6 slice", slice("six", "addressType: IPv6\nendpoints: [{addresses: ['fd00::2']}]"), "six"),
+            ("IPv4 address in IPv6 slice", format!("{}---\n{}", svc("bad", "{clusterIP: 'fd00::7', ports: [{port: 80}]}"), slice("six", "addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.3.3]}]")), "six"),
             ("FQDN slice", slice("fqdn", "addressType: FQDN\nendpoints: [{addresses: [example.com]}]"), "fqdn"),
             ("IPv6 address in IPv4 slice", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("mixed", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00::3']}]")), "mixed"),
             ("garbage address", format!("{}---\n{}", svc("bad", GOOD_PORT), slice("garbage", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [not-an-address]}]")), "garbage"),
@@ -297,13 +316,13 @@ spec: {{clusterIP: 10.96.0.33, ports: [{{port: 80}}]}}
 apiVersion: v1
 kind: Service
 metadata: {{name: v6}}
-spec: {{clusterIP: "fd00::10", ports: [{{port: 80}}]}}
+spec: {{clusterIP: "fe80::10", ports: [{{port: 80}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: v6-slice, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv6
-endpoints: [{{addresses: ["fd00::1"]}}]
+metadata: {{name: fqdn-slice, labels: {{kubernetes.io/service-name: web}}}}
+addressType: FQDN
+endpoints: [{{addresses: ["example.com"]}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -325,13 +344,13 @@ metadata: {{name: g}}
         assert_eq!(state.services.len(), 2);
         let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
         let expect = [
-            "not an IPv4 address",
+            "not an IP address",
             "out of range",
             "unknown protocol \"QUIC\"",
             "spec is missing",
             "metadata.name is missing",
-            "fd00::10",
-            "IPv6 is not supported",
+            "fe80::10 is link-local",
+            "addressType FQDN is not supported",
             "no kubernetes.io/service-name label",
             "Gizmo",
         ];

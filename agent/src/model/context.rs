@@ -4,7 +4,7 @@
 //! the same whichever path builds it.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -21,7 +21,8 @@ pub struct NodeContext {
     pub limits: Limits,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
-    node_ips: Vec<Ipv4Addr>,
+    /// Every node's InternalIPs, of both families.
+    node_ips: Vec<IpAddr>,
     /// The addresses of this node's interfaces, as the last full sync read them
     /// (`--nodeport-addresses` selects among them).
     host_addresses: Vec<Ipv4Addr>,
@@ -45,7 +46,11 @@ impl NodeContext {
             previous.map(|p| &p.nodes),
             &mut skipped,
         );
-        let node_ips = nodes.values().map(|n| n.ip).collect();
+        let node_ips = nodes
+            .values()
+            .flat_map(|n| [Some(IpAddr::V4(n.ip)), n.ip6.map(IpAddr::V6)])
+            .flatten()
+            .collect();
         let context = Self {
             name: name.to_string(),
             limits: limits.clone(),
@@ -88,19 +93,31 @@ impl NodeContext {
         self.this_node().map(|n| n.ip)
     }
 
-    /// Whether an endpoint runs here: its `nodeName`, else its address in this
-    /// node's pod CIDR (endpoints written by hand often lack `nodeName`).
-    pub(super) fn owns(&self, node_name: Option<&str>, ip: Ipv4Addr) -> bool {
+    /// The addresses IPv6 NodePorts answer on: this node's IPv6 InternalIP (with
+    /// `--nodeport-addresses primary`; its CIDRs are IPv4 ones, which select none).
+    pub fn node_port_ips6(&self) -> Vec<Ipv6Addr> {
+        match self.limits.node_port_addresses {
+            crate::limits::NodePortAddresses::Primary => {
+                self.this_node().and_then(|n| n.ip6).into_iter().collect()
+            }
+            crate::limits::NodePortAddresses::Cidrs(_) => Vec::new(),
+        }
+    }
+
+    /// Whether an endpoint runs here: its `nodeName`, else its address in one of
+    /// this node's pod CIDRs (endpoints written by hand often lack `nodeName`).
+    pub(super) fn owns(&self, node_name: Option<&str>, ip: IpAddr) -> bool {
         match node_name {
             Some(name) => name == self.name,
-            None => self
-                .this_node()
-                .is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip))),
+            None => self.this_node().is_some_and(|n| match ip {
+                IpAddr::V4(ip) => n.pod_cidrs.iter().any(|c| c.contains(&ip)),
+                IpAddr::V6(ip) => n.pod_cidrs6.iter().any(|c| c.contains(&ip)),
+            }),
         }
     }
 
     /// The nodes' addresses, which no externalIP or load-balancer IP may take.
-    pub(super) fn node_ips(&self) -> &[Ipv4Addr] {
+    pub(super) fn node_ips(&self) -> &[IpAddr] {
         &self.node_ips
     }
 

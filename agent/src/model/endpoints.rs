@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    fields::{object_name, parse_ipv4, valid_port},
+    fields::{object_name, parse_ip, valid_port},
+    ip_families::ServiceFamily,
     objects::{Endpoint, EndpointConditions, EndpointHints, EndpointSlice, ForName, ServicePort},
     L4Addr, NodeContext, Protocol, ServiceRef, SkipReason, Skipped,
 };
@@ -22,28 +23,44 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
 /// The nodes and the zones an endpoint is hinted for.
 type Hints = (BTreeSet<String>, BTreeSet<String>);
 
-/// The endpoints of one Service port, sorted into what each policy uses.
-#[derive(Default)]
-pub(super) struct PortEndpoints {
-    ready: BTreeSet<L4Addr>,
+/// The endpoints of one Service port (of one family), sorted into what each policy
+/// uses.
+pub(super) struct PortEndpoints<A> {
+    ready: BTreeSet<L4Addr<A>>,
     pub(super) local_ready: usize,
     /// Serving and terminating: (address, on this node).
-    terminating: BTreeSet<(L4Addr, bool)>,
-    local: BTreeSet<L4Addr>,
+    terminating: BTreeSet<(L4Addr<A>, bool)>,
+    local: BTreeSet<L4Addr<A>>,
     /// Topology hints of ready endpoints: the nodes and zones each is hinted for.
-    hints: BTreeMap<L4Addr, Hints>,
+    hints: BTreeMap<L4Addr<A>, Hints>,
     /// The ready endpoints this node's clients use when the hints say so (kube-proxy's
     /// topology rules, see [`PortEndpoints::apply_topology`]); `None`: all of them.
-    topology: Option<BTreeSet<L4Addr>>,
+    topology: Option<BTreeSet<L4Addr<A>>>,
 }
 
-impl PortEndpoints {
+impl<A> Default for PortEndpoints<A> {
+    fn default() -> Self {
+        Self {
+            ready: BTreeSet::new(),
+            local_ready: 0,
+            terminating: BTreeSet::new(),
+            local: BTreeSet::new(),
+            hints: BTreeMap::new(),
+            topology: None,
+        }
+    }
+}
+
+/// Backends for new flows, and those kept for established flows.
+type Picked<A> = (Vec<L4Addr<A>>, Vec<L4Addr<A>>);
+
+impl<A: ServiceFamily> PortEndpoints<A> {
     /// (backends for new flows, ones kept for established flows: terminating, and
     /// ready ones topology leaves out for this node).
-    pub(super) fn for_policy(&self, local_only: bool) -> (Vec<L4Addr>, Vec<L4Addr>) {
-        let eligible = |a: &L4Addr| !local_only || self.local.contains(a);
-        let mut ready: Vec<L4Addr> = self.ready.iter().copied().filter(eligible).collect();
-        let mut kept: BTreeSet<L4Addr> = self
+    pub(super) fn for_policy(&self, local_only: bool) -> Picked<A> {
+        let eligible = |a: &L4Addr<A>| !local_only || self.local.contains(a);
+        let mut ready: Vec<L4Addr<A>> = self.ready.iter().copied().filter(eligible).collect();
+        let mut kept: BTreeSet<L4Addr<A>> = self
             .terminating
             .iter()
             .filter(|(a, local)| !local_only || *local || self.local.contains(a))
@@ -52,8 +69,7 @@ impl PortEndpoints {
         // Topology narrows the endpoints of cluster-wide policies only (kube-proxy's
         // "cluster endpoints"); the rest keep their established flows.
         if let (false, Some(preferred)) = (local_only, &self.topology) {
-            let (near, far): (Vec<L4Addr>, Vec<L4Addr>) =
-                ready.into_iter().partition(|a| preferred.contains(a));
+            let (near, far): Picked<A> = ready.into_iter().partition(|a| preferred.contains(a));
             ready = near;
             kept.extend(far);
         }
@@ -74,13 +90,13 @@ impl PortEndpoints {
     fn apply_topology(&mut self, here: &NodeContext) {
         let hinted = |pick: &dyn Fn(&Hints) -> &BTreeSet<String>,
                       wanted: Option<&str>|
-         -> Option<BTreeSet<L4Addr>> {
+         -> Option<BTreeSet<L4Addr<A>>> {
             let all_hinted = self
                 .ready
                 .iter()
                 .all(|a| self.hints.get(a).is_some_and(|h| !pick(h).is_empty()));
             let wanted = wanted?;
-            let for_us: BTreeSet<L4Addr> = self
+            let for_us: BTreeSet<L4Addr<A>> = self
                 .ready
                 .iter()
                 .filter(|a| self.hints.get(a).is_some_and(|h| pick(h).contains(wanted)))
@@ -96,14 +112,15 @@ impl PortEndpoints {
     }
 }
 
-pub(super) fn port_backends(
+/// The endpoints of a Service port in its slices of family `A`.
+pub(super) fn port_backends<A: ServiceFamily>(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
     here: &NodeContext,
     display: &str,
     skipped: &mut Vec<Skipped>,
-) -> PortEndpoints {
+) -> PortEndpoints<A> {
     let port_name = port.name.as_deref().unwrap_or("");
     let mut out = PortEndpoints::default();
     for slice in slices {
@@ -152,10 +169,11 @@ pub(super) fn port_backends(
                 continue;
             }
             for address in addresses {
-                let Some(backend) = backend(address, target, protocol, &slice_name, skipped) else {
+                let Some(backend) = backend::<A>(address, target, protocol, &slice_name, skipped)
+                else {
                     continue;
                 };
-                let local = here.owns(endpoint.node_name.as_deref(), backend.ip);
+                let local = here.owns(endpoint.node_name.as_deref(), backend.ip.into());
                 if local {
                     out.local.insert(backend);
                 }
@@ -209,26 +227,20 @@ fn endpoint_state(endpoint: &Endpoint) -> EndpointState {
     }
 }
 
-fn backend(
+fn backend<A: ServiceFamily>(
     address: &str,
     port: u16,
     protocol: Protocol,
     slice_name: &str,
     skipped: &mut Vec<Skipped>,
-) -> Option<L4Addr> {
-    match parse_ipv4(address, "endpoint address") {
+) -> Option<L4Addr<A>> {
+    match parse_ip::<A>(address, "endpoint address") {
         // What the API server itself refuses as an endpoint (and a hostile object
         // could point a Service at): loopback, link-local (cloud metadata), multicast.
-        Ok(ip)
-            if ip.is_loopback()
-                || ip.is_link_local()
-                || ip.is_multicast()
-                || ip.is_unspecified()
-                || ip.is_broadcast() =>
-        {
+        Ok(ip) if A::endpoint_refused(ip) => {
             skipped.push(Skipped {
                 object: slice_name.to_string(),
-                reason: SkipReason::EndpointAddressRefused(ip),
+                reason: SkipReason::EndpointAddressRefused(ip.into()),
             });
             None
         }

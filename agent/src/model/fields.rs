@@ -1,9 +1,10 @@
 //! Checks of object fields that every parser of the model shares.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::namespace_of;
+use crate::family::Family;
 
 /// `Kind namespace/name` of an object, for the skipped list.
 pub(super) fn object_name(kind: &str, meta: &ObjectMeta) -> String {
@@ -23,9 +24,22 @@ pub(super) fn truncated(value: &str) -> String {
 }
 
 pub(super) fn parse_ipv4(value: &str, field: &str) -> Result<Ipv4Addr, String> {
+    parse_ip(value, field)
+}
+
+/// An address of family `A`.
+pub(super) fn parse_ip<A: Family>(value: &str, field: &str) -> Result<A, String> {
     value
-        .parse::<Ipv4Addr>()
-        .map_err(|_| format!("{field} {:?} is not an IPv4 address", truncated(value)))
+        .parse::<IpAddr>()
+        .ok()
+        .and_then(A::from_ip)
+        .ok_or_else(|| {
+            format!(
+                "{field} {:?} is not an {} address",
+                truncated(value),
+                A::NAME
+            )
+        })
 }
 
 pub(super) fn valid_port(port: i32, field: &str) -> Result<u16, String> {

@@ -15,14 +15,23 @@
 //!   node's endpoints (by `nodeName`, else by this node's pod CIDR);
 //! - a `hostPort` of this node's pod is a frontend on the node's NodePort addresses
 //!   (or its `hostIP`) with the pod as its one backend; Services keep contested ports;
+//! - a Service has these frontends for each IP family it has a clusterIP of
+//!   (`clusterIPs`, `ipFamilies` and `ipFamilyPolicy` checked as the API server
+//!   checks them), each with backends from that family's EndpointSlices
+//!   (`addressType` IPv4 or IPv6) only; the IPv6 ones are in the model only, the
+//!   datapath has no IPv6 Service maps yet;
 //! - headless and ExternalName Services have no frontend and are skipped;
 //! - an invalid object is skipped with a reason; everything else still applies.
 mod build;
 mod context;
 mod endpoints;
 mod fields;
+mod frontend_index;
+pub use frontend_index::FrontendIndex;
+mod frontends;
 mod host_ports;
 pub use host_ports::has_host_ports;
+mod ip_families;
 mod nodes;
 pub mod objects;
 mod pods;

@@ -1,7 +1,7 @@
 //! Services and EndpointSlices as the model reads them: only the fields it uses,
 //! with k8s-openapi's Rust names and types (so model code reads them alike) and the
 //! Kubernetes JSON names. The watch caches hold one of these per object instead of
-//! the full API type, whose unread fields (selectors, IP families, hints, target
+//! the full API type, whose unread fields (selectors, zones, target
 //! references, conditions...) are most of a cached object's size. Unknown fields are
 //! ignored and missing or null ones take their default, as k8s-openapi does.
 //!
@@ -38,6 +38,13 @@ pub struct Service {
 pub struct ServiceSpec {
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// One per IP family, the first `clusterIP` (dual-stack).
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    /// `IPv4`, `IPv6`: the families of `clusterIPs`, in their order.
+    pub ip_families: Option<Vec<String>>,
+    /// `SingleStack`, `PreferDualStack` or `RequireDualStack`.
+    pub ip_family_policy: Option<String>,
     #[serde(rename = "externalIPs")]
     pub external_ips: Option<Vec<String>>,
     /// `false`: a LoadBalancer without nodePorts (the load balancer reaches pods
@@ -223,8 +230,9 @@ mod tests {
             "spec": {
                 "type": "LoadBalancer",
                 "clusterIP": "10.96.0.5",
-                "clusterIPs": ["10.96.0.5"],
-                "ipFamilies": ["IPv4"],
+                "clusterIPs": ["10.96.0.5", "fd00:10:96::5"],
+                "ipFamilies": ["IPv4", "IPv6"],
+                "ipFamilyPolicy": "RequireDualStack",
                 "selector": {"app": "web"},
                 "externalIPs": ["192.0.2.200"],
                 "allocateLoadBalancerNodePorts": false,
@@ -254,6 +262,9 @@ mod tests {
             },
             spec: Some(ServiceSpec {
                 cluster_ip: Some("10.96.0.5".into()),
+                cluster_ips: Some(vec!["10.96.0.5".into(), "fd00:10:96::5".into()]),
+                ip_families: Some(vec!["IPv4".into(), "IPv6".into()]),
+                ip_family_policy: Some("RequireDualStack".into()),
                 external_ips: Some(vec!["192.0.2.200".into()]),
                 allocate_load_balancer_node_ports: Some(false),
                 external_traffic_policy: Some("Local".into()),

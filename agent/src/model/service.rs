@@ -1,18 +1,19 @@
 //! A Service -> its frontends (ClusterIP, NodePorts, LoadBalancer ingress IPs,
-//! externalIPs), each with the backends its traffic policy allows.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! externalIPs) of each IP family it has, each with the backends its traffic policy
+//! allows.
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    endpoints::{port_backends, PortEndpoints},
-    fields::{parse_ipv4, truncated, valid_port},
-    objects::{EndpointSlice, Service, ServicePort, ServiceSpec},
-    FrontendKind, HealthCheck, InClusterBackends, L4Addr, NodeContext, Protocol, ServiceFrontend,
-    ServiceRef, SkipReason, Skipped,
+    fields::{truncated, valid_port},
+    frontends::{CheckedService, Frontends, ParsedPort, Policies},
+    ip_families::{cluster_ips, ServiceFamily, SlicesByService},
+    objects::{Service, ServicePort, ServiceSpec},
+    HealthCheck, NodeContext, Protocol, ServiceRef, SkipReason, Skipped,
 };
-use crate::limits::{Limits, MAX_BACKENDS_PER_PORT, MAX_SERVICE_ENTRIES};
+use crate::limits::Limits;
 
 /// Ports one Service may have (Kubernetes sets no limit; a hostile Service with
 /// thousands would take map space from every other one).
@@ -22,14 +23,6 @@ pub const MAX_SERVICE_PORTS: usize = 1024;
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The most `timeoutSeconds` Kubernetes accepts (1 day).
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
-
-/// What a Service's spec says about every one of its frontends.
-struct Policies {
-    external_local: bool,
-    internal_local: bool,
-    affinity_timeout_s: u32,
-    source_ranges: Vec<Ipv4Net>,
-}
 
 fn policies(spec: &ServiceSpec) -> Result<Policies, String> {
     let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
@@ -52,12 +45,9 @@ fn policies(spec: &ServiceSpec) -> Result<Policies, String> {
     };
     let mut source_ranges = Vec::new();
     for range in spec.load_balancer_source_ranges.iter().flatten() {
-        if range.contains(':') {
-            continue; // IPv6 ranges: Ferrite's frontends are IPv4
-        }
-        let net: Ipv4Net = range.trim().parse().map_err(|_| {
+        let net: IpNet = range.trim().parse().map_err(|_| {
             format!(
-                "loadBalancerSourceRanges {:?} is not an IPv4 CIDR",
+                "loadBalancerSourceRanges {:?} is not a CIDR",
                 truncated(range)
             )
         })?;
@@ -73,21 +63,29 @@ fn policies(spec: &ServiceSpec) -> Result<Policies, String> {
     })
 }
 
-type Frontends = Vec<(L4Addr, ServiceFrontend)>;
+/// A Service's frontends of each family, and the health-check port it asks for.
+pub(super) struct BuiltService {
+    pub frontends: Frontends<Ipv4Addr>,
+    pub frontends6: Frontends<Ipv6Addr>,
+    pub health_check: Option<(u16, HealthCheck)>,
+}
 
 /// A Service's frontends, with the health-check port it asks for, in named steps:
 /// everything that makes the Service invalid is an `Err` (the Service is skipped
-/// whole), anything that leaves only part of it out is pushed to `skipped`.
+/// whole, both families), anything that leaves only part of it out is pushed to
+/// `skipped`.
 pub(super) fn service_frontends(
     service: &Service,
     slices_by_service: &SlicesByService,
     here: &NodeContext,
     skipped: &mut Vec<Skipped>,
-) -> Result<(Frontends, Option<(u16, HealthCheck)>), String> {
+) -> Result<BuiltService, String> {
     let service_ref = service_ref(service)?;
     let spec = service.spec.as_ref().ok_or("spec is missing")?;
     let service_type = ServiceType::of(spec)?;
-    let vip = cluster_ip(spec, here)?;
+    let vips = cluster_ips(spec)?;
+    let vip4 = admitted_cluster_ip::<Ipv4Addr>(vips.v4, here)?;
+    let vip6 = admitted_cluster_ip::<Ipv6Addr>(vips.v6, here)?;
     let ports = port_list(spec)?;
     let policy = policies(spec)?;
     // A LoadBalancer that asked for no nodePorts has none, and that is no fault.
@@ -95,44 +93,26 @@ pub(super) fn service_frontends(
         && !(service_type == ServiceType::LoadBalancer
             && spec.allocate_load_balancer_node_ports == Some(false));
     let ports = parse_ports(ports, wants_node_ports, &service_ref, &here.limits, skipped)?;
-    let external_ips = external_ips(spec, &service_ref, here, skipped)?;
-    let ingress_ips = match service_type {
-        ServiceType::LoadBalancer => ingress_ips(service, &service_ref, here, skipped)?,
-        ServiceType::ClusterIp | ServiceType::NodePort => Vec::new(),
+    let checked = CheckedService {
+        service,
+        service_ref,
+        is_load_balancer: service_type == ServiceType::LoadBalancer,
+        policy,
+        ports,
     };
-    let node_port_ips = here.node_port_ips();
-    let slices = slices_by_service
-        .get(&service_ref)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut frontends = Vec::new();
-    let mut local_endpoints = 0;
-    for port in ports {
-        let display = port.display(&service_ref);
-        let endpoints = port_backends(port.spec, port.protocol, slices, here, &display, skipped);
-        local_endpoints = local_endpoints.max(endpoints.local_ready);
-        let of_port = PortFrontends {
-            service: &service_ref,
-            policy: &policy,
-            protocol: port.protocol,
-            display,
-            endpoints,
-        };
-        frontends.push(of_port.frontend(vip, port.number, FrontendKind::ClusterIp));
-        if let Some(node_port) = port.node_port {
-            for ip in &node_port_ips {
-                frontends.push(of_port.frontend(*ip, node_port, FrontendKind::NodePort));
-            }
-        }
-        for ip in &ingress_ips {
-            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::LoadBalancer));
-        }
-        for ip in &external_ips {
-            frontends.push(of_port.frontend(*ip, port.number, FrontendKind::ExternalIp));
-        }
-    }
-    check_size(&frontends)?;
-    let health_check = health_check(spec, service_type, &policy, &service_ref, local_endpoints)?
+    let slices = slices_by_service.get(&checked.service_ref);
+    let (frontends, local4) = match vip4 {
+        Some(vip) => checked.family_frontends(vip, slices, here, skipped)?,
+        None => (Vec::new(), 0),
+    };
+    let (frontends6, local6) = match vip6 {
+        Some(vip) => checked.family_frontends(vip, slices, here, skipped)?,
+        None => (Vec::new(), 0),
+    };
+    // The node has a local endpoint when it has one of either family.
+    let local_endpoints = local4.max(local6);
+    let (policy, service_ref) = (&checked.policy, &checked.service_ref);
+    let health_check = health_check(spec, service_type, policy, service_ref, local_endpoints)?
         .filter(|(port, _)| match here.limits.refuse_node_port(*port) {
             // Not a port the node hands out: left unserved, the frontends still apply.
             Some(reason) => {
@@ -144,7 +124,29 @@ pub(super) fn service_frontends(
             }
             None => true,
         });
-    Ok((frontends, health_check))
+    Ok(BuiltService {
+        frontends,
+        frontends6,
+        health_check,
+    })
+}
+
+/// The Service's clusterIP of family `A`, if it has one the node accepts; one it
+/// refuses leaves the whole Service out (both families).
+fn admitted_cluster_ip<A: ServiceFamily>(
+    vip: Option<A>,
+    here: &NodeContext,
+) -> Result<Option<A>, String> {
+    let Some(vip) = vip else {
+        return Ok(None);
+    };
+    match here
+        .limits
+        .refuse_frontend(vip, "spec.clusterIP", here.node_ips())
+    {
+        Some(reason) => Err(reason),
+        None => Ok(Some(vip)),
+    }
 }
 
 /// The Service's name, checked as the API server checks it, in its namespace.
@@ -190,29 +192,6 @@ impl ServiceType {
     }
 }
 
-/// The ClusterIP: a Service without one (headless) or with one the node refuses is
-/// not load-balanced at all.
-fn cluster_ip(spec: &ServiceSpec, here: &NodeContext) -> Result<Ipv4Addr, String> {
-    let cluster_ip = spec
-        .cluster_ip
-        .as_deref()
-        .ok_or("spec.clusterIP is missing")?;
-    if cluster_ip == "None" {
-        return Err("headless Service (clusterIP None): DNS returns pod IPs directly".into());
-    }
-    let vip = parse_ipv4(cluster_ip, "spec.clusterIP")?;
-    if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
-        return Err(format!("spec.clusterIP {vip} cannot be a Service address"));
-    }
-    if let Some(reason) = here
-        .limits
-        .refuse_frontend(vip, "spec.clusterIP", here.node_ips())
-    {
-        return Err(reason);
-    }
-    Ok(vip)
-}
-
 /// `spec.ports`: at least one, and not so many that one Service fills the maps every
 /// other Service shares.
 fn port_list(spec: &ServiceSpec) -> Result<&[ServicePort], String> {
@@ -227,25 +206,6 @@ fn port_list(spec: &ServiceSpec) -> Result<&[ServicePort], String> {
         ));
     }
     Ok(ports)
-}
-
-/// A Service port as checked.
-struct ParsedPort<'a> {
-    spec: &'a ServicePort,
-    number: u16,
-    protocol: Protocol,
-    /// None for a ClusterIP Service, or when none is allocated yet.
-    node_port: Option<u16>,
-}
-
-impl ParsedPort<'_> {
-    /// `namespace/name:port-name` (or `:number` for an unnamed port).
-    fn display(&self, service: &ServiceRef) -> String {
-        match self.spec.name.as_deref().unwrap_or("") {
-            "" => format!("{service}:{}", self.number),
-            name => format!("{service}:{name}"),
-        }
-    }
 }
 
 /// Every port checked before any frontend is made, so a bad Service is skipped whole,
@@ -302,163 +262,6 @@ fn parse_ports<'a>(
     Ok(parsed)
 }
 
-/// Whether the node accepts `ip` as a frontend address of the Service; one it
-/// refuses leaves only that frontend out, with its reason.
-fn admitted(
-    ip: Ipv4Addr,
-    field: &str,
-    service_ref: &ServiceRef,
-    here: &NodeContext,
-    skipped: &mut Vec<Skipped>,
-) -> bool {
-    match here.limits.refuse_frontend(ip, field, here.node_ips()) {
-        Some(reason) => {
-            skipped.push(Skipped {
-                object: format!("Service {service_ref} {field} {ip}"),
-                reason: SkipReason::Invalid(reason),
-            });
-            false
-        }
-        None => true,
-    }
-}
-
-/// `spec.externalIPs` the node admits (IPv6 ones are not Ferrite's).
-fn external_ips(
-    spec: &ServiceSpec,
-    service_ref: &ServiceRef,
-    here: &NodeContext,
-    skipped: &mut Vec<Skipped>,
-) -> Result<Vec<Ipv4Addr>, String> {
-    let mut ips = Vec::new();
-    for ip in spec.external_ips.iter().flatten() {
-        if ip.contains(':') {
-            continue; // IPv6
-        }
-        let ip = parse_ipv4(ip, "spec.externalIPs")?;
-        if admitted(ip, "spec.externalIPs", service_ref, here, skipped) {
-            ips.push(ip);
-        }
-    }
-    Ok(ips)
-}
-
-/// A LoadBalancer's `status.loadBalancer.ingress` IPs the node admits.
-fn ingress_ips(
-    service: &Service,
-    service_ref: &ServiceRef,
-    here: &NodeContext,
-    skipped: &mut Vec<Skipped>,
-) -> Result<Vec<Ipv4Addr>, String> {
-    let ingress = service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref());
-    let mut ips = Vec::new();
-    // An IP the load balancer proxies from (ipMode Proxy) stays the load
-    // balancer's: in-cluster traffic to it goes there, as with kube-proxy.
-    let captured = ingress
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry.ip_mode.as_deref() != Some("Proxy"));
-    for entry in captured {
-        match entry.ip.as_deref() {
-            Some(ip) if !ip.contains(':') => {
-                let ip = parse_ipv4(ip, "status.loadBalancer.ingress ip")?;
-                if admitted(
-                    ip,
-                    "status.loadBalancer.ingress",
-                    service_ref,
-                    here,
-                    skipped,
-                ) {
-                    ips.push(ip);
-                }
-            }
-            _ => {} // hostname-only or IPv6 ingress: nothing to serve here
-        }
-    }
-    Ok(ips)
-}
-
-/// What every frontend of one Service port shares: its endpoints and the Service's
-/// policies, which pick each frontend's backends by its kind.
-struct PortFrontends<'a> {
-    service: &'a ServiceRef,
-    policy: &'a Policies,
-    protocol: Protocol,
-    display: String,
-    endpoints: PortEndpoints,
-}
-
-impl PortFrontends<'_> {
-    fn frontend(&self, ip: Ipv4Addr, port: u16, kind: FrontendKind) -> (L4Addr, ServiceFrontend) {
-        let policy = self.policy;
-        let local_only = if kind.is_external() {
-            policy.external_local
-        } else {
-            policy.internal_local
-        };
-        let (backends, terminating) = self.endpoints.for_policy(local_only);
-        // kube-proxy sends in-cluster traffic to a Local frontend to any endpoint.
-        let in_cluster = (kind.is_external() && local_only).then(|| {
-            let (backends, terminating) = self.endpoints.for_policy(false);
-            InClusterBackends {
-                backends,
-                terminating,
-            }
-        });
-        let source_ranges = if kind == FrontendKind::LoadBalancer {
-            policy.source_ranges.clone()
-        } else {
-            Vec::new()
-        };
-        let suffix = kind.suffix();
-        (
-            L4Addr {
-                ip,
-                port,
-                protocol: self.protocol,
-            },
-            ServiceFrontend {
-                service: self.service.clone(),
-                name: format!("{}{suffix}", self.display),
-                backends,
-                terminating,
-                kind,
-                local_only,
-                in_cluster,
-                affinity_timeout_s: policy.affinity_timeout_s,
-                source_ranges,
-            },
-        )
-    }
-}
-
-/// Bounded, so one Service can neither wrap a slot count nor fill the shared maps.
-fn check_size(frontends: &Frontends) -> Result<(), String> {
-    let mut entries = 0;
-    for (frontend, entry) in frontends {
-        let backends = entry.backends.len() + entry.terminating.len();
-        if backends > MAX_BACKENDS_PER_PORT {
-            return Err(format!(
-                "{frontend} has {backends} endpoints (more than {MAX_BACKENDS_PER_PORT} a port may have)"
-            ));
-        }
-        entries += 1 + backends;
-        if let Some(in_cluster) = &entry.in_cluster {
-            entries += 1 + in_cluster.backends.len() + in_cluster.terminating.len();
-        }
-    }
-    if entries > MAX_SERVICE_ENTRIES {
-        return Err(format!(
-            "{entries} Service map entries (more than {MAX_SERVICE_ENTRIES} one Service may take)"
-        ));
-    }
-    Ok(())
-}
-
 /// The health-check port of an `externalTrafficPolicy: Local` LoadBalancer.
 fn health_check(
     spec: &ServiceSpec,
@@ -478,9 +281,6 @@ fn health_check(
         _ => None,
     })
 }
-
-/// EndpointSlices by the Service they are labelled for.
-pub(super) type SlicesByService<'a> = BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>;
 
 /// RFC 1035 label, as Kubernetes requires of Service names.
 fn is_dns_label(name: &str) -> bool {
@@ -520,7 +320,7 @@ mod tests {
             });
             assert_eq!(f.in_cluster, in_cluster, "{frontend}");
             assert_eq!(f.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
-            let ranges: Vec<Ipv4Net> = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            let ranges: Vec<ipnet::Ipv4Net> = ranges.iter().map(|r| r.parse().unwrap()).collect();
             assert_eq!(f.source_ranges, ranges, "{frontend}");
         };
         expect(tcp("10.96.0.5", 80), FrontendKind::ClusterIp, &all, &[]);
@@ -576,7 +376,7 @@ mod tests {
                 "timeoutSeconds 0",
             ),
             (", sessionAffinity: Sticky", "unknown sessionAffinity"),
-            (", loadBalancerSourceRanges: [everyone]", "not an IPv4 CIDR"),
+            (", loadBalancerSourceRanges: [everyone]", "not a CIDR"),
         ] {
             let (state, skipped) = build_yaml(&load_balancer(extra));
             assert!(state.services.is_empty(), "{extra}");

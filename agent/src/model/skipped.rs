@@ -32,7 +32,7 @@ pub enum SkipReason {
     SchemaMismatch(String),
     /// An EndpointSlice without the label naming its Service.
     NoServiceLabel,
-    /// An EndpointSlice of another address type than IPv4.
+    /// An EndpointSlice of another address type than IPv4 and IPv6 (FQDN).
     UnsupportedAddressType(String),
     /// An SCTP Service port; the Service's other ports apply.
     Sctp,
@@ -41,11 +41,12 @@ pub enum SkipReason {
     /// An endpoint without any address.
     EndpointWithoutAddresses,
     /// An endpoint address no Service may send traffic to.
-    EndpointAddressRefused(Ipv4Addr),
+    EndpointAddressRefused(IpAddr),
     /// A Node listed twice: the later one applies.
     NodeListedTwice,
-    /// A frontend another Service port took first (`owner` names it).
-    FrontendTaken { frontend: L4Addr, owner: String },
+    /// A frontend (of either family, as shown) another Service port took first
+    /// (`owner` names it).
+    FrontendTaken { frontend: String, owner: String },
     /// A pod's hostPort on a frontend or healthCheckNodePort that a Service or an
     /// older pod has (`owner` names it).
     HostPortTaken { frontend: L4Addr, owner: String },
@@ -88,16 +89,23 @@ impl fmt::Display for SkipReason {
             }
             Self::NoServiceLabel => write!(f, "no {SERVICE_NAME_LABEL} label"),
             Self::UnsupportedAddressType(address_type) => {
-                write!(f, "addressType {address_type} is not supported (IPv4 only)")
+                write!(
+                    f,
+                    "addressType {address_type} is not supported (IPv4 and IPv6 only)"
+                )
             }
             Self::Sctp => f.write_str("SCTP is not supported; the other ports still apply"),
             Self::NoNodePort => f.write_str("no nodePort allocated"),
             Self::EndpointWithoutAddresses => f.write_str("endpoint without addresses"),
-            Self::EndpointAddressRefused(ip) => {
+            Self::EndpointAddressRefused(IpAddr::V4(ip)) => {
                 write!(
                     f,
                     "endpoint address {ip} is loopback, link-local or multicast"
                 )
+            }
+            Self::EndpointAddressRefused(IpAddr::V6(ip)) => {
+                let what = crate::limits::special6(*ip).unwrap_or("special");
+                write!(f, "endpoint address {ip} is {what}")
             }
             Self::NodeListedTwice => f.write_str("listed twice: the later one applies"),
             Self::FrontendTaken { frontend, owner } => {
@@ -192,8 +200,8 @@ mod tests {
                 "no kubernetes.io/service-name label",
             ),
             (
-                SkipReason::UnsupportedAddressType("IPv6".into()),
-                "addressType IPv6 is not supported (IPv4 only)",
+                SkipReason::UnsupportedAddressType("FQDN".into()),
+                "addressType FQDN is not supported (IPv4 and IPv6 only)",
             ),
             (
                 SkipReason::Sctp,
@@ -205,8 +213,12 @@ mod tests {
                 "endpoint without addresses",
             ),
             (
-                SkipReason::EndpointAddressRefused(ip),
+                SkipReason::EndpointAddressRefused(ip.into()),
                 "endpoint address 127.0.0.1 is loopback, link-local or multicast",
+            ),
+            (
+                SkipReason::EndpointAddressRefused("::1".parse().unwrap()),
+                "endpoint address ::1 is loopback",
             ),
             (
                 SkipReason::NodeListedTwice,
@@ -214,7 +226,7 @@ mod tests {
             ),
             (
                 SkipReason::FrontendTaken {
-                    frontend,
+                    frontend: frontend.to_string(),
                     owner: "shop/web:http".into(),
                 },
                 "frontend 10.96.0.1:80/TCP already used by shop/web:http",

@@ -9,6 +9,7 @@ pub(super) const NODE: &str = "node-a";
 pub(super) fn open_limits() -> Limits {
     Limits {
         external_ip_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
+        external_ip_cidrs6: vec!["::/0".parse().unwrap()],
         ..Limits::default()
     }
 }

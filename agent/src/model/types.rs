@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -19,6 +19,7 @@ use k8s_openapi::{
 pub use ferrite_common::{PROTO_TCP, PROTO_UDP};
 
 use super::objects::{EndpointSlice, Service};
+use crate::family::Family;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -61,17 +62,23 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// An address:port/protocol: a Service frontend or a backend.
+/// An address:port/protocol: a Service frontend or a backend, of either family
+/// (IPv4 unless named).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct L4Addr {
-    pub ip: Ipv4Addr,
+pub struct L4Addr<A = Ipv4Addr> {
+    pub ip: A,
     pub port: u16,
     pub protocol: Protocol,
 }
 
-impl fmt::Display for L4Addr {
+/// An IPv6 frontend or backend.
+pub type L4Addr6 = L4Addr<Ipv6Addr>;
+
+/// Shown as `10.96.0.10:80/TCP`, `[fd00::10]:80/TCP`.
+impl<A: Family> fmt::Display for L4Addr<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        let socket = SocketAddr::new(self.ip.into(), self.port);
+        write!(f, "{socket}/{}", self.protocol)
     }
 }
 
@@ -159,38 +166,58 @@ impl FrontendKind {
     }
 }
 
-/// One Service port on one address, as the datapath sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceFrontend {
+/// One Service port on one address, as the datapath sees it (IPv4 unless named).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFrontend<A: Family = Ipv4Addr> {
     /// The Service this port belongs to.
     pub service: ServiceRef,
     /// `namespace/name:port-name` for logs and inspect.
     pub name: String,
     /// Backends for new flows, sorted and deduplicated (so the model is deterministic).
-    pub backends: Vec<L4Addr>,
+    pub backends: Vec<L4Addr<A>>,
     /// Serving but terminating backends that take no new flows: kept in the maps so
     /// their established flows finish.
-    pub terminating: Vec<L4Addr>,
+    pub terminating: Vec<L4Addr<A>>,
     pub kind: FrontendKind,
     /// Traffic policy `Local`: `backends` are this node's only.
     pub local_only: bool,
     /// An external frontend of `externalTrafficPolicy: Local`: the backends its
     /// in-cluster clients (pods, the node's processes) use instead, every ready
     /// endpoint as kube-proxy gives them; `None` elsewhere.
-    pub in_cluster: Option<InClusterBackends>,
+    pub in_cluster: Option<InClusterBackends<A>>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
-    /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty = everyone.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// `loadBalancerSourceRanges` of the family (LoadBalancer frontends only);
+    /// empty = everyone.
+    pub source_ranges: Vec<A::Net>,
+}
+
+/// An IPv6 frontend: in the model only (the datapath has no IPv6 Service maps yet).
+pub type ServiceFrontend6 = ServiceFrontend<Ipv6Addr>;
+
+impl<A: Family> Default for ServiceFrontend<A> {
+    fn default() -> Self {
+        Self {
+            service: ServiceRef::default(),
+            name: String::new(),
+            backends: Vec::new(),
+            terminating: Vec::new(),
+            kind: FrontendKind::default(),
+            local_only: false,
+            in_cluster: None,
+            affinity_timeout_s: 0,
+            source_ranges: Vec::new(),
+        }
+    }
 }
 
 /// What in-cluster clients of an `externalTrafficPolicy: Local` frontend use.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InClusterBackends {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InClusterBackends<A = Ipv4Addr> {
     /// Backends for new flows (the `Cluster` policy's).
-    pub backends: Vec<L4Addr>,
+    pub backends: Vec<L4Addr<A>>,
     /// Kept for established flows only, as [`ServiceFrontend::terminating`].
-    pub terminating: Vec<L4Addr>,
+    pub terminating: Vec<L4Addr<A>>,
 }
 
 /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer:
@@ -233,6 +260,9 @@ pub struct ClusterNode {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<L4Addr, ServiceFrontend>,
+    /// The IPv6 frontends of Services with an IPv6 clusterIP (the IPv6 half of a
+    /// dual-stack one): the model's, not written to the datapath yet.
+    pub services6: BTreeMap<L4Addr6, ServiceFrontend6>,
     /// Health-check ports this node serves, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services that claim a frontend or health-check port another Service claims

@@ -17,8 +17,8 @@ use super::{
 use crate::model::{
     self,
     policy::{ObjectKey, PolicyChanges, PolicyIndex},
-    service_ref_of, ClusterObjects, DesiredState, FrontendKind, HealthCheck, L4Addr, LocalPod,
-    NodeContext, Protocol, ServiceRef, ServicesModel, Skipped,
+    service_ref_of, ClusterObjects, DesiredState, FrontendIndex, FrontendKind, HealthCheck, L4Addr,
+    L4Addr6, LocalPod, NodeContext, Protocol, ServiceFrontend6, ServiceRef, ServicesModel, Skipped,
 };
 
 /// A node's policy index, shared with the readers that answer queries from it.
@@ -34,6 +34,8 @@ pub struct NodeState {
     /// The Service each frontend belongs to, and each Service's frontends.
     owner_of: HashMap<L4Addr, ServiceRef>,
     frontends_of: HashMap<ServiceRef, Vec<L4Addr>>,
+    /// The IPv6 frontends: the model's only (no map holds them yet).
+    services6: FrontendIndex<std::net::Ipv6Addr>,
     /// Health-check ports served, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services that share a claim with another: changing one needs a full sync.
@@ -111,6 +113,7 @@ impl FullPlan {
             written: Written::new(self.written),
             owner_of: HashMap::new(),
             frontends_of: HashMap::new(),
+            services6: FrontendIndex::new(self.state.services6),
             health_checks: BTreeMap::new(),
             contenders: BTreeSet::new(),
             host_port_ports: BTreeSet::new(),
@@ -137,6 +140,7 @@ impl FullPlan {
         };
         node.record(ServicesModel {
             frontends: self.state.services,
+            frontends6: BTreeMap::new(),
             health_checks: self.state.health_checks,
             contenders: self.state.contenders,
         });
@@ -244,6 +248,7 @@ impl NodeState {
             .frontends
             .keys()
             .any(|f| taken_elsewhere(self.owner_of.get(f)))
+            || self.services6.taken_elsewhere(&model.frontends6, changed)
             || model.health_checks.keys().any(|port| {
                 taken_elsewhere(self.health_checks.get(port).map(|c| &c.service))
                     || self.host_port_ports.contains(port)
@@ -280,7 +285,10 @@ impl NodeState {
         }
         self.health_checks
             .retain(|_, check| !plan.changed.contains(&check.service));
-        self.record(plan.model);
+        let mut model = plan.model;
+        self.services6
+            .replace(&plan.changed, std::mem::take(&mut model.frontends6));
+        self.record(model);
     }
 
     /// Index the Services of `model` as the owners of their frontends and checks.
@@ -297,6 +305,12 @@ impl NodeState {
         }
         self.health_checks.extend(model.health_checks);
         self.contenders.extend(model.contenders);
+    }
+
+    /// The IPv6 frontends as the model has them (a full sync's, updated as Services
+    /// change).
+    pub fn services6(&self) -> &BTreeMap<L4Addr6, ServiceFrontend6> {
+        self.services6.frontends()
     }
 
     /// The Service each frontend belongs to.

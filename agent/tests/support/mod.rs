@@ -57,6 +57,8 @@ pub struct SimNode {
     state: Option<NodeState>,
     pub last_ops: Vec<Op>,
     pub last_sync: Option<Synced>,
+    /// What the last sync left out, and why (as the agent logs it).
+    pub last_skipped: Vec<String>,
     /// Host veths of pods the CNI plugin wired (namespace/name), whether or not a
     /// Pod object names them.
     pub cni_pods: BTreeSet<(String, String)>,
@@ -112,6 +114,7 @@ impl SimNode {
             state: None,
             last_ops: Vec::new(),
             last_sync: None,
+            last_skipped: Vec::new(),
             cni_pods: BTreeSet::new(),
             ifindexes: BTreeMap::new(),
         }
@@ -179,6 +182,7 @@ impl SimNode {
         let ids_from = self.state.as_ref().map(|s| s.written.contents.clone());
         let plan = self.full_plan(ids_from.as_ref());
         self.write(&plan.ops);
+        self.last_skipped = plan.skipped.iter().map(ToString::to_string).collect();
         self.state = Some(plan.into_state());
         self.last_sync = Some(Synced::Full);
     }
@@ -226,6 +230,7 @@ impl SimNode {
         match plan {
             Some(plan) => {
                 self.write(&plan.ops);
+                self.last_skipped = plan.skipped.iter().map(ToString::to_string).collect();
                 self.state.as_mut().expect("planned from it").commit(plan);
                 self.last_sync = Some(Synced::Services(changed));
             }
@@ -422,6 +427,7 @@ impl SimNode {
         match plan {
             Some(plan) => {
                 self.write(&plan.ops);
+                self.last_skipped = plan.skipped.iter().map(ToString::to_string).collect();
                 self.state
                     .as_mut()
                     .expect("planned from it")
@@ -444,6 +450,7 @@ impl SimNode {
             self.sync_policy(&policy);
         } else {
             self.last_ops.clear();
+            self.last_skipped.clear();
             self.last_sync = None;
         }
     }
@@ -467,6 +474,13 @@ impl SimNode {
             meaning(&self.maps),
             self.meaning_from_scratch(),
             "{step}: the maps mean something else than a full sync from scratch"
+        );
+        // The IPv6 half of the model, which no map holds yet, is one truth too.
+        let ids_from = Some(&state.written.contents);
+        assert_eq!(
+            state.services6(),
+            &self.full_plan(ids_from).state.services6,
+            "{step}: the IPv6 frontends differ from a full sync's"
         );
     }
 }
