@@ -159,6 +159,9 @@ impl NodeAgent {
         )?;
         let maps = NodeMaps::open(&pin_dir)?;
         host::sysctl::enable_forwarding(&options.proc_sys_net)?;
+        if options.limits.cluster_cidr6.is_some() {
+            host::sysctl::enable_forwarding6(&options.proc_sys_net)?;
+        }
         host::sysctl::accept_local_sources_on_lo(&options.proc_sys_net)?;
         let socket_lb_root = match (options.socket_lb, &options.cgroup_root) {
             (false, _) => None,
@@ -170,6 +173,7 @@ impl NodeAgent {
             overlay: None,
             vxlan_port: options.vxlan_port,
             cluster_cidr: options.cluster_cidr,
+            cluster_cidr6: options.limits.cluster_cidr6,
         };
         host_side.ensure_device_and_rules(&host::interfaces::interfaces()?)?;
         info!(node = %options.node, pins = %pin_dir.display(), "datapath loaded");
@@ -741,6 +745,8 @@ pub struct HostSide {
     pub vxlan_port: u16,
     /// Pod traffic leaving this CIDR is masqueraded (the nftables rules).
     pub cluster_cidr: Option<Ipv4Net>,
+    /// ... and IPv6 pod traffic leaving this one.
+    pub cluster_cidr6: Option<ipnet::Ipv6Net>,
 }
 
 impl HostSide {
@@ -755,7 +761,7 @@ impl HostSide {
         let missing = !interfaces.contains_key(VXLAN_DEVICE);
         host::overlay::ensure_vxlan_device(self.vxlan_port, !missing)?;
         if let Some(cidr) = self.cluster_cidr {
-            host::nft::install_rules(cidr, self.vxlan_port)?;
+            host::nft::install_rules(cidr, self.cluster_cidr6, self.vxlan_port)?;
         }
         Ok(missing)
     }

@@ -57,6 +57,7 @@ impl Sandbox {
                 name: name.into(),
                 namespace: "default".into(),
                 ip: Ipv4Addr::UNSPECIFIED,
+                ip6: None,
                 host_interface: pod_interface_name("default", name),
                 netns,
                 cgroup: None,

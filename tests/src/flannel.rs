@@ -85,6 +85,7 @@ impl FlannelCluster {
                 name: format!("flannel-pod-{n}"),
                 namespace: "default".into(),
                 ip: pod_ip,
+                ip6: None,
                 host_interface: "vethpod".into(),
                 netns: pod_ns,
                 cgroup: None,

@@ -38,3 +38,13 @@ pub fn enable_forwarding(net: &Path) -> Result<()> {
         "enabling IPv4 forwarding (net.ipv4.ip_forward)",
     )
 }
+
+/// Make sure IPv6 forwarding is on (dual-stack clusters: IPv6 pods' traffic leaves
+/// through the node). Kubernetes' dual-stack preflight requires it too.
+pub fn enable_forwarding6(net: &Path) -> Result<()> {
+    ensure_on(
+        net,
+        "ipv6/conf/all/forwarding",
+        "enabling IPv6 forwarding (net.ipv6.conf.all.forwarding)",
+    )
+}

@@ -6,8 +6,9 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::{
-    basics::run_ip, node_ip, node_yaml, sh, unique, Netns, Node, Pod, Underlay, CLUSTER_CIDR,
-    WORLD_GATEWAY, WORLD_IP,
+    basics::run_ip, node_ip, node_ip6, node_yaml, node_yaml_dual_stack, pod_cidr6, sh, unique,
+    Netns, Node, Pod, Underlay, CLUSTER_CIDR, CLUSTER_CIDR6, WORLD_GATEWAY, WORLD_GATEWAY6,
+    WORLD_IP, WORLD_IP6,
 };
 
 /// Where a cluster's agents read the Kubernetes objects from: the same stories run
@@ -72,6 +73,8 @@ pub struct Cluster {
     api: Option<Mutex<ApiSource>>,
     pub world: Netns,
     pub underlay: Underlay,
+    /// Whether nodes have an IPv6 pod CIDR and address too (`Cluster::dual_stack`).
+    dual_stack: bool,
 }
 
 impl Cluster {
@@ -153,7 +156,56 @@ impl Cluster {
             api: None,
             world,
             underlay,
+            dual_stack: false,
         })
+    }
+
+    /// Make the cluster dual-stack (before its agents start): the node network and
+    /// the world get IPv6 too (each node an address of [`node_ip6`] and a default
+    /// route via the world's gateway, the world host [`WORLD_IP6`]), each Node object an
+    /// IPv6 pod CIDR ([`pod_cidr6`]) and InternalIP, each agent the IPv6 cluster CIDR.
+    pub fn dual_stack(&mut self) -> Result<()> {
+        Underlay::plug6(&self.world, WORLD_GATEWAY6)?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.world.name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.lo.disable_ipv6=0",
+            ],
+        )?;
+        run_ip(&[
+            "-n",
+            &self.world.name,
+            "addr",
+            "add",
+            &format!("{WORLD_IP6}/128"),
+            "dev",
+            "lo",
+        ])?;
+        let gateway = WORLD_GATEWAY6.to_string();
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            Underlay::plug6(&node.netns, node_ip6(index))?;
+            run_ip(&[
+                "-6",
+                "-n",
+                &node.netns.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway,
+            ])?;
+            let flag = node.agent_args.iter().position(|a| a == "--cluster-cidr");
+            let value = flag.map(|i| i + 1).filter(|&i| i < node.agent_args.len());
+            let value = value.context("lab nodes run with --cluster-cidr")?;
+            node.agent_args[value] = format!("{CLUSTER_CIDR},{CLUSTER_CIDR6}");
+        }
+        self.dual_stack = true;
+        Ok(())
     }
 
     /// From now on the agents read their objects from `store` (Kubernetes mode):
@@ -179,7 +231,16 @@ impl Cluster {
         let mut docs = Vec::new();
         for (index, node) in self.nodes.iter().enumerate() {
             let cidr = format!("10.244.{index}.0/24");
-            docs.push(node_yaml(&node.name, node.ip.expect("plugged"), &cidr));
+            let ip = node.ip.expect("plugged");
+            docs.push(if self.dual_stack {
+                node_yaml_dual_stack(
+                    &node.name,
+                    (ip, node_ip6(index)),
+                    (&cidr, &pod_cidr6(index)),
+                )
+            } else {
+                node_yaml(&node.name, ip, &cidr)
+            });
             docs.extend(node.pods.iter().map(|p| p.yaml(&node.name)));
         }
         docs.join("---\n")

@@ -2,7 +2,7 @@
 //! own, removed on drop.
 use std::{
     fs,
-    net::{SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::AsFd,
     path::{Path, PathBuf},
     thread::JoinHandle,
@@ -47,14 +47,15 @@ impl Netns {
     }
 
     /// One TCP request from this namespace: connect, send a line, read the answer.
-    pub fn tcp_request(&self, to: SocketAddrV4, message: &str) -> Result<String> {
+    pub fn tcp_request(&self, to: impl Into<SocketAddr>, message: &str) -> Result<String> {
         let mut stream = self.tcp_connect(to)?;
         exchange(&mut stream, message)
     }
 
-    pub fn tcp_connect(&self, to: SocketAddrV4) -> Result<TcpStream> {
+    pub fn tcp_connect(&self, to: impl Into<SocketAddr>) -> Result<TcpStream> {
+        let to: SocketAddr = to.into();
         let stream =
-            self.run(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)))??;
+            self.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(stream)
     }

@@ -2,7 +2,7 @@
 use std::{
     fs,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -159,6 +159,21 @@ impl Node {
 
     /// [`Node::add_pod`] in the Kubernetes namespace `namespace`.
     pub fn add_pod_in(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> Result<usize> {
+        self.add_pod_with(namespace, name, ip, None)
+    }
+
+    /// A dual-stack pod: an address of each family, wired as the CNI plugin wires one.
+    pub fn add_dual_stack_pod(&mut self, name: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<usize> {
+        self.add_pod_with("default", name, ip, Some(ip6))
+    }
+
+    fn add_pod_with(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        ip6: Option<Ipv6Addr>,
+    ) -> Result<usize> {
         let namespace = namespace.to_string();
         let host_interface = pod_interface_name(&namespace, name);
         let netns = if namespace == "default" {
@@ -171,7 +186,7 @@ impl Node {
             name: "eth0".into(),
             host_name: host_interface.clone(),
             ip,
-            ip6: None,
+            ip6,
             mtu: self.pod_mtu,
         };
         self.netns.run(|| host::pods::create(&interface))??;
@@ -179,6 +194,7 @@ impl Node {
             name: name.into(),
             namespace,
             ip,
+            ip6,
             host_interface,
             netns,
             cgroup: Some(self.cgroup.path.clone()),

@@ -1,6 +1,6 @@
 //! Pods: a netns wired to its node as the CNI plugin wires one.
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     path::PathBuf,
     time::Duration,
 };
@@ -14,6 +14,8 @@ pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, for a dual-stack pod.
+    pub ip6: Option<Ipv6Addr>,
     pub host_interface: String,
     pub netns: Netns,
     /// Its node's cgroup subtree, where its processes run (`None`: not a lab
@@ -31,10 +33,15 @@ impl Pod {
         }
     }
 
-    /// The v1 Pod object the agent reads for this pod.
+    /// The v1 Pod object the agent reads for this pod (`podIPs` lists its IPv6
+    /// address too when it has one).
     pub fn yaml(&self, node: &str) -> String {
+        let pod_ips = match self.ip6 {
+            Some(ip6) => format!(", podIPs: [{{ip: {}}}, {{ip: \"{ip6}\"}}]", self.ip),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}}}\nspec: {{nodeName: {node}, containers: [{{name: app, image: none}}]}}\nstatus: {{phase: Running, podIP: {}}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}}}\nspec: {{nodeName: {node}, containers: [{{name: app, image: none}}]}}\nstatus: {{phase: Running, podIP: {}{pod_ips}}}\n",
             self.name, self.namespace, self.ip
         )
     }
@@ -49,11 +56,11 @@ impl Pod {
     }
 
     /// One TCP request: connect, send a line, read the answer line.
-    pub fn tcp_request(&self, to: SocketAddrV4, message: &str) -> Result<String> {
+    pub fn tcp_request(&self, to: impl Into<SocketAddr>, message: &str) -> Result<String> {
         self.netns.tcp_request(to, message)
     }
 
-    pub fn tcp_connect(&self, to: SocketAddrV4) -> Result<TcpStream> {
+    pub fn tcp_connect(&self, to: impl Into<SocketAddr>) -> Result<TcpStream> {
         self.netns.tcp_connect(to)
     }
 

@@ -2,7 +2,7 @@
 //! bulk transfers and connection loops.
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -107,7 +107,8 @@ impl Server {
     /// Servers in `netns` on `address` (TCP and UDP) answering each request line with
     /// `<name>|<client IP as seen>|<request>`. A host with several addresses must bind
     /// the one clients use: an unbound UDP socket answers from the route's source.
-    pub fn start(netns: &Netns, name: &str, address: SocketAddrV4) -> Result<Self> {
+    pub fn start(netns: &Netns, name: &str, address: impl Into<SocketAddr>) -> Result<Self> {
+        let address: SocketAddr = address.into();
         let stop = Arc::new(AtomicBool::new(false));
         let listener = netns.run(move || TcpListener::bind(address))??;
         // Block in accept (no polling delay per connection), waking up now and then
