@@ -9,9 +9,9 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// An IP family, as its address type.
-pub trait Family: Copy + Eq + fmt::Debug + fmt::Display + Into<IpAddr> + 'static {
+pub trait Family: Copy + Ord + fmt::Debug + fmt::Display + Into<IpAddr> + 'static {
     /// Its CIDRs.
-    type Net: Copy + Eq + fmt::Debug + fmt::Display + Default + Into<IpNet>;
+    type Net: Copy + Ord + fmt::Debug + fmt::Display + Default + Into<IpNet>;
     /// "IPv4" or "IPv6", for messages.
     const NAME: &'static str;
     /// The address unspecified (`0.0.0.0`, `::`).

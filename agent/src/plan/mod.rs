@@ -29,6 +29,7 @@ pub use image::{
 pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan, SharedPolicy};
 pub use policy::rules_of;
 pub use settings::{
-    overlay_address, Capacities, Interface, NodeSettings, Routing, Uplink, UplinkXdp,
+    overlay_address, overlay_address6, Capacities, Interface, NodeSettings, Routing, Uplink,
+    UplinkXdp,
 };
 pub use update::{service_update, Written};
