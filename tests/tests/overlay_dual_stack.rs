@@ -1,8 +1,9 @@
 //! Dual-stack on the IPv4 overlay (IPv6 inside IPv4 VXLAN, as flannel and Cilium do
 //! on an IPv4 underlay): each node's kernel routes the other nodes' IPv6 pod CIDRs
 //! through the VXLAN device to their IPv4 node addresses, and `ferrite_routes6`
-//! names every node's IPv6 pod CIDR; a node that goes takes both with it. From the
-//! objects in a file and from the Kubernetes API. Needs root.
+//! names every node's IPv6 pod CIDR; a full sync repairs the routes, and a node that
+//! goes takes both with it. From the objects in a file and from the Kubernetes API.
+//! Needs root.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
@@ -94,6 +95,22 @@ fn ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_th
     );
     let address = ip6(&node0, &["addr", "show", "dev", "ferrite_vxlan"])?;
     assert!(address.contains("fd00:10:244::1/128"), "{address}");
+
+    // Removed behind the agent's back: the next full sync (read back from the
+    // device) puts the route and its neighbour back.
+    ip6(&node0, &["route", "del", &cidr1, "dev", "ferrite_vxlan"])?;
+    ip6(
+        &node0,
+        &["neigh", "del", "fd00:10:244:1::1", "dev", "ferrite_vxlan"],
+    )?;
+    assert!(route()?.trim().is_empty());
+    wait_until("the full sync to put the IPv6 route back", SETTLE, || {
+        route().is_ok_and(|r| r == shown)
+    })?;
+    wait_until("... and its neighbour", SETTLE, || {
+        ip6(&node0, &["neigh", "show", "dev", "ferrite_vxlan"])
+            .is_ok_and(|n| n.contains(&format!("fd00:10:244:1::1 lladdr {vtep} PERMANENT")))
+    })?;
 
     // Node 1 leaves: its Node object and pods are gone.
     let gone = cluster.nodes[1].name.clone();
