@@ -776,11 +776,10 @@ impl HostSide {
         uplink_ifindex: Option<u32>,
     ) -> Result<()> {
         let this_node = state.nodes.get(&settings.node);
-        let desired = host::overlay::OverlayHost {
+        let ipv4 = host::overlay::OverlayFamily {
             address: this_node
                 .and_then(|n| n.pod_cidrs.first())
                 .and_then(plan::overlay_address),
-            vtep_mac: this_node.map(|n| n.vtep_mac),
             routes: state
                 .nodes
                 .values()
@@ -806,6 +805,34 @@ impl HostSide {
                 })
                 .collect(),
         };
+        // Dual-stack: the IPv6 pod CIDRs inside the same IPv4 tunnel, always over
+        // VXLAN (native IPv6 routing would need the nodes' IPv6 addresses).
+        let ipv6 = host::overlay::OverlayFamily {
+            address: this_node
+                .and_then(|n| n.pod_cidrs6.first())
+                .and_then(plan::overlay_address6),
+            routes: state
+                .nodes
+                .values()
+                .filter(|n| n.name != settings.node)
+                .flat_map(|n| {
+                    n.pod_cidrs6.iter().filter_map(move |cidr| {
+                        let route = host::overlay::OverlayRoute6 {
+                            node_ip: n.ip,
+                            gateway: plan::overlay_address6(cidr)?,
+                            vtep_mac: n.vtep_mac,
+                            native_device: None,
+                        };
+                        Some((*cidr, route))
+                    })
+                })
+                .collect(),
+        };
+        let desired = host::overlay::OverlayHost {
+            vtep_mac: this_node.map(|n| n.vtep_mac),
+            ipv4,
+            ipv6,
+        };
         let current = match self.overlay.take() {
             Some(applied) => applied,
             None => host::overlay::read_overlay(device_mac)?,
@@ -813,8 +840,10 @@ impl HostSide {
         let changes = host::overlay::apply_overlay(&current, &desired, settings.vni)?;
         if changes > 0 {
             info!(
-                address = ?desired.address,
-                routes = desired.routes.len(),
+                address = ?desired.ipv4.address,
+                address6 = ?desired.ipv6.address,
+                routes = desired.ipv4.routes.len(),
+                routes6 = desired.ipv6.routes.len(),
                 changes,
                 "overlay host routes updated"
             );

@@ -17,13 +17,13 @@ use ferrite_common::{
     program_names,
     purge::{self, PurgeCounts, PurgePair, PurgeRequest},
     stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
-    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, RouteInfo, ServiceKey,
-    ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, Route6Prefix, RouteInfo,
+    ServiceKey, ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::plan::{
     describe_policy_rule, describe_service_key, maglev_digest, maglev_key, Capacities, MapContents,
-    Op, PolicyRule, RouteKey, SourceRange,
+    Op, PolicyRule, Route6Key, RouteKey, SourceRange,
 };
 
 /// The capacities the node's Service maps were created with (`--map-capacity` of the
@@ -62,6 +62,7 @@ pub struct NodeMaps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, Counter>,
     pub routes: LpmTrie<MapData, [u8; 4], RouteInfo>,
+    pub routes6: LpmTrie<MapData, Route6Prefix, RouteInfo>,
     pub config: Array<MapData, NodeConfig>,
     pub lb_stats: PerCpuHashMap<MapData, LbStatKey, Counter>,
     pub maglev: HashMap<MapData, ServiceKey, MaglevTable>,
@@ -151,6 +152,7 @@ impl NodeMaps {
             conntrack: map(map_names::CONNTRACK)?.try_into()?,
             stats: map(map_names::STATS)?.try_into()?,
             routes: map(map_names::ROUTES)?.try_into()?,
+            routes6: map(map_names::ROUTES6)?.try_into()?,
             config: map(map_names::CONFIG)?.try_into()?,
             lb_stats: map(map_names::LB_STATS)?.try_into()?,
             maglev: map(map_names::MAGLEV)?.try_into()?,
@@ -193,6 +195,7 @@ impl NodeMaps {
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
             endpoints6: entries(&self.endpoints6, map_names::ENDPOINTS6)?,
             routes: self.route_entries()?,
+            routes6: self.route6_entries()?,
             config: self.config.get(&0, 0)?,
             maglev: Default::default(),
             source_ranges: self
@@ -288,6 +291,23 @@ impl NodeMaps {
             })
             .collect::<Result<_, _>>()
             .with_context(|| format!("reading {}", map_names::ROUTES))
+    }
+
+    /// Every IPv6 route (the nodes' IPv6 pod CIDRs).
+    pub fn route6_entries(&self) -> Result<std::collections::BTreeMap<Route6Key, RouteInfo>> {
+        self.routes6
+            .iter()
+            .map(|entry| {
+                entry.map(|(key, value)| {
+                    let route = Route6Key {
+                        prefix_len: key.prefix_len(),
+                        network: key.data(),
+                    };
+                    (route, value)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", map_names::ROUTES6))
     }
 
     /// The node's configuration entry (its address, once the agent knows it).
@@ -466,6 +486,11 @@ impl NodeMaps {
             Op::PutConfig(config) => self.config.set(0, config, 0),
             Op::PutRoute(key, value) => self.routes.insert(&lpm_key(key), value, 0),
             Op::DeleteRoute(key) => self.routes.remove(&lpm_key(key)),
+            Op::PutRoute6(key, value) => {
+                let key = Key::new(key.prefix_len, key.network);
+                self.routes6.insert(&key, value, 0)
+            }
+            Op::DeleteRoute6(key) => self.routes6.remove(&Key::new(key.prefix_len, key.network)),
             Op::PutMaglev(key, count, digest) => {
                 let table = self
                     .maglev_table(key, *count, *digest)
@@ -756,6 +781,19 @@ pub fn describe_op(op: &Op) -> String {
             std::net::Ipv4Addr::from(key.network),
             key.prefix_len,
             map_names::ROUTES
+        ),
+        Op::PutRoute6(key, route) => format!(
+            "writing route {}/{} via {} to {}",
+            std::net::Ipv6Addr::from(key.network),
+            key.prefix_len,
+            std::net::Ipv4Addr::from(route.node_ip),
+            map_names::ROUTES6
+        ),
+        Op::DeleteRoute6(key) => format!(
+            "removing route {}/{} from {}",
+            std::net::Ipv6Addr::from(key.network),
+            key.prefix_len,
+            map_names::ROUTES6
         ),
         Op::PutMaglev(key, count, _) => format!(
             "writing the Maglev table of {} ({count} backends) to {}",

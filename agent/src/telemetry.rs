@@ -445,6 +445,7 @@ impl Telemetry {
                     (map_names::ENDPOINTS, contents.endpoints.len()),
                     (map_names::ENDPOINTS6, contents.endpoints6.len()),
                     (map_names::ROUTES, contents.routes.len()),
+                    (map_names::ROUTES6, contents.routes6.len()),
                     (map_names::CONNTRACK, ct),
                     (map_names::MAGLEV, maps.maglev.keys().count()),
                     (map_names::SOURCE_RANGES, contents.source_ranges.len()),

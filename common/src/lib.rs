@@ -44,6 +44,9 @@ pub mod map_names {
         STATS = "ferrite_stats",
         CONFIG = "ferrite_config",
         ROUTES = "ferrite_routes",
+        /// The cluster's IPv6 pod CIDRs, by node (`ROUTES` for IPv4; the same
+        /// [`RouteInfo`](crate::RouteInfo): the tunnel stays IPv4).
+        ROUTES6 = "ferrite_routes6",
         LB_STATS = "ferrite_lbstats",
         MAGLEV = "ferrite_maglev",
         AFFINITY = "ferrite_affin",
@@ -188,6 +191,8 @@ pub mod capacity {
     pub const ENDPOINTS6: u32 = 4_096;
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
+    /// One IPv6 pod CIDR per node (no node addresses: those are IPv4).
+    pub const ROUTES6: u32 = 16_384;
     /// Service/backend pairs with traffic counters (LRU, per CPU: 16 bytes per CPU
     /// each, so this stays well below the backends map): the most recently active
     /// pairs are counted; an evicted pair starts again from zero (a counter reset).
@@ -216,7 +221,7 @@ pub mod capacity {
     /// per-CPU counters, the one config entry, per-socket storage (as many entries as
     /// sockets), the event ring (a size in bytes, fixed at build time), the monitor's
     /// one entry and the explain runs' per-CPU trace.
-    pub const DEFAULTS: [(&str, u32); 15] = [
+    pub const DEFAULTS: [(&str, u32); 16] = [
         (map_names::SERVICES, SERVICES),
         (map_names::BACKENDS, BACKENDS),
         (map_names::REV_NAT, REV_NAT),
@@ -224,6 +229,7 @@ pub mod capacity {
         (map_names::ENDPOINTS6, ENDPOINTS6),
         (map_names::CONNTRACK, CONNTRACK),
         (map_names::ROUTES, ROUTES),
+        (map_names::ROUTES6, ROUTES6),
         (map_names::LB_STATS, LB_STATS),
         (map_names::MAGLEV, MAGLEV),
         (map_names::AFFINITY, AFFINITY),
@@ -268,7 +274,9 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// Value of the LPM trie `ferrite_routes` (key: prefix length + IPv4 network, network
-/// order): which node owns a pod CIDR.
+/// order) and of `ferrite_routes6` (key: prefix length + [`Route6Prefix`]): which
+/// node owns a pod CIDR. Its underlay address stays IPv4: IPv6 pod traffic crosses
+/// the overlay inside IPv4 VXLAN.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RouteInfo {
@@ -278,6 +286,10 @@ pub struct RouteInfo {
     pub vtep_mac: [u8; 6],
     pub flags: u16,
 }
+
+/// Data of a `ferrite_routes6` LPM trie key: an IPv6 pod CIDR's network (network
+/// order); the key's prefix length is its length.
+pub type Route6Prefix = [u8; 16];
 
 /// `RouteInfo::flags`: this node's own pod CIDR (a miss in the endpoints map is a drop).
 pub const ROUTE_LOCAL: u16 = 1;
@@ -876,6 +888,7 @@ mod tests {
         assert_eq!(size_of::<SockRevValue>(), 12);
         assert_eq!(size_of::<SockService>(), 20);
         assert_eq!(size_of::<RouteInfo>(), 12);
+        assert_eq!(size_of::<Route6Prefix>(), 16);
         assert_eq!(size_of::<LbStatKey>(), 8);
         assert_eq!(size_of::<MaglevTable>(), 8 + 2 * MAGLEV_TABLE_SIZE + 6);
         assert_eq!(size_of::<AffinityKey>(), 12);

@@ -11,8 +11,8 @@ use ferrite_common::{
     purge::{self, PurgePair},
     stat, tail_call, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key,
     EndpointInfo, EndpointKey, ExplainTrace, FragmentKey, FragmentPorts, LbStatKey, MaglevTable,
-    MonitorEvent, NodeConfig, RevNatValue, RouteInfo, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, SockService, SourceRangeKey,
+    MonitorEvent, NodeConfig, RevNatValue, Route6Prefix, RouteInfo, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, SockService, SourceRangeKey,
 };
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's
@@ -94,6 +94,11 @@ btf_maps! {
 
     /// Pod CIDR -> owning node. Key data: the IPv4 network in network order.
     pub static ROUTES: LpmTrie<[u8; 4], RouteInfo, { capacity::ROUTES as usize }> = LpmTrie::new();
+
+    /// IPv6 pod CIDR -> owning node (its IPv4 underlay address: the tunnel stays
+    /// IPv4). Key data: the IPv6 network in network order.
+    pub static ROUTES6: LpmTrie<Route6Prefix, RouteInfo, { capacity::ROUTES6 as usize }> =
+        LpmTrie::new();
 
     /// Address prefix -> NetworkPolicy identity of its addresses.
     pub static IPCACHE: LpmTrie<[u8; 4], IpcacheValue, { capacity::IPCACHE as usize }> =

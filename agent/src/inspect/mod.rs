@@ -429,11 +429,19 @@ pub fn render_for_pod(
         }
         Table::Diff => anyhow::bail!("`diff` needs the objects: see `ferrite inspect --help`"),
         Table::Routes => {
-            let rows: Vec<RouteRow> = contents
-                .routes
-                .iter()
-                .map(|(key, route)| RouteRow {
-                    destination: format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len),
+            let destinations = contents.routes.iter().map(|(key, route)| {
+                let destination = format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len);
+                (destination, route)
+            });
+            // IPv6 pod CIDRs (`ferrite_routes6`) after the IPv4 ones.
+            let destinations6 = contents.routes6.iter().map(|(key, route)| {
+                let network = std::net::Ipv6Addr::from(key.network);
+                (format!("{network}/{}", key.prefix_len), route)
+            });
+            let rows: Vec<RouteRow> = destinations
+                .chain(destinations6)
+                .map(|(destination, route)| RouteRow {
+                    destination,
                     node_ip: Ipv4Addr::from(route.node_ip),
                     vtep_mac: mac(route.vtep_mac),
                     kind: if route.flags & ROUTE_LOCAL != 0 {

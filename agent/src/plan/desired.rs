@@ -15,7 +15,7 @@ use super::{
     image::{backend_value, rev_nat_value, EndpointFamily},
     overlay_address,
     service_entries::service_contents,
-    Interface, MapContents, NodeSettings, RouteKey,
+    Interface, MapContents, NodeSettings, Route6Key, RouteKey,
 };
 use crate::model::{DesiredState, LocalPod, SkipReason, Skipped};
 
@@ -150,18 +150,26 @@ pub fn desired_contents_keeping_ids(
         } else {
             ROUTE_REMOTE | native_flag[node.name.as_str()]
         };
+        let info = RouteInfo {
+            node_ip: node.ip.octets(),
+            vtep_mac: node.vtep_mac,
+            flags,
+        };
         for cidr in &node.pod_cidrs {
-            out.routes.insert(
-                RouteKey {
-                    prefix_len: cidr.prefix_len() as u32,
-                    network: cidr.network().octets(),
-                },
-                RouteInfo {
-                    node_ip: node.ip.octets(),
-                    vtep_mac: node.vtep_mac,
-                    flags,
-                },
-            );
+            let key = RouteKey {
+                prefix_len: cidr.prefix_len() as u32,
+                network: cidr.network().octets(),
+            };
+            out.routes.insert(key, info);
+        }
+        // Its IPv6 pod CIDR: the same node, reached the same way (the tunnel to it
+        // is IPv4 either way).
+        for cidr in &node.pod_cidrs6 {
+            let key = Route6Key {
+                prefix_len: cidr.prefix_len() as u32,
+                network: cidr.network().octets(),
+            };
+            out.routes6.insert(key, info);
         }
     }
     // Other nodes' own addresses: replies to the NodePort flows they SNAT come back

@@ -18,6 +18,7 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let is_master = |k: &ServiceKey| k.backend_slot == 0;
     let is_slot = |k: &ServiceKey| k.backend_slot != 0;
     let (route_puts, route_deletes) = changes(&current.routes, &desired.routes, all);
+    let (route6_puts, route6_deletes) = changes(&current.routes6, &desired.routes6, all);
     let (backend_puts, backend_deletes) = changes(&current.backends, &desired.backends, all);
     let (rev_puts, rev_deletes) = changes(&current.rev_nat, &desired.rev_nat, all);
     let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
@@ -35,6 +36,8 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     // route epoch: bumped by the last write, after every such change is in.
     let routes_change = !(route_puts.is_empty()
         && route_deletes.is_empty()
+        && route6_puts.is_empty()
+        && route6_deletes.is_empty()
         && endpoint_puts.is_empty()
         && endpoint_deletes.is_empty()
         && endpoint6_puts.is_empty()
@@ -51,6 +54,7 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
         ops.push(Op::PutConfig(config_first));
     }
     ops.extend(route_puts.into_iter().map(|(k, v)| Op::PutRoute(k, v)));
+    ops.extend(route6_puts.into_iter().map(|(k, v)| Op::PutRoute6(k, v)));
     ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
     ops.extend(rev_puts.into_iter().map(|(k, v)| Op::PutRevNat(k, v)));
     ops.extend(slot_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
@@ -89,6 +93,7 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops.extend(policy_deletes.into_iter().map(Op::DeletePolicy));
     ops.extend(ipcache_deletes.into_iter().map(Op::DeleteIpcache));
     ops.extend(route_deletes.into_iter().map(Op::DeleteRoute));
+    ops.extend(route6_deletes.into_iter().map(Op::DeleteRoute6));
     if routes_change || desired.config.route_epoch != current.config.route_epoch {
         ops.push(Op::PutConfig(NodeConfig {
             route_epoch: current.config.route_epoch.wrapping_add(1),
@@ -281,6 +286,46 @@ mod tests {
         let mut mtu = current.clone();
         mtu.config.pod_mtu = 1400;
         assert_eq!(diff(&current, &mtu), vec![Op::PutConfig(mtu.config)]);
+    }
+
+    #[test]
+    fn ipv6_route_changes_move_the_route_epoch_on_and_go_last_with_the_routes() {
+        use super::super::Route6Key;
+        use ferrite_common::RouteInfo;
+        let mut current = MapContents::default();
+        current.config.route_epoch = 3;
+        let cidr = Route6Key {
+            prefix_len: 64,
+            network: "fd00:10:244:1::"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        };
+        let info = RouteInfo {
+            node_ip: [198, 51, 100, 2],
+            ..Default::default()
+        };
+        let mut desired = current.clone();
+        desired.routes6.insert(cidr, info);
+        let bumped = |epoch| {
+            Op::PutConfig(NodeConfig {
+                route_epoch: epoch,
+                ..desired.config
+            })
+        };
+        assert_eq!(
+            diff(&current, &desired),
+            vec![Op::PutRoute6(cidr, info), bumped(4)]
+        );
+        let mut written = desired.clone();
+        written.config.route_epoch = 4;
+        assert!(diff(&written, &written).is_empty());
+        assert_eq!(
+            diff(&written, &current),
+            vec![Op::DeleteRoute6(cidr), bumped(5)]
+        );
+        // Drift puts it back (the agent alone writes routes).
+        assert_eq!(drift(&desired, &current)[0], Op::PutRoute6(cidr, info));
     }
 
     #[test]

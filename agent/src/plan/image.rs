@@ -22,6 +22,9 @@ pub struct MapContents {
     /// entries.
     pub endpoints6: BTreeMap<Endpoint6Key, EndpointInfo>,
     pub routes: BTreeMap<RouteKey, RouteInfo>,
+    /// The IPv6 pod CIDRs (`ferrite_routes6`), the same values as the nodes' IPv4
+    /// pod CIDRs.
+    pub routes6: BTreeMap<Route6Key, RouteInfo>,
     pub config: NodeConfig,
     /// Maglev table of each external frontend, by the digest it was built from.
     pub maglev: BTreeMap<ServiceKey, u64>,
@@ -53,6 +56,8 @@ impl MapContents {
                 Op::PutConfig(config) => self.config = config,
                 Op::PutRoute(key, value) => drop(self.routes.insert(key, value)),
                 Op::DeleteRoute(key) => drop(self.routes.remove(&key)),
+                Op::PutRoute6(key, value) => drop(self.routes6.insert(key, value)),
+                Op::DeleteRoute6(key) => drop(self.routes6.remove(&key)),
                 Op::DeleteService(key) => drop(self.services.remove(&key)),
                 Op::DeleteRevNat(index) => drop(self.rev_nat.remove(&index)),
                 Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
@@ -125,6 +130,13 @@ pub struct RouteKey {
     pub network: [u8; 4],
 }
 
+/// Key of `ferrite_routes6` (an LPM trie key, made orderable for the diff).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route6Key {
+    pub prefix_len: u32,
+    pub network: ferrite_common::Route6Prefix,
+}
+
 /// An entry of `ferrite_policy`: its key data and how many of its bits count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyRule {
@@ -152,6 +164,8 @@ pub enum Op {
     PutConfig(NodeConfig),
     PutRoute(RouteKey, RouteInfo),
     DeleteRoute(RouteKey),
+    PutRoute6(Route6Key, RouteInfo),
+    DeleteRoute6(Route6Key),
     DeleteService(ServiceKey),
     DeleteRevNat(u32),
     DeleteBackend(u32),
@@ -175,6 +189,7 @@ impl Op {
         matches!(
             self,
             Op::DeleteRoute(_)
+                | Op::DeleteRoute6(_)
                 | Op::DeleteService(_)
                 | Op::DeleteRevNat(_)
                 | Op::DeleteBackend(_)
@@ -199,6 +214,7 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutEndpoint6(..) | Op::DeleteEndpoint6(_) => map_names::ENDPOINTS6,
         Op::PutConfig(_) => map_names::CONFIG,
         Op::PutRoute(..) | Op::DeleteRoute(_) => map_names::ROUTES,
+        Op::PutRoute6(..) | Op::DeleteRoute6(_) => map_names::ROUTES6,
         Op::PutMaglev(..) | Op::DeleteMaglev(_) => map_names::MAGLEV,
         Op::PutSourceRange(_) | Op::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
         Op::PutIpcache(..) | Op::DeleteIpcache(_) => map_names::IPCACHE,

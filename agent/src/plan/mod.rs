@@ -24,11 +24,12 @@ pub use desired::{desired_contents, desired_contents_keeping_ids, settle_pod_cla
 pub use diff::{diff, drift, ended_pairs, removed_backends};
 pub use image::{
     backend_value, describe_policy_rule, describe_service_key, maglev_digest, maglev_key, op_map,
-    rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, RouteKey, SourceRange,
+    rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, Route6Key, RouteKey, SourceRange,
 };
 pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan, SharedPolicy};
 pub use policy::rules_of;
 pub use settings::{
-    overlay_address, Capacities, Interface, NodeSettings, Routing, Uplink, UplinkXdp,
+    overlay_address, overlay_address6, Capacities, Interface, NodeSettings, Routing, Uplink,
+    UplinkXdp,
 };
 pub use update::{service_update, Written};

@@ -163,3 +163,10 @@ pub struct Interface {
 pub fn overlay_address(pod_cidr: &ipnet::Ipv4Net) -> Option<std::net::Ipv4Addr> {
     pod_cidr.hosts().next()
 }
+
+/// A node's own IPv6 address on the overlay: `::1` of its IPv6 pod CIDR (`::0` is
+/// the subnet-router anycast address), which the IPAM never hands out either.
+pub fn overlay_address6(pod_cidr: &ipnet::Ipv6Net) -> Option<std::net::Ipv6Addr> {
+    let network = u128::from(pod_cidr.network());
+    (pod_cidr.prefix_len() < 128).then(|| std::net::Ipv6Addr::from(network + 1))
+}

@@ -668,6 +668,17 @@ pub fn render(op: &Op) -> String {
             Ipv4Addr::from(key.network),
             key.prefix_len
         ),
+        Op::PutRoute6(key, info) => format!(
+            "put route6 {}/{} {}",
+            Ipv6Addr::from(key.network),
+            key.prefix_len,
+            route(info)
+        ),
+        Op::DeleteRoute6(key) => format!(
+            "delete route6 {}/{}",
+            Ipv6Addr::from(key.network),
+            key.prefix_len
+        ),
         Op::DeleteService(key) => format!(
             "delete service {} slot {}",
             service_key(key),

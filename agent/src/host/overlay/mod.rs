@@ -4,14 +4,20 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context, Result};
 use ferrite_common::VXLAN_DEVICE;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-use crate::netlink::{self, mac_string, Address, IpEncap, Neighbour, Netlink, Route, RouteScope};
+use crate::{
+    family::Family,
+    netlink::{
+        self, mac_string, AddressOf, IpEncap, NeighbourOf, Netlink, NetlinkFamily, RouteOf,
+        RouteScope,
+    },
+};
 
 /// Create the VXLAN device in external (collect_md) mode if it is missing: the
 /// datapath sets the remote node per packet, the kernel builds outer headers.
@@ -45,15 +51,21 @@ pub fn remove_vxlan_device() {
 /// (`native_device`), as flannel's host-gw routes, with a managed neighbour entry
 /// for the node (the kernel keeps its MAC resolved, as Cilium's L2 neighbour
 /// discovery does): the uplink program checks that what comes from that node's pod
-/// CIDR comes from that MAC, which it can only look up in a resolved entry.
+/// CIDR comes from that MAC, which it can only look up in a resolved entry. Of
+/// either family `A` of pod CIDRs: the tunnel (`node_ip`) is IPv4 for both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OverlayRoute {
+pub struct OverlayRouteOf<A> {
     pub node_ip: Ipv4Addr,
-    pub gateway: Ipv4Addr,
+    pub gateway: A,
     pub vtep_mac: [u8; 6],
     /// The uplink's interface index, for a node routed natively.
     pub native_device: Option<u32>,
 }
+
+/// A route to another node's IPv4 pod CIDR.
+pub type OverlayRoute = OverlayRouteOf<Ipv4Addr>;
+/// A route to another node's IPv6 pod CIDR (IPv6 inside the IPv4 tunnel).
+pub type OverlayRoute6 = OverlayRouteOf<Ipv6Addr>;
 
 impl OverlayRoute {
     /// The route to a node reached natively through the uplink `device`.
@@ -67,16 +79,35 @@ impl OverlayRoute {
     }
 }
 
+/// One family's part of the node's place on the overlay: its own address of that
+/// family on the VXLAN device and its routes to the other nodes' pod CIDRs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayFamily<A: Family> {
+    pub address: Option<A>,
+    pub routes: BTreeMap<A::Net, OverlayRouteOf<A>>,
+}
+
+impl<A: Family> Default for OverlayFamily<A> {
+    fn default() -> Self {
+        Self {
+            address: None,
+            routes: BTreeMap::new(),
+        }
+    }
+}
+
 /// The node's own place on the overlay (flannel's `flannel.1`, Calico's
 /// `vxlan.calico` do the same): an address of its own pod CIDR and its VTEP MAC on
 /// the VXLAN device, and a kernel route per other node's pod CIDR from that address,
 /// so the node reaches every pod and the answers come back over the overlay (never
-/// masqueraded: the rule spares the overlay device).
+/// masqueraded: the rule spares the overlay device). A dual-stack node has the same
+/// for IPv6 (its address of its IPv6 pod CIDR, the IPv6 pod CIDRs of the others),
+/// carried inside the same IPv4 VXLAN.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayHost {
-    pub address: Option<Ipv4Addr>,
     pub vtep_mac: Option<[u8; 6]>,
-    pub routes: BTreeMap<ipnet::Ipv4Net, OverlayRoute>,
+    pub ipv4: OverlayFamily<Ipv4Addr>,
+    pub ipv6: OverlayFamily<Ipv6Addr>,
 }
 
 /// One step that brings the VXLAN device's host side towards what is wanted; shown
@@ -84,29 +115,56 @@ pub struct OverlayHost {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverlayChange {
     SetMac([u8; 6]),
-    ReplaceAddress(Ipv4Addr),
-    ReplaceNeighbour(Ipv4Addr, [u8; 6]),
+    Ipv4(FamilyChange<Ipv4Addr>),
+    Ipv6(FamilyChange<Ipv6Addr>),
+}
+
+/// One step of one family's addresses, neighbours and routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FamilyChange<A: Family> {
+    ReplaceAddress(A),
+    ReplaceNeighbour(A, [u8; 6]),
     /// A managed neighbour entry for a natively routed node on the uplink (index).
-    ManageNeighbour(Ipv4Addr, u32),
+    ManageNeighbour(A, u32),
     ReplaceRoute {
-        cidr: Ipv4Net,
-        route: OverlayRoute,
+        cidr: A::Net,
+        route: OverlayRouteOf<A>,
         vni: u32,
-        src: Ipv4Addr,
+        src: A,
     },
     /// A route on the VXLAN device, or (`Some`) on the uplink with that index.
-    DeleteRoute(Ipv4Net, Option<u32>),
+    DeleteRoute(A::Net, Option<u32>),
     /// A neighbour on the VXLAN device, or (`Some`) on the uplink with that index.
-    DeleteNeighbour(Ipv4Addr, Option<u32>),
-    DeleteAddress(Ipv4Addr),
+    DeleteNeighbour(A, Option<u32>),
+    DeleteAddress(A),
 }
 
 impl fmt::Display for OverlayChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SetMac(mac) => write!(
+                f,
+                "link set dev {VXLAN_DEVICE} address {}",
+                mac_string(*mac)
+            ),
+            Self::Ipv4(change) => change.fmt(f),
+            Self::Ipv6(change) => change.fmt(f),
+        }
+    }
+}
+
+/// The prefix length of a single address of `ip`'s family (32, 128).
+fn host_prefix_len<A: Family>(ip: A) -> u8 {
+    IpNet::from(ip.into()).prefix_len()
+}
+
+impl<A: Family> fmt::Display for FamilyChange<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dev = VXLAN_DEVICE;
         match self {
-            Self::SetMac(mac) => write!(f, "link set dev {dev} address {}", mac_string(*mac)),
-            Self::ReplaceAddress(ip) => write!(f, "addr replace {ip}/32 dev {dev}"),
+            Self::ReplaceAddress(ip) => {
+                write!(f, "addr replace {ip}/{} dev {dev}", host_prefix_len(*ip))
+            }
             Self::ReplaceNeighbour(ip, mac) => write!(
                 f,
                 "neigh replace {ip} lladdr {} dev {dev} nud permanent",
@@ -118,7 +176,7 @@ impl fmt::Display for OverlayChange {
             Self::ReplaceRoute {
                 cidr,
                 route:
-                    OverlayRoute {
+                    OverlayRouteOf {
                         native_device: Some(uplink),
                         gateway,
                         ..
@@ -147,7 +205,9 @@ impl fmt::Display for OverlayChange {
                 write!(f, "neigh del {ip} dev <uplink ifindex {uplink}>")
             }
             Self::DeleteNeighbour(ip, None) => write!(f, "neigh del {ip} dev {dev}"),
-            Self::DeleteAddress(ip) => write!(f, "addr del {ip}/32 dev {dev}"),
+            Self::DeleteAddress(ip) => {
+                write!(f, "addr del {ip}/{} dev {dev}", host_prefix_len(*ip))
+            }
         }
     }
 }
@@ -155,12 +215,23 @@ impl fmt::Display for OverlayChange {
 impl OverlayChange {
     /// Make the change on the VXLAN device (link index `device`).
     fn apply(&self, netlink: &mut Netlink, device: u32) -> netlink::Result<()> {
-        let address = |ip| Address {
+        match self {
+            Self::SetMac(mac) => netlink.set_mac((device, VXLAN_DEVICE), *mac),
+            Self::Ipv4(change) => change.apply(netlink, device),
+            Self::Ipv6(change) => change.apply(netlink, device),
+        }
+    }
+}
+
+impl<A: NetlinkFamily> FamilyChange<A> {
+    /// Make the change on the VXLAN device (link index `device`).
+    fn apply(&self, netlink: &mut Netlink, device: u32) -> netlink::Result<()> {
+        let address = |ip: A| AddressOf {
             device,
             ip,
-            prefix_len: 32,
+            prefix_len: host_prefix_len(ip),
         };
-        let neighbour = |ip, mac: Option<[u8; 6]>| Neighbour {
+        let neighbour = |ip, mac: Option<[u8; 6]>| NeighbourOf {
             device,
             ip,
             mac,
@@ -168,16 +239,15 @@ impl OverlayChange {
             managed: false,
         };
         match *self {
-            Self::SetMac(mac) => netlink.set_mac((device, VXLAN_DEVICE), mac),
             Self::ReplaceAddress(ip) => netlink.replace_address(&address(ip)),
             Self::ReplaceNeighbour(ip, mac) => netlink.replace_neighbour(&neighbour(ip, Some(mac))),
             Self::ManageNeighbour(ip, uplink) => {
-                netlink.replace_neighbour(&Neighbour::managed(uplink, ip))
+                netlink.replace_neighbour(&NeighbourOf::managed(uplink, ip))
             }
             Self::ReplaceRoute {
                 cidr,
                 route:
-                    OverlayRoute {
+                    OverlayRouteOf {
                         native_device: Some(uplink),
                         gateway,
                         ..
@@ -185,7 +255,7 @@ impl OverlayChange {
                 src,
                 ..
             } => {
-                let mut wanted = Route::new(cidr, uplink, RouteScope::Universe);
+                let mut wanted = RouteOf::new(cidr, uplink, RouteScope::Universe);
                 wanted.gateway = Some(gateway);
                 wanted.source = Some(src);
                 netlink.replace_route(&wanted)
@@ -196,7 +266,7 @@ impl OverlayChange {
                 vni,
                 src,
             } => {
-                let mut wanted = Route::new(cidr, device, RouteScope::Universe);
+                let mut wanted = RouteOf::new(cidr, device, RouteScope::Universe);
                 wanted.gateway = Some(route.gateway);
                 wanted.source = Some(src);
                 wanted.onlink = true;
@@ -207,13 +277,15 @@ impl OverlayChange {
                 });
                 netlink.replace_route(&wanted)
             }
-            Self::DeleteRoute(cidr, on) => {
-                netlink.delete_route(&Route::new(cidr, on.unwrap_or(device), RouteScope::NoWhere))
-            }
+            Self::DeleteRoute(cidr, on) => netlink.delete_route(&RouteOf::<A>::new(
+                cidr,
+                on.unwrap_or(device),
+                RouteScope::NoWhere,
+            )),
             Self::DeleteNeighbour(ip, None) => netlink.delete_neighbour(&neighbour(ip, None)),
             // Gone already (the kernel forgets unmanaged entries by itself): done.
             Self::DeleteNeighbour(ip, Some(uplink)) => {
-                match netlink.delete_neighbour(&Neighbour::managed(uplink, ip)) {
+                match netlink.delete_neighbour(&NeighbourOf::managed(uplink, ip)) {
                     Err(e) if e.is_not_found() => Ok(()),
                     done => done,
                 }
@@ -223,9 +295,8 @@ impl OverlayChange {
     }
 }
 
-/// The changes that turn `current` into `desired` (pure): the device MAC and address
-/// first (routes take their source from it), neighbours before routes, removals
-/// last. Without an own address there are no routes (they need a source).
+/// The changes that turn `current` into `desired` (pure): the device MAC first,
+/// then each family's (IPv4, then IPv6; see [`family_changes`]).
 pub fn overlay_changes(
     current: &OverlayHost,
     desired: &OverlayHost,
@@ -235,11 +306,26 @@ pub fn overlay_changes(
     if let Some(mac) = desired.vtep_mac.filter(|m| current.vtep_mac != Some(*m)) {
         changes.push(OverlayChange::SetMac(mac));
     }
+    let ipv4 = family_changes(&current.ipv4, &desired.ipv4, vni);
+    changes.extend(ipv4.into_iter().map(OverlayChange::Ipv4));
+    let ipv6 = family_changes(&current.ipv6, &desired.ipv6, vni);
+    changes.extend(ipv6.into_iter().map(OverlayChange::Ipv6));
+    changes
+}
+
+/// One family's changes (pure): the address first (routes take their source from
+/// it), neighbours before routes, removals last. Without an own address there are
+/// no routes (they need a source).
+pub fn family_changes<A: Family>(
+    current: &OverlayFamily<A>,
+    desired: &OverlayFamily<A>,
+    vni: u32,
+) -> Vec<FamilyChange<A>> {
+    let mut changes = Vec::new();
     if let Some(address) = desired.address.filter(|a| current.address != Some(*a)) {
-        changes.push(OverlayChange::ReplaceAddress(address));
+        changes.push(FamilyChange::ReplaceAddress(address));
     }
-    let wanted =
-        |cidr: &ipnet::Ipv4Net| desired.address.is_some() && desired.routes.contains_key(cidr);
+    let wanted = |cidr: &A::Net| desired.address.is_some() && desired.routes.contains_key(cidr);
     for (cidr, route) in &desired.routes {
         let (Some(src), true) = (desired.address, wanted(cidr)) else {
             continue;
@@ -247,13 +333,13 @@ pub fn overlay_changes(
         let same = current.routes.get(cidr) == Some(route) && current.address == desired.address;
         if !same {
             match route.native_device {
-                None => changes.push(OverlayChange::ReplaceNeighbour(
+                None => changes.push(FamilyChange::ReplaceNeighbour(
                     route.gateway,
                     route.vtep_mac,
                 )),
-                Some(uplink) => changes.push(OverlayChange::ManageNeighbour(route.gateway, uplink)),
+                Some(uplink) => changes.push(FamilyChange::ManageNeighbour(route.gateway, uplink)),
             }
-            changes.push(OverlayChange::ReplaceRoute {
+            changes.push(FamilyChange::ReplaceRoute {
                 cidr: *cidr,
                 route: *route,
                 vni,
@@ -263,24 +349,25 @@ pub fn overlay_changes(
     }
     for (cidr, route) in &current.routes {
         if !wanted(cidr) {
-            changes.push(OverlayChange::DeleteRoute(*cidr, route.native_device));
+            changes.push(FamilyChange::DeleteRoute(*cidr, route.native_device));
+            // Unused once no route that stays goes through it (none stays without
+            // an own address).
             let overlay_gateway_unused = route.native_device.is_none()
-                && !desired
-                    .routes
-                    .values()
-                    .any(|r| r.native_device.is_none() && r.gateway == route.gateway);
+                && !desired.routes.iter().any(|(cidr, r)| {
+                    wanted(cidr) && r.native_device.is_none() && r.gateway == route.gateway
+                });
             if overlay_gateway_unused {
-                changes.push(OverlayChange::DeleteNeighbour(route.gateway, None));
+                changes.push(FamilyChange::DeleteNeighbour(route.gateway, None));
             }
         }
     }
     // A node no longer routed natively (gone, or over VXLAN now): its managed entry
     // goes, or the kernel would keep probing it.
-    let native_gateways = |routes: Vec<&OverlayRoute>| -> BTreeSet<(Ipv4Addr, u32)> {
+    let native_gateways = |routes: Vec<&OverlayRouteOf<A>>| -> BTreeSet<(A, u32)> {
         routes
             .into_iter()
             .filter_map(|r| Some((r.gateway, r.native_device?)))
-            .filter(|(gateway, _)| !gateway.is_unspecified())
+            .filter(|(gateway, _)| *gateway != A::UNSPECIFIED)
             .collect()
     };
     let still_native = native_gateways(
@@ -293,37 +380,44 @@ pub fn overlay_changes(
     );
     for (gateway, uplink) in native_gateways(current.routes.values().collect()) {
         if !still_native.contains(&(gateway, uplink)) {
-            changes.push(OverlayChange::DeleteNeighbour(gateway, Some(uplink)));
+            changes.push(FamilyChange::DeleteNeighbour(gateway, Some(uplink)));
         }
     }
     if let Some(old) = current.address.filter(|a| desired.address != Some(*a)) {
-        changes.push(OverlayChange::DeleteAddress(old));
+        changes.push(FamilyChange::DeleteAddress(old));
     }
     changes
 }
 
 /// The overlay routes among the routes of the VXLAN device (link index `device`):
 /// an IP encapsulation, a gateway and a source (others are ignored); and the native
-/// routes on other devices: a gateway, no encapsulation and the source `own` (the
-/// node's overlay address: no route of anyone else's has it). Pure.
-pub fn overlay_routes(
-    routes: &[Route],
+/// routes on other devices: an IPv4 gateway (the node), no encapsulation and the
+/// source `own` (the node's overlay address: no route of anyone else's has it).
+/// Pure.
+pub fn overlay_routes<A: Family>(
+    routes: &[RouteOf<A>],
     device: u32,
-    own: Option<Ipv4Addr>,
-) -> BTreeMap<ipnet::Ipv4Net, (OverlayRoute, Ipv4Addr)> {
+    own: Option<A>,
+) -> BTreeMap<A::Net, (OverlayRouteOf<A>, A)> {
     routes
         .iter()
         .filter_map(|route| {
             let on = route.device?;
+            let gateway = route.gateway?;
             let overlay = if on == device {
-                OverlayRoute {
+                OverlayRouteOf {
                     node_ip: route.encap?.destination,
-                    gateway: route.gateway?,
+                    gateway,
                     vtep_mac: [0; 6],
                     native_device: None,
                 }
             } else if route.encap.is_none() && own.is_some() && route.source == own {
-                OverlayRoute::native(route.gateway?, on)
+                OverlayRouteOf {
+                    node_ip: Ipv4Addr::from_ip(gateway.into())?,
+                    gateway,
+                    vtep_mac: [0; 6],
+                    native_device: Some(on),
+                }
             } else {
                 return None;
             };
@@ -332,28 +426,46 @@ pub fn overlay_routes(
         .collect()
 }
 
-/// What the VXLAN device holds now: its address(es), MAC, and the overlay routes with
-/// their neighbours' MACs.
+/// Whether `ip` is link-local: the kernel gives the VXLAN device an IPv6 one of
+/// its own, which is not the node's overlay address.
+fn link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => ip.is_link_local(),
+        IpAddr::V6(ip) => ip.is_unicast_link_local(),
+    }
+}
+
+/// What the VXLAN device holds now: its MAC, and of each family its address and the
+/// overlay routes with their neighbours' MACs.
 pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
     let mut netlink = Netlink::open()?;
     let device = netlink.link_index(VXLAN_DEVICE)?;
+    Ok(OverlayHost {
+        vtep_mac: Some(device_mac),
+        ipv4: read_family(&mut netlink, device)?,
+        ipv6: read_family(&mut netlink, device)?,
+    })
+}
+
+/// One family's address on the VXLAN device (link index `device`) and its routes.
+fn read_family<A: NetlinkFamily>(netlink: &mut Netlink, device: u32) -> Result<OverlayFamily<A>> {
     let address = netlink
-        .addresses()?
+        .addresses_of::<A>()?
         .into_iter()
-        .find(|a| a.device == device)
+        .find(|a| a.device == device && !link_local(a.ip.into()))
         .map(|a| a.ip);
-    let all_neighbours = netlink.neighbours()?;
-    let neighbours: BTreeMap<Ipv4Addr, [u8; 6]> = all_neighbours
+    let all_neighbours = netlink.neighbours_of::<A>()?;
+    let neighbours: BTreeMap<A, [u8; 6]> = all_neighbours
         .iter()
         .filter(|n| n.device == device && n.permanent)
         .filter_map(|n| Some((n.ip, n.mac?)))
         .collect();
-    let managed: BTreeSet<(Ipv4Addr, u32)> = all_neighbours
+    let managed: BTreeSet<(A, u32)> = all_neighbours
         .iter()
         .filter(|n| n.managed)
         .map(|n| (n.ip, n.device))
         .collect();
-    let routes = overlay_routes(&netlink.routes()?, device, address)
+    let routes = overlay_routes(&netlink.routes_of::<A>()?, device, address)
         .into_iter()
         .map(|(cidr, (mut route, src))| {
             let managed_neighbour = match route.native_device {
@@ -366,16 +478,12 @@ pub fn read_overlay(device_mac: [u8; 6]) -> Result<OverlayHost> {
             // A route from another source is not ours as wanted, nor a native one
             // without its node's managed neighbour: rewrite it.
             if Some(src) != address || !managed_neighbour {
-                route.gateway = Ipv4Addr::UNSPECIFIED;
+                route.gateway = A::UNSPECIFIED;
             }
             (cidr, route)
         })
         .collect();
-    Ok(OverlayHost {
-        address,
-        vtep_mac: Some(device_mac),
-        routes,
-    })
+    Ok(OverlayFamily { address, routes })
 }
 
 /// Bring the VXLAN device's address, MAC, routes and neighbours to `desired`.
@@ -394,195 +502,4 @@ pub fn apply_overlay(current: &OverlayHost, desired: &OverlayHost, vni: u32) -> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn overlay(address: &str, routes: &[(&str, &str, &str)]) -> OverlayHost {
-        OverlayHost {
-            address: Some(address.parse().unwrap()),
-            vtep_mac: Some([0x0a, 0x58, 198, 51, 100, 1]),
-            routes: routes
-                .iter()
-                .map(|(cidr, node, gateway)| {
-                    let node_ip: Ipv4Addr = node.parse().unwrap();
-                    let route = OverlayRoute {
-                        node_ip,
-                        gateway: gateway.parse().unwrap(),
-                        vtep_mac: ferrite_common::vtep_mac_for(node_ip),
-                        native_device: None,
-                    };
-                    (cidr.parse().unwrap(), route)
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn overlay_routes_follow_nodes_and_a_removed_node_loses_only_its_route() {
-        let empty = OverlayHost::default();
-        let two = overlay(
-            "10.244.0.1",
-            &[
-                ("10.244.1.0/24", "198.51.100.2", "10.244.1.1"),
-                ("10.244.2.0/24", "198.51.100.3", "10.244.2.1"),
-            ],
-        );
-        let commands = |current, desired| -> Vec<String> {
-            overlay_changes(current, desired, 1)
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        };
-        let first = commands(&empty, &two);
-        assert_eq!(
-            first,
-            [
-                "link set dev ferrite_vxlan address 0a:58:c6:33:64:01",
-                "addr replace 10.244.0.1/32 dev ferrite_vxlan",
-                "neigh replace 10.244.1.1 lladdr 0a:58:c6:33:64:02 dev ferrite_vxlan nud permanent",
-                "route replace 10.244.1.0/24 encap ip id 1 dst 198.51.100.2 ttl 64 via 10.244.1.1 dev ferrite_vxlan onlink src 10.244.0.1",
-                "neigh replace 10.244.2.1 lladdr 0a:58:c6:33:64:03 dev ferrite_vxlan nud permanent",
-                "route replace 10.244.2.0/24 encap ip id 1 dst 198.51.100.3 ttl 64 via 10.244.2.1 dev ferrite_vxlan onlink src 10.244.0.1",
-            ]
-        );
-        assert!(
-            commands(&two, &two).is_empty(),
-            "nothing to do when in place"
-        );
-        let one = overlay(
-            "10.244.0.1",
-            &[("10.244.1.0/24", "198.51.100.2", "10.244.1.1")],
-        );
-        assert_eq!(
-            commands(&two, &one),
-            [
-                "route del 10.244.2.0/24 dev ferrite_vxlan",
-                "neigh del 10.244.2.1 dev ferrite_vxlan"
-            ]
-        );
-        // A node that moves to another IP gets its route rewritten.
-        let moved = overlay(
-            "10.244.0.1",
-            &[("10.244.1.0/24", "198.51.100.9", "10.244.1.1")],
-        );
-        assert_eq!(commands(&one, &moved).len(), 2);
-    }
-
-    #[test]
-    fn overlay_routes_are_read_back_from_the_devices_routes() {
-        let device = 9;
-        let mut overlay = Route::new(
-            "10.244.1.0/24".parse().unwrap(),
-            device,
-            RouteScope::Universe,
-        );
-        overlay.gateway = Some("10.244.1.1".parse().unwrap());
-        overlay.source = Some("10.244.0.1".parse().unwrap());
-        overlay.onlink = true;
-        overlay.encap = Some(IpEncap {
-            id: 1,
-            destination: "198.51.100.2".parse().unwrap(),
-            ttl: 64,
-        });
-        let mut elsewhere = overlay.clone();
-        elsewhere.destination = "10.244.2.0/24".parse().unwrap();
-        elsewhere.device = Some(device + 1);
-        let mut plain = overlay.clone();
-        plain.destination = "10.244.3.0/24".parse().unwrap();
-        plain.encap = None;
-        let kernel = Route::new("10.9.0.0/16".parse().unwrap(), device, RouteScope::Link);
-        let routes = overlay_routes(&[overlay, elsewhere, plain, kernel], device, None);
-        assert_eq!(routes.len(), 1, "{routes:?}");
-        let (route, src) = routes[&"10.244.1.0/24".parse().unwrap()];
-        assert_eq!(
-            (route.node_ip, route.gateway, src),
-            (
-                "198.51.100.2".parse().unwrap(),
-                "10.244.1.1".parse().unwrap(),
-                "10.244.0.1".parse().unwrap()
-            )
-        );
-    }
-
-    #[test]
-    fn native_routes_go_via_the_node_on_the_uplink_with_its_managed_neighbour_and_switch_both_ways()
-    {
-        let uplink = 4;
-        let vxlan = overlay(
-            "10.244.0.1",
-            &[("10.244.1.0/24", "198.51.100.2", "10.244.1.1")],
-        );
-        let mut native = vxlan.clone();
-        native.routes.insert(
-            "10.244.1.0/24".parse().unwrap(),
-            OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
-        );
-        let commands = |current, desired| -> Vec<String> {
-            overlay_changes(current, desired, 1)
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        };
-        assert_eq!(
-            commands(&vxlan, &native),
-            [
-                "neigh replace 198.51.100.2 dev <uplink ifindex 4> managed",
-                "route replace 10.244.1.0/24 via 198.51.100.2 dev <uplink ifindex 4> src 10.244.0.1"
-            ]
-        );
-        assert!(commands(&native, &native).is_empty());
-        assert_eq!(
-            commands(&native, &vxlan),
-            [
-                "neigh replace 10.244.1.1 lladdr 0a:58:c6:33:64:02 dev ferrite_vxlan nud permanent",
-                "route replace 10.244.1.0/24 encap ip id 1 dst 198.51.100.2 ttl 64 via 10.244.1.1 dev ferrite_vxlan onlink src 10.244.0.1",
-                "neigh del 198.51.100.2 dev <uplink ifindex 4>",
-            ]
-        );
-        let mut gone = native.clone();
-        gone.routes.clear();
-        assert_eq!(
-            commands(&native, &gone),
-            [
-                "route del 10.244.1.0/24 dev <uplink ifindex 4>",
-                "neigh del 198.51.100.2 dev <uplink ifindex 4>"
-            ]
-        );
-        // A node with two pod CIDRs keeps its entry while one of them is routed.
-        let mut two_cidrs = native.clone();
-        two_cidrs.routes.insert(
-            "10.245.1.0/24".parse().unwrap(),
-            OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
-        );
-        assert_eq!(
-            commands(&two_cidrs, &native),
-            ["route del 10.245.1.0/24 dev <uplink ifindex 4>"]
-        );
-    }
-
-    #[test]
-    fn native_routes_are_read_back_only_with_the_nodes_own_source() {
-        let (vxlan_device, uplink) = (9, 4);
-        let own: Ipv4Addr = "10.244.0.1".parse().unwrap();
-        let mut native = Route::new(
-            "10.244.1.0/24".parse().unwrap(),
-            uplink,
-            RouteScope::Universe,
-        );
-        native.gateway = Some("198.51.100.2".parse().unwrap());
-        native.source = Some(own);
-        // Someone else's route on the uplink: not the agent's to touch.
-        let mut foreign = native.clone();
-        foreign.destination = "10.9.0.0/16".parse().unwrap();
-        foreign.source = None;
-        let routes = overlay_routes(&[native, foreign], vxlan_device, Some(own));
-        assert_eq!(routes.len(), 1, "{routes:?}");
-        assert_eq!(
-            routes[&"10.244.1.0/24".parse().unwrap()],
-            (
-                OverlayRoute::native("198.51.100.2".parse().unwrap(), uplink),
-                own
-            )
-        );
-    }
-}
+mod tests;
