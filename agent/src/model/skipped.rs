@@ -1,9 +1,6 @@
 //! What the model and the plan leave out, and why: a reason the agent can act on,
 //! shown as the text logs and tests read.
-use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fmt, net::IpAddr};
 
 use super::{L4Addr, ServiceRef, SERVICE_NAME_LABEL};
 
@@ -165,6 +162,7 @@ impl fmt::Display for SkipReason {
 mod tests {
     use super::*;
     use crate::model::Protocol;
+    use std::net::Ipv4Addr;
 
     /// Logs, the readiness endpoint and end-to-end tests read these texts.
     #[test]
