@@ -254,7 +254,10 @@ impl NodeAgent {
                 self.node.as_ref().map(|node| &node.context),
                 &self.settings,
                 &mut self.parts,
-                &|policy| self.telemetry.set_policy(Some(policy)),
+                &|policy, names| {
+                    self.telemetry.set_policy(Some(policy));
+                    self.telemetry.set_service_names(names);
+                },
             )
         });
         let first = self.telemetry.syncs.get() == 0;
@@ -278,8 +281,6 @@ impl NodeAgent {
                         "synced"
                     );
                 }
-                self.telemetry
-                    .set_service_names(report.service_names.clone());
                 if let Some(pods) = &report.pod_names {
                     self.telemetry.set_pod_names(pods.clone());
                 }
@@ -930,9 +931,10 @@ pub fn pending_writes(
 /// attachments, host routes and files around them. `skipped` carries what the source
 /// already had to leave out; ids are kept as `ids_from` (the last write) has them,
 /// else as the maps have them.
-/// Returns the report and the map contents now written. `publish_policy` gets the
-/// plan's policy index before the maps are written from it (for the tools' queries:
-/// whoever sees the new maps asks the new index).
+/// Returns the report and the map contents now written. `publish` gets the plan's
+/// policy index and Service names before the maps are written from them (for the
+/// tools: whoever sees the new maps asks the new index, and a monitor event about a
+/// frontend the maps just made live names its Service).
 #[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     objects: &ClusterObjects,
@@ -942,7 +944,7 @@ pub fn reconcile(
     previous: Option<&model::NodeContext>,
     settings: &plan::NodeSettings,
     parts: &mut NodeParts,
-    publish_policy: &dyn Fn(plan::SharedPolicy),
+    publish: &dyn Fn(plan::SharedPolicy, Arc<ServiceNames>),
 ) -> Result<(SyncReport, plan::NodeState)> {
     let NodeParts {
         datapath,
@@ -1001,7 +1003,8 @@ pub fn reconcile(
         .iter()
         .any(|s| matches!(s.reason, model::SkipReason::InterfaceMissing { .. }));
     add_routes_to_new_endpoints(state, &plan.ops)?;
-    publish_policy(plan.policy.clone());
+    let services = SyncReport::of_services(state);
+    publish(plan.policy.clone(), services.service_names.clone());
     let purged_flows = write_maps(maps, &current, &plan.ops)?;
     // Links pinned by an earlier agent still run the programs it loaded: move them to
     // this agent's, now that the maps hold this sync's state (an upgrade may have
@@ -1027,7 +1030,7 @@ pub fn reconcile(
                 .collect(),
         )),
         seeded_flows,
-        ..SyncReport::of_services(state)
+        ..services
     };
     Ok((report, plan.into_state()))
 }
