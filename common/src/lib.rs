@@ -81,10 +81,15 @@ pub mod tail_call {
 
     /// `ferrite_from_pod` jumps here with every IPv6 frame.
     pub const FROM_POD6: u32 = 0;
+    /// `ferrite_from_overlay` jumps here with every IPv6 frame another node sends.
+    pub const FROM_OVERLAY6: u32 = 1;
     /// Slots of the map.
     pub const SLOTS: u32 = 4;
     /// What the agent puts in each slot when it loads the object.
-    pub const PROGRAMS: [(u32, &str); 1] = [(FROM_POD6, program_names::FROM_POD6)];
+    pub const PROGRAMS: [(u32, &str); 2] = [
+        (FROM_POD6, program_names::FROM_POD6),
+        (FROM_OVERLAY6, program_names::FROM_OVERLAY6),
+    ];
 }
 
 /// Program names in the object file.
@@ -96,6 +101,9 @@ pub mod program_names {
     pub const FROM_POD6: &str = "ferrite_from_pod6";
     /// tcx ingress of the node's VXLAN device: what other nodes send to this node's pods.
     pub const FROM_OVERLAY: &str = "ferrite_from_overlay";
+    /// What other nodes send over IPv6, reached by a tail call from `FROM_OVERLAY`
+    /// (slot `tail_call::FROM_OVERLAY6`), never attached itself.
+    pub const FROM_OVERLAY6: &str = "ferrite_from_overlay6";
     /// Returns TC_ACT_OK and nothing else: the baseline `cargo xtask bench` compares with.
     pub const NOOP: &str = "ferrite_noop";
     /// Never attached: run with BPF_PROG_TEST_RUN, it writes the datapath's clock

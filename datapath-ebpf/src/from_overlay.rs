@@ -6,13 +6,15 @@
 //! node's own processes (replies to their Service flows and to what they send other
 //! nodes' pods from the node's overlay address), and ICMP errors backends there
 //! send about packets of such flows. Inner packets for pods that are not on this
-//! node are dropped and counted.
-use ferrite_common::stat;
+//! node are dropped and counted. IPv6 continues in `ferrite_from_overlay6`
+//! (`from_overlay6`), by a tail call; the explain copy does not take it.
+use ferrite_common::{stat, tail_call};
 
 use crate::{
     action, conntrack,
     headers::{parse, Parsed},
-    maps::CONFIG,
+    headers6::is_ipv6,
+    maps::{CONFIG, TAIL_CALLS},
     packet::{Packet, Verdict},
     peer, routing,
 };
@@ -25,6 +27,12 @@ const PROGRAM: u8 =
 /// tcx ingress of the node's VXLAN device.
 #[classifier]
 pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        // SAFETY: a jump to a TC program of the same object; it returns only if the
+        // slot is empty (no agent filled it), and the frame is then dropped below
+        // as unsupported.
+        unsafe { TAIL_CALLS.tail_call(&ctx, tail_call::FROM_OVERLAY6) };
+    }
     action::tc(&ctx, PROGRAM, process(&ctx))
 }
 

@@ -26,6 +26,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_HLEN: usize = 40;
 pub const IP6_OFF: usize = ETH_HLEN;
 pub const IP6_HOP_LIMIT_OFF: usize = IP6_OFF + 7;
+pub const IP6_DADDR_OFF: usize = IP6_OFF + 24;
 const IP6_SADDR_OFF: usize = IP6_OFF + 8;
 
 const NEXT_HOP_BY_HOP: u8 = 0;

@@ -5,7 +5,7 @@
 //! (`conntrack`, `lb`, `routing`, `policy`, `external`, `reply`, `peer`), the verdict-to-return-code
 //! mapping (`action`), then one thin file per attach point (`from_pod`, with its
 //! IPv6 half `from_pod6` reached by tail call through `ferrite_progs`,
-//! `from_overlay`, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
+//! `from_overlay`, with `from_overlay6` likewise, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
 //! socket programs in `sock`), and the bench's never-attached floors (`floor`). No
 //! module uses one above it; entries use no entry (a tail call goes through the
 //! map, by slot, not through the module).
@@ -41,6 +41,7 @@ mod action;
 mod floor;
 mod from_host;
 mod from_overlay;
+mod from_overlay6;
 mod from_pod;
 mod from_pod6;
 mod from_uplink;

@@ -123,3 +123,12 @@ btf_maps! {
 pub fn route_key(addr: u32) -> Key<[u8; 4]> {
     Key::new(32, addr.to_ne_bytes())
 }
+
+#[inline(always)]
+pub fn route6_key(addr: &[u32; 4]) -> Key<Route6Prefix> {
+    // SAFETY: 16 bytes of plain integers either way; the words hold the packet's
+    // bytes in order.
+    Key::new(128, unsafe {
+        core::mem::transmute::<[u32; 4], [u8; 16]>(*addr)
+    })
+}

@@ -18,7 +18,7 @@ use ferrite_common::{
 use crate::{
     conntrack,
     headers::Headers,
-    maps::{route_key, ROUTES},
+    maps::{route6_key, route_key, ROUTES, ROUTES6},
     nat,
     packet::{Packet, Verdict},
     policy,
@@ -61,6 +61,15 @@ pub fn sender_checked(
 pub fn source_is_senders(saddr: u32, sender: u32) -> bool {
     ROUTES
         .get(&route_key(saddr))
+        .is_some_and(|route| u32::from_be_bytes(route.node_ip) == sender)
+}
+
+/// Whether the IPv6 `saddr` is in the IPv6 pod CIDR of the node at `sender` (the
+/// outer source of the tunnel it came through).
+#[inline(always)]
+pub fn source6_is_senders(saddr: &[u32; 4], sender: u32) -> bool {
+    ROUTES6
+        .get(&route6_key(saddr))
         .is_some_and(|route| u32::from_be_bytes(route.node_ip) == sender)
 }
 

@@ -9,11 +9,13 @@
 //! ICMP errors about Service flows are translated back too. What a pod's
 //! NetworkPolicy does not allow is dropped here (the node's own traffic never is);
 //! an ICMP echo reply or error of a flow it allows passes as that flow's packets do.
+//! IPv6 to a pod NetworkPolicy isolates is dropped (no IPv6 rules yet: fail closed).
 use ferrite_common::{policy::CT_POLICY_ALLOWED, PROTO_ICMP};
 
 use crate::{
     action, conntrack,
     headers::{parse, Headers, Parsed},
+    headers6::{is_ipv6, IP6_DADDR_OFF, IP6_OFF, IPV6_HLEN},
     packet::{Packet, Verdict},
     policy,
     reply::{self, ErrorTo},
@@ -46,6 +48,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
             };
         }
         Parsed::Ipv4(h) => return judge_unrecorded(pkt, &h, routing::epoch()),
+        _ if is_ipv6(pkt) => return ipv6_to_pod(pkt),
         _ => return Ok(Verdict::Pass),
     };
     if reply::reverse_in_cluster_reply(pkt, &h)? {
@@ -97,5 +100,22 @@ fn judge_unrecorded<P: Packet>(pkt: &P, h: &Headers, epoch: u32) -> Result<Verdi
     match policy::judge_portless(pkt, h, epoch, src_flags, dst_flags) {
         Err(reason) => Ok(Verdict::Drop(reason)),
         Ok(()) => Ok(Verdict::Pass),
+    }
+}
+
+/// IPv6 the stack sends a pod (answers to its masqueraded traffic, the node's own):
+/// NetworkPolicy has no IPv6 rules yet and fails closed, as in `from_pod6`: a pod it
+/// isolates gets none. Neighbour discovery to link-local and multicast addresses is
+/// no pod's address, and passes.
+#[inline(always)]
+fn ipv6_to_pod<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
+    if pkt.ensure_linear((IP6_OFF + IPV6_HLEN) as u32).is_err() {
+        return Ok(Verdict::Drop(ferrite_common::stat::DROP_MALFORMED));
+    }
+    let daddr = pkt.load::<[u32; 4]>(IP6_DADDR_OFF)?;
+    let isolation = routing::local_endpoint6(&daddr).map_or(0, |ep| ep.flags);
+    match policy::ipv6_denied(0, isolation) {
+        Some(reason) => Ok(Verdict::Drop(reason)),
+        None => Ok(Verdict::Pass),
     }
 }

@@ -78,6 +78,7 @@ impl Testbed {
             program_names::FROM_POD6,
             program_names::TO_POD,
             program_names::FROM_OVERLAY,
+            program_names::FROM_OVERLAY6,
             program_names::FROM_UPLINK,
             program_names::FROM_HOST,
             program_names::NOOP,

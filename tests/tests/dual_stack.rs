@@ -1,6 +1,7 @@
 //! User stories for dual-stack pods on a dual-stack cluster (a pod CIDR, an address
 //! and a cluster CIDR per family): two pods of a node talk over IPv6 as they do over
-//! IPv4, the datapath delivering straight into the pod; a pod cannot send from
+//! IPv4, the datapath delivering straight into the pod; a pod of another node
+//! reaches them over IPv6 inside the IPv4 underlay's VXLAN; a pod cannot send from
 //! another pod's IPv6 address; a pod reaches a host outside the cluster over IPv6,
 //! masqueraded to its node's IPv6 address; a deleted pod's IPv6 address stops
 //! being delivered. Each from a YAML file and from an API server's watch events.
@@ -32,7 +33,7 @@ fn endpoint6(ip: Ipv6Addr) -> Endpoint6Key {
 fn dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded(
     source: ObjectSource,
 ) -> Result<()> {
-    let mut cluster = Cluster::new(1)?;
+    let mut cluster = Cluster::new(2)?;
     if source == ObjectSource::Kubernetes {
         FakeApiServer::serve_cluster(&mut cluster)?;
     }
@@ -42,6 +43,8 @@ fn dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded(
     node.add_dual_stack_pod("web", pod_ip(0, 0), web6)?;
     node.add_dual_stack_pod("client", pod_ip(0, 1), client6)?;
     node.add_dual_stack_pod("gone", pod_ip(0, 2), gone6)?;
+    let remote6 = pod_ip6(1, 0);
+    cluster.nodes[1].add_dual_stack_pod("remote", pod_ip(1, 0), remote6)?;
     let _web = Server::start(&cluster.pod("web").netns, "web", v6(web6))?;
     let _gone = Server::start(&cluster.pod("gone").netns, "gone", v6(gone6))?;
     let _world = Server::start(&cluster.world, "world", v6(WORLD_IP6))?;
@@ -83,6 +86,23 @@ fn dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded(
         "pod-to-pod IPv6 delivered by the datapath: {} -> {}",
         before[delivered],
         after[delivered]
+    );
+
+    // From a pod of the other node: IPv6 inside the IPv4 underlay's VXLAN, checked
+    // to come from that node's IPv6 pod CIDR and delivered into the pod, which sees
+    // the client's own address.
+    let received = || counters().map(|c| c[stat::RECEIVED_FROM_NODE as usize]);
+    let before = received()?;
+    let remote = cluster.pod("remote");
+    wait_until("a TCP answer across nodes over IPv6", SETTLE, || {
+        remote
+            .netns
+            .tcp_request(v6(web6), "across")
+            .is_ok_and(|answer| answer == format!("web|{remote6}|across"))
+    })?;
+    ensure!(
+        received()? > before,
+        "received from the other node by the datapath"
     );
 
     // Out of the cluster over IPv6: the world sees the node's IPv6 address.

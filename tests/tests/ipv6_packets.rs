@@ -10,7 +10,7 @@ use ferrite_common::{
     explain::verdict,
     pod_mac_for,
     policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    stat, EndpointInfo, PROTO_ICMPV6, PROTO_UDP,
+    program_names, stat, EndpointInfo, PROTO_ICMPV6, PROTO_UDP,
 };
 use ferrite_tests::{
     frames::GATEWAY_MAC,
@@ -311,6 +311,42 @@ fn a_pod_isolated_by_network_policy_neither_sends_nor_receives_ipv6() -> Result<
             let frame = udp_frame(CLIENT, REMOTE, vec![]).build();
             expect(&bed, &frame, TC_ACT_SHOT, counter)?;
         }
+    }
+    Ok(())
+}
+
+/// What the stack sends a pod over IPv6 (to-pod, the veth's egress): a pod that
+/// NetworkPolicy isolates in either direction gets none; another pod's passes
+/// unchanged, as does neighbour discovery to its link-local address.
+#[test]
+fn ipv6_the_stack_sends_an_isolated_pod_is_dropped() -> Result<()> {
+    for (flags, verdict, counter) in [
+        (
+            ENDPOINT_INGRESS_ISOLATED,
+            TC_ACT_SHOT,
+            Some(stat::DROP_POLICY_INGRESS),
+        ),
+        (
+            ENDPOINT_EGRESS_ISOLATED,
+            TC_ACT_SHOT,
+            Some(stat::DROP_POLICY_INGRESS),
+        ),
+        (0, TC_ACT_OK, None),
+    ] {
+        let mut bed = testbed()?;
+        bed.add_endpoint6(WEB, endpoint(WEB_VETH, WEB_MAC, flags))?;
+        let frame = udp_frame(REMOTE, WEB, vec![]).build();
+        let before = counter.map(|c| bed.counter(c)).transpose()?;
+        let out = bed.run_program(program_names::TO_POD, &frame, 1)?.0;
+        assert_eq!(out.verdict, verdict, "flags {flags:#x}");
+        if let (Some(counter), Some(before)) = (counter, before) {
+            assert_eq!(bed.counter(counter)?, before + 1);
+        } else {
+            assert_eq!(out.frame, frame, "passed unchanged");
+        }
+        let link_local = udp_frame("fe80::1".parse()?, "fe80::2".parse()?, vec![]).build();
+        let out = bed.run_program(program_names::TO_POD, &link_local, 1)?.0;
+        assert_eq!(out.verdict, TC_ACT_OK, "no pod's address");
     }
     Ok(())
 }

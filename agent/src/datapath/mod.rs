@@ -131,12 +131,13 @@ pub struct Datapath {
 /// The TC programs loaded, and the ones pinned by name in the node's pin directory:
 /// the CNI plugin attaches the pod programs from their pins; `ferrite explain` runs
 /// the explain copies loaded with the node's programs (their XDP one is pinned too).
-const TC_PROGRAMS: [(&str, bool); 11] = [
+const TC_PROGRAMS: [(&str, bool); 12] = [
     (program_names::FROM_POD, true),
     // Held by its `ferrite_progs` slot (`fill_tail_calls`).
     (program_names::FROM_POD6, false),
     (program_names::TO_POD, true),
     (program_names::FROM_OVERLAY, false),
+    (program_names::FROM_OVERLAY6, false),
     (program_names::FROM_UPLINK, false),
     (program_names::FROM_HOST, false),
     (program_names::EXPLAIN_POD, true),
