@@ -15,3 +15,24 @@ pub mod monitor;
 pub mod testbed;
 pub mod tunnel_shim;
 pub mod verdict_model;
+
+/// For each story function `case(source: ObjectSource) -> anyhow::Result<()>`, a module
+/// of that name with two tests: the agents reading a YAML file, and the agents
+/// watching an API server (the fake one), where every change is the watch events of
+/// the objects that changed.
+#[macro_export]
+macro_rules! from_both_sources {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[test]
+            fn from_a_file() -> anyhow::Result<()> {
+                super::$case($crate::lab::ObjectSource::File)
+            }
+
+            #[test]
+            fn from_the_api_server() -> anyhow::Result<()> {
+                super::$case($crate::lab::ObjectSource::Kubernetes)
+            }
+        }
+    )*};
+}

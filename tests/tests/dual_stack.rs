@@ -154,21 +154,4 @@ fn dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded(
     Ok(())
 }
 
-/// Each story from a YAML file and from an API server's watch events.
-macro_rules! from_both_sources {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            #[test]
-            fn from_a_file() -> anyhow::Result<()> {
-                super::$case(ferrite_tests::lab::ObjectSource::File)
-            }
-
-            #[test]
-            fn from_the_api_server() -> anyhow::Result<()> {
-                super::$case(ferrite_tests::lab::ObjectSource::Kubernetes)
-            }
-        }
-    )*};
-}
-
-from_both_sources!(dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded);
+ferrite_tests::from_both_sources!(dual_stack_pods_talk_over_ipv6_and_reach_the_world_masqueraded);

@@ -374,19 +374,7 @@ fn is(pod: &PodRef, name: &str) -> bool {
     pod.to_string() == name
 }
 
-mod the_reachability_matrix_follows_every_policy_change {
-    use ferrite_tests::lab::ObjectSource;
-
-    #[test]
-    fn from_a_file() -> anyhow::Result<()> {
-        super::the_reachability_matrix_follows_every_policy_change(ObjectSource::File)
-    }
-
-    #[test]
-    fn from_the_api_server() -> anyhow::Result<()> {
-        super::the_reachability_matrix_follows_every_policy_change(ObjectSource::Kubernetes)
-    }
-}
+ferrite_tests::from_both_sources!(the_reachability_matrix_follows_every_policy_change);
 
 fn the_reachability_matrix_follows_every_policy_change(source: ObjectSource) -> Result<()> {
     use Proto::{Tcp, Udp};
@@ -877,19 +865,7 @@ fn reaches_from_world_ip(to: SocketAddrV4, expected: &str) -> Result<bool> {
     Ok(line.starts_with(&format!("{expected}|")))
 }
 
-mod icmp_and_external_clients_of_isolated_pods {
-    use ferrite_tests::lab::ObjectSource;
-
-    #[test]
-    fn from_a_file() -> anyhow::Result<()> {
-        super::icmp_and_external_clients_of_isolated_pods(ObjectSource::File)
-    }
-
-    #[test]
-    fn from_the_api_server() -> anyhow::Result<()> {
-        super::icmp_and_external_clients_of_isolated_pods(ObjectSource::Kubernetes)
-    }
-}
+ferrite_tests::from_both_sources!(icmp_and_external_clients_of_isolated_pods);
 
 /// Every pod of namespace x isolated both ways; x/a admits pods b and c of x (any
 /// protocol, so ICMP too) and they may send it anything; nothing else is allowed.

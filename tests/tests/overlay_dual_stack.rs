@@ -137,18 +137,6 @@ fn ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_th
     Ok(())
 }
 
-mod ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_the_node_goes {
-    #[test]
-    fn from_a_file() -> anyhow::Result<()> {
-        super::ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_the_node_goes(
-            ferrite_tests::lab::ObjectSource::File,
-        )
-    }
-
-    #[test]
-    fn from_the_api_server() -> anyhow::Result<()> {
-        super::ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_the_node_goes(
-            ferrite_tests::lab::ObjectSource::Kubernetes,
-        )
-    }
-}
+ferrite_tests::from_both_sources!(
+    ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_the_node_goes
+);

@@ -351,24 +351,7 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
     answered_by("a2")
 }
 
-/// Each case, from a YAML file and from an API server's watch events.
-macro_rules! from_both_sources {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            #[test]
-            fn from_a_file() -> anyhow::Result<()> {
-                super::$case(ferrite_tests::lab::ObjectSource::File)
-            }
-
-            #[test]
-            fn from_the_api_server() -> anyhow::Result<()> {
-                super::$case(ferrite_tests::lab::ObjectSource::Kubernetes)
-            }
-        }
-    )*};
-}
-
-from_both_sources!(
+ferrite_tests::from_both_sources!(
     should_implement_service_proxy_name,
     should_implement_service_kubernetes_io_headless,
     should_fail_health_check_node_port_if_there_are_only_terminating_endpoints,

@@ -129,25 +129,11 @@ fn case(
     Ok(())
 }
 
-/// Every case from a YAML file and from an API server's watch events (where a zone
-/// label's removal is a Node update).
-mod prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all {
-    use ferrite_tests::lab::ObjectSource;
-
-    #[test]
-    fn from_a_file() -> anyhow::Result<()> {
-        super::prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
-            ObjectSource::File,
-        )
-    }
-
-    #[test]
-    fn from_the_api_server() -> anyhow::Result<()> {
-        super::prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
-            ObjectSource::Kubernetes,
-        )
-    }
-}
+// Every case from a YAML file and from an API server's watch events (where a zone
+// label's removal is a Node update).
+ferrite_tests::from_both_sources!(
+    prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all
+);
 
 fn prefer_same_zone_and_same_node_narrow_each_nodes_backends_and_fall_back_to_all(
     source: ObjectSource,
