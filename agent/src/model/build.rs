@@ -75,10 +75,16 @@ pub fn build_with_policy_index(
                 state.pods.insert(local.ip, local);
             }
             Ok(None) => {}
-            Err(reason) => skipped.push(Skipped {
-                object: object_name("Pod", &pod.metadata),
-                reason: SkipReason::Invalid(reason),
-            }),
+            Err(reason) => {
+                state.refused_pods.insert((
+                    pod.metadata.namespace.clone().unwrap_or_default(),
+                    pod.metadata.name.clone().unwrap_or_default(),
+                ));
+                skipped.push(Skipped {
+                    object: object_name("Pod", &pod.metadata),
+                    reason: SkipReason::Invalid(reason),
+                })
+            }
         }
     }
     add_host_ports(wired, context, &mut state, &mut skipped);

@@ -273,6 +273,9 @@ pub struct DesiredState {
     /// [`super::SkipReason::PodIpTaken`]): the plan gives the address to the one
     /// whose host veth holds its live endpoint entry.
     pub pod_rivals: Vec<LocalPod>,
+    /// This node's pods refused as a whole (`namespace`, `name`): a change of one can
+    /// hand its addresses' rivals what it claimed, so it is a full sync's.
+    pub refused_pods: BTreeSet<(String, String)>,
     /// Every node with an InternalIP, this one included, by name.
     pub nodes: BTreeMap<String, ClusterNode>,
     /// NetworkPolicy: every address's identity and what this node's policed pods

@@ -51,6 +51,8 @@ pub struct NodeState {
     /// address another pod has), by name: a Pod change that leaves its wiring as it
     /// is changes only policy.
     local_pods: HashMap<ObjectKey, LocalPod>,
+    /// This node's pods the last full sync refused (as the model's `refused_pods`).
+    refused_pods: BTreeSet<(String, String)>,
     /// The IPv6 address of each of this node's pods with one, by its IPv4 address
     /// (as the last full sync wired them): a policy update isolates both entries.
     pod_ip6: HashMap<Ipv4Addr, Ipv6Addr>,
@@ -107,7 +109,7 @@ impl FullPlan {
     }
 
     /// The node's state once the plan is written.
-    pub fn into_state(self) -> NodeState {
+    pub fn into_state(mut self) -> NodeState {
         let mut node = NodeState {
             context: self.context,
             written: Written::new(self.written),
@@ -118,6 +120,7 @@ impl FullPlan {
             contenders: BTreeSet::new(),
             host_port_ports: BTreeSet::new(),
             policy: self.policy,
+            refused_pods: std::mem::take(&mut self.state.refused_pods),
             local_pods: self
                 .state
                 .pods
@@ -181,6 +184,12 @@ impl NodeState {
     /// dropped.
     pub fn plan_policy(&mut self, changes: &PolicyChanges) -> Option<PolicyPlan> {
         for (key, pod) in &changes.pods {
+            if self
+                .refused_pods
+                .contains(&(key.namespace.clone(), key.name.clone()))
+            {
+                return None;
+            }
             let wired = match pod.as_deref().map(|p| model::local_pod(p, &self.context)) {
                 None | Some(Ok(None)) => None,
                 Some(Ok(Some(local))) => Some(local),
