@@ -71,6 +71,16 @@ pub mod map_names {
         /// Programs the attached ones tail-call (`tail_call` slots), filled by the
         /// agent at load.
         TAIL_CALLS = "ferrite_progs",
+        /// IPv6 Service frontends and their backend slots (`SERVICES` for IPv6).
+        SERVICES6 = "ferrite_lb6_svc",
+        /// IPv6 backends by id (`BACKENDS` for IPv6; one id space for both).
+        BACKENDS6 = "ferrite_lb6_be",
+        /// IPv6 frontends by rev-NAT index (`REV_NAT` for IPv6; one id space).
+        REV_NAT6 = "ferrite_lb6_rev",
+        /// `SOCK_REV_NAT` for IPv6 UDP sockets.
+        SOCK_REV_NAT6 = "ferrite_sockrv6",
+        /// `SOCK_SERVICE` for IPv6 TCP sockets.
+        SOCK_SERVICE6 = "ferrite_sk_svc6",
     }
 }
 
@@ -219,6 +229,12 @@ pub mod capacity {
     pub const SOCK_REV_NAT: u32 = 65_536;
     /// NetworkPolicy: every pod of the cluster and every ipBlock prefix (LPM trie:
     /// allocated as used).
+    /// IPv6 Service maps: a quarter of the IPv4 ones by default (IPv6 Services are
+    /// still the fewer in most clusters; `--map-capacity` raises them).
+    pub const SERVICES6: u32 = SERVICES / 4;
+    pub const BACKENDS6: u32 = BACKENDS / 4;
+    pub const REV_NAT6: u32 = 16_384;
+    pub const SOCK_REV_NAT6: u32 = SOCK_REV_NAT / 4;
     pub const IPCACHE: u32 = 131_072;
     /// NetworkPolicy: allowed (pod, direction, peer, protocol, port range) prefixes.
     pub const POLICY: u32 = 262_144;
@@ -229,7 +245,7 @@ pub mod capacity {
     /// per-CPU counters, the one config entry, per-socket storage (as many entries as
     /// sockets), the event ring (a size in bytes, fixed at build time), the monitor's
     /// one entry and the explain runs' per-CPU trace.
-    pub const DEFAULTS: [(&str, u32); 16] = [
+    pub const DEFAULTS: [(&str, u32); 20] = [
         (map_names::SERVICES, SERVICES),
         (map_names::BACKENDS, BACKENDS),
         (map_names::REV_NAT, REV_NAT),
@@ -246,6 +262,10 @@ pub mod capacity {
         (map_names::SOCK_REV_NAT, SOCK_REV_NAT),
         (map_names::IPCACHE, IPCACHE),
         (map_names::POLICY, POLICY),
+        (map_names::SERVICES6, SERVICES6),
+        (map_names::BACKENDS6, BACKENDS6),
+        (map_names::REV_NAT6, REV_NAT6),
+        (map_names::SOCK_REV_NAT6, SOCK_REV_NAT6),
     ];
 
     /// The default capacity of map `name`; `None` for a map without a capacity of its
@@ -833,6 +853,8 @@ pub struct NodeConfig {
 
 pub mod explain;
 pub use explain::ExplainTrace;
+pub mod lb6;
+pub use lb6::{Backend6, RevNat6Value, Service6Key, SockRev6Key, SockRev6Value, SockService6};
 pub mod policy;
 pub mod purge;
 
@@ -863,6 +885,12 @@ mod pod_impls {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SockService {}
+    unsafe impl aya::Pod for Service6Key {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for RevNat6Value {}
+    unsafe impl aya::Pod for SockService6 {}
+    unsafe impl aya::Pod for SockRev6Key {}
+    unsafe impl aya::Pod for SockRev6Value {}
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for ExplainTrace {}
     unsafe impl aya::Pod for explain::SockRequest {}
@@ -905,6 +933,12 @@ mod tests {
         assert_eq!(size_of::<MonitorEvent>(), 56);
         assert_eq!(size_of::<ExplainTrace>(), 88);
         assert_eq!(size_of::<explain::SockRequest>(), 32);
+        assert_eq!(size_of::<Service6Key>(), 24);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<RevNat6Value>(), 20);
+        assert_eq!(size_of::<SockService6>(), 40);
+        assert_eq!(size_of::<SockRev6Key>(), 32);
+        assert_eq!(size_of::<SockRev6Value>(), 24);
     }
 
     #[test]

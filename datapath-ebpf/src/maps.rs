@@ -14,6 +14,9 @@ use ferrite_common::{
     MonitorEvent, NodeConfig, RevNatValue, Route6Prefix, RouteInfo, ServiceKey, ServiceValue,
     SockRevKey, SockRevValue, SockService, SourceRangeKey,
 };
+use ferrite_common::{
+    Backend6, RevNat6Value, Service6Key, SockRev6Key, SockRev6Value, SockService6,
+};
 
 /// BTF maps, each named `ferrite_common::map_names::<its static's name>`: what aya's
 /// `#[btf_map(name = "...")]` expands to, but that attribute takes only a string
@@ -80,6 +83,25 @@ btf_maps! {
     /// The Service of each TCP socket translated at connect (per-socket storage: no
     /// global table to fill or evict, gone with the socket).
     pub static SOCK_SERVICE: SkStorage<SockService> = SkStorage::new();
+
+    /// IPv6 Services (`lb6`): the IPv4 maps above with IPv6 addresses; ids, affinity
+    /// and per-backend counters are shared with IPv4.
+    pub static SERVICES6: HashMap<Service6Key, ServiceValue, { capacity::SERVICES6 as usize }> =
+        HashMap::new();
+
+    pub static BACKENDS6: HashMap<u32, Backend6, { capacity::BACKENDS6 as usize }> =
+        HashMap::new();
+
+    pub static REV_NAT6: HashMap<u32, RevNat6Value, { capacity::REV_NAT6 as usize }> =
+        HashMap::new();
+
+    pub static SOCK_REV_NAT6: LruHashMap<
+        SockRev6Key,
+        SockRev6Value,
+        { capacity::SOCK_REV_NAT6 as usize },
+    > = LruHashMap::new();
+
+    pub static SOCK_SERVICE6: SkStorage<SockService6> = SkStorage::new();
 
     /// What the last explain run on each CPU did (`trace`).
     pub static TRACE: PerCpuArray<ExplainTrace, 1> = PerCpuArray::new();
