@@ -88,3 +88,21 @@ pub(super) fn meaning(maps: &MapContents) -> BTreeMap<ServiceKey, (Vec<Backend>,
         })
         .collect()
 }
+
+/// An incremental update of IPv4 frontends only.
+pub(super) fn update_v4(
+    written: &Written,
+    frontends: &std::collections::BTreeSet<L4Addr>,
+    now: &BTreeMap<L4Addr, ServiceFrontend>,
+    capacities: &Capacities,
+) -> (Vec<Op>, Vec<crate::model::Skipped>) {
+    service_update(
+        written,
+        Changed { frontends, now },
+        Changed {
+            frontends: &Default::default(),
+            now: &Default::default(),
+        },
+        capacities,
+    )
+}

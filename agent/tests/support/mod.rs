@@ -23,14 +23,17 @@ use ferrite_agent::{
         ClusterObjects, ServiceRef,
     },
     objects_yaml::parse_objects,
-    plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
+    plan::{
+        describe_policy_rule, FullPlan, Interface, LbFamily, MapContents, NodeSettings, NodeState,
+        Op,
+    },
 };
 use ferrite_common::{
     endpoint_flag, pod_mac_for,
     policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    service_scope, svc_flag, Backend, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
-    ROUTE_REMOTE, VXLAN_DEVICE,
+    service_scope, svc_flag, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig, RouteInfo,
+    Service6Key, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE,
+    VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -475,12 +478,28 @@ impl SimNode {
             self.meaning_from_scratch(),
             "{step}: the maps mean something else than a full sync from scratch"
         );
-        // The IPv6 half of the model, which no map holds yet, is one truth too.
+        // The IPv6 half of the model is one truth too, and the lb6 maps hold it.
         let ids_from = Some(&state.written.contents);
         assert_eq!(
             state.services6(),
             &self.full_plan(ids_from).state.services6,
             "{step}: the IPv6 frontends differ from a full sync's"
+        );
+        let written6: BTreeSet<Service6Key> = self
+            .maps
+            .services6
+            .keys()
+            .filter(|k| k.backend_slot == 0 && k.scope == service_scope::ALL)
+            .copied()
+            .collect();
+        let modelled6: BTreeSet<Service6Key> = state
+            .services6()
+            .keys()
+            .map(|frontend| Ipv6Addr::service_key(frontend, 0))
+            .collect();
+        assert_eq!(
+            written6, modelled6,
+            "{step}: the lb6 maps do not hold the model's IPv6 frontends"
         );
     }
 }
@@ -490,24 +509,37 @@ fn slice_key(slice: &EndpointSlice) -> ObjectKey {
 }
 
 /// Frontend -> (kind flags, backend addresses in slot order, rev-NAT target,
-/// affinity): what the Service maps mean, whatever ids they use.
-pub type Meaning = BTreeMap<ServiceKey, (u32, Vec<Backend>, RevNatValue, u32)>;
+/// affinity): what one family's Service maps mean, whatever ids they use.
+pub type FamilyMeaning<A> = BTreeMap<
+    <A as LbFamily>::ServiceKey,
+    (
+        u32,
+        Vec<<A as LbFamily>::Backend>,
+        <A as LbFamily>::RevNat,
+        u32,
+    ),
+>;
+
+/// What the Service maps of both families mean.
+pub type Meaning = (FamilyMeaning<Ipv4Addr>, FamilyMeaning<Ipv6Addr>);
 
 pub fn meaning(maps: &MapContents) -> Meaning {
-    maps.services
+    (meaning_of::<Ipv4Addr>(maps), meaning_of::<Ipv6Addr>(maps))
+}
+
+fn meaning_of<A: LbFamily>(maps: &MapContents) -> FamilyMeaning<A> {
+    let services = A::services(maps);
+    services
         .iter()
-        .filter(|(k, _)| k.backend_slot == 0)
+        .filter(|(k, _)| A::slot(k) == 0)
         .map(|(key, master)| {
             let backends = (1..=master.count)
                 .map(|slot| {
-                    let slot = maps.services[&ServiceKey {
-                        backend_slot: slot,
-                        ..*key
-                    }];
-                    maps.backends[&slot.backend_id]
+                    let slot = services[&A::at(key, A::scope(key), slot)];
+                    A::backends(maps)[&slot.backend_id]
                 })
                 .collect();
-            let rev_nat = maps.rev_nat[&master.rev_nat_index];
+            let rev_nat = A::rev_nat(maps)[&master.rev_nat_index];
             (
                 *key,
                 (master.flags, backends, rev_nat, master.affinity_timeout_s),
@@ -523,9 +555,24 @@ fn l4(address: [u8; 4], port: u16, proto: u8) -> String {
     format!("{}:{port}/{protocol}", Ipv4Addr::from(address))
 }
 
+/// An IPv6 frontend or backend: `[fd00::1]:80/TCP`.
+fn l4_6(address: [u8; 16], port: u16, proto: u8) -> String {
+    let protocol = model::Protocol::from_number(proto)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("proto{proto}"));
+    format!("[{}]:{port}/{protocol}", Ipv6Addr::from(address))
+}
+
 fn service_key(key: &ServiceKey) -> String {
-    let frontend = l4(key.address, key.port, key.proto);
-    match key.scope {
+    scoped(l4(key.address, key.port, key.proto), key.scope)
+}
+
+fn service6_key(key: &Service6Key) -> String {
+    scoped(l4_6(key.address, key.port, key.proto), key.scope)
+}
+
+fn scoped(frontend: String, scope: u8) -> String {
+    match scope {
         service_scope::ALL => frontend,
         service_scope::IN_CLUSTER => format!("{frontend} in-cluster"),
         other => format!("{frontend} scope={other}"),
@@ -562,22 +609,21 @@ fn flag_names(flags: u32) -> String {
 }
 
 fn service_value(key: &ServiceKey, value: &ServiceValue) -> String {
-    if key.backend_slot == 0 {
+    slot_value(service_key(key), key.backend_slot, value)
+}
+
+fn slot_value(key: String, backend_slot: u16, value: &ServiceValue) -> String {
+    if backend_slot == 0 {
         format!(
             "{} count={} rev-nat={} flags={} affinity={}s",
-            service_key(key),
+            key,
             value.count,
             value.rev_nat_index,
             flag_names(value.flags),
             value.affinity_timeout_s
         )
     } else {
-        format!(
-            "{} slot {} backend={}",
-            service_key(key),
-            key.backend_slot,
-            value.backend_id
-        )
+        format!("{key} slot {backend_slot} backend={}", value.backend_id)
     }
 }
 
@@ -642,6 +688,23 @@ pub fn render(op: &Op) -> String {
             v.port
         ),
         Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
+        Op::PutBackend6(id, b) => format!("put backend6 {id} {}", l4_6(b.address, b.port, b.proto)),
+        Op::PutRevNat6(index, v) => format!(
+            "put rev-nat6 {index} [{}]:{}",
+            Ipv6Addr::from(v.address),
+            v.port
+        ),
+        Op::PutService6(key, value) => format!(
+            "put service6 {}",
+            slot_value(service6_key(key), key.backend_slot, value)
+        ),
+        Op::DeleteService6(key) => format!(
+            "delete service6 {} slot {}",
+            service6_key(key),
+            key.backend_slot
+        ),
+        Op::DeleteRevNat6(index) => format!("delete rev-nat6 {index}"),
+        Op::DeleteBackend6(id) => format!("delete backend6 {id}"),
         Op::PutEndpoint(key, info) => {
             format!(
                 "put endpoint {} {}",
