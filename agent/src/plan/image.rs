@@ -375,15 +375,15 @@ pub fn describe_policy_rule(rule: &PolicyRule) -> String {
 /// Human-readable frontend of a service key (for logs and inspect); entries of the
 /// in-cluster scope say so.
 pub fn describe_service_key(key: &ServiceKey) -> String {
-    describe_frontend(key.address.into(), key.port, key.proto, key.scope)
+    <std::net::Ipv4Addr as LbFamily>::describe(key)
 }
 
 /// [`describe_service_key`] of an IPv6 frontend: `[fd00::10]:80/TCP`.
 pub fn describe_service6_key(key: &Service6Key) -> String {
-    describe_frontend(key.address.into(), key.port, key.proto, key.scope)
+    <std::net::Ipv6Addr as LbFamily>::describe(key)
 }
 
-fn describe_frontend(ip: std::net::IpAddr, port: u16, proto: u8, scope: u8) -> String {
+pub(super) fn describe_frontend(ip: std::net::IpAddr, port: u16, proto: u8, scope: u8) -> String {
     let protocol = Protocol::from_number(proto)
         .map(|p| p.to_string())
         .unwrap_or_else(|| format!("proto{proto}"));

@@ -4,7 +4,7 @@
 //! rules (ids, order, scopes, flags) are written once for both families.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ferrite_common::{
@@ -32,6 +32,17 @@ pub trait LbFamily: crate::family::Family {
     /// yet.
     fn external_key(key: &Self::ServiceKey) -> Option<ServiceKey>;
     fn external_frontend(service: &ServiceFrontend<Self>) -> Option<&ServiceFrontend>;
+
+    /// The frontend's address, port and protocol number.
+    fn frontend_of(key: &Self::ServiceKey) -> (IpAddr, u16, u8);
+    /// The backend's address, port and protocol number.
+    fn backend_of(backend: &Self::Backend) -> (IpAddr, u16, u8);
+    /// Human-readable frontend (logs, inspect): `10.96.0.10:80/TCP`,
+    /// `[fd00::10]:80/TCP (in-cluster)`.
+    fn describe(key: &Self::ServiceKey) -> String {
+        let (ip, port, proto) = Self::frontend_of(key);
+        super::image::describe_frontend(ip, port, proto, Self::scope(key))
+    }
 
     fn backend_value(addr: &L4Addr<Self>) -> Self::Backend;
     fn rev_nat_value(frontend: &L4Addr<Self>) -> Self::RevNat;
@@ -111,6 +122,15 @@ impl LbFamily for Ipv4Addr {
 
     fn external_frontend(service: &ServiceFrontend) -> Option<&ServiceFrontend> {
         Some(service)
+    }
+
+    fn frontend_of(key: &ServiceKey) -> (IpAddr, u16, u8) {
+        (Ipv4Addr::from(key.address).into(), key.port, key.proto)
+    }
+
+    fn backend_of(backend: &Backend) -> (IpAddr, u16, u8) {
+        let ip = Ipv4Addr::from(backend.address).into();
+        (ip, backend.port, backend.proto)
     }
 
     fn backend_value(addr: &L4Addr) -> Backend {
@@ -253,6 +273,15 @@ impl LbFamily for Ipv6Addr {
         None
     }
 
+    fn frontend_of(key: &Service6Key) -> (IpAddr, u16, u8) {
+        (Ipv6Addr::from(key.address).into(), key.port, key.proto)
+    }
+
+    fn backend_of(backend: &Backend6) -> (IpAddr, u16, u8) {
+        let ip = Ipv6Addr::from(backend.address).into();
+        (ip, backend.port, backend.proto)
+    }
+
     fn backend_value(addr: &L4Addr<Ipv6Addr>) -> Backend6 {
         Backend6 {
             address: addr.ip.octets(),
@@ -340,5 +369,120 @@ impl LbFamily for Ipv6Addr {
             Op::DeleteRevNat6(index) => Some((*index, None)),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::super::test_support::*;
+    use super::super::*;
+    use super::*;
+
+    /// IPv6 Services take ids from the one id space (an id never names a backend or
+    /// frontend of both families), are written as consistently as IPv4's at every
+    /// step, keep their ids when the agent restarts on its own maps, and what they
+    /// end (removed backends, ended pairs) is purged by id like IPv4's.
+    #[test]
+    fn ipv6_services_share_the_id_space_and_are_written_like_ipv4_ones() {
+        let vip = tcp("10.96.0.10", 80);
+        let vip6 = tcp6("fd00:10:96::10", 80);
+        let (b, b6) = (tcp("10.244.0.2", 8080), tcp6("fd00:10:244::2", 8080));
+        let c6 = tcp6("fd00:10:244::3", 8080);
+        let s = dual_state(&[(vip, &[b])], &[(vip6, &[b6, c6])]);
+        let mut maps = MapContents::default();
+        let (desired, ops) = plan(&s, &maps);
+        apply_checking_each_step(&mut maps, &ops);
+        assert_eq!(maps, desired);
+        let ids = |a: Vec<&u32>, b: Vec<&u32>| {
+            let all = a.len() + b.len();
+            (all, a.into_iter().chain(b).collect::<BTreeSet<_>>().len())
+        };
+        let backend_ids = ids(
+            maps.backends.keys().collect(),
+            maps.backends6.keys().collect(),
+        );
+        assert_eq!(backend_ids, (3, 3), "one backend id space");
+        let rev_nat_ids = ids(
+            maps.rev_nat.keys().collect(),
+            maps.rev_nat6.keys().collect(),
+        );
+        assert_eq!(rev_nat_ids, (2, 2), "one rev-NAT id space");
+        let master6 = Ipv6Addr::service_key(&vip6, 0);
+        assert_eq!(maps.services6[&master6].count, 2);
+        assert!(maps.maglev.is_empty() && maps.source_ranges.is_empty());
+        // The order: lb6 backends and rev-NAT before their slots, masters last.
+        let position = |pick: &dyn Fn(&Op) -> bool| ops.iter().position(pick).unwrap();
+        let master = position(&|op| matches!(op, Op::PutService6(k, _) if k.backend_slot == 0));
+        let slot = position(&|op| matches!(op, Op::PutService6(k, _) if k.backend_slot != 0));
+        let backend = position(&|op| matches!(op, Op::PutBackend6(..)));
+        assert!(backend < slot && slot < master, "{ops:?}");
+
+        // A restart on its own maps writes nothing.
+        let (again, ops) = plan(&s, &maps);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(again, maps);
+
+        // c6 leaves: its id is purged, and so is its pair with the frontend.
+        let c6_id = *maps
+            .backends6
+            .iter()
+            .find(|(_, v)| v.address == c6.ip.octets())
+            .unwrap()
+            .0;
+        let rev_nat6 = maps.services6[&master6].rev_nat_index;
+        let (_, ops) = plan(&dual_state(&[(vip, &[b])], &[(vip6, &[b6])]), &maps);
+        assert_eq!(removed_backends(&ops), BTreeSet::from([c6_id]));
+        assert_eq!(
+            ended_pairs(&maps, &ops),
+            BTreeSet::from([(rev_nat6, c6_id)])
+        );
+        let before = maps.clone();
+        apply_checking_each_step(&mut maps, &ops);
+
+        // The IPv6 frontend goes, masters first; the IPv4 one is untouched.
+        let (_, ops) = plan(&dual_state(&[(vip, &[b])], &[]), &maps);
+        assert!(
+            matches!(ops[0], Op::DeleteService6(k) if k.backend_slot == 0),
+            "{ops:?}"
+        );
+        assert!(
+            ops.iter().all(|op| op_map(op).starts_with("ferrite_lb6")),
+            "{ops:?}"
+        );
+        apply_checking_each_step(&mut maps, &ops);
+        assert!(maps.services6.is_empty() && maps.backends6.is_empty());
+        assert!(maps.rev_nat6.is_empty());
+        assert_eq!(maps.services, before.services);
+    }
+
+    /// A full IPv6 map refuses the IPv6 frontend, naming the lb6 map; IPv4 goes on.
+    #[test]
+    fn a_full_lb6_map_refuses_the_ipv6_frontend_alone() {
+        let settings = NodeSettings {
+            capacities: Capacities {
+                services6: 1,
+                ..Capacities::default()
+            },
+            ..NodeSettings::default()
+        };
+        let s = dual_state(
+            &[(tcp("10.96.0.10", 80), &[tcp("10.244.0.2", 80)])],
+            &[(tcp6("fd00:10:96::10", 80), &[tcp6("fd00:10:244::2", 80)])],
+        );
+        let (desired, skipped) =
+            desired_contents(&s, &BTreeMap::new(), &MapContents::default(), &settings);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            skipped[0]
+                .reason
+                .to_string()
+                .contains("ferrite_lb6_svc is full (1 entries)"),
+            "{}",
+            skipped[0].reason
+        );
+        assert_eq!(desired.services.len(), 2);
+        assert!(desired.services6.is_empty() && desired.backends6.is_empty());
     }
 }
