@@ -423,6 +423,11 @@ mod tests {
         let (again, ops) = plan(&s, &maps);
         assert!(ops.is_empty(), "{ops:?}");
         assert_eq!(again, maps);
+        // An lb6 entry removed behind the agent's back is drift, put back in place.
+        let mut tampered = maps.clone();
+        let slot1 = Ipv6Addr::service_key(&vip6, 1);
+        let value = tampered.services6.remove(&slot1).unwrap();
+        assert_eq!(drift(&maps, &tampered), vec![Op::PutService6(slot1, value)]);
 
         // c6 leaves: its id is purged, and so is its pair with the frontend.
         let c6_id = *maps
