@@ -32,6 +32,11 @@
 //!   leave the same frame and verdict as the path: what the path costs beyond the
 //!   work itself (target: <= its floor + 30 ns).
 //!
+//! - both families: the paths IPv6 has (`ferrite_tests::bench_families`: pod -> pod
+//!   on the node and to the other node, from the overlay to a pod), IPv6 next to its
+//!   IPv4 twin in the same rounds, both in test runs of FAMILY_REPEAT passes (IPv6
+//!   delivery decrements the hop limit); ratio = IPv6 / IPv4 (target: <= 1.15x).
+//!
 //! - the drop path: a pod's frame from an address that is not its own
 //!   (`drop_spoofed`), with nobody listening (`ferrite_monitor` clear: one array
 //!   lookup more than before monitors existed) and with a monitor listening for
