@@ -1,4 +1,5 @@
 //! Shared by Ferrite's end-to-end tests, demo and benchmark.
+pub mod bench_families;
 pub mod bench_node;
 pub mod cluster;
 pub mod cni;

@@ -321,6 +321,29 @@ impl Testbed {
         Ok(())
     }
 
+    /// A `ferrite_routes6` entry: the IPv6 pod CIDR `network/prefix_len` belongs to
+    /// the node `node_ip` (its IPv4 underlay address), as the agent writes it.
+    pub fn add_route6(
+        &mut self,
+        network: Ipv6Addr,
+        prefix_len: u32,
+        node_ip: Ipv4Addr,
+        flags: u16,
+    ) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 16], RouteInfo> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES6).context("routes6")?)?;
+        routes.insert(
+            &Key::new(prefix_len, network.octets()),
+            RouteInfo {
+                node_ip: node_ip.octets(),
+                vtep_mac: ferrite_common::vtep_mac_for(node_ip),
+                flags,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Mark the pod `ip` isolated (`policy::ENDPOINT_*_ISOLATED` bits), as the
     /// agent does for a pod a NetworkPolicy selects.
     pub fn set_isolation(&mut self, ip: Ipv4Addr, isolation: u32) -> Result<()> {
