@@ -4,7 +4,7 @@
 //! and know no policy: which NetworkPolicies gave the rule (or select the pod, when
 //! none allows it) the node's running agent tells, from the model it wrote the
 //! maps from; without it, the verdict stands with a note.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use aya::maps::lpm_trie::Key;
 use ferrite_common::{
@@ -16,7 +16,7 @@ use ferrite_common::{
 };
 use serde::Serialize;
 
-use super::NodeView;
+use super::{NodeView, Request};
 use crate::model::policy::{Direction, EndpointSources, PolicyNames};
 
 /// The policy verdict at one isolated end of a flow.
@@ -247,6 +247,32 @@ pub fn describe(
         }
     }
     (!said.is_empty()).then(|| (said.join("; "), ends))
+}
+
+/// What NetworkPolicy does to an IPv6 flow, `None` when neither end is an isolated
+/// pod of this node. It has no IPv6 rules yet: the datapath fails closed, dropping
+/// the IPv6 of a pod isolated in either direction (a sender first).
+pub fn describe6(context: &NodeView, request: &Request) -> Option<String> {
+    let isolated = |address: IpAddr| {
+        let flags = context
+            .endpoint(address)
+            .ok()
+            .flatten()
+            .map_or(0, |e| e.flags);
+        flags & (ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED) != 0
+    };
+    let (from, to) = (request.source.ip(), request.destination.ip());
+    let (end, direction) = if isolated(from) {
+        (from, "egress")
+    } else if isolated(to) {
+        (to, "ingress")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{direction} of {end}: denied: a NetworkPolicy isolates this pod and IPv6 has no \
+         NetworkPolicy rules yet, so its IPv6 traffic is dropped either way"
+    ))
 }
 
 #[cfg(test)]
