@@ -581,6 +581,13 @@ fn ipv6_between_dual_stack_pods_is_explained_as_it_really_goes() -> Result<()> {
     assert_eq!(run["output"]["destination"], web_at.to_string());
     assert_eq!(run["output"]["checksums_valid"], true);
     assert!(counted(&explanation).contains(&"delivered_local"));
+    let table = node.explain_text(&["--from", &from, "--to", &to])?;
+    eprintln!("{table}");
+    assert!(
+        table.contains(&format!("passed: {client6} is the pod behind this veth"))
+            && table.contains(&format!("delivered into the pod {web6} behind")),
+        "{table}"
+    );
     // For real: the server answers the client's own address, delivered by the
     // datapath.
     let before = counter(&node.maps()?, "delivered_local")?;
