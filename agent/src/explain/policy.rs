@@ -250,21 +250,28 @@ pub fn describe(
 }
 
 /// What NetworkPolicy does to an IPv6 flow, `None` when neither end is an isolated
-/// pod of this node. It has no IPv6 rules yet: the datapath fails closed, dropping
-/// the IPv6 of a pod isolated in either direction (a sender first).
+/// pod of this node.
 pub fn describe6(context: &NodeView, request: &Request) -> Option<String> {
-    let isolated = |address: IpAddr| {
-        let flags = context
+    let flags = |address: IpAddr| {
+        context
             .endpoint(address)
             .ok()
             .flatten()
-            .map_or(0, |e| e.flags);
-        flags & (ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED) != 0
+            .map_or(0, |e| e.flags)
     };
     let (from, to) = (request.source.ip(), request.destination.ip());
-    let (end, direction) = if isolated(from) {
+    ipv6_verdict(from, flags(from), to, flags(to))
+}
+
+/// The policy line of IPv6 from `from` to `to` (each end's isolation flags, 0 for
+/// no pod of this node). There are no IPv6 rules yet: the datapath fails closed,
+/// dropping the IPv6 of a pod isolated in either direction, the sender judged first
+/// (`policy::ipv6_denied` in the datapath).
+fn ipv6_verdict(from: IpAddr, from_flags: u32, to: IpAddr, to_flags: u32) -> Option<String> {
+    let isolated = |flags: u32| flags & (ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED) != 0;
+    let (end, direction) = if isolated(from_flags) {
         (from, "egress")
-    } else if isolated(to) {
+    } else if isolated(to_flags) {
         (to, "ingress")
     } else {
         return None;
@@ -363,5 +370,16 @@ mod tests {
         // The maps allow port 82; the model has no policy allowing it.
         let (text, _) = verdict(&end(82), 7, Some("identity 7".into()), &Ok(Some(sources())));
         assert!(text.contains("maps and model differ"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_to_or_from_an_isolated_pod_is_denied_either_way_the_sender_first() {
+        let (a, b): (IpAddr, IpAddr) = ("fd00::2".parse().unwrap(), "fd00::3".parse().unwrap());
+        assert_eq!(ipv6_verdict(a, 0, b, 0), None);
+        let line = ipv6_verdict(a, 0, b, ENDPOINT_EGRESS_ISOLATED).unwrap();
+        assert!(line.starts_with("ingress of fd00::3: denied"), "{line}");
+        let line =
+            ipv6_verdict(a, ENDPOINT_INGRESS_ISOLATED, b, ENDPOINT_INGRESS_ISOLATED).unwrap();
+        assert!(line.starts_with("egress of fd00::2: denied"), "{line}");
     }
 }
