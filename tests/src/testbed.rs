@@ -84,6 +84,8 @@ impl Testbed {
             program_names::NOOP,
             program_names::EXPLAIN_POD,
             program_names::EXPLAIN_OVERLAY,
+            program_names::EXPLAIN_POD6,
+            program_names::EXPLAIN_OVERLAY6,
             program_names::EXPLAIN_UPLINK,
             program_names::EXPLAIN_SOCK,
             program_names::PURGE,
@@ -603,7 +605,14 @@ impl Testbed {
     pub fn map_dumps(&self) -> Result<BTreeMap<String, String>> {
         let mut dumps = BTreeMap::new();
         for name in map_names::ALL {
-            if [map_names::TRACE, map_names::SOCK_SERVICE, map_names::EVENTS].contains(&name) {
+            if [
+                map_names::TRACE,
+                map_names::SOCK_SERVICE,
+                map_names::SOCK_SERVICE6,
+                map_names::EVENTS,
+            ]
+            .contains(&name)
+            {
                 continue;
             }
             let map = self.ebpf.map(name).with_context(|| format!("map {name}"))?;
