@@ -201,12 +201,22 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "ferrite_recvmsg4";
     /// cgroup/getpeername4: a translated socket's peer is the Service address.
     pub const SOCK_GETPEERNAME4: &str = "ferrite_getpeername4";
+    /// cgroup/connect6, sendmsg6, recvmsg6, getpeername6: the same for IPv6 sockets
+    /// (and dual-stack ones naming IPv4 peers by IPv4-mapped addresses).
+    pub const SOCK_CONNECT6: &str = "ferrite_connect6";
+    pub const SOCK_SENDMSG6: &str = "ferrite_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "ferrite_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "ferrite_getpeername6";
     /// The socket-level programs, each with its cgroup attach point.
-    pub const SOCKET_LB: [(&str, &str); 4] = [
+    pub const SOCKET_LB: [(&str, &str); 8] = [
         (SOCK_CONNECT4, "connect4"),
         (SOCK_SENDMSG4, "sendmsg4"),
         (SOCK_RECVMSG4, "recvmsg4"),
         (SOCK_GETPEERNAME4, "getpeername4"),
+        (SOCK_CONNECT6, "connect6"),
+        (SOCK_SENDMSG6, "sendmsg6"),
+        (SOCK_RECVMSG6, "recvmsg6"),
+        (SOCK_GETPEERNAME6, "getpeername6"),
     ];
 }
 

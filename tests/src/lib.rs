@@ -14,6 +14,7 @@ pub mod kubelet;
 pub mod lab;
 pub mod monitor;
 pub mod testbed;
+pub mod testbed6;
 pub mod tunnel_shim;
 pub mod verdict_model;
 

@@ -605,14 +605,13 @@ impl Testbed {
     pub fn map_dumps(&self) -> Result<BTreeMap<String, String>> {
         let mut dumps = BTreeMap::new();
         for name in map_names::ALL {
-            if [
+            let skipped = [
                 map_names::TRACE,
                 map_names::SOCK_SERVICE,
                 map_names::SOCK_SERVICE6,
                 map_names::EVENTS,
-            ]
-            .contains(&name)
-            {
+            ];
+            if skipped.contains(&name) {
                 continue;
             }
             let map = self.ebpf.map(name).with_context(|| format!("map {name}"))?;

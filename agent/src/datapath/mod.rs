@@ -355,7 +355,12 @@ impl Datapath {
             .into_iter()
             .filter(|a| matches!(a, Attachment::Cgroup(_)))
             .collect();
-        if !pinned.is_empty() && previous_root == Some(root) {
+        // An agent that brings programs for more hooks (IPv6 came later) attaches all
+        // again: the hooks an earlier agent pinned are not all there are.
+        let every_hook_pinned = program_names::SOCKET_LB
+            .iter()
+            .all(|(_, hook)| pinned.contains(&Attachment::Cgroup((*hook).into())));
+        if every_hook_pinned && previous_root == Some(root) {
             return Ok(false);
         }
         for attachment in &pinned {
