@@ -166,12 +166,14 @@ pub enum Command {
         /// The node whose loaded datapath runs the packet (the agent's --node).
         #[arg(long, env = "NODE_NAME", value_parser = files::node_name_arg)]
         node: String,
-        /// The sender: ADDRESS[:PORT] (an ephemeral port when none is given).
+        /// The sender: ADDRESS[:PORT] (an ephemeral port when none is given); IPv6 as
+        /// ADDRESS or [ADDRESS]:PORT.
         #[arg(long, value_parser = explain::parse_source)]
-        from: std::net::SocketAddrV4,
-        /// The destination: ADDRESS:PORT/tcp or ADDRESS:PORT/udp.
+        from: std::net::SocketAddr,
+        /// The destination: ADDRESS:PORT/tcp or ADDRESS:PORT/udp ([ADDRESS]:PORT/tcp
+        /// for IPv6), of the sender's family.
         #[arg(long, value_parser = explain::parse_destination)]
-        to: (std::net::SocketAddrV4, u8),
+        to: (std::net::SocketAddr, u8),
         /// Where the packet comes from: a pod of this node, a pod of another node
         /// (over the overlay), or outside the cluster (the uplink).
         #[arg(long, value_enum, default_value = "pod")]
@@ -186,6 +188,7 @@ pub enum Command {
         sender_node: Option<std::net::Ipv4Addr>,
         /// Explain a socket's connect() (TCP) or sendmsg() (UDP) to a Service: the
         /// socket-level load balancer's choice instead of a packet's.
+        /// IPv4 only.
         #[arg(long)]
         socket: bool,
         /// With --socket: the socket cookie the backend is hashed over.

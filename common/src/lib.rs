@@ -93,12 +93,19 @@ pub mod tail_call {
     pub const FROM_POD6: u32 = 0;
     /// `ferrite_from_overlay` jumps here with every IPv6 frame another node sends.
     pub const FROM_OVERLAY6: u32 = 1;
+    /// `ferrite_explain_pod` jumps here with every IPv6 frame (explain runs follow
+    /// the real path).
+    pub const EXPLAIN_POD6: u32 = 2;
+    /// `ferrite_explain_overlay` jumps here with every IPv6 frame.
+    pub const EXPLAIN_OVERLAY6: u32 = 3;
     /// Slots of the map.
     pub const SLOTS: u32 = 4;
     /// What the agent puts in each slot when it loads the object.
-    pub const PROGRAMS: [(u32, &str); 2] = [
+    pub const PROGRAMS: [(u32, &str); 4] = [
         (FROM_POD6, program_names::FROM_POD6),
         (FROM_OVERLAY6, program_names::FROM_OVERLAY6),
+        (EXPLAIN_POD6, program_names::EXPLAIN_POD6),
+        (EXPLAIN_OVERLAY6, program_names::EXPLAIN_OVERLAY6),
     ];
 }
 
@@ -172,6 +179,10 @@ pub mod program_names {
     /// `ferrite explain` runs: the same logic, every write skipped and traced.
     pub const EXPLAIN_POD: &str = "ferrite_explain_pod";
     pub const EXPLAIN_OVERLAY: &str = "ferrite_explain_overlay";
+    /// Their IPv6 halves, reached by tail call as the real ones' are (slots
+    /// `tail_call::EXPLAIN_POD6`, `tail_call::EXPLAIN_OVERLAY6`).
+    pub const EXPLAIN_POD6: &str = "ferrite_explain_pod6";
+    pub const EXPLAIN_OVERLAY6: &str = "ferrite_explain_overlay6";
     pub const EXPLAIN_UPLINK: &str = "ferrite_explain_uplink";
     /// XDP, like the program it explains.
     pub const EXPLAIN_WORLD: &str = "ferrite_explain_world";
@@ -190,12 +201,22 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "ferrite_recvmsg4";
     /// cgroup/getpeername4: a translated socket's peer is the Service address.
     pub const SOCK_GETPEERNAME4: &str = "ferrite_getpeername4";
+    /// cgroup/connect6, sendmsg6, recvmsg6, getpeername6: the same for IPv6 sockets
+    /// (and dual-stack ones naming IPv4 peers by IPv4-mapped addresses).
+    pub const SOCK_CONNECT6: &str = "ferrite_connect6";
+    pub const SOCK_SENDMSG6: &str = "ferrite_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "ferrite_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "ferrite_getpeername6";
     /// The socket-level programs, each with its cgroup attach point.
-    pub const SOCKET_LB: [(&str, &str); 4] = [
+    pub const SOCKET_LB: [(&str, &str); 8] = [
         (SOCK_CONNECT4, "connect4"),
         (SOCK_SENDMSG4, "sendmsg4"),
         (SOCK_RECVMSG4, "recvmsg4"),
         (SOCK_GETPEERNAME4, "getpeername4"),
+        (SOCK_CONNECT6, "connect6"),
+        (SOCK_SENDMSG6, "sendmsg6"),
+        (SOCK_RECVMSG6, "recvmsg6"),
+        (SOCK_GETPEERNAME6, "getpeername6"),
     ];
 }
 

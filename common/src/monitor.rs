@@ -14,7 +14,7 @@ pub const KIND_FLOW: u8 = 2;
 pub const RING_BYTES: u32 = 256 * 1024;
 
 /// The programs that report events, by `MonitorEvent::program`.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 10] = [
     program_names::FROM_POD,
     program_names::FROM_OVERLAY,
     program_names::FROM_WORLD,
@@ -23,6 +23,9 @@ pub const PROGRAMS: [&str; 8] = [
     program_names::FROM_HOST,
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
+    // Their IPv4-mapped calls (IPv6 ones are not reported: events carry IPv4 tuples).
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
 ];
 
 /// The index of `name` in [`PROGRAMS`] (a build error for any other name).

@@ -7,7 +7,8 @@
 //! nodes' pods from the node's overlay address), and ICMP errors backends there
 //! send about packets of such flows. Inner packets for pods that are not on this
 //! node are dropped and counted. IPv6 continues in `ferrite_from_overlay6`
-//! (`from_overlay6`), by a tail call; the explain copy does not take it.
+//! (`from_overlay6`), by a tail call; the explain copy takes its own to the explain
+//! copy of that one.
 use ferrite_common::{stat, tail_call};
 
 use crate::{
@@ -38,8 +39,15 @@ pub fn ferrite_from_overlay(ctx: TcContext) -> i32 {
 
 /// Never attached: `ferrite explain`'s copy of `ferrite_from_overlay`: the same logic,
 /// compiled for explain runs (every write skipped and noted in `ferrite_trace`).
+/// IPv6 frames go to `ferrite_explain_overlay6`, as the real ones go to
+/// `ferrite_from_overlay6`.
 #[classifier]
 pub fn ferrite_explain_overlay(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        // SAFETY: as in `ferrite_from_overlay`; an empty slot leaves the frame to be
+        // explained as unsupported below.
+        unsafe { TAIL_CALLS.tail_call(&ctx, tail_call::EXPLAIN_OVERLAY6) };
+    }
     action::explain_tc(ctx, process)
 }
 

@@ -8,14 +8,14 @@
 //! (the node's own overlay address) continues into the host stack. No Services for
 //! IPv6 yet.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use ferrite_common::stat;
+use ferrite_common::{explain::step, stat};
 
 use crate::{
     action,
     headers6::{parse, Parsed6, IP6_HOP_LIMIT_OFF},
     maps::CONFIG,
     packet::{Packet, Verdict},
-    peer, policy, routing,
+    peer, policy, routing, trace,
 };
 
 /// Drops are reported as the attach point's: `ferrite_from_overlay`'s.
@@ -27,6 +27,13 @@ const PROGRAM: u8 =
 #[classifier]
 pub fn ferrite_from_overlay6(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))
+}
+
+/// Never attached: `ferrite explain`'s copy of `ferrite_from_overlay6`, reached by tail call
+/// from `ferrite_explain_overlay` (the same logic, every write skipped and noted).
+#[classifier]
+pub fn ferrite_explain_overlay6(ctx: TcContext) -> i32 {
+    action::explain_tc(ctx, process)
 }
 
 #[inline(always)]
@@ -44,6 +51,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
     if !peer::source6_is_senders(&h.saddr, tunnel.remote_ipv4) {
         return Ok(Verdict::Drop(stat::DROP_SPOOFED));
     }
+    trace::step(pkt.explain(), step::SOURCE_CHECKED);
     let Some(ep) = routing::local_endpoint6(&h.daddr) else {
         pkt.count(stat::PASSED_TO_STACK);
         return Ok(Verdict::Pass);

@@ -5,8 +5,8 @@
 //! dropped (`drop_no_backend`). An ICMP error a backend sends about a packet of a
 //! translated flow is translated back like the flow's replies; one about a flow its
 //! policy allows passes as that flow's packets do. IPv6 continues in
-//! `ferrite_from_pod6` (`from_pod6`), by a tail call; the explain copy does not
-//! take it, and drops IPv6 as unsupported.
+//! `ferrite_from_pod6` (`from_pod6`), by a tail call; the explain copy takes its
+//! own to the explain copy of that one.
 use ferrite_common::{
     explain::{step, write},
     policy::CT_POLICY_ALLOWED,
@@ -51,9 +51,16 @@ pub fn ferrite_from_pod(ctx: TcContext) -> i32 {
 }
 
 /// Never attached: `ferrite explain`'s copy of `ferrite_from_pod`: the same logic,
-/// compiled for explain runs (every write skipped and noted in `ferrite_trace`).
+/// compiled for explain runs (every write skipped and noted in `ferrite_trace`),
+/// IPv6 included: its frames go to `ferrite_explain_pod6` as the real ones go to
+/// `ferrite_from_pod6`.
 #[classifier]
 pub fn ferrite_explain_pod(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        // SAFETY: as in `ferrite_from_pod`; an empty slot leaves the frame to be
+        // explained as unsupported below.
+        unsafe { TAIL_CALLS.tail_call(&ctx, tail_call::EXPLAIN_POD6) };
+    }
     action::explain_tc(ctx, process)
 }
 

@@ -7,13 +7,13 @@
 //! as a router does), and anything else continues into the host stack. No Services
 //! and no overlay for IPv6 yet.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use ferrite_common::stat;
+use ferrite_common::{explain::step, stat};
 
 use crate::{
     action,
     headers6::{parse, Parsed6, IP6_HOP_LIMIT_OFF},
     packet::{Packet, Verdict},
-    policy, routing,
+    policy, routing, trace,
 };
 
 /// Drops are reported as the attach point's: `ferrite_from_pod`'s.
@@ -24,6 +24,13 @@ const PROGRAM: u8 = ferrite_common::monitor::program_index(ferrite_common::progr
 #[classifier]
 pub fn ferrite_from_pod6(ctx: TcContext) -> i32 {
     action::tc(&ctx, PROGRAM, process(&ctx))
+}
+
+/// Never attached: `ferrite explain`'s copy of `ferrite_from_pod6`, reached by tail call
+/// from `ferrite_explain_pod` (the same logic, every write skipped and noted).
+#[classifier]
+pub fn ferrite_explain_pod6(ctx: TcContext) -> i32 {
+    action::explain_tc(ctx, process)
 }
 
 #[inline(always)]
@@ -42,6 +49,7 @@ fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
         Some(ep) if ep.ifindex == pkt.ifindex() => ep.flags,
         _ => return Ok(Verdict::Drop(stat::DROP_SPOOFED)),
     };
+    trace::step(pkt.explain(), step::SOURCE_CHECKED);
     let destination = routing::local_endpoint6(&h.daddr);
     let destination_isolation = destination.map(|ep| ep.flags).unwrap_or(0);
     if let Some(reason) = policy::ipv6_denied(source_isolation, destination_isolation) {

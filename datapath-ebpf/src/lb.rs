@@ -1,20 +1,21 @@
 //! Service load balancing: frontend lookup, backend choice (session affinity, then
 //! Maglev for external frontends or a hash slot for ClusterIPs; established flows
 //! never get here, conntrack keeps them on their backend), DNAT. The choice is shared
-//! by the per-packet programs and the socket-level ones (`sock`), which only feed it
-//! a different hash and affinity client.
+//! by the per-packet programs and the socket-level ones (`sock`, `sock6`), which only
+//! feed it a different hash and affinity client, and by both address families
+//! ([`Family`]: where a frontend's entries and its backends are).
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use ferrite_common::{
     affinity_holds,
     explain::{choice, step, write},
-    service_scope, stat, svc_flag, AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue,
-    AFFINITY_CLIENT_IP, HAIRPIN_IP, MAGLEV_TABLE_SIZE,
+    service_scope, stat, svc_flag, AffinityKey, AffinityValue, Backend, Backend6, ExplainTrace,
+    Service6Key, ServiceKey, ServiceValue, AFFINITY_CLIENT_IP, HAIRPIN_IP, MAGLEV_TABLE_SIZE,
 };
 
 use crate::{
     conntrack::{self, NewFlow},
     headers::Headers,
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES},
+    maps::{AFFINITY, BACKENDS, BACKENDS6, MAGLEV, SERVICES, SERVICES6},
     nat,
     packet::Packet,
     stats::count_lb,
@@ -57,13 +58,13 @@ pub fn lookup_service(h: &Headers) -> Option<ServiceValue> {
 /// (`externalTrafficPolicy: Local`), else its own. A scope the agent has not written
 /// yet (mid-update) leaves the frontend's own entries.
 #[inline(always)]
-pub fn in_cluster_entries(master: ServiceKey, svc: ServiceValue) -> (ServiceKey, ServiceValue) {
+pub fn in_cluster_entries<K: Family>(master: K, svc: ServiceValue) -> (K, ServiceValue) {
     if svc.flags & svc_flag::IN_CLUSTER_SCOPE == 0 {
         return (master, svc);
     }
-    let scoped = master.in_scope(service_scope::IN_CLUSTER);
-    match unsafe { SERVICES.get(scoped) } {
-        Some(entry) => (scoped, *entry),
+    let scoped = master.scoped(service_scope::IN_CLUSTER);
+    match scoped.entry() {
+        Some(entry) => (scoped, entry),
         None => (master, svc),
     }
 }
@@ -101,10 +102,101 @@ pub fn flow_hash(h: &Headers) -> u32 {
     mix(h.saddr ^ (((h.sport as u32) << 16) | h.dport as u32) ^ ((h.proto as u32) << 8))
 }
 
+/// An address family's Service maps, by the type of their frontend keys: the rest of
+/// a backend choice (slots, affinity by id, counters) is the same for both.
+pub trait Family: Copy {
+    /// The value of its backends map.
+    type Backend: Copy;
+    /// The entry under this key (a master entry or a slot).
+    fn entry(&self) -> Option<ServiceValue>;
+    /// The same frontend's entry in `scope` (`service_scope`).
+    fn scoped(self, scope: u8) -> Self;
+    /// The same frontend's slot `slot`.
+    fn slot(self, slot: u16) -> Self;
+    fn backend(id: u32) -> Option<Self::Backend>;
+    /// The slot (1..=count) Maglev gives `hash`, if the frontend has a table.
+    fn maglev_slot(&self, hash: u32, count: u16) -> Option<u16>;
+    /// Note the chosen backend in an explain run's trace.
+    fn trace_backend(trace: &mut ExplainTrace, backend: &Self::Backend);
+}
+
+impl Family for ServiceKey {
+    type Backend = Backend;
+
+    #[inline(always)]
+    fn entry(&self) -> Option<ServiceValue> {
+        unsafe { SERVICES.get(*self) }.copied()
+    }
+
+    #[inline(always)]
+    fn scoped(self, scope: u8) -> Self {
+        self.in_scope(scope)
+    }
+
+    #[inline(always)]
+    fn slot(self, slot: u16) -> Self {
+        Self {
+            backend_slot: slot,
+            ..self
+        }
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend> {
+        unsafe { BACKENDS.get(id) }.copied()
+    }
+
+    #[inline(always)]
+    fn maglev_slot(&self, hash: u32, count: u16) -> Option<u16> {
+        maglev_slot(self, hash, count)
+    }
+
+    #[inline(always)]
+    fn trace_backend(trace: &mut ExplainTrace, backend: &Backend) {
+        trace.backend = *backend;
+    }
+}
+
+/// IPv6 frontends have no Maglev tables and no explain runs yet.
+impl Family for Service6Key {
+    type Backend = Backend6;
+
+    #[inline(always)]
+    fn entry(&self) -> Option<ServiceValue> {
+        unsafe { SERVICES6.get(*self) }.copied()
+    }
+
+    #[inline(always)]
+    fn scoped(self, scope: u8) -> Self {
+        self.in_scope(scope)
+    }
+
+    #[inline(always)]
+    fn slot(self, slot: u16) -> Self {
+        Self {
+            backend_slot: slot,
+            ..self
+        }
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend6> {
+        unsafe { BACKENDS6.get(id) }.copied()
+    }
+
+    #[inline(always)]
+    fn maglev_slot(&self, _hash: u32, _count: u16) -> Option<u16> {
+        None
+    }
+
+    #[inline(always)]
+    fn trace_backend(_trace: &mut ExplainTrace, _backend: &Backend6) {}
+}
+
 /// A backend picked for a new flow.
-pub struct Chosen {
+pub struct Chosen<B = Backend> {
     pub id: u32,
-    pub backend: Backend,
+    pub backend: B,
 }
 
 impl Chosen {
@@ -116,8 +208,8 @@ impl Chosen {
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Chosen> {
-    let backend = unsafe { BACKENDS.get(id) }.copied()?;
+fn backend<K: Family>(id: u32) -> Option<Chosen<K::Backend>> {
+    let backend = K::backend(id)?;
     Some(Chosen { id, backend })
 }
 
@@ -134,9 +226,9 @@ fn maglev_slot(master: &ServiceKey, hash: u32, count: u16) -> Option<u16> {
 }
 
 /// What a backend choice needs to know about the new flow.
-pub struct Selection {
+pub struct Selection<K = ServiceKey> {
     /// The frontend's master key.
-    pub master: ServiceKey,
+    pub master: K,
     /// Spreads flows over the slots (and Maglev entries).
     pub hash: u32,
     /// The affinity client: its kind (`AFFINITY_CLIENT_*`) and identity.
@@ -164,7 +256,11 @@ impl Selection {
 /// Pick the backend of a new flow to the frontend `sel.master` names.
 /// `maglev`: use the frontend's Maglev table (external frontends).
 #[inline(always)]
-pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chosen> {
+pub fn choose<K: Family>(
+    sel: &Selection<K>,
+    svc: &ServiceValue,
+    maglev: bool,
+) -> Option<Chosen<K::Backend>> {
     if svc.count == 0 {
         return None;
     }
@@ -185,31 +281,27 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
             let (id, last_used) = unsafe { ((*pinned).backend_id, (*pinned).last_used_ns) };
             // The agent removes pins of removed backends; a missing one is a race.
             if affinity_holds(last_used, now, svc.affinity_timeout_s) {
-                if let Some(chosen) = backend(id) {
+                if let Some(chosen) = backend::<K>(id) {
                     if trace::writes(sel.explain, write::AFFINITY) {
                         unsafe { (*pinned).last_used_ns = now };
                     }
-                    trace_choice(sel.explain, choice::AFFINITY, 0, &chosen);
+                    trace_choice::<K>(sel.explain, choice::AFFINITY, 0, &chosen);
                     return Some(chosen);
                 }
             }
         }
     }
     let (slot, how) = match maglev
-        .then(|| maglev_slot(&sel.master, sel.hash, svc.count))
+        .then(|| sel.master.maglev_slot(sel.hash, svc.count))
         .flatten()
     {
         Some(slot) => (slot, choice::MAGLEV),
         None => ((sel.hash % svc.count as u32) as u16 + 1, choice::HASH),
     };
-    let slot_key = ServiceKey {
-        backend_slot: slot,
-        ..sel.master
-    };
     // The agent writes slots before the master entry; a miss is a torn update.
-    let id = unsafe { SERVICES.get(slot_key) }?.backend_id;
-    let chosen = backend(id)?;
-    trace_choice(sel.explain, how, slot, &chosen);
+    let id = sel.master.slot(slot).entry()?.backend_id;
+    let chosen = backend::<K>(id)?;
+    trace_choice::<K>(sel.explain, how, slot, &chosen);
     if svc.affinity_timeout_s != 0 && trace::writes(sel.explain, write::AFFINITY) {
         let pin = AffinityValue {
             backend_id: id,
@@ -224,13 +316,13 @@ pub fn choose(sel: &Selection, svc: &ServiceValue, maglev: bool) -> Option<Chose
 
 /// Note in an explain run's trace how `chosen` was chosen (`choice::*`, its slot).
 #[inline(always)]
-fn trace_choice(explain: bool, how: u16, slot: u16, chosen: &Chosen) {
+fn trace_choice<K: Family>(explain: bool, how: u16, slot: u16, chosen: &Chosen<K::Backend>) {
     trace::record(explain, |trace| {
         trace.steps |= step::BACKEND_CHOSEN;
         trace.choice = how;
         trace.backend_slot = slot;
         trace.backend_id = chosen.id;
-        trace.backend = chosen.backend;
+        K::trace_backend(trace, &chosen.backend);
     });
 }
 

@@ -6,7 +6,7 @@
 //! mapping (`action`), then one thin file per attach point (`from_pod`, with its
 //! IPv6 half `from_pod6` reached by tail call through `ferrite_progs`,
 //! `from_overlay`, with `from_overlay6` likewise, `from_world` (XDP), `from_uplink`, `from_host`, `to_pod`, and the
-//! socket programs in `sock`), and the bench's never-attached floors (`floor`). No
+//! socket programs in `sock` and `sock6`), and the bench's never-attached floors (`floor`). No
 //! module uses one above it; entries use no entry (a tail call goes through the
 //! map, by slot, not through the module).
 //! The files of the programs `ferrite explain` runs also hold their never-attached
@@ -47,6 +47,7 @@ mod from_pod6;
 mod from_uplink;
 mod from_world;
 mod sock;
+mod sock6;
 mod to_pod;
 // Never attached: the agent's in-kernel purge of ended flows.
 mod purge;

@@ -21,8 +21,11 @@
 //! - Connected UDP is left to the per-packet path: its conntrack entries move it to
 //!   another backend when its backend leaves, which a socket rewritten at `connect()`
 //!   could not do without destroying it.
+//! - IPv6 and dual-stack sockets: `sock6`, with the family-independent pieces here
+//!   (`balance`, `remember_service`, `remember_reverse`).
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{LruHashMap, SkStorage},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
@@ -36,7 +39,7 @@ use ferrite_common::{
 
 use crate::{
     events::{self, FlowTarget, Seen, Tuple},
-    lb::{self, Selection},
+    lb::{self, Chosen, Selection},
     maps::{route_key, CONFIG, ROUTES, SERVICES, SOCK_REV_NAT, SOCK_SERVICE},
     packet::Packet,
     stats::{count, count_lb},
@@ -46,14 +49,14 @@ use crate::{
 const AF_INET: u32 = 2;
 const ECONNREFUSED: i32 = 111;
 /// What cgroup/sock_addr programs return: go on with the call, or fail it.
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
+pub const ALLOW: i32 = 1;
+pub const REFUSE: i32 = 0;
 
 /// The address a socket call names (raw network-order address, host-order port).
-struct Request {
-    address: u32,
-    port: u16,
-    proto: u8,
+pub struct Request {
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
 }
 
 impl Request {
@@ -62,12 +65,18 @@ impl Request {
     #[inline(always)]
     fn tuple(&self, ctx: &SockAddrContext) -> Tuple {
         let sa = unsafe { &*ctx.sock_addr };
+        self.tuple_from(if self.proto == PROTO_UDP {
+            sa.msg_src_ip4
+        } else {
+            0
+        })
+    }
+
+    /// The call as a monitor sees it, from `saddr` (raw network order, 0: unknown).
+    #[inline(always)]
+    pub fn tuple_from(&self, saddr: u32) -> Tuple {
         Tuple {
-            saddr: if self.proto == PROTO_UDP {
-                sa.msg_src_ip4
-            } else {
-                0
-            },
+            saddr,
             daddr: self.address,
             sport: 0,
             dport: self.port,
@@ -79,13 +88,18 @@ impl Request {
 /// A socket program's place in `monitor::PROGRAMS`, by the call it serves.
 #[inline(always)]
 fn seen(req: &Request) -> Seen {
-    let name = if req.proto == PROTO_TCP {
-        const { monitor::program_index(program_names::SOCK_CONNECT4) }
+    if req.proto == PROTO_TCP {
+        seen_by(const { monitor::program_index(program_names::SOCK_CONNECT4) })
     } else {
-        const { monitor::program_index(program_names::SOCK_SENDMSG4) }
-    };
+        seen_by(const { monitor::program_index(program_names::SOCK_SENDMSG4) })
+    }
+}
+
+/// An event of the socket program `program` (its `monitor::PROGRAMS` index).
+#[inline(always)]
+pub fn seen_by(program: u8) -> Seen {
     Seen {
-        program: name,
+        program,
         ifindex: 0,
         len: 0,
     }
@@ -107,7 +121,7 @@ fn request(ctx: &SockAddrContext) -> Option<Request> {
 /// The entries a socket balances over for the frontend it asks for: the master key
 /// and entry (a socket is an in-cluster client: `lb::in_cluster_entries`).
 #[inline(always)]
-fn frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
+pub fn frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
     let (master, svc) = own_frontend(req)?;
     Some(lb::in_cluster_entries(master, svc))
 }
@@ -132,7 +146,7 @@ fn own_frontend(req: &Request) -> Option<(ServiceKey, ServiceValue)> {
 /// How a socket's backend is chosen: hashed over its cookie, affinity by its
 /// network namespace (`netns`: its cookie).
 #[inline(always)]
-fn selection(master: ServiceKey, cookie: u64, netns: u64, explain: bool) -> Selection {
+fn selection<K>(master: K, cookie: u64, netns: u64, explain: bool) -> Selection<K> {
     Selection {
         master,
         hash: lb::mix(cookie as u32 ^ (cookie >> 32) as u32),
@@ -196,22 +210,13 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
         return ALLOW;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // The namespace cookie only matters (and is only read) for affinity.
-    let netns = if svc.affinity_timeout_s != 0 {
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
-    } else {
-        0
-    };
-    let selection = selection(master, cookie, netns, false);
-    let Some(chosen) = lb::choose(&selection, &svc, false) else {
-        count(stat::SOCK_REFUSED, 0);
+    let Some(chosen) = balance(ctx, master, &svc, cookie) else {
         events::refused(&seen(req), stat::SOCK_REFUSED, &req.tuple(ctx));
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     };
     // Best effort: without it, answers and the peer show the backend's address.
     if req.proto == PROTO_TCP {
-        let mut service = SockService {
+        let service = SockService {
             frontend_address: req.address.to_ne_bytes(),
             frontend_port: req.port,
             rev_nat_index: svc.rev_nat_index,
@@ -219,11 +224,7 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
             backend_port: chosen.backend.port,
             _pad: 0,
         };
-        let stored = unsafe { SOCK_SERVICE.get_or_insert_ptr_mut(ctx, Some(&mut service)) };
-        if !stored.is_null() {
-            // A socket connecting again (after a failed connect) replaces it.
-            unsafe { *stored = service };
-        }
+        remember_service(&SOCK_SERVICE, ctx, service);
     } else {
         let rev_key = SockRevKey {
             cookie,
@@ -237,17 +238,12 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
             rev_nat_index: svc.rev_nat_index,
             _pad: 0,
         };
-        // A UDP socket sends many datagrams: write only what changed.
-        if unsafe { SOCK_REV_NAT.get(rev_key) }.is_none_or(|known| *known != rev) {
-            let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
-        }
+        remember_reverse(&SOCK_REV_NAT, &rev_key, &rev);
     }
     unsafe {
         (*ctx.sock_addr).user_ip4 = chosen.address();
         (*ctx.sock_addr).user_port = chosen.backend.port.to_be() as u32;
     }
-    count(stat::SOCK_TRANSLATED, 0);
-    count_lb(svc.rev_nat_index, chosen.id, 0);
     let target = FlowTarget {
         backend_address: chosen.address(),
         backend_port: chosen.backend.port,
@@ -256,6 +252,59 @@ fn translate(ctx: &SockAddrContext, req: &Request) -> i32 {
     };
     events::new_flow(&seen(req), stat::SOCK_TRANSLATED, &req.tuple(ctx), &target);
     ALLOW
+}
+
+/// The backend a socket call to the entries under `master` (either family) gets,
+/// counted (`sock_translated` and the backend's counters); `None`: no ready backend,
+/// the call is refused (`sock_refused`, ECONNREFUSED: the caller returns `REFUSE`).
+#[inline(always)]
+pub fn balance<K: lb::Family>(
+    ctx: &SockAddrContext,
+    master: K,
+    svc: &ServiceValue,
+    cookie: u64,
+) -> Option<Chosen<K::Backend>> {
+    // The namespace cookie only matters (and is only read) for affinity.
+    let netns = if svc.affinity_timeout_s != 0 {
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
+    let chosen = lb::choose(&selection(master, cookie, netns, false), svc, false);
+    match &chosen {
+        Some(chosen) => {
+            count(stat::SOCK_TRANSLATED, 0);
+            count_lb(svc.rev_nat_index, chosen.id, 0);
+        }
+        None => {
+            count(stat::SOCK_REFUSED, 0);
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
+    }
+    chosen
+}
+
+/// Keep `service` in the socket's own storage (a TCP socket's Service).
+#[inline(always)]
+pub fn remember_service<T>(storage: &SkStorage<T>, ctx: &SockAddrContext, mut service: T) {
+    let stored = unsafe { storage.get_or_insert_ptr_mut(ctx, Some(&mut service)) };
+    if !stored.is_null() {
+        // A socket connecting again (after a failed connect) replaces it.
+        unsafe { *stored = service };
+    }
+}
+
+/// Keep the Service an unconnected UDP socket sent to, by its cookie and backend.
+#[inline(always)]
+pub fn remember_reverse<K, V: PartialEq, const M: usize>(
+    map: &LruHashMap<K, V, M>,
+    key: &K,
+    rev: &V,
+) {
+    // A UDP socket sends many datagrams: write only what changed.
+    if unsafe { map.get(key) }.is_none_or(|known| known != rev) {
+        let _ = map.insert(key, rev, 0);
+    }
 }
 
 /// cgroup/connect4: TCP connects (connected UDP is left to the per-packet path).

@@ -400,6 +400,7 @@ impl BenchNode {
         for i in 0..FILLER_BACKEND_POOL {
             bed.add_backend(FILLER_BACKEND_ID + i, filler_backend(i), PROTO_TCP)?;
         }
+        crate::bench_families::add_ipv6(&mut bed)?;
         let shim = TunnelShim::new(
             &[
                 bed.program_fd(program_names::FROM_OVERLAY)?,

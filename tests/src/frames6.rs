@@ -1,6 +1,6 @@
 //! Crafting Ethernet/IPv6 frames byte by byte, extension headers included (what
 //! `frames` does for IPv4 with etherparse, which builds no extension header chain).
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddrV6};
 
 pub const NEXT_HOP_BY_HOP: u8 = 0;
 pub const NEXT_ROUTING: u8 = 43;
@@ -135,5 +135,32 @@ pub fn icmpv6(source: Ipv6Addr, destination: Ipv6Addr, icmp_type: u8, body: &[u8
     upper.extend(body);
     let checksum = upper_checksum(source, destination, 58, &upper);
     upper[2..4].copy_from_slice(&checksum.to_be_bytes());
+    upper
+}
+
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP header (20 bytes, no options) from `from` to `to` with `flags`, sequence
+/// `seq`, acknowledging `ack`, and `payload`, its checksum over both addresses.
+pub fn tcp(
+    from: SocketAddrV6,
+    to: SocketAddrV6,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut upper = Vec::new();
+    upper.extend(from.port().to_be_bytes());
+    upper.extend(to.port().to_be_bytes());
+    upper.extend(seq.to_be_bytes());
+    upper.extend(ack.to_be_bytes());
+    // Data offset 5 words; the window `frames` gives IPv4's.
+    upper.extend([5 << 4, flags]);
+    upper.extend(64240u16.to_be_bytes());
+    upper.extend([0, 0, 0, 0]);
+    upper.extend(payload);
+    let checksum = upper_checksum(*from.ip(), *to.ip(), 6, &upper);
+    upper[16..18].copy_from_slice(&checksum.to_be_bytes());
     upper
 }

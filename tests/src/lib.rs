@@ -1,4 +1,5 @@
 //! Shared by Ferrite's end-to-end tests, demo and benchmark.
+pub mod bench_families;
 pub mod bench_node;
 pub mod cluster;
 pub mod cni;
@@ -13,6 +14,7 @@ pub mod kubelet;
 pub mod lab;
 pub mod monitor;
 pub mod testbed;
+pub mod testbed6;
 pub mod tunnel_shim;
 pub mod verdict_model;
 

@@ -84,6 +84,8 @@ impl Testbed {
             program_names::NOOP,
             program_names::EXPLAIN_POD,
             program_names::EXPLAIN_OVERLAY,
+            program_names::EXPLAIN_POD6,
+            program_names::EXPLAIN_OVERLAY6,
             program_names::EXPLAIN_UPLINK,
             program_names::EXPLAIN_SOCK,
             program_names::PURGE,
@@ -309,6 +311,29 @@ impl Testbed {
     ) -> Result<()> {
         let mut routes: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
             LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES).context("routes")?)?;
+        routes.insert(
+            &Key::new(prefix_len, network.octets()),
+            RouteInfo {
+                node_ip: node_ip.octets(),
+                vtep_mac: ferrite_common::vtep_mac_for(node_ip),
+                flags,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// A `ferrite_routes6` entry: the IPv6 pod CIDR `network/prefix_len` belongs to
+    /// the node `node_ip` (its IPv4 underlay address), as the agent writes it.
+    pub fn add_route6(
+        &mut self,
+        network: Ipv6Addr,
+        prefix_len: u32,
+        node_ip: Ipv4Addr,
+        flags: u16,
+    ) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 16], RouteInfo> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES6).context("routes6")?)?;
         routes.insert(
             &Key::new(prefix_len, network.octets()),
             RouteInfo {
@@ -580,7 +605,13 @@ impl Testbed {
     pub fn map_dumps(&self) -> Result<BTreeMap<String, String>> {
         let mut dumps = BTreeMap::new();
         for name in map_names::ALL {
-            if [map_names::TRACE, map_names::SOCK_SERVICE, map_names::EVENTS].contains(&name) {
+            let skipped = [
+                map_names::TRACE,
+                map_names::SOCK_SERVICE,
+                map_names::SOCK_SERVICE6,
+                map_names::EVENTS,
+            ];
+            if skipped.contains(&name) {
                 continue;
             }
             let map = self.ebpf.map(name).with_context(|| format!("map {name}"))?;

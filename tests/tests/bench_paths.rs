@@ -15,6 +15,7 @@ use ferrite_common::{
     CT_FLAG_UNESTABLISHED, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use ferrite_tests::{
+    bench_families::{Family, FamilyPath, FAMILY_REPEAT, HOP_LIMIT},
     bench_node::{
         ct_key, local_node_port_backend, remote_node_port_backend, service_backends, service_ip,
         BenchNode, Established, Hook, NewFlow, CLIENT, LOCAL_PAIR, LOCAL_POD, NODE_IP,
@@ -382,5 +383,64 @@ fn bench_established_paths_give_the_same_frames_with_twenty_thousand_services() 
             );
         }
     }
+    Ok(())
+}
+
+/// What `path` leaves of its frame in `family` after `passes` passes, built
+/// independently of the datapath: delivered into the pod (IPv6 one hop less per
+/// pass), to the other node's VTEP, or (IPv6 to the other node) left for the stack.
+fn family_expected(path: FamilyPath, family: Family, passes: u32) -> Vec<u8> {
+    let (_, to) = path.ends();
+    match (path, family) {
+        (FamilyPath::PodToPodRemote, Family::Ipv4) => to_remote_vtep(path.frame(family)),
+        (FamilyPath::PodToPodRemote, Family::Ipv6) => path.frame(family),
+        (_, Family::Ipv4) => delivered_to(*to.ip(), path.frame(family)),
+        (_, Family::Ipv6) => ferrite_tests::frames6::Ipv6Frame {
+            eth_dst: pod_mac_for(*to.ip()),
+            eth_src: GATEWAY_MAC,
+            hop_limit: HOP_LIMIT - passes as u8,
+            ..path.frame6()
+        }
+        .build(),
+    }
+}
+
+/// The paths the bench measures in both families: one pass, two, and a whole run of
+/// the bench's repeat (IPv6's hop limit lasts it) each leave the expected frame and
+/// verdict, every pass counted once; the IPv6 frames reach the IPv6 programs.
+#[test]
+fn bench_paths_of_both_families_each_pass_whole() -> Result<()> {
+    let node = BenchNode::new()?;
+    for path in FamilyPath::ALL {
+        for family in Family::ALL {
+            let what = format!("{}, {}", path.label(), family.name());
+            for repeat in [1, 2, FAMILY_REPEAT] {
+                let counters = path.counters(family);
+                let before: Vec<u64> = counters
+                    .iter()
+                    .map(|c| node.bed.counter(*c))
+                    .collect::<Result<_>>()?;
+                let (out, _) = node.run(path.hook(), &path.frame(family), repeat)?;
+                assert_eq!(out.verdict, path.verdict(family), "{what}: verdict");
+                for (counter, before) in counters.iter().zip(before) {
+                    assert_eq!(
+                        node.bed.counter(*counter)? - before,
+                        repeat as u64,
+                        "{what}: {} per pass",
+                        stat::NAMES[*counter as usize]
+                    );
+                }
+                if family == Family::Ipv4 {
+                    decode_checked(&out.frame)?;
+                }
+                assert_eq!(
+                    out.frame,
+                    family_expected(path, family, repeat),
+                    "{what}: {repeat} passes"
+                );
+            }
+        }
+    }
+    assert_eq!(node.bed.drops()?, vec![]);
     Ok(())
 }

@@ -4,21 +4,23 @@
 //! changes nothing in the maps. Needs root; each test builds its own uniquely named
 //! node and removes it on every path.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use ferrite_agent::maps::NodeMaps;
-use ferrite_common::{stat, AffinityKey, AffinityValue, Counter, CtKey, CtValue, LbStatKey};
+use ferrite_common::{
+    stat, AffinityKey, AffinityValue, Counter, CtKey, CtValue, Endpoint6Key, LbStatKey,
+};
 use ferrite_tests::{
     cluster::{
         self, load_balancer_yaml, BACKENDS, CLIENTS, TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND,
         UDP_TARGET,
     },
     lab::{
-        answered_by, exchange, parse_answer, pod_ip, sh, tcp_from_port, wait_until, Cluster, Node,
-        Server, WORLD_IP,
+        answered_by, exchange, parse_answer, pod_ip, pod_ip6, sh, tcp_from_port, wait_until,
+        Cluster, Node, Server, SETTLE, WORLD_IP,
     },
 };
 use serde_json::Value;
@@ -528,5 +530,99 @@ fn world_traffic_is_explained_as_it_really_goes(
             "{reason} did not move"
         );
     }
+    Ok(())
+}
+
+/// Two dual-stack pods of a node and one of another node: IPv6 between the pods of
+/// the node is explained as delivered into the server pod, and is; IPv6 from a
+/// veth that is not the source's is the drop it really gets; IPv6 from the other
+/// node's pod, explained at this node's overlay device, is checked against that
+/// node's IPv6 pod CIDR and delivered, and is.
+#[test]
+fn ipv6_between_dual_stack_pods_is_explained_as_it_really_goes() -> Result<()> {
+    const PORT6: u16 = 8087;
+    let mut cluster = Cluster::new(2)?;
+    cluster.dual_stack()?;
+    let (web6, client6, remote6) = (pod_ip6(0, 0), pod_ip6(0, 1), pod_ip6(1, 0));
+    cluster.nodes[0].add_dual_stack_pod("web", pod_ip(0, 0), web6)?;
+    cluster.nodes[0].add_dual_stack_pod("client", pod_ip(0, 1), client6)?;
+    cluster.nodes[1].add_dual_stack_pod("remote", pod_ip(1, 0), remote6)?;
+    let web_at = SocketAddrV6::new(web6, PORT6, 0, 0);
+    let _web = Server::start(&cluster.pod("web").netns, "web", web_at)?;
+    cluster.write_config(&cluster.nodes_and_pods_yaml())?;
+    cluster.start_agents()?;
+    let node = &cluster.nodes[0];
+    node.wait_for_maps("both pods' IPv6 addresses in ferrite_endpnt6", |m| {
+        [web6, client6].iter().all(|ip| {
+            m.endpoints6.contains_key(&Endpoint6Key {
+                address: ip.octets(),
+            })
+        })
+    })?;
+    let to = format!("{web_at}/tcp");
+
+    let from = SocketAddrV6::new(client6, 41030, 0, 0).to_string();
+    let explanation = explain_unchanged(node, &["--from", &from, "--to", &to])?;
+    assert_eq!(
+        explanation["verdict"]["action"], "to_pod",
+        "{explanation:#}"
+    );
+    let web = cluster.pod("web");
+    assert_eq!(
+        explanation["verdict"]["device"],
+        web.host_interface.as_str()
+    );
+    let run = &explanation["runs"][0];
+    assert_eq!(run["run_as"], "ferrite_explain_pod");
+    assert!(run["anti_spoofing"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("passed"));
+    assert_eq!(run["output"]["destination"], web_at.to_string());
+    assert_eq!(run["output"]["checksums_valid"], true);
+    assert!(counted(&explanation).contains(&"delivered_local"));
+    let table = node.explain_text(&["--from", &from, "--to", &to])?;
+    eprintln!("{table}");
+    assert!(
+        table.contains(&format!("passed: {client6} is the pod behind this veth"))
+            && table.contains(&format!("delivered into the pod {web6} behind")),
+        "{table}"
+    );
+    // For real: the server answers the client's own address, delivered by the
+    // datapath.
+    let before = counter(&node.maps()?, "delivered_local")?;
+    let client = cluster.pod("client");
+    assert_eq!(
+        client.tcp_request(web_at, "six")?,
+        format!("web|{client6}|six")
+    );
+    assert!(counter(&node.maps()?, "delivered_local")? > before);
+
+    // The client's address entering the web pod's veth: spoofed.
+    let spoofed = explain_unchanged(
+        node,
+        &["--from", &from, "--to", &to, "--veth", &web.host_interface],
+    )?;
+    assert_eq!(
+        spoofed["verdict"]["drop_reason"], "drop_spoofed",
+        "{spoofed:#}"
+    );
+
+    // From the other node's pod, at this node's overlay device.
+    let from = SocketAddrV6::new(remote6, 41031, 0, 0).to_string();
+    let received = explain_unchanged(
+        node,
+        &["--ingress", "overlay", "--from", &from, "--to", &to],
+    )?;
+    assert_eq!(received["verdict"]["action"], "to_pod", "{received:#}");
+    assert!(counted(&received).contains(&"received_from_node"));
+    let before = counter(&node.maps()?, "received_from_node")?;
+    let remote = cluster.pod("remote");
+    wait_until("a TCP answer across nodes over IPv6", SETTLE, || {
+        remote
+            .tcp_request(web_at, "across")
+            .is_ok_and(|answer| answer == format!("web|{remote6}|across"))
+    })?;
+    assert!(counter(&node.maps()?, "received_from_node")? > before);
     Ok(())
 }

@@ -5,18 +5,24 @@
 //! root.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
 use anyhow::Result;
-use ferrite_agent::explain::run::TcContext;
+use ferrite_agent::{
+    explain::run::TcContext,
+    plan::{Op, Route6Key},
+};
 use ferrite_common::{
     explain::{choice, step, verdict, write, SockRequest},
-    monitor, program_names, stat, svc_flag, ExplainTrace, ServiceKey, PROTO_TCP, PROTO_UDP,
-    ROUTE_REMOTE,
+    monitor,
+    policy::ENDPOINT_INGRESS_ISOLATED,
+    program_names, stat, svc_flag, EndpointInfo, ExplainTrace, RouteInfo, ServiceKey, PROTO_TCP,
+    PROTO_UDP, ROUTE_REMOTE,
 };
 use ferrite_tests::{
     frames::{self, decode_checked},
+    frames6::{self, Ipv6Frame},
     testbed::{
         Explained, Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_PASS,
     },
@@ -429,5 +435,166 @@ fn the_attached_programs_ignore_the_explain_mark() -> Result<()> {
     // And an explain copy runs nothing without the mark.
     let unmarked = explainer.tc_with_mark(program_names::EXPLAIN_POD, &syn, &context, 0)?;
     assert_eq!(unmarked.verdict, TC_ACT_SHOT);
+    Ok(())
+}
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 2);
+const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 3);
+/// A pod of the other node, whose IPv6 pod CIDR is `fd00:10:244:0:0:1::/96`.
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 1, 0, 7);
+/// The web pod's host veth: where delivery to it is redirected.
+const WEB6_VETH: u32 = 42;
+
+/// A dual-stack node: the client pod (sending through the test run's device) and
+/// the web pod, both by their IPv6 addresses, the other node's IPv6 pod CIDR, and
+/// `ferrite_progs` filled as the agent fills it.
+fn testbed6(web_flags: u32) -> Result<Testbed> {
+    let mut bed = testbed()?;
+    let endpoint = |ifindex, pod_mac, flags| EndpointInfo {
+        ifindex,
+        pod_mac,
+        host_mac: frames::GATEWAY_MAC,
+        flags,
+    };
+    bed.add_endpoint6(CLIENT6, endpoint(TEST_RUN_IFINDEX, [0x0a; 6], 0))?;
+    bed.add_endpoint6(WEB6, endpoint(WEB6_VETH, [0x0b; 6], web_flags))?;
+    let route = RouteInfo {
+        node_ip: OTHER_NODE.octets(),
+        vtep_mac: ferrite_common::vtep_mac_for(OTHER_NODE),
+        flags: ROUTE_REMOTE,
+    };
+    let cidr = Route6Key {
+        prefix_len: 96,
+        network: REMOTE_POD6.octets(),
+    };
+    bed.node_maps().apply(&[Op::PutRoute6(cidr, route)])?;
+    bed.fill_tail_calls()?;
+    Ok(bed)
+}
+
+/// A UDP datagram from `source` to `destination` (port 8080), as a pod sends it.
+fn udp6(source: Ipv6Addr, destination: Ipv6Addr) -> Vec<u8> {
+    Ipv6Frame {
+        eth_dst: frames::GATEWAY_MAC,
+        eth_src: [0x0a; 6],
+        source,
+        destination,
+        hop_limit: 64,
+        extensions: vec![],
+        proto: PROTO_UDP,
+        upper: frames6::udp(source, 40000, destination, 8080, b"over IPv6"),
+    }
+    .build()
+}
+
+/// The hop limit of an Ethernet/IPv6 frame.
+fn hop_limit(frame: &[u8]) -> u8 {
+    frame[14 + 7]
+}
+
+#[test]
+fn an_explained_ipv6_flow_to_a_pod_of_this_node_follows_the_real_path_writing_nothing() -> Result<()>
+{
+    let bed = testbed6(0)?;
+    let explainer = bed.explainer()?;
+    let frame = udp6(CLIENT6, WEB6);
+    let (explained, real) = explain_then_run(
+        &bed,
+        || explainer.from_pod(&frame, 20),
+        || bed.from_pod(&frame),
+    )?;
+    assert_eq!(explained.run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(real.verdict, TC_ACT_REDIRECT);
+    // The frame the real run leaves: the web pod's MACs, one hop less.
+    assert_eq!(explained.run.frame, real.frame);
+    assert_eq!(hop_limit(&explained.run.frame), hop_limit(&frame) - 1);
+    let trace = explained.trace;
+    assert_eq!(trace.nonce, 20);
+    assert_eq!(trace.verdict, verdict::TO_POD);
+    assert_eq!(trace.verdict_target, WEB6_VETH);
+    assert_eq!(trace.steps & step::SOURCE_CHECKED, step::SOURCE_CHECKED);
+    assert!(has(&trace, stat::DELIVERED_LOCAL));
+    assert_eq!(trace.skipped, 0, "the IPv6 path keeps no state");
+    assert_eq!(bed.counter(stat::DELIVERED_LOCAL)?, 1, "the real run only");
+    Ok(())
+}
+
+#[test]
+fn an_explained_spoofed_ipv6_packet_is_dropped_without_counting() -> Result<()> {
+    let bed = testbed6(0)?;
+    let explainer = bed.explainer()?;
+    let spoofed = udp6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 99), WEB6);
+    let (explained, real) = explain_then_run(
+        &bed,
+        || explainer.from_pod(&spoofed, 21),
+        || bed.from_pod(&spoofed),
+    )?;
+    assert_eq!(
+        (explained.run.verdict, real.verdict),
+        (TC_ACT_SHOT, TC_ACT_SHOT)
+    );
+    let trace = explained.trace;
+    assert_eq!(trace.verdict, verdict::DROP);
+    assert_eq!(trace.drop_reason, stat::DROP_SPOOFED);
+    assert_eq!(trace.skipped, write::DROP_LOG);
+    assert_eq!(trace.steps & step::SOURCE_CHECKED, 0);
+    assert_eq!(bed.counter(stat::DROP_SPOOFED)?, 1, "the real run only");
+    Ok(())
+}
+
+#[test]
+fn an_explained_ipv6_flow_to_an_isolated_pod_gets_the_policy_drop() -> Result<()> {
+    let bed = testbed6(ENDPOINT_INGRESS_ISOLATED)?;
+    let explainer = bed.explainer()?;
+    let frame = udp6(CLIENT6, WEB6);
+    let (explained, real) = explain_then_run(
+        &bed,
+        || explainer.from_pod(&frame, 22),
+        || bed.from_pod(&frame),
+    )?;
+    assert_eq!(
+        (explained.run.verdict, real.verdict),
+        (TC_ACT_SHOT, TC_ACT_SHOT)
+    );
+    assert_eq!(explained.trace.drop_reason, stat::DROP_POLICY_INGRESS);
+    assert_eq!(
+        bed.counter(stat::DROP_POLICY_INGRESS)?,
+        1,
+        "the real run only"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_explained_ipv6_overlay_packet_is_checked_against_the_senders_pod_cidr() -> Result<()> {
+    let mut bed = testbed6(0)?;
+    bed.update_config(|config| config.vni = 1)?;
+    let explainer = bed.explainer()?;
+    let frame = udp6(REMOTE_POD6, WEB6);
+    let from = |sender: Ipv4Addr| TcContext {
+        ifindex: TEST_RUN_IFINDEX,
+        cb: [1, u32::from(sender), 0, 0, 0],
+    };
+    let before = bed.map_dumps()?;
+    let delivered = explainer.tc(
+        program_names::EXPLAIN_OVERLAY,
+        &frame,
+        &from(OTHER_NODE),
+        23,
+    )?;
+    assert_eq!(delivered.run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(delivered.trace.verdict, verdict::TO_POD);
+    assert_eq!(delivered.trace.verdict_target, WEB6_VETH);
+    assert!(has(&delivered.trace, stat::RECEIVED_FROM_NODE));
+    assert_eq!(
+        delivered.trace.steps & step::SOURCE_CHECKED,
+        step::SOURCE_CHECKED
+    );
+    assert_eq!(hop_limit(&delivered.run.frame), hop_limit(&frame) - 1);
+    let spoofed = explainer.tc(program_names::EXPLAIN_OVERLAY, &frame, &from(NODE_IP), 24)?;
+    assert_eq!(spoofed.run.verdict, TC_ACT_SHOT);
+    assert_eq!(spoofed.trace.drop_reason, stat::DROP_SPOOFED);
+    assert_unchanged(&before, &bed.map_dumps()?);
+    assert_eq!(bed.counter(stat::RECEIVED_FROM_NODE)?, 0);
     Ok(())
 }

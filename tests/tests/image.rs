@@ -555,15 +555,12 @@ fn the_image_runs_as_the_daemonset_runs_it_on_two_nodes_through_updates_and_remo
         // mounts it (read-only at /host/sys/fs/cgroup): the node's subtree here.
         let mut attached = socket_programs(&lab_node.cgroup.path)?;
         attached.sort();
-        assert_eq!(
-            attached,
-            [
-                "ferrite_connect4",
-                "ferrite_getpeername4",
-                "ferrite_recvmsg4",
-                "ferrite_sendmsg4"
-            ]
-        );
+        let mut expected: Vec<&str> = ferrite_common::program_names::SOCKET_LB
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        expected.sort();
+        assert_eq!(attached, expected);
     }
     wait_until("kube-proxy's chains gone from node 0", SETTLE, || {
         kube_chains(&cluster.nodes[0]).is_ok_and(|left| !left)

@@ -351,21 +351,25 @@ fn ipv6_the_stack_sends_an_isolated_pod_is_dropped() -> Result<()> {
     Ok(())
 }
 
-/// Without the agent's slot, and in explain runs (whose copy takes no tail call),
-/// IPv6 is dropped as unsupported, as before the IPv6 path.
+/// Without the agent's slots IPv6 is dropped as unsupported, as before the IPv6
+/// path, in real and explain runs alike; with them, explain runs follow it too.
 #[test]
-fn without_its_slot_and_in_explain_runs_ipv6_is_unsupported() -> Result<()> {
+fn without_its_slot_ipv6_is_unsupported_in_real_and_explain_runs() -> Result<()> {
     let mut bed = Testbed::load()?;
     bed.add_endpoint6(CLIENT, endpoint(TEST_RUN_IFINDEX, CLIENT_MAC, 0))?;
     bed.add_endpoint6(WEB, endpoint(WEB_VETH, WEB_MAC, 0))?;
     let frame = udp_frame(CLIENT, WEB, vec![]).build();
     expect(&bed, &frame, TC_ACT_SHOT, stat::DROP_UNSUPPORTED_L3)?;
-    bed.fill_tail_calls()?;
-    expect(&bed, &frame, TC_ACT_REDIRECT, stat::DELIVERED_LOCAL)?;
     let explained = bed.explainer()?.from_pod(&frame, 6)?;
     assert_eq!(explained.run.verdict, TC_ACT_SHOT);
     assert_eq!(explained.trace.verdict, verdict::DROP);
     assert_eq!(explained.trace.drop_reason, stat::DROP_UNSUPPORTED_L3);
+    bed.fill_tail_calls()?;
+    expect(&bed, &frame, TC_ACT_REDIRECT, stat::DELIVERED_LOCAL)?;
+    let explained = bed.explainer()?.from_pod(&frame, 7)?;
+    assert_eq!(explained.run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(explained.trace.verdict, verdict::TO_POD);
+    assert_eq!(explained.trace.verdict_target, WEB_VETH);
     Ok(())
 }
 

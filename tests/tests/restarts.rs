@@ -227,9 +227,9 @@ fn a_hundred_tcp_and_twenty_udp_flows_survive_kills_a_kill_mid_sync_and_an_upgra
     let links_at_start = links(&node.pin_dir())?;
     assert_eq!(
         links_at_start.len(),
-        13,
+        9 + ferrite_common::program_names::SOCKET_LB.len(),
         "two pod veths both ways, the VXLAN device, the uplink's tcx both ways and XDP \
-         (--xdp always), lo's egress, the four socket-level hooks: {links_at_start:?}"
+         (--xdp always), lo's egress, the socket-level hooks: {links_at_start:?}"
     );
 
     // 1. SIGKILL and restart.

@@ -131,7 +131,7 @@ pub struct Datapath {
 /// The TC programs loaded, and the ones pinned by name in the node's pin directory:
 /// the CNI plugin attaches the pod programs from their pins; `ferrite explain` runs
 /// the explain copies loaded with the node's programs (their XDP one is pinned too).
-const TC_PROGRAMS: [(&str, bool); 12] = [
+const TC_PROGRAMS: [(&str, bool); 14] = [
     (program_names::FROM_POD, true),
     // Held by its `ferrite_progs` slot (`fill_tail_calls`).
     (program_names::FROM_POD6, false),
@@ -142,6 +142,9 @@ const TC_PROGRAMS: [(&str, bool); 12] = [
     (program_names::FROM_HOST, false),
     (program_names::EXPLAIN_POD, true),
     (program_names::EXPLAIN_OVERLAY, true),
+    // Held by their `ferrite_progs` slots, as the programs they explain.
+    (program_names::EXPLAIN_POD6, false),
+    (program_names::EXPLAIN_OVERLAY6, false),
     (program_names::EXPLAIN_UPLINK, true),
     (program_names::EXPLAIN_SOCK, true),
     // Pinned for the node's maps to find (`maps::NodeMaps::open`).
@@ -352,7 +355,12 @@ impl Datapath {
             .into_iter()
             .filter(|a| matches!(a, Attachment::Cgroup(_)))
             .collect();
-        if !pinned.is_empty() && previous_root == Some(root) {
+        // An agent that brings programs for more hooks (IPv6 came later) attaches all
+        // again: the hooks an earlier agent pinned are not all there are.
+        let every_hook_pinned = program_names::SOCKET_LB
+            .iter()
+            .all(|(_, hook)| pinned.contains(&Attachment::Cgroup((*hook).into())));
+        if every_hook_pinned && previous_root == Some(root) {
             return Ok(false);
         }
         for attachment in &pinned {

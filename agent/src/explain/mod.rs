@@ -23,15 +23,15 @@ pub mod run;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::maps::lpm_trie::Key;
 use ferrite_common::{
-    config_flag, explain::SockRequest, pod_mac_for, program_names, vtep_mac_for, EndpointKey,
-    NodeConfig, RouteInfo, HOST_VETH_MAC, PROTO_TCP, ROUTE_NODE,
+    config_flag, explain::SockRequest, pod_mac_for, program_names, vtep_mac_for, Endpoint6Key,
+    EndpointInfo, EndpointKey, NodeConfig, RouteInfo, HOST_VETH_MAC, PROTO_TCP, ROUTE_NODE,
 };
 
 pub use frame::FrameSummary;
@@ -52,11 +52,11 @@ pub enum Ingress {
     World,
 }
 
-/// What to explain.
+/// What to explain: a packet of one family (IPv4 or IPv6; a socket call: IPv4).
 #[derive(Clone, Debug)]
 pub struct Request {
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
     pub protocol: u8,
     pub ingress: Ingress,
     /// Pod ingress: the host veth the frame enters (default: the source pod's own).
@@ -97,10 +97,22 @@ pub fn explain(
         destination: request.destination,
         protocol: request.protocol,
     };
+    if flow.source.is_ipv4() != flow.destination.is_ipv4() {
+        bail!(
+            "{} and {} are of different families",
+            flow.source,
+            flow.destination
+        );
+    }
     let mut runs = Vec::new();
     if request.socket {
+        let SocketAddr::V4(destination) = request.destination else {
+            bail!(
+                "--socket explains IPv4 Services only (IPv6 Services are not in the datapath yet)"
+            );
+        };
         let traced = runner.socket(SockRequest {
-            address: request.destination.ip().octets(),
+            address: destination.ip().octets(),
             port: request.destination.port(),
             proto: request.protocol,
             cookie: request.cookie,
@@ -111,8 +123,8 @@ pub fn explain(
     }
     match request.ingress {
         Ingress::Pod => {
-            let (ifindex, device) = pod_veth(&context, request)?;
-            let packet = frame::first_packet(&flow, HOST_VETH_MAC, pod_mac_for(*flow.source.ip()))?;
+            let (ifindex, device, source_mac) = pod_veth(&context, request)?;
+            let packet = frame::first_packet(&flow, HOST_VETH_MAC, source_mac)?;
             let hook = format!("tcx ingress of {device} (ifindex {ifindex})");
             let traced = runner.tc(
                 program_names::FROM_POD,
@@ -138,7 +150,7 @@ pub fn explain(
             }
             let sender = match request.sender_node {
                 Some(node) => node,
-                None => context.sender_node(*flow.source.ip())?,
+                None => context.sender_node(flow.source.ip())?,
             };
             let packet = frame::first_packet(&flow, config.vtep_mac, vtep_mac_for(sender))?;
             let hook = format!(
@@ -231,16 +243,32 @@ impl NodeView<'_> {
             .unwrap_or_else(|| format!("ifindex {ifindex}"))
     }
 
-    /// The route covering `address` (longest prefix), if any.
-    pub fn route(&self, address: Ipv4Addr) -> Option<RouteInfo> {
-        self.maps
-            .routes
-            .get(&Key::new(32, address.octets()), 0)
-            .ok()
+    /// The route covering `address` (longest prefix; `ferrite_routes` or
+    /// `ferrite_routes6` by family), if any.
+    pub fn route(&self, address: IpAddr) -> Option<RouteInfo> {
+        match address {
+            IpAddr::V4(v4) => self.maps.routes.get(&Key::new(32, v4.octets()), 0),
+            IpAddr::V6(v6) => self.maps.routes6.get(&Key::new(128, v6.octets()), 0),
+        }
+        .ok()
     }
 
-    /// The node whose pod CIDR holds `address` (the sender of its overlay packets).
-    fn sender_node(&self, address: Ipv4Addr) -> Result<Ipv4Addr> {
+    /// The pod of this node with `address`, if any (`ferrite_endpnt` or
+    /// `ferrite_endpnt6` by family).
+    pub fn endpoint(&self, address: IpAddr) -> Result<Option<EndpointInfo>> {
+        match address {
+            IpAddr::V4(v4) => self.maps.endpoint(&EndpointKey {
+                address: v4.octets(),
+            }),
+            IpAddr::V6(v6) => self.maps.endpoint6(&Endpoint6Key {
+                address: v6.octets(),
+            }),
+        }
+    }
+
+    /// The node whose pod CIDR holds `address` (the sender of its overlay packets;
+    /// the tunnel is IPv4 for either family).
+    fn sender_node(&self, address: IpAddr) -> Result<Ipv4Addr> {
         match self.route(address) {
             Some(route) if route.flags & ROUTE_NODE == 0 => Ok(Ipv4Addr::from(route.node_ip)),
             _ => bail!(
@@ -265,40 +293,52 @@ impl NodeView<'_> {
     }
 }
 
-/// The host veth a pod's frame enters: `--veth`, else the source pod's own.
-fn pod_veth(context: &NodeView, request: &Request) -> Result<(u32, String)> {
+/// The host veth a pod's frame enters (`--veth`, else the source pod's own) and
+/// the MAC the frame comes from (the source pod's, when it is a pod of this node).
+fn pod_veth(context: &NodeView, request: &Request) -> Result<(u32, String, [u8; 6])> {
+    let source = request.source.ip();
+    let endpoint = context.endpoint(source)?;
+    let source_mac = match (endpoint, source) {
+        (_, IpAddr::V4(v4)) => pod_mac_for(v4),
+        (Some(endpoint), IpAddr::V6(_)) => endpoint.pod_mac,
+        // A spoofed IPv6 source: any unicast MAC (the datapath does not look at it).
+        (None, IpAddr::V6(_)) => UNKNOWN_POD_MAC,
+    };
     if let Some(name) = &request.veth {
         let interface = context
             .interfaces
             .get(name)
             .with_context(|| format!("no device {name} here"))?;
-        return Ok((interface.ifindex, name.clone()));
+        return Ok((interface.ifindex, name.clone(), source_mac));
     }
-    let source = *request.source.ip();
-    let endpoint = context
-        .maps
-        .endpoint(&EndpointKey {
-            address: source.octets(),
-        })?
-        .with_context(|| {
-            format!("{source} is not a pod of this node: give the veth it enters with --veth")
-        })?;
-    Ok((endpoint.ifindex, context.device_name(endpoint.ifindex)))
+    let endpoint = endpoint.with_context(|| {
+        format!("{source} is not a pod of this node: give the veth it enters with --veth")
+    })?;
+    Ok((
+        endpoint.ifindex,
+        context.device_name(endpoint.ifindex),
+        source_mac,
+    ))
 }
 
-/// `ADDRESS[:PORT]`: a source, with an ephemeral port when none is given.
-pub fn parse_source(value: &str) -> Result<SocketAddrV4, String> {
-    if let Ok(address) = value.parse::<SocketAddrV4>() {
+/// The source MAC of a frame from an IPv6 address that is no pod of this node: a
+/// locally administered unicast one.
+const UNKNOWN_POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// `ADDRESS[:PORT]`: a source, with an ephemeral port when none is given; IPv6 as
+/// `fd00::2` or `[fd00::2]:PORT`.
+pub fn parse_source(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = value.parse::<SocketAddr>() {
         return Ok(address);
     }
     value
-        .parse::<Ipv4Addr>()
-        .map(|ip| SocketAddrV4::new(ip, DEFAULT_SOURCE_PORT))
-        .map_err(|_| format!("{value:?} is not ADDRESS or ADDRESS:PORT (IPv4)"))
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_SOURCE_PORT))
+        .map_err(|_| format!("{value:?} is not ADDRESS, ADDRESS:PORT or [IPV6]:PORT"))
 }
 
-/// `ADDRESS:PORT/tcp` or `ADDRESS:PORT/udp`.
-pub fn parse_destination(value: &str) -> Result<(SocketAddrV4, u8), String> {
+/// `ADDRESS:PORT/tcp` or `ADDRESS:PORT/udp` (IPv6: `[ADDRESS]:PORT/tcp`).
+pub fn parse_destination(value: &str) -> Result<(SocketAddr, u8), String> {
     let (address, protocol) = value
         .rsplit_once('/')
         .ok_or_else(|| format!("{value:?}: expected ADDRESS:PORT/tcp or ADDRESS:PORT/udp"))?;
@@ -308,8 +348,8 @@ pub fn parse_destination(value: &str) -> Result<(SocketAddrV4, u8), String> {
         other => return Err(format!("{other:?}: only tcp and udp are explained")),
     };
     let address = address
-        .parse::<SocketAddrV4>()
-        .map_err(|_| format!("{address:?} is not ADDRESS:PORT (IPv4)"))?;
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("{address:?} is not ADDRESS:PORT or [IPV6]:PORT"))?;
     Ok((address, protocol))
 }
 
@@ -343,5 +383,22 @@ mod tests {
         assert!(parse_destination("10.96.0.10:80").is_err());
         assert!(parse_destination("10.96.0.10/tcp").is_err());
         assert!(parse_destination("10.96.0.10:80/sctp").is_err());
+    }
+
+    #[test]
+    fn ipv6_sources_and_destinations_are_bracketed_with_a_port() {
+        assert_eq!(
+            parse_source("fd00:10:244::2").unwrap(),
+            "[fd00:10:244::2]:40000".parse().unwrap()
+        );
+        assert_eq!(
+            parse_source("[fd00:10:244::2]:1234").unwrap(),
+            "[fd00:10:244::2]:1234".parse().unwrap()
+        );
+        assert_eq!(
+            parse_destination("[fd00:10:244::1:3]:8080/tcp").unwrap(),
+            ("[fd00:10:244::1:3]:8080".parse().unwrap(), PROTO_TCP)
+        );
+        assert!(parse_destination("fd00:10:244::1:3:8080/tcp").is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! and know no policy: which NetworkPolicies gave the rule (or select the pod, when
 //! none allows it) the node's running agent tells, from the model it wrote the
 //! maps from; without it, the verdict stands with a note.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use aya::maps::lpm_trie::Key;
 use ferrite_common::{
@@ -16,7 +16,7 @@ use ferrite_common::{
 };
 use serde::Serialize;
 
-use super::NodeView;
+use super::{NodeView, Request};
 use crate::model::policy::{Direction, EndpointSources, PolicyNames};
 
 /// The policy verdict at one isolated end of a flow.
@@ -249,6 +249,39 @@ pub fn describe(
     (!said.is_empty()).then(|| (said.join("; "), ends))
 }
 
+/// What NetworkPolicy does to an IPv6 flow, `None` when neither end is an isolated
+/// pod of this node.
+pub fn describe6(context: &NodeView, request: &Request) -> Option<String> {
+    let flags = |address: IpAddr| {
+        context
+            .endpoint(address)
+            .ok()
+            .flatten()
+            .map_or(0, |e| e.flags)
+    };
+    let (from, to) = (request.source.ip(), request.destination.ip());
+    ipv6_verdict(from, flags(from), to, flags(to))
+}
+
+/// The policy line of IPv6 from `from` to `to` (each end's isolation flags, 0 for
+/// no pod of this node). There are no IPv6 rules yet: the datapath fails closed,
+/// dropping the IPv6 of a pod isolated in either direction, the sender judged first
+/// (`policy::ipv6_denied` in the datapath).
+fn ipv6_verdict(from: IpAddr, from_flags: u32, to: IpAddr, to_flags: u32) -> Option<String> {
+    let isolated = |flags: u32| flags & (ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED) != 0;
+    let (end, direction) = if isolated(from_flags) {
+        (from, "egress")
+    } else if isolated(to_flags) {
+        (to, "ingress")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{direction} of {end}: denied: a NetworkPolicy isolates this pod and IPv6 has no \
+         NetworkPolicy rules yet, so its IPv6 traffic is dropped either way"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +370,16 @@ mod tests {
         // The maps allow port 82; the model has no policy allowing it.
         let (text, _) = verdict(&end(82), 7, Some("identity 7".into()), &Ok(Some(sources())));
         assert!(text.contains("maps and model differ"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_to_or_from_an_isolated_pod_is_denied_either_way_the_sender_first() {
+        let (a, b): (IpAddr, IpAddr) = ("fd00::2".parse().unwrap(), "fd00::3".parse().unwrap());
+        assert_eq!(ipv6_verdict(a, 0, b, 0), None);
+        let line = ipv6_verdict(a, 0, b, ENDPOINT_EGRESS_ISOLATED).unwrap();
+        assert!(line.starts_with("ingress of fd00::3: denied"), "{line}");
+        let line =
+            ipv6_verdict(a, ENDPOINT_INGRESS_ISOLATED, b, ENDPOINT_INGRESS_ISOLATED).unwrap();
+        assert!(line.starts_with("egress of fd00::2: denied"), "{line}");
     }
 }

@@ -2,7 +2,7 @@
 //! JSON (`-o json`) for scripts.
 use std::{
     fmt::Write,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use anyhow::Result;
@@ -260,13 +260,19 @@ fn conntrack(trace: &ExplainTrace) -> Option<String> {
     (trace.steps & step::CT_MISS != 0).then(|| "miss: a new flow".to_string())
 }
 
-/// The backend an established flow's forward entry pins it to (live map).
+/// The backend an established flow's forward entry pins it to (live map; IPv4
+/// only: IPv6 flows have no conntrack).
 fn conntrack_backend(context: &NodeView, request: &Request) -> Option<ChosenBackend> {
+    let (SocketAddr::V4(source), SocketAddr::V4(destination)) =
+        (request.source, request.destination)
+    else {
+        return None;
+    };
     let key = CtKey {
-        saddr: request.source.ip().octets(),
-        daddr: request.destination.ip().octets(),
-        sport: request.source.port(),
-        dport: request.destination.port(),
+        saddr: source.ip().octets(),
+        daddr: destination.ip().octets(),
+        sport: source.port(),
+        dport: destination.port(),
         proto: request.protocol,
         _pad: 0,
         _pad2: 0,
@@ -447,17 +453,15 @@ fn policy_of_flow(
     request: &Request,
     backend: Option<&ChosenBackend>,
 ) -> (Option<String>, Option<Vec<super::policy::PolicyEnd>>) {
+    let (SocketAddr::V4(source), SocketAddr::V4(destination)) =
+        (request.source, request.destination)
+    else {
+        return (super::policy::describe6(context, request), None);
+    };
     let translated_to = backend
         .and_then(|b| b.address.parse::<SocketAddrV4>().ok())
-        .unwrap_or(request.destination);
-    super::policy::describe(
-        context,
-        names,
-        request.source,
-        translated_to,
-        request.protocol,
-    )
-    .unzip()
+        .unwrap_or(destination);
+    super::policy::describe(context, names, source, translated_to, request.protocol).unzip()
 }
 
 /// The socket-level selection's run, explained; with what NetworkPolicy says of

@@ -12,6 +12,8 @@
 //! ferrite-probe --cgroup DIR --netns PATH hold ADDR   # TCP; one request per stdin line
 //! ```
 //! `--bind PORT` makes UDP sockets send from that port (a client with a fixed port).
+//! ADDR is IPv4 (`10.96.0.10:80`) or IPv6 (`[fd00::10]:80`, `[::ffff:10.96.0.10]:80`:
+//! an IPv6 address makes an IPv6 socket, dual-stack as Linux makes them by default).
 //! `ferrite-probe ... ping-pong ADDR tcp|udp SECONDS` sends one byte and waits for
 //! it back, over and over for SECONDS, on one TCP connection (or one unconnected UDP
 //! socket), and prints the transactions and latency percentiles (the latency bench).
@@ -19,7 +21,7 @@
 //! (wrk, iperf3) there instead.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsFd,
     path::PathBuf,
     time::{Duration, Instant},
@@ -63,9 +65,9 @@ fn line_exchange(stream: &mut TcpStream, message: &str) -> std::io::Result<Strin
     Ok(line.trim_end().to_string())
 }
 
-fn tcp(to: SocketAddrV4, message: &str) -> Outcome {
+fn tcp(to: SocketAddr, message: &str) -> Outcome {
     let start = Instant::now();
-    let result = TcpStream::connect_timeout(&to.into(), TIMEOUT).and_then(|mut stream| {
+    let result = TcpStream::connect_timeout(&to, TIMEOUT).and_then(|mut stream| {
         stream.set_read_timeout(Some(TIMEOUT))?;
         let from = stream.peer_addr()?;
         Ok((
@@ -77,10 +79,19 @@ fn tcp(to: SocketAddrV4, message: &str) -> Outcome {
     finish(result, start)
 }
 
-fn udp(to: SocketAddrV4, message: &str, connected: bool, port: u16) -> Outcome {
+/// A UDP socket of `to`'s family, sending from `port` (0: any).
+fn udp_socket(to: SocketAddr, port: u16) -> std::io::Result<UdpSocket> {
+    if to.is_ipv6() {
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        UdpSocket::bind(("0.0.0.0", port))
+    }
+}
+
+fn udp(to: SocketAddr, message: &str, connected: bool, port: u16) -> Outcome {
     let start = Instant::now();
     let result = (|| {
-        let socket = UdpSocket::bind(("0.0.0.0", port))?;
+        let socket = udp_socket(to, port)?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         let mut buf = [0u8; 2048];
         let (n, from) = if connected {
@@ -93,6 +104,14 @@ fn udp(to: SocketAddrV4, message: &str, connected: bool, port: u16) -> Outcome {
             // unconnected socket only with IP_RECVERR.
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)
                 .map_err(std::io::Error::from)?;
+            if to.is_ipv6() {
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::Ipv6RecvErr,
+                    &true,
+                )
+                .map_err(std::io::Error::from)?;
+            }
             socket.send_to(message.as_bytes(), to)?;
             socket.recv_from(&mut buf)?
         };
@@ -122,9 +141,9 @@ fn finish(result: std::io::Result<(String, SocketAddr, SocketAddr)>, start: Inst
 
 /// One TCP connection kept open: a request per stdin line, an outcome per request
 /// (the first line reports the connection itself).
-fn hold(to: SocketAddrV4) -> Result<()> {
+fn hold(to: SocketAddr) -> Result<()> {
     let start = Instant::now();
-    let mut stream = match TcpStream::connect_timeout(&to.into(), TIMEOUT) {
+    let mut stream = match TcpStream::connect_timeout(&to, TIMEOUT) {
         Ok(stream) => stream,
         Err(e) => return print(&finish(Err(e), start)),
     };
@@ -165,11 +184,11 @@ struct PingPong {
 }
 
 /// One byte there and back, over and over for `seconds`, every round trip timed.
-fn ping_pong(to: SocketAddrV4, protocol: &str, seconds: f64) -> Result<()> {
+fn ping_pong(to: SocketAddr, protocol: &str, seconds: f64) -> Result<()> {
     let mut byte = [0u8; 1];
     let mut exchange: Box<dyn FnMut() -> std::io::Result<()>> = match protocol {
         "tcp" => {
-            let mut stream = TcpStream::connect_timeout(&to.into(), TIMEOUT)?;
+            let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
             stream.set_nodelay(true)?;
             stream.set_read_timeout(Some(TIMEOUT))?;
             Box::new(move || {
@@ -178,7 +197,7 @@ fn ping_pong(to: SocketAddrV4, protocol: &str, seconds: f64) -> Result<()> {
             })
         }
         "udp" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let socket = udp_socket(to, 0)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
             Box::new(move || {
                 socket.send_to(b"x", to)?;
@@ -238,7 +257,7 @@ fn main() -> Result<()> {
         nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .context("entering the network namespace")?;
     }
-    let address = |i: usize| -> Result<SocketAddrV4> {
+    let address = |i: usize| -> Result<SocketAddr> {
         rest.get(i)
             .context("missing address")?
             .parse()

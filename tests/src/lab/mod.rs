@@ -21,8 +21,8 @@ pub use node::{bpf_object, ferrite_bin, Agent, Node};
 pub use pod::Pod;
 pub use probe::{probe_bin, HeldConnection, PingPong, Probe, ProbeOutcome};
 pub use traffic::{
-    answered_by, bulk_transfer, connection_loop, exchange, http_get, parse_answer, tcp_from_port,
-    udp_ask, Server,
+    answered_by, bulk_transfer, bulk_transfer_to, connection_loop, exchange, http_get,
+    parse_answer, tcp_from_port, udp_ask, Server,
 };
 pub use underlay::{
     node_ip, node_ip6, node_yaml, node_yaml_dual_stack, pod_cidr6, pod_ip, pod_ip6, Underlay,

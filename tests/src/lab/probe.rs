@@ -1,7 +1,7 @@
 //! Processes of a node or pod run as `ferrite-probe`: requests, held connections.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -107,23 +107,29 @@ impl Probe {
     }
 
     /// One TCP connection, one request line.
-    pub fn tcp(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
-        self.run(&["tcp", &to.to_string(), message])
+    pub fn tcp(&self, to: impl Into<SocketAddr>, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["tcp", &to.into().to_string(), message])
     }
 
     /// One datagram from an unconnected UDP socket (sendto/recvfrom).
-    pub fn udp(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
-        self.run(&["udp", &to.to_string(), message])
+    pub fn udp(&self, to: impl Into<SocketAddr>, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["udp", &to.into().to_string(), message])
     }
 
     /// One datagram from a connected UDP socket.
-    pub fn udp_connected(&self, to: SocketAddrV4, message: &str) -> Result<ProbeOutcome> {
-        self.run(&["udp-connected", &to.to_string(), message])
+    pub fn udp_connected(&self, to: impl Into<SocketAddr>, message: &str) -> Result<ProbeOutcome> {
+        self.run(&["udp-connected", &to.into().to_string(), message])
     }
 
     /// One-byte round trips to `to` over `protocol` (`tcp`: one connection, `udp`:
     /// one unconnected socket) for `seconds`, every one timed.
-    pub fn ping_pong(&self, to: SocketAddrV4, protocol: &str, seconds: f64) -> Result<PingPong> {
+    pub fn ping_pong(
+        &self,
+        to: impl Into<SocketAddr>,
+        protocol: &str,
+        seconds: f64,
+    ) -> Result<PingPong> {
+        let to = to.into();
         let out = self
             .command()
             .args(["ping-pong", &to.to_string(), protocol, &seconds.to_string()])
@@ -139,10 +145,10 @@ impl Probe {
     }
 
     /// A TCP connection held open by a probe process, one request per `send`.
-    pub fn hold(&self, to: SocketAddrV4) -> Result<HeldConnection> {
+    pub fn hold(&self, to: impl Into<SocketAddr>) -> Result<HeldConnection> {
         let mut child = self
             .command()
-            .args(["hold", &to.to_string()])
+            .args(["hold", &to.into().to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

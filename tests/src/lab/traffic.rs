@@ -2,7 +2,9 @@
 //! bulk transfers and connection loops.
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    },
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -185,9 +187,25 @@ pub fn bulk_transfer(
     port: u16,
     bytes: usize,
 ) -> Result<(usize, Duration)> {
+    bulk_transfer_to(client, server, SocketAddrV4::new(server.ip, port), bytes)
+}
+
+/// [`bulk_transfer`] to the server's address `to`, of either family (the sink
+/// listens on the unspecified address of `to`'s family and port).
+pub fn bulk_transfer_to(
+    client: &Pod,
+    server: &Pod,
+    to: impl Into<SocketAddr>,
+    bytes: usize,
+) -> Result<(usize, Duration)> {
+    let to: SocketAddr = to.into();
+    let any = match to {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
     let listener = server
         .netns
-        .run(move || TcpListener::bind(("0.0.0.0", port)))??;
+        .run(move || TcpListener::bind((any, to.port())))??;
     let sink = std::thread::spawn(move || -> Result<usize> {
         let (mut stream, _) = listener.accept()?;
         let mut buf = vec![0u8; 1 << 16];
@@ -202,7 +220,7 @@ pub fn bulk_transfer(
         Ok(total)
     });
     let start = Instant::now();
-    let mut stream = client.tcp_connect(SocketAddrV4::new(server.ip, port))?;
+    let mut stream = client.tcp_connect(to)?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let chunk = vec![0x5au8; 1 << 16];
     let mut sent = 0;
@@ -226,11 +244,12 @@ pub fn bulk_transfer(
 
 /// `count` sequential TCP connections from `client` to `to`, each one request line
 /// and its answer; returns the elapsed time. Runs on one thread inside the pod.
-pub fn connection_loop(client: &Pod, to: SocketAddrV4, count: usize) -> Result<Duration> {
+pub fn connection_loop(client: &Pod, to: impl Into<SocketAddr>, count: usize) -> Result<Duration> {
+    let to: SocketAddr = to.into();
     client.netns.run(move || -> Result<Duration> {
         let start = Instant::now();
         for i in 0..count {
-            let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             exchange(&mut stream, &format!("c{i}"))?;
         }

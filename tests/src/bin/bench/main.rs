@@ -101,56 +101,106 @@ const CONNECTIONS: usize = 2_000;
 const OVERLAY_ROUNDS: usize = 3;
 
 /// Cross-node pod -> pod: Ferrite over VXLAN next to the flannel-style vxlan wiring
-/// (Linux bridge + kernel vxlan + routes, no BPF), and Ferrite routing natively
-/// (`--routing native`) next to flannel's host-gw wiring (bridge + routes via the
-/// other node, no BPF); same underlay and traffic, pod MTU 1450 with VXLAN and 1500
-/// without, rounds alternating so noise hits all four.
+/// (Linux bridge + kernel vxlan + routes, no BPF), in both families (both
+/// dual-stack: IPv6 inside the IPv4 VXLAN, Ferrite's through the kernel's LWT encap
+/// route and `ferrite_from_overlay6`, flannel's through `flannel.1`'s IPv6 routes),
+/// and Ferrite routing natively (`--routing native`) next to flannel's host-gw
+/// wiring (bridge + routes via the other node, no BPF); same underlay and traffic,
+/// pod MTU 1450 with VXLAN and 1500 without, rounds alternating so noise hits all.
 fn overlay_bench() -> Result<()> {
+    use anyhow::Context;
     use ferrite_tests::{
         cluster::TCP_TARGET,
         flannel::FlannelCluster,
-        lab::{bulk_transfer, connection_loop, pod_ip, Cluster, Routing, Server},
+        lab::{bulk_transfer_to, connection_loop, pod_ip, pod_ip6, Cluster, Pod, Routing, Server},
     };
+    use std::net::{IpAddr, SocketAddr};
     let ferrite_cluster = |routing| -> Result<Cluster> {
+        let dual_stack = routing == Routing::Vxlan;
         let mut cluster = Cluster::with_routing(2, routing)?;
-        cluster.nodes[0].add_pod("client", pod_ip(0, 0))?;
-        cluster.nodes[1].add_pod("server", pod_ip(1, 0))?;
+        if dual_stack {
+            cluster.dual_stack()?;
+            cluster.nodes[0].add_dual_stack_pod("client", pod_ip(0, 0), pod_ip6(0, 0))?;
+            cluster.nodes[1].add_dual_stack_pod("server", pod_ip(1, 0), pod_ip6(1, 0))?;
+        } else {
+            cluster.nodes[0].add_pod("client", pod_ip(0, 0))?;
+            cluster.nodes[1].add_pod("server", pod_ip(1, 0))?;
+        }
         cluster.write_config(&cluster.nodes_and_pods_yaml())?;
         cluster.start_agents()?;
         for node in &cluster.nodes {
             node.wait_for_maps("overlay routes", |m| {
-                m.pod_routes() == 2 && m.endpoints.len() == 1
+                m.pod_routes() == 2
+                    && m.endpoints.len() == 1
+                    && (!dual_stack || (m.routes6.len() == 2 && m.endpoints6.len() == 1))
             })?;
         }
         Ok(cluster)
     };
     let ferrite = ferrite_cluster(Routing::Vxlan)?;
     let native = ferrite_cluster(Routing::Native)?;
-    let flannel = FlannelCluster::new(2, 1500 - ferrite_common::VXLAN_OVERHEAD)?;
+    let flannel = FlannelCluster::dual_stack(2, 1500 - ferrite_common::VXLAN_OVERHEAD)?;
     let host_gw = FlannelCluster::host_gw(2)?;
-    let setups = [
+    let ipv6 = |pod: &Pod| -> Result<IpAddr> { Ok(pod.ip6.context("a dual-stack pod")?.into()) };
+    // Pairs: Ferrite, then its baseline.
+    let setups: [(&str, &Pod, &Pod, IpAddr); 6] = [
         (
             "ferrite vxlan",
             ferrite.pod("client"),
             ferrite.pod("server"),
+            ferrite.pod("server").ip.into(),
         ),
-        ("flannel-style vxlan", &flannel.pods[0], &flannel.pods[1]),
-        ("ferrite native", native.pod("client"), native.pod("server")),
-        ("flannel host-gw", &host_gw.pods[0], &host_gw.pods[1]),
+        (
+            "flannel-style vxlan",
+            &flannel.pods[0],
+            &flannel.pods[1],
+            flannel.pods[1].ip.into(),
+        ),
+        (
+            "ferrite native",
+            native.pod("client"),
+            native.pod("server"),
+            native.pod("server").ip.into(),
+        ),
+        (
+            "flannel host-gw",
+            &host_gw.pods[0],
+            &host_gw.pods[1],
+            host_gw.pods[1].ip.into(),
+        ),
+        (
+            "ferrite vxlan",
+            ferrite.pod("client"),
+            ferrite.pod("server"),
+            ipv6(ferrite.pod("server"))?,
+        ),
+        (
+            "flannel-style vxlan",
+            &flannel.pods[0],
+            &flannel.pods[1],
+            ipv6(&flannel.pods[1])?,
+        ),
     ];
     let _servers: Vec<Server> = setups
         .iter()
-        .map(|(_, _, server)| server.serve(TCP_TARGET))
+        .map(|(_, _, server, ip)| {
+            Server::start(
+                &server.netns,
+                &server.name,
+                SocketAddr::new(*ip, TCP_TARGET),
+            )
+        })
         .collect::<Result<_>>()?;
-    let mut gbits: [Vec<f64>; 4] = Default::default();
-    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut gbits: [Vec<f64>; 6] = Default::default();
+    let mut rates: [Vec<f64>; 6] = Default::default();
     for round in 0..OVERLAY_ROUNDS {
-        for (i, (_, client, server)) in setups.iter().enumerate() {
-            let port = 9100 + round as u16;
-            let (bytes, elapsed) = bulk_transfer(client, server, port, TRANSFER_BYTES)?;
+        for (i, (_, client, server, ip)) in setups.iter().enumerate() {
+            // A port per setup: a server's families share its namespace.
+            let port = 9100 + (round * setups.len() + i) as u16;
+            let to = SocketAddr::new(*ip, port);
+            let (bytes, elapsed) = bulk_transfer_to(client, server, to, TRANSFER_BYTES)?;
             gbits[i].push(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9);
-            let to = SocketAddrV4::new(server.ip, TCP_TARGET);
-            let elapsed = connection_loop(client, to, CONNECTIONS)?;
+            let elapsed = connection_loop(client, SocketAddr::new(*ip, TCP_TARGET), CONNECTIONS)?;
             rates[i].push(CONNECTIONS as f64 / elapsed.as_secs_f64());
         }
     }
@@ -161,7 +211,11 @@ fn overlay_bench() -> Result<()> {
         "{:<28} {:>15} {:>20} {:>8}",
         "", "ferrite", "baseline", "ratio"
     );
-    for (pair, title) in [(0, "VXLAN (pod MTU 1450)"), (2, "native (pod MTU 1500)")] {
+    for (pair, title) in [
+        (0, "VXLAN, IPv4 (pod MTU 1450)"),
+        (4, "VXLAN, IPv6 in IPv4 (pod MTU 1450)"),
+        (2, "native, IPv4 (pod MTU 1500)"),
+    ] {
         let (ours, theirs) = (setups[pair].0, setups[pair + 1].0);
         println!("{title}: {ours} vs {theirs}");
         println!(
@@ -183,6 +237,13 @@ fn overlay_bench() -> Result<()> {
         "ferrite native vs ferrite vxlan: {:.2}x throughput, {:.2}x connections/s",
         gbits[2] / gbits[0],
         rates[2] / rates[0]
+    );
+    println!(
+        "IPv6 vs IPv4 over VXLAN: ferrite {:.2}x throughput, {:.2}x connections/s; flannel-style {:.2}x, {:.2}x",
+        gbits[4] / gbits[0],
+        rates[4] / rates[0],
+        gbits[5] / gbits[1],
+        rates[5] / rates[1]
     );
     println!("\ntarget: ferrite >= its flannel-style baseline (ratio >= 1.00)");
     Ok(())
