@@ -2,8 +2,8 @@
 //! design, over the IPv6 Service maps (`ferrite_lb6_*`), with the backend chosen by
 //! the same code (`sock::balance`, `lb::choose`: slots, affinity by the client's
 //! network namespace, traffic-policy scope, terminating endpoints).
-//! - A TCP `connect()` or an unconnected UDP `sendmsg()` to an IPv6 frontend is
-//!   rewritten to a backend; the socket remembers the Service in `ferrite_sk_svc6`
+//! - A TCP or UDP `connect()` or an unconnected UDP `sendmsg()` to an IPv6 frontend
+//!   is rewritten to a backend; the socket remembers the Service in `ferrite_sk_svc6`
 //!   (TCP) or `ferrite_sockrv6` by cookie (UDP), so `getpeername` and `recvmsg` show
 //!   the Service address.
 //! - Dual-stack sockets name IPv4 peers by IPv4-mapped addresses (`::ffff:a.b.c.d`):
@@ -206,11 +206,18 @@ fn remember(
     }
 }
 
-/// cgroup/connect6: TCP connects (connected UDP is left to the per-packet path).
+/// cgroup/connect6: TCP connects, and UDP connects to an IPv6 frontend. There is no
+/// per-packet IPv6 Service path to leave connected UDP to (resolvers connect their
+/// UDP sockets), so it is pointed at a backend at connect as Cilium does; it stays
+/// on that backend until it connects again. Connected UDP to an IPv4-mapped
+/// address sends IPv4 packets, which the IPv4 per-packet path balances.
 #[cgroup_sock_addr(connect6)]
 pub fn ferrite_connect6(ctx: SockAddrContext) -> i32 {
     match request(&ctx) {
         Some(req) if req.proto == PROTO_TCP => translate(&ctx, &req),
+        Some(req) if req.proto == PROTO_UDP && ipv4_mapped(&req.address).is_none() => {
+            translate(&ctx, &req)
+        }
         _ => ALLOW,
     }
 }

@@ -129,6 +129,11 @@ fn udp_to_an_ipv6_cluster_ip_is_answered_from_the_service_address() -> Result<()
     let outcome = bed.probe().udp(frontend, "over udp6")?;
     assert_eq!(answered(&outcome, "over udp6", frontend)?, "a");
     assert_eq!(bed.tb.counter(stat::SOCK_TRANSLATED)?, 1);
+    // A connected socket (a resolver's) too, at connect: there is no per-packet
+    // IPv6 Service path to leave it to. Its peer reads as the Service.
+    let outcome = bed.probe().udp_connected(frontend, "connected udp6")?;
+    assert_eq!(answered(&outcome, "connected udp6", frontend)?, "a");
+    assert_eq!(bed.tb.counter(stat::SOCK_TRANSLATED)?, 2);
     Ok(())
 }
 
