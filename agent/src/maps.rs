@@ -16,14 +16,15 @@ use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
     program_names,
     purge::{self, PurgeCounts, PurgePair, PurgeRequest},
-    stat, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, Endpoint6Key, EndpointInfo,
-    EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNatValue, Route6Prefix, RouteInfo,
-    ServiceKey, ServiceValue, SourceRangeKey, MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
+    stat, AffinityKey, AffinityValue, Backend, Backend6, Counter, CtKey, CtValue, Endpoint6Key,
+    EndpointInfo, EndpointKey, LbStatKey, MaglevTable, NodeConfig, RevNat6Value, RevNatValue,
+    Route6Prefix, RouteInfo, Service6Key, ServiceKey, ServiceValue, SourceRangeKey,
+    MAGLEV_TABLE_SIZE, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 use crate::plan::{
-    describe_policy_rule, describe_service_key, maglev_digest, maglev_key, Capacities, MapContents,
-    Op, PolicyRule, Route6Key, RouteKey, SourceRange,
+    describe_policy_rule, describe_service6_key, describe_service_key, maglev_digest, maglev_key,
+    Capacities, MapContents, Op, PolicyRule, Route6Key, RouteKey, SourceRange,
 };
 
 /// The capacities the node's Service maps were created with (`--map-capacity` of the
@@ -39,6 +40,9 @@ pub fn pinned_capacities(pin_dir: &Path) -> Result<Capacities> {
         services: entries(map_names::SERVICES)?,
         backends: entries(map_names::BACKENDS)?,
         rev_nat: entries(map_names::REV_NAT)?,
+        services6: entries(map_names::SERVICES6)?,
+        backends6: entries(map_names::BACKENDS6)?,
+        rev_nat6: entries(map_names::REV_NAT6)?,
     })
 }
 
@@ -57,6 +61,9 @@ pub struct NodeMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNatValue>,
+    pub services6: HashMap<MapData, Service6Key, ServiceValue>,
+    pub backends6: HashMap<MapData, u32, Backend6>,
+    pub rev_nat6: HashMap<MapData, u32, RevNat6Value>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     pub endpoints6: HashMap<MapData, Endpoint6Key, EndpointInfo>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -147,6 +154,9 @@ impl NodeMaps {
             services: map(map_names::SERVICES)?.try_into()?,
             backends: map(map_names::BACKENDS)?.try_into()?,
             rev_nat: map(map_names::REV_NAT)?.try_into()?,
+            services6: map(map_names::SERVICES6)?.try_into()?,
+            backends6: map(map_names::BACKENDS6)?.try_into()?,
+            rev_nat6: map(map_names::REV_NAT6)?.try_into()?,
             endpoints: map(map_names::ENDPOINTS)?.try_into()?,
             endpoints6: map(map_names::ENDPOINTS6)?.try_into()?,
             conntrack: map(map_names::CONNTRACK)?.try_into()?,
@@ -192,6 +202,9 @@ impl NodeMaps {
             services: entries(&self.services, map_names::SERVICES)?,
             backends: entries(&self.backends, map_names::BACKENDS)?,
             rev_nat: entries(&self.rev_nat, map_names::REV_NAT)?,
+            services6: entries(&self.services6, map_names::SERVICES6)?,
+            backends6: entries(&self.backends6, map_names::BACKENDS6)?,
+            rev_nat6: entries(&self.rev_nat6, map_names::REV_NAT6)?,
             endpoints: entries(&self.endpoints, map_names::ENDPOINTS)?,
             endpoints6: entries(&self.endpoints6, map_names::ENDPOINTS6)?,
             routes: self.route_entries()?,
@@ -459,6 +472,18 @@ impl NodeMaps {
                 Op::PutService(key, value) => Some((*key, *value)),
                 _ => None,
             }),
+            Some(Op::PutBackend6(..)) => run(&self.backends6, ops, |op| match op {
+                Op::PutBackend6(id, value) => Some((*id, *value)),
+                _ => None,
+            }),
+            Some(Op::PutRevNat6(..)) => run(&self.rev_nat6, ops, |op| match op {
+                Op::PutRevNat6(index, value) => Some((*index, *value)),
+                _ => None,
+            }),
+            Some(Op::PutService6(..)) => run(&self.services6, ops, |op| match op {
+                Op::PutService6(key, value) => Some((*key, *value)),
+                _ => None,
+            }),
             Some(Op::PutEndpoint(..)) => run(&self.endpoints, ops, |op| match op {
                 Op::PutEndpoint(key, value) => Some((*key, *value)),
                 _ => None,
@@ -477,6 +502,12 @@ impl NodeMaps {
             Op::PutRevNat(index, value) => self.rev_nat.insert(index, value, 0),
             Op::PutService(key, value) => self.services.insert(key, value, 0),
             Op::PutEndpoint(key, value) => self.endpoints.insert(key, value, 0),
+            Op::PutBackend6(id, value) => self.backends6.insert(id, value, 0),
+            Op::PutRevNat6(index, value) => self.rev_nat6.insert(index, value, 0),
+            Op::PutService6(key, value) => self.services6.insert(key, value, 0),
+            Op::DeleteService6(key) => self.services6.remove(key),
+            Op::DeleteRevNat6(index) => self.rev_nat6.remove(index),
+            Op::DeleteBackend6(id) => self.backends6.remove(id),
             Op::PutEndpoint6(key, value) => self.endpoints6.insert(key, value, 0),
             Op::DeleteService(key) => self.services.remove(key),
             Op::DeleteRevNat(index) => self.rev_nat.remove(index),
@@ -740,6 +771,28 @@ pub fn describe_op(op: &Op) -> String {
             key.backend_slot,
             map_names::SERVICES
         ),
+        Op::PutBackend6(id, b) => format!(
+            "writing backend {id} ({}) to {}",
+            std::net::SocketAddr::new(std::net::Ipv6Addr::from(b.address).into(), b.port),
+            map_names::BACKENDS6
+        ),
+        Op::PutRevNat6(index, _) => format!("writing rev-NAT {index} to {}", map_names::REV_NAT6),
+        Op::PutService6(key, _) => format!(
+            "writing service {} slot {} to {}",
+            describe_service6_key(key),
+            key.backend_slot,
+            map_names::SERVICES6
+        ),
+        Op::DeleteService6(key) => format!(
+            "removing service {} slot {} from {}",
+            describe_service6_key(key),
+            key.backend_slot,
+            map_names::SERVICES6
+        ),
+        Op::DeleteRevNat6(index) => {
+            format!("removing rev-NAT {index} from {}", map_names::REV_NAT6)
+        }
+        Op::DeleteBackend6(id) => format!("removing backend {id} from {}", map_names::BACKENDS6),
         Op::PutEndpoint(key, _) => format!(
             "writing endpoint {} to {}",
             std::net::Ipv4Addr::from(key.address),

@@ -11,8 +11,8 @@
 //! Namespaces (labels) and NetworkPolicies (pod, namespace and ipBlock peers,
 //! numbered and named ports, both directions) that come, change and go. After every
 //! step the agent's record is the maps, a full sync would write nothing, the maps
-//! mean what a full sync from scratch means, and the IPv6 frontends (in the model
-//! only) are a full sync's.
+//! (both families' Service maps) mean what a full sync from scratch means, and the
+//! IPv6 frontends of the model are a full sync's and each has its lb6 entries.
 mod support;
 
 use ferrite_agent::limits::Limits;

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use ferrite_agent::plan::MapContents;
-use ferrite_common::{ServiceKey, PROTO_TCP};
+use ferrite_common::{Service6Key, ServiceKey, PROTO_TCP};
 use ferrite_tests::{
     cluster::{self, BACKENDS, CLIENTS, TCP_FRONTEND},
     fake_apiserver::FakeApiServer,
@@ -22,6 +22,27 @@ fn master_count(maps: &MapContents, vip: Ipv4Addr, port: u16) -> Option<u16> {
     maps.services
         .get(&ServiceKey::new(vip, port, PROTO_TCP, 0))
         .map(|v| v.count)
+}
+
+/// The IPv6 frontend `vip`:`port`/TCP in `ferrite_lb6_svc`: its count and the
+/// addresses of its ready backends (`ferrite_lb6_be`), in slot order.
+fn frontend6(
+    maps: &MapContents,
+    vip: std::net::Ipv6Addr,
+    port: u16,
+) -> Option<(u16, Vec<std::net::Ipv6Addr>)> {
+    let master = Service6Key::new(vip.octets(), port, PROTO_TCP, 0);
+    let value = maps.services6.get(&master)?;
+    let backends = (1..=value.count)
+        .filter_map(|slot| {
+            let id = maps.services6.get(&Service6Key {
+                backend_slot: slot,
+                ..master
+            })?;
+            Some(maps.backends6.get(&id.backend_id)?.address.into())
+        })
+        .collect();
+    Some((value.count, backends))
 }
 
 /// The example cluster served by the fake API server, plus this node's Node object;
@@ -528,11 +549,12 @@ fn kube_proxys_health_endpoint_drains_a_node_the_autoscaler_is_about_to_delete()
     Ok(())
 }
 
-/// A dual-stack Service from the API server: its IPv4 half is served (the datapath
-/// has no IPv6 Service maps yet) and stays in the maps, unchanged, while its IPv6
-/// EndpointSlice scales, refuses an address and goes, and through a full sync; a
-/// RequireDualStack Service with one clusterIP is refused alone, logged and counted.
-/// Full resyncs are a minute apart, so the watch updates act.
+/// A dual-stack Service from the API server: its IPv4 half is served and stays in the
+/// maps, unchanged, while its IPv6 EndpointSlice scales, refuses an address and goes,
+/// and through a full sync; the IPv6 half's frontend and backends land in
+/// `ferrite_lb6_svc` and `ferrite_lb6_be` and go with the slice, then with the
+/// Service. A RequireDualStack Service with one clusterIP is refused alone, logged
+/// and counted. Full resyncs are a minute apart, so the watch updates act.
 #[test]
 fn a_dual_stack_service_keeps_serving_ipv4_while_its_ipv6_slice_changes() -> Result<()> {
     let c = kube_cluster_resyncing_every(Some(60))?;
@@ -599,9 +621,19 @@ endpoints:
             .map(|a| a.log_text())
             .unwrap_or_default()
     };
+    let vip6: std::net::Ipv6Addr = "fd00:10:96::50".parse()?;
+    let (one, two6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        ("fd00:10:244::11".parse()?, "fd00:10:244::12".parse()?);
+    let serves6 = |backends: &[std::net::Ipv6Addr]| {
+        let backends = backends.to_vec();
+        move |m: &MapContents| {
+            frontend6(m, vip6, 80) == Some((backends.len() as u16, backends.clone()))
+        }
+    };
+    node.wait_for_maps("the IPv6 half without backends", serves6(&[]))?;
     api.apply_yaml(&v6_slice(&["fd00:10:244::11"]))?;
-    // The scaled slice holds a link-local address: its refusal in the log says the
-    // agent read the slice (its writes, IPv6 only, are none).
+    node.wait_for_maps("the IPv6 backend in the lb6 maps", serves6(&[one]))?;
+    // The scaled slice holds a link-local address: refused, logged, the rest written.
     api.apply_yaml(&v6_slice(&[
         "fd00:10:244::11",
         "fd00:10:244::12",
@@ -611,7 +643,16 @@ endpoints:
     ferrite_tests::lab::wait_until("the IPv6 slice read", ferrite_tests::lab::SETTLE, || {
         log().contains(refused_endpoint)
     })?;
+    node.wait_for_maps("both IPv6 backends", serves6(&[one, two6]))?;
+    let backends6 = |m: &MapContents| {
+        let addresses: Vec<std::net::Ipv6Addr> =
+            m.backends6.values().map(|b| b.address.into()).collect();
+        addresses.contains(&one) || addresses.contains(&two6)
+    };
     api.delete("EndpointSlice", "default", "dual-v6");
+    node.wait_for_maps("the IPv6 backends gone with their slice", |m| {
+        serves6(&[])(m) && !backends6(m)
+    })?;
     // A RequireDualStack Service with one clusterIP: refused alone, with its reason.
     api.apply_yaml(
         "apiVersion: v1
@@ -658,5 +699,11 @@ spec:
         changed, 0,
         "the IPv4 frontend changed in {changed} of {reads} reads"
     );
+    // The Service gone: its IPv6 frontend and rev-NAT entry go too.
+    api.delete("Service", "default", "dual");
+    node.wait_for_maps("the IPv6 frontend gone with its Service", |m| {
+        m.services6.keys().all(|k| k.address != vip6.octets())
+            && m.rev_nat6.values().all(|r| r.address != vip6.octets())
+    })?;
     Ok(())
 }

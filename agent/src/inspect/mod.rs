@@ -18,7 +18,7 @@ pub use policy::{parse_pod, PodChoice};
 use crate::{
     maps::{describe_op, NodeMaps},
     model::Protocol,
-    plan::{describe_service_key, op_map, Op},
+    plan::{op_map, LbFamily, MapContents, Op},
 };
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -47,6 +47,49 @@ pub enum Output {
     Json,
 }
 
+/// Family `A`'s Service frontends, each with its ready backends.
+fn service_rows<A: LbFamily>(contents: &MapContents) -> Vec<ServiceRow> {
+    let services = A::services(contents);
+    services
+        .iter()
+        .filter(|(k, _)| A::slot(k) == 0)
+        .map(|(key, value)| {
+            let (address, port, proto) = A::frontend_of(key);
+            ServiceRow {
+                frontend: A::describe(key),
+                address,
+                port,
+                protocol: protocol_name(proto),
+                rev_nat_index: value.rev_nat_index,
+                count: value.count,
+                backends: (1..=value.count)
+                    .filter_map(|slot| {
+                        let id = services.get(&A::at(key, A::scope(key), slot))?.backend_id;
+                        let (address, port, _) = A::backend_of(A::backends(contents).get(&id)?);
+                        Some(BackendRef { id, address, port })
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Family `A`'s backends by id.
+fn backend_rows<A: LbFamily>(contents: &MapContents) -> Vec<BackendRow> {
+    A::backends(contents)
+        .iter()
+        .map(|(id, backend)| {
+            let (address, port, proto) = A::backend_of(backend);
+            BackendRow {
+                id: *id,
+                address,
+                port,
+                protocol: protocol_name(proto),
+            }
+        })
+        .collect()
+}
+
 /// A row of one of the tables: its fields for JSON, its cells for text.
 trait Row: Serialize {
     const HEADER: &'static [&'static str];
@@ -56,14 +99,14 @@ trait Row: Serialize {
 #[derive(Serialize)]
 struct BackendRef {
     id: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
 }
 
 #[derive(Serialize)]
 struct ServiceRow {
     frontend: String,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: String,
     rev_nat_index: u32,
@@ -77,7 +120,7 @@ impl Row for ServiceRow {
         let backends: Vec<String> = self
             .backends
             .iter()
-            .map(|b| format!("{}:{}", b.address, b.port))
+            .map(|b| std::net::SocketAddr::new(b.address, b.port).to_string())
             .collect();
         vec![
             self.frontend.clone(),
@@ -91,7 +134,7 @@ impl Row for ServiceRow {
 #[derive(Serialize)]
 struct BackendRow {
     id: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: String,
 }
@@ -101,7 +144,11 @@ impl Row for BackendRow {
     fn cells(&self) -> Vec<String> {
         vec![
             self.id.to_string(),
-            format!("{}:{}/{}", self.address, self.port, self.protocol),
+            format!(
+                "{}/{}",
+                std::net::SocketAddr::new(self.address, self.port),
+                self.protocol
+            ),
         ]
     }
 }
@@ -351,48 +398,15 @@ pub fn render_for_pod(
             }
             Ok(shown)
         }
+        // IPv6 Services (the lb6 maps) after the IPv4 ones.
         Table::Services => {
-            let rows: Vec<ServiceRow> = contents
-                .services
-                .iter()
-                .filter(|(k, _)| k.backend_slot == 0)
-                .map(|(key, value)| ServiceRow {
-                    frontend: describe_service_key(key),
-                    address: Ipv4Addr::from(key.address),
-                    port: key.port,
-                    protocol: protocol_name(key.proto),
-                    rev_nat_index: value.rev_nat_index,
-                    count: value.count,
-                    backends: (1..=value.count)
-                        .filter_map(|slot| {
-                            let slot_key = ferrite_common::ServiceKey {
-                                backend_slot: slot,
-                                ..*key
-                            };
-                            let id = contents.services.get(&slot_key)?.backend_id;
-                            let b = contents.backends.get(&id)?;
-                            Some(BackendRef {
-                                id,
-                                address: Ipv4Addr::from(b.address),
-                                port: b.port,
-                            })
-                        })
-                        .collect(),
-                })
-                .collect();
+            let mut rows = service_rows::<Ipv4Addr>(&contents);
+            rows.extend(service_rows::<Ipv6Addr>(&contents));
             show(&rows, output)
         }
         Table::Backends => {
-            let rows: Vec<BackendRow> = contents
-                .backends
-                .iter()
-                .map(|(id, b)| BackendRow {
-                    id: *id,
-                    address: Ipv4Addr::from(b.address),
-                    port: b.port,
-                    protocol: protocol_name(b.proto),
-                })
-                .collect();
+            let mut rows = backend_rows::<Ipv4Addr>(&contents);
+            rows.extend(backend_rows::<Ipv6Addr>(&contents));
             show(&rows, output)
         }
         Table::Endpoints => show(&endpoint_rows(&contents), output),
@@ -520,40 +534,100 @@ mod tests {
     }
 
     #[test]
-    fn services_show_their_backends_as_addresses_in_text_and_objects_in_json() -> Result<()> {
-        let row = ServiceRow {
-            frontend: "10.96.0.10:80/TCP".into(),
-            address: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            protocol: "TCP".into(),
-            rev_nat_index: 1,
-            count: 2,
-            backends: vec![
-                BackendRef {
-                    id: 4,
-                    address: Ipv4Addr::new(10, 244, 0, 2),
-                    port: 8080,
-                },
-                BackendRef {
-                    id: 9,
-                    address: Ipv4Addr::new(10, 244, 1, 3),
-                    port: 8080,
-                },
-            ],
+    fn services_of_both_families_show_their_backends_as_addresses_in_text_and_json() -> Result<()> {
+        use ferrite_common::{Backend, Backend6, Service6Key, ServiceKey, ServiceValue, PROTO_TCP};
+        let master = |count, rev_nat_index| ServiceValue {
+            count,
+            rev_nat_index,
+            ..ServiceValue::default()
         };
-        let shown = text(std::slice::from_ref(&row));
+        let slot = |backend_id| ServiceValue {
+            backend_id,
+            ..ServiceValue::default()
+        };
+        let vip = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 10), 80, PROTO_TCP, 0);
+        let vip6_address: Ipv6Addr = "fd00:10:96::10".parse()?;
+        let vip6 = Service6Key::new(vip6_address.octets(), 80, PROTO_TCP, 0);
+        let backend = |address, port| Backend {
+            address,
+            port,
+            proto: PROTO_TCP,
+            flags: 0,
+        };
+        let contents = MapContents {
+            services: [
+                (vip, master(2, 1)),
+                (
+                    ServiceKey {
+                        backend_slot: 1,
+                        ..vip
+                    },
+                    slot(4),
+                ),
+                (
+                    ServiceKey {
+                        backend_slot: 2,
+                        ..vip
+                    },
+                    slot(9),
+                ),
+            ]
+            .into(),
+            backends: [
+                (4, backend([10, 244, 0, 2], 8080)),
+                (9, backend([10, 244, 1, 3], 8080)),
+            ]
+            .into(),
+            services6: [
+                (vip6, master(1, 2)),
+                (
+                    Service6Key {
+                        backend_slot: 1,
+                        ..vip6
+                    },
+                    slot(10),
+                ),
+            ]
+            .into(),
+            backends6: [(
+                10,
+                Backend6 {
+                    address: "fd00:10:244::2".parse::<Ipv6Addr>()?.octets(),
+                    port: 8080,
+                    proto: PROTO_TCP,
+                    flags: 0,
+                },
+            )]
+            .into(),
+            ..MapContents::default()
+        };
+        let mut rows = service_rows::<Ipv4Addr>(&contents);
+        rows.extend(service_rows::<Ipv6Addr>(&contents));
+        let shown = text(&rows);
+        let lines: Vec<&str> = shown.lines().collect();
         assert!(
-            shown
-                .lines()
-                .nth(1)
-                .is_some_and(|l| l.starts_with("10.96.0.10:80/TCP")
-                    && l.ends_with("10.244.0.2:8080, 10.244.1.3:8080")),
+            lines[1].starts_with("10.96.0.10:80/TCP")
+                && lines[1].ends_with("10.244.0.2:8080, 10.244.1.3:8080"),
             "{shown}"
         );
-        let parsed: serde_json::Value = serde_json::from_str(&json(&[row])?)?;
+        assert!(
+            lines[2].starts_with("[fd00:10:96::10]:80/TCP")
+                && lines[2].ends_with("[fd00:10:244::2]:8080"),
+            "{shown}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&json(&rows)?)?;
         assert_eq!(parsed[0]["address"], "10.96.0.10");
         assert_eq!(parsed[0]["backends"][1]["address"], "10.244.1.3");
         assert_eq!(parsed[0]["backends"][1]["id"], 9);
+        assert_eq!(parsed[1]["address"], "fd00:10:96::10");
+        assert_eq!(parsed[1]["backends"][0]["address"], "fd00:10:244::2");
+        let mut backends = backend_rows::<Ipv4Addr>(&contents);
+        backends.extend(backend_rows::<Ipv6Addr>(&contents));
+        assert!(
+            text(&backends).contains("[fd00:10:244::2]:8080/TCP"),
+            "{}",
+            text(&backends)
+        );
         Ok(())
     }
 

@@ -95,7 +95,7 @@ pub fn build_with_policy_index(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicesModel {
     pub frontends: BTreeMap<L4Addr, ServiceFrontend>,
-    /// The IPv6 frontends (not in the datapath yet).
+    /// The IPv6 frontends (written to the lb6 maps).
     pub frontends6: BTreeMap<L4Addr6, ServiceFrontend6>,
     /// Health-check ports to serve, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,

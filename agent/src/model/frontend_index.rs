@@ -32,6 +32,11 @@ impl<A: Family> FrontendIndex<A> {
         &self.frontends
     }
 
+    /// The frontends the Service `service` has.
+    pub fn of_service(&self, service: &ServiceRef) -> &[L4Addr<A>] {
+        self.of_service.get(service).map_or(&[], Vec::as_slice)
+    }
+
     /// Whether `built` (the frontends of the Services `changed`, built anew) claims
     /// a frontend a Service outside `changed` has: only a full sync decides that.
     pub fn taken_elsewhere(

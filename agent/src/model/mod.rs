@@ -18,8 +18,8 @@
 //! - a Service has these frontends for each IP family it has a clusterIP of
 //!   (`clusterIPs`, `ipFamilies` and `ipFamilyPolicy` checked as the API server
 //!   checks them), each with backends from that family's EndpointSlices
-//!   (`addressType` IPv4 or IPv6) only; the IPv6 ones are in the model only, the
-//!   datapath has no IPv6 Service maps yet;
+//!   (`addressType` IPv4 or IPv6) only; the IPv6 ones go to the lb6 maps (no
+//!   Maglev tables or source ranges: no IPv6 path for clients from outside yet);
 //! - headless and ExternalName Services have no frontend and are skipped;
 //! - an invalid object is skipped with a reason; everything else still applies.
 mod build;

@@ -55,7 +55,11 @@ pub enum SkipReason {
     /// plugin wired, or one an earlier object named): that pod keeps it.
     PodIpHeld { ip: IpAddr, interface: String },
     /// More backends than a frontend's slot numbers can count.
-    TooManyBackends { frontend: L4Addr, count: usize },
+    TooManyBackends {
+        /// The frontend as shown (`10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`).
+        frontend: String,
+        count: usize,
+    },
     /// A Service map has no room for the frontend's new entries; `kept`: it was in
     /// the maps already and keeps the entries it had; `reserved`: what is left is
     /// kept for small frontends and kube-system's, and this one is neither.
@@ -68,7 +72,8 @@ pub enum SkipReason {
     /// Every rev-NAT index is in use.
     NoRevNatIndex,
     /// Every backend id is in use.
-    NoBackendId(L4Addr),
+    /// The backend as shown.
+    NoBackendId(String),
     /// A pod whose host interface does not exist (yet): the CNI plugin is still
     /// wiring it, so a later sync writes its endpoint.
     InterfaceMissing { interface: String },
@@ -257,7 +262,7 @@ mod tests {
             ),
             (
                 SkipReason::TooManyBackends {
-                    frontend,
+                    frontend: frontend.to_string(),
                     count: 70_000,
                 },
                 "10.96.0.1:80/TCP has 70000 backends: more than a port may have",
@@ -293,7 +298,7 @@ mod tests {
             ),
             (SkipReason::NoRevNatIndex, "no rev-NAT index left"),
             (
-                SkipReason::NoBackendId(frontend),
+                SkipReason::NoBackendId(frontend.to_string()),
                 "no backend id left for 10.96.0.1:80/TCP",
             ),
             (

@@ -192,7 +192,7 @@ pub struct ServiceFrontend<A: Family = Ipv4Addr> {
     pub source_ranges: Vec<A::Net>,
 }
 
-/// An IPv6 frontend: in the model only (the datapath has no IPv6 Service maps yet).
+/// An IPv6 frontend (written to the lb6 maps, `ferrite_lb6_*`).
 pub type ServiceFrontend6 = ServiceFrontend<Ipv6Addr>;
 
 impl<A: Family> Default for ServiceFrontend<A> {
@@ -247,7 +247,7 @@ pub struct ClusterNode {
     /// InternalIP: where its VXLAN endpoint listens.
     pub ip: Ipv4Addr,
     pub pod_cidrs: Vec<Ipv4Net>,
-    /// Its IPv6 InternalIP (dual-stack), once accepted. Not in the datapath yet.
+    /// Its IPv6 InternalIP (dual-stack), once accepted: this node's IPv6 NodePorts.
     pub ip6: Option<Ipv6Addr>,
     /// Its accepted IPv6 pod CIDR (dual-stack: at most one). Not in the datapath
     /// yet; the agent publishes this node's for the CNI plugin.
@@ -261,7 +261,7 @@ pub struct ClusterNode {
 pub struct DesiredState {
     pub services: BTreeMap<L4Addr, ServiceFrontend>,
     /// The IPv6 frontends of Services with an IPv6 clusterIP (the IPv6 half of a
-    /// dual-stack one): the model's, not written to the datapath yet.
+    /// dual-stack one), written to the lb6 maps.
     pub services6: BTreeMap<L4Addr6, ServiceFrontend6>,
     /// Health-check ports this node serves, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,

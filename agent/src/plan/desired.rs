@@ -1,18 +1,18 @@
 //! The desired contents of every map: node config, routes, Service entries and pod
 //! endpoints.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ferrite_common::{
-    endpoint_flag, pod_mac_for, Backend, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
-    RouteInfo, ROUTE_LOCAL, ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
+    endpoint_flag, pod_mac_for, EndpointInfo, EndpointKey, NodeConfig, RouteInfo, ROUTE_LOCAL,
+    ROUTE_NATIVE, ROUTE_NODE, ROUTE_REMOTE, VXLAN_DEVICE,
 };
 
 use super::{
-    ids::{keys_of, Budget, ExistingIds},
-    image::{backend_value, rev_nat_value, EndpointFamily},
+    ids::{ids_of, Budget, ExistingIds, SharedIds},
+    image::EndpointFamily,
     overlay_address,
     service_entries::service_contents,
     Interface, MapContents, NodeSettings, Route6Key, RouteKey,
@@ -189,31 +189,32 @@ pub fn desired_contents_keeping_ids(
             );
         }
     }
-    let wanted_backends: BTreeSet<Backend> = state
-        .services
-        .values()
-        .flat_map(|service| {
-            let in_cluster = service.in_cluster.iter();
-            service
-                .backends
-                .iter()
-                .chain(&service.terminating)
-                .chain(in_cluster.flat_map(|c| c.backends.iter().chain(&c.terminating)))
-                .map(backend_value)
-        })
-        .collect();
-    let wanted_rev_nat: BTreeSet<RevNatValue> = state.services.keys().map(rev_nat_value).collect();
-    let backend_ids = keys_of(&ids_from.backends, &wanted_backends);
-    let rev_nat_ids = keys_of(&ids_from.rev_nat, &wanted_rev_nat);
-    let existing = ExistingIds {
-        backend: &|value| backend_ids.get(value).copied(),
-        rev_nat: &|value| rev_nat_ids.get(value).copied(),
+    let (backend_ids, rev_nat_ids) = ids_of(&state.services, ids_from);
+    let (backend6_ids, rev_nat6_ids) = ids_of(&state.services6, ids_from);
+    let existing = ExistingIds::<Ipv4Addr> {
+        backend: Box::new(|value| backend_ids.get(value).copied()),
+        rev_nat: Box::new(|value| rev_nat_ids.get(value).copied()),
+    };
+    let existing6 = ExistingIds::<Ipv6Addr> {
+        backend: Box::new(|value| backend6_ids.get(value).copied()),
+        rev_nat: Box::new(|value| rev_nat6_ids.get(value).copied()),
     };
     let mut budget = Budget::after(&settings.capacities, current);
+    let mut ids = SharedIds::new(current, &budget);
     service_contents(
         state.services.iter(),
         current,
         &existing,
+        &mut ids,
+        &mut budget,
+        &mut out,
+        &mut skipped,
+    );
+    service_contents(
+        state.services6.iter(),
+        current,
+        &existing6,
+        &mut ids,
         &mut budget,
         &mut out,
         &mut skipped,

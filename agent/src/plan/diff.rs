@@ -2,9 +2,11 @@
 //! and what a diff ends: removed backends and (frontend, backend) pairs.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrite_common::{NodeConfig, ServiceKey, ServiceValue};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::{service_entries::frontend_range, MapContents, Op};
+use ferrite_common::{NodeConfig, ServiceValue};
+
+use super::{LbFamily, MapContents, Op};
 
 /// Selects every key: for maps that `changes` compares whole.
 fn all<K>(_: &K) -> bool {
@@ -15,14 +17,10 @@ fn all<K>(_: &K) -> bool {
 /// docs of `plan`). Entries already right are not written: a restart that finds the
 /// maps in order writes nothing and never disturbs a live flow.
 pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
-    let is_master = |k: &ServiceKey| k.backend_slot == 0;
-    let is_slot = |k: &ServiceKey| k.backend_slot != 0;
     let (route_puts, route_deletes) = changes(&current.routes, &desired.routes, all);
     let (route6_puts, route6_deletes) = changes(&current.routes6, &desired.routes6, all);
-    let (backend_puts, backend_deletes) = changes(&current.backends, &desired.backends, all);
-    let (rev_puts, rev_deletes) = changes(&current.rev_nat, &desired.rev_nat, all);
-    let (slot_puts, slot_deletes) = changes(&current.services, &desired.services, is_slot);
-    let (master_puts, master_deletes) = changes(&current.services, &desired.services, is_master);
+    let v4 = ServiceChanges::<Ipv4Addr>::between(current, desired);
+    let v6 = ServiceChanges::<Ipv6Addr>::between(current, desired);
     let (endpoint_puts, endpoint_deletes) = changes(&current.endpoints, &desired.endpoints, all);
     let (endpoint6_puts, endpoint6_deletes) =
         changes(&current.endpoints6, &desired.endpoints6, all);
@@ -55,15 +53,17 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     }
     ops.extend(route_puts.into_iter().map(|(k, v)| Op::PutRoute(k, v)));
     ops.extend(route6_puts.into_iter().map(|(k, v)| Op::PutRoute6(k, v)));
-    ops.extend(backend_puts.into_iter().map(|(k, v)| Op::PutBackend(k, v)));
-    ops.extend(rev_puts.into_iter().map(|(k, v)| Op::PutRevNat(k, v)));
-    ops.extend(slot_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    v4.backends_and_rev_nat(&mut ops);
+    v6.backends_and_rev_nat(&mut ops);
+    v4.slots(&mut ops);
+    v6.slots(&mut ops);
     ops.extend(maglev_puts.into_iter().map(|(k, digest)| {
         let count = desired.services.get(&k).map(|m| m.count).unwrap_or(0);
         Op::PutMaglev(k, count, digest)
     }));
     ops.extend(range_puts.map(|r| Op::PutSourceRange(*r)));
-    ops.extend(master_puts.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    v4.masters(&mut ops);
+    v6.masters(&mut ops);
     // An identity is named by its class of peers, so it means the same before and
     // after these writes: the rules allowing an identity go in first, then the
     // addresses taking it (an address that moves meets its new allows at once,
@@ -82,12 +82,14 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
             .into_iter()
             .map(|(k, v)| Op::PutEndpoint6(k, v)),
     );
-    ops.extend(master_deletes.into_iter().map(Op::DeleteService));
+    v4.master_removals(&mut ops);
+    v6.master_removals(&mut ops);
     ops.extend(maglev_deletes.into_iter().map(Op::DeleteMaglev));
     ops.extend(range_deletes.map(|r| Op::DeleteSourceRange(*r)));
-    ops.extend(slot_deletes.into_iter().map(Op::DeleteService));
-    ops.extend(rev_deletes.into_iter().map(Op::DeleteRevNat));
-    ops.extend(backend_deletes.into_iter().map(Op::DeleteBackend));
+    v4.slot_removals(&mut ops);
+    v6.slot_removals(&mut ops);
+    v4.rev_nat_and_backend_removals(&mut ops);
+    v6.rev_nat_and_backend_removals(&mut ops);
     ops.extend(endpoint_deletes.into_iter().map(Op::DeleteEndpoint));
     ops.extend(endpoint6_deletes.into_iter().map(Op::DeleteEndpoint6));
     ops.extend(policy_deletes.into_iter().map(Op::DeletePolicy));
@@ -103,15 +105,67 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     ops
 }
 
+/// The puts and the removals of one map ([`changes`]).
+type Changes<K, V> = (Vec<(K, V)>, Vec<K>);
+
+/// What changes in one family's Service maps, written by [`diff`] step by step.
+struct ServiceChanges<A: LbFamily> {
+    backends: Changes<u32, A::Backend>,
+    rev_nat: Changes<u32, A::RevNat>,
+    slots: Changes<A::ServiceKey, ServiceValue>,
+    masters: Changes<A::ServiceKey, ServiceValue>,
+}
+
+impl<A: LbFamily> ServiceChanges<A> {
+    fn between(current: &MapContents, desired: &MapContents) -> Self {
+        let (current_services, desired_services) = (A::services(current), A::services(desired));
+        Self {
+            backends: changes(A::backends(current), A::backends(desired), all),
+            rev_nat: changes(A::rev_nat(current), A::rev_nat(desired), all),
+            slots: changes(current_services, desired_services, |k| A::slot(k) != 0),
+            masters: changes(current_services, desired_services, |k| A::slot(k) == 0),
+        }
+    }
+
+    fn backends_and_rev_nat(&self, ops: &mut Vec<Op>) {
+        let backends = self.backends.0.iter();
+        ops.extend(backends.map(|(id, value)| A::put_backend(*id, *value)));
+        let rev_nat = self.rev_nat.0.iter();
+        ops.extend(rev_nat.map(|(index, value)| A::put_rev_nat(*index, *value)));
+    }
+
+    fn slots(&self, ops: &mut Vec<Op>) {
+        let slots = self.slots.0.iter();
+        ops.extend(slots.map(|(key, value)| A::put_service(*key, *value)));
+    }
+
+    fn masters(&self, ops: &mut Vec<Op>) {
+        let masters = self.masters.0.iter();
+        ops.extend(masters.map(|(key, value)| A::put_service(*key, *value)));
+    }
+
+    fn master_removals(&self, ops: &mut Vec<Op>) {
+        ops.extend(self.masters.1.iter().map(|key| A::delete_service(*key)));
+    }
+
+    fn slot_removals(&self, ops: &mut Vec<Op>) {
+        ops.extend(self.slots.1.iter().map(|key| A::delete_service(*key)));
+    }
+
+    fn rev_nat_and_backend_removals(&self, ops: &mut Vec<Op>) {
+        ops.extend(self.rev_nat.1.iter().map(|index| A::delete_rev_nat(*index)));
+        ops.extend(self.backends.1.iter().map(|id| A::delete_backend(*id)));
+    }
+}
+
 /// One ordered pass over both maps (they are sorted): the entries of `desired`
 /// (selected by `keep`) that `current` lacks or holds differently, and the keys of
 /// `current` that `desired` no longer has.
-#[allow(clippy::type_complexity)]
 fn changes<K: Ord + Copy, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     keep: impl Fn(&K) -> bool,
-) -> (Vec<(K, V)>, Vec<K>) {
+) -> Changes<K, V> {
     use std::cmp::Ordering;
     let (mut puts, mut deletes) = (Vec::new(), Vec::new());
     let mut cur = current.iter().filter(|(k, _)| keep(k)).peekable();
@@ -167,34 +221,39 @@ pub fn drift(expected: &MapContents, actual: &MapContents) -> Vec<Op> {
 /// behind another Service (backends are shared by value): its flows of this frontend
 /// move to the frontend's current backends. Proportional to the frontends touched.
 pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u32, u32)> {
-    let touched: BTreeSet<ServiceKey> = ops
+    let mut ended = ended_pairs_of::<Ipv4Addr>(before, ops);
+    ended.extend(ended_pairs_of::<Ipv6Addr>(before, ops));
+    ended
+}
+
+/// [`ended_pairs`] of family `A`'s frontends (their ids are the other family's
+/// never: one id space).
+fn ended_pairs_of<A: LbFamily>(before: &MapContents, ops: &[Op]) -> BTreeSet<(u32, u32)> {
+    let touched: BTreeSet<A::ServiceKey> = ops
         .iter()
-        .filter_map(|op| match op {
-            Op::PutService(key, _) | Op::DeleteService(key) => Some(master_of(key)),
-            _ => None,
-        })
+        .filter_map(|op| A::service_write(op).map(|(key, _)| A::frontend_range(&key).0))
         .collect();
     if touched.is_empty() {
         return BTreeSet::new();
     }
+    let services = A::services(before);
     let mut after = BTreeMap::new();
     for master in &touched {
-        let (first, last) = frontend_range(master);
-        after.extend(before.services.range(first..=last));
+        let (first, last) = A::frontend_range(master);
+        after.extend(services.range(first..=last));
     }
-    for op in ops {
-        match op {
-            Op::PutService(key, value) => drop(after.insert(*key, *value)),
-            Op::DeleteService(key) => drop(after.remove(key)),
-            _ => {}
+    for (key, value) in ops.iter().filter_map(A::service_write) {
+        match value {
+            Some(value) => drop(after.insert(key, value)),
+            None => drop(after.remove(&key)),
         }
     }
     let mut ended = BTreeSet::new();
     for master in touched {
-        let (Some(old_rev_nat), old_ids) = members(&before.services, master) else {
+        let (Some(old_rev_nat), old_ids) = members::<A>(services, master) else {
             continue;
         };
-        let (new_rev_nat, new_ids) = members(&after, master);
+        let (new_rev_nat, new_ids) = members::<A>(&after, master);
         for id in old_ids {
             if new_rev_nat != Some(old_rev_nat) || !new_ids.contains(&id) {
                 ended.insert((old_rev_nat, id));
@@ -204,34 +263,29 @@ pub fn ended_pairs(before: &MapContents, ops: &[Op]) -> BTreeSet<(u32, u32)> {
     ended
 }
 
-/// Backend ids a diff removes: conntrack entries naming them must go too, before the
-/// id can ever be handed out again.
+/// Backend ids a diff removes (of either family: one id space): conntrack entries
+/// naming them must go too, before the id can ever be handed out again.
 pub fn removed_backends(ops: &[Op]) -> BTreeSet<u32> {
     ops.iter()
         .filter_map(|op| match op {
-            Op::DeleteBackend(id) => Some(*id),
+            Op::DeleteBackend(id) | Op::DeleteBackend6(id) => Some(*id),
             _ => None,
         })
         .collect()
 }
 
-/// The first key of a Service entry's frontend (its master of every client).
-fn master_of(key: &ServiceKey) -> ServiceKey {
-    frontend_range(key).0
-}
-
 /// The rev-NAT index of a frontend and the backend ids of all its slots (ready and
 /// terminating, of every scope: a backend in-cluster clients still use keeps its
 /// flows) in `services`.
-fn members(
-    services: &BTreeMap<ServiceKey, ServiceValue>,
-    master: ServiceKey,
+fn members<A: LbFamily>(
+    services: &BTreeMap<A::ServiceKey, ServiceValue>,
+    master: A::ServiceKey,
 ) -> (Option<u32>, BTreeSet<u32>) {
-    let (first, last) = frontend_range(&master);
+    let (first, last) = A::frontend_range(&master);
     let mut rev_nat = None;
     let mut ids = BTreeSet::new();
     for (key, value) in services.range(first..=last) {
-        if key.backend_slot == 0 {
+        if A::slot(key) == 0 {
             rev_nat = Some(value.rev_nat_index);
         } else {
             ids.insert(value.backend_id);
@@ -246,7 +300,7 @@ mod tests {
     use super::super::*;
     use super::*;
     use crate::model::L4Addr;
-    use ferrite_common::PROTO_TCP;
+    use ferrite_common::{ServiceKey, PROTO_TCP};
 
     #[test]
     fn the_route_epoch_moves_on_last_after_endpoint_changes_and_only_then() {

@@ -2,30 +2,46 @@
 //! out here, and a Service that does not fit is refused before any id is taken.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrite_common::{Backend, RevNatValue};
-
 use crate::limits::RESERVE_DIVISOR;
 
-use super::{Capacities, MapContents};
+use super::{Capacities, LbFamily, MapContents};
+use crate::model::{L4Addr, ServiceFrontend};
+
+/// The ids one map holds (backend ids, rev-NAT indexes: keys of either family's map).
+pub(super) trait HeldIds {
+    fn holds(&self, id: u32) -> bool;
+    fn highest(&self) -> Option<u32>;
+}
+
+impl<V> HeldIds for BTreeMap<u32, V> {
+    fn holds(&self, id: u32) -> bool {
+        self.contains_key(&id)
+    }
+
+    fn highest(&self) -> Option<u32> {
+        self.keys().next_back().copied()
+    }
+}
 
 /// Hands out ids that are neither in use now nor still present in the maps (an id
 /// being deleted must not be rewritten to mean something else in the same pass).
-/// `in_maps` is every id the maps hold, by reference: no copy of 100k keys.
-pub(super) struct IdAllocator<'a, T, V> {
-    in_maps: &'a BTreeMap<T, V>,
-    handed_out: BTreeSet<T>,
-    next: T,
-    max: T,
+/// `in_maps` are the maps of both families holding this kind of id (one id space),
+/// by reference: no copy of 100k keys.
+pub(super) struct IdAllocator<'a> {
+    in_maps: [&'a dyn HeldIds; 2],
+    handed_out: BTreeSet<u32>,
+    next: u32,
+    max: u32,
     wrapped: bool,
 }
 
-impl<'a, T: Copy + Ord + From<u8> + std::ops::Add<Output = T>, V> IdAllocator<'a, T, V> {
+impl<'a> IdAllocator<'a> {
     /// Starts above the highest id in use (O(1) per id while ids last), and wraps to
     /// the gaps from 1 once `max` is reached.
-    pub(super) fn new(in_maps: &'a BTreeMap<T, V>, max: T) -> Self {
-        let next = match in_maps.keys().next_back() {
-            Some(highest) if *highest < max => *highest + T::from(1),
-            _ => T::from(1),
+    pub(super) fn new(in_maps: [&'a dyn HeldIds; 2], max: u32) -> Self {
+        let next = match in_maps.iter().filter_map(|m| m.highest()).max() {
+            Some(highest) if highest < max => highest + 1,
+            _ => 1,
         };
         Self {
             in_maps,
@@ -36,31 +52,50 @@ impl<'a, T: Copy + Ord + From<u8> + std::ops::Add<Output = T>, V> IdAllocator<'a
         }
     }
 
-    pub(super) fn allocate(&mut self) -> Option<T> {
+    pub(super) fn allocate(&mut self) -> Option<u32> {
         loop {
             let id = self.next;
-            let free = !self.in_maps.contains_key(&id) && !self.handed_out.contains(&id);
+            let free = !self.in_maps.iter().any(|m| m.holds(id)) && !self.handed_out.contains(&id);
             if id >= self.max {
                 if self.wrapped {
                     return free.then(|| self.take(id));
                 }
                 self.wrapped = true;
-                self.next = T::from(1);
+                self.next = 1;
                 if free {
                     return Some(self.take(id));
                 }
                 continue;
             }
-            self.next = id + T::from(1);
+            self.next = id + 1;
             if free {
                 return Some(self.take(id));
             }
         }
     }
 
-    fn take(&mut self, id: T) -> T {
+    fn take(&mut self, id: u32) -> u32 {
         self.handed_out.insert(id);
         id
+    }
+}
+
+/// The allocators of both id spaces, shared by both families within one pass.
+pub(super) struct SharedIds<'a> {
+    pub(super) backend: IdAllocator<'a>,
+    pub(super) rev_nat: IdAllocator<'a>,
+}
+
+impl<'a> SharedIds<'a> {
+    /// New ids are in none of `written`'s maps of either family.
+    pub(super) fn new(written: &'a MapContents, budget: &Budget) -> Self {
+        Self {
+            backend: IdAllocator::new([&written.backends, &written.backends6], u32::MAX),
+            rev_nat: IdAllocator::new(
+                [&written.rev_nat, &written.rev_nat6],
+                budget.rev_nat_index_max(),
+            ),
+        }
     }
 }
 
@@ -81,10 +116,38 @@ pub(super) fn keys_of<K: Copy, V: Ord + Copy>(
     found
 }
 
-/// How to find the id the maps already use for a value.
-pub(super) struct ExistingIds<'a> {
-    pub(super) backend: &'a dyn Fn(&Backend) -> Option<u32>,
-    pub(super) rev_nat: &'a dyn Fn(&RevNatValue) -> Option<u32>,
+/// The ids `maps` give the backends and frontends of `services` (family `A`).
+#[allow(clippy::type_complexity)]
+pub(super) fn ids_of<A: LbFamily>(
+    services: &BTreeMap<L4Addr<A>, ServiceFrontend<A>>,
+    maps: &MapContents,
+) -> (BTreeMap<A::Backend, u32>, BTreeMap<A::RevNat, u32>) {
+    let wanted_backends: BTreeSet<A::Backend> = services
+        .values()
+        .flat_map(|service| {
+            let in_cluster = service.in_cluster.iter();
+            service
+                .backends
+                .iter()
+                .chain(&service.terminating)
+                .chain(in_cluster.flat_map(|c| c.backends.iter().chain(&c.terminating)))
+                .map(A::backend_value)
+        })
+        .collect();
+    let wanted_rev_nat: BTreeSet<A::RevNat> = services.keys().map(A::rev_nat_value).collect();
+    (
+        keys_of(A::backends(maps), &wanted_backends),
+        keys_of(A::rev_nat(maps), &wanted_rev_nat),
+    )
+}
+
+/// The id the maps already use for a value, if any.
+pub(super) type IdOf<'a, V> = Box<dyn Fn(&V) -> Option<u32> + 'a>;
+
+/// How to find the id the maps already use for a value of family `A`.
+pub(super) struct ExistingIds<'a, A: LbFamily> {
+    pub(super) backend: IdOf<'a, A::Backend>,
+    pub(super) rev_nat: IdOf<'a, A::RevNat>,
 }
 
 /// A map without room for a frontend's new entries.
@@ -109,65 +172,55 @@ impl Budget {
                 services: capacities.services.saturating_sub(maps.services.len()),
                 backends: capacities.backends.saturating_sub(maps.backends.len()),
                 rev_nat: capacities.rev_nat.saturating_sub(maps.rev_nat.len()),
+                services6: capacities.services6.saturating_sub(maps.services6.len()),
+                backends6: capacities.backends6.saturating_sub(maps.backends6.len()),
+                rev_nat6: capacities.rev_nat6.saturating_sub(maps.rev_nat6.len()),
             },
             total: *capacities,
         }
     }
 
-    /// Why a frontend needing these new entries does not fit, if it does not; one
-    /// that may not use the reserve (`may_use_reserve` false) must leave it free.
-    pub(super) fn refuse(
+    /// Why a frontend of family `A` needing these new entries does not fit, if it
+    /// does not; one that may not use the reserve (`may_use_reserve` false) must
+    /// leave it free.
+    pub(super) fn refuse<A: LbFamily>(
         &self,
         services: usize,
         backends: usize,
         rev_nat: usize,
         may_use_reserve: bool,
     ) -> Option<FullMap> {
-        use ferrite_common::map_names;
-        let needs = [
-            (
-                services,
-                self.left.services,
-                self.total.services,
-                map_names::SERVICES,
-            ),
-            (
-                backends,
-                self.left.backends,
-                self.total.backends,
-                map_names::BACKENDS,
-            ),
-            (
-                rev_nat,
-                self.left.rev_nat,
-                self.total.rev_nat,
-                map_names::REV_NAT,
-            ),
-        ];
-        needs.into_iter().find_map(|(needed, left, total, name)| {
+        let needs = [services, backends, rev_nat];
+        let left = A::capacities(&self.left);
+        let total = A::capacities(&self.total);
+        (0..3).find_map(|map| {
             let reserve = if may_use_reserve {
                 0
             } else {
-                total / RESERVE_DIVISOR
+                total[map].0 / RESERVE_DIVISOR
             };
-            (needed > left.saturating_sub(reserve)).then_some(FullMap {
-                name,
-                capacity: total,
-                reserved: needed <= left,
+            (needs[map] > left[map].0.saturating_sub(reserve)).then_some(FullMap {
+                name: total[map].1,
+                capacity: total[map].0,
+                reserved: needs[map] <= left[map].0,
             })
         })
     }
 
-    /// The highest rev-NAT index to hand out: the map's capacity, so a free index
-    /// exists whenever the budget lets a new frontend in.
+    /// The highest rev-NAT index to hand out: the capacity of both families' maps
+    /// (one id space), so a free index exists whenever the budget lets a new
+    /// frontend in.
     pub(super) fn rev_nat_index_max(&self) -> u32 {
-        u32::try_from(self.total.rev_nat).unwrap_or(u32::MAX)
+        u32::try_from(self.total.rev_nat + self.total.rev_nat6).unwrap_or(u32::MAX)
     }
 
-    pub(super) fn take(&mut self, services: usize, backends: usize, rev_nat: usize) {
-        self.left.services -= services;
-        self.left.backends -= backends;
-        self.left.rev_nat -= rev_nat;
+    pub(super) fn take<A: LbFamily>(&mut self, services: usize, backends: usize, rev_nat: usize) {
+        for (left, taken) in A::capacities_mut(&mut self.left)
+            .into_iter()
+            .zip([services, backends, rev_nat])
+        {
+            *left -= taken;
+        }
     }
 }
 
@@ -252,7 +305,7 @@ mod tests {
         let only = |f: L4Addr| -> BTreeMap<L4Addr, ServiceFrontend> {
             [(f, s.services[&f].clone())].into()
         };
-        let (ops, skipped) = service_update(
+        let (ops, skipped) = update_v4(
             &written,
             &[vip(3)].into(),
             &only(vip(3)),
@@ -261,7 +314,7 @@ mod tests {
         assert!(ops.is_empty() && skipped.len() == 1, "{ops:?} {skipped:?}");
         // vip(1) goes: its room is free once its removal is written, so vip(3) fits
         // on the next update (writes come before removals within one).
-        let (ops, skipped) = service_update(
+        let (ops, skipped) = update_v4(
             &written,
             &[vip(1), vip(3)].into(),
             &only(vip(3)),
@@ -270,7 +323,7 @@ mod tests {
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         apply_checking_each_step(&mut maps, &ops);
         assert_eq!(maps.services.len(), 4);
-        let (ops, skipped) = service_update(
+        let (ops, skipped) = update_v4(
             &Written::new(maps.clone()),
             &[vip(3)].into(),
             &only(vip(3)),

@@ -4,11 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrite_common::{
     policy::{IpcacheValue, PolicyKey, PolicyValue},
-    service_scope, Backend, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig, RevNatValue,
-    RouteInfo, ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE, ROUTE_NODE,
+    service_scope, Backend, Backend6, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig,
+    RevNat6Value, RevNatValue, RouteInfo, Service6Key, ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE,
+    ROUTE_NODE,
 };
 use sha2::{Digest, Sha256};
 
+use super::LbFamily;
 use crate::model::{L4Addr, Protocol};
 
 /// What the maps hold (read back from the kernel) or should hold.
@@ -17,6 +19,11 @@ pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNatValue>,
+    /// The IPv6 Services (`ferrite_lb6_*`): the same layout with IPv6 addresses;
+    /// backend ids and rev-NAT indexes share one id space with IPv4's.
+    pub services6: BTreeMap<Service6Key, ServiceValue>,
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub rev_nat6: BTreeMap<u32, RevNat6Value>,
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
     /// The pods' IPv6 addresses (`ferrite_endpnt6`), the same values as their IPv4
     /// entries.
@@ -51,6 +58,12 @@ impl MapContents {
                 Op::PutBackend(id, value) => drop(self.backends.insert(id, value)),
                 Op::PutRevNat(index, value) => drop(self.rev_nat.insert(index, value)),
                 Op::PutService(key, value) => drop(self.services.insert(key, value)),
+                Op::PutBackend6(id, value) => drop(self.backends6.insert(id, value)),
+                Op::PutRevNat6(index, value) => drop(self.rev_nat6.insert(index, value)),
+                Op::PutService6(key, value) => drop(self.services6.insert(key, value)),
+                Op::DeleteService6(key) => drop(self.services6.remove(&key)),
+                Op::DeleteRevNat6(index) => drop(self.rev_nat6.remove(&index)),
+                Op::DeleteBackend6(id) => drop(self.backends6.remove(&id)),
                 Op::PutEndpoint(key, value) => drop(self.endpoints.insert(key, value)),
                 Op::PutEndpoint6(key, value) => drop(self.endpoints6.insert(key, value)),
                 Op::PutConfig(config) => self.config = config,
@@ -171,6 +184,12 @@ pub enum Op {
     DeleteBackend(u32),
     DeleteEndpoint(EndpointKey),
     DeleteEndpoint6(Endpoint6Key),
+    PutBackend6(u32, Backend6),
+    PutRevNat6(u32, RevNat6Value),
+    PutService6(Service6Key, ServiceValue),
+    DeleteService6(Service6Key),
+    DeleteRevNat6(u32),
+    DeleteBackend6(u32),
     /// Build and write the Maglev table of a frontend from its `count` slots (already
     /// written) - `digest` says what it is built from.
     PutMaglev(ServiceKey, u16, u64),
@@ -195,6 +214,9 @@ impl Op {
                 | Op::DeleteBackend(_)
                 | Op::DeleteEndpoint(_)
                 | Op::DeleteEndpoint6(_)
+                | Op::DeleteService6(_)
+                | Op::DeleteRevNat6(_)
+                | Op::DeleteBackend6(_)
                 | Op::DeleteMaglev(_)
                 | Op::DeleteSourceRange(_)
                 | Op::DeleteIpcache(_)
@@ -210,6 +232,9 @@ pub fn op_map(op: &Op) -> &'static str {
         Op::PutBackend(..) | Op::DeleteBackend(_) => map_names::BACKENDS,
         Op::PutRevNat(..) | Op::DeleteRevNat(_) => map_names::REV_NAT,
         Op::PutService(..) | Op::DeleteService(_) => map_names::SERVICES,
+        Op::PutBackend6(..) | Op::DeleteBackend6(_) => map_names::BACKENDS6,
+        Op::PutRevNat6(..) | Op::DeleteRevNat6(_) => map_names::REV_NAT6,
+        Op::PutService6(..) | Op::DeleteService6(_) => map_names::SERVICES6,
         Op::PutEndpoint(..) | Op::DeleteEndpoint(_) => map_names::ENDPOINTS,
         Op::PutEndpoint6(..) | Op::DeleteEndpoint6(_) => map_names::ENDPOINTS6,
         Op::PutConfig(_) => map_names::CONFIG,
@@ -222,13 +247,14 @@ pub fn op_map(op: &Op) -> &'static str {
     }
 }
 
-/// The `ferrite_service` entries of one frontend, its ids chosen: the plan writes
-/// each Service port through this, the packet test bed too, so the two cannot lay
-/// them out differently. Its rev-NAT entry is `rev_nat_value(frontend)` under
-/// `rev_nat_index`, written apart (a plan writes one per frontend address).
+/// The `ferrite_service` (`ferrite_lb6_svc`) entries of one frontend, its ids
+/// chosen: the plan writes each Service port through this, the packet test bed too,
+/// so the two cannot lay them out differently. Its rev-NAT entry is
+/// `rev_nat_value(frontend)` under `rev_nat_index`, written apart (a plan writes one
+/// per frontend address).
 #[derive(Clone, Copy, Debug)]
-pub struct FrontendEntries<'a> {
-    pub frontend: L4Addr,
+pub struct FrontendEntries<'a, A: LbFamily = std::net::Ipv4Addr> {
+    pub frontend: L4Addr<A>,
     /// Whose entries (`service_scope`): every client's, or the in-cluster ones'.
     pub scope: u8,
     pub rev_nat_index: u32,
@@ -243,29 +269,25 @@ pub struct FrontendEntries<'a> {
     pub affinity_timeout_s: u32,
 }
 
-impl FrontendEntries<'_> {
+impl<A: LbFamily> FrontendEntries<'_, A> {
     /// The key of the frontend's master entry (slot 0) in its scope.
-    pub fn master(&self) -> ServiceKey {
-        let frontend = &self.frontend;
-        ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), 0)
-            .in_scope(self.scope)
+    pub fn master(&self) -> A::ServiceKey {
+        A::at(&A::service_key(&self.frontend, 0), self.scope, 0)
     }
 
     /// Put the slots and the master entry into `out`.
     pub fn write_into(&self, out: &mut MapContents) {
         let master = self.master();
+        let services = A::services_mut(out);
         for (index, id) in self.backend_ids.iter().enumerate() {
-            let slot = ServiceKey {
-                backend_slot: u16::try_from(index + 1).expect("slots are bounded"),
-                ..master
-            };
+            let slot = u16::try_from(index + 1).expect("slots are bounded");
             let value = ServiceValue {
                 backend_id: *id,
                 ..ServiceValue::default()
             };
-            out.services.insert(slot, value);
+            services.insert(A::at(&master, self.scope, slot), value);
         }
-        out.services.insert(
+        services.insert(
             master,
             ServiceValue {
                 backend_id: 0,
@@ -281,21 +303,12 @@ impl FrontendEntries<'_> {
 
 /// The `ferrite_backend` value of a backend address.
 pub fn backend_value(addr: &L4Addr) -> Backend {
-    Backend {
-        address: addr.ip.octets(),
-        port: addr.port,
-        proto: addr.protocol.number(),
-        flags: 0,
-    }
+    <std::net::Ipv4Addr as LbFamily>::backend_value(addr)
 }
 
 /// The `ferrite_rev_nat` value of a frontend: what replies are rewritten to.
 pub fn rev_nat_value(frontend: &L4Addr) -> RevNatValue {
-    RevNatValue {
-        address: frontend.ip.octets(),
-        port: frontend.port,
-        _pad: 0,
-    }
+    <std::net::Ipv4Addr as LbFamily>::rev_nat_value(frontend)
 }
 
 /// What a Maglev table is built from, as its hash: the backends in slot order and
@@ -362,18 +375,22 @@ pub fn describe_policy_rule(rule: &PolicyRule) -> String {
 /// Human-readable frontend of a service key (for logs and inspect); entries of the
 /// in-cluster scope say so.
 pub fn describe_service_key(key: &ServiceKey) -> String {
-    let protocol = Protocol::from_number(key.proto)
+    <std::net::Ipv4Addr as LbFamily>::describe(key)
+}
+
+/// [`describe_service_key`] of an IPv6 frontend: `[fd00::10]:80/TCP`.
+pub fn describe_service6_key(key: &Service6Key) -> String {
+    <std::net::Ipv6Addr as LbFamily>::describe(key)
+}
+
+pub(super) fn describe_frontend(ip: std::net::IpAddr, port: u16, proto: u8, scope: u8) -> String {
+    let protocol = Protocol::from_number(proto)
         .map(|p| p.to_string())
-        .unwrap_or_else(|| format!("proto{}", key.proto));
-    let scope = match key.scope {
+        .unwrap_or_else(|| format!("proto{proto}"));
+    let scope = match scope {
         service_scope::ALL => String::new(),
         service_scope::IN_CLUSTER => " (in-cluster)".to_string(),
         other => format!(" (scope {other})"),
     };
-    format!(
-        "{}:{}/{}{scope}",
-        std::net::Ipv4Addr::from(key.address),
-        key.port,
-        protocol
-    )
+    format!("{}/{protocol}{scope}", std::net::SocketAddr::new(ip, port))
 }

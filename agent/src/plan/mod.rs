@@ -4,7 +4,8 @@
 //! datapath never sees a half-written Service:
 //! 0. node config and routes, 1. backends and rev-NAT entries, 2. backend slots,
 //! 3. Maglev tables and source ranges, 4. Service master entries (count last, so
-//! every slot it covers exists), 5. endpoints;
+//! every slot it covers exists), 5. endpoints; the IPv6 Service maps (lb6) step by
+//! step with the IPv4 ones;
 //!
 //! then removals in reverse: master entries, Maglev tables and source ranges, slots,
 //! rev-NAT, backends, endpoints, routes. A route change touches only its own entry: flows to other nodes go on.
@@ -12,6 +13,7 @@ mod desired;
 mod diff;
 mod ids;
 mod image;
+mod lb_family;
 mod node_state;
 mod policy;
 mod service_entries;
@@ -23,13 +25,15 @@ mod update;
 pub use desired::{desired_contents, desired_contents_keeping_ids, settle_pod_claims};
 pub use diff::{diff, drift, ended_pairs, removed_backends};
 pub use image::{
-    backend_value, describe_policy_rule, describe_service_key, maglev_digest, maglev_key, op_map,
-    rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule, Route6Key, RouteKey, SourceRange,
+    backend_value, describe_policy_rule, describe_service6_key, describe_service_key,
+    maglev_digest, maglev_key, op_map, rev_nat_value, FrontendEntries, MapContents, Op, PolicyRule,
+    Route6Key, RouteKey, SourceRange,
 };
+pub use lb_family::LbFamily;
 pub use node_state::{FullPlan, NodeState, PolicyPlan, ServicesPlan, SharedPolicy};
 pub use policy::rules_of;
 pub use settings::{
     overlay_address, overlay_address6, Capacities, Interface, NodeSettings, Routing, Uplink,
     UplinkXdp,
 };
-pub use update::{service_update, Written};
+pub use update::{service_update, Changed, Written};

@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     desired_contents_keeping_ids, diff, policy::policy_update, service_update, settle_pod_claims,
-    Capacities, Interface, MapContents, NodeSettings, Op, Written,
+    update::Changed, Capacities, Interface, MapContents, NodeSettings, Op, Written,
 };
 use crate::model::{
     self,
@@ -34,7 +34,7 @@ pub struct NodeState {
     /// The Service each frontend belongs to, and each Service's frontends.
     owner_of: HashMap<L4Addr, ServiceRef>,
     frontends_of: HashMap<ServiceRef, Vec<L4Addr>>,
-    /// The IPv6 frontends: the model's only (no map holds them yet).
+    /// The IPv6 frontends, by Service (`owner_of` and `frontends_of` for IPv6).
     services6: FrontendIndex<std::net::Ipv6Addr>,
     /// Health-check ports served, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -272,7 +272,24 @@ impl NodeState {
             .copied()
             .collect();
         frontends.extend(model.frontends.keys().copied());
-        let (ops, more) = service_update(&self.written, &frontends, &model.frontends, capacities);
+        let mut frontends6: BTreeSet<L4Addr6> = changed
+            .iter()
+            .flat_map(|service| self.services6.of_service(service))
+            .copied()
+            .collect();
+        frontends6.extend(model.frontends6.keys().copied());
+        let (ops, more) = service_update(
+            &self.written,
+            Changed {
+                frontends: &frontends,
+                now: &model.frontends,
+            },
+            Changed {
+                frontends: &frontends6,
+                now: &model.frontends6,
+            },
+            capacities,
+        );
         skipped.extend(more);
         Some(ServicesPlan {
             ops,

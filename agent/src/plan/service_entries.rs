@@ -1,39 +1,35 @@
 //! The Service entries of a set of frontends (backends, rev-NAT, slots, masters,
-//! Maglev tables and source ranges), shared by the full and the incremental plan.
+//! Maglev tables and source ranges), shared by the full and the incremental plan,
+//! written once for both families.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrite_common::{service_scope, svc_flag, Backend, RevNatValue, ServiceKey};
+use ferrite_common::{service_scope, svc_flag, ServiceKey};
 
 use super::{
-    ids::{Budget, ExistingIds, IdAllocator},
-    image::{backend_value, rev_nat_value},
-    maglev_digest, FrontendEntries, MapContents, SourceRange,
+    backend_value,
+    ids::{Budget, ExistingIds, SharedIds},
+    maglev_digest, FrontendEntries, LbFamily, MapContents, SourceRange,
 };
 use crate::model::{FrontendKind, L4Addr, ServiceFrontend, SkipReason, Skipped};
 
-/// Write the Service entries (backends, rev-NAT, slots, masters) of `services` into
-/// `out`. Ids already in `written` (all the maps hold) are kept for the same value;
-/// new ones are neither in `written` nor handed out in this pass.
-pub(super) fn service_contents<'s>(
-    services: impl Iterator<Item = (&'s L4Addr, &'s ServiceFrontend)>,
+/// Write the Service entries (backends, rev-NAT, slots, masters) of `services`, of
+/// family `A`, into `out`. Ids already in `written` (all the maps hold) are kept for
+/// the same value; new ones come from `ids`, shared by both families' passes.
+pub(super) fn service_contents<'s, A: LbFamily>(
+    services: impl Iterator<Item = (&'s L4Addr<A>, &'s ServiceFrontend<A>)>,
     written: &MapContents,
-    existing: &ExistingIds,
+    existing: &ExistingIds<A>,
+    ids: &mut SharedIds,
     budget: &mut Budget,
     out: &mut MapContents,
     skipped: &mut Vec<Skipped>,
 ) {
-    let mut backend_ids = IdAllocator::new(&written.backends, u32::MAX);
-    let mut rev_nat_ids = IdAllocator::new(&written.rev_nat, budget.rev_nat_index_max());
-
-    let mut backend_id_of: BTreeMap<Backend, u32> = BTreeMap::new();
-    let mut rev_nat_of: BTreeMap<RevNatValue, u32> = BTreeMap::new();
+    let mut backend_id_of: BTreeMap<A::Backend, u32> = BTreeMap::new();
+    let mut rev_nat_of: BTreeMap<A::RevNat, u32> = BTreeMap::new();
     for (frontend, service) in services {
-        let rev = rev_nat_value(frontend);
+        let rev = A::rev_nat_value(frontend);
         let views = views_of(service);
-        let key = |scope: u8, slot: u16| {
-            ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
-                .in_scope(scope)
-        };
+        let key = |scope: u8, slot: u16| A::at(&A::service_key(frontend, 0), scope, slot);
         // The model refuses larger Services; a slot number must never wrap.
         if let Some(view) = views
             .iter()
@@ -42,7 +38,7 @@ pub(super) fn service_contents<'s>(
             skipped.push(Skipped {
                 object: service.name.clone(),
                 reason: SkipReason::TooManyBackends {
-                    frontend: *frontend,
+                    frontend: frontend.to_string(),
                     count: view.slot_count(),
                 },
             });
@@ -54,7 +50,7 @@ pub(super) fn service_contents<'s>(
             .iter()
             .map(|view| {
                 (0..=view.slot_count() as u16)
-                    .filter(|slot| !written.services.contains_key(&key(view.scope, *slot)))
+                    .filter(|slot| !A::services(written).contains_key(&key(view.scope, *slot)))
                     .count()
             })
             .sum();
@@ -63,7 +59,7 @@ pub(super) fn service_contents<'s>(
         let new_backends = views
             .iter()
             .flat_map(|view| view.ready.iter().chain(view.terminating))
-            .map(backend_value)
+            .map(A::backend_value)
             .collect::<BTreeSet<_>>()
             .iter()
             .filter(|b| !backend_id_of.contains_key(*b) && (existing.backend)(b).is_none())
@@ -71,9 +67,11 @@ pub(super) fn service_contents<'s>(
         let largest = views.iter().map(View::slot_count).max().unwrap_or(0);
         let may_use_reserve = largest <= crate::limits::SMALL_FRONTEND_BACKENDS
             || service.service.namespace == "kube-system";
-        if let Some(full) = budget.refuse(new_entries, new_backends, new_rev_nat, may_use_reserve) {
+        if let Some(full) =
+            budget.refuse::<A>(new_entries, new_backends, new_rev_nat, may_use_reserve)
+        {
             // A port already in the maps keeps what it has: it goes on working.
-            let kept = keep_as_written(key(service_scope::ALL, 0), written, out);
+            let kept = keep_as_written::<A>(key(service_scope::ALL, 0), written, out);
             skipped.push(Skipped {
                 object: service.name.clone(),
                 reason: SkipReason::MapFull {
@@ -85,13 +83,13 @@ pub(super) fn service_contents<'s>(
             });
             continue;
         }
-        budget.take(new_entries, new_backends, new_rev_nat);
+        budget.take::<A>(new_entries, new_backends, new_rev_nat);
         let rev_nat_index = match rev_nat_of.get(&rev) {
             Some(index) => *index,
-            None => match (existing.rev_nat)(&rev).or_else(|| rev_nat_ids.allocate()) {
+            None => match (existing.rev_nat)(&rev).or_else(|| ids.rev_nat.allocate()) {
                 Some(index) => {
                     rev_nat_of.insert(rev, index);
-                    out.rev_nat.insert(index, rev);
+                    A::rev_nat_mut(out).insert(index, rev);
                     index
                 }
                 None => {
@@ -110,15 +108,15 @@ pub(super) fn service_contents<'s>(
         for view in &views {
             let mut slots = Vec::with_capacity(view.slot_count());
             for addr in view.ready.iter().chain(view.terminating) {
-                let value = backend_value(addr);
+                let value = A::backend_value(addr);
                 let id = match backend_id_of.get(&value) {
                     Some(id) => Some(*id),
-                    None => (existing.backend)(&value).or_else(|| backend_ids.allocate()),
+                    None => (existing.backend)(&value).or_else(|| ids.backend.allocate()),
                 };
                 let Some(id) = id else {
                     skipped.push(Skipped {
                         object: service.name.clone(),
-                        reason: SkipReason::NoBackendId(*addr),
+                        reason: SkipReason::NoBackendId(addr.to_string()),
                     });
                     break;
                 };
@@ -134,7 +132,7 @@ pub(super) fn service_contents<'s>(
             continue;
         }
         for (view, slots) in views.iter().zip(&view_slots) {
-            let entries = FrontendEntries {
+            let entries = FrontendEntries::<A> {
                 frontend: *frontend,
                 scope: view.scope,
                 rev_nat_index,
@@ -143,38 +141,47 @@ pub(super) fn service_contents<'s>(
                 flags: view.flags,
                 affinity_timeout_s: service.affinity_timeout_s,
             };
-            let master = entries.master();
-            // Only clients from outside use Maglev (the in-cluster scope hashes).
-            if view.scope == service_scope::ALL {
-                if service.kind.is_external() && !service.backends.is_empty() {
-                    let digest = maglev_digest(service.backends.iter().map(backend_value));
-                    out.maglev.insert(master, digest);
+            // Only clients from outside use Maglev (the in-cluster scope hashes);
+            // only IPv4 frontends have that path.
+            let external = A::external_key(&entries.master()).zip(A::external_frontend(service));
+            match external {
+                Some((master, service)) if view.scope == service_scope::ALL => {
+                    external_entries(master, service, out)
                 }
-                for range in &service.source_ranges {
-                    out.source_ranges.insert(SourceRange {
-                        frontend: master,
-                        network: range.network().octets(),
-                        prefix_len: range.prefix_len() as u32,
-                    });
-                }
+                _ => {}
             }
             entries.write_into(out);
         }
     }
     for (value, id) in backend_id_of {
-        out.backends.insert(id, value);
+        A::backends_mut(out).insert(id, value);
+    }
+}
+
+/// The Maglev table and source ranges of an external IPv4 frontend's `master`.
+fn external_entries(master: ServiceKey, service: &ServiceFrontend, out: &mut MapContents) {
+    if service.kind.is_external() && !service.backends.is_empty() {
+        let digest = maglev_digest(service.backends.iter().map(backend_value));
+        out.maglev.insert(master, digest);
+    }
+    for range in &service.source_ranges {
+        out.source_ranges.insert(SourceRange {
+            frontend: master,
+            network: range.network().octets(),
+            prefix_len: range.prefix_len() as u32,
+        });
     }
 }
 
 /// The entries of one scope of a frontend.
-struct View<'s> {
+struct View<'s, A> {
     scope: u8,
-    ready: &'s [L4Addr],
-    terminating: &'s [L4Addr],
+    ready: &'s [L4Addr<A>],
+    terminating: &'s [L4Addr<A>],
     flags: u32,
 }
 
-impl View<'_> {
+impl<A> View<'_, A> {
     fn slot_count(&self) -> usize {
         self.ready.len() + self.terminating.len()
     }
@@ -182,7 +189,7 @@ impl View<'_> {
 
 /// Every client's entries and, for a frontend whose in-cluster clients use other
 /// backends (`externalTrafficPolicy: Local`), theirs.
-fn views_of(service: &ServiceFrontend) -> Vec<View<'_>> {
+fn views_of<A: LbFamily>(service: &ServiceFrontend<A>) -> Vec<View<'_, A>> {
     let flags = service_flags(service);
     let mut views = vec![View {
         scope: service_scope::ALL,
@@ -202,7 +209,9 @@ fn views_of(service: &ServiceFrontend) -> Vec<View<'_>> {
     views
 }
 
-fn service_flags(service: &ServiceFrontend) -> u32 {
+/// The same for both families: an IPv6 frontend with `SOURCE_RANGES` has no
+/// `ferrite_srcrng` entries, so a path of clients from outside would admit none.
+fn service_flags<A: LbFamily>(service: &ServiceFrontend<A>) -> u32 {
     let mut flags = 0;
     if service.kind.is_external() {
         flags |= svc_flag::EXTERNAL;
@@ -221,50 +230,37 @@ fn service_flags(service: &ServiceFrontend) -> u32 {
 
 /// Copy a frontend's entries (masters and slots of every scope, their backends and
 /// rev-NAT entry) from `written` into `out` unchanged. Returns whether it had any.
-pub(super) fn keep_as_written(
-    master: ServiceKey,
+pub(super) fn keep_as_written<A: LbFamily>(
+    master: A::ServiceKey,
     written: &MapContents,
     out: &mut MapContents,
 ) -> bool {
-    let (master, last) = frontend_range(&master);
+    let (first, last) = A::frontend_range(&master);
     let mut any = false;
-    for (key, value) in written.services.range(master..=last) {
+    for (key, value) in A::services(written).range(first..=last) {
         any = true;
-        out.services.insert(*key, *value);
-        if key.backend_slot == 0 {
-            if let Some(rev) = written.rev_nat.get(&value.rev_nat_index) {
-                out.rev_nat.insert(value.rev_nat_index, *rev);
+        A::services_mut(out).insert(*key, *value);
+        if A::slot(key) == 0 {
+            if let Some(rev) = A::rev_nat(written).get(&value.rev_nat_index) {
+                A::rev_nat_mut(out).insert(value.rev_nat_index, *rev);
             }
-        } else if let Some(backend) = written.backends.get(&value.backend_id) {
-            out.backends.insert(value.backend_id, *backend);
+        } else if let Some(backend) = A::backends(written).get(&value.backend_id) {
+            A::backends_mut(out).insert(value.backend_id, *backend);
         }
     }
-    if let Some(digest) = written.maglev.get(&master) {
-        out.maglev.insert(master, *digest);
+    if let Some(master) = A::external_key(&first) {
+        if let Some(digest) = written.maglev.get(&master) {
+            out.maglev.insert(master, *digest);
+        }
+        out.source_ranges.extend(
+            written
+                .source_ranges
+                .iter()
+                .filter(|r| r.frontend == master)
+                .copied(),
+        );
     }
-    out.source_ranges.extend(
-        written
-            .source_ranges
-            .iter()
-            .filter(|r| r.frontend == master)
-            .copied(),
-    );
     any
-}
-
-/// The first and the last key of every entry of `key`'s frontend, all scopes.
-pub(super) fn frontend_range(key: &ServiceKey) -> (ServiceKey, ServiceKey) {
-    let first = ServiceKey {
-        scope: 0,
-        backend_slot: 0,
-        ..*key
-    };
-    let last = ServiceKey {
-        scope: u8::MAX,
-        backend_slot: u16::MAX,
-        ..*key
-    };
-    (first, last)
 }
 
 #[cfg(test)]

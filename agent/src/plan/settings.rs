@@ -129,6 +129,10 @@ pub struct Capacities {
     pub services: usize,
     pub backends: usize,
     pub rev_nat: usize,
+    /// The IPv6 Service maps (`ferrite_lb6_*`).
+    pub services6: usize,
+    pub backends6: usize,
+    pub rev_nat6: usize,
 }
 
 impl Capacities {
@@ -139,6 +143,9 @@ impl Capacities {
             services: entries_of(map_names::SERVICES),
             backends: entries_of(map_names::BACKENDS),
             rev_nat: entries_of(map_names::REV_NAT),
+            services6: entries_of(map_names::SERVICES6),
+            backends6: entries_of(map_names::BACKENDS6),
+            rev_nat6: entries_of(map_names::REV_NAT6),
         }
     }
 }

@@ -8,6 +8,10 @@
 //! with Service changes).
 #![allow(dead_code)] // each test binary uses part of it
 
+mod render;
+
+pub use render::render;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
@@ -23,14 +27,11 @@ use ferrite_agent::{
         ClusterObjects, ServiceRef,
     },
     objects_yaml::parse_objects,
-    plan::{describe_policy_rule, FullPlan, Interface, MapContents, NodeSettings, NodeState, Op},
+    plan::{FullPlan, Interface, LbFamily, MapContents, NodeSettings, NodeState, Op},
 };
 use ferrite_common::{
-    endpoint_flag, pod_mac_for,
-    policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    service_scope, svc_flag, Backend, Endpoint6Key, EndpointInfo, EndpointKey, NodeConfig,
-    RevNatValue, RouteInfo, ServiceKey, ServiceValue, HOST_VETH_MAC, ROUTE_LOCAL, ROUTE_NODE,
-    ROUTE_REMOTE, VXLAN_DEVICE,
+    pod_mac_for, service_scope, Endpoint6Key, EndpointInfo, EndpointKey, Service6Key,
+    HOST_VETH_MAC, VXLAN_DEVICE,
 };
 
 /// Which way the last change was synced.
@@ -475,12 +476,28 @@ impl SimNode {
             self.meaning_from_scratch(),
             "{step}: the maps mean something else than a full sync from scratch"
         );
-        // The IPv6 half of the model, which no map holds yet, is one truth too.
+        // The IPv6 half of the model is one truth too, and the lb6 maps hold it.
         let ids_from = Some(&state.written.contents);
         assert_eq!(
             state.services6(),
             &self.full_plan(ids_from).state.services6,
             "{step}: the IPv6 frontends differ from a full sync's"
+        );
+        let written6: BTreeSet<Service6Key> = self
+            .maps
+            .services6
+            .keys()
+            .filter(|k| k.backend_slot == 0 && k.scope == service_scope::ALL)
+            .copied()
+            .collect();
+        let modelled6: BTreeSet<Service6Key> = state
+            .services6()
+            .keys()
+            .map(|frontend| Ipv6Addr::service_key(frontend, 0))
+            .collect();
+        assert_eq!(
+            written6, modelled6,
+            "{step}: the lb6 maps do not hold the model's IPv6 frontends"
         );
     }
 }
@@ -490,234 +507,43 @@ fn slice_key(slice: &EndpointSlice) -> ObjectKey {
 }
 
 /// Frontend -> (kind flags, backend addresses in slot order, rev-NAT target,
-/// affinity): what the Service maps mean, whatever ids they use.
-pub type Meaning = BTreeMap<ServiceKey, (u32, Vec<Backend>, RevNatValue, u32)>;
+/// affinity): what one family's Service maps mean, whatever ids they use.
+pub type FamilyMeaning<A> = BTreeMap<
+    <A as LbFamily>::ServiceKey,
+    (
+        u32,
+        Vec<<A as LbFamily>::Backend>,
+        <A as LbFamily>::RevNat,
+        u32,
+    ),
+>;
+
+/// What the Service maps of both families mean.
+pub type Meaning = (FamilyMeaning<Ipv4Addr>, FamilyMeaning<Ipv6Addr>);
 
 pub fn meaning(maps: &MapContents) -> Meaning {
-    maps.services
+    (meaning_of::<Ipv4Addr>(maps), meaning_of::<Ipv6Addr>(maps))
+}
+
+fn meaning_of<A: LbFamily>(maps: &MapContents) -> FamilyMeaning<A> {
+    let services = A::services(maps);
+    services
         .iter()
-        .filter(|(k, _)| k.backend_slot == 0)
+        .filter(|(k, _)| A::slot(k) == 0)
         .map(|(key, master)| {
             let backends = (1..=master.count)
                 .map(|slot| {
-                    let slot = maps.services[&ServiceKey {
-                        backend_slot: slot,
-                        ..*key
-                    }];
-                    maps.backends[&slot.backend_id]
+                    let slot = services[&A::at(key, A::scope(key), slot)];
+                    A::backends(maps)[&slot.backend_id]
                 })
                 .collect();
-            let rev_nat = maps.rev_nat[&master.rev_nat_index];
+            let rev_nat = A::rev_nat(maps)[&master.rev_nat_index];
             (
                 *key,
                 (master.flags, backends, rev_nat, master.affinity_timeout_s),
             )
         })
         .collect()
-}
-
-fn l4(address: [u8; 4], port: u16, proto: u8) -> String {
-    let protocol = model::Protocol::from_number(proto)
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| format!("proto{proto}"));
-    format!("{}:{port}/{protocol}", Ipv4Addr::from(address))
-}
-
-fn service_key(key: &ServiceKey) -> String {
-    let frontend = l4(key.address, key.port, key.proto);
-    match key.scope {
-        service_scope::ALL => frontend,
-        service_scope::IN_CLUSTER => format!("{frontend} in-cluster"),
-        other => format!("{frontend} scope={other}"),
-    }
-}
-
-fn flag_names(flags: u32) -> String {
-    let names: Vec<&str> = [
-        (svc_flag::EXTERNAL, "external"),
-        (svc_flag::LOCAL_ONLY, "local-only"),
-        (svc_flag::NODE_PORT, "node-port"),
-        (svc_flag::SOURCE_RANGES, "source-ranges"),
-        (svc_flag::IN_CLUSTER_SCOPE, "in-cluster-scope"),
-    ]
-    .iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| *name)
-    .collect();
-    let unknown = flags
-        & !(svc_flag::EXTERNAL
-            | svc_flag::LOCAL_ONLY
-            | svc_flag::NODE_PORT
-            | svc_flag::SOURCE_RANGES
-            | svc_flag::IN_CLUSTER_SCOPE);
-    let mut shown = if names.is_empty() {
-        "-".to_string()
-    } else {
-        names.join(",")
-    };
-    if unknown != 0 {
-        shown.push_str(&format!(",{unknown:#x}"));
-    }
-    shown
-}
-
-fn service_value(key: &ServiceKey, value: &ServiceValue) -> String {
-    if key.backend_slot == 0 {
-        format!(
-            "{} count={} rev-nat={} flags={} affinity={}s",
-            service_key(key),
-            value.count,
-            value.rev_nat_index,
-            flag_names(value.flags),
-            value.affinity_timeout_s
-        )
-    } else {
-        format!(
-            "{} slot {} backend={}",
-            service_key(key),
-            key.backend_slot,
-            value.backend_id
-        )
-    }
-}
-
-fn config(config: &NodeConfig) -> String {
-    format!(
-        "node-ip={} overlay-ip={} vni={} vxlan-port={} vxlan-ifindex={} pod-mtu={} flags={} epoch={}",
-        Ipv4Addr::from(config.node_ip),
-        Ipv4Addr::from(config.overlay_ip),
-        config.vni,
-        config.vxlan_port,
-        config.vxlan_ifindex,
-        config.pod_mtu,
-        config.flags,
-        config.route_epoch
-    )
-}
-
-fn route(info: &RouteInfo) -> String {
-    let kind = match info.flags {
-        ROUTE_LOCAL => "local".to_string(),
-        ROUTE_REMOTE => "remote".to_string(),
-        ROUTE_NODE => "node".to_string(),
-        other => format!("flags={other}"),
-    };
-    format!("via {} {kind}", Ipv4Addr::from(info.node_ip))
-}
-
-/// An endpoint entry's value (either family's): `ifindex=10 written-by=agent
-/// isolated=ingress`.
-fn endpoint(info: &EndpointInfo) -> String {
-    let isolated: Vec<&str> = [
-        (ENDPOINT_INGRESS_ISOLATED, "ingress"),
-        (ENDPOINT_EGRESS_ISOLATED, "egress"),
-    ]
-    .iter()
-    .filter(|(bit, _)| info.flags & bit != 0)
-    .map(|(_, name)| *name)
-    .collect();
-    format!(
-        "ifindex={} written-by={}{}",
-        info.ifindex,
-        if info.flags & endpoint_flag::FROM_POD_OBJECT != 0 {
-            "agent"
-        } else {
-            "cni"
-        },
-        if isolated.is_empty() {
-            String::new()
-        } else {
-            format!(" isolated={}", isolated.join(","))
-        }
-    )
-}
-
-/// One write, every value in it: a line of a golden file.
-pub fn render(op: &Op) -> String {
-    match op {
-        Op::PutBackend(id, b) => format!("put backend {id} {}", l4(b.address, b.port, b.proto)),
-        Op::PutRevNat(index, v) => format!(
-            "put rev-nat {index} {}:{}",
-            Ipv4Addr::from(v.address),
-            v.port
-        ),
-        Op::PutService(key, value) => format!("put service {}", service_value(key, value)),
-        Op::PutEndpoint(key, info) => {
-            format!(
-                "put endpoint {} {}",
-                Ipv4Addr::from(key.address),
-                endpoint(info)
-            )
-        }
-        Op::PutEndpoint6(key, info) => {
-            format!(
-                "put endpoint6 {} {}",
-                Ipv6Addr::from(key.address),
-                endpoint(info)
-            )
-        }
-        Op::PutConfig(c) => format!("put config {}", config(c)),
-        Op::PutRoute(key, info) => format!(
-            "put route {}/{} {}",
-            Ipv4Addr::from(key.network),
-            key.prefix_len,
-            route(info)
-        ),
-        Op::DeleteRoute(key) => format!(
-            "delete route {}/{}",
-            Ipv4Addr::from(key.network),
-            key.prefix_len
-        ),
-        Op::PutRoute6(key, info) => format!(
-            "put route6 {}/{} {}",
-            Ipv6Addr::from(key.network),
-            key.prefix_len,
-            route(info)
-        ),
-        Op::DeleteRoute6(key) => format!(
-            "delete route6 {}/{}",
-            Ipv6Addr::from(key.network),
-            key.prefix_len
-        ),
-        Op::DeleteService(key) => format!(
-            "delete service {} slot {}",
-            service_key(key),
-            key.backend_slot
-        ),
-        Op::DeleteRevNat(index) => format!("delete rev-nat {index}"),
-        Op::DeleteBackend(id) => format!("delete backend {id}"),
-        Op::DeleteEndpoint(key) => format!("delete endpoint {}", Ipv4Addr::from(key.address)),
-        Op::DeleteEndpoint6(key) => format!("delete endpoint6 {}", Ipv6Addr::from(key.address)),
-        Op::PutMaglev(key, count, _) => {
-            format!("put maglev {} backends={count}", service_key(key))
-        }
-        Op::DeleteMaglev(key) => format!("delete maglev {}", service_key(key)),
-        Op::PutSourceRange(range) => format!(
-            "put source-range {} from {}/{}",
-            service_key(&range.frontend),
-            Ipv4Addr::from(range.network),
-            range.prefix_len
-        ),
-        Op::DeleteSourceRange(range) => format!(
-            "delete source-range {} from {}/{}",
-            service_key(&range.frontend),
-            Ipv4Addr::from(range.network),
-            range.prefix_len
-        ),
-        Op::PutIpcache(key, value) => format!(
-            "put ipcache {}/{} identity={}",
-            Ipv4Addr::from(key.network),
-            key.prefix_len,
-            value.identity
-        ),
-        Op::DeleteIpcache(key) => format!(
-            "delete ipcache {}/{}",
-            Ipv4Addr::from(key.network),
-            key.prefix_len
-        ),
-        Op::PutPolicy(rule, _) => format!("put policy {}", describe_policy_rule(rule)),
-        Op::DeletePolicy(rule) => format!("delete policy {}", describe_policy_rule(rule)),
-    }
 }
 
 /// The objects of policy changes, as `Kind namespace/name`.
