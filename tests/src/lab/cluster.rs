@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::{
     basics::run_ip, node_ip, node_ip6, node_yaml, node_yaml_dual_stack, pod_cidr6, sh, unique,
-    Netns, Node, Pod, Underlay, CLUSTER_CIDR, CLUSTER_CIDR6, WORLD_GATEWAY, WORLD_GATEWAY6,
-    WORLD_IP, WORLD_IP6,
+    Netns, Node, Pod, Underlay, CLUSTER_CIDR, CLUSTER_CIDR6, SERVICE_CIDR6, WORLD_GATEWAY,
+    WORLD_GATEWAY6, WORLD_IP, WORLD_IP6,
 };
 
 /// Where a cluster's agents read the Kubernetes objects from: the same stories run
@@ -163,7 +163,8 @@ impl Cluster {
     /// Make the cluster dual-stack (before its agents start): the node network and
     /// the world get IPv6 too (each node an address of [`node_ip6`] and a default
     /// route via the world's gateway, the world host [`WORLD_IP6`]), each Node object an
-    /// IPv6 pod CIDR ([`pod_cidr6`]) and InternalIP, each agent the IPv6 cluster CIDR.
+    /// IPv6 pod CIDR ([`pod_cidr6`]) and InternalIP, each agent the IPv6 cluster and
+    /// Service CIDRs.
     pub fn dual_stack(&mut self) -> Result<()> {
         Underlay::plug6(&self.world, WORLD_GATEWAY6)?;
         sh(
@@ -203,6 +204,8 @@ impl Cluster {
             let value = flag.map(|i| i + 1).filter(|&i| i < node.agent_args.len());
             let value = value.context("lab nodes run with --cluster-cidr")?;
             node.agent_args[value] = format!("{CLUSTER_CIDR},{CLUSTER_CIDR6}");
+            node.agent_args
+                .extend(["--service-cidr".to_string(), SERVICE_CIDR6.to_string()]);
         }
         self.dual_stack = true;
         Ok(())

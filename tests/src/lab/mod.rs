@@ -26,6 +26,6 @@ pub use traffic::{
 };
 pub use underlay::{
     node_ip, node_ip6, node_yaml, node_yaml_dual_stack, pod_cidr6, pod_ip, pod_ip6, Underlay,
-    CLUSTER_CIDR, CLUSTER_CIDR6, SERVICE_CIDR, UNDERLAY_PREFIX, UNDERLAY_PREFIX6, WORLD_GATEWAY,
-    WORLD_GATEWAY6, WORLD_IP, WORLD_IP6,
+    CLUSTER_CIDR, CLUSTER_CIDR6, SERVICE_CIDR, SERVICE_CIDR6, UNDERLAY_PREFIX, UNDERLAY_PREFIX6,
+    WORLD_GATEWAY, WORLD_GATEWAY6, WORLD_IP, WORLD_IP6,
 };

@@ -28,6 +28,8 @@ pub const WORLD_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 
 pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
 /// The lab's Service CIDR (Kubernetes' default).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 Service CIDR of a dual-stack lab (the widest kube-apiserver takes).
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/108";
 
 impl Underlay {
     pub fn new() -> Result<Self> {
