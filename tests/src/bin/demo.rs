@@ -5,12 +5,13 @@
 //! with its source masqueraded, the world reaching the Service through NodePorts and
 //! the load-balancer IP, and the in-cluster paths: a pod and a host process reaching
 //! the `kubernetes` Service (its endpoint: an API server on a node's own address),
-//! balanced at their sockets, a node reaching the other node's pods, and a
-//! NetworkPolicy letting one client in and keeping the other out. Everything it
-//! creates is removed at the end, on failure and on Ctrl-C.
+//! balanced at their sockets, a node reaching the other node's pods, the Service
+//! over IPv6 from a pod (the cluster is dual-stack), and a NetworkPolicy letting one
+//! client in and keeping the other out. Everything it creates is removed at the end,
+//! on failure and on Ctrl-C.
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -23,7 +24,7 @@ use ferrite_agent::{datapath, monitor::Line};
 use ferrite_common::policy::ENDPOINT_INGRESS_ISOLATED;
 use ferrite_tests::{
     cluster::{TCP_FRONTEND, TCP_TARGET, UDP_FRONTEND, UDP_TARGET},
-    lab::{parse_answer, sh, Cluster, Server, WORLD_IP},
+    lab::{node_ip6, parse_answer, sh, Cluster, Server, WORLD_IP},
     monitor::Monitor,
 };
 
@@ -31,10 +32,12 @@ const REQUESTS_PER_CLIENT: usize = 30;
 const NODES: [&str; 2] = ["ferrite-demo-1", "ferrite-demo-2"];
 const UNDERLAY: &str = "ferrite-demo-underlay";
 const WORLD: &str = "ferrite-demo-world";
-/// The Service's NodePort (http) and load-balancer IP, as in examples/two-nodes.yaml.
+/// The Service's NodePorts (http, dns) and load-balancer IP, as in examples/two-nodes.yaml.
 const NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-/// (pod, node index, IP) as in examples/two-nodes.yaml.
+/// (pod, node index, IP) as in examples/two-nodes.yaml; each pod's IPv6 address is
+/// [`pod_ip6`] of it.
 const PODS: [(&str, usize, [u8; 4]); 5] = [
     ("client-a", 0, [10, 244, 0, 2]),
     ("web-1", 0, [10, 244, 0, 11]),
@@ -42,6 +45,15 @@ const PODS: [(&str, usize, [u8; 4]); 5] = [
     ("web-2", 1, [10, 244, 1, 11]),
     ("web-3", 1, [10, 244, 1, 12]),
 ];
+/// The Service's IPv6 ClusterIP, as in examples/two-nodes.yaml.
+const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// A pod's IPv6 address in examples/two-nodes.yaml: its node's IPv6 pod CIDR, the
+/// last group written as the IPv4 address's last octet (10.244.1.11: fd00:10:244:1::11).
+fn pod_ip6(node: usize, ip: [u8; 4]) -> Ipv6Addr {
+    let last = u16::from_str_radix(&ip[3].to_string(), 16).expect("decimal digits");
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, node as u16, 0, 0, 0, last)
+}
 const BACKENDS: [&str; 3] = ["web-1", "web-2", "web-3"];
 /// The `kubernetes` Service and its endpoint, the API server on ferrite-demo-1's own
 /// address, as in examples/two-nodes.yaml.
@@ -116,7 +128,7 @@ fn network_policy(cluster: &Cluster, objects: &str) -> Result<()> {
         })
     })?;
     println!(
-        "\n[9/9] NetworkPolicy web-from-frontends: pods app=web accept TCP 8080 only from pods role=frontend (client-a)"
+        "\n[10/10] NetworkPolicy web-from-frontends: pods app=web accept TCP 8080 only from pods role=frontend (client-a)"
     );
     let to = SocketAddrV4::new(web_2.ip, TCP_TARGET);
     let allowed = cluster.pod("client-a").probe().tcp(to, "allowed?")?;
@@ -159,7 +171,7 @@ fn network_policy(cluster: &Cluster, objects: &str) -> Result<()> {
 
 fn in_cluster_paths(cluster: &Cluster, api_server: SocketAddrV4) -> Result<()> {
     println!(
-        "[8/9] in-cluster paths: the `kubernetes` Service {KUBERNETES} -> the API server on {api_server} (host network of {})\n",
+        "[8/10] in-cluster paths: the `kubernetes` Service {KUBERNETES} -> the API server on {api_server} (host network of {})\n",
         NODES[0]
     );
     println!(
@@ -210,6 +222,66 @@ fn in_cluster_paths(cluster: &Cluster, api_server: SocketAddrV4) -> Result<()> {
         counters[ferrite_common::stat::SOCK_TRANSLATED as usize].packets,
         NODES[1]
     );
+    Ok(())
+}
+
+/// The Service is dual-stack: client-a reaches its IPv6 ClusterIP and its node's
+/// IPv6 address at the nodePort, balanced at the socket over backends on both nodes,
+/// which see client-a's own IPv6 address; UDP answers come from the Service.
+fn dual_stack_service(cluster: &Cluster) -> Result<()> {
+    let client = cluster.pod("client-a");
+    let client_ip6 = pod_ip6(0, PODS[0].2);
+    println!(
+        "[9/10] dual stack: client-a ({client_ip6}) -> the Service's IPv6 addresses, 10 TCP connections and 10 UDP requests each\n"
+    );
+    println!(
+        "      {:<54} {:<22} {:<18} {:<22}",
+        "FRONTEND", "ANSWERED BY", "SAW THE CALLER AS", "UDP ANSWERS FROM"
+    );
+    let node6 = node_ip6(0);
+    let frontends = [
+        (
+            "IPv6 ClusterIP",
+            SocketAddr::new(WEB6.into(), 80),
+            SocketAddr::new(WEB6.into(), 53),
+        ),
+        (
+            "NodePort on ferrite-demo-1's IPv6",
+            SocketAddr::new(node6.into(), NODE_PORT),
+            SocketAddr::new(node6.into(), UDP_NODE_PORT),
+        ),
+    ];
+    let probe = client.probe();
+    for (what, tcp, udp) in frontends {
+        let (mut answered, mut seen, mut udp_from) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        for i in 0..10 {
+            let request = format!("{what} #{i}");
+            let outcome = probe.tcp(tcp, &request)?;
+            let (backend, caller) = parse_answer(outcome.answer()?, &request)?;
+            answered.insert(backend);
+            seen.insert(caller);
+            let outcome = probe.udp(udp, &request)?;
+            let (backend, _) = parse_answer(outcome.answer()?, &request)?;
+            answered.insert(backend);
+            udp_from.insert(outcome.from.unwrap_or_default());
+        }
+        let join = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
+        println!(
+            "      {:<54} {:<22} {:<18} {:<22}",
+            format!("{what} {tcp}"),
+            join(&answered),
+            join(&seen),
+            join(&udp_from)
+        );
+        if answered.len() < 2 || seen != BTreeSet::from([client_ip6.to_string()]) {
+            bail!("{what}: answered by {answered:?}, the caller seen as {seen:?}");
+        }
+        if udp_from != BTreeSet::from([udp.to_string()]) {
+            bail!("{what}: UDP answers from {udp_from:?}, not {udp}");
+        }
+    }
+    println!("      (from outside the cluster the Service is IPv4 only: no IPv6 XDP/TC Service path yet)\n");
     Ok(())
 }
 
@@ -277,24 +349,35 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let mut cluster = Cluster::named(UNDERLAY, WORLD, &names)?;
     for node in &cluster.nodes {
         println!(
-            "[1/9] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
+            "[1/10] node {:?}: network namespace, {} on the node network, datapath pinned at {}",
             node.name,
             node.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             node.pin_dir().display()
         );
     }
+    cluster.dual_stack()?;
     for (name, node, ip) in PODS {
-        cluster.nodes[node].add_pod(name, Ipv4Addr::from(ip))?;
+        cluster.nodes[node].add_dual_stack_pod(name, Ipv4Addr::from(ip), pod_ip6(node, ip))?;
     }
     println!(
-        "[2/9] pods (veth, /32, gateway 169.254.1.1, MTU 1450): {}",
-        PODS.map(|(n, node, ip)| format!("{n} {} on {}", Ipv4Addr::from(ip), NODES[node]))
-            .join(", ")
+        "[2/10] dual-stack pods (veth, /32 and /128, gateways 169.254.1.1 and {}, MTU 1450): {}",
+        ferrite_agent::host::pods::POD_GATEWAY_IP6,
+        PODS.map(|(n, node, ip)| format!(
+            "{n} {} {} on {}",
+            Ipv4Addr::from(ip),
+            pod_ip6(node, ip),
+            NODES[node]
+        ))
+        .join(", ")
     );
     let mut servers = Vec::new();
-    for name in BACKENDS {
-        servers.push(cluster.pod(name).serve(TCP_TARGET)?);
-        servers.push(cluster.pod(name).serve(UDP_TARGET)?);
+    for (name, node, ip) in PODS.into_iter().filter(|(n, _, _)| BACKENDS.contains(n)) {
+        let pod = cluster.pod(name);
+        for port in [TCP_TARGET, UDP_TARGET] {
+            servers.push(pod.serve(port)?);
+            let address = SocketAddr::new(pod_ip6(node, ip).into(), port);
+            servers.push(Server::start(&pod.netns, name, address)?);
+        }
     }
     servers.push(Server::start(
         &cluster.world,
@@ -318,7 +401,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })?;
     }
     println!(
-        "[3/9] agents running on {}: synced (routes to both nodes)\n",
+        "[3/10] agents running on {}: synced (routes to both nodes)\n",
         config.display()
     );
     check(interrupted)?;
@@ -328,12 +411,12 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(web_2.ip, TCP_TARGET), request)?;
     let (server, seen) = parse_answer(&reply, request)?;
     println!(
-        "[4/9] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
+        "[4/10] pod to pod across nodes over VXLAN: client-a ({}) -> {} answered by {server}, which saw the caller as {seen} (no NAT)",
         client_a.ip, web_2.ip
     );
 
     println!(
-        "[5/9] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
+        "[5/10] ClusterIP: {} clients x {REQUESTS_PER_CLIENT} TCP connections to {TCP_FRONTEND} and UDP requests to {UDP_FRONTEND}",
         CLIENTS.len()
     );
     let mut seen: BTreeMap<&str, (usize, usize)> = BACKENDS.iter().map(|n| (*n, (0, 0))).collect();
@@ -382,7 +465,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     let reply = client_a.tcp_request(SocketAddrV4::new(WORLD_IP, 7000), request)?;
     let (_, seen_as) = parse_answer(&reply, request)?;
     println!(
-        "[6/9] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
+        "[6/10] egress: client-a -> {WORLD_IP} (outside the cluster); the world saw the caller as {seen_as}, node {}'s address (masqueraded)\n",
         NODES[0]
     );
 
@@ -412,7 +495,7 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
         })
         .collect();
     frontends.push(("LoadBalancer IP".into(), SocketAddrV4::new(LB_IP, 80)));
-    println!("[7/9] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
+    println!("[7/10] from outside the cluster (the world, {WORLD_IP}), through XDP on each node's uplink:\n");
     println!(
         "      {:<28} {:<20} {:<34} {:<16}",
         "FRONTEND", "ADDRESS", "ANSWERED BY (10 connections)", "CLIENT SEEN AS"
@@ -440,6 +523,8 @@ fn run(interrupted: &AtomicBool, keep: bool) -> Result<()> {
     println!("      (a backend on the receiving node sees the client; one on the other node sees the receiving node, which SNATs so the reply returns through it)\n");
 
     in_cluster_paths(&cluster, api_server)?;
+    check(interrupted)?;
+    dual_stack_service(&cluster)?;
     check(interrupted)?;
 
     let node = &cluster.nodes[0];
