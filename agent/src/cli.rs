@@ -145,9 +145,10 @@ pub enum Command {
         /// Which events.
         #[arg(long = "type", value_enum, default_value_t)]
         kind: monitor::Kind,
-        /// Only events with this address on either side (or as the backend).
+        /// Only events with this address (IPv4 or IPv6) on either side (or as the
+        /// backend).
         #[arg(long)]
-        address: Option<std::net::Ipv4Addr>,
+        address: Option<std::net::IpAddr>,
         /// Only events with this port on either side (or as the backend's).
         #[arg(long)]
         port: Option<u16>,

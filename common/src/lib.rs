@@ -790,6 +790,10 @@ pub mod monitor;
 
 /// One entry of the ring buffer `ferrite_events`: a drop (with its reason) or a new
 /// Service flow (with the frontend it was addressed to and the backend chosen).
+///
+/// Addresses are 16 bytes for either family (`family`): an IPv6 address whole, an
+/// IPv4 one in the first 4 bytes, the rest zero (not IPv4-mapped: the IPv4 paths
+/// write their 4 bytes as before, and a reader needs no family to find them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MonitorEvent {
@@ -799,9 +803,12 @@ pub struct MonitorEvent {
     pub kind: u8,
     /// Index in `monitor::PROGRAMS` of the program that saw it.
     pub program: u8,
-    /// IP protocol (0: not an IPv4 packet, or too short to tell).
+    /// IP protocol (IPv6: the next header after the fixed header; 0: not an IP
+    /// packet, or too short to tell).
     pub proto: u8,
-    pub _pad: u8,
+    /// `monitor::FAMILY_IPV4` or `monitor::FAMILY_IPV6`: how to read the addresses
+    /// (0: a packet of neither family, or too short to tell; addresses all zero).
+    pub family: u8,
     /// Drops: the `stat` index counted (`stat::NAMES`); flows: the counter of the
     /// new flow (`service_new_flow`, `external_new_flow`, `host_service_flow`,
     /// `sock_translated`).
@@ -812,19 +819,18 @@ pub struct MonitorEvent {
     pub len: u32,
     /// The packet's addresses (network order) and ports (host order; 0 when the
     /// packet has none). Flows: as the client sent it, to the frontend.
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
     /// Flows: the backend chosen (address network order, port host order).
-    pub backend_address: [u8; 4],
+    pub backend_address: [u8; 16],
     pub backend_port: u16,
-    pub _pad2: u16,
+    pub _pad: u16,
     /// Flows: the frontend's rev-NAT index.
     pub rev_nat_index: u32,
-    /// Flows: the backend's id in `ferrite_backend`.
+    /// Flows: the backend's id in `ferrite_backend` (`ferrite_lb6_be` for IPv6).
     pub backend_id: u32,
-    pub _pad3: u32,
 }
 
 /// `NodeConfig::flags`.
@@ -951,7 +957,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 12);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 16);
-        assert_eq!(size_of::<MonitorEvent>(), 56);
+        assert_eq!(size_of::<MonitorEvent>(), 88);
         assert_eq!(size_of::<ExplainTrace>(), 88);
         assert_eq!(size_of::<explain::SockRequest>(), 32);
         assert_eq!(size_of::<Service6Key>(), 24);

@@ -9,8 +9,12 @@ pub const KIND_DROP: u8 = 1;
 /// `MonitorEvent::kind`: a new Service flow, its backend chosen.
 pub const KIND_FLOW: u8 = 2;
 
-/// Size of the ring buffer in bytes (a power of two, whole pages): 4681 events
-/// of 56 bytes (with the kernel's 8-byte header) while the agent catches up.
+/// `MonitorEvent::family`: its addresses are IPv4 (the first 4 bytes of each) or IPv6.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Size of the ring buffer in bytes (a power of two, whole pages): 2730 events
+/// of 88 bytes (with the kernel's 8-byte header) while the agent catches up.
 pub const RING_BYTES: u32 = 256 * 1024;
 
 /// The programs that report events, by `MonitorEvent::program`.
@@ -23,7 +27,6 @@ pub const PROGRAMS: [&str; 10] = [
     program_names::FROM_HOST,
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
-    // Their IPv4-mapped calls (IPv6 ones are not reported: events carry IPv4 tuples).
     program_names::SOCK_CONNECT6,
     program_names::SOCK_SENDMSG6,
 ];

@@ -12,7 +12,8 @@ use crate::{
     stats,
 };
 
-/// A packet's (or a socket call's) addresses, raw network order, and ports, host order.
+/// A packet's (or a socket call's) IPv4 addresses, raw network order, and ports,
+/// host order.
 #[derive(Clone, Copy, Default)]
 pub struct Tuple {
     pub saddr: u32,
@@ -32,6 +33,53 @@ impl Tuple {
             dport: h.dport,
             proto: h.proto,
         }
+    }
+}
+
+/// An IPv6 socket call's addresses (network order) and ports (host order).
+#[derive(Clone, Copy, Default)]
+pub struct Tuple6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// What an event says about its packet or call, written straight into the ring's
+/// entry (no copy of the event on the programs' stack).
+pub trait Addresses {
+    fn fill(&self, event: &mut MonitorEvent);
+}
+
+/// An IPv4 address in the event's 16 bytes: the first 4, the rest zero.
+#[inline(always)]
+fn wide(address: u32) -> [u8; 16] {
+    let b = address.to_ne_bytes();
+    [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+impl Addresses for Tuple {
+    #[inline(always)]
+    fn fill(&self, event: &mut MonitorEvent) {
+        event.family = monitor::FAMILY_IPV4;
+        event.proto = self.proto;
+        event.saddr = wide(self.saddr);
+        event.daddr = wide(self.daddr);
+        event.sport = self.sport;
+        event.dport = self.dport;
+    }
+}
+
+impl Addresses for Tuple6 {
+    #[inline(always)]
+    fn fill(&self, event: &mut MonitorEvent) {
+        event.family = monitor::FAMILY_IPV6;
+        event.proto = self.proto;
+        event.saddr = self.saddr;
+        event.daddr = self.daddr;
+        event.sport = self.sport;
+        event.dport = self.dport;
     }
 }
 
@@ -65,6 +113,35 @@ pub struct FlowTarget {
     pub backend_id: u32,
 }
 
+impl Addresses for FlowTarget {
+    #[inline(always)]
+    fn fill(&self, event: &mut MonitorEvent) {
+        event.backend_address = wide(self.backend_address);
+        event.backend_port = self.backend_port;
+        event.rev_nat_index = self.rev_nat_index;
+        event.backend_id = self.backend_id;
+    }
+}
+
+/// The IPv6 backend a new flow was given (an id of `ferrite_lb6_be`).
+#[derive(Clone, Copy, Default)]
+pub struct FlowTarget6 {
+    pub backend_address: [u8; 16],
+    pub backend_port: u16,
+    pub rev_nat_index: u32,
+    pub backend_id: u32,
+}
+
+impl Addresses for FlowTarget6 {
+    #[inline(always)]
+    fn fill(&self, event: &mut MonitorEvent) {
+        event.backend_address = self.backend_address;
+        event.backend_port = self.backend_port;
+        event.rev_nat_index = self.rev_nat_index;
+        event.backend_id = self.backend_id;
+    }
+}
+
 /// Whether a monitor listens for the events `want` (`monitor::WANT_*`).
 #[inline(always)]
 pub fn wanted(want: u32) -> bool {
@@ -75,64 +152,84 @@ pub fn wanted(want: u32) -> bool {
 #[inline(always)]
 pub fn packet_dropped<P: Packet>(pkt: &P, seen: &Seen, reason: u32) {
     if wanted(monitor::WANT_DROPS) {
-        write(
-            monitor::KIND_DROP,
-            seen,
-            reason,
-            &tuple(pkt),
-            &FlowTarget::default(),
-        );
+        report_drop(pkt, seen, reason);
     }
+}
+
+/// A BPF subprogram of its own: reading either family's tuple takes stack that the
+/// largest entries (`ferrite_from_pod`) have no room for in their own frame.
+#[inline(never)]
+fn report_drop<P: Packet>(pkt: &P, seen: &Seen, reason: u32) {
+    write(
+        monitor::KIND_DROP,
+        seen,
+        reason,
+        &PacketTuple(pkt),
+        &NoTarget,
+    );
 }
 
 /// Report a refusal counted under `reason` that has no packet (a socket call).
 #[inline(always)]
-pub fn refused(seen: &Seen, reason: u32, tuple: &Tuple) {
+pub fn refused(seen: &Seen, reason: u32, tuple: &impl Addresses) {
     if wanted(monitor::WANT_DROPS) {
-        write(
-            monitor::KIND_DROP,
-            seen,
-            reason,
-            tuple,
-            &FlowTarget::default(),
-        );
+        write(monitor::KIND_DROP, seen, reason, tuple, &NoTarget);
     }
 }
 
 /// Report a new Service flow counted under `counter`, if a monitor listens for flows.
 #[inline(always)]
-pub fn new_flow(seen: &Seen, counter: u32, tuple: &Tuple, target: &FlowTarget) {
+pub fn new_flow(seen: &Seen, counter: u32, tuple: &impl Addresses, target: &impl Addresses) {
     if wanted(monitor::WANT_FLOWS) {
         write(monitor::KIND_FLOW, seen, counter, tuple, target);
     }
 }
 
+/// Drops name no backend.
+struct NoTarget;
+
+impl Addresses for NoTarget {
+    #[inline(always)]
+    fn fill(&self, _: &mut MonitorEvent) {}
+}
+
 /// The addresses and ports of a dropped packet, read again from the packet (it may
-/// be malformed or not IPv4: whatever can be read, zero for the rest).
-#[inline(always)]
-fn tuple<P: Packet>(pkt: &P) -> Tuple {
-    const ETH_P_IP: u16 = 0x0800;
-    let mut tuple = Tuple::default();
-    if pkt.load::<u16>(12).map(u16::from_be) != Ok(ETH_P_IP) {
-        return tuple;
+/// be malformed or not IP: whatever can be read, zero for the rest).
+struct PacketTuple<'a, P>(&'a P);
+
+impl<P: Packet> Addresses for PacketTuple<'_, P> {
+    #[inline(always)]
+    fn fill(&self, event: &mut MonitorEvent) {
+        const ETH_P_IP: u16 = 0x0800;
+        const ETH_P_IPV6: u16 = 0x86dd;
+        match self.0.load::<u16>(12).map(u16::from_be) {
+            Ok(ETH_P_IP) => ipv4_tuple(self.0, event),
+            Ok(ETH_P_IPV6) => ipv6_tuple(self.0, event),
+            _ => {}
+        }
     }
+}
+
+#[inline(always)]
+fn ipv4_tuple<P: Packet>(pkt: &P, event: &mut MonitorEvent) {
     // One field at a time: a tuple of loads let the compiler mix a packet pointer
     // into arithmetic the verifier refuses.
     let Ok(addrs) = pkt.load::<[u32; 2]>(26) else {
-        return tuple;
+        return;
     };
     let Ok(proto) = pkt.load::<u8>(23) else {
-        return tuple;
+        return;
     };
     let Ok(fragment) = pkt.load::<u16>(20) else {
-        return tuple;
+        return;
     };
     let Ok(version_ihl) = pkt.load::<u8>(14) else {
-        return tuple;
+        return;
     };
-    tuple.proto = proto;
-    tuple.saddr = addrs[0];
-    tuple.daddr = addrs[1];
+    event.family = monitor::FAMILY_IPV4;
+    event.proto = proto;
+    event.saddr = wide(addrs[0]);
+    event.daddr = wide(addrs[1]);
     // Ports only where this packet carries them: TCP or UDP, not a later fragment,
     // behind a header of a possible length.
     let later_fragment = u16::from_be(fragment) & 0x1fff != 0;
@@ -140,40 +237,57 @@ fn tuple<P: Packet>(pkt: &P) -> Tuple {
     if (proto == PROTO_TCP || proto == PROTO_UDP) && !later_fragment && ihl >= 5 {
         let l4 = 14 + ihl * 4;
         if let Ok(ports) = pkt.load::<[u16; 2]>(l4) {
-            tuple.sport = u16::from_be(ports[0]);
-            tuple.dport = u16::from_be(ports[1]);
+            event.sport = u16::from_be(ports[0]);
+            event.dport = u16::from_be(ports[1]);
         }
     }
-    tuple
+}
+
+/// An IPv6 packet's addresses, next header, and ports when TCP or UDP follows the
+/// fixed header directly (extension headers are not walked here: ports 0 then).
+#[inline(always)]
+fn ipv6_tuple<P: Packet>(pkt: &P, event: &mut MonitorEvent) {
+    const FIXED_HEADER_END: usize = 14 + 40;
+    let Ok(saddr) = pkt.load::<[u8; 16]>(22) else {
+        return;
+    };
+    let Ok(daddr) = pkt.load::<[u8; 16]>(38) else {
+        return;
+    };
+    let Ok(next_header) = pkt.load::<u8>(20) else {
+        return;
+    };
+    event.family = monitor::FAMILY_IPV6;
+    event.proto = next_header;
+    event.saddr = saddr;
+    event.daddr = daddr;
+    if next_header == PROTO_TCP || next_header == PROTO_UDP {
+        if let Ok(ports) = pkt.load::<[u16; 2]>(FIXED_HEADER_END) {
+            event.sport = u16::from_be(ports[0]);
+            event.dport = u16::from_be(ports[1]);
+        }
+    }
 }
 
 #[inline(always)]
-fn write(kind: u8, seen: &Seen, reason: u32, tuple: &Tuple, target: &FlowTarget) {
+fn write(kind: u8, seen: &Seen, reason: u32, tuple: &impl Addresses, target: &impl Addresses) {
     // A full ring (the agent behind) loses the event: the monitor is best effort,
     // but the loss is counted.
     let Some(mut entry) = EVENTS.reserve(0) else {
         stats::count(stat::MONITOR_LOST, seen.len);
         return;
     };
-    entry.write(MonitorEvent {
+    // Zero first: reserved ring memory holds whatever was there before.
+    let event = entry.write(MonitorEvent {
         time_ns: unsafe { bpf_ktime_get_ns() },
         kind,
         program: seen.program,
-        proto: tuple.proto,
-        _pad: 0,
         reason,
         ifindex: seen.ifindex,
         len: seen.len,
-        saddr: tuple.saddr.to_ne_bytes(),
-        daddr: tuple.daddr.to_ne_bytes(),
-        sport: tuple.sport,
-        dport: tuple.dport,
-        backend_address: target.backend_address.to_ne_bytes(),
-        backend_port: target.backend_port,
-        _pad2: 0,
-        rev_nat_index: target.rev_nat_index,
-        backend_id: target.backend_id,
-        _pad3: 0,
+        ..MonitorEvent::default()
     });
+    tuple.fill(event);
+    target.fill(event);
     entry.submit(0);
 }

@@ -13,8 +13,9 @@
 //!   IPv4 address and fills `ferrite_sockrev`), yet reports its answers to the IPv6
 //!   one (seen here, kernel 6.18): recvmsg6 reads both maps. sendmsg6 handles
 //!   IPv4-mapped addresses as connect6 does all the same, as Cilium's does.
-//! - The monitor's events carry IPv4 tuples: an IPv6 call is counted but reported to
-//!   no monitor; an IPv4-mapped one is reported as the IPv4 call it is.
+//! - The monitor sees an IPv6 call with its IPv6 frontend and backend, an
+//!   IPv4-mapped one as the IPv4 call it is; the caller's own address is not read
+//!   (the source is unknown, `::`, as a connecting IPv4 socket's).
 //! - No other node's IPv6 address is served as a NodePort frontend (nodes have IPv4
 //!   addresses only: the underlay is IPv4), and there is no explain copy yet.
 use aya_ebpf::{
@@ -28,7 +29,7 @@ use ferrite_common::{
 };
 
 use crate::{
-    events::{self, FlowTarget},
+    events::{self, FlowTarget, FlowTarget6, Tuple6},
     lb,
     maps::{SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOCK_SERVICE6},
     sock::{self, balance, remember_reverse, remember_service, Request, ALLOW, REFUSE},
@@ -92,18 +93,31 @@ fn frontend(req: &Request6) -> Option<(Service6Key, ServiceValue)> {
     Some(lb::in_cluster_entries(master, svc))
 }
 
-/// Rewrite the call's address to a backend of the frontend it names: an IPv6
-/// frontend, or an IPv4 one by its IPv4-mapped address.
+/// The call as a monitor sees it (its source is not read).
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, req: &Request6) -> i32 {
+fn tuple(req: &Request6) -> Tuple6 {
+    Tuple6 {
+        daddr: req.address,
+        dport: req.port,
+        proto: req.proto,
+        ..Tuple6::default()
+    }
+}
+
+/// Rewrite the call's address to a backend of the frontend it names: an IPv6
+/// frontend, or an IPv4 one by its IPv4-mapped address. `program`: the calling
+/// program's `monitor::PROGRAMS` index.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, req: &Request6, program: u8) -> i32 {
     if let Some(ipv4) = ipv4_mapped(&req.address) {
-        return translate_mapped(ctx, req, ipv4);
+        return translate_mapped(ctx, req, ipv4, program);
     }
     let Some((master, svc)) = frontend(req) else {
         return ALLOW;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(chosen) = balance(ctx, master, &svc, cookie) else {
+        events::refused(&sock::seen_by(program), stat::SOCK_REFUSED, &tuple(req));
         return REFUSE;
     };
     let backend = chosen.backend;
@@ -116,13 +130,25 @@ fn translate(ctx: &SockAddrContext, req: &Request6) -> i32 {
         backend.port,
     );
     set_peer(ctx, &backend.address, backend.port);
+    let target = FlowTarget6 {
+        backend_address: backend.address,
+        backend_port: backend.port,
+        rev_nat_index: svc.rev_nat_index,
+        backend_id: chosen.id,
+    };
+    events::new_flow(
+        &sock::seen_by(program),
+        stat::SOCK_TRANSLATED,
+        &tuple(req),
+        &target,
+    );
     ALLOW
 }
 
 /// A dual-stack socket's call to `::ffff:<ipv4>`: balanced over the IPv4 frontend,
 /// reported to the monitor as the IPv4 call it is.
 #[inline(always)]
-fn translate_mapped(ctx: &SockAddrContext, req: &Request6, ipv4: [u8; 4]) -> i32 {
+fn translate_mapped(ctx: &SockAddrContext, req: &Request6, ipv4: [u8; 4], program: u8) -> i32 {
     let req4 = Request {
         address: u32::from_ne_bytes(ipv4),
         port: req.port,
@@ -130,11 +156,6 @@ fn translate_mapped(ctx: &SockAddrContext, req: &Request6, ipv4: [u8; 4]) -> i32
     };
     let Some((master, svc)) = sock::frontend(&req4) else {
         return ALLOW;
-    };
-    let program = if req.proto == PROTO_TCP {
-        const { monitor::program_index(program_names::SOCK_CONNECT6) }
-    } else {
-        const { monitor::program_index(program_names::SOCK_SENDMSG6) }
     };
     // The source address of a send is not readable here (msg_src_ip4 is sendmsg4's).
     let tuple = req4.tuple_from(0);
@@ -213,10 +234,11 @@ fn remember(
 /// address sends IPv4 packets, which the IPv4 per-packet path balances.
 #[cgroup_sock_addr(connect6)]
 pub fn ferrite_connect6(ctx: SockAddrContext) -> i32 {
+    const PROGRAM: u8 = monitor::program_index(program_names::SOCK_CONNECT6);
     match request(&ctx) {
-        Some(req) if req.proto == PROTO_TCP => translate(&ctx, &req),
+        Some(req) if req.proto == PROTO_TCP => translate(&ctx, &req, PROGRAM),
         Some(req) if req.proto == PROTO_UDP && ipv4_mapped(&req.address).is_none() => {
-            translate(&ctx, &req)
+            translate(&ctx, &req, PROGRAM)
         }
         _ => ALLOW,
     }
@@ -225,8 +247,9 @@ pub fn ferrite_connect6(ctx: SockAddrContext) -> i32 {
 /// cgroup/sendmsg6: unconnected UDP sends with a destination address.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ferrite_sendmsg6(ctx: SockAddrContext) -> i32 {
+    const PROGRAM: u8 = monitor::program_index(program_names::SOCK_SENDMSG6);
     match request(&ctx) {
-        Some(req) if req.proto == PROTO_UDP => translate(&ctx, &req),
+        Some(req) if req.proto == PROTO_UDP => translate(&ctx, &req, PROGRAM),
         _ => ALLOW,
     }
 }

@@ -2,7 +2,7 @@
 //! once see the same real drop; a flow monitor sees a new ClusterIP flow with the
 //! backend that answered; the datapath stops writing events once the last monitor
 //! leaves. Needs root; each test builds its own uniquely named node.
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use ferrite_agent::monitor::Line;
@@ -57,8 +57,8 @@ fn two_monitors_at_once_both_see_a_spoofed_drop_and_the_datapath_stops_when_they
         assert_eq!(event.program, "ferrite_from_pod");
         assert_eq!(event.protocol, "udp");
         assert_eq!(
-            SocketAddrV4::new(event.destination, event.destination_port),
-            UDP_FRONTEND
+            SocketAddr::new(event.destination, event.destination_port),
+            SocketAddr::from(UDP_FRONTEND)
         );
         // Where the pod's frames enter the node: its host-side veth.
         assert_eq!(
@@ -109,12 +109,12 @@ fn a_flow_monitor_sees_a_new_cluster_ip_flow_with_the_backend_that_answered() ->
         .map(|(_, ip)| *ip)
         .expect("a known backend");
     let line = flows.wait_for(PATIENCE, |line| {
-        matches!(line, Line::Flow(e) if SocketAddrV4::new(e.destination, e.destination_port) == TCP_FRONTEND)
+        matches!(line, Line::Flow(e) if SocketAddr::new(e.destination, e.destination_port) == SocketAddr::from(TCP_FRONTEND))
     })?;
     let Line::Flow(event) = line else {
         unreachable!()
     };
-    assert_eq!(event.backend, Some(backend_ip));
+    assert_eq!(event.backend, Some(backend_ip.into()));
     assert_eq!(event.backend_port, Some(cluster::TCP_TARGET));
     assert_eq!(event.protocol, "tcp");
     assert_eq!(event.service.as_deref(), Some("default/web:http"));
@@ -154,8 +154,8 @@ fn a_connect_refused_at_the_socket_for_want_of_backends_is_a_drop_of_the_connect
     assert_eq!(event.reason, "sock_refused");
     assert_eq!(event.program, "ferrite_connect4");
     assert_eq!(
-        SocketAddrV4::new(event.destination, event.destination_port),
-        TCP_FRONTEND
+        SocketAddr::new(event.destination, event.destination_port),
+        SocketAddr::from(TCP_FRONTEND)
     );
     assert_eq!(event.protocol, "tcp");
     // A socket call: no device, no packet.

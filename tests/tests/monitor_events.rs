@@ -3,15 +3,16 @@
 //! exactly one event to `ferrite_events` with its reason, tuple, device and program,
 //! and a new Service flow one with its frontend and backend; with nobody listening,
 //! nothing is written. Needs root.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 use ferrite_common::{
-    monitor, program_names, stat, svc_flag, MonitorEvent, PROTO_TCP, PROTO_UDP, ROUTE_LOCAL,
-    ROUTE_REMOTE,
+    monitor, pod_mac_for, program_names, stat, svc_flag, EndpointInfo, MonitorEvent, PROTO_TCP,
+    PROTO_UDP, ROUTE_LOCAL, ROUTE_REMOTE,
 };
 use ferrite_tests::{
-    frames::{self, decode_checked},
+    frames::{self, decode_checked, GATEWAY_MAC},
+    frames6::{self, options_header, Ipv6Frame, NEXT_HOP_BY_HOP},
     testbed::{RunResult, Testbed, TC_ACT_SHOT, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS},
 };
 
@@ -119,8 +120,9 @@ struct DropCase {
 
 fn drop_cases() -> Result<Vec<DropCase>> {
     let syn = frames::tcp_syn(sock(CLIENT, 40000), VIP, b"");
-    let mut ipv6 = syn.clone();
-    ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    // An EtherType of neither family (IPv6 drops: `an_ipv6_drop_yields_...`).
+    let mut not_ip = syn.clone();
+    not_ip[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x44;
     let datagram = frames::udp(sock(CLIENT, 40001), EMPTY_VIP, &[7; 32]);
@@ -128,10 +130,10 @@ fn drop_cases() -> Result<Vec<DropCase>> {
     let unspecified = sock(Ipv4Addr::UNSPECIFIED, 0);
     Ok(vec![
         DropCase {
-            name: "not IPv4",
+            name: "not IP",
             entry: Entry::Pod,
             before: vec![],
-            frame: ipv6,
+            frame: not_ip,
             reason: stat::DROP_UNSUPPORTED_L3,
             tuple: (unspecified, unspecified, 0),
         },
@@ -227,10 +229,22 @@ fn drop_cases() -> Result<Vec<DropCase>> {
     ])
 }
 
+/// The IPv4 address of an event's 16 bytes (the first 4; the rest must be zero).
+fn v4(address: [u8; 16]) -> Ipv4Addr {
+    assert_eq!(
+        address[4..],
+        [0; 12],
+        "an IPv4 address in the first 4 bytes"
+    );
+    Ipv4Addr::new(address[0], address[1], address[2], address[3])
+}
+
+/// An IPv4 event's tuple (one of a packet of neither family is all zero).
 fn tuple_of(event: &MonitorEvent) -> (SocketAddrV4, SocketAddrV4, u8) {
+    assert_ne!(event.family, monitor::FAMILY_IPV6);
     (
-        sock(event.saddr.into(), event.sport),
-        sock(event.daddr.into(), event.dport),
+        sock(v4(event.saddr), event.sport),
+        sock(v4(event.daddr), event.dport),
         event.proto,
     )
 }
@@ -272,7 +286,7 @@ fn with_a_monitor_listening_every_drop_yields_one_event_with_its_reason_tuple_an
         assert_ne!(event.time_ns, 0, "{name}: time");
         assert_eq!(
             (event.backend_address, event.backend_port, event.backend_id),
-            ([0; 4], 0, 0),
+            ([0; 16], 0, 0),
             "{name}: a drop has no backend"
         );
         reasons_seen.push(case.reason);
@@ -354,7 +368,7 @@ fn a_new_service_flow_yields_one_event_with_its_frontend_and_backend() -> Result
     );
     assert_eq!(tuple_of(&event), (client, VIP, PROTO_TCP));
     assert_eq!(
-        sock(event.backend_address.into(), event.backend_port),
+        sock(v4(event.backend_address), event.backend_port),
         sock(BACKEND, 8080)
     );
     assert_eq!(event.rev_nat_index, 1);
@@ -379,7 +393,7 @@ fn a_new_service_flow_yields_one_event_with_its_frontend_and_backend() -> Result
     );
     assert_eq!(tuple_of(&event), (WORLD, NODE_PORT, PROTO_TCP));
     assert_eq!(
-        sock(event.backend_address.into(), event.backend_port),
+        sock(v4(event.backend_address), event.backend_port),
         sock(BACKEND, 8080)
     );
     assert_eq!((event.rev_nat_index, event.backend_id), (3, 3));
@@ -389,5 +403,76 @@ fn a_new_service_flow_yields_one_event_with_its_frontend_and_backend() -> Result
     bed.from_pod(&frames::tcp_syn(sock(CLIENT, 40001), VIP, b""))?;
     assert_eq!(bed.take_events()?, vec![]);
     assert_eq!(bed.counter(stat::SERVICE_NEW_FLOW)?, 2);
+    Ok(())
+}
+
+/// A dual-stack pod spoofing an IPv6 source: the drop's event carries the IPv6
+/// addresses, the next header and the ports, the ports only where TCP or UDP follows
+/// the fixed header (extension headers are not walked for the monitor).
+#[test]
+fn an_ipv6_drop_yields_one_event_with_its_ipv6_tuple() -> Result<()> {
+    let client: Ipv6Addr = "fd00:10:244::2".parse()?;
+    let stranger: Ipv6Addr = "fd00:10:244::99".parse()?;
+    let web: Ipv6Addr = "fd00:10:244::3".parse()?;
+    let client_mac = pod_mac_for(CLIENT);
+    let mut bed = Testbed::load()?;
+    let endpoint = EndpointInfo {
+        ifindex: TEST_RUN_IFINDEX,
+        pod_mac: client_mac,
+        host_mac: GATEWAY_MAC,
+        flags: 0,
+    };
+    bed.add_endpoint6(client, endpoint)?;
+    bed.fill_tail_calls()?;
+    bed.set_monitor(monitor::WANT_DROPS)?;
+    let spoofed = |extensions| Ipv6Frame {
+        eth_dst: GATEWAY_MAC,
+        eth_src: client_mac,
+        source: stranger,
+        destination: web,
+        hop_limit: 64,
+        extensions,
+        proto: PROTO_UDP,
+        upper: frames6::udp(stranger, 40000, web, 8080, b"spoofed"),
+    };
+    for (frame, proto, ports) in [
+        (spoofed(vec![]), PROTO_UDP, (40000, 8080)),
+        (
+            spoofed(vec![options_header(NEXT_HOP_BY_HOP, 0)]),
+            NEXT_HOP_BY_HOP,
+            (0, 0),
+        ),
+    ] {
+        let frame = frame.build();
+        let out = bed.from_pod(&frame)?;
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        let events = bed.take_events()?;
+        assert_eq!(events.len(), 1, "{events:?}");
+        let event = events[0];
+        assert_eq!(
+            (event.kind, stat::NAMES[event.reason as usize]),
+            (monitor::KIND_DROP, "drop_spoofed")
+        );
+        assert_eq!(
+            monitor::PROGRAMS[event.program as usize],
+            program_names::FROM_POD
+        );
+        assert_eq!(event.family, monitor::FAMILY_IPV6);
+        assert_eq!(
+            (
+                Ipv6Addr::from(event.saddr),
+                Ipv6Addr::from(event.daddr),
+                event.proto
+            ),
+            (stranger, web, proto)
+        );
+        assert_eq!((event.sport, event.dport), ports);
+        assert_eq!(event.len as usize, frame.len());
+        assert_eq!(
+            (event.backend_address, event.backend_port),
+            ([0; 16], 0),
+            "a drop has no backend"
+        );
+    }
     Ok(())
 }

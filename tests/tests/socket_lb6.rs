@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use anyhow::{ensure, Context, Result};
 use aya::maps::{HashMap, MapData};
 use ferrite_common::{
-    lb6::to_ipv4_mapped, map_names, stat, AffinityKey, AffinityValue, AFFINITY_CLIENT_NETNS,
-    PROTO_TCP, PROTO_UDP,
+    lb6::to_ipv4_mapped, map_names, monitor, program_names, stat, AffinityKey, AffinityValue,
+    AFFINITY_CLIENT_NETNS, PROTO_TCP, PROTO_UDP,
 };
 use ferrite_tests::{
     lab::{answered_by, sh, unique, Cgroup, Netns, Probe, ProbeOutcome, Server},
@@ -253,5 +253,109 @@ fn session_affinity_keeps_a_client_namespace_on_one_ipv6_backend() -> Result<()>
     let expected = if answering[0] == "a" { 140 } else { 141 };
     assert_eq!(pinned, [expected], "the namespace's pin");
     assert_eq!(bed.tb.counter(stat::SOCK_TRANSLATED)?, CONNECTIONS as u64);
+    Ok(())
+}
+
+/// A monitor listening sees each IPv6 call: a TCP connect and a UDP send as new
+/// flows naming the IPv6 frontend and the IPv6 backend chosen, a call to a frontend
+/// without backends as refused; an IPv4-mapped call as the IPv4 call it is.
+#[test]
+fn a_monitor_sees_ipv6_socket_calls_with_their_ipv6_frontend_and_backend() -> Result<()> {
+    let mut bed = Bed::new()?;
+    let _server = bed.server("a", v6(BACKEND_A, BACKEND_PORT))?;
+    let _four = bed.server("four", SocketAddrV4::new(BACKEND4, BACKEND_PORT))?;
+    let tcp = v6(VIP6, SERVICE_PORT);
+    let udp = v6(VIP6, 53);
+    let empty = v6(VIP6, 81);
+    for (frontend, protocol, rev_nat_index, first_id) in
+        [(tcp, PROTO_TCP, 14, 140), (udp, PROTO_UDP, 15, 150)]
+    {
+        let options = Frontend6 {
+            rev_nat_index,
+            ..Frontend6::default()
+        };
+        let backends = [v6(BACKEND_A, BACKEND_PORT)];
+        bed.tb
+            .add_service6(frontend, protocol, options, first_id, &backends)?;
+    }
+    let options = Frontend6 {
+        rev_nat_index: 16,
+        ..Frontend6::default()
+    };
+    bed.tb.add_frontend6(empty, PROTO_TCP, options, &[])?;
+    bed.tb.add_service(
+        SocketAddrV4::new(VIP4, SERVICE_PORT),
+        PROTO_TCP,
+        17,
+        170,
+        &[SocketAddrV4::new(BACKEND4, BACKEND_PORT)],
+    )?;
+    let mapped = v6(Ipv6Addr::from(to_ipv4_mapped(VIP4.octets())), SERVICE_PORT);
+    bed.tb
+        .set_monitor(monitor::WANT_DROPS | monitor::WANT_FLOWS)?;
+    let probe = bed.probe();
+
+    let expected_flows = [
+        (tcp, PROTO_TCP, program_names::SOCK_CONNECT6, 14, 140),
+        (udp, PROTO_UDP, program_names::SOCK_SENDMSG6, 15, 150),
+    ];
+    for (frontend, protocol, program, rev_nat_index, backend_id) in expected_flows {
+        let outcome = if protocol == PROTO_TCP {
+            probe.tcp(frontend, "watched")?
+        } else {
+            probe.udp(frontend, "watched")?
+        };
+        assert_eq!(answered(&outcome, "watched", frontend)?, "a");
+        let events = bed.tb.take_events()?;
+        assert_eq!(events.len(), 1, "{program}: {events:?}");
+        let event = events[0];
+        assert_eq!(
+            (event.kind, stat::NAMES[event.reason as usize]),
+            (monitor::KIND_FLOW, "sock_translated"),
+            "{program}"
+        );
+        assert_eq!(monitor::PROGRAMS[event.program as usize], program);
+        assert_eq!(
+            (event.family, event.proto),
+            (monitor::FAMILY_IPV6, protocol)
+        );
+        assert_eq!(
+            (Ipv6Addr::from(event.daddr), event.dport),
+            (*frontend.ip(), frontend.port()),
+            "{program}: the frontend"
+        );
+        assert_eq!(
+            (Ipv6Addr::from(event.backend_address), event.backend_port),
+            (BACKEND_A, BACKEND_PORT),
+            "{program}: the backend"
+        );
+        assert_eq!(
+            (event.rev_nat_index, event.backend_id),
+            (rev_nat_index, backend_id)
+        );
+    }
+
+    let outcome = probe.tcp(empty, "nobody")?;
+    assert_eq!(outcome.error.as_deref(), Some("refused"), "{outcome:?}");
+    let events = bed.tb.take_events()?;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let refused = events[0];
+    assert_eq!(
+        (refused.kind, stat::NAMES[refused.reason as usize]),
+        (monitor::KIND_DROP, "sock_refused")
+    );
+    assert_eq!(
+        (refused.family, Ipv6Addr::from(refused.daddr), refused.dport),
+        (monitor::FAMILY_IPV6, VIP6, 81)
+    );
+
+    let outcome = probe.tcp(mapped, "mapped")?;
+    assert_eq!(answered(&outcome, "mapped", mapped)?, "four");
+    let events = bed.tb.take_events()?;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let four = events[0];
+    assert_eq!(four.family, monitor::FAMILY_IPV4);
+    assert_eq!(&four.daddr[..4], &VIP4.octets());
+    assert_eq!(&four.backend_address[..4], &BACKEND4.octets());
     Ok(())
 }

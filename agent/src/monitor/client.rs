@@ -119,15 +119,15 @@ pub fn time_of_day(time: SystemTime) -> String {
 pub const TABLE_HEADER: &str =
     "TIME (UTC)    EVENT  REASON                 PROGRAM               INTERFACE            PROTO  SOURCE                 DESTINATION            DETAIL";
 
-/// `address:port`, the address alone without a port, `-` when neither is known (a
-/// connecting socket has no source yet).
-fn endpoint(address: std::net::Ipv4Addr, port: u16) -> String {
+/// `address:port` (`[address]:port` for IPv6), the address alone without a port,
+/// `-` when neither is known (a connecting socket has no source yet).
+fn endpoint(address: std::net::IpAddr, port: u16) -> String {
     if address.is_unspecified() && port == 0 {
         "-".to_string()
     } else if port == 0 {
         address.to_string()
     } else {
-        format!("{address}:{port}")
+        std::net::SocketAddr::new(address, port).to_string()
     }
 }
 
@@ -193,19 +193,19 @@ mod tests {
             ifindex: 7,
             interface: Some("fv0a2f".into()),
             protocol: "tcp".into(),
-            source: Ipv4Addr::new(10, 244, 0, 2),
+            source: Ipv4Addr::new(10, 244, 0, 2).into(),
             source_port: 40000,
-            destination: Ipv4Addr::new(10, 96, 0, 10),
+            destination: Ipv4Addr::new(10, 96, 0, 10).into(),
             destination_port: 80,
             bytes: 60,
             service: Some("default/web:http".into()),
             source_pod: Some("default/client".into()),
             destination_pod: None,
-            backend: Some(Ipv4Addr::new(10, 244, 1, 5)),
+            backend: Some(Ipv4Addr::new(10, 244, 1, 5).into()),
             backend_port: Some(8080),
             time_ns: 0,
         };
-        let row = table_row(&Line::Flow(flow), "07:59:01.123").unwrap();
+        let row = table_row(&Line::Flow(flow.clone()), "07:59:01.123").unwrap();
         for part in [
             "07:59:01.123",
             " flow ",
@@ -214,6 +214,21 @@ mod tests {
             "10.244.0.2:40000",
             "10.96.0.10:80",
             "backend 10.244.1.5:8080, from pod default/client, service default/web:http, 60 bytes",
+        ] {
+            assert!(row.contains(part), "{part:?} in {row:?}");
+        }
+        let ipv6 = Event {
+            source: "fd00:10:244::2".parse().unwrap(),
+            source_port: 0,
+            destination: "fd00:10:96::a".parse().unwrap(),
+            backend: Some("fd00:10:244:1::5".parse().unwrap()),
+            ..flow
+        };
+        let row = table_row(&Line::Flow(ipv6), "t").unwrap();
+        for part in [
+            " fd00:10:244::2 ",
+            " [fd00:10:96::a]:80 ",
+            "backend [fd00:10:244:1::5]:8080",
         ] {
             assert!(row.contains(part), "{part:?} in {row:?}");
         }

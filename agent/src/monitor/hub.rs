@@ -231,6 +231,10 @@ async fn read_events(
     // as the AsyncFd holds the ring.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
+    // Records of another layout come from the programs of the previous object
+    // during an upgrade (the ring keeps its size, so its pin is reused), until
+    // their links move to the new ones: skipped, said once.
+    let mut foreign_records = 0u64;
     loop {
         let mut ready = ring.readable_mut().await?;
         let names = telemetry.service_names();
@@ -238,6 +242,14 @@ async fn read_events(
         let ring = ready.get_inner_mut();
         while let Some(record) = ring.next() {
             let Some(event) = decode(&record) else {
+                foreign_records += 1;
+                if foreign_records == 1 {
+                    warn!(
+                        bytes = record.len(),
+                        "monitor: skipping ring records of another layout (the previous \
+                         datapath's, during an upgrade)"
+                    );
+                }
                 continue;
             };
             drop(record);

@@ -17,7 +17,11 @@
 pub mod client;
 pub mod hub;
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use ferrite_common::{monitor, stat, MonitorEvent};
 use serde::{Deserialize, Serialize};
@@ -65,7 +69,7 @@ pub struct Request {
     pub kind: Kind,
     /// Only events with this address on either side (or as the backend chosen).
     #[serde(default)]
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     /// Only events with this port on either side (or as the backend's).
     #[serde(default)]
     pub port: Option<u16>,
@@ -192,11 +196,12 @@ pub struct Event {
     /// The device's name, where the monitor could resolve it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
-    /// `tcp`, `udp`, another protocol's number, or empty when not IPv4.
+    /// `tcp`, `udp`, another protocol's number (IPv6: the next header after the
+    /// fixed one), or empty when not an IP packet.
     pub protocol: String,
-    pub source: Ipv4Addr,
+    pub source: IpAddr,
     pub source_port: u16,
-    pub destination: Ipv4Addr,
+    pub destination: IpAddr,
     pub destination_port: u16,
     /// The packet's length (0: a socket call).
     pub bytes: u32,
@@ -210,7 +215,7 @@ pub struct Event {
     pub destination_pod: Option<String>,
     /// Flows: the backend chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<Ipv4Addr>,
+    pub backend: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_port: Option<u16>,
 }
@@ -223,6 +228,26 @@ pub fn decode(record: &[u8]) -> Option<MonitorEvent> {
     // SAFETY: MonitorEvent is plain integers and byte arrays, any bytes are valid;
     // read_unaligned copies them out of the record.
     Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
+/// An address of `event` (16 bytes, see [`MonitorEvent`]) in its family.
+fn address_of(event: &MonitorEvent, address: [u8; 16]) -> IpAddr {
+    if event.family == monitor::FAMILY_IPV6 {
+        Ipv6Addr::from(address).into()
+    } else {
+        ipv4_part(address).into()
+    }
+}
+
+/// The IPv4 address in the first 4 bytes of an event's address.
+fn ipv4_part(address: [u8; 16]) -> [u8; 4] {
+    [address[0], address[1], address[2], address[3]]
+}
+
+/// An IPv4 event's address, as the names of Services and pods (IPv4) are keyed;
+/// `None` for IPv6 events.
+fn ipv4_of(event: &MonitorEvent, address: [u8; 16]) -> Option<[u8; 4]> {
+    (event.family != monitor::FAMILY_IPV6).then(|| ipv4_part(address))
 }
 
 /// The readable line of `event`; `names`: Service port names by frontend, `pods`:
@@ -246,15 +271,15 @@ pub fn describe(event: &MonitorEvent, names: &ServiceNames, pods: &PodNames) -> 
         ifindex: event.ifindex,
         interface: None,
         protocol,
-        source: event.saddr.into(),
+        source: address_of(event, event.saddr),
         source_port: event.sport,
-        destination: event.daddr.into(),
+        destination: address_of(event, event.daddr),
         destination_port: event.dport,
         bytes: event.len,
-        service: names.get(&(event.daddr, event.dport)).cloned(),
-        source_pod: pods.get(&event.saddr).cloned(),
-        destination_pod: pods.get(&event.daddr).cloned(),
-        backend: is_flow.then(|| event.backend_address.into()),
+        service: ipv4_of(event, event.daddr).and_then(|d| names.get(&(d, event.dport)).cloned()),
+        source_pod: ipv4_of(event, event.saddr).and_then(|s| pods.get(&s).cloned()),
+        destination_pod: ipv4_of(event, event.daddr).and_then(|d| pods.get(&d).cloned()),
+        backend: is_flow.then(|| address_of(event, event.backend_address)),
         backend_port: is_flow.then_some(event.backend_port),
     };
     if is_flow {
@@ -269,7 +294,7 @@ pub fn describe(event: &MonitorEvent, names: &ServiceNames, pods: &PodNames) -> 
 pub struct Filter {
     /// `monitor::WANT_*` bits.
     pub wants: u32,
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub port: Option<u16>,
     /// The frontends (address, port) of the Service asked for.
     pub frontends: Option<BTreeSet<([u8; 4], u16)>>,
@@ -317,15 +342,17 @@ impl Filter {
         };
         let is_flow = event.kind == monitor::KIND_FLOW;
         let address_ok = self.address.is_none_or(|a| {
-            let a = a.octets();
-            event.saddr == a || event.daddr == a || (is_flow && event.backend_address == a)
+            let seen = |address| address_of(event, address) == a;
+            seen(event.saddr) || seen(event.daddr) || (is_flow && seen(event.backend_address))
         });
         let port_ok = self.port.is_none_or(|p| {
             event.sport == p || event.dport == p || (is_flow && event.backend_port == p)
         });
         let service_ok = self.frontends.as_ref().is_none_or(|frontends| {
-            frontends.contains(&(event.daddr, event.dport))
-                || frontends.contains(&(event.saddr, event.sport))
+            let frontend = |address, port| {
+                ipv4_of(event, address).is_some_and(|a| frontends.contains(&(a, port)))
+            };
+            frontend(event.daddr, event.dport) || frontend(event.saddr, event.sport)
         });
         self.wants & wanted != 0 && address_ok && port_ok && service_ok
     }
@@ -336,6 +363,13 @@ mod tests {
     use super::*;
     use ferrite_common::PROTO_TCP;
 
+    /// An IPv4 address as events hold it.
+    fn v4(address: [u8; 4]) -> [u8; 16] {
+        let mut wide = [0; 16];
+        wide[..4].copy_from_slice(&address);
+        wide
+    }
+
     fn drop_event() -> MonitorEvent {
         MonitorEvent {
             time_ns: 5,
@@ -345,8 +379,9 @@ mod tests {
             reason: stat::DROP_SPOOFED,
             ifindex: 7,
             len: 60,
-            saddr: [10, 244, 0, 99],
-            daddr: [10, 96, 0, 10],
+            family: monitor::FAMILY_IPV4,
+            saddr: v4([10, 244, 0, 99]),
+            daddr: v4([10, 96, 0, 10]),
             sport: 40000,
             dport: 80,
             ..Default::default()
@@ -357,8 +392,8 @@ mod tests {
         MonitorEvent {
             kind: monitor::KIND_FLOW,
             reason: stat::SERVICE_NEW_FLOW,
-            saddr: [10, 244, 0, 2],
-            backend_address: [10, 244, 1, 5],
+            saddr: v4([10, 244, 0, 2]),
+            backend_address: v4([10, 244, 1, 5]),
             backend_port: 8080,
             ..drop_event()
         }
@@ -384,9 +419,9 @@ mod tests {
             ifindex: 7,
             interface: None,
             protocol: "tcp".into(),
-            source: Ipv4Addr::new(10, 244, 0, 99),
+            source: Ipv4Addr::new(10, 244, 0, 99).into(),
             source_port: 40000,
-            destination: Ipv4Addr::new(10, 96, 0, 10),
+            destination: Ipv4Addr::new(10, 96, 0, 10).into(),
             destination_port: 80,
             bytes: 60,
             service: Some("default/web:http".into()),
@@ -399,7 +434,7 @@ mod tests {
         let Line::Flow(flow) = describe(&flow_event(), &names(), &PodNames::new()) else {
             panic!("a flow")
         };
-        assert_eq!(flow.backend, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(flow.backend, Some(Ipv4Addr::new(10, 244, 1, 5).into()));
         assert_eq!(flow.backend_port, Some(8080));
         // Indexes a newer datapath may use are shown, not trusted.
         let odd = MonitorEvent {
@@ -434,10 +469,14 @@ mod tests {
 
     #[test]
     fn records_of_another_size_are_not_events() {
-        assert_eq!(decode(&[0; 55]), None);
+        assert_eq!(
+            decode(&[0; 56]),
+            None,
+            "the IPv4-only events of older datapaths"
+        );
         let event = drop_event();
         // SAFETY: MonitorEvent is plain integers without implicit padding.
-        let bytes: [u8; 56] = unsafe { std::mem::transmute(event) };
+        let bytes: [u8; 88] = unsafe { std::mem::transmute(event) };
         assert_eq!(decode(&bytes), Some(event));
     }
 
@@ -461,7 +500,7 @@ mod tests {
         };
         let by_address = |a: [u8; 4]| {
             everything(Request {
-                address: Some(a.into()),
+                address: Some(Ipv4Addr::from(a).into()),
                 ..Default::default()
             })
         };
@@ -484,10 +523,81 @@ mod tests {
         assert_eq!(web.frontends.as_ref().map(BTreeSet::len), Some(2));
         assert!(web.matches(&drop));
         let other = MonitorEvent {
-            daddr: [10, 96, 0, 11],
+            daddr: v4([10, 96, 0, 11]),
             ..drop
         };
         assert!(!web.matches(&other), "default/web2 is another Service");
+    }
+
+    fn ipv6_flow() -> MonitorEvent {
+        MonitorEvent {
+            family: monitor::FAMILY_IPV6,
+            saddr: "fd00:10:244::2".parse::<Ipv6Addr>().unwrap().octets(),
+            daddr: "fd00:10:96::a".parse::<Ipv6Addr>().unwrap().octets(),
+            backend_address: "fd00:10:244:1::5".parse::<Ipv6Addr>().unwrap().octets(),
+            ..flow_event()
+        }
+    }
+
+    #[test]
+    fn ipv6_events_read_and_filter_by_their_ipv6_addresses() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        // An IPv6 address whose first 4 bytes spell a known IPv4 frontend or pod is
+        // neither.
+        let mut event = ipv6_flow();
+        event.daddr[..4].copy_from_slice(&[10, 96, 0, 10]);
+        let pods = PodNames::from([([253, 0, 0, 16], "default/client".to_string())]);
+        let Line::Flow(flow) = describe(&event, &names(), &pods) else {
+            panic!("a flow")
+        };
+        assert_eq!(
+            (flow.source, flow.destination, flow.backend),
+            (
+                ip("fd00:10:244::2"),
+                ip("a60:a:96::a"),
+                Some(ip("fd00:10:244:1::5"))
+            )
+        );
+        assert_eq!((&flow.service, &flow.source_pod), (&None, &None));
+        let json = serde_json::to_string(&Line::Flow(flow.clone())).unwrap();
+        assert!(json.contains(r#""source":"fd00:10:244::2""#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<Line>(&json).unwrap(),
+            Line::Flow(flow)
+        );
+
+        let by_address = |a: &str| {
+            Filter::new(
+                &Request {
+                    kind: Kind::All,
+                    address: Some(ip(a)),
+                    ..Default::default()
+                },
+                &names(),
+            )
+            .unwrap()
+        };
+        let event = ipv6_flow();
+        assert!(by_address("fd00:10:244::2").matches(&event));
+        assert!(by_address("fd00:10:96::a").matches(&event));
+        assert!(
+            by_address("fd00:10:244:1::5").matches(&event),
+            "the backend"
+        );
+        assert!(!by_address("fd00:10:244::3").matches(&event));
+        // IPv4 filters and events do not match the other family's bytes.
+        assert!(!by_address("253.0.0.16").matches(&event));
+        assert!(!by_address("::").matches(&drop_event()));
+        assert!(by_address("10.244.0.99").matches(&drop_event()));
+        // A request naming an IPv6 address reads as the agent expects.
+        assert_eq!(
+            parse_incoming(r#"{"kind":"all","address":"fd00::1"}"#),
+            Ok(Incoming::Monitor(Request {
+                kind: Kind::All,
+                address: Some(ip("fd00::1")),
+                ..Request::default()
+            }))
+        );
     }
 
     #[test]
