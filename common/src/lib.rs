@@ -345,9 +345,12 @@ pub const ROUTE_LOCAL: u16 = 1;
 /// `RouteInfo::flags`: another node's pod CIDR, reached through the overlay (or
 /// natively, with `ROUTE_NATIVE`).
 pub const ROUTE_REMOTE: u16 = 2;
-/// `RouteInfo::flags`: another node's own IP (/32). Only replies to NodePort flows
-/// that node forwarded here (destination port in its SNAT range) take the overlay;
-/// other pod traffic to it goes through the stack as before.
+/// `RouteInfo::flags`: another node's own IP (/32; its IPv6 InternalIP: /128 in
+/// `ferrite_routes6`). Only replies to NodePort flows that node forwarded here
+/// (destination port in its SNAT range) take the overlay; other pod traffic to it
+/// goes through the stack as before. The socket programs serve it at a nodePort as
+/// this node's NodePort. An IPv6 /128 is no source a node may send IPv6 from over
+/// the overlay (only its IPv6 pod CIDR is).
 pub const ROUTE_NODE: u16 = 4;
 /// `RouteInfo::flags`, with `ROUTE_REMOTE` or `ROUTE_NODE`: that node is on-link on
 /// this node's uplink and `--routing native` is on: its packets leave through the
@@ -876,6 +879,10 @@ pub struct NodeConfig {
     /// nodes routed natively (`ROUTE_NATIVE`) leave, and where theirs arrive. 0: not
     /// known yet (native routes then drop, `drop_no_overlay`).
     pub uplink_ifindex: u32,
+    /// This node's IPv6 InternalIP (network order; all zeros: none): the address of
+    /// its IPv6 NodePort frontends, which serve other nodes' IPv6 addresses at a
+    /// nodePort to the node's sockets (`ROUTE_NODE` /128s in `ferrite_routes6`).
+    pub node_ip6: [u8; 16],
 }
 
 pub mod explain;
@@ -946,7 +953,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 88);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<NodeConfig>(), 40);
+        assert_eq!(size_of::<NodeConfig>(), 56);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 12);
         assert_eq!(size_of::<SockService>(), 20);

@@ -118,7 +118,8 @@ btf_maps! {
     pub static ROUTES: LpmTrie<[u8; 4], RouteInfo, { capacity::ROUTES as usize }> = LpmTrie::new();
 
     /// IPv6 pod CIDR -> owning node (its IPv4 underlay address: the tunnel stays
-    /// IPv4). Key data: the IPv6 network in network order.
+    /// IPv4), and other nodes' IPv6 addresses (/128, `ROUTE_NODE`). Key data: the
+    /// IPv6 network in network order.
     pub static ROUTES6: LpmTrie<Route6Prefix, RouteInfo, { capacity::ROUTES6 as usize }> =
         LpmTrie::new();
 

@@ -65,12 +65,14 @@ pub fn source_is_senders(saddr: u32, sender: u32) -> bool {
 }
 
 /// Whether the IPv6 `saddr` is in the IPv6 pod CIDR of the node at `sender` (the
-/// outer source of the tunnel it came through).
+/// outer source of the tunnel it came through). Not its IPv6 address (a
+/// `ROUTE_NODE` /128, there for the socket programs): the IPv6 overlay carries only
+/// pods' traffic and the node's from its overlay address.
 #[inline(always)]
 pub fn source6_is_senders(saddr: &[u32; 4], sender: u32) -> bool {
-    ROUTES6
-        .get(&route6_key(saddr))
-        .is_some_and(|route| u32::from_be_bytes(route.node_ip) == sender)
+    ROUTES6.get(&route6_key(saddr)).is_some_and(|route| {
+        route.flags & ROUTE_NODE == 0 && u32::from_be_bytes(route.node_ip) == sender
+    })
 }
 
 /// The other node whose pod CIDR (or own address) `saddr` is in, if any.

@@ -16,22 +16,23 @@
 //! - The monitor sees an IPv6 call with its IPv6 frontend and backend, an
 //!   IPv4-mapped one as the IPv4 call it is; the caller's own address is not read
 //!   (the source is unknown, `::`, as a connecting IPv4 socket's).
-//! - No other node's IPv6 address is served as a NodePort frontend (nodes have IPv4
-//!   addresses only: the underlay is IPv4), and there is no explain copy yet.
+//! - Another node's IPv6 address (a `ROUTE_NODE` /128 in `ferrite_routes6`) at a
+//!   nodePort is balanced over this node's IPv6 NodePort frontend (its address:
+//!   `NodeConfig::node_ip6`), as `sock` does for IPv4. There is no explain copy yet.
 use aya_ebpf::{
     helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
     EbpfContext,
 };
 use ferrite_common::{
     lb6::{ipv4_mapped, to_ipv4_mapped},
-    monitor, program_names, stat, Service6Key, ServiceValue, SockRev6Key, SockRev6Value,
-    SockRevKey, SockService6, PROTO_TCP, PROTO_UDP,
+    monitor, program_names, stat, svc_flag, Service6Key, ServiceValue, SockRev6Key, SockRev6Value,
+    SockRevKey, SockService6, PROTO_TCP, PROTO_UDP, ROUTE_NODE,
 };
 
 use crate::{
     events::{self, FlowTarget, FlowTarget6, Tuple6},
     lb,
-    maps::{SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOCK_SERVICE6},
+    maps::{route6_key, CONFIG, ROUTES6, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOCK_SERVICE6},
     sock::{self, balance, remember_reverse, remember_service, Request, ALLOW, REFUSE},
 };
 
@@ -88,9 +89,28 @@ fn set_peer(ctx: &SockAddrContext, address: &[u8; 16], port: u16) {
 /// The entries an IPv6 call balances over (as an in-cluster client's).
 #[inline(always)]
 fn frontend(req: &Request6) -> Option<(Service6Key, ServiceValue)> {
-    let master = Service6Key::new(req.address, req.port, req.proto, 0);
-    let svc = unsafe { SERVICES6.get(master) }.copied()?;
+    let (master, svc) = own_frontend(req)?;
     Some(lb::in_cluster_entries(master, svc))
+}
+
+/// The IPv6 frontend the call names, or, for another node's IPv6 address at a
+/// nodePort, this node's NodePort frontend (as `sock` does for IPv4).
+#[inline(always)]
+fn own_frontend(req: &Request6) -> Option<(Service6Key, ServiceValue)> {
+    let key = Service6Key::new(req.address, req.port, req.proto, 0);
+    if let Some(svc) = unsafe { SERVICES6.get(key) } {
+        return Some((key, *svc));
+    }
+    let node_ip6 = CONFIG.get(0)?.node_ip6;
+    // SAFETY: 16 bytes of plain integers either way.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(req.address) };
+    let route = ROUTES6.get(&route6_key(&words))?;
+    if route.flags & ROUTE_NODE == 0 || node_ip6 == [0; 16] {
+        return None;
+    }
+    let key = Service6Key::new(node_ip6, req.port, req.proto, 0);
+    let svc = unsafe { SERVICES6.get(key) }?;
+    (svc.flags & svc_flag::NODE_PORT != 0).then_some((key, *svc))
 }
 
 /// The call as a monitor sees it (its source is not read).

@@ -3,7 +3,8 @@
 //! and a node's own processes reach it over IPv6 as over IPv4, balanced at their
 //! sockets over the backends of both nodes (each backend sees the client's own
 //! address); UDP answers come from the Service address; the node's IPv6 address
-//! serves the nodePorts to them the same way; a dual-stack socket naming
+//! serves the nodePorts to them the same way, and so does another node's (served
+//! as this node's NodePort, as over IPv4); a dual-stack socket naming
 //! the IPv4 ClusterIP as an IPv4-mapped address reaches it too; a Service without
 //! IPv6 endpoints refuses at once; a deleted Service's IPv6 entries go. Each from a
 //! YAML file and from an API server's watch events. Needs root.
@@ -201,6 +202,15 @@ fn dual_stack_service_reached_over_both_families(source: ObjectSource) -> Result
     ensure!(
         answered == both,
         "the IPv6 NodePort answered by {answered:?}"
+    );
+    // Another node's IPv6 address at the nodePorts: served as this node's NodePort
+    // (that node's address known from its /128 in ferrite_routes6), the socket
+    // still showing the address it asked for.
+    let other_node_port = frontend(node_ip6(1), NODE_PORT, NODE_PORT_UDP);
+    let (answered, _) = ask(&client.probe(), other_node_port, 12)?;
+    ensure!(
+        answered == both,
+        "node 1's IPv6 NodePort answered by {answered:?}"
     );
 
     // The node's own processes reach the IPv6 ClusterIP too.

@@ -2,7 +2,8 @@
 //! dual-stack pod sends, fed to `ferrite_from_pod`, which hands IPv6 to
 //! `ferrite_from_pod6` by a tail call through `ferrite_progs`, filled as the agent
 //! fills it. The exact frame and verdict come out; expected frames are built
-//! independently. Needs root.
+//! independently. Also what another node sends over the overlay (behind the
+//! tunnel-key shim): from its IPv6 pod CIDR only. Needs root.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
@@ -10,7 +11,8 @@ use ferrite_common::{
     explain::verdict,
     pod_mac_for,
     policy::{ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED},
-    program_names, stat, EndpointInfo, PROTO_ICMPV6, PROTO_UDP,
+    program_names, stat, EndpointInfo, DEFAULT_VNI, PROTO_ICMPV6, PROTO_UDP, ROUTE_NODE,
+    ROUTE_REMOTE,
 };
 use ferrite_tests::{
     frames::GATEWAY_MAC,
@@ -19,6 +21,7 @@ use ferrite_tests::{
         NEXT_HOP_BY_HOP, NEXT_ROUTING,
     },
     testbed::{Testbed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX},
+    tunnel_shim::TunnelShim,
 };
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 2);
@@ -85,6 +88,44 @@ fn expect(bed: &Testbed, frame: &[u8], verdict: u32, counter: u32) -> Result<Vec
     assert_eq!(out.verdict, verdict, "verdict (expected {name})");
     assert_eq!(bed.counter(counter)?, before + 1, "counter {name}");
     Ok(out.frame)
+}
+
+/// Another node on the overlay: its IPv4 address (the tunnel's end), its IPv6 pod
+/// CIDR with a pod in it, and its IPv6 address (the agent's `ROUTE_NODE` /128 in
+/// `ferrite_routes6`, there for the socket programs' NodePorts).
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const OTHER_POD_CIDR: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0);
+const OTHER_NODES_POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
+const OTHER_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+/// Over the overlay, another node sends IPv6 from its pods' addresses, not from its
+/// own IPv6 address: that node's /128 in `ferrite_routes6` changes no anti-spoofing
+/// verdict.
+#[test]
+fn over_the_overlay_another_node_sends_ipv6_from_its_pods_not_from_its_own_address() -> Result<()> {
+    let mut bed = testbed()?;
+    bed.update_config(|config| config.vni = DEFAULT_VNI)?;
+    bed.add_route6(OTHER_POD_CIDR, 64, OTHER_NODE, ROUTE_REMOTE)?;
+    bed.add_route6(OTHER_NODE6, 128, OTHER_NODE, ROUTE_NODE)?;
+    let overlay = TunnelShim::new(
+        &[bed.program_fd(program_names::FROM_OVERLAY)?],
+        DEFAULT_VNI,
+        OTHER_NODE,
+    )?;
+    let run = |frame: &Ipv6Frame, verdict: u32, counter: u32| -> Result<Vec<u8>> {
+        let before = bed.counter(counter)?;
+        let (out, _) = overlay.run(0, &frame.build(), 1)?;
+        let name = stat::NAMES[counter as usize];
+        assert_eq!(out.verdict, verdict, "verdict (expected {name})");
+        assert_eq!(bed.counter(counter)?, before + 1, "counter {name}");
+        Ok(out.frame)
+    };
+    let from_its_pod = udp_frame(OTHER_NODES_POD, WEB, vec![]);
+    let out = run(&from_its_pod, TC_ACT_REDIRECT, stat::RECEIVED_FROM_NODE)?;
+    assert_eq!(out, delivered_to_web(&from_its_pod));
+    let from_its_address = udp_frame(OTHER_NODE6, WEB, vec![]);
+    run(&from_its_address, TC_ACT_SHOT, stat::DROP_SPOOFED)?;
+    Ok(())
 }
 
 #[test]

@@ -1,16 +1,16 @@
 //! Dual-stack on the IPv4 overlay (IPv6 inside IPv4 VXLAN, as flannel and Cilium do
 //! on an IPv4 underlay): each node's kernel routes the other nodes' IPv6 pod CIDRs
 //! through the VXLAN device to their IPv4 node addresses, and `ferrite_routes6`
-//! names every node's IPv6 pod CIDR; a full sync repairs the routes, and a node that
-//! goes takes both with it. From the objects in a file and from the Kubernetes API.
+//! names every node's IPv6 pod CIDR and the other nodes' IPv6 addresses; a full
+//! sync repairs the routes, and a node that goes takes both with it. From the objects in a file and from the Kubernetes API.
 //! Needs root.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
-use ferrite_common::{vtep_mac_for, ROUTE_LOCAL, ROUTE_REMOTE};
+use ferrite_common::{vtep_mac_for, ROUTE_LOCAL, ROUTE_NODE, ROUTE_REMOTE};
 use ferrite_tests::{
     fake_apiserver::FakeApiServer,
-    lab::{pod_cidr6, sh, wait_until, Cluster, ObjectSource, SETTLE},
+    lab::{node_ip6, pod_cidr6, sh, wait_until, Cluster, ObjectSource, SETTLE},
 };
 
 /// `ip -6 -n NETNS ARGS...`'s output.
@@ -44,11 +44,12 @@ fn ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_th
     let (cidr0, cidr1) = (canonical(pod_cidr6(0))?, canonical(pod_cidr6(1))?);
     for node in &cluster.nodes {
         node.wait_for_maps("both nodes' IPv6 pod CIDRs in ferrite_routes6", |m| {
-            m.routes6.len() == 2
+            m.routes6.len() == 3
         })?;
     }
     // ferrite_routes6 of node 0: its own IPv6 pod CIDR, and node 1's owned by node 1's
-    // IPv4 address (the tunnel's end), as the IPv4 pod CIDRs are.
+    // IPv4 address (the tunnel's end), as the IPv4 pod CIDRs are; node 1's IPv6
+    // address (its NodePorts, for the socket programs), as its IPv4 /32 is.
     let routes6 = cluster.nodes[0].maps()?.route6_entries()?;
     let entries: Vec<(String, Ipv4Addr, u16)> = routes6
         .iter()
@@ -66,6 +67,7 @@ fn ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_th
         [
             (cidr0.clone(), node0_ip, ROUTE_LOCAL),
             (cidr1.clone(), node1_ip, ROUTE_REMOTE),
+            (format!("{}/128", node_ip6(1)), node1_ip, ROUTE_NODE),
         ]
     );
 
@@ -121,7 +123,9 @@ fn ipv6_pod_cidrs_of_the_other_nodes_are_routed_through_the_ipv4_tunnel_until_th
         .collect::<Vec<_>>()
         .join("---\n");
     cluster.write_config(&without_node_1)?;
-    cluster.nodes[0].wait_for_maps("node 1's IPv6 pod CIDR to go", |m| m.routes6.len() == 1)?;
+    cluster.nodes[0].wait_for_maps("node 1's IPv6 pod CIDR and address to go", |m| {
+        m.routes6.len() == 1
+    })?;
     let left = cluster.nodes[0].maps()?.route6_entries()?;
     let left: Vec<_> = left.values().map(|info| info.flags).collect();
     assert_eq!(left, [ROUTE_LOCAL], "node 0's own stays");

@@ -447,7 +447,8 @@ pub fn render_for_pod(
                 let destination = format!("{}/{}", Ipv4Addr::from(key.network), key.prefix_len);
                 (destination, route)
             });
-            // IPv6 pod CIDRs (`ferrite_routes6`) after the IPv4 ones.
+            // IPv6 pod CIDRs and other nodes' IPv6 addresses (`ferrite_routes6`) after
+            // the IPv4 ones.
             let destinations6 = contents.routes6.iter().map(|(key, route)| {
                 let network = std::net::Ipv6Addr::from(key.network);
                 (format!("{network}/{}", key.prefix_len), route)

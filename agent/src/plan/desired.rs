@@ -126,6 +126,10 @@ pub fn desired_contents_keeping_ids(
         // Carried over: `diff` bumps it when the endpoints or routes change.
         route_epoch: current.config.route_epoch,
         uplink_ifindex: uplink.map(|i| i.ifindex).unwrap_or(0),
+        node_ip6: this_node
+            .and_then(|n| n.ip6)
+            .map(|ip| ip.octets())
+            .unwrap_or_default(),
     };
     // Other nodes routed natively (on-link, `--routing native`); the others are
     // refused it, with their reason, and stay on the overlay.
@@ -187,6 +191,22 @@ pub fn desired_contents_keeping_ids(
                     flags: ROUTE_NODE | native_flag[node.name.as_str()],
                 },
             );
+            // Its IPv6 address: the socket programs serve it at a nodePort as this
+            // node's NodePort. Nothing routes by it (IPv6 NodePort replies do not
+            // cross nodes), so it is never native.
+            if let Some(ip6) = node.ip6 {
+                out.routes6.insert(
+                    Route6Key {
+                        prefix_len: 128,
+                        network: ip6.octets(),
+                    },
+                    RouteInfo {
+                        node_ip: node.ip.octets(),
+                        vtep_mac: node.vtep_mac,
+                        flags: ROUTE_NODE,
+                    },
+                );
+            }
         }
     }
     let (backend_ids, rev_nat_ids) = ids_of(&state.services, ids_from);
@@ -809,6 +829,55 @@ mod tests {
                 }),
             ]
         );
+    }
+
+    #[test]
+    fn other_nodes_ipv6_addresses_become_node_routes6_and_go_with_their_address() {
+        let settings = NodeSettings {
+            node: "a".into(),
+            ..NodeSettings::default()
+        };
+        let mut s = DesiredState::default();
+        for (name, last) in [("a", 1), ("b", 2)] {
+            let mut n = node(name, [198, 51, 100, last], "10.244.0.0/24");
+            n.ip6 = Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last.into()));
+            s.nodes.insert(n.name.clone(), n);
+        }
+        let interfaces = BTreeMap::new();
+        let (desired, _) = desired_contents(&s, &interfaces, &MapContents::default(), &settings);
+        let own6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).octets();
+        assert_eq!(desired.config.node_ip6, own6);
+        let node_b6 = Route6Key {
+            prefix_len: 128,
+            network: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2).octets(),
+        };
+        assert_eq!(
+            desired.routes6.get(&node_b6),
+            Some(&RouteInfo {
+                node_ip: [198, 51, 100, 2],
+                vtep_mac: ferrite_common::vtep_mac_for(Ipv4Addr::new(198, 51, 100, 2)),
+                flags: ROUTE_NODE,
+            })
+        );
+        assert_eq!(desired.routes6.len(), 1, "not this node's own address");
+
+        // Node b loses its IPv6 address: only its /128 goes (then the epoch moves).
+        s.nodes.get_mut("b").unwrap().ip6 = None;
+        let (smaller, _) = desired_contents(&s, &interfaces, &desired, &settings);
+        assert_eq!(
+            diff(&desired, &smaller),
+            vec![
+                Op::DeleteRoute6(node_b6),
+                Op::PutConfig(NodeConfig {
+                    route_epoch: desired.config.route_epoch + 1,
+                    ..smaller.config
+                }),
+            ]
+        );
+        // This node loses its own: the config forgets it.
+        s.nodes.get_mut("a").unwrap().ip6 = None;
+        let (own_gone, _) = desired_contents(&s, &interfaces, &smaller, &settings);
+        assert_eq!(own_gone.config.node_ip6, [0; 16]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct MapContents {
     pub endpoints6: BTreeMap<Endpoint6Key, EndpointInfo>,
     pub routes: BTreeMap<RouteKey, RouteInfo>,
     /// The IPv6 pod CIDRs (`ferrite_routes6`), the same values as the nodes' IPv4
-    /// pod CIDRs.
+    /// pod CIDRs, and the other nodes' IPv6 addresses (/128, `ROUTE_NODE`).
     pub routes6: BTreeMap<Route6Key, RouteInfo>,
     pub config: NodeConfig,
     /// Maglev table of each external frontend, by the digest it was built from.
@@ -46,6 +46,14 @@ impl MapContents {
     /// Routes to pod CIDRs (this node's and others'), without other nodes' own /32s.
     pub fn pod_routes(&self) -> usize {
         self.routes
+            .values()
+            .filter(|r| r.flags & ROUTE_NODE == 0)
+            .count()
+    }
+
+    /// Routes to IPv6 pod CIDRs, without other nodes' own IPv6 /128s.
+    pub fn pod_routes6(&self) -> usize {
+        self.routes6
             .values()
             .filter(|r| r.flags & ROUTE_NODE == 0)
             .count()

@@ -92,8 +92,13 @@ fn slot_value(key: String, backend_slot: u16, value: &ServiceValue) -> String {
 }
 
 fn config(config: &NodeConfig) -> String {
+    // This node's IPv6 address only when it has one (IPv4-only clusters read as before).
+    let node_ip6 = Some(Ipv6Addr::from(config.node_ip6))
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| format!(" node-ip6={ip}"))
+        .unwrap_or_default();
     format!(
-        "node-ip={} overlay-ip={} vni={} vxlan-port={} vxlan-ifindex={} pod-mtu={} flags={} epoch={}",
+        "node-ip={}{node_ip6} overlay-ip={} vni={} vxlan-port={} vxlan-ifindex={} pod-mtu={} flags={} epoch={}",
         Ipv4Addr::from(config.node_ip),
         Ipv4Addr::from(config.overlay_ip),
         config.vni,

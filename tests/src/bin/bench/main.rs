@@ -132,7 +132,7 @@ fn overlay_bench() -> Result<()> {
             node.wait_for_maps("overlay routes", |m| {
                 m.pod_routes() == 2
                     && m.endpoints.len() == 1
-                    && (!dual_stack || (m.routes6.len() == 2 && m.endpoints6.len() == 1))
+                    && (!dual_stack || (m.pod_routes6() == 2 && m.endpoints6.len() == 1))
             })?;
         }
         Ok(cluster)
