@@ -297,8 +297,15 @@ pub fn bench() -> Result<()> {
             v6[0] / v4[0],
             d6[0] / d4[0]
         );
-        if let (Some(p99), Some(p99_4)) = (v6.get(2), v4.get(2)) {
-            line.push_str(&format!("; p99 {:.2}x", p99 / p99_4));
+        // Ping-pong's p99 (µs), next to the same ratio straight to a backend.
+        if let (Some(p99_4), Some(p99), Some(direct_p99_4), Some(direct_p99)) =
+            (v4.get(2), v6.get(2), d4.get(2), d6.get(2))
+        {
+            line.push_str(&format!(
+                "; p99 {:.2}x (direct {:.2}x)",
+                p99 / p99_4,
+                direct_p99 / direct_p99_4
+            ));
         }
         let met = if cost <= TARGET { "met" } else { "NOT met" };
         verdicts.push(format!("{line} -> {met}"));
