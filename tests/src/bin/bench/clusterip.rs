@@ -21,7 +21,7 @@
 //! why (the kernel's TcpExt counters, Ferrite's conntrack counters).
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -32,10 +32,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferrite_common::stat;
 use ferrite_tests::lab::{Netns, Probe};
+use socket2::Type;
 
 use crate::{
     comparison::{
-        BenchNode, FerriteSetup, KubeProxyMode, Setups, TimeWait, HTTP_PORT, SINGLE_BACKEND_IP,
+        listen, BenchNode, FerriteSetup, KubeProxyMode, Setups, TimeWait, HTTP_PORT,
+        SINGLE_BACKEND_IP,
     },
     median,
 };
@@ -60,8 +62,9 @@ const COLUMNS: [&str; 10] = [
     "one backend: direct",
 ];
 
-/// An HTTP server on 0.0.0.0:HTTP_PORT in `netns`: a few threads accepting, each
-/// answering one request per connection ("200 ok", then close). Stopped on drop.
+/// An HTTP server on 0.0.0.0:HTTP_PORT in `netns` (or another address of
+/// [`HttpServer::start_on`]): a few threads accepting, each answering one request per
+/// connection ("200 ok", then close). Stopped on drop.
 pub(crate) struct HttpServer {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -69,7 +72,14 @@ pub(crate) struct HttpServer {
 
 impl HttpServer {
     pub(crate) fn start(netns: &Netns) -> Result<Self> {
-        let listener = netns.run(|| TcpListener::bind(("0.0.0.0", HTTP_PORT)))??;
+        Self::start_on(netns, Ipv4Addr::UNSPECIFIED.into())
+    }
+
+    /// The server on `ip`:HTTP_PORT (`::` takes IPv6 alone, next to `0.0.0.0`'s).
+    pub(crate) fn start_on(netns: &Netns, ip: IpAddr) -> Result<Self> {
+        let listener: TcpListener = netns
+            .run(|| listen(SocketAddr::new(ip, HTTP_PORT), Type::STREAM))??
+            .into();
         // Wake up now and then to see the stop flag (Linux applies SO_RCVTIMEO to accept).
         nix::sys::socket::setsockopt(
             &listener,
@@ -117,7 +127,8 @@ impl Drop for HttpServer {
 
 /// wrk's requests/s from `probe` (its cgroup and network namespace) to `to`; every
 /// request must succeed.
-pub(crate) fn wrk(probe: &Probe, targets: &[SocketAddrV4]) -> Result<f64> {
+pub(crate) fn wrk<T: Into<SocketAddr> + Copy>(probe: &Probe, targets: &[T]) -> Result<f64> {
+    let targets: Vec<SocketAddr> = targets.iter().map(|t| (*t).into()).collect();
     // One wrk thread per target address (wrk's Lua `setup` gives each thread its
     // own): a direct baseline loads the same backends a Service spreads over.
     let script = std::env::temp_dir().join(format!("ferrite-bench-wrk-{}.lua", std::process::id()));

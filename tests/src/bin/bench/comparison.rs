@@ -10,7 +10,7 @@
 //! kube-proxy layouts stop at [`KUBE_PROXY_MAX`] Services: restoring 100,000 takes
 //! many minutes.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -43,6 +43,22 @@ pub(crate) fn service_ip(index: u32) -> Ipv4Addr {
 
 fn filler_backend(index: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + index)
+}
+
+/// A socket of `kind` bound to `address` (listening, for a stream): an IPv6 one
+/// takes IPv6 alone, so a server can have one of each family on the same port.
+pub(crate) fn listen(address: SocketAddr, kind: socket2::Type) -> Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), kind, None)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    if kind == socket2::Type::STREAM {
+        // What std's TcpListener::bind gives, as the servers had before.
+        socket.listen(128)?;
+    }
+    Ok(socket)
 }
 
 /// What the backend pods' kernels do with the connections their servers close.

@@ -17,7 +17,7 @@
 //! rounds (each round starts with another column).
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -30,10 +30,11 @@ use ferrite_tests::{
     flannel::FlannelCluster,
     lab::{pod_ip, Cluster, Netns, PingPong, Pod, Probe},
 };
+use socket2::Type;
 
 use crate::{
     comparison::{
-        BenchNode, FerriteSetup, KubeProxyMode, KubeProxySetup, Setups, TimeWait, HTTP_PORT,
+        listen, BenchNode, FerriteSetup, KubeProxyMode, KubeProxySetup, Setups, TimeWait, HTTP_PORT,
     },
     median,
 };
@@ -47,16 +48,25 @@ const ROUNDS: usize = 5;
 const SECONDS: f64 = 2.0;
 
 /// Echoes every byte it gets, over TCP (a thread per connection) and UDP, on
-/// 0.0.0.0:HTTP_PORT in a pod. Stopped on drop.
-struct EchoServer {
+/// 0.0.0.0:HTTP_PORT in a pod (or another address of [`EchoServer::start_on`]).
+/// Stopped on drop.
+pub(crate) struct EchoServer {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl EchoServer {
     fn start(netns: &Netns) -> Result<Box<dyn Send>> {
-        let listener = netns.run(|| TcpListener::bind(("0.0.0.0", HTTP_PORT)))??;
-        let udp = netns.run(|| UdpSocket::bind(("0.0.0.0", HTTP_PORT)))??;
+        Ok(Box::new(Self::start_on(
+            netns,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HTTP_PORT),
+        )?))
+    }
+
+    /// The server on `address` (`[::]` takes IPv6 alone, next to `0.0.0.0`'s).
+    pub(crate) fn start_on(netns: &Netns, address: SocketAddr) -> Result<Self> {
+        let listener: TcpListener = netns.run(|| listen(address, Type::STREAM))??.into();
+        let udp: UdpSocket = netns.run(|| listen(address, Type::DGRAM))??.into();
         // Wake up now and then to see the stop flag (Linux applies SO_RCVTIMEO to accept).
         let tick = Duration::from_millis(200);
         nix::sys::socket::setsockopt(
@@ -105,10 +115,10 @@ impl EchoServer {
                 }
             }
         });
-        Ok(Box::new(Self {
+        Ok(Self {
             stop,
             threads: vec![tcp, datagrams],
-        }))
+        })
     }
 }
 
@@ -133,7 +143,7 @@ struct Column {
 }
 
 /// The medians of a column's rounds: transactions/s, p50, p99, p99.9 (µs).
-fn medians(runs: &[PingPong]) -> [f64; 4] {
+pub(crate) fn medians(runs: &[PingPong]) -> [f64; 4] {
     let of = |f: &dyn Fn(&PingPong) -> f64| median(runs.iter().map(f).collect());
     [
         of(&|r| r.per_second()),

@@ -5,13 +5,15 @@
 //! `control-plane` (vs iptables-restore), `nodeport` (vs kube-proxy iptables),
 //! `clusterip` (vs direct and kube-proxy's layouts, with backends keeping
 //! TIME_WAIT and without: `clusterip-time-wait`, `clusterip-no-time-wait` run one,
-//! `clusterip.rs`), `latency`
+//! `clusterip.rs`), `clusterip-families` (a dual-stack ClusterIP's IPv6 next to its
+//! IPv4, socket-level LB, `clusterip_families.rs`), `latency`
 //! (request/response on an established flow, `latency.rs`), `monitor` (how
 //! soon a datapath event reaches `ferrite monitor`, `monitor.rs`), `cni` (the CNI
 //! plugin's ADD and DEL of one pod, `cni.rs`).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 mod clusterip;
+mod clusterip_families;
 mod cni;
 mod comparison;
 mod conntrack_read;
@@ -38,7 +40,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `ferrite-bench [datapath|insitu|overlay|control-plane|conntrack-read|nodeport|clusterip[-time-wait|-no-time-wait]|latency|monitor|cni]...`: the
+/// `ferrite-bench [datapath|insitu|overlay|control-plane|conntrack-read|nodeport|clusterip[-time-wait|-no-time-wait]|clusterip-families|latency|monitor|cni]...`: the
 /// sections to run (all by default).
 fn main() -> Result<()> {
     let sections: Vec<String> = std::env::args().skip(1).collect();
@@ -83,6 +85,9 @@ fn main() -> Result<()> {
         if !settings.is_empty() {
             clusterip::bench(&settings)?;
         }
+    }
+    if run("clusterip-families") {
+        clusterip_families::bench()?;
     }
     if run("latency") {
         latency::bench()?;
