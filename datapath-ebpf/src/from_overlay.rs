@@ -15,7 +15,7 @@ use crate::{
     action, conntrack,
     headers::{parse, Parsed},
     headers6::is_ipv6,
-    maps::{CONFIG, TAIL_CALLS},
+    maps::TAIL_CALLS,
     packet::{Packet, Verdict},
     peer, routing,
 };
@@ -53,11 +53,9 @@ pub fn ferrite_explain_overlay(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
-    let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
-    let tunnel = pkt.tunnel_key()?;
-    if tunnel.vni != vni {
+    let Some(tunnel) = peer::cluster_tunnel(pkt)? else {
         return Ok(Verdict::Drop(stat::DROP_WRONG_VNI));
-    }
+    };
     let h = match parse(pkt) {
         Parsed::Ipv4(h) => h,
         Parsed::Pass(reason) => {

@@ -13,7 +13,6 @@ use ferrite_common::{explain::step, stat};
 use crate::{
     action,
     headers6::{parse, Parsed6, IP6_HOP_LIMIT_OFF},
-    maps::CONFIG,
     packet::{Packet, Verdict},
     peer, policy, routing, trace,
 };
@@ -38,11 +37,9 @@ pub fn ferrite_explain_overlay6(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn process<P: Packet>(pkt: &P) -> Result<Verdict, ()> {
-    let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
-    let tunnel = pkt.tunnel_key()?;
-    if tunnel.vni != vni {
+    let Some(tunnel) = peer::cluster_tunnel(pkt)? else {
         return Ok(Verdict::Drop(stat::DROP_WRONG_VNI));
-    }
+    };
     let h = match parse(pkt) {
         Parsed6::Ipv6(h) => h,
         Parsed6::Drop(reason) => return Ok(Verdict::Drop(reason)),

@@ -18,9 +18,9 @@ use ferrite_common::{
 use crate::{
     conntrack,
     headers::Headers,
-    maps::{route6_key, route_key, ROUTES, ROUTES6},
+    maps::{route6_key, route_key, CONFIG, ROUTES, ROUTES6},
     nat,
-    packet::{Packet, Verdict},
+    packet::{Packet, TunnelKey, Verdict},
     policy,
     reply::{self, ErrorTo},
     routing,
@@ -187,4 +187,13 @@ pub fn receive<P: Packet>(
     }
     count(h.explain, stat::RECEIVED_FROM_NODE, pkt.len());
     routing::deliver_local(pkt, &ep)
+}
+
+/// The tunnel a frame from the overlay came through, if it carries the cluster's VNI
+/// (`None`: another VXLAN network's, dropped as `drop_wrong_vni`), for both families.
+#[inline(always)]
+pub fn cluster_tunnel<P: Packet>(pkt: &P) -> Result<Option<TunnelKey>, ()> {
+    let vni = CONFIG.get(0).map(|c| c.vni).ok_or(())?;
+    let tunnel = pkt.tunnel_key()?;
+    Ok((tunnel.vni == vni).then_some(tunnel))
 }
