@@ -18,7 +18,10 @@ use ferrite_common::stat;
 use ferrite_tests::{
     cluster::{TCP_TARGET, UDP_TARGET},
     fake_apiserver::FakeApiServer,
-    lab::{node_ip6, parse_answer, pod_ip, pod_ip6, Cluster, ObjectSource, Probe, Server},
+    lab::{
+        node_ip6, parse_answer, pod_ip, pod_ip6, wait_until, Cluster, ObjectSource, Probe, Server,
+        SETTLE,
+    },
 };
 
 /// The dual-stack ClusterIP Service (TCP 80 -> 8080, UDP 53 -> 5353).
@@ -159,6 +162,17 @@ fn dual_stack_service_reached_over_both_families(source: ObjectSource) -> Result
                 && m.services6.keys().any(|k| k.address == EMPTY6.octets())
         })?;
     }
+
+    // The overlay's IPv6 routes to the other node come with its Node object, which
+    // an API server may deliver after the Services: wait until its pod answers.
+    let across = SocketAddr::new(pod_ip6(1, 0).into(), TCP_TARGET);
+    wait_until("a TCP answer across nodes over IPv6", SETTLE, || {
+        cluster
+            .pod("client")
+            .probe()
+            .tcp(across, "ready?")
+            .is_ok_and(|outcome| outcome.reply.is_some())
+    })?;
 
     let node = &cluster.nodes[0];
     let translated =
